@@ -1,0 +1,14 @@
+"""Graph passes (GraphModule -> GraphModule), composable by hand or with PassManager.
+
+    gm = pbp_fx.trace(model, example_inputs)
+    specs = find_sites(gm, exclude=["head"])        # what to change: plain data
+    gm = insert_dendrites(gm, specs)                # how to edit the graph
+    eval_gm = finalize(gm)                          # fused, eval-only graph
+"""
+from .find_sites import SiteSpec, find_sites
+from .finalize import finalize, fuse_site
+from .insert_dendrites import insert_dendrites, site_key
+from .manager import Pass, PassManager
+
+__all__ = ["SiteSpec", "find_sites", "insert_dendrites", "finalize", "fuse_site", "site_key",
+           "Pass", "PassManager"]

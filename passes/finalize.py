@@ -1,0 +1,110 @@
+"""finalize: the eval-only graph with dendrites fused into their neurons.
+
+Requires: a GraphModule from `insert_dendrites` (any phase; candidates are dropped).
+Ensures: a new GraphModule (the input is not modified) in eval mode, with no Site,
+SwappedNeuron or candidate left: a site with K >= 1 dendrites is ONE `FusedSite` node whose
+weights are the neuron's and the dendrites' concatenated, norms folded; a site with K = 0 is
+the original neuron (and norm) nodes, untouched.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from pbp_fx.layers import fold_norm
+from pbp_fx.site import FusedSite, Site, SwappedNeuron
+
+from .insert_dendrites import SITES_ATTR, site_key
+from .patterns import attr_tensor
+
+__all__ = ["finalize", "fuse_site", "FUSED_ATTR"]
+
+FUSED_ATTR = "pbp_fused"
+
+
+def _neuron_tensors(root: nn.Module, site: Site):
+    """The neuron's eval-form weight and bias, its joined norm folded in."""
+    spec = site.spec
+    w = attr_tensor(root, spec.weight).detach()
+    b = None if spec.bias is None else attr_tensor(root, spec.bias).detach()
+    if spec.norm is not None:
+        t = {k: (None if p is None else attr_tensor(root, p).detach()) for k, p in spec.norm_tensors.items()}
+        w, b = fold_norm(w, b, t["running_mean"], t["running_var"], t["weight"], t["bias"], spec.norm.eps)
+    return w, b
+
+
+def fuse_site(site: Site, neuron_weight: torch.Tensor, neuron_bias) -> FusedSite:
+    """One FusedSite from a site's neuron tensors (norm already folded) and its dendrites."""
+    dw, db = site.folded()
+    weight = torch.cat([neuron_weight.unsqueeze(0).to(dw), dw], 0)
+    bias = None
+    if neuron_bias is not None or db is not None:
+        zeros = torch.zeros(site.channels, dtype=dw.dtype, device=dw.device)
+        nb = zeros if neuron_bias is None else neuron_bias.to(dw)
+        bias = torch.cat([nb.unsqueeze(0), zeros.expand(site.num_dendrites, -1) if db is None else db], 0)
+    return FusedSite(site.layer, weight, bias, site.cascade.detach(), site.out_weight.detach(),
+                     site.activation, site.name)
+
+
+def _erase_if_dead(graph: fx.Graph, node) -> None:
+    if isinstance(node, fx.Node) and not node.users and node.op in ("call_module", "call_function", "get_attr"):
+        inputs = list(node.all_input_nodes)
+        graph.erase_node(node)
+        for i in inputs:
+            if i.op == "get_attr":
+                _erase_if_dead(graph, i)
+
+
+def finalize(gm: fx.GraphModule) -> fx.GraphModule:
+    gm = copy.deepcopy(gm)
+    gm.eval()
+    graph = gm.graph
+    fused_mods = nn.ModuleDict()
+    gm.add_submodule(FUSED_ATTR, fused_mods)
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        site = gm.get_submodule(node.target)
+        if not isinstance(site, Site):
+            continue
+        x, out = node.args
+        if site.num_dendrites == 0:
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            continue
+        key = site_key(site.name)
+        fused_mods[key] = fuse_site(site, *_neuron_tensors(gm, site))
+        with graph.inserting_after(node):
+            new = graph.call_module(f"{FUSED_ATTR}.{key}", (x,))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        # The neuron (and its norm) now live inside the fused node.
+        norm_node = out if site.spec.norm_node else None
+        neuron = norm_node.args[0] if norm_node is not None else out
+        _erase_if_dead(graph, norm_node)
+        _erase_if_dead(graph, neuron)
+    # Sites inside untraceable leaves: swap back to the neuron, or to a fused module.
+    for name, mod in list(gm.named_modules()):
+        if isinstance(mod, SwappedNeuron):
+            owner, _, child = name.rpartition(".")
+            parent = gm.get_submodule(owner)
+            site = mod.site
+            if site.num_dendrites == 0:
+                replacement = mod.neuron
+            else:
+                b = None if getattr(mod.neuron, "bias", None) is None else mod.neuron.bias.detach()
+                replacement = fuse_site(site, mod.neuron.weight.detach(), b)
+            setattr(parent, child, replacement)
+    if hasattr(gm, SITES_ATTR):
+        delattr(gm, SITES_ATTR)
+    if not len(fused_mods):
+        delattr(gm, FUSED_ATTR)
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.eval()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return gm

@@ -1,0 +1,128 @@
+"""find_sites: decide which neurons get dendrites. Produces plain data, edits nothing.
+
+Requires: a GraphModule from `pbp_fx.trace` (shape metadata optional but used when present).
+Ensures: one SiteSpec per call of a Linear/Conv (module or functional with parameter
+weights), in graph order, then one per Linear/Conv inside untraceable leaves.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Union
+
+from torch import fx, nn
+
+from pbp_fx.layers import LayerSpec, NormSpec
+
+from .patterns import match_neuron, match_norm
+
+__all__ = ["SiteSpec", "find_sites", "SiteFilter"]
+
+SiteFilter = Union[None, str, type, Callable[[str, Optional[nn.Module]], bool], Iterable[Any]]
+
+
+@dataclass
+class SiteSpec:
+    """Where a site is and what its neuron looks like (plain data)."""
+
+    name: str  # public name: the neuron's qualified name, "@i" for the i-th reuse
+    layer: LayerSpec
+    norm: Optional[NormSpec] = None
+    module: Optional[str] = None  # the neuron module's qualified name (None: functional)
+    weight: Optional[str] = None  # attribute path of the neuron weight
+    bias: Optional[str] = None
+    neuron_node: Optional[str] = None  # None for a site inside an untraceable leaf
+    input_node: Optional[str] = None
+    output_node: Optional[str] = None  # the norm node when a norm joins, else the neuron node
+    norm_node: Optional[str] = None
+    norm_tensors: dict = field(default_factory=dict)
+
+    @property
+    def in_leaf(self) -> bool:
+        return self.neuron_node is None
+
+    @property
+    def kind(self) -> str:
+        return self.layer.kind
+
+    @property
+    def channels(self) -> int:
+        return self.layer.channels
+
+
+def _rules(f: SiteFilter) -> list:
+    if f is None:
+        return []
+    if isinstance(f, (str, type)) or callable(f) and not isinstance(f, (list, tuple, set)):
+        return [f]
+    return list(f)
+
+
+def _matches(rule, name: str, module: Optional[nn.Module]) -> bool:
+    if isinstance(rule, type):
+        return module is not None and isinstance(module, rule)
+    if isinstance(rule, str):
+        return fnmatch.fnmatchcase(name.split("@")[0], rule) or fnmatch.fnmatchcase(name, rule)
+    if callable(rule):
+        return bool(rule(name, module))
+    raise TypeError(f"include/exclude entries must be module types, name globs or callables, got {rule!r}")
+
+
+def selected(name: str, module: Optional[nn.Module], include: SiteFilter, exclude: SiteFilter) -> bool:
+    inc, exc = _rules(include), _rules(exclude)
+    if inc and not any(_matches(r, name, module) for r in inc):
+        return False
+    return not any(_matches(r, name, module) for r in exc)
+
+
+def _owner(gm: nn.Module, path: str) -> Optional[nn.Module]:
+    owner = path.rpartition(".")[0]
+    try:
+        return gm.get_submodule(owner) if owner else gm
+    except AttributeError:
+        return None
+
+
+def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilter = None) -> list[SiteSpec]:
+    """List the neuron sites of `gm`. include/exclude take module types, qualified-name
+    globs ("layer1.*") or callables `(name, module) -> bool`; exclude wins."""
+    specs: list[SiteSpec] = []
+    uses: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        match = match_neuron(node, gm)
+        if match is None:
+            continue
+        base = match.module or (match.weight[: -len(".weight")] if match.weight.endswith(".weight") else match.weight)
+        i = uses.get(base, 0)
+        uses[base] = i + 1
+        name = base if i == 0 else f"{base}@{i}"
+        module = gm.get_submodule(match.module) if match.module else _owner(gm, match.weight)
+        if not selected(name, module, include, exclude):
+            continue
+        norm = match_norm(node, match.layer, gm)
+        specs.append(SiteSpec(
+            name=name, layer=match.layer, norm=None if norm is None else norm.norm,
+            module=match.module, weight=match.weight, bias=match.bias, neuron_node=node.name,
+            input_node=match.input.name, output_node=(norm.node if norm else node).name,
+            norm_node=None if norm is None else norm.node.name,
+            norm_tensors={} if norm is None else dict(norm.tensors)))
+    for leaf in gm.meta.get("pbp_untraceable", []):
+        specs.extend(_leaf_sites(gm, leaf, include, exclude))
+    return specs
+
+
+def _leaf_sites(gm: fx.GraphModule, leaf: str, include: SiteFilter, exclude: SiteFilter) -> list[SiteSpec]:
+    """Neurons inside an untraceable leaf: reached by module swapping, no norm joins."""
+    out = []
+    for sub, m in gm.get_submodule(leaf).named_modules():
+        if not sub:
+            continue
+        try:
+            layer = LayerSpec.from_module(m)
+        except TypeError:
+            continue
+        name = f"{leaf}.{sub}"
+        if selected(name, m, include, exclude):
+            out.append(SiteSpec(name=name, layer=layer, module=name, weight=f"{name}.weight",
+                                bias=f"{name}.bias" if m.bias is not None else None))
+    return out

@@ -1,0 +1,57 @@
+"""insert_dendrites: route each site's output through a Site module.
+
+Requires: `specs` from `find_sites` on this very graph.
+Ensures: for every graph site, `call_module pbp_sites.<key>(x, out)` follows the site output
+and has taken over all its uses; every leaf site's neuron is swapped for SwappedNeuron. With
+no dendrites installed each Site returns its input unchanged, so the model computes exactly
+what it computed before.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import fx, nn
+
+from pbp_fx.site import Site, SwappedNeuron
+
+from .find_sites import SiteSpec
+from .patterns import attr_tensor
+
+__all__ = ["insert_dendrites", "site_key", "SITES_ATTR"]
+
+SITES_ATTR = "pbp_sites"
+
+
+def site_key(name: str) -> str:
+    """A module-attribute-safe key for a site name."""
+    return name.replace(".", "_").replace("@", "_at")
+
+
+def insert_dendrites(gm: fx.GraphModule, specs: Iterable[SiteSpec], activation: str = "sigmoid",
+                     mode: str = "pb") -> fx.GraphModule:
+    """Insert one Site per spec into `gm` (in place) and return it."""
+    if not hasattr(gm, SITES_ATTR):
+        gm.add_submodule(SITES_ATTR, nn.ModuleDict())
+    sites: nn.ModuleDict = getattr(gm, SITES_ATTR)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for spec in specs:
+        weight = attr_tensor(gm, spec.weight)
+        site = Site(spec.name, spec.layer, spec.norm, activation=activation, mode=mode)
+        site._anchor = site._anchor.to(device=weight.device, dtype=weight.dtype)
+        site.spec = spec
+        if spec.in_leaf:
+            owner, _, child = spec.module.rpartition(".")
+            parent = gm.get_submodule(owner)
+            setattr(parent, child, SwappedNeuron(getattr(parent, child), site))
+            continue
+        key = site_key(spec.name)
+        if key in sites:
+            raise ValueError(f"site {spec.name!r} is already perforated: run insert_dendrites once per graph")
+        sites[key] = site
+        out, x = nodes[spec.output_node], nodes[spec.input_node]
+        with gm.graph.inserting_after(out):
+            new = gm.graph.call_module(f"{SITES_ATTR}.{key}", (x, out))
+        out.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

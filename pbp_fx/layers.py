@@ -1,0 +1,220 @@
+"""Neuron-layer descriptions and M stacked copies of a layer evaluated as one wider layer.
+
+A dendrite has the same layer type and shape as its neuron (PB_SPEC §2). K installed
+dendrites, or a pool of P candidates, are therefore one Linear/Conv with K*C (P*C) outputs.
+Every stacked tensor is stored as [M, C, ...]: copy first, channel second, so that a row
+(m, c) is exactly the weights one copy holds for one neuron.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LayerSpec", "NormSpec", "LayerCopies", "stacked_apply", "fold_norm", "copy_dim"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Hyper-parameters of a Linear/ConvNd neuron layer: enough to build same-shaped copies."""
+
+    kind: str  # "linear" | "conv1d" | "conv2d" | "conv3d"
+    weight_shape: tuple  # the neuron's weight: (C, in) or (C, in/groups, *kernel)
+    bias: bool
+    stride: tuple = ()
+    padding: Union[tuple, str] = ()
+    dilation: tuple = ()
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    @property
+    def channels(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def axis(self) -> int:
+        """The neuron axis: last dim for Linear, dim 1 for convolutions."""
+        return -1 if self.kind == "linear" else 1
+
+    @property
+    def params_per_copy(self) -> int:
+        return math.prod(self.weight_shape) + (self.channels if self.bias else 0)
+
+    def apply(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        conv = _CONV[int(self.kind[-2])]
+        if self.padding_mode != "zeros":
+            # Same as nn.ConvNd: explicit padding with the mode, then an unpadded conv.
+            pad = [p for p in reversed(self.padding) for _ in range(2)]
+            x = F.pad(x, pad, mode=self.padding_mode)
+            return conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @staticmethod
+    def from_module(m: nn.Module) -> "LayerSpec":
+        if isinstance(m, nn.Linear):
+            return LayerSpec("linear", tuple(m.weight.shape), m.bias is not None)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return LayerSpec(
+                f"conv{len(m.kernel_size)}d", tuple(m.weight.shape), m.bias is not None,
+                tuple(m.stride), m.padding if isinstance(m.padding, str) else tuple(m.padding),
+                tuple(m.dilation), m.groups, m.padding_mode)
+        raise TypeError(f"not a neuron layer: {type(m).__name__}")
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """A per-channel affine norm that joins a site (BatchNorm with running statistics)."""
+
+    eps: float = 1e-5
+    momentum: Optional[float] = 0.1
+    affine: bool = True
+
+    @staticmethod
+    def from_module(m: nn.Module) -> "NormSpec":
+        return NormSpec(m.eps, m.momentum, m.affine)
+
+
+def copy_dim(axis: int) -> int:
+    """Where the copy index sits in a stacked output: [B, M, C, *S] or [..., M, C]."""
+    return 1 if axis == 1 else -2
+
+
+def channel_view(t: Tensor, ndim: int, axis: int) -> Tensor:
+    """Shape a [..., C] tensor to broadcast along the neuron axis of an ndim-d activation."""
+    if axis == 1:
+        return t.reshape(*t.shape, *([1] * (ndim - 2)))
+    return t
+
+
+def stacked_apply(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Run M copies ([M, C, ...] weights) as one layer; returns [B, M, C, *S] or [..., M, C]."""
+    m, c = weight.shape[:2]
+    rest = weight.shape[2:]
+    g = layer.groups
+    if g > 1:
+        # Grouped convs split output channels into contiguous groups: rows must be
+        # ordered (group, copy, channel-in-group) so each copy keeps its own grouping.
+        weight = weight.reshape(m, g, c // g, *rest).transpose(0, 1)
+        bias = None if bias is None else bias.reshape(m, g, c // g).transpose(0, 1)
+    z = layer.apply(x, weight.reshape(m * c, *rest),
+                    None if bias is None else bias.reshape(m * c))
+    if layer.axis == 1:
+        if g > 1:
+            return z.unflatten(1, (g, m, c // g)).transpose(1, 2).flatten(2, 3)
+        return z.unflatten(1, (m, c))
+    return z.unflatten(-1, (m, c))
+
+
+def fold_norm(weight: Tensor, bias: Optional[Tensor], mean: Tensor, var: Tensor,
+              gamma: Optional[Tensor], beta: Optional[Tensor], eps: float):
+    """Fold an eval-mode BatchNorm into the preceding layer; rows are [..., C] aligned."""
+    scale = torch.rsqrt(var + eps)
+    if gamma is not None:
+        scale = scale * gamma
+    b = -mean if bias is None else bias - mean
+    b = b * scale + (0 if beta is None else beta)
+    w = weight * scale.reshape(*scale.shape, *([1] * (weight.dim() - scale.dim())))
+    return w, b
+
+
+class LayerCopies(nn.Module):
+    """M copies of a neuron layer (and its BatchNorm, training form) as one wider layer."""
+
+    def __init__(self, layer: LayerSpec, norm: Optional[NormSpec], copies: int,
+                 device=None, dtype=None):
+        super().__init__()
+        self.layer, self.norm = layer, norm
+        fk = {"device": device, "dtype": dtype}
+        c = layer.channels
+        self.weight = nn.Parameter(torch.empty(copies, *layer.weight_shape, **fk))
+        self.bias = nn.Parameter(torch.zeros(copies, c, **fk)) if layer.bias else None
+        self.norm_weight = self.norm_bias = None
+        if norm is not None:
+            if norm.affine:
+                self.norm_weight = nn.Parameter(torch.ones(copies, c, **fk))
+                self.norm_bias = nn.Parameter(torch.zeros(copies, c, **fk))
+            self.register_buffer("running_mean", torch.zeros(copies, c, **fk))
+            self.register_buffer("running_var", torch.ones(copies, c, **fk))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, device=device))
+
+    @property
+    def copies(self) -> int:
+        return self.weight.shape[0]
+
+    def row_tensors(self) -> dict[str, Tensor]:
+        """Every tensor whose leading dims are [M, C], by attribute name."""
+        names = ["weight", "bias", "norm_weight", "norm_bias", "running_mean", "running_var"]
+        return {n: getattr(self, n) for n in names if getattr(self, n, None) is not None}
+
+    def reset_parameters(self, init: str = "default", scale: float = 1.0) -> None:
+        """init: "default" (the layer type's own init), "kaiming" (N(0, 2/fan_in)), "normal" (N(0, 0.01^2))."""
+        with torch.no_grad():
+            fan_in = math.prod(self.layer.weight_shape[1:])
+            for w in self.weight:
+                if init == "default":
+                    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                elif init == "kaiming":
+                    w.normal_(0.0, math.sqrt(2.0 / fan_in))
+                elif init == "normal":
+                    w.normal_(0.0, 0.01)
+                else:
+                    raise ValueError(f"unknown init {init!r}: use 'default', 'kaiming' or 'normal'")
+            self.weight.mul_(scale)
+            if self.bias is not None:
+                if init == "default":
+                    self.bias.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+                else:
+                    self.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = stacked_apply(self.layer, x, self.weight, self.bias)
+        if self.norm is None:
+            return z
+        m, c = self.weight.shape[:2]
+        training = self.training
+        momentum = self.norm.momentum
+        if training:
+            # nn.BatchNorm's bookkeeping: momentum None means a cumulative average.
+            self.num_batches_tracked.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        flat = z.flatten(1, 2) if self.layer.axis == 1 else z.flatten(-2, -1)
+        out = F.batch_norm(
+            flat, self.running_mean.view(m * c), self.running_var.view(m * c),
+            None if self.norm_weight is None else self.norm_weight.reshape(m * c),
+            None if self.norm_bias is None else self.norm_bias.reshape(m * c),
+            training, momentum if momentum is not None else 0.0, self.norm.eps)
+        return out.unflatten(1, (m, c)) if self.layer.axis == 1 else out.unflatten(-1, (m, c))
+
+    def folded(self) -> tuple[Tensor, Optional[Tensor]]:
+        """Eval-form weights [M, C, ...] and bias [M, C] with the norm folded in."""
+        w, b = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        if self.norm is None:
+            return w.clone(), None if b is None else b.clone()
+        return fold_norm(w, b, self.running_mean, self.running_var,
+                         None if self.norm_weight is None else self.norm_weight.detach(),
+                         None if self.norm_bias is None else self.norm_bias.detach(), self.norm.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.layer.kind}, copies={self.copies}, channels={self.layer.channels}, norm={self.norm is not None}"
+
+
+def cat_rows(layer: LayerSpec, norm: Optional[NormSpec], parts: list[dict[str, Tensor]],
+             requires_grad: bool, device=None, dtype=None) -> LayerCopies:
+    """A new LayerCopies whose rows are the given row dicts concatenated along M."""
+    total = sum(p["weight"].shape[0] for p in parts)
+    out = LayerCopies(layer, norm, total, device=device, dtype=dtype)
+    with torch.no_grad():
+        for name, t in out.row_tensors().items():
+            t.copy_(torch.cat([p[name].to(t) for p in parts], 0))
+    for p in out.parameters():
+        p.requires_grad_(requires_grad)
+    return out

@@ -1,0 +1,184 @@
+"""PerforatedModel: the perforated graph, its Sites, and phase switching.
+
+`perforate(model, example_inputs)` = trace -> find_sites -> insert_dendrites on a deep copy
+of `model` (the user's model is never modified).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterator, Optional
+
+import torch
+from torch import fx, nn
+
+from .errors import NoSitesError
+from .site import ACTIVATIONS, MODES, Site
+from .tracing import trace
+
+__all__ = ["PerforatedModel", "perforate", "PHASES"]
+
+PHASES = ("neuron", "dendrite")
+
+
+class PerforatedModel(nn.Module):
+    """A traced model with a Site after every neuron layer; called exactly like the original."""
+
+    def __init__(self, graph_module: fx.GraphModule, mode: str = "pb", activation: str = "sigmoid"):
+        super().__init__()
+        self.graph_module = graph_module
+        self.mode, self.activation = mode, activation
+        self.phase = "neuron"
+        # Names of parameters frozen for the dendrite phase, thawed when it ends.
+        self._thaw: list[str] = []
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    # -- structure -------------------------------------------------------------------
+    @property
+    def sites(self) -> dict[str, Site]:
+        """Site modules by name, in graph order (sites inside untraceable leaves last)."""
+        gm = self.graph_module
+        out: dict[str, Site] = {}
+        leaf_sites: list[Site] = []
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            m = gm.get_submodule(node.target)
+            if isinstance(m, Site):
+                out.setdefault(m.name, m)
+            else:
+                leaf_sites.extend(s for s in m.modules() if isinstance(s, Site))
+        for s in leaf_sites:
+            out.setdefault(s.name, s)
+        return out
+
+    @property
+    def code(self) -> str:
+        """Readable Python of the perforated graph."""
+        return self.graph_module.code
+
+    @property
+    def num_dendrites(self) -> dict[str, int]:
+        return {name: s.num_dendrites for name, s in self.sites.items()}
+
+    def num_parameters(self, candidates: bool = False) -> int:
+        """Parameters of the model (shared ones once), without the candidate pools unless asked."""
+        skip = set()
+        if not candidates:
+            for s in self.sites.values():
+                if s.candidates is not None:
+                    skip.update(id(p) for p in s.candidates.parameters())
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+    def summary(self) -> list[dict]:
+        """One row per site: name, kind, channels, norm, dendrites, params per new dendrite."""
+        return [{"name": n, "kind": s.kind, "channels": s.channels, "norm": s.norm is not None,
+                 "dendrites": s.num_dendrites, "params_per_dendrite": s.params_per_dendrite}
+                for n, s in self.sites.items()]
+
+    def grow(self, init: str = "random") -> None:
+        """Install one dendrite per site with fresh weights (V = 0: the output does not change)."""
+        self._require_phase("neuron", "grow")
+        for s in self.sites.values():
+            s.grow(init)
+
+    def finalize(self) -> fx.GraphModule:
+        """An eval-only GraphModule: dendrites fused into their neurons, no scaffolding."""
+        from pbp_fx.passes import finalize
+
+        return finalize(self.graph_module)
+
+    # -- phases (PB_SPEC §3-§5) ----------------------------------------------------------
+    def _require_phase(self, phase: str, what: str) -> None:
+        if self.phase != phase:
+            raise RuntimeError(f"{what}() needs the {phase} phase, but the model is in the {self.phase} phase")
+
+    def start_dendrite_phase(self, pool: int = 4, init: str = "kaiming", init_scale: float = 1.0,
+                             **stats) -> None:
+        """Attach P candidates to every site and freeze everything else (mode "pb" only).
+
+        In this phase the model's output is unchanged; `loss.backward()` trains only the
+        candidates (through the covariance with each site's error), so the optimizer must
+        hold `trainable_parameters()`.
+        """
+        if self.mode != "pb":
+            raise RuntimeError("the dendrite phase exists only in mode 'pb' (mode 'gd' grows random dendrites)")
+        self._require_phase("neuron", "start_dendrite_phase")
+        for s in self.sites.values():
+            s.start_candidates(pool, init, init_scale, **stats)
+        cand = {id(p) for s in self.sites.values() for p in s.candidates.parameters()}
+        self._thaw = []
+        for name, p in self.named_parameters():
+            if id(p) not in cand and p.requires_grad:
+                p.requires_grad_(False)
+                self._thaw.append(name)
+        self.phase = "dendrite"
+
+    def _end_dendrite_phase(self) -> None:
+        params = dict(self.named_parameters())
+        for name in self._thaw:
+            if name in params:
+                params[name].requires_grad_(True)
+        self._thaw = []
+        self.phase = "neuron"
+
+    def install_candidates(self, v_init: float = 0.0, sites: Optional[list[str]] = None) -> None:
+        """Freeze the best candidate of each site as a new dendrite and return to the neuron phase.
+
+        `sites` limits installation to those names (the others drop their candidates).
+        """
+        self._require_phase("dendrite", "install_candidates")
+        for name, s in self.sites.items():
+            if sites is None or name in sites:
+                s.install_candidates(v_init)
+            else:
+                s.drop_candidates()
+        self._end_dendrite_phase()
+
+    def abort_dendrite_phase(self) -> None:
+        """Drop every candidate and return to the neuron phase unchanged."""
+        self._require_phase("dendrite", "abort_dendrite_phase")
+        for s in self.sites.values():
+            s.drop_candidates()
+        self._end_dendrite_phase()
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """What the optimizer must hold in the current phase."""
+        if self.phase == "dendrite":
+            for s in self.sites.values():
+                yield from s.candidates.parameters()
+            return
+        yield from (p for p in self.parameters() if p.requires_grad)
+
+    def correlations(self) -> dict[str, torch.Tensor]:
+        """Per site, the per-channel best |C~| of its candidates (dendrite phase only)."""
+        return {n: s.correlation() for n, s in self.sites.items() if s.candidates is not None}
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, activation={self.activation!r}, phase={self.phase!r}, sites={len(self.sites)}"
+
+
+def perforate(model: nn.Module, example_inputs, include=None, exclude=None,
+              activation: str = "sigmoid", mode: str = "pb") -> PerforatedModel:
+    """Trace a copy of `model`, find its neuron sites and insert dendrite sites (K = 0).
+
+    Right after this the perforated model computes exactly what `model` computes.
+    include/exclude: module types, qualified-name globs ("layer1.*") or `(name, module) -> bool`.
+    """
+    from pbp_fx.passes import find_sites, insert_dendrites
+
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}")
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not supported: use 'pb' or 'gd'")
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    model = copy.deepcopy(model)
+    gm = trace(model, example_inputs)
+    specs = find_sites(gm, include, exclude)
+    if not specs:
+        raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__} "
+                           "(or all were excluded): check include=/exclude=, or the model has no such layers")
+    gm = insert_dendrites(gm, specs, activation=activation, mode=mode)
+    return PerforatedModel(gm, mode=mode, activation=activation)
