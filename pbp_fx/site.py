@@ -62,7 +62,8 @@ class CandidatePool(nn.Module):
         self.cascade = nn.Parameter(torch.zeros(pool, c, installed, **fk))
         self.register_buffer("ema", torch.zeros(pool, c, **fk))
         self.register_buffer("best", torch.zeros(pool, c, **fk))
-        self.register_buffer("steps", torch.tensor(0, device=device))
+        self.steps = 0  # host-side counter: no device sync per batch
+        # Step of the last snapshot, kept on the device and read once per epoch.
         self.register_buffer("last_improved", torch.tensor(0, device=device))
         for name, t in self._rows().items():
             self.register_buffer("snapshot_" + name, t.detach().clone())
@@ -96,25 +97,31 @@ class CandidatePool(nn.Module):
         """Fold one batch's covariance [P, C] into the statistics; returns sign(ema)."""
         cov = self.reduce(cov)
         self.steps += 1
-        if int(self.steps) == 1:
+        if self.steps == 1:
             self.ema.copy_(cov)
         else:
             self.ema.mul_(self.ema_decay).add_(cov, alpha=1.0 - self.ema_decay)
-        if int(self.steps) > self.warmup:
+        if self.steps > self.warmup:
             score = self.ema.abs()
             improved = score > self.best * (1.0 + self.threshold)
-            if bool(improved.any()):
-                self.best.copy_(torch.where(improved, score, self.best))
-                for name, t in self._rows().items():
-                    snap = getattr(self, "snapshot_" + name)
-                    mask = improved.reshape(*improved.shape, *([1] * (t.dim() - 2)))
-                    snap.copy_(torch.where(mask, t.detach(), snap))
-                self.last_improved.copy_(self.steps)
+            # Masked copies instead of `if improved.any()`: no host sync on the hot path.
+            self.best.copy_(torch.where(improved, score, self.best))
+            for name, t in self._rows().items():
+                snap = getattr(self, "snapshot_" + name)
+                mask = improved.reshape(*improved.shape, *([1] * (t.dim() - 2)))
+                snap.copy_(torch.where(mask, t.detach(), snap))
+            self.last_improved.copy_(torch.where(improved.any(), self.steps, self.last_improved))
         return torch.sign(self.ema)
+
+    def get_extra_state(self) -> dict:
+        return {"steps": self.steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps = int(state["steps"])
 
     def correlation(self) -> Tensor:
         """Per channel, the best |C~| over the pool, [C]."""
-        return self.best.amax(0) if int(self.steps) > self.warmup else self.ema.abs().amax(0)
+        return self.best.amax(0) if self.steps > self.warmup else self.ema.abs().amax(0)
 
     def selected_rows(self) -> tuple[dict[str, Tensor], Tensor]:
         """Per channel, the snapshot row of the pool member with the best |C~|; and sign(C~)."""

@@ -1,0 +1,201 @@
+"""save / load: safetensors tensors + JSON structure. No pickle: loading runs no code.
+
+One file holds the model state ("model/..."), the controller's best weights ("best/..."),
+optimizer tensors ("optim/...") and, in the safetensors metadata, JSON for the structure
+(sites, dendrites, phase, mode, activation), the controller's counters and history, the
+optimizer's non-tensor state, and a SHA-256 of all tensor bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .perforated import PerforatedModel, perforate
+
+__all__ = ["save", "load", "atomic_write", "read_structure"]
+
+FORMAT = "pbp-fx-checkpoint/1"
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"cannot write {path}: directory {directory} does not exist (create it first)")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _split_state(prefix: str, state: dict, tensors: dict, plain: dict) -> None:
+    """Tensors to `tensors` (shared storage stored once), everything else to `plain` (JSON)."""
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            tensors[f"{prefix}{k}"] = v.detach().cpu().contiguous().clone()
+        else:
+            plain[f"{prefix}{k}"] = v
+
+
+def _digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k]
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _structure(pm: PerforatedModel) -> dict:
+    return {
+        "mode": pm.mode, "activation": pm.activation, "phase": pm.phase,
+        "sites": [{"name": n, "kind": s.kind, "channels": s.channels, "weight_shape": list(s.layer.weight_shape),
+                   "norm": s.norm is not None, "dendrites": s.num_dendrites,
+                   "pool": None if s.candidates is None else s.candidates.pool_size}
+                  for n, s in pm.sites.items()],
+    }
+
+
+def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[torch.optim.Optimizer] = None,
+         extra: Optional[dict] = None) -> str:
+    """Write a checkpoint atomically (a crash mid-save leaves the previous file intact)."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    tensors: dict = {}
+    plain: dict = {}
+    _split_state("model/", pm.state_dict(), tensors, plain)
+    meta = {"format": FORMAT, "version": __version__, "structure": _structure(pm), "extra": extra or {}}
+    if controller is not None:
+        cs = controller.state_dict()
+        best = cs.pop("best_state")
+        if best is not None:
+            _split_state("best/", best, tensors, plain)
+        meta["controller"] = cs
+    if optimizer is not None:
+        osd = optimizer.state_dict()
+        for pid, st in osd["state"].items():
+            _split_state(f"optim/{pid}/", st, tensors, plain)
+        meta["optimizer"] = {"param_groups": osd["param_groups"]}
+    meta["plain"] = plain
+    meta["sha256"] = _digest(tensors)
+    try:
+        header = {"pbp_fx": json.dumps(meta)}
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint metadata is not JSON-serialisable ({exc}): pass plain values in extra=") from exc
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return path
+
+
+def _read(path: str) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a damaged file
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({type(exc).__name__}): "
+                              "use an intact copy") from exc
+    if "pbp_fx" not in header:
+        raise CheckpointError(f"{path} is not a pbp-fx checkpoint (no pbp_fx metadata)")
+    meta = json.loads(header["pbp_fx"])
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if _digest(tensors) != meta.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is corrupted (checksum mismatch): use an intact copy")
+    return meta, tensors
+
+
+def read_structure(path: str) -> dict:
+    """The checkpoint's structure block (sites, dendrites, phase, mode, activation)."""
+    return _read(path)[0]["structure"]
+
+
+def _collect(prefix: str, tensors: dict, plain: dict) -> dict:
+    out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    out.update({k[len(prefix):]: v for k, v in plain.items() if k.startswith(prefix)})
+    return out
+
+
+def _check_sites(pm: PerforatedModel, structure: dict, path: str) -> None:
+    have = {n: s for n, s in pm.sites.items()}
+    for rec in structure["sites"]:
+        s = have.get(rec["name"])
+        if s is None or s.kind != rec["kind"] or list(s.layer.weight_shape) != rec["weight_shape"]:
+            found = "missing" if s is None else f"{s.kind} {list(s.layer.weight_shape)}"
+            raise CheckpointError(
+                f"checkpoint {path} belongs to another model: site {rec['name']!r} is {rec['kind']} "
+                f"{rec['weight_shape']} in the checkpoint but {found} here; load it onto the model it was trained on")
+    extra = [n for n in have if n not in {r["name"] for r in structure["sites"]}]
+    if extra:
+        raise CheckpointError(f"checkpoint {path} belongs to another model: site {extra[0]!r} is not in the checkpoint")
+
+
+def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Module]], example_inputs=None,
+         controller=None, optimizer: Optional[torch.optim.Optimizer] = None) -> PerforatedModel:
+    """Rebuild the checkpoint's structure on `model` and load its state.
+
+    `model`: a PerforatedModel (loaded in place), a fresh base nn.Module, or a function
+    building one (then `example_inputs` are needed to trace it). The controller and
+    optimizer, when given, get their saved state too.
+    """
+    meta, tensors = _read(path)
+    st = meta["structure"]
+    if not isinstance(model, PerforatedModel):
+        if not isinstance(model, nn.Module):
+            model = model()
+        if example_inputs is None:
+            raise CheckpointError("load() onto a plain model needs example_inputs to trace it")
+        names = [r["name"] for r in st["sites"]]
+        model = perforate(model, example_inputs, include=lambda n, m: n in names,
+                          activation=st["activation"], mode=st["mode"])
+    pm = model
+    _check_sites(pm, st, path)
+    plain = meta.get("plain", {})
+    state = _collect("model/", tensors, plain)
+    if pm.phase == "dendrite":
+        pm.abort_dendrite_phase()
+    # First the dendrites (sites resize to the stored K), then candidates on top of them.
+    pm.load_state_dict({k: v for k, v in state.items() if ".candidates." not in k}, strict=False)
+    if st["phase"] == "dendrite":
+        pools = {r["pool"] for r in st["sites"] if r["pool"]}
+        pm.start_dendrite_phase(pool=max(pools) if pools else 1)
+    try:
+        pm.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from exc
+    if controller is not None and "controller" in meta:
+        cs = dict(meta["controller"])
+        best = _collect("best/", tensors, plain)
+        cs["best_state"] = best or None
+        controller.load_state_dict(cs)
+    if optimizer is not None and "optimizer" in meta:
+        n = len(meta["optimizer"]["param_groups"] and
+                [p for g in meta["optimizer"]["param_groups"] for p in g["params"]])
+        ostate = {}
+        for pid in range(n):
+            s = _collect(f"optim/{pid}/", tensors, plain)
+            if s:
+                ostate[pid] = s
+        optimizer.load_state_dict({"state": ostate, "param_groups": meta["optimizer"]["param_groups"]})
+    return pm
