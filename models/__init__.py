@@ -1,0 +1,1 @@
+"""Reference models following the model.py contract (build_model, example_inputs, datasets)."""
