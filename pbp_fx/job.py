@@ -1,0 +1,174 @@
+"""The main job behind `pbp-fx train`: a model file's datasets, PB training, a report.
+
+    result = train_job("models/digits_mlp.py", out="runs/digits")
+
+With no model file it runs the built-in default: the MNIST-1D MLP (data generated locally).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import time
+from types import ModuleType
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .checkpoint import atomic_write, save
+from .controller import PhaseController
+from .errors import ModelFileError, TrainingError
+from .modelfile import instantiate, load_model_file
+from .perforated import perforate
+from .training import evaluate, fit
+
+__all__ = ["train_job", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
+
+DEFAULT_MODEL = "pbp_fx.models.mnist1d_mlp"
+
+
+def load_job_module(model_file: Optional[str]) -> ModuleType:
+    mod = importlib.import_module(DEFAULT_MODEL) if model_file is None else load_model_file(model_file)
+    if not callable(getattr(mod, "datasets", None)):
+        where = model_file or DEFAULT_MODEL
+        raise ModelFileError(f"model file {where!r} has no datasets(): training needs "
+                             "datasets() -> (train, val, test) torch Datasets")
+    return mod
+
+
+def _call_datasets(mod: ModuleType, seed: int):
+    try:
+        params = inspect.signature(mod.datasets).parameters
+        data = mod.datasets(seed=seed) if "seed" in params else mod.datasets()
+    except Exception as exc:  # noqa: BLE001 - user code
+        raise ModelFileError(f"datasets() raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if not isinstance(data, (tuple, list)) or len(data) != 3:
+        raise ModelFileError("datasets() must return (train, val, test)")
+    for name, ds in zip(("training", "validation", "test"), data):
+        if len(ds) == 0:
+            raise TrainingError(f"the {name} dataset is empty: datasets() must return non-empty datasets")
+    return data
+
+
+def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000):
+    train, val, test = data
+    g = torch.Generator().manual_seed(seed)
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),
+            DataLoader(val, batch_size=eval_batch_size), DataLoader(test, batch_size=eval_batch_size))
+
+
+def train_job(model_file: Optional[str] = None, *, mode: str = "pb", max_dendrites: int = 3,
+              out: Optional[str] = None, seed: int = 0, epochs: int = 300, batch_size: int = 100,
+              lr: float = 1e-3, candidate_lr: float = 0.02, patience: int = 10, dendrite_patience: int = 3,
+              max_dendrite_epochs: int = 30, pool: int = 4, activation: str = "sigmoid",
+              include=None, exclude=None, progress: bool = True,
+              echo: Callable[[str], None] = print) -> dict:
+    """Train a model file's model with PB (or gd) and report; returns the summary dict."""
+    if max_dendrites < 1:
+        raise TrainingError(f"--max-dendrites {max_dendrites}: it must be at least 1")
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise TrainingError(f"--out {out} exists and is not a directory: choose another path")
+    mod = load_job_module(model_file)
+    torch.manual_seed(seed)
+    model, inputs = instantiate(mod)
+    data = _call_datasets(mod, seed)
+    loss_fn = getattr(mod, "loss_fn", None) or F.cross_entropy
+    train_loader, val_loader, test_loader = make_loaders(data, batch_size, seed)
+    base_params = sum(p.numel() for p in model.parameters())
+    t0 = time.perf_counter()
+    pm = perforate(model, inputs, include=include, exclude=exclude, activation=activation, mode=mode)
+    ctl = PhaseController(pm, patience=patience, dendrite_patience=dendrite_patience,
+                          max_dendrite_epochs=max_dendrite_epochs, max_dendrites=max_dendrites, pool=pool)
+    history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, epochs=epochs, lr=lr,
+                  candidate_lr=candidate_lr, test_loader=test_loader, progress=progress)
+    seconds = time.perf_counter() - t0
+    test = evaluate(pm, test_loader)
+    val = evaluate(pm, val_loader)
+    summary = {
+        "model": model_file or DEFAULT_MODEL, "mode": mode, "seed": seed,
+        "epochs": len(history.epochs), "seconds": round(seconds, 2),
+        "params_plain": base_params, "params": pm.num_parameters(),
+        "dendrites": pm.num_dendrites, "best_epoch": ctl.best_epoch,
+        "val": val, "test": test,
+        "events": [e for e in ctl.history if e["decision"] != "continue"],
+    }
+    _print_report(summary, echo)
+    if out is not None:
+        _write_outputs(out, pm, ctl, history, summary)
+        echo(f"wrote {out}/history.json, {out}/summary.json, {out}/plot.png, {out}/checkpoint.safetensors")
+    return summary
+
+
+def _print_report(s: dict, echo) -> None:
+    echo("")
+    echo("phase history")
+    echo(f"  {'epoch':>5}  {'phase':<8} {'dendrites':>9}  {'val':>7}  note")
+    for e in s["events"]:
+        echo(f"  {e['epoch']:>5}  {e['phase']:<8} {e['dendrites']:>9}  {e['score']:>7.4f}  {e['note']}")
+    echo("dendrites per site")
+    for name, k in s["dendrites"].items():
+        echo(f"  {name:<32} {k}")
+    echo(f"params: {s['params_plain']} plain -> {s['params']} perforated "
+         f"({s['params'] / max(s['params_plain'], 1):.2f}x)")
+    echo(f"best validation epoch {s['best_epoch']} of {s['epochs']}: val {s['val']:.4f}  test {s['test']:.4f}  "
+         f"({s['seconds']:.1f} s, mode {s['mode']})")
+
+
+def _write_outputs(out: str, pm, ctl, history, summary) -> None:
+    os.makedirs(out, exist_ok=True)
+
+    def text(name: str, body: str) -> None:
+        def w(tmp):
+            with open(tmp, "w") as f:
+                f.write(body)
+        atomic_write(os.path.join(out, name), w)
+
+    text("history.json", json.dumps(history.to_dict(), indent=1))
+    text("summary.json", json.dumps(summary, indent=1))
+    save(pm, os.path.join(out, "checkpoint.safetensors"), controller=ctl,
+         extra={"model": summary["model"], "seed": summary["seed"]})
+    plot_history(history, os.path.join(out, "plot.png"), title=f"{summary['model']} ({summary['mode']})")
+
+
+def plot_history(history, path: str, title: str = "") -> None:
+    """Validation/test accuracy per epoch with phase switches marked; accuracy vs params."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = history.epochs
+    ep = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(ep, [r["val"] for r in rows], label="validation")
+    if rows and rows[0].get("test") is not None:
+        a.plot(ep, [r["test"] for r in rows], label="test", alpha=0.8)
+    for r in rows:
+        if r["phase"] == "dendrite":
+            a.axvspan(r["epoch"] - 1, r["epoch"], color="tab:orange", alpha=0.15, lw=0)
+        if r["decision"] == "restructured":
+            a.axvline(r["epoch"], color="grey", ls="--", lw=0.8)
+    a.set_xlabel("epoch")
+    a.set_ylabel("accuracy")
+    a.set_title("accuracy per epoch (orange: dendrite phase, dashed: restructure)")
+    a.legend()
+    # Accuracy against parameters: per structure, the epoch with the best validation score.
+    best: dict[int, dict] = {}
+    for r in rows:
+        if r["phase"] == "neuron" and (r["params"] not in best or r["val"] > best[r["params"]]["val"]):
+            best[r["params"]] = r
+    pts = sorted(best.values(), key=lambda r: r["params"])
+    b.plot([r["params"] for r in pts], [r["val"] for r in pts], "o-", label="validation")
+    if pts and pts[0].get("test") is not None:
+        b.plot([r["params"] for r in pts], [r["test"] for r in pts], "s-", label="test")
+    b.set_xlabel("parameters")
+    b.set_ylabel("accuracy at best validation")
+    b.set_title("accuracy vs parameter count")
+    b.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
