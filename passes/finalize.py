@@ -16,7 +16,7 @@ from torch import fx, nn
 from pbp_fx.layers import fold_norm
 from pbp_fx.site import FusedSite, Site, SwappedNeuron
 
-from .insert_dendrites import SITES_ATTR, site_key
+from .insert_dendrites import SITES_ATTR
 from .patterns import attr_tensor
 
 __all__ = ["finalize", "fuse_site", "FUSED_ATTR"]
@@ -74,7 +74,7 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
             node.replace_all_uses_with(out)
             graph.erase_node(node)
             continue
-        key = site_key(site.name)
+        key = node.target.rpartition(".")[2]  # the Site's own key: unique, unlike site_key(name)
         fused_mods[key] = fuse_site(site, *_neuron_tensors(gm, site))
         with graph.inserting_after(node):
             new = graph.call_module(f"{FUSED_ATTR}.{key}", (x,))

@@ -2,7 +2,8 @@
 
 Requires: a GraphModule from `pbp_fx.trace` (shape metadata optional but used when present).
 Ensures: one SiteSpec per call of a Linear/Conv (module or functional with parameter
-weights), in graph order, then one per Linear/Conv inside untraceable leaves.
+weights; convs on batched inputs), in graph order, then one per Linear/Conv inside
+untraceable leaves (each neuron once, also when leaves nest).
 """
 from __future__ import annotations
 
@@ -106,8 +107,11 @@ def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilt
             input_node=match.input.name, output_node=(norm.node if norm else node).name,
             norm_node=None if norm is None else norm.node.name,
             norm_tensors={} if norm is None else dict(norm.tensors)))
-    for leaf in gm.meta.get("pbp_untraceable", []):
-        specs.extend(_leaf_sites(gm, leaf, include, exclude))
+    untraceable = gm.meta.get("pbp_untraceable", [])
+    for leaf in untraceable:
+        # A leaf inside another untraceable leaf: its neurons are found through the outer one.
+        if not any(leaf.startswith(outer + ".") for outer in untraceable):
+            specs.extend(_leaf_sites(gm, leaf, include, exclude))
     return specs
 
 

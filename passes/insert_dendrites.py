@@ -2,7 +2,8 @@
 
 Requires: `specs` from `find_sites` on this very graph.
 Ensures: for every graph site, `call_module pbp_sites.<key>(x, out)` follows the site output
-and has taken over all its uses; every leaf site's neuron is swapped for SwappedNeuron. With
+and has taken over all its uses, x being what the neuron reads (an upstream Site's output
+where sites chain); every leaf site's neuron is swapped for SwappedNeuron. With
 no dendrites installed each Site returns its input unchanged, so the model computes exactly
 what it computed before.
 """
@@ -15,7 +16,7 @@ from torch import fx, nn
 from pbp_fx.site import Site, SwappedNeuron
 
 from .find_sites import SiteSpec
-from .patterns import attr_tensor
+from .patterns import _arg, attr_tensor
 
 __all__ = ["insert_dendrites", "site_key", "SITES_ATTR"]
 
@@ -33,8 +34,12 @@ def insert_dendrites(gm: fx.GraphModule, specs: Iterable[SiteSpec], activation: 
     if not hasattr(gm, SITES_ATTR):
         gm.add_submodule(SITES_ATTR, nn.ModuleDict())
     sites: nn.ModuleDict = getattr(gm, SITES_ATTR)
+    names = {s.name for s in sites.values()}
     nodes = {n.name: n for n in gm.graph.nodes}
     for spec in specs:
+        if spec.name in names or spec.in_leaf and isinstance(gm.get_submodule(spec.module), SwappedNeuron):
+            raise ValueError(f"site {spec.name!r} is already perforated: run insert_dendrites once per graph")
+        names.add(spec.name)
         weight = attr_tensor(gm, spec.weight)
         site = Site(spec.name, spec.layer, spec.norm, activation=activation, mode=mode)
         site._anchor = site._anchor.to(device=weight.device, dtype=weight.dtype)
@@ -45,10 +50,12 @@ def insert_dendrites(gm: fx.GraphModule, specs: Iterable[SiteSpec], activation: 
             setattr(parent, child, SwappedNeuron(getattr(parent, child), site))
             continue
         key = site_key(spec.name)
-        if key in sites:
-            raise ValueError(f"site {spec.name!r} is already perforated: run insert_dendrites once per graph")
+        while key in sites:  # "a.b" and "a_b" share a key: keep both sites
+            key += "_"
         sites[key] = site
-        out, x = nodes[spec.output_node], nodes[spec.input_node]
+        # The neuron's current input, not spec.input_node: when that node is an upstream site's
+        # output, the upstream Site has taken over its uses and the dendrites must see the same x.
+        out, x = nodes[spec.output_node], _arg(nodes[spec.neuron_node], 0, "input")
         with gm.graph.inserting_after(out):
             new = gm.graph.call_module(f"{SITES_ATTR}.{key}", (x, out))
         out.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)

@@ -72,6 +72,11 @@ def _ntuple(v, n: int) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
+def _unbatched(conv: fx.Node, d: int) -> bool:
+    """A conv on an unbatched [C, *S] input: no [B, C, ...] neuron axis, so not a site."""
+    return _out_ndim(conv) == d + 1
+
+
 # -- neuron rules --------------------------------------------------------------------
 def linear_or_conv_module(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
     if node.op != "call_module":
@@ -80,6 +85,8 @@ def linear_or_conv_module(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronM
     if not (isinstance(m, nn.Linear) or type(m) in _CONV_MODULES or isinstance(m, tuple(_CONV_MODULES))):
         return None
     if isinstance(m, nn.modules.lazy.LazyModuleMixin) or not node.args:
+        return None
+    if not isinstance(m, nn.Linear) and _unbatched(node, len(m.kernel_size)):
         return None
     bias = f"{node.target}.bias" if m.bias is not None else None
     return NeuronMatch(LayerSpec.from_module(m), node.args[0], node.target, f"{node.target}.weight", bias)
@@ -102,6 +109,8 @@ def functional_conv(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
     if node.op != "call_function" or node.target not in _CONV_FUNCTIONS:
         return None
     d = _CONV_FUNCTIONS[node.target]
+    if _unbatched(node, d):
+        return None
     weight = _param_path(gm, _arg(node, 1, "weight"))
     b = _arg(node, 2, "bias")
     bias = _param_path(gm, b)

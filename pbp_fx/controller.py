@@ -112,7 +112,7 @@ class PhaseController:
         return sum(int(s.candidates.last_improved) for s in self.pm.sites.values() if s.candidates is not None)
 
     def _event(self, score, decision: Decision, note: str) -> None:
-        self.history.append({"epoch": self.epoch, "phase": self.pm.phase, "score": score,
+        self.history.append({"epoch": self.epoch, "phase": self._epoch_phase, "score": score,
                              "dendrites": self._dendrites(), "decision": decision.value, "note": note})
 
     def _grow_or_start(self) -> str:
@@ -136,6 +136,7 @@ class PhaseController:
         if self.done:
             return Decision.COMPLETE
         val_score = float(val_score)
+        self._epoch_phase = self.pm.phase  # the phase this epoch ran in, for the history
         self.epoch += 1
         self.phase_epochs += 1
         if self.pm.phase == "dendrite":

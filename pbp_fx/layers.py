@@ -52,10 +52,22 @@ class LayerSpec:
         conv = _CONV[int(self.kind[-2])]
         if self.padding_mode != "zeros":
             # Same as nn.ConvNd: explicit padding with the mode, then an unpadded conv.
-            pad = [p for p in reversed(self.padding) for _ in range(2)]
-            x = F.pad(x, pad, mode=self.padding_mode)
+            x = F.pad(x, self._reversed_padding(), mode=self.padding_mode)
             return conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
         return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _reversed_padding(self) -> list:
+        """F.pad's [last dim left, right, ...] list, as nn.ConvNd computes it (also for "same"/"valid")."""
+        kernel = self.weight_shape[2:]
+        if self.padding == "valid":
+            return [0] * (2 * len(kernel))
+        if self.padding == "same":
+            pad = []
+            for d, k in zip(reversed(self.dilation), reversed(kernel)):
+                total = d * (k - 1)
+                pad += [total // 2, total - total // 2]
+            return pad
+        return [p for p in reversed(self.padding) for _ in range(2)]
 
     @staticmethod
     def from_module(m: nn.Module) -> "LayerSpec":

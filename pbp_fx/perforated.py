@@ -30,6 +30,9 @@ class PerforatedModel(nn.Module):
         self.phase = "neuron"
         # Names of parameters frozen for the dendrite phase, thawed when it ends.
         self._thaw: list[str] = []
+        # Buffers (BN running stats) at the start of the dendrite phase, restored at its end:
+        # train-mode forwards would otherwise move them although no weight changes.
+        self._frozen_buffers: dict[str, torch.Tensor] = {}
 
     def forward(self, *args, **kwargs):
         return self.graph_module(*args, **kwargs)
@@ -69,7 +72,10 @@ class PerforatedModel(nn.Module):
             for s in self.sites.values():
                 if s.candidates is not None:
                     skip.update(id(p) for p in s.candidates.parameters())
-        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+        total = sum(p.numel() for p in self.parameters() if id(p) not in skip)
+        # U is stored [K, C, K] but only j < k is read: count the C*K*(K-1)/2 used entries.
+        unused = sum(s.channels * s.num_dendrites * (s.num_dendrites + 1) // 2 for s in self.sites.values())
+        return total - unused
 
     def summary(self) -> list[dict]:
         """One row per site: name, kind, channels, norm, dendrites, params per new dendrite."""
@@ -108,12 +114,23 @@ class PerforatedModel(nn.Module):
         for s in self.sites.values():
             s.start_candidates(pool, init, init_scale, **stats)
         cand = {id(p) for s in self.sites.values() for p in s.candidates.parameters()}
+        cand_buffers = {id(b) for s in self.sites.values() for b in s.candidates.buffers()}
+        self._frozen_buffers = {n: b.detach().clone() for n, b in self.named_buffers()
+                                if id(b) not in cand_buffers}
         self._thaw = []
         for name, p in self.named_parameters():
             if id(p) not in cand and p.requires_grad:
                 p.requires_grad_(False)
                 self._thaw.append(name)
         self.phase = "dendrite"
+
+    def _restore_buffers(self) -> None:
+        buffers = dict(self.named_buffers())
+        with torch.no_grad():
+            for name, value in self._frozen_buffers.items():
+                if name in buffers and buffers[name].shape == value.shape:
+                    buffers[name].copy_(value)
+        self._frozen_buffers = {}
 
     def _end_dendrite_phase(self) -> None:
         params = dict(self.named_parameters())
@@ -129,6 +146,7 @@ class PerforatedModel(nn.Module):
         `sites` limits installation to those names (the others drop their candidates).
         """
         self._require_phase("dendrite", "install_candidates")
+        self._restore_buffers()  # before installing: installed stacks change shape
         for name, s in self.sites.items():
             if sites is None or name in sites:
                 s.install_candidates(v_init)
@@ -139,17 +157,19 @@ class PerforatedModel(nn.Module):
     def abort_dendrite_phase(self) -> None:
         """Drop every candidate and return to the neuron phase unchanged."""
         self._require_phase("dendrite", "abort_dendrite_phase")
+        self._restore_buffers()
         for s in self.sites.values():
             s.drop_candidates()
         self._end_dendrite_phase()
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer must hold in the current phase."""
+        # Empty tensors (the cascade of a site's first dendrite) have nothing to train.
         if self.phase == "dendrite":
             for s in self.sites.values():
-                yield from s.candidates.parameters()
+                yield from (p for p in s.candidates.parameters() if p.numel())
             return
-        yield from (p for p in self.parameters() if p.requires_grad)
+        yield from (p for p in self.parameters() if p.requires_grad and p.numel())
 
     def correlations(self) -> dict[str, torch.Tensor]:
         """Per site, the per-channel best |C~| of its candidates (dendrite phase only)."""

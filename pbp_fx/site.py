@@ -150,7 +150,8 @@ class _CovarianceTap(torch.autograd.Function):
     def forward(ctx, y: Tensor, c: Tensor, pool: CandidatePool) -> Tensor:
         ctx.save_for_backward(c)
         ctx.pool = pool
-        return y.view_as(y)
+        # A copy, not a view: user graphs may modify the site output in place (ReLU(inplace)).
+        return y.clone()
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -257,8 +258,7 @@ class Site(nn.Module):
         trainable = self.mode == "gd"
         parts = ([] if self.dendrites is None else [self.dendrites.row_tensors()]) + [rows]
         new = cat_rows(self.layer, self.norm, parts, requires_grad=trainable, **fk)
-        if self.dendrites is not None:
-            new.train(self.dendrites.training)
+        new.train(self.training)
         u = torch.zeros(k + 1, c, k + 1, **fk)
         v_all = torch.zeros(k + 1, c, **fk)
         with torch.no_grad():

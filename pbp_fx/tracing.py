@@ -7,7 +7,10 @@ can be isolated and `TraceError` names the module and the line.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
 import traceback
 from typing import Iterable, Optional
 
@@ -97,19 +100,37 @@ def trace(model: nn.Module, example_inputs: Optional[tuple] = None, *,
     return gm
 
 
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running (to name it in errors)."""
+
+    node: Optional[fx.Node] = None
+
+    def run_node(self, n: fx.Node):
+        self.node = n
+        return super().run_node(n)
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Record tensor shapes in node.meta without changing any module state."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     modes = {m: m.training for m in gm.modules()}
     buffers = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    prop = _ShapeProp(gm)
+    # ShapeProp prints a traceback to stderr before it raises: keep stderr until we know.
+    err = io.StringIO()
     try:
         gm.eval()
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+        with torch.no_grad(), contextlib.redirect_stderr(err):
+            prop.propagate(*example_inputs)
     except Exception as exc:  # noqa: BLE001
-        raise TraceError(f"example inputs do not run through the model: {_reason(exc)} "
+        cause = exc.__cause__ if exc.__cause__ is not None and "ShapeProp" in str(exc) else exc
+        n = prop.node
+        where = "" if n is None else f" at {n.target if n.op == 'call_module' else n.name}"
+        raise TraceError(f"example inputs do not run through the model{where}: {_reason(cause)} "
                          f"(check their shapes and dtypes against the model's forward)") from exc
+    else:
+        sys.stderr.write(err.getvalue())  # warnings raised while running the model
     finally:
         for m, t in modes.items():
             m.train(t)

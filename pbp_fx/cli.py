@@ -1,0 +1,224 @@
+"""The `pbp-fx` command: argument parsing and error reporting over the public API.
+
+Subcommands live in a registry; adding one is one decorated function `(args) -> int`:
+
+    @subcommand("export", "write an ONNX file", arg("model"), arg("--out", default="model.onnx"))
+    def export(args) -> int:
+        ...
+        return 0
+
+Every pbp-fx error (`PBError`) is reported as ONE line on stderr, `pbp-fx: error: ...`, with
+exit status 2 and no traceback (`--debug` shows it). Files are written to a temporary
+folder first and renamed into place, so a failed run leaves no partial output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+from .errors import PBError
+
+__all__ = ["main", "subcommand", "arg", "COMMANDS", "build_parser", "atomic_output_dir"]
+
+PROG = "pbp-fx"
+EXIT_OK, EXIT_INTERNAL, EXIT_ERROR = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    args: tuple  # ((flags...), kwargs) pairs for add_argument
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def arg(*flags: str, **kwargs) -> tuple:
+    """One `add_argument` call, as data: arg("--out", default="runs")."""
+    return flags, kwargs
+
+
+def subcommand(name: str, help: str, *args: tuple):
+    """Register `fn(args) -> int` as `pbp-fx NAME` with the given arguments."""
+
+    def register(fn: Callable[[argparse.Namespace], int]):
+        if name in COMMANDS:
+            raise ValueError(f"subcommand {name!r} is registered twice")
+        COMMANDS[name] = Command(name, help, tuple(args), fn)
+        return fn
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Perforated Backpropagation for PyTorch models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        for flags, kwargs in cmd.args:
+            p.add_argument(*flags, **kwargs)
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def _error(message: str) -> None:
+    text = " ".join(str(message).split()) or "unknown error"
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # usage errors (already printed by argparse) and --help
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    try:
+        return int(args._run(args) or 0)
+    except PBError as exc:
+        if args.debug:
+            raise
+        _error(exc)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug in pbp-fx or torch: still one line by default
+        if args.debug:
+            raise
+        _error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        return EXIT_INTERNAL
+
+
+# -- output --------------------------------------------------------------------------------
+@contextmanager
+def atomic_output_dir(out: str) -> Iterator[str]:
+    """Yield a temporary folder next to `out`; on success its files are renamed into `out`.
+
+    A new `out` is the temporary folder renamed; an existing one gets each file replaced
+    (others it holds are left alone). On any error the temporary folder is removed.
+    """
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PBError(f"--out {out!r} exists and is not a directory")
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    except OSError as exc:
+        raise PBError(f"cannot create output directory {out!r}: {exc.strerror or exc}") from exc
+    try:
+        yield tmp
+        if not os.path.exists(out):
+            os.replace(tmp, out)
+            os.chmod(out, 0o777 & ~_umask())
+        else:
+            for name in sorted(os.listdir(tmp)):
+                os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    except OSError as exc:
+        raise PBError(f"cannot write output directory {out!r}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _table(rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, r in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- transform -----------------------------------------------------------------------------
+@subcommand(
+    "transform", "trace a model file, find its neuron sites and insert dendrite sites",
+    arg("model", help="model file defining build_model() and example_inputs()"),
+    arg("--include", action="append", metavar="GLOB", default=None,
+        help="perforate only sites whose qualified name matches (repeatable)"),
+    arg("--exclude", action="append", metavar="GLOB", default=None,
+        help="do not perforate sites whose qualified name matches (repeatable; wins over --include)"),
+    arg("--activation", default="sigmoid", choices=("sigmoid", "tanh", "relu"),
+        help="dendrite activation (default: sigmoid)"),
+    arg("--out", metavar="DIR", default=None,
+        help="write perforated_graph.py and report.json to DIR (default: print only)"),
+)
+def transform(args: argparse.Namespace) -> int:
+    from .modelfile import instantiate, load_model_file
+    from .perforated import perforate
+
+    t0 = time.perf_counter()
+    model, inputs = instantiate(load_model_file(args.model))
+    t1 = time.perf_counter()
+    pm = perforate(model, inputs, include=args.include, exclude=args.exclude, activation=args.activation)
+    t2 = time.perf_counter()
+
+    rows = pm.summary()
+    leaves = list(pm.graph_module.meta.get("pbp_untraceable", []))
+    base = sum(p.numel() for p in model.parameters())
+    per_round = sum(r["params_per_dendrite"] for r in rows)
+    report = {
+        "model": os.path.abspath(args.model),
+        "model_class": type(model).__name__,
+        "activation": args.activation,
+        "include": args.include or [],
+        "exclude": args.exclude or [],
+        "sites": rows,
+        "num_sites": len(rows),
+        "params": {"model": base, "perforated": pm.num_parameters(), "per_dendrite_round": per_round},
+        "leaves_isolated": leaves,
+        "time_s": {"load": round(t1 - t0, 6), "perforate": round(t2 - t1, 6)},
+    }
+
+    table = [["site", "kind", "channels", "norm", "params/dendrite"]]
+    table += [[r["name"], r["kind"], str(r["channels"]), "BN" if r["norm"] else "-", f"{r['params_per_dendrite']:,}"]
+              for r in rows]
+    print(f"{type(model).__name__} from {args.model}: {len(rows)} site(s)")
+    print(_table(table, right={2, 4}))
+    print(f"total: {len(rows)} site(s); model {base:,} parameters; "
+          f"one dendrite per site adds {per_round:,} ({100.0 * per_round / max(base, 1):.1f}%)")
+    if leaves:
+        print(f"untraceable submodules isolated as leaves (neurons inside swapped): {', '.join(leaves)}")
+    print(f"perforate: {t2 - t1:.3f} s")
+
+    if args.out:
+        with atomic_output_dir(args.out) as tmp:
+            with open(os.path.join(tmp, "perforated_graph.py"), "w") as f:
+                f.write(f'"""Perforated graph of {type(model).__name__} from {os.path.basename(args.model)} '
+                        f"(generated by pbp-fx {_version()}; {len(rows)} sites, K = 0 dendrites).\n\n"
+                        'Each `self.pbp_sites.<site>(x, n)` adds the dendrites of one neuron site to its output n.\n"""\n')
+                f.write(pm.code.lstrip("\n"))
+            with open(os.path.join(tmp, "report.json"), "w") as f:
+                json.dump(report, f, indent=2)
+                f.write("\n")
+        print(f"wrote {os.path.join(args.out, 'perforated_graph.py')} and {os.path.join(args.out, 'report.json')}")
+    return EXIT_OK
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Model files: a Python file with `build_model() -> nn.Module` and `example_inputs() -> tuple`.
+
+    mod = load_model_file("model.py")          # imports it, checks the contract
+    model, inputs = instantiate(mod)           # calls build_model() and example_inputs()
+
+Every failure is a `ModelFileError` with a one-line message naming the file and the problem.
+Optional names a model file may define (TASK, loss_fn, datasets) are read by their users.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from .errors import ModelFileError
+
+__all__ = ["load_model_file", "instantiate", "REQUIRED"]
+
+REQUIRED = ("build_model", "example_inputs")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def load_model_file(path: str | os.PathLike) -> ModuleType:
+    """Import the model file at `path` as a fresh module and check that it follows the contract."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelFileError(f"model file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model file {path!r} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ModelFileError(f"model file {path!r} is not readable (check its permissions)")
+    full = os.path.abspath(path)
+    stem = os.path.splitext(os.path.basename(full))[0]
+    # One module name per file: two model files called model.py do not replace each other.
+    name = f"pbp_model_{stem}_{hashlib.sha1(full.encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, full)
+    if spec is None or spec.loader is None:
+        raise ModelFileError(f"model file {path!r} cannot be imported (is it a .py file?)")
+    mod = importlib.util.module_from_spec(spec)
+    folder = os.path.dirname(full)
+    sys.modules[name] = mod
+    sys.path.insert(0, folder)  # so the file can import its neighbours
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException as exc:  # noqa: BLE001 - any failure of user code is reported, SystemExit included
+        sys.modules.pop(name, None)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        if isinstance(exc, SyntaxError):
+            what = f"{exc.msg} (line {exc.lineno})"
+        else:
+            what = _first_line(exc)
+        raise ModelFileError(f"importing model file {path!r} raised {type(exc).__name__}: {what}") from exc
+    finally:
+        try:
+            sys.path.remove(folder)
+        except ValueError:
+            pass
+    missing = [n for n in REQUIRED if not callable(getattr(mod, n, None))]
+    if missing:
+        raise ModelFileError(
+            f"model file {path!r} does not define {' and '.join(f'{n}()' for n in missing)}: "
+            "a model file needs build_model() -> nn.Module and example_inputs() -> tuple")
+    return mod
+
+
+def instantiate(mod: ModuleType) -> tuple[nn.Module, tuple]:
+    """Call the file's build_model() and example_inputs(); check what they return."""
+    where = getattr(mod, "__file__", None) or mod.__name__
+    try:
+        model = mod.build_model()
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"build_model() in {where!r} raised {type(exc).__name__}: {_first_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelFileError(f"build_model() in {where!r} returned {type(model).__name__}, not an nn.Module")
+    try:
+        inputs = mod.example_inputs()
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"example_inputs() in {where!r} raised {type(exc).__name__}: {_first_line(exc)}") from exc
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)):
+        raise ModelFileError(f"example_inputs() in {where!r} returned {type(inputs).__name__}, not a tuple of inputs")
+    return model, tuple(inputs)

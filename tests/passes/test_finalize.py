@@ -1,0 +1,190 @@
+"""passes.finalize: one FusedSite per site with K >= 1, plain layers for K = 0, input untouched."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import pbp_fx
+from pbp_fx.passes import finalize, fuse_site
+from pbp_fx.passes.finalize import FUSED_ATTR
+from pbp_fx.passes.insert_dendrites import SITES_ATTR
+from pbp_fx.site import CandidatePool, FusedSite, Site, SwappedNeuron
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else self.b(x)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, groups=3)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 6)
+        self.leaf = Branchy()
+        self.w = nn.Parameter(torch.randn(2, 6) * 0.3)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x)))
+        h = F.relu(self.bn2(self.conv2(h)) + h)
+        h = h.mean((2, 3))
+        h = self.leaf(torch.tanh(self.fc(h)))
+        return F.linear(h, self.w)
+
+
+SITES = ["conv", "conv2", "fc", "w", "leaf.a", "leaf.b"]
+
+
+def _prepared(k: dict, pb):
+    """A perforated Net with k[name] dendrites per site, random V/U, warmed BN, in eval mode."""
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(4, 3, 6, 6)
+    pm = pbp_fx.perforate(model, (x,))
+    assert list(pm.sites) == SITES
+    for name, site in pm.sites.items():
+        for _ in range(k.get(name, 0)):
+            site.grow()
+    pb.randomize(pm, 0.5)
+    pb.warm(pm, (x,))
+    return pm.eval(), x
+
+
+def _inputs(x):
+    return [x, x.abs() + 0.1, -x.abs() - 0.1]  # both branches of the leaf
+
+
+def _kinds(gm):
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            out[n.target] = type(gm.get_submodule(n.target))
+    return out
+
+
+@pytest.mark.parametrize("k", [
+    {name: 1 for name in SITES},
+    {name: 3 for name in SITES},
+    {"conv": 2, "fc": 1, "leaf.b": 3},         # mixed, some K = 0
+    {},                                          # nothing grown: the plain model
+], ids=["k1", "k3", "mixed", "k0"])
+def test_postconditions_and_exactness(k, pb):
+    pm, x = _prepared(k, pb)
+    fused = finalize(pm.graph_module)
+    assert isinstance(fused, fx.GraphModule)
+    fused.graph.lint()
+    assert not fused.training and not any(m.training for m in fused.modules())
+    assert not any(p.requires_grad for p in fused.parameters())
+    mods = dict(fused.named_modules())
+    assert not any(isinstance(m, (Site, SwappedNeuron, CandidatePool)) for m in mods.values())
+    assert not hasattr(fused, SITES_ATTR)
+    grown = {n for n in SITES if k.get(n, 0)}
+    fused_sites = {m.name: m for m in mods.values() if isinstance(m, FusedSite)}
+    assert set(fused_sites) == grown
+    assert all(fused_sites[n].num_dendrites == k[n] for n in grown)
+    calls = _kinds(fused)
+    # K = 0 sites are the plain layers (with their norms); K >= 1 neurons and norms are gone
+    for name, norm in (("conv", "bn"), ("conv2", "bn2"), ("fc", None)):
+        assert (name in calls) == (name not in grown)
+        if norm:
+            assert (norm in calls) == (name not in grown)
+    for name in ("a", "b"):
+        want = FusedSite if f"leaf.{name}" in grown else nn.Linear
+        assert type(fused.get_submodule(f"leaf.{name}")) is want
+    has_linear = any(n.op == "call_function" and n.target is F.linear for n in fused.graph.nodes)
+    assert has_linear == ("w" not in grown)
+    assert (FUSED_ATTR in dict(fused.named_children())) == bool(grown & {"conv", "conv2", "fc", "w"})
+    for xi in _inputs(x):
+        assert pb.max_diff(fused(xi), pm(xi)) <= 1e-5
+
+
+def test_input_graph_is_not_modified(pb):
+    pm, x = _prepared({n: 2 for n in SITES}, pb)
+    gm = pm.graph_module
+    code, names = gm.code, [n for n, _ in gm.named_modules()]
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    y = pm(x)
+    pm.train()
+    fused = finalize(gm)
+    assert gm.training and fused is not gm
+    assert gm.code == code and [n for n, _ in gm.named_modules()] == names
+    assert all(torch.equal(state[k], v) for k, v in gm.state_dict().items())
+    assert isinstance(gm.get_submodule("leaf.a"), SwappedNeuron)
+    assert all(p.requires_grad for n, p in gm.named_parameters() if "out_weight" in n)
+    pm.eval()
+    assert pb.max_diff(pm(x), y) == 0.0
+    assert pm.num_dendrites == {n: 2 for n in SITES}
+
+
+def test_fused_site_holds_neuron_and_dendrites_as_one_layer(pb):
+    pm, x = _prepared({"conv": 2}, pb)
+    site = pm.sites["conv"]
+    fused = finalize(pm.graph_module)
+    fs = fused.get_submodule(f"{FUSED_ATTR}.conv")
+    assert fs.weight.shape == (3, 6, 3, 3, 3) and fs.bias.shape == (3, 6)  # BN folded: a bias appears
+    assert torch.equal(fs.out_weight, site.out_weight) and torch.equal(fs.cascade, site.cascade)
+    # Row 0 is the neuron with its BatchNorm folded in.
+    bn, conv = pm.graph_module.bn, pm.graph_module.conv
+    assert pb.max_diff(F.conv2d(x, fs.weight[0], fs.bias[0], padding=1), bn(conv(x))) < 1e-5
+    assert [n.target for n in fused.graph.nodes if n.op == "call_module"][0] == f"{FUSED_ATTR}.conv"
+
+
+def test_fuse_site_on_its_own(pb):
+    lin = nn.Linear(5, 4, bias=False)
+    pm = pbp_fx.perforate(nn.Sequential(lin), (torch.randn(2, 5),))
+    site = pm.sites["0"]
+    site.grow()
+    site.grow()
+    pb.randomize(pm)
+    fs = fuse_site(site, lin.weight.detach(), None)
+    assert fs.weight.shape == (3, 4, 5) and fs.bias is None  # dendrites copy the layer: no bias either
+    assert torch.equal(fs.weight[0], lin.weight) and torch.equal(fs.weight[1:], site.dendrites.weight)
+    x = torch.randn(3, 7, 5)  # tokens
+    assert pb.max_diff(fs(x), pm(x)) < 1e-6
+
+
+def test_finalize_in_the_dendrite_phase_drops_candidates(pb):
+    pm, x = _prepared({n: 1 for n in SITES}, pb)
+    y = pm(x)
+    pm.start_dendrite_phase(pool=2)
+    fused = finalize(pm.graph_module)
+    assert not any(isinstance(m, CandidatePool) for m in fused.modules())
+    assert pb.max_diff(fused(x), y) <= 1e-5
+    assert all(s.candidates is not None for s in pm.sites.values())  # the input keeps them
+
+
+def test_perforated_model_finalize_is_the_pass(pb):
+    pm, x = _prepared({"fc": 1, "leaf.a": 2}, pb)
+    fused = pm.finalize()
+    assert {m.name for m in fused.modules() if isinstance(m, FusedSite)} == {"fc", "leaf.a"}
+    for xi in _inputs(x):
+        assert pb.max_diff(fused(xi), pm(xi)) <= 1e-5
+
+
+def test_sites_whose_names_share_a_key_fuse_separately(pb):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Module()
+            self.a.b = nn.Linear(3, 3)
+            self.a_b = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a_b(torch.relu(self.a.b(x)))
+
+    x = torch.randn(4, 3)
+    pm = pbp_fx.perforate(M(), (x,))
+    pm.grow()
+    pb.randomize(pm)
+    fused = pm.eval().finalize()
+    assert sorted(m.name for m in fused.modules() if isinstance(m, FusedSite)) == ["a.b", "a_b"]
+    assert pb.max_diff(fused(x), pm(x)) <= 1e-6

@@ -1,0 +1,239 @@
+"""passes.find_sites: which nodes are neuron sites, which norms join them; plain data, no edits."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pbp_fx import trace
+from pbp_fx.layers import LayerSpec, NormSpec
+from pbp_fx.passes import SiteSpec, find_sites
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+
+def _specs(model, *shape, **kw):
+    gm = trace(model, (torch.randn(*shape),))
+    return gm, find_sites(gm, **kw)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else x
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Branchy()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.inner(x)
+        return self.fc(y) if y.mean() > 0 else y
+
+
+def test_module_sites_with_and_without_norm():
+    gm, specs = _specs(nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4, eps=1e-3), nn.ReLU(),
+                                     nn.Flatten(), nn.Linear(16, 3)), 2, 2, 4, 4)
+    conv, fc = specs
+    assert isinstance(conv, SiteSpec)
+    assert conv.name == "0" and conv.module == "0" and conv.weight == "0.weight" and conv.bias is None
+    assert conv.layer == LayerSpec.from_module(gm.get_submodule("0")) and conv.kind == "conv2d"
+    assert conv.norm == NormSpec(eps=1e-3) and conv.norm_node == "_1" and conv.output_node == "_1"
+    assert conv.neuron_node == "_0" and conv.input_node == "input_1"
+    assert conv.norm_tensors == {"running_mean": "1.running_mean", "running_var": "1.running_var",
+                                 "weight": "1.weight", "bias": "1.bias"}
+    assert not conv.in_leaf
+    assert fc.name == "4" and fc.norm is None and fc.norm_node is None and fc.output_node == fc.neuron_node == "_4"
+    assert fc.bias == "4.bias" and fc.channels == 3
+
+
+def test_find_sites_edits_nothing():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    gm = trace(model, (torch.randn(2, 3),))
+    code = gm.code
+    modules = dict(gm.named_modules())
+    find_sites(gm)
+    assert gm.code == code and dict(gm.named_modules()) == modules
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Module()
+        self.conv.weight = nn.Parameter(torch.randn(4, 1, 3, 3))  # depthwise
+        self.conv.bias = nn.Parameter(torch.randn(4))
+        self.register_buffer("rm", torch.zeros(4))
+        self.register_buffer("rv", torch.ones(4))
+        self.w = nn.Parameter(torch.randn(3, 4))
+        self.register_buffer("wb", torch.randn(3, 4))
+
+    def forward(self, x):
+        h = F.conv2d(x, self.conv.weight, self.conv.bias, (2, 1), 1, 1, 4)
+        h = F.batch_norm(h, self.rm, self.rv, None, None, False, 0.1, 1e-3)
+        h = h.mean((2, 3))
+        a = F.linear(h, self.w)
+        b = F.linear(h, self.wb)          # buffer weight: not a neuron
+        c = F.linear(h, self.w * 2.0)     # computed weight: not a neuron
+        d = torch.nn.functional.linear(input=h, weight=self.w, bias=None)
+        return a + b + c + d
+
+
+def test_functional_sites():
+    gm, specs = _specs(Functional(), 2, 4, 6, 6)
+    assert [s.name for s in specs] == ["conv", "w", "w@1"]
+    conv = specs[0]
+    assert conv.module is None and conv.weight == "conv.weight" and conv.bias == "conv.bias"
+    assert conv.layer == LayerSpec("conv2d", (4, 1, 3, 3), True, (2, 1), (1, 1), (1, 1), 4)
+    assert conv.norm == NormSpec(eps=1e-3, affine=False)
+    assert conv.norm_tensors == {"running_mean": "rm", "running_var": "rv", "weight": None, "bias": None}
+    assert specs[1].layer == LayerSpec("linear", (3, 4), False) and specs[1].bias is None
+
+
+def test_norm_joins_only_when_it_folds_and_is_per_channel():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn_a = nn.Conv1d(2, 3, 1), nn.BatchNorm1d(3, track_running_stats=False)
+            self.b, self.bn_b = nn.Conv1d(3, 3, 1), nn.BatchNorm1d(3)
+            self.c, self.bn_c = nn.Linear(3, 3), nn.BatchNorm1d(3)  # tokens [B, 3, 3]: BN's dim 1 is not the axis
+            self.d, self.ln = nn.Linear(3, 3), nn.LayerNorm(3)
+            self.e = nn.Conv1d(3, 3, 1)
+
+        def forward(self, x):
+            x = self.bn_a(self.a(x))
+            y = self.b(x)
+            x = self.bn_b(y) + y                          # the neuron output has two users
+            x = self.bn_c(self.c(x))
+            x = self.ln(self.d(x))
+            x = self.e(x)
+            return F.batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
+
+    _, specs = _specs(M(), 2, 2, 3)
+    assert [s.name for s in specs] == ["a", "b", "c", "d", "e"]
+    assert all(s.norm is None for s in specs)
+
+
+def test_batchnorm1d_joins_linear_on_flat_features():
+    _, specs = _specs(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None, affine=False)), 5, 3)
+    assert specs[0].norm == NormSpec(momentum=None, affine=False)
+    assert specs[0].norm_tensors["weight"] is None
+
+
+def test_non_neurons_are_not_sites():
+    model = nn.Sequential(nn.ConvTranspose2d(2, 3, 3), nn.Conv2d(3, 3, 1), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 2, 4, 4))  # materialise the lazy module
+    _, specs = _specs(model, 1, 2, 4, 4)
+    assert [s.name for s in specs] == ["1", "3"]  # LazyLinear has become a Linear
+
+
+def test_reused_module_gets_one_site_per_call():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x))) + self.fc(x)
+
+    _, specs = _specs(M(), 2, 3)
+    assert [s.name for s in specs] == ["fc", "fc@1", "fc@2"]
+    assert len({s.neuron_node for s in specs}) == 3
+    assert all(s.module == "fc" and s.weight == "fc.weight" for s in specs)
+
+
+def test_leaf_sites_come_last_and_are_in_leaf():
+    model = nn.Sequential(Branchy(), nn.Linear(4, 2))
+    _, specs = _specs(model, 2, 4)
+    assert [s.name for s in specs] == ["1", "0.fc"]
+    leaf = specs[1]
+    assert leaf.in_leaf and leaf.module == "0.fc" and leaf.weight == "0.fc.weight" and leaf.bias == "0.fc.bias"
+    assert leaf.neuron_node is None and leaf.norm is None
+
+
+def test_nested_untraceable_leaves_give_each_neuron_once():
+    _, specs = _specs(nn.Sequential(nn.Linear(4, 4), Outer()), 2, 4)
+    assert [s.name for s in specs] == ["0", "1.inner.fc", "1.fc"]
+
+
+@pytest.mark.parametrize("include,exclude,expected", [
+    ("layer1.*", None, ["layer1.0", "layer1.1"]),
+    ("layer1.0", None, ["layer1.0"]),
+    ("*.1", None, ["layer1.1", "layer2.1"]),
+    ("fc*", None, ["fc", "fc@1"]),
+    ("fc", None, ["fc", "fc@1"]),         # a glob on the module name matches every call
+    ("fc@1", None, ["fc@1"]),
+    (None, ["layer1.*", "fc@1"], ["layer2.1", "fc"]),
+    (nn.Linear, "fc@*", ["layer2.1", "fc"]),
+    ([nn.Conv2d, lambda n, m: n.startswith("layer2")], None, ["layer1.0", "layer1.1", "layer2.1"]),
+    (lambda n, m: m is not None and m.weight.shape[0] == 4, "layer1.0", ["layer1.1"]),
+    (None, "*", []),
+])
+def test_include_exclude(include, exclude, expected):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer1 = nn.Sequential(nn.Conv2d(2, 4, 1), nn.Conv2d(4, 4, 1))
+            self.layer2 = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(self.fc(self.layer2(self.layer1(x))))
+
+    _, specs = _specs(M(), 1, 2, 2, 2, include=include, exclude=exclude)
+    assert [s.name for s in specs] == expected
+
+
+def test_callable_filters_see_name_and_module():
+    seen = []
+    model = nn.Sequential(nn.Linear(4, 4), Branchy())
+    gm = trace(model, (torch.randn(1, 4),))
+    find_sites(gm, include=lambda n, m: seen.append((n, type(m))) or True)
+    assert seen == [("0", nn.Linear), ("1.fc", nn.Linear)]
+
+
+@pytest.mark.parametrize("dim,padding", [(1, 1), (2, "same"), (3, 0)])
+def test_functional_conv_of_every_dim(dim, padding, pb):
+    import pbp_fx
+
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dim]
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 2, *([3] * dim)) * 0.3)
+            self.bias = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return torch.relu(conv(x, self.weight, self.bias, padding=padding, stride=1))
+
+    x = torch.randn(2, 2, *([5] * dim))
+    _, specs = _specs(M(), *x.shape)
+    assert len(specs) == 1 and specs[0].name == "weight" and specs[0].kind == f"conv{dim}d"
+    assert specs[0].layer.padding == (padding if isinstance(padding, str) else (padding,) * dim)
+    pm = pbp_fx.perforate(M(), (x,))
+    pm.grow()
+    pb.randomize(pm)
+    pm.eval()
+    assert pb.max_diff(pm.finalize()(x), pm(x)) <= 1e-5
+
+
+def test_convs_on_unbatched_inputs_are_not_sites():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 1)
+            self.w = nn.Parameter(torch.randn(4, 4, 1, 1))
+            self.fc = nn.Linear(1, 2)
+
+        def forward(self, x):
+            h = self.conv(x)                                        # [C, L]: no batch axis
+            h = F.conv2d(h.unsqueeze(-1).unsqueeze(0), self.w)[0]  # [1, C, L, 1]: batched, a site
+            return self.fc(F.conv2d(h, self.w))                    # [C, L, 1]: unbatched
+
+    _, specs = _specs(M(), 3, 5)
+    assert [s.name for s in specs] == ["w", "fc"]

@@ -1,0 +1,129 @@
+"""passes.insert_dendrites: every site output routed through a Site node; leaf neurons swapped."""
+import pytest
+import torch
+from torch import nn
+
+from pbp_fx import Site, trace
+from pbp_fx.passes import find_sites, insert_dendrites, site_key
+from pbp_fx.passes.insert_dendrites import SITES_ATTR
+from pbp_fx.site import SwappedNeuron
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+class Net(nn.Module):
+    """conv+BN site, a site feeding a neuron directly, a reused Linear, a leaf, the output a site."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.pw = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 4)
+        self.leaf = Branchy()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.pw(self.bn(self.conv(x)))           # bn output -> pw directly
+        h = h.mean((2, 3))
+        h = self.fc(torch.relu(self.fc(h)))          # reused; fc -> fc through relu
+        return self.head(self.leaf(h))
+
+
+def _perforate_graph(model, x, **kw):
+    gm = trace(model, (x,))
+    specs = find_sites(gm)
+    return insert_dendrites(gm, specs, **kw), specs
+
+
+def _site_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Site)]
+
+
+def test_postconditions(pb):
+    model, x = Net().eval(), torch.randn(2, 2, 5, 5)
+    want = model(x)
+    gm, specs = _perforate_graph(model, x, activation="tanh", mode="gd")
+    gm.graph.lint()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    site_nodes = _site_nodes(gm)
+    graph_specs = [s for s in specs if not s.in_leaf]
+    assert len(site_nodes) == len(graph_specs) == 5
+    for spec, node in zip(graph_specs, site_nodes):
+        site = gm.get_submodule(node.target)
+        assert site.name == spec.name and site.spec is spec
+        assert site.activation == "tanh" and site.mode == "gd"
+        assert node.target == f"{SITES_ATTR}.{site_key(spec.name)}"
+        out = nodes[spec.output_node]
+        assert node.args[1] is out
+        assert list(out.users) == [node]  # the Site node took over every use
+        # x is what the neuron reads now (an upstream Site node where sites are chained)
+        assert node.args[0] is nodes[spec.neuron_node].args[0]
+    assert site_nodes[1].args[0] is site_nodes[0]  # bn -> pw: pw's dendrites see the conv site's output
+    leaf = gm.get_submodule("leaf.fc")
+    assert isinstance(leaf, SwappedNeuron) and leaf.site.name == "leaf.fc" and isinstance(leaf.neuron, nn.Linear)
+    assert pb.max_diff(gm(x), want) == 0.0
+
+
+def test_sites_follow_weight_dtype():
+    model = nn.Sequential(nn.Linear(3, 3)).double()
+    gm, _ = _perforate_graph(model, torch.randn(2, 3, dtype=torch.float64))
+    site = gm.get_submodule(f"{SITES_ATTR}.0")
+    site.grow()
+    assert site.dendrites.weight.dtype == torch.float64
+
+
+def test_running_twice_is_refused():
+    model, x = Net(), torch.randn(2, 2, 5, 5)
+    gm = trace(model, (x,))
+    specs = find_sites(gm)
+    insert_dendrites(gm, specs)
+    with pytest.raises(ValueError, match="already perforated"):
+        insert_dendrites(gm, [s for s in specs if not s.in_leaf])
+    with pytest.raises(ValueError, match="already perforated"):
+        insert_dendrites(gm, [s for s in specs if s.in_leaf])
+
+
+def test_names_that_share_a_key_keep_separate_sites():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Module()
+            self.a.b = nn.Linear(3, 3)
+            self.a_b = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.a_b(self.a.b(x))
+
+    assert site_key("a.b") == site_key("a_b")
+    gm, _ = _perforate_graph(M(), torch.randn(2, 3))
+    assert [gm.get_submodule(n.target).name for n in _site_nodes(gm)] == ["a.b", "a_b"]
+    assert len({n.target for n in _site_nodes(gm)}) == 2
+
+
+def test_site_key_is_attribute_safe():
+    assert site_key("layer1.0.conv") == "layer1_0_conv"
+    assert site_key("fc@2") == "fc_at2"
+    assert site_key("fc@2").isidentifier()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dendrites_with_zero_v_change_nothing(train, pb):
+    model, x = Net().train(train), torch.randn(3, 2, 5, 5)
+    gm, _ = _perforate_graph(model, x)
+    for m in gm.modules():
+        if isinstance(m, Site):
+            m.grow()
+            m.grow()
+    gm.train(train)
+    for xi in (x, -x.abs()):
+        assert pb.max_diff(gm(xi), model(xi)) <= 1e-6

@@ -1,0 +1,266 @@
+"""pbp-fx CLI: `transform` output and files, one-line errors with exit status 2, no partial output."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import pbp_fx
+from pbp_fx import cli
+from pbp_fx.modelfile import instantiate, load_model_file
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+GOOD = """
+import torch
+from torch import nn
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc1 = nn.Linear(4 * 2 * 2, 8)
+        self.leaf = Branchy()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        h = torch.flatten(nn.functional.adaptive_avg_pool2d(h, 2), 1)
+        return self.head(self.leaf(torch.relu(self.fc1(h))))
+
+
+def build_model():
+    torch.manual_seed(0)
+    return Net()
+
+
+def example_inputs():
+    return (torch.randn(2, 1, 6, 6),)
+"""
+
+SITES = ["conv", "fc1", "head", "leaf.fc"]
+
+
+def _write(tmp_path, text, name="model.py"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def _run(argv, capsys):
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _leftovers(folder):
+    return [n for n in os.listdir(folder) if ".tmp-" in n]
+
+
+def test_transform_prints_the_sites_and_writes_files(tmp_path, capsys):
+    model = _write(tmp_path, GOOD)
+    out_dir = tmp_path / "out"
+    rc, out, err = _run(["transform", model, "--out", str(out_dir)], capsys)
+    assert rc == 0, err
+    assert err == ""
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("site"))
+    assert lines[header].split() == ["site", "kind", "channels", "norm", "params/dendrite"]
+    rows = [line.split() for line in lines[header + 2: header + 2 + len(SITES)]]
+    assert [r[0] for r in rows] == SITES
+    assert rows[0] == ["conv", "conv2d", "4", "BN", f"{4 * 9 + 2 * 4 + 4}"]
+    assert rows[2] == ["head", "linear", "3", "-", f"{8 * 3 + 3 + 3}"]
+    assert any(line.startswith("total: 4 site(s)") for line in lines)
+    assert "leaf" in out and "isolated" in out
+
+    assert sorted(os.listdir(out_dir)) == ["perforated_graph.py", "report.json"]
+    assert _leftovers(tmp_path) == []
+    code = (out_dir / "perforated_graph.py").read_text()
+    compile(code, "perforated_graph.py", "exec")  # readable, valid Python
+    assert "def forward" in code and "self.pbp_sites.conv(x, bn)" in code
+    report = json.loads((out_dir / "report.json").read_text())
+    assert [s["name"] for s in report["sites"]] == SITES
+    assert report["num_sites"] == 4 and report["leaves_isolated"] == ["leaf"]
+    assert report["activation"] == "sigmoid"
+    mod = load_model_file(model)
+    net, _ = instantiate(mod)
+    base = sum(p.numel() for p in net.parameters())
+    assert report["params"]["model"] == report["params"]["perforated"] == base
+    assert report["params"]["per_dendrite_round"] == sum(s["params_per_dendrite"] for s in report["sites"])
+    assert report["time_s"]["perforate"] > 0
+
+
+def test_include_exclude_and_activation(tmp_path, capsys):
+    model = _write(tmp_path, GOOD)
+    out_dir = tmp_path / "o"
+    rc, out, err = _run(["transform", model, "--include", "fc*", "--include", "head", "--include", "leaf.*",
+                         "--exclude", "leaf.*", "--activation", "tanh", "--out", str(out_dir)], capsys)
+    assert rc == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert [s["name"] for s in report["sites"]] == ["fc1", "head"]
+    assert report["include"] == ["fc*", "head", "leaf.*"] and report["exclude"] == ["leaf.*"]
+    assert report["activation"] == "tanh"
+    assert "total: 2 site(s)" in out
+
+
+def test_without_out_nothing_is_written(tmp_path, capsys, monkeypatch):
+    model = _write(tmp_path, GOOD)
+    monkeypatch.chdir(tmp_path)
+    rc, out, _ = _run(["transform", model], capsys)
+    assert rc == 0
+    assert set(os.listdir(tmp_path)) <= {"model.py", "__pycache__"}
+    assert "total: 4 site(s)" in out and "wrote" not in out
+
+
+def test_existing_out_dir_gets_its_files_replaced(tmp_path, capsys):
+    model = _write(tmp_path, GOOD)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "report.json").write_text("old")
+    (out_dir / "keep.txt").write_text("mine")
+    rc, _, err = _run(["transform", model, "--out", str(out_dir)], capsys)
+    assert rc == 0, err
+    assert (out_dir / "keep.txt").read_text() == "mine"
+    assert json.loads((out_dir / "report.json").read_text())["num_sites"] == 4
+    assert _leftovers(tmp_path) == []
+
+
+ERRORS = {
+    "missing_file": (None, "does not exist"),
+    "directory": ("<dir>", "is not a regular file"),
+    "syntax_error": ("def build_model(:\n", "raised SyntaxError: invalid syntax (line 1)"),
+    "import_raises": ("raise ValueError('bad config value')\n", "raised ValueError: bad config value"),
+    "no_build_model": ("def example_inputs():\n    return ()\n", "does not define build_model()"),
+    "no_example_inputs": ("from torch import nn\ndef build_model():\n    return nn.Linear(2, 2)\n",
+                          "does not define example_inputs()"),
+    "neither": ("x = 1\n", "does not define build_model() and example_inputs()"),
+    "build_raises": ("def build_model():\n    raise RuntimeError('no GPU')\ndef example_inputs():\n    return ()\n",
+                     r"re:build_model\(\) in .*model\.py' raised RuntimeError: no GPU$"),
+    "build_not_module": ("def build_model():\n    return 3\ndef example_inputs():\n    return ()\n",
+                         "returned int, not an nn.Module"),
+    "untraceable_root": ("""
+        import torch
+        from torch import nn
+        class Root(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(2, 2)
+            def forward(self, x):
+                if x.sum() > 0:
+                    return self.fc(x)
+                return x
+        def build_model():
+            return Root()
+        def example_inputs():
+            return (torch.randn(1, 2),)
+        """, r"re:cannot trace Root\.forward \(.*\) at .*model\.py:9: "),
+    "no_sites": ("import torch\nfrom torch import nn\ndef build_model():\n    return nn.Sequential(nn.ReLU())\n"
+                 "def example_inputs():\n    return (torch.randn(1, 2),)\n", "no Linear/Conv neuron sites"),
+    "all_excluded": (GOOD, "no Linear/Conv neuron sites in Net"),
+    "bad_inputs": ("import torch\nfrom torch import nn\ndef build_model():\n    return nn.Linear(3, 2)\n"
+                   "def example_inputs():\n    return (torch.randn(1, 5),)\n",
+                   "example inputs do not run through the model at linear: mat1 and mat2 shapes cannot be multiplied"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_errors_are_one_line_with_status_2(case, tmp_path, capsys):
+    import re
+
+    text, expected = ERRORS[case]
+    if text is None:
+        path = str(tmp_path / "missing.py")
+    elif text == "<dir>":
+        path = str(tmp_path)
+    else:
+        path = _write(tmp_path, text)
+    out_dir = tmp_path / "out"
+    argv = ["transform", path, "--out", str(out_dir)] + (["--exclude", "*"] if case == "all_excluded" else [])
+    rc, out, err = _run(argv, capsys)
+    assert rc == 2
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("pbp-fx: error: ")
+    if expected.startswith("re:"):
+        assert re.search(expected[3:], err.strip()), err
+    else:
+        assert expected in err, err
+    assert "Traceback" not in err
+    assert not out_dir.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_failure_while_writing_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
+    model = _write(tmp_path, GOOD)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli.json, "dump", disk_full)  # perforated_graph.py is already written by then
+    rc, _, err = _run(["transform", model, "--out", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "No space left on device" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_debug_shows_the_exception(tmp_path):
+    path = _write(tmp_path, "raise ValueError('boom')\n")
+    with pytest.raises(pbp_fx.ModelFileError, match="boom"):
+        cli.main(["transform", path, "--debug"])
+
+
+def test_out_that_is_a_file_is_an_error(tmp_path, capsys):
+    model = _write(tmp_path, GOOD)
+    target = tmp_path / "taken"
+    target.write_text("x")
+    rc, _, err = _run(["transform", model, "--out", str(target)], capsys)
+    assert rc == 2 and "is not a directory" in err and err.count("\n") == 1
+    assert target.read_text() == "x"
+
+
+def test_usage_errors_exit_2(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main([]) == 2
+    assert cli.main(["transform", "m.py", "--activation", "swish"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert cli.main(["--help"]) == 0
+
+
+def test_subcommand_registry(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
+
+    @cli.subcommand("echo", "print a word", cli.arg("word"), cli.arg("--times", type=int, default=1))
+    def echo(args):
+        print(args.word * args.times)
+        return 3
+
+    assert cli.main(["echo", "ab", "--times", "2"]) == 3
+    assert capsys.readouterr().out == "abab\n"
+    with pytest.raises(ValueError, match="registered twice"):
+        cli.subcommand("echo", "again")(echo)
+    assert "transform" in cli.COMMANDS
+
+
+def _subprocess(args, cwd):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_as_a_program(tmp_path):
+    model = _write(tmp_path, GOOD)
+    ok = _subprocess(["-m", "pbp_fx.cli", "transform", model, "--out", str(tmp_path / "o")], tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "total: 4 site(s)" in ok.stdout and (tmp_path / "o" / "report.json").exists()
+    bad = _subprocess(["-m", "pbp_fx", "transform", str(tmp_path / "nope.py")], tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [f"pbp-fx: error: model file {str(tmp_path / 'nope.py')!r} does not exist"]

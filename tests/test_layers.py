@@ -1,0 +1,237 @@
+"""pbp_fx.layers: LayerSpec, stacked copies of a layer, norm folding."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pbp_fx.layers import LayerCopies, LayerSpec, NormSpec, cat_rows, channel_view, copy_dim, fold_norm, stacked_apply
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+# (module factory, input shape)
+LAYERS = {
+    "linear": (lambda: nn.Linear(6, 5), (4, 6)),
+    "linear_nobias": (lambda: nn.Linear(6, 5, bias=False), (4, 6)),
+    "linear_tokens": (lambda: nn.Linear(6, 5), (2, 7, 6)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), (2, 3, 9)),
+    "conv1d_stride_dil": (lambda: nn.Conv1d(3, 4, 3, stride=2, dilation=2), (2, 3, 11)),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3), (2, 3, 6, 6)),
+    "conv2d_nobias_stride": (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=False), (2, 3, 7, 7)),
+    "conv2d_groups": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (2, 4, 5, 5)),
+    "conv2d_depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), (2, 4, 5, 5)),
+    "conv2d_depthwise_mult": (lambda: nn.Conv2d(3, 6, 3, groups=3), (2, 3, 5, 5)),
+    "conv2d_same": (lambda: nn.Conv2d(3, 4, 4, padding="same"), (2, 3, 6, 6)),
+    "conv2d_reflect": (lambda: nn.Conv2d(3, 4, 3, padding=(1, 2), padding_mode="reflect"), (2, 3, 6, 6)),
+    "conv2d_same_reflect": (lambda: nn.Conv2d(3, 4, (4, 3), padding="same", dilation=(1, 2), padding_mode="reflect"),
+                            (2, 3, 7, 7)),
+    "conv1d_valid_circular": (lambda: nn.Conv1d(3, 4, 3, padding="valid", padding_mode="circular"), (2, 3, 9)),
+    "conv2d_circular": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), (2, 3, 5, 5)),
+    "conv2d_replicate_groups": (lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="replicate", groups=2),
+                                (2, 4, 5, 5)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, (1, 3, 3), padding=(0, 1, 1)), (2, 2, 3, 4, 4)),
+}
+
+
+def _copies_by_loop(layer: LayerSpec, x, weight, bias):
+    """Reference: each copy run separately, stacked on the copy dim."""
+    outs = [layer.apply(x, weight[m], None if bias is None else bias[m]) for m in range(weight.shape[0])]
+    return torch.stack(outs, dim=copy_dim(layer.axis))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_spec_describes_the_module(name):
+    make, shape = LAYERS[name]
+    m = make()
+    spec = LayerSpec.from_module(m)
+    assert spec.channels == m.weight.shape[0]
+    assert spec.params_per_copy == sum(p.numel() for p in m.parameters())
+    assert spec.axis == (-1 if isinstance(m, nn.Linear) else 1)
+    assert spec.bias == (m.bias is not None)
+    x = torch.randn(shape)
+    assert (spec.apply(x, m.weight, m.bias) - m(x)).abs().max().item() == 0.0
+
+
+def test_layer_spec_is_plain_hashable_data():
+    a = LayerSpec.from_module(nn.Conv2d(3, 4, 3, stride=2))
+    b = LayerSpec.from_module(nn.Conv2d(3, 4, 3, stride=2))
+    assert a == b and hash(a) == hash(b)
+    assert a != LayerSpec.from_module(nn.Conv2d(3, 4, 3, stride=1))
+    assert a.kind == "conv2d" and a.stride == (2, 2) and a.weight_shape == (4, 3, 3, 3)
+
+
+@pytest.mark.parametrize("module", [nn.ReLU(), nn.BatchNorm2d(3), nn.ConvTranspose2d(3, 3, 3), nn.Embedding(4, 3)],
+                         ids=lambda m: type(m).__name__)
+def test_layer_spec_rejects_non_neurons(module):
+    with pytest.raises(TypeError, match="not a neuron layer"):
+        LayerSpec.from_module(module)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("copies", [1, 3])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_stacked_apply_equals_each_copy_separately(name, copies, pb):
+    make, shape = LAYERS[name]
+    spec = LayerSpec.from_module(make())
+    weight = torch.randn(copies, *spec.weight_shape)
+    bias = torch.randn(copies, spec.channels) if spec.bias else None
+    x = torch.randn(shape)
+    got = stacked_apply(spec, x, weight, bias)
+    want = _copies_by_loop(spec, x, weight, bias)
+    assert got.shape == want.shape
+    assert got.shape[copy_dim(spec.axis)] == copies
+    assert pb.max_diff(got, want) < 1e-5
+
+
+def test_stacked_apply_keeps_each_group_with_its_copy():
+    # Copy 0 is zero, copy 1 is the identity per group: a wrong row order would mix them.
+    spec = LayerSpec.from_module(nn.Conv2d(4, 4, 1, groups=2, bias=False))
+    w = torch.zeros(2, 4, 2, 1, 1)
+    w[1, :, :, 0, 0] = torch.eye(2).repeat(2, 1)
+    x = torch.randn(1, 4, 2, 2)
+    z = stacked_apply(spec, x, w, None)
+    assert z.shape == (1, 2, 4, 2, 2)
+    assert z[:, 0].abs().max().item() == 0.0
+    assert torch.allclose(z[:, 1], x)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fold_norm_equals_eval_batchnorm(bias, affine, pb):
+    conv = nn.Conv2d(3, 5, 3, bias=bias)
+    bn = nn.BatchNorm2d(5, affine=affine, eps=1e-3)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        if affine:
+            bn.weight.normal_()
+            bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(2, 3, 6, 6)
+    w, b = fold_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                     bn.weight, bn.bias, bn.eps)
+    assert pb.max_diff(F.conv2d(x, w, b), bn(conv(x))) < 1e-5
+
+
+def test_fold_norm_works_on_stacked_rows(pb):
+    # [M, C, ...] weights with [M, C] statistics, as LayerCopies.folded() uses it.
+    w, b = torch.randn(2, 3, 4), torch.randn(2, 3)
+    mean, var = torch.randn(2, 3), torch.rand(2, 3) + 0.5
+    gamma, beta = torch.randn(2, 3), torch.randn(2, 3)
+    fw, fb = fold_norm(w, b, mean, var, gamma, beta, 1e-5)
+    x = torch.randn(7, 4)
+    for m in range(2):
+        want = (F.linear(x, w[m], b[m]) - mean[m]) / torch.sqrt(var[m] + 1e-5) * gamma[m] + beta[m]
+        assert pb.max_diff(F.linear(x, fw[m], fb[m]), want) < 1e-5
+
+
+def _reference_norms(copies: LayerCopies, bn_cls, momentum):
+    """Per-copy nn.BatchNorm modules holding the same parameters as a LayerCopies norm."""
+    out = []
+    for m in range(copies.copies):
+        bn = bn_cls(copies.layer.channels, momentum=momentum)
+        with torch.no_grad():
+            bn.weight.copy_(copies.norm_weight[m])
+            bn.bias.copy_(copies.norm_bias[m])
+        out.append(bn)
+    return out
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("kind", ["conv2d", "linear"])
+def test_layer_copies_norm_trains_like_batchnorm(kind, momentum, pb):
+    if kind == "conv2d":
+        spec, bn_cls, shape = LayerSpec.from_module(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d, (5, 3, 6, 6)
+    else:
+        spec, bn_cls, shape = LayerSpec.from_module(nn.Linear(3, 4)), nn.BatchNorm1d, (5, 3)
+    lc = LayerCopies(spec, NormSpec(momentum=momentum), 2)
+    lc.reset_parameters("default")
+    with torch.no_grad():
+        lc.norm_weight.normal_()
+        lc.norm_bias.normal_()
+    refs = _reference_norms(lc, bn_cls, momentum)
+    for step in range(3):
+        x = torch.randn(shape) * (step + 1)
+        got = lc(x)
+        for m, bn in enumerate(refs):
+            want = bn(spec.apply(x, lc.weight[m], lc.bias[m]))
+            assert pb.max_diff(got.select(copy_dim(spec.axis), m), want) < 1e-5
+    for m, bn in enumerate(refs):
+        assert pb.max_diff(lc.running_mean[m], bn.running_mean) < 1e-6
+        assert pb.max_diff(lc.running_var[m], bn.running_var) < 1e-5
+    assert int(lc.num_batches_tracked) == 3
+    lc.eval()
+    x = torch.randn(shape)
+    fw, fb = lc.folded()
+    got = lc(x)
+    assert pb.max_diff(got, stacked_apply(spec, x, fw, fb)) < 1e-5
+    for m, bn in enumerate(refs):
+        bn.eval()
+        assert pb.max_diff(got.select(copy_dim(spec.axis), m), bn(spec.apply(x, lc.weight[m], lc.bias[m]))) < 1e-5
+    assert int(lc.num_batches_tracked) == 3  # eval does not count batches
+
+
+def test_layer_copies_without_norm_fold_to_their_own_weights():
+    lc = LayerCopies(LayerSpec.from_module(nn.Linear(3, 4)), None, 2)
+    lc.reset_parameters()
+    w, b = lc.folded()
+    assert torch.equal(w, lc.weight) and torch.equal(b, lc.bias)
+    assert w.data_ptr() != lc.weight.data_ptr()  # a copy, not a view of the parameter
+    assert not w.requires_grad
+
+
+def test_layer_copies_row_tensors_lead_with_copy_and_channel():
+    lc = LayerCopies(LayerSpec.from_module(nn.Conv1d(2, 5, 3)), NormSpec(), 3)
+    rows = lc.row_tensors()
+    assert set(rows) == {"weight", "bias", "norm_weight", "norm_bias", "running_mean", "running_var"}
+    assert all(t.shape[:2] == (3, 5) for t in rows.values())
+    no_affine = LayerCopies(LayerSpec.from_module(nn.Conv1d(2, 5, 3, bias=False)), NormSpec(affine=False), 1)
+    assert set(no_affine.row_tensors()) == {"weight", "running_mean", "running_var"}
+
+
+def test_reset_parameters_inits():
+    spec = LayerSpec.from_module(nn.Linear(400, 300))
+    lc = LayerCopies(spec, None, 2)
+    lc.reset_parameters("default")
+    bound = 1 / math.sqrt(400)
+    assert lc.weight.abs().max().item() <= bound + 1e-7 and lc.bias.abs().max().item() <= bound + 1e-7
+    assert not torch.equal(lc.weight[0], lc.weight[1])  # each copy its own draw
+    lc.reset_parameters("normal")
+    assert abs(lc.weight.std().item() - 0.01) < 1e-3 and lc.bias.abs().max().item() == 0.0
+    lc.reset_parameters("kaiming", scale=0.5)
+    assert abs(lc.weight.std().item() - 0.5 * math.sqrt(2 / 400)) < 2e-3
+    with pytest.raises(ValueError, match="unknown init"):
+        lc.reset_parameters("xavier")
+
+
+def test_cat_rows_concatenates_and_sets_requires_grad():
+    spec = LayerSpec.from_module(nn.Conv2d(2, 3, 3))
+    a, b = LayerCopies(spec, NormSpec(), 2), LayerCopies(spec, NormSpec(), 1)
+    a.reset_parameters()
+    b.reset_parameters()
+    with torch.no_grad():
+        b.running_mean.fill_(7.0)
+    out = cat_rows(spec, NormSpec(), [a.row_tensors(), b.row_tensors()], requires_grad=False)
+    assert out.copies == 3
+    assert torch.equal(out.weight[:2], a.weight) and torch.equal(out.weight[2:], b.weight)
+    assert torch.equal(out.running_mean[2], torch.full((3,), 7.0))
+    assert not any(p.requires_grad for p in out.parameters())
+    assert all(p.requires_grad for p in cat_rows(spec, NormSpec(), [a.row_tensors()], True).parameters())
+
+
+def test_layer_copies_follow_dtype():
+    lc = LayerCopies(LayerSpec.from_module(nn.Conv2d(2, 3, 3)), NormSpec(), 2, dtype=torch.float64)
+    lc.reset_parameters()
+    assert all(t.dtype == torch.float64 for t in lc.row_tensors().values())
+    assert lc(torch.randn(1, 2, 4, 4, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_channel_view_and_copy_dim():
+    assert copy_dim(1) == 1 and copy_dim(-1) == -2
+    v = torch.arange(3.0)
+    assert channel_view(v, 4, 1).shape == (3, 1, 1)
+    assert channel_view(v, 3, -1).shape == (3,)
+    y = torch.zeros(2, 3, 4, 5) + channel_view(v, 4, 1)
+    assert torch.equal(y[:, 2], torch.full((2, 4, 5), 2.0))

@@ -1,0 +1,739 @@
+"""perforate() and PerforatedModel end to end: exactness, sites, module behaviour, filters,
+phases, and property-based checks over random architectures."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import pbp_fx
+from pbp_fx.site import CandidatePool, FusedSite, SwappedNeuron
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+
+# ---------------------------------------------------------------------------------------
+# A zoo of architectures: (factory, input shape, expected site names)
+# ---------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, bn=False, bias=True):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8, bias=bias)
+        self.bn1 = nn.BatchNorm1d(8) if bn else nn.Identity()
+        self.fc2 = nn.Linear(8, 8, bias=bias)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.fc1(x)))
+        h = h + torch.tanh(self.fc2(h))  # residual
+        return self.head(h)
+
+
+class CNN(nn.Module):
+    """conv-BN-ReLU, residual add, cat, pooling, flatten/view, grouped and depthwise convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.dw_bn = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(16, 6, 1)
+        self.fc = nn.Linear(6 * 2 * 2, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = F.gelu(self.grouped(x)) + x
+        z = F.silu(self.dw_bn(self.dw(y)))
+        h = self.pw(torch.cat([y, z], dim=1))
+        h = F.max_pool2d(F.relu(h), 2)
+        h = F.adaptive_avg_pool2d(h, 2)
+        return self.fc(h.view(h.shape[0], -1))
+
+
+class Attention(nn.Module):
+    """Self-attention written with Linear + matmul + softmax, on tokens [B, T, C]."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d, bias=False), nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
+        self.ff = nn.Linear(d, 2 * d)
+        self.ff2 = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-2, -1) / 8 ** 0.5, dim=-1)
+        x = x + self.proj(a @ self.v(x))
+        return x + self.ff2(F.gelu(self.ff(x)))
+
+
+class Shared(nn.Module):
+    """One Linear called three times: one site per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(self.fc(torch.relu(self.fc(torch.relu(self.fc(x))))))
+
+
+class Functional(nn.Module):
+    """F.linear / F.conv2d / F.batch_norm with get_attr parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.cw = nn.Parameter(torch.randn(4, 2, 3, 3) * 0.3)
+        self.cb = nn.Parameter(torch.randn(4) * 0.1)
+        self.register_buffer("rm", torch.randn(4) * 0.1)
+        self.register_buffer("rv", torch.rand(4) + 0.5)
+        self.g = nn.Parameter(torch.rand(4) + 0.5)
+        self.b = nn.Parameter(torch.randn(4) * 0.1)
+        self.lw = nn.Parameter(torch.randn(3, 4 * 4 * 4) * 0.1)
+
+    def forward(self, x):
+        h = F.conv2d(x, self.cw, self.cb, stride=1, padding=1)
+        h = F.relu(F.batch_norm(h, self.rm, self.rv, self.g, self.b, False, 0.1, 1e-5))
+        h = torch.flatten(F.avg_pool2d(h, 2), 1)
+        return F.linear(h, self.lw)
+
+
+class Chain(nn.Module):
+    """Site outputs feeding the next neuron directly (no activation in between)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(3, 6, 3)
+        self.bn = nn.BatchNorm1d(6)
+        self.b = nn.Conv1d(6, 4, 1)
+        self.c = nn.Linear(7, 5)
+        self.d = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.d(self.c(self.b(self.bn(self.a(x)))))
+
+
+class Nd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c3 = nn.Conv3d(2, 3, 3, padding=1)
+        self.bn3 = nn.BatchNorm3d(3)
+        self.pad = nn.Conv3d(3, 2, 3, padding=1, padding_mode="circular")
+
+    def forward(self, x):
+        return self.pad(torch.relu(self.bn3(self.c3(x))))
+
+
+class WithLeaf(nn.Module):
+    """An untraceable submodule: its neurons are perforated by module swapping."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.block = Branchy()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.block(self.inp(x))))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.conv = nn.Conv1d(1, 1, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return self.conv(x.unsqueeze(1)).squeeze(1)
+
+
+class Nested(nn.Module):
+    """An untraceable module holding an untraceable module."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Branchy()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.inner(x)
+        if y.mean() > 0:
+            return self.fc(y)
+        return self.fc(-y)
+
+
+ZOO = {
+    "mlp": (lambda: MLP(), (5, 6), ["fc1", "fc2", "head"]),
+    "mlp_bn_nobias": (lambda: MLP(bn=True, bias=False), (5, 6), ["fc1", "fc2", "head"]),
+    "cnn": (lambda: CNN(), (2, 3, 8, 8), ["stem", "grouped", "dw", "pw", "fc"]),
+    "attention": (lambda: Attention(), (2, 5, 8), ["q", "k", "v", "proj", "ff", "ff2"]),
+    "shared": (lambda: Shared(), (4, 5), ["fc", "fc@1", "fc@2", "out"]),
+    "functional": (lambda: Functional(), (2, 2, 8, 8), ["cw", "lw"]),
+    "chain": (lambda: Chain(), (3, 3, 9), ["a", "b", "c", "d"]),
+    "conv3d": (lambda: Nd(), (2, 2, 3, 4, 4), ["c3", "pad"]),
+    "leaf": (lambda: WithLeaf(), (3, 3), ["inp", "out", "block.fc", "block.conv"]),
+    "nested_leaf": (lambda: nn.Sequential(nn.Linear(4, 4), Nested()), (3, 4), ["0", "1.inner.fc", "1.inner.conv", "1.fc"]),
+}
+# Sites whose BatchNorm joins the site.
+NORMS = {"mlp_bn_nobias": {"fc1"}, "cnn": {"stem", "dw"}, "functional": {"cw"}, "chain": {"a"}, "conv3d": {"c3"}}
+
+
+def _make(name, seed=0):
+    factory, shape, _ = ZOO[name]
+    torch.manual_seed(seed)
+    return factory(), torch.randn(shape)
+
+
+def _inputs_both_branches(x):
+    return [x, -x.abs() - 0.1, x.abs() + 0.1]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_sites_found(name):
+    model, x = _make(name)
+    pm = pbp_fx.perforate(model, (x,))
+    assert list(pm.sites) == ZOO[name][2]
+    assert {n for n, s in pm.sites.items() if s.norm is not None} == NORMS.get(name, set())
+    assert all(s.num_dendrites == 0 for s in pm.sites.values())
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_exact_after_perforate_and_grow(name, train, pb):
+    model, x = _make(name)
+    pb.warm(model, (x,))
+    model.train(train)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.train(train)
+    for xi in _inputs_both_branches(x):
+        assert pb.max_diff(pm(xi), model(xi)) <= 1e-6
+    pm.grow()
+    pm.grow()
+    assert all(s.num_dendrites == 2 for s in pm.sites.values())
+    for xi in _inputs_both_branches(x):
+        assert pb.max_diff(pm(xi), model(xi)) <= 1e-6  # V = 0: dendrites add nothing
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_finalize_matches_eval(name, k, pb):
+    model, x = _make(name)
+    pm = pbp_fx.perforate(model, (x,))
+    for _ in range(k):
+        pm.grow()
+    pb.randomize(pm, scale=0.5)
+    pb.warm(pm, (x,))  # neuron and dendrite BatchNorm statistics become non-trivial
+    pm.eval()
+    fused = pm.finalize()
+    for xi in _inputs_both_branches(x):
+        want = pm(xi)
+        assert pb.max_diff(want, model.eval()(xi)) > 1e-3  # the dendrites do change the output
+        assert pb.max_diff(fused(xi), want) <= 1e-5
+    mods = list(fused.modules())
+    assert sum(isinstance(m, FusedSite) for m in mods) == len(ZOO[name][2])
+    assert not any(isinstance(m, (pbp_fx.Site, SwappedNeuron, CandidatePool)) for m in mods)
+
+
+# ---------------------------------------------------------------------------------------
+# The neuron axis
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model,shape,axis", [
+    (nn.Linear(4, 3), (2, 4), -1),
+    (nn.Linear(4, 3), (2, 5, 4), -1),        # tokens [B, T, C]: the last dim
+    (nn.Linear(4, 3), (2, 6, 5, 4), -1),
+    (nn.Conv1d(4, 3, 1), (2, 4, 5), 1),     # [B, C, L]: dim 1
+    (nn.Conv2d(4, 3, 1), (2, 4, 5, 5), 1),
+], ids=["linear", "linear_tokens", "linear_4d", "conv1d", "conv2d"])
+def test_dendrite_acts_along_the_neuron_axis(model, shape, axis):
+    x = torch.randn(shape)
+    pm = pbp_fx.perforate(nn.Sequential(model), (x,))
+    (site,) = pm.sites.values()
+    assert site.axis == axis
+    pm.grow()
+    with torch.no_grad():
+        site.out_weight[0, 1] = 1.0  # only channel 1 gets a dendrite contribution
+    diff = (pm(x) - model(x)).abs().movedim(axis, 0)
+    assert diff[1].min().item() > 0  # sigmoid > 0 at every position of channel 1
+    assert diff[0].max().item() == 0.0 and diff[2].max().item() == 0.0
+
+
+def test_norm_joins_the_site_and_each_dendrite_has_its_own_copy(pb):
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    x = torch.randn(6, 2, 5, 5)
+    pm = pbp_fx.perforate(model, (x,))
+    site = pm.sites["0"]
+    assert site.norm is not None
+    pm.grow()
+    pm.grow()
+    assert site.dendrites.norm is not None and site.dendrites.running_mean.shape == (2, 4)
+    # The dendrite sum is added after the norm: with V = 1 the output is BN(conv(x)) + sum_k s_k.
+    with torch.no_grad():
+        site.out_weight.fill_(1.0)
+    pm.eval()
+    model.eval()
+    n = model[1](model[0](x))
+    s = torch.sigmoid(site.dendrites(x))  # [B, K, C, H, W]
+    with torch.no_grad():
+        d = site.dendrites
+        s0 = torch.sigmoid(F.batch_norm(F.conv2d(x, d.weight[0], d.bias[0]), d.running_mean[0], d.running_var[0],
+                                        d.norm_weight[0], d.norm_bias[0], False, 0.0, d.norm.eps))
+    assert pb.max_diff(s[:, 0], s0) < 1e-6
+    assert pb.max_diff(pm(x), F.relu(n + s.sum(1))) < 1e-5
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+def test_site_forward_is_pb_spec_section_2(activation, pb):
+    """y = n + sum_k V[k] * s_k,  s_k = phi(D_k(x) + sum_{j<k} U[k, j] * s_j), per channel."""
+    phi = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}[activation]
+    lin = nn.Linear(4, 3)
+    x = torch.randn(6, 4)
+    pm = pbp_fx.perforate(lin, (x,), activation=activation)
+    (site,) = pm.sites.values()
+    for _ in range(3):
+        site.grow()
+    pb.randomize(pm)
+    d = site.dendrites
+    s = []
+    for k in range(3):
+        a = F.linear(x, d.weight[k], d.bias[k])
+        for j in range(k):
+            a = a + site.cascade[k, :, j] * s[j]
+        s.append(phi(a))
+    want = lin(x) + sum(site.out_weight[k] * s[k] for k in range(3))
+    assert pb.max_diff(pm(x), want) < 1e-6
+    with torch.no_grad():  # entries with j >= k are never read
+        site.cascade[0].fill_(5.0)
+        site.cascade[1, :, 1:].fill_(5.0)
+        site.cascade[2, :, 2].fill_(5.0)
+    assert pb.max_diff(pm(x), want) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# Behaving like a normal module
+# ---------------------------------------------------------------------------------------
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(36, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def test_original_model_is_not_modified():
+    for model, x in (_make("leaf"), _make("cnn"), (_bn_model(), torch.randn(4, 2, 5, 5))):
+        model.train()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        types = [(n, type(m)) for n, m in model.named_modules()]
+        pm = pbp_fx.perforate(model, (x,))
+        pm.grow()
+        pm.train()
+        pm(x)  # train-mode forward updates the copy's BN statistics only
+        assert [(n, type(m)) for n, m in model.named_modules()] == types
+        assert model.training
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert not any(p1 is p2 for p1 in pm.parameters() for p2 in model.parameters())
+
+
+def test_buffers_and_train_eval_follow(pb):
+    model, x = _bn_model(), torch.randn(4, 2, 5, 5)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    names = dict(pm.named_buffers())
+    assert "graph_module.1.running_mean" in names
+    assert any(n.endswith("dendrites.running_var") for n in names)
+    pm.eval()
+    assert not any(m.training for m in pm.modules())
+    pm.train()
+    assert all(m.training for m in pm.modules())
+    before = pm.get_buffer("graph_module.1.running_mean").clone()
+    pm(x)
+    assert not torch.equal(before, pm.get_buffer("graph_module.1.running_mean"))
+
+
+def test_to_float64(pb):
+    model, x = _bn_model(), torch.randn(4, 2, 5, 5)
+    pm = pbp_fx.perforate(model, (x,)).to(dtype=torch.float64)
+    pm.grow()  # dendrites created after .to() take the new dtype
+    pb.randomize(pm, 0.5)
+    pm.eval()
+    assert all(p.dtype == torch.float64 for p in pm.parameters())
+    xd = x.double()
+    y = pm(xd)
+    assert y.dtype == torch.float64
+    assert pb.max_diff(pm.finalize()(xd), y) <= 1e-10
+    assert pb.max_diff(pm.float()(x), y) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_to_cuda(pb):
+    model, x = _bn_model(), torch.randn(4, 2, 5, 5)
+    pm = pbp_fx.perforate(model, (x,)).cuda()
+    pm.grow()
+    pb.randomize(pm, 0.5)
+    pm.eval()
+    y = pm(x.cuda())
+    assert y.is_cuda
+    assert pb.max_diff(pm.finalize()(x.cuda()), y) <= 1e-5
+    assert pb.max_diff(pm.cpu()(x), y.cpu()) <= 1e-5
+
+
+def test_state_dict_round_trip_into_a_fresh_model(pb):
+    model, x = _bn_model(), torch.randn(4, 2, 5, 5)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    pm.grow()
+    pb.randomize(pm, 0.5)
+    pb.warm(pm, (x,))
+    pm.eval()
+    sd = pm.state_dict()
+    fresh = pbp_fx.perforate(model, (x,))  # K = 0
+    result = fresh.load_state_dict(sd)  # strict: Site resizes to K = 2 first
+    assert not result.missing_keys and not result.unexpected_keys
+    fresh.eval()
+    assert fresh.num_dendrites == {"0": 2, "4": 2, "7": 2}
+    assert pb.max_diff(fresh(x), pm(x)) == 0.0
+    assert set(fresh.state_dict()) == set(sd)
+    # and back to fewer dendrites
+    fresh.load_state_dict(pbp_fx.perforate(model, (x,)).state_dict())
+    assert fresh.num_dendrites == {"0": 0, "4": 0, "7": 0}
+    assert pb.max_diff(fresh.eval()(x), model.eval()(x)) <= 1e-6
+
+
+def test_grow_in_eval_mode_stays_in_eval_mode(pb):
+    model, x = _bn_model(), torch.randn(4, 2, 5, 5)
+    pm = pbp_fx.perforate(model, (x,)).eval()
+    pm.grow()
+    assert not any(m.training for m in pm.modules())
+    pb.randomize(pm)
+    before = {n: b.clone() for n, b in pm.named_buffers()}
+    y = pm(x)
+    assert pb.max_diff(pm(x[:1]), y[:1]) <= 1e-6  # eval: no batch statistics
+    assert all(torch.equal(before[n], b) for n, b in pm.named_buffers())
+
+
+def test_load_state_dict_into_eval_model_stays_in_eval_mode():
+    model, x = _bn_model(), torch.randn(4, 2, 5, 5)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    fresh = pbp_fx.perforate(model, (x,)).eval()
+    fresh.load_state_dict(pm.state_dict())
+    assert not any(m.training for m in fresh.modules())
+
+
+def test_no_grad_and_perforated_gradients(pb):
+    model = nn.Linear(4, 3)
+    x = torch.randn(5, 4, requires_grad=True)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    pb.randomize(pm)
+    with torch.no_grad():
+        y = pm(x)
+    assert not y.requires_grad
+    site = pm.sites[next(iter(pm.sites))]
+    assert not any(p.requires_grad for p in site.dendrites.parameters()) and not site.cascade.requires_grad
+    assert site.out_weight.requires_grad
+    pm(x).sum().backward()
+    # Perforated: the input's gradient comes through the neuron weights only.
+    assert pb.max_diff(x.grad, model.weight.sum(0).expand(5, 4)) < 1e-6
+    assert site.out_weight.grad is not None and site.out_weight.grad.abs().sum() > 0
+
+    gd = pbp_fx.perforate(model, (x,), mode="gd")
+    gd.grow()
+    pb.randomize(gd)
+    x.grad = None
+    gd(x).sum().backward()
+    assert pb.max_diff(x.grad, model.weight.sum(0).expand(5, 4)) > 1e-3  # gd: dendrites pass gradient too
+    assert all(p.requires_grad for p in gd.sites[next(iter(gd.sites))].dendrites.parameters())
+
+
+def test_summary_code_and_parameters():
+    model, x = _bn_model(), torch.randn(4, 2, 5, 5)
+    pm = pbp_fx.perforate(model, (x,))
+    rows = pm.summary()
+    assert [r["name"] for r in rows] == ["0", "4", "7"]
+    assert rows[0] == {"name": "0", "kind": "conv2d", "channels": 4, "norm": True, "dendrites": 0,
+                       "params_per_dendrite": 4 * 2 * 9 + 4 + 2 * 4 + 4}
+    assert rows[2]["params_per_dendrite"] == 6 * 3 + 3 + 3
+    assert pm.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert "pbp_sites" in pm.code and "def forward" in pm.code
+    pm.grow()
+    assert pm.num_parameters() > sum(p.numel() for p in model.parameters()) + sum(r["params_per_dendrite"] for r in rows) - 1
+
+
+def test_parameter_count_grows_by_params_per_dendrite():
+    model, x = _bn_model(), torch.randn(4, 2, 5, 5)
+    pm = pbp_fx.perforate(model, (x,))
+    for _ in range(3):
+        before, expected = pm.num_parameters(), sum(r["params_per_dendrite"] for r in pm.summary())
+        pm.grow()
+        assert pm.num_parameters() - before == expected
+
+
+# ---------------------------------------------------------------------------------------
+# include / exclude
+# ---------------------------------------------------------------------------------------
+class Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1))
+        self.layer2 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.layer2(self.layer1(x)).mean((2, 3))
+        return self.fc(self.fc.weight[:, :4].sum() * 0 + h) + self.fc(h)
+
+
+ALL_BLOCKS = ["layer1.0", "layer1.2", "layer2.0", "fc", "fc@1"]
+
+
+@pytest.mark.parametrize("include,exclude,expected", [
+    (None, None, ALL_BLOCKS),
+    ("layer1.*", None, ["layer1.0", "layer1.2"]),
+    (["layer1.*", "fc"], None, ["layer1.0", "layer1.2", "fc", "fc@1"]),
+    (None, "layer*", ["fc", "fc@1"]),
+    (None, "fc@1", ["layer1.0", "layer1.2", "layer2.0", "fc"]),
+    (nn.Conv2d, None, ["layer1.0", "layer1.2", "layer2.0"]),
+    (None, nn.Conv2d, ["fc", "fc@1"]),
+    (lambda name, m: name.endswith(".0"), None, ["layer1.0", "layer2.0"]),
+    (None, lambda name, m: isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1), ["layer1.0", "layer2.0", "fc", "fc@1"]),
+    ("layer1.*", "layer1.2", ["layer1.0"]),  # exclude wins
+    (nn.Conv2d, ["layer2.*", lambda n, m: n == "layer1.2"], ["layer1.0"]),
+], ids=["all", "glob", "globs", "exclude_glob", "exclude_reuse", "type", "exclude_type", "callable",
+        "exclude_callable", "exclude_wins", "mixed"])
+def test_include_exclude(include, exclude, expected):
+    pm = pbp_fx.perforate(Blocks(), (torch.randn(2, 2, 5, 5),), include=include, exclude=exclude)
+    assert list(pm.sites) == expected
+
+
+@pytest.mark.parametrize("include,exclude", [
+    (None, "*"), ("nothing*", None), (nn.Linear, nn.Linear), ("layer1.*", nn.Conv2d), (nn.LSTM, None)])
+def test_nothing_selected_is_no_sites_error(include, exclude):
+    with pytest.raises(pbp_fx.NoSitesError, match="no Linear/Conv neuron sites in Blocks"):
+        pbp_fx.perforate(Blocks(), (torch.randn(2, 2, 5, 5),), include=include, exclude=exclude)
+
+
+def test_model_without_neurons_is_no_sites_error():
+    with pytest.raises(pbp_fx.NoSitesError):
+        pbp_fx.perforate(nn.Sequential(nn.ReLU(), nn.Flatten()), (torch.randn(2, 3),))
+
+
+def test_leaf_sites_are_filtered_too():
+    model, x = _make("leaf")
+    assert list(pbp_fx.perforate(model, (x,), exclude="block.*").sites) == ["inp", "out"]
+    assert list(pbp_fx.perforate(model, (x,), include=nn.Conv1d).sites) == ["block.conv"]
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="include/exclude"):
+        pbp_fx.perforate(Blocks(), (torch.randn(2, 2, 5, 5),), include=[3])
+    with pytest.raises(ValueError, match="activation"):
+        pbp_fx.perforate(Blocks(), (torch.randn(2, 2, 5, 5),), activation="swish")
+    with pytest.raises(ValueError, match="mode"):
+        pbp_fx.perforate(Blocks(), (torch.randn(2, 2, 5, 5),), mode="sgd")
+
+
+def test_untraceable_root_is_a_trace_error():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else x
+
+    with pytest.raises(pbp_fx.TraceError, match=r"cannot trace Root\.forward .* at .*test_perforated\.py:\d+"):
+        pbp_fx.perforate(Root(), (torch.randn(2, 3),))
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+def test_activations(activation, pb):
+    model, x = _make("cnn")
+    pm = pbp_fx.perforate(model, (x,), activation=activation)
+    assert all(s.activation == activation for s in pm.sites.values())
+    pm.grow()
+    pb.randomize(pm, 0.5)
+    pm.eval()
+    assert pb.max_diff(pm.finalize()(x), pm(x)) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------
+# The dendrite phase (candidates add exactly 0; install with V = 0 changes nothing)
+# ---------------------------------------------------------------------------------------
+def test_dendrite_phase_keeps_the_output_and_trains_only_candidates(pb):
+    model, x = _bn_model(), torch.randn(6, 2, 5, 5)
+    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    pb.randomize(pm, 0.5)
+    pm.train()
+    y0 = pm(x)  # train mode: batch statistics, so running-stat updates do not matter
+    pm.start_dendrite_phase(pool=3)
+    assert pm.phase == "dendrite"
+    frozen = {n: p.clone() for n, p in pm.named_parameters() if "candidates" not in n}
+    cand = list(pm.trainable_parameters())
+    assert cand and all(p.requires_grad for p in cand)
+    assert not any(p.requires_grad for n, p in pm.named_parameters() if "candidates" not in n)
+    opt = torch.optim.SGD(cand, lr=0.05)
+    for _ in range(8):
+        opt.zero_grad()
+        y = pm(x)
+        assert pb.max_diff(y, y0) == 0.0  # candidates add exactly 0
+        F.cross_entropy(y, target).backward()
+        opt.step()
+    assert all(torch.equal(frozen[n], p) for n, p in pm.named_parameters() if n in frozen)
+    corr = pm.correlations()
+    assert set(corr) == set(pm.sites) and all((c > 0).all() for c in corr.values())
+    pm.eval()
+    fused = pm.finalize()  # candidates are dropped
+    assert not any(isinstance(m, CandidatePool) for m in fused.modules())
+    assert pb.max_diff(fused(x), pm(x)) <= 1e-5
+    pm.install_candidates(v_init=0.0)
+    assert pm.phase == "neuron" and pm.num_dendrites == {"0": 2, "4": 2, "7": 2}
+    assert all(p.requires_grad for n, p in pm.named_parameters() if "out_weight" in n)
+    pm.train()
+    assert pb.max_diff(pm(x), y0) <= 1e-6  # the new dendrite's V row is 0
+
+
+class InplaceBlock(nn.Module):
+    """torchvision's BasicBlock style: ReLU(inplace=True) and `out += identity` on site outputs."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+def _inplace_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), InplaceBlock(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_inplace_ops_after_sites_in_the_neuron_phase(pb):
+    model, x = _inplace_model(), torch.randn(4, 3, 6, 6)
+    pm = pbp_fx.perforate(model, (x,))
+    assert pb.max_diff(pm(x), model(x)) == 0.0
+    pm.grow()
+    pb.randomize(pm, 0.5)
+    F.cross_entropy(pm(x), torch.tensor([0, 1, 0, 1])).backward()
+    assert all(s.out_weight.grad is not None for s in pm.sites.values())
+
+
+def test_inplace_ops_after_sites_in_the_dendrite_phase():
+    model, x = _inplace_model(), torch.randn(4, 3, 6, 6)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.start_dendrite_phase(pool=2)
+    F.cross_entropy(pm(x), torch.tensor([0, 1, 0, 1])).backward()
+    assert all(p.grad is not None for p in pm.trainable_parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# Property-based: random MLP / CNN architectures with residuals
+# ---------------------------------------------------------------------------------------
+ACTS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu, "none": lambda t: t}
+
+
+class RandomNet(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.layers, self.norms = nn.ModuleList(), nn.ModuleList()
+        c = cfg["in"]
+        self.residual = []  # decided here from the shapes: traceable
+        for blk in cfg["blocks"]:
+            self.residual.append(blk["residual"] and blk["width"] == c and (cfg["kind"] == "mlp" or blk["stride"] == 1))
+            if cfg["kind"] == "mlp":
+                self.layers.append(nn.Linear(c, blk["width"], bias=blk["bias"]))
+                self.norms.append(nn.BatchNorm1d(blk["width"]) if blk["bn"] else nn.Identity())
+            else:
+                conv = {1: nn.Conv1d, 2: nn.Conv2d}[cfg["dim"]]
+                self.layers.append(conv(c, blk["width"], blk["kernel"], stride=blk["stride"],
+                                        padding=blk["kernel"] // 2, groups=blk["groups"], bias=blk["bias"]))
+                bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[cfg["dim"]]
+                self.norms.append(bn(blk["width"]) if blk["bn"] else nn.Identity())
+            c = blk["width"]
+        self.head = nn.Linear(c, 3, bias=cfg["head_bias"])
+
+    def forward(self, x):
+        for layer, norm, blk, residual in zip(self.layers, self.norms, self.cfg["blocks"], self.residual):
+            h = ACTS[blk["act"]](norm(layer(x)))
+            x = x + h if residual else h
+        if self.cfg["kind"] != "mlp":
+            x = torch.flatten(F.adaptive_avg_pool1d(x.flatten(2), 1), 1)
+        return self.head(x)
+
+
+@st.composite
+def architectures(draw):
+    kind = draw(st.sampled_from(["mlp", "cnn"]))
+    cfg = {"kind": kind, "dim": draw(st.sampled_from([1, 2])), "in": draw(st.integers(1, 6)),
+           "head_bias": draw(st.booleans()), "blocks": []}
+    c = cfg["in"]
+    for _ in range(draw(st.integers(1, 4))):
+        width = draw(st.sampled_from([c, 2, 3, 4, 6, 8]))
+        groups = 1
+        if kind == "cnn":
+            groups = draw(st.sampled_from([g for g in (1, 2, 3, 4, 6, 8) if c % g == 0 and width % g == 0]))
+        cfg["blocks"].append({
+            "width": width, "bias": draw(st.booleans()), "bn": draw(st.booleans()),
+            "act": draw(st.sampled_from(sorted(ACTS))), "residual": draw(st.booleans()),
+            "kernel": draw(st.sampled_from([1, 3])), "stride": draw(st.sampled_from([1, 1, 2])), "groups": groups})
+        c = width
+    return cfg
+
+
+def _random_case(cfg, seed):
+    torch.manual_seed(seed)
+    model = RandomNet(cfg)
+    if cfg["kind"] == "mlp":
+        x = torch.randn(4, cfg["in"])
+    else:
+        x = torch.randn(3, cfg["in"], *([9] * cfg["dim"]))
+    return model, x
+
+
+PROPERTY = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@PROPERTY
+@given(cfg=architectures(), seed=st.integers(0, 2 ** 16), train=st.booleans())
+def test_property_perforate_is_exact_at_zero_v(cfg, seed, train, pb):
+    model, x = _random_case(cfg, seed)
+    pb.warm(model, (x,))
+    model.train(train)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.train(train)
+    assert len(pm.sites) == len(cfg["blocks"]) + 1
+    assert pb.max_diff(pm(x), model(x)) <= 1e-6
+    pm.grow()
+    assert pb.max_diff(pm(x), model(x)) <= 1e-6
+
+
+@PROPERTY
+@given(cfg=architectures(), seed=st.integers(0, 2 ** 16), k=st.integers(1, 3),
+       activation=st.sampled_from(["sigmoid", "tanh", "relu"]))
+def test_property_finalize_matches_after_grow(cfg, seed, k, activation, pb):
+    model, x = _random_case(cfg, seed)
+    pm = pbp_fx.perforate(model, (x,), activation=activation)
+    for _ in range(k):
+        pm.grow()
+    pb.randomize(pm, scale=0.5, seed=seed)
+    pb.warm(pm, (x,))
+    pm.eval()
+    want = pm(x)
+    tol = 1e-5 * max(1.0, want.abs().max().item())
+    assert pb.max_diff(pm.finalize()(x), want) <= tol

@@ -1,0 +1,162 @@
+"""pbp_fx.tracing: fx tracing, leaf isolation of untraceable submodules, one-line trace errors."""
+import inspect
+
+import pytest
+import torch
+from torch import fx, nn
+
+import pbp_fx
+from pbp_fx.site import Site
+from pbp_fx.tracing import PBTracer, trace
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: not symbolically traceable."""
+
+    def __init__(self, n=4):
+        super().__init__()
+        self.fc = nn.Linear(n, n)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return -self.fc(x)
+
+
+class WithBranchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.block = Branchy()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.block(self.inp(x))))
+
+
+class Outer(nn.Module):
+    """Untraceable itself and holding an untraceable child."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Branchy()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.inner(x)
+        if y.mean() > 0:
+            return self.fc(y)
+        return self.fc(-y)
+
+
+class RootBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if y.sum() > 0:  # ROOT-BRANCH-LINE
+            return y
+        return -y
+
+
+def _line_of(cls, marker):
+    src, start = inspect.getsourcelines(cls)
+    return start + next(i for i, line in enumerate(src) if marker in line)
+
+
+def test_trace_computes_what_the_model_computes(pb):
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 2, 4, 4)
+    gm = trace(m, (x,))
+    assert isinstance(gm, fx.GraphModule)
+    assert pb.max_diff(gm(x), m(x)) == 0.0
+    assert gm.get_submodule("0") is m[0]  # submodules are shared, not copied
+    assert gm.meta["pbp_leaves"] == [] and gm.meta["pbp_untraceable"] == []
+
+
+def test_shapes_are_propagated_only_with_example_inputs():
+    m = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    nodes = {n.name: n for n in trace(m, (torch.randn(2, 3),)).graph.nodes}
+    assert tuple(nodes["_0"].meta["tensor_meta"].shape) == (2, 5)
+    assert all("tensor_meta" not in n.meta for n in trace(m).graph.nodes)
+    # a bare tensor is accepted as a 1-tuple
+    assert tuple({n.name: n for n in trace(m, torch.randn(4, 3)).graph.nodes}["_0"].meta["tensor_meta"].shape) == (4, 5)
+
+
+def test_shape_propagation_leaves_modes_and_buffers_alone():
+    m = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Dropout(0.5))
+    m.train()
+    m[1].eval()  # mixed modes must survive as they are
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    trace(m, (torch.randn(8, 3) * 10,))
+    assert m.training and not m[1].training and m[2].training
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    m[1].train()
+    trace(m, (torch.randn(8, 3) * 10,))
+    assert int(m[1].num_batches_tracked) == 0
+    assert torch.equal(m[1].running_mean, torch.zeros(5))
+
+
+def test_untraceable_submodule_becomes_a_leaf(pb):
+    m = WithBranchy()
+    x = torch.randn(3, 3)
+    gm = trace(m, (x,))
+    assert gm.meta["pbp_leaves"] == ["block"] and gm.meta["pbp_untraceable"] == ["block"]
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls == ["inp", "block", "out"]
+    for sign in (1.0, -1.0):  # both branches still run eagerly inside the leaf
+        assert pb.max_diff(gm(sign * x), m(sign * x)) == 0.0
+
+
+def test_nested_untraceable_modules_are_both_isolated(pb):
+    m = nn.Sequential(nn.Linear(4, 4), Outer())
+    gm = trace(m, (torch.randn(2, 4),))
+    assert gm.meta["pbp_untraceable"] == ["1.inner", "1"]
+    assert gm.meta["pbp_leaves"] == ["1", "1.inner"]
+    x = torch.randn(2, 4)
+    assert pb.max_diff(gm(x), m(x)) == 0.0
+
+
+def test_root_control_flow_is_a_one_line_trace_error_with_file_and_line():
+    with pytest.raises(pbp_fx.TraceError) as info:
+        trace(RootBranch(), (torch.randn(2, 3),))
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "RootBranch" in msg
+    assert f"{__file__}:{_line_of(RootBranch, 'ROOT-BRANCH-LINE')}" in msg
+    assert isinstance(info.value, pbp_fx.PBError)
+
+
+def test_explicit_leaves_are_kept_as_calls():
+    m = WithBranchy()
+    gm = trace(m, leaves=["inp"])
+    assert "inp" in gm.meta["pbp_leaves"] and "inp" not in gm.meta["pbp_untraceable"]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["inp", "block", "out"]
+
+
+def test_too_many_leaves_is_a_trace_error_naming_the_module():
+    with pytest.raises(pbp_fx.TraceError, match=r"cannot trace module 'block' .* at .*test_tracing.py:\d+"):
+        trace(WithBranchy(), max_leaves=0)
+
+
+def test_example_inputs_that_do_not_fit_are_a_trace_error():
+    with pytest.raises(pbp_fx.TraceError, match="example inputs do not run"):
+        trace(nn.Linear(3, 4), (torch.randn(2, 5),))
+
+
+def test_trace_rejects_non_modules():
+    with pytest.raises(TypeError, match="nn.Module"):
+        trace(lambda x: x)
+
+
+def test_pbp_modules_are_leaves():
+    tracer = PBTracer()
+    site = Site("s", pbp_fx.layers.LayerSpec.from_module(nn.Linear(2, 2)))
+    assert tracer.is_leaf_module(site, "pbp_sites.s")
+    assert tracer.is_leaf_module(nn.Linear(2, 2), "fc")  # torch.nn modules as usual
+    assert not tracer.is_leaf_module(WithBranchy(), "m")
+    assert PBTracer(["m"]).is_leaf_module(WithBranchy(), "m")
