@@ -214,6 +214,41 @@ def transform(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- train ---------------------------------------------------------------------------------
+@subcommand(
+    "train", "train a model file's model with Perforated Backpropagation (default: MNIST-1D MLP)",
+    arg("model", nargs="?", default=None,
+        help="model file with build_model(), example_inputs() and datasets() (default: built-in MNIST-1D MLP)"),
+    arg("--mode", default="pb", choices=("pb", "gd"), help="pb: correlation-trained dendrites; gd: backprop baseline"),
+    arg("--max-dendrites", type=int, default=3, metavar="N", help="dendrites per site at most (default: 3)"),
+    arg("--out", metavar="DIR", default=None, help="output folder (default: runs/<model name>)"),
+    arg("--epochs", type=int, default=300, help="epoch cap over all phases (default: 300)"),
+    arg("--seed", type=int, default=0),
+    arg("--batch-size", type=int, default=100),
+    arg("--lr", type=float, default=1e-3, help="neuron-phase Adam learning rate"),
+    arg("--candidate-lr", type=float, default=0.02, help="dendrite-phase Adam learning rate"),
+    arg("--patience", type=int, default=10, help="neuron-phase epochs without validation gain before switching"),
+    arg("--dendrite-patience", type=int, default=3, help="dendrite-phase epochs without correlation gain"),
+    arg("--max-dendrite-epochs", type=int, default=30, help="cap on one dendrite phase, in epochs"),
+    arg("--pool", type=int, default=4, help="candidates per site (default: 4)"),
+    arg("--activation", default="sigmoid", choices=("sigmoid", "tanh", "relu")),
+    arg("--include", action="append", metavar="GLOB", default=None),
+    arg("--exclude", action="append", metavar="GLOB", default=None),
+    arg("--no-progress", action="store_true", help="no progress bar"),
+)
+def train(args: argparse.Namespace) -> int:
+    from .job import train_job
+
+    name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
+    train_job(args.model, mode=args.mode, max_dendrites=args.max_dendrites,
+              out=args.out or os.path.join("runs", name), seed=args.seed, epochs=args.epochs,
+              batch_size=args.batch_size, lr=args.lr, candidate_lr=args.candidate_lr, patience=args.patience,
+              dendrite_patience=args.dendrite_patience, max_dendrite_epochs=args.max_dendrite_epochs,
+              pool=args.pool, activation=args.activation, include=args.include, exclude=args.exclude,
+              progress=not args.no_progress)
+    return EXIT_OK
+
+
 def _version() -> str:
     from . import __version__
 

@@ -69,8 +69,8 @@ def train_job(model_file: Optional[str] = None, *, mode: str = "pb", max_dendrit
     """Train a model file's model with PB (or gd) and report; returns the summary dict."""
     if max_dendrites < 1:
         raise TrainingError(f"--max-dendrites {max_dendrites}: it must be at least 1")
-    if out is not None and os.path.exists(out) and not os.path.isdir(out):
-        raise TrainingError(f"--out {out} exists and is not a directory: choose another path")
+    if out is not None:
+        _prepare_out(out)  # before training: a long run must not fail at its last step
     mod = load_job_module(model_file)
     torch.manual_seed(seed)
     model, inputs = instantiate(mod)
@@ -102,6 +102,17 @@ def train_job(model_file: Optional[str] = None, *, mode: str = "pb", max_dendrit
     return summary
 
 
+def _prepare_out(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TrainingError(f"--out {out} exists and is not a directory: choose another path")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
+    if not os.access(out, os.W_OK):
+        raise TrainingError(f"output folder {out} is not writable: choose another --out")
+
+
 def _print_report(s: dict, echo) -> None:
     echo("")
     echo("phase history")
@@ -118,7 +129,6 @@ def _print_report(s: dict, echo) -> None:
 
 
 def _write_outputs(out: str, pm, ctl, history, summary) -> None:
-    os.makedirs(out, exist_ok=True)
 
     def text(name: str, body: str) -> None:
         def w(tmp):
