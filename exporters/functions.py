@@ -1,0 +1,217 @@
+"""ONNX FunctionProto bodies for the fused dendrite ops in domain "pbp".
+
+A fused site is ONE node ``pbp::PerforatedLinear`` or ``pbp::PerforatedConv``. Its inputs,
+all stored as initializers in the layout the body consumes directly, are
+
+    x      the layer input: [..., In] (Linear) or [B, In, *S] (ConvNd)
+    W_cat  the neuron's and the K dendrites' weights as one layer with M = 1 + K copies:
+           Linear: [In, M*C], already transposed for MatMul; columns (copy, channel).
+           ConvNd: [M*C, In/groups, *kernel]; rows (copy, channel) when groups == 1, and
+           (group, copy, channel-in-group) when groups > 1 (a grouped conv needs each
+           group's output channels to be contiguous).
+    B_cat  (only when the site has a bias) [M*C], ordered like W_cat's output channels.
+    U      the cascade weights [K, C, K]: a_k = pre_k + sum_{j<k} U[k, :, j] * s_j.
+    V      the output weights [K, C]: y = n + sum_k V[k] * s_k.
+
+Node attributes describe the op for readers and native kernels (``channels``,
+``dendrites``, ``activation``; convolutions add ``kernel_shape``, ``strides``, ``pads``,
+``dilations``, ``group``, ``padding_mode``); every one is declared by the function. A
+function body depends on all of them (K is unrolled, strides are constants, ...), so each
+distinct signature ships its own FunctionProto, told apart by the function ``overload``
+(ONNX IR >= 10): ``FusedOpSpec.overload`` names it, e.g. ``conv2d_c16_k2_sigmoid_b1_s1x1_
+p1x1x1x1_d1x1_g1_zeros``. The body is plain default-domain ops, so onnxruntime (which
+inlines local functions) runs the file with no extra library:
+
+    z = MatMul(x, W_cat) [+ B_cat]         or   Conv(Pad?(x), W_cat, B_cat)
+    n, pre_1..pre_K = Split(z)             (Gather per copy for grouped convs)
+    s_k = act(pre_k + sum_{j<k} U[k, :, j] * s_j)
+    y = n + sum_k V[k] * s_k
+
+The slices of U and V are taken inside the body from the initializers; onnxruntime
+constant-folds them after inlining.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "FusedOpSpec", "make_function", "op_type_for"]
+
+DOMAIN = "pbp"
+DOMAIN_VERSION = 1
+
+_ACT_OPS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
+# torch padding_mode -> ONNX Pad mode (and the default-domain opset it needs).
+_PAD_MODES = {"reflect": ("reflect", 18), "replicate": ("edge", 18), "circular": ("wrap", 19)}
+
+
+def op_type_for(kind: str) -> str:
+    return "PerforatedLinear" if kind == "linear" else "PerforatedConv"
+
+
+def _ints(values) -> str:
+    return "x".join(str(int(v)) for v in values) or "none"
+
+
+@dataclass(frozen=True)
+class FusedOpSpec:
+    """Everything a fused op's function body depends on (hashable: one function each)."""
+
+    kind: str  # "linear" | "conv1d" | "conv2d" | "conv3d"
+    channels: int  # C
+    dendrites: int  # K >= 1
+    activation: str  # "sigmoid" | "tanh" | "relu"
+    has_bias: bool
+    kernel_shape: tuple = ()
+    strides: tuple = ()
+    pads: tuple = ()  # ONNX order: all begins, then all ends
+    dilations: tuple = ()
+    group: int = 1
+    padding_mode: str = "zeros"
+
+    def __post_init__(self):
+        if self.activation not in _ACT_OPS:
+            raise ValueError(f"activation {self.activation!r} has no ONNX op: use one of {sorted(_ACT_OPS)}")
+        if self.dendrites < 1:
+            raise ValueError("a fused op needs at least one dendrite (K = 0 sites are plain layers)")
+        if self.padding_mode != "zeros" and self.padding_mode not in _PAD_MODES:
+            raise ValueError(f"padding_mode {self.padding_mode!r} has no ONNX Pad mode")
+
+    @property
+    def op_type(self) -> str:
+        return op_type_for(self.kind)
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind != "linear"
+
+    @property
+    def spatial(self) -> int:
+        return 0 if self.kind == "linear" else int(self.kind[-2])
+
+    @property
+    def min_opset(self) -> int:
+        return _PAD_MODES[self.padding_mode][1] if self.padding_mode in _PAD_MODES else 18
+
+    @property
+    def overload(self) -> str:
+        """The function overload name: a readable, unique encoding of the signature."""
+        head = f"{self.kind}_c{self.channels}_k{self.dendrites}_{self.activation}_b{int(self.has_bias)}"
+        if not self.is_conv:
+            return head
+        return (f"{head}_w{_ints(self.kernel_shape)}_s{_ints(self.strides)}_p{_ints(self.pads)}"
+                f"_d{_ints(self.dilations)}_g{self.group}_{self.padding_mode}")
+
+    def attributes(self) -> dict:
+        """The node attributes (all declared by the function)."""
+        attrs = {"channels": self.channels, "dendrites": self.dendrites, "activation": self.activation}
+        if self.is_conv:
+            attrs.update(kernel_shape=list(self.kernel_shape), strides=list(self.strides),
+                         pads=list(self.pads), dilations=list(self.dilations), group=self.group,
+                         padding_mode=self.padding_mode)
+        return attrs
+
+    def input_names(self) -> list[str]:
+        return ["x", "W_cat"] + (["B_cat"] if self.has_bias else []) + ["U", "V"]
+
+
+class _Body:
+    """Accumulates the nodes of one function body with fresh value names."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str = "t", outputs: int = 1, **attrs):
+        names = [self.fresh(hint) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def const(self, value, hint: str = "c") -> str:
+        arr = np.asarray(value, dtype=np.int64)
+        name = self.fresh(hint)
+        self.nodes.append(helper.make_node("Constant", [], [name],
+                                           value=numpy_helper.from_array(arr, name)))
+        return name
+
+
+def make_function(spec: FusedOpSpec, opset: int = 18) -> onnx.FunctionProto:
+    """The FunctionProto implementing `spec` with default-domain ops of `opset`."""
+    if opset < spec.min_opset:
+        raise ValueError(f"{spec.op_type} with padding_mode={spec.padding_mode!r} needs opset >= "
+                         f"{spec.min_opset}, got {opset}")
+    b = _Body()
+    k, c, m = spec.dendrites, spec.channels, spec.dendrites + 1
+    bias: Optional[str] = "B_cat" if spec.has_bias else None
+
+    # -- the one wide layer ------------------------------------------------------------
+    if spec.is_conv:
+        x = "x"
+        conv_pads = list(spec.pads)
+        if spec.padding_mode != "zeros":
+            nd = spec.spatial
+            begins, ends = spec.pads[:nd], spec.pads[nd:]
+            pads = b.const([0, 0, *begins, 0, 0, *ends], "pads")
+            x = b.op("Pad", [x, pads], "padded", mode=_PAD_MODES[spec.padding_mode][0])
+            conv_pads = [0] * (2 * nd)
+        z = b.op("Conv", [x, "W_cat"] + ([bias] if bias else []), "z",
+                 kernel_shape=list(spec.kernel_shape), strides=list(spec.strides), pads=conv_pads,
+                 dilations=list(spec.dilations), group=spec.group)
+        if spec.group == 1:
+            copies = b.op("Split", [z], "copy", outputs=m, axis=1, num_outputs=m)
+        else:
+            cg = c // spec.group
+            copies = []
+            for i in range(m):
+                idx = [(ch // cg) * (m * cg) + i * cg + ch % cg for ch in range(c)]
+                copies.append(b.op("Gather", [z, b.const(idx, "rows")], "copy", axis=1))
+    else:
+        z = b.op("MatMul", ["x", "W_cat"], "z")
+        if bias:
+            z = b.op("Add", [z, bias], "z")
+        copies = b.op("Split", [z], "copy", outputs=m, axis=-1, num_outputs=m)
+    copies = [copies] if isinstance(copies, str) else list(copies)
+    n, pre = copies[0], copies[1:]
+
+    # -- per-channel vectors shaped to broadcast along the neuron axis -----------------
+    def channel_vec(t: str) -> str:
+        if spec.is_conv:  # [C] -> [C, 1, ..., 1]
+            t = b.op("Unsqueeze", [t, b.const(list(range(1, spec.spatial + 1)), "axes")], "vec")
+        return t
+
+    def v_row(i: int) -> str:
+        return channel_vec(b.op("Gather", ["V", b.const(i, "k")], "v", axis=0))
+
+    def u_entry(i: int, j: int) -> str:
+        row = b.op("Gather", ["U", b.const(i, "k")], "u", axis=0)  # [C, K]
+        return channel_vec(b.op("Gather", [row, b.const(j, "j")], "u", axis=1))
+
+    # -- cascade, activation and the weighted sum ----------------------------------------
+    act = _ACT_OPS[spec.activation]
+    acts: list[str] = []
+    for i in range(k):
+        a = pre[i]
+        for j in range(i):
+            a = b.op("Add", [a, b.op("Mul", [u_entry(i, j), acts[j]], "ua")], "a")
+        acts.append(b.op(act, [a], "s"))
+    y = n
+    for i, s in enumerate(acts):
+        term = b.op("Mul", [v_row(i), s], "vs")
+        if i == k - 1:
+            b.nodes.append(helper.make_node("Add", [y, term], ["y"]))
+            y = "y"
+        else:
+            y = b.op("Add", [y, term], "y")
+    return helper.make_function(
+        DOMAIN, spec.op_type, spec.input_names(), ["y"], b.nodes,
+        [helper.make_opsetid("", opset)], attributes=sorted(spec.attributes()),
+        doc_string=f"{spec.op_type} with {k} dendrite(s): see pbp_fx.exporters.functions",
+        overload=spec.overload)

@@ -1,0 +1,446 @@
+"""Export perforated models to ONNX, each fused site as ONE custom-domain node.
+
+    export_onnx(pm, example_inputs, "model.onnx")              # fused (default)
+    export_onnx(pm, example_inputs, "plain.onnx", fused=False) # standard ops only
+
+Route (torch 2.13): the model is finalized (`PerforatedModel.finalize()`), then every
+`FusedSite` in it is swapped for a small export module whose forward is
+`torch.onnx.ops.symbolic("pbp::PerforatedLinear" | "pbp::PerforatedConv", ...)`: the dynamo
+exporter (`torch.onnx.export(..., dynamo=True)`) writes that as a bare node in domain "pbp",
+with the site's weights as initializers. After export the node gets its function overload
+and the file gets one FunctionProto per signature (`pbp_fx.exporters.functions`), so plain
+onnxruntime runs it. (Functions produced during translation would be inlined by the
+exporter; attaching them afterwards keeps the fused op visible.) Nothing is registered
+globally: `torch.onnx.ops.symbolic` is torch's own op.
+
+Unfused (`fused=False`) exports the finalized graph's ordinary computation: one wide
+Linear/Conv per site followed by standard slicing and elementwise ops.
+
+Every file: ONNX IR >= 10 (function overloads; 10 for opsets 18-22), one default-domain opset shared by the graph
+and the function bodies, a dynamic batch axis (dim 0 of every input and output) unless
+`dynamic_batch=False`, passes `onnx.checker.check_model(full_check=True)`, and carries
+metadata_props:
+
+    pbp_fx.version     pbp_fx.__version__
+    pbp_fx.sites       JSON list of site names
+    pbp_fx.dendrites   JSON {site name: K}
+    pbp_fx.activation  the dendrite activation ("none" when the model has no sites)
+    pbp_fx.fused       "true" | "false"
+    pbp_fx.domain      "pbp" (the custom domain of the fused ops)
+
+The file is written atomically (a temporary file in the target directory, then
+`os.replace`); a target whose directory is missing or not writable raises
+`ExportPathError` (an `OSError`) before any work and leaves nothing behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import tempfile
+import warnings
+from typing import Any, Optional, Union
+
+import onnx
+import torch
+from torch import Tensor, fx, nn
+
+from pbp_fx.errors import PBError
+from pbp_fx.site import FusedSite, Site
+
+from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
+
+__all__ = ["export_onnx", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS"]
+
+log = logging.getLogger(__name__)
+
+# IR 10 is the first with function overloads; onnxruntime >= 1.16 reads it.
+MIN_IR_VERSION = 10
+MIN_OPSET = 18
+METADATA_KEYS = ("pbp_fx.version", "pbp_fx.sites", "pbp_fx.dendrites", "pbp_fx.activation",
+                 "pbp_fx.fused", "pbp_fx.domain")
+_SITE_KEY = "pbp.site"  # node metadata: the site a fused node computes
+_OVERLOAD_KEY = "pbp.overload"  # node metadata, consumed (removed) after export
+
+
+class ExportError(PBError):
+    """The model cannot be exported to ONNX (unsupported layer, shape or option)."""
+
+
+class ExportPathError(ExportError, OSError):
+    """The output path cannot be written (missing or read-only directory, a directory)."""
+
+
+# -- the fused op at export time ------------------------------------------------------------
+
+def _explicit_pads(padding, kernel: tuple, dilation: tuple) -> tuple[list[int], list[int]]:
+    nd = len(kernel)
+    if padding == "valid":
+        return [0] * nd, [0] * nd
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        begins = [t // 2 for t in total]  # torch puts the odd extra pixel at the end
+        return begins, [t - b for t, b in zip(total, begins)]
+    if isinstance(padding, int):
+        padding = (padding,) * nd
+    return list(padding), list(padding)
+
+
+def _ntuple(v, n: int) -> tuple:
+    return tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def fused_op_spec(site: FusedSite) -> FusedOpSpec:
+    """The ONNX signature (function overload) of one FusedSite."""
+    layer = site.layer
+    common = dict(kind=layer.kind, channels=layer.channels, dendrites=site.num_dendrites,
+                  activation=site.activation, has_bias=site.bias is not None)
+    if layer.kind == "linear":
+        return FusedOpSpec(**common)
+    kernel = tuple(int(k) for k in layer.weight_shape[2:])
+    nd = len(kernel)
+    dilation = _ntuple(layer.dilation, nd)
+    begins, ends = _explicit_pads(layer.padding, kernel, dilation)
+    return FusedOpSpec(**common, kernel_shape=kernel, strides=_ntuple(layer.stride, nd),
+                       pads=tuple(begins + ends), dilations=dilation, group=int(layer.groups),
+                       padding_mode=layer.padding_mode)
+
+
+class _ExportedSite(nn.Module):
+    """Stands in for a FusedSite during export: one `pbp::Perforated*` node.
+
+    Holds the site's tensors in the layout the function body reads (see
+    `pbp_fx.exporters.functions`). Its eager forward is the FusedSite's, so the module
+    still computes the right thing outside export.
+    """
+
+    def __init__(self, site: FusedSite):
+        super().__init__()
+        self.site = site
+        self.spec = fused_op_spec(site)
+        layer = site.layer
+        m, c = site.weight.shape[:2]
+        rest = site.weight.shape[2:]
+        w, b = site.weight.detach(), None if site.bias is None else site.bias.detach()
+        if layer.kind == "linear":
+            w = w.reshape(m * c, *rest).t()  # [In, M*C] for MatMul
+        else:
+            g = layer.groups
+            if g > 1:  # rows (group, copy, channel-in-group), as in layers.stacked_apply
+                w = w.reshape(m, g, c // g, *rest).transpose(0, 1)
+                b = None if b is None else b.reshape(m, g, c // g).transpose(0, 1)
+            w = w.reshape(m * c, *rest)
+        self.W_cat = nn.Parameter(w.contiguous().clone(), requires_grad=False)
+        self.B_cat = None if b is None else nn.Parameter(b.reshape(m * c).clone(), requires_grad=False)
+        self.U = nn.Parameter(site.cascade.detach().clone(), requires_grad=False)
+        self.V = nn.Parameter(site.out_weight.detach().clone(), requires_grad=False)
+
+    def _out_shape(self, x: Tensor) -> list:
+        spec = self.spec
+        if not spec.is_conv:
+            return [*x.shape[:-1], spec.channels]
+        nd = spec.spatial
+        out = [x.shape[0], spec.channels]
+        for i in range(nd):
+            size = x.shape[2 + i] + spec.pads[i] + spec.pads[nd + i]
+            size = size - spec.dilations[i] * (spec.kernel_shape[i] - 1) - 1
+            out.append(size // spec.strides[i] + 1)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return self.site(x)
+        inputs = [x, self.W_cat] + ([self.B_cat] if self.B_cat is not None else []) + [self.U, self.V]
+        return torch.onnx.ops.symbolic(
+            f"{DOMAIN}::{self.spec.op_type}", inputs, self.spec.attributes(), dtype=x.dtype,
+            shape=self._out_shape(x), version=DOMAIN_VERSION,
+            metadata_props={_SITE_KEY: self.site.name, _OVERLOAD_KEY: self.spec.overload})
+
+
+def _swap_fused_sites(root: nn.Module) -> tuple[nn.Module, dict[str, FusedOpSpec]]:
+    """Replace every FusedSite under `root` (in place) by an _ExportedSite."""
+    specs: dict[str, FusedOpSpec] = {}
+    if isinstance(root, FusedSite):
+        new = _ExportedSite(root)
+        return new, {new.spec.overload: new.spec}
+    for name, mod in list(root.named_modules()):
+        if not isinstance(mod, FusedSite):
+            continue
+        owner, _, child = name.rpartition(".")
+        parent = root.get_submodule(owner) if owner else root
+        new = _ExportedSite(mod)
+        setattr(parent, child, new)
+        specs[new.spec.overload] = new.spec
+    return root, specs
+
+
+# -- what gets exported --------------------------------------------------------------------
+
+def _prepare(model: nn.Module) -> tuple[nn.Module, dict[str, int], str]:
+    """(an eval-mode module safe to modify, {site: K}, activation)."""
+    from pbp_fx.perforated import PerforatedModel
+
+    if isinstance(model, PerforatedModel):
+        module = model.finalize()  # a new eval-mode GraphModule; `model` is untouched
+        return module, dict(model.num_dendrites), model.activation
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_onnx needs a PerforatedModel or an nn.Module, got {type(model).__name__}")
+    sites = [m for m in model.modules() if isinstance(m, (Site, FusedSite))]
+    dendrites = {m.name: m.num_dendrites for m in sites}
+    activation = ",".join(sorted({m.activation for m in sites})) or "none"
+    if isinstance(model, fx.GraphModule) and any(isinstance(m, Site) for m in sites):
+        from pbp_fx.passes import finalize  # a perforated graph (pm.graph_module): fuse it first
+
+        return finalize(model), dendrites, activation
+    return copy.deepcopy(model).eval(), dendrites, activation
+
+
+def _as_tuple(example_inputs) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (
+        tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
+
+
+def _batched_inputs(inputs: tuple, dynamic_batch: bool):
+    """(inputs to trace with, dynamic_shapes). A batch of 1 is repeated to 2 so that the
+    exporter does not specialise the batch axis to the constant 1."""
+    if not dynamic_batch:
+        return inputs, None
+    tensors = [t for t in inputs if isinstance(t, Tensor) and t.dim() > 0]
+    if not tensors:
+        raise ExportError("dynamic_batch=True needs at least one tensor input with a batch axis: "
+                          "pass dynamic_batch=False")
+    sizes = {int(t.shape[0]) for t in tensors}
+    if len(sizes) != 1:
+        raise ExportError(f"example inputs disagree on the batch size (dim 0: {sorted(sizes)}): "
+                          "give them one batch size, or pass dynamic_batch=False")
+    if sizes == {1}:
+        inputs = tuple(t.expand(2, *t.shape[1:]).clone() if isinstance(t, Tensor) and t.dim() > 0 else t
+                       for t in inputs)
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} if isinstance(t, Tensor) and t.dim() > 0 else None for t in inputs)
+    return inputs, shapes
+
+
+def _output_names(module: nn.Module, inputs: tuple) -> Optional[list[str]]:
+    with torch.no_grad():
+        out = module(*inputs)
+    if isinstance(out, Tensor):
+        return ["output"]
+    if isinstance(out, (tuple, list)) and all(isinstance(o, Tensor) for o in out):
+        return [f"output_{i}" for i in range(len(out))]
+    return None  # nested outputs: keep the exporter's names
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's known noise (torchvision probing, pytree deprecations)."""
+    reg = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = reg.level
+    reg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            yield
+    finally:
+        reg.setLevel(level)
+
+
+def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+    traced_inputs, shapes = _batched_inputs(inputs, dynamic_batch)
+    names = _output_names(module, traced_inputs)
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(module, traced_inputs, dynamo=True, opset_version=opset,
+                                        dynamic_shapes=shapes, output_names=names, verbose=False,
+                                        optimize=True)
+    except Exception as e:  # the exporter's errors are long reports: keep the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = " (or pass dynamic_batch=False if the model fixes its batch size)" if dynamic_batch else ""
+        raise ExportError(f"torch.onnx.export failed: {first}{hint}") from e
+    proto = program.model_proto
+    if dynamic_batch:
+        fixed = [(v.name, v.type.tensor_type.shape.dim[0].dim_value) for v in proto.graph.input
+                 if v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].dim_param]
+        if fixed:
+            name, size = fixed[0]
+            raise ExportError(f"the model fixes the batch size of input {name!r} to {size} (e.g. a reshape to a "
+                              "constant batch), so the batch axis cannot be dynamic: use -1 for the batch in "
+                              "reshapes, or pass dynamic_batch=False")
+    return proto
+
+
+# -- post-processing -------------------------------------------------------------------------
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    for o in proto.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    raise ExportError("the exported model imports no default-domain opset")
+
+
+def _attach_functions(proto: onnx.ModelProto, specs: dict[str, FusedOpSpec]) -> int:
+    """Give each pbp node its overload, ship one function per used overload; returns the node count."""
+    opset = _default_opset(proto)
+    used: dict[str, FusedOpSpec] = {}
+    names = {n.name for n in proto.graph.node if n.domain != DOMAIN}
+    count = 0
+    for node in proto.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        props = {p.key: p.value for p in node.metadata_props}
+        overload = props.get(_OVERLOAD_KEY)
+        if overload not in specs:
+            raise ExportError(f"fused node {node.name!r} has no known signature: this is a pbp-fx bug")
+        node.overload = overload
+        site = props.get(_SITE_KEY, "")
+        name = f"pbp/{site}" if site else node.name
+        while name in names:  # a site module called more than once
+            name += "_"
+        names.add(name)
+        node.name = name
+        del node.metadata_props[:]
+        node.metadata_props.add(key=_SITE_KEY, value=site)
+        used[overload] = specs[overload]
+        count += 1
+    for overload in sorted(used):
+        proto.functions.append(make_function(used[overload], opset))
+    if not count:
+        for i in reversed(range(len(proto.opset_import))):
+            if proto.opset_import[i].domain == DOMAIN:
+                del proto.opset_import[i]
+    elif not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.add(domain=DOMAIN, version=DOMAIN_VERSION)
+    return count
+
+
+def _ir_version(proto: onnx.ModelProto) -> int:
+    """The lowest IR version valid for the file's opsets, and >= 10 (function overloads):
+    the widest range of runtimes reads it (onnxruntime 1.31 reads up to IR 11)."""
+    try:
+        needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    except (TypeError, ValueError):
+        needed = proto.ir_version
+    return max(MIN_IR_VERSION, needed)
+
+
+def _strip_trace_metadata(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debug metadata (stack traces, local paths)."""
+    for node in proto.graph.node:
+        if node.domain == DOMAIN:
+            continue
+        keep = [(p.key, p.value) for p in node.metadata_props if not p.key.startswith(("pkg.torch.", "namespace"))]
+        del node.metadata_props[:]
+        for k, v in keep:
+            node.metadata_props.add(key=k, value=v)
+
+
+def _set_metadata(proto: onnx.ModelProto, dendrites: dict[str, int], activation: str, fused: bool) -> None:
+    import pbp_fx
+
+    values = {
+        "pbp_fx.version": pbp_fx.__version__,
+        "pbp_fx.sites": json.dumps(list(dendrites)),
+        "pbp_fx.dendrites": json.dumps(dendrites),
+        "pbp_fx.activation": activation,
+        "pbp_fx.fused": "true" if fused else "false",
+        "pbp_fx.domain": DOMAIN,
+    }
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in values]
+    del proto.metadata_props[:]
+    for k, v in kept + list(values.items()):
+        proto.metadata_props.add(key=k, value=v)
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def _target(path: Union[str, os.PathLike]) -> str:
+    """The absolute output path, after checking it can be written."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise ExportPathError(f"cannot write ONNX file {path}: it is a directory; give a file path such as "
+                              f"{os.path.join(path, 'model.onnx')}")
+    if not os.path.isdir(folder):
+        raise ExportPathError(f"cannot write ONNX file {path}: directory {folder} does not exist; "
+                              f"create it first (mkdir -p {folder})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportPathError(f"cannot write ONNX file {path}: directory {folder} is not writable; "
+                              "choose a writable directory or fix its permissions")
+    return path
+
+
+def _write_atomic(data: bytes, path: str) -> None:
+    folder = os.path.dirname(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise ExportPathError(f"cannot write ONNX file {path}: {e.strerror or e}; "
+                              "choose a writable directory") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ExportPathError(f"cannot write ONNX file {path}: {e.strerror or e}") from e
+        raise
+
+
+# -- public entry point ----------------------------------------------------------------------
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], fused: bool = True,
+                dynamic_batch: bool = True, opset: int = 18) -> str:
+    """Export `model` to the ONNX file `path` and return the path (as given).
+
+    model: a PerforatedModel (finalized first; the model itself is not modified), a
+        finalized GraphModule, or any nn.Module (exported as is, in eval mode, on a copy).
+    example_inputs: a tensor or tuple of tensors the model is called with.
+    fused: each site with K >= 1 dendrites becomes ONE `pbp::PerforatedLinear` /
+        `pbp::PerforatedConv` node (with a function body for plain runtimes); with
+        fused=False the file holds standard ops only.
+    dynamic_batch: dim 0 of every input (and output) is a symbolic "batch" axis.
+    opset: the default-domain opset (>= 18) of the graph and of the function bodies.
+
+    Raises ExportPathError (an OSError) for an unwritable path, ExportError when the model
+    cannot be exported. The file is complete or absent, never partial.
+    """
+    if int(opset) < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old: the exporter and the fused ops need opset >= {MIN_OPSET}")
+    target = _target(path)
+    module, dendrites, activation = _prepare(model)
+    specs: dict[str, FusedOpSpec] = {}
+    if fused:
+        module, specs = _swap_fused_sites(module)
+        for spec in specs.values():
+            if spec.min_opset > opset:
+                raise ExportError(f"a site with padding_mode={spec.padding_mode!r} needs opset >= "
+                                  f"{spec.min_opset}: pass opset={spec.min_opset}")
+    inputs = _as_tuple(example_inputs)
+    proto = _torch_export(module, inputs, int(opset), dynamic_batch)
+    n_fused = _attach_functions(proto, specs)
+    expected = sum(1 for k in dendrites.values() if k > 0) if fused else 0
+    if fused and n_fused < len(specs):
+        raise ExportError(f"only {n_fused} fused node(s) reached the ONNX graph for {len(specs)} "
+                          "signature(s): this is a pbp-fx bug")
+    if fused and dendrites and n_fused < expected:
+        log.warning("export_onnx: %d fused node(s) for %d site(s) with dendrites", n_fused, expected)
+    _strip_trace_metadata(proto)
+    _set_metadata(proto, dendrites, activation, fused)
+    proto.ir_version = _ir_version(proto)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}") from e
+    _write_atomic(proto.SerializeToString(), target)
+    log.info("exported %s (%s, %d fused node(s), opset %d)", target, "fused" if fused else "unfused",
+             n_fused, _default_opset(proto))
+    return path

@@ -1,0 +1,127 @@
+"""Run exported models with ONNX Runtime.
+
+    sess = ort_session("model.onnx")          # CUDA when onnxruntime-gpu and a GPU are there
+    print(sess.provider)                      # "CPUExecutionProvider" | "CUDAExecutionProvider"
+    (logits,) = run(sess, (x_numpy,))
+
+The fused `pbp::Perforated*` ops ship their own ONNX function bodies, so a stock
+onnxruntime (or onnxruntime-gpu) runs the files; no custom-op library is needed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from pbp_fx.errors import PBError
+
+__all__ = ["ort_session", "run", "available_providers", "RuntimeUnavailableError", "CPU", "CUDA"]
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+_DEVICES = ("auto", "cuda", "cpu")
+
+# ONNX tensor type strings -> numpy dtypes, for casting inputs like float64 arrays.
+_NP_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+}
+
+
+class RuntimeUnavailableError(PBError, RuntimeError):
+    """onnxruntime (or the requested execution provider) is not available."""
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise RuntimeUnavailableError("onnxruntime is not installed: pip install 'pbp-fx[ort]' "
+                                      "(or 'pbp-fx[gpu]' for CUDA)") from e
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    """The execution providers this onnxruntime build offers."""
+    return list(_ort().get_available_providers())
+
+
+def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", threads: Optional[int] = None):
+    """An onnxruntime.InferenceSession for an ONNX file (or serialized model bytes).
+
+    device: "auto" (CUDA when onnxruntime-gpu and a GPU are present, else CPU), "cuda"
+        (CUDA or a RuntimeUnavailableError), or "cpu".
+    threads: intra-op threads (None: onnxruntime's default, all physical cores).
+
+    The returned session has a `.provider` attribute naming the execution provider that
+    runs it ("CUDAExecutionProvider" or "CPUExecutionProvider"); the choice is also
+    logged at INFO.
+    """
+    if device not in _DEVICES:
+        raise ValueError(f"device={device!r} is not supported: use one of {', '.join(_DEVICES)}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads={threads!r}: give a positive int, or None for onnxruntime's default")
+    ort = _ort()
+    model = path if isinstance(path, bytes) else os.fspath(path)
+    if not isinstance(model, bytes) and not os.path.isfile(model):
+        raise FileNotFoundError(f"ONNX file {model} does not exist: export it first with export_onnx()")
+    available = ort.get_available_providers()
+    if device == "cuda" and CUDA not in available:
+        raise RuntimeUnavailableError(
+            f"device='cuda' but this onnxruntime has no {CUDA} (available: {', '.join(available)}): "
+            "install onnxruntime-gpu in place of onnxruntime, or use device='cpu'")
+    want_cuda = device in ("auto", "cuda") and CUDA in available
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    providers = [CUDA, CPU] if want_cuda else [CPU]
+    sess = ort.InferenceSession(model, sess_options=opts, providers=providers)
+    active = sess.get_providers()
+    chosen = CUDA if CUDA in active else CPU
+    if device == "cuda" and chosen != CUDA:
+        raise RuntimeUnavailableError(
+            f"device='cuda' but onnxruntime could not start {CUDA} (no usable GPU or CUDA/cuDNN "
+            "libraries missing): check `nvidia-smi` and the onnxruntime-gpu CUDA requirements, "
+            "or use device='cpu'")
+    sess.provider = chosen
+    log.info("ort_session: %s runs %s (device=%r, threads=%s)", chosen,
+             "<bytes>" if isinstance(model, bytes) else model, device, threads or "default")
+    return sess
+
+
+def _to_numpy(value: Any, type_str: Optional[str] = None) -> np.ndarray:
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    want = _NP_TYPES.get(type_str or "")
+    if want is not None and arr.dtype != want:
+        arr = arr.astype(want)
+    return np.ascontiguousarray(arr)
+
+
+def run(session, inputs: Union[Mapping[str, Any], Sequence[Any], np.ndarray]) -> list[np.ndarray]:
+    """Run `session` and return its outputs as a list of numpy arrays (in graph order).
+
+    inputs: {name: array}, or a tuple/list of arrays in the graph's input order, or one
+    array. Torch tensors are accepted too; arrays are cast to the input's ONNX type.
+    """
+    specs = session.get_inputs()
+    types = {i.name: i.type for i in specs}
+    if isinstance(inputs, Mapping):
+        unknown = sorted(set(inputs) - set(types))
+        if unknown:
+            raise ValueError(f"unknown input name(s) {unknown}: the model takes {list(types)}")
+        feed = {k: _to_numpy(v, types[k]) for k, v in inputs.items()}
+    else:
+        if not isinstance(inputs, (tuple, list)):
+            inputs = (inputs,)
+        if len(inputs) != len(specs):
+            raise ValueError(f"got {len(inputs)} input(s), the model takes {len(specs)}: {list(types)}")
+        feed = {s.name: _to_numpy(v, s.type) for s, v in zip(specs, inputs)}
+    return session.run(None, feed)

@@ -1,0 +1,278 @@
+"""export_onnx: fused and unfused files, parity with PyTorch through ONNX Runtime."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import pbp_fx
+from pbp_fx.exporters import DOMAIN, ExportError, ExportPathError, export_onnx, ort_session, run
+from pbp_fx.exporters import onnx as onnx_exporter
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
+
+
+def pbp_nodes(proto: onnx.ModelProto) -> list:
+    return [n for n in proto.graph.node if n.domain == DOMAIN]
+
+
+def default_opset(opsets) -> int:
+    return next(o.version for o in opsets if o.domain in ("", "ai.onnx"))
+
+
+def check_file(path, pm, fused: bool) -> onnx.ModelProto:
+    """The invariants every exported file keeps."""
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert onnx_exporter.MIN_IR_VERSION <= proto.ir_version <= 11  # onnxruntime 1.31 reads IR <= 11
+    # dynamic batch: dim 0 of the inputs and outputs is symbolic
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        assert value.type.tensor_type.shape.dim[0].dim_param, f"{value.name} has a fixed batch axis"
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["pbp_fx.version"] == pbp_fx.__version__
+    assert json.loads(meta["pbp_fx.dendrites"]) == pm.num_dendrites
+    assert json.loads(meta["pbp_fx.sites"]) == list(pm.sites)
+    assert meta["pbp_fx.activation"] == pm.activation
+    assert meta["pbp_fx.fused"] == ("true" if fused else "false")
+    nodes = pbp_nodes(proto)
+    with_dendrites = {n: k for n, k in pm.num_dendrites.items() if k > 0}
+    if not fused or not with_dendrites:
+        assert not nodes and not proto.functions
+        assert all(o.domain != DOMAIN for o in proto.opset_import)
+        return proto
+    # one fused node per site with K >= 1, each with a function body that plain ORT can run
+    assert len(nodes) == len(with_dendrites)
+    by_site = {}
+    for n in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        site = {p.key: p.value for p in n.metadata_props}["pbp.site"]
+        by_site[site] = attrs["dendrites"]
+        assert n.op_type == ("PerforatedLinear" if pm.sites[site].kind == "linear" else "PerforatedConv")
+        assert attrs["activation"].decode() == pm.activation
+        assert n.overload
+    assert by_site == with_dendrites
+    functions = {(f.domain, f.name, f.overload) for f in proto.functions}
+    assert len(functions) == len(proto.functions), "duplicate function signatures"
+    assert functions == {(n.domain, n.op_type, n.overload) for n in nodes}
+    opset = default_opset(proto.opset_import)
+    assert all(default_opset(f.opset_import) == opset for f in proto.functions)
+    assert any(o.domain == DOMAIN for o in proto.opset_import)
+    return proto
+
+
+def assert_parity(exports, path, pm, make_input, batches=(1, 7)):
+    for b in batches:
+        x = make_input(b)
+        got = exports.ort(path, (x,))
+        want = exports_torch(pm, x)
+        assert got.shape == want.shape
+        err = float(np.abs(got - want).max())
+        assert err <= 1e-4, f"batch {b}: max abs diff {err:.3g}"
+
+
+def exports_torch(model, x) -> np.ndarray:
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+# -- every tiny model, fused and unfused ----------------------------------------------------
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("case", ["linear_2d", "linear_3d", "conv1d_bn", "conv2d_residual", "grouped_depthwise",
+                                  "bias_free_linear", "functional_linear", "leaf_site"])
+def test_parity(exports, case, fused):
+    _, pm, example, make_input = exports.model(case, 2)
+    before = exports_torch(pm, example[0])
+    path = exports.file(case, 2, fused)
+    check_file(path, pm, fused)
+    assert_parity(exports, path, pm, make_input)
+    assert pm.training is False and all(s.num_dendrites == 2 for s in pm.sites.values())
+    np.testing.assert_array_equal(exports_torch(pm, example[0]), before)  # export left pm alone
+
+
+def test_bias_free_fused_op_has_no_bias_input(exports):
+    proto = onnx.load(str(exports.file("bias_free_linear", 2, True)))
+    for n in pbp_nodes(proto):
+        assert len(n.input) == 4  # x, W_cat, U, V
+    for f in proto.functions:
+        assert list(f.input) == ["x", "W_cat", "U", "V"]
+
+
+@pytest.mark.parametrize("case,ks,fused", [("linear_2d", [0, 1, 3], True), ("conv2d_residual", [3, 0, 1, 2], True),
+                                           ("conv2d_residual", [3, 0, 1, 2], False)])
+def test_mixed_dendrite_counts(exports, case, ks, fused):
+    """Sites with different K need (and get) distinct function overloads."""
+    _, pm, _, make_input = exports.model(case, ks)
+    assert list(pm.num_dendrites.values()) == ks
+    path = exports.file(case, ks, fused)
+    proto = check_file(path, pm, fused)
+    assert_parity(exports, path, pm, make_input)
+    if fused:
+        assert len({f.overload for f in proto.functions}) == len({k for k in ks if k})
+
+
+def test_k0_is_the_plain_model(exports):
+    plain, pm, example, make_input = exports.model("conv2d_residual", 0)
+    path = exports.file("conv2d_residual", 0, True)
+    proto = check_file(path, pm, True)
+    assert not pbp_nodes(proto) and not proto.functions
+    plain_path = export_onnx(plain, example, exports.folder / "conv2d_residual_plain_model.onnx")
+    plain_proto = onnx.load(str(plain_path))
+    assert Counter(n.op_type for n in proto.graph.node) == Counter(n.op_type for n in plain_proto.graph.node)
+    meta = {p.key: p.value for p in plain_proto.metadata_props}
+    assert json.loads(meta["pbp_fx.dendrites"]) == {} and meta["pbp_fx.activation"] == "none"
+    for b in (1, 7):
+        x = make_input(b)
+        assert np.abs(exports.ort(path, (x,)) - exports_torch(plain, x)).max() <= 1e-5
+        assert np.abs(exports.ort(plain_path, (x,)) - exports.ort(path, (x,))).max() <= 1e-6
+
+
+@pytest.mark.parametrize("case", ["linear_2d"])  # K = 1 convs: test_mixed_dendrite_counts, test_functions
+def test_single_dendrite_is_not_dropped(exports, case):
+    plain, pm, _, make_input = exports.model(case, 1)
+    path = exports.file(case, 1, True)
+    proto = check_file(path, pm, True)
+    nodes = pbp_nodes(proto)
+    assert len(nodes) == len(pm.sites)
+    inits = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    for n in nodes:
+        assert {a.name: a.i for a in n.attribute if a.name == "dendrites"} == {"dendrites": 1}
+        site = pm.sites[{p.key: p.value for p in n.metadata_props}["pbp.site"]]
+        w_cat = inits[n.input[1]]
+        assert 2 * site.channels in w_cat[:2]  # neuron + the one dendrite, side by side
+        assert inits[n.input[-1]] == (1, site.channels)  # V
+    x = make_input(7)
+    got = exports.ort(path, (x,))
+    assert np.abs(got - exports_torch(pm, x)).max() <= 1e-4
+    # the dendrite changes the output: the file is not the K = 0 model
+    assert np.abs(got - exports_torch(plain, x)).max() > 1e-2
+
+
+def test_finalized_graph_module_and_batch_of_one(exports, tmp_path):
+    _, pm, example, make_input = exports.model("conv1d_bn", 2)
+    final = pm.finalize()
+    path = export_onnx(final, (example[0][:1],), tmp_path / "final.onnx")  # batch 1 example
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert len(pbp_nodes(proto)) == len(pm.sites)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["pbp_fx.dendrites"]) == pm.num_dendrites
+    sess = ort_session(path, device="cpu", threads=1)
+    for b in (1, 7):
+        x = make_input(b)
+        assert np.abs(run(sess, (x.numpy(),))[0] - exports_torch(final, x)).max() <= 1e-4
+
+
+def test_perforated_graph_with_static_batch(exports, tmp_path):
+    """pm.graph_module (not finalized) is fused on export; dynamic_batch=False keeps the batch."""
+    _, pm, example, _ = exports.model("bias_free_linear", 2)
+    path = export_onnx(pm.graph_module, example, str(tmp_path / "static.onnx"), dynamic_batch=False)
+    assert isinstance(path, str)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == example[0].shape[0]
+    assert len(pbp_nodes(proto)) == len(pm.sites)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["pbp_fx.dendrites"]) == pm.num_dendrites
+    x = example[0]
+    got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))[0]
+    assert np.abs(got - exports_torch(pm, x)).max() <= 1e-4
+
+
+class _FixedBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x.view(4, 8))
+
+
+def test_fixed_batch_model_needs_static_export(tmp_path):
+    x = torch.randn(4, 8)
+    with pytest.raises(ExportError, match="dynamic_batch=False"):
+        export_onnx(_FixedBatch(), (x,), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- reference models -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mnist1d_mlp", "mnist1d_cnn", "digits_mlp", "resnet_small", "tiny_transformer"])
+def test_reference_model_parity(exports, helpers, tmp_path, name):
+    mod = helpers.load_reference(name)
+    if mod is None:
+        pytest.skip(f"models/{name}.py does not exist")
+    torch.manual_seed(0)
+    model = mod.build_model().eval()
+    example = tuple(mod.example_inputs())
+    pm = helpers.perforated(model, example, 2)
+    path = export_onnx(pm, example, tmp_path / f"{name}.onnx")
+    check_file(path, pm, True)
+    sess = ort_session(path, device="cpu", threads=1)
+    for b in (1, 7):
+        gen = torch.Generator().manual_seed(b)
+        xs = tuple(torch.rand(b, *t.shape[1:], generator=gen).to(t.dtype) for t in example)
+        with torch.no_grad():
+            want = pm(*xs).numpy()
+        got = run(sess, tuple(t.numpy() for t in xs))[0]
+        assert np.abs(got - want).max() <= 1e-4, name
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+def _tiny():
+    return torch.nn.Linear(3, 2), (torch.randn(2, 3),)
+
+
+def test_missing_directory_fails_cleanly(tmp_path):
+    model, example = _tiny()
+    target = tmp_path / "missing" / "model.onnx"
+    with pytest.raises(ExportPathError) as info:
+        export_onnx(model, example, target)
+    msg = str(info.value)
+    assert isinstance(info.value, OSError) and isinstance(info.value, pbp_fx.PBError)
+    assert "\n" not in msg and str(target) in msg and "mkdir -p" in msg
+    assert not target.parent.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_directory_as_path_fails(tmp_path):
+    model, example = _tiny()
+    with pytest.raises(ExportPathError, match="is a directory"):
+        export_onnx(model, example, tmp_path)
+
+
+def test_read_only_directory_fails(tmp_path, monkeypatch):
+    model, example = _tiny()
+    real_access = os.access
+    monkeypatch.setattr(onnx_exporter.os, "access",
+                        lambda p, mode: False if os.fspath(p) == str(tmp_path) else real_access(p, mode))
+    with pytest.raises(ExportPathError, match="not writable"):
+        export_onnx(model, example, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"old")
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx_exporter.os, "replace", broken_replace)
+    with pytest.raises(ExportPathError, match="No space left"):
+        onnx_exporter._write_atomic(b"new model", str(target))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    assert target.read_bytes() == b"old"  # the old file is intact, no temporary file is left
+
+
+def test_opset_too_old(tmp_path):
+    model, example = _tiny()
+    with pytest.raises(ExportError, match="opset >= 18"):
+        export_onnx(model, example, tmp_path / "m.onnx", opset=17)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,115 @@
+"""ort_session / run: provider choice, errors, input handling."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from onnx import helper
+
+from pbp_fx.exporters import RuntimeUnavailableError, ort_session, run
+from pbp_fx.exporters import ort as ort_mod
+
+
+@pytest.fixture(scope="module")
+def add_model(tmp_path_factory):
+    """y = a + b, z = a * 2 (two inputs, two outputs, dynamic batch); no export needed."""
+    f = onnx.TensorProto.FLOAT
+    two = helper.make_tensor("two", f, [], [2.0])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"]), helper.make_node("Mul", ["a", "two"], ["z"])], "g",
+        [helper.make_tensor_value_info("a", f, ["batch", 3]), helper.make_tensor_value_info("b", f, ["batch", 3])],
+        [helper.make_tensor_value_info("y", f, ["batch", 3]), helper.make_tensor_value_info("z", f, ["batch", 3])],
+        initializer=[two])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    path = tmp_path_factory.mktemp("ort") / "add.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_cpu_session(add_model, caplog):
+    with caplog.at_level(logging.INFO, logger="pbp_fx.exporters.ort"):
+        sess = ort_session(add_model, device="cpu", threads=1)
+    assert isinstance(sess, onnxruntime.InferenceSession)
+    assert sess.provider == "CPUExecutionProvider" == sess.get_providers()[0]
+    assert "CPUExecutionProvider" in caplog.text
+
+
+def test_auto_picks_what_is_there(add_model):
+    sess = ort_session(str(add_model))
+    expected = "CUDAExecutionProvider" if "CUDAExecutionProvider" in sess.get_providers() else "CPUExecutionProvider"
+    assert sess.provider == expected
+
+
+def test_session_from_bytes(add_model):
+    sess = ort_session(add_model.read_bytes(), device="cpu")
+    assert sess.provider == "CPUExecutionProvider"
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                    reason="this onnxruntime has CUDA")
+def test_cuda_without_cuda_provider(add_model):
+    with pytest.raises(RuntimeUnavailableError, match="onnxruntime-gpu") as info:
+        ort_session(add_model, device="cuda")
+    assert "\n" not in str(info.value)
+
+
+class _FakeSession:
+    """An InferenceSession stand-in whose CUDA provider failed to start."""
+
+    def __init__(self, model, sess_options=None, providers=()):
+        self.asked = list(providers)
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]
+
+
+def test_cuda_provider_without_gpu(add_model, monkeypatch):
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", _FakeSession)
+    sess = ort_session(add_model, device="auto")
+    assert sess.asked[0] == "CUDAExecutionProvider" and sess.provider == "CPUExecutionProvider"
+    with pytest.raises(RuntimeUnavailableError, match="could not start CUDAExecutionProvider"):
+        ort_session(add_model, device="cuda")
+    assert ort_session(add_model, device="cpu").asked == ["CPUExecutionProvider"]
+
+
+def test_bad_arguments(add_model, tmp_path):
+    with pytest.raises(ValueError, match="device="):
+        ort_session(add_model, device="tpu")
+    with pytest.raises(ValueError, match="threads="):
+        ort_session(add_model, threads=0)
+    with pytest.raises(FileNotFoundError, match="export_onnx"):
+        ort_session(tmp_path / "missing.onnx")
+
+
+def test_run_input_forms(add_model):
+    sess = ort_session(add_model, device="cpu", threads=1)
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.ones((2, 3), dtype=np.float32)
+    y, z = run(sess, {"a": a, "b": b})
+    np.testing.assert_allclose(y, a + b)
+    np.testing.assert_allclose(z, a * 2)
+    for inputs in [(a, b), [a, b], (torch.from_numpy(a), b), (a.astype(np.float64), b)]:
+        out = run(sess, inputs)
+        assert out[0].dtype == np.float32
+        np.testing.assert_allclose(out[0], a + b)
+    big = np.zeros((7, 3), np.float32)
+    assert run(sess, (big, big))[0].shape == (7, 3)  # dynamic batch
+
+
+def test_run_bad_inputs(add_model):
+    sess = ort_session(add_model, device="cpu", threads=1)
+    a = np.zeros((1, 3), np.float32)
+    with pytest.raises(ValueError, match="takes 2"):
+        run(sess, (a,))
+    with pytest.raises(ValueError, match="unknown input"):
+        run(sess, {"a": a, "c": a})
+
+
+def test_available_providers():
+    assert "CPUExecutionProvider" in ort_mod.available_providers()

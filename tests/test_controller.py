@@ -1,0 +1,143 @@
+"""PhaseController decisions on scripted validation-score sequences (PB_SPEC §5)."""
+import pytest
+import torch
+import torch.nn as nn
+
+import pbp_fx
+from pbp_fx.controller import Decision, PhaseController
+
+C, R, D = Decision.CONTINUE, Decision.RESTRUCTURED, Decision.COMPLETE
+
+
+def _pm(mode="pb"):
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    return pbp_fx.perforate(m, (torch.randn(2, 3),), mode=mode)
+
+
+def _run(ctl, scores):
+    return [ctl.step(s) for s in scores]
+
+
+def test_switch_after_patience_then_install_after_dendrite_patience():
+    pm = _pm()
+    ctl = PhaseController(pm, patience=2, dendrite_patience=2, max_dendrites=3)
+    # best at epoch 2, then two stale epochs -> dendrite phase
+    assert _run(ctl, [0.5, 0.6, 0.6, 0.59]) == [C, C, C, R]
+    assert pm.phase == "dendrite"
+    # no candidate training happens here, so correlations are stale: install after 2 epochs
+    assert _run(ctl, [0.6, 0.6]) == [C, R]
+    assert pm.phase == "neuron" and set(pm.num_dendrites.values()) == {1}
+
+
+def test_rewinds_to_best_weights_before_the_dendrite_phase():
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1)
+    ctl.step(0.9)
+    best = {k: v.clone() for k, v in pm.state_dict().items()}
+    with torch.no_grad():
+        for p in pm.parameters():
+            p.add_(1.0)  # training made the weights worse after the best epoch
+    assert ctl.step(0.1) is R
+    assert all(torch.equal(best[k], v) for k, v in pm.state_dict().items() if ".candidates." not in k)
+
+
+def test_retry_then_complete_restores_best():
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1, max_dendrites=5, retries=1)
+    assert _run(ctl, [0.5, 0.5]) == [C, R]           # round 0 ends
+    assert _run(ctl, [0.5]) == [R]                     # install dendrite 1
+    assert _run(ctl, [0.5]) == [R]                     # no new best: retry with fresh candidates
+    assert "retry" in ctl.history[-1]["note"]
+    assert set(pm.num_dendrites.values()) == {0}       # rewound to the best model (K = 0)
+    assert pm.phase == "dendrite"
+    assert _run(ctl, [0.5]) == [R]                     # install again
+    assert _run(ctl, [0.5]) == [D]                     # still no gain, no retries left
+    assert set(pm.num_dendrites.values()) == {0}
+    assert ctl.step(0.99) is D                         # stays complete
+
+
+def test_accepted_round_keeps_dendrites_until_max_dendrites():
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1, max_dendrites=2)
+    seq = [0.5, 0.5,        # round 0 -> dendrite phase
+           0.5,             # install 1
+           0.6, 0.6,        # new best, then stale -> dendrite phase
+           0.6,             # install 2
+           0.7, 0.7]        # new best, stale -> max_dendrites reached
+    out = _run(ctl, seq)
+    assert out == [C, R, R, C, R, R, C, D]
+    assert set(pm.num_dendrites.values()) == {2}
+    assert ctl.best_score == 0.7
+    assert "max_dendrites" in ctl.history[-1]["note"]
+
+
+def test_minimize_and_improvement_threshold():
+    pm = _pm()
+    ctl = PhaseController(pm, patience=2, improvement=0.05, maximize=False)
+    assert _run(ctl, [1.0, 0.97, 0.96]) == [C, C, R]  # gains below 0.05 do not count
+    assert ctl.best_score == 1.0
+
+
+def test_gd_mode_grows_random_dendrites_without_a_dendrite_phase():
+    pm = _pm("gd")
+    ctl = PhaseController(pm, patience=1, max_dendrites=1)
+    assert _run(ctl, [0.5, 0.5]) == [C, R]
+    assert pm.phase == "neuron" and set(pm.num_dendrites.values()) == {1}
+    assert _run(ctl, [0.7, 0.7]) == [C, D]
+    assert set(pm.num_dendrites.values()) == {1}
+
+
+def test_optimizer_factories_are_rebuilt_per_phase():
+    pm = _pm()
+    made = []
+
+    def neuron_opt(params):
+        made.append("neuron")
+        return torch.optim.SGD(params, lr=0.1)
+
+    def cand_opt(params):
+        made.append("candidate")
+        return torch.optim.Adam(params, lr=0.01)
+
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1, optimizer_factory=neuron_opt,
+                          candidate_optimizer_factory=cand_opt)
+    assert made == ["neuron"]
+    _run(ctl, [0.5, 0.5])
+    assert made[-1] == "candidate"
+    cand = {id(p) for p in pm.trainable_parameters()}
+    assert {id(p) for g in ctl.optimizer.param_groups for p in g["params"]} == cand
+    _run(ctl, [0.5])
+    assert made[-1] == "neuron"
+
+
+def test_state_dict_round_trip_gives_the_same_decisions():
+    seq = [0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.62, 0.62, 0.62, 0.62, 0.62]
+    a_pm, b_pm = _pm(), _pm()
+    b_pm.load_state_dict(a_pm.state_dict())
+    a = PhaseController(a_pm, patience=2, dendrite_patience=1)
+    b = PhaseController(b_pm, patience=2, dendrite_patience=1)
+    first = _run(a, seq[:4])
+    assert _run(b, seq[:4]) == first
+    c_pm = _pm()
+    c_pm.load_state_dict(b_pm.state_dict(), strict=False)
+    c = PhaseController(c_pm, patience=2, dendrite_patience=1)
+    c.load_state_dict(b.state_dict())
+    if b_pm.phase == "dendrite":
+        c_pm.start_dendrite_phase(pool=4)
+    assert _run(c, seq[4:]) == _run(a, seq[4:])
+    assert c.history == a.history
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"max_dendrites": 0}, "max_dendrites"),
+    ({"patience": 0}, "patience"),
+])
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PhaseController(_pm(), **kwargs)
+
+
+def test_non_finite_score_is_reported():
+    ctl = PhaseController(_pm())
+    with pytest.raises(ValueError, match="not finite"):
+        ctl.step(float("nan"))

@@ -1,0 +1,81 @@
+"""fit(): the loop, its history, optimizer rebuilding and its errors."""
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import pbp_fx
+from pbp_fx.controller import PhaseController
+from pbp_fx.training import evaluate, fit
+
+
+def _data(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = ((x[:, 0] * x[:, 1] + x[:, 2].sin()) > 0).long()
+    return TensorDataset(x, y)
+
+
+def _pm(mode="pb"):
+    m = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    return pbp_fx.perforate(m, (torch.randn(2, 6),), mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["pb", "gd"])
+def test_fit_runs_phases_and_records_history(mode):
+    pm = _pm(mode)
+    train = DataLoader(_data(), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    val = DataLoader(_data(128, 1), batch_size=128)
+    ctl = PhaseController(pm, patience=2, dendrite_patience=1, max_dendrite_epochs=2, max_dendrites=1)
+    seen = []
+    h = fit(pm, train, val, controller=ctl, epochs=40, progress=False, callbacks=[seen.append],
+            test_loader=val)
+    assert ctl.done
+    assert len(seen) == len(h.epochs) < 40
+    phases = {r["phase"] for r in h.epochs}
+    assert phases == ({"neuron", "dendrite"} if mode == "pb" else {"neuron"})
+    assert h.switches, "at least one restructure must have happened"
+    assert h.best_val == ctl.best_score == pytest.approx(evaluate(pm, val))
+    assert all(r["test"] is not None for r in h.epochs)
+    assert pm.phase == "neuron"
+
+
+def test_fit_trains_only_candidates_in_the_dendrite_phase():
+    pm = _pm()
+    train = DataLoader(_data(), batch_size=32)
+    val = DataLoader(_data(64, 1), batch_size=64)
+    ctl = PhaseController(pm, patience=1, dendrite_patience=50, max_dendrite_epochs=50, max_dendrites=1)
+    snapshots = []
+
+    def record(row):
+        if row["phase"] == "dendrite":
+            snapshots.append({k: v.clone() for k, v in pm.state_dict().items() if ".candidates." not in k})
+
+    fit(pm, train, val, controller=ctl, epochs=6, progress=False, callbacks=[record])
+    assert len(snapshots) >= 2
+    assert all(torch.equal(snapshots[0][k], snapshots[-1][k]) for k in snapshots[0])
+
+
+def test_empty_loaders_are_reported():
+    pm = _pm()
+    empty = DataLoader(TensorDataset(torch.empty(0, 6), torch.empty(0, dtype=torch.long)), batch_size=4)
+    full = DataLoader(_data(16), batch_size=4)
+    with pytest.raises(pbp_fx.TrainingError, match="training"):
+        fit(pm, empty, full, progress=False)
+    with pytest.raises(pbp_fx.TrainingError, match="validation"):
+        fit(pm, full, empty, progress=False)
+
+
+def test_non_finite_loss_is_reported():
+    pm = _pm()
+    x = torch.full((8, 6), float("nan"))
+    bad = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long)), batch_size=4)
+    with pytest.raises(pbp_fx.TrainingError, match="loss is nan"):
+        fit(pm, bad, bad, progress=False, epochs=1)
+
+
+def test_batches_without_targets_are_reported():
+    pm = _pm()
+    loader = DataLoader(torch.randn(8, 6), batch_size=4)
+    with pytest.raises(pbp_fx.TrainingError, match="tuple"):
+        fit(pm, loader, loader, progress=False, epochs=1)
