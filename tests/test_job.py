@@ -1,0 +1,73 @@
+"""`pbp-fx train`: the main job end to end on digits, and its bad-input rows."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pbp_fx
+from pbp_fx.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "models", "digits_mlp.py")
+FAST = ["--max-dendrites", "1", "--max-dendrite-epochs", "10", "--no-progress", "--seed", "0"]
+
+
+def test_train_digits_adds_a_dendrite_and_writes_outputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", DIGITS, "--out", str(out), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "phase history" in printed and "installed dendrite 1" in printed
+    assert sorted(os.listdir(out)) == ["checkpoint.safetensors", "history.json", "plot.png", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert max(summary["dendrites"].values()) >= 1
+    assert summary["params"] > summary["params_plain"]
+    history = json.loads((out / "history.json").read_text())
+    assert {r["phase"] for r in history["epochs"]} == {"neuron", "dendrite"}
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The checkpoint rebuilds the trained model on a fresh one: same test accuracy.
+    sys.path.insert(0, os.path.dirname(DIGITS))
+    from pbp_fx.job import load_job_module, make_loaders
+
+    mod = load_job_module(DIGITS)
+    pm = pbp_fx.load(str(out / "checkpoint.safetensors"), mod.build_model, mod.example_inputs())
+    test_loader = make_loaders(mod.datasets(seed=0), 100, 0)[2]
+    assert pbp_fx.evaluate(pm, test_loader) == pytest.approx(summary["test"])
+    assert pm.num_dendrites == summary["dendrites"]
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+NO_DATA = "import torch\ndef build_model(): return torch.nn.Linear(3, 2)\ndef example_inputs(): return (torch.randn(2, 3),)\n"
+EMPTY = NO_DATA + ("from torch.utils.data import TensorDataset\n"
+                   "def datasets():\n    e = TensorDataset(torch.empty(0, 3), torch.empty(0, dtype=torch.long))\n"
+                   "    return e, e, e\n")
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("missing model file", lambda t: ["/nonexistent/model.py"], "does not exist"),
+    ("no datasets()", lambda t: [_write(t / "m.py", NO_DATA)], "has no datasets()"),
+    ("empty dataset", lambda t: [_write(t / "m.py", EMPTY)], "dataset is empty"),
+    ("max_dendrites=0", lambda t: [DIGITS, "--max-dendrites", "0"], "at least 1"),
+    ("--out is a file", lambda t: [DIGITS, "--out", _write(t / "f", "x")], "not a directory"),
+])
+def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, args, message):
+    argv = ["train", *args(tmp_path)]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert main(argv + ["--no-progress"]) == 2, case
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pbp-fx: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "out" / "checkpoint.safetensors").exists()
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pbp_fx", "train", str(tmp_path / "nope.py")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "does not exist" in r.stderr
