@@ -19,7 +19,7 @@ from torch import nn
 from .errors import CheckpointError
 from .perforated import PerforatedModel, perforate
 
-__all__ = ["save", "load", "atomic_write", "read_structure"]
+__all__ = ["save", "load", "atomic_write", "read_structure", "read_extra"]
 
 FORMAT = "pbp-fx-checkpoint/1"
 
@@ -131,6 +131,11 @@ def _read(path: str) -> tuple[dict, dict]:
 def read_structure(path: str) -> dict:
     """The checkpoint's structure block (sites, dendrites, phase, mode, activation)."""
     return _read(path)[0]["structure"]
+
+
+def read_extra(path: str) -> dict:
+    """The `extra` dict given to save() (e.g. the model file a training run used)."""
+    return _read(path)[0].get("extra", {})
 
 
 def _collect(prefix: str, tensors: dict, plain: dict) -> dict:

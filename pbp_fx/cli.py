@@ -249,6 +249,110 @@ def train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- export / run ----------------------------------------------------------------------------
+def _model_module(ref: str):
+    """A model file path, or the dotted name of a built-in model module."""
+    import importlib
+
+    from .modelfile import load_model_file
+
+    if ref.endswith(".py") or os.sep in ref:
+        return load_model_file(ref)
+    try:
+        return importlib.import_module(ref)
+    except ImportError as exc:
+        raise PBError(f"model {ref!r} is neither a model file nor an importable module: pass --model FILE") from exc
+
+
+@subcommand(
+    "export", "write an ONNX file (fused pbp ops) from a training checkpoint or a model file",
+    arg("source", help="checkpoint.safetensors from `pbp-fx train`, or a model file (exported with K = 0)"),
+    arg("-o", "--out", default="model.onnx", help="ONNX file to write (default: model.onnx)"),
+    arg("--model", metavar="FILE", default=None, help="the model file a checkpoint was trained from "
+        "(default: the one recorded in the checkpoint)"),
+    arg("--unfused", action="store_true", help="plain standard ops instead of one pbp node per site"),
+    arg("--opset", type=int, default=18),
+    arg("--static-batch", action="store_true", help="fixed batch size instead of a dynamic batch axis"),
+    arg("--check", action="store_true", help="run the file in ONNX Runtime and compare with PyTorch"),
+)
+def export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load, read_extra
+    from .exporters import export_onnx
+    from .modelfile import instantiate
+    from .perforated import perforate
+
+    if not os.path.exists(args.source):
+        raise PBError(f"{args.source} does not exist: pass a checkpoint or a model file")
+    if args.source.endswith(".py"):
+        model, inputs = instantiate(_model_module(args.source))
+        pm = perforate(model, inputs)
+    else:
+        ref = args.model or read_extra(args.source).get("model")
+        if not ref:
+            raise PBError(f"checkpoint {args.source} does not record its model file: pass --model FILE")
+        model, inputs = instantiate(_model_module(ref))
+        pm = load(args.source, model, inputs)
+    pm.eval()
+    if pm.phase == "dendrite":
+        pm.abort_dendrite_phase()
+    path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
+                       opset=args.opset)
+    print(f"wrote {path}: {'unfused' if args.unfused else 'fused'}, dendrites per site "
+          f"{json.dumps(pm.num_dendrites)}")
+    if args.check:
+        from .exporters import ort_session, run
+
+        session = ort_session(path)
+        got = run(session, tuple(t.numpy() for t in inputs))[0]
+        with torch.no_grad():
+            ref_out = pm(*inputs)
+        diff = float(abs(torch.as_tensor(got) - ref_out).max())
+        print(f"check: ONNX Runtime ({session.provider}) vs PyTorch max abs diff {diff:.2e}")
+        if not diff <= 1e-4:
+            raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> 1e-4): report this as a bug")
+    return EXIT_OK
+
+
+@subcommand(
+    "run", "run an ONNX file in ONNX Runtime on .npy inputs",
+    arg("model", help="an .onnx file"),
+    arg("--input", action="append", required=True, metavar="X.npy", help="one per model input, in order"),
+    arg("--device", default="auto", choices=("auto", "cpu", "cuda")),
+    arg("--output", metavar="Y.npy", default=None, help="save the first output here"),
+)
+def run_onnx(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .checkpoint import atomic_write
+    from .exporters import ort_session, run
+
+    if not os.path.isfile(args.model):
+        raise PBError(f"ONNX file {args.model} does not exist")
+    arrays = []
+    for name in args.input:
+        try:
+            arrays.append(np.load(name, allow_pickle=False))
+        except (OSError, ValueError) as exc:
+            raise PBError(f"cannot read input {name}: {exc} (save it with numpy.save)") from exc
+    try:
+        session = ort_session(args.model, device=args.device)
+        outputs = run(session, tuple(arrays))
+    except PBError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors, one line
+        raise PBError(f"ONNX Runtime could not run {args.model}: {str(exc).splitlines()[0]}") from exc
+    print(f"provider: {session.provider}")
+    for i, y in enumerate(outputs):
+        flat = ", ".join(f"{v:.5g}" for v in np.asarray(y).reshape(-1)[:6])
+        print(f"output {i}: shape {list(np.shape(y))} dtype {np.asarray(y).dtype} [{flat}{', ...' if np.size(y) > 6 else ''}]")
+    if args.output:
+        atomic_write(args.output, lambda tmp: np.save(open(tmp, "wb"), outputs[0]))
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def _version() -> str:
     from . import __version__
 

@@ -138,8 +138,9 @@ def _write_outputs(out: str, pm, ctl, history, summary) -> None:
 
     text("history.json", json.dumps(history.to_dict(), indent=1))
     text("summary.json", json.dumps(summary, indent=1))
+    model_ref = summary["model"] if summary["model"] == DEFAULT_MODEL else os.path.abspath(summary["model"])
     save(pm, os.path.join(out, "checkpoint.safetensors"), controller=ctl,
-         extra={"model": summary["model"], "seed": summary["seed"]})
+         extra={"model": model_ref, "seed": summary["seed"]})
     plot_history(history, os.path.join(out, "plot.png"), title=f"{summary['model']} ({summary['mode']})")
 
 

@@ -264,3 +264,67 @@ def test_as_a_program(tmp_path):
     bad = _subprocess(["-m", "pbp_fx", "transform", str(tmp_path / "nope.py")], tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"pbp-fx: error: model file {str(tmp_path / 'nope.py')!r} does not exist"]
+
+
+# -- export / run (deployment commands) -------------------------------------------------------
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+main = cli.main
+def _trained_checkpoint(tmp_path):
+    from pbp_fx.checkpoint import save
+
+    import pbp_fx.models.digits_mlp as digits
+
+    model, inputs = digits.build_model(), digits.example_inputs()
+    pm = pbp_fx.perforate(model, inputs)
+    pm.grow()
+    with torch.no_grad():
+        for s in pm.sites.values():
+            s.out_weight.normal_()
+    path = str(tmp_path / "c.safetensors")
+    save(pm, path, extra={"model": "pbp_fx.models.digits_mlp"})
+    return path, pm, inputs
+
+
+def test_export_checkpoint_check_and_run(tmp_path, capsys):
+    import numpy as np
+    import onnx
+
+    ckpt, pm, inputs = _trained_checkpoint(tmp_path)
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", ckpt, "-o", out, "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert "max abs diff" in printed
+    proto = onnx.load(out)
+    assert sum(n.domain == "pbp" for n in proto.graph.node) == 3
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", out, "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")]) == 0
+    pm.eval()
+    with torch.no_grad():
+        ref = pm(torch.from_numpy(x)).numpy()
+    assert np.abs(np.load(tmp_path / "y.npy") - ref).max() <= 1e-4
+
+
+def test_export_model_file_unfused(tmp_path, capsys):
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", os.path.join(ROOT, "models", "digits_mlp.py"), "-o", out, "--unfused"]) == 0
+    import onnx
+
+    assert not any(n.domain == "pbp" for n in onnx.load(out).graph.node)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (lambda t: ["export", str(t / "none.safetensors")], "does not exist"),
+    (lambda t: ["export", "CKPT", "-o", str(t / "no" / "m.onnx")], "does not exist"),
+    (lambda t: ["run", str(t / "none.onnx"), "--input", "x.npy"], "does not exist"),
+    (lambda t: ["run", "CKPT", "--input", "CKPT"], "cannot read input"),
+])
+def test_deploy_errors_are_one_line(tmp_path, capsys, argv, message):
+    ckpt, _, _ = _trained_checkpoint(tmp_path)
+    args = [ckpt if a == "CKPT" else a for a in argv(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pbp-fx: error:") and message in err and "\n" not in err
+    assert not os.path.exists(tmp_path / "no")
