@@ -11,6 +11,11 @@ weights. Call `step(val_score)` once per epoch:
             optimizer = torch.optim.Adam(pm.trainable_parameters(), lr=1e-3)
         elif decision is Decision.COMPLETE:
             break
+
+Distributed runs pass `distributed=` (a pbp_fx.distributed.Distributed): every rank then
+decides on rank 0's validation score and candidate mark (and the ranks are checked to be
+at the same epoch, phase and dendrite count), and `self.model` is the DDP wrapper to train
+with, rebuilt with the optimizer at every RESTRUCTURED decision.
 """
 from __future__ import annotations
 
@@ -23,13 +28,37 @@ import torch
 
 from .perforated import PerforatedModel
 
-__all__ = ["PhaseController", "Decision"]
+__all__ = ["PhaseController", "Decision", "CurrentOptimizer"]
 
 
 class Decision(str, enum.Enum):
     CONTINUE = "continue"          # keep training as before
     RESTRUCTURED = "restructured"  # the parameter set changed: rebuild optimizer and scheduler
     COMPLETE = "complete"          # done; the best-validation model is loaded
+
+
+class CurrentOptimizer:
+    """A stable handle on a controller's current optimizer, rebuilt at every restructure.
+
+    Take it once (`optimizer = ctl.optimizer`) and use it as the optimizer: zero_grad(),
+    step(), param_groups, state_dict() all go to whichever optimizer the phase needs now.
+    """
+
+    def __init__(self, controller: "PhaseController"):
+        self._controller = controller
+
+    @property
+    def current(self):
+        opt = self._controller._optimizer
+        if opt is None:
+            raise RuntimeError("the PhaseController has no optimizer: pass optimizer_factory=")
+        return opt
+
+    def __getattr__(self, name):
+        return getattr(self.current, name)
+
+    def __repr__(self) -> str:
+        return f"CurrentOptimizer({self._controller._optimizer!r})"
 
 
 class PhaseController:
@@ -39,9 +68,11 @@ class PhaseController:
     more than `improvement` (absolute, in score units). dendrite_patience /
     max_dendrite_epochs: dendrite phase ends when no candidate correlation has improved for
     that many epochs, or at the cap. retries: fresh-candidate attempts after a round that
-    gave no new best. optimizer_factory(params) / candidate_optimizer_factory(params) /
-    scheduler_factory(optimizer), when given, rebuild `self.optimizer` / `self.scheduler`
-    at every RESTRUCTURED decision.
+    gave no new best. optimizer_factory(params) / scheduler_factory(optimizer), when given,
+    rebuild `self.optimizer` / `self.scheduler` at every RESTRUCTURED decision; the dendrite
+    phase's optimizer comes from candidate_optimizer_factory (default Adam(candidate_lr)).
+    distributed: see the module docstring; `self.model` is the module to call in training
+    (`pm` itself, or its DDP wrapper).
     """
 
     def __init__(self, pm: PerforatedModel, patience: int = 10, improvement: float = 1e-3,
@@ -50,8 +81,9 @@ class PhaseController:
                  candidate_init: str = "kaiming", v_init: float = 0.0,
                  neuron_epochs: Optional[int] = None,
                  optimizer_factory: Optional[Callable] = None,
-                 candidate_optimizer_factory: Optional[Callable] = None,
-                 scheduler_factory: Optional[Callable] = None):
+                 candidate_optimizer_factory: Optional[Callable] = None, candidate_lr: float = 0.02,
+                 scheduler_factory: Optional[Callable] = None,
+                 distributed=None):
         if max_dendrites < 1:
             raise ValueError(f"max_dendrites={max_dendrites}: it must be at least 1 (use plain training for 0)")
         if patience < 1 or dendrite_patience < 1:
@@ -63,9 +95,13 @@ class PhaseController:
         self.pool, self.candidate_init, self.v_init = pool, candidate_init, v_init
         self.neuron_epochs = neuron_epochs
         self.optimizer_factory = optimizer_factory
-        self.candidate_optimizer_factory = candidate_optimizer_factory
+        # Candidates are PB's own parameters: Adam well above the model's rate (PB_NOTES).
+        self.candidate_optimizer_factory = candidate_optimizer_factory or (
+            lambda params: torch.optim.Adam(params, lr=candidate_lr))
         self.scheduler_factory = scheduler_factory
-        self.optimizer = self.scheduler = None
+        self._optimizer = self.scheduler = None
+        self.distributed = distributed
+        self.model = pm
         # -- state (all in state_dict) --
         self.epoch = 0
         self.best_score: Optional[float] = None
@@ -80,6 +116,11 @@ class PhaseController:
         self.history: list[dict] = []
         self.done = False
         self._rebuild()
+
+    @property
+    def optimizer(self) -> CurrentOptimizer:
+        """A handle that always reaches the optimizer of the current phase."""
+        return CurrentOptimizer(self)
 
     # -- helpers ---------------------------------------------------------------------
     def _better(self, score: float) -> bool:
@@ -99,13 +140,26 @@ class PhaseController:
         counts = self.pm.num_dendrites.values()
         return max(counts) if counts else 0
 
+    def _wrap(self) -> None:
+        """`self.model`: `pm`, or in distributed runs the DDP wrapper over its current parameters."""
+        self.model = self.pm if self.distributed is None else self.distributed.wrap(self.pm)
+
+    def _agree(self, score: float, mark: int) -> tuple[float, int]:
+        """Distributed runs: rank 0's score and mark on every rank, all at the same step."""
+        if self.distributed is None:
+            return score, mark
+        state = [self.epoch, self._dendrites(), int(self.pm.phase == "dendrite"), int(self.done)]
+        score, mark = self.distributed.agree([score, mark], state)
+        return score, int(mark)
+
     def _rebuild(self) -> None:
+        self._wrap()
         factory = (self.candidate_optimizer_factory if self.pm.phase == "dendrite"
                    else self.optimizer_factory)
         if factory is not None:
-            self.optimizer = factory(list(self.pm.trainable_parameters()))
-            if self.scheduler_factory is not None:
-                self.scheduler = self.scheduler_factory(self.optimizer)
+            self._optimizer = factory(list(self.pm.trainable_parameters()))
+            if self.scheduler_factory is not None and self.pm.phase == "neuron":
+                self.scheduler = self.scheduler_factory(self._optimizer)
 
     def _candidate_mark(self) -> int:
         """Sum over sites of the step at which their candidates last improved."""
@@ -135,12 +189,13 @@ class PhaseController:
         """Record one epoch's validation score and decide what happens next."""
         if self.done:
             return Decision.COMPLETE
-        val_score = float(val_score)
+        mark = self._candidate_mark() if self.pm.phase == "dendrite" else 0
+        val_score, mark = self._agree(float(val_score), mark)
         self._epoch_phase = self.pm.phase  # the phase this epoch ran in, for the history
         self.epoch += 1
         self.phase_epochs += 1
         if self.pm.phase == "dendrite":
-            return self._dendrite_step(val_score)
+            return self._dendrite_step(val_score, mark)
         if not math.isfinite(val_score):
             raise ValueError(f"validation score {val_score} is not finite: check the loss and the data")
         if self._better(val_score):
@@ -175,8 +230,7 @@ class PhaseController:
         self._event(val_score, Decision.RESTRUCTURED, note)
         return Decision.RESTRUCTURED
 
-    def _dendrite_step(self, val_score: float) -> Decision:
-        mark = self._candidate_mark()
+    def _dendrite_step(self, val_score: float, mark: int) -> Decision:
         if mark != self.last_improved_mark:
             self.last_improved_mark, self.stale_epochs = mark, 0
         else:

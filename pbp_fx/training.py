@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -63,8 +64,14 @@ def accuracy(output: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None) -> float:
-    """Mean metric over a loader, in eval mode (the model's mode is restored afterwards)."""
+def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None, *, distributed=None) -> float:
+    """Mean metric over a loader, in eval mode (the model's mode is restored afterwards).
+
+    distributed (a pbp_fx.distributed.Distributed): the metric's sums and counts are summed
+    over the ranks, so every rank gets the score of all shards (Distributed.loader(train=False)).
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # evaluation needs no gradient synchronisation
     was = model.training
     model.eval()
     total, count = 0.0, 0
@@ -75,6 +82,8 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None)
             total, count = total + s, count + n
     finally:
         model.train(was)
+    if distributed is not None:
+        total, count = distributed.all_reduce_sum([total, count])
     if count == 0:
         raise TrainingError("the evaluation dataset is empty: give it at least one sample")
     return total / count
@@ -91,39 +100,78 @@ def _check_loader(loader, what: str) -> None:
 
 def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = F.cross_entropy, *,
         controller: Optional[PhaseController] = None, epochs: int = 200,
-        lr: float = 1e-3, candidate_lr: float = 0.02,
+        lr: float = 1e-3, candidate_lr: Optional[float] = None,
         optimizer_factory: Optional[Callable] = None, candidate_optimizer_factory: Optional[Callable] = None,
         metric: Callable = accuracy, test_loader=None, device=None, progress: bool = True,
-        callbacks: Iterable[Callable[[dict], None]] = ()) -> History:
+        callbacks: Iterable[Callable[[dict], None]] = (), distributed=None) -> History:
     """Train `pm` with Perforated Backpropagation until the controller says COMPLETE.
 
     The optimizer is rebuilt from `optimizer_factory(params)` (default Adam(lr)) at every
-    restructure, and from `candidate_optimizer_factory` (default Adam(candidate_lr)) for
-    each dendrite phase. `test_loader`, when given, is evaluated every epoch for reporting
+    restructure, and from `candidate_optimizer_factory` (or Adam(candidate_lr); default:
+    the controller's) for each dendrite phase. `test_loader`, when given, is evaluated every epoch for reporting
     only. Each callback receives the epoch's history row.
+
+    distributed (a pbp_fx.distributed.Distributed; every rank calls fit): the model moves to
+    its device, trains through a DDP wrapper that the controller rebuilds with the
+    optimizer at every restructure, the loaders should come from Distributed.loader (each
+    rank must have as many training batches), scores and losses are summed over the ranks,
+    and every rank takes rank 0's decisions. A rank's error is reported by the others.
     """
     _check_loader(train_loader, "training")
     _check_loader(val_loader, "validation")
+    if distributed is not None and device is None:
+        device = distributed.device
+    if device is not None:
+        pm.to(device)  # before any DDP wrapper is built over the parameters
     if controller is None:
-        controller = PhaseController(pm)
+        controller = PhaseController(pm, distributed=distributed)
+    elif distributed is not None:
+        controller.distributed = distributed
     controller.optimizer_factory = controller.optimizer_factory or optimizer_factory or (
         lambda params: torch.optim.Adam(params, lr=lr))
-    controller.candidate_optimizer_factory = controller.candidate_optimizer_factory or \
-        candidate_optimizer_factory or (lambda params: torch.optim.Adam(params, lr=candidate_lr))
-    if controller.optimizer is None:
+    if candidate_optimizer_factory is not None:
+        controller.candidate_optimizer_factory = candidate_optimizer_factory
+    elif candidate_lr is not None:
+        controller.candidate_optimizer_factory = lambda params: torch.optim.Adam(params, lr=candidate_lr)
+    if controller._optimizer is None:
         controller._rebuild()
-    if device is not None:
-        pm.to(device)
+    elif distributed is not None:
+        controller._wrap()
     history = History()
-    bar = _progress(epochs, progress)
+    bar = _progress(epochs, progress and (distributed is None or distributed.is_main))
+    with distributed.guard() if distributed is not None else nullcontext():
+        if distributed is not None and _length(train_loader) is not None:
+            distributed.check_same("number of training batches", _length(train_loader))
+        _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epochs, metric, test_loader,
+              device, callbacks, distributed)
+    if bar is not None:
+        bar.close()
+    return history
+
+
+def _length(loader) -> Optional[int]:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epochs, metric, test_loader,
+          device, callbacks, distributed) -> None:
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         phase = pm.phase
-        train_loss = _train_epoch(pm, train_loader, loss_fn, controller.optimizer, device)
+        if distributed is not None and hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        train_loss = _train_epoch(controller.model, train_loader, loss_fn, controller.optimizer, device,
+                                  distributed, phase)
         if controller.scheduler is not None and phase == "neuron":
             controller.scheduler.step()
-        val = evaluate(pm, val_loader, metric, device)
-        test = evaluate(pm, test_loader, metric, device) if test_loader is not None else None
+        if distributed is not None:
+            distributed.sync_buffers(pm)  # rank 0's BatchNorm statistics: one model to evaluate
+        val = evaluate(pm, val_loader, metric, device, distributed=distributed)
+        test = (evaluate(pm, test_loader, metric, device, distributed=distributed)
+                if test_loader is not None else None)
         row = {"epoch": epoch, "phase": phase, "dendrites": controller._dendrites(),
                "train_loss": train_loss, "val": val, "test": test,
                "params": pm.num_parameters(), "seconds": time.perf_counter() - t0}
@@ -143,13 +191,12 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = F.cro
         if pm.phase == "dendrite":
             pm.abort_dendrite_phase()
         controller._restore_best()
-    if bar is not None:
-        bar.close()
-    return history
 
 
-def _train_epoch(pm, loader, loss_fn, optimizer, device) -> float:
+def _train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=None) -> float:
+    """One epoch; `pm` is the module to call (the model, or its DDP wrapper)."""
     pm.train()
+    phase = phase or getattr(pm, "phase", "")
     total, count = 0.0, 0
     for batch in loader:
         if device is not None:
@@ -157,13 +204,15 @@ def _train_epoch(pm, loader, loss_fn, optimizer, device) -> float:
         inputs, target = _split(batch)
         loss = loss_fn(pm(*inputs), target)
         if not torch.isfinite(loss):
-            raise TrainingError(f"the loss is {loss.item()} in the {pm.phase} phase: lower the learning rate "
+            raise TrainingError(f"the loss is {loss.item()} in the {phase} phase: lower the learning rate "
                                 "or check the data for NaN/Inf")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += float(loss.detach()) * target.shape[0]
         count += target.shape[0]
+    if distributed is not None:
+        total, count = distributed.all_reduce_sum([total, count])
     if count == 0:
         raise TrainingError("the training loader produced no batch: give the training dataset at least one sample")
     return total / count

@@ -106,6 +106,7 @@ def test_optimizer_factories_are_rebuilt_per_phase():
     assert made[-1] == "candidate"
     cand = {id(p) for p in pm.trainable_parameters()}
     assert {id(p) for g in ctl.optimizer.param_groups for p in g["params"]} == cand
+    assert isinstance(ctl.optimizer.current, torch.optim.Adam)
     _run(ctl, [0.5])
     assert made[-1] == "neuron"
 
