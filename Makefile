@@ -15,10 +15,13 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/pbp-fx train --out runs/demo
+	$(VENV)/bin/pbp-fx train --out runs/demo --max-dendrites 2
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests
 
 bench: setup
 	$(PY) bench/perforate_time.py
+	$(PY) bench/train_overhead.py
+	$(PY) bench/latency.py
+	$(PY) bench/accuracy.py
