@@ -51,8 +51,10 @@ def _split_state(prefix: str, state: dict, tensors: dict, plain: dict) -> None:
             plain[f"{prefix}{k}"] = v
 
 
-def _digest(tensors: dict) -> str:
+def _digest(tensors: dict, meta: dict) -> str:
+    """SHA-256 over every tensor's bytes and the metadata (without the digest itself)."""
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
     for k in sorted(tensors):
         t = tensors[k]
         h.update(k.encode())
@@ -97,7 +99,7 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
             _split_state(f"optim/{pid}/", st, tensors, plain)
         meta["optimizer"] = {"param_groups": osd["param_groups"]}
     meta["plain"] = plain
-    meta["sha256"] = _digest(tensors)
+    meta["sha256"] = _digest(tensors, meta)
     try:
         header = {"pbp_fx": json.dumps(meta)}
     except TypeError as exc:
@@ -120,10 +122,14 @@ def _read(path: str) -> tuple[dict, dict]:
                               "use an intact copy") from exc
     if "pbp_fx" not in header:
         raise CheckpointError(f"{path} is not a pbp-fx checkpoint (no pbp_fx metadata)")
-    meta = json.loads(header["pbp_fx"])
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    if _digest(tensors) != meta.get("sha256"):
+    try:
+        meta = json.loads(header["pbp_fx"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupted (unreadable metadata): use an intact copy") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path} has format {found!r}, expected {FORMAT!r}: not a checkpoint of this pbp-fx")
+    if _digest(tensors, meta) != meta.get("sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupted (checksum mismatch): use an intact copy")
     return meta, tensors
 
