@@ -256,6 +256,8 @@ def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: b
             program = torch.onnx.export(module, traced_inputs, dynamo=True, opset_version=opset,
                                         dynamic_shapes=shapes, output_names=names, verbose=False,
                                         optimize=True)
+    except ModuleNotFoundError as e:
+        raise ExportError(f"torch.onnx.export needs the package {e.name!r}: pip install {e.name}") from e
     except Exception as e:  # the exporter's errors are long reports: keep the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " (or pass dynamic_batch=False if the model fixes its batch size)" if dynamic_batch else ""

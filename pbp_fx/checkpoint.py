@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, NoSitesError
 from .perforated import PerforatedModel, perforate
 
 __all__ = ["save", "load", "atomic_write", "read_structure", "read_extra"]
@@ -180,8 +180,13 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
         if example_inputs is None:
             raise CheckpointError("load() onto a plain model needs example_inputs to trace it")
         names = [r["name"] for r in st["sites"]]
-        model = perforate(model, example_inputs, include=lambda n, m: n in names,
-                          activation=st["activation"], mode=st["mode"])
+        try:
+            model = perforate(model, example_inputs, include=lambda n, m: n in names,
+                              activation=st["activation"], mode=st["mode"])
+        except NoSitesError as exc:
+            raise CheckpointError(f"checkpoint {path} belongs to another model: none of its sites "
+                                  f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) exists here; "
+                                  "load it onto the model it was trained on") from exc
     pm = model
     _check_sites(pm, st, path)
     plain = meta.get("plain", {})
