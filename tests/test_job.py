@@ -12,7 +12,7 @@ from pbp_fx.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "models", "digits_mlp.py")
-FAST = ["--max-dendrites", "1", "--max-dendrite-epochs", "10", "--no-progress", "--seed", "0"]
+FAST = ["--max-dendrites", "1", "--max-dendrite-epochs", "10", "--patience", "10", "--no-progress", "--seed", "0"]
 
 
 def test_train_digits_adds_a_dendrite_and_writes_outputs(tmp_path, capsys):
