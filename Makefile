@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The pinned CPU wheel first: a bare `torch` requirement would pull the CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[ort,dev]'
+	$(PY) -m pip install -q -e '.[ort,dev,hf]'
 	touch $@
 
 .PHONY: setup demo test bench

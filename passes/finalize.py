@@ -4,22 +4,27 @@ Requires: a GraphModule from `insert_dendrites` (any phase; candidates are dropp
 Ensures: a new GraphModule (the input is not modified) in eval mode, with no Site,
 SwappedNeuron or candidate left: a site with K >= 1 dendrites is ONE `FusedSite` node whose
 weights are the neuron's and the dendrites' concatenated, norms folded; a site with K = 0 is
-the original neuron (and norm) nodes, untouched.
+the original neuron (and norm) nodes, untouched. Train/eval `ModeSwitch` nodes become their
+eval-mode ops (train-only updates go). A neuron weight stored [in, C] (`x @ W`) is fused
+transposed. A neuron weight the rest of the model still uses (tied weights: GPT-2's lm_head
+and its embedding) stays one tensor: the site becomes a `TiedFusedSite` that reads it.
 """
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import fx, nn
 
-from pbp_fx.layers import fold_norm
-from pbp_fx.site import FusedSite, Site, SwappedNeuron
+from pbp_fx.layers import fold_norm, stacked_apply
+from pbp_fx.site import ACTIVATIONS, FusedSite, Site, SwappedNeuron, _cascade, _weighted_sum
 
 from .insert_dendrites import SITES_ATTR
 from .patterns import attr_tensor
+from .train_eval import lower_to_eval
 
-__all__ = ["finalize", "fuse_site", "FUSED_ATTR"]
+__all__ = ["finalize", "fuse_site", "FUSED_ATTR", "TiedFusedSite"]
 
 FUSED_ATTR = "pbp_fused"
 
@@ -28,6 +33,8 @@ def _neuron_tensors(root: nn.Module, site: Site):
     """The neuron's eval-form weight and bias, its joined norm folded in."""
     spec = site.spec
     w = attr_tensor(root, spec.weight).detach()
+    if getattr(spec, "weight_transposed", False):
+        w = w.t()  # stored [in, C] for x @ W
     b = None if spec.bias is None else attr_tensor(root, spec.bias).detach()
     if spec.norm is not None:
         t = {k: (None if p is None else attr_tensor(root, p).detach()) for k, p in spec.norm_tensors.items()}
@@ -48,21 +55,59 @@ def fuse_site(site: Site, neuron_weight: torch.Tensor, neuron_bias) -> FusedSite
                      site.activation, site.name)
 
 
+class TiedFusedSite(FusedSite):
+    """A FusedSite whose neuron weight is a parameter shared with the rest of the model.
+
+    Holds the shared parameter itself (`neuron_weight`, read transposed when stored [in, C])
+    and the dendrites' rows (`dendrite_weight`, [K, C, ...]); `weight` is the concatenation
+    FusedSite has ([1+K, C, ...], built when read, e.g. by the ONNX exporter). The forward runs
+    the neuron and the dendrites as two layers, so no copy of the shared matrix is made.
+    """
+
+    def __init__(self, fused: FusedSite, neuron_weight: nn.Parameter, transposed: bool):
+        nn.Module.__init__(self)
+        self.layer, self.activation, self.name = fused.layer, fused.activation, fused.name
+        self.transposed = transposed
+        self.neuron_weight = neuron_weight
+        self.dendrite_weight = nn.Parameter(fused.weight[1:].detach().clone(), requires_grad=False)
+        self.bias = fused.bias
+        self.cascade, self.out_weight = fused.cascade, fused.out_weight
+
+    def _neuron(self) -> torch.Tensor:
+        return self.neuron_weight.t() if self.transposed else self.neuron_weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self._neuron().unsqueeze(0).to(self.dendrite_weight), self.dendrite_weight], 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias
+        n = self.layer.apply(x, self._neuron(), None if b is None else b[0])
+        pre = stacked_apply(self.layer, x, self.dendrite_weight, None if b is None else b[1:])
+        acts = _cascade(pre, self.cascade, ACTIVATIONS[self.activation], self.layer.axis)
+        return _weighted_sum(n, acts, self.out_weight, self.layer.axis)
+
+
 def _erase_if_dead(graph: fx.Graph, node) -> None:
     if isinstance(node, fx.Node) and not node.users and node.op in ("call_module", "call_function", "get_attr"):
         inputs = list(node.all_input_nodes)
         graph.erase_node(node)
         for i in inputs:
-            if i.op == "get_attr":
+            # the weights (get_attr) and what only reshapes them (a transpose for x @ W.t())
+            if i.op == "get_attr" or i.op == "call_function" and all(a.op == "get_attr" for a in i.all_input_nodes):
                 _erase_if_dead(graph, i)
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
-    gm = copy.deepcopy(gm)
+    with warnings.catch_warnings():  # copying a torch.export graph's input spec warns about LeafSpec
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        gm = copy.deepcopy(gm)
     gm.eval()
+    lower_to_eval(gm)
     graph = gm.graph
     fused_mods = nn.ModuleDict()
     gm.add_submodule(FUSED_ATTR, fused_mods)
+    neurons: dict[str, tuple] = {}  # fused key -> (neuron weight tensor, stored transposed, norm folded)
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
@@ -76,6 +121,8 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         key = node.target.rpartition(".")[2]  # the Site's own key: unique, unlike site_key(name)
         fused_mods[key] = fuse_site(site, *_neuron_tensors(gm, site))
+        neurons[key] = (attr_tensor(gm, site.spec.weight), bool(getattr(site.spec, "weight_transposed", False)),
+                        site.spec.norm is not None)
         with graph.inserting_after(node):
             new = graph.call_module(f"{FUSED_ATTR}.{key}", (x,))
         node.replace_all_uses_with(new)
@@ -103,8 +150,24 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
         delattr(gm, FUSED_ATTR)
     graph.lint()
     gm.delete_all_unused_submodules()
+    _retie(gm, fused_mods, neurons)
     gm.recompile()
     gm.eval()
     for p in gm.parameters():
         p.requires_grad_(False)
     return gm
+
+
+def _retie(gm: fx.GraphModule, fused_mods: nn.ModuleDict, neurons: dict) -> None:
+    """Sites whose neuron weight the finalized model still holds elsewhere read it, not a copy."""
+    if not neurons:
+        return
+    held = set()  # tensors the finalized graph reads outside the fused sites
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            held.add(id(attr_tensor(gm, node.target)))
+        elif node.op == "call_module" and not node.target.startswith(FUSED_ATTR + "."):
+            held.update(id(p) for p in gm.get_submodule(node.target).parameters())
+    for key, (w, transposed, folded) in neurons.items():
+        if id(w) in held and not folded and isinstance(w, nn.Parameter):
+            fused_mods[key] = TiedFusedSite(fused_mods[key], w, transposed)

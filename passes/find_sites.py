@@ -1,9 +1,12 @@
 """find_sites: decide which neurons get dendrites. Produces plain data, edits nothing.
 
 Requires: a GraphModule from `pbp_fx.trace` (shape metadata optional but used when present).
-Ensures: one SiteSpec per call of a Linear/Conv (module or functional with parameter
-weights; convs on batched inputs), in graph order, then one per Linear/Conv inside
-untraceable leaves (each neuron once, also when leaves nest).
+Ensures: one SiteSpec per call of a Linear/Conv (module, functional or ATen with parameter
+weights, `x @ W` products included; convs on batched inputs), in graph order, then one per
+Linear/Conv inside untraceable leaves (each neuron once, also when leaves nest). A functional
+site is named after the module that calls it when that module holds the weight (torch.export
+records it in `node.meta["nn_module_stack"]`; a tied weight keeps the caller's name), else
+after the weight's attribute path.
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ class SiteSpec:
     output_node: Optional[str] = None  # the norm node when a norm joins, else the neuron node
     norm_node: Optional[str] = None
     norm_tensors: dict = field(default_factory=dict)
+    weight_transposed: bool = False  # the weight parameter is stored [in, C] (x @ W): the neuron reads W.t()
+    input_index: int = 0  # position of x in the neuron node's args (1 for addmm)
+    input_name: str = "input"  # keyword of x in the neuron node's kwargs
 
     @property
     def in_leaf(self) -> bool:
@@ -84,6 +90,24 @@ def _owner(gm: nn.Module, path: str) -> Optional[nn.Module]:
         return None
 
 
+def _caller(gm: nn.Module, node: fx.Node, weight: str) -> Optional[str]:
+    """The innermost module calling `node` (nn_module_stack) when it holds the weight under
+    another path (a tied weight: GPT-2's lm_head reads the embedding matrix)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    if not isinstance(path, str) or not path or weight.startswith(path + "."):
+        return None
+    try:
+        owner = gm.get_submodule(path)
+        w = _owner(gm, weight)
+        held = getattr(w, weight.rpartition(".")[2], None) if w is not None else None
+    except AttributeError:
+        return None
+    return path if held is not None and any(p is held for p in owner.parameters(recurse=False)) else None
+
+
 def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilter = None) -> list[SiteSpec]:
     """List the neuron sites of `gm`. include/exclude take module types, qualified-name
     globs ("layer1.*") or callables `(name, module) -> bool`; exclude wins."""
@@ -93,11 +117,13 @@ def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilt
         match = match_neuron(node, gm)
         if match is None:
             continue
-        base = match.module or (match.weight[: -len(".weight")] if match.weight.endswith(".weight") else match.weight)
+        caller = None if match.module else _caller(gm, node, match.weight)
+        base = match.module or caller or (
+            match.weight[: -len(".weight")] if match.weight.endswith(".weight") else match.weight)
         i = uses.get(base, 0)
         uses[base] = i + 1
         name = base if i == 0 else f"{base}@{i}"
-        module = gm.get_submodule(match.module) if match.module else _owner(gm, match.weight)
+        module = gm.get_submodule(match.module or caller) if (match.module or caller) else _owner(gm, match.weight)
         if not selected(name, module, include, exclude):
             continue
         norm = match_norm(node, match.layer, gm)
@@ -106,7 +132,8 @@ def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilt
             module=match.module, weight=match.weight, bias=match.bias, neuron_node=node.name,
             input_node=match.input.name, output_node=(norm.node if norm else node).name,
             norm_node=None if norm is None else norm.node.name,
-            norm_tensors={} if norm is None else dict(norm.tensors)))
+            norm_tensors={} if norm is None else dict(norm.tensors),
+            weight_transposed=match.weight_transposed, input_index=match.input_index, input_name=match.input_name))
     untraceable = gm.meta.get("pbp_untraceable", [])
     for leaf in untraceable:
         # A leaf inside another untraceable leaf: its neurons are found through the outer one.

@@ -55,7 +55,7 @@ def insert_dendrites(gm: fx.GraphModule, specs: Iterable[SiteSpec], activation: 
         sites[key] = site
         # The neuron's current input, not spec.input_node: when that node is an upstream site's
         # output, the upstream Site has taken over its uses and the dendrites must see the same x.
-        out, x = nodes[spec.output_node], _arg(nodes[spec.neuron_node], 0, "input")
+        out, x = nodes[spec.output_node], _arg(nodes[spec.neuron_node], spec.input_index, spec.input_name)
         with gm.graph.inserting_after(out):
             new = gm.graph.call_module(f"{SITES_ATTR}.{key}", (x, out))
         out.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)

@@ -2,9 +2,18 @@
 
 Each rule is a small function `node, gm -> match | None`; `find_sites` tries them in order.
 Only recognition lives here: no graph is edited.
+
+Neurons: `call_module` Linear/ConvNd; functional F.linear / F.convNd and their ATen forms
+(aten.linear, aten.conv1d/2d/3d, aten.convolution, as torch.export writes them), and
+matrix products with a parameter on the right, `x @ W` (aten.mm / aten.matmul / aten.addmm,
+torch.mm / torch.matmul / torch.addmm / `@`): a Linear whose weight is stored transposed,
+[in, C] (Hugging Face's GPT-2 Conv1D). Weights are parameters reached by `get_attr`, possibly
+through a 2-D transpose. Norms: BatchNorm (module, F.batch_norm, aten.batch_norm), also
+behind a train/eval `ModeSwitch`, joining when its eval form uses running statistics.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +33,9 @@ class NeuronMatch:
     module: Optional[str]  # call_module target; None for the functional form
     weight: str  # attribute path of the weight parameter
     bias: Optional[str]
+    weight_transposed: bool = False  # the parameter is stored [in, C]: the neuron weight is its .t()
+    input_index: int = 0  # where the neuron's input x sits in the node's args
+    input_name: str = "input"  # ... or its keyword
 
 
 @dataclass
@@ -34,9 +46,25 @@ class NormMatch:
     tensors: dict  # running_mean / running_var / weight / bias -> attribute path (or None)
 
 
+_aten = torch.ops.aten
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
+                   _aten.conv1d.default: 1, _aten.conv2d.default: 2, _aten.conv3d.default: 3,
+                   _aten.conv1d.padding: 1, _aten.conv2d.padding: 2, _aten.conv3d.padding: 3}
+_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, _aten.linear.default}
+# x @ W with W a parameter [in, C]: (input index, input keyword, weight index, weight keyword)
+_MATMUL_FUNCTIONS = {_aten.mm.default: (0, "self", 1, "mat2"), _aten.matmul.default: (0, "self", 1, "other"),
+                     torch.mm: (0, "input", 1, "mat2"), torch.matmul: (0, "input", 1, "other"),
+                     operator.matmul: (0, "a", 1, "b")}
+_ADDMM_FUNCTIONS = {_aten.addmm.default: ("self", "mat1", "mat2"), torch.addmm: ("input", "mat1", "mat2")}
+_BATCH_NORM_FUNCTIONS = {
+    # target: argument positions of input, running_mean, running_var, weight, bias, training, momentum, eps
+    F.batch_norm: {"input": 0, "running_mean": 1, "running_var": 2, "weight": 3, "bias": 4, "training": 5,
+                   "momentum": 6, "eps": 7},
+    _aten.batch_norm.default: {"input": 0, "weight": 1, "bias": 2, "running_mean": 3, "running_var": 4,
+                               "training": 5, "momentum": 6, "eps": 7},
+}
+_BATCH_NORM_DEFAULTS = {"training": False, "momentum": 0.1, "eps": 1e-5}
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -54,6 +82,38 @@ def _param_path(gm: fx.GraphModule, arg) -> Optional[str]:
     except AttributeError:
         return None
     return arg.target if isinstance(t, nn.Parameter) else None
+
+
+def _is_transpose_2d(node) -> bool:
+    """A node computing the 2-D transpose of its first argument."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return False
+    if node.op == "call_function":
+        t = node.target
+        if t in (_aten.t.default, torch.t, _aten.numpy_T.default):
+            return True
+        if t in (_aten.transpose.int, torch.transpose):
+            return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1] if len(node.args) >= 3 else False
+        if t in (_aten.permute.default, torch.permute):
+            return len(node.args) >= 2 and list(node.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0])
+    if node.op == "call_method":
+        if node.target == "t":
+            return True
+        if node.target == "transpose" and len(node.args) >= 3:
+            return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
+    return False
+
+
+def _weight_ref(gm: fx.GraphModule, arg) -> Optional[tuple[str, bool]]:
+    """(attribute path of the weight parameter, whether the node reads it through a 2-D transpose)."""
+    path = _param_path(gm, arg)
+    if path is not None:
+        return path, False
+    if _is_transpose_2d(arg):
+        inner = _param_path(gm, arg.args[0])
+        if inner is not None and gm.get_parameter(inner).dim() == 2:
+            return inner, True
+    return None
 
 
 def _tensor_path(gm: fx.GraphModule, arg) -> Optional[str]:
@@ -95,14 +155,57 @@ def linear_or_conv_module(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronM
 def functional_linear(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
     if node.op != "call_function" or node.target not in _LINEAR_FUNCTIONS:
         return None
-    weight = _param_path(gm, _arg(node, 1, "weight"))
+    ref = _weight_ref(gm, _arg(node, 1, "weight"))
     b = _arg(node, 2, "bias")
     bias = _param_path(gm, b)
-    if weight is None or (b is not None and bias is None):
+    if ref is None or (b is not None and bias is None) or not isinstance(_arg(node, 0, "input"), fx.Node):
         return None
-    w = gm.get_parameter(weight)
-    return NeuronMatch(LayerSpec("linear", tuple(w.shape), bias is not None), _arg(node, 0, "input"),
-                       None, weight, bias)
+    weight, transposed = ref
+    shape = tuple(gm.get_parameter(weight).shape)
+    if len(shape) != 2:
+        return None
+    shape = shape[::-1] if transposed else shape
+    return NeuronMatch(LayerSpec("linear", shape, bias is not None), _arg(node, 0, "input"),
+                       None, weight, bias, weight_transposed=transposed)
+
+
+def _product(gm: fx.GraphModule, x, w, b, node: fx.Node, index: int, name: str) -> Optional[NeuronMatch]:
+    """x @ W (+ b) as a Linear: W is [in, C] (or W.t() of a [C, in] parameter), b a [C] parameter."""
+    if not isinstance(x, fx.Node) or _param_path(gm, x) is not None:
+        return None
+    ref = _weight_ref(gm, w)
+    if ref is None:
+        return None
+    weight, read_transposed = ref
+    p = gm.get_parameter(weight)
+    if p.dim() != 2:
+        return None
+    stored_transposed = not read_transposed  # x @ W reads W as [in, C]
+    channels = p.shape[1] if stored_transposed else p.shape[0]
+    fan_in = p.shape[0] if stored_transposed else p.shape[1]
+    bias = None
+    if b is not None:
+        bias = _param_path(gm, b)
+        if bias is None or tuple(gm.get_parameter(bias).shape) != (channels,):
+            return None
+    return NeuronMatch(LayerSpec("linear", (int(channels), int(fan_in)), bias is not None), x, None, weight, bias,
+                       weight_transposed=stored_transposed, input_index=index, input_name=name)
+
+
+def functional_matmul(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
+    if node.op != "call_function" or node.target not in _MATMUL_FUNCTIONS:
+        return None
+    xi, xn, wi, wn = _MATMUL_FUNCTIONS[node.target]
+    return _product(gm, _arg(node, xi, xn), _arg(node, wi, wn), None, node, xi, xn)
+
+
+def functional_addmm(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
+    if node.op != "call_function" or node.target not in _ADDMM_FUNCTIONS:
+        return None
+    bn, xn, wn = _ADDMM_FUNCTIONS[node.target]
+    if _arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1:
+        return None
+    return _product(gm, _arg(node, 1, xn), _arg(node, 2, wn), _arg(node, 0, bn), node, 1, xn)
 
 
 def functional_conv(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
@@ -128,7 +231,28 @@ def functional_conv(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
     return NeuronMatch(layer, _arg(node, 0, "input"), None, weight, bias)
 
 
-NEURON_RULES = [linear_or_conv_module, functional_linear, functional_conv]
+def aten_convolution(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
+    """aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)."""
+    if node.op != "call_function" or node.target is not _aten.convolution.default or len(node.args) < 9:
+        return None
+    x, w_arg, b, stride, padding, dilation, transposed, _, groups = node.args[:9]
+    weight = _param_path(gm, w_arg)
+    bias = _param_path(gm, b)
+    if weight is None or (b is not None and bias is None) or transposed or not isinstance(x, fx.Node):
+        return None
+    w = gm.get_parameter(weight)
+    d = w.dim() - 2
+    if d not in (1, 2, 3) or _unbatched(node, d):
+        return None
+    if any(isinstance(v, fx.Node) for v in (stride, padding, dilation, groups)):
+        return None
+    layer = LayerSpec(f"conv{d}d", tuple(w.shape), bias is not None, _ntuple(stride, d), _ntuple(padding, d),
+                      _ntuple(dilation, d), int(groups))
+    return NeuronMatch(layer, x, None, weight, bias)
+
+
+NEURON_RULES = [linear_or_conv_module, functional_linear, functional_conv, aten_convolution,
+                functional_matmul, functional_addmm]
 
 
 def match_neuron(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
@@ -165,22 +289,44 @@ def batch_norm_module(neuron: fx.Node, user: fx.Node, layer: LayerSpec, gm) -> O
     return NormMatch(NormSpec.from_module(m), user, user.target, t)
 
 
+def eval_call(node: fx.Node, gm) -> Optional[tuple]:
+    """(target, args, kwargs) of what `node` computes in eval mode: a call_function as it is,
+    a train/eval ModeSwitch by its eval form (None for anything else)."""
+    if node.op == "call_function":
+        return node.target, node.args, dict(node.kwargs)
+    if node.op == "call_module":
+        from .train_eval import ModeSwitch
+
+        m = gm.get_submodule(node.target)
+        if isinstance(m, ModeSwitch) and m.kind == "call_function":
+            form = m.bound_form(node, training=False)
+            return None if form is None else (m.target, form[0], form[1])
+    return None
+
+
 def functional_batch_norm(neuron: fx.Node, user: fx.Node, layer: LayerSpec, gm) -> Optional[NormMatch]:
-    if user.op != "call_function" or user.target is not F.batch_norm or _arg(user, 0, "input") is not neuron:
+    """F.batch_norm / aten.batch_norm (also behind a ModeSwitch) with running statistics in eval form."""
+    call = eval_call(user, gm)
+    if call is None or call[0] not in _BATCH_NORM_FUNCTIONS:
         return None
-    if _arg(user, 5, "training", False) is not False:
+    target, args, kwargs = call
+    pos = _BATCH_NORM_FUNCTIONS[target]
+
+    def get(name):
+        i = pos[name]
+        return args[i] if len(args) > i else kwargs.get(name, _BATCH_NORM_DEFAULTS.get(name))
+
+    if get("input") is not neuron or get("training") is not False:
         return None  # batch statistics at eval time do not fold
-    t = {k: _tensor_path(gm, _arg(user, i, k)) for i, k in
-         ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))}
+    raw = {k: get(k) for k in ("running_mean", "running_var", "weight", "bias")}
+    t = {k: _tensor_path(gm, v) for k, v in raw.items()}
     if t["running_mean"] is None or t["running_var"] is None:
         return None
-    if (_arg(user, 3, "weight") is not None and t["weight"] is None) or \
-            (_arg(user, 4, "bias") is not None and t["bias"] is None):
+    if (raw["weight"] is not None and t["weight"] is None) or (raw["bias"] is not None and t["bias"] is None):
         return None
     if not _norm_fits(neuron, layer, attr_tensor(gm, t["running_mean"]).numel()):
         return None
-    spec = NormSpec(float(_arg(user, 7, "eps", 1e-5)), _arg(user, 6, "momentum", 0.1),
-                    t["weight"] is not None)
+    spec = NormSpec(float(get("eps")), get("momentum"), t["weight"] is not None)
     return NormMatch(spec, user, None, t)
 
 

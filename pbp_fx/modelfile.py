@@ -2,6 +2,10 @@
 
     mod = load_model_file("model.py")          # imports it, checks the contract
     model, inputs = instantiate(mod)           # calls build_model() and example_inputs()
+    kwargs = example_kwargs(mod)               # optional example_kwargs() -> dict, else {}
+
+A model that takes keyword inputs (Hugging Face: `input_ids=..., attention_mask=...`) defines
+`example_kwargs()` returning them as a dict; `example_inputs()` may then return `()`.
 
 Every failure is a `ModelFileError` with a one-line message naming the file and the problem.
 Optional names a model file may define (TASK, loss_fn, datasets) are read by their users.
@@ -19,7 +23,7 @@ from torch import nn
 
 from .errors import ModelFileError
 
-__all__ = ["load_model_file", "instantiate", "REQUIRED"]
+__all__ = ["load_model_file", "instantiate", "example_kwargs", "REQUIRED"]
 
 REQUIRED = ("build_model", "example_inputs")
 
@@ -91,3 +95,23 @@ def instantiate(mod: ModuleType) -> tuple[nn.Module, tuple]:
     if not isinstance(inputs, (tuple, list)):
         raise ModelFileError(f"example_inputs() in {where!r} returned {type(inputs).__name__}, not a tuple of inputs")
     return model, tuple(inputs)
+
+
+def example_kwargs(mod: ModuleType) -> dict:
+    """The file's optional `example_kwargs()` (keyword example inputs), or {} when it has none."""
+    where = getattr(mod, "__file__", None) or mod.__name__
+    fn = getattr(mod, "example_kwargs", None)
+    if fn is None:
+        return {}
+    if not callable(fn):
+        raise ModelFileError(f"example_kwargs in {where!r} is not a function: define example_kwargs() -> dict")
+    try:
+        kwargs = fn()
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"example_kwargs() in {where!r} raised {type(exc).__name__}: {_first_line(exc)}") from exc
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ModelFileError(f"example_kwargs() in {where!r} returned {type(kwargs).__name__}, "
+                             "not a dict of keyword inputs")
+    return dict(kwargs)

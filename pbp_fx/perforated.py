@@ -179,12 +179,18 @@ class PerforatedModel(nn.Module):
         return f"mode={self.mode!r}, activation={self.activation!r}, phase={self.phase!r}, sites={len(self.sites)}"
 
 
-def perforate(model: nn.Module, example_inputs, include=None, exclude=None,
-              activation: str = "sigmoid", mode: str = "pb") -> PerforatedModel:
+def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
+              activation: str = "sigmoid", mode: str = "pb", *, example_kwargs: Optional[dict] = None,
+              frontend: str = "auto", dynamic: bool = True) -> PerforatedModel:
     """Trace a copy of `model`, find its neuron sites and insert dendrite sites (K = 0).
 
-    Right after this the perforated model computes exactly what `model` computes.
+    Right after this the perforated model computes exactly what `model` computes, and is
+    called like it: the same positional and keyword inputs, the same output structure.
     include/exclude: module types, qualified-name globs ("layer1.*") or `(name, module) -> bool`.
+    example_inputs / example_kwargs: positional (a tensor or a tuple) and keyword example
+    inputs (`example_kwargs={"input_ids": ids, "attention_mask": mask}`).
+    frontend: "auto" (symbolic tracing, else torch.export), "fx" or "export"; which one was
+    used is in `pm.graph_module.meta["pbp_frontend"]`. dynamic: export with dynamic shapes.
     """
     from pbp_fx.passes import find_sites, insert_dendrites
 
@@ -195,7 +201,7 @@ def perforate(model: nn.Module, example_inputs, include=None, exclude=None,
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     model = copy.deepcopy(model)
-    gm = trace(model, example_inputs)
+    gm = trace(model, example_inputs, example_kwargs, frontend=frontend, dynamic=dynamic)
     specs = find_sites(gm, include, exclude)
     if not specs:
         raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__} "

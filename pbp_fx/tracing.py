@@ -1,18 +1,40 @@
-"""Tracing: torch.fx symbolic tracing with a leaf policy for untraceable submodules.
+"""Tracing: a model into a GraphModule, by symbolic tracing or by torch.export.
 
-A submodule whose forward cannot be traced (data-dependent control flow and the like) is
-retried as a leaf: it stays one `call_module` node, and `perforate` reaches the neurons
-inside it by module swapping. When the failing code is the root's own forward, nothing
-can be isolated and `TraceError` names the module and the line.
+Two frontends:
+
+- "fx": `torch.fx` symbolic tracing with a leaf policy. A submodule whose forward cannot be
+  traced (data-dependent control flow and the like) is retried as a leaf: it stays one
+  `call_module` node, and `perforate` reaches the neurons inside it by module swapping.
+  When the failing code is the root's own forward, nothing can be isolated.
+- "export": `torch.export.export(..., strict=False)` on the example inputs (positional and
+  keyword), unlifted into a GraphModule whose parameters are `get_attr` nodes on the model's
+  own submodules. ATen-level graph; shapes dynamic where the model allows (every dimension of
+  every tensor input, `torch.export.Dim.AUTO`), static otherwise. Called like the model:
+  same keyword inputs, same output structure (tuples, dicts, Hugging Face ModelOutput).
+- "auto" (the default): fx, then export when fx cannot trace the model (or traces it into a
+  graph the example inputs do not run through). Modern Hugging Face models take this path.
+
+Both frontends capture the model in train and in eval mode and merge the two
+(`pbp_fx.passes.train_eval`): dropout, batch norm and attention dropout then follow
+`.train()` / `.eval()` like the original model. `gm.meta` records what happened:
+
+    pbp_frontend   "fx" | "export"            which frontend made the graph
+    pbp_fx_error   why fx was not used (auto)  or absent
+    pbp_modes      "train+eval" | "train" | "eval": the captures the graph follows
+    pbp_dynamic    export: "auto" (dynamic dims) | "static"
+    pbp_leaves / pbp_untraceable               fx: leaf modules / those isolated
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
+import logging
 import os
 import sys
 import traceback
-from typing import Iterable, Optional
+import warnings
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import fx, nn
@@ -20,7 +42,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
 
-__all__ = ["PBTracer", "trace", "TraceError"]
+__all__ = ["PBTracer", "trace", "propagate_shapes", "TraceError", "FRONTENDS"]
+
+log = logging.getLogger(__name__)
+
+FRONTENDS = ("auto", "fx", "export")
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,9 +62,11 @@ class PBTracer(fx.Tracer):
         self.failed_module: Optional[str] = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from pbp_fx.passes.train_eval import ModeSwitch
+
         from .site import FusedSite, Site, SwappedNeuron
 
-        if qualname in self.leaves or isinstance(m, (Site, FusedSite, SwappedNeuron)):
+        if qualname in self.leaves or isinstance(m, (Site, FusedSite, SwappedNeuron, ModeSwitch)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -64,16 +92,29 @@ def _reason(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def trace(model: nn.Module, example_inputs: Optional[tuple] = None, *,
-          leaves: Iterable[str] = (), max_leaves: int = 64) -> fx.GraphModule:
-    """Symbolically trace `model` into a GraphModule that shares its submodules.
+def _as_args(example_inputs) -> Optional[tuple]:
+    if example_inputs is None:
+        return None
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
-    Untraceable submodules become leaves (listed in `gm.meta["pbp_leaves"]`). With
-    `example_inputs`, shapes are propagated into `node.meta["tensor_meta"]` (the model's
-    train/eval state and buffers are left as they were).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
+
+@contextlib.contextmanager
+def _modes(model: nn.Module, training: Optional[bool]):
+    """Run a block with the whole model in train (True) / eval (False) mode, or as it is (None);
+    every module's own mode is restored afterwards."""
+    saved = {m: m.training for m in model.modules()}
+    try:
+        if training is not None:
+            model.train(training)
+        yield
+    finally:
+        for m, t in saved.items():
+            m.train(t)
+
+
+# -- the fx frontend ------------------------------------------------------------------------------
+
+def _fx_capture(model: nn.Module, leaves: set, max_leaves: int) -> fx.GraphModule:
     leaves = set(leaves)
     added: list[str] = []
     while True:
@@ -95,10 +136,251 @@ def trace(model: nn.Module, example_inputs: Optional[tuple] = None, *,
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["pbp_leaves"] = sorted(leaves)
     gm.meta["pbp_untraceable"] = list(added)
-    if example_inputs is not None:
-        propagate_shapes(gm, example_inputs)
     return gm
 
+
+def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int) -> fx.GraphModule:
+    primary = model.training
+    gm = _fx_capture(model, set(leaves), max_leaves)  # as the model is: today's graph
+    # fx stores tensor constants on the traced root: the second capture's copies go again.
+    before = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
+    try:
+        with _modes(model, not primary):
+            other = _fx_capture(model, set(gm.meta["pbp_leaves"]), 0)
+    except TraceError:
+        other = None
+    merged = _merge(gm, other, primary, type(model).__name__)
+    for name in set(model.__dict__) | set(model._buffers):
+        if name not in before and name.startswith("_tensor_constant"):
+            delattr(model, name)
+    return merged
+
+
+# -- the export frontend --------------------------------------------------------------------------
+
+def _ordered_kwargs(model: nn.Module, kwargs: dict) -> dict:
+    """Keyword inputs in the order of the forward signature (positional calls then bind right)."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    order = {n: i for i, n in enumerate(names)}
+    return dict(sorted(kwargs.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def _export_inputs(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool):
+    """(args, kwargs, dynamic_shapes) for torch.export: every dim of every tensor Dim.AUTO.
+
+    A batch of 1 everywhere is repeated to 2 first: export specialises sizes 0 and 1."""
+    from torch.utils import _pytree as pytree
+
+    if not dynamic:
+        return args, kwargs, None
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if tensors and all(t.shape[0] == 1 for t in tensors):
+        grow = lambda t: t.expand(2, *t.shape[1:]).clone() if isinstance(t, torch.Tensor) and t.dim() > 0 else t  # noqa: E731
+        args, kwargs = pytree.tree_map(grow, (args, kwargs))
+    auto = torch.export.Dim.AUTO
+    spec = lambda v: pytree.tree_map(  # noqa: E731
+        lambda t: {d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) else None, v)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return args, kwargs, None
+    shapes = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(spec(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {k: spec(v) for k, v in value.items()}
+        else:
+            shapes[name] = spec(value)
+    return args, kwargs, shapes
+
+
+def _resolve(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _rehome(un: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """A plain GraphModule over the exported graph whose `get_attr`s reach the model's own submodules.
+
+    Export unlifts parameters into bare containers; putting the model's children back (they
+    hold the very same tensors) keeps module types for include/exclude and real module paths.
+    No input-checking hooks: the forward binds positional and keyword inputs like the model's."""
+    gm = fx.GraphModule(un, un.graph, type(model).__name__)
+    targets = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    for name, child in model.named_children():
+        if not isinstance(getattr(gm, name, None), nn.Module) or name == "_guards_fn":
+            continue
+        prefix = name + "."
+        if all(_resolve(child, t[len(prefix):]) is _resolve(gm, t) for t in targets if t.startswith(prefix)):
+            setattr(gm, name, child)
+    for name in getattr(model, "_non_persistent_buffers_set", ()):
+        if name in gm._buffers:
+            gm._non_persistent_buffers_set.add(name)
+    for node in gm.graph.nodes:  # fake values (and their provenance) are heavy to copy: shapes come from ShapeProp
+        for key in ("val", "from_node", "tensor_meta", "example_value", "unbacked_bindings"):
+            node.meta.pop(key, None)
+    return gm
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """torch.export logs guard diagnostics and whole graphs on failures: errors are ours to report."""
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.split(".")[0] == "torch"]
+    loggers.append(logging.getLogger("torch"))
+    levels = [lg.level for lg in loggers]
+    err = io.StringIO()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), contextlib.redirect_stderr(err):
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    a, k, shapes = _export_inputs(model, args, kwargs, dynamic)
+    with _quiet_export():
+        ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
+        return _rehome(ep.module(), model)
+
+
+def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    kwargs = _ordered_kwargs(model, kwargs)
+    primary = model.training
+    used = dynamic
+    try:
+        gm = _export_capture(model, args, kwargs, dynamic)
+    except Exception as exc:  # noqa: BLE001
+        if not dynamic:
+            raise TraceError(f"torch.export cannot export {type(model).__name__} ({_reason(exc)}) "
+                             f"at {_user_frame(exc)}") from exc
+        log.info("trace: dynamic shapes failed (%s); exporting with static shapes", _reason(exc))
+        used = False
+        try:
+            gm = _export_capture(model, args, kwargs, False)
+        except Exception as exc2:  # noqa: BLE001
+            raise TraceError(f"torch.export cannot export {type(model).__name__} ({_reason(exc2)}) "
+                             f"at {_user_frame(exc2)}") from exc2
+    try:
+        with _modes(model, not primary):
+            other = _export_capture(model, args, kwargs, used)
+    except Exception as exc:  # noqa: BLE001
+        log.info("trace: the %s-mode export failed: %s", "eval" if primary else "train", _reason(exc))
+        other = None
+    gm = _merge(gm, other, primary, type(model).__name__)
+    gm.meta["pbp_dynamic"] = "auto" if used else "static"
+    gm.meta["pbp_leaves"] = []
+    gm.meta["pbp_untraceable"] = []
+    return gm
+
+
+# -- both frontends ---------------------------------------------------------------------------------
+
+def _merge(primary_gm: fx.GraphModule, other: Optional[fx.GraphModule], primary: bool, name: str) -> fx.GraphModule:
+    """One graph following the mode, from the capture in the model's mode and one in the other."""
+    from pbp_fx.passes.train_eval import MODES_ATTR, merge_train_eval
+
+    meta = dict(primary_gm.meta)
+    merged = None
+    if other is not None:
+        train_gm, eval_gm = (primary_gm, other) if primary else (other, primary_gm)
+        merged = merge_train_eval(train_gm, eval_gm, training=primary)
+    if merged is None:
+        mode, other_mode = ("train", "eval") if primary else ("eval", "train")
+        why = "cannot be captured" if other is None else "takes another path (not only dropout / batch norm)"
+        warnings.warn(
+            f"{name} {why} in {other_mode} mode: the graph follows {mode} mode whatever .train()/.eval() say; "
+            f"trace the model in the mode you will use it in", stacklevel=4)
+        primary_gm.meta["pbp_modes"] = mode
+        return primary_gm
+    if not hasattr(merged, MODES_ATTR):
+        merged = primary_gm  # the two captures are the same graph
+    merged.meta.update(meta)
+    merged.meta["pbp_modes"] = "train+eval"
+    return merged
+
+
+def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs: Optional[dict] = None, *,
+          frontend: str = "auto", leaves: Iterable[str] = (), max_leaves: int = 64,
+          dynamic: bool = True) -> fx.GraphModule:
+    """Trace `model` into a GraphModule that shares its parameters (and, with fx, its submodules).
+
+    example_inputs: a tensor or tuple of positional inputs; example_kwargs: keyword inputs
+    (`input_ids=..., attention_mask=...`). With them, shapes are propagated into
+    `node.meta["tensor_meta"]` (modes and buffers are left as they were).
+    frontend: "auto" (fx, then torch.export), "fx" or "export" (needs the example inputs).
+    leaves / max_leaves: fx leaf policy. dynamic: export with dynamic dimensions.
+    The model's train/eval state and its buffers are left as they were.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
+    if frontend not in FRONTENDS:
+        raise ValueError(f"frontend={frontend!r}: use one of {', '.join(FRONTENDS)}")
+    args = _as_args(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    if args is None and kwargs:
+        args = ()
+    if frontend == "export" and args is None:
+        raise TraceError("frontend='export' needs example inputs: pass example_inputs and/or example_kwargs")
+    fx_error: Optional[TraceError] = None
+    shape_error: Optional[TraceError] = None
+    if frontend in ("fx", "auto"):
+        try:
+            gm = _trace_fx(model, leaves, max_leaves)
+        except TraceError as exc:
+            if frontend == "fx" or args is None:
+                raise
+            fx_error = exc
+        else:
+            gm.meta["pbp_frontend"] = "fx"
+            log.info("trace: %s traced with fx (symbolic tracing)", type(model).__name__)
+            if args is None:
+                return gm
+            try:
+                propagate_shapes(gm, args, kwargs)
+                return gm
+            except TraceError as exc:
+                if frontend == "fx":
+                    raise
+                shape_error = exc
+    try:
+        gm = _trace_export(model, args, kwargs, dynamic)
+    except TraceError as exc:
+        if shape_error is not None:
+            raise shape_error from None
+        if fx_error is not None:
+            raise TraceError(f"{fx_error}; torch.export failed too: {exc}") from fx_error
+        raise
+    gm.meta["pbp_frontend"] = "export"
+    if fx_error is not None or shape_error is not None:
+        why = str(fx_error or shape_error)
+        gm.meta["pbp_fx_error"] = why
+        log.info("trace: %s: symbolic tracing failed (%s); traced with torch.export", type(model).__name__, why)
+    else:
+        log.info("trace: %s traced with torch.export", type(model).__name__)
+    try:
+        propagate_shapes(gm, args, kwargs)
+    except TraceError:
+        if shape_error is not None:
+            raise shape_error from None
+        raise
+    return gm
+
+
+# -- shapes ----------------------------------------------------------------------------------------
 
 class _ShapeProp(ShapeProp):
     """ShapeProp that remembers the node it is running (to name it in errors)."""
@@ -110,19 +392,66 @@ class _ShapeProp(ShapeProp):
         return super().run_node(n)
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The example inputs as the graph's placeholders take them."""
+    codegen = gm.graph._codegen
+    if isinstance(codegen, fx.graph._PyTreeCodeGen) and codegen.pytree_info.in_spec is not None:
+        return _pytree_inputs(gm, codegen.pytree_info, args, kwargs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat, used = [], set()
+    for i, p in enumerate(placeholders):
+        name = str(p.target).lstrip("*")
+        if i < len(args):
+            flat.append(args[i])
+        elif name in kwargs:
+            flat.append(kwargs[name])
+            used.add(name)
+        elif p.args:
+            flat.append(p.args[0])
+        else:
+            raise TraceError(f"example inputs do not run through the model: no value for its input {name!r}")
+    extra = sorted(set(kwargs) - used)
+    if extra or len(args) > len(placeholders):
+        what = f"keyword input(s) {extra}" if extra else f"{len(args)} positional inputs"
+        raise TraceError(f"example inputs do not run through the model: it takes no {what}")
+    return flat
+
+
+def _pytree_inputs(gm: fx.GraphModule, info, args: tuple, kwargs: dict) -> list:
+    """Flatten inputs like the pytree codegen's forward does (torch.fx.graph._PyTreeCodeGen)."""
+    from torch.fx._pytree import tree_flatten_spec
+
+    try:
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TraceError(f"example inputs do not run through the model: {exc} "
+                         f"(the graph takes {', '.join(info.orig_args)})") from exc
+    values = [bound.arguments[n] for n in info.orig_args if n in bound.arguments]
+    spec = info.in_spec
+    if spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple and spec.child(1).type is dict:
+        count = spec.child(0).num_children
+        tree = (list(values[:count]), dict(zip(spec.child(1).context, values[count:])))
+    else:
+        tree = list(values)
+    return list(tree_flatten_spec(tree, spec))
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs, example_kwargs: Optional[dict] = None) -> None:
     """Record tensor shapes in node.meta without changing any module state."""
-    if not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
+    args = _as_args(example_inputs) or ()
+    kwargs = dict(example_kwargs or {})
     modes = {m: m.training for m in gm.modules()}
     buffers = {name: b.detach().clone() for name, b in gm.named_buffers()}
     prop = _ShapeProp(gm)
     # ShapeProp prints a traceback to stderr before it raises: keep stderr until we know.
     err = io.StringIO()
     try:
+        flat = _flat_inputs(gm, args, kwargs)
         gm.eval()
         with torch.no_grad(), contextlib.redirect_stderr(err):
-            prop.propagate(*example_inputs)
+            prop.propagate(*flat)
+    except TraceError:
+        raise
     except Exception as exc:  # noqa: BLE001
         cause = exc.__cause__ if exc.__cause__ is not None and "ShapeProp" in str(exc) else exc
         n = prop.node

@@ -160,3 +160,106 @@ def test_pbp_modules_are_leaves():
     assert tracer.is_leaf_module(nn.Linear(2, 2), "fc")  # torch.nn modules as usual
     assert not tracer.is_leaf_module(WithBranchy(), "m")
     assert PBTracer(["m"]).is_leaf_module(WithBranchy(), "m")
+
+
+# -- frontends: fx, torch.export, auto ------------------------------------------------------------
+
+class ShapeBranch(nn.Module):
+    """fx cannot branch on x.dim() (a Proxy); torch.export sees the real number."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.mean(1)
+        return self.fc(x)
+
+
+class KwOut(nn.Module):
+    """Keyword inputs (one optional) and a structured output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x, mask=None, scale: float = 1.0):
+        h = torch.relu(self.a(x))
+        if mask is not None:
+            h = h * mask
+        return {"logits": self.b(h) * scale, "hidden": (h,)}
+
+
+def test_auto_uses_fx_when_it_traces():
+    gm = trace(WithBranchy(), (torch.randn(2, 3),))
+    assert gm.meta["pbp_frontend"] == "fx" and "pbp_fx_error" not in gm.meta
+
+
+def test_auto_falls_back_to_torch_export_and_says_why(pb, caplog):
+    m, x = ShapeBranch(), torch.randn(2, 6, 4)
+    with pytest.raises(pbp_fx.TraceError, match="cannot trace ShapeBranch.forward"):
+        trace(m, (x,), frontend="fx")
+    with caplog.at_level("INFO", logger="pbp_fx.tracing"):
+        gm = trace(m, (x,))
+    assert gm.meta["pbp_frontend"] == "export" and "cannot trace" in gm.meta["pbp_fx_error"]
+    assert any("traced with torch.export" in r.getMessage() for r in caplog.records)
+    assert gm.meta["pbp_dynamic"] == "auto"
+    for shape in [(2, 6, 4), (5, 3, 4), (1, 9, 4)]:  # dynamic batch and sequence
+        y = torch.randn(*shape)
+        assert pb.max_diff(gm(y), m(y)) == 0.0
+    # parameters are the model's own, reached through its own submodules
+    assert gm.fc is m.fc and gm.get_parameter("fc.weight") is m.fc.weight
+
+
+def test_keyword_inputs_and_structured_outputs_in_both_frontends(pb):
+    m = KwOut()
+    x, mask = torch.randn(3, 4), (torch.rand(3, 5) > 0.5).float()
+    want = m(x, mask=mask)
+    for frontend in ("fx", "export"):
+        gm = trace(m, (x,), {"mask": mask}, frontend=frontend)
+        got = gm(x, mask=mask)
+        assert set(got) == {"logits", "hidden"} and isinstance(got["hidden"], tuple)
+        assert pb.max_diff(got["logits"], want["logits"]) == 0.0
+        pm = pbp_fx.perforate(m, (x,), example_kwargs={"mask": mask}, frontend=frontend)
+        assert pb.max_diff(pm(x, mask=mask)["hidden"], want["hidden"]) == 0.0
+        nodes = {n.name: n for n in gm.graph.nodes}
+        assert any("tensor_meta" in n.meta for n in nodes.values())  # shapes propagated through kwargs
+
+
+def test_export_frontend_is_exact_and_keeps_the_model_untouched(pb):
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)).train()
+    pb.warm(m, (torch.randn(4, 2, 4, 4),))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(1, 2, 4, 4)  # a batch of 1 is still exported with a dynamic batch
+    gm = trace(m, (x,), frontend="export")
+    assert m.training and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    m.eval()
+    gm.eval()
+    for batch in (1, 3):
+        y = torch.randn(batch, 2, 4, 4)
+        assert pb.max_diff(gm(y), m(y)) == 0.0
+
+
+def test_export_failures_are_one_line_trace_errors():
+    with pytest.raises(pbp_fx.TraceError) as info:
+        trace(RootBranch(), (torch.randn(2, 3),))
+    msg = str(info.value)
+    assert "\n" not in msg and "torch.export failed too" in msg
+    with pytest.raises(pbp_fx.TraceError, match="torch.export cannot export RootBranch"):
+        trace(RootBranch(), (torch.randn(2, 3),), frontend="export")
+
+
+def test_second_mode_capture_leaves_no_constants_on_the_model():
+    class Consts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) + torch.tensor([1.0, 2.0, 3.0])
+
+    m = Consts()
+    gm = trace(m, (torch.randn(2, 3),))
+    assert gm.meta["pbp_modes"] == "train+eval"
+    assert [k for k in vars(m) if k.startswith("_tensor_constant")] == ["_tensor_constant0"]  # as fx leaves it

@@ -237,3 +237,53 @@ def test_convs_on_unbatched_inputs_are_not_sites():
 
     _, specs = _specs(M(), 3, 5)
     assert [s.name for s in specs] == ["w", "fc"]
+
+
+# -- ATen-level sites (torch.export frontend) and x @ W products -------------------------------------
+
+class Products(nn.Module):
+    """Every way a Linear shows up at the ATen level, plus a conv + BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.w_in_out = nn.Parameter(torch.randn(4, 5) * 0.5)   # x @ W, stored [in, out]
+        self.b = nn.Parameter(torch.randn(5) * 0.1)
+        self.w_out_in = nn.Parameter(torch.randn(6, 5) * 0.5)   # x @ W.t(), stored [out, in]
+        self.fc = nn.Linear(6, 3)
+        self.head = nn.Module()
+        self.head.weight = nn.Parameter(torch.randn(3, 3) * 0.5)  # F.linear with a transposed parameter
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).mean((2, 3))       # [B, 4]
+        h = torch.relu(torch.addmm(self.b, h, self.w_in_out))    # addmm: x is argument 1
+        h = torch.relu(h.unsqueeze(1) @ self.w_out_in.t()).squeeze(1)  # matmul on [B, 1, 5]
+        h = torch.relu(self.fc(h))
+        return F.linear(h, self.head.weight.t()) + torch.mm(h, self.head.weight)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_aten_and_product_sites(frontend, pb):
+    import pbp_fx
+
+    x, model = torch.randn(3, 2, 6, 6), Products().eval()
+    gm = trace(model, (x,), frontend=frontend)
+    assert gm.meta["pbp_frontend"] == frontend
+    specs = {s.name: s for s in find_sites(gm)}
+    assert list(specs) == ["conv", "w_in_out", "w_out_in", "fc", "head", "head@1"]
+    assert specs["conv"].norm is not None and specs["conv"].kind == "conv2d"
+    assert specs["w_in_out"].layer == LayerSpec("linear", (5, 4), True) and specs["w_in_out"].weight_transposed
+    assert specs["w_in_out"].input_index == 1 and specs["w_in_out"].bias == "b"
+    assert specs["w_out_in"].layer == LayerSpec("linear", (6, 5), False) and not specs["w_out_in"].weight_transposed
+    assert specs["head"].weight_transposed and specs["head@1"].weight_transposed
+    pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    want = model(x)
+    assert pb.max_diff(pm(x), want) < 1e-6
+    pm.grow()
+    pb.randomize(pm, 0.5)
+    pm.eval()
+    with torch.no_grad():
+        y = pm(x)
+        assert pb.max_diff(y, want) > 1e-3
+        assert pb.max_diff(pm.finalize()(x), y) < 1e-5

@@ -1,0 +1,325 @@
+"""train_eval: one graph that follows the module's train/eval mode, from two captures.
+
+A captured graph freezes the mode it was captured in: dropout's `train` flag, batch norm's
+`training` flag and scaled-dot-product attention's `dropout_p` become constants, and the
+train-mode bookkeeping (`num_batches_tracked += 1`) is a node of its own. Functional code
+traced by fx (`F.dropout(x, p, training=self.training)`) freezes the same way.
+
+`merge_train_eval(train_gm, eval_gm)` walks a train-mode and an eval-mode capture of one
+model side by side. Where a node's constant arguments differ between the two, the node
+becomes `call_module pbp_modes.<name>`, a `ModeSwitch` that calls the op with the train
+arguments when `.training` is set and with the eval arguments otherwise; a state update
+that only the train capture performs runs only in train mode. `model.train()` /
+`model.eval()` then switch the graph like the original model. Layout-only nodes that one
+capture has and the other has not (`contiguous`, `clone`: strides differ with dropout) and
+value-free checks are tolerated; any other difference means the forward takes another path
+in the other mode, and the merge gives up (returns None) rather than guess.
+
+Requires: two GraphModules traced from the same model with the same inputs, one in train
+and one in eval mode.
+Ensures: the train graph, edited in place, with one ModeSwitch per mode-dependent node under
+`pbp_modes` (set to the mode `training`); its eval-mode behaviour is the eval capture's.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+from torch.fx.node import map_aggregate, map_arg
+from torch.fx.operator_schemas import normalize_function
+
+__all__ = ["ModeSwitch", "merge_train_eval", "lower_to_eval", "MODES_ATTR"]
+
+MODES_ATTR = "pbp_modes"
+
+_aten = torch.ops.aten
+# Ops that return their input's value (possibly with another memory layout).
+_IDENTITY_FUNCTIONS = {_aten.contiguous.default, _aten.clone.default, _aten.alias.default}
+_IDENTITY_METHODS = {"contiguous", "clone"}
+
+
+class _Slot:
+    """Position of a node input inside a ModeSwitch template."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"${self.index}"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Slot) and other.index == self.index
+
+    def __hash__(self) -> int:
+        return hash(("_Slot", self.index))
+
+
+class ModeSwitch(nn.Module):
+    """An op whose arguments depend on the train/eval mode (dropout, batch norm, SDPA).
+
+    Called with the node's tensor inputs; `forms[True]` / `forms[False]` are the
+    (args, kwargs) templates of the train and eval captures, inputs marked by slots.
+    An eval form of None: the op runs in train mode only (a state update such as
+    `num_batches_tracked.add_(1)`), and returns None in eval mode.
+    """
+
+    def __init__(self, kind: str, target: Any, train_form: tuple, eval_form: Optional[tuple]):
+        super().__init__()
+        if kind not in ("call_function", "call_method"):
+            raise ValueError(f"ModeSwitch wraps call_function / call_method nodes, not {kind}")
+        self.kind, self.target = kind, target
+        self.forms = {True: train_form, False: eval_form}
+
+    def forward(self, *inputs):
+        form = self.forms[self.training]
+        if form is None:
+            return None
+        fill = lambda a: inputs[a.index] if isinstance(a, _Slot) else a  # noqa: E731
+        args, kwargs = map_aggregate(form[0], fill), map_aggregate(form[1], fill)
+        if self.kind == "call_method":
+            return getattr(args[0], self.target)(*args[1:], **kwargs)
+        return self.target(*args, **kwargs)
+
+    def bound_form(self, node: fx.Node, training: bool) -> Optional[tuple]:
+        """(args, kwargs) of one mode with the graph nodes of `node` (this module's call) filled in."""
+        form = self.forms[training]
+        if form is None:
+            return None
+        fill = lambda a: node.args[a.index] if isinstance(a, _Slot) else a  # noqa: E731
+        return map_aggregate(form[0], fill), map_aggregate(form[1], fill)
+
+    def extra_repr(self) -> str:
+        name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", str(self.target))
+        return f"{name}, train={self.forms[True]}, eval={self.forms[False]}"
+
+
+# -- comparing two captures ---------------------------------------------------------------------
+
+_SAME, _CONST, _MISMATCH = 0, 1, 2
+
+
+def _normalized(node: fx.Node) -> tuple:
+    """args/kwargs with defaults filled in (dropout_p=0.0 written or not), when the op has a schema."""
+    if node.op == "call_function":
+        try:
+            pair = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+        except Exception:  # noqa: BLE001 - no usable signature: compare as written
+            pair = None
+        if pair is not None:
+            return (), dict(pair.kwargs)
+    return node.args, dict(node.kwargs)
+
+
+def _is_identity(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _IDENTITY_FUNCTIONS:
+        return bool(node.args) and isinstance(node.args[0], fx.Node)
+    if node.op == "call_method" and node.target in _IDENTITY_METHODS:
+        return bool(node.args) and isinstance(node.args[0], fx.Node)
+    return False
+
+
+def _mutates(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+class _Walk:
+    def __init__(self, train_gm: fx.GraphModule, eval_gm: fx.GraphModule):
+        self.gms = (train_gm, eval_gm)
+        self.e2t: dict[fx.Node, fx.Node] = {}  # eval node -> train node with the same value
+        self.t_alias: dict[fx.Node, fx.Node] = {}  # train-only identity node -> its input
+        self.e_alias: dict[fx.Node, fx.Node] = {}
+
+    def canon_t(self, n: fx.Node) -> fx.Node:
+        while n in self.t_alias:
+            n = self.t_alias[n]
+        return n
+
+    def canon_e(self, n: fx.Node) -> fx.Node:
+        while n in self.e_alias:
+            n = self.e_alias[n]
+        return n
+
+    def train_of(self, e: fx.Node) -> Optional[fx.Node]:
+        return self.e2t.get(self.canon_e(e))
+
+    def compare(self, a, b) -> int:
+        """_SAME, _CONST (only non-node constants differ) or _MISMATCH."""
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                return _MISMATCH
+            return _SAME if self.train_of(b) is self.canon_t(a) and self.train_of(b) is not None else _MISMATCH
+        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+            if len(a) != len(b):
+                return _CONST if not (_has_node(a) or _has_node(b)) else _MISMATCH
+            return max((self.compare(x, y) for x, y in zip(a, b)), default=_SAME)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if set(a) != set(b):
+                return _CONST if not (_has_node(a) or _has_node(b)) else _MISMATCH
+            return max((self.compare(a[k], b[k]) for k in a), default=_SAME)
+        if _has_node(a) or _has_node(b):
+            return _MISMATCH
+        try:
+            same = a is b or type(a) is type(b) and bool(a == b)
+        except Exception:  # noqa: BLE001 - values without a plain equality
+            same = False
+        return _SAME if same else _CONST
+
+    def same_constant(self, t: fx.Node, e: fx.Node) -> bool:
+        """Two get_attr of equal tensor constants (fx stores each trace's constants anew)."""
+        try:
+            a, b = (_attr(gm, n.target) for gm, n in zip(self.gms, (t, e)))
+        except AttributeError:
+            return False
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and not isinstance(a, nn.Parameter)
+                and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and torch.equal(a, b))
+
+    def nodes_match(self, t: fx.Node, e: fx.Node) -> int:
+        if t.op == e.op == "get_attr" and t.target != e.target:
+            return _SAME if self.same_constant(t, e) else _MISMATCH
+        if t.op != e.op or t.target != e.target:
+            return _MISMATCH
+        if t.op in ("placeholder", "get_attr"):
+            return _SAME
+        ta, tk = _normalized(t)
+        ea, ek = _normalized(e)
+        r = max(self.compare(ta, ea), self.compare(tk, ek))
+        if r == _CONST and t.op not in ("call_function", "call_method"):
+            return _MISMATCH  # a module call or the output: modes are the module's business
+        return r
+
+
+def _plain(x):
+    """fx's immutable containers as plain tuples / lists / dicts (for copying and pickling)."""
+    if isinstance(x, tuple):
+        return tuple(_plain(v) for v in x)
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def _attr(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has_node(x) -> bool:
+    found = []
+    map_arg(x, lambda n: found.append(n))
+    return bool(found)
+
+
+def merge_train_eval(train_gm: fx.GraphModule, eval_gm: fx.GraphModule,
+                     training: bool = True) -> Optional[fx.GraphModule]:
+    """Make `train_gm` follow the mode (see the module docstring); None when the captures differ."""
+    tn, en = list(train_gm.graph.nodes), list(eval_gm.graph.nodes)
+    w = _Walk(train_gm, eval_gm)
+    switched: dict[fx.Node, fx.Node] = {}  # train node -> its eval twin, constants differing
+    train_only: list[fx.Node] = []
+    i = j = 0
+    while i < len(tn) or j < len(en):
+        t = tn[i] if i < len(tn) else None
+        e = en[j] if j < len(en) else None
+        if t is not None and e is not None:
+            r = w.nodes_match(t, e)
+            if r != _MISMATCH:
+                w.e2t[e] = t
+                if r == _CONST:
+                    switched[t] = e
+                i, j = i + 1, j + 1
+                continue
+        if t is not None and _is_identity(t):
+            w.t_alias[t] = t.args[0]
+            i += 1
+            continue
+        if t is not None and t.op == "get_attr":
+            i += 1  # read by train-only nodes (else a node using it does not match)
+            continue
+        if t is not None and not t.users and t.op in ("call_function", "call_method"):
+            if _mutates(t):
+                train_only.append(t)  # e.g. num_batches_tracked.add_(1)
+            i += 1  # otherwise a check without a value: harmless in eval mode too
+            continue
+        if e is not None and _is_identity(e):
+            w.e_alias[e] = e.args[0]
+            j += 1
+            continue
+        if e is not None and not e.users and e.op in ("call_function", "call_method") and not _mutates(e):
+            j += 1
+            continue
+        if e is not None and e.op == "get_attr":
+            j += 1
+            continue
+        return None
+    if not switched and not train_only:
+        return train_gm
+    graph = train_gm.graph
+    if not hasattr(train_gm, MODES_ATTR):
+        train_gm.add_submodule(MODES_ATTR, nn.ModuleDict())
+    modes: nn.ModuleDict = getattr(train_gm, MODES_ATTR)
+    for t in list(switched) + train_only:
+        e = switched.get(t)
+        inputs: list[fx.Node] = []
+
+        def slot(n: fx.Node) -> _Slot:
+            if n not in inputs:
+                inputs.append(n)
+            return _Slot(inputs.index(n))
+
+        train_form = (_plain(map_arg(t.args, slot)), _plain(map_arg(dict(t.kwargs), slot)))
+        eval_form = None
+        if e is not None:
+            to_train = lambda n: slot(w.canon_t(w.train_of(n)))  # noqa: E731
+            eval_form = (_plain(map_arg(e.args, to_train)), _plain(map_arg(dict(e.kwargs), to_train)))
+        key = t.name
+        while key in modes:
+            key += "_"
+        modes[key] = ModeSwitch(t.op, t.target, train_form, eval_form).train(training)
+        with graph.inserting_before(t):
+            new = graph.call_module(f"{MODES_ATTR}.{key}", tuple(inputs))
+        new.meta.update(t.meta)
+        t.replace_all_uses_with(new)
+        graph.erase_node(t)
+    graph.lint()
+    train_gm.recompile()
+    return train_gm
+
+
+def lower_to_eval(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace every ModeSwitch call by its eval-mode op (in place); train-only updates go."""
+    graph = gm.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        try:
+            m = gm.get_submodule(node.target)
+        except AttributeError:
+            continue
+        if not isinstance(m, ModeSwitch):
+            continue
+        form = m.bound_form(node, training=False)
+        changed = True
+        if form is None:
+            if not node.users:
+                graph.erase_node(node)
+            continue
+        with graph.inserting_before(node):
+            new = graph.create_node(m.kind, m.target, tuple(form[0]), dict(form[1]))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    if changed:
+        graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return gm

@@ -1,0 +1,132 @@
+"""passes.train_eval: merging a train-mode and an eval-mode capture into one graph that follows the mode."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import pbp_fx
+from pbp_fx.passes import finalize
+from pbp_fx.passes.train_eval import MODES_ATTR, ModeSwitch, lower_to_eval, merge_train_eval
+from pbp_fx.tracing import trace
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+
+class Functional(nn.Module):
+    """Mode-dependent functional calls: fx freezes `self.training` as a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.register_buffer("rm", torch.zeros(4))
+        self.register_buffer("rv", torch.ones(4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.batch_norm(self.conv(x), self.rm, self.rv, None, None, self.training, 0.1, 1e-5)
+        h = F.dropout(torch.relu(h).mean((2, 3)), 0.5, training=self.training)
+        return self.fc(h)
+
+
+def _switches(gm):
+    return [m for m in gm.modules() if isinstance(m, ModeSwitch)]
+
+
+@pytest.mark.parametrize("start_in_train", [True, False])
+def test_fx_functional_dropout_and_batch_norm_follow_the_mode(start_in_train, pb):
+    model, x = Functional().train(start_in_train), torch.randn(4, 2, 6, 6)
+    gm = trace(model, (x,))
+    assert gm.meta["pbp_modes"] == "train+eval" and len(_switches(gm)) == 2
+    assert model.training == start_in_train  # the model's own mode is left alone
+    pm = pbp_fx.perforate(model, (x,))
+    assert pm.sites["conv"].norm is not None  # the functional batch norm joins in its eval form
+    for training in (True, False):
+        model.train(training)
+        pm.train(training)
+        torch.manual_seed(1)
+        want = model(x)
+        torch.manual_seed(1)
+        assert pb.max_diff(pm(x), want) < 1e-6
+    assert torch.allclose(pm.graph_module.rm, model.rm)  # the running mean moved alike in train mode
+
+
+def test_no_mode_dependence_leaves_the_graph_as_traced():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.BatchNorm1d(4))
+    gm = trace(m, (torch.randn(5, 3),))
+    assert not hasattr(gm, MODES_ATTR) and gm.meta["pbp_modes"] == "train+eval"
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1", "2"]
+
+
+def test_another_path_in_eval_mode_warns_and_follows_the_traced_mode():
+    class TrainOnlyScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y * 2 if self.training else y
+
+    m = TrainOnlyScale().train()
+    with pytest.warns(UserWarning, match="takes another path .* in eval mode: the graph follows train mode"):
+        gm = trace(m, (torch.randn(3, 2),))
+    assert gm.meta["pbp_modes"] == "train"
+
+
+def _graph(build) -> fx.GraphModule:
+    root = nn.Module()
+    root.register_buffer("count", torch.tensor(0))
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.output(build(g, x))
+    return fx.GraphModule(root, g)
+
+
+def test_layout_only_nodes_in_one_capture_are_tolerated():
+    aten = torch.ops.aten
+    train = _graph(lambda g, x: g.call_function(aten.relu.default, (g.call_function(aten.contiguous.default, (x,)),)))
+    evl = _graph(lambda g, x: g.call_function(aten.relu.default, (x,)))
+    assert merge_train_eval(train, evl) is train
+    assert merge_train_eval(evl, train) is evl  # and the other way round
+
+
+def test_differing_constants_become_a_mode_switch_and_train_only_updates_run_in_train_mode():
+    aten = torch.ops.aten
+
+    def build(train):
+        def f(g, x):
+            if train:
+                g.call_function(aten.add_.Tensor, (g.get_attr("count"), 1))
+            return g.call_function(aten.dropout.default, (x, 0.5, train))
+        return f
+
+    gm = merge_train_eval(_graph(build(True)), _graph(build(False)), training=False)
+    assert gm is not None and len(_switches(gm)) == 2
+    x = torch.ones(1000)
+    assert torch.equal(gm(x), x) and int(gm.count) == 0  # eval: no dropout, no update
+    gm.train()
+    y = gm(x)
+    assert 0.3 < (y == 0).float().mean() < 0.7 and int(gm.count) == 1
+    lower_to_eval(gm)
+    assert not _switches(gm) and not hasattr(gm, MODES_ATTR)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [aten.dropout.default]
+    assert torch.equal(gm(x), x) and int(gm.count) == 1
+
+
+def test_other_differences_give_up():
+    aten = torch.ops.aten
+    train = _graph(lambda g, x: g.call_function(aten.relu.default, (x,)))
+    evl = _graph(lambda g, x: g.call_function(aten.sigmoid.default, (x,)))
+    assert merge_train_eval(train, evl) is None
+
+
+def test_finalize_lowers_mode_switches_to_their_eval_ops(pb):
+    model, x = Functional().eval(), torch.randn(2, 2, 6, 6)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    pb.randomize(pm)
+    pm.eval()
+    fin = finalize(pm.graph_module)
+    assert not _switches(fin)
+    with torch.no_grad():
+        assert pb.max_diff(fin(x), pm(x)) < 1e-5
