@@ -152,28 +152,35 @@ def _table(rows: list[list[str]], right: set[int]) -> str:
 # -- transform -----------------------------------------------------------------------------
 @subcommand(
     "transform", "trace a model file, find its neuron sites and insert dendrite sites",
-    arg("model", help="model file defining build_model() and example_inputs()"),
+    arg("model", help="model file defining build_model() and example_inputs() (and optionally example_kwargs())"),
     arg("--include", action="append", metavar="GLOB", default=None,
         help="perforate only sites whose qualified name matches (repeatable)"),
     arg("--exclude", action="append", metavar="GLOB", default=None,
         help="do not perforate sites whose qualified name matches (repeatable; wins over --include)"),
     arg("--activation", default="sigmoid", choices=("sigmoid", "tanh", "relu"),
         help="dendrite activation (default: sigmoid)"),
+    arg("--frontend", default="auto", choices=("auto", "fx", "export"),
+        help="auto: symbolic tracing, else torch.export (default); fx; export"),
     arg("--out", metavar="DIR", default=None,
         help="write perforated_graph.py and report.json to DIR (default: print only)"),
 )
 def transform(args: argparse.Namespace) -> int:
-    from .modelfile import instantiate, load_model_file
+    from .modelfile import example_kwargs, instantiate, load_model_file
     from .perforated import perforate
 
     t0 = time.perf_counter()
-    model, inputs = instantiate(load_model_file(args.model))
+    mod = load_model_file(args.model)
+    model, inputs = instantiate(mod)
+    kwargs = example_kwargs(mod)
     t1 = time.perf_counter()
-    pm = perforate(model, inputs, include=args.include, exclude=args.exclude, activation=args.activation)
+    pm = perforate(model, inputs, include=args.include, exclude=args.exclude, activation=args.activation,
+                   example_kwargs=kwargs, frontend=args.frontend)
     t2 = time.perf_counter()
 
     rows = pm.summary()
-    leaves = list(pm.graph_module.meta.get("pbp_untraceable", []))
+    meta = pm.graph_module.meta
+    frontend = meta.get("pbp_frontend", "fx")
+    leaves = list(meta.get("pbp_untraceable", []))
     base = sum(p.numel() for p in model.parameters())
     per_round = sum(r["params_per_dendrite"] for r in rows)
     report = {
@@ -182,12 +189,16 @@ def transform(args: argparse.Namespace) -> int:
         "activation": args.activation,
         "include": args.include or [],
         "exclude": args.exclude or [],
+        "frontend": frontend,
+        "modes": meta.get("pbp_modes"),
         "sites": rows,
         "num_sites": len(rows),
         "params": {"model": base, "perforated": pm.num_parameters(), "per_dendrite_round": per_round},
         "leaves_isolated": leaves,
         "time_s": {"load": round(t1 - t0, 6), "perforate": round(t2 - t1, 6)},
     }
+    if "pbp_fx_error" in meta:
+        report["fx_error"] = meta["pbp_fx_error"]
 
     table = [["site", "kind", "channels", "norm", "params/dendrite"]]
     table += [[r["name"], r["kind"], str(r["channels"]), "BN" if r["norm"] else "-", f"{r['params_per_dendrite']:,}"]
@@ -198,6 +209,9 @@ def transform(args: argparse.Namespace) -> int:
           f"one dendrite per site adds {per_round:,} ({100.0 * per_round / max(base, 1):.1f}%)")
     if leaves:
         print(f"untraceable submodules isolated as leaves (neurons inside swapped): {', '.join(leaves)}")
+    if frontend == "export":
+        why = " (symbolic tracing failed)" if "pbp_fx_error" in meta else ""
+        print(f"frontend: torch.export{why}")
     print(f"perforate: {t2 - t1:.3f} s")
 
     if args.out:
@@ -222,31 +236,80 @@ def transform(args: argparse.Namespace) -> int:
     arg("--mode", default="pb", choices=("pb", "gd"), help="pb: correlation-trained dendrites; gd: backprop baseline"),
     arg("--max-dendrites", type=int, default=3, metavar="N", help="dendrites per site at most (default: 3)"),
     arg("--out", metavar="DIR", default=None, help="output folder (default: runs/<model name>)"),
-    arg("--epochs", type=int, default=300, help="epoch cap over all phases (default: 300)"),
+    arg("--epochs", type=int, default=800, help="epoch cap over all phases (default: 800)"),
     arg("--seed", type=int, default=0),
     arg("--batch-size", type=int, default=100),
     arg("--lr", type=float, default=1e-3, help="neuron-phase Adam learning rate"),
     arg("--candidate-lr", type=float, default=0.02, help="dendrite-phase Adam learning rate"),
-    arg("--patience", type=int, default=10, help="neuron-phase epochs without validation gain before switching"),
+    arg("--patience", type=int, default=30, help="neuron-phase epochs without validation gain before switching"),
     arg("--dendrite-patience", type=int, default=3, help="dendrite-phase epochs without correlation gain"),
-    arg("--max-dendrite-epochs", type=int, default=30, help="cap on one dendrite phase, in epochs"),
+    arg("--max-dendrite-epochs", type=int, default=60, help="cap on one dendrite phase, in epochs"),
     arg("--pool", type=int, default=4, help="candidates per site (default: 4)"),
     arg("--activation", default="sigmoid", choices=("sigmoid", "tanh", "relu")),
     arg("--include", action="append", metavar="GLOB", default=None),
     arg("--exclude", action="append", metavar="GLOB", default=None),
     arg("--no-progress", action="store_true", help="no progress bar"),
+    arg("--nproc", type=int, default=1, metavar="N",
+        help="train on N local processes with torchrun and DDP (gloo on CPU, nccl on GPU); "
+             "--batch-size stays the global batch (default: 1)"),
+    arg("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+        help="with --nproc: how long a process waits for the others before it stops (default: 300)"),
 )
 def train(args: argparse.Namespace) -> int:
+    from .distributed import Distributed, launch, torchrun_world_size
     from .job import train_job
 
+    if args.nproc < 1:
+        raise PBError(f"--nproc {args.nproc}: it must be at least 1")
+    world = torchrun_world_size()
+    if args.nproc > 1 and world == 1:
+        # The launcher: the same command on N processes (each sees torchrun's environment).
+        if args.batch_size % args.nproc:
+            raise PBError(f"--batch-size {args.batch_size} is the global batch: it must be divisible by "
+                          f"--nproc {args.nproc}")
+        rc = launch(args.nproc, ["train", *_train_argv(args)], quiet=not args.debug)
+        if rc != 0:
+            raise PBError(f"training on {args.nproc} processes failed (torchrun exit status {rc}): "
+                          "each rank's error is printed above")
+        return EXIT_OK
+    distributed = Distributed.init(timeout=args.dist_timeout) if world > 1 else None
     name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
-    train_job(args.model, mode=args.mode, max_dendrites=args.max_dendrites,
-              out=args.out or os.path.join("runs", name), seed=args.seed, epochs=args.epochs,
-              batch_size=args.batch_size, lr=args.lr, candidate_lr=args.candidate_lr, patience=args.patience,
-              dendrite_patience=args.dendrite_patience, max_dendrite_epochs=args.max_dendrite_epochs,
-              pool=args.pool, activation=args.activation, include=args.include, exclude=args.exclude,
-              progress=not args.no_progress)
+    try:
+        train_job(args.model, mode=args.mode, max_dendrites=args.max_dendrites,
+                  out=args.out or os.path.join("runs", name), seed=args.seed, epochs=args.epochs,
+                  batch_size=args.batch_size, lr=args.lr, candidate_lr=args.candidate_lr, patience=args.patience,
+                  dendrite_patience=args.dendrite_patience, max_dendrite_epochs=args.max_dendrite_epochs,
+                  pool=args.pool, activation=args.activation, include=args.include, exclude=args.exclude,
+                  progress=not args.no_progress, distributed=distributed)
+    except PBError as exc:
+        if distributed is None or str(exc).startswith(f"rank {distributed.rank} "):
+            raise
+        raise PBError(f"rank {distributed.rank}: {exc}") from exc  # which process said it
+    if distributed is not None:
+        distributed.close()
     return EXIT_OK
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """The `train` arguments of `args` as a command line (without --nproc), for the workers."""
+    out: list[str] = []
+    for flags, kw in COMMANDS["train"].args:
+        dest = kw.get("dest") or flags[-1].lstrip("-").replace("-", "_")
+        if dest == "nproc":
+            continue
+        value = getattr(args, dest)
+        if not flags[0].startswith("-"):
+            out += [] if value is None else [str(value)]
+        elif kw.get("action") == "store_true":
+            out += [flags[-1]] if value else []
+        elif kw.get("action") == "append":
+            for v in value or []:
+                out += [flags[-1], str(v)]
+        elif value is not None:
+            out += [flags[-1], str(value)]
+    if args.debug:
+        out.append("--debug")
+    return out
 
 
 # -- export / run ----------------------------------------------------------------------------

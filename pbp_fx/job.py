@@ -53,40 +53,72 @@ def _call_datasets(mod: ModuleType, seed: int):
     return data
 
 
-def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000):
+def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, distributed=None):
+    """Train (shuffled), validation and test loaders. distributed: this rank's shards, with
+    `batch_size` the global batch (see pbp_fx.distributed.Distributed.loader)."""
     train, val, test = data
+    if distributed is not None:
+        return (distributed.loader(train, batch_size, shuffle=True, seed=seed),
+                distributed.loader(val, eval_batch_size, train=False),
+                distributed.loader(test, eval_batch_size, train=False))
     g = torch.Generator().manual_seed(seed)
     return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),
             DataLoader(val, batch_size=eval_batch_size), DataLoader(test, batch_size=eval_batch_size))
 
 
 def train_job(model_file: Optional[str] = None, *, mode: str = "pb", max_dendrites: int = 3,
-              out: Optional[str] = None, seed: int = 0, epochs: int = 300, batch_size: int = 100,
-              lr: float = 1e-3, candidate_lr: float = 0.02, patience: int = 10, dendrite_patience: int = 3,
-              max_dendrite_epochs: int = 30, pool: int = 4, activation: str = "sigmoid",
+              out: Optional[str] = None, seed: int = 0, epochs: int = 800, batch_size: int = 100,
+              lr: float = 1e-3, candidate_lr: float = 0.02, patience: int = 30, dendrite_patience: int = 3,
+              max_dendrite_epochs: int = 60, pool: int = 4, activation: str = "sigmoid",
               include=None, exclude=None, progress: bool = True,
-              echo: Callable[[str], None] = print) -> dict:
-    """Train a model file's model with PB (or gd) and report; returns the summary dict."""
+              echo: Callable[[str], None] = print, distributed=None) -> dict:
+    """Train a model file's model with PB (or gd) and report; returns the summary dict.
+
+    distributed (a pbp_fx.distributed.Distributed; every rank calls train_job): the data is
+    sharded (`batch_size` stays the global batch), training runs on DDP, and only rank 0
+    prints, shows progress and writes `out`. Every rank returns the same summary.
+    """
+    if distributed is None:
+        return _train_job(model_file, mode, max_dendrites, out, seed, epochs, batch_size, lr, candidate_lr,
+                          patience, dendrite_patience, max_dendrite_epochs, pool, activation, include, exclude,
+                          progress, echo, None)
+    if not distributed.is_main:
+        progress, echo = False, _silent
+    with distributed.guard():
+        return _train_job(model_file, mode, max_dendrites, out, seed, epochs, batch_size, lr, candidate_lr,
+                          patience, dendrite_patience, max_dendrite_epochs, pool, activation, include, exclude,
+                          progress, echo, distributed)
+
+
+def _silent(*_args) -> None:
+    pass
+
+
+def _train_job(model_file, mode, max_dendrites, out, seed, epochs, batch_size, lr, candidate_lr, patience,
+               dendrite_patience, max_dendrite_epochs, pool, activation, include, exclude, progress, echo,
+               distributed) -> dict:
+    main = distributed is None or distributed.is_main
     if max_dendrites < 1:
         raise TrainingError(f"--max-dendrites {max_dendrites}: it must be at least 1")
-    if out is not None:
+    if out is not None and main:
         _prepare_out(out)  # before training: a long run must not fail at its last step
     mod = load_job_module(model_file)
     torch.manual_seed(seed)
     model, inputs = instantiate(mod)
     data = _call_datasets(mod, seed)
     loss_fn = getattr(mod, "loss_fn", None) or F.cross_entropy
-    train_loader, val_loader, test_loader = make_loaders(data, batch_size, seed)
+    train_loader, val_loader, test_loader = make_loaders(data, batch_size, seed, distributed=distributed)
     base_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
     pm = perforate(model, inputs, include=include, exclude=exclude, activation=activation, mode=mode)
     ctl = PhaseController(pm, patience=patience, dendrite_patience=dendrite_patience,
                           max_dendrite_epochs=max_dendrite_epochs, max_dendrites=max_dendrites, pool=pool)
     history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, epochs=epochs, lr=lr,
-                  candidate_lr=candidate_lr, test_loader=test_loader, progress=progress)
+                  candidate_lr=candidate_lr, test_loader=test_loader, progress=progress, distributed=distributed)
     seconds = time.perf_counter() - t0
-    test = evaluate(pm, test_loader)
-    val = evaluate(pm, val_loader)
+    device = None if distributed is None else distributed.device
+    test = evaluate(pm, test_loader, device=device, distributed=distributed)
+    val = evaluate(pm, val_loader, device=device, distributed=distributed)
     summary = {
         "model": model_file or DEFAULT_MODEL, "mode": mode, "seed": seed,
         "epochs": len(history.epochs), "seconds": round(seconds, 2),
@@ -95,10 +127,14 @@ def train_job(model_file: Optional[str] = None, *, mode: str = "pb", max_dendrit
         "val": val, "test": test,
         "events": [e for e in ctl.history if e["decision"] != "continue"],
     }
+    if distributed is not None:
+        summary["processes"] = distributed.world_size
     _print_report(summary, echo)
-    if out is not None:
+    if out is not None and main:
         _write_outputs(out, pm, ctl, history, summary)
         echo(f"wrote {out}/history.json, {out}/summary.json, {out}/plot.png, {out}/checkpoint.safetensors")
+    if distributed is not None:
+        distributed.barrier()  # the outputs are complete when any rank returns
     return summary
 
 

@@ -45,6 +45,9 @@ class CandidatePool(nn.Module):
     Statistics (PB_SPEC §4): per batch C[p, i] = sum_pos (c - mean c)(delta - mean delta);
     `ema` is its 0.99 moving average; `best` is each (p, i)'s best |ema| after warm-up, and
     `snapshot_*` hold that row's weights at its best. Installation reads the snapshots.
+
+    `reducer` (None: one process) sums a batch's statistics over the ranks of a distributed
+    run, so that C is the global batch's on every rank; `pbp_fx.distributed` installs it.
     """
 
     def __init__(self, layer: LayerSpec, norm: Optional[NormSpec], pool: int, installed: int,
@@ -63,6 +66,8 @@ class CandidatePool(nn.Module):
         self.register_buffer("ema", torch.zeros(pool, c, **fk))
         self.register_buffer("best", torch.zeros(pool, c, **fk))
         self.steps = 0  # host-side counter: no device sync per batch
+        # Not state: set per run by pbp_fx.distributed.Distributed.wrap (see covariance()).
+        self.reducer = None
         # Step of the last snapshot, kept on the device and read once per epoch.
         self.register_buffer("last_improved", torch.tensor(0, device=device))
         for name, t in self._rows().items():
@@ -88,14 +93,36 @@ class CandidatePool(nn.Module):
             pre = pre + u * s.unsqueeze(cd)
         return ACTIVATIONS[self.activation](pre)
 
-    def reduce(self, cov: Tensor) -> Tensor:
-        """Hook for distributed training: combine a batch's covariance across ranks."""
-        return cov
+    @torch.no_grad()
+    def covariance(self, c: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch's covariance C [P, C] of c [N, P, C] with the site error d [N, C], and e [N, C].
+
+        e is what the gradient handed to c is made of: -sign(C~) * e. In one process
+        e = d - mean d (dC/dc). With a reducer over R ranks, each rank's d is the gradient of
+        its own mean loss, R times that of DDP's objective (1/R) sum_r L_r, so the rank sums
+        S_cd = sum c d / R, S_c = sum c, S_d = sum d / R and the position count n are
+        all-reduced and C = S_cd - S_c * m with m = S_d / n, the global mean of d / R: the
+        global batch's covariance, the same on every rank. e = d - R m is R times the exact
+        dC/dc, because DDP divides the summed candidate gradients by R.
+        """
+        if self.reducer is None:
+            d = d - d.mean(0)
+            return torch.einsum("npc,nc->pc", c, d), d
+        r = self.reducer.world_size
+        p, ch = c.shape[1], c.shape[2]
+        acc = torch.promote_types(d.dtype, torch.float32)  # float32 at least: counts exact to 2**24
+        cc, dd = c.to(acc), d.to(acc)
+        sums = self.reducer(torch.cat([
+            torch.einsum("npc,nc->pc", cc, dd).reshape(-1) / r, cc.sum(0).reshape(-1),
+            dd.sum(0) / r, dd.new_full((1,), dd.shape[0])]))
+        s_cd, s_c, s_d, n = sums.split([p * ch, p * ch, ch, 1])
+        m = s_d / n
+        cov = s_cd.view(p, ch) - s_c.view(p, ch) * m
+        return cov, (dd - r * m).to(d.dtype)
 
     @torch.no_grad()
     def observe(self, cov: Tensor) -> Tensor:
-        """Fold one batch's covariance [P, C] into the statistics; returns sign(ema)."""
-        cov = self.reduce(cov)
+        """Fold one batch's covariance [P, C] (already global, see covariance()) into the statistics; returns sign(ema)."""
         self.steps += 1
         if self.steps == 1:
             self.ema.copy_(cov)
@@ -143,7 +170,8 @@ class _CovarianceTap(torch.autograd.Function):
 
     The gradient handed to c is that of -sum_i sign(C~_i) C_i, with
     dC_i/dc_{p,i} = delta_{p,i} - mean_p delta_i, so only candidate parameters (reached
-    through c, whose inputs are detached) receive it.
+    through c, whose inputs are detached) receive it. In distributed runs C and the mean
+    are the global batch's (CandidatePool.covariance).
     """
 
     @staticmethod
@@ -160,14 +188,13 @@ class _CovarianceTap(torch.autograd.Function):
         axis, ch = pool.layer.axis, pool.layer.channels
         p = c.shape[copy_dim(axis)]
         d = grad_y.detach().movedim(axis, -1).reshape(-1, ch)
-        d = d - d.mean(0)
         if axis == 1:
             cf = c.detach().movedim((1, 2), (-2, -1)).reshape(-1, p, ch)
         else:
             cf = c.detach().reshape(-1, p, ch)
-        cov = torch.einsum("npc,nc->pc", cf, d)
+        cov, e = pool.covariance(cf, d)  # e = d - mean d (one process; see covariance())
         sign = pool.observe(cov)
-        g = -(sign.unsqueeze(0) * d.unsqueeze(1))  # [N, P, C]
+        g = -(sign.unsqueeze(0) * e.unsqueeze(1))  # [N, P, C]
         if axis == 1:
             g = g.reshape(c.shape[0], *c.shape[3:], p, ch).movedim((-2, -1), (1, 2))
         else:

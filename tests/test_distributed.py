@@ -1,0 +1,284 @@
+"""Distributed PB: DDP on gloo with 2 processes on 127.0.0.1 against one process.
+
+This file is also the worker: `python tests/test_distributed.py SCENARIO RANK WORLD PORT OUT`.
+The test process hosts the rendezvous store (port 0: the OS picks a free port), so a rank
+that dies cannot take the store, and the failure messages in it, down with it.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import pbp_fx
+from pbp_fx.controller import PhaseController
+from pbp_fx.distributed import local_env
+
+HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+GLOBAL_BATCH = 24
+
+
+def _data(n, seed):
+    """3 classes: argmax of a fixed linear map plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 3, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    y = (x @ w + 0.3 * torch.randn(n, 3, generator=g, dtype=torch.float64)).argmax(1)
+    return TensorDataset(x, y)
+
+
+def _build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+
+
+def _inputs():
+    return (torch.zeros(2, 6, dtype=torch.float64),)
+
+
+def _stats(pm):
+    return {n: {"ema": s.candidates.ema.clone(), "best": s.candidates.best.clone(), "steps": s.candidates.steps}
+            for n, s in pm.sites.items() if s.candidates is not None}
+
+
+def _dendrites(pm):
+    return {n: {k: v.detach().clone() for k, v in [*s.dendrites.row_tensors().items(), ("V", s.out_weight)]}
+            for n, s in pm.sites.items() if s.dendrites is not None}
+
+
+def run_match(world=None):
+    """Neuron epoch, two dendrite epochs, install, neuron epoch: what each epoch leaves behind."""
+    pm = pbp_fx.perforate(_build(), _inputs())
+    train, val = _data(144, 0), _data(48, 1)
+    if world is None:
+        train_loader = DataLoader(train, batch_size=GLOBAL_BATCH)
+        val_loader = DataLoader(val, batch_size=16)
+    else:
+        train_loader = world.loader(train, GLOBAL_BATCH)
+        val_loader = world.loader(val, 16, train=False)
+    ctl = PhaseController(pm, neuron_epochs=1, dendrite_patience=5, max_dendrite_epochs=2, max_dendrites=1,
+                          pool=2, distributed=world)
+    out = {"stats": [], "installed": None, "checksums": []}
+
+    def record(row):
+        if pm.phase == "dendrite":
+            out["stats"].append(_stats(pm))
+        if row["decision"] == "restructured" and world is not None:
+            out["checksums"].append(world.checksums(pm))
+        if row["decision"] == "restructured" and pm.phase == "neuron" and out["installed"] is None:
+            out["installed"] = _dendrites(pm)
+
+    # SGD, not Adam, for the candidates: Adam would hide a wrong gradient scale.
+    h = pbp_fx.fit(pm, train_loader, val_loader, controller=ctl, epochs=6, lr=0.01,
+                   candidate_optimizer_factory=lambda params: torch.optim.SGD(params, lr=200.0),
+                   progress=False, callbacks=[record], distributed=world)
+    out["decisions"] = [(r["phase"], r["decision"], r["dendrites"]) for r in h.epochs]
+    out["val"] = [r["val"] for r in h.epochs]
+    out["train_loss"] = [r["train_loss"] for r in h.epochs]
+    out["state"] = {k: v.clone() for k, v in pm.state_dict().items()}
+    return pm, out
+
+
+# -- the worker side ---------------------------------------------------------------------
+def _worker(scenario, rank, nprocs, port, out_dir):
+    from pbp_fx.distributed import Distributed
+
+    torch.set_num_threads(1)
+    timeout = 3.0 if scenario == "stall" else 30.0
+    store = torch.distributed.TCPStore("127.0.0.1", port, nprocs, is_master=False, timeout=timedelta(seconds=30))
+    world = Distributed.init("gloo", timeout=timeout, store=store, rank=rank, world_size=nprocs)
+    if scenario == "match":
+        pm, out = run_match(world)
+        path = os.path.join(out_dir, "checkpoint.safetensors")
+        world.save(pm, path)
+        fresh = pbp_fx.load(path, _build, _inputs())  # every rank reads rank 0's file
+        out["reloaded_equal"] = all(torch.equal(v, fresh.state_dict()[k]) for k, v in pm.state_dict().items())
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    else:  # "fail": rank 1 raises at epoch 2; "stall": rank 1 stops answering at epoch 2
+        pm = pbp_fx.perforate(_build(), _inputs())
+
+        def trouble(row):
+            if rank == 1 and row["epoch"] == 2:
+                if scenario == "fail":
+                    raise pbp_fx.TrainingError("rank one broke on purpose")
+                time.sleep(60)
+
+        pbp_fx.fit(pm, world.loader(_data(96, 0), GLOBAL_BATCH), world.loader(_data(48, 1), 16, train=False),
+                   epochs=5, progress=False, callbacks=[trouble], distributed=world)
+    world.close()
+
+
+def _launch(scenario, tmp_path, nprocs=2, timeout=60, only_rank0=False):
+    """Run `nprocs` worker processes; returns [(returncode, stderr)] by rank.
+
+    only_rank0: wait for rank 0 alone, then kill the others (a rank that never returns).
+    """
+    store = torch.distributed.TCPStore("127.0.0.1", 0, nprocs, is_master=True, wait_for_workers=False)
+    env = local_env(dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    procs = [subprocess.Popen([sys.executable, HERE, scenario, str(r), str(nprocs), str(store.port), str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(nprocs)]
+    results = []
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs[:1] if only_rank0 else procs:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((p.returncode, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        del store
+    return results
+
+
+# -- the tests ---------------------------------------------------------------------------
+class _TwoRanks:
+    """A reducer for one of two simulated ranks: adds the other rank's sums."""
+
+    world_size = 2
+
+    def __init__(self, other=None):
+        self.other, self.seen = other, None
+
+    def __call__(self, t):
+        self.seen = t.clone()
+        return t + self.other if self.other is not None else t
+
+
+def test_covariance_of_two_halves_is_the_global_one():
+    from pbp_fx.layers import LayerSpec
+    from pbp_fx.site import CandidatePool
+
+    g = torch.Generator().manual_seed(0)
+    pool = CandidatePool(LayerSpec("linear", (5, 3), True), None, pool=2, installed=0, activation="sigmoid",
+                         dtype=torch.float64)
+    c = torch.rand(16, 2, 5, generator=g, dtype=torch.float64)
+    delta = torch.randn(16, 5, generator=g, dtype=torch.float64) + 0.5  # dL/dy of the global mean loss
+    cov, e = pool.covariance(c, delta)  # one process: no reducer
+    # Each rank's error is that of its own mean loss over half the batch: 2 x delta.
+    halves = [(c[:8], 2 * delta[:8]), (c[8:], 2 * delta[8:])]
+    probe = _TwoRanks()
+    pool.reducer = probe
+    pool.covariance(*halves[1])
+    pool.reducer = _TwoRanks(other=probe.seen)
+    cov0, e0 = pool.covariance(*halves[0])
+    assert (cov0 - cov).abs().max() < 1e-12
+    # DDP averages the two ranks' candidate gradients: e must be 2 x the exact dC/dc.
+    assert (e0 - 2 * e[:8]).abs().max() < 1e-12
+
+
+def test_two_ranks_match_one_rank(tmp_path):
+    results = _launch("match", tmp_path)
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+    ref_pm, ref = run_match()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for got in ranks:
+        assert got["decisions"] == ref["decisions"]
+        assert got["decisions"][1] == ("dendrite", "continue", 0) and got["decisions"][2][1] == "restructured"
+        # Statistics after each dendrite epoch: the global batch's, on every rank.
+        assert len(got["stats"]) == len(ref["stats"]) >= 1
+        for g, r in zip(got["stats"], ref["stats"]):
+            assert g.keys() == r.keys()
+            for site in r:
+                assert g[site]["steps"] == r[site]["steps"]
+                for k in ("ema", "best"):
+                    assert (g[site][k] - r[site][k]).abs().max() < 1e-5, (site, k)
+        # The installed dendrites (weights, V) and everything else at the end.
+        assert got["installed"].keys() == ref["installed"].keys() and ref["installed"]
+        for site, rows in ref["installed"].items():
+            for k, v in rows.items():
+                assert (got["installed"][site][k] - v).abs().max() < 1e-5, (site, k)
+        for k, v in ref["state"].items():
+            assert (got["state"][k].double() - v.double()).abs().max() < 1e-5, k
+        assert got["val"] == pytest.approx(ref["val"], abs=1e-9)
+        assert got["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-6)
+        assert got["reloaded_equal"]
+    # After each restructure the ranks hold bit-identical parameters.
+    assert ranks[0]["checksums"] and all(len(set(c)) == 1 for c in ranks[0]["checksums"])
+    assert ranks[0]["checksums"] == ranks[1]["checksums"]
+    # Rank 0's checkpoint loads in one process.
+    pm = pbp_fx.load(str(tmp_path / "checkpoint.safetensors"), _build, _inputs())
+    assert pm.num_dendrites == ref_pm.num_dendrites
+    for k, v in ref["state"].items():
+        assert (pm.state_dict()[k].double() - v.double()).abs().max() < 1e-5, k
+
+
+def test_a_failing_rank_is_reported_and_the_other_exits(tmp_path):
+    t0 = time.monotonic()
+    (rc0, err0), (rc1, err1) = _launch("fail", tmp_path)
+    assert time.monotonic() - t0 < 45
+    assert rc1 != 0 and "rank one broke on purpose" in err1
+    assert rc0 != 0
+    assert "rank 0 stopped: rank 1 failed with TrainingError: rank one broke on purpose" in err0, err0[-2000:]
+
+
+def test_a_silent_rank_times_out(tmp_path):
+    t0 = time.monotonic()
+    [(rc0, err0)] = _launch("stall", tmp_path, timeout=40, only_rank0=True)
+    assert rc0 != 0
+    assert "rank 0 lost contact with the other ranks" in err0 and "3 s timeout" in err0, err0[-2000:]
+    assert time.monotonic() - t0 < 40
+
+
+TINY = """
+import torch, torch.nn as nn
+from torch.utils.data import TensorDataset
+
+def build_model():
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+def example_inputs():
+    return (torch.zeros(2, 6),)
+
+def datasets(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(240, 6, generator=g)
+    y = (x[:, :3] + 0.3 * torch.randn(240, 3, generator=g)).argmax(1)
+    return TensorDataset(x[:160], y[:160]), TensorDataset(x[160:200], y[160:200]), TensorDataset(x[200:], y[200:])
+"""
+
+
+def test_cli_nproc_2_trains_with_torchrun_and_only_rank_0_writes(tmp_path):
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY)
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "pbp_fx", "train", str(model), "--nproc", "2", "--out", str(out),
+                           "--epochs", "6", "--patience", "1", "--max-dendrite-epochs", "2", "--max-dendrites", "1",
+                           "--batch-size", "40", "--lr", "1e-5", "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("phase history") == 1, proc.stdout  # rank 0 alone reports
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2
+    assert sorted(os.listdir(out)) == ["checkpoint.safetensors", "history.json", "plot.png", "summary.json"]
+    assert {r["phase"] for r in json.loads((out / "history.json").read_text())["epochs"]} == {"neuron", "dendrite"}
+    # The checkpoint rank 0 wrote loads in one process and scores what the run reported.
+    from pbp_fx.job import load_job_module, make_loaders
+
+    mod = load_job_module(str(model))
+    pm = pbp_fx.load(str(out / "checkpoint.safetensors"), mod.build_model, mod.example_inputs())
+    assert pm.num_dendrites == summary["dendrites"]
+    assert pbp_fx.evaluate(pm, make_loaders(mod.datasets(0), 40, 0)[2]) == pytest.approx(summary["test"])
+
+
+if __name__ == "__main__":
+    scenario, rank, nprocs, port, out_dir = sys.argv[1:6]
+    try:
+        _worker(scenario, int(rank), int(nprocs), int(port), out_dir)
+    except Exception as exc:  # noqa: BLE001 - one line per rank for the test to read
+        print(f"rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
