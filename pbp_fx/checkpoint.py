@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from typing import Callable, Optional, Union
 
@@ -19,7 +20,7 @@ from torch import nn
 from .errors import CheckpointError, NoSitesError
 from .perforated import PerforatedModel, perforate
 
-__all__ = ["save", "load", "atomic_write", "read_structure", "read_extra"]
+__all__ = ["save", "load", "load_optimizer", "atomic_write", "read_structure", "read_extra"]
 
 FORMAT = "pbp-fx-checkpoint/1"
 
@@ -109,14 +110,18 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
 
 
 def _read(path: str) -> tuple[dict, dict]:
-    from safetensors import safe_open
+    from safetensors.torch import load as load_tensors
 
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    # One read through one file handle: a save that replaces the file meanwhile cannot mix
+    # the header of one version with the tensors of the next (safe_open reopens the path).
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + size]).get("__metadata__") or {}
+        tensors = load_tensors(data)
     except Exception as exc:  # noqa: BLE001 - any parse failure means a damaged file
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({type(exc).__name__}): "
                               "use an intact copy") from exc
@@ -210,13 +215,27 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
         best = _collect("best/", tensors, plain)
         cs["best_state"] = best or None
         controller.load_state_dict(cs)
-    if optimizer is not None and "optimizer" in meta:
-        n = len(meta["optimizer"]["param_groups"] and
-                [p for g in meta["optimizer"]["param_groups"] for p in g["params"]])
-        ostate = {}
-        for pid in range(n):
-            s = _collect(f"optim/{pid}/", tensors, plain)
-            if s:
-                ostate[pid] = s
-        optimizer.load_state_dict({"state": ostate, "param_groups": meta["optimizer"]["param_groups"]})
+    if optimizer is not None:
+        _load_optimizer(meta, tensors, plain, optimizer)
     return pm
+
+
+def load_optimizer(path: str, optimizer: torch.optim.Optimizer) -> None:
+    """Load the optimizer state stored in a checkpoint (after the model's structure is in place)."""
+    meta, tensors = _read(path)
+    _load_optimizer(meta, tensors, meta.get("plain", {}), optimizer)
+
+
+def _load_optimizer(meta: dict, tensors: dict, plain: dict, optimizer) -> None:
+    if "optimizer" not in meta:
+        return
+    groups = meta["optimizer"]["param_groups"]
+    ostate = {}
+    for pid in range(sum(len(g["params"]) for g in groups)):
+        s = _collect(f"optim/{pid}/", tensors, plain)
+        if s:
+            ostate[pid] = s
+    try:
+        optimizer.load_state_dict({"state": ostate, "param_groups": groups})
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer: {exc}") from exc

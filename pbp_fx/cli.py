@@ -254,6 +254,8 @@ def transform(args: argparse.Namespace) -> int:
              "--batch-size stays the global batch (default: 1)"),
     arg("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
         help="with --nproc: how long a process waits for the others before it stops (default: 300)"),
+    arg("--resume", metavar="DIR", default=None,
+        help="continue the run whose --out folder is DIR, with its own settings (from its last epoch)"),
 )
 def train(args: argparse.Namespace) -> int:
     from .distributed import Distributed, launch, torchrun_world_size
@@ -274,7 +276,14 @@ def train(args: argparse.Namespace) -> int:
         return EXIT_OK
     distributed = Distributed.init(timeout=args.dist_timeout) if world > 1 else None
     name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
+    if args.resume is not None and args.model is not None:
+        raise PBError("--resume continues a run with its own model file and settings: give --resume DIR alone")
     try:
+        if args.resume is not None:
+            train_job(resume=args.resume, progress=not args.no_progress, distributed=distributed)
+            if distributed is not None:
+                distributed.close()
+            return EXIT_OK
         train_job(args.model, mode=args.mode, max_dendrites=args.max_dendrites,
                   out=args.out or os.path.join("runs", name), seed=args.seed, epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, candidate_lr=args.candidate_lr, patience=args.patience,

@@ -6,6 +6,7 @@ With no model file it runs the built-in default: the MNIST-1D MLP (data generate
 """
 from __future__ import annotations
 
+import base64
 import importlib
 import inspect
 import json
@@ -18,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .checkpoint import atomic_write, save
+from .checkpoint import atomic_write, load, load_optimizer, read_extra, save
 from .controller import PhaseController
 from .errors import ModelFileError, TrainingError
 from .modelfile import instantiate, load_model_file
 from .perforated import perforate
-from .training import evaluate, fit
+from .training import History, evaluate, fit
 
 __all__ = ["train_job", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
 
@@ -71,23 +72,33 @@ def train_job(model_file: Optional[str] = None, *, mode: str = "pb", max_dendrit
               lr: float = 1e-3, candidate_lr: float = 0.02, patience: int = 30, dendrite_patience: int = 3,
               max_dendrite_epochs: int = 60, pool: int = 4, activation: str = "sigmoid",
               include=None, exclude=None, progress: bool = True,
-              echo: Callable[[str], None] = print, distributed=None) -> dict:
+              echo: Callable[[str], None] = print, distributed=None, resume: Optional[str] = None,
+              _resume_from: Optional[str] = None) -> dict:
     """Train a model file's model with PB (or gd) and report; returns the summary dict.
+
+    With `out`, a resumable checkpoint is written after every epoch; `resume=DIR` continues
+    the run saved in DIR with its own settings (same seeds: the same final model as a run that
+    was never interrupted).
 
     distributed (a pbp_fx.distributed.Distributed; every rank calls train_job): the data is
     sharded (`batch_size` stays the global batch), training runs on DDP, and only rank 0
     prints, shows progress and writes `out`. Every rank returns the same summary.
     """
+    if resume is not None:
+        path = os.path.join(resume, CHECKPOINT)
+        saved = _job_state(path)
+        return train_job(saved["model_file"], **saved["args"], out=resume, progress=progress, echo=echo,
+                         distributed=distributed, _resume_from=path)
     if distributed is None:
         return _train_job(model_file, mode, max_dendrites, out, seed, epochs, batch_size, lr, candidate_lr,
                           patience, dendrite_patience, max_dendrite_epochs, pool, activation, include, exclude,
-                          progress, echo, None)
+                          progress, echo, None, _resume_from)
     if not distributed.is_main:
         progress, echo = False, _silent
     with distributed.guard():
         return _train_job(model_file, mode, max_dendrites, out, seed, epochs, batch_size, lr, candidate_lr,
                           patience, dendrite_patience, max_dendrite_epochs, pool, activation, include, exclude,
-                          progress, echo, distributed)
+                          progress, echo, distributed, _resume_from)
 
 
 def _silent(*_args) -> None:
@@ -96,7 +107,7 @@ def _silent(*_args) -> None:
 
 def _train_job(model_file, mode, max_dendrites, out, seed, epochs, batch_size, lr, candidate_lr, patience,
                dendrite_patience, max_dendrite_epochs, pool, activation, include, exclude, progress, echo,
-               distributed) -> dict:
+               distributed, resume_from=None) -> dict:
     main = distributed is None or distributed.is_main
     if max_dendrites < 1:
         raise TrainingError(f"--max-dendrites {max_dendrites}: it must be at least 1")
@@ -112,9 +123,27 @@ def _train_job(model_file, mode, max_dendrites, out, seed, epochs, batch_size, l
     t0 = time.perf_counter()
     pm = perforate(model, inputs, include=include, exclude=exclude, activation=activation, mode=mode)
     ctl = PhaseController(pm, patience=patience, dendrite_patience=dendrite_patience,
-                          max_dendrite_epochs=max_dendrite_epochs, max_dendrites=max_dendrites, pool=pool)
-    history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, epochs=epochs, lr=lr,
-                  candidate_lr=candidate_lr, test_loader=test_loader, progress=progress, distributed=distributed)
+                          max_dendrite_epochs=max_dendrite_epochs, max_dendrites=max_dendrites, pool=pool,
+                          optimizer_factory=lambda params: torch.optim.Adam(params, lr=lr),
+                          candidate_lr=candidate_lr, distributed=distributed)
+    history = History()
+    if resume_from is not None:
+        history = _resume(resume_from, pm, ctl, train_loader)
+        echo(f"resuming {resume_from} after epoch {len(history.epochs)} ({pm.phase} phase, "
+             f"dendrites {max(pm.num_dendrites.values())})")
+    callbacks = []
+    saver = None
+    if out is not None:
+        args = {"mode": mode, "max_dendrites": max_dendrites, "seed": seed, "epochs": epochs,
+                "batch_size": batch_size, "lr": lr, "candidate_lr": candidate_lr, "patience": patience,
+                "dendrite_patience": dendrite_patience, "max_dendrite_epochs": max_dendrite_epochs, "pool": pool,
+                "activation": activation, "include": include, "exclude": exclude}
+        saver = _epoch_saver(os.path.join(out, CHECKPOINT), pm, ctl, history, args,
+                             _model_ref(model_file), seed, train_loader, distributed)
+        callbacks.append(saver)
+    history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, epochs=epochs,
+                  test_loader=test_loader, progress=progress, distributed=distributed, history=history,
+                  callbacks=callbacks)
     seconds = time.perf_counter() - t0
     device = None if distributed is None else distributed.device
     test = evaluate(pm, test_loader, device=device, distributed=distributed)
@@ -130,12 +159,71 @@ def _train_job(model_file, mode, max_dendrites, out, seed, epochs, batch_size, l
     if distributed is not None:
         summary["processes"] = distributed.world_size
     _print_report(summary, echo)
+    if out is not None:
+        saver(None)  # the final state (best-validation model), still resumable; every rank calls it
     if out is not None and main:
-        _write_outputs(out, pm, ctl, history, summary)
+        _write_outputs(out, history, summary)
         echo(f"wrote {out}/history.json, {out}/summary.json, {out}/plot.png, {out}/checkpoint.safetensors")
     if distributed is not None:
         distributed.barrier()  # the outputs are complete when any rank returns
     return summary
+
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def _model_ref(model_file: Optional[str]) -> str:
+    return DEFAULT_MODEL if model_file in (None, DEFAULT_MODEL) else os.path.abspath(model_file)
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: int, train_loader, distributed):
+    """After every epoch: a checkpoint that `resume` continues from (model, controller, optimizer,
+    history, settings and the random states that decide what comes next)."""
+    gen = getattr(train_loader, "generator", None)
+
+    def save_epoch(_row: dict) -> None:
+        state = {"args": args, "model_file": model_ref, "history": history.to_dict(),
+                 "rng": {"torch": _b64(torch.get_rng_state()),
+                         "loader": None if gen is None else _b64(gen.get_state())}}
+        kwargs = {"controller": ctl, "optimizer": ctl._optimizer,
+                  "extra": {"model": model_ref, "seed": seed, "job_state": state}}
+        if distributed is None:
+            save(pm, path, **kwargs)
+        else:
+            distributed.save(pm, path, **kwargs)
+
+    return save_epoch
+
+
+def _job_state(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise TrainingError(f"cannot resume: {path} does not exist (pass the --out folder of an earlier run)")
+    state = read_extra(path).get("job_state")
+    if state is None:
+        raise TrainingError(f"cannot resume from {path}: it was not written by pbp-fx train (no job state)")
+    return state
+
+
+def _resume(path: str, pm, ctl, train_loader) -> History:
+    """Load the model, controller, optimizer and random states saved after the last epoch."""
+    state = _job_state(path)
+    load(path, pm, controller=ctl)
+    ctl._rebuild()  # the optimizer of the saved phase, then its saved state
+    if ctl._optimizer is not None:
+        load_optimizer(path, ctl._optimizer)
+    torch.set_rng_state(_unb64(state["rng"]["torch"]))
+    gen = getattr(train_loader, "generator", None)
+    if gen is not None and state["rng"]["loader"] is not None:
+        gen.set_state(_unb64(state["rng"]["loader"]))
+    return History.from_dict(state["history"])
 
 
 def _prepare_out(out: str) -> None:
@@ -164,7 +252,7 @@ def _print_report(s: dict, echo) -> None:
          f"({s['seconds']:.1f} s, mode {s['mode']})")
 
 
-def _write_outputs(out: str, pm, ctl, history, summary) -> None:
+def _write_outputs(out: str, history, summary) -> None:
 
     def text(name: str, body: str) -> None:
         def w(tmp):
@@ -174,9 +262,6 @@ def _write_outputs(out: str, pm, ctl, history, summary) -> None:
 
     text("history.json", json.dumps(history.to_dict(), indent=1))
     text("summary.json", json.dumps(summary, indent=1))
-    model_ref = summary["model"] if summary["model"] == DEFAULT_MODEL else os.path.abspath(summary["model"])
-    save(pm, os.path.join(out, "checkpoint.safetensors"), controller=ctl,
-         extra={"model": model_ref, "seed": summary["seed"]})
     plot_history(history, os.path.join(out, "plot.png"), title=f"{summary['model']} ({summary['mode']})")
 
 

@@ -35,6 +35,10 @@ class History:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        return cls(epochs=list(d["epochs"]), best_epoch=d["best_epoch"], best_val=d["best_val"])
+
     @property
     def switches(self) -> list[dict]:
         """Epochs at which the structure changed (dendrite phase started, dendrites installed)."""
@@ -103,7 +107,8 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = F.cro
         lr: float = 1e-3, candidate_lr: Optional[float] = None,
         optimizer_factory: Optional[Callable] = None, candidate_optimizer_factory: Optional[Callable] = None,
         metric: Callable = accuracy, test_loader=None, device=None, progress: bool = True,
-        callbacks: Iterable[Callable[[dict], None]] = (), distributed=None) -> History:
+        callbacks: Iterable[Callable[[dict], None]] = (), distributed=None,
+        history: Optional[History] = None) -> History:
     """Train `pm` with Perforated Backpropagation until the controller says COMPLETE.
 
     The optimizer is rebuilt from `optimizer_factory(params)` (default Adam(lr)) at every
@@ -137,7 +142,7 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = F.cro
         controller._rebuild()
     elif distributed is not None:
         controller._wrap()
-    history = History()
+    history = History() if history is None else history  # a given history: resume after its last epoch
     bar = _progress(epochs, progress and (distributed is None or distributed.is_main))
     with distributed.guard() if distributed is not None else nullcontext():
         if distributed is not None and _length(train_loader) is not None:
@@ -158,13 +163,19 @@ def _length(loader) -> Optional[int]:
 
 def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epochs, metric, test_loader,
           device, callbacks, distributed) -> None:
-    for epoch in range(1, epochs + 1):
+    if controller.done:
+        return  # a finished run (e.g. resumed after it completed): nothing left to train
+    for epoch in range(len(history.epochs) + 1, epochs + 1):
         t0 = time.perf_counter()
         phase = pm.phase
         if distributed is not None and hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
-        train_loss = _train_epoch(controller.model, train_loader, loss_fn, controller.optimizer, device,
-                                  distributed, phase)
+        try:
+            train_loss = _train_epoch(controller.model, train_loader, loss_fn, controller.optimizer, device,
+                                      distributed, phase)
+            _check_statistics(pm)
+        except NonFiniteError as exc:
+            raise TrainingError(f"{exc}; {_stop_and_restore(pm, controller)}") from exc
         if controller.scheduler is not None and phase == "neuron":
             controller.scheduler.step()
         if distributed is not None:
@@ -204,8 +215,8 @@ def _train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase
         inputs, target = _split(batch)
         loss = loss_fn(pm(*inputs), target)
         if not torch.isfinite(loss):
-            raise TrainingError(f"the loss is {loss.item()} in the {phase} phase: lower the learning rate "
-                                "or check the data for NaN/Inf")
+            raise NonFiniteError(f"the loss is {loss.item()} in the {phase} phase: lower the learning rate "
+                                 "or check the data for NaN/Inf")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -216,6 +227,27 @@ def _train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase
     if count == 0:
         raise TrainingError("the training loader produced no batch: give the training dataset at least one sample")
     return total / count
+
+
+class NonFiniteError(TrainingError):
+    """A NaN/Inf loss or correlation statistic: the phase stops and the last good state returns."""
+
+
+def _check_statistics(pm: PerforatedModel) -> None:
+    for name, s in pm.sites.items():
+        if s.candidates is not None and not bool(torch.isfinite(s.candidates.ema).all()):
+            raise NonFiniteError(f"the correlation statistics of site {name!r} are not finite: lower "
+                                 "candidate_lr or check the data for NaN/Inf")
+
+
+def _stop_and_restore(pm: PerforatedModel, controller: PhaseController) -> str:
+    """Stop the phase and go back to the best-validation state; say what was restored."""
+    if pm.phase == "dendrite":
+        pm.abort_dendrite_phase()
+    if controller.best_state is None:
+        return "no good state to restore yet (it failed before the first validation)"
+    controller._restore_best()
+    return f"stopped and restored the best-validation model (epoch {controller.best_epoch})"
 
 
 def _progress(total: int, enabled: bool):

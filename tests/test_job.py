@@ -71,3 +71,51 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+def test_killed_in_the_dendrite_phase_and_resumed_ends_like_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from pbp_fx.checkpoint import read_structure
+
+    # A long dendrite phase (capped at 40 epochs) leaves time to kill the process inside it.
+    args = [DIGITS, "--max-dendrites", "1", "--patience", "10", "--dendrite-patience", "40",
+            "--max-dendrite-epochs", "40", "--no-progress", "--seed", "0"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(["train", *args, "--out", str(whole)]) == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "train", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    ckpt = killed / "checkpoint.safetensors"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.exists() and read_structure(str(ckpt))["phase"] == "dendrite":
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed in the dendrite phase"
+    assert read_structure(str(ckpt))["phase"] == "dendrite"
+
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
+    a = load_file(str(whole / "checkpoint.safetensors"))
+    b = load_file(str(ckpt))
+    model = sorted(k for k in a if k.startswith("model/"))
+    assert model == sorted(k for k in b if k.startswith("model/"))
+    assert all(torch.equal(a[k], b[k]) for k in model)
+    sa = json.loads((whole / "summary.json").read_text())
+    sb = json.loads((killed / "summary.json").read_text())
+    assert (sa["val"], sa["test"], sa["dendrites"], sa["epochs"]) == (sb["val"], sb["test"], sb["dendrites"], sb["epochs"])
+
+
+def test_resume_errors(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nothing"), "--no-progress"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert main(["train", DIGITS, "--resume", str(tmp_path), "--no-progress"]) == 2
+    assert "--resume DIR alone" in capsys.readouterr().err

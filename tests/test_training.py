@@ -17,6 +17,7 @@ def _data(n=256, seed=0):
 
 
 def _pm(mode="pb"):
+    torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
     return pbp_fx.perforate(m, (torch.randn(2, 6),), mode=mode)
 
@@ -79,3 +80,33 @@ def test_batches_without_targets_are_reported():
     loader = DataLoader(torch.randn(8, 6), batch_size=4)
     with pytest.raises(pbp_fx.TrainingError, match="tuple"):
         fit(pm, loader, loader, progress=False, epochs=1)
+
+
+class _PoisonedAfter:
+    """A loader whose batches turn NaN from its `after`-th pass on."""
+
+    def __init__(self, loader, after):
+        self.loader, self.after, self.passes = loader, after, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        self.passes += 1
+        for x, y in self.loader:
+            yield (x * float("nan") if self.passes > self.after else x), y
+
+
+@pytest.mark.parametrize("dendrite_phase", [False, True])
+def test_non_finite_loss_stops_the_phase_and_restores_the_best_state(dendrite_phase):
+    pm = _pm()
+    val = DataLoader(_data(64, 1), batch_size=64)
+    train = _PoisonedAfter(DataLoader(_data(), batch_size=32), after=4 if dendrite_phase else 3)
+    ctl = PhaseController(pm, patience=2 if dendrite_phase else 50, dendrite_patience=50,
+                          max_dendrite_epochs=50)
+    with pytest.raises(pbp_fx.TrainingError, match="restored the best-validation model"):
+        fit(pm, train, val, controller=ctl, epochs=20, progress=False)
+    assert pm.phase == "neuron", "the dendrite phase must be stopped"
+    assert all(torch.equal(v, ctl.best_state[k]) for k, v in pm.state_dict().items())
+    started = any("dendrite phase started" in e["note"] for e in ctl.history)
+    assert started is dendrite_phase
