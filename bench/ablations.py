@@ -204,23 +204,12 @@ def run_round(cfg, seed, loaders) -> dict:
         pm.install_candidates(v_init=cfg["v_init"])
     elif rm == "gd":
         pm.grow("random")
-    opt = torch.optim.Adam(list(pm.trainable_parameters()), lr=cfg["lr_after"] or cfg["lr"])
-    best, best_state, stale, epochs = -1.0, None, 0, 0
-    for epochs in range(1, cfg["max_epochs"] + 1):
-        _train_epoch(pm, train, F.cross_entropy, opt, None)
-        v = evaluate(pm, val)
-        if v > best + 1e-3:
-            best, stale = v, 0
-            best_state = {k: t.detach().clone() for k, t in pm.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= cfg["patience"]:
-                break
-    pm.load_state_dict(best_state)
-    out = {"val": best, "test": evaluate(pm, test), "params": pm.num_parameters(), "epochs": epochs,
+    out = train_plain(pm, (train, val, test), cfg["lr_after"] or cfg["lr"], cfg["patience"], cfg["max_epochs"],
+                      params=list(pm.trainable_parameters()))
+    out.update({"params": pm.num_parameters(),
            "dendrite_epochs": dendrite_epochs, "dendrites": max(pm.num_dendrites.values()),
            "base_val": base["val"], "base_test": base["test"], "base_train_ce": base["train_ce"],
-           "base_train_acc": base["train_acc"]}
+           "base_train_acc": base["train_acc"]})
     out.update(_train_stats(pm, train))
     return out
 

@@ -39,12 +39,13 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_plain(model, loaders, lr: float, patience: int, max_epochs: int) -> dict:
-    """Adam + early stopping on validation; test accuracy at the best-validation epoch."""
+def train_plain(model, loaders, lr: float, patience: int, max_epochs: int, params=None) -> dict:
+    """Adam (on `params`, default all) + early stopping on validation; test accuracy at the
+    best-validation epoch."""
     from pbp_fx.training import _train_epoch, evaluate
 
     train, val, test = loaders
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters() if params is None else params, lr=lr)
     best, best_state, stale, epochs = -1.0, None, 0, 0
     for epochs in range(1, max_epochs + 1):
         _train_epoch(model, train, F.cross_entropy, opt, None)

@@ -32,7 +32,7 @@ def _mnist1d_arrays(seed: int, num_samples: int):
     # building data never changes the caller's random streams.
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        data = make_dataset(args)  # never get_dataset(): that one downloads
+        data = make_dataset(args)  # generated locally (mnist1d's other loader downloads)
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
