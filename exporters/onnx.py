@@ -39,6 +39,7 @@ import copy
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
 from typing import Any, Optional, Union
@@ -259,7 +260,13 @@ def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: b
     except ModuleNotFoundError as e:
         raise ExportError(f"torch.onnx.export needs the package {e.name!r}: pip install {e.name}") from e
     except Exception as e:  # the exporter's errors are long reports: keep the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # no terminal colour codes in a message
+        first = text.splitlines()[0] if text else type(e).__name__
+        leaves = [m for gm in module.modules() if isinstance(gm, torch.fx.GraphModule)
+                  for m in gm.meta.get("pbp_untraceable", [])]
+        if leaves:
+            raise ExportError(f"torch.onnx.export failed: {first} (submodule {leaves[0]!r} has data-dependent "
+                              "control flow: ONNX export needs it traceable, or exclude it from the model)") from e
         hint = " (or pass dynamic_batch=False if the model fixes its batch size)" if dynamic_batch else ""
         raise ExportError(f"torch.onnx.export failed: {first}{hint}") from e
     proto = program.model_proto
