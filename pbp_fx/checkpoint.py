@@ -170,7 +170,8 @@ def _check_sites(pm: PerforatedModel, structure: dict, path: str) -> None:
 
 
 def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Module]], example_inputs=None,
-         controller=None, optimizer: Optional[torch.optim.Optimizer] = None) -> PerforatedModel:
+         controller=None, optimizer: Optional[torch.optim.Optimizer] = None,
+         example_kwargs: Optional[dict] = None) -> PerforatedModel:
     """Rebuild the checkpoint's structure on `model` and load its state.
 
     `model`: a PerforatedModel (loaded in place), a fresh base nn.Module, or a function
@@ -182,12 +183,13 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
     if not isinstance(model, PerforatedModel):
         if not isinstance(model, nn.Module):
             model = model()
-        if example_inputs is None:
-            raise CheckpointError("load() onto a plain model needs example_inputs to trace it")
+        if example_inputs is None and not example_kwargs:
+            raise CheckpointError("load() onto a plain model needs example_inputs (or example_kwargs) to trace it")
         names = [r["name"] for r in st["sites"]]
         try:
-            model = perforate(model, example_inputs, include=lambda n, m: n in names,
-                              activation=st["activation"], mode=st["mode"])
+            inputs = () if example_inputs is None else example_inputs
+            model = perforate(model, inputs, include=lambda n, m: n in names, activation=st["activation"],
+                              mode=st["mode"], example_kwargs=example_kwargs)
         except NoSitesError as exc:
             raise CheckpointError(f"checkpoint {path} belongs to another model: none of its sites "
                                   f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) exists here; "

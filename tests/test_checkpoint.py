@@ -135,3 +135,25 @@ def test_missing_directory_and_missing_file(tmp_path):
         pbp_fx.save(pm, str(tmp_path / "no" / "c.safetensors"))
     with pytest.raises(pbp_fx.CheckpointError, match="does not exist"):
         pbp_fx.load(str(tmp_path / "none.safetensors"), _build, (X,))
+
+
+def test_keyword_input_models_rebuild_from_a_checkpoint(tmp_path):
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 2)
+
+        def forward(self, input_ids, mask=None):
+            return {"logits": self.b(torch.relu(self.a(input_ids))) * mask}
+
+    kw = {"input_ids": torch.randn(3, 4), "mask": torch.ones(3, 1)}
+    pm = pbp_fx.perforate(KW(), (), example_kwargs=kw)
+    pm.grow()
+    with torch.no_grad():
+        for s in pm.sites.values():
+            s.out_weight.normal_()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    pm2 = pbp_fx.load(path, KW, example_kwargs=kw)
+    assert pm2.num_dendrites == {"a": 1, "b": 1}
+    assert torch.equal(pm(**kw)["logits"], pm2(**kw)["logits"])
