@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy import TASKS, _params, train_plain  # noqa: E402
+from accuracy import TASKS, _params, train_plain, width_for_params as width_for  # noqa: E402
 
 DEFAULTS = dict(task="mnist1d_mlp", width=32, num_samples=None, lr=1e-3, batch_size=100, patience=10,
                 max_epochs=400, max_dendrites=2, pool=4, dendrite_patience=3, max_dendrite_epochs=30,
@@ -326,14 +326,6 @@ def table_round(rows: list[tuple[str, list[dict]]], ref: list[dict]) -> str:
 
 def _collect(cache, specs):
     return [cache[job_key(s)] for s in specs if job_key(s) in cache]
-
-
-def width_for(task: str, target: float) -> int:
-    mod = importlib.import_module(TASKS[task][0])
-    w = 1
-    while _params(mod.build_model(width=w)) < target and w < 4096:
-        w += 1
-    return w
 
 
 # ------------------------------------------------------------------------------- groups

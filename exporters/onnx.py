@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from typing import Any, Optional, Union
 
@@ -49,6 +48,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from pbp_fx.errors import PBError
+from pbp_fx.fileio import atomic_write
 from pbp_fx.site import FusedSite, Site
 
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
@@ -382,25 +382,11 @@ def _target(path: Union[str, os.PathLike]) -> str:
 
 
 def _write_atomic(data: bytes, path: str) -> None:
-    folder = os.path.dirname(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise ExportPathError(f"cannot write ONNX file {path}: {e.strerror or e}; "
-                              "choose a writable directory") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise ExportPathError(f"cannot write ONNX file {path}: {e.strerror or e}") from e
-        raise
+
+    atomic_write(path, write, ExportPathError, "ONNX file")
 
 
 # -- public entry point ----------------------------------------------------------------------

@@ -11,36 +11,18 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError, NoSitesError
+from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate
 
-__all__ = ["save", "load", "load_optimizer", "atomic_write", "read_structure", "read_extra"]
+__all__ = ["save", "load", "load_optimizer", "read_structure", "read_extra"]
 
 FORMAT = "pbp-fx-checkpoint/1"
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"cannot write {path}: directory {directory} does not exist (create it first)")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _split_state(prefix: str, state: dict, tensors: dict, plain: dict) -> None:
@@ -105,7 +87,7 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
         header = {"pbp_fx": json.dumps(meta)}
     except TypeError as exc:
         raise CheckpointError(f"checkpoint metadata is not JSON-serialisable ({exc}): pass plain values in extra=") from exc
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), CheckpointError, "checkpoint")
     return path
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 from .errors import PBError
+from .fileio import umask
 
 __all__ = ["main", "subcommand", "arg", "COMMANDS", "build_parser", "atomic_output_dir"]
 
@@ -122,7 +123,7 @@ def atomic_output_dir(out: str) -> Iterator[str]:
         yield tmp
         if not os.path.exists(out):
             os.replace(tmp, out)
-            os.chmod(out, 0o777 & ~_umask())
+            os.chmod(out, 0o777 & ~umask())
         else:
             for name in sorted(os.listdir(tmp)):
                 os.replace(os.path.join(tmp, name), os.path.join(out, name))
@@ -131,11 +132,6 @@ def atomic_output_dir(out: str) -> Iterator[str]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _table(rows: list[list[str]], right: set[int]) -> str:
@@ -397,7 +393,7 @@ def export(args: argparse.Namespace) -> int:
 def run_onnx(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .checkpoint import atomic_write
+    from .fileio import atomic_write
     from .exporters import ort_session, run
 
     if not os.path.isfile(args.model):
@@ -420,7 +416,11 @@ def run_onnx(args: argparse.Namespace) -> int:
         flat = ", ".join(f"{v:.5g}" for v in np.asarray(y).reshape(-1)[:6])
         print(f"output {i}: shape {list(np.shape(y))} dtype {np.asarray(y).dtype} [{flat}{', ...' if np.size(y) > 6 else ''}]")
     if args.output:
-        atomic_write(args.output, lambda tmp: np.save(open(tmp, "wb"), outputs[0]))
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a path
+                np.save(f, outputs[0], allow_pickle=False)
+
+        atomic_write(args.output, write, what="output")
         print(f"wrote {args.output}")
     return EXIT_OK
 

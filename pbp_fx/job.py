@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .checkpoint import atomic_write, load, load_optimizer, read_extra, save
+from .checkpoint import load, load_optimizer, read_extra, save
 from .controller import PhaseController
 from .errors import ModelFileError, TrainingError
+from .fileio import atomic_write
 from .modelfile import instantiate, load_model_file
 from .perforated import perforate
 from .training import History, evaluate, fit
@@ -258,7 +259,7 @@ def _write_outputs(out: str, history, summary) -> None:
         def w(tmp):
             with open(tmp, "w") as f:
                 f.write(body)
-        atomic_write(os.path.join(out, name), w)
+        atomic_write(os.path.join(out, name), w, TrainingError)
 
     text("history.json", json.dumps(history.to_dict(), indent=1))
     text("summary.json", json.dumps(summary, indent=1))
@@ -302,5 +303,5 @@ def plot_history(history, path: str, title: str = "") -> None:
     b.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110), TrainingError, "plot")
     plt.close(fig)

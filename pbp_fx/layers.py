@@ -8,7 +8,7 @@ Every stacked tensor is stored as [M, C, ...]: copy first, channel second, so th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch

@@ -4,7 +4,6 @@ The loop is ordinary PyTorch; PB adds only the controller's decision after each 
 """
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field

@@ -19,26 +19,27 @@ def _build():
 X, Y = torch.randn(32, 6), torch.randint(0, 3, (32,))
 
 
+def _steps(pm, n):
+    """n Adam steps on what the current phase trains; returns the optimizer."""
+    opt = torch.optim.Adam(list(pm.trainable_parameters()), 1e-2)
+    for _ in range(n):
+        loss = F.cross_entropy(pm(X), Y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return opt
+
+
 def _trained_pm(phase="neuron"):
     pm = pbp_fx.perforate(_build(), (X,))
     pm.grow()
     with torch.no_grad():
         for s in pm.sites.values():
             s.out_weight.normal_()
-    opt = torch.optim.Adam(list(pm.trainable_parameters()), 1e-2)
-    for _ in range(5):
-        loss = F.cross_entropy(pm(X), Y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    opt = _steps(pm, 5)
     if phase == "dendrite":
         pm.start_dendrite_phase(pool=3)
-        opt = torch.optim.Adam(list(pm.trainable_parameters()), 1e-2)
-        for _ in range(8):
-            loss = F.cross_entropy(pm(X), Y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        opt = _steps(pm, 8)
     return pm, opt
 
 

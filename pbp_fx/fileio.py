@@ -1,0 +1,49 @@
+"""Atomic file writes: a temporary file beside the target, renamed into place.
+
+A crash or an error mid-write leaves the previous file (or none) intact, never half a file.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Callable, Type
+
+from .errors import PBError
+
+__all__ = ["atomic_write", "umask"]
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write: Callable[[str], None], error: Type[Exception] = PBError, what: str = "file") -> None:
+    """Call write(tmp_path), then rename the temporary file onto `path`.
+
+    Failures to write are raised as `error` with a one-line message naming `what` and `path`.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise error(f"cannot write {what} {path}: directory {folder} does not exist; create it first "
+                    f"(mkdir -p {folder})")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise error(f"cannot write {what} {path}: {e.strerror or e}; choose a writable directory") from e
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600: give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, PBError):
+            raise error(f"cannot write {what} {path}: {e.strerror or e}") from e
+        raise
