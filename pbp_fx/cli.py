@@ -112,17 +112,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 # -- output --------------------------------------------------------------------------------
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse an output file path that cannot be written, before any work starts."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise PBError(f"{flag} {path}: it is a directory; give a file path such as {os.path.join(path, 'x')}")
+    folder = os.path.dirname(full)
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise PBError(f"{flag} {path}: {probe} is a file, not a directory; choose another path")
+    if probe != folder:
+        raise PBError(f"{flag} {path}: directory {folder} does not exist; create it first (mkdir -p {folder})")
+    if not os.access(folder, os.W_OK):
+        raise PBError(f"{flag} {path}: directory {folder} is not writable; choose another path")
+
+
 @contextmanager
 def atomic_output_dir(out: str) -> Iterator[str]:
-    """Yield a temporary folder next to `out`; on success its files are renamed into `out`.
+    """Yield a temporary folder on `out`'s filesystem; on success its files are renamed into `out`.
 
-    A new `out` is the temporary folder renamed; an existing one gets each file replaced
-    (others it holds are left alone). On any error the temporary folder is removed.
+    A new `out` is the temporary folder (made in its parent) renamed; an existing one gets a
+    temporary folder inside it and each file replaced (others it holds are left alone), so
+    no rename crosses filesystems even when `out` is a mount point. On any error the
+    temporary folder is removed.
     """
     out = os.path.abspath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
+    probe = out
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe == out and not os.path.isdir(out):
         raise PBError(f"--out {out!r} exists and is not a directory")
-    parent = os.path.dirname(out)
+    if not os.path.isdir(probe):
+        raise PBError(f"--out {out!r}: {probe} is a file, not a directory; choose another path")
+    existing = os.path.isdir(out)
+    parent = out if existing else os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
@@ -130,7 +155,7 @@ def atomic_output_dir(out: str) -> Iterator[str]:
         raise PBError(f"cannot create output directory {out!r}: {exc.strerror or exc}") from exc
     try:
         yield tmp
-        if not os.path.exists(out):
+        if not existing:
             os.replace(tmp, out)
             os.chmod(out, 0o777 & ~umask())
         else:
@@ -411,7 +436,8 @@ def _model_module(ref: str):
     arg("--model", metavar="FILE", default=None, help="the model file a checkpoint was trained from "
         "(default: the one recorded in the checkpoint)"),
     arg("--unfused", action="store_true", help="plain standard ops instead of one pbp node per site"),
-    arg("--opset", type=int, default=18),
+    arg("--opset", type=_number(int, "--opset"), default=18, metavar="N",
+        help="default-domain ONNX opset (default: 18)"),
     arg("--static-batch", action="store_true", help="fixed batch size instead of a dynamic batch axis"),
     arg("--check", action="store_true", help="run the file in ONNX Runtime and compare with PyTorch"),
 )
@@ -423,8 +449,18 @@ def export(args: argparse.Namespace) -> int:
     from .modelfile import instantiate
     from .perforated import perforate
 
+    import onnx
+
+    from .exporters.onnx import MIN_OPSET
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= args.opset <= newest:
+        raise PBError(f"--opset {args.opset}: must be from {MIN_OPSET} to {newest} (this onnx's newest opset)")
     if not os.path.exists(args.source):
         raise PBError(f"{args.source} does not exist: pass a checkpoint or a model file")
+    if args.model is not None and not os.path.exists(args.model) and args.model.endswith(".py"):
+        raise PBError(f"--model {args.model} does not exist: pass the model file the checkpoint was trained from")
+    check_output_file(args.out, "-o")
     if args.source.endswith(".py"):
         model, inputs = instantiate(_model_module(args.source))
         pm = perforate(model, inputs)
@@ -455,6 +491,18 @@ def export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+              "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64", "tensor(int32)": "int32",
+              "tensor(int16)": "int16", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def _plain(text: str) -> str:
+    """ONNX Runtime's message on one line, without terminal colour codes."""
+    import re
+
+    return " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).split())
+
+
 @subcommand(
     "run", "run an ONNX file in ONNX Runtime on .npy inputs",
     arg("model", help="an .onnx file"),
@@ -465,24 +513,40 @@ def export(args: argparse.Namespace) -> int:
 def run_onnx(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .fileio import atomic_write
     from .exporters import ort_session, run
+    from .fileio import atomic_write
 
     if not os.path.isfile(args.model):
         raise PBError(f"ONNX file {args.model} does not exist")
+    if args.output:
+        check_output_file(args.output, "--output")
     arrays = []
     for name in args.input:
         try:
             arrays.append(np.load(name, allow_pickle=False))
         except (OSError, ValueError) as exc:
-            raise PBError(f"cannot read input {name}: {exc} (save it with numpy.save)") from exc
+            raise PBError(f"cannot read input {name}: {_plain(str(exc))} (save it with numpy.save)") from exc
     try:
         session = ort_session(args.model, device=args.device)
+    except PBError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors, one line
+        raise PBError(f"ONNX Runtime cannot load {args.model}: {_plain(str(exc))}") from exc
+    specs = session.get_inputs()
+    if len(arrays) != len(specs):
+        raise PBError(f"{len(arrays)} --input given, {args.model} takes {len(specs)} "
+                      f"({', '.join(s.name for s in specs)}): pass one .npy per input, in order")
+    for name, array, spec in zip(args.input, arrays, specs):
+        want = _ORT_TYPES.get(spec.type)
+        if want is not None and str(array.dtype) != want:
+            raise PBError(f"input {name} is {array.dtype} but {args.model} input {spec.name!r} takes {want}: "
+                          f"save it as {want} (array.astype(numpy.{want}))")
+    try:
         outputs = run(session, tuple(arrays))
     except PBError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors, one line
-        raise PBError(f"ONNX Runtime could not run {args.model}: {str(exc).splitlines()[0]}") from exc
+        raise PBError(f"ONNX Runtime could not run {args.model}: {_plain(str(exc))}") from exc
     print(f"provider: {session.provider}")
     for i, y in enumerate(outputs):
         flat = ", ".join(f"{v:.5g}" for v in np.asarray(y).reshape(-1)[:6])

@@ -111,11 +111,12 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     main = distributed is None or distributed.is_main
     seed = training.seed
     if out is not None and main:
-        _prepare_out(out)  # before training: a long run must not fail at its last step
+        _check_out(out)  # before training: a long run must not fail at its last step
     mod = load_job_module(model_file)
     torch.manual_seed(seed)
     model, inputs = instantiate(mod)
     data = _call_datasets(mod, seed)
+    _check_finite_datasets(data)
     loss_fn = getattr(mod, "loss_fn", None) or F.cross_entropy
     train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed)
     base_params = sum(p.numel() for p in model.parameters())
@@ -132,6 +133,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     callbacks = []
     saver = None
     if out is not None:
+        if main:
+            _make_out(out)
         args = {"config": config.to_dict(), "training": training.to_dict(), "include": include, "exclude": exclude}
         saver = _epoch_saver(os.path.join(out, CHECKPOINT), pm, ctl, history, args,
                              _model_ref(model_file), seed, train_loader, distributed)
@@ -219,15 +222,32 @@ def _resume(path: str, pm, ctl, train_loader) -> History:
     return History.from_dict(state["history"])
 
 
-def _prepare_out(out: str) -> None:
+def _check_out(out: str) -> None:
+    """Refuse an --out that cannot become a writable folder (nothing is created yet)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise TrainingError(f"--out {out} exists and is not a directory: choose another path")
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise TrainingError(f"--out {out}: {probe} is a file, not a directory; choose another path")
+    if not os.access(probe, os.W_OK):
+        raise TrainingError(f"--out {out}: {probe} is not writable; choose another path")
+
+
+def _make_out(out: str) -> None:
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise TrainingError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
-    if not os.access(out, os.W_OK):
-        raise TrainingError(f"output folder {out} is not writable: choose another --out")
+
+
+def _check_finite_datasets(data) -> None:
+    """NaN/Inf in tensor datasets is refused before training (other datasets: when a batch shows it)."""
+    for name, ds in zip(("training", "validation", "test"), data):
+        for t in getattr(ds, "tensors", ()):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise TrainingError(f"the {name} data holds NaN/Inf values: remove or replace them before training")
 
 
 def _print_report(s: dict, echo) -> None:
