@@ -444,7 +444,7 @@ def _model_module(ref: str):
 def export(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load, read_extra
+    from .checkpoint import load, read_meta
     from .exporters import export_onnx
     from .modelfile import instantiate
     from .perforated import perforate
@@ -465,7 +465,8 @@ def export(args: argparse.Namespace) -> int:
         model, inputs = instantiate(_model_module(args.source))
         pm = perforate(model, inputs)
     else:
-        ref = args.model or read_extra(args.source).get("model")
+        meta = read_meta(args.source)
+        ref = args.model or meta.get("model") or meta.get("extra", {}).get("model")
         if not ref:
             raise PBError(f"checkpoint {args.source} does not record its model file: pass --model FILE")
         model, inputs = instantiate(_model_module(ref))

@@ -146,6 +146,11 @@ class PBConfig(_Settings):
     warmup: int = setting(5, "batches before the best correlation and snapshots are tracked", low=0)
     snapshot_threshold: float = setting(0.01, "relative gain of |C~| that takes a new weight snapshot", low=0)
 
+    def dendrite_phase_kwargs(self) -> dict:
+        """The keyword arguments of PerforatedModel.start_dendrite_phase for these settings."""
+        return {"pool": self.pool, "init": self.candidate_init, "ema": self.ema_decay, "warmup": self.warmup,
+                "threshold": self.snapshot_threshold}
+
 
 @dataclass(frozen=True)
 class TrainConfig(_Settings):

@@ -204,8 +204,7 @@ class PhaseController:
         if cfg.mode == "gd":
             self.pm.grow("random")
             return
-        self.pm.start_dendrite_phase(pool=cfg.pool, init=cfg.candidate_init, ema=cfg.ema_decay,
-                                     warmup=cfg.warmup, threshold=cfg.snapshot_threshold)
+        self.pm.start_dendrite_phase(**cfg.dendrite_phase_kwargs())
         self._enter_dendrite_lr()
 
     def _execute(self, action: Action) -> None:

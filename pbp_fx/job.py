@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .checkpoint import load, load_optimizer, read_extra, save
+from .checkpoint import FORMAT, load, load_optimizer, read_meta, save
 from .config import PBConfig, TrainConfig
 from .controller import PhaseController
 from .errors import ModelFileError, TrainingError
@@ -128,8 +128,12 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     history = History()
     if resume_from is not None:
         history = _resume(resume_from, pm, ctl, train_loader)
-        echo(f"resuming {resume_from} after epoch {len(history.epochs)} ({pm.phase} phase, "
-             f"dendrites {pm.dendrites})")
+        if ctl.done:
+            echo(f"the run in {out} is complete ({len(history.epochs)} epochs, {ctl.history[-1]['note']}): "
+                 "nothing left to train; its report follows")
+        else:
+            echo(f"resuming {resume_from} after epoch {len(history.epochs)} ({pm.phase} phase, "
+                 f"dendrites {pm.dendrites})")
     callbacks = []
     saver = None
     if out is not None:
@@ -191,8 +195,8 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
         state = {"args": args, "model_file": model_ref, "history": history.to_dict(),
                  "rng": {"torch": _b64(torch.get_rng_state()),
                          "loader": None if gen is None else _b64(gen.get_state())}}
-        kwargs = {"controller": ctl, "optimizer": ctl.optimizer,
-                  "extra": {"model": model_ref, "seed": seed, "job_state": state}}
+        kwargs = {"controller": ctl, "optimizer": ctl.optimizer, "model_ref": model_ref,
+                  "extra": {"seed": seed, "job_state": state}}
         if distributed is None:
             save(pm, path, **kwargs)
         else:
@@ -204,7 +208,12 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
 def _job_state(path: str) -> dict:
     if not os.path.isfile(path):
         raise TrainingError(f"cannot resume: {path} does not exist (pass the --out folder of an earlier run)")
-    state = read_extra(path).get("job_state")
+    meta = read_meta(path)
+    if meta["format"] != FORMAT:
+        raise TrainingError(f"cannot resume {path}: it is a {meta['format']} checkpoint (pbp-fx before PBConfig), "
+                            "whose training state cannot be continued; start a new run (its model still loads with "
+                            "pbp_fx.load(path, model, example_inputs))")
+    state = meta.get("extra", {}).get("job_state")
     if state is None:
         raise TrainingError(f"cannot resume from {path}: it was not written by pbp-fx train (no job state)")
     return state

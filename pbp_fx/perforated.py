@@ -12,6 +12,7 @@ import torch
 from torch import fx, nn
 
 from .errors import NoSitesError
+from .signature import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .tracing import trace
 
@@ -23,10 +24,14 @@ PHASES = ("neuron", "dendrite")
 class PerforatedModel(nn.Module):
     """A traced model with a Site after every neuron layer; called exactly like the original."""
 
-    def __init__(self, graph_module: fx.GraphModule, mode: str = "pb", activation: str = "sigmoid"):
+    def __init__(self, graph_module: fx.GraphModule, mode: str = "pb", activation: str = "sigmoid",
+                 capture: Optional[dict] = None):
         super().__init__()
         self.graph_module = graph_module
         self.mode, self.activation = mode, activation
+        # How the graph was captured (JSON: frontend and its options, leaves, input signature);
+        # checkpoints store it so that load() re-captures the model the same way.
+        self.capture: dict = dict(capture or {})
         self.phase = "neuron"
         # Names of parameters frozen for the dendrite phase, thawed when it ends.
         self._thaw: list[str] = []
@@ -232,4 +237,7 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
         raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__} "
                            "(or all were excluded): check include=/exclude=, or the model has no such layers")
     gm = insert_dendrites(gm, specs, activation=activation, mode=mode)
-    return PerforatedModel(gm, mode=mode, activation=activation)
+    capture = {"frontend": frontend, "captured_with": gm.meta.get("pbp_frontend", "fx"), "dynamic": dynamic,
+               "leaves": list(gm.meta.get("pbp_untraceable", [])),
+               "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {}))}
+    return PerforatedModel(gm, mode=mode, activation=activation, capture=capture)
