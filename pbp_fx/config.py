@@ -120,7 +120,7 @@ class _Settings:
 
 @dataclass(frozen=True)
 class PBConfig(_Settings):
-    """Every Perforated Backpropagation setting (PB_SPEC §3-§5); defaults live here only."""
+    """Every Perforated Backpropagation setting (docs/algorithm.md); defaults live here only."""
 
     mode: str = setting("pb", "pb: correlation-trained dendrites; gd: random dendrites trained by backprop",
                         choices=("pb", "gd"))

@@ -1,4 +1,4 @@
-"""PhaseController: carries out PhaseSchedule's actions on a PerforatedModel (PB_SPEC §5).
+"""PhaseController: carries out PhaseSchedule's actions on a PerforatedModel (docs/algorithm.md).
 
 The decisions are the schedule's (pbp_fx.schedule, plain data); the controller executes them
 through PerforatedModel's public methods, keeps the best-validation weights, and owns ONE

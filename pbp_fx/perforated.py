@@ -100,7 +100,7 @@ class PerforatedModel(nn.Module):
 
         return finalize(self.graph_module)
 
-    # -- phases (PB_SPEC §3-§5) ----------------------------------------------------------
+    # -- phases (docs/algorithm.md) ----------------------------------------------------------
     def _require_phase(self, phase: str, what: str) -> None:
         if self.phase != phase:
             raise RuntimeError(f"{what}() needs the {phase} phase, but the model is in the {self.phase} phase")

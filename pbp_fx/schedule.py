@@ -1,4 +1,4 @@
-"""PhaseSchedule: PB's phase decisions as plain data (PB_SPEC §5). No torch here.
+"""PhaseSchedule: PB's phase decisions as plain data (docs/algorithm.md). No torch here.
 
 One call per epoch: the validation score (and, in the dendrite phase, whether some site's
 candidate correlation improved) goes in, an Action comes out. Whoever owns the model
@@ -103,7 +103,7 @@ class PhaseSchedule:
         cfg = self.config
         if self.stale_epochs < cfg.patience and (cfg.neuron_epochs is None or self.phase_epochs < cfg.neuron_epochs):
             return Action(Kind.CONTINUE, "", new_best)
-        # The neuron phase is over: accept the round, retry it, or finish (PB_SPEC §5).
+        # The neuron phase is over: accept the round, retry it, or finish (docs/algorithm.md).
         retry = not self.round_improved
         if retry:
             if self.retries_left <= 0:

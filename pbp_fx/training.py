@@ -1,4 +1,4 @@
-"""fit(): a complete PB training loop around PhaseController (PB_SPEC §5).
+"""fit(): a complete PB training loop around PhaseController (docs/algorithm.md).
 
 The loop is ordinary PyTorch; PB adds only the controller's decision after each epoch.
 """

@@ -1,4 +1,4 @@
-"""PhaseController decisions on scripted validation-score sequences (PB_SPEC §5)."""
+"""PhaseController decisions on scripted validation-score sequences (docs/algorithm.md)."""
 import pytest
 import torch
 import torch.nn as nn
