@@ -22,6 +22,7 @@ Both frontends capture the model in train and in eval mode and merge the two
     pbp_fx_error   why fx was not used (auto)  or absent
     pbp_modes      "train+eval" | "train" | "eval": the captures the graph follows
     pbp_dynamic    export: "auto" (dynamic dims) | "static"
+    pbp_call       a CallSignature: how the graph is called like the model (with example inputs)
     pbp_leaves / pbp_untraceable               fx: leaf modules / those isolated
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
+from .signature import CallSignature
 
 __all__ = ["PBTracer", "trace", "propagate_shapes", "TraceError", "FRONTENDS"]
 
@@ -114,13 +116,13 @@ def _modes(model: nn.Module, training: Optional[bool]):
 
 # -- the fx frontend ------------------------------------------------------------------------------
 
-def _fx_capture(model: nn.Module, leaves: set, max_leaves: int) -> fx.GraphModule:
+def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optional[dict] = None) -> fx.GraphModule:
     leaves = set(leaves)
     added: list[str] = []
     while True:
         tracer = PBTracer(leaves)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=constants or None)
             break
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or isolated
             where = tracer.failed_module
@@ -139,14 +141,18 @@ def _fx_capture(model: nn.Module, leaves: set, max_leaves: int) -> fx.GraphModul
     return gm
 
 
-def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int) -> fx.GraphModule:
+def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
+              call: Optional[CallSignature]) -> fx.GraphModule:
     primary = model.training
-    gm = _fx_capture(model, set(leaves), max_leaves)  # as the model is: today's graph
+    # Inputs that carry no tensor (None for an optional input, flags) are specialised to the
+    # example's values, so `if mask is not None:` takes the example's path.
+    constants = call.constants() if call is not None else None
+    gm = _fx_capture(model, set(leaves), max_leaves, constants)  # as the model is: today's graph
     # fx stores tensor constants on the traced root: the second capture's copies go again.
     before = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
     try:
         with _modes(model, not primary):
-            other = _fx_capture(model, set(gm.meta["pbp_leaves"]), 0)
+            other = _fx_capture(model, set(gm.meta["pbp_leaves"]), 0, constants)
     except TraceError:
         other = None
     merged = _merge(gm, other, primary, type(model).__name__)
@@ -337,9 +343,10 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
         raise TraceError("frontend='export' needs example inputs: pass example_inputs and/or example_kwargs")
     fx_error: Optional[TraceError] = None
     shape_error: Optional[TraceError] = None
+    fx_call, export_call = _call_signatures(model, args, kwargs)
     if frontend in ("fx", "auto"):
         try:
-            gm = _trace_fx(model, leaves, max_leaves)
+            gm = _trace_fx(model, leaves, max_leaves, fx_call)
         except TraceError as exc:
             if frontend == "fx" or args is None:
                 raise
@@ -350,14 +357,14 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
             if args is None:
                 return gm
             try:
-                propagate_shapes(gm, args, kwargs)
+                _propagate(gm, fx_call, args, kwargs)
                 return gm
             except TraceError as exc:
                 if frontend == "fx":
                     raise
                 shape_error = exc
     try:
-        gm = _trace_export(model, args, kwargs, dynamic)
+        gm = _trace_export(model, *_graph_inputs(export_call, args, kwargs), dynamic)
     except TraceError as exc:
         if shape_error is not None:
             raise shape_error from None
@@ -372,12 +379,37 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     else:
         log.info("trace: %s traced with torch.export", type(model).__name__)
     try:
-        propagate_shapes(gm, args, kwargs)
+        _propagate(gm, export_call, args, kwargs)
     except TraceError:
         if shape_error is not None:
             raise shape_error from None
         raise
     return gm
+
+
+def _call_signatures(model: nn.Module, args: Optional[tuple], kwargs: dict):
+    """The example call as the fx graph and as the exported graph take it (None, None without
+    example inputs or an inspectable forward)."""
+    if args is None:
+        return None, None
+    try:
+        return (CallSignature.of(model, args, kwargs, "positional"),
+                CallSignature.of(model, args, kwargs, "keyword"))
+    except (ValueError, RuntimeError):  # no inspectable signature: the graph is called as given
+        return None, None
+    except TypeError as exc:
+        raise TraceError(f"example inputs do not match {type(model).__name__}.forward: {exc}") from exc
+
+
+def _graph_inputs(call: Optional[CallSignature], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return (args, kwargs) if call is None else call.graph_inputs(args, kwargs)
+
+
+def _propagate(gm: fx.GraphModule, call: Optional[CallSignature], args: tuple, kwargs: dict) -> None:
+    """Shapes from the example call; the graph remembers how it is called (`pbp_call`)."""
+    propagate_shapes(gm, *_graph_inputs(call, args, kwargs))
+    if call is not None:
+        gm.meta["pbp_call"] = call
 
 
 # -- shapes ----------------------------------------------------------------------------------------
@@ -386,6 +418,12 @@ class _ShapeProp(ShapeProp):
     """ShapeProp that remembers the node it is running (to name it in errors)."""
 
     node: Optional[fx.Node] = None
+
+    def placeholder(self, target, args, kwargs):
+        if str(target).startswith("*"):  # *args / **kwargs: one prepared tuple / dict (see _flat_inputs)
+            value = next(self.args_iter)
+            return list(value) if not str(target).startswith("**") else value
+        return super().placeholder(target, args, kwargs)
 
     def run_node(self, n: fx.Node):
         self.node = n
@@ -401,7 +439,13 @@ def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     flat, used = [], set()
     for i, p in enumerate(placeholders):
         name = str(p.target).lstrip("*")
-        if i < len(args):
+        if str(p.target).startswith("**"):  # _ShapeProp hands these over as one value
+            flat.append({k: v for k, v in kwargs.items() if k not in used})
+            used.update(kwargs)
+        elif str(p.target).startswith("*"):
+            flat.append(tuple(args[i:]))
+            args = args[:i]
+        elif i < len(args):
             flat.append(args[i])
         elif name in kwargs:
             flat.append(kwargs[name])

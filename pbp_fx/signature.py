@@ -1,0 +1,185 @@
+"""How a traced graph is called like the original model.
+
+A captured graph takes only the inputs it was traced with: tensors become graph inputs, and
+everything else (`None` for an optional input, a flag, a default) is frozen into the graph.
+`CallSignature` remembers the original `forward`'s signature and, per parameter, what the
+trace saw (a pytree whose tensor leaves are inputs and whose other leaves are constants).
+`bind` takes any call the original accepts (positional `None`s, defaults, keyword-only
+inputs), checks it against what was traced, and returns the graph's own call. Keywords that
+the original takes through `**kwargs` but the trace never saw are handed back separately:
+the caller decides whether they matter (`PerforatedModel` checks them against the original).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import PBError
+
+__all__ = ["CallSignature", "CallError", "GRAPH_STYLES"]
+
+# "positional": the graph's parameters are the original's, in order (symbolic tracing);
+# "keyword": the graph takes the traced inputs by name (torch.export, given keyword inputs).
+GRAPH_STYLES = ("positional", "keyword")
+
+_P = inspect.Parameter
+_VARIADIC = (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
+
+
+class CallError(PBError, TypeError):
+    """A call the original accepts, but the traced graph cannot run (another input pattern)."""
+
+
+class _Tensor:
+    """Template leaf: a tensor input of the graph."""
+
+    def __repr__(self) -> str:
+        return "Tensor"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Tensor)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+def _template(value) -> tuple:
+    leaves, spec = pytree.tree_flatten(value)
+    return spec, tuple(_Tensor() if isinstance(v, torch.Tensor) else v for v in leaves)
+
+
+def _has_tensor(template: tuple) -> bool:
+    return any(isinstance(v, _Tensor) for v in template[1])
+
+
+def _describe(template: tuple) -> str:
+    spec, leaves = template
+    if spec.num_leaves == 1 and spec.is_leaf():
+        return repr(leaves[0])
+    return "None" if not leaves and spec.type is type(None) else f"{spec.type.__name__} of {list(leaves)}"
+
+
+def _same_constant(a, b) -> bool:
+    if isinstance(a, _Tensor) or isinstance(b, _Tensor):
+        return isinstance(a, _Tensor) and isinstance(b, _Tensor)
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - values without a plain equality
+        return False
+
+
+def _matches(template: tuple, value) -> bool:
+    spec, leaves = _template(value)
+    return spec == template[0] and len(leaves) == len(template[1]) and all(
+        _same_constant(a, b) for a, b in zip(template[1], leaves))
+
+
+@dataclass
+class CallSignature:
+    """The original forward's signature and the input pattern the graph was traced with."""
+
+    signature: inspect.Signature
+    traced: dict  # parameter -> template; **kwargs -> {key: template}; *args -> (template, ...)
+    style: str = "positional"
+    model_name: str = "model"
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, args: tuple, kwargs: dict, style: str = "positional") -> "CallSignature":
+        """The call `model(*args, **kwargs)` as a pattern (raises TypeError when the model refuses it)."""
+        if style not in GRAPH_STYLES:
+            raise ValueError(f"style={style!r}: use one of {GRAPH_STYLES}")
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        traced: dict = {}
+        for name, param in sig.parameters.items():
+            value = bound.arguments.get(name, () if param.kind is _P.VAR_POSITIONAL else {})
+            if param.kind is _P.VAR_KEYWORD:
+                traced[name] = {k: _template(v) for k, v in value.items()}
+            elif param.kind is _P.VAR_POSITIONAL:
+                traced[name] = tuple(_template(v) for v in value)
+            else:
+                traced[name] = _template(value)
+        return cls(sig, traced, style, type(model).__name__)
+
+    # -- what the trace takes ----------------------------------------------------------------
+    def constants(self) -> dict:
+        """Named parameters that carry no tensor, with their traced values (symbolic tracing
+        specialises on them)."""
+        out = {}
+        for name, param in self.signature.parameters.items():
+            if param.kind not in _VARIADIC and not _has_tensor(self.traced[name]):
+                spec, leaves = self.traced[name]
+                out[name] = pytree.tree_unflatten(list(leaves), spec)
+        return out
+
+    def _passed(self, name: str, value) -> bool:
+        """A keyword-style graph takes the parameter: it carries a tensor or is not its default."""
+        param = self.signature.parameters[name]
+        return _has_tensor(self.traced[name]) or param.default is _P.empty or not _matches(
+            _template(param.default), value)
+
+    # -- binding a call ------------------------------------------------------------------------
+    def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict]:
+        """(graph args, graph kwargs, untraced **kwargs entries) for a call of the original.
+
+        Raises TypeError where the original would (its own message), CallError where the
+        original accepts the call but the graph was traced with another input pattern."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        g_args: list = []
+        g_kwargs: dict = {}
+        extra: dict = {}
+        for name, param in self.signature.parameters.items():
+            traced = self.traced[name]
+            if param.kind is _P.VAR_KEYWORD:
+                value = bound.arguments.get(name, {})
+                for key, v in value.items():
+                    if key not in traced:
+                        extra[key] = v
+                        continue
+                    self._check(key, traced[key], v)
+                    g_kwargs[key] = v
+                missing = sorted(set(traced) - set(value))
+                if missing:
+                    raise CallError(f"{self.model_name} was traced with keyword input(s) {missing}, "
+                                    f"this call leaves them out: pass them, or perforate without them")
+                continue
+            value = bound.arguments.get(name, ())
+            if param.kind is _P.VAR_POSITIONAL:
+                if len(value) != len(traced):
+                    raise CallError(f"{self.model_name} was traced with {len(traced)} extra positional "
+                                    f"input(s) in *{name}, this call passes {len(value)}: "
+                                    "perforate with an example of this call")
+                for i, (t, v) in enumerate(zip(traced, value)):
+                    self._check(f"{name}[{i}]", t, v)
+                g_args.extend(value)
+                continue
+            self._check(name, traced, value)
+            if self.style == "positional":
+                g_args.append(value)
+            elif param.kind is _P.POSITIONAL_ONLY:
+                g_args.append(value)
+            elif self._passed(name, value):
+                g_kwargs[name] = value
+        return tuple(g_args), g_kwargs, extra
+
+    def graph_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The graph's call for the traced example itself (untraced keywords are refused)."""
+        g_args, g_kwargs, extra = self.bind(args, kwargs)
+        if extra:
+            raise CallError(f"keyword input(s) {sorted(extra)} were not traced")
+        return g_args, g_kwargs
+
+    def _check(self, name: str, traced: tuple, value) -> None:
+        if _matches(traced, value):
+            return
+        what = f"was traced with {name}={_describe(traced)}, this call passes {_describe(_template(value))}"
+        raise CallError(f"{self.model_name} {what}: the graph is specialised to the traced value; "
+                        f"perforate with an example call that passes {name} like this one")
