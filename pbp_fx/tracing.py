@@ -21,6 +21,7 @@ Both frontends capture the model in train and in eval mode and merge the two
     pbp_frontend   "fx" | "export"            which frontend made the graph
     pbp_fx_error   why fx was not used (auto)  or absent
     pbp_modes      "train+eval" | "train" | "eval": the captures the graph follows
+    pbp_modes_reason  why the graph follows one mode only (absent when it follows both)
     pbp_dynamic    export: "auto" (dynamic dims) | "static"
     pbp_call       a CallSignature: how the graph is called like the model (with example inputs)
     pbp_leaves / pbp_untraceable               fx: leaf modules / those isolated
@@ -150,12 +151,13 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
     gm = _fx_capture(model, set(leaves), max_leaves, constants)  # as the model is: today's graph
     # fx stores tensor constants on the traced root: the second capture's copies go again.
     before = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
+    why = ""
     try:
         with _modes(model, not primary):
             other = _fx_capture(model, set(gm.meta["pbp_leaves"]), 0, constants)
-    except TraceError:
-        other = None
-    merged = _merge(gm, other, primary, type(model).__name__)
+    except TraceError as exc:
+        other, why = None, _reason(exc)
+    merged = _merge(gm, other, primary, type(model).__name__, why)
     for name in set(model.__dict__) | set(model._buffers):
         if name not in before and name.startswith("_tensor_constant"):
             delattr(model, name)
@@ -285,8 +287,10 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
             other = _export_capture(model, args, kwargs, used)
     except Exception as exc:  # noqa: BLE001
         log.info("trace: the %s-mode export failed: %s", "eval" if primary else "train", _reason(exc))
-        other = None
-    gm = _merge(gm, other, primary, type(model).__name__)
+        other, why = None, _reason(exc)
+    else:
+        why = ""
+    gm = _merge(gm, other, primary, type(model).__name__, why)
     gm.meta["pbp_dynamic"] = "auto" if used else "static"
     gm.meta["pbp_leaves"] = []
     gm.meta["pbp_untraceable"] = []
@@ -295,28 +299,31 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
 
 # -- both frontends ---------------------------------------------------------------------------------
 
-def _merge(primary_gm: fx.GraphModule, other: Optional[fx.GraphModule], primary: bool, name: str) -> fx.GraphModule:
+def _merge(primary_gm: fx.GraphModule, other: Optional[fx.GraphModule], primary: bool, name: str,
+           why_no_other: str = "") -> fx.GraphModule:
     """One graph following the mode, from the capture in the model's mode and one in the other."""
-    from pbp_fx.passes.train_eval import MODES_ATTR, merge_train_eval
+    from pbp_fx.passes.train_eval import MODES_ATTR, merge_modes
 
     meta = dict(primary_gm.meta)
-    merged = None
-    if other is not None:
+    mode, other_mode = ("train", "eval") if primary else ("eval", "train")
+    if other is None:
+        reason = f"it cannot be captured in {other_mode} mode" + (f" ({why_no_other})" if why_no_other else "")
+    else:
         train_gm, eval_gm = (primary_gm, other) if primary else (other, primary_gm)
-        merged = merge_train_eval(train_gm, eval_gm, training=primary)
-    if merged is None:
-        mode, other_mode = ("train", "eval") if primary else ("eval", "train")
-        why = "cannot be captured" if other is None else "takes another path (not only dropout / batch norm)"
-        warnings.warn(
-            f"{name} {why} in {other_mode} mode: the graph follows {mode} mode whatever .train()/.eval() say; "
-            f"trace the model in the mode you will use it in", stacklevel=4)
-        primary_gm.meta["pbp_modes"] = mode
-        return primary_gm
-    if not hasattr(merged, MODES_ATTR):
-        merged = primary_gm  # the two captures are the same graph
-    merged.meta.update(meta)
-    merged.meta["pbp_modes"] = "train+eval"
-    return merged
+        merged, reason = merge_modes(train_gm, eval_gm, training=primary)
+        if merged is not None:
+            if not hasattr(merged, MODES_ATTR):
+                merged = primary_gm  # the two captures are the same graph
+            merged.meta.update(meta)
+            merged.meta["pbp_modes"] = "train+eval"
+            return merged
+        reason = f"its {other_mode}-mode graph takes another path: {reason}"
+    warnings.warn(
+        f"{name}: {reason}; the graph follows {mode} mode whatever .train()/.eval() say: "
+        f"trace the model in the mode you will use it in", stacklevel=4)
+    primary_gm.meta["pbp_modes"] = mode
+    primary_gm.meta["pbp_modes_reason"] = reason
+    return primary_gm
 
 
 def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs: Optional[dict] = None, *,
