@@ -198,6 +198,21 @@ def _prepare(model: nn.Module) -> tuple[nn.Module, dict[str, int], str]:
     return copy.deepcopy(model).eval(), dendrites, activation
 
 
+def _graph_inputs(model: nn.Module, inputs: tuple) -> tuple:
+    """A perforated model's inputs as its graph takes them, positionally (a call of the original
+    with positional `None`s or defaults becomes the traced graph's own call)."""
+    from pbp_fx.perforated import PerforatedModel
+
+    call = model.call_signature if isinstance(model, PerforatedModel) else None
+    if call is None:
+        return inputs
+    try:
+        args, kwargs = call.graph_inputs(inputs, {})
+    except TypeError as e:
+        raise ExportError(f"example inputs do not match the model: {e}") from e
+    return tuple(args) + tuple(kwargs.values())
+
+
 def _as_tuple(example_inputs) -> tuple:
     return example_inputs if isinstance(example_inputs, tuple) else (
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
@@ -410,6 +425,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     if int(opset) < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the exporter and the fused ops need opset >= {MIN_OPSET}")
     target = _target(path)
+    inputs = _graph_inputs(model, _as_tuple(example_inputs))
     module, dendrites, activation = _prepare(model)
     specs: dict[str, FusedOpSpec] = {}
     if fused:
@@ -418,7 +434,6 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
             if spec.min_opset > opset:
                 raise ExportError(f"a site with padding_mode={spec.padding_mode!r} needs opset >= "
                                   f"{spec.min_opset}: pass opset={spec.min_opset}")
-    inputs = _as_tuple(example_inputs)
     proto = _torch_export(module, inputs, int(opset), dynamic_batch)
     n_fused = _attach_functions(proto, specs)
     expected = sum(1 for k in dendrites.values() if k > 0) if fused else 0

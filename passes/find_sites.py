@@ -43,6 +43,9 @@ class SiteSpec:
     weight_transposed: bool = False  # the weight parameter is stored [in, C] (x @ W): the neuron reads W.t()
     input_index: int = 0  # position of x in the neuron node's args (1 for addmm)
     input_name: str = "input"  # keyword of x in the neuron node's kwargs
+    # Path of the GraphModule whose nodes these are ("" for the graph itself; a TracedPart's
+    # graph when the root could not be traced); module / weight / node names are relative to it.
+    graph: str = ""
 
     @property
     def in_leaf(self) -> bool:
@@ -139,7 +142,36 @@ def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilt
         # A leaf inside another untraceable leaf: its neurons are found through the outer one.
         if not any(leaf.startswith(outer + ".") for outer in untraceable):
             specs.extend(_leaf_sites(gm, leaf, include, exclude))
+    specs.extend(_part_sites(gm, include, exclude))
     return specs
+
+
+def _part_sites(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter) -> list[SiteSpec]:
+    """Sites of the submodules traced in place under an untraceable root (`TracedPart`s), named
+    by their path in the model (`backbone.body.conv1`)."""
+    from pbp_fx.tracing import TracedPart
+
+    out = []
+    for path, part in gm.named_modules():
+        if not isinstance(part, TracedPart):
+            continue
+        prefix = part.name + "."
+        inner_inc = _scoped(include, prefix)
+        inner_exc = _scoped(exclude, prefix)
+        for spec in find_sites(part.graph_module, inner_inc, inner_exc):
+            spec.name = prefix + spec.name
+            spec.graph = f"{path}.graph_module" + (f".{spec.graph}" if spec.graph else "")
+            out.append(spec)
+    return out
+
+
+def _scoped(f: SiteFilter, prefix: str) -> list:
+    """A filter for names inside a part: the rule sees the model-qualified name."""
+    rules = _rules(f)
+
+    def rule(r):
+        return lambda name, module: _matches(r, prefix + name, module)
+    return [rule(r) for r in rules]
 
 
 def _leaf_sites(gm: fx.GraphModule, leaf: str, include: SiteFilter, exclude: SiteFilter) -> list[SiteSpec]:

@@ -1,7 +1,7 @@
 """insert_dendrites: route each site's output through a Site module.
 
 Requires: `specs` from `find_sites` on this very graph.
-Ensures: for every graph site, `call_module pbp_sites.<key>(x, out)` follows the site output
+Ensures: for every graph site (in its own graph: `spec.graph`), `call_module pbp_sites.<key>(x, out)` follows the site output
 and has taken over all its uses, x being what the neuron reads (an upstream Site's output
 where sites chain); every leaf site's neuron is swapped for SwappedNeuron. With
 no dendrites installed each Site returns its input unchanged, so the model computes exactly
@@ -31,6 +31,13 @@ def site_key(name: str) -> str:
 def insert_dendrites(gm: fx.GraphModule, specs: Iterable[SiteSpec], activation: str = "sigmoid",
                      mode: str = "pb") -> fx.GraphModule:
     """Insert one Site per spec into `gm` (in place) and return it."""
+    specs = list(specs)
+    for graph in dict.fromkeys(s.graph for s in specs if s.graph):  # submodules traced in place
+        _insert(gm.get_submodule(graph), [s for s in specs if s.graph == graph], activation, mode)
+    return _insert(gm, [s for s in specs if not s.graph], activation, mode)
+
+
+def _insert(gm: fx.GraphModule, specs: list, activation: str, mode: str) -> fx.GraphModule:
     if not hasattr(gm, SITES_ATTR):
         gm.add_submodule(SITES_ATTR, nn.ModuleDict())
     sites: nn.ModuleDict = getattr(gm, SITES_ATTR)

@@ -23,7 +23,8 @@ from torch import fx, nn
 
 from pbp_fx.layers import LayerSpec, NormSpec
 
-__all__ = ["NeuronMatch", "NormMatch", "match_neuron", "match_norm", "attr_tensor", "NEURON_RULES", "NORM_RULES"]
+__all__ = ["NeuronMatch", "NormMatch", "match_neuron", "match_norm", "attr_tensor", "neuron_weights",
+           "NEURON_RULES", "NORM_RULES"]
 
 
 @dataclass
@@ -126,6 +127,25 @@ def attr_tensor(gm: nn.Module, path: str) -> torch.Tensor:
     """The tensor at a dotted attribute path (parameter, buffer or plain attribute)."""
     owner, _, name = path.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def neuron_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Linear/Conv-like weights of a model, by qualified name: the weights of Linear / ConvNd
+    modules, and the 2-D or wider parameters of other torch.nn layers (MultiheadAttention's
+    in_proj_weight), embeddings excepted. What a capture could make sites of."""
+    out, seen = [], set()
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            found = [("weight", m.weight)]
+        elif type(m).__module__.startswith("torch.nn.") and not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            found = [(n, p) for n, p in m.named_parameters(recurse=False) if p.dim() >= 2]
+        else:
+            continue
+        for pname, p in found:
+            if isinstance(p, nn.Parameter) and id(p) not in seen:
+                seen.add(id(p))
+                out.append((f"{name}.{pname}" if name else pname, p))
+    return out
 
 
 def _ntuple(v, n: int) -> tuple:

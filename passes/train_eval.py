@@ -13,7 +13,8 @@ that only the train capture performs runs only in train mode. `model.train()` /
 `model.eval()` then switch the graph like the original model. Layout-only nodes that one
 capture has and the other has not (`contiguous`, `clone`: strides differ with dropout) and
 value-free checks are tolerated; any other difference means the forward takes another path
-in the other mode, and the merge gives up (returns None) rather than guess.
+in the other mode, and the merge gives up (with the reason) rather than guess. The edit is
+made on a copy of the graph: a refused merge leaves both captures untouched.
 
 Requires: two GraphModules traced from the same model with the same inputs, one in train
 and one in eval mode.
@@ -22,14 +23,15 @@ Ensures: the train graph, edited in place, with one ModeSwitch per mode-dependen
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import copy
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.operator_schemas import normalize_function
 
-__all__ = ["ModeSwitch", "merge_train_eval", "lower_to_eval", "MODES_ATTR"]
+__all__ = ["ModeSwitch", "merge_train_eval", "merge_modes", "MergeResult", "lower_to_eval", "MODES_ATTR"]
 
 MODES_ATTR = "pbp_modes"
 
@@ -218,9 +220,25 @@ def _has_node(x) -> bool:
     return bool(found)
 
 
-def merge_train_eval(train_gm: fx.GraphModule, eval_gm: fx.GraphModule,
-                     training: bool = True) -> Optional[fx.GraphModule]:
-    """Make `train_gm` follow the mode (see the module docstring); None when the captures differ."""
+class MergeResult(NamedTuple):
+    """The merged graph (None: not merged) and, when not merged, why."""
+
+    graph_module: Optional[fx.GraphModule]
+    reason: str = ""
+
+
+def _describe(n: Optional[fx.Node]) -> str:
+    if n is None:
+        return "nothing"
+    target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+    return f"{n.name} ({n.op} {target})"
+
+
+def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: bool = True) -> MergeResult:
+    """Make `train_gm` follow the mode (see the module docstring), or say why it cannot.
+
+    The edit is made on a copy of the train graph and installed only when that copy is a valid
+    graph, so a refused merge leaves `train_gm` as it was."""
     tn, en = list(train_gm.graph.nodes), list(eval_gm.graph.nodes)
     w = _Walk(train_gm, eval_gm)
     switched: dict[fx.Node, fx.Node] = {}  # train node -> its eval twin, constants differing
@@ -259,15 +277,37 @@ def merge_train_eval(train_gm: fx.GraphModule, eval_gm: fx.GraphModule,
         if e is not None and e.op == "get_attr":
             j += 1
             continue
-        return None
+        return MergeResult(None, f"the train capture has {_describe(t)} where the eval capture has {_describe(e)}")
     if not switched and not train_only:
-        return train_gm
-    graph = train_gm.graph
-    if not hasattr(train_gm, MODES_ATTR):
+        return MergeResult(train_gm)
+    return _install(train_gm, w, switched, train_only, training)
+
+
+def _install(train_gm: fx.GraphModule, w: _Walk, switched: dict, train_only: list, training: bool) -> MergeResult:
+    """Replace the switched and train-only nodes by ModeSwitch calls, on a copy of the graph."""
+    old = train_gm.graph
+    graph = fx.Graph(owning_module=train_gm, tracer_cls=old._tracer_cls, tracer_extras=old._tracer_extras)
+    graph._codegen = copy.deepcopy(old._codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    out, out_node = graph.graph_copy(old, env, return_output_node=True)
+    graph.output(out, type_expr=getattr(out_node, "type", None))
+    # A switched node feeding another (two chained dropouts): the second one's eval form must
+    # read the first one's ModeSwitch call, not the node it replaced.
+    current: dict[fx.Node, fx.Node] = {}
+
+    def now(n: fx.Node) -> fx.Node:
+        n = env[n]
+        return current.get(n, n)
+
+    added_modes = not hasattr(train_gm, MODES_ATTR)
+    if added_modes:
         train_gm.add_submodule(MODES_ATTR, nn.ModuleDict())
     modes: nn.ModuleDict = getattr(train_gm, MODES_ATTR)
-    for t in list(switched) + train_only:
-        e = switched.get(t)
+    new_keys: list[str] = []
+    order = {n: i for i, n in enumerate(old.nodes)}
+    for t_old in sorted(list(switched) + train_only, key=order.__getitem__):  # graph order
+        t = env[t_old]
+        e = switched.get(t_old)
         inputs: list[fx.Node] = []
 
         def slot(n: fx.Node) -> _Slot:
@@ -278,20 +318,37 @@ def merge_train_eval(train_gm: fx.GraphModule, eval_gm: fx.GraphModule,
         train_form = (_plain(map_arg(t.args, slot)), _plain(map_arg(dict(t.kwargs), slot)))
         eval_form = None
         if e is not None:
-            to_train = lambda n: slot(w.canon_t(w.train_of(n)))  # noqa: E731
+            to_train = lambda n: slot(now(w.canon_t(w.train_of(n))))  # noqa: E731
             eval_form = (_plain(map_arg(e.args, to_train)), _plain(map_arg(dict(e.kwargs), to_train)))
         key = t.name
         while key in modes:
             key += "_"
         modes[key] = ModeSwitch(t.op, t.target, train_form, eval_form).train(training)
+        new_keys.append(key)
         with graph.inserting_before(t):
             new = graph.call_module(f"{MODES_ATTR}.{key}", tuple(inputs))
         new.meta.update(t.meta)
         t.replace_all_uses_with(new)
         graph.erase_node(t)
-    graph.lint()
+        current[t] = new
+    try:
+        graph.lint()
+    except Exception as exc:  # noqa: BLE001 - any invalid graph: refuse, keep the train graph as it was
+        for key in new_keys:
+            del modes[key]
+        if added_modes:
+            delattr(train_gm, MODES_ATTR)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return MergeResult(None, f"the merged graph is not valid ({first})")
+    train_gm.graph = graph
     train_gm.recompile()
-    return train_gm
+    return MergeResult(train_gm)
+
+
+def merge_train_eval(train_gm: fx.GraphModule, eval_gm: fx.GraphModule,
+                     training: bool = True) -> Optional[fx.GraphModule]:
+    """`merge_modes` without the reason: the merged graph, or None when the captures differ."""
+    return merge_modes(train_gm, eval_gm, training).graph_module
 
 
 def lower_to_eval(gm: fx.GraphModule) -> fx.GraphModule:

@@ -28,7 +28,7 @@ from .config import PBConfig
 from .errors import CheckpointError, NoSitesError
 from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate
-from .signature import inputs_from_signature
+from .inputs import inputs_from_signature
 
 __all__ = ["save", "load", "load_optimizer", "read_structure", "read_extra", "read_meta", "FORMAT"]
 

@@ -12,8 +12,9 @@ import torch
 from torch import fx, nn
 
 from .errors import NoSitesError
-from .signature import describe_inputs
+from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
+from .signature import CallError, CallSignature
 from .tracing import trace
 
 __all__ = ["PerforatedModel", "perforate", "PHASES"]
@@ -25,9 +26,13 @@ class PerforatedModel(nn.Module):
     """A traced model with a Site after every neuron layer; called exactly like the original."""
 
     def __init__(self, graph_module: fx.GraphModule, mode: str = "pb", activation: str = "sigmoid",
-                 capture: Optional[dict] = None):
+                 capture: Optional[dict] = None, source: Optional[nn.Module] = None):
         super().__init__()
         self.graph_module = graph_module
+        # The model the graph was traced from (sharing its submodules), not registered: it is
+        # run only to decide whether an untraced keyword input changes the output.
+        object.__setattr__(self, "_source", source)
+        self._untraced_ok: set[str] = set()
         self.mode, self.activation = mode, activation
         # How the graph was captured (JSON: frontend and its options, leaves, input signature);
         # checkpoints store it so that load() re-captures the model the same way.
@@ -39,8 +44,51 @@ class PerforatedModel(nn.Module):
         # train-mode forwards would otherwise move them although no weight changes.
         self._frozen_buffers: dict[str, torch.Tensor] = {}
 
+    @property
+    def call_signature(self) -> Optional[CallSignature]:
+        """The original forward's signature and the traced input pattern (None: traced without inputs)."""
+        return self.graph_module.meta.get("pbp_call")
+
     def forward(self, *args, **kwargs):
-        return self.graph_module(*args, **kwargs)
+        """Called like the original model: positional `None`s, defaults, keyword-only inputs.
+
+        A keyword the original takes through `**kwargs` that was not traced (the Hugging Face
+        Trainer's `num_items_in_batch`) is dropped when it does not change the original's
+        output (checked once per keyword), and refused with a CallError when it does."""
+        call = self.call_signature
+        if call is None:
+            return self.graph_module(*args, **kwargs)
+        g_args, g_kwargs, extra = call.bind(args, kwargs)
+        for key in extra:
+            if key not in self._untraced_ok:
+                self._check_untraced(key, args, kwargs)
+        return self.graph_module(*g_args, **g_kwargs)
+
+    def _check_untraced(self, key: str, args: tuple, kwargs: dict) -> None:
+        """Run the source model with and without `key` (eval mode, no grad, buffers kept)."""
+        source = self._source
+        name = type(source).__name__ if source is not None else "the model"
+        refuse = (f"keyword input {key!r} was not given to perforate() and {name} may use it: "
+                  f"pass it in example_kwargs to perforate()")
+        if source is None:
+            raise CallError(refuse)
+        without = {k: v for k, v in kwargs.items() if k != key}
+        modes = {m: m.training for m in source.modules()}
+        buffers = {n: b.detach().clone() for n, b in source.named_buffers()}
+        try:
+            source.eval()
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                same = _same_output(source(*args, **without), source(*args, **kwargs))
+        finally:
+            for m, t in modes.items():
+                m.train(t)
+            with torch.no_grad():
+                for n, b in source.named_buffers():
+                    if n in buffers:
+                        b.copy_(buffers[n])
+        if not same:
+            raise CallError(refuse.replace("may use it", "uses it (its output changes)"))
+        self._untraced_ok.add(key)
 
     # -- structure -------------------------------------------------------------------
     @property
@@ -240,4 +288,22 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     capture = {"frontend": frontend, "captured_with": gm.meta.get("pbp_frontend", "fx"), "dynamic": dynamic,
                "leaves": list(gm.meta.get("pbp_untraceable", [])),
                "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {}))}
-    return PerforatedModel(gm, mode=mode, activation=activation, capture=capture)
+    return PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
+
+
+def _same_output(a, b) -> bool:
+    from torch.utils import _pytree as pytree
+
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    if sa != sb or len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or not torch.equal(x, y):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return False
+        elif x is not y and x != y:
+            return False
+    return True

@@ -1,76 +1,185 @@
-"""Input signatures: what a model was captured with, as JSON, and stand-in inputs rebuilt from it.
+"""How a traced graph is called like the original model.
 
-    sig = describe_inputs(model, (x,), {"mask": m})
-    # {"names": ["x"], "args": [{"kind": "tensor", "shape": [4, 40], "batch_axis": 0, "dtype": "float32"}],
-    #  "kwargs": {"mask": {...}}}
-    args, kwargs = inputs_from_signature(sig)      # same shapes and dtypes, fixed values
-
-A checkpoint stores the signature so that a model is re-captured without the caller
-supplying example inputs again. Axis 0 of every tensor with at least one dimension is the
-batch axis (the convention of the exporters' dynamic batch).
+A captured graph takes only the inputs it was traced with: tensors become graph inputs, and
+everything else (`None` for an optional input, a flag, a default) is frozen into the graph.
+`CallSignature` remembers the original `forward`'s signature and, per parameter, what the
+trace saw (a pytree whose tensor leaves are inputs and whose other leaves are constants).
+`bind` takes any call the original accepts (positional `None`s, defaults, keyword-only
+inputs), checks it against what was traced, and returns the graph's own call. Keywords that
+the original takes through `**kwargs` but the trace never saw are handed back separately:
+the caller decides whether they matter (`PerforatedModel` checks them against the original).
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
-from torch import nn
+from torch.utils import _pytree as pytree
 
-from .errors import CheckpointError
+from .errors import PBError
 
-__all__ = ["describe_inputs", "inputs_from_signature"]
+__all__ = ["CallSignature", "CallError", "GRAPH_STYLES"]
 
+# "positional": the graph's parameters are the original's, in order (symbolic tracing);
+# "keyword": the graph takes the traced inputs by name (torch.export, given keyword inputs).
+GRAPH_STYLES = ("positional", "keyword")
 
-def _describe(value: Any) -> dict:
-    if isinstance(value, torch.Tensor):
-        return {"kind": "tensor", "shape": list(value.shape), "batch_axis": 0 if value.dim() else None,
-                "dtype": str(value.dtype).replace("torch.", "")}
-    if value is None:
-        return {"kind": "none"}
-    if isinstance(value, (bool, int, str)) or (isinstance(value, float) and value == value):
-        return {"kind": "value", "value": value}
-    return {"kind": "unsupported", "type": type(value).__name__}
+_P = inspect.Parameter
+_VARIADIC = (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
 
 
-def describe_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """JSON description of example inputs: positional names, shapes (batch axis marked), dtypes."""
+class CallError(PBError, TypeError):
+    """A call the original accepts, but the traced graph cannot run (another input pattern)."""
+
+
+class _Tensor:
+    """Template leaf: a tensor input of the graph."""
+
+    def __repr__(self) -> str:
+        return "Tensor"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Tensor)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+def _template(value) -> tuple:
+    leaves, spec = pytree.tree_flatten(value)
+    return spec, tuple(_Tensor() if isinstance(v, torch.Tensor) else v for v in leaves)
+
+
+def _has_tensor(template: tuple) -> bool:
+    return any(isinstance(v, _Tensor) for v in template[1])
+
+
+def _describe(template: tuple) -> str:
+    spec, leaves = template
+    if spec.num_leaves == 1 and spec.is_leaf():
+        return repr(leaves[0])
+    return "None" if not leaves and spec.type is type(None) else f"{spec.type.__name__} of {list(leaves)}"
+
+
+def _same_constant(a, b) -> bool:
+    if isinstance(a, _Tensor) or isinstance(b, _Tensor):
+        return isinstance(a, _Tensor) and isinstance(b, _Tensor)
+    if a is b:
+        return True
     try:
-        params = [p.name for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        params = []
-    names = [params[i] if i < len(params) else f"arg{i}" for i in range(len(args))]
-    return {"names": names, "args": [_describe(a) for a in args],
-            "kwargs": {k: _describe(v) for k, v in kwargs.items()}}
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - values without a plain equality
+        return False
 
 
-def _rebuild(entry: dict, where: str, generator: torch.Generator):
-    kind = entry.get("kind")
-    if kind == "none":
-        return None
-    if kind == "value":
-        return entry["value"]
-    if kind != "tensor":
-        raise CheckpointError(f"the recorded input {where} is a {entry.get('type', kind)}, which cannot be rebuilt: "
-                              "pass example_inputs / example_kwargs to load()")
-    dtype = getattr(torch, entry["dtype"], None)
-    if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"the recorded input {where} has dtype {entry['dtype']!r}, unknown to this torch: "
-                              "pass example_inputs / example_kwargs to load()")
-    shape = tuple(entry["shape"])
-    if dtype.is_floating_point or dtype.is_complex:
-        return torch.randn(shape, generator=generator).to(dtype)
-    if dtype == torch.bool:
-        return torch.ones(shape, dtype=dtype)
-    return torch.zeros(shape, dtype=dtype)  # integer ids: 0 is a valid index of every table
+def _matches(template: tuple, value) -> bool:
+    spec, leaves = _template(value)
+    return spec == template[0] and len(leaves) == len(template[1]) and all(
+        _same_constant(a, b) for a, b in zip(template[1], leaves))
 
 
-def inputs_from_signature(signature: dict) -> tuple[tuple, dict]:
-    """Stand-in (args, kwargs) with the recorded shapes and dtypes (fixed values, the global RNG untouched)."""
-    g = torch.Generator().manual_seed(0)
-    names = signature.get("names") or []
-    args = tuple(_rebuild(e, repr(names[i]) if i < len(names) else f"#{i}", g)
-                 for i, e in enumerate(signature.get("args", [])))
-    kwargs = {k: _rebuild(e, repr(k), g) for k, e in signature.get("kwargs", {}).items()}
-    return args, kwargs
+@dataclass
+class CallSignature:
+    """The original forward's signature and the input pattern the graph was traced with."""
+
+    signature: inspect.Signature
+    traced: dict  # parameter -> template; **kwargs -> {key: template}; *args -> (template, ...)
+    style: str = "positional"
+    model_name: str = "model"
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, args: tuple, kwargs: dict, style: str = "positional") -> "CallSignature":
+        """The call `model(*args, **kwargs)` as a pattern (raises TypeError when the model refuses it)."""
+        if style not in GRAPH_STYLES:
+            raise ValueError(f"style={style!r}: use one of {GRAPH_STYLES}")
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        traced: dict = {}
+        for name, param in sig.parameters.items():
+            value = bound.arguments.get(name, () if param.kind is _P.VAR_POSITIONAL else {})
+            if param.kind is _P.VAR_KEYWORD:
+                traced[name] = {k: _template(v) for k, v in value.items()}
+            elif param.kind is _P.VAR_POSITIONAL:
+                traced[name] = tuple(_template(v) for v in value)
+            else:
+                traced[name] = _template(value)
+        return cls(sig, traced, style, type(model).__name__)
+
+    # -- what the trace takes ----------------------------------------------------------------
+    def constants(self) -> dict:
+        """Named parameters that carry no tensor, with their traced values (symbolic tracing
+        specialises on them)."""
+        out = {}
+        for name, param in self.signature.parameters.items():
+            if param.kind not in _VARIADIC and not _has_tensor(self.traced[name]):
+                spec, leaves = self.traced[name]
+                out[name] = pytree.tree_unflatten(list(leaves), spec)
+        return out
+
+    def _passed(self, name: str, value) -> bool:
+        """A keyword-style graph takes the parameter: it carries a tensor or is not its default."""
+        param = self.signature.parameters[name]
+        return _has_tensor(self.traced[name]) or param.default is _P.empty or not _matches(
+            _template(param.default), value)
+
+    # -- binding a call ------------------------------------------------------------------------
+    def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict]:
+        """(graph args, graph kwargs, untraced **kwargs entries) for a call of the original.
+
+        Raises TypeError where the original would (its own message), CallError where the
+        original accepts the call but the graph was traced with another input pattern."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        g_args: list = []
+        g_kwargs: dict = {}
+        extra: dict = {}
+        for name, param in self.signature.parameters.items():
+            traced = self.traced[name]
+            if param.kind is _P.VAR_KEYWORD:
+                value = bound.arguments.get(name, {})
+                for key, v in value.items():
+                    if key not in traced:
+                        extra[key] = v
+                        continue
+                    self._check(key, traced[key], v)
+                    g_kwargs[key] = v
+                missing = sorted(set(traced) - set(value))
+                if missing:
+                    raise CallError(f"{self.model_name} was traced with keyword input(s) {missing}, "
+                                    f"this call leaves them out: pass them, or perforate without them")
+                continue
+            value = bound.arguments.get(name, ())
+            if param.kind is _P.VAR_POSITIONAL:
+                if len(value) != len(traced):
+                    raise CallError(f"{self.model_name} was traced with {len(traced)} extra positional "
+                                    f"input(s) in *{name}, this call passes {len(value)}: "
+                                    "perforate with an example of this call")
+                for i, (t, v) in enumerate(zip(traced, value)):
+                    self._check(f"{name}[{i}]", t, v)
+                g_args.extend(value)
+                continue
+            self._check(name, traced, value)
+            if self.style == "positional":
+                g_args.append(value)
+            elif param.kind is _P.POSITIONAL_ONLY:
+                g_args.append(value)
+            elif self._passed(name, value):
+                g_kwargs[name] = value
+        return tuple(g_args), g_kwargs, extra
+
+    def graph_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The graph's call for the traced example itself (untraced keywords are refused)."""
+        g_args, g_kwargs, extra = self.bind(args, kwargs)
+        if extra:
+            raise CallError(f"keyword input(s) {sorted(extra)} were not traced")
+        return g_args, g_kwargs
+
+    def _check(self, name: str, traced: tuple, value) -> None:
+        if _matches(traced, value):
+            return
+        what = f"was traced with {name}={_describe(traced)}, this call passes {_describe(_template(value))}"
+        raise CallError(f"{self.model_name} {what}: the graph is specialised to the traced value; "
+                        f"perforate with an example call that passes {name} like this one")

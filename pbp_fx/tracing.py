@@ -21,12 +21,22 @@ Both frontends capture the model in train and in eval mode and merge the two
     pbp_frontend   "fx" | "export"            which frontend made the graph
     pbp_fx_error   why fx was not used (auto)  or absent
     pbp_modes      "train+eval" | "train" | "eval": the captures the graph follows
+    pbp_modes_reason  why the graph follows one mode only (absent when it follows both)
     pbp_dynamic    export: "auto" (dynamic dims) | "static"
+    pbp_call       a CallSignature: how the graph is called like the model (with example inputs)
     pbp_leaves / pbp_untraceable               fx: leaf modules / those isolated
+    pbp_frontend_choice  auto: why fx's or torch.export's graph was chosen (when both ran)
+    pbp_parts / pbp_plain  "parts": submodules traced in place / modules with neurons left plain
+
+An untraceable root forward (a detection model iterating over its images): with "auto", the
+root's Python is kept as it is and each submodule that traces (a backbone, a head) is
+replaced in place by a `TracedPart`, found top-down from the inputs it received when the
+model ran on the example; the graph is one call of that root.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import logging
@@ -41,8 +51,9 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
+from .signature import CallSignature
 
-__all__ = ["PBTracer", "trace", "propagate_shapes", "TraceError", "FRONTENDS"]
+__all__ = ["PBTracer", "TracedPart", "trace", "propagate_shapes", "TraceError", "FRONTENDS"]
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +125,13 @@ def _modes(model: nn.Module, training: Optional[bool]):
 
 # -- the fx frontend ------------------------------------------------------------------------------
 
-def _fx_capture(model: nn.Module, leaves: set, max_leaves: int) -> fx.GraphModule:
+def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optional[dict] = None) -> fx.GraphModule:
     leaves = set(leaves)
     added: list[str] = []
     while True:
         tracer = PBTracer(leaves)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=constants or None)
             break
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or isolated
             where = tracer.failed_module
@@ -139,17 +150,22 @@ def _fx_capture(model: nn.Module, leaves: set, max_leaves: int) -> fx.GraphModul
     return gm
 
 
-def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int) -> fx.GraphModule:
+def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
+              call: Optional[CallSignature]) -> fx.GraphModule:
     primary = model.training
-    gm = _fx_capture(model, set(leaves), max_leaves)  # as the model is: today's graph
+    # Inputs that carry no tensor (None for an optional input, flags) are specialised to the
+    # example's values, so `if mask is not None:` takes the example's path.
+    constants = call.constants() if call is not None else None
+    gm = _fx_capture(model, set(leaves), max_leaves, constants)  # as the model is: today's graph
     # fx stores tensor constants on the traced root: the second capture's copies go again.
     before = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
+    why = ""
     try:
         with _modes(model, not primary):
-            other = _fx_capture(model, set(gm.meta["pbp_leaves"]), 0)
-    except TraceError:
-        other = None
-    merged = _merge(gm, other, primary, type(model).__name__)
+            other = _fx_capture(model, set(gm.meta["pbp_leaves"]), 0, constants)
+    except TraceError as exc:
+        other, why = None, _reason(exc)
+    merged = _merge(gm, other, primary, type(model).__name__, why)
     for name in set(model.__dict__) | set(model._buffers):
         if name not in before and name.startswith("_tensor_constant"):
             delattr(model, name)
@@ -279,8 +295,10 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
             other = _export_capture(model, args, kwargs, used)
     except Exception as exc:  # noqa: BLE001
         log.info("trace: the %s-mode export failed: %s", "eval" if primary else "train", _reason(exc))
-        other = None
-    gm = _merge(gm, other, primary, type(model).__name__)
+        other, why = None, _reason(exc)
+    else:
+        why = ""
+    gm = _merge(gm, other, primary, type(model).__name__, why)
     gm.meta["pbp_dynamic"] = "auto" if used else "static"
     gm.meta["pbp_leaves"] = []
     gm.meta["pbp_untraceable"] = []
@@ -289,33 +307,36 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
 
 # -- both frontends ---------------------------------------------------------------------------------
 
-def _merge(primary_gm: fx.GraphModule, other: Optional[fx.GraphModule], primary: bool, name: str) -> fx.GraphModule:
+def _merge(primary_gm: fx.GraphModule, other: Optional[fx.GraphModule], primary: bool, name: str,
+           why_no_other: str = "") -> fx.GraphModule:
     """One graph following the mode, from the capture in the model's mode and one in the other."""
-    from pbp_fx.passes.train_eval import MODES_ATTR, merge_train_eval
+    from pbp_fx.passes.train_eval import MODES_ATTR, merge_modes
 
     meta = dict(primary_gm.meta)
-    merged = None
-    if other is not None:
+    mode, other_mode = ("train", "eval") if primary else ("eval", "train")
+    if other is None:
+        reason = f"it cannot be captured in {other_mode} mode" + (f" ({why_no_other})" if why_no_other else "")
+    else:
         train_gm, eval_gm = (primary_gm, other) if primary else (other, primary_gm)
-        merged = merge_train_eval(train_gm, eval_gm, training=primary)
-    if merged is None:
-        mode, other_mode = ("train", "eval") if primary else ("eval", "train")
-        why = "cannot be captured" if other is None else "takes another path (not only dropout / batch norm)"
-        warnings.warn(
-            f"{name} {why} in {other_mode} mode: the graph follows {mode} mode whatever .train()/.eval() say; "
-            f"trace the model in the mode you will use it in", stacklevel=4)
-        primary_gm.meta["pbp_modes"] = mode
-        return primary_gm
-    if not hasattr(merged, MODES_ATTR):
-        merged = primary_gm  # the two captures are the same graph
-    merged.meta.update(meta)
-    merged.meta["pbp_modes"] = "train+eval"
-    return merged
+        merged, reason = merge_modes(train_gm, eval_gm, training=primary)
+        if merged is not None:
+            if not hasattr(merged, MODES_ATTR):
+                merged = primary_gm  # the two captures are the same graph
+            merged.meta.update(meta)
+            merged.meta["pbp_modes"] = "train+eval"
+            return merged
+        reason = f"its {other_mode}-mode graph takes another path: {reason}"
+    warnings.warn(
+        f"{name}: {reason}; the graph follows {mode} mode whatever .train()/.eval() say: "
+        f"trace the model in the mode you will use it in", stacklevel=4)
+    primary_gm.meta["pbp_modes"] = mode
+    primary_gm.meta["pbp_modes_reason"] = reason
+    return primary_gm
 
 
 def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs: Optional[dict] = None, *,
           frontend: str = "auto", leaves: Iterable[str] = (), max_leaves: int = 64,
-          dynamic: bool = True) -> fx.GraphModule:
+          dynamic: bool = True, parts: bool = True) -> fx.GraphModule:
     """Trace `model` into a GraphModule that shares its parameters (and, with fx, its submodules).
 
     example_inputs: a tensor or tuple of positional inputs; example_kwargs: keyword inputs
@@ -323,6 +344,8 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     `node.meta["tensor_meta"]` (modes and buffers are left as they were).
     frontend: "auto" (fx, then torch.export), "fx" or "export" (needs the example inputs).
     leaves / max_leaves: fx leaf policy. dynamic: export with dynamic dimensions.
+    parts (auto): when neither frontend captures the root's forward, capture the submodules that
+    do trace (meta["pbp_frontend"] == "parts", see `_trace_parts`).
     The model's train/eval state and its buffers are left as they were.
     """
     if not isinstance(model, nn.Module):
@@ -337,9 +360,13 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
         raise TraceError("frontend='export' needs example inputs: pass example_inputs and/or example_kwargs")
     fx_error: Optional[TraceError] = None
     shape_error: Optional[TraceError] = None
+    fx_call, export_call = _call_signatures(model, args, kwargs)
     if frontend in ("fx", "auto"):
         try:
-            gm = _trace_fx(model, leaves, max_leaves)
+            # auto: fx's warnings (a one-mode graph) stand only if fx's graph is the one chosen
+            with warnings.catch_warnings(record=True) as fx_warnings:
+                warnings.simplefilter("always")
+                gm = _trace_fx(model, leaves, max_leaves, fx_call)
         except TraceError as exc:
             if frontend == "fx" or args is None:
                 raise
@@ -348,21 +375,30 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
             gm.meta["pbp_frontend"] = "fx"
             log.info("trace: %s traced with fx (symbolic tracing)", type(model).__name__)
             if args is None:
+                _replay(fx_warnings)
                 return gm
             try:
-                propagate_shapes(gm, args, kwargs)
-                return gm
+                _propagate(gm, fx_call, args, kwargs)
             except TraceError as exc:
                 if frontend == "fx":
                     raise
                 shape_error = exc
+            else:
+                if frontend == "auto":
+                    gm = _prefer(model, gm, lambda: _export_graph(model, export_call, args, kwargs, dynamic))
+                if gm.meta["pbp_frontend"] == "fx":
+                    _replay(fx_warnings)
+                return gm
     try:
-        gm = _trace_export(model, args, kwargs, dynamic)
+        gm = _trace_export(model, *_graph_inputs(export_call, args, kwargs), dynamic)
     except TraceError as exc:
         if shape_error is not None:
             raise shape_error from None
         if fx_error is not None:
-            raise TraceError(f"{fx_error}; torch.export failed too: {exc}") from fx_error
+            error = TraceError(f"{fx_error}; torch.export failed too: {exc}")
+            if frontend == "auto" and parts:
+                return _trace_parts(model, args, kwargs, error, dynamic)
+            raise error from fx_error
         raise
     gm.meta["pbp_frontend"] = "export"
     if fx_error is not None or shape_error is not None:
@@ -372,12 +408,95 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     else:
         log.info("trace: %s traced with torch.export", type(model).__name__)
     try:
-        propagate_shapes(gm, args, kwargs)
+        _propagate(gm, export_call, args, kwargs)
     except TraceError:
         if shape_error is not None:
             raise shape_error from None
         raise
     return gm
+
+
+def _replay(caught) -> None:
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _export_graph(model, call, args, kwargs, dynamic) -> fx.GraphModule:
+    gm = _trace_export(model, *_graph_inputs(call, args, kwargs), dynamic)
+    gm.meta["pbp_frontend"] = "export"
+    _propagate(gm, call, args, kwargs)
+    return gm
+
+
+def _unreached(model: nn.Module, gm: fx.GraphModule) -> tuple[int, list[str]]:
+    """(sites of `gm`, the model's Linear/Conv-like weights that none of them reaches)."""
+    from pbp_fx.passes.find_sites import find_sites
+    from pbp_fx.passes.patterns import attr_tensor, neuron_weights
+
+    specs = find_sites(gm)
+    reached = set()
+    for spec in specs:
+        try:
+            reached.add(id(attr_tensor(gm, spec.weight)))
+        except AttributeError:
+            continue
+    return len(specs), [name for name, p in neuron_weights(model) if id(p) not in reached]
+
+
+def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export) -> fx.GraphModule:
+    """The auto frontend's choice once fx has traced the model: torch.export's graph instead when
+    fx leaves Linear/Conv-like weights unreached (inside torch.nn leaves such as
+    MultiheadAttention, or behind wrapped functions) and export reaches more of them, or when
+    fx follows one mode only and export follows both. The choice is in meta["pbp_frontend_choice"]."""
+    fx_sites, missed = _unreached(model, fx_gm)
+    one_mode = fx_gm.meta.get("pbp_modes") != "train+eval"
+    if not missed and not one_mode:
+        return fx_gm
+    why = (f"fx: {fx_sites} sites, {len(missed)} Linear/Conv-like weight(s) unreached "
+           f"({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''})" if missed
+           else f"fx: {fx_sites} sites, {fx_gm.meta.get('pbp_modes')} mode only")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a one-mode export is not chosen over fx: no warning
+            ex_gm = export()
+    except TraceError as exc:
+        fx_gm.meta["pbp_frontend_choice"] = f"{why}; torch.export failed ({exc}): fx"
+        log.info("trace: %s", fx_gm.meta["pbp_frontend_choice"])
+        return fx_gm
+    ex_sites, ex_missed = _unreached(model, ex_gm)
+    ex_both = ex_gm.meta.get("pbp_modes") == "train+eval"
+    better = ex_sites > fx_sites and (ex_both or one_mode) or (one_mode and ex_both and ex_sites >= fx_sites)
+    chosen = ex_gm if better else fx_gm
+    choice = (f"{why}; export: {ex_sites} sites, {ex_gm.meta.get('pbp_modes')} mode(s): "
+              f"{chosen.meta['pbp_frontend']}")
+    chosen.meta["pbp_frontend_choice"] = choice
+    log.info("trace: %s: %s", type(model).__name__, choice)
+    return chosen
+
+
+def _call_signatures(model: nn.Module, args: Optional[tuple], kwargs: dict):
+    """The example call as the fx graph and as the exported graph take it (None, None without
+    example inputs or an inspectable forward)."""
+    if args is None:
+        return None, None
+    try:
+        return (CallSignature.of(model, args, kwargs, "positional"),
+                CallSignature.of(model, args, kwargs, "keyword"))
+    except (ValueError, RuntimeError):  # no inspectable signature: the graph is called as given
+        return None, None
+    except TypeError as exc:
+        raise TraceError(f"example inputs do not match {type(model).__name__}.forward: {exc}") from exc
+
+
+def _graph_inputs(call: Optional[CallSignature], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return (args, kwargs) if call is None else call.graph_inputs(args, kwargs)
+
+
+def _propagate(gm: fx.GraphModule, call: Optional[CallSignature], args: tuple, kwargs: dict) -> None:
+    """Shapes from the example call; the graph remembers how it is called (`pbp_call`)."""
+    propagate_shapes(gm, *_graph_inputs(call, args, kwargs))
+    if call is not None:
+        gm.meta["pbp_call"] = call
 
 
 # -- shapes ----------------------------------------------------------------------------------------
@@ -386,6 +505,12 @@ class _ShapeProp(ShapeProp):
     """ShapeProp that remembers the node it is running (to name it in errors)."""
 
     node: Optional[fx.Node] = None
+
+    def placeholder(self, target, args, kwargs):
+        if str(target).startswith("*"):  # *args / **kwargs: one prepared tuple / dict (see _flat_inputs)
+            value = next(self.args_iter)
+            return list(value) if not str(target).startswith("**") else value
+        return super().placeholder(target, args, kwargs)
 
     def run_node(self, n: fx.Node):
         self.node = n
@@ -401,7 +526,13 @@ def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     flat, used = [], set()
     for i, p in enumerate(placeholders):
         name = str(p.target).lstrip("*")
-        if i < len(args):
+        if str(p.target).startswith("**"):  # _ShapeProp hands these over as one value
+            flat.append({k: v for k, v in kwargs.items() if k not in used})
+            used.update(kwargs)
+        elif str(p.target).startswith("*"):
+            flat.append(tuple(args[i:]))
+            args = args[:i]
+        elif i < len(args):
             flat.append(args[i])
         elif name in kwargs:
             flat.append(kwargs[name])
@@ -467,3 +598,133 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, example_kwargs: Optiona
             for name, b in gm.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
+
+
+# -- an untraceable root: its traceable submodules, in place -----------------------------------------
+
+class TracedPart(nn.Module):
+    """A submodule replaced by its graph, called like the submodule (`name`: its path in the model)."""
+
+    def __init__(self, name: str, graph_module: fx.GraphModule):
+        super().__init__()
+        self.name = name
+        self.graph_module = graph_module
+
+    def forward(self, *args, **kwargs):
+        call: Optional[CallSignature] = self.graph_module.meta.get("pbp_call")
+        if call is None:
+            return self.graph_module(*args, **kwargs)
+        g_args, g_kwargs, extra = call.bind(args, kwargs)
+        if extra:
+            raise TraceError(f"{self.name} was traced without the keyword input(s) {sorted(extra)}")
+        return self.graph_module(*g_args, **g_kwargs)
+
+
+class _Unpacked(nn.Module):
+    """The model under a graph that passes the call through: `self.root(args, kwargs)`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, args, kwargs):
+        return self.model(*args, **kwargs)
+
+
+def _record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """{submodule path: (args, kwargs) of its first call} while the model runs on the example
+    (no grad; modes and buffers left as they were)."""
+    seen: dict = {}
+    names = {id(m): n for n, m in model.named_modules() if n}
+    hooks = []
+
+    def hook(module, a, k):
+        seen.setdefault(names[id(module)], (a, dict(k)))
+
+    for n, m in model.named_modules():
+        if n:
+            hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in buffers:
+                    b.copy_(buffers[n])
+    return seen
+
+
+def _with_parts(model: nn.Module, parts: dict) -> nn.Module:
+    """A shallow copy of `model` with the modules at the paths of `parts` replaced; the copies
+    share every other submodule, parameter and buffer (the model itself is left as it is)."""
+    copies: dict[str, nn.Module] = {}
+
+    def copied(path: str) -> nn.Module:
+        if path in copies:
+            return copies[path]
+        original = model.get_submodule(path) if path else model
+        clone = copy.copy(original)
+        clone._modules = dict(original._modules)
+        if path:
+            owner, _, child = path.rpartition(".")
+            copied(owner)._modules[child] = clone
+        copies[path] = clone
+        return clone
+
+    for path, part in parts.items():
+        owner, _, child = path.rpartition(".")
+        copied(owner)._modules[child] = part
+    return copied("")
+
+
+def _trace_parts(model: nn.Module, args: tuple, kwargs: dict, root_error: TraceError,
+                 dynamic: bool) -> fx.GraphModule:
+    """The root's forward as it is, its traceable submodules (those with Linear/Conv-like
+    weights, outermost first) captured in place. Raises `root_error` when no part has a site."""
+    from pbp_fx.passes.find_sites import find_sites
+    from pbp_fx.passes.patterns import neuron_weights
+
+    try:
+        calls = _record_calls(model, args, kwargs)
+    except Exception:  # noqa: BLE001 - the example does not even run: report the root's failure
+        raise root_error from None
+    parts: dict[str, TracedPart] = {}
+    failed: dict[str, str] = {}
+    todo = [n for n, _ in model.named_children()]
+    while todo:
+        path = todo.pop(0)
+        module = model.get_submodule(path)
+        if not neuron_weights(module):
+            continue
+        if path in calls:
+            a, k = calls[path]
+            try:
+                with _quiet_export():
+                    gm = trace(module, tuple(a), k, frontend="auto", dynamic=dynamic, parts=False)
+                if find_sites(gm):
+                    parts[path] = TracedPart(path, gm)
+                    continue
+            except (TraceError, TypeError) as exc:
+                failed[path] = _reason(exc)
+        todo[:0] = [f"{path}.{n}" for n, _ in module.named_children()]
+    if not parts:
+        raise root_error
+    plain = sorted({name.rpartition(".")[0] or name for name, _ in neuron_weights(model)
+                    if not any(name.startswith(p + ".") for p in parts)})
+    graph = fx.Graph()
+    call = graph.call_module("root", (graph.placeholder("*args"), graph.placeholder("**kwargs")))
+    graph.output(call)
+    holder = nn.Module()
+    holder.root = _Unpacked(_with_parts(model, parts))
+    gm = fx.GraphModule(holder, graph, type(model).__name__)
+    modes = {p.graph_module.meta.get("pbp_modes") for p in parts.values()}
+    gm.meta.update(pbp_frontend="parts", pbp_fx_error=str(root_error), pbp_parts=list(parts), pbp_plain=plain,
+                   pbp_leaves=[], pbp_untraceable=[], pbp_modes=modes.pop() if len(modes) == 1 else "mixed")
+    warnings.warn(f"{type(model).__name__}.forward traces with neither fx nor torch.export (meta['pbp_fx_error']): its "
+                  f"submodules {', '.join(parts)} are perforated in place, the root's Python runs as it is"
+                  + (f"; left plain: {', '.join(plain)}" if plain else ""), stacklevel=3)
+    return gm

@@ -123,12 +123,19 @@ def test_nested_untraceable_modules_are_both_isolated(pb):
 
 def test_root_control_flow_is_a_one_line_trace_error_with_file_and_line():
     with pytest.raises(pbp_fx.TraceError) as info:
-        trace(RootBranch(), (torch.randn(2, 3),))
+        trace(RootBranch(), (torch.randn(2, 3),), frontend="fx")
     msg = str(info.value)
     assert "\n" not in msg
     assert "RootBranch" in msg
     assert f"{__file__}:{_line_of(RootBranch, 'ROOT-BRANCH-LINE')}" in msg
     assert isinstance(info.value, pbp_fx.PBError)
+
+
+def test_root_control_flow_with_auto_traces_the_submodules_in_place():
+    with pytest.warns(UserWarning, match="neither fx nor torch.export"):
+        gm = trace(RootBranch(), (torch.randn(2, 3),))
+    assert gm.meta["pbp_frontend"] == "parts" and gm.meta["pbp_parts"] == ["fc"]
+    assert "RootBranch" in gm.meta["pbp_fx_error"]
 
 
 def test_explicit_leaves_are_kept_as_calls():
@@ -243,7 +250,7 @@ def test_export_frontend_is_exact_and_keeps_the_model_untouched(pb):
 
 def test_export_failures_are_one_line_trace_errors():
     with pytest.raises(pbp_fx.TraceError) as info:
-        trace(RootBranch(), (torch.randn(2, 3),))
+        trace(RootBranch(), (torch.randn(2, 3),), parts=False)
     msg = str(info.value)
     assert "\n" not in msg and "torch.export failed too" in msg
     with pytest.raises(pbp_fx.TraceError, match="torch.export cannot export RootBranch"):

@@ -6,7 +6,7 @@ from torch import fx, nn
 
 import pbp_fx
 from pbp_fx.passes import finalize
-from pbp_fx.passes.train_eval import MODES_ATTR, ModeSwitch, lower_to_eval, merge_train_eval
+from pbp_fx.passes.train_eval import MODES_ATTR, ModeSwitch, lower_to_eval, merge_modes, merge_train_eval
 from pbp_fx.tracing import trace
 
 pytestmark = pytest.mark.usefixtures("seeded")
@@ -68,9 +68,9 @@ def test_another_path_in_eval_mode_warns_and_follows_the_traced_mode():
             return y * 2 if self.training else y
 
     m = TrainOnlyScale().train()
-    with pytest.warns(UserWarning, match="takes another path .* in eval mode: the graph follows train mode"):
+    with pytest.warns(UserWarning, match="eval-mode graph takes another path: .*the graph follows train mode"):
         gm = trace(m, (torch.randn(3, 2),))
-    assert gm.meta["pbp_modes"] == "train"
+    assert gm.meta["pbp_modes"] == "train" and "train capture has" in gm.meta["pbp_modes_reason"]
 
 
 def _graph(build) -> fx.GraphModule:
@@ -118,6 +118,49 @@ def test_other_differences_give_up():
     train = _graph(lambda g, x: g.call_function(aten.relu.default, (x,)))
     evl = _graph(lambda g, x: g.call_function(aten.sigmoid.default, (x,)))
     assert merge_train_eval(train, evl) is None
+    result = merge_modes(train, evl)
+    assert result.graph_module is None and "relu" in result.reason and "sigmoid" in result.reason
+
+
+class ChainedModes(nn.Module):
+    """A mode-dependent op feeding another (swin_t: shifted_window_attention -> stochastic_depth)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.dropout(self.fc(x), 0.3, self.training)
+        h = F.dropout(h, 0.2, self.training)
+        return self.out(torch.relu(h))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("start_in_train", [True, False])
+def test_chained_mode_dependent_ops_merge(frontend, start_in_train, pb):
+    model, x = ChainedModes().train(start_in_train), torch.randn(16, 6)
+    pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    assert pm.graph_module.meta["pbp_modes"] == "train+eval" and len(_switches(pm.graph_module)) == 2
+    for training in (True, False):
+        model.train(training)
+        pm.train(training)
+        torch.manual_seed(3)
+        want = model(x)
+        torch.manual_seed(3)
+        assert pb.max_diff(pm(x), want) == 0
+    assert not _switches(pm.finalize())
+
+
+def test_a_refused_merge_leaves_the_train_graph_untouched():
+    aten = torch.ops.aten
+    train = _graph(lambda g, x: g.call_function(aten.relu.default, (g.call_function(aten.dropout.default,
+                                                                                    (x, 0.5, True)),)))
+    before = train.code
+    evl = _graph(lambda g, x: g.call_function(aten.sigmoid.default, (g.call_function(aten.dropout.default,
+                                                                                     (x, 0.5, False)),)))
+    assert merge_modes(train, evl).graph_module is None
+    assert train.code == before and not hasattr(train, MODES_ATTR)
 
 
 def test_finalize_lowers_mode_switches_to_their_eval_ops(pb):

@@ -1,0 +1,145 @@
+"""pbp_fx.signature: a perforated model accepts every call the original accepts."""
+import pytest
+import torch
+from torch import nn
+
+import pbp_fx
+from pbp_fx.signature import CallError, CallSignature
+
+pytestmark = pytest.mark.usefixtures("seeded")
+
+
+class Optional3(nn.Module):
+    """Whisper-like: optional inputs in the middle, a keyword-only scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 4)
+        self.dec = nn.Linear(4, 4)
+
+    def forward(self, feats, mask=None, ids=None, *, scale=1.0):
+        h = self.enc(feats)
+        if mask is not None:
+            h = h * mask
+        if ids is not None:
+            h = h + self.dec(ids)
+        return h * scale
+
+
+class KwargsLoss(nn.Module):
+    """Takes extra keywords through **kwargs; `divisor` changes the loss, `unused` nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, labels=None, **kwargs):
+        logits = self.fc(x)
+        if labels is None:
+            return logits
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        return loss / kwargs.get("divisor", labels.shape[0])
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_positional_none_defaults_and_keyword_only(frontend):
+    model = Optional3()
+    x, ids = torch.randn(3, 4), torch.randn(3, 4)
+    pm = pbp_fx.perforate(model, (x,), example_kwargs={"ids": ids}, frontend=frontend)
+    assert sorted(pm.sites) == ["dec", "enc"]
+    want = model(x, ids=ids)
+    for got in (pm(x, None, ids), pm(x, ids=ids), pm(x, mask=None, ids=ids), pm(x, None, ids, scale=1.0),
+                pm(feats=x, ids=ids)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_call_outside_the_traced_pattern_is_one_clear_error(frontend):
+    model = Optional3()
+    x, ids = torch.randn(3, 4), torch.randn(3, 4)
+    pm = pbp_fx.perforate(model, (x, None, ids), frontend=frontend)
+    with pytest.raises(CallError, match=r"traced with mask=None, this call passes Tensor.*perforate"):
+        pm(x, torch.ones(3, 4), ids)
+    with pytest.raises(CallError, match=r"scale=1.0, this call passes 2.0"):
+        pm(x, None, ids, scale=2.0)
+    with pytest.raises(TypeError, match="unexpected keyword|got an unexpected"):
+        pm(x, None, ids, nonsense=1)  # the original refuses it too
+    with pytest.raises(TypeError):
+        model(x, None, ids, nonsense=1)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_untraced_kwargs_dropped_when_unused_refused_when_used(frontend):
+    model = KwargsLoss()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    logits = pbp_fx.perforate(model, (x,), frontend=frontend)
+    torch.testing.assert_close(logits(x, unused=torch.tensor(7)), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(logits(x, divisor=torch.tensor(2.0)), model(x), rtol=0, atol=0)  # no loss computed
+    with_loss = pbp_fx.perforate(model, (x, y), frontend=frontend)
+    torch.testing.assert_close(with_loss(x, y, unused=3), model(x, y), rtol=0, atol=0)
+    with pytest.raises(CallError, match=r"'divisor' was not given to perforate\(\).*example_kwargs"):
+        with_loss(x, y, divisor=torch.tensor(2.0))
+    traced = pbp_fx.perforate(model, (x, y), example_kwargs={"divisor": torch.tensor(2.0)}, frontend=frontend)
+    torch.testing.assert_close(traced(x, y, divisor=torch.tensor(4.0)), model(x, y, divisor=torch.tensor(4.0)))
+
+
+def test_the_untraced_check_leaves_modes_and_buffers_alone():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x, **kwargs):
+            return self.body(x)
+
+    pm = pbp_fx.perforate(Wrap(), (torch.randn(8, 4),))
+    pm.train()
+    before = {n: b.clone() for n, b in pm.named_buffers()}
+    pm.eval()
+    pm(torch.randn(8, 4), num_items_in_batch=torch.tensor(8))
+    assert not pm.training and all(torch.equal(b, before[n]) for n, b in pm.named_buffers())
+
+
+def test_call_signature_templates():
+    sig = CallSignature.of(Optional3(), (torch.zeros(2, 4),), {"ids": torch.zeros(2, 4)}, "keyword")
+    assert sig.constants() == {"mask": None, "scale": 1.0}
+    args, kwargs = sig.graph_inputs((torch.ones(1, 4), None, torch.ones(1, 4)), {})
+    assert args == () and list(kwargs) == ["feats", "ids"]
+    with pytest.raises(ValueError, match="style"):
+        CallSignature.of(Optional3(), (torch.zeros(2, 4),), {}, "both")
+
+
+def test_hf_bert_trainer_keywords():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    labels = torch.tensor([0, 2])
+    pm = pbp_fx.perforate(model, example_kwargs={"input_ids": ids, "attention_mask": mask, "labels": labels})
+    pm.eval()
+    want = model(input_ids=ids, attention_mask=mask, labels=labels)
+    # What the Trainer passes: the batch as keywords plus num_items_in_batch (classification
+    # losses do not use it, so it is dropped), and positional calls with None in between.
+    got = pm(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(2))
+    torch.testing.assert_close(got.logits, want.logits)
+    torch.testing.assert_close(got.loss, want.loss)
+    got = pm(ids, mask, None, None, None, labels)
+    torch.testing.assert_close(got.logits, want.logits)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_onnx_export_takes_the_originals_call(frontend, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = Optional3().eval()
+    x, ids = torch.randn(3, 4), torch.randn(3, 4)
+    pm = pbp_fx.perforate(model, (x, None, ids), frontend=frontend)
+    pm.grow()
+    path = pbp_fx.export_onnx(pm, (x, None, ids), tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: v.numpy() for i, v in zip(sess.get_inputs(), (x, ids))}
+    out = sess.run(None, feeds)[0]
+    torch.testing.assert_close(torch.from_numpy(out), pm.eval()(x, None, ids), rtol=1e-4, atol=1e-5)

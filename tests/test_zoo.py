@@ -1,0 +1,307 @@
+"""The model zoo, staged: perforate -> exact -> dendrite phase -> finalize -> fused ONNX parity.
+
+Default suite: hand-written representatives of what real models do to the compiler (swin_t's
+chained mode-dependent ops behind a wrapped function, an nn.TransformerEncoder submodule, a
+detection model whose root forward does not trace, optional inputs passed as positional None).
+`-m zoo`: torchvision, timm and Hugging Face families with random weights and tiny inputs
+(skipped with the reason when torchvision / timm are missing: `make zoo` builds an env with
+them). Each zoo test prints one `ZOO|` row: model, frontend, sites, perforate s, parity,
+ONNX Runtime latency ratio with one dendrite per site (fused vs plain, batch 1, 1 thread).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+import pbp_fx
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",
+                                        "ignore::DeprecationWarning")
+
+
+# -- representatives (no torchvision) ---------------------------------------------------------------
+
+@torch.fx.wrap
+def _window_attention(x, qkv_weight, proj_weight, heads: int, dropout: float, training: bool):
+    """Attention with the projection weights passed in (torchvision's shifted_window_attention)."""
+    b, t, c = x.shape
+    q, k, v = F.linear(x, qkv_weight).reshape(b, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    a = F.dropout((q @ k.transpose(-2, -1) / (c // heads) ** 0.5).softmax(-1), dropout, training)
+    return F.linear((a @ v).transpose(1, 2).reshape(b, t, c), proj_weight)
+
+
+def _stochastic_depth(x, p: float, training: bool):
+    """Deterministic stand-in for torchvision.ops.stochastic_depth: mode-dependent, chained."""
+    return F.dropout(x, p, training)
+
+
+class SwinLikeBlock(nn.Module):
+    def __init__(self, c=16, heads=2):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.qkv = nn.Linear(c, 3 * c, bias=False)
+        self.proj = nn.Linear(c, c, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.heads = heads
+
+    def forward(self, x):
+        h = _window_attention(self.norm(x), self.qkv.weight, self.proj.weight, self.heads, 0.1, self.training)
+        x = x + _stochastic_depth(h, 0.2, self.training)
+        return x + _stochastic_depth(self.mlp(x), 0.2, self.training)
+
+
+class SwinLike(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 4, stride=4)
+        self.blocks = nn.Sequential(SwinLikeBlock(c), SwinLikeBlock(c))
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(x).mean(1))
+
+
+class EncoderClassifier(nn.Module):
+    """nn.TransformerEncoder as a submodule: fx keeps nn layers as leaves."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(c, 2, 32, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+class DetBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, stride=2)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn1(self.conv1(x))))
+
+
+class DetHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Linear(8, 4)
+        self.box = nn.Linear(8, 4)
+
+    def forward(self, f):
+        return self.cls(f), self.box(f)
+
+
+class Detector(nn.Module):
+    """Faster R-CNN-style: iterates its image list and keeps a data-dependent number of boxes."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = DetBackbone()
+        self.head = DetHead()
+
+    def forward(self, images, targets=None):
+        f = self.backbone(torch.stack(list(images))).mean((2, 3))
+        scores, boxes = self.head(f)
+        out = []
+        for i in range(len(images)):
+            n = max(int((scores[i] > 0).sum()), 1)
+            top = scores[i].topk(n).indices
+            out.append({"boxes": boxes[i][top], "scores": scores[i][top]})
+        return out
+
+
+class EncoderDecoder(nn.Module):
+    """Whisper-like optional inputs: called as m(features, None, decoder_ids)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.encoder = nn.Linear(c, c)
+        self.decoder = nn.Linear(c, c)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, features, attention_mask=None, decoder_input=None, *, return_dict=False):
+        h = self.encoder(features)
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        if decoder_input is not None:
+            h = h + self.decoder(decoder_input)
+        out = self.head(torch.tanh(h))
+        return {"logits": out} if return_dict else out
+
+
+# -- the stages --------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], tuple]  # () -> (model, args, kwargs)
+    frontend: Optional[str] = None  # the frontend auto must choose (None: whichever)
+    min_sites: int = 1
+    onnx: bool = True
+    needs: tuple = field(default_factory=tuple)
+
+
+def _tensors(out) -> list:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _max_diff(a, b) -> float:
+    ta, tb = _tensors(a), _tensors(b)
+    assert len(ta) == len(tb) and all(x.shape == y.shape for x, y in zip(ta, tb))
+    return max((float((x.double() - y.double()).abs().max()) for x, y in zip(ta, tb) if x.numel()), default=0.0)
+
+
+def _scale(out) -> float:
+    return max((float(t.double().abs().max()) for t in _tensors(out) if t.numel() and t.is_floating_point()),
+               default=1.0) or 1.0
+
+
+def _loss(out) -> torch.Tensor:
+    return sum((t.float() ** 2).mean() for t in _tensors(out) if t.is_floating_point())
+
+
+def _ort_latency(paths: list, feeds: list, repeats: int = 30) -> list[float]:
+    """Median seconds per run of each ONNX file, runs interleaved (batch as given, 1 thread)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in paths]
+    inputs = [{i.name: v for i, v in zip(s.get_inputs(), f)} for s, f in zip(sessions, feeds)]
+    times: list[list[float]] = [[] for _ in sessions]
+    for s, i in zip(sessions, inputs):
+        s.run(None, i)
+    for _ in range(repeats):
+        for k, (s, i) in enumerate(zip(sessions, inputs)):
+            t = time.perf_counter()
+            s.run(None, i)
+            times[k].append(time.perf_counter() - t)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def run_stages(case: Case, tmp_path, latency: bool = False) -> dict:
+    torch.manual_seed(0)
+    model, args, kwargs = case.build()
+    model.eval()
+    row = {"model": case.name}
+    t = time.perf_counter()
+    pm = pbp_fx.perforate(model, args, example_kwargs=kwargs)
+    row["perforate_s"] = time.perf_counter() - t
+    meta = pm.graph_module.meta
+    row.update(frontend=meta["pbp_frontend"], sites=len(pm.sites), modes=meta.get("pbp_modes"))
+    assert row["sites"] >= case.min_sites, (row, meta.get("pbp_frontend_choice"))
+    if case.frontend is not None:
+        assert row["frontend"] == case.frontend, meta.get("pbp_frontend_choice")
+    # exact: the perforated model computes what the model computes
+    pm.eval()
+    with torch.no_grad():
+        want = model(*args, **kwargs)
+        assert _max_diff(pm(*args, **kwargs), want) <= 1e-5 * _scale(want)
+    # dendrite phase: candidates learn from the error signal; installing leaves the output alone
+    pm.train()
+    pm.start_dendrite_phase(pool=2)
+    _loss(pm(*args, **kwargs)).backward()
+    assert any(p.grad is not None for p in pm.trainable_parameters())
+    pm.install_candidates()
+    assert set(pm.num_dendrites.values()) == {1}
+    pm.eval()
+    with torch.no_grad():
+        assert _max_diff(pm(*args, **kwargs), want) <= 1e-5 * _scale(want)
+        g = torch.Generator().manual_seed(0)
+        for s in pm.sites.values():
+            s.out_weight.copy_(0.1 * torch.randn(s.out_weight.shape, generator=g))
+        perforated = pm(*args, **kwargs)
+        # finalize: the fused eval graph computes what the perforated model computes
+        row["parity"] = _max_diff(pm.finalize()(*args, **kwargs), perforated) / _scale(perforated)
+        assert row["parity"] <= 1e-4
+    if case.onnx and not kwargs:
+        from pbp_fx.exporters import export_onnx
+
+        path = export_onnx(pm, args, tmp_path / "fused.onnx")
+        feeds = [a.numpy() for a in args if isinstance(a, torch.Tensor)]
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {i.name: v for i, v in zip(sess.get_inputs(), feeds)})
+        ref = _tensors(perforated)
+        row["onnx_parity"] = max(float(abs(torch.from_numpy(o).double() - r.double()).max())
+                                 for o, r in zip(got, ref)) / _scale(perforated)
+        assert row["onnx_parity"] <= 1e-3
+        if latency:
+            plain = export_onnx(model, args, tmp_path / "plain.onnx")
+            one = [a[:1].numpy() if isinstance(a, torch.Tensor) else a for a in args]
+            t_plain, t_fused = _ort_latency([plain, path], [one, one])
+            row["latency_ratio"] = t_fused / t_plain
+    print("ZOO|" + "|".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    return row
+
+
+# -- the default suite --------------------------------------------------------------------------------
+
+DEFAULT = [
+    Case("swin_like", lambda: (SwinLike(), (torch.randn(2, 3, 16, 16),), {}), frontend="export", min_sites=8),
+    Case("transformer_encoder", lambda: (EncoderClassifier(), (torch.randn(2, 5, 16),), {}), frontend="export",
+         min_sites=9),
+    Case("detector_untraceable_root", lambda: (Detector(), ([torch.randn(3, 16, 16), torch.randn(3, 16, 16)],), {}),
+         frontend="parts", min_sites=4, onnx=False),
+    Case("encoder_decoder_positional_none",
+         lambda: (EncoderDecoder(), (torch.randn(2, 4, 8), None, torch.randn(2, 4, 8)), {}), min_sites=3),
+]
+
+
+@pytest.mark.parametrize("case", DEFAULT, ids=[c.name for c in DEFAULT])
+def test_representative(case, tmp_path):
+    run_stages(case, tmp_path)
+
+
+def test_untraceable_root_says_which_parts_were_traced_and_which_left_plain():
+    class Refine(nn.Module):
+        """Data-dependent and never reaching its neuron on the example: nothing to trace it by."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, boxes):
+            return self.fc(boxes) if boxes.sum() > 1e9 else boxes
+
+    class WithPlainPart(Detector):
+        def __init__(self):
+            super().__init__()
+            self.refine = Refine()
+
+        def forward(self, images, targets=None):
+            return [dict(o, boxes=self.refine(o["boxes"])) for o in super().forward(images)]
+
+    images = [torch.randn(3, 16, 16), torch.randn(3, 16, 16)]
+    with pytest.warns(UserWarning, match=r"neither fx nor torch.export.*backbone, head are perforated in place"
+                                         r".*left plain: refine.fc"):
+        pm = pbp_fx.perforate(WithPlainPart().eval(), (images,))
+    meta = pm.graph_module.meta
+    assert meta["pbp_frontend"] == "parts" and meta["pbp_parts"] == ["backbone", "head"]
+    assert meta["pbp_plain"] == ["refine.fc"]
+    assert sorted(pm.sites) == ["backbone.conv1", "backbone.conv2", "head.box", "head.cls"]
+    excluded = pbp_fx.perforate(WithPlainPart().eval(), (images,), exclude="head.*")
+    assert sorted(excluded.sites) == ["backbone.conv1", "backbone.conv2"]
+
+
+def test_auto_frontend_reports_its_choice():
+    pm = pbp_fx.perforate(EncoderClassifier(), (torch.randn(2, 5, 16),))
+    choice = pm.graph_module.meta["pbp_frontend_choice"]
+    assert "fx: 1 sites" in choice and "export: 9 sites" in choice and choice.endswith("export")
+    assert "encoder.layers.0.self_attn.in_proj_weight" in pm.sites
+    fx_only = pbp_fx.perforate(EncoderClassifier(), (torch.randn(2, 5, 16),), frontend="fx")
+    assert list(fx_only.sites) == ["head"]
