@@ -1,12 +1,20 @@
 """save / load: safetensors tensors + JSON structure. No pickle: loading runs no code.
 
 One file holds the model state ("model/..."), the controller's best weights ("best/..."),
-optimizer tensors ("optim/...") and, in the safetensors metadata, JSON for the structure
-(sites, dendrites, phase, mode, activation), the controller's counters and history, the
-optimizer's non-tensor state, and a SHA-256 of all tensor bytes.
+optimizer tensors ("optim/...") and, in the safetensors metadata, JSON for what the
+transformation was: the site specs (layer and norm of each neuron, dendrites, phase, mode,
+activation), how the model was captured (frontend and its options, isolated leaves, the
+input signature: names, shapes with the batch axis marked, dtypes), the PBConfig, the model
+reference of a CLI run, the controller's schedule and history, the optimizer's non-tensor
+state, and a SHA-256 of all tensor bytes.
+
+Format 2 ("pbp-fx-checkpoint/2"). Format 1 files (pbp-fx 0.1 before PBConfig) hold no
+capture record: load() reads their model when given example inputs (save it again to
+convert); their controller state cannot be resumed.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,13 +24,16 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from .config import PBConfig
 from .errors import CheckpointError, NoSitesError
 from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate
+from .signature import inputs_from_signature
 
-__all__ = ["save", "load", "load_optimizer", "read_structure", "read_extra"]
+__all__ = ["save", "load", "load_optimizer", "read_structure", "read_extra", "read_meta", "FORMAT"]
 
-FORMAT = "pbp-fx-checkpoint/1"
+FORMAT = "pbp-fx-checkpoint/2"
+FORMAT_V1 = "pbp-fx-checkpoint/1"
 
 
 def _split_state(prefix: str, state: dict, tensors: dict, plain: dict) -> None:
@@ -47,19 +58,29 @@ def _digest(tensors: dict, meta: dict) -> str:
     return h.hexdigest()
 
 
+def _jsonable(spec) -> Optional[dict]:
+    return None if spec is None else json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
 def _structure(pm: PerforatedModel) -> dict:
     return {
         "mode": pm.mode, "activation": pm.activation, "phase": pm.phase,
         "sites": [{"name": n, "kind": s.kind, "channels": s.channels, "weight_shape": list(s.layer.weight_shape),
-                   "norm": s.norm is not None, "dendrites": s.num_dendrites,
+                   "norm": s.norm is not None, "layer": _jsonable(s.layer), "norm_spec": _jsonable(s.norm),
+                   "dendrites": s.num_dendrites,
                    "pool": None if s.candidates is None else s.candidates.pool_size}
                   for n, s in pm.sites.items()],
     }
 
 
 def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[torch.optim.Optimizer] = None,
-         extra: Optional[dict] = None) -> str:
-    """Write a checkpoint atomically (a crash mid-save leaves the previous file intact)."""
+         extra: Optional[dict] = None, model_ref: Optional[str] = None) -> str:
+    """Write a checkpoint atomically (a crash mid-save leaves the previous file intact).
+
+    controller: its schedule, history, best weights and PBConfig are stored; optimizer: its
+    state; model_ref: how to rebuild the base model (a model file path or a module name such
+    as "pbp_fx.models.mnist1d_mlp"), recorded for the CLI; extra: any JSON-safe dict.
+    """
     from safetensors.torch import save_file
 
     from . import __version__
@@ -68,23 +89,25 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
     plain: dict = {}
     _split_state("model/", pm.state_dict(), tensors, plain)
     # Buffers as they were when the dendrite phase began: restored when it ends.
-    _split_state("frozen/", pm._frozen_buffers, tensors, plain)
-    meta = {"format": FORMAT, "version": __version__, "structure": _structure(pm), "extra": extra or {}}
+    _split_state("frozen/", pm.phase_buffers(), tensors, plain)
+    meta = {"format": FORMAT, "version": __version__, "structure": _structure(pm), "capture": pm.capture,
+            "model": model_ref, "extra": extra or {}}
     if controller is not None:
         cs = controller.state_dict()
         best = cs.pop("best_state")
         if best is not None:
             _split_state("best/", best, tensors, plain)
         meta["controller"] = cs
+        meta["config"] = controller.config.to_dict()
     if optimizer is not None:
         osd = optimizer.state_dict()
         for pid, st in osd["state"].items():
             _split_state(f"optim/{pid}/", st, tensors, plain)
         meta["optimizer"] = {"param_groups": osd["param_groups"]}
     meta["plain"] = plain
-    meta["sha256"] = _digest(tensors, meta)
     try:
-        header = {"pbp_fx": json.dumps(meta)}
+        meta["sha256"] = _digest(tensors, meta)
+        header = {"pbp_fx": json.dumps(meta, sort_keys=True)}
     except TypeError as exc:
         raise CheckpointError(f"checkpoint metadata is not JSON-serialisable ({exc}): pass plain values in extra=") from exc
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), CheckpointError, "checkpoint")
@@ -113,12 +136,17 @@ def _read(path: str) -> tuple[dict, dict]:
         meta = json.loads(header["pbp_fx"])
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path} is corrupted (unreadable metadata): use an intact copy") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, FORMAT_V1):
         found = meta.get("format") if isinstance(meta, dict) else None
         raise CheckpointError(f"{path} has format {found!r}, expected {FORMAT!r}: not a checkpoint of this pbp-fx")
     if _digest(tensors, meta) != meta.get("sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupted (checksum mismatch): use an intact copy")
     return meta, tensors
+
+
+def read_meta(path: str) -> dict:
+    """The checkpoint's JSON metadata (format, structure, capture, config, model, controller, extra)."""
+    return _read(path)[0]
 
 
 def read_structure(path: str) -> dict:
@@ -141,7 +169,8 @@ def _check_sites(pm: PerforatedModel, structure: dict, path: str) -> None:
     have = {n: s for n, s in pm.sites.items()}
     for rec in structure["sites"]:
         s = have.get(rec["name"])
-        if s is None or s.kind != rec["kind"] or list(s.layer.weight_shape) != rec["weight_shape"]:
+        if (s is None or s.kind != rec["kind"] or list(s.layer.weight_shape) != rec["weight_shape"]
+                or rec.get("layer", _jsonable(s.layer)) != _jsonable(s.layer)):
             found = "missing" if s is None else f"{s.kind} {list(s.layer.weight_shape)}"
             raise CheckpointError(
                 f"checkpoint {path} belongs to another model: site {rec['name']!r} is {rec['kind']} "
@@ -151,31 +180,64 @@ def _check_sites(pm: PerforatedModel, structure: dict, path: str) -> None:
         raise CheckpointError(f"checkpoint {path} belongs to another model: site {extra[0]!r} is not in the checkpoint")
 
 
+def _convert_hint(path: str) -> str:
+    return (f"checkpoint {path} is format 1 (pbp-fx before PBConfig)")
+
+
+def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, example_kwargs) -> PerforatedModel:
+    """Capture `model` as the checkpoint's model was captured: same frontend, options and inputs."""
+    st = meta["structure"]
+    names = [r["name"] for r in st["sites"]]
+    capture = meta.get("capture")
+    if capture is None:  # format 1
+        if example_inputs is None and not example_kwargs:
+            raise CheckpointError(f"{_convert_hint(path)} and records no input signature: load it with "
+                                  "pbp_fx.load(path, model, example_inputs), then pbp_fx.save() it to convert it to "
+                                  "format 2")
+        frontend, dynamic = "auto", True
+    else:
+        frontend, dynamic = capture["captured_with"], capture["dynamic"]
+        if example_inputs is None and not example_kwargs:
+            example_inputs, example_kwargs = inputs_from_signature(capture["inputs"])
+    inputs = () if example_inputs is None else example_inputs
+    try:
+        pm = perforate(model, inputs, include=lambda n, m: n in names, activation=st["activation"],
+                       mode=st["mode"], example_kwargs=example_kwargs, frontend=frontend, dynamic=dynamic)
+    except NoSitesError as exc:
+        raise CheckpointError(f"checkpoint {path} belongs to another model: none of its sites "
+                              f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) exists here; "
+                              "load it onto the model it was trained on") from exc
+    if capture is not None:
+        if pm.capture.get("leaves") != capture.get("leaves"):
+            raise CheckpointError(f"checkpoint {path} was captured with leaves {capture.get('leaves')} but this model "
+                                  f"gives {pm.capture.get('leaves')}: load it onto the model it was trained on")
+        pm.capture = json.loads(json.dumps(capture))  # re-saving writes the same record
+    return pm
+
+
 def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Module]], example_inputs=None,
          controller=None, optimizer: Optional[torch.optim.Optimizer] = None,
          example_kwargs: Optional[dict] = None) -> PerforatedModel:
-    """Rebuild the checkpoint's structure on `model` and load its state.
+    """Rebuild the checkpoint's model on `model` and load its state (bit for bit).
 
     `model`: a PerforatedModel (loaded in place), a fresh base nn.Module, or a function
-    building one (then `example_inputs` are needed to trace it). The controller and
-    optimizer, when given, get their saved state too.
+    building one. A base model is captured as the saved one was (same frontend and options)
+    on stand-in inputs built from the recorded input signature, so no example inputs are
+    needed (pass example_inputs / example_kwargs to use your own). The controller (its state
+    is loaded after the model's, and rebinds its optimizer) and the optimizer, when given,
+    get their saved state too.
     """
     meta, tensors = _read(path)
     st = meta["structure"]
+    if controller is not None and meta["format"] == FORMAT_V1 and "controller" in meta:
+        raise CheckpointError(f"{_convert_hint(path)}: its controller state cannot be resumed; load the model with "
+                              "pbp_fx.load(path, model, example_inputs) and save it to convert it to format 2")
     if not isinstance(model, PerforatedModel):
         if not isinstance(model, nn.Module):
             model = model()
-        if example_inputs is None and not example_kwargs:
-            raise CheckpointError("load() onto a plain model needs example_inputs (or example_kwargs) to trace it")
-        names = [r["name"] for r in st["sites"]]
-        try:
-            inputs = () if example_inputs is None else example_inputs
-            model = perforate(model, inputs, include=lambda n, m: n in names, activation=st["activation"],
-                              mode=st["mode"], example_kwargs=example_kwargs)
-        except NoSitesError as exc:
-            raise CheckpointError(f"checkpoint {path} belongs to another model: none of its sites "
-                                  f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) exists here; "
-                                  "load it onto the model it was trained on") from exc
+            if not isinstance(model, nn.Module):
+                raise CheckpointError(f"load() needs a model or a function returning one, got {type(model).__name__}")
+        model = _perforate_like(path, meta, model, example_inputs, example_kwargs)
     pm = model
     _check_sites(pm, st, path)
     plain = meta.get("plain", {})
@@ -186,14 +248,17 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
     pm.load_state_dict({k: v for k, v in state.items() if ".candidates." not in k}, strict=False)
     if st["phase"] == "dendrite":
         pools = {r["pool"] for r in st["sites"] if r["pool"]}
-        pm.start_dendrite_phase(pool=max(pools) if pools else 1)
+        # The statistics settings are not tensors: they come from the saved PBConfig.
+        settings = PBConfig.from_dict(meta["config"]).dendrite_phase_kwargs() if meta.get("config") else {}
+        settings["pool"] = max(pools) if pools else 1
+        pm.start_dendrite_phase(**settings)
     try:
         pm.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from exc
     frozen = _collect("frozen/", tensors, plain)
     if frozen:
-        pm._frozen_buffers = frozen
+        pm.load_phase_buffers(frozen)
     if controller is not None and "controller" in meta:
         cs = dict(meta["controller"])
         best = _collect("best/", tensors, plain)

@@ -12,6 +12,7 @@ import torch
 from torch import fx, nn
 
 from .errors import NoSitesError
+from .signature import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .tracing import trace
 
@@ -23,10 +24,14 @@ PHASES = ("neuron", "dendrite")
 class PerforatedModel(nn.Module):
     """A traced model with a Site after every neuron layer; called exactly like the original."""
 
-    def __init__(self, graph_module: fx.GraphModule, mode: str = "pb", activation: str = "sigmoid"):
+    def __init__(self, graph_module: fx.GraphModule, mode: str = "pb", activation: str = "sigmoid",
+                 capture: Optional[dict] = None):
         super().__init__()
         self.graph_module = graph_module
         self.mode, self.activation = mode, activation
+        # How the graph was captured (JSON: frontend and its options, leaves, input signature);
+        # checkpoints store it so that load() re-captures the model the same way.
+        self.capture: dict = dict(capture or {})
         self.phase = "neuron"
         # Names of parameters frozen for the dendrite phase, thawed when it ends.
         self._thaw: list[str] = []
@@ -95,7 +100,7 @@ class PerforatedModel(nn.Module):
 
         return finalize(self.graph_module)
 
-    # -- phases (PB_SPEC §3-§5) ----------------------------------------------------------
+    # -- phases (docs/algorithm.md) ----------------------------------------------------------
     def _require_phase(self, phase: str, what: str) -> None:
         if self.phase != phase:
             raise RuntimeError(f"{what}() needs the {phase} phase, but the model is in the {self.phase} phase")
@@ -171,6 +176,31 @@ class PerforatedModel(nn.Module):
             return
         yield from (p for p in self.parameters() if p.requires_grad and p.numel())
 
+    def candidate_progress(self, rel: float) -> bool:
+        """Dendrite phase, once per epoch: True when some site's candidate correlation improved.
+
+        Each site's pool decides (CandidatePool.epoch_progress) and updates its reference, so
+        every site is asked, not only up to the first that improved.
+        """
+        self._require_phase("dendrite", "candidate_progress")
+        improved = [s.candidates.epoch_progress(rel) for s in self.sites.values() if s.candidates is not None]
+        return any(improved)
+
+    @property
+    def dendrites(self) -> int:
+        """Dendrites per site, the most any site has (sites grow together)."""
+        counts = self.num_dendrites.values()
+        return max(counts) if counts else 0
+
+    def phase_buffers(self) -> dict[str, torch.Tensor]:
+        """Buffers saved at the start of the dendrite phase (restored when it ends); {} otherwise."""
+        return dict(self._frozen_buffers)
+
+    def load_phase_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Set what phase_buffers() returns (a checkpoint of a dendrite-phase model restores it)."""
+        self._require_phase("dendrite", "load_phase_buffers")
+        self._frozen_buffers = {k: v.detach().clone() for k, v in buffers.items()}
+
     def correlations(self) -> dict[str, torch.Tensor]:
         """Per site, the per-channel best |C~| of its candidates (dendrite phase only)."""
         return {n: s.correlation() for n, s in self.sites.items() if s.candidates is not None}
@@ -207,4 +237,7 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
         raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__} "
                            "(or all were excluded): check include=/exclude=, or the model has no such layers")
     gm = insert_dendrites(gm, specs, activation=activation, mode=mode)
-    return PerforatedModel(gm, mode=mode, activation=activation)
+    capture = {"frontend": frontend, "captured_with": gm.meta.get("pbp_frontend", "fx"), "dynamic": dynamic,
+               "leaves": list(gm.meta.get("pbp_untraceable", [])),
+               "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {}))}
+    return PerforatedModel(gm, mode=mode, activation=activation, capture=capture)

@@ -84,8 +84,8 @@ class CandidatePool(nn.Module):
         self.seen = 0  # batches observed, finite or not: a host count (extra state)
         # Step of the last snapshot, kept on the device and read once per epoch.
         self.register_buffer("last_improved", torch.tensor(0, device=device))
-        # Site mean correlation at the last epoch that made progress (epoch_progress).
-        self.register_buffer("progress_ref", torch.tensor(0.0, **sk))
+        # Site mean correlation at the last epoch that made progress (epoch_progress; checkpointed).
+        self.register_buffer("progress_reference", torch.tensor(0.0, **sk))
         # Not state: set per run by pbp_fx.distributed.Distributed.wrap (see covariance()).
         self.reducer = None
         # Not state: a torch.amp.GradScaler whose scale divides delta before the statistics.
@@ -215,7 +215,7 @@ class CandidatePool(nn.Module):
         pick = score.argmax(0, keepdim=True)
         value = score.gather(0, pick).mean()
         se = self.noise().gather(0, pick).mean()
-        ref = self.progress_ref
+        ref = self.progress_reference
         gain = value - ref
         if bool(gain > rel * ref) and bool(gain > se):
             ref.copy_(value)

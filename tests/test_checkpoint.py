@@ -158,3 +158,149 @@ def test_keyword_input_models_rebuild_from_a_checkpoint(tmp_path):
     pm2 = pbp_fx.load(path, KW, example_kwargs=kw)
     assert pm2.num_dendrites == {"a": 1, "b": 1}
     assert torch.equal(pm(**kw)["logits"], pm2(**kw)["logits"])
+
+
+# -- format 2: the transformation is recorded; load needs no example inputs ----------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from pbp_fx.checkpoint import FORMAT, read_meta  # noqa: E402
+
+
+class _RandomNet(nn.Module):
+    """conv layers (optionally with BatchNorm) then linear layers; widths from `spec`."""
+
+    def __init__(self, spec):
+        super().__init__()
+        convs, c = [], 2
+        for width, bn in spec["convs"]:
+            convs += [nn.Conv1d(c, width, 3, padding=1)] + ([nn.BatchNorm1d(width)] if bn else []) + [nn.ReLU()]
+            c = width
+        self.features = nn.Sequential(*convs)
+        dims = [c * 8] + spec["linears"] + [3]
+        self.head = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.Tanh())][:-1])
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+_SPECS = st.fixed_dictionaries({
+    "convs": st.lists(st.tuples(st.integers(1, 5), st.booleans()), min_size=0, max_size=2),
+    "linears": st.lists(st.integers(1, 6), min_size=0, max_size=2),
+    "dendrites": st.integers(0, 2),
+    "dendrite_phase": st.booleans(),
+    "seed": st.integers(0, 2**16),
+})
+
+
+def _random_pm(spec, frontend):
+    torch.manual_seed(spec["seed"])
+    x = torch.randn(4, 2, 8)
+    pm = pbp_fx.perforate(_RandomNet(spec), (x,), frontend=frontend)
+    for _ in range(spec["dendrites"]):
+        pm.grow()
+    randomize_all(pm, spec["seed"])
+    if spec["dendrite_phase"]:
+        pm.start_dendrite_phase(pool=2)
+        pm.train()
+        pm(x).square().sum().backward()  # candidate statistics move
+    return pm, x
+
+
+def randomize_all(pm, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in pm.state_dict().items():
+            if t.is_floating_point():
+                r = torch.randn(t.shape, generator=g).to(t.dtype)
+                t.copy_(r.abs() + 0.1 if name.endswith("running_var") else r)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=_SPECS)
+def test_save_load_save_is_byte_identical_without_example_inputs(tmp_path, frontend, spec):
+    pm, x = _random_pm(spec, frontend)
+    first, second = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    pbp_fx.save(pm, first)
+    pm2 = pbp_fx.load(first, lambda: _RandomNet(spec))  # no example inputs
+    pbp_fx.save(pm2, second)
+    assert open(first, "rb").read() == open(second, "rb").read()
+    meta = read_meta(first)
+    assert meta["format"] == FORMAT and meta["capture"]["captured_with"] == frontend
+    assert meta["capture"]["inputs"]["args"] == [{"kind": "tensor", "shape": [4, 2, 8], "batch_axis": 0,
+                                                  "dtype": "float32"}]
+    pm.eval(), pm2.eval()
+    assert torch.equal(pm(x), pm2(x))
+
+
+def test_transformer_encoder_with_export_loads_without_inputs(tmp_path):
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=12, batch_first=True, dropout=0.0)
+            self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.encoder(x).mean(1))
+
+    x = torch.randn(3, 5, 8)
+    pm = pbp_fx.perforate(Encoder(), (x,), frontend="export")
+    pm.grow()
+    randomize_all(pm, 1)
+    path = str(tmp_path / "t.safetensors")
+    pbp_fx.save(pm, path)
+    pm2 = pbp_fx.load(path, Encoder)
+    assert pm2.num_dendrites == pm.num_dendrites and len(pm2.sites) >= 3
+    pm.eval(), pm2.eval()
+    assert torch.equal(pm(x), pm2(x))
+    assert pm2.capture == pm.capture and pm2.capture["captured_with"] == "export"
+
+
+def _as_format_1(path, out):
+    """Rewrite a checkpoint as pbp-fx 0.1 wrote it (format 1: no capture record)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from pbp_fx.checkpoint import _digest
+
+    meta = read_meta(path)
+    for key in ("capture", "config", "model"):
+        meta.pop(key, None)
+    meta["format"] = "pbp-fx-checkpoint/1"
+    tensors = load_file(path)
+    meta["sha256"] = _digest(tensors, meta)
+    save_file(tensors, out, metadata={"pbp_fx": json.dumps(meta)})
+
+
+def test_format_1_loads_with_inputs_or_is_refused_saying_how_to_convert(tmp_path):
+    pm, _ = _trained_pm()
+    v2, v1 = str(tmp_path / "v2.safetensors"), str(tmp_path / "v1.safetensors")
+    pbp_fx.save(pm, v2)
+    _as_format_1(v2, v1)
+    with pytest.raises(pbp_fx.CheckpointError, match="format 1.*example_inputs.*save\\(\\) it to convert") as e:
+        pbp_fx.load(v1, _build)
+    assert "\n" not in str(e.value)
+    pm1 = pbp_fx.load(v1, _build, (X,))  # with inputs it loads; saving converts it
+    pm.eval(), pm1.eval()
+    assert torch.equal(pm(X), pm1(X))
+    converted = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm1, converted)
+    assert read_meta(converted)["format"] == FORMAT
+    pm2 = pbp_fx.load(converted, _build)
+    pm2.eval()
+    assert torch.equal(pm(X), pm2(X))
+
+
+def test_controller_config_and_model_reference_are_recorded(tmp_path):
+    pm, _ = _trained_pm()
+    ctl = PhaseController(pm, pbp_fx.PBConfig(pool=3, patience=4))
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path, controller=ctl, model_ref="pbp_fx.models.digits_mlp")
+    meta = read_meta(path)
+    assert pbp_fx.PBConfig.from_dict(meta["config"]) == ctl.config
+    assert meta["model"] == "pbp_fx.models.digits_mlp"
+    sites = meta["structure"]["sites"]
+    assert sites[0]["layer"]["kind"] == "linear" and sites[0]["norm_spec"]["eps"] == 1e-5

@@ -49,11 +49,19 @@ EMPTY = NO_DATA + ("from torch.utils.data import TensorDataset\n"
                    "    return e, e, e\n")
 
 
+NAN_VAL = NO_DATA + ("from torch.utils.data import TensorDataset\n"
+                     "def datasets():\n    x, y = torch.randn(8, 3), torch.zeros(8, dtype=torch.long)\n"
+                     "    bad = x.clone()\n    bad[3, 1] = float('nan')\n"
+                     "    return TensorDataset(x, y), TensorDataset(bad, y), TensorDataset(x, y)\n")
+
+
 @pytest.mark.parametrize("case,args,message", [
     ("missing model file", lambda t: ["/nonexistent/model.py"], "does not exist"),
+    ("NaN in validation data", lambda t: [_write(t / "m.py", NAN_VAL)], "validation data holds NaN/Inf"),
     ("no datasets()", lambda t: [_write(t / "m.py", NO_DATA)], "has no datasets()"),
     ("empty dataset", lambda t: [_write(t / "m.py", EMPTY)], "dataset is empty"),
     ("max_dendrites=0", lambda t: [DIGITS, "--max-dendrites", "0"], "at least 1"),
+    ("epochs=0", lambda t: [DIGITS, "--epochs", "0"], "--epochs 0: must be at least 1"),
     ("--out is a file", lambda t: [DIGITS, "--out", _write(t / "f", "x")], "not a directory"),
 ])
 def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, args, message):
@@ -63,7 +71,7 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, args, me
     assert main(argv + ["--no-progress"]) == 2, case
     err = capsys.readouterr().err.strip()
     assert err.startswith("pbp-fx: error:") and message in err and "\n" not in err
-    assert not (tmp_path / "out" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
@@ -119,3 +127,88 @@ def test_resume_errors(tmp_path, capsys):
     assert "cannot resume" in capsys.readouterr().err
     assert main(["train", DIGITS, "--resume", str(tmp_path), "--no-progress"]) == 2
     assert "--resume DIR alone" in capsys.readouterr().err
+
+
+def _epochs_done(ckpt) -> int:
+    from pbp_fx.checkpoint import read_meta
+
+    try:
+        return len(read_meta(str(ckpt))["extra"]["job_state"]["history"]["epochs"])
+    except pbp_fx.CheckpointError:  # not there yet
+        return 0
+
+
+def _same_final_model(a_dir, b_dir):
+    from safetensors.torch import load_file
+
+    a = load_file(str(a_dir / "checkpoint.safetensors"))
+    b = load_file(str(b_dir / "checkpoint.safetensors"))
+    model = sorted(k for k in a if k.startswith("model/"))
+    assert model == sorted(k for k in b if k.startswith("model/"))
+    assert all(torch.equal(a[k], b[k]) for k in model)
+    sa = json.loads((a_dir / "summary.json").read_text())
+    sb = json.loads((b_dir / "summary.json").read_text())
+    assert (sa["val"], sa["test"], sa["dendrites"], sa["epochs"]) == (sb["val"], sb["test"], sb["dendrites"], sb["epochs"])
+
+
+@pytest.mark.slow
+def test_built_in_default_model_killed_at_a_random_epoch_resumes_like_an_uninterrupted_run(tmp_path):
+    import random
+    import signal
+    import time
+
+    args = ["--epochs", "14", "--patience", "2", "--dendrite-patience", "2", "--max-dendrite-epochs", "3",
+            "--max-dendrites", "2", "--no-progress"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(["train", *args, "--out", str(whole)]) == 0
+    total = json.loads((whole / "summary.json").read_text())["epochs"]
+    kill_after = random.Random(os.getpid()).randint(1, total - 1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "train", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    ckpt = killed / "checkpoint.safetensors"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.exists() and _epochs_done(ckpt) >= kill_after:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before epoch {kill_after}"
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
+    _same_final_model(whole, killed)
+
+
+def test_resuming_a_finished_run_reports_it_complete_and_exits_0(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", DIGITS, "--out", str(out), "--epochs", "40", "--patience", "2", "--dendrite-patience", "1",
+                 "--max-dendrite-epochs", "2", "--max-dendrites", "1", "--retries", "0", "--no-progress"]) == 0
+    before = (out / "checkpoint.safetensors").read_bytes()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] < 40, "the run must end by its schedule, not the epoch cap"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"the run in {out} is complete" in printed
+    again = json.loads((out / "summary.json").read_text())
+    assert (again["val"], again["test"], again["epochs"]) == (summary["val"], summary["test"], summary["epochs"])
+    from safetensors.torch import load
+
+    assert {k: v for k, v in load(before).items()}.keys() == load((out / "checkpoint.safetensors").read_bytes()).keys()
+    assert all(torch.equal(v, load((out / "checkpoint.safetensors").read_bytes())[k]) for k, v in load(before).items())
+
+
+def test_train_frontend_is_recorded_and_the_checkpoint_loads_without_inputs(tmp_path):
+    from pbp_fx.checkpoint import read_meta
+
+    out = tmp_path / "run"
+    assert main(["train", DIGITS, "--out", str(out), "--epochs", "2", "--frontend", "export", "--no-progress"]) == 0
+    path = str(out / "checkpoint.safetensors")
+    meta = read_meta(path)
+    assert meta["capture"]["frontend"] == "export" == meta["capture"]["captured_with"]
+    assert meta["model"] == DIGITS and meta["config"] == pbp_fx.PBConfig().to_dict()
+    mod = pbp_fx.job.load_job_module(DIGITS)
+    pm = pbp_fx.load(path, mod.build_model)
+    assert pm.capture == meta["capture"]

@@ -1,0 +1,76 @@
+"""Input signatures: what a model was captured with, as JSON, and stand-in inputs rebuilt from it.
+
+    sig = describe_inputs(model, (x,), {"mask": m})
+    # {"names": ["x"], "args": [{"kind": "tensor", "shape": [4, 40], "batch_axis": 0, "dtype": "float32"}],
+    #  "kwargs": {"mask": {...}}}
+    args, kwargs = inputs_from_signature(sig)      # same shapes and dtypes, fixed values
+
+A checkpoint stores the signature so that a model is re-captured without the caller
+supplying example inputs again. Axis 0 of every tensor with at least one dimension is the
+batch axis (the convention of the exporters' dynamic batch).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+__all__ = ["describe_inputs", "inputs_from_signature"]
+
+
+def _describe(value: Any) -> dict:
+    if isinstance(value, torch.Tensor):
+        return {"kind": "tensor", "shape": list(value.shape), "batch_axis": 0 if value.dim() else None,
+                "dtype": str(value.dtype).replace("torch.", "")}
+    if value is None:
+        return {"kind": "none"}
+    if isinstance(value, (bool, int, str)) or (isinstance(value, float) and value == value):
+        return {"kind": "value", "value": value}
+    return {"kind": "unsupported", "type": type(value).__name__}
+
+
+def describe_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """JSON description of example inputs: positional names, shapes (batch axis marked), dtypes."""
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names = [params[i] if i < len(params) else f"arg{i}" for i in range(len(args))]
+    return {"names": names, "args": [_describe(a) for a in args],
+            "kwargs": {k: _describe(v) for k, v in kwargs.items()}}
+
+
+def _rebuild(entry: dict, where: str, generator: torch.Generator):
+    kind = entry.get("kind")
+    if kind == "none":
+        return None
+    if kind == "value":
+        return entry["value"]
+    if kind != "tensor":
+        raise CheckpointError(f"the recorded input {where} is a {entry.get('type', kind)}, which cannot be rebuilt: "
+                              "pass example_inputs / example_kwargs to load()")
+    dtype = getattr(torch, entry["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"the recorded input {where} has dtype {entry['dtype']!r}, unknown to this torch: "
+                              "pass example_inputs / example_kwargs to load()")
+    shape = tuple(entry["shape"])
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, generator=generator).to(dtype)
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype)  # integer ids: 0 is a valid index of every table
+
+
+def inputs_from_signature(signature: dict) -> tuple[tuple, dict]:
+    """Stand-in (args, kwargs) with the recorded shapes and dtypes (fixed values, the global RNG untouched)."""
+    g = torch.Generator().manual_seed(0)
+    names = signature.get("names") or []
+    args = tuple(_rebuild(e, repr(names[i]) if i < len(names) else f"#{i}", g)
+                 for i, e in enumerate(signature.get("args", [])))
+    kwargs = {k: _rebuild(e, repr(k), g) for k, e in signature.get("kwargs", {}).items()}
+    return args, kwargs
