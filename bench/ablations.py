@@ -42,7 +42,7 @@ from accuracy import TASKS, _params, train_plain, width_for_params as width_for 
 DEFAULTS = dict(task="mnist1d_mlp", width=32, num_samples=None, lr=1e-3, batch_size=100, patience=10,
                 max_epochs=400, max_dendrites=2, pool=4, dendrite_patience=3, max_dendrite_epochs=30,
                 candidate_lr=0.02, candidate_init="kaiming", v_init=0.0, lr_after=None, include=None,
-                retries=2)
+                retries=2, pool_split=True)
 CACHE = os.path.join("/tmp", "pbp_ablations_runs.jsonl")
 BASE_DIR = os.path.join("/tmp", "pbp_ablations_base")
 
@@ -191,7 +191,7 @@ def run_round(cfg, seed, loaders) -> dict:
     torch.manual_seed(10_000 + seed)
     dendrite_epochs = 0
     if rm == "pb":
-        pm.start_dendrite_phase(pool=cfg["pool"], init=cfg["candidate_init"])
+        pm.start_dendrite_phase(pool=cfg["pool"], init=cfg["candidate_init"], split=cfg["pool_split"])
         opt = torch.optim.Adam(list(pm.trainable_parameters()), lr=cfg["candidate_lr"])
         mark = lambda: sum(int(s.candidates.last_improved) for s in pm.sites.values() if s.candidates is not None)  # noqa: E731
         last, stale = mark(), 0
@@ -399,6 +399,7 @@ def group_regime(S, cache, run, num_samples=20000):
 ROUND_VARIANTS = [
     ("restart only (control)", dict(round_mode="restart")),
     ("pb default", dict(round_mode="pb")),
+    ("pool 4 full-batch (every member on every sample)", dict(round_mode="pb", pool_split=False)),
     ("gd (random dendrites, backprop)", dict(round_mode="gd")),
     ("init normal", dict(round_mode="pb", candidate_init="normal")),
     ("pool 1", dict(round_mode="pb", pool=1)),
@@ -438,13 +439,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=CACHE, help="JSON-lines file of finished runs (reused, appended)")
     ap.add_argument("--report", action="store_true", help="print tables from the cache; train nothing")
     ap.add_argument("--md", help="also write the tables to this markdown file")
+    ap.add_argument("--variants", nargs="+", help="round group: only these variants (labels; the control always runs)")
     a = ap.parse_args(argv)
     cache = load_cache(a.cache)
     run = lambda specs: run_specs(specs, cache, a.cache, a.jobs, a.report)  # noqa: E731
     t0 = time.perf_counter()
     out = []
     for g in a.groups:
-        md = GROUPS[g](a.seeds, cache, run)
+        md = group_round(a.seeds, cache, run, a.variants) if g == "round" else GROUPS[g](a.seeds, cache, run)
         block = f"## {g}\n\n{md}\n"
         print("\n" + block, flush=True)
         out.append(block)

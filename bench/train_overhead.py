@@ -1,21 +1,29 @@
 """Training-step overhead of PB, as ratios to the plain model's step, measured side by side.
 
 For each model: the plain model; the neuron phase with K = 1..3 dendrites per site; the
-dendrite phase with a candidate pool (K = 0). One step = forward, loss, backward, Adam step
-on what that phase trains. Configurations are timed in interleaved rounds (median), so
-machine noise hits them alike. FLOPs (forward + backward) come from FlopCounterMode.
+dendrite phase with a candidate pool (K = 0), split (each member on its own 1/P of the
+batch, the default) and full-batch (every member on every sample). One step = forward,
+loss, backward, Adam step on what that phase trains. Configurations are timed in
+interleaved rounds (median), so machine noise hits them alike. FLOPs (forward + backward)
+come from FlopCounterMode. Peak memory of one step: the rise of the resident set over its
+level before the step (/proc VmHWM after clearing it; a child process with malloc returning
+large blocks to the OS, so the resident set follows live tensors).
 
-Targets: dendrite-phase step <= 1.5x plain (pool 4, MNIST-1D CNN);
+Targets: dendrite-phase step (split) <= 1.5x plain (pool 4);
 neuron-phase step <= 1.2x plain x (perforated FLOPs / plain FLOPs).
 
-    python bench/train_overhead.py [--models mnist1d_cnn mnist1d_mlp] [--threads 1] [--pool 4]
+    python bench/train_overhead.py [--models mnist1d_cnn resnet_small] [--threads 1] [--pool 4]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -70,10 +78,12 @@ def configs(mod, x, y, pool: int):
                 s.out_weight.normal_(0, 0.1)
         pm.train()
         out.append((f"neuron K={k}", pm, _stepper(pm, list(pm.trainable_parameters()), x, y)))
-    pm = pbp_fx.perforate(copy.deepcopy(base), (x[:2],))
-    pm.train()
-    pm.start_dendrite_phase(pool=pool)
-    out.append((f"dendrite P={pool}", pm, _stepper(pm, list(pm.trainable_parameters()), x, y)))
+    for split in (True, False):
+        pm = pbp_fx.perforate(copy.deepcopy(base), (x[:2],))
+        pm.train()
+        pm.start_dendrite_phase(pool=pool, split=split)
+        name = f"dendrite P={pool} " + ("split" if split else "full-batch")
+        out.append((name, pm, _stepper(pm, list(pm.trainable_parameters()), x, y)))
     return out
 
 
@@ -91,16 +101,57 @@ def measure(cfgs, rounds: int, steps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def step_peaks(model: str, batch: int, pool: int) -> dict[str, float]:
+    """In this process: MiB the resident set rises during one step of each configuration."""
+    mod = importlib.import_module(MODELS[model])
+    x, y = _batch(mod, batch)
+    out = {}
+    for name, _, step in configs(mod, x, y, pool):
+        step()
+        step()  # optimizer state exists now
+        peaks = []
+        for _ in range(3):
+            gc.collect()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident set
+            before = _status_kb("VmRSS")
+            step()
+            peaks.append(_status_kb("VmHWM") - before)
+        out[name] = statistics.median(peaks) / 1024
+    return out
+
+
+def memory(model: str, batch: int, pool: int, threads: int) -> dict[str, float]:
+    """step_peaks in a child whose malloc returns blocks of >= 64 KiB to the OS at free."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-of", model, "--batch", str(batch),
+           "--pool", str(pool), "--threads", str(threads)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["mnist1d_cnn", "mnist1d_mlp"], choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=["mnist1d_cnn", "resnet_small"], choices=list(MODELS))
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--pool", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--memory-of", choices=list(MODELS), help=argparse.SUPPRESS)  # child of memory()
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.memory_of:
+        print(json.dumps(step_peaks(a.memory_of, a.batch, a.pool)))
+        return 0
     print(f"torch {torch.__version__}, {a.threads} thread(s), batch {a.batch}, median of {a.rounds} "
           f"interleaved rounds of {a.steps} steps")
     for name in a.models:
@@ -109,21 +160,22 @@ def main(argv=None) -> int:
         cfgs = configs(mod, x, y, a.pool)
         t = measure(cfgs, a.rounds, a.steps)
         flops = {n: _flops(m, x, y) for n, m, _ in cfgs}
+        mem = memory(name, a.batch, a.pool, a.threads)
         p_ms, p_fl = t["plain"], flops["plain"]
-        print(f"\n{name} (width {mod.build_model().__class__.__name__} default)")
-        print("| config | ms/step | step ratio | FLOP ratio | target | ok |")
-        print("|---|---:|---:|---:|---:|:---:|")
+        print(f"\n{name}")
+        print("| config | ms/step | step ratio | FLOP ratio | target | ok | step peak MiB |")
+        print("|---|---:|---:|---:|---:|:---:|---:|")
         for n, _, _ in cfgs:
             ratio, fr = t[n] / p_ms, flops[n] / p_fl
             if n.startswith("neuron"):
                 target = 1.2 * fr
-            elif n.startswith("dendrite"):
+            elif n.endswith("split"):
                 target = 1.5
             else:
                 target = None
             ok = "" if target is None else ("yes" if ratio <= target else "NO")
             tgt = "" if target is None else f"{target:.2f}"
-            print(f"| {n} | {t[n] * 1e3:.3f} | {ratio:.2f} | {fr:.2f} | {tgt} | {ok} |")
+            print(f"| {n} | {t[n] * 1e3:.3f} | {ratio:.2f} | {fr:.2f} | {tgt} | {ok} | {mem[n]:.1f} |")
     return 0
 
 

@@ -137,19 +137,26 @@ class PBConfig(_Settings):
     retries: int = setting(2, "fresh rounds after a round that gave no new best", low=0)
     maximize: bool = setting(True, "a higher validation score is better (false: lower, e.g. a loss)")
     pool: int = setting(4, "candidate dendrites per site", low=1)
+    pool_split: bool = setting(True, "each candidate trains on its own 1/pool of every batch (pool costs one "
+                               "layer's work); false: every candidate sees the whole batch")
     candidate_init: str = setting("kaiming", "initialisation of the candidates",
                                   choices=("kaiming", "default", "normal"))
     candidate_lr: float = setting(0.02, "learning rate in the dendrite phase", low=0, open_low=True)
     v_init: float = setting(0.0, "initial output weight V of an installed dendrite")
     ema_decay: float = setting(0.99, "decay of the per-batch covariance moving average", low=0, high=1,
                                open_low=True, open_high=True)
-    warmup: int = setting(5, "batches before the best correlation and snapshots are tracked", low=0)
+    bias_correction: bool = setting(True, "covariance moving average as the exact decay-weighted mean of the "
+                                    "batches so far (else it starts from 0)")
+    warmup: Optional[int] = setting(None, "batches before the best correlation and snapshots are tracked "
+                                    "(None: round(1 / (1 - ema_decay)), the EMA's averaging length)",
+                                    low=0, optional=True)
     snapshot_threshold: float = setting(0.01, "relative gain of |C~| that takes a new weight snapshot", low=0)
 
     def dendrite_phase_kwargs(self) -> dict:
         """The keyword arguments of PerforatedModel.start_dendrite_phase for these settings."""
         return {"pool": self.pool, "init": self.candidate_init, "ema": self.ema_decay, "warmup": self.warmup,
-                "threshold": self.snapshot_threshold}
+                "threshold": self.snapshot_threshold, "bias_correction": self.bias_correction,
+                "split": self.pool_split}
 
 
 @dataclass(frozen=True)

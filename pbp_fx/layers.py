@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerSpec", "NormSpec", "LayerCopies", "stacked_apply", "fold_norm", "copy_dim"]
+__all__ = ["LayerSpec", "NormSpec", "LayerCopies", "stacked_apply", "split_apply", "split_members",
+           "fold_norm", "copy_dim"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -46,15 +47,17 @@ class LayerSpec:
     def params_per_copy(self) -> int:
         return math.prod(self.weight_shape) + (self.channels if self.bias else 0)
 
-    def apply(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def apply(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: Optional[int] = None) -> Tensor:
+        """The layer on x; `groups` overrides the conv's own (split_apply runs copies as groups)."""
         if self.kind == "linear":
             return F.linear(x, weight, bias)
         conv = _CONV[int(self.kind[-2])]
+        groups = self.groups if groups is None else groups
         if self.padding_mode != "zeros":
             # Same as nn.ConvNd: explicit padding with the mode, then an unpadded conv.
             x = F.pad(x, self._reversed_padding(), mode=self.padding_mode)
-            return conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return conv(x, weight, bias, self.stride, 0, self.dilation, groups)
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def _reversed_padding(self) -> list:
         """F.pad's [last dim left, right, ...] list, as nn.ConvNd computes it (also for "same"/"valid")."""
@@ -125,6 +128,35 @@ def stacked_apply(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Te
     return z.unflatten(-1, (m, c))
 
 
+def split_members(t: Tensor, m: int, axis: int) -> Tensor:
+    """Deal a batch [B, ...] to M copies: copy p gets the p-th contiguous B // M samples.
+
+    Returns the stacked layout with B // M samples: [B//M, M, C, *S] (axis 1) or
+    [B//M, *mid, M, C] (last axis); a remainder of B mod M samples is left out. Contiguous,
+    so that R ranks fed by a DistributedSampler (rank r reads samples r, r+R, ...) deal
+    their batches exactly as one process deals the global batch, when B // R is a multiple of M.
+    """
+    b = t.shape[0] // m
+    t = t.narrow(0, 0, b * m).unflatten(0, (m, b))
+    return t.movedim(0, 1) if axis == 1 else t.movedim(0, -2)
+
+
+def split_apply(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """M copies ([M, C, ...] weights), each on its own 1/M of the batch (split_members).
+
+    Costs one copy's work over the whole batch instead of M copies' (stacked_apply): convs
+    run as one conv with M x groups over the copies' slices side by side in the channels.
+    """
+    m, c = weight.shape[:2]
+    xs = split_members(x, m, layer.axis)
+    if layer.kind == "linear":  # [b, *mid, M, in] x [M, C, in]
+        z = torch.einsum("...mi,mci->...mc", xs, weight)
+        return z if bias is None else z + bias
+    z = layer.apply(xs.flatten(1, 2), weight.reshape(m * c, *weight.shape[2:]),
+                    None if bias is None else bias.reshape(m * c), groups=m * layer.groups)
+    return z.unflatten(1, (m, c))
+
+
 def fold_norm(weight: Tensor, bias: Optional[Tensor], mean: Tensor, var: Tensor,
               gamma: Optional[Tensor], beta: Optional[Tensor], eps: float):
     """Fold an eval-mode BatchNorm into the preceding layer; rows are [..., C] aligned."""
@@ -186,8 +218,9 @@ class LayerCopies(nn.Module):
                 else:
                     self.bias.zero_()
 
-    def forward(self, x: Tensor) -> Tensor:
-        z = stacked_apply(self.layer, x, self.weight, self.bias)
+    def forward(self, x: Tensor, split: bool = False) -> Tensor:
+        """Every copy on the whole batch, or with split=True each on its own 1/M (split_apply)."""
+        z = (split_apply if split else stacked_apply)(self.layer, x, self.weight, self.bias)
         if self.norm is None:
             return z
         m, c = self.weight.shape[:2]

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .layers import LayerCopies, LayerSpec, NormSpec, cat_rows, channel_view, copy_dim, stacked_apply
+from .layers import (LayerCopies, LayerSpec, NormSpec, cat_rows, channel_view, copy_dim, split_members,
+                     stacked_apply)
 
 __all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "ACTIVATIONS", "MODES"]
 
@@ -46,32 +47,49 @@ class CandidatePool(nn.Module):
     `ema` is its 0.99 moving average; `best` is each (p, i)'s best |ema| after warm-up, and
     `snapshot_*` hold that row's weights at its best. Installation reads the snapshots.
 
+    split=True (default): each member sees only its own 1/P of every batch (a contiguous
+    slice; `layers.split_members`), so the pool costs one layer's work, not P layers'. Its C
+    is P x the slice's covariance: an estimate of the whole batch's, in the same units.
+    split=False: every member sees the whole batch (P x the work).
+
     `reducer` (None: one process) sums a batch's statistics over the ranks of a distributed
     run, so that C is the global batch's on every rank; `pbp_fx.distributed` installs it.
     """
 
     def __init__(self, layer: LayerSpec, norm: Optional[NormSpec], pool: int, installed: int,
                  activation: str, init: str = "kaiming", init_scale: float = 1.0,
-                 ema: float = 0.99, warmup: int = 5, threshold: float = 0.01,
-                 device=None, dtype=None):
+                 ema: float = 0.99, warmup: Optional[int] = None, threshold: float = 0.01,
+                 bias_correction: bool = True, split: bool = True, device=None, dtype=None):
         super().__init__()
+        if not 0.0 < ema < 1.0:
+            raise ValueError(f"ema={ema}: the EMA decay must be in (0, 1)")
         self.layer, self.activation = layer, activation
-        self.ema_decay, self.warmup, self.threshold = ema, warmup, threshold
+        self.ema_decay, self.threshold, self.bias_correction = ema, threshold, bias_correction
+        # Best |C~| and snapshots wait until the EMA averages ~1/(1-decay) batches (issue 13).
+        self.warmup = round(1.0 / (1.0 - ema)) if warmup is None else warmup
+        self.split = split
         c = layer.channels
         fk = {"device": device, "dtype": dtype}
         self.copies = LayerCopies(layer, norm, pool, **fk)
         self.copies.reset_parameters(init, init_scale)
         # Cascade weights from installed dendrites, stored [P, C, K] so rows lead with (p, c).
         self.cascade = nn.Parameter(torch.zeros(pool, c, installed, **fk))
-        self.register_buffer("ema", torch.zeros(pool, c, **fk))
-        self.register_buffer("best", torch.zeros(pool, c, **fk))
-        self.steps = 0  # host-side counter: no device sync per batch
-        # Not state: set per run by pbp_fx.distributed.Distributed.wrap (see covariance()).
-        self.reducer = None
+        # Statistics in float32 at least, whatever the model's or autocast's dtype.
+        sk = {"device": device, "dtype": torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)}
+        self.register_buffer("ema", torch.zeros(pool, c, **sk))
+        self.register_buffer("ema_sq", torch.zeros(pool, c, **sk))  # of C^2: the noise of the estimate
+        self.register_buffer("best", torch.zeros(pool, c, **sk))
+        # Batches counted (finite ones), on the device: no host sync per batch.
+        self.register_buffer("steps", torch.tensor(0, device=device))
+        self.seen = 0  # batches observed, finite or not: a host count (extra state)
         # Step of the last snapshot, kept on the device and read once per epoch.
         self.register_buffer("last_improved", torch.tensor(0, device=device))
-        # The mean best |C~| that epoch_progress() compares against (a buffer: checkpointed).
-        self.register_buffer("progress_reference", torch.zeros((), device=device, dtype=torch.float64))
+        # Site mean correlation at the last epoch that made progress (epoch_progress; checkpointed).
+        self.register_buffer("progress_reference", torch.tensor(0.0, **sk))
+        # Not state: set per run by pbp_fx.distributed.Distributed.wrap (see covariance()).
+        self.reducer = None
+        # Not state: a torch.amp.GradScaler whose scale divides delta before the statistics.
+        self.grad_scaler = None
         for name, t in self._rows().items():
             self.register_buffer("snapshot_" + name, t.detach().clone())
 
@@ -84,87 +102,129 @@ class CandidatePool(nn.Module):
         rows["cascade"] = self.cascade
         return rows
 
+    def splits(self, batch: int) -> bool:
+        """Whether a batch of this size is dealt to the members (split mode, at least one sample each)."""
+        return self.split and batch >= self.pool_size
+
     def forward(self, x: Tensor, acts: list[Tensor]) -> Tensor:
-        """Candidate activations c, [B, P, C, *S] or [..., P, C]."""
-        pre = self.copies(x)
-        cd = copy_dim(self.layer.axis)
+        """Candidate activations c: [B', P, C, *S] or [B', *mid, P, C]; B' = B // P when split."""
+        split = self.splits(x.shape[0])
+        pre = self.copies(x, split=split)
+        p, axis = self.pool_size, self.layer.axis
         for j, s in enumerate(acts):
             u = self.cascade[:, :, j]  # [P, C]
-            if self.layer.axis == 1:  # [P, C, 1..] against [B, 1, C, *S]
+            if axis == 1:  # [P, C, 1..] against [B', P|1, C, *S]
                 u = u.reshape(*u.shape, *([1] * (s.dim() - 2)))
-            pre = pre + u * s.unsqueeze(cd)
+            pre = pre + u * (split_members(s, p, axis) if split else s.unsqueeze(copy_dim(axis)))
         return ACTIVATIONS[self.activation](pre)
 
     @torch.no_grad()
-    def covariance(self, c: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-        """A batch's covariance C [P, C] of c [N, P, C] with the site error d [N, C], and e [N, C].
+    def covariance(self, c: Tensor, d: Tensor, axis: int = -1) -> tuple[Tensor, Tensor]:
+        """A batch's covariance C [P, C] of the candidates c with the site error d, and e.
 
-        e is what the gradient handed to c is made of: -sign(C~) * e. In one process
-        e = d - mean d (dC/dc). With a reducer over R ranks, each rank's d is the gradient of
-        its own mean loss, R times that of DDP's objective (1/R) sum_r L_r, so the rank sums
-        S_cd = sum c d / R, S_c = sum c, S_d = sum d / R and the position count n are
-        all-reduced and C = S_cd - S_c * m with m = S_d / n, the global mean of d / R: the
-        global batch's covariance, the same on every rank. e = d - R m is R times the exact
-        dC/dc, because DDP divides the summed candidate gradients by R.
+        Both in the stacked layout of `axis` ([B, P, C, *S] for 1, [..., P, C] for -1), d with
+        P members (split: each member's own slice) or 1 (every member saw every position);
+        the statistics are float32 at least whatever the autocast dtype. dC/dc = share * e,
+        share = P when split (C is then P x the slice's covariance, in whole-batch units),
+        else 1. In one process e = d - mean d. With a reducer over R ranks, each rank's d is
+        the gradient of its own mean loss, R times that of DDP's objective (1/R) sum_r L_r,
+        so the rank sums S_cd = sum c d / R, S_c = sum c, S_d = sum d / R and the position
+        count n are all-reduced and C = S_cd - S_c * m with m = S_d / n, the global mean of
+        d / R: the global batch's covariance, the same on every rank. e = d - R m is R times
+        the exact, because DDP divides the summed candidate gradients by R.
         """
-        if self.reducer is None:
-            d = d - d.mean(0)
-            return torch.einsum("npc,nc->pc", c, d), d
-        r = self.reducer.world_size
-        p, ch = c.shape[1], c.shape[2]
         acc = torch.promote_types(d.dtype, torch.float32)  # float32 at least: counts exact to 2**24
-        cc, dd = c.to(acc), d.to(acc)
+        c, d = c.to(acc), d.to(acc)
+        cd = copy_dim(axis)
+        pos = [0, *range(3, c.dim())] if axis == 1 else list(range(c.dim() - 2))
+        share = d.shape[cd]  # P when split, else 1
+        if self.reducer is None:
+            e = d - d.mean(pos, keepdim=True)
+            return (c * e).sum(pos).mul_(share), e
+        r = self.reducer.world_size
+        p, ch = c.shape[cd], self.layer.channels
+        s_d = d.sum(pos)  # [share, C]
         sums = self.reducer(torch.cat([
-            torch.einsum("npc,nc->pc", cc, dd).reshape(-1) / r, cc.sum(0).reshape(-1),
-            dd.sum(0) / r, dd.new_full((1,), dd.shape[0])]))
-        s_cd, s_c, s_d, n = sums.split([p * ch, p * ch, ch, 1])
-        m = s_d / n
+            (c * d).sum(pos).reshape(-1) / r, c.sum(pos).reshape(-1), s_d.reshape(-1) / r,
+            d.new_full((1,), d.numel() // s_d.numel())]))
+        s_cd, s_c, s_d, n = sums.split([p * ch, p * ch, share * ch, 1])
+        m = s_d.view(share, ch) / n
         cov = s_cd.view(p, ch) - s_c.view(p, ch) * m
-        return cov, (dd - r * m).to(d.dtype)
+        return cov * share, d - r * channel_view(m, d.dim() - 1, axis)
 
     @torch.no_grad()
     def observe(self, cov: Tensor) -> Tensor:
-        """Fold one batch's covariance [P, C] (already global, see covariance()) into the statistics; returns sign(ema)."""
-        self.steps += 1
-        if self.steps == 1:
-            self.ema.copy_(cov)
-        else:
-            self.ema.mul_(self.ema_decay).add_(cov, alpha=1.0 - self.ema_decay)
-        if self.steps > self.warmup:
-            score = self.ema.abs()
+        """Fold one batch's covariance [P, C] (already global, see covariance()) into the statistics; returns sign(ema).
+
+        A batch with an inf/NaN covariance (a step GradScaler skips) is not counted. With
+        bias correction, ema is the decay-weighted mean of the batches so far (the first
+        batch gets weight 1, not the decay's 0.01); without, it starts from 0. Masked tensor
+        ops only: no host sync on the hot path. The weight and the warm-up come from a host
+        count of the batches seen (a skipped batch shifts the weight of the next by a hair).
+        """
+        self.seen += 1
+        finite = torch.isfinite(cov).all()
+        self.steps.add_(finite)
+        d, stats = self.ema_decay, self.ema
+        w = (1.0 - d) / (1.0 - d ** self.seen) if self.bias_correction else 1.0 - d
+        cov = cov.to(stats.dtype)
+        self.ema_sq.lerp_(torch.where(finite, cov * cov, self.ema_sq), w)  # NaN-free: a skipped batch changes nothing
+        stats.lerp_(torch.where(finite, cov, stats), w)
+        if self.seen > self.warmup:
+            score = stats.abs()
             improved = score > self.best * (1.0 + self.threshold)
-            # Masked copies instead of `if improved.any()`: no host sync on the hot path.
-            self.best.copy_(torch.where(improved, score, self.best))
+            mask = improved.to(stats.dtype)
+            self.best.lerp_(score, mask)  # weight 0 or 1: exact
             for name, t in self._rows().items():
-                snap = getattr(self, "snapshot_" + name)
-                mask = improved.reshape(*improved.shape, *([1] * (t.dim() - 2)))
-                snap.copy_(torch.where(mask, t.detach(), snap))
+                if t.numel():
+                    getattr(self, "snapshot_" + name).lerp_(
+                        t.detach(), mask.to(t.dtype).view(*mask.shape, *([1] * (t.dim() - 2))))
             self.last_improved.copy_(torch.where(improved.any(), self.steps, self.last_improved))
-        return torch.sign(self.ema)
+        return torch.sign(stats)
+
+    def loss_scale(self) -> float:
+        """The scale the loss was multiplied by before backward (grad_scaler's), else 1."""
+        scaler = self.grad_scaler
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def get_extra_state(self) -> dict:
-        return {"steps": self.steps}
+        return {"seen": self.seen}
 
     def set_extra_state(self, state: dict) -> None:
-        self.steps = int(state["steps"])
+        self.seen = int(state["seen"])
+
+    def noise(self) -> Tensor:
+        """Standard error of each ema entry [P, C], from the batches' spread of C."""
+        var = (self.ema_sq - self.ema * self.ema).clamp(min=0)
+        d = self.ema_decay
+        # Variance of a decay-weighted mean of t iid batches: ~1/t early, (1-d)/(1+d) later.
+        t = max(int(self.steps), 1)
+        return (var * max(1.0 / t, (1.0 - d) / (1.0 + d))).sqrt()
 
     @torch.no_grad()
     def epoch_progress(self, rel: float) -> bool:
-        """True when the mean over channels of the best |C~| rose by more than `rel` (relative).
+        """True when the site's correlation rose beyond its noise since the last progress.
 
-        Per site, not per channel: with hundreds of channels one of them almost always gains
-        1%, and the phase would never end before its cap (measured: bench/results/ablations.md).
-        Called once per epoch; a rise moves the reference up.
+        Per site, not per channel (with hundreds of channels one always gains by chance): the
+        mean over channels of the best member's current |ema| must exceed the reference by
+        more than `rel` (relative) and by more than its standard error. The current estimate,
+        not best |C~|: a running maximum of a noisy estimate keeps rising by chance alone.
+        Call once per epoch; the reference is a buffer, so it is checkpointed.
         """
-        value = self.correlation().mean().to(self.progress_reference.dtype)
-        if bool(value > self.progress_reference * (1.0 + rel)):
-            self.progress_reference.copy_(value)
+        score = self.ema.abs()
+        pick = score.argmax(0, keepdim=True)
+        value = score.gather(0, pick).mean()
+        se = self.noise().gather(0, pick).mean()
+        ref = self.progress_reference
+        gain = value - ref
+        if bool(gain > rel * ref) and bool(gain > se):
+            ref.copy_(value)
             return True
         return False
 
     def correlation(self) -> Tensor:
         """Per channel, the best |C~| over the pool, [C]."""
-        return self.best.amax(0) if self.steps > self.warmup else self.ema.abs().amax(0)
+        return self.best.amax(0) if self.seen > self.warmup else self.ema.abs().amax(0)
 
     def selected_rows(self) -> tuple[dict[str, Tensor], Tensor]:
         """Per channel, the snapshot row of the pool member with the best |C~|; and sign(C~)."""
@@ -187,13 +247,14 @@ class _CovarianceTap(torch.autograd.Function):
     The gradient handed to c is that of -sum_i sign(C~_i) C_i, with
     dC_i/dc_{p,i} = delta_{p,i} - mean_p delta_i, so only candidate parameters (reached
     through c, whose inputs are detached) receive it. In distributed runs C and the mean
-    are the global batch's (CandidatePool.covariance).
+    are the global batch's (CandidatePool.covariance). split: c holds each member's own
+    slice of the batch (CandidatePool.forward), and delta is dealt the same way.
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor, c: Tensor, pool: CandidatePool) -> Tensor:
+    def forward(ctx, y: Tensor, c: Tensor, pool: CandidatePool, split: bool) -> Tensor:
         ctx.save_for_backward(c)
-        ctx.pool = pool
+        ctx.pool, ctx.split, ctx.counted = pool, split, False
         # A copy, not a view: user graphs may modify the site output in place (ReLU(inplace)).
         return y.clone()
 
@@ -201,21 +262,17 @@ class _CovarianceTap(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         (c,) = ctx.saved_tensors
         pool: CandidatePool = ctx.pool
-        axis, ch = pool.layer.axis, pool.layer.channels
+        axis = pool.layer.axis
         p = c.shape[copy_dim(axis)]
-        d = grad_y.detach().movedim(axis, -1).reshape(-1, ch)
-        if axis == 1:
-            cf = c.detach().movedim((1, 2), (-2, -1)).reshape(-1, p, ch)
-        else:
-            cf = c.detach().reshape(-1, p, ch)
-        cov, e = pool.covariance(cf, d)  # e = d - mean d (one process; see covariance())
-        sign = pool.observe(cov)
-        g = -(sign.unsqueeze(0) * e.unsqueeze(1))  # [N, P, C]
-        if axis == 1:
-            g = g.reshape(c.shape[0], *c.shape[3:], p, ch).movedim((-2, -1), (1, 2))
-        else:
-            g = g.reshape(c.shape)
-        return grad_y, g.to(c.dtype), None
+        d = grad_y.detach()
+        d = split_members(d, p, axis) if ctx.split else d.unsqueeze(copy_dim(axis))
+        scale = pool.loss_scale()
+        cov, e = pool.covariance(c.detach(), d if scale == 1.0 else d / scale, axis)
+        # A second backward through the same graph (retain_graph) must not count the batch twice.
+        sign = torch.sign(pool.ema) if ctx.counted else pool.observe(cov)
+        ctx.counted = True
+        k = sign * -(scale * (p if ctx.split else 1))  # dC/dc = share * e; GradScaler's scale kept in the gradient
+        return grad_y, (e * channel_view(k, e.dim() - 1, axis)).to(c.dtype), None, None
 
 
 class Site(nn.Module):
@@ -281,7 +338,7 @@ class Site(nn.Module):
             y = _weighted_sum(n, acts, self.out_weight, self.axis)
         if self.candidates is not None and self.training and torch.is_grad_enabled():
             c = self.candidates(src, [s.detach() for s in acts])
-            y = _CovarianceTap.apply(y, c, self.candidates)
+            y = _CovarianceTap.apply(y, c, self.candidates, self.candidates.splits(src.shape[0]))
         return y
 
     # -- structure changes ---------------------------------------------------------

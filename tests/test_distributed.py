@@ -165,7 +165,8 @@ def test_covariance_of_two_halves_is_the_global_one():
     pool = CandidatePool(LayerSpec("linear", (5, 3), True), None, pool=2, installed=0, activation="sigmoid",
                          dtype=torch.float64)
     c = torch.rand(16, 2, 5, generator=g, dtype=torch.float64)
-    delta = torch.randn(16, 5, generator=g, dtype=torch.float64) + 0.5  # dL/dy of the global mean loss
+    # dL/dy of the global mean loss, in the stacked layout [N, 1, C]: every member saw every sample.
+    delta = torch.randn(16, 1, 5, generator=g, dtype=torch.float64) + 0.5
     cov, e = pool.covariance(c, delta)  # one process: no reducer
     # Each rank's error is that of its own mean loss over half the batch: 2 x delta.
     halves = [(c[:8], 2 * delta[:8]), (c[8:], 2 * delta[8:])]

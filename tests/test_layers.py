@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pbp_fx.layers import LayerCopies, LayerSpec, NormSpec, cat_rows, channel_view, copy_dim, fold_norm, stacked_apply
+from pbp_fx.layers import (LayerCopies, LayerSpec, NormSpec, cat_rows, channel_view, copy_dim, fold_norm, split_apply,
+                           split_members, stacked_apply)
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -83,6 +84,28 @@ def test_stacked_apply_equals_each_copy_separately(name, copies, pb):
     assert got.shape == want.shape
     assert got.shape[copy_dim(spec.axis)] == copies
     assert pb.max_diff(got, want) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("copies", [1, 3])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_split_apply_runs_each_copy_on_its_own_slice(name, copies, pb):
+    make, shape = LAYERS[name]
+    spec = LayerSpec.from_module(make())
+    weight = torch.randn(copies, *spec.weight_shape)
+    bias = torch.randn(copies, spec.channels) if spec.bias else None
+    x = torch.randn(3 * copies - 1, *shape[1:])  # 2 samples each; copies - 1 left over that no copy sees
+    got = split_apply(spec, x, weight, bias)
+    slices = [x[m * 2:(m + 1) * 2] for m in range(copies)]
+    want = torch.stack([spec.apply(s, weight[m], None if bias is None else bias[m]) for m, s in enumerate(slices)],
+                       dim=copy_dim(spec.axis))
+    assert got.shape == want.shape
+    assert pb.max_diff(got, want) < 1e-5
+    # split_members deals any [B, ...] tensor (the site error, installed activations) alike.
+    y = spec.apply(x, weight[0], None if bias is None else bias[0])
+    dealt = split_members(y, copies, spec.axis)
+    for m in range(copies):
+        assert pb.max_diff(dealt.select(copy_dim(spec.axis), m), y[m * 2:(m + 1) * 2]) == 0.0
 
 
 def test_stacked_apply_keeps_each_group_with_its_copy():

@@ -84,15 +84,20 @@ def test_dendrite_phase_leaves_batchnorm_statistics_alone():
 
 
 def test_covariance_grows_on_a_known_residual(trained):
+    """Trained candidates correlate better than the same phase at learning rate 0.
+
+    Measured over candidate seeds 0-4 (pool 4, 320 steps): 1.6x-2.4x split, 2.5x-3.7x full-batch."""
     m, x, y = trained
-    pm = pbp_fx.perforate(copy.deepcopy(m), (x[:4],))
-    torch.manual_seed(0)  # candidate init; measured growth over seeds 0-4: 1.21x-1.66x (1.55x here)
-    pm.start_dendrite_phase(pool=4)
-    _train(pm, list(pm.trainable_parameters()), x, y, 20, lr=2e-2)
-    early = pm.correlations()["0"].mean().item()
-    _train(pm, list(pm.trainable_parameters()), x, y, 300, lr=2e-2, seed=1)
-    late = pm.correlations()["0"].mean().item()
-    assert late > 1.3 * early, (early, late)
+    corr = {}
+    for split in (True, False):
+        for lr in (2e-2, 0.0):
+            pm = pbp_fx.perforate(copy.deepcopy(m), (x[:4],))
+            torch.manual_seed(0)  # candidate init
+            pm.start_dendrite_phase(pool=4, split=split)
+            _train(pm, list(pm.trainable_parameters()), x, y, 320, lr=lr)
+            corr[split, lr] = pm.correlations()["0"].mean().item()
+    assert corr[True, 2e-2] > 1.3 * corr[True, 0.0], corr
+    assert corr[False, 2e-2] > 1.3 * corr[False, 0.0], corr
 
 
 def test_installed_dendrites_reduce_loss_beyond_plain_training(trained):
