@@ -1,17 +1,18 @@
 """ONNX FunctionProto bodies for the fused dendrite ops in domain "pbp".
 
 A fused site is ONE node ``pbp::PerforatedLinear`` or ``pbp::PerforatedConv``. Its inputs,
-all stored as initializers in the layout the body consumes directly, are
+all stored as initializers in the layout the body consumes directly
+(`pbp_fx.layers.dendrite_calls`, shared with FusedSite), are
 
-    x      the layer input: [..., In] (Linear) or [B, In, *S] (ConvNd)
-    W_cat  the neuron's and the K dendrites' weights as one layer with M = 1 + K copies:
-           Linear: [In, M*C], already transposed for MatMul; columns (copy, channel).
-           ConvNd: [M*C, In/groups, *kernel]; rows (copy, channel) when groups == 1, and
-           (group, copy, channel-in-group) when groups > 1 (a grouped conv needs each
-           group's output channels to be contiguous).
-    B_cat  (only when the site has a bias) [M*C], ordered like W_cat's output channels.
-    U      the cascade weights [K, C, K]: a_k = pre_k + sum_{j<k} U[k, :, j] * s_j.
-    V      the output weights [K, C]: y = n + sum_k V[k] * s_k.
+    x        the layer input: [..., In] (Linear) or [B, In, *S] (ConvNd)
+    W        the neuron's weight (norm folded): Linear [In, C] (transposed for MatMul),
+             ConvNd [C, In/groups, *kernel]
+    W_d0..   the dendrites' weights, one per layer call: an ungrouped layer runs all K copies
+             in ONE call (W_d0 with K*C outputs, rows (copy, channel)); a grouped conv runs
+             one call per copy (W_d0 .. W_d{K-1}, each shaped like W: channel multiplier 1)
+    B, B_d0..  (only when the site has a bias) the biases of those calls
+    U        (only when K >= 2) the cascade weights [K, C, K]: a_k = pre_k + sum_{j<k} U[k, :, j] * s_j
+    V        the output weights [K, C]: y = n + sum_k V[k] * s_k
 
 Node attributes describe the op for readers and native kernels (``channels``,
 ``dendrites``, ``activation``; convolutions add ``kernel_shape``, ``strides``, ``pads``,
@@ -22,13 +23,17 @@ distinct signature ships its own FunctionProto, told apart by the function ``ove
 p1x1x1x1_d1x1_g1_zeros``. The body is plain default-domain ops, so onnxruntime (which
 inlines local functions) runs the file with no extra library:
 
-    z = MatMul(x, W_cat) [+ B_cat]         or   Conv(Pad?(x), W_cat, B_cat)
-    n, pre_1..pre_K = Split(z)             (Gather per copy for grouped convs)
+    n = MatMul(x, W) [+ B]              or   Conv(Pad?(x), W, B)      the neuron, alone
+    z_i = MatMul(x, W_di) [+ B_di]      or   Conv(Pad?(x), W_di, B_di)
+    pre_1..pre_K = the copies of the z_i (a Split only when one call holds several)
     s_k = act(pre_k + sum_{j<k} U[k, :, j] * s_j)
     y = n + sum_k V[k] * s_k
 
-The slices of U and V are taken inside the body from the initializers; onnxruntime
-constant-folds them after inlining.
+Why this layout (ONNX Runtime profiles): the neuron's own Conv keeps the runtime's
+Conv+Add+activation fusion for the layer that follows the site; grouped/depthwise convs
+keep channel multiplier 1 (the fast depthwise kernels) and need no per-copy Gather; with
+K = 1 there is no Split at all. The slices of U and V are taken inside the body from the
+initializers; onnxruntime constant-folds them after inlining.
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ from typing import Optional
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from pbp_fx.layers import dendrite_call_sizes
 
 __all__ = ["DOMAIN", "DOMAIN_VERSION", "FusedOpSpec", "make_function", "op_type_for"]
 
@@ -115,8 +122,15 @@ class FusedOpSpec:
                          padding_mode=self.padding_mode)
         return attrs
 
+    @property
+    def call_sizes(self) -> list[int]:
+        """Copies per dendrite layer call (`pbp_fx.layers.dendrite_call_sizes`)."""
+        return dendrite_call_sizes(self.group, self.dendrites)
+
     def input_names(self) -> list[str]:
-        return ["x", "W_cat"] + (["B_cat"] if self.has_bias else []) + ["U", "V"]
+        calls = [""] + [f"_d{i}" for i in range(len(self.call_sizes))]
+        names = ["x"] + [f"W{c}" for c in calls] + ([f"B{c}" for c in calls] if self.has_bias else [])
+        return names + (["U"] if self.dendrites > 1 else []) + ["V"]
 
 
 class _Body:
@@ -149,10 +163,10 @@ def make_function(spec: FusedOpSpec, opset: int = 18) -> onnx.FunctionProto:
         raise ValueError(f"{spec.op_type} with padding_mode={spec.padding_mode!r} needs opset >= "
                          f"{spec.min_opset}, got {opset}")
     b = _Body()
-    k, c, m = spec.dendrites, spec.channels, spec.dendrites + 1
-    bias: Optional[str] = "B_cat" if spec.has_bias else None
+    k = spec.dendrites
+    calls = [""] + [f"_d{i}" for i in range(len(spec.call_sizes))]
 
-    # -- the one wide layer ------------------------------------------------------------
+    # -- the neuron's layer and the dendrites' layer calls -------------------------------
     if spec.is_conv:
         x = "x"
         conv_pads = list(spec.pads)
@@ -162,24 +176,21 @@ def make_function(spec: FusedOpSpec, opset: int = 18) -> onnx.FunctionProto:
             pads = b.const([0, 0, *begins, 0, 0, *ends], "pads")
             x = b.op("Pad", [x, pads], "padded", mode=_PAD_MODES[spec.padding_mode][0])
             conv_pads = [0] * (2 * nd)
-        z = b.op("Conv", [x, "W_cat"] + ([bias] if bias else []), "z",
-                 kernel_shape=list(spec.kernel_shape), strides=list(spec.strides), pads=conv_pads,
-                 dilations=list(spec.dilations), group=spec.group)
-        if spec.group == 1:
-            copies = b.op("Split", [z], "copy", outputs=m, axis=1, num_outputs=m)
-        else:
-            cg = c // spec.group
-            copies = []
-            for i in range(m):
-                idx = [(ch // cg) * (m * cg) + i * cg + ch % cg for ch in range(c)]
-                copies.append(b.op("Gather", [z, b.const(idx, "rows")], "copy", axis=1))
+        conv = dict(kernel_shape=list(spec.kernel_shape), strides=list(spec.strides), pads=conv_pads,
+                    dilations=list(spec.dilations), group=spec.group)
+        outs = [b.op("Conv", [x, f"W{c}"] + ([f"B{c}"] if spec.has_bias else []), "z", **conv) for c in calls]
+        axis = 1
     else:
-        z = b.op("MatMul", ["x", "W_cat"], "z")
-        if bias:
-            z = b.op("Add", [z, bias], "z")
-        copies = b.op("Split", [z], "copy", outputs=m, axis=-1, num_outputs=m)
-    copies = [copies] if isinstance(copies, str) else list(copies)
-    n, pre = copies[0], copies[1:]
+        outs = [b.op("MatMul", ["x", f"W{c}"], "z") for c in calls]
+        if spec.has_bias:
+            outs = [b.op("Add", [z, f"B{c}"], "z") for z, c in zip(outs, calls)]
+        axis = -1
+    n, pre = outs[0], []
+    for z, size in zip(outs[1:], spec.call_sizes):
+        if size == 1:
+            pre.append(z)
+        else:
+            pre += b.op("Split", [z], "copy", outputs=size, axis=axis, num_outputs=size)
 
     # -- per-channel vectors shaped to broadcast along the neuron axis -----------------
     def channel_vec(t: str) -> str:
@@ -202,14 +213,11 @@ def make_function(spec: FusedOpSpec, opset: int = 18) -> onnx.FunctionProto:
         for j in range(i):
             a = b.op("Add", [a, b.op("Mul", [u_entry(i, j), acts[j]], "ua")], "a")
         acts.append(b.op(act, [a], "s"))
-    y = n
-    for i, s in enumerate(acts):
-        term = b.op("Mul", [v_row(i), s], "vs")
-        if i == k - 1:
-            b.nodes.append(helper.make_node("Add", [y, term], ["y"]))
-            y = "y"
-        else:
-            y = b.op("Add", [y, term], "y")
+    tail = b.op("Mul", [v_row(0), acts[0]], "vs")
+    for i in range(1, k):
+        tail = b.op("Add", [tail, b.op("Mul", [v_row(i), acts[i]], "vs")], "tail")
+    # the neuron's output last: a runtime fuses this Add (and a following activation) into its Conv
+    b.nodes.append(helper.make_node("Add", [n, tail], ["y"]))
     return helper.make_function(
         DOMAIN, spec.op_type, spec.input_names(), ["y"], b.nodes,
         [helper.make_opsetid("", opset)], attributes=sorted(spec.attributes()),

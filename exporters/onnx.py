@@ -49,6 +49,7 @@ from torch import Tensor, fx, nn
 
 from pbp_fx.errors import PBError
 from pbp_fx.fileio import atomic_write
+from pbp_fx.layers import dendrite_calls
 from pbp_fx.site import FusedSite, Site
 
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
@@ -109,6 +110,10 @@ def fused_op_spec(site: FusedSite) -> FusedOpSpec:
                        padding_mode=layer.padding_mode)
 
 
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().contiguous().clone(), requires_grad=False)
+
+
 class _ExportedSite(nn.Module):
     """Stands in for a FusedSite during export: one `pbp::Perforated*` node.
 
@@ -122,21 +127,19 @@ class _ExportedSite(nn.Module):
         self.site = site
         self.spec = fused_op_spec(site)
         layer = site.layer
-        m, c = site.weight.shape[:2]
-        rest = site.weight.shape[2:]
-        w, b = site.weight.detach(), None if site.bias is None else site.bias.detach()
-        if layer.kind == "linear":
-            w = w.reshape(m * c, *rest).t()  # [In, M*C] for MatMul
-        else:
-            g = layer.groups
-            if g > 1:  # rows (group, copy, channel-in-group), as in layers.stacked_apply
-                w = w.reshape(m, g, c // g, *rest).transpose(0, 1)
-                b = None if b is None else b.reshape(m, g, c // g).transpose(0, 1)
-            w = w.reshape(m * c, *rest)
-        self.W_cat = nn.Parameter(w.contiguous().clone(), requires_grad=False)
-        self.B_cat = None if b is None else nn.Parameter(b.reshape(m * c).clone(), requires_grad=False)
-        self.U = nn.Parameter(site.cascade.detach().clone(), requires_grad=False)
-        self.V = nn.Parameter(site.out_weight.detach().clone(), requires_grad=False)
+        calls = [site.neuron_tensors()] + dendrite_calls(layer, *site.dendrite_tensors())
+        if layer.kind == "linear":  # MatMul takes [In, outputs]
+            calls = [(w.t(), b) for w, b in calls]
+        self.weights = nn.ParameterList([_frozen(w) for w, _ in calls])
+        self.biases = nn.ParameterList([_frozen(b) for _, b in calls] if self.spec.has_bias else [])
+        self.U = _frozen(site.cascade) if self.spec.dendrites > 1 else None  # K = 1: no cascade
+        self.V = _frozen(site.out_weight)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The fused node's inputs after x, by the function's input names."""
+        names = self.spec.input_names()[1:]
+        values = list(self.weights) + list(self.biases) + ([self.U] if self.U is not None else []) + [self.V]
+        return dict(zip(names, values))
 
     def _out_shape(self, x: Tensor) -> list:
         spec = self.spec
@@ -153,7 +156,7 @@ class _ExportedSite(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.onnx.is_in_onnx_export():
             return self.site(x)
-        inputs = [x, self.W_cat] + ([self.B_cat] if self.B_cat is not None else []) + [self.U, self.V]
+        inputs = [x, *self.tensors().values()]
         return torch.onnx.ops.symbolic(
             f"{DOMAIN}::{self.spec.op_type}", inputs, self.spec.attributes(), dtype=x.dtype,
             shape=self._out_shape(x), version=DOMAIN_VERSION,

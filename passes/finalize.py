@@ -17,8 +17,8 @@ import warnings
 import torch
 from torch import fx, nn
 
-from pbp_fx.layers import fold_norm, stacked_apply
-from pbp_fx.site import ACTIVATIONS, FusedSite, Site, SwappedNeuron, _cascade, _weighted_sum
+from pbp_fx.layers import fold_norm
+from pbp_fx.site import FusedSite, Site, SwappedNeuron
 
 from .insert_dendrites import SITES_ATTR
 from .patterns import attr_tensor
@@ -60,8 +60,8 @@ class TiedFusedSite(FusedSite):
 
     Holds the shared parameter itself (`neuron_weight`, read transposed when stored [in, C])
     and the dendrites' rows (`dendrite_weight`, [K, C, ...]); `weight` is the concatenation
-    FusedSite has ([1+K, C, ...], built when read, e.g. by the ONNX exporter). The forward runs
-    the neuron and the dendrites as two layers, so no copy of the shared matrix is made.
+    FusedSite has ([1+K, C, ...], built when read). The forward (FusedSite's) and the ONNX
+    exporter read `neuron_tensors()`/`dendrite_tensors()`, so no copy of the shared matrix is made.
     """
 
     def __init__(self, fused: FusedSite, neuron_weight: nn.Parameter, transposed: bool):
@@ -73,19 +73,18 @@ class TiedFusedSite(FusedSite):
         self.bias = fused.bias
         self.cascade, self.out_weight = fused.cascade, fused.out_weight
 
-    def _neuron(self) -> torch.Tensor:
-        return self.neuron_weight.t() if self.transposed else self.neuron_weight
+    def neuron_tensors(self):
+        b = self.bias
+        w = self.neuron_weight.t() if self.transposed else self.neuron_weight
+        return w, None if b is None else b[0]
+
+    def dendrite_tensors(self):
+        return self.dendrite_weight, None if self.bias is None else self.bias[1:]
 
     @property
     def weight(self) -> torch.Tensor:
-        return torch.cat([self._neuron().unsqueeze(0).to(self.dendrite_weight), self.dendrite_weight], 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.bias
-        n = self.layer.apply(x, self._neuron(), None if b is None else b[0])
-        pre = stacked_apply(self.layer, x, self.dendrite_weight, None if b is None else b[1:])
-        acts = _cascade(pre, self.cascade, ACTIVATIONS[self.activation], self.layer.axis)
-        return _weighted_sum(n, acts, self.out_weight, self.layer.axis)
+        n = self.neuron_tensors()[0]
+        return torch.cat([n.unsqueeze(0).to(self.dendrite_weight), self.dendrite_weight], 0)
 
 
 def _erase_if_dead(graph: fx.Graph, node) -> None:

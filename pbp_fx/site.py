@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .layers import (LayerCopies, LayerSpec, NormSpec, cat_rows, channel_view, copy_dim, split_members,
-                     stacked_apply)
+from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
+                     split_members, stacked_apply)
 
 __all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "ACTIVATIONS", "MODES"]
 
@@ -437,10 +437,11 @@ class SwappedNeuron(nn.Module):
 
 
 class FusedSite(nn.Module):
-    """Eval-only site: neuron and K dendrites as ONE layer over concatenated weights.
+    """Eval-only site: the neuron and its K dendrites over concatenated, norm-folded weights.
 
-    weight is [1+K, C, ...] (row 0 the neuron, norms folded), bias [1+K, C] or None,
-    cascade [K, C, K], out_weight [K, C].
+    weight is [1+K, C, ...] (row 0 the neuron), bias [1+K, C] or None, cascade [K, C, K],
+    out_weight [K, C]. The neuron runs as its own layer (so that a runtime can fuse it with
+    the add and activation that follow) and the dendrites as `layers.dendrite_calls`.
     """
 
     def __init__(self, layer: LayerSpec, weight: Tensor, bias: Optional[Tensor], cascade: Tensor,
@@ -456,11 +457,17 @@ class FusedSite(nn.Module):
     def num_dendrites(self) -> int:
         return self.out_weight.shape[0]
 
+    def neuron_tensors(self) -> tuple[Tensor, Optional[Tensor]]:
+        """The neuron's weight [C, ...] and bias [C] (or None)."""
+        return self.weight[0], None if self.bias is None else self.bias[0]
+
+    def dendrite_tensors(self) -> tuple[Tensor, Optional[Tensor]]:
+        """The dendrites' weight rows [K, C, ...] and bias rows [K, C] (or None)."""
+        return self.weight[1:], None if self.bias is None else self.bias[1:]
+
     def forward(self, x: Tensor) -> Tensor:
-        z = stacked_apply(self.layer, x, self.weight, self.bias)
-        cd = copy_dim(self.layer.axis)
-        n = z.select(cd, 0)
-        pre = z.narrow(cd, 1, z.shape[cd] - 1)
+        n = self.layer.apply(x, *self.neuron_tensors())
+        pre = apply_dendrites(self.layer, x, *self.dendrite_tensors())
         acts = _cascade(pre, self.cascade, ACTIVATIONS[self.activation], self.layer.axis)
         return _weighted_sum(n, acts, self.out_weight, self.layer.axis)
 

@@ -37,9 +37,10 @@ def make_site(layer: LayerSpec, k: int, activation: str, seed: int = 0) -> Fused
 def single_node_model(site: FusedSite, in_shape: list, opset: int = 18) -> onnx.ModelProto:
     ex = _ExportedSite(site)
     spec = ex.spec
-    tensors = {"W_cat": ex.W_cat, "B_cat": ex.B_cat, "U": ex.U, "V": ex.V}
-    inputs = ["x"] + [n for n in spec.input_names()[1:]]
-    inits = [numpy_helper.from_array(tensors[n].detach().numpy(), n) for n in inputs[1:]]
+    tensors = ex.tensors()
+    inputs = spec.input_names()
+    assert list(tensors) == inputs[1:]
+    inits = [numpy_helper.from_array(t.detach().numpy(), n) for n, t in tensors.items()]
     node = helper.make_node(spec.op_type, inputs, ["y"], domain=DOMAIN, overload=spec.overload,
                             **spec.attributes())
     graph = helper.make_graph(
@@ -107,6 +108,33 @@ def test_circular_padding_needs_opset_19():
     with pytest.raises(ValueError, match="opset >= 19"):
         make_function(fused_op_spec(site), 18)
     check(site, [2, 2, 9], opset=19)
+
+
+def test_fused_layout_keeps_grouped_convs_at_multiplier_one_with_no_gather():
+    """A grouped/depthwise site runs one conv per copy, each shaped like the neuron's; K = 1 needs no Split."""
+    for layer in (CONVS["conv2d_grouped"], CONVS["conv2d_depthwise"]):
+        for k in (1, 3):
+            site = make_site(layer, k, "sigmoid")
+            spec = fused_op_spec(site)
+            f = make_function(spec)
+            convs = [n for n in f.node if n.op_type == "Conv"]
+            assert len(convs) == 1 + k and all(a.i == layer.groups for n in convs for a in n.attribute if a.name == "group")
+            outputs = {n.output[0] for n in convs}
+            assert not [n for n in f.node if n.op_type in ("Gather", "Split") and n.input[0] in outputs]
+            ex = _ExportedSite(site)
+            assert all(w.shape == layer.weight_shape for w in ex.weights)
+    site = make_site(CONVS["conv2d"], 1, "sigmoid")
+    f = make_function(fused_op_spec(site))
+    assert [n.op_type for n in f.node if n.op_type in ("Conv", "Split", "Sigmoid")] == ["Conv", "Conv", "Sigmoid"]
+    assert "U" not in f.input  # K = 1: no cascade input
+    assert f.node[-1].op_type == "Add" and f.node[-1].input[0] == [n for n in f.node if n.op_type == "Conv"][0].output[0]
+
+
+def test_ungrouped_dendrites_run_as_one_call():
+    site = make_site(CONVS["conv2d"], 3, "sigmoid")
+    f = make_function(fused_op_spec(site))
+    assert [n.op_type for n in f.node].count("Conv") == 2  # the neuron, and the K copies as one conv
+    assert [n.op_type for n in f.node].count("Split") == 1
 
 
 def test_overloads_tell_signatures_apart():

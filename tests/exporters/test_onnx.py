@@ -99,9 +99,9 @@ def test_parity(exports, case, fused):
 def test_bias_free_fused_op_has_no_bias_input(exports):
     proto = onnx.load(str(exports.file("bias_free_linear", 2, True)))
     for n in pbp_nodes(proto):
-        assert len(n.input) == 4  # x, W_cat, U, V
+        assert len(n.input) == 5  # x, W, W_d0, U, V
     for f in proto.functions:
-        assert list(f.input) == ["x", "W_cat", "U", "V"]
+        assert list(f.input) == ["x", "W", "W_d0", "U", "V"]
 
 
 @pytest.mark.parametrize("case,ks,fused", [("linear_2d", [0, 1, 3], True), ("conv2d_residual", [3, 0, 1, 2], True),
@@ -144,8 +144,8 @@ def test_single_dendrite_is_not_dropped(exports, case):
     for n in nodes:
         assert {a.name: a.i for a in n.attribute if a.name == "dendrites"} == {"dendrites": 1}
         site = pm.sites[{p.key: p.value for p in n.metadata_props}["pbp.site"]]
-        w_cat = inits[n.input[1]]
-        assert 2 * site.channels in w_cat[:2]  # neuron + the one dendrite, side by side
+        neuron, dendrite = inits[n.input[1]], inits[n.input[2]]
+        assert neuron == dendrite and site.channels in neuron[:2]  # the neuron, then the one dendrite
         assert inits[n.input[-1]] == (1, site.channels)  # V
     x = make_input(7)
     got = exports.ort(path, (x,))
