@@ -27,6 +27,8 @@ def atomic_write(path, write: Callable[[str], None], error: Type[Exception] = PB
     """
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise error(f"cannot write {what} {path}: {folder} is a file, not a directory; choose another path")
     if not os.path.isdir(folder):
         raise error(f"cannot write {what} {path}: directory {folder} does not exist; create it first "
                     f"(mkdir -p {folder})")

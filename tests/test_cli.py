@@ -328,3 +328,126 @@ def test_deploy_errors_are_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("pbp-fx: error:") and message in err and "\n" not in err
     assert not os.path.exists(tmp_path / "no")
+
+
+# -- every bad flag value: one line, exit 2, no traceback, nothing written -------------------
+DIGITS_FILE = os.path.join(ROOT, "models", "digits_mlp.py")
+BAD_VALUES = [
+    # (argv with OUT/FILE/ONNX/X placeholders, message)
+    *[(["train", DIGITS_FILE, flag, value, "--out", "OUT/run"], msg) for flag, value, msg in [
+        ("--epochs", "0", "--epochs 0: must be at least 1"), ("--epochs", "-3", "at least 1"),
+        ("--epochs", "nan", "not a whole number"), ("--epochs", "ten", "not a whole number"),
+        ("--lr", "0", "--lr 0.0: must be"), ("--lr", "-1", "greater than 0"), ("--lr", "nan", "finite"),
+        ("--lr", "inf", "finite"), ("--lr", "fast", "not a number"),
+        ("--batch-size", "0", "at least 1"), ("--batch-size", "-5", "at least 1"), ("--seed", "-1", "at least 0"),
+        ("--frontend", "jit", "invalid choice"), ("--mode", "sgd", "invalid choice"),
+        ("--activation", "swish", "invalid choice"), ("--candidate-init", "zeros", "invalid choice"),
+        ("--max-dendrites", "0", "--max-dendrites 0: must be at least 1"), ("--patience", "0", "at least 1"),
+        ("--patience", "-2", "at least 1"), ("--improvement", "-1", "at least 0"), ("--improvement", "nan", "finite"),
+        ("--neuron-epochs", "0", "at least 1"), ("--dendrite-patience", "0", "at least 1"),
+        ("--max-dendrite-epochs", "0", "at least 1"), ("--dendrite-improvement", "-0.5", "at least 0"),
+        ("--retries", "-1", "at least 0"), ("--pool", "0", "--pool 0: must be at least 1"), ("--pool", "-1", "at least 1"),
+        ("--pool", "x", "not a whole number"), ("--candidate-lr", "0", "greater than 0"),
+        ("--candidate-lr", "-1", "greater than 0"), ("--candidate-lr", "nan", "finite"), ("--v-init", "inf", "finite"),
+        ("--ema-decay", "0", "greater than 0"), ("--ema-decay", "1", "less than 1"), ("--warmup", "-1", "at least 0"),
+        ("--snapshot-threshold", "-1", "at least 0"), ("--nproc", "0", "--nproc 0: must be at least 1"),
+        ("--nproc", "-2", "at least 1"), ("--dist-timeout", "0", "greater than 0"), ("--dist-timeout", "nan", "finite"),
+        ("--dist-timeout", "-1", "greater than 0"),
+    ]],
+    (["train", DIGITS_FILE, "--out", "FILE/run"], "is a file, not a directory"),
+    (["train", DIGITS_FILE, "--out", "FILE"], "is not a directory"),
+    (["train", "--resume", "OUT/run", "--pool", "2"], "give --resume DIR alone"),
+    (["export", DIGITS_FILE, "-o", "OUT/m.onnx", "--opset", "0"], "--opset 0: must be from 18"),
+    (["export", DIGITS_FILE, "-o", "OUT/m.onnx", "--opset", "-1"], "must be from 18"),
+    (["export", DIGITS_FILE, "-o", "OUT/m.onnx", "--opset", "nan"], "not a whole number"),
+    (["export", DIGITS_FILE, "-o", "OUT/m.onnx", "--opset", "9999"], "must be from 18"),
+    (["export", DIGITS_FILE, "-o", "FILE/m.onnx"], "is a file, not a directory"),
+    (["export", DIGITS_FILE, "-o", "OUT/sub/m.onnx"], "does not exist; create it first"),
+    (["export", "OUT/none.safetensors", "-o", "OUT/m.onnx"], "does not exist"),
+    (["run", "ONNX", "--input", "X64", "--output", "OUT/y.npy"], "is float64 but"),
+    (["run", "ONNX", "--input", "X7", "--output", "OUT/y.npy"], "index: 1 Got: 7 Expected: 64"),
+    (["run", "ONNX", "--input", "X", "--input", "X", "--output", "OUT/y.npy"], "2 --input given"),
+    (["run", "ONNX", "--input", "OUT/none.npy", "--output", "OUT/y.npy"], "cannot read input"),
+    (["run", "ONNX", "--input", "X", "--output", "FILE/y.npy"], "is a file, not a directory"),
+    (["run", "ONNX", "--input", "X", "--device", "tpu"], "invalid choice"),
+    (["run", "OUT/none.onnx", "--input", "X", "--output", "OUT/y.npy"], "does not exist"),
+]
+
+
+@pytest.fixture(scope="module")
+def onnx_inputs(tmp_path_factory):
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("onnx")
+    onnx_path = str(folder / "m.onnx")
+    assert cli.main(["export", DIGITS_FILE, "-o", onnx_path]) == 0
+    arrays = {"X": np.zeros((3, 64), np.float32), "X64": np.zeros((3, 64), np.float64),
+              "X7": np.zeros((3, 7), np.float32)}
+    paths = {"ONNX": onnx_path}
+    for key, array in arrays.items():
+        paths[key] = str(folder / f"{key}.npy")
+        np.save(paths[key], array)
+    return paths
+
+
+@pytest.mark.parametrize("argv,message", BAD_VALUES, ids=[" ".join(a[1:] if a[0] != "train" else a[2:4])
+                                                            + f" [{a[0]}]" for a, _ in BAD_VALUES])
+def test_every_bad_flag_value_is_one_line_exit_2_and_writes_nothing(argv, message, tmp_path, capsys, onnx_inputs):
+    out = tmp_path / "out"  # an empty folder that must stay empty
+    out.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    subst = {"OUT": str(out), "FILE": str(afile), **onnx_inputs}
+
+    def fill(a):
+        head, _, rest = a.partition("/")
+        return subst.get(head, head) + ("/" + rest if rest else "") if head in subst else a
+
+    capsys.readouterr()
+    rc = cli.main([fill(a) for a in argv] + (["--no-progress"] if argv[0] == "train" else []))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("pbp-fx") and "error:" in err, err
+    assert message in err, err
+    assert "Traceback" not in err and "\x1b[" not in err
+    assert os.listdir(out) == [], "nothing may be written"
+    assert afile.read_text() == "x"
+
+
+def test_transform_out_on_another_filesystem(tmp_path, capsys):
+    """--out that is a mount point (another filesystem than its parent): no cross-device rename."""
+    mount = "/dev/shm"
+    if not (os.path.isdir(mount) and os.access(mount, os.W_OK)
+            and os.stat(mount).st_dev != os.stat(os.path.dirname(mount)).st_dev):
+        pytest.skip("no writable mount point whose parent is another filesystem")
+    model = _write(tmp_path, GOOD)
+    target = os.path.join(mount, f"pbp-fx-test-{os.getpid()}")
+    names = ["perforated_graph.py", "report.json"]
+    try:
+        for out in (target, target):  # new, then existing (a folder on the mount)
+            rc, _, err = _run(["transform", model, "--out", out], capsys)
+            assert rc == 0, err
+            assert sorted(os.listdir(out)) == names
+        before = set(os.listdir(mount))
+        rc, _, err = _run(["transform", model, "--out", mount], capsys)  # the mount point itself
+        assert rc == 0, err
+        assert set(os.listdir(mount)) - before <= set(names) and not [n for n in os.listdir(mount) if ".tmp-" in n]
+    finally:
+        import shutil
+
+        shutil.rmtree(target, ignore_errors=True)
+        for n in names:
+            if os.path.exists(os.path.join(mount, n)) and n not in locals().get("before", set()):
+                os.unlink(os.path.join(mount, n))
+
+
+def test_train_flags_come_from_the_configs_with_their_defaults(capsys):
+    import dataclasses
+
+    assert cli.main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for cls in (pbp_fx.PBConfig, pbp_fx.TrainConfig):
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            assert flag in text, flag
+            assert f"(default: {f.default})" in text, f.name

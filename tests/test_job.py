@@ -49,11 +49,19 @@ EMPTY = NO_DATA + ("from torch.utils.data import TensorDataset\n"
                    "    return e, e, e\n")
 
 
+NAN_VAL = NO_DATA + ("from torch.utils.data import TensorDataset\n"
+                     "def datasets():\n    x, y = torch.randn(8, 3), torch.zeros(8, dtype=torch.long)\n"
+                     "    bad = x.clone()\n    bad[3, 1] = float('nan')\n"
+                     "    return TensorDataset(x, y), TensorDataset(bad, y), TensorDataset(x, y)\n")
+
+
 @pytest.mark.parametrize("case,args,message", [
     ("missing model file", lambda t: ["/nonexistent/model.py"], "does not exist"),
+    ("NaN in validation data", lambda t: [_write(t / "m.py", NAN_VAL)], "validation data holds NaN/Inf"),
     ("no datasets()", lambda t: [_write(t / "m.py", NO_DATA)], "has no datasets()"),
     ("empty dataset", lambda t: [_write(t / "m.py", EMPTY)], "dataset is empty"),
     ("max_dendrites=0", lambda t: [DIGITS, "--max-dendrites", "0"], "at least 1"),
+    ("epochs=0", lambda t: [DIGITS, "--epochs", "0"], "--epochs 0: must be at least 1"),
     ("--out is a file", lambda t: [DIGITS, "--out", _write(t / "f", "x")], "not a directory"),
 ])
 def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, args, message):
@@ -63,7 +71,7 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, args, me
     assert main(argv + ["--no-progress"]) == 2, case
     err = capsys.readouterr().err.strip()
     assert err.startswith("pbp-fx: error:") and message in err and "\n" not in err
-    assert not (tmp_path / "out" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
