@@ -561,6 +561,52 @@ def run_onnx(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- compare (issue 13) --------------------------------------------------------------------
+def _arm_list(text: str) -> list[str]:
+    from .compare import ARMS
+
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise argparse.ArgumentTypeError(f"{bad[0] if bad else text!r} is not an arm: use a comma-separated "
+                                         f"list of {', '.join(ARMS)}")
+    return arms
+
+
+def _compare_budget_args() -> tuple:
+    """train's budget and PB flags, generated from TrainConfig and PBConfig like train's."""
+    from .config import PBConfig, TrainConfig
+
+    return (*config_args(TrainConfig), *config_args(PBConfig),
+            arg("--include", action="append", metavar="GLOB", default=None),
+            arg("--exclude", action="append", metavar="GLOB", default=None))
+
+
+@subcommand(
+    "compare", "did PB pay? train plain, restarts, pb, gd and a parameter-matched plain model alike and compare",
+    arg("model", nargs="?", default=None,
+        help="model file with build_model(), example_inputs() and datasets() (default: built-in MNIST-1D MLP)"),
+    arg("--width", type=_number(float, "--width"), default=1.0, metavar="W",
+        help="width multiplier of every arm's model (< 1 adds the original at width 1; default: 1)"),
+    arg("--seeds", type=_number(int, "--seeds"), default=3, metavar="N", help="model seeds per arm (default: 3)"),
+    arg("--arms", type=_arm_list, default=None, metavar="A,B",
+        help="comma-separated subset of plain,restarts,pb,gd,plain-matched,original (default: all that apply)"),
+    arg("--jobs", type=_number(int, "--jobs"), default=1, metavar="N", help="runs side by side (default: 1)"),
+    arg("--no-latency", action="store_true", help="skip the ONNX Runtime latency of each run"),
+    arg("--out", metavar="DIR", default=None, help="output folder (default: runs/compare_<model name>)"),
+    *_compare_budget_args(),
+)
+def compare_cmd(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    config, training = configs_from_args(args)
+    name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
+    compare(args.model, width=args.width, seeds=args.seeds, arms=args.arms, config=config, training=training,
+            out=args.out or os.path.join("runs", f"compare_{name}"), jobs=args.jobs, include=args.include,
+            exclude=args.exclude, latency=not args.no_latency)
+    return EXIT_OK
+
+
 def _version() -> str:
     from . import __version__
 
