@@ -69,14 +69,15 @@ def _snapshot(model) -> dict:
 
 
 def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainConfig, *,
-                     restarts: bool, metric) -> dict:
+                     restarts: bool, metric, params=None) -> dict:
     """Adam + PhaseSchedule's early-stopping rule. restarts=False: stop at the end of the first
     neuron phase (plain early stopping). restarts=True: follow the PB schedule with nothing
     installed: rewind to the best weights at each switch, restart the optimizer at each
     "install", end when the schedule completes."""
     train, val, _test = loaders
     schedule = PhaseSchedule(config.replace(mode="pb"))
-    new_optimizer = lambda: torch.optim.Adam(model.parameters(), lr=training.lr)  # noqa: E731
+    trained = list(model.parameters() if params is None else params)
+    new_optimizer = lambda: torch.optim.Adam(trained, lr=training.lr)  # noqa: E731
     optimizer, best, rounds, epochs = new_optimizer(), _snapshot(model), 0, 0
     for epochs in range(1, training.epochs + 1):
         if schedule.phase == "neuron":
@@ -97,9 +98,11 @@ def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainC
     return {"epochs": epochs, "restarts": rounds, "val": schedule.best_score}
 
 
-def train_plain(model, loaders, loss_fn, config: PBConfig, training: TrainConfig, metric=None) -> dict:
-    """The plain arm: Adam to early stop (the first neuron phase of the PB schedule)."""
-    return _neuron_training(model, loaders, loss_fn, config, training, restarts=False, metric=metric or _accuracy())
+def train_plain(model, loaders, loss_fn, config: PBConfig, training: TrainConfig, metric=None, params=None) -> dict:
+    """The plain arm: Adam (on `params`, default all) to early stop (the first neuron phase of
+    the PB schedule); the best-validation weights are loaded at the end."""
+    return _neuron_training(model, loaders, loss_fn, config, training, restarts=False, metric=metric or _accuracy(),
+                            params=params)
 
 
 def train_restarts(model, loaders, loss_fn, config: PBConfig, training: TrainConfig, metric=None) -> dict:
