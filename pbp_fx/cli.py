@@ -593,7 +593,11 @@ def _compare_budget_args() -> tuple:
         help="comma-separated subset of plain,restarts,pb,gd,plain-matched,original (default: all that apply)"),
     arg("--jobs", type=_number(int, "--jobs"), default=1, metavar="N", help="runs side by side (default: 1)"),
     arg("--no-latency", action="store_true", help="skip the ONNX Runtime latency of each run"),
-    arg("--out", metavar="DIR", default=None, help="output folder (default: runs/compare_<model name>)"),
+    arg("--out", metavar="DIR", default=None,
+        help="output folder (default: the --pb-run folder, else runs/compare_<model name>)"),
+    arg("--pb-run", metavar="DIR", default=None,
+        help="the --out folder of a finished `pbp-fx train` run: it is the pb arm; its model, settings and seed "
+             "are used (default arms: plain,restarts)"),
     *_compare_budget_args(),
 )
 def compare_cmd(args: argparse.Namespace) -> int:
@@ -601,9 +605,15 @@ def compare_cmd(args: argparse.Namespace) -> int:
 
     config, training = configs_from_args(args)
     name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
+    if args.pb_run is not None:
+        given = sorted(f for f, v in vars(args).items() if v is not None and f in _SETTING_DESTS)
+        if given or args.model is not None:
+            what = "a model file" if args.model is not None else "--" + given[0].replace("_", "-")
+            raise PBError(f"--pb-run uses the run's own model file and settings ({what} given): drop it")
+        config = training = None
     compare(args.model, width=args.width, seeds=args.seeds, arms=args.arms, config=config, training=training,
-            out=args.out or os.path.join("runs", f"compare_{name}"), jobs=args.jobs, include=args.include,
-            exclude=args.exclude, latency=not args.no_latency)
+            out=args.out or args.pb_run or os.path.join("runs", f"compare_{name}"), jobs=args.jobs,
+            include=args.include, exclude=args.exclude, latency=not args.no_latency, pb_run=args.pb_run)
     return EXIT_OK
 
 

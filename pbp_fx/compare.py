@@ -253,7 +253,10 @@ def verdict(summary: list[dict], pairs: list[dict]) -> str:
         return "no arm finished"
     win, lines = ranked[0], []
     by_arm = {p["arm"]: p for p in pairs}
-    if len(ranked) > 1:
+    if len(ranked) > 1 and win["test"] == ranked[1]["test"]:
+        tied = [s["arm"] for s in ranked if s["test"] == win["test"]]
+        lines.append(f"**no arm won**: {', '.join(tied)} tied at test {win['test']:.1f} % over {win['n']} seed(s).")
+    elif len(ranked) > 1:
         second = ranked[1]
         lines.append(f"**{win['arm']} won**: test {win['test']:.1f} ± {win['test_sd']:.1f} % over {win['n']} seeds, "
                      f"{win['test'] - second['test']:+.1f} points ahead of the next arm ({second['arm']}, "
@@ -314,7 +317,10 @@ def plot(summary: list[dict], path: str, title: str = "") -> None:
                 ax.set_xlabel(label)
     for ax in axes:
         ax.set_ylabel("test score at best validation (%)")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
     axes[0].set_xscale("log")
     fig.suptitle(title)
     fig.tight_layout()
@@ -367,10 +373,16 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
     args = [(model_file, s, config, training, include, exclude, latency) for s in specs]
     rows = []
     if jobs == 1 or len(specs) == 1:
-        results = (run_arm(*a) for a in args)
-        for row in results:
-            rows.append(row)
-            echo(_row_text(row))
+        # One thread, as in the workers: every run's wall time is measured alike, and a loaded
+        # machine does not stall on intra-op threads. The caller's setting is restored.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for a in args:
+                rows.append(run_arm(*a))
+                echo(_row_text(rows[-1]))
+        finally:
+            torch.set_num_threads(threads)
         return rows
     import multiprocessing
 
@@ -391,29 +403,66 @@ def _row_text(r: dict) -> str:
             f"epochs {r['epochs']}  ({r['seconds']:.0f} s{lat})")
 
 
+def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict, dict]:
+    """A finished `pbp-fx train` run: (model file, PBConfig, TrainConfig, include/exclude, its pb row)."""
+    from .checkpoint import read_extra
+    from .job import CHECKPOINT
+
+    path, summary_path = os.path.join(folder, CHECKPOINT), os.path.join(folder, "summary.json")
+    if not (os.path.isfile(path) and os.path.isfile(summary_path)):
+        raise CompareError(f"--pb-run {folder}: no {CHECKPOINT} and summary.json there; pass the --out folder "
+                           "of a finished pbp-fx train run")
+    state = read_extra(path).get("job_state")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    if state is None or "test" not in summary:
+        raise CompareError(f"--pb-run {folder}: not written by pbp-fx train (no job state or test score)")
+    config, training = PBConfig.from_dict(state["args"]["config"]), TrainConfig.from_dict(state["args"]["training"])
+    if config.mode != "pb":
+        raise CompareError(f"--pb-run {folder}: that run has mode {config.mode!r}; the pb arm needs mode 'pb'")
+    model_file = None if state["model_file"] == DEFAULT_MODEL else state["model_file"]
+    row = {"arm": "pb", "seed": training.seed, "width": 1.0, "width_method": "as trained", "from": folder,
+           **{k: summary[k] for k in ("test", "val", "params", "epochs", "seconds", "dendrites")}}
+    scope = {"include": state["args"].get("include"), "exclude": state["args"].get("exclude")}
+    return model_file, config, training, scope, row
+
+
 def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: int = 3,
             arms: Optional[Sequence[str]] = None, config: Optional[PBConfig] = None,
             training: Optional[TrainConfig] = None, out: Optional[str] = None, jobs: int = 1,
-            include=None, exclude=None, latency: bool = True, echo: Callable[[str], None] = print) -> dict:
+            include=None, exclude=None, latency: bool = True, pb_run: Optional[str] = None,
+            echo: Callable[[str], None] = print) -> dict:
     """Train every arm at seeds training.seed .. training.seed + seeds - 1 and compare them.
 
     arms: a subset of ARMS (default: all that apply; "original" only with width < 1).
     jobs: worker processes (runs of one wave go side by side; plain-matched waits for pb).
+    pb_run: the --out folder of a finished `pbp-fx train` run: it is the pb arm, and its model
+    file, settings and seed are used (default arms then: plain, restarts; one seed).
     Returns {"runs", "summary", "paired", "verdict", ...}, the content of compare.json.
     """
+    given = []
+    if pb_run is not None:
+        if model_file is not None or config is not None or training is not None or seeds != 3 or width != 1.0:
+            raise CompareError("--pb-run uses the run's own model file, settings, seed and width: "
+                               "give no model file, budget flags, --seeds or --width with it")
+        model_file, config, training, scope, pb_row = read_pb_run(pb_run)
+        include, exclude, seeds, given = scope["include"], scope["exclude"], 1, [pb_row]
+        arms = [a for a in (arms or ("plain", "restarts")) if a != "pb"]
+        latency = False  # the run's model is not rebuilt here; no arm gets a latency, to stay comparable
     config, training = config or PBConfig(), training or TrainConfig()
     if arms is None:
         arms = [a for a in ARMS if a != "original" or width < 1]
     arms = list(arms)
-    if "plain-matched" in arms and "pb" not in arms:
+    if "plain-matched" in arms and "pb" not in arms and not given:
         raise CompareError("plain-matched is sized from pb's parameter count: add the pb arm")
-    _check(model_file, arms, seeds, width, jobs, out, config, training, include, exclude)
+    _check(model_file, arms if not given else arms + ["pb"], seeds, width, jobs, out, config, training, include,
+           exclude)
     seed_list = [training.seed + i for i in range(seeds)]
     t0 = time.perf_counter()
     first = [RunSpec(a, s, 1.0 if a == "original" else width) for a in arms if a != "plain-matched"
              for s in seed_list]
     echo(f"compare {model_file or DEFAULT_MODEL}: arms {', '.join(arms)}; {seeds} seed(s); width {width:g}")
-    rows = _run_all(model_file, first, config, training, include, exclude, latency, jobs, echo)
+    rows = given + _run_all(model_file, first, config, training, include, exclude, latency, jobs, echo)
     if "plain-matched" in arms:
         pb = {r["seed"]: r["params"] for r in rows if r["arm"] == "pb" and "skipped" not in r}
         matched = [RunSpec("plain-matched", s, width, float(pb[s])) for s in seed_list if s in pb]

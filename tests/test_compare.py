@@ -115,3 +115,19 @@ def test_unscalable_width_is_refused(tmp_path):
     path.write_text(TINY.replace("def build_model(width=8):", "def build_model():").replace("Net(width)", "Net(8)"))
     with pytest.raises(CompareError, match="add a width parameter"):
         compare(str(path), width=2.0, seeds=1, echo=lambda _s: None, **BUDGET)
+
+
+def test_pb_run_is_compared_with_its_controls(tiny, tmp_path):
+    from pbp_fx.job import train_job
+
+    run = tmp_path / "run"
+    train_job(tiny, config=BUDGET["config"], training=BUDGET["training"], out=str(run), progress=False,
+              echo=lambda _s: None)
+    assert main(["compare", "--pb-run", str(run), "--no-latency"]) == 0
+    result = json.loads((run / "compare.json").read_text())
+    assert [r["arm"] for r in result["runs"]] == ["pb", "plain", "restarts"]
+    assert result["config"] == BUDGET["config"].to_dict() and result["training"] == BUDGET["training"].to_dict()
+    pb, plain, _ = result["runs"]
+    if pb["params"] == plain["params"]:  # no dendrite accepted: pb's run is the plain run, step for step
+        assert pb["test"] == plain["test"]
+    assert main(["compare", "--pb-run", str(run), "--patience", "3"]) == 2
