@@ -371,7 +371,9 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
 
 def _run_all(model_file, specs, config, training, include, exclude, latency, jobs, echo) -> list[dict]:
     args = [(model_file, s, config, training, include, exclude, latency) for s in specs]
-    rows = []
+    rows: list[dict] = []
+    if not specs:
+        return rows
     if jobs == 1 or len(specs) == 1:
         # One thread, as in the workers: every run's wall time is measured alike, and a loaded
         # machine does not stall on intra-op threads. The caller's setting is restored.
@@ -459,14 +461,17 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: int 
            exclude)
     seed_list = [training.seed + i for i in range(seeds)]
     t0 = time.perf_counter()
-    first = [RunSpec(a, s, 1.0 if a == "original" else width) for a in arms if a != "plain-matched"
-             for s in seed_list]
     echo(f"compare {model_file or DEFAULT_MODEL}: arms {', '.join(arms)}; {seeds} seed(s); width {width:g}")
-    rows = given + _run_all(model_file, first, config, training, include, exclude, latency, jobs, echo)
-    if "plain-matched" in arms:
-        pb = {r["seed"]: r["params"] for r in rows if r["arm"] == "pb" and "skipped" not in r}
-        matched = [RunSpec("plain-matched", s, width, float(pb[s])) for s in seed_list if s in pb]
-        rows += _run_all(model_file, matched, config, training, include, exclude, latency, jobs, echo)
+    # Seed by seed (all seeds at once with jobs > 1): every finished seed is a complete pairing.
+    rows = list(given)
+    for wave in ([seed_list] if jobs > 1 else [[s] for s in seed_list]):
+        first = [RunSpec(a, s, 1.0 if a == "original" else width) for s in wave for a in arms
+                 if a != "plain-matched"]
+        rows += _run_all(model_file, first, config, training, include, exclude, latency, jobs, echo)
+        if "plain-matched" in arms:
+            pb = {r["seed"]: r["params"] for r in rows if r["arm"] == "pb" and "skipped" not in r}
+            matched = [RunSpec("plain-matched", s, width, float(pb[s])) for s in wave if s in pb]
+            rows += _run_all(model_file, matched, config, training, include, exclude, latency, jobs, echo)
     summary = summarize(rows)
     pairs = paired(rows)
     text = verdict(summary, pairs)
