@@ -131,3 +131,17 @@ def test_pb_run_is_compared_with_its_controls(tiny, tmp_path):
     if pb["params"] == plain["params"]:  # no dendrite accepted: pb's run is the plain run, step for step
         assert pb["test"] == plain["test"]
     assert main(["compare", "--pb-run", str(run), "--patience", "3"]) == 2
+
+
+def test_unscalable_arm_is_reported_and_the_others_run(tmp_path):
+    from pbp_fx.compare import RunSpec, markdown, run_arm
+
+    path = tmp_path / "fixed.py"
+    path.write_text(TINY.replace("def build_model(width=8):", "def build_model():").replace("Net(width)", "Net(8)"))
+    row = run_arm(str(path), RunSpec("plain-matched", 0, 1.0, target=1e6), latency=False, **BUDGET)
+    assert "add one to widen the model" in row["skipped"]
+    plain = run_arm(str(path), RunSpec("plain", 0, 1.0), latency=False, **BUDGET)
+    summary = summarize([plain, row])
+    table = markdown(summary, [], verdict(summary, []), "h")
+    assert "| plain-matched | 0 | not run: " in table and "| plain | 1 |" in table
+    assert "plain-matched was not run" in verdict(summary, [])
