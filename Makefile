@@ -16,6 +16,8 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/pbp-fx train --out runs/demo --max-dendrites 2
+	# The control: plain and restarts arms with the run's own budget and seed, beside its PB result.
+	$(VENV)/bin/pbp-fx compare --pb-run runs/demo --jobs 2
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests

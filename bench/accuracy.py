@@ -39,25 +39,15 @@ def _params(model) -> int:
 
 
 def train_plain(model, loaders, lr: float, patience: int, max_epochs: int, params=None) -> dict:
-    """Adam (on `params`, default all) + early stopping on validation; test accuracy at the
-    best-validation epoch."""
-    from pbp_fx.training import _train_epoch, evaluate
+    """Adam (on `params`, default all) + early stopping on validation (pbp_fx.compare's rule);
+    test accuracy at the best-validation epoch."""
+    from pbp_fx import PBConfig, TrainConfig
+    from pbp_fx.compare import train_plain as early_stop
+    from pbp_fx.training import evaluate
 
-    train, val, test = loaders
-    opt = torch.optim.Adam(model.parameters() if params is None else params, lr=lr)
-    best, best_state, stale, epochs = -1.0, None, 0, 0
-    for epochs in range(1, max_epochs + 1):
-        _train_epoch(model, train, F.cross_entropy, opt, None)
-        v = evaluate(model, val)
-        if v > best + 1e-3:
-            best, stale = v, 0
-            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= patience:
-                break
-    model.load_state_dict(best_state)
-    return {"val": best, "test": evaluate(model, test), "params": _params(model), "epochs": epochs}
+    out = early_stop(model, loaders, F.cross_entropy, PBConfig(patience=patience),
+                     TrainConfig(epochs=max_epochs, lr=lr), params=params)
+    return {"val": out["val"], "test": evaluate(model, loaders[2]), "params": _params(model), "epochs": out["epochs"]}
 
 
 def run_one(task: str, variant: str, width: int, seed: int, cfg: dict) -> dict:
@@ -87,12 +77,11 @@ def run_one(task: str, variant: str, width: int, seed: int, cfg: dict) -> dict:
 
 
 def width_for_params(task: str, target: float) -> int:
-    """The smallest width whose plain model has at least `target` parameters."""
-    mod = importlib.import_module(TASKS[task][0])
-    w = 1
-    while _params(mod.build_model(width=w)) < target and w < 4096:
-        w += 1
-    return w
+    """The width argument whose plain model is nearest `target` parameters (pbp_fx.width)."""
+    from pbp_fx.width import WidthBuilder
+
+    builder = WidthBuilder.from_module(importlib.import_module(TASKS[task][0]))
+    return builder.channels(builder.for_params(target).width)
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -1,5 +1,6 @@
 """pbp-fx: Perforated Backpropagation for any PyTorch model, as a torch.fx compiler."""
 from .checkpoint import load, save
+from .compare import compare  # pbp_fx.compare(...): did PB pay? (module: `from pbp_fx.compare import ...`)
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import Decision, PhaseController, rebind_optimizer
 from .errors import CheckpointError, ModelFileError, NoSitesError, PBError, TraceError, TrainingError
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "trace", "perforate", "PerforatedModel", "Site", "FusedSite",
     "PBConfig", "TrainConfig", "PhaseSchedule", "PhaseController", "Decision", "rebind_optimizer", "fit", "evaluate", "History", "save", "load",
-    "export_onnx", "ort_session",
+    "export_onnx", "ort_session", "compare",
     "PBError", "ConfigError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
     "__version__",
 ]

@@ -562,6 +562,62 @@ def run_onnx(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- compare (issue 13) --------------------------------------------------------------------
+def _arm_list(text: str) -> list[str]:
+    from .compare import ARMS
+
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise argparse.ArgumentTypeError(f"{bad[0] if bad else text!r} is not an arm: use a comma-separated "
+                                         f"list of {', '.join(ARMS)}")
+    return arms
+
+
+def _compare_budget_args() -> tuple:
+    """train's budget and PB flags, generated from TrainConfig and PBConfig like train's."""
+    from .config import PBConfig, TrainConfig
+
+    return (*config_args(TrainConfig), *config_args(PBConfig),
+            arg("--include", action="append", metavar="GLOB", default=None),
+            arg("--exclude", action="append", metavar="GLOB", default=None))
+
+
+@subcommand(
+    "compare", "did PB pay? train plain, restarts, pb, gd and a parameter-matched plain model alike and compare",
+    arg("model", nargs="?", default=None,
+        help="model file with build_model(), example_inputs() and datasets() (default: built-in MNIST-1D MLP)"),
+    arg("--width", type=_number(float, "--width"), default=1.0, metavar="W",
+        help="width multiplier of every arm's model (< 1 adds the original at width 1; default: 1)"),
+    arg("--seeds", type=_number(int, "--seeds"), default=3, metavar="N", help="model seeds per arm (default: 3)"),
+    arg("--arms", type=_arm_list, default=None, metavar="A,B",
+        help="comma-separated subset of plain,restarts,pb,gd,plain-matched,original (default: all that apply)"),
+    arg("--jobs", type=_number(int, "--jobs"), default=1, metavar="N", help="runs side by side (default: 1)"),
+    arg("--no-latency", action="store_true", help="skip the ONNX Runtime latency of each run"),
+    arg("--out", metavar="DIR", default=None,
+        help="output folder (default: the --pb-run folder, else runs/compare_<model name>)"),
+    arg("--pb-run", metavar="DIR", default=None,
+        help="the --out folder of a finished `pbp-fx train` run: it is the pb arm; its model, settings and seed "
+             "are used (default arms: plain,restarts)"),
+    *_compare_budget_args(),
+)
+def compare_cmd(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    config, training = configs_from_args(args)
+    name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
+    if args.pb_run is not None:
+        given = sorted(f for f, v in vars(args).items() if v is not None and f in _SETTING_DESTS)
+        if given or args.model is not None:
+            what = "a model file" if args.model is not None else "--" + given[0].replace("_", "-")
+            raise PBError(f"--pb-run uses the run's own model file and settings ({what} given): drop it")
+        config = training = None
+    compare(args.model, width=args.width, seeds=args.seeds, arms=args.arms, config=config, training=training,
+            out=args.out or args.pb_run or os.path.join("runs", f"compare_{name}"), jobs=args.jobs,
+            include=args.include, exclude=args.exclude, latency=not args.no_latency, pb_run=args.pb_run)
+    return EXIT_OK
+
+
 def _version() -> str:
     from . import __version__
 

@@ -1,0 +1,498 @@
+"""Did PB pay? The arms a fair comparison needs, trained alike, with paired differences.
+
+    result = compare("model.py", width=0.25, seeds=5, out="runs/compare")
+    print(result["verdict"])
+
+Every arm trains on the model file's data (one split), with the same optimizer (Adam at
+TrainConfig.lr), the same data order per seed and the same early-stopping rule (PhaseSchedule:
+`patience` epochs without a gain of `improvement` on validation, at most `epochs`); the test
+score is read at the best-validation epoch. Arms:
+
+  plain          the model at `width`, trained to early stop
+  restarts       the PB schedule with nothing installed: the same neuron phases, rewinds to the
+                 best weights and optimizer restarts (a dendrite phase trains nothing here)
+  pb, gd         PB with correlation-trained dendrites; dendrites trained by backprop
+  plain-matched  a plain model scaled to the parameter count pb ended with (same seed, +-5%)
+  original       with width < 1: the model at width 1 (the "N% smaller at equal accuracy" question)
+
+Outputs (with `out`): compare.md, compare.json, compare.png.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import PBConfig, TrainConfig
+from .errors import PBError
+from .fileio import atomic_write
+from .job import DEFAULT_MODEL, load_job_module, make_loaders
+from .modelfile import instantiate
+from .schedule import Kind, PhaseSchedule
+from .training import evaluate
+from .width import WidthBuilder, WidthError, num_parameters
+
+__all__ = ["compare", "CompareError", "ARMS", "train_plain", "train_restarts", "train_perforated",
+           "run_arm", "summarize", "paired", "verdict", "markdown", "plot"]
+
+ARMS = ("plain", "restarts", "pb", "gd", "plain-matched", "original")
+REFERENCE_ARM = "pb"
+
+
+class CompareError(PBError, ValueError):
+    """A compare request that cannot run (bad arms, seeds, width or output folder)."""
+
+
+# -- one training loop for every arm -------------------------------------------------------
+def _epoch(model, loader, loss_fn, optimizer) -> None:
+    model.train()
+    for batch in loader:
+        *inputs, target = batch
+        loss = loss_fn(model(*inputs), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def _snapshot(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainConfig, *,
+                     restarts: bool, metric, params=None) -> dict:
+    """Adam + PhaseSchedule's early-stopping rule. restarts=False: stop at the end of the first
+    neuron phase (plain early stopping). restarts=True: follow the PB schedule with nothing
+    installed: rewind to the best weights at each switch, restart the optimizer at each
+    "install", end when the schedule completes."""
+    train, val, _test = loaders
+    schedule = PhaseSchedule(config.replace(mode="pb"))
+    trained = list(model.parameters() if params is None else params)
+    new_optimizer = lambda: torch.optim.Adam(trained, lr=training.lr)  # noqa: E731
+    optimizer, best, rounds, epochs = new_optimizer(), _snapshot(model), 0, 0
+    for epochs in range(1, training.epochs + 1):
+        if schedule.phase == "neuron":
+            _epoch(model, train, loss_fn, optimizer)
+            score = evaluate(model, val, metric, data="validation")
+        else:
+            score = schedule.best_score  # a dendrite phase without dendrites changes nothing
+        action = schedule.step(score, False)
+        if action.new_best:
+            best = _snapshot(model)
+        if action.kind is Kind.COMPLETE or (action.kind is not Kind.CONTINUE and not restarts):
+            break
+        if action.kind in (Kind.START_DENDRITES, Kind.RETRY):
+            model.load_state_dict(best)
+        elif action.kind is Kind.INSTALL:
+            optimizer, rounds = new_optimizer(), rounds + 1
+    model.load_state_dict(best)
+    return {"epochs": epochs, "restarts": rounds, "val": schedule.best_score}
+
+
+def train_plain(model, loaders, loss_fn, config: PBConfig, training: TrainConfig, metric=None, params=None) -> dict:
+    """The plain arm: Adam (on `params`, default all) to early stop (the first neuron phase of
+    the PB schedule); the best-validation weights are loaded at the end."""
+    return _neuron_training(model, loaders, loss_fn, config, training, restarts=False, metric=metric or _accuracy(),
+                            params=params)
+
+
+def train_restarts(model, loaders, loss_fn, config: PBConfig, training: TrainConfig, metric=None) -> dict:
+    """The restarts arm: the PB schedule's rewinds and optimizer restarts with nothing installed."""
+    return _neuron_training(model, loaders, loss_fn, config, training, restarts=True, metric=metric or _accuracy())
+
+
+def train_perforated(model, example_inputs, loaders, loss_fn, config: PBConfig, training: TrainConfig,
+                     include=None, exclude=None, metric=None):
+    """The pb / gd arm (config.mode): perforate and fit. Returns (perforated model, result)."""
+    from .perforated import perforate
+    from .training import fit
+
+    pm = perforate(model, example_inputs, include=include, exclude=exclude, activation=config.activation,
+                   mode=config.mode, frontend=training.frontend)
+    history = fit(pm, loaders[0], loaders[1], loss_fn, config=config, training=training, progress=False,
+                  metric=metric or _accuracy())
+    return pm, {"epochs": len(history.epochs), "val": history.best_val, "dendrites": pm.dendrites,
+                "dendrite_epochs": sum(r["phase"] == "dendrite" for r in history.epochs)}
+
+
+def _accuracy():
+    from .training import accuracy
+
+    return accuracy
+
+
+# -- latency -------------------------------------------------------------------------------
+def onnx_latency_ms(model, example_inputs, repeats: int = 200) -> float:
+    """Median ONNX Runtime (CPU, 1 thread) latency of one call at the example inputs' batch."""
+    from .exporters import export_onnx, ort_session, run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, example_inputs, os.path.join(tmp, "model.onnx"))
+        session = ort_session(path, device="cpu", threads=1)
+    arrays = tuple(t.numpy() for t in example_inputs)
+    for _ in range(20):
+        run(session, arrays)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(session, arrays)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+# -- one run -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSpec:
+    """One arm at one seed. width: the multiplier it is built at; target: plain-matched's parameter count."""
+
+    arm: str
+    seed: int
+    width: float
+    target: Optional[float] = None
+
+
+def _datasets(mod, seed: int):
+    try:
+        takes_seed = "seed" in inspect.signature(mod.datasets).parameters
+    except (TypeError, ValueError):
+        takes_seed = False
+    return mod.datasets(seed=seed) if takes_seed else mod.datasets()
+
+
+def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training: TrainConfig,
+            include=None, exclude=None, latency: bool = True) -> dict:
+    """Train one arm at one seed on the model file's data; the row of compare.json."""
+    mod = load_job_module(model_file)
+    _, inputs = instantiate(mod)
+    loss_fn = getattr(mod, "loss_fn", None) or F.cross_entropy
+    data = _datasets(mod, training.seed)  # one split for every arm and seed
+    loaders = make_loaders(data, training.batch_size, spec.seed)  # data order fixed by the seed
+    builder = WidthBuilder.from_module(mod)
+    row = {"arm": spec.arm, "seed": spec.seed}
+    torch.manual_seed(spec.seed)
+    try:
+        scaled = builder.for_params(spec.target) if spec.arm == "plain-matched" else builder.scaled(spec.width)
+    except WidthError as exc:
+        return {**row, "skipped": str(exc)}
+    model = scaled.model
+    row.update(width=scaled.width, width_method=scaled.method)
+    t0 = time.perf_counter()
+    if spec.arm in ("pb", "gd"):
+        model, out = train_perforated(model, inputs, loaders, loss_fn, config.replace(mode=spec.arm), training,
+                                      include, exclude)
+        params = model.num_parameters()
+    elif spec.arm == "restarts":
+        out, params = train_restarts(model, loaders, loss_fn, config, training), num_parameters(model)
+    else:
+        out, params = train_plain(model, loaders, loss_fn, config, training), num_parameters(model)
+    row.update(out, seconds=time.perf_counter() - t0, params=params)
+    row["test"] = evaluate(model, loaders[2], data="test")
+    if spec.target is not None:
+        row["target_params"] = spec.target
+    if latency:
+        model.eval()
+        row["latency_ms"] = onnx_latency_ms(model, inputs)
+    return row
+
+
+# -- statistics ----------------------------------------------------------------------------
+def _mean_sd(xs: Sequence[float]) -> tuple[float, float]:
+    xs = list(xs)
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per arm: n, test/params/latency/seconds/epochs mean and sd (test in percent points)."""
+    out = []
+    for arm in ARMS:
+        rs = [r for r in rows if r["arm"] == arm and "skipped" not in r]
+        skipped = [r["skipped"] for r in rows if r["arm"] == arm and "skipped" in r]
+        if not rs:
+            if skipped:
+                out.append({"arm": arm, "n": 0, "skipped": skipped[0]})
+            continue
+        s = {"arm": arm, "n": len(rs)}
+        for key, scale in (("test", 100.0), ("val", 100.0), ("params", 1.0), ("latency_ms", 1.0),
+                           ("seconds", 1.0), ("epochs", 1.0), ("width", 1.0)):
+            vals = [r[key] * scale for r in rs if r.get(key) is not None]
+            if vals:
+                s[key], s[key + "_sd"] = _mean_sd(vals)
+        out.append(s)
+    return out
+
+
+def paired(rows: list[dict], reference: str = REFERENCE_ARM) -> list[dict]:
+    """Per arm, the per-seed difference arm - reference in test points: mean, sd, n, seeds ahead."""
+    ref = {r["seed"]: r["test"] for r in rows if r["arm"] == reference and "skipped" not in r}
+    out = []
+    for arm in ARMS:
+        if arm == reference:
+            continue
+        diffs = [100.0 * (r["test"] - ref[r["seed"]]) for r in rows
+                 if r["arm"] == arm and "skipped" not in r and r["seed"] in ref]
+        if diffs:
+            mean, sd = _mean_sd(diffs)
+            out.append({"arm": arm, "vs": reference, "mean": mean, "sd": sd, "n": len(diffs),
+                        "ahead": sum(d > 0 for d in diffs), "behind": sum(d < 0 for d in diffs)})
+    return out
+
+
+def verdict(summary: list[dict], pairs: list[dict]) -> str:
+    """Which arm won and by how much, in plain words, with the paired differences vs pb."""
+    ranked = sorted((s for s in summary if s["n"]), key=lambda s: -s["test"])
+    if not ranked:
+        return "no arm finished"
+    win, lines = ranked[0], []
+    by_arm = {p["arm"]: p for p in pairs}
+    if len(ranked) > 1 and win["test"] == ranked[1]["test"]:
+        tied = [s["arm"] for s in ranked if s["test"] == win["test"]]
+        lines.append(f"**no arm won**: {', '.join(tied)} tied at test {win['test']:.1f} % over {win['n']} seed(s).")
+    elif len(ranked) > 1:
+        second = ranked[1]
+        lines.append(f"**{win['arm']} won**: test {win['test']:.1f} ± {win['test_sd']:.1f} % over {win['n']} seeds, "
+                     f"{win['test'] - second['test']:+.1f} points ahead of the next arm ({second['arm']}, "
+                     f"{second['test']:.1f} ± {second['test_sd']:.1f} %).")
+    else:
+        lines.append(f"only {win['arm']} finished: test {win['test']:.1f} ± {win['test_sd']:.1f} %")
+    words = {"plain": "the same model without PB", "restarts": "the PB schedule with nothing installed",
+             "gd": "dendrites trained by backprop", "plain-matched": "a plain model with pb's parameter count",
+             "original": "the model at width 1"}
+    for arm, what in words.items():
+        p = by_arm.get(arm)
+        if p is None:
+            continue
+        pb_side = -p["mean"]
+        sign = "ahead of" if pb_side > 0 else "behind" if pb_side < 0 else "level with"
+        lines.append(f"pb is {abs(pb_side):.1f} points {sign} {arm} ({what}): paired difference pb − {arm} = "
+                     f"{pb_side:+.1f} ± {p['sd']:.1f} points over {p['n']} seeds (pb ahead in {p['behind']}, "
+                     f"behind in {p['ahead']}).")
+    skipped = [s for s in summary if not s["n"]]
+    for s in skipped:
+        lines.append(f"{s['arm']} was not run: {s['skipped']}")
+    return "\n".join(lines)
+
+
+def markdown(summary: list[dict], pairs: list[dict], text: str, header: str) -> str:
+    def ms(s, key, fmt):
+        return "–" if key not in s else (fmt.format(s[key], s[key + "_sd"]))
+
+    by_arm = {p["arm"]: p for p in pairs}
+    lines = [header, "", "| arm | n | test % | Δ vs pb (paired) | params | ONNX Runtime ms | train s | epochs | width |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        if not s["n"]:
+            lines.append(f"| {s['arm']} | 0 | not run: {s['skipped']} | | | | | | |")
+            continue
+        p = by_arm.get(s["arm"])
+        delta = "–" if p is None else f"{p['mean']:+.1f} ± {p['sd']:.1f}"
+        lines.append(f"| {s['arm']} | {s['n']} | {ms(s, 'test', '{:.1f} ± {:.1f}')} | {delta} | "
+                     f"{ms(s, 'params', '{:.0f} ± {:.0f}')} | {ms(s, 'latency_ms', '{:.3f} ± {:.3f}')} | "
+                     f"{ms(s, 'seconds', '{:.0f} ± {:.0f}')} | {ms(s, 'epochs', '{:.0f} ± {:.0f}')} | "
+                     f"{ms(s, 'width', '{:.3g} ± {:.2g}')} |")
+    return "\n".join(lines) + "\n\n" + text + "\n"
+
+
+def plot(summary: list[dict], path: str, title: str = "") -> None:
+    """Test score vs parameters and vs ONNX Runtime latency, one point per arm, sd error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for s in (s for s in summary if s["n"]):
+        for ax, key, label in ((axes[0], "params", "parameters"), (axes[1], "latency_ms", "ONNX Runtime latency (ms)")):
+            if key in s:
+                ax.errorbar(s[key], s["test"], xerr=s[key + "_sd"], yerr=s["test_sd"], fmt="o", capsize=3,
+                            label=s["arm"])
+                ax.set_xlabel(label)
+    for ax in axes:
+        ax.set_ylabel("test score at best validation (%)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+    axes[0].set_xscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110), CompareError, "plot")
+    plt.close(fig)
+
+
+# -- the comparison ------------------------------------------------------------------------
+def _check(model_file, arms, seeds, width, jobs, out, config, training, include, exclude) -> WidthBuilder:
+    """Refuse bad input before any training (one-line errors)."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise CompareError(f"arm {unknown[0]!r} is not an arm: use some of {', '.join(ARMS)}")
+    if not arms:
+        raise CompareError(f"no arms to run: use some of {', '.join(ARMS)}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise CompareError(f"--seeds {seeds!r}: must be a whole number of at least 1")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise CompareError(f"--jobs {jobs!r}: must be a whole number of at least 1")
+    if not (isinstance(width, (int, float)) and not isinstance(width, bool) and math.isfinite(width) and width > 0):
+        raise CompareError(f"--width {width!r}: must be a positive number (1: the model as built)")
+    if not isinstance(config, PBConfig) or not isinstance(training, TrainConfig):
+        raise CompareError("config must be a PBConfig and training a TrainConfig")
+    if out is not None:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise CompareError(f"--out {out} exists and is not a directory: choose another path")
+        parent = os.path.dirname(os.path.abspath(out))
+        probe = out if os.path.isdir(out) else parent
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.access(probe, os.W_OK):
+            raise CompareError(f"output folder {out} is not writable: choose another --out")
+    mod = load_job_module(model_file)
+    builder = WidthBuilder.from_module(mod)
+    _, inputs = instantiate(mod)
+    torch.manual_seed(training.seed)
+    try:
+        model = builder.build(width)
+    except WidthError as exc:
+        raise CompareError(f"--width {width:g}: {exc}") from exc  # every arm needs this width
+    if any(a in ("pb", "gd") for a in arms):
+        from .perforated import perforate
+
+        perforate(model, inputs, include=include, exclude=exclude, activation=config.activation,
+                  frontend=training.frontend)  # NoSitesError / TraceError now, not after the plain arms
+    return builder
+
+
+def _run_all(model_file, specs, config, training, include, exclude, latency, jobs, echo) -> list[dict]:
+    args = [(model_file, s, config, training, include, exclude, latency) for s in specs]
+    rows: list[dict] = []
+    if not specs:
+        return rows
+    if jobs == 1 or len(specs) == 1:
+        # One thread, as in the workers: every run's wall time is measured alike, and a loaded
+        # machine does not stall on intra-op threads. The caller's setting is restored.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for a in args:
+                rows.append(run_arm(*a))
+                echo(_row_text(rows[-1]))
+        finally:
+            torch.set_num_threads(threads)
+        return rows
+    import multiprocessing
+
+    # One thread per worker: the runs go side by side on the cores.
+    with ProcessPoolExecutor(min(jobs, len(specs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as ex:
+        for row in ex.map(run_arm, *zip(*args)):
+            rows.append(row)
+            echo(_row_text(row))
+    return rows
+
+
+def _row_text(r: dict) -> str:
+    if "skipped" in r:
+        return f"  {r['arm']:<14} seed {r['seed']}: not run ({r['skipped']})"
+    lat = f", {r['latency_ms']:.3f} ms" if "latency_ms" in r else ""
+    return (f"  {r['arm']:<14} seed {r['seed']}: test {100 * r['test']:.1f} %  params {r['params']}  "
+            f"epochs {r['epochs']}  ({r['seconds']:.0f} s{lat})")
+
+
+def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict, dict]:
+    """A finished `pbp-fx train` run: (model file, PBConfig, TrainConfig, include/exclude, its pb row)."""
+    from .checkpoint import read_extra
+    from .job import CHECKPOINT
+
+    path, summary_path = os.path.join(folder, CHECKPOINT), os.path.join(folder, "summary.json")
+    if not (os.path.isfile(path) and os.path.isfile(summary_path)):
+        raise CompareError(f"--pb-run {folder}: no {CHECKPOINT} and summary.json there; pass the --out folder "
+                           "of a finished pbp-fx train run")
+    state = read_extra(path).get("job_state")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    if state is None or "test" not in summary:
+        raise CompareError(f"--pb-run {folder}: not written by pbp-fx train (no job state or test score)")
+    config, training = PBConfig.from_dict(state["args"]["config"]), TrainConfig.from_dict(state["args"]["training"])
+    if config.mode != "pb":
+        raise CompareError(f"--pb-run {folder}: that run has mode {config.mode!r}; the pb arm needs mode 'pb'")
+    model_file = None if state["model_file"] == DEFAULT_MODEL else state["model_file"]
+    row = {"arm": "pb", "seed": training.seed, "width": 1.0, "width_method": "as trained", "from": folder,
+           **{k: summary[k] for k in ("test", "val", "params", "epochs", "seconds", "dendrites")}}
+    scope = {"include": state["args"].get("include"), "exclude": state["args"].get("exclude")}
+    return model_file, config, training, scope, row
+
+
+def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: int = 3,
+            arms: Optional[Sequence[str]] = None, config: Optional[PBConfig] = None,
+            training: Optional[TrainConfig] = None, out: Optional[str] = None, jobs: int = 1,
+            include=None, exclude=None, latency: bool = True, pb_run: Optional[str] = None,
+            echo: Callable[[str], None] = print) -> dict:
+    """Train every arm at seeds training.seed .. training.seed + seeds - 1 and compare them.
+
+    arms: a subset of ARMS (default: all that apply; "original" only with width < 1).
+    jobs: worker processes (runs of one wave go side by side; plain-matched waits for pb).
+    pb_run: the --out folder of a finished `pbp-fx train` run: it is the pb arm, and its model
+    file, settings and seed are used (default arms then: plain, restarts; one seed).
+    Returns {"runs", "summary", "paired", "verdict", ...}, the content of compare.json.
+    """
+    given = []
+    if pb_run is not None:
+        if model_file is not None or config is not None or training is not None or seeds != 3 or width != 1.0:
+            raise CompareError("--pb-run uses the run's own model file, settings, seed and width: "
+                               "give no model file, budget flags, --seeds or --width with it")
+        model_file, config, training, scope, pb_row = read_pb_run(pb_run)
+        include, exclude, seeds, given = scope["include"], scope["exclude"], 1, [pb_row]
+        arms = [a for a in (arms or ("plain", "restarts")) if a != "pb"]
+        latency = False  # the run's model is not rebuilt here; no arm gets a latency, to stay comparable
+    config, training = config or PBConfig(), training or TrainConfig()
+    if arms is None:
+        arms = [a for a in ARMS if a != "original" or width < 1]
+    arms = list(arms)
+    if "plain-matched" in arms and "pb" not in arms and not given:
+        raise CompareError("plain-matched is sized from pb's parameter count: add the pb arm")
+    _check(model_file, arms if not given else arms + ["pb"], seeds, width, jobs, out, config, training, include,
+           exclude)
+    seed_list = [training.seed + i for i in range(seeds)]
+    t0 = time.perf_counter()
+    echo(f"compare {model_file or DEFAULT_MODEL}: arms {', '.join(arms)}; {seeds} seed(s); width {width:g}")
+    # Seed by seed (all seeds at once with jobs > 1): every finished seed is a complete pairing.
+    rows = list(given)
+    for wave in ([seed_list] if jobs > 1 else [[s] for s in seed_list]):
+        first = [RunSpec(a, s, 1.0 if a == "original" else width) for s in wave for a in arms
+                 if a != "plain-matched"]
+        rows += _run_all(model_file, first, config, training, include, exclude, latency, jobs, echo)
+        if "plain-matched" in arms:
+            pb = {r["seed"]: r["params"] for r in rows if r["arm"] == "pb" and "skipped" not in r}
+            matched = [RunSpec("plain-matched", s, width, float(pb[s])) for s in wave if s in pb]
+            rows += _run_all(model_file, matched, config, training, include, exclude, latency, jobs, echo)
+    summary = summarize(rows)
+    pairs = paired(rows)
+    text = verdict(summary, pairs)
+    name = model_file or DEFAULT_MODEL
+    header = (f"`{os.path.basename(name)}` at width {width:g}: test score at best validation, mean ± sd over "
+              f"{seeds} seed(s); Δ = arm − pb per seed. Budget: epochs ≤ {training.epochs}, patience "
+              f"{config.patience}, max_dendrites {config.max_dendrites}, dendrite phase ≤ "
+              f"{config.max_dendrite_epochs} epochs, Adam lr {training.lr}, batch {training.batch_size}.")
+    result = {"model": name, "width": width, "seeds": seed_list, "arms": arms, "config": config.to_dict(),
+              "training": training.to_dict(), "runs": rows, "summary": summary, "paired": pairs,
+              "verdict": text, "seconds": time.perf_counter() - t0}
+    md = markdown(summary, pairs, text, header)
+    echo("")
+    echo(md)
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        for fname, body in (("compare.md", md), ("compare.json", json.dumps(result, indent=1) + "\n")):
+            def write(tmp, body=body):
+                with open(tmp, "w") as f:
+                    f.write(body)
+            atomic_write(os.path.join(out, fname), write, CompareError, fname)
+        plot(summary, os.path.join(out, "compare.png"), title=f"{os.path.basename(name)} (width {width:g})")
+        echo(f"wrote {out}/compare.md, {out}/compare.json, {out}/compare.png")
+    return result

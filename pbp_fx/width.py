@@ -1,0 +1,295 @@
+"""Build a model at a width multiplier, or at a target parameter count.
+
+    builder = WidthBuilder.from_module(mod)        # a model file's build_model() and example_inputs()
+    model = builder.build(0.25)                    # every hidden channel count x 0.25
+    scaled = builder.for_params(6_000)             # ScaledModel(model, width, params), params +-5%
+
+How a width is reached, in order:
+  1. the model file's `build_model(width=...)` (its default is width 1): that wins;
+  2. otherwise the model is built at width 1 and shrunk with Torch-Pruning's dependency graph,
+     which keeps channel counts consistent through residual adds, concatenation, flatten,
+     grouped/depthwise convs, norms and nn.MultiheadAttention (heads kept, head dims scaled).
+     A wider model (width > 1) needs route 1: channels cannot be added by pruning.
+A model that cannot be scaled raises WidthError naming the reason.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .errors import PBError
+
+__all__ = ["WidthError", "WidthBuilder", "ScaledModel", "shrink", "num_parameters", "PARAM_TOLERANCE"]
+
+PARAM_TOLERANCE = 0.05  # a parameter-matched model is within +-5% of its target
+
+
+class WidthError(PBError, ValueError):
+    """The model cannot be built at the requested width or parameter count."""
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _outputs(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _outputs(v)]
+    return []
+
+
+def _output_layers(model: nn.Module, example_inputs: tuple) -> list[nn.Module]:
+    """Layers whose output is (a view of) a model output: their channels are the model's
+    interface (classes, features) and must keep their size."""
+    produced: dict[int, nn.Module] = {}
+    hooks = [m.register_forward_hook(lambda mod, _i, out: produced.update(
+        {t.untyped_storage().data_ptr(): mod for t in _outputs(out)}))
+        for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding))]
+    try:
+        with torch.no_grad():
+            out = model(*example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [produced[p] for p in {t.untyped_storage().data_ptr() for t in _outputs(out)} if p in produced]
+
+
+def _channel_groups(group) -> int:
+    """Channels of a dependency group come in this many equal blocks (heads, conv groups,
+    GroupNorm groups): a width change keeps the same fraction of every block."""
+    blocks = 1
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, nn.MultiheadAttention):
+            blocks = math.lcm(blocks, m.num_heads)
+        elif isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups and not (m.groups == m.in_channels == m.out_channels):
+            blocks = math.lcm(blocks, m.groups)
+        elif isinstance(m, nn.GroupNorm):
+            blocks = math.lcm(blocks, m.num_groups)
+    return blocks
+
+
+def _fan_in(m: nn.Module) -> Optional[int]:
+    if isinstance(m, nn.Linear):
+        return m.in_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.weight.shape[1] * math.prod(m.weight.shape[2:])
+    return None
+
+
+def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], int]) -> nn.Module:
+    """Remove channels from `model` in place: every dependency group of C channels in B blocks
+    keeps `keep(C // B, group_index)` channels per block (the first ones: the model is at random
+    init, so which channels go does not matter). Output layers keep their size.
+
+    Weights of layers whose fan-in shrank are rescaled by sqrt(old/new fan-in), so a default
+    (fan-in scaled) initialisation keeps its variance at the new width.
+    """
+    import torch_pruning as tp
+
+    model.eval()  # tracing must not update batch-norm statistics
+    before = {m: _fan_in(m) for m in model.modules()}
+    with torch.no_grad():
+        shapes = [t.shape for t in _outputs(model(*example_inputs))]
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        groups = list(graph.get_all_groups(ignored_layers=_output_layers(model, example_inputs),
+                                           root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
+        for index, group in enumerate(groups):
+            root = group[0].dep
+            channels = graph.get_out_channels(root.target.module)
+            if not channels:
+                continue
+            blocks = _channel_groups(group)
+            size = channels // blocks
+            kept = min(size, max(1, keep(size, index)))
+            drop = [b * size + j for b in range(blocks) for j in range(kept, size)]
+            if drop:
+                graph.get_pruning_group(root.target.module, root.handler, drop).prune()
+    except WidthError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Torch-Pruning's or the model's own failure
+        raise WidthError(f"Torch-Pruning could not scale {type(model).__name__}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''} (give build_model a width argument)") from exc
+    try:
+        with torch.no_grad():
+            got = [t.shape for t in _outputs(model(*example_inputs))]
+        problem = None if got == shapes else f"its output shapes changed from {shapes} to {got}"
+    except Exception as exc:  # noqa: BLE001 - the model's forward at the new width
+        problem = f"its forward raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if problem is not None:
+        raise WidthError(f"{type(model).__name__} cannot be narrowed by removing channels: {problem} (its forward "
+                         "uses fixed channel sizes, e.g. a head size kept as an attribute); give build_model a "
+                         "width argument")
+    for m, old in before.items():
+        new = _fan_in(m)
+        if old and new and new != old:
+            with torch.no_grad():
+                m.weight.mul_(math.sqrt(old / new))
+                if m.bias is not None:
+                    m.bias.mul_(math.sqrt(old / new))
+    model.train()
+    return model
+
+
+@dataclass(frozen=True)
+class ScaledModel:
+    model: nn.Module
+    width: float       # multiplier of the model file's width 1 (its build_model() default)
+    params: int
+    method: str        # "build_model(width=...)" or "torch-pruning"
+
+
+@dataclass(frozen=True)
+class WidthBuilder:
+    """Builds one model file's model at any width. `base_width`: the default of build_model's
+    `width` argument (None when build_model takes none)."""
+
+    build_model: Callable[..., nn.Module]
+    example_inputs: Callable[[], tuple]
+    base_width: Optional[int]
+
+    @classmethod
+    def from_module(cls, mod) -> "WidthBuilder":
+        base = None
+        try:
+            param = inspect.signature(mod.build_model).parameters.get("width")
+        except (TypeError, ValueError):
+            param = None
+        if param is not None and isinstance(param.default, int) and not isinstance(param.default, bool) \
+                and param.default > 0:
+            base = param.default
+        return cls(mod.build_model, mod.example_inputs, base)
+
+    @property
+    def method(self) -> str:
+        return "torch-pruning" if self.base_width is None else "build_model(width=...)"
+
+    def _inputs(self) -> tuple:
+        inputs = self.example_inputs()
+        return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+    def _check(self, width: float) -> None:
+        if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+            raise WidthError(f"width {width!r}: it must be a positive number (1 is the model as built)")
+        if self.base_width is None and width > 1:
+            raise WidthError(f"width {width}: build_model() takes no width argument, and a model can only be "
+                             "narrowed by removing channels; add a width parameter to build_model to widen it")
+
+    def channels(self, width: float) -> int:
+        """build_model's width argument for multiplier `width` (route 1 only)."""
+        return max(1, round(self.base_width * width))
+
+    def _build_channels(self, channels: int) -> tuple[nn.Module, int]:
+        """build_model(width=channels), or at the nearest width it accepts (a model may require,
+        e.g., a multiple of its head count)."""
+        first = None
+        for c in sorted(range(max(1, channels - self.base_width), channels + self.base_width + 1),
+                        key=lambda c: (abs(c - channels), -c)):
+            try:
+                model = self.build_model(width=c)
+            except Exception as exc:  # noqa: BLE001 - the model's own constraint on its width
+                first = first or exc
+                continue
+            if not isinstance(model, nn.Module):
+                raise WidthError(f"build_model(width={c}) returned {type(model).__name__}, not an nn.Module")
+            return model, c
+        raise WidthError(f"build_model(width={channels}) raised {type(first).__name__}: "
+                         f"{str(first).splitlines()[0] if str(first) else ''}")
+
+    def build(self, width: float = 1.0) -> nn.Module:
+        """The model at `width` x its hidden channel counts (seed torch before calling)."""
+        self._check(width)
+        if self.base_width is not None:
+            return self._build_channels(self.channels(width))[0]
+        model = self.build_model()
+        if width == 1:
+            return model
+        return shrink(model, self._inputs(), lambda size, _i: round(size * width))
+
+    def scaled(self, width: float) -> ScaledModel:
+        if self.base_width is not None:
+            self._check(width)
+            model, channels = self._build_channels(self.channels(width))
+            width = channels / self.base_width
+        else:
+            model = self.build(width)
+        return ScaledModel(model, width, num_parameters(model), self.method)
+
+    def for_params(self, target: float, tolerance: float = PARAM_TOLERANCE) -> ScaledModel:
+        """A model of this structure with `target` parameters (+-tolerance): the nearest uniform
+        width, then, if that misses, single channels removed group by group from the next wider
+        build until the count is within tolerance."""
+        if not (target > 0 and math.isfinite(target)):
+            raise WidthError(f"target parameter count {target!r}: it must be a positive number")
+        rng = torch.get_rng_state()
+
+        def count(width: float) -> int:
+            torch.set_rng_state(rng)  # every trial build draws the same weights
+            return num_parameters(self.build(width))
+
+        if self.base_width is not None:
+            step = 1.0 / self.base_width
+            lo, hi = step, 1.0
+            while count(hi) < target:
+                lo, hi = hi, hi * 2
+                if hi * self.base_width > 1 << 16:
+                    raise WidthError(f"no width up to {hi:g}x reaches {target:.0f} parameters")
+            lo_c, hi_c = self.channels(lo), self.channels(hi)
+            while hi_c - lo_c > 1:  # smallest channel count with >= target parameters
+                mid = (lo_c + hi_c) // 2
+                if count(mid * step) >= target:
+                    hi_c = mid
+                else:
+                    lo_c = mid
+            if count(lo_c * step) >= target:
+                hi_c = lo_c
+            widths = [hi_c * step, max(1, hi_c - 1) * step]
+        else:
+            if count(1.0) < target * (1 - tolerance):
+                raise WidthError(f"{target:.0f} parameters is more than the model has ({count(1.0)}) and "
+                                 "build_model() takes no width argument: add one to widen the model")
+            lo, hi = 0.0, 1.0
+            for _ in range(20):
+                mid = (lo + hi) / 2
+                if count(mid) >= target:
+                    hi = mid
+                else:
+                    lo = mid
+            widths = [hi, lo] if lo > 0 else [hi]
+        best = min(widths, key=lambda w: abs(count(w) - target))
+        torch.set_rng_state(rng)
+        if abs(count(best) - target) <= tolerance * target:
+            torch.set_rng_state(rng)
+            return self.scaled(best)
+        # Uniform widths step over the target: from the wider build, remove one channel per block
+        # in one group, then in the first n groups, and keep the nearest count within tolerance.
+        wide = widths[0]
+
+        def trim(groups: Callable[[int], bool]) -> nn.Module:
+            torch.set_rng_state(rng)
+            return shrink(self.build(wide), self._inputs(), lambda size, i: size - (1 if groups(i) else 0))
+
+        found, previous = None, None
+        for n in range(1, 1 << 12):
+            for model in (trim(lambda i, n=n: i == n - 1), trim(lambda i, n=n: i < n)):
+                params = num_parameters(model)
+                if abs(params - target) <= tolerance * target and (
+                        found is None or abs(params - target) < abs(found.params - target)):
+                    found = ScaledModel(model, wide, params, self.method + " + torch-pruning")
+            if params == previous:  # every group has given a channel
+                break
+            previous = params
+        if found is not None:
+            return found
+        raise WidthError(f"no width of {getattr(self.build_model, '__module__', 'the model')}'s model gets within {tolerance:.0%} of "
+                         f"{target:.0f} parameters (nearest: {count(best)} at width {best:g})")

@@ -1,0 +1,147 @@
+"""pbp-fx compare end to end on a tiny model file (2 seeds, short budgets), and its refusals."""
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+
+from pbp_fx import PBConfig, TrainConfig
+from pbp_fx.cli import main
+from pbp_fx.compare import CompareError, compare, onnx_latency_ms, paired, summarize, verdict
+
+TINY = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+    from torch.utils.data import TensorDataset
+
+    class Net(nn.Module):
+        def __init__(self, width=8):
+            super().__init__()
+            self.fc1 = nn.Linear(6, width)
+            self.fc2 = nn.Linear(width, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    def build_model(width=8):
+        return Net(width)
+
+    def example_inputs():
+        return (torch.randn(2, 6, generator=torch.Generator().manual_seed(0)),)
+
+    def datasets(seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(300, 6, generator=g)
+        y = (x[:, 0] > 0).long() + (x[:, 1] * x[:, 2] > 0).long()
+        return TensorDataset(x[:180], y[:180]), TensorDataset(x[180:240], y[180:240]), TensorDataset(x[240:], y[240:])
+''')
+
+BUDGET = dict(config=PBConfig(patience=2, max_dendrites=1, max_dendrite_epochs=2, dendrite_patience=1, retries=0),
+              training=TrainConfig(epochs=12, batch_size=30))
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY)
+    return str(path)
+
+
+def test_compare_end_to_end(tiny, tmp_path):
+    out = tmp_path / "cmp"
+    result = compare(tiny, width=0.5, seeds=2, out=str(out), latency=False, echo=lambda _s: None, **BUDGET)
+    runs = result["runs"]
+    for arm in ("plain", "restarts", "pb", "gd", "plain-matched", "original"):
+        assert sorted(r["seed"] for r in runs if r["arm"] == arm) == [0, 1], arm
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    for seed in (0, 1):
+        # Same init, data order and rule: restarts' first neuron phase IS the plain run.
+        assert by["restarts", seed]["val"] >= by["plain", seed]["val"]
+        pb_params = by["pb", seed]["params"]
+        assert abs(by["plain-matched", seed]["params"] - pb_params) <= 0.05 * pb_params
+        assert by["original", seed]["params"] > by["plain", seed]["params"]
+        assert by["plain", seed]["width"] == 0.5 and by["original", seed]["width"] == 1.0
+    assert {p["arm"] for p in result["paired"]} == {"plain", "restarts", "gd", "plain-matched", "original"}
+    assert "won" in result["verdict"] and "paired difference" in result["verdict"]
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(result["summary"]))
+    assert "| pb | 2 |" in (out / "compare.md").read_text()
+    assert (out / "compare.png").stat().st_size > 1000
+
+
+def test_statistics_are_paired_by_seed():
+    rows = [{"arm": "pb", "seed": s, "test": t, "params": 10} for s, t in ((0, 0.5), (1, 0.7))]
+    rows += [{"arm": "plain", "seed": s, "test": t, "params": 5} for s, t in ((0, 0.6), (1, 0.8))]
+    (p,) = paired(rows)
+    assert p["arm"] == "plain" and p["mean"] == pytest.approx(10.0) and p["sd"] == pytest.approx(0.0)
+    assert p["ahead"] == 2 and p["behind"] == 0
+    text = verdict(summarize(rows), [p])
+    assert text.startswith("**plain won**") and "pb − plain = -10.0 ± 0.0" in text
+
+
+def test_latency_is_measured_with_onnx_runtime():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+    assert 0 < onnx_latency_ms(model, (torch.randn(2, 6),), repeats=5) < 1000
+
+
+def test_cli_compare_writes_reports(tiny, tmp_path, capsys):
+    out = tmp_path / "c"
+    rc = main(["compare", tiny, "--seeds", "1", "--arms", "plain,restarts", "--no-latency", "--out", str(out),
+               "--patience", "2", "--epochs", "5", "--batch-size", "30"])
+    assert rc == 0
+    assert sorted(os.listdir(out)) == ["compare.json", "compare.md", "compare.png"]
+    assert "won" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0"], "--seeds 0"),
+    (["--width", "0"], "--width 0"),
+    (["--jobs", "0"], "--jobs 0"),
+    (["--arms", "plain,bogus"], "'bogus' is not an arm"),
+    (["--arms", "plain-matched"], "add the pb arm"),
+    (["--patience", "0"], "--patience 0"),
+])
+def test_cli_refuses_bad_input_up_front(tiny, tmp_path, capsys, argv, message):
+    out = tmp_path / "never"
+    assert main(["compare", tiny, "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_unscalable_width_is_refused(tmp_path):
+    path = tmp_path / "fixed.py"
+    path.write_text(TINY.replace("def build_model(width=8):", "def build_model():").replace("Net(width)", "Net(8)"))
+    with pytest.raises(CompareError, match="add a width parameter"):
+        compare(str(path), width=2.0, seeds=1, echo=lambda _s: None, **BUDGET)
+
+
+def test_pb_run_is_compared_with_its_controls(tiny, tmp_path):
+    from pbp_fx.job import train_job
+
+    run = tmp_path / "run"
+    train_job(tiny, config=BUDGET["config"], training=BUDGET["training"], out=str(run), progress=False,
+              echo=lambda _s: None)
+    assert main(["compare", "--pb-run", str(run), "--no-latency"]) == 0
+    result = json.loads((run / "compare.json").read_text())
+    assert [r["arm"] for r in result["runs"]] == ["pb", "plain", "restarts"]
+    assert result["config"] == BUDGET["config"].to_dict() and result["training"] == BUDGET["training"].to_dict()
+    pb, plain, _ = result["runs"]
+    if pb["params"] == plain["params"]:  # no dendrite accepted: pb's run is the plain run, step for step
+        assert pb["test"] == plain["test"]
+    assert main(["compare", "--pb-run", str(run), "--patience", "3"]) == 2
+
+
+def test_unscalable_arm_is_reported_and_the_others_run(tmp_path):
+    from pbp_fx.compare import RunSpec, markdown, run_arm
+
+    path = tmp_path / "fixed.py"
+    path.write_text(TINY.replace("def build_model(width=8):", "def build_model():").replace("Net(width)", "Net(8)"))
+    row = run_arm(str(path), RunSpec("plain-matched", 0, 1.0, target=1e6), latency=False, **BUDGET)
+    assert "add one to widen the model" in row["skipped"]
+    plain = run_arm(str(path), RunSpec("plain", 0, 1.0), latency=False, **BUDGET)
+    summary = summarize([plain, row])
+    table = markdown(summary, [], verdict(summary, []), "h")
+    assert "| plain-matched | 0 | not run: " in table and "| plain | 1 |" in table
+    assert "plain-matched was not run" in verdict(summary, [])

@@ -1,0 +1,194 @@
+"""Width scaling: reference models (build_model(width=...)) and zoo-like blocks (Torch-Pruning)."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pbp_fx.models import digits_mlp, mnist1d_cnn, mnist1d_mlp, resnet_small, tiny_transformer
+from pbp_fx.width import PARAM_TOLERANCE, WidthBuilder, WidthError, num_parameters
+
+warnings.filterwarnings("ignore", module="torch_pruning")
+
+
+class ResNetStack(nn.Module):
+    """Three residual blocks sharing one channel count (every add couples them)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                                  nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, bias=False),
+                                                  nn.BatchNorm2d(c)) for _ in range(3))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = torch.relu(x + b(x))
+        return self.head(x.mean((2, 3)))
+
+
+class MobileBlock(nn.Module):
+    """Inverted residual with a depthwise conv, a grouped conv, GroupNorm and a concatenation."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.expand = nn.Conv2d(c, 4 * c, 1)
+        self.bn1 = nn.BatchNorm2d(4 * c)
+        self.dw = nn.Conv2d(4 * c, 4 * c, 3, padding=1, groups=4 * c)
+        self.bn2 = nn.BatchNorm2d(4 * c)
+        self.project = nn.Conv2d(4 * c, c, 1, groups=2)
+        self.gn = nn.GroupNorm(4, c)
+        self.side = nn.Conv2d(c, c, 1)
+        self.head = nn.Linear(2 * c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.gn(self.project(torch.relu(self.bn2(self.dw(torch.relu(self.bn1(self.expand(x))))))))
+        x = torch.cat([x + y, self.side(x)], dim=1)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block with nn.MultiheadAttention and a learned position table."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.embed = nn.Linear(4, d)
+        self.pos = nn.Parameter(torch.zeros(1, 10, d))
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        x = self.embed(x.reshape(-1, 10, 4)) + self.pos
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.fc2(torch.relu(self.fc1(self.ln2(x))))
+        return self.head(x.mean(1))
+
+
+class HandHeads(nn.Module):
+    """Attention heads written out with constant sizes: pruning cannot rewrite them."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out = nn.Linear(d, 10)
+
+    def split(self, t):
+        return t.reshape(-1, 5, self.heads, self.d // self.heads).transpose(1, 2)
+
+    def forward(self, x):
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return self.out(a.transpose(1, 2).reshape(-1, 5, self.d).mean(1))
+
+
+ZOO = {
+    "resnet_stack": (ResNetStack, lambda: (torch.randn(2, 3, 8, 8),)),
+    "mobile_block": (MobileBlock, lambda: (torch.randn(2, 3, 8, 8),)),
+    "attention_block": (AttentionBlock, lambda: (torch.randn(2, 40),)),
+}
+REFERENCE = [mnist1d_mlp, digits_mlp, mnist1d_cnn, resnet_small, tiny_transformer]
+
+
+def _zoo(name) -> WidthBuilder:
+    cls, inputs = ZOO[name]
+    return WidthBuilder(cls, inputs, None)
+
+
+def _structure(model):
+    return [(n, type(m).__name__) for n, m in model.named_modules()], [n for n, _ in model.named_parameters()]
+
+
+def _out_channels(model):
+    return {n: m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+
+
+@pytest.mark.parametrize("mod", REFERENCE, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_reference_models_build_at_any_width(mod):
+    builder = WidthBuilder.from_module(mod)
+    assert builder.base_width is not None and builder.method == "build_model(width=...)"
+    x = builder.example_inputs()
+    base = builder.build(1.0)
+    for width in (0.25, 2.0):
+        torch.manual_seed(0)
+        model = builder.build(width)
+        assert model(*x).shape == base(*x).shape
+        assert _structure(model) == _structure(base)
+        assert num_parameters(model) != num_parameters(base)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_blocks_shrink_consistently(name):
+    builder = _zoo(name)
+    x = builder.example_inputs()
+    base = builder.build(1.0)
+    model = builder.build(0.5)
+    assert model(*x).shape == base(*x).shape
+    assert _structure(model) == _structure(base)
+    before, after = _out_channels(base), _out_channels(model)
+    for layer, c in before.items():
+        if layer == "head":
+            assert after[layer] == c  # the model's output keeps its size
+        else:
+            assert after[layer] == round(c * 0.5), layer
+    assert num_parameters(model) < 0.5 * num_parameters(base)
+
+
+def test_attention_keeps_heads_and_grouped_convs_keep_groups():
+    att = _zoo("attention_block").build(0.5)
+    assert att.attn.num_heads == 4 and att.attn.embed_dim == 16 and att.attn.head_dim == 4
+    assert att.pos.shape == (1, 10, 16)
+    mob = _zoo("mobile_block").build(0.5)
+    assert mob.dw.groups == mob.dw.in_channels == 32 and mob.project.groups == 2 and mob.gn.num_groups == 4
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_parameter_target(name):
+    builder = _zoo(name)
+    target = 0.6 * num_parameters(builder.build(1.0))
+    scaled = builder.for_params(target)
+    assert abs(scaled.params - target) <= PARAM_TOLERANCE * target
+    assert scaled.params == num_parameters(scaled.model)
+    scaled.model(*builder.example_inputs())
+
+
+@pytest.mark.parametrize("mod", REFERENCE, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("factor", [0.4, 2.5])
+def test_reference_parameter_target(mod, factor):
+    builder = WidthBuilder.from_module(mod)
+    target = factor * num_parameters(builder.build(1.0))
+    scaled = builder.for_params(target)
+    assert abs(scaled.params - target) <= PARAM_TOLERANCE * target, scaled
+    assert _structure(scaled.model) == _structure(builder.build(1.0))
+
+
+def test_widening_without_width_argument_is_refused():
+    with pytest.raises(WidthError, match="add a width parameter"):
+        _zoo("resnet_stack").build(2.0)
+    with pytest.raises(WidthError, match="more than the model has"):
+        _zoo("resnet_stack").for_params(1e9)
+
+
+def test_unscalable_model_names_the_reason():
+    builder = WidthBuilder(HandHeads, lambda: (torch.randn(2, 5, 16),), None)
+    with pytest.raises(WidthError, match="width argument"):
+        model = builder.build(0.5)
+        model(*builder.example_inputs())  # reached only if pruning silently produced a broken model
+
+
+def test_bad_width_is_refused():
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(WidthError, match="positive"):
+            WidthBuilder.from_module(mnist1d_mlp).build(bad)
+    assert math.isclose(WidthBuilder.from_module(mnist1d_mlp).scaled(0.25).width, 0.25)
