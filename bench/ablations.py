@@ -121,7 +121,7 @@ def train_restarts(model, loaders, cfg) -> dict:
 
 
 def train_pb(cfg, seed, loaders) -> dict:
-    from pbp_fx import perforate
+    from pbp_fx import PBConfig, perforate
     from pbp_fx.controller import PhaseController
     from pbp_fx.training import evaluate, fit
 
@@ -130,17 +130,19 @@ def train_pb(cfg, seed, loaders) -> dict:
     model = mod.build_model(width=cfg["width"])
     pm = perforate(model, mod.example_inputs(), include=cfg["include"], mode=cfg["kind"])
     lr_after = cfg["lr_after"] or cfg["lr"]
+    config = PBConfig(mode=pm.mode, patience=cfg["patience"], max_dendrites=cfg["max_dendrites"],
+                      dendrite_patience=cfg["dendrite_patience"], max_dendrite_epochs=cfg["max_dendrite_epochs"],
+                      pool=cfg["pool"], candidate_init=cfg["candidate_init"], v_init=cfg["v_init"],
+                      retries=cfg["retries"], candidate_lr=cfg["candidate_lr"])
+    ctl = PhaseController(pm, config, optimizer_factory=lambda params: torch.optim.Adam(params, lr=cfg["lr"]))
 
-    def opt_factory(params):  # neuron phases: lr before any dendrite, lr_after once installed
-        lr = lr_after if max(pm.num_dendrites.values()) > 0 else cfg["lr"]
-        return torch.optim.Adam(params, lr=lr)
+    def lr_after_install(row):  # neuron phases: lr before any dendrite, lr_after once installed
+        if pm.phase == "neuron" and pm.dendrites > 0:
+            for group in ctl.optimizer.param_groups:
+                group["lr"] = lr_after
 
-    ctl = PhaseController(pm, patience=cfg["patience"], max_dendrites=cfg["max_dendrites"],
-                          dendrite_patience=cfg["dendrite_patience"], max_dendrite_epochs=cfg["max_dendrite_epochs"],
-                          pool=cfg["pool"], candidate_init=cfg["candidate_init"], v_init=cfg["v_init"],
-                          retries=cfg["retries"], optimizer_factory=opt_factory)
-    h = fit(pm, loaders[0], loaders[1], controller=ctl, epochs=cfg["max_epochs"], lr=cfg["lr"],
-            candidate_lr=cfg["candidate_lr"], progress=False)
+    h = fit(pm, loaders[0], loaders[1], controller=ctl, epochs=cfg["max_epochs"], progress=False,
+            callbacks=[lr_after_install])
     out = {"val": ctl.best_score, "test": evaluate(pm, loaders[2]), "params": pm.num_parameters(),
            "epochs": len(h.epochs), "dendrite_epochs": sum(r["phase"] == "dendrite" for r in h.epochs),
            "dendrites": max(pm.num_dendrites.values()), "per_site": pm.num_dendrites,

@@ -62,8 +62,7 @@ def train_plain(model, loaders, lr: float, patience: int, max_epochs: int, param
 
 def run_one(task: str, variant: str, width: int, seed: int, cfg: dict) -> dict:
     torch.set_num_threads(1)
-    from pbp_fx import perforate
-    from pbp_fx.controller import PhaseController
+    from pbp_fx import PBConfig, perforate
     from pbp_fx.job import make_loaders
     from pbp_fx.training import evaluate, fit
 
@@ -77,12 +76,11 @@ def run_one(task: str, variant: str, width: int, seed: int, cfg: dict) -> dict:
     else:
         mode = variant.split()[0]
         pm = perforate(model, mod.example_inputs(), mode=mode)
-        ctl = PhaseController(pm, patience=cfg["patience"], max_dendrites=cfg["max_dendrites"],
-                              dendrite_patience=cfg["dendrite_patience"],
-                              max_dendrite_epochs=cfg["max_dendrite_epochs"], pool=cfg["pool"])
-        h = fit(pm, loaders[0], loaders[1], controller=ctl, epochs=cfg["max_epochs"], lr=cfg["lr"],
-                candidate_lr=cfg["candidate_lr"], progress=False)
-        out = {"val": ctl.best_score, "test": evaluate(pm, loaders[2]), "params": pm.num_parameters(),
+        config = PBConfig(mode=mode, patience=cfg["patience"], max_dendrites=cfg["max_dendrites"],
+                          dendrite_patience=cfg["dendrite_patience"], max_dendrite_epochs=cfg["max_dendrite_epochs"],
+                          pool=cfg["pool"], candidate_lr=cfg["candidate_lr"])
+        h = fit(pm, loaders[0], loaders[1], config=config, epochs=cfg["max_epochs"], lr=cfg["lr"], progress=False)
+        out = {"val": h.best_val, "test": evaluate(pm, loaders[2]), "params": pm.num_parameters(),
                "epochs": len(h.epochs), "dendrites": max(pm.num_dendrites.values())}
     out.update(task=task, variant=variant, width=width, seed=seed, seconds=time.perf_counter() - t0)
     return out

@@ -1,8 +1,10 @@
 """pbp-fx: Perforated Backpropagation for any PyTorch model, as a torch.fx compiler."""
 from .checkpoint import load, save
-from .controller import Decision, PhaseController
+from .config import ConfigError, PBConfig, TrainConfig
+from .controller import Decision, PhaseController, rebind_optimizer
 from .errors import CheckpointError, ModelFileError, NoSitesError, PBError, TraceError, TrainingError
 from .perforated import PerforatedModel, perforate
+from .schedule import PhaseSchedule
 from .site import FusedSite, Site
 from .tracing import trace
 from .training import History, evaluate, fit
@@ -11,9 +13,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "trace", "perforate", "PerforatedModel", "Site", "FusedSite",
-    "PhaseController", "Decision", "fit", "evaluate", "History", "save", "load",
+    "PBConfig", "TrainConfig", "PhaseSchedule", "PhaseController", "Decision", "rebind_optimizer", "fit", "evaluate", "History", "save", "load",
     "export_onnx", "ort_session",
-    "PBError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
+    "PBError", "ConfigError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
     "__version__",
 ]
 

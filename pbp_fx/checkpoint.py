@@ -68,7 +68,7 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
     plain: dict = {}
     _split_state("model/", pm.state_dict(), tensors, plain)
     # Buffers as they were when the dendrite phase began: restored when it ends.
-    _split_state("frozen/", pm._frozen_buffers, tensors, plain)
+    _split_state("frozen/", pm.phase_buffers(), tensors, plain)
     meta = {"format": FORMAT, "version": __version__, "structure": _structure(pm), "extra": extra or {}}
     if controller is not None:
         cs = controller.state_dict()
@@ -193,7 +193,7 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
         raise CheckpointError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from exc
     frozen = _collect("frozen/", tensors, plain)
     if frozen:
-        pm._frozen_buffers = frozen
+        pm.load_phase_buffers(frozen)
     if controller is not None and "controller" in meta:
         cs = dict(meta["controller"])
         best = _collect("best/", tensors, plain)

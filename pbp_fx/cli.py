@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -61,8 +62,16 @@ def subcommand(name: str, help: str, *args: tuple):
     return register
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors (a non-numeric value, an unknown flag) as ONE line, exit status 2."""
+
+    def error(self, message: str):
+        _error(f"{message} (see {self.prog} --help)")
+        raise SystemExit(EXIT_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Perforated Backpropagation for PyTorch models.")
+    parser = _Parser(prog=PROG, description="Perforated Backpropagation for PyTorch models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for cmd in COMMANDS.values():
@@ -225,45 +234,104 @@ def transform(args: argparse.Namespace) -> int:
 
 
 # -- train ---------------------------------------------------------------------------------
-@subcommand(
-    "train", "train a model file's model with Perforated Backpropagation (default: MNIST-1D MLP)",
-    arg("model", nargs="?", default=None,
-        help="model file with build_model(), example_inputs() and datasets() (default: built-in MNIST-1D MLP)"),
-    arg("--mode", default="pb", choices=("pb", "gd"), help="pb: correlation-trained dendrites; gd: backprop baseline"),
-    arg("--max-dendrites", type=int, default=3, metavar="N", help="dendrites per site at most (default: 3)"),
-    arg("--out", metavar="DIR", default=None, help="output folder (default: runs/<model name>)"),
-    arg("--epochs", type=int, default=800, help="epoch cap over all phases (default: 800)"),
-    arg("--seed", type=int, default=0),
-    arg("--batch-size", type=int, default=100),
-    arg("--lr", type=float, default=1e-3, help="neuron-phase Adam learning rate"),
-    arg("--candidate-lr", type=float, default=0.02, help="dendrite-phase Adam learning rate"),
-    arg("--patience", type=int, default=30, help="neuron-phase epochs without validation gain before switching"),
-    arg("--dendrite-patience", type=int, default=3, help="dendrite-phase epochs without correlation gain"),
-    arg("--max-dendrite-epochs", type=int, default=60, help="cap on one dendrite phase, in epochs"),
-    arg("--pool", type=int, default=4, help="candidates per site (default: 4)"),
-    arg("--activation", default="sigmoid", choices=("sigmoid", "tanh", "relu")),
-    arg("--include", action="append", metavar="GLOB", default=None),
-    arg("--exclude", action="append", metavar="GLOB", default=None),
-    arg("--no-progress", action="store_true", help="no progress bar"),
-    arg("--nproc", type=int, default=1, metavar="N",
-        help="train on N local processes with torchrun and DDP (gloo on CPU, nccl on GPU); "
-             "--batch-size stays the global batch (default: 1)"),
-    arg("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
-        help="with --nproc: how long a process waits for the others before it stops (default: 300)"),
-    arg("--resume", metavar="DIR", default=None,
-        help="continue the run whose --out folder is DIR, with its own settings (from its last epoch)"),
-)
+def _number(kind: type, flag: str):
+    """An argparse type that names the flag in its one-line error (non-numeric values)."""
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            word = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {word}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def config_args(cls) -> list[tuple]:
+    """One `--field-name` flag per field of a config dataclass; defaults shown, set values only kept."""
+    from .config import cli_fields
+
+    out = []
+    for f in cli_fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).replace("Optional[", "").rstrip("]")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        kwargs = {"dest": f.name, "default": None, "help": help_text}
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.metadata["choices"]:
+            kwargs["choices"] = f.metadata["choices"]
+        else:
+            kwargs["type"] = _number(int if kind == "int" else float if kind == "float" else str, flag)
+            kwargs["metavar"] = "N" if kind == "int" else "X"
+        out.append(arg(flag, **kwargs))
+    return out
+
+
+def configs_from_args(args: argparse.Namespace):
+    """(PBConfig, TrainConfig) from the flags given; a bad value names its flag (ConfigError)."""
+    from .config import ConfigError, PBConfig, TrainConfig, cli_fields
+
+    built = []
+    for cls in (PBConfig, TrainConfig):
+        given = {f.name: getattr(args, f.name) for f in cli_fields(cls) if getattr(args, f.name, None) is not None}
+        try:
+            built.append(cls(**given))
+        except ConfigError as exc:
+            if exc.field is None:
+                raise
+            raise ConfigError(f"--{exc.field.replace('_', '-')} {exc.value}: {exc.reason}", exc.field, exc.value,
+                              exc.reason) from None
+    return tuple(built)
+
+
+def _train_args() -> tuple:
+    from .config import PBConfig, TrainConfig
+
+    return (
+        arg("model", nargs="?", default=None,
+            help="model file with build_model(), example_inputs() and datasets() (default: built-in MNIST-1D MLP)"),
+        arg("--out", metavar="DIR", default=None, help="output folder (default: runs/<model name>)"),
+        *config_args(TrainConfig),
+        *config_args(PBConfig),
+        arg("--include", action="append", metavar="GLOB", default=None),
+        arg("--exclude", action="append", metavar="GLOB", default=None),
+        arg("--no-progress", action="store_true", help="no progress bar"),
+        arg("--nproc", type=_number(int, "--nproc"), default=1, metavar="N",
+            help="train on N local processes with torchrun and DDP (gloo on CPU, nccl on GPU); "
+                 "--batch-size stays the global batch (default: 1)"),
+        arg("--dist-timeout", type=_number(float, "--dist-timeout"), default=300.0, metavar="SECONDS",
+            help="with --nproc: how long a process waits for the others before it stops (default: 300)"),
+        arg("--resume", metavar="DIR", default=None,
+            help="continue the run whose --out folder is DIR, with its own settings (from its last epoch)"),
+    )
+
+
+@subcommand("train", "train a model file's model with Perforated Backpropagation (default: MNIST-1D MLP)",
+            *_train_args())
 def train(args: argparse.Namespace) -> int:
     from .distributed import Distributed, launch, torchrun_world_size
     from .job import train_job
 
     if args.nproc < 1:
-        raise PBError(f"--nproc {args.nproc}: it must be at least 1")
+        raise PBError(f"--nproc {args.nproc}: must be at least 1")
+    if not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
+        raise PBError(f"--dist-timeout {args.dist_timeout}: must be a finite number of seconds greater than 0")
+    if args.resume is not None:
+        given = [f for f, v in vars(args).items() if v is not None and f in _SETTING_DESTS]
+        if args.model is not None or given:
+            what = "a model file" if args.model is not None else "--" + given[0].replace("_", "-")
+            raise PBError(f"--resume continues a run with its own model file and settings ({what} given): "
+                          "give --resume DIR alone")
+        config = training = None
+    else:
+        config, training = configs_from_args(args)
     world = torchrun_world_size()
     if args.nproc > 1 and world == 1:
         # The launcher: the same command on N processes (each sees torchrun's environment).
-        if args.batch_size % args.nproc:
-            raise PBError(f"--batch-size {args.batch_size} is the global batch: it must be divisible by "
+        if training is not None and training.batch_size % args.nproc:
+            raise PBError(f"--batch-size {training.batch_size} is the global batch: it must be divisible by "
                           f"--nproc {args.nproc}")
         rc = launch(args.nproc, ["train", *_train_argv(args)], quiet=not args.debug)
         if rc != 0:
@@ -272,20 +340,13 @@ def train(args: argparse.Namespace) -> int:
         return EXIT_OK
     distributed = Distributed.init(timeout=args.dist_timeout) if world > 1 else None
     name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
-    if args.resume is not None and args.model is not None:
-        raise PBError("--resume continues a run with its own model file and settings: give --resume DIR alone")
     try:
         if args.resume is not None:
             train_job(resume=args.resume, progress=not args.no_progress, distributed=distributed)
-            if distributed is not None:
-                distributed.close()
-            return EXIT_OK
-        train_job(args.model, mode=args.mode, max_dendrites=args.max_dendrites,
-                  out=args.out or os.path.join("runs", name), seed=args.seed, epochs=args.epochs,
-                  batch_size=args.batch_size, lr=args.lr, candidate_lr=args.candidate_lr, patience=args.patience,
-                  dendrite_patience=args.dendrite_patience, max_dendrite_epochs=args.max_dendrite_epochs,
-                  pool=args.pool, activation=args.activation, include=args.include, exclude=args.exclude,
-                  progress=not args.no_progress, distributed=distributed)
+        else:
+            train_job(args.model, config=config, training=training, out=args.out or os.path.join("runs", name),
+                      include=args.include, exclude=args.exclude, progress=not args.no_progress,
+                      distributed=distributed)
     except PBError as exc:
         if distributed is None or str(exc).startswith(f"rank {distributed.rank} "):
             raise
@@ -293,6 +354,15 @@ def train(args: argparse.Namespace) -> int:
     if distributed is not None:
         distributed.close()
     return EXIT_OK
+
+
+def _setting_dests() -> frozenset:
+    from .config import PBConfig, TrainConfig, cli_fields
+
+    return frozenset(f.name for cls in (PBConfig, TrainConfig) for f in cli_fields(cls)) | {"include", "exclude"}
+
+
+_SETTING_DESTS = _setting_dests()
 
 
 def _train_argv(args: argparse.Namespace) -> list[str]:
@@ -305,6 +375,8 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
         value = getattr(args, dest)
         if not flags[0].startswith("-"):
             out += [] if value is None else [str(value)]
+        elif kw.get("action") is argparse.BooleanOptionalAction:
+            out += [] if value is None else [flags[-1] if value else "--no-" + flags[-1][2:]]
         elif kw.get("action") == "store_true":
             out += [flags[-1]] if value else []
         elif kw.get("action") == "append":

@@ -1,278 +1,274 @@
-"""PhaseController: when to switch phases, install, retry or finish (PB_SPEC §5).
+"""PhaseController: carries out PhaseSchedule's actions on a PerforatedModel (PB_SPEC §5).
 
-Decisions come from validation scores alone; the only tensors held are the best-validation
-weights. Call `step(val_score)` once per epoch:
+The decisions are the schedule's (pbp_fx.schedule, plain data); the controller executes them
+through PerforatedModel's public methods, keeps the best-validation weights, and owns ONE
+optimizer for the whole run. Call `step(val_score)` once per epoch:
 
-    ctl = PhaseController(pm, patience=10, max_dendrites=3)
+    ctl = PhaseController(pm, PBConfig(patience=10, max_dendrites=3))
+    optimizer = ctl.optimizer                 # a torch.optim.Optimizer; the same object all run
     for epoch in range(epochs):
-        train_one_epoch(pm, optimizer)
-        decision = ctl.step(evaluate(pm))
-        if decision is Decision.RESTRUCTURED:
-            optimizer = torch.optim.Adam(pm.trainable_parameters(), lr=1e-3)
-        elif decision is Decision.COMPLETE:
+        train_one_epoch(ctl.model, optimizer)
+        if ctl.step(evaluate(pm)) == "complete":
             break
 
+At a restructure (dendrite phase started, dendrites installed, round retried, run complete)
+the optimizer's param groups get the model's new trainable parameters and its state is
+cleared; group hyperparameters (lr, betas, weight_decay, initial_lr, ...) stay. A parameter
+returns to the group it was in before; new ones join group 0.
+
+Learning-rate schedulers built once on `ctl.optimizer` keep working across restructures.
+In the dendrite phase every group's lr is multiplied by candidate_lr / (its lr at the start
+of the phase), and so are the base_lrs of schedulers given to `attach_scheduler` (or built by
+`scheduler_factory`): the phase starts at exactly `config.candidate_lr`, a scheduler that
+rewrites lr from base_lrs every step (LambdaLR, as Hugging Face Trainer does) keeps it there
+times its own factor's change, and a chainable one (StepLR) multiplies it as usual. At the end
+of the phase the factor is divided out again, so the neuron rate continues where the
+scheduler's clock says it should be.
+
 Distributed runs pass `distributed=` (a pbp_fx.distributed.Distributed): every rank then
-decides on rank 0's validation score and candidate mark (and the ranks are checked to be
-at the same epoch, phase and dendrite count), and `self.model` is the DDP wrapper to train
-with, rebuilt with the optimizer at every RESTRUCTURED decision.
+decides on rank 0's validation score and candidate progress (and the ranks are checked to
+be at the same epoch, phase and dendrite count), and `ctl.model` is the DDP wrapper to train
+with, rebuilt at every restructure.
 """
 from __future__ import annotations
 
 import copy
 import enum
-import math
 from typing import Callable, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
+from .config import ConfigError, PBConfig
 from .perforated import PerforatedModel
+from .schedule import Action, Kind, PhaseSchedule
 
-__all__ = ["PhaseController", "Decision", "CurrentOptimizer"]
+__all__ = ["PhaseController", "Decision", "rebind_optimizer"]
 
 
 class Decision(str, enum.Enum):
     CONTINUE = "continue"          # keep training as before
-    RESTRUCTURED = "restructured"  # the parameter set changed: rebuild optimizer and scheduler
+    RESTRUCTURED = "restructured"  # the parameter set changed (ctl.optimizer already follows it)
     COMPLETE = "complete"          # done; the best-validation model is loaded
 
 
-class CurrentOptimizer:
-    """A stable handle on a controller's current optimizer, rebuilt at every restructure.
+def rebind_optimizer(optimizer: torch.optim.Optimizer, params, group_of: Optional[Callable] = None) -> None:
+    """Give `optimizer` a new parameter set in place: same object, same group hyperparameters, no state.
 
-    Take it once (`optimizer = ctl.optimizer`) and use it as the optimizer: zero_grad(),
-    step(), param_groups, state_dict() all go to whichever optimizer the phase needs now.
+    Each parameter goes to group `group_of(p)` (default: the group it is in now, else 0); groups
+    may end up empty. The per-parameter state (Adam moments, momentum) is cleared: it belonged
+    to a different problem.
     """
-
-    def __init__(self, controller: "PhaseController"):
-        self._controller = controller
-
-    @property
-    def current(self):
-        opt = self._controller._optimizer
-        if opt is None:
-            raise RuntimeError("the PhaseController has no optimizer: pass optimizer_factory=")
-        return opt
-
-    def __getattr__(self, name):
-        return getattr(self.current, name)
-
-    def __repr__(self) -> str:
-        return f"CurrentOptimizer({self._controller._optimizer!r})"
+    current = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    groups: list[list] = [[] for _ in optimizer.param_groups]
+    seen = set()
+    for p in params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        index = group_of(p) if group_of is not None else current.get(id(p), 0)
+        groups[index if 0 <= index < len(groups) else 0].append(p)
+    for g, members in zip(optimizer.param_groups, groups):
+        g["params"] = members
+    optimizer.state.clear()
 
 
 class PhaseController:
-    """Pure decisions from validation scores; owns the best-validation weights.
+    """Executes PhaseSchedule's decisions on `pm`; owns the best-validation weights and the optimizer.
 
-    patience / improvement: neuron phase ends after `patience` epochs without a gain of
-    more than `improvement` (absolute, in score units). dendrite_patience /
-    max_dendrite_epochs: dendrite phase ends when no candidate correlation has improved for
-    that many epochs, or at the cap. retries: fresh-candidate attempts after a round that
-    gave no new best. optimizer_factory(params) / scheduler_factory(optimizer), when given,
-    rebuild `self.optimizer` / `self.scheduler` at every RESTRUCTURED decision; the dendrite
-    phase's optimizer comes from candidate_optimizer_factory (default Adam(candidate_lr)).
-    distributed: see the module docstring; `self.model` is the module to call in training
-    (`pm` itself, or its DDP wrapper).
+    config: the PBConfig (default: PBConfig with the model's own mode and activation).
+    **overrides: PBConfig fields applied with config.replace(...), e.g. patience=10.
+    optimizer: an existing optimizer over pm's parameters to adopt (a Trainer's, say), or
+    optimizer_factory(params) to build one (default torch.optim.Adam with torch's defaults).
+    scheduler_factory(optimizer): builds `ctl.scheduler` once (see attach_scheduler).
+    distributed: see the module docstring.
     """
 
-    def __init__(self, pm: PerforatedModel, patience: int = 30, improvement: float = 1e-3,
-                 dendrite_patience: int = 3, max_dendrite_epochs: int = 60, max_dendrites: int = 3,
-                 dendrite_improvement: float = 0.01,
-                 retries: int = 2, maximize: bool = True, pool: int = 4,
-                 candidate_init: str = "kaiming", v_init: float = 0.0,
-                 neuron_epochs: Optional[int] = None,
-                 optimizer_factory: Optional[Callable] = None,
-                 candidate_optimizer_factory: Optional[Callable] = None, candidate_lr: float = 0.02,
-                 scheduler_factory: Optional[Callable] = None,
-                 distributed=None):
-        if max_dendrites < 1:
-            raise ValueError(f"max_dendrites={max_dendrites}: it must be at least 1 (use plain training for 0)")
-        if patience < 1 or dendrite_patience < 1:
-            raise ValueError("patience and dendrite_patience must be at least 1 epoch")
-        self.pm = pm
-        self.patience, self.improvement, self.maximize = patience, improvement, maximize
-        self.dendrite_patience, self.max_dendrite_epochs = dendrite_patience, max_dendrite_epochs
-        self.dendrite_improvement = dendrite_improvement
-        self.max_dendrites, self.retries = max_dendrites, retries
-        self.pool, self.candidate_init, self.v_init = pool, candidate_init, v_init
-        self.neuron_epochs = neuron_epochs
-        self.optimizer_factory = optimizer_factory
-        # Candidates are PB's own parameters: Adam well above the model's rate (PB_NOTES).
-        self.candidate_optimizer_factory = candidate_optimizer_factory or (
-            lambda params: torch.optim.Adam(params, lr=candidate_lr))
-        self.scheduler_factory = scheduler_factory
-        self._optimizer = self.scheduler = None
+    def __init__(self, pm: PerforatedModel, config: Optional[PBConfig] = None, *,
+                 optimizer: Optional[torch.optim.Optimizer] = None, optimizer_factory: Optional[Callable] = None,
+                 scheduler_factory: Optional[Callable] = None, distributed=None, **overrides):
+        if config is None:
+            config = PBConfig(mode=pm.mode, activation=pm.activation)
+        if overrides:
+            config = config.replace(**overrides)
+        if (config.mode, config.activation) != (pm.mode, pm.activation):
+            raise ConfigError(f"config has mode={config.mode!r}, activation={config.activation!r} but the model "
+                              f"was perforated with mode={pm.mode!r}, activation={pm.activation!r}: "
+                              "perforate with the config's values (or pass a matching config)")
+        if optimizer is not None and optimizer_factory is not None:
+            raise ConfigError("pass optimizer= (an existing optimizer) or optimizer_factory=, not both")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer= must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.pm, self.config = pm, config
+        self.schedule = PhaseSchedule(config, phase=pm.phase, dendrites=pm.dendrites)
         self.distributed = distributed
         self.model = pm
-        # -- state (all in state_dict) --
-        self.epoch = 0
-        self.best_score: Optional[float] = None
-        self.best_epoch = -1
         self.best_state: Optional[dict] = None
-        self.phase_epochs = 0          # epochs in the current phase
-        self.stale_epochs = 0          # epochs without improvement in the current phase
-        self.round_improved = True     # did the current round set a new best (round 0 counts)
-        self.retries_left = retries
-        self.rounds = 0                # dendrite rounds installed so far (accepted or not)
-        self.candidate_best: dict[str, float] = {}  # per site, best mean |C~| this dendrite phase
         self.history: list[dict] = []
-        self.done = False
-        self._rebuild()
+        # Per group, the factor applied to lr (and scheduler base_lrs) in the dendrite phase.
+        self.lr_scale: Optional[list[float]] = None
+        self.schedulers: list = []
+        self._groups = WeakIdKeyDictionary()  # parameter -> the group it belongs to
+        if optimizer is None:
+            factory = optimizer_factory or torch.optim.Adam
+            optimizer = factory(list(pm.trainable_parameters()))
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise ConfigError(f"optimizer_factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        self.optimizer = optimizer
+        for i, g in enumerate(optimizer.param_groups):
+            for p in g["params"]:
+                self._groups[p] = i
+        self.rebind()
+        self.scheduler = None
+        if scheduler_factory is not None:
+            self.scheduler = scheduler_factory(self.optimizer)
+            self.attach_scheduler(self.scheduler)
+
+    # -- read-only views -----------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.schedule.done
 
     @property
-    def optimizer(self) -> CurrentOptimizer:
-        """A handle that always reaches the optimizer of the current phase."""
-        return CurrentOptimizer(self)
+    def best_score(self) -> Optional[float]:
+        return self.schedule.best_score
 
-    # -- helpers ---------------------------------------------------------------------
-    def _better(self, score: float) -> bool:
-        if self.best_score is None:
-            return True
-        gain = score - self.best_score if self.maximize else self.best_score - score
-        return gain > self.improvement
+    @property
+    def best_epoch(self) -> int:
+        return self.schedule.best_epoch
 
-    def _snapshot(self) -> dict:
-        return {k: v.detach().clone() for k, v in self.pm.state_dict().items()}
+    @property
+    def epoch(self) -> int:
+        return self.schedule.epoch
 
-    def _restore_best(self) -> None:
+    @property
+    def num_dendrites(self) -> int:
+        """Dendrites per site now."""
+        return self.pm.dendrites
+
+    # -- executing actions -------------------------------------------------------------
+    def attach_scheduler(self, scheduler) -> None:
+        """Have the dendrite phase's lr factor applied to `scheduler.base_lrs` too (see module docstring)."""
+        if scheduler not in self.schedulers:
+            self.schedulers.append(scheduler)
+            if self.lr_scale is not None:
+                self._scale_schedulers(scheduler, self.lr_scale, divide=False)
+
+    def set_distributed(self, distributed) -> None:
+        """Train through `distributed` from now on (rewraps `self.model`)."""
+        self.distributed = distributed
+        self.rebind()
+
+    def rebind(self) -> None:
+        """Point the optimizer (and the DDP wrapper) at the model's current trainable parameters."""
+        params = list(self.pm.trainable_parameters())
+        for p in params:
+            if p not in self._groups:
+                self._groups[p] = 0
+        rebind_optimizer(self.optimizer, params, group_of=lambda p: self._groups[p])
+        self.model = self.pm if self.distributed is None else self.distributed.wrap(self.pm)
+
+    def restore_best(self) -> None:
+        """Load the best-validation weights into the model (when there are any)."""
         if self.best_state is not None:
             self.pm.load_state_dict(self.best_state)
 
-    def _dendrites(self) -> int:
-        counts = self.pm.num_dendrites.values()
-        return max(counts) if counts else 0
+    def _scale_schedulers(self, scheduler, scale: list[float], divide: bool) -> None:
+        base = getattr(scheduler, "base_lrs", None)
+        if base is not None:
+            scheduler.base_lrs = [b / s if divide else b * s for b, s in zip(base, scale)]
 
-    def _wrap(self) -> None:
-        """`self.model`: `pm`, or in distributed runs the DDP wrapper over its current parameters."""
-        self.model = self.pm if self.distributed is None else self.distributed.wrap(self.pm)
+    def _enter_dendrite_lr(self) -> None:
+        target = self.config.candidate_lr
+        scale = []
+        for g in self.optimizer.param_groups:
+            lr = float(g["lr"])
+            s = target / lr if lr > 0 else 1.0
+            scale.append(s)
+            g["lr"] = lr * s if lr > 0 else target
+        for sch in self.schedulers:
+            self._scale_schedulers(sch, scale, divide=False)
+        self.lr_scale = scale
 
-    def _agree(self, score: float, mark: int) -> tuple[float, int]:
-        """Distributed runs: rank 0's score and mark on every rank, all at the same step."""
-        if self.distributed is None:
-            return score, mark
-        state = [self.epoch, self._dendrites(), int(self.pm.phase == "dendrite"), int(self.done)]
-        score, mark = self.distributed.agree([score, mark], state)
-        return score, int(mark)
+    def _leave_dendrite_lr(self) -> None:
+        if self.lr_scale is None:
+            return
+        for g, s in zip(self.optimizer.param_groups, self.lr_scale):
+            g["lr"] = float(g["lr"]) / s
+        for sch in self.schedulers:
+            self._scale_schedulers(sch, self.lr_scale, divide=True)
+        self.lr_scale = None
 
-    def _rebuild(self) -> None:
-        self._wrap()
-        factory = (self.candidate_optimizer_factory if self.pm.phase == "dendrite"
-                   else self.optimizer_factory)
-        if factory is not None:
-            self._optimizer = factory(list(self.pm.trainable_parameters()))
-            if self.scheduler_factory is not None and self.pm.phase == "neuron":
-                self.scheduler = self.scheduler_factory(self._optimizer)
-
-    def _candidate_progress(self) -> int:
-        """1 when some site's mean best |C~| rose by more than `dendrite_improvement` (relative).
-
-        Per site, not per channel: with hundreds of channels one of them almost always gains
-        1%, and the phase would never end before its cap (measured: bench/results/ablations.md).
-        """
-        improved = 0
-        for name, s in self.pm.sites.items():
-            if s.candidates is None:
-                continue
-            value = float(s.correlation().mean())
-            if value > self.candidate_best.get(name, 0.0) * (1.0 + self.dendrite_improvement):
-                self.candidate_best[name] = value
-                improved = 1
-        return improved
-
-    def _event(self, score, decision: Decision, note: str) -> None:
-        self.history.append({"epoch": self.epoch, "phase": self._epoch_phase, "score": score,
-                             "dendrites": self._dendrites(), "decision": decision.value, "note": note})
-
-    def _grow_or_start(self) -> str:
-        if self.pm.mode == "gd":
+    def _begin_round(self) -> None:
+        cfg = self.config
+        if cfg.mode == "gd":
             self.pm.grow("random")
-            self.rounds += 1
-            return "grew random dendrites (gd)"
-        self.pm.start_dendrite_phase(pool=self.pool, init=self.candidate_init)
-        self.candidate_best = {}
-        return "dendrite phase started"
+            return
+        self.pm.start_dendrite_phase(pool=cfg.pool, init=cfg.candidate_init, ema=cfg.ema_decay,
+                                     warmup=cfg.warmup, threshold=cfg.snapshot_threshold)
+        self._enter_dendrite_lr()
 
-    def _finish(self, score, note: str) -> Decision:
-        self._restore_best()
-        self.done = True
-        self._event(score, Decision.COMPLETE, note)
-        return Decision.COMPLETE
+    def _execute(self, action: Action) -> None:
+        if action.new_best:
+            self.best_state = {k: v.detach().clone() for k, v in self.pm.state_dict().items()}
+        if action.kind in (Kind.START_DENDRITES, Kind.GROW, Kind.RETRY):
+            self.restore_best()
+            self._begin_round()
+        elif action.kind is Kind.INSTALL:
+            self.pm.install_candidates(v_init=self.config.v_init)
+            self._leave_dendrite_lr()
+        elif action.kind is Kind.COMPLETE:
+            if self.pm.phase == "dendrite":
+                self.pm.abort_dendrite_phase()
+                self._leave_dendrite_lr()
+            self.restore_best()
+        if action.restructures or action.kind is Kind.COMPLETE:
+            self.rebind()
 
-    # -- the decision ------------------------------------------------------------------
+    def _agree(self, score: float, progress: bool) -> tuple[float, bool]:
+        """Distributed runs: rank 0's score and candidate progress on every rank, all at the same step."""
+        if self.distributed is None:
+            return score, progress
+        s = self.schedule
+        state = [s.epoch, s.dendrites, int(s.phase == "dendrite"), int(s.done)]
+        score, mark = self.distributed.agree([score, int(progress)], state)
+        return score, bool(mark)
+
+    def _record(self, phase: str, score: float, decision: Decision, note: str) -> None:
+        self.history.append({"epoch": self.schedule.epoch, "phase": phase, "score": score,
+                             "dendrites": self.pm.dendrites, "decision": decision.value, "note": note})
+
     def step(self, val_score: float) -> Decision:
-        """Record one epoch's validation score and decide what happens next."""
+        """Record one epoch's validation score, carry out the schedule's action, say what happened."""
         if self.done:
             return Decision.COMPLETE
-        mark = self._candidate_progress() if self.pm.phase == "dendrite" else 0
-        val_score, mark = self._agree(float(val_score), mark)
-        self._epoch_phase = self.pm.phase  # the phase this epoch ran in, for the history
-        self.epoch += 1
-        self.phase_epochs += 1
-        if self.pm.phase == "dendrite":
-            return self._dendrite_step(val_score, mark)
-        if not math.isfinite(val_score):
-            raise ValueError(f"validation score {val_score} is not finite: check the loss and the data")
-        if self._better(val_score):
-            self.best_score, self.best_epoch = val_score, self.epoch
-            self.best_state = self._snapshot()
-            self.stale_epochs = 0
-            self.round_improved = True
-        else:
-            self.stale_epochs += 1
-        switch = (self.stale_epochs >= self.patience or
-                  (self.neuron_epochs is not None and self.phase_epochs >= self.neuron_epochs))
-        if not switch:
-            self._event(val_score, Decision.CONTINUE, "")
-            return Decision.CONTINUE
-        # The neuron phase is over: accept the round, retry it, or finish (PB_SPEC §5).
-        if not self.round_improved:
-            if self.retries_left <= 0:
-                return self._finish(val_score, "no new best after retries")
-            self.retries_left -= 1
-            note = f"round gave no new best: retry ({self.retries_left} left)"
-        else:
-            self.retries_left = self.retries
-            note = "neuron phase done"
-        self._restore_best()
-        if self._dendrites() >= self.max_dendrites:
-            return self._finish(val_score, "max_dendrites reached")
-        note += "; " + self._grow_or_start()
-        self.phase_epochs = self.stale_epochs = 0
-        if self.pm.mode == "gd":
-            self.round_improved = False
-        self._rebuild()
-        self._event(val_score, Decision.RESTRUCTURED, note)
-        return Decision.RESTRUCTURED
+        phase = self.pm.phase
+        progress = self.pm.candidate_progress(self.config.dendrite_improvement) if phase == "dendrite" else False
+        score, progress = self._agree(float(val_score), progress)
+        action = self.schedule.step(score, progress)
+        self._execute(action)
+        decision = (Decision.COMPLETE if action.kind is Kind.COMPLETE else
+                    Decision.RESTRUCTURED if action.restructures else Decision.CONTINUE)
+        self._record(phase, score, decision, action.note)
+        return decision
 
-    def _dendrite_step(self, val_score: float, mark: int) -> Decision:
-        if mark:
-            self.stale_epochs = 0
-        else:
-            self.stale_epochs += 1
-        if self.stale_epochs < self.dendrite_patience and self.phase_epochs < self.max_dendrite_epochs:
-            self._event(val_score, Decision.CONTINUE, "")
-            return Decision.CONTINUE
-        self.pm.install_candidates(v_init=self.v_init)
-        self.rounds += 1
-        self.phase_epochs = self.stale_epochs = 0
-        self.round_improved = False
-        self._rebuild()
-        self._event(val_score, Decision.RESTRUCTURED, f"installed dendrite {self._dendrites()}")
-        return Decision.RESTRUCTURED
+    def finish(self, note: str = "stopped") -> None:
+        """End the run now (epoch cap, an error): drop candidates, load the best weights, mark it complete."""
+        phase = self.pm.phase
+        self._execute(self.schedule.stop(note))
+        self._record(phase, self.best_score, Decision.COMPLETE, note)
 
     # -- state ---------------------------------------------------------------------------
-    _SCALARS = ("epoch", "best_score", "best_epoch", "phase_epochs", "stale_epochs", "round_improved",
-                "retries_left", "rounds", "candidate_best", "done")
-
     def state_dict(self) -> dict:
-        """Everything needed to resume: counters, history and the best-validation weights."""
-        sd = {k: getattr(self, k) for k in self._SCALARS}
-        sd["history"] = copy.deepcopy(self.history)
-        sd["best_state"] = self.best_state
-        return sd
+        """Everything needed to resume: the schedule, history, lr factors and the best weights."""
+        return {"schedule": self.schedule.state_dict(), "history": copy.deepcopy(self.history),
+                "lr_scale": None if self.lr_scale is None else list(self.lr_scale),
+                "best_state": self.best_state}
 
-    def load_state_dict(self, sd: dict) -> None:
-        for k in self._SCALARS:
-            setattr(self, k, sd[k])
-        self.history = copy.deepcopy(sd["history"])
-        self.best_state = sd["best_state"]
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict() (load the model's state first: the optimizer is rebound to it)."""
+        self.schedule.load_state_dict(state["schedule"])
+        self.history = copy.deepcopy(state["history"])
+        self.lr_scale = None if state.get("lr_scale") is None else list(state["lr_scale"])
+        self.best_state = state["best_state"]
+        self.rebind()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .checkpoint import load, load_optimizer, read_extra, save
+from .config import PBConfig, TrainConfig
 from .controller import PhaseController
 from .errors import ModelFileError, TrainingError
 from .fileio import atomic_write
@@ -68,15 +69,13 @@ def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, 
             DataLoader(val, batch_size=eval_batch_size), DataLoader(test, batch_size=eval_batch_size))
 
 
-def train_job(model_file: Optional[str] = None, *, mode: str = "pb", max_dendrites: int = 3,
-              out: Optional[str] = None, seed: int = 0, epochs: int = 800, batch_size: int = 100,
-              lr: float = 1e-3, candidate_lr: float = 0.02, patience: int = 30, dendrite_patience: int = 3,
-              max_dendrite_epochs: int = 60, pool: int = 4, activation: str = "sigmoid",
-              include=None, exclude=None, progress: bool = True,
-              echo: Callable[[str], None] = print, distributed=None, resume: Optional[str] = None,
-              _resume_from: Optional[str] = None) -> dict:
+def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = None,
+              training: Optional[TrainConfig] = None, out: Optional[str] = None, include=None, exclude=None,
+              progress: bool = True, echo: Callable[[str], None] = print, distributed=None,
+              resume: Optional[str] = None) -> dict:
     """Train a model file's model with PB (or gd) and report; returns the summary dict.
 
+    config: the PB settings; training: epochs, lr, batch size, seed, capture frontend.
     With `out`, a resumable checkpoint is written after every epoch; `resume=DIR` continues
     the run saved in DIR with its own settings (same seeds: the same final model as a run that
     was never interrupted).
@@ -85,33 +84,32 @@ def train_job(model_file: Optional[str] = None, *, mode: str = "pb", max_dendrit
     sharded (`batch_size` stays the global batch), training runs on DDP, and only rank 0
     prints, shows progress and writes `out`. Every rank returns the same summary.
     """
+    resume_from = None
     if resume is not None:
-        path = os.path.join(resume, CHECKPOINT)
-        saved = _job_state(path)
-        return train_job(saved["model_file"], **saved["args"], out=resume, progress=progress, echo=echo,
-                         distributed=distributed, _resume_from=path)
+        resume_from = os.path.join(resume, CHECKPOINT)
+        saved = _job_state(resume_from)
+        model_file = None if saved["model_file"] == DEFAULT_MODEL else saved["model_file"]
+        args = saved["args"]
+        config, training = PBConfig.from_dict(args["config"]), TrainConfig.from_dict(args["training"])
+        include, exclude, out = args["include"], args["exclude"], resume
+    config, training = config or PBConfig(), training or TrainConfig()
     if distributed is None:
-        return _train_job(model_file, mode, max_dendrites, out, seed, epochs, batch_size, lr, candidate_lr,
-                          patience, dendrite_patience, max_dendrite_epochs, pool, activation, include, exclude,
-                          progress, echo, None, _resume_from)
+        return _train_job(model_file, config, training, out, include, exclude, progress, echo, None, resume_from)
     if not distributed.is_main:
         progress, echo = False, _silent
     with distributed.guard():
-        return _train_job(model_file, mode, max_dendrites, out, seed, epochs, batch_size, lr, candidate_lr,
-                          patience, dendrite_patience, max_dendrite_epochs, pool, activation, include, exclude,
-                          progress, echo, distributed, _resume_from)
+        return _train_job(model_file, config, training, out, include, exclude, progress, echo, distributed,
+                          resume_from)
 
 
 def _silent(*_args) -> None:
     pass
 
 
-def _train_job(model_file, mode, max_dendrites, out, seed, epochs, batch_size, lr, candidate_lr, patience,
-               dendrite_patience, max_dendrite_epochs, pool, activation, include, exclude, progress, echo,
+def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include, exclude, progress, echo,
                distributed, resume_from=None) -> dict:
     main = distributed is None or distributed.is_main
-    if max_dendrites < 1:
-        raise TrainingError(f"--max-dendrites {max_dendrites}: it must be at least 1")
+    seed = training.seed
     if out is not None and main:
         _prepare_out(out)  # before training: a long run must not fail at its last step
     mod = load_job_module(model_file)
@@ -119,38 +117,34 @@ def _train_job(model_file, mode, max_dendrites, out, seed, epochs, batch_size, l
     model, inputs = instantiate(mod)
     data = _call_datasets(mod, seed)
     loss_fn = getattr(mod, "loss_fn", None) or F.cross_entropy
-    train_loader, val_loader, test_loader = make_loaders(data, batch_size, seed, distributed=distributed)
+    train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed)
     base_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
-    pm = perforate(model, inputs, include=include, exclude=exclude, activation=activation, mode=mode)
-    ctl = PhaseController(pm, patience=patience, dendrite_patience=dendrite_patience,
-                          max_dendrite_epochs=max_dendrite_epochs, max_dendrites=max_dendrites, pool=pool,
-                          optimizer_factory=lambda params: torch.optim.Adam(params, lr=lr),
-                          candidate_lr=candidate_lr, distributed=distributed)
+    pm = perforate(model, inputs, include=include, exclude=exclude, activation=config.activation, mode=config.mode,
+                   frontend=training.frontend)
+    ctl = PhaseController(pm, config, optimizer_factory=lambda params: torch.optim.Adam(params, lr=training.lr),
+                          distributed=distributed)
     history = History()
     if resume_from is not None:
         history = _resume(resume_from, pm, ctl, train_loader)
         echo(f"resuming {resume_from} after epoch {len(history.epochs)} ({pm.phase} phase, "
-             f"dendrites {max(pm.num_dendrites.values())})")
+             f"dendrites {pm.dendrites})")
     callbacks = []
     saver = None
     if out is not None:
-        args = {"mode": mode, "max_dendrites": max_dendrites, "seed": seed, "epochs": epochs,
-                "batch_size": batch_size, "lr": lr, "candidate_lr": candidate_lr, "patience": patience,
-                "dendrite_patience": dendrite_patience, "max_dendrite_epochs": max_dendrite_epochs, "pool": pool,
-                "activation": activation, "include": include, "exclude": exclude}
+        args = {"config": config.to_dict(), "training": training.to_dict(), "include": include, "exclude": exclude}
         saver = _epoch_saver(os.path.join(out, CHECKPOINT), pm, ctl, history, args,
                              _model_ref(model_file), seed, train_loader, distributed)
         callbacks.append(saver)
-    history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, epochs=epochs,
+    history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, training=training,
                   test_loader=test_loader, progress=progress, distributed=distributed, history=history,
                   callbacks=callbacks)
     seconds = time.perf_counter() - t0
     device = None if distributed is None else distributed.device
-    test = evaluate(pm, test_loader, device=device, distributed=distributed)
-    val = evaluate(pm, val_loader, device=device, distributed=distributed)
+    test = evaluate(pm, test_loader, device=device, distributed=distributed, data="test")
+    val = evaluate(pm, val_loader, device=device, distributed=distributed, data="validation")
     summary = {
-        "model": model_file or DEFAULT_MODEL, "mode": mode, "seed": seed,
+        "model": model_file or DEFAULT_MODEL, "mode": config.mode, "seed": seed,
         "epochs": len(history.epochs), "seconds": round(seconds, 2),
         "params_plain": base_params, "params": pm.num_parameters(),
         "dendrites": pm.num_dendrites, "best_epoch": ctl.best_epoch,
@@ -194,7 +188,7 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
         state = {"args": args, "model_file": model_ref, "history": history.to_dict(),
                  "rng": {"torch": _b64(torch.get_rng_state()),
                          "loader": None if gen is None else _b64(gen.get_state())}}
-        kwargs = {"controller": ctl, "optimizer": ctl._optimizer,
+        kwargs = {"controller": ctl, "optimizer": ctl.optimizer,
                   "extra": {"model": model_ref, "seed": seed, "job_state": state}}
         if distributed is None:
             save(pm, path, **kwargs)
@@ -216,10 +210,8 @@ def _job_state(path: str) -> dict:
 def _resume(path: str, pm, ctl, train_loader) -> History:
     """Load the model, controller, optimizer and random states saved after the last epoch."""
     state = _job_state(path)
-    load(path, pm, controller=ctl)
-    ctl._rebuild()  # the optimizer of the saved phase, then its saved state
-    if ctl._optimizer is not None:
-        load_optimizer(path, ctl._optimizer)
+    load(path, pm, controller=ctl)  # the model, then the controller (which rebinds the optimizer to it)
+    load_optimizer(path, ctl.optimizer)
     torch.set_rng_state(_unb64(state["rng"]["torch"]))
     gen = getattr(train_loader, "generator", None)
     if gen is not None and state["rng"]["loader"] is not None:

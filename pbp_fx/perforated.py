@@ -220,6 +220,31 @@ class PerforatedModel(nn.Module):
             return
         yield from (p for p in self.parameters() if p.requires_grad and p.numel())
 
+    def candidate_progress(self, rel: float) -> bool:
+        """Dendrite phase, once per epoch: True when some site's candidate correlation improved.
+
+        Each site's pool decides (CandidatePool.epoch_progress) and updates its reference, so
+        every site is asked, not only up to the first that improved.
+        """
+        self._require_phase("dendrite", "candidate_progress")
+        improved = [s.candidates.epoch_progress(rel) for s in self.sites.values() if s.candidates is not None]
+        return any(improved)
+
+    @property
+    def dendrites(self) -> int:
+        """Dendrites per site, the most any site has (sites grow together)."""
+        counts = self.num_dendrites.values()
+        return max(counts) if counts else 0
+
+    def phase_buffers(self) -> dict[str, torch.Tensor]:
+        """Buffers saved at the start of the dendrite phase (restored when it ends); {} otherwise."""
+        return dict(self._frozen_buffers)
+
+    def load_phase_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Set what phase_buffers() returns (a checkpoint of a dendrite-phase model restores it)."""
+        self._require_phase("dendrite", "load_phase_buffers")
+        self._frozen_buffers = {k: v.detach().clone() for k, v in buffers.items()}
+
     def correlations(self) -> dict[str, torch.Tensor]:
         """Per site, the per-channel best |C~| of its candidates (dendrite phase only)."""
         return {n: s.correlation() for n, s in self.sites.items() if s.candidates is not None}

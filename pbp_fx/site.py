@@ -70,6 +70,8 @@ class CandidatePool(nn.Module):
         self.reducer = None
         # Step of the last snapshot, kept on the device and read once per epoch.
         self.register_buffer("last_improved", torch.tensor(0, device=device))
+        # The mean best |C~| that epoch_progress() compares against (a buffer: checkpointed).
+        self.register_buffer("progress_reference", torch.zeros((), device=device, dtype=torch.float64))
         for name, t in self._rows().items():
             self.register_buffer("snapshot_" + name, t.detach().clone())
 
@@ -145,6 +147,20 @@ class CandidatePool(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self.steps = int(state["steps"])
+
+    @torch.no_grad()
+    def epoch_progress(self, rel: float) -> bool:
+        """True when the mean over channels of the best |C~| rose by more than `rel` (relative).
+
+        Per site, not per channel: with hundreds of channels one of them almost always gains
+        1%, and the phase would never end before its cap (measured: bench/results/ablations.md).
+        Called once per epoch; a rise moves the reference up.
+        """
+        value = self.correlation().mean().to(self.progress_reference.dtype)
+        if bool(value > self.progress_reference * (1.0 + rel)):
+            self.progress_reference.copy_(value)
+            return True
+        return False
 
     def correlation(self) -> Tensor:
         """Per channel, the best |C~| over the pool, [C]."""

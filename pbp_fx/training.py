@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ConfigError, PBConfig, TrainConfig
 from .controller import Decision, PhaseController
 from .errors import TrainingError
 from .perforated import PerforatedModel
@@ -66,10 +67,19 @@ def accuracy(output: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
     return float((output.argmax(-1) == target).sum()), target.numel()
 
 
+def _check_finite_inputs(inputs, data: str) -> None:
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(f"the {data} data holds NaN/Inf values: remove or replace them before training")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None, *, distributed=None) -> float:
+def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None, *, distributed=None,
+             data: str = "evaluation") -> float:
     """Mean metric over a loader, in eval mode (the model's mode is restored afterwards).
 
+    NaN/Inf in a floating-point input is an error (naming `data`, e.g. "validation"): a
+    metric such as accuracy would otherwise score it silently.
     distributed (a pbp_fx.distributed.Distributed): the metric's sums and counts are summed
     over the ranks, so every rank gets the score of all shards (Distributed.loader(train=False)).
     """
@@ -81,6 +91,7 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
     try:
         for batch in loader:
             inputs, target = _split(_to(batch, device) if device is not None else batch)
+            _check_finite_inputs(inputs, data)
             s, n = metric(model(*inputs), target)
             total, count = total + s, count + n
     finally:
@@ -88,7 +99,7 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
     if distributed is not None:
         total, count = distributed.all_reduce_sum([total, count])
     if count == 0:
-        raise TrainingError("the evaluation dataset is empty: give it at least one sample")
+        raise TrainingError(f"the {data} dataset is empty: give it at least one sample")
     return total / count
 
 
@@ -102,25 +113,27 @@ def _check_loader(loader, what: str) -> None:
 
 
 def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = F.cross_entropy, *,
-        controller: Optional[PhaseController] = None, epochs: int = 200,
-        lr: float = 1e-3, candidate_lr: Optional[float] = None,
-        optimizer_factory: Optional[Callable] = None, candidate_optimizer_factory: Optional[Callable] = None,
+        config: Optional[PBConfig] = None, training: Optional[TrainConfig] = None,
+        controller: Optional[PhaseController] = None, optimizer_factory: Optional[Callable] = None,
         metric: Callable = accuracy, test_loader=None, device=None, progress: bool = True,
         callbacks: Iterable[Callable[[dict], None]] = (), distributed=None,
-        history: Optional[History] = None) -> History:
+        history: Optional[History] = None, epochs: Optional[int] = None, lr: Optional[float] = None) -> History:
     """Train `pm` with Perforated Backpropagation until the controller says COMPLETE.
 
-    The optimizer is rebuilt from `optimizer_factory(params)` (default Adam(lr)) at every
-    restructure, and from `candidate_optimizer_factory` (or Adam(candidate_lr); default:
-    the controller's) for each dendrite phase. `test_loader`, when given, is evaluated every epoch for reporting
-    only. Each callback receives the epoch's history row.
+    config: the PB settings (PBConfig); training: epochs and lr (TrainConfig; `epochs=` and
+    `lr=` override its fields). Without `controller`, one is built from `config` with
+    `optimizer_factory(params)` (default Adam(training.lr)); with one, its config and optimizer
+    are used (then pass neither config, optimizer_factory nor lr). `test_loader`, when given,
+    is evaluated every epoch for reporting only. Each callback receives the epoch's history row.
 
     distributed (a pbp_fx.distributed.Distributed; every rank calls fit): the model moves to
-    its device, trains through a DDP wrapper that the controller rebuilds with the
-    optimizer at every restructure, the loaders should come from Distributed.loader (each
-    rank must have as many training batches), scores and losses are summed over the ranks,
-    and every rank takes rank 0's decisions. A rank's error is reported by the others.
+    its device, trains through a DDP wrapper that the controller rebuilds at every
+    restructure, the loaders should come from Distributed.loader (each rank must have as
+    many training batches), scores and losses are summed over the ranks, and every rank
+    takes rank 0's decisions. A rank's error is reported by the others.
     """
+    training = (training or TrainConfig()).replace(
+        **{k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None})
     _check_loader(train_loader, "training")
     _check_loader(val_loader, "validation")
     if distributed is not None and device is None:
@@ -128,26 +141,25 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = F.cro
     if device is not None:
         pm.to(device)  # before any DDP wrapper is built over the parameters
     if controller is None:
-        controller = PhaseController(pm, distributed=distributed)
-    elif distributed is not None:
-        controller.distributed = distributed
-    controller.optimizer_factory = controller.optimizer_factory or optimizer_factory or (
-        lambda params: torch.optim.Adam(params, lr=lr))
-    if candidate_optimizer_factory is not None:
-        controller.candidate_optimizer_factory = candidate_optimizer_factory
-    elif candidate_lr is not None:
-        controller.candidate_optimizer_factory = lambda params: torch.optim.Adam(params, lr=candidate_lr)
-    if controller._optimizer is None:
-        controller._rebuild()
-    elif distributed is not None:
-        controller._wrap()
+        factory = optimizer_factory or (lambda params: torch.optim.Adam(params, lr=training.lr))
+        controller = PhaseController(pm, config, optimizer_factory=factory, distributed=distributed)
+    else:
+        given = [n for n, v in (("config", config), ("optimizer_factory", optimizer_factory), ("lr", lr))
+                 if v is not None]
+        if given:
+            raise ConfigError(f"fit(controller=...) trains with the controller's settings and optimizer: pass "
+                              f"{given[0]} to PhaseController instead")
+        if distributed is not None and controller.distributed is not distributed:
+            controller.set_distributed(distributed)
+        elif device is not None:
+            controller.rebind()
     history = History() if history is None else history  # a given history: resume after its last epoch
-    bar = _progress(epochs, progress and (distributed is None or distributed.is_main))
+    bar = _progress(training.epochs, progress and (distributed is None or distributed.is_main))
     with distributed.guard() if distributed is not None else nullcontext():
         if distributed is not None and _length(train_loader) is not None:
             distributed.check_same("number of training batches", _length(train_loader))
-        _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epochs, metric, test_loader,
-              device, callbacks, distributed)
+        _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, training.epochs, metric,
+              test_loader, device, callbacks, distributed)
     if bar is not None:
         bar.close()
     return history
@@ -173,16 +185,16 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
             train_loss = _train_epoch(controller.model, train_loader, loss_fn, controller.optimizer, device,
                                       distributed, phase)
             _check_statistics(pm)
+            if controller.scheduler is not None and phase == "neuron":
+                controller.scheduler.step()
+            if distributed is not None:
+                distributed.sync_buffers(pm)  # rank 0's BatchNorm statistics: one model to evaluate
+            val = evaluate(pm, val_loader, metric, device, distributed=distributed, data="validation")
+            test = (evaluate(pm, test_loader, metric, device, distributed=distributed, data="test")
+                    if test_loader is not None else None)
         except NonFiniteError as exc:
-            raise TrainingError(f"{exc}; {_stop_and_restore(pm, controller)}") from exc
-        if controller.scheduler is not None and phase == "neuron":
-            controller.scheduler.step()
-        if distributed is not None:
-            distributed.sync_buffers(pm)  # rank 0's BatchNorm statistics: one model to evaluate
-        val = evaluate(pm, val_loader, metric, device, distributed=distributed)
-        test = (evaluate(pm, test_loader, metric, device, distributed=distributed)
-                if test_loader is not None else None)
-        row = {"epoch": epoch, "phase": phase, "dendrites": controller._dendrites(),
+            raise TrainingError(f"{exc}; {_stop_and_restore(controller)}") from exc
+        row = {"epoch": epoch, "phase": phase, "dendrites": controller.num_dendrites,
                "train_loss": train_loss, "val": val, "test": test,
                "params": pm.num_parameters(), "seconds": time.perf_counter() - t0}
         decision = controller.step(val)
@@ -198,9 +210,7 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
         if decision is Decision.COMPLETE:
             break
     else:
-        if pm.phase == "dendrite":
-            pm.abort_dendrite_phase()
-        controller._restore_best()
+        controller.finish(f"epoch cap ({epochs}) reached")
 
 
 def _train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=None) -> float:
@@ -239,13 +249,12 @@ def _check_statistics(pm: PerforatedModel) -> None:
                                  "candidate_lr or check the data for NaN/Inf")
 
 
-def _stop_and_restore(pm: PerforatedModel, controller: PhaseController) -> str:
-    """Stop the phase and go back to the best-validation state; say what was restored."""
-    if pm.phase == "dendrite":
-        pm.abort_dendrite_phase()
-    if controller.best_state is None:
+def _stop_and_restore(controller: PhaseController) -> str:
+    """Stop the run and go back to the best-validation state; say what was restored."""
+    had_best = controller.best_state is not None
+    controller.finish("stopped: non-finite values")
+    if not had_best:
         return "no good state to restore yet (it failed before the first validation)"
-    controller._restore_best()
     return f"stopped and restored the best-validation model (epoch {controller.best_epoch})"
 
 

@@ -87,28 +87,72 @@ def test_gd_mode_grows_random_dendrites_without_a_dendrite_phase():
     assert set(pm.num_dendrites.values()) == {1}
 
 
-def test_optimizer_factories_are_rebuilt_per_phase():
+def test_one_optimizer_follows_the_phases_keeping_its_identity_and_hyperparameters():
     pm = _pm()
-    made = []
-
-    def neuron_opt(params):
-        made.append("neuron")
-        return torch.optim.SGD(params, lr=0.1)
-
-    def cand_opt(params):
-        made.append("candidate")
-        return torch.optim.Adam(params, lr=0.01)
-
-    ctl = PhaseController(pm, patience=1, dendrite_patience=1, optimizer_factory=neuron_opt,
-                          candidate_optimizer_factory=cand_opt)
-    assert made == ["neuron"]
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1, candidate_lr=0.05,
+                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    opt = ctl.optimizer
+    assert isinstance(opt, torch.optim.SGD)
     _run(ctl, [0.5, 0.5])
-    assert made[-1] == "candidate"
+    assert pm.phase == "dendrite" and ctl.optimizer is opt
     cand = {id(p) for p in pm.trainable_parameters()}
-    assert {id(p) for g in ctl.optimizer.param_groups for p in g["params"]} == cand
-    assert isinstance(ctl.optimizer.current, torch.optim.Adam)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == cand
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05) and opt.param_groups[0]["momentum"] == 0.9
+    assert not opt.state
     _run(ctl, [0.5])
-    assert made[-1] == "neuron"
+    assert pm.phase == "neuron" and ctl.optimizer is opt
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in pm.trainable_parameters()}
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_an_adopted_optimizer_keeps_its_groups():
+    pm = _pm()
+    params = dict(pm.named_parameters())
+    decay = [p for n, p in params.items() if n.endswith("weight")]
+    rest = [p for n, p in params.items() if not n.endswith("weight")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-3)
+    ctl = PhaseController(pm, optimizer=opt, patience=1, dendrite_patience=1)
+    assert ctl.optimizer is opt
+    _run(ctl, [0.5, 0.5, 0.5])  # dendrite phase, then install
+    assert pm.phase == "neuron"
+    assert all(any(p is q for q in opt.param_groups[0]["params"]) for p in decay)
+    assert all(any(p is q for q in opt.param_groups[1]["params"]) for p in rest)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    with pytest.raises(pbp_fx.ConfigError, match="not both"):
+        PhaseController(pm, optimizer=opt, optimizer_factory=torch.optim.Adam)
+
+
+@pytest.mark.parametrize("kind", ["step", "lambda"])
+def test_a_scheduler_built_once_steps_across_two_restructures(kind):
+    """The neuron lr follows the scheduler's clock across phases; the dendrite phase runs at candidate_lr."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1, candidate_lr=0.5,
+                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+    opt = ctl.optimizer
+    if kind == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        expected = lambda t: 0.1 * 0.5 ** (t // 2)  # noqa: E731
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+        expected = lambda t: 0.1 / (1 + t)  # noqa: E731
+    ctl.attach_scheduler(sched)
+    restructures, t = 0, 0
+    # neuron; -> dendrite; -> install; no gain: retry -> dendrite; -> install
+    for score in [0.5, 0.5, 0.5, 0.5, 0.5]:
+        phase = pm.phase
+        start = opt.param_groups[0]["lr"]
+        for _ in range(3):  # a framework stepping the scheduler every optimizer step
+            opt.step()  # no gradients: changes nothing, keeps the call order torch expects
+            sched.step()
+            t += 1
+        if phase == "neuron":
+            assert opt.param_groups[0]["lr"] == pytest.approx(expected(t))
+        else:  # starts at candidate_lr, then changes as the scheduler's factor does
+            assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * expected(t) / expected(t - 3))
+            assert start == pytest.approx(0.5)
+        restructures += ctl.step(score) is R
+        assert ctl.optimizer is opt
+    assert restructures == 4
 
 
 def test_state_dict_round_trip_gives_the_same_decisions():
@@ -130,15 +174,25 @@ def test_state_dict_round_trip_gives_the_same_decisions():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"max_dendrites": 0}, "max_dendrites"),
+    ({"max_dendrites": 0}, "max_dendrites=0: must be at least 1"),
     ({"patience": 0}, "patience"),
+    ({"pool": 0}, "pool"),
+    ({"candidate_lr": float("nan")}, "candidate_lr"),
+    ({"no_such_setting": 1}, "no setting 'no_such_setting'"),
+    ({"mode": "gd"}, "perforated with mode='pb'"),
 ])
 def test_bad_settings(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(pbp_fx.ConfigError, match=match):
         PhaseController(_pm(), **kwargs)
+
+
+def test_keyword_overrides_are_config_replace():
+    cfg = pbp_fx.PBConfig(patience=7, pool=2)
+    ctl = PhaseController(_pm(), cfg, pool=3)
+    assert ctl.config == cfg.replace(pool=3)
 
 
 def test_non_finite_score_is_reported():
     ctl = PhaseController(_pm())
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(pbp_fx.TrainingError, match="not finite"):
         ctl.step(float("nan"))

@@ -63,8 +63,10 @@ def run_match(world=None):
     else:
         train_loader = world.loader(train, GLOBAL_BATCH)
         val_loader = world.loader(val, 16, train=False)
+    # SGD, not Adam: Adam would hide a wrong gradient scale in the candidates.
     ctl = PhaseController(pm, neuron_epochs=1, dendrite_patience=5, max_dendrite_epochs=2, max_dendrites=1,
-                          pool=2, distributed=world)
+                          pool=2, candidate_lr=200.0, distributed=world,
+                          optimizer_factory=lambda params: torch.optim.SGD(params, lr=0.01))
     out = {"stats": [], "installed": None, "checksums": []}
 
     def record(row):
@@ -75,9 +77,7 @@ def run_match(world=None):
         if row["decision"] == "restructured" and pm.phase == "neuron" and out["installed"] is None:
             out["installed"] = _dendrites(pm)
 
-    # SGD, not Adam, for the candidates: Adam would hide a wrong gradient scale.
-    h = pbp_fx.fit(pm, train_loader, val_loader, controller=ctl, epochs=6, lr=0.01,
-                   candidate_optimizer_factory=lambda params: torch.optim.SGD(params, lr=200.0),
+    h = pbp_fx.fit(pm, train_loader, val_loader, controller=ctl, epochs=6,
                    progress=False, callbacks=[record], distributed=world)
     out["decisions"] = [(r["phase"], r["decision"], r["dendrites"]) for r in h.epochs]
     out["val"] = [r["val"] for r in h.epochs]

@@ -110,3 +110,30 @@ def test_non_finite_loss_stops_the_phase_and_restores_the_best_state(dendrite_ph
     assert all(torch.equal(v, ctl.best_state[k]) for k, v in pm.state_dict().items())
     started = any("dendrite phase started" in e["note"] for e in ctl.history)
     assert started is dendrite_phase
+
+
+def test_nan_in_validation_data_is_reported_like_nan_in_training_data():
+    pm = _pm()
+    train = DataLoader(_data(), batch_size=32)
+    x, y = _data(64, 1).tensors
+    x = x.clone()
+    x[5, 2] = float("inf")
+    val = DataLoader(TensorDataset(x, y), batch_size=64)
+    ctl = PhaseController(pm, patience=50)
+    with pytest.raises(pbp_fx.TrainingError, match="validation data holds NaN/Inf.*no good state"):
+        fit(pm, train, val, controller=ctl, epochs=3, progress=False)
+
+
+def test_fit_with_a_controller_refuses_settings_it_would_ignore():
+    pm = _pm()
+    loader = DataLoader(_data(16), batch_size=4)
+    with pytest.raises(pbp_fx.ConfigError, match="pass lr to PhaseController"):
+        fit(pm, loader, loader, controller=PhaseController(pm), lr=0.1, progress=False)
+
+
+def test_fit_takes_a_config_and_stops_at_the_epoch_cap():
+    pm = _pm()
+    loader = DataLoader(_data(64), batch_size=32)
+    h = fit(pm, loader, loader, config=pbp_fx.PBConfig(patience=50), training=pbp_fx.TrainConfig(epochs=3),
+            progress=False)
+    assert len(h.epochs) == 3 and pm.phase == "neuron"

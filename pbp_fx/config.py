@@ -1,0 +1,164 @@
+"""PBConfig and TrainConfig: every setting of a PB run, its default written once, validated once.
+
+    cfg = PBConfig(patience=10, max_dendrites=2)       # ConfigError here if a value is bad
+    cfg.replace(pool=8).to_dict()                       # JSON-safe; PBConfig.from_dict(d) reads it back
+
+A field's metadata holds its help text and allowed values; the CLI builds its `train` flags
+from it (`cli_fields`), so a new field is a new flag with no other edit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import PBError
+
+__all__ = ["PBConfig", "TrainConfig", "ConfigError", "setting", "cli_fields"]
+
+
+class ConfigError(PBError, ValueError):
+    """A setting has a value outside its allowed range (named with the value and the range).
+
+    `field`, `value` and `reason` (the text after "name=value: ") let a front end such as the
+    CLI name the setting its own way (`--pool 0: must be at least 1 ...`).
+    """
+
+    def __init__(self, message: str, field: Optional[str] = None, value: Any = None, reason: str = ""):
+        super().__init__(message)
+        self.field, self.value, self.reason = field, value, reason
+
+
+def setting(default: Any, help: str, *, choices: tuple = (), low: Optional[float] = None,
+            high: Optional[float] = None, open_low: bool = False, open_high: bool = False,
+            optional: bool = False):
+    """A dataclass field with its help text and allowed values (checked by `_check`)."""
+    return field(default=default, metadata={
+        "help": help, "choices": tuple(choices), "low": low, "high": high,
+        "open_low": open_low, "open_high": open_high, "optional": optional})
+
+
+def _range_text(meta: dict) -> str:
+    if meta["choices"]:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    low, high = meta["low"], meta["high"]
+    parts = []
+    if low is not None:
+        parts.append(f"{'greater than' if meta['open_low'] else 'at least'} {low:g}")
+    if high is not None:
+        parts.append(f"{'less than' if meta['open_high'] else 'at most'} {high:g}")
+    text = " and ".join(parts)
+    return text + (" (or None)" if meta["optional"] else "")
+
+
+def _check(obj) -> None:
+    """Raise ConfigError for the first field of `obj` whose value is of the wrong type or out of range."""
+    hints = {f.name: f.type for f in dataclasses.fields(obj)}
+    for f in dataclasses.fields(obj):
+        meta, value, name = f.metadata, getattr(obj, f.name), f.name
+        if value is None and meta.get("optional"):
+            continue
+        kind = hints[name].replace("Optional[", "").rstrip("]")
+        bad = None
+        if kind == "bool":
+            if not isinstance(value, bool):
+                bad = "true or false"
+        elif kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                bad = "a whole number"
+        elif kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad = "a finite number"
+        elif kind == "str" and not isinstance(value, str):
+            bad = "a string"
+        if bad is None and meta.get("choices") and value not in meta["choices"]:
+            bad = ""
+        if bad is None and kind in ("int", "float"):
+            low, high = meta.get("low"), meta.get("high")
+            if low is not None and (value <= low if meta["open_low"] else value < low):
+                bad = ""
+            if high is not None and (value >= high if meta["open_high"] else value > high):
+                bad = ""
+        if bad is not None:
+            allowed = _range_text(meta)
+            what = ", ".join(x for x in (bad, allowed) if x)
+            reason = f"must be {what} ({meta.get('help', '')})"
+            raise ConfigError(f"{name}={value!r}: {reason}", name, value, reason)
+
+
+class _Settings:
+    """to_dict / from_dict / replace shared by the config dataclasses."""
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-safe values, by field name."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """The config of a dict written by to_dict(); unknown names are refused."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no setting {unknown[0]!r}: use one of {', '.join(sorted(names))}")
+        return cls(**d)
+
+    def replace(self, **changes):
+        """A copy with `changes` applied (validated like a new config)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(f"{type(self).__name__} has no setting {unknown[0]!r}: "
+                              f"use one of {', '.join(sorted(names))}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class PBConfig(_Settings):
+    """Every Perforated Backpropagation setting (PB_SPEC §3-§5); defaults live here only."""
+
+    mode: str = setting("pb", "pb: correlation-trained dendrites; gd: random dendrites trained by backprop",
+                        choices=("pb", "gd"))
+    activation: str = setting("sigmoid", "dendrite activation", choices=("sigmoid", "tanh", "relu"))
+    max_dendrites: int = setting(3, "dendrites per site at most", low=1)
+    patience: int = setting(30, "neuron-phase epochs without validation gain before the next round", low=1)
+    improvement: float = setting(1e-3, "smallest validation gain that counts (absolute, score units)", low=0)
+    neuron_epochs: Optional[int] = setting(None, "cap on one neuron phase, in epochs (None: no cap)",
+                                           low=1, optional=True)
+    dendrite_patience: int = setting(3, "dendrite-phase epochs without correlation gain before install", low=1)
+    max_dendrite_epochs: int = setting(60, "cap on one dendrite phase, in epochs", low=1)
+    dendrite_improvement: float = setting(0.01, "relative rise of a site's mean best correlation that "
+                                          "counts as progress", low=0)
+    retries: int = setting(2, "fresh rounds after a round that gave no new best", low=0)
+    maximize: bool = setting(True, "a higher validation score is better (false: lower, e.g. a loss)")
+    pool: int = setting(4, "candidate dendrites per site", low=1)
+    candidate_init: str = setting("kaiming", "initialisation of the candidates",
+                                  choices=("kaiming", "default", "normal"))
+    candidate_lr: float = setting(0.02, "learning rate in the dendrite phase", low=0, open_low=True)
+    v_init: float = setting(0.0, "initial output weight V of an installed dendrite")
+    ema_decay: float = setting(0.99, "decay of the per-batch covariance moving average", low=0, high=1,
+                               open_low=True, open_high=True)
+    warmup: int = setting(5, "batches before the best correlation and snapshots are tracked", low=0)
+    snapshot_threshold: float = setting(0.01, "relative gain of |C~| that takes a new weight snapshot", low=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Settings):
+    """How a job trains (not PB settings): epochs, learning rate, batch, seed, capture frontend."""
+
+    epochs: int = setting(800, "epoch cap over all phases", low=1)
+    lr: float = setting(1e-3, "neuron-phase Adam learning rate", low=0, open_low=True)
+    batch_size: int = setting(100, "training batch size (the global batch with --nproc)", low=1)
+    seed: int = setting(0, "seed of the model init, data split and shuffling", low=0)
+    frontend: str = setting("auto", "graph capture: auto (symbolic tracing, else torch.export), fx or export",
+                            choices=("auto", "fx", "export"))
+
+
+def cli_fields(cls) -> list[dataclasses.Field]:
+    """The fields of a config class, in order, for generating command-line flags."""
+    return list(dataclasses.fields(cls))

@@ -1,0 +1,166 @@
+"""PhaseSchedule: PB's phase decisions as plain data (PB_SPEC §5). No torch here.
+
+One call per epoch: the validation score (and, in the dendrite phase, whether some site's
+candidate correlation improved) goes in, an Action comes out. Whoever owns the model
+carries the action out (PhaseController does):
+
+    CONTINUE         keep training; `new_best` says to snapshot the weights as the best so far
+    START_DENDRITES  rewind to the best weights, attach candidates (mode "pb")
+    GROW             rewind to the best weights, add one random dendrite per site (mode "gd")
+    RETRY            the round gave no new best: rewind to the best weights (dropping its
+                     dendrite) and start the round again (START_DENDRITES or GROW by mode)
+    INSTALL          install the best candidates as a new dendrite, back to the neuron phase
+    COMPLETE         drop candidates if any, rewind to the best weights; the run is over
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import PBConfig
+from .errors import TrainingError
+
+__all__ = ["PhaseSchedule", "Action", "Kind"]
+
+
+class Kind(str, enum.Enum):
+    CONTINUE = "continue"
+    START_DENDRITES = "start_dendrites"
+    GROW = "grow"
+    RETRY = "retry"
+    INSTALL = "install"
+    COMPLETE = "complete"
+
+
+@dataclass(frozen=True)
+class Action:
+    """What to do after an epoch. `new_best`: this epoch's weights are the best so far."""
+
+    kind: Kind
+    note: str = ""
+    new_best: bool = False
+
+    @property
+    def restructures(self) -> bool:
+        """The trainable parameter set changes (the optimizer must be rebound)."""
+        return self.kind in (Kind.START_DENDRITES, Kind.GROW, Kind.RETRY, Kind.INSTALL)
+
+
+class PhaseSchedule:
+    """Decides phase switches, installs, retries and the end of a run from scores alone.
+
+    The neuron phase ends after `patience` epochs without a gain of more than `improvement`
+    (or after `neuron_epochs`). A round that set no new best is retried with fresh dendrites
+    while `retries` last; the run completes when none are left or `max_dendrites` is reached.
+    The dendrite phase ends after `dendrite_patience` epochs without candidate progress or
+    after `max_dendrite_epochs`.
+    """
+
+    def __init__(self, config: PBConfig, *, phase: str = "neuron", dendrites: int = 0):
+        """phase / dendrites: where the model starts (a model already in a dendrite phase, say)."""
+        if phase not in ("neuron", "dendrite"):
+            raise TrainingError(f"phase {phase!r} is not a PB phase: use 'neuron' or 'dendrite'")
+        self.config = config
+        self.epoch = 0
+        self.phase = phase
+        self.best_score: Optional[float] = None
+        self.best_epoch = -1
+        self.dendrites = dendrites   # dendrites per site now
+        self.best_dendrites = dendrites  # ... in the best-scoring model
+        self.phase_epochs = 0        # epochs in the current phase
+        self.stale_epochs = 0        # epochs without progress in the current phase
+        self.round_improved = True   # did this round set a new best (round 0 counts)
+        self.retries_left = config.retries
+        self.rounds = 0              # dendrite rounds carried out (accepted or not)
+        self.done = False
+
+    def _better(self, score: float) -> bool:
+        if self.best_score is None:
+            return True
+        gain = score - self.best_score if self.config.maximize else self.best_score - score
+        return gain > self.config.improvement
+
+    def step(self, score: float, candidate_progress: bool = False) -> Action:
+        """The action after one epoch with validation `score` (candidate_progress: dendrite phase only)."""
+        if self.done:
+            return Action(Kind.COMPLETE, "already complete")
+        self.epoch += 1
+        self.phase_epochs += 1
+        if self.phase == "dendrite":
+            return self._dendrite_step(candidate_progress)
+        if not math.isfinite(score):
+            raise TrainingError(f"the validation score is {score} (not finite): check the validation data "
+                                "and the metric for NaN/Inf")
+        new_best = self._better(score)
+        if new_best:
+            self.best_score, self.best_epoch, self.best_dendrites = score, self.epoch, self.dendrites
+            self.stale_epochs = 0
+            self.round_improved = True
+        else:
+            self.stale_epochs += 1
+        cfg = self.config
+        if self.stale_epochs < cfg.patience and (cfg.neuron_epochs is None or self.phase_epochs < cfg.neuron_epochs):
+            return Action(Kind.CONTINUE, "", new_best)
+        # The neuron phase is over: accept the round, retry it, or finish (PB_SPEC §5).
+        retry = not self.round_improved
+        if retry:
+            if self.retries_left <= 0:
+                return self._complete("no new best after retries", new_best)
+            self.retries_left -= 1
+            note = f"round gave no new best: retry ({self.retries_left} left)"
+        else:
+            self.retries_left = cfg.retries
+            note = "neuron phase done"
+        self.dendrites = self.best_dendrites  # every switch rewinds to the best weights
+        if self.dendrites >= cfg.max_dendrites:
+            return self._complete("max_dendrites reached", new_best)
+        self.phase_epochs = self.stale_epochs = 0
+        if cfg.mode == "gd":
+            self.dendrites += 1
+            self.rounds += 1
+            self.round_improved = False
+            return Action(Kind.RETRY if retry else Kind.GROW, note + "; grew random dendrites (gd)", new_best)
+        self.phase = "dendrite"
+        return Action(Kind.RETRY if retry else Kind.START_DENDRITES, note + "; dendrite phase started", new_best)
+
+    def _dendrite_step(self, progress: bool) -> Action:
+        self.stale_epochs = 0 if progress else self.stale_epochs + 1
+        cfg = self.config
+        if self.stale_epochs < cfg.dendrite_patience and self.phase_epochs < cfg.max_dendrite_epochs:
+            return Action(Kind.CONTINUE)
+        self.phase = "neuron"
+        self.dendrites += 1
+        self.rounds += 1
+        self.phase_epochs = self.stale_epochs = 0
+        self.round_improved = False
+        return Action(Kind.INSTALL, f"installed dendrite {self.dendrites}")
+
+    def stop(self, note: str = "stopped") -> Action:
+        """End the run now (an epoch cap, an error): COMPLETE, rewinding to the best weights."""
+        if self.done:
+            return Action(Kind.COMPLETE, note)
+        self.phase = "neuron"
+        self.phase_epochs = self.stale_epochs = 0
+        return self._complete(note, False)
+
+    def _complete(self, note: str, new_best: bool) -> Action:
+        self.done = True
+        self.dendrites = self.best_dendrites
+        return Action(Kind.COMPLETE, note, new_best)
+
+    # -- state ---------------------------------------------------------------------------
+    _STATE = ("epoch", "phase", "best_score", "best_epoch", "dendrites", "best_dendrites", "phase_epochs",
+              "stale_epochs", "round_improved", "retries_left", "rounds", "done")
+
+    def state_dict(self) -> dict:
+        """JSON-safe counters; with the same config, load_state_dict() continues identically."""
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in self._STATE if k not in state]
+        if missing:
+            raise TrainingError(f"schedule state lacks {missing[0]!r}: it was not written by PhaseSchedule.state_dict()")
+        for k in self._STATE:
+            setattr(self, k, state[k])

@@ -1,0 +1,58 @@
+"""PBConfig / TrainConfig: validation, dict round trip, replace."""
+import json
+import math
+
+import pytest
+
+from pbp_fx.config import ConfigError, PBConfig, TrainConfig
+
+
+@pytest.mark.parametrize("cls,field,value,match", [
+    (PBConfig, "pool", 0, "pool=0: must be at least 1"),
+    (PBConfig, "pool", -3, "at least 1"),
+    (PBConfig, "pool", 2.5, "whole number"),
+    (PBConfig, "pool", True, "whole number"),
+    (PBConfig, "patience", 0, "patience=0"),
+    (PBConfig, "max_dendrites", 0, "max_dendrites"),
+    (PBConfig, "candidate_lr", 0.0, "greater than 0"),
+    (PBConfig, "candidate_lr", -1.0, "greater than 0"),
+    (PBConfig, "candidate_lr", math.nan, "finite"),
+    (PBConfig, "candidate_lr", math.inf, "finite"),
+    (PBConfig, "ema_decay", 1.0, "less than 1"),
+    (PBConfig, "improvement", -0.1, "at least 0"),
+    (PBConfig, "retries", -1, "at least 0"),
+    (PBConfig, "neuron_epochs", 0, "at least 1"),
+    (PBConfig, "mode", "sgd", "one of 'pb', 'gd'"),
+    (PBConfig, "maximize", "yes", "true or false"),
+    (TrainConfig, "epochs", 0, "epochs=0"),
+    (TrainConfig, "lr", math.nan, "finite"),
+    (TrainConfig, "batch_size", 0, "at least 1"),
+    (TrainConfig, "frontend", "jit", "'auto', 'fx', 'export'"),
+])
+def test_bad_values_name_field_value_and_range(cls, field, value, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        cls(**{field: value})
+    assert info.value.field == field and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("cls", [PBConfig, TrainConfig])
+def test_dict_round_trip_is_json_safe(cls):
+    cfg = cls()
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert cls.from_dict(d) == cfg
+
+
+def test_replace_validates_and_refuses_unknown_names():
+    cfg = PBConfig()
+    assert cfg.replace(pool=8).pool == 8 and cfg.pool == 4
+    with pytest.raises(ConfigError, match="pool=0"):
+        cfg.replace(pool=0)
+    with pytest.raises(ConfigError, match="no setting 'pools'"):
+        cfg.replace(pools=2)
+    with pytest.raises(ConfigError, match="no setting"):
+        PBConfig.from_dict({"pools": 2})
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        PBConfig().pool = 3

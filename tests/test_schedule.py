@@ -1,0 +1,130 @@
+"""PhaseSchedule alone: scripted score sequences in, actions out (no model, no torch)."""
+import subprocess
+import sys
+
+import pytest
+
+from pbp_fx.config import PBConfig
+from pbp_fx.errors import TrainingError
+from pbp_fx.schedule import Kind, PhaseSchedule
+
+C, S, G, T, I, D = Kind.CONTINUE, Kind.START_DENDRITES, Kind.GROW, Kind.RETRY, Kind.INSTALL, Kind.COMPLETE
+
+
+def _run(schedule, steps):
+    """steps: scores (neuron phase) or (score, candidate_progress) pairs."""
+    out = []
+    for s in steps:
+        score, progress = s if isinstance(s, tuple) else (s, False)
+        out.append(schedule.step(score, progress).kind)
+    return out
+
+
+def test_the_module_does_not_import_torch():
+    # pbp_fx/__init__ imports torch; load the module file on its own.
+    code = ("import importlib.util, sys, types; pkg = types.ModuleType('pbp_fx'); pkg.__path__ = ['pbp_fx']; "
+            "sys.modules['pbp_fx'] = pkg; import pbp_fx.schedule; print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"
+
+
+def test_neuron_phase_ends_after_patience_then_dendrites_install_after_dendrite_patience():
+    s = PhaseSchedule(PBConfig(patience=2, dendrite_patience=2, max_dendrites=3))
+    assert _run(s, [0.5, 0.6, 0.6, 0.59]) == [C, C, C, S]
+    assert s.phase == "dendrite" and s.best_epoch == 2
+    assert _run(s, [(0.6, True), (0.6, False), (0.6, False)]) == [C, C, I]
+    assert s.phase == "neuron" and s.dendrites == 1 and s.rounds == 1
+
+
+def test_new_best_is_flagged_only_on_a_gain_above_improvement():
+    s = PhaseSchedule(PBConfig(patience=5, improvement=0.05))
+    flags = [s.step(x).new_best for x in [0.5, 0.54, 0.56, 0.57, 0.62]]
+    assert flags == [True, False, True, False, True]
+    assert s.best_score == 0.62
+
+
+def test_minimize():
+    s = PhaseSchedule(PBConfig(patience=2, improvement=0.05, maximize=False))
+    assert _run(s, [1.0, 0.97, 0.96]) == [C, C, S]
+    assert s.best_score == 1.0
+
+
+def test_neuron_epochs_caps_a_neuron_phase():
+    s = PhaseSchedule(PBConfig(patience=100, neuron_epochs=3))
+    assert _run(s, [0.1, 0.2, 0.3]) == [C, C, S]
+
+
+def test_max_dendrite_epochs_caps_a_dendrite_phase_despite_progress():
+    s = PhaseSchedule(PBConfig(patience=1, dendrite_patience=10, max_dendrite_epochs=3))
+    _run(s, [0.5, 0.5])
+    assert _run(s, [(0.5, True)] * 3) == [C, C, I]
+
+
+def test_retry_after_a_round_without_gain_then_complete_when_retries_are_spent():
+    s = PhaseSchedule(PBConfig(patience=1, dendrite_patience=1, max_dendrites=5, retries=1))
+    assert _run(s, [0.5, 0.5]) == [C, S]       # round 0 ends
+    assert _run(s, [0.5]) == [I]               # dendrite 1
+    assert _run(s, [0.5]) == [T]               # no new best: retry, rewinding to K = 0
+    assert s.dendrites == 0 and s.retries_left == 0 and s.phase == "dendrite"
+    assert _run(s, [0.5]) == [I]
+    assert _run(s, [0.5]) == [D]               # still no gain and no retries left
+    assert s.done and s.dendrites == 0
+    assert s.step(0.99).kind is D              # stays complete
+
+
+def test_an_accepted_round_refills_the_retries():
+    s = PhaseSchedule(PBConfig(patience=1, dendrite_patience=1, max_dendrites=5, retries=1))
+    _run(s, [0.5, 0.5, 0.5])                   # round 0, dendrite 1 installed
+    assert _run(s, [0.5]) == [T]               # retry (0 left)
+    assert _run(s, [0.5, 0.7, 0.7]) == [I, C, S]  # the retried round gains: accepted
+    assert s.retries_left == 1 and s.dendrites == 1
+
+
+def test_max_dendrites_completes_keeping_the_dendrites():
+    s = PhaseSchedule(PBConfig(patience=1, dendrite_patience=1, max_dendrites=2))
+    out = _run(s, [0.5, 0.5, 0.5, 0.6, 0.6, 0.6, 0.7, 0.7])
+    assert out == [C, S, I, C, S, I, C, D]
+    assert s.dendrites == 2 and s.best_score == 0.7 and s.done
+
+
+def test_gd_mode_grows_without_a_dendrite_phase():
+    s = PhaseSchedule(PBConfig(mode="gd", patience=1, max_dendrites=2, retries=0))
+    assert _run(s, [0.5, 0.5]) == [C, G]
+    assert s.phase == "neuron" and s.dendrites == 1
+    assert _run(s, [0.7, 0.7]) == [C, G]
+    assert _run(s, [0.7]) == [D]               # no gain, no retries: rewinds to K = 1
+    assert s.dendrites == 1
+
+
+def test_gd_retry_regrows():
+    s = PhaseSchedule(PBConfig(mode="gd", patience=1, max_dendrites=3, retries=1))
+    assert _run(s, [0.5, 0.5, 0.5]) == [C, G, T]
+    assert s.dendrites == 1  # rewound to 0, grew 1
+
+
+def test_stop_completes_from_any_phase():
+    s = PhaseSchedule(PBConfig(patience=1))
+    _run(s, [0.5, 0.5])
+    assert s.phase == "dendrite"
+    assert s.stop("epoch cap").kind is D
+    assert s.done and s.phase == "neuron" and s.dendrites == 0
+
+
+def test_non_finite_scores_are_refused_in_the_neuron_phase():
+    s = PhaseSchedule(PBConfig())
+    with pytest.raises(TrainingError, match="not finite"):
+        s.step(float("nan"))
+
+
+def test_state_dict_resumes_identically():
+    cfg = PBConfig(patience=2, dendrite_patience=1, max_dendrites=3, retries=1)
+    seq = [0.5, 0.6, 0.6, 0.6, (0.6, True), 0.6, 0.62, 0.62, 0.62, 0.62, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
+    whole = PhaseSchedule(cfg)
+    expected = _run(whole, seq)
+    for cut in range(len(seq)):
+        a = PhaseSchedule(cfg)
+        first = _run(a, seq[:cut])
+        b = PhaseSchedule(cfg)
+        b.load_state_dict(a.state_dict())
+        assert first + _run(b, seq[cut:]) == expected
+        assert b.state_dict() == whole.state_dict()
