@@ -111,3 +111,31 @@ def test_dendrite_phase_statistics_match_eager_and_install_recompiles_once(twins
         m.install_candidates()
     assert _run(pm, twin, compiled, backend, x, y) == (1, 0)  # neuron phase with a dendrite
     _same_state(pm, twin)
+
+
+def _graph_breaks(pm, x) -> list[str]:
+    torch._dynamo.reset()
+    out = torch._dynamo.explain(pm.train())(x)
+    torch._dynamo.reset()
+    return [r.reason.splitlines()[0] for r in out.break_reasons]
+
+
+@pytest.mark.slow  # explain traces twice: 10-30 s here
+def test_no_graph_break_in_the_neuron_phase(twins):
+    pm, _ = twins
+    x, _ = _data()
+    assert _graph_breaks(pm, x) == []
+    pm.grow()
+    assert _graph_breaks(pm, x) == []
+
+
+# Issue 11 asks for no graph break inside a Site in either phase; the dendrite phase's
+# covariance tap breaks the graph today (bench/results/compile.md lists the reasons). The
+# stats branch makes Site compile-clean; strict: this XPASSes (fails) once it does.
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the dendrite phase's covariance tap breaks the graph (stats branch)")
+def test_no_graph_break_in_the_dendrite_phase(twins):
+    pm, _ = twins
+    x, _ = _data()
+    pm.start_dendrite_phase(pool=2)
+    assert _graph_breaks(pm, x) == []
