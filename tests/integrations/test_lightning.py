@@ -13,7 +13,8 @@ from pbp_fx.config import ConfigError  # noqa: E402
 from pbp_fx.errors import TrainingError  # noqa: E402
 from pbp_fx.integrations.lightning import PBCallback  # noqa: E402
 
-QUICK = pbp_fx.PBConfig(patience=2, max_dendrites=1, dendrite_patience=2, max_dendrite_epochs=3, pool=2, retries=0)
+QUICK = pbp_fx.PBConfig(patience=2, neuron_epochs=3, max_dendrites=1, dendrite_patience=2, max_dendrite_epochs=3, pool=2,
+                        retries=0)
 
 
 def small_cnn() -> nn.Module:
