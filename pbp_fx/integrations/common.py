@@ -2,7 +2,6 @@
 scheduler a framework holds (PhaseController adopts them)."""
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

@@ -2,9 +2,9 @@
 
 A stock Trainer script gains three lines:
 
-    import pbp_fx; from pbp_fx.integrations.hf import PBCallback
+    import pbp_fx.integrations.hf
     model = pbp_fx.perforate(model, example_kwargs=batch)
-    trainer = Trainer(model=model, args=args, ..., callbacks=[PBCallback()])
+    trainer = Trainer(model=model, args=args, ..., callbacks=[pbp_fx.integrations.hf.PBCallback()])
 
 Each evaluation's metric goes to the phase schedule; at a restructure the Trainer's own
 optimizer object (adopted, not replaced) gets the new parameter set, its LR scheduler keeps
@@ -37,7 +37,7 @@ class PBCallback(TrainerCallback):
     config.maximize. config: PB settings (default: PBConfig() with the model's mode and
     activation). `self.controller` is the PhaseController once training has begun.
     Checkpoints: every Trainer checkpoint folder and, at the end, `args.output_dir` get a
-    `pbp_fx.safetensors` that `pbp_fx.load` reads.
+    `pbp_fx.safetensors` that `pbp_fx.load` reads. One process (no multi-GPU DDP).
     """
 
     def __init__(self, config: Optional[PBConfig] = None, metric: str = "eval_loss",
@@ -56,6 +56,9 @@ class PBCallback(TrainerCallback):
         if args.eval_strategy == "no":
             raise TrainingError("PBCallback decides on evaluation metrics: set eval_strategy='epoch' or 'steps' "
                                 "and pass an eval_dataset")
+        if args.world_size > 1:
+            raise TrainingError("PBCallback runs in one process: a restructure changes the parameters that the "
+                                "Trainer's DDP wrapper was built on; train on one device")
         pm = find_perforated(model, "PBCallback")
         opt = unwrap_optimizer(optimizer)
         if self.controller is None or self.controller.pm is not pm:
