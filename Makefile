@@ -3,18 +3,26 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The pinned CPU wheel first: a bare `torch` requirement would pull the CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[ort,dev,hf]'
+	touch $@
+
+# `pbp-fx train` needs only the train extra; the tests also need the dev extra (hf, lightning).
+$(VENV)/.demo: $(VENV)/.base
+	$(PY) -m pip install -q -e '.[ort,train]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
+	$(PY) -m pip install -q -e '.[ort,dev]'
 	touch $@
 
 .PHONY: setup demo test bench
 setup: $(VENV)/.installed
 
-demo: setup
+demo: $(VENV)/.demo
 	$(VENV)/bin/pbp-fx train --out runs/demo --max-dendrites 2
 	# The control: plain and restarts arms with the run's own budget and seed, beside its PB result.
 	$(VENV)/bin/pbp-fx compare --pb-run runs/demo --jobs 2

@@ -118,9 +118,15 @@ class PerforatedModel(nn.Module):
     def num_dendrites(self) -> dict[str, int]:
         return {name: s.num_dendrites for name, s in self.sites.items()}
 
-    def num_parameters(self, candidates: bool = False) -> int:
-        """Parameters of the model (shared ones once), without the candidate pools unless asked."""
+    def num_parameters(self, candidates: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters of the model (shared ones once), without the candidate pools unless asked.
+
+        exclude_embeddings: leave out nn.Embedding tables that are still modules (Hugging Face
+        Trainer asks for this count in its FLOP estimate; torch.export graphs hold no modules).
+        """
         skip = set()
+        if exclude_embeddings:
+            skip.update(id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding))
         if not candidates:
             for s in self.sites.values():
                 if s.candidates is not None:

@@ -1,0 +1,96 @@
+"""Hugging Face `transformers.Trainer` integration: `PBCallback`.
+
+A stock Trainer script gains three lines:
+
+    import pbp_fx.integrations.hf
+    model = pbp_fx.perforate(model, example_kwargs=batch)
+    trainer = Trainer(model=model, args=args, ..., callbacks=[pbp_fx.integrations.hf.PBCallback()])
+
+Each evaluation's metric goes to the phase schedule; at a restructure the Trainer's own
+optimizer object (adopted, not replaced) gets the new parameter set, its LR scheduler keeps
+stepping, and when PB is complete training stops with the best-validation model loaded.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from transformers import TrainerCallback
+
+from ..checkpoint import save
+from ..config import PBConfig
+from ..controller import Decision, PhaseController
+from ..errors import TrainingError
+from .common import find_perforated, unwrap_optimizer, unwrap_scheduler
+
+__all__ = ["PBCallback", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "pbp_fx.safetensors"  # the pbp_fx.save checkpoint written beside the Trainer's files
+
+
+class PBCallback(TrainerCallback):
+    """Runs PB's phase schedule on the Trainer's evaluations (eval_strategy "epoch" or "steps").
+
+    metric: the evaluation metric the schedule follows ("eval_loss", or "eval_<name>" from
+    compute_metrics; the "eval_" prefix may be left out). greater_is_better: its direction
+    (default: lower is better for names ending in "loss", higher otherwise); it sets
+    config.maximize. config: PB settings (default: PBConfig() with the model's mode and
+    activation). `self.controller` is the PhaseController once training has begun.
+    Checkpoints: every Trainer checkpoint folder and, at the end, `args.output_dir` get a
+    `pbp_fx.safetensors` that `pbp_fx.load` reads. One process (no multi-GPU DDP).
+    """
+
+    def __init__(self, config: Optional[PBConfig] = None, metric: str = "eval_loss",
+                 greater_is_better: Optional[bool] = None):
+        self.metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+        if greater_is_better is None:
+            greater_is_better = not self.metric.endswith("loss")
+        self.config, self.maximize = config, bool(greater_is_better)
+        self.controller: Optional[PhaseController] = None
+        self._training = False
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if args.load_best_model_at_end:
+            raise TrainingError("PBCallback keeps the best-validation model itself: "
+                                "set load_best_model_at_end=False in TrainingArguments")
+        if args.eval_strategy == "no":
+            raise TrainingError("PBCallback decides on evaluation metrics: set eval_strategy='epoch' or 'steps' "
+                                "and pass an eval_dataset")
+        if args.world_size > 1:
+            raise TrainingError("PBCallback runs in one process: a restructure changes the parameters that the "
+                                "Trainer's DDP wrapper was built on; train on one device")
+        pm = find_perforated(model, "PBCallback")
+        opt = unwrap_optimizer(optimizer)
+        if self.controller is None or self.controller.pm is not pm:
+            self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize)
+        scheduler = unwrap_scheduler(lr_scheduler)
+        if scheduler is not None:
+            self.controller.attach_scheduler(scheduler)
+        self._training = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not self._training or self.controller.done:
+            return  # trainer.evaluate() outside train(), or after PB finished
+        metrics = metrics or {}
+        if self.metric not in metrics:
+            raise TrainingError(f"PBCallback: metric {self.metric!r} is not among the evaluation metrics "
+                                f"({', '.join(sorted(metrics)) or 'none'}): pass metric= one of them")
+        decision = self.controller.step(float(metrics[self.metric]))
+        if decision is Decision.COMPLETE:
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self.controller is not None and os.path.isdir(folder) and state.is_world_process_zero:
+            save(self.controller.pm, os.path.join(folder, CHECKPOINT_NAME), controller=self.controller)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not self._training:
+            return
+        self._training = False
+        ctl = self.controller
+        if not ctl.done:  # the Trainer's step or epoch budget ran out first
+            ctl.finish("the Trainer's step or epoch budget ran out")
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            save(ctl.pm, os.path.join(args.output_dir, CHECKPOINT_NAME), controller=ctl)

@@ -1,0 +1,144 @@
+"""pbp_fx.integrations.hf.PBCallback in a real transformers.Trainer (tiny random BERT, CPU, offline)."""
+import copy
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from safetensors.torch import load_file  # noqa: E402
+from transformers import Trainer, TrainingArguments, default_data_collator  # noqa: E402
+
+import pbp_fx  # noqa: E402
+from pbp_fx.errors import TrainingError  # noqa: E402
+from pbp_fx.integrations.hf import CHECKPOINT_NAME, PBCallback  # noqa: E402
+
+from synthetic import parity_tokens, tiny_bert  # noqa: E402
+
+# Short phases (at most 3 neuron-phase epochs): one dendrite round, then a neuron phase.
+QUICK = pbp_fx.PBConfig(patience=2, neuron_epochs=3, max_dendrites=1, dendrite_patience=2, max_dendrite_epochs=3, pool=2,
+                        retries=0)
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), num_train_epochs=40, per_device_train_batch_size=32,
+                per_device_eval_batch_size=128, learning_rate=3e-3, lr_scheduler_type="linear",
+                eval_strategy="epoch", save_strategy="no", logging_strategy="epoch", report_to=[],
+                use_cpu=True, disable_tqdm=True, seed=0,
+                # PerforatedModel.forward shows (*args, **kwargs), not BERT's parameters: name the labels
+                # and keep the dataset's columns (a Trainer would otherwise filter by that signature).
+                label_names=["labels"], remove_unused_columns=False)
+    return TrainingArguments(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def perforated_bert():
+    """A fresh perforated tiny BERT per call (traced once: torch.export takes seconds)."""
+    template = pbp_fx.perforate(tiny_bert(), example_kwargs=default_data_collator(parity_tokens(8, 0)))
+    return lambda: copy.deepcopy(template)
+
+
+def _trainer(tmp_path, callback, model, train_size=128, **kw):
+    train, val = parity_tokens(train_size, 0), parity_tokens(64, 1)
+    return Trainer(model=model, args=_args(tmp_path, **kw), train_dataset=train, eval_dataset=val,
+                   callbacks=[callback]), val
+
+
+def _notes(ctl) -> list[str]:
+    return [h["note"] for h in ctl.history]
+
+
+def test_trainer_runs_a_dendrite_phase_installs_and_stops_with_the_best_model(tmp_path, perforated_bert):
+    cb = PBCallback(QUICK)
+    trainer, val = _trainer(tmp_path, cb, perforated_bert())
+    trainer.train()
+    ctl, pm = cb.controller, trainer.model
+    notes = _notes(ctl)
+    assert any("dendrite phase started" in n for n in notes), notes
+    assert any("installed dendrite 1" in n for n in notes), notes
+    assert ctl.done and trainer.state.epoch < 40  # stopped by PB, not by the epoch budget
+    # The Trainer's own optimizer was adopted and serves the final parameter set.
+    inner = trainer.optimizer.optimizer
+    assert inner is ctl.optimizer
+    held = {id(p) for g in inner.param_groups for p in g["params"]}
+    assert held == {id(p) for p in pm.trainable_parameters()}
+    assert len(inner.param_groups) == 2  # the Trainer's decay / no-decay groups survive restructures
+    # The linear schedule kept stepping: the candidate rate in the dendrite phase, decaying neuron rates.
+    lrs = [(r["epoch"], r["learning_rate"]) for r in trainer.state.log_history if "learning_rate" in r]
+    dendrite_epochs = {h["epoch"] for h in ctl.history if h["phase"] == "dendrite"}
+    in_dendrite = [lr for e, lr in lrs if round(e) in dendrite_epochs]
+    assert in_dendrite and min(in_dendrite) > 3e-3 and max(in_dendrite) <= QUICK.candidate_lr
+    neuron = [lr for e, lr in lrs if round(e) not in dendrite_epochs]
+    assert neuron == sorted(neuron, reverse=True) and neuron[-1] < 3e-3
+    # The best-validation model is loaded.
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(ctl.best_score, abs=1e-6)
+    # Checkpoints: pbp_fx.load reads the callback's; the Trainer's state dict loads onto a perforated copy.
+    batch = default_data_collator(val[:16])
+    pm.eval()
+    with torch.no_grad():
+        want = pm(**batch).logits
+    loaded = pbp_fx.load(os.path.join(tmp_path, CHECKPOINT_NAME), perforated_bert()).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, want)
+    trainer.save_model(str(tmp_path / "saved"))  # the Trainer's own file: a state dict with every dendrite
+    fresh = perforated_bert().eval()
+    fresh.load_state_dict(load_file(str(tmp_path / "saved" / "model.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, want)
+
+
+def test_bf16_on_cpu(tmp_path, perforated_bert):
+    cb = PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), bf16=True)
+    trainer.train()
+    notes = _notes(cb.controller)
+    assert any("installed dendrite 1" in n for n in notes), notes
+    assert cb.controller.done
+    assert all(torch.isfinite(torch.tensor(h["score"])) for h in cb.controller.history)
+
+
+def _accuracy(pred):
+    return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+
+def test_steps_strategy_gradient_accumulation_and_a_named_metric(tmp_path, perforated_bert):
+    cb = PBCallback(QUICK, metric="accuracy")  # "eval_accuracy", greater is better
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), eval_strategy="steps", eval_steps=3, logging_strategy="steps",
+                          logging_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=16,
+                          num_train_epochs=20)
+    trainer.compute_metrics = _accuracy
+    trainer.train()
+    ctl = cb.controller
+    assert ctl.config.maximize
+    evaluations = [r for r in trainer.state.log_history if "eval_accuracy" in r]
+    assert len(ctl.history) == len(evaluations)  # one schedule step per evaluation
+    assert any("installed dendrite 1" in n for n in _notes(ctl))
+
+
+def test_refusals_are_one_line_pb_errors(tmp_path, perforated_bert):
+    trainer, _ = _trainer(tmp_path, PBCallback(QUICK), perforated_bert(), load_best_model_at_end=True, save_strategy="epoch",
+                          metric_for_best_model="eval_loss")
+    with pytest.raises(TrainingError, match="load_best_model_at_end=False"):
+        trainer.train()
+    trainer, _ = _trainer(tmp_path, PBCallback(QUICK, metric="f1"), perforated_bert())
+    with pytest.raises(TrainingError, match="'eval_f1' is not among the evaluation metrics .*eval_loss"):
+        trainer.train()
+    train = parity_tokens(64, 0)
+    plain = Trainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=train, eval_dataset=train,
+                    callbacks=[PBCallback(QUICK)])
+    with pytest.raises(TrainingError, match="pbp_fx.perforate"):
+        plain.train()
+
+
+# The Trainer saves model.state_dict() with safetensors, which takes tensors only; in the dendrite
+# phase CandidatePool's batch counter is non-tensor extra state (pbp_fx/site.py, stats branch).
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="CandidatePool keeps a non-tensor _extra_state")
+def test_trainer_checkpoints_in_the_dendrite_phase(tmp_path, perforated_bert):
+    cb = PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), save_strategy="epoch", num_train_epochs=6)
+    trainer.train()
+    saved = sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint-"))
+    assert len(saved) == 6 and all(os.path.isfile(tmp_path / d / CHECKPOINT_NAME) for d in saved)
+    phases = {pbp_fx.checkpoint.read_structure(str(tmp_path / d / CHECKPOINT_NAME))["phase"] for d in saved}
+    assert phases == {"neuron", "dendrite"}

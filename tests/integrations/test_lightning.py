@@ -1,0 +1,105 @@
+"""pbp_fx.integrations.lightning.PBCallback in a real lightning.pytorch.Trainer (small CNN, CPU)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+L = pytest.importorskip("lightning")
+from sklearn.datasets import load_digits  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import pbp_fx  # noqa: E402
+from pbp_fx.config import ConfigError  # noqa: E402
+from pbp_fx.errors import TrainingError  # noqa: E402
+from pbp_fx.integrations.lightning import PBCallback  # noqa: E402
+
+QUICK = pbp_fx.PBConfig(patience=2, neuron_epochs=3, max_dendrites=1, dendrite_patience=2, max_dendrite_epochs=3, pool=2,
+                        retries=0)
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 10))
+
+
+def digits_loaders():
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(y)
+    train, val = TensorDataset(x[:600], y[:600]), TensorDataset(x[600:900], y[600:900])
+    return (DataLoader(train, batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(0)),
+            DataLoader(val, batch_size=300))
+
+
+class Classifier(L.LightningModule):
+    """An ordinary LightningModule; configure_optimizers is the user's own (Adam + StepLR)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        logits = self.model(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=3e-3)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)]
+
+
+def _trainer(callback, max_epochs=60, **kw):
+    return L.Trainer(max_epochs=max_epochs, callbacks=[callback], accelerator="cpu", devices=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, **kw)
+
+
+def test_lightning_trainer_runs_pb_through_an_install(tmp_path):
+    train, val = digits_loaders()
+    pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+    module, cb = Classifier(pm), PBCallback(QUICK, monitor="val_acc", mode="max")
+    trainer = _trainer(cb)
+    trainer.fit(module, train, val)
+    ctl = cb.controller
+    notes = [h["note"] for h in ctl.history]
+    assert any("dendrite phase started" in n for n in notes), notes
+    assert any("installed dendrite 1" in n for n in notes), notes
+    assert ctl.done and ctl.config.maximize and trainer.current_epoch < 60
+    assert len(ctl.history) == trainer.current_epoch  # one schedule step per validation run
+    # The optimizer configure_optimizers built is the one PB rebinds; its StepLR kept stepping.
+    opt = trainer.optimizers[0]
+    assert opt is ctl.optimizer
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in pm.trainable_parameters()}
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == trainer.current_epoch
+    # The best-validation model is loaded.
+    assert trainer.validate(module, val, verbose=False)[0]["val_acc"] == pytest.approx(ctl.best_score, abs=1e-6)
+    # Lightning's checkpoint loads onto a freshly perforated module; so does pbp_fx.save/load.
+    x = next(iter(val))[0][:16]
+    pm.eval()
+    with torch.no_grad():
+        want = pm(x)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    fresh = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
+    fresh.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"])
+    fresh.eval()
+    pbp_fx.save(pm, str(tmp_path / "pb.safetensors"))
+    loaded = pbp_fx.load(str(tmp_path / "pb.safetensors"), small_cnn, torch.zeros(2, 1, 8, 8)).eval()
+    with torch.no_grad():
+        assert torch.equal(fresh.model(x), want) and torch.equal(loaded(x), want)
+
+
+def test_lightning_refusals():
+    with pytest.raises(ConfigError, match="mode='up'"):
+        PBCallback(mode="up")
+    train, val = digits_loaders()
+    module = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
+    with pytest.raises(TrainingError, match="'val_f1' was not logged .*val_acc"):
+        _trainer(PBCallback(QUICK, monitor="val_f1"), max_epochs=1).fit(module, train, val)
+    with pytest.raises(TrainingError, match="pbp_fx.perforate"):
+        _trainer(PBCallback(QUICK), max_epochs=1).fit(Classifier(small_cnn()), train, val)
