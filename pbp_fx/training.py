@@ -140,22 +140,24 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = F.cro
         device = distributed.device
     if device is not None:
         pm.to(device)  # before any DDP wrapper is built over the parameters
-    if controller is None:
-        factory = optimizer_factory or (lambda params: torch.optim.Adam(params, lr=training.lr))
-        controller = PhaseController(pm, config, optimizer_factory=factory, distributed=distributed)
-    else:
+    if controller is not None:
         given = [n for n, v in (("config", config), ("optimizer_factory", optimizer_factory), ("lr", lr))
                  if v is not None]
         if given:
             raise ConfigError(f"fit(controller=...) trains with the controller's settings and optimizer: pass "
                               f"{given[0]} to PhaseController instead")
-        if distributed is not None and controller.distributed is not distributed:
+    history = History() if history is None else history  # a given history: resume after its last epoch
+    bar = _progress(training.epochs, progress and (distributed is None or distributed.is_main))
+    # Building the DDP wrapper is collective work too: inside the guard, so a rank that is
+    # slow or gone is reported as such.
+    with distributed.guard() if distributed is not None else nullcontext():
+        if controller is None:
+            factory = optimizer_factory or (lambda params: torch.optim.Adam(params, lr=training.lr))
+            controller = PhaseController(pm, config, optimizer_factory=factory, distributed=distributed)
+        elif distributed is not None and controller.distributed is not distributed:
             controller.set_distributed(distributed)
         elif device is not None:
             controller.rebind()
-    history = History() if history is None else history  # a given history: resume after its last epoch
-    bar = _progress(training.epochs, progress and (distributed is None or distributed.is_main))
-    with distributed.guard() if distributed is not None else nullcontext():
         if distributed is not None and _length(train_loader) is not None:
             distributed.check_same("number of training batches", _length(train_loader))
         _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, training.epochs, metric,

@@ -74,8 +74,10 @@ ROWS = {
         "    def __init__(self):\n        super().__init__(); self.fc = nn.Linear(4, 2)\n"
         "    def forward(self, x):\n        return self.fc(x) if x.sum() > 0 else -self.fc(x)\n"
         "def build_model(): return M()"))], "cannot trace M.forward"),
-    "NaN in the loss": (lambda t: ["train", _file(t, GOOD.replace("x = torch.randn(40, 4, generator=g)",
+    "NaN in the data": (lambda t: ["train", _file(t, GOOD.replace("x = torch.randn(40, 4, generator=g)",
                                                                "x = torch.full((40, 4), float('nan'))")),
+                                   "--out", str(t / "out")], "training data holds NaN/Inf"),
+    "NaN in the loss": (lambda t: ["train", _file(t, GOOD + "\ndef loss_fn(out, y):\n    return out.sum() * float('nan')\n"),
                                    "--out", str(t / "out")], "loss is nan"),
     "empty dataset": (lambda t: ["train", _file(t, GOOD.replace("torch.randn(40, 4, generator=g)",
                                                                 "torch.randn(0, 4)")), "--out", str(t / "out")],

@@ -212,3 +212,23 @@ def test_train_frontend_is_recorded_and_the_checkpoint_loads_without_inputs(tmp_
     mod = pbp_fx.job.load_job_module(DIGITS)
     pm = pbp_fx.load(path, mod.build_model)
     assert pm.capture == meta["capture"]
+
+
+def test_resuming_a_format_1_run_is_refused_in_one_line(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from pbp_fx.checkpoint import _digest, read_meta
+
+    run = tmp_path / "old"
+    run.mkdir()
+    pm = pbp_fx.perforate(torch.nn.Linear(3, 2), (torch.randn(2, 3),))
+    path = str(run / "checkpoint.safetensors")
+    pbp_fx.save(pm, path, extra={"job_state": {"args": {}, "model_file": DIGITS}})
+    meta = read_meta(path)
+    meta["format"] = "pbp-fx-checkpoint/1"
+    tensors = load_file(path)
+    meta["sha256"] = _digest(tensors, meta)
+    save_file(tensors, path, metadata={"pbp_fx": json.dumps(meta)})
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pbp-fx-checkpoint/1" in err and "start a new run" in err
