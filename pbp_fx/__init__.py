@@ -5,12 +5,13 @@ from .errors import CheckpointError, ModelFileError, NoSitesError, PBError, Trac
 from .perforated import PerforatedModel, perforate
 from .site import FusedSite, Site
 from .tracing import trace
+from .explain import explain_sites  # i12: every Linear/Conv-like op, site or why not
 from .training import History, evaluate, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "trace", "perforate", "PerforatedModel", "Site", "FusedSite",
+    "trace", "perforate", "PerforatedModel", "Site", "FusedSite", "explain_sites",
     "PhaseController", "Decision", "fit", "evaluate", "History", "save", "load",
     "export_onnx", "ort_session",
     "PBError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",

@@ -41,6 +41,12 @@ class PerforatedModel(nn.Module):
         self._frozen_buffers: dict[str, torch.Tensor] = {}
 
     @property
+    def source_model(self) -> Optional[nn.Module]:
+        """The copy of the original model the graph was traced from (it shares the graph's
+        parameters; the perforated graph, not this, is what runs)."""
+        return self._source
+
+    @property
     def call_signature(self) -> Optional[CallSignature]:
         """The original forward's signature and the traced input pattern (None: traced without inputs)."""
         return self.graph_module.meta.get("pbp_call")
