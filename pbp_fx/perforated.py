@@ -58,7 +58,7 @@ class PerforatedModel(nn.Module):
         Trainer's `num_items_in_batch`) is dropped when it does not change the original's
         output (checked once per keyword), and refused with a CallError when it does."""
         call = self.call_signature
-        if call is None:
+        if call is None or call.is_plain(args, kwargs):
             return self.graph_module(*args, **kwargs)
         g_args, g_kwargs, extra = call.bind(args, kwargs)
         for key in extra:
