@@ -19,7 +19,18 @@ $(VENV)/.installed: $(VENV)/.base
 	$(PY) -m pip install -q -e '.[ort,dev]'
 	touch $@
 
-.PHONY: setup demo test bench
+ZOO_VENV := .venv-zoo
+ZOO_PY := $(ZOO_VENV)/bin/python
+
+# torchvision / timm need a torch whose wheel they match (the CPU 2.13 wheel has no torchvision ops).
+$(ZOO_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_PY) -m pip install -q --upgrade pip
+	$(ZOO_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 timm
+	$(ZOO_PY) -m pip install -q -e '.[ort,dev,hf]'
+	touch $@
+
+.PHONY: setup demo test bench zoo
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.demo
@@ -29,6 +40,10 @@ demo: $(VENV)/.demo
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests
+
+# The model zoo (torchvision, timm, Hugging Face; slow): one `ZOO|` row per model.
+zoo: $(ZOO_VENV)/.installed
+	$(ZOO_PY) -m pytest -m zoo -s -q tests/test_zoo.py
 
 bench: setup
 	$(PY) bench/perforate_time.py

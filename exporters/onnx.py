@@ -13,6 +13,10 @@ onnxruntime runs it. (Functions produced during translation would be inlined by 
 exporter; attaching them afterwards keeps the fused op visible.) Nothing is registered
 globally: `torch.onnx.ops.symbolic` is torch's own op.
 
+A finalized graph made only of common layers (Linear, Conv, BatchNorm, pooling, elementwise
+ops, fused sites) is written directly (`pbp_fx.exporters.direct`, milliseconds); any other
+graph goes through the dynamo exporter, whose fixed cost is seconds.
+
 Unfused (`fused=False`) exports the finalized graph's ordinary computation: one wide
 Linear/Conv per site followed by standard slicing and elementwise ops.
 
@@ -267,6 +271,18 @@ def _quiet_exporter():
         reg.setLevel(level)
 
 
+def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+    """Direct emission when the graph is made of common layers (`exporters.direct`: no dynamo
+    import, registry or re-capture), else the dynamo exporter."""
+    from .direct import Unsupported, emit
+
+    try:
+        return emit(module, inputs, opset, dynamic_batch)
+    except Unsupported as why:
+        log.debug("export_onnx: the dynamo exporter runs (direct path: %s)", why)
+    return _torch_export(module, inputs, opset, dynamic_batch)
+
+
 def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
     traced_inputs, shapes = _batched_inputs(inputs, dynamic_batch)
     names = _output_names(module, traced_inputs)
@@ -437,7 +453,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
             if spec.min_opset > opset:
                 raise ExportError(f"a site with padding_mode={spec.padding_mode!r} needs opset >= "
                                   f"{spec.min_opset}: pass opset={spec.min_opset}")
-    proto = _torch_export(module, inputs, int(opset), dynamic_batch)
+    proto = _direct_or_torch_export(module, inputs, int(opset), dynamic_batch)
     n_fused = _attach_functions(proto, specs)
     expected = sum(1 for k in dendrites.values() if k > 0) if fused else 0
     if fused and n_fused < len(specs):

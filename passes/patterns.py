@@ -1,6 +1,8 @@
 """Node patterns: which fx nodes are neurons (Linear/Conv) and which norms join a site.
 
-Each rule is a small function `node, gm -> match | None`; `find_sites` tries them in order.
+Each rule is a small function `node, gm -> match | NotASite | None`: a match, the reason a
+Linear/Conv-like node is not a site (a failed match says why), or None for any other node;
+`find_sites` tries them in order, `explain_neuron` keeps the reasons.
 Only recognition lives here: no graph is edited.
 
 Neurons: `call_module` Linear/ConvNd; functional F.linear / F.convNd and their ATen forms
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from torch import fx, nn
 
 from pbp_fx.layers import LayerSpec, NormSpec
 
-__all__ = ["NeuronMatch", "NormMatch", "match_neuron", "match_norm", "attr_tensor", "neuron_weights",
+__all__ = ["NeuronMatch", "NormMatch", "NotASite", "match_neuron", "explain_neuron", "match_norm", "attr_tensor", "neuron_weights",
            "NEURON_RULES", "NORM_RULES"]
 
 
@@ -158,38 +160,55 @@ def _unbatched(conv: fx.Node, d: int) -> bool:
 
 
 # -- neuron rules --------------------------------------------------------------------
-def linear_or_conv_module(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
+# Each returns a NeuronMatch, a NotASite (a Linear/Conv-like op and why it is not a site), or
+# None (not a Linear/Conv-like op at all).
+
+class NotASite(str):
+    """Why a Linear/Conv-like node is not a site: a rule's failed match, as a sentence."""
+
+
+_UNBATCHED = "a convolution on an unbatched [C, ...] input: no batch axis, so no neuron channels"
+_NOT_PARAM = "its weight is not a parameter (a buffer or a value computed at run time)"
+_RUNTIME_HYPER = "its stride / padding / dilation / groups are computed at run time"
+
+def linear_or_conv_module(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
     if node.op != "call_module":
         return None
     m = gm.get_submodule(node.target)
     if not (isinstance(m, nn.Linear) or type(m) in _CONV_MODULES or isinstance(m, tuple(_CONV_MODULES))):
         return None
-    if isinstance(m, nn.modules.lazy.LazyModuleMixin) or not node.args:
-        return None
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin):
+        return NotASite("a lazy module that has not run yet: call the model once before perforating")
+    if not node.args:
+        return NotASite("called without a positional input")
     if not isinstance(m, nn.Linear) and _unbatched(node, len(m.kernel_size)):
-        return None
+        return NotASite(_UNBATCHED)
     bias = f"{node.target}.bias" if m.bias is not None else None
     return NeuronMatch(LayerSpec.from_module(m), node.args[0], node.target, f"{node.target}.weight", bias)
 
 
-def functional_linear(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
+def functional_linear(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
     if node.op != "call_function" or node.target not in _LINEAR_FUNCTIONS:
         return None
     ref = _weight_ref(gm, _arg(node, 1, "weight"))
     b = _arg(node, 2, "bias")
     bias = _param_path(gm, b)
-    if ref is None or (b is not None and bias is None) or not isinstance(_arg(node, 0, "input"), fx.Node):
-        return None
+    if ref is None:
+        return NotASite(_NOT_PARAM)
+    if b is not None and bias is None:
+        return NotASite("its bias is not a parameter")
+    if not isinstance(_arg(node, 0, "input"), fx.Node):
+        return NotASite("its input is a constant")
     weight, transposed = ref
     shape = tuple(gm.get_parameter(weight).shape)
     if len(shape) != 2:
-        return None
+        return NotASite(f"its weight is {len(shape)}-D, not 2-D")
     shape = shape[::-1] if transposed else shape
     return NeuronMatch(LayerSpec("linear", shape, bias is not None), _arg(node, 0, "input"),
                        None, weight, bias, weight_transposed=transposed)
 
 
-def _product(gm: fx.GraphModule, x, w, b, node: fx.Node, index: int, name: str) -> Optional[NeuronMatch]:
+def _product(gm: fx.GraphModule, x, w, b, node: fx.Node, index: int, name: str) -> Union[NeuronMatch, NotASite, None]:
     """x @ W (+ b) as a Linear: W is [in, C] (or W.t() of a [C, in] parameter), b a [C] parameter."""
     if not isinstance(x, fx.Node) or _param_path(gm, x) is not None:
         return None
@@ -199,7 +218,7 @@ def _product(gm: fx.GraphModule, x, w, b, node: fx.Node, index: int, name: str) 
     weight, read_transposed = ref
     p = gm.get_parameter(weight)
     if p.dim() != 2:
-        return None
+        return NotASite(f"a product with a {p.dim()}-D parameter, not a 2-D weight")
     stored_transposed = not read_transposed  # x @ W reads W as [in, C]
     channels = p.shape[1] if stored_transposed else p.shape[0]
     fan_in = p.shape[0] if stored_transposed else p.shape[1]
@@ -207,42 +226,44 @@ def _product(gm: fx.GraphModule, x, w, b, node: fx.Node, index: int, name: str) 
     if b is not None:
         bias = _param_path(gm, b)
         if bias is None or tuple(gm.get_parameter(bias).shape) != (channels,):
-            return None
+            return NotASite("its added term is not a [C] bias parameter")
     return NeuronMatch(LayerSpec("linear", (int(channels), int(fan_in)), bias is not None), x, None, weight, bias,
                        weight_transposed=stored_transposed, input_index=index, input_name=name)
 
 
-def functional_matmul(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
+def functional_matmul(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
     if node.op != "call_function" or node.target not in _MATMUL_FUNCTIONS:
         return None
     xi, xn, wi, wn = _MATMUL_FUNCTIONS[node.target]
     return _product(gm, _arg(node, xi, xn), _arg(node, wi, wn), None, node, xi, xn)
 
 
-def functional_addmm(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
+def functional_addmm(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
     if node.op != "call_function" or node.target not in _ADDMM_FUNCTIONS:
         return None
     bn, xn, wn = _ADDMM_FUNCTIONS[node.target]
     if _arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1:
-        return None
+        return NotASite("addmm with beta or alpha other than 1")
     return _product(gm, _arg(node, 1, xn), _arg(node, 2, wn), _arg(node, 0, bn), node, 1, xn)
 
 
-def functional_conv(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
+def functional_conv(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
     if node.op != "call_function" or node.target not in _CONV_FUNCTIONS:
         return None
     d = _CONV_FUNCTIONS[node.target]
     if _unbatched(node, d):
-        return None
+        return NotASite(_UNBATCHED)
     weight = _param_path(gm, _arg(node, 1, "weight"))
     b = _arg(node, 2, "bias")
     bias = _param_path(gm, b)
-    if weight is None or (b is not None and bias is None):
-        return None
+    if weight is None:
+        return NotASite(_NOT_PARAM)
+    if b is not None and bias is None:
+        return NotASite("its bias is not a parameter")
     rest = [_arg(node, i, n, dflt) for i, n, dflt in
             ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1))]
     if any(isinstance(v, fx.Node) for v in rest):
-        return None  # hyper-parameters computed at run time: not a static site
+        return NotASite(_RUNTIME_HYPER)
     stride, padding, dilation, groups = rest
     w = gm.get_parameter(weight)
     layer = LayerSpec(f"conv{d}d", tuple(w.shape), bias is not None, _ntuple(stride, d),
@@ -251,21 +272,29 @@ def functional_conv(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
     return NeuronMatch(layer, _arg(node, 0, "input"), None, weight, bias)
 
 
-def aten_convolution(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
+def aten_convolution(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
     """aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)."""
     if node.op != "call_function" or node.target is not _aten.convolution.default or len(node.args) < 9:
         return None
     x, w_arg, b, stride, padding, dilation, transposed, _, groups = node.args[:9]
     weight = _param_path(gm, w_arg)
     bias = _param_path(gm, b)
-    if weight is None or (b is not None and bias is None) or transposed or not isinstance(x, fx.Node):
-        return None
+    if transposed:
+        return NotASite("a transposed convolution (not a site kind)")
+    if weight is None:
+        return NotASite(_NOT_PARAM)
+    if b is not None and bias is None:
+        return NotASite("its bias is not a parameter")
+    if not isinstance(x, fx.Node):
+        return NotASite("its input is a constant")
     w = gm.get_parameter(weight)
     d = w.dim() - 2
-    if d not in (1, 2, 3) or _unbatched(node, d):
-        return None
+    if d not in (1, 2, 3):
+        return NotASite(f"a {d}-D convolution")
+    if _unbatched(node, d):
+        return NotASite(_UNBATCHED)
     if any(isinstance(v, fx.Node) for v in (stride, padding, dilation, groups)):
-        return None
+        return NotASite(_RUNTIME_HYPER)
     layer = LayerSpec(f"conv{d}d", tuple(w.shape), bias is not None, _ntuple(stride, d), _ntuple(padding, d),
                       _ntuple(dilation, d), int(groups))
     return NeuronMatch(layer, x, None, weight, bias)
@@ -276,11 +305,19 @@ NEURON_RULES = [linear_or_conv_module, functional_linear, functional_conv, aten_
 
 
 def match_neuron(node: fx.Node, gm: fx.GraphModule) -> Optional[NeuronMatch]:
+    m = explain_neuron(node, gm)
+    return m if isinstance(m, NeuronMatch) else None
+
+
+def explain_neuron(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
+    """The node's NeuronMatch; else why this Linear/Conv-like node is not a site; else None."""
+    reason = None
     for rule in NEURON_RULES:
         m = rule(node, gm)
-        if m is not None:
+        if isinstance(m, NeuronMatch):
             return m
-    return None
+        reason = reason or m
+    return reason
 
 
 # -- norm rules (a norm joins only if it folds in eval form and is per-channel) -------

@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -81,6 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         p.set_defaults(_run=cmd.run)
     return parser
+
+
+@contextmanager
+def _quiet_unless(debug: bool) -> Iterator[None]:
+    """Hide library warnings (torch.export, the ONNX exporter) from CLI users unless --debug."""
+    if debug:
+        yield
+        return
+    import logging
+
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_log.setLevel(level)
 
 
 def _error(message: str) -> None:
@@ -191,6 +211,8 @@ def _table(rows: list[list[str]], right: set[int]) -> str:
         help="dendrite activation (default: sigmoid)"),
     arg("--frontend", default="auto", choices=("auto", "fx", "export"),
         help="auto: symbolic tracing, else torch.export (default); fx; export"),
+    arg("--explain", action="store_true",
+        help="list every Linear/Conv-like op with 'site' or the reason it is not one"),
     arg("--out", metavar="DIR", default=None,
         help="write perforated_graph.py and report.json to DIR (default: print only)"),
 )
@@ -242,7 +264,19 @@ def transform(args: argparse.Namespace) -> int:
     if frontend == "export":
         why = " (symbolic tracing failed)" if "pbp_fx_error" in meta else ""
         print(f"frontend: torch.export{why}")
+    if "pbp_frontend_choice" in meta:
+        print(f"frontend choice: {meta['pbp_frontend_choice']}")
+    if frontend == "parts":
+        print(f"root forward not traced: perforated in place {', '.join(meta['pbp_parts'])}"
+              + (f"; left plain: {', '.join(meta['pbp_plain'])}" if meta.get("pbp_plain") else ""))
     print(f"perforate: {t2 - t1:.3f} s")
+    if args.explain:
+        from .explain import explain_graph
+
+        explained = explain_graph(pm.graph_module, pm.source_model, args.include, args.exclude)
+        report["explain"] = [vars(r) for r in explained]
+        print(_table([["op", "kind", "status"]] + [[r.name, r.kind, r.status + (f": {r.reason}" if r.reason else "")]
+                                                   for r in explained], right=set()))
 
     if args.out:
         with atomic_output_dir(args.out) as tmp:
@@ -440,6 +474,8 @@ def _model_module(ref: str):
         help="default-domain ONNX opset (default: 18)"),
     arg("--static-batch", action="store_true", help="fixed batch size instead of a dynamic batch axis"),
     arg("--check", action="store_true", help="run the file in ONNX Runtime and compare with PyTorch"),
+    arg("--frontend", default="auto", choices=("auto", "fx", "export"),
+        help="how the model file's model is captured (auto: symbolic tracing, else torch.export)"),
 )
 def export(args: argparse.Namespace) -> int:
     import torch
@@ -461,21 +497,24 @@ def export(args: argparse.Namespace) -> int:
     if args.model is not None and not os.path.exists(args.model) and args.model.endswith(".py"):
         raise PBError(f"--model {args.model} does not exist: pass the model file the checkpoint was trained from")
     check_output_file(args.out, "-o")
-    if args.source.endswith(".py"):
-        model, inputs = instantiate(_model_module(args.source))
-        pm = perforate(model, inputs)
-    else:
-        meta = read_meta(args.source)
-        ref = args.model or meta.get("model") or meta.get("extra", {}).get("model")
-        if not ref:
-            raise PBError(f"checkpoint {args.source} does not record its model file: pass --model FILE")
-        model, inputs = instantiate(_model_module(ref))
-        pm = load(args.source, model, inputs)
-    pm.eval()
-    if pm.phase == "dendrite":
-        pm.abort_dendrite_phase()
-    path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
-                       opset=args.opset)
+    with _quiet_unless(args.debug):  # tracing and exporter warnings are for --debug
+        if args.source.endswith(".py"):
+            model, inputs = instantiate(_model_module(args.source))
+            pm = perforate(model, inputs, frontend=args.frontend)
+        else:
+            meta = read_meta(args.source)
+            ref = args.model or meta.get("model") or meta.get("extra", {}).get("model")
+            if not ref:
+                raise PBError(f"checkpoint {args.source} does not record its model file: pass --model FILE")
+            model, inputs = instantiate(_model_module(ref))
+            if args.frontend != "auto":
+                model = perforate(model, inputs, frontend=args.frontend)
+            pm = load(args.source, model, inputs)
+        pm.eval()
+        if pm.phase == "dendrite":
+            pm.abort_dendrite_phase()
+        path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
+                           opset=args.opset)
     print(f"wrote {path}: {'unfused' if args.unfused else 'fused'}, dendrites per site "
           f"{json.dumps(pm.num_dendrites)}")
     if args.check:

@@ -45,6 +45,12 @@ class PerforatedModel(nn.Module):
         self._frozen_buffers: dict[str, torch.Tensor] = {}
 
     @property
+    def source_model(self) -> Optional[nn.Module]:
+        """The copy of the original model the graph was traced from (it shares the graph's
+        parameters; the perforated graph, not this, is what runs)."""
+        return self._source
+
+    @property
     def call_signature(self) -> Optional[CallSignature]:
         """The original forward's signature and the traced input pattern (None: traced without inputs)."""
         return self.graph_module.meta.get("pbp_call")
@@ -56,7 +62,7 @@ class PerforatedModel(nn.Module):
         Trainer's `num_items_in_batch`) is dropped when it does not change the original's
         output (checked once per keyword), and refused with a CallError when it does."""
         call = self.call_signature
-        if call is None:
+        if call is None or call.is_plain(args, kwargs):
             return self.graph_module(*args, **kwargs)
         g_args, g_kwargs, extra = call.bind(args, kwargs)
         for key in extra:

@@ -88,6 +88,9 @@ class CallSignature:
     traced: dict  # parameter -> template; **kwargs -> {key: template}; *args -> (template, ...)
     style: str = "positional"
     model_name: str = "model"
+    # N when the traced call was N plain tensors in the first N parameters and every other
+    # parameter its default: such a call goes to the graph as it is (no binding per call).
+    plain_arity: int = -1
 
     @classmethod
     def of(cls, model: torch.nn.Module, args: tuple, kwargs: dict, style: str = "positional") -> "CallSignature":
@@ -106,7 +109,12 @@ class CallSignature:
                 traced[name] = tuple(_template(v) for v in value)
             else:
                 traced[name] = _template(value)
-        return cls(sig, traced, style, type(model).__name__)
+        return cls(sig, traced, style, type(model).__name__, _plain_arity(sig, traced))
+
+    def is_plain(self, args: tuple, kwargs: dict) -> bool:
+        """A call of `plain_arity` tensors, nothing else: the graph takes it as it is."""
+        return (not kwargs and len(args) == self.plain_arity
+                and all(isinstance(a, torch.Tensor) for a in args))
 
     # -- what the trace takes ----------------------------------------------------------------
     def constants(self) -> dict:
@@ -183,3 +191,19 @@ class CallSignature:
         what = f"was traced with {name}={_describe(traced)}, this call passes {_describe(_template(value))}"
         raise CallError(f"{self.model_name} {what}: the graph is specialised to the traced value; "
                         f"perforate with an example call that passes {name} like this one")
+
+
+def _plain_arity(sig: inspect.Signature, traced: dict) -> int:
+    n = 0
+    params = list(sig.parameters.values())
+    while n < len(params) and params[n].kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD) \
+            and traced[params[n].name] == _template(torch.empty(0)):
+        n += 1
+    for param in params[n:]:
+        t = traced[param.name]
+        if param.kind in _VARIADIC:
+            if t:
+                return -1
+        elif param.default is _P.empty or _has_tensor(t) or not _matches(t, param.default):
+            return -1
+    return n

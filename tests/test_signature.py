@@ -143,3 +143,10 @@ def test_onnx_export_takes_the_originals_call(frontend, tmp_path):
     feeds = {i.name: v.numpy() for i, v in zip(sess.get_inputs(), (x, ids))}
     out = sess.run(None, feeds)[0]
     torch.testing.assert_close(torch.from_numpy(out), pm.eval()(x, None, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_plain_tensor_calls_take_the_fast_path():
+    sig = CallSignature.of(Optional3(), (torch.zeros(2, 4),), {}, "keyword")
+    assert sig.plain_arity == 1 and sig.is_plain((torch.ones(3, 4),), {})
+    assert not sig.is_plain((torch.ones(3, 4), None), {}) and not sig.is_plain((torch.ones(3, 4),), {"scale": 1.0})
+    assert CallSignature.of(Optional3(), (torch.zeros(2, 4), None, torch.zeros(2, 4)), {}).plain_arity == -1

@@ -173,7 +173,7 @@ def _loss(out) -> torch.Tensor:
     return sum((t.float() ** 2).mean() for t in _tensors(out) if t.is_floating_point())
 
 
-def _ort_latency(paths: list, feeds: list, repeats: int = 30) -> list[float]:
+def _ort_latency(paths: list, feeds: list, repeats: int = 20) -> list[float]:
     """Median seconds per run of each ONNX file, runs interleaved (batch as given, 1 thread)."""
     import onnxruntime as ort
 
@@ -240,8 +240,9 @@ def run_stages(case: Case, tmp_path, latency: bool = False) -> dict:
         row["onnx_parity"] = max(float(abs(torch.from_numpy(o).double() - r.double()).max())
                                  for o, r in zip(got, ref)) / _scale(perforated)
         assert row["onnx_parity"] <= 1e-3
-        if latency:
-            plain = export_onnx(model, args, tmp_path / "plain.onnx")
+        if latency:  # the plain model as a graph of the same ops (K = 0 sites drop out in finalize)
+            plain_graph = pbp_fx.perforate(model, args, example_kwargs=kwargs).finalize()
+            plain = export_onnx(plain_graph, args, tmp_path / "plain.onnx")
             one = [a[:1].numpy() if isinstance(a, torch.Tensor) else a for a in args]
             t_plain, t_fused = _ort_latency([plain, path], [one, one])
             row["latency_ratio"] = t_fused / t_plain
@@ -305,3 +306,135 @@ def test_auto_frontend_reports_its_choice():
     assert "encoder.layers.0.self_attn.in_proj_weight" in pm.sites
     fx_only = pbp_fx.perforate(EncoderClassifier(), (torch.randn(2, 5, 16),), frontend="fx")
     assert list(fx_only.sites) == ["head"]
+
+
+# -- the zoo (-m zoo): real architectures, random weights, tiny inputs ------------------------------
+
+def _image(size=64, batch=2, channels=3):
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _tv(name, size=64, **kw):
+    def build():
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, **kw), (_image(size),), {}
+    return build
+
+
+def _tv_seg(name, size=64):
+    def build():
+        import torchvision
+
+        m = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=4)
+        return m, (_image(size),), {}
+    return build
+
+
+def _tv_video(name):
+    def build():
+        import torchvision
+
+        clip = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+        return getattr(torchvision.models.video, name)(weights=None, num_classes=5), (clip,), {}
+    return build
+
+
+def _tv_detection(name):
+    def build():
+        import torchvision
+
+        m = getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None, num_classes=3)
+        return m, ([_image(128, 1)[0], _image(128, 1)[0] * 0.5],), {}
+    return build
+
+
+def _timm(name, size=64, **kw):
+    def build():
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=5, **kw), (_image(size),), {}
+    return build
+
+
+def _hf(kind):
+    def build():
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 99, (2, 8), generator=g)
+        mask = torch.ones(2, 8, dtype=torch.long)
+        small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=100)
+        if kind == "bert":
+            m = transformers.BertForSequenceClassification(transformers.BertConfig(**small, num_labels=3))
+            return m, (ids, mask), {}
+        if kind == "gpt2":
+            cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, use_cache=False)
+            return transformers.GPT2LMHeadModel(cfg), (ids,), {}
+        if kind == "t5":
+            cfg = transformers.T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, vocab_size=100,
+                                        decoder_start_token_id=0, use_cache=False)
+            return transformers.T5ForConditionalGeneration(cfg), (ids, mask, ids[:, :5]), {}
+        if kind == "llama":
+            cfg = transformers.LlamaConfig(**small, num_key_value_heads=1, max_position_embeddings=64,
+                                           use_cache=False)
+            return transformers.LlamaForCausalLM(cfg), (ids, mask), {}
+        if kind == "whisper":
+            cfg = transformers.WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                             num_mel_bins=8, max_source_positions=16, max_target_positions=32,
+                                             vocab_size=100, use_cache=False)
+            feats = torch.randn(2, 8, 32, generator=g)
+            return transformers.WhisperForConditionalGeneration(cfg), (feats, None, ids[:, :4]), {}
+        if kind == "clip":
+            cfg = transformers.CLIPConfig(
+                text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=100, max_position_embeddings=16),
+                vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                   image_size=32, patch_size=8),
+                projection_dim=16)
+            return transformers.CLIPModel(cfg), (ids, _image(32)), {}
+        raise ValueError(kind)
+    return build
+
+
+TV, TIMM, HF = ("torchvision",), ("timm",), ("transformers",)
+ZOO = [
+    Case("tv.resnet18", _tv("resnet18", num_classes=5), frontend="fx", needs=TV, min_sites=21),
+    Case("tv.swin_t", _tv("swin_t", num_classes=5), needs=TV, min_sites=40),
+    Case("hf.bert", _hf("bert"), frontend="export", needs=HF),
+    Case("hf.whisper (positional None)", _hf("whisper"), needs=HF),
+    Case("tv.fasterrcnn_mobilenet_v3_large_320_fpn", _tv_detection("fasterrcnn_mobilenet_v3_large_320_fpn"),
+         frontend="parts", onnx=False, needs=TV),
+    Case("tv.mobilenet_v3_small", _tv("mobilenet_v3_small", num_classes=5), needs=TV),
+    Case("hf.gpt2", _hf("gpt2"), frontend="export", needs=HF),
+    Case("hf.llama", _hf("llama"), needs=HF),
+    Case("tv.squeezenet1_0", _tv("squeezenet1_0", num_classes=5), needs=TV),
+    Case("timm.resnet18", _timm("resnet18"), needs=TIMM),
+    Case("hf.t5", _hf("t5"), needs=HF),
+    Case("hf.clip", _hf("clip"), needs=HF),
+    Case("tv.efficientnet_b0", _tv("efficientnet_b0", num_classes=5), needs=TV),
+    Case("timm.vit_tiny_patch16_224@64", _timm("vit_tiny_patch16_224", img_size=64), needs=TIMM),
+    Case("tv.shufflenet_v2_x0_5", _tv("shufflenet_v2_x0_5", num_classes=5), needs=TV),
+    Case("tv.mnasnet0_5", _tv("mnasnet0_5", num_classes=5), needs=TV),
+    Case("tv.regnet_y_400mf", _tv("regnet_y_400mf", num_classes=5), needs=TV),
+    Case("timm.convnext_atto", _timm("convnext_atto"), needs=TIMM),
+    Case("timm.efficientnet_b0", _timm("efficientnet_b0"), needs=TIMM),
+    Case("tv.convnext_tiny", _tv("convnext_tiny", num_classes=5), needs=TV),
+    Case("tv.densenet121", _tv("densenet121", num_classes=5), needs=TV),
+    Case("tv.googlenet", _tv("googlenet", num_classes=5, aux_logits=False, init_weights=False), needs=TV),
+    Case("tv.vit_b_16@32", _tv("vit_b_16", size=32, image_size=32, num_classes=5), needs=TV),
+    Case("tv.lraspp_mobilenet_v3_large", _tv_seg("lraspp_mobilenet_v3_large"), needs=TV),
+    Case("tv.deeplabv3_mobilenet_v3_large", _tv_seg("deeplabv3_mobilenet_v3_large"), needs=TV),
+    Case("tv.r3d_18", _tv_video("r3d_18"), needs=TV),
+]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("case", ZOO, ids=[c.name for c in ZOO])
+def test_zoo(case, tmp_path):
+    for module in case.needs:
+        pytest.importorskip(module, reason=f"the zoo needs {module} (make zoo builds .venv-zoo with it)")
+    run_stages(case, tmp_path, latency=True)

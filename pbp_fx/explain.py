@@ -1,0 +1,149 @@
+"""explain_sites: every Linear/Conv-like op of a model, and whether it is a site (or why not).
+
+    rows = pbp_fx.explain_sites(model, example_inputs, exclude=["head"])
+    for r in rows: print(r.name, r.kind, r.status, r.reason)
+
+It traces a copy of the model like `perforate` does and looks at three things: the graph's
+Linear/Conv-like nodes (the site rules of `passes.patterns` say why a node is not a site), the
+include/exclude filters, and the model's Linear/Conv-like weights that no graph node turns into
+a site (inside a layer symbolic tracing keeps whole, behind a function the graph does not look
+into, in untraceable Python, or not used on the example inputs).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import fx, nn
+
+from .tracing import TracedPart, trace
+
+__all__ = ["SiteExplanation", "explain_sites", "explain_graph"]
+
+
+@dataclass(frozen=True)
+class SiteExplanation:
+    """One Linear/Conv-like op: `status` "site" or "not a site", and the reason when not."""
+
+    name: str  # the site name, or the weight's / node's qualified name
+    kind: str  # "linear", "conv2d", ... or the layer / op type
+    status: str
+    reason: str = ""
+
+
+def explain_sites(model: nn.Module, example_inputs=(), include=None, exclude=None, *,
+                  example_kwargs: Optional[dict] = None, frontend: str = "auto") -> list[SiteExplanation]:
+    """Every Linear/Conv-like op of `model` with "site" or the reason it is not one (sites first,
+    in graph order). Arguments as for `perforate`; the model is not modified."""
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    model = copy.deepcopy(model)
+    gm = trace(model, example_inputs, example_kwargs, frontend=frontend)
+    return explain_graph(gm, model, include, exclude)
+
+
+def _graphs(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
+    """(name prefix, graph) for the graph and the submodules traced in place under it."""
+    out = [("", gm)]
+    out += [(part.name + ".", part.graph_module) for _, part in gm.named_modules() if isinstance(part, TracedPart)]
+    return out
+
+
+def _kind(node: fx.Node, g: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(g.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=None) -> list[SiteExplanation]:
+    """explain_sites on a traced graph of `model` (which shares its parameters)."""
+    from .passes.find_sites import find_sites
+    from .passes.patterns import NotASite, attr_tensor, explain_neuron, neuron_weights
+
+    rows: list[SiteExplanation] = []
+    reached: set[int] = set()
+    selected = {s.name for s in find_sites(gm, include, exclude)}
+    for spec in find_sites(gm):
+        owner = gm.get_submodule(spec.graph) if spec.graph else gm
+        reached.add(id(attr_tensor(owner, spec.weight)))
+        if spec.name in selected:
+            rows.append(SiteExplanation(spec.name, spec.kind, "site"))
+        else:
+            rows.append(SiteExplanation(spec.name, spec.kind, "not a site", "excluded by include/exclude"))
+    wrapped: dict[int, str] = {}  # weight id -> the function that reads it without a site rule seeing it
+    for prefix, g in _graphs(gm):
+        params = {id(p): n for n, p in g.named_parameters()}
+        for node in g.graph.nodes:
+            verdict = explain_neuron(node, g)
+            if isinstance(verdict, NotASite):
+                weight = _weight_of(node, g)
+                if weight is not None:
+                    reached.add(id(weight))
+                attrs = [a.target for a in node.all_input_nodes if a.op == "get_attr"]
+                own = params.get(id(weight)) if weight is not None else None
+                name = prefix + (own or (attrs[0] if attrs else node.name))
+                rows.append(SiteExplanation(name, _kind(node, g), "not a site", str(verdict)))
+            elif node.op == "get_attr" and verdict is None:
+                try:
+                    value = attr_tensor(g, node.target)
+                except AttributeError:
+                    continue
+                users = [u for u in node.users if u.op == "call_function" and explain_neuron(u, g) is None]
+                if users:
+                    wrapped.setdefault(id(value), _kind(users[0], g))
+    leaves = [] if gm.meta.get("pbp_frontend") == "parts" else _leaf_modules(gm)
+    plain = set(gm.meta.get("pbp_plain", []))
+    for name, p in neuron_weights(model):
+        if id(p) in reached:
+            continue
+        module_path = name.rpartition(".")[0]
+        leaf = next((lf for lf in leaves if module_path == lf or module_path.startswith(lf + ".")), None)
+        if leaf is not None:
+            why = (f"inside {type(model.get_submodule(leaf)).__name__} {leaf!r}, a layer symbolic tracing keeps "
+                   "whole: frontend='export' reaches it")
+        elif id(p) in wrapped:
+            why = f"read by {wrapped[id(p)]}(), which the graph does not look into: frontend='export' reaches it"
+        elif module_path in plain or gm.meta.get("pbp_frontend") == "parts":
+            why = "in the root's untraceable Python (not traced)"
+        else:
+            why = "not used on the example inputs"
+        rows.append(SiteExplanation(name, _weight_kind(model, module_path, p), "not a site", why))
+    return rows
+
+
+def _weight_of(node: fx.Node, g: fx.GraphModule):
+    """The parameter a Linear/Conv-like node reads as its weight, when it reads one."""
+    if node.op == "call_module":
+        return getattr(g.get_submodule(node.target), "weight", None)
+    for a in node.all_input_nodes:
+        if a.op == "get_attr":
+            try:
+                t = g.get_parameter(a.target)
+            except AttributeError:
+                continue
+            if t.dim() >= 2:
+                return t
+    return None
+
+
+def _leaf_modules(gm: fx.GraphModule) -> list[str]:
+    """Paths of modules the graph calls whole (fx leaves other than pbp-fx's own modules)."""
+    from .passes.train_eval import ModeSwitch
+    from .site import FusedSite, Site
+
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if not isinstance(m, (Site, FusedSite, ModeSwitch, nn.Linear, nn.modules.conv._ConvNd)):
+                out.append(node.target)
+    return out
+
+
+def _weight_kind(model: nn.Module, module_path: str, p) -> str:
+    try:
+        owner = model.get_submodule(module_path) if module_path else model
+    except AttributeError:
+        return f"{p.dim()}-D weight"
+    return type(owner).__name__

@@ -1,0 +1,93 @@
+"""exporters.direct: common-layer graphs written straight to ONNX (the fast export path)."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import pbp_fx
+from pbp_fx.exporters import export_onnx
+from pbp_fx.exporters.direct import Unsupported, emit
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+class Simple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.pool = nn.MaxPool2d(2)
+        self.avg = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+        self.dw = nn.Conv2d(6, 6, 3, groups=6, padding="same", bias=False)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 8)
+        self.act = nn.LeakyReLU(0.1)
+        self.tok = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.bn(self.conv(x))))
+        h = torch.cat([self.dw(h), torch.sigmoid(self.avg(h))], 1)
+        v = self.act(self.fc(torch.flatten(self.gap(h), 1)))
+        return self.tok(v.view(-1, 2, 4)).tanh() + 1.0, v - 0.5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_direct_export_matches_pytorch_on_another_batch(fused, tmp_path, pb):
+    model, x = Simple(), torch.randn(3, 2, 8, 8)
+    pb.warm(model, (x,))
+    pm = pbp_fx.perforate(model.eval(), (x,))
+    pm.grow()
+    pb.randomize(pm, scale=0.3)
+    pm.eval()
+    if fused:  # unfused FusedSites are the dynamo exporter's
+        proto = emit(_swapped(pm), (x,), 18, True)
+        assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    path = export_onnx(pm, (x,), tmp_path / "m.onnx", fused=fused)
+    model_proto = onnx.load(str(path))
+    assert sum(n.domain == "pbp" for n in model_proto.graph.node) == (len(pm.sites) if fused else 0)
+    x5 = torch.randn(5, 2, 8, 8)
+    got = _session(path).run(None, {"x": x5.numpy()})
+    with torch.no_grad():
+        want = pm(x5)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _swapped(pm):
+    from pbp_fx.exporters.onnx import _swap_fused_sites
+
+    return _swap_fused_sites(pm.finalize())[0]
+
+
+def test_a_reshape_that_fixes_the_batch_goes_to_the_exporter():
+    class FixedBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x).view(2, 2, 2)
+
+    pm = pbp_fx.perforate(FixedBatch(), (torch.randn(2, 4),))
+    with pytest.raises(Unsupported, match="batch"):
+        emit(pm.finalize(), (torch.randn(2, 4),), 18, True)
+    emit(pm.finalize(), (torch.randn(2, 4),), 18, False)  # a static batch is fine
+
+
+def test_layers_it_does_not_know_go_to_the_dynamo_exporter(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2))
+    x = torch.randn(3, 4)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    pm.eval()
+    with pytest.raises(Unsupported, match="GELU"):
+        emit(_swapped(pm), (x,), 18, True)
+    path = export_onnx(pm, (x,), tmp_path / "gelu.onnx")
+    got = _session(path).run(None, {_session(path).get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, pm(x).numpy(), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,70 @@
+"""pbp_fx.explain: every Linear/Conv-like op with "site" or the reason it is not one."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pbp_fx
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class Everything(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.unused = nn.Linear(6, 6)
+        self.conv = nn.Conv1d(6, 6, 1)
+        self.register_buffer("frozen", torch.randn(6, 6))
+
+    def forward(self, x):
+        h = self.fc(x)
+        h = F.linear(h, self.frozen)  # weight is a buffer
+        h = self.conv(h[0].t()).t().unsqueeze(0).expand_as(h)  # unbatched conv
+        return self.head(self.attn(h, h, h)[0])
+
+
+def _by_name(rows):
+    return {r.name: r for r in rows}
+
+
+def test_every_linear_conv_like_op_has_site_or_a_reason():
+    x = torch.randn(2, 4, 6)
+    rows = _by_name(pbp_fx.explain_sites(Everything(), (x,), exclude=["head"], frontend="fx"))
+    assert rows["fc"].status == "site" and rows["fc"].kind == "linear"
+    assert rows["head"].status == "not a site" and "excluded" in rows["head"].reason
+    assert rows["frozen"].status == "not a site" and "buffer" in rows["frozen"].reason
+    assert "unbatched" in rows["conv.weight"].reason
+    assert "frontend='export'" in rows["attn.in_proj_weight"].reason
+    assert "MultiheadAttention" in rows["attn.out_proj.weight"].reason
+    assert rows["unused.weight"].reason == "not used on the example inputs"
+
+
+def test_the_export_frontend_reaches_inside_the_attention():
+    rows = _by_name(pbp_fx.explain_sites(Everything(), (torch.randn(2, 4, 6),), frontend="export"))
+    assert rows["attn.in_proj_weight"].status == "site" and rows["attn.out_proj"].status == "site"
+
+
+def test_cli_transform_explain_and_export_frontend(tmp_path, capsys):
+    from pbp_fx.cli import main
+
+    model_file = tmp_path / "attn.py"
+    model_file.write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        "class M(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)\n"
+        "        self.fc = nn.Linear(8, 3)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.attn(x, x, x)[0].mean(1))\n\n\n"
+        "def build_model():\n    return M()\n\n\n"
+        "def example_inputs():\n    return (torch.randn(2, 5, 8),)\n")
+    assert main(["transform", str(model_file), "--frontend", "fx", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "attn.in_proj_weight" in out and "frontend='export' reaches it" in out
+    assert main(["export", str(model_file), "--frontend", "export", "-o", str(tmp_path / "m.onnx")]) == 0
+    captured = capsys.readouterr()
+    assert "wrote" in captured.out and "Warning" not in captured.err
