@@ -302,3 +302,54 @@ def test_dendrite_phase_stop_rule_fires_before_the_cap(spirals_net):
             break
     assert stale >= patience and epoch < cap, epoch
     assert epoch > patience  # it made progress first
+
+
+# -- mixed precision (issue 11) ------------------------------------------------------------------
+def _stats_after(m, x, y, steps, autocast_dtype=None, scaler=None, seed=0):
+    """The pools' statistics after `steps` lr-0 dendrite steps, optionally under autocast / a GradScaler."""
+    pm = pbp_fx.perforate(copy.deepcopy(m), (x[:2],))
+    torch.manual_seed(seed)
+    pm.start_dendrite_phase(pool=3)
+    for s in pm.sites.values():
+        s.candidates.grad_scaler = scaler
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (64,), generator=g)
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = F.cross_entropy(pm(x[i]), y[i])
+        pm.zero_grad()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    return pm, {n: s.candidates.ema.clone() for n, s in pm.sites.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_statistics_are_float32_and_equal_float32_statistics(spirals_net, dtype):
+    m, x, y = spirals_net
+    _, ref = _stats_after(m, x, y, 30)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if dtype is torch.float16 else None
+    pm, got = _stats_after(m, x, y, 30, dtype, scaler)
+    for n, ema in got.items():
+        assert ema.dtype == torch.float32 and pm.sites[n].candidates.best.dtype == torch.float32
+        # Relative to the statistics' size: autocast rounds c and delta to 8 (bf16) / 11 (fp16) bits.
+        tol = (0.1 if dtype is torch.bfloat16 else 0.02) * ref[n].abs().max()
+        assert (ema - ref[n]).abs().max() <= tol, (n, (ema - ref[n]).abs().max(), ref[n].abs().max())
+
+
+def test_a_step_the_grad_scaler_skips_is_not_counted(spirals_net):
+    m, x, y = spirals_net
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    pm, before = _stats_after(m, x, y, 5, torch.float16, scaler)
+    opt = torch.optim.SGD(list(pm.trainable_parameters()), lr=0.1)
+    steps = {n: int(s.candidates.steps) for n, s in pm.sites.items()}
+    weights = {n: s.candidates.copies.weight.detach().clone() for n, s in pm.sites.items()}
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(pm(x[:64]), y[:64]) * float("inf")  # an overflowing step
+    opt.zero_grad()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    for n, s in pm.sites.items():
+        assert int(s.candidates.steps) == steps[n]
+        assert torch.equal(s.candidates.ema, before[n])
+        assert torch.equal(s.candidates.copies.weight, weights[n])  # and the scaler skipped the update
+    assert scaler.get_scale() < 2.0 ** 12
