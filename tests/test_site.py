@@ -353,3 +353,48 @@ def test_a_step_the_grad_scaler_skips_is_not_counted(spirals_net):
         assert torch.equal(s.candidates.ema, before[n])
         assert torch.equal(s.candidates.copies.weight, weights[n])  # and the scaler skipped the update
     assert scaler.get_scale() < 2.0 ** 12
+
+
+# -- gradient checkpointing (issue 11) -------------------------------------------------------------
+def _dendrite_steps(pm, x, y, steps, call):
+    opt = torch.optim.Adam(list(pm.trainable_parameters()), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (64,), generator=g)
+        loss = F.cross_entropy(call(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {n: (int(s.candidates.steps), s.candidates.ema.clone(), s.candidates.best.clone())
+            for n, s in pm.sites.items()}
+
+
+def test_gradient_checkpointed_correlations_equal_the_plain_ones(spirals_net):
+    from torch.utils.checkpoint import checkpoint
+
+    m, x, y = spirals_net
+    got = {}
+    for recompute in (False, True):
+        pm = pbp_fx.perforate(copy.deepcopy(m), (x[:2],))
+        torch.manual_seed(100)
+        pm.start_dendrite_phase(pool=4)
+        call = (lambda b, pm=pm: checkpoint(pm, b, use_reentrant=False)) if recompute else pm
+        got[recompute] = _dendrite_steps(pm, x, y, 120, call)
+    for n, (steps, ema, best) in got[False].items():
+        assert got[True][n][0] == steps == 120  # the recomputed forward counts no batch twice
+        assert torch.allclose(got[True][n][1], ema, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(got[True][n][2], best, rtol=1e-5, atol=1e-7)
+
+
+def test_a_second_backward_over_the_same_graph_counts_the_batch_once(spirals_net):
+    m, x, y = spirals_net
+    pm = pbp_fx.perforate(copy.deepcopy(m), (x[:2],))
+    pm.start_dendrite_phase(pool=2)
+    loss = F.cross_entropy(pm(x[:64]), y[:64])
+    loss.backward(retain_graph=True)
+    once = {n: s.candidates.ema.clone() for n, s in pm.sites.items()}
+    grads = {n: s.candidates.copies.weight.grad.clone() for n, s in pm.sites.items()}
+    loss.backward()
+    for n, s in pm.sites.items():
+        assert int(s.candidates.steps) == 1 and torch.equal(s.candidates.ema, once[n])
+        assert torch.allclose(s.candidates.copies.weight.grad, 2 * grads[n])  # the gradient is still handed on
