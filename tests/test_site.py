@@ -1,5 +1,6 @@
 """The math of PB_SPEC §2-§4: candidates, covariance training, stop-gradient, installation."""
 import copy
+import math
 
 import pytest
 import torch
@@ -208,3 +209,192 @@ def test_bad_arguments():
         site.install_candidates()
     with pytest.raises(ValueError, match="pool"):
         site.start_candidates(pool=0)
+
+
+# -- statistics (issue 13): bias-corrected EMA, warm-up, noise-aware stop rule -----------------
+def _spirals(n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(n, generator=g) * 3 * math.pi + 0.5
+    label = torch.randint(0, 2, (n,), generator=g)
+    r, angle = t / (3 * math.pi), t + label * math.pi
+    x = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], 1) + 0.02 * torch.randn(n, 2, generator=g)
+    return x, label
+
+
+def _ce_steps(model, params, x, y, steps, lr, seed, batch=64):
+    """Adam steps on cross-entropy; lr 0 runs the same backward passes without an update."""
+    opt = torch.optim.Adam(params, lr=lr) if lr > 0 else None
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (batch,), generator=g)
+        loss = F.cross_entropy(model(x[i]), y[i])
+        model.zero_grad()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+
+
+def _installed_correlation(pm, x, y) -> dict:
+    """Per site, mean over channels of |cov(s, dL/dy)| of the last installed dendrite, over all of x."""
+    from pbp_fx.site import ACTIVATIONS
+
+    seen = {}
+    hooks = [s.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, (inp[0], out)))
+             for n, s in pm.sites.items()]
+    out = pm(x)
+    for _, site_out in seen.values():
+        site_out.retain_grad()
+    F.cross_entropy(out, y, reduction="sum").backward()
+    for h in hooks:
+        h.remove()
+    corr = {}
+    with torch.no_grad():
+        for n, s in pm.sites.items():
+            site_in, site_out = seen[n]
+            a = ACTIVATIONS[s.activation](s.dendrites(site_in)[:, -1])
+            d = site_out.grad
+            corr[n] = ((a - a.mean(0)) * (d - d.mean(0))).sum(0).abs().mean().item()
+    return corr
+
+
+@pytest.fixture(scope="module")
+def spirals_net():
+    """A 2-6-6-2 tanh net on two spirals, trained to its plateau."""
+    x, y = _spirals()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+    _ce_steps(m, m.parameters(), x, y, 2000, 1e-2, seed=1)
+    return m, x, y
+
+
+def test_a_600_step_phase_installs_learned_candidates(spirals_net):
+    """Measured (candidate seeds 100-103): installed correlation 2.2x-3.2x that at learning rate 0."""
+    m, x, y = spirals_net
+    corr, moved = {}, {}
+    for lr in (0.01, 0.0):
+        pm = pbp_fx.perforate(copy.deepcopy(m), (x[:2],))
+        torch.manual_seed(100)
+        pm.start_dendrite_phase(pool=4)
+        initial = {n: s.candidates.copies.weight.detach().clone() for n, s in pm.sites.items()}
+        _ce_steps(pm, list(pm.trainable_parameters()), x, y, 600, lr, seed=2)
+        pm.install_candidates()
+        corr[lr] = _installed_correlation(pm, x, y)
+        # Per channel: the installed row against every pool member's initial row.
+        moved[lr] = {n: (s.dendrites.weight[0].unsqueeze(0) - initial[n]).abs().flatten(2).amax(-1).gt(0).all(0)
+                     for n, s in pm.sites.items()}
+    for n in corr[0.01]:
+        assert corr[0.01][n] >= 1.5 * corr[0.0][n], (n, corr)
+        assert bool(moved[0.01][n].all()), (n, moved[0.01][n])
+    assert not any(bool(v.any()) for v in moved[0.0].values())  # lr 0: snapshots of the initial weights
+
+
+def test_dendrite_phase_stop_rule_fires_before_the_cap(spirals_net):
+    m, x, y = spirals_net
+    pm = pbp_fx.perforate(copy.deepcopy(m), (x[:2],))
+    torch.manual_seed(100)
+    pm.start_dendrite_phase(pool=4)
+    params = list(pm.trainable_parameters())
+    stale, patience, cap = 0, 3, 60
+    for epoch in range(1, cap + 1):
+        _ce_steps(pm, params, x, y, 8, 0.01, seed=epoch)  # one epoch: 512 samples
+        stale = 0 if pm.candidate_progress(0.01) else stale + 1
+        if stale >= patience:
+            break
+    assert stale >= patience and epoch < cap, epoch
+    assert epoch > patience  # it made progress first
+
+
+# -- mixed precision (issue 11) ------------------------------------------------------------------
+def _stats_after(m, x, y, steps, autocast_dtype=None, scaler=None, seed=0):
+    """The pools' statistics after `steps` lr-0 dendrite steps, optionally under autocast / a GradScaler."""
+    pm = pbp_fx.perforate(copy.deepcopy(m), (x[:2],))
+    torch.manual_seed(seed)
+    pm.start_dendrite_phase(pool=3)
+    for s in pm.sites.values():
+        s.candidates.grad_scaler = scaler
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (64,), generator=g)
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = F.cross_entropy(pm(x[i]), y[i])
+        pm.zero_grad()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    return pm, {n: s.candidates.ema.clone() for n, s in pm.sites.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_statistics_are_float32_and_equal_float32_statistics(spirals_net, dtype):
+    m, x, y = spirals_net
+    _, ref = _stats_after(m, x, y, 30)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if dtype is torch.float16 else None
+    pm, got = _stats_after(m, x, y, 30, dtype, scaler)
+    for n, ema in got.items():
+        assert ema.dtype == torch.float32 and pm.sites[n].candidates.best.dtype == torch.float32
+        # Relative to the statistics' size: autocast rounds c and delta to 8 (bf16) / 11 (fp16) bits.
+        tol = (0.1 if dtype is torch.bfloat16 else 0.02) * ref[n].abs().max()
+        assert (ema - ref[n]).abs().max() <= tol, (n, (ema - ref[n]).abs().max(), ref[n].abs().max())
+
+
+def test_a_step_the_grad_scaler_skips_is_not_counted(spirals_net):
+    m, x, y = spirals_net
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    pm, before = _stats_after(m, x, y, 5, torch.float16, scaler)
+    opt = torch.optim.SGD(list(pm.trainable_parameters()), lr=0.1)
+    steps = {n: int(s.candidates.steps) for n, s in pm.sites.items()}
+    weights = {n: s.candidates.copies.weight.detach().clone() for n, s in pm.sites.items()}
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(pm(x[:64]), y[:64]) * float("inf")  # an overflowing step
+    opt.zero_grad()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    for n, s in pm.sites.items():
+        assert int(s.candidates.steps) == steps[n]
+        assert torch.equal(s.candidates.ema, before[n])
+        assert torch.equal(s.candidates.copies.weight, weights[n])  # and the scaler skipped the update
+    assert scaler.get_scale() < 2.0 ** 12
+
+
+# -- gradient checkpointing (issue 11) -------------------------------------------------------------
+def _dendrite_steps(pm, x, y, steps, call):
+    opt = torch.optim.Adam(list(pm.trainable_parameters()), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (64,), generator=g)
+        loss = F.cross_entropy(call(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {n: (int(s.candidates.steps), s.candidates.ema.clone(), s.candidates.best.clone())
+            for n, s in pm.sites.items()}
+
+
+def test_gradient_checkpointed_correlations_equal_the_plain_ones(spirals_net):
+    from torch.utils.checkpoint import checkpoint
+
+    m, x, y = spirals_net
+    got = {}
+    for recompute in (False, True):
+        pm = pbp_fx.perforate(copy.deepcopy(m), (x[:2],))
+        torch.manual_seed(100)
+        pm.start_dendrite_phase(pool=4)
+        call = (lambda b, pm=pm: checkpoint(pm, b, use_reentrant=False)) if recompute else pm
+        got[recompute] = _dendrite_steps(pm, x, y, 120, call)
+    for n, (steps, ema, best) in got[False].items():
+        assert got[True][n][0] == steps == 120  # the recomputed forward counts no batch twice
+        assert torch.allclose(got[True][n][1], ema, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(got[True][n][2], best, rtol=1e-5, atol=1e-7)
+
+
+def test_a_second_backward_over_the_same_graph_counts_the_batch_once(spirals_net):
+    m, x, y = spirals_net
+    pm = pbp_fx.perforate(copy.deepcopy(m), (x[:2],))
+    pm.start_dendrite_phase(pool=2)
+    loss = F.cross_entropy(pm(x[:64]), y[:64])
+    loss.backward(retain_graph=True)
+    once = {n: s.candidates.ema.clone() for n, s in pm.sites.items()}
+    grads = {n: s.candidates.copies.weight.grad.clone() for n, s in pm.sites.items()}
+    loss.backward()
+    for n, s in pm.sites.items():
+        assert int(s.candidates.steps) == 1 and torch.equal(s.candidates.ema, once[n])
+        assert torch.allclose(s.candidates.copies.weight.grad, 2 * grads[n])  # the gradient is still handed on
