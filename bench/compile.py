@@ -153,6 +153,8 @@ def write_markdown(rows: list[dict], path: str, args, seconds: float) -> None:
         "\"graphs\": graphs dynamo handed to inductor at the phase's first steps (the restructure) + during its",
         "timed steps (0 = no recompiles after the restructure). \"breaks\": torch._dynamo.explain graph breaks",
         "of the train-mode forward.",
+        *([] if "dendrite" in args.phases else
+          ["K=1 without a timed dendrite phase: reached by pm.grow() (the structure an install gives)."]),
         "",
         "| model | phase | eager ms | compiled ms | compiled / eager | graphs at restructure + later | graph breaks | compile s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
