@@ -71,8 +71,9 @@ ROWS = {
     "untraceable root": (lambda t: ["transform", _file(t, GOOD.replace(
         "def build_model(): return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))",
         "class M(nn.Module):\n"
-        "    def __init__(self):\n        super().__init__(); self.fc = nn.Linear(4, 2)\n"
-        "    def forward(self, x):\n        return self.fc(x) if x.sum() > 0 else -self.fc(x)\n"
+        "    def __init__(self):\n        super().__init__(); self.w = nn.Parameter(torch.randn(2, 4))\n"
+        "    def forward(self, x):\n"
+        "        y = nn.functional.linear(x, self.w)\n        return y if x.sum() > 0 else -y\n"
         "def build_model(): return M()"))], "cannot trace M.forward"),
     "NaN in the loss": (lambda t: ["train", _file(t, GOOD.replace("x = torch.randn(40, 4, generator=g)",
                                                                "x = torch.full((40, 4), float('nan'))")),
