@@ -68,6 +68,13 @@ ROWS = {
     "no Linear/Conv sites": (lambda t: ["transform", _file(t, GOOD.replace(
         "nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))", "nn.Sequential(nn.ReLU())"))], "no Linear/Conv"),
     "all sites excluded": (lambda t: ["transform", _file(t, GOOD), "--exclude", "*"], "no Linear/Conv"),
+    "untraceable root": (lambda t: ["transform", _file(t, GOOD.replace(
+        "def build_model(): return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))",
+        "class M(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__(); self.w = nn.Parameter(torch.randn(2, 4))\n"
+        "    def forward(self, x):\n"
+        "        y = nn.functional.linear(x, self.w)\n        return y if x.sum() > 0 else -y\n"
+        "def build_model(): return M()"))], "cannot trace M.forward"),
     "NaN in the data": (lambda t: ["train", _file(t, GOOD.replace("x = torch.randn(40, 4, generator=g)",
                                                                "x = torch.full((40, 4), float('nan'))")),
                                    "--out", str(t / "out")], "training data holds NaN/Inf"),
