@@ -193,14 +193,12 @@ def run_round(cfg, seed, loaders) -> dict:
     if rm == "pb":
         pm.start_dendrite_phase(pool=cfg["pool"], init=cfg["candidate_init"], split=cfg["pool_split"])
         opt = torch.optim.Adam(list(pm.trainable_parameters()), lr=cfg["candidate_lr"])
-        mark = lambda: sum(int(s.candidates.last_improved) for s in pm.sites.values() if s.candidates is not None)  # noqa: E731
-        last, stale = mark(), 0
+        stale = 0
         while dendrite_epochs < cfg["max_dendrite_epochs"]:
             _train_epoch(pm, train, F.cross_entropy, opt, None)
             dendrite_epochs += 1
-            m = mark()
-            stale = 0 if m != last else stale + 1
-            last = m
+            # The controller's rule: some site's correlation rose beyond its noise (epoch_progress).
+            stale = 0 if pm.candidate_progress(0.01) else stale + 1
             if stale >= cfg["dendrite_patience"]:
                 break
         pm.install_candidates(v_init=cfg["v_init"])
