@@ -103,8 +103,9 @@ class CandidatePool(nn.Module):
         return rows
 
     def splits(self, batch: int) -> bool:
-        """Whether a batch of this size is dealt to the members (split mode, at least one sample each)."""
-        return self.split and batch >= self.pool_size
+        """Whether a batch of this size is dealt to the members (split mode, at least two samples each:
+        a candidate's BatchNorm needs more than one value per channel)."""
+        return self.split and batch >= 2 * self.pool_size
 
     def forward(self, x: Tensor, acts: list[Tensor]) -> Tensor:
         """Candidate activations c: [B', P, C, *S] or [B', *mid, P, C]; B' = B // P when split."""
