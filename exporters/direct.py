@@ -115,8 +115,8 @@ class _Emitter:
             spec = m.spec
             if spec.padding_mode != "zeros":
                 raise Unsupported("padding mode")
-            ins = [x, self.const(m.W_cat, "W_cat")] + ([self.const(m.B_cat, "B_cat")] if m.B_cat is not None else [])
-            ins += [self.const(m.U, "U"), self.const(m.V, "V")]
+            # The fused node's inputs in the function's own order and layout (one source: _ExportedSite).
+            ins = [x] + [self.const(t, name) for name, t in m.tensors().items()]
             from .functions import DOMAIN
             from .onnx import _OVERLOAD_KEY, _SITE_KEY
 

@@ -188,11 +188,13 @@ class CandidatePool(nn.Module):
         scaler = self.grad_scaler
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
-    def get_extra_state(self) -> dict:
-        return {"seen": self.seen}
+    def get_extra_state(self) -> Tensor:
+        # A tensor, not a dict: state_dict() must hold tensors only for safetensors writers
+        # (the Hugging Face Trainer saves model.state_dict() that way).
+        return torch.tensor(self.seen, dtype=torch.int64)
 
-    def set_extra_state(self, state: dict) -> None:
-        self.seen = int(state["seen"])
+    def set_extra_state(self, state) -> None:
+        self.seen = int(state["seen"] if isinstance(state, dict) else state)
 
     def noise(self) -> Tensor:
         """Standard error of each ema entry [P, C], from the batches' spread of C."""
@@ -210,8 +212,11 @@ class CandidatePool(nn.Module):
         mean over channels of the best member's current |ema| must exceed the reference by
         more than `rel` (relative) and by more than its standard error. The current estimate,
         not best |C~|: a running maximum of a noisy estimate keeps rising by chance alone.
-        Call once per epoch; the reference is a buffer, so it is checkpointed.
+        Call once per epoch; the reference is a buffer, so it is checkpointed. During the warm-up it
+        reports progress: an estimate that is not yet reliable cannot be called stale.
         """
+        if self.seen <= self.warmup:
+            return True  # still warming up: the estimate is not yet reliable enough to call stale
         score = self.ema.abs()
         pick = score.argmax(0, keepdim=True)
         value = score.gather(0, pick).mean()
