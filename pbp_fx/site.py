@@ -212,11 +212,13 @@ class CandidatePool(nn.Module):
         mean over channels of the best member's current |ema| must exceed the reference by
         more than `rel` (relative) and by more than its standard error. The current estimate,
         not best |C~|: a running maximum of a noisy estimate keeps rising by chance alone.
-        Call once per epoch; the reference is a buffer, so it is checkpointed. During the warm-up it
-        reports progress: an estimate that is not yet reliable cannot be called stale.
+        Call once per epoch; the reference is a buffer, so it is checkpointed. During the warm-up a
+        pool that has seen batches reports progress.
         """
         if self.seen <= self.warmup:
-            return True  # still warming up: the estimate is not yet reliable enough to call stale
+            # Still warming up: an estimate that is not yet reliable cannot be called stale
+            # (a pool that has seen no batch at all has made no progress).
+            return self.seen > 0
         score = self.ema.abs()
         pick = score.argmax(0, keepdim=True)
         value = score.gather(0, pick).mean()
