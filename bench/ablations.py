@@ -406,6 +406,8 @@ ROUND_VARIANTS = [
     ("candidate lr 0.05", dict(round_mode="pb", candidate_lr=0.05)),
     ("phase 10 epochs (fixed)", dict(round_mode="pb", max_dendrite_epochs=10, dendrite_patience=10)),
     ("phase 30 epochs (fixed)", dict(round_mode="pb", max_dendrite_epochs=30, dendrite_patience=30)),
+    ("pool 4 full-batch, phase 30 epochs (fixed)",
+     dict(round_mode="pb", pool_split=False, max_dendrite_epochs=30, dendrite_patience=30)),
     ("phase 60 epochs (fixed)", dict(round_mode="pb", max_dendrite_epochs=60, dendrite_patience=60)),
     ("v_init 0.5", dict(round_mode="pb", v_init=0.5)),
     ("lr after install 3e-4", dict(round_mode="pb", lr_after=3e-4)),
