@@ -222,7 +222,10 @@ class CandidatePool(nn.Module):
         score = self.ema.abs()
         pick = score.argmax(0, keepdim=True)
         value = score.gather(0, pick).mean()
-        se = self.noise().gather(0, pick).mean()
+        # Standard error of the channel mean, not the mean of the channels' errors (which is
+        # sqrt(C) times too strict for independent channels and ends phases early).
+        se_c = self.noise().gather(0, pick)
+        se = se_c.square().sum().sqrt() / se_c.numel()
         ref = self.progress_reference
         gain = value - ref
         if bool(gain > rel * ref) and bool(gain > se):
