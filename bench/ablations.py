@@ -85,7 +85,7 @@ def train_restarts(model, loaders, cfg) -> dict:
     """The PB schedule without dendrites: at each early stop, reload the best weights and
     restart Adam (up to max_dendrites restarts that set a new best, `retries` failed ones),
     exactly the PhaseController's accept/retry/finish rule with nothing installed."""
-    from pbp_fx.training import _train_epoch, evaluate
+    from pbp_fx.training import evaluate, train_epoch
 
     train, val, test = loaders
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
@@ -93,7 +93,7 @@ def train_restarts(model, loaders, cfg) -> dict:
     restarts = restarts_at_best = 0
     round_improved, retries_left = True, cfg["retries"]
     for epochs in range(1, cfg["max_epochs"] + 1):
-        _train_epoch(model, train, F.cross_entropy, opt, None)
+        train_epoch(model, train, F.cross_entropy, opt, None)
         v = evaluate(model, val)
         if v > best + 1e-3:
             best, stale, round_improved, restarts_at_best = v, 0, True, restarts
@@ -178,7 +178,7 @@ def run_round(cfg, seed, loaders) -> dict:
     backprop), "restart" (no dendrites: only the optimizer restart). Everything after the
     checkpoint uses the same RNG seed, so variants differ only by their setting."""
     from pbp_fx import perforate
-    from pbp_fx.training import _train_epoch, evaluate
+    from pbp_fx.training import evaluate, train_epoch
 
     train, val, test = loaders
     mod = _module(cfg)
@@ -195,7 +195,7 @@ def run_round(cfg, seed, loaders) -> dict:
         opt = torch.optim.Adam(list(pm.trainable_parameters()), lr=cfg["candidate_lr"])
         stale = 0
         while dendrite_epochs < cfg["max_dendrite_epochs"]:
-            _train_epoch(pm, train, F.cross_entropy, opt, None)
+            train_epoch(pm, train, F.cross_entropy, opt, None)
             dendrite_epochs += 1
             # The controller's rule: some site's correlation rose beyond its noise (epoch_progress).
             stale = 0 if pm.candidate_progress(0.01) else stale + 1

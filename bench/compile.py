@@ -28,9 +28,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import pbp_fx
+from train_overhead import adam_stepper, first_batch  # one batch and one Adam step for every bench
 
 # model -> (module, build kwargs, batch size): small widths so inductor compiles on a CPU in minutes.
 MODELS = {"mnist1d_cnn": ("pbp_fx.models.mnist1d_cnn", {"width": 32}, 100),
@@ -48,25 +48,6 @@ class CountingBackend:
 
         self.graphs += 1
         return compile_fx(gm, example_inputs)
-
-
-def _batch(mod, batch: int):
-    train, _, _ = mod.datasets(seed=0, num_samples=max(500, 2 * batch))
-    x = torch.stack([train[i][0] for i in range(batch)])
-    y = torch.stack([train[i][1] for i in range(batch)])
-    return x, y
-
-
-def _stepper(model, pm, x, y):
-    opt = torch.optim.Adam(list(pm.trainable_parameters()), lr=1e-3)
-
-    def step():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def _explain(pm, x) -> dict:
@@ -96,7 +77,7 @@ PHASES = ("neuron0", "dendrite", "neuron1")
 def bench_model(name: str, rounds: int, pool: int, phases=PHASES) -> list[dict]:
     mod_name, kw, batch = MODELS[name]
     mod = importlib.import_module(mod_name)
-    x, y = _batch(mod, batch)
+    x, y = first_batch(mod, batch)
     torch.manual_seed(0)
     pm = pbp_fx.perforate(mod.build_model(**kw), mod.example_inputs())
     backend = CountingBackend()
@@ -115,7 +96,8 @@ def bench_model(name: str, rounds: int, pool: int, phases=PHASES) -> list[dict]:
             continue
         twin = copy.deepcopy(pm)  # the eager twin: the same structure and weights
         snapshots.append(copy.deepcopy(pm))  # for explain, after timing (explain resets dynamo's caches)
-        eager_step, compiled_step = _stepper(twin, twin, x, y), _stepper(compiled, pm, x, y)
+        eager_step = adam_stepper(twin, list(twin.trainable_parameters()), x, y)
+        compiled_step = adam_stepper(compiled, list(pm.trainable_parameters()), x, y)
         before = backend.graphs
         t0 = time.perf_counter()
         for _ in range(3):  # compile (forward and backward), then two warm steps

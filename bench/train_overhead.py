@@ -37,14 +37,14 @@ MODELS = {"mnist1d_cnn": "pbp_fx.models.mnist1d_cnn", "mnist1d_mlp": "pbp_fx.mod
           "resnet_small": "pbp_fx.models.resnet_small"}
 
 
-def _batch(mod, batch: int, seed: int = 0):
+def first_batch(mod, batch: int):
     train, _, _ = mod.datasets(seed=0, num_samples=max(500, 2 * batch))
     x = torch.stack([train[i][0] for i in range(batch)])
     y = torch.stack([train[i][1] for i in range(batch)])
     return x, y
 
 
-def _stepper(model, params, x, y):
+def adam_stepper(model, params, x, y):
     opt = torch.optim.Adam(params, lr=1e-3)
 
     def step():
@@ -68,7 +68,7 @@ def configs(mod, x, y, pool: int):
     torch.manual_seed(0)
     base = mod.build_model()
     base.train()
-    out = [("plain", base, _stepper(base, list(base.parameters()), x, y))]
+    out = [("plain", base, adam_stepper(base, list(base.parameters()), x, y))]
     for k in (1, 2, 3):
         pm = pbp_fx.perforate(copy.deepcopy(base), (x[:2],))
         for _ in range(k):
@@ -77,13 +77,13 @@ def configs(mod, x, y, pool: int):
             for s in pm.sites.values():
                 s.out_weight.normal_(0, 0.1)
         pm.train()
-        out.append((f"neuron K={k}", pm, _stepper(pm, list(pm.trainable_parameters()), x, y)))
+        out.append((f"neuron K={k}", pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y)))
     for split in (True, False):
         pm = pbp_fx.perforate(copy.deepcopy(base), (x[:2],))
         pm.train()
         pm.start_dendrite_phase(pool=pool, split=split)
         name = f"dendrite P={pool} " + ("split" if split else "full-batch")
-        out.append((name, pm, _stepper(pm, list(pm.trainable_parameters()), x, y)))
+        out.append((name, pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y)))
     return out
 
 
@@ -112,7 +112,7 @@ def _status_kb(key: str) -> int:
 def step_peaks(model: str, batch: int, pool: int) -> dict[str, float]:
     """In this process: MiB the resident set rises during one step of each configuration."""
     mod = importlib.import_module(MODELS[model])
-    x, y = _batch(mod, batch)
+    x, y = first_batch(mod, batch)
     out = {}
     for name, _, step in configs(mod, x, y, pool):
         step()
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
           f"interleaved rounds of {a.steps} steps")
     for name in a.models:
         mod = importlib.import_module(MODELS[name])
-        x, y = _batch(mod, a.batch)
+        x, y = first_batch(mod, a.batch)
         cfgs = configs(mod, x, y, a.pool)
         t = measure(cfgs, a.rounds, a.steps)
         flops = {n: _flops(m, x, y) for n, m, _ in cfgs}

@@ -39,7 +39,7 @@ from .fileio import atomic_write
 from .job import DEFAULT_MODEL, load_job_module, make_loaders
 from .modelfile import instantiate
 from .schedule import Kind, PhaseSchedule
-from .training import evaluate
+from .training import evaluate, train_epoch
 from .width import WidthBuilder, WidthError, num_parameters
 
 __all__ = ["compare", "CompareError", "ARMS", "train_plain", "train_restarts", "train_perforated",
@@ -53,17 +53,7 @@ class CompareError(PBError, ValueError):
     """A compare request that cannot run (bad arms, seeds, width or output folder)."""
 
 
-# -- one training loop for every arm -------------------------------------------------------
-def _epoch(model, loader, loss_fn, optimizer) -> None:
-    model.train()
-    for batch in loader:
-        *inputs, target = batch
-        loss = loss_fn(model(*inputs), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-
+# -- one training loop for every arm: training.train_epoch ------------------------------------
 def _snapshot(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -81,7 +71,7 @@ def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainC
     optimizer, best, rounds, epochs = new_optimizer(), _snapshot(model), 0, 0
     for epochs in range(1, training.epochs + 1):
         if schedule.phase == "neuron":
-            _epoch(model, train, loss_fn, optimizer)
+            train_epoch(model, train, loss_fn, optimizer, None)
             score = evaluate(model, val, metric, data="validation")
         else:
             score = schedule.best_score  # a dendrite phase without dendrites changes nothing

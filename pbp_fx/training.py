@@ -18,7 +18,7 @@ from .controller import Decision, PhaseController
 from .errors import TrainingError
 from .perforated import PerforatedModel
 
-__all__ = ["fit", "History", "evaluate", "accuracy"]
+__all__ = ["fit", "History", "evaluate", "accuracy", "train_epoch"]
 
 
 @dataclass
@@ -184,7 +184,7 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
         if distributed is not None and hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         try:
-            train_loss = _train_epoch(controller.model, train_loader, loss_fn, controller.optimizer, device,
+            train_loss = train_epoch(controller.model, train_loader, loss_fn, controller.optimizer, device,
                                       distributed, phase)
             _check_statistics(pm)
             if controller.scheduler is not None and phase == "neuron":
@@ -215,7 +215,7 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
         controller.finish(f"epoch cap ({epochs}) reached")
 
 
-def _train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=None) -> float:
+def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=None) -> float:
     """One epoch; `pm` is the module to call (the model, or its DDP wrapper)."""
     pm.train()
     phase = phase or getattr(pm, "phase", "")
