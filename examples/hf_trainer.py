@@ -41,7 +41,7 @@ model = pbp_fx.perforate(model, example_kwargs=default_data_collator(train[:8]))
 args = TrainingArguments(
     output_dir=cli.out, num_train_epochs=cli.epochs, learning_rate=3e-3, lr_scheduler_type="linear",
     per_device_train_batch_size=32, eval_strategy="epoch", save_strategy="no", logging_strategy="epoch",
-    report_to=[], use_cpu=True, disable_tqdm=True, label_names=["labels"], remove_unused_columns=False)
+    report_to=[], use_cpu=True, disable_tqdm=True)
 trainer = Trainer(
     model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=accuracy,
     callbacks=[pbp_fx.integrations.hf.PBCallback(pbp_fx.PBConfig(patience=10, improvement=1e-4, max_dendrite_epochs=10))],  # PB

@@ -6,6 +6,7 @@ of `model` (the user's model is never modified).
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Iterator, Optional
 
 import torch
@@ -43,6 +44,16 @@ class PerforatedModel(nn.Module):
         # Buffers (BN running stats) at the start of the dendrite phase, restored at its end:
         # train-mode forwards would otherwise move them although no weight changes.
         self._frozen_buffers: dict[str, torch.Tensor] = {}
+        call = self.call_signature
+        if call is not None and type(self) is PerforatedModel:
+            self.__class__ = _with_signature(call.signature)
+
+    def __reduce_ex__(self, protocol):
+        # The class with the original's signature is made per model (like fx.GraphModule's):
+        # pickle it as a recipe, not by name.
+        if type(self) is PerforatedModel or self.call_signature is None:
+            return super().__reduce_ex__(protocol)
+        return _new_with_signature, (self.call_signature.signature,), self.__getstate__()
 
     @property
     def source_model(self) -> Optional[nn.Module]:
@@ -301,6 +312,27 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
                "leaves": list(gm.meta.get("pbp_untraceable", [])),
                "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {}))}
     return PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
+
+
+def _with_signature(signature: inspect.Signature) -> type:
+    """A PerforatedModel class whose `forward` shows the original model's signature.
+
+    Frameworks read it from the class to decide what to pass: the Hugging Face Trainer takes
+    its label names and the dataset columns it keeps from `forward`'s parameters, so
+    `(*args, **kwargs)` would make it drop the inputs."""
+    def forward(self, *args, **kwargs):
+        return PerforatedModel.forward(self, *args, **kwargs)
+
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = signature.replace(parameters=[this, *signature.parameters.values()])
+    forward.__doc__ = PerforatedModel.forward.__doc__
+    forward.__qualname__ = "PerforatedModel.forward"
+    return type("PerforatedModel", (PerforatedModel,), {"forward": forward, "__module__": __name__})
+
+
+def _new_with_signature(signature: inspect.Signature) -> PerforatedModel:
+    """Unpickling: an empty model of the class `_with_signature` makes (state follows)."""
+    return nn.Module.__new__(_with_signature(signature))
 
 
 def _same_output(a, b) -> bool:

@@ -25,10 +25,7 @@ def _args(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), num_train_epochs=40, per_device_train_batch_size=32,
                 per_device_eval_batch_size=128, learning_rate=3e-3, lr_scheduler_type="linear",
                 eval_strategy="epoch", save_strategy="no", logging_strategy="epoch", report_to=[],
-                use_cpu=True, disable_tqdm=True, seed=0,
-                # PerforatedModel.forward shows (*args, **kwargs), not BERT's parameters: name the labels
-                # and keep the dataset's columns (a Trainer would otherwise filter by that signature).
-                label_names=["labels"], remove_unused_columns=False)
+                use_cpu=True, disable_tqdm=True, seed=0)
     return TrainingArguments(**{**base, **kw})
 
 
@@ -52,6 +49,8 @@ def _notes(ctl) -> list[str]:
 def test_trainer_runs_a_dendrite_phase_installs_and_stops_with_the_best_model(tmp_path, perforated_bert):
     cb = PBCallback(QUICK)
     trainer, val = _trainer(tmp_path, cb, perforated_bert())
+    # Default TrainingArguments: the Trainer reads BERT's own signature from the perforated model.
+    assert trainer.label_names == ["labels"] and trainer.args.remove_unused_columns
     trainer.train()
     ctl, pm = cb.controller, trainer.model
     notes = _notes(ctl)
