@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .covariance_tap import STAT_NAMES, ReducedTap, batch_covariance, covariance_tap, fold_batch
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
                      split_members, stacked_apply)
 
@@ -81,7 +82,8 @@ class CandidatePool(nn.Module):
         self.register_buffer("best", torch.zeros(pool, c, **sk))
         # Batches counted (finite ones), on the device: no host sync per batch.
         self.register_buffer("steps", torch.tensor(0, device=device))
-        self.seen = 0  # batches observed, finite or not: a host count (extra state)
+        # Batches observed, finite or not; saved as extra state (the format checkpoints have).
+        self.register_buffer("batches_seen", torch.tensor(0, device=device), persistent=False)
         # Step of the last snapshot, kept on the device and read once per epoch.
         self.register_buffer("last_improved", torch.tensor(0, device=device))
         # Site mean correlation at the last epoch that made progress (epoch_progress; checkpointed).
@@ -119,69 +121,37 @@ class CandidatePool(nn.Module):
             pre = pre + u * (split_members(s, p, axis) if split else s.unsqueeze(copy_dim(axis)))
         return ACTIVATIONS[self.activation](pre)
 
+    def _stats(self) -> list[Tensor]:
+        return [getattr(self, name) for name in STAT_NAMES]
+
+    def _settings(self) -> tuple:
+        return (self.ema_decay, self.warmup, self.threshold, self.bias_correction)
+
     @torch.no_grad()
     def covariance(self, c: Tensor, d: Tensor, axis: int = -1) -> tuple[Tensor, Tensor]:
-        """A batch's covariance C [P, C] of the candidates c with the site error d, and e.
-
-        Both in the stacked layout of `axis` ([B, P, C, *S] for 1, [..., P, C] for -1), d with
-        P members (split: each member's own slice) or 1 (every member saw every position);
-        the statistics are float32 at least whatever the autocast dtype. dC/dc = share * e,
-        share = P when split (C is then P x the slice's covariance, in whole-batch units),
-        else 1. In one process e = d - mean d. With a reducer over R ranks, each rank's d is
-        the gradient of its own mean loss, R times that of DDP's objective (1/R) sum_r L_r,
-        so the rank sums S_cd = sum c d / R, S_c = sum c, S_d = sum d / R and the position
-        count n are all-reduced and C = S_cd - S_c * m with m = S_d / n, the global mean of
-        d / R: the global batch's covariance, the same on every rank. e = d - R m is R times
-        the exact, because DDP divides the summed candidate gradients by R.
-        """
-        acc = torch.promote_types(d.dtype, torch.float32)  # float32 at least: counts exact to 2**24
-        c, d = c.to(acc), d.to(acc)
-        cd = copy_dim(axis)
-        pos = [0, *range(3, c.dim())] if axis == 1 else list(range(c.dim() - 2))
-        share = d.shape[cd]  # P when split, else 1
-        if self.reducer is None:
-            e = d - d.mean(pos, keepdim=True)
-            return (c * e).sum(pos).mul_(share), e
-        r = self.reducer.world_size
-        p, ch = c.shape[cd], self.layer.channels
-        s_d = d.sum(pos)  # [share, C]
-        sums = self.reducer(torch.cat([
-            (c * d).sum(pos).reshape(-1) / r, c.sum(pos).reshape(-1), s_d.reshape(-1) / r,
-            d.new_full((1,), d.numel() // s_d.numel())]))
-        s_cd, s_c, s_d, n = sums.split([p * ch, p * ch, share * ch, 1])
-        m = s_d.view(share, ch) / n
-        cov = s_cd.view(p, ch) - s_c.view(p, ch) * m
-        return cov * share, d - r * channel_view(m, d.dim() - 1, axis)
+        """A batch's covariance C [P, C] of the candidates c with the site error d, and e
+        (`covariance_tap.batch_covariance`, summed over the ranks when a reducer is set)."""
+        return batch_covariance(c, d, axis, self.layer.channels, self.reducer)
 
     @torch.no_grad()
     def observe(self, cov: Tensor) -> Tensor:
-        """Fold one batch's covariance [P, C] (already global, see covariance()) into the statistics; returns sign(ema).
+        """Fold one batch's covariance [P, C] (already global) into the statistics; returns sign(ema)
+        (`covariance_tap.fold_batch`)."""
+        rows = self._rows()
+        snapshots = [getattr(self, "snapshot_" + name) for name in rows]
+        return fold_batch(self._stats(), snapshots, list(rows.values()), cov, self._settings())
 
-        A batch with an inf/NaN covariance (a step GradScaler skips) is not counted. With
-        bias correction, ema is the decay-weighted mean of the batches so far (the first
-        batch gets weight 1, not the decay's 0.01); without, it starts from 0. Masked tensor
-        ops only: no host sync on the hot path. The weight and the warm-up come from a host
-        count of the batches seen (a skipped batch shifts the weight of the next by a hair).
-        """
-        self.seen += 1
-        finite = torch.isfinite(cov).all()
-        self.steps.add_(finite)
-        d, stats = self.ema_decay, self.ema
-        w = (1.0 - d) / (1.0 - d ** self.seen) if self.bias_correction else 1.0 - d
-        cov = cov.to(stats.dtype)
-        self.ema_sq.lerp_(torch.where(finite, cov * cov, self.ema_sq), w)  # NaN-free: a skipped batch changes nothing
-        stats.lerp_(torch.where(finite, cov, stats), w)
-        if self.seen > self.warmup:
-            score = stats.abs()
-            improved = score > self.best * (1.0 + self.threshold)
-            mask = improved.to(stats.dtype)
-            self.best.lerp_(score, mask)  # weight 0 or 1: exact
-            for name, t in self._rows().items():
-                if t.numel():
-                    getattr(self, "snapshot_" + name).lerp_(
-                        t.detach(), mask.to(t.dtype).view(*mask.shape, *([1] * (t.dim() - 2))))
-            self.last_improved.copy_(torch.where(improved.any(), self.steps, self.last_improved))
-        return torch.sign(stats)
+    def tap(self, y: Tensor, c: Tensor, split: bool) -> Tensor:
+        """y unchanged; its backward trains the candidates c on the site error dL/dy and updates
+        the statistics (`covariance_tap`: a custom op in one process, so torch.compile keeps
+        the site in one graph; with a reducer, the Python function that all-reduces)."""
+        rows = self._rows()
+        snapshots = [getattr(self, "snapshot_" + name) for name in rows]
+        args = (y, c, self._stats(), snapshots, list(rows.values()), self.layer.axis, split, self.loss_scale(),
+                self._settings())
+        if self.reducer is None:
+            return covariance_tap(*args)
+        return ReducedTap.apply(*args, self.reducer)
 
     def loss_scale(self) -> float:
         """The scale the loss was multiplied by before backward (grad_scaler's), else 1."""
@@ -191,10 +161,10 @@ class CandidatePool(nn.Module):
     def get_extra_state(self) -> Tensor:
         # A tensor, not a dict: state_dict() must hold tensors only for safetensors writers
         # (the Hugging Face Trainer saves model.state_dict() that way).
-        return torch.tensor(self.seen, dtype=torch.int64)
+        return self.batches_seen.detach().to("cpu", torch.int64, copy=True)
 
     def set_extra_state(self, state) -> None:
-        self.seen = int(state["seen"] if isinstance(state, dict) else state)
+        self.batches_seen.fill_(int(state["seen"] if isinstance(state, dict) else state))
 
     def noise(self) -> Tensor:
         """Standard error of each ema entry [P, C], from the batches' spread of C."""
@@ -215,10 +185,11 @@ class CandidatePool(nn.Module):
         Call once per epoch; the reference is a buffer, so it is checkpointed. During the warm-up a
         pool that has seen batches reports progress.
         """
-        if self.seen <= self.warmup:
+        seen = int(self.batches_seen)
+        if seen <= self.warmup:
             # Still warming up: an estimate that is not yet reliable cannot be called stale
             # (a pool that has seen no batch at all has made no progress).
-            return self.seen > 0
+            return seen > 0
         score = self.ema.abs()
         pick = score.argmax(0, keepdim=True)
         value = score.gather(0, pick).mean()
@@ -235,7 +206,7 @@ class CandidatePool(nn.Module):
 
     def correlation(self) -> Tensor:
         """Per channel, the best |C~| over the pool, [C]."""
-        return self.best.amax(0) if self.seen > self.warmup else self.ema.abs().amax(0)
+        return self.best.amax(0) if int(self.batches_seen) > self.warmup else self.ema.abs().amax(0)
 
     def selected_rows(self) -> tuple[dict[str, Tensor], Tensor]:
         """Per channel, the snapshot row of the pool member with the best |C~|; and sign(C~)."""
@@ -250,40 +221,6 @@ class CandidatePool(nn.Module):
             src = torch.where(seen.reshape(1, -1, *([1] * (t.dim() - 2))), snap, t.detach())
             rows[name] = src[pick, ch].unsqueeze(0)
         return rows, torch.sign(self.ema[pick, ch])
-
-
-class _CovarianceTap(torch.autograd.Function):
-    """Identity on y; in backward, delta = dL/dy trains the candidates (PB_SPEC §4).
-
-    The gradient handed to c is that of -sum_i sign(C~_i) C_i, with
-    dC_i/dc_{p,i} = delta_{p,i} - mean_p delta_i, so only candidate parameters (reached
-    through c, whose inputs are detached) receive it. In distributed runs C and the mean
-    are the global batch's (CandidatePool.covariance). split: c holds each member's own
-    slice of the batch (CandidatePool.forward), and delta is dealt the same way.
-    """
-
-    @staticmethod
-    def forward(ctx, y: Tensor, c: Tensor, pool: CandidatePool, split: bool) -> Tensor:
-        ctx.save_for_backward(c)
-        ctx.pool, ctx.split, ctx.counted = pool, split, False
-        # A copy, not a view: user graphs may modify the site output in place (ReLU(inplace)).
-        return y.clone()
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        (c,) = ctx.saved_tensors
-        pool: CandidatePool = ctx.pool
-        axis = pool.layer.axis
-        p = c.shape[copy_dim(axis)]
-        d = grad_y.detach()
-        d = split_members(d, p, axis) if ctx.split else d.unsqueeze(copy_dim(axis))
-        scale = pool.loss_scale()
-        cov, e = pool.covariance(c.detach(), d if scale == 1.0 else d / scale, axis)
-        # A second backward through the same graph (retain_graph) must not count the batch twice.
-        sign = torch.sign(pool.ema) if ctx.counted else pool.observe(cov)
-        ctx.counted = True
-        k = sign * -(scale * (p if ctx.split else 1))  # dC/dc = share * e; GradScaler's scale kept in the gradient
-        return grad_y, (e * channel_view(k, e.dim() - 1, axis)).to(c.dtype), None, None
 
 
 class Site(nn.Module):
@@ -349,7 +286,7 @@ class Site(nn.Module):
             y = _weighted_sum(n, acts, self.out_weight, self.axis)
         if self.candidates is not None and self.training and torch.is_grad_enabled():
             c = self.candidates(src, [s.detach() for s in acts])
-            y = _CovarianceTap.apply(y, c, self.candidates, self.candidates.splits(src.shape[0]))
+            y = self.candidates.tap(y, c, self.candidates.splits(src.shape[0]))
         return y
 
     # -- structure changes ---------------------------------------------------------

@@ -89,11 +89,9 @@ def test_neuron_phase_compiles_once_per_structure(twins):
     _same_state(pm, twin)
 
 
-# Site's covariance tap counts batches in a Python int read in backward: AOTAutograd traces that
-# backward once, so compiled dendrite-phase statistics drift from eager ones. The stats branch
-# makes Site compile-clean; strict: this starts failing (XPASS) when that lands.
+# The covariance tap is a custom op whose backward (another custom op) updates the statistics in
+# place: the compiled backward must update them exactly as the eager one.
 @pytest.mark.slow  # ~1 min: the dendrite-phase graph (pool copies, custom backward) compiles slowly
-@pytest.mark.xfail(strict=True, reason="CandidatePool statistics are not compile-clean yet (stats branch)")
 def test_dendrite_phase_statistics_match_eager_and_install_recompiles_once(twins):
     torch._dynamo.reset()
     pm, twin = twins
@@ -129,11 +127,8 @@ def test_no_graph_break_in_the_neuron_phase(twins):
     assert _graph_breaks(pm, x) == []
 
 
-# Issue 11 asks for no graph break inside a Site in either phase; the dendrite phase's
-# covariance tap breaks the graph today (bench/results/compile.md lists the reasons). The
-# stats branch makes Site compile-clean; strict: this XPASSes (fails) once it does.
+# No graph break inside a Site in either phase (issue 11).
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the dendrite phase's covariance tap breaks the graph (stats branch)")
 def test_no_graph_break_in_the_dendrite_phase(twins):
     pm, _ = twins
     x, _ = _data()

@@ -1,0 +1,201 @@
+"""The covariance tap: identity on a site's output y; in backward, delta = dL/dy trains the candidates.
+
+PB_SPEC §4. The candidates' gradient is that of -sum_i sign(C~_i) C_i, with
+dC_i/dc_{p,i} = delta_{p,i} - mean_p delta_i, so only candidate parameters (reached through c,
+whose inputs are detached) receive it; the same backward folds the batch's covariance into the
+pool's statistics (EMA, best |C~|, snapshots).
+
+One process: the tap is the custom op `pbp_fx::covariance_tap` and its backward the custom op
+`pbp_fx::candidate_update`, opaque to torch.compile, so a compiled dendrite-phase step has no
+graph break at a site and the statistics are updated in place by the compiled backward.
+Distributed runs sum the statistics over the ranks inside backward (a Python reducer), so
+they use the equivalent autograd.Function `ReducedTap`. Both run `candidate_gradient`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .layers import channel_view, copy_dim, split_members
+
+__all__ = ["STAT_NAMES", "StatsSettings", "batch_covariance", "fold_batch", "candidate_gradient",
+           "covariance_tap", "ReducedTap"]
+
+# The pool's statistics tensors, in the order the ops take them (CandidatePool buffers).
+STAT_NAMES = ("ema", "ema_sq", "best", "steps", "batches_seen", "last_improved")
+
+# (decay, warmup, threshold, bias_correction): plain scalars, so that the ops can take them.
+StatsSettings = tuple
+
+
+def batch_covariance(c: Tensor, d: Tensor, axis: int, channels: int,
+                     reducer: Optional[Callable] = None) -> tuple[Tensor, Tensor]:
+    """A batch's covariance C [P, C] of the candidates c with the site error d, and e.
+
+    Both in the stacked layout of `axis` ([B, P, C, *S] for 1, [..., P, C] for -1), d with
+    P members (split: each member's own slice) or 1 (every member saw every position);
+    float32 at least whatever the autocast dtype. dC/dc = share * e, share = P when split (C
+    is then P x the slice's covariance, in whole-batch units), else 1. In one process
+    e = d - mean d. With a reducer over R ranks, each rank's d is the gradient of its own
+    mean loss, R times that of DDP's objective (1/R) sum_r L_r, so the rank sums
+    S_cd = sum c d / R, S_c = sum c, S_d = sum d / R and the position count n are all-reduced
+    and C = S_cd - S_c * m with m = S_d / n, the global mean of d / R: the global batch's
+    covariance, the same on every rank. e = d - R m is R times the exact, because DDP divides
+    the summed candidate gradients by R.
+    """
+    acc = torch.promote_types(d.dtype, torch.float32)  # float32 at least: counts exact to 2**24
+    c, d = c.to(acc), d.to(acc)
+    cd = copy_dim(axis)
+    pos = [0, *range(3, c.dim())] if axis == 1 else list(range(c.dim() - 2))
+    share = d.shape[cd]  # P when split, else 1
+    if reducer is None:
+        e = d - d.mean(pos, keepdim=True)
+        cov = (c * e).sum(pos)
+        return (cov if share == 1 else cov.mul_(share)), e
+    r = reducer.world_size
+    p = c.shape[cd]
+    s_d = d.sum(pos)  # [share, C]
+    sums = reducer(torch.cat([
+        (c * d).sum(pos).reshape(-1) / r, c.sum(pos).reshape(-1), s_d.reshape(-1) / r,
+        d.new_full((1,), d.numel() // s_d.numel())]))
+    s_cd, s_c, s_d, n = sums.split([p * channels, p * channels, share * channels, 1])
+    m = s_d.view(share, channels) / n
+    cov = s_cd.view(p, channels) - s_c.view(p, channels) * m
+    return cov * share, d - r * channel_view(m, d.dim() - 1, axis)
+
+
+def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor], cov: Tensor,
+               settings: StatsSettings, new: Optional[Tensor] = None) -> Tensor:
+    """Fold one batch's covariance [P, C] into the statistics (in place); returns sign(ema).
+
+    new: a bool tensor, False when this batch was counted already (a retained graph's second
+    backward): then nothing changes. A batch with an inf/NaN covariance (a step GradScaler
+    skips) is seen but not counted. With bias
+    correction, ema is the decay-weighted mean of the batches so far (the first batch gets
+    weight 1, not the decay's 0.01); without, it starts from 0. After the warm-up, each
+    (member, channel) whose |ema| beats its best by the threshold snapshots its row of
+    weights. Tensor ops only: no host sync, and nothing a compiled graph cannot hold.
+    """
+    ema, ema_sq, best, steps, seen, last_improved = stats
+    decay, warmup, threshold, bias_correction = settings
+    new = torch.ones((), dtype=torch.bool, device=cov.device) if new is None else new
+    seen.add_(new)
+    finite = torch.isfinite(cov).all() & new
+    steps.add_(finite)
+    if bias_correction:
+        w = ((1.0 - decay) / (1.0 - torch.pow(decay, seen.double()))).to(ema.dtype)
+    else:
+        w = 1.0 - decay
+    cov = cov.to(ema.dtype)
+    ema_sq.lerp_(torch.where(finite, cov * cov, ema_sq), w)  # NaN-free: a skipped batch changes nothing
+    ema.lerp_(torch.where(finite, cov, ema), w)
+    score = ema.abs()
+    improved = (score > best * (1.0 + threshold)) & (seen > warmup) & new
+    mask = improved.to(ema.dtype)
+    best.lerp_(score, mask)  # weight 0 or 1: exact
+    for snap, row in zip(snapshots, rows):
+        if row.numel():
+            snap.lerp_(row.detach(), mask.to(row.dtype).view(*mask.shape, *([1] * (row.dim() - 2))))
+    last_improved.copy_(torch.where(improved.any(), steps, last_improved))
+    return torch.sign(ema)
+
+
+def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor],
+                       rows: list[Tensor], counted: Tensor, axis: int, split: bool, scale: float,
+                       settings: StatsSettings, reducer: Optional[Callable] = None) -> Tensor:
+    """The candidates' gradient for one backward; the batch is counted once (`counted`).
+
+    split: c holds each member's own slice of the batch, and delta is dealt the same way.
+    scale: GradScaler's loss scale (1 without), divided out of delta before the statistics
+    and kept in the gradient. A second backward through the same graph (retain_graph) does
+    not count the batch again.
+    """
+    p = c.shape[copy_dim(axis)]
+    d = grad_y.detach()
+    d = split_members(d, p, axis) if split else d.unsqueeze(copy_dim(axis))
+    cov, e = batch_covariance(c.detach(), d if scale == 1.0 else d / scale, axis, stats[0].shape[1], reducer)
+    sign = fold_batch(stats, snapshots, rows, cov, settings, new=~counted)
+    counted.fill_(True)
+    k = sign * -(scale * (p if split else 1))  # dC/dc = share * e; GradScaler's scale kept in the gradient
+    return (e * channel_view(k, e.dim() - 1, axis)).to(c.dtype)
+
+
+# -- one process: custom ops ----------------------------------------------------------------
+
+@torch.library.custom_op("pbp_fx::candidate_update", mutates_args=("stats", "snapshots", "counted"))
+def _candidate_update(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor],
+                      rows: list[Tensor], counted: Tensor, axis: int, split: bool, scale: float,
+                      decay: float, warmup: int, threshold: float, bias_correction: bool) -> Tensor:
+    # Contiguous, as the fake says: compiled code is planned with the fake's strides.
+    return candidate_gradient(grad_y, c, stats, snapshots, rows, counted, axis, split, scale,
+                              (decay, warmup, threshold, bias_correction)).contiguous()
+
+
+@_candidate_update.register_fake
+def _(grad_y, c, stats, snapshots, rows, counted, axis, split, scale, decay, warmup, threshold,
+      bias_correction):
+    return c.new_empty(c.shape)
+
+
+@torch.library.custom_op("pbp_fx::covariance_tap", mutates_args=())
+def _covariance_tap(y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
+                    axis: int, split: bool, scale: float, decay: float, warmup: int, threshold: float,
+                    bias_correction: bool) -> Tensor:
+    # A copy, not a view: user graphs may modify the site output in place (ReLU(inplace)).
+    return y.clone()
+
+
+@_covariance_tap.register_fake
+def _(y, c, stats, snapshots, rows, axis, split, scale, decay, warmup, threshold, bias_correction):
+    return torch.empty_like(y)  # the strides clone() gives
+
+
+def _setup(ctx, inputs, output) -> None:
+    y, c, stats, snapshots, rows, *options = inputs
+    ctx.save_for_backward(c)
+    # The statistics are ctx attributes, not saved tensors: they change in place at every
+    # backward, and a saved tensor's version check would refuse a second forward's backward.
+    ctx.stats, ctx.snapshots, ctx.rows, ctx.options = stats, snapshots, rows, options
+    ctx.counted = torch.zeros((), dtype=torch.bool, device=y.device)
+
+
+def _backward(ctx, grad_y: Tensor):
+    (c,) = ctx.saved_tensors
+    grad_c = _candidate_update(grad_y, c, ctx.stats, ctx.snapshots, ctx.rows, ctx.counted, *ctx.options)
+    lists = tuple([None] * len(t) for t in (ctx.stats, ctx.snapshots, ctx.rows))
+    return grad_y, grad_c, *lists, *([None] * len(ctx.options))
+
+
+_covariance_tap.register_autograd(_backward, setup_context=_setup)
+
+
+def covariance_tap(y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
+                   axis: int, split: bool, scale: float, settings: StatsSettings) -> Tensor:
+    """y, unchanged (a copy); its backward trains c's candidates and updates the statistics."""
+    decay, warmup, threshold, bias_correction = settings
+    return _covariance_tap(y, c, stats, snapshots, rows, axis, split, scale, float(decay), int(warmup),
+                           float(threshold), bool(bias_correction))
+
+
+# -- distributed: the same backward with a reducer ------------------------------------------
+
+class ReducedTap(torch.autograd.Function):
+    """covariance_tap whose statistics are summed over the ranks (`reducer`) in backward."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, c: Tensor, stats, snapshots, rows, axis, split, scale, settings, reducer):
+        ctx.save_for_backward(c)
+        ctx.stats, ctx.snapshots, ctx.rows = stats, snapshots, rows
+        ctx.options = (axis, split, scale, settings, reducer)
+        ctx.counted = torch.zeros((), dtype=torch.bool, device=y.device)
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        (c,) = ctx.saved_tensors
+        axis, split, scale, settings, reducer = ctx.options
+        grad_c = candidate_gradient(grad_y, c, ctx.stats, ctx.snapshots, ctx.rows, ctx.counted, axis, split,
+                                    scale, settings, reducer)
+        return grad_y, grad_c, None, None, None, None, None, None, None, None
