@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .covariance_tap import STAT_NAMES, ReducedTap, batch_covariance, covariance_tap, fold_batch
+from .covariance_tap import STAT_NAMES, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
                      split_members, stacked_apply)
 
@@ -143,15 +143,15 @@ class CandidatePool(nn.Module):
 
     def tap(self, y: Tensor, c: Tensor, split: bool) -> Tensor:
         """y unchanged; its backward trains the candidates c on the site error dL/dy and updates
-        the statistics (`covariance_tap`: a custom op in one process, so torch.compile keeps
-        the site in one graph; with a reducer, the Python function that all-reduces)."""
+        the statistics (`covariance_tap`: custom ops under torch.compile, so the site stays in
+        one graph; an autograd.Function in eager runs, which also all-reduces with a reducer)."""
         rows = self._rows()
         snapshots = [getattr(self, "snapshot_" + name) for name in rows]
         args = (y, c, self._stats(), snapshots, list(rows.values()), self.layer.axis, split, self.loss_scale(),
                 self._settings())
-        if self.reducer is None:
+        if self.reducer is None and torch.compiler.is_compiling():
             return covariance_tap(*args)
-        return ReducedTap.apply(*args, self.reducer)
+        return EagerTap.apply(*args, self.reducer)
 
     def loss_scale(self) -> float:
         """The scale the loss was multiplied by before backward (grad_scaler's), else 1."""
