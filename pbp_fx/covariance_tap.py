@@ -95,12 +95,16 @@ def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
     ema.lerp_(torch.where(finite, cov, ema), w)
     score = ema.abs()
     improved = (score > best * (1.0 + threshold)) & (seen > warmup) & new
-    mask = improved.to(ema.dtype)
-    best.lerp_(score, mask)  # weight 0 or 1: exact
-    for snap, row in zip(snapshots, rows):
-        if row.numel():
-            snap.lerp_(row.detach(), mask.to(row.dtype).view(*mask.shape, *([1] * (row.dim() - 2))))
-    last_improved.copy_(torch.where(improved.any(), steps, last_improved))
+    any_improved = improved.any()
+    # On the CPU a host read is free and most batches improve nothing: skip the snapshot copies.
+    # Elsewhere, masked updates (no device sync).
+    if cov.device.type != "cpu" or bool(any_improved):
+        mask = improved.to(ema.dtype)
+        best.lerp_(score, mask)  # weight 0 or 1: exact
+        for snap, row in zip(snapshots, rows):
+            if row.numel():
+                snap.lerp_(row.detach(), mask.to(row.dtype).view(*mask.shape, *([1] * (row.dim() - 2))))
+        last_improved.copy_(torch.where(any_improved, steps, last_improved))
     return torch.sign(ema)
 
 
