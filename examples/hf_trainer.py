@@ -44,7 +44,7 @@ args = TrainingArguments(
     report_to=[], use_cpu=True, disable_tqdm=True)
 trainer = Trainer(
     model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=accuracy,
-    callbacks=[pbp_fx.integrations.hf.PBCallback(pbp_fx.PBConfig(patience=10, improvement=1e-4, max_dendrite_epochs=10))],  # PB
+    callbacks=[pbp_fx.integrations.hf.PBCallback(pbp_fx.PBConfig(patience=5, max_dendrite_epochs=10))],  # PB
 )
 trainer.train()
 trainer.save_model()

@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import torch
 from torch import fx, nn
 
-from .errors import NoSitesError
+from .errors import NoSitesError, TrainingError
 from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
@@ -44,6 +44,8 @@ class PerforatedModel(nn.Module):
         # Buffers (BN running stats) at the start of the dendrite phase, restored at its end:
         # train-mode forwards would otherwise move them although no weight changes.
         self._frozen_buffers: dict[str, torch.Tensor] = {}
+        # Keyword arguments of torch.utils.checkpoint while activation checkpointing is on, else None.
+        self.checkpointing: Optional[dict] = None
         call = self.call_signature
         if call is not None and type(self) is PerforatedModel:
             self.__class__ = _with_signature(call.signature)
@@ -74,12 +76,57 @@ class PerforatedModel(nn.Module):
         output (checked once per keyword), and refused with a CallError when it does."""
         call = self.call_signature
         if call is None or call.is_plain(args, kwargs):
-            return self.graph_module(*args, **kwargs)
+            return self._run_graph(args, kwargs)
         g_args, g_kwargs, extra = call.bind(args, kwargs)
         for key in extra:
             if key not in self._untraced_ok:
                 self._check_untraced(key, args, kwargs)
-        return self.graph_module(*g_args, **g_kwargs)
+        return self._run_graph(g_args, g_kwargs)
+
+    def _run_graph(self, args: tuple, kwargs: dict):
+        if self.checkpointing is not None and self.training and torch.is_grad_enabled():
+            from functools import partial
+
+            from torch.utils.checkpoint import checkpoint
+
+            # Keyword inputs through partial: checkpoint() has keywords of its own.
+            return checkpoint(partial(self.graph_module, **kwargs), *args, use_reentrant=False, **self.checkpointing)
+        return self.graph_module(*args, **kwargs)
+
+    # -- activation checkpointing ----------------------------------------------------
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute activations in backward (torch.utils.checkpoint, non-reentrant) to save memory.
+
+        The traced graph has no layer boundaries, so the whole perforated graph is one
+        checkpointed segment: in training, forward keeps only its inputs and backward runs it
+        again. The covariance tap still counts each batch once. Named like the Hugging Face
+        method, so `TrainingArguments(activation_checkpointing=True)` works; `every_n_layers`
+        other than 1, `offload=True` and `use_reentrant=True` are refused (one line each).
+        """
+        kw = dict(activation_checkpointing_kwargs or {})
+        if kw.pop("use_reentrant", False):
+            raise TrainingError("activation checkpointing of a perforated model is non-reentrant (the whole "
+                                "graph is one segment): drop use_reentrant=True")
+        if every_n_layers != 1 or offload:
+            raise TrainingError(f"activation checkpointing of a perforated model checkpoints the whole graph as one "
+                                f"segment: every_n_layers={every_n_layers} / offload={offload} are not supported, "
+                                f"use the defaults (1, False)")
+        self.checkpointing = kw
+
+    def activation_checkpointing_disable(self) -> None:
+        self.checkpointing = None
+
+    # The deprecated Hugging Face names (still called by Trainer for models without the new ones).
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kw) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.checkpointing is not None
 
     def _check_untraced(self, key: str, args: tuple, kwargs: dict) -> None:
         """Run the source model with and without `key` (eval mode, no grad, buffers kept)."""

@@ -765,3 +765,42 @@ def test_forward_shows_the_original_signature_and_pickles():
     # unpickling leaves torch.fx's tracer patching in a state that breaks later traces in
     # this process (torch 2.13; it happened before the per-model class too).
     assert pickle.dumps(pm)
+
+
+def test_activation_checkpointing_counts_each_batch_once_and_matches_the_plain_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    pm = pbp_fx.perforate(model, torch.randn(4, 6))
+    pm.start_dendrite_phase(pool=2)
+    twin = copy.deepcopy(pm)
+    pm.activation_checkpointing_enable()
+    assert pm.is_gradient_checkpointing and not twin.is_gradient_checkpointing
+    g = torch.Generator().manual_seed(1)
+    opts = [torch.optim.SGD(list(m.trainable_parameters()), lr=0.05) for m in (pm, twin)]
+    for _ in range(120):  # past the statistics' warm-up, so snapshots are taken too
+        x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+        for m, opt in zip((pm, twin), opts):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    for name, site in pm.sites.items():
+        a, b = site.candidates, twin.sites[name].candidates
+        assert int(a.batches_seen) == int(b.batches_seen) == 120 and int(a.steps) == 120
+        for key in ("ema", "ema_sq", "best", "snapshot_weight"):
+            torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-5, atol=1e-7)
+    # A second backward through a retained checkpointed graph does not count the batch again.
+    loss = F.cross_entropy(pm(x), y)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert all(int(s.candidates.batches_seen) == 121 for s in pm.sites.values())
+    pm.activation_checkpointing_disable()
+    assert not pm.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("kwargs, word", [({"activation_checkpointing_kwargs": {"use_reentrant": True}}, "use_reentrant"),
+                                          ({"every_n_layers": 2}, "every_n_layers"), ({"offload": True}, "offload")])
+def test_activation_checkpointing_refusals_are_one_line(kwargs, word):
+    pm = pbp_fx.perforate(nn.Linear(3, 2), torch.randn(2, 3))
+    with pytest.raises(pbp_fx.TrainingError) as err:
+        pm.activation_checkpointing_enable(**kwargs)
+    assert word in str(err.value) and "\n" not in str(err.value)

@@ -97,6 +97,22 @@ def test_bf16_on_cpu(tmp_path, perforated_bert):
     assert all(torch.isfinite(torch.tensor(h["score"])) for h in cb.controller.history)
 
 
+def test_activation_checkpointing_through_the_trainer(tmp_path, perforated_bert):
+    """TrainingArguments(activation_checkpointing=True) calls the perforated model's own method;
+    the run matches the same run without checkpointing (same seed, same batches)."""
+    runs = {}
+    for flag in (True, False):
+        cb = PBCallback(QUICK)
+        trainer, _ = _trainer(tmp_path / str(flag), cb, perforated_bert(), activation_checkpointing=flag)
+        trainer.train()
+        assert trainer.model.is_gradient_checkpointing is flag
+        runs[flag] = cb.controller.history
+    assert any("installed dendrite 1" in h["note"] for h in runs[True])
+    assert [h["note"] for h in runs[True]] == [h["note"] for h in runs[False]]
+    for a, b in zip(runs[True], runs[False]):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
+
+
 def _accuracy(pred):
     return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
 
