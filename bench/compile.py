@@ -71,7 +71,27 @@ def _time_pair(eager_step, compiled_step, rounds: int) -> tuple[float, float]:
     return statistics.median(te), statistics.median(tc)
 
 
-PHASES = ("neuron0", "dendrite", "neuron1")
+PHASES = ("plain", "neuron0", "dendrite", "neuron1")
+
+
+def _plain_row(name: str, model, x, y, rounds: int) -> dict:
+    """The unperforated model, compiled vs eager: the baseline for what inductor does on its own."""
+    twin = copy.deepcopy(model)
+    backend = CountingBackend()
+    compiled_step = adam_stepper(torch.compile(model, backend=backend), list(model.parameters()), x, y)
+    eager_step = adam_stepper(twin, list(twin.parameters()), x, y)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        compiled_step()
+    compile_s = time.perf_counter() - t0
+    first = backend.graphs
+    te, tc = _time_pair(eager_step, compiled_step, rounds)
+    row = {"model": name, "phase": "plain (not perforated)", "eager_ms": te * 1e3, "compiled_ms": tc * 1e3,
+           "ratio": tc / te, "graphs_at_restructure": first, "graphs_in_timed_steps": backend.graphs - first,
+           "compile_s": compile_s}
+    print(f"{name:12s} {row['phase']:18s} eager {te * 1e3:8.2f} ms  compiled {tc * 1e3:8.2f} ms  "
+          f"ratio {row['ratio']:.2f}", flush=True)
+    return row
 
 
 def bench_model(name: str, rounds: int, pool: int, phases=PHASES) -> list[dict]:
@@ -79,7 +99,10 @@ def bench_model(name: str, rounds: int, pool: int, phases=PHASES) -> list[dict]:
     mod = importlib.import_module(mod_name)
     x, y = first_batch(mod, batch)
     torch.manual_seed(0)
-    pm = pbp_fx.perforate(mod.build_model(**kw), mod.example_inputs())
+    model = mod.build_model(**kw)
+    torch._dynamo.reset()
+    plain = [_plain_row(name, copy.deepcopy(model), x, y, rounds)] if "plain" in phases else []
+    pm = pbp_fx.perforate(model, mod.example_inputs())
     backend = CountingBackend()
     torch._dynamo.reset()
     compiled = torch.compile(pm, backend=backend)
@@ -119,7 +142,9 @@ def bench_model(name: str, rounds: int, pool: int, phases=PHASES) -> list[dict]:
         explain = _explain(snapshot.train(), x)
         r.update({f"explain_{k}": v for k, v in explain.items()})
         print(f"{name:12s} {r['phase']:18s} graph breaks {explain['breaks']}", flush=True)
-    return rows
+    for r in plain:
+        r.update(explain_graphs=1, explain_breaks=0, explain_reasons=[])  # not perforated: not a target
+    return plain + rows
 
 
 def write_markdown(rows: list[dict], path: str, args, seconds: float) -> None:
@@ -129,7 +154,8 @@ def write_markdown(rows: list[dict], path: str, args, seconds: float) -> None:
         f"`python bench/compile.py --models {' '.join(args.models)} --phases {' '.join(args.phases)} "
         f"--threads {args.threads} --rounds {args.rounds}`; "
         f"torch {torch.__version__}, inductor on CPU ({platform.processor() or platform.machine()}), "
-        f"{args.threads} thread(s), a loaded shared 2-core machine; total {seconds / 60:.1f} min.",
+        f"{args.threads} thread(s), {os.cpu_count()} cores, load average at start {args.load:.1f}; "
+        f"total {seconds / 60:.1f} min.",
         "One step = forward + cross-entropy + backward + eager Adam step; eager and compiled twins of the same",
         "perforated model timed in interleaved rounds (median). One compiled object serves all phases.",
         "\"graphs\": graphs dynamo handed to inductor at the phase's first steps (the restructure) + during its",
@@ -152,6 +178,13 @@ def write_markdown(rows: list[dict], path: str, args, seconds: float) -> None:
     met = all(r["ratio"] <= 1.0 for r in neuron)
     ratios = ", ".join("%s %s: %.2fx" % (r["model"], r["phase"], r["ratio"]) for r in neuron)
     lines += ["", f"Target compiled neuron-phase step <= eager: **{'met' if met else 'not met'}** ({ratios})."]
+    for p in (r for r in rows if r["phase"].startswith("plain")):
+        same = [r for r in rows if r["model"] == p["model"]]
+        lines += [f"{p['model']}: the plain model alone compiles to {p['ratio']:.2f}x its eager step (what inductor "
+                  f"does without PB); " + ", ".join(f"{r['phase']} {r['compiled_ms'] / p['eager_ms']:.2f}x / "
+                                                    f"{r['eager_ms'] / p['eager_ms']:.2f}x"
+                                                    for r in same if r is not p)
+                  + " of the plain eager step (compiled / eager)."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -166,6 +199,7 @@ def main(argv=None) -> int:
                     help="neuron1 without dendrite: reached by pm.grow() (same structure as an install)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile.md"))
     args = ap.parse_args(argv)
+    args.load = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows = [r for name in args.models for r in bench_model(name, args.rounds, args.pool, args.phases)]
