@@ -1,9 +1,10 @@
 """A stock Hugging Face Trainer script, with Perforated Backpropagation added in 3 lines (# PB).
 
 Fine-tunes a tiny random-config BERT (nothing is downloaded) on generated token sequences whose
-label is the XOR of the tokens at positions 1 and 3: no linear function of the tokens solves it.
+label is the XOR of the tokens at positions 1 and 3 (no linear function of the tokens solves it),
+with 10% of the labels flipped, so the loss cannot reach 0 and the schedule has a real plateau.
 
-    python examples/hf_trainer.py [--epochs 60] [--out runs/hf_trainer]
+    python examples/hf_trainer.py [--epochs 100] [--out runs/hf_trainer]
 """
 import argparse
 
@@ -14,7 +15,7 @@ from transformers import (BertConfig, BertForSequenceClassification, Trainer, Tr
 import pbp_fx.integrations.hf  # PB
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--epochs", type=int, default=60)
+ap.add_argument("--epochs", type=int, default=100)
 ap.add_argument("--out", default="runs/hf_trainer")
 cli = ap.parse_args()
 
@@ -24,8 +25,9 @@ def xor_dataset(n, seed, vocab=8, length=6):
     ids = torch.randint(2, vocab, (n, length), generator=g)
     bits = torch.randint(0, 2, (n, 2), generator=g)
     ids[:, 1], ids[:, 3] = bits[:, 0], bits[:, 1]
+    labels = (bits[:, 0] ^ bits[:, 1]) ^ (torch.rand(n, generator=g) < 0.1).long()
     mask = torch.ones(length, dtype=torch.long)
-    return [{"input_ids": ids[i], "attention_mask": mask, "labels": bits[i, 0] ^ bits[i, 1]} for i in range(n)]
+    return [{"input_ids": ids[i], "attention_mask": mask, "labels": labels[i]} for i in range(n)]
 
 
 def accuracy(pred):

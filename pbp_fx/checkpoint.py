@@ -270,6 +270,26 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
     return pm
 
 
+def load_controller(path: str, controller) -> None:
+    """Restore a checkpoint's controller state onto `controller`, whose model already holds the
+    checkpoint's structure and weights (a training framework restored them, or `load`).
+
+    The controller's optimizer keeps the state it has (the framework restored it too). A model
+    with another structure is refused in one line naming the fix.
+    """
+    meta, tensors = _read(path)
+    if "controller" not in meta:
+        raise CheckpointError(f"checkpoint {path} has no controller state: it was saved without a controller")
+    here = json.loads(json.dumps(_structure(controller.pm)))
+    if here != meta["structure"]:
+        raise CheckpointError(f"checkpoint {path} holds another model structure (phase {meta['structure']['phase']}, "
+                              f"dendrites {[r['dendrites'] for r in meta['structure']['sites']][:4]}...) than the model "
+                              f"(phase {here['phase']}): load it onto the model first with pbp_fx.load(path, model)")
+    cs = dict(meta["controller"])
+    cs["best_state"] = _collect("best/", tensors, meta.get("plain", {})) or None
+    controller.load_state_dict(cs, keep_optimizer_state=True)
+
+
 def load_optimizer(path: str, optimizer: torch.optim.Optimizer) -> None:
     """Load the optimizer state stored in a checkpoint (after the model's structure is in place)."""
     meta, tensors = _read(path)

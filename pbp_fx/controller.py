@@ -52,12 +52,13 @@ class Decision(str, enum.Enum):
     COMPLETE = "complete"          # done; the best-validation model is loaded
 
 
-def rebind_optimizer(optimizer: torch.optim.Optimizer, params, group_of: Optional[Callable] = None) -> None:
+def rebind_optimizer(optimizer: torch.optim.Optimizer, params, group_of: Optional[Callable] = None,
+                     keep_state: bool = False) -> None:
     """Give `optimizer` a new parameter set in place: same object, same group hyperparameters, no state.
 
     Each parameter goes to group `group_of(p)` (default: the group it is in now, else 0); groups
     may end up empty. The per-parameter state (Adam moments, momentum) is cleared: it belonged
-    to a different problem.
+    to a different problem. keep_state: keep it for parameters that stay (a resumed run).
     """
     current = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     groups: list[list] = [[] for _ in optimizer.param_groups]
@@ -70,7 +71,11 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, params, group_of: Optiona
         groups[index if 0 <= index < len(groups) else 0].append(p)
     for g, members in zip(optimizer.param_groups, groups):
         g["params"] = members
-    optimizer.state.clear()
+    if keep_state:
+        for p in [p for p in optimizer.state if id(p) not in seen]:
+            del optimizer.state[p]
+    else:
+        optimizer.state.clear()
 
 
 class PhaseController:
@@ -81,12 +86,16 @@ class PhaseController:
     optimizer: an existing optimizer over pm's parameters to adopt (a Trainer's, say), or
     optimizer_factory(params) to build one (default torch.optim.Adam with torch's defaults).
     scheduler_factory(optimizer): builds `ctl.scheduler` once (see attach_scheduler).
+    parameter_groups(pm) -> {name: group index}: where a new parameter (candidates, dendrites)
+    goes at a restructure, so that a framework that rebuilds its optimizer from names on resume
+    (the Hugging Face Trainer's weight-decay groups) gets the same groups; default: group 0.
     distributed: see the module docstring.
     """
 
     def __init__(self, pm: PerforatedModel, config: Optional[PBConfig] = None, *,
                  optimizer: Optional[torch.optim.Optimizer] = None, optimizer_factory: Optional[Callable] = None,
-                 scheduler_factory: Optional[Callable] = None, distributed=None, **overrides):
+                 scheduler_factory: Optional[Callable] = None, distributed=None,
+                 parameter_groups: Optional[Callable] = None, **overrides):
         if config is None:
             config = PBConfig(mode=pm.mode, activation=pm.activation)
         if overrides:
@@ -109,6 +118,7 @@ class PhaseController:
         self.lr_scale: Optional[list[float]] = None
         self.schedulers: list = []
         self._groups = WeakIdKeyDictionary()  # parameter -> the group it belongs to
+        self.parameter_groups = parameter_groups
         if optimizer is None:
             factory = optimizer_factory or torch.optim.Adam
             optimizer = factory(list(pm.trainable_parameters()))
@@ -147,11 +157,14 @@ class PhaseController:
         return self.pm.dendrites
 
     # -- executing actions -------------------------------------------------------------
-    def attach_scheduler(self, scheduler) -> None:
-        """Have the dendrite phase's lr factor applied to `scheduler.base_lrs` too (see module docstring)."""
+    def attach_scheduler(self, scheduler, scaled: bool = False) -> None:
+        """Have the dendrite phase's lr factor applied to `scheduler.base_lrs` too (see module docstring).
+
+        scaled: the scheduler's state was restored from this run (resume), so its base_lrs
+        carry the factor already."""
         if scheduler not in self.schedulers:
             self.schedulers.append(scheduler)
-            if self.lr_scale is not None:
+            if self.lr_scale is not None and not scaled:
                 self._scale_schedulers(scheduler, self.lr_scale, divide=False)
 
     def set_distributed(self, distributed) -> None:
@@ -159,13 +172,16 @@ class PhaseController:
         self.distributed = distributed
         self.rebind()
 
-    def rebind(self) -> None:
+    def rebind(self, keep_state: bool = False) -> None:
         """Point the optimizer (and the DDP wrapper) at the model's current trainable parameters."""
         params = list(self.pm.trainable_parameters())
-        for p in params:
-            if p not in self._groups:
-                self._groups[p] = 0
-        rebind_optimizer(self.optimizer, params, group_of=lambda p: self._groups[p])
+        new = [p for p in params if p not in self._groups]
+        if new:
+            by_name = self.parameter_groups(self.pm) if self.parameter_groups is not None else {}
+            names = {id(p): n for n, p in self.pm.named_parameters()} if by_name else {}
+            for p in new:
+                self._groups[p] = by_name.get(names.get(id(p)), 0)
+        rebind_optimizer(self.optimizer, params, group_of=lambda p: self._groups[p], keep_state=keep_state)
         self.model = self.pm if self.distributed is None else self.distributed.wrap(self.pm)
 
     def restore_best(self) -> None:
@@ -264,10 +280,13 @@ class PhaseController:
                 "lr_scale": None if self.lr_scale is None else list(self.lr_scale),
                 "best_state": self.best_state}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a state_dict() (load the model's state first: the optimizer is rebound to it)."""
+    def load_state_dict(self, state: dict, keep_optimizer_state: bool = False) -> None:
+        """Restore a state_dict() (load the model's state first: the optimizer is rebound to it).
+
+        keep_optimizer_state: keep the optimizer's per-parameter state for the parameters it
+        still holds (a framework restored it on resume); by default it is cleared."""
         self.schedule.load_state_dict(state["schedule"])
         self.history = copy.deepcopy(state["history"])
         self.lr_scale = None if state.get("lr_scale") is None else list(state["lr_scale"])
         self.best_state = state["best_state"]
-        self.rebind()
+        self.rebind(keep_optimizer_state)

@@ -288,9 +288,11 @@ class PerforatedModel(nn.Module):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer must hold in the current phase."""
         # Empty tensors (the cascade of a site's first dendrite) have nothing to train.
+        # In parameters() order both phases: a framework that rebuilds its optimizer on resume
+        # (named_parameters order) then matches the saved optimizer state position by position.
         if self.phase == "dendrite":
-            for s in self.sites.values():
-                yield from (p for p in s.candidates.parameters() if p.numel())
+            candidates = {id(p) for s in self.sites.values() for p in s.candidates.parameters()}
+            yield from (p for p in self.parameters() if id(p) in candidates and p.numel())
             return
         yield from (p for p in self.parameters() if p.requires_grad and p.numel())
 

@@ -74,7 +74,9 @@ class CandidatePool(nn.Module):
         self.copies = LayerCopies(layer, norm, pool, **fk)
         self.copies.reset_parameters(init, init_scale)
         # Cascade weights from installed dendrites, stored [P, C, K] so rows lead with (p, c).
-        self.cascade = nn.Parameter(torch.zeros(pool, c, installed, **fk))
+        # Empty (no installed dendrite) it has nothing to train: frameworks that build optimizers from
+        # requires_grad (the HF Trainer) must not count it.
+        self.cascade = nn.Parameter(torch.zeros(pool, c, installed, **fk), requires_grad=installed > 0)
         # Statistics in float32 at least, whatever the model's or autocast's dtype.
         sk = {"device": device, "dtype": torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)}
         self.register_buffer("ema", torch.zeros(pool, c, **sk))

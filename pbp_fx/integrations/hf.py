@@ -17,7 +17,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from ..checkpoint import save
+from ..checkpoint import load_controller, save
 from ..config import PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError
@@ -62,10 +62,17 @@ class PBCallback(TrainerCallback):
         pm = find_perforated(model, "PBCallback")
         opt = unwrap_optimizer(optimizer)
         if self.controller is None or self.controller.pm is not pm:
-            self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize)
+            self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
+                                              parameter_groups=_trainer_groups if len(opt.param_groups) == 2 else None)
+        if state.global_step > 0:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", CHECKPOINT_NAME)
+            if not os.path.isfile(path):
+                raise TrainingError(f"PBCallback: resuming at step {state.global_step} needs {path} (PBCallback writes "
+                                    f"it at every save): resume from a checkpoint of a run with PBCallback")
+            load_controller(path, self.controller)
         scheduler = unwrap_scheduler(lr_scheduler)
         if scheduler is not None:
-            self.controller.attach_scheduler(scheduler)
+            self.controller.attach_scheduler(scheduler, scaled=state.global_step > 0)
         self._training = True
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -94,3 +101,14 @@ class PBCallback(TrainerCallback):
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             save(ctl.pm, os.path.join(args.output_dir, CHECKPOINT_NAME), controller=ctl)
+
+
+def _trainer_groups(model) -> dict:
+    """The groups Trainer.create_optimizer gives parameters by name: 0 with weight decay, 1 without.
+
+    New parameters join the same groups, so that a resumed Trainer, which rebuilds its optimizer
+    from names before loading the saved state, finds groups of the saved sizes."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # uses the model only, no Trainer state
+    return {name: 0 if name in decay else 1 for name, _ in model.named_parameters()}

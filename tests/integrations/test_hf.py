@@ -156,3 +156,31 @@ def test_trainer_checkpoints_in_the_dendrite_phase(tmp_path, perforated_bert):
     assert len(saved) == 6 and all(os.path.isfile(tmp_path / d / CHECKPOINT_NAME) for d in saved)
     phases = {pbp_fx.checkpoint.read_structure(str(tmp_path / d / CHECKPOINT_NAME))["phase"] for d in saved}
     assert phases == {"neuron", "dendrite"}
+
+
+def test_resume_from_a_trainer_checkpoint_continues_the_schedule(tmp_path, perforated_bert):
+    """trainer.train(resume_from_checkpoint=...) after pbp_fx.load of the callback's file gives the
+    uninterrupted run's decisions and scores."""
+    whole = PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path / "whole", whole, perforated_bert(), save_strategy="epoch")
+    trainer.train()
+    history = whole.controller.history
+    # A checkpoint inside the dendrite phase: the hardest place to resume (candidates, scaled lr).
+    epoch = next(h["epoch"] for h in history if h["phase"] == "dendrite") + 1
+    steps = {int(d.split("-")[1]) for d in os.listdir(tmp_path / "whole") if d.startswith("checkpoint-")}
+    step = sorted(steps)[epoch - 1]
+    folder = tmp_path / "whole" / f"checkpoint-{step}"
+    assert pbp_fx.checkpoint.read_structure(str(folder / CHECKPOINT_NAME))["phase"] == "dendrite"
+    model = pbp_fx.load(str(folder / CHECKPOINT_NAME), perforated_bert())
+    resumed = PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path / "whole", resumed, model, save_strategy="epoch")
+    trainer.train(resume_from_checkpoint=str(folder))
+    again = resumed.controller.history
+    assert [h["note"] for h in again] == [h["note"] for h in history]
+    for a, b in zip(again, history):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
+    # A model without the checkpoint's structure: one line naming the fix (the Trainer itself
+    # refuses first when its optimizer groups differ in size).
+    with pytest.raises(pbp_fx.CheckpointError, match=r"pbp_fx.load\(path, model\)") as err:
+        pbp_fx.checkpoint.load_controller(str(folder / CHECKPOINT_NAME), pbp_fx.PhaseController(perforated_bert()))
+    assert "\n" not in str(err.value)
