@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import pbp_fx
+from pbp_fx.site import FusedSite, SwappedNeuron
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",
                                         "ignore::DeprecationWarning")
@@ -225,13 +226,19 @@ def run_stages(case: Case, tmp_path, latency: bool = False) -> dict:
             s.out_weight.copy_(0.1 * torch.randn(s.out_weight.shape, generator=g))
         perforated = pm(*args, **kwargs)
         # finalize: the fused eval graph computes what the perforated model computes
-        row["parity"] = _max_diff(pm.finalize()(*args, **kwargs), perforated) / _scale(perforated)
+        fused = pm.finalize()
+        row["parity"] = _max_diff(fused(*args, **kwargs), perforated) / _scale(perforated)
         assert row["parity"] <= 1e-4
+        # every site fused, also those in parts traced in place and inside untraceable leaves
+        assert not any(isinstance(m, (pbp_fx.Site, SwappedNeuron)) for m in fused.modules())
+        assert sum(isinstance(m, FusedSite) for m in fused.modules()) == len(pm.sites)
     if case.onnx and not kwargs:
         from pbp_fx.exporters import export_onnx
 
-        path = export_onnx(pm, args, tmp_path / "fused.onnx")
-        feeds = [a.numpy() for a in args if isinstance(a, torch.Tensor)]
+        # Inputs that are not all tensors (a detector's list of images) have no one batch axis.
+        dynamic = all(isinstance(a, torch.Tensor) for a in args)
+        path = export_onnx(pm, args, tmp_path / "fused.onnx", dynamic_batch=dynamic)
+        feeds = [a.numpy() for a in _tensors(args)]
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -242,8 +249,8 @@ def run_stages(case: Case, tmp_path, latency: bool = False) -> dict:
         assert row["onnx_parity"] <= 1e-3
         if latency:  # the plain model as a graph of the same ops (K = 0 sites drop out in finalize)
             plain_graph = pbp_fx.perforate(model, args, example_kwargs=kwargs).finalize()
-            plain = export_onnx(plain_graph, args, tmp_path / "plain.onnx")
-            one = [a[:1].numpy() if isinstance(a, torch.Tensor) else a for a in args]
+            plain = export_onnx(plain_graph, args, tmp_path / "plain.onnx", dynamic_batch=dynamic)
+            one = [a[:1].numpy() for a in _tensors(args)] if dynamic else feeds
             t_plain, t_fused = _ort_latency([plain, path], [one, one])
             row["latency_ratio"] = t_fused / t_plain
     print("ZOO|" + "|".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -257,7 +264,7 @@ DEFAULT = [
     Case("transformer_encoder", lambda: (EncoderClassifier(), (torch.randn(2, 5, 16),), {}), frontend="export",
          min_sites=9),
     Case("detector_untraceable_root", lambda: (Detector(), ([torch.randn(3, 16, 16), torch.randn(3, 16, 16)],), {}),
-         frontend="parts", min_sites=4, onnx=False),
+         frontend="parts", min_sites=4),
     Case("encoder_decoder_positional_none",
          lambda: (EncoderDecoder(), (torch.randn(2, 4, 8), None, torch.randn(2, 4, 8)), {}), min_sites=3),
 ]
