@@ -145,26 +145,35 @@ class _ExportedSite(nn.Module):
         values = list(self.weights) + list(self.biases) + ([self.U] if self.U is not None else []) + [self.V]
         return dict(zip(names, values))
 
-    def _out_shape(self, x: Tensor) -> list:
-        spec = self.spec
-        if not spec.is_conv:
-            return [*x.shape[:-1], spec.channels]
-        nd = spec.spatial
-        out = [x.shape[0], spec.channels]
-        for i in range(nd):
-            size = x.shape[2 + i] + spec.pads[i] + spec.pads[nd + i]
-            size = size - spec.dilations[i] * (spec.kernel_shape[i] - 1) - 1
-            out.append(size // spec.strides[i] + 1)
-        return out
-
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.onnx.is_in_onnx_export():
+        # Dynamo (the exporter's strict capture) folds is_in_onnx_export() to False; it reads
+        # is_exporting() as it is.
+        if not (torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()):
             return self.site(x)
-        inputs = [x, *self.tensors().values()]
-        return torch.onnx.ops.symbolic(
-            f"{DOMAIN}::{self.spec.op_type}", inputs, self.spec.attributes(), dtype=x.dtype,
-            shape=self._out_shape(x), version=DOMAIN_VERSION,
-            metadata_props={_SITE_KEY: self.site.name, _OVERLOAD_KEY: self.spec.overload})
+        spec = self.spec
+        geometry = (spec.pads, spec.dilations, spec.kernel_shape, spec.strides) if spec.is_conv else None
+        return _fused_node(x, list(self.tensors().values()), f"{DOMAIN}::{spec.op_type}", spec.attributes(),
+                           spec.channels, geometry, {_SITE_KEY: self.site.name, _OVERLOAD_KEY: spec.overload})
+
+
+# In the graph as one call under dynamo (the exporter's strict capture, used when the non-strict
+# one fails: an untraceable root's Python), which skips torch.onnx's own code; export then
+# traces into it and records the symbolic op.
+@torch.compiler.allow_in_graph
+def _fused_node(x: Tensor, tensors: list, op: str, attributes: dict, channels: int, geometry, props: dict) -> Tensor:
+    """One `pbp::Perforated*` node over x and the site's tensors; geometry: conv (pads,
+    dilations, kernel, strides), None for linear."""
+    if geometry is None:
+        shape = [*x.shape[:-1], channels]
+    else:
+        pads, dilations, kernel, strides = geometry
+        nd = len(kernel)
+        shape = [x.shape[0], channels]
+        for i in range(nd):
+            size = x.shape[2 + i] + pads[i] + pads[nd + i] - dilations[i] * (kernel[i] - 1) - 1
+            shape.append(size // strides[i] + 1)
+    return torch.onnx.ops.symbolic(op, [x, *tensors], attributes, dtype=x.dtype, shape=shape,
+                                   version=DOMAIN_VERSION, metadata_props=props)
 
 
 def _swap_fused_sites(root: nn.Module) -> tuple[nn.Module, dict[str, FusedOpSpec]]:
@@ -192,7 +201,7 @@ def _prepare(model: nn.Module) -> tuple[nn.Module, dict[str, int], str]:
 
     if isinstance(model, PerforatedModel):
         module = model.finalize()  # a new eval-mode GraphModule; `model` is untouched
-        return module, dict(model.num_dendrites), model.activation
+        return _root_of_parts(module), dict(model.num_dendrites), model.activation
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx needs a PerforatedModel or an nn.Module, got {type(model).__name__}")
     sites = [m for m in model.modules() if isinstance(m, (Site, FusedSite))]
@@ -201,8 +210,20 @@ def _prepare(model: nn.Module) -> tuple[nn.Module, dict[str, int], str]:
     if isinstance(model, fx.GraphModule) and any(isinstance(m, Site) for m in sites):
         from pbp_fx.passes import finalize  # a perforated graph (pm.graph_module): fuse it first
 
-        return finalize(model), dendrites, activation
-    return copy.deepcopy(model).eval(), dendrites, activation
+        return _root_of_parts(finalize(model)), dendrites, activation
+    return _root_of_parts(copy.deepcopy(model).eval()), dendrites, activation
+
+
+def _root_of_parts(module: nn.Module) -> nn.Module:
+    """An untraceable root's graph (submodules traced in place) is exported as the root itself,
+    called like the original, with its fused parts in place: torch.onnx captures the root's Python."""
+    from pbp_fx.tracing import parts_model
+
+    root = parts_model(module) if isinstance(module, fx.GraphModule) else None
+    if root is None:
+        return module
+    root.meta = dict(module.meta)  # for the error that names the parts when the root does not export
+    return root
 
 
 def _graph_inputs(model: nn.Module, inputs: tuple) -> tuple:
@@ -225,7 +246,7 @@ def _as_tuple(example_inputs) -> tuple:
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
 
 
-def _batched_inputs(inputs: tuple, dynamic_batch: bool):
+def _batched_inputs(module: nn.Module, inputs: tuple, dynamic_batch: bool):
     """(inputs to trace with, dynamic_shapes). A batch of 1 is repeated to 2 so that the
     exporter does not specialise the batch axis to the constant 1."""
     if not dynamic_batch:
@@ -243,7 +264,21 @@ def _batched_inputs(inputs: tuple, dynamic_batch: bool):
                        for t in inputs)
     batch = torch.export.Dim("batch")
     shapes = tuple({0: batch} if isinstance(t, Tensor) and t.dim() > 0 else None for t in inputs)
-    return inputs, shapes
+    return inputs, _by_parameter(module, shapes)
+
+
+def _by_parameter(module: nn.Module, shapes: tuple):
+    """dynamic_shapes as torch.export matches them to `forward`'s parameters: a forward that
+    takes `*args` (a part traced in place) gets them all under that one name."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return shapes
+    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return {params[0].name: shapes}
+    return shapes
 
 
 def _output_names(module: nn.Module, inputs: tuple) -> Optional[list[str]]:
@@ -284,7 +319,7 @@ def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynami
 
 
 def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
-    traced_inputs, shapes = _batched_inputs(inputs, dynamic_batch)
+    traced_inputs, shapes = _batched_inputs(module, inputs, dynamic_batch)
     names = _output_names(module, traced_inputs)
     try:
         with _quiet_exporter():
@@ -296,6 +331,17 @@ def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: b
     except Exception as e:  # the exporter's errors are long reports: keep the first line
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # no terminal colour codes in a message
         first = text.splitlines()[0] if text else type(e).__name__
+        parts = getattr(module, "meta", {}).get("pbp_parts")
+        if parts:
+            cause = e
+            while cause.__cause__ is not None:  # the exporter wraps the capture's error in its report
+                cause = cause.__cause__
+            why = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()
+            raise ExportError(
+                f"torch.onnx.export cannot capture {type(module).__name__}.forward, the Python around its "
+                f"perforated parts ({why[0] if why else type(cause).__name__}): make that forward traceable, "
+                "or export a part on its own, e.g. "
+                f"export_onnx(pm.finalize().get_submodule('root.model.{parts[0]}'), <its inputs>, path)") from e
         leaves = [m for gm in module.modules() if isinstance(gm, torch.fx.GraphModule)
                   for m in gm.meta.get("pbp_untraceable", [])]
         if leaves:

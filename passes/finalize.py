@@ -8,6 +8,8 @@ the original neuron (and norm) nodes, untouched. Train/eval `ModeSwitch` nodes b
 eval-mode ops (train-only updates go). A neuron weight stored [in, C] (`x @ W`) is fused
 transposed. A neuron weight the rest of the model still uses (tied weights: GPT-2's lm_head
 and its embedding) stays one tensor: the site becomes a `TiedFusedSite` that reads it.
+GraphModules nested in the model (submodules traced in place under an untraceable root, see
+`pbp_fx.tracing.TracedPart`) are finalized the same way, in place in the copy.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pbp_fx.site import FusedSite, Site, SwappedNeuron
 
 from .insert_dendrites import SITES_ATTR
 from .patterns import attr_tensor
-from .train_eval import lower_to_eval
+from .train_eval import MODES_ATTR, lower_to_eval
 
 __all__ = ["finalize", "fuse_site", "FUSED_ATTR", "TiedFusedSite"]
 
@@ -102,6 +104,36 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         gm = copy.deepcopy(gm)
     gm.eval()
+    # Graphs nested in the model (submodules traced in place under an untraceable root, each
+    # with its own sites) are fused first, innermost first; then the graph itself.
+    nested = [m for name, m in gm.named_modules() if name and isinstance(m, fx.GraphModule) and _has_sites(m)]
+    for inner in reversed(nested):
+        _fuse_graph(inner)
+    _fuse_graph(gm)
+    # Sites inside untraceable leaves: swap back to the neuron, or to a fused module.
+    for name, mod in list(gm.named_modules()):
+        if isinstance(mod, SwappedNeuron):
+            owner, _, child = name.rpartition(".")
+            parent = gm.get_submodule(owner)
+            site = mod.site
+            if site.num_dendrites == 0:
+                replacement = mod.neuron
+            else:
+                b = None if getattr(mod.neuron, "bias", None) is None else mod.neuron.bias.detach()
+                replacement = fuse_site(site, mod.neuron.weight.detach(), b)
+            setattr(parent, child, replacement)
+    gm.eval()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return gm
+
+
+def _has_sites(gm: fx.GraphModule) -> bool:
+    return hasattr(gm, SITES_ATTR) or hasattr(gm, MODES_ATTR)
+
+
+def _fuse_graph(gm: fx.GraphModule) -> None:
+    """In place: the graph's ModeSwitch nodes lowered to eval, its Site nodes fused or removed."""
     lower_to_eval(gm)
     graph = gm.graph
     fused_mods = nn.ModuleDict()
@@ -131,18 +163,6 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
         neuron = norm_node.args[0] if norm_node is not None else out
         _erase_if_dead(graph, norm_node)
         _erase_if_dead(graph, neuron)
-    # Sites inside untraceable leaves: swap back to the neuron, or to a fused module.
-    for name, mod in list(gm.named_modules()):
-        if isinstance(mod, SwappedNeuron):
-            owner, _, child = name.rpartition(".")
-            parent = gm.get_submodule(owner)
-            site = mod.site
-            if site.num_dendrites == 0:
-                replacement = mod.neuron
-            else:
-                b = None if getattr(mod.neuron, "bias", None) is None else mod.neuron.bias.detach()
-                replacement = fuse_site(site, mod.neuron.weight.detach(), b)
-            setattr(parent, child, replacement)
     if hasattr(gm, SITES_ATTR):
         delattr(gm, SITES_ATTR)
     if not len(fused_mods):
@@ -151,10 +171,6 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     gm.delete_all_unused_submodules()
     _retie(gm, fused_mods, neurons)
     gm.recompile()
-    gm.eval()
-    for p in gm.parameters():
-        p.requires_grad_(False)
-    return gm
 
 
 def _retie(gm: fx.GraphModule, fused_mods: nn.ModuleDict, neurons: dict) -> None:

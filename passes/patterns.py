@@ -357,7 +357,7 @@ def eval_call(node: fx.Node, gm) -> Optional[tuple]:
         m = gm.get_submodule(node.target)
         if isinstance(m, ModeSwitch) and m.kind == "call_function":
             form = m.bound_form(node, training=False)
-            return None if form is None else (m.target, form[0], form[1])
+            return None if not isinstance(form, tuple) else (m.target, form[0], form[1])
     return None
 
 

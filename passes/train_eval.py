@@ -12,9 +12,13 @@ arguments when `.training` is set and with the eval arguments otherwise; a state
 that only the train capture performs runs only in train mode. `model.train()` /
 `model.eval()` then switch the graph like the original model. Layout-only nodes that one
 capture has and the other has not (`contiguous`, `clone`: strides differ with dropout) and
-value-free checks are tolerated; any other difference means the forward takes another path
-in the other mode, and the merge gives up (with the reason) rather than guess. The edit is
-made on a copy of the graph: a refused merge leaves both captures untouched.
+value-free checks are tolerated. Train-only noise (stochastic depth / drop path: a mask
+computed from shapes and random ops, `x * mask`) is tolerated too: the nodes that compute the
+mask from nothing but shapes and constants run in train mode only, and the node that combines it
+with the value (`gate`) passes the value through in eval mode, when the eval capture reads that
+value where the train capture reads the gate. Any other difference means the forward takes
+another path in the other mode, and the merge gives up (with the reason) rather than guess.
+The edit is made on a copy of the graph: a refused merge leaves both captures untouched.
 
 Requires: two GraphModules traced from the same model with the same inputs, one in train
 and one in eval mode.
@@ -65,7 +69,8 @@ class ModeSwitch(nn.Module):
     Called with the node's tensor inputs; `forms[True]` / `forms[False]` are the
     (args, kwargs) templates of the train and eval captures, inputs marked by slots.
     An eval form of None: the op runs in train mode only (a state update such as
-    `num_batches_tracked.add_(1)`), and returns None in eval mode.
+    `num_batches_tracked.add_(1)`, a stochastic-depth mask), and returns None in eval mode.
+    An eval form that is one slot: eval mode passes that input through (`x * mask` -> x).
     """
 
     def __init__(self, kind: str, target: Any, train_form: tuple, eval_form: Optional[tuple]):
@@ -79,6 +84,8 @@ class ModeSwitch(nn.Module):
         form = self.forms[self.training]
         if form is None:
             return None
+        if isinstance(form, _Slot):
+            return inputs[form.index]
         fill = lambda a: inputs[a.index] if isinstance(a, _Slot) else a  # noqa: E731
         args, kwargs = map_aggregate(form[0], fill), map_aggregate(form[1], fill)
         if self.kind == "call_method":
@@ -86,10 +93,13 @@ class ModeSwitch(nn.Module):
         return self.target(*args, **kwargs)
 
     def bound_form(self, node: fx.Node, training: bool) -> Optional[tuple]:
-        """(args, kwargs) of one mode with the graph nodes of `node` (this module's call) filled in."""
+        """(args, kwargs) of one mode with the graph nodes of `node` (this module's call) filled in;
+        for a passthrough form, the node passed through."""
         form = self.forms[training]
         if form is None:
             return None
+        if isinstance(form, _Slot):
+            return node.args[form.index]
         fill = lambda a: node.args[a.index] if isinstance(a, _Slot) else a  # noqa: E731
         return map_aggregate(form[0], fill), map_aggregate(form[1], fill)
 
@@ -128,6 +138,47 @@ def _mutates(node: fx.Node) -> bool:
         return str(node.target).endswith("_")
     schema = getattr(node.target, "_schema", None)
     return bool(schema is not None and schema.is_mutable)
+
+
+# Ops that read only the shape of their tensor input: a mask sized like x is not computed from x.
+_SIZE_FUNCTIONS = {_aten.sym_size.int, _aten.size.default, getattr}
+_SIZE_METHODS = {"size", "dim"}
+
+
+def _reads_shape_only(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device")
+    return (node.op == "call_function" and node.target in _SIZE_FUNCTIONS
+            or node.op == "call_method" and node.target in _SIZE_METHODS)
+
+
+def _is_noise(node: fx.Node, noise: set) -> bool:
+    """A train-only value computed from shapes, constants and other noise (a random mask)."""
+    if node.op not in ("call_function", "call_method") or not node.users:
+        return False
+    if _reads_shape_only(node):
+        return True
+    inputs = node.all_input_nodes
+    return all(n in noise for n in inputs) and (bool(inputs) or _creates(node))
+
+
+def _creates(node: fx.Node) -> bool:
+    """A tensor factory (empty, rand, bernoulli on a new tensor...): no tensor input at all."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return not any(isinstance(a.type, torch.TensorType) for a in schema.arguments)
+    return node.target in (torch.empty, torch.rand, torch.ones, torch.zeros, torch.full)
+
+
+def _gated(node: fx.Node, noise: set) -> Optional[fx.Node]:
+    """The value a train-only gate combines with noise (`x * mask`), or None for any other node."""
+    if node.op not in ("call_function", "call_method") or _mutates(node):
+        return None
+    inputs = node.all_input_nodes
+    values = [n for n in inputs if n not in noise]
+    if len(values) == 1 and len(inputs) > 1:
+        return values[0]
+    return None
 
 
 class _Walk:
@@ -243,6 +294,8 @@ def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: boo
     w = _Walk(train_gm, eval_gm)
     switched: dict[fx.Node, fx.Node] = {}  # train node -> its eval twin, constants differing
     train_only: list[fx.Node] = []
+    noise: set[fx.Node] = set()  # train-only values (a stochastic-depth mask)
+    gates: dict[fx.Node, fx.Node] = {}  # train-only node combining noise with a value -> that value
     i = j = 0
     while i < len(tn) or j < len(en):
         t = tn[i] if i < len(tn) else None
@@ -255,6 +308,14 @@ def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: boo
                     switched[t] = e
                 i, j = i + 1, j + 1
                 continue
+        if t is not None and _is_noise(t, noise):
+            noise.add(t)
+            i += 1
+            continue
+        if t is not None and noise and _gated(t, noise) is not None:
+            gates[t] = w.t_alias[t] = _gated(t, noise)  # eval mode: the value itself
+            i += 1
+            continue
         if t is not None and _is_identity(t):
             w.t_alias[t] = t.args[0]
             i += 1
@@ -278,13 +339,18 @@ def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: boo
             j += 1
             continue
         return MergeResult(None, f"the train capture has {_describe(t)} where the eval capture has {_describe(e)}")
-    if not switched and not train_only:
+    for n in noise:  # the mask must feed nothing but masks and gates: eval mode computes none of it
+        stray = [u for u in n.users if u not in noise and u not in gates]
+        if stray:
+            return MergeResult(None, f"the train capture's {_describe(n)} (train-only) feeds {_describe(stray[0])}")
+    if not switched and not train_only and not gates:
         return MergeResult(train_gm)
-    return _install(train_gm, w, switched, train_only, training)
+    return _install(train_gm, w, switched, train_only + sorted(noise, key=tn.index), training, gates)
 
 
-def _install(train_gm: fx.GraphModule, w: _Walk, switched: dict, train_only: list, training: bool) -> MergeResult:
-    """Replace the switched and train-only nodes by ModeSwitch calls, on a copy of the graph."""
+def _install(train_gm: fx.GraphModule, w: _Walk, switched: dict, train_only: list, training: bool,
+             gates: dict) -> MergeResult:
+    """Replace the switched, train-only and gate nodes by ModeSwitch calls, on a copy of the graph."""
     old = train_gm.graph
     graph = fx.Graph(owning_module=train_gm, tracer_cls=old._tracer_cls, tracer_extras=old._tracer_extras)
     graph._codegen = copy.deepcopy(old._codegen)
@@ -305,7 +371,7 @@ def _install(train_gm: fx.GraphModule, w: _Walk, switched: dict, train_only: lis
     modes: nn.ModuleDict = getattr(train_gm, MODES_ATTR)
     new_keys: list[str] = []
     order = {n: i for i, n in enumerate(old.nodes)}
-    for t_old in sorted(list(switched) + train_only, key=order.__getitem__):  # graph order
+    for t_old in sorted(list(switched) + train_only + list(gates), key=order.__getitem__):  # graph order
         t = env[t_old]
         e = switched.get(t_old)
         inputs: list[fx.Node] = []
@@ -317,7 +383,9 @@ def _install(train_gm: fx.GraphModule, w: _Walk, switched: dict, train_only: lis
 
         train_form = (_plain(map_arg(t.args, slot)), _plain(map_arg(dict(t.kwargs), slot)))
         eval_form = None
-        if e is not None:
+        if t_old in gates:
+            eval_form = slot(now(gates[t_old]))
+        elif e is not None:
             to_train = lambda n: slot(now(w.canon_t(w.train_of(n))))  # noqa: E731
             eval_form = (_plain(map_arg(e.args, to_train)), _plain(map_arg(dict(e.kwargs), to_train)))
         key = t.name
@@ -355,7 +423,7 @@ def lower_to_eval(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace every ModeSwitch call by its eval-mode op (in place); train-only updates go."""
     graph = gm.graph
     changed = False
-    for node in list(graph.nodes):
+    for node in reversed(list(graph.nodes)):  # users first: a train-only mask goes after its gate
         if node.op != "call_module":
             continue
         try:
@@ -369,6 +437,10 @@ def lower_to_eval(gm: fx.GraphModule) -> fx.GraphModule:
         if form is None:
             if not node.users:
                 graph.erase_node(node)
+            continue
+        if isinstance(form, fx.Node):  # passthrough
+            node.replace_all_uses_with(form)
+            graph.erase_node(node)
             continue
         with graph.inserting_before(node):
             new = graph.create_node(m.kind, m.target, tuple(form[0]), dict(form[1]))

@@ -53,7 +53,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .errors import TraceError
 from .signature import CallSignature
 
-__all__ = ["PBTracer", "TracedPart", "trace", "propagate_shapes", "TraceError", "FRONTENDS"]
+__all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "TraceError", "FRONTENDS"]
 
 log = logging.getLogger(__name__)
 
@@ -629,6 +629,15 @@ class _Unpacked(nn.Module):
 
     def forward(self, args, kwargs):
         return self.model(*args, **kwargs)
+
+
+def parts_model(gm: fx.GraphModule) -> Optional[nn.Module]:
+    """The model that a parts graph (meta["pbp_frontend"] == "parts") calls: the original's
+    root with its `TracedPart`s in place, called like the original. None for any other graph."""
+    if gm.meta.get("pbp_frontend") != "parts":
+        return None
+    holder = getattr(gm, "root", None)
+    return holder.model if isinstance(holder, _Unpacked) else None
 
 
 def _record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict:

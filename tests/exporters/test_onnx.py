@@ -276,3 +276,74 @@ def test_opset_too_old(tmp_path):
     with pytest.raises(ExportError, match="opset >= 18"):
         export_onnx(model, example, tmp_path / "m.onnx", opset=17)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- an untraceable root: its parts perforated in place ---------------------------------------
+
+class _Backbone(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x))).mean((2, 3))
+
+
+class _KeepsSome(torch.nn.Module):
+    """A root that keeps a data-dependent number of rows (neither fx nor torch.export trace it;
+    torch.onnx captures it with dynamo); `python_rows` (a Python loop over a data-dependent
+    number of rows) makes it uncapturable altogether."""
+
+    def __init__(self, python_rows: bool = False):
+        super().__init__()
+        self.backbone = _Backbone()
+        self.head = torch.nn.Linear(6, 3)
+        self.python_rows = python_rows
+
+    def forward(self, x):
+        h = self.backbone(x)
+        if self.python_rows:
+            h = torch.stack([h[i] for i in (h[:, 0] > 0).nonzero().flatten().tolist()] or [h[0]])
+        keep = max(int((h[:, 0] > 0).sum()), 1)
+        return self.head(h[:keep])
+
+
+def _parts_model(python_rows: bool, pb):
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, 8)
+    with pytest.warns(UserWarning, match="perforated in place"):
+        pm = pbp_fx.perforate(_KeepsSome(python_rows).eval(), (x,))
+    assert pm.graph_module.meta["pbp_frontend"] == "parts"
+    for s in pm.sites.values():
+        s.grow()
+    pb.randomize(pm, 0.5)
+    return pm.eval(), x
+
+
+def test_untraceable_root_exports_with_its_parts_fused(tmp_path, pb):
+    pm, x = _parts_model(False, pb)
+    path = export_onnx(pm, (x,), tmp_path / "parts.onnx", dynamic_batch=False)
+    proto = onnx.load(str(path))
+    by_site = {{p.key: p.value for p in n.metadata_props}["pbp.site"] for n in pbp_nodes(proto)}
+    assert by_site == set(pm.sites) and len(by_site) == 2
+    got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))[0]
+    with torch.no_grad():
+        want = pm(x).numpy()
+    assert got.shape == want.shape and float(np.abs(got - want).max()) <= 1e-5
+
+
+def test_untraceable_root_torch_onnx_cannot_capture_is_one_line(tmp_path, pb):
+    pm, x = _parts_model(True, pb)
+    with pytest.raises(ExportError) as err:
+        export_onnx(pm, (x,), tmp_path / "parts.onnx", dynamic_batch=False)
+    message = str(err.value)
+    assert "\n" not in message and "_KeepsSome.forward" in message and "root.model.backbone" in message
+    assert not (tmp_path / "parts.onnx").exists()
+    # the fix the message names: a part on its own exports fused
+    part = pm.finalize().get_submodule("root.model.backbone")
+    path = export_onnx(part, (x,), tmp_path / "backbone.onnx")
+    assert [n.op_type for n in pbp_nodes(onnx.load(str(path)))] == ["PerforatedConv"]
+    got = run(ort_session(path, device="cpu", threads=1), (x[:2].numpy(),))[0]
+    with torch.no_grad():
+        assert float(np.abs(got - part(x[:2]).numpy()).max()) <= 1e-5

@@ -8,6 +8,7 @@ import pbp_fx
 from pbp_fx.passes import finalize, fuse_site
 from pbp_fx.passes.finalize import FUSED_ATTR
 from pbp_fx.passes.insert_dendrites import SITES_ATTR
+from pbp_fx.passes import ModeSwitch
 from pbp_fx.site import CandidatePool, FusedSite, Site, SwappedNeuron
 
 pytestmark = pytest.mark.usefixtures("seeded")
@@ -188,3 +189,56 @@ def test_sites_whose_names_share_a_key_fuse_separately(pb):
     fused = pm.eval().finalize()
     assert sorted(m.name for m in fused.modules() if isinstance(m, FusedSite)) == ["a.b", "a_b"]
     assert pb.max_diff(fused(x), pm(x)) <= 1e-6
+
+
+class PartBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.drop = nn.Dropout(0.3)
+        self.leaf = Branchy()
+
+    def forward(self, x):
+        h = self.drop(F.relu(self.bn(self.conv(x)))).mean((2, 3))
+        return self.leaf(h)
+
+
+class UntraceableRoot(nn.Module):
+    """The root keeps a data-dependent number of rows (no fx, no torch.export): its backbone
+    (a norm, a dropout and an untraceable leaf inside) and head are perforated in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = PartBackbone()
+        self.head = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+
+    def forward(self, x):
+        h = self.backbone(x)
+        keep = max(int((h[:, 0] > 0).sum()), 1)
+        return self.head(h[:keep])
+
+
+@pytest.mark.parametrize("grow", ["all", "some"])
+def test_parts_traced_in_place_are_fused(grow, pb):
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 6, 6)
+    with pytest.warns(UserWarning, match="perforated in place"):
+        pm = pbp_fx.perforate(UntraceableRoot(), (x,))
+    assert pm.graph_module.meta["pbp_frontend"] == "parts"
+    names = ["backbone.conv", "backbone.leaf.a", "backbone.leaf.b", "head.0", "head.2"]
+    assert sorted(pm.sites) == names
+    grown = names if grow == "all" else ["backbone.conv", "backbone.leaf.a", "head.2"]
+    for name in grown:
+        pm.sites[name].grow()
+    pb.randomize(pm, 0.5)
+    pb.warm(pm, (x,))
+    pm.eval()
+    fused = finalize(pm.graph_module)
+    mods = list(fused.modules())
+    assert not any(isinstance(m, (Site, SwappedNeuron, CandidatePool, ModeSwitch)) for m in mods)
+    assert sorted(m.name for m in mods if isinstance(m, FusedSite)) == sorted(grown)
+    assert not any(m.training for m in mods) and not any(p.requires_grad for p in fused.parameters())
+    for xi in _inputs(x):
+        assert pb.max_diff(fused(xi), pm(xi)) <= 1e-5
+    assert any(isinstance(m, SwappedNeuron) for m in pm.graph_module.modules())  # the input is kept

@@ -173,3 +173,64 @@ def test_finalize_lowers_mode_switches_to_their_eval_ops(pb):
     assert not _switches(fin)
     with torch.no_grad():
         assert pb.max_diff(fin(x), pm(x)) < 1e-5
+
+
+def _stochastic_depth(x, p: float, training: bool):
+    """torchvision.ops.stochastic_depth's "row" mode, written out: a train-only random mask."""
+    if not training or p == 0.0:
+        return x
+    mask = torch.empty([x.shape[0], 1], dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    return x * mask.div_(1 - p)
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = x + _stochastic_depth(self.fc(x), 0.3, self.training)
+        h = h + _stochastic_depth(F.dropout(torch.relu(self.fc2(h)), 0.2, self.training), 0.3, self.training)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("start_in_train", [True, False])
+def test_train_only_masks_merge(frontend, start_in_train, pb):
+    """Stochastic depth: the train capture has a mask and `x * mask` where the eval capture has x."""
+    model, x = StochasticDepth().train(start_in_train), torch.randn(16, 6)
+    pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    assert pm.graph_module.meta["pbp_modes"] == "train+eval", pm.graph_module.meta.get("pbp_modes_reason")
+    for training in (True, False, True):
+        model.train(training)
+        pm.train(training)
+        torch.manual_seed(3)
+        want = model(x)
+        torch.manual_seed(3)
+        got = pm(x)
+        assert pb.max_diff(got, want) == 0
+    pm.eval()
+    fin = pm.finalize()
+    assert not _switches(fin)
+    assert not any(n.op == "call_function" and "bernoulli" in str(n.target) for n in fin.graph.nodes)
+    assert pb.max_diff(fin(x), pm(x)) == 0
+
+
+def test_a_mask_read_by_a_node_left_in_eval_mode_is_refused():
+    """A value-free node reading the mask stays in the graph: eval mode would hand it no mask."""
+    aten = torch.ops.aten
+
+    def build(g, x, train):
+        if not train:
+            return g.call_function(aten.relu.default, (x,))
+        mask = g.call_function(aten.bernoulli.p, (g.call_function(aten.empty.memory_format, ([4, 6],)), 0.5))
+        g.call_function(aten.sum.default, (mask,))
+        return g.call_function(aten.relu.default, (g.call_function(aten.mul.Tensor, (x, mask)),))
+
+    train = _graph(lambda g, x: build(g, x, True))
+    before = train.code
+    result = merge_modes(train, _graph(lambda g, x: build(g, x, False)))
+    assert result.graph_module is None and "(train-only) feeds sum" in result.reason
+    assert train.code == before
