@@ -153,3 +153,20 @@ def test_spec_rejects_bad_values():
         FusedOpSpec("linear", 4, 1, "gelu", True)
     with pytest.raises(ValueError, match="at least one dendrite"):
         FusedOpSpec("linear", 4, 0, "sigmoid", True)
+
+
+@pytest.mark.parametrize("groups", [1, 16])
+def test_onnxruntime_keeps_a_k2_conv_site_in_its_blocked_layout(tmp_path, groups):
+    """After inlining, ORT's NCHWc transformer fuses every copy's cascade Add and sigmoid into its Conv:
+    no Split, standalone Sigmoid or reorder is left inside the site (the old one-wide-call layout had all three)."""
+    layer = LayerSpec("conv2d", (16, 16 // groups, 3, 3), True, (1, 1), (1, 1), (1, 1), groups)
+    model = single_node_model(make_site(layer, 2, "sigmoid"), [2, 16, 8, 8])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = [(n.domain, n.op_type) for n in onnx.load(so.optimized_model_filepath).graph.node]
+    if not any(d == "com.microsoft.nchwc" for d, _ in ops):
+        pytest.skip("this CPU's onnxruntime has no NCHWc kernels")
+    assert ops.count(("com.microsoft.nchwc", "ReorderInput")) == 1 and ops.count(("com.microsoft.nchwc", "ReorderOutput")) == 1
+    assert not [op for d, op in ops if d == "" and op in ("Split", "Sigmoid", "Mul", "Add")], ops
