@@ -7,7 +7,9 @@ all stored as initializers in the layout the body consumes directly
     x        the layer input: [..., In] (Linear) or [B, In, *S] (ConvNd)
     W        the neuron's weight (norm folded): Linear [In, C] (transposed for MatMul),
              ConvNd [C, In/groups, *kernel]
-    W_d0..W_d{K-1}  the dendrites' weights, one layer call per copy, each shaped like W
+    W_d0..   the dendrites' weights, one per layer call (`dendrite_call_sizes`): one call per
+             copy, each shaped like W, except ungrouped 1-D/3-D convs: all K copies in ONE
+             call (W_d0 with K*C outputs, rows (copy, channel))
     B, B_d0..  (only when the site has a bias) the biases of those calls
     U        (only when K >= 2) the cascade weights [K, C, K]: a_k = pre_k + sum_{j<k} U[k, :, j] * s_j
     V        the output weights [K, C]: y = n + sum_k V[k] * s_k
@@ -22,18 +24,19 @@ p1x1x1x1_d1x1_g1_zeros``. The body is plain default-domain ops, so onnxruntime (
 inlines local functions) runs the file with no extra library:
 
     n = MatMul(x, W) [+ B]              or   Conv(Pad?(x), W, B)      the neuron, alone
-    z_k = MatMul(x, W_dk) [+ B_dk]      or   Conv(Pad?(x), W_dk, B_dk)
-    s_k = act(z_k + sum_{j<k} U[k, :, j] * s_j)
+    z_i = MatMul(x, W_di) [+ B_di]      or   Conv(Pad?(x), W_di, B_di)
+    pre_1..pre_K = the copies of the z_i (a Split only when one call holds several)
+    s_k = act(pre_k + sum_{j<k} U[k, :, j] * s_j)
     y = n + sum_k V[k] * s_k
 
-Why this layout (ONNX Runtime profiles, bench/results/latency.md): every copy is its own
-Conv shaped like the neuron's, so there is no Split or Gather, grouped/depthwise convs keep
-channel multiplier 1, and onnxruntime's NCHWc transformer fuses each copy's cascade Add
-(as the conv's sum input) and activation into its Conv, turns the per-channel scales into
-blocked depthwise convs and the tail's Adds into sum inputs, and keeps the whole site and
-the Relu after it in the blocked layout (one Split made it reorder to NCHW and back around
-every site). The slices of U and V are taken inside the body from the initializers;
-onnxruntime constant-folds them after inlining.
+Why this layout (ONNX Runtime profiles, bench/results/latency.md): with one call per copy
+there is no Split or Gather, grouped/depthwise convs keep channel multiplier 1, and for 2-D
+convs onnxruntime's NCHWc transformer fuses each copy's cascade Add (as the conv's sum
+input) and activation into its Conv, turns the per-channel scales into blocked depthwise
+convs and the tail's Adds into sum inputs, and keeps the whole site and a Relu after it in
+the blocked layout (a Split made it reorder to NCHW and back around every site). The slices
+of U and V are taken inside the body from the initializers; onnxruntime constant-folds them
+after inlining.
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ from typing import Optional
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from pbp_fx.layers import dendrite_call_sizes
 
 __all__ = ["DOMAIN", "DOMAIN_VERSION", "FusedOpSpec", "make_function", "op_type_for"]
 
@@ -120,8 +125,13 @@ class FusedOpSpec:
                          padding_mode=self.padding_mode)
         return attrs
 
+    @property
+    def call_sizes(self) -> list[int]:
+        """Copies per dendrite layer call (`pbp_fx.layers.dendrite_call_sizes`)."""
+        return dendrite_call_sizes(self.kind, self.group, self.dendrites)
+
     def input_names(self) -> list[str]:
-        calls = [""] + [f"_d{i}" for i in range(self.dendrites)]
+        calls = [""] + [f"_d{i}" for i in range(len(self.call_sizes))]
         names = ["x"] + [f"W{c}" for c in calls] + ([f"B{c}" for c in calls] if self.has_bias else [])
         return names + (["U"] if self.dendrites > 1 else []) + ["V"]
 
@@ -157,7 +167,7 @@ def make_function(spec: FusedOpSpec, opset: int = 18) -> onnx.FunctionProto:
                          f"{spec.min_opset}, got {opset}")
     b = _Body()
     k = spec.dendrites
-    calls = [""] + [f"_d{i}" for i in range(k)]
+    calls = [""] + [f"_d{i}" for i in range(len(spec.call_sizes))]
 
     # -- the neuron's layer and the dendrites' layer calls -------------------------------
     if spec.is_conv:
@@ -172,11 +182,18 @@ def make_function(spec: FusedOpSpec, opset: int = 18) -> onnx.FunctionProto:
         conv = dict(kernel_shape=list(spec.kernel_shape), strides=list(spec.strides), pads=conv_pads,
                     dilations=list(spec.dilations), group=spec.group)
         outs = [b.op("Conv", [x, f"W{c}"] + ([f"B{c}"] if spec.has_bias else []), "z", **conv) for c in calls]
+        axis = 1
     else:
         outs = [b.op("MatMul", ["x", f"W{c}"], "z") for c in calls]
         if spec.has_bias:
             outs = [b.op("Add", [z, f"B{c}"], "z") for z, c in zip(outs, calls)]
-    n, pre = outs[0], outs[1:]
+        axis = -1
+    n, pre = outs[0], []
+    for z, size in zip(outs[1:], spec.call_sizes):
+        if size == 1:
+            pre.append(z)
+        else:
+            pre += b.op("Split", [z], "copy", outputs=size, axis=axis, num_outputs=size)
 
     # -- per-channel vectors shaped to broadcast along the neuron axis -----------------
     def channel_vec(t: str) -> str:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LayerSpec", "NormSpec", "LayerCopies", "stacked_apply", "split_apply", "split_members",
-           "fold_norm", "copy_dim", "dendrite_calls", "apply_dendrites"]
+           "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls", "apply_dendrites"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -157,26 +157,46 @@ def split_apply(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Tens
     return z.unflatten(1, (m, c))
 
 
-def dendrite_calls(layer: LayerSpec, weight: Tensor, bias: Optional[Tensor]) -> list[tuple[Tensor, Optional[Tensor]]]:
-    """The (weight, bias) of each dendrite's own layer call, from [K, C, ...] rows.
+def dendrite_call_sizes(kind: str, groups: int, dendrites: int) -> list[int]:
+    """How a fused site runs its K dendrites: the number of copies in each layer call.
 
-    This is the fused layout shared by FusedSite, finalize and the ONNX exporter: one call
-    per copy, each shaped like the neuron's layer ([C, ...] weight, [C] bias or None). Why
-    not one wide call (ONNX Runtime profiles, bench/results/latency.md): the copies would
-    have to be split apart again (a Split, or a Gather per copy for grouped convs, whose
-    channel multiplier would also grow to K), and a Split is no NCHWc op, so every
-    elementwise op of the tail and the activation after the site would run in NCHW between
-    reorders. Separate calls let the runtime fuse each copy's sigmoid and cascade add into
-    its conv and keep the whole site in its blocked layout.
+    One call per copy, each shaped like the neuron's layer, except for ungrouped 1-D/3-D convs,
+    which run all K copies as ONE call with K*C outputs, rows (copy, channel). Why (ONNX Runtime
+    CPU profiles, bench/results/latency.md): the runtime's blocked NCHWc layout exists for 2-D
+    convs only; there, separate calls let it fuse each copy's cascade Add and sigmoid into its
+    Conv and keep the whole site blocked, while one wide call needs a Split, which is no NCHWc
+    op, so the tail ran in NCHW between reorders. Linear layers also measured faster per copy. A
+    1-D/3-D conv runs im2col once per call, so one wide call (and a Split) is cheaper there.
+    Grouped convs always run per copy: one call would multiply each group's outputs by K
+    (channel multiplier K, off the fast depthwise kernels) and interleave the copies.
     """
-    biases = [None] * weight.shape[0] if bias is None else list(bias.unbind(0))
-    return list(zip(weight.unbind(0), biases))
+    if kind in ("conv1d", "conv3d") and groups == 1:
+        return [dendrites]
+    return [1] * dendrites
+
+
+def dendrite_calls(layer: LayerSpec, weight: Tensor, bias: Optional[Tensor]) -> list[tuple[Tensor, Optional[Tensor]]]:
+    """The (weight, bias) of each layer call of `dendrite_call_sizes`, from [K, C, ...] rows.
+
+    This is the fused layout shared by FusedSite, finalize and the ONNX exporter: call i's
+    weight is [k_i * C, ...] with rows (copy, channel), its bias [k_i * C] (or None).
+    """
+    k, c = weight.shape[:2]
+    calls, start = [], 0
+    for size in dendrite_call_sizes(layer.kind, layer.groups, k):
+        rows = slice(start, start + size)
+        calls.append((weight[rows].reshape(size * c, *weight.shape[2:]),
+                      None if bias is None else bias[rows].reshape(size * c)))
+        start += size
+    return calls
 
 
 def apply_dendrites(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """The K dendrites' pre-activations [B, K, C, *S] or [..., K, C] through `dendrite_calls`."""
+    c = weight.shape[1]
     outs = [layer.apply(x, w, b) for w, b in dendrite_calls(layer, weight, bias)]
-    return torch.stack(outs, copy_dim(layer.axis))
+    outs = [z.unflatten(layer.axis, (z.shape[layer.axis] // c, c)) for z in outs]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, copy_dim(layer.axis))
 
 
 def fold_norm(weight: Tensor, bias: Optional[Tensor], mean: Tensor, var: Tensor,

@@ -111,7 +111,7 @@ def test_circular_padding_needs_opset_19():
 
 
 def test_fused_layout_runs_one_call_per_copy_with_no_split_or_gather():
-    """Every site (ungrouped, grouped, depthwise, linear) runs one layer call per copy, each shaped like the neuron's."""
+    """2-D conv (ungrouped, grouped, depthwise) and linear sites run one layer call per copy, each shaped like the neuron's."""
     for name, layer in [("conv2d", CONVS["conv2d"]), ("grouped", CONVS["conv2d_grouped"]),
                         ("depthwise", CONVS["conv2d_depthwise"]), ("linear", LayerSpec("linear", (6, 5), True))]:
         for k in (1, 3):
@@ -130,6 +130,10 @@ def test_fused_layout_runs_one_call_per_copy_with_no_split_or_gather():
             for n in f.node:
                 if n.op_type == "Add" and n.output[0].startswith("a_"):
                     assert n.input[0].startswith(("z_", "a_")), name
+    # ungrouped 1-D/3-D convs (no blocked layout in ONNX Runtime; im2col once per call): one wide call
+    for name in ("conv1d", "conv3d"):
+        f = make_function(fused_op_spec(make_site(CONVS[name], 3, "sigmoid")))
+        assert [n.op_type for n in f.node if n.op_type in ("Conv", "Split")] == ["Conv", "Conv", "Split"], name
     site = make_site(CONVS["conv2d"], 1, "sigmoid")
     f = make_function(fused_op_spec(site))
     assert [n.op_type for n in f.node if n.op_type in ("Conv", "Split", "Sigmoid")] == ["Conv", "Conv", "Sigmoid"]
