@@ -4,6 +4,8 @@
     python bench/latency.py --models resnet18 mobilenet_v2 --ks 1 --batches 1
     python bench/latency.py --profile --models mobilenet_v2  # + ORT op-type breakdown
     python bench/latency.py --quick --out /tmp/latency.md    # smoke test
+    python bench/latency.py --keep runs/before               # keep the ONNX files; later, with other code:
+    python bench/latency.py --baseline runs/before           # + those fused files timed side by side
 
 For each model (random weights; the reference models of models/*.py, and, when torchvision
 and timm import, ResNet-18, MobileNetV2, EfficientNet-B0 and a small ViT) and each K
@@ -14,7 +16,9 @@ times interleaved (one block of each in turn, so load changes hit all of them al
     fused     the perforated model, fused        export_onnx(pm)               (one pbp node per site)
     unfused   the perforated model, unfused      export_onnx(pm, fused=False)  (standard ops)
 
-and prints the medians, the FLOP ratio (perforated / plain multiply-adds of every matmul and
+(and with --baseline DIR, `baseline`: DIR's `<model>_k<K>_fused.onnx`, written by an
+earlier `--keep DIR` run, e.g. of the code before a layout change: a before/after measured
+in one interleaved run) and prints the medians, the FLOP ratio (perforated / plain multiply-adds of every matmul and
 convolution, counted by torch.utils.flop_counter on the finalized model), the quotient
 (fused / plain latency) / FLOP ratio and whether it meets the target quotient <= 1.1.
 `--profile` adds ONNX Runtime's per-op-type time (ms per run) for plain and fused.
@@ -179,6 +183,12 @@ def op_profile(path: Path, x: np.ndarray, runs: int) -> dict[str, float]:
 
 # -- main -----------------------------------------------------------------------------------
 
+def _baseline_cells(r: dict) -> str:
+    if "baseline" not in r:
+        return " - | - |"
+    return f" {r['baseline'] * 1e3:.3f} | {r['baseline'] / r['plain'] / r['flops']:.2f} |"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=REFERENCE + ZOO, help=f"from: {' '.join(REFERENCE + ZOO)}")
@@ -190,6 +200,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="also print ORT time per op type (plain vs fused)")
     ap.add_argument("--quick", action="store_true", help="short timings, small images (smoke test)")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
+    ap.add_argument("--keep", type=Path, default=None, help="write the ONNX files here (default: a temporary folder)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="also time the fused files an earlier --keep run wrote to this folder")
     args = ap.parse_args(argv)
     if args.quick:
         args.min_time, args.reps, args.image_size = 0.05, 3, 64
@@ -197,9 +210,12 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     models = load_models(args.models, args.image_size)
 
+    if args.baseline is not None and not args.baseline.is_dir():
+        raise SystemExit(f"--baseline {args.baseline}: no such folder; write one with --keep first")
     rows, profiles = [], []
     with tempfile.TemporaryDirectory(prefix="pbp_latency_") as tmp:
-        tmp = Path(tmp)
+        tmp = Path(tmp) if args.keep is None else args.keep
+        tmp.mkdir(parents=True, exist_ok=True)
         for name, mod in models.items():
             torch.manual_seed(0)
             plain = mod.build_model().eval()
@@ -215,6 +231,9 @@ def main(argv=None) -> int:
                     x = torch.rand(batch, *example[0].shape[1:], generator=torch.Generator().manual_seed(batch))
                     x = x.to(example[0].dtype).numpy()
                     fns = {"plain": ort_fn(plain_path, x), "fused": ort_fn(fused, x), "unfused": ort_fn(unfused, x)}
+                    base = None if args.baseline is None else args.baseline / fused.name
+                    if base is not None and base.exists():
+                        fns["baseline"] = ort_fn(base, x)
                     t = interleaved(fns, args.min_time, args.reps)
                     rows.append(dict(model=name, k=k, batch=batch, sites=len(pm.sites), flops=flop_ratio, **t))
                     print(f"# {name} K={k} batch={batch}: " + ", ".join(f"{n} {v * 1e3:.3f} ms" for n, v in t.items()),
@@ -227,10 +246,11 @@ def main(argv=None) -> int:
     lines = [f"## ONNX Runtime CPU latency, 1 thread: perforated / plain against the FLOP ratio "
              f"(target quotient <= {TARGET})", "",
              f"onnxruntime {__import__('onnxruntime').__version__}, torch {torch.__version__}, {os.cpu_count()} cores; "
-             f"zoo images {args.image_size}x{args.image_size}; medians of {args.reps} interleaved blocks.", "",
+             f"zoo images {args.image_size}x{args.image_size}; medians of {args.reps} interleaved blocks"
+             + (f"; baseline = the fused files in {args.baseline}" if args.baseline else "") + ".", "",
              "| model | sites | K | batch | plain ms | fused ms | unfused ms | FLOP ratio | fused/plain "
-             "| unfused/plain | fused quotient | target |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| unfused/plain | fused quotient | target |" + (" baseline ms | baseline quotient |" if args.baseline else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if args.baseline else "")]
     met = 0
     for r in rows:
         fp, up = r["fused"] / r["plain"], r["unfused"] / r["plain"]
@@ -239,7 +259,8 @@ def main(argv=None) -> int:
         met += ok
         lines.append(f"| {r['model']} | {r['sites']} | {r['k']} | {r['batch']} | {r['plain'] * 1e3:.3f} "
                      f"| {r['fused'] * 1e3:.3f} | {r['unfused'] * 1e3:.3f} | {r['flops']:.2f} | {fp:.2f} | {up:.2f} "
-                     f"| {q:.2f} | {'met' if ok else '**not met**'} |")
+                     f"| {q:.2f} | {'met' if ok else '**not met**'} |"
+                     + (_baseline_cells(r) if args.baseline else ""))
     lines += ["", f"target met in {met} of {len(rows)} rows"]
     for p in profiles:
         ops = sorted(set(p["plain"]) | set(p["fused"]), key=lambda o: -p["fused"].get(o, 0.0))

@@ -7,9 +7,9 @@ all stored as initializers in the layout the body consumes directly
     x        the layer input: [..., In] (Linear) or [B, In, *S] (ConvNd)
     W        the neuron's weight (norm folded): Linear [In, C] (transposed for MatMul),
              ConvNd [C, In/groups, *kernel]
-    W_d0..   the dendrites' weights, one per layer call: an ungrouped layer runs all K copies
-             in ONE call (W_d0 with K*C outputs, rows (copy, channel)); a grouped conv runs
-             one call per copy (W_d0 .. W_d{K-1}, each shaped like W: channel multiplier 1)
+    W_d0..   the dendrites' weights, one per layer call (`dendrite_call_sizes`): one call per
+             copy, each shaped like W, except ungrouped 1-D/3-D convs: all K copies in ONE
+             call (W_d0 with K*C outputs, rows (copy, channel))
     B, B_d0..  (only when the site has a bias) the biases of those calls
     U        (only when K >= 2) the cascade weights [K, C, K]: a_k = pre_k + sum_{j<k} U[k, :, j] * s_j
     V        the output weights [K, C]: y = n + sum_k V[k] * s_k
@@ -29,11 +29,14 @@ inlines local functions) runs the file with no extra library:
     s_k = act(pre_k + sum_{j<k} U[k, :, j] * s_j)
     y = n + sum_k V[k] * s_k
 
-Why this layout (ONNX Runtime profiles): the neuron's own Conv keeps the runtime's
-Conv+Add+activation fusion for the layer that follows the site; grouped/depthwise convs
-keep channel multiplier 1 (the fast depthwise kernels) and need no per-copy Gather; with
-K = 1 there is no Split at all. The slices of U and V are taken inside the body from the
-initializers; onnxruntime constant-folds them after inlining.
+Why this layout (ONNX Runtime profiles, bench/results/latency.md): with one call per copy
+there is no Split or Gather, grouped/depthwise convs keep channel multiplier 1, and for 2-D
+convs onnxruntime's NCHWc transformer fuses each copy's cascade Add (as the conv's sum
+input) and activation into its Conv, turns the per-channel scales into blocked depthwise
+convs and the tail's Adds into sum inputs, and keeps the whole site and a Relu after it in
+the blocked layout (a Split made it reorder to NCHW and back around every site). The slices
+of U and V are taken inside the body from the initializers; onnxruntime constant-folds them
+after inlining.
 """
 from __future__ import annotations
 
@@ -125,7 +128,7 @@ class FusedOpSpec:
     @property
     def call_sizes(self) -> list[int]:
         """Copies per dendrite layer call (`pbp_fx.layers.dendrite_call_sizes`)."""
-        return dendrite_call_sizes(self.group, self.dendrites)
+        return dendrite_call_sizes(self.kind, self.group, self.dendrites)
 
     def input_names(self) -> list[str]:
         calls = [""] + [f"_d{i}" for i in range(len(self.call_sizes))]

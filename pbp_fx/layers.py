@@ -157,15 +157,22 @@ def split_apply(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Tens
     return z.unflatten(1, (m, c))
 
 
-def dendrite_call_sizes(groups: int, dendrites: int) -> list[int]:
+def dendrite_call_sizes(kind: str, groups: int, dendrites: int) -> list[int]:
     """How a fused site runs its K dendrites: the number of copies in each layer call.
 
-    An ungrouped layer runs all K copies as ONE call with K*C outputs, rows (copy, channel).
-    A grouped conv runs one call per copy: K copies in one grouped call would multiply each
-    group's outputs by K (channel multiplier K, off runtimes' fast depthwise kernels) and
-    interleave the copies (a reordering gather per copy).
+    One call per copy, each shaped like the neuron's layer, except for ungrouped 1-D/3-D convs,
+    which run all K copies as ONE call with K*C outputs, rows (copy, channel). Why (ONNX Runtime
+    CPU profiles, bench/results/latency.md): the runtime's blocked NCHWc layout exists for 2-D
+    convs only; there, separate calls let it fuse each copy's cascade Add and sigmoid into its
+    Conv and keep the whole site blocked, while one wide call needs a Split, which is no NCHWc
+    op, so the tail ran in NCHW between reorders. Linear layers also measured faster per copy. A
+    1-D/3-D conv runs im2col once per call, so one wide call (and a Split) is cheaper there.
+    Grouped convs always run per copy: one call would multiply each group's outputs by K
+    (channel multiplier K, off the fast depthwise kernels) and interleave the copies.
     """
-    return [1] * dendrites if groups > 1 else [dendrites]
+    if kind in ("conv1d", "conv3d") and groups == 1:
+        return [dendrites]
+    return [1] * dendrites
 
 
 def dendrite_calls(layer: LayerSpec, weight: Tensor, bias: Optional[Tensor]) -> list[tuple[Tensor, Optional[Tensor]]]:
@@ -176,7 +183,7 @@ def dendrite_calls(layer: LayerSpec, weight: Tensor, bias: Optional[Tensor]) -> 
     """
     k, c = weight.shape[:2]
     calls, start = [], 0
-    for size in dendrite_call_sizes(layer.groups, k):
+    for size in dendrite_call_sizes(layer.kind, layer.groups, k):
         rows = slice(start, start + size)
         calls.append((weight[rows].reshape(size * c, *weight.shape[2:]),
                       None if bias is None else bias[rows].reshape(size * c)))

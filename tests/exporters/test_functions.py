@@ -110,31 +110,35 @@ def test_circular_padding_needs_opset_19():
     check(site, [2, 2, 9], opset=19)
 
 
-def test_fused_layout_keeps_grouped_convs_at_multiplier_one_with_no_gather():
-    """A grouped/depthwise site runs one conv per copy, each shaped like the neuron's; K = 1 needs no Split."""
-    for layer in (CONVS["conv2d_grouped"], CONVS["conv2d_depthwise"]):
+def test_fused_layout_runs_one_call_per_copy_with_no_split_or_gather():
+    """2-D conv (ungrouped, grouped, depthwise) and linear sites run one layer call per copy, each shaped like the neuron's."""
+    for name, layer in [("conv2d", CONVS["conv2d"]), ("grouped", CONVS["conv2d_grouped"]),
+                        ("depthwise", CONVS["conv2d_depthwise"]), ("linear", LayerSpec("linear", (6, 5), True))]:
         for k in (1, 3):
             site = make_site(layer, k, "sigmoid")
-            spec = fused_op_spec(site)
-            f = make_function(spec)
-            convs = [n for n in f.node if n.op_type == "Conv"]
-            assert len(convs) == 1 + k and all(a.i == layer.groups for n in convs for a in n.attribute if a.name == "group")
-            outputs = {n.output[0] for n in convs}
-            assert not [n for n in f.node if n.op_type in ("Gather", "Split") and n.input[0] in outputs]
-            ex = _ExportedSite(site)
-            assert all(w.shape == layer.weight_shape for w in ex.weights)
+            f = make_function(fused_op_spec(site))
+            op = "MatMul" if layer.kind == "linear" else "Conv"
+            calls = [n for n in f.node if n.op_type == op]
+            assert len(calls) == 1 + k, name
+            assert all(a.i == layer.groups for n in calls for a in n.attribute if a.name == "group")
+            assert not [n for n in f.node if n.op_type == "Split"], name
+            outputs = {n.output[0] for n in calls}
+            assert not [n for n in f.node if n.op_type == "Gather" and n.input[0] in outputs], name
+            shape = layer.weight_shape[::-1] if layer.kind == "linear" else layer.weight_shape
+            assert all(tuple(w.shape) == tuple(shape) for w in _ExportedSite(site).weights), name
+            # the cascade Add takes the copy's own layer output first, so a runtime fuses it into that call
+            for n in f.node:
+                if n.op_type == "Add" and n.output[0].startswith("a_"):
+                    assert n.input[0].startswith(("z_", "a_")), name
+    # ungrouped 1-D/3-D convs (no blocked layout in ONNX Runtime; im2col once per call): one wide call
+    for name in ("conv1d", "conv3d"):
+        f = make_function(fused_op_spec(make_site(CONVS[name], 3, "sigmoid")))
+        assert [n.op_type for n in f.node if n.op_type in ("Conv", "Split")] == ["Conv", "Conv", "Split"], name
     site = make_site(CONVS["conv2d"], 1, "sigmoid")
     f = make_function(fused_op_spec(site))
     assert [n.op_type for n in f.node if n.op_type in ("Conv", "Split", "Sigmoid")] == ["Conv", "Conv", "Sigmoid"]
     assert "U" not in f.input  # K = 1: no cascade input
     assert f.node[-1].op_type == "Add" and f.node[-1].input[0] == [n for n in f.node if n.op_type == "Conv"][0].output[0]
-
-
-def test_ungrouped_dendrites_run_as_one_call():
-    site = make_site(CONVS["conv2d"], 3, "sigmoid")
-    f = make_function(fused_op_spec(site))
-    assert [n.op_type for n in f.node].count("Conv") == 2  # the neuron, and the K copies as one conv
-    assert [n.op_type for n in f.node].count("Split") == 1
 
 
 def test_overloads_tell_signatures_apart():
@@ -153,3 +157,20 @@ def test_spec_rejects_bad_values():
         FusedOpSpec("linear", 4, 1, "gelu", True)
     with pytest.raises(ValueError, match="at least one dendrite"):
         FusedOpSpec("linear", 4, 0, "sigmoid", True)
+
+
+@pytest.mark.parametrize("groups", [1, 16])
+def test_onnxruntime_keeps_a_k2_conv_site_in_its_blocked_layout(tmp_path, groups):
+    """After inlining, ORT's NCHWc transformer fuses every copy's cascade Add and sigmoid into its Conv:
+    no Split, standalone Sigmoid or reorder is left inside the site (the old one-wide-call layout had all three)."""
+    layer = LayerSpec("conv2d", (16, 16 // groups, 3, 3), True, (1, 1), (1, 1), (1, 1), groups)
+    model = single_node_model(make_site(layer, 2, "sigmoid"), [2, 16, 8, 8])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = [(n.domain, n.op_type) for n in onnx.load(so.optimized_model_filepath).graph.node]
+    if not any(d == "com.microsoft.nchwc" for d, _ in ops):
+        pytest.skip("this CPU's onnxruntime has no NCHWc kernels")
+    assert ops.count(("com.microsoft.nchwc", "ReorderInput")) == 1 and ops.count(("com.microsoft.nchwc", "ReorderOutput")) == 1
+    assert not [op for d, op in ops if d == "" and op in ("Split", "Sigmoid", "Mul", "Add")], ops

@@ -99,9 +99,9 @@ def test_parity(exports, case, fused):
 def test_bias_free_fused_op_has_no_bias_input(exports):
     proto = onnx.load(str(exports.file("bias_free_linear", 2, True)))
     for n in pbp_nodes(proto):
-        assert len(n.input) == 5  # x, W, W_d0, U, V
+        assert len(n.input) == 6  # x, W, W_d0, W_d1, U, V
     for f in proto.functions:
-        assert list(f.input) == ["x", "W", "W_d0", "U", "V"]
+        assert list(f.input) == ["x", "W", "W_d0", "W_d1", "U", "V"]
 
 
 @pytest.mark.parametrize("case,ks,fused", [("linear_2d", [0, 1, 3], True), ("conv2d_residual", [3, 0, 1, 2], True),
