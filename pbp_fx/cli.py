@@ -478,16 +478,13 @@ def _model_module(ref: str):
         help="how the model file's model is captured (auto: symbolic tracing, else torch.export)"),
 )
 def export(args: argparse.Namespace) -> int:
+    import onnx
     import torch
 
-    from .checkpoint import load, read_meta
     from .exporters import export_onnx
+    from .exporters.onnx import MIN_OPSET
     from .modelfile import instantiate
     from .perforated import perforate
-
-    import onnx
-
-    from .exporters.onnx import MIN_OPSET
 
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= args.opset <= newest:
@@ -502,6 +499,8 @@ def export(args: argparse.Namespace) -> int:
             model, inputs = instantiate(_model_module(args.source))
             pm = perforate(model, inputs, frontend=args.frontend)
         else:
+            from .checkpoint import load, read_meta
+
             meta = read_meta(args.source)
             ref = args.model or meta.get("model") or meta.get("extra", {}).get("model")
             if not ref:
@@ -520,9 +519,9 @@ def export(args: argparse.Namespace) -> int:
     if args.check:
         from .exporters import ort_session, run
 
-        session = ort_session(path)
-        got = run(session, tuple(t.numpy() for t in inputs))[0]
-        with torch.no_grad():
+        with _quiet_unless(args.debug), torch.no_grad():  # the same warnings as above: for --debug
+            session = ort_session(path)
+            got = run(session, tuple(t.numpy() for t in inputs))[0]
             ref_out = pm(*inputs)
         diff = float(abs(torch.as_tensor(got) - ref_out).max())
         print(f"check: ONNX Runtime ({session.provider}) vs PyTorch max abs diff {diff:.2e}")
