@@ -217,6 +217,7 @@ def main() -> None:
     ap.add_argument("--before", default=BEFORE, help=f"git ref of the 'before' tree (default {BEFORE})")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=PATCH",
                     help="also measure the working tree with PATCH applied (git apply), as column NAME")
+    ap.add_argument("--no-dynamo", action="store_true", help="skip section 4 (export_onnx alone, dynamo forced)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "export_time.md"))
     args = ap.parse_args()
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -261,13 +262,13 @@ def main() -> None:
                 for tree, site in trees.items():
                     phases.setdefault((key, tree), []).append(child(site, PHASES, [models[key][tree], onnx_out], work))
         export_only: dict = {}
-        for _ in range(max(2, args.rounds // 2)):
+        for _ in range(0 if args.no_dynamo else max(2, args.rounds // 2)):
             for key in MODELS:
                 for mode in ("direct", "dynamo"):
                     after = list(trees)[1]
                     export_only.setdefault((key, mode), []).append(
                         child(trees[after], EXPORT_ONLY, [models[key][after], onnx_out, mode], work))
-        profile = profile_dynamo(trees[list(trees)[1]], models["mlp"][list(trees)[1]], work)
+        profile = [] if args.no_dynamo else profile_dynamo(trees[list(trees)[1]], models["mlp"][list(trees)[1]], work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_end = os.getloadavg()
@@ -302,17 +303,18 @@ def main() -> None:
               "## 3. Import costs, one by one (fresh process each, after the imports named in brackets)", "",
               "| module | s |", "|---|---:|"]
     lines += [f"| {label} [{IMPORTS[label][0] or '-'}] | {med(v):.2f} |" for label, v in imports.items()]
-    lines += ["", f"## 4. export_onnx alone, {list(trees)[1]}: as chosen vs the dynamo exporter forced", "",
-              "One dendrite per site. The first column is what export_onnx chose (the direct writer declines a "
-              "graph it cannot write, and the dynamo exporter runs).", "",
-              "| model | as chosen | path chosen | dynamo forced | dynamo / chosen |", "|---|---:|---|---:|---:|"]
-    for key in MODELS:
-        d = med(r["export"] for r in export_only[(key, "direct")])
-        y = med(r["export"] for r in export_only[(key, "dynamo")])
-        lines.append(f"| {key} | {d:.3f} | {export_only[(key, 'direct')][0]['path']} | {y:.2f} | {y / d:.1f}x |")
-    lines += ["", "Where one dynamo export of the MLP goes (cProfile, cumulative s, one run):", "",
-              "| part | s |", "|---|---:|"]
-    lines += [f"| {label} | {s:.2f} |" for label, s in profile]
+    if export_only:
+        lines += ["", f"## 4. export_onnx alone, {list(trees)[1]}: as chosen vs the dynamo exporter forced", "",
+                  "One dendrite per site. The first column is what export_onnx chose (the direct writer declines a "
+                  "graph it cannot write, and the dynamo exporter runs).", "",
+                  "| model | as chosen | path chosen | dynamo forced | dynamo / chosen |", "|---|---:|---|---:|---:|"]
+        for key in MODELS:
+            d = med(r["export"] for r in export_only[(key, "direct")])
+            y = med(r["export"] for r in export_only[(key, "dynamo")])
+            lines.append(f"| {key} | {d:.3f} | {export_only[(key, 'direct')][0]['path']} | {y:.2f} | {y / d:.1f}x |")
+        lines += ["", "Where one dynamo export of the MLP goes (cProfile, cumulative s, one run):", "",
+                  "| part | s |", "|---|---:|"]
+        lines += [f"| {label} | {s:.2f} |" for label, s in profile]
     for spec in args.variant:
         name, _, patch = spec.partition("=")
         with open(patch) as f:
