@@ -109,6 +109,25 @@ def _error(message: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run `pbp-fx argv...` and return the exit status; argv None: this process's command line
+    (the program itself, which then ends: see `_before_exit`)."""
+    try:
+        return _main(argv)
+    finally:
+        if argv is None:
+            _before_exit()
+
+
+def _before_exit() -> None:
+    """The process ends next. Its last garbage collections would walk every object torch and
+    onnx created (a second or more on a loaded machine, bench/export_time.py): freezing them
+    (gc.freeze) skips that walk; atexit handlers and flushing run as usual."""
+    import gc
+
+    gc.freeze()
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(None if argv is None else list(argv))
@@ -478,16 +497,13 @@ def _model_module(ref: str):
         help="how the model file's model is captured (auto: symbolic tracing, else torch.export)"),
 )
 def export(args: argparse.Namespace) -> int:
+    import onnx
     import torch
 
-    from .checkpoint import load, read_meta
     from .exporters import export_onnx
+    from .exporters.onnx import MIN_OPSET
     from .modelfile import instantiate
     from .perforated import perforate
-
-    import onnx
-
-    from .exporters.onnx import MIN_OPSET
 
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= args.opset <= newest:
@@ -502,6 +518,8 @@ def export(args: argparse.Namespace) -> int:
             model, inputs = instantiate(_model_module(args.source))
             pm = perforate(model, inputs, frontend=args.frontend)
         else:
+            from .checkpoint import load, read_meta
+
             meta = read_meta(args.source)
             ref = args.model or meta.get("model") or meta.get("extra", {}).get("model")
             if not ref:
@@ -520,9 +538,9 @@ def export(args: argparse.Namespace) -> int:
     if args.check:
         from .exporters import ort_session, run
 
-        session = ort_session(path)
-        got = run(session, tuple(t.numpy() for t in inputs))[0]
-        with torch.no_grad():
+        with _quiet_unless(args.debug), torch.no_grad():  # the same warnings as above: for --debug
+            session = ort_session(path)
+            got = run(session, tuple(t.numpy() for t in inputs))[0]
             ref_out = pm(*inputs)
         diff = float(abs(torch.as_tensor(got) - ref_out).max())
         print(f"check: ONNX Runtime ({session.provider}) vs PyTorch max abs diff {diff:.2e}")

@@ -451,3 +451,77 @@ def test_train_flags_come_from_the_configs_with_their_defaults(capsys):
             flag = "--" + f.name.replace("_", "-")
             assert flag in text, flag
             assert f"(default: {f.default})" in text, f.name
+
+
+# -- start-up cost (issue 12, item 7): a command imports what it uses, the exporter is quiet ------
+_LAZY = """
+import json, sys
+import pbp_fx
+from pbp_fx import cli
+rc = cli.main(["--help"])
+before = sorted(sys.modules)
+import pbp_fx.compare
+from pbp_fx.compare import ARMS
+from pbp_fx import *
+print(json.dumps(dict(rc=rc, modules=before, all=sorted(set(pbp_fx.__all__) - set(dir(pbp_fx))),
+                      compare=pbp_fx.compare is sys.modules["pbp_fx.compare"].compare and compare is pbp_fx.compare,
+                      perforate=perforate is sys.modules["pbp_fx.perforated"].perforate, arms=len(ARMS))))
+"""
+
+
+def test_help_imports_no_torch_and_package_names_load_on_first_use(tmp_path):
+    res = _subprocess(["-c", _LAZY], tmp_path)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["rc"] == 0 and "usage: pbp-fx" in res.stdout
+    assert "torch" not in got["modules"] and "pbp_fx.perforated" not in got["modules"]
+    # pbp_fx.compare stays the function when its submodule is imported; every public name resolves
+    assert got["compare"] and got["perforate"] and got["arms"] > 0 and got["all"] == []
+
+
+_EXPORT_MODULES = """
+import json, sys
+from pbp_fx import cli
+rc = cli.main(sys.argv[1:])
+print(json.dumps(dict(rc=rc, modules=sorted(sys.modules))))
+"""
+# Heavy modules the export of a plain model file does not use (the dynamo exporter, trainers, data, plots).
+_UNUSED_BY_EXPORT = {"torch._dynamo", "onnxscript", "transformers", "lightning", "matplotlib", "sklearn", "mnist1d",
+                     "torch_pruning", "safetensors", "pbp_fx.checkpoint", "pbp_fx.training", "pbp_fx.compare",
+                     "pbp_fx.job"}
+
+
+def test_export_of_a_model_file_imports_nothing_it_does_not_use(tmp_path):
+    model = os.path.join(ROOT, "models", "mnist1d_mlp.py")
+    res = _subprocess(["-c", _EXPORT_MODULES, "export", model, "-o", str(tmp_path / "m.onnx"), "--check"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["rc"] == 0 and "max abs diff" in res.stdout
+    assert sorted(_UNUSED_BY_EXPORT & set(got["modules"])) == []
+
+
+SAME_PADDING = """
+import torch
+from torch import nn
+
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(1, 4, 4, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
+
+
+def example_inputs():
+    return (torch.randn(2, 1, 8),)
+"""
+
+
+def test_export_shows_library_warnings_only_with_debug(tmp_path):
+    # torch warns about padding='same' with an even kernel when the model runs (capture, export, check)
+    model = _write(tmp_path, SAME_PADDING)
+    argv = ["-m", "pbp_fx", "export", model, "-o", str(tmp_path / "m.onnx"), "--check"]
+    quiet = _subprocess(argv, tmp_path)
+    assert quiet.returncode == 0 and "max abs diff" in quiet.stdout
+    assert quiet.stderr == ""
+    debug = _subprocess(argv + ["--debug"], tmp_path)
+    assert debug.returncode == 0 and "max abs diff" in debug.stdout
+    assert "padding='same'" in debug.stderr
