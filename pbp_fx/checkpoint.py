@@ -243,16 +243,7 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
     _check_sites(pm, st, path)
     plain = meta.get("plain", {})
     state = _collect("model/", tensors, plain)
-    if pm.phase == "dendrite":
-        pm.abort_dendrite_phase()
-    # First the dendrites (sites resize to the stored K), then candidates on top of them.
-    pm.load_state_dict({k: v for k, v in state.items() if ".candidates." not in k}, strict=False)
-    if st["phase"] == "dendrite":
-        pools = {r["pool"] for r in st["sites"] if r["pool"]}
-        # The statistics settings are not tensors: they come from the saved PBConfig.
-        settings = PBConfig.from_dict(meta["config"]).dendrite_phase_kwargs() if meta.get("config") else {}
-        settings["pool"] = max(pools) if pools else 1
-        pm.start_dendrite_phase(**settings)
+    restore_structure(pm, state, st, meta.get("config"))
     try:
         pm.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -270,6 +261,26 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
     return pm
 
 
+def describe_structure(pm: PerforatedModel) -> dict:
+    """The model's structure as JSON data: phase, and per site its layer, dendrites and pool."""
+    return json.loads(json.dumps(_structure(pm)))
+
+
+def restore_structure(pm: PerforatedModel, state: dict, structure: dict, config: Optional[dict] = None) -> None:
+    """Give `pm` the structure a state dict was saved with (dendrites per site, a candidate
+    pool in the dendrite phase), so that the state then loads strictly. config: the saved
+    PBConfig as a dict (the pool's statistics settings are not tensors)."""
+    if pm.phase == "dendrite":
+        pm.abort_dendrite_phase()
+    # First the dendrites (sites resize to the stored K), then candidates on top of them.
+    pm.load_state_dict({k: v for k, v in state.items() if ".candidates." not in k}, strict=False)
+    if structure["phase"] == "dendrite":
+        pools = {r["pool"] for r in structure["sites"] if r["pool"]}
+        settings = PBConfig.from_dict(config).dendrite_phase_kwargs() if config else {}
+        settings["pool"] = max(pools) if pools else 1
+        pm.start_dendrite_phase(**settings)
+
+
 def load_controller(path: str, controller) -> None:
     """Restore a checkpoint's controller state onto `controller`, whose model already holds the
     checkpoint's structure and weights (a training framework restored them, or `load`).
@@ -280,7 +291,7 @@ def load_controller(path: str, controller) -> None:
     meta, tensors = _read(path)
     if "controller" not in meta:
         raise CheckpointError(f"checkpoint {path} has no controller state: it was saved without a controller")
-    here = json.loads(json.dumps(_structure(controller.pm)))
+    here = describe_structure(controller.pm)
     if here != meta["structure"]:
         raise CheckpointError(f"checkpoint {path} holds another model structure (phase {meta['structure']['phase']}, "
                               f"dendrites {[r['dendrites'] for r in meta['structure']['sites']][:4]}...) than the model "

@@ -280,6 +280,12 @@ class Site(nn.Module):
     def forward(self, x: Tensor, n: Tensor) -> Tensor:
         if self.dendrites is None and self.candidates is None:
             return n
+        # Dendrites and pools made while the model was in eval mode (a restructure during a
+        # framework's validation) follow the site's mode: Lightning restores the modes it saw
+        # before validation, which do not include modules created during it.
+        for part in (self.dendrites, self.candidates):
+            if part is not None and part.training != self.training:
+                part.train(self.training)
         # "Perforated": dendrites and candidates see the input behind a stop-gradient.
         src = x.detach() if self.mode == "pb" else x
         y, acts = n, []

@@ -398,3 +398,20 @@ def test_a_second_backward_over_the_same_graph_counts_the_batch_once(spirals_net
     for n, s in pm.sites.items():
         assert int(s.candidates.steps) == 1 and torch.equal(s.candidates.ema, once[n])
         assert torch.allclose(s.candidates.copies.weight.grad, 2 * grads[n])  # the gradient is still handed on
+
+
+def test_parts_made_in_eval_mode_follow_the_site_mode():
+    """A restructure during validation (eval mode) makes a pool in eval mode; a framework that
+    restores only the modules it saw before validation (Lightning) must not leave it there."""
+    import pbp_fx
+
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)),
+                          torch.randn(5, 3))
+    before = list(pm.modules())
+    pm.eval()
+    pm.start_dendrite_phase(pool=2)
+    for m in before:  # what Lightning does after validation
+        m.train()
+    pm(torch.randn(8, 3)).sum().backward()
+    assert all(s.candidates.training for s in pm.sites.values())
+    assert all(m.training for s in pm.sites.values() for m in s.candidates.modules())

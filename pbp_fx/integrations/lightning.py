@@ -4,6 +4,8 @@ The LightningModule holds the perforated model (`self.model = pbp_fx.perforate(.
 keeps its `configure_optimizers` as written; the callback adopts the optimizer the Trainer
 built from it, gives it the new parameter set at each restructure (its LR schedulers keep
 stepping) and stops the Trainer when PB is complete, with the best-validation model loaded.
+Its state (schedule, history, best weights, the model's structure) goes into Lightning's
+checkpoints, so `trainer.fit(module, ckpt_path=...)` resumes a PB run.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Optional
 from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from ..checkpoint import restore_structure
 from ..config import ConfigError, PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError
@@ -35,6 +38,40 @@ class PBCallback(Callback):
         self.monitor = monitor
         self.config, self.maximize = config, mode == "max"
         self.controller: Optional[PhaseController] = None
+        self._resumed: Optional[dict] = None  # state from a checkpoint, applied at fit start
+        self._structure_hook = None  # while fitting starts: see setup()
+
+    # -- checkpoints: Lightning saves and restores a callback's state_dict -----------------
+    def state_dict(self) -> dict:
+        ctl = self.controller
+        if ctl is None:
+            return {}
+        return {"controller": ctl.state_dict(), "frozen": ctl.pm.phase_buffers()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resumed = dict(state_dict) or None
+
+    def setup(self, trainer, pl_module, stage):
+        # On resume Lightning loads the module's state dict strictly before any callback sees the
+        # checkpoint: a pre-hook first gives the model the structure that state was saved with
+        # (dendrites resize by themselves; a candidate pool needs the dendrite phase started).
+        if stage == "fit" and self._structure_hook is None:
+            pm = find_perforated(pl_module, "PBCallback")
+            self._structure_hook = pm.register_load_state_dict_pre_hook(self._match_structure)
+
+    def _match_structure(self, pm, state_dict, prefix, *args) -> None:
+        state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        pools = {k.split(".candidates.")[0]: v.shape[0] for k, v in state.items() if k.endswith(".candidates.copies.weight")}
+        if bool(pools) == (pm.phase == "dendrite"):
+            return
+        handle, self._structure_hook = self._structure_hook, None
+        handle.remove()  # restore_structure loads a state dict itself
+        try:
+            config = self.config or PBConfig(mode=pm.mode, activation=pm.activation)
+            sites = [{"pool": p} for p in pools.values()]
+            restore_structure(pm, state, {"phase": "dendrite" if pools else "neuron", "sites": sites}, config.to_dict())
+        finally:
+            self._structure_hook = pm.register_load_state_dict_pre_hook(self._match_structure)
 
     def on_fit_start(self, trainer, pl_module):
         if len(trainer.optimizers) != 1:
@@ -44,9 +81,16 @@ class PBCallback(Callback):
             raise TrainingError("PBCallback runs on one device: a restructure changes the parameters that "
                                 "Lightning's DDP wrapper was built on; use devices=1")
         pm = find_perforated(pl_module, "PBCallback")
+        if self._structure_hook is not None:  # the checkpoint (if any) is loaded: later loads are PB's own
+            self._structure_hook.remove()
+            self._structure_hook = None
         opt = unwrap_optimizer(trainer.optimizers[0])
         if self.controller is None or self.controller.pm is not pm:
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize)
+        if self._resumed is not None:  # Lightning restores the optimizer and schedulers after this hook
+            self.controller.load_state_dict(self._resumed["controller"])
+            pm.load_phase_buffers(self._resumed["frozen"])
+            self._resumed = None
         for scheduler_config in trainer.lr_scheduler_configs:
             self.controller.attach_scheduler(scheduler_config.scheduler)
 

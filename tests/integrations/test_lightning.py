@@ -103,3 +103,30 @@ def test_lightning_refusals():
         _trainer(PBCallback(QUICK, monitor="val_f1"), max_epochs=1).fit(module, train, val)
     with pytest.raises(TrainingError, match="pbp_fx.perforate"):
         _trainer(PBCallback(QUICK), max_epochs=1).fit(Classifier(small_cnn()), train, val)
+
+
+def test_lightning_resumes_from_its_own_checkpoint_in_the_dendrite_phase(tmp_path):
+    """trainer.fit(..., ckpt_path=...) from a checkpoint taken inside a dendrite phase makes the
+    uninterrupted run's decisions with its scores."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, save=False):
+        # Unshuffled: a fresh DataLoader's shuffle generator would not continue where the saved run's was.
+        _, val = digits_loaders()
+        train = DataLoader(TensorDataset(*val.dataset.tensors), batch_size=100)
+        pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+        cb = PBCallback(QUICK, monitor="val_acc", mode="max")
+        saver = [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")] if save else []
+        trainer = L.Trainer(max_epochs=60, callbacks=[cb, *saver], accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0)
+        trainer.fit(Classifier(pm), train, val, ckpt_path=ckpt_path)
+        return cb.controller.history
+
+    whole = run(save=True)
+    epoch = next(h["epoch"] for h in whole if h["phase"] == "dendrite")  # 1-based: the first dendrite epoch
+    ckpt = tmp_path / f"epoch={epoch}.ckpt"  # 0-based file name: after the second dendrite-phase epoch
+    again = run(ckpt_path=str(ckpt))
+    assert [h["note"] for h in again] == [h["note"] for h in whole]
+    for a, b in zip(again, whole):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-5, abs=1e-6)
