@@ -29,7 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import pbp_fx
 
@@ -56,8 +56,27 @@ def adam_stepper(model, params, x, y):
     return step
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, groups, output_mask, out_shape, **_) -> int:
+    """torch's convolution_backward count, with a grouped conv's weight gradient divided by its
+    groups: torch.utils.flop_counter counts that part as an ungrouped conv (groups times too
+    many), which made the split candidate pool look P times as costly as it is."""
+    def t(shape):
+        return [shape[1], shape[0], *shape[2:]]
+
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        if transposed:
+            flops += conv_flop_count(t(grad_out_shape), t(x_shape), t(out_shape[1])) // groups
+        else:
+            flops += conv_flop_count(t(x_shape), t(grad_out_shape), t(out_shape[1])) // groups
+    return flops
+
+
 def _flops(model, x, y) -> int:
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops}) as fc:
         F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
     return fc.get_total_flops()
