@@ -102,8 +102,13 @@ def load_models(names: list[str], image_size: int) -> dict:
     return found
 
 
-def perforated(model: nn.Module, example: tuple, k: int, seed: int = 0):
-    """The perforated model with K random dendrites per site (random U and V: no zero shortcuts)."""
+def perforated(model: nn.Module, example: tuple, k: int, seed: int = 1):
+    """The perforated model with K random dendrites per site (random U and V: no zero shortcuts).
+
+    `seed` must differ from the one the model was built with (0 in main): the same seed draws
+    each site's first dendrite equal to its neuron (same init order), and an exporter or runtime
+    that deduplicates equal weights then merges the two layer calls, which flatters the timing.
+    """
     torch.manual_seed(seed)
     pm = pbp_fx.perforate(model, example)
     for _ in range(k):
