@@ -220,10 +220,7 @@ def _root_of_parts(module: nn.Module) -> nn.Module:
     from pbp_fx.tracing import parts_model
 
     root = parts_model(module) if isinstance(module, fx.GraphModule) else None
-    if root is None:
-        return module
-    root.meta = dict(module.meta)  # for the error that names the parts when the root does not export
-    return root
+    return module if root is None else root
 
 
 def _graph_inputs(model: nn.Module, inputs: tuple) -> tuple:
@@ -331,7 +328,9 @@ def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: b
     except Exception as e:  # the exporter's errors are long reports: keep the first line
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # no terminal colour codes in a message
         first = text.splitlines()[0] if text else type(e).__name__
-        parts = getattr(module, "meta", {}).get("pbp_parts")
+        from pbp_fx.tracing import TracedPart
+
+        parts = [m.name for m in module.modules() if isinstance(m, TracedPart) and m is not module]
         if parts:
             cause = e
             while cause.__cause__ is not None:  # the exporter wraps the capture's error in its report

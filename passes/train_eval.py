@@ -28,6 +28,7 @@ Ensures: the train graph, edited in place, with one ModeSwitch per mode-dependen
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -152,14 +153,27 @@ def _reads_shape_only(node: fx.Node) -> bool:
             or node.op == "call_method" and node.target in _SIZE_METHODS)
 
 
+_SHAPE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+                     operator.neg, operator.getitem}
+
+
+def _is_shape(node: fx.Node) -> bool:
+    """A size (or sizes) of some tensor, or arithmetic on sizes: reading it reads no tensor data."""
+    if _reads_shape_only(node):
+        return True
+    return (node.op == "call_function" and node.target in _SHAPE_ARITHMETIC
+            and all(_is_shape(n) for n in node.all_input_nodes))
+
+
 def _is_noise(node: fx.Node, noise: set) -> bool:
-    """A train-only value computed from shapes, constants and other noise (a random mask)."""
+    """A train-only value computed from shapes, constants and other noise (a random mask). The
+    shapes may be nodes both captures share (export reads a batch size once for the whole graph)."""
     if node.op not in ("call_function", "call_method") or not node.users:
         return False
     if _reads_shape_only(node):
         return True
     inputs = node.all_input_nodes
-    return all(n in noise for n in inputs) and (bool(inputs) or _creates(node))
+    return all(n in noise or _is_shape(n) for n in inputs) and (any(n in noise for n in inputs) or _creates(node))
 
 
 def _creates(node: fx.Node) -> bool:
