@@ -158,8 +158,8 @@ class _ExportedSite(nn.Module):
 
 # In the graph as one call under dynamo (the exporter's strict capture, used when the non-strict
 # one fails: an untraceable root's Python), which skips torch.onnx's own code; export then
-# traces into it and records the symbolic op.
-@torch.compiler.allow_in_graph
+# traces into it and records the symbolic op. Registered by _torch_export, not at import:
+# allow_in_graph imports torch._dynamo (about a second), which the direct writer never needs.
 def _fused_node(x: Tensor, tensors: list, op: str, attributes: dict, channels: int, geometry, props: dict) -> Tensor:
     """One `pbp::Perforated*` node over x and the site's tensors; geometry: conv (pads,
     dilations, kernel, strides), None for linear."""
@@ -316,6 +316,7 @@ def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynami
 
 
 def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+    torch.compiler.allow_in_graph(_fused_node)  # registers the function itself (idempotent)
     traced_inputs, shapes = _batched_inputs(module, inputs, dynamic_batch)
     names = _output_names(module, traced_inputs)
     try:
