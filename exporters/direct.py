@@ -225,6 +225,9 @@ class _Emitter:
             if self.dynamic_batch and shape and shape[0] != -1:
                 raise Unsupported("a reshape to a constant batch size (the batch axis cannot be dynamic)")
             self.names[n] = self.node("Reshape", [self.tensor(args[0]), self.const(torch.tensor(shape))], n.name)
+        elif t == "unsqueeze" and len(args) == 2 and isinstance(args[1], int) and not n.kwargs:
+            axis = args[1] % (self.values[args[0]].dim() + 1)
+            self.names[n] = self.node("Unsqueeze", [self.tensor(args[0]), self.const(torch.tensor([axis]))], n.name)
         elif t == "flatten" and not n.kwargs:
             start = args[1] if len(args) > 1 else 0
             end = args[2] if len(args) > 2 else -1

@@ -48,7 +48,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .errors import TraceError
 from .signature import CallSignature
@@ -513,8 +513,24 @@ class _ShapeProp(ShapeProp):
         return super().placeholder(target, args, kwargs)
 
     def run_node(self, n: fx.Node):
+        # fx.Interpreter's run_node, not ShapeProp's: ShapeProp's imports sympy (torch's symbolic
+        # shapes, 0.2-0.7 s per process) for fake-tensor bookkeeping that real inputs do not need.
         self.node = n
-        return super().run_node(n)
+        result = fx.Interpreter.run_node(self, n)
+        tensors = []
+        meta = fx.node.map_aggregate(result, lambda v: tensors.append(v) or _tensor_meta(v)
+                                     if isinstance(v, torch.Tensor) else v)
+        if tensors:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+def _tensor_meta(t: torch.Tensor) -> TensorMetadata:
+    """ShapeProp's record of a tensor, without torch._check (whose first call imports sympy)."""
+    fmt = next((f for f in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+                if t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, t.is_quantized, {})
 
 
 def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:

@@ -91,3 +91,30 @@ def test_layers_it_does_not_know_go_to_the_dynamo_exporter(tmp_path):
     got = _session(path).run(None, {_session(path).get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, pm(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class Unsqueezing(nn.Module):
+    """The MNIST-1D CNN's shape: [B, L] -> unsqueeze(1) -> Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.conv(x.unsqueeze(1))), 1))
+
+
+def test_unsqueeze_is_written_directly(tmp_path, pb):
+    x = torch.randn(3, 8)
+    pm = pbp_fx.perforate(Unsqueezing(), (x,))
+    pm.grow()
+    pb.randomize(pm, scale=0.3)
+    pm.eval()
+    proto = emit(_swapped(pm), (x,), 18, True)  # no Unsupported: the direct writer takes it
+    assert any(n.op_type == "Unsqueeze" for n in proto.graph.node)
+    path = export_onnx(pm, (x,), tmp_path / "m.onnx")
+    x5 = torch.randn(5, 8)
+    with torch.no_grad():
+        want = pm(x5)
+    np.testing.assert_allclose(_session(path).run(None, {"x": x5.numpy()})[0], want.numpy(), rtol=1e-4, atol=1e-5)
