@@ -69,19 +69,42 @@ def batch_covariance(c: Tensor, d: Tensor, axis: int, channels: int,
 
 
 def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor], cov: Tensor,
-               settings: StatsSettings, new: Optional[Tensor] = None) -> Tensor:
+               settings: StatsSettings, new: Optional[Tensor] = None, host: Optional[bool] = None) -> Tensor:
     """Fold one batch's covariance [P, C] into the statistics (in place); returns sign(ema).
 
     new: a bool tensor, False when this batch was counted already (a retained graph's second
     backward): then nothing changes. A batch with an inf/NaN covariance (a step GradScaler
-    skips) is seen but not counted. With bias
+    skips) is seen but not counted. host: decide in Python (default: on the CPU). With bias
     correction, ema is the decay-weighted mean of the batches so far (the first batch gets
     weight 1, not the decay's 0.01); without, it starts from 0. After the warm-up, each
     (member, channel) whose |ema| beats its best by the threshold snapshots its row of
-    weights. Tensor ops only: no host sync, and nothing a compiled graph cannot hold.
+    weights. Off the CPU, tensor ops only: no host sync.
     """
     ema, ema_sq, best, steps, seen, last_improved = stats
     decay, warmup, threshold, bias_correction = settings
+    # On the CPU host reads are free: the scalar bookkeeping (counted already? finite? warm?)
+    # runs in Python there, which saves a dozen small ops per site and step. Elsewhere the
+    # same decisions are masks, so that the device never waits for the host.
+    if host if host is not None else cov.device.type == "cpu":
+        if new is not None and not bool(new):
+            return torch.sign(ema)
+        seen.add_(1)
+        if not bool(torch.isfinite(cov).all()):
+            return torch.sign(ema)
+        steps.add_(1)
+        n = int(seen)
+        w = (1.0 - decay) / (1.0 - decay ** n) if bias_correction else 1.0 - decay
+        cov = cov.to(ema.dtype)
+        ema_sq.lerp_(cov * cov, w)
+        ema.lerp_(cov, w)
+        if n <= warmup:
+            return torch.sign(ema)
+        score = ema.abs()
+        improved = score > best * (1.0 + threshold)
+        if bool(improved.any()):
+            _snapshot(best, score, improved, snapshots, rows)
+            last_improved.copy_(steps)
+        return torch.sign(ema)
     new = torch.ones((), dtype=torch.bool, device=cov.device) if new is None else new
     seen.add_(new)
     finite = torch.isfinite(cov).all() & new
@@ -96,16 +119,18 @@ def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
     score = ema.abs()
     improved = (score > best * (1.0 + threshold)) & (seen > warmup) & new
     any_improved = improved.any()
-    # On the CPU a host read is free and most batches improve nothing: skip the snapshot copies.
-    # Elsewhere, masked updates (no device sync).
-    if cov.device.type != "cpu" or bool(any_improved):
-        mask = improved.to(ema.dtype)
-        best.lerp_(score, mask)  # weight 0 or 1: exact
-        for snap, row in zip(snapshots, rows):
-            if row.numel():
-                snap.lerp_(row.detach(), mask.to(row.dtype).view(*mask.shape, *([1] * (row.dim() - 2))))
-        last_improved.copy_(torch.where(any_improved, steps, last_improved))
+    _snapshot(best, score, improved, snapshots, rows)
+    last_improved.copy_(torch.where(any_improved, steps, last_improved))
     return torch.sign(ema)
+
+
+def _snapshot(best: Tensor, score: Tensor, improved: Tensor, snapshots: list[Tensor], rows: list[Tensor]) -> None:
+    """best and the snapshot rows take the current values where `improved` [P, C]."""
+    mask = improved.to(best.dtype)
+    best.lerp_(score, mask)  # weight 0 or 1: exact
+    for snap, row in zip(snapshots, rows):
+        if row.numel():
+            snap.lerp_(row.detach(), mask.to(row.dtype).view(*mask.shape, *([1] * (row.dim() - 2))))
 
 
 def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor],
