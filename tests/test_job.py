@@ -82,11 +82,6 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
 
 
 def test_killed_in_the_dendrite_phase_and_resumed_ends_like_an_uninterrupted_run(tmp_path):
-    import signal
-    import time
-
-    from safetensors.torch import load_file
-
     from pbp_fx.checkpoint import read_structure
 
     # A long dendrite phase (capped at 40 epochs) leaves time to kill the process inside it.
@@ -94,32 +89,34 @@ def test_killed_in_the_dendrite_phase_and_resumed_ends_like_an_uninterrupted_run
             "--max-dendrite-epochs", "40", "--no-progress", "--seed", "0"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main(["train", *args, "--out", str(whole)]) == 0
+    ckpt = _kill_train_when(args, killed, lambda c: read_structure(str(c))["phase"] == "dendrite", poll=0.02,
+                            why="the run ended before it could be killed in the dendrite phase")
+    assert read_structure(str(ckpt))["phase"] == "dendrite"
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
+    _same_final_model(whole, killed)
+
+
+def _kill_train_when(args: list, out, ready, poll: float, why: str):
+    """Run `pbp-fx train ARGS --out OUT` in a process, SIGKILL it once ready(checkpoint path)
+    holds; returns the checkpoint path."""
+    import signal
+    import time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "train", *args, "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "train", *args, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    ckpt = killed / "checkpoint.safetensors"
+    ckpt = out / "checkpoint.safetensors"
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
-            if ckpt.exists() and read_structure(str(ckpt))["phase"] == "dendrite":
+            if ckpt.exists() and ready(ckpt):
                 proc.send_signal(signal.SIGKILL)
                 break
-            time.sleep(0.02)
+            time.sleep(poll)
     finally:
         proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed in the dendrite phase"
-    assert read_structure(str(ckpt))["phase"] == "dendrite"
-
-    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
-    a = load_file(str(whole / "checkpoint.safetensors"))
-    b = load_file(str(ckpt))
-    model = sorted(k for k in a if k.startswith("model/"))
-    assert model == sorted(k for k in b if k.startswith("model/"))
-    assert all(torch.equal(a[k], b[k]) for k in model)
-    sa = json.loads((whole / "summary.json").read_text())
-    sb = json.loads((killed / "summary.json").read_text())
-    assert (sa["val"], sa["test"], sa["dendrites"], sa["epochs"]) == (sb["val"], sb["test"], sb["dendrites"], sb["epochs"])
+    assert proc.returncode == -signal.SIGKILL, why
+    return ckpt
 
 
 def test_resume_errors(tmp_path, capsys):
@@ -154,8 +151,6 @@ def _same_final_model(a_dir, b_dir):
 @pytest.mark.slow
 def test_built_in_default_model_killed_at_a_random_epoch_resumes_like_an_uninterrupted_run(tmp_path):
     import random
-    import signal
-    import time
 
     args = ["--epochs", "14", "--patience", "2", "--dendrite-patience", "2", "--max-dendrite-epochs", "3",
             "--max-dendrites", "2", "--no-progress"]
@@ -163,20 +158,8 @@ def test_built_in_default_model_killed_at_a_random_epoch_resumes_like_an_uninter
     assert main(["train", *args, "--out", str(whole)]) == 0
     total = json.loads((whole / "summary.json").read_text())["epochs"]
     kill_after = random.Random(os.getpid()).randint(1, total - 1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "train", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    ckpt = killed / "checkpoint.safetensors"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if ckpt.exists() and _epochs_done(ckpt) >= kill_after:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.01)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before epoch {kill_after}"
+    _kill_train_when(args, killed, lambda c: _epochs_done(c) >= kill_after, poll=0.01,
+                     why=f"the run ended before epoch {kill_after}")
     assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
     _same_final_model(whole, killed)
 
