@@ -15,7 +15,8 @@ of a distributed run (a Python reducer).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -47,14 +48,19 @@ def batch_covariance(c: Tensor, d: Tensor, axis: int, channels: int,
     covariance, the same on every rank. e = d - R m is R times the exact, because DDP divides
     the summed candidate gradients by R.
     """
-    acc = torch.promote_types(d.dtype, torch.float32)  # float32 at least: counts exact to 2**24
-    c, d = c.to(acc), d.to(acc)
+    # float32 at least: counts exact to 2**24 (decided in Python: torch.promote_types is a dispatch)
+    acc = d.dtype if d.dtype in (torch.float32, torch.float64) else torch.float32
+    if c.dtype != acc:  # (a no-op .to still costs a dispatch per site and step)
+        c = c.to(acc)
+    if d.dtype != acc:
+        d = d.to(acc)
     cd = copy_dim(axis)
     pos = [0, *range(3, c.dim())] if axis == 1 else list(range(c.dim() - 2))
     share = d.shape[cd]  # P when split, else 1
     if reducer is None:
-        e = d - d.mean(pos, keepdim=True)
-        cov = (c * e).sum(pos)
+        m = sum_positions(d, axis) / (d.numel() // (share * channels))
+        e = d - over_positions(m, d, axis)
+        cov = sum_positions(c * e, axis)
         return (cov if share == 1 else cov.mul_(share)), e
     r = reducer.world_size
     p = c.shape[cd]
@@ -68,11 +74,34 @@ def batch_covariance(c: Tensor, d: Tensor, axis: int, channels: int,
     return cov * share, d - r * channel_view(m, d.dim() - 1, axis)
 
 
+def sum_positions(t: Tensor, axis: int) -> Tensor:
+    """Sum over every position: [B, M, C, *S] (axis 1) or [..., M, C] (axis -1) -> [M, C].
+
+    The batch dim first, then the small rest: on the CPU one reduction over dims (0, 3, ...)
+    measured 3-4x slower than the two (an outer-dim sum runs vectorised over M * C * S).
+    """
+    if axis == 1:
+        s = t.sum(0)
+        return s if s.dim() == 2 else s.flatten(2).sum(-1)
+    return t.sum(list(range(t.dim() - 2)))
+
+
+def over_positions(v: Tensor, like: Tensor, axis: int) -> Tensor:
+    """A per-(member, channel) tensor [M, C] ready to broadcast against `like`.
+
+    For axis 1 with spatial dims it is materialised as [M, C, *S]: broadcasting a stride-0
+    innermost dim runs element by element (measured 2-4x slower for S of 4 to 19).
+    """
+    if axis == 1 and like.dim() > 3:
+        return v.view(*v.shape, *([1] * (like.dim() - 3))).expand(*v.shape, *like.shape[3:]).contiguous()
+    return v
+
+
 def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor], cov: Tensor,
-               settings: StatsSettings, new: Optional[Tensor] = None, host: Optional[bool] = None) -> Tensor:
+               settings: StatsSettings, new: Union[bool, Tensor, None] = None, host: Optional[bool] = None) -> Tensor:
     """Fold one batch's covariance [P, C] into the statistics (in place); returns sign(ema).
 
-    new: a bool tensor, False when this batch was counted already (a retained graph's second
+    new: a bool (or bool tensor), False when this batch was counted already (a retained graph's second
     backward): then nothing changes. A batch with an inf/NaN covariance (a step GradScaler
     skips) is seen but not counted. host: decide in Python (default: on the CPU). With bias
     correction, ema is the decay-weighted mean of the batches so far (the first batch gets
@@ -89,12 +118,15 @@ def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
         if new is not None and not bool(new):
             return torch.sign(ema)
         seen.add_(1)
-        if not bool(torch.isfinite(cov).all()):
+        # One reduction and one read instead of isfinite's five ops: a NaN or inf entry makes the
+        # float64 sum non-finite, and float32 entries cannot overflow it.
+        if not math.isfinite(float(cov.sum(dtype=torch.float64))):
             return torch.sign(ema)
         steps.add_(1)
         n = int(seen)
         w = (1.0 - decay) / (1.0 - decay ** n) if bias_correction else 1.0 - decay
-        cov = cov.to(ema.dtype)
+        if cov.dtype != ema.dtype:
+            cov = cov.to(ema.dtype)
         ema_sq.lerp_(cov * cov, w)
         ema.lerp_(cov, w)
         if n <= warmup:
@@ -128,15 +160,27 @@ def _snapshot(best: Tensor, score: Tensor, improved: Tensor, snapshots: list[Ten
     """best and the snapshot rows take the current values where `improved` [P, C]."""
     mask = improved.to(best.dtype)
     best.lerp_(score, mask)  # weight 0 or 1: exact
-    for snap, row in zip(snapshots, rows):
-        if row.numel():
-            snap.lerp_(row.detach(), mask.to(row.dtype).view(*mask.shape, *([1] * (row.dim() - 2))))
+    pairs = [(snap, row) for snap, row in zip(snapshots, rows) if row.numel()]
+    if not pairs:
+        return
+    # One weight per (dtype, ndim), not per row: each view or cast is a dispatch per site and step.
+    weights: dict[tuple, Tensor] = {(best.dtype, 2): mask}
+    for _, row in pairs:
+        key = (row.dtype, row.dim())
+        if key not in weights:
+            w = mask if row.dtype == best.dtype else improved.to(row.dtype)
+            weights[key] = w.view(*mask.shape, *([1] * (row.dim() - 2)))
+    # One foreach call for all rows (a pool has up to seven row tensors); no_grad instead of a
+    # detach per row (rows are the candidates' parameters).
+    with torch.no_grad():
+        torch._foreach_lerp_([s for s, _ in pairs], [r for _, r in pairs],
+                             [weights[(r.dtype, r.dim())] for _, r in pairs])
 
 
 def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor],
-                       rows: list[Tensor], counted: Tensor, axis: int, split: bool, scale: float,
+                       rows: list[Tensor], new: Union[bool, Tensor], axis: int, split: bool, scale: float,
                        settings: StatsSettings, reducer: Optional[Callable] = None) -> Tensor:
-    """The candidates' gradient for one backward; the batch is counted once (`counted`).
+    """The candidates' gradient for one backward; `new` False: the batch was counted already.
 
     split: c holds each member's own slice of the batch, and delta is dealt the same way.
     scale: GradScaler's loss scale (1 without), divided out of delta before the statistics
@@ -144,13 +188,17 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
     not count the batch again.
     """
     p = c.shape[copy_dim(axis)]
-    d = grad_y.detach()
-    d = split_members(d, p, axis) if split else d.unsqueeze(copy_dim(axis))
-    cov, e = batch_covariance(c.detach(), d if scale == 1.0 else d / scale, axis, stats[0].shape[1], reducer)
-    sign = fold_batch(stats, snapshots, rows, cov, settings, new=~counted)
-    counted.fill_(True)
-    k = sign * -(scale * (p if split else 1))  # dC/dc = share * e; GradScaler's scale kept in the gradient
-    return (e * channel_view(k, e.dim() - 1, axis)).to(c.dtype)
+    with torch.no_grad():  # (instead of a detach per tensor: one dispatch each, per site and step)
+        d = split_members(grad_y, p, axis) if split else grad_y.unsqueeze(copy_dim(axis))
+        if c.is_contiguous() and not d.is_contiguous():
+            # e (and so the gradient into the candidates' sigmoid, norm and conv backward) takes d's
+            # strides: a layout other than c's sends those kernels down slow paths.
+            d = d.contiguous()
+        cov, e = batch_covariance(c, d if scale == 1.0 else d / scale, axis, stats[0].shape[1], reducer)
+        sign = fold_batch(stats, snapshots, rows, cov, settings, new=new)
+        k = sign.mul_(-(scale * (p if split else 1)))  # dC/dc = share * e; GradScaler's scale kept
+        g = e * over_positions(k, e, axis)
+    return g if g.dtype == c.dtype else g.to(c.dtype)
 
 
 # -- one process: custom ops ----------------------------------------------------------------
@@ -160,8 +208,10 @@ def _candidate_update(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots:
                       rows: list[Tensor], counted: Tensor, axis: int, split: bool, scale: float,
                       decay: float, warmup: int, threshold: float, bias_correction: bool) -> Tensor:
     # Contiguous, as the fake says: compiled code is planned with the fake's strides.
-    return candidate_gradient(grad_y, c, stats, snapshots, rows, counted, axis, split, scale,
-                              (decay, warmup, threshold, bias_correction)).contiguous()
+    grad_c = candidate_gradient(grad_y, c, stats, snapshots, rows, ~counted, axis, split, scale,
+                                (decay, warmup, threshold, bias_correction))
+    counted.fill_(True)
+    return grad_c.contiguous()
 
 
 @_candidate_update.register_fake
@@ -220,13 +270,14 @@ class EagerTap(torch.autograd.Function):
         ctx.save_for_backward(c)
         ctx.stats, ctx.snapshots, ctx.rows = stats, snapshots, rows
         ctx.options = (axis, split, scale, settings, reducer)
-        ctx.counted = torch.zeros((), dtype=torch.bool, device=y.device)
+        ctx.counted = False  # eager: a Python flag, not a device tensor (no op per site and step)
         return y.clone()
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         (c,) = ctx.saved_tensors
         axis, split, scale, settings, reducer = ctx.options
-        grad_c = candidate_gradient(grad_y, c, ctx.stats, ctx.snapshots, ctx.rows, ctx.counted, axis, split,
+        grad_c = candidate_gradient(grad_y, c, ctx.stats, ctx.snapshots, ctx.rows, not ctx.counted, axis, split,
                                     scale, settings, reducer)
+        ctx.counted = True
         return grad_y, grad_c, None, None, None, None, None, None, None, None

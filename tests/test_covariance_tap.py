@@ -1,7 +1,9 @@
 """pbp_fx.covariance_tap: the statistics update, decided on the host (CPU) or by masks (devices)."""
+import pytest
 import torch
 
-from pbp_fx.covariance_tap import fold_batch
+from pbp_fx.covariance_tap import batch_covariance, candidate_gradient, fold_batch
+from pbp_fx.layers import copy_dim, split_members
 
 
 def _state(p=3, c=4, rows=((3, 4, 2, 5), (3, 4))):
@@ -31,3 +33,45 @@ def test_host_and_masked_decisions_give_the_same_statistics():
     for x, y in zip(a + sa, b + sb):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
     assert int(a[5]) > 4  # some snapshot was taken after the warm-up
+
+
+@pytest.mark.parametrize("shape, axis, split", [
+    ((12, 3, 5, 7), 1, True),       # conv1d: [B', P, C, L]
+    ((12, 3, 5, 4, 6), 1, True),    # conv2d
+    ((12, 3, 5), 1, True),          # conv without spatial dims left
+    ((12, 3, 5), -1, True),         # linear: [B', P, C]
+    ((6, 4, 3, 5), -1, True),       # linear over a sequence: [B', T, P, C]
+    ((12, 3, 5, 7), 1, False),      # full batch: every member saw every sample
+    ((6, 4, 3, 5), -1, False),
+])
+def test_covariance_and_gradient_equal_the_centred_formula(shape, axis, split):
+    g = torch.Generator().manual_seed(0)
+    c = torch.rand(*shape, generator=g)
+    cd = copy_dim(axis)
+    p, ch = shape[cd], shape[cd + 1] if axis == 1 else shape[-1]
+    d_shape = list(shape)
+    if not split:
+        d_shape[cd] = 1
+    d = torch.randn(*d_shape, generator=g) + 0.5  # an offset: the centring must remove it
+    pos = [0, *range(3, c.dim())] if axis == 1 else list(range(c.dim() - 2))
+    share = p if split else 1
+    want_e = d - d.mean(pos, keepdim=True)
+    want_cov = share * ((c - c.mean(pos, keepdim=True)) * want_e).sum(pos)
+    cov, e = batch_covariance(c, d, axis, ch)
+    torch.testing.assert_close(cov, want_cov, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e, want_e, rtol=1e-6, atol=1e-6)
+
+    # The gradient is that of -sum sign(ema) * C with respect to c, ema after this batch.
+    stats, snapshots, rows = _state(p, ch, rows=((p, ch, 2), (p, ch)))
+    grad_y = d if split else d.squeeze(cd)
+    if split:  # candidate_gradient deals grad_y [B, ...] to the members itself
+        grad_y = d.movedim(cd, 0).flatten(0, 1)
+    got = candidate_gradient(grad_y, c, stats, snapshots, rows, True, axis, split, 1.0, (0.99, 100, 0.01, True))
+    sign = torch.sign(stats[0])
+    cc = c.clone().requires_grad_()
+    dd = d.movedim(cd, 0).flatten(0, 1) if split else d
+    if split:
+        dd = split_members(dd, p, axis)
+    objective = -(sign * share * ((cc - cc.mean(pos, keepdim=True)) * (dd - dd.mean(pos, keepdim=True))).sum(pos)).sum()
+    objective.backward()
+    torch.testing.assert_close(got, cc.grad, rtol=1e-5, atol=1e-5)
