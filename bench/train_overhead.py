@@ -10,7 +10,9 @@ level before the step (/proc VmHWM after clearing it; a child process with mallo
 large blocks to the OS, so the resident set follows live tensors).
 
 Targets: dendrite-phase step (split) <= 1.5x plain (pool 4);
-neuron-phase step <= 1.2x plain x (perforated FLOPs / plain FLOPs).
+neuron-phase step <= 1.2x plain x (perforated FLOPs / plain FLOPs). The layer-kernel ratio
+(conv, matmul and norm kernels only, from torch.profiler) is the floor the step ratio would reach
+if all other work were free.
 
     python bench/train_overhead.py [--models mnist1d_cnn resnet_small] [--threads 1] [--pool 4]
 """
@@ -120,6 +122,29 @@ def measure(cfgs, rounds: int, steps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# The layers' own kernels: convolutions, matmuls and norms, forward and backward.
+KERNEL_MARKERS = ("convolution", "batch_norm", "addmm", "aten::mm", "bmm", "layer_norm")
+
+
+def kernel_times(cfgs, steps: int) -> dict[str, float]:
+    """Seconds per step spent in the layers' kernels (KERNEL_MARKERS, self time, torch.profiler).
+
+    Their ratio to the plain step's is the floor a configuration's step ratio could reach if
+    everything else (elementwise ops, statistics, dispatch, Python) cost nothing.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, _, step in cfgs:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        total = sum(e.self_cpu_time_total for e in prof.key_averages()
+                    if any(m in e.key for m in KERNEL_MARKERS))
+        out[name] = total / 1e6 / steps
+    return out
+
+
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -178,12 +203,13 @@ def main(argv=None) -> int:
         x, y = first_batch(mod, a.batch)
         cfgs = configs(mod, x, y, a.pool)
         t = measure(cfgs, a.rounds, a.steps)
+        kern = kernel_times(cfgs, a.steps)
         flops = {n: _flops(m, x, y) for n, m, _ in cfgs}
         mem = memory(name, a.batch, a.pool, a.threads)
         p_ms, p_fl = t["plain"], flops["plain"]
         print(f"\n{name}")
-        print("| config | ms/step | step ratio | FLOP ratio | target | ok | step peak MiB |")
-        print("|---|---:|---:|---:|---:|:---:|---:|")
+        print("| config | ms/step | step ratio | FLOP ratio | layer-kernel ratio | target | ok | step peak MiB |")
+        print("|---|---:|---:|---:|---:|---:|:---:|---:|")
         for n, _, _ in cfgs:
             ratio, fr = t[n] / p_ms, flops[n] / p_fl
             if n.startswith("neuron"):
@@ -194,7 +220,8 @@ def main(argv=None) -> int:
                 target = None
             ok = "" if target is None else ("yes" if ratio <= target else "NO")
             tgt = "" if target is None else f"{target:.2f}"
-            print(f"| {n} | {t[n] * 1e3:.3f} | {ratio:.2f} | {fr:.2f} | {tgt} | {ok} | {mem[n]:.1f} |")
+            kr = kern[n] / kern["plain"]
+            print(f"| {n} | {t[n] * 1e3:.3f} | {ratio:.2f} | {fr:.2f} | {kr:.2f} | {tgt} | {ok} | {mem[n]:.1f} |")
     return 0
 
 
