@@ -110,17 +110,25 @@ def channel_view(t: Tensor, ndim: int, axis: int) -> Tensor:
 
 
 def per_position(t: Tensor, like: Tensor, axis: int) -> Tensor:
-    """A per-channel tensor [..., C] shaped to broadcast against `like` over its batch dim only.
+    """A per-channel tensor [..., C] shaped to broadcast against `like` ([B, ..., C, *S] for
+    axis 1, [..., C] for axis -1).
 
-    `like` is [B, ..., C, *S] (axis 1) or [..., C] (axis -1). With spatial dims S, t is
-    materialised as [..., C, *S]: on the CPU, broadcasting a stride-0 innermost dim runs element
-    by element (measured 2-4x slower for S of 4 to 19 elements), and so do the reductions
-    autograd makes for t's gradient. Otherwise t itself.
+    With few spatial positions (fewer than SHORT_INNER_LOOP), t is materialised as
+    [..., C, *S] so that it broadcasts over the batch dim only: on the CPU, broadcasting a
+    stride-0 innermost dim of a few elements runs element by element (measured 2-4x slower for
+    S of 4 to 19 elements, no difference at 64), and so do the reductions for t's gradient.
     """
     spatial = like.shape[1 + t.dim():] if axis == 1 else ()
     if not spatial:
         return t
-    return t.reshape(*t.shape, *([1] * len(spatial))).expand(*t.shape, *spatial).contiguous()
+    view = t.reshape(*t.shape, *([1] * len(spatial)))
+    if math.prod(spatial) >= SHORT_INNER_LOOP:
+        return view
+    return view.expand(*t.shape, *spatial).contiguous()
+
+
+# Spatial positions below which per_position materialises (a few SIMD vectors' worth).
+SHORT_INNER_LOOP = 32
 
 
 def stacked_apply(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

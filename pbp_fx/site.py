@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .covariance_tap import STAT_NAMES, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
-                     per_position, split_members, stacked_apply)
+                     split_members, stacked_apply)
 
 __all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "ACTIVATIONS", "MODES"]
 
@@ -22,30 +22,22 @@ ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
 MODES = ("pb", "gd")
 
 
-def _channel_view(t: Tensor, like: Tensor, axis: int) -> Tensor:
-    return channel_view(t, like.dim(), axis)
-
-
-def _cascade(pre: Tensor, cascade: Optional[Tensor], phi, axis: int, shape=_channel_view) -> list[Tensor]:
-    """a_k = pre_k + sum_{j<k} U[k, :, j] * s_j ; returns [s_0 .. s_{K-1}].
-
-    shape(t, like, axis) makes a per-channel weight broadcastable: the training form uses
-    `layers.per_position` (faster on the CPU), the exported eval form plain views.
-    """
+def _cascade(pre: Tensor, cascade: Optional[Tensor], phi, axis: int) -> list[Tensor]:
+    """a_k = pre_k + sum_{j<k} U[k, :, j] * s_j ; returns [s_0 .. s_{K-1}]."""
     cd = copy_dim(axis)
     acts: list[Tensor] = []
     for k in range(pre.shape[cd]):
         a = pre.select(cd, k)
         for j in range(k):
-            a = a + shape(cascade[k, :, j], a, axis) * acts[j]
+            a = a + channel_view(cascade[k, :, j], a.dim(), axis) * acts[j]
         acts.append(phi(a))
     return acts
 
 
-def _weighted_sum(n: Tensor, acts: list[Tensor], out_weight: Tensor, axis: int, shape=_channel_view) -> Tensor:
+def _weighted_sum(n: Tensor, acts: list[Tensor], out_weight: Tensor, axis: int) -> Tensor:
     y = n
     for k, s in enumerate(acts):
-        y = y + shape(out_weight[k], s, axis) * s
+        y = y + channel_view(out_weight[k], s.dim(), axis) * s
     return y
 
 
@@ -298,8 +290,8 @@ class Site(nn.Module):
         src = x.detach() if self.mode == "pb" else x
         y, acts = n, []
         if self.dendrites is not None:
-            acts = _cascade(self.dendrites(src), self.cascade, ACTIVATIONS[self.activation], self.axis, per_position)
-            y = _weighted_sum(n, acts, self.out_weight, self.axis, per_position)
+            acts = _cascade(self.dendrites(src), self.cascade, ACTIVATIONS[self.activation], self.axis)
+            y = _weighted_sum(n, acts, self.out_weight, self.axis)
         if self.candidates is not None and self.training and torch.is_grad_enabled():
             c = self.candidates(src, [s.detach() for s in acts])
             y = self.candidates.tap(y, c, self.candidates.splits(src.shape[0]))
