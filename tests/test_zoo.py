@@ -6,7 +6,8 @@ detection model whose root forward does not trace, optional inputs passed as pos
 `-m zoo`: torchvision, timm and Hugging Face families with random weights and tiny inputs
 (skipped with the reason when torchvision / timm are missing: `make zoo` builds an env with
 them). Each zoo test prints one `ZOO|` row: model, frontend, sites, perforate s, parity,
-ONNX Runtime latency ratio with one dendrite per site (fused vs plain, batch 1, 1 thread).
+ONNX Runtime latency ratio with one dendrite per site (fused vs plain, batch 1, 1 thread;
+a root traced in parts: each part exported on its own, on the inputs it got).
 """
 from __future__ import annotations
 
@@ -180,6 +181,7 @@ def _loss(out) -> torch.Tensor:
 
 
 def _parts(model) -> dict:
+    """{part name: TracedPart} of a model whose root was traced in parts."""
     from pbp_fx.tracing import TracedPart
 
     return {m.name: m for m in model.modules() if isinstance(m, TracedPart)}
