@@ -401,6 +401,45 @@ def test_export_frontend_that_cannot_capture_is_one_line_with_the_fix(tmp_path, 
     assert not os.path.exists(tmp_path / "m.onnx")
 
 
+ROOT_BRANCH = """
+import torch
+from torch import nn
+
+
+class RootBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.b(h)
+
+
+def build_model():
+    torch.manual_seed(0)
+    return RootBranch()
+
+
+def example_inputs():
+    return (torch.randn(3, 4),)
+"""
+
+
+def test_a_dynamo_export_failure_is_one_line_and_its_graph_dump_goes_with_the_traceback(tmp_path, capsys):
+    from pbp_fx.exporters import ExportError
+
+    model, out = _write(tmp_path, ROOT_BRANCH), str(tmp_path / "m.onnx")
+    assert main(["export", model, "-o", out]) == 2  # its parts are perforated; the root's Python is not exportable
+    err = capsys.readouterr().err
+    assert err.startswith("pbp-fx: error: torch.onnx.export cannot capture RootBranch.forward") and err.count("\n") == 1
+    with pytest.raises(ExportError) as info:
+        main(["export", model, "-o", out, "--debug"])
+    assert "def forward" in "".join(getattr(info.value.__cause__, "__notes__", []))
+
+
 @pytest.mark.parametrize("argv,message", [
     (lambda t: ["export", str(t / "none.safetensors")], "does not exist"),
     (lambda t: ["export", "CKPT", "-o", str(t / "no" / "m.onnx")], "does not exist"),
