@@ -7,16 +7,21 @@ so that machine load hits every side alike; medians in seconds.
    Runtime parity) for the MNIST-1D MLP and CNN, `pbp-fx --help` and `pbp-fx transform MODEL`,
    each run from the source tree of `--before REF` (default: the commit before the import
    work) and from the working tree (plus one tree per `--variant NAME=PATCH`: the working tree
-   with a patch applied, to measure a proposed change before it is made). Each tree is laid out
-   as the installed package (pyproject's package-dir) and put first on PYTHONPATH.
+   with a patch applied, to measure a proposed change before it is made; one per `--packages
+   NAME=DIR`: the working tree with the packages installed in DIR, e.g. `pip install --target DIR
+   ml_dtypes==0.6.0`, ahead of the environment's). Each tree is laid out as the installed package
+   (pyproject's package-dir) and put first on PYTHONPATH. Beside the wall-clock medians: the
+   medians of the process's CPU time (user + system), which other jobs on a shared machine
+   inflate far less.
 2. Phases of the same export path, per tree: interpreter start, import torch, import pbp_fx,
    the model file, capture (perforate), import onnx, export_onnx (direct writer or dynamo
    exporter, with onnx.checker), import onnxruntime, the ORT session and the parity run.
-3. Named import costs (each after `import torch`, fresh process): the modules the phases pull in.
+3. Named import costs (each after `import torch`, fresh process): the modules the phases pull in
+   (onnx and ml_dtypes again with each `--packages` folder first on the path).
 4. export_onnx alone: the direct writer vs the dynamo exporter (forced), and a cProfile of one
    dynamo export.
 
-    python bench/export_time.py [--rounds 5] [--before REF] [--variant NAME=PATCH]
+    python bench/export_time.py [--rounds 5] [--before REF] [--variant NAME=PATCH] [--packages NAME=DIR]
                                                     # writes bench/results/export_time.md
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -166,14 +172,20 @@ def check_tree(name: str, site: str, cwd: str) -> None:
         raise SystemExit(f"tree {name}: pbp_fx is not imported from {site}: {out.stdout}")
 
 
-def whole(site: str, argv: list[str], cwd: str) -> float:
-    t = time.perf_counter()
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def whole(site: str, argv: list[str], cwd: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one `python -m pbp_fx ARGV` process."""
+    cpu, t = _children_cpu(), time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "pbp_fx", *argv], cwd=cwd, env=_env(site), capture_output=True,
                          text=True)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, _children_cpu() - cpu
     if res.returncode:
         raise SystemExit(f"pbp-fx {' '.join(argv)} failed:\n{res.stderr[-2000:]}")
-    return seconds
+    return seconds, cpu
 
 
 def child(site: str, code: str, args: list[str], cwd: str) -> dict:
@@ -217,6 +229,9 @@ def main() -> None:
     ap.add_argument("--before", default=BEFORE, help=f"git ref of the 'before' tree (default {BEFORE})")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=PATCH",
                     help="also measure the working tree with PATCH applied (git apply), as column NAME")
+    ap.add_argument("--packages", action="append", default=[], metavar="NAME=DIR",
+                    help="also measure the working tree with the packages installed in DIR (pip install --target "
+                         "DIR ...) ahead of the environment's, as column NAME")
     ap.add_argument("--no-dynamo", action="store_true", help="skip section 4 (export_onnx alone, dynamo forced)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "export_time.md"))
     args = ap.parse_args()
@@ -232,6 +247,13 @@ def main() -> None:
         for spec in args.variant:
             name, _, patch = spec.partition("=")
             trees[f"after + {name}"] = build_tree(os.path.join(work, f"v{len(trees)}"), None, patch)
+        packages = dict(spec.partition("=")[::2] for spec in args.packages)
+        for name, folder in packages.items():
+            if not os.path.isdir(folder):
+                raise SystemExit(f"--packages {name}={folder}: not a folder (pip install --target {folder} ...)")
+            site = build_tree(os.path.join(work, f"v{len(trees)}"), None, None)
+            shutil.copytree(folder, site, dirs_exist_ok=True)
+            trees[f"after + {name}"] = site
         for name, site in trees.items():
             subprocess.run([sys.executable, "-m", "compileall", "-q", site], check=True)  # as an install has
             check_tree(name, site, work)
@@ -247,13 +269,18 @@ def main() -> None:
         whole_s: dict = {}
         phases: dict = {}
         floor: dict = {"python -c pass": []}
-        imports: dict = {label: [] for label in IMPORTS}
+        import_runs = [(label, setup, stmt, None) for label, (setup, stmt) in IMPORTS.items()]
+        import_runs += [(f"{label} with {name}", setup, stmt, folder) for name, folder in packages.items()
+                        for label, (setup, stmt) in IMPORTS.items() if "onnx" in label and "ml_dtypes" in label]
+        imports: dict = {label: [] for label, *_ in import_runs}
+        setups = {label: setup for label, setup, *_ in import_runs}
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds} (load {os.getloadavg()[0]:.2f})", flush=True)
             floor["python -c pass"].append(interpreter(work))
-            for label, (setup, stmt) in IMPORTS.items():
-                res = subprocess.run([sys.executable, "-c", IMPORT_CHILD, setup, stmt], cwd=work, capture_output=True,
-                                     text=True, check=True)
+            for label, setup, stmt, folder in import_runs:
+                env = None if folder is None else dict(os.environ, PYTHONPATH=os.path.abspath(folder))
+                res = subprocess.run([sys.executable, "-c", IMPORT_CHILD, setup, stmt], cwd=work, env=env,
+                                     capture_output=True, text=True, check=True)
                 imports[label].append(float(res.stdout.strip()))
             for command, argv in commands.items():
                 for tree, site in trees.items():
@@ -283,13 +310,19 @@ def main() -> None:
              "| command | " + " | ".join(names) + " | " + " | ".join(f"{n.split(' (')[0]} / before" for n in names[1:])
              + " |", "|---|" + "---:|" * (2 * len(names) - 1)]
     for command in commands:
-        meds = [med(whole_s[(command, n)]) for n in names]
+        meds = [med(w for w, _ in whole_s[(command, n)]) for n in names]
         lines.append(f"| {command} | " + " | ".join(f"{m:.2f}" for m in meds) + " | "
                      + " | ".join(f"{m / meds[0]:.2f}x" for m in meds[1:]) + " |")
     lines.append(f"| (floor) python -c pass | {med(floor['python -c pass']):.2f} |" + " |" * (2 * len(names) - 2))
+    lines += ["", "CPU time of the same processes (user + system, medians in seconds):", "",
+              "| command | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for command in commands:
+        lines.append(f"| {command} | " + " | ".join(f"{med(c for _, c in whole_s[(command, n)]):.2f}" for n in names)
+                     + " |")
     lines.append("")
     for command in ("export mlp --check", "export cnn --check"):
-        verdicts = [f"{n.split(' (')[0]} {'met' if med(whole_s[(command, n)]) < TARGET_S else 'not met'}" for n in names]
+        verdicts = [f"{n.split(' (')[0]} {'met' if med(w for w, _ in whole_s[(command, n)]) < TARGET_S else 'not met'}"
+                    for n in names]
         lines.append(f"- {command}, target < {TARGET_S:g} s: " + "; ".join(verdicts))
     lines += ["", "## 2. Phases of the export path (same steps as `pbp-fx export MODEL --check`)", ""]
     phase_names = list(next(iter(phases.values()))[0]["marks"])
@@ -302,7 +335,7 @@ def main() -> None:
     lines += ["", "Interpreter start and exit are outside these phases (whole process minus sum).", "",
               "## 3. Import costs, one by one (fresh process each, after the imports named in brackets)", "",
               "| module | s |", "|---|---:|"]
-    lines += [f"| {label} [{IMPORTS[label][0] or '-'}] | {med(v):.2f} |" for label, v in imports.items()]
+    lines += [f"| {label} [{setups[label] or '-'}] | {med(v):.2f} |" for label, v in imports.items()]
     if export_only:
         lines += ["", f"## 4. export_onnx alone, {list(trees)[1]}: as chosen vs the dynamo exporter forced", "",
                   "One dendrite per site. The first column is what export_onnx chose (the direct writer declines a "
@@ -320,6 +353,10 @@ def main() -> None:
         with open(patch) as f:
             lines += ["", f"## Variant `after + {name}`: the working tree with this patch", "", "```diff",
                       f.read().rstrip("\n"), "```"]
+    for name, folder in packages.items():
+        held = sorted(d[:-len(".dist-info")] for d in os.listdir(folder) if d.endswith(".dist-info"))
+        lines += ["", f"## `after + {name}`: the working tree with {', '.join(held) or folder} ahead of the "
+                      "environment's packages"]
     text = "\n".join(lines) + "\n"
     with open(args.out, "w") as f:
         f.write(text)

@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import logging
 import os
 import re
+import sys
 import warnings
 from typing import Any, Optional, Union
 
@@ -319,14 +321,19 @@ def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: b
     torch.compiler.allow_in_graph(_fused_node)  # registers the function itself (idempotent)
     traced_inputs, shapes = _batched_inputs(module, inputs, dynamic_batch)
     names = _output_names(module, traced_inputs)
+    # torch.export prints the partial graph to stderr when a capture fails: that belongs with the
+    # traceback (a note on the error), not before a one-line error.
+    printed = io.StringIO()
     try:
-        with _quiet_exporter():
+        with _quiet_exporter(), contextlib.redirect_stderr(printed):
             program = torch.onnx.export(module, traced_inputs, dynamo=True, opset_version=opset,
                                         dynamic_shapes=shapes, output_names=names, verbose=False,
                                         optimize=True)
     except ModuleNotFoundError as e:
         raise ExportError(f"torch.onnx.export needs the package {e.name!r}: pip install {e.name}") from e
     except Exception as e:  # the exporter's errors are long reports: keep the first line
+        if printed.getvalue().strip():
+            e.add_note(f"torch.onnx.export printed:\n{printed.getvalue().rstrip()}")
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # no terminal colour codes in a message
         first = text.splitlines()[0] if text else type(e).__name__
         from pbp_fx.tracing import TracedPart
@@ -349,6 +356,7 @@ def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: b
                               "control flow: ONNX export needs it traceable, or exclude it from the model)") from e
         hint = " (or pass dynamic_batch=False if the model fixes its batch size)" if dynamic_batch else ""
         raise ExportError(f"torch.onnx.export failed: {first}{hint}") from e
+    sys.stderr.write(printed.getvalue())  # a successful export's own messages, as they were
     proto = program.model_proto
     if dynamic_batch:
         fixed = [(v.name, v.type.tensor_type.shape.dim[0].dim_value) for v in proto.graph.input

@@ -9,8 +9,9 @@ Two frontends:
 - "export": `torch.export.export(..., strict=False)` on the example inputs (positional and
   keyword), unlifted into a GraphModule whose parameters are `get_attr` nodes on the model's
   own submodules. ATen-level graph; shapes dynamic where the model allows (every dimension of
-  every tensor input, `torch.export.Dim.AUTO`), static otherwise. Called like the model:
-  same keyword inputs, same output structure (tuples, dicts, Hugging Face ModelOutput).
+  every tensor input, `torch.export.Dim.AUTO`; else the batch dimension only), static
+  otherwise. Called like the model: same keyword inputs, same output structure (tuples, dicts,
+  Hugging Face ModelOutput).
 - "auto" (the default): fx, then export when fx cannot trace the model (or traces it into a
   graph the example inputs do not run through). Modern Hugging Face models take this path.
 
@@ -22,7 +23,7 @@ Both frontends capture the model in train and in eval mode and merge the two
     pbp_fx_error   why fx was not used (auto)  or absent
     pbp_modes      "train+eval" | "train" | "eval": the captures the graph follows
     pbp_modes_reason  why the graph follows one mode only (absent when it follows both)
-    pbp_dynamic    export: "auto" (dynamic dims) | "static"
+    pbp_dynamic    export: "auto" (dynamic dims) | "batch" (dynamic batch only) | "static"
     pbp_call       a CallSignature: how the graph is called like the model (with example inputs)
     pbp_leaves / pbp_untraceable               fx: leaf modules / those isolated
     pbp_frontend_choice  auto: why fx's or torch.export's graph was chosen (when both ran)
@@ -184,13 +185,21 @@ def _ordered_kwargs(model: nn.Module, kwargs: dict) -> dict:
     return dict(sorted(kwargs.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
-def _export_inputs(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool):
-    """(args, kwargs, dynamic_shapes) for torch.export: every dim of every tensor Dim.AUTO.
+def _export_inputs(model: nn.Module, args: tuple, kwargs: dict, dims: str):
+    """(args, kwargs, dynamic_shapes) for torch.export. dims: "auto" (every dim of every tensor
+    Dim.AUTO), "batch" (dim 0 of every tensor Dim.AUTO, the rest static) or "static".
 
-    A batch of 1 everywhere is repeated to 2 first: export specialises sizes 0 and 1."""
+    The tensors are always new objects (same data): torch.export leaves dim markings
+    (`_dynamo_weak_dynamic_indices`) on the tensors it is given, and a later export of the same
+    tensors follows them whatever its dynamic_shapes say, so a static retry failed like the
+    dynamic attempt. A batch of 1 everywhere is repeated to 2 first: export specialises 0 and 1."""
     from torch.utils import _pytree as pytree
 
-    if not dynamic:
+    def fresh(v):
+        return v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+
+    args, kwargs = pytree.tree_map(fresh, (args, kwargs))
+    if dims == "static":
         return args, kwargs, None
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
     if tensors and all(t.shape[0] == 1 for t in tensors):
@@ -198,7 +207,8 @@ def _export_inputs(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool):
         args, kwargs = pytree.tree_map(grow, (args, kwargs))
     auto = torch.export.Dim.AUTO
     spec = lambda v: pytree.tree_map(  # noqa: E731
-        lambda t: {d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) else None, v)
+        lambda t: {d: auto for d in range(t.dim() if dims == "auto" else min(t.dim(), 1))}
+        if isinstance(t, torch.Tensor) else None, v)
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except (TypeError, ValueError):
@@ -266,43 +276,46 @@ def _quiet_export():
             lg.setLevel(level)
 
 
-def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
-    a, k, shapes = _export_inputs(model, args, kwargs, dynamic)
+def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> fx.GraphModule:
+    a, k, shapes = _export_inputs(model, args, kwargs, dims)
     with _quiet_export():
         ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
         return _rehome(ep.module(), model)
 
 
 def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    """torch.export's graph with every dim dynamic, else the batch dim only (a CNN whose Linear
+    fixes its input length: torch's constraint solver fails on the length's floor divisions
+    rather than specialising it), else static shapes."""
     kwargs = _ordered_kwargs(model, kwargs)
     primary = model.training
-    used = dynamic
-    try:
-        gm = _export_capture(model, args, kwargs, dynamic)
-    except Exception as exc:  # noqa: BLE001
-        if not dynamic:
-            raise TraceError(f"torch.export cannot export {type(model).__name__} ({_reason(exc)}) "
-                             f"at {_user_frame(exc)}") from exc
-        log.info("trace: dynamic shapes failed (%s); exporting with static shapes", _reason(exc))
-        used = False
+    tries = ("auto", "batch", "static") if dynamic else ("static",)
+    for dims in tries:
         try:
-            gm = _export_capture(model, args, kwargs, False)
-        except Exception as exc2:  # noqa: BLE001
-            raise TraceError(f"torch.export cannot export {type(model).__name__} ({_reason(exc2)}) "
-                             f"at {_user_frame(exc2)}") from exc2
+            gm = _export_capture(model, args, kwargs, dims)
+            break
+        except Exception as exc:  # noqa: BLE001
+            if dims == tries[-1]:
+                raise TraceError(f"torch.export cannot export {type(model).__name__} ({_reason(exc)}) "
+                                 f"at {_user_frame(exc)}") from exc
+            log.info("trace: export with %s failed (%s); trying %s", _DIMS_WORDS[dims], _reason(exc),
+                     _DIMS_WORDS[tries[tries.index(dims) + 1]])
     try:
         with _modes(model, not primary):
-            other = _export_capture(model, args, kwargs, used)
+            other = _export_capture(model, args, kwargs, dims)
     except Exception as exc:  # noqa: BLE001
         log.info("trace: the %s-mode export failed: %s", "eval" if primary else "train", _reason(exc))
         other, why = None, _reason(exc)
     else:
         why = ""
     gm = _merge(gm, other, primary, type(model).__name__, why)
-    gm.meta["pbp_dynamic"] = "auto" if used else "static"
+    gm.meta["pbp_dynamic"] = dims
     gm.meta["pbp_leaves"] = []
     gm.meta["pbp_untraceable"] = []
     return gm
+
+
+_DIMS_WORDS = {"auto": "every dim dynamic", "batch": "a dynamic batch only", "static": "static shapes"}
 
 
 # -- both frontends ---------------------------------------------------------------------------------
@@ -399,6 +412,9 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
             if frontend == "auto" and parts:
                 return _trace_parts(model, args, kwargs, error, dynamic)
             raise error from fx_error
+        if frontend == "export":
+            raise TraceError(f"{exc}: change that code so that torch.export captures it, or use frontend "
+                             "'auto' (symbolic tracing, else the model's traceable submodules in place)") from exc
         raise
     gm.meta["pbp_frontend"] = "export"
     if fx_error is not None or shape_error is not None:

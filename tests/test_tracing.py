@@ -248,6 +248,47 @@ def test_export_frontend_is_exact_and_keeps_the_model_untouched(pb):
         assert pb.max_diff(gm(y), m(y)) == 0.0
 
 
+def _strided_convs() -> nn.Sequential:
+    return nn.Sequential(*[nn.Conv1d(1 if i == 0 else 4, 4, 5, stride=2, padding=1) for i in range(3)])
+
+
+class LengthFixed(nn.Module):
+    """Three strided 1-D convs, then a Linear that fixes the length (models/mnist1d_cnn.py in small):
+    with every dim dynamic, torch's constraint solver fails on the length's floor divisions."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs, self.fc = _strided_convs(), nn.Linear(4 * 2, 3)
+
+    def forward(self, x):  # [B, 24]
+        return self.fc(torch.flatten(self.convs(x.unsqueeze(1)), 1))
+
+
+class BatchFixed(LengthFixed):
+    """The same convs along the batch dim: no dim can be dynamic."""
+
+    def forward(self, x):  # [24, B]
+        return self.fc(torch.flatten(self.convs(x.t().unsqueeze(1)), 1))
+
+
+def test_export_frontend_keeps_the_batch_dynamic_when_other_dims_cannot_be(pb):
+    m, x = LengthFixed().eval(), torch.randn(3, 24)
+    gm = trace(m, (x,), frontend="export").eval()
+    assert gm.meta["pbp_dynamic"] == "batch"
+    for batch in (1, 5):
+        y = torch.randn(batch, 24)
+        assert pb.max_diff(gm(y), m(y)) == 0.0
+
+
+def test_export_frontend_falls_back_to_static_shapes_on_the_same_inputs(pb):
+    # torch.export marks the tensors it is given as dynamic: the static retry must not see those marks
+    m, x = BatchFixed().eval(), torch.randn(24, 5)
+    gm = trace(m, (x,), frontend="export").eval()
+    assert gm.meta["pbp_dynamic"] == "static"
+    assert pb.max_diff(gm(x), m(x)) == 0.0
+    assert not [k for k in vars(x) if k.startswith("_dynamo")]
+
+
 def test_export_failures_are_one_line_trace_errors():
     with pytest.raises(pbp_fx.TraceError) as info:
         trace(RootBranch(), (torch.randn(2, 3),), parts=False)
