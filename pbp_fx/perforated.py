@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import fx, nn
@@ -16,7 +16,7 @@ from .errors import NoSitesError, TrainingError
 from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
-from .tracing import trace
+from .tracing import DYNAMIC_CHOICES, trace
 
 __all__ = ["PerforatedModel", "perforate", "PHASES"]
 
@@ -331,7 +331,7 @@ class PerforatedModel(nn.Module):
 
 def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
               activation: str = "sigmoid", mode: str = "pb", *, example_kwargs: Optional[dict] = None,
-              frontend: str = "auto", dynamic: bool = True) -> PerforatedModel:
+              frontend: str = "auto", dynamic: Union[bool, str] = True) -> PerforatedModel:
     """Trace a copy of `model`, find its neuron sites and insert dendrite sites (K = 0).
 
     Right after this the perforated model computes exactly what `model` computes, and is
@@ -340,7 +340,11 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     example_inputs / example_kwargs: positional (a tensor or a tuple) and keyword example
     inputs (`example_kwargs={"input_ids": ids, "attention_mask": mask}`).
     frontend: "auto" (symbolic tracing, else torch.export), "fx" or "export"; which one was
-    used is in `pm.graph_module.meta["pbp_frontend"]`. dynamic: export with dynamic shapes.
+    used is in `pm.graph_module.meta["pbp_frontend"]`. dynamic (torch.export captures): True,
+    every dim dynamic where torch.export allows it, else the batch dim only, else static;
+    "batch": the batch dim only (much faster to capture for models whose shapes torch reasons
+    about at length, e.g. windowed attention), else static; False: static shapes. What was used
+    is in `meta["pbp_dynamic"]`.
     """
     from pbp_fx.passes import find_sites, insert_dendrites
 
@@ -348,6 +352,9 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
         raise ValueError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}")
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not supported: use 'pb' or 'gd'")
+    if dynamic not in DYNAMIC_CHOICES:
+        raise ValueError(f"dynamic={dynamic!r} is not supported: use True (every dim where torch.export allows it), "
+                         "'batch' (the batch dim only) or False (static shapes)")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     model = copy.deepcopy(model)

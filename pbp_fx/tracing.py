@@ -283,13 +283,13 @@ def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> f
         return _rehome(ep.module(), model)
 
 
-def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic) -> fx.GraphModule:
     """torch.export's graph with every dim dynamic, else the batch dim only (a CNN whose Linear
     fixes its input length: torch's constraint solver fails on the length's floor divisions
     rather than specialising it), else static shapes."""
     kwargs = _ordered_kwargs(model, kwargs)
     primary = model.training
-    tries = ("auto", "batch", "static") if dynamic else ("static",)
+    tries = _DIM_TRIES[dynamic]
     for dims in tries:
         try:
             gm = _export_capture(model, args, kwargs, dims)
@@ -316,6 +316,11 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) ->
 
 
 _DIMS_WORDS = {"auto": "every dim dynamic", "batch": "a dynamic batch only", "static": "static shapes"}
+# perforate(dynamic=...) -> the export attempts, in order. "batch": every-dim-dynamic captures of
+# models with windowed attention (torchvision swin_t) spend minutes in torch's symbolic shape
+# reasoning (measured 39x the batch-only capture), so users can skip that attempt.
+_DIM_TRIES = {True: ("auto", "batch", "static"), "batch": ("batch", "static"), False: ("static",)}
+DYNAMIC_CHOICES = (True, "batch", False)
 
 
 # -- both frontends ---------------------------------------------------------------------------------
@@ -349,14 +354,14 @@ def _merge(primary_gm: fx.GraphModule, other: Optional[fx.GraphModule], primary:
 
 def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs: Optional[dict] = None, *,
           frontend: str = "auto", leaves: Iterable[str] = (), max_leaves: int = 64,
-          dynamic: bool = True, parts: bool = True) -> fx.GraphModule:
+          dynamic=True, parts: bool = True) -> fx.GraphModule:
     """Trace `model` into a GraphModule that shares its parameters (and, with fx, its submodules).
 
     example_inputs: a tensor or tuple of positional inputs; example_kwargs: keyword inputs
     (`input_ids=..., attention_mask=...`). With them, shapes are propagated into
     `node.meta["tensor_meta"]` (modes and buffers are left as they were).
     frontend: "auto" (fx, then torch.export), "fx" or "export" (needs the example inputs).
-    leaves / max_leaves: fx leaf policy. dynamic: export with dynamic dimensions.
+    leaves / max_leaves: fx leaf policy. dynamic: True, "batch" or False (`perforate`).
     parts (auto): when neither frontend captures the root's forward, capture the submodules that
     do trace (meta["pbp_frontend"] == "parts", see `_trace_parts`).
     The model's train/eval state and its buffers are left as they were.

@@ -311,3 +311,20 @@ def test_second_mode_capture_leaves_no_constants_on_the_model():
     gm = trace(m, (torch.randn(2, 3),))
     assert gm.meta["pbp_modes"] == "train+eval"
     assert [k for k in vars(m) if k.startswith("_tensor_constant")] == ["_tensor_constant0"]  # as fx leaves it
+
+
+def test_dynamic_batch_keeps_other_dims_static_where_every_dim_could_be_dynamic(pb):
+    m, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval(), torch.randn(3, 6, 4)
+    every = pbp_fx.perforate(m, (x,), frontend="export").eval()
+    batch = pbp_fx.perforate(m, (x,), frontend="export", dynamic="batch").eval()
+    assert every.graph_module.meta["pbp_dynamic"] == "auto"
+    assert batch.graph_module.meta["pbp_dynamic"] == "batch"
+    for shape in ((1, 6, 4), (5, 6, 4)):
+        y = torch.randn(*shape)
+        assert pb.max_diff(batch(y), m(y)) == 0.0
+    y = torch.randn(2, 9, 4)  # another length: only the every-dim capture accepts it
+    assert pb.max_diff(every(y), m(y)) == 0.0
+    with pytest.raises(Exception):
+        batch(y)
+    with pytest.raises(ValueError, match="dynamic='length'.*'batch'"):
+        pbp_fx.perforate(m, (x,), dynamic="length")
