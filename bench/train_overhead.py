@@ -126,23 +126,25 @@ def measure(cfgs, rounds: int, steps: int) -> dict[str, float]:
 KERNEL_MARKERS = ("convolution", "batch_norm", "addmm", "aten::mm", "bmm", "layer_norm")
 
 
-def kernel_times(cfgs, steps: int) -> dict[str, float]:
-    """Seconds per step spent in the layers' kernels (KERNEL_MARKERS, self time, torch.profiler).
+def kernel_times(cfgs, steps: int, rounds: int) -> dict[str, float]:
+    """Seconds per step spent in the layers' kernels (KERNEL_MARKERS, self time, torch.profiler),
+    median of interleaved rounds like `measure`.
 
     Their ratio to the plain step's is the floor a configuration's step ratio could reach if
     everything else (elementwise ops, statistics, dispatch, Python) cost nothing.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    out = {}
-    for name, _, step in cfgs:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                step()
-        total = sum(e.self_cpu_time_total for e in prof.key_averages()
-                    if any(m in e.key for m in KERNEL_MARKERS))
-        out[name] = total / 1e6 / steps
-    return out
+    times: dict[str, list] = {name: [] for name, _, _ in cfgs}
+    for _ in range(rounds):
+        for name, _, step in cfgs:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    step()
+            total = sum(e.self_cpu_time_total for e in prof.key_averages()
+                        if any(m in e.key for m in KERNEL_MARKERS))
+            times[name].append(total / 1e6 / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _status_kb(key: str) -> int:
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
         x, y = first_batch(mod, a.batch)
         cfgs = configs(mod, x, y, a.pool)
         t = measure(cfgs, a.rounds, a.steps)
-        kern = kernel_times(cfgs, a.steps)
+        kern = kernel_times(cfgs, a.steps, max(3, a.rounds // 3))
         flops = {n: _flops(m, x, y) for n, m, _ in cfgs}
         mem = memory(name, a.batch, a.pool, a.threads)
         p_ms, p_fl = t["plain"], flops["plain"]
