@@ -131,7 +131,8 @@ def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
     finite = torch.isfinite(cov).all() & new
     steps.add_(finite)
     if bias_correction:
-        w = ((1.0 - decay) / (1.0 - torch.pow(decay, seen.double()))).to(ema.dtype)
+        # seen >= 1 in the weight: a not-new batch before any counted one (seen 0) must change nothing, not NaN
+        w = ((1.0 - decay) / (1.0 - torch.pow(decay, seen.clamp(min=1).double()))).to(ema.dtype)
     else:
         w = 1.0 - decay
     cov = cov.to(ema.dtype)

@@ -17,6 +17,9 @@ def test_host_and_masked_decisions_give_the_same_statistics():
     g = torch.Generator().manual_seed(0)
     settings = (0.9, 4, 0.01, True)  # decay, warm-up, threshold, bias correction
     runs = {host: _state() for host in (True, False)}
+    for host, (stats, snapshots, rows) in runs.items():  # not new before any batch: nothing changes
+        fold_batch(stats, snapshots, rows, torch.randn(3, 4, generator=g), settings, new=False, host=host)
+        assert all(not t.any() for t in stats)
     for step in range(40):
         cov = torch.randn(3, 4, generator=g) * (1 + step / 10)
         if step == 7:
