@@ -333,7 +333,10 @@ def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: b
         raise ExportError(f"torch.onnx.export needs the package {e.name!r}: pip install {e.name}") from e
     except Exception as e:  # the exporter's errors are long reports: keep the first line
         if printed.getvalue().strip():
-            e.add_note(f"torch.onnx.export printed:\n{printed.getvalue().rstrip()}")
+            report = f"torch.onnx.export printed:\n{printed.getvalue().rstrip()}"
+            if hasattr(e, "add_note"):  # Python 3.11+; on 3.10 (supported) the debug log keeps it
+                e.add_note(report)
+            log.debug("%s", report)
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # no terminal colour codes in a message
         first = text.splitlines()[0] if text else type(e).__name__
         from pbp_fx.tracing import TracedPart
