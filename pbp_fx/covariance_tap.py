@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .layers import channel_view, copy_dim, per_position, split_members
+from .layers import copy_dim, per_position, split_members
 
 __all__ = ["STAT_NAMES", "StatsSettings", "batch_covariance", "fold_batch", "candidate_gradient",
            "covariance_tap", "EagerTap"]
@@ -55,7 +55,6 @@ def batch_covariance(c: Tensor, d: Tensor, axis: int, channels: int,
     if d.dtype != acc:
         d = d.to(acc)
     cd = copy_dim(axis)
-    pos = [0, *range(3, c.dim())] if axis == 1 else list(range(c.dim() - 2))
     share = d.shape[cd]  # P when split, else 1
     if reducer is None:
         m = sum_positions(d, axis) / (d.numel() // (share * channels))
@@ -64,14 +63,14 @@ def batch_covariance(c: Tensor, d: Tensor, axis: int, channels: int,
         return (cov if share == 1 else cov.mul_(share)), e
     r = reducer.world_size
     p = c.shape[cd]
-    s_d = d.sum(pos)  # [share, C]
+    s_d = sum_positions(d, axis)  # [share, C]
     sums = reducer(torch.cat([
-        (c * d).sum(pos).reshape(-1) / r, c.sum(pos).reshape(-1), s_d.reshape(-1) / r,
+        sum_positions(c * d, axis).reshape(-1) / r, sum_positions(c, axis).reshape(-1), s_d.reshape(-1) / r,
         d.new_full((1,), d.numel() // s_d.numel())]))
     s_cd, s_c, s_d, n = sums.split([p * channels, p * channels, share * channels, 1])
     m = s_d.view(share, channels) / n
     cov = s_cd.view(p, channels) - s_c.view(p, channels) * m
-    return cov * share, d - r * channel_view(m, d.dim() - 1, axis)
+    return cov * share, d - r * per_position(m, d, axis)
 
 
 def sum_positions(t: Tensor, axis: int) -> Tensor:

@@ -109,6 +109,10 @@ def channel_view(t: Tensor, ndim: int, axis: int) -> Tensor:
     return t
 
 
+# Spatial positions below which per_position materialises (a few SIMD vectors' worth).
+SHORT_INNER_LOOP = 32
+
+
 def per_position(t: Tensor, like: Tensor, axis: int) -> Tensor:
     """A per-channel tensor [..., C] shaped to broadcast against `like` ([B, ..., C, *S] for
     axis 1, [..., C] for axis -1).
@@ -125,10 +129,6 @@ def per_position(t: Tensor, like: Tensor, axis: int) -> Tensor:
     if math.prod(spatial) >= SHORT_INNER_LOOP:
         return view
     return view.expand(*t.shape, *spatial).contiguous()
-
-
-# Spatial positions below which per_position materialises (a few SIMD vectors' worth).
-SHORT_INNER_LOOP = 32
 
 
 def stacked_apply(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

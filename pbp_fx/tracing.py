@@ -320,7 +320,7 @@ _DIMS_WORDS = {"auto": "every dim dynamic", "batch": "a dynamic batch only", "st
 # models with windowed attention (torchvision swin_t) spend minutes in torch's symbolic shape
 # reasoning (measured 39x the batch-only capture), so users can skip that attempt.
 _DIM_TRIES = {True: ("auto", "batch", "static"), "batch": ("batch", "static"), False: ("static",)}
-DYNAMIC_CHOICES = (True, "batch", False)
+DYNAMIC_CHOICES = tuple(_DIM_TRIES)
 
 
 # -- both frontends ---------------------------------------------------------------------------------
