@@ -16,6 +16,7 @@ _EXPORTS = {
     "compare": "compare",  # pbp_fx.compare(...): did PB pay? (module: `from pbp_fx.compare import ...`)
     "ConfigError": "config", "PBConfig": "config", "TrainConfig": "config",
     "Decision": "controller", "PhaseController": "controller", "rebind_optimizer": "controller",
+    "default_optimizer": "controller",
     "explain_sites": "explain",  # every Linear/Conv-like op: a site, or why not
     "CheckpointError": "errors", "ModelFileError": "errors", "NoSitesError": "errors", "PBError": "errors",
     "TraceError": "errors", "TrainingError": "errors",
@@ -29,7 +30,7 @@ _EXPORTS = {
 
 __all__ = [
     "trace", "perforate", "PerforatedModel", "Site", "FusedSite", "explain_sites",
-    "PBConfig", "TrainConfig", "PhaseSchedule", "PhaseController", "Decision", "rebind_optimizer", "fit", "evaluate",
+    "PBConfig", "TrainConfig", "PhaseSchedule", "PhaseController", "Decision", "rebind_optimizer", "default_optimizer", "fit", "evaluate",
     "History", "save", "load", "export_onnx", "ort_session", "compare",
     "PBError", "ConfigError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
     "__version__",
@@ -62,7 +63,7 @@ if TYPE_CHECKING:  # the names as static tools see them
     from .checkpoint import load, save
     from .compare import compare
     from .config import ConfigError, PBConfig, TrainConfig
-    from .controller import Decision, PhaseController, rebind_optimizer
+    from .controller import Decision, PhaseController, default_optimizer, rebind_optimizer
     from .errors import CheckpointError, ModelFileError, NoSitesError, PBError, TraceError, TrainingError
     from .explain import explain_sites
     from .exporters import export_onnx, ort_session

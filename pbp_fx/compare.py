@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PBConfig, TrainConfig
+from .controller import default_optimizer
 from .errors import PBError
 from .fileio import atomic_write
 from .job import DEFAULT_MODEL, load_job_module, make_loaders
@@ -67,7 +68,7 @@ def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainC
     train, val, _test = loaders
     schedule = PhaseSchedule(config.replace(mode="pb"))
     trained = list(model.parameters() if params is None else params)
-    new_optimizer = lambda: torch.optim.Adam(trained, lr=training.lr)  # noqa: E731
+    new_optimizer = lambda: default_optimizer(trained, lr=training.lr)  # noqa: E731
     optimizer, best, rounds, epochs = new_optimizer(), _snapshot(model), 0, 0
     for epochs in range(1, training.epochs + 1):
         if schedule.phase == "neuron":

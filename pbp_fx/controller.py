@@ -43,13 +43,40 @@ from .config import ConfigError, PBConfig
 from .perforated import PerforatedModel
 from .schedule import Action, Kind, PhaseSchedule
 
-__all__ = ["PhaseController", "Decision", "rebind_optimizer"]
+__all__ = ["PhaseController", "Decision", "rebind_optimizer", "default_optimizer"]
 
 
 class Decision(str, enum.Enum):
     CONTINUE = "continue"          # keep training as before
     RESTRUCTURED = "restructured"  # the parameter set changed (ctl.optimizer already follows it)
     COMPLETE = "complete"          # done; the best-validation model is loaded
+
+
+def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
+    """Adam(lr), fused (one kernel for all tensors per step) when every parameter is a float tensor
+    on the CPU or a CUDA device (where torch has the fused kernel), else torch's default Adam.
+
+    Why fused: a candidate pool holds P copies of every neuron layer, so a dendrite-phase step
+    updates P x the model's parameters, and the per-tensor loop of the default CPU Adam was a
+    large part of it (ResNet-18, pool 4, CPU: bench/results/train_overhead_stop18.md).
+    """
+    params = list(params)
+    fused = all(p.device.type in _FUSED_ADAM_DEVICES and p.dtype in _FUSED_ADAM_DTYPES for p in _tensors(params))
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+# Where torch.optim.Adam(fused=True) runs (it checks only at the first step, so decide up front).
+_FUSED_ADAM_DEVICES = ("cpu", "cuda")
+_FUSED_ADAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tensors(params) -> list:
+    """The tensors of an optimizer's params argument (tensors, or param-group dicts)."""
+    out = []
+    for item in params:
+        group = item["params"] if isinstance(item, dict) else item
+        out += [group] if isinstance(group, torch.Tensor) else list(group)
+    return out
 
 
 def rebind_optimizer(optimizer: torch.optim.Optimizer, params, group_of: Optional[Callable] = None,
@@ -84,7 +111,7 @@ class PhaseController:
     config: the PBConfig (default: PBConfig with the model's own mode and activation).
     **overrides: PBConfig fields applied with config.replace(...), e.g. patience=10.
     optimizer: an existing optimizer over pm's parameters to adopt (a Trainer's, say), or
-    optimizer_factory(params) to build one (default torch.optim.Adam with torch's defaults).
+    optimizer_factory(params) to build one (default `default_optimizer`: Adam, lr 1e-3, fused where torch can).
     scheduler_factory(optimizer): builds `ctl.scheduler` once (see attach_scheduler).
     parameter_groups(pm) -> {name: group index}: where a new parameter (candidates, dendrites)
     goes at a restructure, so that a framework that rebuilds its optimizer from names on resume
@@ -120,7 +147,7 @@ class PhaseController:
         self._groups = WeakIdKeyDictionary()  # parameter -> the group it belongs to
         self.parameter_groups = parameter_groups
         if optimizer is None:
-            factory = optimizer_factory or torch.optim.Adam
+            factory = optimizer_factory or default_optimizer
             optimizer = factory(list(pm.trainable_parameters()))
             if not isinstance(optimizer, torch.optim.Optimizer):
                 raise ConfigError(f"optimizer_factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import FORMAT, load, load_optimizer, read_meta, save
 from .config import PBConfig, TrainConfig
-from .controller import PhaseController
+from .controller import PhaseController, default_optimizer
 from .errors import ModelFileError, TrainingError
 from .fileio import atomic_write
 from .modelfile import instantiate, load_model_file
@@ -123,7 +123,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     t0 = time.perf_counter()
     pm = perforate(model, inputs, include=include, exclude=exclude, activation=config.activation, mode=config.mode,
                    frontend=training.frontend)
-    ctl = PhaseController(pm, config, optimizer_factory=lambda params: torch.optim.Adam(params, lr=training.lr),
+    ctl = PhaseController(pm, config, optimizer_factory=lambda params: default_optimizer(params, lr=training.lr),
                           distributed=distributed)
     history = History()
     if resume_from is not None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, PBConfig, TrainConfig
-from .controller import Decision, PhaseController
+from .controller import Decision, PhaseController, default_optimizer
 from .errors import TrainingError
 from .perforated import PerforatedModel
 
@@ -122,7 +122,7 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = F.cro
 
     config: the PB settings (PBConfig); training: epochs and lr (TrainConfig; `epochs=` and
     `lr=` override its fields). Without `controller`, one is built from `config` with
-    `optimizer_factory(params)` (default Adam(training.lr)); with one, its config and optimizer
+    `optimizer_factory(params)` (default `default_optimizer(params, training.lr)`: Adam); with one, its config and optimizer
     are used (then pass neither config, optimizer_factory nor lr). `test_loader`, when given,
     is evaluated every epoch for reporting only. Each callback receives the epoch's history row.
 
@@ -152,7 +152,7 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = F.cro
     # slow or gone is reported as such.
     with distributed.guard() if distributed is not None else nullcontext():
         if controller is None:
-            factory = optimizer_factory or (lambda params: torch.optim.Adam(params, lr=training.lr))
+            factory = optimizer_factory or (lambda params: default_optimizer(params, lr=training.lr))
             controller = PhaseController(pm, config, optimizer_factory=factory, distributed=distributed)
         elif distributed is not None and controller.distributed is not distributed:
             controller.set_distributed(distributed)

@@ -196,3 +196,26 @@ def test_non_finite_score_is_reported():
     ctl = PhaseController(_pm())
     with pytest.raises(pbp_fx.TrainingError, match="not finite"):
         ctl.step(float("nan"))
+
+
+def test_the_default_optimizer_is_fused_adam_where_torch_has_the_kernel_and_trains_across_phases():
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1)
+    opt = ctl.optimizer
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["fused"] is True
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    phases = []
+    for score in (0.5, 0.5, 0.5):  # neuron, neuron (switch), dendrite: each trains one step
+        before = {id(p): p.detach().clone() for p in pm.trainable_parameters()}
+        loss = nn.functional.cross_entropy(pm(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()  # the fused kernel runs on each phase's parameters (the candidates' too)
+        assert any(not torch.equal(before[id(p)], p) for p in pm.trainable_parameters())
+        phases.append(pm.phase)
+        _run(ctl, [score])
+    assert phases == ["neuron", "neuron", "dendrite"] and ctl.optimizer is opt
+    # Devices without the fused kernel get torch's default Adam (fused is checked only at the first step).
+    meta = nn.Parameter(torch.empty(3, device="meta"))
+    assert pbp_fx.default_optimizer([meta]).defaults["fused"] is None
+    assert pbp_fx.default_optimizer([{"params": [nn.Parameter(torch.randn(2))]}], lr=0.1).defaults["lr"] == 0.1
