@@ -6,6 +6,7 @@
     python bench/latency.py --quick --out /tmp/latency.md    # smoke test
     python bench/latency.py --keep runs/before               # keep the ONNX files; later, with other code:
     python bench/latency.py --baseline runs/before           # + those fused files timed side by side
+    python bench/latency.py --clip-ceiling --models mobilenet_v2  # + the fused file with Clip(0, max) as Relu
 
 For each model (random weights; the reference models of models/*.py, and, when torchvision
 and timm import, ResNet-18, MobileNetV2, EfficientNet-B0 and a small ViT) and each K
@@ -22,6 +23,9 @@ in one interleaved run) and prints the medians, the FLOP ratio (perforated / pla
 convolution, counted by torch.utils.flop_counter on the finalized model), the quotient
 (fused / plain latency) / FLOP ratio and whether it meets the target quotient <= 1.1.
 `--profile` adds ONNX Runtime's per-op-type time (ms per run) for plain and fused.
+`--clip-ceiling` adds a diagnostic, not a deployable model: the fused file with every Clip(x, 0, max)
+(ReLU6) replaced by Relu, which ONNX Runtime's CPU NCHWc layout fuses into the Conv that takes a site's
+sum, while Clip it cannot: how fast the fused model would run if the runtime fused its Clips.
 """
 from __future__ import annotations
 
@@ -131,6 +135,33 @@ def flops(model: nn.Module, inputs: tuple) -> int:
     return counter.get_total_flops()
 
 
+def clip_as_relu(src: Path, dst: Path) -> bool:
+    """Write src with its local functions inlined and every Clip whose min is a constant 0 as Relu
+    (not the same model: no upper bound; see --clip-ceiling). False when there is no such Clip."""
+    import onnx
+    import onnx.inliner
+    from onnx import numpy_helper
+
+    model = onnx.inliner.inline_local_functions(onnx.load(str(src)))
+    graph = model.graph
+    def is_zero(t) -> bool:  # a one-element constant equal to 0
+        value = numpy_helper.to_array(t).reshape(-1) if list(t.dims) in ([], [1]) else None
+        return value is not None and value.size == 1 and float(value[0]) == 0.0
+
+    zero = {t.name for t in graph.initializer if is_zero(t)}
+    zero |= {n.output[0] for n in graph.node
+             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value" and is_zero(n.attribute[0].t)}
+    changed = 0
+    for node in graph.node:
+        if node.op_type == "Clip" and len(node.input) > 1 and node.input[1] in zero:
+            node.op_type = "Relu"
+            del node.input[1:]
+            changed += 1
+    if changed:
+        onnx.save(model, str(dst))
+    return changed > 0
+
+
 # -- timing and profiling ---------------------------------------------------------------------
 
 def interleaved(fns: dict[str, Callable[[], object]], min_time: float, reps: int) -> dict[str, float]:
@@ -188,10 +219,11 @@ def op_profile(path: Path, x: np.ndarray, runs: int) -> dict[str, float]:
 
 # -- main -----------------------------------------------------------------------------------
 
-def _baseline_cells(r: dict) -> str:
-    if "baseline" not in r:
+def _extra_cells(r: dict, key: str) -> str:
+    """ms and quotient of an extra timed file (baseline, clip_as_relu); dashes where there is none."""
+    if key not in r:
         return " - | - |"
-    return f" {r['baseline'] * 1e3:.3f} | {r['baseline'] / r['plain'] / r['flops']:.2f} |"
+    return f" {r[key] * 1e3:.3f} | {r[key] / r['plain'] / r['flops']:.2f} |"
 
 
 def main(argv=None) -> int:
@@ -208,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", type=Path, default=None, help="write the ONNX files here (default: a temporary folder)")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="also time the fused files an earlier --keep run wrote to this folder")
+    ap.add_argument("--clip-ceiling", action="store_true",
+                    help="also time the fused file with every Clip(x, 0, max) as Relu (a diagnostic, not exact)")
     args = ap.parse_args(argv)
     if args.quick:
         args.min_time, args.reps, args.image_size = 0.05, 3, 64
@@ -232,6 +266,8 @@ def main(argv=None) -> int:
                 fused = Path(export_onnx(pm, example, tmp / f"{name}_k{k}_fused.onnx"))
                 unfused = Path(export_onnx(pm, example, tmp / f"{name}_k{k}_unfused.onnx", fused=False))
                 flop_ratio = flops(pm.finalize(), example) / plain_flops
+                relu_path = tmp / f"{name}_k{k}_fused_clip_as_relu.onnx"
+                has_clip_ceiling = args.clip_ceiling and clip_as_relu(fused, relu_path)
                 for batch in args.batches:
                     x = torch.rand(batch, *example[0].shape[1:], generator=torch.Generator().manual_seed(batch))
                     x = x.to(example[0].dtype).numpy()
@@ -239,6 +275,8 @@ def main(argv=None) -> int:
                     base = None if args.baseline is None else args.baseline / fused.name
                     if base is not None and base.exists():
                         fns["baseline"] = ort_fn(base, x)
+                    if has_clip_ceiling:
+                        fns["clip_as_relu"] = ort_fn(relu_path, x)
                     t = interleaved(fns, args.min_time, args.reps)
                     rows.append(dict(model=name, k=k, batch=batch, sites=len(pm.sites), flops=flop_ratio, **t))
                     print(f"# {name} K={k} batch={batch}: " + ", ".join(f"{n} {v * 1e3:.3f} ms" for n, v in t.items()),
@@ -252,10 +290,14 @@ def main(argv=None) -> int:
              f"(target quotient <= {TARGET})", "",
              f"onnxruntime {__import__('onnxruntime').__version__}, torch {torch.__version__}, {os.cpu_count()} cores; "
              f"zoo images {args.image_size}x{args.image_size}; medians of {args.reps} interleaved blocks"
-             + (f"; baseline = the fused files in {args.baseline}" if args.baseline else "") + ".", "",
+             + (f"; baseline = the fused files in {args.baseline}" if args.baseline else "")
+             + ("; Clip as Relu = the fused file with every Clip(x, 0, max) as Relu (not exact: a diagnostic)"
+                if args.clip_ceiling else "") + ".", "",
              "| model | sites | K | batch | plain ms | fused ms | unfused ms | FLOP ratio | fused/plain "
-             "| unfused/plain | fused quotient | target |" + (" baseline ms | baseline quotient |" if args.baseline else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if args.baseline else "")]
+             "| unfused/plain | fused quotient | target |" + (" baseline ms | baseline quotient |" if args.baseline else "")
+             + (" Clip as Relu ms | its quotient |" if args.clip_ceiling else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if args.baseline else "")
+             + ("---:|---:|" if args.clip_ceiling else "")]
     met = 0
     for r in rows:
         fp, up = r["fused"] / r["plain"], r["unfused"] / r["plain"]
@@ -265,7 +307,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['model']} | {r['sites']} | {r['k']} | {r['batch']} | {r['plain'] * 1e3:.3f} "
                      f"| {r['fused'] * 1e3:.3f} | {r['unfused'] * 1e3:.3f} | {r['flops']:.2f} | {fp:.2f} | {up:.2f} "
                      f"| {q:.2f} | {'met' if ok else '**not met**'} |"
-                     + (_baseline_cells(r) if args.baseline else ""))
+                     + (_extra_cells(r, "baseline") if args.baseline else "")
+                     + (_extra_cells(r, "clip_as_relu") if args.clip_ceiling else ""))
     lines += ["", f"target met in {met} of {len(rows)} rows"]
     for p in profiles:
         ops = sorted(set(p["plain"]) | set(p["fused"]), key=lambda o: -p["fused"].get(o, 0.0))

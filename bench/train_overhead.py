@@ -1,6 +1,8 @@
 """Training-step overhead of PB, as ratios to the plain model's step, measured side by side.
 
-For each model: the plain model; the neuron phase with K = 1..3 dendrites per site; the
+For each model: the plain model; the frozen base (the plain model with every parameter frozen
+but one, so that backward still runs to the first layer: the base network's own share of a
+dendrite-phase step, whose floor it is); the neuron phase with K = 1..3 dendrites per site; the
 dendrite phase with a candidate pool (K = 0), split (each member on its own 1/P of the
 batch, the default) and full-batch (every member on every sample). One step = forward,
 loss, backward, Adam step on what that phase trains. Configurations are timed in
@@ -15,6 +17,13 @@ neuron-phase step <= 1.2x plain x (perforated FLOPs / plain FLOPs). The layer-ke
 if all other work were free.
 
     python bench/train_overhead.py [--models mnist1d_cnn resnet_small] [--threads 1] [--pool 4]
+    python bench/train_overhead.py --models resnet18 --batch 32 --rounds 3 --steps 1   # torchvision
+    python bench/train_overhead.py --optimizer fused   # Adam as pbp-fx's own trainer builds it
+
+Models: the reference models (their own data), or torchvision's resnet18 / mobilenet_v2 with
+random weights on random 64x64 images, 10 classes (needs torchvision: the zoo environment).
+--optimizer: "adam" (default; torch.optim.Adam with torch's defaults: a per-tensor loop on the
+CPU) or "fused" (pbp_fx.default_optimizer, what `pbp-fx train` uses), for every configuration.
 """
 from __future__ import annotations
 
@@ -36,18 +45,43 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 import pbp_fx
 
 MODELS = {"mnist1d_cnn": "pbp_fx.models.mnist1d_cnn", "mnist1d_mlp": "pbp_fx.models.mnist1d_mlp",
-          "resnet_small": "pbp_fx.models.resnet_small"}
+          "resnet_small": "pbp_fx.models.resnet_small", "resnet18": None, "mobilenet_v2": None}
+ZOO_IMAGE = 64
+
+
+class TorchvisionModel:
+    """A torchvision classifier with random weights, 10 classes (nothing downloaded)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def build_model(self):
+        import torchvision
+
+        return getattr(torchvision.models, self.name)(weights=None, num_classes=10)
+
+
+def load(name: str):
+    """The model's module (build_model) for a MODELS name."""
+    return TorchvisionModel(name) if MODELS[name] is None else importlib.import_module(MODELS[name])
 
 
 def first_batch(mod, batch: int):
+    if isinstance(mod, TorchvisionModel):
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(batch, 3, ZOO_IMAGE, ZOO_IMAGE, generator=g), torch.randint(0, 10, (batch,), generator=g)
     train, _, _ = mod.datasets(seed=0, num_samples=max(500, 2 * batch))
     x = torch.stack([train[i][0] for i in range(batch)])
     y = torch.stack([train[i][1] for i in range(batch)])
     return x, y
 
 
-def adam_stepper(model, params, x, y):
-    opt = torch.optim.Adam(params, lr=1e-3)
+OPTIMIZERS = {"adam": lambda params: torch.optim.Adam(params, lr=1e-3),
+              "fused": lambda params: pbp_fx.default_optimizer(params, lr=1e-3)}
+
+
+def adam_stepper(model, params, x, y, optimizer: str = "adam"):
+    opt = OPTIMIZERS[optimizer](params)
 
     def step():
         loss = F.cross_entropy(model(x), y)
@@ -84,12 +118,25 @@ def _flops(model, x, y) -> int:
     return fc.get_total_flops()
 
 
-def configs(mod, x, y, pool: int):
+def frozen_base(base):
+    """A copy of `base` with every parameter frozen but one (the first bias, else the first
+    parameter): its step is the base network's share of a dendrite-phase step."""
+    model = copy.deepcopy(base)
+    named = list(model.named_parameters())
+    keep = next((p for n, p in named if n.endswith("bias")), named[0][1])
+    for _, p in named:
+        p.requires_grad_(p is keep)
+    return model, [keep]
+
+
+def configs(mod, x, y, pool: int, optimizer: str = "adam"):
     """(name, model, step function) for every configuration of one model."""
     torch.manual_seed(0)
     base = mod.build_model()
     base.train()
-    out = [("plain", base, adam_stepper(base, list(base.parameters()), x, y))]
+    frozen, kept = frozen_base(base)
+    out = [("plain", base, adam_stepper(base, list(base.parameters()), x, y, optimizer)),
+           ("frozen base", frozen, adam_stepper(frozen, kept, x, y, optimizer))]
     for k in (1, 2, 3):
         pm = pbp_fx.perforate(copy.deepcopy(base), (x[:2],))
         for _ in range(k):
@@ -98,19 +145,19 @@ def configs(mod, x, y, pool: int):
             for s in pm.sites.values():
                 s.out_weight.normal_(0, 0.1)
         pm.train()
-        out.append((f"neuron K={k}", pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y)))
+        out.append((f"neuron K={k}", pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y, optimizer)))
     for split in (True, False):
         pm = pbp_fx.perforate(copy.deepcopy(base), (x[:2],))
         pm.train()
         pm.start_dendrite_phase(pool=pool, split=split)
         name = f"dendrite P={pool} " + ("split" if split else "full-batch")
-        out.append((name, pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y)))
+        out.append((name, pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y, optimizer)))
     return out
 
 
 def measure(cfgs, rounds: int, steps: int) -> dict[str, float]:
-    for _, _, step in cfgs:  # warm-up
-        for _ in range(5):
+    for _, _, step in cfgs:  # warm-up (the optimizer's state exists after the first step)
+        for _ in range(5 if steps >= 5 else 2):
             step()
     times: dict[str, list] = {name: [] for name, _, _ in cfgs}
     for _ in range(rounds):
@@ -155,12 +202,12 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def step_peaks(model: str, batch: int, pool: int) -> dict[str, float]:
+def step_peaks(model: str, batch: int, pool: int, optimizer: str) -> dict[str, float]:
     """In this process: MiB the resident set rises during one step of each configuration."""
-    mod = importlib.import_module(MODELS[model])
+    mod = load(model)
     x, y = first_batch(mod, batch)
     out = {}
-    for name, _, step in configs(mod, x, y, pool):
+    for name, _, step in configs(mod, x, y, pool, optimizer):
         step()
         step()  # optimizer state exists now
         peaks = []
@@ -175,11 +222,11 @@ def step_peaks(model: str, batch: int, pool: int) -> dict[str, float]:
     return out
 
 
-def memory(model: str, batch: int, pool: int, threads: int) -> dict[str, float]:
+def memory(model: str, batch: int, pool: int, threads: int, optimizer: str) -> dict[str, float]:
     """step_peaks in a child whose malloc returns blocks of >= 64 KiB to the OS at free."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-of", model, "--batch", str(batch),
-           "--pool", str(pool), "--threads", str(threads)]
+           "--pool", str(pool), "--threads", str(threads), "--optimizer", optimizer]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -192,22 +239,23 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam")
     ap.add_argument("--memory-of", choices=list(MODELS), help=argparse.SUPPRESS)  # child of memory()
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.memory_of:
-        print(json.dumps(step_peaks(a.memory_of, a.batch, a.pool)))
+        print(json.dumps(step_peaks(a.memory_of, a.batch, a.pool, a.optimizer)))
         return 0
-    print(f"torch {torch.__version__}, {a.threads} thread(s), batch {a.batch}, median of {a.rounds} "
-          f"interleaved rounds of {a.steps} steps")
+    print(f"torch {torch.__version__}, {a.threads} thread(s), batch {a.batch}, optimizer {a.optimizer}, median of "
+          f"{a.rounds} interleaved rounds of {a.steps} steps")
     for name in a.models:
-        mod = importlib.import_module(MODELS[name])
+        mod = load(name)
         x, y = first_batch(mod, a.batch)
-        cfgs = configs(mod, x, y, a.pool)
+        cfgs = configs(mod, x, y, a.pool, a.optimizer)
         t = measure(cfgs, a.rounds, a.steps)
         kern = kernel_times(cfgs, a.steps, max(3, a.rounds // 3))
         flops = {n: _flops(m, x, y) for n, m, _ in cfgs}
-        mem = memory(name, a.batch, a.pool, a.threads)
+        mem = memory(name, a.batch, a.pool, a.threads, a.optimizer)
         p_ms, p_fl = t["plain"], flops["plain"]
         print(f"\n{name}")
         print("| config | ms/step | step ratio | FLOP ratio | layer-kernel ratio | target | ok | step peak MiB |")
