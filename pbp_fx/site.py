@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .covariance_tap import STAT_NAMES, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
-                     split_members, stacked_apply)
+                     split_members)
 
 __all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "ACTIVATIONS", "MODES"]
 
