@@ -30,7 +30,8 @@ _EXPORTS = {
 
 __all__ = [
     "trace", "perforate", "PerforatedModel", "Site", "FusedSite", "explain_sites",
-    "PBConfig", "TrainConfig", "PhaseSchedule", "PhaseController", "Decision", "rebind_optimizer", "default_optimizer", "fit", "evaluate",
+    "PBConfig", "TrainConfig", "PhaseSchedule", "PhaseController", "Decision", "rebind_optimizer", "default_optimizer",
+    "fit", "evaluate",
     "History", "save", "load", "export_onnx", "ort_session", "compare",
     "PBError", "ConfigError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
     "__version__",

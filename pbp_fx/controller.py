@@ -52,6 +52,11 @@ class Decision(str, enum.Enum):
     COMPLETE = "complete"          # done; the best-validation model is loaded
 
 
+# Where torch.optim.Adam(fused=True) runs (it checks only at the first step, so decide up front).
+_FUSED_ADAM_DEVICES = ("cpu", "cuda")
+_FUSED_ADAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
     """Adam(lr), fused (one kernel for all tensors per step) when every parameter is a float tensor
     on the CPU or a CUDA device (where torch has the fused kernel), else torch's default Adam.
@@ -63,11 +68,6 @@ def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
     params = list(params)
     fused = all(p.device.type in _FUSED_ADAM_DEVICES and p.dtype in _FUSED_ADAM_DTYPES for p in _tensors(params))
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
-
-
-# Where torch.optim.Adam(fused=True) runs (it checks only at the first step, so decide up front).
-_FUSED_ADAM_DEVICES = ("cpu", "cuda")
-_FUSED_ADAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _tensors(params) -> list:
