@@ -216,6 +216,12 @@ def test_the_default_optimizer_is_fused_adam_where_torch_has_the_kernel_and_trai
         _run(ctl, [score])
     assert phases == ["neuron", "neuron", "dendrite"] and ctl.optimizer is opt
     # Devices without the fused kernel get torch's default Adam (fused is checked only at the first step).
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):  # every dtype in the fused table steps
+        p = nn.Parameter(torch.ones(4, dtype=dtype))
+        opt = pbp_fx.default_optimizer([p], lr=0.5)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert opt.defaults["fused"] is True and bool((p < 1).all())
     meta = nn.Parameter(torch.empty(3, device="meta"))
     assert pbp_fx.default_optimizer([meta]).defaults["fused"] is None
     assert pbp_fx.default_optimizer([{"params": [nn.Parameter(torch.randn(2))]}], lr=0.1).defaults["lr"] == 0.1
