@@ -144,9 +144,9 @@ def clip_as_relu(src: Path, dst: Path) -> bool:
 
     model = onnx.inliner.inline_local_functions(onnx.load(str(src)))
     graph = model.graph
+
     def is_zero(t) -> bool:  # a one-element constant equal to 0
-        value = numpy_helper.to_array(t).reshape(-1) if list(t.dims) in ([], [1]) else None
-        return value is not None and value.size == 1 and float(value[0]) == 0.0
+        return list(t.dims) in ([], [1]) and float(numpy_helper.to_array(t).reshape(-1)[0]) == 0.0
 
     zero = {t.name for t in graph.initializer if is_zero(t)}
     zero |= {n.output[0] for n in graph.node
