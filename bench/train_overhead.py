@@ -129,8 +129,9 @@ def frozen_base(base):
     return model, [keep]
 
 
-def configs(mod, x, y, pool: int, optimizer: str = "adam"):
-    """(name, model, step function) for every configuration of one model."""
+def configs(mod, x, y, pool: int, optimizer: str = "adam", strides: tuple = (2,)):
+    """(name, model, step function) for every configuration of one model; `strides`: the split
+    pool's candidate position strides besides 1 (PBConfig.candidate_stride)."""
     torch.manual_seed(0)
     base = mod.build_model()
     base.train()
@@ -146,11 +147,11 @@ def configs(mod, x, y, pool: int, optimizer: str = "adam"):
                 s.out_weight.normal_(0, 0.1)
         pm.train()
         out.append((f"neuron K={k}", pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y, optimizer)))
-    for split in (True, False):
+    for split, stride in [(True, 1)] + [(True, n) for n in strides] + [(False, 1)]:
         pm = pbp_fx.perforate(copy.deepcopy(base), (x[:2],))
         pm.train()
-        pm.start_dendrite_phase(pool=pool, split=split)
-        name = f"dendrite P={pool} " + ("split" if split else "full-batch")
+        pm.start_dendrite_phase(pool=pool, split=split, stride=stride)
+        name = f"dendrite P={pool} " + ("split" if split else "full-batch") + (f" stride {stride}" if stride > 1 else "")
         out.append((name, pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y, optimizer)))
     return out
 
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
             ratio, fr = t[n] / p_ms, flops[n] / p_fl
             if n.startswith("neuron"):
                 target = 1.2 * fr
-            elif n.endswith("split"):
+            elif " split" in n:
                 target = 1.5
             else:
                 target = None

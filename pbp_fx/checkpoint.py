@@ -66,12 +66,18 @@ def _jsonable(spec) -> Optional[dict]:
 def _structure(pm: PerforatedModel) -> dict:
     return {
         "mode": pm.mode, "activation": pm.activation, "phase": pm.phase,
-        "sites": [{"name": n, "kind": s.kind, "channels": s.channels, "weight_shape": list(s.layer.weight_shape),
-                   "norm": s.norm is not None, "layer": _jsonable(s.layer), "norm_spec": _jsonable(s.norm),
-                   "dendrites": s.num_dendrites,
-                   "pool": None if s.candidates is None else s.candidates.pool_size}
-                  for n, s in pm.sites.items()],
+        "sites": [_site_record(n, s) for n, s in pm.sites.items()],
     }
+
+
+def _site_record(name: str, s) -> dict:
+    record = {"name": name, "kind": s.kind, "channels": s.channels, "weight_shape": list(s.layer.weight_shape),
+              "norm": s.norm is not None, "layer": _jsonable(s.layer), "norm_spec": _jsonable(s.norm),
+              "dendrites": s.num_dendrites, "pool": None if s.candidates is None else s.candidates.pool_size}
+    # Only when not 1, so that files without strided pools keep the records they always had.
+    if s.candidates is not None and s.candidates.stride != 1:
+        record["pool_stride"] = s.candidates.stride
+    return record
 
 
 def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -278,6 +284,8 @@ def restore_structure(pm: PerforatedModel, state: dict, structure: dict, config:
         pools = {r["pool"] for r in structure["sites"] if r["pool"]}
         settings = PBConfig.from_dict(config).dendrite_phase_kwargs() if config else {}
         settings["pool"] = max(pools) if pools else 1
+        # The stride the pools asked for (a site without a strided form records none: 1).
+        settings["stride"] = max((r.get("pool_stride", 1) for r in structure["sites"] if r["pool"]), default=1)
         pm.start_dendrite_phase(**settings)
 
 

@@ -139,6 +139,8 @@ class PBConfig(_Settings):
     pool: int = setting(4, "candidate dendrites per site", low=1)
     pool_split: bool = setting(True, "each candidate trains on its own 1/pool of every batch (pool costs one "
                                "layer's work); false: every candidate sees the whole batch")
+    candidate_stride: int = setting(1, "candidates see every n-th position of each spatial or token dim of a "
+                                    "site (a d-D conv pool costs ~1/n^d); 1: every position", low=1)
     candidate_init: str = setting("kaiming", "initialisation of the candidates",
                                   choices=("kaiming", "default", "normal"))
     candidate_lr: float = setting(0.02, "learning rate in the dendrite phase", low=0, open_low=True)
@@ -156,7 +158,7 @@ class PBConfig(_Settings):
         """The keyword arguments of PerforatedModel.start_dendrite_phase for these settings."""
         return {"pool": self.pool, "init": self.candidate_init, "ema": self.ema_decay, "warmup": self.warmup,
                 "threshold": self.snapshot_threshold, "bias_correction": self.bias_correction,
-                "split": self.pool_split}
+                "split": self.pool_split, "stride": self.candidate_stride}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .layers import copy_dim, per_position, split_members
+from .layers import copy_dim, every_nth_position, per_position, split_members
 
 __all__ = ["STAT_NAMES", "StatsSettings", "batch_covariance", "fold_batch", "candidate_gradient",
            "covariance_tap", "EagerTap"]
@@ -167,25 +167,35 @@ def _snapshot(best: Tensor, score: Tensor, improved: Tensor, snapshots: list[Ten
 
 
 def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor],
-                       rows: list[Tensor], new: Union[bool, Tensor], axis: int, split: bool, scale: float,
-                       settings: StatsSettings, reducer: Optional[Callable] = None) -> Tensor:
+                       rows: list[Tensor], new: Union[bool, Tensor], axis: int, split: bool, stride: int,
+                       scale: float, settings: StatsSettings, reducer: Optional[Callable] = None) -> Tensor:
     """The candidates' gradient for one backward; `new` False: the batch was counted already.
 
     split: c holds each member's own slice of the batch, and delta is dealt the same way.
+    stride: c holds every stride-th position (CandidatePool), and so does delta; C is then
+    scaled by the positions left out (whole-batch units), and so is dC/dc.
     scale: GradScaler's loss scale (1 without), divided out of delta before the statistics
     and kept in the gradient. A second backward through the same graph (retain_graph) does
     not count the batch again.
     """
     p = c.shape[copy_dim(axis)]
     with torch.no_grad():  # (instead of a detach per tensor: one dispatch each, per site and step)
+        left_out = 1.0  # positions per position seen
+        if stride != 1:
+            seen = every_nth_position(grad_y, stride, axis)
+            left_out = grad_y.numel() / seen.numel()
+            grad_y = seen
         d = split_members(grad_y, p, axis) if split else grad_y.unsqueeze(copy_dim(axis))
         if c.is_contiguous() and not d.is_contiguous():
             # e (and so the gradient into the candidates' sigmoid, norm and conv backward) takes d's
             # strides: a layout other than c's sends those kernels down slow paths.
             d = d.contiguous()
         cov, e = batch_covariance(c, d if scale == 1.0 else d / scale, axis, stats[0].shape[1], reducer)
+        if left_out != 1.0:
+            cov.mul_(left_out)
         sign = fold_batch(stats, snapshots, rows, cov, settings, new=new)
-        k = sign.mul_(-(scale * (p if split else 1)))  # dC/dc = share * e; GradScaler's scale kept
+        # dC/dc = share * left_out * e; GradScaler's scale kept
+        k = sign.mul_(-(scale * (p if split else 1) * left_out))
         g = e * per_position(k, e, axis)
     return g if g.dtype == c.dtype else g.to(c.dtype)
 
@@ -194,31 +204,31 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
 
 @torch.library.custom_op("pbp_fx::candidate_update", mutates_args=("stats", "snapshots", "counted"))
 def _candidate_update(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor],
-                      rows: list[Tensor], counted: Tensor, axis: int, split: bool, scale: float,
+                      rows: list[Tensor], counted: Tensor, axis: int, split: bool, stride: int, scale: float,
                       decay: float, warmup: int, threshold: float, bias_correction: bool) -> Tensor:
     # Contiguous, as the fake says: compiled code is planned with the fake's strides.
-    grad_c = candidate_gradient(grad_y, c, stats, snapshots, rows, ~counted, axis, split, scale,
+    grad_c = candidate_gradient(grad_y, c, stats, snapshots, rows, ~counted, axis, split, stride, scale,
                                 (decay, warmup, threshold, bias_correction))
     counted.fill_(True)
     return grad_c.contiguous()
 
 
 @_candidate_update.register_fake
-def _(grad_y, c, stats, snapshots, rows, counted, axis, split, scale, decay, warmup, threshold,
+def _(grad_y, c, stats, snapshots, rows, counted, axis, split, stride, scale, decay, warmup, threshold,
       bias_correction):
     return c.new_empty(c.shape)
 
 
 @torch.library.custom_op("pbp_fx::covariance_tap", mutates_args=())
 def _covariance_tap(y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
-                    axis: int, split: bool, scale: float, decay: float, warmup: int, threshold: float,
-                    bias_correction: bool) -> Tensor:
+                    axis: int, split: bool, stride: int, scale: float, decay: float, warmup: int,
+                    threshold: float, bias_correction: bool) -> Tensor:
     # A copy, not a view: user graphs may modify the site output in place (ReLU(inplace)).
     return y.clone()
 
 
 @_covariance_tap.register_fake
-def _(y, c, stats, snapshots, rows, axis, split, scale, decay, warmup, threshold, bias_correction):
+def _(y, c, stats, snapshots, rows, axis, split, stride, scale, decay, warmup, threshold, bias_correction):
     return torch.empty_like(y)  # the strides clone() gives
 
 
@@ -242,10 +252,10 @@ _covariance_tap.register_autograd(_backward, setup_context=_setup)
 
 
 def covariance_tap(y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
-                   axis: int, split: bool, scale: float, settings: StatsSettings) -> Tensor:
+                   axis: int, split: bool, stride: int, scale: float, settings: StatsSettings) -> Tensor:
     """y, unchanged (a copy); its backward trains c's candidates and updates the statistics."""
     decay, warmup, threshold, bias_correction = settings
-    return _covariance_tap(y, c, stats, snapshots, rows, axis, split, scale, float(decay), int(warmup),
+    return _covariance_tap(y, c, stats, snapshots, rows, axis, split, int(stride), scale, float(decay), int(warmup),
                            float(threshold), bool(bias_correction))
 
 
@@ -255,18 +265,18 @@ class EagerTap(torch.autograd.Function):
     """covariance_tap for eager runs; with a reducer, the statistics are summed over the ranks."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, c: Tensor, stats, snapshots, rows, axis, split, scale, settings, reducer):
+    def forward(ctx, y: Tensor, c: Tensor, stats, snapshots, rows, axis, split, stride, scale, settings, reducer):
         ctx.save_for_backward(c)
         ctx.stats, ctx.snapshots, ctx.rows = stats, snapshots, rows
-        ctx.options = (axis, split, scale, settings, reducer)
+        ctx.options = (axis, split, stride, scale, settings, reducer)
         ctx.counted = False  # eager: a Python flag, not a device tensor (no op per site and step)
         return y.clone()
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         (c,) = ctx.saved_tensors
-        axis, split, scale, settings, reducer = ctx.options
+        axis, split, stride, scale, settings, reducer = ctx.options
         grad_c = candidate_gradient(grad_y, c, ctx.stats, ctx.snapshots, ctx.rows, not ctx.counted, axis, split,
-                                    scale, settings, reducer)
+                                    stride, scale, settings, reducer)
         ctx.counted = True
-        return grad_y, grad_c, None, None, None, None, None, None, None, None
+        return grad_y, grad_c, None, None, None, None, None, None, None, None, None

@@ -8,6 +8,7 @@ Every stacked tensor is stored as [M, C, ...]: copy first, channel second, so th
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply", "split_apply", "split_members",
-           "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls", "apply_dendrites"]
+           "every_nth_position", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls", "apply_dendrites"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -58,6 +59,22 @@ class LayerSpec:
             x = F.pad(x, self._reversed_padding(), mode=self.padding_mode)
             return conv(x, weight, bias, self.stride, 0, self.dilation, groups)
         return conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def every_nth(self, n: int) -> Optional["LayerSpec"]:
+        """A layer whose output is this one's at every n-th position of each spatial dim
+        (`every_nth_position` of it) and costs about 1/n^d of it; None when no such conv exists
+        (asymmetric "same" padding). A Linear reads its positions from its input: itself."""
+        if n == 1 or self.kind == "linear":
+            return self
+        stride = tuple(n * t for t in self.stride)
+        if self.padding_mode != "zeros":  # (apply pads explicitly with the mode: the stride is all that changes)
+            return dataclasses.replace(self, stride=stride)
+        pad = self._reversed_padding()
+        left, right = pad[0::2], pad[1::2]
+        if left != right:  # an even kernel's "same": torch's strided convs pad both sides alike
+            return None
+        # Output position o of a conv with stride n * t is position n * o of the stride-t conv.
+        return dataclasses.replace(self, stride=stride, padding=tuple(reversed(left)))
 
     def _reversed_padding(self) -> list:
         """F.pad's [last dim left, right, ...] list, as nn.ConvNd computes it (also for "same"/"valid")."""
@@ -145,6 +162,17 @@ def stacked_apply(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Te
         return torch.stack([layer.apply(x, weight[k], None if bias is None else bias[k]) for k in range(m)], 1)
     z = layer.apply(x, weight.reshape(m * c, *weight.shape[2:]), None if bias is None else bias.reshape(m * c))
     return z.unflatten(1, (m, c)) if layer.axis == 1 else z.unflatten(-1, (m, c))
+
+
+def every_nth_position(t: Tensor, n: int, axis: int) -> Tensor:
+    """Every n-th position of each spatial or token dim (a view): [B, C, *S] (axis 1) or
+    [B, *mid, C] (axis -1); the batch and the neuron axis stay whole."""
+    if n == 1:
+        return t
+    step = slice(None, None, n)
+    if axis == 1:
+        return t[(slice(None), slice(None)) + (step,) * (t.dim() - 2)]
+    return t[(slice(None),) + (step,) * (t.dim() - 2)]
 
 
 def split_members(t: Tensor, m: int, axis: int) -> Tensor:

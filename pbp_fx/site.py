@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .covariance_tap import STAT_NAMES, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
-                     split_members)
+                     every_nth_position, split_members)
 
 __all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "ACTIVATIONS", "MODES"]
 
@@ -53,6 +53,13 @@ class CandidatePool(nn.Module):
     is P x the slice's covariance: an estimate of the whole batch's, in the same units.
     split=False: every member sees the whole batch (P x the work).
 
+    stride=n > 1: the candidates see every n-th position of each spatial (or token) dim of the
+    site, so a d-D conv pool costs about 1/n^d of its work: a conv runs with n x its stride, a
+    token Linear reads every n-th token. Neighbouring positions' errors are strongly correlated,
+    so the covariance loses less than its sample count suggests; C is scaled by the positions
+    left out, in whole-batch units like split's. A site where no such conv exists (an even
+    kernel's "same" padding) and a Linear without token dims see every position.
+
     `reducer` (None: one process) sums a batch's statistics over the ranks of a distributed
     run, so that C is the global batch's on every rank; `pbp_fx.distributed` installs it.
     """
@@ -60,18 +67,23 @@ class CandidatePool(nn.Module):
     def __init__(self, layer: LayerSpec, norm: Optional[NormSpec], pool: int, installed: int,
                  activation: str, init: str = "kaiming", init_scale: float = 1.0,
                  ema: float = 0.99, warmup: Optional[int] = None, threshold: float = 0.01,
-                 bias_correction: bool = True, split: bool = True, device=None, dtype=None):
+                 bias_correction: bool = True, split: bool = True, stride: int = 1, device=None, dtype=None):
         super().__init__()
         if not 0.0 < ema < 1.0:
             raise ValueError(f"ema={ema}: the EMA decay must be in (0, 1)")
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride={stride!r}: the candidates' position stride must be a whole number >= 1")
         self.layer, self.activation = layer, activation
         self.ema_decay, self.threshold, self.bias_correction = ema, threshold, bias_correction
         # Best |C~| and snapshots wait until the EMA averages ~1/(1-decay) batches (issue 13).
         self.warmup = round(1.0 / (1.0 - ema)) if warmup is None else warmup
         self.split = split
+        strided = layer.every_nth(stride)
+        # The stride the candidates' positions actually have (1 where the layer has no strided form).
+        self.stride = stride if strided is not None else 1
         c = layer.channels
         fk = {"device": device, "dtype": dtype}
-        self.copies = LayerCopies(layer, norm, pool, **fk)
+        self.copies = LayerCopies(strided or layer, norm, pool, **fk)
         self.copies.reset_parameters(init, init_scale)
         # Cascade weights from installed dendrites, stored [P, C, K] so rows lead with (p, c).
         # Empty (no installed dendrite) it has nothing to train: frameworks that build optimizers from
@@ -112,11 +124,15 @@ class CandidatePool(nn.Module):
         return self.split and batch >= 2 * self.pool_size
 
     def forward(self, x: Tensor, acts: list[Tensor]) -> Tensor:
-        """Candidate activations c: [B', P, C, *S] or [B', *mid, P, C]; B' = B // P when split."""
+        """Candidate activations c: [B', P, C, *S] or [B', *mid, P, C]; B' = B // P when split, S and
+        mid every `stride`-th position."""
         split = self.splits(x.shape[0])
+        p, axis, n = self.pool_size, self.layer.axis, self.stride
+        if axis == -1:  # a Linear's positions are its input's (a conv's: its strided form's outputs)
+            x = every_nth_position(x, n, axis)
         pre = self.copies(x, split=split)
-        p, axis = self.pool_size, self.layer.axis
         for j, s in enumerate(acts):
+            s = every_nth_position(s, n, axis)
             u = self.cascade[:, :, j]  # [P, C]
             if axis == 1:  # [P, C, 1..] against [B', P|1, C, *S]
                 u = u.reshape(*u.shape, *([1] * (s.dim() - 2)))
@@ -149,8 +165,8 @@ class CandidatePool(nn.Module):
         one graph; an autograd.Function in eager runs, which also all-reduces with a reducer)."""
         rows = self._rows()
         snapshots = [getattr(self, "snapshot_" + name) for name in rows]
-        args = (y, c, self._stats(), snapshots, list(rows.values()), self.layer.axis, split, self.loss_scale(),
-                self._settings())
+        args = (y, c, self._stats(), snapshots, list(rows.values()), self.layer.axis, split, self.stride,
+                self.loss_scale(), self._settings())
         if self.reducer is None and torch.compiler.is_compiling():
             return covariance_tap(*args)
         return EagerTap.apply(*args, self.reducer)

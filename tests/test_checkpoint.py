@@ -304,3 +304,32 @@ def test_controller_config_and_model_reference_are_recorded(tmp_path):
     assert meta["model"] == "pbp_fx.models.digits_mlp"
     sites = meta["structure"]["sites"]
     assert sites[0]["layer"]["kind"] == "linear" and sites[0]["norm_spec"]["eps"] == 1e-5
+
+
+def test_a_strided_pool_comes_back_strided_and_trains_alike(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8, 3))
+
+    x = torch.randn(32, 2, 8)
+    pm = pbp_fx.perforate(build(), (x,))
+    pm.start_dendrite_phase(pool=2, stride=2)
+    opt = torch.optim.Adam(list(pm.trainable_parameters()), 1e-2)
+    for _ in range(3):
+        F.cross_entropy(pm(x), Y).backward()
+        opt.step()
+        opt.zero_grad()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    assert [r.get("pool_stride") for r in read_structure(path)["sites"]] == [2, 2]
+    pm2 = pbp_fx.load(path, build, (x,))
+    assert [s.candidates.stride for s in pm2.sites.values()] == [2, 2]
+    for m in (pm, pm2):  # one more step each: the same statistics
+        F.cross_entropy(m(x), Y).backward()
+    for s, s2 in zip(pm.sites.values(), pm2.sites.values()):
+        torch.testing.assert_close(s.candidates.ema, s2.candidates.ema)
+    # A pool of stride 1 records no stride: files keep the structure records they always had.
+    pm3 = pbp_fx.perforate(build(), (x,))
+    pm3.start_dendrite_phase(pool=2)
+    pbp_fx.save(pm3, path)
+    assert all("pool_stride" not in r for r in read_structure(path)["sites"])

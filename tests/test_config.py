@@ -22,6 +22,7 @@ from pbp_fx.config import ConfigError, PBConfig, TrainConfig
     (PBConfig, "improvement", -0.1, "at least 0"),
     (PBConfig, "retries", -1, "at least 0"),
     (PBConfig, "neuron_epochs", 0, "at least 1"),
+    (PBConfig, "candidate_stride", 0, "candidate_stride=0: must be at least 1"),
     (PBConfig, "mode", "sgd", "one of 'pb', 'gd'"),
     (PBConfig, "maximize", "yes", "true or false"),
     (TrainConfig, "epochs", 0, "epochs=0"),
@@ -56,3 +57,9 @@ def test_replace_validates_and_refuses_unknown_names():
 def test_frozen():
     with pytest.raises(Exception):
         PBConfig().pool = 3
+
+
+def test_dendrite_phase_kwargs_carry_every_candidate_setting():
+    cfg = PBConfig(pool=3, pool_split=False, candidate_stride=2, candidate_init="normal")
+    assert cfg.dendrite_phase_kwargs() == {"pool": 3, "init": "normal", "ema": 0.99, "warmup": None,
+                                           "threshold": 0.01, "bias_correction": True, "split": False, "stride": 2}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pbp_fx.covariance_tap import batch_covariance, candidate_gradient, fold_batch
-from pbp_fx.layers import copy_dim, split_members
+from pbp_fx.layers import copy_dim, every_nth_position, split_members
 
 
 def _state(p=3, c=4, rows=((3, 4, 2, 5), (3, 4))):
@@ -69,7 +69,7 @@ def test_covariance_and_gradient_equal_the_centred_formula(shape, axis, split):
     grad_y = d if split else d.squeeze(cd)
     if split:  # candidate_gradient deals grad_y [B, ...] to the members itself
         grad_y = d.movedim(cd, 0).flatten(0, 1)
-    got = candidate_gradient(grad_y, c, stats, snapshots, rows, True, axis, split, 1.0, (0.99, 100, 0.01, True))
+    got = candidate_gradient(grad_y, c, stats, snapshots, rows, True, axis, split, 1, 1.0, (0.99, 100, 0.01, True))
     sign = torch.sign(stats[0])
     cc = c.clone().requires_grad_()
     dd = d.movedim(cd, 0).flatten(0, 1) if split else d
@@ -78,3 +78,24 @@ def test_covariance_and_gradient_equal_the_centred_formula(shape, axis, split):
     objective = -(sign * share * ((cc - cc.mean(pos, keepdim=True)) * (dd - dd.mean(pos, keepdim=True))).sum(pos)).sum()
     objective.backward()
     torch.testing.assert_close(got, cc.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, axis, left_out", [
+    ((8, 5, 9), 1, 9 / 5),          # conv1d: 5 of 9 positions seen
+    ((8, 5, 6, 7), 1, 42 / 12),     # conv2d: 3 x 4 of 6 x 7
+    ((4, 5, 3), -1, 5 / 3),         # linear over 5 tokens: 3 seen
+    ((8, 5), -1, 1.0),              # linear without positions: nothing left out
+])
+def test_a_strided_gradient_is_the_subsampled_one_in_whole_batch_units(shape, axis, left_out):
+    """stride 2: delta is read at every 2nd position, and C and dC/dc count the positions left out."""
+    g = torch.Generator().manual_seed(0)
+    grad_y = torch.randn(*shape, generator=g) + 0.3
+    seen = every_nth_position(grad_y, 2, axis)
+    p, ch = 2, shape[1] if axis == 1 else shape[-1]
+    c = torch.rand(*split_members(seen, p, axis).shape, generator=g)
+    settings = (0.99, 0, 0.01, True)
+    strided, plain = _state(p, ch, rows=((p, ch),)), _state(p, ch, rows=((p, ch),))
+    got = candidate_gradient(grad_y, c, *strided, True, axis, True, 2, 1.0, settings)
+    want = candidate_gradient(seen.contiguous(), c, *plain, True, axis, True, 1, 1.0, settings)
+    torch.testing.assert_close(strided[0][0], plain[0][0] * left_out)  # ema
+    torch.testing.assert_close(got, want * left_out)

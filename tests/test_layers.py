@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pbp_fx.layers import (LayerCopies, LayerSpec, NormSpec, cat_rows, channel_view, copy_dim, fold_norm, split_apply,
-                           split_members, stacked_apply)
+from pbp_fx.layers import (LayerCopies, LayerSpec, NormSpec, cat_rows, channel_view, copy_dim, every_nth_position,
+                           fold_norm, split_apply, split_members, stacked_apply)
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -106,6 +106,34 @@ def test_split_apply_runs_each_copy_on_its_own_slice(name, copies, pb):
     dealt = split_members(y, copies, spec.axis)
     for m in range(copies):
         assert pb.max_diff(dealt.select(copy_dim(spec.axis), m), y[m * 2:(m + 1) * 2]) == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_every_nth_layer_gives_every_nth_output_position(name, n, pb):
+    make, shape = LAYERS[name]
+    m = make()
+    spec = LayerSpec.from_module(m)
+    strided = spec.every_nth(n)
+    if spec.kind == "linear":
+        assert strided is spec  # a Linear's positions are its input's
+        return
+    if strided is None:  # zeros "same" padding of an even kernel pads its two sides unequally
+        assert spec.padding == "same" and spec.padding_mode == "zeros"
+        return
+    x = torch.randn(shape)
+    got = strided.apply(x, m.weight, m.bias)
+    want = every_nth_position(m(x), n, spec.axis)
+    assert got.shape == want.shape
+    assert pb.max_diff(got, want) < 1e-5
+
+
+def test_every_nth_position_keeps_batch_and_channels_whole():
+    t = torch.arange(2 * 3 * 5 * 4).reshape(2, 3, 5, 4)
+    assert torch.equal(every_nth_position(t, 2, 1), t[:, :, ::2, ::2])
+    assert torch.equal(every_nth_position(t, 2, -1), t[:, ::2, ::2, :])  # [B, *tokens, C]
+    assert every_nth_position(t, 1, 1) is t
 
 
 def test_stacked_apply_keeps_each_group_with_its_copy():

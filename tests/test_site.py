@@ -415,3 +415,57 @@ def test_parts_made_in_eval_mode_follow_the_site_mode():
     pm(torch.randn(8, 3)).sum().backward()
     assert all(s.candidates.training for s in pm.sites.values())
     assert all(m.training for s in pm.sites.values() for m in s.candidates.modules())
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (8, 3, 9, 9)),
+    (lambda: nn.Conv1d(3, 4, 5, padding=2, padding_mode="reflect"), (8, 3, 11)),
+    (lambda: nn.Linear(5, 4), (8, 7, 5)),  # over 7 tokens
+], ids=["conv2d", "conv1d_reflect", "linear_tokens"])
+def test_a_strided_pool_is_the_full_pool_at_every_nth_position(make, shape):
+    """stride 2: the same candidates and cascade, computed at every 2nd position only."""
+    layer = LayerSpec.from_module(make())
+    site = Site("s", layer)
+    site.grow()  # one installed dendrite: its activations feed the cascade
+    x = torch.randn(shape)
+    acts = [torch.rand(site.dendrites(x).select(1 if layer.axis == 1 else -2, 0).shape)]
+    full = site.start_candidates(pool=2, init="kaiming")
+    with torch.no_grad():
+        full.cascade.normal_()
+    strided = site.start_candidates(pool=2, stride=2)
+    strided.load_state_dict(full.state_dict())
+    assert strided.stride == 2
+    c = full(x, acts)  # [B', P, C, *S] or [B', *tokens, P, C]
+    every_2nd = slice(None, None, 2)
+    if layer.axis == 1:
+        want = c[(slice(None),) * 3 + (every_2nd,) * (c.dim() - 3)]
+    else:
+        want = c[(slice(None),) + (every_2nd,) * (c.dim() - 3)]
+    got = strided(x, acts)
+    assert got.shape == want.shape and got.shape != c.shape
+    torch.testing.assert_close(got, want)
+
+
+def test_a_strided_conv_bn_pool_trains_and_installs_at_full_resolution():
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 6 * 6, 3))
+    x, y = torch.randn(16, 2, 6, 6), torch.randint(0, 3, (16,))
+    pm = pbp_fx.perforate(net, (x,))
+    before = pm.eval()(x)
+    pm.train().start_dendrite_phase(pool=2, stride=2)
+    pool = pm.sites["0"].candidates
+    start = pool.copies.weight.detach().clone()
+    opt = torch.optim.Adam(list(pm.trainable_parameters()), 1e-2)
+    for _ in range(4):
+        loss = F.cross_entropy(pm(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert pool.stride == 2 and int(pool.steps) == 4 and bool(pool.ema.abs().sum() > 0)
+    assert not torch.equal(pool.copies.weight, start)  # the candidates trained
+    pm.install_candidates()
+    pm.eval()
+    site = pm.sites["0"]
+    assert site.num_dendrites == 1
+    assert site.dendrites(x).shape == (16, 1, 4, 6, 6)  # the installed dendrite sees every position
+    assert torch.equal(pm(x), before)  # V starts at 0; the base's norm statistics are restored
