@@ -58,6 +58,7 @@ from pbp_fx.fileio import atomic_write
 from pbp_fx.layers import dendrite_calls
 from pbp_fx.site import FusedSite, Site
 
+from . import clip_after_site
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
 
 __all__ = ["export_onnx", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS"]
@@ -483,7 +484,7 @@ def _write_atomic(data: bytes, path: str) -> None:
 # -- public entry point ----------------------------------------------------------------------
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], fused: bool = True,
-                dynamic_batch: bool = True, opset: int = 18) -> str:
+                dynamic_batch: bool = True, opset: int = 18, fold_clip: bool = True) -> str:
     """Export `model` to the ONNX file `path` and return the path (as given).
 
     model: a PerforatedModel (finalized first; the model itself is not modified), a
@@ -494,6 +495,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         fused=False the file holds standard ops only.
     dynamic_batch: dim 0 of every input (and output) is a symbolic "batch" axis.
     opset: the default-domain opset (>= 18) of the graph and of the function bodies.
+    fold_clip: (fused only) a bounded ReLU after a site, Clip(y, 0, m), is written as
+        HardSigmoid(y; 1/m) with m folded into the weights of the convs and sites that read
+        it (`pbp_fx.exporters.clip_after_site`): the same function, which ONNX Runtime's CPU
+        layout pass can fuse into the site's conv. Their weights in the file are then m times
+        the model's.
 
     Raises ExportPathError (an OSError) for an unwritable path, ExportError when the model
     cannot be exported. The file is complete or absent, never partial.
@@ -512,6 +518,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                                   f"{spec.min_opset}: pass opset={spec.min_opset}")
     proto = _direct_or_torch_export(module, inputs, int(opset), dynamic_batch)
     n_fused = _attach_functions(proto, specs)
+    if fused and fold_clip:
+        _, kept = clip_after_site.rewrite(proto, specs)
+        for why in kept:
+            log.info("export_onnx: %s", why)
     expected = sum(1 for k in dendrites.values() if k > 0) if fused else 0
     if fused and n_fused < len(specs):
         raise ExportError(f"only {n_fused} fused node(s) reached the ONNX graph for {len(specs)} "
