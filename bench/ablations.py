@@ -14,6 +14,8 @@ only trains what is missing and `--report` re-prints tables without training):
 
     python bench/ablations.py --groups controls sites --seeds 3 --jobs 2
     python bench/ablations.py --groups round --seeds 5 --report   # tables from the cache only
+    python bench/ablations.py --groups round --task mnist1d_cnn --variants "pb default" \
+        "candidate stride 2 (every 2nd position)"                 # the round test on the CNN
 
 The numbers in bench/results/ablations.md: controls and sites at --seeds 5, regime at
 --seeds 3, round at --seeds 5 (about 35 min on 2 shared cores).
@@ -42,7 +44,7 @@ from accuracy import TASKS, _params, train_plain, width_for_params as width_for 
 DEFAULTS = dict(task="mnist1d_mlp", width=32, num_samples=None, lr=1e-3, batch_size=100, patience=10,
                 max_epochs=400, max_dendrites=2, pool=4, dendrite_patience=3, max_dendrite_epochs=30,
                 candidate_lr=0.02, candidate_init="kaiming", v_init=0.0, lr_after=None, include=None,
-                retries=2, pool_split=True)
+                retries=2, pool_split=True, candidate_stride=1)
 CACHE = os.path.join("/tmp", "pbp_ablations_runs.jsonl")
 BASE_DIR = os.path.join("/tmp", "pbp_ablations_base")
 
@@ -191,7 +193,8 @@ def run_round(cfg, seed, loaders) -> dict:
     torch.manual_seed(10_000 + seed)
     dendrite_epochs = 0
     if rm == "pb":
-        pm.start_dendrite_phase(pool=cfg["pool"], init=cfg["candidate_init"], split=cfg["pool_split"])
+        pm.start_dendrite_phase(pool=cfg["pool"], init=cfg["candidate_init"], split=cfg["pool_split"],
+                                stride=cfg["candidate_stride"])
         opt = torch.optim.Adam(list(pm.trainable_parameters()), lr=cfg["candidate_lr"])
         stale = 0
         while dendrite_epochs < cfg["max_dendrite_epochs"]:
@@ -398,6 +401,7 @@ ROUND_VARIANTS = [
     ("restart only (control)", dict(round_mode="restart")),
     ("pb default", dict(round_mode="pb")),
     ("pool 4 full-batch (every member on every sample)", dict(round_mode="pb", pool_split=False)),
+    ("candidate stride 2 (every 2nd position)", dict(round_mode="pb", candidate_stride=2)),
     ("gd (random dendrites, backprop)", dict(round_mode="gd")),
     ("init normal", dict(round_mode="pb", candidate_init="normal")),
     ("pool 1", dict(round_mode="pb", pool=1)),
@@ -416,15 +420,37 @@ ROUND_VARIANTS = [
 ]
 
 
-def group_round(S, cache, run, only=None):
-    run([dict(kind="base", seed=s) for s in _seeds(S)])
+def group_round(S, cache, run, only=None, task="mnist1d_mlp"):
+    run([dict(kind="base", seed=s, task=task) for s in _seeds(S)])
     variants = [v for v in ROUND_VARIANTS if only is None or v[0] in only or v[0].startswith("restart")]
-    specs = {lab: [dict(v, kind="round", seed=s, label=lab) for s in _seeds(S)] for lab, v in variants}
+    specs = {lab: [dict(v, kind="round", seed=s, label=lab, task=task) for s in _seeds(S)] for lab, v in variants}
     run([s for ss in specs.values() for s in ss])
     ref = _collect(cache, specs[ROUND_VARIANTS[0][0]])
-    return ("One restructure from the same early-stopped plain W=32 checkpoint per seed "
+    rows = [(lab, _collect(cache, ss)) for lab, ss in specs.items()]
+    return (f"One restructure from the same early-stopped plain {task} W=32 checkpoint per seed "
             "(then Adam 1e-3 to early stop, patience 10). Δ in points; train CE at the best-validation epoch.\n\n"
-            + table_round([(lab, _collect(cache, ss)) for lab, ss in specs.items()], ref))
+            + table_round(rows, ref) + paired_against(rows, "pb default"))
+
+
+def paired_against(rows: list[tuple[str, list[dict]]], label: str) -> str:
+    """Per pb variant, its paired per-seed difference from the `label` variant: test accuracy and train CE."""
+    ref = dict(rows).get(label)
+    if not ref:
+        return ""
+    by_seed = {json.loads(r["key"])["seed"]: r for r in ref}
+    out = [f"\n\nPaired per seed, variant minus {label} (mean, sd, standard error):\n"]
+    for lab, rs in rows:
+        if lab == label or lab.startswith("restart"):
+            continue
+        pairs = [(r, by_seed[s]) for r in rs if (s := json.loads(r["key"])["seed"]) in by_seed]
+        if len(pairs) < 2:
+            continue
+        for what, key, scale in (("test acc points", "test", 100.0), ("train CE", "train_ce", 1.0)):
+            d = [(r[key] - c[key]) * scale for r, c in pairs]
+            sd = statistics.stdev(d)
+            out.append(f"- {lab}, {what}: mean {statistics.mean(d):+.3f} sd {sd:.3f} se {sd / len(d) ** 0.5:.3f} "
+                       f"(per seed {', '.join(f'{x:+.3f}' for x in d)})")
+    return "\n".join(out)
 
 
 GROUPS = {"controls": group_controls, "sites": group_sites, "regime": group_regime,
@@ -440,13 +466,14 @@ def main(argv=None) -> int:
     ap.add_argument("--report", action="store_true", help="print tables from the cache; train nothing")
     ap.add_argument("--md", help="also write the tables to this markdown file")
     ap.add_argument("--variants", nargs="+", help="round group: only these variants (labels; the control always runs)")
+    ap.add_argument("--task", default="mnist1d_mlp", choices=sorted(TASKS), help="round group: the model and data")
     a = ap.parse_args(argv)
     cache = load_cache(a.cache)
     run = lambda specs: run_specs(specs, cache, a.cache, a.jobs, a.report)  # noqa: E731
     t0 = time.perf_counter()
     out = []
     for g in a.groups:
-        md = group_round(a.seeds, cache, run, a.variants) if g == "round" else GROUPS[g](a.seeds, cache, run)
+        md = group_round(a.seeds, cache, run, a.variants, a.task) if g == "round" else GROUPS[g](a.seeds, cache, run)
         block = f"## {g}\n\n{md}\n"
         print("\n" + block, flush=True)
         out.append(block)

@@ -492,6 +492,8 @@ def _model_module(ref: str):
     arg("--opset", type=_number(int, "--opset"), default=18, metavar="N",
         help="default-domain ONNX opset (default: 18)"),
     arg("--static-batch", action="store_true", help="fixed batch size instead of a dynamic batch axis"),
+    arg("--keep-clip", action="store_true", help="write a bounded ReLU (ReLU6) after a site as Clip; by default it "
+        "is HardSigmoid with the bound folded into its readers' weights, which ONNX Runtime fuses"),
     arg("--check", action="store_true", help="run the file in ONNX Runtime and compare with PyTorch"),
     arg("--frontend", default="auto", choices=("auto", "fx", "export"),
         help="how the model file's model is captured (auto: symbolic tracing, else torch.export)"),
@@ -532,7 +534,7 @@ def export(args: argparse.Namespace) -> int:
         if pm.phase == "dendrite":
             pm.abort_dendrite_phase()
         path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
-                           opset=args.opset)
+                           opset=args.opset, fold_clip=not args.keep_clip)
     print(f"wrote {path}: {'unfused' if args.unfused else 'fused'}, dendrites per site "
           f"{json.dumps(pm.num_dendrites)}")
     if args.check:

@@ -307,6 +307,48 @@ def test_export_checkpoint_check_and_run(tmp_path, capsys):
     assert np.abs(np.load(tmp_path / "y.npy") - ref).max() <= 1e-4
 
 
+RELU6_MLP = """
+import torch
+from torch import nn
+
+TASK = "classification"
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU6(), nn.Linear(8, 3))
+
+
+def example_inputs():
+    return (torch.randn(2, 6),)
+"""
+
+
+def test_export_folds_a_relu6_after_a_site_unless_keep_clip(tmp_path, capsys):
+    import onnx
+
+    from pbp_fx.checkpoint import save
+
+    model_file = tmp_path / "relu6_mlp.py"
+    model_file.write_text(RELU6_MLP)
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU6(), torch.nn.Linear(8, 3)),
+                          (torch.randn(2, 6),))
+    pm.grow()
+    with torch.no_grad():
+        for s in pm.sites.values():
+            s.out_weight.normal_()
+    ckpt = str(tmp_path / "c.safetensors")
+    save(pm, ckpt, model_ref=str(model_file))
+    ops = {}
+    for flag in ([], ["--keep-clip"]):
+        out = str(tmp_path / f"m{len(flag)}.onnx")
+        assert main(["export", ckpt, "-o", out, "--check", *flag]) == 0
+        assert "max abs diff" in capsys.readouterr().out
+        ops[bool(flag)] = [n.op_type for n in onnx.load(out).graph.node]
+    assert "HardSigmoid" in ops[False] and "Clip" not in ops[False]
+    assert "Clip" in ops[True] and "HardSigmoid" not in ops[True]
+
+
 def test_export_model_file_unfused(tmp_path, capsys):
     out = str(tmp_path / "m.onnx")
     assert main(["export", os.path.join(ROOT, "models", "digits_mlp.py"), "-o", out, "--unfused"]) == 0
