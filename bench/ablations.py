@@ -420,14 +420,15 @@ ROUND_VARIANTS = [
 ]
 
 
-def group_round(S, cache, run, only=None, task="mnist1d_mlp"):
-    run([dict(kind="base", seed=s, task=task) for s in _seeds(S)])
+def group_round(S, cache, run, only=None, task="mnist1d_mlp", width=32):
+    run([dict(kind="base", seed=s, task=task, width=width) for s in _seeds(S)])
     variants = [v for v in ROUND_VARIANTS if only is None or v[0] in only or v[0].startswith("restart")]
-    specs = {lab: [dict(v, kind="round", seed=s, label=lab, task=task) for s in _seeds(S)] for lab, v in variants}
+    specs = {lab: [dict(v, kind="round", seed=s, label=lab, task=task, width=width) for s in _seeds(S)]
+             for lab, v in variants}
     run([s for ss in specs.values() for s in ss])
     ref = _collect(cache, specs[ROUND_VARIANTS[0][0]])
     rows = [(lab, _collect(cache, ss)) for lab, ss in specs.items()]
-    return (f"One restructure from the same early-stopped plain {task} W=32 checkpoint per seed "
+    return (f"One restructure from the same early-stopped plain {task} W={width} checkpoint per seed "
             "(then Adam 1e-3 to early stop, patience 10). Δ in points; train CE at the best-validation epoch.\n\n"
             + table_round(rows, ref) + paired_against(rows, "pb default"))
 
@@ -467,13 +468,14 @@ def main(argv=None) -> int:
     ap.add_argument("--md", help="also write the tables to this markdown file")
     ap.add_argument("--variants", nargs="+", help="round group: only these variants (labels; the control always runs)")
     ap.add_argument("--task", default="mnist1d_mlp", choices=sorted(TASKS), help="round group: the model and data")
+    ap.add_argument("--width", type=int, default=32, help="round group: the model's width")
     a = ap.parse_args(argv)
     cache = load_cache(a.cache)
     run = lambda specs: run_specs(specs, cache, a.cache, a.jobs, a.report)  # noqa: E731
     t0 = time.perf_counter()
     out = []
     for g in a.groups:
-        md = group_round(a.seeds, cache, run, a.variants, a.task) if g == "round" else GROUPS[g](a.seeds, cache, run)
+        md = group_round(a.seeds, cache, run, a.variants, a.task, a.width) if g == "round" else GROUPS[g](a.seeds, cache, run)
         block = f"## {g}\n\n{md}\n"
         print("\n" + block, flush=True)
         out.append(block)

@@ -283,3 +283,29 @@ if __name__ == "__main__":
     except Exception as exc:  # noqa: BLE001 - one line per rank for the test to read
         print(f"rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def test_strided_statistics_of_two_ranks_are_the_global_ones():
+    """candidate_stride: each rank reads the same positions of its own samples, so the ranks'
+    summed statistics equal one process's (split pool of 2, conv layout, stride 2)."""
+    from pbp_fx.covariance_tap import candidate_gradient
+
+    g = torch.Generator().manual_seed(0)
+    settings = (0.99, 0, 0.01, True)
+    delta = torch.randn(16, 3, 9, generator=g, dtype=torch.float64) + 0.5  # dL/dy of the global mean loss
+    c = torch.rand(8, 2, 3, 5, generator=g, dtype=torch.float64)  # [B/P, P, C, every 2nd of 9 positions]
+
+    def state():
+        return ([torch.zeros(2, 3, dtype=torch.float64) for _ in range(3)] + [torch.tensor(0) for _ in range(3)], [], [])
+
+    one = state()
+    candidate_gradient(delta, c, *one, True, 1, True, 2, 1.0, settings)
+    # Rank r holds each member's r-th half of its slice (as a DistributedSampler deals them);
+    # its error is that of its own mean loss: 2 x delta.
+    rows = [torch.cat([torch.arange(0, 4), torch.arange(8, 12)]), torch.cat([torch.arange(4, 8), torch.arange(12, 16)])]
+    cs = [c[:4], c[4:]]
+    probe, ranks = _TwoRanks(), [state(), state()]
+    candidate_gradient(2 * delta[rows[1]], cs[1], *ranks[1], True, 1, True, 2, 1.0, settings, probe)
+    candidate_gradient(2 * delta[rows[0]], cs[0], *ranks[0], True, 1, True, 2, 1.0, settings,
+                       _TwoRanks(other=probe.seen))
+    assert (ranks[0][0][0] - one[0][0]).abs().max() < 1e-12  # ema
