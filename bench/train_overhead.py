@@ -4,14 +4,15 @@ For each model: the plain model; the frozen base (the plain model with every par
 but one, so that backward still runs to the first layer: the base network's own share of a
 dendrite-phase step, whose floor it is); the neuron phase with K = 1..3 dendrites per site; the
 dendrite phase with a candidate pool (K = 0), split (each member on its own 1/P of the
-batch, the default) and full-batch (every member on every sample). One step = forward,
+batch, the default), split with candidate stride 2 (PBConfig.candidate_stride: every 2nd
+position of each spatial dim) and full-batch (every member on every sample). One step = forward,
 loss, backward, Adam step on what that phase trains. Configurations are timed in
 interleaved rounds (median), so machine noise hits them alike. FLOPs (forward + backward)
 come from FlopCounterMode. Peak memory of one step: the rise of the resident set over its
 level before the step (/proc VmHWM after clearing it; a child process with malloc returning
 large blocks to the OS, so the resident set follows live tensors).
 
-Targets: dendrite-phase step (split) <= 1.5x plain (pool 4);
+Targets: dendrite-phase step (split, either stride) <= 1.5x plain (pool 4);
 neuron-phase step <= 1.2x plain x (perforated FLOPs / plain FLOPs). The layer-kernel ratio
 (conv, matmul and norm kernels only, from torch.profiler) is the floor the step ratio would reach
 if all other work were free.
