@@ -25,7 +25,10 @@ convolution, counted by torch.utils.flop_counter on the finalized model), the qu
 `--profile` adds ONNX Runtime's per-op-type time (ms per run) for plain and fused.
 `--clip-ceiling` adds a diagnostic, not a deployable model: the fused file with every Clip(x, 0, max)
 (ReLU6) replaced by Relu, which ONNX Runtime's CPU NCHWc layout fuses into the Conv that takes a site's
-sum, while Clip it cannot: how fast the fused model would run if the runtime fused its Clips.
+sum, while Clip it cannot: how fast the fused model would run if the runtime fused its Clips. Since
+the exporter writes a bounded ReLU after a site as HardSigmoid (exporters/clip_after_site.py), this
+column times only the Clips left (read by something other than a conv or site); with `--baseline` files
+written by older code it shows what the fold gained.
 """
 from __future__ import annotations
 
