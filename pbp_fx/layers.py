@@ -7,8 +7,8 @@ Every stacked tensor is stored as [M, C, ...]: copy first, channel second, so th
 """
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 

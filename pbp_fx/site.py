@@ -54,10 +54,10 @@ class CandidatePool(nn.Module):
     split=False: every member sees the whole batch (P x the work).
 
     stride=n > 1: the candidates see every n-th position of each spatial (or token) dim of the
-    site, so a d-D conv pool costs about 1/n^d of its work: a conv runs with n x its stride, a
-    token Linear reads every n-th token. Neighbouring positions' errors are strongly correlated,
-    so the covariance loses less than its sample count suggests; C is scaled by the positions
-    left out, in whole-batch units like split's. A site where no such conv exists (an even
+    site, so a d-D conv pool does about 1/n^d of its FLOPs: a conv runs with n x its stride, a
+    token Linear reads every n-th token (the paired one-round test found no loss of selection at
+    n = 2: bench/results/candidate_stride.md). C is scaled by the positions left out, in
+    whole-batch units like split's. A site where no such conv exists (an even
     kernel's "same" padding) and a Linear without token dims see every position.
 
     `reducer` (None: one process) sums a batch's statistics over the ranks of a distributed
