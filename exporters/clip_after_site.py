@@ -53,7 +53,7 @@ def _weight_inputs(node: onnx.NodeProto, specs: dict[str, FusedOpSpec]) -> Optio
     return None
 
 
-def _why_not(clip: onnx.NodeProto, readers: list[onnx.NodeProto], graph_outputs: set, inits: set,
+def _why_not(clip: onnx.NodeProto, readers: list[onnx.NodeProto], graph_outputs: set, inits: dict,
              constants: dict, specs: dict[str, FusedOpSpec]) -> Optional[str]:
     """Why this Clip after a site cannot become a HardSigmoid (None: it can)."""
     low = _scalar(clip.input[1], constants) if len(clip.input) > 1 and clip.input[1] else None
@@ -104,7 +104,7 @@ def rewrite(model: onnx.ModelProto, specs: dict[str, FusedOpSpec]) -> tuple[int,
         if src is None or src.domain != DOMAIN:
             continue  # (after a plain Conv the runtime fuses the Clip itself)
         users = readers.get(clip.output[0], [])
-        why = _why_not(clip, users, graph_outputs, set(init_by_name), constants, specs)
+        why = _why_not(clip, users, graph_outputs, init_by_name, constants, specs)
         if why is not None:
             skipped.append(f"Clip {clip.name!r} after site {src.name!r} stays: {why}")
             continue
