@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -37,6 +36,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 import pbp_fx  # noqa: E402
 from pbp_fx.exporters import export_onnx, ort_session  # noqa: E402
 from pbp_fx.models.resnet18 import ResNet18  # noqa: E402
+
+from paired import interleaved  # noqa: E402  (bench/)
 
 SEQ = 32
 
@@ -80,27 +81,6 @@ def inputs_for(name: str, batch: int, seed: int = 0) -> tuple:
     return (ids, torch.ones(batch, SEQ, dtype=torch.long)) if name == "bert" else (ids,)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], min_time: float, reps: int) -> dict[str, float]:
-    """Median seconds per call, each repetition running every function once in turn."""
-    for f in fns.values():
-        f()  # warm up
-    per = {}
-    for name, f in fns.items():
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < min_time / 4 or n == 0:
-            f()
-            n += 1
-        per[name] = max(1, n)
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, f in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(per[name]):
-                f()
-            samples[name].append((time.perf_counter() - t0) / per[name])
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def measure(name: str, quick: bool, threads: int, reps: int, min_time: float, tmp: Path) -> dict:
     torch.manual_seed(0)
     model, names = MODELS[name](quick)
@@ -138,7 +118,7 @@ def measure(name: str, quick: bool, threads: int, reps: int, min_time: float, tm
             arrays = [t.numpy() for t in inputs_for(name, batch, seed=1)]
             feeds[key] = (sess, {i.name: a for i, a in zip(sess.get_inputs(), arrays)})
         fns = {k: (lambda s=s, f=f: s.run(None, f)) for k, (s, f) in feeds.items()}
-        latency[batch] = interleaved(fns, min_time, reps)
+        latency[batch] = {k: statistics.median(v) for k, v in interleaved(fns, min_time, reps).items()}
     # correctness of what was timed
     with torch.no_grad():
         want = pm(*inputs_for(name, 2, seed=3))

@@ -7,7 +7,10 @@ dendrite phase with a candidate pool (K = 0), split (each member on its own 1/P 
 batch, the default), split with candidate stride 2 (PBConfig.candidate_stride: every 2nd
 position of each spatial dim) and full-batch (every member on every sample). One step = forward,
 loss, backward, Adam step on what that phase trains. Configurations are timed in
-interleaved rounds (median), so machine noise hits them alike. FLOPs (forward + backward)
+interleaved rounds, so machine noise hits them alike; a step ratio is the median over the rounds
+of (the configuration's step / the plain step of the same round), printed with the 25-75 %
+range of those per-round ratios. "ok" is "yes" when even the 75th percentile meets the target,
+"NO" when even the 25th misses it, else "edge" (which side the median falls on is noise). FLOPs (forward + backward)
 come from FlopCounterMode. Peak memory of one step: the rise of the resident set over its
 level before the step (/proc VmHWM after clearing it; a child process with malloc returning
 large blocks to the OS, so the resident set follows live tensors).
@@ -44,6 +47,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import pbp_fx
+from paired import round_ratios, spread, verdict
 
 MODELS = {"mnist1d_cnn": "pbp_fx.models.mnist1d_cnn", "mnist1d_mlp": "pbp_fx.models.mnist1d_mlp",
           "resnet_small": "pbp_fx.models.resnet_small", "resnet18": None, "mobilenet_v2": None}
@@ -157,7 +161,8 @@ def configs(mod, x, y, pool: int, optimizer: str = "adam", strides: tuple = (2,)
     return out
 
 
-def measure(cfgs, rounds: int, steps: int) -> dict[str, float]:
+def measure(cfgs, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each configuration, one value per interleaved round."""
     for _, _, step in cfgs:  # warm-up (the optimizer's state exists after the first step)
         for _ in range(5 if steps >= 5 else 2):
             step()
@@ -168,7 +173,7 @@ def measure(cfgs, rounds: int, steps: int) -> dict[str, float]:
             for _ in range(steps):
                 step()
             times[name].append((time.perf_counter() - t0) / steps)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 # The layers' own kernels: convolutions, matmuls and norms, forward and backward.
@@ -254,26 +259,31 @@ def main(argv=None) -> int:
         mod = load(name)
         x, y = first_batch(mod, a.batch)
         cfgs = configs(mod, x, y, a.pool, a.optimizer)
-        t = measure(cfgs, a.rounds, a.steps)
+        samples = measure(cfgs, a.rounds, a.steps)
+        t = {n: statistics.median(v) for n, v in samples.items()}
+        ratios = round_ratios(samples, "plain")
         kern = kernel_times(cfgs, a.steps, max(3, a.rounds // 3))
         flops = {n: _flops(m, x, y) for n, m, _ in cfgs}
         mem = memory(name, a.batch, a.pool, a.threads, a.optimizer)
         p_ms, p_fl = t["plain"], flops["plain"]
         print(f"\n{name}")
-        print("| config | ms/step | step ratio | FLOP ratio | layer-kernel ratio | target | ok | step peak MiB |")
-        print("|---|---:|---:|---:|---:|---:|:---:|---:|")
+        print("| config | ms/step | step ratio | rounds 25-75 % | FLOP ratio | layer-kernel ratio | target | ok "
+              "| step peak MiB |")
+        print("|---|---:|---:|---:|---:|---:|---:|:---:|---:|")
         for n, _, _ in cfgs:
-            ratio, fr = t[n] / p_ms, flops[n] / p_fl
+            ratio, lo, hi = spread(ratios[n])
+            fr = flops[n] / p_fl
             if n.startswith("neuron"):
                 target = 1.2 * fr
             elif " split" in n:
                 target = 1.5
             else:
                 target = None
-            ok = "" if target is None else ("yes" if ratio <= target else "NO")
+            ok = "" if target is None else verdict(lo, ratio, hi, target)
             tgt = "" if target is None else f"{target:.2f}"
             kr = kern[n] / kern["plain"]
-            print(f"| {n} | {t[n] * 1e3:.3f} | {ratio:.2f} | {fr:.2f} | {kr:.2f} | {tgt} | {ok} | {mem[n]:.1f} |")
+            print(f"| {n} | {t[n] * 1e3:.3f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} | {fr:.2f} | {kr:.2f} | {tgt} | {ok} "
+                  f"| {mem[n]:.1f} |")
     return 0
 
 
