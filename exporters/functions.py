@@ -16,7 +16,9 @@ all stored as initializers in the layout the body consumes directly
 
 Node attributes describe the op for readers and native kernels (``channels``,
 ``dendrites``, ``activation``; convolutions add ``kernel_shape``, ``strides``, ``pads``,
-``dilations``, ``group``, ``padding_mode``); every one is declared by the function. A
+``dilations``, ``group``, ``padding_mode``; ``unit_first_weight`` = 1 when V[0] is all ones,
+written by `output_weight_into_readers`, so the body adds s_0 without a Mul); every one is
+declared by the function. A
 function body depends on all of them (K is unrolled, strides are constants, ...), so each
 distinct signature ships its own FunctionProto, told apart by the function ``overload``
 (ONNX IR >= 10): ``FusedOpSpec.overload`` names it, e.g. ``conv2d_c16_k2_sigmoid_b1_s1x1_
@@ -82,6 +84,7 @@ class FusedOpSpec:
     dilations: tuple = ()
     group: int = 1
     padding_mode: str = "zeros"
+    unit_first_weight: bool = False  # V[0] is all ones: y = n + s_0 + sum_{k>0} V[k] * s_k
 
     def __post_init__(self):
         if self.activation not in _ACT_OPS:
@@ -111,10 +114,11 @@ class FusedOpSpec:
     def overload(self) -> str:
         """The function overload name: a readable, unique encoding of the signature."""
         head = f"{self.kind}_c{self.channels}_k{self.dendrites}_{self.activation}_b{int(self.has_bias)}"
+        tail = "_unitv0" if self.unit_first_weight else ""
         if not self.is_conv:
-            return head
+            return head + tail
         return (f"{head}_w{_ints(self.kernel_shape)}_s{_ints(self.strides)}_p{_ints(self.pads)}"
-                f"_d{_ints(self.dilations)}_g{self.group}_{self.padding_mode}")
+                f"_d{_ints(self.dilations)}_g{self.group}_{self.padding_mode}{tail}")
 
     def attributes(self) -> dict:
         """The node attributes (all declared by the function)."""
@@ -123,6 +127,8 @@ class FusedOpSpec:
             attrs.update(kernel_shape=list(self.kernel_shape), strides=list(self.strides),
                          pads=list(self.pads), dilations=list(self.dilations), group=self.group,
                          padding_mode=self.padding_mode)
+        if self.unit_first_weight:  # (absent otherwise: files without the rewrite keep their bytes)
+            attrs["unit_first_weight"] = 1
         return attrs
 
     @property
@@ -216,7 +222,7 @@ def make_function(spec: FusedOpSpec, opset: int = 18) -> onnx.FunctionProto:
         for j in range(i):
             a = b.op("Add", [a, b.op("Mul", [u_entry(i, j), acts[j]], "ua")], "a")
         acts.append(b.op(act, [a], "s"))
-    tail = b.op("Mul", [v_row(0), acts[0]], "vs")
+    tail = acts[0] if spec.unit_first_weight else b.op("Mul", [v_row(0), acts[0]], "vs")
     for i in range(1, k):
         tail = b.op("Add", [tail, b.op("Mul", [v_row(i), acts[i]], "vs")], "tail")
     # the neuron's output last: a runtime fuses this Add (and a following activation) into its Conv

@@ -58,7 +58,7 @@ from pbp_fx.fileio import atomic_write
 from pbp_fx.layers import dendrite_calls
 from pbp_fx.site import FusedSite, Site
 
-from . import clip_after_site
+from . import clip_after_site, output_weight_into_readers
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
 
 __all__ = ["export_onnx", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS"]
@@ -484,7 +484,8 @@ def _write_atomic(data: bytes, path: str) -> None:
 # -- public entry point ----------------------------------------------------------------------
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], fused: bool = True,
-                dynamic_batch: bool = True, opset: int = 18, fold_clip: bool = True) -> str:
+                dynamic_batch: bool = True, opset: int = 18, fold_clip: bool = True,
+                fold_output_weight: bool = True) -> str:
     """Export `model` to the ONNX file `path` and return the path (as given).
 
     model: a PerforatedModel (finalized first; the model itself is not modified), a
@@ -500,6 +501,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         it (`pbp_fx.exporters.clip_after_site`): the same function, which ONNX Runtime's CPU
         layout pass can fuse into the site's conv. Their weights in the file are then m times
         the model's.
+    fold_output_weight: (fused only) where a site's output goes through nothing or a Relu /
+        LeakyRelu into linear layers only, its first output weight V[0] moves into their weights
+        and the site's node adds its first dendrite unscaled
+        (`pbp_fx.exporters.output_weight_into_readers`): the same function without a per-channel
+        scale pass, which ONNX Runtime's CPU kernels run on their own. The site's tensors and
+        the readers' weights in the file then differ from the model's.
 
     Raises ExportPathError (an OSError) for an unwritable path, ExportError when the model
     cannot be exported. The file is complete or absent, never partial.
@@ -520,6 +527,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     n_fused = _attach_functions(proto, specs)
     if fused and fold_clip:
         _, kept = clip_after_site.rewrite(proto, specs)
+        for why in kept:
+            log.info("export_onnx: %s", why)
+    if fused and fold_output_weight:
+        _, kept = output_weight_into_readers.rewrite(proto, specs, _default_opset(proto))
         for why in kept:
             log.info("export_onnx: %s", why)
     expected = sum(1 for k in dendrites.values() if k > 0) if fused else 0

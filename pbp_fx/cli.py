@@ -494,6 +494,9 @@ def _model_module(ref: str):
     arg("--static-batch", action="store_true", help="fixed batch size instead of a dynamic batch axis"),
     arg("--keep-clip", action="store_true", help="write a bounded ReLU (ReLU6) after a site as Clip; by default it "
         "is HardSigmoid with the bound folded into its readers' weights, which ONNX Runtime fuses"),
+    arg("--keep-output-weight", action="store_true", help="keep each site's first output weight V[0] in its node; by "
+        "default, where a site's output goes through nothing or a Relu / LeakyRelu into linear layers only, V[0] "
+        "is folded into their weights (one per-channel scale pass less per site)"),
     arg("--check", action="store_true", help="run the file in ONNX Runtime and compare with PyTorch"),
     arg("--frontend", default="auto", choices=("auto", "fx", "export"),
         help="how the model file's model is captured (auto: symbolic tracing, else torch.export)"),
@@ -534,7 +537,8 @@ def export(args: argparse.Namespace) -> int:
         if pm.phase == "dendrite":
             pm.abort_dendrite_phase()
         path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
-                           opset=args.opset, fold_clip=not args.keep_clip)
+                           opset=args.opset, fold_clip=not args.keep_clip,
+                           fold_output_weight=not args.keep_output_weight)
     print(f"wrote {path}: {'unfused' if args.unfused else 'fused'}, dendrites per site "
           f"{json.dumps(pm.num_dendrites)}")
     if args.check:

@@ -323,30 +323,44 @@ def example_inputs():
 """
 
 
-def test_export_folds_a_relu6_after_a_site_unless_keep_clip(tmp_path, capsys):
+def _export_both_ways(tmp_path, capsys, activation: str, flag: str) -> dict:
+    """`pbp-fx export --check` of a Linear-activation-Linear checkpoint with and without `flag`:
+    {flag given: the written graph's nodes}."""
     import onnx
 
     from pbp_fx.checkpoint import save
 
-    model_file = tmp_path / "relu6_mlp.py"
-    model_file.write_text(RELU6_MLP)
+    model_file = tmp_path / "mlp.py"
+    model_file.write_text(RELU6_MLP.replace("ReLU6", activation))
     torch.manual_seed(0)
-    pm = pbp_fx.perforate(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU6(), torch.nn.Linear(8, 3)),
-                          (torch.randn(2, 6),))
+    pm = pbp_fx.perforate(torch.nn.Sequential(torch.nn.Linear(6, 8), getattr(torch.nn, activation)(),
+                                              torch.nn.Linear(8, 3)), (torch.randn(2, 6),))
     pm.grow()
     with torch.no_grad():
         for s in pm.sites.values():
             s.out_weight.normal_()
     ckpt = str(tmp_path / "c.safetensors")
     save(pm, ckpt, model_ref=str(model_file))
-    ops = {}
-    for flag in ([], ["--keep-clip"]):
-        out = str(tmp_path / f"m{len(flag)}.onnx")
-        assert main(["export", ckpt, "-o", out, "--check", *flag]) == 0
+    nodes = {}
+    for given in (False, True):
+        out = str(tmp_path / f"m{int(given)}.onnx")
+        assert main(["export", ckpt, "-o", out, "--check", *([flag] if given else [])]) == 0
         assert "max abs diff" in capsys.readouterr().out
-        ops[bool(flag)] = [n.op_type for n in onnx.load(out).graph.node]
+        nodes[given] = list(onnx.load(out).graph.node)
+    return nodes
+
+
+def test_export_folds_a_relu6_after_a_site_unless_keep_clip(tmp_path, capsys):
+    ops = {given: [n.op_type for n in nodes]
+           for given, nodes in _export_both_ways(tmp_path, capsys, "ReLU6", "--keep-clip").items()}
     assert "HardSigmoid" in ops[False] and "Clip" not in ops[False]
     assert "Clip" in ops[True] and "HardSigmoid" not in ops[True]
+
+
+def test_export_folds_v0_into_the_readers_unless_keep_output_weight(tmp_path, capsys):
+    unit = {given: [n.name for n in nodes if any(a.name == "unit_first_weight" for a in n.attribute)]
+            for given, nodes in _export_both_ways(tmp_path, capsys, "ReLU", "--keep-output-weight").items()}
+    assert unit == {False: ["pbp/0"], True: []}
 
 
 def test_export_model_file_unfused(tmp_path, capsys):

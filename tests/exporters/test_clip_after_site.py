@@ -99,7 +99,7 @@ def test_the_rule_says_why_a_clip_stays(tmp_path):
     n, reasons = clip_after_site.rewrite(proto, _specs(pm))
     assert n == 3
     assert len(reasons) == 1  # (the Clip after the Add follows no site: the rule does not look at it)
-    assert "'pbp/side' stays: Add" in reasons[0] and "not a Conv or fused site" in reasons[0]
+    assert "'pbp/side' stays: Add" in reasons[0] and "not a Conv, MatMul, Gemm or fused site" in reasons[0]
 
 
 @pytest.mark.parametrize("low, high, why", [
