@@ -65,16 +65,22 @@ ZOO = ["resnet18", "mobilenet_v2", "efficientnet_b0", "vit_tiny"]
 # -- models -----------------------------------------------------------------------------------
 
 class ZooModel:
-    """A torchvision / timm model with random weights on [B, 3, S, S] images (nothing downloaded)."""
+    """A torchvision / timm model with random weights on [B, 3, S, S] images (nothing downloaded).
+
+    ZOO names, and any other torchvision classifier builder (e.g. mnasnet1_0, squeezenet1_1) or timm
+    model name (e.g. convnext_atto) given as "timm:NAME".
+    """
 
     def __init__(self, name: str, image_size: int):
         self.name, self.image_size = name, image_size
 
     def build_model(self) -> nn.Module:
-        if self.name == "vit_tiny":
+        if self.name == "vit_tiny" or self.name.startswith("timm:"):
             import timm
 
-            return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=self.image_size)
+            arch = "vit_tiny_patch16_224" if self.name == "vit_tiny" else self.name[len("timm:"):]
+            kwargs = {"img_size": self.image_size} if arch.startswith("vit") else {}
+            return timm.create_model(arch, pretrained=False, **kwargs)
         import torchvision
 
         return getattr(torchvision.models, self.name)(weights=None)
@@ -85,28 +91,31 @@ class ZooModel:
 
 def zoo_missing(name: str) -> Optional[str]:
     """Why a zoo model cannot be built here (None when it can)."""
-    package = "timm" if name == "vit_tiny" else "torchvision"
+    package = "timm" if name == "vit_tiny" or name.startswith("timm:") else "torchvision"
     try:
-        importlib.import_module(package)
+        module = importlib.import_module(package)
     except Exception as e:  # torchvision's C ops fail to load on the CPU torch wheel: not only ImportError
         return f"{package} does not import ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    known = (module.is_model(name[len("timm:"):]) if name.startswith("timm:")
+             else name == "vit_tiny" or callable(getattr(module.models, name, None)))
+    if not known:
+        raise SystemExit(f"unknown model {name!r}: use one of {' '.join(REFERENCE + ZOO)}, a torchvision "
+                         "classifier builder name, or timm:NAME")
     return None
 
 
 def load_models(names: list[str], image_size: int) -> dict:
     found = {}
     for name in names:
-        if name in ZOO:
+        if (ROOT / "models" / f"{name}.py").exists():
+            found[name] = importlib.import_module(f"pbp_fx.models.{name}")
+        else:
             why = zoo_missing(name)
             if why:
                 print(f"skipping {name}: {why}; run with an environment that has torchvision and timm",
                       file=sys.stderr)
                 continue
             found[name] = ZooModel(name, image_size)
-        elif (ROOT / "models" / f"{name}.py").exists():
-            found[name] = importlib.import_module(f"pbp_fx.models.{name}")
-        else:
-            raise SystemExit(f"unknown model {name!r}: use one of {' '.join(REFERENCE + ZOO)}")
     return found
 
 
@@ -208,7 +217,7 @@ def _extra_cells(r: dict, key: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="*", default=REFERENCE + ZOO, help=f"from: {' '.join(REFERENCE + ZOO)}")
+    ap.add_argument("--models", nargs="*", default=REFERENCE + ZOO, help=f"from: {' '.join(REFERENCE + ZOO)}; or any torchvision classifier, or timm:NAME")
     ap.add_argument("--ks", nargs="*", type=int, default=[1, 2], help="dendrites per site")
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 32])
     ap.add_argument("--image-size", type=int, default=128, help="zoo models: input height = width")
