@@ -204,6 +204,8 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
         frontend, dynamic = "auto", True
     else:
         frontend, dynamic = capture["captured_with"], capture["dynamic"]
+        if frontend == "parts":  # no frontend of its own: "auto" falls back to it when the root does not trace
+            frontend = "auto"
         if example_inputs is None and not example_kwargs:
             example_inputs, example_kwargs = inputs_from_signature(capture["inputs"])
     inputs = () if example_inputs is None else example_inputs

@@ -160,6 +160,35 @@ def test_keyword_input_models_rebuild_from_a_checkpoint(tmp_path):
     assert torch.equal(pm(**kw)["logits"], pm2(**kw)["logits"])
 
 
+class RootWithControlFlow(nn.Module):
+    """Data-dependent Python in the root's forward: perforated in parts (its Linears in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.relu(h) if x.sum() > 0 else torch.tanh(h)
+        return self.b(h)
+
+
+def test_a_model_perforated_in_parts_loads_from_its_checkpoint(tmp_path):
+    x = torch.randn(3, 4)
+    pm = pbp_fx.perforate(RootWithControlFlow(), (x,))
+    assert pm.capture["captured_with"] == "parts"
+    pm.grow()
+    with torch.no_grad():
+        for s in pm.sites.values():
+            s.out_weight.normal_()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    pm2 = pbp_fx.load(path, RootWithControlFlow)  # the recorded inputs: no example needed
+    assert pm2.num_dendrites == pm.num_dendrites and pm2.capture == pm.capture
+    for sign in (1.0, -1.0):  # both branches of the root's Python
+        assert torch.equal(pm(sign * x.abs()), pm2(sign * x.abs()))
+
+
 # -- format 2: the transformation is recorded; load needs no example inputs ----------------------
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
