@@ -522,7 +522,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         for spec in specs.values():
             if spec.min_opset > opset:
                 raise ExportError(f"a site with padding_mode={spec.padding_mode!r} needs opset >= "
-                                  f"{spec.min_opset}: pass opset={spec.min_opset}")
+                                  f"{spec.min_opset}: pass opset={spec.min_opset} "
+                                  f"(pbp-fx export --opset {spec.min_opset})")
     proto = _direct_or_torch_export(module, inputs, int(opset), dynamic_batch)
     n_fused = _attach_functions(proto, specs)
     if fused and fold_clip:

@@ -546,9 +546,13 @@ def export(args: argparse.Namespace) -> int:
 
         with _quiet_unless(args.debug), torch.no_grad():  # the same warnings as above: for --debug
             session = ort_session(path)
-            got = run(session, tuple(t.numpy() for t in inputs))[0]
-            ref_out = pm(*inputs)
-        diff = float(abs(torch.as_tensor(got) - ref_out).max())
+            got = run(session, tuple(t.numpy() for t in inputs))
+            # every tensor of a structured output (dict, tuple), in the order the exporter flattens it
+            refs = [t for t in torch.utils._pytree.tree_leaves(pm(*inputs)) if isinstance(t, torch.Tensor)]
+        if len(got) != len(refs):
+            raise PBError(f"the exported model has {len(got)} output(s) where PyTorch gives {len(refs)} tensor(s): "
+                          "report this as a bug")
+        diff = max(float(abs(torch.as_tensor(g) - r).max()) if r.numel() else 0.0 for g, r in zip(got, refs))
         print(f"check: ONNX Runtime ({session.provider}) vs PyTorch max abs diff {diff:.2e}")
         if not diff <= 1e-4:
             raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> 1e-4): report this as a bug")

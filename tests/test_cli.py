@@ -706,3 +706,34 @@ def test_export_shows_library_warnings_only_with_debug(tmp_path):
     debug = _subprocess(argv + ["--debug"], tmp_path)
     assert debug.returncode == 0 and "max abs diff" in debug.stdout
     assert "padding='same'" in debug.stderr
+
+
+DICT_OUTPUT_MODEL = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return {"logits": self.b(torch.relu(h)), "hidden": (h, h.sum(-1))}
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs():
+    return (torch.randn(2, 4),)
+"""
+
+
+def test_export_check_compares_every_output_of_a_structured_model(tmp_path, capsys):
+    model_file = tmp_path / "dict_model.py"
+    model_file.write_text(DICT_OUTPUT_MODEL)
+    assert main(["export", str(model_file), "-o", str(tmp_path / "m.onnx"), "--check"]) == 0
+    assert "max abs diff" in capsys.readouterr().out
