@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .config import PBConfig, TrainConfig
 from .controller import default_optimizer
 from .errors import PBError
 from .fileio import atomic_write
 from .job import DEFAULT_MODEL, load_job_module, make_loaders
-from .modelfile import instantiate
+from .modelfile import instantiate, task_functions
 from .schedule import Kind, PhaseSchedule
 from .training import evaluate, train_epoch
 from .width import WidthBuilder, WidthError, num_parameters
@@ -164,7 +163,7 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
     """Train one arm at one seed on the model file's data; the row of compare.json."""
     mod = load_job_module(model_file)
     _, inputs = instantiate(mod)
-    loss_fn = getattr(mod, "loss_fn", None) or F.cross_entropy
+    loss_fn, metric, _ = task_functions(mod)
     data = _datasets(mod, training.seed)  # one split for every arm and seed
     loaders = make_loaders(data, training.batch_size, spec.seed)  # data order fixed by the seed
     builder = WidthBuilder.from_module(mod)
@@ -179,14 +178,14 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
     t0 = time.perf_counter()
     if spec.arm in ("pb", "gd"):
         model, out = train_perforated(model, inputs, loaders, loss_fn, config.replace(mode=spec.arm), training,
-                                      include, exclude)
+                                      include, exclude, metric=metric)
         params = model.num_parameters()
     elif spec.arm == "restarts":
-        out, params = train_restarts(model, loaders, loss_fn, config, training), num_parameters(model)
+        out, params = train_restarts(model, loaders, loss_fn, config, training, metric), num_parameters(model)
     else:
-        out, params = train_plain(model, loaders, loss_fn, config, training), num_parameters(model)
+        out, params = train_plain(model, loaders, loss_fn, config, training, metric), num_parameters(model)
     row.update(out, seconds=time.perf_counter() - t0, params=params)
-    row["test"] = evaluate(model, loaders[2], data="test")
+    row["test"] = evaluate(model, loaders[2], metric, data="test")
     if spec.target is not None:
         row["target_params"] = spec.target
     if latency:

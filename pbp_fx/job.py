@@ -16,7 +16,6 @@ from types import ModuleType
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .checkpoint import FORMAT, load, load_optimizer, read_meta, save
@@ -24,7 +23,7 @@ from .config import PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
 from .errors import ModelFileError, TrainingError
 from .fileio import atomic_write
-from .modelfile import instantiate, load_model_file
+from .modelfile import instantiate, load_model_file, task_functions
 from .perforated import perforate
 from .training import History, evaluate, fit
 
@@ -54,6 +53,37 @@ def _call_datasets(mod: ModuleType, seed: int):
         if len(ds) == 0:
             raise TrainingError(f"the {name} dataset is empty: datasets() must return non-empty datasets")
     return data
+
+
+def _preflight(model, train, n: int, loss_fn, metric) -> None:
+    """Refuse, before any work, data that the model, its loss or its metric cannot take (wrong shapes,
+    targets out of range, an output the default loss cannot read): the first n training samples,
+    batched, in eval mode and without gradients, so that no state and no random number changes."""
+    from torch.utils.data import default_collate
+
+    from .training import split_batch
+
+    try:
+        size = len(train)
+    except TypeError:  # an iterable dataset: nothing to index
+        return
+    if size == 0:  # (refused with its own message where the loaders are checked)
+        return
+    inputs, target = split_batch(default_collate([train[i] for i in range(min(n, size))]))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(*inputs)
+            float(loss_fn(output, target))
+            metric(output, target)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's code raises, said in one line
+        first = (str(exc).strip().splitlines() or ["(no message)"])[0]
+        raise TrainingError(f"the first training samples fail in the model, its loss or its metric "
+                            f"({type(exc).__name__}: {first}): check that the data's shapes, dtypes and targets "
+                            "match the model, its outputs and the model file's TASK / loss_fn / metric") from exc
+    finally:
+        model.train(was)
 
 
 def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, distributed=None):
@@ -117,7 +147,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     model, inputs = instantiate(mod)
     data = _call_datasets(mod, seed)
     _check_finite_datasets(data)
-    loss_fn = getattr(mod, "loss_fn", None) or F.cross_entropy
+    loss_fn, metric, metric_name = task_functions(mod)
+    _preflight(model, data[0], min(training.batch_size, 8), loss_fn, metric)
     train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed)
     base_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
@@ -143,19 +174,19 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         saver = _epoch_saver(os.path.join(out, CHECKPOINT), pm, ctl, history, args,
                              _model_ref(model_file), seed, train_loader, distributed)
         callbacks.append(saver)
-    history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, training=training,
+    history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, training=training, metric=metric,
                   test_loader=test_loader, progress=progress, distributed=distributed, history=history,
                   callbacks=callbacks)
     seconds = time.perf_counter() - t0
     device = None if distributed is None else distributed.device
-    test = evaluate(pm, test_loader, device=device, distributed=distributed, data="test")
-    val = evaluate(pm, val_loader, device=device, distributed=distributed, data="validation")
+    test = evaluate(pm, test_loader, metric, device=device, distributed=distributed, data="test")
+    val = evaluate(pm, val_loader, metric, device=device, distributed=distributed, data="validation")
     summary = {
         "model": model_file or DEFAULT_MODEL, "mode": config.mode, "seed": seed,
         "epochs": len(history.epochs), "seconds": round(seconds, 2),
         "params_plain": base_params, "params": pm.num_parameters(),
         "dendrites": pm.num_dendrites, "best_epoch": ctl.best_epoch,
-        "val": val, "test": test,
+        "metric": metric_name, "val": val, "test": test,
         "events": [e for e in ctl.history if e["decision"] != "continue"],
     }
     if distributed is not None:
@@ -271,7 +302,7 @@ def _print_report(s: dict, echo) -> None:
     echo(f"params: {s['params_plain']} plain -> {s['params']} perforated "
          f"({s['params'] / max(s['params_plain'], 1):.2f}x)")
     echo(f"best validation epoch {s['best_epoch']} of {s['epochs']}: val {s['val']:.4f}  test {s['test']:.4f}  "
-         f"({s['seconds']:.1f} s, mode {s['mode']})")
+         f"({s.get('metric', 'accuracy')}; {s['seconds']:.1f} s, mode {s['mode']})")
 
 
 def _write_outputs(out: str, history, summary) -> None:
@@ -284,11 +315,12 @@ def _write_outputs(out: str, history, summary) -> None:
 
     text("history.json", json.dumps(history.to_dict(), indent=1))
     text("summary.json", json.dumps(summary, indent=1))
-    plot_history(history, os.path.join(out, "plot.png"), title=f"{summary['model']} ({summary['mode']})")
+    plot_history(history, os.path.join(out, "plot.png"), title=f"{summary['model']} ({summary['mode']})",
+                 metric=summary.get("metric", "accuracy"))
 
 
-def plot_history(history, path: str, title: str = "") -> None:
-    """Validation/test accuracy per epoch with phase switches marked; accuracy vs params."""
+def plot_history(history, path: str, title: str = "", metric: str = "accuracy") -> None:
+    """Validation/test metric per epoch with phase switches marked; the metric vs params."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,8 +338,8 @@ def plot_history(history, path: str, title: str = "") -> None:
         if r["decision"] == "restructured":
             a.axvline(r["epoch"], color="grey", ls="--", lw=0.8)
     a.set_xlabel("epoch")
-    a.set_ylabel("accuracy")
-    a.set_title("accuracy per epoch (orange: dendrite phase, dashed: restructure)")
+    a.set_ylabel(metric)
+    a.set_title(f"{metric} per epoch (orange: dendrite phase, dashed: restructure)")
     a.legend()
     # Accuracy against parameters: per structure, the epoch with the best validation score.
     best: dict[int, dict] = {}
@@ -319,8 +351,8 @@ def plot_history(history, path: str, title: str = "") -> None:
     if pts and pts[0].get("test") is not None:
         b.plot([r["params"] for r in pts], [r["test"] for r in pts], "s-", label="test")
     b.set_xlabel("parameters")
-    b.set_ylabel("accuracy at best validation")
-    b.set_title("accuracy vs parameter count")
+    b.set_ylabel(f"{metric} at best validation")
+    b.set_title(f"{metric} vs parameter count")
     b.legend()
     fig.suptitle(title)
     fig.tight_layout()

@@ -8,7 +8,8 @@ A model that takes keyword inputs (Hugging Face: `input_ids=..., attention_mask=
 `example_kwargs()` returning them as a dict; `example_inputs()` may then return `()`.
 
 Every failure is a `ModelFileError` with a one-line message naming the file and the problem.
-Optional names a model file may define (TASK, loss_fn, datasets) are read by their users.
+Optional names a model file may define: `datasets` (read by its users), and `TASK`, `loss_fn` and
+`metric` (`task_functions`).
 """
 from __future__ import annotations
 
@@ -18,14 +19,18 @@ import os
 import sys
 from types import ModuleType
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelFileError
 
-__all__ = ["load_model_file", "instantiate", "example_kwargs", "REQUIRED"]
+__all__ = ["load_model_file", "instantiate", "example_kwargs", "task_functions", "REQUIRED", "TASKS"]
 
 REQUIRED = ("build_model", "example_inputs")
+TASKS = ("classification", "regression")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -115,3 +120,33 @@ def example_kwargs(mod: ModuleType) -> dict:
         raise ModelFileError(f"example_kwargs() in {where!r} returned {type(kwargs).__name__}, "
                              "not a dict of keyword inputs")
     return dict(kwargs)
+
+
+def task_functions(mod: ModuleType) -> tuple[Callable, Callable, str]:
+    """(loss_fn, metric, metric name) for training on a model file's data.
+
+    TASK: "classification" (the default) or "regression". loss_fn: the file's, else cross-entropy /
+    MSE (of `training.primary_output`). metric (output, target) -> (sum, count), higher is better,
+    which picks the best epoch: the file's, else accuracy / minus the mean loss.
+    """
+    from .training import accuracy, negative_loss, primary_output
+
+    task = getattr(mod, "TASK", "classification")
+    if task not in TASKS:
+        raise ModelFileError(f"{_name(mod)}: TASK = {task!r} is not one of {', '.join(TASKS)}: set one, or define "
+                             "metric(output, target) -> (sum, count) for another task")
+    for name in ("loss_fn", "metric"):
+        if getattr(mod, name, None) is not None and not callable(getattr(mod, name)):
+            raise ModelFileError(f"{_name(mod)}: {name} is not callable: define it as a function")
+    default = F.cross_entropy if task == "classification" else F.mse_loss
+    loss_fn = getattr(mod, "loss_fn", None) or (lambda output, target: default(primary_output(output), target))
+    metric = getattr(mod, "metric", None)
+    if metric is not None:
+        return loss_fn, metric, getattr(metric, "__name__", "metric")
+    if task == "classification":
+        return loss_fn, accuracy, "accuracy"
+    return loss_fn, negative_loss(loss_fn), "minus the loss"
+
+
+def _name(mod: ModuleType) -> str:
+    return f"model file {getattr(mod, '__file__', None) or mod.__name__!r}"

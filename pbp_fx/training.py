@@ -18,7 +18,7 @@ from .controller import Decision, PhaseController, default_optimizer
 from .errors import TrainingError
 from .perforated import PerforatedModel
 
-__all__ = ["fit", "History", "evaluate", "accuracy", "train_epoch"]
+__all__ = ["fit", "History", "evaluate", "accuracy", "negative_loss", "primary_output", "split_batch", "train_epoch"]
 
 
 @dataclass
@@ -55,16 +55,38 @@ def _to(batch, device):
     return batch
 
 
-def _split(batch):
+def split_batch(batch):
     """(inputs, target) from a (x, y) or (x1, ..., xn, y) batch."""
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise TrainingError("each batch must be a tuple (inputs..., target): wrap the data in a TensorDataset")
     return tuple(batch[:-1]), batch[-1]
 
 
-def accuracy(output: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
-    """(number correct, count) for class logits."""
-    return float((output.argmax(-1) == target).sum()), target.numel()
+def primary_output(output):
+    """The tensor a default loss and metric score: the output itself, a dict's "logits" (else its
+    first tensor), or a tuple's / list's first element (Hugging Face models return such structures)."""
+    if isinstance(output, dict):
+        if "logits" in output:
+            return output["logits"]
+        output = [v for v in output.values() if isinstance(v, torch.Tensor)]
+    if isinstance(output, (list, tuple)):
+        return primary_output(output[0]) if output else output
+    return output
+
+
+def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
+    """(number correct, count) for class logits (of `primary_output`)."""
+    return float((primary_output(output).argmax(-1) == target).sum()), target.numel()
+
+
+def negative_loss(loss_fn: Callable) -> Callable:
+    """A metric for regression (higher is better): minus loss_fn's value, weighted by the batch's samples."""
+
+    def metric(output, target: torch.Tensor) -> tuple[float, int]:
+        n = target.shape[0] if target.dim() else 1
+        return -float(loss_fn(output, target)) * n, n
+
+    return metric
 
 
 def _check_finite_inputs(inputs, data: str) -> None:
@@ -90,7 +112,7 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
     total, count = 0.0, 0
     try:
         for batch in loader:
-            inputs, target = _split(_to(batch, device) if device is not None else batch)
+            inputs, target = split_batch(_to(batch, device) if device is not None else batch)
             _check_finite_inputs(inputs, data)
             s, n = metric(model(*inputs), target)
             total, count = total + s, count + n
@@ -223,7 +245,7 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
     for batch in loader:
         if device is not None:
             batch = _to(batch, device)
-        inputs, target = _split(batch)
+        inputs, target = split_batch(batch)
         loss = loss_fn(pm(*inputs), target)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss is {loss.item()} in the {phase} phase: lower the learning rate "

@@ -55,7 +55,18 @@ NAN_VAL = NO_DATA + ("from torch.utils.data import TensorDataset\n"
                      "    return TensorDataset(x, y), TensorDataset(bad, y), TensorDataset(x, y)\n")
 
 
+LABELS_OUT_OF_RANGE = NO_DATA + ("from torch.utils.data import TensorDataset\n"
+                                 "def datasets():\n    d = TensorDataset(torch.randn(8, 3), torch.arange(8) % 5)\n"
+                                 "    return d, d, d\n")
+BAD_TASK = LABELS_OUT_OF_RANGE.replace("% 5", "% 2") + "TASK = 'ranking'\n"
+
+
 @pytest.mark.parametrize("case,args,message", [
+    ("targets out of range", lambda t: [_write(t / "m.py", LABELS_OUT_OF_RANGE)],
+     "the first training samples fail in the model, its loss or its metric (IndexError: Target"),
+    ("data of another shape", lambda t: [_write(t / "m.py", LABELS_OUT_OF_RANGE.replace("randn(8, 3)", "randn(8, 6)"))],
+     "check that the data's shapes, dtypes and targets match the model"),
+    ("unknown TASK", lambda t: [_write(t / "m.py", BAD_TASK)], "TASK = 'ranking' is not one of classification, regression"),
     ("missing model file", lambda t: ["/nonexistent/model.py"], "does not exist"),
     ("NaN in validation data", lambda t: [_write(t / "m.py", NAN_VAL)], "validation data holds NaN/Inf"),
     ("no datasets()", lambda t: [_write(t / "m.py", NO_DATA)], "has no datasets()"),
@@ -215,3 +226,71 @@ def test_resuming_a_format_1_run_is_refused_in_one_line(tmp_path, capsys):
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pbp-fx-checkpoint/1" in err and "start a new run" in err
+
+
+REGRESSION = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+TASK = "regression"
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def example_inputs():
+    return (torch.randn(2, 4),)
+
+
+def datasets(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(600, 4, generator=g)
+    y = torch.stack([x[:, 0] * x[:, 1], torch.sin(2 * x[:, 2])], 1)
+    return TensorDataset(x[:400], y[:400]), TensorDataset(x[400:500], y[400:500]), TensorDataset(x[500:], y[500:])
+"""
+
+
+def test_a_regression_model_file_is_scored_by_its_loss(tmp_path, capsys):
+    """TASK = "regression": MSE by default, and the best epoch is the one of the least validation loss."""
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "reg.py", REGRESSION), "--out", str(out), "--epochs", "12",
+                 "--lr", "0.01", *FAST]) == 0
+    assert "(minus the loss;" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    vals = [r["val"] for r in history["epochs"]]
+    assert summary["metric"] == "minus the loss" and all(v < 0 for v in vals)
+    assert summary["val"] == pytest.approx(max(vals), rel=1e-5) and max(vals) > vals[0]  # it learned, and kept the best
+
+
+DICT_OUTPUT = NO_DATA.replace("return torch.nn.Linear(3, 2)", "return Net()") + """
+from torch.utils.data import TensorDataset
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(3, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return {"hidden": self.a(x), "logits": self.b(torch.relu(self.a(x)))}
+
+
+def datasets(seed=0):
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(seed))
+    d = TensorDataset(x, (x[:, 0] > 0).long())
+    return d, d, d
+"""
+
+
+@pytest.mark.parametrize("structure", ["dict", "tuple"])
+def test_structured_outputs_are_scored_by_their_logits(tmp_path, structure):
+    text = DICT_OUTPUT if structure == "dict" else DICT_OUTPUT.replace(
+        '{"hidden": self.a(x), "logits": self.b(torch.relu(self.a(x)))}', "(self.b(torch.relu(self.a(x))), self.a(x))")
+    assert main(["train", _write(tmp_path / "m.py", text), "--out", str(tmp_path / "run"), "--epochs", "15",
+                 "--lr", "0.05", "--batch-size", "16",
+                 *FAST]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["metric"] == "accuracy" and 0.5 < summary["val"] <= 1.0
