@@ -592,8 +592,9 @@ def run_onnx(args: argparse.Namespace) -> int:
     for name in args.input:
         try:
             arrays.append(np.load(name, allow_pickle=False))
-        except (OSError, ValueError) as exc:
-            raise PBError(f"cannot read input {name}: {_plain(str(exc))} (save it with numpy.save)") from exc
+        except (OSError, ValueError, EOFError) as exc:  # (EOFError: an empty file)
+            raise PBError(f"cannot read input {name}: {_plain(str(exc)) or type(exc).__name__} "
+                          "(save it with numpy.save)") from exc
     try:
         session = ort_session(args.model, device=args.device)
     except PBError:

@@ -549,6 +549,7 @@ BAD_VALUES = [
     (["run", "ONNX", "--input", "X7", "--output", "OUT/y.npy"], "index: 1 Got: 7 Expected: 64"),
     (["run", "ONNX", "--input", "X", "--input", "X", "--output", "OUT/y.npy"], "2 --input given"),
     (["run", "ONNX", "--input", "OUT/none.npy", "--output", "OUT/y.npy"], "cannot read input"),
+    (["run", "ONNX", "--input", "EMPTY", "--output", "OUT/y.npy"], "cannot read input"),
     (["run", "ONNX", "--input", "X", "--output", "FILE/y.npy"], "is a file, not a directory"),
     (["run", "ONNX", "--input", "X", "--device", "tpu"], "invalid choice"),
     (["run", "OUT/none.onnx", "--input", "X", "--output", "OUT/y.npy"], "does not exist"),
@@ -568,6 +569,8 @@ def onnx_inputs(tmp_path_factory):
     for key, array in arrays.items():
         paths[key] = str(folder / f"{key}.npy")
         np.save(paths[key], array)
+    paths["EMPTY"] = str(folder / "empty.npy")
+    open(paths["EMPTY"], "wb").close()  # a 0-byte file
     return paths
 
 
