@@ -98,6 +98,11 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
         if id(p) in reached:
             continue
         module_path = name.rpartition(".")[0]
+        kind = _weight_kind(model, module_path, p)
+        if kind in _NOT_NEURON_LAYERS:
+            rows.append(SiteExplanation(name, kind, "not a site", f"{kind} is not a layer kind pbp-fx perforates "
+                                        "(Linear, Conv1d/2d/3d and their functional forms)"))
+            continue
         leaf = next((lf for lf in leaves if module_path == lf or module_path.startswith(lf + ".")), None)
         if leaf is not None:
             why = (f"inside {type(model.get_submodule(leaf)).__name__} {leaf!r}, a layer symbolic tracing keeps "
@@ -108,8 +113,15 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
             why = "in the root's untraceable Python (not traced)"
         else:
             why = "not used on the example inputs"
-        rows.append(SiteExplanation(name, _weight_kind(model, module_path, p), "not a site", why))
+        rows.append(SiteExplanation(name, kind, "not a site", why))
     return rows
+
+
+# Layers with neuron-like weights that are no site under any frontend (their weights feed one fused
+# op, or a transposed conv's), so "not used" or "frontend='export' reaches it" would be wrong.
+_NOT_NEURON_LAYERS = {cls.__name__ for cls in (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
+                                               nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                                               nn.Bilinear)}
 
 
 def _weight_of(node: fx.Node, g: fx.GraphModule):

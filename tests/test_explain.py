@@ -68,3 +68,26 @@ def test_cli_transform_explain_and_export_frontend(tmp_path, capsys):
     assert main(["export", str(model_file), "--frontend", "export", "-o", str(tmp_path / "m.onnx")]) == 0
     captured = capsys.readouterr()
     assert "wrote" in captured.out and "Warning" not in captured.err
+
+
+class RecurrentAndTransposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(4, 8, batch_first=True)
+        self.up = nn.ConvTranspose1d(8, 3, 2, stride=2)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h, _ = self.gru(x)
+        return self.fc(self.up(h.transpose(1, 2)).mean(-1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_layer_kinds_pbp_fx_does_not_perforate_are_named_as_such(frontend):
+    """Not "not used" (they are used) nor "frontend='export' reaches it" (it does not)."""
+    rows = {r.name: r for r in pbp_fx.explain_sites(RecurrentAndTransposed(), (torch.randn(2, 5, 4),),
+                                                    frontend=frontend)}
+    assert rows["fc"].status == "site"
+    for name, kind in [("gru.weight_ih_l0", "GRU"), ("gru.weight_hh_l0", "GRU"), ("up.weight", "ConvTranspose1d")]:
+        assert rows[name].status == "not a site"
+        assert rows[name].reason.startswith(f"{kind} is not a layer kind pbp-fx perforates"), rows[name]
