@@ -138,6 +138,17 @@ def test_missing_directory_and_missing_file(tmp_path):
         pbp_fx.load(str(tmp_path / "none.safetensors"), _build, (X,))
 
 
+def _grown_and_saved(pm, tmp_path) -> str:
+    """pm with one dendrite per site (random V), saved; returns the checkpoint's path."""
+    pm.grow()
+    with torch.no_grad():
+        for s in pm.sites.values():
+            s.out_weight.normal_()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    return path
+
+
 def test_keyword_input_models_rebuild_from_a_checkpoint(tmp_path):
     class KW(nn.Module):
         def __init__(self):
@@ -149,12 +160,7 @@ def test_keyword_input_models_rebuild_from_a_checkpoint(tmp_path):
 
     kw = {"input_ids": torch.randn(3, 4), "mask": torch.ones(3, 1)}
     pm = pbp_fx.perforate(KW(), (), example_kwargs=kw)
-    pm.grow()
-    with torch.no_grad():
-        for s in pm.sites.values():
-            s.out_weight.normal_()
-    path = str(tmp_path / "c.safetensors")
-    pbp_fx.save(pm, path)
+    path = _grown_and_saved(pm, tmp_path)
     pm2 = pbp_fx.load(path, KW, example_kwargs=kw)
     assert pm2.num_dendrites == {"a": 1, "b": 1}
     assert torch.equal(pm(**kw)["logits"], pm2(**kw)["logits"])
@@ -177,12 +183,7 @@ def test_a_model_perforated_in_parts_loads_from_its_checkpoint(tmp_path):
     x = torch.randn(3, 4)
     pm = pbp_fx.perforate(RootWithControlFlow(), (x,))
     assert pm.capture["captured_with"] == "parts"
-    pm.grow()
-    with torch.no_grad():
-        for s in pm.sites.values():
-            s.out_weight.normal_()
-    path = str(tmp_path / "c.safetensors")
-    pbp_fx.save(pm, path)
+    path = _grown_and_saved(pm, tmp_path)
     pm2 = pbp_fx.load(path, RootWithControlFlow)  # the recorded inputs: no example needed
     assert pm2.num_dendrites == pm.num_dendrites and pm2.capture == pm.capture
     for sign in (1.0, -1.0):  # both branches of the root's Python
