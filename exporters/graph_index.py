@@ -41,7 +41,8 @@ class GraphIndex:
                                  for n in graph.node for a in n.attribute)
         self.graph_outputs = {o.name for o in graph.output}
         self.initializers = {t.name: t for t in graph.initializer}
-        self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        # Constant nodes' values; initializers are read when asked for (a model's weights are most of them)
+        self.constants: dict[str, np.ndarray] = {}
         for n in graph.node:
             if (n.op_type == "Constant" and n.domain in _DEFAULT and n.attribute
                     and n.attribute[0].name == "value"):
@@ -49,7 +50,11 @@ class GraphIndex:
 
     def scalar(self, name: str) -> Optional[float]:
         """A one-element constant's value (None when `name` is no such constant)."""
-        value = self.constants.get(name)
+        if name in self.initializers:
+            init = self.initializers[name]
+            value = numpy_helper.to_array(init) if np.prod(init.dims) == 1 else None
+        else:
+            value = self.constants.get(name)
         return None if value is None or value.size != 1 else float(value.reshape(-1)[0])
 
     def array(self, name: str) -> np.ndarray:
