@@ -344,6 +344,10 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
         if not os.access(probe, os.W_OK):
             raise CompareError(f"output folder {out} is not writable: choose another --out")
     mod = load_job_module(model_file)
+    if task_functions(mod)[2] == "minus the loss":
+        # (the report speaks of test % and points: a loss in those units would read as nonsense)
+        raise CompareError("compare reports accuracy-like scores in %, and this model file's TASK is 'regression': "
+                           "define metric(output, target) -> (sum, count) in [0, 1] per sample, or use pbp-fx train")
     builder = WidthBuilder.from_module(mod)
     _, inputs = instantiate(mod)
     torch.manual_seed(training.seed)

@@ -110,6 +110,17 @@ def test_cli_refuses_bad_input_up_front(tiny, tmp_path, capsys, argv, message):
     assert not out.exists()
 
 
+def test_a_regression_model_file_is_refused_up_front(tmp_path, capsys):
+    """The report is in % and points; a loss is not (pbp-fx train scores it as minus the loss)."""
+    path = tmp_path / "reg.py"
+    path.write_text(TINY + "\nTASK = 'regression'\n")
+    out = tmp_path / "never"
+    assert main(["compare", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "TASK is 'regression'" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_unscalable_width_is_refused(tmp_path):
     path = tmp_path / "fixed.py"
     path.write_text(TINY.replace("def build_model(width=8):", "def build_model():").replace("Net(width)", "Net(8)"))
