@@ -155,22 +155,32 @@ def _part_sites(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter) ->
     for path, part in gm.named_modules():
         if not isinstance(part, TracedPart):
             continue
-        prefix = part.name + "."
-        inner_inc = _scoped(include, prefix)
-        inner_exc = _scoped(exclude, prefix)
-        for spec in find_sites(part.graph_module, inner_inc, inner_exc):
-            spec.name = prefix + spec.name
+        qualify = _part_qualifier(part)
+        for spec in find_sites(part.graph_module, _scoped(include, qualify), _scoped(exclude, qualify)):
+            spec.name = qualify(spec.name)
             spec.graph = f"{path}.graph_module" + (f".{spec.graph}" if spec.graph else "")
             out.append(spec)
     return out
 
 
-def _scoped(f: SiteFilter, prefix: str) -> list:
+def _part_qualifier(part) -> Callable[[str], str]:
+    """A site name inside a part -> its name in the model: `path.name`, except that a part
+    which is itself a layer (an nn.Linear traced alone reads its own `weight`) is named by its
+    path, as the same layer inside a traced graph is."""
+    is_layer = {n for n, _ in part.graph_module.named_parameters()} <= {"weight", "bias"}
+
+    def qualify(name: str) -> str:
+        base, at, use = name.partition("@")
+        return part.name + at + use if is_layer and base == "weight" else f"{part.name}.{name}"
+    return qualify
+
+
+def _scoped(f: SiteFilter, qualify: Callable[[str], str]) -> list:
     """A filter for names inside a part: the rule sees the model-qualified name."""
     rules = _rules(f)
 
     def rule(r):
-        return lambda name, module: _matches(r, prefix + name, module)
+        return lambda name, module: _matches(r, qualify(name), module)
     return [rule(r) for r in rules]
 
 

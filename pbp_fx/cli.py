@@ -103,6 +103,23 @@ def _quiet_unless(debug: bool) -> Iterator[None]:
         torch_log.setLevel(level)
 
 
+@contextmanager
+def _one_line_warnings(debug: bool) -> Iterator[None]:
+    """Warnings that reach a CLI user print as one line each, `pbp-fx: warning: ...`, without
+    Python's file:line and source echo (those are for --debug)."""
+    if debug:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        yield
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    print(f"{PROG}: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def _error(message: str) -> None:
     text = " ".join(str(message).split()) or "unknown error"
     print(f"{PROG}: error: {text}", file=sys.stderr)
@@ -134,7 +151,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except SystemExit as exc:  # usage errors (already printed by argparse) and --help
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     try:
-        return int(args._run(args) or 0)
+        with _one_line_warnings(args.debug):
+            return int(args._run(args) or 0)
     except PBError as exc:
         if args.debug:
             raise

@@ -125,6 +125,38 @@ def test_without_out_nothing_is_written(tmp_path, capsys, monkeypatch):
     assert "total: 4 site(s)" in out and "wrote" not in out
 
 
+PARTS = """
+    import torch
+    from torch import nn
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if h.sum() > 0:  # data-dependent: only the submodules trace
+                h = -h
+            return self.head(h)
+
+    def build_model():
+        return Root()
+
+    def example_inputs():
+        return (torch.randn(3, 4),)
+"""
+
+
+def test_warnings_print_as_one_line_and_part_sites_by_module_path(tmp_path, capsys):
+    rc, out, err = _run(["transform", _write(tmp_path, PARTS)], capsys)
+    assert rc == 0
+    warning = [line for line in err.splitlines() if line]
+    assert len(warning) == 1 and warning[0].startswith("pbp-fx: warning: Root.forward traces with neither")
+    assert "model.py" not in err  # no file:line and source echo
+    assert [line.split()[0] for line in out.splitlines() if line.split()[:1] in (["a"], ["head"])] == ["a", "head"]
+
+
 def test_existing_out_dir_gets_its_files_replaced(tmp_path, capsys):
     model = _write(tmp_path, GOOD)
     out_dir = tmp_path / "out"
