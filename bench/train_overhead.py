@@ -32,6 +32,7 @@ CPU) or "fused" (pbp_fx.default_optimizer, what `pbp-fx train` uses), for every 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import importlib
@@ -192,13 +193,28 @@ def kernel_times(cfgs, steps: int, rounds: int) -> dict[str, float]:
     times: dict[str, list] = {name: [] for name, _, _ in cfgs}
     for _ in range(rounds):
         for name, _, step in cfgs:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
                     step()
             total = sum(e.self_cpu_time_total for e in prof.key_averages()
                         if any(m in e.key for m in KERNEL_MARKERS))
             times[name].append(total / 1e6 / steps)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """The profiler's C++ side prints two lines per session to fd 2 (torch 2.13's kineto: USDT
+    profiler_start / profiler_stop), one pair per configuration and round: hidden from the tables."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _status_kb(key: str) -> int:
