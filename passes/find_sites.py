@@ -186,16 +186,24 @@ def _scoped(f: SiteFilter, qualify: Callable[[str], str]) -> list:
 
 def _leaf_sites(gm: fx.GraphModule, leaf: str, include: SiteFilter, exclude: SiteFilter) -> list[SiteSpec]:
     """Neurons inside an untraceable leaf: reached by module swapping, no norm joins."""
+    from pbp_fx.site import SwappedNeuron
+
     out = []
-    for sub, m in gm.get_submodule(leaf).named_modules():
+    leaf_module = gm.get_submodule(leaf)
+    for sub, m in leaf_module.named_modules():
         if not sub:
             continue
         try:
             layer = LayerSpec.from_module(m)
         except TypeError:
             continue
-        name = f"{leaf}.{sub}"
+        path = f"{leaf}.{sub}"
+        # In a perforated graph (explain) the layer sits in its SwappedNeuron: named by the layer's
+        # own path, as perforate named it, so that filters and reports see the same name.
+        owner, _, last = sub.rpartition(".")
+        swapped = last == "neuron" and owner and isinstance(leaf_module.get_submodule(owner), SwappedNeuron)
+        name = f"{leaf}.{owner}" if swapped else path
         if selected(name, m, include, exclude):
-            out.append(SiteSpec(name=name, layer=layer, module=name, weight=f"{name}.weight",
-                                bias=f"{name}.bias" if m.bias is not None else None))
+            out.append(SiteSpec(name=name, layer=layer, module=path, weight=f"{path}.weight",
+                                bias=f"{path}.bias" if m.bias is not None else None))
     return out

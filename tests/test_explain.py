@@ -91,3 +91,34 @@ def test_layer_kinds_pbp_fx_does_not_perforate_are_named_as_such(frontend):
     for name, kind in [("gru.weight_ih_l0", "GRU"), ("gru.weight_hh_l0", "GRU"), ("up.weight", "ConvTranspose1d")]:
         assert rows[name].status == "not a site"
         assert rows[name].reason.startswith(f"{kind} is not a layer kind pbp-fx perforates"), rows[name]
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.b(x)
+        return h if h.sum() > 0 else -h  # untraceable: a leaf, its Linear swapped in place
+
+
+class _WithLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.gate, self.head = nn.Linear(4, 4), _Branchy(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.gate(torch.relu(self.a(x))))
+
+
+def test_a_perforated_leaf_site_is_explained_under_its_own_name():
+    from pbp_fx.explain import explain_graph
+
+    model, x = _WithLeaf(), torch.randn(3, 4)
+    pm = pbp_fx.perforate(model, (x,), include=["gate.b", "a"])
+    assert list(pm.sites) == ["a", "gate.b"]
+    rows = _by_name(explain_graph(pm.graph_module, pm.source_model, ["gate.b", "a"], None))
+    assert set(rows) == {"a", "gate.b", "head"}  # not gate.b.neuron
+    assert rows["gate.b"].status == "site" and rows["a"].status == "site"
+    assert "excluded" in rows["head"].reason
