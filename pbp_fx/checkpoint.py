@@ -259,6 +259,7 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
     frozen = _collect("frozen/", tensors, plain)
     if frozen:
         pm.load_phase_buffers(frozen)
+    pm.loaded_from = os.path.abspath(path)
     if controller is not None and "controller" in meta:
         cs = dict(meta["controller"])
         best = _collect("best/", tensors, plain)

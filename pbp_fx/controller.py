@@ -155,7 +155,9 @@ class PhaseController:
         for i, g in enumerate(optimizer.param_groups):
             for p in g["params"]:
                 self._groups[p] = i
-        self.rebind()
+        # The optimizer's state for parameters that stay trainable is kept: a training framework
+        # that resumes a run restores it before the controller exists (the HF Trainer does).
+        self.rebind(keep_state=True)
         self.scheduler = None
         if scheduler_factory is not None:
             self.scheduler = scheduler_factory(self.optimizer)

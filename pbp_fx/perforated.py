@@ -46,6 +46,9 @@ class PerforatedModel(nn.Module):
         self._frozen_buffers: dict[str, torch.Tensor] = {}
         # Keyword arguments of torch.utils.checkpoint while activation checkpointing is on, else None.
         self.checkpointing: Optional[dict] = None
+        # The checkpoint file pbp_fx.load last read into this model (absolute path), else None: a
+        # trainer callback resuming the run finds the controller state saved beside it.
+        self.loaded_from: Optional[str] = None
         call = self.call_signature
         if call is not None and type(self) is PerforatedModel:
             self.__class__ = _with_signature(call.signature)

@@ -65,11 +65,7 @@ class PBCallback(TrainerCallback):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
                                               parameter_groups=_trainer_groups if len(opt.param_groups) == 2 else None)
         if state.global_step > 0:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", CHECKPOINT_NAME)
-            if not os.path.isfile(path):
-                raise TrainingError(f"PBCallback: resuming at step {state.global_step} needs {path} (PBCallback writes "
-                                    f"it at every save): resume from a checkpoint of a run with PBCallback")
-            load_controller(path, self.controller)
+            load_controller(_resumed_file(args, state, pm), self.controller)
         scheduler = unwrap_scheduler(lr_scheduler)
         if scheduler is not None:
             self.controller.attach_scheduler(scheduler, scaled=state.global_step > 0)
@@ -101,6 +97,23 @@ class PBCallback(TrainerCallback):
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             save(ctl.pm, os.path.join(args.output_dir, CHECKPOINT_NAME), controller=ctl)
+
+
+def _resumed_file(args, state, pm) -> str:
+    """The PBCallback file of the checkpoint a Trainer resumes at state.global_step: the one
+    pbp_fx.load read into the model when it lies in a `checkpoint-<step>` folder (the Trainer does
+    not tell callbacks which folder it resumed from, which may be another run's), else the one in
+    output_dir."""
+    folder = f"checkpoint-{state.global_step}"
+    loaded = pm.loaded_from
+    if loaded is not None and os.path.basename(os.path.dirname(loaded)) == folder:
+        return loaded
+    path = os.path.join(args.output_dir, folder, CHECKPOINT_NAME)
+    if os.path.isfile(path):
+        return path
+    raise TrainingError(f"PBCallback: resuming at step {state.global_step} needs the {CHECKPOINT_NAME} of the "
+                        f"checkpoint resumed from (PBCallback writes it at every save), loaded into the model first: "
+                        f"pbp_fx.load('<that checkpoint folder>/{CHECKPOINT_NAME}', model) before trainer.train")
 
 
 def _trainer_groups(model) -> dict:

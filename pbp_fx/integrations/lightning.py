@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -46,7 +47,9 @@ class PBCallback(Callback):
         ctl = self.controller
         if ctl is None:
             return {}
-        return {"controller": ctl.state_dict(), "frozen": ctl.pm.phase_buffers()}
+        # The CPU generator too: a later dendrite phase draws its candidates from it (Lightning does
+        # not restore it on resume; `pbp-fx train --resume` does).
+        return {"controller": ctl.state_dict(), "frozen": ctl.pm.phase_buffers(), "rng": torch.get_rng_state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resumed = dict(state_dict) or None
@@ -89,7 +92,10 @@ class PBCallback(Callback):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize)
         if self._resumed is not None:  # Lightning restores the optimizer and schedulers after this hook
             self.controller.load_state_dict(self._resumed["controller"])
-            pm.load_phase_buffers(self._resumed["frozen"])
+            if self._resumed["frozen"]:  # only a dendrite phase has them
+                pm.load_phase_buffers(self._resumed["frozen"])
+            if "rng" in self._resumed:  # the next candidates' initial weights: as the uninterrupted run's
+                torch.set_rng_state(self._resumed["rng"])
             self._resumed = None
         for scheduler_config in trainer.lr_scheduler_configs:
             self.controller.attach_scheduler(scheduler_config.scheduler)

@@ -158,27 +158,31 @@ def test_trainer_checkpoints_in_the_dendrite_phase(tmp_path, perforated_bert):
     assert phases == {"neuron", "dendrite"}
 
 
-def test_resume_from_a_trainer_checkpoint_continues_the_schedule(tmp_path, perforated_bert):
+@pytest.mark.parametrize("phase", ["neuron", "dendrite"])
+def test_resume_from_a_trainer_checkpoint_continues_the_schedule(tmp_path, perforated_bert, phase):
     """trainer.train(resume_from_checkpoint=...) after pbp_fx.load of the callback's file gives the
-    uninterrupted run's decisions and scores."""
+    uninterrupted run's decisions and scores: from a neuron phase (the Trainer's restored Adam
+    state must survive the callback's start; resumed into another output_dir) and from inside a
+    dendrite phase (candidates, scaled lr)."""
     whole = PBCallback(QUICK)
     trainer, _ = _trainer(tmp_path / "whole", whole, perforated_bert(), save_strategy="epoch")
     trainer.train()
     history = whole.controller.history
-    # A checkpoint inside the dendrite phase: the hardest place to resume (candidates, scaled lr).
-    epoch = next(h["epoch"] for h in history if h["phase"] == "dendrite") + 1
+    epoch = 2 if phase == "neuron" else next(h["epoch"] for h in history if h["phase"] == "dendrite") + 1
     steps = {int(d.split("-")[1]) for d in os.listdir(tmp_path / "whole") if d.startswith("checkpoint-")}
     step = sorted(steps)[epoch - 1]
     folder = tmp_path / "whole" / f"checkpoint-{step}"
-    assert pbp_fx.checkpoint.read_structure(str(folder / CHECKPOINT_NAME))["phase"] == "dendrite"
+    assert pbp_fx.checkpoint.read_structure(str(folder / CHECKPOINT_NAME))["phase"] == phase
     model = pbp_fx.load(str(folder / CHECKPOINT_NAME), perforated_bert())
     resumed = PBCallback(QUICK)
-    trainer, _ = _trainer(tmp_path / "whole", resumed, model, save_strategy="epoch")
+    trainer, _ = _trainer(tmp_path / ("other" if phase == "neuron" else "whole"), resumed, model, save_strategy="epoch")
     trainer.train(resume_from_checkpoint=str(folder))
     again = resumed.controller.history
     assert [h["note"] for h in again] == [h["note"] for h in history]
     for a, b in zip(again, history):
         assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
+    if phase == "neuron":
+        return
     # A model without the checkpoint's structure: one line naming the fix (the Trainer itself
     # refuses first when its optimizer groups differ in size).
     with pytest.raises(pbp_fx.CheckpointError, match=r"pbp_fx.load\(path, model\)") as err:

@@ -105,9 +105,11 @@ def test_lightning_refusals():
         _trainer(PBCallback(QUICK), max_epochs=1).fit(Classifier(small_cnn()), train, val)
 
 
-def test_lightning_resumes_from_its_own_checkpoint_in_the_dendrite_phase(tmp_path):
-    """trainer.fit(..., ckpt_path=...) from a checkpoint taken inside a dendrite phase makes the
-    uninterrupted run's decisions with its scores."""
+@pytest.mark.parametrize("phase", ["neuron", "dendrite"])
+def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase):
+    """trainer.fit(..., ckpt_path=...) from a checkpoint taken in a neuron phase (the candidates are
+    drawn after the resume) or inside a dendrite phase makes the uninterrupted run's decisions with
+    its scores."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(ckpt_path=None, save=False):
@@ -125,7 +127,8 @@ def test_lightning_resumes_from_its_own_checkpoint_in_the_dendrite_phase(tmp_pat
 
     whole = run(save=True)
     epoch = next(h["epoch"] for h in whole if h["phase"] == "dendrite")  # 1-based: the first dendrite epoch
-    ckpt = tmp_path / f"epoch={epoch}.ckpt"  # 0-based file name: after the second dendrite-phase epoch
+    # 0-based file names: after the first epoch, or after the second dendrite-phase epoch
+    ckpt = tmp_path / f"epoch={0 if phase == 'neuron' else epoch}.ckpt"
     again = run(ckpt_path=str(ckpt))
     assert [h["note"] for h in again] == [h["note"] for h in whole]
     for a, b in zip(again, whole):
