@@ -57,6 +57,11 @@ _FUSED_ADAM_DEVICES = ("cpu", "cuda")
 _FUSED_ADAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# A ReduceLROnPlateau's counters that a dendrite phase holds, and the cooldown that holds it.
+_PLATEAU_COUNTERS = ("best", "cooldown_counter")
+_PLATEAU_HOLD = 2**31 - 1
+
+
 def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
     """Adam(lr), fused (one kernel for all tensors per step) when every parameter is a float tensor
     on the CPU or a CUDA device (where torch has the fused kernel), else torch's default Adam.
@@ -143,6 +148,8 @@ class PhaseController:
         self.history: list[dict] = []
         # Per group, the factor applied to lr (and scheduler base_lrs) in the dendrite phase.
         self.lr_scale: Optional[list[float]] = None
+        # Per attached ReduceLROnPlateau (by attach order): its counters while a dendrite phase holds it.
+        self.plateau_held: dict[int, dict] = {}
         self.schedulers: list = []
         self._groups = WeakIdKeyDictionary()  # parameter -> the group it belongs to
         self.parameter_groups = parameter_groups
@@ -233,6 +240,7 @@ class PhaseController:
             g["lr"] = lr * s if lr > 0 else target
         for sch in self.schedulers:
             self._scale_schedulers(sch, scale, divide=False)
+        self._hold_plateaus()
         self.lr_scale = scale
 
     def _leave_dendrite_lr(self) -> None:
@@ -242,7 +250,32 @@ class PhaseController:
             g["lr"] = float(g["lr"]) / s
         for sch in self.schedulers:
             self._scale_schedulers(sch, self.lr_scale, divide=True)
+        self._release_plateaus()
         self.lr_scale = None
+
+    def _hold_plateaus(self) -> None:
+        """Keep ReduceLROnPlateau schedulers from cutting the lr in the dendrite phase.
+
+        The validation score cannot change there (the model's output does not), so a plateau
+        scheduler would see `patience` bad epochs and cut the candidates' lr and, after the
+        install, the neurons'. In cooldown it counts no bad epochs. When the phase ends its best
+        score and cooldown come back, and the new structure gets a whole patience, as it gets a
+        fresh optimizer state: the step that follows the install (whose score is the unchanged
+        model's, when the framework steps the scheduler after the controller, as the HF Trainer
+        and Lightning do) is not counted."""
+        self.plateau_held = {}
+        for i, sch in enumerate(self.schedulers):
+            if isinstance(sch, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.plateau_held[i] = {k: getattr(sch, k) for k in _PLATEAU_COUNTERS}
+                sch.cooldown_counter = _PLATEAU_HOLD
+
+    def _release_plateaus(self) -> None:
+        for i, held in self.plateau_held.items():
+            if i < len(self.schedulers):
+                sch = self.schedulers[i]
+                sch.best, sch.cooldown_counter = held["best"], held["cooldown_counter"]
+                sch.num_bad_epochs = -1
+        self.plateau_held = {}
 
     def _begin_round(self) -> None:
         cfg = self.config
@@ -307,6 +340,7 @@ class PhaseController:
         """Everything needed to resume: the schedule, history, lr factors and the best weights."""
         return {"schedule": self.schedule.state_dict(), "history": copy.deepcopy(self.history),
                 "lr_scale": None if self.lr_scale is None else list(self.lr_scale),
+                "plateau_held": {str(i): dict(v) for i, v in self.plateau_held.items()},
                 "best_state": self.best_state}
 
     def load_state_dict(self, state: dict, keep_optimizer_state: bool = False) -> None:
@@ -317,5 +351,6 @@ class PhaseController:
         self.schedule.load_state_dict(state["schedule"])
         self.history = copy.deepcopy(state["history"])
         self.lr_scale = None if state.get("lr_scale") is None else list(state["lr_scale"])
+        self.plateau_held = {int(i): dict(v) for i, v in state.get("plateau_held", {}).items()}
         self.best_state = state["best_state"]
         self.rebind(keep_optimizer_state)

@@ -155,6 +155,34 @@ def test_a_scheduler_built_once_steps_across_two_restructures(kind):
     assert restructures == 4
 
 
+def test_a_plateau_scheduler_is_held_through_the_dendrite_phase():
+    """ReduceLROnPlateau sees a constant score in the dendrite phase (the model's output does not
+    change): it must not cut the candidates' lr nor, after the install, the neurons'; its counters
+    come back as they were, also across a controller state round trip."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, max_dendrite_epochs=4, dendrite_patience=99, candidate_lr=0.5,
+                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+    opt = ctl.optimizer
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=1, factor=0.1)
+    ctl.attach_scheduler(sched)
+    lrs, phases, cooldowns = [], [], []
+    for score in [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.55]:  # neuron, neuron -> dendrite (4 epochs) -> install
+        phases.append(pm.phase)
+        ctl.step(score)
+        sched.step(score)  # a framework steps it after the controller's decision (or before: the same)
+        lrs.append(opt.param_groups[0]["lr"])
+        cooldowns.append((sched.cooldown_counter, sched.num_bad_epochs))
+        if pm.phase == "dendrite" and len(lrs) == 4:
+            held = ctl.state_dict()["plateau_held"]
+            again = PhaseController(_pm(), patience=1, optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+            again.load_state_dict(ctl.state_dict())
+            assert again.plateau_held == {0: held["0"]}
+    assert phases == ["neuron", "neuron", "dendrite", "dendrite", "dendrite", "dendrite", "neuron"]
+    assert lrs[1:5] == [pytest.approx(0.5)] * 4  # the candidates keep candidate_lr
+    assert lrs[5] == pytest.approx(0.1)  # installed: the neurons' lr, not cut
+    assert cooldowns[5] == (0, 0)  # released; the install epoch's step (the unchanged model's score) not counted
+
+
 def test_state_dict_round_trip_gives_the_same_decisions():
     seq = [0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.62, 0.62, 0.62, 0.62, 0.62]
     a_pm, b_pm = _pm(), _pm()
