@@ -129,7 +129,7 @@ def task_functions(mod: ModuleType) -> tuple[Callable, Callable, str]:
     MSE (of `training.primary_output`). metric (output, target) -> (sum, count), higher is better,
     which picks the best epoch: the file's, else accuracy / minus the mean loss.
     """
-    from .training import accuracy, negative_loss, primary_output
+    from .training import accuracy, cross_entropy, negative_loss
 
     task = getattr(mod, "TASK", "classification")
     if task not in TASKS:
@@ -138,14 +138,20 @@ def task_functions(mod: ModuleType) -> tuple[Callable, Callable, str]:
     for name in ("loss_fn", "metric"):
         if getattr(mod, name, None) is not None and not callable(getattr(mod, name)):
             raise ModelFileError(f"{_name(mod)}: {name} is not callable: define it as a function")
-    default = F.cross_entropy if task == "classification" else F.mse_loss
-    loss_fn = getattr(mod, "loss_fn", None) or (lambda output, target: default(primary_output(output), target))
+    loss_fn = getattr(mod, "loss_fn", None) or (cross_entropy if task == "classification" else mean_squared_error)
     metric = getattr(mod, "metric", None)
     if metric is not None:
         return loss_fn, metric, getattr(metric, "__name__", "metric")
     if task == "classification":
         return loss_fn, accuracy, "accuracy"
     return loss_fn, negative_loss(loss_fn), "minus the loss"
+
+
+def mean_squared_error(output, target) -> torch.Tensor:
+    """F.mse_loss of `training.primary_output`: a regression model file's default loss."""
+    from .training import primary_output
+
+    return F.mse_loss(primary_output(output), target)
 
 
 def _name(mod: ModuleType) -> str:

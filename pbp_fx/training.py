@@ -18,7 +18,7 @@ from .controller import Decision, PhaseController, default_optimizer
 from .errors import TrainingError
 from .perforated import PerforatedModel
 
-__all__ = ["fit", "History", "evaluate", "accuracy", "negative_loss", "primary_output", "split_batch", "train_epoch"]
+__all__ = ["fit", "History", "evaluate", "accuracy", "cross_entropy", "negative_loss", "primary_output", "split_batch", "train_epoch"]
 
 
 @dataclass
@@ -79,6 +79,11 @@ def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
     return float((primary_output(output).argmax(-1) == target).sum()), target.numel()
 
 
+def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy of `primary_output` (a dict's "logits", a tuple's first element): fit's default loss."""
+    return F.cross_entropy(primary_output(output), target)
+
+
 def negative_loss(loss_fn: Callable) -> Callable:
     """A metric for regression (higher is better): minus loss_fn's value, weighted by the batch's samples."""
 
@@ -134,7 +139,7 @@ def _check_loader(loader, what: str) -> None:
         raise TrainingError(f"the {what} loader is empty: give the {what} dataset at least one batch")
 
 
-def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = F.cross_entropy, *,
+def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross_entropy, *,
         config: Optional[PBConfig] = None, training: Optional[TrainConfig] = None,
         controller: Optional[PhaseController] = None, optimizer_factory: Optional[Callable] = None,
         metric: Callable = accuracy, test_loader=None, device=None, progress: bool = True,

@@ -137,3 +137,22 @@ def test_fit_takes_a_config_and_stops_at_the_epoch_cap():
     h = fit(pm, loader, loader, config=pbp_fx.PBConfig(patience=50), training=pbp_fx.TrainConfig(epochs=3),
             progress=False)
     assert len(h.epochs) == 3 and pm.phase == "neuron"
+
+
+class _DictOut(nn.Module):
+    """A model returning a dict, as Hugging Face models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {"hidden": self.body(x), "logits": self.head(torch.relu(self.body(x)))}
+
+
+def test_fit_defaults_score_a_dict_output_by_its_logits():
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(_DictOut(), (torch.randn(2, 6),))
+    train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
+    h = fit(pm, train, val, epochs=3, progress=False, config=pbp_fx.PBConfig(patience=1, max_dendrites=1))
+    assert len(h.epochs) == 3 and all(0.0 <= r["val"] <= 1.0 for r in h.epochs)
