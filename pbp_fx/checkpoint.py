@@ -135,6 +135,9 @@ def _read(path: str) -> tuple[dict, dict]:
         header = json.loads(data[8:8 + size]).get("__metadata__") or {}
         tensors = load_tensors(data)
     except Exception as exc:  # noqa: BLE001 - any parse failure means a damaged file
+        if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # a zip (torch.save) or a pickle, not safetensors
+            raise CheckpointError(f"{path} is a torch.save / pickle file, not a pbp-fx checkpoint: write checkpoints "
+                                  "with pbp_fx.save (or `pbp-fx train`), or load this file with torch.load") from exc
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({type(exc).__name__}): "
                               "use an intact copy") from exc
     if "pbp_fx" not in header:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -65,11 +66,17 @@ def _check(obj) -> None:
             if not isinstance(value, bool):
                 bad = "true or false"
         elif kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 bad = "a whole number"
+            elif type(value) is not int:  # numpy's integers: stored as Python ints (to_dict writes JSON)
+                value = int(value)
+                object.__setattr__(obj, name, value)
         elif kind == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 bad = "a finite number"
+            elif type(value) not in (int, float):
+                value = float(value)
+                object.__setattr__(obj, name, value)
         elif kind == "str" and not isinstance(value, str):
             bad = "a string"
         if bad is None and meta.get("choices") and value not in meta["choices"]:

@@ -74,6 +74,8 @@ class CandidatePool(nn.Module):
         super().__init__()
         if not 0.0 < ema < 1.0:
             raise ValueError(f"ema={ema}: the EMA decay must be in (0, 1)")
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+            raise ValueError(f"pool={pool!r}: the candidate pool size must be a whole number >= 1")
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
             raise ValueError(f"stride={stride!r}: the candidates' position stride must be a whole number >= 1")
         self.layer, self.activation = layer, activation
@@ -358,8 +360,6 @@ class Site(nn.Module):
     def start_candidates(self, pool: int = 4, init: str = "kaiming", init_scale: float = 1.0,
                          **stats) -> CandidatePool:
         """Attach a fresh pool of P candidates (PB_SPEC §4); they add exactly 0 to the output."""
-        if pool < 1:
-            raise ValueError(f"pool={pool}: the candidate pool needs at least 1 member")
         self.candidates = CandidatePool(self.layer, self.norm, pool, self.num_dendrites, self.activation,
                                         init, init_scale, **stats, **self._factory())
         self.candidates.train(self.training)

@@ -112,6 +112,13 @@ def test_damaged_files_are_refused(tmp_path, damage):
         pbp_fx.load(path, _build, (X,))
 
 
+def test_a_torch_save_file_is_named_as_such(tmp_path):
+    path = str(tmp_path / "model.pt")
+    torch.save(_build().state_dict(), path)
+    with pytest.raises(pbp_fx.CheckpointError, match=r"is a torch.save / pickle file, not a pbp-fx checkpoint"):
+        pbp_fx.load(path, _build, (X,))
+
+
 def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     pm, _ = _trained_pm()
     path = str(tmp_path / "c.safetensors")

@@ -63,3 +63,13 @@ def test_dendrite_phase_kwargs_carry_every_candidate_setting():
     cfg = PBConfig(pool=3, pool_split=False, candidate_stride=2, candidate_init="normal")
     assert cfg.dendrite_phase_kwargs() == {"pool": 3, "init": "normal", "ema": 0.99, "warmup": None,
                                            "threshold": 0.01, "bias_correction": True, "split": False, "stride": 2}
+
+
+def test_numpy_numbers_are_accepted_and_stored_as_python_numbers():
+    import numpy as np
+
+    cfg = PBConfig(pool=np.int64(3), candidate_lr=np.float32(0.5))
+    assert type(cfg.pool) is int and cfg.pool == 3 and type(cfg.candidate_lr) is float
+    assert json.loads(json.dumps(cfg.to_dict()))["pool"] == 3
+    with pytest.raises(ConfigError, match="pool=2.5: must be a whole number"):
+        PBConfig(pool=2.5)

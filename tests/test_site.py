@@ -207,8 +207,9 @@ def test_bad_arguments():
     site = Site("s", LayerSpec.from_module(layer))
     with pytest.raises(RuntimeError, match="no candidates"):
         site.install_candidates()
-    with pytest.raises(ValueError, match="pool"):
-        site.start_candidates(pool=0)
+    for pool in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"pool={pool!r}: the candidate pool size must be a whole number"):
+            site.start_candidates(pool=pool)
 
 
 # -- statistics (issue 13): bias-corrected EMA, warm-up, noise-aware stop rule -----------------
