@@ -288,6 +288,28 @@ class PerforatedModel(nn.Module):
             s.drop_candidates()
         self._end_dendrite_phase()
 
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """nn.Module.state_dict, with each further name of a tied tensor (GPT-2's lm_head.weight and
+        transformer.wte.weight) given as a copy: writers that refuse shared storage can write it
+        (safetensors' save_file, which the HF Trainer uses for a model that is not a
+        PreTrainedModel). Loading it back sets the one tensor twice, to the same value."""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if keep_vars:
+            return state
+        seen = set()
+        for name, value in state.items():
+            if not isinstance(value, torch.Tensor) or value.device.type == "meta" or not value.numel():
+                continue
+            try:
+                where = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+            except (RuntimeError, NotImplementedError):  # a tensor subclass without one storage
+                continue
+            if where in seen:
+                state[name] = value.clone()
+            else:
+                seen.add(where)
+        return state
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer must hold in the current phase."""
         # Empty tensors (the cascade of a site's first dendrite) have nothing to train.

@@ -188,3 +188,37 @@ def test_resume_from_a_trainer_checkpoint_continues_the_schedule(tmp_path, perfo
     with pytest.raises(pbp_fx.CheckpointError, match=r"pbp_fx.load\(path, model\)") as err:
         pbp_fx.checkpoint.load_controller(str(folder / CHECKPOINT_NAME), pbp_fx.PhaseController(perforated_bert()))
     assert "\n" not in str(err.value)
+
+
+class _TiedClassifier(torch.nn.Module):
+    """Embedding and output layer share one matrix (as GPT-2's wte and lm_head do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(8, 16)
+        self.fc = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 8, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.out(torch.relu(self.fc(self.emb(input_ids).mean(1))))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+def test_trainer_saves_a_model_with_tied_weights(tmp_path):
+    """The Trainer writes a model that is not a PreTrainedModel with safetensors' save_file, which
+    refuses shared storage: the tied matrix's second name comes as a copy and loads back tied."""
+    torch.manual_seed(0)
+    batch = default_data_collator(parity_tokens(8, 0))
+    pm = pbp_fx.perforate(_TiedClassifier(), example_kwargs=batch)
+    trainer, _ = _trainer(tmp_path, PBCallback(QUICK), pm, save_strategy="epoch", num_train_epochs=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    again = pbp_fx.perforate(_TiedClassifier(), example_kwargs=batch)
+    again.load_state_dict(load_file(str(tmp_path / "final" / "model.safetensors")))
+    gm = again.graph_module
+    assert gm.out.weight is gm.emb.weight
+    pm.eval(), again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(**batch)["logits"], pm(**batch)["logits"])
