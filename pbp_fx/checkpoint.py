@@ -23,6 +23,7 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .config import PBConfig
 from .errors import CheckpointError, NoSitesError
@@ -194,6 +195,20 @@ def _convert_hint(path: str) -> str:
     return (f"checkpoint {path} is format 1 (pbp-fx before PBConfig)")
 
 
+def _float_dtypes(tensors) -> set:
+    return {t.dtype for t in tensors if t.is_floating_point()}
+
+
+def _to_saved_dtype(model: nn.Module, tensors: dict) -> None:
+    """A model saved in one floating dtype (after `.to(torch.float64)`) comes back in it, whatever
+    dtype its build gives: loading would otherwise cast the weights silently. Models of mixed
+    floating dtypes are left as they are."""
+    saved = _float_dtypes(v for k, v in tensors.items() if k.startswith("model/"))
+    here = _float_dtypes(model.state_dict().values())
+    if len(saved) == 1 and len(here) == 1 and saved != here:
+        model.to(next(iter(saved)))
+
+
 def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, example_kwargs) -> PerforatedModel:
     """Capture `model` as the checkpoint's model was captured: same frontend, options and inputs."""
     st = meta["structure"]
@@ -211,6 +226,12 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
             frontend = "auto"
         if example_inputs is None and not example_kwargs:
             example_inputs, example_kwargs = inputs_from_signature(capture["inputs"])
+            # Stand-ins in the model's floating dtype: it may be another than at capture time.
+            here = _float_dtypes(model.state_dict().values())
+            if len(here) == 1:
+                dtype = next(iter(here))
+                cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+                example_inputs, example_kwargs = pytree.tree_map(cast, (example_inputs, example_kwargs))
     inputs = () if example_inputs is None else example_inputs
     try:
         pm = perforate(model, inputs, include=lambda n, m: n in names, activation=st["activation"],
@@ -249,8 +270,10 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
             model = model()
             if not isinstance(model, nn.Module):
                 raise CheckpointError(f"load() needs a model or a function returning one, got {type(model).__name__}")
+        _to_saved_dtype(model, tensors)
         model = _perforate_like(path, meta, model, example_inputs, example_kwargs)
     pm = model
+    _to_saved_dtype(pm, tensors)
     _check_sites(pm, st, path)
     plain = meta.get("plain", {})
     state = _collect("model/", tensors, plain)

@@ -112,6 +112,20 @@ def test_damaged_files_are_refused(tmp_path, damage):
         pbp_fx.load(path, _build, (X,))
 
 
+def test_a_model_saved_in_float64_comes_back_in_float64(tmp_path):
+    pm, _ = _trained_pm()
+    pm.to(torch.float64)
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    pm.eval()
+    x = X.double()
+    for target in (_build, lambda: _build().double(), pbp_fx.perforate(_build(), (X,))):
+        again = pbp_fx.load(path, target).eval()  # no example inputs: stand-ins in the model's dtype
+        assert {p.dtype for p in again.parameters()} == {torch.float64}
+        with torch.no_grad():
+            assert torch.equal(again(x), pm(x))
+
+
 def test_a_torch_save_file_is_named_as_such(tmp_path):
     path = str(tmp_path / "model.pt")
     torch.save(_build().state_dict(), path)
