@@ -49,6 +49,7 @@ class PerforatedModel(nn.Module):
         # The checkpoint file pbp_fx.load last read into this model (absolute path), else None: a
         # trainer callback resuming the run finds the controller state saved beside it.
         self.loaded_from: Optional[str] = None
+        self._grad_scaler = None
         call = self.call_signature
         if call is not None and type(self) is PerforatedModel:
             self.__class__ = _with_signature(call.signature)
@@ -239,6 +240,7 @@ class PerforatedModel(nn.Module):
         self._require_phase("neuron", "start_dendrite_phase")
         for s in self.sites.values():
             s.start_candidates(pool, init, init_scale, **stats)
+            s.candidates.grad_scaler = self._grad_scaler
         cand = {id(p) for s in self.sites.values() for p in s.candidates.parameters()}
         cand_buffers = {id(b) for s in self.sites.values() for b in s.candidates.buffers()}
         self._frozen_buffers = {n: b.detach().clone() for n, b in self.named_buffers()
@@ -287,6 +289,20 @@ class PerforatedModel(nn.Module):
         for s in self.sites.values():
             s.drop_candidates()
         self._end_dendrite_phase()
+
+    @property
+    def grad_scaler(self):
+        """The torch.amp.GradScaler that scales the loss before backward (fp16), else None: every
+        candidate pool, now and in later dendrite phases, divides it out of the site error before
+        its statistics, and a step the scaler skips is not counted. Trainer callbacks set it."""
+        return self._grad_scaler
+
+    @grad_scaler.setter
+    def grad_scaler(self, scaler) -> None:
+        self._grad_scaler = scaler
+        for s in self.sites.values():
+            if s.candidates is not None:
+                s.candidates.grad_scaler = scaler
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """nn.Module.state_dict, with each further name of a tied tensor (GPT-2's lm_head.weight and

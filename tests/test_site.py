@@ -309,10 +309,10 @@ def test_dendrite_phase_stop_rule_fires_before_the_cap(spirals_net):
 def _stats_after(m, x, y, steps, autocast_dtype=None, scaler=None, seed=0):
     """The pools' statistics after `steps` lr-0 dendrite steps, optionally under autocast / a GradScaler."""
     pm = pbp_fx.perforate(copy.deepcopy(m), (x[:2],))
+    pm.grad_scaler = scaler  # reaches the pools of every dendrite phase
     torch.manual_seed(seed)
     pm.start_dendrite_phase(pool=3)
-    for s in pm.sites.values():
-        s.candidates.grad_scaler = scaler
+    assert all(s.candidates.grad_scaler is scaler for s in pm.sites.values())
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         i = torch.randint(0, len(x), (64,), generator=g)

@@ -60,6 +60,8 @@ class PBCallback(TrainerCallback):
             raise TrainingError("PBCallback runs in one process: a restructure changes the parameters that the "
                                 "Trainer's DDP wrapper was built on; train on one device")
         pm = find_perforated(model, "PBCallback")
+        # fp16: accelerate's optimizer wrapper holds the GradScaler; the pools divide its scale out
+        pm.grad_scaler = getattr(optimizer, "scaler", None)
         opt = unwrap_optimizer(optimizer)
         if self.controller is None or self.controller.pm is not pm:
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,

@@ -87,6 +87,8 @@ class PBCallback(Callback):
         if self._structure_hook is not None:  # the checkpoint (if any) is loaded: later loads are PB's own
             self._structure_hook.remove()
             self._structure_hook = None
+        # "16-mixed": the precision plugin holds the GradScaler; the pools divide its scale out
+        pm.grad_scaler = getattr(trainer.precision_plugin, "scaler", None)
         opt = unwrap_optimizer(trainer.optimizers[0])
         if self.controller is None or self.controller.pm is not pm:
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize)
