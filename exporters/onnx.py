@@ -226,18 +226,25 @@ def _root_of_parts(module: nn.Module) -> nn.Module:
     return module if root is None else root
 
 
-def _graph_inputs(model: nn.Module, inputs: tuple) -> tuple:
-    """A perforated model's inputs as its graph takes them, positionally (a call of the original
-    with positional `None`s or defaults becomes the traced graph's own call)."""
+def _graph_inputs(model: nn.Module, example_inputs: Any) -> tuple:
+    """A model's example inputs as its graph takes them, positionally: a perforated model's call
+    of the original (keyword inputs as a dict, positional `None`s or defaults) becomes the traced
+    graph's own call."""
     from pbp_fx.perforated import PerforatedModel
 
+    kwargs = example_inputs if isinstance(example_inputs, dict) else {}
+    args = () if kwargs else _as_tuple(example_inputs)
     call = model.call_signature if isinstance(model, PerforatedModel) else None
     if call is None:
-        return inputs
+        if kwargs:
+            raise ExportError("keyword example inputs (a dict) need a PerforatedModel, whose graph knows their order: "
+                              "pass this model's inputs as a tuple")
+        return args
     try:
-        args, kwargs = call.graph_inputs(inputs, {})
+        args, kwargs = call.graph_inputs(args, kwargs)
     except TypeError as e:
-        raise ExportError(f"example inputs do not match the model: {e}") from e
+        hint = "" if kwargs else "; keyword inputs go in a dict: example_inputs={'name': tensor, ...}"
+        raise ExportError(f"example inputs do not match the model: {e}{hint}") from e
     return tuple(args) + tuple(kwargs.values())
 
 
@@ -490,7 +497,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
 
     model: a PerforatedModel (finalized first; the model itself is not modified), a
         finalized GraphModule, or any nn.Module (exported as is, in eval mode, on a copy).
-    example_inputs: a tensor or tuple of tensors the model is called with.
+    example_inputs: a tensor or tuple of tensors the model is called with, or a dict of keyword
+        inputs (a PerforatedModel of a model called with keywords: `pm(input_ids=...)`).
     fused: each site with K >= 1 dendrites becomes ONE `pbp::PerforatedLinear` /
         `pbp::PerforatedConv` node (with a function body for plain runtimes); with
         fused=False the file holds standard ops only.
@@ -514,7 +522,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     if int(opset) < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the exporter and the fused ops need opset >= {MIN_OPSET}")
     target = _target(path)
-    inputs = _graph_inputs(model, _as_tuple(example_inputs))
+    inputs = _graph_inputs(model, example_inputs)
     module, dendrites, activation = _prepare(model)
     specs: dict[str, FusedOpSpec] = {}
     if fused:

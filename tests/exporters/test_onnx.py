@@ -347,3 +347,29 @@ def test_untraceable_root_torch_onnx_cannot_capture_is_one_line(tmp_path, pb):
     got = run(ort_session(path, device="cpu", threads=1), (x[:2].numpy(),))[0]
     with torch.no_grad():
         assert float(np.abs(got - part(x[:2]).numpy()).max()) <= 1e-5
+
+
+class _KeywordOnly(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, *, x, mask=None):
+        return self.out(torch.relu(self.fc(x)))
+
+
+def test_keyword_inputs_are_given_as_a_dict(tmp_path, pb):
+    x = torch.randn(5, 4)
+    pm = pbp_fx.perforate(_KeywordOnly(), example_kwargs={"x": x})
+    pm.grow()
+    pb.randomize(pm, 0.5)
+    pm.eval()
+    path = export_onnx(pm, {"x": x}, str(tmp_path / "kw.onnx"))
+    session = ort_session(path)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - pm(x=x).numpy()).max() < 1e-4
+    with pytest.raises(ExportError, match=r"too many positional arguments; keyword inputs go in a dict"):
+        export_onnx(pm, (x,), str(tmp_path / "positional.onnx"))
+    with pytest.raises(ExportError, match="keyword example inputs .* need a PerforatedModel"):
+        export_onnx(_KeywordOnly(), {"x": x}, str(tmp_path / "plain.onnx"))
