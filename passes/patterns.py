@@ -141,6 +141,8 @@ def neuron_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             found = [("weight", m.weight)]
         elif type(m).__module__.startswith("torch.nn.") and not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             found = [(n, p) for n, p in m.named_parameters(recurse=False) if p.dim() >= 2]
+        elif _linear_like(m):
+            found = [("weight", m.weight)]
         else:
             continue
         for pname, p in found:
@@ -148,6 +150,14 @@ def neuron_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
                 seen.add(id(p))
                 out.append((f"{name}.{pname}" if name else pname, p))
     return out
+
+
+def _linear_like(m: nn.Module) -> bool:
+    """A layer from outside torch.nn with its own 2-D or wider `weight` parameter (Hugging Face's
+    Conv1D, a user's Linear), not an embedding or a norm by its class name."""
+    w = m._parameters.get("weight")
+    kind = type(m).__name__.lower()
+    return isinstance(w, nn.Parameter) and w.dim() >= 2 and "embed" not in kind and "norm" not in kind
 
 
 def _ntuple(v, n: int) -> tuple:

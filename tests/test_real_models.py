@@ -336,3 +336,18 @@ def test_example_kwargs_contract(tmp_path):
             assert example_kwargs(mod) == {}
         else:
             assert list(example_kwargs(mod)) == ["input"]
+
+
+def test_gpt2_with_its_default_cache_perforates_every_linear_layer():
+    """use_cache=True (GPT-2's default) returns a cache neither frontend captures: the submodules
+    are perforated in place, every Conv1D (a Linear outside torch.nn) among them, exactly."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64)
+    model, ids = transformers.GPT2LMHeadModel(cfg).eval(), _tokens()[0]
+    with pytest.warns(UserWarning, match="neither fx nor torch.export"):
+        pm = pbp_fx.perforate(model, example_kwargs={"input_ids": ids})
+    assert pm.graph_module.meta["pbp_frontend"] == "parts"
+    assert len(pm.sites) == 2 * 4 + 1 and "transformer.h.1.mlp.c_proj" in pm.sites and "lm_head" in pm.sites
+    pm.eval()
+    with torch.no_grad():
+        assert torch.equal(pm(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -328,3 +328,33 @@ def test_dynamic_batch_keeps_other_dims_static_where_every_dim_could_be_dynamic(
         batch(y)
     with pytest.raises(ValueError, match="dynamic='length'.*'batch'"):
         pbp_fx.perforate(m, (x,), dynamic="length")
+
+
+class _MyLinear(nn.Module):
+    """A Linear from outside torch.nn (like Hugging Face's Conv1D): addmm with a [in, out] weight."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(i, o) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(o))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class _WithMyLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _MyLinear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_linear_layer_from_outside_torch_nn_counts_as_a_neuron_to_reach():
+    """Where symbolic tracing does not reach it as a site, auto sees its weight unreached and takes export."""
+    x = torch.randn(4, 8)
+    pm = pbp_fx.perforate(_WithMyLinear(), (x,))
+    assert list(pm.sites) == ["a", "b"]
+    rows = {r.name: r.status for r in pbp_fx.explain_sites(_WithMyLinear(), (x,))}
+    assert rows == {"a": "site", "b": "site"}
