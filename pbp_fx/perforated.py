@@ -21,6 +21,8 @@ from .tracing import DYNAMIC_CHOICES, trace
 __all__ = ["PerforatedModel", "perforate", "PHASES"]
 
 PHASES = ("neuron", "dendrite")
+# The Hugging Face Trainer's loss keyword (tokens in the whole accumulated batch).
+LOSS_KEYWORD = "num_items_in_batch"
 
 
 class PerforatedModel(nn.Module):
@@ -71,6 +73,23 @@ class PerforatedModel(nn.Module):
     def call_signature(self) -> Optional[CallSignature]:
         """The original forward's signature and the traced input pattern (None: traced without inputs)."""
         return self.graph_module.meta.get("pbp_call")
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether forward takes the Hugging Face Trainer's loss keyword `num_items_in_batch` (the
+        Trainer reads this attribute first): only when the graph was traced with it. Otherwise the
+        Trainer scales the loss for gradient accumulation itself and never passes the keyword,
+        which the graph cannot take (a causal LM's loss uses it)."""
+        call = self.call_signature
+        if call is None:
+            return False
+        for name, param in call.signature.parameters.items():
+            traced = call.traced.get(name)
+            if param.kind is inspect.Parameter.VAR_KEYWORD and LOSS_KEYWORD in (traced or {}):
+                return True
+            if name == LOSS_KEYWORD and traced is not None:
+                return True
+        return False
 
     def forward(self, *args, **kwargs):
         """Called like the original model: positional `None`s, defaults, keyword-only inputs.

@@ -222,3 +222,22 @@ def test_trainer_saves_a_model_with_tied_weights(tmp_path):
     pm.eval(), again.eval()
     with torch.no_grad():
         assert torch.equal(again(**batch)["logits"], pm(**batch)["logits"])
+
+
+def test_trainer_trains_a_causal_lm(tmp_path):
+    """GPT-2 with labels: the Trainer would pass its loss keyword num_items_in_batch, which the
+    traced graph cannot take; the model says it does not accept it (accepts_loss_kwargs)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=20, n_positions=16, use_cache=False))
+    ids = torch.randint(0, 20, (64, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": i, "labels": i} for i in ids]
+    pm = pbp_fx.perforate(model, example_kwargs=default_data_collator(data[:4]))
+    assert pm.accepts_loss_kwargs is False
+    cb = PBCallback(QUICK)
+    trainer = Trainer(model=pm, args=_args(tmp_path, num_train_epochs=8, per_device_train_batch_size=16,
+                                           gradient_accumulation_steps=2),
+                      train_dataset=data, eval_dataset=data[:16], callbacks=[cb])
+    trainer.train()
+    assert {h["phase"] for h in cb.controller.history} == {"neuron", "dendrite"}
