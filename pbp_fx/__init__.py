@@ -22,6 +22,7 @@ _EXPORTS = {
     "TraceError": "errors", "TrainingError": "errors",
     "PerforatedModel": "perforated", "perforate": "perforated",
     "PhaseSchedule": "schedule",
+    "CallError": "signature",  # a call of a perforated model outside what was traced
     "FusedSite": "site", "Site": "site",
     "trace": "tracing",
     "History": "training", "evaluate": "training", "fit": "training",
@@ -34,7 +35,7 @@ __all__ = [
     "fit", "evaluate",
     "History", "save", "load", "export_onnx", "ort_session", "compare",
     "PBError", "ConfigError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
-    "__version__",
+    "CallError", "__version__",
 ]
 
 
@@ -70,6 +71,7 @@ if TYPE_CHECKING:  # the names as static tools see them
     from .exporters import export_onnx, ort_session
     from .perforated import PerforatedModel, perforate
     from .schedule import PhaseSchedule
+    from .signature import CallError
     from .site import FusedSite, Site
     from .tracing import trace
     from .training import History, evaluate, fit

@@ -114,7 +114,18 @@ class PerforatedModel(nn.Module):
 
             # Keyword inputs through partial: checkpoint() has keywords of its own.
             return checkpoint(partial(self.graph_module, **kwargs), *args, use_reentrant=False, **self.checkpointing)
-        return self.graph_module(*args, **kwargs)
+        try:
+            return self.graph_module(*args, **kwargs)
+        except AssertionError as exc:
+            # torch.export's input check of a graph captured with static or bounded shapes
+            if not str(exc).startswith("Guard failed"):
+                raise
+            dynamic = self.graph_module.meta.get("pbp_dynamic", "static")
+            call = self.call_signature
+            name = call.model_name if call is not None else "the model"
+            raise CallError(f"{name} was captured with {dynamic} shapes and this call breaks them "
+                            f"({exc}): call it with the shapes given to perforate(), or capture it anew with "
+                            f"inputs of the shapes you need") from None
 
     # -- activation checkpointing ----------------------------------------------------
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,

@@ -804,3 +804,13 @@ def test_activation_checkpointing_refusals_are_one_line(kwargs, word):
     with pytest.raises(pbp_fx.TrainingError) as err:
         pm.activation_checkpointing_enable(**kwargs)
     assert word in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_call_outside_a_static_capture_is_a_call_error():
+    """A graph captured with static shapes (dynamic=False, or export's static fallback) refuses
+    another batch size in one line naming the fix, not with torch.export's raw guard assertion."""
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    pm = pbp_fx.perforate(m, (torch.randn(3, 4),), frontend="export", dynamic=False)
+    assert pm(torch.randn(3, 4)).shape == (3, 2)
+    with pytest.raises(pbp_fx.CallError, match=r"captured with static shapes and this call breaks them .*Guard failed"):
+        pm(torch.randn(5, 4))
