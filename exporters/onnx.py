@@ -226,14 +226,15 @@ def _root_of_parts(module: nn.Module) -> nn.Module:
     return module if root is None else root
 
 
-def _graph_inputs(model: nn.Module, example_inputs: Any) -> tuple:
-    """A model's example inputs as its graph takes them, positionally: a perforated model's call
-    of the original (keyword inputs as a dict, positional `None`s or defaults) becomes the traced
-    graph's own call."""
+def graph_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict] = None) -> tuple:
+    """A model's example inputs as its graph (and so the ONNX file) takes them, positionally: a
+    perforated model's call of the original (keyword inputs as a dict, positional `None`s or
+    defaults) becomes the traced graph's own call."""
     from pbp_fx.perforated import PerforatedModel
 
-    kwargs = example_inputs if isinstance(example_inputs, dict) else {}
-    args = () if kwargs else _as_tuple(example_inputs)
+    kwargs = dict(example_inputs) if isinstance(example_inputs, dict) else {}
+    args = () if isinstance(example_inputs, dict) or example_inputs is None else _as_tuple(example_inputs)
+    kwargs.update(example_kwargs or {})
     call = model.call_signature if isinstance(model, PerforatedModel) else None
     if call is None:
         if kwargs:
@@ -243,7 +244,7 @@ def _graph_inputs(model: nn.Module, example_inputs: Any) -> tuple:
     try:
         args, kwargs = call.graph_inputs(args, kwargs)
     except TypeError as e:
-        hint = "" if kwargs else "; keyword inputs go in a dict: example_inputs={'name': tensor, ...}"
+        hint = "" if kwargs else "; keyword inputs go in a dict: example_kwargs={'name': tensor, ...}"
         raise ExportError(f"example inputs do not match the model: {e}{hint}") from e
     return tuple(args) + tuple(kwargs.values())
 
@@ -492,13 +493,14 @@ def _write_atomic(data: bytes, path: str) -> None:
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], fused: bool = True,
                 dynamic_batch: bool = True, opset: int = 18, fold_clip: bool = True,
-                fold_output_weight: bool = True) -> str:
+                fold_output_weight: bool = True, example_kwargs: Optional[dict] = None) -> str:
     """Export `model` to the ONNX file `path` and return the path (as given).
 
     model: a PerforatedModel (finalized first; the model itself is not modified), a
         finalized GraphModule, or any nn.Module (exported as is, in eval mode, on a copy).
     example_inputs: a tensor or tuple of tensors the model is called with, or a dict of keyword
         inputs (a PerforatedModel of a model called with keywords: `pm(input_ids=...)`).
+    example_kwargs: keyword inputs besides positional example_inputs (a PerforatedModel).
     fused: each site with K >= 1 dendrites becomes ONE `pbp::PerforatedLinear` /
         `pbp::PerforatedConv` node (with a function body for plain runtimes); with
         fused=False the file holds standard ops only.
@@ -522,7 +524,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     if int(opset) < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the exporter and the fused ops need opset >= {MIN_OPSET}")
     target = _target(path)
-    inputs = _graph_inputs(model, example_inputs)
+    inputs = graph_inputs(model, example_inputs, example_kwargs)
     module, dendrites, activation = _prepare(model)
     specs: dict[str, FusedOpSpec] = {}
     if fused:

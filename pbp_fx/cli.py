@@ -524,8 +524,8 @@ def export(args: argparse.Namespace) -> int:
     import torch
 
     from .exporters import export_onnx
-    from .exporters.onnx import MIN_OPSET
-    from .modelfile import instantiate
+    from .exporters.onnx import MIN_OPSET, graph_inputs
+    from .modelfile import example_kwargs, instantiate
     from .perforated import perforate
 
     newest = onnx.defs.onnx_opset_version()
@@ -538,8 +538,10 @@ def export(args: argparse.Namespace) -> int:
     check_output_file(args.out, "-o")
     with _quiet_unless(args.debug):  # tracing and exporter warnings are for --debug
         if args.source.endswith(".py"):
-            model, inputs = instantiate(_model_module(args.source))
-            pm = perforate(model, inputs, frontend=args.frontend)
+            mod = _model_module(args.source)
+            model, inputs = instantiate(mod)
+            kwargs = example_kwargs(mod)
+            pm = perforate(model, inputs, example_kwargs=kwargs, frontend=args.frontend)
         else:
             from .checkpoint import load, read_meta
 
@@ -547,16 +549,19 @@ def export(args: argparse.Namespace) -> int:
             ref = args.model or meta.get("model") or meta.get("extra", {}).get("model")
             if not ref:
                 raise PBError(f"checkpoint {args.source} does not record its model file: pass --model FILE")
-            model, inputs = instantiate(_model_module(ref))
+            mod = _model_module(ref)
+            model, inputs = instantiate(mod)
+            kwargs = example_kwargs(mod)
             if args.frontend != "auto":
-                model = perforate(model, inputs, frontend=args.frontend)
-            pm = load(args.source, model, inputs)
+                model = perforate(model, inputs, example_kwargs=kwargs, frontend=args.frontend,
+                                  include=[s["name"] for s in meta["structure"]["sites"]])
+            pm = load(args.source, model, inputs, example_kwargs=kwargs)
         pm.eval()
         if pm.phase == "dendrite":
             pm.abort_dendrite_phase()
         path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
                            opset=args.opset, fold_clip=not args.keep_clip,
-                           fold_output_weight=not args.keep_output_weight)
+                           fold_output_weight=not args.keep_output_weight, example_kwargs=kwargs)
     print(f"wrote {path}: {'unfused' if args.unfused else 'fused'}, dendrites per site "
           f"{json.dumps(pm.num_dendrites)}")
     if args.check:
@@ -564,17 +569,29 @@ def export(args: argparse.Namespace) -> int:
 
         with _quiet_unless(args.debug), torch.no_grad():  # the same warnings as above: for --debug
             session = ort_session(path)
-            got = run(session, tuple(t.numpy() for t in inputs))
+            feeds = [t for t in graph_inputs(pm, inputs, kwargs) if isinstance(t, torch.Tensor)]
+            got = run(session, tuple(t.numpy() for t in feeds))
             # every tensor of a structured output (dict, tuple), in the order the exporter flattens it
-            refs = [t for t in torch.utils._pytree.tree_leaves(pm(*inputs)) if isinstance(t, torch.Tensor)]
+            refs = [t for t in torch.utils._pytree.tree_leaves(pm(*inputs, **kwargs)) if isinstance(t, torch.Tensor)]
         if len(got) != len(refs):
             raise PBError(f"the exported model has {len(got)} output(s) where PyTorch gives {len(refs)} tensor(s): "
                           "report this as a bug")
-        diff = max(float(abs(torch.as_tensor(g) - r).max()) if r.numel() else 0.0 for g, r in zip(got, refs))
+        diff = max(_max_diff(torch.as_tensor(g), r) for g, r in zip(got, refs))
         print(f"check: ONNX Runtime ({session.provider}) vs PyTorch max abs diff {diff:.2e}")
         if not diff <= 1e-4:
             raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> 1e-4): report this as a bug")
     return EXIT_OK
+
+
+def _max_diff(got, want) -> float:
+    """Largest absolute difference; for integer and bool outputs, 0 or inf (they must be equal)."""
+    import torch
+
+    if not want.numel():
+        return 0.0
+    if want.is_floating_point() or want.is_complex():
+        return float((got.to(want.dtype) - want).abs().max())
+    return 0.0 if torch.equal(got.to(want.dtype), want) else float("inf")
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",

@@ -37,7 +37,7 @@ from .controller import default_optimizer
 from .errors import PBError
 from .fileio import atomic_write
 from .job import DEFAULT_MODEL, load_job_module, make_loaders
-from .modelfile import instantiate, task_functions
+from .modelfile import example_kwargs, instantiate, task_functions
 from .schedule import Kind, PhaseSchedule
 from .training import evaluate, train_epoch
 from .width import WidthBuilder, WidthError, num_parameters
@@ -101,13 +101,13 @@ def train_restarts(model, loaders, loss_fn, config: PBConfig, training: TrainCon
 
 
 def train_perforated(model, example_inputs, loaders, loss_fn, config: PBConfig, training: TrainConfig,
-                     include=None, exclude=None, metric=None):
+                     include=None, exclude=None, metric=None, example_kwargs=None):
     """The pb / gd arm (config.mode): perforate and fit. Returns (perforated model, result)."""
     from .perforated import perforate
     from .training import fit
 
     pm = perforate(model, example_inputs, include=include, exclude=exclude, activation=config.activation,
-                   mode=config.mode, frontend=training.frontend)
+                   mode=config.mode, example_kwargs=example_kwargs, frontend=training.frontend)
     history = fit(pm, loaders[0], loaders[1], loss_fn, config=config, training=training, progress=False,
                   metric=metric or _accuracy())
     return pm, {"epochs": len(history.epochs), "val": history.best_val, "dendrites": pm.dendrites,
@@ -178,7 +178,7 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
     t0 = time.perf_counter()
     if spec.arm in ("pb", "gd"):
         model, out = train_perforated(model, inputs, loaders, loss_fn, config.replace(mode=spec.arm), training,
-                                      include, exclude, metric=metric)
+                                      include, exclude, metric=metric, example_kwargs=example_kwargs(mod))
         params = model.num_parameters()
     elif spec.arm == "restarts":
         out, params = train_restarts(model, loaders, loss_fn, config, training, metric), num_parameters(model)
@@ -359,7 +359,7 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
         from .perforated import perforate
 
         perforate(model, inputs, include=include, exclude=exclude, activation=config.activation,
-                  frontend=training.frontend)  # NoSitesError / TraceError now, not after the plain arms
+                  example_kwargs=example_kwargs(mod), frontend=training.frontend)  # errors now, not after the plain arms
     return builder
 
 

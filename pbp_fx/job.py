@@ -23,7 +23,7 @@ from .config import PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
 from .errors import ModelFileError, TrainingError
 from .fileio import atomic_write
-from .modelfile import instantiate, load_model_file, task_functions
+from .modelfile import example_kwargs, instantiate, load_model_file, task_functions
 from .perforated import perforate
 from .training import History, evaluate, fit
 
@@ -153,7 +153,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     base_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
     pm = perforate(model, inputs, include=include, exclude=exclude, activation=config.activation, mode=config.mode,
-                   frontend=training.frontend)
+                   example_kwargs=example_kwargs(mod), frontend=training.frontend)
     ctl = PhaseController(pm, config, optimizer_factory=lambda params: default_optimizer(params, lr=training.lr),
                           distributed=distributed)
     history = History()

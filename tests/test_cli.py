@@ -148,6 +148,54 @@ PARTS = """
 """
 
 
+KEYWORDS = """
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.g, self.fc2 = nn.Linear(4, 8), nn.Linear(2, 8), nn.Linear(8, 2)
+
+        def forward(self, x, cond=None):
+            h = self.fc1(x)
+            if cond is not None:
+                h = h + self.g(cond)
+            return {"logits": self.fc2(torch.relu(h)), "positive": h[:, 0] > 0}
+
+    def build_model():
+        return Net()
+
+    def example_inputs():
+        return (torch.randn(2, 4),)
+
+    def example_kwargs():
+        return {"cond": torch.randn(2, 2)}
+
+    def datasets():
+        g = torch.Generator().manual_seed(0)
+        x, c = torch.randn(64, 4, generator=g), torch.randn(64, 2, generator=g)
+        d = TensorDataset(x, c, (x[:, 0] + c[:, 0] > 0).long())
+        return d, d, d
+"""
+
+
+def test_a_model_file_with_keyword_inputs_trains_and_exports(tmp_path, capsys):
+    """example_kwargs() reaches train and export (its site `g` included); --check compares a bool output too."""
+    from pbp_fx.exporters import ort_session
+
+    model = _write(tmp_path, KEYWORDS)
+    rc, out, err = _run(["train", model, "--out", str(tmp_path / "run"), "--epochs", "2"], capsys)
+    assert rc == 0, err
+    for source in (model, str(tmp_path / "run" / "checkpoint.safetensors")):
+        rc, out, err = _run(["export", source, "-o", str(tmp_path / "m.onnx"), "--check"], capsys)
+        assert rc == 0, err
+        assert '"g": 0' in out and "max abs diff" in out
+        session = ort_session(str(tmp_path / "m.onnx"))
+        assert [i.name for i in session.get_inputs()] == ["x", "cond"]
+
+
 def test_warnings_print_as_one_line_and_part_sites_by_module_path(tmp_path, capsys):
     rc, out, err = _run(["transform", _write(tmp_path, PARTS)], capsys)
     assert rc == 0
