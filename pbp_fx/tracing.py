@@ -289,6 +289,32 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic) -> fx.Gr
     rather than specialising it), else static shapes."""
     kwargs = _ordered_kwargs(model, kwargs)
     primary = model.training
+    # Each capture may run the model's own buffer writes (a call counter) on the real buffers.
+    with _buffers_kept(model) as saved:
+        gm = _export_both_modes(model, args, kwargs, dynamic, primary)
+    _restore_buffers(gm, saved)
+    return gm
+
+
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module):
+    """The model's buffers as they were before the block (yielded), restored after it: a capture runs
+    the forward's own writes to them (`self.calls.add_(1)`) on the real tensors, once per capture."""
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    try:
+        yield saved
+    finally:
+        _restore_buffers(model, saved)
+
+
+def _restore_buffers(module: nn.Module, saved: dict) -> None:
+    with torch.no_grad():
+        for n, b in module.named_buffers():
+            if n in saved and b.shape == saved[n].shape:
+                b.copy_(saved[n])
+
+
+def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, primary: bool) -> fx.GraphModule:
     tries = _DIM_TRIES[dynamic]
     for dims in tries:
         try:
@@ -382,7 +408,7 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     if frontend in ("fx", "auto"):
         try:
             # auto: fx's warnings (a one-mode graph) stand only if fx's graph is the one chosen
-            with warnings.catch_warnings(record=True) as fx_warnings:
+            with warnings.catch_warnings(record=True) as fx_warnings, _buffers_kept(model):
                 warnings.simplefilter("always")
                 gm = _trace_fx(model, leaves, max_leaves, fx_call)
         except TraceError as exc:
@@ -403,7 +429,8 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
                 shape_error = exc
             else:
                 if frontend == "auto":
-                    gm = _prefer(model, gm, lambda: _export_graph(model, export_call, args, kwargs, dynamic))
+                    gm = _prefer(model, gm, lambda: _export_graph(model, export_call, args, kwargs, dynamic),
+                                 _written_buffers(model, args, kwargs))
                 if gm.meta["pbp_frontend"] == "fx":
                     _replay(fx_warnings)
                 return gm
@@ -464,18 +491,48 @@ def _unreached(model: nn.Module, gm: fx.GraphModule) -> tuple[int, list[str]]:
     return len(specs), [name for name, p in neuron_weights(model) if id(p) not in reached]
 
 
-def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export) -> fx.GraphModule:
+def _written_buffers(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """Buffers the model's forward writes in place (a running mean of its own, a call counter),
+    outside norm layers (whose statistics every frontend keeps): found by running it once and
+    restoring them. Symbolic tracing records such writes once, while tracing, or drops them."""
+    norm_owned = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                  for b in m.buffers(recurse=False)}
+    before = {n: b.detach().clone() for n, b in model.named_buffers() if id(b) not in norm_owned}
+    if not before:
+        return []
+    norm_state = {id(b): b.detach().clone() for m in model.modules()
+                  if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers(recurse=False)}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the frontends report a model that does not run
+        return []
+    finally:
+        buffers = dict(model.named_buffers())
+        written = [n for n, b in before.items() if not torch.equal(buffers[n], b)]
+        with torch.no_grad():
+            for n, b in before.items():
+                buffers[n].copy_(b)
+            for b in buffers.values():
+                if id(b) in norm_state:
+                    b.copy_(norm_state[id(b)])
+    return written
+
+
+def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] = ()) -> fx.GraphModule:
     """The auto frontend's choice once fx has traced the model: torch.export's graph instead when
     fx leaves Linear/Conv-like weights unreached (inside torch.nn leaves such as
-    MultiheadAttention, or behind wrapped functions) and export reaches more of them, or when
-    fx follows one mode only and export follows both. The choice is in meta["pbp_frontend_choice"]."""
+    MultiheadAttention, or behind wrapped functions) and export reaches more of them, when
+    fx follows one mode only and export follows both, or when the forward writes buffers of its
+    own (`written`), which export keeps and fx does not. The choice is in meta["pbp_frontend_choice"]."""
     fx_sites, missed = _unreached(model, fx_gm)
     one_mode = fx_gm.meta.get("pbp_modes") != "train+eval"
-    if not missed and not one_mode:
+    if not missed and not one_mode and not written:
         return fx_gm
     why = (f"fx: {fx_sites} sites, {len(missed)} Linear/Conv-like weight(s) unreached "
            f"({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''})" if missed
-           else f"fx: {fx_sites} sites, {fx_gm.meta.get('pbp_modes')} mode only")
+           else f"fx: {fx_sites} sites, {fx_gm.meta.get('pbp_modes')} mode only" if one_mode
+           else f"fx: forward writes buffer(s) {', '.join(written[:3])}, which symbolic tracing does not keep")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a one-mode export is not chosen over fx: no warning
@@ -486,7 +543,8 @@ def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export) -> fx.GraphModule:
         return fx_gm
     ex_sites, ex_missed = _unreached(model, ex_gm)
     ex_both = ex_gm.meta.get("pbp_modes") == "train+eval"
-    better = ex_sites > fx_sites and (ex_both or one_mode) or (one_mode and ex_both and ex_sites >= fx_sites)
+    better = (ex_sites > fx_sites and (ex_both or one_mode) or (one_mode and ex_both and ex_sites >= fx_sites)
+              or (bool(written) and ex_sites >= fx_sites and (ex_both or one_mode)))
     chosen = ex_gm if better else fx_gm
     choice = (f"{why}; export: {ex_sites} sites, {ex_gm.meta.get('pbp_modes')} mode(s): "
               f"{chosen.meta['pbp_frontend']}")

@@ -358,3 +358,35 @@ def test_a_linear_layer_from_outside_torch_nn_counts_as_a_neuron_to_reach():
     assert list(pm.sites) == ["a", "b"]
     rows = {r.name: r.status for r in pbp_fx.explain_sites(_WithMyLinear(), (x,))}
     assert rows == {"a": "site", "b": "site"}
+
+
+class _RunningMean(nn.Module):
+    """The forward writes buffers of its own: a running input mean and a call counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+        self.register_buffer("mu", torch.zeros(4))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.mu.mul_(0.9).add_(0.1 * x.mean(0).detach())
+        self.calls.add_(1)
+        return self.fc2(torch.relu(self.bn(self.fc1(x - self.mu))))
+
+
+def test_a_forward_that_writes_its_own_buffers_is_captured_by_export():
+    """Symbolic tracing would run those writes once while tracing (or drop them): auto takes export,
+    and the perforated model keeps updating them as the original does."""
+    model, ref = _RunningMean(), _RunningMean()
+    ref.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pm = pbp_fx.perforate(model, (torch.randn(3, 4),))
+    assert pm.graph_module.meta["pbp_frontend"] == "export"
+    assert "writes buffer(s) mu, calls" in pm.graph_module.meta["pbp_frontend_choice"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the probe left no trace
+    x = torch.ones(5, 4)
+    for _ in range(3):
+        got, want = pm(x), ref(x)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(pm.graph_module.mu, ref.mu) and int(pm.graph_module.calls) == int(ref.calls)
