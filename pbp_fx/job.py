@@ -50,38 +50,47 @@ def _call_datasets(mod: ModuleType, seed: int):
     if not isinstance(data, (tuple, list)) or len(data) != 3:
         raise ModelFileError("datasets() must return (train, val, test)")
     for name, ds in zip(("training", "validation", "test"), data):
-        if len(ds) == 0:
+        try:
+            size = len(ds)
+        except TypeError:
+            raise ModelFileError(f"the {name} dataset ({type(ds).__name__}) has no len(): datasets() must return "
+                                 "map-style datasets (a TensorDataset, a list of (x, y) pairs)") from None
+        if size == 0:
             raise TrainingError(f"the {name} dataset is empty: datasets() must return non-empty datasets")
     return data
 
 
-def _preflight(model, train, n: int, loss_fn, metric) -> None:
+def _preflight(model, data, n: int, loss_fn, metric) -> None:
     """Refuse, before any work, data that the model, its loss or its metric cannot take (wrong shapes,
-    targets out of range, an output the default loss cannot read): the first n training samples,
-    batched, in eval mode and without gradients, so that no state and no random number changes."""
+    targets out of range, an output the default loss cannot read, a metric that returns no
+    (sum, count) pair): the first n samples of each dataset, batched, in eval mode and without
+    gradients, so that no state and no random number changes."""
     from torch.utils.data import default_collate
 
     from .training import split_batch
 
-    try:
-        size = len(train)
-    except TypeError:  # an iterable dataset: nothing to index
-        return
-    if size == 0:  # (refused with its own message where the loaders are checked)
-        return
-    inputs, target = split_batch(default_collate([train[i] for i in range(min(n, size))]))
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            output = model(*inputs)
-            float(loss_fn(output, target))
-            metric(output, target)
-    except Exception as exc:  # noqa: BLE001 - whatever the user's code raises, said in one line
-        first = (str(exc).strip().splitlines() or ["(no message)"])[0]
-        raise TrainingError(f"the first training samples fail in the model, its loss or its metric "
-                            f"({type(exc).__name__}: {first}): check that the data's shapes, dtypes and targets "
-                            "match the model, its outputs and the model file's TASK / loss_fn / metric") from exc
+        for name, ds in zip(("training", "validation", "test"), data):
+            size = len(ds)
+            if size == 0:  # (refused with its own message where the loaders are checked)
+                continue
+            try:
+                inputs, target = split_batch(default_collate([ds[i] for i in range(min(n, size))]))
+                with torch.no_grad():
+                    output = model(*inputs)
+                    float(loss_fn(output, target))
+                    scored = metric(output, target)
+                if not (isinstance(scored, (tuple, list)) and len(scored) == 2
+                        and all(isinstance(float(v), float) for v in scored)):
+                    raise TypeError(f"metric returned {type(scored).__name__}, not a (sum, count) pair")
+            except Exception as exc:  # noqa: BLE001 - whatever the user's code raises, said in one line
+                first = (str(exc).strip().splitlines() or ["(no message)"])[0]
+                raise TrainingError(f"the first {name} samples fail in the model, its loss or its metric "
+                                    f"({type(exc).__name__}: {first}): check that the data's shapes, dtypes and "
+                                    "targets match the model, its outputs and the model file's TASK / loss_fn / "
+                                    "metric") from exc
     finally:
         model.train(was)
 
@@ -95,7 +104,9 @@ def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, 
                 distributed.loader(val, eval_batch_size, train=False),
                 distributed.loader(test, eval_batch_size, train=False))
     g = torch.Generator().manual_seed(seed)
-    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),
+    # A last batch of one sample: BatchNorm cannot train on it (one value per channel), so it is left out.
+    lone = len(train) > batch_size and len(train) % batch_size == 1
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g, drop_last=lone),
             DataLoader(val, batch_size=eval_batch_size), DataLoader(test, batch_size=eval_batch_size))
 
 
@@ -148,7 +159,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     data = _call_datasets(mod, seed)
     _check_finite_datasets(data)
     loss_fn, metric, metric_name = task_functions(mod)
-    _preflight(model, data[0], min(training.batch_size, 8), loss_fn, metric)
+    _preflight(model, data, min(training.batch_size, 8), loss_fn, metric)
     train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed)
     base_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
@@ -167,16 +178,22 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                  f"dendrites {pm.dendrites})")
     callbacks = []
     saver = None
+    created = False
     if out is not None:
         if main:
-            _make_out(out)
+            created = _make_out(out, fresh=resume_from is None, echo=echo)
         args = {"config": config.to_dict(), "training": training.to_dict(), "include": include, "exclude": exclude}
         saver = _epoch_saver(os.path.join(out, CHECKPOINT), pm, ctl, history, args,
                              _model_ref(model_file), seed, train_loader, distributed)
         callbacks.append(saver)
-    history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, training=training, metric=metric,
-                  test_loader=test_loader, progress=progress, distributed=distributed, history=history,
-                  callbacks=callbacks)
+    try:
+        history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, training=training, metric=metric,
+                      test_loader=test_loader, progress=progress, distributed=distributed, history=history,
+                      callbacks=callbacks)
+    except BaseException:
+        if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
+            os.rmdir(out)
+        raise
     seconds = time.perf_counter() - t0
     device = None if distributed is None else distributed.device
     test = evaluate(pm, test_loader, metric, device=device, distributed=distributed, data="test")
@@ -275,11 +292,23 @@ def _check_out(out: str) -> None:
         raise TrainingError(f"--out {out}: {probe} is not writable; choose another path")
 
 
-def _make_out(out: str) -> None:
+# What a run writes to --out: a new run replaces an earlier run's, so that no report describes another run.
+RUN_OUTPUTS = (CHECKPOINT, "summary.json", "history.json", "plot.png")
+
+
+def _make_out(out: str, fresh: bool, echo) -> bool:
+    """Create --out (True: it did not exist); a fresh run first removes an earlier run's outputs there."""
+    created = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
+        stale = [n for n in RUN_OUTPUTS if fresh and os.path.isfile(os.path.join(out, n))]
+        for name in stale:
+            os.remove(os.path.join(out, name))
     except OSError as exc:
         raise TrainingError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
+    if stale:
+        echo(f"{out} held an earlier run ({', '.join(stale)}): replaced by this one (--resume {out} continues a run)")
+    return created
 
 
 def _check_finite_datasets(data) -> None:

@@ -148,10 +148,15 @@ def task_functions(mod: ModuleType) -> tuple[Callable, Callable, str]:
 
 
 def mean_squared_error(output, target) -> torch.Tensor:
-    """F.mse_loss of `training.primary_output`: a regression model file's default loss."""
+    """F.mse_loss of `training.primary_output`: a regression model file's default loss. Output and
+    target must have one shape: broadcasting [N, 1] against [N] would train on every pair."""
     from .training import primary_output
 
-    return F.mse_loss(primary_output(output), target)
+    output = primary_output(output)
+    if output.shape != target.shape:
+        raise ValueError(f"output shape {list(output.shape)} and target shape {list(target.shape)} differ: give "
+                         "the targets the output's shape (y[:, None] for one output)")
+    return F.mse_loss(output, target)
 
 
 def _name(mod: ModuleType) -> str:

@@ -59,6 +59,18 @@ LABELS_OUT_OF_RANGE = NO_DATA + ("from torch.utils.data import TensorDataset\n"
                                  "def datasets():\n    d = TensorDataset(torch.randn(8, 3), torch.arange(8) % 5)\n"
                                  "    return d, d, d\n")
 BAD_TASK = LABELS_OUT_OF_RANGE.replace("% 5", "% 2") + "TASK = 'ranking'\n"
+GOOD = LABELS_OUT_OF_RANGE.replace("% 5", "% 2")
+BAD_TEST_DATA = NO_DATA + ("from torch.utils.data import TensorDataset\n"
+                           "def datasets():\n    d, y = torch.randn(8, 3), torch.arange(8) % 2\n"
+                           "    return TensorDataset(d, y), TensorDataset(d, y), TensorDataset(torch.randn(8, 5), y)\n")
+FLAT_REGRESSION_TARGETS = ("import torch\nfrom torch.utils.data import TensorDataset\nTASK = 'regression'\n"
+                           "def build_model(): return torch.nn.Linear(3, 1)\n"
+                           "def example_inputs(): return (torch.randn(2, 3),)\n"
+                           "def datasets():\n    d = TensorDataset(torch.randn(8, 3), torch.randn(8))\n    return d, d, d\n")
+ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
+                      "class It(IterableDataset):\n    def __iter__(self):\n"
+                      "        return iter([(torch.randn(3), 0)] * 8)\n"
+                      "def datasets():\n    return It(), It(), It()\n")
 
 
 @pytest.mark.parametrize("case,args,message", [
@@ -71,6 +83,12 @@ BAD_TASK = LABELS_OUT_OF_RANGE.replace("% 5", "% 2") + "TASK = 'ranking'\n"
     ("NaN in validation data", lambda t: [_write(t / "m.py", NAN_VAL)], "validation data holds NaN/Inf"),
     ("no datasets()", lambda t: [_write(t / "m.py", NO_DATA)], "has no datasets()"),
     ("empty dataset", lambda t: [_write(t / "m.py", EMPTY)], "dataset is empty"),
+    ("bad test data", lambda t: [_write(t / "m.py", BAD_TEST_DATA)], "the first test samples fail in the model"),
+    ("regression targets of another shape", lambda t: [_write(t / "m.py", FLAT_REGRESSION_TARGETS)],
+     "output shape [8, 1] and target shape [8] differ"),
+    ("a metric without a count", lambda t: [_write(t / "m.py", GOOD + "def metric(o, y): return 0.5\n")],
+     "metric returned float, not a (sum, count) pair"),
+    ("an iterable dataset", lambda t: [_write(t / "m.py", ITERABLE)], "has no len(): datasets() must return map-style"),
     ("max_dendrites=0", lambda t: [DIGITS, "--max-dendrites", "0"], "at least 1"),
     ("epochs=0", lambda t: [DIGITS, "--epochs", "0"], "--epochs 0: must be at least 1"),
     ("--out is a file", lambda t: [DIGITS, "--out", _write(t / "f", "x")], "not a directory"),
@@ -294,3 +312,20 @@ def test_structured_outputs_are_scored_by_their_logits(tmp_path, structure):
                  *FAST]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["metric"] == "accuracy" and 0.5 < summary["val"] <= 1.0
+
+
+def test_a_new_run_replaces_an_earlier_runs_outputs_and_a_failed_one_leaves_none(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("summary.json", "history.json", "plot.png"):
+        (out / name).write_text("an earlier run")
+    assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "2", "--no-progress"]) == 0
+    assert "held an earlier run (summary.json, history.json, plot.png): replaced" in capsys.readouterr().out
+    assert "an earlier run" not in (out / "summary.json").read_text()
+    # A failure in the first epoch (a NaN training loss; the checks before run without gradients)
+    # leaves no empty folder behind.
+    nan = GOOD + ("def loss_fn(o, y):\n    loss = torch.nn.functional.cross_entropy(o, y)\n"
+                  "    return loss * float('nan') if torch.is_grad_enabled() else loss\n")
+    assert main(["train", _write(tmp_path / "n.py", nan), "--out", str(tmp_path / "nan"), "--no-progress"]) == 2
+    assert "the loss is nan in the neuron phase" in capsys.readouterr().err
+    assert not (tmp_path / "nan").exists()
