@@ -45,10 +45,13 @@ def _range_text(meta: dict) -> str:
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
     low, high = meta["low"], meta["high"]
     parts = []
+    def number(v) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
     if low is not None:
-        parts.append(f"{'greater than' if meta['open_low'] else 'at least'} {low:g}")
+        parts.append(f"{'greater than' if meta['open_low'] else 'at least'} {number(low)}")
     if high is not None:
-        parts.append(f"{'less than' if meta['open_high'] else 'at most'} {high:g}")
+        parts.append(f"{'less than' if meta['open_high'] else 'at most'} {number(high)}")
     text = " and ".join(parts)
     return text + (" (or None)" if meta["optional"] else "")
 
@@ -174,8 +177,8 @@ class TrainConfig(_Settings):
 
     epochs: int = setting(800, "epoch cap over all phases", low=1)
     lr: float = setting(1e-3, "neuron-phase Adam learning rate", low=0, open_low=True)
-    batch_size: int = setting(100, "training batch size (the global batch with --nproc)", low=1)
-    seed: int = setting(0, "seed of the model init, data split and shuffling", low=0)
+    batch_size: int = setting(100, "training batch size (the global batch with --nproc)", low=1, high=2**31 - 1)
+    seed: int = setting(0, "seed of the model init, data split and shuffling", low=0, high=2**63 - 1)
     frontend: str = setting("auto", "graph capture: auto (symbolic tracing, else torch.export), fx or export",
                             choices=("auto", "fx", "export"))
 

@@ -91,6 +91,7 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
     ("an iterable dataset", lambda t: [_write(t / "m.py", ITERABLE)], "has no len(): datasets() must return map-style"),
     ("max_dendrites=0", lambda t: [DIGITS, "--max-dendrites", "0"], "at least 1"),
     ("epochs=0", lambda t: [DIGITS, "--epochs", "0"], "--epochs 0: must be at least 1"),
+    ("a seed beyond 64 bits", lambda t: [DIGITS, "--seed", str(2**64)], "at most 9223372036854775807"),
     ("--out is a file", lambda t: [DIGITS, "--out", _write(t / "f", "x")], "not a directory"),
 ])
 def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, args, message):
