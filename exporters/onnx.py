@@ -249,6 +249,21 @@ def graph_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Optional
     return tuple(args) + tuple(kwargs.values())
 
 
+def _drop_unused_initializers(proto: onnx.ModelProto) -> None:
+    """Initializers no node or output reads any more (a folded Clip's bounds): dropped, so that the
+    file holds only what it runs and ONNX Runtime does not warn on loading it."""
+    graph = proto.graph
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in graph.node:  # inputs of subgraphs (If / Loop bodies) read outer names too
+        for attr in node.attribute:
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                used |= {name for n in sub.node for name in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
 def _as_tuple(example_inputs) -> tuple:
     return example_inputs if isinstance(example_inputs, tuple) else (
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
@@ -544,6 +559,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         _, kept = output_weight_into_readers.rewrite(proto, specs, _default_opset(proto))
         for why in kept:
             log.info("export_onnx: %s", why)
+    _drop_unused_initializers(proto)
     expected = sum(1 for k in dendrites.values() if k > 0) if fused else 0
     if fused and n_fused < len(specs):
         raise ExportError(f"only {n_fused} fused node(s) reached the ONNX graph for {len(specs)} "

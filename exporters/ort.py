@@ -77,6 +77,9 @@ def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", thre
             "install onnxruntime-gpu in place of onnxruntime, or use device='cpu'")
     want_cuda = device in ("auto", "cuda") and CUDA in available
     opts = ort.SessionOptions()
+    # Errors only: the runtime's warnings (an initializer it removes, a node placed on the CPU) are
+    # for people debugging the runtime, and would print in colour on every session.
+    opts.log_severity_level = 3
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

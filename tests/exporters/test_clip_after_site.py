@@ -76,7 +76,9 @@ def test_bounded_relus_after_sites_become_hardsigmoids_with_the_same_outputs(tmp
     # expand's, dw's and fc's bounds fold; side's ReLU6 (read by an Add) and the one after the Add stay.
     assert _ops(folded)["HardSigmoid"] == 3 and _ops(folded)["Clip"] == 2
     want = pm(x).detach().numpy()
-    for path in (folded, kept):
+    for path in (folded, kept):  # every initializer is read: the folded Clips' bounds are gone
+        graph = onnx.load(str(path)).graph
+        assert {t.name for t in graph.initializer} <= {i for n in graph.node for i in n.input}
         got = run(ort_session(str(path), threads=1), [x.numpy()])[0]
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     # The readers' weights (the neuron's and the K dendrites') carry the bound; biases, U and V do not.
