@@ -186,6 +186,18 @@ def check_output_file(path: str, flag: str) -> None:
         raise PBError(f"{flag} {path}: directory {folder} is not writable; choose another path")
 
 
+def check_output_dir(out: str) -> None:
+    """Refuse an --out folder path that is a file or lies under one, before any work starts."""
+    out = os.path.abspath(out)
+    probe = out
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe == out and not os.path.isdir(out):
+        raise PBError(f"--out {out!r} exists and is not a directory: choose a folder path")
+    if not os.path.isdir(probe):
+        raise PBError(f"--out {out!r}: {probe} is a file, not a directory; choose another path")
+
+
 @contextmanager
 def atomic_output_dir(out: str) -> Iterator[str]:
     """Yield a temporary folder on `out`'s filesystem; on success its files are renamed into `out`.
@@ -196,13 +208,7 @@ def atomic_output_dir(out: str) -> Iterator[str]:
     temporary folder is removed.
     """
     out = os.path.abspath(out)
-    probe = out
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if probe == out and not os.path.isdir(out):
-        raise PBError(f"--out {out!r} exists and is not a directory")
-    if not os.path.isdir(probe):
-        raise PBError(f"--out {out!r}: {probe} is a file, not a directory; choose another path")
+    check_output_dir(out)
     existing = os.path.isdir(out)
     parent = out if existing else os.path.dirname(out)
     try:
@@ -257,6 +263,8 @@ def transform(args: argparse.Namespace) -> int:
     from .modelfile import example_kwargs, instantiate, load_model_file
     from .perforated import perforate
 
+    if args.out:
+        check_output_dir(args.out)
     t0 = time.perf_counter()
     mod = load_model_file(args.model)
     model, inputs = instantiate(mod)

@@ -303,8 +303,9 @@ def test_out_that_is_a_file_is_an_error(tmp_path, capsys):
     model = _write(tmp_path, GOOD)
     target = tmp_path / "taken"
     target.write_text("x")
-    rc, _, err = _run(["transform", model, "--out", str(target)], capsys)
+    rc, out, err = _run(["transform", model, "--out", str(target)], capsys)
     assert rc == 2 and "is not a directory" in err and err.count("\n") == 1
+    assert out == ""  # refused before the work: no site table first
     assert target.read_text() == "x"
 
 
