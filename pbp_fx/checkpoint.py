@@ -182,10 +182,16 @@ def _check_sites(pm: PerforatedModel, structure: dict, path: str) -> None:
         s = have.get(rec["name"])
         if (s is None or s.kind != rec["kind"] or list(s.layer.weight_shape) != rec["weight_shape"]
                 or rec.get("layer", _jsonable(s.layer)) != _jsonable(s.layer)):
+            saved, here = rec.get("layer") or {}, {} if s is None else _jsonable(s.layer)
+            # name what differs: the kind and weight shape, else the layer's other settings (bias, stride, ...)
+            differ = [k for k in sorted(set(saved) | set(here)) if k not in ("kind", "weight_shape")
+                      and saved.get(k) != here.get(k)] if saved else []
+            detail = "; ".join(f"{k} {saved.get(k)!r} there, {here.get(k)!r} here" for k in differ)
             found = "missing" if s is None else f"{s.kind} {list(s.layer.weight_shape)}"
             raise CheckpointError(
                 f"checkpoint {path} belongs to another model: site {rec['name']!r} is {rec['kind']} "
-                f"{rec['weight_shape']} in the checkpoint but {found} here; load it onto the model it was trained on")
+                f"{rec['weight_shape']} in the checkpoint but {found} here" + (f" ({detail})" if detail else "")
+                + "; load it onto the model it was trained on")
     extra = [n for n in have if n not in {r["name"] for r in structure["sites"]}]
     if extra:
         raise CheckpointError(f"checkpoint {path} belongs to another model: site {extra[0]!r} is not in the checkpoint")

@@ -539,6 +539,9 @@ def export(args: argparse.Namespace) -> int:
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= args.opset <= newest:
         raise PBError(f"--opset {args.opset}: must be from {MIN_OPSET} to {newest} (this onnx's newest opset)")
+    if os.path.isdir(args.source):
+        raise PBError(f"{args.source} is a folder: pass a checkpoint in it "
+                      f"({os.path.join(args.source, 'checkpoint.safetensors')}) or a model file")
     if not os.path.exists(args.source):
         raise PBError(f"{args.source} does not exist: pass a checkpoint or a model file")
     if args.model is not None and not os.path.exists(args.model) and args.model.endswith(".py"):
@@ -591,6 +594,11 @@ def export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _is_npy(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
+
+
 def _max_diff(got, want) -> float:
     """Largest absolute difference; for integer and bool outputs, 0 or inf (they must be equal)."""
     import torch
@@ -636,6 +644,8 @@ def run_onnx(args: argparse.Namespace) -> int:
         try:
             arrays.append(np.load(name, allow_pickle=False))
         except (OSError, ValueError, EOFError) as exc:  # (EOFError: an empty file)
+            if os.path.isfile(name) and not name.endswith(".npy") and not _is_npy(name):
+                raise PBError(f"--input {name} is not a .npy file: save each input array with numpy.save") from exc
             raise PBError(f"cannot read input {name}: {_plain(str(exc)) or type(exc).__name__} "
                           "(save it with numpy.save)") from exc
     try:

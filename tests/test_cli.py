@@ -581,7 +581,9 @@ def test_a_dynamo_export_failure_is_one_line_and_its_graph_dump_goes_with_the_tr
     (lambda t: ["export", str(t / "none.safetensors")], "does not exist"),
     (lambda t: ["export", "CKPT", "-o", str(t / "no" / "m.onnx")], "does not exist"),
     (lambda t: ["run", str(t / "none.onnx"), "--input", "x.npy"], "does not exist"),
-    (lambda t: ["run", "CKPT", "--input", "CKPT"], "cannot read input"),
+    (lambda t: ["run", "CKPT", "--input", "CKPT"], "is not a .npy file: save each input array with numpy.save"),
+    (lambda t: ["run", "CKPT", "--input", str(t / "none.npy")], "cannot read input"),
+    (lambda t: ["export", str(t)], "is a folder: pass a checkpoint in it"),
 ])
 def test_deploy_errors_are_one_line(tmp_path, capsys, argv, message):
     ckpt, _, _ = _trained_checkpoint(tmp_path)
