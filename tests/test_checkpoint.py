@@ -384,3 +384,13 @@ def test_a_strided_pool_comes_back_strided_and_trains_alike(tmp_path):
     pm3.start_dendrite_phase(pool=2)
     pbp_fx.save(pm3, path)
     assert all("pool_stride" not in r for r in read_structure(path)["sites"])
+
+
+def test_a_site_that_differs_only_in_its_settings_is_named_with_them(tmp_path):
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pbp_fx.perforate(_build(), (X,)), path)
+    no_bias = _build()
+    no_bias[3] = nn.Linear(8, 3, bias=False)
+    with pytest.raises(pbp_fx.CheckpointError, match=r"site '3' is linear \[3, 8\] in the checkpoint but linear "
+                                                     r"\[3, 8\] here \(bias True there, False here\)"):
+        pbp_fx.load(path, no_bias, (X,))
