@@ -168,14 +168,24 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     ctl = PhaseController(pm, config, optimizer_factory=lambda params: default_optimizer(params, lr=training.lr),
                           distributed=distributed)
     history = History()
+    earlier = 0.0  # seconds the run trained before this process (a resumed run's summary counts them too)
     if resume_from is not None:
-        history = _resume(resume_from, pm, ctl, train_loader)
-        if ctl.done:
+        history, earlier = _resume(resume_from, pm, ctl, train_loader)
+    finished = resume_from is not None and ctl.done
+    if resume_from is not None:
+        if finished:
             echo(f"the run in {out} is complete ({len(history.epochs)} epochs, {ctl.history[-1]['note']}): "
                  "nothing left to train; its report follows")
         else:
             echo(f"resuming {resume_from} after epoch {len(history.epochs)} ({pm.phase} phase, "
                  f"dendrites {pm.dendrites})")
+    stopped: list[float] = []  # the run's seconds once training ended: the summary's and the final save's
+
+    def run_seconds() -> float:
+        if stopped:
+            return stopped[0]
+        return earlier if finished else earlier + time.perf_counter() - t0
+
     callbacks = []
     saver = None
     created = False
@@ -184,7 +194,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             created = _make_out(out, fresh=resume_from is None, echo=echo)
         args = {"config": config.to_dict(), "training": training.to_dict(), "include": include, "exclude": exclude}
         saver = _epoch_saver(os.path.join(out, CHECKPOINT), pm, ctl, history, args,
-                             _model_ref(model_file), seed, train_loader, distributed)
+                             _model_ref(model_file), seed, train_loader, distributed,
+                             clock=run_seconds)
         callbacks.append(saver)
     try:
         history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, training=training, metric=metric,
@@ -194,7 +205,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
             os.rmdir(out)
         raise
-    seconds = time.perf_counter() - t0
+    seconds = run_seconds()  # a run resumed complete trains nothing: its time is what it took before
+    stopped.append(round(seconds, 2))
     device = None if distributed is None else distributed.device
     test = evaluate(pm, test_loader, metric, device=device, distributed=distributed, data="test")
     val = evaluate(pm, val_loader, metric, device=device, distributed=distributed, data="validation")
@@ -234,13 +246,15 @@ def _unb64(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
 
-def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: int, train_loader, distributed):
+def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: int, train_loader, distributed,
+                 clock: Callable[[], float] = lambda: 0.0):
     """After every epoch: a checkpoint that `resume` continues from (model, controller, optimizer,
-    history, settings and the random states that decide what comes next)."""
+    history, settings, the random states that decide what comes next, and `clock()`: the seconds
+    the run has taken so far)."""
     gen = getattr(train_loader, "generator", None)
 
     def save_epoch(_row: dict) -> None:
-        state = {"args": args, "model_file": model_ref, "history": history.to_dict(),
+        state = {"args": args, "model_file": model_ref, "history": history.to_dict(), "seconds": round(clock(), 2),
                  "rng": {"torch": _b64(torch.get_rng_state()),
                          "loader": None if gen is None else _b64(gen.get_state())}}
         kwargs = {"controller": ctl, "optimizer": ctl.optimizer, "model_ref": model_ref,
@@ -267,8 +281,9 @@ def _job_state(path: str) -> dict:
     return state
 
 
-def _resume(path: str, pm, ctl, train_loader) -> History:
-    """Load the model, controller, optimizer and random states saved after the last epoch."""
+def _resume(path: str, pm, ctl, train_loader) -> tuple[History, float]:
+    """Load the model, controller, optimizer and random states saved after the last epoch; returns
+    the history and the seconds the run took before."""
     state = _job_state(path)
     load(path, pm, controller=ctl)  # the model, then the controller (which rebinds the optimizer to it)
     load_optimizer(path, ctl.optimizer)
@@ -276,7 +291,7 @@ def _resume(path: str, pm, ctl, train_loader) -> History:
     gen = getattr(train_loader, "generator", None)
     if gen is not None and state["rng"]["loader"] is not None:
         gen.set_state(_unb64(state["rng"]["loader"]))
-    return History.from_dict(state["history"])
+    return History.from_dict(state["history"]), float(state.get("seconds", 0.0))
 
 
 def _check_out(out: str) -> None:

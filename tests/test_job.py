@@ -207,6 +207,7 @@ def test_resuming_a_finished_run_reports_it_complete_and_exits_0(tmp_path, capsy
     assert f"the run in {out} is complete" in printed
     again = json.loads((out / "summary.json").read_text())
     assert (again["val"], again["test"], again["epochs"]) == (summary["val"], summary["test"], summary["epochs"])
+    assert again["seconds"] == summary["seconds"]  # the run's own time, not the resume's
     from safetensors.torch import load
 
     assert {k: v for k, v in load(before).items()}.keys() == load((out / "checkpoint.safetensors").read_bytes()).keys()
