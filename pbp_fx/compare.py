@@ -413,6 +413,10 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
         summary = json.load(f)
     if state is None or "test" not in summary:
         raise CompareError(f"--pb-run {folder}: not written by pbp-fx train (no job state or test score)")
+    if summary.get("epochs") != len(state.get("history", {}).get("epochs", [])):
+        raise CompareError(f"--pb-run {folder}: its summary.json ({summary.get('epochs')} epochs) is not the report "
+                           f"of its {CHECKPOINT} ({len(state.get('history', {}).get('epochs', []))} epochs): finish "
+                           f"that run (pbp-fx train --resume {folder}) or pass the folder of a finished one")
     config, training = PBConfig.from_dict(state["args"]["config"]), TrainConfig.from_dict(state["args"]["training"])
     if config.mode != "pb":
         raise CompareError(f"--pb-run {folder}: that run has mode {config.mode!r}; the pb arm needs mode 'pb'")
