@@ -277,10 +277,43 @@ def _quiet_export():
 
 
 def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> fx.GraphModule:
-    a, k, shapes = _export_inputs(model, args, kwargs, dims)
-    with _quiet_export():
-        ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
-        return _rehome(ep.module(), model)
+    with _explicit_keywords(model, kwargs):
+        a, k, shapes = _export_inputs(model, args, kwargs, dims)
+        with _quiet_export():
+            ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
+            return _rehome(ep.module(), model)
+
+
+@contextlib.contextmanager
+def _explicit_keywords(model: nn.Module, kwargs: dict):
+    """While exporting, a forward that takes tensors through `**kwargs` shows them as keyword-only
+    parameters (an instance-level forward with that signature, calling the class's).
+
+    torch.export (2.13) cannot take dynamic shapes for a `**kwargs` parameter (an internal
+    assertion, "Must provide a tree_name"), so such a model was captured with static shapes; by
+    name they can be dynamic. Parameter names (the graph's FQNs) do not change."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        sig = None
+    var_kw = next((p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None) if sig else None
+    extra = [k for k in kwargs if sig is not None and k not in sig.parameters]
+    if var_kw is None or not extra or "forward" in vars(model):
+        yield
+        return
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra]
+    original = type(model).forward
+
+    def forward(*a, **k):
+        return original(model, *a, **k)
+
+    forward.__signature__ = sig.replace(parameters=params)
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward
 
 
 def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic) -> fx.GraphModule:

@@ -390,3 +390,25 @@ def test_a_forward_that_writes_its_own_buffers_is_captured_by_export():
         got, want = pm(x), ref(x)
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.allclose(pm.graph_module.mu, ref.mu) and int(pm.graph_module.calls) == int(ref.calls)
+
+
+class _ScaledByKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, **kwargs):
+        return self.fc(x) * kwargs["scale"]
+
+
+def test_a_tensor_through_var_keywords_keeps_a_dynamic_capture():
+    """torch.export cannot take dynamic shapes for a **kwargs parameter: the capture names the
+    keyword as a parameter of its own, so the graph stays dynamic (it was static, and a call with
+    another batch failed)."""
+    model = _ScaledByKeyword()
+    pm = pbp_fx.perforate(model, (torch.randn(4, 4),), example_kwargs={"scale": torch.randn(4, 4)},
+                          frontend="export")
+    assert pm.graph_module.meta["pbp_dynamic"] == "auto" and list(pm.sites) == ["fc"]
+    assert "forward" not in vars(model)
+    x, scale = torch.randn(7, 4), torch.randn(7, 4)
+    assert torch.allclose(pm(x, scale=scale), model(x, scale=scale))
