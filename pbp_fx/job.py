@@ -82,9 +82,9 @@ def _preflight(model, data, n: int, loss_fn, metric) -> None:
                     output = model(*inputs)
                     float(loss_fn(output, target))
                     scored = metric(output, target)
-                if not (isinstance(scored, (tuple, list)) and len(scored) == 2
-                        and all(isinstance(float(v), float) for v in scored)):
+                if not (isinstance(scored, (tuple, list)) and len(scored) == 2):
                     raise TypeError(f"metric returned {type(scored).__name__}, not a (sum, count) pair")
+                float(scored[0]), float(scored[1])  # numbers (or one-element tensors): else a TypeError here
             except Exception as exc:  # noqa: BLE001 - whatever the user's code raises, said in one line
                 first = (str(exc).strip().splitlines() or ["(no message)"])[0]
                 raise TrainingError(f"the first {name} samples fail in the model, its loss or its metric "

@@ -270,7 +270,7 @@ class PerforatedModel(nn.Module):
         self._require_phase("neuron", "start_dendrite_phase")
         for s in self.sites.values():
             s.start_candidates(pool, init, init_scale, **stats)
-            s.candidates.grad_scaler = self._grad_scaler
+            s.candidates.grad_scaler = self.grad_scaler
         cand = {id(p) for s in self.sites.values() for p in s.candidates.parameters()}
         cand_buffers = {id(b) for s in self.sites.values() for b in s.candidates.buffers()}
         self._frozen_buffers = {n: b.detach().clone() for n, b in self.named_buffers()
@@ -325,7 +325,7 @@ class PerforatedModel(nn.Module):
         """The torch.amp.GradScaler that scales the loss before backward (fp16), else None: every
         candidate pool, now and in later dendrite phases, divides it out of the site error before
         its statistics, and a step the scaler skips is not counted. Trainer callbacks set it."""
-        return self._grad_scaler
+        return getattr(self, "_grad_scaler", None)  # (a model pickled before it existed has none)
 
     @grad_scaler.setter
     def grad_scaler(self, scaler) -> None:

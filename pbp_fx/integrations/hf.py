@@ -107,7 +107,7 @@ def _resumed_file(args, state, pm) -> str:
     not tell callbacks which folder it resumed from, which may be another run's), else the one in
     output_dir."""
     folder = f"checkpoint-{state.global_step}"
-    loaded = pm.loaded_from
+    loaded = getattr(pm, "loaded_from", None)  # (a model pickled before it existed has none)
     if loaded is not None and os.path.basename(os.path.dirname(loaded)) == folder:
         return loaded
     path = os.path.join(args.output_dir, folder, CHECKPOINT_NAME)
