@@ -107,7 +107,9 @@ def zoo_missing(name: str) -> Optional[str]:
 def load_models(names: list[str], image_size: int) -> dict:
     found = {}
     for name in names:
-        if (ROOT / "models" / f"{name}.py").exists():
+        # A zoo name is the torchvision / timm model (the reference file models/resnet18.py, a 32x32
+        # CIFAR-style input, is another model: it shadowed torchvision's ResNet-18 until stop 21).
+        if name not in ZOO and (ROOT / "models" / f"{name}.py").exists():
             found[name] = importlib.import_module(f"pbp_fx.models.{name}")
         else:
             why = zoo_missing(name)
