@@ -253,11 +253,16 @@ def _drop_unused_initializers(proto: onnx.ModelProto) -> None:
     """Initializers no node or output reads any more (a folded Clip's bounds): dropped, so that the
     file holds only what it runs and ONNX Runtime does not warn on loading it."""
     graph = proto.graph
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for node in graph.node:  # inputs of subgraphs (If / Loop bodies) read outer names too
-        for attr in node.attribute:
-            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-                used |= {name for n in sub.node for name in n.input}
+
+    def read(g) -> set:  # names the graph's nodes read, subgraphs (If / Loop bodies) at any depth included
+        names = {name for node in g.node for name in node.input}
+        for node in g.node:
+            for attr in node.attribute:
+                for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                    names |= read(sub)
+        return names
+
+    used = read(graph) | {o.name for o in graph.output}
     keep = [t for t in graph.initializer if t.name in used]
     if len(keep) != len(graph.initializer):
         del graph.initializer[:]

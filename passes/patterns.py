@@ -153,11 +153,15 @@ def neuron_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def _linear_like(m: nn.Module) -> bool:
-    """A layer from outside torch.nn with its own 2-D or wider `weight` parameter (Hugging Face's
-    Conv1D, a user's Linear), not an embedding or a norm by its class name."""
+    """A layer from outside torch.nn shaped like a Linear/Conv: its own 2-D or wider `weight`
+    parameter and a `bias` attribute (a parameter, or None), as Hugging Face's Conv1D and users'
+    Linears have; not an embedding or a norm by its class name. A lookup table (a codebook, a
+    positional table) has a weight and no bias: it is not counted."""
     w = m._parameters.get("weight")
     kind = type(m).__name__.lower()
-    return isinstance(w, nn.Parameter) and w.dim() >= 2 and "embed" not in kind and "norm" not in kind
+    has_bias = "bias" in m._parameters or hasattr(m, "bias")
+    return (isinstance(w, nn.Parameter) and w.dim() >= 2 and has_bias
+            and "embed" not in kind and "norm" not in kind)
 
 
 def _ntuple(v, n: int) -> tuple:

@@ -205,6 +205,16 @@ def _float_dtypes(tensors) -> set:
     return {t.dtype for t in tensors if t.is_floating_point()}
 
 
+def in_model_dtype(model: nn.Module, args, kwargs):
+    """(args, kwargs) with floating tensors cast to the model's floating dtype, when it has one."""
+    here = _float_dtypes(model.state_dict().values())
+    if len(here) != 1:
+        return args, kwargs
+    dtype = next(iter(here))
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return pytree.tree_map(cast, (args, kwargs))
+
+
 def _to_saved_dtype(model: nn.Module, tensors: dict) -> None:
     """A model saved in one floating dtype (after `.to(torch.float64)`) comes back in it, whatever
     dtype its build gives: loading would otherwise cast the weights silently. Models of mixed
@@ -232,12 +242,9 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
             frontend = "auto"
         if example_inputs is None and not example_kwargs:
             example_inputs, example_kwargs = inputs_from_signature(capture["inputs"])
-            # Stand-ins in the model's floating dtype: it may be another than at capture time.
-            here = _float_dtypes(model.state_dict().values())
-            if len(here) == 1:
-                dtype = next(iter(here))
-                cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
-                example_inputs, example_kwargs = pytree.tree_map(cast, (example_inputs, example_kwargs))
+    # The inputs (stand-ins or the caller's) in the model's floating dtype: a checkpoint saved in
+    # float64 rebuilds its model in float64 (`_to_saved_dtype`) whatever dtype the inputs were made in.
+    example_inputs, example_kwargs = in_model_dtype(model, example_inputs, example_kwargs)
     inputs = () if example_inputs is None else example_inputs
     try:
         pm = perforate(model, inputs, include=lambda n, m: n in names, activation=st["activation"],

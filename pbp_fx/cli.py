@@ -554,7 +554,7 @@ def export(args: argparse.Namespace) -> int:
             kwargs = example_kwargs(mod)
             pm = perforate(model, inputs, example_kwargs=kwargs, frontend=args.frontend)
         else:
-            from .checkpoint import load, read_meta
+            from .checkpoint import in_model_dtype, load, read_meta
 
             meta = read_meta(args.source)
             ref = args.model or meta.get("model") or meta.get("extra", {}).get("model")
@@ -567,6 +567,7 @@ def export(args: argparse.Namespace) -> int:
                 model = perforate(model, inputs, example_kwargs=kwargs, frontend=args.frontend,
                                   include=[s["name"] for s in meta["structure"]["sites"]])
             pm = load(args.source, model, inputs, example_kwargs=kwargs)
+            inputs, kwargs = in_model_dtype(pm, inputs, kwargs)  # a float64 checkpoint comes back in float64
         pm.eval()
         if pm.phase == "dendrite":
             pm.abort_dendrite_phase()

@@ -190,13 +190,16 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     saver = None
     created = False
     if out is not None:
+        stale: list[str] = []
         if main:
-            created = _make_out(out, fresh=resume_from is None, echo=echo)
+            created, stale = _make_out(out, fresh=resume_from is None, echo=echo)
         args = {"config": config.to_dict(), "training": training.to_dict(), "include": include, "exclude": exclude}
         saver = _epoch_saver(os.path.join(out, CHECKPOINT), pm, ctl, history, args,
                              _model_ref(model_file), seed, train_loader, distributed,
                              clock=run_seconds)
         callbacks.append(saver)
+        if stale:
+            callbacks.append(_replace_stale(out, stale))
     try:
         history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, training=training, metric=metric,
                       test_loader=test_loader, progress=progress, distributed=distributed, history=history,
@@ -311,19 +314,33 @@ def _check_out(out: str) -> None:
 RUN_OUTPUTS = (CHECKPOINT, "summary.json", "history.json", "plot.png")
 
 
-def _make_out(out: str, fresh: bool, echo) -> bool:
-    """Create --out (True: it did not exist); a fresh run first removes an earlier run's outputs there."""
+def _make_out(out: str, fresh: bool, echo) -> tuple[bool, list[str]]:
+    """Create --out; returns (whether it did not exist, an earlier run's outputs there that a fresh
+    run replaces: `_replace_stale` removes them once this run has its first checkpoint)."""
     created = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
-        stale = [n for n in RUN_OUTPUTS if fresh and os.path.isfile(os.path.join(out, n))]
-        for name in stale:
-            os.remove(os.path.join(out, name))
     except OSError as exc:
         raise TrainingError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
+    stale = [n for n in RUN_OUTPUTS if fresh and os.path.isfile(os.path.join(out, n))]
     if stale:
-        echo(f"{out} held an earlier run ({', '.join(stale)}): replaced by this one (--resume {out} continues a run)")
-    return created
+        echo(f"{out} holds an earlier run ({', '.join(stale)}): this run replaces it from its first checkpoint on "
+             f"(--resume {out} continues a run)")
+    return created, stale
+
+
+def _replace_stale(out: str, stale: list[str]) -> Callable[[dict], None]:
+    """An epoch callback (after the checkpoint saver) that removes the earlier run's reports on its
+    first call: until then a failed run leaves the earlier run as it was."""
+    left = [n for n in stale if n != CHECKPOINT]  # the saver has replaced the checkpoint itself
+
+    def remove(_row: dict) -> None:
+        while left:
+            path = os.path.join(out, left.pop())
+            if os.path.isfile(path):
+                os.remove(path)
+
+    return remove
 
 
 def _check_finite_datasets(data) -> None:

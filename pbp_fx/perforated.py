@@ -340,7 +340,7 @@ class PerforatedModel(nn.Module):
         (safetensors' save_file, which the HF Trainer uses for a model that is not a
         PreTrainedModel). Loading it back sets the one tensor twice, to the same value."""
         state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        if keep_vars:
+        if keep_vars or (len(args) > 2 and args[2]):  # (torch's deprecated positional keep_vars)
             return state
         seen = set()
         for name, value in state.items():

@@ -542,14 +542,22 @@ def _written_buffers(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
         return []
     finally:
         buffers = dict(model.named_buffers())
-        written = [n for n, b in before.items() if not torch.equal(buffers[n], b)]
+        written = [n for n, b in before.items() if n not in buffers or not _same_values(buffers[n], b)]
+        _restore_buffers(model, before)
         with torch.no_grad():
-            for n, b in before.items():
-                buffers[n].copy_(b)
             for b in buffers.values():
                 if id(b) in norm_state:
                     b.copy_(norm_state[id(b)])
     return written
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape and values, NaN equal to NaN (a buffer holding NaN is not written by reading it)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
 
 
 def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] = ()) -> fx.GraphModule:

@@ -119,8 +119,9 @@ def test_a_model_saved_in_float64_comes_back_in_float64(tmp_path):
     pbp_fx.save(pm, path)
     pm.eval()
     x = X.double()
-    for target in (_build, lambda: _build().double(), pbp_fx.perforate(_build(), (X,))):
-        again = pbp_fx.load(path, target).eval()  # no example inputs: stand-ins in the model's dtype
+    for target, inputs in ((_build, None), (lambda: _build().double(), None), (pbp_fx.perforate(_build(), (X,)), None),
+                           (_build, (X,))):  # stand-ins, or the caller's float32 inputs: in the model's dtype
+        again = pbp_fx.load(path, target, inputs).eval()
         assert {p.dtype for p in again.parameters()} == {torch.float64}
         with torch.no_grad():
             assert torch.equal(again(x), pm(x))

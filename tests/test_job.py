@@ -322,8 +322,14 @@ def test_a_new_run_replaces_an_earlier_runs_outputs_and_a_failed_one_leaves_none
     for name in ("summary.json", "history.json", "plot.png"):
         (out / name).write_text("an earlier run")
     assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "2", "--no-progress"]) == 0
-    assert "held an earlier run (summary.json, history.json, plot.png): replaced" in capsys.readouterr().out
+    assert "holds an earlier run (summary.json, history.json, plot.png): this run replaces it" in capsys.readouterr().out
     assert "an earlier run" not in (out / "summary.json").read_text()
+    # A new run that fails before its first checkpoint leaves the earlier run as it was.
+    before = {n: (out / n).read_bytes() for n in ("checkpoint.safetensors", "summary.json")}
+    bad = GOOD + ("def loss_fn(o, y):\n    loss = torch.nn.functional.cross_entropy(o, y)\n"
+                  "    return loss * float('nan') if torch.is_grad_enabled() else loss\n")
+    assert main(["train", _write(tmp_path / "b.py", bad), "--out", str(out), "--no-progress"]) == 2
+    assert {n: (out / n).read_bytes() for n in before} == before
     # A failure in the first epoch (a NaN training loss; the checks before run without gradients)
     # leaves no empty folder behind.
     nan = GOOD + ("def loss_fn(o, y):\n    loss = torch.nn.functional.cross_entropy(o, y)\n"

@@ -412,3 +412,30 @@ def test_a_tensor_through_var_keywords_keeps_a_dynamic_capture():
     assert "forward" not in vars(model)
     x, scale = torch.randn(7, 4), torch.randn(7, 4)
     assert torch.allclose(pm(x, scale=scale), model(x, scale=scale))
+
+
+class _Lookup(nn.Module):
+    """A codebook: a 2-D weight read by indexing, no bias (not a Linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 4))
+
+    def forward(self, idx):
+        return self.weight[idx]
+
+
+class _WithCodebookAndNaN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cb, self.fc = _Lookup(), nn.Linear(4, 2)
+        self.register_buffer("fill", torch.tensor(float("nan")))  # read-only: never written
+
+    def forward(self, idx):
+        return self.fc(self.cb(idx))
+
+
+def test_a_lookup_table_and_a_nan_buffer_do_not_send_auto_to_export():
+    pm = pbp_fx.perforate(_WithCodebookAndNaN(), (torch.tensor([1, 2, 3]),))
+    meta = pm.graph_module.meta
+    assert meta["pbp_frontend"] == "fx" and "pbp_frontend_choice" not in meta and list(pm.sites) == ["fc"]
