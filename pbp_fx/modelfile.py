@@ -22,7 +22,6 @@ from types import ModuleType
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelFileError
@@ -129,7 +128,7 @@ def task_functions(mod: ModuleType) -> tuple[Callable, Callable, str]:
     MSE (of `training.primary_output`). metric (output, target) -> (sum, count), higher is better,
     which picks the best epoch: the file's, else accuracy / minus the mean loss.
     """
-    from .training import accuracy, cross_entropy, negative_loss
+    from .training import accuracy, cross_entropy, mean_squared_error, negative_loss
 
     task = getattr(mod, "TASK", "classification")
     if task not in TASKS:
@@ -145,18 +144,6 @@ def task_functions(mod: ModuleType) -> tuple[Callable, Callable, str]:
     if task == "classification":
         return loss_fn, accuracy, "accuracy"
     return loss_fn, negative_loss(loss_fn), "minus the loss"
-
-
-def mean_squared_error(output, target) -> torch.Tensor:
-    """F.mse_loss of `training.primary_output`: a regression model file's default loss. Output and
-    target must have one shape: broadcasting [N, 1] against [N] would train on every pair."""
-    from .training import primary_output
-
-    output = primary_output(output)
-    if output.shape != target.shape:
-        raise ValueError(f"output shape {list(output.shape)} and target shape {list(target.shape)} differ: give "
-                         "the targets the output's shape (y[:, None] for one output)")
-    return F.mse_loss(output, target)
 
 
 def _name(mod: ModuleType) -> str:

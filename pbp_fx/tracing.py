@@ -526,29 +526,21 @@ def _unreached(model: nn.Module, gm: fx.GraphModule) -> tuple[int, list[str]]:
 
 def _written_buffers(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     """Buffers the model's forward writes in place (a running mean of its own, a call counter),
-    outside norm layers (whose statistics every frontend keeps): found by running it once and
-    restoring them. Symbolic tracing records such writes once, while tracing, or drops them."""
+    outside norm layers (whose statistics every frontend keeps): found by running it once, every
+    buffer restored after. Symbolic tracing records such writes once, while tracing, or drops them."""
     norm_owned = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
                   for b in m.buffers(recurse=False)}
-    before = {n: b.detach().clone() for n, b in model.named_buffers() if id(b) not in norm_owned}
-    if not before:
+    if all(id(b) in norm_owned for b in model.buffers()):
         return []
-    norm_state = {id(b): b.detach().clone() for m in model.modules()
-                  if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers(recurse=False)}
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - the frontends report a model that does not run
-        return []
-    finally:
-        buffers = dict(model.named_buffers())
-        written = [n for n, b in before.items() if n not in buffers or not _same_values(buffers[n], b)]
-        _restore_buffers(model, before)
-        with torch.no_grad():
-            for b in buffers.values():
-                if id(b) in norm_state:
-                    b.copy_(norm_state[id(b)])
-    return written
+    with _buffers_kept(model) as before:
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                model(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - the frontends report a model that does not run
+            return []
+        now = dict(model.named_buffers())
+        return [n for n, b in before.items() if id(now.get(n)) not in norm_owned
+                and (n not in now or not _same_values(now[n], b))]
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ from .controller import Decision, PhaseController, default_optimizer
 from .errors import TrainingError
 from .perforated import PerforatedModel
 
-__all__ = ["fit", "History", "evaluate", "accuracy", "cross_entropy", "negative_loss", "primary_output", "split_batch", "train_epoch"]
+__all__ = ["fit", "History", "evaluate", "accuracy", "cross_entropy", "mean_squared_error", "negative_loss", "primary_output", "split_batch", "train_epoch"]
 
 
 @dataclass
@@ -82,6 +82,16 @@ def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
 def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
     """F.cross_entropy of `primary_output` (a dict's "logits", a tuple's first element): fit's default loss."""
     return F.cross_entropy(primary_output(output), target)
+
+
+def mean_squared_error(output, target: torch.Tensor) -> torch.Tensor:
+    """F.mse_loss of `primary_output`: a regression model file's default loss. Output and target
+    must have one shape: broadcasting [N, 1] against [N] would train on every pair."""
+    output = primary_output(output)
+    if output.shape != target.shape:
+        raise ValueError(f"output shape {list(output.shape)} and target shape {list(target.shape)} differ: give "
+                         "the targets the output's shape (y[:, None] for one output)")
+    return F.mse_loss(output, target)
 
 
 def negative_loss(loss_fn: Callable) -> Callable:
