@@ -201,6 +201,39 @@ def _convert_hint(path: str) -> str:
     return (f"checkpoint {path} is format 1 (pbp-fx before PBConfig)")
 
 
+def _legacy_part_name(name: str) -> str:
+    """What pbp-fx named a site before a "parts" capture's part that is itself a layer (an
+    nn.Linear traced alone) was named by its path: `a` was `a.weight`, `a@1` was `a.weight@1`."""
+    base, at, use = name.partition("@")
+    return f"{base}.weight{at}{use}"
+
+
+def _renamed_part_sites(meta: dict, tensors: dict, pm: PerforatedModel) -> tuple[dict, dict]:
+    """(meta, tensors) of a "parts" checkpoint written with the old names of `_legacy_part_name`,
+    renamed to `pm`'s; any other checkpoint as it is."""
+    if (meta.get("capture") or {}).get("captured_with") != "parts":
+        return meta, tensors
+    from pbp_fx.passes.insert_dendrites import SITES_ATTR, site_key
+
+    saved = {r["name"] for r in meta["structure"]["sites"]}
+    renames = {_legacy_part_name(n): n for n in pm.sites if n not in saved and _legacy_part_name(n) in saved}
+    if not renames:
+        return meta, tensors
+    keys = {f"{SITES_ATTR}.{site_key(old)}.": f"{SITES_ATTR}.{site_key(new)}." for old, new in renames.items()}
+
+    def renamed(key: str) -> str:
+        for old, new in keys.items():
+            if old in key:
+                return key.replace(old, new)
+        return key
+
+    meta = json.loads(json.dumps(meta))
+    for rec in meta["structure"]["sites"]:
+        rec["name"] = renames.get(rec["name"], rec["name"])
+    meta["plain"] = {renamed(k): v for k, v in meta.get("plain", {}).items()}
+    return meta, {renamed(k): v for k, v in tensors.items()}
+
+
 def _float_dtypes(tensors) -> set:
     return {t.dtype for t in tensors if t.is_floating_point()}
 
@@ -246,8 +279,9 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
     # float64 rebuilds its model in float64 (`_to_saved_dtype`) whatever dtype the inputs were made in.
     example_inputs, example_kwargs = in_model_dtype(model, example_inputs, example_kwargs)
     inputs = () if example_inputs is None else example_inputs
+    legacy = capture is not None and capture["captured_with"] == "parts"
     try:
-        pm = perforate(model, inputs, include=lambda n, m: n in names, activation=st["activation"],
+        pm = perforate(model, inputs, include=lambda n, m: n in names or (legacy and _legacy_part_name(n) in names), activation=st["activation"],
                        mode=st["mode"], example_kwargs=example_kwargs, frontend=frontend, dynamic=dynamic)
     except NoSitesError as exc:
         raise CheckpointError(f"checkpoint {path} belongs to another model: none of its sites "
@@ -274,7 +308,6 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
     get their saved state too.
     """
     meta, tensors = _read(path)
-    st = meta["structure"]
     if controller is not None and meta["format"] == FORMAT_V1 and "controller" in meta:
         raise CheckpointError(f"{_convert_hint(path)}: its controller state cannot be resumed; load the model with "
                               "pbp_fx.load(path, model, example_inputs) and save it to convert it to format 2")
@@ -286,6 +319,8 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
         _to_saved_dtype(model, tensors)
         model = _perforate_like(path, meta, model, example_inputs, example_kwargs)
     pm = model
+    meta, tensors = _renamed_part_sites(meta, tensors, pm)
+    st = meta["structure"]
     _to_saved_dtype(pm, tensors)
     _check_sites(pm, st, path)
     plain = meta.get("plain", {})
@@ -338,7 +373,7 @@ def load_controller(path: str, controller) -> None:
     The controller's optimizer keeps the state it has (the framework restored it too). A model
     with another structure is refused in one line naming the fix.
     """
-    meta, tensors = _read(path)
+    meta, tensors = _renamed_part_sites(*_read(path), controller.pm)
     if "controller" not in meta:
         raise CheckpointError(f"checkpoint {path} has no controller state: it was saved without a controller")
     here = describe_structure(controller.pm)

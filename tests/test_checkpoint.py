@@ -395,3 +395,81 @@ def test_a_site_that_differs_only_in_its_settings_is_named_with_them(tmp_path):
     with pytest.raises(pbp_fx.CheckpointError, match=r"site '3' is linear \[3, 8\] in the checkpoint but linear "
                                                      r"\[3, 8\] here \(bias True there, False here\)"):
         pbp_fx.load(path, no_bias, (X,))
+
+
+class _Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(4, 4)
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return F.relu(F.linear(self.b(x), self.weight))
+
+
+class _BranchingRoot(nn.Module):
+    """Data-dependent Python at the root: captured in parts; part `a` is itself a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.gate, self.head = nn.Linear(4, 4), _Gate(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if h.sum() > 0:
+            h = self.gate(h)
+        return self.head(h)
+
+
+def _with_old_part_names(path, out):
+    """Rewrite a "parts" checkpoint as pbp-fx named its sites before stop 21: a part that is
+    itself a layer as `a.weight` (module key `a_weight`), not `a`."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from pbp_fx.checkpoint import _digest
+
+    meta = read_meta(path)
+    old = {"a": "a.weight", "head": "head.weight"}
+    for rec in meta["structure"]["sites"]:
+        rec["name"] = old.get(rec["name"], rec["name"])
+
+    def key(k):
+        for new, name in old.items():
+            k = k.replace(f"pbp_sites.{new}.", f"pbp_sites.{name.replace('.', '_')}.")
+        return k
+    tensors = {key(k): v for k, v in load_file(path).items()}
+    meta["plain"] = {key(k): v for k, v in meta["plain"].items()}
+    meta["sha256"] = _digest(tensors, meta)
+    save_file(tensors, out, metadata={"pbp_fx": json.dumps(meta)})
+
+
+def test_a_parts_checkpoint_with_the_old_site_names_loads_renamed(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    with pytest.warns(UserWarning, match="neither fx nor torch.export"):
+        pm = pbp_fx.perforate(_BranchingRoot(), (x,))
+    assert list(pm.sites) == ["a", "gate.b", "gate.weight", "head"]
+    pm.grow()
+    with torch.no_grad():
+        for s in pm.sites.values():
+            s.out_weight.normal_()
+    ctl = PhaseController(pm)
+    pm.start_dendrite_phase(pool=2)
+    pm.train()
+    pm(x).sum().backward()
+    new, old = str(tmp_path / "new.safetensors"), str(tmp_path / "old.safetensors")
+    pbp_fx.save(pm, new, controller=ctl)
+    _with_old_part_names(new, old)
+    assert [r["name"] for r in read_meta(old)["structure"]["sites"]] == ["a.weight", "gate.b", "gate.weight",
+                                                                          "head.weight"]
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="neither fx nor torch.export"):
+        pm2 = pbp_fx.load(old, _BranchingRoot)
+    assert list(pm2.sites) == list(pm.sites) and pm2.phase == "dendrite"
+    want, got = pm.state_dict(), pm2.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    ctl2 = PhaseController(pm2)
+    pbp_fx.checkpoint.load_controller(old, ctl2)  # its best weights renamed too
+    assert ctl2.state_dict()["history"] == ctl.state_dict()["history"]
