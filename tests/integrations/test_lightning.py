@@ -133,3 +133,38 @@ def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase):
     assert [h["note"] for h in again] == [h["note"] for h in whole]
     for a, b in zip(again, whole):
         assert a["score"] == pytest.approx(b["score"], rel=1e-5, abs=1e-6)
+
+
+def test_lightning_16_mixed_scaler_reaches_the_pools():
+    """A real GradScaler (Lightning's "16-mixed" plugin on the CPU): the pools divide its scale out,
+    so their statistics have the size of a 32-bit run's, not scale x that."""
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class PoolSize(Callback):
+        """The largest |ema| the candidate pools reach in the first dendrite phase."""
+
+        def __init__(self):
+            self.largest = 0.0
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            pm = pl_module.model
+            if pm.phase == "dendrite":
+                self.largest = max(self.largest, max(float(s.candidates.ema.abs().max()) for s in pm.sites.values()))
+
+    def run(plugins):
+        train, val = digits_loaders()
+        pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+        cb, size = PBCallback(QUICK, monitor="val_acc", mode="max"), PoolSize()
+        trainer = L.Trainer(max_epochs=8, callbacks=[cb, size], accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, plugins=plugins)
+        trainer.fit(Classifier(pm), train, val)
+        assert any(h["phase"] == "dendrite" for h in cb.controller.history)
+        return pm, trainer, size.largest
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    pm, trainer, fp16 = run([MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert trainer.precision_plugin.scaler is scaler and pm.grad_scaler is scaler
+    _, _, fp32 = run([])
+    assert 0 < fp32 and 0.25 < fp16 / fp32 < 4, (fp16, fp32)  # unscaled: 4096x
