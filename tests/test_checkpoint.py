@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pbp_fx
+from parts_models import BranchingRoot
 from pbp_fx.checkpoint import read_structure
 from pbp_fx.controller import PhaseController
 
@@ -397,30 +398,6 @@ def test_a_site_that_differs_only_in_its_settings_is_named_with_them(tmp_path):
         pbp_fx.load(path, no_bias, (X,))
 
 
-class _Gate(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.b = nn.Linear(4, 4)
-        self.weight = nn.Parameter(torch.randn(4, 4))
-
-    def forward(self, x):
-        return F.relu(F.linear(self.b(x), self.weight))
-
-
-class _BranchingRoot(nn.Module):
-    """Data-dependent Python at the root: captured in parts; part `a` is itself a layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.gate, self.head = nn.Linear(4, 4), _Gate(), nn.Linear(4, 2)
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        if h.sum() > 0:
-            h = self.gate(h)
-        return self.head(h)
-
-
 def _with_old_part_names(path, out):
     """Rewrite a "parts" checkpoint as pbp-fx named its sites before stop 21: a part that is
     itself a layer as `a.weight` (module key `a_weight`), not `a`."""
@@ -449,7 +426,7 @@ def test_a_parts_checkpoint_with_the_old_site_names_loads_renamed(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(8, 4)
     with pytest.warns(UserWarning, match="neither fx nor torch.export"):
-        pm = pbp_fx.perforate(_BranchingRoot(), (x,))
+        pm = pbp_fx.perforate(BranchingRoot(), (x,))
     assert list(pm.sites) == ["a", "gate.b", "gate.weight", "head"]
     pm.grow()
     with torch.no_grad():
@@ -466,7 +443,7 @@ def test_a_parts_checkpoint_with_the_old_site_names_loads_renamed(tmp_path):
                                                                           "head.weight"]
     torch.manual_seed(1)
     with pytest.warns(UserWarning, match="neither fx nor torch.export"):
-        pm2 = pbp_fx.load(old, _BranchingRoot)
+        pm2 = pbp_fx.load(old, BranchingRoot)
     assert list(pm2.sites) == list(pm.sites) and pm2.phase == "dendrite"
     want, got = pm.state_dict(), pm2.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

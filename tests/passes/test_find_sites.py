@@ -7,6 +7,7 @@ from torch import nn
 from pbp_fx import trace
 from pbp_fx.layers import LayerSpec, NormSpec
 from pbp_fx.passes import SiteSpec, find_sites
+from parts_models import BranchingRoot
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -289,33 +290,9 @@ def test_aten_and_product_sites(frontend, pb):
         assert pb.max_diff(pm.finalize()(x), y) < 1e-5
 
 
-class _Gate(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.b = nn.Linear(4, 4)
-        self.weight = nn.Parameter(torch.randn(4, 4))
-
-    def forward(self, x):
-        return F.relu(F.linear(self.b(x), self.weight))
-
-
-class _BranchingRoot(nn.Module):
-    """Data-dependent Python at the root: only its submodules trace (the "parts" frontend)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.gate, self.head = nn.Linear(4, 4), _Gate(), nn.Linear(4, 2)
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        if h.sum() > 0:
-            h = self.gate(h)
-        return self.head(h)
-
-
 def test_part_sites_are_named_by_their_path_in_the_model():
     with pytest.warns(UserWarning, match="neither fx nor torch.export"):
-        gm = trace(_BranchingRoot(), (torch.randn(3, 4),))
+        gm = trace(BranchingRoot(), (torch.randn(3, 4),))
     assert gm.meta["pbp_frontend"] == "parts"
     # A part that is a layer is named by its path, a functional weight inside a part by the parameter's.
     assert [s.name for s in find_sites(gm)] == ["a", "gate.b", "gate.weight", "head"]
