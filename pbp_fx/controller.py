@@ -14,14 +14,20 @@ optimizer for the whole run. Call `step(val_score)` once per epoch:
 At a restructure (dendrite phase started, dendrites installed, round retried, run complete)
 the optimizer's param groups get the model's new trainable parameters and its state is
 cleared; group hyperparameters (lr, betas, weight_decay, initial_lr, ...) stay. A parameter
-returns to the group it was in before; new ones join group 0.
+returns to the group it was in before; new ones join group 0. Parameters of the optimizer that
+are not the model's (a head or a learnable loss outside the perforated model) stay in their
+groups and train in the neuron phases; a dendrite phase trains the candidates only, so they
+leave the optimizer for it and come back after it with their gradients cleared.
 
 Learning-rate schedulers built once on `ctl.optimizer` keep working across restructures.
 In the dendrite phase every group's lr is multiplied by candidate_lr / (its lr at the start
 of the phase), and so are the base_lrs of schedulers given to `attach_scheduler` (or built by
-`scheduler_factory`): the phase starts at exactly `config.candidate_lr`, a scheduler that
-rewrites lr from base_lrs every step (LambdaLR, as Hugging Face Trainer does) keeps it there
-times its own factor's change, and a chainable one (StepLR) multiplies it as usual. At the end
+`scheduler_factory`), with the other rates they compute lr from (OneCycleLR's initial, max and
+min lr, CyclicLR's max_lrs, ReduceLROnPlateau's min_lrs, a cosine schedule's eta_min when every
+group has the same factor; the schedulers of a SequentialLR or ChainedScheduler): the phase
+starts at exactly `config.candidate_lr`, a scheduler that rewrites lr every step (LambdaLR, as
+Hugging Face Trainer does, or OneCycleLR) keeps it there times its own factor's change, and a
+chainable one (StepLR) multiplies it as usual. At the end
 of the phase the factor is divided out again, so the neuron rate continues where the
 scheduler's clock says it should be.
 
@@ -162,9 +168,14 @@ class PhaseController:
         for i, g in enumerate(optimizer.param_groups):
             for p in g["params"]:
                 self._groups[p] = i
+        # The optimizer's parameters that are not the model's: kept (see the module docstring).
+        own = {id(p) for p in pm.parameters()}
+        self._foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
         # The optimizer's state for parameters that stay trainable is kept: a training framework
         # that resumes a run restores it before the controller exists (the HF Trainer does).
         self.rebind(keep_state=True)
+        if pm.phase == "dendrite":  # a model loaded mid-phase: its candidates train at candidate_lr
+            self._enter_dendrite_lr()  # (load_state_dict then restores the saved run's rates)
         self.scheduler = None
         if scheduler_factory is not None:
             self.scheduler = scheduler_factory(self.optimizer)
@@ -211,6 +222,12 @@ class PhaseController:
     def rebind(self, keep_state: bool = False) -> None:
         """Point the optimizer (and the DDP wrapper) at the model's current trainable parameters."""
         params = list(self.pm.trainable_parameters())
+        if self._foreign and self.pm.phase != "dendrite":
+            held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+            for p in self._foreign:
+                if id(p) not in held:  # back from a dendrite phase: its backward left gradients here
+                    p.grad = None
+            params += self._foreign
         new = [p for p in params if p not in self._groups]
         if new:
             by_name = self.parameter_groups(self.pm) if self.parameter_groups is not None else {}
@@ -226,9 +243,24 @@ class PhaseController:
             self.pm.load_state_dict(self.best_state)
 
     def _scale_schedulers(self, scheduler, scale: list[float], divide: bool) -> None:
-        base = getattr(scheduler, "base_lrs", None)
-        if base is not None:
-            scheduler.base_lrs = [b / s if divide else b * s for b, s in zip(base, scale)]
+        """Multiply (divide) the rates `scheduler` computes lr from by each group's factor."""
+        def scaled(values):
+            return [v / s if divide else v * s for v, s in zip(values, scale)]
+
+        for child in getattr(scheduler, "_schedulers", ()):  # SequentialLR, ChainedScheduler
+            self._scale_schedulers(child, scale, divide)
+        for name in ("base_lrs", "max_lrs", "min_lrs"):  # (CyclicLR: max_lrs; ReduceLROnPlateau: min_lrs)
+            values = getattr(scheduler, name, None)
+            if isinstance(values, (list, tuple)):
+                setattr(scheduler, name, scaled(values))
+        if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):  # it reads these keys of each group
+            for g, s in zip(scheduler.optimizer.param_groups, scale):
+                for key in ("initial_lr", "max_lr", "min_lr"):
+                    if key in g:
+                        g[key] = g[key] / s if divide else g[key] * s
+        eta_min = getattr(scheduler, "eta_min", None)  # one floor for all groups: scaled when one factor fits all
+        if isinstance(eta_min, (int, float)) and eta_min and len(set(scale)) == 1:
+            scheduler.eta_min = eta_min / scale[0] if divide else eta_min * scale[0]
 
     def _enter_dendrite_lr(self) -> None:
         target = self.config.candidate_lr
@@ -340,6 +372,7 @@ class PhaseController:
         """Everything needed to resume: the schedule, history, lr factors and the best weights."""
         return {"schedule": self.schedule.state_dict(), "history": copy.deepcopy(self.history),
                 "lr_scale": None if self.lr_scale is None else list(self.lr_scale),
+                "lrs": [float(g["lr"]) for g in self.optimizer.param_groups],
                 "plateau_held": {str(i): dict(v) for i, v in self.plateau_held.items()},
                 "best_state": self.best_state}
 
@@ -353,4 +386,10 @@ class PhaseController:
         self.lr_scale = None if state.get("lr_scale") is None else list(state["lr_scale"])
         self.plateau_held = {int(i): dict(v) for i, v in state.get("plateau_held", {}).items()}
         self.best_state = state["best_state"]
+        lrs = state.get("lrs")
+        if self.lr_scale is not None and lrs is not None and len(lrs) == len(self.optimizer.param_groups):
+            # In a dendrite phase the groups run at the candidates' rates: a fresh optimizer has the
+            # neuron rates, which the install would divide by the factor again.
+            for g, lr in zip(self.optimizer.param_groups, lrs):
+                g["lr"] = lr
         self.rebind(keep_optimizer_state)

@@ -195,6 +195,7 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
             controller.set_distributed(distributed)
         elif device is not None:
             controller.rebind()
+        _check_plateau(controller)
         if distributed is not None and _length(train_loader) is not None:
             distributed.check_same("number of training batches", _length(train_loader))
         _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, training.epochs, metric,
@@ -202,6 +203,20 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
     if bar is not None:
         bar.close()
     return history
+
+
+def _plateau(controller) -> bool:
+    return isinstance(controller.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def _check_plateau(controller) -> None:
+    """A ReduceLROnPlateau steps on the validation score: its mode must say which way is better."""
+    if _plateau(controller):
+        want = "max" if controller.config.maximize else "min"
+        if controller.scheduler.mode != want:
+            raise ConfigError(f"the ReduceLROnPlateau has mode={controller.scheduler.mode!r} but fit's validation "
+                              f"score is {'maximized' if want == 'max' else 'minimized'} (PBConfig.maximize="
+                              f"{controller.config.maximize}): build it with mode={want!r}")
 
 
 def _length(loader) -> Optional[int]:
@@ -224,7 +239,7 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
             train_loss = train_epoch(controller.model, train_loader, loss_fn, controller.optimizer, device,
                                       distributed, phase)
             _check_statistics(pm)
-            if controller.scheduler is not None and phase == "neuron":
+            if controller.scheduler is not None and phase == "neuron" and not _plateau(controller):
                 controller.scheduler.step()
             if distributed is not None:
                 distributed.sync_buffers(pm)  # rank 0's BatchNorm statistics: one model to evaluate
@@ -237,6 +252,9 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
                "train_loss": train_loss, "val": val, "test": test,
                "params": pm.num_parameters(), "seconds": time.perf_counter() - t0}
         decision = controller.step(val)
+        if _plateau(controller) and decision is not Decision.COMPLETE:
+            # After the controller, as the trainers do (the controller holds it in a dendrite phase).
+            controller.scheduler.step(val)
         row["decision"] = decision.value
         history.append(**row)
         history.best_epoch, history.best_val = controller.best_epoch, controller.best_score

@@ -122,34 +122,48 @@ def test_an_adopted_optimizer_keeps_its_groups():
         PhaseController(pm, optimizer=opt, optimizer_factory=torch.optim.Adam)
 
 
-@pytest.mark.parametrize("kind", ["step", "lambda"])
+SCHEDULERS = {
+    "step": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+    "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t)),
+    # these compute lr from other rates too: OneCycleLR's initial / max / min lr, CyclicLR's max_lrs,
+    # the cosine's eta_min, the children of a SequentialLR
+    "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.3, total_steps=20, cycle_momentum=False),
+    "cyclic": lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=0.05, max_lr=0.2, step_size_up=4,
+                                                          cycle_momentum=False),
+    "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20, eta_min=0.02),
+    "sequential": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o, [torch.optim.lr_scheduler.LinearLR(o, 0.25, total_iters=4),
+            torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.8)], milestones=[4]),
+}
+
+
+@pytest.mark.parametrize("kind", list(SCHEDULERS))
 def test_a_scheduler_built_once_steps_across_two_restructures(kind):
-    """The neuron lr follows the scheduler's clock across phases; the dendrite phase runs at candidate_lr."""
+    """The neuron lr follows the scheduler's clock across phases (a twin scheduler on an optimizer
+    of its own gives the clock); the dendrite phase starts at candidate_lr and follows the
+    scheduler's change from there."""
     pm = _pm()
     ctl = PhaseController(pm, patience=1, dendrite_patience=1, candidate_lr=0.5,
                           optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
     opt = ctl.optimizer
-    if kind == "step":
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-        expected = lambda t: 0.1 * 0.5 ** (t // 2)  # noqa: E731
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
-        expected = lambda t: 0.1 / (1 + t)  # noqa: E731
+    twin_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched, twin = SCHEDULERS[kind](opt), SCHEDULERS[kind](twin_opt)
+    clock = [twin_opt.param_groups[0]["lr"]]
     ctl.attach_scheduler(sched)
-    restructures, t = 0, 0
+    restructures = 0
     # neuron; -> dendrite; -> install; no gain: retry -> dendrite; -> install
     for score in [0.5, 0.5, 0.5, 0.5, 0.5]:
         phase = pm.phase
         start = opt.param_groups[0]["lr"]
         for _ in range(3):  # a framework stepping the scheduler every optimizer step
-            opt.step()  # no gradients: changes nothing, keeps the call order torch expects
-            sched.step()
-            t += 1
+            opt.step(), twin_opt.step()  # no gradients: changes nothing, keeps the call order torch expects
+            sched.step(), twin.step()
+            clock.append(twin_opt.param_groups[0]["lr"])
         if phase == "neuron":
-            assert opt.param_groups[0]["lr"] == pytest.approx(expected(t))
+            assert opt.param_groups[0]["lr"] == pytest.approx(clock[-1])
         else:  # starts at candidate_lr, then changes as the scheduler's factor does
-            assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * expected(t) / expected(t - 3))
             assert start == pytest.approx(0.5)
+            assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * clock[-1] / clock[-4])
         restructures += ctl.step(score) is R
         assert ctl.optimizer is opt
     assert restructures == 4
@@ -253,3 +267,55 @@ def test_the_default_optimizer_is_fused_adam_where_torch_has_the_kernel_and_trai
     meta = nn.Parameter(torch.empty(3, device="meta"))
     assert pbp_fx.default_optimizer([meta]).defaults["fused"] is None
     assert pbp_fx.default_optimizer([{"params": [nn.Parameter(torch.randn(2))]}], lr=0.1).defaults["lr"] == 0.1
+
+
+def test_parameters_outside_the_model_train_in_neuron_phases_only():
+    """A learnable parameter outside the perforated model (a loss temperature) stays in an adopted
+    optimizer's group; the dendrite phase trains the candidates only; after it the parameter
+    comes back without the gradients its backward left."""
+    pm = _pm()
+    temperature = nn.Parameter(torch.ones(()))
+    opt = torch.optim.SGD([{"params": list(pm.parameters())}, {"params": [temperature], "lr": 0.5}], lr=0.1)
+    ctl = PhaseController(pm, optimizer=opt, patience=1, dendrite_patience=1)
+
+    def held():
+        return [any(p is temperature for p in g["params"]) for g in opt.param_groups]
+
+    def step():
+        opt.zero_grad()
+        (pm(torch.randn(8, 3)).pow(2).mean() * temperature).backward()
+        opt.step()
+
+    assert held() == [False, True]
+    before = float(temperature)
+    step()
+    assert float(temperature) != before  # it trains
+    assert _run(ctl, [0.5, 0.5]) == [C, R] and pm.phase == "dendrite"
+    assert held() == [False, False]
+    before = float(temperature)
+    step()
+    assert float(temperature) == before and temperature.grad is not None
+    while ctl.step(0.5) is not R:  # the candidates made progress: the phase goes on
+        assert held() == [False, False]
+    assert pm.phase == "neuron"
+    assert held() == [False, True] and temperature.grad is None
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.5)  # its group's lr is back too
+
+
+def test_a_controller_loaded_mid_dendrite_phase_trains_at_the_saved_rates():
+    """A fresh optimizer (neuron rates) under a controller state saved in a dendrite phase: the
+    candidates train at candidate_lr, and after the install the neurons at the rate they had."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, dendrite_patience=2, candidate_lr=0.02,
+                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.003))
+    _run(ctl, [0.5, 0.5])
+    assert pm.phase == "dendrite" and ctl.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
+    state = ctl.state_dict()
+    fresh = PhaseController(pm, patience=1, dendrite_patience=2, candidate_lr=0.02,
+                            optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.003))
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)  # a model in its dendrite phase
+    fresh.optimizer.param_groups[0]["lr"] = 0.003  # as a user's fresh optimizer would have it
+    fresh.load_state_dict(state)
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
+    _run(fresh, [0.5, 0.5])
+    assert pm.phase == "neuron" and fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.003)

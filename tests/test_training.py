@@ -156,3 +156,27 @@ def test_fit_defaults_score_a_dict_output_by_its_logits():
     train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
     h = fit(pm, train, val, epochs=3, progress=False, config=pbp_fx.PBConfig(patience=1, max_dendrites=1))
     assert len(h.epochs) == 3 and all(0.0 <= r["val"] <= 1.0 for r in h.epochs)
+
+
+def test_fit_steps_a_plateau_scheduler_on_the_validation_score():
+    """ReduceLROnPlateau from scheduler_factory: stepped with the score after the controller's decision
+    (held through the dendrite phase); a mode that contradicts PBConfig.maximize is refused first."""
+    train = DataLoader(_data(), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    val = DataLoader(_data(128, 1), batch_size=128)
+    pm = _pm()
+    ctl = PhaseController(pm, patience=2, dendrite_patience=1, max_dendrite_epochs=2, max_dendrites=1,
+                          scheduler_factory=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(
+                              o, "max", patience=0, factor=0.5))
+    seen = []
+    fit(pm, train, val, controller=ctl, epochs=30, progress=False,
+        callbacks=[lambda row: seen.append((pm.phase, ctl.optimizer.param_groups[0]["lr"]))])  # the next epoch's
+    neuron = [lr for phase, lr in seen if phase == "neuron"]
+    assert len(neuron) > 2 and min(neuron) < 1e-3  # stale epochs cut the rate (patience 0)
+    dendrite = [lr for phase, lr in seen if phase == "dendrite"]
+    assert dendrite and dendrite == [pytest.approx(ctl.config.candidate_lr)] * len(dendrite)
+    pm = _pm()
+    wrong = PhaseController(pm, scheduler_factory=lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, "min"))
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    with pytest.raises(pbp_fx.ConfigError, match="mode='min' but fit's validation score is maximized.*mode='max'"):
+        fit(pm, train, val, controller=wrong, epochs=3, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in pm.state_dict().items())  # refused before any work
