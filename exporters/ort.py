@@ -77,9 +77,10 @@ def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", thre
             "install onnxruntime-gpu in place of onnxruntime, or use device='cpu'")
     want_cuda = device in ("auto", "cuda") and CUDA in available
     opts = ort.SessionOptions()
-    # Errors only: the runtime's warnings (an initializer it removes, a node placed on the CPU) are
-    # for people debugging the runtime, and would print in colour on every session.
-    opts.log_severity_level = 3
+    # Fatal only: the runtime's warnings (an initializer it removes, a node placed on the CPU) are
+    # for people debugging the runtime and would print in colour on every session, and its errors
+    # reach the caller as exceptions anyway (logged too, they made a second, coloured line).
+    opts.log_severity_level = 4
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

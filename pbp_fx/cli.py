@@ -643,12 +643,16 @@ def run_onnx(args: argparse.Namespace) -> int:
     arrays = []
     for name in args.input:
         try:
-            arrays.append(np.load(name, allow_pickle=False))
+            array = np.load(name, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:  # (EOFError: an empty file)
             if os.path.isfile(name) and not name.endswith(".npy") and not _is_npy(name):
                 raise PBError(f"--input {name} is not a .npy file: save each input array with numpy.save") from exc
             raise PBError(f"cannot read input {name}: {_plain(str(exc)) or type(exc).__name__} "
                           "(save it with numpy.save)") from exc
+        if not isinstance(array, np.ndarray):  # an .npz archive
+            array.close()
+            raise PBError(f"--input {name} is an .npz archive, not one array: save each input array with numpy.save")
+        arrays.append(array)
     try:
         session = ort_session(args.model, device=args.device)
     except PBError:

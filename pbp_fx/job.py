@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import FORMAT, load, load_optimizer, read_meta, save
@@ -23,7 +24,7 @@ from .config import PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
 from .errors import ModelFileError, TrainingError
 from .fileio import atomic_write
-from .modelfile import example_kwargs, instantiate, load_model_file, task_functions
+from .modelfile import example_kwargs, instantiate, load_model_file, task_functions, task_of
 from .perforated import perforate
 from .training import History, evaluate, fit
 
@@ -60,14 +61,20 @@ def _call_datasets(mod: ModuleType, seed: int):
     return data
 
 
-def _preflight(model, data, n: int, loss_fn, metric) -> None:
+def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, classification: bool) -> None:
     """Refuse, before any work, data that the model, its loss or its metric cannot take (wrong shapes,
     targets out of range, an output the default loss cannot read, a metric that returns no
     (sum, count) pair): the first n samples of each dataset, batched, in eval mode and without
-    gradients, so that no state and no random number changes."""
-    from torch.utils.data import default_collate
+    gradients, so that no state and no random number changes; the class labels of every sample of
+    a TensorDataset; a batch of one sample for a model with BatchNorm."""
+    from torch.utils.data import TensorDataset, default_collate
 
-    from .training import split_batch
+    from .training import primary_output, split_batch
+
+    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms and min(batch_size, len(data[0])) < 2:
+        raise TrainingError(f"training batches of one sample: BatchNorm layer {norms[0]!r} needs at least 2 samples per "
+                            "batch to train: use --batch-size 2 or more (and at least 2 training samples)")
 
     was = model.training
     model.eval()
@@ -90,9 +97,23 @@ def _preflight(model, data, n: int, loss_fn, metric) -> None:
                 raise TrainingError(f"the first {name} samples fail in the model, its loss or its metric "
                                     f"({type(exc).__name__}: {first}): check that the data's shapes, dtypes and "
                                     "targets match the model, its outputs and the model file's TASK / loss_fn / "
-                                    "metric") from exc
+                                    "metric (a sample is (input, ..., target), inputs not nested)") from exc
+            out = primary_output(output)
+            if classification and isinstance(ds, TensorDataset) and isinstance(out, torch.Tensor) and out.dim() >= 2:
+                _check_labels(ds.tensors[-1], out.shape[1], name)
     finally:
         model.train(was)
+
+
+def _check_labels(labels: torch.Tensor, classes: int, name: str) -> None:
+    """Every class label of a dataset within the model's classes (a TensorDataset: one cheap pass)."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        bad = low if low < 0 else high
+        raise TrainingError(f"the {name} dataset has class label {bad}, but the model outputs {classes} classes "
+                            f"(labels 0..{classes - 1}): fix the labels or the model's number of outputs")
 
 
 def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, distributed=None):
@@ -159,7 +180,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     data = _call_datasets(mod, seed)
     _check_finite_datasets(data)
     loss_fn, metric, metric_name = task_functions(mod)
-    _preflight(model, data, min(training.batch_size, 8), loss_fn, metric)
+    _preflight(model, data, min(training.batch_size, 8), loss_fn, metric, training.batch_size,
+               task_of(mod) == "classification")
     train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed)
     base_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
@@ -218,7 +240,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         "epochs": len(history.epochs), "seconds": round(seconds, 2),
         "params_plain": base_params, "params": pm.num_parameters(),
         "dendrites": pm.num_dendrites, "best_epoch": ctl.best_epoch,
-        "metric": metric_name, "val": val, "test": test,
+        "metric": metric_name, "maximize": config.maximize, "val": val, "test": test,
         "events": [e for e in ctl.history if e["decision"] != "continue"],
     }
     if distributed is not None:
@@ -377,10 +399,10 @@ def _write_outputs(out: str, history, summary) -> None:
     text("history.json", json.dumps(history.to_dict(), indent=1))
     text("summary.json", json.dumps(summary, indent=1))
     plot_history(history, os.path.join(out, "plot.png"), title=f"{summary['model']} ({summary['mode']})",
-                 metric=summary.get("metric", "accuracy"))
+                 metric=summary.get("metric", "accuracy"), maximize=summary.get("maximize", True))
 
 
-def plot_history(history, path: str, title: str = "", metric: str = "accuracy") -> None:
+def plot_history(history, path: str, title: str = "", metric: str = "accuracy", maximize: bool = True) -> None:
     """Validation/test metric per epoch with phase switches marked; the metric vs params."""
     import matplotlib
 
@@ -405,7 +427,9 @@ def plot_history(history, path: str, title: str = "", metric: str = "accuracy") 
     # Accuracy against parameters: per structure, the epoch with the best validation score.
     best: dict[int, dict] = {}
     for r in rows:
-        if r["phase"] == "neuron" and (r["params"] not in best or r["val"] > best[r["params"]]["val"]):
+        better = r["params"] not in best or (r["val"] > best[r["params"]]["val"] if maximize
+                                             else r["val"] < best[r["params"]]["val"])
+        if r["phase"] == "neuron" and better:
             best[r["params"]] = r
     pts = sorted(best.values(), key=lambda r: r["params"])
     b.plot([r["params"] for r in pts], [r["val"] for r in pts], "o-", label="validation")

@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import ModelFileError
 
-__all__ = ["load_model_file", "instantiate", "example_kwargs", "task_functions", "REQUIRED", "TASKS"]
+__all__ = ["load_model_file", "instantiate", "example_kwargs", "task_functions", "task_of", "REQUIRED", "TASKS"]
 
 REQUIRED = ("build_model", "example_inputs")
 TASKS = ("classification", "regression")
@@ -121,6 +121,11 @@ def example_kwargs(mod: ModuleType) -> dict:
     return dict(kwargs)
 
 
+def task_of(mod: ModuleType) -> str:
+    """The model file's TASK ("classification" when it sets none)."""
+    return getattr(mod, "TASK", "classification")
+
+
 def task_functions(mod: ModuleType) -> tuple[Callable, Callable, str]:
     """(loss_fn, metric, metric name) for training on a model file's data.
 
@@ -130,7 +135,7 @@ def task_functions(mod: ModuleType) -> tuple[Callable, Callable, str]:
     """
     from .training import accuracy, cross_entropy, mean_squared_error, negative_loss
 
-    task = getattr(mod, "TASK", "classification")
+    task = task_of(mod)
     if task not in TASKS:
         raise ModelFileError(f"{_name(mod)}: TASK = {task!r} is not one of {', '.join(TASKS)}: set one, or define "
                              "metric(output, target) -> (sum, count) for another task")

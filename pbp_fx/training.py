@@ -130,7 +130,8 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
             inputs, target = split_batch(_to(batch, device) if device is not None else batch)
             _check_finite_inputs(inputs, data)
             s, n = metric(model(*inputs), target)
-            total, count = total + s, count + n
+            # Python numbers: a metric's tensor or numpy sums would flow into the history and checkpoints.
+            total, count = total + float(s), count + float(n)
     finally:
         model.train(was)
     if distributed is not None:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 import pbp_fx
@@ -583,6 +584,8 @@ def test_a_dynamo_export_failure_is_one_line_and_its_graph_dump_goes_with_the_tr
     (lambda t: ["run", str(t / "none.onnx"), "--input", "x.npy"], "does not exist"),
     (lambda t: ["run", "CKPT", "--input", "CKPT"], "is not a .npy file: save each input array with numpy.save"),
     (lambda t: ["run", "CKPT", "--input", str(t / "none.npy")], "cannot read input"),
+    (lambda t: (np.savez(t / "z.npz", a=np.zeros(2)), ["run", "CKPT", "--input", str(t / "z.npz")])[1],
+     "is an .npz archive, not one array: save each input array with numpy.save"),
     (lambda t: ["export", str(t)], "is a folder: pass a checkpoint in it"),
 ])
 def test_deploy_errors_are_one_line(tmp_path, capsys, argv, message):

@@ -67,6 +67,12 @@ FLAT_REGRESSION_TARGETS = ("import torch\nfrom torch.utils.data import TensorDat
                            "def build_model(): return torch.nn.Linear(3, 1)\n"
                            "def example_inputs(): return (torch.randn(2, 3),)\n"
                            "def datasets():\n    d = TensorDataset(torch.randn(8, 3), torch.randn(8))\n    return d, d, d\n")
+LATE_LABEL = NO_DATA + ("from torch.utils.data import TensorDataset\n"
+                        "def datasets():\n    y = torch.arange(40) % 2\n    bad = y.clone()\n    bad[30] = 2\n"
+                        "    x = torch.randn(40, 3)\n    return TensorDataset(x, y), TensorDataset(x, bad), TensorDataset(x, y)\n")
+WITH_BATCHNORM = GOOD.replace("torch.nn.Linear(3, 2)", "torch.nn.Sequential(torch.nn.Linear(3, 4), "
+                              "torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))")
+TENSOR_METRIC = GOOD + "def metric(o, y): return (o.argmax(1) == y).sum(), torch.tensor(y.numel())\n"
 ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
                       "class It(IterableDataset):\n    def __iter__(self):\n"
                       "        return iter([(torch.randn(3), 0)] * 8)\n"
@@ -88,6 +94,10 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
      "output shape [8, 1] and target shape [8] differ"),
     ("a metric without a count", lambda t: [_write(t / "m.py", GOOD + "def metric(o, y): return 0.5\n")],
      "metric returned float, not a (sum, count) pair"),
+    ("a class label beyond the outputs after the first samples", lambda t: [_write(t / "m.py", LATE_LABEL)],
+     "the validation dataset has class label 2, but the model outputs 2 classes"),
+    ("batches of one sample with BatchNorm", lambda t: [_write(t / "m.py", WITH_BATCHNORM), "--batch-size", "1"],
+     "BatchNorm layer '1' needs at least 2 samples per batch to train: use --batch-size 2 or more"),
     ("an iterable dataset", lambda t: [_write(t / "m.py", ITERABLE)], "has no len(): datasets() must return map-style"),
     ("max_dendrites=0", lambda t: [DIGITS, "--max-dendrites", "0"], "at least 1"),
     ("epochs=0", lambda t: [DIGITS, "--epochs", "0"], "--epochs 0: must be at least 1"),
@@ -102,6 +112,16 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, args, me
     err = capsys.readouterr().err.strip()
     assert err.startswith("pbp-fx: error:") and message in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_metric_of_tensors_trains_and_writes_numbers(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "out"
+    assert main(["train", _write(tmp_path / "m.py", TENSOR_METRIC), "--out", str(out), "--epochs", "2",
+                 "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert isinstance(summary["val"], float) and summary["metric"] == "metric"
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
