@@ -238,8 +238,10 @@ def graph_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Optional
     call = model.call_signature if isinstance(model, PerforatedModel) else None
     if call is None:
         if kwargs:
-            raise ExportError("keyword example inputs (a dict) need a PerforatedModel, whose graph knows their order: "
-                              "pass this model's inputs as a tuple")
+            why = ("was captured in parts (its root's Python runs as it is), so no graph records their order"
+                   if isinstance(model, PerforatedModel) else "need a PerforatedModel, whose graph knows their order")
+            raise ExportError(f"keyword example inputs (a dict) {why}: pass this model's inputs as a tuple, in the "
+                              "order of its forward's parameters")
         return args
     try:
         args, kwargs = call.graph_inputs(args, kwargs)

@@ -16,7 +16,7 @@ from .errors import NoSitesError, TrainingError
 from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
-from .tracing import DYNAMIC_CHOICES, trace
+from .tracing import DYNAMIC_CHOICES, parts_model, trace
 
 __all__ = ["PerforatedModel", "perforate", "PHASES"]
 
@@ -52,16 +52,25 @@ class PerforatedModel(nn.Module):
         # trainer callback resuming the run finds the controller state saved beside it.
         self.loaded_from: Optional[str] = None
         self._grad_scaler = None
-        call = self.call_signature
-        if call is not None and type(self) is PerforatedModel:
-            self.__class__ = _with_signature(call.signature)
+        signature = self.forward_signature
+        if signature is not None and type(self) is PerforatedModel:
+            self.__class__ = _with_signature(signature)
 
     def __reduce_ex__(self, protocol):
         # The class with the original's signature is made per model (like fx.GraphModule's):
         # pickle it as a recipe, not by name.
-        if type(self) is PerforatedModel or self.call_signature is None:
+        if type(self) is PerforatedModel or self.forward_signature is None:
             return super().__reduce_ex__(protocol)
-        return _new_with_signature, (self.call_signature.signature,), self.__getstate__()
+        return _new_with_signature, (self.forward_signature,), self.__getstate__()
+
+    @property
+    def forward_signature(self) -> Optional[inspect.Signature]:
+        """The original forward's signature, which `forward` shows (None: unknown)."""
+        call = self.call_signature
+        if call is not None:
+            return call.signature
+        root = parts_model(self.graph_module)  # a parts graph calls the original's root as it is
+        return None if root is None else inspect.signature(root.forward)
 
     @property
     def source_model(self) -> Optional[nn.Module]:

@@ -814,3 +814,31 @@ def test_a_call_outside_a_static_capture_is_a_call_error():
     assert pm(torch.randn(3, 4)).shape == (3, 2)
     with pytest.raises(pbp_fx.CallError, match=r"captured with static shapes and this call breaks them .*Guard failed"):
         pm(torch.randn(5, 4))
+
+
+class _KeywordRoot(nn.Module):
+    """Untraceable root (data-dependent Python) with Hugging Face-style keyword inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        h = torch.relu(self.a(input_ids))
+        if h.sum() > 0:
+            h = h * 2
+        return self.head(h)
+
+
+def test_a_parts_capture_shows_the_original_signature_and_pickles():
+    """The HF Trainer keeps only the dataset columns `forward` names: a parts capture must show them too."""
+    import inspect
+    import pickle
+
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="neither fx nor torch.export"):
+        pm = pbp_fx.perforate(_KeywordRoot(), (x,))
+    assert list(inspect.signature(pm.forward).parameters) == ["input_ids", "attention_mask", "labels"]
+    again = pickle.loads(pickle.dumps(pm))
+    assert list(inspect.signature(again.forward).parameters) == ["input_ids", "attention_mask", "labels"]
+    assert torch.equal(again(input_ids=x), pm(x))
