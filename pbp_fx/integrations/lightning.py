@@ -58,7 +58,8 @@ class PBCallback(Callback):
         # On resume Lightning loads the module's state dict strictly before any callback sees the
         # checkpoint: a pre-hook first gives the model the structure that state was saved with
         # (dendrites resize by themselves; a candidate pool needs the dendrite phase started).
-        if stage == "fit" and self._structure_hook is None:
+        # Any stage: trainer.validate/test(module, ckpt_path=...) loads a checkpoint the same way.
+        if self._structure_hook is None:
             pm = find_perforated(pl_module, "PBCallback")
             self._structure_hook = pm.register_load_state_dict_pre_hook(self._match_structure)
 
@@ -116,5 +117,8 @@ class PBCallback(Callback):
 
     def on_fit_end(self, trainer, pl_module):
         ctl = self.controller
-        if ctl is not None and not ctl.done:  # max_epochs / max_steps ran out first
-            ctl.finish("the Trainer's epoch or step budget ran out")
+        if ctl is not None and not ctl.done:  # the Trainer stopped first
+            budget = (trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs) or (
+                trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps)
+            ctl.finish("the Trainer's epoch or step budget ran out" if budget else
+                       "the Trainer stopped (trainer.should_stop: EarlyStopping or another callback)")

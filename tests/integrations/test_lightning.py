@@ -168,3 +168,26 @@ def test_lightning_16_mixed_scaler_reaches_the_pools():
     assert trainer.precision_plugin.scaler is scaler and pm.grad_scaler is scaler
     _, _, fp32 = run([])
     assert 0 < fp32 and 0.25 < fp16 / fp32 < 4, (fp16, fp32)  # unscaled: 4096x
+
+
+def test_a_fresh_module_validates_from_a_dendrite_phase_checkpoint(tmp_path):
+    """trainer.validate(fresh_module, ckpt_path=...) outside fit: the checkpoint's candidate pool
+    is restored (not an unexpected-keys error), and the scores are the fitted model's."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, val = digits_loaders()
+    config = QUICK.replace(dendrite_patience=5, max_dendrite_epochs=10)
+    pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    cb = PBCallback(config, monitor="val_acc", mode="max")
+    trainer = L.Trainer(max_epochs=6, callbacks=[cb, saver], accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(Classifier(pm), train, val)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert any(".candidates." in k for k in last["state_dict"]), "the run must end inside a dendrite phase"
+    assert cb.controller.history[-1]["note"] == "the Trainer's epoch or step budget ran out"
+    fresh = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
+    score = _trainer(PBCallback(config, monitor="val_acc", mode="max")).validate(
+        fresh, val, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)[0]["val_acc"]
+    assert fresh.model.phase == "dendrite"
+    assert score == pytest.approx(cb.controller.history[-2]["score"], abs=1e-6)
