@@ -92,7 +92,8 @@ class PBCallback(Callback):
         pm.grad_scaler = getattr(trainer.precision_plugin, "scaler", None)
         opt = unwrap_optimizer(trainer.optimizers[0])
         if self.controller is None or self.controller.pm is not pm:
-            self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize)
+            self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
+                                              parameter_groups=_groups_of_configure_optimizers(pl_module))
         if self._resumed is not None:  # Lightning restores the optimizer and schedulers after this hook
             self.controller.load_state_dict(self._resumed["controller"])
             if self._resumed["frozen"]:  # only a dendrite phase has them
@@ -122,3 +123,30 @@ class PBCallback(Callback):
                 trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps)
             ctl.finish("the Trainer's epoch or step budget ran out" if budget else
                        "the Trainer stopped (trainer.should_stop: EarlyStopping or another callback)")
+
+
+def _groups_of_configure_optimizers(pl_module):
+    """parameter_groups for the controller: {name: group index} as the module's own
+    configure_optimizers groups the model's parameters now. On resume Lightning builds the
+    optimizer from it over the restored structure; new parameters must be in the same groups
+    when the optimizer state is saved, or it no longer fits (a weight-decay split by name)."""
+    def groups(pm) -> dict:
+        opt = _first_optimizer(pl_module.configure_optimizers())
+        if opt is None:
+            return {}
+        index = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
+        return {n: index[id(p)] for n, p in pm.named_parameters() if id(p) in index}
+    return groups
+
+
+def _first_optimizer(made):
+    """The first optimizer in any form configure_optimizers may return (None: none)."""
+    while not isinstance(made, torch.optim.Optimizer):
+        if isinstance(made, dict):
+            made = made.get("optimizer")
+        elif isinstance(made, (list, tuple)) and made:
+            made = made[0]
+        else:
+            return None
+    return made
+

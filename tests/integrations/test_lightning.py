@@ -54,6 +54,17 @@ class Classifier(L.LightningModule):
         return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)]
 
 
+class GroupedClassifier(Classifier):
+    """configure_optimizers with a weight-decay split by name (its rule also places PB's new parameters)."""
+
+    def configure_optimizers(self):
+        named = list(self.named_parameters())
+        decay = [p for n, p in named if n.endswith("weight") and p.dim() > 1]
+        rest = [p for n, p in named if not (n.endswith("weight") and p.dim() > 1)]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+                                 lr=3e-3)
+
+
 def _trainer(callback, max_epochs=60, **kw):
     return L.Trainer(max_epochs=max_epochs, callbacks=[callback], accelerator="cpu", devices=1, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -105,8 +116,9 @@ def test_lightning_refusals():
         _trainer(PBCallback(QUICK), max_epochs=1).fit(Classifier(small_cnn()), train, val)
 
 
-@pytest.mark.parametrize("phase", ["neuron", "dendrite"])
-def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase):
+@pytest.mark.parametrize("phase,module", [("neuron", Classifier), ("dendrite", Classifier),
+                                          ("dendrite", GroupedClassifier)])
+def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module):
     """trainer.fit(..., ckpt_path=...) from a checkpoint taken in a neuron phase (the candidates are
     drawn after the resume) or inside a dendrite phase makes the uninterrupted run's decisions with
     its scores."""
@@ -122,7 +134,7 @@ def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase):
         trainer = L.Trainer(max_epochs=60, callbacks=[cb, *saver], accelerator="cpu", devices=1, logger=False,
                             enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False,
                             num_sanity_val_steps=0)
-        trainer.fit(Classifier(pm), train, val, ckpt_path=ckpt_path)
+        trainer.fit(module(pm), train, val, ckpt_path=ckpt_path)
         return cb.controller.history
 
     whole = run(save=True)
