@@ -48,6 +48,7 @@ class PBCallback(TrainerCallback):
         self.config, self.maximize = config, bool(greater_is_better)
         self.controller: Optional[PhaseController] = None
         self._training = False
+        self._other_datasets: dict = {}  # evaluation prefix -> metric names, since the last step
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if args.load_best_model_at_end:
@@ -65,7 +66,7 @@ class PBCallback(TrainerCallback):
         opt = unwrap_optimizer(optimizer)
         if self.controller is None or self.controller.pm is not pm:
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
-                                              parameter_groups=_trainer_groups if len(opt.param_groups) == 2 else None)
+                                              parameter_groups=_trainer_groups if _grouped_by_trainer(pm, opt) else None)
         if state.global_step > 0:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
             load_controller(_resumed_file(args, state, pm), self.controller)
         scheduler = unwrap_scheduler(lr_scheduler)
@@ -78,8 +79,16 @@ class PBCallback(TrainerCallback):
             return  # trainer.evaluate() outside train(), or after PB finished
         metrics = metrics or {}
         if self.metric not in metrics:
+            # eval_dataset as a dict: one evaluation per dataset, each with its own prefix (eval_<name>_...);
+            # the metric comes with its own dataset's. A prefix seen twice without it: no dataset has it.
+            prefix = next((k[:-len("_runtime")] for k in metrics if k.endswith("_runtime")), "eval")
+            if prefix != "eval" and prefix not in self._other_datasets:
+                self._other_datasets[prefix] = set(metrics)
+                return
+            seen = sorted(set(metrics).union(*self._other_datasets.values()))
             raise TrainingError(f"PBCallback: metric {self.metric!r} is not among the evaluation metrics "
-                                f"({', '.join(sorted(metrics)) or 'none'}): pass metric= one of them")
+                                f"({', '.join(seen) or 'none'}): pass metric= one of them")
+        self._other_datasets = {}
         decision = self.controller.step(float(metrics[self.metric]))
         if decision is Decision.COMPLETE:
             control.should_training_stop = True
@@ -116,6 +125,16 @@ def _resumed_file(args, state, pm) -> str:
     raise TrainingError(f"PBCallback: resuming at step {state.global_step} needs the {CHECKPOINT_NAME} of the "
                         f"checkpoint resumed from (PBCallback writes it at every save), loaded into the model first: "
                         f"pbp_fx.load('<that checkpoint folder>/{CHECKPOINT_NAME}', model) before trainer.train")
+
+
+def _grouped_by_trainer(pm, optimizer) -> bool:
+    """Whether the optimizer's groups are those Trainer.create_optimizer makes (`_trainer_groups`):
+    an optimizer passed in `optimizers=` may have two groups of its own (a head at another lr)."""
+    if len(optimizer.param_groups) != 2:
+        return False
+    rule, names = _trainer_groups(pm), {id(p): n for n, p in pm.named_parameters()}
+    return all(id(p) in names and rule[names[id(p)]] == i
+               for i, g in enumerate(optimizer.param_groups) for p in g["params"])
 
 
 def _trainer_groups(model) -> dict:

@@ -241,3 +241,38 @@ def test_trainer_trains_a_causal_lm(tmp_path):
                       train_dataset=data, eval_dataset=data[:16], callbacks=[cb])
     trainer.train()
     assert {h["phase"] for h in cb.controller.history} == {"neuron", "dendrite"}
+
+
+def test_a_two_group_optimizer_of_the_users_own_keeps_its_groups_for_new_parameters():
+    """Only the Trainer's own decay / no-decay split places new parameters by the Trainer's naming
+    rule; an optimizer passed in `optimizers=` with two groups of its own (a head at 10x lr) does not."""
+    from pbp_fx.integrations.hf import _grouped_by_trainer, _trainer_groups
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    pm = pbp_fx.perforate(model, (torch.randn(2, 4),))
+    rule = _trainer_groups(pm)
+    named = list(pm.named_parameters())
+    trainers = torch.optim.AdamW([{"params": [p for n, p in named if rule[n] == 0], "weight_decay": 0.01},
+                                  {"params": [p for n, p in named if rule[n] == 1], "weight_decay": 0.0}])
+    head = [p for n, p in named if "3" in n]
+    own = torch.optim.AdamW([{"params": [p for n, p in named if "3" not in n], "lr": 1e-3},
+                             {"params": head, "lr": 1e-2}])
+    assert _grouped_by_trainer(pm, trainers) and not _grouped_by_trainer(pm, own)
+
+
+def test_a_dict_of_eval_datasets_follows_the_named_datasets_metric(tmp_path, perforated_bert):
+    """eval_dataset={"a": ..., "b": ...}: the Trainer evaluates each with its own prefix; PB steps
+    once per round on eval_a_loss, and a metric no dataset has is refused naming all of them."""
+    train, val = parity_tokens(64, 0), parity_tokens(32, 1)
+
+    def run(metric, epochs):
+        cb = PBCallback(QUICK, metric=metric)
+        Trainer(model=perforated_bert(), args=_args(tmp_path, num_train_epochs=epochs), train_dataset=train,
+                eval_dataset={"a": val, "b": parity_tokens(32, 2)}, callbacks=[cb]).train()
+        return cb
+
+    cb = run("a_loss", 3)
+    assert len(cb.controller.history) >= 3  # one step per epoch: the "b" evaluations are skipped
+    with pytest.raises(TrainingError, match="metric 'eval_c_loss' is not among .*eval_a_loss.*eval_b_loss"):
+        run("c_loss", 2)
