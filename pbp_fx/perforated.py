@@ -84,6 +84,15 @@ class PerforatedModel(nn.Module):
         return self.graph_module.meta.get("pbp_call")
 
     @property
+    def config(self):
+        """The original model's `config` (a Hugging Face PretrainedConfig, which trainers read); an
+        AttributeError when it has none."""
+        source = parts_model(self.graph_module) or self._source
+        if source is None or not hasattr(source, "config"):
+            raise AttributeError(f"{type(source).__name__} has no config")
+        return source.config
+
+    @property
     def accepts_loss_kwargs(self) -> bool:
         """Whether forward takes the Hugging Face Trainer's loss keyword `num_items_in_batch` (the
         Trainer reads this attribute first): only when the graph was traced with it. Otherwise the

@@ -188,9 +188,11 @@ class CallSignature:
     def _check(self, name: str, traced: tuple, value) -> None:
         if _matches(traced, value):
             return
-        what = f"was traced with {name}={_describe(traced)}, this call passes {_describe(_template(value))}"
-        raise CallError(f"{self.model_name} {what}: the graph is specialised to the traced value; "
-                        f"perforate with an example call that passes {name} like this one")
+        now = _describe(_template(value))
+        what = f"was traced with {name}={_describe(traced)}, this call passes {now}"
+        fix = (f"an example call that leaves {name} out, as this one does" if value is None else
+               f"an example call whose {name} is {now}, as in this one")
+        raise CallError(f"{self.model_name} {what}: the graph is specialised to the traced value; perforate with {fix}")
 
 
 def _plain_arity(sig: inspect.Signature, traced: dict) -> int:

@@ -58,8 +58,12 @@ def test_a_call_outside_the_traced_pattern_is_one_clear_error(frontend):
     model = Optional3()
     x, ids = torch.randn(3, 4), torch.randn(3, 4)
     pm = pbp_fx.perforate(model, (x, None, ids), frontend=frontend)
-    with pytest.raises(CallError, match=r"traced with mask=None, this call passes Tensor.*perforate"):
+    with pytest.raises(CallError, match=r"traced with mask=None, this call passes Tensor.*perforate with an example "
+                                        r"call whose mask is Tensor"):
         pm(x, torch.ones(3, 4), ids)
+    traced_with_mask = pbp_fx.perforate(model, (x, torch.ones(3, 4), ids), frontend=frontend)
+    with pytest.raises(CallError, match=r"this call passes None.*an example call that leaves mask out, as this one"):
+        traced_with_mask(x, None, ids)
     with pytest.raises(CallError, match=r"scale=1.0, this call passes 2.0"):
         pm(x, None, ids, scale=2.0)
     with pytest.raises(TypeError, match="unexpected keyword|got an unexpected"):

@@ -276,3 +276,19 @@ def test_a_dict_of_eval_datasets_follows_the_named_datasets_metric(tmp_path, per
     assert len(cb.controller.history) >= 3  # one step per epoch: the "b" evaluations are skipped
     with pytest.raises(TrainingError, match="metric 'eval_c_loss' is not among .*eval_a_loss.*eval_b_loss"):
         run("c_loss", 2)
+
+
+def test_label_smoothing_trains_a_model_perforated_without_labels(tmp_path):
+    """The Trainer reads model.config and, smoothing labels, calls the model without them."""
+    bert = tiny_bert()
+    batch = default_data_collator(parity_tokens(8, 0))
+    batch.pop("labels")
+    pm = pbp_fx.perforate(bert, example_kwargs=batch)
+    assert pm.config.to_dict() == bert.config.to_dict()
+    cb = PBCallback(QUICK)
+    trainer = Trainer(model=pm, args=_args(tmp_path, num_train_epochs=2, label_smoothing_factor=0.1),
+                      train_dataset=parity_tokens(64, 0), eval_dataset=parity_tokens(32, 1), callbacks=[cb])
+    trainer.train()
+    assert len(cb.controller.history) >= 2
+    with pytest.raises(AttributeError):
+        pbp_fx.perforate(torch.nn.Linear(2, 2), (torch.randn(1, 2),)).config
