@@ -23,6 +23,8 @@ from .common import find_perforated, unwrap_optimizer
 
 __all__ = ["PBCallback"]
 
+_HELD_PATIENCE = 2**31 - 1  # an EarlyStopping's patience while a dendrite phase holds it
+
 
 class PBCallback(Callback):
     """Runs PB's phase schedule on the logged validation metric `monitor` after every validation run.
@@ -41,6 +43,7 @@ class PBCallback(Callback):
         self.controller: Optional[PhaseController] = None
         self._resumed: Optional[dict] = None  # state from a checkpoint, applied at fit start
         self._structure_hook = None  # while fitting starts: see setup()
+        self._held_stoppers: dict = {}  # EarlyStopping index -> its patience, while a dendrite phase holds it
 
     # -- checkpoints: Lightning saves and restores a callback's state_dict -----------------
     def state_dict(self) -> dict:
@@ -49,7 +52,8 @@ class PBCallback(Callback):
             return {}
         # The CPU generator too: a later dendrite phase draws its candidates from it (Lightning does
         # not restore it on resume; `pbp-fx train --resume` does).
-        return {"controller": ctl.state_dict(), "frozen": ctl.pm.phase_buffers(), "rng": torch.get_rng_state()}
+        return {"controller": ctl.state_dict(), "frozen": ctl.pm.phase_buffers(), "rng": torch.get_rng_state(),
+                "held_stoppers": dict(self._held_stoppers)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resumed = dict(state_dict) or None
@@ -100,6 +104,7 @@ class PBCallback(Callback):
                 pm.load_phase_buffers(self._resumed["frozen"])
             if "rng" in self._resumed:  # the next candidates' initial weights: as the uninterrupted run's
                 torch.set_rng_state(self._resumed["rng"])
+            self._held_stoppers = {int(i): p for i, p in self._resumed.get("held_stoppers", {}).items()}
             self._resumed = None
         for scheduler_config in trainer.lr_scheduler_configs:
             self.controller.attach_scheduler(scheduler_config.scheduler)
@@ -113,8 +118,24 @@ class PBCallback(Callback):
                                 f"(logged: {', '.join(sorted(metrics)) or 'nothing'}): self.log({self.monitor!r}, ...) "
                                 "in validation_step, or pass monitor= one of those")
         decision = self.controller.step(float(metrics[self.monitor]))
+        self._hold_early_stopping(trainer)
         if decision is Decision.COMPLETE:
             trainer.should_stop = True
+
+    def _hold_early_stopping(self, trainer) -> None:
+        """EarlyStopping callbacks wait while a dendrite phase runs: the validation score cannot
+        change there (the model's output does not), so they would end the run and drop the
+        candidates. Their patience is held at the phase's start and given back, whole, at its end."""
+        stoppers = trainer.early_stopping_callbacks
+        if self.controller.pm.phase == "dendrite" and not self._held_stoppers:
+            self._held_stoppers = {i: es.patience for i, es in enumerate(stoppers)}
+            for es in stoppers:
+                es.patience = _HELD_PATIENCE
+        elif self.controller.pm.phase != "dendrite" and self._held_stoppers:
+            for i, patience in self._held_stoppers.items():
+                if i < len(stoppers):
+                    stoppers[i].patience, stoppers[i].wait_count = patience, 0
+            self._held_stoppers = {}
 
     def on_fit_end(self, trainer, pl_module):
         ctl = self.controller

@@ -203,3 +203,24 @@ def test_a_fresh_module_validates_from_a_dendrite_phase_checkpoint(tmp_path):
         fresh, val, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)[0]["val_acc"]
     assert fresh.model.phase == "dendrite"
     assert score == pytest.approx(cb.controller.history[-2]["score"], abs=1e-6)
+
+
+def test_early_stopping_waits_through_a_dendrite_phase():
+    """The validation score is constant in a dendrite phase: a Lightning EarlyStopping is held there
+    (it would stop the run and drop the candidates) and gets its patience back after the install."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    train, val = digits_loaders()
+    torch.manual_seed(0)  # no BatchNorm: its running statistics would move the score in the dendrite phase
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    pm = pbp_fx.perforate(mlp, torch.zeros(2, 1, 8, 8))
+    stopper = EarlyStopping("val_acc", mode="max", patience=2)
+    cb = PBCallback(QUICK.replace(dendrite_patience=4, max_dendrite_epochs=6), monitor="val_acc", mode="max")
+    trainer = L.Trainer(max_epochs=40, callbacks=[stopper, cb], accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(Classifier(pm), train, val)
+    notes = [h["note"] for h in cb.controller.history]
+    dendrite_epochs = sum(h["phase"] == "dendrite" for h in cb.controller.history)
+    assert any("installed dendrite 1" in n for n in notes) and dendrite_epochs > stopper.patience, cb.controller.history
+    assert stopper.patience == 2
