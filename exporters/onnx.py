@@ -247,6 +247,9 @@ def graph_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Optional
         args, kwargs = call.graph_inputs(args, kwargs)
     except TypeError as e:
         hint = "" if kwargs else "; keyword inputs go in a dict: example_kwargs={'name': tensor, ...}"
+        if "traced with" in str(e):  # the graph is specialised to its example call (labels, say)
+            hint += ("; a trained model keeps its weights: pbp_fx.save(model, path), then "
+                     "pbp_fx.load(path, base_model, example_kwargs=<these inputs>) captures it for these inputs")
         raise ExportError(f"example inputs do not match the model: {e}{hint}") from e
     return tuple(args) + tuple(kwargs.values())
 

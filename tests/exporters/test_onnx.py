@@ -373,3 +373,25 @@ def test_keyword_inputs_are_given_as_a_dict(tmp_path, pb):
         export_onnx(pm, (x,), str(tmp_path / "positional.onnx"))
     with pytest.raises(ExportError, match="keyword example inputs .* need a PerforatedModel, whose graph knows their order: pass"):
         export_onnx(_KeywordOnly(), {"x": x}, str(tmp_path / "plain.onnx"))
+
+
+class _WithLabels(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x, labels=None):
+        logits = self.fc(x)
+        return logits if labels is None else (torch.nn.functional.cross_entropy(logits, labels), logits)
+
+
+def test_exporting_without_an_input_the_graph_was_traced_with_says_how_to_recapture(tmp_path):
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    pm = pbp_fx.perforate(_WithLabels(), example_kwargs={"x": x, "labels": y})
+    with pytest.raises(ExportError, match=r"traced with labels=Tensor.*pbp_fx.load\(path, base_model, "
+                                          r"example_kwargs=<these inputs>\)"):
+        export_onnx(pm, {"x": x}, str(tmp_path / "m.onnx"))
+    ckpt = pbp_fx.save(pm, str(tmp_path / "m.safetensors"))
+    again = pbp_fx.load(ckpt, _WithLabels(), example_kwargs={"x": x})
+    path = export_onnx(again, {"x": x}, str(tmp_path / "m.onnx"))
+    assert ort_session(path).run(None, {"x": x.numpy()})[0].shape == (5, 3)
