@@ -395,3 +395,25 @@ def test_exporting_without_an_input_the_graph_was_traced_with_says_how_to_recapt
     again = pbp_fx.load(ckpt, _WithLabels(), example_kwargs={"x": x})
     path = export_onnx(again, {"x": x}, str(tmp_path / "m.onnx"))
     assert ort_session(path).run(None, {"x": x.numpy()})[0].shape == (5, 3)
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.h = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(6, 2)
+
+    def forward(self, x1, x2):
+        return self.h(torch.cat([torch.relu(self.a(x1)), torch.cumsum(self.b(x2), -1)], -1))  # cumsum: the dynamo path
+
+
+def test_inputs_sharing_the_batch_dim_export_without_warnings(tmp_path):
+    import warnings
+
+    x1, x2 = torch.randn(3, 4), torch.randn(3, 4)
+    pm = pbp_fx.perforate(_TwoInputs(), (x1, x2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_onnx(pm, (x1, x2), str(tmp_path / "two.onnx"))
+    assert not [str(w.message) for w in caught if "axis name" in str(w.message)]
+    session = ort_session(path)
+    assert session.run(None, {i.name: v.numpy() for i, v in zip(session.get_inputs(), (x1, x2))})[0].shape == (3, 2)
