@@ -80,6 +80,9 @@ def sum_positions(t: Tensor, axis: int) -> Tensor:
     measured 3-4x slower than the two (an outer-dim sum runs vectorised over M * C * S).
     """
     if axis == 1:
+        copies_first = t.movedim(0, 2)  # [M, C, B, *S]: contiguous in split_columns' layout
+        if copies_first.is_contiguous():
+            return copies_first.flatten(2).sum(-1)
         s = t.sum(0)
         return s if s.dim() == 2 else s.flatten(2).sum(-1)
     return t.sum(list(range(t.dim() - 2)))
@@ -186,9 +189,11 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
             left_out = grad_y.numel() / seen.numel()
             grad_y = seen
         d = split_members(grad_y, p, axis) if split else grad_y.unsqueeze(copy_dim(axis))
-        if c.is_contiguous() and not d.is_contiguous():
-            # e (and so the gradient into the candidates' sigmoid, norm and conv backward) takes d's
-            # strides: a layout other than c's sends those kernels down slow paths.
+        # e (and so the gradient into the candidates' sigmoid, norm and layer backward) takes d's
+        # strides: a layout other than c's sends those kernels down slow paths.
+        if d.shape == c.shape and d.stride() != c.stride():
+            d = torch.empty_like(c, dtype=d.dtype).copy_(d)  # c's layout (layers.split_columns: copies first)
+        elif c.is_contiguous() and not d.is_contiguous():
             d = d.contiguous()
         cov, e = batch_covariance(c, d if scale == 1.0 else d / scale, axis, stats[0].shape[1], reducer)
         if left_out != 1.0:

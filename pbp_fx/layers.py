@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply", "split_apply", "split_members",
+           "runs_as_columns", "split_columns", "columns_to_stacked",
            "every_nth_position", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls", "apply_dendrites"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -195,13 +196,60 @@ def _members_first(t: Tensor, m: int) -> Tensor:
     return t.unflatten(0, (m, b))
 
 
+def runs_as_columns(layer: LayerSpec) -> bool:
+    """Whether split_apply runs the copies as one batched matmul over each copy's input columns
+    (`split_columns`): ungrouped 1-D convs and convs whose kernel is 1 everywhere, zero padding,
+    no dilation. Their columns are views or strided slices of the input (no k x copy), and one
+    bmm measured faster than the grouped conv it replaces, with the copies' BatchNorm then
+    running over contiguous positions (MNIST-1D CNN shapes, CPU, 1 thread, candidate conv + norm
+    + sigmoid forward and backward: 0.5-0.8 of the time; bench/results/train_overhead_stop22.md).
+    Convs with larger 2-D/3-D kernels would copy k x their input: they stay grouped convs."""
+    if layer.kind == "linear" or layer.groups != 1 or layer.padding_mode != "zeros":
+        return False
+    if any(d != 1 for d in layer.dilation):
+        return False
+    return layer.kind == "conv1d" or all(k == 1 for k in layer.weight_shape[2:])
+
+
+def split_columns(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, tuple]:
+    """split_apply's result for a `runs_as_columns` layer as [M, C, N], N = (B // M) x positions
+    (copy p's samples in order, each with its positions), and the output's spatial shape."""
+    m, c = weight.shape[:2]
+    xm = _members_first(x, m)  # [M, b, Cin, *S]
+    pad = layer._reversed_padding()
+    if any(pad):
+        xm = F.pad(xm, pad)
+    kernel = layer.weight_shape[2:]
+    if layer.kind == "conv1d" and kernel[0] != 1:
+        cols = xm.unfold(-1, kernel[0], layer.stride[0])  # [M, b, Cin, Lout, k]
+        spatial = (cols.shape[3],)
+        cols = cols.permute(0, 2, 4, 1, 3)  # [M, Cin, k, b, Lout]
+    else:  # a kernel of 1 everywhere: the columns are the strided positions themselves
+        cols = xm[(slice(None),) * 3 + tuple(slice(None, None, t) for t in layer.stride)]
+        spatial = tuple(cols.shape[3:])
+        cols = cols.transpose(1, 2)  # [M, Cin, b, *S]
+    cols = cols.reshape(m, -1, cols.shape[-len(spatial) - 1:].numel())  # [M, Cin * k, b * positions]
+    w = weight.reshape(m, c, -1)
+    z = torch.bmm(w, cols) if bias is None else torch.baddbmm(bias.unsqueeze(-1), w, cols)
+    return z, spatial
+
+
+def columns_to_stacked(z: Tensor, spatial: tuple) -> Tensor:
+    """[M, C, b * positions] (split_columns) as the stacked layout [b, M, C, *S] (a view)."""
+    m, c, n = z.shape
+    return z.view(m, c, n // math.prod(spatial), *spatial).movedim(2, 0)
+
+
 def split_apply(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """M copies ([M, C, ...] weights), each on its own 1/M of the batch (split_members).
 
     Costs one copy's work over the whole batch instead of M copies' (stacked_apply): convs
-    run as one conv with M x groups over the copies' slices side by side in the channels.
+    run as one conv with M x groups over the copies' slices side by side in the channels, or
+    as one batched matmul (`runs_as_columns`).
     """
     m, c = weight.shape[:2]
+    if runs_as_columns(layer):
+        return columns_to_stacked(*split_columns(layer, x, weight, bias))
     if layer.kind == "linear":  # one bmm: [M, b * mid, in] x [M, in, C] (einsum took ~16 ops)
         xm = _members_first(x, m)
         flat = xm.reshape(m, -1, xm.shape[-1])
@@ -319,9 +367,21 @@ class LayerCopies(nn.Module):
 
     def forward(self, x: Tensor, split: bool = False) -> Tensor:
         """Every copy on the whole batch, or with split=True each on its own 1/M (split_apply)."""
+        if split and runs_as_columns(self.layer):
+            z, spatial = split_columns(self.layer, x, self.weight, self.bias)  # [M, C, N]
+            if self.norm is not None:  # each (copy, channel) over its contiguous positions
+                z = self._normed(z.view(1, -1, z.shape[-1])).view(z.shape)
+            return columns_to_stacked(z, spatial)
         z = (split_apply if split else stacked_apply)(self.layer, x, self.weight, self.bias)
         if self.norm is None:
             return z
+        flat = z.flatten(1, 2) if self.layer.axis == 1 else z.flatten(-2, -1)
+        out = self._normed(flat)
+        m, c = self.weight.shape[:2]
+        return out.unflatten(1, (m, c)) if self.layer.axis == 1 else out.unflatten(-1, (m, c))
+
+    def _normed(self, flat: Tensor) -> Tensor:
+        """The copies' BatchNorm on an input whose channel dim holds (copy, channel) rows."""
         m, c = self.weight.shape[:2]
         training = self.training
         momentum = self.norm.momentum
@@ -330,13 +390,11 @@ class LayerCopies(nn.Module):
             self.num_batches_tracked.add_(1)
             if momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
-        flat = z.flatten(1, 2) if self.layer.axis == 1 else z.flatten(-2, -1)
-        out = F.batch_norm(
+        return F.batch_norm(
             flat, self.running_mean.view(m * c), self.running_var.view(m * c),
             None if self.norm_weight is None else self.norm_weight.reshape(m * c),
             None if self.norm_bias is None else self.norm_bias.reshape(m * c),
             training, momentum if momentum is not None else 0.0, self.norm.eps)
-        return out.unflatten(1, (m, c)) if self.layer.axis == 1 else out.unflatten(-1, (m, c))
 
     def folded(self) -> tuple[Tensor, Optional[Tensor]]:
         """Eval-form weights [M, C, ...] and bias [M, C] with the norm folded in."""

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pbp_fx.layers import (LayerCopies, LayerSpec, NormSpec, cat_rows, channel_view, copy_dim, every_nth_position,
-                           fold_norm, split_apply, split_members, stacked_apply)
+                           fold_norm, runs_as_columns, split_apply, split_members, stacked_apply)
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -32,7 +32,15 @@ LAYERS = {
     "conv2d_replicate_groups": (lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="replicate", groups=2),
                                 (2, 4, 5, 5)),
     "conv3d": (lambda: nn.Conv3d(2, 3, (1, 3, 3), padding=(0, 1, 1)), (2, 2, 3, 4, 4)),
+    # split_apply runs these as one batched matmul over columns (runs_as_columns)
+    "conv1d_nobias_stride": (lambda: nn.Conv1d(3, 4, 5, stride=2, padding=1, bias=False), (2, 3, 12)),
+    "conv1d_same_even": (lambda: nn.Conv1d(3, 4, 4, padding="same"), (2, 3, 9)),
+    "conv2d_1x1_stride": (lambda: nn.Conv2d(3, 4, 1, stride=2), (2, 3, 5, 5)),
+    "conv2d_1x1_padded": (lambda: nn.Conv2d(3, 4, 1, padding=1, bias=False), (2, 3, 4, 4)),
+    "conv3d_1x1": (lambda: nn.Conv3d(2, 3, 1), (2, 2, 3, 4, 4)),
 }
+COLUMNS = {"conv1d", "conv1d_nobias_stride", "conv1d_same_even", "conv2d_1x1_stride", "conv2d_1x1_padded",
+           "conv3d_1x1"}
 
 
 def _copies_by_loop(layer: LayerSpec, x, weight, bias):
@@ -286,3 +294,32 @@ def test_channel_view_and_copy_dim():
     assert channel_view(v, 3, -1).shape == (3,)
     y = torch.zeros(2, 3, 4, 5) + channel_view(v, 4, 1)
     assert torch.equal(y[:, 2], torch.full((2, 4, 5), 2.0))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_split_copies_with_their_norm_equal_each_copy_on_its_slice(name, pb):
+    """LayerCopies(split=True): the batched-matmul form (runs_as_columns) and the grouped form give
+    each copy's layer and BatchNorm (batch statistics, running statistics) on its own slice."""
+    make, shape = LAYERS[name]
+    spec = LayerSpec.from_module(make())
+    assert runs_as_columns(spec) == (name in COLUMNS)
+    if spec.kind == "linear":
+        return
+    copies = LayerCopies(spec, NormSpec(), 3)
+    copies.reset_parameters("kaiming")
+    with torch.no_grad():
+        copies.norm_weight.uniform_(0.5, 1.5), copies.norm_bias.normal_()
+    x = torch.randn(6, *shape[1:])
+    got = copies(x, split=True)
+    for m in range(3):
+        z = spec.apply(x[2 * m:2 * m + 2], copies.weight[m], None if copies.bias is None else copies.bias[m])
+        bn = nn.BatchNorm1d(spec.channels) if z.dim() == 3 else nn.BatchNorm2d(spec.channels) if z.dim() == 4 \
+            else nn.BatchNorm3d(spec.channels)
+        with torch.no_grad():
+            bn.weight.copy_(copies.norm_weight[m]), bn.bias.copy_(copies.norm_bias[m])
+        assert pb.max_diff(got[:, m], bn(z)) < 1e-4, m
+        assert pb.max_diff(copies.running_mean[m], bn.running_mean) < 1e-6
+        assert pb.max_diff(copies.running_var[m], bn.running_var) < 1e-5
+    got.sum().backward()
+    assert copies.weight.grad is not None and bool(copies.weight.grad.abs().sum() > 0)
