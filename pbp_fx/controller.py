@@ -208,11 +208,20 @@ class PhaseController:
         """Have the dendrite phase's lr factor applied to `scheduler.base_lrs` too (see module docstring).
 
         scaled: the scheduler's state was restored from this run (resume), so its base_lrs
-        carry the factor already."""
+        carry the factor already. In a dendrite phase, a scheduler built on the optimizer then
+        (its base_lrs are the groups' rates now) carries it too, and a ReduceLROnPlateau is held."""
         if scheduler not in self.schedulers:
             self.schedulers.append(scheduler)
-            if self.lr_scale is not None and not scaled:
+            if self.lr_scale is None:
+                return
+            rates = [float(g["lr"]) for g in self.optimizer.param_groups]
+            built_now = list(getattr(scheduler, "base_lrs", [])) == rates and any(s != 1.0 for s in self.lr_scale)
+            if not scaled and not built_now:
                 self._scale_schedulers(scheduler, self.lr_scale, divide=False)
+            index = len(self.schedulers) - 1
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and index not in self.plateau_held:
+                self.plateau_held[index] = {k: getattr(scheduler, k) for k in _PLATEAU_COUNTERS}
+                scheduler.cooldown_counter = _PLATEAU_HOLD
 
     def set_distributed(self, distributed) -> None:
         """Train through `distributed` from now on (rewraps `self.model`)."""
@@ -383,7 +392,13 @@ class PhaseController:
         still holds (a framework restored it on resume); by default it is cleared."""
         self.schedule.load_state_dict(state["schedule"])
         self.history = copy.deepcopy(state["history"])
-        self.lr_scale = None if state.get("lr_scale") is None else list(state["lr_scale"])
+        scale = None if state.get("lr_scale") is None else list(state["lr_scale"])
+        for sch in self.schedulers:  # attached before: from this controller's factor to the saved one
+            if self.lr_scale is not None:
+                self._scale_schedulers(sch, self.lr_scale, divide=True)
+            if scale is not None:
+                self._scale_schedulers(sch, scale, divide=False)
+        self.lr_scale = scale
         self.plateau_held = {int(i): dict(v) for i, v in state.get("plateau_held", {}).items()}
         self.best_state = state["best_state"]
         lrs = state.get("lrs")

@@ -61,21 +61,29 @@ def _call_datasets(mod: ModuleType, seed: int):
     return data
 
 
-def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, classification: bool) -> None:
+def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labels: bool) -> None:
     """Refuse, before any work, data that the model, its loss or its metric cannot take (wrong shapes,
     targets out of range, an output the default loss cannot read, a metric that returns no
     (sum, count) pair): the first n samples of each dataset, batched, in eval mode and without
-    gradients, so that no state and no random number changes; the class labels of every sample of
-    a TensorDataset; a batch of one sample for a model with BatchNorm."""
+    gradients, so that no state and no random number changes. class_labels (the default
+    classification loss): every label of a TensorDataset within the output's classes (dim 1).
+    Training batches of one sample where a BatchNorm would see one value per channel."""
     from torch.utils.data import TensorDataset, default_collate
 
     from .training import primary_output, split_batch
 
-    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if norms and min(batch_size, len(data[0])) < 2:
-        raise TrainingError(f"training batches of one sample: BatchNorm layer {norms[0]!r} needs at least 2 samples per "
-                            "batch to train: use --batch-size 2 or more (and at least 2 training samples)")
+    # Values per channel each BatchNorm sees from one sample (its input's positions), from the first forward.
+    positions: dict = {}
 
+    def seen(name: str):
+        def hook(_module, args) -> None:  # (a pre-hook's return value would replace the inputs)
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() > 1:
+                positions.setdefault(name, x[0].numel() // max(x.shape[1], 1))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(seen(name))
+             for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     was = model.training
     model.eval()
     try:
@@ -99,10 +107,17 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, classifica
                                     "targets match the model, its outputs and the model file's TASK / loss_fn / "
                                     "metric (a sample is (input, ..., target), inputs not nested)") from exc
             out = primary_output(output)
-            if classification and isinstance(ds, TensorDataset) and isinstance(out, torch.Tensor) and out.dim() >= 2:
+            if class_labels and isinstance(ds, TensorDataset) and isinstance(out, torch.Tensor) and out.dim() >= 2:
                 _check_labels(ds.tensors[-1], out.shape[1], name)
     finally:
         model.train(was)
+        for hook in hooks:
+            hook.remove()
+    single = [layer for layer, per_sample in positions.items() if min(batch_size, len(data[0])) * per_sample < 2]
+    if single:
+        raise TrainingError(f"training batches of {min(batch_size, len(data[0]))} sample: BatchNorm layer {single[0]!r} "
+                            "would see one value per channel and cannot train: use --batch-size 2 or more "
+                            "(and at least 2 training samples)")
 
 
 def _check_labels(labels: torch.Tensor, classes: int, name: str) -> None:
@@ -181,7 +196,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     _check_finite_datasets(data)
     loss_fn, metric, metric_name = task_functions(mod)
     _preflight(model, data, min(training.batch_size, 8), loss_fn, metric, training.batch_size,
-               task_of(mod) == "classification")
+               task_of(mod) == "classification" and getattr(mod, "loss_fn", None) is None)
     train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed)
     base_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()

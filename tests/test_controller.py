@@ -313,9 +313,70 @@ def test_a_controller_loaded_mid_dendrite_phase_trains_at_the_saved_rates():
     state = ctl.state_dict()
     fresh = PhaseController(pm, patience=1, dendrite_patience=2, candidate_lr=0.02,
                             optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.003))
-    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)  # a model in its dendrite phase
-    fresh.optimizer.param_groups[0]["lr"] = 0.003  # as a user's fresh optimizer would have it
     fresh.load_state_dict(state)
     assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
     _run(fresh, [0.5, 0.5])
     assert pm.phase == "neuron" and fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.003)
+
+
+@pytest.mark.parametrize("build_before", [True, False])
+def test_schedulers_on_a_controller_resumed_mid_dendrite_phase_are_scaled_once(build_before):
+    """A scheduler built by scheduler_factory before the state is loaded, or one built on the optimizer
+    after it (its base rates are the candidates' then), and a ReduceLROnPlateau attached in the
+    phase: the candidates train at candidate_lr times the schedule's change, the neurons after the
+    install at their own rate, and the plateau scheduler is held."""
+    pm = _pm()
+    kw = dict(patience=1, dendrite_patience=2, candidate_lr=0.02,
+              optimizer_factory=lambda p: torch.optim.SGD(p, lr=1e-3))
+    _run(PhaseController(pm, **kw), [0.5, 0.5])
+    assert pm.phase == "dendrite"
+    ctl = PhaseController(pm, **kw)
+    ctl.load_state_dict(_dendrite_state(kw))
+    opt = ctl.optimizer
+    half = lambda t: 0.5 ** (t // 2)  # noqa: E731
+    if build_before:
+        ctl = PhaseController(pm, scheduler_factory=lambda o: torch.optim.lr_scheduler.LambdaLR(o, half), **kw)
+        ctl.load_state_dict(_dendrite_state(kw))
+        opt = ctl.optimizer
+    else:
+        ctl.attach_scheduler(torch.optim.lr_scheduler.LambdaLR(opt, half))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.02)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "max", patience=0)
+    ctl.attach_scheduler(plateau)
+    sched = ctl.schedulers[0]
+    for t in range(1, 4):
+        opt.step(), sched.step(), plateau.step(0.5)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.02 * half(t)), t  # not cut by the plateau
+    while ctl.step(0.5) is not R:
+        pass
+    assert pm.phase == "neuron" and opt.param_groups[0]["lr"] == pytest.approx(1e-3 * half(3))
+
+
+def _dendrite_state(kw) -> dict:
+    """A controller state saved in the first epoch of a dendrite phase (the neuron rate was 1e-3)."""
+    pm = _pm()
+    ctl = PhaseController(pm, **kw)
+    _run(ctl, [0.5, 0.5])
+    assert pm.phase == "dendrite"
+    return ctl.state_dict()
+
+
+def test_a_controller_built_on_a_model_in_its_dendrite_phase_runs_the_candidates_at_candidate_lr():
+    """No saved state: the phase's factor is applied once, to the optimizer and to the scheduler
+    scheduler_factory builds on it, and a ReduceLROnPlateau attached in the phase is held."""
+    pm = _pm()
+    kw = dict(patience=1, dendrite_patience=2, candidate_lr=0.02,
+              optimizer_factory=lambda p: torch.optim.SGD(p, lr=1e-3))
+    _run(PhaseController(pm, **kw), [0.5, 0.5])
+    ctl = PhaseController(pm, scheduler_factory=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0), **kw)
+    opt, sched = ctl.optimizer, ctl.scheduler
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "max", patience=0)
+    ctl.attach_scheduler(plateau)
+    for _ in range(3):
+        opt.step(), sched.step(), plateau.step(0.5)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.02)
+    while ctl.step(0.5) is not R:
+        pass
+    opt.step(), sched.step()
+    assert pm.phase == "neuron" and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert sched.base_lrs == [pytest.approx(1e-3)]

@@ -72,6 +72,20 @@ LATE_LABEL = NO_DATA + ("from torch.utils.data import TensorDataset\n"
                         "    x = torch.randn(40, 3)\n    return TensorDataset(x, y), TensorDataset(x, bad), TensorDataset(x, y)\n")
 WITH_BATCHNORM = GOOD.replace("torch.nn.Linear(3, 2)", "torch.nn.Sequential(torch.nn.Linear(3, 4), "
                               "torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))")
+CONV_BATCHNORM = ("import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+                  "def build_model(): return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), "
+                  "nn.Linear(4 * 4 * 4, 2))\n"
+                  "def example_inputs(): return (torch.randn(2, 1, 6, 6),)\n"
+                  "def datasets():\n    d = TensorDataset(torch.randn(12, 1, 6, 6), torch.arange(12) % 2)\n"
+                  "    return d, d, d\n")
+TOKENS = ("import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+          "import torch.nn.functional as F\n"
+          "def build_model(): return nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))\n"
+          "def example_inputs(): return (torch.randint(0, 10, (2, 4)),)\n"
+          "def loss_fn(o, y): return F.cross_entropy(o.flatten(0, 1), y.flatten())\n"
+          "def metric(o, y): return float((o.argmax(-1) == y).sum()), y.numel()\n"
+          "def datasets():\n    x = torch.randint(0, 10, (16, 4))\n    d = TensorDataset(x, (x + 1) % 10)\n"
+          "    return d, d, d\n")
 TENSOR_METRIC = GOOD + "def metric(o, y): return (o.argmax(1) == y).sum(), torch.tensor(y.numel())\n"
 ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
                       "class It(IterableDataset):\n    def __iter__(self):\n"
@@ -97,7 +111,7 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
     ("a class label beyond the outputs after the first samples", lambda t: [_write(t / "m.py", LATE_LABEL)],
      "the validation dataset has class label 2, but the model outputs 2 classes"),
     ("batches of one sample with BatchNorm", lambda t: [_write(t / "m.py", WITH_BATCHNORM), "--batch-size", "1"],
-     "BatchNorm layer '1' needs at least 2 samples per batch to train: use --batch-size 2 or more"),
+     "BatchNorm layer '1' would see one value per channel and cannot train: use --batch-size 2 or more"),
     ("an iterable dataset", lambda t: [_write(t / "m.py", ITERABLE)], "has no len(): datasets() must return map-style"),
     ("max_dendrites=0", lambda t: [DIGITS, "--max-dendrites", "0"], "at least 1"),
     ("epochs=0", lambda t: [DIGITS, "--epochs", "0"], "--epochs 0: must be at least 1"),
@@ -112,6 +126,14 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, args, me
     err = capsys.readouterr().err.strip()
     assert err.startswith("pbp-fx: error:") and message in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text,args", [(CONV_BATCHNORM, ["--batch-size", "1"]), (TOKENS, [])],
+                         ids=["batchnorm2d at batch 1", "token labels with the file's own loss"])
+def test_data_the_checks_must_not_refuse_trains(tmp_path, capsys, text, args):
+    """A BatchNorm2d sees positions even in a batch of one sample; a model file with its own loss
+    (token targets [B, T] against outputs [B, T, V]) has no class dim for the label check."""
+    assert main(["train", _write(tmp_path / "m.py", text), "--epochs", "1", "--no-progress", *args]) == 0
 
 
 def test_a_metric_of_tensors_trains_and_writes_numbers(tmp_path, capsys):
