@@ -14,7 +14,8 @@ optimizer for the whole run. Call `step(val_score)` once per epoch:
 At a restructure (dendrite phase started, dendrites installed, round retried, run complete)
 the optimizer's param groups get the model's new trainable parameters and its state is
 cleared; group hyperparameters (lr, betas, weight_decay, initial_lr, ...) stay. A parameter
-returns to the group it was in before; new ones join group 0. Parameters of the optimizer that
+returns to the group it was in before; new ones join the group of their site's neuron weight
+(group 0 where it has none), or the group `parameter_groups` names. Parameters of the optimizer that
 are not the model's (a head or a learnable loss outside the perforated model) stay in their
 groups and train in the neuron phases; a dendrite phase trains the candidates only, so they
 leave the optimizer for it and come back after it with their gradients cleared.
@@ -126,7 +127,8 @@ class PhaseController:
     scheduler_factory(optimizer): builds `ctl.scheduler` once (see attach_scheduler).
     parameter_groups(pm) -> {name: group index}: where a new parameter (candidates, dendrites)
     goes at a restructure, so that a framework that rebuilds its optimizer from names on resume
-    (the Hugging Face Trainer's weight-decay groups) gets the same groups; default: group 0.
+    (the Hugging Face Trainer's weight-decay groups) gets the same groups; default: the group
+    of its site's neuron weight.
     distributed: see the module docstring.
     """
 
@@ -241,10 +243,22 @@ class PhaseController:
         if new:
             by_name = self.parameter_groups(self.pm) if self.parameter_groups is not None else {}
             names = {id(p): n for n, p in self.pm.named_parameters()} if by_name else {}
+            neuron_group = self._neuron_groups()
             for p in new:
-                self._groups[p] = by_name.get(names.get(id(p)), 0)
+                self._groups[p] = by_name.get(names.get(id(p)), neuron_group.get(id(p), 0))
         rebind_optimizer(self.optimizer, params, group_of=lambda p: self._groups[p], keep_state=keep_state)
         self.model = self.pm if self.distributed is None else self.distributed.wrap(self.pm)
+
+    def _neuron_groups(self) -> dict:
+        """{id(parameter of a site): the group of that site's neuron weight}: a dendrite or
+        candidate trains with its neuron's hyperparameters (a head's 10x lr, its weight decay),
+        and a rule by module path rebuilds the same groups on resume."""
+        out = {}
+        for name, site in self.pm.sites.items():
+            weight = self.pm.neuron_weight(name)
+            if weight is not None and weight in self._groups:
+                out.update({id(p): self._groups[weight] for p in site.parameters()})
+        return out
 
     def restore_best(self) -> None:
         """Load the best-validation weights into the model (when there are any)."""

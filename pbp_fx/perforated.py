@@ -225,6 +225,21 @@ class PerforatedModel(nn.Module):
             out.setdefault(s.name, s)
         return out
 
+    def neuron_weight(self, site: str) -> Optional[torch.Tensor]:
+        """The weight tensor of a site's neuron layer, None where it cannot be found (a neuron
+        swapped inside an untraceable leaf)."""
+        from pbp_fx.passes.patterns import attr_tensor
+
+        spec = getattr(self.sites[site], "spec", None)
+        if spec is None or spec.weight is None:
+            return None
+        try:
+            owner = self.graph_module.get_submodule(spec.graph) if spec.graph else self.graph_module
+            weight = attr_tensor(owner, spec.weight)
+        except AttributeError:
+            return None
+        return weight if isinstance(weight, torch.Tensor) else None
+
     @property
     def code(self) -> str:
         """Readable Python of the perforated graph."""

@@ -380,3 +380,26 @@ def test_a_controller_built_on_a_model_in_its_dendrite_phase_runs_the_candidates
     opt.step(), sched.step()
     assert pm.phase == "neuron" and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert sched.base_lrs == [pytest.approx(1e-3)]
+
+
+def test_new_parameters_join_their_neurons_group():
+    """A head at 10x the backbone's lr: the head site's candidates and dendrites train in the head's
+    group, the backbone's in the backbone's (a rule by module path rebuilds the same groups)."""
+    pm = _pm()
+    named = dict(pm.named_parameters())
+    head = [p for n, p in named.items() if ".2." in f".{n}."]
+    body = [p for n, p in named.items() if ".2." not in f".{n}."]
+    assert head and body
+    opt = torch.optim.SGD([{"params": body, "lr": 1e-3}, {"params": head, "lr": 1e-2}])
+    ctl = PhaseController(pm, optimizer=opt, patience=1, dendrite_patience=1)
+
+    def groups_of(site: str) -> set:
+        held = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
+        return {held[id(p)] for p in pm.sites[site].parameters() if id(p) in held}
+
+    first, last = list(pm.sites)
+    _run(ctl, [0.5, 0.5])
+    assert pm.phase == "dendrite" and groups_of(first) == {0} and groups_of(last) == {1}
+    while ctl.step(0.5) is not R:
+        pass
+    assert pm.phase == "neuron" and groups_of(first) == {0} and groups_of(last) == {1}
