@@ -55,6 +55,57 @@ def _to(batch, device):
     return batch
 
 
+def batches(loader, data: str):
+    """The loader's batches. An error while the loader makes one (samples of different shapes, a
+    dataset's __getitem__ failing) is a TrainingError naming the `data` ("training", "validation"),
+    not an internal error: it is the data's, found only when that batch is made."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, OSError) as exc:
+            why = (str(exc).strip().splitlines() or [""])[0]
+            raise TrainingError(f"the {data} data could not be made into a batch ({type(exc).__name__}: {why}): give "
+                                "every sample the same structure and shapes, or fix the dataset") from exc
+        yield batch
+
+
+class _GradientToEveryOutput(torch.autograd.Function):
+    """The loss, unchanged; its backward also sends a zero gradient into every output tensor given."""
+
+    @staticmethod
+    def forward(ctx, loss, *outputs):
+        ctx.like = [(o.shape, o.dtype, o.device) for o in outputs]
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *[torch.zeros((), dtype=dtype, device=device).expand(shape) for shape, dtype, device in ctx.like])
+
+
+def _output_tensors(output) -> list:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
+    return [t for v in values for t in _output_tensors(v)]
+
+
+def _reaching_every_output(loss: torch.Tensor, output) -> torch.Tensor:
+    """`loss`, tied to every floating-point output that needs a gradient (DDP training).
+
+    Why: DDP needs a gradient for every parameter that took part in the forward, at every step. An
+    output the loss does not read (a dict's auxiliary head next to "logits") would leave its layers
+    without one, and DDP stops at the next step. A zero gradient leaves those layers as they are
+    (with an optimizer without weight decay), as a run in one process does.
+    """
+    tensors = [t for t in _output_tensors(output) if t.requires_grad and t.is_floating_point()]
+    if len(tensors) < 2 or not loss.requires_grad:
+        return loss
+    return _GradientToEveryOutput.apply(loss, *tensors)
+
+
 def split_batch(batch):
     """(inputs, target) from a (x, y) or (x1, ..., xn, y) batch."""
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
@@ -126,7 +177,7 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
     model.eval()
     total, count = 0.0, 0
     try:
-        for batch in loader:
+        for batch in batches(loader, data):
             inputs, target = split_batch(_to(batch, device) if device is not None else batch)
             _check_finite_inputs(inputs, data)
             s, n = metric(model(*inputs), target)
@@ -276,11 +327,14 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
     pm.train()
     phase = phase or getattr(pm, "phase", "")
     total, count = 0.0, 0
-    for batch in loader:
+    for batch in batches(loader, "training"):
         if device is not None:
             batch = _to(batch, device)
         inputs, target = split_batch(batch)
-        loss = loss_fn(pm(*inputs), target)
+        output = pm(*inputs)
+        loss = loss_fn(output, target)
+        if isinstance(pm, nn.parallel.DistributedDataParallel):
+            loss = _reaching_every_output(loss, output)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss is {loss.item()} in the {phase} phase: lower the learning rate "
                                  "or check the data for NaN/Inf")

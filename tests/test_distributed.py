@@ -43,6 +43,23 @@ def _inputs():
     return (torch.zeros(2, 6, dtype=torch.float64),)
 
 
+class _WithAuxHead(nn.Module):
+    """A dict output with a head the default loss does not read ("aux")."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.cls, self.aux = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return {"logits": self.cls(h), "aux": self.aux(h)}
+
+
+def _build_with_aux_head():
+    torch.manual_seed(0)
+    return _WithAuxHead().double()
+
+
 def _stats(pm):
     return {n: {"ema": s.candidates.ema.clone(), "best": s.candidates.best.clone(), "steps": s.candidates.steps}
             for n, s in pm.sites.items() if s.candidates is not None}
@@ -53,9 +70,9 @@ def _dendrites(pm):
             for n, s in pm.sites.items() if s.dendrites is not None}
 
 
-def run_match(world=None):
+def run_match(world=None, build=_build):
     """Neuron epoch, two dendrite epochs, install, neuron epoch: what each epoch leaves behind."""
-    pm = pbp_fx.perforate(_build(), _inputs())
+    pm = pbp_fx.perforate(build(), _inputs())
     train, val = _data(144, 0), _data(48, 1)
     if world is None:
         train_loader = DataLoader(train, batch_size=GLOBAL_BATCH)
@@ -101,6 +118,8 @@ def _worker(scenario, rank, nprocs, port, out_dir):
         fresh = pbp_fx.load(path, _build, _inputs())  # every rank reads rank 0's file
         out["reloaded_equal"] = all(torch.equal(v, fresh.state_dict()[k]) for k, v in pm.state_dict().items())
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    elif scenario == "aux":
+        torch.save(run_match(world, _build_with_aux_head)[1], os.path.join(out_dir, f"rank{rank}.pt"))
     else:  # "fail": rank 1 raises at epoch 2; "stall": rank 1 stops answering at epoch 2
         pm = pbp_fx.perforate(_build(), _inputs())
 
@@ -215,6 +234,21 @@ def test_two_ranks_match_one_rank(tmp_path):
     assert pm.num_dendrites == ref_pm.num_dendrites
     for k, v in ref["state"].items():
         assert (pm.state_dict()[k].double() - v.double()).abs().max() < 1e-5, k
+
+
+def test_an_output_the_loss_does_not_read_trains_as_in_one_process(tmp_path):
+    """The aux head gets no gradient from the default loss; DDP (static graph) stopped at the second
+    step. Its layers now get a zero gradient: both phases run, and match one process."""
+    results = _launch("aux", tmp_path)
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+    _, ref = run_match(build=_build_with_aux_head)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert got["decisions"] == ref["decisions"] and got["installed"]
+        for k, v in ref["state"].items():
+            assert (got["state"][k].double() - v.double()).abs().max() < 1e-5, k
+        assert got["val"] == pytest.approx(ref["val"], abs=1e-9)
 
 
 def test_a_failing_rank_is_reported_and_the_other_exits(tmp_path):

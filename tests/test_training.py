@@ -67,6 +67,25 @@ def test_empty_loaders_are_reported():
         fit(pm, full, empty, progress=False)
 
 
+class _LateOddSample(torch.utils.data.Dataset):
+    """Samples of shape [6], but from sample 12 on [7]: found only when that batch is made."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return torch.randn(7 if i >= 12 else 6), torch.tensor(i % 2)
+
+
+def test_a_sample_of_another_shape_is_a_data_error_naming_the_data():
+    full = DataLoader(_data(16), batch_size=4)
+    odd = DataLoader(_LateOddSample(), batch_size=8)
+    with pytest.raises(pbp_fx.TrainingError, match="the training data could not be made into a batch .*stack expects"):
+        fit(_pm(), odd, full, progress=False, epochs=1)
+    with pytest.raises(pbp_fx.TrainingError, match="the validation data could not be made into a batch"):
+        evaluate(_pm(), odd, data="validation")
+
+
 def test_non_finite_loss_is_reported():
     pm = _pm()
     x = torch.full((8, 6), float("nan"))
