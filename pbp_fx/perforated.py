@@ -43,9 +43,11 @@ class PerforatedModel(nn.Module):
         self.phase = "neuron"
         # Names of parameters frozen for the dendrite phase, thawed when it ends.
         self._thaw: list[str] = []
-        # Buffers (BN running stats) at the start of the dendrite phase, restored at its end:
-        # train-mode forwards would otherwise move them although no weight changes.
+        # Buffers (BN running stats) at the start of the dendrite phase, held through it
+        # (_hold_phase_buffers) and restored at its end: train-mode forwards would otherwise move
+        # them although no weight changes.
         self._frozen_buffers: dict[str, torch.Tensor] = {}
+        self._held_buffers: Optional[list] = None  # (live buffer, its phase-start value) pairs
         # Keyword arguments of torch.utils.checkpoint while activation checkpointing is on, else None.
         self.checkpointing: Optional[dict] = None
         # The checkpoint file pbp_fx.load last read into this model (absolute path), else None: a
@@ -124,16 +126,52 @@ class PerforatedModel(nn.Module):
                 self._check_untraced(key, args, kwargs)
         return self._run_graph(g_args, g_kwargs)
 
+    def _graph_holding_buffers(self, *args, **kwargs):
+        """The graph's call in the dendrite phase: the frozen buffers held after it
+        (`_hold_phase_buffers`), also after the recompute of activation checkpointing."""
+        try:
+            return self.graph_module(*args, **kwargs)
+        finally:
+            self._hold_phase_buffers()
+
+    def _hold_phase_buffers(self) -> None:
+        """Dendrite phase: the frozen layers' buffers (BatchNorm running statistics) back to their
+        values at the phase start.
+
+        Why: the neurons are frozen, but a training-mode forward still moves their running
+        statistics, and evaluation, finalize, export and checkpoints during the phase would see
+        values that its end (which restores them) throws away. Written through .data: the
+        forward's saved tensors keep their version, so its backward runs (BatchNorm's
+        training-mode backward does not read the running statistics).
+        """
+        pairs = getattr(self, "_held_buffers", None)  # (a model pickled before it existed has none)
+        if pairs is None:
+            live = dict(self.named_buffers())
+            pairs = [(live[n], v) for n, v in self._frozen_buffers.items()
+                     if n in live and live[n].shape == v.shape and live[n].dtype == v.dtype]
+            self._held_buffers = pairs
+        if pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([b.data for b, _ in pairs], [v for _, v in pairs])
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .double() replace the buffers: the held values follow, the pairs are rebuilt.
+        out = super()._apply(fn, *args, **kwargs)
+        self._frozen_buffers = {n: fn(v) for n, v in self._frozen_buffers.items()}
+        self._held_buffers = None
+        return out
+
     def _run_graph(self, args: tuple, kwargs: dict):
+        graph = self._graph_holding_buffers if self._frozen_buffers else self.graph_module
         if self.checkpointing is not None and self.training and torch.is_grad_enabled():
             from functools import partial
 
             from torch.utils.checkpoint import checkpoint
 
             # Keyword inputs through partial: checkpoint() has keywords of its own.
-            return checkpoint(partial(self.graph_module, **kwargs), *args, use_reentrant=False, **self.checkpointing)
+            return checkpoint(partial(graph, **kwargs), *args, use_reentrant=False, **self.checkpointing)
         try:
-            return self.graph_module(*args, **kwargs)
+            return graph(*args, **kwargs)
         except AssertionError as exc:
             # torch.export's input check of a graph captured with static or bounded shapes
             if not str(exc).startswith("Guard failed"):
@@ -308,6 +346,7 @@ class PerforatedModel(nn.Module):
         cand_buffers = {id(b) for s in self.sites.values() for b in s.candidates.buffers()}
         self._frozen_buffers = {n: b.detach().clone() for n, b in self.named_buffers()
                                 if id(b) not in cand_buffers}
+        self._held_buffers = None
         self._thaw = []
         for name, p in self.named_parameters():
             if id(p) not in cand and p.requires_grad:
@@ -321,7 +360,7 @@ class PerforatedModel(nn.Module):
             for name, value in self._frozen_buffers.items():
                 if name in buffers and buffers[name].shape == value.shape:
                     buffers[name].copy_(value)
-        self._frozen_buffers = {}
+        self._frozen_buffers, self._held_buffers = {}, None
 
     def _end_dendrite_phase(self) -> None:
         params = dict(self.named_parameters())
@@ -424,6 +463,7 @@ class PerforatedModel(nn.Module):
         """Set what phase_buffers() returns (a checkpoint of a dendrite-phase model restores it)."""
         self._require_phase("dendrite", "load_phase_buffers")
         self._frozen_buffers = {k: v.detach().clone() for k, v in buffers.items()}
+        self._held_buffers = None
 
     def correlations(self) -> dict[str, torch.Tensor]:
         """Per site, the per-channel best |C~| of its candidates (dendrite phase only)."""

@@ -842,3 +842,40 @@ def test_a_parts_capture_shows_the_original_signature_and_pickles():
     again = pickle.loads(pickle.dumps(pm))
     assert list(inspect.signature(again.forward).parameters) == ["input_ids", "attention_mask", "labels"]
     assert torch.equal(again(input_ids=x), pm(x))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_dendrite_phase_holds_the_frozen_norm_statistics(checkpointing):
+    """Train-mode forwards in the dendrite phase moved the frozen BatchNorms' running statistics
+    until the phase ended: evaluation, finalize and checkpoints in the phase saw another model."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 6 * 6, 3))
+    x, y = torch.randn(16, 2, 6, 6), torch.randint(0, 3, (16,))
+    pm = pbp_fx.perforate(net, (x,))
+    pm.train()
+    for _ in range(3):  # running statistics away from their initial values
+        pm(x + 1.0)
+    if checkpointing:
+        pm.activation_checkpointing_enable()
+    before = pm.eval()(x)
+    stats = {n: b.clone() for n, b in pm.named_buffers()}
+    pm.train().start_dendrite_phase(pool=2)
+    opt = torch.optim.SGD(list(pm.trainable_parameters()), 0.1)
+    weights = pm.sites["0"].candidates.copies.weight.detach().clone()
+    for _ in range(3):
+        loss = F.cross_entropy(pm(2.0 * x - 1.0), y)  # another batch mean and variance
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        held = dict(pm.named_buffers())
+        for n, b in stats.items():
+            assert torch.equal(held[n], b), n
+    assert not torch.equal(pm.sites["0"].candidates.copies.weight, weights)  # the candidates trained
+    assert torch.equal(pm.eval()(x), before)
+    assert torch.equal(pm.finalize()(x), before)
+    pm.double()  # the held values follow the buffers
+    pm.train()(x.double())
+    assert torch.equal(pm.get_buffer("graph_module.1.running_mean"), stats["graph_module.1.running_mean"].double())
+    pm.install_candidates()
+    assert torch.allclose(pm.eval()(x.double()), before.double(), atol=1e-6)
