@@ -122,7 +122,8 @@ class PhaseController:
 
     config: the PBConfig (default: PBConfig with the model's own mode and activation).
     **overrides: PBConfig fields applied with config.replace(...), e.g. patience=10.
-    optimizer: an existing optimizer over pm's parameters to adopt (a Trainer's, say), or
+    optimizer: an existing optimizer over pm's parameters to adopt (a Trainer's, say; model
+    parameters it leaves out stay out, as if frozen), or
     optimizer_factory(params) to build one (default `default_optimizer`: Adam, lr 1e-3, fused where torch can).
     scheduler_factory(optimizer): builds `ctl.scheduler` once (see attach_scheduler).
     parameter_groups(pm) -> {name: group index}: where a new parameter (candidates, dendrites)
@@ -161,6 +162,16 @@ class PhaseController:
         self.schedulers: list = []
         self._groups = WeakIdKeyDictionary()  # parameter -> the group it belongs to
         self.parameter_groups = parameter_groups
+        # Parameters of the model that an adopted optimizer left out (a user's way of freezing a
+        # backbone): they stay out at every restructure, as if frozen. PB's own parameters (the
+        # sites' candidates and dendrites) are not among them: they join at each restructure.
+        self._left_out = WeakIdKeyDictionary()
+        if optimizer is not None:
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            pb_own = {id(p) for s in pm.sites.values() for p in s.parameters()}
+            for p in pm.parameters():
+                if p.requires_grad and id(p) not in held and id(p) not in pb_own:
+                    self._left_out[p] = True
         if optimizer is None:
             factory = optimizer_factory or default_optimizer
             optimizer = factory(list(pm.trainable_parameters()))
@@ -232,7 +243,7 @@ class PhaseController:
 
     def rebind(self, keep_state: bool = False) -> None:
         """Point the optimizer (and the DDP wrapper) at the model's current trainable parameters."""
-        params = list(self.pm.trainable_parameters())
+        params = [p for p in self.pm.trainable_parameters() if p not in self._left_out]
         if self._foreign and self.pm.phase != "dendrite":
             held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
             for p in self._foreign:

@@ -122,6 +122,24 @@ def test_an_adopted_optimizer_keeps_its_groups():
         PhaseController(pm, optimizer=opt, optimizer_factory=torch.optim.Adam)
 
 
+def test_parameters_an_adopted_optimizer_leaves_out_stay_out():
+    """Leaving a backbone out of the optimizer freezes it; adoption put every model parameter in."""
+    pm = _pm()
+    head = list(pm.graph_module.get_submodule("2").parameters())
+    opt = torch.optim.SGD(head, lr=0.1)
+    ctl = PhaseController(pm, optimizer=opt, patience=1, dendrite_patience=1)
+
+    def held():
+        return {id(p) for g in opt.param_groups for p in g["params"]}
+
+    assert held() == {id(p) for p in head}
+    _run(ctl, [0.5, 0.5, 0.5])  # dendrite phase, then install
+    assert pm.phase == "neuron" and pm.dendrites == 1
+    site_params = {id(p) for s in pm.sites.values() for p in s.parameters() if p.requires_grad and p.numel()}
+    assert held() == {id(p) for p in head} | site_params  # PB's own parameters join; layer 0 stays out
+    assert not any(id(p) in held() for p in pm.graph_module.get_submodule("0").parameters())
+
+
 SCHEDULERS = {
     "step": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
     "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t)),
