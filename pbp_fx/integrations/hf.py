@@ -49,6 +49,7 @@ class PBCallback(TrainerCallback):
         self.controller: Optional[PhaseController] = None
         self._training = False
         self._other_datasets: dict = {}  # evaluation prefix -> metric names, since the last step
+        self._resumed_complete = False  # resumed from a checkpoint of a finished PB run
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if args.load_best_model_at_end:
@@ -67,8 +68,12 @@ class PBCallback(TrainerCallback):
         if self.controller is None or self.controller.pm is not pm:
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
                                               parameter_groups=_trainer_groups if _grouped_by_trainer(pm, opt) else None)
+        self._resumed_complete = False
         if state.global_step > 0:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
             load_controller(_resumed_file(args, state, pm), self.controller)
+            if self.controller.done:  # a checkpoint written when PB had finished: nothing left to train
+                # The Trainer still takes one step before it looks; on_train_end loads the best weights back.
+                control.should_training_stop = self._resumed_complete = True
         scheduler = unwrap_scheduler(lr_scheduler)
         if scheduler is not None:
             self.controller.attach_scheduler(scheduler, scaled=state.global_step > 0)
@@ -105,6 +110,8 @@ class PBCallback(TrainerCallback):
         ctl = self.controller
         if not ctl.done:  # the Trainer's step or epoch budget ran out first
             ctl.finish("the Trainer's step or epoch budget ran out")
+        elif self._resumed_complete:
+            ctl.restore_best()
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             save(ctl.pm, os.path.join(args.output_dir, CHECKPOINT_NAME), controller=ctl)

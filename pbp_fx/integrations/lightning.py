@@ -95,6 +95,9 @@ class PBCallback(Callback):
         # "16-mixed": the precision plugin holds the GradScaler; the pools divide its scale out
         pm.grad_scaler = getattr(trainer.precision_plugin, "scaler", None)
         opt = unwrap_optimizer(trainer.optimizers[0])
+        if not opt.param_groups:  # configure_optimizers returned None: Lightning's stand-in has no groups
+            raise TrainingError("PBCallback needs an optimizer, but configure_optimizers returned none: return "
+                                "one optimizer over self.parameters()")
         if self.controller is None or self.controller.pm is not pm:
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
                                               parameter_groups=_groups_of_configure_optimizers(pl_module))
@@ -106,6 +109,9 @@ class PBCallback(Callback):
                 torch.set_rng_state(self._resumed["rng"])
             self._held_stoppers = {int(i): p for i, p in self._resumed.get("held_stoppers", {}).items()}
             self._resumed = None
+            if self.controller.done:  # a checkpoint written when PB had finished: nothing left to train
+                self.controller.restore_best()
+                trainer.should_stop = True
         for scheduler_config in trainer.lr_scheduler_configs:
             self.controller.attach_scheduler(scheduler_config.scheduler)
 

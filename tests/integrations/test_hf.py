@@ -158,7 +158,7 @@ def test_trainer_checkpoints_in_the_dendrite_phase(tmp_path, perforated_bert):
     assert phases == {"neuron", "dendrite"}
 
 
-@pytest.mark.parametrize("phase", ["neuron", "dendrite"])
+@pytest.mark.parametrize("phase", ["neuron", "dendrite", "complete"])
 def test_resume_from_a_trainer_checkpoint_continues_the_schedule(tmp_path, perforated_bert, phase):
     """trainer.train(resume_from_checkpoint=...) after pbp_fx.load of the callback's file gives the
     uninterrupted run's decisions and scores: from a neuron phase (the Trainer's restored Adam
@@ -168,16 +168,24 @@ def test_resume_from_a_trainer_checkpoint_continues_the_schedule(tmp_path, perfo
     trainer, _ = _trainer(tmp_path / "whole", whole, perforated_bert(), save_strategy="epoch")
     trainer.train()
     history = whole.controller.history
-    epoch = 2 if phase == "neuron" else next(h["epoch"] for h in history if h["phase"] == "dendrite") + 1
     steps = {int(d.split("-")[1]) for d in os.listdir(tmp_path / "whole") if d.startswith("checkpoint-")}
-    step = sorted(steps)[epoch - 1]
+    if phase == "complete":  # the checkpoint of the evaluation where PB finished
+        step = max(steps)
+    else:
+        epoch = 2 if phase == "neuron" else next(h["epoch"] for h in history if h["phase"] == "dendrite") + 1
+        step = sorted(steps)[epoch - 1]
     folder = tmp_path / "whole" / f"checkpoint-{step}"
-    assert pbp_fx.checkpoint.read_structure(str(folder / CHECKPOINT_NAME))["phase"] == phase
+    if phase != "complete":
+        assert pbp_fx.checkpoint.read_structure(str(folder / CHECKPOINT_NAME))["phase"] == phase
     model = pbp_fx.load(str(folder / CHECKPOINT_NAME), perforated_bert())
     resumed = PBCallback(QUICK)
     trainer, _ = _trainer(tmp_path / ("other" if phase == "neuron" else "whole"), resumed, model, save_strategy="epoch")
     trainer.train(resume_from_checkpoint=str(folder))
     again = resumed.controller.history
+    if phase == "complete":  # nothing left to train: the best model comes back
+        assert resumed.controller.done and trainer.state.global_step <= step + 1
+        best = resumed.controller.best_state
+        assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items() if k in best)
     assert [h["note"] for h in again] == [h["note"] for h in history]
     for a, b in zip(again, history):
         assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)

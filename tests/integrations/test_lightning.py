@@ -115,9 +115,17 @@ def test_lightning_refusals():
     with pytest.raises(TrainingError, match="pbp_fx.perforate"):
         _trainer(PBCallback(QUICK), max_epochs=1).fit(Classifier(small_cnn()), train, val)
 
+    class NoOptimizer(Classifier):
+        def configure_optimizers(self):
+            return None
+
+    with pytest.raises(TrainingError, match="configure_optimizers returned none"):
+        _trainer(PBCallback(QUICK), max_epochs=1).fit(NoOptimizer(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))),
+                                                      train, val)
+
 
 @pytest.mark.parametrize("phase,module", [("neuron", Classifier), ("dendrite", Classifier),
-                                          ("dendrite", GroupedClassifier)])
+                                          ("dendrite", GroupedClassifier), ("complete", Classifier)])
 def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module):
     """trainer.fit(..., ckpt_path=...) from a checkpoint taken in a neuron phase (the candidates are
     drawn after the resume) or inside a dendrite phase makes the uninterrupted run's decisions with
@@ -135,13 +143,19 @@ def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module):
                             enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False,
                             num_sanity_val_steps=0)
         trainer.fit(module(pm), train, val, ckpt_path=ckpt_path)
+        runs.append((trainer, pm, cb.controller))
         return cb.controller.history
 
+    runs = []
     whole = run(save=True)
     epoch = next(h["epoch"] for h in whole if h["phase"] == "dendrite")  # 1-based: the first dendrite epoch
-    # 0-based file names: after the first epoch, or after the second dendrite-phase epoch
-    ckpt = tmp_path / f"epoch={0 if phase == 'neuron' else epoch}.ckpt"
+    # 0-based file names: after the first epoch, after the second dendrite-phase epoch, after the last
+    ckpt = tmp_path / f"epoch={ {'neuron': 0, 'dendrite': epoch, 'complete': len(whole) - 1}[phase] }.ckpt"
     again = run(ckpt_path=str(ckpt))
+    if phase == "complete":  # PB had finished: the resumed run stops at once, with the best model
+        (first, first_pm, _), (trainer, pm, ctl) = runs
+        assert ctl.done and trainer.global_step == first.global_step
+        assert all(torch.equal(v, first_pm.state_dict()[k]) for k, v in pm.state_dict().items())
     assert [h["note"] for h in again] == [h["note"] for h in whole]
     for a, b in zip(again, whole):
         assert a["score"] == pytest.approx(b["score"], rel=1e-5, abs=1e-6)
