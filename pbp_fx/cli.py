@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 from .errors import PBError
-from .fileio import umask
+from .fileio import check_output_dir, umask
 
 __all__ = ["main", "subcommand", "arg", "COMMANDS", "build_parser", "atomic_output_dir"]
 
@@ -184,18 +184,6 @@ def check_output_file(path: str, flag: str) -> None:
         raise PBError(f"{flag} {path}: directory {folder} does not exist; create it first (mkdir -p {folder})")
     if not os.access(folder, os.W_OK):
         raise PBError(f"{flag} {path}: directory {folder} is not writable; choose another path")
-
-
-def check_output_dir(out: str) -> None:
-    """Refuse an --out folder path that is a file or lies under one, before any work starts."""
-    out = os.path.abspath(out)
-    probe = out
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if probe == out and not os.path.isdir(out):
-        raise PBError(f"--out {out!r} exists and is not a directory: choose a folder path")
-    if not os.path.isdir(probe):
-        raise PBError(f"--out {out!r}: {probe} is a file, not a directory; choose another path")
 
 
 @contextmanager

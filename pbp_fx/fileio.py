@@ -11,13 +11,30 @@ from typing import Callable, Type
 
 from .errors import PBError
 
-__all__ = ["atomic_write", "umask"]
+__all__ = ["atomic_write", "check_output_dir", "umask"]
 
 
 def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_output_dir(out: str, error: Type[Exception] = PBError) -> None:
+    """Refuse an --out folder path that cannot become a writable folder (a file, under a file, in a
+    folder that is not writable), before any work starts; nothing is created."""
+    out = os.path.abspath(out)
+    probe = out
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe == out and not os.path.isdir(out):
+        raise error(f"--out {out!r} exists and is not a directory: choose a folder path")
+    if not os.path.isdir(probe):
+        raise error(f"--out {out!r}: {probe} is a file, not a directory; choose another path")
+    try:  # a folder made and removed: os.access says yes to root, also where nothing can be made (/proc)
+        os.rmdir(tempfile.mkdtemp(prefix=".pbp-probe-", dir=probe))
+    except OSError as exc:
+        raise error(f"--out {out!r}: nothing can be written in {probe} ({exc.strerror}); choose another path") from None
 
 
 def atomic_write(path, write: Callable[[str], None], error: Type[Exception] = PBError, what: str = "file") -> None:

@@ -20,10 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import FORMAT, load, load_optimizer, read_meta, save
-from .config import PBConfig, TrainConfig
+from .config import ConfigError, PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
 from .errors import ModelFileError, TrainingError
-from .fileio import atomic_write
+from .fileio import atomic_write, check_output_dir
 from .modelfile import example_kwargs, instantiate, load_model_file, task_functions, task_of
 from .perforated import perforate
 from .training import History, evaluate, fit
@@ -188,13 +188,17 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     main = distributed is None or distributed.is_main
     seed = training.seed
     if out is not None and main:
-        _check_out(out)  # before training: a long run must not fail at its last step
+        check_output_dir(out, TrainingError)  # before training: a long run must not fail at its last step
     mod = load_job_module(model_file)
     torch.manual_seed(seed)
     model, inputs = instantiate(mod)
     data = _call_datasets(mod, seed)
     _check_finite_datasets(data)
     loss_fn, metric, metric_name = task_functions(mod)
+    if not config.maximize and getattr(mod, "metric", None) is None:
+        # The built-in metrics grow as the model gets better: the run would keep its worst epoch.
+        raise ConfigError(f"maximize is false (--no-maximize), but the built-in metric ({metric_name}) is higher-is-"
+                          "better: drop --no-maximize, or define metric(output, target) in the model file")
     _preflight(model, data, min(training.batch_size, 8), loss_fn, metric, training.batch_size,
                task_of(mod) == "classification" and getattr(mod, "loss_fn", None) is None)
     train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed)
@@ -332,19 +336,6 @@ def _resume(path: str, pm, ctl, train_loader) -> tuple[History, float]:
     if gen is not None and state["rng"]["loader"] is not None:
         gen.set_state(_unb64(state["rng"]["loader"]))
     return History.from_dict(state["history"]), float(state.get("seconds", 0.0))
-
-
-def _check_out(out: str) -> None:
-    """Refuse an --out that cannot become a writable folder (nothing is created yet)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise TrainingError(f"--out {out} exists and is not a directory: choose another path")
-    probe = os.path.abspath(out)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise TrainingError(f"--out {out}: {probe} is a file, not a directory; choose another path")
-    if not os.access(probe, os.W_OK):
-        raise TrainingError(f"--out {out}: {probe} is not writable; choose another path")
 
 
 # What a run writes to --out: a new run replaces an earlier run's, so that no report describes another run.

@@ -826,3 +826,20 @@ def test_export_check_compares_every_output_of_a_structured_model(tmp_path, caps
     model_file.write_text(DICT_OUTPUT_MODEL)
     assert main(["export", str(model_file), "-o", str(tmp_path / "m.onnx"), "--check"]) == 0
     assert "max abs diff" in capsys.readouterr().out
+
+
+def test_no_maximize_with_a_built_in_metric_is_refused_before_any_work(tmp_path, capsys):
+    """accuracy and minus the loss grow as the model gets better: --no-maximize kept the worst epoch."""
+    out = tmp_path / "run"
+    rc, stdout, err = _run(["train", "--no-maximize", "--out", str(out), "--epochs", "1", "--no-progress"], capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert "built-in metric (accuracy) is higher-is-better: drop --no-maximize" in err
+    assert not out.exists() and "epoch" not in stdout
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_transform_refuses_an_out_where_nothing_can_be_made_before_any_work(tmp_path, capsys):
+    model = _write(tmp_path, GOOD)
+    rc, stdout, err = _run(["transform", model, "--out", "/proc/pbp-fx-test-out"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "nothing can be written in /proc" in err
+    assert "site" not in stdout  # refused before the model was perforated
