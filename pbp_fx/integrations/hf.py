@@ -32,20 +32,19 @@ class PBCallback(TrainerCallback):
     """Runs PB's phase schedule on the Trainer's evaluations (eval_strategy "epoch" or "steps").
 
     metric: the evaluation metric the schedule follows ("eval_loss", or "eval_<name>" from
-    compute_metrics; the "eval_" prefix may be left out). greater_is_better: its direction
-    (default: lower is better for names ending in "loss", higher otherwise); it sets
-    config.maximize. config: PB settings (default: PBConfig() with the model's mode and
+    compute_metrics; the "eval_" prefix may be left out); default: TrainingArguments'
+    metric_for_best_model when set, else "eval_loss". greater_is_better: its direction (default:
+    TrainingArguments.greater_is_better for metric_for_best_model, else lower is better for names
+    ending in "loss", higher otherwise); it sets config.maximize. config: PB settings (default: PBConfig() with the model's mode and
     activation). `self.controller` is the PhaseController once training has begun.
     Checkpoints: every Trainer checkpoint folder and, at the end, `args.output_dir` get a
     `pbp_fx.safetensors` that `pbp_fx.load` reads. One process (no multi-GPU DDP).
     """
 
-    def __init__(self, config: Optional[PBConfig] = None, metric: str = "eval_loss",
+    def __init__(self, config: Optional[PBConfig] = None, metric: Optional[str] = None,
                  greater_is_better: Optional[bool] = None):
-        self.metric = metric if metric.startswith("eval_") else f"eval_{metric}"
-        if greater_is_better is None:
-            greater_is_better = not self.metric.endswith("loss")
-        self.config, self.maximize = config, bool(greater_is_better)
+        self.config, self._metric, self._greater_is_better = config, metric, greater_is_better
+        self.metric, self.maximize = _direction(metric or "eval_loss", greater_is_better)
         self.controller: Optional[PhaseController] = None
         self._training = False
         self._other_datasets: dict = {}  # evaluation prefix -> metric names, since the last step
@@ -61,6 +60,9 @@ class PBCallback(TrainerCallback):
         if args.world_size > 1:
             raise TrainingError("PBCallback runs in one process: a restructure changes the parameters that the "
                                 "Trainer's DDP wrapper was built on; train on one device")
+        if self._metric is None and args.metric_for_best_model:  # the metric the user's Trainer ranks by
+            gib = self._greater_is_better if self._greater_is_better is not None else args.greater_is_better
+            self.metric, self.maximize = _direction(args.metric_for_best_model, gib)
         pm = find_perforated(model, "PBCallback")
         # fp16: accelerate's optimizer wrapper holds the GradScaler; the pools divide its scale out
         pm.grad_scaler = getattr(optimizer, "scaler", None)
@@ -115,6 +117,12 @@ class PBCallback(TrainerCallback):
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             save(ctl.pm, os.path.join(args.output_dir, CHECKPOINT_NAME), controller=ctl)
+
+
+def _direction(metric: str, greater_is_better: Optional[bool]) -> tuple[str, bool]:
+    """("eval_<name>", whether higher is better: given, else not for names ending in "loss")."""
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    return metric, bool(not metric.endswith("loss") if greater_is_better is None else greater_is_better)
 
 
 def _resumed_file(args, state, pm) -> str:

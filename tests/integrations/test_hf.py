@@ -117,15 +117,19 @@ def _accuracy(pred):
     return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
 
 
-def test_steps_strategy_gradient_accumulation_and_a_named_metric(tmp_path, perforated_bert):
-    cb = PBCallback(QUICK, metric="accuracy")  # "eval_accuracy", greater is better
+@pytest.mark.parametrize("named_by", ["callback", "metric_for_best_model"])
+def test_steps_strategy_gradient_accumulation_and_a_named_metric(tmp_path, perforated_bert, named_by):
+    # "eval_accuracy", greater is better: named to the callback, or the Trainer's own setting
+    by_args = named_by == "metric_for_best_model"
+    cb = PBCallback(QUICK) if by_args else PBCallback(QUICK, metric="accuracy")
+    more = {"metric_for_best_model": "accuracy"} if by_args else {}
     trainer, _ = _trainer(tmp_path, cb, perforated_bert(), eval_strategy="steps", eval_steps=3, logging_strategy="steps",
                           logging_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=16,
-                          num_train_epochs=20)
+                          num_train_epochs=20, **more)
     trainer.compute_metrics = _accuracy
     trainer.train()
     ctl = cb.controller
-    assert ctl.config.maximize
+    assert ctl.config.maximize and cb.metric == "eval_accuracy"
     evaluations = [r for r in trainer.state.log_history if "eval_accuracy" in r]
     assert len(ctl.history) == len(evaluations)  # one schedule step per evaluation
     assert any("installed dendrite 1" in n for n in _notes(ctl))
