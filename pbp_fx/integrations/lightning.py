@@ -116,17 +116,24 @@ class PBCallback(Callback):
             self.controller.attach_scheduler(scheduler_config.scheduler)
 
     def on_validation_end(self, trainer, pl_module):
-        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or self.controller.done:
+        if trainer.state.fn != TrainerFn.FITTING or self.controller.done:
             return
         metrics = trainer.callback_metrics
+        if trainer.sanity_checking:  # before any training step: a monitor never logged is refused now
+            if self.monitor not in metrics:
+                raise TrainingError(self._not_logged(metrics))
+            return
         if self.monitor not in metrics:
-            raise TrainingError(f"PBCallback: {self.monitor!r} was not logged in validation "
-                                f"(logged: {', '.join(sorted(metrics)) or 'nothing'}): self.log({self.monitor!r}, ...) "
-                                "in validation_step, or pass monitor= one of those")
+            raise TrainingError(self._not_logged(metrics))
         decision = self.controller.step(float(metrics[self.monitor]))
         self._hold_early_stopping(trainer)
         if decision is Decision.COMPLETE:
             trainer.should_stop = True
+
+    def _not_logged(self, metrics) -> str:
+        return (f"PBCallback: {self.monitor!r} was not logged in validation (logged: "
+                f"{', '.join(sorted(metrics)) or 'nothing'}): self.log({self.monitor!r}, ...) in validation_step, "
+                "or pass monitor= one of those")
 
     def _hold_early_stopping(self, trainer) -> None:
         """EarlyStopping callbacks wait while a dendrite phase runs: the validation score cannot
