@@ -25,7 +25,7 @@ In the dendrite phase every group's lr is multiplied by candidate_lr / (its lr a
 of the phase), and so are the base_lrs of schedulers given to `attach_scheduler` (or built by
 `scheduler_factory`), with the other rates they compute lr from (OneCycleLR's initial, max and
 min lr, CyclicLR's max_lrs, ReduceLROnPlateau's min_lrs, a cosine schedule's eta_min when every
-group has the same factor; the schedulers of a SequentialLR or ChainedScheduler): the phase
+group has the same factor (else the neuron rates are recovered exactly at the phase's end); the schedulers of a SequentialLR or ChainedScheduler): the phase
 starts at exactly `config.candidate_lr`, a scheduler that rewrites lr every step (LambdaLR, as
 Hugging Face Trainer does, or OneCycleLR) keeps it there times its own factor's change, and a
 chainable one (StepLR) multiplies it as usual. At the end
@@ -80,6 +80,16 @@ def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
     params = list(params)
     fused = all(p.device.type in _FUSED_ADAM_DEVICES and p.dtype in _FUSED_ADAM_DTYPES for p in _tensors(params))
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+def _unscaled_lr(lr: float, scale: float, start: Optional[float], floor: float) -> float:
+    """A group's neuron rate at the end of a dendrite phase: lr / scale, or, under a cosine
+    schedule whose floor eta_min stayed unscaled, the exact one. Its chained step
+    lr' = floor + (lr - floor) * r keeps (lr - floor) proportional across runs, so the neuron run's
+    (start - floor) * (lr - floor) / (start * scale - floor) + floor."""
+    if not floor or start is None or start * scale == floor:
+        return lr / scale
+    return floor + (lr - floor) * (start - floor) / (start * scale - floor)
 
 
 def _tensors(params) -> list:
@@ -155,8 +165,10 @@ class PhaseController:
         self.model = pm
         self.best_state: Optional[dict] = None
         self.history: list[dict] = []
-        # Per group, the factor applied to lr (and scheduler base_lrs) in the dendrite phase.
+        # Per group, the factor applied to lr (and scheduler base_lrs) in the dendrite phase,
+        # and the group's lr when the phase started.
         self.lr_scale: Optional[list[float]] = None
+        self.phase_start_lrs: Optional[list[float]] = None
         # Per attached ReduceLROnPlateau (by attach order): its counters while a dendrite phase holds it.
         self.plateau_held: dict[int, dict] = {}
         self.schedulers: list = []
@@ -299,6 +311,7 @@ class PhaseController:
     def _enter_dendrite_lr(self) -> None:
         target = self.config.candidate_lr
         scale = []
+        self.phase_start_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         for g in self.optimizer.param_groups:
             lr = float(g["lr"])
             s = target / lr if lr > 0 else 1.0
@@ -312,12 +325,25 @@ class PhaseController:
     def _leave_dendrite_lr(self) -> None:
         if self.lr_scale is None:
             return
-        for g, s in zip(self.optimizer.param_groups, self.lr_scale):
-            g["lr"] = float(g["lr"]) / s
+        floor = self._unscaled_floor()
+        starts = self.phase_start_lrs or [None] * len(self.lr_scale)
+        for g, s, start in zip(self.optimizer.param_groups, self.lr_scale, starts):
+            g["lr"] = _unscaled_lr(float(g["lr"]), s, start, floor)
         for sch in self.schedulers:
             self._scale_schedulers(sch, self.lr_scale, divide=True)
         self._release_plateaus()
-        self.lr_scale = None
+        self.lr_scale = self.phase_start_lrs = None
+
+    def _unscaled_floor(self) -> float:
+        """A CosineAnnealingLR's eta_min that stayed unscaled in this dendrite phase (groups with
+        different factors share it), else 0."""
+        if len(set(self.lr_scale)) == 1:
+            return 0.0
+        for sch in self.schedulers:
+            for s in [sch, *getattr(sch, "_schedulers", ())]:
+                if isinstance(s, torch.optim.lr_scheduler.CosineAnnealingLR) and s.eta_min:
+                    return float(s.eta_min)
+        return 0.0
 
     def _hold_plateaus(self) -> None:
         """Keep ReduceLROnPlateau schedulers from cutting the lr in the dendrite phase.
@@ -407,6 +433,7 @@ class PhaseController:
         return {"schedule": self.schedule.state_dict(), "history": copy.deepcopy(self.history),
                 "lr_scale": None if self.lr_scale is None else list(self.lr_scale),
                 "lrs": [float(g["lr"]) for g in self.optimizer.param_groups],
+                "phase_start_lrs": None if self.phase_start_lrs is None else list(self.phase_start_lrs),
                 "plateau_held": {str(i): dict(v) for i, v in self.plateau_held.items()},
                 "best_state": self.best_state}
 
@@ -424,6 +451,7 @@ class PhaseController:
             if scale is not None:
                 self._scale_schedulers(sch, scale, divide=False)
         self.lr_scale = scale
+        self.phase_start_lrs = state.get("phase_start_lrs")
         self.plateau_held = {int(i): dict(v) for i, v in state.get("plateau_held", {}).items()}
         self.best_state = state["best_state"]
         lrs = state.get("lrs")
