@@ -72,17 +72,18 @@ def batches(loader, data: str):
         yield batch
 
 
-class _GradientToEveryOutput(torch.autograd.Function):
-    """The loss, unchanged; its backward also sends a zero gradient into every output tensor given."""
+class _ZeroGradient(torch.autograd.Function):
+    """The loss, unchanged; its backward also gives each tensor in `others` a zero gradient."""
 
     @staticmethod
-    def forward(ctx, loss, *outputs):
-        ctx.like = [(o.shape, o.dtype, o.device) for o in outputs]
+    def forward(ctx, loss, *others):
+        ctx.save_for_backward(*others)
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return (grad, *[torch.zeros((), dtype=dtype, device=device).expand(shape) for shape, dtype, device in ctx.like])
+        # In each tensor's own layout: DDP's buckets copy gradients laid out like their parameters
+        return (grad, *[torch.zeros_like(t, memory_format=torch.preserve_format) for t in ctx.saved_tensors])
 
 
 def _output_tensors(output) -> list:
@@ -92,18 +93,41 @@ def _output_tensors(output) -> list:
     return [t for v in values for t in _output_tensors(v)]
 
 
-def _reaching_every_output(loss: torch.Tensor, output) -> torch.Tensor:
-    """`loss`, tied to every floating-point output that needs a gradient (DDP training).
+def _graph_nodes(edges, shared: set, skip: dict) -> dict:
+    """The autograd nodes reachable from `edges` ((node, output number) pairs), keyed by (id, output
+    number) for the nodes in `shared` (DDP's sink: one node for all outputs, whose output k is its
+    input k) and (id, None) for the others; those in `skip` are not entered."""
+    found, stack = {}, list(edges)
+    while stack:
+        node, nr = stack.pop()
+        if node is None:
+            continue
+        key = (id(node), nr if id(node) in shared else None)
+        if key in found or key in skip:
+            continue
+        found[key] = node
+        if key[1] is None:
+            stack.extend(node.next_functions)
+        elif nr < len(node.next_functions):
+            stack.append(node.next_functions[nr])
+    return found
 
-    Why: DDP needs a gradient for every parameter that took part in the forward, at every step. An
-    output the loss does not read (a dict's auxiliary head next to "logits") would leave its layers
-    without one, and DDP stops at the next step. A zero gradient leaves those layers as they are
-    (with an optimizer without weight decay), as a run in one process does.
+
+def parameters_the_loss_misses(loss: torch.Tensor, output) -> list:
+    """Trainable parameters that the output reaches but the loss does not (an auxiliary head beside
+    the "logits" the loss reads), from one walk of the autograd graph; [] when the output is one tensor.
+
+    Why: DDP (static graph) needs a gradient for every parameter that took part in the forward, at
+    every step; such a head's parameters get none, and DDP stops at the next step.
     """
-    tensors = [t for t in _output_tensors(output) if t.requires_grad and t.is_floating_point()]
-    if len(tensors) < 2 or not loss.requires_grad:
-        return loss
-    return _GradientToEveryOutput.apply(loss, *tensors)
+    tensors = [t for t in _output_tensors(output) if t.requires_grad and t.grad_fn is not None]
+    if len(tensors) < 2 or loss.grad_fn is None:
+        return []
+    nodes = [id(t.grad_fn) for t in tensors]
+    shared = {n for n in nodes if nodes.count(n) > 1}
+    read = _graph_nodes([(loss.grad_fn, 0)], shared, {})
+    unread = _graph_nodes([(t.grad_fn, t.output_nr) for t in tensors], shared, read)
+    return [n.variable for n in unread.values() if getattr(n, "variable", None) is not None and n.variable.requires_grad]
 
 
 def split_batch(batch):
@@ -327,6 +351,7 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
     pm.train()
     phase = phase or getattr(pm, "phase", "")
     total, count = 0.0, 0
+    missed = None  # DDP: parameters the loss does not reach, found at the epoch's first step
     for batch in batches(loader, "training"):
         if device is not None:
             batch = _to(batch, device)
@@ -334,7 +359,10 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
         output = pm(*inputs)
         loss = loss_fn(output, target)
         if isinstance(pm, nn.parallel.DistributedDataParallel):
-            loss = _reaching_every_output(loss, output)
+            if missed is None:
+                missed = parameters_the_loss_misses(loss, output)
+            if missed:  # a zero gradient straight into them: nothing runs through their branch
+                loss = _ZeroGradient.apply(loss, *missed)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss is {loss.item()} in the {phase} phase: lower the learning rate "
                                  "or check the data for NaN/Inf")

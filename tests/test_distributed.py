@@ -44,7 +44,8 @@ def _inputs():
 
 
 class _WithAuxHead(nn.Module):
-    """A dict output with a head the default loss does not read ("aux")."""
+    """A dict output with a head the default loss does not read ("aux"), through where + sqrt, whose
+    backward turns a zero gradient into NaN (the head must get its zero gradient directly)."""
 
     def __init__(self):
         super().__init__()
@@ -52,7 +53,8 @@ class _WithAuxHead(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.body(x))
-        return {"logits": self.cls(h), "aux": self.aux(h)}
+        a = self.aux(h)
+        return {"logits": self.cls(h), "aux": torch.where(a > 0, torch.sqrt(a), torch.zeros_like(a))}
 
 
 def _build_with_aux_head():
