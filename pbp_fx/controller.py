@@ -178,7 +178,10 @@ class PhaseController:
         # backbone): they stay out at every restructure, as if frozen. PB's own parameters (the
         # sites' candidates and dendrites) are not among them: they join at each restructure.
         self._left_out = WeakIdKeyDictionary()
-        if optimizer is not None:
+        # Mid-dendrite-phase every model parameter is frozen, and a framework builds its optimizer over
+        # the candidates alone: what it leaves out then says nothing. load_state_dict brings the run's set.
+        self._left_out_known = optimizer is not None and pm.phase != "dendrite"
+        if self._left_out_known:
             held = {id(p) for g in optimizer.param_groups for p in g["params"]}
             pb_own = {id(p) for s in pm.sites.values() for p in s.parameters()}
             for p in pm.parameters():
@@ -335,15 +338,14 @@ class PhaseController:
         self.lr_scale = self.phase_start_lrs = None
 
     def _unscaled_floor(self) -> float:
-        """A CosineAnnealingLR's eta_min that stayed unscaled in this dendrite phase (groups with
-        different factors share it), else 0."""
-        if len(set(self.lr_scale)) == 1:
+        """The eta_min of a CosineAnnealingLR that alone set the rates in this dendrite phase and
+        kept its floor unscaled (groups with different factors share it), else 0. Inside a
+        SequentialLR or ChainedScheduler other schedulers move the rates too: there the factor is
+        divided out (exact when the cosine was not the one running)."""
+        if len(set(self.lr_scale)) == 1 or len(self.schedulers) != 1:
             return 0.0
-        for sch in self.schedulers:
-            for s in [sch, *getattr(sch, "_schedulers", ())]:
-                if isinstance(s, torch.optim.lr_scheduler.CosineAnnealingLR) and s.eta_min:
-                    return float(s.eta_min)
-        return 0.0
+        (sch,) = self.schedulers
+        return float(sch.eta_min) if isinstance(sch, torch.optim.lr_scheduler.CosineAnnealingLR) else 0.0
 
     def _hold_plateaus(self) -> None:
         """Keep ReduceLROnPlateau schedulers from cutting the lr in the dendrite phase.
@@ -434,6 +436,7 @@ class PhaseController:
                 "lr_scale": None if self.lr_scale is None else list(self.lr_scale),
                 "lrs": [float(g["lr"]) for g in self.optimizer.param_groups],
                 "phase_start_lrs": None if self.phase_start_lrs is None else list(self.phase_start_lrs),
+                "left_out": sorted(n for n, p in self.pm.named_parameters() if p in self._left_out),
                 "plateau_held": {str(i): dict(v) for i, v in self.plateau_held.items()},
                 "best_state": self.best_state}
 
@@ -452,6 +455,11 @@ class PhaseController:
                 self._scale_schedulers(sch, scale, divide=False)
         self.lr_scale = scale
         self.phase_start_lrs = state.get("phase_start_lrs")
+        if not self._left_out_known and state.get("left_out"):
+            params = dict(self.pm.named_parameters())
+            for name in state["left_out"]:
+                if name in params:
+                    self._left_out[params[name]] = True
         self.plateau_held = {int(i): dict(v) for i, v in state.get("plateau_held", {}).items()}
         self.best_state = state["best_state"]
         lrs = state.get("lrs")

@@ -140,6 +140,33 @@ def test_parameters_an_adopted_optimizer_leaves_out_stay_out():
     assert not any(id(p) in held() for p in pm.graph_module.get_submodule("0").parameters())
 
 
+def test_a_left_out_parameter_stays_out_after_a_resume_inside_a_dendrite_phase(tmp_path):
+    """Adopted mid-phase (every model parameter frozen), the optimizer says nothing about what was
+    left out: the controller state carries it, and the backbone rejoined at the install."""
+    def head_only(pm):
+        return torch.optim.SGD([p for n, p in pm.named_parameters() if not n.startswith("graph_module.0.")], lr=0.1)
+
+    def backbone_held(ctl):
+        held = {id(p) for g in ctl.optimizer.param_groups for p in g["params"]}
+        return id(ctl.pm.get_parameter("graph_module.0.weight")) in held
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    pm = pbp_fx.perforate(build(), (torch.randn(2, 3),))
+    ctl = PhaseController(pm, optimizer=head_only(pm), patience=1, dendrite_patience=1)
+    _run(ctl, [0.5, 0.5])
+    assert pm.phase == "dendrite"
+    path = str(tmp_path / "mid.safetensors")
+    pbp_fx.save(pm, path, controller=ctl)
+    resumed = pbp_fx.load(path, build, (torch.randn(2, 3),))
+    again = PhaseController(resumed, optimizer=head_only(resumed), patience=1, dendrite_patience=1)
+    pbp_fx.checkpoint.load_controller(path, again)
+    assert again.step(0.5) is R and resumed.phase == "neuron"
+    assert not backbone_held(again)
+
+
 SCHEDULERS = {
     "step": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
     "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t)),
