@@ -9,6 +9,7 @@ checkpoints, so `trainer.fit(module, ckpt_path=...)` resumes a PB run.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Optional
 
 import torch
@@ -119,9 +120,12 @@ class PBCallback(Callback):
         if trainer.state.fn != TrainerFn.FITTING or self.controller.done:
             return
         metrics = trainer.callback_metrics
-        if trainer.sanity_checking:  # before any training step: a monitor never logged is refused now
-            if self.monitor not in metrics:
-                raise TrainingError(self._not_logged(metrics))
+        if trainer.sanity_checking:
+            # Before any training step, a near miss of a logged name (a typo) is refused. Anything else
+            # waits for the first real validation: modules may skip logging in the sanity check.
+            near = difflib.get_close_matches(self.monitor, list(metrics), n=1, cutoff=0.85)
+            if self.monitor not in metrics and near:
+                raise TrainingError(self._not_logged(metrics) + f" (did you mean {near[0]!r}?)")
             return
         if self.monitor not in metrics:
             raise TrainingError(self._not_logged(metrics))
