@@ -47,7 +47,7 @@ class PerforatedModel(nn.Module):
         # (_hold_phase_buffers) and restored at its end: train-mode forwards would otherwise move
         # them although no weight changes.
         self._frozen_buffers: dict[str, torch.Tensor] = {}
-        self._held_buffers: Optional[list] = None  # (live buffer, its phase-start value) pairs
+        self._held_buffers: Optional[list] = None  # where each held buffer lives, with its value
         # Keyword arguments of torch.utils.checkpoint while activation checkpointing is on, else None.
         self.checkpointing: Optional[dict] = None
         # The checkpoint file pbp_fx.load last read into this model (absolute path), else None: a
@@ -144,18 +144,23 @@ class PerforatedModel(nn.Module):
         forward's saved tensors keep their version, so its backward runs (BatchNorm's
         training-mode backward does not read the running statistics).
         """
-        pairs = getattr(self, "_held_buffers", None)  # (a model pickled before it existed has none)
-        if pairs is None:
-            live = dict(self.named_buffers())
-            pairs = [(live[n], v) for n, v in self._frozen_buffers.items()
-                     if n in live and live[n].shape == v.shape and live[n].dtype == v.dtype]
-            self._held_buffers = pairs
-        if pairs:
+        places = getattr(self, "_held_buffers", None)  # (a model pickled before it existed has none)
+        if places is None:
+            # (owning module, attribute, value): the buffer is looked up at each hold, so one that
+            # load_state_dict(assign=True) or a submodule's .double() replaced is held too.
+            places = []
+            for name, value in self._frozen_buffers.items():
+                path, _, attr = name.rpartition(".")
+                places.append((self.get_submodule(path) if path else self, attr, value))
+            self._held_buffers = places
+        live = [(getattr(m, attr, None), value) for m, attr, value in places]
+        live = [(b, v) for b, v in live if isinstance(b, torch.Tensor) and b.shape == v.shape]
+        if live:
             with torch.no_grad():
-                torch._foreach_copy_([b.data for b, _ in pairs], [v for _, v in pairs])
+                torch._foreach_copy_([b.data for b, _ in live], [v for _, v in live])
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .double() replace the buffers: the held values follow, the pairs are rebuilt.
+        # .to() / .double() convert the buffers: the held values follow.
         out = super()._apply(fn, *args, **kwargs)
         self._frozen_buffers = {n: fn(v) for n, v in self._frozen_buffers.items()}
         self._held_buffers = None
