@@ -35,9 +35,9 @@ import torch
 from .config import PBConfig, TrainConfig
 from .controller import default_optimizer
 from .errors import PBError
-from .fileio import atomic_write
+from .fileio import atomic_write, check_output_dir
 from .job import DEFAULT_MODEL, load_job_module, make_loaders
-from .modelfile import example_kwargs, instantiate, task_functions
+from .modelfile import check_metric_direction, example_kwargs, instantiate, task_functions
 from .schedule import Kind, PhaseSchedule
 from .training import evaluate, train_epoch
 from .width import WidthBuilder, WidthError, num_parameters
@@ -335,15 +335,9 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
     if not isinstance(config, PBConfig) or not isinstance(training, TrainConfig):
         raise CompareError("config must be a PBConfig and training a TrainConfig")
     if out is not None:
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise CompareError(f"--out {out} exists and is not a directory: choose another path")
-        parent = os.path.dirname(os.path.abspath(out))
-        probe = out if os.path.isdir(out) else parent
-        while not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        if not os.access(probe, os.W_OK):
-            raise CompareError(f"output folder {out} is not writable: choose another --out")
+        check_output_dir(out, CompareError)
     mod = load_job_module(model_file)
+    check_metric_direction(mod, config.maximize, CompareError)
     if task_functions(mod)[2] == "minus the loss":
         # (the report speaks of test % and points: a loss in those units would read as nonsense)
         raise CompareError("compare reports accuracy-like scores in %, and this model file's TASK is 'regression': "

@@ -24,6 +24,8 @@ def check_output_dir(out: str, error: Type[Exception] = PBError) -> None:
     """Refuse an --out folder path that cannot become a writable folder (a file, under a file, in a
     folder that is not writable), before any work starts; nothing is created."""
     out = os.path.abspath(out)
+    if os.path.islink(out) and not os.path.exists(out):
+        raise error(f"--out {out!r} is a link to nothing ({os.readlink(out)}): remove it or choose another path")
     probe = out
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)

@@ -24,7 +24,7 @@ from .config import ConfigError, PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
 from .errors import ModelFileError, TrainingError
 from .fileio import atomic_write, check_output_dir
-from .modelfile import example_kwargs, instantiate, load_model_file, task_functions, task_of
+from .modelfile import check_metric_direction, example_kwargs, instantiate, load_model_file, task_functions, task_of
 from .perforated import perforate
 from .training import History, evaluate, fit
 
@@ -195,10 +195,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     data = _call_datasets(mod, seed)
     _check_finite_datasets(data)
     loss_fn, metric, metric_name = task_functions(mod)
-    if not config.maximize and getattr(mod, "metric", None) is None:
-        # The built-in metrics grow as the model gets better: the run would keep its worst epoch.
-        raise ConfigError(f"maximize is false (--no-maximize), but the built-in metric ({metric_name}) is higher-is-"
-                          "better: drop --no-maximize, or define metric(output, target) in the model file")
+    check_metric_direction(mod, config.maximize, ConfigError)
     _preflight(model, data, min(training.batch_size, 8), loss_fn, metric, training.batch_size,
                task_of(mod) == "classification" and getattr(mod, "loss_fn", None) is None)
     train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed)

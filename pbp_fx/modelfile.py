@@ -151,5 +151,14 @@ def task_functions(mod: ModuleType) -> tuple[Callable, Callable, str]:
     return loss_fn, negative_loss(loss_fn), "minus the loss"
 
 
+def check_metric_direction(mod: ModuleType, maximize: bool, error: type = ModelFileError) -> None:
+    """Refuse maximize=False (--no-maximize) with a built-in metric: accuracy and minus the loss grow as
+    the model gets better, and the run would keep its worst epoch."""
+    if not maximize and getattr(mod, "metric", None) is None:
+        name = task_functions(mod)[2]
+        raise error(f"maximize is false (--no-maximize), but the built-in metric ({name}) is higher-is-better: "
+                    "drop --no-maximize, or define metric(output, target) in the model file")
+
+
 def _name(mod: ModuleType) -> str:
     return f"model file {getattr(mod, '__file__', None) or mod.__name__!r}"

@@ -843,3 +843,12 @@ def test_transform_refuses_an_out_where_nothing_can_be_made_before_any_work(tmp_
     rc, stdout, err = _run(["transform", model, "--out", "/proc/pbp-fx-test-out"], capsys)
     assert rc == 2 and err.count("\n") == 1 and "nothing can be written in /proc" in err
     assert "site" not in stdout  # refused before the model was perforated
+
+
+def test_an_out_that_links_to_nothing_is_refused_before_any_work(tmp_path, capsys):
+    model = _write(tmp_path, GOOD)
+    link = tmp_path / "out_link"
+    link.symlink_to(tmp_path / "gone")
+    rc, stdout, err = _run(["transform", model, "--out", str(link)], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "is a link to nothing" in err
+    assert "site" not in stdout and link.is_symlink() and not (tmp_path / "gone").exists()

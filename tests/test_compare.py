@@ -121,6 +121,17 @@ def test_a_regression_model_file_is_refused_up_front(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_no_maximize_with_the_built_in_accuracy_is_refused(tmp_path, capsys):
+    """Accuracy grows as the model gets better: the pb and gd arms kept their worst epoch."""
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY)
+    out = tmp_path / "never"
+    assert main(["compare", str(path), "--no-maximize", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "built-in metric (accuracy) is higher-is-better" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_unscalable_width_is_refused(tmp_path):
     path = tmp_path / "fixed.py"
     path.write_text(TINY.replace("def build_model(width=8):", "def build_model():").replace("Net(width)", "Net(8)"))
