@@ -57,6 +57,10 @@ class PBCallback(TrainerCallback):
         if args.eval_strategy == "no":
             raise TrainingError("PBCallback decides on evaluation metrics: set eval_strategy='epoch' or 'steps' "
                                 "and pass an eval_dataset")
+        driver = getattr(state, "_pbp_fx_callback", None)  # (the TrainerState is this train() call's own)
+        if driver is not None and driver is not self:
+            raise TrainingError("two PBCallbacks on one Trainer would both drive the model's phases: pass one")
+        state._pbp_fx_callback = self
         if args.world_size > 1:
             raise TrainingError("PBCallback runs in one process: a restructure changes the parameters that the "
                                 "Trainer's DDP wrapper was built on; train on one device")
