@@ -45,6 +45,7 @@ class PBCallback(Callback):
         self._resumed: Optional[dict] = None  # state from a checkpoint, applied at fit start
         self._structure_hook = None  # while fitting starts: see setup()
         self._held_stoppers: dict = {}  # EarlyStopping index -> its patience, while a dendrite phase holds it
+        self._resumed_complete = False  # resumed from a checkpoint of a finished PB run
 
     # -- checkpoints: Lightning saves and restores a callback's state_dict -----------------
     def state_dict(self) -> dict:
@@ -112,7 +113,8 @@ class PBCallback(Callback):
             self._resumed = None
             if self.controller.done:  # a checkpoint written when PB had finished: nothing left to train
                 self.controller.restore_best()
-                trainer.should_stop = True
+                trainer.should_stop = self._resumed_complete = True  # (min_epochs may still train on:
+                # on_fit_end loads the best model back)
         for scheduler_config in trainer.lr_scheduler_configs:
             self.controller.attach_scheduler(scheduler_config.scheduler)
 
@@ -156,6 +158,9 @@ class PBCallback(Callback):
 
     def on_fit_end(self, trainer, pl_module):
         ctl = self.controller
+        if self._resumed_complete:
+            self._resumed_complete = False
+            ctl.restore_best()
         if ctl is not None and not ctl.done:  # the Trainer stopped first
             budget = (trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs) or (
                 trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps)

@@ -151,7 +151,7 @@ def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module):
     its scores."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    def run(ckpt_path=None, save=False):
+    def run(ckpt_path=None, save=False, **kw):
         # Unshuffled: a fresh DataLoader's shuffle generator would not continue where the saved run's was.
         _, val = digits_loaders()
         train = DataLoader(TensorDataset(*val.dataset.tensors), batch_size=100)
@@ -160,7 +160,7 @@ def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module):
         saver = [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")] if save else []
         trainer = L.Trainer(max_epochs=60, callbacks=[cb, *saver], accelerator="cpu", devices=1, logger=False,
                             enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0)
+                            num_sanity_val_steps=0, **kw)
         trainer.fit(module(pm), train, val, ckpt_path=ckpt_path)
         runs.append((trainer, pm, cb.controller))
         return cb.controller.history
@@ -174,6 +174,11 @@ def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module):
     if phase == "complete":  # PB had finished: the resumed run stops at once, with the best model
         (first, first_pm, _), (trainer, pm, ctl) = runs
         assert ctl.done and trainer.global_step == first.global_step
+        assert all(torch.equal(v, first_pm.state_dict()[k]) for k, v in pm.state_dict().items())
+        # With min_epochs Lightning trains on past the stop; the best model still comes back at the end.
+        run(ckpt_path=str(ckpt), min_epochs=len(whole) + 2)
+        (_, _, _), (_, _, _), (trainer, pm, ctl) = runs
+        assert trainer.current_epoch >= len(whole) + 2 and ctl.done
         assert all(torch.equal(v, first_pm.state_dict()[k]) for k, v in pm.state_dict().items())
     assert [h["note"] for h in again] == [h["note"] for h in whole]
     for a, b in zip(again, whole):
