@@ -25,7 +25,8 @@ In the dendrite phase every group's lr is multiplied by candidate_lr / (its lr a
 of the phase), and so are the base_lrs of schedulers given to `attach_scheduler` (or built by
 `scheduler_factory`), with the other rates they compute lr from (OneCycleLR's initial, max and
 min lr, CyclicLR's max_lrs, ReduceLROnPlateau's min_lrs, a cosine schedule's eta_min when every
-group has the same factor (else the neuron rates are recovered exactly at the phase's end); the schedulers of a SequentialLR or ChainedScheduler): the phase
+group has the same factor (else, for a cosine schedule attached alone, the neuron rates are
+recovered exactly at the phase's end); the schedulers of a SequentialLR or ChainedScheduler): the phase
 starts at exactly `config.candidate_lr`, a scheduler that rewrites lr every step (LambdaLR, as
 Hugging Face Trainer does, or OneCycleLR) keeps it there times its own factor's change, and a
 chainable one (StepLR) multiplies it as usual. At the end

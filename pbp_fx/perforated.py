@@ -151,7 +151,10 @@ class PerforatedModel(nn.Module):
             places = []
             for name, value in self._frozen_buffers.items():
                 path, _, attr = name.rpartition(".")
-                places.append((self.get_submodule(path) if path else self, attr, value))
+                try:
+                    places.append((self.get_submodule(path) if path else self, attr, value))
+                except AttributeError:  # (a module no longer there: nothing to hold)
+                    continue
             self._held_buffers = places
         live = [(getattr(m, attr, None), value) for m, attr, value in places]
         live = [(b, v) for b, v in live if isinstance(b, torch.Tensor) and b.shape == v.shape]
