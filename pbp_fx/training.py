@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .config import ConfigError, PBConfig, TrainConfig
@@ -86,48 +87,56 @@ class _ZeroGradient(torch.autograd.Function):
         return (grad, *[torch.zeros_like(t, memory_format=torch.preserve_format) for t in ctx.saved_tensors])
 
 
-def _output_tensors(output) -> list:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
-    return [t for v in values for t in _output_tensors(v)]
-
-
-def _graph_nodes(edges, shared: set, skip: dict) -> dict:
+def _graph_nodes(edges, sinks: dict, skip: dict) -> dict:
     """The autograd nodes reachable from `edges` ((node, output number) pairs), keyed by (id, output
-    number) for the nodes in `shared` (DDP's sink: one node for all outputs, whose output k is its
-    input k) and (id, None) for the others; those in `skip` are not entered."""
+    number) for the nodes in `sinks` ({id: {output number: input index}}: DDP's sink, one node for
+    all outputs that passes each output on from one input) and (id, None) for the others; those in
+    `skip` are not entered."""
     found, stack = {}, list(edges)
     while stack:
         node, nr = stack.pop()
         if node is None:
             continue
-        key = (id(node), nr if id(node) in shared else None)
+        sink = sinks.get(id(node))
+        key = (id(node), nr if sink is not None else None)
         if key in found or key in skip:
             continue
         found[key] = node
-        if key[1] is None:
+        if sink is None:
             stack.extend(node.next_functions)
-        elif nr < len(node.next_functions):
-            stack.append(node.next_functions[nr])
+        elif nr in sink:
+            stack.append(node.next_functions[sink[nr]])
     return found
 
 
-def parameters_the_loss_misses(loss: torch.Tensor, output) -> list:
-    """Trainable parameters that the output reaches but the loss does not (an auxiliary head beside
-    the "logits" the loss reads), from one walk of the autograd graph; [] when the output is one tensor.
+def parameters_the_loss_misses(loss: torch.Tensor, output) -> Optional[list]:
+    """The trainable parameters that DDP would see without a gradient: those that only outputs the
+    loss does not read reach (an auxiliary head beside the "logits" the loss reads), and parameters
+    returned as outputs that it does not read; [] when the loss reads everything. One walk of the
+    autograd graph. None where DDP's sink does not have the layout this walk knows: then every
+    output needs its zero gradient.
 
-    Why: DDP (static graph) needs a gradient for every parameter that took part in the forward, at
-    every step; such a head's parameters get none, and DDP stops at the next step.
+    Why: DDP (static graph) stops at the next step when a parameter that took part in the forward
+    got no gradient. The zero goes to the parameters themselves, not through the unread output,
+    whose backward may turn it into NaN (a where + sqrt head).
     """
-    tensors = [t for t in _output_tensors(output) if t.requires_grad and t.grad_fn is not None]
-    if len(tensors) < 2 or loss.grad_fn is None:
+    leaves = pytree.tree_flatten(output)[0]  # DDP's own flattening: its sink's output order
+    outputs = [(k, t) for k, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if loss.grad_fn is None or not outputs or (len(outputs) < 2 and outputs[0][1].grad_fn is not None):
         return []
-    nodes = [id(t.grad_fn) for t in tensors]
-    shared = {n for n in nodes if nodes.count(n) > 1}
-    read = _graph_nodes([(loss.grad_fn, 0)], shared, {})
-    unread = _graph_nodes([(t.grad_fn, t.output_nr) for t in tensors], shared, read)
-    return [n.variable for n in unread.values() if getattr(n, "variable", None) is not None and n.variable.requires_grad]
+    tensor_index = {k: i for i, k in enumerate(k for k, t in enumerate(leaves) if isinstance(t, torch.Tensor))}
+    sinks = {}
+    for _, t in outputs:
+        node = t.grad_fn
+        if node is not None and type(node).__name__ == "_DDPSinkBackward":
+            if len(node.next_functions) != len(tensor_index):
+                return None
+            sinks[id(node)] = tensor_index
+    read = _graph_nodes([(loss.grad_fn, 0)], sinks, {})
+    read_leaves = {id(n.variable) for n in read.values() if getattr(n, "variable", None) is not None}
+    unread = _graph_nodes([(t.grad_fn, t.output_nr) for _, t in outputs if t.grad_fn is not None], sinks, read)
+    params = [n.variable for n in unread.values() if getattr(n, "variable", None) is not None and n.variable.requires_grad]
+    return params + [t for _, t in outputs if t.grad_fn is None and id(t) not in read_leaves]
 
 
 def split_batch(batch):
@@ -351,7 +360,7 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
     pm.train()
     phase = phase or getattr(pm, "phase", "")
     total, count = 0.0, 0
-    missed = None  # DDP: parameters the loss does not reach, found at the epoch's first step
+    missed, first_step = [], True  # DDP: parameters the loss does not reach, found at the epoch's first step
     for batch in batches(loader, "training"):
         if device is not None:
             batch = _to(batch, device)
@@ -359,10 +368,12 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
         output = pm(*inputs)
         loss = loss_fn(output, target)
         if isinstance(pm, nn.parallel.DistributedDataParallel):
-            if missed is None:
-                missed = parameters_the_loss_misses(loss, output)
-            if missed:  # a zero gradient straight into them: nothing runs through their branch
-                loss = _ZeroGradient.apply(loss, *missed)
+            if first_step:
+                missed, first_step = parameters_the_loss_misses(loss, output), False
+            zero = missed if missed is not None else [  # (this step's outputs: DDP's usual remedy)
+                t for t in pytree.tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            if zero:  # a zero gradient straight into them: nothing runs through their branch
+                loss = _ZeroGradient.apply(loss, *zero)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss is {loss.item()} in the {phase} phase: lower the learning rate "
                                  "or check the data for NaN/Inf")

@@ -44,17 +44,20 @@ def _inputs():
 
 
 class _WithAuxHead(nn.Module):
-    """A dict output with a head the default loss does not read ("aux"), through where + sqrt, whose
-    backward turns a zero gradient into NaN (the head must get its zero gradient directly)."""
+    """A dict output with parts the default loss does not read: a head ("aux") through where + sqrt,
+    whose backward turns a zero gradient into NaN (the head must get its zero gradient directly), a
+    parameter returned as it is, and a Python number first (DDP's sink numbers its outputs with it)."""
 
     def __init__(self):
         super().__init__()
         self.body, self.cls, self.aux = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 1)
+        self.scale = nn.Parameter(torch.ones(3))
 
     def forward(self, x):
         h = torch.relu(self.body(x))
         a = self.aux(h)
-        return {"logits": self.cls(h), "aux": torch.where(a > 0, torch.sqrt(a), torch.zeros_like(a))}
+        return {"temperature": 1.0, "logits": self.cls(h), "aux": torch.where(a > 0, torch.sqrt(a), torch.zeros_like(a)),
+                "scale": self.scale}
 
 
 def _build_with_aux_head():
