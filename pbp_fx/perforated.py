@@ -47,7 +47,7 @@ class PerforatedModel(nn.Module):
         # (_hold_phase_buffers) and restored at its end: train-mode forwards would otherwise move
         # them although no weight changes.
         self._frozen_buffers: dict[str, torch.Tensor] = {}
-        self._held_buffers: Optional[list] = None  # where each held buffer lives, with its value
+        self._held_buffers: Optional[list] = None  # each held buffer's name path, with its value
         # Keyword arguments of torch.utils.checkpoint while activation checkpointing is on, else None.
         self.checkpointing: Optional[dict] = None
         # The checkpoint file pbp_fx.load last read into this model (absolute path), else None: a
@@ -146,17 +146,11 @@ class PerforatedModel(nn.Module):
         """
         places = getattr(self, "_held_buffers", None)  # (a model pickled before it existed has none)
         if places is None:
-            # (owning module, attribute, value): the buffer is looked up at each hold, so one that
-            # load_state_dict(assign=True) or a submodule's .double() replaced is held too.
-            places = []
-            for name, value in self._frozen_buffers.items():
-                path, _, attr = name.rpartition(".")
-                try:
-                    places.append((self.get_submodule(path) if path else self, attr, value))
-                except AttributeError:  # (a module no longer there: nothing to hold)
-                    continue
+            places = [(name.split("."), value) for name, value in self._frozen_buffers.items()]
             self._held_buffers = places
-        live = [(getattr(m, attr, None), value) for m, attr, value in places]
+        # Looked up by name at each hold: a buffer or module replaced in the phase (load_state_dict(assign=True),
+        # a submodule's .double(), a swapped BatchNorm) is held too.
+        live = [(_attribute_path(self, path), value) for path, value in places]
         live = [(b, v) for b, v in live if isinstance(b, torch.Tensor) and b.shape == v.shape]
         if live:
             with torch.no_grad():
@@ -520,6 +514,15 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
                "leaves": list(gm.meta.get("pbp_untraceable", [])),
                "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {}))}
     return PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
+
+
+def _attribute_path(obj, path: list):
+    """obj.a.b.c for path ["a", "b", "c"]; None where a step is missing."""
+    for name in path:
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
 
 
 def _with_signature(signature: inspect.Signature) -> type:

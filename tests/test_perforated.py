@@ -877,5 +877,8 @@ def test_the_dendrite_phase_holds_the_frozen_norm_statistics(checkpointing):
     pm.double()  # the held values follow the buffers
     pm.train()(x.double())
     assert torch.equal(pm.get_buffer("graph_module.1.running_mean"), stats["graph_module.1.running_mean"].double())
+    setattr(pm.graph_module, "1", copy.deepcopy(pm.graph_module.get_submodule("1")))  # a swapped BatchNorm
+    pm(2.0 * x.double())
+    assert torch.equal(pm.get_buffer("graph_module.1.running_mean"), stats["graph_module.1.running_mean"].double())
     pm.install_candidates()
     assert torch.allclose(pm.eval()(x.double()), before.double(), atol=1e-6)
