@@ -67,8 +67,10 @@ def batches(loader, data: str):
         except StopIteration:
             return
         except (RuntimeError, ValueError, TypeError, IndexError, KeyError, OSError) as exc:
-            why = (str(exc).strip().splitlines() or [""])[0]
-            raise TrainingError(f"the {data} data could not be made into a batch ({type(exc).__name__}: {why}): give "
+            lines = str(exc).strip().splitlines() or [""]
+            # A DataLoader worker's error carries the original traceback: its last line ("Type: message") says why.
+            why = lines[-1] if "Original Traceback" in str(exc) else f"{type(exc).__name__}: {lines[0]}"
+            raise TrainingError(f"the {data} data could not be made into a batch ({why}): give "
                                 "every sample the same structure and shapes, or fix the dataset") from exc
         yield batch
 

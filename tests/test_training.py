@@ -84,6 +84,10 @@ def test_a_sample_of_another_shape_is_a_data_error_naming_the_data():
         fit(_pm(), odd, full, progress=False, epochs=1)
     with pytest.raises(pbp_fx.TrainingError, match="the validation data could not be made into a batch"):
         evaluate(_pm(), odd, data="validation")
+    # From a worker process: the worker's own error, not "Caught RuntimeError in DataLoader worker process 0"
+    workers = DataLoader(_LateOddSample(), batch_size=8, num_workers=1)
+    with pytest.raises(pbp_fx.TrainingError, match=r"batch \(RuntimeError: stack expects"):
+        evaluate(_pm(), workers, data="validation")
 
 
 def test_non_finite_loss_is_reported():

@@ -57,9 +57,10 @@ class PBCallback(TrainerCallback):
         if args.eval_strategy == "no":
             raise TrainingError("PBCallback decides on evaluation metrics: set eval_strategy='epoch' or 'steps' "
                                 "and pass an eval_dataset")
-        driver = getattr(state, "_pbp_fx_callback", None)  # (the TrainerState is this train() call's own)
-        if driver is not None and driver is not self:
-            raise TrainingError("two PBCallbacks on one Trainer would both drive the model's phases: pass one")
+        # (the TrainerState is this train() call's own: a callback that began it is in the list twice)
+        if getattr(state, "_pbp_fx_callback", None) is not None:
+            raise TrainingError("two PBCallbacks (or one added twice) on one Trainer would each step the model's "
+                                "phases at every evaluation: pass one")
         state._pbp_fx_callback = self
         if args.world_size > 1:
             raise TrainingError("PBCallback runs in one process: a restructure changes the parameters that the "

@@ -143,10 +143,12 @@ def test_refusals_are_one_line_pb_errors(tmp_path, perforated_bert):
     trainer, _ = _trainer(tmp_path, PBCallback(QUICK, metric="f1"), perforated_bert())
     with pytest.raises(TrainingError, match="'eval_f1' is not among the evaluation metrics .*eval_loss"):
         trainer.train()
-    trainer, _ = _trainer(tmp_path, PBCallback(QUICK), perforated_bert())
-    trainer.add_callback(PBCallback(QUICK))
-    with pytest.raises(TrainingError, match="two PBCallbacks on one Trainer"):
-        trainer.train()
+    for second in ("another", "the same"):
+        cb = PBCallback(QUICK)
+        trainer, _ = _trainer(tmp_path, cb, perforated_bert())
+        trainer.add_callback(PBCallback(QUICK) if second == "another" else cb)
+        with pytest.raises(TrainingError, match="two PBCallbacks .or one added twice. on one Trainer"):
+            trainer.train()
     train = parity_tokens(64, 0)
     plain = Trainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=train, eval_dataset=train,
                     callbacks=[PBCallback(QUICK)])
