@@ -18,6 +18,14 @@ def _run(ctl, scores):
     return [ctl.step(s) for s in scores]
 
 
+def _step_until_restructured(ctl, score=0.5, limit=20):
+    """ctl.step(score) until it restructures; fails (instead of looping forever) after `limit` steps."""
+    for _ in range(limit):
+        if ctl.step(score) is R:
+            return
+    raise AssertionError(f"no restructure in {limit} steps")
+
+
 def test_switch_after_patience_then_install_after_dendrite_patience():
     pm = _pm()
     ctl = PhaseController(pm, patience=2, dendrite_patience=2, max_dendrites=3)
@@ -392,8 +400,7 @@ def test_schedulers_on_a_controller_resumed_mid_dendrite_phase_are_scaled_once(b
     for t in range(1, 4):
         opt.step(), sched.step(), plateau.step(0.5)
         assert opt.param_groups[0]["lr"] == pytest.approx(0.02 * half(t)), t  # not cut by the plateau
-    while ctl.step(0.5) is not R:
-        pass
+    _step_until_restructured(ctl)
     assert pm.phase == "neuron" and opt.param_groups[0]["lr"] == pytest.approx(1e-3 * half(3))
 
 
@@ -420,8 +427,7 @@ def test_a_controller_built_on_a_model_in_its_dendrite_phase_runs_the_candidates
     for _ in range(3):
         opt.step(), sched.step(), plateau.step(0.5)
         assert opt.param_groups[0]["lr"] == pytest.approx(0.02)
-    while ctl.step(0.5) is not R:
-        pass
+    _step_until_restructured(ctl)
     opt.step(), sched.step()
     assert pm.phase == "neuron" and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert sched.base_lrs == [pytest.approx(1e-3)]
@@ -445,8 +451,7 @@ def test_new_parameters_join_their_neurons_group():
     first, last = list(pm.sites)
     _run(ctl, [0.5, 0.5])
     assert pm.phase == "dendrite" and groups_of(first) == {0} and groups_of(last) == {1}
-    while ctl.step(0.5) is not R:
-        pass
+    _step_until_restructured(ctl)
     assert pm.phase == "neuron" and groups_of(first) == {0} and groups_of(last) == {1}
 
 
