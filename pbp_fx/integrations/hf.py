@@ -48,6 +48,7 @@ class PBCallback(TrainerCallback):
         self.controller: Optional[PhaseController] = None
         self._training = False
         self._other_datasets: dict = {}  # evaluation prefix -> metric names, since the last step
+        self._round_has_metric = False  # an evaluation since the last step had the metric
         self._resumed_complete = False  # resumed from a checkpoint of a finished PB run
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -91,21 +92,38 @@ class PBCallback(TrainerCallback):
             return  # trainer.evaluate() outside train(), or after PB finished
         metrics = metrics or {}
         if self.metric not in metrics:
+            if self._round_has_metric:
+                return  # another dataset of a round that has stepped already
             # eval_dataset as a dict: one evaluation per dataset, each with its own prefix (eval_<name>_...);
             # the metric comes with its own dataset's. A prefix seen twice without it: no dataset has it.
             prefix = next((k[:-len("_runtime")] for k in metrics if k.endswith("_runtime")), "eval")
             if prefix != "eval" and prefix not in self._other_datasets:
                 self._other_datasets[prefix] = set(metrics)
-                return
-            seen = sorted(set(metrics).union(*self._other_datasets.values()))
-            raise TrainingError(f"PBCallback: metric {self.metric!r} is not among the evaluation metrics "
-                                f"({', '.join(seen) or 'none'}): pass metric= one of them")
-        self._other_datasets = {}
+                return  # the round's other datasets come next; `_refuse_a_round_without_metric` checks after it
+            self._refuse_missing_metric(metrics)
+        self._other_datasets, self._round_has_metric = {}, True
         decision = self.controller.step(float(metrics[self.metric]))
         if decision is Decision.COMPLETE:
             control.should_training_stop = True
 
+    def _refuse_missing_metric(self, metrics: dict) -> None:
+        seen = sorted(set(metrics).union(*self._other_datasets.values()))
+        self._other_datasets = {}
+        raise TrainingError(f"PBCallback: metric {self.metric!r} is not among the evaluation metrics "
+                            f"({', '.join(seen) or 'none'}): pass metric= one of them")
+
+    def _refuse_a_round_without_metric(self) -> None:
+        """After an evaluation round (the Trainer saves, trains on or ends next): datasets were
+        evaluated and none had the metric."""
+        if self._training and self._other_datasets:
+            self._refuse_missing_metric({})
+        self._round_has_metric = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._refuse_a_round_without_metric()
+
     def on_save(self, args, state, control, model=None, **kwargs):
+        self._refuse_a_round_without_metric()
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if self.controller is not None and os.path.isdir(folder) and state.is_world_process_zero:
             save(self.controller.pm, os.path.join(folder, CHECKPOINT_NAME), controller=self.controller)
@@ -113,6 +131,7 @@ class PBCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if not self._training:
             return
+        self._refuse_a_round_without_metric()
         self._training = False
         ctl = self.controller
         if not ctl.done:  # the Trainer's step or epoch budget ran out first

@@ -284,16 +284,23 @@ def test_a_dict_of_eval_datasets_follows_the_named_datasets_metric(tmp_path, per
     once per round on eval_a_loss, and a metric no dataset has is refused naming all of them."""
     train, val = parity_tokens(64, 0), parity_tokens(32, 1)
 
-    def run(metric, epochs):
+    def trainer(metric, epochs, **kw):
         cb = PBCallback(QUICK, metric=metric)
-        Trainer(model=perforated_bert(), args=_args(tmp_path, num_train_epochs=epochs), train_dataset=train,
-                eval_dataset={"a": val, "b": parity_tokens(32, 2)}, callbacks=[cb]).train()
-        return cb
+        return cb, Trainer(model=perforated_bert(), args=_args(tmp_path, num_train_epochs=epochs, **kw),
+                           train_dataset=train, eval_dataset={"a": val, "b": parity_tokens(32, 2)}, callbacks=[cb])
 
-    cb = run("a_loss", 3)
+    cb, t = trainer("a_loss", 3)
+    t.train()
     assert len(cb.controller.history) >= 3  # one step per epoch: the "b" evaluations are skipped
-    with pytest.raises(TrainingError, match="metric 'eval_c_loss' is not among .*eval_a_loss.*eval_b_loss"):
-        run("c_loss", 2)
+    # Refused right after the first round: before the next step, at the save, or at the end of a one-epoch run.
+    for epochs, save in ((3, "no"), (3, "epoch"), (1, "no")):
+        out = tmp_path / f"{epochs}_{save}"
+        cb, t = trainer("c_loss", epochs, save_strategy=save, output_dir=str(out))
+        with pytest.raises(TrainingError, match="metric 'eval_c_loss' is not among .*eval_a_loss.*eval_b_loss"):
+            t.train()
+        assert t.state.global_step == 2  # 64 samples, batches of 32: one epoch
+        # (the Trainer writes its own checkpoint folder before it calls on_save)
+        assert not [f for _, _, files in os.walk(out) for f in files if f == CHECKPOINT_NAME]
 
 
 def test_label_smoothing_trains_a_model_perforated_without_labels(tmp_path):
