@@ -61,11 +61,13 @@ def _snapshot(model) -> dict:
 def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainConfig, *,
                      restarts: bool, metric, params=None) -> dict:
     """Adam + PhaseSchedule's early-stopping rule. restarts=False: stop at the end of the first
-    neuron phase (plain early stopping). restarts=True: follow the PB schedule with nothing
-    installed: rewind to the best weights at each switch, restart the optimizer at each
-    "install", end when the schedule completes."""
+    neuron phase (plain early stopping: `patience` epochs without a gain, at most `epochs`; a
+    `neuron_epochs` cap on PB's phases does not apply, or plain would get a fraction of the other
+    arms' budget). restarts=True: follow the PB schedule with nothing installed: rewind to the
+    best weights at each switch, restart the optimizer at each "install", end when the schedule
+    completes."""
     train, val, _test = loaders
-    schedule = PhaseSchedule(config.replace(mode="pb"))
+    schedule = PhaseSchedule(config.replace(mode="pb", **({} if restarts else {"neuron_epochs": None})))
     trained = list(model.parameters() if params is None else params)
     new_optimizer = lambda: default_optimizer(trained, lr=training.lr)  # noqa: E731
     optimizer, best, rounds, epochs = new_optimizer(), _snapshot(model), 0, 0

@@ -172,3 +172,22 @@ def test_unscalable_arm_is_reported_and_the_others_run(tmp_path):
     table = markdown(summary, [], verdict(summary, []), "h")
     assert "| plain-matched | 0 | not run: " in table and "| plain | 1 |" in table
     assert "plain-matched was not run" in verdict(summary, [])
+
+
+def test_plain_is_not_cut_short_by_a_cap_on_pbs_neuron_phases():
+    """--neuron-epochs caps PB's neuron phases; plain's early stop is patience only (capped, plain got
+    3 of 12 epochs against pb's 12 and the verdict credited PB with the budget)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pbp_fx.compare import train_plain, train_restarts
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    loaders = [DataLoader(TensorDataset(x[i:i + 40], y[i:i + 40]), batch_size=20) for i in (0, 40, 80)]
+    config = PBConfig(patience=50, neuron_epochs=3, max_dendrites=1, retries=0)
+    training = TrainConfig(epochs=10, batch_size=20)
+    plain = train_plain(torch.nn.Linear(6, 2), loaders, torch.nn.functional.cross_entropy, config, training)
+    assert plain["epochs"] == 10  # patience 50 never ran out: the --epochs budget, not the 3-epoch cap
+    restarts = train_restarts(torch.nn.Linear(6, 2), loaders, torch.nn.functional.cross_entropy, config, training)
+    assert restarts["restarts"] == 1  # PB's schedule still: a 3-epoch phase, an empty dendrite phase, an "install"
