@@ -128,11 +128,46 @@ def _error(message: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run `pbp-fx argv...` and return the exit status; argv None: this process's command line
     (the program itself, which then ends: see `_before_exit`)."""
+    if argv is not None:
+        return _main(argv)
+    sys.stdout, sys.stderr = _QuietOnceClosed(sys.stdout), _QuietOnceClosed(sys.stderr)
     try:
         return _main(argv)
     finally:
-        if argv is None:
-            _before_exit()
+        _before_exit()
+
+
+class _QuietOnceClosed:
+    """A standard stream that goes quiet when its reader has gone (`pbp-fx train ... | head`):
+    the job runs to its end, as it would have unpiped, instead of failing at its next line."""
+
+    def __init__(self, stream):
+        self._stream, self._gone = stream, False
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._reader_gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self._gone = True
+        # What is still buffered is flushed again at exit: into /dev/null now, not the closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ... of the stream itself
+        return getattr(self._stream, name)
 
 
 def _before_exit() -> None:

@@ -852,3 +852,17 @@ def test_an_out_that_links_to_nothing_is_refused_before_any_work(tmp_path, capsy
     rc, stdout, err = _run(["transform", model, "--out", str(link)], capsys)
     assert rc == 2 and err.count("\n") == 1 and "is a link to nothing" in err
     assert "site" not in stdout and link.is_symlink() and not (tmp_path / "gone").exists()
+
+
+def test_a_reader_that_goes_away_does_not_fail_the_job(tmp_path):
+    """`pbp-fx ... | head -1`: the pipe closes after the reader's first line; the job runs to its end
+    and exits 0 (it said "internal error: BrokenPipeError", exit 1, and a longer output would have
+    stopped the job at its next line)."""
+    model = _write(tmp_path, GOOD)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "transform", model, "--out", str(tmp_path / "o")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # gone before the first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == b"", err
+    assert (tmp_path / "o" / "report.json").exists()
