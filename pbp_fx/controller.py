@@ -29,7 +29,9 @@ group has the same factor (else, for a cosine schedule attached alone, the neuro
 recovered exactly at the phase's end); the schedulers of a SequentialLR or ChainedScheduler): the phase
 starts at exactly `config.candidate_lr`, a scheduler that rewrites lr every step (LambdaLR, as
 Hugging Face Trainer does, or OneCycleLR) keeps it there times its own factor's change, and a
-chainable one (StepLR) multiplies it as usual. At the end
+chainable one (StepLR) multiplies it as usual; no step of the phase applies more than
+candidate_lr (a warm-up, warm restart or cycle that rises after the phase began is capped for
+the step, the scheduler's own course unchanged). At the end
 of the phase the factor is divided out again, so the neuron rate continues where the
 scheduler's clock says it should be.
 
@@ -194,6 +196,9 @@ class PhaseController:
             if not isinstance(optimizer, torch.optim.Optimizer):
                 raise ConfigError(f"optimizer_factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
         self.optimizer = optimizer
+        self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
+        optimizer.register_step_pre_hook(self._cap_dendrite_lr)
+        optimizer.register_step_post_hook(self._uncap_dendrite_lr)
         for i, g in enumerate(optimizer.param_groups):
             for p in g["params"]:
                 self._groups[p] = i
@@ -325,6 +330,34 @@ class PhaseController:
             self._scale_schedulers(sch, scale, divide=False)
         self._hold_plateaus()
         self.lr_scale = scale
+
+    def _cap_dendrite_lr(self, optimizer, args, kwargs) -> None:
+        """Before each optimizer step of a dendrite phase: no group steps above candidate_lr.
+
+        The phase starts at candidate_lr and follows its scheduler's factor relative to the start;
+        a schedule that rises later (a warm-up, a warm restart, a cycle) would multiply
+        candidate_lr by that rise (100x after a cosine restart near the bottom of its cycle). Only
+        the step is capped: the rate goes back after it (`_uncap_dendrite_lr`), so the scheduler's
+        own course, and the neuron rate recovered at the phase's end, do not change."""
+        if self.lr_scale is None:
+            return
+        cap = self.config.candidate_lr
+        for g in optimizer.param_groups:
+            lr = g["lr"]
+            if float(lr) > cap:
+                self._capped.append((g, lr.clone() if isinstance(lr, torch.Tensor) else lr))
+                if isinstance(lr, torch.Tensor):
+                    lr.fill_(cap)
+                else:
+                    g["lr"] = cap
+
+    def _uncap_dendrite_lr(self, optimizer, args, kwargs) -> None:
+        for g, lr in self._capped:
+            if isinstance(lr, torch.Tensor):
+                g["lr"].copy_(lr)
+            else:
+                g["lr"] = lr
+        self._capped = []
 
     def _leave_dendrite_lr(self) -> None:
         if self.lr_scale is None:

@@ -489,3 +489,40 @@ def test_a_cosine_floor_with_groups_at_different_rates_keeps_the_neuron_rates_on
             assert [g["lr"] for g in opt.param_groups] == pytest.approx(want, rel=1e-9)
         rounds += ctl.step(1.0) is R and pm.phase == "neuron"
     assert rounds >= 2
+
+
+def test_no_dendrite_phase_step_applies_more_than_candidate_lr():
+    """A dendrite phase that begins near the bottom of a warm-restart cosine: the scheduler's rate
+    then rises 100x (candidate_lr x its rise, the controller's scaling); every optimizer step of the
+    phase applies at most candidate_lr, and the scheduler's course and the neuron rate after the
+    phase are those of a twin schedule on its own optimizer."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1, candidate_lr=0.05,
+                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+    opt = ctl.optimizer
+    twin_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    def restarts(o):
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=10, eta_min=1e-4)
+
+    sched, twin = restarts(opt), restarts(twin_opt)
+    ctl.attach_scheduler(sched)
+    applied = []
+    opt.register_step_pre_hook(lambda o, a, k: applied.append((pm.phase, o.param_groups[0]["lr"])))
+
+    def epoch(steps):
+        for _ in range(steps):
+            opt.step(), twin_opt.step()
+            sched.step(), twin.step()
+
+    epoch(9)  # near the bottom of the first cycle
+    ctl.step(0.5), ctl.step(0.5)  # best, stale: the dendrite phase starts here at candidate_lr
+    assert pm.phase == "dendrite" and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    epoch(6)  # across the warm restart at step 10
+    in_phase = [lr for phase, lr in applied if phase == "dendrite"]
+    assert max(sched.get_last_lr()) > 0.5  # the scheduler's own rate rose 10x above candidate_lr ...
+    assert max(in_phase) == pytest.approx(0.05) and all(lr <= 0.05 for lr in in_phase)  # ... the steps did not
+    _step_until_restructured(ctl)
+    assert pm.phase == "neuron"
+    epoch(1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(twin_opt.param_groups[0]["lr"])
