@@ -76,12 +76,13 @@ class PBCallback(TrainerCallback):
         if self.controller is None or self.controller.pm is not pm:
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
                                               parameter_groups=_trainer_groups if _grouped_by_trainer(pm, opt) else None)
-        self._resumed_complete = False
         if state.global_step > 0:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
             load_controller(_resumed_file(args, state, pm), self.controller)
-            if self.controller.done:  # a checkpoint written when PB had finished: nothing left to train
-                # The Trainer still takes one step before it looks; on_train_end loads the best weights back.
-                control.should_training_stop = self._resumed_complete = True
+        # PB finished already (a checkpoint written then, or train() called again): nothing left to train.
+        # The Trainer still takes one step before it looks; on_train_end loads the best weights back.
+        self._resumed_complete = self.controller.done
+        if self._resumed_complete:
+            control.should_training_stop = True
         scheduler = unwrap_scheduler(lr_scheduler)
         if scheduler is not None:
             self.controller.attach_scheduler(scheduler, scaled=state.global_step > 0)
@@ -90,6 +91,8 @@ class PBCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not self._training or self.controller.done:
             return  # trainer.evaluate() outside train(), or after PB finished
+        if state.global_step == 0:
+            return  # eval_on_start: nothing trained yet, no epoch of the schedule
         metrics = metrics or {}
         if self.metric not in metrics:
             if self._round_has_metric:

@@ -112,10 +112,10 @@ class PBCallback(Callback):
                 torch.set_rng_state(self._resumed["rng"])
             self._held_stoppers = {int(i): p for i, p in self._resumed.get("held_stoppers", {}).items()}
             self._resumed = None
-            if self.controller.done:  # a checkpoint written when PB had finished: nothing left to train
-                self.controller.restore_best()
-                trainer.should_stop = self._resumed_complete = True  # (min_epochs may still train on:
-                # on_fit_end loads the best model back)
+        if self.controller.done:  # PB finished (a checkpoint written then, or fit() again): nothing left to train
+            self.controller.restore_best()
+            trainer.should_stop = self._resumed_complete = True  # (min_epochs may still train on:
+            # on_fit_end loads the best model back)
         for scheduler_config in trainer.lr_scheduler_configs:
             self.controller.attach_scheduler(scheduler_config.scheduler)
 

@@ -85,6 +85,24 @@ def test_trainer_runs_a_dendrite_phase_installs_and_stops_with_the_best_model(tm
     fresh.load_state_dict(load_file(str(tmp_path / "saved" / "model.safetensors")))
     with torch.no_grad():
         assert torch.equal(fresh(**batch).logits, want)
+    # train() again: PB has finished, so it stops at once with the best model (it trained on without PB
+    # for the whole budget and saved the worse model over the best).
+    entries = len(ctl.history)
+    trainer.train()
+    assert trainer.state.global_step <= 1 and len(ctl.history) == entries
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(ctl.best_score, abs=1e-6)
+    again = pbp_fx.load(os.path.join(tmp_path, CHECKPOINT_NAME), perforated_bert()).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, want)
+
+
+def test_an_evaluation_before_training_is_not_an_epoch_of_the_schedule(tmp_path, perforated_bert):
+    """eval_on_start=True: the step-0 evaluation of the untrained model was counted as neuron epoch 1."""
+    cb = PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=2, eval_on_start=True)
+    trainer.train()
+    assert [h["epoch"] for h in cb.controller.history] == [1, 2, 2], _notes(cb.controller)  # (+ the budget's end)
+    assert len([r for r in trainer.state.log_history if "eval_loss" in r]) == 3
 
 
 def test_bf16_on_cpu(tmp_path, perforated_bert):

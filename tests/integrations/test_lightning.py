@@ -103,6 +103,15 @@ def test_lightning_trainer_runs_pb_through_an_install(tmp_path):
     loaded = pbp_fx.load(str(tmp_path / "pb.safetensors"), small_cnn, torch.zeros(2, 1, 8, 8)).eval()
     with torch.no_grad():
         assert torch.equal(fresh.model(x), want) and torch.equal(loaded(x), want)
+    # fit() again with the same callback: PB has finished, so it stops at once with the best model (it
+    # trained on without PB for the whole budget).
+    entries = len(ctl.history)
+    again = _trainer(cb)
+    again.fit(module, train, val)
+    assert again.global_step <= 1 and len(ctl.history) == entries
+    pm.eval()
+    with torch.no_grad():
+        assert torch.equal(pm(x), want)
 
 
 def test_lightning_refusals():
