@@ -33,7 +33,7 @@ class PBCallback(Callback):
 
     mode: "min" (a loss) or "max" (an accuracy); it sets config.maximize. config: PB settings
     (default: PBConfig() with the model's mode and activation). Works with one
-    optimizer (automatic optimization) on one device. `self.controller` is the
+    optimizer (automatic or manual optimization) on one device. `self.controller` is the
     PhaseController once fitting has begun.
     """
 

@@ -272,3 +272,35 @@ def test_early_stopping_waits_through_a_dendrite_phase():
     dendrite_epochs = sum(h["phase"] == "dendrite" for h in cb.controller.history)
     assert any("installed dendrite 1" in n for n in notes) and dendrite_epochs > stopper.patience, cb.controller.history
     assert stopper.patience == 2
+
+
+class ManualClassifier(Classifier):
+    """Manual optimization: self.optimizers() wraps the optimizer PB rebinds at every restructure."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, _):
+        opt = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+    def on_train_epoch_end(self):
+        self.lr_schedulers().step()
+
+
+def test_manual_optimization_makes_the_automatic_runs_decisions():
+    histories = []
+    for module_class in (Classifier, ManualClassifier):
+        L.seed_everything(0)
+        train, val = digits_loaders()
+        pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+        cb = PBCallback(QUICK, monitor="val_acc", mode="max")
+        _trainer(cb).fit(module_class(pm), train, val)
+        histories.append([(h["phase"], h["note"], h["score"]) for h in cb.controller.history])
+        assert cb.controller.done and pm.dendrites == 1
+    assert histories[0] == histories[1]
