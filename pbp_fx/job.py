@@ -164,11 +164,8 @@ def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = 
     resume_from = None
     if resume is not None:
         resume_from = os.path.join(resume, CHECKPOINT)
-        saved = _job_state(resume_from)
-        model_file = None if saved["model_file"] == DEFAULT_MODEL else saved["model_file"]
-        args = saved["args"]
-        config, training = PBConfig.from_dict(args["config"]), TrainConfig.from_dict(args["training"])
-        include, exclude, out = args["include"], args["exclude"], resume
+        model_file, config, training, include, exclude = _saved_job(resume_from)
+        out = resume
     config, training = config or PBConfig(), training or TrainConfig()
     if distributed is None:
         return _train_job(model_file, config, training, out, include, exclude, progress, echo, None, resume_from)
@@ -306,6 +303,32 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
             distributed.save(pm, path, **kwargs)
 
     return save_epoch
+
+
+def _saved_job(path: str) -> tuple:
+    """(model file, PBConfig, TrainConfig, include, exclude) of the run saved at `path`, every part of
+    its job state checked before any work (a state written by another version, or edited, and
+    re-hashed would otherwise fail midway with an internal error)."""
+    saved = _job_state(path)
+    try:
+        model_file = None if saved["model_file"] == DEFAULT_MODEL else saved["model_file"]
+        args = saved["args"]
+        config, training = PBConfig.from_dict(args["config"]), TrainConfig.from_dict(args["training"])
+        include, exclude = args["include"], args["exclude"]
+        History.from_dict(saved["history"])
+        float(saved.get("seconds", 0.0))
+        _unb64(saved["rng"]["torch"])
+        if saved["rng"]["loader"] is not None:
+            _unb64(saved["rng"]["loader"])
+    except ConfigError as exc:
+        raise ConfigError(f"cannot resume from {path}: {exc}") from None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise TrainingError(f"cannot resume from {path}: its job state is malformed ({type(exc).__name__}: {exc}), "
+                            "written by another pbp-fx version or edited; start a new run") from None
+    if not all(p is None or isinstance(p, (list, str)) for p in (include, exclude)):
+        raise TrainingError(f"cannot resume from {path}: its job state is malformed (include/exclude), "
+                            "written by another pbp-fx version or edited; start a new run")
+    return model_file, config, training, include, exclude
 
 
 def _job_state(path: str) -> dict:

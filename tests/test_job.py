@@ -290,6 +290,37 @@ def test_resuming_a_format_1_run_is_refused_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "pbp-fx-checkpoint/1" in err and "start a new run" in err
 
 
+def test_a_malformed_job_state_is_refused_in_one_line_before_any_work(tmp_path, capsys):
+    """A job state edited (or written by another version) and re-hashed: one line naming the checkpoint,
+    exit 2 (it was "internal error: KeyError: 'args'", exit 1, or failed after the model was built)."""
+    import base64
+
+    pm = pbp_fx.perforate(torch.nn.Linear(3, 2), (torch.randn(2, 3),))
+    args = {"config": pbp_fx.PBConfig().to_dict(), "training": pbp_fx.TrainConfig().to_dict(),
+            "include": None, "exclude": None}
+    good = {"args": args, "model_file": DIGITS, "history": {"epochs": [], "best_epoch": 0, "best_val": None},
+            "seconds": 1.0, "rng": {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+                                    "loader": None}}
+    cases = {
+        "no_args": ({k: v for k, v in good.items() if k != "args"}, "job state is malformed (KeyError: 'args')"),
+        "history": ({**good, "history": {"epochs": 3}}, "job state is malformed (TypeError"),
+        "rng": ({**good, "rng": {"torch": "not base64!", "loader": None}}, "job state is malformed"),
+        "unknown_setting": ({**good, "args": {**args, "config": {**args["config"], "bogus": 1}}},
+                            "PBConfig has no setting 'bogus'"),
+        "bad_value": ({**good, "args": {**args, "config": {**args["config"], "pool": 0}}}, "pool"),
+    }
+    for name, (state, message) in cases.items():
+        run = tmp_path / name
+        run.mkdir()
+        path = str(run / "checkpoint.safetensors")
+        pbp_fx.save(pm, path, extra={"job_state": state})
+        before = sorted(os.listdir(run))
+        assert main(["train", "--resume", str(run), "--no-progress"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cannot resume from {path}" in err and message in err, (name, err)
+        assert sorted(os.listdir(run)) == before
+
+
 REGRESSION = """
 import torch
 from torch import nn
