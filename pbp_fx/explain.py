@@ -64,7 +64,8 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
     rows: list[SiteExplanation] = []
     reached: set[int] = set()
     selected = {s.name for s in find_sites(gm, include, exclude)}
-    for spec in find_sites(gm):
+    specs = find_sites(gm)
+    for spec in specs:
         owner = gm.get_submodule(spec.graph) if spec.graph else gm
         reached.add(id(attr_tensor(owner, spec.weight)))
         if spec.name in selected:
@@ -94,9 +95,13 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
                     wrapped.setdefault(id(value), _kind(users[0], g))
     leaves = [] if gm.meta.get("pbp_frontend") == "parts" else _leaf_modules(gm)
     plain = set(gm.meta.get("pbp_plain", []))
+    site_names = {spec.name for spec in specs}
     for name, p in neuron_weights(model):
         if id(p) in reached:
             continue
+        layer, parametrized, _ = name.partition(".parametrizations.")
+        if parametrized and layer in site_names:
+            continue  # a site's parametrization originals (weight_norm's g and v): the site reads them
         module_path = name.rpartition(".")[0]
         kind = _weight_kind(model, module_path, p)
         if kind in _NOT_NEURON_LAYERS:

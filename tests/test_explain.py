@@ -122,3 +122,13 @@ def test_a_perforated_leaf_site_is_explained_under_its_own_name():
     assert set(rows) == {"a", "gate.b", "head"}  # not gate.b.neuron
     assert rows["gate.b"].status == "site" and rows["a"].status == "site"
     assert "excluded" in rows["head"].reason
+
+
+def test_a_weight_normed_layer_is_one_site_and_its_originals_are_not_listed():
+    """weight_norm keeps the Linear's weight as two originals under fc.parametrizations.weight; they
+    were listed as "not used on the example inputs" beside the site fc."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 2))
+    rows = pbp_fx.explain_sites(model, (torch.randn(2, 4),))
+    assert [(r.name, r.status) for r in rows] == [("0", "site"), ("2", "site")]
