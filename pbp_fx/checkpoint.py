@@ -185,7 +185,7 @@ def _check_sites(pm: PerforatedModel, structure: dict, path: str) -> None:
             saved, here = rec.get("layer") or {}, {} if s is None else _jsonable(s.layer)
             # name what differs: the kind and weight shape, else the layer's other settings (bias, stride, ...)
             differ = [k for k in sorted(set(saved) | set(here)) if k not in ("kind", "weight_shape")
-                      and saved.get(k) != here.get(k)] if saved else []
+                      and saved.get(k) != here.get(k)] if saved and s is not None else []
             detail = "; ".join(f"{k} {saved.get(k)!r} there, {here.get(k)!r} here" for k in differ)
             found = "missing" if s is None else f"{s.kind} {list(s.layer.weight_shape)}"
             raise CheckpointError(

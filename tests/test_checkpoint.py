@@ -96,6 +96,11 @@ def test_other_model_is_refused_naming_the_site(tmp_path):
     other = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 3))
     with pytest.raises(pbp_fx.CheckpointError, match="another model: site '0'"):
         pbp_fx.load(path, other, (X,))
+    # A site the model does not have: named as missing, without a list of every setting against None.
+    renamed = nn.Sequential(nn.Identity(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(pbp_fx.CheckpointError) as err:
+        pbp_fx.load(path, renamed, (X,))
+    assert "site '0' is linear [8, 6] in the checkpoint but missing here; load it onto" in str(err.value)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
