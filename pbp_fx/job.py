@@ -249,7 +249,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     test = evaluate(pm, test_loader, metric, device=device, distributed=distributed, data="test")
     val = evaluate(pm, val_loader, metric, device=device, distributed=distributed, data="validation")
     summary = {
-        "model": model_file or DEFAULT_MODEL, "mode": config.mode, "seed": seed,
+        "model": _model_ref(model_file), "mode": config.mode, "seed": seed,
         "epochs": len(history.epochs), "seconds": round(seconds, 2),
         "params_plain": base_params, "params": pm.num_parameters(),
         "dendrites": pm.num_dendrites, "best_epoch": ctl.best_epoch,
