@@ -16,7 +16,8 @@ read s_0 through the cascade U, into their biases). V[0] is then all ones and th
 (`FusedOpSpec.unit_first_weight`): its body adds s_0 without a Mul. The file computes the same
 function, up to rounding. At K >= 2 the other V rows stay as they are (divided by g).
 
-A site matches when its activation is sigmoid or tanh, every |V[0]| entry is finite and > 0, its
+A site matches when its activation is sigmoid or tanh, every |V[0]| entry is finite and > 0 (and,
+in float32/64 only, within a range the rescaled tensors keep: `_why_out_of_range`), its
 weights, biases, U and V are initializers (a sigmoid site with a negative V[0] entry needs a
 bias), and its output (after the activation, if one reads it alone) is read only by linear
 layers (`graph_index.why_not_linear_readers`) along the same channel axis. `rewrite` returns why
@@ -63,6 +64,9 @@ def _why_not(site: onnx.NodeProto, spec: FusedOpSpec, index: GraphIndex,
     first = index.array(names["V"])[0]
     if not (np.isfinite(first).all() and (first != 0).all()):
         return "V[0] has zero or non-finite entries"
+    why = _why_out_of_range(np.abs(first.astype(np.float64)), index.array(names["W"]).dtype)
+    if why is not None:
+        return why
     if spec.activation == "sigmoid" and (first < 0).any() and not spec.has_bias:
         return "V[0] has negative entries and the site has no bias to take sigmoid's constant"
     value = _output_value(site, index)
@@ -77,6 +81,21 @@ def _why_not(site: onnx.NodeProto, spec: FusedOpSpec, index: GraphIndex,
         for pos in weight_inputs(r, specs):
             if input_channel_factor(r, index.array(r.input[pos]), scale, specs) is None:
                 return f"{r.op_type} {r.name!r} has a weight of another channel count"
+    return None
+
+
+def _why_out_of_range(scale: np.ndarray, dtype: np.dtype) -> Optional[str]:
+    """Why dividing the neuron by |V[0]| (and multiplying the readers by it) would not be the same
+    function in `dtype`, up to rounding (None: it would). Half precision has too little range: a
+    neuron output of 10 over |V[0]| = 1e-4 overflows float16, and readers times it fall to
+    subnormals. In float32/64 the factor stays within sqrt of the smallest normal number and its
+    inverse, so weights and activations keep their range."""
+    info = np.finfo(dtype)
+    if info.bits < 32:
+        return f"the site is {np.dtype(dtype).name}: rescaling by |V[0]| could overflow its range"
+    bound = float(np.sqrt(info.tiny))
+    if scale.min() < bound or scale.max() > 1.0 / bound:
+        return f"|V[0]| has entries outside [{bound:.0e}, {1.0 / bound:.0e}]: rescaling would leave {np.dtype(dtype).name}'s range"
     return None
 
 

@@ -216,3 +216,26 @@ def _run_model(model: onnx.ModelProto) -> list[np.ndarray]:
     x = np.random.default_rng(0).standard_normal((1, 2, 3, 3)).astype(np.float32)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": x})
+
+
+@pytest.mark.parametrize("dtype, small", [(torch.float16, 1e-6), (torch.float32, 1e-40)])
+def test_v0_stays_where_rescaling_would_leave_the_dtypes_range(tmp_path, caplog, dtype, small):
+    """n / |V[0]| overflowed float16 (non-finite outputs at |V[0]| = 1e-6, 1 % off at 1e-5), and a
+    subnormal float32 |V[0]| overflowed float32: such sites keep V[0], saying why."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 10)
+    pm = _perforated(Conv1dNet(), x, 1, "tanh", seed=3)
+    with torch.no_grad():
+        pm.sites["c1"].out_weight[0, :2] = small
+    pm = pm.to(dtype)
+    x = x.to(dtype)
+    with caplog.at_level("INFO", logger="pbp_fx"):
+        export_onnx(pm, (x,), tmp_path / "m.onnx")
+    why = "rescaling by |V[0]| could overflow its range" if dtype == torch.float16 else "rescaling would leave float32's range"
+    assert "'pbp/c1' keeps V[0]: " in caplog.text and why in caplog.text
+    assert "unit_first_weight" not in {a.name for a in _sites(tmp_path / "m.onnx")["c1"].attribute}
+    with torch.no_grad():
+        ref = pm.finalize()(x).float().numpy()
+    got = _ort(tmp_path / "m.onnx", x).astype(np.float32)
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref).max() <= (2e-2 if dtype == torch.float16 else 1e-5) * max(1.0, np.abs(ref).max())
