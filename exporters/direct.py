@@ -239,6 +239,13 @@ class _Emitter:
         like = self.values[a] if isinstance(a, fx.Node) else self.values.get(b)
         if not isinstance(like, torch.Tensor):
             raise Unsupported("arithmetic on non-tensors")
+        # ONNX arithmetic takes one dtype: where torch promotes (int / 2, int * 0.5, float32 * float64)
+        # the operands would need casts this path does not write.
+        operands = [self.values.get(v) if isinstance(v, fx.Node) else v for v in (a, b)]
+        result = self.values.get(n)
+        if not isinstance(result, torch.Tensor) or any(
+                isinstance(v, torch.Tensor) and v.dtype != result.dtype for v in operands):
+            raise Unsupported("arithmetic with type promotion")
         return self.node(op, [self.tensor(a, like), self.tensor(b, like)], n.name)
 
 
@@ -274,7 +281,12 @@ def emit(gm: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool,
         handler = getattr(e, n.op, None)
         if handler is None:
             raise Unsupported(n.op)
-        handler(n, e.values.get(n))
+        try:
+            handler(n, e.values.get(n))
+        except Unsupported:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a form of a known layer the handler does not expect
+            raise Unsupported(f"{n.op} {n.target}: {type(exc).__name__}: {exc}") from exc
         if n.op == "placeholder":
             graph_inputs.append(_value_info(n.name, e.values[n], batch))
     if not outputs or not all(isinstance(o, fx.Node) and isinstance(e.values.get(o), torch.Tensor) for o in outputs):

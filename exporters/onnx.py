@@ -348,6 +348,7 @@ def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynami
     import, registry or re-capture), else the dynamo exporter."""
     from .direct import Unsupported, emit
 
+    _batched_inputs(module, inputs, dynamic_batch)  # the same refusals on both paths
     try:
         return emit(module, inputs, opset, dynamic_batch)
     except Unsupported as why:
@@ -358,7 +359,14 @@ def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynami
 def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
     torch.compiler.allow_in_graph(_fused_node)  # registers the function itself (idempotent)
     traced_inputs, shapes = _batched_inputs(module, inputs, dynamic_batch)
-    names = _output_names(module, traced_inputs)
+    try:
+        names = _output_names(module, traced_inputs)
+    except Exception as e:  # noqa: BLE001 - the model's own error on these inputs: one line
+        text = str(e).strip().splitlines()
+        hint = (" (the batch of 1 ran as 2 for a dynamic batch axis: pass dynamic_batch=False if the model fixes "
+                "its batch size)" if traced_inputs is not inputs else "")
+        raise ExportError(f"the example inputs do not run through the model ({type(e).__name__}: "
+                          f"{text[0] if text else ''}){hint}: pass inputs of the shapes and dtypes it takes") from e
     # torch.export prints the partial graph to stderr when a capture fails: that belongs with the
     # traceback (a note on the error), not before a one-line error.
     printed = io.StringIO()
@@ -585,7 +593,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     proto.ir_version = _ir_version(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0]
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}") from e
     _write_atomic(proto.SerializeToString(), target)

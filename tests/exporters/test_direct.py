@@ -8,6 +8,7 @@ from torch import nn
 import pbp_fx
 from pbp_fx.exporters import export_onnx
 from pbp_fx.exporters.direct import Unsupported, emit
+from pbp_fx.exporters.onnx import ExportError
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -118,3 +119,67 @@ def test_unsqueeze_is_written_directly(tmp_path, pb):
     with torch.no_grad():
         want = pm(x5)
     np.testing.assert_allclose(_session(path).run(None, {"x": x5.numpy()})[0], want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+class Promoting(nn.Module):
+    """A form of a known layer the direct path does not write, or arithmetic where torch promotes dtypes."""
+
+    def __init__(self, part: str):
+        super().__init__()
+        self.part = part
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d((None, 1) if part == "pool" else 1)
+        self.fc = nn.Linear(4 * 6 if part == "pool" else 4, 3)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
+
+    def forward(self, x, n):
+        h = self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+        if self.part == "int_div":
+            return h * (n / 2)  # int64 / 2 is float in torch
+        if self.part == "double_buffer":
+            return (h * self.scale).float()  # float32 x float64 is float64
+        return h
+
+
+@pytest.mark.parametrize("part", ["pool", "int_div", "double_buffer"])
+def test_forms_the_direct_path_cannot_write_go_to_the_dynamo_exporter(tmp_path, pb, part):
+    """Each raised a raw error (TypeError from the pool's None, an InferenceError from a Mul of mixed
+    dtypes); the direct path now says Unsupported and the dynamo exporter writes them exactly."""
+    x, n = torch.randn(3, 2, 6, 6), torch.tensor([[3], [4], [5]])
+    pm = pbp_fx.perforate(Promoting(part), (x, n))
+    pm.grow()
+    pb.randomize(pm, scale=0.3)
+    pm.eval()
+    with pytest.raises(Unsupported, match="pool" if part == "pool" else "type promotion"):
+        emit(_swapped(pm), (x, n), 18, True)
+    path = export_onnx(pm, (x, n), tmp_path / "m.onnx")
+    sess = _session(path)
+    x5, n5 = torch.randn(5, 2, 6, 6), torch.arange(5).view(5, 1)
+    feed = dict(zip([i.name for i in sess.get_inputs()], (x5.numpy(), n5.numpy())))
+    got = sess.run(None, feed)[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, pm(x5, n5).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_example_inputs_the_model_cannot_run_are_refused_in_one_line(tmp_path):
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), (torch.randn(2, 4),))
+    with pytest.raises(ExportError, match=r"^the example inputs do not run through the model \(RuntimeError: "
+                       r"mat1 and mat2 shapes cannot be multiplied"):
+        export_onnx(pm, (torch.randn(2, 5),), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_both_paths_refuse_inputs_that_disagree_on_the_batch(tmp_path):
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x, shift):
+            return self.fc(x) + shift
+
+    pm = pbp_fx.perforate(Shifted(), (torch.randn(2, 4), torch.randn(1, 6)))
+    for fused in (True, False):  # the direct path declared shift's dim 0 a batch axis
+        with pytest.raises(ExportError, match=r"disagree on the batch size \(dim 0: \[1, 2\]\)"):
+            export_onnx(pm, (torch.randn(2, 4), torch.randn(1, 6)), tmp_path / "m.onnx", fused=fused)
+    export_onnx(pm, (torch.randn(2, 4), torch.randn(1, 6)), tmp_path / "m.onnx", dynamic_batch=False)
