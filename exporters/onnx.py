@@ -321,15 +321,35 @@ def _output_names(module: nn.Module, inputs: tuple) -> Optional[list[str]]:
         return ["output"]
     if isinstance(out, (tuple, list)) and all(isinstance(o, Tensor) for o in out):
         return [f"output_{i}" for i in range(len(out))]
+    if isinstance(out, dict) and out and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in out.items()):
+        # a dict output's keys (in its order, as the exporter flattens it), unless one names an input too
+        if not set(out) & set(_input_names(module)) and all(re.fullmatch(r"[A-Za-z_][\w.]*", k) for k in out):
+            return list(out)
     return None  # nested outputs: keep the exporter's names
+
+
+def _input_names(module: nn.Module) -> list[str]:
+    """The names the exporter gives the graph inputs: the forward's (a GraphModule's placeholders)."""
+    import inspect
+
+    if isinstance(module, torch.fx.GraphModule):
+        return [n.name for n in module.graph.nodes if n.op == "placeholder"]
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
 
 
 @contextlib.contextmanager
 def _quiet_exporter():
     """Silence the exporter's known noise (torchvision probing, pytree deprecations)."""
     reg = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = reg.level
+    # torch.export's "Unable to find user code corresponding to {u0}" while it captures a data-dependent
+    # branch: the failure is reported in one line of its own.
+    shapes = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level, shapes_level = reg.level, shapes.level
     reg.setLevel(logging.ERROR)
+    shapes.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
@@ -341,6 +361,7 @@ def _quiet_exporter():
             yield
     finally:
         reg.setLevel(level)
+        shapes.setLevel(shapes_level)
 
 
 def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
@@ -401,8 +422,14 @@ def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: b
         leaves = [m for gm in module.modules() if isinstance(gm, torch.fx.GraphModule)
                   for m in gm.meta.get("pbp_untraceable", [])]
         if leaves:
-            raise ExportError(f"torch.onnx.export failed: {first} (submodule {leaves[0]!r} has data-dependent "
-                              "control flow: ONNX export needs it traceable, or exclude it from the model)") from e
+            cause = e
+            while cause.__cause__ is not None:  # the capture's own error, not the exporter's "step 1/3" report
+                cause = cause.__cause__
+            why = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()
+            raise ExportError(f"torch.onnx.export cannot capture submodule {leaves[0]!r}, which has data-dependent "
+                              f"control flow ({why[0] if why else type(cause).__name__}): ONNX export traces the "
+                              "whole model, so make that code traceable (torch.cond, or no branch on tensor "
+                              "values); excluding it from perforation does not help") from e
         hint = " (or pass dynamic_batch=False if the model fixes its batch size)" if dynamic_batch else ""
         raise ExportError(f"torch.onnx.export failed: {first}{hint}") from e
     sys.stderr.write(printed.getvalue())  # a successful export's own messages, as they were

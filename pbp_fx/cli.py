@@ -651,7 +651,8 @@ def _plain(text: str) -> str:
     arg("model", help="an .onnx file"),
     arg("--input", action="append", required=True, metavar="X.npy", help="one per model input, in order"),
     arg("--device", default="auto", choices=("auto", "cpu", "cuda")),
-    arg("--output", metavar="Y.npy", default=None, help="save the first output here"),
+    arg("--output", metavar="Y.npy", default=None,
+        help="save the first output here (.npy), or every output by its ONNX name (.npz)"),
 )
 def run_onnx(args: argparse.Namespace) -> int:
     import numpy as np
@@ -702,9 +703,14 @@ def run_onnx(args: argparse.Namespace) -> int:
         flat = ", ".join(f"{v:.5g}" for v in np.asarray(y).reshape(-1)[:6])
         print(f"output {i}: shape {list(np.shape(y))} dtype {np.asarray(y).dtype} [{flat}{', ...' if np.size(y) > 6 else ''}]")
     if args.output:
+        names = [o.name for o in session.get_outputs()]
+
         def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a path
-                np.save(f, outputs[0], allow_pickle=False)
+            with open(tmp, "wb") as f:  # a file object: np.save(z) would append .npy (.npz) to a path
+                if args.output.endswith(".npz"):
+                    np.savez(f, **dict(zip(names, outputs)))
+                else:
+                    np.save(f, outputs[0], allow_pickle=False)
 
         atomic_write(args.output, write, what="output")
         print(f"wrote {args.output}")

@@ -417,3 +417,64 @@ def test_inputs_sharing_the_batch_dim_export_without_warnings(tmp_path):
     assert not [str(w.message) for w in caught if "axis name" in str(w.message)]
     session = ort_session(path)
     assert session.run(None, {i.name: v.numpy() for i, v in zip(session.get_inputs(), (x1, x2))})[0].shape == (3, 2)
+
+
+def test_a_data_dependent_submodule_is_refused_naming_it_and_the_capture_error(tmp_path, capfd):
+    """It said "failed: Failed to export the model with torch.export. This is step 1/3 ... Next steps:",
+    advised excluding the submodule (which does not help) and let torch's shape warnings through."""
+    from torch import nn
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent
+                return torch.relu(self.a(x))
+            return torch.tanh(self.b(x))
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Gate(), nn.Linear(8, 3))
+    x = torch.randn(2, 4)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    capfd.readouterr()
+    for fused in (True, False):
+        with pytest.raises(ExportError, match=r"^torch.onnx.export cannot capture submodule '2', which has "
+                                              r"data-dependent control flow \(Could not guard on data-dependent"):
+            export_onnx(pm, (x,), tmp_path / "m.onnx", fused=fused)
+    assert "Unable to find user code" not in capfd.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_dict_outputs_keys_name_the_onnx_outputs_and_run_saves_them_all(tmp_path):
+    """They were the exporter's internal names (_symbolic_3, addcmul_11), and `pbp-fx run --output`
+    could save the first output only."""
+    from torch import nn
+
+    from pbp_fx.cli import main
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head, self.aux = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return {"logits": self.head(h), "aux": self.aux(h)}
+
+    x = torch.randn(3, 4)
+    pm = pbp_fx.perforate(TwoHeads(), (x,))
+    pm.grow()
+    pm.eval()
+    for fused in (True, False):
+        path = export_onnx(pm, (x,), tmp_path / "m.onnx", fused=fused)
+        assert [o.name for o in onnx.load(str(path)).graph.output] == ["logits", "aux"]
+    np.save(tmp_path / "x.npy", x.numpy())
+    assert main(["run", str(path), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npz")]) == 0
+    with torch.no_grad():
+        want = pm(x)
+    with np.load(tmp_path / "y.npz") as saved:
+        assert sorted(saved.files) == ["aux", "logits"]
+        for key in ("logits", "aux"):
+            np.testing.assert_allclose(saved[key], want[key].numpy(), rtol=1e-4, atol=1e-5)
