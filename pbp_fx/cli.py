@@ -130,10 +130,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (the program itself, which then ends: see `_before_exit`)."""
     if argv is not None:
         return _main(argv)
-    sys.stdout, sys.stderr = _QuietOnceClosed(sys.stdout), _QuietOnceClosed(sys.stderr)
+    streams = sys.stdout, sys.stderr
+    # (a stream closed from the start, `>&-`, is None: nothing to wrap)
+    sys.stdout, sys.stderr = (s if s is None or isinstance(s, _QuietOnceClosed) else _QuietOnceClosed(s)
+                              for s in streams)
     try:
         return _main(argv)
     finally:
+        sys.stdout, sys.stderr = streams
         _before_exit()
 
 
@@ -151,6 +155,10 @@ class _QuietOnceClosed:
             except BrokenPipeError:
                 self._reader_gone()
         return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
 
     def flush(self) -> None:
         if not self._gone:

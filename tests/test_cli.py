@@ -866,3 +866,8 @@ def test_a_reader_that_goes_away_does_not_fail_the_job(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and err == b"", err
     assert (tmp_path / "o" / "report.json").exists()
+    # stdout closed from the start (a daemon, `>&-`): sys.stdout is None, and the job runs as it did
+    closed = subprocess.run(["bash", "-c", f'"{sys.executable}" -m pbp_fx transform "{model}" --out "{tmp_path / "c"}" >&-'],
+                            cwd=tmp_path, capture_output=True, env=env, timeout=120)
+    assert closed.returncode == 0 and closed.stderr == b"", closed.stderr
+    assert (tmp_path / "c" / "report.json").exists()
