@@ -49,6 +49,7 @@ class PBCallback(TrainerCallback):
         self._training = False
         self._other_datasets: dict = {}  # evaluation prefix -> metric names, since the last step
         self._round_has_metric = False  # an evaluation since the last step had the metric
+        self._before_first_step = False  # eval_on_start's evaluation (of a fresh or a resumed run) comes now
         self._resumed_complete = False  # resumed from a checkpoint of a finished PB run
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -86,20 +87,23 @@ class PBCallback(TrainerCallback):
         scheduler = unwrap_scheduler(lr_scheduler)
         if scheduler is not None:
             self.controller.attach_scheduler(scheduler, scaled=state.global_step > 0)
+        self._before_first_step = bool(getattr(args, "eval_on_start", False))
         self._training = True
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not self._training or self.controller.done:
             return  # trainer.evaluate() outside train(), or after PB finished
-        if state.global_step == 0:
-            return  # eval_on_start: nothing trained yet, no epoch of the schedule
+        if self._before_first_step:
+            return  # eval_on_start: no epoch of the schedule (the run's own, or the one it resumes, was counted)
         metrics = metrics or {}
+        prefix = next((k[:-len("_runtime")] for k in metrics if k.endswith("_runtime")), "eval")
+        if prefix != "eval" and not prefix.startswith("eval_"):
+            return  # an evaluation of the user's own (trainer.evaluate(..., metric_key_prefix="train"))
         if self.metric not in metrics:
             if self._round_has_metric:
                 return  # another dataset of a round that has stepped already
             # eval_dataset as a dict: one evaluation per dataset, each with its own prefix (eval_<name>_...);
             # the metric comes with its own dataset's. A prefix seen twice without it: no dataset has it.
-            prefix = next((k[:-len("_runtime")] for k in metrics if k.endswith("_runtime")), "eval")
             if prefix != "eval" and prefix not in self._other_datasets:
                 self._other_datasets[prefix] = set(metrics)
                 return  # the round's other datasets come next; `_refuse_a_round_without_metric` checks after it
@@ -123,6 +127,7 @@ class PBCallback(TrainerCallback):
         self._round_has_metric = False
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self._before_first_step = False
         self._refuse_a_round_without_metric()
 
     def on_save(self, args, state, control, model=None, **kwargs):

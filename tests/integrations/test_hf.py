@@ -97,12 +97,43 @@ def test_trainer_runs_a_dendrite_phase_installs_and_stops_with_the_best_model(tm
 
 
 def test_an_evaluation_before_training_is_not_an_epoch_of_the_schedule(tmp_path, perforated_bert):
-    """eval_on_start=True: the step-0 evaluation of the untrained model was counted as neuron epoch 1."""
+    """eval_on_start=True: the evaluation before the first step was counted as a neuron epoch, in a
+    fresh run and in a resumed one (where global_step is not 0)."""
     cb = PBCallback(QUICK)
-    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=2, eval_on_start=True)
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=3, eval_on_start=True,
+                          save_strategy="epoch")
     trainer.train()
-    assert [h["epoch"] for h in cb.controller.history] == [1, 2, 2], _notes(cb.controller)  # (+ the budget's end)
-    assert len([r for r in trainer.state.log_history if "eval_loss" in r]) == 3
+    assert [h["epoch"] for h in cb.controller.history] == [1, 2, 3, 3], _notes(cb.controller)  # (+ the budget's end)
+    assert len([r for r in trainer.state.log_history if "eval_loss" in r]) == 4
+    folder = tmp_path / "checkpoint-4"  # after epoch 2
+    model = pbp_fx.load(str(folder / CHECKPOINT_NAME), perforated_bert())
+    resumed = PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path / "resumed", resumed, model, num_train_epochs=3, eval_on_start=True)
+    trainer.train(resume_from_checkpoint=str(folder))
+    assert [(h["epoch"], h["note"]) for h in resumed.controller.history] == [
+        (h["epoch"], h["note"]) for h in cb.controller.history]
+
+
+def test_an_evaluation_of_the_users_own_under_another_prefix_is_not_the_schedules(tmp_path, perforated_bert):
+    """trainer.evaluate(train, metric_key_prefix="train") from a callback, at steps without the Trainer's
+    evaluation: it was taken for a dict eval_dataset's round without the metric, and training was refused."""
+    from transformers import TrainerCallback
+
+    class TrainSetEvaluation(TrainerCallback):
+        trainer = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % 2 == 1:
+                self.trainer.evaluate(eval_dataset=parity_tokens(64, 0), metric_key_prefix="train")
+
+    own, cb = TrainSetEvaluation(), PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=3, eval_strategy="steps", eval_steps=2)
+    trainer.add_callback(own)
+    own.trainer = trainer
+    trainer.train()
+    assert trainer.state.global_step == 12
+    assert [h["epoch"] for h in cb.controller.history][:6] == [1, 2, 3, 4, 5, 6]  # one per eval_loss evaluation
+    assert len([r for r in trainer.state.log_history if "train_loss" in r and "train_runtime" in r]) >= 6
 
 
 def test_bf16_on_cpu(tmp_path, perforated_bert):
