@@ -314,30 +314,57 @@ def _by_parameter(module: nn.Module, shapes: tuple):
     return shapes
 
 
-def _output_names(module: nn.Module, inputs: tuple) -> Optional[list[str]]:
-    with torch.no_grad():
-        out = module(*inputs)
+def _output_names(out) -> Optional[list[str]]:
+    """The names to export the example output `out` with (None: the exporter's)."""
     if isinstance(out, Tensor):
         return ["output"]
     if isinstance(out, (tuple, list)) and all(isinstance(o, Tensor) for o in out):
         return [f"output_{i}" for i in range(len(out))]
+    return None  # nested outputs (a dict: `_dict_keys` names them after the export)
+
+
+def _dict_keys(out) -> Optional[list[str]]:
+    """A dict output's keys, in its order (the order the exporter flattens it in), else None."""
     if isinstance(out, dict) and out and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in out.items()):
-        # a dict output's keys (in its order, as the exporter flattens it), unless one names an input too
-        if not set(out) & set(_input_names(module)) and all(re.fullmatch(r"[A-Za-z_][\w.]*", k) for k in out):
-            return list(out)
-    return None  # nested outputs: keep the exporter's names
+        return list(out)
+    return None
 
 
-def _input_names(module: nn.Module) -> list[str]:
-    """The names the exporter gives the graph inputs: the forward's (a GraphModule's placeholders)."""
-    import inspect
+def _name_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
+    """Graph output i also as names[i] (an Identity, which runtimes drop): the exporter's own names
+    are internal values' (_symbolic_3, addcmul_11). An internal value or initializer that has the
+    name already is renamed first; a name that is a graph input's, or a graph with subgraphs (whose
+    bodies may read outer values by name), keeps the exporter's names."""
+    graph = proto.graph
+    inputs = {v.name for v in graph.input}
+    if (len(names) != len(graph.output) or len(set(names)) != len(names) or set(names) & inputs
+            or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                   for n in graph.node for a in n.attribute)):
+        return
+    used = inputs | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    used |= {v.name for v in [*graph.output, *graph.value_info]} | {n.name for n in graph.node}
+    for name in names:
+        if name in used:
+            fresh = next(f"{name}_{i}" for i in range(1, len(used) + 2) if f"{name}_{i}" not in used)
+            _rename_value(graph, name, fresh)
+            used.add(fresh)
+    for out, name in zip(graph.output, names):
+        graph.node.append(onnx.helper.make_node("Identity", [out.name], [name], name=f"{name}_output"))
+        out.name = name
 
-    if isinstance(module, torch.fx.GraphModule):
-        return [n.name for n in module.graph.nodes if n.op == "placeholder"]
-    try:
-        return list(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return []
+
+def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Every use of the value (or node) name `old` in `graph` as `new`."""
+    for node in graph.node:
+        for field in (node.input, node.output):
+            for i, name in enumerate(field):
+                if name == old:
+                    field[i] = new
+        if node.name == old:
+            node.name = new
+    for item in [*graph.initializer, *graph.value_info, *graph.output]:
+        if item.name == old:
+            item.name = new
 
 
 @contextlib.contextmanager
@@ -381,13 +408,15 @@ def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: b
     torch.compiler.allow_in_graph(_fused_node)  # registers the function itself (idempotent)
     traced_inputs, shapes = _batched_inputs(module, inputs, dynamic_batch)
     try:
-        names = _output_names(module, traced_inputs)
+        with torch.no_grad():
+            example_out = module(*traced_inputs)
     except Exception as e:  # noqa: BLE001 - the model's own error on these inputs: one line
         text = str(e).strip().splitlines()
         hint = (" (the batch of 1 ran as 2 for a dynamic batch axis: pass dynamic_batch=False if the model fixes "
                 "its batch size)" if traced_inputs is not inputs else "")
         raise ExportError(f"the example inputs do not run through the model ({type(e).__name__}: "
                           f"{text[0] if text else ''}){hint}: pass inputs of the shapes and dtypes it takes") from e
+    names = _output_names(example_out)
     # torch.export prints the partial graph to stderr when a capture fails: that belongs with the
     # traceback (a note on the error), not before a one-line error.
     printed = io.StringIO()
@@ -434,6 +463,9 @@ def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: b
         raise ExportError(f"torch.onnx.export failed: {first}{hint}") from e
     sys.stderr.write(printed.getvalue())  # a successful export's own messages, as they were
     proto = program.model_proto
+    keys = _dict_keys(example_out)
+    if keys is not None:
+        _name_outputs(proto, keys)
     if dynamic_batch:
         fixed = [(v.name, v.type.tensor_type.shape.dim[0].dim_value) for v in proto.graph.input
                  if v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].dim_param]

@@ -90,9 +90,9 @@ def _why_out_of_range(scale: np.ndarray, dtype: np.dtype) -> Optional[str]:
     neuron output of 10 over |V[0]| = 1e-4 overflows float16, and readers times it fall to
     subnormals. In float32/64 the factor stays within sqrt of the smallest normal number and its
     inverse, so weights and activations keep their range."""
-    info = np.finfo(dtype)
-    if info.bits < 32:
+    if np.dtype(dtype).itemsize < 4:  # (bfloat16 is ml_dtypes', which np.finfo does not know)
         return f"the site is {np.dtype(dtype).name}: rescaling by |V[0]| could overflow its range"
+    info = np.finfo(dtype)
     bound = float(np.sqrt(info.tiny))
     if scale.min() < bound or scale.max() > 1.0 / bound:
         return f"|V[0]| has entries outside [{bound:.0e}, {1.0 / bound:.0e}]: rescaling would leave {np.dtype(dtype).name}'s range"

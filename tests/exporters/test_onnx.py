@@ -447,9 +447,11 @@ def test_a_data_dependent_submodule_is_refused_naming_it_and_the_capture_error(t
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_a_dict_outputs_keys_name_the_onnx_outputs_and_run_saves_them_all(tmp_path):
+@pytest.mark.parametrize("keys", [("logits", "aux"), ("relu", "linear")])
+def test_a_dict_outputs_keys_name_the_onnx_outputs_and_run_saves_them_all(tmp_path, keys):
     """They were the exporter's internal names (_symbolic_3, addcmul_11), and `pbp-fx run --output`
-    could save the first output only."""
+    could save the first output only. Keys that internal values have already ("relu", "linear") are
+    theirs too (the first fix failed the checker on them)."""
     from torch import nn
 
     from pbp_fx.cli import main
@@ -461,7 +463,7 @@ def test_a_dict_outputs_keys_name_the_onnx_outputs_and_run_saves_them_all(tmp_pa
 
         def forward(self, x):
             h = torch.relu(self.body(x))
-            return {"logits": self.head(h), "aux": self.aux(h)}
+            return {keys[0]: self.head(h), keys[1]: self.aux(h)}
 
     x = torch.randn(3, 4)
     pm = pbp_fx.perforate(TwoHeads(), (x,))
@@ -469,12 +471,12 @@ def test_a_dict_outputs_keys_name_the_onnx_outputs_and_run_saves_them_all(tmp_pa
     pm.eval()
     for fused in (True, False):
         path = export_onnx(pm, (x,), tmp_path / "m.onnx", fused=fused)
-        assert [o.name for o in onnx.load(str(path)).graph.output] == ["logits", "aux"]
+        assert [o.name for o in onnx.load(str(path)).graph.output] == list(keys)
     np.save(tmp_path / "x.npy", x.numpy())
     assert main(["run", str(path), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npz")]) == 0
     with torch.no_grad():
         want = pm(x)
     with np.load(tmp_path / "y.npz") as saved:
-        assert sorted(saved.files) == ["aux", "logits"]
-        for key in ("logits", "aux"):
+        assert sorted(saved.files) == sorted(keys)
+        for key in keys:
             np.testing.assert_allclose(saved[key], want[key].numpy(), rtol=1e-4, atol=1e-5)

@@ -218,6 +218,16 @@ def _run_model(model: onnx.ModelProto) -> list[np.ndarray]:
     return sess.run(None, {"x": x})
 
 
+def test_a_bfloat16_site_keeps_v0_without_an_error(tmp_path, caplog):
+    """np.finfo does not know ONNX's bfloat16 (ml_dtypes): the range check raised a raw ValueError."""
+    x = torch.randn(4, 6)
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))  # (ONNX's Conv takes no bfloat16 at opset 18)
+    pm = _perforated(mlp, x, 1, "tanh", seed=3).to(torch.bfloat16)
+    with caplog.at_level("INFO", logger="pbp_fx"):
+        export_onnx(pm, (x.to(torch.bfloat16),), tmp_path / "m.onnx")
+    assert "'pbp/0' keeps V[0]: the site is bfloat16: rescaling by |V[0]| could overflow its range" in caplog.text
+
+
 @pytest.mark.parametrize("dtype, small", [(torch.float16, 1e-6), (torch.float32, 1e-40)])
 def test_v0_stays_where_rescaling_would_leave_the_dtypes_range(tmp_path, caplog, dtype, small):
     """n / |V[0]| overflowed float16 (non-finite outputs at |V[0]| = 1e-6, 1 % off at 1e-5), and a
