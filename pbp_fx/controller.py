@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -83,6 +84,28 @@ def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
     params = list(params)
     fused = all(p.device.type in _FUSED_ADAM_DEVICES and p.dtype in _FUSED_ADAM_DTYPES for p in _tensors(params))
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+class _StepHook:
+    """An optimizer step hook that calls a controller's `_cap_dendrite_lr` ("pre") or
+    `_uncap_dendrite_lr` ("post") while the controller lives: it holds it weakly (the optimizer
+    outlives a discarded controller, which must neither stay in memory with its copy of the best
+    weights nor keep capping); once the controller is gone it does nothing (removing itself while
+    the optimizer iterates its hooks would fail the step)."""
+
+    def __init__(self, controller, when: str):
+        self.controller, self.when = weakref.ref(controller), when
+
+    @classmethod
+    def register(cls, optimizer: torch.optim.Optimizer, controller, when: str) -> None:
+        register = optimizer.register_step_pre_hook if when == "pre" else optimizer.register_step_post_hook
+        register(cls(controller, when))
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        controller = self.controller()
+        if controller is not None and controller.optimizer is optimizer:
+            (controller._cap_dendrite_lr if self.when == "pre" else controller._uncap_dendrite_lr)(
+                optimizer, args, kwargs)
 
 
 def _unscaled_lr(lr: float, scale: float, start: Optional[float], floor: float) -> float:
@@ -197,8 +220,8 @@ class PhaseController:
                 raise ConfigError(f"optimizer_factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
         self.optimizer = optimizer
         self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
-        optimizer.register_step_pre_hook(self._cap_dendrite_lr)
-        optimizer.register_step_post_hook(self._uncap_dendrite_lr)
+        _StepHook.register(optimizer, self, "pre")
+        _StepHook.register(optimizer, self, "post")
         for i, g in enumerate(optimizer.param_groups):
             for p in g["params"]:
                 self._groups[p] = i
@@ -214,6 +237,12 @@ class PhaseController:
         if scheduler_factory is not None:
             self.scheduler = scheduler_factory(self.optimizer)
             self.attach_scheduler(self.scheduler)
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (deepcopy, pickle) has an optimizer of its own, whose hooks were not copied.
+        self.__dict__.update(state)
+        _StepHook.register(self.optimizer, self, "pre")
+        _StepHook.register(self.optimizer, self, "post")
 
     # -- read-only views -----------------------------------------------------------------
     @property
@@ -339,6 +368,7 @@ class PhaseController:
         candidate_lr by that rise (100x after a cosine restart near the bottom of its cycle). Only
         the step is capped: the rate goes back after it (`_uncap_dendrite_lr`), so the scheduler's
         own course, and the neuron rate recovered at the phase's end, do not change."""
+        self._uncap_dendrite_lr(optimizer, args, kwargs)  # (a step that raised left its cap)
         if self.lr_scale is None:
             return
         cap = self.config.candidate_lr
@@ -360,6 +390,7 @@ class PhaseController:
         self._capped = []
 
     def _leave_dendrite_lr(self) -> None:
+        self._uncap_dendrite_lr(self.optimizer, (), {})
         if self.lr_scale is None:
             return
         floor = self._unscaled_floor()
@@ -466,6 +497,7 @@ class PhaseController:
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume: the schedule, history, lr factors and the best weights."""
+        self._uncap_dendrite_lr(self.optimizer, (), {})
         return {"schedule": self.schedule.state_dict(), "history": copy.deepcopy(self.history),
                 "lr_scale": None if self.lr_scale is None else list(self.lr_scale),
                 "lrs": [float(g["lr"]) for g in self.optimizer.param_groups],

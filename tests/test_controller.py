@@ -526,3 +526,41 @@ def test_no_dendrite_phase_step_applies_more_than_candidate_lr():
     assert pm.phase == "neuron"
     epoch(1)
     assert opt.param_groups[0]["lr"] == pytest.approx(twin_opt.param_groups[0]["lr"])
+
+
+def test_the_lr_cap_follows_the_live_controller_of_an_optimizer():
+    """Review of the cap's hooks: a discarded controller stayed in memory (the optimizer held its
+    hooks) and kept capping at its own candidate_lr; a step that raised left the cap on the rate a
+    checkpoint then saved; a deep copy of the controller did not cap."""
+    import copy
+    import gc
+    import weakref
+
+    pm = _pm()
+    opt = torch.optim.SGD(pm.parameters(), lr=0.1)
+    first = PhaseController(pm, patience=1, dendrite_patience=1, candidate_lr=0.01, optimizer=opt)
+    _step_until_restructured(first)  # in its dendrite phase
+    gone = weakref.ref(first)
+    second = PhaseController(pm, patience=1, dendrite_patience=1, candidate_lr=0.05, optimizer=opt)
+    del first
+    gc.collect()
+    assert gone() is None
+    applied = []
+    opt.register_step_pre_hook(lambda o, a, k: applied.append(o.param_groups[0]["lr"]))
+    opt.param_groups[0]["lr"] = 0.5  # a scheduler's warm restart
+    opt.step()
+    assert applied[-1] == pytest.approx(0.05) and opt.param_groups[0]["lr"] == 0.5
+
+    def raising():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        opt.step(raising)
+    assert second.state_dict()["lrs"] == [0.5]  # the failed step's cap is undone before it is saved
+
+    twin = copy.deepcopy(second)
+    twin.optimizer.param_groups[0]["lr"] = 0.5
+    seen = []
+    twin.optimizer.register_step_pre_hook(lambda o, a, k: seen.append(o.param_groups[0]["lr"]))
+    twin.optimizer.step()
+    assert seen == [pytest.approx(0.05)]
