@@ -325,7 +325,8 @@ def _saved_job(path: str) -> tuple:
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise TrainingError(f"cannot resume from {path}: its job state is malformed ({type(exc).__name__}: {exc}), "
                             "written by another pbp-fx version or edited; start a new run") from None
-    if not all(p is None or isinstance(p, (list, str)) for p in (include, exclude)):
+    if not all(p is None or isinstance(p, str) or (isinstance(p, list) and all(isinstance(q, str) for q in p))
+               for p in (include, exclude)):
         raise TrainingError(f"cannot resume from {path}: its job state is malformed (include/exclude), "
                             "written by another pbp-fx version or edited; start a new run")
     return model_file, config, training, include, exclude

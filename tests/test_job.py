@@ -310,6 +310,7 @@ def test_a_malformed_job_state_is_refused_in_one_line_before_any_work(tmp_path, 
         "unknown_setting": ({**good, "args": {**args, "config": {**args["config"], "bogus": 1}}},
                             "PBConfig has no setting 'bogus'"),
         "bad_value": ({**good, "args": {**args, "config": {**args["config"], "pool": 0}}}, "pool"),
+        "include": ({**good, "args": {**args, "include": [1, 2]}}, "job state is malformed (include/exclude)"),
     }
     for name, (state, message) in cases.items():
         run = tmp_path / name
