@@ -259,7 +259,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     if distributed is not None:
         summary["processes"] = distributed.world_size
     _print_report(summary, echo)
-    if out is not None:
+    if out is not None and not finished:  # (a run resumed complete: its checkpoint holds that state already)
         saver(None)  # the final state (best-validation model), still resumable; every rank calls it
     if out is not None and main:
         _write_outputs(out, history, summary)

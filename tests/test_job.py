@@ -252,10 +252,8 @@ def test_resuming_a_finished_run_reports_it_complete_and_exits_0(tmp_path, capsy
     again = json.loads((out / "summary.json").read_text())
     assert (again["val"], again["test"], again["epochs"]) == (summary["val"], summary["test"], summary["epochs"])
     assert again["seconds"] == summary["seconds"]  # the run's own time, not the resume's
-    from safetensors.torch import load
-
-    assert {k: v for k, v in load(before).items()}.keys() == load((out / "checkpoint.safetensors").read_bytes()).keys()
-    assert all(torch.equal(v, load((out / "checkpoint.safetensors").read_bytes())[k]) for k, v in load(before).items())
+    # The checkpoint is left as it was (it was rewritten, with the resume's random state and a new checksum).
+    assert (out / "checkpoint.safetensors").read_bytes() == before
 
 
 def test_train_frontend_is_recorded_and_the_checkpoint_loads_without_inputs(tmp_path):
