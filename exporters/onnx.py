@@ -396,17 +396,19 @@ def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynami
     import, registry or re-capture), else the dynamo exporter."""
     from .direct import Unsupported, emit
 
-    _batched_inputs(module, inputs, dynamic_batch)  # the same refusals on both paths
+    batched = _batched_inputs(module, inputs, dynamic_batch)  # (checked first: the same refusals on both paths)
     try:
         return emit(module, inputs, opset, dynamic_batch)
     except Unsupported as why:
         log.debug("export_onnx: the dynamo exporter runs (direct path: %s)", why)
-    return _torch_export(module, inputs, opset, dynamic_batch)
+    return _torch_export(module, inputs, batched, opset, dynamic_batch)
 
 
-def _torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
+                  dynamic_batch: bool) -> onnx.ModelProto:
+    """The dynamo exporter's file; `batched`: `_batched_inputs`' (inputs to trace with, dynamic shapes)."""
     torch.compiler.allow_in_graph(_fused_node)  # registers the function itself (idempotent)
-    traced_inputs, shapes = _batched_inputs(module, inputs, dynamic_batch)
+    traced_inputs, shapes = batched
     try:
         with torch.no_grad():
             example_out = module(*traced_inputs)

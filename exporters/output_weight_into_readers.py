@@ -95,7 +95,8 @@ def _why_out_of_range(scale: np.ndarray, dtype: np.dtype) -> Optional[str]:
     info = np.finfo(dtype)
     bound = float(np.sqrt(info.tiny))
     if scale.min() < bound or scale.max() > 1.0 / bound:
-        return f"|V[0]| has entries outside [{bound:.0e}, {1.0 / bound:.0e}]: rescaling would leave {np.dtype(dtype).name}'s range"
+        return (f"|V[0]| has entries outside [{bound:.0e}, {1.0 / bound:.0e}]: rescaling would leave "
+                f"{np.dtype(dtype).name}'s range")
     return None
 
 

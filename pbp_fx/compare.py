@@ -67,7 +67,10 @@ def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainC
     best weights at each switch, restart the optimizer at each "install", end when the schedule
     completes."""
     train, val, _test = loaders
-    schedule = PhaseSchedule(config.replace(mode="pb", **({} if restarts else {"neuron_epochs": None})))
+    config = config.replace(mode="pb")
+    if not restarts:
+        config = config.replace(neuron_epochs=None)
+    schedule = PhaseSchedule(config)
     trained = list(model.parameters() if params is None else params)
     new_optimizer = lambda: default_optimizer(trained, lr=training.lr)  # noqa: E731
     optimizer, best, rounds, epochs = new_optimizer(), _snapshot(model), 0, 0

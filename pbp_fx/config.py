@@ -145,7 +145,8 @@ class PBConfig(_Settings):
     dendrite_improvement: float = setting(0.01, "relative rise of a site's mean best correlation that "
                                           "counts as progress", low=0)
     retries: int = setting(2, "fresh rounds after a round that gave no new best", low=0)
-    maximize: bool = setting(True, "a higher validation score is better (false: lower, e.g. a loss that a model file's own metric returns)")
+    maximize: bool = setting(True, "a higher validation score is better (false: lower, e.g. a loss that a "
+                             "model file's own metric returns)")
     pool: int = setting(4, "candidate dendrites per site", low=1)
     pool_split: bool = setting(True, "each candidate trains on its own 1/pool of every batch (pool costs one "
                                "layer's work); false: every candidate sees the whole batch")

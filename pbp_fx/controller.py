@@ -97,9 +97,10 @@ class _StepHook:
         self.controller, self.when = weakref.ref(controller), when
 
     @classmethod
-    def register(cls, optimizer: torch.optim.Optimizer, controller, when: str) -> None:
-        register = optimizer.register_step_pre_hook if when == "pre" else optimizer.register_step_post_hook
-        register(cls(controller, when))
+    def register(cls, controller) -> None:
+        """Both hooks on the controller's optimizer."""
+        controller.optimizer.register_step_pre_hook(cls(controller, "pre"))
+        controller.optimizer.register_step_post_hook(cls(controller, "post"))
 
     def __call__(self, optimizer, args, kwargs) -> None:
         controller = self.controller()
@@ -220,8 +221,7 @@ class PhaseController:
                 raise ConfigError(f"optimizer_factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
         self.optimizer = optimizer
         self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
-        _StepHook.register(optimizer, self, "pre")
-        _StepHook.register(optimizer, self, "post")
+        _StepHook.register(self)
         for i, g in enumerate(optimizer.param_groups):
             for p in g["params"]:
                 self._groups[p] = i
@@ -241,8 +241,7 @@ class PhaseController:
     def __setstate__(self, state: dict) -> None:
         # A copy (deepcopy, pickle) has an optimizer of its own, whose hooks were not copied.
         self.__dict__.update(state)
-        _StepHook.register(self.optimizer, self, "pre")
-        _StepHook.register(self.optimizer, self, "post")
+        _StepHook.register(self)
 
     # -- read-only views -----------------------------------------------------------------
     @property

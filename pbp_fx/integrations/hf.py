@@ -35,8 +35,8 @@ class PBCallback(TrainerCallback):
     compute_metrics; the "eval_" prefix may be left out); default: TrainingArguments'
     metric_for_best_model when set, else "eval_loss". greater_is_better: its direction (default:
     TrainingArguments.greater_is_better for metric_for_best_model, else lower is better for names
-    ending in "loss", higher otherwise); it sets config.maximize. config: PB settings (default: PBConfig() with the model's mode and
-    activation). `self.controller` is the PhaseController once training has begun.
+    ending in "loss", higher otherwise); it sets config.maximize. config: PB settings (default:
+    PBConfig() with the model's mode and activation). `self.controller` is the PhaseController once training has begun.
     Checkpoints: every Trainer checkpoint folder and, at the end, `args.output_dir` get a
     `pbp_fx.safetensors` that `pbp_fx.load` reads. One process (no multi-GPU DDP).
     """

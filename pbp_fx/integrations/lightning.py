@@ -113,9 +113,8 @@ class PBCallback(Callback):
             self._held_stoppers = {int(i): p for i, p in self._resumed.get("held_stoppers", {}).items()}
             self._resumed = None
         if self.controller.done:  # PB finished (a checkpoint written then, or fit() again): nothing left to train
-            self.controller.restore_best()
-            trainer.should_stop = self._resumed_complete = True  # (min_epochs may still train on:
-            # on_fit_end loads the best model back)
+            # (min_epochs may still train on: on_fit_end loads the best model back)
+            trainer.should_stop = self._resumed_complete = True
         for scheduler_config in trainer.lr_scheduler_configs:
             self.controller.attach_scheduler(scheduler_config.scheduler)
 
