@@ -11,7 +11,8 @@ interleaved rounds, so machine noise hits them alike; a step ratio is the median
 of (the configuration's step / the plain step of the same round), printed with the 25-75 %
 range of those per-round ratios. "ok" is "yes" when even the 75th percentile meets the target,
 "NO" when even the 25th misses it, else "edge" (which side the median falls on is noise). FLOPs (forward + backward)
-come from FlopCounterMode. Peak memory of one step: the rise of the resident set over its
+come from FlopCounterMode. A second table splits each step into forward, backward and optimizer
+step (medians of their own interleaved rounds). Peak memory of one step: the rise of the resident set over its
 level before the step (/proc VmHWM after clearing it; a child process with malloc returning
 large blocks to the OS, so the resident set follows live tensors).
 
@@ -86,7 +87,8 @@ OPTIMIZERS = {"adam": lambda params: torch.optim.Adam(params, lr=1e-3),
               "fused": lambda params: pbp_fx.default_optimizer(params, lr=1e-3)}
 
 
-def adam_stepper(model, params, x, y, optimizer: str = "adam"):
+def adam_stepper(model, params, x, y, optimizer: str = "adam", parts: list | None = None):
+    """One training step; with `parts`, each step appends its (forward, backward, optimizer) seconds."""
     opt = OPTIMIZERS[optimizer](params)
 
     def step():
@@ -95,7 +97,17 @@ def adam_stepper(model, params, x, y, optimizer: str = "adam"):
         loss.backward()
         opt.step()
 
-    return step
+    def timed_step():
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+
+    return step if parts is None else timed_step
 
 
 def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
@@ -175,6 +187,22 @@ def measure(cfgs, rounds: int, steps: int) -> dict[str, list[float]]:
                 step()
             times[name].append((time.perf_counter() - t0) / steps)
     return times
+
+
+def part_times(cfgs, x, y, optimizer: str, rounds: int, steps: int) -> dict[str, tuple[float, float, float]]:
+    """Median (forward, backward, optimizer) seconds of each configuration's step, interleaved rounds;
+    each configuration's model with a fresh optimizer over what its step trains."""
+    parts: dict[str, list] = {}
+    timed = []
+    for name, model, _ in cfgs:
+        trained = model.trainable_parameters() if hasattr(model, "trainable_parameters") else (
+            p for p in model.parameters() if p.requires_grad)
+        parts[name] = []
+        timed.append((name, model, adam_stepper(model, list(trained), x, y, optimizer, parts[name])))
+    measure(timed, rounds, steps)
+    for v in parts.values():
+        del v[:5 if steps >= 5 else 2]  # measure's warm-up steps
+    return {n: tuple(statistics.median(t[i] for t in v) for i in range(3)) for n, v in parts.items()}
 
 
 # The layers' own kernels: convolutions, matmuls and norms, forward and backward.
@@ -279,6 +307,7 @@ def main(argv=None) -> int:
         t = {n: statistics.median(v) for n, v in samples.items()}
         ratios = round_ratios(samples, "plain")
         kern = kernel_times(cfgs, a.steps, max(3, a.rounds // 3))
+        split_ms = part_times(cfgs, x, y, a.optimizer, max(3, a.rounds // 3), a.steps)
         flops = {n: _flops(m, x, y) for n, m, _ in cfgs}
         mem = memory(name, a.batch, a.pool, a.threads, a.optimizer)
         p_ms, p_fl = t["plain"], flops["plain"]
@@ -300,6 +329,15 @@ def main(argv=None) -> int:
             kr = kern[n] / kern["plain"]
             print(f"| {n} | {t[n] * 1e3:.3f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} | {fr:.2f} | {kr:.2f} | {tgt} | {ok} "
                   f"| {mem[n]:.1f} |")
+        print("\nWhere the step goes: median ms of its forward (with the loss), backward and optimizer step, "
+              "and each as a multiple of the plain step's same part")
+        print("| config | forward ms | backward ms | optimizer ms | forward x | backward x | optimizer x |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        base = split_ms["plain"]
+        for n, _, _ in cfgs:
+            ms = split_ms[n]
+            print(f"| {n} | " + " | ".join(f"{v * 1e3:.3f}" for v in ms) + " | "
+                  + " | ".join(f"{v / b:.2f}" for v, b in zip(ms, base)) + " |")
     return 0
 
 
