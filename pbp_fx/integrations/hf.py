@@ -13,6 +13,7 @@ stepping, and when PB is complete training stops with the best-validation model 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 from transformers import TrainerCallback
@@ -67,9 +68,23 @@ class PBCallback(TrainerCallback):
         if args.world_size > 1:
             raise TrainingError("PBCallback runs in one process: a restructure changes the parameters that the "
                                 "Trainer's DDP wrapper was built on; train on one device")
+        stoppers = [name for name in (state.stateful_callbacks or {}) if "EarlyStopping" in name]
+        if stoppers:
+            # Its counter grows at every evaluation of a dendrite phase (the score cannot change there) and
+            # no callback can reach it to hold it: it would end the run and drop the candidates.
+            raise TrainingError(f"PBCallback: {stoppers[0]} would end the run inside a dendrite phase, where the "
+                                "evaluation score cannot change: remove it (PB stops the run itself when it is "
+                                "complete; PBConfig(patience=...) is its neuron-phase patience)")
         if self._metric is None and args.metric_for_best_model:  # the metric the user's Trainer ranks by
             gib = self._greater_is_better if self._greater_is_better is not None else args.greater_is_better
             self.metric, self.maximize = _direction(args.metric_for_best_model, gib)
+        elif args.metric_for_best_model and _direction(args.metric_for_best_model, None)[0] != self.metric:
+            warnings.warn(
+                f"PBCallback follows {self.metric} but the Trainer ranks checkpoints by metric_for_best_model="
+                f"{args.metric_for_best_model}: a checkpoint saved at a PB rewind (a dendrite phase's start, a retry, "
+                f"the end) holds PB's best weights by {self.metric}, not the weights that scored its recorded "
+                f"{args.metric_for_best_model}; rank by the same metric, or use the model PB leaves at the end",
+                stacklevel=2)
         pm = find_perforated(model, "PBCallback")
         # fp16: accelerate's optimizer wrapper holds the GradScaler; the pools divide its scale out
         pm.grad_scaler = getattr(optimizer, "scaler", None)
@@ -142,8 +157,10 @@ class PBCallback(TrainerCallback):
         self._refuse_a_round_without_metric()
         self._training = False
         ctl = self.controller
-        if not ctl.done:  # the Trainer's step or epoch budget ran out first
-            ctl.finish("the Trainer's step or epoch budget ran out")
+        if not ctl.done:  # the Trainer stopped first
+            budget = state.max_steps > 0 and state.global_step >= state.max_steps
+            ctl.finish("the Trainer's step or epoch budget ran out" if budget else
+                       "the Trainer stopped (control.should_training_stop: another callback)")
         elif self._resumed_complete:
             ctl.restore_best()
         if state.is_world_process_zero:

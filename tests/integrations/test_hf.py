@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from safetensors.torch import load_file  # noqa: E402
-from transformers import Trainer, TrainingArguments, default_data_collator  # noqa: E402
+from transformers import (EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments,  # noqa: E402
+                          default_data_collator)
 
 import pbp_fx  # noqa: E402
 from pbp_fx.errors import TrainingError  # noqa: E402
@@ -205,6 +206,24 @@ def test_refusals_are_one_line_pb_errors(tmp_path, perforated_bert):
         plain.train()
 
 
+def test_early_stopping_callback_is_refused_before_any_step(tmp_path, perforated_bert):
+    # Its patience would run out inside a dendrite phase (the score is constant there), ending the run
+    # with the candidates dropped and "the budget ran out" recorded as the reason.
+    trainer, _ = _trainer(tmp_path, PBCallback(QUICK), perforated_bert(), metric_for_best_model="eval_loss")
+    trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=2))
+    with pytest.raises(TrainingError, match="EarlyStoppingCallback would end the run inside a dendrite phase.*remove it"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_a_checkpoint_ranking_by_another_metric_is_warned_of(tmp_path, perforated_bert):
+    # PB rewinds by its own metric; a checkpoint ranked by another holds weights that did not score its label.
+    trainer, _ = _trainer(tmp_path, PBCallback(QUICK, metric="eval_loss"), perforated_bert(), num_train_epochs=1,
+                          metric_for_best_model="eval_runtime", greater_is_better=False)
+    with pytest.warns(UserWarning, match="follows eval_loss but the Trainer ranks checkpoints by metric_for_best_model"):
+        trainer.train()
+
+
 # The Trainer saves model.state_dict() with safetensors, which takes tensors only: that holds in
 # the dendrite phase too (CandidatePool keeps its batch count as a tensor extra state).
 def test_trainer_checkpoints_in_the_dendrite_phase(tmp_path, perforated_bert):
@@ -366,3 +385,19 @@ def test_label_smoothing_trains_a_model_perforated_without_labels(tmp_path):
     assert len(cb.controller.history) >= 2
     with pytest.raises(AttributeError):
         pbp_fx.perforate(torch.nn.Linear(2, 2), (torch.randn(1, 2),)).config
+
+
+def test_the_finish_note_says_whether_the_budget_or_another_callback_ended_the_run(tmp_path, perforated_bert):
+    class StopAtEpochTwo(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.epoch >= 2
+
+    cb = PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert())
+    trainer.add_callback(StopAtEpochTwo())
+    trainer.train()
+    assert cb.controller.history[-1]["note"] == "the Trainer stopped (control.should_training_stop: another callback)"
+    cb = PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=2)
+    trainer.train()
+    assert cb.controller.history[-1]["note"] == "the Trainer's step or epoch budget ran out"
