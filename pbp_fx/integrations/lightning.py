@@ -46,7 +46,6 @@ class PBCallback(Callback):
         self._resumed: Optional[dict] = None  # state from a checkpoint, applied at fit start
         self._structure_hook = None  # while fitting starts: see setup()
         self._held_stoppers: dict = {}  # EarlyStopping index -> its patience, while a dendrite phase holds it
-        self._resumed_complete = False  # resumed from a checkpoint of a finished PB run
 
     # -- checkpoints: Lightning saves and restores a callback's state_dict -----------------
     def state_dict(self) -> dict:
@@ -91,6 +90,17 @@ class PBCallback(Callback):
         if trainer.world_size > 1:
             raise TrainingError("PBCallback runs on one device: a restructure changes the parameters that "
                                 "Lightning's DDP wrapper was built on; use devices=1")
+        if not trainer.enable_validation:
+            raise TrainingError(f"PBCallback decides on the validation metric {self.monitor!r}, but this fit runs no "
+                                "validation: define validation_step, pass val_dataloaders (or a datamodule's "
+                                "val_dataloader) and keep limit_val_batches > 0")
+        for saver in trainer.checkpoint_callbacks:
+            monitored = getattr(saver, "monitor", None)
+            if monitored is not None and monitored != self.monitor:
+                rank_zero_warn(f"PBCallback follows {self.monitor!r} but a ModelCheckpoint ranks by {monitored!r}: a "
+                               f"checkpoint saved at a PB rewind (a dendrite phase's start, a retry, the end) holds "
+                               f"PB's best weights by {self.monitor!r}, not the weights that scored its recorded "
+                               f"{monitored!r}; monitor the same metric, or use the model PB leaves at fit end")
         pm = find_perforated(pl_module, "PBCallback")
         if self._structure_hook is not None:  # the checkpoint (if any) is loaded: later loads are PB's own
             self._structure_hook.remove()
@@ -114,7 +124,7 @@ class PBCallback(Callback):
             self._resumed = None
         if self.controller.done:  # PB finished (a checkpoint written then, or fit() again): nothing left to train
             # (min_epochs may still train on: on_fit_end loads the best model back)
-            trainer.should_stop = self._resumed_complete = True
+            trainer.should_stop = True
         for scheduler_config in trainer.lr_scheduler_configs:
             self.controller.attach_scheduler(scheduler_config.scheduler)
 
@@ -146,21 +156,34 @@ class PBCallback(Callback):
     def _hold_early_stopping(self, trainer) -> None:
         """EarlyStopping callbacks wait while a dendrite phase runs: the validation score cannot
         change there (the model's output does not), so they would end the run and drop the
-        candidates. Their patience is held at the phase's start and given back, whole, at its end."""
+        candidates. Their patience is held at the phase's start and given back, whole, at the
+        first training batch after its end (`_give_back_patience`)."""
         stoppers = trainer.early_stopping_callbacks
         if self.controller.pm.phase == "dendrite" and not self._held_stoppers:
             self._held_stoppers = {i: es.patience for i, es in enumerate(stoppers)}
             for es in stoppers:
                 es.patience = _HELD_PATIENCE
-        elif self.controller.pm.phase != "dendrite" and self._held_stoppers:
+
+    def _give_back_patience(self, trainer) -> None:
+        """After a dendrite phase: not at the install's validation, whose score (the model before the
+        install) an EarlyStopping checking at the training epoch's end counts after this callback's
+        on_validation_end; at the next training batch every stopper has seen that validation."""
+        if self._held_stoppers and (self.controller is None or self.controller.pm.phase != "dendrite"):
+            stoppers = trainer.early_stopping_callbacks
             for i, patience in self._held_stoppers.items():
                 if i < len(stoppers):
                     stoppers[i].patience, stoppers[i].wait_count = patience, 0
             self._held_stoppers = {}
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._give_back_patience(trainer)
+
     def on_fit_end(self, trainer, pl_module):
         ctl = self.controller
-        if self._resumed_complete:
+        self._give_back_patience(trainer)  # the user's callbacks as they were
+        if ctl is not None and ctl.done:
+            # PB may have finished before the Trainer did (min_epochs trains on; a resumed finished run):
+            # the best-validation model is the one fit leaves.
             self._resumed_complete = False
             ctl.restore_best()
         if ctl is not None and not ctl.done:  # the Trainer stopped first

@@ -304,3 +304,57 @@ def test_manual_optimization_makes_the_automatic_runs_decisions():
         histories.append([(h["phase"], h["note"], h["score"]) for h in cb.controller.history])
         assert cb.controller.done and pm.dendrites == 1
     assert histories[0] == histories[1]
+
+
+def test_early_stopping_checking_at_epoch_end_gets_its_patience_whole_after_the_install():
+    """EarlyStopping's default check runs at the training epoch's end, after this callback's
+    on_validation_end: the install's validation (the model before the install) must not count
+    against the patience given back, or patience=1 ends the run at the install and drops the dendrite."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    train, val = digits_loaders()
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    stopper = EarlyStopping("val_acc", mode="max", patience=1)
+    cb = PBCallback(QUICK, monitor="val_acc", mode="max")
+    trainer = L.Trainer(max_epochs=40, callbacks=[cb, stopper], accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(Classifier(pbp_fx.perforate(mlp, torch.zeros(2, 1, 8, 8))), train, val)
+    history = cb.controller.history
+    installed = next(i for i, h in enumerate(history) if "installed dendrite 1" in h["note"])
+    assert "the Trainer stopped" not in history[installed + 1]["note"], history  # it trained on after the install
+    assert min(cb.controller.pm.num_dendrites.values()) >= 1 and stopper.patience == 1
+
+
+def test_the_best_model_is_loaded_when_min_epochs_trains_on_after_pb_finished():
+    train, val = digits_loaders()
+    pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+    cb = PBCallback(QUICK, monitor="val_acc", mode="max")
+    trainer = _trainer(cb, max_epochs=40, min_epochs=14)
+    trainer.fit(Classifier(pm), train, val)
+    assert cb.controller.done and len(cb.controller.history) < trainer.current_epoch  # Lightning trained on
+    best = cb.controller.best_state
+    assert all(torch.equal(v, best[k]) for k, v in pm.state_dict().items())
+
+
+def test_a_fit_without_validation_is_refused_before_any_step():
+    train, val = digits_loaders()
+    for loaders, kw in [((train,), {}), ((train, val), {"limit_val_batches": 0})]:
+        trainer = _trainer(PBCallback(QUICK), max_epochs=2, **kw)
+        with pytest.raises(TrainingError, match="this fit runs no validation: define validation_step, pass "
+                                                "val_dataloaders"):
+            trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), *loaders)
+        assert trainer.global_step == 0
+
+
+def test_a_model_checkpoint_ranking_by_another_metric_is_warned_of(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, val = digits_loaders()
+    trainer = L.Trainer(max_epochs=1, callbacks=[PBCallback(QUICK, monitor="val_acc", mode="max"),
+                                                 ModelCheckpoint(dirpath=tmp_path, monitor="val_loss")],
+                        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    with pytest.warns(UserWarning, match="follows 'val_acc' but a ModelCheckpoint ranks by 'val_loss'"):
+        trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
