@@ -126,14 +126,19 @@ def _accuracy():
 
 
 # -- latency -------------------------------------------------------------------------------
-def onnx_latency_ms(model, example_inputs, repeats: int = 200) -> float:
+def onnx_latency_ms(model, example_inputs, repeats: int = 200, example_kwargs: Optional[dict] = None) -> float:
     """Median ONNX Runtime (CPU, 1 thread) latency of one call at the example inputs' batch."""
     from .exporters import export_onnx, ort_session, run
+    from .exporters.onnx import graph_inputs
+    from .perforated import PerforatedModel, perforate
 
+    if example_kwargs and not isinstance(model, PerforatedModel):
+        # Only a captured graph orders keyword inputs for the file; a capture without dendrites is exact.
+        model = perforate(model, example_inputs, example_kwargs=example_kwargs)
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, example_inputs, os.path.join(tmp, "model.onnx"))
+        path = export_onnx(model, example_inputs, os.path.join(tmp, "model.onnx"), example_kwargs=example_kwargs)
         session = ort_session(path, device="cpu", threads=1)
-    arrays = tuple(t.numpy() for t in example_inputs)
+    arrays = tuple(t.numpy() for t in graph_inputs(model, example_inputs, example_kwargs) if isinstance(t, torch.Tensor))
     for _ in range(20):
         run(session, arrays)
     times = []
@@ -195,7 +200,7 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
         row["target_params"] = spec.target
     if latency:
         model.eval()
-        row["latency_ms"] = onnx_latency_ms(model, inputs)
+        row["latency_ms"] = onnx_latency_ms(model, inputs, example_kwargs=example_kwargs(mod))
     return row
 
 

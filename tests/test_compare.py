@@ -191,3 +191,22 @@ def test_plain_is_not_cut_short_by_a_cap_on_pbs_neuron_phases():
     assert plain["epochs"] == 10  # patience 50 never ran out: the --epochs budget, not the 3-epoch cap
     restarts = train_restarts(torch.nn.Linear(6, 2), loaders, torch.nn.functional.cross_entropy, config, training)
     assert restarts["restarts"] == 1  # PB's schedule still: a 3-epoch phase, an empty dendrite phase, an "install"
+
+
+def test_latency_of_a_model_file_with_keyword_inputs(tmp_path):
+    """example_kwargs() reach the latency export of every arm (the plain one's too): it failed after
+    the arm had trained, and threw the arm away."""
+    from pbp_fx.compare import RunSpec, run_arm
+
+    path = tmp_path / "kw.py"
+    keyword = TINY.replace("def forward(self, x):\n        return self.fc2(torch.relu(self.fc1(x)))",
+                           "def forward(self, x, shift=None):\n        return self.fc2(torch.relu(self.fc1(x + shift)))")
+    with_shift = keyword.replace("return TensorDataset(x[:180], y[:180]), TensorDataset(x[180:240], y[180:240]), "
+                                 "TensorDataset(x[240:], y[240:])",
+                                 "s = torch.zeros_like(x)\n    return (TensorDataset(x[:180], s[:180], y[:180]), "
+                                 "TensorDataset(x[180:240], s[180:240], y[180:240]), TensorDataset(x[240:], s[240:], y[240:]))")
+    assert TINY != keyword != with_shift
+    path.write_text(with_shift + "\ndef example_kwargs():\n    return {'shift': torch.zeros(2, 6)}\n")
+    for arm in ("plain", "pb"):
+        row = run_arm(str(path), RunSpec(arm, 0, 1.0), **BUDGET)
+        assert 0 < row["latency_ms"] < 1000, row
