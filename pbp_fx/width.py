@@ -192,9 +192,12 @@ class WidthBuilder:
     def _build_channels(self, channels: int) -> tuple[nn.Module, int]:
         """build_model(width=channels), or at the nearest width it accepts (a model may require,
         e.g., a multiple of its head count)."""
-        first = None
+        first, rng = None, torch.get_rng_state()
         for c in sorted(range(max(1, channels - self.base_width), channels + self.base_width + 1),
                         key=lambda c: (abs(c - channels), -c)):
+            # A refused width may have drawn weights before it raised: each try starts from the same
+            # state, so the width built gets the weights a direct build_model(width=c) would.
+            torch.set_rng_state(rng)
             try:
                 model = self.build_model(width=c)
             except Exception as exc:  # noqa: BLE001 - the model's own constraint on its width

@@ -192,3 +192,21 @@ def test_bad_width_is_refused():
         with pytest.raises(WidthError, match="positive"):
             WidthBuilder.from_module(mnist1d_mlp).build(bad)
     assert math.isclose(WidthBuilder.from_module(mnist1d_mlp).scaled(0.25).width, 0.25)
+
+
+def test_a_width_the_model_refuses_does_not_shift_the_weights_of_the_one_built():
+    """build_model may draw weights before it refuses a width: the width built instead must get the
+    weights a direct build at it gets (compare promises every arm of a seed the same initial weights)."""
+    def build_model(width=8):
+        first = nn.Linear(5, width)  # draws before the check below
+        if width % 2:
+            raise ValueError("width must be even (grouped conv)")
+        return nn.Sequential(first, nn.Conv1d(width, width, 1, groups=2))
+
+    builder = WidthBuilder(build_model, lambda: (torch.randn(2, 5),), 8)
+    torch.manual_seed(0)
+    built = builder.scaled(7 / 8)  # 7 is refused; its nearest accepted width, 8, is built
+    torch.manual_seed(0)
+    direct = build_model(width=8)
+    assert built.width == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(built.model.state_dict().values(), direct.state_dict().values()))
