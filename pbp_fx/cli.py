@@ -671,6 +671,8 @@ def run_onnx(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.model):
         raise PBError(f"ONNX file {args.model} does not exist")
     if args.output:
+        if os.path.splitext(args.output)[1].lower() not in (".npy", ".npz"):
+            raise PBError(f"--output {args.output}: name it .npy (the first output) or .npz (every output by name)")
         check_output_file(args.output, "--output")
     arrays = []
     for name in args.input:
@@ -715,7 +717,7 @@ def run_onnx(args: argparse.Namespace) -> int:
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:  # a file object: np.save(z) would append .npy (.npz) to a path
-                if args.output.endswith(".npz"):
+                if args.output.lower().endswith(".npz"):
                     np.savez(f, **dict(zip(names, outputs)))
                 else:
                     np.save(f, outputs[0], allow_pickle=False)

@@ -387,6 +387,9 @@ def test_export_checkpoint_check_and_run(tmp_path, capsys):
     with torch.no_grad():
         ref = pm(torch.from_numpy(x)).numpy()
     assert np.abs(np.load(tmp_path / "y.npy") - ref).max() <= 1e-4
+    assert main(["run", out, "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.NPZ")]) == 0
+    with np.load(tmp_path / "y.NPZ") as saved:  # an archive whatever the suffix's case
+        assert np.abs(saved[saved.files[0]] - ref).max() <= 1e-4
 
 
 RELU6_MLP = """
@@ -639,6 +642,7 @@ BAD_VALUES = [
     (["run", "ONNX", "--input", "X", "--output", "FILE/y.npy"], "is a file, not a directory"),
     (["run", "ONNX", "--input", "X", "--device", "tpu"], "invalid choice"),
     (["run", "OUT/none.onnx", "--input", "X", "--output", "OUT/y.npy"], "does not exist"),
+    (["run", "ONNX", "--input", "X", "--output", "OUT/y.txt"], "y.txt: name it .npy (the first output) or .npz"),
 ]
 
 
