@@ -78,7 +78,8 @@ class PBCallback(TrainerCallback):
         if self._metric is None and args.metric_for_best_model:  # the metric the user's Trainer ranks by
             gib = self._greater_is_better if self._greater_is_better is not None else args.greater_is_better
             self.metric, self.maximize = _direction(args.metric_for_best_model, gib)
-        elif args.metric_for_best_model and _direction(args.metric_for_best_model, None)[0] != self.metric:
+        elif (args.metric_for_best_model and args.save_strategy != "no"
+              and _direction(args.metric_for_best_model, None)[0] != self.metric):
             warnings.warn(
                 f"PBCallback follows {self.metric} but the Trainer ranks checkpoints by metric_for_best_model="
                 f"{args.metric_for_best_model}: a checkpoint saved at a PB rewind (a dendrite phase's start, a retry, "

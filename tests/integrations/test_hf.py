@@ -219,7 +219,7 @@ def test_early_stopping_callback_is_refused_before_any_step(tmp_path, perforated
 def test_a_checkpoint_ranking_by_another_metric_is_warned_of(tmp_path, perforated_bert):
     # PB rewinds by its own metric; a checkpoint ranked by another holds weights that did not score its label.
     trainer, _ = _trainer(tmp_path, PBCallback(QUICK, metric="eval_loss"), perforated_bert(), num_train_epochs=1,
-                          metric_for_best_model="eval_runtime", greater_is_better=False)
+                          metric_for_best_model="eval_runtime", greater_is_better=False, save_strategy="epoch")
     with pytest.warns(UserWarning, match="follows eval_loss but the Trainer ranks checkpoints by metric_for_best_model"):
         trainer.train()
 
