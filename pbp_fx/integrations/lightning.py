@@ -180,17 +180,16 @@ class PBCallback(Callback):
 
     def on_fit_end(self, trainer, pl_module):
         ctl = self.controller
-        self._give_back_patience(trainer)  # the user's callbacks as they were
         if ctl is not None and ctl.done:
             # PB may have finished before the Trainer did (min_epochs trains on; a resumed finished run):
             # the best-validation model is the one fit leaves.
-            self._resumed_complete = False
             ctl.restore_best()
-        if ctl is not None and not ctl.done:  # the Trainer stopped first
+        elif ctl is not None:  # the Trainer stopped first
             budget = (trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs) or (
                 trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps)
             ctl.finish("the Trainer's epoch or step budget ran out" if budget else
                        "the Trainer stopped (trainer.should_stop: EarlyStopping or another callback)")
+        self._give_back_patience(trainer)  # (after finish: a run ended in a dendrite phase holds them still)
 
 
 def _groups_of_configure_optimizers(pl_module):

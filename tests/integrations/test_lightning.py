@@ -1,4 +1,6 @@
 """pbp_fx.integrations.lightning.PBCallback in a real lightning.pytorch.Trainer (small CNN, CPU)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -272,6 +274,14 @@ def test_early_stopping_waits_through_a_dendrite_phase():
     dendrite_epochs = sum(h["phase"] == "dendrite" for h in cb.controller.history)
     assert any("installed dendrite 1" in n for n in notes) and dendrite_epochs > stopper.patience, cb.controller.history
     assert stopper.patience == 2
+    # A fit that ends inside a dendrite phase gives the held patience back too.
+    stopper = EarlyStopping("val_acc", mode="max", patience=2)
+    cb = PBCallback(QUICK.replace(dendrite_patience=4, max_dendrite_epochs=6), monitor="val_acc", mode="max")
+    trainer = L.Trainer(max_epochs=5, callbacks=[stopper, cb], accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(Classifier(pbp_fx.perforate(copy.deepcopy(mlp), torch.zeros(2, 1, 8, 8))), train, val)
+    assert cb.controller.history[-2]["phase"] == "dendrite" and stopper.patience == 2, cb.controller.history
 
 
 class ManualClassifier(Classifier):
