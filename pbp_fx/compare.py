@@ -15,6 +15,9 @@ score is read at the best-validation epoch. Arms:
   plain-matched  a plain model scaled to the parameter count pb ended with (same seed, +-5%)
   original       with width < 1: the model at width 1 (the "N% smaller at equal accuracy" question)
 
+Parameters are those the model's outputs depend on at the example inputs (`width.used_parameters`),
+for every arm: a module `forward` never calls counts in no arm, as in PB's captured graph.
+
 Outputs (with `out`): compare.md, compare.json, compare.png.
 """
 from __future__ import annotations
@@ -40,7 +43,7 @@ from .job import DEFAULT_MODEL, load_job_module, make_loaders
 from .modelfile import check_metric_direction, example_kwargs, instantiate, task_functions
 from .schedule import Kind, PhaseSchedule
 from .training import evaluate, train_epoch
-from .width import WidthBuilder, WidthError, num_parameters
+from .width import WidthBuilder, WidthError
 
 __all__ = ["compare", "CompareError", "ARMS", "train_plain", "train_restarts", "train_perforated",
            "run_arm", "summarize", "paired", "verdict", "markdown", "plot"]
@@ -191,9 +194,9 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
                                       include, exclude, metric=metric, example_kwargs=example_kwargs(mod))
         params = model.num_parameters()
     elif spec.arm == "restarts":
-        out, params = train_restarts(model, loaders, loss_fn, config, training, metric), num_parameters(model)
+        out, params = train_restarts(model, loaders, loss_fn, config, training, metric), builder.params(model)
     else:
-        out, params = train_plain(model, loaders, loss_fn, config, training, metric), num_parameters(model)
+        out, params = train_plain(model, loaders, loss_fn, config, training, metric), builder.params(model)
     row.update(out, seconds=time.perf_counter() - t0, params=params)
     row["test"] = evaluate(model, loaders[2], metric, data="test")
     if spec.target is not None:

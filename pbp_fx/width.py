@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from .errors import PBError
+from .modelfile import example_kwargs
 
-__all__ = ["WidthError", "WidthBuilder", "ScaledModel", "shrink", "num_parameters", "PARAM_TOLERANCE"]
+__all__ = ["WidthError", "WidthBuilder", "ScaledModel", "shrink", "num_parameters", "used_parameters",
+           "PARAM_TOLERANCE"]
 
 PARAM_TOLERANCE = 0.05  # a parameter-matched model is within +-5% of its target
 
@@ -35,6 +37,38 @@ class WidthError(PBError, ValueError):
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def used_parameters(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[dict] = None) -> int:
+    """Parameters the model's outputs depend on at the example inputs, shared ones once: what a
+    captured graph (a PerforatedModel's count) and an exported file hold. A module `forward`
+    never calls is not counted. The model's buffers, flags and the RNG are left as they were."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # e.g. BatchNorm's running stats
+    seen, used, stack = set(), {}, []
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            for p in params:
+                p.requires_grad_(True)
+            out = model(*example_inputs, **(example_kwargs or {}))
+            stack = [t.grad_fn for t in _outputs(out) if t.grad_fn is not None]
+            while stack:  # the autograd graph's leaves are the parameters used
+                fn = stack.pop()
+                if fn is None or fn in seen:
+                    continue
+                seen.add(fn)
+                leaf = getattr(fn, "variable", None)
+                if isinstance(leaf, nn.Parameter):
+                    used[id(leaf)] = leaf.numel()
+                stack.extend(f for f, _ in fn.next_functions)
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return sum(used.values()) if used else num_parameters(model)
 
 
 def _outputs(value) -> list[torch.Tensor]:
@@ -157,6 +191,7 @@ class WidthBuilder:
     build_model: Callable[..., nn.Module]
     example_inputs: Callable[[], tuple]
     base_width: Optional[int]
+    example_kwargs: Callable[[], dict] = dict
 
     @classmethod
     def from_module(cls, mod) -> "WidthBuilder":
@@ -168,7 +203,7 @@ class WidthBuilder:
         if param is not None and isinstance(param.default, int) and not isinstance(param.default, bool) \
                 and param.default > 0:
             base = param.default
-        return cls(mod.build_model, mod.example_inputs, base)
+        return cls(mod.build_model, mod.example_inputs, base, lambda: example_kwargs(mod))
 
     @property
     def method(self) -> str:
@@ -177,6 +212,11 @@ class WidthBuilder:
     def _inputs(self) -> tuple:
         inputs = self.example_inputs()
         return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+    def params(self, model: nn.Module) -> int:
+        """The parameters `model` uses at the example inputs (`used_parameters`): the count every
+        arm of a comparison is measured by."""
+        return used_parameters(model, self._inputs(), self.example_kwargs())
 
     def _check(self, width: float) -> None:
         if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
@@ -226,7 +266,7 @@ class WidthBuilder:
             width = channels / self.base_width
         else:
             model = self.build(width)
-        return ScaledModel(model, width, num_parameters(model), self.method)
+        return ScaledModel(model, width, self.params(model), self.method)
 
     def for_params(self, target: float, tolerance: float = PARAM_TOLERANCE) -> ScaledModel:
         """A model of this structure with `target` parameters (+-tolerance): the nearest uniform
@@ -238,7 +278,7 @@ class WidthBuilder:
 
         def count(width: float) -> int:
             torch.set_rng_state(rng)  # every trial build draws the same weights
-            return num_parameters(self.build(width))
+            return self.params(self.build(width))
 
         if self.base_width is not None:
             step = 1.0 / self.base_width
@@ -285,7 +325,7 @@ class WidthBuilder:
         found, previous = None, None
         for n in range(1, 1 << 12):
             for model in (trim(lambda i, n=n: i == n - 1), trim(lambda i, n=n: i < n)):
-                params = num_parameters(model)
+                params = self.params(model)
                 if abs(params - target) <= tolerance * target and (
                         found is None or abs(params - target) < abs(found.params - target)):
                     found = ScaledModel(model, wide, params, self.method + " + torch-pruning")

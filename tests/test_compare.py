@@ -210,3 +210,18 @@ def test_latency_of_a_model_file_with_keyword_inputs(tmp_path):
     for arm in ("plain", "pb"):
         row = run_arm(str(path), RunSpec(arm, 0, 1.0), **BUDGET)
         assert 0 < row["latency_ms"] < 1000, row
+
+
+def test_a_module_forward_never_calls_counts_in_no_arm(tmp_path):
+    """Plain arms counted every module's parameters, PB its captured graph's: a model file with an
+    unused module gave plain 244 against pb 227 with nothing installed, and sized plain-matched by it."""
+    from pbp_fx.compare import RunSpec, run_arm
+
+    path = tmp_path / "unused.py"
+    path.write_text(TINY.replace("self.fc2 = nn.Linear(width, 3)",
+                                 "self.fc2 = nn.Linear(width, 3)\n        self.spare = nn.Linear(width, width)"))
+    used = 6 * 8 + 8 + 8 * 3 + 3
+    for arm in ("plain", "restarts"):
+        assert run_arm(str(path), RunSpec(arm, 0, 1.0), latency=False, **BUDGET)["params"] == used
+    matched = run_arm(str(path), RunSpec("plain-matched", 0, 1.0, target=used), latency=False, **BUDGET)
+    assert matched["params"] == used and matched["width"] == 1.0

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from pbp_fx.models import digits_mlp, mnist1d_cnn, mnist1d_mlp, resnet_small, tiny_transformer
-from pbp_fx.width import PARAM_TOLERANCE, WidthBuilder, WidthError, num_parameters
+from pbp_fx.width import PARAM_TOLERANCE, WidthBuilder, WidthError, num_parameters, used_parameters
 
 warnings.filterwarnings("ignore", module="torch_pruning")
 
@@ -210,3 +210,39 @@ def test_a_width_the_model_refuses_does_not_shift_the_weights_of_the_one_built()
     direct = build_model(width=8)
     assert built.width == 1.0
     assert all(torch.equal(a, b) for a, b in zip(built.model.state_dict().values(), direct.state_dict().values()))
+
+
+class _WithUnusedParts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.norm = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 2)
+        self.tied = nn.Linear(6, 6)
+        self.unused = nn.Linear(50, 50)  # built, never called by forward
+
+    def forward(self, x):
+        h = self.norm(torch.relu(self.fc(x)))
+        h = torch.nn.functional.linear(h, self.tied.weight)  # tied.bias unused
+        return torch.nn.functional.dropout(self.head(h), 0.5)
+
+
+def test_used_parameters_counts_what_the_outputs_depend_on_and_changes_nothing():
+    model = _WithUnusedParts().train()
+    model.fc.weight.requires_grad_(False)  # frozen: still a parameter the output uses
+    x = (torch.randn(8, 4),)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    used = used_parameters(model, x)
+    assert used == (4 * 6 + 6) + (6 + 6) + (6 * 2 + 2) + 6 * 6
+    assert used < num_parameters(model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # BatchNorm stats too
+    assert not model.fc.weight.requires_grad and model.head.weight.requires_grad
+
+
+def test_used_parameters_is_the_perforated_models_count():
+    from pbp_fx import perforate
+
+    model, x = _WithUnusedParts().eval(), (torch.randn(8, 4),)
+    assert perforate(model, x).num_parameters() == used_parameters(model, x)
