@@ -1,14 +1,19 @@
 """What the framework callbacks share: finding the perforated model and the torch optimizer and
-scheduler a framework holds (PhaseController adopts them)."""
+scheduler a framework holds (PhaseController adopts them), and giving the model the structure of
+a checkpoint the framework loads on resume."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
 
+from ..checkpoint import restore_structure
+from ..config import PBConfig
 from ..errors import TrainingError
 from ..perforated import PerforatedModel
 
-__all__ = ["find_perforated", "unwrap_optimizer", "unwrap_scheduler"]
+__all__ = ["find_perforated", "unwrap_optimizer", "unwrap_scheduler", "StructureOnLoad"]
 
 
 def find_perforated(model: nn.Module, who: str) -> PerforatedModel:
@@ -36,3 +41,35 @@ def unwrap_scheduler(scheduler):
     while scheduler is not None and hasattr(scheduler, "scheduler") and not hasattr(scheduler, "base_lrs"):
         scheduler = scheduler.scheduler
     return scheduler
+
+
+class StructureOnLoad:
+    """A load_state_dict pre-hook on a PerforatedModel for a framework's own resume, which loads
+    the model's state dict before any callback sees the checkpoint: a state dict saved in the
+    other phase first gets its structure (dendrites resize by themselves; a candidate pool needs
+    the dendrite phase started, with `config()`'s statistics settings). `remove()` it once the
+    checkpoint is loaded: later loads are PB's own."""
+
+    def __init__(self, pm: PerforatedModel, config: Callable[[], PBConfig]):
+        self.config = config
+        self._restoring = False  # restore_structure loads a state dict itself
+        self._handle = pm.register_load_state_dict_pre_hook(self)
+
+    def __call__(self, pm, state_dict, prefix, *args) -> None:
+        if self._restoring:
+            return
+        state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        pools = {k.split(".candidates.")[0]: v.shape[0] for k, v in state.items()
+                 if k.endswith(".candidates.copies.weight")}
+        if bool(pools) == (pm.phase == "dendrite"):
+            return
+        self._restoring = True
+        try:
+            sites = [{"pool": p} for p in pools.values()]
+            restore_structure(pm, state, {"phase": "dendrite" if pools else "neuron", "sites": sites},
+                              self.config().to_dict())
+        finally:
+            self._restoring = False
+
+    def remove(self) -> None:
+        self._handle.remove()

@@ -22,7 +22,8 @@ from ..checkpoint import load_controller, save
 from ..config import PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError
-from .common import find_perforated, unwrap_optimizer, unwrap_scheduler
+from ..perforated import PerforatedModel
+from .common import StructureOnLoad, find_perforated, unwrap_optimizer, unwrap_scheduler
 
 __all__ = ["PBCallback", "CHECKPOINT_NAME"]
 
@@ -52,6 +53,17 @@ class PBCallback(TrainerCallback):
         self._round_has_metric = False  # an evaluation since the last step had the metric
         self._before_first_step = False  # eval_on_start's evaluation (of a fresh or a resumed run) comes now
         self._resumed_complete = False  # resumed from a checkpoint of a finished PB run
+        self._structure_hook: Optional[StructureOnLoad] = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # trainer.train(resume_from_checkpoint=...) loads the model's state dict before any callback
+        # sees the checkpoint: the model first gets the structure it was saved with (a dendrite
+        # phase's pools), so that the Trainer's optimizer is rebuilt with the saved groups.
+        found = [m for m in model.modules() if isinstance(m, PerforatedModel)] if model is not None else []
+        if len(found) == 1 and self._structure_hook is None:
+            pm = found[0]
+            self._structure_hook = StructureOnLoad(
+                pm, lambda: self.config or PBConfig(mode=pm.mode, activation=pm.activation))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if args.load_best_model_at_end:
@@ -87,6 +99,9 @@ class PBCallback(TrainerCallback):
                 f"{args.metric_for_best_model}; rank by the same metric, or use the model PB leaves at the end",
                 stacklevel=2)
         pm = find_perforated(model, "PBCallback")
+        if self._structure_hook is not None:  # the checkpoint (if any) is loaded: later loads are PB's own
+            self._structure_hook.remove()
+            self._structure_hook = None
         # fp16: accelerate's optimizer wrapper holds the GradScaler; the pools divide its scale out
         pm.grad_scaler = getattr(optimizer, "scaler", None)
         opt = unwrap_optimizer(optimizer)

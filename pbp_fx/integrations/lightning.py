@@ -17,11 +17,10 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.trainer.states import TrainerFn
 
-from ..checkpoint import restore_structure
 from ..config import ConfigError, PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError
-from .common import find_perforated, unwrap_optimizer
+from .common import StructureOnLoad, find_perforated, unwrap_optimizer
 
 __all__ = ["PBCallback"]
 
@@ -67,21 +66,8 @@ class PBCallback(Callback):
         # Any stage: trainer.validate/test(module, ckpt_path=...) loads a checkpoint the same way.
         if self._structure_hook is None:
             pm = find_perforated(pl_module, "PBCallback")
-            self._structure_hook = pm.register_load_state_dict_pre_hook(self._match_structure)
-
-    def _match_structure(self, pm, state_dict, prefix, *args) -> None:
-        state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        pools = {k.split(".candidates.")[0]: v.shape[0] for k, v in state.items() if k.endswith(".candidates.copies.weight")}
-        if bool(pools) == (pm.phase == "dendrite"):
-            return
-        handle, self._structure_hook = self._structure_hook, None
-        handle.remove()  # restore_structure loads a state dict itself
-        try:
-            config = self.config or PBConfig(mode=pm.mode, activation=pm.activation)
-            sites = [{"pool": p} for p in pools.values()]
-            restore_structure(pm, state, {"phase": "dendrite" if pools else "neuron", "sites": sites}, config.to_dict())
-        finally:
-            self._structure_hook = pm.register_load_state_dict_pre_hook(self._match_structure)
+            self._structure_hook = StructureOnLoad(
+                pm, lambda: self.config or PBConfig(mode=pm.mode, activation=pm.activation))
 
     def on_fit_start(self, trainer, pl_module):
         if len(trainer.optimizers) != 1:

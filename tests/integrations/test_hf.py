@@ -236,6 +236,12 @@ def test_trainer_checkpoints_in_the_dendrite_phase(tmp_path, perforated_bert):
     assert phases == {"neuron", "dendrite"}
 
 
+def _same_run(again: list, history: list) -> None:
+    assert [h["note"] for h in again] == [h["note"] for h in history]
+    for a, b in zip(again, history):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.parametrize("phase", ["neuron", "dendrite", "complete"])
 def test_resume_from_a_trainer_checkpoint_continues_the_schedule(tmp_path, perforated_bert, phase):
     """trainer.train(resume_from_checkpoint=...) after pbp_fx.load of the callback's file gives the
@@ -259,16 +265,19 @@ def test_resume_from_a_trainer_checkpoint_continues_the_schedule(tmp_path, perfo
     resumed = PBCallback(QUICK)
     trainer, _ = _trainer(tmp_path / ("other" if phase == "neuron" else "whole"), resumed, model, save_strategy="epoch")
     trainer.train(resume_from_checkpoint=str(folder))
-    again = resumed.controller.history
+    _same_run(resumed.controller.history, history)
     if phase == "complete":  # nothing left to train: the best model comes back
         assert resumed.controller.done and trainer.state.global_step <= step + 1
         best = resumed.controller.best_state
         assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items() if k in best)
-    assert [h["note"] for h in again] == [h["note"] for h in history]
-    for a, b in zip(again, history):
-        assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
     if phase == "neuron":
         return
+    # Without the pbp_fx.load line: the callback gives the model the checkpoint's structure when
+    # the Trainer loads its state dict (the Trainer refused a dendrite phase's optimizer state).
+    plain = PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path / "whole", plain, perforated_bert(), save_strategy="epoch")
+    trainer.train(resume_from_checkpoint=str(folder))
+    _same_run(plain.controller.history, history)
     # A model without the checkpoint's structure: one line naming the fix (the Trainer itself
     # refuses first when its optimizer groups differ in size).
     with pytest.raises(pbp_fx.CheckpointError, match=r"pbp_fx.load\(path, model\)") as err:
@@ -401,3 +410,41 @@ def test_the_finish_note_says_whether_the_budget_or_another_callback_ended_the_r
     trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=2)
     trainer.train()
     assert cb.controller.history[-1]["note"] == "the Trainer's step or epoch budget ran out"
+
+
+class _NormedNet(torch.nn.Module):
+    """BatchNorm running statistics: held in a dendrite phase, given back at its end."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 2)
+
+    def forward(self, x, labels=None):
+        logits = self.fc2(torch.relu(self.norm(self.fc1(x))))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+def test_resume_inside_a_dendrite_phase_without_loading_first_on_a_batchnorm_model(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 8, generator=g)
+    y = ((x[:, 0] * x[:, 1] > 0) ^ (x[:, 2] > 0.5)).long()
+    rows = [{"x": a, "labels": b} for a, b in zip(x, y)]
+
+    def run(folder, resume=None):
+        torch.manual_seed(0)
+        model = pbp_fx.perforate(_NormedNet(), example_kwargs={"x": x[:4], "labels": y[:4]})
+        cb = PBCallback(QUICK)
+        trainer = Trainer(model=model, args=_args(folder, save_strategy="epoch", per_device_train_batch_size=64),
+                          train_dataset=rows[:256], eval_dataset=rows[256:], callbacks=[cb])
+        trainer.train(resume_from_checkpoint=resume)
+        return cb.controller, model
+
+    whole, model = run(tmp_path)
+    epoch = next(h["epoch"] for h in whole.history if h["phase"] == "dendrite") + 1
+    folder = sorted((d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")), key=lambda d: int(d[11:]))[epoch - 1]
+    assert pbp_fx.checkpoint.read_structure(str(tmp_path / folder / CHECKPOINT_NAME))["phase"] == "dendrite"
+    resumed, again = run(tmp_path, resume=str(tmp_path / folder))
+    _same_run(resumed.history, whole.history)
+    for k, v in model.state_dict().items():  # the BatchNorm buffers too
+        torch.testing.assert_close(again.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
