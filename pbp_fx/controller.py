@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import warnings
 import weakref
 from typing import Callable, Optional
 
@@ -220,6 +221,11 @@ class PhaseController:
             if not isinstance(optimizer, torch.optim.Optimizer):
                 raise ConfigError(f"optimizer_factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
         self.optimizer = optimizer
+        if any(g.get("relative_step") for g in optimizer.param_groups):
+            # Adafactor's relative_step computes its own step size and never reads the group's lr.
+            warnings.warn("the optimizer sets its own step size (relative_step=True), so PB's dendrite-phase rate "
+                          "(candidate_lr) has no effect: pass relative_step=False and an lr to let PB set it",
+                          stacklevel=2)
         self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
         _StepHook.register(self)
         for i, g in enumerate(optimizer.param_groups):

@@ -1,4 +1,6 @@
 """PhaseController decisions on scripted validation-score sequences (docs/algorithm.md)."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -564,3 +566,17 @@ def test_the_lr_cap_follows_the_live_controller_of_an_optimizer():
     twin.optimizer.register_step_pre_hook(lambda o, a, k: seen.append(o.param_groups[0]["lr"]))
     twin.optimizer.step()
     assert seen == [pytest.approx(0.05)]
+
+
+def test_an_optimizer_that_ignores_the_group_lr_is_warned_of():
+    """Adafactor's relative_step never reads lr: candidate_lr silently had no effect."""
+    transformers = pytest.importorskip("transformers")
+    pm = _pm()
+    adafactor = transformers.optimization.Adafactor(pm.trainable_parameters(), lr=None, relative_step=True)
+    with pytest.warns(UserWarning, match="relative_step=False"):
+        PhaseController(pm, optimizer=adafactor)
+    pm = _pm()
+    fixed = transformers.optimization.Adafactor(pm.trainable_parameters(), lr=1e-3, relative_step=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PhaseController(pm, optimizer=fixed)
