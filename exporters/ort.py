@@ -85,7 +85,16 @@ def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", thre
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     providers = [CUDA, CPU] if want_cuda else [CPU]
-    sess = ort.InferenceSession(model, sess_options=opts, providers=providers)
+    try:
+        sess = ort.InferenceSession(model, sess_options=opts, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind error classes
+        if type(exc).__name__ != "NotImplemented":
+            raise
+        # e.g. a float64 Conv: the CPU provider has float32 (and some float16) kernels only
+        where = "<bytes>" if isinstance(model, bytes) else model
+        raise RuntimeUnavailableError(
+            f"onnxruntime has no kernel for an op of {where} ({str(exc).splitlines()[0].split(' : ')[-1].strip()}): "
+            "a float64 model's convs have none; export the model in float32 (model.float())") from exc
     active = sess.get_providers()
     chosen = CUDA if CUDA in active else CPU
     if device == "cuda" and chosen != CUDA:

@@ -113,3 +113,17 @@ def test_run_bad_inputs(add_model):
 
 def test_available_providers():
     assert "CPUExecutionProvider" in ort_mod.available_providers()
+
+
+def test_an_op_without_a_kernel_names_the_fix(tmp_path):
+    """A float64 Conv: the CPU provider has no kernel; the error says to export in float32."""
+    d = onnx.TensorProto.DOUBLE
+    w = helper.make_tensor("w", d, [1, 1, 1, 1], [1.0])
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", d, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("y", d, [1, 1, 2, 2])], initializer=[w])
+    path = tmp_path / "double.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    with pytest.raises(RuntimeUnavailableError, match=r"no kernel .*Conv.*float32") as err:
+        ort_session(path, device="cpu")
+    assert "\n" not in str(err.value)
