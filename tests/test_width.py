@@ -201,7 +201,7 @@ def test_a_width_the_model_refuses_does_not_shift_the_weights_of_the_one_built()
         first = nn.Linear(5, width)  # draws before the check below
         if width % 2:
             raise ValueError("width must be even (grouped conv)")
-        return nn.Sequential(first, nn.Conv1d(width, width, 1, groups=2))
+        return nn.Sequential(first, nn.Unflatten(1, (width, 1)), nn.Conv1d(width, width, 1, groups=2))
 
     builder = WidthBuilder(build_model, lambda: (torch.randn(2, 5),), 8)
     torch.manual_seed(0)
