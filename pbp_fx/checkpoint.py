@@ -305,12 +305,23 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
     on stand-in inputs built from the recorded input signature, so no example inputs are
     needed (pass example_inputs / example_kwargs to use your own). The controller (its state
     is loaded after the model's, and rebinds its optimizer) and the optimizer, when given,
-    get their saved state too.
+    get their saved state too. Torch's random state is left as it was (a resume restores it
+    before or after loading alike).
     """
+    # Rebuilding draws: a base model's construction, a dendrite phase's candidates (overwritten).
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        return _load(path, model, example_inputs, controller, optimizer, example_kwargs)
+
+
+def _load(path, model, example_inputs, controller, optimizer, example_kwargs) -> PerforatedModel:
     meta, tensors = _read(path)
     if controller is not None and meta["format"] == FORMAT_V1 and "controller" in meta:
         raise CheckpointError(f"{_convert_hint(path)}: its controller state cannot be resumed; load the model with "
                               "pbp_fx.load(path, model, example_inputs) and save it to convert it to format 2")
+    if controller is not None and "controller" not in meta:
+        raise CheckpointError(f"checkpoint {path} has no controller state (saved without controller=): load it "
+                              "without controller=, then build the PhaseController on the loaded model")
     if not isinstance(model, PerforatedModel):
         if not isinstance(model, nn.Module):
             model = model()

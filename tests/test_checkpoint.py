@@ -455,3 +455,29 @@ def test_a_parts_checkpoint_with_the_old_site_names_loads_renamed(tmp_path):
     ctl2 = PhaseController(pm2)
     pbp_fx.checkpoint.load_controller(old, ctl2)  # its best weights renamed too
     assert ctl2.state_dict()["history"] == ctl.state_dict()["history"]
+
+
+@pytest.mark.parametrize("phase", ["neuron", "dendrite"])
+def test_load_leaves_torchs_random_state_alone(tmp_path, phase):
+    """Rebuilding draws (the base model, a dendrite phase's candidates): a resume that restored the
+    random state before loading diverged from the uninterrupted run."""
+    pm, _ = _trained_pm(phase)
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    for target in (_build, pbp_fx.perforate(_build(), (X,))):
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        assert pbp_fx.load(path, target).phase == phase
+        assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_controller_with_a_checkpoint_saved_without_one_is_refused(tmp_path):
+    """The controller was left in the neuron phase over a dendrite-phase model, its optimizer without
+    the candidates, until a raw RuntimeError at its next step."""
+    pm, _ = _trained_pm("dendrite")
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    target = pbp_fx.perforate(_build(), (X,))
+    with pytest.raises(pbp_fx.CheckpointError, match="no controller state.*without controller=") as err:
+        pbp_fx.load(path, target, controller=PhaseController(target))
+    assert "\n" not in str(err.value) and target.phase == "neuron"
