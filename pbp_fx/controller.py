@@ -200,6 +200,7 @@ class PhaseController:
         # Per attached ReduceLROnPlateau (by attach order): its counters while a dendrite phase holds it.
         self.plateau_held: dict[int, dict] = {}
         self.schedulers: list = []
+        self._carry_saved_scale: list = []  # schedulers attached with scaled=True (restored from the run)
         self._groups = WeakIdKeyDictionary()  # parameter -> the group it belongs to
         self.parameter_groups = parameter_groups
         # Parameters of the model that an adopted optimizer left out (a user's way of freezing a
@@ -276,10 +277,13 @@ class PhaseController:
         """Have the dendrite phase's lr factor applied to `scheduler.base_lrs` too (see module docstring).
 
         scaled: the scheduler's state was restored from this run (resume), so its base_lrs
-        carry the factor already. In a dendrite phase, a scheduler built on the optimizer then
+        carry the factor already (attached before or after the controller's state is loaded:
+        the same result). In a dendrite phase, a scheduler built on the optimizer then
         (its base_lrs are the groups' rates now) carries it too, and a ReduceLROnPlateau is held."""
         if scheduler not in self.schedulers:
             self.schedulers.append(scheduler)
+            if scaled:  # it carries the saved run's factor: a load_state_dict that follows leaves it alone
+                self._carry_saved_scale.append(scheduler)
             if self.lr_scale is None:
                 return
             rates = [float(g["lr"]) for g in self.optimizer.param_groups]
@@ -520,11 +524,14 @@ class PhaseController:
         self.history = copy.deepcopy(state["history"])
         scale = None if state.get("lr_scale") is None else list(state["lr_scale"])
         for sch in self.schedulers:  # attached before: from this controller's factor to the saved one
+            if any(sch is c for c in self._carry_saved_scale):
+                continue  # restored from the run (attach_scheduler(scaled=True)): it has the saved factor
             if self.lr_scale is not None:
                 self._scale_schedulers(sch, self.lr_scale, divide=True)
             if scale is not None:
                 self._scale_schedulers(sch, scale, divide=False)
         self.lr_scale = scale
+        self._carry_saved_scale = []  # every scheduler carries this controller's (now the saved) factor
         self.phase_start_lrs = state.get("phase_start_lrs")
         if not self._left_out_known and state.get("left_out"):
             params = dict(self.pm.named_parameters())

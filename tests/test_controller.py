@@ -580,3 +580,38 @@ def test_an_optimizer_that_ignores_the_group_lr_is_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PhaseController(pm, optimizer=fixed)
+
+
+@pytest.mark.parametrize("order", ["attach, then load", "load, then attach"])
+def test_a_restored_scheduler_keeps_the_saved_factor_in_either_order(order, tmp_path):
+    """A resume on a fresh model: the scheduler's state restored and attached with scaled=True before
+    pbp_fx.load brought the dendrite phase and the controller state was scaled by the phase's factor a
+    second time (eta_min and base_lrs 10x)."""
+    kw = dict(patience=1, dendrite_patience=5, candidate_lr=0.01, optimizer_factory=lambda p: torch.optim.Adam(p, 1e-3))
+    cosine = lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10, eta_min=1e-4)  # noqa: E731
+    pm = _pm()
+    ctl = PhaseController(pm, **kw)
+    sched = cosine(ctl.optimizer)
+    ctl.attach_scheduler(sched)
+    _run(ctl, [0.5, 0.5])
+    assert pm.phase == "dendrite"
+    ctl.optimizer.step(), sched.step()
+    saved, path = sched.state_dict(), str(tmp_path / "run.safetensors")
+    pbp_fx.save(pm, path, controller=ctl, optimizer=ctl.optimizer)
+    assert saved["eta_min"] == pytest.approx(1e-3) and saved["base_lrs"] == [pytest.approx(0.01)]
+    fresh = _pm()
+    again = PhaseController(fresh, **kw)
+    restored = cosine(again.optimizer)
+    if order == "attach, then load":
+        restored.load_state_dict(saved)
+        again.attach_scheduler(restored, scaled=True)
+        pbp_fx.load(path, fresh, controller=again, optimizer=again.optimizer)
+    else:
+        pbp_fx.load(path, fresh, controller=again, optimizer=again.optimizer)
+        restored.load_state_dict(saved)
+        again.attach_scheduler(restored, scaled=True)
+    assert fresh.phase == "dendrite"
+    assert restored.eta_min == pytest.approx(1e-3) and restored.base_lrs == [pytest.approx(0.01)]
+    _step_until_restructured(again)  # the install divides the factor out: the neuron schedule again
+    assert fresh.phase == "neuron" and restored.eta_min == pytest.approx(1e-4)
+    assert restored.base_lrs == [pytest.approx(1e-3)]
