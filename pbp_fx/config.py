@@ -118,6 +118,16 @@ class _Settings:
             raise ConfigError(f"{cls.__name__} has no setting {unknown[0]!r}: use one of {', '.join(sorted(names))}")
         return cls(**d)
 
+    @classmethod
+    def coerce(cls, value, where: str = "config"):
+        """`value` as this config: None and an instance as they are, a dict through from_dict;
+        anything else is refused in one line."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        raise ConfigError(f"{where} must be a {cls.__name__} (or a dict of its settings), got {type(value).__name__}")
+
     def replace(self, **changes):
         """A copy with `changes` applied (validated like a new config)."""
         names = {f.name for f in dataclasses.fields(self)}

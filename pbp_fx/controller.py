@@ -175,6 +175,7 @@ class PhaseController:
                  optimizer: Optional[torch.optim.Optimizer] = None, optimizer_factory: Optional[Callable] = None,
                  scheduler_factory: Optional[Callable] = None, distributed=None,
                  parameter_groups: Optional[Callable] = None, **overrides):
+        config = PBConfig.coerce(config, "PhaseController's config")
         if config is None:
             config = PBConfig(mode=pm.mode, activation=pm.activation)
         if overrides:

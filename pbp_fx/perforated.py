@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import fx, nn
 
+from .config import ConfigError
 from .errors import NoSitesError, TrainingError
 from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
@@ -495,12 +496,13 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     from pbp_fx.passes import find_sites, insert_dendrites
 
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}")
+        raise ConfigError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}",
+                          "activation", activation)
     if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is not supported: use 'pb' or 'gd'")
+        raise ConfigError(f"mode {mode!r} is not supported: use 'pb' or 'gd'", "mode", mode)
     if dynamic not in DYNAMIC_CHOICES:
-        raise ValueError(f"dynamic={dynamic!r} is not supported: use True (every dim where torch.export allows it), "
-                         "'batch' (the batch dim only) or False (static shapes)")
+        raise ConfigError(f"dynamic={dynamic!r} is not supported: use True (every dim where torch.export allows "
+                          "it), 'batch' (the batch dim only) or False (static shapes)", "dynamic", dynamic)
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     model = copy.deepcopy(model)

@@ -256,7 +256,8 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
     many training batches), scores and losses are summed over the ranks, and every rank
     takes rank 0's decisions. A rank's error is reported by the others.
     """
-    training = (training or TrainConfig()).replace(
+    config = PBConfig.coerce(config, "fit's config")
+    training = (TrainConfig.coerce(training, "fit's training") or TrainConfig()).replace(
         **{k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None})
     _check_loader(train_loader, "training")
     _check_loader(val_loader, "validation")

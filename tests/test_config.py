@@ -73,3 +73,30 @@ def test_numpy_numbers_are_accepted_and_stored_as_python_numbers():
     assert json.loads(json.dumps(cfg.to_dict()))["pool"] == 3
     with pytest.raises(ConfigError, match="pool=2.5: must be a whole number"):
         PBConfig(pool=2.5)
+
+
+def test_every_entry_point_takes_a_config_or_a_dict_and_refuses_the_rest():
+    """PhaseController(pm, {...}) and fit(config={...}) failed with an AttributeError; perforate's
+    settings raised a plain ValueError, not the ConfigError the API documents."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import pbp_fx
+
+    assert PBConfig.coerce({"patience": 3}) == PBConfig(patience=3) and PBConfig.coerce(None) is None
+    x = torch.randn(8, 3)
+    with pytest.raises(ConfigError, match="activation 'gelu' is not supported"):
+        pbp_fx.perforate(torch.nn.Linear(3, 2), (x,), activation="gelu")
+    with pytest.raises(ConfigError, match="mode 'x'"):
+        pbp_fx.perforate(torch.nn.Linear(3, 2), (x,), mode="x")
+    pm = pbp_fx.perforate(torch.nn.Linear(3, 2), (x,))
+    assert pbp_fx.PhaseController(pm, {"patience": 3}).config.patience == 3
+    with pytest.raises(ConfigError, match="must be a PBConfig .*got int"):
+        pbp_fx.PhaseController(pm, 3)
+    with pytest.raises(ConfigError, match="has no setting 'patiense'"):
+        pbp_fx.PhaseController(pm, {"patiense": 3})
+    loader = DataLoader(TensorDataset(x, torch.randint(0, 2, (8,))), batch_size=4)
+    run = pbp_fx.fit(pm, loader, loader, config={"patience": 1, "max_dendrites": 1}, training={"epochs": 2})
+    assert len(run.epochs) == 2
+    with pytest.raises(ConfigError, match="fit's training must be a TrainConfig"):
+        pbp_fx.fit(pm, loader, loader, training=[2])
