@@ -454,11 +454,12 @@ def train(args: argparse.Namespace) -> int:
     if not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
         raise PBError(f"--dist-timeout {args.dist_timeout}: must be a finite number of seconds greater than 0")
     if args.resume is not None:
-        given = [f for f, v in vars(args).items() if v is not None and f in _SETTING_DESTS]
+        given = [f for f, v in vars(args).items()
+                 if v is not None and (f in _SETTING_DESTS or f in ("out", "include", "exclude"))]
         if args.model is not None or given:
             what = "a model file" if args.model is not None else "--" + given[0].replace("_", "-")
-            raise PBError(f"--resume continues a run with its own model file and settings ({what} given): "
-                          "give --resume DIR alone")
+            raise PBError(f"--resume continues a run in its own folder with its own model file and settings "
+                          f"({what} given): give --resume DIR alone")
         config = training = None
     else:
         config, training = configs_from_args(args)

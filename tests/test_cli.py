@@ -627,6 +627,8 @@ BAD_VALUES = [
     (["train", DIGITS_FILE, "--out", "FILE/run"], "is a file, not a directory"),
     (["train", DIGITS_FILE, "--out", "FILE"], "is not a directory"),
     (["train", "--resume", "OUT/run", "--pool", "2"], "give --resume DIR alone"),
+    (["train", "--resume", "OUT/run", "--out", "OUT/other"], "(--out given): give --resume DIR alone"),
+    (["train", "--resume", "OUT/run", "--exclude", "fc*"], "(--exclude given): give --resume DIR alone"),
     (["export", DIGITS_FILE, "-o", "OUT/m.onnx", "--opset", "0"], "--opset 0: must be from 18"),
     (["export", DIGITS_FILE, "-o", "OUT/m.onnx", "--opset", "-1"], "must be from 18"),
     (["export", DIGITS_FILE, "-o", "OUT/m.onnx", "--opset", "nan"], "not a whole number"),
