@@ -340,7 +340,8 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     try:
         pm.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {_load_error_detail(exc)} (the model differs "
+                              "from the one saved)") from exc
     frozen = _collect("frozen/", tensors, plain)
     if frozen:
         pm.load_phase_buffers(frozen)
@@ -353,6 +354,14 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     if optimizer is not None:
         _load_optimizer(meta, tensors, plain, optimizer)
     return pm
+
+
+def _load_error_detail(exc: Exception, limit: int = 240) -> str:
+    """The first line of load_state_dict's error that names keys or shapes (its first line is a
+    header, "Error(s) in loading state_dict for ...:"), cut to `limit` characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines[1:]), lines[0] if lines else type(exc).__name__)
+    return detail if len(detail) <= limit else detail[:limit - 3].rstrip() + "..."
 
 
 def describe_structure(pm: PerforatedModel) -> dict:

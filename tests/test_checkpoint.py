@@ -481,3 +481,21 @@ def test_a_controller_with_a_checkpoint_saved_without_one_is_refused(tmp_path):
     with pytest.raises(pbp_fx.CheckpointError, match="no controller state.*without controller=") as err:
         pbp_fx.load(path, target, controller=PhaseController(target))
     assert "\n" not in str(err.value) and target.phase == "neuron"
+
+
+def test_a_model_with_another_parameter_is_refused_naming_the_key(tmp_path):
+    """The refusal kept only torch's header line ("Error(s) in loading state_dict for ...:")."""
+    class Scaled(nn.Sequential):
+        def __init__(self):
+            super().__init__(*_build())
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return super().forward(x) * self.scale
+
+    pm, _ = _trained_pm()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    with pytest.raises(pbp_fx.CheckpointError, match=r'does not fit this model: Missing key\(s\) .*"[\w.]*scale"') as err:
+        pbp_fx.load(path, pbp_fx.perforate(Scaled(), (X,)))
+    assert "\n" not in str(err.value)
