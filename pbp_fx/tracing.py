@@ -145,7 +145,11 @@ def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optio
                 raise TraceError(f"cannot trace module {where!r} ({_reason(exc)}) at {_user_frame(exc)}") from exc
             leaves.add(where)
             added.append(where)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    try:
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except SyntaxError as exc:  # fx's code for some signatures (a keyword-only input after a default) does not compile
+        raise TraceError(f"fx cannot write {type(model).__name__}.forward's signature back as code ({exc.msg}): "
+                         "use frontend='export'") from exc
     gm.meta["pbp_leaves"] = sorted(leaves)
     gm.meta["pbp_untraceable"] = list(added)
     return gm

@@ -7,6 +7,7 @@ from torch import fx, nn
 
 import pbp_fx
 from pbp_fx.site import Site
+from pbp_fx.errors import TraceError
 from pbp_fx.tracing import PBTracer, trace
 
 pytestmark = pytest.mark.usefixtures("seeded")
@@ -439,3 +440,26 @@ def test_a_lookup_table_and_a_nan_buffer_do_not_send_auto_to_export():
     pm = pbp_fx.perforate(_WithCodebookAndNaN(), (torch.tensor([1, 2, 3]),))
     meta = pm.graph_module.meta
     assert meta["pbp_frontend"] == "fx" and "pbp_frontend_choice" not in meta and list(pm.sites) == ["fc"]
+
+
+class _KeywordOnlyAfterDefault(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.emb = nn.Linear(6, 4), nn.Embedding(5, 4)
+
+    def forward(self, feats, mask=None, *, ids):
+        h = self.fc(feats) + self.emb(ids)
+        return h if mask is None else h * mask
+
+
+def test_a_signature_fx_cannot_write_back_falls_back_to_export():
+    """fx generated `def forward(self, feats, mask = None, ids)` (a SyntaxError): auto ended in a
+    traceback instead of trying torch.export."""
+    model = _KeywordOnlyAfterDefault()
+    kwargs = {"feats": torch.randn(3, 6), "ids": torch.randint(0, 5, (3,))}
+    with pytest.raises(TraceError, match="fx cannot write .*signature.*frontend='export'") as err:
+        pbp_fx.perforate(model, example_kwargs=kwargs, frontend="fx")
+    assert "\n" not in str(err.value)
+    pm = pbp_fx.perforate(model, example_kwargs=kwargs)
+    assert pm.graph_module.meta["pbp_frontend"] == "export"
+    torch.testing.assert_close(pm(**kwargs), model(**kwargs))
