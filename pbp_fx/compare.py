@@ -40,7 +40,7 @@ from .controller import default_optimizer
 from .errors import PBError
 from .fileio import atomic_write, check_output_dir
 from .job import DEFAULT_MODEL, load_job_module, make_loaders
-from .modelfile import check_metric_direction, example_kwargs, instantiate, task_functions
+from .modelfile import check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions
 from .schedule import Kind, PhaseSchedule
 from .training import evaluate, train_epoch
 from .width import WidthBuilder, WidthError
@@ -175,10 +175,11 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
             include=None, exclude=None, latency: bool = True) -> dict:
     """Train one arm at one seed on the model file's data; the row of compare.json."""
     mod = load_job_module(model_file)
-    _, inputs = instantiate(mod)
+    model_of_file, inputs = instantiate(mod)
     loss_fn, metric, _ = task_functions(mod)
     data = _datasets(mod, training.seed)  # one split for every arm and seed
-    loaders = make_loaders(data, training.batch_size, spec.seed)  # data order fixed by the seed
+    loaders = make_loaders(data, training.batch_size, spec.seed,  # data order fixed by the seed
+                           collate=keyword_collate(mod, model_of_file, len(inputs)))
     builder = WidthBuilder.from_module(mod)
     row = {"arm": spec.arm, "seed": spec.seed}
     torch.manual_seed(spec.seed)

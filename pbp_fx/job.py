@@ -24,7 +24,8 @@ from .config import ConfigError, PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
 from .errors import ModelFileError, TrainingError
 from .fileio import atomic_write, check_output_dir
-from .modelfile import check_metric_direction, example_kwargs, instantiate, load_model_file, task_functions, task_of
+from .modelfile import (check_metric_direction, example_kwargs, instantiate, keyword_collate, load_model_file,
+                        task_functions, task_of)
 from .perforated import perforate
 from .training import History, evaluate, fit
 
@@ -61,7 +62,7 @@ def _call_datasets(mod: ModuleType, seed: int):
     return data
 
 
-def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labels: bool) -> None:
+def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labels: bool, collate=None) -> None:
     """Refuse, before any work, data that the model, its loss or its metric cannot take (wrong shapes,
     targets out of range, an output the default loss cannot read, a metric that returns no
     (sum, count) pair): the first n samples of each dataset, batched, in eval mode and without
@@ -70,7 +71,7 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
     Training batches of one sample where a BatchNorm would see one value per channel."""
     from torch.utils.data import TensorDataset, default_collate
 
-    from .training import primary_output, split_batch
+    from .training import call_model, primary_output, split_batch
 
     # Values per channel each BatchNorm sees from one sample (its input's positions), from the first forward.
     positions: dict = {}
@@ -92,14 +93,16 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
             if size == 0:  # (refused with its own message where the loaders are checked)
                 continue
             try:
-                inputs, target = split_batch(default_collate([ds[i] for i in range(min(n, size))]))
+                inputs, target = split_batch((collate or default_collate)([ds[i] for i in range(min(n, size))]))
                 with torch.no_grad():
-                    output = model(*inputs)
+                    output = call_model(model, inputs)
                     float(loss_fn(output, target))
                     scored = metric(output, target)
                 if not (isinstance(scored, (tuple, list)) and len(scored) == 2):
                     raise TypeError(f"metric returned {type(scored).__name__}, not a (sum, count) pair")
                 float(scored[0]), float(scored[1])  # numbers (or one-element tensors): else a TypeError here
+            except ModelFileError:
+                raise  # the samples do not fit the model file's inputs: said as it is
             except Exception as exc:  # noqa: BLE001 - whatever the user's code raises, said in one line
                 first = (str(exc).strip().splitlines() or ["(no message)"])[0]
                 raise TrainingError(f"the first {name} samples fail in the model, its loss or its metric "
@@ -131,19 +134,21 @@ def _check_labels(labels: torch.Tensor, classes: int, name: str) -> None:
                             f"(labels 0..{classes - 1}): fix the labels or the model's number of outputs")
 
 
-def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, distributed=None):
+def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, distributed=None, collate=None):
     """Train (shuffled), validation and test loaders. distributed: this rank's shards, with
-    `batch_size` the global batch (see pbp_fx.distributed.Distributed.loader)."""
+    `batch_size` the global batch (see pbp_fx.distributed.Distributed.loader). collate: the
+    loaders' collate_fn (`modelfile.keyword_collate`; None: torch's default)."""
     train, val, test = data
+    extra = {} if collate is None else {"collate_fn": collate}
     if distributed is not None:
-        return (distributed.loader(train, batch_size, shuffle=True, seed=seed),
-                distributed.loader(val, eval_batch_size, train=False),
-                distributed.loader(test, eval_batch_size, train=False))
+        return (distributed.loader(train, batch_size, shuffle=True, seed=seed, **extra),
+                distributed.loader(val, eval_batch_size, train=False, **extra),
+                distributed.loader(test, eval_batch_size, train=False, **extra))
     g = torch.Generator().manual_seed(seed)
     # A last batch of one sample: BatchNorm cannot train on it (one value per channel), so it is left out.
     lone = len(train) > batch_size and len(train) % batch_size == 1
-    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g, drop_last=lone),
-            DataLoader(val, batch_size=eval_batch_size), DataLoader(test, batch_size=eval_batch_size))
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g, drop_last=lone, **extra),
+            DataLoader(val, batch_size=eval_batch_size, **extra), DataLoader(test, batch_size=eval_batch_size, **extra))
 
 
 def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = None,
@@ -193,9 +198,11 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     _check_finite_datasets(data)
     loss_fn, metric, metric_name = task_functions(mod)
     check_metric_direction(mod, config.maximize, ConfigError)
+    collate = keyword_collate(mod, model, len(inputs))
     _preflight(model, data, min(training.batch_size, 8), loss_fn, metric, training.batch_size,
-               task_of(mod) == "classification" and getattr(mod, "loss_fn", None) is None)
-    train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed)
+               task_of(mod) == "classification" and getattr(mod, "loss_fn", None) is None, collate)
+    train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed,
+                                                         collate=collate)
     base_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
     pm = perforate(model, inputs, include=include, exclude=exclude, activation=config.activation, mode=config.mode,

@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import os
 import sys
 from types import ModuleType
-
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .errors import ModelFileError
 
-__all__ = ["load_model_file", "instantiate", "example_kwargs", "task_functions", "task_of", "REQUIRED", "TASKS"]
+__all__ = ["load_model_file", "instantiate", "example_kwargs", "keyword_collate", "KeywordCollate", "task_functions",
+           "task_of", "REQUIRED", "TASKS"]
 
 REQUIRED = ("build_model", "example_inputs")
 TASKS = ("classification", "regression")
@@ -119,6 +120,45 @@ def example_kwargs(mod: ModuleType) -> dict:
         raise ModelFileError(f"example_kwargs() in {where!r} returned {type(kwargs).__name__}, "
                              "not a dict of keyword inputs")
     return dict(kwargs)
+
+
+class KeywordCollate:
+    """default_collate, then the keyword inputs of a model file with `example_kwargs()` grouped
+    into one dict: a sample (x..., k..., y) (the inputs in the forward's order, target last)
+    becomes the batch (x..., {name: k...}, y), called as model(x..., **{...}). Inputs that are
+    no tensors in example_kwargs() (flags, None) are passed as their example values."""
+
+    def __init__(self, positional: int, names: list, constants: dict):
+        self.positional, self.names, self.constants = positional, list(names), dict(constants)
+
+    def __call__(self, samples):
+        from torch.utils.data import default_collate
+
+        batch = default_collate(samples)
+        if not isinstance(batch, (list, tuple)) or any(isinstance(b, dict) for b in batch):
+            return batch  # a sample that groups its inputs itself
+        want = self.positional + len(self.names) + 1
+        if len(batch) != want:
+            raise ModelFileError(f"datasets() yields samples of {len(batch)} values, but the model takes "
+                                 f"{self.positional} positional input(s) (example_inputs) and keyword input(s) "
+                                 f"{', '.join(self.names)} (example_kwargs): yield {want} values, the inputs in the "
+                                 "forward's order, target last")
+        k = self.positional
+        return (*batch[:k], {**self.constants, **dict(zip(self.names, batch[k:-1]))}, batch[-1])
+
+
+def keyword_collate(mod: ModuleType, model: nn.Module, positional: int) -> Optional[KeywordCollate]:
+    """The batches' collate for a model file with tensor keyword inputs (`KeywordCollate`), else None."""
+    kwargs = example_kwargs(mod)
+    tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return None
+    try:
+        order = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        order = []
+    tensors.sort(key=lambda k: order.index(k) if k in order else len(order))
+    return KeywordCollate(positional, tensors, {k: v for k, v in kwargs.items() if k not in tensors})
 
 
 def task_of(mod: ModuleType) -> str:

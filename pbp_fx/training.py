@@ -19,7 +19,8 @@ from .controller import Decision, PhaseController, default_optimizer
 from .errors import TrainingError
 from .perforated import PerforatedModel
 
-__all__ = ["fit", "History", "evaluate", "accuracy", "cross_entropy", "mean_squared_error", "negative_loss", "primary_output", "split_batch", "train_epoch"]
+__all__ = ["fit", "History", "evaluate", "accuracy", "cross_entropy", "mean_squared_error", "negative_loss", "primary_output",
+           "split_batch", "call_model", "train_epoch"]
 
 
 @dataclass
@@ -148,6 +149,13 @@ def split_batch(batch):
     return tuple(batch[:-1]), batch[-1]
 
 
+def call_model(model, inputs: tuple):
+    """model(*inputs); a dict as the last input holds keyword inputs (a batch (x, {"ids": ids}, y))."""
+    if inputs and isinstance(inputs[-1], dict):
+        return model(*inputs[:-1], **inputs[-1])
+    return model(*inputs)
+
+
 def primary_output(output):
     """The tensor a default loss and metric score: the output itself, a dict's "logits" (else its
     first tensor), or a tuple's / list's first element (Hugging Face models return such structures)."""
@@ -215,7 +223,7 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
         for batch in batches(loader, data):
             inputs, target = split_batch(_to(batch, device) if device is not None else batch)
             _check_finite_inputs(inputs, data)
-            s, n = metric(model(*inputs), target)
+            s, n = metric(call_model(model, inputs), target)
             # Python numbers: a metric's tensor or numpy sums would flow into the history and checkpoints.
             total, count = total + float(s), count + float(n)
     finally:
@@ -368,7 +376,7 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
         if device is not None:
             batch = _to(batch, device)
         inputs, target = split_batch(batch)
-        output = pm(*inputs)
+        output = call_model(pm, inputs)
         loss = loss_fn(output, target)
         if isinstance(pm, nn.parallel.DistributedDataParallel):
             if first_step:

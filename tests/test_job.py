@@ -411,3 +411,69 @@ def test_a_new_run_replaces_an_earlier_runs_outputs_and_a_failed_one_leaves_none
     assert main(["train", _write(tmp_path / "n.py", nan), "--out", str(tmp_path / "nan"), "--no-progress"]) == 2
     assert "the loss is nan in the neuron phase" in capsys.readouterr().err
     assert not (tmp_path / "nan").exists()
+
+
+KEYWORD_MODEL = '''
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(4, 4), nn.Linear(10, 8), nn.Linear(8, 2)
+
+    def forward(self, feats, mask=None, ids=None):  # SIGNATURE
+        h = torch.cat([feats, self.emb(ids)], dim=1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs():
+    return POSITIONAL
+
+
+def example_kwargs():
+    return KEYWORDS
+
+
+def datasets(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, ids = torch.randn(300, 6, generator=g), torch.randint(0, 4, (300,), generator=g)
+    y = ((x[:, 0] > 0) ^ (ids % 2 == 1)).long()
+    parts = [(x[a:b], ids[a:b], y[a:b]) for a, b in ((0, 200), (200, 250), (250, 300))]
+    return [TensorDataset(SAMPLE) for f, i, t in parts]
+'''
+
+
+@pytest.mark.parametrize("signature,positional,keywords,sample", [
+    ("forward(self, feats, mask=None, ids=None)", "(torch.randn(2, 6),)", "{'ids': torch.zeros(2, dtype=torch.long)}",
+     "f, i, t"),
+    ("forward(self, feats, *, ids)", "(torch.randn(2, 6),)", "{'ids': torch.zeros(2, dtype=torch.long)}", "f, i, t"),
+    ("forward(self, feats, mask=None, *, ids)", "()",
+     "{'ids': torch.zeros(2, dtype=torch.long), 'feats': torch.randn(2, 6)}", "f, i, t"),
+])
+def test_a_model_file_with_keyword_inputs_trains(tmp_path, capsys, signature, positional, keywords, sample):
+    """The samples' inputs went to forward by position: `ids` landed in `mask`, or a keyword-only
+    input was refused ("takes 2 positional arguments but 3 were given")."""
+    text = (KEYWORD_MODEL.replace("forward(self, feats, mask=None, ids=None)", signature)
+            .replace("POSITIONAL", positional).replace("KEYWORDS", keywords).replace("SAMPLE", sample))
+    path = tmp_path / "kw.py"
+    path.write_text(text)
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--epochs", "3", "--no-progress"]) == 0
+    assert "best validation epoch" in capsys.readouterr().out
+
+
+def test_samples_that_do_not_fit_the_keyword_inputs_are_refused_in_one_line(tmp_path, capsys):
+    text = (KEYWORD_MODEL.replace("POSITIONAL", "(torch.randn(2, 6),)")
+            .replace("KEYWORDS", "{'ids': torch.zeros(2, dtype=torch.long)}").replace("SAMPLE", "f, t"))
+    path = tmp_path / "kw.py"
+    path.write_text(text)
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--epochs", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "yields samples of 2 values" in err and "yield 3 values" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
