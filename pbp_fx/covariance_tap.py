@@ -16,6 +16,7 @@ of a distributed run (a Python reducer).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
@@ -182,6 +183,11 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
     not count the batch again.
     """
     p = c.shape[copy_dim(axis)]
+    if c.numel() == p * stats[0].shape[1]:
+        # One value per (member, channel): centred, it is 0, and so is every covariance.
+        warnings.warn("a batch gives the candidates one value per channel (a batch of 1 sample at a site without "
+                      "positions): their correlation with the error is 0 and the dendrite phase learns nothing; "
+                      "train with batches of 2 or more samples", stacklevel=2)
     with torch.no_grad():  # (instead of a detach per tensor: one dispatch each, per site and step)
         left_out = 1.0  # positions per position seen
         if stride != 1:

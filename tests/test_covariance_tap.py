@@ -99,3 +99,20 @@ def test_a_strided_gradient_is_the_subsampled_one_in_whole_batch_units(shape, ax
     want = candidate_gradient(seen.contiguous(), c, *plain, True, axis, True, 1, 1.0, settings)
     torch.testing.assert_close(strided[0][0], plain[0][0] * left_out)  # ema
     torch.testing.assert_close(got, want * left_out)
+
+
+def test_a_batch_of_one_value_per_channel_is_warned_of():
+    """Batches of 1 sample at a Linear site: every covariance is 0, the candidates never learn, and a
+    random pool member was installed without a word."""
+    import warnings
+
+    import pbp_fx
+
+    pm = pbp_fx.perforate(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)),
+                          (torch.randn(2, 4),))
+    pm.start_dendrite_phase(pool=2)
+    with pytest.warns(UserWarning, match="one value per channel .*batches of 2 or more"):
+        pm(torch.randn(1, 4)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm(torch.randn(3, 4)).sum().backward()
