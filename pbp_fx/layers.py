@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import ConfigError
+
 __all__ = ["LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply", "split_apply", "split_members",
            "runs_as_columns", "split_columns", "columns_to_stacked",
            "every_nth_position", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls", "apply_dendrites"]
@@ -357,7 +359,7 @@ class LayerCopies(nn.Module):
                 elif init == "normal":
                     w.normal_(0.0, 0.01)
                 else:
-                    raise ValueError(f"unknown init {init!r}: use 'default', 'kaiming' or 'normal'")
+                    raise ConfigError(f"unknown init {init!r}: use 'default', 'kaiming' or 'normal'")
             self.weight.mul_(scale)
             if self.bias is not None:
                 if init == "default":

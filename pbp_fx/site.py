@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .config import ConfigError
 from .covariance_tap import STAT_NAMES, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
                      every_nth_position, split_members)
@@ -73,11 +74,11 @@ class CandidatePool(nn.Module):
                  bias_correction: bool = True, split: bool = True, stride: int = 1, device=None, dtype=None):
         super().__init__()
         if not 0.0 < ema < 1.0:
-            raise ValueError(f"ema={ema}: the EMA decay must be in (0, 1)")
+            raise ConfigError(f"ema={ema}: the EMA decay must be in (0, 1)")
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
-            raise ValueError(f"pool={pool!r}: the candidate pool size must be a whole number >= 1")
+            raise ConfigError(f"pool={pool!r}: the candidate pool size must be a whole number >= 1")
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise ValueError(f"stride={stride!r}: the candidates' position stride must be a whole number >= 1")
+            raise ConfigError(f"stride={stride!r}: the candidates' position stride must be a whole number >= 1")
         self.layer, self.activation = layer, activation
         self.ema_decay, self.threshold, self.bias_correction = ema, threshold, bias_correction
         # Best |C~| and snapshots wait until the EMA averages ~1/(1-decay) batches (issue 13).
@@ -257,9 +258,9 @@ class Site(nn.Module):
                  activation: str = "sigmoid", mode: str = "pb"):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}")
+            raise ConfigError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}")
         if mode not in MODES:
-            raise ValueError(f"mode {mode!r} is not supported: use 'pb' or 'gd'")
+            raise ConfigError(f"mode {mode!r} is not supported: use 'pb' or 'gd'")
         self.name, self.layer, self.norm = name, layer, norm
         self.activation, self.mode = activation, mode
         self.dendrites: Optional[LayerCopies] = None
@@ -351,7 +352,7 @@ class Site(nn.Module):
     def grow(self, init: str = "random") -> None:
         """Install one dendrite with fresh weights (the layer's own init); U and V start at 0."""
         if init != "random":
-            raise ValueError(f"grow(init={init!r}): only 'random' is supported; "
+            raise ConfigError(f"grow(init={init!r}): only 'random' is supported; "
                              "correlation-trained dendrites come from install_candidates()")
         fresh = LayerCopies(self.layer, self.norm, 1, **self._factory())
         fresh.reset_parameters("default")

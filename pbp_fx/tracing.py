@@ -51,6 +51,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from .config import ConfigError
 from .errors import TraceError
 from .signature import CallSignature
 
@@ -432,7 +433,7 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
     if frontend not in FRONTENDS:
-        raise ValueError(f"frontend={frontend!r}: use one of {', '.join(FRONTENDS)}")
+        raise ConfigError(f"frontend={frontend!r}: use one of {', '.join(FRONTENDS)}")
     args = _as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
     if args is None and kwargs:

@@ -89,7 +89,13 @@ def test_every_entry_point_takes_a_config_or_a_dict_and_refuses_the_rest():
         pbp_fx.perforate(torch.nn.Linear(3, 2), (x,), activation="gelu")
     with pytest.raises(ConfigError, match="mode 'x'"):
         pbp_fx.perforate(torch.nn.Linear(3, 2), (x,), mode="x")
+    with pytest.raises(ConfigError, match="frontend='xx'"):
+        pbp_fx.perforate(torch.nn.Linear(3, 2), (x,), frontend="xx")
     pm = pbp_fx.perforate(torch.nn.Linear(3, 2), (x,))
+    with pytest.raises(ConfigError, match="pool=0"):
+        pm.start_dendrite_phase(pool=0)
+    with pytest.raises(ConfigError, match="grow"):
+        pm.grow(init="x")
     assert pbp_fx.PhaseController(pm, {"patience": 3}).config.patience == 3
     with pytest.raises(ConfigError, match="must be a PBConfig .*got int"):
         pbp_fx.PhaseController(pm, 3)
