@@ -273,14 +273,18 @@ def _table(rows: list[list[str]], right: set[int]) -> str:
     return "\n".join(lines)
 
 
+def _site_filter_args() -> tuple:
+    return (arg("--include", action="append", metavar="GLOB", default=None,
+                help="perforate only sites whose qualified name matches (repeatable)"),
+            arg("--exclude", action="append", metavar="GLOB", default=None,
+                help="do not perforate sites whose qualified name matches (repeatable; wins over --include)"))
+
+
 # -- transform -----------------------------------------------------------------------------
 @subcommand(
     "transform", "trace a model file, find its neuron sites and insert dendrite sites",
     arg("model", help="model file defining build_model() and example_inputs() (and optionally example_kwargs())"),
-    arg("--include", action="append", metavar="GLOB", default=None,
-        help="perforate only sites whose qualified name matches (repeatable)"),
-    arg("--exclude", action="append", metavar="GLOB", default=None,
-        help="do not perforate sites whose qualified name matches (repeatable; wins over --include)"),
+    *_site_filter_args(),
     arg("--activation", default="sigmoid", choices=("sigmoid", "tanh", "relu"),
         help="dendrite activation (default: sigmoid)"),
     arg("--frontend", default="auto", choices=("auto", "fx", "export"),
@@ -430,8 +434,7 @@ def _train_args() -> tuple:
         arg("--out", metavar="DIR", default=None, help="output folder (default: runs/<model name>)"),
         *config_args(TrainConfig),
         *config_args(PBConfig),
-        arg("--include", action="append", metavar="GLOB", default=None),
-        arg("--exclude", action="append", metavar="GLOB", default=None),
+        *_site_filter_args(),
         arg("--no-progress", action="store_true", help="no progress bar"),
         arg("--nproc", type=_number(int, "--nproc"), default=1, metavar="N",
             help="train on N local processes with torchrun and DDP (gloo on CPU, nccl on GPU); "
@@ -744,9 +747,7 @@ def _compare_budget_args() -> tuple:
     """train's budget and PB flags, generated from TrainConfig and PBConfig like train's."""
     from .config import PBConfig, TrainConfig
 
-    return (*config_args(TrainConfig), *config_args(PBConfig),
-            arg("--include", action="append", metavar="GLOB", default=None),
-            arg("--exclude", action="append", metavar="GLOB", default=None))
+    return (*config_args(TrainConfig), *config_args(PBConfig), *_site_filter_args())
 
 
 @subcommand(

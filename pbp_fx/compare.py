@@ -274,7 +274,7 @@ def verdict(summary: list[dict], pairs: list[dict]) -> str:
         p = by_arm.get(arm)
         if p is None:
             continue
-        pb_side = -p["mean"]
+        pb_side = round(-p["mean"], 1) + 0.0  # as printed (+ 0.0: no "-0.0"), so the words match the number
         sign = "ahead of" if pb_side > 0 else "behind" if pb_side < 0 else "level with"
         lines.append(f"pb is {abs(pb_side):.1f} points {sign} {arm} ({what}): paired difference pb − {arm} = "
                      f"{pb_side:+.1f} ± {p['sd']:.1f} points over {p['n']} seeds (pb ahead in {p['behind']}, "

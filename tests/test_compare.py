@@ -225,3 +225,12 @@ def test_a_module_forward_never_calls_counts_in_no_arm(tmp_path):
         assert run_arm(str(path), RunSpec(arm, 0, 1.0), latency=False, **BUDGET)["params"] == used
     matched = run_arm(str(path), RunSpec("plain-matched", 0, 1.0, target=used), latency=False, **BUDGET)
     assert matched["params"] == used and matched["width"] == 1.0
+
+
+@pytest.mark.parametrize("plain_test,words", [(0.5, "level with plain"), (0.5004, "level with plain"),
+                                              (0.4, "ahead of plain")])
+def test_a_difference_that_prints_as_zero_reads_level(plain_test, words):
+    """Equal arms printed "pb − plain = -0.0" and "pb is 0.0 points level with"/"behind" by the sign of -0."""
+    rows = [{"arm": "pb", "seed": 0, "test": 0.5, "params": 10}, {"arm": "plain", "seed": 0, "test": plain_test, "params": 5}]
+    text = verdict(summarize(rows), paired(rows))
+    assert words in text and "-0.0" not in text
