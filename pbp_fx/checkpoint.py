@@ -87,7 +87,8 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
 
     controller: its schedule, history, best weights and PBConfig are stored; optimizer: its
     state; model_ref: how to rebuild the base model (a model file path or a module name such
-    as "pbp_fx.models.mnist1d_mlp"), recorded for the CLI; extra: any JSON-safe dict.
+    as "pbp_fx.models.mnist1d_mlp"; a relative file path is stored absolute), recorded for the CLI;
+    extra: any JSON-safe dict.
     """
     from safetensors.torch import save_file
 
@@ -98,6 +99,8 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
     _split_state("model/", pm.state_dict(), tensors, plain)
     # Buffers as they were when the dendrite phase began: restored when it ends.
     _split_state("frozen/", pm.phase_buffers(), tensors, plain)
+    if model_ref is not None and os.path.isfile(model_ref):  # a file path, not a module name: from any directory
+        model_ref = os.path.abspath(model_ref)
     meta = {"format": FORMAT, "version": __version__, "structure": _structure(pm), "capture": pm.capture,
             "model": model_ref, "extra": extra or {}}
     if controller is not None:

@@ -499,3 +499,14 @@ def test_a_model_with_another_parameter_is_refused_naming_the_key(tmp_path):
     with pytest.raises(pbp_fx.CheckpointError, match=r'does not fit this model: Missing key\(s\) .*"[\w.]*scale"') as err:
         pbp_fx.load(path, pbp_fx.perforate(Scaled(), (X,)))
     assert "\n" not in str(err.value)
+
+
+def test_a_relative_model_file_reference_is_stored_absolute(tmp_path, monkeypatch):
+    """`pbp-fx export` of a checkpoint saved with model_ref="model.py" failed from another directory."""
+    from pbp_fx.checkpoint import read_meta
+
+    (tmp_path / "model.py").write_text("# a model file\n")
+    monkeypatch.chdir(tmp_path)
+    pm, _ = _trained_pm()
+    pbp_fx.save(pm, "c.safetensors", model_ref="model.py")
+    assert read_meta("c.safetensors")["model"] == str(tmp_path / "model.py")
