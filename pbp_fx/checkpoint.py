@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import struct
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
@@ -350,6 +351,7 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
         pm.load_phase_buffers(frozen)
     pm.loaded_from = os.path.abspath(path)
     if controller is not None and "controller" in meta:
+        _warn_changed_settings(meta, controller, path)
         cs = dict(meta["controller"])
         best = _collect("best/", tensors, plain)
         cs["best_state"] = best or None
@@ -357,6 +359,19 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     if optimizer is not None:
         _load_optimizer(meta, tensors, plain, optimizer)
     return pm
+
+
+def _warn_changed_settings(meta: dict, controller, path: str) -> None:
+    """A run resumed under other PB settings than it was saved with continues under the new ones:
+    said once, naming them (`pbp-fx train --resume` uses the saved ones)."""
+    if not meta.get("config"):
+        return
+    saved = PBConfig.from_dict(meta["config"]).to_dict()
+    now = controller.config.to_dict()
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+    if changed:
+        warnings.warn(f"checkpoint {path} was saved with other PB settings than the controller's, which the run "
+                      f"continues with: {', '.join(changed)}", stacklevel=3)
 
 
 def _load_error_detail(exc: Exception, limit: int = 240) -> str:
@@ -404,6 +419,7 @@ def load_controller(path: str, controller) -> None:
         raise CheckpointError(f"checkpoint {path} holds another model structure (phase {meta['structure']['phase']}, "
                               f"dendrites {[r['dendrites'] for r in meta['structure']['sites']][:4]}...) than the model "
                               f"(phase {here['phase']}): load it onto the model first with pbp_fx.load(path, model)")
+    _warn_changed_settings(meta, controller, path)
     cs = dict(meta["controller"])
     cs["best_state"] = _collect("best/", tensors, meta.get("plain", {})) or None
     controller.load_state_dict(cs, keep_optimizer_state=True)

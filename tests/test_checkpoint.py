@@ -510,3 +510,19 @@ def test_a_relative_model_file_reference_is_stored_absolute(tmp_path, monkeypatc
     pm, _ = _trained_pm()
     pbp_fx.save(pm, "c.safetensors", model_ref="model.py")
     assert read_meta("c.safetensors")["model"] == str(tmp_path / "model.py")
+
+
+def test_resuming_under_other_settings_is_warned_of(tmp_path):
+    """The saved PBConfig was silently replaced by the new controller's (max_dendrites, pool, candidate_lr)."""
+    import warnings
+
+    pm, _ = _trained_pm()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path, controller=PhaseController(pm, pbp_fx.PBConfig(max_dendrites=2, pool=3)))
+    target = pbp_fx.perforate(_build(), (X,))
+    with pytest.warns(UserWarning, match="max_dendrites 2 -> 5, pool 3 -> 4"):
+        pbp_fx.load(path, target, controller=PhaseController(target, pbp_fx.PBConfig(max_dendrites=5, pool=4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        target = pbp_fx.perforate(_build(), (X,))
+        pbp_fx.load(path, target, controller=PhaseController(target, pbp_fx.PBConfig(max_dendrites=2, pool=3)))
