@@ -106,12 +106,15 @@ def _quiet_unless(debug: bool) -> Iterator[None]:
 @contextmanager
 def _one_line_warnings(debug: bool) -> Iterator[None]:
     """Warnings that reach a CLI user print as one line each, `pbp-fx: warning: ...`, without
-    Python's file:line and source echo (those are for --debug)."""
+    Python's file:line and source echo (those are for --debug). Libraries' deprecation notices
+    (torch's pytree, say) are about their own APIs, not the user's run: --debug shows them."""
     if debug:
         yield
         return
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
         yield
 
 

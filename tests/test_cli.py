@@ -877,3 +877,22 @@ def test_a_reader_that_goes_away_does_not_fail_the_job(tmp_path):
                             cwd=tmp_path, capture_output=True, env=env, timeout=120)
     assert closed.returncode == 0 and closed.stderr == b"", closed.stderr
     assert (tmp_path / "c" / "report.json").exists()
+
+
+def test_library_deprecation_notices_are_for_debug_only(tmp_path, capsys):
+    """torch.export's pytree printed `pbp-fx: warning: isinstance(treespec, LeafSpec) is deprecated` to
+    CLI users; the user's own warnings (a UserWarning) still print as one line."""
+    text = textwrap.dedent(KEYWORDS).replace(
+        "def build_model(", "import warnings\n\n\ndef build_model(", 1)
+    noisy = text + textwrap.dedent('''
+        _build = build_model
+
+
+        def build_model(*args, **kwargs):
+            warnings.warn("an API of some library is deprecated", FutureWarning)
+            warnings.warn("the user's own notice", UserWarning)
+            return _build(*args, **kwargs)
+        ''')
+    rc, out, err = _run(["train", _write(tmp_path, noisy), "--out", str(tmp_path / "run"), "--epochs", "1"], capsys)
+    assert rc == 0, err
+    assert "deprecated" not in err and "pbp-fx: warning: the user's own notice" in err
