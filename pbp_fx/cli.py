@@ -412,20 +412,33 @@ def config_args(cls) -> list[tuple]:
 
 
 def configs_from_args(args: argparse.Namespace):
-    """(PBConfig, TrainConfig) from the flags given; a bad value names its flag (ConfigError)."""
-    from .config import ConfigError, PBConfig, TrainConfig, cli_fields
+    """(PBConfig, TrainConfig) from the flags given over the --config file's settings over the
+    defaults; a bad value names its flag or the file (ConfigError)."""
+    from .config import ConfigError, PBConfig, TrainConfig, cli_fields, read_settings
 
+    path = getattr(args, "config_file", None)
+    from_file = read_settings(path) if path is not None else ({}, {})
     built = []
-    for cls in (PBConfig, TrainConfig):
+    for cls, filed in zip((PBConfig, TrainConfig), from_file):
         given = {f.name: getattr(args, f.name) for f in cli_fields(cls) if getattr(args, f.name, None) is not None}
         try:
-            built.append(cls(**given))
+            built.append(cls(**{**filed, **given}))
         except ConfigError as exc:
             if exc.field is None:
                 raise
-            raise ConfigError(f"--{exc.field.replace('_', '-')} {exc.value}: {exc.reason}", exc.field, exc.value,
-                              exc.reason) from None
+            if exc.field in given:
+                raise ConfigError(f"--{exc.field.replace('_', '-')} {exc.value}: {exc.reason}", exc.field, exc.value,
+                                  exc.reason) from None
+            raise ConfigError(f"--config {path}: {exc}", exc.field, exc.value, exc.reason) from None
+        except TypeError as exc:  # a YAML/JSON value of another type than the setting's (a list, a dict)
+            raise ConfigError(f"--config {path}: {' '.join(str(exc).split())}") from None
     return tuple(built)
+
+
+def _config_file_arg() -> tuple:
+    return arg("--config", dest="config_file", metavar="FILE", default=None,
+               help="a JSON or YAML file of settings, one mapping of PBConfig/TrainConfig field names to values "
+                    "(flags given here win over it)")
 
 
 def _train_args() -> tuple:
@@ -435,6 +448,7 @@ def _train_args() -> tuple:
         arg("model", nargs="?", default=None,
             help="model file with build_model(), example_inputs() and datasets() (default: built-in MNIST-1D MLP)"),
         arg("--out", metavar="DIR", default=None, help="output folder (default: runs/<model name>)"),
+        _config_file_arg(),
         *config_args(TrainConfig),
         *config_args(PBConfig),
         *_site_filter_args(),
@@ -463,7 +477,7 @@ def train(args: argparse.Namespace) -> int:
         given = [f for f, v in vars(args).items()
                  if v is not None and (f in _SETTING_DESTS or f in ("out", "include", "exclude"))]
         if args.model is not None or given:
-            what = "a model file" if args.model is not None else "--" + given[0].replace("_", "-")
+            what = "a model file" if args.model is not None else _flag_of(given[0])
             raise PBError(f"--resume continues a run in its own folder with its own model file and settings "
                           f"({what} given): give --resume DIR alone")
         config = training = None
@@ -498,10 +512,16 @@ def train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _flag_of(dest: str) -> str:
+    """The command-line flag of an argparse dest."""
+    return "--config" if dest == "config_file" else "--" + dest.replace("_", "-")
+
+
 def _setting_dests() -> frozenset:
     from .config import PBConfig, TrainConfig, cli_fields
 
-    return frozenset(f.name for cls in (PBConfig, TrainConfig) for f in cli_fields(cls)) | {"include", "exclude"}
+    return (frozenset(f.name for cls in (PBConfig, TrainConfig) for f in cli_fields(cls))
+            | {"include", "exclude", "config_file"})
 
 
 _SETTING_DESTS = _setting_dests()
@@ -750,7 +770,7 @@ def _compare_budget_args() -> tuple:
     """train's budget and PB flags, generated from TrainConfig and PBConfig like train's."""
     from .config import PBConfig, TrainConfig
 
-    return (*config_args(TrainConfig), *config_args(PBConfig), *_site_filter_args())
+    return (_config_file_arg(), *config_args(TrainConfig), *config_args(PBConfig), *_site_filter_args())
 
 
 @subcommand(
@@ -779,7 +799,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
     if args.pb_run is not None:
         given = sorted(f for f, v in vars(args).items() if v is not None and f in _SETTING_DESTS)
         if given or args.model is not None:
-            what = "a model file" if args.model is not None else "--" + given[0].replace("_", "-")
+            what = "a model file" if args.model is not None else _flag_of(given[0])
             raise PBError(f"--pb-run uses the run's own model file and settings ({what} given): drop it")
         config = training = None
     compare(args.model, width=args.width, seeds=args.seeds, arms=args.arms, config=config, training=training,

@@ -194,6 +194,49 @@ class TrainConfig(_Settings):
                             choices=("auto", "fx", "export"))
 
 
+def read_settings(path: str) -> tuple[dict, dict]:
+    """(PBConfig settings, TrainConfig settings) of a JSON or YAML (.yaml/.yml) file holding one
+    flat mapping of setting names to values, such as {**pb.to_dict(), **training.to_dict()}
+    (dashes allowed for underscores, as the flags spell them). An unknown name, an unreadable
+    file or another shape is refused in one line naming the file."""
+    import json
+
+    where = f"--config {path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc.reason})"
+                          ) from None
+    if path.lower().endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{where}: reading YAML needs PyYAML (pip install pyyaml), or write the file as "
+                              "JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); a .yaml/.yml file is "
+                              "read as YAML") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"{where}: it must hold one mapping of setting names to values, e.g. "
+                          '{"patience": 10, "epochs": 300}')
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    pb_names = {f.name for f in cli_fields(PBConfig)}
+    train_names = {f.name for f in cli_fields(TrainConfig)}
+    unknown = sorted(set(data) - pb_names - train_names)
+    if unknown:
+        raise ConfigError(f"{where}: no setting {unknown[0]!r}: use PBConfig's or TrainConfig's field names "
+                          "(pbp-fx train --help lists them as flags)")
+    return ({k: v for k, v in data.items() if k in pb_names}, {k: v for k, v in data.items() if k in train_names})
+
+
 def cli_fields(cls) -> list[dataclasses.Field]:
     """The fields of a config class, in order, for generating command-line flags."""
     return list(dataclasses.fields(cls))

@@ -896,3 +896,41 @@ def test_library_deprecation_notices_are_for_debug_only(tmp_path, capsys):
     rc, out, err = _run(["train", _write(tmp_path, noisy), "--out", str(tmp_path / "run"), "--epochs", "1"], capsys)
     assert rc == 0, err
     assert "deprecated" not in err and "pbp-fx: warning: the user's own notice" in err
+
+
+def test_a_config_file_sets_defaults_that_flags_override(tmp_path, capsys):
+    """--config FILE (JSON or YAML): defaults < the file < flags given on the command line."""
+    from pbp_fx.checkpoint import read_meta
+
+    pytest.importorskip("yaml")
+    (tmp_path / "s.json").write_text(json.dumps({"patience": 3, "max-dendrites": 1, "pool": 2, "epochs": 4}))
+    (tmp_path / "s.yaml").write_text("pool: 2\nepochs: 3\nmax_dendrites: 1\n")
+    for name, flags, want in (("s.json", [], {"patience": 3, "pool": 2, "max_dendrites": 1}),
+                              ("s.yaml", ["--pool", "3"], {"pool": 3, "max_dendrites": 1})):
+        out = tmp_path / name.replace(".", "_")
+        rc, _, err = _run(["train", "--config", str(tmp_path / name), *flags, "--out", str(out), "--no-progress"],
+                          capsys)
+        assert rc == 0, err
+        saved = read_meta(str(out / "checkpoint.safetensors"))["config"]
+        assert {k: saved[k] for k in want} == want
+        assert json.loads((out / "summary.json").read_text())["epochs"] <= (4 if name == "s.json" else 3)
+
+
+@pytest.mark.parametrize("text,name,message", [
+    ('{"pool": 0}', "b.json", "b.json: pool=0: must be at least 1"),
+    ('{"pol": 3}', "b.json", "b.json: no setting 'pol'"),
+    ("[1, 2]", "b.json", "it must hold one mapping"),
+    ('{"pool": [1]}', "b.json", "pool=[1]: must be a whole number"),
+    ("{bad", "b.json", "not valid JSON"),
+    ("pool: 0\n", "b.yaml", "b.yaml: pool=0: must be at least 1"),
+    (None, "none.json", "cannot read it"),
+])
+def test_a_bad_config_file_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, text, name, message):
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    rc, _, err = _run(["train", "--config", str(tmp_path / name), "--out", str(tmp_path / "run"), "--no-progress"],
+                      capsys)
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
