@@ -39,7 +39,7 @@ from .config import PBConfig, TrainConfig
 from .controller import default_optimizer
 from .errors import PBError
 from .fileio import atomic_write, check_output_dir
-from .job import DEFAULT_MODEL, load_job_module, make_loaders
+from .job import DEFAULT_MODEL, load_job_module, make_loaders, seed_everything
 from .modelfile import check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions
 from .schedule import Kind, PhaseSchedule
 from .training import evaluate, train_epoch
@@ -175,6 +175,7 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
             include=None, exclude=None, latency: bool = True) -> dict:
     """Train one arm at one seed on the model file's data; the row of compare.json."""
     mod = load_job_module(model_file)
+    seed_everything(training.seed)  # datasets() may draw from any generator: one split for every arm and seed
     model_of_file, inputs = instantiate(mod)
     loss_fn, metric, _ = task_functions(mod)
     data = _datasets(mod, training.seed)  # one split for every arm and seed
@@ -182,7 +183,7 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
                            collate=keyword_collate(mod, model_of_file, len(inputs)))
     builder = WidthBuilder.from_module(mod)
     row = {"arm": spec.arm, "seed": spec.seed}
-    torch.manual_seed(spec.seed)
+    seed_everything(spec.seed)
     try:
         scaled = builder.for_params(spec.target) if spec.arm == "plain-matched" else builder.scaled(spec.width)
     except WidthError as exc:

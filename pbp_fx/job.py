@@ -7,14 +7,17 @@ With no model file it runs the built-in default: the MNIST-1D MLP (data generate
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib
 import inspect
 import json
 import os
+import random
 import time
 from types import ModuleType
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -134,6 +137,39 @@ def _check_labels(labels: torch.Tensor, classes: int, name: str) -> None:
                             f"(labels 0..{classes - 1}): fix the labels or the model's number of outputs")
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy's global generator and Python's `random`: a model file's own code
+    (augmentation, a random split) may draw from any of them."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+@contextlib.contextmanager
+def _host_rngs_kept():
+    """numpy's and Python's generator states as they were, after the block (a validation that sets them)."""
+    states = _host_rng_states()
+    try:
+        yield
+    finally:
+        _set_host_rng_states(states)
+
+
+def _host_rng_states() -> dict:
+    """numpy's and Python's global generator states as JSON data (the checkpoint's job state)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), gauss_next]}
+
+
+def _set_host_rng_states(states: dict) -> None:
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
 def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, distributed=None, collate=None):
     """Train (shuffled), validation and test loaders. distributed: this rank's shards, with
     `batch_size` the global batch (see pbp_fx.distributed.Distributed.loader). collate: the
@@ -192,7 +228,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     if out is not None and main:
         check_output_dir(out, TrainingError)  # before training: a long run must not fail at its last step
     mod = load_job_module(model_file)
-    torch.manual_seed(seed)
+    seed_everything(seed)
     model, inputs = instantiate(mod)
     data = _call_datasets(mod, seed)
     _check_finite_datasets(data)
@@ -301,7 +337,7 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
     def save_epoch(_row: dict) -> None:
         state = {"args": args, "model_file": model_ref, "history": history.to_dict(), "seconds": round(clock(), 2),
                  "rng": {"torch": _b64(torch.get_rng_state()),
-                         "loader": None if gen is None else _b64(gen.get_state())}}
+                         "loader": None if gen is None else _b64(gen.get_state()), **_host_rng_states()}}
         kwargs = {"controller": ctl, "optimizer": ctl.optimizer, "model_ref": model_ref,
                   "extra": {"seed": seed, "job_state": state}}
         if distributed is None:
@@ -327,6 +363,9 @@ def _saved_job(path: str) -> tuple:
         _unb64(saved["rng"]["torch"])
         if saved["rng"]["loader"] is not None:
             _unb64(saved["rng"]["loader"])
+        if "numpy" in saved["rng"]:  # (runs saved before they were kept have none)
+            with _host_rngs_kept():
+                _set_host_rng_states(saved["rng"])
     except ConfigError as exc:
         raise ConfigError(f"cannot resume from {path}: {exc}") from None
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
@@ -360,6 +399,8 @@ def _resume(path: str, pm, ctl, train_loader) -> tuple[History, float]:
     load(path, pm, controller=ctl)  # the model, then the controller (which rebinds the optimizer to it)
     load_optimizer(path, ctl.optimizer)
     torch.set_rng_state(_unb64(state["rng"]["torch"]))
+    if "numpy" in state["rng"]:
+        _set_host_rng_states(state["rng"])
     gen = getattr(train_loader, "generator", None)
     if gen is not None and state["rng"]["loader"] is not None:
         gen.set_state(_unb64(state["rng"]["loader"]))

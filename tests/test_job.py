@@ -477,3 +477,70 @@ def test_samples_that_do_not_fit_the_keyword_inputs_are_refused_in_one_line(tmp_
     err = capsys.readouterr().err
     assert "yields samples of 2 values" in err and "yield 3 values" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+AUGMENTED = '''
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+
+class Noisy(Dataset):
+    """Augments with numpy's and Python's global generators; STOP_AT stops the run mid-way."""
+
+    def __init__(self, x, y, train):
+        self.x, self.y, self.train, self.calls = x, y, train, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.train and self.calls == int(os.environ.get("STOP_AT", "0")):
+            raise KeyboardInterrupt
+        x = self.x[i]
+        if self.train:
+            x = x + torch.from_numpy(np.random.normal(0, 0.3, x.shape).astype("float32")) + random.random()
+        return x, self.y[i]
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def example_inputs():
+    return (torch.randn(2, 6),)
+
+
+def datasets(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(240, 6, generator=g)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    idx = np.random.permutation(240)  # a split by numpy's generator too
+    x, y = x[idx], y[idx]
+    return Noisy(x[:160], y[:160], True), Noisy(x[160:200], y[160:200], False), Noisy(x[200:], y[200:], False)
+'''
+
+
+def test_a_run_whose_data_draws_from_numpy_and_random_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    """numpy's and Python's generators were neither seeded nor saved: such a run differed from epoch 1
+    between two runs, and a resumed one from the uninterrupted one."""
+    path = tmp_path / "noisy.py"
+    path.write_text(AUGMENTED)
+    args = [str(path), "--max-dendrites", "1", "--patience", "2", "--dendrite-patience", "2", "--epochs", "12",
+            "--batch-size", "40", "--no-progress"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(["train", *args, "--out", str(whole)]) == 0
+    monkeypatch.setenv("STOP_AT", str(160 * 5 + 20))  # inside epoch 6
+    assert main(["train", *args, "--out", str(stopped)]) != 0
+    monkeypatch.delenv("STOP_AT")
+    from pbp_fx.checkpoint import read_meta
+
+    done = read_meta(str(stopped / "checkpoint.safetensors"))["extra"]["job_state"]["history"]["epochs"]
+    assert len(done) == 5  # (the preflight read 8 samples first)
+    assert main(["train", "--resume", str(stopped), "--no-progress"]) == 0
+    _same_final_model(whole, stopped)
