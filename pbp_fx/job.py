@@ -455,8 +455,9 @@ def _print_report(s: dict, echo) -> None:
     for e in s["events"]:
         echo(f"  {e['epoch']:>5}  {e['phase']:<8} {e['dendrites']:>9}  {e['score']:>7.4f}  {e['note']}")
     echo("dendrites per site")
+    width = max([32, *(len(name) for name in s["dendrites"])])
     for name, k in s["dendrites"].items():
-        echo(f"  {name:<32} {k}")
+        echo(f"  {name:<{width}} {k}")
     echo(f"params: {s['params_plain']} plain -> {s['params']} perforated "
          f"({s['params'] / max(s['params_plain'], 1):.2f}x)")
     echo(f"best validation epoch {s['best_epoch']} of {s['epochs']}: val {s['val']:.4f}  test {s['test']:.4f}  "

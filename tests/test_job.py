@@ -544,3 +544,15 @@ def test_a_run_whose_data_draws_from_numpy_and_random_resumes_like_an_uninterrup
     assert len(done) == 5  # (the preflight read 8 samples first)
     assert main(["train", "--resume", str(stopped), "--no-progress"]) == 0
     _same_final_model(whole, stopped)
+
+
+def test_the_dendrites_table_stays_aligned_for_long_site_names():
+    from pbp_fx.job import _print_report
+
+    lines = []
+    names = {"fc": 1, "encoder.layer.10.attention.output.dense": 2, "classifier": 0}
+    summary = {"events": [], "dendrites": names, "params_plain": 1, "params": 2, "best_epoch": 1, "epochs": 1,
+               "val": 0.5, "test": 0.5, "seconds": 1.0, "mode": "pb"}
+    _print_report(summary, lines.append)
+    rows = lines[lines.index("dendrites per site") + 1:][:3]
+    assert len({len(r.rstrip("0123456789")) for r in rows}) == 1, rows
