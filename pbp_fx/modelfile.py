@@ -148,11 +148,11 @@ class KeywordCollate:
 
 
 def keyword_collate(mod: ModuleType, model: nn.Module, positional: int) -> Optional[KeywordCollate]:
-    """The batches' collate for a model file with tensor keyword inputs (`KeywordCollate`), else None."""
+    """The batches' collate for a model file with keyword inputs (`KeywordCollate`), else None."""
     kwargs = example_kwargs(mod)
-    tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-    if not tensors:
+    if not kwargs:
         return None
+    tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     try:
         order = list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):

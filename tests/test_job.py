@@ -556,3 +556,46 @@ def test_the_dendrites_table_stays_aligned_for_long_site_names():
     _print_report(summary, lines.append)
     rows = lines[lines.index("dendrites per site") + 1:][:3]
     assert len({len(r.rstrip("0123456789")) for r in rows}) == 1, rows
+
+
+FLAG_ONLY = '''
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, x, *, temperature=1.0):
+        return self.fc2(torch.relu(self.fc1(x))) / temperature
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs():
+    return (torch.randn(2, 6),)
+
+
+def example_kwargs():
+    return {"temperature": 4.0}
+
+
+def datasets(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    return TensorDataset(x[:120], y[:120]), TensorDataset(x[120:160], y[120:160]), TensorDataset(x[160:], y[160:])
+'''
+
+
+def test_a_keyword_input_that_is_only_a_flag_is_passed_at_its_example_value(tmp_path, capsys):
+    """With no tensor among the keyword inputs they were dropped: the graph traced at temperature=4.0
+    refused the calls at the default 1.0 after the preflight."""
+    path = tmp_path / "flag.py"
+    path.write_text(FLAG_ONLY)
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--epochs", "2", "--no-progress"]) == 0
