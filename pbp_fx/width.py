@@ -81,7 +81,7 @@ def _outputs(value) -> list[torch.Tensor]:
     return []
 
 
-def _output_layers(model: nn.Module, example_inputs: tuple) -> list[nn.Module]:
+def _output_layers(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> list[nn.Module]:
     """Layers whose output is (a view of) a model output: their channels are the model's
     interface (classes, features) and must keep their size."""
     produced: dict[int, nn.Module] = {}
@@ -90,7 +90,7 @@ def _output_layers(model: nn.Module, example_inputs: tuple) -> list[nn.Module]:
         for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding))]
     try:
         with torch.no_grad():
-            out = model(*example_inputs)
+            out = model(*example_inputs, **example_kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -120,23 +120,27 @@ def _fan_in(m: nn.Module) -> Optional[int]:
     return None
 
 
-def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], int]) -> nn.Module:
+def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], int],
+           example_kwargs: Optional[dict] = None) -> nn.Module:
     """Remove channels from `model` in place: every dependency group of C channels in B blocks
     keeps `keep(C // B, group_index)` channels per block (the first ones: the model is at random
-    init, so which channels go does not matter). Output layers keep their size.
+    init, so which channels go does not matter). Output layers keep their size. The model is
+    called as model(*example_inputs, **example_kwargs).
 
     Weights of layers whose fan-in shrank are rescaled by sqrt(old/new fan-in), so a default
     (fan-in scaled) initialisation keeps its variance at the new width.
     """
     import torch_pruning as tp
 
+    kwargs = dict(example_kwargs or {})
     model.eval()  # tracing must not update batch-norm statistics
     before = {m: _fan_in(m) for m in model.modules()}
-    with torch.no_grad():
-        shapes = [t.shape for t in _outputs(model(*example_inputs))]
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-        groups = list(graph.get_all_groups(ignored_layers=_output_layers(model, example_inputs),
+        with torch.no_grad():
+            shapes = [t.shape for t in _outputs(model(*example_inputs, **kwargs))]
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+                                                      forward_fn=lambda m, args: m(*args, **kwargs))
+        groups = list(graph.get_all_groups(ignored_layers=_output_layers(model, example_inputs, kwargs),
                                            root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
         for index, group in enumerate(groups):
             root = group[0].dep
@@ -156,7 +160,7 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
                          f"{str(exc).splitlines()[0] if str(exc) else ''} (give build_model a width argument)") from exc
     try:
         with torch.no_grad():
-            got = [t.shape for t in _outputs(model(*example_inputs))]
+            got = [t.shape for t in _outputs(model(*example_inputs, **kwargs))]
         problem = None if got == shapes else f"its output shapes changed from {shapes} to {got}"
     except Exception as exc:  # noqa: BLE001 - the model's forward at the new width
         problem = f"its forward raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -257,7 +261,7 @@ class WidthBuilder:
         model = self.build_model()
         if width == 1:
             return model
-        return shrink(model, self._inputs(), lambda size, _i: round(size * width))
+        return shrink(model, self._inputs(), lambda size, _i: round(size * width), self.example_kwargs())
 
     def scaled(self, width: float) -> ScaledModel:
         if self.base_width is not None:
@@ -320,7 +324,8 @@ class WidthBuilder:
 
         def trim(groups: Callable[[int], bool]) -> nn.Module:
             torch.set_rng_state(rng)
-            return shrink(self.build(wide), self._inputs(), lambda size, i: size - (1 if groups(i) else 0))
+            return shrink(self.build(wide), self._inputs(), lambda size, i: size - (1 if groups(i) else 0),
+                          self.example_kwargs())
 
         found, previous = None, None
         for n in range(1, 1 << 12):

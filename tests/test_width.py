@@ -246,3 +246,21 @@ def test_used_parameters_is_the_perforated_models_count():
 
     model, x = _WithUnusedParts().eval(), (torch.randn(8, 4),)
     assert perforate(model, x).num_parameters() == used_parameters(model, x)
+
+
+class _KeywordOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.extra_fc = nn.Linear(6, 16), nn.Linear(16, 3), nn.Linear(2, 16)
+
+    def forward(self, x, *, extra):
+        return self.fc2(torch.relu(self.fc1(x) + self.extra_fc(extra)))
+
+
+def test_torch_pruning_narrows_a_model_called_with_keyword_inputs():
+    """shrink called the model without its keyword inputs: compare crashed (an internal TypeError)."""
+    builder = WidthBuilder(_KeywordOnly, lambda: (torch.randn(2, 6),), None, lambda: {"extra": torch.randn(2, 2)})
+    model = builder.scaled(0.5).model
+    assert model.fc1.out_features == 8 and model.fc2.out_features == 3
+    assert model(torch.randn(4, 6), extra=torch.randn(4, 2)).shape == (4, 3)
+    assert builder.for_params(0.5 * num_parameters(_KeywordOnly())).params < num_parameters(_KeywordOnly())
