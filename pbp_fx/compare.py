@@ -39,7 +39,7 @@ from .config import PBConfig, TrainConfig
 from .controller import default_optimizer
 from .errors import PBError
 from .fileio import atomic_write, check_output_dir
-from .job import DEFAULT_MODEL, load_job_module, make_loaders, seed_everything
+from .job import DEFAULT_MODEL, check_data, load_job_module, make_loaders, seed_everything, seeded_datasets
 from .modelfile import check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions
 from .schedule import Kind, PhaseSchedule
 from .training import evaluate, train_epoch
@@ -163,22 +163,14 @@ class RunSpec:
     target: Optional[float] = None
 
 
-def _datasets(mod, seed: int):
-    try:
-        takes_seed = "seed" in inspect.signature(mod.datasets).parameters
-    except (TypeError, ValueError):
-        takes_seed = False
-    return mod.datasets(seed=seed) if takes_seed else mod.datasets()
-
-
 def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training: TrainConfig,
             include=None, exclude=None, latency: bool = True) -> dict:
     """Train one arm at one seed on the model file's data; the row of compare.json."""
     mod = load_job_module(model_file)
-    seed_everything(training.seed)  # datasets() may draw from any generator: one split for every arm and seed
-    model_of_file, inputs = instantiate(mod)
     loss_fn, metric, _ = task_functions(mod)
-    data = _datasets(mod, training.seed)  # one split for every arm and seed
+    data = seeded_datasets(mod, training.seed)  # one split for every arm and seed
+    with torch.random.fork_rng(devices=[]):  # (a model to read the inputs' signature from)
+        model_of_file, inputs = instantiate(mod)
     loaders = make_loaders(data, training.batch_size, spec.seed,  # data order fixed by the seed
                            collate=keyword_collate(mod, model_of_file, len(inputs)))
     builder = WidthBuilder.from_module(mod)
@@ -364,6 +356,8 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
         model = builder.build(width)
     except WidthError as exc:
         raise CompareError(f"--width {width:g}: {exc}") from exc  # every arm needs this width
+    # The data `train` refuses (labels outside the classes, shapes the loss cannot take): refused here too.
+    check_data(mod, seeded_datasets(mod, training.seed), model, inputs, training.batch_size)
     if any(a in ("pb", "gd") for a in arms):
         from .perforated import perforate
 

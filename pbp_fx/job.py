@@ -65,6 +65,27 @@ def _call_datasets(mod: ModuleType, seed: int):
     return data
 
 
+def seeded_datasets(mod: ModuleType, seed: int) -> tuple:
+    """The model file's (train, val, test) datasets, with every global generator seeded with
+    `seed` before datasets() runs, NaN/Inf in tensor datasets refused."""
+    seed_everything(seed)
+    data = _call_datasets(mod, seed)
+    _check_finite_datasets(data)
+    return data
+
+
+def check_data(mod: ModuleType, data, model: nn.Module, inputs: tuple, batch_size: int):
+    """Refuse, before any work, data that the model, its loss or its metric cannot take
+    (`_preflight`); returns the batches' collate (`keyword_collate`). Draws no random number:
+    a `train` run and compare's arms at one seed see the same random streams."""
+    loss_fn, metric, _ = task_functions(mod)
+    collate = keyword_collate(mod, model, len(inputs))
+    with torch.random.fork_rng(devices=[]), _host_rngs_kept():  # a dataset may draw as it loads a sample
+        _preflight(model, data, min(batch_size, 8), loss_fn, metric, batch_size,
+                   task_of(mod) == "classification" and getattr(mod, "loss_fn", None) is None, collate)
+    return collate
+
+
 def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labels: bool, collate=None) -> None:
     """Refuse, before any work, data that the model, its loss or its metric cannot take (wrong shapes,
     targets out of range, an output the default loss cannot read, a metric that returns no
@@ -176,15 +197,19 @@ def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, 
     loaders' collate_fn (`modelfile.keyword_collate`; None: torch's default)."""
     train, val, test = data
     extra = {} if collate is None else {"collate_fn": collate}
+
+    def own():  # an iterator over a loader without a generator draws its base seed from torch's global one:
+        return {"generator": torch.Generator().manual_seed(seed)}  # evaluations then shifted dropout's stream
+
     if distributed is not None:
         return (distributed.loader(train, batch_size, shuffle=True, seed=seed, **extra),
-                distributed.loader(val, eval_batch_size, train=False, **extra),
-                distributed.loader(test, eval_batch_size, train=False, **extra))
-    g = torch.Generator().manual_seed(seed)
+                distributed.loader(val, eval_batch_size, train=False, **own(), **extra),
+                distributed.loader(test, eval_batch_size, train=False, **own(), **extra))
     # A last batch of one sample: BatchNorm cannot train on it (one value per channel), so it is left out.
     lone = len(train) > batch_size and len(train) % batch_size == 1
-    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=g, drop_last=lone, **extra),
-            DataLoader(val, batch_size=eval_batch_size, **extra), DataLoader(test, batch_size=eval_batch_size, **extra))
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=lone, **own(), **extra),
+            DataLoader(val, batch_size=eval_batch_size, **own(), **extra),
+            DataLoader(test, batch_size=eval_batch_size, **own(), **extra))
 
 
 def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = None,
@@ -228,15 +253,12 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     if out is not None and main:
         check_output_dir(out, TrainingError)  # before training: a long run must not fail at its last step
     mod = load_job_module(model_file)
-    seed_everything(seed)
-    model, inputs = instantiate(mod)
-    data = _call_datasets(mod, seed)
-    _check_finite_datasets(data)
     loss_fn, metric, metric_name = task_functions(mod)
     check_metric_direction(mod, config.maximize, ConfigError)
-    collate = keyword_collate(mod, model, len(inputs))
-    _preflight(model, data, min(training.batch_size, 8), loss_fn, metric, training.batch_size,
-               task_of(mod) == "classification" and getattr(mod, "loss_fn", None) is None, collate)
+    data = seeded_datasets(mod, seed)
+    seed_everything(seed)  # the model's initial weights do not depend on what datasets() drew
+    model, inputs = instantiate(mod)
+    collate = check_data(mod, data, model, inputs, training.batch_size)
     train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed,
                                                          collate=collate)
     base_params = sum(p.numel() for p in model.parameters())

@@ -92,7 +92,8 @@ def instantiate(mod: ModuleType) -> tuple[nn.Module, tuple]:
     if not isinstance(model, nn.Module):
         raise ModelFileError(f"build_model() in {where!r} returned {type(model).__name__}, not an nn.Module")
     try:
-        inputs = mod.example_inputs()
+        with torch.random.fork_rng(devices=[]):  # the example draws no number a training run would draw
+            inputs = mod.example_inputs()
     except Exception as exc:  # noqa: BLE001
         raise ModelFileError(f"example_inputs() in {where!r} raised {type(exc).__name__}: {_first_line(exc)}") from exc
     if isinstance(inputs, torch.Tensor):
@@ -111,7 +112,8 @@ def example_kwargs(mod: ModuleType) -> dict:
     if not callable(fn):
         raise ModelFileError(f"example_kwargs in {where!r} is not a function: define example_kwargs() -> dict")
     try:
-        kwargs = fn()
+        with torch.random.fork_rng(devices=[]):
+            kwargs = fn()
     except Exception as exc:  # noqa: BLE001
         raise ModelFileError(f"example_kwargs() in {where!r} raised {type(exc).__name__}: {_first_line(exc)}") from exc
     if kwargs is None:

@@ -234,3 +234,26 @@ def test_a_difference_that_prints_as_zero_reads_level(plain_test, words):
     rows = [{"arm": "pb", "seed": 0, "test": 0.5, "params": 10}, {"arm": "plain", "seed": 0, "test": plain_test, "params": 5}]
     text = verdict(summarize(rows), paired(rows))
     assert words in text and "-0.0" not in text
+
+
+NOISY = TINY.replace("import torch\n", "import random\n\nimport numpy as np\nimport torch\n", 1).replace(
+    "        return self.fc2(torch.relu(self.fc1(x)))",
+    "        return self.fc2(torch.nn.functional.dropout(torch.relu(self.fc1(x)), 0.3, self.training))").replace(
+    "        g = torch.Generator().manual_seed(seed)\n        x = torch.randn(300, 6, generator=g)",
+    "        x = torch.randn(300, 6) + float(np.random.rand()) + random.random()  # the global generators")
+
+
+def test_a_pb_run_without_dendrites_equals_its_plain_arm_when_data_and_model_draw_randomness(tmp_path):
+    """train drew its data after the model (and its preflight drew numpy's numbers) while compare's arms
+    reseeded after the data: a pb run with 0 dendrites 'won' by +0.9 points over its own plain twin."""
+    from pbp_fx.job import train_job
+
+    path = tmp_path / "noisy.py"
+    path.write_text(NOISY)
+    run = tmp_path / "run"
+    no_phase = PBConfig(patience=50, max_dendrites=1, retries=0)  # the budget ends before a dendrite phase
+    train_job(str(path), config=no_phase, training=TrainConfig(epochs=6, batch_size=30), out=str(run), progress=False,
+              echo=lambda _s: None)
+    assert main(["compare", "--pb-run", str(run), "--no-latency"]) == 0
+    pb, plain, _ = json.loads((run / "compare.json").read_text())["runs"]
+    assert pb["params"] == plain["params"] and pb["test"] == plain["test"] and pb["val"] == plain["val"]
