@@ -316,7 +316,7 @@ def transform(args: argparse.Namespace) -> int:
     meta = pm.graph_module.meta
     frontend = meta.get("pbp_frontend", "fx")
     leaves = list(meta.get("pbp_untraceable", []))
-    base = sum(p.numel() for p in model.parameters())
+    base = pm.num_parameters()  # what the forward uses (the captured graph): a module it never calls is left out
     per_round = sum(r["params_per_dendrite"] for r in rows)
     report = {
         "model": os.path.abspath(args.model),

@@ -261,10 +261,10 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     collate = check_data(mod, data, model, inputs, training.batch_size)
     train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed,
                                                          collate=collate)
-    base_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
     pm = perforate(model, inputs, include=include, exclude=exclude, activation=config.activation, mode=config.mode,
                    example_kwargs=example_kwargs(mod), frontend=training.frontend)
+    base_params = pm.num_parameters()  # with no dendrite yet: what the forward uses, as compare counts
     ctl = PhaseController(pm, config, optimizer_factory=lambda params: default_optimizer(params, lr=training.lr),
                           distributed=distributed)
     history = History()
@@ -430,7 +430,8 @@ def _resume(path: str, pm, ctl, train_loader) -> tuple[History, float]:
 
 
 # What a run writes to --out: a new run replaces an earlier run's, so that no report describes another run.
-RUN_OUTPUTS = (CHECKPOINT, "summary.json", "history.json", "plot.png")
+RUN_OUTPUTS = (CHECKPOINT, "summary.json", "history.json", "plot.png",
+               "compare.md", "compare.json", "compare.png")  # (compare --pb-run DIR reports beside the run)
 
 
 def _make_out(out: str, fresh: bool, echo) -> tuple[bool, list[str]]:

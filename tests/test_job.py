@@ -393,11 +393,12 @@ def test_structured_outputs_are_scored_by_their_logits(tmp_path, structure):
 def test_a_new_run_replaces_an_earlier_runs_outputs_and_a_failed_one_leaves_none(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    for name in ("summary.json", "history.json", "plot.png"):
+    for name in ("summary.json", "history.json", "plot.png", "compare.md"):  # (compare --pb-run wrote compare.*)
         (out / name).write_text("an earlier run")
     assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "2", "--no-progress"]) == 0
-    assert "holds an earlier run (summary.json, history.json, plot.png): this run replaces it" in capsys.readouterr().out
-    assert "an earlier run" not in (out / "summary.json").read_text()
+    assert ("holds an earlier run (summary.json, history.json, plot.png, compare.md): this run replaces it"
+            in capsys.readouterr().out)
+    assert "an earlier run" not in (out / "summary.json").read_text() and not (out / "compare.md").exists()
     # A new run that fails before its first checkpoint leaves the earlier run as it was.
     before = {n: (out / n).read_bytes() for n in ("checkpoint.safetensors", "summary.json")}
     bad = GOOD + ("def loss_fn(o, y):\n    loss = torch.nn.functional.cross_entropy(o, y)\n"
@@ -599,3 +600,15 @@ def test_a_keyword_input_that_is_only_a_flag_is_passed_at_its_example_value(tmp_
     path = tmp_path / "flag.py"
     path.write_text(FLAG_ONLY)
     assert main(["train", str(path), "--out", str(tmp_path / "run"), "--epochs", "2", "--no-progress"]) == 0
+
+
+def test_the_plain_count_leaves_out_a_module_forward_never_calls(tmp_path, capsys):
+    """train reported "params: 4032 plain -> 3006 perforated (0.75x)": its plain count held a module
+    forward never calls, its perforated count did not."""
+    text = GOOD.replace("def build_model(", "class _Spare(torch.nn.Module):\n    pass\n\n\ndef build_model(", 1)
+    spare = ("    model = build_model_inner()\n    model.spare = torch.nn.Linear(40, 40)\n    return model\n")
+    text = text.replace("def build_model(", "def build_model_inner(", 1) + "\n\ndef build_model():\n" + spare
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", text), "--out", str(out), "--epochs", "2", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params_plain"] <= summary["params"]
