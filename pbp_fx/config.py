@@ -208,22 +208,24 @@ def read_settings(path: str) -> tuple[dict, dict]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{where}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc.reason})"
                           ) from None
-    if path.lower().endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(f"{where}: reading YAML needs PyYAML (pip install pyyaml), or write the file as "
-                              "JSON") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); a .yaml/.yml file is "
-                              "read as YAML") from None
+    def unique(pairs):
+        keys = [k.replace("-", "_") if isinstance(k, str) else k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+        if twice:
+            raise ConfigError(f"{where}: setting {twice[0]!r} is given twice: keep one")
+        return dict(pairs)
+
+    try:
+        if path.lower().endswith((".yaml", ".yml")):
+            data = _read_yaml(text, where, unique)
+        else:
+            try:
+                data = json.loads(text, object_pairs_hook=unique)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); a .yaml/.yml file is "
+                                  "read as YAML") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply: it must hold one flat mapping of settings") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ConfigError(f"{where}: it must hold one mapping of setting names to values, e.g. "
                           '{"patience": 10, "epochs": 300}')
@@ -235,6 +237,41 @@ def read_settings(path: str) -> tuple[dict, dict]:
         raise ConfigError(f"{where}: no setting {unknown[0]!r}: use PBConfig's or TrainConfig's field names "
                           "(pbp-fx train --help lists them as flags)")
     return ({k: v for k, v in data.items() if k in pb_names}, {k: v for k, v in data.items() if k in train_names})
+
+
+def _read_yaml(text: str, where: str, unique) -> Any:
+    """YAML through PyYAML's safe loader; a key given twice is refused (`unique`), and a number
+    written without a dot (`1e-3`, which YAML 1.1 reads as a string) is read as a number."""
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(f"{where}: reading YAML needs PyYAML (pip install pyyaml), or write the file as JSON") from None
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node):
+        return unique([(loader.construct_object(k, deep=True), loader.construct_object(v, deep=True))
+                       for k, v in node.value])
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        data = yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if isinstance(data, dict):
+        data = {k: _yaml_number(v) for k, v in data.items()}
+    return data
+
+
+def _yaml_number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if value.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity") else value
+    return value
 
 
 def cli_fields(cls) -> list[dataclasses.Field]:

@@ -901,12 +901,15 @@ def test_library_deprecation_notices_are_for_debug_only(tmp_path, capsys):
 def test_a_config_file_sets_defaults_that_flags_override(tmp_path, capsys):
     """--config FILE (JSON or YAML): defaults < the file < flags given on the command line."""
     from pbp_fx.checkpoint import read_meta
+    from pbp_fx.config import read_settings
 
     pytest.importorskip("yaml")
     (tmp_path / "s.json").write_text(json.dumps({"patience": 3, "max-dendrites": 1, "pool": 2, "epochs": 4}))
-    (tmp_path / "s.yaml").write_text("pool: 2\nepochs: 3\nmax_dendrites: 1\n")
+    (tmp_path / "s.yaml").write_text("pool: 2\nepochs: 3\nmax_dendrites: 1\nlr: 2e-3\n")  # (YAML 1.1: 2e-3 a string)
     for name, flags, want in (("s.json", [], {"patience": 3, "pool": 2, "max_dendrites": 1}),
                               ("s.yaml", ["--pool", "3"], {"pool": 3, "max_dendrites": 1})):
+        if name == "s.yaml":
+            assert read_settings(str(tmp_path / name))[1]["lr"] == 2e-3
         out = tmp_path / name.replace(".", "_")
         rc, _, err = _run(["train", "--config", str(tmp_path / name), *flags, "--out", str(out), "--no-progress"],
                           capsys)
@@ -924,6 +927,10 @@ def test_a_config_file_sets_defaults_that_flags_override(tmp_path, capsys):
     ("{bad", "b.json", "not valid JSON"),
     ("pool: 0\n", "b.yaml", "b.yaml: pool=0: must be at least 1"),
     (None, "none.json", "cannot read it"),
+    ('{"patience": 3, "patience": 9}', "b.json", "setting 'patience' is given twice"),
+    ('{"max_dendrites": 2, "max-dendrites": 5}', "b.json", "setting 'max_dendrites' is given twice"),
+    ("pool: 2\npool: 3\n", "b.yaml", "setting 'pool' is given twice"),
+    ("[" * 100000 + "]" * 100000, "b.json", "nested too deeply"),
 ])
 def test_a_bad_config_file_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, text, name, message):
     if name.endswith(".yaml"):
