@@ -64,10 +64,12 @@ class StructureOnLoad:
         if bool(pools) == (pm.phase == "dendrite"):
             return
         self._restoring = True
+        config = self.config()
         try:
-            sites = [{"pool": p} for p in pools.values()]
+            # A state dict does not show the pools' position stride: the run's config says it.
+            sites = [{"pool": p, "pool_stride": config.candidate_stride} for p in pools.values()]
             restore_structure(pm, state, {"phase": "dendrite" if pools else "neuron", "sites": sites},
-                              self.config().to_dict())
+                              config.to_dict())
         finally:
             self._restoring = False
 

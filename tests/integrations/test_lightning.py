@@ -155,12 +155,13 @@ def test_lightning_refusals():
                                                       train, val)
 
 
-@pytest.mark.parametrize("phase,module", [("neuron", Classifier), ("dendrite", Classifier),
-                                          ("dendrite", GroupedClassifier), ("complete", Classifier)])
-def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module):
+@pytest.mark.parametrize("phase,module,stride", [("neuron", Classifier, 1), ("dendrite", Classifier, 1),
+                                                 ("dendrite", GroupedClassifier, 1), ("complete", Classifier, 1),
+                                                 ("dendrite", Classifier, 2)])
+def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module, stride):
     """trainer.fit(..., ckpt_path=...) from a checkpoint taken in a neuron phase (the candidates are
     drawn after the resume) or inside a dendrite phase makes the uninterrupted run's decisions with
-    its scores."""
+    its scores; candidate_stride=2: the pools came back at stride 1."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(ckpt_path=None, save=False, **kw):
@@ -168,7 +169,7 @@ def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module):
         _, val = digits_loaders()
         train = DataLoader(TensorDataset(*val.dataset.tensors), batch_size=100)
         pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
-        cb = PBCallback(QUICK, monitor="val_acc", mode="max")
+        cb = PBCallback(QUICK.replace(candidate_stride=stride), monitor="val_acc", mode="max")
         saver = [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")] if save else []
         trainer = L.Trainer(max_epochs=60, callbacks=[cb, *saver], accelerator="cpu", devices=1, logger=False,
                             enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False,
