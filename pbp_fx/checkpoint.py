@@ -382,6 +382,17 @@ def _load_error_detail(exc: Exception, limit: int = 240) -> str:
     return detail if len(detail) <= limit else detail[:limit - 3].rstrip() + "..."
 
 
+def holds_weights_of(path: str, pm: PerforatedModel) -> bool:
+    """Whether the checkpoint's parameters equal the model's (on the names both have): a
+    framework that loaded its own copy of the weights resumes from this file's run."""
+    meta, tensors = _renamed_part_sites(*_read(path), pm)
+    saved = _collect("model/", tensors, meta.get("plain", {}))
+    params = dict(pm.named_parameters())
+    common = [k for k in params if k in saved and isinstance(saved[k], torch.Tensor)]
+    return bool(common) and all(saved[k].shape == params[k].shape
+                                and torch.equal(saved[k], params[k].detach().to("cpu", saved[k].dtype)) for k in common)
+
+
 def describe_structure(pm: PerforatedModel) -> dict:
     """The model's structure as JSON data: phase, and per site its layer, dendrites and pool."""
     return json.loads(json.dumps(_structure(pm)))

@@ -18,7 +18,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from ..checkpoint import load_controller, save
+from ..checkpoint import holds_weights_of, load_controller, save
 from ..config import PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError
@@ -192,16 +192,20 @@ def _direction(metric: str, greater_is_better: Optional[bool]) -> tuple[str, boo
 
 def _resumed_file(args, state, pm) -> str:
     """The PBCallback file of the checkpoint a Trainer resumes at state.global_step: the one
-    pbp_fx.load read into the model when it lies in a `checkpoint-<step>` folder (the Trainer does
-    not tell callbacks which folder it resumed from, which may be another run's), else the one in
-    output_dir."""
+    pbp_fx.load read into the model, else `output_dir/checkpoint-<step>`'s, whichever holds the
+    weights the Trainer just loaded (it does not tell callbacks which folder it resumed from,
+    which may be another run's, renamed, or beside an older run's folder of the same step)."""
     folder = f"checkpoint-{state.global_step}"
     loaded = getattr(pm, "loaded_from", None)  # (a model pickled before it existed has none)
-    if loaded is not None and os.path.basename(os.path.dirname(loaded)) == folder:
-        return loaded
-    path = os.path.join(args.output_dir, folder, CHECKPOINT_NAME)
-    if os.path.isfile(path):
-        return path
+    found = [p for p in (loaded, os.path.join(args.output_dir, folder, CHECKPOINT_NAME))
+             if p is not None and os.path.isfile(p)]
+    for path in dict.fromkeys(found):
+        if holds_weights_of(path, pm):
+            return path
+    if found:
+        raise TrainingError(f"PBCallback: {found[-1]} holds other weights than the checkpoint the Trainer resumed "
+                            f"from at step {state.global_step} (another run's): load the resumed checkpoint's own "
+                            f"file first: pbp_fx.load('<that checkpoint folder>/{CHECKPOINT_NAME}', model)")
     raise TrainingError(f"PBCallback: resuming at step {state.global_step} needs the {CHECKPOINT_NAME} of the "
                         f"checkpoint resumed from (PBCallback writes it at every save), loaded into the model first: "
                         f"pbp_fx.load('<that checkpoint folder>/{CHECKPOINT_NAME}', model) before trainer.train")

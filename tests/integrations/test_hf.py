@@ -448,3 +448,37 @@ def test_resume_inside_a_dendrite_phase_without_loading_first_on_a_batchnorm_mod
     _same_run(resumed.history, whole.history)
     for k, v in model.state_dict().items():  # the BatchNorm buffers too
         torch.testing.assert_close(again.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_resume_finds_the_callbacks_file_by_the_weights_the_trainer_loaded(tmp_path):
+    """A renamed checkpoint folder was refused after pbp_fx.load (only `checkpoint-<step>` names were
+    trusted), and an older run's folder of the same step in output_dir was read silently."""
+    import shutil
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 8, generator=g)
+    y = ((x[:, 0] * x[:, 1] > 0) ^ (x[:, 2] > 0.5)).long()
+    rows = [{"x": a, "labels": b} for a, b in zip(x, y)]
+
+    def run(folder, seed=0, resume=None, model=None):
+        torch.manual_seed(seed)
+        model = model or pbp_fx.perforate(_NormedNet(), example_kwargs={"x": x[:4], "labels": y[:4]})
+        cb = PBCallback(QUICK)
+        trainer = Trainer(model=model, args=_args(folder, save_strategy="epoch", per_device_train_batch_size=64,
+                                                  seed=seed),
+                          train_dataset=rows[:256], eval_dataset=rows[256:], callbacks=[cb])
+        trainer.train(resume_from_checkpoint=resume)
+        return cb.controller
+
+    whole = run(tmp_path / "a")
+    epoch = next(h["epoch"] for h in whole.history if h["phase"] == "dendrite") + 1
+    step = sorted(int(d[11:]) for d in os.listdir(tmp_path / "a") if d.startswith("checkpoint-"))[epoch - 1]
+    backup = tmp_path / "backup_of_a"
+    shutil.copytree(tmp_path / "a" / f"checkpoint-{step}", backup)
+    model = pbp_fx.load(str(backup / CHECKPOINT_NAME), pbp_fx.perforate(_NormedNet(), example_kwargs={
+        "x": x[:4], "labels": y[:4]}))
+    _same_run(run(tmp_path / "other", resume=str(backup), model=model).history, whole.history)
+    run(tmp_path / "b", seed=1)  # another run, with a checkpoint folder of the same step
+    with pytest.raises(TrainingError, match=r"holds other weights than the checkpoint the Trainer resumed") as err:
+        run(tmp_path / "b", resume=str(backup))
+    assert "\n" not in str(err.value)
