@@ -16,6 +16,7 @@ import os
 import warnings
 from typing import Optional
 
+import torch
 from transformers import TrainerCallback
 
 from ..checkpoint import holds_weights_of, load_controller, save
@@ -105,6 +106,8 @@ class PBCallback(TrainerCallback):
         # fp16: accelerate's optimizer wrapper holds the GradScaler; the pools divide its scale out
         pm.grad_scaler = getattr(optimizer, "scaler", None)
         opt = unwrap_optimizer(optimizer)
+        if state.global_step > 0:
+            _refuse_misplaced_optimizer_state(opt)
         if self.controller is None or self.controller.pm is not pm:
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
                                               parameter_groups=_trainer_groups if _grouped_by_trainer(pm, opt) else None)
@@ -209,6 +212,21 @@ def _resumed_file(args, state, pm) -> str:
     raise TrainingError(f"PBCallback: resuming at step {state.global_step} needs the {CHECKPOINT_NAME} of the "
                         f"checkpoint resumed from (PBCallback writes it at every save), loaded into the model first: "
                         f"pbp_fx.load('<that checkpoint folder>/{CHECKPOINT_NAME}', model) before trainer.train")
+
+
+def _refuse_misplaced_optimizer_state(optimizer) -> None:
+    """A resumed optimizer of the user's own, built over the model before it had the checkpoint's
+    structure: the Trainer loads the saved state by position, so a dendrite phase's candidate
+    state lands on the neurons' parameters when the counts happen to match."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for value in optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise TrainingError(
+                        f"PBCallback: the Trainer restored optimizer state of shape {tuple(value.shape)} onto a "
+                        f"parameter of shape {tuple(p.shape)}: the optimizer was built before the model had the "
+                        f"checkpoint's structure; load the checkpoint first (pbp_fx.load('<checkpoint folder>/"
+                        f"{CHECKPOINT_NAME}', model)), then build the optimizer over model.trainable_parameters()")
 
 
 def _grouped_by_trainer(pm, optimizer) -> bool:

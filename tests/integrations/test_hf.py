@@ -482,3 +482,29 @@ def test_resume_finds_the_callbacks_file_by_the_weights_the_trainer_loaded(tmp_p
     with pytest.raises(TrainingError, match=r"holds other weights than the checkpoint the Trainer resumed") as err:
         run(tmp_path / "b", resume=str(backup))
     assert "\n" not in str(err.value)
+
+
+def test_an_own_optimizer_resumed_without_loading_first_is_refused(tmp_path):
+    """Built over the neuron-phase model, it received the dendrite phase's candidate state by position
+    (the counts matched), which PB then dropped: a silently different run."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 8, generator=g)
+    y = ((x[:, 0] * x[:, 1] > 0) ^ (x[:, 2] > 0.5)).long()
+    rows = [{"x": a, "labels": b} for a, b in zip(x, y)]
+
+    def trainer(folder):
+        torch.manual_seed(0)
+        model = pbp_fx.perforate(_NormedNet(), example_kwargs={"x": x[:4], "labels": y[:4]})
+        opt = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
+        return Trainer(model=model, args=_args(folder, save_strategy="epoch", per_device_train_batch_size=64),
+                       train_dataset=rows[:256], eval_dataset=rows[256:], callbacks=[PBCallback(QUICK)],
+                       optimizers=(opt, None))
+
+    whole = trainer(tmp_path)
+    whole.train()
+    ctl = next(c for c in whole.callback_handler.callbacks if isinstance(c, PBCallback)).controller
+    epoch = next(h["epoch"] for h in ctl.history if h["phase"] == "dendrite") + 1
+    folder = sorted((d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")), key=lambda d: int(d[11:]))[epoch - 1]
+    with pytest.raises(TrainingError, match=r"restored optimizer state of shape .* load the checkpoint first") as err:
+        trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path / folder))
+    assert "\n" not in str(err.value)
