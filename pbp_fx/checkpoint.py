@@ -362,16 +362,19 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
 
 
 def _warn_changed_settings(meta: dict, controller, path: str) -> None:
+    if meta.get("config"):
+        warn_changed_settings(meta["config"], controller.config, f"checkpoint {path}")
+
+
+def warn_changed_settings(saved: dict, config: PBConfig, what: str) -> None:
     """A run resumed under other PB settings than it was saved with continues under the new ones:
-    said once, naming them (`pbp-fx train --resume` uses the saved ones)."""
-    if not meta.get("config"):
-        return
-    saved = PBConfig.from_dict(meta["config"]).to_dict()
-    now = controller.config.to_dict()
+    said once, naming them (`pbp-fx train --resume` uses the saved ones). saved: PBConfig.to_dict()."""
+    saved = PBConfig.from_dict(saved).to_dict()
+    now = config.to_dict()
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
     if changed:
-        warnings.warn(f"checkpoint {path} was saved with other PB settings than the controller's, which the run "
-                      f"continues with: {', '.join(changed)}", stacklevel=3)
+        warnings.warn(f"{what} was saved with other PB settings than the controller's, which the run continues "
+                      f"with: {', '.join(changed)}", stacklevel=4)
 
 
 def _load_error_detail(exc: Exception, limit: int = 240) -> str:

@@ -61,8 +61,11 @@ class PBCallback(TrainerCallback):
         # sees the checkpoint: the model first gets the structure it was saved with (a dendrite
         # phase's pools), so that the Trainer's optimizer is rebuilt with the saved groups.
         found = [m for m in model.modules() if isinstance(m, PerforatedModel)] if model is not None else []
-        if len(found) == 1 and self._structure_hook is None:
-            pm = found[0]
+        if len(found) == 1:
+            self._watch_loads(found[0])
+
+    def _watch_loads(self, pm: PerforatedModel) -> None:
+        if self._structure_hook is None:
             self._structure_hook = StructureOnLoad(
                 pm, lambda: self.config or PBConfig(mode=pm.mode, activation=pm.activation))
 
@@ -185,6 +188,7 @@ class PBCallback(TrainerCallback):
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             save(ctl.pm, os.path.join(args.output_dir, CHECKPOINT_NAME), controller=ctl)
+        self._watch_loads(ctl.pm)  # another trainer.train(resume_from_checkpoint=...) on this Trainer
 
 
 def _direction(metric: str, greater_is_better: Optional[bool]) -> tuple[str, bool]:

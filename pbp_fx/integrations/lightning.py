@@ -17,6 +17,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.trainer.states import TrainerFn
 
+from ..checkpoint import warn_changed_settings
 from ..config import ConfigError, PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError
@@ -54,7 +55,7 @@ class PBCallback(Callback):
         # The CPU generator too: a later dendrite phase draws its candidates from it (Lightning does
         # not restore it on resume; `pbp-fx train --resume` does).
         return {"controller": ctl.state_dict(), "frozen": ctl.pm.phase_buffers(), "rng": torch.get_rng_state(),
-                "held_stoppers": dict(self._held_stoppers)}
+                "held_stoppers": dict(self._held_stoppers), "config": ctl.config.to_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resumed = dict(state_dict) or None
@@ -101,6 +102,8 @@ class PBCallback(Callback):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
                                               parameter_groups=_groups_of_configure_optimizers(pl_module))
         if self._resumed is not None:  # Lightning restores the optimizer and schedulers after this hook
+            if "config" in self._resumed:
+                warn_changed_settings(self._resumed["config"], self.controller.config, "the checkpoint")
             self.controller.load_state_dict(self._resumed["controller"])
             if self._resumed["frozen"]:  # only a dendrite phase has them
                 pm.load_phase_buffers(self._resumed["frozen"])

@@ -369,3 +369,21 @@ def test_a_model_checkpoint_ranking_by_another_metric_is_warned_of(tmp_path):
                         enable_model_summary=False, num_sanity_val_steps=0)
     with pytest.warns(UserWarning, match="follows 'val_acc' but a ModelCheckpoint ranks by 'val_loss'"):
         trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
+
+
+def test_resuming_under_other_settings_is_warned_of(tmp_path):
+    """Lightning resumed under a changed PBConfig (even maximize flipped) without a word."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, val = digits_loaders()
+
+    def fit(config, ckpt_path=None, epochs=2):
+        saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        trainer = L.Trainer(max_epochs=epochs, callbacks=[PBCallback(config, monitor="val_acc", mode="max"), saver],
+                            accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val, ckpt_path=ckpt_path)
+
+    fit(QUICK)
+    with pytest.warns(UserWarning, match="other PB settings .*patience 2 -> 5"):
+        fit(QUICK.replace(patience=5), ckpt_path=str(tmp_path / "last.ckpt"), epochs=3)
