@@ -344,7 +344,7 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     try:
         pm.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {_load_error_detail(exc)} (the model differs "
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {load_error_detail(exc)} (the model differs "
                               "from the one saved)") from exc
     frozen = _collect("frozen/", tensors, plain)
     if frozen:
@@ -377,7 +377,7 @@ def warn_changed_settings(saved: dict, config: PBConfig, what: str) -> None:
                       f"with: {', '.join(changed)}", stacklevel=4)
 
 
-def _load_error_detail(exc: Exception, limit: int = 240) -> str:
+def load_error_detail(exc: Exception, limit: int = 240) -> str:
     """The first line of load_state_dict's error that names keys or shapes (its first line is a
     header, "Error(s) in loading state_dict for ...:"), cut to `limit` characters."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]

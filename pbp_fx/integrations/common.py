@@ -8,9 +8,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoint import restore_structure
+from ..checkpoint import load_error_detail, restore_structure
 from ..config import PBConfig
-from ..errors import TrainingError
+from ..errors import CheckpointError, TrainingError
 from ..perforated import PerforatedModel
 
 __all__ = ["find_perforated", "unwrap_optimizer", "unwrap_scheduler", "StructureOnLoad"]
@@ -70,6 +70,8 @@ class StructureOnLoad:
             sites = [{"pool": p, "pool_stride": config.candidate_stride} for p in pools.values()]
             restore_structure(pm, state, {"phase": "dendrite" if pools else "neuron", "sites": sites},
                               config.to_dict())
+        except RuntimeError as exc:  # load_state_dict's many-line report of another model's tensors
+            raise CheckpointError(f"the checkpoint does not fit this model: {load_error_detail(exc)}") from exc
         finally:
             self._restoring = False
 

@@ -387,3 +387,19 @@ def test_resuming_under_other_settings_is_warned_of(tmp_path):
     fit(QUICK)
     with pytest.warns(UserWarning, match="other PB settings .*patience 2 -> 5"):
         fit(QUICK.replace(patience=5), ckpt_path=str(tmp_path / "last.ckpt"), epochs=3)
+
+
+def test_a_dendrite_phase_checkpoint_of_another_model_is_one_line():
+    """The structure pre-hook passed on load_state_dict's many-line size-mismatch report."""
+    from pbp_fx.errors import CheckpointError
+
+    pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+    pm.start_dendrite_phase(pool=2)
+    state = {"model." + k: v for k, v in pm.state_dict().items()}
+    wider = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 10))
+    module = Classifier(pbp_fx.perforate(wider, torch.zeros(2, 1, 8, 8)))
+    PBCallback(QUICK).setup(None, module, "fit")  # what Lightning calls before it loads a checkpoint
+    with pytest.raises(CheckpointError, match="does not fit this model: size mismatch") as err:
+        module.load_state_dict(state)
+    assert "\n" not in str(err.value)
