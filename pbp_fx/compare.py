@@ -217,7 +217,10 @@ def summarize(rows: list[dict]) -> list[dict]:
             if skipped:
                 out.append({"arm": arm, "n": 0, "skipped": skipped[0]})
             continue
-        s = {"arm": arm, "n": len(rs)}
+        s = {"arm": arm, "n": len(rs), "test_by_seed": {r["seed"]: 100.0 * r["test"] for r in rs}}
+        if skipped:  # ran at some seeds only: said beside the table, and the ranking uses shared seeds
+            seeds = sorted(r["seed"] for r in rows if r["arm"] == arm and "skipped" in r)
+            s["partial"] = f"not run at seed(s) {', '.join(map(str, seeds))}: {skipped[0]}"
         for key, scale in (("test", 100.0), ("val", 100.0), ("params", 1.0), ("latency_ms", 1.0),
                            ("seconds", 1.0), ("epochs", 1.0), ("width", 1.0)):
             vals = [r[key] * scale for r in rs if r.get(key) is not None]
@@ -245,10 +248,22 @@ def paired(rows: list[dict], reference: str = REFERENCE_ARM) -> list[dict]:
 
 def verdict(summary: list[dict], pairs: list[dict]) -> str:
     """Which arm won and by how much, in plain words, with the paired differences vs pb."""
-    ranked = sorted((s for s in summary if s["n"]), key=lambda s: -s["test"])
-    if not ranked:
+    ran = [s for s in summary if s["n"]]
+    if not ran:
         return "no arm finished"
-    win, lines = ranked[0], []
+    lines = []
+    seeds = [set(s.get("test_by_seed", {})) for s in ran]
+    shared = set.intersection(*seeds) if seeds else set()
+    if any(sd != shared for sd in seeds) and shared:
+        # Arms that ran at other seeds are ranked by their means over the seeds every arm ran.
+        ran = [{**s, "test": statistics.mean(s["test_by_seed"][k] for k in shared), "n": len(shared),
+                "test_sd": _mean_sd([s["test_by_seed"][k] for k in shared])[1]} for s in ran]
+        lines.append(f"(ranked over the {len(shared)} seed(s) every arm ran: "
+                     f"{', '.join(s['arm'] for s, sd in zip(ran, seeds) if sd != shared)} ran at other seeds too)")
+    elif any(sd != shared for sd in seeds):
+        return "the arms ran at different seeds and share none: no ranking (see the paired differences)"
+    ranked = sorted(ran, key=lambda s: -s["test"])
+    win = ranked[0]
     by_arm = {p["arm"]: p for p in pairs}
     if len(ranked) > 1 and win["test"] == ranked[1]["test"]:
         tied = [s["arm"] for s in ranked if s["test"] == win["test"]]
@@ -275,6 +290,9 @@ def verdict(summary: list[dict], pairs: list[dict]) -> str:
     skipped = [s for s in summary if not s["n"]]
     for s in skipped:
         lines.append(f"{s['arm']} was not run: {s['skipped']}")
+    for s in summary:
+        if s.get("partial"):
+            lines.append(f"{s['arm']} was {s['partial']}")
     return "\n".join(lines)
 
 

@@ -257,3 +257,14 @@ def test_a_pb_run_without_dendrites_equals_its_plain_arm_when_data_and_model_dra
     assert main(["compare", "--pb-run", str(run), "--no-latency"]) == 0
     pb, plain, _ = json.loads((run / "compare.json").read_text())["runs"]
     assert pb["params"] == plain["params"] and pb["test"] == plain["test"] and pb["val"] == plain["val"]
+
+
+def test_an_arm_run_at_some_seeds_only_is_ranked_on_the_shared_seeds_and_named():
+    """plain-matched skipped at seed 1 'won' by its one good seed while pb was ahead of it on the
+    seed both ran, and the skipped seed was not mentioned."""
+    rows = [{"arm": "pb", "seed": 0, "test": 0.9, "params": 150}, {"arm": "pb", "seed": 1, "test": 0.6, "params": 100},
+            {"arm": "plain-matched", "seed": 0, "test": 0.85, "params": 150},
+            {"arm": "plain-matched", "seed": 1, "skipped": "too wide"}]
+    text = verdict(summarize(rows), paired(rows))
+    assert "**pb won**" in text and "ranked over the 1 seed(s) every arm ran" in text
+    assert "plain-matched was not run at seed(s) 1: too wide" in text
