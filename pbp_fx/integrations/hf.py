@@ -188,7 +188,6 @@ class PBCallback(TrainerCallback):
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             save(ctl.pm, os.path.join(args.output_dir, CHECKPOINT_NAME), controller=ctl)
-        self._watch_loads(ctl.pm)  # another trainer.train(resume_from_checkpoint=...) on this Trainer
 
 
 def _direction(metric: str, greater_is_better: Optional[bool]) -> tuple[str, bool]:
