@@ -268,3 +268,14 @@ def test_an_arm_run_at_some_seeds_only_is_ranked_on_the_shared_seeds_and_named()
     text = verdict(summarize(rows), paired(rows))
     assert "**pb won**" in text and "ranked over the 1 seed(s) every arm ran" in text
     assert "plain-matched was not run at seed(s) 1: too wide" in text
+
+
+def test_data_train_refuses_is_refused_by_compare_before_any_arm(tmp_path, capsys):
+    """Labels outside the model's classes: compare wrote a report with every arm at 0 %."""
+    path = tmp_path / "bad.py"
+    path.write_text(TINY.replace("y = (x[:, 0] > 0).long() + (x[:, 1] * x[:, 2] > 0).long()",
+                                 "y = (x[:, 0] > 0).long() + 10"))
+    assert main(["compare", str(path), "--seeds", "1", "--no-latency", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "the first training samples fail" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
