@@ -474,8 +474,7 @@ def train(args: argparse.Namespace) -> int:
     if not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
         raise PBError(f"--dist-timeout {args.dist_timeout}: must be a finite number of seconds greater than 0")
     if args.resume is not None:
-        given = [f for f, v in vars(args).items()
-                 if v is not None and (f in _SETTING_DESTS or f in ("out", "include", "exclude"))]
+        given = [f for f, v in vars(args).items() if v is not None and (f in _SETTING_DESTS or f == "out")]
         if args.model is not None or given:
             what = "a model file" if args.model is not None else _flag_of(given[0])
             raise PBError(f"--resume continues a run in its own folder with its own model file and settings "

@@ -90,11 +90,12 @@ class _ZeroGradient(torch.autograd.Function):
         return (grad, *[torch.zeros_like(t, memory_format=torch.preserve_format) for t in ctx.saved_tensors])
 
 
-def _graph_nodes(edges, sinks: dict, skip: dict) -> dict:
+def autograd_nodes(edges, sinks: Optional[dict] = None, skip: Optional[dict] = None) -> dict:
     """The autograd nodes reachable from `edges` ((node, output number) pairs), keyed by (id, output
     number) for the nodes in `sinks` ({id: {output number: input index}}: DDP's sink, one node for
     all outputs that passes each output on from one input) and (id, None) for the others; those in
-    `skip` are not entered."""
+    `skip` are not entered. A leaf's node (AccumulateGrad) holds its tensor as `.variable`."""
+    sinks, skip = sinks or {}, skip or {}
     found, stack = {}, list(edges)
     while stack:
         node, nr = stack.pop()
@@ -135,9 +136,9 @@ def parameters_the_loss_misses(loss: torch.Tensor, output) -> Optional[list]:
             if len(node.next_functions) != len(tensor_index):
                 return None
             sinks[id(node)] = tensor_index
-    read = _graph_nodes([(loss.grad_fn, 0)], sinks, {})
+    read = autograd_nodes([(loss.grad_fn, 0)], sinks)
     read_leaves = {id(n.variable) for n in read.values() if getattr(n, "variable", None) is not None}
-    unread = _graph_nodes([(t.grad_fn, t.output_nr) for _, t in outputs if t.grad_fn is not None], sinks, read)
+    unread = autograd_nodes([(t.grad_fn, t.output_nr) for _, t in outputs if t.grad_fn is not None], sinks, read)
     params = [n.variable for n in unread.values() if getattr(n, "variable", None) is not None and n.variable.requires_grad]
     return params + [t for _, t in outputs if t.grad_fn is None and id(t) not in read_leaves]
 

@@ -46,22 +46,19 @@ def used_parameters(model: nn.Module, example_inputs: tuple, example_kwargs: Opt
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]  # e.g. BatchNorm's running stats
-    seen, used, stack = set(), {}, []
+    from .training import autograd_nodes
+
+    used = {}
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             for p in params:
                 p.requires_grad_(True)
             out = model(*example_inputs, **(example_kwargs or {}))
-            stack = [t.grad_fn for t in _outputs(out) if t.grad_fn is not None]
-            while stack:  # the autograd graph's leaves are the parameters used
-                fn = stack.pop()
-                if fn is None or fn in seen:
-                    continue
-                seen.add(fn)
-                leaf = getattr(fn, "variable", None)
+            # The autograd graph's leaves are the parameters used.
+            for node in autograd_nodes([(t.grad_fn, t.output_nr) for t in _outputs(out)]).values():
+                leaf = getattr(node, "variable", None)
                 if isinstance(leaf, nn.Parameter):
                     used[id(leaf)] = leaf.numel()
-                stack.extend(f for f, _ in fn.next_functions)
     finally:
         with torch.no_grad():
             for b, saved in buffers:
