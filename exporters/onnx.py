@@ -22,7 +22,7 @@ Linear/Conv per site followed by standard slicing and elementwise ops.
 
 Every file: ONNX IR >= 10 (function overloads; 10 for opsets 18-22), one default-domain opset shared by the graph
 and the function bodies, a dynamic batch axis (dim 0 of every input and output) unless
-`dynamic_batch=False`, passes `onnx.checker.check_model(full_check=True)`, and carries
+`dynamic_batch=False` (and the named axes of `dynamic_axes`), passes `onnx.checker.check_model(full_check=True)`, and carries
 metadata_props:
 
     pbp_fx.version     pbp_fx.__version__
@@ -279,24 +279,109 @@ def _as_tuple(example_inputs) -> tuple:
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
 
 
-def _batched_inputs(module: nn.Module, inputs: tuple, dynamic_batch: bool):
+def _input_names(module: nn.Module, count: int) -> list[str]:
+    """The names the ONNX file gives the first `count` inputs: `forward`'s parameters (both export
+    paths name inputs so); a `*args` forward's inputs are `args_0`, `args_1`, ..."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            names += [f"{p.name}_{i}" for i in range(count - len(names))]
+        elif p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+        if len(names) >= count:
+            break
+    return names[:count] + [f"input_{i}" for i in range(len(names), count)]
+
+
+def check_dynamic_axes(dynamic_axes: Any) -> dict:
+    """`dynamic_axes` in its one form {input name or position: {dim: axis name}}, or ExportError."""
+    if dynamic_axes is None:
+        return {}
+    form = ("dynamic_axes takes {input name or position: {dim: axis name}}, e.g. "
+            "{'input_ids': {1: 'sequence'}}")
+    if not isinstance(dynamic_axes, dict):
+        raise ExportError(f"dynamic_axes is a {type(dynamic_axes).__name__}: {form}")
+    out = {}
+    for key, dims in dynamic_axes.items():
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise ExportError(f"dynamic_axes key {key!r} is not an input name or position: {form}")
+        if not isinstance(dims, dict) or not dims:
+            raise ExportError(f"dynamic_axes[{key!r}] is {dims!r}: {form}")
+        for dim, axis in dims.items():
+            if isinstance(dim, bool) or not isinstance(dim, int):
+                raise ExportError(f"dynamic_axes[{key!r}] has dim {dim!r}, not an int: {form}")
+            if not isinstance(axis, str) or not axis.isidentifier():
+                raise ExportError(f"dynamic_axes[{key!r}][{dim}] = {axis!r}: an axis name is an identifier "
+                                  "such as 'sequence'")
+        out[key] = dict(dims)
+    return out
+
+
+def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynamic_axes: dict):
     """(inputs to trace with, dynamic_shapes). A batch of 1 is repeated to 2 so that the
-    exporter does not specialise the batch axis to the constant 1."""
-    if not dynamic_batch:
+    exporter does not specialise the batch axis to the constant 1; `dynamic_axes` (checked by
+    `check_dynamic_axes`) adds named axes, one torch.export.Dim per name."""
+    names = _input_names(module, len(inputs))
+    axes: list[dict[int, str]] = [{} for _ in inputs]
+    for key, dims in dynamic_axes.items():
+        if isinstance(key, str):
+            if key not in names:
+                raise ExportError(f"dynamic_axes names input {key!r}, which the exported graph does not take: "
+                                  f"its inputs are {names}")
+            i = names.index(key)
+        elif not -len(inputs) <= key < len(inputs):
+            raise ExportError(f"dynamic_axes names input position {key}, but the graph takes {len(inputs)} input(s)")
+        else:
+            i = key % len(inputs)
+        t = inputs[i]
+        if not isinstance(t, Tensor):
+            raise ExportError(f"dynamic_axes names input {names[i]!r}, which is not a tensor: drop it")
+        for dim, axis in dims.items():
+            if not -t.dim() <= dim < max(t.dim(), 1) or t.dim() == 0:
+                raise ExportError(f"dynamic_axes[{key!r}] has dim {dim}, but input {names[i]!r} has "
+                                  f"{t.dim()} dim(s) (shape {list(t.shape)})")
+            dim %= t.dim()
+            if dim == 0 and dynamic_batch and axis != "batch":
+                raise ExportError(f"dynamic_axes names dim 0 of input {names[i]!r} {axis!r}, but dim 0 is the "
+                                  "dynamic batch axis: drop it, or pass dynamic_batch=False")
+            if dim != 0 and t.shape[dim] < 2:
+                # torch.export specialises sizes 0 and 1 to constants
+                raise ExportError(f"input {names[i]!r} has size {t.shape[dim]} along dim {dim}, so that axis "
+                                  "cannot be dynamic: export with an example of size >= 2 there")
+            axes[i][dim] = axis
+    if dynamic_batch:
+        tensors = [t for t in inputs if isinstance(t, Tensor) and t.dim() > 0]
+        if not tensors:
+            raise ExportError("dynamic_batch=True needs at least one tensor input with a batch axis: "
+                              "pass dynamic_batch=False")
+        sizes = {int(t.shape[0]) for t in tensors}
+        if len(sizes) != 1:
+            raise ExportError(f"example inputs disagree on the batch size (dim 0: {sorted(sizes)}): "
+                              "give them one batch size, or pass dynamic_batch=False")
+        if sizes == {1}:
+            inputs = tuple(t.expand(2, *t.shape[1:]).clone() if isinstance(t, Tensor) and t.dim() > 0 else t
+                           for t in inputs)
+        for t, dims in zip(inputs, axes):
+            if isinstance(t, Tensor) and t.dim() > 0:
+                dims[0] = "batch"
+    if not any(axes):
         return inputs, None
-    tensors = [t for t in inputs if isinstance(t, Tensor) and t.dim() > 0]
-    if not tensors:
-        raise ExportError("dynamic_batch=True needs at least one tensor input with a batch axis: "
-                          "pass dynamic_batch=False")
-    sizes = {int(t.shape[0]) for t in tensors}
-    if len(sizes) != 1:
-        raise ExportError(f"example inputs disagree on the batch size (dim 0: {sorted(sizes)}): "
-                          "give them one batch size, or pass dynamic_batch=False")
-    if sizes == {1}:
-        inputs = tuple(t.expand(2, *t.shape[1:]).clone() if isinstance(t, Tensor) and t.dim() > 0 else t
-                       for t in inputs)
-    batch = torch.export.Dim("batch")
-    shapes = tuple({0: batch} if isinstance(t, Tensor) and t.dim() > 0 else None for t in inputs)
+    sizes_of: dict[str, set] = {}
+    for t, dims in zip(inputs, axes):
+        for dim, axis in dims.items():
+            sizes_of.setdefault(axis, set()).add(int(t.shape[dim]))
+    for axis, sizes in sizes_of.items():
+        if len(sizes) > 1 and axis != "batch":
+            raise ExportError(f"the example inputs disagree on the size of axis {axis!r} ({sorted(sizes)}): one "
+                              "name is one size, so give those dims one size or the axes different names")
+    dims_of = {axis: torch.export.Dim(axis) for axis in sizes_of}
+    shapes = tuple({d: dims_of[a] for d, a in dims.items()} if dims else None for dims in axes)
     return inputs, _by_parameter(module, shapes)
 
 
@@ -391,22 +476,47 @@ def _quiet_exporter():
         shapes.setLevel(shapes_level)
 
 
-def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
-    """Direct emission when the graph is made of common layers (`exporters.direct`: no dynamo
-    import, registry or re-capture), else the dynamo exporter."""
+def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool,
+                            dynamic_axes: dict) -> onnx.ModelProto:
+    """Direct emission when the graph is made of common layers and only the batch axis is
+    dynamic (`exporters.direct`: no dynamo import, registry or re-capture), else the dynamo exporter."""
     from .direct import Unsupported, emit
 
-    batched = _batched_inputs(module, inputs, dynamic_batch)  # (checked first: the same refusals on both paths)
-    try:
-        return emit(module, inputs, opset, dynamic_batch)
-    except Unsupported as why:
-        log.debug("export_onnx: the dynamo exporter runs (direct path: %s)", why)
-    return _torch_export(module, inputs, batched, opset, dynamic_batch)
+    # (checked first: the same refusals on both paths)
+    traced = _dynamic_shapes(module, inputs, dynamic_batch, dynamic_axes)
+    if not dynamic_axes:
+        try:
+            return emit(module, inputs, opset, dynamic_batch)
+        except Unsupported as why:
+            log.debug("export_onnx: the dynamo exporter runs (direct path: %s)", why)
+    proto = _torch_export(module, inputs, traced, opset, dynamic_batch)
+    _check_dynamic_axes_kept(proto, module, traced)
+    return proto
+
+
+def _check_dynamic_axes_kept(proto: onnx.ModelProto, module: nn.Module, traced: tuple) -> None:
+    """ExportError when a requested axis other than the batch came out as a constant."""
+    inputs, shapes = traced
+    if shapes is None:
+        return
+    if isinstance(shapes, dict):  # a `*args` forward: `_by_parameter`'s one entry
+        shapes = next(iter(shapes.values()))
+    by_name = {v.name: v for v in proto.graph.input}
+    for name, dims in zip(_input_names(module, len(inputs)), shapes):
+        value = by_name.get(name)
+        if not dims or value is None:
+            continue
+        for dim, axis in dims.items():
+            shape = value.type.tensor_type.shape.dim
+            if dim < len(shape) and not shape[dim].dim_param and dim != 0:
+                raise ExportError(f"the model fixes dim {dim} of input {name!r} to {shape[dim].dim_value}, so axis "
+                                  f"{axis.__name__!r} cannot be dynamic (a reshape to a constant size, or a tensor of "
+                                  "that length added along it): export without that axis")
 
 
 def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
                   dynamic_batch: bool) -> onnx.ModelProto:
-    """The dynamo exporter's file; `batched`: `_batched_inputs`' (inputs to trace with, dynamic shapes)."""
+    """The dynamo exporter's file; `batched`: `_dynamic_shapes`' (inputs to trace with, dynamic shapes)."""
     torch.compiler.allow_in_graph(_fused_node)  # registers the function itself (idempotent)
     traced_inputs, shapes = batched
     try:
@@ -591,7 +701,8 @@ def _write_atomic(data: bytes, path: str) -> None:
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], fused: bool = True,
                 dynamic_batch: bool = True, opset: int = 18, fold_clip: bool = True,
-                fold_output_weight: bool = True, example_kwargs: Optional[dict] = None) -> str:
+                fold_output_weight: bool = True, example_kwargs: Optional[dict] = None,
+                dynamic_axes: Optional[dict] = None) -> str:
     """Export `model` to the ONNX file `path` and return the path (as given).
 
     model: a PerforatedModel (finalized first; the model itself is not modified), a
@@ -603,6 +714,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         `pbp::PerforatedConv` node (with a function body for plain runtimes); with
         fused=False the file holds standard ops only.
     dynamic_batch: dim 0 of every input (and output) is a symbolic "batch" axis.
+    dynamic_axes: more symbolic axes, {input name or position: {dim: axis name}}, e.g.
+        {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}; one name is one
+        axis (its dims take one size). Input names are the exported graph's: `forward`'s
+        parameters. An axis the model fixes (a constant size in a reshape) is refused.
     opset: the default-domain opset (>= 18) of the graph and of the function bodies.
     fold_clip: (fused only) a bounded ReLU after a site, Clip(y, 0, m), is written as
         HardSigmoid(y; 1/m) with m folded into the weights of the convs and sites that read
@@ -622,6 +737,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     if int(opset) < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the exporter and the fused ops need opset >= {MIN_OPSET}")
     target = _target(path)
+    axes = check_dynamic_axes(dynamic_axes)
     inputs = graph_inputs(model, example_inputs, example_kwargs)
     module, dendrites, activation = _prepare(model)
     specs: dict[str, FusedOpSpec] = {}
@@ -632,7 +748,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                 raise ExportError(f"a site with padding_mode={spec.padding_mode!r} needs opset >= "
                                   f"{spec.min_opset}: pass opset={spec.min_opset} "
                                   f"(pbp-fx export --opset {spec.min_opset})")
-    proto = _direct_or_torch_export(module, inputs, int(opset), dynamic_batch)
+    proto = _direct_or_torch_export(module, inputs, int(opset), dynamic_batch, axes)
     n_fused = _attach_functions(proto, specs)
     if fused and fold_clip:
         _, kept = clip_after_site.rewrite(proto, specs)

@@ -390,6 +390,20 @@ def _number(kind: type, flag: str):
     return parse
 
 
+def _dynamic_axis(text: str) -> tuple:
+    """`--dynamic-axis INPUT:DIM=NAME` as (input name or position, dim, axis name)."""
+    spec, _, axis = text.partition("=")
+    name, _, dim = spec.rpartition(":")
+    form = "INPUT:DIM=NAME, e.g. input_ids:1=sequence"
+    try:
+        dim = int(dim)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {form}") from None
+    if not name or not axis:
+        raise argparse.ArgumentTypeError(f"{text!r} names no {'input' if not name else 'axis'}: {form}")
+    return (int(name) if name.lstrip("-").isdigit() else name), dim, axis
+
+
 def config_args(cls) -> list[tuple]:
     """One `--field-name` flag per field of a config dataclass; defaults shown, set values only kept."""
     from .config import cli_fields
@@ -575,6 +589,10 @@ def _model_module(ref: str):
     arg("--opset", type=_number(int, "--opset"), default=18, metavar="N",
         help="default-domain ONNX opset (default: 18)"),
     arg("--static-batch", action="store_true", help="fixed batch size instead of a dynamic batch axis"),
+    arg("--dynamic-axis", type=_dynamic_axis, action="append", default=[], metavar="INPUT:DIM=NAME",
+        help="one more dynamic axis besides the batch: dim DIM of input INPUT (forward's parameter name, or "
+        "its position) as the axis NAME; repeat the flag; dims of one NAME take one size, e.g. "
+        "--dynamic-axis input_ids:1=sequence --dynamic-axis attention_mask:1=sequence"),
     arg("--keep-clip", action="store_true", help="write a bounded ReLU (ReLU6) after a site as Clip; by default it "
         "is HardSigmoid with the bound folded into its readers' weights, which ONNX Runtime fuses"),
     arg("--keep-output-weight", action="store_true", help="keep each site's first output weight V[0] in its node; by "
@@ -589,7 +607,7 @@ def export(args: argparse.Namespace) -> int:
     import torch
 
     from .exporters import export_onnx
-    from .exporters.onnx import MIN_OPSET, graph_inputs
+    from .exporters.onnx import MIN_OPSET, check_dynamic_axes, graph_inputs
     from .modelfile import example_kwargs, instantiate
     from .perforated import perforate
 
@@ -604,6 +622,12 @@ def export(args: argparse.Namespace) -> int:
     if args.model is not None and not os.path.exists(args.model) and args.model.endswith(".py"):
         raise PBError(f"--model {args.model} does not exist: pass the model file the checkpoint was trained from")
     check_output_file(args.out, "-o")
+    axes: dict = {}
+    for key, dim, axis in args.dynamic_axis:
+        if dim in axes.get(key, {}):
+            raise PBError(f"--dynamic-axis gives dim {dim} of input {key!r} twice: give it once")
+        axes.setdefault(key, {})[dim] = axis
+    check_dynamic_axes(axes)
     with _quiet_unless(args.debug):  # tracing and exporter warnings are for --debug
         if args.source.endswith(".py"):
             mod = _model_module(args.source)
@@ -630,7 +654,8 @@ def export(args: argparse.Namespace) -> int:
             pm.abort_dendrite_phase()
         path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
                            opset=args.opset, fold_clip=not args.keep_clip,
-                           fold_output_weight=not args.keep_output_weight, example_kwargs=kwargs)
+                           fold_output_weight=not args.keep_output_weight, example_kwargs=kwargs,
+                           dynamic_axes=axes)
     print(f"wrote {path}: {'unfused' if args.unfused else 'fused'}, dendrites per site "
           f"{json.dumps(pm.num_dendrites)}")
     if args.check:

@@ -1,6 +1,7 @@
 """pbp-fx CLI: `transform` output and files, one-line errors with exit status 2, no partial output."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -941,3 +942,51 @@ def test_a_bad_config_file_is_one_line_exit_2_and_writes_nothing(tmp_path, capsy
                       capsys)
     assert rc == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+TOKENS = """
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.fc(self.emb(ids))).mean(1))
+
+    def build_model():
+        return Net()
+
+    def example_inputs():
+        return (torch.randint(0, 20, (2, 6)),)
+"""
+
+
+def test_export_dynamic_axis_gives_a_file_that_runs_at_any_length(tmp_path, capsys):
+    import numpy as np
+    import onnxruntime as ort
+
+    model, out = _write(tmp_path, TOKENS), str(tmp_path / "m.onnx")
+    rc, _, err = _run(["export", model, "-o", out, "--dynamic-axis", "ids:1=sequence", "--check"], capsys)
+    assert rc == 0, err
+    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", "sequence"]
+    for t in (2, 17):
+        assert session.run(None, {"ids": np.zeros((3, t), dtype=np.int64)})[0].shape == (3, 3)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--dynamic-axis", "ids:1"], "'ids:1' names no axis: INPUT:DIM=NAME"),
+    (["--dynamic-axis", "ids=1"], "'ids=1' is not INPUT:DIM=NAME"),
+    (["--dynamic-axis", "ids:1=t", "--dynamic-axis", "ids:1=u"], "gives dim 1 of input 'ids' twice"),
+    (["--dynamic-axis", "ids:1=a-b"], "an axis name is an identifier"),
+    (["--dynamic-axis", "tokens:1=t"], "does not take: its inputs are \\['ids'\\]"),
+])
+def test_export_dynamic_axis_refusals_are_one_line_and_write_nothing(tmp_path, capsys, flags, match):
+    model, out = _write(tmp_path, TOKENS), str(tmp_path / "m.onnx")
+    rc, _, err = _run(["export", model, "-o", out, *flags], capsys)
+    assert rc == 2 and re.search(match, err), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not os.path.exists(out)

@@ -480,3 +480,100 @@ def test_a_dict_outputs_keys_name_the_onnx_outputs_and_run_saves_them_all(tmp_pa
         assert sorted(saved.files) == sorted(keys)
         for key in keys:
             np.testing.assert_allclose(saved[key], want[key].numpy(), rtol=1e-4, atol=1e-5)
+
+
+# -- dynamic axes besides the batch ---------------------------------------------------------
+
+class _Tokens(torch.nn.Module):
+    """Token ids and a mask of any length: [B, T] -> [B, 3]."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.fc = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, ids, mask):
+        h = torch.relu(self.fc(self.emb(ids))) * mask.unsqueeze(-1)
+        return self.head(h.sum(1) / mask.sum(1, keepdim=True))
+
+
+def _with_dendrites(pm, k: int = 2):
+    for _ in range(k):
+        pm.start_dendrite_phase()
+        pm.install_candidates(v_init=0.5)
+    return pm.eval()
+
+
+def _dims(value) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_named_sequence_axis_runs_at_every_length(tmp_path, fused):
+    torch.manual_seed(0)
+    ids, mask = torch.randint(0, 20, (2, 6)), torch.ones(2, 6)
+    pm = _with_dendrites(pbp_fx.perforate(_Tokens(), (ids, mask)))
+    path = export_onnx(pm, (ids, mask), tmp_path / "m.onnx", fused=fused,
+                       dynamic_axes={"ids": {1: "sequence"}, 1: {-1: "sequence"}})
+    proto = onnx.load(str(path))
+    assert [_dims(v) for v in proto.graph.input] == [["batch", "sequence"], ["batch", "sequence"]]
+    assert len(pbp_nodes(proto)) == (len(pm.sites) if fused else 0)
+    session = ort_session(path, device="cpu", threads=1)
+    for b, t in ((1, 2), (3, 6), (5, 31)):
+        x, m = torch.randint(0, 20, (b, t)), (torch.rand(b, t) > 0.3).float()
+        m[:, 0] = 1
+        got = run(session, (x.numpy(), m.numpy()))[0]
+        assert np.abs(got - pm(x, m).detach().numpy()).max() <= 1e-5
+
+
+def test_image_height_and_width_can_be_dynamic(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, stride=2),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    x = torch.randn(2, 3, 16, 16)
+    pm = _with_dendrites(pbp_fx.perforate(net, x), 1)
+    path = export_onnx(pm, x, tmp_path / "m.onnx", dynamic_axes={0: {2: "height", 3: "width"}})
+    assert _dims(onnx.load(str(path)).graph.input[0]) == ["batch", 3, "height", "width"]
+    session = ort_session(path, device="cpu", threads=1)
+    for hw in ((16, 16), (9, 31)):
+        y = torch.randn(3, 3, *hw)
+        assert np.abs(run(session, (y.numpy(),))[0] - pm(y).detach().numpy()).max() <= 1e-5
+
+
+class _PositionTable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.pos = torch.nn.Parameter(torch.randn(6, 8))
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head((self.emb(ids) + self.pos).mean(1))
+
+
+@pytest.mark.parametrize("model, example, axes, match", [
+    (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"idz": {1: "t"}},
+     r"names input 'idz', which the exported graph does not take: its inputs are \['ids', 'mask'\]"),
+    (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {2: {1: "t"}}, "takes 2 input"),
+    (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {2: "t"}}, "has 2 dim"),
+    (_Tokens, (torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1)), {"ids": {1: "t"}},
+     "size 1 along dim 1.*size >= 2"),
+    (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {0: "n"}}, "dim 0 is the dynamic batch"),
+    (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {1: "a b"}}, "identifier"),
+    (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": [1]}, r"\{input name or position"),
+    (_PositionTable, (torch.zeros(2, 6, dtype=torch.long),), {"ids": {1: "t"}},
+     "fixes dim 1 of input 'ids' to 6, so axis 't' cannot be dynamic"),
+])
+def test_a_dynamic_axis_the_model_cannot_take_is_refused_in_one_line(tmp_path, model, example, axes, match):
+    pm = pbp_fx.perforate(model(), example)
+    with pytest.raises(ExportError, match=match) as caught:
+        export_onnx(pm, example, tmp_path / "m.onnx", dynamic_axes=axes)
+    assert "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_axes_of_one_name_must_agree_in_the_example(tmp_path):
+    ids, mask = torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 5)
+    with pytest.raises(ExportError, match=r"disagree on the size of axis 't' \(\[5, 6\]\)"):
+        export_onnx(_Tokens(), (ids, mask), tmp_path / "m.onnx", dynamic_axes={0: {1: "t"}, 1: {1: "t"}})
