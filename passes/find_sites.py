@@ -2,7 +2,8 @@
 
 Requires: a GraphModule from `pbp_fx.trace` (shape metadata optional but used when present).
 Ensures: one SiteSpec per call of a Linear/Conv (module, functional or ATen with parameter
-weights, `x @ W` products included; convs on batched inputs), in graph order, then one per
+weights, `x @ W` products included; convs on batched inputs) whose result an output or a side
+effect reads, in graph order, then one per
 Linear/Conv inside untraceable leaves (each neuron once, also when leaves nest). A functional
 site is named after the module that calls it when that module holds the weight (torch.export
 records it in `node.meta["nn_module_stack"]`; a tied weight keeps the caller's name), else
@@ -20,7 +21,7 @@ from pbp_fx.layers import LayerSpec, NormSpec
 
 from .patterns import match_neuron, match_norm
 
-__all__ = ["SiteSpec", "find_sites", "SiteFilter"]
+__all__ = ["SiteSpec", "find_sites", "SiteFilter", "live_nodes"]
 
 SiteFilter = Union[None, str, type, Callable[[str, Optional[nn.Module]], bool], Iterable[Any]]
 
@@ -116,7 +117,10 @@ def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilt
     globs ("layer1.*") or callables `(name, module) -> bool`; exclude wins."""
     specs: list[SiteSpec] = []
     uses: dict[str, int] = {}
+    live = live_nodes(gm.graph)
     for node in gm.graph.nodes:
+        if node not in live:
+            continue  # a call whose result nothing reads: no output depends on a dendrite there
         match = match_neuron(node, gm)
         if match is None:
             continue
@@ -144,6 +148,24 @@ def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilt
             specs.extend(_leaf_sites(gm, leaf, include, exclude))
     specs.extend(_part_sites(gm, include, exclude))
     return specs
+
+
+def live_nodes(graph: fx.Graph) -> set:
+    """The nodes the graph's outputs or side effects (impure calls, in-place writes such as a
+    buffer's `copy_`, which a later call may read) read."""
+    def effect(n: fx.Node) -> bool:
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        in_place = n.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__")
+        return n.op != "placeholder" and (in_place or n.is_impure())
+
+    todo = [n for n in graph.nodes if n.op == "output" or effect(n)]
+    live: set = set()
+    while todo:
+        node = todo.pop()
+        if node not in live:
+            live.add(node)
+            todo.extend(node.all_input_nodes)
+    return live
 
 
 def _part_sites(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter) -> list[SiteSpec]:

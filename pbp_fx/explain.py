@@ -58,8 +58,8 @@ def _kind(node: fx.Node, g: fx.GraphModule) -> str:
 
 def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=None) -> list[SiteExplanation]:
     """explain_sites on a traced graph of `model` (which shares its parameters)."""
-    from .passes.find_sites import find_sites
-    from .passes.patterns import NotASite, attr_tensor, explain_neuron, neuron_weights
+    from .passes.find_sites import find_sites, live_nodes
+    from .passes.patterns import NotASite, attr_tensor, explain_neuron, match_neuron, neuron_weights
 
     rows: list[SiteExplanation] = []
     reached: set[int] = set()
@@ -75,7 +75,15 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
     wrapped: dict[int, str] = {}  # weight id -> the function that reads it without a site rule seeing it
     for prefix, g in _graphs(gm):
         params = {id(p): n for n, p in g.named_parameters()}
+        live = live_nodes(g.graph)
         for node in g.graph.nodes:
+            dead = None if node in live else match_neuron(node, g)
+            if dead is not None:
+                reached.add(id(attr_tensor(g, dead.weight)))
+                name = dead.module or dead.weight.removesuffix(".weight")
+                rows.append(SiteExplanation(prefix + name, dead.layer.kind, "not a site",
+                                            "its result is not used: no output depends on it"))
+                continue
             verdict = explain_neuron(node, g)
             if isinstance(verdict, NotASite):
                 weight = _weight_of(node, g)

@@ -132,3 +132,18 @@ def test_a_weight_normed_layer_is_one_site_and_its_originals_are_not_listed():
     model = nn.Sequential(weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 2))
     rows = pbp_fx.explain_sites(model, (torch.randn(2, 4),))
     assert [(r.name, r.status) for r in rows] == [("0", "site"), ("2", "site")]
+
+
+def test_a_discarded_call_says_nothing_reads_it():
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.dead = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            self.dead(x)
+            return self.fc(x)
+
+    rows = {r.name: r for r in pbp_fx.explain_sites(Dead(), torch.randn(3, 4))}
+    assert rows["fc"].status == "site"
+    assert (rows["dead"].status, rows["dead"].reason) == ("not a site", "its result is not used: no output depends on it")

@@ -298,3 +298,23 @@ def test_part_sites_are_named_by_their_path_in_the_model():
     assert [s.name for s in find_sites(gm)] == ["a", "gate.b", "gate.weight", "head"]
     assert [s.name for s in find_sites(gm, include=["head", "gate.*"])] == ["gate.b", "gate.weight", "head"]
     assert [s.name for s in find_sites(gm, exclude=["a"])] == ["gate.b", "gate.weight", "head"]
+
+
+class DeadCall(nn.Module):
+    """`dead`'s result is discarded; `stat` writes a buffer (a side effect a later call reads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.dead, self.stat, self.b = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 2)
+        self.register_buffer("running", torch.zeros(8))
+
+    def forward(self, x):
+        self.dead(x)
+        self.running.copy_(self.stat(x).mean(0))
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_call_whose_result_nothing_reads_is_not_a_site(frontend):
+    gm = trace(DeadCall(), (torch.randn(3, 4),), frontend=frontend)
+    assert [s.name for s in find_sites(gm)] == ["stat", "a", "b"]
