@@ -134,6 +134,7 @@ def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optio
         tracer = PBTracer(leaves)
         try:
             graph = tracer.trace(model, concrete_args=constants or None)
+            _restore_constant_names(graph, constants or {})
             break
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or isolated
             where = tracer.failed_module
@@ -154,6 +155,19 @@ def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optio
     gm.meta["pbp_leaves"] = sorted(leaves)
     gm.meta["pbp_untraceable"] = list(added)
     return gm
+
+
+def _restore_constant_names(graph: fx.Graph, constants: dict) -> None:
+    """fx names the placeholder of a specialised input `name_1`: back to `name`, so that the
+    graph (and the finalized model) takes that input under its own keyword."""
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        base, _, count = str(node.target).rpartition("_")
+        if base in constants and count == "1":
+            node._rename(base)
+            if node.name == base:  # (the name was free)
+                node.target = base
 
 
 def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,

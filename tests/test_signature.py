@@ -54,6 +54,17 @@ def test_positional_none_defaults_and_keyword_only(frontend):
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_the_finalized_model_takes_inputs_under_their_own_keywords(frontend):
+    model = Optional3()
+    x, ids = torch.randn(3, 4), torch.randn(3, 4)
+    pm = pbp_fx.perforate(model, (x,), example_kwargs={"ids": ids}, frontend=frontend)
+    final = pm.finalize()
+    # (torch.export's graph takes the tensor inputs only: the others are specialised away)
+    constants = {"scale": 1.0, "mask": None} if frontend == "fx" else {}
+    torch.testing.assert_close(final(x, ids=ids, **constants), model(x, ids=ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_a_call_outside_the_traced_pattern_is_one_clear_error(frontend):
     model = Optional3()
     x, ids = torch.randn(3, 4), torch.randn(3, 4)
