@@ -615,3 +615,14 @@ def test_a_restored_scheduler_keeps_the_saved_factor_in_either_order(order, tmp_
     _step_until_restructured(again)  # the install divides the factor out: the neuron schedule again
     assert fresh.phase == "neuron" and restored.eta_min == pytest.approx(1e-4)
     assert restored.base_lrs == [pytest.approx(1e-3)]
+
+
+def test_an_optimizer_built_over_the_model_before_perforate_is_refused():
+    from pbp_fx import ConfigError
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.Adam(model.parameters())
+    pm = pbp_fx.perforate(model, torch.randn(3, 4))  # a copy: `optimizer` holds the original's parameters
+    with pytest.raises(ConfigError, match=r"holds none of the perforated model's parameters.*pm.trainable_parameters"):
+        PhaseController(pm, optimizer=optimizer)
+    PhaseController(pm, optimizer=torch.optim.Adam(pm.trainable_parameters()))
