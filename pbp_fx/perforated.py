@@ -48,7 +48,7 @@ class PerforatedModel(nn.Module):
         # (_hold_phase_buffers) and restored at its end: train-mode forwards would otherwise move
         # them although no weight changes.
         self._frozen_buffers: dict[str, torch.Tensor] = {}
-        self._held_buffers: Optional[list] = None  # each held buffer's name path, with its value
+        self._held_buffers: list = []  # each held buffer's name path, with its value (`_hold_buffers`)
         # Keyword arguments of torch.utils.checkpoint while activation checkpointing is on, else None.
         self.checkpointing: Optional[dict] = None
         # The checkpoint file pbp_fx.load last read into this model (absolute path), else None: a
@@ -135,6 +135,12 @@ class PerforatedModel(nn.Module):
         finally:
             self._hold_phase_buffers()
 
+    def _hold_buffers(self, values: dict[str, torch.Tensor]) -> None:
+        """The buffers a dendrite phase holds ({} outside one), with their name paths: set here,
+        not at the first call, so that a compiled forward has one guard value per phase."""
+        self._frozen_buffers = values
+        self._held_buffers = [(name.split("."), value) for name, value in values.items()]
+
     def _hold_phase_buffers(self) -> None:
         """Dendrite phase: the frozen layers' buffers (BatchNorm running statistics) back to their
         values at the phase start.
@@ -160,8 +166,7 @@ class PerforatedModel(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to() / .double() convert the buffers: the held values follow.
         out = super()._apply(fn, *args, **kwargs)
-        self._frozen_buffers = {n: fn(v) for n, v in self._frozen_buffers.items()}
-        self._held_buffers = None
+        self._hold_buffers({n: fn(v) for n, v in self._frozen_buffers.items()})
         return out
 
     def _run_graph(self, args: tuple, kwargs: dict):
@@ -347,9 +352,7 @@ class PerforatedModel(nn.Module):
             s.candidates.grad_scaler = self.grad_scaler
         cand = {id(p) for s in self.sites.values() for p in s.candidates.parameters()}
         cand_buffers = {id(b) for s in self.sites.values() for b in s.candidates.buffers()}
-        self._frozen_buffers = {n: b.detach().clone() for n, b in self.named_buffers()
-                                if id(b) not in cand_buffers}
-        self._held_buffers = None
+        self._hold_buffers({n: b.detach().clone() for n, b in self.named_buffers() if id(b) not in cand_buffers})
         self._thaw = []
         for name, p in self.named_parameters():
             if id(p) not in cand and p.requires_grad:
@@ -363,7 +366,7 @@ class PerforatedModel(nn.Module):
             for name, value in self._frozen_buffers.items():
                 if name in buffers and buffers[name].shape == value.shape:
                     buffers[name].copy_(value)
-        self._frozen_buffers, self._held_buffers = {}, None
+        self._hold_buffers({})
 
     def _end_dendrite_phase(self) -> None:
         params = dict(self.named_parameters())
@@ -465,8 +468,7 @@ class PerforatedModel(nn.Module):
     def load_phase_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
         """Set what phase_buffers() returns (a checkpoint of a dendrite-phase model restores it)."""
         self._require_phase("dendrite", "load_phase_buffers")
-        self._frozen_buffers = {k: v.detach().clone() for k, v in buffers.items()}
-        self._held_buffers = None
+        self._hold_buffers({k: v.detach().clone() for k, v in buffers.items()})
 
     def correlations(self) -> dict[str, torch.Tensor]:
         """Per site, the per-channel best |C~| of its candidates (dendrite phase only)."""
