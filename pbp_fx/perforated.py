@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import fx, nn
@@ -164,6 +164,7 @@ class PerforatedModel(nn.Module):
                 torch._foreach_copy_([b.data for b, _ in live], [v for _, v in live])
 
     def _apply(self, fn, *args, **kwargs):
+        fn = _format_where_it_fits(fn)
         # .to() / .double() convert the buffers: the held values follow.
         out = super()._apply(fn, *args, **kwargs)
         self._hold_buffers({n: fn(v) for n, v in self._frozen_buffers.items()})
@@ -518,6 +519,21 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
                "leaves": list(gm.meta.get("pbp_untraceable", [])),
                "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {}))}
     return PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
+
+
+def _format_where_it_fits(fn: Callable) -> Callable:
+    """`fn` (a conversion of `_apply`) for each tensor; where it fails on a memory format
+    (`.to(memory_format=torch.channels_last)` reaching a site's stacked conv weights, one dim
+    more than the format's), the tensor gets fn's device and dtype and keeps its layout."""
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        try:
+            return fn(t)
+        except RuntimeError as e:
+            if "channels_last" not in str(e):
+                raise
+            probe = fn(t.new_empty(0))  # (a 1-D tensor: the format does not apply)
+            return t.to(device=probe.device, dtype=probe.dtype)
+    return apply
 
 
 def _attribute_path(obj, path: list):

@@ -882,3 +882,22 @@ def test_the_dendrite_phase_holds_the_frozen_norm_statistics(checkpointing):
     assert torch.equal(pm.get_buffer("graph_module.1.running_mean"), stats["graph_module.1.running_mean"].double())
     pm.install_candidates()
     assert torch.allclose(pm.eval()(x.double()), before.double(), atol=1e-6)
+
+
+@pytest.mark.parametrize("phase", ["dendrite", "installed"])
+def test_channels_last_reaches_the_model_and_leaves_the_stacked_weights_as_they_are(phase):
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    x = torch.randn(4, 3, 8, 8)
+    pm = pbp_fx.perforate(net, x)
+    pm.start_dendrite_phase()
+    if phase == "installed":
+        pm.install_candidates(v_init=0.5)
+    want = pm.eval()(x)
+    holder = nn.ModuleDict({"pm": pm})  # a wrapper's .to() reaches the model through _apply
+    for model in (pm, holder):
+        model.to(memory_format=torch.channels_last)
+    assert pm.graph_module.get_submodule("0").weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(pm(x.contiguous(memory_format=torch.channels_last)), want)
+    pm.to(torch.float64, memory_format=torch.channels_last)  # the dtype still reaches the stacked weights
+    assert {p.dtype for p in pm.parameters()} == {torch.float64}
