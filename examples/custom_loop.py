@@ -1,4 +1,4 @@
-"""An ordinary PyTorch training loop, with Perforated Backpropagation added in 5 lines (# PB).
+"""An ordinary PyTorch training loop with Perforated Backpropagation: the lines marked # PB (6 added, 1 removed).
 
     python examples/custom_loop.py [--epochs 300]
 """
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-import pbp_fx  # PB (the 5th changed line)
+import pbp_fx  # PB
 from pbp_fx.models import digits_mlp
 
 ap = argparse.ArgumentParser()

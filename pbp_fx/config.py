@@ -152,8 +152,8 @@ class PBConfig(_Settings):
                                            low=1, optional=True)
     dendrite_patience: int = setting(3, "dendrite-phase epochs without correlation gain before install", low=1)
     max_dendrite_epochs: int = setting(60, "cap on one dendrite phase, in epochs", low=1)
-    dendrite_improvement: float = setting(0.01, "relative rise of a site's mean best correlation that "
-                                          "counts as progress", low=0)
+    dendrite_improvement: float = setting(0.01, "relative rise of a site's best candidate's mean "
+                                          "|correlation| (beyond its standard error) that counts as progress", low=0)
     retries: int = setting(2, "fresh rounds after a round that gave no new best", low=0)
     maximize: bool = setting(True, "a higher validation score is better (false: lower, e.g. a loss that a "
                              "model file's own metric returns)")
