@@ -61,7 +61,8 @@ class SiteSpec:
         return self.layer.channels
 
 
-def _rules(f: SiteFilter) -> list:
+def rules(f: SiteFilter) -> list:
+    """include / exclude as a list of rules."""
     if f is None:
         return []
     if isinstance(f, (str, type)) or callable(f) and not isinstance(f, (list, tuple, set)):
@@ -80,7 +81,7 @@ def _matches(rule, name: str, module: Optional[nn.Module]) -> bool:
 
 
 def selected(name: str, module: Optional[nn.Module], include: SiteFilter, exclude: SiteFilter) -> bool:
-    inc, exc = _rules(include), _rules(exclude)
+    inc, exc = rules(include), rules(exclude)
     if inc and not any(_matches(r, name, module) for r in inc):
         return False
     return not any(_matches(r, name, module) for r in exc)
@@ -199,11 +200,9 @@ def _part_qualifier(part) -> Callable[[str], str]:
 
 def _scoped(f: SiteFilter, qualify: Callable[[str], str]) -> list:
     """A filter for names inside a part: the rule sees the model-qualified name."""
-    rules = _rules(f)
-
     def rule(r):
         return lambda name, module: _matches(r, qualify(name), module)
-    return [rule(r) for r in rules]
+    return [rule(r) for r in rules(f)]
 
 
 def _leaf_sites(gm: fx.GraphModule, leaf: str, include: SiteFilter, exclude: SiteFilter) -> list[SiteSpec]:

@@ -511,6 +511,7 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     model = copy.deepcopy(model)
     gm = trace(model, example_inputs, example_kwargs, frontend=frontend, dynamic=dynamic)
     specs = find_sites(gm, include, exclude)
+    _warn_unmatched_globs(find_sites(gm) if include is not None or exclude is not None else [], include, exclude)
     if not specs:
         raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__} "
                            "(or all were excluded): check include=/exclude=, or the model has no such layers")
@@ -519,6 +520,23 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
                "leaves": list(gm.meta.get("pbp_untraceable", [])),
                "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {}))}
     return PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
+
+
+def _warn_unmatched_globs(specs: list, include, exclude) -> None:
+    """A name glob of include/exclude that matches no layer is most likely a typo: say so."""
+    import fnmatch
+    import warnings
+
+    from pbp_fx.passes.find_sites import rules
+
+    names = [s.name for s in specs]
+    for which, f in (("include", include), ("exclude", exclude)):
+        for rule in rules(f):
+            if isinstance(rule, str) and not any(fnmatch.fnmatchcase(n.split("@")[0], rule)
+                                                 or fnmatch.fnmatchcase(n, rule) for n in names):
+                shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+                warnings.warn(f"{which} pattern {rule!r} matches no Linear/Conv layer (they are named {shown}; "
+                              "pbp_fx.explain_sites lists them)", stacklevel=3)
 
 
 def _format_where_it_fits(fn: Callable) -> Callable:

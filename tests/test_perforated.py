@@ -1,6 +1,7 @@
 """perforate() and PerforatedModel end to end: exactness, sites, module behaviour, filters,
 phases, and property-based checks over random architectures."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -516,6 +517,16 @@ def test_include_exclude(include, exclude, expected):
 def test_nothing_selected_is_no_sites_error(include, exclude):
     with pytest.raises(pbp_fx.NoSitesError, match="no Linear/Conv neuron sites in Blocks"):
         pbp_fx.perforate(Blocks(), (torch.randn(2, 2, 5, 5),), include=include, exclude=exclude)
+
+
+def test_a_glob_that_matches_no_layer_is_warned_of_naming_the_layers():
+    with pytest.warns(UserWarning, match=r"exclude pattern 'layer3\.\*' matches no Linear/Conv layer \(they are "
+                                         r"named layer1\.0, layer1\.2, layer2\.0, fc, \.\.\."):
+        pm = pbp_fx.perforate(Blocks(), (torch.randn(2, 2, 5, 5),), exclude=["layer3.*", "fc@1"])
+    assert list(pm.sites) == ["layer1.0", "layer1.2", "layer2.0", "fc"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pbp_fx.perforate(Blocks(), (torch.randn(2, 2, 5, 5),), include=["layer1.*", nn.Linear], exclude="fc@1")
 
 
 def test_model_without_neurons_is_no_sites_error():
