@@ -286,10 +286,12 @@ def _has_node(x) -> bool:
 
 
 class MergeResult(NamedTuple):
-    """The merged graph (None: not merged) and, when not merged, why."""
+    """The merged graph (None: not merged) and, when not merged, why and where: the train and
+    eval captures' nodes at which they part (either may be None)."""
 
     graph_module: Optional[fx.GraphModule]
     reason: str = ""
+    parted_at: tuple = ()
 
 
 def _describe(n: Optional[fx.Node]) -> str:
@@ -352,11 +354,13 @@ def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: boo
         if e is not None and e.op == "get_attr":
             j += 1
             continue
-        return MergeResult(None, f"the train capture has {_describe(t)} where the eval capture has {_describe(e)}")
+        return MergeResult(None, f"the train capture has {_describe(t)} where the eval capture has {_describe(e)}",
+                           (t, e))
     for n in noise:  # the mask must feed nothing but masks and gates: eval mode computes none of it
         stray = [u for u in n.users if u not in noise and u not in gates]
         if stray:
-            return MergeResult(None, f"the train capture's {_describe(n)} (train-only) feeds {_describe(stray[0])}")
+            return MergeResult(None, f"the train capture's {_describe(n)} (train-only) feeds {_describe(stray[0])}",
+                               (n, None))
     if not switched and not train_only and not gates:
         return MergeResult(train_gm)
     return _install(train_gm, w, switched, train_only + sorted(noise, key=tn.index), training, gates)

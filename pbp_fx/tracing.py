@@ -25,7 +25,8 @@ Both frontends capture the model in train and in eval mode and merge the two
     pbp_modes_reason  why the graph follows one mode only (absent when it follows both)
     pbp_dynamic    export: "auto" (dynamic dims) | "batch" (dynamic batch only) | "static"
     pbp_call       a CallSignature: how the graph is called like the model (with example inputs)
-    pbp_leaves / pbp_untraceable               fx: leaf modules / those isolated
+    pbp_leaves / pbp_untraceable               fx: leaf modules / those isolated (kept whole)
+    pbp_mode_leaves  fx: submodules kept whole because their Python branches on `.training`
     pbp_frontend_choice  auto: why fx's or torch.export's graph was chosen (when both ran)
     pbp_parts / pbp_plain  "parts": submodules traced in place / modules with neurons left plain
 
@@ -176,20 +177,58 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
     # Inputs that carry no tensor (None for an optional input, flags) are specialised to the
     # example's values, so `if mask is not None:` takes the example's path.
     constants = call.constants() if call is not None else None
-    gm = _fx_capture(model, set(leaves), max_leaves, constants)  # as the model is: today's graph
-    # fx stores tensor constants on the traced root: the second capture's copies go again.
-    before = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
-    why = ""
+    leaves, kept_whole, before = set(leaves), [], None
     try:
-        with _modes(model, not primary):
-            other = _fx_capture(model, set(gm.meta["pbp_leaves"]), 0, constants)
-    except TraceError as exc:
-        other, why = None, _reason(exc)
-    merged = _merge(gm, other, primary, type(model).__name__, why)
-    for name in set(model.__dict__) | set(model._buffers):
-        if name not in before and name.startswith("_tensor_constant"):
-            delattr(model, name)
+        while True:
+            gm = _fx_capture(model, leaves, max_leaves, constants)  # as the model is: today's graph
+            if before is None:  # fx stores tensor constants on the traced root: later captures' copies go again
+                before = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
+            why = ""
+            try:
+                with _modes(model, not primary):
+                    other = _fx_capture(model, set(gm.meta["pbp_leaves"]), 0, constants)
+            except TraceError as exc:
+                other, why = None, _reason(exc)
+            result = _merged(gm, other, primary)
+            # Captures that part inside a submodule whose forward reads `.training` (a branch on the
+            # mode): that module is kept whole, so its Python takes the path of the mode at each call.
+            reader = (None if result.graph_module is not None or other is None
+                      else _mode_reader(model, result.parted_at, kept_whole))
+            if reader is None or len(kept_whole) >= max_leaves:
+                break
+            kept_whole.append(reader)
+            leaves = set(gm.meta["pbp_leaves"]) | {reader}
+    finally:
+        for name in set(model.__dict__) | set(model._buffers):
+            if before is not None and name not in before and name.startswith("_tensor_constant"):
+                delattr(model, name)
+    merged = _one_mode(gm, primary, type(model).__name__, result.reason or why) if result.graph_module is None \
+        else result.graph_module
+    merged.meta["pbp_untraceable"] = list(gm.meta["pbp_untraceable"]) + kept_whole
+    merged.meta["pbp_mode_leaves"] = kept_whole
     return merged
+
+
+def _mode_reader(model: nn.Module, nodes: tuple, kept_whole: list) -> Optional[str]:
+    """The innermost submodule around the nodes where two captures part (fx records each node's
+    module stack), not kept whole yet, whose own forward reads `.training`; torch's modules are
+    followed by the merge."""
+    for node in nodes:
+        stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
+        for path, _ in reversed(list(stack.values())):
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if not path or path in kept_whole or type(module).__module__.startswith("torch."):
+                continue
+            try:
+                source = inspect.getsource(type(module).forward)
+            except (OSError, TypeError):
+                continue
+            if ".training" in source:
+                return path
+    return None
 
 
 # -- the export frontend --------------------------------------------------------------------------
@@ -386,7 +425,9 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
         other, why = None, _reason(exc)
     else:
         why = ""
-    gm = _merge(gm, other, primary, type(model).__name__, why)
+    result = _merged(gm, other, primary)
+    gm = result.graph_module if result.graph_module is not None else _one_mode(
+        gm, primary, type(model).__name__, result.reason or why, keep_whole=False)
     gm.meta["pbp_dynamic"] = dims
     gm.meta["pbp_leaves"] = []
     gm.meta["pbp_untraceable"] = []
@@ -403,28 +444,34 @@ DYNAMIC_CHOICES = tuple(_DIM_TRIES)
 
 # -- both frontends ---------------------------------------------------------------------------------
 
-def _merge(primary_gm: fx.GraphModule, other: Optional[fx.GraphModule], primary: bool, name: str,
-           why_no_other: str = "") -> fx.GraphModule:
-    """One graph following the mode, from the capture in the model's mode and one in the other."""
-    from pbp_fx.passes.train_eval import MODES_ATTR, merge_modes
+def _merged(primary_gm: fx.GraphModule, other: Optional[fx.GraphModule], primary: bool):
+    """`merge_modes`' result for the capture in the model's mode and one in the other (none: not
+    merged); a merged graph carries the primary capture's meta."""
+    from pbp_fx.passes.train_eval import MODES_ATTR, MergeResult, merge_modes
 
-    meta = dict(primary_gm.meta)
-    mode, other_mode = ("train", "eval") if primary else ("eval", "train")
     if other is None:
-        reason = f"it cannot be captured in {other_mode} mode" + (f" ({why_no_other})" if why_no_other else "")
-    else:
-        train_gm, eval_gm = (primary_gm, other) if primary else (other, primary_gm)
-        merged, reason = merge_modes(train_gm, eval_gm, training=primary)
-        if merged is not None:
-            if not hasattr(merged, MODES_ATTR):
-                merged = primary_gm  # the two captures are the same graph
-            merged.meta.update(meta)
-            merged.meta["pbp_modes"] = "train+eval"
-            return merged
-        reason = f"its {other_mode}-mode graph takes another path: {reason}"
-    warnings.warn(
-        f"{name}: {reason}; the graph follows {mode} mode whatever .train()/.eval() say: "
-        f"trace the model in the mode you will use it in", stacklevel=4)
+        return MergeResult(None, "")
+    train_gm, eval_gm = (primary_gm, other) if primary else (other, primary_gm)
+    result = merge_modes(train_gm, eval_gm, training=primary)
+    if result.graph_module is None:
+        return result
+    merged = result.graph_module if hasattr(result.graph_module, MODES_ATTR) else primary_gm  # (the same graph)
+    merged.meta.update(dict(primary_gm.meta))
+    merged.meta["pbp_modes"] = "train+eval"
+    return MergeResult(merged)
+
+
+def _one_mode(primary_gm: fx.GraphModule, primary: bool, name: str, reason: str,
+              keep_whole: bool = True) -> fx.GraphModule:
+    """The capture in the model's mode, warned of: its graph takes that mode's path whatever
+    .train()/.eval() say. keep_whole: the frontend keeps a mode-reading submodule whole (fx)."""
+    mode, other_mode = ("train", "eval") if primary else ("eval", "train")
+    reason = (f"its {other_mode}-mode graph takes another path: {reason}" if reason.startswith("the ")
+              else f"it cannot be captured in {other_mode} mode" + (f" ({reason})" if reason else ""))
+    fix = (", or move the code that depends on the mode into a submodule (fx keeps one whose forward reads "
+           "self.training whole, so it follows the mode)" if keep_whole else "")
+    warnings.warn(f"{name}: {reason}; the graph follows {mode} mode whatever .train()/.eval() say: trace the model "
+                  f"in the mode you will use it in{fix}", stacklevel=5)
     primary_gm.meta["pbp_modes"] = mode
     primary_gm.meta["pbp_modes_reason"] = reason
     return primary_gm

@@ -1,5 +1,6 @@
 """pbp_fx.tracing: fx tracing, leaf isolation of untraceable submodules, one-line trace errors."""
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -463,3 +464,53 @@ def test_a_signature_fx_cannot_write_back_falls_back_to_export():
     pm = pbp_fx.perforate(model, example_kwargs=kwargs)
     assert pm.graph_module.meta["pbp_frontend"] == "export"
     torch.testing.assert_close(pm(**kwargs), model(**kwargs))
+
+
+class _ScaledInEval(nn.Module):
+    """Branches on the mode in its own forward, in a way the merge of two captures cannot follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h if self.training else h * 2
+
+
+class _DropPathDivided(nn.Module):
+    def forward(self, x):
+        if not self.training:
+            return x
+        mask = x.new_empty(x.shape[0], 1).bernoulli_(0.7)
+        return x * mask / 0.7
+
+
+class _ModeBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.drop, self.head = _ScaledInEval(), _DropPathDivided(), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.drop(self.inner(x))))
+
+
+@pytest.mark.parametrize("frontend", ["auto", "fx"])
+def test_a_submodule_branching_on_its_mode_is_kept_whole_and_follows_the_mode(frontend):
+    torch.manual_seed(0)
+    model, x = _ModeBranches(), torch.randn(8, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no one-mode warning
+        pm = pbp_fx.perforate(model, x, frontend=frontend)
+    assert sorted(pm.graph_module.meta["pbp_mode_leaves"]) == ["drop", "inner"]
+    assert list(pm.sites) == ["head", "inner.fc"]  # the kept-whole module's neuron is a site too
+    for training in (True, False):
+        model.train(training), pm.train(training)
+        torch.manual_seed(1)
+        want = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(pm(x), want, rtol=0, atol=0)
+    pm.start_dendrite_phase()
+    pm.install_candidates(v_init=0.5)
+    pm.eval()
+    torch.testing.assert_close(pm.finalize()(x), pm(x))
