@@ -405,41 +405,86 @@ def _output_names(out) -> Optional[list[str]]:
         return ["output"]
     if isinstance(out, (tuple, list)) and all(isinstance(o, Tensor) for o in out):
         return [f"output_{i}" for i in range(len(out))]
-    return None  # nested outputs (a dict: `_dict_keys` names them after the export)
+    return None  # nested outputs (a dict: `_leaf_names` names them after the export)
 
 
-def _dict_keys(out) -> Optional[list[str]]:
-    """A dict output's keys, in its order (the order the exporter flattens it in), else None."""
-    if isinstance(out, dict) and out and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in out.items()):
-        return list(out)
-    return None
+def _leaf_names(out, prefix: str = "") -> Optional[list[str]]:
+    """Names for a structured output's tensors in the order the exporter flattens them: a dict's
+    keys, joined with "." down nested dicts, lists and tuples ("logits", "aux.0"); None when a
+    leaf is not a tensor (the exporter drops it, so positions would not match)."""
+    if isinstance(out, Tensor):
+        return [prefix or "output"]
+    if isinstance(out, dict):
+        items = [(str(k), v) for k, v in out.items()]
+    elif isinstance(out, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(out)]
+    else:
+        return None
+    names: list[str] = []
+    for key, value in items:
+        below = _leaf_names(value, f"{prefix}.{key}" if prefix else key)
+        if below is None:
+            return None
+        names += below
+    return names
+
+
+def _graph_names(graph: onnx.GraphProto) -> set:
+    """Every value and node name in `graph` and, at any depth, its subgraphs (If / Loop bodies)."""
+    names = {v.name for v in [*graph.input, *graph.output, *graph.value_info]} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names |= set(node.input) | set(node.output) | {node.name}
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _graph_names(g)
+    return names
 
 
 def _name_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
     """Graph output i also as names[i] (an Identity, which runtimes drop): the exporter's own names
     are internal values' (_symbolic_3, addcmul_11). An internal value or initializer that has the
-    name already is renamed first; a name that is a graph input's, or a graph with subgraphs (whose
-    bodies may read outer values by name), keeps the exporter's names."""
+    name already is renamed first; a name that is a graph input's is written `<name>_output`, with
+    a warning."""
     graph = proto.graph
-    inputs = {v.name for v in graph.input}
-    if (len(names) != len(graph.output) or len(set(names)) != len(names) or set(names) & inputs
-            or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                   for n in graph.node for a in n.attribute)):
+    if len(names) != len(graph.output) or len(set(names)) != len(names):
+        log.info("export_onnx: the outputs keep the exporter's names (%d names for %d outputs)",
+                 len(names), len(graph.output))
         return
-    used = inputs | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    used |= {v.name for v in [*graph.output, *graph.value_info]} | {n.name for n in graph.node}
-    for name in names:
+    inputs = {v.name for v in graph.input}
+    clashing = [n for n in names if n in inputs]
+    if clashing:
+        warnings.warn(f"output {clashing[0]!r} is named {clashing[0] + '_output'!r} in the ONNX file: an input has "
+                      "that name", stacklevel=3)
+        names = [f"{n}_output" if n in inputs else n for n in names]
+    used = _graph_names(graph)
+    for out, name in zip(graph.output, names):
+        if out.name == name:
+            continue
         if name in used:
             fresh = next(f"{name}_{i}" for i in range(1, len(used) + 2) if f"{name}_{i}" not in used)
             _rename_value(graph, name, fresh)
             used.add(fresh)
-    for out, name in zip(graph.output, names):
         graph.node.append(onnx.helper.make_node("Identity", [out.name], [name], name=f"{name}_output"))
         out.name = name
+        used.add(name)
+
+
+def _restore_input_names(proto: onnx.ModelProto, names: list[str]) -> None:
+    """The graph's inputs under `names` (forward's parameters), where the exporter renamed one
+    (`x` -> `x_orig` when the model also returns x) and the name is free."""
+    graph = proto.graph
+    if len(graph.input) != len(names):
+        return
+    used = _graph_names(graph)
+    for value, name in zip(graph.input, names):
+        if value.name != name and name not in used:
+            _rename_value(graph, value.name, name)
+            used.add(name)
 
 
 def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Every use of the value (or node) name `old` in `graph` as `new`."""
+    """Every use of the value (or node) name `old` in `graph` and its subgraphs as `new` (ONNX
+    names are unique across scopes, so a subgraph's `old` is the outer value)."""
     for node in graph.node:
         for field in (node.input, node.output):
             for i, name in enumerate(field):
@@ -447,7 +492,10 @@ def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
                     field[i] = new
         if node.name == old:
             node.name = new
-    for item in [*graph.initializer, *graph.value_info, *graph.output]:
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                _rename_value(g, old, new)
+    for item in [*graph.initializer, *graph.value_info, *graph.input, *graph.output]:
         if item.name == old:
             item.name = new
 
@@ -575,9 +623,11 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
         raise ExportError(f"torch.onnx.export failed: {first}{hint}") from e
     sys.stderr.write(printed.getvalue())  # a successful export's own messages, as they were
     proto = program.model_proto
-    keys = _dict_keys(example_out)
-    if keys is not None:
-        _name_outputs(proto, keys)
+    if names is None:  # a structured output: its keys name the tensors
+        leaves = _leaf_names(example_out)
+        if leaves is not None:
+            _name_outputs(proto, leaves)
+    _restore_input_names(proto, [n for n, t in zip(_input_names(module, len(inputs)), inputs) if isinstance(t, Tensor)])
     if dynamic_batch:
         fixed = [(v.name, v.type.tensor_type.shape.dim[0].dim_value) for v in proto.graph.input
                  if v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].dim_param]

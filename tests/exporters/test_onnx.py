@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -480,6 +481,60 @@ def test_a_dict_outputs_keys_name_the_onnx_outputs_and_run_saves_them_all(tmp_pa
         assert sorted(saved.files) == sorted(keys)
         for key in keys:
             np.testing.assert_allclose(saved[key], want[key].numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _Outputs(torch.nn.Module):
+    """A dict output: nested, with a key an input also has, or from a graph with a subgraph (torch.cond)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.enc, self.dec = kind, torch.nn.Linear(6, 3), torch.nn.Linear(3, 6)
+
+    def forward(self, x):
+        z = torch.tanh(self.enc(x))
+        if self.kind == "nested":
+            return {"out": self.dec(z), "aux": {"z": z, "pair": (z * 2, z + 1)}}
+        if self.kind == "clash":
+            return {"x": self.dec(z), "z": z}
+        return {"logits": torch.cond(z.sum() > 0, lambda t: t * 2, lambda t: t - 1, (z,)), "feat": x * 2}
+
+
+@pytest.mark.parametrize("kind, names", [
+    ("nested", ["out", "aux.z", "aux.pair.0", "aux.pair.1"]),
+    ("clash", ["x_output", "z"]),
+    ("cond", ["logits", "feat"]),
+])
+def test_structured_outputs_are_named_by_their_keys_in_both_files(tmp_path, kind, names):
+    x = torch.randn(4, 6)
+    pm = pbp_fx.perforate(_Outputs(kind), (x,))
+    pm.grow()
+    pm.eval()
+    for fused in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path = export_onnx(pm, (x,), tmp_path / "m.onnx", fused=fused)
+        assert [o.name for o in onnx.load(str(path)).graph.output] == names
+        assert any("named 'x_output'" in str(w.message) for w in caught) == (kind == "clash")
+        got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))
+        want = [t.detach().numpy() for t in torch.utils._pytree.tree_leaves(pm(x))]
+        assert max(np.abs(g - w).max() for g, w in zip(got, want)) <= 1e-5
+
+
+def test_an_input_the_model_also_returns_keeps_its_name_in_both_files(tmp_path):
+    class Through(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    x = torch.randn(4, 4)
+    pm = pbp_fx.perforate(Through(), (x,))
+    pm.grow()
+    for fused in (True, False):
+        path = export_onnx(pm, (x,), tmp_path / "m.onnx", fused=fused)
+        assert [i.name for i in onnx.load(str(path)).graph.input] == ["x"]
 
 
 # -- dynamic axes besides the batch ---------------------------------------------------------
