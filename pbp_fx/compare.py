@@ -246,8 +246,9 @@ def paired(rows: list[dict], reference: str = REFERENCE_ARM) -> list[dict]:
     return out
 
 
-def verdict(summary: list[dict], pairs: list[dict]) -> str:
-    """Which arm won and by how much, in plain words, with the paired differences vs pb."""
+def verdict(summary: list[dict], pairs: list[dict], maximize: bool = True) -> str:
+    """Which arm won and by how much, in plain words, with the paired differences vs pb.
+    maximize: a higher score is better (False: the model file's metric is lower-is-better)."""
     ran = [s for s in summary if s["n"]]
     if not ran:
         return "no arm finished"
@@ -262,7 +263,7 @@ def verdict(summary: list[dict], pairs: list[dict]) -> str:
                      f"{', '.join(s['arm'] for s, sd in zip(ran, seeds) if sd != shared)} ran at other seeds too)")
     elif any(sd != shared for sd in seeds):
         return "the arms ran at different seeds and share none: no ranking (see the paired differences)"
-    ranked = sorted(ran, key=lambda s: -s["test"])
+    ranked = sorted(ran, key=lambda s: -s["test"] if maximize else s["test"])
     win = ranked[0]
     by_arm = {p["arm"]: p for p in pairs}
     if len(ranked) > 1 and win["test"] == ranked[1]["test"]:
@@ -271,7 +272,8 @@ def verdict(summary: list[dict], pairs: list[dict]) -> str:
     elif len(ranked) > 1:
         second = ranked[1]
         lines.append(f"**{win['arm']} won**: test {win['test']:.1f} ± {win['test_sd']:.1f} % over {win['n']} seeds, "
-                     f"{win['test'] - second['test']:+.1f} points ahead of the next arm ({second['arm']}, "
+                     f"{abs(win['test'] - second['test']):.1f} points {'ahead of' if maximize else 'below'} the "
+                     f"next arm ({second['arm']}, "
                      f"{second['test']:.1f} ± {second['test_sd']:.1f} %).")
     else:
         lines.append(f"only {win['arm']} finished: test {win['test']:.1f} ± {win['test_sd']:.1f} %")
@@ -283,10 +285,12 @@ def verdict(summary: list[dict], pairs: list[dict]) -> str:
         if p is None:
             continue
         pb_side = round(-p["mean"], 1) + 0.0  # as printed (+ 0.0: no "-0.0"), so the words match the number
-        sign = "ahead of" if pb_side > 0 else "behind" if pb_side < 0 else "level with"
+        better = pb_side if maximize else -pb_side
+        sign = "ahead of" if better > 0 else "behind" if better < 0 else "level with"
+        ahead, behind = (p["behind"], p["ahead"]) if maximize else (p["ahead"], p["behind"])
         lines.append(f"pb is {abs(pb_side):.1f} points {sign} {arm} ({what}): paired difference pb − {arm} = "
-                     f"{pb_side:+.1f} ± {p['sd']:.1f} points over {p['n']} seeds (pb ahead in {p['behind']}, "
-                     f"behind in {p['ahead']}).")
+                     f"{pb_side:+.1f} ± {p['sd']:.1f} points over {p['n']} seeds (pb ahead in {ahead}, "
+                     f"behind in {behind}{'' if maximize else '; lower is better'}).")
     skipped = [s for s in summary if not s["n"]]
     for s in skipped:
         lines.append(f"{s['arm']} was not run: {s['skipped']}")
@@ -493,9 +497,10 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: int 
             rows += _run_all(model_file, matched, config, training, include, exclude, latency, jobs, echo)
     summary = summarize(rows)
     pairs = paired(rows)
-    text = verdict(summary, pairs)
+    text = verdict(summary, pairs, config.maximize)
     name = model_file or DEFAULT_MODEL
-    header = (f"`{os.path.basename(name)}` at width {width:g}: test score at best validation, mean ± sd over "
+    header = (f"`{os.path.basename(name)}` at width {width:g}: test score at best validation"
+              f"{'' if config.maximize else ' (lower is better)'}, mean ± sd over "
               f"{seeds} seed(s); Δ = arm − pb per seed. Budget: epochs ≤ {training.epochs}, patience "
               f"{config.patience}, max_dendrites {config.max_dendrites}, dendrite phase ≤ "
               f"{config.max_dendrite_epochs} epochs, Adam lr {training.lr}, batch {training.batch_size}.")

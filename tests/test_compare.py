@@ -279,3 +279,13 @@ def test_data_train_refuses_is_refused_by_compare_before_any_arm(tmp_path, capsy
     err = capsys.readouterr().err
     assert "the first training samples fail" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lower_is_better_metric_ranks_the_lowest_score_first():
+    """--no-maximize with a custom metric (an error): compare ranked higher as better and said pb won."""
+    rows = [{"arm": "pb", "seed": s, "test": t, "params": 10} for s, t in ((0, 0.252), (1, 0.26))]
+    rows += [{"arm": "plain", "seed": s, "test": t, "params": 5} for s, t in ((0, 0.251), (1, 0.25))]
+    text = verdict(summarize(rows), paired(rows), maximize=False)
+    assert "**plain won**" in text and "0.6 points below the next arm (pb" in text
+    assert "pb is 0.6 points behind plain" in text and "pb ahead in 0, behind in 2; lower is better" in text
+    assert "**pb won**" in verdict(summarize(rows), paired(rows))
