@@ -13,6 +13,7 @@ Optional names a model file may define: `datasets` (read by its users), and `TAS
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -91,8 +92,15 @@ def instantiate(mod: ModuleType) -> tuple[nn.Module, tuple]:
         raise ModelFileError(f"build_model() in {where!r} raised {type(exc).__name__}: {_first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelFileError(f"build_model() in {where!r} returned {type(model).__name__}, not an nn.Module")
+    return model, example_inputs(mod)
+
+
+def example_inputs(mod: ModuleType) -> tuple:
+    """The file's example_inputs() as a tuple, drawing no number from the global generators (a
+    training run at a seed draws the same numbers whether or not an example was made first)."""
+    where = getattr(mod, "__file__", None) or mod.__name__
     try:
-        with torch.random.fork_rng(devices=[]):  # the example draws no number a training run would draw
+        with _global_generators_kept():
             inputs = mod.example_inputs()
     except Exception as exc:  # noqa: BLE001
         raise ModelFileError(f"example_inputs() in {where!r} raised {type(exc).__name__}: {_first_line(exc)}") from exc
@@ -100,7 +108,23 @@ def instantiate(mod: ModuleType) -> tuple[nn.Module, tuple]:
         inputs = (inputs,)
     if not isinstance(inputs, (tuple, list)):
         raise ModelFileError(f"example_inputs() in {where!r} returned {type(inputs).__name__}, not a tuple of inputs")
-    return model, tuple(inputs)
+    return tuple(inputs)
+
+
+@contextlib.contextmanager
+def _global_generators_kept():
+    """torch's, numpy's and Python's global random states as they were, after the block."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
 
 
 def example_kwargs(mod: ModuleType) -> dict:
@@ -112,7 +136,7 @@ def example_kwargs(mod: ModuleType) -> dict:
     if not callable(fn):
         raise ModelFileError(f"example_kwargs in {where!r} is not a function: define example_kwargs() -> dict")
     try:
-        with torch.random.fork_rng(devices=[]):
+        with _global_generators_kept():
             kwargs = fn()
     except Exception as exc:  # noqa: BLE001
         raise ModelFileError(f"example_kwargs() in {where!r} raised {type(exc).__name__}: {_first_line(exc)}") from exc

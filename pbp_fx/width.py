@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import PBError
-from .modelfile import example_kwargs
+from .modelfile import example_inputs, example_kwargs
 
 __all__ = ["WidthError", "WidthBuilder", "ScaledModel", "shrink", "num_parameters", "used_parameters",
            "PARAM_TOLERANCE"]
@@ -204,7 +204,7 @@ class WidthBuilder:
         if param is not None and isinstance(param.default, int) and not isinstance(param.default, bool) \
                 and param.default > 0:
             base = param.default
-        return cls(mod.build_model, mod.example_inputs, base, lambda: example_kwargs(mod))
+        return cls(mod.build_model, lambda: example_inputs(mod), base, lambda: example_kwargs(mod))
 
     @property
     def method(self) -> str:

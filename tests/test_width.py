@@ -264,3 +264,21 @@ def test_torch_pruning_narrows_a_model_called_with_keyword_inputs():
     assert model.fc1.out_features == 8 and model.fc2.out_features == 3
     assert model(torch.randn(4, 6), extra=torch.randn(4, 2)).shape == (4, 3)
     assert builder.for_params(0.5 * num_parameters(_KeywordOnly())).params < num_parameters(_KeywordOnly())
+
+
+def test_counting_a_models_parameters_draws_no_number_a_training_run_would_draw():
+    """example_inputs() of torch.randn / np.random moved the global streams, so compare's pb arm
+    trained on other numbers than `pbp-fx train` at the same seed."""
+    import random
+    import types
+
+    import numpy as np
+
+    mod = types.SimpleNamespace(__name__="m", build_model=lambda width=4: nn.Linear(3, width),
+                                example_inputs=lambda: (torch.randn(2, 3) + float(np.random.rand()) + random.random(),))
+    builder = WidthBuilder.from_module(mod)
+    model = builder.build(1.0)
+    states = torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    builder.params(model)
+    assert torch.equal(torch.random.get_rng_state(), states[0])
+    assert (np.random.get_state()[1] == states[1]).all() and random.getstate() == states[2]
