@@ -77,3 +77,11 @@ class StructureOnLoad:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def refused_restart(resume: str) -> str:
+    """The one-line refusal of a training call that would continue a PBCallback's unfinished run
+    with the new optimizer the framework built (the run's state holds the old one)."""
+    return (f"PBCallback: its PB run stopped inside an earlier training call (an exception?), and this call "
+            f"built a new optimizer, which that run's state does not hold: resume it with {resume}, or start "
+            "again with a new PBCallback on a newly built model")

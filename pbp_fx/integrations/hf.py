@@ -24,7 +24,7 @@ from ..config import PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError
 from ..perforated import PerforatedModel
-from .common import StructureOnLoad, find_perforated, unwrap_optimizer, unwrap_scheduler
+from .common import StructureOnLoad, find_perforated, refused_restart, unwrap_optimizer, unwrap_scheduler
 
 __all__ = ["PBCallback", "CHECKPOINT_NAME"]
 
@@ -109,12 +109,16 @@ class PBCallback(TrainerCallback):
         # fp16: accelerate's optimizer wrapper holds the GradScaler; the pools divide its scale out
         pm.grad_scaler = getattr(optimizer, "scaler", None)
         opt = unwrap_optimizer(optimizer)
-        if state.global_step > 0:
+        resuming = state.global_step > 0
+        if resuming:
             _refuse_misplaced_optimizer_state(opt)
-        if self.controller is None or self.controller.pm is not pm:
+        if self.controller is not None and self.controller.pm is pm and self.controller.optimizer is not opt \
+                and not self.controller.done and not resuming:
+            raise TrainingError(refused_restart("trainer.train(resume_from_checkpoint=<a checkpoint of that run>)"))
+        if self.controller is None or self.controller.pm is not pm or (resuming and self.controller.optimizer is not opt):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
                                               parameter_groups=_trainer_groups if _grouped_by_trainer(pm, opt) else None)
-        if state.global_step > 0:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
+        if resuming:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
             load_controller(_resumed_file(args, state, pm), self.controller)
         # PB finished already (a checkpoint written then, or train() called again): nothing left to train.
         # The Trainer still takes one step before it looks; on_train_end loads the best weights back.

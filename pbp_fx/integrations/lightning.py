@@ -21,7 +21,7 @@ from ..checkpoint import warn_changed_settings
 from ..config import ConfigError, PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError
-from .common import StructureOnLoad, find_perforated, unwrap_optimizer
+from .common import StructureOnLoad, find_perforated, refused_restart, unwrap_optimizer
 
 __all__ = ["PBCallback"]
 
@@ -44,6 +44,7 @@ class PBCallback(Callback):
         self.config, self.maximize = config, mode == "max"
         self.controller: Optional[PhaseController] = None
         self._resumed: Optional[dict] = None  # state from a checkpoint, applied at fit start
+        self._stage: Optional[str] = None  # the stage Lightning set up last ("fit", "validate", ...)
         self._structure_hook = None  # while fitting starts: see setup()
         self._held_stoppers: dict = {}  # EarlyStopping index -> its patience, while a dendrite phase holds it
 
@@ -58,9 +59,11 @@ class PBCallback(Callback):
                 "held_stoppers": dict(self._held_stoppers), "config": ctl.config.to_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._resumed = dict(state_dict) or None
+        # Lightning restores callbacks for validate/test/predict(ckpt_path=...) too: only a fit resumes PB.
+        self._resumed = (dict(state_dict) or None) if self._stage in (None, "fit") else None
 
     def setup(self, trainer, pl_module, stage):
+        self._stage = stage
         # On resume Lightning loads the module's state dict strictly before any callback sees the
         # checkpoint: a pre-hook first gives the model the structure that state was saved with
         # (dendrites resize by themselves; a candidate pool needs the dendrite phase started).
@@ -98,7 +101,11 @@ class PBCallback(Callback):
         if not opt.param_groups:  # configure_optimizers returned None: Lightning's stand-in has no groups
             raise TrainingError("PBCallback needs an optimizer, but configure_optimizers returned none: return "
                                 "one optimizer over self.parameters()")
-        if self.controller is None or self.controller.pm is not pm:
+        if self.controller is not None and self.controller.pm is pm and self.controller.optimizer is not opt \
+                and not self.controller.done and self._resumed is None:
+            raise TrainingError(refused_restart("trainer.fit(..., ckpt_path=<a checkpoint of that fit>)"))
+        if self.controller is None or self.controller.pm is not pm or (
+                self._resumed is not None and self.controller.optimizer is not opt):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
                                               parameter_groups=_groups_of_configure_optimizers(pl_module))
         if self._resumed is not None:  # Lightning restores the optimizer and schedulers after this hook

@@ -508,3 +508,20 @@ def test_an_own_optimizer_resumed_without_loading_first_is_refused(tmp_path):
     with pytest.raises(TrainingError, match=r"restored optimizer state of shape .* load the checkpoint first") as err:
         trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path / folder))
     assert "\n" not in str(err.value)
+
+
+def test_a_new_train_of_a_callback_whose_run_crashed_is_refused(tmp_path, perforated_bert):
+    """A new Trainer with the crashed run's callback kept the old optimizer: dendrites with V = 0 were installed."""
+    class Crash(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if state.epoch >= 2:
+                raise RuntimeError("simulated crash")
+
+    cb, model = PBCallback(QUICK), perforated_bert()
+    trainer, _ = _trainer(tmp_path, cb, model)
+    trainer.add_callback(Crash())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train()
+    again, _ = _trainer(tmp_path, cb, model)
+    with pytest.raises(TrainingError, match="stopped inside an earlier training call.*resume_from_checkpoint"):
+        again.train()

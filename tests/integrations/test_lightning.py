@@ -403,3 +403,49 @@ def test_a_dendrite_phase_checkpoint_of_another_model_is_one_line():
     with pytest.raises(CheckpointError, match="does not fit this model: size mismatch") as err:
         module.load_state_dict(state)
     assert "\n" not in str(err.value)
+
+
+class _Crash(L.Callback):
+    """An exception inside fit (an out-of-memory, say) at the given epoch."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_new_fit_of_a_callback_whose_run_crashed_is_refused():
+    """It kept the crashed fit's optimizer: the candidates never trained and dendrites with V = 0 were installed."""
+    train, val = digits_loaders()
+    module = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
+    cb = PBCallback(QUICK, monitor="val_acc", mode="max")
+    trainer = L.Trainer(max_epochs=60, callbacks=[cb, _Crash(4)], accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit(module, train, val)
+    with pytest.raises(TrainingError, match="stopped inside an earlier training call.*ckpt_path"):
+        _trainer(cb).fit(module, train, val)
+
+
+def test_testing_from_a_checkpoint_does_not_rewind_the_finished_run(tmp_path):
+    """trainer.test(ckpt_path=...) restored the callback's state, and the next fit resumed PB from it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, val = digits_loaders()
+    module = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
+    module.test_step = module.validation_step
+    cb = PBCallback(QUICK, monitor="val_acc", mode="max")
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")  # one per epoch
+    trainer = L.Trainer(max_epochs=60, callbacks=[cb, saver], accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, train, val)
+    entries, dendrites = len(cb.controller.history), module.model.num_dendrites
+    trainer.test(module, val, ckpt_path=str(tmp_path / "epoch=1.ckpt"), verbose=False)  # a neuron phase's
+    steps = trainer.global_step
+    trainer.fit_loop.max_epochs = trainer.current_epoch + 20
+    trainer.fit(module, train, val)  # PB finished: it stops at once
+    assert trainer.global_step <= steps + 1
+    assert len(cb.controller.history) == entries and module.model.num_dendrites == dendrites
