@@ -803,7 +803,7 @@ def _compare_budget_args() -> tuple:
         help="model file with build_model(), example_inputs() and datasets() (default: built-in MNIST-1D MLP)"),
     arg("--width", type=_number(float, "--width"), default=1.0, metavar="W",
         help="width multiplier of every arm's model (< 1 adds the original at width 1; default: 1)"),
-    arg("--seeds", type=_number(int, "--seeds"), default=3, metavar="N", help="model seeds per arm (default: 3)"),
+    arg("--seeds", type=_number(int, "--seeds"), default=None, metavar="N", help="model seeds per arm (default: 3)"),
     arg("--arms", type=_arm_list, default=None, metavar="A,B",
         help="comma-separated subset of plain,restarts,pb,gd,plain-matched,original (default: all that apply)"),
     arg("--jobs", type=_number(int, "--jobs"), default=1, metavar="N", help="runs side by side (default: 1)"),

@@ -452,7 +452,7 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
     return model_file, config, training, scope, row
 
 
-def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: int = 3,
+def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Optional[int] = None,
             arms: Optional[Sequence[str]] = None, config: Optional[PBConfig] = None,
             training: Optional[TrainConfig] = None, out: Optional[str] = None, jobs: int = 1,
             include=None, exclude=None, latency: bool = True, pb_run: Optional[str] = None,
@@ -460,6 +460,7 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: int 
     """Train every arm at seeds training.seed .. training.seed + seeds - 1 and compare them.
 
     arms: a subset of ARMS (default: all that apply; "original" only with width < 1).
+    seeds: seeds per arm (default 3).
     jobs: worker processes (runs of one wave go side by side; plain-matched waits for pb).
     pb_run: the --out folder of a finished `pbp-fx train` run: it is the pb arm, and its model
     file, settings and seed are used (default arms then: plain, restarts; one seed).
@@ -467,13 +468,14 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: int 
     """
     given = []
     if pb_run is not None:
-        if model_file is not None or config is not None or training is not None or seeds != 3 or width != 1.0:
+        if model_file is not None or config is not None or training is not None or seeds is not None or width != 1.0:
             raise CompareError("--pb-run uses the run's own model file, settings, seed and width: "
                                "give no model file, budget flags, --seeds or --width with it")
         model_file, config, training, scope, pb_row = read_pb_run(pb_run)
         include, exclude, seeds, given = scope["include"], scope["exclude"], 1, [pb_row]
         arms = [a for a in (arms or ("plain", "restarts")) if a != "pb"]
         latency = False  # the run's model is not rebuilt here; no arm gets a latency, to stay comparable
+    seeds = 3 if seeds is None else seeds
     config, training = config or PBConfig(), training or TrainConfig()
     if arms is None:
         arms = [a for a in ARMS if a != "original" or width < 1]

@@ -153,6 +153,7 @@ def test_pb_run_is_compared_with_its_controls(tiny, tmp_path):
     if pb["params"] == plain["params"]:  # no dendrite accepted: pb's run is the plain run, step for step
         assert pb["test"] == plain["test"]
     assert main(["compare", "--pb-run", str(run), "--patience", "3"]) == 2
+    assert main(["compare", "--pb-run", str(run), "--seeds", "3"]) == 2  # (the default's value: it ran 1 seed)
     # A summary that is not its checkpoint's report (another run's, or a run killed after its first epochs)
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "epochs": summary["epochs"] + 7}))
