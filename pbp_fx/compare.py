@@ -29,6 +29,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -320,10 +321,15 @@ def markdown(summary: list[dict], pairs: list[dict], text: str, header: str) -> 
     return "\n".join(lines) + "\n\n" + text + "\n"
 
 
-def plot(summary: list[dict], path: str, title: str = "") -> None:
-    """Test score vs parameters and vs ONNX Runtime latency, one point per arm, sd error bars."""
-    import matplotlib
-
+def plot(summary: list[dict], path: str, title: str = "") -> bool:
+    """Test score vs parameters and vs ONNX Runtime latency, one point per arm, sd error bars;
+    False when matplotlib is missing (nothing written)."""
+    try:
+        import matplotlib
+    except ImportError:  # (an optional dependency: the train extra)
+        warnings.warn(f"{os.path.basename(path)} not written: matplotlib is not installed (pip install matplotlib, "
+                      "or pbp-fx[train])", stacklevel=2)
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -345,6 +351,7 @@ def plot(summary: list[dict], path: str, title: str = "") -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110), CompareError, "plot")
     plt.close(fig)
+    return True
 
 
 # -- the comparison ------------------------------------------------------------------------
@@ -519,6 +526,6 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
                 with open(tmp, "w") as f:
                     f.write(body)
             atomic_write(os.path.join(out, fname), write, CompareError, fname)
-        plot(summary, os.path.join(out, "compare.png"), title=f"{os.path.basename(name)} (width {width:g})")
-        echo(f"wrote {out}/compare.md, {out}/compare.json, {out}/compare.png")
+        plotted = plot(summary, os.path.join(out, "compare.png"), title=f"{os.path.basename(name)} (width {width:g})")
+        echo(f"wrote {out}/compare.md, {out}/compare.json" + (f", {out}/compare.png" if plotted else ""))
     return result

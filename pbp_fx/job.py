@@ -14,6 +14,7 @@ import json
 import os
 import random
 import time
+import warnings
 from types import ModuleType
 from typing import Callable, Optional
 
@@ -327,8 +328,9 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     if out is not None and not finished:  # (a run resumed complete: its checkpoint holds that state already)
         saver(None)  # the final state (best-validation model), still resumable; every rank calls it
     if out is not None and main:
-        _write_outputs(out, history, summary)
-        echo(f"wrote {out}/history.json, {out}/summary.json, {out}/plot.png, {out}/checkpoint.safetensors")
+        plotted = _write_outputs(out, history, summary)
+        echo(f"wrote {out}/history.json, {out}/summary.json, " + (f"{out}/plot.png, " if plotted else "")
+             + f"{out}/checkpoint.safetensors")
     if distributed is not None:
         distributed.barrier()  # the outputs are complete when any rank returns
     return summary
@@ -487,7 +489,8 @@ def _print_report(s: dict, echo) -> None:
          f"({s.get('metric', 'accuracy')}; {s['seconds']:.1f} s, mode {s['mode']})")
 
 
-def _write_outputs(out: str, history, summary) -> None:
+def _write_outputs(out: str, history, summary) -> bool:
+    """history.json, summary.json and plot.png; False when the plot was not written."""
 
     def text(name: str, body: str) -> None:
         def w(tmp):
@@ -497,14 +500,19 @@ def _write_outputs(out: str, history, summary) -> None:
 
     text("history.json", json.dumps(history.to_dict(), indent=1))
     text("summary.json", json.dumps(summary, indent=1))
-    plot_history(history, os.path.join(out, "plot.png"), title=f"{summary['model']} ({summary['mode']})",
+    return plot_history(history, os.path.join(out, "plot.png"), title=f"{summary['model']} ({summary['mode']})",
                  metric=summary.get("metric", "accuracy"), maximize=summary.get("maximize", True))
 
 
-def plot_history(history, path: str, title: str = "", metric: str = "accuracy", maximize: bool = True) -> None:
-    """Validation/test metric per epoch with phase switches marked; the metric vs params."""
-    import matplotlib
-
+def plot_history(history, path: str, title: str = "", metric: str = "accuracy", maximize: bool = True) -> bool:
+    """Validation/test metric per epoch with phase switches marked; the metric vs params. False
+    when matplotlib is missing (nothing written)."""
+    try:
+        import matplotlib
+    except ImportError:  # (an optional dependency: the train extra)
+        warnings.warn(f"{os.path.basename(path)} not written: matplotlib is not installed (pip install matplotlib, "
+                      "or pbp-fx[train])", stacklevel=2)
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -542,3 +550,4 @@ def plot_history(history, path: str, title: str = "", metric: str = "accuracy", 
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110), TrainingError, "plot")
     plt.close(fig)
+    return True

@@ -612,3 +612,18 @@ def test_the_plain_count_leaves_out_a_module_forward_never_calls(tmp_path, capsy
     assert main(["train", _write(tmp_path / "m.py", text), "--out", str(out), "--epochs", "2", "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["params_plain"] <= summary["params"]
+
+
+def test_without_matplotlib_the_plots_are_skipped_with_a_warning(tmp_path, monkeypatch):
+    """matplotlib is in the train extra only: its absence ended a finished run with an internal error."""
+    import sys
+
+    from pbp_fx.compare import plot
+    from pbp_fx.job import plot_history
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    with pytest.warns(UserWarning, match="plot.png not written: matplotlib is not installed"):
+        assert plot_history(None, str(tmp_path / "plot.png")) is False
+    with pytest.warns(UserWarning, match="compare.png not written"):
+        assert plot([], str(tmp_path / "compare.png")) is False
+    assert list(tmp_path.iterdir()) == []
