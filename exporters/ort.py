@@ -90,11 +90,12 @@ def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", thre
     except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind error classes
         if type(exc).__name__ != "NotImplemented":
             raise
-        # e.g. a float64 Conv: the CPU provider has float32 (and some float16) kernels only
+        # e.g. a float64 Conv or a bfloat16 Sigmoid: the CPU provider covers float32, other types for some ops
         where = "<bytes>" if isinstance(model, bytes) else model
         raise RuntimeUnavailableError(
-            f"onnxruntime has no kernel for an op of {where} ({str(exc).splitlines()[0].split(' : ')[-1].strip()}): "
-            "a float64 model's convs have none; export the model in float32 (model.float())") from exc
+            f"onnxruntime has no kernel for an op of {where} in its element type "
+            f"({str(exc).splitlines()[0].split(' : ')[-1].strip()}): its CPU kernels cover float32, other types for "
+            "some ops only; export the model in float32 (model.float())") from exc
     active = sess.get_providers()
     chosen = CUDA if CUDA in active else CPU
     if device == "cuda" and chosen != CUDA:
@@ -114,6 +115,9 @@ def _to_numpy(value: Any, type_str: Optional[str] = None) -> np.ndarray:
     arr = np.asarray(value)
     want = _NP_TYPES.get(type_str or "")
     if want is not None and arr.dtype != want:
+        if np.issubdtype(want, np.integer) and arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
+            raise ValueError(f"an input of {type_str} got floats with fractions ({arr.dtype}): pass whole numbers "
+                             "(token ids, indices)")
         arr = arr.astype(want)
     return np.ascontiguousarray(arr)
 

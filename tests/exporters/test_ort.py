@@ -115,15 +115,30 @@ def test_available_providers():
     assert "CPUExecutionProvider" in ort_mod.available_providers()
 
 
-def test_an_op_without_a_kernel_names_the_fix(tmp_path):
-    """A float64 Conv: the CPU provider has no kernel; the error says to export in float32."""
-    d = onnx.TensorProto.DOUBLE
-    w = helper.make_tensor("w", d, [1, 1, 1, 1], [1.0])
-    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", d, [1, 1, 2, 2])],
-                              [helper.make_tensor_value_info("y", d, [1, 1, 2, 2])], initializer=[w])
-    path = tmp_path / "double.onnx"
+@pytest.mark.parametrize("dtype, op", [(onnx.TensorProto.DOUBLE, "Conv"), (onnx.TensorProto.BFLOAT16, "Sigmoid")])
+def test_an_op_without_a_kernel_names_the_op_and_the_fix(tmp_path, dtype, op):
+    """A float64 Conv or a bfloat16 Sigmoid: the CPU provider has no kernel; the error names the op and
+    says to export in float32 (it used to blame a float64 conv whatever the op)."""
+    inputs = ["x", "w"] if op == "Conv" else ["x"]
+    w = [helper.make_tensor("w", dtype, [1, 1, 1, 1], [1.0])] if op == "Conv" else []
+    graph = helper.make_graph([helper.make_node(op, inputs, ["y"])], "g",
+                              [helper.make_tensor_value_info("x", dtype, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("y", dtype, [1, 1, 2, 2])], initializer=w)
+    path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
-    with pytest.raises(RuntimeUnavailableError, match=r"no kernel .*Conv.*float32") as err:
+    with pytest.raises(RuntimeUnavailableError, match=rf"no kernel .*{op}.*export the model in float32") as err:
         ort_session(path, device="cpu")
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "convs" not in str(err.value)
+
+
+def test_fractional_floats_for_an_integer_input_are_refused(tmp_path):
+    """Token ids given as floats were truncated (3.7 became 3) without a word."""
+    graph = helper.make_graph([helper.make_node("Identity", ["ids"], ["y"])], "g",
+                              [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [2])])
+    path = tmp_path / "ids.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    sess = ort_session(path, device="cpu")
+    assert run(sess, (np.array([3.0, 4.0]),))[0].tolist() == [3, 4]
+    with pytest.raises(ValueError, match="got floats with fractions"):
+        run(sess, (np.array([3.7, 4.0]),))
