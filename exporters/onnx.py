@@ -507,9 +507,13 @@ def _quiet_exporter():
     # torch.export's "Unable to find user code corresponding to {u0}" while it captures a data-dependent
     # branch: the failure is reported in one line of its own.
     shapes = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    level, shapes_level = reg.level, shapes.level
+    # onnxscript's constant folding logs a fold it skips ("Evaluation failed: cannot reshape ...") as a
+    # warning: the file is right either way (the op stays unfolded).
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level, shapes_level, folding_level = reg.level, shapes.level, folding.level
     reg.setLevel(logging.ERROR)
     shapes.setLevel(logging.ERROR)
+    folding.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
@@ -522,6 +526,7 @@ def _quiet_exporter():
     finally:
         reg.setLevel(level)
         shapes.setLevel(shapes_level)
+        folding.setLevel(folding_level)
 
 
 def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool,

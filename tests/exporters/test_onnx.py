@@ -632,3 +632,16 @@ def test_axes_of_one_name_must_agree_in_the_example(tmp_path):
     ids, mask = torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 5)
     with pytest.raises(ExportError, match=r"disagree on the size of axis 't' \(\[5, 6\]\)"):
         export_onnx(_Tokens(), (ids, mask), tmp_path / "m.onnx", dynamic_axes={0: {1: "t"}, 1: {1: "t"}})
+
+
+def test_a_successful_export_of_a_hf_model_prints_nothing_of_the_exporters_optimizer(tmp_path, caplog):
+    """onnxscript's constant folding printed "Evaluation failed: cannot reshape array ..." for a fold it skipped."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64, num_labels=3)
+    kwargs = {"input_ids": torch.randint(0, 50, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    pm = pbp_fx.perforate(transformers.BertForSequenceClassification(config).eval(), example_kwargs=kwargs)
+    with caplog.at_level("WARNING"):
+        export_onnx(pm, kwargs, tmp_path / "bert.onnx")
+    assert not [r for r in caplog.records if "Evaluation failed" in r.getMessage()]
