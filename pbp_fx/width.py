@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -135,8 +136,11 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
     try:
         with torch.no_grad():
             shapes = [t.shape for t in _outputs(model(*example_inputs, **kwargs))]
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
-                                                      forward_fn=lambda m, args: m(*args, **kwargs))
+        with warnings.catch_warnings():
+            # Torch-Pruning's notes on parameters it leaves alone (a GRU's): the result is checked below
+            warnings.filterwarnings("ignore", module="torch_pruning")
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+                                                          forward_fn=lambda m, args: m(*args, **kwargs))
         groups = list(graph.get_all_groups(ignored_layers=_output_layers(model, example_inputs, kwargs),
                                            root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
         for index, group in enumerate(groups):

@@ -282,3 +282,24 @@ def test_counting_a_models_parameters_draws_no_number_a_training_run_would_draw(
     builder.params(model)
     assert torch.equal(torch.random.get_rng_state(), states[0])
     assert (np.random.get_state()[1] == states[1]).all() and random.getstate() == states[2]
+
+
+def test_torch_pruning_notes_on_parameters_it_leaves_alone_are_not_shown():
+    """A GRU's "Unwrapped parameters detected" reached users as warnings they could not act on."""
+    class WithGRU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.gru, self.fc = nn.Linear(4, 8), nn.GRU(8, 8, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.gru(self.inp(x))[0][:, -1])
+
+    from pbp_fx.width import shrink
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            shrink(WithGRU(), (torch.randn(2, 5, 4),), lambda size, _i: size // 2)
+        except WidthError:
+            pass  # (whether Torch-Pruning narrows it is not the point)
+    assert not [w for w in caught if "Unwrapped parameters" in str(w.message)]
