@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import FORMAT, load, load_optimizer, read_meta, save
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
-from .errors import ModelFileError, TrainingError
+from .errors import ModelFileError, PBError, TrainingError
 from .fileio import atomic_write, check_output_dir
 from .modelfile import (check_metric_direction, example_kwargs, instantiate, keyword_collate, load_model_file,
                         task_functions, task_of)
@@ -302,9 +302,19 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         if stale:
             callbacks.append(_replace_stale(out, stale))
     try:
-        history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, training=training, metric=metric,
-                      test_loader=test_loader, progress=progress, distributed=distributed, history=history,
-                      callbacks=callbacks)
+        try:
+            history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, training=training, metric=metric,
+                          test_loader=test_loader, progress=progress, distributed=distributed, history=history,
+                          callbacks=callbacks)
+        except (PBError, OSError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - raised inside the model file's model, data, loss or metric
+            text = str(exc).strip().splitlines()
+            done = len(history.epochs)
+            raise TrainingError(
+                f"training stopped in epoch {done + 1}: {type(exc).__name__}: {text[0] if text else ''} (from the "
+                f"model file's model, data, loss or metric; --debug shows where)"
+                + (f"; the run so far resumes with --resume {out}" if out and done else "")) from exc
     except BaseException:
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
             os.rmdir(out)

@@ -990,3 +990,20 @@ def test_export_dynamic_axis_refusals_are_one_line_and_write_nothing(tmp_path, c
     assert rc == 2 and re.search(match, err), err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not os.path.exists(out)
+
+
+def test_an_error_inside_training_from_the_model_files_data_is_one_line_exit_2(tmp_path, capsys):
+    """A label past the preflight's samples ended in "internal error: IndexError", exit 1."""
+    model = _write(tmp_path, """
+        import torch, torch.nn as nn
+        def build_model(): return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        def example_inputs(): return (torch.randn(2, 3),)
+        def datasets():
+            g = torch.Generator().manual_seed(0)
+            d = [(torch.randn(3, generator=g), i % 2 if i != 15 else 7) for i in range(20)]
+            return d, d[:8], d[:8]
+    """)
+    rc, _, err = _run(["train", model, "--epochs", "3", "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "training stopped in epoch 1: IndexError: Target 7 is out of bounds" in err
+    assert not (tmp_path / "run").exists()
