@@ -234,6 +234,7 @@ class PhaseController:
                           "(candidate_lr) has no effect: pass relative_step=False and an lr to let PB set it",
                           stacklevel=2)
         self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
+        self._warned_short_phase = False
         _StepHook.register(self)
         for i, g in enumerate(optimizer.param_groups):
             for p in g["params"]:
@@ -485,6 +486,26 @@ class PhaseController:
         score, mark = self.distributed.agree([score, int(progress)], state)
         return score, bool(mark)
 
+    def _warn_if_the_phase_ends_warming_up(self) -> None:
+        """Once per run: epochs of so few batches that max_dendrite_epochs ends a dendrite phase
+        before its statistics have warmed up (its candidates are then judged on a running
+        estimate that is not yet reliable, and the phase can never end by itself)."""
+        pools = [s.candidates for s in self.pm.sites.values() if s.candidates is not None]
+        if not pools:
+            return
+        epochs = 1  # of this phase so far, this one included
+        for row in reversed(self.history):
+            if row["phase"] != "dendrite" or row["decision"] != Decision.CONTINUE.value:
+                break
+            epochs += 1
+        per_epoch = int(pools[0].batches_seen) / epochs
+        warmup, cap = pools[0].warmup, self.config.max_dendrite_epochs
+        if per_epoch * cap <= warmup:
+            self._warned_short_phase = True
+            warnings.warn(f"a dendrite phase sees {per_epoch:g} batch(es) per epoch and its statistics warm up over "
+                          f"{warmup} batches, so max_dendrite_epochs={cap} ends it before they have: use smaller "
+                          f"batches, or a shorter warm-up (PBConfig(warmup=...) or a lower ema_decay)", stacklevel=3)
+
     def _record(self, phase: str, score: float, decision: Decision, note: str) -> None:
         self.history.append({"epoch": self.schedule.epoch, "phase": phase, "score": score,
                              "dendrites": self.pm.dendrites, "decision": decision.value, "note": note})
@@ -495,6 +516,8 @@ class PhaseController:
             return Decision.COMPLETE
         phase = self.pm.phase
         progress = self.pm.candidate_progress(self.config.dendrite_improvement) if phase == "dendrite" else False
+        if phase == "dendrite" and not self._warned_short_phase:
+            self._warn_if_the_phase_ends_warming_up()
         score, progress = self._agree(float(val_score), progress)
         action = self.schedule.step(score, progress)
         self._execute(action)

@@ -626,3 +626,31 @@ def test_an_optimizer_built_over_the_model_before_perforate_is_refused():
     with pytest.raises(ConfigError, match=r"holds none of the perforated model's parameters.*pm.trainable_parameters"):
         PhaseController(pm, optimizer=optimizer)
     PhaseController(pm, optimizer=torch.optim.Adam(pm.trainable_parameters()))
+
+
+def _run_phases(batches_per_epoch: int, config) -> list:
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 4))
+    ctl = PhaseController(pm, config)
+    x, y = torch.randn(20 * batches_per_epoch, 4), torch.randint(0, 2, (20 * batches_per_epoch,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(12):
+            for i in range(0, len(x), 20):
+                loss = F.cross_entropy(pm(x[i:i + 20]), y[i:i + 20])
+                ctl.optimizer.zero_grad()
+                loss.backward()
+                ctl.optimizer.step()
+            if ctl.step(float(epoch % 3)) == "complete":
+                break
+    return [str(w.message) for w in caught if "warm up" in str(w.message)]
+
+
+def test_epochs_too_short_for_the_statistics_warm_up_are_warned_of_once():
+    """Tiny data (1-3 batches an epoch) spent every dendrite phase warming up, without a word."""
+    config = pbp_fx.PBConfig(patience=1, neuron_epochs=2, max_dendrite_epochs=4, max_dendrites=2, retries=0)
+    said = _run_phases(3, config)
+    assert len(said) == 1 and "sees 3 batch(es) per epoch" in said[0] and "max_dendrite_epochs=4" in said[0]
+    assert _run_phases(3, config.replace(warmup=10)) == []
