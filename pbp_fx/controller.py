@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import enum
-import warnings
 import weakref
 from typing import Callable, Optional
 
@@ -52,6 +51,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ConfigError, PBConfig
+from .errors import warn_at_user
 from .perforated import PerforatedModel
 from .schedule import Action, Kind, PhaseSchedule
 
@@ -230,9 +230,8 @@ class PhaseController:
         self.optimizer = optimizer
         if any(g.get("relative_step") for g in optimizer.param_groups):
             # Adafactor's relative_step computes its own step size and never reads the group's lr.
-            warnings.warn("the optimizer sets its own step size (relative_step=True), so PB's dendrite-phase rate "
-                          "(candidate_lr) has no effect: pass relative_step=False and an lr to let PB set it",
-                          stacklevel=2)
+            warn_at_user("the optimizer sets its own step size (relative_step=True), so PB's dendrite-phase rate "
+                         "(candidate_lr) has no effect: pass relative_step=False and an lr to let PB set it")
         self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
         self._warned_short_phase = False
         _StepHook.register(self)
@@ -502,9 +501,9 @@ class PhaseController:
         warmup, cap = pools[0].warmup, self.config.max_dendrite_epochs
         if per_epoch * cap <= warmup:
             self._warned_short_phase = True
-            warnings.warn(f"a dendrite phase sees {per_epoch:g} batch(es) per epoch and its statistics warm up over "
-                          f"{warmup} batches, so max_dendrite_epochs={cap} ends it before they have: use smaller "
-                          f"batches, or a shorter warm-up (PBConfig(warmup=...) or a lower ema_decay)", stacklevel=3)
+            warn_at_user(f"a dendrite phase sees {per_epoch:g} batch(es) per epoch and its statistics warm up over "
+                         f"{warmup} batches, so max_dendrite_epochs={cap} ends it before they have: use smaller "
+                         f"batches, or a shorter warm-up (PBConfig(warmup=...) or a lower ema_decay)")
 
     def _record(self, phase: str, score: float, decision: Decision, note: str) -> None:
         self.history.append({"epoch": self.schedule.epoch, "phase": phase, "score": score,

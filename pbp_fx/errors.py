@@ -25,3 +25,26 @@ class CheckpointError(PBError):
 
 class TrainingError(PBError):
     """Training cannot go on (empty dataset, non-finite loss, bad settings)."""
+
+
+# Packages whose frames a warning skips to point at the user's line: pbp-fx's own and the
+# frameworks that call into it (imported or not: only their names are compared).
+_FRAMEWORKS = ("pbp_fx", "passes", "exporters", "torch", "lightning", "pytorch_lightning", "transformers", "accelerate")
+
+
+def warn_at_user(message: str, category: type = UserWarning) -> None:
+    """warnings.warn attributed to the first calling frame outside pbp-fx and the frameworks
+    around it (the user's line), however deep the call came from."""
+    import os
+    import sys
+    import warnings
+
+    roots = set()
+    for name in _FRAMEWORKS:
+        module = sys.modules.get(name) or sys.modules.get(f"pbp_fx.{name}")
+        if module is not None and getattr(module, "__file__", None):
+            roots.add(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
+    frame, level = sys._getframe(1), 2
+    while frame is not None and any(os.path.abspath(frame.f_code.co_filename).startswith(r) for r in roots):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from .config import ConfigError
-from .errors import NoSitesError, TrainingError
+from .errors import NoSitesError, TrainingError, warn_at_user
 from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
@@ -127,6 +127,19 @@ class PerforatedModel(nn.Module):
                 self._check_untraced(key, args, kwargs)
         return self._run_graph(g_args, g_kwargs)
 
+    def _check_dendrite_phase_mode(self) -> None:
+        """Warn once per phase of an eval-mode forward with gradients on before any train-mode one:
+        a training loop that left the model in eval mode (after its validation), where the
+        candidates do not run, so the loss has no gradient (torch then raises "element 0 of
+        tensors does not require grad")."""
+        if self.training:
+            self._dendrite_phase_trained = True
+        elif torch.is_grad_enabled() and not getattr(self, "_dendrite_phase_trained", True):
+            self._dendrite_phase_trained = True  # (said once)
+            warn_at_user("dendrite phase: the model runs in eval mode with gradients on, where its candidates do "
+                         "not run, so a loss of this output has no gradient: call model.train() before the "
+                         "training steps")
+
     def _graph_holding_buffers(self, *args, **kwargs):
         """The graph's call in the dendrite phase: the frozen buffers held after it
         (`_hold_phase_buffers`), also after the recompute of activation checkpointing."""
@@ -171,6 +184,8 @@ class PerforatedModel(nn.Module):
         return out
 
     def _run_graph(self, args: tuple, kwargs: dict):
+        if self.phase == "dendrite" and not torch.compiler.is_compiling():
+            self._check_dendrite_phase_mode()
         graph = self._graph_holding_buffers if self._frozen_buffers else self.graph_module
         if self.checkpointing is not None and self.training and torch.is_grad_enabled():
             from functools import partial
@@ -360,6 +375,7 @@ class PerforatedModel(nn.Module):
                 p.requires_grad_(False)
                 self._thaw.append(name)
         self.phase = "dendrite"
+        self._dendrite_phase_trained = False  # (`_check_dendrite_phase_mode`)
 
     def _restore_buffers(self) -> None:
         buffers = dict(self.named_buffers())

@@ -912,3 +912,22 @@ def test_channels_last_reaches_the_model_and_leaves_the_stacked_weights_as_they_
     torch.testing.assert_close(pm(x.contiguous(memory_format=torch.channels_last)), want)
     pm.to(torch.float64, memory_format=torch.channels_last)  # the dtype still reaches the stacked weights
     assert {p.dtype for p in pm.parameters()} == {torch.float64}
+
+
+def test_a_dendrite_phase_step_in_eval_mode_is_warned_of_at_the_users_line():
+    """A loop that left the model in eval mode met torch's 'element 0 of tensors does not require grad'."""
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 4))
+    pm.start_dendrite_phase(pool=2)
+    pm.eval()
+    with pytest.warns(UserWarning, match="eval mode with gradients on.*call model.train") as caught:
+        pm(torch.randn(3, 4))
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm(torch.randn(3, 4))  # once per phase
+        pm.abort_dendrite_phase()
+        pm.start_dendrite_phase(pool=2)
+        pm.train()(torch.randn(3, 4))
+        with torch.no_grad():
+            pm.eval()(torch.randn(3, 4))  # validation after training steps: nothing to say
+        pm.eval()(torch.randn(3, 4))

@@ -13,7 +13,6 @@ stepping, and when PB is complete training stops with the best-validation model 
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Optional
 
 import torch
@@ -22,7 +21,7 @@ from transformers import TrainerCallback
 from ..checkpoint import holds_weights_of, load_controller, save
 from ..config import PBConfig
 from ..controller import Decision, PhaseController
-from ..errors import TrainingError
+from ..errors import TrainingError, warn_at_user
 from ..perforated import PerforatedModel
 from .common import StructureOnLoad, find_perforated, refused_restart, unwrap_optimizer, unwrap_scheduler
 
@@ -96,12 +95,11 @@ class PBCallback(TrainerCallback):
             self.metric, self.maximize = _direction(args.metric_for_best_model, gib)
         elif (args.metric_for_best_model and args.save_strategy != "no"
               and _direction(args.metric_for_best_model, None)[0] != self.metric):
-            warnings.warn(
+            warn_at_user(
                 f"PBCallback follows {self.metric} but the Trainer ranks checkpoints by metric_for_best_model="
                 f"{args.metric_for_best_model}: a checkpoint saved at a PB rewind (a dendrite phase's start, a retry, "
                 f"the end) holds PB's best weights by {self.metric}, not the weights that scored its recorded "
-                f"{args.metric_for_best_model}; rank by the same metric, or use the model PB leaves at the end",
-                stacklevel=2)
+                f"{args.metric_for_best_model}; rank by the same metric, or use the model PB leaves at the end")
         pm = find_perforated(model, "PBCallback")
         if self._structure_hook is not None:  # the checkpoint (if any) is loaded: later loads are PB's own
             self._structure_hook.remove()

@@ -220,8 +220,10 @@ def test_a_checkpoint_ranking_by_another_metric_is_warned_of(tmp_path, perforate
     # PB rewinds by its own metric; a checkpoint ranked by another holds weights that did not score its label.
     trainer, _ = _trainer(tmp_path, PBCallback(QUICK, metric="eval_loss"), perforated_bert(), num_train_epochs=1,
                           metric_for_best_model="eval_runtime", greater_is_better=False, save_strategy="epoch")
-    with pytest.warns(UserWarning, match="follows eval_loss but the Trainer ranks checkpoints by metric_for_best_model"):
+    with pytest.warns(UserWarning, match="follows eval_loss but the Trainer ranks checkpoints by metric_for_best_model") \
+            as caught:
         trainer.train()
+    assert [w.filename for w in caught if "follows eval_loss" in str(w.message)] == [__file__]  # the user's line
 
 
 # The Trainer saves model.state_dict() with safetensors, which takes tensors only: that holds in
