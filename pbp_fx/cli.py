@@ -204,8 +204,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             raise
         _error(exc)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        _error("interrupted")
+    except KeyboardInterrupt as exc:
+        _error(f"interrupted {exc}" if str(exc) else "interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug in pbp-fx or torch: still one line by default
         if args.debug:

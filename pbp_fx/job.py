@@ -315,6 +315,13 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                 f"training stopped in epoch {done + 1}: {type(exc).__name__}: {text[0] if text else ''} (from the "
                 f"model file's model, data, loss or metric; --debug shows where)"
                 + (f"; the run so far resumes with --resume {out}" if out and done else "")) from exc
+    except KeyboardInterrupt:
+        if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
+            os.rmdir(out)
+        if out and os.path.exists(os.path.join(out, CHECKPOINT)):
+            raise KeyboardInterrupt(f"after epoch {len(history.epochs)}; the run resumes with "
+                                    f"pbp-fx train --resume {out}") from None
+        raise
     except BaseException:
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
             os.rmdir(out)

@@ -281,7 +281,8 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
             raise ConfigError(f"fit(controller=...) trains with the controller's settings and optimizer: pass "
                               f"{given[0]} to PhaseController instead")
     history = History() if history is None else history  # a given history: resume after its last epoch
-    bar = _progress(training.epochs, progress and (distributed is None or distributed.is_main))
+    bar = _progress(training.epochs, progress and (distributed is None or distributed.is_main)
+                    and not (controller is not None and controller.done), initial=len(history.epochs))
     # Building the DDP wrapper is collective work too: inside the guard, so a rank that is
     # slow or gone is reported as such.
     with distributed.guard() if distributed is not None else nullcontext():
@@ -295,10 +296,12 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
         _check_plateau(controller)
         if distributed is not None and _length(train_loader) is not None:
             distributed.check_same("number of training batches", _length(train_loader))
-        _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, training.epochs, metric,
-              test_loader, device, callbacks, distributed)
-    if bar is not None:
-        bar.close()
+        try:
+            _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, training.epochs, metric,
+                  test_loader, device, callbacks, distributed)
+        finally:
+            if bar is not None:
+                bar.close()  # (also when interrupted: what is printed next starts on a line of its own)
     return history
 
 
@@ -421,11 +424,12 @@ def _stop_and_restore(controller: PhaseController) -> str:
     return f"stopped and restored the best-validation model (epoch {controller.best_epoch})"
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
+    """A tqdm bar over the epochs (from `initial`: a resumed run's), or None."""
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="epoch", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=initial, unit="epoch", dynamic_ncols=True, leave=False)

@@ -527,7 +527,7 @@ def datasets(seed=0):
 '''
 
 
-def test_a_run_whose_data_draws_from_numpy_and_random_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_a_run_whose_data_draws_from_numpy_and_random_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     """numpy's and Python's generators were neither seeded nor saved: such a run differed from epoch 1
     between two runs, and a resumed one from the uninterrupted one."""
     path = tmp_path / "noisy.py"
@@ -537,7 +537,10 @@ def test_a_run_whose_data_draws_from_numpy_and_random_resumes_like_an_uninterrup
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert main(["train", *args, "--out", str(whole)]) == 0
     monkeypatch.setenv("STOP_AT", str(160 * 5 + 20))  # inside epoch 6
-    assert main(["train", *args, "--out", str(stopped)]) != 0
+    capsys.readouterr()
+    assert main(["train", *args, "--out", str(stopped)]) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted after epoch 5; the run resumes with pbp-fx train --resume "
+                                            f"{stopped}\n")
     monkeypatch.delenv("STOP_AT")
     from pbp_fx.checkpoint import read_meta
 
