@@ -677,6 +677,27 @@ def export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_shapes(model: str, files: list, arrays: list, specs: list) -> None:
+    """Each input's shape against the file's: its rank, its fixed sizes, and one size per named
+    (dynamic) axis across the inputs; a refusal names the input, the dim and the fix."""
+    sizes: dict = {}
+    for name, array, spec in zip(files, arrays, specs):
+        want = list(spec.shape or [])
+        if len(want) != array.ndim:
+            raise PBError(f"input {name} has shape {list(array.shape)} but {model} input {spec.name!r} has "
+                          f"{len(want)} dims {want}: save it with that shape")
+        for dim, (got, size) in enumerate(zip(array.shape, want)):
+            if isinstance(size, int) and size != got:
+                raise PBError(f"input {name} has size {got} in dim {dim}, which {model} fixes to {size} (input "
+                              f"{spec.name!r}, {want}): pass that size, or export with --dynamic-axis "
+                              f"{spec.name}:{dim}=NAME to make that dim dynamic")
+            if isinstance(size, str) and size:
+                seen = sizes.setdefault(size, (got, name))
+                if seen[0] != got:
+                    raise PBError(f"inputs {seen[1]} and {name} disagree on axis {size!r} ({seen[0]} and {got}): "
+                                  "give them one size there")
+
+
 def _is_npy(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(6) == b"\x93NUMPY"
@@ -753,6 +774,7 @@ def run_onnx(args: argparse.Namespace) -> int:
         if want is not None and str(array.dtype) != want:
             raise PBError(f"input {name} is {array.dtype} but {args.model} input {spec.name!r} takes {want}: "
                           f"save it as {want} (array.astype(numpy.{want}))")
+    _check_shapes(args.model, args.input, arrays, specs)
     try:
         outputs = run(session, tuple(arrays))
     except PBError:
@@ -760,9 +782,10 @@ def run_onnx(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors, one line
         raise PBError(f"ONNX Runtime could not run {args.model}: {_plain(str(exc))}") from exc
     print(f"provider: {session.provider}")
-    for i, y in enumerate(outputs):
+    for out, y in zip(session.get_outputs(), outputs):
         flat = ", ".join(f"{v:.5g}" for v in np.asarray(y).reshape(-1)[:6])
-        print(f"output {i}: shape {list(np.shape(y))} dtype {np.asarray(y).dtype} [{flat}{', ...' if np.size(y) > 6 else ''}]")
+        print(f"output {out.name}: shape {list(np.shape(y))} dtype {np.asarray(y).dtype} "
+              f"[{flat}{', ...' if np.size(y) > 6 else ''}]")
     if args.output:
         names = [o.name for o in session.get_outputs()]
 

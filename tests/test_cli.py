@@ -1007,3 +1007,17 @@ def test_an_error_inside_training_from_the_model_files_data_is_one_line_exit_2(t
     assert rc == 2 and err.count("\n") == 1, err
     assert "training stopped in epoch 1: IndexError: Target 7 is out of bounds" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_run_refuses_a_size_the_file_fixes_naming_the_dim_and_the_fix(tmp_path, capsys):
+    """ONNX Runtime's own 'Got invalid dimensions' report, or a Concat error for inputs of two batch sizes."""
+    model, out = _write(tmp_path, TOKENS), str(tmp_path / "m.onnx")
+    assert _run(["export", model, "-o", out], capsys)[0] == 0
+    for shape, match in (((3, 9), r"has size 9 in dim 1, which .* fixes to 6 .*--dynamic-axis ids:1=NAME"),
+                         ((3,), r"has 2 dims \['batch', 6\]")):
+        np.save(tmp_path / "x.npy", np.zeros(shape, dtype=np.int64))
+        rc, _, err = _run(["run", out, "--input", str(tmp_path / "x.npy")], capsys)
+        assert rc == 2 and re.search(match, err) and err.count("\n") == 1, err
+    np.save(tmp_path / "x.npy", np.zeros((3, 6), dtype=np.int64))
+    rc, stdout, _ = _run(["run", out, "--input", str(tmp_path / "x.npy")], capsys)
+    assert rc == 0 and "output output: shape [3, 3]" in stdout
