@@ -548,23 +548,39 @@ def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynami
 
 
 def _check_dynamic_axes_kept(proto: onnx.ModelProto, module: nn.Module, traced: tuple) -> None:
-    """ExportError when a requested axis other than the batch came out as a constant."""
+    """ExportError when a requested axis other than the batch came out as a constant; the
+    exporter's own name for an axis (s31: it drops the names when an input is not a tensor)
+    becomes the requested one, wherever it appears in the graph's inputs, outputs and values."""
     inputs, shapes = traced
     if shapes is None:
         return
     if isinstance(shapes, dict):  # a `*args` forward: `_by_parameter`'s one entry
         shapes = next(iter(shapes.values()))
     by_name = {v.name: v for v in proto.graph.input}
+    renames: dict[str, str] = {}
     for name, dims in zip(_input_names(module, len(inputs)), shapes):
         value = by_name.get(name)
         if not dims or value is None:
             continue
         for dim, axis in dims.items():
             shape = value.type.tensor_type.shape.dim
-            if dim < len(shape) and not shape[dim].dim_param and dim != 0:
+            if dim >= len(shape):
+                continue
+            if not shape[dim].dim_param:
+                if dim == 0:
+                    continue  # (the batch: `_torch_export` says which input fixes it)
                 raise ExportError(f"the model fixes dim {dim} of input {name!r} to {shape[dim].dim_value}, so axis "
                                   f"{axis.__name__!r} cannot be dynamic (a reshape to a constant size, or a tensor of "
                                   "that length added along it): export without that axis")
+            renames.setdefault(shape[dim].dim_param, axis.__name__)
+    renames = {old: new for old, new in renames.items() if old != new}
+    taken = {d.dim_param for v in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]
+             for d in v.type.tensor_type.shape.dim if d.dim_param}
+    if renames and not (set(renames.values()) & (taken - set(renames))):  # (no clash with another symbol)
+        for v in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+            for d in v.type.tensor_type.shape.dim:
+                if d.dim_param in renames:
+                    d.dim_param = renames[d.dim_param]
 
 
 def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,

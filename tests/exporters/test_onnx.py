@@ -645,3 +645,20 @@ def test_a_successful_export_of_a_hf_model_prints_nothing_of_the_exporters_optim
     with caplog.at_level("WARNING"):
         export_onnx(pm, kwargs, tmp_path / "bert.onnx")
     assert not [r for r in caplog.records if "Evaluation failed" in r.getMessage()]
+
+
+def test_the_batch_axis_is_named_batch_also_beside_an_input_that_is_not_a_tensor(tmp_path):
+    """A keyword flag (scale=1.0) among the inputs: the exporter named the batch axis s31."""
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x, *, mask, scale=1.0):
+            return self.fc(x * mask * scale)
+
+    x = torch.randn(3, 4)
+    pm = pbp_fx.perforate(Scaled(), (x,), example_kwargs={"mask": torch.ones(3, 4), "scale": 1.0})
+    path = export_onnx(pm, (x,), tmp_path / "m.onnx", example_kwargs={"mask": torch.ones(3, 4), "scale": 1.0})
+    graph = onnx.load(str(path)).graph
+    assert [_dims(v) for v in [*graph.input, *graph.output]] == [["batch", 4], ["batch", 4], ["batch", 2]]
