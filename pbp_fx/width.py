@@ -340,5 +340,5 @@ class WidthBuilder:
             previous = params
         if found is not None:
             return found
-        raise WidthError(f"no width of {getattr(self.build_model, '__module__', 'the model')}'s model gets within {tolerance:.0%} of "
-                         f"{target:.0f} parameters (nearest: {count(best)} at width {best:g})")
+        raise WidthError(f"no width of the model gets within {tolerance:.0%} of {target:.0f} parameters (nearest: "
+                         f"{count(best)} at width {best:g})")

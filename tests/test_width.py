@@ -303,3 +303,14 @@ def test_torch_pruning_notes_on_parameters_it_leaves_alone_are_not_shown():
         except WidthError:
             pass  # (whether Torch-Pruning narrows it is not the point)
     assert not [w for w in caught if "Unwrapped parameters" in str(w.message)]
+
+
+def test_an_unreachable_parameter_target_is_one_line_without_internal_names():
+    """The message named the loaded model file's internal module (pbp_model_<name>_<hash>'s model)."""
+    import types
+
+    mod = types.SimpleNamespace(__name__="pbp_model_tiny_c3435e92", build_model=lambda width=2: nn.Linear(3, width),
+                                example_inputs=lambda: (torch.randn(2, 3),))
+    with pytest.raises(WidthError, match=r"^no width of the model gets within") as caught:
+        WidthBuilder.from_module(mod).for_params(3.0)
+    assert "pbp_model" not in str(caught.value)
