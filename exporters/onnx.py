@@ -771,7 +771,7 @@ def _write_atomic(data: bytes, path: str) -> None:
 # -- public entry point ----------------------------------------------------------------------
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], fused: bool = True,
-                dynamic_batch: bool = True, opset: int = 18, fold_clip: bool = True,
+                dynamic_batch: bool = True, opset: Optional[int] = None, fold_clip: bool = True,
                 fold_output_weight: bool = True, example_kwargs: Optional[dict] = None,
                 dynamic_axes: Optional[dict] = None) -> str:
     """Export `model` to the ONNX file `path` and return the path (as given).
@@ -789,7 +789,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}; one name is one
         axis (its dims take one size). Input names are the exported graph's: `forward`'s
         parameters. An axis the model fixes (a constant size in a reshape) is refused.
-    opset: the default-domain opset (>= 18) of the graph and of the function bodies.
+    opset: the default-domain opset (>= 18) of the graph and of the function bodies; None: 18,
+        or the lowest the fused sites need (19 for a circular-padded conv site).
     fold_clip: (fused only) a bounded ReLU after a site, Clip(y, 0, m), is written as
         HardSigmoid(y; 1/m) with m folded into the weights of the convs and sites that read
         it (`pbp_fx.exporters.clip_after_site`): the same function, which ONNX Runtime's CPU
@@ -805,7 +806,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     Raises ExportPathError (an OSError) for an unwritable path, ExportError when the model
     cannot be exported. The file is complete or absent, never partial.
     """
-    if int(opset) < MIN_OPSET:
+    if opset is not None and int(opset) < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the exporter and the fused ops need opset >= {MIN_OPSET}")
     target = _target(path)
     axes = check_dynamic_axes(dynamic_axes)
@@ -814,12 +815,15 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     specs: dict[str, FusedOpSpec] = {}
     if fused:
         module, specs = _swap_fused_sites(module)
+        if opset is None:
+            opset = max([MIN_OPSET, *(spec.min_opset for spec in specs.values())])
         for spec in specs.values():
             if spec.min_opset > opset:
                 raise ExportError(f"a site with padding_mode={spec.padding_mode!r} needs opset >= "
                                   f"{spec.min_opset}: pass opset={spec.min_opset} "
                                   f"(pbp-fx export --opset {spec.min_opset})")
-    proto = _direct_or_torch_export(module, inputs, int(opset), dynamic_batch, axes)
+    opset = MIN_OPSET if opset is None else int(opset)
+    proto = _direct_or_torch_export(module, inputs, opset, dynamic_batch, axes)
     n_fused = _attach_functions(proto, specs)
     if fused and fold_clip:
         _, kept = clip_after_site.rewrite(proto, specs)

@@ -586,8 +586,8 @@ def _model_module(ref: str):
     arg("--model", metavar="FILE", default=None, help="the model file a checkpoint was trained from "
         "(default: the one recorded in the checkpoint)"),
     arg("--unfused", action="store_true", help="plain standard ops instead of one pbp node per site"),
-    arg("--opset", type=_number(int, "--opset"), default=18, metavar="N",
-        help="default-domain ONNX opset (default: 18)"),
+    arg("--opset", type=_number(int, "--opset"), default=None, metavar="N",
+        help="default-domain ONNX opset (default: 18, or 19 when a site's conv pads circularly)"),
     arg("--static-batch", action="store_true", help="fixed batch size instead of a dynamic batch axis"),
     arg("--dynamic-axis", type=_dynamic_axis, action="append", default=[], metavar="INPUT:DIM=NAME",
         help="one more dynamic axis besides the batch: dim DIM of input INPUT (forward's parameter name, or "
@@ -612,7 +612,7 @@ def export(args: argparse.Namespace) -> int:
     from .perforated import perforate
 
     newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= args.opset <= newest:
+    if args.opset is not None and not MIN_OPSET <= args.opset <= newest:
         raise PBError(f"--opset {args.opset}: must be from {MIN_OPSET} to {newest} (this onnx's newest opset)")
     if os.path.isdir(args.source):
         raise PBError(f"{args.source} is a folder: pass a checkpoint in it "

@@ -662,3 +662,19 @@ def test_the_batch_axis_is_named_batch_also_beside_an_input_that_is_not_a_tensor
     path = export_onnx(pm, (x,), tmp_path / "m.onnx", example_kwargs={"mask": torch.ones(3, 4), "scale": 1.0})
     graph = onnx.load(str(path)).graph
     assert [_dims(v) for v in [*graph.input, *graph.output]] == [["batch", 4], ["batch", 4], ["batch", 2]]
+
+
+def test_a_circular_padded_site_exports_at_the_opset_it_needs_unless_one_is_given(tmp_path):
+    """The default opset 18 refused it after a whole training run; an explicit 18 still says why."""
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 3, padding=1, padding_mode="circular"), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 8, 2))
+    x = torch.randn(3, 2, 8)
+    pm = pbp_fx.perforate(net, x)
+    pm.grow()
+    pm.eval()
+    path = export_onnx(pm, x, tmp_path / "m.onnx")
+    assert default_opset(onnx.load(str(path)).opset_import) == 19
+    got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))[0]
+    assert np.abs(got - pm(x).detach().numpy()).max() <= 1e-5
+    with pytest.raises(ExportError, match="needs opset >= 19: pass opset=19"):
+        export_onnx(pm, x, tmp_path / "n.onnx", opset=18)
