@@ -652,6 +652,8 @@ def export(args: argparse.Namespace) -> int:
         pm.eval()
         if pm.phase == "dendrite":
             pm.abort_dendrite_phase()
+            print("note: the checkpoint is inside a dendrite phase: its candidates are not dendrites yet, so the file "
+                  "has the dendrites installed before it")
         path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
                            opset=args.opset, fold_clip=not args.keep_clip,
                            fold_output_weight=not args.keep_output_weight, example_kwargs=kwargs,

@@ -1021,3 +1021,16 @@ def test_run_refuses_a_size_the_file_fixes_naming_the_dim_and_the_fix(tmp_path, 
     np.save(tmp_path / "x.npy", np.zeros((3, 6), dtype=np.int64))
     rc, stdout, _ = _run(["run", out, "--input", str(tmp_path / "x.npy")], capsys)
     assert rc == 0 and "output output: shape [3, 3]" in stdout
+
+
+def test_exporting_a_checkpoint_from_inside_a_dendrite_phase_says_what_the_file_holds(tmp_path, capsys):
+    from pbp_fx.checkpoint import save
+
+    import pbp_fx.models.digits_mlp as digits
+
+    pm = pbp_fx.perforate(digits.build_model(), digits.example_inputs())
+    pm.start_dendrite_phase(pool=2)
+    save(pm, str(tmp_path / "c.safetensors"), extra={"model": "pbp_fx.models.digits_mlp"})
+    rc, out, err = _run(["export", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "m.onnx")], capsys)
+    assert rc == 0, err
+    assert "note: the checkpoint is inside a dendrite phase" in out and '"fc1": 0' in out
