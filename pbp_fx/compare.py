@@ -291,7 +291,7 @@ def verdict(summary: list[dict], pairs: list[dict], maximize: bool = True) -> st
         ahead, behind = (p["behind"], p["ahead"]) if maximize else (p["ahead"], p["behind"])
         lines.append(f"pb is {abs(pb_side):.1f} points {sign} {arm} ({what}): paired difference pb − {arm} = "
                      f"{pb_side:+.1f} ± {p['sd']:.1f} points over {p['n']} seeds (pb ahead in {ahead}, "
-                     f"behind in {behind}{'' if maximize else '; lower is better'}).")
+                     f"behind in {behind}{'' if maximize else '; lower is better'}); {_noise(-p['mean'], p['sd'], p['n'])}.")
     skipped = [s for s in summary if not s["n"]]
     for s in skipped:
         lines.append(f"{s['arm']} was not run: {s['skipped']}")
@@ -299,6 +299,24 @@ def verdict(summary: list[dict], pairs: list[dict], maximize: bool = True) -> st
         if s.get("partial"):
             lines.append(f"{s['arm']} was {s['partial']}")
     return "\n".join(lines)
+
+
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (1.96 beyond the table).
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
+        15: 2.13, 20: 2.09, 30: 2.04}
+
+
+def _noise(mean: float, sd: float, n: int) -> str:
+    """Whether a paired mean difference over n seeds stands out of the seeds' noise: its 95 %
+    t interval, and what that says."""
+    if n < 2:
+        return "one seed gives no estimate of the run-to-run spread, so this may be noise (use --seeds 3 or more)"
+    t = next((v for df, v in sorted(_T95.items()) if df >= n - 1), 1.96)
+    half = t * sd / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    verdict = ("not distinguishable from seed noise" if lo <= 0 <= hi
+               else "beyond seed noise")
+    return f"95 % interval [{lo:+.1f}, {hi:+.1f}]: {verdict}"
 
 
 def markdown(summary: list[dict], pairs: list[dict], text: str, header: str) -> str:

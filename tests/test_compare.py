@@ -290,3 +290,17 @@ def test_a_lower_is_better_metric_ranks_the_lowest_score_first():
     assert "**plain won**" in text and "0.6 points below the next arm (pb" in text
     assert "pb is 0.6 points behind plain" in text and "pb ahead in 0, behind in 2; lower is better" in text
     assert "**pb won**" in verdict(summarize(rows), paired(rows))
+
+
+@pytest.mark.parametrize("diffs, words", [
+    ((0.01, 0.02, 0.03), "95 % interval [-0.5, +4.5]: not distinguishable from seed noise"),
+    ((0.05, 0.06, 0.07), "95 % interval [+3.5, +8.5]: beyond seed noise"),
+    ((0.05,), "one seed gives no estimate of the run-to-run spread"),
+])
+def test_each_paired_difference_says_whether_it_stands_out_of_seed_noise(diffs, words):
+    """One seed, or three close ones, 'won' in the same words as a clear lead."""
+    rows = []
+    for seed, d in enumerate(diffs):
+        rows += [{"arm": "pb", "seed": seed, "test": 0.5 + d, "params": 10},
+                 {"arm": "plain", "seed": seed, "test": 0.5, "params": 5}]
+    assert words in verdict(summarize(rows), paired(rows))
