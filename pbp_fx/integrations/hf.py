@@ -151,6 +151,11 @@ class PBCallback(TrainerCallback):
         decision = self.controller.step(float(metrics[self.metric]))
         if decision is Decision.COMPLETE:
             control.should_training_stop = True
+        entry = state.log_history[-1] if state.log_history else {}
+        if self.metric in entry:  # the Trainer logged this evaluation already: PB's state beside it
+            pm = self.controller.pm
+            entry.update(pb_dendrites=pm.dendrites, pb_dendrite_phase=int(pm.phase == "dendrite"),
+                         pb_parameters=pm.num_parameters(), pb_decision=decision.value)
 
     def _refuse_missing_metric(self, metrics: dict) -> None:
         seen = sorted(set(metrics).union(*self._other_datasets.values()))

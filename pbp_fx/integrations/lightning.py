@@ -174,6 +174,14 @@ class PBCallback(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._give_back_patience(trainer)
 
+    def on_train_epoch_end(self, trainer, pl_module):
+        # PB's state beside the module's own metrics, for the loggers (TensorBoard, CSV, W&B): the
+        # dendrites per site, whether a dendrite phase runs, and the parameters the outputs use.
+        if self.controller is not None:
+            pm = self.controller.pm
+            pl_module.log_dict({"pb/dendrites": float(pm.dendrites), "pb/dendrite_phase": float(pm.phase == "dendrite"),
+                                "pb/parameters": float(pm.num_parameters())}, on_step=False, on_epoch=True)
+
     def on_fit_end(self, trainer, pl_module):
         ctl = self.controller
         if ctl is not None and ctl.done:

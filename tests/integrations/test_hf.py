@@ -71,6 +71,10 @@ def test_trainer_runs_a_dendrite_phase_installs_and_stops_with_the_best_model(tm
     assert in_dendrite and min(in_dendrite) > 3e-3 and max(in_dendrite) <= QUICK.candidate_lr
     neuron = [lr for e, lr in lrs if round(e) not in dendrite_epochs]
     assert neuron == sorted(neuron, reverse=True) and neuron[-1] < 3e-3
+    # PB's state beside each evaluation in the Trainer's log (trainer_state.json)
+    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    assert [r["pb_decision"] for r in evals] == [h["decision"] for h in ctl.history]
+    assert {r["pb_dendrite_phase"] for r in evals} == {0, 1} and evals[-1]["pb_parameters"] == pm.num_parameters()
     # The best-validation model is loaded.
     assert trainer.evaluate()["eval_loss"] == pytest.approx(ctl.best_score, abs=1e-6)
     # Checkpoints: pbp_fx.load reads the callback's; the Trainer's state dict loads onto a perforated copy.

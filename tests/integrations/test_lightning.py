@@ -449,3 +449,23 @@ def test_testing_from_a_checkpoint_does_not_rewind_the_finished_run(tmp_path):
     trainer.fit(module, train, val)  # PB finished: it stops at once
     assert trainer.global_step <= steps + 1
     assert len(cb.controller.history) == entries and module.model.num_dendrites == dendrites
+
+
+def test_pb_state_reaches_the_loggers(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    train, val = digits_loaders()
+    pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+    cb = PBCallback(QUICK, monitor="val_acc", mode="max")
+    trainer = L.Trainer(max_epochs=60, callbacks=[cb], accelerator="cpu", devices=1, logger=CSVLogger(tmp_path),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(Classifier(pm), train, val)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("pb/dendrites")]
+    assert len(rows) == trainer.current_epoch
+    assert {float(r["pb/dendrite_phase"]) for r in rows} == {0.0, 1.0}
+    assert float(rows[0]["pb/dendrites"]) == 0 and float(rows[-1]["pb/dendrites"]) == pm.dendrites == 1
+    assert float(rows[-1]["pb/parameters"]) == pm.num_parameters()
