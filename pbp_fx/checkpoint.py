@@ -143,6 +143,9 @@ def _read(path: str) -> tuple[dict, dict]:
         if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # a zip (torch.save) or a pickle, not safetensors
             raise CheckpointError(f"{path} is a torch.save / pickle file, not a pbp-fx checkpoint: write checkpoints "
                                   "with pbp_fx.save (or `pbp-fx train`), or load this file with torch.load") from exc
+        if data[8:9] != b"{":  # a safetensors file starts with its header's size, then the JSON header
+            raise CheckpointError(f"{path} is not a checkpoint (not a safetensors file): pass the "
+                                  "checkpoint.safetensors that pbp_fx.save or `pbp-fx train` wrote") from exc
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({type(exc).__name__}): "
                               "use an intact copy") from exc
     if "pbp_fx" not in header:

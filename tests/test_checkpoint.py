@@ -118,6 +118,16 @@ def test_damaged_files_are_refused(tmp_path, damage):
         pbp_fx.load(path, _build, (X,))
 
 
+@pytest.mark.parametrize("content", [b'{"epochs": []}\n', b"x" * 40, b"\x93NUMPY\x01\x00" + b"\x00" * 40])
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, content):
+    """history.json passed as a checkpoint read as 'truncated or corrupted (JSONDecodeError)'."""
+    path = tmp_path / "history.json"
+    path.write_bytes(content)
+    with pytest.raises(pbp_fx.CheckpointError, match=r"is not a checkpoint \(not a safetensors file\): pass the "
+                                                     r"checkpoint.safetensors"):
+        pbp_fx.load(str(path), _build, (X,))
+
+
 def test_a_model_saved_in_float64_comes_back_in_float64(tmp_path):
     pm, _ = _trained_pm()
     pm.to(torch.float64)
