@@ -71,8 +71,9 @@ def batches(loader, data: str):
             lines = str(exc).strip().splitlines() or [""]
             # A DataLoader worker's error carries the original traceback: its last line ("Type: message") says why.
             why = lines[-1] if "Original Traceback" in str(exc) else f"{type(exc).__name__}: {lines[0]}"
-            raise TrainingError(f"the {data} data could not be made into a batch ({why}): give "
-                                "every sample the same structure and shapes, or fix the dataset") from exc
+            fix = ("the dataset could not read a sample: fix what it reads" if isinstance(exc, OSError) else
+                   "give every sample the same structure and shapes, or fix the dataset")
+            raise TrainingError(f"the {data} data could not be made into a batch ({why}): {fix}") from exc
         yield batch
 
 

@@ -85,6 +85,13 @@ def test_a_sample_of_another_shape_is_a_data_error_naming_the_data():
     with pytest.raises(pbp_fx.TrainingError, match="the validation data could not be made into a batch"):
         evaluate(_pm(), odd, data="validation")
     # From a worker process: the worker's own error, not "Caught RuntimeError in DataLoader worker process 0"
+    class Unreadable(_LateOddSample):
+        def __getitem__(self, i):
+            raise OSError("cannot read shard_3.bin")
+
+    with pytest.raises(pbp_fx.TrainingError, match=r"\(OSError: cannot read shard_3.bin\): the dataset could not "
+                                                   r"read a sample: fix what it reads"):
+        evaluate(_pm(), DataLoader(Unreadable(), batch_size=8), data="validation")
     workers = DataLoader(_LateOddSample(), batch_size=8, num_workers=1)
     with pytest.raises(pbp_fx.TrainingError, match=r"batch \(RuntimeError: stack expects"):
         evaluate(_pm(), workers, data="validation")
