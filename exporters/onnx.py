@@ -166,9 +166,14 @@ class _ExportedSite(nn.Module):
 def _fused_node(x: Tensor, tensors: list, op: str, attributes: dict, channels: int, geometry, props: dict) -> Tensor:
     """One `pbp::Perforated*` node over x and the site's tensors; geometry: conv (pads,
     dilations, kernel, strides), None for linear."""
+    # The input size the site's weights take: a dynamic axis that must equal it is specialised
+    # (and refused after the export), as the unfused layer's own shape check does.
+    weight = tensors[0]
     if geometry is None:
+        torch._check(x.shape[-1] == weight.shape[0])  # MatMul's weight: [In, outputs]
         shape = [*x.shape[:-1], channels]
     else:
+        torch._check(x.shape[1] == weight.shape[1] * int(attributes.get("group", 1)))
         pads, dilations, kernel, strides = geometry
         nd = len(kernel)
         shape = [x.shape[0], channels]

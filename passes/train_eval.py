@@ -172,12 +172,26 @@ def _is_noise(node: fx.Node, noise: set) -> bool:
         return False
     if _reads_shape_only(node):
         return True
+    if _creates(node):  # (`x.new_empty(shape)` reads x's dtype and device only)
+        return True
     inputs = node.all_input_nodes
     return all(n in noise or _is_shape(n) for n in inputs) and (any(n in noise for n in inputs) or _creates(node))
 
 
+# Factories that read only the metadata (shape, dtype, device) of their tensor input.
+_LIKE_FUNCTIONS = {_aten.new_empty.default, _aten.new_zeros.default, _aten.new_ones.default, _aten.new_full.default,
+                   _aten.empty_like.default, _aten.zeros_like.default, _aten.ones_like.default,
+                   _aten.full_like.default, _aten.rand_like.default, _aten.randn_like.default,
+                   torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.rand_like,
+                   torch.randn_like}
+_LIKE_METHODS = {"new_empty", "new_zeros", "new_ones", "new_full"}
+
+
 def _creates(node: fx.Node) -> bool:
-    """A tensor factory (empty, rand, bernoulli on a new tensor...): no tensor input at all."""
+    """A tensor factory (empty, rand, bernoulli on a new tensor, `x.new_empty(...)`...): no tensor
+    input, or one whose metadata alone it reads."""
+    if node.target in _LIKE_FUNCTIONS or node.op == "call_method" and node.target in _LIKE_METHODS:
+        return True
     schema = getattr(node.target, "_schema", None)
     if schema is not None:
         return not any(isinstance(a.type, torch.TensorType) for a in schema.arguments)
@@ -192,6 +206,18 @@ def _gated(node: fx.Node, noise: set) -> Optional[fx.Node]:
     values = [n for n in inputs if n not in noise]
     if len(values) == 1 and len(inputs) > 1:
         return values[0]
+    return None
+
+
+def _of_one_value(node: fx.Node, noise: set) -> Optional[fx.Node]:
+    """The one tensor a train-only op reads besides constants (`x / keep` after or before a
+    drop-path gate, `x.div(keep)` in Hugging Face's), or None. Where the eval capture reads that
+    tensor in its place, the op is the identity in eval mode; the walk checks that it does."""
+    if node.op not in ("call_function", "call_method") or _mutates(node) or not node.users:
+        return None
+    inputs = node.all_input_nodes
+    if len(inputs) == 1 and inputs[0] not in noise and not _is_shape(inputs[0]):
+        return inputs[0]
     return None
 
 
@@ -312,6 +338,7 @@ def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: boo
     train_only: list[fx.Node] = []
     noise: set[fx.Node] = set()  # train-only values (a stochastic-depth mask)
     gates: dict[fx.Node, fx.Node] = {}  # train-only node combining noise with a value -> that value
+    parted: Optional[tuple] = None  # the first train-only op taken as the identity in eval mode, and its eval twin
     i = j = 0
     while i < len(tn) or j < len(en):
         t = tn[i] if i < len(tn) else None
@@ -340,8 +367,8 @@ def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: boo
             i += 1  # read by train-only nodes (else a node using it does not match)
             continue
         if t is not None and not t.users and t.op in ("call_function", "call_method"):
-            if _mutates(t):
-                train_only.append(t)  # e.g. num_batches_tracked.add_(1)
+            if _mutates(t) or any(n in noise for n in t.all_input_nodes):
+                train_only.append(t)  # e.g. num_batches_tracked.add_(1), or a check of a mask eval mode lacks
             i += 1  # otherwise a check without a value: harmless in eval mode too
             continue
         if e is not None and _is_identity(e):
@@ -354,10 +381,16 @@ def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: boo
         if e is not None and e.op == "get_attr":
             j += 1
             continue
-        return MergeResult(None, f"the train capture has {_describe(t)} where the eval capture has {_describe(e)}",
-                           (t, e))
-    for n in noise:  # the mask must feed nothing but masks and gates: eval mode computes none of it
-        stray = [u for u in n.users if u not in noise and u not in gates]
+        if t is not None and _of_one_value(t, noise) is not None:
+            gates[t] = w.t_alias[t] = _of_one_value(t, noise)  # eval mode: the value it reads
+            parted = parted or (t, e)  # (where the captures first differ, for a refusal further on)
+            i += 1
+            continue
+        first_t, first_e = parted or (t, e)  # (the message names where they first differ; parted_at where the walk stopped)
+        return MergeResult(None, f"the train capture has {_describe(first_t)} where the eval capture has "
+                                 f"{_describe(first_e)}", (t, e))
+    for n in noise:  # the mask must feed nothing but masks, gates and checks: eval mode computes none of it
+        stray = [u for u in n.users if u not in noise and u not in gates and (u.users or _mutates(u))]
         if stray:
             return MergeResult(None, f"the train capture's {_describe(n)} (train-only) feeds {_describe(stray[0])}",
                                (n, None))
@@ -407,7 +440,7 @@ def _install(train_gm: fx.GraphModule, w: _Walk, switched: dict, train_only: lis
             to_train = lambda n: slot(now(w.canon_t(w.train_of(n))))  # noqa: E731
             eval_form = (_plain(map_arg(e.args, to_train)), _plain(map_arg(dict(e.kwargs), to_train)))
         key = t.name
-        while key in modes:
+        while key in modes or hasattr(modes, key):  # (a node named `to` or `train`: a ModuleDict attribute)
             key += "_"
         modes[key] = ModeSwitch(t.op, t.target, train_form, eval_form).train(training)
         new_keys.append(key)

@@ -1,4 +1,6 @@
 """passes.train_eval: merging a train-mode and an eval-mode capture into one graph that follows the mode."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,26 @@ def test_no_mode_dependence_leaves_the_graph_as_traced():
 
 
 def test_another_path_in_eval_mode_warns_and_follows_the_traced_mode():
+    class EvalOnlyScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y if self.training else y * 2
+
+    m = EvalOnlyScale().train()
+    with pytest.warns(UserWarning, match="eval-mode graph takes another path: .*the graph follows train mode"):
+        gm = trace(m, (torch.randn(3, 2),))
+    assert gm.meta["pbp_modes"] == "train" and "train capture has" in gm.meta["pbp_modes_reason"]
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_train_only_op_on_one_value_is_the_identity_in_eval_mode(frontend):
+    """`y * 2 if self.training else y` (and a drop path's `x * mask / keep`, Hugging Face's
+    `x.div(keep) * floor(keep + rand)`): the eval capture reads y where the train capture reads
+    the op, so the op runs in train mode only."""
     class TrainOnlyScale(nn.Module):
         def __init__(self):
             super().__init__()
@@ -65,12 +87,22 @@ def test_another_path_in_eval_mode_warns_and_follows_the_traced_mode():
 
         def forward(self, x):
             y = self.fc(x)
-            return y * 2 if self.training else y
+            if not self.training:
+                return y
+            keep = 1 - 0.3
+            return y.div(keep) * torch.floor(keep + torch.rand_like(y[:, :1])) * 2
 
-    m = TrainOnlyScale().train()
-    with pytest.warns(UserWarning, match="eval-mode graph takes another path: .*the graph follows train mode"):
-        gm = trace(m, (torch.randn(3, 2),))
-    assert gm.meta["pbp_modes"] == "train" and "train capture has" in gm.meta["pbp_modes_reason"]
+    m, x = TrainOnlyScale().train(), torch.randn(64, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        gm = trace(m, (x,), frontend=frontend)
+    assert gm.meta["pbp_modes"] == "train+eval"
+    for training in (True, False):
+        m.train(training), gm.train(training)
+        torch.manual_seed(0)
+        want = m(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(gm(x), want, rtol=0, atol=0)
 
 
 def _graph(build) -> fx.GraphModule:
@@ -219,8 +251,9 @@ def test_train_only_masks_merge(frontend, start_in_train, pb):
     assert pb.max_diff(fin(x), pm(x)) == 0
 
 
-def test_a_mask_read_by_a_node_left_in_eval_mode_is_refused():
-    """A value-free node reading the mask stays in the graph: eval mode would hand it no mask."""
+def test_a_value_free_node_reading_the_mask_runs_in_train_mode_only():
+    """A check or reduction of the mask that nothing reads (torch.export's _assert_tensor_metadata
+    of `(rand < p).to(dtype)`): eval mode has no mask to hand it, so it runs in train mode only."""
     aten = torch.ops.aten
 
     def build(g, x, train):
@@ -230,8 +263,12 @@ def test_a_mask_read_by_a_node_left_in_eval_mode_is_refused():
         g.call_function(aten.sum.default, (mask,))
         return g.call_function(aten.relu.default, (g.call_function(aten.mul.Tensor, (x, mask)),))
 
-    train = _graph(lambda g, x: build(g, x, True))
-    before = train.code
-    result = merge_modes(train, _graph(lambda g, x: build(g, x, False)))
-    assert result.graph_module is None and "(train-only) feeds sum" in result.reason
-    assert train.code == before
+    result = merge_modes(_graph(lambda g, x: build(g, x, True)), _graph(lambda g, x: build(g, x, False)),
+                         training=False)
+    gm = result.graph_module
+    assert gm is not None and "sum_default" in dict(gm.get_submodule(MODES_ATTR).named_children())
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(gm(x), torch.relu(x), rtol=0, atol=0)
+    assert gm.train()(x).shape == (4, 6)
+
+
