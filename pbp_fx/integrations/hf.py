@@ -110,8 +110,10 @@ class PBCallback(TrainerCallback):
         resuming = state.global_step > 0
         if resuming:
             _refuse_misplaced_optimizer_state(opt)
-        if self.controller is not None and self.controller.pm is pm and self.controller.optimizer is not opt \
-                and not self.controller.done and not resuming:
+        # A train() that raised never reached on_train_end (`_training` still set): another call on the
+        # same Trainer keeps its optimizer, whose rates the run's state has scaled already.
+        if self.controller is not None and self.controller.pm is pm and not self.controller.done and not resuming \
+                and (self.controller.optimizer is not opt or self._training):
             raise TrainingError(refused_restart("trainer.train(resume_from_checkpoint=<a checkpoint of that run>)"))
         if self.controller is None or self.controller.pm is not pm or (resuming and self.controller.optimizer is not opt):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,

@@ -45,6 +45,7 @@ class PBCallback(Callback):
         self.controller: Optional[PhaseController] = None
         self._resumed: Optional[dict] = None  # state from a checkpoint, applied at fit start
         self._stage: Optional[str] = None  # the stage Lightning set up last ("fit", "validate", ...)
+        self._fitting = False  # between on_fit_start and on_fit_end (still set after a fit that raised)
         self._structure_hook = None  # while fitting starts: see setup()
         self._held_stoppers: dict = {}  # EarlyStopping index -> its patience, while a dendrite phase holds it
 
@@ -101,9 +102,11 @@ class PBCallback(Callback):
         if not opt.param_groups:  # configure_optimizers returned None: Lightning's stand-in has no groups
             raise TrainingError("PBCallback needs an optimizer, but configure_optimizers returned none: return "
                                 "one optimizer over self.parameters()")
-        if self.controller is not None and self.controller.pm is pm and self.controller.optimizer is not opt \
-                and not self.controller.done and self._resumed is None:
+        # A fit that raised never reached on_fit_end (`_fitting` still set): see PBCallback (HF).
+        if self.controller is not None and self.controller.pm is pm and not self.controller.done \
+                and self._resumed is None and (self.controller.optimizer is not opt or self._fitting):
             raise TrainingError(refused_restart("trainer.fit(..., ckpt_path=<a checkpoint of that fit>)"))
+        self._fitting = True
         if self.controller is None or self.controller.pm is not pm or (
                 self._resumed is not None and self.controller.optimizer is not opt):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
@@ -183,6 +186,7 @@ class PBCallback(Callback):
                                 "pb/parameters": float(pm.num_parameters())}, on_step=False, on_epoch=True)
 
     def on_fit_end(self, trainer, pl_module):
+        self._fitting = False
         ctl = self.controller
         if ctl is not None and ctl.done:
             # PB may have finished before the Trainer did (min_epochs trains on; a resumed finished run):

@@ -531,3 +531,21 @@ def test_a_new_train_of_a_callback_whose_run_crashed_is_refused(tmp_path, perfor
     again, _ = _trainer(tmp_path, cb, model)
     with pytest.raises(TrainingError, match="stopped inside an earlier training call.*resume_from_checkpoint"):
         again.train()
+
+
+def test_another_train_on_the_same_trainer_after_a_crash_is_refused(tmp_path, perforated_bert):
+    """The Trainer keeps its optimizer between train() calls: the run went on with its rates scaled twice."""
+    class Crash(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if state.epoch >= 2:
+                raise RuntimeError("simulated crash")
+
+    cb = PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert())
+    crash = Crash()
+    trainer.add_callback(crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train()
+    trainer.remove_callback(crash)
+    with pytest.raises(TrainingError, match="stopped inside an earlier training call"):
+        trainer.train()

@@ -469,3 +469,17 @@ def test_pb_state_reaches_the_loggers(tmp_path):
     assert {float(r["pb/dendrite_phase"]) for r in rows} == {0.0, 1.0}
     assert float(rows[0]["pb/dendrites"]) == 0 and float(rows[-1]["pb/dendrites"]) == pm.dendrites == 1
     assert float(rows[-1]["pb/parameters"]) == pm.num_parameters()
+
+
+def test_another_fit_on_the_same_trainer_after_a_crash_is_refused():
+    train, val = digits_loaders()
+    module = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
+    cb, crash = PBCallback(QUICK, monitor="val_acc", mode="max"), _Crash(4)
+    trainer = L.Trainer(max_epochs=60, callbacks=[cb, crash], accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit(module, train, val)
+    crash.epoch = -1
+    with pytest.raises(TrainingError, match="stopped inside an earlier training call"):
+        trainer.fit(module, train, val)
