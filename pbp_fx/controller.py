@@ -339,6 +339,10 @@ class PhaseController:
     def restore_best(self) -> None:
         """Load the best-validation weights into the model (when there are any)."""
         if self.best_state is not None:
+            if self.pm.phase == "dendrite" and not any(".candidates." in k for k in self.best_state):
+                # The model was given a dendrite phase's structure after the best state was taken
+                # (Lightning's validate/test(ckpt_path=) of such a checkpoint): the best state has no pool.
+                self.pm.abort_dendrite_phase()
             self.pm.load_state_dict(self.best_state)
 
     def _scale_schedulers(self, scheduler, scale: list[float], divide: bool) -> None:
