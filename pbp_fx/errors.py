@@ -1,6 +1,7 @@
 """Error types. Each message is one line naming the problem and what to do about it."""
 
-__all__ = ["PBError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError"]
+__all__ = ["PBError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
+           "DataError"]
 
 
 class PBError(Exception):
@@ -25,6 +26,10 @@ class CheckpointError(PBError):
 
 class TrainingError(PBError):
     """Training cannot go on (empty dataset, non-finite loss, bad settings)."""
+
+
+class DataError(TrainingError):
+    """A batch of a dataset could not be made (a sample of another shape, a read that failed)."""
 
 
 # Packages whose frames a warning skips to point at the user's line: pbp-fx's own and the

@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import random
+import shlex
 import time
 import warnings
 from types import ModuleType
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import FORMAT, load, load_optimizer, read_meta, save
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
-from .errors import ModelFileError, PBError, TrainingError
+from .errors import DataError, ModelFileError, PBError, TrainingError
 from .fileio import atomic_write, check_output_dir
 from .modelfile import (check_metric_direction, example_kwargs, instantiate, keyword_collate, load_model_file,
                         task_functions, task_of)
@@ -306,6 +307,9 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, training=training, metric=metric,
                           test_loader=test_loader, progress=progress, distributed=distributed, history=history,
                           callbacks=callbacks)
+        except DataError as exc:  # the dataset's own error: which epoch, and how to go on
+            done = len(history.epochs)
+            raise TrainingError(f"training stopped in epoch {done + 1}: {exc}" + _resumes(out, done)) from exc
         except (PBError, OSError, MemoryError):
             raise
         except Exception as exc:  # noqa: BLE001 - raised inside the model file's model, data, loss or metric
@@ -313,14 +317,13 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             done = len(history.epochs)
             raise TrainingError(
                 f"training stopped in epoch {done + 1}: {type(exc).__name__}: {text[0] if text else ''} (from the "
-                f"model file's model, data, loss or metric; --debug shows where)"
-                + (f"; the run so far resumes with --resume {out}" if out and done else "")) from exc
+                f"model file's model, data, loss or metric; --debug shows where)" + _resumes(out, done)) from exc
     except KeyboardInterrupt:
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
             os.rmdir(out)
         if out and os.path.exists(os.path.join(out, CHECKPOINT)):
             raise KeyboardInterrupt(f"after epoch {len(history.epochs)}; the run resumes with "
-                                    f"pbp-fx train --resume {out}") from None
+                                    f"pbp-fx train --resume {shlex.quote(out)}") from None
         raise
     except BaseException:
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
@@ -504,6 +507,11 @@ def _print_report(s: dict, echo) -> None:
          f"({s['params'] / max(s['params_plain'], 1):.2f}x)")
     echo(f"best validation epoch {s['best_epoch']} of {s['epochs']}: val {s['val']:.4f}  test {s['test']:.4f}  "
          f"({s.get('metric', 'accuracy')}; {s['seconds']:.1f} s, mode {s['mode']})")
+
+
+def _resumes(out: Optional[str], done: int) -> str:
+    """"; the run so far resumes with ..." when `done` epochs were checkpointed in `out`."""
+    return f"; the run so far resumes with pbp-fx train --resume {shlex.quote(out)}" if out and done else ""
 
 
 def _write_outputs(out: str, history, summary) -> bool:

@@ -1034,3 +1034,29 @@ def test_exporting_a_checkpoint_from_inside_a_dendrite_phase_says_what_the_file_
     rc, out, err = _run(["export", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "m.onnx")], capsys)
     assert rc == 0, err
     assert "note: the checkpoint is inside a dendrite phase" in out and '"fc1": 0' in out
+
+
+def test_a_dataset_that_fails_in_a_later_epoch_names_the_epoch_and_the_resume(tmp_path, capsys):
+    model = _write(tmp_path, """
+        import torch, torch.nn as nn
+        from torch.utils.data import Dataset
+        class Shards(Dataset):
+            calls = 0
+            def __len__(self): return 40
+            def __getitem__(self, i):
+                Shards.calls += 1
+                if Shards.calls > 8 + 3 * 40:  # (the preflight reads 8): in epoch 4
+                    raise OSError("cannot read shard_3.bin")
+                return torch.randn(3, generator=torch.Generator().manual_seed(i)), i % 2
+        def build_model(): return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        def example_inputs(): return (torch.randn(2, 3),)
+        def datasets():
+            d = [(torch.randn(3, generator=torch.Generator().manual_seed(i)), i % 2) for i in range(16)]
+            return Shards(), d, d
+    """)
+    run = tmp_path / "my run"
+    rc, _, err = _run(["train", model, "--epochs", "9", "--out", str(run), "--no-progress"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert ("training stopped in epoch 4: the training data could not be made into a batch (OSError: cannot read "
+            "shard_3.bin): the dataset could not read a sample: fix what it reads; the run so far resumes with "
+            f"pbp-fx train --resume '{run}'") in err
