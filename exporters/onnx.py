@@ -415,8 +415,8 @@ def _output_names(out) -> Optional[list[str]]:
 
 def _leaf_names(out, prefix: str = "") -> Optional[list[str]]:
     """Names for a structured output's tensors in the order the exporter flattens them: a dict's
-    keys, joined with "." down nested dicts, lists and tuples ("logits", "aux.0"); None when a
-    leaf is not a tensor (the exporter drops it, so positions would not match)."""
+    keys, joined with "." down nested dicts, lists and tuples ("logits", "aux.0"), Nones left
+    out as the exporter leaves them; None when another leaf is not a tensor."""
     if isinstance(out, Tensor):
         return [prefix or "output"]
     if isinstance(out, dict):
@@ -427,6 +427,8 @@ def _leaf_names(out, prefix: str = "") -> Optional[list[str]]:
         return None
     names: list[str] = []
     for key, value in items:
+        if value is None:
+            continue  # (the exporter drops a None output)
         below = _leaf_names(value, f"{prefix}.{key}" if prefix else key)
         if below is None:
             return None
@@ -476,15 +478,22 @@ def _name_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
 
 def _restore_input_names(proto: onnx.ModelProto, names: list[str]) -> None:
     """The graph's inputs under `names` (forward's parameters), where the exporter renamed one
-    (`x` -> `x_orig` when the model also returns x) and the name is free."""
+    (`x` -> `x_orig` when the model also returns x, with `Identity(x_orig) -> x`) and the name
+    is free, or held only by that Identity (which then goes)."""
     graph = proto.graph
     if len(graph.input) != len(names):
         return
-    used = _graph_names(graph)
+    outputs = {v.name for v in graph.output}
     for value, name in zip(graph.input, names):
-        if value.name != name and name not in used:
+        if value.name == name:
+            continue
+        producers = [n for n in graph.node if name in n.output]
+        if (len(producers) == 1 and producers[0].op_type == "Identity" and list(producers[0].input) == [value.name]
+                and name not in outputs):
+            graph.node.remove(producers[0])
+            _rename_value(graph, name, value.name)
+        if name not in _graph_names(graph):
             _rename_value(graph, value.name, name)
-            used.add(name)
 
 
 def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -515,10 +524,14 @@ def _quiet_exporter():
     # onnxscript's constant folding logs a fold it skips ("Evaluation failed: cannot reshape ...") as a
     # warning: the file is right either way (the op stays unfolded).
     folding = logging.getLogger("onnxscript.optimizer._constant_folding")
-    level, shapes_level, folding_level = reg.level, shapes.level, folding.level
-    reg.setLevel(logging.ERROR)
-    shapes.setLevel(logging.ERROR)
-    folding.setLevel(logging.ERROR)
+    # The exporter's notes on outputs it drops (a None in a dict) and torch's guard failures, which it
+    # logs at length before raising: the failure is reported in one line of its own.
+    core, guards = logging.getLogger("torch.onnx._internal.exporter._core"), logging.getLogger("torch._guards")
+    quiet = {reg: logging.ERROR, shapes: logging.ERROR, folding: logging.ERROR, core: logging.ERROR,
+             guards: logging.CRITICAL}
+    before = {logger: logger.level for logger in quiet}
+    for logger, level in quiet.items():
+        logger.setLevel(level)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
@@ -529,9 +542,8 @@ def _quiet_exporter():
             warnings.filterwarnings("ignore", message=r"# ONNX model has different number of inputs than the flatten")
             yield
     finally:
-        reg.setLevel(level)
-        shapes.setLevel(shapes_level)
-        folding.setLevel(folding_level)
+        for logger, level in before.items():
+            logger.setLevel(level)
 
 
 def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool,
@@ -547,7 +559,8 @@ def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynami
             return emit(module, inputs, opset, dynamic_batch)
         except Unsupported as why:
             log.debug("export_onnx: the dynamo exporter runs (direct path: %s)", why)
-    proto = _torch_export(module, inputs, traced, opset, dynamic_batch)
+    proto = _torch_export(module, inputs, traced, opset, dynamic_batch, sorted({a for d in dynamic_axes.values()
+                                                                              for a in d.values()}))
     _check_dynamic_axes_kept(proto, module, traced)
     return proto
 
@@ -589,7 +602,7 @@ def _check_dynamic_axes_kept(proto: onnx.ModelProto, module: nn.Module, traced: 
 
 
 def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
-                  dynamic_batch: bool) -> onnx.ModelProto:
+                  dynamic_batch: bool, axes: Optional[list] = None) -> onnx.ModelProto:
     """The dynamo exporter's file; `batched`: `_dynamic_shapes`' (inputs to trace with, dynamic shapes)."""
     torch.compiler.allow_in_graph(_fused_node)  # registers the function itself (idempotent)
     traced_inputs, shapes = batched
@@ -645,6 +658,14 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
                               f"control flow ({why[0] if why else type(cause).__name__}): ONNX export traces the "
                               "whole model, so make that code traceable (torch.cond, or no branch on tensor "
                               "values); excluding it from perforation does not help") from e
+        if axes:
+            cause = e
+            while cause.__cause__ is not None:  # the capture's own reason, not the exporter's "step 1/3" report
+                cause = cause.__cause__
+            why = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()
+            raise ExportError(f"torch.onnx.export cannot keep the dynamic axes {', '.join(map(repr, axes))} "
+                              f"({why[0] if why else type(cause).__name__}): the model constrains their sizes (a "
+                              "multiple of its strides, or equal to another size): export without them") from e
         hint = " (or pass dynamic_batch=False if the model fixes its batch size)" if dynamic_batch else ""
         raise ExportError(f"torch.onnx.export failed: {first}{hint}") from e
     sys.stderr.write(printed.getvalue())  # a successful export's own messages, as they were

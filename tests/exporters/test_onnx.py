@@ -678,3 +678,60 @@ def test_a_circular_padded_site_exports_at_the_opset_it_needs_unless_one_is_give
     assert np.abs(got - pm(x).detach().numpy()).max() <= 1e-5
     with pytest.raises(ExportError, match="needs opset >= 19: pass opset=19"):
         export_onnx(pm, x, tmp_path / "n.onnx", opset=18)
+
+
+def test_a_dict_output_returning_its_input_keeps_the_inputs_name_and_a_none_value_is_left_out(tmp_path):
+    """{"inp": x, ...} renamed the input x_orig; a None value lost every key's name."""
+    class Passes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"inp": x, "out": self.fc(x), "loss": None}
+
+    x = torch.randn(2, 4)
+    pm = pbp_fx.perforate(Passes(), (x,))
+    pm.grow()
+    for fused in (True, False):
+        graph = onnx.load(str(export_onnx(pm, (x,), tmp_path / "m.onnx", fused=fused))).graph
+        assert ([i.name for i in graph.input], [o.name for o in graph.output]) == (["x"], ["inp", "out"])
+        session = ort_session(tmp_path / "m.onnx", device="cpu", threads=1)
+        got = session.run(None, {"x": x.numpy()})
+        np.testing.assert_allclose(got[0], x.numpy())
+
+
+class _Strided(torch.nn.Module):
+    """H and W must be multiples of 4 (a skip connection around a stride 2 and a pool of 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        b = torch.nn.functional.max_pool2d(torch.relu(self.c2(a)), 2)
+        return torch.cat([a, torch.nn.functional.interpolate(b, scale_factor=4)], 1)
+
+
+def test_axes_the_model_constrains_are_refused_in_one_line_naming_them(tmp_path, capfd):
+    x = torch.randn(2, 3, 16, 16)
+    pm = pbp_fx.perforate(_Strided(), x)
+    capfd.readouterr()
+    with pytest.raises(ExportError, match=r"cannot keep the dynamic axes 'h', 'w' \(.*\): the model constrains"):
+        export_onnx(pm, x, tmp_path / "m.onnx", dynamic_axes={"x": {2: "h", 3: "w"}})
+    assert "torch/_guards.py" not in capfd.readouterr().err  # (torch logged its guard failures at length)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fused_site_whose_input_size_the_axis_would_change_is_refused(tmp_path):
+    """Conv1d -> flatten -> Linear(8 * 16): with dendrites, the fused Linear took any time length and
+    the file failed in ONNX Runtime at another one."""
+    net = torch.nn.Sequential(torch.nn.Conv1d(4, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 16, 3))
+    x = torch.randn(2, 4, 16)
+    pm = pbp_fx.perforate(net, x)
+    pm.grow()
+    for dims in ({2: "time"}, {1: "channels"}):
+        with pytest.raises(ExportError, match="the model fixes dim"):
+            export_onnx(pm, x, tmp_path / "m.onnx", dynamic_axes={0: dims})
