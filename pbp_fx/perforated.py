@@ -177,7 +177,10 @@ class PerforatedModel(nn.Module):
                 torch._foreach_copy_([b.data for b, _ in live], [v for _, v in live])
 
     def _apply(self, fn, *args, **kwargs):
-        fn = _format_where_it_fits(fn)
+        # (the stacked tensors of candidates and dendrites: a conv's have one dim more than its weight)
+        stacked = {id(t) for site in getattr(self, "sites", {}).values() for part in (site.candidates, site.dendrites)
+                   if isinstance(part, nn.Module) for t in [*part.parameters(), *part.buffers()]}
+        fn = _format_where_it_fits(fn, stacked)
         # .to() / .double() convert the buffers: the held values follow.
         out = super()._apply(fn, *args, **kwargs)
         self._hold_buffers({n: fn(v) for n, v in self._frozen_buffers.items()})
@@ -555,15 +558,16 @@ def _warn_unmatched_globs(specs: list, include, exclude) -> None:
                               "pbp_fx.explain_sites lists them)", stacklevel=3)
 
 
-def _format_where_it_fits(fn: Callable) -> Callable:
-    """`fn` (a conversion of `_apply`) for each tensor; where it fails on a memory format
-    (`.to(memory_format=torch.channels_last)` reaching a site's stacked conv weights, one dim
-    more than the format's), the tensor gets fn's device and dtype and keeps its layout."""
+def _format_where_it_fits(fn: Callable, stacked: set) -> Callable:
+    """`fn` (a conversion of `_apply`) for each tensor; where it fails on a memory format for one
+    of the `stacked` tensors (ids: `.to(memory_format=torch.channels_last)` reaching a site's
+    stacked conv weights, one dim more than the format's), the tensor gets fn's device and dtype
+    and keeps its layout. The model's own tensors fail as in torch."""
     def apply(t: torch.Tensor) -> torch.Tensor:
         try:
             return fn(t)
         except RuntimeError as e:
-            if "channels_last" not in str(e):
+            if "channels_last" not in str(e) or id(t) not in stacked:
                 raise
             probe = fn(t.new_empty(0))  # (a 1-D tensor: the format does not apply)
             return t.to(device=probe.device, dtype=probe.dtype)

@@ -931,3 +931,11 @@ def test_a_dendrite_phase_step_in_eval_mode_is_warned_of_at_the_users_line():
         with torch.no_grad():
             pm.eval()(torch.randn(3, 4))  # validation after training steps: nothing to say
         pm.eval()(torch.randn(3, 4))
+
+
+def test_a_memory_format_that_fits_none_of_the_models_own_weights_fails_as_in_torch():
+    pm = pbp_fx.perforate(nn.Sequential(nn.Conv3d(2, 4, 3)), torch.randn(1, 2, 4, 4, 4))
+    with pytest.raises(RuntimeError, match="required rank 4 tensor to use channels_last"):
+        nn.Conv3d(2, 4, 3).to(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="required rank 4 tensor to use channels_last"):
+        pm.to(memory_format=torch.channels_last)  # (it passed without a word)
