@@ -865,7 +865,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         raise ExportError(f"only {n_fused} fused node(s) reached the ONNX graph for {len(specs)} "
                           "signature(s): this is a pbp-fx bug")
     if fused and dendrites and n_fused < expected:
-        log.warning("export_onnx: %d fused node(s) for %d site(s) with dendrites", n_fused, expected)
+        log.warning("export_onnx: %d of the %d sites with dendrites are in the exported graph: the others are not on "
+                    "its eval-mode path (a train-only branch, or code the example inputs do not reach)", n_fused,
+                    expected)
     _strip_trace_metadata(proto)
     _set_metadata(proto, dendrites, activation, fused)
     proto.ir_version = _ir_version(proto)
