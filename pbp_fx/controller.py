@@ -211,13 +211,8 @@ class PhaseController:
         # Mid-dendrite-phase every model parameter is frozen, and a framework builds its optimizer over
         # the candidates alone: what it leaves out then says nothing. load_state_dict brings the run's set.
         self._left_out_known = optimizer is not None and pm.phase != "dendrite"
-        if optimizer is not None:
-            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            if not any(id(p) in held for p in pm.parameters()):
-                raise ConfigError("the optimizer holds none of the perforated model's parameters (perforate copies "
-                                  "the model, so an optimizer built before it trains the original): build it over "
-                                  "pm.trainable_parameters()")
         if self._left_out_known:
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
             pb_own = {id(p) for s in pm.sites.values() for p in s.parameters()}
             for p in pm.parameters():
                 if p.requires_grad and id(p) not in held and id(p) not in pb_own:
@@ -227,6 +222,11 @@ class PhaseController:
             optimizer = factory(list(pm.trainable_parameters()))
             if not isinstance(optimizer, torch.optim.Optimizer):
                 raise ConfigError(f"optimizer_factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not any(id(p) in held for p in pm.parameters()):
+            raise ConfigError("the optimizer holds none of the perforated model's parameters (perforate copies "
+                              "the model, so an optimizer built before it trains the original): build it over "
+                              "pm.trainable_parameters()")
         self.optimizer = optimizer
         if any(g.get("relative_step") for g in optimizer.param_groups):
             # Adafactor's relative_step computes its own step size and never reads the group's lr.

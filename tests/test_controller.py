@@ -625,6 +625,8 @@ def test_an_optimizer_built_over_the_model_before_perforate_is_refused():
     pm = pbp_fx.perforate(model, torch.randn(3, 4))  # a copy: `optimizer` holds the original's parameters
     with pytest.raises(ConfigError, match=r"holds none of the perforated model's parameters.*pm.trainable_parameters"):
         PhaseController(pm, optimizer=optimizer)
+    with pytest.raises(ConfigError, match=r"holds none of the perforated model's parameters"):
+        PhaseController(pm, optimizer_factory=lambda params: optimizer)  # a factory that ignores its parameters
     PhaseController(pm, optimizer=torch.optim.Adam(pm.trainable_parameters()))
 
 
