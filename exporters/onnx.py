@@ -22,8 +22,8 @@ Linear/Conv per site followed by standard slicing and elementwise ops.
 
 Every file: ONNX IR >= 10 (function overloads; 10 for opsets 18-22), one default-domain opset shared by the graph
 and the function bodies, a dynamic batch axis (dim 0 of every input and output) unless
-`dynamic_batch=False` (and the named axes of `dynamic_axes`), passes `onnx.checker.check_model(full_check=True)`, and carries
-metadata_props:
+`dynamic_batch=False` (and the named axes of `dynamic_axes`), passes
+`onnx.checker.check_model(full_check=True)`, and carries metadata_props:
 
     pbp_fx.version     pbp_fx.__version__
     pbp_fx.sites       JSON list of site names
@@ -354,7 +354,8 @@ def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynam
             dim %= t.dim()
             if dim == 0 and dynamic_batch and axis != "batch":
                 raise ExportError(f"dynamic_axes names dim 0 of input {names[i]!r} {axis!r}, but dim 0 is the "
-                                  "dynamic batch axis: drop it, or pass dynamic_batch=False")
+                                  "dynamic batch axis: drop it, or pass dynamic_batch=False "
+                                  "(pbp-fx export --static-batch)")
             if dim != 0 and t.shape[dim] < 2:
                 # torch.export specialises sizes 0 and 1 to constants
                 raise ExportError(f"input {names[i]!r} has size {t.shape[dim]} along dim {dim}, so that axis "
@@ -364,11 +365,12 @@ def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynam
         tensors = [t for t in inputs if isinstance(t, Tensor) and t.dim() > 0]
         if not tensors:
             raise ExportError("dynamic_batch=True needs at least one tensor input with a batch axis: "
-                              "pass dynamic_batch=False")
+                              "pass dynamic_batch=False (pbp-fx export --static-batch)")
         sizes = {int(t.shape[0]) for t in tensors}
         if len(sizes) != 1:
             raise ExportError(f"example inputs disagree on the batch size (dim 0: {sorted(sizes)}): "
-                              "give them one batch size, or pass dynamic_batch=False")
+                              "give them one batch size, or pass dynamic_batch=False "
+                              "(pbp-fx export --static-batch)")
         if sizes == {1}:
             inputs = tuple(t.expand(2, *t.shape[1:]).clone() if isinstance(t, Tensor) and t.dim() > 0 else t
                            for t in inputs)
@@ -611,7 +613,8 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
             example_out = module(*traced_inputs)
     except Exception as e:  # noqa: BLE001 - the model's own error on these inputs: one line
         text = str(e).strip().splitlines()
-        hint = (" (the batch of 1 ran as 2 for a dynamic batch axis: pass dynamic_batch=False if the model fixes "
+        hint = (" (the batch of 1 ran as 2 for a dynamic batch axis: pass dynamic_batch=False (pbp-fx export "
+                "--static-batch) if the model fixes "
                 "its batch size)" if traced_inputs is not inputs else "")
         raise ExportError(f"the example inputs do not run through the model ({type(e).__name__}: "
                           f"{text[0] if text else ''}){hint}: pass inputs of the shapes and dtypes it takes") from e
@@ -666,7 +669,8 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
             raise ExportError(f"torch.onnx.export cannot keep the dynamic axes {', '.join(map(repr, axes))} "
                               f"({why[0] if why else type(cause).__name__}): the model constrains their sizes (a "
                               "multiple of its strides, or equal to another size): export without them") from e
-        hint = " (or pass dynamic_batch=False if the model fixes its batch size)" if dynamic_batch else ""
+        hint = (" (or pass dynamic_batch=False (pbp-fx export --static-batch) if the model fixes its batch size)"
+                if dynamic_batch else "")
         raise ExportError(f"torch.onnx.export failed: {first}{hint}") from e
     sys.stderr.write(printed.getvalue())  # a successful export's own messages, as they were
     proto = program.model_proto
@@ -682,7 +686,7 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
             name, size = fixed[0]
             raise ExportError(f"the model fixes the batch size of input {name!r} to {size} (e.g. a reshape to a "
                               "constant batch), so the batch axis cannot be dynamic: use -1 for the batch in "
-                              "reshapes, or pass dynamic_batch=False")
+                              "reshapes, or pass dynamic_batch=False (pbp-fx export --static-batch)")
     return proto
 
 

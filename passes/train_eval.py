@@ -386,7 +386,8 @@ def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: boo
             parted = parted or (t, e)  # (where the captures first differ, for a refusal further on)
             i += 1
             continue
-        first_t, first_e = parted or (t, e)  # (the message names where they first differ; parted_at where the walk stopped)
+        # The message names where the captures first differ; parted_at, where the walk stopped.
+        first_t, first_e = parted or (t, e)
         return MergeResult(None, f"the train capture has {_describe(first_t)} where the eval capture has "
                                  f"{_describe(first_e)}", (t, e))
     for n in noise:  # the mask must feed nothing but masks, gates and checks: eval mode computes none of it

@@ -188,7 +188,7 @@ class TrainConfig(_Settings):
 
     epochs: int = setting(800, "epoch cap over all phases", low=1)
     lr: float = setting(1e-3, "neuron-phase Adam learning rate", low=0, open_low=True)
-    batch_size: int = setting(100, "training batch size (the global batch with --nproc)", low=1, high=2**31 - 1)
+    batch_size: int = setting(100, "training batch size (with train --nproc: the global batch)", low=1, high=2**31 - 1)
     seed: int = setting(0, "seed of torch, numpy and Python's random (model init, data split, shuffling, augmentation)", low=0, high=2**63 - 1)
     frontend: str = setting("auto", "graph capture: auto (symbolic tracing, else torch.export), fx or export",
                             choices=("auto", "fx", "export"))
