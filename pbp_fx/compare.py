@@ -310,7 +310,8 @@ def _noise(mean: float, sd: float, n: int) -> str:
     """Whether a paired mean difference over n seeds stands out of the seeds' noise: its 95 %
     t interval, and what that says."""
     if n < 2:
-        return "one seed gives no estimate of the run-to-run spread, so this may be noise (use --seeds 3 or more)"
+        return ("one seed gives no estimate of the run-to-run spread, so this may be noise (compare the model file "
+                "with --seeds 3 or more)")
     t = next((v for df, v in sorted(_T95.items()) if df >= n - 1), 1.96)
     half = t * sd / math.sqrt(n)
     lo, hi = mean - half, mean + half
