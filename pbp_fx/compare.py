@@ -272,10 +272,14 @@ def verdict(summary: list[dict], pairs: list[dict], maximize: bool = True) -> st
         lines.append(f"**no arm won**: {', '.join(tied)} tied at test {win['test']:.1f} % over {win['n']} seed(s).")
     elif len(ranked) > 1:
         second = ranked[1]
-        lines.append(f"**{win['arm']} won**: test {win['test']:.1f} ± {win['test_sd']:.1f} % over {win['n']} seeds, "
-                     f"{abs(win['test'] - second['test']):.1f} points {'ahead of' if maximize else 'below'} the "
-                     f"next arm ({second['arm']}, "
-                     f"{second['test']:.1f} ± {second['test_sd']:.1f} %).")
+        margin = (f"{abs(win['test'] - second['test']):.1f} points {'ahead of' if maximize else 'below'} the next arm "
+                  f"({second['arm']}, {second['test']:.1f} ± {second['test_sd']:.1f} %)")
+        if win["n"] < 2:  # one run each: a ranking, not a result
+            lines.append(f"**{win['arm']} ranked first** at one seed: test {win['test']:.1f} %, {margin}; one seed "
+                         "cannot tell a win from run-to-run noise.")
+        else:
+            lines.append(f"**{win['arm']} won**: test {win['test']:.1f} ± {win['test_sd']:.1f} % over {win['n']} seeds, "
+                         f"{margin}.")
     else:
         lines.append(f"only {win['arm']} finished: test {win['test']:.1f} ± {win['test_sd']:.1f} %")
     words = {"plain": "the same model without PB", "restarts": "the PB schedule with nothing installed",
@@ -289,9 +293,10 @@ def verdict(summary: list[dict], pairs: list[dict], maximize: bool = True) -> st
         better = pb_side if maximize else -pb_side
         sign = "ahead of" if better > 0 else "behind" if better < 0 else "level with"
         ahead, behind = (p["behind"], p["ahead"]) if maximize else (p["ahead"], p["behind"])
+        seeds = f"{p['n']} seed{'s' if p['n'] != 1 else ''}"
         lines.append(f"pb is {abs(pb_side):.1f} points {sign} {arm} ({what}): paired difference pb − {arm} = "
-                     f"{pb_side:+.1f} ± {p['sd']:.1f} points over {p['n']} seeds (pb ahead in {ahead}, "
-                     f"behind in {behind}{'' if maximize else '; lower is better'}); {_noise(-p['mean'], p['sd'], p['n'])}.")
+                     f"{pb_side:+.1f} ± {p['sd']:.1f} points over {seeds} (pb ahead in {ahead}, behind in {behind}"
+                     f"{'' if maximize else '; lower is better'}); {_noise(-p['mean'], p['sd'], p['n'])}.")
     skipped = [s for s in summary if not s["n"]]
     for s in skipped:
         lines.append(f"{s['arm']} was not run: {s['skipped']}")

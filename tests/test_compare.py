@@ -267,7 +267,7 @@ def test_an_arm_run_at_some_seeds_only_is_ranked_on_the_shared_seeds_and_named()
             {"arm": "plain-matched", "seed": 0, "test": 0.85, "params": 150},
             {"arm": "plain-matched", "seed": 1, "skipped": "too wide"}]
     text = verdict(summarize(rows), paired(rows))
-    assert "**pb won**" in text and "ranked over the 1 seed(s) every arm ran" in text
+    assert "**pb ranked first** at one seed" in text and "ranked over the 1 seed(s) every arm ran" in text
     assert "plain-matched was not run at seed(s) 1: too wide" in text
 
 
@@ -304,3 +304,10 @@ def test_each_paired_difference_says_whether_it_stands_out_of_seed_noise(diffs, 
         rows += [{"arm": "pb", "seed": seed, "test": 0.5 + d, "params": 10},
                  {"arm": "plain", "seed": seed, "test": 0.5, "params": 5}]
     assert words in verdict(summarize(rows), paired(rows))
+
+
+def test_one_seed_ranks_the_arms_without_calling_a_winner():
+    rows = [{"arm": "pb", "seed": 0, "test": 0.537, "params": 8}, {"arm": "plain", "seed": 0, "test": 0.52, "params": 2}]
+    text = verdict(summarize(rows), paired(rows))
+    assert text.startswith("**pb ranked first** at one seed: test 53.7 %, 1.7 points ahead of the next arm (plain")
+    assert "won" not in text and "over 1 seed (pb ahead in 1" in text
