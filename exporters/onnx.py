@@ -603,6 +603,16 @@ def _check_dynamic_axes_kept(proto: onnx.ModelProto, module: nn.Module, traced: 
                     d.dim_param = renames[d.dim_param]
 
 
+def _root_reason(exc: BaseException) -> str:
+    """The first line of an export error's innermost cause: the capture's own reason, not the
+    exporter's "step 1/3" report that wraps it (terminal colour codes removed)."""
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    why = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()
+    return why[0] if why else type(cause).__name__
+
+
 def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
                   dynamic_batch: bool, axes: Optional[list] = None) -> onnx.ModelProto:
     """The dynamo exporter's file; `batched`: `_dynamic_shapes`' (inputs to trace with, dynamic shapes)."""
@@ -641,33 +651,21 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
 
         parts = [m.name for m in module.modules() if isinstance(m, TracedPart) and m is not module]
         if parts:
-            cause = e
-            while cause.__cause__ is not None:  # the exporter wraps the capture's error in its report
-                cause = cause.__cause__
-            why = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()
             raise ExportError(
                 f"torch.onnx.export cannot capture {type(module).__name__}.forward, the Python around its "
-                f"perforated parts ({why[0] if why else type(cause).__name__}): make that forward traceable, "
+                f"perforated parts ({_root_reason(e)}): make that forward traceable, "
                 "or export a part on its own, e.g. "
                 f"export_onnx(pm.finalize().get_submodule('root.model.{parts[0]}'), <its inputs>, path)") from e
         leaves = [m for gm in module.modules() if isinstance(gm, torch.fx.GraphModule)
                   for m in gm.meta.get("pbp_untraceable", [])]
         if leaves:
-            cause = e
-            while cause.__cause__ is not None:  # the capture's own error, not the exporter's "step 1/3" report
-                cause = cause.__cause__
-            why = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()
             raise ExportError(f"torch.onnx.export cannot capture submodule {leaves[0]!r}, which has data-dependent "
-                              f"control flow ({why[0] if why else type(cause).__name__}): ONNX export traces the "
+                              f"control flow ({_root_reason(e)}): ONNX export traces the "
                               "whole model, so make that code traceable (torch.cond, or no branch on tensor "
                               "values); excluding it from perforation does not help") from e
         if axes:
-            cause = e
-            while cause.__cause__ is not None:  # the capture's own reason, not the exporter's "step 1/3" report
-                cause = cause.__cause__
-            why = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()
             raise ExportError(f"torch.onnx.export cannot keep the dynamic axes {', '.join(map(repr, axes))} "
-                              f"({why[0] if why else type(cause).__name__}): the model constrains their sizes (a "
+                              f"({_root_reason(e)}): the model constrains their sizes (a "
                               "multiple of its strides, or equal to another size): export without them") from e
         hint = (" (or pass dynamic_batch=False (pbp-fx export --static-batch) if the model fixes its batch size)"
                 if dynamic_batch else "")
@@ -675,9 +673,9 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
     sys.stderr.write(printed.getvalue())  # a successful export's own messages, as they were
     proto = program.model_proto
     if names is None:  # a structured output: its keys name the tensors
-        leaves = _leaf_names(example_out)
-        if leaves is not None:
-            _name_outputs(proto, leaves)
+        keys = _leaf_names(example_out)
+        if keys is not None:
+            _name_outputs(proto, keys)
     _restore_input_names(proto, [n for n, t in zip(_input_names(module, len(inputs)), inputs) if isinstance(t, Tensor)])
     if dynamic_batch:
         fixed = [(v.name, v.type.tensor_type.shape.dim[0].dim_value) for v in proto.graph.input
