@@ -53,7 +53,7 @@ import onnx
 import torch
 from torch import Tensor, fx, nn
 
-from pbp_fx.errors import PBError
+from pbp_fx.errors import PBError, warn_at_user
 from pbp_fx.fileio import atomic_write
 from pbp_fx.layers import dendrite_calls
 from pbp_fx.site import FusedSite, Site
@@ -462,8 +462,8 @@ def _name_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
     inputs = {v.name for v in graph.input}
     clashing = [n for n in names if n in inputs]
     if clashing:
-        warnings.warn(f"output {clashing[0]!r} is named {clashing[0] + '_output'!r} in the ONNX file: an input has "
-                      "that name", stacklevel=3)
+        warn_at_user(f"output {clashing[0]!r} is named {clashing[0] + '_output'!r} in the ONNX file: an input has "
+                     "that name")
         names = [f"{n}_output" if n in inputs else n for n in names]
     used = _graph_names(graph)
     for out, name in zip(graph.output, names):
@@ -563,11 +563,11 @@ def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynami
             log.debug("export_onnx: the dynamo exporter runs (direct path: %s)", why)
     proto = _torch_export(module, inputs, traced, opset, dynamic_batch, sorted({a for d in dynamic_axes.values()
                                                                               for a in d.values()}))
-    _check_dynamic_axes_kept(proto, module, traced)
+    _keep_dynamic_axes(proto, module, traced)
     return proto
 
 
-def _check_dynamic_axes_kept(proto: onnx.ModelProto, module: nn.Module, traced: tuple) -> None:
+def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple) -> None:
     """ExportError when a requested axis other than the batch came out as a constant; the
     exporter's own name for an axis (s31: it drops the names when an input is not a tensor)
     becomes the requested one, wherever it appears in the graph's inputs, outputs and values."""

@@ -175,7 +175,7 @@ def _is_noise(node: fx.Node, noise: set) -> bool:
     if _creates(node):  # (`x.new_empty(shape)` reads x's dtype and device only)
         return True
     inputs = node.all_input_nodes
-    return all(n in noise or _is_shape(n) for n in inputs) and (any(n in noise for n in inputs) or _creates(node))
+    return all(n in noise or _is_shape(n) for n in inputs) and any(n in noise for n in inputs)
 
 
 # Factories that read only the metadata (shape, dtype, device) of their tensor input.
@@ -381,8 +381,8 @@ def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: boo
         if e is not None and e.op == "get_attr":
             j += 1
             continue
-        if t is not None and _of_one_value(t, noise) is not None:
-            gates[t] = w.t_alias[t] = _of_one_value(t, noise)  # eval mode: the value it reads
+        if t is not None and (value := _of_one_value(t, noise)) is not None:
+            gates[t] = w.t_alias[t] = value  # eval mode: the value it reads
             parted = parted or (t, e)  # (where the captures first differ, for a refusal further on)
             i += 1
             continue

@@ -29,7 +29,6 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -40,7 +39,8 @@ from .config import PBConfig, TrainConfig
 from .controller import default_optimizer
 from .errors import PBError
 from .fileio import atomic_write, check_output_dir
-from .job import DEFAULT_MODEL, check_data, load_job_module, make_loaders, seed_everything, seeded_datasets
+from .job import (DEFAULT_MODEL, check_data, load_job_module, make_loaders, pyplot_or_none, seed_everything,
+                  seeded_datasets)
 from .modelfile import check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions
 from .schedule import Kind, PhaseSchedule
 from .training import evaluate, train_epoch
@@ -348,14 +348,9 @@ def markdown(summary: list[dict], pairs: list[dict], text: str, header: str) -> 
 def plot(summary: list[dict], path: str, title: str = "") -> bool:
     """Test score vs parameters and vs ONNX Runtime latency, one point per arm, sd error bars;
     False when matplotlib is missing (nothing written)."""
-    try:
-        import matplotlib
-    except ImportError:  # (an optional dependency: the train extra)
-        warnings.warn(f"{os.path.basename(path)} not written: matplotlib is not installed (pip install matplotlib, "
-                      "or pbp-fx[train])", stacklevel=2)
+    plt = pyplot_or_none(path)
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for s in (s for s in summary if s["n"]):

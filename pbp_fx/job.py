@@ -7,7 +7,6 @@ With no model file it runs the built-in default: the MNIST-1D MLP (data generate
 from __future__ import annotations
 
 import base64
-import contextlib
 import importlib
 import inspect
 import json
@@ -29,8 +28,8 @@ from .config import ConfigError, PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
 from .errors import DataError, ModelFileError, PBError, TrainingError
 from .fileio import atomic_write, check_output_dir
-from .modelfile import (check_metric_direction, example_kwargs, instantiate, keyword_collate, load_model_file,
-                        task_functions, task_of)
+from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
+                        keyword_collate, load_model_file, task_functions, task_of)
 from .perforated import perforate
 from .training import History, evaluate, fit
 
@@ -82,7 +81,7 @@ def check_data(mod: ModuleType, data, model: nn.Module, inputs: tuple, batch_siz
     a `train` run and compare's arms at one seed see the same random streams."""
     loss_fn, metric, _ = task_functions(mod)
     collate = keyword_collate(mod, model, len(inputs))
-    with torch.random.fork_rng(devices=[]), _host_rngs_kept():  # a dataset may draw as it loads a sample
+    with global_generators_kept():  # a dataset may draw as it loads a sample
         _preflight(model, data, min(batch_size, 8), loss_fn, metric, batch_size,
                    task_of(mod) == "classification" and getattr(mod, "loss_fn", None) is None, collate)
     return collate
@@ -166,16 +165,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-@contextlib.contextmanager
-def _host_rngs_kept():
-    """numpy's and Python's generator states as they were, after the block (a validation that sets them)."""
-    states = _host_rng_states()
-    try:
-        yield
-    finally:
-        _set_host_rng_states(states)
 
 
 def _host_rng_states() -> dict:
@@ -321,9 +310,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     except KeyboardInterrupt:
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
             os.rmdir(out)
-        if out and os.path.exists(os.path.join(out, CHECKPOINT)):
-            raise KeyboardInterrupt(f"after epoch {len(history.epochs)}; the run resumes with "
-                                    f"pbp-fx train --resume {shlex.quote(out)}") from None
+        if out and history.epochs:  # (checkpointed epochs of this run: a resume continues them)
+            raise KeyboardInterrupt(f"after epoch {len(history.epochs)}{_resumes(out, len(history.epochs))}") from None
         raise
     except BaseException:
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
@@ -408,7 +396,7 @@ def _saved_job(path: str) -> tuple:
         if saved["rng"]["loader"] is not None:
             _unb64(saved["rng"]["loader"])
         if "numpy" in saved["rng"]:  # (runs saved before they were kept have none)
-            with _host_rngs_kept():
+            with global_generators_kept():
                 _set_host_rng_states(saved["rng"])
     except ConfigError as exc:
         raise ConfigError(f"cannot resume from {path}: {exc}") from None
@@ -529,17 +517,27 @@ def _write_outputs(out: str, history, summary) -> bool:
                  metric=summary.get("metric", "accuracy"), maximize=summary.get("maximize", True))
 
 
+def pyplot_or_none(path: str):
+    """matplotlib.pyplot on the Agg backend, or None with a one-line warning that `path` is not
+    written (matplotlib is an optional dependency: the train extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn(f"{os.path.basename(path)} not written: matplotlib is not installed (pip install matplotlib, "
+                      "or pbp-fx[train])", stacklevel=3)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_history(history, path: str, title: str = "", metric: str = "accuracy", maximize: bool = True) -> bool:
     """Validation/test metric per epoch with phase switches marked; the metric vs params. False
     when matplotlib is missing (nothing written)."""
-    try:
-        import matplotlib
-    except ImportError:  # (an optional dependency: the train extra)
-        warnings.warn(f"{os.path.basename(path)} not written: matplotlib is not installed (pip install matplotlib, "
-                      "or pbp-fx[train])", stacklevel=2)
+    plt = pyplot_or_none(path)
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = history.epochs
     ep = [r["epoch"] for r in rows]

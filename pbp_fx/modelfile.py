@@ -100,7 +100,7 @@ def example_inputs(mod: ModuleType) -> tuple:
     training run at a seed draws the same numbers whether or not an example was made first)."""
     where = getattr(mod, "__file__", None) or mod.__name__
     try:
-        with _global_generators_kept():
+        with global_generators_kept():
             inputs = mod.example_inputs()
     except Exception as exc:  # noqa: BLE001
         raise ModelFileError(f"example_inputs() in {where!r} raised {type(exc).__name__}: {_first_line(exc)}") from exc
@@ -112,7 +112,7 @@ def example_inputs(mod: ModuleType) -> tuple:
 
 
 @contextlib.contextmanager
-def _global_generators_kept():
+def global_generators_kept():
     """torch's, numpy's and Python's global random states as they were, after the block."""
     import random
 
@@ -136,7 +136,7 @@ def example_kwargs(mod: ModuleType) -> dict:
     if not callable(fn):
         raise ModelFileError(f"example_kwargs in {where!r} is not a function: define example_kwargs() -> dict")
     try:
-        with _global_generators_kept():
+        with global_generators_kept():
             kwargs = fn()
     except Exception as exc:  # noqa: BLE001
         raise ModelFileError(f"example_kwargs() in {where!r} raised {type(exc).__name__}: {_first_line(exc)}") from exc

@@ -132,9 +132,11 @@ class PerforatedModel(nn.Module):
         a training loop that left the model in eval mode (after its validation), where the
         candidates do not run, so the loss has no gradient (torch then raises "element 0 of
         tensors does not require grad")."""
+        trained = getattr(self, "_dendrite_phase_trained", True)  # (a model pickled before it existed: True)
         if self.training:
-            self._dendrite_phase_trained = True
-        elif torch.is_grad_enabled() and not getattr(self, "_dendrite_phase_trained", True):
+            if not trained:  # (an nn.Module attribute write costs: once per phase, not per forward)
+                self._dendrite_phase_trained = True
+        elif not trained and torch.is_grad_enabled():
             self._dendrite_phase_trained = True  # (said once)
             warn_at_user("dendrite phase: the model runs in eval mode with gradients on, where its candidates do "
                          "not run, so a loss of this output has no gradient: call model.train() before the "
@@ -544,7 +546,6 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
 def _warn_unmatched_globs(specs: list, include, exclude) -> None:
     """A name glob of include/exclude that matches no layer is most likely a typo: say so."""
     import fnmatch
-    import warnings
 
     from pbp_fx.passes.find_sites import rules
 
@@ -554,8 +555,8 @@ def _warn_unmatched_globs(specs: list, include, exclude) -> None:
             if isinstance(rule, str) and not any(fnmatch.fnmatchcase(n.split("@")[0], rule)
                                                  or fnmatch.fnmatchcase(n, rule) for n in names):
                 shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-                warnings.warn(f"{which} pattern {rule!r} matches no Linear/Conv layer (they are named {shown}; "
-                              "pbp_fx.explain_sites lists them)", stacklevel=3)
+                warn_at_user(f"{which} pattern {rule!r} matches no Linear/Conv layer (they are named {shown}; "
+                             "pbp_fx.explain_sites lists them)")
 
 
 def _format_where_it_fits(fn: Callable, stacked: set) -> Callable:

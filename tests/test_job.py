@@ -539,8 +539,8 @@ def test_a_run_whose_data_draws_from_numpy_and_random_resumes_like_an_uninterrup
     monkeypatch.setenv("STOP_AT", str(160 * 5 + 20))  # inside epoch 6
     capsys.readouterr()
     assert main(["train", *args, "--out", str(stopped)]) == 130
-    assert capsys.readouterr().err.endswith(f"interrupted after epoch 5; the run resumes with pbp-fx train --resume "
-                                            f"{stopped}\n")
+    assert capsys.readouterr().err.endswith(f"interrupted after epoch 5; the run so far resumes with pbp-fx train "
+                                            f"--resume {stopped}\n")
     monkeypatch.delenv("STOP_AT")
     from pbp_fx.checkpoint import read_meta
 
