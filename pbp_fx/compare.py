@@ -46,7 +46,7 @@ from .schedule import Kind, PhaseSchedule
 from .training import evaluate, train_epoch
 from .width import WidthBuilder, WidthError
 
-__all__ = ["compare", "CompareError", "ARMS", "train_plain", "train_restarts", "train_perforated",
+__all__ = ["compare", "CompareError", "Score", "ARMS", "train_plain", "train_restarts", "train_perforated",
            "run_arm", "summarize", "paired", "verdict", "markdown", "plot"]
 
 ARMS = ("plain", "restarts", "pb", "gd", "plain-matched", "original")
@@ -55,6 +55,44 @@ REFERENCE_ARM = "pb"
 
 class CompareError(PBError, ValueError):
     """A compare request that cannot run (bad arms, seeds, width or output folder)."""
+
+
+@dataclass(frozen=True)
+class Score:
+    """How the report writes the test score: the built-in accuracy in % and its differences in
+    points; any other metric (the model file's own, or minus the loss) in its own units."""
+
+    metric: str = "accuracy"
+    maximize: bool = True
+
+    @property
+    def scale(self) -> float:
+        return 100.0 if self.metric == "accuracy" else 1.0
+
+    @property
+    def unit(self) -> str:
+        return " %" if self.metric == "accuracy" else ""
+
+    @property
+    def diff_unit(self) -> str:
+        return " points" if self.metric == "accuracy" else ""
+
+    def num(self, x: float, sign: bool = False) -> str:
+        """x (already scaled) as printed: 1 decimal for %, 4 significant digits otherwise."""
+        return f"{x:{'+' if sign else ''}.1f}" if self.metric == "accuracy" else f"{x:{'+' if sign else ''}.4g}"
+
+    def rounded(self, x: float) -> float:
+        """x as printed, so that words (ahead/level/behind) match the number (+ 0.0: no -0)."""
+        return float(self.num(x)) + 0.0
+
+    def value(self, mean: float, sd: Optional[float] = None) -> str:
+        return self.num(mean) + ("" if sd is None else f" ± {self.num(sd)}") + self.unit
+
+    def label(self) -> str:
+        return "test %" if self.metric == "accuracy" else f"test {self.metric}"
+
+
+ACCURACY = Score()
 
 
 # -- one training loop for every arm: training.train_epoch ------------------------------------
@@ -208,8 +246,9 @@ def _mean_sd(xs: Sequence[float]) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per arm: n, test/params/latency/seconds/epochs mean and sd (test in percent points)."""
+def summarize(rows: list[dict], score: Score = ACCURACY) -> list[dict]:
+    """Per arm: n, test/params/latency/seconds/epochs mean and sd (test and val in the score's units:
+    percent for accuracy)."""
     out = []
     for arm in ARMS:
         rs = [r for r in rows if r["arm"] == arm and "skipped" not in r]
@@ -218,11 +257,11 @@ def summarize(rows: list[dict]) -> list[dict]:
             if skipped:
                 out.append({"arm": arm, "n": 0, "skipped": skipped[0]})
             continue
-        s = {"arm": arm, "n": len(rs), "test_by_seed": {r["seed"]: 100.0 * r["test"] for r in rs}}
+        s = {"arm": arm, "n": len(rs), "test_by_seed": {r["seed"]: score.scale * r["test"] for r in rs}}
         if skipped:  # ran at some seeds only: said beside the table, and the ranking uses shared seeds
             seeds = sorted(r["seed"] for r in rows if r["arm"] == arm and "skipped" in r)
             s["partial"] = f"not run at seed(s) {', '.join(map(str, seeds))}: {skipped[0]}"
-        for key, scale in (("test", 100.0), ("val", 100.0), ("params", 1.0), ("latency_ms", 1.0),
+        for key, scale in (("test", score.scale), ("val", score.scale), ("params", 1.0), ("latency_ms", 1.0),
                            ("seconds", 1.0), ("epochs", 1.0), ("width", 1.0)):
             vals = [r[key] * scale for r in rs if r.get(key) is not None]
             if vals:
@@ -231,14 +270,15 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def paired(rows: list[dict], reference: str = REFERENCE_ARM) -> list[dict]:
-    """Per arm, the per-seed difference arm - reference in test points: mean, sd, n, seeds ahead."""
+def paired(rows: list[dict], reference: str = REFERENCE_ARM, score: Score = ACCURACY) -> list[dict]:
+    """Per arm, the per-seed difference arm - reference in the score's units (points for accuracy):
+    mean, sd, n, seeds ahead."""
     ref = {r["seed"]: r["test"] for r in rows if r["arm"] == reference and "skipped" not in r}
     out = []
     for arm in ARMS:
         if arm == reference:
             continue
-        diffs = [100.0 * (r["test"] - ref[r["seed"]]) for r in rows
+        diffs = [score.scale * (r["test"] - ref[r["seed"]]) for r in rows
                  if r["arm"] == arm and "skipped" not in r and r["seed"] in ref]
         if diffs:
             mean, sd = _mean_sd(diffs)
@@ -247,9 +287,10 @@ def paired(rows: list[dict], reference: str = REFERENCE_ARM) -> list[dict]:
     return out
 
 
-def verdict(summary: list[dict], pairs: list[dict], maximize: bool = True) -> str:
-    """Which arm won and by how much, in plain words, with the paired differences vs pb.
-    maximize: a higher score is better (False: the model file's metric is lower-is-better)."""
+def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> str:
+    """Which arm won and by how much, in plain words, with the paired differences vs pb, in the
+    score's units (score.maximize False: the model file's metric is lower-is-better)."""
+    maximize = score.maximize
     ran = [s for s in summary if s["n"]]
     if not ran:
         return "no arm finished"
@@ -267,21 +308,24 @@ def verdict(summary: list[dict], pairs: list[dict], maximize: bool = True) -> st
     ranked = sorted(ran, key=lambda s: -s["test"] if maximize else s["test"])
     win = ranked[0]
     by_arm = {p["arm"]: p for p in pairs}
+    test = f"test {score.metric}" if score.metric != "accuracy" else "test"
     if len(ranked) > 1 and win["test"] == ranked[1]["test"]:
         tied = [s["arm"] for s in ranked if s["test"] == win["test"]]
-        lines.append(f"**no arm won**: {', '.join(tied)} tied at test {win['test']:.1f} % over {win['n']} seed(s).")
+        lines.append(f"**no arm won**: {', '.join(tied)} tied at {test} {score.value(win['test'])} over {win['n']} "
+                     "seed(s).")
     elif len(ranked) > 1:
         second = ranked[1]
-        margin = (f"{abs(win['test'] - second['test']):.1f} points {'ahead of' if maximize else 'below'} the next arm "
-                  f"({second['arm']}, {second['test']:.1f} ± {second['test_sd']:.1f} %)")
+        margin = (f"{score.num(abs(win['test'] - second['test']))}{score.diff_unit} "
+                  f"{'ahead of' if maximize else 'below'} the next arm "
+                  f"({second['arm']}, {score.value(second['test'], second['test_sd'])})")
         if win["n"] < 2:  # one run each: a ranking, not a result
-            lines.append(f"**{win['arm']} ranked first** at one seed: test {win['test']:.1f} %, {margin}; one seed "
-                         "cannot tell a win from run-to-run noise.")
+            lines.append(f"**{win['arm']} ranked first** at one seed: {test} {score.value(win['test'])}, {margin}; "
+                         "one seed cannot tell a win from run-to-run noise.")
         else:
-            lines.append(f"**{win['arm']} won**: test {win['test']:.1f} ± {win['test_sd']:.1f} % over {win['n']} seeds, "
-                         f"{margin}.")
+            lines.append(f"**{win['arm']} won**: {test} {score.value(win['test'], win['test_sd'])} over {win['n']} "
+                         f"seeds, {margin}.")
     else:
-        lines.append(f"only {win['arm']} finished: test {win['test']:.1f} ± {win['test_sd']:.1f} %")
+        lines.append(f"only {win['arm']} finished: {test} {score.value(win['test'], win['test_sd'])}")
     words = {"plain": "the same model without PB", "restarts": "the PB schedule with nothing installed",
              "gd": "dendrites trained by backprop", "plain-matched": "a plain model with pb's parameter count",
              "original": "the model at width 1"}
@@ -289,14 +333,15 @@ def verdict(summary: list[dict], pairs: list[dict], maximize: bool = True) -> st
         p = by_arm.get(arm)
         if p is None:
             continue
-        pb_side = round(-p["mean"], 1) + 0.0  # as printed (+ 0.0: no "-0.0"), so the words match the number
+        pb_side = score.rounded(-p["mean"])  # as printed, so the words match the number
         better = pb_side if maximize else -pb_side
         sign = "ahead of" if better > 0 else "behind" if better < 0 else "level with"
         ahead, behind = (p["behind"], p["ahead"]) if maximize else (p["ahead"], p["behind"])
         seeds = f"{p['n']} seed{'s' if p['n'] != 1 else ''}"
-        lines.append(f"pb is {abs(pb_side):.1f} points {sign} {arm} ({what}): paired difference pb − {arm} = "
-                     f"{pb_side:+.1f} ± {p['sd']:.1f} points over {seeds} (pb ahead in {ahead}, behind in {behind}"
-                     f"{'' if maximize else '; lower is better'}); {_noise(-p['mean'], p['sd'], p['n'])}.")
+        lines.append(f"pb is {score.num(abs(pb_side))}{score.diff_unit} {sign} {arm} ({what}): paired difference "
+                     f"pb − {arm} = {score.num(pb_side, sign=True)} ± {score.num(p['sd'])}{score.diff_unit} over "
+                     f"{seeds} (pb ahead in {ahead}, behind in {behind}{'' if maximize else '; lower is better'}); "
+                     f"{_noise(-p['mean'], p['sd'], p['n'], score)}.")
     skipped = [s for s in summary if not s["n"]]
     for s in skipped:
         lines.append(f"{s['arm']} was not run: {s['skipped']}")
@@ -311,7 +356,7 @@ _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31,
         15: 2.13, 20: 2.09, 30: 2.04}
 
 
-def _noise(mean: float, sd: float, n: int) -> str:
+def _noise(mean: float, sd: float, n: int, score: Score = ACCURACY) -> str:
     """Whether a paired mean difference over n seeds stands out of the seeds' noise: its 95 %
     t interval, and what that says."""
     if n < 2:
@@ -322,30 +367,31 @@ def _noise(mean: float, sd: float, n: int) -> str:
     lo, hi = mean - half, mean + half
     verdict = ("not distinguishable from seed noise" if lo <= 0 <= hi
                else "beyond seed noise")
-    return f"95 % interval [{lo:+.1f}, {hi:+.1f}]: {verdict}"
+    return f"95 % interval [{score.num(lo, sign=True)}, {score.num(hi, sign=True)}]: {verdict}"
 
 
-def markdown(summary: list[dict], pairs: list[dict], text: str, header: str) -> str:
+def markdown(summary: list[dict], pairs: list[dict], text: str, header: str, score: Score = ACCURACY) -> str:
     def ms(s, key, fmt):
         return "–" if key not in s else (fmt.format(s[key], s[key + "_sd"]))
 
     by_arm = {p["arm"]: p for p in pairs}
-    lines = [header, "", "| arm | n | test % | Δ vs pb (paired) | params | ONNX Runtime ms | train s | epochs | width |",
+    lines = [header, "", f"| arm | n | {score.label()} | Δ vs pb (paired) | params | ONNX Runtime ms | train s | "
+             "epochs | width |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         if not s["n"]:
             lines.append(f"| {s['arm']} | 0 | not run: {s['skipped']} | | | | | | |")
             continue
         p = by_arm.get(s["arm"])
-        delta = "–" if p is None else f"{p['mean']:+.1f} ± {p['sd']:.1f}"
-        lines.append(f"| {s['arm']} | {s['n']} | {ms(s, 'test', '{:.1f} ± {:.1f}')} | {delta} | "
+        delta = "–" if p is None else f"{score.num(p['mean'], sign=True)} ± {score.num(p['sd'])}"
+        lines.append(f"| {s['arm']} | {s['n']} | {score.num(s['test'])} ± {score.num(s['test_sd'])} | {delta} | "
                      f"{ms(s, 'params', '{:.0f} ± {:.0f}')} | {ms(s, 'latency_ms', '{:.3f} ± {:.3f}')} | "
                      f"{ms(s, 'seconds', '{:.0f} ± {:.0f}')} | {ms(s, 'epochs', '{:.0f} ± {:.0f}')} | "
                      f"{ms(s, 'width', '{:.3g} ± {:.2g}')} |")
     return "\n".join(lines) + "\n\n" + text + "\n"
 
 
-def plot(summary: list[dict], path: str, title: str = "") -> bool:
+def plot(summary: list[dict], path: str, title: str = "", score: Score = ACCURACY) -> bool:
     """Test score vs parameters and vs ONNX Runtime latency, one point per arm, sd error bars;
     False when matplotlib is missing (nothing written)."""
     plt = pyplot_or_none(path)
@@ -360,7 +406,7 @@ def plot(summary: list[dict], path: str, title: str = "") -> bool:
                             label=s["arm"])
                 ax.set_xlabel(label)
     for ax in axes:
-        ax.set_ylabel("test score at best validation (%)")
+        ax.set_ylabel(f"test {score.metric} at best validation" + (" (%)" if score.unit else ""))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         else:
@@ -374,8 +420,8 @@ def plot(summary: list[dict], path: str, title: str = "") -> bool:
 
 
 # -- the comparison ------------------------------------------------------------------------
-def _check(model_file, arms, seeds, width, jobs, out, config, training, include, exclude) -> WidthBuilder:
-    """Refuse bad input before any training (one-line errors)."""
+def _check(model_file, arms, seeds, width, jobs, out, config, training, include, exclude) -> Score:
+    """Refuse bad input before any training (one-line errors); returns how the report writes the score."""
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise CompareError(f"arm {unknown[0]!r} is not an arm: use some of {', '.join(ARMS)}")
@@ -393,10 +439,7 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
         check_output_dir(out, CompareError)
     mod = load_job_module(model_file)
     check_metric_direction(mod, config.maximize, CompareError)
-    if task_functions(mod)[2] == "minus the loss":
-        # (the report speaks of test % and points: a loss in those units would read as nonsense)
-        raise CompareError("compare reports accuracy-like scores in %, and this model file's TASK is 'regression': "
-                           "define metric(output, target) -> (sum, count) in [0, 1] per sample, or use pbp-fx train")
+    score = Score(task_functions(mod)[2], config.maximize)
     builder = WidthBuilder.from_module(mod)
     _, inputs = instantiate(mod)
     torch.manual_seed(training.seed)
@@ -411,10 +454,11 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
 
         perforate(model, inputs, include=include, exclude=exclude, activation=config.activation,
                   example_kwargs=example_kwargs(mod), frontend=training.frontend)  # errors now, not after the plain arms
-    return builder
+    return score
 
 
-def _run_all(model_file, specs, config, training, include, exclude, latency, jobs, echo) -> list[dict]:
+def _run_all(model_file, specs, config, training, include, exclude, latency, jobs, echo,
+             score: Score = ACCURACY) -> list[dict]:
     args = [(model_file, s, config, training, include, exclude, latency) for s in specs]
     rows: list[dict] = []
     if not specs:
@@ -427,7 +471,7 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
         try:
             for a in args:
                 rows.append(run_arm(*a))
-                echo(_row_text(rows[-1]))
+                echo(_row_text(rows[-1], score))
         finally:
             torch.set_num_threads(threads)
         return rows
@@ -438,15 +482,15 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
                              initializer=torch.set_num_threads, initargs=(1,)) as ex:
         for row in ex.map(run_arm, *zip(*args)):
             rows.append(row)
-            echo(_row_text(row))
+            echo(_row_text(row, score))
     return rows
 
 
-def _row_text(r: dict) -> str:
+def _row_text(r: dict, score: Score = ACCURACY) -> str:
     if "skipped" in r:
         return f"  {r['arm']:<14} seed {r['seed']}: not run ({r['skipped']})"
     lat = f", {r['latency_ms']:.3f} ms" if "latency_ms" in r else ""
-    return (f"  {r['arm']:<14} seed {r['seed']}: test {100 * r['test']:.1f} %  params {r['params']}  "
+    return (f"  {r['arm']:<14} seed {r['seed']}: test {score.value(score.scale * r['test'])}  params {r['params']}  "
             f"epochs {r['epochs']}  ({r['seconds']:.0f} s{lat})")
 
 
@@ -508,7 +552,7 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     arms = list(arms)
     if "plain-matched" in arms and "pb" not in arms and not given:
         raise CompareError("plain-matched is sized from pb's parameter count: add the pb arm")
-    _check(model_file, arms if not given else arms + ["pb"], seeds, width, jobs, out, config, training, include,
+    score = _check(model_file, arms if not given else arms + ["pb"], seeds, width, jobs, out, config, training, include,
            exclude)
     seed_list = [training.seed + i for i in range(seeds)]
     t0 = time.perf_counter()
@@ -518,24 +562,25 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     for wave in ([seed_list] if jobs > 1 else [[s] for s in seed_list]):
         first = [RunSpec(a, s, 1.0 if a == "original" else width) for s in wave for a in arms
                  if a != "plain-matched"]
-        rows += _run_all(model_file, first, config, training, include, exclude, latency, jobs, echo)
+        rows += _run_all(model_file, first, config, training, include, exclude, latency, jobs, echo, score)
         if "plain-matched" in arms:
             pb = {r["seed"]: r["params"] for r in rows if r["arm"] == "pb" and "skipped" not in r}
             matched = [RunSpec("plain-matched", s, width, float(pb[s])) for s in wave if s in pb]
-            rows += _run_all(model_file, matched, config, training, include, exclude, latency, jobs, echo)
-    summary = summarize(rows)
-    pairs = paired(rows)
-    text = verdict(summary, pairs, config.maximize)
+            rows += _run_all(model_file, matched, config, training, include, exclude, latency, jobs, echo, score)
+    summary = summarize(rows, score)
+    pairs = paired(rows, score=score)
+    text = verdict(summary, pairs, score)
     name = model_file or DEFAULT_MODEL
-    header = (f"`{os.path.basename(name)}` at width {width:g}: test score at best validation"
-              f"{'' if config.maximize else ' (lower is better)'}, mean ± sd over "
+    header = (f"`{os.path.basename(name)}` at width {width:g}: test {score.metric}{' (%)' if score.unit else ''} "
+              f"at best validation{'' if config.maximize else ' (lower is better)'}, mean ± sd over "
               f"{seeds} seed(s); Δ = arm − pb per seed. Budget: epochs ≤ {training.epochs}, patience "
               f"{config.patience}, max_dendrites {config.max_dendrites}, dendrite phase ≤ "
               f"{config.max_dendrite_epochs} epochs, Adam lr {training.lr}, batch {training.batch_size}.")
-    result = {"model": name, "width": width, "seeds": seed_list, "arms": arms, "config": config.to_dict(),
+    result = {"model": name, "width": width, "seeds": seed_list, "arms": arms, "metric": score.metric,
+              "score_scale": score.scale, "config": config.to_dict(),
               "training": training.to_dict(), "runs": rows, "summary": summary, "paired": pairs,
               "verdict": text, "seconds": time.perf_counter() - t0}
-    md = markdown(summary, pairs, text, header)
+    md = markdown(summary, pairs, text, header, score)
     echo("")
     echo(md)
     if out is not None:
@@ -545,6 +590,7 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
                 with open(tmp, "w") as f:
                     f.write(body)
             atomic_write(os.path.join(out, fname), write, CompareError, fname)
-        plotted = plot(summary, os.path.join(out, "compare.png"), title=f"{os.path.basename(name)} (width {width:g})")
+        plotted = plot(summary, os.path.join(out, "compare.png"), title=f"{os.path.basename(name)} (width {width:g})",
+                       score=score)
         echo(f"wrote {out}/compare.md, {out}/compare.json" + (f", {out}/compare.png" if plotted else ""))
     return result

@@ -8,7 +8,7 @@ import torch
 
 from pbp_fx import PBConfig, TrainConfig
 from pbp_fx.cli import main
-from pbp_fx.compare import CompareError, compare, onnx_latency_ms, paired, summarize, verdict
+from pbp_fx.compare import CompareError, Score, compare, markdown, onnx_latency_ms, paired, summarize, verdict
 
 TINY = textwrap.dedent('''
     import torch
@@ -110,15 +110,25 @@ def test_cli_refuses_bad_input_up_front(tiny, tmp_path, capsys, argv, message):
     assert not out.exists()
 
 
-def test_a_regression_model_file_is_refused_up_front(tmp_path, capsys):
-    """The report is in % and points; a loss is not (pbp-fx train scores it as minus the loss)."""
+REGRESSION = TINY.replace("self.fc2 = nn.Linear(width, 3)", "self.fc2 = nn.Linear(width, 1)").replace(
+    "y = (x[:, 0] > 0).long() + (x[:, 1] * x[:, 2] > 0).long()", "y = (x[:, :1] * 3.0 + x[:, 1:2]).float()"
+) + "\nTASK = 'regression'\n"
+
+
+def test_a_regression_model_file_is_compared_in_its_own_units(tmp_path, capsys):
+    """compare refused TASK = 'regression' (its report was in % only); now minus the loss is the score."""
     path = tmp_path / "reg.py"
-    path.write_text(TINY + "\nTASK = 'regression'\n")
-    out = tmp_path / "never"
-    assert main(["compare", str(path), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "TASK is 'regression'" in err and err.count("\n") == 1
-    assert not out.exists()
+    path.write_text(REGRESSION)
+    out = tmp_path / "c"
+    assert main(["compare", str(path), "--seeds", "1", "--arms", "plain,restarts", "--no-latency", "--out", str(out),
+                 "--epochs", "3", "--patience", "1"]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["metric"] == "minus the loss" and result["score_scale"] == 1.0
+    plain = next(r for r in result["runs"] if r["arm"] == "plain")
+    assert plain["test"] < 0 and result["summary"][0]["test"] == pytest.approx(plain["test"])
+    md = (out / "compare.md").read_text()
+    assert "| test minus the loss |" in md and "%" not in md.split("\n\n", 1)[1]
+    assert f"seed 0: test {plain['test']:.4g}  params" in capsys.readouterr().out
 
 
 def test_no_maximize_with_the_built_in_accuracy_is_refused(tmp_path, capsys):
@@ -286,10 +296,27 @@ def test_a_lower_is_better_metric_ranks_the_lowest_score_first():
     """--no-maximize with a custom metric (an error): compare ranked higher as better and said pb won."""
     rows = [{"arm": "pb", "seed": s, "test": t, "params": 10} for s, t in ((0, 0.252), (1, 0.26))]
     rows += [{"arm": "plain", "seed": s, "test": t, "params": 5} for s, t in ((0, 0.251), (1, 0.25))]
-    text = verdict(summarize(rows), paired(rows), maximize=False)
-    assert "**plain won**" in text and "0.6 points below the next arm (pb" in text
-    assert "pb is 0.6 points behind plain" in text and "pb ahead in 0, behind in 2; lower is better" in text
+    error = Score("error", maximize=False)
+    text = verdict(summarize(rows, error), paired(rows, score=error), error)
+    assert "**plain won**" in text and "0.0055 below the next arm (pb" in text
+    assert "pb is 0.0055 behind plain" in text and "pb ahead in 0, behind in 2; lower is better" in text
     assert "**pb won**" in verdict(summarize(rows), paired(rows))
+
+
+def test_a_custom_metric_is_reported_in_its_own_units_not_percent():
+    """A model file's MAE (lower is better) read 'test 25.2 %' and its differences '0.6 points'."""
+    rows = [{"arm": "pb", "seed": s, "test": t, "val": t, "params": 10} for s, t in ((0, 3.25), (1, 3.5), (2, 3.0))]
+    rows += [{"arm": "plain", "seed": s, "test": t, "val": t, "params": 5} for s, t in ((0, 3.0), (1, 3.25), (2, 2.5))]
+    mae = Score("mae", maximize=False)
+    summary, pairs = summarize(rows, mae), paired(rows, score=mae)
+    assert summary[0]["test"] == pytest.approx(2.9166666) and pairs[0]["mean"] == pytest.approx(-1 / 3)
+    text = verdict(summary, pairs, mae)
+    assert text.startswith("**plain won**: test mae 2.917 ± 0.3819 over 3 seeds, 0.3333 below the next arm (pb, "
+                           "3.25 ± 0.25)")
+    assert "pb − plain = +0.3333 ± 0.1443 over 3 seeds" in text and "95 % interval [-0.025, +0.6917]" in text
+    table = markdown(summary, pairs, text, "h", mae)
+    assert "| test mae |" in table and "| plain | 3 | 2.917 ± 0.3819 | -0.3333 ± 0.1443 |" in table
+    assert "%" not in table.replace("95 %", "") and "points" not in table
 
 
 @pytest.mark.parametrize("diffs, words", [
