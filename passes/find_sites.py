@@ -113,6 +113,14 @@ def _caller(gm: nn.Module, node: fx.Node, weight: str) -> Optional[str]:
     return path if held is not None and any(p is held for p in owner.parameters(recurse=False)) else None
 
 
+def _weight_site_name(weight: str) -> str:
+    """A functional layer's site name from its weight's path: its owner's path; "root" for the
+    root module's own `weight` (a bare nn.Conv2d/nn.Linear perforated alone)."""
+    if weight == "weight":
+        return "root"
+    return weight[: -len(".weight")] if weight.endswith(".weight") else weight
+
+
 def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilter = None) -> list[SiteSpec]:
     """List the neuron sites of `gm`. include/exclude take module types, qualified-name
     globs ("layer1.*") or callables `(name, module) -> bool`; exclude wins."""
@@ -126,8 +134,7 @@ def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilt
         if match is None:
             continue
         caller = None if match.module else _caller(gm, node, match.weight)
-        base = match.module or caller or (
-            match.weight[: -len(".weight")] if match.weight.endswith(".weight") else match.weight)
+        base = match.module or caller or _weight_site_name(match.weight)
         i = uses.get(base, 0)
         uses[base] = i + 1
         name = base if i == 0 else f"{base}@{i}"
@@ -187,14 +194,12 @@ def _part_sites(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter) ->
 
 
 def _part_qualifier(part) -> Callable[[str], str]:
-    """A site name inside a part -> its name in the model: `path.name`, except that a part
-    which is itself a layer (an nn.Linear traced alone reads its own `weight`) is named by its
-    path, as the same layer inside a traced graph is."""
-    is_layer = {n for n, _ in part.graph_module.named_parameters()} <= {"weight", "bias"}
-
+    """A site name inside a part -> its name in the model: `path.name`, except that the part's own
+    weight (site "root": a part that is an nn.Linear traced alone, or a functional weight of the
+    part's module) is named by the part's path, as the same layer inside a traced graph is."""
     def qualify(name: str) -> str:
         base, at, use = name.partition("@")
-        return part.name + at + use if is_layer and base == "weight" else f"{part.name}.{name}"
+        return part.name + at + use if base == "root" else f"{part.name}.{name}"
     return qualify
 
 

@@ -208,22 +208,25 @@ def _convert_hint(path: str) -> str:
     return (f"checkpoint {path} is format 1 (pbp-fx before PBConfig)")
 
 
-def _legacy_part_name(name: str) -> str:
-    """What pbp-fx named a site before a "parts" capture's part that is itself a layer (an
-    nn.Linear traced alone) was named by its path: `a` was `a.weight`, `a@1` was `a.weight@1`."""
+def _legacy_site_name(name: str, parts: bool) -> str:
+    """What earlier pbp-fx named a site: the root's own weight (a bare nn.Linear perforated alone,
+    now `root`) was `weight`; in a "parts" capture a part's own weight (now the part's path `a`)
+    was `a.weight`; `@i` uses alike."""
     base, at, use = name.partition("@")
-    return f"{base}.weight{at}{use}"
+    if base == "root":
+        return f"weight{at}{use}"
+    return f"{base}.weight{at}{use}" if parts else name
 
 
-def _renamed_part_sites(meta: dict, tensors: dict, pm: PerforatedModel) -> tuple[dict, dict]:
-    """(meta, tensors) of a "parts" checkpoint written with the old names of `_legacy_part_name`,
-    renamed to `pm`'s; any other checkpoint as it is."""
-    if (meta.get("capture") or {}).get("captured_with") != "parts":
-        return meta, tensors
+def _renamed_legacy_sites(meta: dict, tensors: dict, pm: PerforatedModel) -> tuple[dict, dict]:
+    """(meta, tensors) of a checkpoint written with the old names of `_legacy_site_name`, renamed
+    to `pm`'s; any other checkpoint as it is."""
     from pbp_fx.passes.insert_dendrites import SITES_ATTR, site_key
 
+    parts = (meta.get("capture") or {}).get("captured_with") == "parts"
     saved = {r["name"] for r in meta["structure"]["sites"]}
-    renames = {_legacy_part_name(n): n for n in pm.sites if n not in saved and _legacy_part_name(n) in saved}
+    renames = {_legacy_site_name(n, parts): n for n in pm.sites
+               if n not in saved and _legacy_site_name(n, parts) in saved}
     if not renames:
         return meta, tensors
     keys = {f"{SITES_ATTR}.{site_key(old)}.": f"{SITES_ATTR}.{site_key(new)}." for old, new in renames.items()}
@@ -286,9 +289,10 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
     # float64 rebuilds its model in float64 (`_to_saved_dtype`) whatever dtype the inputs were made in.
     example_inputs, example_kwargs = in_model_dtype(model, example_inputs, example_kwargs)
     inputs = () if example_inputs is None else example_inputs
-    legacy = capture is not None and capture["captured_with"] == "parts"
+    parts = capture is not None and capture["captured_with"] == "parts"
     try:
-        pm = perforate(model, inputs, include=lambda n, m: n in names or (legacy and _legacy_part_name(n) in names), activation=st["activation"],
+        pm = perforate(model, inputs, include=lambda n, m: n in names or _legacy_site_name(n, parts) in names,
+                       activation=st["activation"],
                        mode=st["mode"], example_kwargs=example_kwargs, frontend=frontend, dynamic=dynamic)
     except NoSitesError as exc:
         raise CheckpointError(f"checkpoint {path} belongs to another model: none of its sites "
@@ -337,7 +341,7 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
         _to_saved_dtype(model, tensors)
         model = _perforate_like(path, meta, model, example_inputs, example_kwargs)
     pm = model
-    meta, tensors = _renamed_part_sites(meta, tensors, pm)
+    meta, tensors = _renamed_legacy_sites(meta, tensors, pm)
     st = meta["structure"]
     _to_saved_dtype(pm, tensors)
     _check_sites(pm, st, path)
@@ -391,7 +395,7 @@ def load_error_detail(exc: Exception, limit: int = 240) -> str:
 def holds_weights_of(path: str, pm: PerforatedModel) -> bool:
     """Whether the checkpoint's parameters equal the model's (on the names both have): a
     framework that loaded its own copy of the weights resumes from this file's run."""
-    meta, tensors = _renamed_part_sites(*_read(path), pm)
+    meta, tensors = _renamed_legacy_sites(*_read(path), pm)
     saved = _collect("model/", tensors, meta.get("plain", {}))
     params = dict(pm.named_parameters())
     common = [k for k in params if k in saved and isinstance(saved[k], torch.Tensor)]
@@ -428,7 +432,7 @@ def load_controller(path: str, controller) -> None:
     The controller's optimizer keeps the state it has (the framework restored it too). A model
     with another structure is refused in one line naming the fix.
     """
-    meta, tensors = _renamed_part_sites(*_read(path), controller.pm)
+    meta, tensors = _renamed_legacy_sites(*_read(path), controller.pm)
     if "controller" not in meta:
         raise CheckpointError(f"checkpoint {path} has no controller state: it was saved without a controller")
     here = describe_structure(controller.pm)

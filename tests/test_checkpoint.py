@@ -413,9 +413,9 @@ def test_a_site_that_differs_only_in_its_settings_is_named_with_them(tmp_path):
         pbp_fx.load(path, no_bias, (X,))
 
 
-def _with_old_part_names(path, out):
-    """Rewrite a "parts" checkpoint as pbp-fx named its sites before stop 21: a part that is
-    itself a layer as `a.weight` (module key `a_weight`), not `a`."""
+def _with_old_part_names(path, out, old=None):
+    """Rewrite a checkpoint's site names as earlier pbp-fx named them (`old`: new -> old name; by
+    default a "parts" checkpoint's part weights as `a.weight`, module key `a_weight`, not `a`)."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -423,7 +423,7 @@ def _with_old_part_names(path, out):
     from pbp_fx.checkpoint import _digest
 
     meta = read_meta(path)
-    old = {"a": "a.weight", "head": "head.weight"}
+    old = old or {"a": "a.weight", "head": "head.weight", "gate": "gate.weight"}
     for rec in meta["structure"]["sites"]:
         rec["name"] = old.get(rec["name"], rec["name"])
 
@@ -437,12 +437,29 @@ def _with_old_part_names(path, out):
     save_file(tensors, out, metadata={"pbp_fx": json.dumps(meta)})
 
 
+def test_a_bare_layer_checkpoint_with_the_old_site_name_weight_loads_as_root(tmp_path):
+    """A bare nn.Linear's site was named 'weight' before it was 'root': its checkpoints still load."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    pm = pbp_fx.perforate(nn.Linear(4, 3), (x,))
+    pm.grow()
+    with torch.no_grad():
+        pm.sites["root"].out_weight.normal_()
+    new, old = str(tmp_path / "new.safetensors"), str(tmp_path / "old.safetensors")
+    pbp_fx.save(pm, new)
+    _with_old_part_names(new, old, {"root": "weight"})
+    assert [r["name"] for r in read_meta(old)["structure"]["sites"]] == ["weight"]
+    pm2 = pbp_fx.load(old, lambda: nn.Linear(4, 3))
+    assert list(pm2.sites) == ["root"] and pm2.num_dendrites == {"root": 1}
+    assert torch.equal(pm2(x), pm(x))
+
+
 def test_a_parts_checkpoint_with_the_old_site_names_loads_renamed(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(8, 4)
     with pytest.warns(UserWarning, match="neither fx nor torch.export"):
         pm = pbp_fx.perforate(BranchingRoot(), (x,))
-    assert list(pm.sites) == ["a", "gate.b", "gate.weight", "head"]
+    assert list(pm.sites) == ["a", "gate.b", "gate", "head"]
     pm.grow()
     with torch.no_grad():
         for s in pm.sites.values():

@@ -214,7 +214,7 @@ def test_functional_conv_of_every_dim(dim, padding, pb):
 
     x = torch.randn(2, 2, *([5] * dim))
     _, specs = _specs(M(), *x.shape)
-    assert len(specs) == 1 and specs[0].name == "weight" and specs[0].kind == f"conv{dim}d"
+    assert len(specs) == 1 and specs[0].name == "root" and specs[0].kind == f"conv{dim}d"
     assert specs[0].layer.padding == (padding if isinstance(padding, str) else (padding,) * dim)
     pm = pbp_fx.perforate(M(), (x,))
     pm.grow()
@@ -294,10 +294,10 @@ def test_part_sites_are_named_by_their_path_in_the_model():
     with pytest.warns(UserWarning, match="neither fx nor torch.export"):
         gm = trace(BranchingRoot(), (torch.randn(3, 4),))
     assert gm.meta["pbp_frontend"] == "parts"
-    # A part that is a layer is named by its path, a functional weight inside a part by the parameter's.
-    assert [s.name for s in find_sites(gm)] == ["a", "gate.b", "gate.weight", "head"]
-    assert [s.name for s in find_sites(gm, include=["head", "gate.*"])] == ["gate.b", "gate.weight", "head"]
-    assert [s.name for s in find_sites(gm, exclude=["a"])] == ["gate.b", "gate.weight", "head"]
+    # A part that is a layer, or a functional weight of a part's own, is named by the part's path.
+    assert [s.name for s in find_sites(gm)] == ["a", "gate.b", "gate", "head"]
+    assert [s.name for s in find_sites(gm, include=["head", "gate", "gate.*"])] == ["gate.b", "gate", "head"]
+    assert [s.name for s in find_sites(gm, exclude=["a"])] == ["gate.b", "gate", "head"]
 
 
 class DeadCall(nn.Module):
@@ -318,3 +318,9 @@ class DeadCall(nn.Module):
 def test_a_call_whose_result_nothing_reads_is_not_a_site(frontend):
     gm = trace(DeadCall(), (torch.randn(3, 4),), frontend=frontend)
     assert [s.name for s in find_sites(gm)] == ["stat", "a", "b"]
+
+
+@pytest.mark.parametrize("layer, x", [(nn.Conv2d(3, 4, 3), torch.randn(2, 3, 8, 8)), (nn.Linear(3, 4), torch.randn(2, 3))])
+def test_a_bare_layer_perforated_alone_is_the_root_site_not_weight(layer, x):
+    """nn.Conv2d perforated by itself named its site 'weight' (its weight's path with '.weight' cut off)."""
+    assert [s.name for s in find_sites(trace(layer, (x,)))] == ["root"]
