@@ -400,6 +400,11 @@ class PhaseController:
                 else:
                     g["lr"] = cap
 
+    def applied_lr(self, lr: float) -> float:
+        """The rate an optimizer step applies to a group scheduled at `lr`: at most candidate_lr in
+        a dendrite phase (`_cap_dendrite_lr`), else lr. For logs, which read the scheduler's rate."""
+        return float(lr) if self.lr_scale is None else min(float(lr), self.config.candidate_lr)
+
     def _uncap_dendrite_lr(self, optimizer, args, kwargs) -> None:
         for g, lr in self._capped:
             if isinstance(lr, torch.Tensor):

@@ -53,6 +53,7 @@ class PBCallback(TrainerCallback):
         self._round_has_metric = False  # an evaluation since the last step had the metric
         self._before_first_step = False  # eval_on_start's evaluation (of a fresh or a resumed run) comes now
         self._resumed_complete = False  # resumed from a checkpoint of a finished PB run
+        self._applied_lr: Optional[float] = None
         self._structure_hook: Optional[StructureOnLoad] = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -129,6 +130,7 @@ class PBCallback(TrainerCallback):
         if scheduler is not None:
             self.controller.attach_scheduler(scheduler, scaled=state.global_step > 0)
         self._before_first_step = bool(getattr(args, "eval_on_start", False))
+        self._applied_lr = None  # group 0's rate at the last optimizer step (what the log shows)
         self._training = True
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -171,6 +173,23 @@ class PBCallback(TrainerCallback):
         if self._training and self._other_datasets:
             self._refuse_missing_metric({})
         self._round_has_metric = False
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._training:
+            self._applied_lr = self.controller.applied_lr(self.controller.optimizer.param_groups[0]["lr"])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The Trainer logs its scheduler's last rate, which lags PB's rescale for one step when a
+        # phase begins or ends, and which a dendrite phase's step caps at candidate_lr (a warm
+        # restart can lift the schedule above it): log the rate the last step applied.
+        if not self._training or not logs or "learning_rate" not in logs or self._applied_lr is None:
+            return
+        scheduled = logs["learning_rate"]
+        if self._applied_lr != scheduled:
+            entry = state.log_history[-1] if state.log_history else {}
+            if entry.get("learning_rate") == scheduled:
+                entry["learning_rate"] = self._applied_lr
+            logs["learning_rate"] = self._applied_lr
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._before_first_step = False

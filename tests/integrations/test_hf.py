@@ -549,3 +549,31 @@ def test_another_train_on_the_same_trainer_after_a_crash_is_refused(tmp_path, pe
     trainer.remove_callback(crash)
     with pytest.raises(TrainingError, match="stopped inside an earlier training call"):
         trainer.train()
+
+
+def test_the_logged_rate_in_a_dendrite_phase_is_the_capped_rate_the_steps_applied(tmp_path, perforated_bert):
+    """A warm restart lifted the scheduler's rate above candidate_lr in a dendrite phase: the step
+    ran at candidate_lr, but the log showed the scheduler's rate (0.067 logged, 0.02 applied); and a
+    phase's first step logged the rate of the phase before (the scheduler's last rate lags the rescale)."""
+    applied, above_cap = {}, []  # step -> the rate the optimizer step ran at; steps scheduled above the cap
+    cb = PBCallback(QUICK)
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            # registered after PB's own pre-step hook (PBCallback's on_train_begin runs first): sees the cap
+            optimizer.optimizer.register_step_pre_hook(
+                lambda opt, a, k: applied.__setitem__(state.global_step + 1, float(opt.param_groups[0]["lr"])))
+
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            scheduled = float(cb.controller.optimizer.param_groups[0]["lr"])  # (the cap is undone after the step)
+            if cb.controller.pm.phase == "dendrite" and scheduled > QUICK.candidate_lr:
+                above_cap.append(state.global_step + 1)
+
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=30, logging_strategy="steps",
+                          logging_steps=1, lr_scheduler_type="cosine_with_restarts",
+                          lr_scheduler_kwargs={"num_cycles": 15})  # 8-step cycles: a restart inside the phase
+    trainer.add_callback(Record())
+    trainer.train()
+    logged = {r["step"]: r["learning_rate"] for r in trainer.state.log_history if "learning_rate" in r}
+    assert above_cap and all(applied[s] == QUICK.candidate_lr for s in above_cap)
+    assert all(logged[s] == pytest.approx(lr) for s, lr in applied.items() if s in logged)
