@@ -1023,6 +1023,27 @@ def test_run_refuses_a_size_the_file_fixes_naming_the_dim_and_the_fix(tmp_path, 
     assert rc == 0 and "output output: shape [3, 3]" in stdout
 
 
+def test_run_refuses_inputs_that_disagree_on_a_shared_axis(tmp_path, capsys):
+    """ids and mask share the dynamic axes batch and sequence: two sizes for one axis failed inside
+    ONNX Runtime (a broadcast error naming an internal node)."""
+    model = _write(tmp_path, TOKENS.replace("def forward(self, ids):", "def forward(self, ids, mask):").replace(
+        "return self.head(torch.relu(self.fc(self.emb(ids))).mean(1))",
+        "return self.head((torch.relu(self.fc(self.emb(ids))) * mask.unsqueeze(-1)).mean(1))").replace(
+        "return (torch.randint(0, 20, (2, 6)),)", "return (torch.randint(0, 20, (2, 6)), torch.ones(2, 6))"))
+    out = str(tmp_path / "m.onnx")
+    assert _run(["export", model, "-o", out, "--dynamic-axis", "ids:1=sequence", "--dynamic-axis",
+                 "mask:1=sequence"], capsys)[0] == 0
+    ids, mask = str(tmp_path / "ids.npy"), str(tmp_path / "mask.npy")
+    for ids_shape, mask_shape, axis in (((3, 5), (3, 7), "'sequence' (5 and 7)"), ((3, 5), (4, 5), "'batch' (3 and 4)")):
+        np.save(ids, np.zeros(ids_shape, dtype=np.int64))
+        np.save(mask, np.ones(mask_shape, dtype=np.float32))
+        rc, _, err = _run(["run", out, "--input", ids, "--input", mask], capsys)
+        assert rc == 2 and err.count("\n") == 1 and f"disagree on axis {axis}: give them one size there" in err, err
+    np.save(mask, np.ones((3, 5), dtype=np.float32))
+    rc, stdout, _ = _run(["run", out, "--input", ids, "--input", mask], capsys)
+    assert rc == 0 and "shape [3, 3]" in stdout
+
+
 def test_exporting_a_checkpoint_from_inside_a_dendrite_phase_says_what_the_file_holds(tmp_path, capsys):
     from pbp_fx.checkpoint import save
 
