@@ -290,7 +290,12 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
     example_inputs, example_kwargs = in_model_dtype(model, example_inputs, example_kwargs)
     inputs = () if example_inputs is None else example_inputs
     parts = capture is not None and capture["captured_with"] == "parts"
+    # A graph that follows one mode (a root forward branching on self.training) is rebuilt in the
+    # saved one, not in the mode the build function happens to return.
+    one_mode, was_training = (capture or {}).get("one_mode"), model.training
     try:
+        if one_mode is not None:
+            model.train(one_mode == "train")
         pm = perforate(model, inputs, include=lambda n, m: n in names or _legacy_site_name(n, parts) in names,
                        activation=st["activation"],
                        mode=st["mode"], example_kwargs=example_kwargs, frontend=frontend, dynamic=dynamic)
@@ -298,6 +303,8 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
         raise CheckpointError(f"checkpoint {path} belongs to another model: none of its sites "
                               f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) exists here; "
                               "load it onto the model it was trained on") from exc
+    finally:
+        model.train(was_training)
     if capture is not None:
         if pm.capture.get("leaves") != capture.get("leaves"):
             raise CheckpointError(f"checkpoint {path} was captured with leaves {capture.get('leaves')} but this model "

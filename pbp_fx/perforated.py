@@ -539,7 +539,9 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     gm = insert_dendrites(gm, specs, activation=activation, mode=mode)
     capture = {"frontend": frontend, "captured_with": gm.meta.get("pbp_frontend", "fx"), "dynamic": dynamic,
                "leaves": list(gm.meta.get("pbp_untraceable", [])),
-               "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {}))}
+               "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {})),
+               # a graph that follows one mode only follows the mode the model was captured in
+               "one_mode": ("train" if model.training else "eval") if gm.meta.get("pbp_modes_reason") else None}
     return PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
 
 

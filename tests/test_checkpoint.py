@@ -553,3 +553,39 @@ def test_resuming_under_other_settings_is_warned_of(tmp_path):
         warnings.simplefilter("error")
         target = pbp_fx.perforate(_build(), (X,))
         pbp_fx.load(path, target, controller=PhaseController(target, pbp_fx.PBConfig(max_dendrites=2, pool=3)))
+
+
+class _TrainsItsBufferInTheRootForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.register_buffer("ema", torch.zeros(4))
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.training:  # a branch in the root forward: the graph follows the mode it was captured in
+            with torch.no_grad():
+                self.ema.mul_(0.9).add_(0.1 * h.mean(0))
+        return self.out(torch.relu(h - self.ema))
+
+
+def test_a_one_mode_graph_is_rebuilt_in_the_mode_it_was_captured_in(tmp_path):
+    """Captured in eval mode and loaded through a build function (train mode): the loaded graph was the
+    train-mode one, updating its buffer at every call, and drifted from the saved model (0.022, 0.044, ...)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 4)
+    with pytest.warns(UserWarning, match="self.training"):
+        pm = pbp_fx.perforate(_TrainsItsBufferInTheRootForward().eval(), (x,))
+    assert pm.capture["one_mode"] == "eval"
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    with pytest.warns(UserWarning, match="self.training"):
+        loaded = pbp_fx.load(path, _TrainsItsBufferInTheRootForward)
+    assert loaded.capture["one_mode"] == "eval"
+    for _ in range(3):
+        assert torch.equal(loaded(x), pm(x))
+    assert torch.equal(loaded.graph_module.ema, torch.zeros(4))
+    model = _TrainsItsBufferInTheRootForward()
+    with pytest.warns(UserWarning, match="self.training"):
+        pbp_fx.load(path, model)
+    assert model.training  # the caller's model keeps its mode
