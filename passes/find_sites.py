@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 from torch import fx, nn
 
+from pbp_fx.config import ConfigError
 from pbp_fx.layers import LayerSpec, NormSpec
 
 from .patterns import match_neuron, match_norm
@@ -61,13 +62,28 @@ class SiteSpec:
         return self.layer.channels
 
 
-def rules(f: SiteFilter) -> list:
-    """include / exclude as a list of rules."""
+def rules(f: SiteFilter, which: str = "include/exclude") -> list:
+    """include / exclude as a list of rules (module types, name globs, callables `(name, module)`);
+    anything else is refused in one line. An iterable is read once (a generator would be used up
+    by the first layer), so callers pass the list on."""
     if f is None:
         return []
-    if isinstance(f, (str, type)) or callable(f) and not isinstance(f, (list, tuple, set)):
-        return [f]
-    return list(f)
+    if isinstance(f, (str, type)) or callable(f) and not isinstance(f, (list, tuple, set, nn.Module)):
+        out = [f]
+    else:
+        try:
+            out = list(f)
+        except TypeError:
+            out = [f]
+    for rule in out:
+        if isinstance(rule, nn.Module):
+            raise ConfigError(f"{which} holds the module {type(rule).__name__}(...), an instance: pass its type "
+                              f"({type(rule).__name__}), its name glob, or a callable (name, module) -> bool",
+                              which.partition("/")[0], rule)
+        if not isinstance(rule, (str, type)) and not callable(rule):
+            raise ConfigError(f"{which} {rule!r} is not a rule: pass module types, name globs (\"layer1.*\") or "
+                              "callables (name, module) -> bool, alone or in a list", which.partition("/")[0], rule)
+    return out
 
 
 def _matches(rule, name: str, module: Optional[nn.Module]) -> bool:
@@ -124,6 +140,7 @@ def _weight_site_name(weight: str) -> str:
 def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilter = None) -> list[SiteSpec]:
     """List the neuron sites of `gm`. include/exclude take module types, qualified-name
     globs ("layer1.*") or callables `(name, module) -> bool`; exclude wins."""
+    include, exclude = rules(include, "include"), rules(exclude, "exclude")
     specs: list[SiteSpec] = []
     uses: dict[str, int] = {}
     live = live_nodes(gm.graph)

@@ -324,3 +324,29 @@ def test_a_call_whose_result_nothing_reads_is_not_a_site(frontend):
 def test_a_bare_layer_perforated_alone_is_the_root_site_not_weight(layer, x):
     """nn.Conv2d perforated by itself named its site 'weight' (its weight's path with '.weight' cut off)."""
     assert [s.name for s in find_sites(trace(layer, (x,)))] == ["root"]
+
+
+def test_a_generator_of_rules_applies_to_every_layer():
+    """include=(glob for ...) was used up by the first layer: every later layer saw no rule."""
+    import pbp_fx
+
+    model, x = nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 2)), torch.randn(2, 5)
+    assert list(pbp_fx.perforate(model, (x,), include=(n for n in ["0", "4"])).sites) == ["0", "4"]
+    assert list(pbp_fx.perforate(model, (x,), exclude=(n for n in ["2", "4"])).sites) == ["0"]
+    gm = trace(model, (x,))
+    assert [s.name for s in find_sites(gm, exclude=iter(["0"]))] == ["2", "4"]
+
+
+@pytest.mark.parametrize("rule, message", [
+    (5, "include 5 is not a rule: pass module types, name globs"),
+    ([nn.Linear, 3.5], "include 3.5 is not a rule"),
+    (nn.Linear(5, 5), "include holds the module Linear(...), an instance: pass its type (Linear)"),
+])
+def test_a_rule_that_is_no_type_glob_or_callable_is_refused_in_one_line(rule, message):
+    """include=5 raised 'int object is not iterable'; a module instance was called as a rule (a forward error)."""
+    import pbp_fx
+    from pbp_fx.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        pbp_fx.perforate(nn.Sequential(nn.Linear(5, 5)), (torch.randn(2, 5),), include=rule)
+    assert message in str(info.value) and "\n" not in str(info.value)
