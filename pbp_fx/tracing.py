@@ -53,7 +53,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .config import ConfigError
-from .errors import TraceError
+from .errors import TraceError, warn_at_user
 from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "TraceError", "FRONTENDS"]
@@ -532,6 +532,11 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
                                  _written_buffers(model, args, kwargs))
                 if gm.meta["pbp_frontend"] == "fx":
                     _replay(fx_warnings)
+                    written = _written_buffers(model, args, kwargs) if frontend == "fx" else []
+                    if written:
+                        warn_at_user(f"forward writes buffer(s) {', '.join(written[:3])}, which symbolic tracing "
+                                     "drops (or runs once, while tracing): the perforated model will not update "
+                                     "them; use frontend='auto' or 'export', which keep them")
                 return gm
     try:
         gm = _trace_export(model, *_graph_inputs(export_call, args, kwargs), dynamic)

@@ -514,3 +514,26 @@ def test_a_submodule_branching_on_its_mode_is_kept_whole_and_follows_the_mode(fr
     pm.install_candidates(v_init=0.5)
     pm.eval()
     torch.testing.assert_close(pm.finalize()(x), pm(x))
+
+
+class _CountsItsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("scale", torch.ones(2))  # read, never written
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x) * self.scale
+
+
+def test_frontend_fx_warns_of_a_buffer_the_forward_writes(recwarn):
+    """frontend='fx' dropped `self.calls += 1` without a word (auto picks torch.export, which keeps it)."""
+    model, x = _CountsItsCalls(), torch.randn(3, 4)
+    with pytest.warns(UserWarning, match=r"forward writes buffer\(s\) calls, which symbolic tracing drops"):
+        trace(model, (x,), frontend="fx")
+    assert int(model.calls) == 0  # the check runs the model once and restores its buffers
+    recwarn.clear()
+    gm = trace(model, (x,), frontend="auto")
+    assert gm.meta["pbp_frontend"] == "export" and not [w for w in recwarn if "writes buffer" in str(w.message)]
