@@ -645,8 +645,6 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
             if hasattr(e, "add_note"):  # Python 3.11+; on 3.10 (supported) the debug log keeps it
                 e.add_note(report)
             log.debug("%s", report)
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # no terminal colour codes in a message
-        first = text.splitlines()[0] if text else type(e).__name__
         from pbp_fx.tracing import TracedPart
 
         parts = [m.name for m in module.modules() if isinstance(m, TracedPart) and m is not module]
@@ -667,9 +665,11 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
             raise ExportError(f"torch.onnx.export cannot keep the dynamic axes {', '.join(map(repr, axes))} "
                               f"({_root_reason(e)}): the model constrains their sizes (a "
                               "multiple of its strides, or equal to another size): export without them") from e
+        why = _root_reason(e)  # the capture's own reason (an unregistered output type, ...), not "step 1/3"
+        shapes_at_fault = re.search(r"dim|shape|size|constraint|speciali[sz]|guard", why, re.IGNORECASE)
         hint = (" (or pass dynamic_batch=False (pbp-fx export --static-batch) if the model fixes its batch size)"
-                if dynamic_batch else "")
-        raise ExportError(f"torch.onnx.export failed: {first}{hint}") from e
+                if dynamic_batch and shapes_at_fault else "")
+        raise ExportError(f"torch.onnx.export failed: {why}{hint}") from e
     sys.stderr.write(printed.getvalue())  # a successful export's own messages, as they were
     proto = program.model_proto
     if names is None:  # a structured output: its keys name the tensors

@@ -1,6 +1,7 @@
 """export_onnx: fused and unfused files, parity with PyTorch through ONNX Runtime."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -735,3 +736,30 @@ def test_a_fused_site_whose_input_size_the_axis_would_change_is_refused(tmp_path
     for dims in ({2: "time"}, {1: "channels"}):
         with pytest.raises(ExportError, match="the model fixes dim"):
             export_onnx(pm, x, tmp_path / "m.onnx", dynamic_axes={0: dims})
+
+
+@dataclasses.dataclass
+class _Out:
+    logits: torch.Tensor
+
+
+class _ReturnsADataclass(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return _Out(self.fc(x))
+
+
+@pytest.mark.parametrize("dynamic_batch", [True, False])
+def test_a_failed_export_names_the_captures_own_reason_not_the_exporters_step(tmp_path, dynamic_batch):
+    """An unregistered dataclass output read 'failed: Failed to export the model with torch.export. This is
+    step 1/3 ... Next steps: (or pass dynamic_batch=False ...)': the reason hidden, the advice beside the point."""
+    pm = pbp_fx.perforate(_ReturnsADataclass(), (torch.randn(2, 4),))
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError) as info:
+        pbp_fx.export_onnx(pm, (torch.randn(2, 4),), str(path), dynamic_batch=dynamic_batch)
+    message = str(info.value)
+    assert "_Out'> in output, which is not a known type" in message and "\n" not in message
+    assert "step 1/3" not in message and "dynamic_batch=False" not in message and not path.exists()
