@@ -62,6 +62,11 @@ class PBCallback(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         # Lightning restores callbacks for validate/test/predict(ckpt_path=...) too: only a fit resumes PB.
         self._resumed = (dict(state_dict) or None) if self._stage in (None, "fit") else None
+        if self._resumed is not None and "rng" in self._resumed:
+            # The next candidates' initial weights, as the uninterrupted run's: restored now, before
+            # configure_optimizers, where estimated_stepping_batches starts the first epoch's DataLoader
+            # iterator (its seed a draw from this generator), not at on_fit_start, after that draw.
+            torch.set_rng_state(self._resumed["rng"])
 
     def setup(self, trainer, pl_module, stage):
         self._stage = stage
@@ -117,8 +122,6 @@ class PBCallback(Callback):
             self.controller.load_state_dict(self._resumed["controller"])
             if self._resumed["frozen"]:  # only a dendrite phase has them
                 pm.load_phase_buffers(self._resumed["frozen"])
-            if "rng" in self._resumed:  # the next candidates' initial weights: as the uninterrupted run's
-                torch.set_rng_state(self._resumed["rng"])
             self._held_stoppers = {int(i): p for i, p in self._resumed.get("held_stoppers", {}).items()}
             self._resumed = None
         if self.controller.done:  # PB finished (a checkpoint written then, or fit() again): nothing left to train

@@ -67,6 +67,17 @@ class GroupedClassifier(Classifier):
                                  lr=3e-3)
 
 
+class OneCycleClassifier(Classifier):
+    """Lightning's OneCycleLR idiom: configure_optimizers reads estimated_stepping_batches, which
+    starts the first epoch's DataLoader iterator (a draw from the global generator) before on_fit_start."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=3e-3)
+        total = self.trainer.estimated_stepping_batches
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=3e-3, total_steps=int(total)), "interval": "step"}}
+
+
 def _trainer(callback, max_epochs=60, **kw):
     return L.Trainer(max_epochs=max_epochs, callbacks=[callback], accelerator="cpu", devices=1, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -156,12 +167,14 @@ def test_lightning_refusals():
 
 
 @pytest.mark.parametrize("phase,module,stride", [("neuron", Classifier, 1), ("dendrite", Classifier, 1),
+                                                 ("neuron", OneCycleClassifier, 1),
                                                  ("dendrite", GroupedClassifier, 1), ("complete", Classifier, 1),
                                                  ("dendrite", Classifier, 2)])
 def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module, stride):
     """trainer.fit(..., ckpt_path=...) from a checkpoint taken in a neuron phase (the candidates are
     drawn after the resume) or inside a dendrite phase makes the uninterrupted run's decisions with
-    its scores; candidate_stride=2: the pools came back at stride 1."""
+    its scores; candidate_stride=2: the pools came back at stride 1; OneCycleClassifier: the generator
+    was restored after the resumed epoch's DataLoader had drawn from it, one draw behind."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(ckpt_path=None, save=False, **kw):
