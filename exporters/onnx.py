@@ -47,7 +47,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import onnx
 import torch
@@ -284,6 +284,11 @@ def _as_tuple(example_inputs) -> tuple:
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
 
 
+def _tensor_input_names(module: nn.Module, inputs: tuple) -> list[str]:
+    """The names of the file's inputs (the tensor ones among `inputs`): forward's parameters."""
+    return [n for n, t in zip(_input_names(module, len(inputs)), inputs) if isinstance(t, Tensor)]
+
+
 def _input_names(module: nn.Module, count: int) -> list[str]:
     """The names the ONNX file gives the first `count` inputs: `forward`'s parameters (both export
     paths name inputs so); a `*args` forward's inputs are `args_0`, `args_1`, ..."""
@@ -449,17 +454,17 @@ def _graph_names(graph: onnx.GraphProto) -> set:
     return names
 
 
-def _name_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
+def _name_outputs(proto: onnx.ModelProto, names: list[str], input_names: Sequence[str] = ()) -> None:
     """Graph output i also as names[i] (an Identity, which runtimes drop): the exporter's own names
     are internal values' (_symbolic_3, addcmul_11). An internal value or initializer that has the
-    name already is renamed first; a name that is a graph input's is written `<name>_output`, with
-    a warning."""
+    name already is renamed first; a name that is a graph input's, or one of `input_names` (the
+    names the inputs get back, `_restore_input_names`), is written `<name>_output`, with a warning."""
     graph = proto.graph
     if len(names) != len(graph.output) or len(set(names)) != len(names):
         log.info("export_onnx: the outputs keep the exporter's names (%d names for %d outputs)",
                  len(names), len(graph.output))
         return
-    inputs = {v.name for v in graph.input}
+    inputs = {v.name for v in graph.input} | set(input_names)
     clashing = [n for n in names if n in inputs]
     if clashing:
         warn_at_user(f"output {clashing[0]!r} is named {clashing[0] + '_output'!r} in the ONNX file: an input has "
@@ -558,7 +563,9 @@ def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynami
     traced = _dynamic_shapes(module, inputs, dynamic_batch, dynamic_axes)
     if not dynamic_axes:
         try:
-            return emit(module, inputs, opset, dynamic_batch)
+            proto = emit(module, inputs, opset, dynamic_batch)
+            _restore_input_names(proto, _tensor_input_names(module, inputs))  # fx's `input_1` is forward's `input`
+            return proto
         except Unsupported as why:
             log.debug("export_onnx: the dynamo exporter runs (direct path: %s)", why)
     proto = _torch_export(module, inputs, traced, opset, dynamic_batch, sorted({a for d in dynamic_axes.values()
@@ -672,11 +679,12 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
         raise ExportError(f"torch.onnx.export failed: {why}{hint}") from e
     sys.stderr.write(printed.getvalue())  # a successful export's own messages, as they were
     proto = program.model_proto
+    input_names = _tensor_input_names(module, inputs)
     if names is None:  # a structured output: its keys name the tensors
         keys = _leaf_names(example_out)
         if keys is not None:
-            _name_outputs(proto, keys)
-    _restore_input_names(proto, [n for n, t in zip(_input_names(module, len(inputs)), inputs) if isinstance(t, Tensor)])
+            _name_outputs(proto, keys, input_names)
+    _restore_input_names(proto, input_names)
     if dynamic_batch:
         fixed = [(v.name, v.type.tensor_type.shape.dim[0].dim_value) for v in proto.graph.input
                  if v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].dim_param]

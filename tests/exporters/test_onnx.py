@@ -763,3 +763,35 @@ def test_a_failed_export_names_the_captures_own_reason_not_the_exporters_step(tm
     message = str(info.value)
     assert "_Out'> in output, which is not a known type" in message and "\n" not in message
     assert "step 1/3" not in message and "dynamic_batch=False" not in message and not path.exists()
+
+
+def test_a_dict_key_that_is_an_input_returned_as_it_is_names_the_output_key_output(tmp_path):
+    """{"y": y} with y an input: the file's input became y_orig and the output y, without a warning."""
+    class Echo(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4)
+
+        def forward(self, x, y):
+            return {"out": self.fc(x), "y": y}
+
+    x, y = torch.randn(2, 3), torch.randn(2, 5)
+    pm = pbp_fx.perforate(Echo(), (x, y))
+    with pytest.warns(UserWarning, match="output 'y' is named 'y_output' in the ONNX file: an input has that name"):
+        path = export_onnx(pm, (x, y), tmp_path / "m.onnx")
+    graph = onnx.load(str(path)).graph
+    assert ([i.name for i in graph.input], [o.name for o in graph.output]) == (["x", "y"], ["out", "y_output"])
+    got = ort_session(path, device="cpu", threads=1).run(None, {"x": x.numpy(), "y": y.numpy()})
+    np.testing.assert_allclose(got[1], y.numpy())
+
+
+def test_an_input_named_input_keeps_its_name_on_the_direct_path_as_with_dynamic_axes(tmp_path):
+    """nn.Sequential's forward(input): the direct emitter named it fx's input_1, the dynamo path input,
+    and `pbp-fx run` advised --dynamic-axis input_1:1=NAME, which export refused."""
+    model, x = torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.randn(2, 5, 4)
+    pm = pbp_fx.perforate(model, (x,))
+    plain = export_onnx(pm, (x,), tmp_path / "a.onnx")
+    axes = export_onnx(pm, (x,), tmp_path / "b.onnx", dynamic_axes={"input": {1: "time"}})
+    assert [i.name for i in onnx.load(str(plain)).graph.input] == ["input"]
+    assert [i.name for i in onnx.load(str(axes)).graph.input] == ["input"]
+    assert run(ort_session(plain, device="cpu", threads=1), {"input": x.numpy()})[0].shape == (2, 5, 3)
