@@ -358,6 +358,10 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
         if _plateau(controller) and decision is not Decision.COMPLETE:
             # After the controller, as the trainers do (the controller holds it in a dendrite phase).
             controller.scheduler.step(val)
+        if epoch == epochs and decision is not Decision.COMPLETE:
+            # the cap ends the run here: this epoch's row says so, as the controller's history does
+            controller.finish(f"epoch cap ({epochs}) reached")
+            decision = Decision.COMPLETE
         row["decision"] = decision.value
         history.append(**row)
         history.best_epoch, history.best_val = controller.best_epoch, controller.best_score

@@ -41,6 +41,18 @@ def test_fit_runs_phases_and_records_history(mode):
     assert pm.phase == "neuron"
 
 
+def test_the_epoch_the_cap_ends_the_run_at_is_recorded_complete():
+    """history.json's last row read 'continue' while the controller's history said the cap ended the run."""
+    pm = _pm()
+    loader = DataLoader(_data(), batch_size=64)
+    ctl = PhaseController(pm, patience=50)
+    seen = []
+    h = fit(pm, loader, loader, controller=ctl, epochs=3, progress=False, callbacks=[seen.append])
+    assert [r["decision"] for r in h.epochs] == ["continue", "continue", "complete"] and seen[-1]["decision"] == "complete"
+    assert ctl.done and [e["note"] for e in ctl.history].count("epoch cap (3) reached") == 1
+    assert fit(pm, loader, loader, controller=ctl, epochs=3, progress=False).epochs == []  # finished: no epoch
+
+
 def test_fit_trains_only_candidates_in_the_dendrite_phase():
     pm = _pm()
     train = DataLoader(_data(), batch_size=32)
