@@ -54,6 +54,7 @@ class PBCallback(TrainerCallback):
         self._before_first_step = False  # eval_on_start's evaluation (of a fresh or a resumed run) comes now
         self._resumed_complete = False  # resumed from a checkpoint of a finished PB run
         self._applied_lr: Optional[float] = None
+        self._from_args = False  # the metric is the TrainingArguments' metric_for_best_model
         self._structure_hook: Optional[StructureOnLoad] = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -73,6 +74,10 @@ class PBCallback(TrainerCallback):
         if args.load_best_model_at_end:
             raise TrainingError("PBCallback keeps the best-validation model itself: "
                                 "set load_best_model_at_end=False in TrainingArguments")
+        if getattr(args, "predict_with_generate", False):
+            raise TrainingError("PBCallback: predict_with_generate=True evaluates with model.generate(), which a "
+                                "PerforatedModel does not offer: set predict_with_generate=False (PB follows "
+                                "eval_loss), and generate with the original model class after training")
         if args.eval_strategy == "no":
             raise TrainingError("PBCallback decides on evaluation metrics: set eval_strategy='epoch' or 'steps' "
                                 "and pass an eval_dataset")
@@ -91,7 +96,8 @@ class PBCallback(TrainerCallback):
             raise TrainingError(f"PBCallback: {stoppers[0]} would end the run inside a dendrite phase, where the "
                                 "evaluation score cannot change: remove it (PB stops the run itself when it is "
                                 "complete; PBConfig(patience=...) is its neuron-phase patience)")
-        if self._metric is None and args.metric_for_best_model:  # the metric the user's Trainer ranks by
+        self._from_args = self._metric is None and bool(args.metric_for_best_model)
+        if self._from_args:  # the metric the user's Trainer ranks by
             gib = self._greater_is_better if self._greater_is_better is not None else args.greater_is_better
             self.metric, self.maximize = _direction(args.metric_for_best_model, gib)
         elif (args.metric_for_best_model and args.save_strategy != "no"
@@ -157,15 +163,14 @@ class PBCallback(TrainerCallback):
             control.should_training_stop = True
         entry = state.log_history[-1] if state.log_history else {}
         if self.metric in entry:  # the Trainer logged this evaluation already: PB's state beside it
-            pm = self.controller.pm
-            entry.update(pb_dendrites=pm.dendrites, pb_dendrite_phase=int(pm.phase == "dendrite"),
-                         pb_parameters=pm.num_parameters(), pb_decision=decision.value)
+            entry.update(_pb_state(self.controller.pm, decision))
 
     def _refuse_missing_metric(self, metrics: dict) -> None:
         seen = sorted(set(metrics).union(*self._other_datasets.values()))
         self._other_datasets = {}
+        given = "metric=" if self._metric is not None else "metric_for_best_model=" if self._from_args else "metric="
         raise TrainingError(f"PBCallback: metric {self.metric!r} is not among the evaluation metrics "
-                            f"({', '.join(seen) or 'none'}): pass metric= one of them")
+                            f"({', '.join(seen) or 'none'}): pass {given} one of them")
 
     def _refuse_a_round_without_metric(self) -> None:
         """After an evaluation round (the Trainer saves, trains on or ends next): datasets were
@@ -213,9 +218,21 @@ class PBCallback(TrainerCallback):
                        "the Trainer stopped (control.should_training_stop: another callback)")
         elif self._resumed_complete:
             ctl.restore_best()
+        # The log's last PB state is the model the user holds now (a finish rewinds to the best model)
+        final = _pb_state(ctl.pm, Decision.COMPLETE)
+        if state.log_history and "train_runtime" in state.log_history[-1]:
+            state.log_history[-1].update(final)
+        else:
+            state.log_history.append({**final, "epoch": state.epoch, "step": state.global_step})
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             save(ctl.pm, os.path.join(args.output_dir, CHECKPOINT_NAME), controller=ctl)
+
+
+def _pb_state(pm: PerforatedModel, decision: Decision) -> dict:
+    """PB's state for a log_history entry (trainer_state.json)."""
+    return {"pb_dendrites": pm.dendrites, "pb_dendrite_phase": int(pm.phase == "dendrite"),
+            "pb_parameters": pm.num_parameters(), "pb_decision": decision.value}
 
 
 def _direction(metric: str, greater_is_better: Optional[bool]) -> tuple[str, bool]:

@@ -195,8 +195,20 @@ def test_refusals_are_one_line_pb_errors(tmp_path, perforated_bert):
     with pytest.raises(TrainingError, match="load_best_model_at_end=False"):
         trainer.train()
     trainer, _ = _trainer(tmp_path, PBCallback(QUICK, metric="f1"), perforated_bert())
-    with pytest.raises(TrainingError, match="'eval_f1' is not among the evaluation metrics .*eval_loss"):
+    with pytest.raises(TrainingError, match="'eval_f1' is not among the evaluation metrics .*eval_loss.*pass metric="):
         trainer.train()
+    # the Trainer's own metric_for_best_model, mistyped: the message names that argument, not metric=
+    trainer, _ = _trainer(tmp_path, PBCallback(QUICK), perforated_bert(), metric_for_best_model="acuracy")
+    with pytest.raises(TrainingError, match="'eval_acuracy' is not among .*: pass metric_for_best_model= one of them"):
+        trainer.train()
+    from transformers import Seq2SeqTrainingArguments
+
+    args = Seq2SeqTrainingArguments(**{**_args(tmp_path).to_dict(), "predict_with_generate": True})
+    trainer = Trainer(model=perforated_bert(), args=args, train_dataset=parity_tokens(64, 0),
+                      eval_dataset=parity_tokens(64, 1), callbacks=[PBCallback(QUICK)])
+    with pytest.raises(TrainingError, match="predict_with_generate=True evaluates with model.generate"):
+        trainer.train()
+    assert trainer.state.global_step == 0
     for second in ("another", "the same"):
         cb = PBCallback(QUICK)
         trainer, _ = _trainer(tmp_path, cb, perforated_bert())
@@ -577,3 +589,17 @@ def test_the_logged_rate_in_a_dendrite_phase_is_the_capped_rate_the_steps_applie
     logged = {r["step"]: r["learning_rate"] for r in trainer.state.log_history if "learning_rate" in r}
     assert above_cap and all(applied[s] == QUICK.candidate_lr for s in above_cap)
     assert all(logged[s] == pytest.approx(lr) for s, lr in applied.items() if s in logged)
+
+
+def test_the_last_logged_pb_state_is_the_model_held_after_the_budget_ran_out(tmp_path, perforated_bert):
+    """The budget ended inside a dendrite phase: the finish rewound to the best model, but the log's
+    last PB entry still described the dendrite phase (or a just-installed dendrite the rewind dropped)."""
+    cb = PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=4)  # 3 neuron epochs, then a dendrite one
+    trainer.train()
+    pm = trainer.model
+    assert any(h["phase"] == "dendrite" for h in cb.controller.history) and pm.phase == "neuron"
+    last = [r for r in trainer.state.log_history if "pb_dendrites" in r][-1]
+    assert last is trainer.state.log_history[-1] and "train_runtime" in last
+    assert (last["pb_dendrite_phase"], last["pb_dendrites"], last["pb_parameters"], last["pb_decision"]) == (
+        0, pm.dendrites, pm.num_parameters(), "complete")
