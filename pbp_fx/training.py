@@ -222,19 +222,23 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
         model = model.module  # evaluation needs no gradient synchronisation
     was = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, seen = 0.0, 0, 0
     try:
         for batch in batches(loader, data):
             inputs, target = split_batch(_to(batch, device) if device is not None else batch)
             _check_finite_inputs(inputs, data)
             s, n = metric(call_model(model, inputs), target)
             # Python numbers: a metric's tensor or numpy sums would flow into the history and checkpoints.
-            total, count = total + float(s), count + float(n)
+            total, count, seen = total + float(s), count + float(n), seen + 1
     finally:
         model.train(was)
     if distributed is not None:
-        total, count = distributed.all_reduce_sum([total, count])
+        total, count, seen = distributed.all_reduce_sum([total, count, seen])
     if count == 0:
+        if seen:  # batches came, and the metric counted none of their samples (a recall without positives)
+            name = getattr(metric, "__name__", "the metric")
+            raise TrainingError(f"the metric {name} counted no sample of the {data} data (every batch returned "
+                                "count 0): return (sum, count) with count > 0, e.g. the number of samples scored")
         raise TrainingError(f"the {data} dataset is empty: give it at least one sample")
     return total / count
 

@@ -79,6 +79,16 @@ def test_empty_loaders_are_reported():
         fit(pm, full, empty, progress=False)
 
 
+def test_a_metric_that_counts_no_sample_is_named_not_the_dataset():
+    """A recall-like metric on data without positives returned count 0: 'the validation dataset is empty'."""
+    def recall(output, target):
+        return 0.0, 0
+
+    full = DataLoader(_data(16), batch_size=4)
+    with pytest.raises(pbp_fx.TrainingError, match="the metric recall counted no sample of the validation data"):
+        evaluate(_pm(), full, recall, data="validation")
+
+
 class _LateOddSample(torch.utils.data.Dataset):
     """Samples of shape [6], but from sample 12 on [7]: found only when that batch is made."""
 
