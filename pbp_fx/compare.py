@@ -78,12 +78,14 @@ class Score:
         return " points" if self.metric == "accuracy" else ""
 
     def num(self, x: float, sign: bool = False) -> str:
-        """x (already scaled) as printed: 1 decimal for %, 4 significant digits otherwise."""
-        return f"{x:{'+' if sign else ''}.1f}" if self.metric == "accuracy" else f"{x:{'+' if sign else ''}.4g}"
+        """x (already scaled) as printed: 1 decimal for %, 4 significant digits otherwise; never -0."""
+        spec = ".1f" if self.metric == "accuracy" else ".4g"
+        shown = float(f"{x:{spec}}") + 0.0 if math.isfinite(x) else x  # (+ 0.0: a rounded -0 prints 0)
+        return f"{shown:{'+' if sign else ''}{spec}}"
 
     def rounded(self, x: float) -> float:
-        """x as printed, so that words (ahead/level/behind) match the number (+ 0.0: no -0)."""
-        return float(self.num(x)) + 0.0
+        """x as printed, so that words (ahead/level/behind) match the number."""
+        return float(self.num(x))
 
     def value(self, mean: float, sd: Optional[float] = None) -> str:
         return self.num(mean) + ("" if sd is None else f" ± {self.num(sd)}") + self.unit
@@ -322,8 +324,18 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
             lines.append(f"**{win['arm']} ranked first** at one seed: {test} {score.value(win['test'])}, {margin}; "
                          "one seed cannot tell a win from run-to-run noise.")
         else:
-            lines.append(f"**{win['arm']} won**: {test} {score.value(win['test'], win['test_sd'])} over {win['n']} "
-                         f"seeds, {margin}.")
+            # A win is a lead over the next arm that stands out of the seeds' noise (paired by seed).
+            common = sorted(set(win["test_by_seed"]) & set(second["test_by_seed"]))
+            lead = [(win["test_by_seed"][k] - second["test_by_seed"][k]) * (1 if maximize else -1) for k in common]
+            lo, hi = _interval(*_mean_sd(lead), len(lead)) if len(lead) > 1 else (-math.inf, math.inf)
+            interval = f"95 % interval of the paired lead [{score.num(lo, sign=True)}, {score.num(hi, sign=True)}]"
+            if lo > 0:
+                lines.append(f"**{win['arm']} won**: {test} {score.value(win['test'], win['test_sd'])} over "
+                             f"{win['n']} seeds, {margin}; beyond seed noise ({interval}).")
+            else:
+                lines.append(f"**{win['arm']} ranked first** over {win['n']} seeds: {test} "
+                             f"{score.value(win['test'], win['test_sd'])}, {margin}; not distinguishable from seed "
+                             f"noise ({interval}), so no arm is shown to win.")
     else:
         lines.append(f"only {win['arm']} finished: {test} {score.value(win['test'], win['test_sd'])}")
     words = {"plain": "the same model without PB", "restarts": "the PB schedule with nothing installed",
@@ -356,15 +368,20 @@ _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31,
         15: 2.13, 20: 2.09, 30: 2.04}
 
 
+def _interval(mean: float, sd: float, n: int) -> tuple[float, float]:
+    """The 95 % Student-t interval of a mean over n >= 2 paired differences."""
+    t = next((v for df, v in sorted(_T95.items()) if df >= n - 1), 1.96)
+    half = t * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
 def _noise(mean: float, sd: float, n: int, score: Score = ACCURACY) -> str:
     """Whether a paired mean difference over n seeds stands out of the seeds' noise: its 95 %
     t interval, and what that says."""
     if n < 2:
         return ("one seed gives no estimate of the run-to-run spread, so this may be noise (compare the model file "
                 "with --seeds 3 or more)")
-    t = next((v for df, v in sorted(_T95.items()) if df >= n - 1), 1.96)
-    half = t * sd / math.sqrt(n)
-    lo, hi = mean - half, mean + half
+    lo, hi = _interval(mean, sd, n)
     verdict = ("not distinguishable from seed noise" if lo <= 0 <= hi
                else "beyond seed noise")
     return f"95 % interval [{score.num(lo, sign=True)}, {score.num(hi, sign=True)}]: {verdict}"

@@ -298,9 +298,9 @@ def test_a_lower_is_better_metric_ranks_the_lowest_score_first():
     rows += [{"arm": "plain", "seed": s, "test": t, "params": 5} for s, t in ((0, 0.251), (1, 0.25))]
     error = Score("error", maximize=False)
     text = verdict(summarize(rows, error), paired(rows, score=error), error)
-    assert "**plain won**" in text and "0.0055 below the next arm (pb" in text
+    assert "**plain ranked first** over 2 seeds" in text and "0.0055 below the next arm (pb" in text
     assert "pb is 0.0055 behind plain" in text and "pb ahead in 0, behind in 2; lower is better" in text
-    assert "**pb won**" in verdict(summarize(rows), paired(rows))
+    assert "**pb ranked first** over 2 seeds" in verdict(summarize(rows), paired(rows))
 
 
 def test_a_custom_metric_is_reported_in_its_own_units_not_percent():
@@ -311,8 +311,9 @@ def test_a_custom_metric_is_reported_in_its_own_units_not_percent():
     summary, pairs = summarize(rows, mae), paired(rows, score=mae)
     assert summary[0]["test"] == pytest.approx(2.9166666) and pairs[0]["mean"] == pytest.approx(-1 / 3)
     text = verdict(summary, pairs, mae)
-    assert text.startswith("**plain won**: test mae 2.917 ± 0.3819 over 3 seeds, 0.3333 below the next arm (pb, "
-                           "3.25 ± 0.25)")
+    assert text.startswith("**plain ranked first** over 3 seeds: test mae 2.917 ± 0.3819, 0.3333 below the next arm "
+                           "(pb, 3.25 ± 0.25); not distinguishable from seed noise (95 % interval of the paired lead "
+                           "[-0.025, +0.6917]), so no arm is shown to win.")
     assert "pb − plain = +0.3333 ± 0.1443 over 3 seeds" in text and "95 % interval [-0.025, +0.6917]" in text
     table = markdown(summary, pairs, text, "h", mae)
     assert "| test mae |" in table and "| plain | 3 | 2.917 ± 0.3819 | -0.3333 ± 0.1443 |" in table
@@ -338,3 +339,18 @@ def test_one_seed_ranks_the_arms_without_calling_a_winner():
     text = verdict(summarize(rows), paired(rows))
     assert text.startswith("**pb ranked first** at one seed: test 53.7 %, 1.7 points ahead of the next arm (plain")
     assert "won" not in text and "over 1 seed (pb ahead in 1" in text
+
+
+def test_a_win_is_a_lead_beyond_seed_noise_else_a_ranking():
+    """'**gd won**: ... 0.4 points ahead' over 2 seeds while every paired interval spanned ±100 points."""
+    noisy = [{"arm": a, "seed": k, "test": t, "params": 1} for a, ts in (("pb", (0.80, 0.90)), ("gd", (0.91, 0.81)))
+             for k, t in enumerate(ts)]
+    text = verdict(summarize(noisy), paired(noisy))
+    assert text.startswith("**gd ranked first** over 2 seeds: test 86.0 ± 7.1 %, 1.0 points ahead of the next arm")
+    assert "won" not in text and "so no arm is shown to win" in text
+    clear = [{"arm": a, "seed": k, "test": t, "params": 1} for a, ts in (("pb", (0.80, 0.90, 0.85)),
+                                                                       ("plain", (0.70, 0.81, 0.74))) for k, t in enumerate(ts)]
+    text = verdict(summarize(clear), paired(clear))
+    assert text.startswith("**pb won**: test 85.0 ± 5.0 % over 3 seeds, 10.0 points ahead of the next arm (plain, "
+                           "75.0 ± 5.6 %); beyond seed noise (95 % interval of the paired lead [+7.5, +12.5]).")
+    assert "-0" not in verdict(summarize(clear[:3] + [{**r, "arm": "plain"} for r in clear[:3]]), paired(clear))
