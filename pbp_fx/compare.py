@@ -444,6 +444,9 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
         raise CompareError(f"arm {unknown[0]!r} is not an arm: use some of {', '.join(ARMS)}")
     if not arms:
         raise CompareError(f"no arms to run: use some of {', '.join(ARMS)}")
+    twice = next((a for i, a in enumerate(arms) if a in arms[:i]), None)
+    if twice is not None:  # (its runs would be counted as more seeds of one arm)
+        raise CompareError(f"arm {twice!r} is given twice: give each arm once")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise CompareError(f"--seeds {seeds!r}: must be a whole number of at least 1")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:

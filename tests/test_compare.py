@@ -100,6 +100,7 @@ def test_cli_compare_writes_reports(tiny, tmp_path, capsys):
     (["--jobs", "0"], "--jobs 0"),
     (["--arms", "plain,bogus"], "'bogus' is not an arm"),
     (["--arms", "plain-matched"], "add the pb arm"),
+    (["--arms", "plain,pb,plain"], "arm 'plain' is given twice: give each arm once"),
     (["--patience", "0"], "--patience 0"),
 ])
 def test_cli_refuses_bad_input_up_front(tiny, tmp_path, capsys, argv, message):
