@@ -520,8 +520,11 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
     from .job import CHECKPOINT
 
     path, summary_path = os.path.join(folder, CHECKPOINT), os.path.join(folder, "summary.json")
-    if not (os.path.isfile(path) and os.path.isfile(summary_path)):
-        raise CompareError(f"--pb-run {folder}: no {CHECKPOINT} and summary.json there; pass the --out folder "
+    if os.path.isfile(path) and not os.path.isfile(summary_path):
+        raise CompareError(f"--pb-run {folder}: that run is unfinished ({CHECKPOINT} but no summary.json): finish it "
+                           f"with pbp-fx train --resume {folder}, then compare")
+    if not os.path.isfile(path):
+        raise CompareError(f"--pb-run {folder}: no {CHECKPOINT} there; pass the --out folder "
                            "of a finished pbp-fx train run")
     state = read_extra(path).get("job_state")
     with open(summary_path) as f:

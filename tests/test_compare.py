@@ -170,6 +170,10 @@ def test_pb_run_is_compared_with_its_controls(tiny, tmp_path):
     (run / "summary.json").write_text(json.dumps({**summary, "epochs": summary["epochs"] + 7}))
     with pytest.raises(CompareError, match=r"is not the report of its checkpoint.safetensors"):
         compare(pb_run=str(run), latency=False, echo=lambda _s: None)
+    # an interrupted run has its checkpoint but no summary yet: it read "no checkpoint.safetensors and summary.json"
+    (run / "summary.json").unlink()
+    with pytest.raises(CompareError, match=r"that run is unfinished .* finish it with pbp-fx train --resume"):
+        compare(pb_run=str(run), latency=False, echo=lambda _s: None)
 
 
 def test_unscalable_arm_is_reported_and_the_others_run(tmp_path):
