@@ -607,7 +607,7 @@ def export(args: argparse.Namespace) -> int:
     import torch
 
     from .exporters import export_onnx
-    from .exporters.onnx import MIN_OPSET, check_dynamic_axes, graph_inputs
+    from .exporters.onnx import MIN_OPSET, check_dynamic_axes
     from .modelfile import example_kwargs, instantiate
     from .perforated import perforate
 
@@ -619,6 +619,9 @@ def export(args: argparse.Namespace) -> int:
                       f"({os.path.join(args.source, 'checkpoint.safetensors')}) or a model file")
     if not os.path.exists(args.source):
         raise PBError(f"{args.source} does not exist: pass a checkpoint or a model file")
+    if args.model is not None and args.source.endswith(".py"):
+        raise PBError(f"--model names a checkpoint's model file, and {args.source} is a model file itself: drop "
+                      "--model, or pass a checkpoint")
     if args.model is not None and not os.path.exists(args.model) and args.model.endswith(".py"):
         raise PBError(f"--model {args.model} does not exist: pass the model file the checkpoint was trained from")
     check_output_file(args.out, "-o")
@@ -641,6 +644,13 @@ def export(args: argparse.Namespace) -> int:
             ref = args.model or meta.get("model") or meta.get("extra", {}).get("model")
             if not ref:
                 raise PBError(f"checkpoint {args.source} does not record its model file: pass --model FILE")
+            if args.model is None and not os.path.exists(ref):
+                raise PBError(f"checkpoint {args.source} was trained from {ref}, which does not exist now: pass the "
+                              "model file with --model FILE")
+            captured = (meta.get("capture") or {}).get("captured_with")
+            if args.frontend != "auto" and captured is not None and captured != args.frontend:
+                raise PBError(f"checkpoint {args.source} was captured with {captured}; --frontend {args.frontend} "
+                              "would capture another graph: drop --frontend (the checkpoint's capture is used)")
             mod = _model_module(ref)
             model, inputs = instantiate(mod)
             kwargs = example_kwargs(mod)
@@ -661,22 +671,33 @@ def export(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {'unfused' if args.unfused else 'fused'}, dendrites per site "
           f"{json.dumps(pm.num_dendrites)}")
     if args.check:
-        from .exporters import ort_session, run
-
-        with _quiet_unless(args.debug), torch.no_grad():  # the same warnings as above: for --debug
-            session = ort_session(path)
-            feeds = [t for t in graph_inputs(pm, inputs, kwargs) if isinstance(t, torch.Tensor)]
-            got = run(session, tuple(t.numpy() for t in feeds))
-            # every tensor of a structured output (dict, tuple), in the order the exporter flattens it
-            refs = [t for t in torch.utils._pytree.tree_leaves(pm(*inputs, **kwargs)) if isinstance(t, torch.Tensor)]
-        if len(got) != len(refs):
-            raise PBError(f"the exported model has {len(got)} output(s) where PyTorch gives {len(refs)} tensor(s): "
-                          "report this as a bug")
-        diff = max(_max_diff(torch.as_tensor(g), r) for g, r in zip(got, refs))
-        print(f"check: ONNX Runtime ({session.provider}) vs PyTorch max abs diff {diff:.2e}")
-        if not diff <= 1e-4:
-            raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> 1e-4): report this as a bug")
+        try:
+            _check_export(args, pm, path, inputs, kwargs)
+        except PBError as exc:  # the file is whole: say that it stays
+            raise PBError(f"{exc} ({path} is written; run without --check to keep it without this check)") from exc
     return EXIT_OK
+
+
+def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs: dict) -> None:
+    """export --check: the file in ONNX Runtime against PyTorch, within 1e-4."""
+    import torch
+
+    from .exporters import ort_session, run
+    from .exporters.onnx import graph_inputs
+
+    with _quiet_unless(args.debug), torch.no_grad():  # the same warnings as above: for --debug
+        session = ort_session(path)
+        feeds = [t for t in graph_inputs(pm, inputs, kwargs) if isinstance(t, torch.Tensor)]
+        got = run(session, tuple(t.numpy() for t in feeds))
+        # every tensor of a structured output (dict, tuple), in the order the exporter flattens it
+        refs = [t for t in torch.utils._pytree.tree_leaves(pm(*inputs, **kwargs)) if isinstance(t, torch.Tensor)]
+    if len(got) != len(refs):
+        raise PBError(f"the exported model has {len(got)} output(s) where PyTorch gives {len(refs)} tensor(s): "
+                      "report this as a bug")
+    diff = max(_max_diff(torch.as_tensor(g), r) for g, r in zip(got, refs))
+    print(f"check: ONNX Runtime ({session.provider}) vs PyTorch max abs diff {diff:.2e}")
+    if not diff <= 1e-4:
+        raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> 1e-4): report this as a bug")
 
 
 def _check_shapes(model: str, files: list, arrays: list, specs: list) -> None:

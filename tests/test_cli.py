@@ -1057,6 +1057,41 @@ def test_exporting_a_checkpoint_from_inside_a_dendrite_phase_says_what_the_file_
     assert "note: the checkpoint is inside a dendrite phase" in out and '"fc1": 0' in out
 
 
+def test_export_refuses_conflicting_sources_a_moved_model_file_and_another_frontend(tmp_path, capsys):
+    """--model beside a model file was ignored; a moved model file read 'does not exist' without --model; a
+    --frontend other than the checkpoint's capture read 'belongs to another model'."""
+    from pbp_fx.checkpoint import save
+
+    model = _write(tmp_path, open(DIGITS_FILE).read(), name="digits_copy.py")
+    out = str(tmp_path / "m.onnx")
+    rc, _, err = _run(["export", model, "--model", model, "-o", out], capsys)
+    assert rc == 2 and "is a model file itself: drop --model" in err and err.count("\n") == 1
+    import pbp_fx.models.digits_mlp as digits
+
+    pm = pbp_fx.perforate(digits.build_model(), digits.example_inputs(), frontend="export")
+    ckpt = str(tmp_path / "c.safetensors")
+    save(pm, ckpt, extra={"model": str(tmp_path / "moved.py")})
+    rc, _, err = _run(["export", ckpt, "-o", out], capsys)
+    assert rc == 2 and "was trained from" in err and "does not exist now: pass the model file with --model FILE" in err
+    rc, _, err = _run(["export", ckpt, "--model", model, "--frontend", "fx", "-o", out], capsys)
+    assert rc == 2 and "was captured with export; --frontend fx would capture another graph: drop --frontend" in err
+    assert not os.path.exists(out)
+    assert _run(["export", ckpt, "--model", model, "-o", out], capsys)[0] == 0
+
+
+def test_a_failed_export_check_says_the_file_is_written(tmp_path, capsys):
+    """export --check of a float64 conv: exit 2 with ONNX Runtime's missing kernel, and the file stayed without a word."""
+    model = _write(tmp_path, """
+        import torch, torch.nn as nn
+        def build_model(): return nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU()).double()
+        def example_inputs(): return (torch.randn(2, 2, 8, dtype=torch.float64),)
+    """)
+    out = str(tmp_path / "f64.onnx")
+    rc, _, err = _run(["export", model, "-o", out, "--check"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"({out} is written; run without --check to keep it without this check)" in err and os.path.exists(out)
+
+
 def test_a_dataset_that_fails_in_a_later_epoch_names_the_epoch_and_the_resume(tmp_path, capsys):
     model = _write(tmp_path, """
         import torch, torch.nn as nn
