@@ -31,7 +31,7 @@ from .fileio import atomic_write, check_output_dir
 from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
                         keyword_collate, load_model_file, task_functions, task_of)
 from .perforated import perforate
-from .training import History, evaluate, fit
+from .training import History, NonFiniteDataError, NonFiniteError, evaluate, fit
 
 __all__ = ["train_job", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
 
@@ -271,6 +271,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             echo(f"resuming {resume_from} after epoch {len(history.epochs)} ({pm.phase} phase, "
                  f"dendrites {pm.dendrites})")
     stopped: list[float] = []  # the run's seconds once training ended: the summary's and the final save's
+    non_finite: Optional[TrainingError] = None  # training stopped on a non-finite value (the best model restored)
 
     def run_seconds() -> float:
         if stopped:
@@ -299,6 +300,13 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         except DataError as exc:  # the dataset's own error: which epoch, and how to go on
             done = len(history.epochs)
             raise TrainingError(f"training stopped in epoch {done + 1}: {exc}" + _resumes(out, done)) from exc
+        except TrainingError as exc:
+            if not (isinstance(exc.__cause__, NonFiniteError) and not isinstance(exc.__cause__, NonFiniteDataError)
+                    and ctl.done and ctl.best_state is not None):
+                raise
+            # A loss or value gone non-finite: fit stopped and restored the best-validation model. The run
+            # is over; its report and that model are written as for any finished run, then the error stands.
+            non_finite = exc
         except (PBError, OSError, MemoryError):
             raise
         except Exception as exc:  # noqa: BLE001 - raised inside the model file's model, data, loss or metric
@@ -341,6 +349,9 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
              + f"{out}/checkpoint.safetensors")
     if distributed is not None:
         distributed.barrier()  # the outputs are complete when any rank returns
+    if non_finite is not None:
+        where = f": its report and that model are in {out}" if out is not None else ""
+        raise TrainingError(f"{non_finite}{where}") from non_finite.__cause__
     return summary
 
 

@@ -205,7 +205,7 @@ def negative_loss(loss_fn: Callable) -> Callable:
 def _check_finite_inputs(inputs, data: str) -> None:
     for x in inputs:
         if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise NonFiniteError(f"the {data} data holds NaN/Inf values: remove or replace them before training")
+            raise NonFiniteDataError(f"the {data} data holds NaN/Inf values: remove or replace them before training")
 
 
 @torch.no_grad()
@@ -417,6 +417,10 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
 
 class NonFiniteError(TrainingError):
     """A NaN/Inf loss or correlation statistic: the phase stops and the last good state returns."""
+
+
+class NonFiniteDataError(NonFiniteError):
+    """NaN/Inf in the data itself: evaluating the restored model would meet it again."""
 
 
 def _check_statistics(pm: PerforatedModel) -> None:

@@ -414,6 +414,20 @@ def test_a_new_run_replaces_an_earlier_runs_outputs_and_a_failed_one_leaves_none
     assert not (tmp_path / "nan").exists()
 
 
+def test_a_loss_gone_nan_mid_run_writes_the_report_of_the_restored_best_model(tmp_path, capsys):
+    """'stopped and restored the best-validation model (epoch 5)', exit 2, and no summary or history written."""
+    late_nan = GOOD + ("calls = [0]\n\n\ndef loss_fn(o, y):\n    calls[0] += 1\n"
+                       "    loss = torch.nn.functional.cross_entropy(o, y)\n"
+                       "    return loss * float('nan') if torch.is_grad_enabled() and calls[0] > 20 else loss\n")
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", late_nan), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the loss is nan" in err and f"its report and that model are in {out}" in err and err.count("\n") == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["events"][-1]["note"] == "stopped: non-finite values"
+    assert summary["epochs"] == len(json.loads((out / "history.json").read_text())["epochs"]) >= 1
+
+
 KEYWORD_MODEL = '''
 import torch
 import torch.nn as nn
