@@ -644,7 +644,7 @@ def export(args: argparse.Namespace) -> int:
             ref = args.model or meta.get("model") or meta.get("extra", {}).get("model")
             if not ref:
                 raise PBError(f"checkpoint {args.source} does not record its model file: pass --model FILE")
-            if args.model is None and not os.path.exists(ref):
+            if args.model is None and ref.endswith(".py") and not os.path.exists(ref):  # (or a module name)
                 raise PBError(f"checkpoint {args.source} was trained from {ref}, which does not exist now: pass the "
                               "model file with --model FILE")
             captured = (meta.get("capture") or {}).get("captured_with")
