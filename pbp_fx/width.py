@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .errors import PBError
+from .errors import PBError, warn_at_user
 from .modelfile import example_inputs, example_kwargs
 
 __all__ = ["WidthError", "WidthBuilder", "ScaledModel", "shrink", "num_parameters", "used_parameters",
@@ -133,6 +133,7 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
     kwargs = dict(example_kwargs or {})
     model.eval()  # tracing must not update batch-norm statistics
     before = {m: _fan_in(m) for m in model.modules()}
+    holders = {m: name for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}
     try:
         with torch.no_grad():
             shapes = [t.shape for t in _outputs(model(*example_inputs, **kwargs))]
@@ -143,6 +144,9 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
                                                           forward_fn=lambda m, args: m(*args, **kwargs))
         groups = list(graph.get_all_groups(ignored_layers=_output_layers(model, example_inputs, kwargs),
                                            root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
+        # Layers no group reaches keep every channel (Torch-Pruning leaves a GRU/LSTM's weights whole)
+        reached = {m for group in groups for item in group for m in (item.dep.source.module, item.dep.target.module)}
+        unreached = {m: [p.shape for p in m.parameters(recurse=False)] for m in holders if m not in reached}
         for index, group in enumerate(groups):
             root = group[0].dep
             channels = graph.get_out_channels(root.target.module)
@@ -169,6 +173,13 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
         raise WidthError(f"{type(model).__name__} cannot be narrowed by removing channels: {problem} (its forward "
                          "uses fixed channel sizes, e.g. a head size kept as an attribute); give build_model a "
                          "width argument")
+    # (a layer a group reaches through its parent, an attention's out_proj, has changed shape: not listed)
+    whole = [holders[m] or type(model).__name__ for m, shapes in unreached.items()
+             if [p.shape for p in m.parameters(recurse=False)] == shapes]
+    if whole:
+        warn_at_user(f"narrowing {type(model).__name__} by removing channels leaves {len(whole)} layer(s) at "
+                     f"full size ({', '.join(whole[:4])}{', ...' if len(whole) > 4 else ''}): the model "
+                     "is wider than the width asked; give build_model a width argument to scale every layer")
     for m, old in before.items():
         new = _fan_in(m)
         if old and new and new != old:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from pbp_fx.models import digits_mlp, mnist1d_cnn, mnist1d_mlp, resnet_small, tiny_transformer
-from pbp_fx.width import PARAM_TOLERANCE, WidthBuilder, WidthError, num_parameters, used_parameters
+from pbp_fx.width import PARAM_TOLERANCE, WidthBuilder, WidthError, num_parameters, shrink, used_parameters
 
 warnings.filterwarnings("ignore", module="torch_pruning")
 
@@ -313,3 +313,32 @@ def test_an_unreachable_parameter_target_is_one_line_without_internal_names():
     with pytest.raises(WidthError, match=r"^no width of the model gets within") as caught:
         WidthBuilder.from_module(mod).for_params(3.0)
     assert "pbp_model" not in str(caught.value)
+
+
+class _EmbedGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.gru = nn.Embedding(10, 8), nn.GRU(8, 12, batch_first=True)
+        self.fc, self.head = nn.Linear(12, 12), nn.Linear(12, 2)
+
+    def forward(self, ids):
+        h, _ = self.gru(self.emb(ids))
+        return self.head(torch.relu(self.fc(h[:, -1])))
+
+
+def test_layers_torch_pruning_leaves_whole_are_warned_of():
+    """compare --width 0.5 on an Embedding + GRU model: 0.91x the parameters, only the Linear narrowed, no word."""
+    ids = torch.randint(0, 10, (4, 7), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"leaves 2 layer\(s\) at full size \(emb, gru\): the model is wider"):
+        model = shrink(_EmbedGRU(), (ids,), lambda size, _i: size // 2)
+    assert model.fc.out_features == 6 and model.gru.hidden_size == 12
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "mnist1d_cnn", "resnet_small"])
+def test_models_every_layer_of_which_narrows_are_not_warned_of(name):
+    import importlib
+
+    mod = importlib.import_module(f"pbp_fx.models.{name}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shrink(mod.build_model(), mod.example_inputs(), lambda size, _i: size // 2)
