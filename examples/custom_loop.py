@@ -1,4 +1,4 @@
-"""An ordinary PyTorch training loop with Perforated Backpropagation: the lines marked # PB (6 added, 1 removed).
+"""An ordinary PyTorch training loop with Perforated Backpropagation: the lines marked # PB (8 added, 1 removed).
 
     python examples/custom_loop.py [--epochs 300]
 """
@@ -41,6 +41,8 @@ for epoch in range(epochs):
         optimizer.step()
     if ctl.step(accuracy(model, val_loader)) == "complete":  # PB
         break
+else:  # PB: the epoch budget ran out first
+    ctl.finish("epoch budget reached")  # PB: drops candidates, loads the best-validation model
 
 print(f"epochs {epoch + 1}, dendrites per site {model.num_dendrites}, "
       f"val {accuracy(model, val_loader):.4f}, test {accuracy(model, test_loader):.4f}")
