@@ -56,6 +56,13 @@ def _range_text(meta: dict) -> str:
     return text + (" (or None)" if meta["optional"] else "")
 
 
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range (10**400)
+        return False
+
+
 def _check(obj) -> None:
     """Raise ConfigError for the first field of `obj` whose value is of the wrong type or out of range."""
     hints = {f.name: f.type for f in dataclasses.fields(obj)}
@@ -75,7 +82,7 @@ def _check(obj) -> None:
                 value = int(value)
                 object.__setattr__(obj, name, value)
         elif kind == "float":
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value):
                 bad = "a finite number"
             elif type(value) not in (int, float):
                 value = float(value)
@@ -100,6 +107,14 @@ def _check(obj) -> None:
 class _Settings:
     """to_dict / from_dict / replace shared by the config dataclasses."""
 
+    def __new__(cls, *args, **kwargs):
+        # (before the dataclass __init__, whose TypeError would name no valid setting)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names, key=str)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no setting {unknown[0]!r}: use one of {', '.join(sorted(names))}")
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         _check(self)
 
@@ -113,7 +128,7 @@ class _Settings:
         if not isinstance(d, dict):
             raise ConfigError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names, key=str)  # (keys of mixed types: 1 and "x")
         if unknown:
             raise ConfigError(f"{cls.__name__} has no setting {unknown[0]!r}: use one of {', '.join(sorted(names))}")
         return cls(**d)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import numbers
 import weakref
 from typing import Callable, Optional
 
@@ -526,7 +527,7 @@ class PhaseController:
         progress = self.pm.candidate_progress(self.config.dendrite_improvement) if phase == "dendrite" else False
         if phase == "dendrite" and not self._warned_short_phase:
             self._warn_if_the_phase_ends_warming_up()
-        score, progress = self._agree(float(val_score), progress)
+        score, progress = self._agree(_score_of(val_score), progress)
         action = self.schedule.step(score, progress)
         self._execute(action)
         decision = (Decision.COMPLETE if action.kind is Kind.COMPLETE else
@@ -584,3 +585,14 @@ class PhaseController:
             for g, lr in zip(self.optimizer.param_groups, lrs):
                 g["lr"] = lr
         self.rebind(keep_optimizer_state)
+
+
+def _score_of(val_score) -> float:
+    """A validation score as a float: a Python or numpy number, or a one-element tensor; anything else
+    (None, the string "0.5") is refused in one line before the schedule sees it."""
+    if isinstance(val_score, torch.Tensor) and val_score.numel() == 1:
+        return float(val_score)
+    if isinstance(val_score, bool) or not isinstance(val_score, numbers.Real):
+        raise ConfigError(f"step() takes the epoch's validation score as a number, got {type(val_score).__name__} "
+                          f"{val_score!r}: pass e.g. float(accuracy)")
+    return float(val_score)

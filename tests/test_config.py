@@ -106,3 +106,17 @@ def test_every_entry_point_takes_a_config_or_a_dict_and_refuses_the_rest():
     assert len(run.epochs) == 2
     with pytest.raises(ConfigError, match="fit's training must be a TrainConfig"):
         pbp_fx.fit(pm, loader, loader, training=[2])
+
+
+def test_unknown_settings_mixed_keys_and_huge_numbers_are_config_errors():
+    """PBConfig(bogus=1) raised the dataclass's TypeError; from_dict({1: 2, "x": 3}) a sort TypeError;
+    candidate_lr=10**400 an OverflowError."""
+    from pbp_fx import PBConfig, TrainConfig
+    from pbp_fx.config import ConfigError
+
+    for make, words in ((lambda: PBConfig(bogus=1), "PBConfig has no setting 'bogus': use one of"),
+                        (lambda: TrainConfig(bogus=1), "TrainConfig has no setting 'bogus'"),
+                        (lambda: PBConfig.from_dict({1: 2, "x": 3}), "PBConfig has no setting 1"),
+                        (lambda: PBConfig(candidate_lr=10 ** 400), "candidate_lr=")):
+        with pytest.raises(ConfigError, match=words):
+            make()

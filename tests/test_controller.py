@@ -1,6 +1,7 @@
 """PhaseController decisions on scripted validation-score sequences (docs/algorithm.md)."""
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -656,3 +657,16 @@ def test_epochs_too_short_for_the_statistics_warm_up_are_warned_of_once():
     said = _run_phases(3, config)
     assert len(said) == 1 and "sees 3 batch(es) per epoch" in said[0] and "max_dendrite_epochs=4" in said[0]
     assert _run_phases(3, config.replace(warmup=10)) == []
+
+
+@pytest.mark.parametrize("score", [None, "0.5", True, [0.5]])
+def test_a_score_that_is_not_a_number_is_refused(score):
+    """ctl.step(None) raised float()'s TypeError; ctl.step("0.5") was taken as 0.5."""
+    import pbp_fx
+    from pbp_fx.config import ConfigError
+
+    pm = pbp_fx.perforate(torch.nn.Sequential(torch.nn.Linear(3, 2)), (torch.randn(2, 3),))
+    ctl = pbp_fx.PhaseController(pm)
+    with pytest.raises(ConfigError, match="step.. takes the epoch's validation score as a number"):
+        ctl.step(score)
+    assert ctl.history == [] and ctl.step(np.float32(0.5)) == "continue" and ctl.step(torch.tensor(0.6)) == "continue"
