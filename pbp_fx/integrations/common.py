@@ -44,27 +44,34 @@ def unwrap_scheduler(scheduler):
 
 
 class StructureOnLoad:
-    """A load_state_dict pre-hook on a PerforatedModel for a framework's own resume, which loads
-    the model's state dict before any callback sees the checkpoint: a state dict saved in the
-    other phase first gets its structure (dendrites resize by themselves; a candidate pool needs
-    the dendrite phase started, with `config()`'s statistics settings). `remove()` it once the
-    checkpoint is loaded: later loads are PB's own."""
+    """A load_state_dict pre-hook on a module holding one PerforatedModel (or on the model itself)
+    for a framework's own resume, which loads the model's state dict before any callback sees the
+    checkpoint: a state dict saved in the other phase first gets its structure (dendrites resize by
+    themselves; a candidate pool needs the dendrite phase started, with `config(pm)`'s statistics
+    settings). The model is looked up when the hook fires, so a LightningModule may build it after
+    the hook is set (`configure_model`, `setup`). `remove()` it once the checkpoint is loaded: later
+    loads are PB's own."""
 
-    def __init__(self, pm: PerforatedModel, config: Callable[[], PBConfig]):
+    def __init__(self, root: nn.Module, config: Callable[[PerforatedModel], PBConfig]):
         self.config = config
         self._restoring = False  # restore_structure loads a state dict itself
-        self._handle = pm.register_load_state_dict_pre_hook(self)
+        self._handle = root.register_load_state_dict_pre_hook(self)
 
-    def __call__(self, pm, state_dict, prefix, *args) -> None:
+    def __call__(self, root, state_dict, prefix, *args) -> None:
         if self._restoring:
             return
+        found = [(path, m) for path, m in root.named_modules() if isinstance(m, PerforatedModel)]
+        if len(found) != 1:
+            return  # none or several: the framework's callback refuses that model in its own words
+        path, pm = found[0]
+        prefix = prefix + (f"{path}." if path else "")
         state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         pools = {k.split(".candidates.")[0]: v.shape[0] for k, v in state.items()
                  if k.endswith(".candidates.copies.weight")}
         if bool(pools) == (pm.phase == "dendrite"):
             return
         self._restoring = True
-        config = self.config()
+        config = self.config(pm)
         try:
             # A state dict does not show the pools' position stride: the run's config says it.
             sites = [{"pool": p, "pool_stride": config.candidate_stride} for p in pools.values()]

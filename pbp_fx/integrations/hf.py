@@ -68,7 +68,7 @@ class PBCallback(TrainerCallback):
     def _watch_loads(self, pm: PerforatedModel) -> None:
         if self._structure_hook is None:
             self._structure_hook = StructureOnLoad(
-                pm, lambda: self.config or PBConfig(mode=pm.mode, activation=pm.activation))
+                pm, lambda pm: self.config or PBConfig(mode=pm.mode, activation=pm.activation))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if args.load_best_model_at_end:

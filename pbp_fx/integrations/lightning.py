@@ -74,10 +74,11 @@ class PBCallback(Callback):
         # checkpoint: a pre-hook first gives the model the structure that state was saved with
         # (dendrites resize by themselves; a candidate pool needs the dendrite phase started).
         # Any stage: trainer.validate/test(module, ckpt_path=...) loads a checkpoint the same way.
+        # On the LightningModule, not the model: a module may build its model in configure_model or
+        # setup, which Lightning calls after this hook and before it loads the checkpoint.
         if self._structure_hook is None:
-            pm = find_perforated(pl_module, "PBCallback")
             self._structure_hook = StructureOnLoad(
-                pm, lambda: self.config or PBConfig(mode=pm.mode, activation=pm.activation))
+                pl_module, lambda pm: self.config or PBConfig(mode=pm.mode, activation=pm.activation))
 
     def on_fit_start(self, trainer, pl_module):
         if len(trainer.optimizers) != 1:

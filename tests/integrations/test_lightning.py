@@ -78,6 +78,19 @@ class OneCycleClassifier(Classifier):
             opt, max_lr=3e-3, total_steps=int(total)), "interval": "step"}}
 
 
+class LazyClassifier(Classifier):
+    """The model attached in configure_model, Lightning's hook for building a model lazily (after
+    the callbacks' setup): PBCallback refused it as 'no perforated model'."""
+
+    def __init__(self, model: nn.Module):
+        L.LightningModule.__init__(self)
+        self._build = lambda: model
+
+    def configure_model(self):
+        if not hasattr(self, "model"):
+            self.model = self._build()
+
+
 def _trainer(callback, max_epochs=60, **kw):
     return L.Trainer(max_epochs=max_epochs, callbacks=[callback], accelerator="cpu", devices=1, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -167,7 +180,7 @@ def test_lightning_refusals():
 
 
 @pytest.mark.parametrize("phase,module,stride", [("neuron", Classifier, 1), ("dendrite", Classifier, 1),
-                                                 ("neuron", OneCycleClassifier, 1),
+                                                 ("neuron", OneCycleClassifier, 1), ("dendrite", LazyClassifier, 1),
                                                  ("dendrite", GroupedClassifier, 1), ("complete", Classifier, 1),
                                                  ("dendrite", Classifier, 2)])
 def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module, stride):
