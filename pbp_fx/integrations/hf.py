@@ -132,6 +132,9 @@ class PBCallback(TrainerCallback):
         self._resumed_complete = self.controller.done
         if self._resumed_complete:
             control.should_training_stop = True
+            warn_at_user(f"PBCallback: this PB run is complete ({self.controller.history[-1]['note']}), so this "
+                         "train() stops after one step and keeps the best model; for more training start a new "
+                         "run (a new PBCallback), or resume from a checkpoint taken before the end")
         scheduler = unwrap_scheduler(lr_scheduler)
         if scheduler is not None:
             self.controller.attach_scheduler(scheduler, scaled=state.global_step > 0)

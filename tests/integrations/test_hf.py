@@ -93,7 +93,8 @@ def test_trainer_runs_a_dendrite_phase_installs_and_stops_with_the_best_model(tm
     # train() again: PB has finished, so it stops at once with the best model (it trained on without PB
     # for the whole budget and saved the worse model over the best).
     entries = len(ctl.history)
-    trainer.train()
+    with pytest.warns(UserWarning, match=r"this PB run is complete \(.*\), so this train\(\) stops after one step"):
+        trainer.train()
     assert trainer.state.global_step <= 1 and len(ctl.history) == entries
     assert trainer.evaluate()["eval_loss"] == pytest.approx(ctl.best_score, abs=1e-6)
     again = pbp_fx.load(os.path.join(tmp_path, CHECKPOINT_NAME), perforated_bert()).eval()
