@@ -22,6 +22,8 @@ Outputs (with `out`): compare.md, compare.json, compare.png.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import json
 import math
@@ -223,6 +225,7 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
         return {**row, "skipped": str(exc)}
     model = scaled.model
     row.update(width=scaled.width, width_method=scaled.method)
+    _warm_up(model, inputs, example_kwargs(mod))
     t0 = time.perf_counter()
     if spec.arm in ("pb", "gd"):
         model, out = train_perforated(model, inputs, loaders, loss_fn, config.replace(mode=spec.arm), training,
@@ -240,6 +243,21 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
         model.eval()
         row["latency_ms"] = onnx_latency_ms(model, inputs, example_kwargs=example_kwargs(mod))
     return row
+
+
+def _warm_up(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> None:
+    """One untimed forward and backward on a copy of the model, so that a process's one-time costs
+    (kernel selection, lazy initialisation: ~2 s) are not counted in its first arm's train time.
+    Draws nothing from the generators the arms use; a model the example inputs cannot train is left
+    to the arm, which reports it."""
+    with torch.random.fork_rng(devices=[]), contextlib.suppress(Exception):  # (a warm-up only)
+        twin = copy.deepcopy(model).train()
+        optimizer = default_optimizer(twin.parameters(), lr=1e-3)
+        out = [t for t in torch.utils._pytree.tree_leaves(twin(*inputs, **kwargs))
+               if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+        if out:
+            sum(t.float().sum() for t in out).backward()
+            optimizer.step()
 
 
 # -- statistics ----------------------------------------------------------------------------

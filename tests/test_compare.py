@@ -359,3 +359,17 @@ def test_a_win_is_a_lead_beyond_seed_noise_else_a_ranking():
     assert text.startswith("**pb won**: test 85.0 ± 5.0 % over 3 seeds, 10.0 points ahead of the next arm (plain, "
                            "75.0 ± 5.6 %); beyond seed noise (95 % interval of the paired lead [+7.5, +12.5]).")
     assert "-0" not in verdict(summarize(clear[:3] + [{**r, "arm": "plain"} for r in clear[:3]]), paired(clear))
+
+
+def test_the_warm_up_before_an_arm_draws_nothing_and_changes_nothing():
+    """The first arm of a process counted ~2 s of one-time costs in its train time; the untimed warm-up
+    that takes them must leave the arm's numbers alone."""
+    from pbp_fx.compare import _warm_up
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    _warm_up(model, (torch.randn(4, 6, generator=torch.Generator().manual_seed(0)),), {})
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    _warm_up(model, (torch.randn(4, 5),), {})  # inputs the model cannot take: left to the arm to report
