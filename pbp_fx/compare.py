@@ -470,7 +470,8 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise CompareError(f"--jobs {jobs!r}: must be a whole number of at least 1")
     if not (isinstance(width, (int, float)) and not isinstance(width, bool) and math.isfinite(width) and width > 0):
-        raise CompareError(f"--width {width!r}: must be a positive number (1: the model as built)")
+        shown = f"{width:g}" if isinstance(width, float) else repr(width)  # (the flag's 0, not 0.0)
+        raise CompareError(f"--width {shown}: must be a positive number (1: the model as built)")
     if not isinstance(config, PBConfig) or not isinstance(training, TrainConfig):
         raise CompareError("config must be a PBConfig and training a TrainConfig")
     if out is not None:

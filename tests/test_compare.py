@@ -96,7 +96,7 @@ def test_cli_compare_writes_reports(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0"], "--seeds 0"),
-    (["--width", "0"], "--width 0"),
+    (["--width", "0"], "--width 0: must be a positive number"),
     (["--jobs", "0"], "--jobs 0"),
     (["--arms", "plain,bogus"], "'bogus' is not an arm"),
     (["--arms", "plain-matched"], "add the pb arm"),
