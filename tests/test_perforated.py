@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pbp_fx
+from pbp_fx.config import ConfigError
 from pbp_fx.site import CandidatePool, FusedSite, SwappedNeuron
 
 pytestmark = pytest.mark.usefixtures("seeded")
@@ -541,7 +542,7 @@ def test_leaf_sites_are_filtered_too():
 
 
 def test_bad_arguments():
-    with pytest.raises(TypeError, match="include/exclude"):
+    with pytest.raises(ConfigError, match="include 3 is not a rule: pass module types, name globs"):
         pbp_fx.perforate(Blocks(), (torch.randn(2, 2, 5, 5),), include=[3])
     with pytest.raises(ValueError, match="activation"):
         pbp_fx.perforate(Blocks(), (torch.randn(2, 2, 5, 5),), activation="swish")
