@@ -129,17 +129,24 @@ def _caller(gm: nn.Module, node: fx.Node, weight: str) -> Optional[str]:
     return path if held is not None and any(p is held for p in owner.parameters(recurse=False)) else None
 
 
-def _weight_site_name(weight: str) -> str:
-    """A functional layer's site name from its weight's path: its owner's path; "root" for the
-    root module's own `weight` (a bare nn.Conv2d/nn.Linear perforated alone)."""
+def _weight_site_name(weight: str, own: str) -> str:
+    """A functional layer's site name from its weight's path: its owner's path; `own` for the
+    graph root's own `weight` (a bare nn.Conv2d/nn.Linear perforated alone)."""
     if weight == "weight":
-        return "root"
+        return own
     return weight[: -len(".weight")] if weight.endswith(".weight") else weight
 
 
 def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilter = None) -> list[SiteSpec]:
     """List the neuron sites of `gm`. include/exclude take module types, qualified-name
-    globs ("layer1.*") or callables `(name, module) -> bool`; exclude wins."""
+    globs ("layer1.*") or callables `(name, module) -> bool`; exclude wins. The root module's
+    own weight (a bare layer perforated alone) is the site "root"."""
+    return _find(gm, include, exclude, own="root")
+
+
+def _find(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter, own: str) -> list[SiteSpec]:
+    """find_sites, naming the graph root's own weight `own` ("" inside a part: no module can have
+    that name, so the part's qualifier tells it from a child module called "root")."""
     include, exclude = rules(include, "include"), rules(exclude, "exclude")
     specs: list[SiteSpec] = []
     uses: dict[str, int] = {}
@@ -151,7 +158,7 @@ def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilt
         if match is None:
             continue
         caller = None if match.module else _caller(gm, node, match.weight)
-        base = match.module or caller or _weight_site_name(match.weight)
+        base = match.module or caller or _weight_site_name(match.weight, own)
         i = uses.get(base, 0)
         uses[base] = i + 1
         name = base if i == 0 else f"{base}@{i}"
@@ -203,7 +210,7 @@ def _part_sites(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter) ->
         if not isinstance(part, TracedPart):
             continue
         qualify = _part_qualifier(part)
-        for spec in find_sites(part.graph_module, _scoped(include, qualify), _scoped(exclude, qualify)):
+        for spec in _find(part.graph_module, _scoped(include, qualify), _scoped(exclude, qualify), own=""):
             spec.name = qualify(spec.name)
             spec.graph = f"{path}.graph_module" + (f".{spec.graph}" if spec.graph else "")
             out.append(spec)
@@ -212,11 +219,11 @@ def _part_sites(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter) ->
 
 def _part_qualifier(part) -> Callable[[str], str]:
     """A site name inside a part -> its name in the model: `path.name`, except that the part's own
-    weight (site "root": a part that is an nn.Linear traced alone, or a functional weight of the
-    part's module) is named by the part's path, as the same layer inside a traced graph is."""
+    weight (site "", `_find`: a part that is an nn.Linear traced alone, or a functional weight of
+    the part's module) is named by the part's path, as the same layer inside a traced graph is."""
     def qualify(name: str) -> str:
         base, at, use = name.partition("@")
-        return part.name + at + use if base == "root" else f"{part.name}.{name}"
+        return part.name + at + use if base == "" else f"{part.name}.{name}"
     return qualify
 
 

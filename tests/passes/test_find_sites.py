@@ -350,3 +350,30 @@ def test_a_rule_that_is_no_type_glob_or_callable_is_refused_in_one_line(rule, me
     with pytest.raises(ConfigError) as info:
         pbp_fx.perforate(nn.Sequential(nn.Linear(5, 5)), (torch.randn(2, 5),), include=rule)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_child_module_named_root_inside_a_part_keeps_its_path():
+    """The part's own weight and a child called `root` both came out as 'root' inside a part, and the
+    child was renamed to the part's path ('block', not 'block.root')."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.root, self.other = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.other(torch.relu(self.root(x)))
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = Block(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            if float(x.sum()) > 0:  # data-dependent: captured in parts
+                x = x * 2
+            return self.head(self.block(x))
+
+    with pytest.warns(UserWarning, match="neither fx nor torch.export"):
+        gm = trace(Untraceable(), (torch.randn(3, 4),))
+    assert [s.name for s in find_sites(gm)] == ["block.root", "block.other", "head"]
+    assert [s.name for s in find_sites(gm, include="block.root")] == ["block.root"]
