@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import enum
-import numbers
 import weakref
 from typing import Callable, Optional
 
@@ -588,11 +587,13 @@ class PhaseController:
 
 
 def _score_of(val_score) -> float:
-    """A validation score as a float: a Python or numpy number, or a one-element tensor; anything else
-    (None, the string "0.5") is refused in one line before the schedule sees it."""
-    if isinstance(val_score, torch.Tensor) and val_score.numel() == 1:
-        return float(val_score)
-    if isinstance(val_score, bool) or not isinstance(val_score, numbers.Real):
-        raise ConfigError(f"step() takes the epoch's validation score as a number, got {type(val_score).__name__} "
-                          f"{val_score!r}: pass e.g. float(accuracy)")
-    return float(val_score)
+    """A validation score as a float: anything float() takes (a Python, numpy or Decimal number, a
+    0-d array, a one-element tensor) except text and bools; anything else (None, "0.5") is refused
+    in one line before the schedule sees it."""
+    if not isinstance(val_score, (str, bytes, bool)) and val_score is not None:
+        try:
+            return float(val_score)
+        except (TypeError, ValueError):
+            pass  # refused below
+    raise ConfigError(f"step() takes the epoch's validation score as a number, got {type(val_score).__name__} "
+                      f"{val_score!r}: pass e.g. float(accuracy)")

@@ -1,4 +1,5 @@
 """PhaseController decisions on scripted validation-score sequences (docs/algorithm.md)."""
+import decimal
 import warnings
 
 import numpy as np
@@ -670,3 +671,4 @@ def test_a_score_that_is_not_a_number_is_refused(score):
     with pytest.raises(ConfigError, match="step.. takes the epoch's validation score as a number"):
         ctl.step(score)
     assert ctl.history == [] and ctl.step(np.float32(0.5)) == "continue" and ctl.step(torch.tensor(0.6)) == "continue"
+    assert ctl.step(np.array(0.55)) == "continue" and ctl.step(decimal.Decimal("0.5")) == "continue"
