@@ -174,8 +174,10 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
                          "uses fixed channel sizes, e.g. a head size kept as an attribute); give build_model a "
                          "width argument")
     # (a layer a group reaches through its parent, an attention's out_proj, has changed shape: not listed)
+    # Only recurrent layers: an input-sized norm or embedding table that no group reaches has the
+    # input's size at any width, and naming it would be false advice.
     whole = [holders[m] or type(model).__name__ for m, shapes in unreached.items()
-             if [p.shape for p in m.parameters(recurse=False)] == shapes]
+             if isinstance(m, (nn.RNNBase, nn.RNNCellBase)) and [p.shape for p in m.parameters(recurse=False)] == shapes]
     if whole:
         warn_at_user(f"narrowing {type(model).__name__} by removing channels leaves {len(whole)} layer(s) at "
                      f"full size ({', '.join(whole[:4])}{', ...' if len(whole) > 4 else ''}): the model "

@@ -329,16 +329,33 @@ class _EmbedGRU(nn.Module):
 def test_layers_torch_pruning_leaves_whole_are_warned_of():
     """compare --width 0.5 on an Embedding + GRU model: 0.91x the parameters, only the Linear narrowed, no word."""
     ids = torch.randint(0, 10, (4, 7), generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match=r"leaves 2 layer\(s\) at full size \(emb, gru\): the model is wider"):
+    with pytest.warns(UserWarning, match=r"leaves 1 layer\(s\) at full size \(gru\): the model is wider"):
         model = shrink(_EmbedGRU(), (ids,), lambda size, _i: size // 2)
     assert model.fc.out_features == 6 and model.gru.hidden_size == 12
 
 
-@pytest.mark.parametrize("name", ["digits_mlp", "mnist1d_cnn", "resnet_small"])
-def test_models_every_layer_of_which_narrows_are_not_warned_of(name):
+class _InputNorm(nn.Module):
+    """An input BatchNorm and LayerNorm and an input-sized parameter: no group reaches them, and
+    they have the input's size at any width."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.ln, self.shift = nn.BatchNorm1d(16), nn.LayerNorm(16), nn.Parameter(torch.zeros(16))
+        self.fc, self.head = nn.Linear(16, 32), nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(self.ln(self.bn(x)) + self.shift)))
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "mnist1d_cnn", "resnet_small", "input_norm"])
+def test_models_every_hidden_layer_of_which_narrows_are_not_warned_of(name):
     import importlib
 
-    mod = importlib.import_module(f"pbp_fx.models.{name}")
+    if name == "input_norm":
+        model, inputs = _InputNorm(), (torch.randn(4, 16),)
+    else:
+        mod = importlib.import_module(f"pbp_fx.models.{name}")
+        model, inputs = mod.build_model(), mod.example_inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        shrink(mod.build_model(), mod.example_inputs(), lambda size, _i: size // 2)
+        shrink(model, inputs, lambda size, _i: size // 2)
