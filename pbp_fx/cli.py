@@ -700,6 +700,19 @@ def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs
         raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> 1e-4): report this as a bug")
 
 
+def _write_npz(f, arrays: dict) -> None:
+    """An .npz of `arrays` by name, as np.savez writes it, but not through keyword arguments: an
+    output named `file` or `allow_pickle` would be taken as savez's own argument."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, array in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
 def _check_shapes(model: str, files: list, arrays: list, specs: list) -> None:
     """Each input's shape against the file's: its rank, its fixed sizes, and one size per named
     (dynamic) axis across the inputs; a refusal names the input, the dim and the fix."""
@@ -815,7 +828,7 @@ def run_onnx(args: argparse.Namespace) -> int:
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:  # a file object: np.save(z) would append .npy (.npz) to a path
                 if args.output.lower().endswith(".npz"):
-                    np.savez(f, **dict(zip(names, outputs)))
+                    _write_npz(f, dict(zip(names, outputs)))
                 else:
                     np.save(f, outputs[0], allow_pickle=False)
 

@@ -1116,3 +1116,28 @@ def test_a_dataset_that_fails_in_a_later_epoch_names_the_epoch_and_the_resume(tm
     assert ("training stopped in epoch 4: the training data could not be made into a batch (OSError: cannot read "
             "shard_3.bin): the dataset could not read a sample: fix what it reads; the run so far resumes with "
             f"pbp-fx train --resume '{run}'") in err
+
+
+def test_run_writes_every_output_to_npz_whatever_its_name(tmp_path, capsys):
+    """Outputs named `file` or `allow_pickle` collided with np.savez's own arguments: an internal error,
+    or the output silently left out of the archive."""
+    model = _write(tmp_path, """
+        import torch, torch.nn as nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(3, 2)
+            def forward(self, x):
+                y = self.fc(x)
+                return {"file": y, "allow_pickle": y * 2, "logits": y + 1}
+        def build_model(): return Net()
+        def example_inputs(): return (torch.randn(2, 3),)
+    """)
+    onnx_path, x, out = str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"), str(tmp_path / "y.npz")
+    assert _run(["export", model, "-o", onnx_path], capsys)[0] == 0
+    np.save(x, np.ones((4, 3), dtype=np.float32))
+    rc, _, err = _run(["run", onnx_path, "--input", x, "--output", out], capsys)
+    assert rc == 0, err
+    saved = np.load(out)
+    assert sorted(saved.files) == ["allow_pickle", "file", "logits"]
+    np.testing.assert_allclose(saved["allow_pickle"], 2 * saved["file"], rtol=1e-6)
