@@ -596,6 +596,13 @@ def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple)
             if not shape[dim].dim_param:
                 if dim == 0:
                     continue  # (the batch: `_torch_export` says which input fixes it)
+                if any(isinstance(m, nn.RNNBase) for m in module.modules()):
+                    # torch 2.13: after one torch.export of an RNN in a process (perforate's frontend
+                    # "auto" runs one), later exports fix its sequence length
+                    raise ExportError(f"axis {axis.__name__!r} (dim {dim} of input {name!r}) came out fixed to "
+                                      f"{shape[dim].dim_value}: torch.export fixes a GRU/LSTM's sequence length once "
+                                      "it has exported it in this process; perforate with frontend='fx' and export "
+                                      "once, in a fresh process (pbp-fx export --frontend fx)")
                 raise ExportError(f"the model fixes dim {dim} of input {name!r} to {shape[dim].dim_value}, so axis "
                                   f"{axis.__name__!r} cannot be dynamic (a reshape to a constant size, or a tensor of "
                                   "that length added along it): export without that axis")
