@@ -677,9 +677,23 @@ def _graph_inputs(call: Optional[CallSignature], args: tuple, kwargs: dict) -> t
 
 def _propagate(gm: fx.GraphModule, call: Optional[CallSignature], args: tuple, kwargs: dict) -> None:
     """Shapes from the example call; the graph remembers how it is called (`pbp_call`)."""
+    _check_input_names(gm)
     propagate_shapes(gm, *_graph_inputs(call, args, kwargs))
     if call is not None:
         gm.meta["pbp_call"] = call
+
+
+def _check_input_names(gm: fx.GraphModule) -> None:
+    """Refuse a graph whose generated code reads one input for another: fx names the input `input`
+    (a builtin) `input_1` in its code, and a forward that also takes `input_1` then reads `input`
+    twice (torch.fx and torch.export alike), silently."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    targets = {str(n.target) for n in placeholders}
+    for n in placeholders:
+        if n.name != str(n.target) and n.name in targets:
+            raise TraceError(f"forward's inputs {n.target!r} and {n.name!r} collide in the captured graph's code "
+                             f"(torch.fx writes {n.target!r} as {n.name!r}, so the model would read {n.target!r} "
+                             f"twice): rename the input {n.name!r}")
 
 
 # -- shapes ----------------------------------------------------------------------------------------

@@ -537,3 +537,21 @@ def test_frontend_fx_warns_of_a_buffer_the_forward_writes(recwarn):
     recwarn.clear()
     gm = trace(model, (x,), frontend="auto")
     assert gm.meta["pbp_frontend"] == "export" and not [w for w in recwarn if "writes buffer" in str(w.message)]
+
+
+@pytest.mark.parametrize("frontend", ["auto", "fx", "export"])
+def test_inputs_named_input_and_input_1_are_refused_not_read_twice(frontend):
+    """forward(self, input, input_1): fx's code wrote `input_1 = input`, so the model read its first input
+    twice (0.56 off the original, with 0 dendrites), under every frontend."""
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, input, input_1):
+            return self.fc(input) + self.fc(input_1)
+
+    with pytest.raises(TraceError, match="inputs 'input' and 'input_1' collide .*: rename the input 'input_1'"):
+        trace(Two(), (torch.randn(2, 4), torch.randn(2, 4)), frontend=frontend)
+    gm = trace(nn.Sequential(nn.Linear(4, 3)), (torch.randn(2, 4),), frontend=frontend)  # `input` alone: fine
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["input"]
