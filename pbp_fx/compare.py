@@ -46,6 +46,7 @@ from .job import (DEFAULT_MODEL, check_data, load_job_module, make_loaders, pypl
 from .modelfile import check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions
 from .schedule import Kind, PhaseSchedule
 from .training import evaluate, train_epoch
+from .passes.find_sites import rules
 from .width import WidthBuilder, WidthError
 
 __all__ = ["compare", "CompareError", "Score", "ARMS", "train_plain", "train_restarts", "train_perforated",
@@ -237,6 +238,8 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
         out, params = train_plain(model, loaders, loss_fn, config, training, metric), builder.params(model)
     row.update(out, seconds=time.perf_counter() - t0, params=params)
     row["test"] = evaluate(model, loaders[2], metric, data="test")
+    if not math.isfinite(row["test"]):  # (a mean and sd over it would be meaningless): not ranked
+        return {"arm": spec.arm, "seed": spec.seed, "skipped": f"its test score is {row['test']} (not finite)"}
     if spec.target is not None:
         row["target_params"] = spec.target
     if latency:
@@ -329,8 +332,8 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
     win = ranked[0]
     by_arm = {p["arm"]: p for p in pairs}
     test = f"test {score.metric}" if score.metric != "accuracy" else "test"
-    if len(ranked) > 1 and win["test"] == ranked[1]["test"]:
-        tied = [s["arm"] for s in ranked if s["test"] == win["test"]]
+    if len(ranked) > 1 and score.rounded(win["test"]) == score.rounded(ranked[1]["test"]):  # (level as printed)
+        tied = [s["arm"] for s in ranked if score.rounded(s["test"]) == score.rounded(win["test"])]
         lines.append(f"**no arm won**: {', '.join(tied)} tied at {test} {score.value(win['test'])} over {win['n']} "
                      "seed(s).")
     elif len(ranked) > 1:
@@ -343,7 +346,7 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
                          "one seed cannot tell a win from run-to-run noise.")
         else:
             # A win is a lead over the next arm that stands out of the seeds' noise (paired by seed).
-            common = sorted(set(win["test_by_seed"]) & set(second["test_by_seed"]))
+            common = sorted(shared)  # the seeds the ranking is over
             lead = [(win["test_by_seed"][k] - second["test_by_seed"][k]) * (1 if maximize else -1) for k in common]
             lo, hi = _interval(*_mean_sd(lead), len(lead)) if len(lead) > 1 else (-math.inf, math.inf)
             interval = f"95 % interval of the paired lead [{score.num(lo, sign=True)}, {score.num(hi, sign=True)}]"
@@ -589,6 +592,8 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
         latency = False  # the run's model is not rebuilt here; no arm gets a latency, to stay comparable
     seeds = 3 if seeds is None else seeds
     config, training = config or PBConfig(), training or TrainConfig()
+    # read once (a generator would be used up by the first perforate) and sent to the workers as lists
+    include, exclude = rules(include, "include") or None, rules(exclude, "exclude") or None
     if arms is None:
         arms = [a for a in ARMS if a != "original" or width < 1]
     arms = list(arms)

@@ -31,6 +31,7 @@ from .fileio import atomic_write, check_output_dir
 from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
                         keyword_collate, load_model_file, task_functions, task_of)
 from .perforated import perforate
+from .passes.find_sites import rules
 from .training import History, NonFiniteDataError, NonFiniteError, evaluate, fit
 
 __all__ = ["train_job", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
@@ -241,6 +242,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                distributed, resume_from=None) -> dict:
     main = distributed is None or distributed.is_main
     seed = training.seed
+    include, exclude = rules(include, "include") or None, rules(exclude, "exclude") or None  # (read once)
     if out is not None and main:
         check_output_dir(out, TrainingError)  # before training: a long run must not fail at its last step
     mod = load_job_module(model_file)

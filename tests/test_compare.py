@@ -373,3 +373,45 @@ def test_the_warm_up_before_an_arm_draws_nothing_and_changes_nothing():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     _warm_up(model, (torch.randn(4, 5),), {})  # inputs the model cannot take: left to the arm to report
+
+
+def test_ties_are_level_as_printed_and_the_lead_is_over_the_ranked_seeds():
+    """Means 1e-12 apart: 'plain ranked first ... 0.0 points ahead'; arms at other seeds: the lead's
+    interval came from more seeds than the ranking."""
+    rows = [{"arm": "pb", "seed": k, "test": 0.9, "params": 1} for k in range(2)]
+    rows += [{"arm": "plain", "seed": k, "test": 0.9 + 1e-12, "params": 1} for k in range(2)]
+    assert verdict(summarize(rows), paired(rows)).startswith("**no arm won**: plain, pb tied at test 90.0 %")
+    rows = [{"arm": a, "seed": k, "test": t, "params": 1} for a, ts in (("pb", (0.8, 0.9, 0.85)),
+                                                                      ("plain", (0.7, 0.81, 0.6))) for k, t in enumerate(ts)]
+    rows += [{"arm": "restarts", "seed": 0, "test": 0.5, "params": 1}, {"arm": "restarts", "seed": 1, "test": 0.5,
+                                                                        "params": 1}]
+    text = verdict(summarize(rows), paired(rows))
+    # ranked over seeds 0 and 1 (every arm ran them): pb leads plain by 10 and 9 points there
+    assert "ranked over the 2 seed(s) every arm ran" in text and "over 2 seeds" in text.splitlines()[1]
+
+
+def test_a_non_finite_test_score_leaves_the_arm_out_at_that_seed(tmp_path):
+    """A metric giving NaN on the test data crashed the report (statistics.stdev) after every arm had trained."""
+    path = tmp_path / "nan_metric.py"
+    path.write_text(TINY + "\n\ndef metric(output, target):\n    n = len(target)\n"
+                           "    return (float('nan') if n < 60 else float((output.argmax(1) == target).sum())), n\n"
+                           "\n\n_datasets = datasets\n\n\ndef datasets(seed=0):\n    train, val, test = _datasets(seed)\n"
+                           "    return train, val, torch.utils.data.Subset(test, range(40))  # a smaller test split\n")
+    result = compare(str(path), seeds=1, arms=["plain", "restarts"], latency=False, echo=lambda _s: None, **BUDGET)
+    assert all(r.get("skipped", "").startswith("its test score is nan") for r in result["runs"])
+    assert result["verdict"].startswith("no arm finished")
+
+
+def test_include_as_a_generator_reaches_every_arm(tmp_path):
+    """compare(include=<generator>): the refusal check used it up, and the pb arm perforated every layer."""
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY)
+    asked = []
+
+    def rule(name, _module):
+        asked.append(name)
+        return name == "fc1"
+
+    compare(str(path), seeds=1, arms=["pb"], include=(r for r in [rule]), latency=False, echo=lambda _s: None,
+            **BUDGET)
+    assert asked.count("fc2") == 2  # asked by the check before the arms, and again by the pb arm's perforate
