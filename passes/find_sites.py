@@ -68,7 +68,7 @@ def rules(f: SiteFilter, which: str = "include/exclude") -> list:
     by the first layer), so callers pass the list on."""
     if f is None:
         return []
-    if isinstance(f, (str, type)) or callable(f) and not isinstance(f, (list, tuple, set, nn.Module)):
+    if isinstance(f, (str, bytes, type)) or callable(f) and not isinstance(f, (list, tuple, set, nn.Module)):
         out = [f]
     else:
         try:

@@ -45,7 +45,7 @@ from .job import (DEFAULT_MODEL, check_data, load_job_module, make_loaders, pypl
                   seeded_datasets)
 from .modelfile import check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions
 from .schedule import Kind, PhaseSchedule
-from .training import evaluate, train_epoch
+from .training import accuracy, evaluate, train_epoch
 from .passes.find_sites import rules
 from .width import WidthBuilder, WidthError
 
@@ -67,22 +67,27 @@ class Score:
 
     metric: str = "accuracy"
     maximize: bool = True
+    percent: Optional[bool] = None  # None: the metric named "accuracy" is the built-in one
+
+    def __post_init__(self) -> None:
+        if self.percent is None:
+            object.__setattr__(self, "percent", self.metric == "accuracy")
 
     @property
     def scale(self) -> float:
-        return 100.0 if self.metric == "accuracy" else 1.0
+        return 100.0 if self.percent else 1.0
 
     @property
     def unit(self) -> str:
-        return " %" if self.metric == "accuracy" else ""
+        return " %" if self.percent else ""
 
     @property
     def diff_unit(self) -> str:
-        return " points" if self.metric == "accuracy" else ""
+        return " points" if self.percent else ""
 
     def num(self, x: float, sign: bool = False) -> str:
         """x (already scaled) as printed: 1 decimal for %, 4 significant digits otherwise; never -0."""
-        spec = ".1f" if self.metric == "accuracy" else ".4g"
+        spec = ".1f" if self.percent else ".4g"
         shown = float(f"{x:{spec}}") + 0.0 if math.isfinite(x) else x  # (+ 0.0: a rounded -0 prints 0)
         return f"{shown:{'+' if sign else ''}{spec}}"
 
@@ -94,7 +99,7 @@ class Score:
         return self.num(mean) + ("" if sd is None else f" ± {self.num(sd)}") + self.unit
 
     def label(self) -> str:
-        return "test %" if self.metric == "accuracy" else f"test {self.metric}"
+        return "test %" if self.percent else f"test {self.metric}"
 
 
 ACCURACY = Score()
@@ -143,13 +148,13 @@ def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainC
 def train_plain(model, loaders, loss_fn, config: PBConfig, training: TrainConfig, metric=None, params=None) -> dict:
     """The plain arm: Adam (on `params`, default all) to early stop (the first neuron phase of
     the PB schedule); the best-validation weights are loaded at the end."""
-    return _neuron_training(model, loaders, loss_fn, config, training, restarts=False, metric=metric or _accuracy(),
+    return _neuron_training(model, loaders, loss_fn, config, training, restarts=False, metric=metric or accuracy,
                             params=params)
 
 
 def train_restarts(model, loaders, loss_fn, config: PBConfig, training: TrainConfig, metric=None) -> dict:
     """The restarts arm: the PB schedule's rewinds and optimizer restarts with nothing installed."""
-    return _neuron_training(model, loaders, loss_fn, config, training, restarts=True, metric=metric or _accuracy())
+    return _neuron_training(model, loaders, loss_fn, config, training, restarts=True, metric=metric or accuracy)
 
 
 def train_perforated(model, example_inputs, loaders, loss_fn, config: PBConfig, training: TrainConfig,
@@ -161,15 +166,9 @@ def train_perforated(model, example_inputs, loaders, loss_fn, config: PBConfig, 
     pm = perforate(model, example_inputs, include=include, exclude=exclude, activation=config.activation,
                    mode=config.mode, example_kwargs=example_kwargs, frontend=training.frontend)
     history = fit(pm, loaders[0], loaders[1], loss_fn, config=config, training=training, progress=False,
-                  metric=metric or _accuracy())
+                  metric=metric or accuracy)
     return pm, {"epochs": len(history.epochs), "val": history.best_val, "dendrites": pm.dendrites,
                 "dendrite_epochs": sum(r["phase"] == "dendrite" for r in history.epochs)}
-
-
-def _accuracy():
-    from .training import accuracy
-
-    return accuracy
 
 
 # -- latency -------------------------------------------------------------------------------
@@ -331,7 +330,7 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
     ranked = sorted(ran, key=lambda s: -s["test"] if maximize else s["test"])
     win = ranked[0]
     by_arm = {p["arm"]: p for p in pairs}
-    test = f"test {score.metric}" if score.metric != "accuracy" else "test"
+    test = f"test {score.metric}" if not score.percent else "test"
     if len(ranked) > 1 and score.rounded(win["test"]) == score.rounded(ranked[1]["test"]):  # (level as printed)
         tied = [s["arm"] for s in ranked if score.rounded(s["test"]) == score.rounded(win["test"])]
         lines.append(f"**no arm won**: {', '.join(tied)} tied at {test} {score.value(win['test'])} over {win['n']} "
@@ -481,7 +480,10 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
         check_output_dir(out, CompareError)
     mod = load_job_module(model_file)
     check_metric_direction(mod, config.maximize, CompareError)
-    score = Score(task_functions(mod)[2], config.maximize)
+    _, metric, name = task_functions(mod)
+    # % and points for the built-in accuracy only; a name such as "<lambda>" reads as "metric"
+    score = Score(name if name.isidentifier() or " " in name else "metric", config.maximize,
+                  percent=metric is accuracy)
     builder = WidthBuilder.from_module(mod)
     _, inputs = instantiate(mod)
     torch.manual_seed(training.seed)
@@ -599,8 +601,8 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     arms = list(arms)
     if "plain-matched" in arms and "pb" not in arms and not given:
         raise CompareError("plain-matched is sized from pb's parameter count: add the pb arm")
-    score = _check(model_file, arms if not given else arms + ["pb"], seeds, width, jobs, out, config, training, include,
-           exclude)
+    score = _check(model_file, arms if not given else arms + ["pb"], seeds, width, jobs, out, config, training,
+                   include, exclude)
     seed_list = [training.seed + i for i in range(seeds)]
     t0 = time.perf_counter()
     echo(f"compare {model_file or DEFAULT_MODEL}: arms {', '.join(arms)}; {seeds} seed(s); width {width:g}")

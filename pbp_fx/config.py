@@ -101,19 +101,23 @@ def _check(obj) -> None:
             allowed = _range_text(meta)
             what = ", ".join(x for x in (bad, allowed) if x)
             reason = f"must be {what} ({meta.get('help', '')})"
-            raise ConfigError(f"{name}={value!r}: {reason}", name, value, reason)
+            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}...({len(repr(value))} characters)"
+            raise ConfigError(f"{name}={shown}: {reason}", name, value, reason)
 
 
 class _Settings:
     """to_dict / from_dict / replace shared by the config dataclasses."""
 
     def __new__(cls, *args, **kwargs):
-        # (before the dataclass __init__, whose TypeError would name no valid setting)
+        cls._refuse_unknown(kwargs)  # (before the dataclass __init__, whose TypeError names no valid setting)
+        return super().__new__(cls)
+
+    @classmethod
+    def _refuse_unknown(cls, names_given) -> None:
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - names, key=str)
+        unknown = sorted(set(names_given) - names, key=str)  # (keys of mixed types: 1 and "x")
         if unknown:
             raise ConfigError(f"{cls.__name__} has no setting {unknown[0]!r}: use one of {', '.join(sorted(names))}")
-        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -127,10 +131,7 @@ class _Settings:
         """The config of a dict written by to_dict(); unknown names are refused."""
         if not isinstance(d, dict):
             raise ConfigError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names, key=str)  # (keys of mixed types: 1 and "x")
-        if unknown:
-            raise ConfigError(f"{cls.__name__} has no setting {unknown[0]!r}: use one of {', '.join(sorted(names))}")
+        cls._refuse_unknown(d)
         return cls(**d)
 
     @classmethod
@@ -145,11 +146,7 @@ class _Settings:
 
     def replace(self, **changes):
         """A copy with `changes` applied (validated like a new config)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ConfigError(f"{type(self).__name__} has no setting {unknown[0]!r}: "
-                              f"use one of {', '.join(sorted(names))}")
+        self._refuse_unknown(changes)
         return dataclasses.replace(self, **changes)
 
 

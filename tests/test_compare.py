@@ -415,3 +415,18 @@ def test_include_as_a_generator_reaches_every_arm(tmp_path):
     compare(str(path), seeds=1, arms=["pb"], include=(r for r in [rule]), latency=False, echo=lambda _s: None,
             **BUDGET)
     assert asked.count("fc2") == 2  # asked by the check before the arms, and again by the pb arm's perforate
+
+
+def test_a_model_files_own_metric_named_accuracy_is_in_its_own_units(tmp_path):
+    """Units followed the metric's name: a file's own `accuracy` (here an error count) read as %."""
+    from pbp_fx.compare import _check
+
+    path = tmp_path / "own.py"
+    path.write_text(TINY + "\n\ndef accuracy(output, target):\n    return float((output.argmax(1) != target).sum()), 1"
+                           "\n\n\nmetric = accuracy\n")
+    score = _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None)
+    assert (score.metric, score.percent, score.unit) == ("accuracy", False, "")
+    path.write_text(TINY)
+    assert _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None).percent
+    path.write_text(TINY + "\n\nmetric = lambda output, target: (float((output.argmax(1) == target).sum()), len(target))\n")
+    assert _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None).metric == "metric"

@@ -171,7 +171,7 @@ class PBCallback(TrainerCallback):
     def _refuse_missing_metric(self, metrics: dict) -> None:
         seen = sorted(set(metrics).union(*self._other_datasets.values()))
         self._other_datasets = {}
-        given = "metric=" if self._metric is not None else "metric_for_best_model=" if self._from_args else "metric="
+        given = "metric_for_best_model=" if self._from_args else "metric="
         raise TrainingError(f"PBCallback: metric {self.metric!r} is not among the evaluation metrics "
                             f"({', '.join(seen) or 'none'}): pass {given} one of them")
 
