@@ -151,8 +151,22 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, params, group_of: Optiona
     if keep_state:
         for p in [p for p in optimizer.state if id(p) not in seen]:
             del optimizer.state[p]
+        _state_to_parameter_devices(optimizer)
     else:
         optimizer.state.clear()
+
+
+def _state_to_parameter_devices(optimizer: torch.optim.Optimizer) -> None:
+    """Kept per-parameter state on its parameter's device (a model moved after its optimizer
+    stepped), as torch's load_state_dict places it: a step count stays on the CPU unless the
+    group is fused or capturable."""
+    for group in optimizer.param_groups:
+        step_on_cpu = not (group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.device != p.device and not (key == "step" and step_on_cpu):
+                    state[key] = value.to(p.device)
 
 
 class PhaseController:
@@ -302,9 +316,10 @@ class PhaseController:
                 scheduler.cooldown_counter = _PLATEAU_HOLD
 
     def set_distributed(self, distributed) -> None:
-        """Train through `distributed` from now on (rewraps `self.model`)."""
+        """Train through `distributed` from now on (rewraps `self.model`); the optimizer keeps its
+        state (a resumed run's Adam moments)."""
         self.distributed = distributed
-        self.rebind()
+        self.rebind(keep_state=True)
 
     def rebind(self, keep_state: bool = False) -> None:
         """Point the optimizer (and the DDP wrapper) at the model's current trainable parameters."""

@@ -299,7 +299,7 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
         elif distributed is not None and controller.distributed is not distributed:
             controller.set_distributed(distributed)
         elif device is not None:
-            controller.rebind()
+            controller.rebind(keep_state=True)  # (a resumed run's optimizer state stays)
         _check_plateau(controller)
         if distributed is not None and _length(train_loader) is not None:
             distributed.check_same("number of training batches", _length(train_loader))

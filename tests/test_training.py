@@ -232,3 +232,28 @@ def test_fit_steps_a_plateau_scheduler_on_the_validation_score():
     with pytest.raises(pbp_fx.ConfigError, match="mode='min' but fit's validation score is maximized.*mode='max'"):
         fit(pm, train, val, controller=wrong, epochs=3, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in pm.state_dict().items())  # refused before any work
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_a_resumed_fit_on_a_device_keeps_the_optimizer_state(tmp_path, device):
+    """fit(..., device=...) after pbp_fx.load(..., optimizer=ctl.optimizer) cleared Adam's moments and step
+    count (every distributed run passes its device): the resumed run left the uninterrupted one."""
+    from pbp_fx.training import History
+
+    train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
+    config, path = pbp_fx.PBConfig(patience=50), str(tmp_path / "c.safetensors")
+    pm = _pm()
+    ctl = PhaseController(pm, config)
+
+    def save_after_the_first(row):
+        if row["epoch"] == 1:
+            pbp_fx.save(pm, path, controller=ctl, optimizer=ctl.optimizer)
+
+    whole = fit(pm, train, val, controller=ctl, epochs=3, progress=False, callbacks=[save_after_the_first])
+    pm = _pm()
+    ctl = PhaseController(pm, config)
+    pbp_fx.load(path, pm, controller=ctl, optimizer=ctl.optimizer)
+    history = History()
+    history.append(**whole.epochs[0])
+    resumed = fit(pm, train, val, controller=ctl, epochs=3, progress=False, history=history, device=device)
+    assert [r["train_loss"] for r in resumed.epochs] == [r["train_loss"] for r in whole.epochs]
