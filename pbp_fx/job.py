@@ -243,6 +243,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     main = distributed is None or distributed.is_main
     seed = training.seed
     include, exclude = rules(include, "include") or None, rules(exclude, "exclude") or None  # (read once)
+    processes = 1 if distributed is None else distributed.world_size
     if out is not None and main:
         check_output_dir(out, TrainingError)  # before training: a long run must not fail at its last step
     mod = load_job_module(model_file)
@@ -301,7 +302,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                           callbacks=callbacks)
         except DataError as exc:  # the dataset's own error: which epoch, and how to go on
             done = len(history.epochs)
-            raise TrainingError(f"training stopped in epoch {done + 1}: {exc}" + _resumes(out, done)) from exc
+            raise TrainingError(f"training stopped in epoch {done + 1}: {exc}"
+                                + _resumes(out, done, processes)) from exc
         except TrainingError as exc:
             if not (isinstance(exc.__cause__, NonFiniteError) and not isinstance(exc.__cause__, NonFiniteDataError)
                     and ctl.done and ctl.best_state is not None):
@@ -316,12 +318,13 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             done = len(history.epochs)
             raise TrainingError(
                 f"training stopped in epoch {done + 1}: {type(exc).__name__}: {text[0] if text else ''} (from the "
-                f"model file's model, data, loss or metric; --debug shows where)" + _resumes(out, done)) from exc
+                f"model file's model, data, loss or metric; --debug shows where)" + _resumes(out, done, processes)) from exc
     except KeyboardInterrupt:
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
             os.rmdir(out)
         if out and history.epochs:  # (checkpointed epochs of this run: a resume continues them)
-            raise KeyboardInterrupt(f"after epoch {len(history.epochs)}{_resumes(out, len(history.epochs))}") from None
+            done = len(history.epochs)
+            raise KeyboardInterrupt(f"after epoch {done}{_resumes(out, done, processes)}") from None
         raise
     except BaseException:
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
@@ -510,9 +513,11 @@ def _print_report(s: dict, echo) -> None:
          f"({s.get('metric', 'accuracy')}; {s['seconds']:.1f} s, mode {s['mode']})")
 
 
-def _resumes(out: Optional[str], done: int) -> str:
-    """"; the run so far resumes with ..." when `done` epochs were checkpointed in `out`."""
-    return f"; the run so far resumes with pbp-fx train --resume {shlex.quote(out)}" if out and done else ""
+def _resumes(out: Optional[str], done: int, processes: int = 1) -> str:
+    """"; the run so far resumes with ..." when `done` epochs were checkpointed in `out` (with the
+    run's --nproc: on another process count the data order differs)."""
+    nproc = f" --nproc {processes}" if processes > 1 else ""
+    return f"; the run so far resumes with pbp-fx train --resume {shlex.quote(out)}{nproc}" if out and done else ""
 
 
 def _write_outputs(out: str, history, summary) -> bool:

@@ -644,3 +644,13 @@ def test_without_matplotlib_the_plots_are_skipped_with_a_warning(tmp_path, monke
     with pytest.warns(UserWarning, match="compare.png not written"):
         assert plot([], str(tmp_path / "compare.png")) is False
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_resume_hint_of_a_multi_process_run_keeps_its_process_count():
+    """After a --nproc 2 interrupt the hint said `pbp-fx train --resume DIR`, which resumed on one process
+    with another data order, silently."""
+    from pbp_fx.job import _resumes
+
+    assert _resumes("runs/a b", 3, 2) == "; the run so far resumes with pbp-fx train --resume 'runs/a b' --nproc 2"
+    assert _resumes("runs/a", 3) == "; the run so far resumes with pbp-fx train --resume runs/a"
+    assert _resumes("runs/a", 0, 2) == ""
