@@ -1,6 +1,7 @@
 """The math of PB_SPEC §2-§4: candidates, covariance training, stop-gradient, installation."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -470,3 +471,21 @@ def test_a_strided_conv_bn_pool_trains_and_installs_at_full_resolution():
     assert site.num_dendrites == 1
     assert site.dendrites(x).shape == (16, 1, 4, 6, 6)  # the installed dendrite sees every position
     assert torch.equal(pm(x), before)  # V starts at 0; the base's norm statistics are restored
+
+
+def test_a_ranks_batch_that_is_no_multiple_of_the_pool_is_warned_of_once():
+    """2 ranks equal 1 rank only when each rank's batch is a multiple of P: batch 100 on 2 ranks with
+    pool 4 (the CLI defaults) diverged after the first install, without a word."""
+    import pbp_fx
+
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 3),))
+    pm.start_dendrite_phase(pool=4)
+    pm.train()
+    for s in pm.sites.values():
+        s.candidates.reducer = object()  # (as Distributed.wrap sets it; the forward never calls it)
+    with pytest.warns(UserWarning, match="a rank's batch of 50 samples is not a multiple of the pool's 4 members"):
+        pm(torch.randn(50, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm(torch.randn(50, 3))  # once
+        pm(torch.randn(48, 3))
