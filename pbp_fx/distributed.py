@@ -223,7 +223,12 @@ class Distributed:
                                 "the global batch is split evenly, choose a multiple")
         sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
                                      seed=seed)
-        return DataLoader(dataset, batch_size=batch_size // self.world_size, sampler=sampler, **kwargs)
+        local = batch_size // self.world_size
+        # A rank's last batch of one sample: BatchNorm cannot train on it (as job.make_loaders for one
+        # process); every rank has as many samples, so all leave it out alike.
+        lone = len(sampler) > local and len(sampler) % local == 1
+        return DataLoader(dataset, batch_size=local, sampler=sampler, drop_last=kwargs.pop("drop_last", lone),
+                          **kwargs)
 
     # -- collectives -----------------------------------------------------------------------
     def _gather(self, values: Sequence[float], dtype=torch.float64) -> torch.Tensor:

@@ -348,3 +348,20 @@ def test_strided_statistics_of_two_ranks_are_the_global_ones():
     candidate_gradient(2 * delta[rows[0]], cs[0], *ranks[0], True, 1, True, 2, 1.0, settings,
                        _TwoRanks(other=probe.seen))
     assert (ranks[0][0][0] - one[0][0]).abs().max() < 1e-12  # ema
+
+
+def test_a_ranks_last_batch_of_one_sample_is_left_out_on_every_rank():
+    """162 samples, global batch 40 on 2 ranks: each rank's last batch had 1 sample, and a BatchNorm
+    model that trains on one process failed (one value per channel)."""
+    from torch.utils.data import TensorDataset
+
+    from pbp_fx.distributed import Distributed
+
+    data = TensorDataset(torch.randn(162, 3), torch.zeros(162, dtype=torch.long))
+    for rank in (0, 1):
+        world = object.__new__(Distributed)  # (loader reads only the rank and the world size)
+        world.rank, world.world_size = rank, 2
+        sizes = [len(x) for x, _ in world.loader(data, 40, shuffle=True)]
+        assert sizes == [20, 20, 20, 20]  # 81 samples a rank: the 81st left out
+        world_sizes = [len(x) for (x,) in world.loader(TensorDataset(torch.randn(164, 3)), 40)]
+        assert world_sizes == [20, 20, 20, 20, 2]  # a last batch of 2 stays
