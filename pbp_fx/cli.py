@@ -724,9 +724,10 @@ def _check_shapes(model: str, files: list, arrays: list, specs: list) -> None:
                           f"{len(want)} dims {want}: save it with that shape")
         for dim, (got, size) in enumerate(zip(array.shape, want)):
             if isinstance(size, int) and size != got:
+                fix = ("export without --static-batch to make the batch dynamic" if dim == 0 else
+                       f"export with --dynamic-axis {spec.name}:{dim}=NAME to make that dim dynamic")
                 raise PBError(f"input {name} has size {got} in dim {dim}, which {model} fixes to {size} (input "
-                              f"{spec.name!r}, {want}): pass that size, or export with --dynamic-axis "
-                              f"{spec.name}:{dim}=NAME to make that dim dynamic")
+                              f"{spec.name!r}, {want}): pass that size, or {fix}")
             if isinstance(size, str) and size:
                 seen = sizes.setdefault(size, (got, name))
                 if seen[0] != got:

@@ -1021,6 +1021,10 @@ def test_run_refuses_a_size_the_file_fixes_naming_the_dim_and_the_fix(tmp_path, 
     np.save(tmp_path / "x.npy", np.zeros((3, 6), dtype=np.int64))
     rc, stdout, _ = _run(["run", out, "--input", str(tmp_path / "x.npy")], capsys)
     assert rc == 0 and "output output: shape [3, 3]" in stdout
+    # a --static-batch file: the batch dim's fix is to drop that flag (export refuses --dynamic-axis ids:0=NAME)
+    assert _run(["export", model, "-o", out, "--static-batch"], capsys)[0] == 0
+    rc, _, err = _run(["run", out, "--input", str(tmp_path / "x.npy")], capsys)
+    assert rc == 2 and "has size 3 in dim 0, which" in err and "export without --static-batch" in err, err
 
 
 def test_run_refuses_inputs_that_disagree_on_a_shared_axis(tmp_path, capsys):
