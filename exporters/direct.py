@@ -96,7 +96,9 @@ class _Emitter:
     def placeholder(self, n: fx.Node, value) -> None:
         if not isinstance(value, torch.Tensor) or value.dtype not in _DTYPES or value.dim() == 0:
             raise Unsupported(f"input {n.name}")
-        self.names[n] = n.name
+        # forward's own parameter name: fx writes one that shadows a builtin (`input`) as `input_1`,
+        # and no other node takes the builtin's name
+        self.names[n] = str(n.target)
 
     def get_attr(self, n: fx.Node, value) -> None:
         if not isinstance(value, torch.Tensor):
@@ -288,7 +290,7 @@ def emit(gm: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool,
         except Exception as exc:  # noqa: BLE001 - a form of a known layer the handler does not expect
             raise Unsupported(f"{n.op} {n.target}: {type(exc).__name__}: {exc}") from exc
         if n.op == "placeholder":
-            graph_inputs.append(_value_info(n.name, e.values[n], batch))
+            graph_inputs.append(_value_info(e.names[n], e.values[n], batch))
     if not outputs or not all(isinstance(o, fx.Node) and isinstance(e.values.get(o), torch.Tensor) for o in outputs):
         raise Unsupported("outputs other than tensors")
     names = [f"output_{i}" for i in range(len(outputs))] if len(outputs) > 1 else ["output"]

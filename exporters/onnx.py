@@ -563,9 +563,7 @@ def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynami
     traced = _dynamic_shapes(module, inputs, dynamic_batch, dynamic_axes)
     if not dynamic_axes:
         try:
-            proto = emit(module, inputs, opset, dynamic_batch)
-            _restore_input_names(proto, _tensor_input_names(module, inputs))  # fx's `input_1` is forward's `input`
-            return proto
+            return emit(module, inputs, opset, dynamic_batch)
         except Unsupported as why:
             log.debug("export_onnx: the dynamo exporter runs (direct path: %s)", why)
     proto = _torch_export(module, inputs, traced, opset, dynamic_batch, sorted({a for d in dynamic_axes.values()

@@ -86,6 +86,12 @@ def rules(f: SiteFilter, which: str = "include/exclude") -> list:
     return out
 
 
+def site_filters(include: SiteFilter, exclude: SiteFilter) -> tuple[Optional[list], Optional[list]]:
+    """include and exclude read once and checked (`rules`), None when empty: what a caller that
+    searches more than once (perforate's two searches, compare's arms, a training job) passes on."""
+    return rules(include, "include") or None, rules(exclude, "exclude") or None
+
+
 def _matches(rule, name: str, module: Optional[nn.Module]) -> bool:
     if isinstance(rule, type):
         return module is not None and isinstance(module, rule)

@@ -44,9 +44,9 @@ from .fileio import atomic_write, check_output_dir
 from .job import (DEFAULT_MODEL, check_data, load_job_module, make_loaders, pyplot_or_none, seed_everything,
                   seeded_datasets)
 from .modelfile import check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions
+from .passes.find_sites import site_filters
 from .schedule import Kind, PhaseSchedule
 from .training import accuracy, evaluate, train_epoch
-from .passes.find_sites import rules
 from .width import WidthBuilder, WidthError
 
 __all__ = ["compare", "CompareError", "Score", "ARMS", "train_plain", "train_restarts", "train_perforated",
@@ -248,8 +248,9 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
 
 
 def _warm_up(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> None:
-    """One untimed forward and backward on a copy of the model, so that a process's one-time costs
-    (kernel selection, lazy initialisation: ~2 s) are not counted in its first arm's train time.
+    """One untimed training step (forward, backward, optimizer) on a copy of the model, so that a
+    process's one-time costs (kernel selection, lazy initialisation: ~2 s) are not counted in its
+    first arm's train time.
     Draws nothing from the generators the arms use; a model the example inputs cannot train is left
     to the arm, which reports it."""
     with torch.random.fork_rng(devices=[]), contextlib.suppress(Exception):  # (a warm-up only)
@@ -594,8 +595,7 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
         latency = False  # the run's model is not rebuilt here; no arm gets a latency, to stay comparable
     seeds = 3 if seeds is None else seeds
     config, training = config or PBConfig(), training or TrainConfig()
-    # read once (a generator would be used up by the first perforate) and sent to the workers as lists
-    include, exclude = rules(include, "include") or None, rules(exclude, "exclude") or None
+    include, exclude = site_filters(include, exclude)  # (the check and every arm perforate: lists)
     if arms is None:
         arms = [a for a in ARMS if a != "original" or width < 1]
     arms = list(arms)

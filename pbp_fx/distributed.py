@@ -60,10 +60,16 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from .errors import PBError, TrainingError
 
 __all__ = ["Distributed", "DistributedError", "StatsReducer", "ShardSampler", "launch",
-           "local_env", "torchrun_world_size"]
+           "local_env", "torchrun_world_size", "last_batch_is_lone"]
 
 DEFAULT_TIMEOUT = 300.0  # seconds a collective waits for the other ranks
 _FAILED = "pbp_fx/failed/"
+
+
+def last_batch_is_lone(samples: int, batch: int) -> bool:
+    """Whether the last batch of an epoch holds one sample, which BatchNorm cannot train on (one
+    value per channel): the training loaders leave it out."""
+    return samples > batch and samples % batch == 1
 
 
 class DistributedError(TrainingError):
@@ -224,11 +230,9 @@ class Distributed:
         sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
                                      seed=seed)
         local = batch_size // self.world_size
-        # A rank's last batch of one sample: BatchNorm cannot train on it (as job.make_loaders for one
-        # process); every rank has as many samples, so all leave it out alike.
-        lone = len(sampler) > local and len(sampler) % local == 1
-        return DataLoader(dataset, batch_size=local, sampler=sampler, drop_last=kwargs.pop("drop_last", lone),
-                          **kwargs)
+        # every rank has as many samples, so all leave a lone last sample out alike
+        return DataLoader(dataset, batch_size=local, sampler=sampler,
+                          drop_last=kwargs.pop("drop_last", last_batch_is_lone(len(sampler), local)), **kwargs)
 
     # -- collectives -----------------------------------------------------------------------
     def _gather(self, values: Sequence[float], dtype=torch.float64) -> torch.Tensor:

@@ -30,8 +30,9 @@ from .errors import DataError, ModelFileError, PBError, TrainingError
 from .fileio import atomic_write, check_output_dir
 from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
                         keyword_collate, load_model_file, task_functions, task_of)
+from .distributed import last_batch_is_lone
+from .passes.find_sites import site_filters
 from .perforated import perforate
-from .passes.find_sites import rules
 from .training import History, NonFiniteDataError, NonFiniteError, evaluate, fit
 
 __all__ = ["train_job", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
@@ -197,8 +198,7 @@ def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, 
         return (distributed.loader(train, batch_size, shuffle=True, seed=seed, **extra),
                 distributed.loader(val, eval_batch_size, train=False, **own(), **extra),
                 distributed.loader(test, eval_batch_size, train=False, **own(), **extra))
-    # A last batch of one sample: BatchNorm cannot train on it (one value per channel), so it is left out.
-    lone = len(train) > batch_size and len(train) % batch_size == 1
+    lone = last_batch_is_lone(len(train), batch_size)
     return (DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=lone, **own(), **extra),
             DataLoader(val, batch_size=eval_batch_size, **own(), **extra),
             DataLoader(test, batch_size=eval_batch_size, **own(), **extra))
@@ -242,7 +242,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                distributed, resume_from=None) -> dict:
     main = distributed is None or distributed.is_main
     seed = training.seed
-    include, exclude = rules(include, "include") or None, rules(exclude, "exclude") or None  # (read once)
+    include, exclude = site_filters(include, exclude)  # (perforate, resume and the checkpoint's args: lists)
     processes = 1 if distributed is None else distributed.world_size
     if out is not None and main:
         check_output_dir(out, TrainingError)  # before training: a long run must not fail at its last step
@@ -318,7 +318,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             done = len(history.epochs)
             raise TrainingError(
                 f"training stopped in epoch {done + 1}: {type(exc).__name__}: {text[0] if text else ''} (from the "
-                f"model file's model, data, loss or metric; --debug shows where)" + _resumes(out, done, processes)) from exc
+                f"model file's model, data, loss or metric; --debug shows where)"
+                + _resumes(out, done, processes)) from exc
     except KeyboardInterrupt:
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
             os.rmdir(out)

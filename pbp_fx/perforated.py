@@ -518,7 +518,7 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     is in `meta["pbp_dynamic"]`.
     """
     from pbp_fx.passes import find_sites, insert_dendrites
-    from pbp_fx.passes.find_sites import rules
+    from pbp_fx.passes.find_sites import site_filters
 
     if activation not in ACTIVATIONS:
         raise ConfigError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}",
@@ -530,8 +530,7 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
                           "it), 'batch' (the batch dim only) or False (static shapes)", "dynamic", dynamic)
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    # read once, checked before any work (a generator would be used up by the first search)
-    include, exclude = rules(include, "include") or None, rules(exclude, "exclude") or None
+    include, exclude = site_filters(include, exclude)  # checked before any work; searched twice below
     model = copy.deepcopy(model)
     gm = trace(model, example_inputs, example_kwargs, frontend=frontend, dynamic=dynamic)
     specs = find_sites(gm, include, exclude)

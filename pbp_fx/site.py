@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError
-from .errors import warn_at_user
 from .covariance_tap import STAT_NAMES, EagerTap, batch_covariance, covariance_tap, fold_batch
+from .errors import warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
                      every_nth_position, split_members)
 

@@ -237,8 +237,9 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
     if count == 0:
         if seen:  # batches came, and the metric counted none of their samples (a recall without positives)
             name = getattr(metric, "__name__", None)  # (a callable object or a partial has none)
-            raise TrainingError(f"the metric{f' {name}' if name else ''} counted no sample of the {data} data (every batch returned "
-                                "count 0): return (sum, count) with count > 0, e.g. the number of samples scored")
+            raise TrainingError(f"the metric{f' {name}' if name else ''} counted no sample of the {data} data "
+                                "(every batch returned count 0): return (sum, count) with count > 0, e.g. the "
+                                "number of samples scored")
         raise TrainingError(f"the {data} dataset is empty: give it at least one sample")
     return total / count
 

@@ -86,6 +86,13 @@ class StructureOnLoad:
         self._handle.remove()
 
 
+def finished_run(note: str, call: str) -> str:
+    """The warning of a training call (`call`: what it does now) on a PBCallback whose PB run is
+    complete (`note`: how it ended), a budget that ran out included."""
+    return (f"PBCallback: this PB run is complete ({note}), so {call} and keeps the best model; for more "
+            "training start a new run (a new PBCallback), or resume from a checkpoint taken before the end")
+
+
 def refused_restart(resume: str) -> str:
     """The one-line refusal of a training call that would continue a PBCallback's unfinished run
     with the new optimizer the framework built (the run's state holds the old one)."""

@@ -23,7 +23,8 @@ from ..config import PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError, warn_at_user
 from ..perforated import PerforatedModel
-from .common import StructureOnLoad, find_perforated, refused_restart, unwrap_optimizer, unwrap_scheduler
+from .common import (StructureOnLoad, find_perforated, finished_run, refused_restart, unwrap_optimizer,
+                     unwrap_scheduler)
 
 __all__ = ["PBCallback", "CHECKPOINT_NAME"]
 
@@ -132,9 +133,7 @@ class PBCallback(TrainerCallback):
         self._resumed_complete = self.controller.done
         if self._resumed_complete:
             control.should_training_stop = True
-            warn_at_user(f"PBCallback: this PB run is complete ({self.controller.history[-1]['note']}), so this "
-                         "train() stops after one step and keeps the best model; for more training start a new "
-                         "run (a new PBCallback), or resume from a checkpoint taken before the end")
+            warn_at_user(finished_run(self.controller.history[-1]["note"], "this train() stops after one step"))
         scheduler = unwrap_scheduler(lr_scheduler)
         if scheduler is not None:
             self.controller.attach_scheduler(scheduler, scaled=state.global_step > 0)

@@ -21,7 +21,7 @@ from ..checkpoint import warn_changed_settings
 from ..config import ConfigError, PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError
-from .common import StructureOnLoad, find_perforated, refused_restart, unwrap_optimizer
+from .common import StructureOnLoad, find_perforated, finished_run, refused_restart, unwrap_optimizer
 
 __all__ = ["PBCallback"]
 
@@ -128,9 +128,7 @@ class PBCallback(Callback):
         if self.controller.done:  # PB finished (a checkpoint written then, or fit() again): nothing left to train
             # (min_epochs may still train on: on_fit_end loads the best model back)
             trainer.should_stop = True
-            rank_zero_warn(f"PBCallback: this PB run is complete ({self.controller.history[-1]['note']}), so this "
-                           "fit trains nothing and keeps the best model; for more training start a new run (a new "
-                           "PBCallback), or resume from a checkpoint taken before the end")
+            rank_zero_warn(finished_run(self.controller.history[-1]["note"], "this fit trains nothing"))
         for scheduler_config in trainer.lr_scheduler_configs:
             self.controller.attach_scheduler(scheduler_config.scheduler)
 
