@@ -355,7 +355,10 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
             test = (evaluate(pm, test_loader, metric, device, distributed=distributed, data="test")
                     if test_loader is not None else None)
         except NonFiniteError as exc:
-            raise TrainingError(f"{exc}; {_stop_and_restore(controller)}") from exc
+            restored = _stop_and_restore(controller)
+            if history.epochs:  # the stop ends the run after the last epoch: its row says so, as the controller's history does
+                history.epochs[-1]["decision"] = Decision.COMPLETE.value
+            raise TrainingError(f"{exc}; {restored}") from exc
         row = {"epoch": epoch, "phase": phase, "dendrites": controller.num_dendrites,
                "train_loss": train_loss, "val": val, "test": test,
                "params": pm.num_parameters(), "seconds": time.perf_counter() - t0}

@@ -415,7 +415,7 @@ def test_a_new_run_replaces_an_earlier_runs_outputs_and_a_failed_one_leaves_none
 
 
 def test_a_loss_gone_nan_mid_run_writes_the_report_of_the_restored_best_model(tmp_path, capsys):
-    """'stopped and restored the best-validation model (epoch 5)', exit 2, and no summary or history written."""
+    """Exit 2 with one line; the report and checkpoint of the restored best model are written."""
     late_nan = GOOD + ("calls = [0]\n\n\ndef loss_fn(o, y):\n    calls[0] += 1\n"
                        "    loss = torch.nn.functional.cross_entropy(o, y)\n"
                        "    return loss * float('nan') if torch.is_grad_enabled() and calls[0] > 20 else loss\n")
@@ -425,7 +425,10 @@ def test_a_loss_gone_nan_mid_run_writes_the_report_of_the_restored_best_model(tm
     assert "the loss is nan" in err and f"its report and that model are in {out}" in err and err.count("\n") == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["events"][-1]["note"] == "stopped: non-finite values"
-    assert summary["epochs"] == len(json.loads((out / "history.json").read_text())["epochs"]) >= 1
+    rows = json.loads((out / "history.json").read_text())["epochs"]
+    assert summary["epochs"] == len(rows) >= 1
+    # The last row ends the run, as the summary's last event does (at that epoch).
+    assert rows[-1]["decision"] == "complete" and summary["events"][-1]["epoch"] == rows[-1]["epoch"]
 
 
 KEYWORD_MODEL = '''
