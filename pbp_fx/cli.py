@@ -481,25 +481,31 @@ def _train_args() -> tuple:
             *_train_args())
 def train(args: argparse.Namespace) -> int:
     from .distributed import Distributed, launch, torchrun_world_size
-    from .job import train_job
+    from .job import saved_training, train_job
 
     if args.nproc < 1:
         raise PBError(f"--nproc {args.nproc}: must be at least 1")
     if not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
         raise PBError(f"--dist-timeout {args.dist_timeout}: must be a finite number of seconds greater than 0")
+    world = torchrun_world_size()
     if args.resume is not None:
         given = [f for f, v in vars(args).items() if v is not None and (f in _SETTING_DESTS or f == "out")]
         if args.model is not None or given:
             what = "a model file" if args.model is not None else _flag_of(given[0])
             raise PBError(f"--resume continues a run in its own folder with its own model file and settings "
                           f"({what} given): give --resume DIR alone")
-        config = training = None
+        config = None
+        # The launcher checks the run before it starts any process (each would print the same error).
+        training = saved_training(args.resume) if args.nproc > 1 and world == 1 else None
     else:
         config, training = configs_from_args(args)
-    world = torchrun_world_size()
     if args.nproc > 1 and world == 1:
         # The launcher: the same command on N processes (each sees torchrun's environment).
-        if training is not None and training.batch_size % args.nproc:
+        if training.batch_size % args.nproc:
+            if args.resume is not None:  # its batch is the run's own: the process count is what can change
+                raise PBError(f"--nproc {args.nproc}: the run in {args.resume} trains with a global batch of "
+                              f"{training.batch_size}, which {args.nproc} processes cannot split evenly: resume it "
+                              "with an --nproc that divides it (the count it was started with keeps its data order)")
             raise PBError(f"--batch-size {training.batch_size} is the global batch: it must be divisible by "
                           f"--nproc {args.nproc}")
         rc = launch(args.nproc, ["train", *_train_argv(args)], quiet=not args.debug)

@@ -35,7 +35,7 @@ from .passes.find_sites import site_filters
 from .perforated import perforate
 from .training import History, NonFiniteDataError, NonFiniteError, evaluate, fit
 
-__all__ = ["train_job", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
+__all__ = ["train_job", "saved_training", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
 
 DEFAULT_MODEL = "pbp_fx.models.mnist1d_mlp"
 
@@ -395,6 +395,12 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
             distributed.save(pm, path, **kwargs)
 
     return save_epoch
+
+
+def saved_training(run_dir: str) -> TrainConfig:
+    """The TrainConfig of the run saved in `run_dir` (its --out folder), the job state checked as
+    `resume` checks it: a launcher reads it before it starts any process."""
+    return _saved_job(os.path.join(run_dir, CHECKPOINT))[2]
 
 
 def _saved_job(path: str) -> tuple:

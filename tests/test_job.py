@@ -657,3 +657,19 @@ def test_the_resume_hint_of_a_multi_process_run_keeps_its_process_count():
     assert _resumes("runs/a b", 3, 2) == "; the run so far resumes with pbp-fx train --resume 'runs/a b' --nproc 2"
     assert _resumes("runs/a", 3) == "; the run so far resumes with pbp-fx train --resume runs/a"
     assert _resumes("runs/a", 0, 2) == ""
+
+
+def test_resume_on_a_process_count_that_cannot_split_the_runs_batch_is_refused_before_any_process(tmp_path, capsys):
+    """`--resume DIR --nproc 3` on a run with batch 32 failed on every rank, each advising another
+    --batch-size, which a resume cannot take; a folder that is no run failed on every rank too."""
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "1", "--batch-size", "32",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--nproc", "3"]) == 2
+    err = capsys.readouterr().err
+    assert ("--nproc 3: the run in" in err and "global batch of 32" in err and "an --nproc that divides it" in err
+            and err.count("\n") == 1 and "rank" not in err)
+    assert main(["train", "--resume", str(tmp_path), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "does not exist" in err and err.count("\n") == 1 and "rank" not in err
