@@ -18,12 +18,14 @@ score is read at the best-validation epoch. Arms:
 Parameters are those the model's outputs depend on at the example inputs (`width.used_parameters`),
 for every arm: a module `forward` never calls counts in no arm, as in PB's captured graph.
 
-Outputs (with `out`): compare.md, compare.json, compare.png.
+Outputs (with `out`): compare.md, compare.json, compare.png. While it runs, OUT/compare.partial.json keeps
+every finished run: after an interrupt, the same command continues from them.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import inspect
 import json
 import math
@@ -50,7 +52,7 @@ from .training import accuracy, evaluate, train_epoch
 from .width import WidthBuilder, WidthError
 
 __all__ = ["compare", "CompareError", "Score", "ARMS", "train_plain", "train_restarts", "train_perforated",
-           "run_arm", "summarize", "paired", "verdict", "markdown", "plot"]
+           "run_arm", "summarize", "paired", "verdict", "markdown", "plot", "KeptRuns"]
 
 ARMS = ("plain", "restarts", "pb", "gd", "plain-matched", "original")
 REFERENCE_ARM = "pb"
@@ -502,33 +504,112 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
     return score
 
 
+class KeptRuns:
+    """The finished runs of a comparison with an output folder, kept in OUT/compare.partial.json
+    after each run, so that the same command continues an interrupted comparison from them.
+
+    `key` holds everything a run's result depends on (the model file's content, the arms,
+    seeds, width, settings, include/exclude, latency): kept runs are taken only under the same
+    key; another key starts over. The file goes once the report is written."""
+
+    def __init__(self, out: Optional[str], key: dict, echo: Callable[[str], None]):
+        self.path = None if out is None else os.path.join(out, PARTIAL)
+        # As read back (lists, not tuples); a rule that is a function or type by its repr (a function's
+        # differs in each process: its runs are never taken, since its behaviour cannot be compared).
+        self.key = json.loads(json.dumps(key, default=repr))
+        self.entries: list[dict] = []
+        if self.path is None or not os.path.isfile(self.path):
+            return
+        try:
+            with open(self.path) as f:
+                saved = json.load(f)
+            entries = saved["runs"] if saved["key"] == self.key else None
+            taken = [e for e in entries or () if isinstance(e["row"], dict) and len(e["spec"]) == 4]
+        except (OSError, ValueError, KeyError, TypeError):
+            entries = taken = None
+        if entries is None:
+            echo(f"{self.path} holds the runs of another comparison (other settings or model file), or is "
+                 "unreadable: this one starts over")
+            return
+        self.entries = taken
+        echo(f"continuing the interrupted comparison in {out}: its {len(taken)} finished run(s) are kept (delete "
+             f"{self.path} to run them again)")
+
+    def row(self, spec: "RunSpec") -> Optional[dict]:
+        """The kept row of `spec`, or None."""
+        ident = _spec_ident(spec)
+        return next((e["row"] for e in self.entries if e["spec"] == ident), None)
+
+    def add(self, spec: "RunSpec", row: dict) -> None:
+        self.entries.append({"spec": _spec_ident(spec), "row": row})
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        body = json.dumps({"key": self.key, "runs": self.entries}, indent=1) + "\n"
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(body)
+        atomic_write(self.path, write, CompareError, PARTIAL)
+
+    def close(self) -> None:
+        """The report is written: the kept runs are in compare.json now."""
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+
+PARTIAL = "compare.partial.json"
+
+
+def _spec_ident(spec: "RunSpec") -> list:
+    return json.loads(json.dumps([spec.arm, spec.seed, spec.width, spec.target]))
+
+
+def _file_digest(path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def _run_all(model_file, specs, config, training, include, exclude, latency, jobs, echo,
-             score: Score = ACCURACY) -> list[dict]:
-    args = [(model_file, s, config, training, include, exclude, latency) for s in specs]
-    rows: list[dict] = []
-    if not specs:
-        return rows
-    if jobs == 1 or len(specs) == 1:
+             score: Score = ACCURACY, kept: Optional[KeptRuns] = None) -> list[dict]:
+    """Every spec's row, in order: a kept one as it was, the others trained (and kept)."""
+    rows: dict[int, dict] = {}
+    for i, spec in enumerate(specs):
+        row = kept.row(spec) if kept is not None else None
+        if row is not None:
+            rows[i] = row
+            echo(_row_text(row, score) + " (kept)")
+    todo = [i for i in range(len(specs)) if i not in rows]
+    args = [(model_file, specs[i], config, training, include, exclude, latency) for i in todo]
+
+    def finished(i: int, row: dict) -> None:
+        rows[i] = row
+        if kept is not None:
+            kept.add(specs[i], row)
+        echo(_row_text(row, score))
+
+    if jobs == 1 or len(todo) <= 1:
         # One thread, as in the workers: every run's wall time is measured alike, and a loaded
         # machine does not stall on intra-op threads. The caller's setting is restored.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            for a in args:
-                rows.append(run_arm(*a))
-                echo(_row_text(rows[-1], score))
+            for i, a in zip(todo, args):
+                finished(i, run_arm(*a))
         finally:
             torch.set_num_threads(threads)
-        return rows
-    import multiprocessing
+    else:
+        import multiprocessing
 
-    # One thread per worker: the runs go side by side on the cores.
-    with ProcessPoolExecutor(min(jobs, len(specs)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(1,)) as ex:
-        for row in ex.map(run_arm, *zip(*args)):
-            rows.append(row)
-            echo(_row_text(row, score))
-    return rows
+        # One thread per worker: the runs go side by side on the cores.
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(1,)) as ex:
+            for i, row in zip(todo, ex.map(run_arm, *zip(*args))):
+                finished(i, row)
+    return [rows[i] for i in range(len(specs))]
 
 
 def _row_text(r: dict, score: Score = ACCURACY) -> str:
@@ -606,23 +687,33 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     seed_list = [training.seed + i for i in range(seeds)]
     t0 = time.perf_counter()
     echo(f"compare {model_file or DEFAULT_MODEL}: arms {', '.join(arms)}; {seeds} seed(s); width {width:g}")
+    kept = KeptRuns(out, {"model": model_file, "digest": _file_digest(model_file), "pb_run": given, "width": width,
+                          "seeds": seed_list, "arms": arms, "config": config.to_dict(), "training": training.to_dict(),
+                          "include": include, "exclude": exclude, "latency": latency}, echo)
     # Seed by seed (all seeds at once with jobs > 1): every finished seed is a complete pairing.
     rows = list(given)
-    for wave in ([seed_list] if jobs > 1 else [[s] for s in seed_list]):
-        first = [RunSpec(a, s, 1.0 if a == "original" else width) for s in wave for a in arms
-                 if a != "plain-matched"]
-        rows += _run_all(model_file, first, config, training, include, exclude, latency, jobs, echo, score)
-        if "plain-matched" in arms:
-            pb = {r["seed"]: r["params"] for r in rows if r["arm"] == "pb" and "skipped" not in r}
-            matched = [RunSpec("plain-matched", s, width, float(pb[s])) for s in wave if s in pb]
-            rows += _run_all(model_file, matched, config, training, include, exclude, latency, jobs, echo, score)
+    try:
+        for wave in ([seed_list] if jobs > 1 else [[s] for s in seed_list]):
+            first = [RunSpec(a, s, 1.0 if a == "original" else width) for s in wave for a in arms
+                     if a != "plain-matched"]
+            rows += _run_all(model_file, first, config, training, include, exclude, latency, jobs, echo, score, kept)
+            if "plain-matched" in arms:
+                pb = {r["seed"]: r["params"] for r in rows if r["arm"] == "pb" and "skipped" not in r}
+                matched = [RunSpec("plain-matched", s, width, float(pb[s])) for s in wave if s in pb]
+                rows += _run_all(model_file, matched, config, training, include, exclude, latency, jobs, echo, score,
+                                 kept)
+    except KeyboardInterrupt:
+        if kept.path is None or not kept.entries:
+            raise
+        raise KeyboardInterrupt(f"after {len(kept.entries)} of {len(seed_list) * len(arms)} runs: the same command "
+                                f"continues from them ({kept.path})") from None
     summary = summarize(rows, score)
     pairs = paired(rows, score=score)
     text = verdict(summary, pairs, score)
     name = model_file or DEFAULT_MODEL
     header = (f"`{os.path.basename(name)}` at width {width:g}: test {score.metric}{' (%)' if score.unit else ''} "
               f"at best validation{'' if config.maximize else ' (lower is better)'}, mean ± sd over "
-              f"{seeds} seed(s); Δ = arm − pb per seed. Budget: epochs ≤ {training.epochs}, patience "
+              f"{seeds} seed(s){'; Δ = arm − pb per seed' if 'pb' in arms or given else ' (no pb arm: no Δ)'}. Budget: epochs ≤ {training.epochs}, patience "
               f"{config.patience}, max_dendrites {config.max_dendrites}, dendrite phase ≤ "
               f"{config.max_dendrite_epochs} epochs, Adam lr {training.lr}, batch {training.batch_size}.")
     result = {"model": name, "width": width, "seeds": seed_list, "arms": arms, "metric": score.metric,
@@ -641,5 +732,6 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
             atomic_write(os.path.join(out, fname), write, CompareError, fname)
         plotted = plot(summary, os.path.join(out, "compare.png"), title=f"{os.path.basename(name)} (width {width:g})",
                        score=score)
+        kept.close()
         echo(f"wrote {out}/compare.md, {out}/compare.json" + (f", {out}/compare.png" if plotted else ""))
     return result

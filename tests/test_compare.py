@@ -1,4 +1,5 @@
 """pbp-fx compare end to end on a tiny model file (2 seeds, short budgets), and its refusals."""
+import importlib
 import json
 import os
 import textwrap
@@ -430,3 +431,44 @@ def test_a_model_files_own_metric_named_accuracy_is_in_its_own_units(tmp_path):
     assert _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None).percent
     path.write_text(TINY + "\n\nmetric = lambda output, target: (float((output.argmax(1) == target).sum()), len(target))\n")
     assert _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None).metric == "metric"
+
+
+def test_an_interrupted_comparison_continues_from_its_finished_runs(tiny, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after 3 of 6 runs lost them all; the same call now trains only the 3 left, and the
+    report equals that of a comparison never interrupted (scores, parameters, epochs)."""
+    cmp = importlib.import_module("pbp_fx.compare")  # (pbp_fx.compare is also the function)
+
+    real, calls = cmp.run_arm, []
+
+    def interrupted_at_the_fourth(*args):
+        calls.append(args[1])
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    out = tmp_path / "cmp"
+    kw = dict(seeds=2, arms=["plain", "restarts", "pb"], latency=False, echo=print, **BUDGET)
+    monkeypatch.setattr(cmp, "run_arm", interrupted_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt, match=r"after 3 of 6 runs: the same command continues from them"):
+        compare(tiny, out=str(out), **kw)
+    assert (out / "compare.partial.json").exists() and not (out / "compare.json").exists()
+    calls.clear()
+    monkeypatch.setattr(cmp, "run_arm", lambda *args: calls.append(args[1]) or real(*args))
+    resumed = compare(tiny, out=str(out), **kw)
+    assert [(c.arm, c.seed) for c in calls] == [("plain", 1), ("restarts", 1), ("pb", 1)]
+    assert "continuing the interrupted comparison in" in capsys.readouterr().out
+    assert not (out / "compare.partial.json").exists() and (out / "compare.json").exists()
+    whole = compare(tiny, out=None, **kw)
+
+    def measured(result):
+        return [(r["arm"], r["seed"], r["test"], r["params"], r["epochs"]) for r in result["runs"]]
+    assert measured(resumed) == measured(whole)
+    # Other settings (or an edited model file) start over: nothing of the other comparison is taken.
+    monkeypatch.setattr(cmp, "run_arm", interrupted_at_the_fourth)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        compare(tiny, out=str(out), **kw)
+    monkeypatch.setattr(cmp, "run_arm", lambda *args: calls.append(args[1]) or real(*args))
+    calls.clear()
+    compare(tiny, out=str(out), **{**kw, "seeds": 1})
+    assert len(calls) == 3 and "holds the runs of another comparison" in capsys.readouterr().out
