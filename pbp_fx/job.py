@@ -464,7 +464,7 @@ def _resume(path: str, pm, ctl, train_loader) -> tuple[History, float]:
 
 # What a run writes to --out: a new run replaces an earlier run's, so that no report describes another run.
 RUN_OUTPUTS = (CHECKPOINT, "summary.json", "history.json", "plot.png",
-               "compare.md", "compare.json", "compare.png")  # (compare --pb-run DIR reports beside the run)
+               "compare.md", "compare.json", "compare.png", "compare.partial.json")  # (compare --pb-run DIR: beside the run)
 
 
 def _make_out(out: str, fresh: bool, echo) -> tuple[bool, list[str]]:
