@@ -31,6 +31,7 @@ from .errors import CheckpointError, NoSitesError
 from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate
 from .inputs import inputs_from_signature
+from .site import is_wide_statistic
 
 __all__ = ["save", "load", "load_optimizer", "read_structure", "read_extra", "read_meta", "FORMAT"]
 
@@ -244,13 +245,14 @@ def _renamed_legacy_sites(meta: dict, tensors: dict, pm: PerforatedModel) -> tup
     return meta, {renamed(k): v for k, v in tensors.items()}
 
 
-def _float_dtypes(tensors) -> set:
-    return {t.dtype for t in tensors if t.is_floating_point()}
+def _float_dtypes(named) -> set:
+    """The floating dtypes of (key, tensor) pairs, the pools' float32 statistics left out."""
+    return {t.dtype for k, t in named if t.is_floating_point() and not is_wide_statistic(k)}
 
 
 def in_model_dtype(model: nn.Module, args, kwargs):
     """(args, kwargs) with floating tensors cast to the model's floating dtype, when it has one."""
-    here = _float_dtypes(model.state_dict().values())
+    here = _float_dtypes(model.state_dict().items())
     if len(here) != 1:
         return args, kwargs
     dtype = next(iter(here))
@@ -262,8 +264,8 @@ def _to_saved_dtype(model: nn.Module, tensors: dict) -> None:
     """A model saved in one floating dtype (after `.to(torch.float64)`) comes back in it, whatever
     dtype its build gives: loading would otherwise cast the weights silently. Models of mixed
     floating dtypes are left as they are."""
-    saved = _float_dtypes(v for k, v in tensors.items() if k.startswith("model/"))
-    here = _float_dtypes(model.state_dict().values())
+    saved = _float_dtypes((k, v) for k, v in tensors.items() if k.startswith("model/"))
+    here = _float_dtypes(model.state_dict().items())
     if len(saved) == 1 and len(here) == 1 and saved != here:
         model.to(next(iter(saved)))
 

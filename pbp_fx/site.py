@@ -18,7 +18,18 @@ from .errors import warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
                      every_nth_position, split_members)
 
-__all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "ACTIVATIONS", "MODES"]
+__all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "ACTIVATIONS", "MODES", "is_wide_statistic"]
+
+# The pool's floating statistics: float32 at least, whatever the model's dtype (they sum many
+# small covariances, and the stop rule compares their changes).
+WIDE_STATISTICS = ("ema", "ema_sq", "best", "progress_reference")
+
+
+def is_wide_statistic(key: str) -> bool:
+    """Whether a state_dict key names one of a candidate pool's WIDE_STATISTICS: not the model's
+    dtype, so a checkpoint's or model's dtype is read without them."""
+    head, _, last = key.rpartition(".")
+    return last in WIDE_STATISTICS and head.endswith("candidates")
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
 MODES = ("pb", "gd")
@@ -96,7 +107,7 @@ class CandidatePool(nn.Module):
         # Empty (no installed dendrite) it has nothing to train: frameworks that build optimizers from
         # requires_grad (the HF Trainer) must not count it.
         self.cascade = nn.Parameter(torch.zeros(pool, c, installed, **fk), requires_grad=installed > 0)
-        # Statistics in float32 at least, whatever the model's or autocast's dtype.
+        # WIDE_STATISTICS in float32 at least, whatever the model's or autocast's dtype.
         sk = {"device": device, "dtype": torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)}
         self.register_buffer("ema", torch.zeros(pool, c, **sk))
         self.register_buffer("ema_sq", torch.zeros(pool, c, **sk))  # of C^2: the noise of the estimate
@@ -116,6 +127,18 @@ class CandidatePool(nn.Module):
         self.grad_scaler = None
         for name, t in self._rows().items():
             self.register_buffer("snapshot_" + name, t.detach().clone())
+
+    def _apply(self, fn, recurse: bool = True):
+        # .half() / .to(bfloat16) of the model must not narrow the statistics: they keep float32
+        # (converted from their values before, not after a round trip through the narrow dtype).
+        before = {n: self._buffers[n] for n in WIDE_STATISTICS}
+        out = super()._apply(fn, recurse)
+        for n, old in before.items():
+            new = self._buffers[n]
+            wide = torch.promote_types(new.dtype, torch.float32)
+            if new.dtype != wide:
+                self._buffers[n] = old.to(device=new.device, dtype=wide)
+        return out
 
     @property
     def pool_size(self) -> int:

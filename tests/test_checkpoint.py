@@ -143,6 +143,22 @@ def test_a_model_saved_in_float64_comes_back_in_float64(tmp_path):
             assert torch.equal(again(x), pm(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_model_saved_in_a_dendrite_phase_comes_back_in_its_dtype(tmp_path, dtype):
+    """The pools' float32 statistics made the saved dtypes {bf16, f32}: load() kept the build's
+    float32, the half weights were cast into it, and the forward failed on mixed dtypes."""
+    pm = pbp_fx.perforate(_build().to(dtype), (X.to(dtype),))
+    pm.start_dendrite_phase(pool=2)
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    again = pbp_fx.load(path, _build)
+    assert {p.dtype for p in again.parameters()} == {dtype}
+    assert all(again.state_dict()[k].dtype == v.dtype and torch.equal(again.state_dict()[k], v)
+               for k, v in pm.state_dict().items() if isinstance(v, torch.Tensor))
+    with torch.no_grad():
+        assert torch.equal(again.eval()(X.to(dtype)), pm.eval()(X.to(dtype)))
+
+
 def test_a_torch_save_file_is_named_as_such(tmp_path):
     path = str(tmp_path / "model.pt")
     torch.save(_build().state_dict(), path)

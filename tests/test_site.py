@@ -337,6 +337,24 @@ def test_autocast_statistics_are_float32_and_equal_float32_statistics(spirals_ne
         assert (ema - ref[n]).abs().max() <= tol, (n, (ema - ref[n]).abs().max(), ref[n].abs().max())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_converting_a_model_in_a_dendrite_phase_to_half_keeps_its_statistics_float32_and_exact(spirals_net, dtype):
+    """pm.to(bfloat16) mid-phase narrowed ema, ema_sq, best and progress_reference (and rounded them)."""
+    m, x, y = spirals_net
+    pm, _ = _stats_after(m, x, y, 5)
+    pm.sites[next(iter(pm.sites))].candidates.progress_reference.fill_(0.123456789)
+    wide = {k: v.clone() for k, v in pm.state_dict().items() if pbp_fx.site.is_wide_statistic(k)}
+    assert len(wide) == 4 * len(pm.sites)
+    pm.to(dtype)
+    for k, v in pm.state_dict().items():
+        if k in wide:
+            assert v.dtype == torch.float32 and torch.equal(v, wide[k]), k
+        elif v.is_floating_point():
+            assert v.dtype == dtype, k
+    pm.double()  # wider: the statistics follow
+    assert all(v.dtype == torch.float64 for k, v in pm.state_dict().items() if k in wide)
+
+
 def test_a_step_the_grad_scaler_skips_is_not_counted(spirals_net):
     m, x, y = spirals_net
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
