@@ -52,7 +52,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ConfigError, PBConfig
 from .errors import warn_at_user
-from .perforated import PerforatedModel
+from .perforated import PerforatedModel, outside_inference_mode
 from .schedule import Action, Kind, PhaseSchedule
 
 __all__ = ["PhaseController", "Decision", "rebind_optimizer", "default_optimizer"]
@@ -533,6 +533,7 @@ class PhaseController:
         self.history.append({"epoch": self.schedule.epoch, "phase": phase, "score": score,
                              "dendrites": self.pm.dendrites, "decision": decision.value, "note": note})
 
+    @outside_inference_mode
     def step(self, val_score: float) -> Decision:
         """Record one epoch's validation score, carry out the schedule's action, say what happened."""
         if self.done:
@@ -549,6 +550,7 @@ class PhaseController:
         self._record(phase, score, decision, action.note)
         return decision
 
+    @outside_inference_mode
     def finish(self, note: str = "stopped") -> None:
         """End the run now (epoch cap, an error): drop candidates, load the best weights, mark it complete."""
         phase = self.pm.phase
@@ -567,6 +569,7 @@ class PhaseController:
                 "plateau_held": {str(i): dict(v) for i, v in self.plateau_held.items()},
                 "best_state": self.best_state}
 
+    @outside_inference_mode
     def load_state_dict(self, state: dict, keep_optimizer_state: bool = False) -> None:
         """Restore a state_dict() (load the model's state first: the optimizer is rebound to it).
 

@@ -6,6 +6,7 @@ of `model` (the user's model is never modified).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from typing import Callable, Iterator, Optional, Union
 
@@ -19,7 +20,18 @@ from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
 from .tracing import DYNAMIC_CHOICES, parts_model, trace
 
-__all__ = ["PerforatedModel", "perforate", "PHASES"]
+__all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode"]
+
+
+def outside_inference_mode(method):
+    """Run a method that changes the model's structure or state outside torch.inference_mode:
+    called inside it (an evaluation loop's `with torch.inference_mode(): ctl.step(acc)`), the
+    tensors it makes would be inference tensors, which the next training step cannot update."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False):
+            return method(*args, **kwargs)
+    return run
 
 PHASES = ("neuron", "dendrite")
 # The Hugging Face Trainer's loss keyword (tokens in the whole accumulated batch).
@@ -340,6 +352,7 @@ class PerforatedModel(nn.Module):
                  "dendrites": s.num_dendrites, "params_per_dendrite": s.params_per_dendrite}
                 for n, s in self.sites.items()]
 
+    @outside_inference_mode
     def grow(self, init: str = "random") -> None:
         """Install one dendrite per site with fresh weights (V = 0: the output does not change)."""
         self._require_phase("neuron", "grow")
@@ -357,6 +370,7 @@ class PerforatedModel(nn.Module):
         if self.phase != phase:
             raise RuntimeError(f"{what}() needs the {phase} phase, but the model is in the {self.phase} phase")
 
+    @outside_inference_mode
     def start_dendrite_phase(self, pool: int = 4, init: str = "kaiming", init_scale: float = 1.0,
                              **stats) -> None:
         """Attach P candidates to every site and freeze everything else (mode "pb" only).
@@ -398,6 +412,7 @@ class PerforatedModel(nn.Module):
         self._thaw = []
         self.phase = "neuron"
 
+    @outside_inference_mode
     def install_candidates(self, v_init: float = 0.0, sites: Optional[list[str]] = None) -> None:
         """Freeze the best candidate of each site as a new dendrite and return to the neuron phase.
 
@@ -412,6 +427,7 @@ class PerforatedModel(nn.Module):
                 s.drop_candidates()
         self._end_dendrite_phase()
 
+    @outside_inference_mode
     def abort_dendrite_phase(self) -> None:
         """Drop every candidate and return to the neuron phase unchanged."""
         self._require_phase("dendrite", "abort_dendrite_phase")
@@ -487,6 +503,7 @@ class PerforatedModel(nn.Module):
         """Buffers saved at the start of the dendrite phase (restored when it ends); {} otherwise."""
         return dict(self._frozen_buffers)
 
+    @outside_inference_mode
     def load_phase_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
         """Set what phase_buffers() returns (a checkpoint of a dendrite-phase model restores it)."""
         self._require_phase("dendrite", "load_phase_buffers")

@@ -940,3 +940,30 @@ def test_a_memory_format_that_fits_none_of_the_models_own_weights_fails_as_in_to
         nn.Conv3d(2, 4, 3).to(memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match="required rank 4 tensor to use channels_last"):
         pm.to(memory_format=torch.channels_last)  # (it passed without a word)
+
+
+@pytest.mark.parametrize("call", ["grow", "start", "install", "controller"])
+def test_structure_changed_inside_inference_mode_still_trains(call):
+    """An evaluation loop's `with torch.inference_mode(): ctl.step(acc)` made the new modules'
+    tensors inference tensors: the next training step raised 'Inplace update to inference tensor'."""
+    from pbp_fx.controller import PhaseController
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    pm = pbp_fx.perforate(CNN(), (x[:2],)).train()
+    ctl = PhaseController(pm, pbp_fx.PBConfig(patience=1, improvement=10.0)) if call == "controller" else None
+    if call == "install":
+        pm.start_dendrite_phase(pool=2)
+        F.cross_entropy(pm(x), y).backward()
+    with torch.inference_mode():
+        if call == "controller":
+            ctl.step(0.5), ctl.step(0.5)  # the second starts the dendrite phase
+        else:
+            {"grow": pm.grow, "start": lambda: pm.start_dendrite_phase(pool=2), "install": pm.install_candidates}[call]()
+    assert pm.phase == ("neuron" if call in ("grow", "install") else "dendrite")
+    opt = torch.optim.SGD(pm.trainable_parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(pm(x), y).backward()
+        opt.step()
+    assert not any(t.is_inference() for t in [*pm.parameters(), *pm.buffers()])
