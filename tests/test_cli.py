@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -1145,3 +1146,43 @@ def test_run_writes_every_output_to_npz_whatever_its_name(tmp_path, capsys):
     saved = np.load(out)
     assert sorted(saved.files) == ["allow_pickle", "file", "logits"]
     np.testing.assert_allclose(saved["allow_pickle"], 2 * saved["file"], rtol=1e-6)
+
+
+HALF_MLP = """
+import torch
+from torch import nn
+
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def example_inputs():
+    return (torch.randn(4, 6, generator=torch.Generator().manual_seed(0)),)
+"""
+
+
+def test_export_check_bounds_the_difference_by_the_outputs_scale_and_dtype(tmp_path, capsys):
+    """A float16 model's export differed by one rounding step (2.7e-4 on outputs near 1.5) and
+    --check failed it against a fixed 1e-4, asking to report a bug."""
+    import torch
+
+    from pbp_fx.cli import _check_tolerance
+
+    assert _check_tolerance(torch.full((2,), 0.5)) == 1e-4
+    assert _check_tolerance(torch.tensor([-108.0, 3.0])) == pytest.approx(1.08e-2)
+    assert _check_tolerance(torch.ones(2, dtype=torch.float16)) == pytest.approx(16 * 2.0 ** -10)
+    assert _check_tolerance(torch.tensor([1, 2])) == 0.0
+    model = _write(tmp_path, HALF_MLP)
+    pm = pbp_fx.perforate(runpy.run_path(model)["build_model"](), (torch.randn(4, 6),))
+    for _ in range(2):
+        pm.grow()
+    with torch.no_grad():
+        for s in pm.sites.values():
+            s.out_weight.normal_(0, 1.0)
+    ckpt = str(tmp_path / "half.safetensors")
+    pbp_fx.save(pm.to(torch.float16).eval(), ckpt)
+    assert main(["export", ckpt, "--model", model, "-o", str(tmp_path / "half.onnx"), "--check"]) == 0
+    diff, tol = map(float, re.search(r"max abs diff (\S+) \(tolerance (\S+)\)", capsys.readouterr().out).groups())
+    assert 1e-4 < diff <= tol  # (the fixed 1e-4 failed this file)
