@@ -185,6 +185,14 @@ def _collect(prefix: str, tensors: dict, plain: dict) -> dict:
 
 
 def _check_sites(pm: PerforatedModel, structure: dict, path: str) -> None:
+    # The dendrites' activation and the mode decide what the loaded weights compute: loaded onto
+    # another, the model would run other functions with these weights, silently.
+    for what in ("activation", "mode"):
+        saved, here = structure.get(what), getattr(pm, what)
+        if saved is not None and saved != here:
+            raise CheckpointError(f"checkpoint {path} was trained with {what} {saved!r}, but this model is perforated "
+                                  f"with {what} {here!r}: perforate with {what}={saved!r}, or pass a function that "
+                                  "builds the model (pbp_fx.load(path, build_model)) to rebuild it as saved")
     have = {n: s for n, s in pm.sites.items()}
     for rec in structure["sites"]:
         s = have.get(rec["name"])

@@ -605,3 +605,20 @@ def test_a_one_mode_graph_is_rebuilt_in_the_mode_it_was_captured_in(tmp_path):
     with pytest.warns(UserWarning, match="self.training"):
         pbp_fx.load(path, model)
     assert model.training  # the caller's model keeps its mode
+
+
+@pytest.mark.parametrize("other", [dict(activation="tanh"), dict(mode="gd"), dict(activation="relu", mode="gd")])
+def test_a_checkpoint_loaded_onto_a_model_with_another_activation_or_mode_is_refused(tmp_path, other):
+    """Loaded onto perforate(..., activation="tanh"), a sigmoid-dendrite checkpoint loaded without a
+    word and computed other outputs (1.3 off the saved model)."""
+    pm, _ = _trained_pm()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    target = pbp_fx.perforate(_build(), (X,), **other)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    what = "activation" if "activation" in other else "mode"
+    with pytest.raises(pbp_fx.CheckpointError, match=rf"was trained with {what} '(sigmoid|pb)', but this model is "
+                                                     rf"perforated with {what} '{other[what]}': perforate with"):
+        pbp_fx.load(path, target)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # nothing loaded
+    assert torch.equal(pbp_fx.load(path, _build).eval()(X), pm.eval()(X))  # a build function rebuilds it as saved
