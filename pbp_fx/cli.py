@@ -467,13 +467,14 @@ def _train_args() -> tuple:
         *config_args(PBConfig),
         *_site_filter_args(),
         arg("--no-progress", action="store_true", help="no progress bar"),
-        arg("--nproc", type=_number(int, "--nproc"), default=1, metavar="N",
+        arg("--nproc", type=_number(int, "--nproc"), default=None, metavar="N",
             help="train on N local processes with torchrun and DDP (gloo on CPU, nccl on GPU); "
-                 "--batch-size stays the global batch (default: 1)"),
+                 "--batch-size stays the global batch (default: 1; with --resume, the run's own)"),
         arg("--dist-timeout", type=_number(float, "--dist-timeout"), default=300.0, metavar="SECONDS",
             help="with --nproc: how long a process waits for the others before it stops (default: 300)"),
         arg("--resume", metavar="DIR", default=None,
-            help="continue the run whose --out folder is DIR, with its own settings (from its last epoch)"),
+            help="continue the run whose --out folder is DIR, with its own settings (from its last epoch); "
+                 "a model file given with it is the run's own at a new path"),
     )
 
 
@@ -481,24 +482,29 @@ def _train_args() -> tuple:
             *_train_args())
 def train(args: argparse.Namespace) -> int:
     from .distributed import Distributed, launch, torchrun_world_size
-    from .job import saved_training, train_job
+    from .job import saved_run, train_job
 
-    if args.nproc < 1:
+    if args.nproc is not None and args.nproc < 1:
         raise PBError(f"--nproc {args.nproc}: must be at least 1")
     if not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
         raise PBError(f"--dist-timeout {args.dist_timeout}: must be a finite number of seconds greater than 0")
     world = torchrun_world_size()
     if args.resume is not None:
         given = [f for f, v in vars(args).items() if v is not None and (f in _SETTING_DESTS or f == "out")]
-        if args.model is not None or given:
-            what = "a model file" if args.model is not None else _flag_of(given[0])
-            raise PBError(f"--resume continues a run in its own folder with its own model file and settings "
-                          f"({what} given): give --resume DIR alone")
+        if given:
+            raise PBError(f"--resume continues a run in its own folder with its own settings ({_flag_of(given[0])} "
+                          "given): give --resume DIR alone (and the model file, if it moved)")
         config = None
-        # The launcher checks the run before it starts any process (each would print the same error).
-        training = saved_training(args.resume) if args.nproc > 1 and world == 1 else None
+        if world == 1:  # the launcher checks the run before it starts any process (each would say the same)
+            saved = saved_run(args.resume)
+            training = saved.training
+            if args.nproc is None:  # the run's own process count, as its other settings
+                args.nproc = saved.processes or 1
+        else:
+            training = None
     else:
         config, training = configs_from_args(args)
+    args.nproc = 1 if args.nproc is None else args.nproc
     if args.nproc > 1 and world == 1:
         # The launcher: the same command on N processes (each sees torchrun's environment).
         if training.batch_size % args.nproc:
@@ -517,7 +523,7 @@ def train(args: argparse.Namespace) -> int:
     name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
     try:
         if args.resume is not None:
-            train_job(resume=args.resume, progress=not args.no_progress, distributed=distributed)
+            train_job(args.model, resume=args.resume, progress=not args.no_progress, distributed=distributed)
         else:
             train_job(args.model, config=config, training=training, out=args.out or os.path.join("runs", name),
                       include=args.include, exclude=args.exclude, progress=not args.no_progress,

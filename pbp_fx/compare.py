@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import inspect
 import json
 import math
@@ -43,8 +42,8 @@ from .config import PBConfig, TrainConfig
 from .controller import default_optimizer
 from .errors import PBError
 from .fileio import atomic_write, check_output_dir
-from .job import (DEFAULT_MODEL, check_data, load_job_module, make_loaders, pyplot_or_none, seed_everything,
-                  seeded_datasets)
+from .job import (DEFAULT_MODEL, changed_since, check_data, load_job_module, make_loaders, pyplot_or_none,
+                  run_identity, seed_everything, seeded_datasets)
 from .modelfile import check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions
 from .passes.find_sites import site_filters
 from .schedule import Kind, PhaseSchedule
@@ -460,8 +459,9 @@ def plot(summary: list[dict], path: str, title: str = "", score: Score = ACCURAC
 
 
 # -- the comparison ------------------------------------------------------------------------
-def _check(model_file, arms, seeds, width, jobs, out, config, training, include, exclude) -> Score:
-    """Refuse bad input before any training (one-line errors); returns how the report writes the score."""
+def _check(model_file, arms, seeds, width, jobs, out, config, training, include, exclude) -> tuple[Score, dict]:
+    """Refuse bad input before any training (one-line errors); returns how the report writes the
+    score, and the model file's and data's `run_identity`."""
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise CompareError(f"arm {unknown[0]!r} is not an arm: use some of {', '.join(ARMS)}")
@@ -495,22 +495,23 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
     except WidthError as exc:
         raise CompareError(f"--width {width:g}: {exc}") from exc  # every arm needs this width
     # The data `train` refuses (labels outside the classes, shapes the loss cannot take): refused here too.
-    check_data(mod, seeded_datasets(mod, training.seed), model, inputs, training.batch_size)
+    data = seeded_datasets(mod, training.seed)
+    check_data(mod, data, model, inputs, training.batch_size)
     if any(a in ("pb", "gd") for a in arms):
         from .perforated import perforate
 
         perforate(model, inputs, include=include, exclude=exclude, activation=config.activation,
                   example_kwargs=example_kwargs(mod), frontend=training.frontend)  # errors now, not after the plain arms
-    return score
+    return score, run_identity(model_file, data)
 
 
 class KeptRuns:
     """The finished runs of a comparison with an output folder, kept in OUT/compare.partial.json
     after each run, so that the same command continues an interrupted comparison from them.
 
-    `key` holds everything a run's result depends on (the model file's content, the arms,
-    seeds, width, settings, include/exclude, latency): kept runs are taken only under the same
-    key; another key starts over. The file goes once the report is written."""
+    `key` holds everything a run's result depends on (the model file's content and a fingerprint
+    of its data, `job.run_identity`; the arms, seeds, width, settings, include/exclude, latency):
+    kept runs are taken only under the same key; another key starts over. The file goes once the report is written."""
 
     def __init__(self, out: Optional[str], key: dict, echo: Callable[[str], None]):
         self.path = None if out is None else os.path.join(out, PARTIAL)
@@ -528,7 +529,7 @@ class KeptRuns:
         except (OSError, ValueError, KeyError, TypeError):
             entries = taken = None
         if entries is None:
-            echo(f"{self.path} holds the runs of another comparison (other settings or model file), or is "
+            echo(f"{self.path} holds the runs of another comparison (other settings, model file or data), or is "
                  "unreadable: this one starts over")
             return
         self.entries = taken
@@ -564,13 +565,6 @@ PARTIAL = "compare.partial.json"
 
 def _spec_ident(spec: "RunSpec") -> list:
     return json.loads(json.dumps([spec.arm, spec.seed, spec.width, spec.target]))
-
-
-def _file_digest(path: Optional[str]) -> Optional[str]:
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _run_all(model_file, specs, config, training, include, exclude, latency, jobs, echo,
@@ -647,7 +641,8 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
     model_file = None if state["model_file"] == DEFAULT_MODEL else state["model_file"]
     row = {"arm": "pb", "seed": training.seed, "width": 1.0, "width_method": "as trained", "from": folder,
            **{k: summary[k] for k in ("test", "val", "params", "epochs", "seconds", "dendrites")}}
-    scope = {"include": state["args"].get("include"), "exclude": state["args"].get("exclude")}
+    scope = {"include": state["args"].get("include"), "exclude": state["args"].get("exclude"),
+             "identity": state.get("identity")}
     return model_file, config, training, scope, row
 
 
@@ -665,12 +660,13 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     file, settings and seed are used (default arms then: plain, restarts; one seed).
     Returns {"runs", "summary", "paired", "verdict", ...}, the content of compare.json.
     """
-    given = []
+    given, run_saved_identity = [], None
     if pb_run is not None:
         if model_file is not None or config is not None or training is not None or seeds is not None or width != 1.0:
             raise CompareError("--pb-run uses the run's own model file, settings, seed and width: "
                                "give no model file, budget flags, --seeds or --width with it")
         model_file, config, training, scope, pb_row = read_pb_run(pb_run)
+        run_saved_identity = scope["identity"]
         include, exclude, seeds, given = scope["include"], scope["exclude"], 1, [pb_row]
         arms = [a for a in (arms or ("plain", "restarts")) if a != "pb"]
         latency = False  # the run's model is not rebuilt here; no arm gets a latency, to stay comparable
@@ -682,12 +678,16 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     arms = list(arms)
     if "plain-matched" in arms and "pb" not in arms and not given:
         raise CompareError("plain-matched is sized from pb's parameter count: add the pb arm")
-    score = _check(model_file, arms if not given else arms + ["pb"], seeds, width, jobs, out, config, training,
-                   include, exclude)
+    score, identity = _check(model_file, arms if not given else arms + ["pb"], seeds, width, jobs, out, config,
+                             training, include, exclude)
+    changed = changed_since(run_saved_identity, identity) if given else []
+    if changed:  # its pb row was measured on them: the controls would train on others
+        raise CompareError(f"--pb-run {pb_run}: the run's {' and '.join(changed)} changed since it trained, so its pb "
+                           "row cannot be compared with controls trained now; restore them, or train the run again")
     seed_list = [training.seed + i for i in range(seeds)]
     t0 = time.perf_counter()
     echo(f"compare {model_file or DEFAULT_MODEL}: arms {', '.join(arms)}; {seeds} seed(s); width {width:g}")
-    kept = KeptRuns(out, {"model": model_file, "digest": _file_digest(model_file), "pb_run": given, "width": width,
+    kept = KeptRuns(out, {"model": model_file, "identity": identity, "pb_run": given, "width": width,
                           "seeds": seed_list, "arms": arms, "config": config.to_dict(), "training": training.to_dict(),
                           "include": include, "exclude": exclude, "latency": latency}, echo)
     # Seed by seed (all seeds at once with jobs > 1): every finished seed is a complete pairing.

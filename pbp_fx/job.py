@@ -7,6 +7,7 @@ With no model file it runs the built-in default: the MNIST-1D MLP (data generate
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib
 import inspect
 import json
@@ -15,6 +16,7 @@ import random
 import shlex
 import time
 import warnings
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Optional
 
@@ -26,7 +28,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import FORMAT, load, load_optimizer, read_meta, save
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
-from .errors import DataError, ModelFileError, PBError, TrainingError
+from .errors import DataError, ModelFileError, PBError, TrainingError, warn_at_user
 from .fileio import atomic_write, check_output_dir
 from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
                         keyword_collate, load_model_file, task_functions, task_of)
@@ -35,7 +37,8 @@ from .passes.find_sites import site_filters
 from .perforated import perforate
 from .training import History, NonFiniteDataError, NonFiniteError, evaluate, fit
 
-__all__ = ["train_job", "saved_training", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
+__all__ = ["train_job", "saved_run", "SavedRun", "run_identity", "data_fingerprint", "changed_since", "DEFAULT_MODEL",
+           "load_job_module", "make_loaders"]
 
 DEFAULT_MODEL = "pbp_fx.models.mnist1d_mlp"
 
@@ -75,6 +78,75 @@ def seeded_datasets(mod: ModuleType, seed: int) -> tuple:
     data = _call_datasets(mod, seed)
     _check_finite_datasets(data)
     return data
+
+
+def run_identity(model_file: Optional[str], data) -> dict:
+    """What a run's results depend on besides its settings: the model file's content (sha256; None
+    for the built-in model) and a fingerprint of its data (`data_fingerprint`). Saved with a run,
+    so that a resume or `compare --pb-run` can tell when either changed since."""
+    digest = None
+    if model_file not in (None, DEFAULT_MODEL):
+        with open(model_file, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    return {"model_digest": digest, "data": data_fingerprint(data)}
+
+
+def data_fingerprint(data, samples: int = 8) -> str:
+    """sha256 over each split's length and content: a TensorDataset's tensors whole; of another
+    dataset, up to `samples` evenly spaced samples (tensor bytes, other leaves' reprs), each read
+    twice with the global generators restored, and left out when the reads differ (a dataset that
+    augments from a generator of its own): a changed dataset, or one split otherwise, differs.
+    Draws nothing from the global generators."""
+    h = hashlib.sha256()
+    for split in data:
+        n = len(split)
+        h.update(f"{n};".encode())
+        if isinstance(split, torch.utils.data.TensorDataset):
+            for t in split.tensors:
+                _hash_leaf(h, t)
+            continue
+        read = []
+        for i in sorted({(n - 1) * k // max(1, samples - 1) for k in range(samples)} if n else ()):
+            twice = []
+            for _ in range(2):
+                with global_generators_kept():
+                    twice.append(torch.utils._pytree.tree_leaves(split[i]))
+            if not _same_leaves(*twice):
+                read = []  # random at each read: its samples say nothing about the data
+                break
+            read += twice[0]
+        for leaf in read:
+            _hash_leaf(h, leaf)
+    return h.hexdigest()
+
+
+def _hash_leaf(h, leaf) -> None:
+    if isinstance(leaf, torch.Tensor):
+        t = leaf.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(leaf, np.ndarray):
+        h.update(f"{leaf.dtype}{leaf.shape}".encode() + np.ascontiguousarray(leaf).tobytes())
+    else:
+        h.update(repr(leaf).encode())
+
+
+def _same_leaves(a: list, b: list) -> bool:
+    def same(x, y):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            return x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y))
+        if isinstance(x, np.ndarray) and isinstance(y, np.ndarray):
+            return x.shape == y.shape and x.dtype == y.dtype and bool(np.array_equal(x, y))
+        return type(x) is type(y) and repr(x) == repr(y)
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
+def changed_since(saved: Optional[dict], now: dict) -> list[str]:
+    """What differs between a run's saved `run_identity` and the current one: "model file", "data"
+    (none when the run saved no identity: runs of pbp-fx before it)."""
+    if not saved:
+        return []
+    return [what for key, what in (("model_digest", "model file"), ("data", "data"))
+            if saved.get(key) != now.get(key)]
 
 
 def check_data(mod: ModuleType, data, model: nn.Module, inputs: tuple, batch_size: int):
@@ -219,19 +291,56 @@ def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = 
     sharded (`batch_size` stays the global batch), training runs on DDP, and only rank 0
     prints, shows progress and writes `out`. Every rank returns the same summary.
     """
-    resume_from = None
+    resume_from, saved = None, None
     if resume is not None:
         resume_from = os.path.join(resume, CHECKPOINT)
-        model_file, config, training, include, exclude = _saved_job(resume_from)
-        out = resume
+        saved = _saved_job(resume_from)
+        model_file = _resumed_model_file(saved.model_file, model_file, resume)
+        config, training, include, exclude, out = saved.config, saved.training, saved.include, saved.exclude, resume
     config, training = config or PBConfig(), training or TrainConfig()
     if distributed is None:
-        return _train_job(model_file, config, training, out, include, exclude, progress, echo, None, resume_from)
+        return _train_job(model_file, config, training, out, include, exclude, progress, echo, None, resume_from,
+                          saved)
     if not distributed.is_main:
         progress, echo = False, _silent
     with distributed.guard():
         return _train_job(model_file, config, training, out, include, exclude, progress, echo, distributed,
-                          resume_from)
+                          resume_from, saved)
+
+
+def _warn_resumed_otherwise(saved: SavedRun, identity: dict, processes: int) -> None:
+    """Say what makes a resume differ from the run it continues: an edited model file or other
+    data, or another process count (which deals the data otherwise)."""
+    changed = changed_since(saved.identity, identity)
+    if changed:
+        warn_at_user(f"the run's {' and '.join(changed)} changed since it started: the resumed run trains on the "
+                     "current one, so it is not the run the checkpoint began (restore them to continue it exactly)")
+    if saved.processes is not None and saved.processes != processes:
+        warn_at_user(f"the run trained on {saved.processes} process(es) and resumes on {processes}: the data is dealt "
+                     f"otherwise from here on (resume with --nproc {saved.processes} to continue it exactly)")
+
+
+def _resumed_model_file(saved: Optional[str], given: Optional[str], run_dir: str) -> Optional[str]:
+    """The model file a resume trains: the one given (the run's file at a new path), else the run's own."""
+    if given is not None:
+        return given
+    if saved is not None and not os.path.isfile(saved):
+        raise TrainingError(f"the run's model file {saved} does not exist (moved or renamed?): give its path, "
+                            f"pbp-fx train FILE --resume {shlex.quote(run_dir)}")
+    return saved
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """A `pbp-fx train` run's job state, as `resume` reads it."""
+
+    model_file: Optional[str]
+    config: PBConfig
+    training: TrainConfig
+    include: Optional[list]
+    exclude: Optional[list]
+    processes: Optional[int]  # None: saved before pbp-fx recorded it
+    identity: Optional[dict]  # run_identity() when the run started; None: saved before it was recorded
 
 
 def _silent(*_args) -> None:
@@ -239,7 +348,7 @@ def _silent(*_args) -> None:
 
 
 def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include, exclude, progress, echo,
-               distributed, resume_from=None) -> dict:
+               distributed, resume_from=None, saved: Optional[SavedRun] = None) -> dict:
     main = distributed is None or distributed.is_main
     seed = training.seed
     include, exclude = site_filters(include, exclude)  # (perforate, resume and the checkpoint's args: lists)
@@ -250,6 +359,9 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     loss_fn, metric, metric_name = task_functions(mod)
     check_metric_direction(mod, config.maximize, ConfigError)
     data = seeded_datasets(mod, seed)
+    identity = run_identity(model_file, data)
+    if saved is not None and main:
+        _warn_resumed_otherwise(saved, identity, processes)
     seed_everything(seed)  # the model's initial weights do not depend on what datasets() drew
     model, inputs = instantiate(mod)
     collate = check_data(mod, data, model, inputs, training.batch_size)
@@ -289,9 +401,11 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         if main:
             created, stale = _make_out(out, fresh=resume_from is None, echo=echo)
         args = {"config": config.to_dict(), "training": training.to_dict(), "include": include, "exclude": exclude}
+        if saved is not None and saved.identity is not None:
+            identity = saved.identity  # a run's identity is its start's: a resume compares with that
         saver = _epoch_saver(os.path.join(out, CHECKPOINT), pm, ctl, history, args,
                              _model_ref(model_file), seed, train_loader, distributed,
-                             clock=run_seconds)
+                             clock=run_seconds, identity={"identity": identity, "processes": processes})
         callbacks.append(saver)
         if stale:
             callbacks.append(_replace_stale(out, stale))
@@ -377,14 +491,15 @@ def _unb64(s: str) -> torch.Tensor:
 
 
 def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: int, train_loader, distributed,
-                 clock: Callable[[], float] = lambda: 0.0):
+                 clock: Callable[[], float] = lambda: 0.0, identity: Optional[dict] = None):
     """After every epoch: a checkpoint that `resume` continues from (model, controller, optimizer,
-    history, settings, the random states that decide what comes next, and `clock()`: the seconds
-    the run has taken so far)."""
+    history, settings, the random states that decide what comes next, `clock()`: the seconds
+    the run has taken so far, and `identity`: the run's identity and process count)."""
     gen = getattr(train_loader, "generator", None)
 
     def save_epoch(_row: dict) -> None:
         state = {"args": args, "model_file": model_ref, "history": history.to_dict(), "seconds": round(clock(), 2),
+                 **(identity or {}),
                  "rng": {"torch": _b64(torch.get_rng_state()),
                          "loader": None if gen is None else _b64(gen.get_state()), **_host_rng_states()}}
         kwargs = {"controller": ctl, "optimizer": ctl.optimizer, "model_ref": model_ref,
@@ -397,22 +512,26 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
     return save_epoch
 
 
-def saved_training(run_dir: str) -> TrainConfig:
-    """The TrainConfig of the run saved in `run_dir` (its --out folder), the job state checked as
-    `resume` checks it: a launcher reads it before it starts any process."""
-    return _saved_job(os.path.join(run_dir, CHECKPOINT))[2]
+def saved_run(run_dir: str) -> SavedRun:
+    """The job state of the run saved in `run_dir` (its --out folder), checked as `resume` checks
+    it: a launcher reads it before it starts any process."""
+    return _saved_job(os.path.join(run_dir, CHECKPOINT))
 
 
-def _saved_job(path: str) -> tuple:
-    """(model file, PBConfig, TrainConfig, include, exclude) of the run saved at `path`, every part of
-    its job state checked before any work (a state written by another version, or edited, and
-    re-hashed would otherwise fail midway with an internal error)."""
+def _saved_job(path: str) -> SavedRun:
+    """The job state of the run saved at `path`, every part of it checked before any work (a state
+    written by another version, or edited, and re-hashed would otherwise fail midway with an
+    internal error)."""
     saved = _job_state(path)
     try:
         model_file = None if saved["model_file"] == DEFAULT_MODEL else saved["model_file"]
         args = saved["args"]
         config, training = PBConfig.from_dict(args["config"]), TrainConfig.from_dict(args["training"])
         include, exclude = args["include"], args["exclude"]
+        processes, identity = saved.get("processes"), saved.get("identity")
+        if not (processes is None or (type(processes) is int and processes >= 1)) or not (
+                identity is None or isinstance(identity, dict)):
+            raise ValueError("processes or identity")
         History.from_dict(saved["history"])
         float(saved.get("seconds", 0.0))
         _unb64(saved["rng"]["torch"])
@@ -430,7 +549,7 @@ def _saved_job(path: str) -> tuple:
                for p in (include, exclude)):
         raise TrainingError(f"cannot resume from {path}: its job state is malformed (include/exclude), "
                             "written by another pbp-fx version or edited; start a new run")
-    return model_file, config, training, include, exclude
+    return SavedRun(model_file, config, training, include, exclude, processes, identity)
 
 
 def _job_state(path: str) -> dict:

@@ -1106,7 +1106,7 @@ def test_a_dataset_that_fails_in_a_later_epoch_names_the_epoch_and_the_resume(tm
             def __len__(self): return 40
             def __getitem__(self, i):
                 Shards.calls += 1
-                if Shards.calls > 8 + 3 * 40:  # (the preflight reads 8): in epoch 4
+                if Shards.calls > 8 + 16 + 3 * 40:  # (the preflight reads 8, the data's fingerprint 2 x 8): in epoch 4
                     raise OSError("cannot read shard_3.bin")
                 return torch.randn(3, generator=torch.Generator().manual_seed(i)), i % 2
         def build_model(): return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))

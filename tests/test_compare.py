@@ -425,12 +425,12 @@ def test_a_model_files_own_metric_named_accuracy_is_in_its_own_units(tmp_path):
     path = tmp_path / "own.py"
     path.write_text(TINY + "\n\ndef accuracy(output, target):\n    return float((output.argmax(1) != target).sum()), 1"
                            "\n\n\nmetric = accuracy\n")
-    score = _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None)
+    score, _ = _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None)
     assert (score.metric, score.percent, score.unit) == ("accuracy", False, "")
     path.write_text(TINY)
-    assert _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None).percent
+    assert _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None)[0].percent
     path.write_text(TINY + "\n\nmetric = lambda output, target: (float((output.argmax(1) == target).sum()), len(target))\n")
-    assert _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None).metric == "metric"
+    assert _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None)[0].metric == "metric"
 
 
 def test_an_interrupted_comparison_continues_from_its_finished_runs(tiny, tmp_path, monkeypatch, capsys):
@@ -472,3 +472,20 @@ def test_an_interrupted_comparison_continues_from_its_finished_runs(tiny, tmp_pa
     calls.clear()
     compare(tiny, out=str(out), **{**kw, "seeds": 1})
     assert len(calls) == 3 and "holds the runs of another comparison" in capsys.readouterr().out
+
+
+def test_a_pb_run_whose_model_file_or_data_changed_is_refused(tiny, tmp_path, capsys):
+    """The file's default width changed after the run trained: plain (2.6x pb's size, other data)
+    was reported as 'the same model without PB', exit 0."""
+    run = str(tmp_path / "run")
+    assert main(["train", tiny, "--out", run, "--epochs", "3", "--batch-size", "30", "--no-progress"]) == 0
+    for what in ("model file", "model file and data"):
+        text = TINY.replace("def build_model(width=8)", "def build_model(width=16)") if what == "model file" else \
+            TINY.replace("x = torch.randn(300, 6, generator=g)", "x = torch.randn(300, 6, generator=g) * 2")
+        open(tiny, "w").write(text)
+        capsys.readouterr()
+        assert main(["compare", "--pb-run", run, "--arms", "plain", "--no-latency"]) == 2
+        err = capsys.readouterr().err
+        assert f"the run's {what} changed since it trained" in err and err.count("\n") == 1
+    open(tiny, "w").write(TINY)
+    assert main(["compare", "--pb-run", run, "--arms", "plain", "--no-latency"]) == 0

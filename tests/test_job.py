@@ -196,7 +196,51 @@ def test_resume_errors(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nothing"), "--no-progress"]) == 2
     assert "cannot resume" in capsys.readouterr().err
     assert main(["train", DIGITS, "--resume", str(tmp_path), "--no-progress"]) == 2
-    assert "--resume DIR alone" in capsys.readouterr().err
+    assert "cannot resume" in capsys.readouterr().err
+    assert main(["train", DIGITS, "--resume", str(tmp_path), "--epochs", "3"]) == 2
+    assert "(--epochs given): give --resume DIR alone (and the model file, if it moved)" in capsys.readouterr().err
+
+
+def test_a_moved_run_resumes_with_its_model_files_new_path_and_an_edited_file_is_named(tmp_path, capsys):
+    """A project folder renamed: the run's absolute model-file path was gone, and a model file given
+    with --resume was refused, so the run could not be resumed at all. An edited model file or
+    other data resumed silently."""
+    import shutil
+
+    a = tmp_path / "a"
+    a.mkdir()
+    assert main(["train", _write(a / "m.py", GOOD), "--out", str(a / "run"), "--epochs", "2", "--batch-size", "32",
+                 "--no-progress"]) == 0
+    shutil.move(str(a), str(tmp_path / "b"))
+    run, model = tmp_path / "b" / "run", tmp_path / "b" / "m.py"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"the run's model file {a / 'm.py'} does not exist (moved or renamed?): give its path, pbp-fx train FILE " \
+           f"--resume {run}" in err and err.count("\n") == 1
+    assert main(["train", str(model), "--resume", str(run), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "is complete" in captured.out and "changed since it started" not in captured.err
+    model.write_text(GOOD + "\n# edited\n")
+    assert main(["train", str(model), "--resume", str(run), "--no-progress"]) == 0
+    assert "the run's model file changed since it started" in capsys.readouterr().err
+
+
+def test_a_resume_runs_on_the_runs_own_process_count_unless_told_otherwise(tmp_path, monkeypatch, capsys):
+    """A --nproc 2 run resumed without --nproc continued on one process with another data order, silently."""
+    from pbp_fx import distributed, job
+    from pbp_fx.job import SavedRun
+
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda n, argv, quiet=True: launched.append((n, argv)) or 0)
+    monkeypatch.setattr(job, "saved_run", lambda _d: SavedRun(None, pbp_fx.PBConfig(), pbp_fx.TrainConfig(), None,
+                                                               None, 2, None))
+    assert main(["train", "--resume", str(tmp_path)]) == 0
+    assert launched[-1][0] == 2 and "--resume" in launched[-1][1]
+    with pytest.warns(UserWarning, match=r"the run trained on 2 process\(es\) and resumes on 1: the data is dealt "
+                                         r"otherwise from here on \(resume with --nproc 2 to continue it exactly\)"):
+        job._warn_resumed_otherwise(SavedRun(None, pbp_fx.PBConfig(), pbp_fx.TrainConfig(), None, None, 2, None),
+                                    {"model_digest": None, "data": "x"}, 1)
 
 
 def _epochs_done(ckpt) -> int:
@@ -553,7 +597,7 @@ def test_a_run_whose_data_draws_from_numpy_and_random_resumes_like_an_uninterrup
             "--batch-size", "40", "--no-progress"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert main(["train", *args, "--out", str(whole)]) == 0
-    monkeypatch.setenv("STOP_AT", str(160 * 5 + 20))  # inside epoch 6
+    monkeypatch.setenv("STOP_AT", str(160 * 5 + 20 + 16))  # inside epoch 6 (the fingerprint reads 2 x 8 first)
     capsys.readouterr()
     assert main(["train", *args, "--out", str(stopped)]) == 130
     assert capsys.readouterr().err.endswith(f"interrupted after epoch 5; the run so far resumes with pbp-fx train "
@@ -562,7 +606,7 @@ def test_a_run_whose_data_draws_from_numpy_and_random_resumes_like_an_uninterrup
     from pbp_fx.checkpoint import read_meta
 
     done = read_meta(str(stopped / "checkpoint.safetensors"))["extra"]["job_state"]["history"]["epochs"]
-    assert len(done) == 5  # (the preflight read 8 samples first)
+    assert len(done) == 5  # (the preflight read 8 samples first, the fingerprint 16)
     assert main(["train", "--resume", str(stopped), "--no-progress"]) == 0
     _same_final_model(whole, stopped)
 
@@ -673,3 +717,34 @@ def test_resume_on_a_process_count_that_cannot_split_the_runs_batch_is_refused_b
     assert main(["train", "--resume", str(tmp_path), "--nproc", "2"]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "does not exist" in err and err.count("\n") == 1 and "rank" not in err
+
+
+def test_the_data_fingerprint_sees_changed_data_and_not_a_datasets_own_randomness():
+    import random
+
+    import numpy as np
+    from torch.utils.data import TensorDataset
+
+    from pbp_fx.job import data_fingerprint
+
+    x = torch.arange(12.0).reshape(6, 2)
+    base = data_fingerprint([TensorDataset(x, x[:, 0]), [(1, 2)], [(3, 4)]])
+    assert base == data_fingerprint([TensorDataset(x.clone(), x[:, 0].clone()), [(1, 2)], [(3, 4)]])
+    x2 = x.clone()
+    x2[3, 1] += 1e-6
+    assert base != data_fingerprint([TensorDataset(x2, x[:, 0]), [(1, 2)], [(3, 4)]])
+    assert base != data_fingerprint([TensorDataset(x, x[:, 0]), [(1, 2)], [(3, 5)]])
+
+    class Augmenting(torch.utils.data.Dataset):  # a generator of its own: each read differs
+        rng = np.random.default_rng()
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.tensor(self.rng.normal()), i
+
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    assert data_fingerprint([Augmenting()]) == data_fingerprint([Augmenting()])
+    assert torch.equal(states[0], torch.get_rng_state()) and (states[1] == np.random.get_state()[1]).all()
+    assert states[2] == random.getstate()
