@@ -346,14 +346,23 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
             lines.append(f"**{win['arm']} ranked first** at one seed: {test} {score.value(win['test'])}, {margin}; "
                          "one seed cannot tell a win from run-to-run noise.")
         else:
-            # A win is a lead over the next arm that stands out of the seeds' noise (paired by seed).
+            # A win is a lead over EVERY other arm that stands out of the seeds' noise (paired by seed):
+            # an arm ranked lower but noisier can be as close as the next one.
             common = sorted(shared)  # the seeds the ranking is over
-            lead = [(win["test_by_seed"][k] - second["test_by_seed"][k]) * (1 if maximize else -1) for k in common]
-            lo, hi = _interval(*_mean_sd(lead), len(lead)) if len(lead) > 1 else (-math.inf, math.inf)
-            interval = f"95 % interval of the paired lead [{score.num(lo, sign=True)}, {score.num(hi, sign=True)}]"
+
+            def lead_interval(other: dict) -> tuple[float, float]:
+                lead = [(win["test_by_seed"][k] - other["test_by_seed"][k]) * (1 if maximize else -1) for k in common]
+                return _interval(*_mean_sd(lead), len(lead)) if len(lead) > 1 else (-math.inf, math.inf)
+
+            closest = min(ranked[1:], key=lambda o: lead_interval(o)[0])  # the weakest lead
+            lo, hi = lead_interval(closest)
+            over = "" if closest is second else f" over {closest['arm']}"
+            interval = (f"95 % interval of the paired lead{over} [{score.num(lo, sign=True)}, "
+                        f"{score.num(hi, sign=True)}]")
             if lo > 0:
                 lines.append(f"**{win['arm']} won**: {test} {score.value(win['test'], win['test_sd'])} over "
-                             f"{win['n']} seeds, {margin}; beyond seed noise ({interval}).")
+                             f"{win['n']} seeds, {margin}; beyond seed noise against every other arm (the weakest "
+                             f"lead: {interval}).")
             else:
                 lines.append(f"**{win['arm']} ranked first** over {win['n']} seeds: {test} "
                              f"{score.value(win['test'], win['test_sd'])}, {margin}; not distinguishable from seed "
@@ -386,13 +395,18 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
 
 
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (1.96 beyond the table).
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
-        15: 2.13, 20: 2.09, 30: 2.04}
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (rounded up in the third decimal).
+_T95 = {1: 12.707, 2: 4.303, 3: 3.183, 4: 2.777, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.307, 9: 2.263, 10: 2.229,
+        11: 2.201, 12: 2.179, 13: 2.161, 14: 2.145, 15: 2.132, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.094,
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.049,
+        29: 2.046, 30: 2.043, 40: 2.022, 50: 2.009, 60: 2.001, 80: 1.991, 100: 1.984, 120: 1.980, 200: 1.972,
+        500: 1.965, 1000: 1.963}
 
 
 def _interval(mean: float, sd: float, n: int) -> tuple[float, float]:
-    """The 95 % Student-t interval of a mean over n >= 2 paired differences."""
-    t = next((v for df, v in sorted(_T95.items()) if df >= n - 1), 1.96)
+    """The 95 % Student-t interval of a mean over n >= 2 paired differences; between the table's
+    degrees of freedom the lower one's (wider) quantile, never a narrower interval than the exact."""
+    t = _T95[max(df for df in _T95 if df <= max(1, n - 1))]
     half = t * sd / math.sqrt(n)
     return mean - half, mean + half
 

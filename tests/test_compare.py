@@ -319,8 +319,8 @@ def test_a_custom_metric_is_reported_in_its_own_units_not_percent():
     text = verdict(summary, pairs, mae)
     assert text.startswith("**plain ranked first** over 3 seeds: test mae 2.917 ± 0.3819, 0.3333 below the next arm "
                            "(pb, 3.25 ± 0.25); not distinguishable from seed noise (95 % interval of the paired lead "
-                           "[-0.025, +0.6917]), so no arm is shown to win.")
-    assert "pb − plain = +0.3333 ± 0.1443 over 3 seeds" in text and "95 % interval [-0.025, +0.6917]" in text
+                           "[-0.02525, +0.6919]), so no arm is shown to win.")
+    assert "pb − plain = +0.3333 ± 0.1443 over 3 seeds" in text and "95 % interval [-0.02525, +0.6919]" in text
     table = markdown(summary, pairs, text, "h", mae)
     assert "| test mae |" in table and "| plain | 3 | 2.917 ± 0.3819 | -0.3333 ± 0.1443 |" in table
     assert "%" not in table.replace("95 %", "") and "points" not in table
@@ -358,8 +358,16 @@ def test_a_win_is_a_lead_beyond_seed_noise_else_a_ranking():
                                                                        ("plain", (0.70, 0.81, 0.74))) for k, t in enumerate(ts)]
     text = verdict(summarize(clear), paired(clear))
     assert text.startswith("**pb won**: test 85.0 ± 5.0 % over 3 seeds, 10.0 points ahead of the next arm (plain, "
-                           "75.0 ± 5.6 %); beyond seed noise (95 % interval of the paired lead [+7.5, +12.5]).")
+                           "75.0 ± 5.6 %); beyond seed noise against every other arm (the weakest lead: 95 % interval "
+                           "of the paired lead [+7.5, +12.5]).")
     assert "-0" not in verdict(summarize(clear[:3] + [{**r, "arm": "plain"} for r in clear[:3]]), paired(clear))
+    # A third arm, ranked below the next one but noisy, is as close: "pb won ... beyond seed noise" was
+    # printed above "pb − restarts ... not distinguishable from seed noise".
+    noisy_third = clear + [{"arm": "restarts", "seed": k, "test": t, "params": 1}
+                           for k, t in enumerate((0.95, 0.55, 0.70))]
+    text = verdict(summarize(noisy_third), paired(noisy_third))
+    assert text.startswith("**pb ranked first** over 3 seeds") and "won" not in text
+    assert "not distinguishable from seed noise (95 % interval of the paired lead over restarts [" in text
 
 
 def test_the_warm_up_before_an_arm_draws_nothing_and_changes_nothing():
