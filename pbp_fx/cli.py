@@ -449,8 +449,18 @@ def configs_from_args(args: argparse.Namespace):
     return tuple(built)
 
 
+class _GivenOnce(argparse.Action):
+    """A flag that may be given once: a second value would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            raise argparse.ArgumentError(self, f"given twice ({getattr(namespace, self.dest)}, {values}): give one "
+                                               "(merge the files into one)")
+        setattr(namespace, self.dest, values)
+
+
 def _config_file_arg() -> tuple:
-    return arg("--config", dest="config_file", metavar="FILE", default=None,
+    return arg("--config", dest="config_file", metavar="FILE", default=None, action=_GivenOnce,
                help="a JSON or YAML file of settings, one mapping of PBConfig/TrainConfig field names to values "
                     "(flags given here win over it)")
 

@@ -221,7 +221,10 @@ def read_settings(path: str) -> tuple[dict, dict]:
         raise ConfigError(f"{where}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc.reason})"
                           ) from None
     def unique(pairs):
-        keys = [k.replace("-", "_") if isinstance(k, str) else k for k, _ in pairs]
+        if not all(isinstance(k, str) for k, _ in pairs):  # (a YAML list or mapping as a key is unhashable)
+            raise ConfigError(f"{where}: it must hold one mapping of setting names to values, e.g. "
+                              '{"patience": 10, "epochs": 300}')
+        keys = [k.replace("-", "_") for k, _ in pairs]
         twice = sorted({k for k in keys if keys.count(k) > 1}, key=str)
         if twice:
             raise ConfigError(f"{where}: setting {twice[0]!r} is given twice: keep one")
@@ -253,7 +256,8 @@ def read_settings(path: str) -> tuple[dict, dict]:
 
 def _read_yaml(text: str, where: str, unique) -> Any:
     """YAML through PyYAML's safe loader; a key given twice is refused (`unique`), and a number
-    written without a dot (`1e-3`, which YAML 1.1 reads as a string) is read as a number."""
+    written without a dot (`1e-3`, which YAML 1.1 reads as a string) is read as a number; a quoted
+    value stays a string, as in JSON."""
     try:
         import yaml
     except ImportError:
@@ -263,16 +267,17 @@ def _read_yaml(text: str, where: str, unique) -> Any:
         pass
 
     def mapping(loader, node):
-        return unique([(loader.construct_object(k, deep=True), loader.construct_object(v, deep=True))
-                       for k, v in node.value])
+        def value(v):
+            got = loader.construct_object(v, deep=True)
+            plain = isinstance(v, yaml.ScalarNode) and v.style is None  # written bare, not quoted
+            return _yaml_number(got) if plain else got
+        return unique([(loader.construct_object(k, deep=True), value(v)) for k, v in node.value])
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:
         data = yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if isinstance(data, dict):
-        data = {k: _yaml_number(v) for k, v in data.items()}
     return data
 
 

@@ -921,6 +921,16 @@ def test_a_config_file_sets_defaults_that_flags_override(tmp_path, capsys):
         assert json.loads((out / "summary.json").read_text())["epochs"] <= (4 if name == "s.json" else 3)
 
 
+def test_config_given_twice_is_refused_not_half_read(tmp_path, capsys):
+    """--config a.json --config b.json silently dropped a.json (its epochs: 2 became 239 epochs)."""
+    (tmp_path / "a.json").write_text('{"epochs": 2}')
+    (tmp_path / "b.json").write_text('{"lr": 0.01}')
+    rc, _, err = _run(["train", "--config", str(tmp_path / "a.json"), "--config", str(tmp_path / "b.json"),
+                       "--out", str(tmp_path / "run")], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "argument --config: given twice" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("text,name,message", [
     ('{"pool": 0}', "b.json", "b.json: pool=0: must be at least 1"),
     ('{"pol": 3}', "b.json", "b.json: no setting 'pol'"),
@@ -933,6 +943,9 @@ def test_a_config_file_sets_defaults_that_flags_override(tmp_path, capsys):
     ('{"max_dendrites": 2, "max-dendrites": 5}', "b.json", "setting 'max_dendrites' is given twice"),
     ("pool: 2\npool: 3\n", "b.yaml", "setting 'pool' is given twice"),
     ("[" * 100000 + "]" * 100000, "b.json", "nested too deeply"),
+    ("? [a, b]\n: 1\n", "b.yaml", "it must hold one mapping"),  # (an unhashable key: an internal error)
+    ("seed: '5'\n", "b.yaml", "seed='5': must be a whole number"),  # quoted: a string, as in JSON
+    ('{"seed": "5"}', "b.json", "seed='5': must be a whole number"),
 ])
 def test_a_bad_config_file_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, text, name, message):
     if name.endswith(".yaml"):
