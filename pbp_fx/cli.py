@@ -138,10 +138,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout, sys.stderr = (s if s is None or isinstance(s, _QuietOnceClosed) else _QuietOnceClosed(s)
                               for s in streams)
     try:
-        return _main(argv)
+        with _sigterm_as_interrupt():
+            return _main(argv)
     finally:
         sys.stdout, sys.stderr = streams
         _before_exit()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler's stop): handled as Ctrl-C is, so that a run says what its
+    checkpoint holds and how to resume it, and exits 143."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield  # (only the main thread may set it; a caller's own handler stays)
+        return
+
+    def terminated(_signum, _frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _QuietOnceClosed:
@@ -205,8 +230,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         _error(exc)
         return EXIT_ERROR
     except KeyboardInterrupt as exc:
-        _error(f"interrupted {exc}" if str(exc) else "interrupted")
-        return 130
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        _error(f"{what} {exc}" if str(exc) else what)
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # noqa: BLE001 - a bug in pbp-fx or torch: still one line by default
         if args.debug:
             raise

@@ -716,10 +716,10 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
                 matched = [RunSpec("plain-matched", s, width, float(pb[s])) for s in wave if s in pb]
                 rows += _run_all(model_file, matched, config, training, include, exclude, latency, jobs, echo, score,
                                  kept)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # (Ctrl-C or SIGTERM)
         if kept.path is None or not kept.entries:
             raise
-        raise KeyboardInterrupt(f"after {len(kept.entries)} of {len(seed_list) * len(arms)} runs: the same command "
+        raise type(exc)(f"after {len(kept.entries)} of {len(seed_list) * len(arms)} runs: the same command "
                                 f"continues from them ({kept.path})") from None
     summary = summarize(rows, score)
     pairs = paired(rows, score=score)

@@ -7,6 +7,7 @@ With no model file it runs the built-in default: the MNIST-1D MLP (data generate
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -434,12 +435,13 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                 f"training stopped in epoch {done + 1}: {type(exc).__name__}: {text[0] if text else ''} (from the "
                 f"model file's model, data, loss or metric; --debug shows where)"
                 + _resumes(out, done, processes)) from exc
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
             os.rmdir(out)
-        if out and history.epochs:  # (checkpointed epochs of this run: a resume continues them)
-            done = len(history.epochs)
-            raise KeyboardInterrupt(f"after epoch {done}{_resumes(out, done, processes)}") from None
+        # The epochs its checkpoint holds (an interrupt inside a save leaves the one before): what a resume continues
+        done = _checkpointed_epochs(os.path.join(out, CHECKPOINT)) if out and history.epochs else 0
+        if done:
+            raise type(exc)(f"after epoch {done}{_resumes(out, done, processes)}") from None  # (Ctrl-C or SIGTERM)
         raise
     except BaseException:
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
@@ -510,6 +512,14 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
             distributed.save(pm, path, **kwargs)
 
     return save_epoch
+
+
+def _checkpointed_epochs(path: str) -> int:
+    """How many epochs the run's checkpoint at `path` holds (0: none, or unreadable)."""
+    try:
+        return len(read_meta(path)["extra"]["job_state"]["history"]["epochs"])
+    except (PBError, OSError, KeyError, TypeError):
+        return 0
 
 
 def saved_run(run_dir: str) -> SavedRun:
@@ -594,6 +604,12 @@ def _make_out(out: str, fresh: bool, echo) -> tuple[bool, list[str]]:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise TrainingError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
+    # A process killed inside an atomic write leaves its temporary file (`.NAME.XXXX.tmp`, as big as the
+    # checkpoint); no process writes this folder now, so any there is such a leftover.
+    for name in os.listdir(out):
+        if name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in RUN_OUTPUTS):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out, name))
     stale = [n for n in RUN_OUTPUTS if fresh and os.path.isfile(os.path.join(out, n))]
     if stale:
         echo(f"{out} holds an earlier run ({', '.join(stale)}): this run replaces it from its first checkpoint on "

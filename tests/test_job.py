@@ -748,3 +748,59 @@ def test_the_data_fingerprint_sees_changed_data_and_not_a_datasets_own_randomnes
     assert data_fingerprint([Augmenting()]) == data_fingerprint([Augmenting()])
     assert torch.equal(states[0], torch.get_rng_state()) and (states[1] == np.random.get_state()[1]).all()
     assert states[2] == random.getstate()
+
+
+def test_an_interrupt_inside_a_checkpoint_write_names_the_epoch_the_checkpoint_holds(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during epoch 3's save said 'interrupted after epoch 3'; the checkpoint, and so the
+    resume, held epoch 2."""
+    from pbp_fx import job
+
+    real, calls = job.save, []
+
+    def interrupted_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job, "save", interrupted_third)
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "5", "--no-progress"]) == 130
+    assert "interrupted after epoch 2; the run so far resumes with" in capsys.readouterr().err
+    monkeypatch.setattr(job, "save", real)
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert "after epoch 2 " in capsys.readouterr().out
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_with_the_resume_command(tmp_path):
+    """`kill` (or a job scheduler's stop) ended a run with 'Terminated', exit 143 and no word of its
+    checkpoint or how to resume it."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "train", DIGITS, "--out", str(out), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None and not (out / "checkpoint.safetensors").exists():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.startswith("pbp-fx: error: terminated after epoch ") and err.count("\n") == 1
+    assert f"resumes with pbp-fx train --resume {out}" in err
+
+
+def test_a_write_killed_midway_leaves_no_temporary_file_after_the_next_run(tmp_path, capsys):
+    """SIGKILL inside a checkpoint write left `.checkpoint.safetensors.XXXX.tmp` (model-sized) for good."""
+    out = tmp_path / "run"
+    out.mkdir()
+    leftover, other = out / ".checkpoint.safetensors.k2j4x1.tmp", out / ".my_notes.tmp"
+    leftover.write_bytes(b"x" * 1000)
+    other.write_text("not ours")
+    assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    assert not leftover.exists() and other.exists()
