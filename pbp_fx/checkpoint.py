@@ -350,6 +350,9 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     if controller is not None and "controller" not in meta:
         raise CheckpointError(f"checkpoint {path} has no controller state (saved without controller=): load it "
                               "without controller=, then build the PhaseController on the loaded model")
+    if optimizer is not None and "optimizer" not in meta:  # (it kept its fresh state, silently)
+        raise CheckpointError(f"checkpoint {path} has no optimizer state (saved without optimizer=): load it "
+                              "without optimizer=, and the optimizer starts fresh")
     if not isinstance(model, PerforatedModel):
         if not isinstance(model, nn.Module):
             model = model()
@@ -466,6 +469,8 @@ def load_controller(path: str, controller) -> None:
 def load_optimizer(path: str, optimizer: torch.optim.Optimizer) -> None:
     """Load the optimizer state stored in a checkpoint (after the model's structure is in place)."""
     meta, tensors = _read(path)
+    if "optimizer" not in meta:
+        raise CheckpointError(f"checkpoint {path} has no optimizer state (saved without optimizer=)")
     _load_optimizer(meta, tensors, meta.get("plain", {}), optimizer)
 
 

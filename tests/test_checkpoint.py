@@ -622,3 +622,18 @@ def test_a_checkpoint_loaded_onto_a_model_with_another_activation_or_mode_is_ref
         pbp_fx.load(path, target)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # nothing loaded
     assert torch.equal(pbp_fx.load(path, _build).eval()(X), pm.eval()(X))  # a build function rebuilds it as saved
+
+
+def test_loading_an_optimizer_from_a_checkpoint_without_its_state_is_refused(tmp_path):
+    """load(path, pm, optimizer=opt) of a checkpoint saved without optimizer= left opt fresh, silently."""
+    pm, opt = _trained_pm()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    fresh = torch.optim.Adam(pm.parameters())
+    with pytest.raises(pbp_fx.CheckpointError, match=r"has no optimizer state \(saved without optimizer=\): load it "
+                                                     r"without optimizer="):
+        pbp_fx.load(path, _build, optimizer=fresh)
+    from pbp_fx.checkpoint import load_optimizer
+
+    with pytest.raises(pbp_fx.CheckpointError, match=r"has no optimizer state"):
+        load_optimizer(path, fresh)
