@@ -372,6 +372,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     pm = perforate(model, inputs, include=include, exclude=exclude, activation=config.activation, mode=config.mode,
                    example_kwargs=example_kwargs(mod), frontend=training.frontend)
     base_params = pm.num_parameters()  # with no dendrite yet: what the forward uses, as compare counts
+    _check_pool_fits(pm, config)
     ctl = PhaseController(pm, config, optimizer_factory=lambda params: default_optimizer(params, lr=training.lr),
                           distributed=distributed)
     history = History()
@@ -431,6 +432,9 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         except Exception as exc:  # noqa: BLE001 - raised inside the model file's model, data, loss or metric
             text = str(exc).strip().splitlines()
             done = len(history.epochs)
+            if isinstance(exc, RuntimeError) and any(m in str(exc) for m in ("can't allocate memory", "out of memory")):
+                raise TrainingError(f"training stopped in epoch {done + 1}: out of memory ({text[0][:160]}); use a "
+                                    "smaller --pool, --batch-size or model" + _resumes(out, done, processes)) from exc
             raise TrainingError(
                 f"training stopped in epoch {done + 1}: {type(exc).__name__}: {text[0] if text else ''} (from the "
                 f"model file's model, data, loss or metric; --debug shows where)"
@@ -512,6 +516,28 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
             distributed.save(pm, path, **kwargs)
 
     return save_epoch
+
+
+# Bytes per candidate parameter in a dendrite phase: its value, gradient, two Adam moments and snapshot.
+_POOL_BYTES_PER_PARAM = 5 * 4
+
+
+def _check_pool_fits(pm, config: PBConfig) -> None:
+    """Refuse, before any training, a pool whose candidates (at the most dendrites the run may
+    install) cannot fit in this machine's memory: it would fail at the first dendrite phase."""
+    if config.mode != "pb":
+        return
+    per_candidate = sum(s.layer.params_per_copy + 3 * s.channels + s.channels * config.max_dendrites
+                        for s in pm.sites.values())
+    need = config.pool * per_candidate * _POOL_BYTES_PER_PARAM
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # (no sysconf: not checked)
+        return
+    if need > have:
+        raise ConfigError(f"pool={config.pool}: its candidates need about {need / 2**30:.3g} GiB ({config.pool} x "
+                          f"{per_candidate} parameters with their gradients, Adam state and snapshots), more than "
+                          f"this machine's {have / 2**30:.3g} GiB; use a smaller --pool")
 
 
 def _checkpointed_epochs(path: str) -> int:

@@ -804,3 +804,21 @@ def test_a_write_killed_midway_leaves_no_temporary_file_after_the_next_run(tmp_p
     other.write_text("not ours")
     assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
     assert not leftover.exists() and other.exists()
+
+
+def test_a_pool_that_cannot_fit_in_memory_is_refused_before_training(tmp_path, capsys):
+    """--pool 1000000000000 was accepted, failed at the first dendrite phase, and the error blamed
+    'the model file's model, data, loss or metric'."""
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", GOOD), "--pool", "1000000000000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pool=1000000000000: its candidates need about" in err and "use a smaller --pool" in err
+    assert err.count("\n") == 1 and not out.exists()
+    oom = GOOD + ("calls = [0]\n\n\ndef loss_fn(o, y):\n    calls[0] += 1\n    if calls[0] > 30:\n"
+                  "        raise RuntimeError(\"[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't "
+                  "allocate memory: you tried to allocate 192000000000000 bytes.\")\n"
+                  "    return torch.nn.functional.cross_entropy(o, y)\n")
+    assert main(["train", _write(tmp_path / "o.py", oom), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory ([enforce fail" in err and "use a smaller --pool, --batch-size or model" in err
+    assert "from the model file" not in err
