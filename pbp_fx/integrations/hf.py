@@ -59,6 +59,10 @@ class PBCallback(TrainerCallback):
         self._structure_hook: Optional[StructureOnLoad] = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        if getattr(args, "neftune_noise_alpha", None) is not None:  # (train() attaches it before on_train_begin)
+            raise TrainingError("PBCallback: neftune_noise_alpha adds noise through a forward hook on the model's "
+                                "input embeddings, which a captured PerforatedModel neither exposes nor calls as a "
+                                "module under torch.export: unset neftune_noise_alpha")
         # trainer.train(resume_from_checkpoint=...) loads the model's state dict before any callback
         # sees the checkpoint: the model first gets the structure it was saved with (a dendrite
         # phase's pools), so that the Trainer's optimizer is rebuilt with the saved groups.
@@ -90,7 +94,7 @@ class PBCallback(TrainerCallback):
         if args.world_size > 1:
             raise TrainingError("PBCallback runs in one process: a restructure changes the parameters that the "
                                 "Trainer's DDP wrapper was built on; train on one device")
-        stoppers = [name for name in (state.stateful_callbacks or {}) if "EarlyStopping" in name]
+        stoppers = [name for name, saved in (state.stateful_callbacks or {}).items() if _is_early_stopping(name, saved)]
         if stoppers:
             # Its counter grows at every evaluation of a dendrite phase (the score cannot change there) and
             # no callback can reach it to hold it: it would end the run and drop the candidates.
@@ -168,7 +172,9 @@ class PBCallback(TrainerCallback):
             entry.update(_pb_state(self.controller.pm, decision))
 
     def _refuse_missing_metric(self, metrics: dict) -> None:
-        seen = sorted(set(metrics).union(*self._other_datasets.values()))
+        # (the Trainer's bookkeeping entries are no metrics to follow)
+        seen = sorted(k for k in set(metrics).union(*self._other_datasets.values())
+                      if k != "epoch" and not k.endswith(("_runtime", "_samples_per_second", "_steps_per_second")))
         self._other_datasets = {}
         given = "metric_for_best_model=" if self._from_args else "metric="
         raise TrainingError(f"PBCallback: metric {self.metric!r} is not among the evaluation metrics "
@@ -298,3 +304,11 @@ def _trainer_groups(model) -> dict:
 
     decay = set(Trainer.get_decay_parameter_names(None, model))  # uses the model only, no Trainer state
     return {name: 0 if name in decay else 1 for name, _ in model.named_parameters()}
+
+
+def _is_early_stopping(name: str, saved) -> bool:
+    """Whether a Trainer's stateful callback is an EarlyStoppingCallback, subclasses included: its
+    saved state holds early_stopping_patience (the state stores class names only)."""
+    states = saved if isinstance(saved, list) else [saved]
+    return "EarlyStopping" in name or any(
+        isinstance(st, dict) and "early_stopping_patience" in (st.get("args") or {}) for st in states)

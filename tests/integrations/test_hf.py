@@ -196,8 +196,10 @@ def test_refusals_are_one_line_pb_errors(tmp_path, perforated_bert):
     with pytest.raises(TrainingError, match="load_best_model_at_end=False"):
         trainer.train()
     trainer, _ = _trainer(tmp_path, PBCallback(QUICK, metric="f1"), perforated_bert())
-    with pytest.raises(TrainingError, match="'eval_f1' is not among the evaluation metrics .*eval_loss.*pass metric="):
+    with pytest.raises(TrainingError, match="'eval_f1' is not among the evaluation metrics .*eval_loss.*pass metric=") \
+            as refused:
         trainer.train()
+    assert "runtime" not in str(refused.value) and "epoch," not in str(refused.value)  # (no bookkeeping entries)
     # the Trainer's own metric_for_best_model, mistyped: the message names that argument, not metric=
     trainer, _ = _trainer(tmp_path, PBCallback(QUICK), perforated_bert(), metric_for_best_model="acuracy")
     with pytest.raises(TrainingError, match="'eval_acuracy' is not among .*: pass metric_for_best_model= one of them"):
@@ -231,6 +233,26 @@ def test_early_stopping_callback_is_refused_before_any_step(tmp_path, perforated
     with pytest.raises(TrainingError, match="EarlyStoppingCallback would end the run inside a dendrite phase.*remove it"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_a_subclass_of_early_stopping_is_refused_too(tmp_path, perforated_bert):
+    """The check matched the class name: `class PatientStopper(EarlyStoppingCallback)` got past it and
+    ended PB in its first dendrite epoch."""
+    class PatientStopper(EarlyStoppingCallback):
+        pass
+
+    trainer, _ = _trainer(tmp_path, PBCallback(QUICK), perforated_bert(), metric_for_best_model="eval_loss")
+    trainer.add_callback(PatientStopper(early_stopping_patience=2))
+    with pytest.raises(TrainingError, match="PatientStopper would end the run inside a dendrite phase"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_neftune_is_refused_when_the_trainer_is_built(tmp_path, perforated_bert):
+    """neftune_noise_alpha crashed train() with an AttributeError (no get_input_embeddings); its hook
+    would not run on an exported graph anyway."""
+    with pytest.raises(TrainingError, match="PBCallback: neftune_noise_alpha adds noise .*: unset neftune_noise_alpha"):
+        _trainer(tmp_path, PBCallback(QUICK), perforated_bert(), neftune_noise_alpha=5.0)
 
 
 def test_a_checkpoint_ranking_by_another_metric_is_warned_of(tmp_path, perforated_bert):
