@@ -967,3 +967,31 @@ def test_structure_changed_inside_inference_mode_still_trains(call):
         F.cross_entropy(pm(x), y).backward()
         opt.step()
     assert not any(t.is_inference() for t in [*pm.parameters(), *pm.buffers()])
+
+
+def test_checkpointing_inside_the_model_that_the_graph_drops_is_warned_of():
+    """torch.utils.checkpoint in the model's own forward was traced through without a word: the
+    perforated model stored 6x the activations."""
+    import torch.utils.checkpoint as cp
+
+    class Ckpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(cp.checkpoint(self.blk, x, use_reentrant=False))
+
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match=r"Ckpt.forward calls torch.utils.checkpoint, which the captured graph does not "
+                                         r"keep .*pm.activation_checkpointing_enable\(\)"):
+        pm = pbp_fx.perforate(Ckpt(), (x,))
+    assert pm(x).shape == (3, 2)
+    flagged = MLP()
+    flagged.gradient_checkpointing = True  # (a Hugging Face model's switch)
+    with pytest.warns(UserWarning, match="MLP has gradient_checkpointing on"):
+        pbp_fx.perforate(flagged, (torch.randn(2, MLP().fc1.in_features),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pbp_fx.perforate(MLP(), (torch.randn(2, MLP().fc1.in_features),))
