@@ -278,6 +278,11 @@ class CandidatePool(nn.Module):
         return rows, torch.sign(self.ema[pick, ch])
 
 
+def _unbatched(layer: LayerSpec, x: Tensor) -> bool:
+    """Whether a conv's input is one sample without a batch dim ([C, *S], as nn.ConvNd accepts)."""
+    return layer.axis == 1 and x.dim() == len(layer.weight_shape) - 1
+
+
 class Site(nn.Module):
     """One neuron site: installed dendrites (DendriteStack), optional candidate pool.
 
@@ -333,6 +338,8 @@ class Site(nn.Module):
     def forward(self, x: Tensor, n: Tensor) -> Tensor:
         if self.dendrites is None and self.candidates is None:
             return n
+        if _unbatched(self.layer, x):  # (a conv takes [C, *S] as one sample; the dendrites' layout has a batch dim)
+            return self.forward(x.unsqueeze(0), n.unsqueeze(0)).squeeze(0)
         # Dendrites and pools made while the model was in eval mode (a restructure during a
         # framework's validation) follow the site's mode: Lightning restores the modes it saw
         # before validation, which do not include modules created during it.
@@ -473,6 +480,8 @@ class FusedSite(nn.Module):
         return self.weight[1:], None if self.bias is None else self.bias[1:]
 
     def forward(self, x: Tensor) -> Tensor:
+        if _unbatched(self.layer, x):
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         n = self.layer.apply(x, *self.neuron_tensors())
         pre = apply_dendrites(self.layer, x, *self.dendrite_tensors())
         acts = _cascade(pre, self.cascade, ACTIVATIONS[self.activation], self.layer.axis)

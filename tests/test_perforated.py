@@ -995,3 +995,27 @@ def test_checkpointing_inside_the_model_that_the_graph_drops_is_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pbp_fx.perforate(MLP(), (torch.randn(2, MLP().fc1.in_features),))
+
+
+def test_an_unbatched_conv_input_works_with_dendrites_as_without():
+    """A [C, H, W] input, which nn.Conv2d takes, matched at K = 0 but failed with an unflatten error
+    once a dendrite existed, and after finalize."""
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 6)
+    pm = pbp_fx.perforate(Conv(), (x.unsqueeze(0),)).eval()
+    pm.grow()
+    with torch.no_grad():
+        for s in pm.sites.values():
+            s.out_weight.normal_()
+        want = pm(x.unsqueeze(0)).squeeze(0)
+        assert torch.allclose(pm(x), want, atol=1e-6) and pm(x).shape == (2, 6, 6)
+        assert torch.allclose(pm.finalize()(x), want, atol=1e-6)
