@@ -390,18 +390,23 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
 
 def _warn_changed_settings(meta: dict, controller, path: str) -> None:
     if meta.get("config"):
-        warn_changed_settings(meta["config"], controller.config, f"checkpoint {path}")
+        warn_changed_settings(meta["config"], controller.config, f"checkpoint {path}",
+                              in_dendrite_phase=meta["structure"]["phase"] == "dendrite")
 
 
-def warn_changed_settings(saved: dict, config: PBConfig, what: str) -> None:
+def warn_changed_settings(saved: dict, config: PBConfig, what: str, in_dendrite_phase: bool = False) -> None:
     """A run resumed under other PB settings than it was saved with continues under the new ones:
     said once, naming them (`pbp-fx train --resume` uses the saved ones). saved: PBConfig.to_dict()."""
-    saved = PBConfig.from_dict(saved).to_dict()
-    now = config.to_dict()
+    saved_config = PBConfig.from_dict(saved)
+    saved, now = saved_config.to_dict(), config.to_dict()
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
     if changed:
+        # A dendrite phase under way keeps the candidates it was started with (pool, init, statistics).
+        later = (" (a dendrite phase under way keeps the candidates and statistics it started with: the candidate "
+                 "settings apply from the next dendrite phase)"
+                 if in_dendrite_phase and saved_config.dendrite_phase_kwargs() != config.dendrite_phase_kwargs() else "")
         warnings.warn(f"{what} was saved with other PB settings than the controller's, which the run continues "
-                      f"with: {', '.join(changed)}", stacklevel=4)
+                      f"with: {', '.join(changed)}{later}", stacklevel=4)
 
 
 def load_error_detail(exc: Exception, limit: int = 240) -> str:

@@ -637,3 +637,23 @@ def test_loading_an_optimizer_from_a_checkpoint_without_its_state_is_refused(tmp
 
     with pytest.raises(pbp_fx.CheckpointError, match=r"has no optimizer state"):
         load_optimizer(path, fresh)
+
+
+def test_a_pool_changed_on_a_mid_phase_resume_says_it_applies_from_the_next_phase(tmp_path):
+    """'the run continues with: pool 2 -> 3' while the pools of the phase under way stayed at 2."""
+    pm = pbp_fx.perforate(_build(), (X,))
+    ctl = PhaseController(pm, pbp_fx.PBConfig(pool=2, patience=1, improvement=10.0))
+    ctl.step(0.5), ctl.step(0.5)
+    assert pm.phase == "dendrite"
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path, controller=ctl, optimizer=ctl.optimizer)
+    again = pbp_fx.load(path, _build)
+    with pytest.warns(UserWarning, match=r"pool 2 -> 3 \(a dendrite phase under way keeps the candidates and "
+                                         r"statistics it started with: the candidate settings apply from the next"):
+        pbp_fx.load(path, again, controller=PhaseController(again, pbp_fx.PBConfig(pool=3, patience=1,
+                                                                                  improvement=10.0)))
+    assert all(s.candidates.pool_size == 2 for s in again.sites.values())
+    with pytest.warns(UserWarning) as record:  # another setting: no note on candidates
+        pbp_fx.load(path, again, controller=PhaseController(again, pbp_fx.PBConfig(pool=2, patience=3,
+                                                                                  improvement=10.0)))
+    assert "patience 1 -> 3" in str(record[0].message) and "under way" not in str(record[0].message)

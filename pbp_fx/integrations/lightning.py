@@ -119,7 +119,8 @@ class PBCallback(Callback):
                                               parameter_groups=_groups_of_configure_optimizers(pl_module))
         if self._resumed is not None:  # Lightning restores the optimizer and schedulers after this hook
             if "config" in self._resumed:
-                warn_changed_settings(self._resumed["config"], self.controller.config, "the checkpoint")
+                warn_changed_settings(self._resumed["config"], self.controller.config, "the checkpoint",
+                                      in_dendrite_phase=pm.phase == "dendrite")  # (its structure is restored)
             self.controller.load_state_dict(self._resumed["controller"])
             if self._resumed["frozen"]:  # only a dendrite phase has them
                 pm.load_phase_buffers(self._resumed["frozen"])
