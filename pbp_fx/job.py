@@ -36,7 +36,7 @@ from .modelfile import (check_metric_direction, example_kwargs, global_generator
 from .distributed import last_batch_is_lone
 from .passes.find_sites import site_filters
 from .perforated import perforate
-from .training import History, NonFiniteDataError, NonFiniteError, evaluate, fit
+from .training import IGNORED_LABEL, History, NonFiniteDataError, NonFiniteError, evaluate, fit
 
 __all__ = ["train_job", "saved_run", "SavedRun", "run_identity", "data_fingerprint", "changed_since", "DEFAULT_MODEL",
            "load_job_module", "make_loaders"]
@@ -225,13 +225,17 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
 
 def _check_labels(labels: torch.Tensor, classes: int, name: str) -> None:
     """Every class label of a dataset within the model's classes (a TensorDataset: one cheap pass)."""
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.numel() == 0:
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        return
+    labels = labels[labels != IGNORED_LABEL]  # (the default loss and accuracy leave them out)
+    if labels.numel() == 0:
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= classes:
         bad = low if low < 0 else high
         raise TrainingError(f"the {name} dataset has class label {bad}, but the model outputs {classes} classes "
-                            f"(labels 0..{classes - 1}): fix the labels or the model's number of outputs")
+                            f"(labels 0..{classes - 1}, or {IGNORED_LABEL} to leave a sample out): fix the labels or the "
+                            "model's number of outputs")
 
 
 def seed_everything(seed: int) -> None:

@@ -172,9 +172,16 @@ def primary_output(output):
     return output
 
 
+# F.cross_entropy's default ignore_index: a label that counts in no loss (padding, an unlabelled token).
+IGNORED_LABEL = -100
+
+
 def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
-    """(number correct, count) for class logits (of `primary_output`)."""
-    return float((primary_output(output).argmax(-1) == target).sum()), target.numel()
+    """(number correct, count) for class logits (of `primary_output`); labels of IGNORED_LABEL (-100,
+    as the default cross-entropy) count in neither."""
+    kept = target != IGNORED_LABEL
+    right = (primary_output(output).argmax(-1) == target) & kept
+    return float(right.sum()), int(kept.sum())
 
 
 def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:

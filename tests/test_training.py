@@ -257,3 +257,16 @@ def test_a_resumed_fit_on_a_device_keeps_the_optimizer_state(tmp_path, device):
     history.append(**whole.epochs[0])
     resumed = fit(pm, train, val, controller=ctl, epochs=3, progress=False, history=history, device=device)
     assert [r["train_loss"] for r in resumed.epochs] == [r["train_loss"] for r in whole.epochs]
+
+
+def test_labels_of_minus_100_count_in_neither_the_default_loss_nor_the_accuracy():
+    """-100 (F.cross_entropy's ignore_index) was refused as an out-of-range label by train and
+    compare, and the built-in accuracy would have counted it wrong."""
+    from pbp_fx.job import _check_labels
+    from pbp_fx.training import accuracy
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
+    assert accuracy(logits, torch.tensor([0, 1, -100, 0])) == (2.0, 3)
+    _check_labels(torch.tensor([0, 1, -100]), 2, "training")
+    with pytest.raises(pbp_fx.TrainingError, match=r"class label -1, .*or -100 to leave a sample out"):
+        _check_labels(torch.tensor([0, -1]), 2, "training")
