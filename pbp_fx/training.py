@@ -4,6 +4,7 @@ The loop is ordinary PyTorch; PB adds only the controller's decision after each 
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -178,9 +179,13 @@ IGNORED_LABEL = -100
 
 def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
     """(number correct, count) for class logits (of `primary_output`); labels of IGNORED_LABEL (-100,
-    as the default cross-entropy) count in neither."""
+    as the default cross-entropy) count in neither. Class probabilities as targets (one-hot or
+    soft, the output's shape, which cross-entropy also takes) count their most likely class."""
+    logits = primary_output(output)
+    if target.is_floating_point() and target.shape == logits.shape:
+        target = target.argmax(-1)
     kept = target != IGNORED_LABEL
-    right = (primary_output(output).argmax(-1) == target) & kept
+    right = (logits.argmax(-1) == target) & kept
     return float(right.sum()), int(kept.sum())
 
 
@@ -359,6 +364,9 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
             if distributed is not None:
                 distributed.sync_buffers(pm)  # rank 0's BatchNorm statistics: one model to evaluate
             val = evaluate(pm, val_loader, metric, device, distributed=distributed, data="validation")
+            if not math.isfinite(val):  # (the schedule cannot rank it: the run stops at its best model)
+                raise NonFiniteError(f"the validation score is {val} in epoch {epoch} ({phase} phase): check the "
+                                     "validation data and the metric for NaN/Inf")
             test = (evaluate(pm, test_loader, metric, device, distributed=distributed, data="test")
                     if test_loader is not None else None)
         except NonFiniteError as exc:

@@ -1,5 +1,6 @@
 """`pbp-fx train`: the main job end to end on digits, and its bad-input rows."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -822,3 +823,18 @@ def test_a_pool_that_cannot_fit_in_memory_is_refused_before_training(tmp_path, c
     err = capsys.readouterr().err
     assert "out of memory ([enforce fail" in err and "use a smaller --pool, --batch-size or model" in err
     assert "from the model file" not in err
+
+
+def test_a_validation_score_gone_nan_stops_at_the_best_model_with_its_report(tmp_path, capsys):
+    """A metric that turned NaN in the neuron phase ended the run with 'the validation score is nan',
+    no epoch, no report, and a checkpoint no resume could finish."""
+    late_nan = GOOD + ("calls = [0]\n\n\ndef metric(o, y):\n    calls[0] += 1\n"
+                       "    right = float((o.argmax(-1) == y).sum())\n"
+                       "    return (float('nan') if calls[0] > 12 else right), len(y)\n")
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", late_nan), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the validation score is nan in epoch" in err and "(neuron phase)" in err
+    assert "stopped and restored the best-validation model" in err and err.count("\n") == 1
+    rows = json.loads((out / "history.json").read_text())["epochs"]
+    assert rows and all(math.isfinite(r["val"]) for r in rows) and rows[-1]["decision"] == "complete"

@@ -267,6 +267,8 @@ def test_labels_of_minus_100_count_in_neither_the_default_loss_nor_the_accuracy(
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
     assert accuracy(logits, torch.tensor([0, 1, -100, 0])) == (2.0, 3)
+    # class probabilities as targets (cross-entropy takes them): a broadcast error before
+    assert accuracy(logits, torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.0, 1.0], [0.0, 1.0]])) == (3.0, 4)
     _check_labels(torch.tensor([0, 1, -100]), 2, "training")
     with pytest.raises(pbp_fx.TrainingError, match=r"class label -1, .*or -100 to leave a sample out"):
         _check_labels(torch.tensor([0, -1]), 2, "training")
