@@ -44,7 +44,8 @@ from .errors import PBError
 from .fileio import atomic_write, check_output_dir
 from .job import (DEFAULT_MODEL, changed_since, check_data, load_job_module, make_loaders, pyplot_or_none,
                   run_identity, seed_everything, seeded_datasets)
-from .modelfile import check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions
+from .modelfile import (check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions,
+                        warn_unread_names)
 from .passes.find_sites import site_filters
 from .schedule import Kind, PhaseSchedule
 from .training import accuracy, evaluate, train_epoch
@@ -497,6 +498,7 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
         check_output_dir(out, CompareError)
     mod = load_job_module(model_file)
     check_metric_direction(mod, config.maximize, CompareError)
+    warn_unread_names(mod)
     _, metric, name = task_functions(mod)
     # % and points for the built-in accuracy only; a name such as "<lambda>" reads as "metric"
     score = Score(name if name.isidentifier() or " " in name else "metric", config.maximize,

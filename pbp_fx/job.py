@@ -32,7 +32,7 @@ from .controller import PhaseController, default_optimizer
 from .errors import DataError, ModelFileError, PBError, TrainingError, warn_at_user
 from .fileio import atomic_write, check_output_dir
 from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
-                        keyword_collate, load_model_file, task_functions, task_of)
+                        keyword_collate, load_model_file, task_functions, task_of, warn_unread_names)
 from .distributed import last_batch_is_lone
 from .passes.find_sites import site_filters
 from .perforated import perforate
@@ -363,6 +363,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     mod = load_job_module(model_file)
     loss_fn, metric, metric_name = task_functions(mod)
     check_metric_direction(mod, config.maximize, ConfigError)
+    if main:
+        warn_unread_names(mod)
     data = seeded_datasets(mod, seed)
     identity = run_identity(model_file, data)
     if saved is not None and main:

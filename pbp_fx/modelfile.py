@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .errors import ModelFileError
+from .errors import ModelFileError, warn_at_user
 
 __all__ = ["load_model_file", "instantiate", "example_kwargs", "keyword_collate", "KeywordCollate", "task_functions",
            "task_of", "REQUIRED", "TASKS"]
@@ -224,6 +224,21 @@ def check_metric_direction(mod: ModuleType, maximize: bool, error: type = ModelF
         name = task_functions(mod)[2]
         raise error(f"maximize is false (--no-maximize), but the built-in metric ({name}) is higher-is-better: "
                     "drop --no-maximize, or define metric(output, target) in the model file")
+
+
+# Names a model file might define for training that pbp-fx train and compare do not read.
+UNREAD_TRAINING_NAMES = ("optimizer", "configure_optimizers", "build_optimizer", "make_optimizer", "optimizer_fn",
+                         "scheduler", "lr_scheduler", "configure_scheduler")
+
+
+def warn_unread_names(mod: ModuleType) -> None:
+    """Say so when the file defines an optimizer or schedule of its own: train and compare use
+    Adam at --lr for every run (the same optimizer for every arm), not the file's."""
+    given = [n for n in UNREAD_TRAINING_NAMES if getattr(mod, n, None) is not None]
+    if given:
+        warn_at_user(f"{_name(mod)} defines {given[0]}, which pbp-fx train and compare do not read: they train with "
+                     "Adam at --lr (the same for every arm); use the Python API (PhaseController with your optimizer) "
+                     "for another")
 
 
 def _name(mod: ModuleType) -> str:

@@ -838,3 +838,12 @@ def test_a_validation_score_gone_nan_stops_at_the_best_model_with_its_report(tmp
     assert "stopped and restored the best-validation model" in err and err.count("\n") == 1
     rows = json.loads((out / "history.json").read_text())["epochs"]
     assert rows and all(math.isfinite(r["val"]) for r in rows) and rows[-1]["decision"] == "complete"
+
+
+def test_an_optimizer_the_model_file_defines_is_said_to_be_unread(tmp_path, capsys):
+    """optimizer()/configure_optimizers() with AdamW and weight decay were silently ignored."""
+    text = GOOD + "\n\ndef configure_optimizers(params):\n    return torch.optim.AdamW(params, weight_decay=0.1)\n"
+    assert main(["train", _write(tmp_path / "m.py", text), "--epochs", "1", "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "defines configure_optimizers, which pbp-fx train and compare do not read" in err and err.count("\n") == 1
