@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import warnings
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -189,6 +190,16 @@ class PerforatedModel(nn.Module):
         if live:
             with torch.no_grad():
                 torch._foreach_copy_([b.data for b, _ in live], [v for _, v in live])
+
+    def __deepcopy__(self, memo):
+        # torch's pytree warns that `isinstance(treespec, LeafSpec)` is deprecated whenever the graph's
+        # input/output specs are copied: its own API, not the user's code (copy.deepcopy as usual otherwise)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+            return new
 
     def _apply(self, fn, *args, **kwargs):
         # (the stacked tensors of candidates and dendrites: a conv's have one dim more than its weight)

@@ -1019,3 +1019,20 @@ def test_an_unbatched_conv_input_works_with_dendrites_as_without():
         want = pm(x.unsqueeze(0)).squeeze(0)
         assert torch.allclose(pm(x), want, atol=1e-6) and pm(x).shape == (2, 6, 6)
         assert torch.allclose(pm.finalize()(x), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_deepcopy_is_exact_and_prints_no_torch_deprecation_notice(frontend):
+    """Every copy.deepcopy of a perforated model printed torch's 'isinstance(treespec, LeafSpec) is
+    deprecated' FutureWarning (from the graph's input/output specs)."""
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(MLP(), (torch.randn(2, 6),), frontend=frontend)
+    pm.grow()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twin = copy.deepcopy(pm)
+    x = torch.randn(3, 6)
+    assert torch.equal(twin(x), pm(x)) and twin.num_dendrites == pm.num_dendrites
+    assert all(a is not b for a, b in zip(twin.parameters(), pm.parameters()))
+    twin.grow()
+    assert pm.dendrites == 1 and twin.dendrites == 2
