@@ -211,13 +211,31 @@ def _groups_of_configure_optimizers(pl_module):
     configure_optimizers groups the model's parameters now. On resume Lightning builds the
     optimizer from it over the restored structure; new parameters must be in the same groups
     when the optimizer state is saved, or it no longer fits (a weight-decay split by name)."""
+    warned = []
+
     def groups(pm) -> dict:
         opt = _first_optimizer(pl_module.configure_optimizers())
         if opt is None:
             return {}
+        live = _live_optimizer(pl_module)
+        if live is not None and len(live.param_groups) > len(opt.param_groups) and not warned:
+            warned.append(True)  # (BackboneFinetuning's unfrozen backbone, an add_param_group)
+            rank_zero_warn(f"the optimizer has {len(live.param_groups)} parameter groups but configure_optimizers() "
+                           f"makes {len(opt.param_groups)}: at each restructure PB regroups the parameters by "
+                           "configure_optimizers(), so the added groups' parameters join its groups and their "
+                           "learning rates; give them a group there (filtered by requires_grad if they thaw later)")
         index = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
         return {n: index[id(p)] for n, p in pm.named_parameters() if id(p) in index}
     return groups
+
+
+def _live_optimizer(pl_module) -> Optional[torch.optim.Optimizer]:
+    """The Trainer's first optimizer now (None: no trainer or none yet)."""
+    try:
+        optimizers = pl_module.trainer.optimizers
+    except RuntimeError:  # (not attached to a Trainer)
+        return None
+    return unwrap_optimizer(optimizers[0]) if optimizers else None
 
 
 def _first_optimizer(made):

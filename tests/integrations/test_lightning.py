@@ -516,3 +516,31 @@ def test_another_fit_on_the_same_trainer_after_a_crash_is_refused():
     crash.epoch = -1
     with pytest.raises(TrainingError, match="stopped inside an earlier training call"):
         trainer.fit(module, train, val)
+
+
+class ThawingClassifier(Classifier):
+    """A frozen backbone that Lightning's BackboneFinetuning thaws (it adds an optimizer group)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.backbone = getattr(model.graph_module, "0")  # (the first conv: Lightning's callback needs `backbone`)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=3e-3)
+
+
+def test_an_optimizer_group_added_after_configure_optimizers_is_warned_of_at_a_restructure():
+    """BackboneFinetuning's backbone group was merged into configure_optimizers' group at the first
+    restructure (its rate jumped from 0.00084 to 0.003), without a word."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    train, val = digits_loaders()
+    pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+    cb = PBCallback(pbp_fx.PBConfig(patience=1, improvement=10.0, max_dendrite_epochs=2, max_dendrites=1, retries=0),
+                    monitor="val_acc", mode="max")
+    trainer = _trainer(cb, max_epochs=6)
+    trainer.callbacks.append(BackboneFinetuning(unfreeze_backbone_at_epoch=1))
+    with pytest.warns(UserWarning, match=r"the optimizer has 2 parameter groups but configure_optimizers\(\) makes 1: "
+                                         r"at each restructure PB regroups"):
+        trainer.fit(ThawingClassifier(pm), train, val)
+    assert any("dendrite phase started" in h["note"] for h in cb.controller.history)
