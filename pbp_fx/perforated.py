@@ -563,10 +563,14 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     _warn_dropped_checkpointing(model)
     gm = trace(model, example_inputs, example_kwargs, frontend=frontend, dynamic=dynamic)
     specs = find_sites(gm, include, exclude)
-    _warn_unmatched_globs(find_sites(gm) if include is not None or exclude is not None else [], include, exclude)
-    if not specs:
+    unmatched = _unmatched_globs(find_sites(gm) if include is not None or exclude is not None else [], include,
+                                 exclude)
+    if not specs:  # (one line: what no glob matched is the likely cause)
         raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__} "
-                           "(or all were excluded): check include=/exclude=, or the model has no such layers")
+                           "(or all were excluded): check include=/exclude=, or the model has no such layers"
+                           + "".join(f"; {u}" for u in unmatched[:1]))
+    for u in unmatched:
+        warn_at_user(u)
     gm = insert_dendrites(gm, specs, activation=activation, mode=mode)
     capture = {"frontend": frontend, "captured_with": gm.meta.get("pbp_frontend", "fx"), "dynamic": dynamic,
                "leaves": list(gm.meta.get("pbp_untraceable", [])),
@@ -593,20 +597,22 @@ def _warn_dropped_checkpointing(model: nn.Module) -> None:
         return
 
 
-def _warn_unmatched_globs(specs: list, include, exclude) -> None:
-    """A name glob of include/exclude that matches no layer is most likely a typo: say so."""
+def _unmatched_globs(specs: list, include, exclude) -> list[str]:
+    """What to say of each name glob of include/exclude that matches no layer (most likely a typo)."""
     import fnmatch
 
     from pbp_fx.passes.find_sites import rules
 
     names = [s.name for s in specs]
+    said = []
     for which, f in (("include", include), ("exclude", exclude)):
         for rule in rules(f):
             if isinstance(rule, str) and not any(fnmatch.fnmatchcase(n.split("@")[0], rule)
                                                  or fnmatch.fnmatchcase(n, rule) for n in names):
                 shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-                warn_at_user(f"{which} pattern {rule!r} matches no Linear/Conv layer (they are named {shown}; "
-                             "pbp_fx.explain_sites lists them)")
+                said.append(f"{which} pattern {rule!r} matches no Linear/Conv layer (they are named {shown}; "
+                            "pbp_fx.explain_sites lists them)")
+    return said
 
 
 def _format_where_it_fits(fn: Callable, stacked: set) -> Callable:
