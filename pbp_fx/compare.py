@@ -395,7 +395,6 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
     return "\n".join(lines)
 
 
-# Two-sided 95 % quantiles of Student's t by degrees of freedom (1.96 beyond the table).
 # Two-sided 95 % quantiles of Student's t by degrees of freedom (rounded up in the third decimal).
 _T95 = {1: 12.707, 2: 4.303, 3: 3.183, 4: 2.777, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.307, 9: 2.263, 10: 2.229,
         11: 2.201, 12: 2.179, 13: 2.161, 14: 2.145, 15: 2.132, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.094,

@@ -474,9 +474,25 @@ def launch(nproc: int, args: Sequence[str], module: str = "pbp_fx", quiet: bool 
     torchrun = ["--nnodes", "1", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1", "-m", module, *args]
     if not quiet:
-        return subprocess.call([sys.executable, "-m", "torch.distributed.run", *torchrun], env=env)
-    code = "import sys; from pbp_fx.distributed import _torchrun_quietly; sys.exit(_torchrun_quietly(sys.argv[1:]))"
-    return subprocess.call([sys.executable, "-c", code, *torchrun], env=env)
+        cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun]
+    else:
+        code = "import sys; from pbp_fx.distributed import _torchrun_quietly; sys.exit(_torchrun_quietly(sys.argv[1:]))"
+        cmd = [sys.executable, "-c", code, *torchrun]
+    with subprocess.Popen(cmd, env=env) as agent:
+        try:
+            return agent.wait()
+        except BaseException:
+            # Stopped itself (SIGTERM, Ctrl-C): the agent stops the ranks as it would on SIGTERM (each
+            # saying where its run stands) before this process goes; killing it would orphan them.
+            import signal
+
+            if agent.poll() is None:
+                agent.send_signal(signal.SIGTERM)
+                try:
+                    agent.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    agent.kill()
+            raise
 
 
 def _torchrun_quietly(argv: Sequence[str]) -> int:

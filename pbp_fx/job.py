@@ -448,8 +448,9 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     except KeyboardInterrupt as exc:
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
             os.rmdir(out)
-        # The epochs its checkpoint holds (an interrupt inside a save leaves the one before): what a resume continues
-        done = _checkpointed_epochs(os.path.join(out, CHECKPOINT)) if out and history.epochs else 0
+        # The epochs this run's checkpoint holds (an interrupt inside a save leaves the one before; before its
+        # first save the folder may hold another run's): what a resume continues
+        done = saver.epochs if saver is not None else 0
         if done:
             raise type(exc)(f"after epoch {done}{_resumes(out, done, processes)}") from None  # (Ctrl-C or SIGTERM)
         raise
@@ -520,7 +521,9 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
             save(pm, path, **kwargs)
         else:
             distributed.save(pm, path, **kwargs)
+        save_epoch.epochs = len(history.epochs)
 
+    save_epoch.epochs = len(history.epochs)  # what the checkpoint holds of this run (a resumed run's epochs)
     return save_epoch
 
 
@@ -544,14 +547,6 @@ def _check_pool_fits(pm, config: PBConfig) -> None:
         raise ConfigError(f"pool={config.pool}: its candidates need about {need / 2**30:.3g} GiB ({config.pool} x "
                           f"{per_candidate} parameters with their gradients, Adam state and snapshots), more than "
                           f"this machine's {have / 2**30:.3g} GiB; use a smaller --pool")
-
-
-def _checkpointed_epochs(path: str) -> int:
-    """How many epochs the run's checkpoint at `path` holds (0: none, or unreadable)."""
-    try:
-        return len(read_meta(path)["extra"]["job_state"]["history"]["epochs"])
-    except (PBError, OSError, KeyError, TypeError):
-        return 0
 
 
 def saved_run(run_dir: str) -> SavedRun:

@@ -234,7 +234,9 @@ UNREAD_TRAINING_NAMES = ("optimizer", "configure_optimizers", "build_optimizer",
 def warn_unread_names(mod: ModuleType) -> None:
     """Say so when the file defines an optimizer or schedule of its own: train and compare use
     Adam at --lr for every run (the same optimizer for every arm), not the file's."""
-    given = [n for n in UNREAD_TRAINING_NAMES if getattr(mod, n, None) is not None]
+    # (defined in the file: an import such as `from torch.optim import lr_scheduler` is no schedule of its own)
+    given = [n for n in UNREAD_TRAINING_NAMES if callable(getattr(mod, n, None))
+             and getattr(getattr(mod, n), "__module__", None) == mod.__name__]
     if given:
         warn_at_user(f"{_name(mod)} defines {given[0]}, which pbp-fx train and compare do not read: they train with "
                      "Adam at --lr (the same for every arm); use the Python API (PhaseController with your optimizer) "

@@ -589,11 +589,11 @@ def _warn_dropped_checkpointing(model: nn.Module) -> None:
         if getattr(m, "gradient_checkpointing", False) is True:
             what = f"{name or type(model).__name__} has gradient_checkpointing on"
         elif code is not None and {"checkpoint", "checkpoint_sequential"} & set(code.co_names):
-            what = f"{type(m).__name__}.forward calls torch.utils.checkpoint"
+            what = f"{type(m).__name__}.forward refers to torch.utils.checkpoint"
         else:
             continue
-        warn_at_user(f"{what}, which the captured graph does not keep (it stores every activation): call "
-                     "pm.activation_checkpointing_enable() to checkpoint the perforated model")
+        warn_at_user(f"{what}: activation checkpointing inside the model is not kept by the captured graph (it stores "
+                     "every activation); if the model checkpoints, call pm.activation_checkpointing_enable() instead")
         return
 
 

@@ -190,8 +190,12 @@ def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
 
 
 def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
-    """F.cross_entropy of `primary_output` (a dict's "logits", a tuple's first element): fit's default loss."""
-    return F.cross_entropy(primary_output(output), target)
+    """F.cross_entropy of `primary_output` (a dict's "logits", a tuple's first element): fit's default loss.
+    A batch whose labels are all IGNORED_LABEL has loss 0 (F.cross_entropy's mean is 0/0 = NaN there)."""
+    logits = primary_output(output)
+    if not target.is_floating_point() and target.numel() and bool((target == IGNORED_LABEL).all()):
+        return logits.sum() * 0.0  # (keeps the graph: every parameter gets a zero gradient)
+    return F.cross_entropy(logits, target)
 
 
 def mean_squared_error(output, target: torch.Tensor) -> torch.Tensor:
@@ -454,7 +458,7 @@ def _stop_and_restore(controller: PhaseController) -> str:
     had_best = controller.best_state is not None
     controller.finish("stopped: non-finite values")
     if not had_best:
-        return "no good state to restore yet (it failed before the first validation)"
+        return "no good state to restore yet (no epoch ended with a finite validation score)"
     return f"stopped and restored the best-validation model (epoch {controller.best_epoch})"
 
 

@@ -315,6 +315,38 @@ def test_cli_nproc_2_trains_with_torchrun_and_only_rank_0_writes(tmp_path):
     assert pbp_fx.evaluate(pm, make_loaders(mod.datasets(0), 40, 0)[2]) == pytest.approx(summary["test"])
 
 
+def test_sigterm_to_the_launcher_stops_every_rank_with_one_resume_line(tmp_path):
+    """SIGTERM to `pbp-fx train --nproc 2` killed the torchrun agent: both ranks kept training (and
+    rewriting the checkpoint), and the launcher said only 'terminated'."""
+    import signal
+    import time
+
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY)
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "train", str(model), "--nproc", "2", "--out", str(out),
+                             "--epochs", "3000", "--patience", "3000", "--batch-size", "40", "--no-progress"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not (out / "checkpoint.safetensors").exists():
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)  # the launcher alone, as `kill PID` does
+        err = proc.communicate(timeout=90)[1]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 143, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("pbp-fx: error:")]
+    assert len(lines) == 1 and lines[0].startswith("pbp-fx: error: terminated after epoch "), err[-2000:]
+    assert f"--resume {out} --nproc 2" in lines[0]
+    size = (out / "checkpoint.safetensors").stat().st_mtime
+    time.sleep(2.0)
+    assert (out / "checkpoint.safetensors").stat().st_mtime == size  # no rank writes on
+
+
 if __name__ == "__main__":
     scenario, rank, nprocs, port, out_dir = sys.argv[1:6]
     try:

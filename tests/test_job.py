@@ -843,7 +843,30 @@ def test_a_validation_score_gone_nan_stops_at_the_best_model_with_its_report(tmp
 def test_an_optimizer_the_model_file_defines_is_said_to_be_unread(tmp_path, capsys):
     """optimizer()/configure_optimizers() with AdamW and weight decay were silently ignored."""
     text = GOOD + "\n\ndef configure_optimizers(params):\n    return torch.optim.AdamW(params, weight_decay=0.1)\n"
+    imported = "from torch.optim import lr_scheduler\n" + GOOD  # an import is no schedule of the file's own
+    assert main(["train", _write(tmp_path / "i.py", imported), "--epochs", "1", "--out", str(tmp_path / "i"),
+                 "--no-progress"]) == 0
+    assert "do not read" not in capsys.readouterr().err
     assert main(["train", _write(tmp_path / "m.py", text), "--epochs", "1", "--out", str(tmp_path / "r"),
                  "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "defines configure_optimizers, which pbp-fx train and compare do not read" in err and err.count("\n") == 1
+
+
+def test_an_interrupt_before_a_new_runs_first_checkpoint_does_not_point_at_the_old_run(tmp_path, monkeypatch, capsys):
+    """Ctrl-C inside a new run's first save, in a folder holding an earlier 160-epoch run, said
+    'after epoch 160; ... resumes with --resume' (the other run)."""
+    from pbp_fx import job
+
+    out = tmp_path / "run"
+    model = _write(tmp_path / "m.py", GOOD)
+    assert main(["train", model, "--out", str(out), "--epochs", "3", "--no-progress"]) == 0
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "save", interrupted)
+    capsys.readouterr()
+    assert main(["train", model, "--out", str(out), "--epochs", "5", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err == "pbp-fx: error: interrupted\n"

@@ -989,8 +989,8 @@ def test_checkpointing_inside_the_model_that_the_graph_drops_is_warned_of():
             return self.fc(cp.checkpoint(self.blk, x, use_reentrant=False))
 
     x = torch.randn(3, 4)
-    with pytest.warns(UserWarning, match=r"Ckpt.forward calls torch.utils.checkpoint, which the captured graph does not "
-                                         r"keep .*pm.activation_checkpointing_enable\(\)"):
+    with pytest.warns(UserWarning, match=r"Ckpt.forward refers to torch.utils.checkpoint: activation checkpointing "
+                                         r"inside the model is not kept .*pm.activation_checkpointing_enable\(\)"):
         pm = pbp_fx.perforate(Ckpt(), (x,))
     assert pm(x).shape == (3, 2)
     flagged = MLP()

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import pbp_fx
@@ -263,12 +264,18 @@ def test_labels_of_minus_100_count_in_neither_the_default_loss_nor_the_accuracy(
     """-100 (F.cross_entropy's ignore_index) was refused as an out-of-range label by train and
     compare, and the built-in accuracy would have counted it wrong."""
     from pbp_fx.job import _check_labels
-    from pbp_fx.training import accuracy
+    from pbp_fx.training import accuracy, cross_entropy
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
     assert accuracy(logits, torch.tensor([0, 1, -100, 0])) == (2.0, 3)
     # class probabilities as targets (cross-entropy takes them): a broadcast error before
     assert accuracy(logits, torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.0, 1.0], [0.0, 1.0]])) == (3.0, 4)
     _check_labels(torch.tensor([0, 1, -100]), 2, "training")
+    logits.requires_grad_(True)
+    assert torch.equal(cross_entropy(logits, torch.tensor([0, 1, -100, 0])),
+                       F.cross_entropy(logits[[0, 1, 3]], torch.tensor([0, 1, 0])))
+    every = cross_entropy(logits, torch.full((4,), -100))  # a batch of ignored labels only: 0, not NaN
+    every.backward()
+    assert every.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
     with pytest.raises(pbp_fx.TrainingError, match=r"class label -1, .*or -100 to leave a sample out"):
         _check_labels(torch.tensor([0, -1]), 2, "training")
