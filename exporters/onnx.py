@@ -243,10 +243,12 @@ def graph_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Optional
     call = model.call_signature if isinstance(model, PerforatedModel) else None
     if call is None:
         if kwargs:
-            why = ("was captured in parts (its root's Python runs as it is), so no graph records their order"
-                   if isinstance(model, PerforatedModel) else "need a PerforatedModel, whose graph knows their order")
+            why = ("were given to a model captured in parts (its root's Python runs as it is, so no graph records "
+                   "their order; a model whose root does not trace, such as a Hugging Face model with its cache on: "
+                   "use_cache=False often lets it trace whole)" if isinstance(model, PerforatedModel)
+                   else "need a PerforatedModel, whose graph knows their order")
             raise ExportError(f"keyword example inputs (a dict) {why}: pass this model's inputs as a tuple, in the "
-                              "order of its forward's parameters")
+                              "order of its forward's parameters (a model file: example_inputs(), not example_kwargs())")
         return args
     try:
         args, kwargs = call.graph_inputs(args, kwargs)
@@ -329,6 +331,9 @@ def check_dynamic_axes(dynamic_axes: Any) -> dict:
             if not isinstance(axis, str) or not axis.isidentifier():
                 raise ExportError(f"dynamic_axes[{key!r}][{dim}] = {axis!r}: an axis name is an identifier "
                                   "such as 'sequence'")
+            if axis == "batch" and dim != 0:  # (the exported batch axis, dim 0, has that name)
+                raise ExportError(f"dynamic_axes[{key!r}][{dim}] = 'batch': that name is dim 0's, the dynamic batch; "
+                                  f"name dim {dim} otherwise, such as 'sequence'")
         out[key] = dict(dims)
     return out
 
@@ -583,7 +588,8 @@ def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple)
         shapes = next(iter(shapes.values()))
     by_name = {v.name: v for v in proto.graph.input}
     renames: dict[str, str] = {}
-    for name, dims in zip(_input_names(module, len(inputs)), shapes):
+    names = _input_names(module, len(inputs))
+    for name, dims in zip(names, shapes):
         value = by_name.get(name)
         if not dims or value is None:
             continue
@@ -601,6 +607,16 @@ def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple)
                                       f"{shape[dim].dim_value}: torch.export fixes a GRU/LSTM's sequence length once "
                                       "it has exported it in this process; perforate with frontend='fx' and export "
                                       "once, in a fresh process (pbp-fx export --frontend fx)")
+                size = shape[dim].dim_value
+                tied = _static_twin(names, inputs, shapes, name, size)
+                if tied is not None:  # torch.export ties equal sizes that meet in an op; the other stayed static
+                    other, other_dim = tied
+                    raise ExportError(
+                        f"axis {axis.__name__!r} (dim {dim} of input {name!r}) came out fixed to {size}: input "
+                        f"{other!r} has size {size} in dim {other_dim} without a dynamic axis, and the model combines "
+                        f"the two (an attention mask, an elementwise op): give it the axis too (dynamic_axes "
+                        f"{{{other!r}: {{{other_dim}: {axis.__name__!r}}}}}, or --dynamic-axis "
+                        f"{other}:{other_dim}={axis.__name__})")
                 raise ExportError(f"the model fixes dim {dim} of input {name!r} to {shape[dim].dim_value}, so axis "
                                   f"{axis.__name__!r} cannot be dynamic (a reshape to a constant size, or a tensor of "
                                   "that length added along it): export without that axis")
@@ -613,6 +629,18 @@ def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple)
             for d in v.type.tensor_type.shape.dim:
                 if d.dim_param in renames:
                     d.dim_param = renames[d.dim_param]
+
+
+def _static_twin(names: list, inputs: tuple, shapes, name: str, size: int):
+    """(input, dim) of another tensor input with `size` in a dim past the batch that no dynamic axis
+    names, or None: the likely reason a requested axis of that size came out fixed."""
+    for other, t, dims in zip(names, inputs, shapes):
+        if other == name or not isinstance(t, torch.Tensor):
+            continue
+        for d in range(1, t.dim()):
+            if t.shape[d] == size and d not in (dims or {}):
+                return other, d
+    return None
 
 
 def _root_reason(exc: BaseException) -> str:

@@ -617,9 +617,14 @@ class _PositionTable(torch.nn.Module):
      "size 1 along dim 1.*size >= 2"),
     (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {0: "n"}}, "dim 0 is the dynamic batch"),
     (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {1: "a b"}}, "identifier"),
+    (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {1: "batch"}},
+     r"= 'batch': that name is dim 0's, the dynamic batch; name dim 1 otherwise"),
     (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": [1]}, r"\{input name or position"),
     (_PositionTable, (torch.zeros(2, 6, dtype=torch.long),), {"ids": {1: "t"}},
      "fixes dim 1 of input 'ids' to 6, so axis 't' cannot be dynamic"),
+    # the mask left static ties the ids' length: "export without that axis" was the advice
+    (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {1: "t"}},
+     r"input 'mask' has size 6 in dim 1 without a dynamic axis, .*give it the axis too .*--dynamic-axis mask:1=t\)"),
 ])
 def test_a_dynamic_axis_the_model_cannot_take_is_refused_in_one_line(tmp_path, model, example, axes, match):
     pm = pbp_fx.perforate(model(), example)
@@ -838,3 +843,17 @@ def test_an_rnns_time_axis_fixed_by_an_earlier_torch_export_is_named_as_such(tmp
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert words in r.stdout, r.stdout
+
+
+def test_keyword_inputs_of_a_model_captured_in_parts_are_refused_with_the_way_out(tmp_path):
+    """The message ('... (a dict) was captured in parts ...') named neither what to change in a model
+    file nor the usual cause (a Hugging Face model's cache)."""
+    from parts_models import BranchingRoot
+
+    x = torch.randn(2, 4)
+    pm = pbp_fx.perforate(BranchingRoot(), (x,))
+    assert pm.capture["captured_with"] == "parts"
+    with pytest.raises(ExportError, match=r"keyword example inputs \(a dict\) were given to a model captured in parts "
+                                          r".*use_cache=False.*\(a model file: example_inputs\(\), not example_kwargs"):
+        export_onnx(pm, {"x": x}, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
