@@ -459,19 +459,29 @@ def test_a_new_run_replaces_an_earlier_runs_outputs_and_a_failed_one_leaves_none
     assert not (tmp_path / "nan").exists()
 
 
-def test_a_loss_gone_nan_mid_run_writes_the_report_of_the_restored_best_model(tmp_path, capsys):
+LATE_NAN_LOSS = ("calls = [0]\n\n\ndef loss_fn(o, y):\n    calls[0] += 1\n"
+                 "    loss = torch.nn.functional.cross_entropy(o, y)\n"
+                 "    return loss * float('nan') if torch.is_grad_enabled() and calls[0] > 20 else loss\n")
+# A metric that turned NaN ended the run with 'the validation score is nan', no epoch, no report,
+# and a checkpoint no resume could finish.
+LATE_NAN_METRIC = ("calls = [0]\n\n\ndef metric(o, y):\n    calls[0] += 1\n"
+                   "    right = float((o.argmax(-1) == y).sum())\n"
+                   "    return (float('nan') if calls[0] > 12 else right), len(y)\n")
+
+
+@pytest.mark.parametrize("code, said", [(LATE_NAN_LOSS, "the loss is nan"),
+                                        (LATE_NAN_METRIC, "the validation score is nan in epoch")])
+def test_a_value_gone_nan_mid_run_writes_the_report_of_the_restored_best_model(tmp_path, capsys, code, said):
     """Exit 2 with one line; the report and checkpoint of the restored best model are written."""
-    late_nan = GOOD + ("calls = [0]\n\n\ndef loss_fn(o, y):\n    calls[0] += 1\n"
-                       "    loss = torch.nn.functional.cross_entropy(o, y)\n"
-                       "    return loss * float('nan') if torch.is_grad_enabled() and calls[0] > 20 else loss\n")
     out = tmp_path / "run"
-    assert main(["train", _write(tmp_path / "m.py", late_nan), "--out", str(out), "--no-progress"]) == 2
+    assert main(["train", _write(tmp_path / "m.py", GOOD + code), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "the loss is nan" in err and f"its report and that model are in {out}" in err and err.count("\n") == 1
+    assert said in err and "neuron phase" in err and f"its report and that model are in {out}" in err
+    assert "stopped and restored the best-validation model" in err and err.count("\n") == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["events"][-1]["note"] == "stopped: non-finite values"
     rows = json.loads((out / "history.json").read_text())["epochs"]
-    assert summary["epochs"] == len(rows) >= 1
+    assert summary["epochs"] == len(rows) >= 1 and all(math.isfinite(r["val"]) for r in rows)
     # The last row ends the run, as the summary's last event does (at that epoch).
     assert rows[-1]["decision"] == "complete" and summary["events"][-1]["epoch"] == rows[-1]["epoch"]
 
@@ -823,21 +833,6 @@ def test_a_pool_that_cannot_fit_in_memory_is_refused_before_training(tmp_path, c
     err = capsys.readouterr().err
     assert "out of memory ([enforce fail" in err and "use a smaller --pool, --batch-size or model" in err
     assert "from the model file" not in err
-
-
-def test_a_validation_score_gone_nan_stops_at_the_best_model_with_its_report(tmp_path, capsys):
-    """A metric that turned NaN in the neuron phase ended the run with 'the validation score is nan',
-    no epoch, no report, and a checkpoint no resume could finish."""
-    late_nan = GOOD + ("calls = [0]\n\n\ndef metric(o, y):\n    calls[0] += 1\n"
-                       "    right = float((o.argmax(-1) == y).sum())\n"
-                       "    return (float('nan') if calls[0] > 12 else right), len(y)\n")
-    out = tmp_path / "run"
-    assert main(["train", _write(tmp_path / "m.py", late_nan), "--out", str(out), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "the validation score is nan in epoch" in err and "(neuron phase)" in err
-    assert "stopped and restored the best-validation model" in err and err.count("\n") == 1
-    rows = json.loads((out / "history.json").read_text())["epochs"]
-    assert rows and all(math.isfinite(r["val"]) for r in rows) and rows[-1]["decision"] == "complete"
 
 
 def test_an_optimizer_the_model_file_defines_is_said_to_be_unread(tmp_path, capsys):

@@ -225,25 +225,17 @@ def test_refusals_are_one_line_pb_errors(tmp_path, perforated_bert):
         plain.train()
 
 
-def test_early_stopping_callback_is_refused_before_any_step(tmp_path, perforated_bert):
+class PatientStopper(EarlyStoppingCallback):
+    """A subclass: the check matched the class name, so it got past and ended PB in its first dendrite epoch."""
+
+
+@pytest.mark.parametrize("stopper", [EarlyStoppingCallback, PatientStopper])
+def test_early_stopping_callback_is_refused_before_any_step(tmp_path, perforated_bert, stopper):
     # Its patience would run out inside a dendrite phase (the score is constant there), ending the run
     # with the candidates dropped and "the budget ran out" recorded as the reason.
     trainer, _ = _trainer(tmp_path, PBCallback(QUICK), perforated_bert(), metric_for_best_model="eval_loss")
-    trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=2))
-    with pytest.raises(TrainingError, match="EarlyStoppingCallback would end the run inside a dendrite phase.*remove it"):
-        trainer.train()
-    assert trainer.state.global_step == 0
-
-
-def test_a_subclass_of_early_stopping_is_refused_too(tmp_path, perforated_bert):
-    """The check matched the class name: `class PatientStopper(EarlyStoppingCallback)` got past it and
-    ended PB in its first dendrite epoch."""
-    class PatientStopper(EarlyStoppingCallback):
-        pass
-
-    trainer, _ = _trainer(tmp_path, PBCallback(QUICK), perforated_bert(), metric_for_best_model="eval_loss")
-    trainer.add_callback(PatientStopper(early_stopping_patience=2))
-    with pytest.raises(TrainingError, match="PatientStopper would end the run inside a dendrite phase"):
+    trainer.add_callback(stopper(early_stopping_patience=2))
+    with pytest.raises(TrainingError, match=f"{stopper.__name__} would end the run inside a dendrite phase.*remove it"):
         trainer.train()
     assert trainer.state.global_step == 0
 
