@@ -116,7 +116,7 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
         osd = optimizer.state_dict()
         for pid, st in osd["state"].items():
             _split_state(f"optim/{pid}/", st, tensors, plain)
-        meta["optimizer"] = {"param_groups": osd["param_groups"]}
+        meta["optimizer"] = {"param_groups": osd["param_groups"], "class": type(optimizer).__name__}
     meta["plain"] = plain
     try:
         meta["sha256"] = _digest(tensors, meta)
@@ -353,6 +353,8 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     if optimizer is not None and "optimizer" not in meta:  # (it kept its fresh state, silently)
         raise CheckpointError(f"checkpoint {path} has no optimizer state (saved without optimizer=): load it "
                               "without optimizer=, and the optimizer starts fresh")
+    if optimizer is not None:
+        _check_optimizer_class(meta, optimizer, path)
     if not isinstance(model, PerforatedModel):
         if not isinstance(model, nn.Module):
             model = model()
@@ -476,7 +478,17 @@ def load_optimizer(path: str, optimizer: torch.optim.Optimizer) -> None:
     meta, tensors = _read(path)
     if "optimizer" not in meta:
         raise CheckpointError(f"checkpoint {path} has no optimizer state (saved without optimizer=)")
+    _check_optimizer_class(meta, optimizer, path)
     _load_optimizer(meta, tensors, meta.get("plain", {}), optimizer)
+
+
+def _check_optimizer_class(meta: dict, optimizer, path: str) -> None:
+    """Refuse another optimizer class's state (torch loads Adam's groups into an SGD, whose next
+    step then fails on a missing 'momentum'); checkpoints before the class was recorded are not checked."""
+    saved = meta.get("optimizer", {}).get("class")
+    if saved is not None and saved != type(optimizer).__name__:
+        raise CheckpointError(f"checkpoint {path} holds the state of a {saved} optimizer, not of this "
+                              f"{type(optimizer).__name__}: load it into a {saved}, or without optimizer=")
 
 
 def _load_optimizer(meta: dict, tensors: dict, plain: dict, optimizer) -> None:

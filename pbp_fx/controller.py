@@ -300,6 +300,12 @@ class PhaseController:
         carry the factor already (attached before or after the controller's state is loaded:
         the same result). In a dendrite phase, a scheduler built on the optimizer then
         (its base_lrs are the groups' rates now) carries it too, and a ReduceLROnPlateau is held."""
+        own = getattr(scheduler, "optimizer", None)
+        while own is not None and isinstance(getattr(own, "optimizer", None), torch.optim.Optimizer):
+            own = own.optimizer  # (accelerate's AcceleratedOptimizer and the like wrap the torch one)
+        if own is not None and own is not self.optimizer:  # its rates would be scaled to candidate_lr
+            raise ConfigError(f"attach_scheduler: this {type(scheduler).__name__} schedules another optimizer than "
+                              "the controller's: attach only schedulers of ctl.optimizer")
         if scheduler not in self.schedulers:
             self.schedulers.append(scheduler)
             if scaled:  # it carries the saved run's factor: a load_state_dict that follows leaves it alone
@@ -435,7 +441,8 @@ class PhaseController:
         floor = self._unscaled_floor()
         starts = self.phase_start_lrs or [None] * len(self.lr_scale)
         for g, s, start in zip(self.optimizer.param_groups, self.lr_scale, starts):
-            g["lr"] = _unscaled_lr(float(g["lr"]), s, start, floor)
+            # a group the user froze with lr 0 ran the phase at candidate_lr (factor 1): it goes back to 0
+            g["lr"] = 0.0 if start == 0 else _unscaled_lr(float(g["lr"]), s, start, floor)
         for sch in self.schedulers:
             self._scale_schedulers(sch, self.lr_scale, divide=True)
         self._release_plateaus()

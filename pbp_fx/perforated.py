@@ -403,6 +403,7 @@ class PerforatedModel(nn.Module):
         for name, p in self.named_parameters():
             if id(p) not in cand and p.requires_grad:
                 p.requires_grad_(False)
+                p.grad = None  # (a last neuron-phase gradient would enter clipping and norm logs all phase)
                 self._thaw.append(name)
         self.phase = "dendrite"
         self._dendrite_phase_trained = False  # (`_check_dendrite_phase_mode`)

@@ -657,3 +657,17 @@ def test_a_pool_changed_on_a_mid_phase_resume_says_it_applies_from_the_next_phas
         pbp_fx.load(path, again, controller=PhaseController(again, pbp_fx.PBConfig(pool=2, patience=3,
                                                                                   improvement=10.0)))
     assert "patience 1 -> 3" in str(record[0].message) and "under way" not in str(record[0].message)
+
+
+def test_another_optimizer_class_is_refused_before_anything_loads(tmp_path):
+    """An Adam checkpoint loaded into an SGD without error; its next step failed on 'momentum'."""
+    pm, opt = _trained_pm()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path, optimizer=opt)
+    target = pbp_fx.perforate(_build(), (X,))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    sgd = torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(pbp_fx.CheckpointError, match=rf"holds the state of a {type(opt).__name__} optimizer, not of "
+                                                     r"this SGD"):
+        pbp_fx.load(path, target, optimizer=sgd)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

@@ -672,3 +672,41 @@ def test_a_score_that_is_not_a_number_is_refused(score):
         ctl.step(score)
     assert ctl.history == [] and ctl.step(np.float32(0.5)) == "continue" and ctl.step(torch.tensor(0.6)) == "continue"
     assert ctl.step(np.array(0.55)) == "continue" and ctl.step(decimal.Decimal("0.5")) == "continue"
+
+
+def test_a_group_frozen_with_lr_0_is_at_0_again_after_a_dendrite_phase():
+    """A group at lr 0 (a frozen backbone) ran the dendrite phase at candidate_lr and then kept it:
+    the 'frozen' layer trained at 2x the rest's rate for the rest of the run."""
+    torch.manual_seed(0)
+    pm = _pm()
+    first = [p for n, p in pm.named_parameters() if n.startswith("graph_module.0.")]
+    rest = [p for n, p in pm.named_parameters() if not n.startswith("graph_module.0.")]
+    opt = torch.optim.AdamW([{"params": first, "lr": 0.0}, {"params": rest, "lr": 1e-2}])
+    ctl = PhaseController(pm, pbp_fx.PBConfig(patience=1, improvement=10.0, max_dendrite_epochs=1,
+                                              candidate_lr=0.02), optimizer=opt)
+    _step_until_restructured(ctl)
+    assert pm.phase == "dendrite" and [g["lr"] for g in opt.param_groups] == [0.02, 0.02]
+    _step_until_restructured(ctl)
+    assert pm.phase == "neuron" and [g["lr"] for g in opt.param_groups] == [0.0, 1e-2]
+
+
+def test_frozen_neuron_weights_carry_no_stale_gradient_into_a_dendrite_phase():
+    """Their last neuron-phase gradient stayed all phase and entered clip_grad_norm_(pm.parameters())."""
+    pm = _pm()
+    x = torch.randn(8, 3)
+    pm(x).sum().backward()
+    assert all(p.grad is not None for p in pm.parameters())
+    pm.start_dendrite_phase(pool=2)
+    assert [n for n, p in pm.named_parameters() if p.grad is not None and not p.requires_grad] == []
+
+
+def test_a_scheduler_of_another_optimizer_is_refused():
+    """A scheduler of an unrelated optimizer was scaled like the controller's: that optimizer
+    trained 20x too fast in every dendrite phase."""
+    pm = _pm()
+    ctl = PhaseController(pm, pbp_fx.PBConfig())
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(pbp_fx.ConfigError, match="schedules another optimizer than the controller's"):
+        ctl.attach_scheduler(torch.optim.lr_scheduler.OneCycleLR(other, max_lr=0.1, total_steps=10))
+    ctl.attach_scheduler(torch.optim.lr_scheduler.StepLR(ctl.optimizer, 5))  # its own: taken
+    assert len(ctl.schedulers) == 1
