@@ -130,6 +130,7 @@ class PBCallback(Callback):
             # (min_epochs may still train on: on_fit_end loads the best model back)
             trainer.should_stop = True
             rank_zero_warn(finished_run(self.controller.history[-1]["note"], "this fit trains nothing"))
+            return  # (this fit's schedulers drive a new optimizer, not the finished run's)
         for scheduler_config in trainer.lr_scheduler_configs:
             self.controller.attach_scheduler(scheduler_config.scheduler)
 
