@@ -19,7 +19,7 @@ _EXPORTS = {
     "default_optimizer": "controller",
     "explain_sites": "explain",  # every Linear/Conv-like op: a site, or why not
     "CheckpointError": "errors", "ModelFileError": "errors", "NoSitesError": "errors", "PBError": "errors",
-    "TraceError": "errors", "TrainingError": "errors",
+    "TraceError": "errors", "TrainingError": "errors", "PBWarning": "errors",
     "PerforatedModel": "perforated", "perforate": "perforated",
     "PhaseSchedule": "schedule",
     "CallError": "signature",  # a call of a perforated model outside what was traced
@@ -35,7 +35,7 @@ __all__ = [
     "fit", "evaluate",
     "History", "save", "load", "export_onnx", "ort_session", "compare",
     "PBError", "ConfigError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
-    "CallError", "__version__",
+    "CallError", "PBWarning", "__version__",
 ]
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .config import PBConfig
-from .errors import CheckpointError, NoSitesError
+from .errors import CheckpointError, NoSitesError, PBWarning
 from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate
 from .inputs import inputs_from_signature
@@ -408,7 +408,7 @@ def warn_changed_settings(saved: dict, config: PBConfig, what: str, in_dendrite_
                  "settings apply from the next dendrite phase)"
                  if in_dendrite_phase and saved_config.dendrite_phase_kwargs() != config.dendrite_phase_kwargs() else "")
         warnings.warn(f"{what} was saved with other PB settings than the controller's, which the run continues "
-                      f"with: {', '.join(changed)}{later}", stacklevel=4)
+                      f"with: {', '.join(changed)}{later}", PBWarning, stacklevel=4)
 
 
 def load_error_detail(exc: Exception, limit: int = 240) -> str:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
-from .errors import PBError
+from .errors import PBError, PBWarning
 from .fileio import check_output_dir, umask
 
 __all__ = ["main", "subcommand", "arg", "COMMANDS", "build_parser", "atomic_output_dir"]
@@ -98,6 +98,7 @@ def _quiet_unless(debug: bool) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            warnings.simplefilter("default", PBWarning)  # (pbp-fx's own word on the user's model stays)
             yield
     finally:
         torch_log.setLevel(level)

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from .errors import PBWarning
 from .layers import copy_dim, every_nth_position, per_position, split_members
 
 __all__ = ["STAT_NAMES", "StatsSettings", "batch_covariance", "fold_batch", "candidate_gradient",
@@ -187,7 +188,7 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
         # One value per (member, channel): centred, it is 0, and so is every covariance.
         warnings.warn("a batch gives the candidates one value per channel (a batch of 1 sample at a site without "
                       "positions): their correlation with the error is 0 and the dendrite phase learns nothing; "
-                      "train with batches of 2 or more samples", stacklevel=2)
+                      "train with batches of 2 or more samples", PBWarning, stacklevel=2)
     with torch.no_grad():  # (instead of a detach per tensor: one dispatch each, per site and step)
         left_out = 1.0  # positions per position seen
         if stride != 1:

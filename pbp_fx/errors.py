@@ -1,7 +1,12 @@
 """Error types. Each message is one line naming the problem and what to do about it."""
 
 __all__ = ["PBError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
-           "DataError"]
+           "DataError", "PBWarning"]
+
+
+class PBWarning(UserWarning):
+    """A warning pbp-fx gives about the user's model, data or run (filter it by this class; the CLI
+    shows it while it hides the libraries' own warnings)."""
 
 
 class PBError(Exception):
@@ -37,7 +42,7 @@ class DataError(TrainingError):
 _FRAMEWORKS = ("pbp_fx", "passes", "exporters", "torch", "lightning", "pytorch_lightning", "transformers", "accelerate")
 
 
-def warn_at_user(message: str, category: type = UserWarning) -> None:
+def warn_at_user(message: str, category: type = PBWarning) -> None:
     """warnings.warn attributed to the first calling frame outside pbp-fx and the frameworks
     around it (the user's line), however deep the call came from."""
     import os

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import FORMAT, load, load_optimizer, read_meta, save
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
-from .errors import DataError, ModelFileError, PBError, TrainingError, warn_at_user
+from .errors import DataError, ModelFileError, PBError, PBWarning, TrainingError, warn_at_user
 from .fileio import atomic_write, check_output_dir
 from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
                         keyword_collate, load_model_file, task_functions, task_of, warn_unread_names)
@@ -711,7 +711,7 @@ def pyplot_or_none(path: str):
         import matplotlib
     except ImportError:
         warnings.warn(f"{os.path.basename(path)} not written: matplotlib is not installed (pip install matplotlib, "
-                      "or pbp-fx[train])", stacklevel=3)
+                      "or pbp-fx[train])", PBWarning, stacklevel=3)
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -53,7 +53,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .config import ConfigError
-from .errors import TraceError, warn_at_user
+from .errors import PBWarning, TraceError, warn_at_user
 from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "TraceError", "FRONTENDS"]
@@ -471,7 +471,7 @@ def _one_mode(primary_gm: fx.GraphModule, primary: bool, name: str, reason: str,
     fix = (", or move the code that depends on the mode into a submodule (fx keeps one whose forward reads "
            "self.training whole, so it follows the mode)" if keep_whole else "")
     warnings.warn(f"{name}: {reason}; the graph follows {mode} mode whatever .train()/.eval() say: trace the model "
-                  f"in the mode you will use it in{fix}", stacklevel=5)
+                  f"in the mode you will use it in{fix}", PBWarning, stacklevel=5)
     primary_gm.meta["pbp_modes"] = mode
     primary_gm.meta["pbp_modes_reason"] = reason
     return primary_gm
@@ -948,5 +948,5 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict, root_error: TraceE
                    pbp_leaves=[], pbp_untraceable=[], pbp_modes=modes.pop() if len(modes) == 1 else "mixed")
     warnings.warn(f"{type(model).__name__}.forward traces with neither fx nor torch.export (meta['pbp_fx_error']): its "
                   f"submodules {', '.join(parts)} are perforated in place, the root's Python runs as it is"
-                  + (f"; left plain: {', '.join(plain)}" if plain else ""), stacklevel=3)
+                  + (f"; left plain: {', '.join(plain)}" if plain else ""), PBWarning, stacklevel=3)
     return gm
