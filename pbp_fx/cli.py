@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextmanager
 def _quiet_unless(debug: bool) -> Iterator[None]:
-    """Hide library warnings (torch.export, the ONNX exporter) from CLI users unless --debug."""
+    """Hide library warnings (torch.export, the ONNX exporter) from CLI users unless --debug.
+    pbp-fx's own (PBWarning) are said once the block succeeds; when it fails, its one-line error
+    says what went wrong."""
     if debug:
         yield
         return
@@ -96,12 +98,14 @@ def _quiet_unless(debug: bool) -> Iterator[None]:
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("ignore")
-            warnings.simplefilter("default", PBWarning)  # (pbp-fx's own word on the user's model stays)
+            warnings.simplefilter("always", PBWarning)
             yield
     finally:
         torch_log.setLevel(level)
+    for text in dict.fromkeys(str(w.message) for w in said if issubclass(w.category, PBWarning)):
+        warnings.warn(text, PBWarning, stacklevel=3)
 
 
 @contextmanager
