@@ -331,9 +331,6 @@ def check_dynamic_axes(dynamic_axes: Any) -> dict:
             if not isinstance(axis, str) or not axis.isidentifier():
                 raise ExportError(f"dynamic_axes[{key!r}][{dim}] = {axis!r}: an axis name is an identifier "
                                   "such as 'sequence'")
-            if axis == "batch" and dim != 0:  # (the exported batch axis, dim 0, has that name)
-                raise ExportError(f"dynamic_axes[{key!r}][{dim}] = 'batch': that name is dim 0's, the dynamic batch; "
-                                  f"name dim {dim} otherwise, such as 'sequence'")
         out[key] = dict(dims)
     return out
 
@@ -613,10 +610,11 @@ def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple)
                     other, other_dim = tied
                     raise ExportError(
                         f"axis {axis.__name__!r} (dim {dim} of input {name!r}) came out fixed to {size}: input "
-                        f"{other!r} has size {size} in dim {other_dim} without a dynamic axis, and the model combines "
-                        f"the two (an attention mask, an elementwise op): give it the axis too (dynamic_axes "
+                        f"{other!r} has size {size} in dim {other_dim} without a dynamic axis; if the model combines "
+                        f"the two (an attention mask, an elementwise op), give it the axis too (dynamic_axes "
                         f"{{{other!r}: {{{other_dim}: {axis.__name__!r}}}}}, or --dynamic-axis "
-                        f"{other}:{other_dim}={axis.__name__})")
+                        f"{other}:{other_dim}={axis.__name__}); else the model fixes that size (a reshape to a "
+                        "constant size, or a tensor of that length added along it): export without that axis")
                 raise ExportError(f"the model fixes dim {dim} of input {name!r} to {shape[dim].dim_value}, so axis "
                                   f"{axis.__name__!r} cannot be dynamic (a reshape to a constant size, or a tensor of "
                                   "that length added along it): export without that axis")

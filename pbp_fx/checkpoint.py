@@ -116,7 +116,7 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
         osd = optimizer.state_dict()
         for pid, st in osd["state"].items():
             _split_state(f"optim/{pid}/", st, tensors, plain)
-        meta["optimizer"] = {"param_groups": osd["param_groups"], "class": type(optimizer).__name__}
+        meta["optimizer"] = {"param_groups": osd["param_groups"], "classes": _optimizer_classes(optimizer)}
     meta["plain"] = plain
     try:
         meta["sha256"] = _digest(tensors, meta)
@@ -482,13 +482,24 @@ def load_optimizer(path: str, optimizer: torch.optim.Optimizer) -> None:
     _load_optimizer(meta, tensors, meta.get("plain", {}), optimizer)
 
 
+def _optimizer_classes(optimizer) -> list[str]:
+    """The optimizer's classes below torch.optim.Optimizer, most derived first, of the optimizer
+    itself (a wrapper's, accelerate's AcceleratedOptimizer, is its inner one's)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return [c.__name__ for c in type(optimizer).__mro__ if c not in (torch.optim.Optimizer, object)
+            and issubclass(c, torch.optim.Optimizer)] or [type(optimizer).__name__]
+
+
 def _check_optimizer_class(meta: dict, optimizer, path: str) -> None:
-    """Refuse another optimizer class's state (torch loads Adam's groups into an SGD, whose next
-    step then fails on a missing 'momentum'); checkpoints before the class was recorded are not checked."""
-    saved = meta.get("optimizer", {}).get("class")
-    if saved is not None and saved != type(optimizer).__name__:
-        raise CheckpointError(f"checkpoint {path} holds the state of a {saved} optimizer, not of this "
-                              f"{type(optimizer).__name__}: load it into a {saved}, or without optimizer=")
+    """Refuse another optimizer family's state (torch loads Adam's groups into an SGD, whose next
+    step then fails on a missing 'momentum'); a subclass or wrapper of the saved class is taken, and
+    checkpoints saved before the classes were recorded are not checked."""
+    saved = meta.get("optimizer", {}).get("classes")
+    here = _optimizer_classes(optimizer)
+    if saved and not set(saved) & set(here):
+        raise CheckpointError(f"checkpoint {path} holds {saved[0]} optimizer state, which this {here[0]} cannot take: "
+                              f"load it into a {saved[0]}, or without optimizer=")
 
 
 def _load_optimizer(meta: dict, tensors: dict, plain: dict, optimizer) -> None:

@@ -667,7 +667,15 @@ def test_another_optimizer_class_is_refused_before_anything_loads(tmp_path):
     target = pbp_fx.perforate(_build(), (X,))
     before = {k: v.clone() for k, v in target.state_dict().items()}
     sgd = torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9)
-    with pytest.raises(pbp_fx.CheckpointError, match=rf"holds the state of a {type(opt).__name__} optimizer, not of "
-                                                     r"this SGD"):
+    with pytest.raises(pbp_fx.CheckpointError, match=rf"holds {type(opt).__name__} optimizer state, which this SGD "
+                                                     r"cannot take"):
         pbp_fx.load(path, target, optimizer=sgd)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+    class MyAdam(torch.optim.Adam):  # a subclass (or a wrapper) of the saved class keeps its state layout
+        pass
+
+    again = pbp_fx.load(path, _build)
+    mine = MyAdam(list(again.trainable_parameters()), 1e-2)
+    pbp_fx.load(path, again, optimizer=mine)
+    assert len(mine.state) == len(opt.state)

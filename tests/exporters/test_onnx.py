@@ -617,14 +617,13 @@ class _PositionTable(torch.nn.Module):
      "size 1 along dim 1.*size >= 2"),
     (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {0: "n"}}, "dim 0 is the dynamic batch"),
     (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {1: "a b"}}, "identifier"),
-    (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {1: "batch"}},
-     r"= 'batch': that name is dim 0's, the dynamic batch; name dim 1 otherwise"),
     (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": [1]}, r"\{input name or position"),
     (_PositionTable, (torch.zeros(2, 6, dtype=torch.long),), {"ids": {1: "t"}},
      "fixes dim 1 of input 'ids' to 6, so axis 't' cannot be dynamic"),
     # the mask left static ties the ids' length: "export without that axis" was the advice
     (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {1: "t"}},
-     r"input 'mask' has size 6 in dim 1 without a dynamic axis, .*give it the axis too .*--dynamic-axis mask:1=t\)"),
+     r"input 'mask' has size 6 in dim 1 without a dynamic axis; if the model combines the two .*give it the axis "
+     r"too .*--dynamic-axis mask:1=t\); else the model fixes that size"),
 ])
 def test_a_dynamic_axis_the_model_cannot_take_is_refused_in_one_line(tmp_path, model, example, axes, match):
     pm = pbp_fx.perforate(model(), example)
