@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .config import PBConfig
+from .controller import inner_optimizer
 from .errors import CheckpointError, NoSitesError, PBWarning
 from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate
@@ -485,8 +486,7 @@ def load_optimizer(path: str, optimizer: torch.optim.Optimizer) -> None:
 def _optimizer_classes(optimizer) -> list[str]:
     """The optimizer's classes below torch.optim.Optimizer, most derived first, of the optimizer
     itself (a wrapper's, accelerate's AcceleratedOptimizer, is its inner one's)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
+    optimizer = inner_optimizer(optimizer)
     return [c.__name__ for c in type(optimizer).__mro__ if c not in (torch.optim.Optimizer, object)
             and issubclass(c, torch.optim.Optimizer)] or [type(optimizer).__name__]
 

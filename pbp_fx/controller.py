@@ -120,6 +120,14 @@ def _unscaled_lr(lr: float, scale: float, start: Optional[float], floor: float) 
     return floor + (lr - floor) * (start - floor) / (start * scale - floor)
 
 
+def inner_optimizer(optimizer):
+    """The optimizer a wrapper holds as `.optimizer` (accelerate's AcceleratedOptimizer and the
+    like), however deep; the object itself when it wraps none."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def _tensors(params) -> list:
     """The tensors of an optimizer's params argument (tensors, or param-group dicts)."""
     out = []
@@ -301,9 +309,7 @@ class PhaseController:
         the same result). In a dendrite phase, a scheduler built on the optimizer then
         (its base_lrs are the groups' rates now) carries it too, and a ReduceLROnPlateau is held."""
         own = getattr(scheduler, "optimizer", None)
-        while own is not None and isinstance(getattr(own, "optimizer", None), torch.optim.Optimizer):
-            own = own.optimizer  # (accelerate's AcceleratedOptimizer and the like wrap the torch one)
-        if own is not None and own is not self.optimizer:  # its rates would be scaled to candidate_lr
+        if own is not None and inner_optimizer(own) is not self.optimizer:  # its rates would be scaled to candidate_lr
             raise ConfigError(f"attach_scheduler: this {type(scheduler).__name__} schedules another optimizer than "
                               "the controller's: attach only schedulers of ctl.optimizer")
         if scheduler not in self.schedulers:

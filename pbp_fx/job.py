@@ -413,7 +413,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             identity = saved.identity  # a run's identity is its start's: a resume compares with that
         saver = _epoch_saver(os.path.join(out, CHECKPOINT), pm, ctl, history, args,
                              _model_ref(model_file), seed, train_loader, distributed,
-                             clock=run_seconds, identity={"identity": identity, "processes": processes})
+                             clock=run_seconds, run_record={"identity": identity, "processes": processes})
         callbacks.append(saver)
         if stale:
             callbacks.append(_replace_stale(out, stale))
@@ -504,15 +504,15 @@ def _unb64(s: str) -> torch.Tensor:
 
 
 def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: int, train_loader, distributed,
-                 clock: Callable[[], float] = lambda: 0.0, identity: Optional[dict] = None):
+                 clock: Callable[[], float] = lambda: 0.0, run_record: Optional[dict] = None):
     """After every epoch: a checkpoint that `resume` continues from (model, controller, optimizer,
     history, settings, the random states that decide what comes next, `clock()`: the seconds
-    the run has taken so far, and `identity`: the run's identity and process count)."""
+    the run has taken so far, and `run_record`: the run's identity and process count)."""
     gen = getattr(train_loader, "generator", None)
 
     def save_epoch(_row: dict) -> None:
         state = {"args": args, "model_file": model_ref, "history": history.to_dict(), "seconds": round(clock(), 2),
-                 **(identity or {}),
+                 **(run_record or {}),
                  "rng": {"torch": _b64(torch.get_rng_state()),
                          "loader": None if gen is None else _b64(gen.get_state()), **_host_rng_states()}}
         kwargs = {"controller": ctl, "optimizer": ctl.optimizer, "model_ref": model_ref,

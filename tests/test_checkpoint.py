@@ -672,8 +672,8 @@ def test_another_optimizer_class_is_refused_before_anything_loads(tmp_path):
         pbp_fx.load(path, target, optimizer=sgd)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
 
-    class MyAdam(torch.optim.Adam):  # a subclass (or a wrapper) of the saved class keeps its state layout
-        pass
+    class MyAdam(torch.optim.Adam):
+        """A subclass (or a wrapper) of the saved class keeps its state layout."""
 
     again = pbp_fx.load(path, _build)
     mine = MyAdam(list(again.trainable_parameters()), 1e-2)

@@ -210,32 +210,11 @@ def test_warnings_print_as_one_line_and_part_sites_by_module_path(tmp_path, caps
 
 
 
-ECHO = """
-import torch
-
-
-class Echo(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(3, 4)
-
-    def forward(self, x, y):
-        return {"out": self.fc(x), "y": y}
-
-
-def build_model():
-    return Echo()
-
-
-def example_inputs():
-    return (torch.randn(2, 3), torch.randn(2, 5))
-"""
-
-
 def test_export_hides_library_warnings_but_says_its_own_and_only_when_it_succeeds(tmp_path, capsys):
     """export hid every warning, pbp-fx's own too (an output renamed for an input's name, a root left
     untraced); a failed export says its cause in its one error line, without a warning line before it."""
-    rc, _, err = _run(["export", _write(tmp_path, ECHO), "-o", str(tmp_path / "m.onnx")], capsys)
+    echo = os.path.join(os.path.dirname(__file__), "echo_model.py")
+    rc, _, err = _run(["export", echo, "-o", str(tmp_path / "m.onnx")], capsys)
     assert rc == 0 and err.count("\n") == 1
     assert err.startswith("pbp-fx: warning: output 'y' is named 'y_output' in the ONNX file: an input has that name")
     rc, _, err = _run(["export", _write(tmp_path, PARTS), "-o", str(tmp_path / "p.onnx")], capsys)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..checkpoint import load_error_detail, restore_structure
 from ..config import PBConfig
+from ..controller import inner_optimizer
 from ..errors import CheckpointError, TrainingError
 from ..perforated import PerforatedModel
 
@@ -28,8 +29,7 @@ def find_perforated(model: nn.Module, who: str) -> PerforatedModel:
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer itself (accelerate's AcceleratedOptimizer and the like hold it as `.optimizer`)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
+    optimizer = inner_optimizer(optimizer)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TrainingError(f"the trainer's optimizer is a {type(optimizer).__name__}, not a torch.optim.Optimizer: "
                             "PB needs one it can give the new parameters to at each restructure")

@@ -771,13 +771,7 @@ def test_a_failed_export_names_the_captures_own_reason_not_the_exporters_step(tm
 
 def test_a_dict_key_that_is_an_input_returned_as_it_is_names_the_output_key_output(tmp_path):
     """{"y": y} with y an input: the file's input became y_orig and the output y, without a warning."""
-    class Echo(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(3, 4)
-
-        def forward(self, x, y):
-            return {"out": self.fc(x), "y": y}
+    from echo_model import Echo
 
     x, y = torch.randn(2, 3), torch.randn(2, 5)
     pm = pbp_fx.perforate(Echo(), (x, y))
