@@ -408,15 +408,28 @@ def transform(args: argparse.Namespace) -> int:
 
 
 # -- train ---------------------------------------------------------------------------------
-def _number(kind: type, flag: str):
-    """An argparse type that names the flag in its one-line error (non-numeric values)."""
+class _Unset:
+    """A flag's value `none`: the optional setting back to None (over a --config file's value)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+UNSET = _Unset()
+
+
+def _number(kind: type, flag: str, optional: bool = False):
+    """An argparse type that names the flag in its one-line error (non-numeric values); `optional`:
+    `none` is accepted too (UNSET)."""
 
     def parse(text: str):
+        if optional and text.strip().lower() == "none":
+            return UNSET
         try:
             return kind(text)
         except ValueError:
             word = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {word}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {word}" + (" or none" if optional else "")) from None
 
     parse.__name__ = kind.__name__
     return parse
@@ -444,14 +457,15 @@ def config_args(cls) -> list[tuple]:
     for f in cli_fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type).replace("Optional[", "").rstrip("]")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        optional = f.metadata.get("optional", False)
+        help_text = f"{f.metadata['help']} (default: {f.default}" + ("; none sets it back" if optional else "") + ")"
         kwargs = {"dest": f.name, "default": None, "help": help_text}
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.metadata["choices"]:
             kwargs["choices"] = f.metadata["choices"]
         else:
-            kwargs["type"] = _number(int if kind == "int" else float if kind == "float" else str, flag)
+            kwargs["type"] = _number(int if kind == "int" else float if kind == "float" else str, flag, optional)
             kwargs["metavar"] = "N" if kind == "int" else "X"
         out.append(arg(flag, **kwargs))
     return out
@@ -467,6 +481,7 @@ def configs_from_args(args: argparse.Namespace):
     built = []
     for cls, filed in zip((PBConfig, TrainConfig), from_file):
         given = {f.name: getattr(args, f.name) for f in cli_fields(cls) if getattr(args, f.name, None) is not None}
+        given = {name: None if value is UNSET else value for name, value in given.items()}
         try:
             built.append(cls(**{**filed, **given}))
         except ConfigError as exc:

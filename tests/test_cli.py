@@ -741,7 +741,7 @@ def test_train_flags_come_from_the_configs_with_their_defaults(capsys):
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             assert flag in text, flag
-            assert f"(default: {f.default})" in text, f.name
+            assert f"(default: {f.default}" in text, f.name
 
 
 # -- start-up cost (issue 12, item 7): a command imports what it uses, the exporter is quiet ------
@@ -932,6 +932,21 @@ def test_a_config_file_sets_defaults_that_flags_override(tmp_path, capsys):
         saved = read_meta(str(out / "checkpoint.safetensors"))["config"]
         assert {k: saved[k] for k in want} == want
         assert json.loads((out / "summary.json").read_text())["epochs"] <= (4 if name == "s.json" else 3)
+
+
+def test_none_sets_an_optional_setting_back_over_the_config_file(tmp_path, capsys):
+    """An optional setting (warmup, neuron_epochs) a --config file sets can be put back to None from
+    the command line (`--warmup none`); another word is refused naming both forms."""
+    from pbp_fx.cli import build_parser, configs_from_args
+
+    (tmp_path / "a.json").write_text('{"warmup": 7, "neuron_epochs": 3}')
+    args = build_parser().parse_args(["train", "m.py", "--config", str(tmp_path / "a.json"), "--warmup", "None"])
+    pb, _ = configs_from_args(args)
+    assert pb.warmup is None and pb.neuron_epochs == 3
+    rc, _, err = _run(["train", "m.py", "--warmup", "nil"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "'nil' is not a whole number or none" in err
+    rc, _, err = _run(["train", "m.py", "--pool", "none"], capsys)  # (not optional: none is no value for it)
+    assert rc == 2 and "'none' is not a whole number" in err and "or none" not in err
 
 
 def test_config_given_twice_is_refused_not_half_read(tmp_path, capsys):
