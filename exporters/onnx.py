@@ -585,6 +585,7 @@ def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple)
         shapes = next(iter(shapes.values()))
     by_name = {v.name: v for v in proto.graph.input}
     renames: dict[str, str] = {}
+    requested: dict[str, str] = {}  # exporter's symbol -> where the name it gets was asked for
     names = _input_names(module, len(inputs))
     for name, dims in zip(names, shapes):
         value = by_name.get(name)
@@ -618,7 +619,12 @@ def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple)
                 raise ExportError(f"the model fixes dim {dim} of input {name!r} to {shape[dim].dim_value}, so axis "
                                   f"{axis.__name__!r} cannot be dynamic (a reshape to a constant size, or a tensor of "
                                   "that length added along it): export without that axis")
-            renames.setdefault(shape[dim].dim_param, axis.__name__)
+            symbol = shape[dim].dim_param
+            if renames.setdefault(symbol, axis.__name__) != axis.__name__:
+                first, where = renames[symbol], requested[symbol]
+                raise ExportError(f"axes {first!r} ({where}) and {axis.__name__!r} (dim {dim} of input {name!r}) are "
+                                  "one size in this model (it combines them): give them one name")
+            requested.setdefault(symbol, f"dim {dim} of input {name!r}")
     renames = {old: new for old, new in renames.items() if old != new}
     taken = {d.dim_param for v in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]
              for d in v.type.tensor_type.shape.dim if d.dim_param}

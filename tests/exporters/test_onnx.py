@@ -639,6 +639,29 @@ def test_axes_of_one_name_must_agree_in_the_example(tmp_path):
         export_onnx(_Tokens(), (ids, mask), tmp_path / "m.onnx", dynamic_axes={0: {1: "t"}, 1: {1: "t"}})
 
 
+class _SumOfTwo(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, a, b):
+        return self.fc(a) + self.fc(b)
+
+
+def test_two_axis_names_for_dims_the_model_ties_are_refused_not_merged(tmp_path):
+    """The model adds a and b, so their dim 1 is one size: the file named both 'seq', silently."""
+    a, b = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    pm = pbp_fx.perforate(_SumOfTwo().eval(), (a, b))
+    with pytest.raises(ExportError, match=r"axes 'seq' \(dim 1 of input 'a'\) and 'len' \(dim 1 of input 'b'\) are "
+                                          "one size in this model .*give them one name"):
+        export_onnx(pm, (a, b), tmp_path / "m.onnx", dynamic_axes={"a": {1: "seq"}, "b": {1: "len"}})
+    assert not list(tmp_path.iterdir())
+    export_onnx(pm, (a, b), tmp_path / "m.onnx", dynamic_axes={"a": {1: "seq"}, "b": {1: "seq"}})
+    names = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+             for v in onnx.load(str(tmp_path / "m.onnx")).graph.input]
+    assert names == [["batch", "seq", 8]] * 2
+
+
 def test_a_successful_export_of_a_hf_model_prints_nothing_of_the_exporters_optimizer(tmp_path, caplog):
     """onnxscript's constant folding printed "Evaluation failed: cannot reshape array ..." for a fold it skipped."""
     transformers = pytest.importorskip("transformers")
