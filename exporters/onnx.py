@@ -363,6 +363,10 @@ def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynam
                 raise ExportError(f"dynamic_axes names dim 0 of input {names[i]!r} {axis!r}, but dim 0 is the "
                                   "dynamic batch axis: drop it, or pass dynamic_batch=False "
                                   "(pbp-fx export --static-batch)")
+            if dim != 0 and dynamic_batch and axis == "batch":
+                raise ExportError(f"dynamic_axes names dim {dim} of input {names[i]!r} 'batch', the name of the dynamic "
+                                  "batch axis (dim 0), which would tie the two sizes: give it another name, or pass "
+                                  "dynamic_batch=False (pbp-fx export --static-batch)")
             if dim != 0 and t.shape[dim] < 2:
                 # torch.export specialises sizes 0 and 1 to constants
                 raise ExportError(f"input {names[i]!r} has size {t.shape[dim]} along dim {dim}, so that axis "

@@ -648,6 +648,21 @@ class _SumOfTwo(torch.nn.Module):
         return self.fc(a) + self.fc(b)
 
 
+@pytest.mark.parametrize("batch", [2, 5])
+def test_a_dim_past_the_batch_named_batch_is_refused_unless_the_batch_is_static(tmp_path, batch):
+    """With a dynamic batch, dim 1 named 'batch' tied it to dim 0: a batch of 5 (= the length) wrote a
+    file whose two dims must be equal; a batch of 2 blamed the model's constraints."""
+    a = torch.randn(batch, 5, 8)
+    pm = pbp_fx.perforate(_SumOfTwo().eval(), (a, a))
+    with pytest.raises(ExportError, match="names dim 1 of input 'a' 'batch', the name of the dynamic batch axis"):
+        export_onnx(pm, (a, a), tmp_path / "m.onnx", dynamic_axes={"a": {1: "batch"}, "b": {1: "batch"}})
+    assert not list(tmp_path.iterdir())
+    export_onnx(pm, (a, a), tmp_path / "m.onnx", dynamic_axes={"a": {1: "batch"}, "b": {1: "batch"}},
+                dynamic_batch=False)
+    assert [d.dim_param or d.dim_value for d in onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type
+            .shape.dim] == [batch, "batch", 8]
+
+
 def test_two_axis_names_for_dims_the_model_ties_are_refused_not_merged(tmp_path):
     """The model adds a and b, so their dim 1 is one size: the file named both 'seq', silently."""
     a, b = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
