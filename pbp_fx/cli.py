@@ -130,7 +130,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _error(message: str) -> None:
     text = " ".join(str(message).split()) or "unknown error"
-    print(f"{PROG}: error: {text}", file=sys.stderr)
+    from .errors import keep_rank_error
+
+    if not keep_rank_error(f"{PROG}: error: {text}"):
+        print(f"{PROG}: error: {text}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -572,13 +575,15 @@ def train(args: argparse.Namespace) -> int:
             raise PBError(f"--batch-size {training.batch_size} is the global batch: it must be divisible by "
                           f"--nproc {args.nproc}")
         try:
-            rc = launch(args.nproc, ["train", *_train_argv(args)], quiet=not args.debug)
+            launched = launch(args.nproc, ["train", *_train_argv(args)], quiet=not args.debug)
         except KeyboardInterrupt as exc:  # the ranks stopped, rank 0 saying where the run stands: nothing to add
             return 143 if isinstance(exc, Terminated) else 130
-        if rc != 0:
-            raise PBError(f"training on {args.nproc} processes failed (torchrun exit status {rc}): "
-                          "each rank's error is printed above")
-        return EXIT_OK
+        if launched.status == 0:
+            return EXIT_OK
+        if launched.errors_printed:  # (the ranks' errors, each distinct line once: nothing to add)
+            return EXIT_ERROR
+        raise PBError(f"training on {args.nproc} processes failed (torchrun exit status {launched.status}): "
+                      "see the lines above")
     distributed = Distributed.init(timeout=args.dist_timeout) if world > 1 else None
     name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
     try:

@@ -50,7 +50,7 @@ import inspect
 import os
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -458,18 +458,43 @@ def local_env(env: dict) -> dict:
     return env
 
 
-def launch(nproc: int, args: Sequence[str], module: str = "pbp_fx", quiet: bool = True) -> int:
-    """Run `python -m MODULE ARGS...` on `nproc` local processes with torchrun; its exit status.
+class Launched(NamedTuple):
+    """How `launch` ended: torchrun's exit status, and the number of error lines the ranks printed."""
+
+    status: int
+    errors_printed: int
+
+
+def launch(nproc: int, args: Sequence[str], module: str = "pbp_fx", quiet: bool = True) -> Launched:
+    """Run `python -m MODULE ARGS...` on `nproc` local processes with torchrun.
 
     The rendezvous is on 127.0.0.1 with a port the OS picks, gloo talks over the loopback
     interface (GLOO_SOCKET_IFNAME=lo, when unset). OMP_NUM_THREADS, when unset, becomes the
     CPU count divided among the processes. quiet: torchrun's own log lines and its report
     of a failed worker are left out (each rank prints its error itself); False: torchrun as is.
+    The ranks' error lines come out through this process, each distinct line once.
     """
+    import sys
+    import tempfile
+
+    from .errors import RANK_ERRORS, rank_errors
+
+    with tempfile.TemporaryDirectory(prefix="pbp-fx-errors-") as errors:
+        lines: list[str] = []
+        try:
+            status = _launch(nproc, args, module, quiet, dict(os.environ, **{RANK_ERRORS: errors}))
+        finally:  # (also when this process is stopped: the ranks' lines say where the run stands)
+            lines = rank_errors(errors, nproc)
+            for line in lines:
+                print(line, file=sys.stderr)
+        return Launched(status, len(lines))
+
+
+def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict) -> int:
     import subprocess
     import sys
 
-    env = local_env(dict(os.environ))
+    env = local_env(env)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     torchrun = ["--nnodes", "1", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1", "-m", module, *args]

@@ -58,3 +58,53 @@ def warn_at_user(message: str, category: type = PBWarning) -> None:
     while frame is not None and any(os.path.abspath(frame.f_code.co_filename).startswith(r) for r in roots):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+# A folder (set by `distributed.launch` for its ranks) where each rank leaves its error line for the launcher.
+RANK_ERRORS = "PBP_FX_RANK_ERRORS"
+
+
+def keep_rank_error(line: str) -> bool:
+    """In a rank that `launch` started: leave `line` for the launcher to print (the same error on
+    every rank then prints once) and return True; elsewhere False (the caller prints it)."""
+    import os
+
+    folder, rank = os.environ.get(RANK_ERRORS), os.environ.get("RANK")
+    if not folder or rank is None or not os.path.isdir(folder):
+        return False
+    try:
+        with open(os.path.join(folder, f"rank{int(rank)}"), "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def rank_errors(folder: str, nproc: int) -> list[str]:
+    """The lines ranks 0..nproc-1 left in `folder` (keep_rank_error), in rank order, each distinct
+    line once; "rank R: " lines that say the same of several ranks become one "ranks 0, 1: " line."""
+    import os
+    import re
+
+    said: dict[tuple, list] = {}  # (line head, text) -> the ranks that said it
+    for rank in range(nproc):
+        try:
+            with open(os.path.join(folder, f"rank{rank}"), encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError:
+            continue
+        for line in lines:
+            named = re.match(r"(.*?)rank (\d+): (.*)", line)
+            key = (named.group(1), named.group(3)) if named else (line, None)
+            ranks = said.setdefault(key, [])
+            if named and int(named.group(2)) not in ranks:
+                ranks.append(int(named.group(2)))
+    out = []
+    for (head, text), ranks in said.items():
+        if text is None:
+            out.append(head)
+        else:
+            who = "every rank" if len(ranks) == nproc > 1 else ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(
+                map(str, ranks))
+            out.append(f"{head}{who}: {text}")
+    return out

@@ -315,6 +315,20 @@ def test_cli_nproc_2_trains_with_torchrun_and_only_rank_0_writes(tmp_path):
     assert pbp_fx.evaluate(pm, make_loaders(mod.datasets(0), 40, 0)[2]) == pytest.approx(summary["test"])
 
 
+def test_the_same_error_on_every_rank_prints_once(tmp_path):
+    """A model error inside training failed on both ranks, and each printed the line."""
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY + "\n\ndef metric(out, y):\n    raise ValueError('this metric is broken')\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pbp_fx", "train", str(model), "--nproc", "2", "--out",
+                           str(tmp_path / "run"), "--epochs", "2", "--batch-size", "40", "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("pbp-fx: error:")]
+    assert len(lines) == 1 and lines[0].startswith("pbp-fx: error: every rank: the first training samples fail"), lines
+    assert "this metric is broken" in lines[0]
+
+
 def test_sigterm_to_the_launcher_stops_every_rank_with_one_resume_line(tmp_path):
     """SIGTERM to `pbp-fx train --nproc 2` killed the torchrun agent: both ranks kept training (and
     rewriting the checkpoint), and the launcher said only 'terminated'."""
