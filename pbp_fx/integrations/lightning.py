@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -98,6 +99,12 @@ class PBCallback(Callback):
                                f"checkpoint saved at a PB rewind (a dendrite phase's start, a retry, the end) holds "
                                f"PB's best weights by {self.monitor!r}, not the weights that scored its recorded "
                                f"{monitored!r}; monitor the same metric, or use the model PB leaves at fit end")
+        for stopper in trainer.early_stopping_callbacks:
+            if stopper.monitor == self.monitor and stopper.patience < self.config.patience:
+                rank_zero_warn(f"EarlyStopping on {self.monitor!r} with patience={stopper.patience} can end the run before "
+                               f"PB's neuron phase does (PBConfig.patience={self.config.patience} validations without "
+                               "gain start a dendrite phase), so no dendrite is added: give EarlyStopping a patience "
+                               "above PB's, or leave the run's end to PBCallback")
         pm = find_perforated(pl_module, "PBCallback")
         if self._structure_hook is not None:  # the checkpoint (if any) is loaded: later loads are PB's own
             self._structure_hook.remove()
@@ -202,7 +209,10 @@ class PBCallback(Callback):
         elif ctl is not None:  # the Trainer stopped first
             budget = (trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs) or (
                 trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps)
+            timed_out = any(isinstance(c, Timer) and (c.time_remaining() or 0.0) <= 0.0 and c.time_remaining() is not None
+                            for c in trainer.callbacks)
             ctl.finish("the Trainer's epoch or step budget ran out" if budget else
+                       "the Trainer's time limit (max_time) ran out" if timed_out else
                        "the Trainer stopped (trainer.should_stop: EarlyStopping or another callback)")
         self._give_back_patience(trainer)  # (after finish: a run ended in a dendrite phase holds them still)
 

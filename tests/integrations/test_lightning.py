@@ -400,6 +400,30 @@ def test_a_model_checkpoint_ranking_by_another_metric_is_warned_of(tmp_path):
         trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
 
 
+def test_an_early_stopping_more_impatient_than_pb_is_warned_of():
+    """EarlyStopping(patience=2) on PB's metric with PBConfig.patience=3 ended every run before its
+    first dendrite phase, silently (the history said only 'the Trainer stopped')."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    train, val = digits_loaders()
+    trainer = _trainer(PBCallback(QUICK.replace(patience=3)), max_epochs=1)
+    trainer.callbacks.append(EarlyStopping("val_loss", patience=2))
+    with pytest.warns(UserWarning, match="EarlyStopping on 'val_loss' with patience=2 can end the run before PB's "
+                                         "neuron phase does"):
+        trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
+
+
+def test_a_run_the_trainers_time_limit_ends_says_so():
+    from lightning.pytorch.callbacks import Timer
+
+    train, val = digits_loaders()
+    cb = PBCallback(QUICK)
+    trainer = _trainer(cb, max_epochs=50)
+    trainer.callbacks.append(Timer(duration={"seconds": 0.001}))
+    trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
+    assert cb.controller.history[-1]["note"] == "the Trainer's time limit (max_time) ran out"
+
+
 def test_resuming_under_other_settings_is_warned_of(tmp_path):
     """Lightning resumed under a changed PBConfig (even maximize flipped) without a word."""
     from lightning.pytorch.callbacks import ModelCheckpoint
