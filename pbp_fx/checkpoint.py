@@ -97,6 +97,7 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
 
     from . import __version__
 
+    _check_belongs(pm, controller, optimizer, "save")
     tensors: dict = {}
     plain: dict = {}
     _split_state("model/", pm.state_dict(), tensors, plain)
@@ -343,7 +344,28 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
         return _load(path, model, example_inputs, controller, optimizer, example_kwargs)
 
 
+def _check_belongs(pm, controller, optimizer, call: str) -> None:
+    """CheckpointError unless `controller` (when given) controls `pm` and `optimizer` holds some of
+    its parameters: another model's would be saved or restored beside this one, silently."""
+    if controller is not None and (not isinstance(pm, PerforatedModel) or controller.pm is not pm):
+        if call == "save":
+            raise CheckpointError("save(controller=) got the controller of another model than the one saved: pass "
+                                  "the PhaseController built on this model")
+        raise CheckpointError("load(controller=) needs the controller of the model it loads into, but this one "
+                              "controls another" + ("" if isinstance(pm, PerforatedModel) else " (load makes a new "
+                              "model from a base model or build function)") + ": pm = pbp_fx.load(path, build), then "
+                              "ctl = PhaseController(pm, config) and pbp_fx.load(path, pm, controller=ctl, "
+                              "optimizer=ctl.optimizer)")
+    if optimizer is not None and isinstance(pm, PerforatedModel):
+        held = {id(p) for g in inner_optimizer(optimizer).param_groups for p in g["params"]}
+        if held and not any(id(p) in held for p in pm.parameters()):
+            raise CheckpointError(f"{call}(optimizer=) got an optimizer that holds none of this model's parameters "
+                                  "(one built over another model, or over the model before perforate copied it): "
+                                  "pass the optimizer that trains this model (ctl.optimizer)")
+
+
 def _load(path, model, example_inputs, controller, optimizer, example_kwargs) -> PerforatedModel:
+    _check_belongs(model, controller, optimizer, "load")
     meta, tensors = _read(path)
     if controller is not None and meta["format"] == FORMAT_V1 and "controller" in meta:
         raise CheckpointError(f"{_convert_hint(path)}: its controller state cannot be resumed; load the model with "

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import pbp_fx
 from parts_models import BranchingRoot
 from pbp_fx.checkpoint import read_structure
+from pbp_fx.errors import CheckpointError
 from pbp_fx.controller import PhaseController
 
 
@@ -44,6 +45,29 @@ def _trained_pm(phase="neuron"):
     return pm, opt
 
 
+def test_a_controller_or_optimizer_of_another_model_is_refused(tmp_path):
+    """save/load took another model's controller: its decisions then acted on that model, and
+    `load` of the file onto its own model failed epochs later in torch's multi-line error."""
+    pm, opt = _trained_pm("neuron")
+    ctl = PhaseController(pm, optimizer=opt)
+    other = pbp_fx.perforate(_build(), (X,))
+    other_ctl = PhaseController(other)
+    path = str(tmp_path / "c.safetensors")
+    with pytest.raises(CheckpointError, match="save\\(controller=\\) got the controller of another model"):
+        pbp_fx.save(pm, path, controller=other_ctl)
+    with pytest.raises(CheckpointError, match="save\\(optimizer=\\) got an optimizer that holds none of this model"):
+        pbp_fx.save(pm, path, optimizer=other_ctl.optimizer)
+    assert not os.path.exists(path)
+    pbp_fx.save(pm, path, controller=ctl, optimizer=opt)
+    with pytest.raises(CheckpointError, match="needs the controller of the model it loads into"):
+        pbp_fx.load(path, other, controller=ctl)
+    with pytest.raises(CheckpointError, match="load makes a new model from a base model or build function"):
+        pbp_fx.load(path, _build, (X,), controller=other_ctl)
+    with pytest.raises(CheckpointError, match="load\\(optimizer=\\) got an optimizer that holds none"):
+        pbp_fx.load(path, other, optimizer=opt)
+    assert set(other.num_dendrites.values()) == {0} and other_ctl.history == []  # nothing loaded
+
+
 @pytest.mark.parametrize("phase", ["neuron", "dendrite"])
 def test_round_trip_is_exact(tmp_path, phase):
     pm, opt = _trained_pm(phase)
@@ -51,8 +75,9 @@ def test_round_trip_is_exact(tmp_path, phase):
     ctl.step(0.5)
     path = str(tmp_path / "c.safetensors")
     pbp_fx.save(pm, path, controller=ctl, optimizer=opt)
-    ctl2 = PhaseController(pbp_fx.perforate(_build(), (X,)))
-    pm2 = pbp_fx.load(path, _build, (X,), controller=ctl2)
+    pm2 = pbp_fx.load(path, _build, (X,))
+    ctl2 = PhaseController(pm2)
+    assert pbp_fx.load(path, pm2, controller=ctl2) is pm2
     assert pm2.phase == phase and pm2.num_dendrites == pm.num_dendrites
     for mode in ("train", "eval"):
         getattr(pm, mode)(), getattr(pm2, mode)()
