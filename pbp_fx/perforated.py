@@ -428,9 +428,16 @@ class PerforatedModel(nn.Module):
     def install_candidates(self, v_init: float = 0.0, sites: Optional[list[str]] = None) -> None:
         """Freeze the best candidate of each site as a new dendrite and return to the neuron phase.
 
-        `sites` limits installation to those names (the others drop their candidates).
+        `sites` limits installation to those site names (one name as a str; the others drop their
+        candidates); a name that is no site is refused.
         """
         self._require_phase("dendrite", "install_candidates")
+        if isinstance(sites, str):  # (one name, not its characters or substrings)
+            sites = [sites]
+        unknown = [] if sites is None else [n for n in sites if n not in self.sites]
+        if unknown:
+            raise ConfigError(f"install_candidates(sites=) names no site {unknown[0]!r}: the sites are "
+                              f"{', '.join(list(self.sites)[:8])}{', ...' if len(self.sites) > 8 else ''}")
         self._restore_buffers()  # before installing: installed stacks change shape
         for name, s in self.sites.items():
             if sites is None or name in sites:

@@ -1041,3 +1041,20 @@ def test_deepcopy_is_exact_and_prints_no_torch_deprecation_notice(frontend):
     assert all(a is not b for a, b in zip(twin.parameters(), pm.parameters()))
     twin.grow()
     assert pm.dendrites == 1 and twin.dendrites == 2
+
+
+def test_install_candidates_on_named_sites_only():
+    """sites= was matched with `in`: a misspelt name dropped every candidate, and a string matched
+    by substring ("fc2" installed on "fc" too)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    pm = pbp_fx.perforate(model, torch.zeros(2, 6))
+    names = list(pm.sites)
+    pm.train()
+    pm.start_dendrite_phase(pool=2)
+    with pytest.raises(ConfigError, match=f"install_candidates\\(sites=\\) names no site 'fc_2': the sites are "
+                                          f"{', '.join(names)}"):
+        pm.install_candidates(sites=[names[0], "fc_2"])
+    assert pm.phase == "dendrite"  # nothing changed
+    pm.install_candidates(sites=names[2])  # one name as a string: that site only
+    assert [pm.sites[n].num_dendrites for n in names] == [0, 0, 1]
