@@ -97,6 +97,9 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
 
     from . import __version__
 
+    if not isinstance(pm, PerforatedModel):
+        raise CheckpointError(f"save() writes a PerforatedModel, got {type(pm).__name__}: perforate it first, or "
+                              "torch.save(model.state_dict(), path) for a plain model")
     _check_belongs(pm, controller, optimizer, "save")
     tensors: dict = {}
     plain: dict = {}
@@ -380,6 +383,8 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
         _check_optimizer_class(meta, optimizer, path)
     if not isinstance(model, PerforatedModel):
         if not isinstance(model, nn.Module):
+            if not callable(model):
+                raise CheckpointError(f"load() needs a model or a function returning one, got {type(model).__name__}")
             model = model()
             if not isinstance(model, nn.Module):
                 raise CheckpointError(f"load() needs a model or a function returning one, got {type(model).__name__}")

@@ -197,6 +197,9 @@ class PhaseController:
                  optimizer: Optional[torch.optim.Optimizer] = None, optimizer_factory: Optional[Callable] = None,
                  scheduler_factory: Optional[Callable] = None, distributed=None,
                  parameter_groups: Optional[Callable] = None, **overrides):
+        if not isinstance(pm, PerforatedModel):
+            raise ConfigError(f"PhaseController controls a PerforatedModel, got {type(pm).__name__}: "
+                              "pm = pbp_fx.perforate(model, example_inputs), then PhaseController(pm)")
         config = PBConfig.coerce(config, "PhaseController's config")
         if config is None:
             config = PBConfig(mode=pm.mode, activation=pm.activation)

@@ -556,6 +556,11 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     from pbp_fx.passes import find_sites, insert_dendrites
     from pbp_fx.passes.find_sites import site_filters
 
+    if isinstance(model, PerforatedModel):
+        raise ConfigError("perforate() got a model that is perforated already (its dendrites would get dendrites): "
+                          "train it as it is, or perforate the base model")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"perforate() takes an nn.Module, got {type(model).__name__}: pass the model instance")
     if activation not in ACTIVATIONS:
         raise ConfigError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}",
                           "activation", activation)

@@ -1058,3 +1058,23 @@ def test_install_candidates_on_named_sites_only():
     assert pm.phase == "dendrite"  # nothing changed
     pm.install_candidates(sites=names[2])  # one name as a string: that site only
     assert [pm.sites[n].num_dendrites for n in names] == [0, 0, 1]
+
+
+def test_what_is_no_model_is_refused_in_one_line(tmp_path):
+    """A perforated model perforated again nested silently (its dendrites got dendrites); other
+    arguments of the wrong type ended in AttributeError/TypeError."""
+    from pbp_fx.errors import CheckpointError
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    pm = pbp_fx.perforate(model, torch.zeros(2, 6))
+    with pytest.raises(ConfigError, match="got a model that is perforated already"):
+        pbp_fx.perforate(pm, torch.zeros(2, 6))
+    with pytest.raises(ConfigError, match="perforate\\(\\) takes an nn.Module, got function"):
+        pbp_fx.perforate(lambda x: x, torch.zeros(2, 6))
+    with pytest.raises(ConfigError, match="PhaseController controls a PerforatedModel, got Sequential"):
+        pbp_fx.PhaseController(model)
+    with pytest.raises(CheckpointError, match="save\\(\\) writes a PerforatedModel, got Sequential"):
+        pbp_fx.save(model, str(tmp_path / "m.safetensors"))
+    pbp_fx.save(pm, str(tmp_path / "m.safetensors"))
+    with pytest.raises(CheckpointError, match="needs a model or a function returning one, got str"):
+        pbp_fx.load(str(tmp_path / "m.safetensors"), "Sequential")
