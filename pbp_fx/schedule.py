@@ -86,13 +86,14 @@ class PhaseSchedule:
         """The action after one epoch with validation `score` (candidate_progress: dendrite phase only)."""
         if self.done:
             return Action(Kind.COMPLETE, "already complete")
+        # (also in a dendrite phase, where the score decides nothing: it would enter the history)
+        if not math.isfinite(score):
+            raise TrainingError(f"the validation score is {score} (not finite): check the validation data "
+                                "and the metric for NaN/Inf")
         self.epoch += 1
         self.phase_epochs += 1
         if self.phase == "dendrite":
             return self._dendrite_step(candidate_progress)
-        if not math.isfinite(score):
-            raise TrainingError(f"the validation score is {score} (not finite): check the validation data "
-                                "and the metric for NaN/Inf")
         new_best = self._better(score)
         if new_best:
             self.best_score, self.best_epoch, self.best_dendrites = score, self.epoch, self.dendrites

@@ -110,10 +110,19 @@ def test_stop_completes_from_any_phase():
     assert s.done and s.phase == "neuron" and s.dendrites == 0
 
 
-def test_non_finite_scores_are_refused_in_the_neuron_phase():
+def test_non_finite_scores_are_refused_in_either_phase_and_change_nothing():
+    """In a dendrite phase a NaN went on (and an inf installed), both into the history."""
     s = PhaseSchedule(PBConfig())
     with pytest.raises(TrainingError, match="not finite"):
         s.step(float("nan"))
+    s = PhaseSchedule(PBConfig(patience=1))
+    _run(s, [0.5, 0.5])
+    assert s.phase == "dendrite"
+    before = s.state_dict()
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(TrainingError, match="not finite"):
+            s.step(bad, candidate_progress=True)
+    assert s.state_dict() == before
 
 
 def test_state_dict_resumes_identically():
