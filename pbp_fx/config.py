@@ -73,6 +73,9 @@ def _check(obj) -> None:
         kind = hints[name].replace("Optional[", "").rstrip("]")
         bad = None
         if kind == "bool":
+            if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":  # numpy's bool: a Python bool
+                value = bool(value)
+                object.__setattr__(obj, name, value)
             if not isinstance(value, bool):
                 bad = "true or false"
         elif kind == "int":

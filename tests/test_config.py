@@ -68,8 +68,9 @@ def test_dendrite_phase_kwargs_carry_every_candidate_setting():
 def test_numpy_numbers_are_accepted_and_stored_as_python_numbers():
     import numpy as np
 
-    cfg = PBConfig(pool=np.int64(3), candidate_lr=np.float32(0.5))
+    cfg = PBConfig(pool=np.int64(3), candidate_lr=np.float32(0.5), maximize=np.bool_(False))
     assert type(cfg.pool) is int and cfg.pool == 3 and type(cfg.candidate_lr) is float
+    assert cfg.maximize is False  # (numpy's bool was refused as "must be true or false")
     assert json.loads(json.dumps(cfg.to_dict()))["pool"] == 3
     with pytest.raises(ConfigError, match="pool=2.5: must be a whole number"):
         PBConfig(pool=2.5)
