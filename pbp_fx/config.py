@@ -73,7 +73,7 @@ def _check(obj) -> None:
         kind = hints[name].replace("Optional[", "").rstrip("]")
         bad = None
         if kind == "bool":
-            if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":  # numpy's bool: a Python bool
+            if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # numpy's bool
                 value = bool(value)
                 object.__setattr__(obj, name, value)
             if not isinstance(value, bool):
