@@ -39,6 +39,18 @@ PHASES = ("neuron", "dendrite")
 LOSS_KEYWORD = "num_items_in_batch"
 
 
+def takes_loss_keyword(model: nn.Module) -> bool:
+    """Whether the Hugging Face Trainer passes `model` its loss keyword: its `accepts_loss_kwargs`
+    when it has one, else whether forward takes `**kwargs` (the Trainer's own rule)."""
+    if hasattr(model, "accepts_loss_kwargs"):
+        return bool(model.accepts_loss_kwargs)
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 class PerforatedModel(nn.Module):
     """A traced model with a Site after every neuron layer; called exactly like the original."""
 
@@ -113,10 +125,12 @@ class PerforatedModel(nn.Module):
         """Whether forward takes the Hugging Face Trainer's loss keyword `num_items_in_batch` (the
         Trainer reads this attribute first): only when the graph was traced with it. Otherwise the
         Trainer scales the loss for gradient accumulation itself and never passes the keyword,
-        which the graph cannot take (a causal LM's loss uses it)."""
+        which the graph cannot take (a causal LM's loss uses it). A parts graph calls the original's
+        forward as it is: the original's answer (`takes_loss_keyword`)."""
         call = self.call_signature
         if call is None:
-            return False
+            root = parts_model(self.graph_module)
+            return root is not None and takes_loss_keyword(root)
         for name, param in call.signature.parameters.items():
             traced = call.traced.get(name)
             if param.kind is inspect.Parameter.VAR_KEYWORD and LOSS_KEYWORD in (traced or {}):

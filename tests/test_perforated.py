@@ -1078,3 +1078,23 @@ def test_what_is_no_model_is_refused_in_one_line(tmp_path):
     pbp_fx.save(pm, str(tmp_path / "m.safetensors"))
     with pytest.raises(CheckpointError, match="needs a model or a function returning one, got str"):
         pbp_fx.load(str(tmp_path / "m.safetensors"), "Sequential")
+
+
+def test_a_parts_graph_takes_the_trainers_loss_keyword_as_the_original_does():
+    """A parts graph calls the original's forward as it is, so it takes num_items_in_batch when the
+    original does; accepts_loss_kwargs said False, and the Trainer scaled the loss otherwise."""
+    from parts_models import BranchingRoot
+
+    class WithLossKeywords(BranchingRoot):
+        def forward(self, x, **kwargs):
+            return super().forward(x) / kwargs.get("num_items_in_batch", 1)
+
+    for model, takes in ((WithLossKeywords(), True), (BranchingRoot(), False)):
+        pm = pbp_fx.perforate(model, torch.ones(2, 4))
+        assert pm.call_signature is None and pm.accepts_loss_kwargs is takes
+    torch.manual_seed(0)
+    original = WithLossKeywords()
+    pm = pbp_fx.perforate(original, torch.ones(2, 4))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(pm(x, num_items_in_batch=4), original(x, num_items_in_batch=4))

@@ -22,7 +22,7 @@ from ..checkpoint import holds_weights_of, load_controller, save
 from ..config import PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError, warn_at_user
-from ..perforated import PerforatedModel
+from ..perforated import LOSS_KEYWORD, PerforatedModel, takes_loss_keyword
 from .common import (StructureOnLoad, find_perforated, finished_run, refused_restart, unwrap_optimizer,
                      unwrap_scheduler)
 
@@ -113,6 +113,15 @@ class PBCallback(TrainerCallback):
                 f"the end) holds PB's best weights by {self.metric}, not the weights that scored its recorded "
                 f"{args.metric_for_best_model}; rank by the same metric, or use the model PB leaves at the end")
         pm = find_perforated(model, "PBCallback")
+        source = pm.source_model
+        if args.gradient_accumulation_steps > 1 and not pm.accepts_loss_kwargs and source is not None \
+                and takes_loss_keyword(source):
+            warn_at_user(f"gradient_accumulation_steps={args.gradient_accumulation_steps}: the perforated model was "
+                         f"traced without the Trainer's {LOSS_KEYWORD}, so the Trainer averages each micro-batch's "
+                         f"mean loss where {type(source).__name__} normalises by the tokens (or samples) of the whole "
+                         "accumulation window; micro-batches with different counts (padding, -100 labels) then train "
+                         f"otherwise: perforate with example_kwargs holding '{LOSS_KEYWORD}': torch.tensor(<count>) "
+                         "to train as the original does")
         if self._structure_hook is not None:  # the checkpoint (if any) is loaded: later loads are PB's own
             self._structure_hook.remove()
             self._structure_hook = None
