@@ -140,8 +140,15 @@ def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optio
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or isolated
             where = tracer.failed_module
             if not where:
+                line = _user_frame(exc)
+                if line == "<unknown line>" and hasattr(type(model).forward, "__wrapped__"):
+                    # (fx reads the wrapper's code object: "co_varnames is too small")
+                    raise TraceError(
+                        f"torch.fx cannot trace {type(model).__name__}.forward, which a decorator wraps "
+                        f"({_reason(exc)}): capture it with frontend='export' (or 'auto')") from exc
                 raise TraceError(
-                    f"cannot trace {type(model).__name__}.forward ({_reason(exc)}) at {_user_frame(exc)}: "
+                    f"cannot trace {type(model).__name__}.forward ({_reason(exc)})"
+                    f"{'' if line == '<unknown line>' else ' at ' + line}: "
                     "the failing code is in the root module, so it cannot be isolated as a leaf; "
                     "move it into a submodule or make it traceable") from exc
             if where in leaves or len(added) >= max_leaves:

@@ -555,3 +555,30 @@ def test_inputs_named_input_and_input_1_are_refused_not_read_twice(frontend):
         trace(Two(), (torch.randn(2, 4), torch.randn(2, 4)), frontend=frontend)
     gm = trace(nn.Sequential(nn.Linear(4, 3)), (torch.randn(2, 4),), frontend=frontend)  # `input` alone: fine
     assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["input"]
+
+
+def test_a_decorated_forward_fx_cannot_trace_names_the_decorator_and_the_fix():
+    """transformers 5 wraps forward in decorators: fx failed with 'co_varnames is too small ... at
+    <unknown line>: move it into a submodule', which named neither cause nor fix."""
+    import functools
+
+    def passes_through(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            return f(*args, **kwargs)
+        return wrapper
+
+    class Decorated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        @passes_through
+        def forward(self, x, mask=None, **kwargs):
+            return self.fc(x)
+
+    with pytest.raises(pbp_fx.TraceError, match=r"torch.fx cannot trace Decorated.forward, which a decorator wraps "
+                                                r"\(.*\): capture it with frontend='export'") as info:
+        pbp_fx.perforate(Decorated(), torch.zeros(2, 4), frontend="fx")
+    assert "unknown line" not in str(info.value)
+    assert len(pbp_fx.perforate(Decorated(), torch.zeros(2, 4)).sites) == 1  # (auto: export takes it)
