@@ -953,7 +953,7 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict, root_error: TraceE
     modes = {p.graph_module.meta.get("pbp_modes") for p in parts.values()}
     gm.meta.update(pbp_frontend="parts", pbp_fx_error=str(root_error), pbp_parts=list(parts), pbp_plain=plain,
                    pbp_leaves=[], pbp_untraceable=[], pbp_modes=modes.pop() if len(modes) == 1 else "mixed")
-    warnings.warn(f"{type(model).__name__}.forward traces with neither fx nor torch.export (meta['pbp_fx_error']): its "
+    warnings.warn(f"{type(model).__name__}.forward traces with neither fx nor torch.export ({_reason(root_error)}): its "
                   f"submodules {', '.join(parts)} are perforated in place, the root's Python runs as it is"
                   + (f"; left plain: {', '.join(plain)}" if plain else ""), PBWarning, stacklevel=3)
     return gm
