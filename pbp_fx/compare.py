@@ -672,15 +672,22 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     seeds: seeds per arm (default 3).
     jobs: worker processes (runs of one wave go side by side; plain-matched waits for pb).
     pb_run: the --out folder of a finished `pbp-fx train` run: it is the pb arm, and its model
-    file, settings and seed are used (default arms then: plain, restarts; one seed).
+    file, settings and seed are used (default arms then: plain, restarts; one seed); a model_file
+    given with it is the run's file at a new path (its content must be the run's).
     Returns {"runs", "summary", "paired", "verdict", ...}, the content of compare.json.
     """
     given, run_saved_identity = [], None
     if pb_run is not None:
-        if model_file is not None or config is not None or training is not None or seeds is not None or width != 1.0:
-            raise CompareError("--pb-run uses the run's own model file, settings, seed and width: "
-                               "give no model file, budget flags, --seeds or --width with it")
+        if config is not None or training is not None or seeds is not None or width != 1.0:
+            raise CompareError("--pb-run uses the run's own settings, seed and width: "
+                               "give no budget flags, --seeds or --width with it")
+        moved_to = model_file
         model_file, config, training, scope, pb_row = read_pb_run(pb_run)
+        if moved_to is not None:
+            model_file = moved_to
+        elif model_file is not None and not os.path.isfile(model_file):
+            raise CompareError(f"--pb-run {pb_run}: the run's model file {model_file} does not exist (moved or "
+                               f"renamed?): give its path, pbp-fx compare FILE --pb-run {pb_run}")
         run_saved_identity = scope["identity"]
         include, exclude, seeds, given = scope["include"], scope["exclude"], 1, [pb_row]
         arms = [a for a in (arms or ("plain", "restarts")) if a != "pb"]

@@ -497,3 +497,20 @@ def test_a_pb_run_whose_model_file_or_data_changed_is_refused(tiny, tmp_path, ca
         assert f"the run's {what} changed since it trained" in err and err.count("\n") == 1
     open(tiny, "w").write(TINY)
     assert main(["compare", "--pb-run", run, "--arms", "plain", "--no-latency"]) == 0
+
+
+def test_a_pb_run_whose_model_file_moved_takes_its_new_path(tiny, tmp_path, capsys):
+    """The run's model file moved: compare --pb-run said only that it does not exist, and refused
+    the file at its new path ("drop it"), so no command went through."""
+    run = str(tmp_path / "run")
+    assert main(["train", tiny, "--out", run, "--epochs", "3", "--batch-size", "30", "--no-progress"]) == 0
+    moved = str(tmp_path / "moved.py")
+    os.rename(tiny, moved)
+    capsys.readouterr()
+    assert main(["compare", "--pb-run", run, "--arms", "plain", "--no-latency"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist (moved or renamed?): give its path, pbp-fx compare FILE --pb-run" in err, err
+    assert main(["compare", moved, "--pb-run", run, "--arms", "plain", "--no-latency"]) == 0
+    open(moved, "a").write("\n# edited\n")  # another file's content is still refused
+    assert main(["compare", moved, "--pb-run", run, "--arms", "plain", "--no-latency"]) == 2
+    assert "the run's model file changed since it trained" in capsys.readouterr().err
