@@ -890,6 +890,8 @@ def run_onnx(args: argparse.Namespace) -> int:
     from .exporters import ort_session, run
     from .fileio import atomic_write
 
+    if os.path.isdir(args.model):
+        raise PBError(f"{args.model} is a directory: pass the .onnx file (pbp-fx export writes one)")
     if not os.path.isfile(args.model):
         raise PBError(f"ONNX file {args.model} does not exist")
     if args.output:
@@ -901,8 +903,11 @@ def run_onnx(args: argparse.Namespace) -> int:
         try:
             array = np.load(name, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:  # (EOFError: an empty file)
-            if os.path.isfile(name) and not name.endswith(".npy") and not _is_npy(name):
+            if os.path.isfile(name) and not _is_npy(name):  # (whatever its name says: a text file named .npy)
                 raise PBError(f"--input {name} is not a .npy file: save each input array with numpy.save") from exc
+            if "pickle" in str(exc):  # numpy's advice (load it unsafely) is none for a command line
+                raise PBError(f"--input {name} holds Python objects (an object array), not numbers: save a numeric "
+                              "array with numpy.save") from exc
             raise PBError(f"cannot read input {name}: {_plain(str(exc)) or type(exc).__name__} "
                           "(save it with numpy.save)") from exc
         if not isinstance(array, np.ndarray):  # an .npz archive

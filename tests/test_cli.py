@@ -605,6 +605,12 @@ def test_a_dynamo_export_failure_is_one_line_and_its_graph_dump_goes_with_the_tr
     (lambda t: (np.savez(t / "z.npz", a=np.zeros(2)), ["run", "CKPT", "--input", str(t / "z.npz")])[1],
      "is an .npz archive, not one array: save each input array with numpy.save"),
     (lambda t: ["export", str(t)], "is a folder: pass a checkpoint in it"),
+    # a text file named .npy got numpy's advice to load it unsafely; so did an object array
+    (lambda t: ((t / "text.npy").write_text("1,2,3\n"), ["run", "CKPT", "--input", str(t / "text.npy")])[1],
+     "is not a .npy file: save each input array with numpy.save"),
+    (lambda t: (np.save(t / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True),
+                ["run", "CKPT", "--input", str(t / "obj.npy")])[1], "holds Python objects (an object array)"),
+    (lambda t: ["run", str(t), "--input", "x.npy"], "is a directory: pass the .onnx file"),  # (said "does not exist")
 ])
 def test_deploy_errors_are_one_line(tmp_path, capsys, argv, message):
     ckpt, _, _ = _trained_checkpoint(tmp_path)
