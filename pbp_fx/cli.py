@@ -51,6 +51,13 @@ def arg(*flags: str, **kwargs) -> tuple:
     return flags, kwargs
 
 
+def _path(text: str) -> str:
+    """An argparse type for an output path: an empty one is refused (it stood for the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: give a path, or leave the flag out for the default")
+    return text
+
+
 def subcommand(name: str, help: str, *args: tuple):
     """Register `fn(args) -> int` as `pbp-fx NAME` with the given arguments."""
 
@@ -329,7 +336,7 @@ def _site_filter_args() -> tuple:
         help="auto: symbolic tracing, else torch.export (default); fx; export"),
     arg("--explain", action="store_true",
         help="list every Linear/Conv-like op with 'site' or the reason it is not one"),
-    arg("--out", metavar="DIR", default=None,
+    arg("--out", metavar="DIR", default=None, type=_path,
         help="write perforated_graph.py and report.json to DIR (default: print only)"),
 )
 def transform(args: argparse.Namespace) -> int:
@@ -521,7 +528,7 @@ def _train_args() -> tuple:
     return (
         arg("model", nargs="?", default=None,
             help="model file with build_model(), example_inputs() and datasets() (default: built-in MNIST-1D MLP)"),
-        arg("--out", metavar="DIR", default=None, help="output folder (default: runs/<model name>)"),
+        arg("--out", metavar="DIR", default=None, type=_path, help="output folder (default: runs/<model name>)"),
         _config_file_arg(),
         *config_args(TrainConfig),
         *config_args(PBConfig),
@@ -659,7 +666,7 @@ def _model_module(ref: str):
 @subcommand(
     "export", "write an ONNX file (fused pbp ops) from a training checkpoint or a model file",
     arg("source", help="checkpoint.safetensors from `pbp-fx train`, or a model file (exported with K = 0)"),
-    arg("-o", "--out", default="model.onnx", help="ONNX file to write (default: model.onnx)"),
+    arg("-o", "--out", default="model.onnx", type=_path, help="ONNX file to write (default: model.onnx)"),
     arg("--model", metavar="FILE", default=None, help="the model file a checkpoint was trained from "
         "(default: the one recorded in the checkpoint)"),
     arg("--unfused", action="store_true", help="plain standard ops instead of one pbp node per site"),
@@ -986,7 +993,7 @@ def _compare_budget_args() -> tuple:
         help="comma-separated subset of plain,restarts,pb,gd,plain-matched,original (default: all that apply)"),
     arg("--jobs", type=_number(int, "--jobs"), default=1, metavar="N", help="runs side by side (default: 1)"),
     arg("--no-latency", action="store_true", help="skip the ONNX Runtime latency of each run"),
-    arg("--out", metavar="DIR", default=None,
+    arg("--out", metavar="DIR", default=None, type=_path,
         help="output folder (default: the --pb-run folder, else runs/compare_<model name>)"),
     arg("--pb-run", metavar="DIR", default=None,
         help="the --out folder of a finished `pbp-fx train` run: it is the pb arm; its model, settings and seed "

@@ -646,6 +646,8 @@ BAD_VALUES = [
         ("--dist-timeout", "-1", "greater than 0"),
     ]],
     (["train", DIGITS_FILE, "--out", "FILE/run"], "is a file, not a directory"),
+    (["train", DIGITS_FILE, "--out", ""], "argument --out: an empty path"),  # (it trained into runs/<name>)
+    (["export", DIGITS_FILE, "-o", " "], "argument -o/--out: an empty path"),
     (["train", DIGITS_FILE, "--out", "FILE"], "is not a directory"),
     (["train", "--resume", "OUT/run", "--pool", "2"], "give --resume DIR alone"),
     (["train", "--resume", "OUT/run", "--out", "OUT/other"], "(--out given): give --resume DIR alone"),
@@ -661,7 +663,7 @@ BAD_VALUES = [
     (["run", "ONNX", "--input", "X7", "--output", "OUT/y.npy"], "has size 7 in dim 1, which"),
     (["run", "ONNX", "--input", "X", "--input", "X", "--output", "OUT/y.npy"], "2 --input given"),
     (["run", "ONNX", "--input", "OUT/none.npy", "--output", "OUT/y.npy"], "cannot read input"),
-    (["run", "ONNX", "--input", "EMPTY", "--output", "OUT/y.npy"], "cannot read input"),
+    (["run", "ONNX", "--input", "EMPTY", "--output", "OUT/y.npy"], "is not a .npy file"),
     (["run", "ONNX", "--input", "X", "--output", "FILE/y.npy"], "is a file, not a directory"),
     (["run", "ONNX", "--input", "X", "--device", "tpu"], "invalid choice"),
     (["run", "OUT/none.onnx", "--input", "X", "--output", "OUT/y.npy"], "does not exist"),
