@@ -5,7 +5,9 @@ The loop is ordinary PyTorch; PB adds only the controller's decision after each 
 from __future__ import annotations
 
 import math
+import os
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional
@@ -58,6 +60,16 @@ def _to(batch, device):
     return batch
 
 
+def _raised_in_collate(exc: BaseException) -> bool:
+    """Whether the DataLoader's collate function raised `exc` (in this process or, by its
+    traceback text, in a worker), not the dataset reading a sample."""
+    text = str(exc)
+    if "Original Traceback" in text:  # a worker's: its frames are text
+        return any(line.strip().startswith("File ") and "collate" in line for line in text.splitlines())
+    frames = traceback.extract_tb(exc.__traceback__)
+    return not frames or any("collate" in os.path.basename(f.filename) or "collate" in f.name for f in frames)
+
+
 def batches(loader, data: str):
     """The loader's batches. An error while the loader makes one (samples of different shapes, a
     dataset's __getitem__ failing) is a TrainingError naming the `data` ("training", "validation"),
@@ -72,11 +84,11 @@ def batches(loader, data: str):
             lines = str(exc).strip().splitlines() or [""]
             # A DataLoader worker's error carries the original traceback: its last line ("Type: message") says why.
             why = lines[-1] if "Original Traceback" in str(exc) else f"{type(exc).__name__}: {lines[0]}"
-            fix = ("the dataset could not read a sample: fix what it reads" if isinstance(exc, OSError) else
-                   "give every sample the same structure and shapes, or fix the dataset"
-                   if isinstance(exc, (RuntimeError, TypeError)) else
-                   "the dataset raised it while reading a sample: fix the dataset")
-            raise DataError(f"the {data} data could not be made into a batch ({why}): {fix}") from exc
+            if not _raised_in_collate(exc):  # the dataset's own __getitem__ (or sampler) raised it
+                raise DataError(f"the {data} dataset raised an error while reading a sample ({why}): fix the "
+                                "dataset or what it reads") from exc
+            raise DataError(f"the {data} data could not be made into a batch ({why}): give every sample the same "
+                            "structure and shapes") from exc
         yield batch
 
 
@@ -252,6 +264,9 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
         total, count, seen = distributed.all_reduce_sum([total, count, seen])
     if count == 0:
         if seen:  # batches came, and the metric counted none of their samples (a recall without positives)
+            if metric is accuracy:  # (the built-in one counts every label but the ignored ones)
+                raise TrainingError(f"every label of the {data} data is {IGNORED_LABEL} (ignored), so accuracy "
+                                    f"scores no sample: give the {data} data labelled samples")
             name = getattr(metric, "__name__", None)  # (a callable object or a partial has none)
             raise TrainingError(f"the metric{f' {name}' if name else ''} counted no sample of the {data} data "
                                 "(every batch returned count 0): return (sum, count) with count > 0, e.g. the "

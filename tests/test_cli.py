@@ -1167,8 +1167,8 @@ def test_a_dataset_that_fails_in_a_later_epoch_names_the_epoch_and_the_resume(tm
     run = tmp_path / "my run"
     rc, _, err = _run(["train", model, "--epochs", "9", "--out", str(run), "--no-progress"], capsys)
     assert rc == 2 and err.count("\n") == 1, err
-    assert ("training stopped in epoch 4: the training data could not be made into a batch (OSError: cannot read "
-            "shard_3.bin): the dataset could not read a sample: fix what it reads; the run so far resumes with "
+    assert ("training stopped in epoch 4: the training dataset raised an error while reading a sample (OSError: "
+            "cannot read shard_3.bin): fix the dataset or what it reads; the run so far resumes with "
             f"pbp-fx train --resume '{run}'") in err
 
 

@@ -112,12 +112,23 @@ def test_a_sample_of_another_shape_is_a_data_error_naming_the_data():
         def __getitem__(self, i):
             raise OSError("cannot read shard_3.bin")
 
-    with pytest.raises(pbp_fx.TrainingError, match=r"\(OSError: cannot read shard_3.bin\): the dataset could not "
-                                                   r"read a sample: fix what it reads"):
+    with pytest.raises(pbp_fx.TrainingError, match=r"the validation dataset raised an error while reading a sample "
+                                                   r"\(OSError: cannot read shard_3.bin\): fix the dataset"):
         evaluate(_pm(), DataLoader(Unreadable(), batch_size=8), data="validation")
     workers = DataLoader(_LateOddSample(), batch_size=8, num_workers=1)
-    with pytest.raises(pbp_fx.TrainingError, match=r"batch \(RuntimeError: stack expects"):
+    with pytest.raises(pbp_fx.TrainingError, match=r"batch \(RuntimeError: stack expects.*same structure and shapes"):
         evaluate(_pm(), workers, data="validation")
+
+    # A RuntimeError of the dataset itself was blamed on the samples' shapes (a collation error)
+    class Broken(_LateOddSample):
+        def __getitem__(self, i):
+            raise RuntimeError("disk read failed")
+
+    for loader in (DataLoader(Broken(), batch_size=8), DataLoader(Broken(), batch_size=8, num_workers=1)):
+        with pytest.raises(pbp_fx.TrainingError, match=r"dataset raised an error while reading a sample \(RuntimeError: "
+                                                       r"disk read failed\): fix the dataset") as info:
+            evaluate(_pm(), loader, data="validation")
+        assert "shapes" not in str(info.value)
 
 
 def test_non_finite_loss_is_reported():
@@ -279,3 +290,8 @@ def test_labels_of_minus_100_count_in_neither_the_default_loss_nor_the_accuracy(
     assert every.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
     with pytest.raises(pbp_fx.TrainingError, match=r"class label -1, .*or -100 to leave a sample out"):
         _check_labels(torch.tensor([0, -1]), 2, "training")
+    # validation data whose every label is ignored: the fix is in the data, not "return count > 0" from a metric
+    ignored = DataLoader(TensorDataset(torch.randn(8, 6), torch.full((8,), -100)), batch_size=4)
+    with pytest.raises(pbp_fx.TrainingError, match="every label of the validation data is -100 .*give the validation "
+                                                   "data labelled samples"):
+        evaluate(_pm(), ignored, data="validation")
