@@ -196,13 +196,18 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                 inputs, target = split_batch((collate or default_collate)([ds[i] for i in range(min(n, size))]))
                 with torch.no_grad():
                     output = call_model(model, inputs)
-                    float(loss_fn(output, target))
+                    loss = loss_fn(output, target)
+                    if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+                        raise TrainingError(f"the loss_fn returns a tensor of shape {list(loss.shape)} on the first "
+                                            f"{name} samples, not one number: reduce it (.mean(), or "
+                                            "reduction='mean')")
+                    float(loss)
                     scored = metric(output, target)
                 if not (isinstance(scored, (tuple, list)) and len(scored) == 2):
                     raise TypeError(f"metric returned {type(scored).__name__}, not a (sum, count) pair")
                 float(scored[0]), float(scored[1])  # numbers (or one-element tensors): else a TypeError here
-            except ModelFileError:
-                raise  # the samples do not fit the model file's inputs: said as it is
+            except (ModelFileError, TrainingError):
+                raise  # the samples do not fit the model file's inputs, or a loss of many numbers: said as it is
             except Exception as exc:  # noqa: BLE001 - whatever the user's code raises, said in one line
                 first = (str(exc).strip().splitlines() or ["(no message)"])[0]
                 raise TrainingError(f"the first {name} samples fail in the model, its loss or its metric "

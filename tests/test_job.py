@@ -109,6 +109,9 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
      "output shape [8, 1] and target shape [8] differ"),
     ("a metric without a count", lambda t: [_write(t / "m.py", GOOD + "def metric(o, y): return 0.5\n")],
      "metric returned float, not a (sum, count) pair"),
+    ("a loss of one number per sample", lambda t: [_write(t / "m.py", GOOD + (
+        "import torch.nn.functional as F\ndef loss_fn(o, y): return F.cross_entropy(o, y, reduction='none')\n"))],
+     "the loss_fn returns a tensor of shape [8] on the first training samples, not one number: reduce it"),
     ("a class label beyond the outputs after the first samples", lambda t: [_write(t / "m.py", LATE_LABEL)],
      "the validation dataset has class label 2, but the model outputs 2 classes"),
     ("batches of one sample with BatchNorm", lambda t: [_write(t / "m.py", WITH_BATCHNORM), "--batch-size", "1"],
