@@ -594,7 +594,7 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
                                  exclude)
     if not specs:  # (one line: what no glob matched is the likely cause)
         raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__} "
-                           "(or all were excluded): check include=/exclude=, or the model has no such layers"
+                           "(or all were excluded): check include=/exclude= (--include/--exclude), or the model has no such layers"
                            + "".join(f"; {u}" for u in unmatched[:1]))
     for u in unmatched:
         warn_at_user(u)
@@ -638,7 +638,7 @@ def _unmatched_globs(specs: list, include, exclude) -> list[str]:
                                                  or fnmatch.fnmatchcase(n, rule) for n in names):
                 shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
                 said.append(f"{which} pattern {rule!r} matches no Linear/Conv layer (they are named {shown}; "
-                            "pbp_fx.explain_sites lists them)")
+                            "pbp_fx.explain_sites or pbp-fx transform --explain lists them)")
     return said
 
 
