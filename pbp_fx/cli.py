@@ -887,7 +887,9 @@ def _plain(text: str) -> str:
     "run", "run an ONNX file in ONNX Runtime on .npy inputs",
     arg("model", help="an .onnx file"),
     arg("--input", action="append", required=True, metavar="X.npy", help="one per model input, in order"),
-    arg("--device", default="auto", choices=("auto", "cpu", "cuda")),
+    arg("--device", default="auto", choices=("auto", "cpu", "cuda"),
+        help="ONNX Runtime's execution provider: auto (CUDA when onnxruntime-gpu and a GPU are present, else "
+             "the CPU), cpu, or cuda (refused without them; default: auto)"),
     arg("--output", metavar="Y.npy", default=None,
         help="save the first output here (.npy), or every output by its ONNX name (.npz)"),
 )
