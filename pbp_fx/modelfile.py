@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import Callable, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import ModelFileError, warn_at_user
@@ -108,6 +109,11 @@ def example_inputs(mod: ModuleType) -> tuple:
         inputs = (inputs,)
     if not isinstance(inputs, (tuple, list)):
         raise ModelFileError(f"example_inputs() in {where!r} returned {type(inputs).__name__}, not a tuple of inputs")
+    if inputs and not hasattr(mod, "example_kwargs") and not any(
+            isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(tuple(inputs))):
+        shown = repr(inputs) if len(repr(inputs)) <= 40 else repr(inputs)[:37] + "..."
+        raise ModelFileError(f"example_inputs() in {where!r} returned {shown}, which holds no tensor: return the "
+                             "model's inputs as tensors, e.g. (torch.randn(2, 8),)")
     return tuple(inputs)
 
 

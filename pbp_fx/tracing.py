@@ -553,7 +553,8 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
         if fx_error is not None:
             error = TraceError(f"{fx_error}; torch.export failed too: {exc}")
             if frontend == "auto" and parts:
-                return _trace_parts(model, args, kwargs, error, dynamic)
+                # (the warning says fx's own reason; the whole error is in meta["pbp_fx_error"])
+                return _trace_parts(model, args, kwargs, error, dynamic, _reason(fx_error.__cause__ or fx_error))
             raise error from fx_error
         if frontend == "export":
             raise TraceError(f"{exc}: change that code so that torch.export captures it, or use frontend "
@@ -911,9 +912,10 @@ def _with_parts(model: nn.Module, parts: dict) -> nn.Module:
 
 
 def _trace_parts(model: nn.Module, args: tuple, kwargs: dict, root_error: TraceError,
-                 dynamic: bool) -> fx.GraphModule:
+                 dynamic: bool, why: str) -> fx.GraphModule:
     """The root's forward as it is, its traceable submodules (those with Linear/Conv-like
-    weights, outermost first) captured in place. Raises `root_error` when no part has a site."""
+    weights, outermost first) captured in place. Raises `root_error` when no part has a site;
+    `why`: fx's reason, for the warning."""
     from pbp_fx.passes.find_sites import find_sites
     from pbp_fx.passes.patterns import neuron_weights
 
@@ -953,7 +955,7 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict, root_error: TraceE
     modes = {p.graph_module.meta.get("pbp_modes") for p in parts.values()}
     gm.meta.update(pbp_frontend="parts", pbp_fx_error=str(root_error), pbp_parts=list(parts), pbp_plain=plain,
                    pbp_leaves=[], pbp_untraceable=[], pbp_modes=modes.pop() if len(modes) == 1 else "mixed")
-    warnings.warn(f"{type(model).__name__}.forward traces with neither fx nor torch.export ({_reason(root_error)}): its "
+    warnings.warn(f"{type(model).__name__}.forward traces with neither fx nor torch.export (fx: {why}): its "
                   f"submodules {', '.join(parts)} are perforated in place, the root's Python runs as it is"
                   + (f"; left plain: {', '.join(plain)}" if plain else ""), PBWarning, stacklevel=3)
     return gm

@@ -99,6 +99,9 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
      "the first training samples fail in the model, its loss or its metric (IndexError: Target"),
     ("data of another shape", lambda t: [_write(t / "m.py", LABELS_OUT_OF_RANGE.replace("randn(8, 3)", "randn(8, 6)"))],
      "check that the data's shapes, dtypes and targets match the model"),
+    ("example inputs without a tensor", lambda t: [_write(t / "m.py", GOOD.replace(
+        "def example_inputs(): return (torch.randn(2, 3),)", "def example_inputs(): return [[1, 2, 3]]"))],
+     "returned [[1, 2, 3]], which holds no tensor: return the model's inputs as tensors"),
     ("unknown TASK", lambda t: [_write(t / "m.py", BAD_TASK)], "TASK = 'ranking' is not one of classification, regression"),
     ("missing model file", lambda t: ["/nonexistent/model.py"], "does not exist"),
     ("NaN in validation data", lambda t: [_write(t / "m.py", NAN_VAL)], "validation data holds NaN/Inf"),
@@ -236,7 +239,8 @@ def test_a_resume_runs_on_the_runs_own_process_count_unless_told_otherwise(tmp_p
     from pbp_fx.job import SavedRun
 
     launched = []
-    monkeypatch.setattr(distributed, "launch", lambda n, argv, quiet=True: launched.append((n, argv)) or 0)
+    monkeypatch.setattr(distributed, "launch", lambda n, argv, quiet=True: launched.append((n, argv)) or
+                        distributed.Launched(0, 0))
     monkeypatch.setattr(job, "saved_run", lambda _d: SavedRun(None, pbp_fx.PBConfig(), pbp_fx.TrainConfig(), None,
                                                                None, 2, None))
     assert main(["train", "--resume", str(tmp_path)]) == 0
