@@ -192,6 +192,7 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
             size = len(ds)
             if size == 0:  # (refused with its own message where the loaders are checked)
                 continue
+            output = None
             try:
                 inputs, target = split_batch((collate or default_collate)([ds[i] for i in range(min(n, size))]))
                 with torch.no_grad():
@@ -210,10 +211,14 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                 raise  # the samples do not fit the model file's inputs, or a loss of many numbers: said as it is
             except Exception as exc:  # noqa: BLE001 - whatever the user's code raises, said in one line
                 first = (str(exc).strip().splitlines() or ["(no message)"])[0]
+                out = primary_output(output) if output is not None else None
+                layout = ("; the built-in loss and accuracy read the classes from dim 1 ([N, C, ...], as "
+                          "F.cross_entropy): put them there, or give the model file a loss_fn and metric"
+                          if class_labels and isinstance(out, torch.Tensor) and out.dim() >= 3 else "")
                 raise TrainingError(f"the first {name} samples fail in the model, its loss or its metric "
                                     f"({type(exc).__name__}: {first}): check that the data's shapes, dtypes and "
                                     "targets match the model, its outputs and the model file's TASK / loss_fn / "
-                                    "metric (a sample is (input, ..., target), inputs not nested)") from exc
+                                    f"metric (a sample is (input, ..., target), inputs not nested){layout}") from exc
             out = primary_output(output)
             if class_labels and isinstance(ds, TensorDataset) and isinstance(out, torch.Tensor) and out.dim() >= 2:
                 _check_labels(ds.tensors[-1], out.shape[1], name)

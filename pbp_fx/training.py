@@ -190,14 +190,24 @@ IGNORED_LABEL = -100
 
 
 def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
-    """(number correct, count) for class logits (of `primary_output`); labels of IGNORED_LABEL (-100,
-    as the default cross-entropy) count in neither. Class probabilities as targets (one-hot or
-    soft, the output's shape, which cross-entropy also takes) count their most likely class."""
+    """(number correct, count) for class logits (of `primary_output`) with the classes on dim 1, as
+    the default cross-entropy reads them ([N, C] or [N, C, *positions]); labels of IGNORED_LABEL
+    (-100) count in neither. Class probabilities as targets (one-hot or soft, the output's shape,
+    which cross-entropy also takes) count their most likely class. A ValueError for what it cannot
+    score: one logit per sample, multi-label targets."""
     logits = primary_output(output)
+    if logits.dim() < 2 or logits.shape[1] < 2:
+        raise ValueError(f"the built-in accuracy scores class logits [N, C, ...] with C >= 2 classes on dim 1, but "
+                         f"the output has shape {list(logits.shape)}: give a metric of your own (for one logit per "
+                         "sample, e.g. ((logit > 0) == (target > 0.5)).sum())")
     if target.is_floating_point() and target.shape == logits.shape:
-        target = target.argmax(-1)
+        rows = target.sum(1)
+        if not bool(torch.isclose(rows, torch.ones_like(rows), atol=1e-3).all()):
+            raise ValueError("the targets have the output's shape but do not sum to 1 over the classes (multi-label "
+                             "targets?): the built-in accuracy scores one class per sample; give a metric of your own")
+        target = target.argmax(1)
     kept = target != IGNORED_LABEL
-    right = (logits.argmax(-1) == target) & kept
+    right = (logits.argmax(1) == target) & kept
     return float(right.sum()), int(kept.sum())
 
 

@@ -87,6 +87,17 @@ TOKENS = ("import torch\nfrom torch import nn\nfrom torch.utils.data import Tens
           "def metric(o, y): return float((o.argmax(-1) == y).sum()), y.numel()\n"
           "def datasets():\n    x = torch.randint(0, 10, (16, 4))\n    d = TensorDataset(x, (x + 1) % 10)\n"
           "    return d, d, d\n")
+TAGGER = ("import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+          "def build_model(): return nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 5))\n"
+          "def example_inputs(): return (torch.randint(0, 10, (2, 7)),)\n"
+          "def datasets():\n    x = torch.randint(0, 10, (16, 7))\n    d = TensorDataset(x, x % 5)\n"
+          "    return d, d, d\n")
+ONE_LOGIT = ("import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+             "def build_model(): return nn.Linear(3, 1)\n"
+             "def example_inputs(): return (torch.randn(2, 3),)\n"
+             "def loss_fn(o, y): return nn.functional.binary_cross_entropy_with_logits(o, y)\n"
+             "def datasets():\n    x = torch.randn(16, 3)\n    d = TensorDataset(x, (x[:, :1] > 0).float())\n"
+             "    return d, d, d\n")
 TENSOR_METRIC = GOOD + "def metric(o, y): return (o.argmax(1) == y).sum(), torch.tensor(y.numel())\n"
 ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
                       "class It(IterableDataset):\n    def __iter__(self):\n"
@@ -102,6 +113,10 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
     ("example inputs without a tensor", lambda t: [_write(t / "m.py", GOOD.replace(
         "def example_inputs(): return (torch.randn(2, 3),)", "def example_inputs(): return [[1, 2, 3]]"))],
      "returned [[1, 2, 3]], which holds no tensor: return the model's inputs as tensors"),
+    ("classes on the last dim of a [B, T, C] output", lambda t: [_write(t / "m.py", TAGGER)],
+     "the built-in loss and accuracy read the classes from dim 1 ([N, C, ...], as F.cross_entropy)"),
+    ("one logit per sample with the built-in accuracy", lambda t: [_write(t / "m.py", ONE_LOGIT)],
+     "the built-in accuracy scores class logits [N, C, ...] with C >= 2 classes on dim 1"),
     ("unknown TASK", lambda t: [_write(t / "m.py", BAD_TASK)], "TASK = 'ranking' is not one of classification, regression"),
     ("missing model file", lambda t: ["/nonexistent/model.py"], "does not exist"),
     ("NaN in validation data", lambda t: [_write(t / "m.py", NAN_VAL)], "validation data holds NaN/Inf"),

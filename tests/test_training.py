@@ -271,6 +271,26 @@ def test_a_resumed_fit_on_a_device_keeps_the_optimizer_state(tmp_path, device):
     assert [r["train_loss"] for r in resumed.epochs] == [r["train_loss"] for r in whole.epochs]
 
 
+def test_the_built_in_accuracy_reads_classes_where_cross_entropy_does_and_refuses_what_it_cannot_score():
+    """It took argmax(-1): a [B, C, L] output (cross-entropy's layout) scored against the wrong axis, a
+    single logit per sample scored 1.0 (or 0.0), and multi-hot targets scored argmax of the first."""
+    from pbp_fx.training import accuracy
+
+    logits = torch.zeros(2, 3, 4)  # [B, C, L]: class 2 everywhere but one position
+    logits[:, 2] = 1.0
+    logits[0, 0, 0] = 5.0
+    target = torch.full((2, 4), 2)
+    assert accuracy(logits, target) == (7.0, 8)
+    with pytest.raises(ValueError, match=r"C >= 2 classes on dim 1, but the output has shape \[4, 1\]"):
+        accuracy(torch.randn(4, 1), torch.ones(4, 1))
+    with pytest.raises(ValueError, match=r"the output has shape \[4\]"):
+        accuracy(torch.randn(4), torch.ones(4))
+    with pytest.raises(ValueError, match="do not sum to 1 over the classes \\(multi-label targets\\?\\)"):
+        accuracy(torch.randn(2, 3), torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
+    smoothed = torch.tensor([[0.9, 0.05, 0.05], [0.05, 0.05, 0.9]])  # soft targets still score
+    assert accuracy(torch.tensor([[3.0, 0.0, 0.0], [3.0, 0.0, 0.0]]), smoothed) == (1.0, 2)
+
+
 def test_labels_of_minus_100_count_in_neither_the_default_loss_nor_the_accuracy():
     """-100 (F.cross_entropy's ignore_index) was refused as an out-of-range label by train and
     compare, and the built-in accuracy would have counted it wrong."""
