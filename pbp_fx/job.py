@@ -53,6 +53,9 @@ def load_job_module(model_file: Optional[str]) -> ModuleType:
     return mod
 
 
+SPLIT_NAMES = ("training", "validation", "test")
+
+
 def _call_datasets(mod: ModuleType, seed: int):
     try:
         params = inspect.signature(mod.datasets).parameters
@@ -61,7 +64,16 @@ def _call_datasets(mod: ModuleType, seed: int):
         raise ModelFileError(f"datasets() raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     if not isinstance(data, (tuple, list)) or len(data) != 3:
         raise ModelFileError("datasets() must return (train, val, test)")
-    for name, ds in zip(("training", "validation", "test"), data):
+    for name, ds in zip(SPLIT_NAMES, data):
+        if isinstance(ds, torch.utils.data.DataLoader):
+            raise ModelFileError(f"datasets() returned a DataLoader for the {name} data: return the Dataset itself "
+                                 "(pbp-fx makes the loaders, with --batch-size)")
+        if isinstance(ds, torch.utils.data.IterableDataset):
+            raise ModelFileError(f"the {name} dataset is an IterableDataset: datasets() must return map-style "
+                                 "datasets (a TensorDataset, a list of (x, y) pairs)")
+        if isinstance(ds, (tuple, list)) and ds and all(isinstance(t, torch.Tensor) for t in ds):
+            raise ModelFileError(f"the {name} dataset is a {type(ds).__name__} of tensors, not of (input, target) "
+                                 "samples: wrap them, TensorDataset(x, y)")
         try:
             size = len(ds)
         except TypeError:
@@ -89,7 +101,8 @@ def run_identity(model_file: Optional[str], data) -> dict:
     if model_file not in (None, DEFAULT_MODEL):
         with open(model_file, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
-    return {"model_digest": digest, "data": data_fingerprint(data)}
+    fingerprint, drawn = _fingerprint(data)
+    return {"model_digest": digest, "data": fingerprint, "own_randomness": drawn}
 
 
 def data_fingerprint(data, samples: int = 8) -> str:
@@ -98,8 +111,16 @@ def data_fingerprint(data, samples: int = 8) -> str:
     twice with the global generators restored, and left out when the reads differ (a dataset that
     augments from a generator of its own): a changed dataset, or one split otherwise, differs.
     Draws nothing from the global generators."""
+    return _fingerprint(data, samples)[0]
+
+
+def _fingerprint(data, samples: int = 8) -> tuple[str, list[str]]:
+    """(data_fingerprint, the names of the splits whose samples differ at each read: drawn from a
+    generator of the dataset's own, which a resume cannot restore). A sample the dataset cannot
+    read is a DataError naming the split."""
     h = hashlib.sha256()
-    for split in data:
+    drawn = []
+    for name, split in zip(SPLIT_NAMES, data):
         n = len(split)
         h.update(f"{n};".encode())
         if isinstance(split, torch.utils.data.TensorDataset):
@@ -111,14 +132,22 @@ def data_fingerprint(data, samples: int = 8) -> str:
             twice = []
             for _ in range(2):
                 with global_generators_kept():
-                    twice.append(torch.utils._pytree.tree_leaves(split[i]))
+                    try:
+                        sample = split[i]
+                    except Exception as exc:  # noqa: BLE001 - the user's dataset
+                        first = (str(exc).strip().splitlines() or [""])[0]
+                        raise DataError(f"the {name} dataset raised an error reading sample {i} of its {n} "
+                                        f"({type(exc).__name__}: {first}): fix the dataset (its __getitem__ "
+                                        "must take every index below its __len__)") from exc
+                    twice.append(torch.utils._pytree.tree_leaves(sample))
             if not _same_leaves(*twice):
                 read = []  # random at each read: its samples say nothing about the data
+                drawn.append(name)
                 break
             read += twice[0]
         for leaf in read:
             _hash_leaf(h, leaf)
-    return h.hexdigest()
+    return h.hexdigest(), drawn
 
 
 def _hash_leaf(h, leaf) -> None:
@@ -188,13 +217,17 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
     was = model.training
     model.eval()
     try:
-        for name, ds in zip(("training", "validation", "test"), data):
+        for name, ds in zip(SPLIT_NAMES, data):
             size = len(ds)
             if size == 0:  # (refused with its own message where the loaders are checked)
                 continue
             output = None
             try:
                 inputs, target = split_batch((collate or default_collate)([ds[i] for i in range(min(n, size))]))
+                strings = [leaf for leaf in torch.utils._pytree.tree_leaves(target) if isinstance(leaf, str)]
+                if strings:
+                    raise TrainingError(f"the {name} targets are strings ({strings[0]!r}, ...), not numbers: map each "
+                                        "class name to an integer label in datasets()")
                 with torch.no_grad():
                     output = call_model(model, inputs)
                     loss = loss_fn(output, target)
@@ -330,6 +363,11 @@ def _warn_resumed_otherwise(saved: SavedRun, identity: dict, processes: int) -> 
     if changed:
         warn_at_user(f"the run's {' and '.join(changed)} changed since it started: the resumed run trains on the "
                      "current one, so it is not the run the checkpoint began (restore them to continue it exactly)")
+    if "training" in identity.get("own_randomness", ()):
+        warn_at_user("the training data differs at each read of a sample (augmentation drawn from a generator of "
+                     "the dataset's own, which the checkpoint does not hold): the resumed run sees other samples than "
+                     "the uninterrupted run would; draw augmentation from torch's, numpy's or Python's global "
+                     "generator, which a resume restores, to continue a run exactly")
     if saved.processes is not None and saved.processes != processes:
         warn_at_user(f"the run trained on {saved.processes} process(es) and resumes on {processes}: the data is dealt "
                      f"otherwise from here on (resume with --nproc {saved.processes} to continue it exactly)")
@@ -670,7 +708,7 @@ def _replace_stale(out: str, stale: list[str]) -> Callable[[dict], None]:
 
 def _check_finite_datasets(data) -> None:
     """NaN/Inf in tensor datasets is refused before training (other datasets: when a batch shows it)."""
-    for name, ds in zip(("training", "validation", "test"), data):
+    for name, ds in zip(SPLIT_NAMES, data):
         for t in getattr(ds, "tensors", ()):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise TrainingError(f"the {name} data holds NaN/Inf values: remove or replace them before training")
