@@ -179,8 +179,16 @@ class KeywordCollate:
         return (*batch[:k], {**self.constants, **dict(zip(self.names, batch[k:-1]))}, batch[-1])
 
 
-def keyword_collate(mod: ModuleType, model: nn.Module, positional: int) -> Optional[KeywordCollate]:
-    """The batches' collate for a model file with keyword inputs (`KeywordCollate`), else None."""
+def keyword_collate(mod: ModuleType, model: nn.Module, positional: int) -> Optional[Callable]:
+    """The batches' collate: the model file's own `collate_fn(samples) -> batch` (samples of
+    different lengths, padded per batch), else `KeywordCollate` for a file with keyword inputs,
+    else None (torch's default)."""
+    own = getattr(mod, "collate_fn", None)
+    if own is not None:
+        if not callable(own):
+            raise ModelFileError(f"{_name(mod)}: collate_fn is a {type(own).__name__}, not a function of a list of "
+                                 "samples")
+        return own
     kwargs = example_kwargs(mod)
     if not kwargs:
         return None

@@ -925,3 +925,42 @@ def test_an_interrupt_before_a_new_runs_first_checkpoint_does_not_point_at_the_o
     assert main(["train", model, "--out", str(out), "--epochs", "5", "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert err == "pbp-fx: error: interrupted\n"
+
+
+def test_a_model_files_own_collate_fn_makes_its_batches(tmp_path):
+    """Variable-length sequences: the file's collate_fn (padding per batch) was ignored, silently, and
+    the run was refused with torch's 'stack expects each tensor to be equal size'."""
+    model = _write(tmp_path / "seq.py", """
+import torch
+from torch import nn
+
+class Mean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(12, 8), nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+def build_model(): return Mean()
+def example_inputs(): return (torch.randint(1, 12, (2, 5)),)
+
+def collate_fn(samples):
+    longest = max(len(x) for x, _ in samples)
+    ids = torch.zeros(len(samples), longest, dtype=torch.long)
+    for i, (x, _) in enumerate(samples):
+        ids[i, :len(x)] = x
+    return ids, torch.tensor([y for _, y in samples])
+
+def datasets():
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(48):
+        x = torch.randint(1, 12, (3 + i % 5,), generator=g)
+        data.append((x, int(x[0] > 6)))
+    return data[:32], data[32:40], data[40:]
+""")
+    run = tmp_path / "run"
+    assert main(["train", model, "--out", str(run), "--epochs", "2", "--batch-size", "8", "--no-progress"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.0 <= summary["test"] <= 1.0 and summary["epochs"] == 2
