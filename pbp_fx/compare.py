@@ -40,7 +40,7 @@ import torch
 
 from .config import PBConfig, TrainConfig
 from .controller import default_optimizer
-from .errors import PBError
+from .errors import PBError, TrainingError
 from .fileio import atomic_write, check_output_dir
 from .job import (DEFAULT_MODEL, changed_since, check_data, load_job_module, make_loaders, pyplot_or_none,
                   run_identity, seed_everything, seeded_datasets)
@@ -48,7 +48,7 @@ from .modelfile import (check_metric_direction, example_kwargs, instantiate, key
                         warn_unread_names)
 from .passes.find_sites import site_filters
 from .schedule import Kind, PhaseSchedule
-from .training import accuracy, evaluate, train_epoch
+from .training import NonFiniteDataError, NonFiniteError, accuracy, evaluate, train_epoch
 from .width import WidthBuilder, WidthError
 
 __all__ = ["compare", "CompareError", "Score", "ARMS", "train_plain", "train_restarts", "train_perforated",
@@ -229,16 +229,26 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
     row.update(width=scaled.width, width_method=scaled.method)
     _warm_up(model, inputs, example_kwargs(mod))
     t0 = time.perf_counter()
-    if spec.arm in ("pb", "gd"):
-        model, out = train_perforated(model, inputs, loaders, loss_fn, config.replace(mode=spec.arm), training,
-                                      include, exclude, metric=metric, example_kwargs=example_kwargs(mod))
-        params = model.num_parameters()
-    elif spec.arm == "restarts":
-        out, params = train_restarts(model, loaders, loss_fn, config, training, metric), builder.params(model)
-    else:
-        out, params = train_plain(model, loaders, loss_fn, config, training, metric), builder.params(model)
-    row.update(out, seconds=time.perf_counter() - t0, params=params)
-    row["test"] = evaluate(model, loaders[2], metric, data="test")
+    try:
+        if spec.arm in ("pb", "gd"):
+            model, out = train_perforated(model, inputs, loaders, loss_fn, config.replace(mode=spec.arm), training,
+                                          include, exclude, metric=metric, example_kwargs=example_kwargs(mod))
+            params = model.num_parameters()
+        elif spec.arm == "restarts":
+            out, params = train_restarts(model, loaders, loss_fn, config, training, metric), builder.params(model)
+        else:
+            out, params = train_plain(model, loaders, loss_fn, config, training, metric), builder.params(model)
+        row.update(out, seconds=time.perf_counter() - t0, params=params)
+        row["test"] = evaluate(model, loaders[2], metric, data="test")
+    except TrainingError as exc:
+        if _diverged(exc):  # this run's own outcome (deterministic at its seed): not ranked, the others go on
+            return {"arm": spec.arm, "seed": spec.seed, "skipped": f"its training diverged ({_first_line(exc)})"}
+        raise CompareError(f"{spec.arm} at seed {spec.seed}: {_first_line(exc)}") from exc
+    except (PBError, OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - raised inside the model file's model, data, loss or metric
+        raise CompareError(f"{spec.arm} at seed {spec.seed}: {type(exc).__name__}: {_first_line(exc)} (from the "
+                           "model file's model, data, loss or metric)") from exc
     if not math.isfinite(row["test"]):  # (a mean and sd over it would be meaningless): not ranked
         return {"arm": spec.arm, "seed": spec.seed, "skipped": f"its test score is {row['test']} (not finite)"}
     if spec.target is not None:
@@ -247,6 +257,18 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
         model.eval()
         row["latency_ms"] = onnx_latency_ms(model, inputs, example_kwargs=example_kwargs(mod))
     return row
+
+
+def _diverged(exc: BaseException) -> bool:
+    """Whether a training error is a loss gone non-finite (not NaN/Inf in the data itself)."""
+    for e in (exc, exc.__cause__):
+        if isinstance(e, NonFiniteError) and not isinstance(e, NonFiniteDataError):
+            return True
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _warm_up(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> None:
@@ -351,8 +373,11 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
             # an arm ranked lower but noisier can be as close as the next one.
             common = sorted(shared)  # the seeds the ranking is over
 
+            def leads(other: dict) -> list[float]:
+                return [(win["test_by_seed"][k] - other["test_by_seed"][k]) * (1 if maximize else -1) for k in common]
+
             def lead_interval(other: dict) -> tuple[float, float]:
-                lead = [(win["test_by_seed"][k] - other["test_by_seed"][k]) * (1 if maximize else -1) for k in common]
+                lead = leads(other)
                 return _interval(*_mean_sd(lead), len(lead)) if len(lead) > 1 else (-math.inf, math.inf)
 
             closest = min(ranked[1:], key=lambda o: lead_interval(o)[0])  # the weakest lead
@@ -360,7 +385,15 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
             over = "" if closest is second else f" over {closest['arm']}"
             interval = (f"95 % interval of the paired lead{over} [{score.num(lo, sign=True)}, "
                         f"{score.num(hi, sign=True)}]")
-            if lo > 0:
+            # Equal leads at every seed (common on small test sets: whole samples) leave no spread to
+            # measure the noise with: the interval is a point, not evidence.
+            flat = [o for o in ranked[1:] if _all_equal(leads(o))]
+            if lo > 0 and flat:
+                lines.append(f"**{win['arm']} ranked first** over {win['n']} seeds: {test} "
+                             f"{score.value(win['test'], win['test_sd'])}, {margin}; its lead over {flat[0]['arm']} is "
+                             f"the same at every seed ({score.num(leads(flat[0])[0], sign=True)}), which leaves no "
+                             "spread to measure seed noise with, so no arm is shown to win: run more seeds.")
+            elif lo > 0:
                 lines.append(f"**{win['arm']} won**: {test} {score.value(win['test'], win['test_sd'])} over "
                              f"{win['n']} seeds, {margin}; beyond seed noise against every other arm (the weakest "
                              f"lead: {interval}).")
@@ -411,12 +444,20 @@ def _interval(mean: float, sd: float, n: int) -> tuple[float, float]:
     return mean - half, mean + half
 
 
+def _all_equal(values: list[float]) -> bool:
+    """Whether the values are one number up to float rounding (differences of equal scores)."""
+    return max(values) - min(values) <= 1e-9 * max(1.0, *map(abs, values))
+
+
 def _noise(mean: float, sd: float, n: int, score: Score = ACCURACY) -> str:
     """Whether a paired mean difference over n seeds stands out of the seeds' noise: its 95 %
     t interval, and what that says."""
     if n < 2:
         return ("one seed gives no estimate of the run-to-run spread, so this may be noise (compare the model file "
                 "with --seeds 3 or more)")
+    if sd <= 1e-9 * abs(mean):  # the same difference at every seed: a point, not an estimate of the noise
+        return ("the same difference at every seed, which leaves no spread to measure seed noise with (run more "
+                "seeds)")
     lo, hi = _interval(mean, sd, n)
     verdict = ("not distinguishable from seed noise" if lo <= 0 <= hi
                else "beyond seed noise")
@@ -493,6 +534,9 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
         raise CompareError(f"--width {shown}: must be a positive number (1: the model as built)")
     if not isinstance(config, PBConfig) or not isinstance(training, TrainConfig):
         raise CompareError("config must be a PBConfig and training a TrainConfig")
+    if "original" in arms and width >= 1:  # (it would be plain again, ranked as another arm)
+        raise CompareError(f"arm 'original' is the model at width 1 beside arms at --width below 1, but --width is "
+                           f"{width:g}: drop it, or give a --width below 1")
     if out is not None:
         check_output_dir(out, CompareError)
     mod = load_job_module(model_file)
@@ -705,7 +749,8 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     changed = changed_since(run_saved_identity, identity) if given else []
     if changed:  # its pb row was measured on them: the controls would train on others
         raise CompareError(f"--pb-run {pb_run}: the run's {' and '.join(changed)} changed since it trained, so its pb "
-                           "row cannot be compared with controls trained now; restore them, or train the run again")
+                           f"row cannot be compared with controls trained now; restore {'them' if len(changed) > 1 else 'it'}"
+                           ", or train the run again")
     seed_list = [training.seed + i for i in range(seeds)]
     t0 = time.perf_counter()
     echo(f"compare {model_file or DEFAULT_MODEL}: arms {', '.join(arms)}; {seeds} seed(s); width {width:g}")
@@ -729,6 +774,11 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
             raise
         raise type(exc)(f"after {len(kept.entries)} of {len(seed_list) * len(arms)} runs: the same command "
                                 f"continues from them ({kept.path})") from None
+    except CompareError as exc:  # an arm's run failed: the finished ones are kept
+        if kept.path is None or not kept.entries:
+            raise
+        raise CompareError(f"{exc}; {len(kept.entries)} finished run(s) are kept in {kept.path}: the same command "
+                           "continues from them while the model file and data are unchanged") from exc
     summary = summarize(rows, score)
     pairs = paired(rows, score=score)
     text = verdict(summary, pairs, score)

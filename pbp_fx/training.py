@@ -449,7 +449,8 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
             if zero:  # a zero gradient straight into them: nothing runs through their branch
                 loss = _ZeroGradient.apply(loss, *zero)
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss is {loss.item()} in the {phase} phase: lower the learning rate "
+            where = f" in the {phase} phase" if phase else ""
+            raise NonFiniteError(f"the loss is {loss.item()}{where}: lower the learning rate "
                                  "or check the data for NaN/Inf")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

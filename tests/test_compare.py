@@ -78,7 +78,8 @@ def test_statistics_are_paired_by_seed():
     assert p["arm"] == "plain" and p["mean"] == pytest.approx(10.0) and p["sd"] == pytest.approx(0.0)
     assert p["ahead"] == 2 and p["behind"] == 0
     text = verdict(summarize(rows), [p])
-    assert text.startswith("**plain won**") and "pb − plain = -10.0 ± 0.0" in text
+    # (the same difference at both seeds: no spread to measure the noise with, so no win is claimed)
+    assert text.startswith("**plain ranked first**") and "pb − plain = -10.0 ± 0.0" in text
 
 
 def test_latency_is_measured_with_onnx_runtime():
@@ -330,6 +331,8 @@ def test_a_custom_metric_is_reported_in_its_own_units_not_percent():
     ((0.01, 0.02, 0.03), "95 % interval [-0.5, +4.5]: not distinguishable from seed noise"),
     ((0.05, 0.06, 0.07), "95 % interval [+3.5, +8.5]: beyond seed noise"),
     ((0.05,), "one seed gives no estimate of the run-to-run spread"),
+    # equal differences (whole samples of a small test set): a zero-width interval read "beyond seed noise"
+    ((0.05, 0.05), "the same difference at every seed, which leaves no spread to measure seed noise with"),
 ])
 def test_each_paired_difference_says_whether_it_stands_out_of_seed_noise(diffs, words):
     """One seed, or three close ones, 'won' in the same words as a clear lead."""
@@ -338,6 +341,23 @@ def test_each_paired_difference_says_whether_it_stands_out_of_seed_noise(diffs, 
         rows += [{"arm": "pb", "seed": seed, "test": 0.5 + d, "params": 10},
                  {"arm": "plain", "seed": seed, "test": 0.5, "params": 5}]
     assert words in verdict(summarize(rows), paired(rows))
+
+
+def test_the_original_arm_needs_a_width_below_1(tiny, tmp_path, capsys):
+    """At --width 1 the original arm was plain again, ranked as another arm ('level with original')."""
+    assert main(["compare", tiny, "--arms", "pb,original", "--out", str(tmp_path / "c"), "--no-latency"]) == 2
+    err = capsys.readouterr().err
+    assert "arm 'original' is the model at width 1 beside arms at --width below 1, but --width is 1" in err
+    assert err.count("\n") == 1 and not (tmp_path / "c").exists()
+
+
+def test_an_equal_lead_at_every_seed_is_no_win():
+    """Two seeds, pb 5 points ahead at both: '**pb won** ... [+5.0, +5.0] ... beyond seed noise'."""
+    rows = [{"arm": a, "seed": k, "test": t, "params": 1} for a, ts in (("pb", (0.85, 0.80)), ("plain", (0.80, 0.75)))
+            for k, t in enumerate(ts)]
+    text = verdict(summarize(rows), paired(rows))
+    assert text.startswith("**pb ranked first** over 2 seeds") and "won" not in text
+    assert "its lead over plain is the same at every seed (+5.0)" in text
 
 
 def test_one_seed_ranks_the_arms_without_calling_a_winner():
@@ -514,3 +534,34 @@ def test_a_pb_run_whose_model_file_moved_takes_its_new_path(tiny, tmp_path, caps
     open(moved, "a").write("\n# edited\n")  # another file's content is still refused
     assert main(["compare", moved, "--pb-run", run, "--arms", "plain", "--no-latency"]) == 2
     assert "the run's model file changed since it trained" in capsys.readouterr().err
+
+
+def test_a_model_file_error_in_an_arm_is_one_line_naming_it_and_a_diverging_run_is_not_ranked(tmp_path, capsys):
+    """A metric raising inside an arm was 'internal error', exit 1, with no word of the kept runs; a
+    loss gone inf in one run ended the whole comparison ('the loss is inf in the  phase')."""
+    failing = tmp_path / "failing.py"
+    failing.write_text(TINY + textwrap.dedent('''
+        def metric(output, target):
+            if torch.initial_seed() == 1:  # the runs at seed 1 (each run seeds torch with its seed)
+                raise ValueError("the metric broke on purpose")
+            return float((output.argmax(1) == target).sum()), target.shape[0]
+    '''))
+    out = tmp_path / "out"
+    rc = main(["compare", str(failing), "--arms", "plain,restarts", "--seeds", "2", "--epochs", "4",
+               "--patience", "2", "--batch-size", "30", "--no-latency", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "plain at seed 1: ValueError: the metric broke on purpose (from the model file's" in err
+    assert "2 finished run(s) are kept in" in err and "continues from them" in err
+
+    from pbp_fx.compare import RunSpec, run_arm
+
+    row = run_arm(_tiny_file(tmp_path), RunSpec("plain", 0, 1.0), BUDGET["config"],
+                  TrainConfig(epochs=3, batch_size=30, lr=1e30), latency=False)
+    assert row["skipped"].startswith("its training diverged (the loss is") and "the  phase" not in row["skipped"]
+
+
+def _tiny_file(tmp_path) -> str:
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY)
+    return str(path)
