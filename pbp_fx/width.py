@@ -119,11 +119,12 @@ def _fan_in(m: nn.Module) -> Optional[int]:
 
 
 def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], int],
-           example_kwargs: Optional[dict] = None) -> nn.Module:
+           example_kwargs: Optional[dict] = None) -> tuple[nn.Module, float]:
     """Remove channels from `model` in place: every dependency group of C channels in B blocks
     keeps `keep(C // B, group_index)` channels per block (the first ones: the model is at random
     init, so which channels go does not matter). Output layers keep their size. The model is
-    called as model(*example_inputs, **example_kwargs).
+    called as model(*example_inputs, **example_kwargs). Returns the model and the fraction of the
+    groups' channels kept: the width it has (rounding makes it differ from the one asked).
 
     Weights of layers whose fan-in shrank are rescaled by sqrt(old/new fan-in), so a default
     (fan-in scaled) initialisation keeps its variance at the new width.
@@ -147,6 +148,7 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
         # Layers no group reaches keep every channel (Torch-Pruning leaves a GRU/LSTM's weights whole)
         reached = {m for group in groups for item in group for m in (item.dep.source.module, item.dep.target.module)}
         unreached = {m: [p.shape for p in m.parameters(recurse=False)] for m in holders if m not in reached}
+        total = remaining = 0
         for index, group in enumerate(groups):
             root = group[0].dep
             channels = graph.get_out_channels(root.target.module)
@@ -155,6 +157,7 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
             blocks = _channel_groups(group)
             size = channels // blocks
             kept = min(size, max(1, keep(size, index)))
+            total, remaining = total + size * blocks, remaining + kept * blocks
             drop = [b * size + j for b in range(blocks) for j in range(kept, size)]
             if drop:
                 graph.get_pruning_group(root.target.module, root.handler, drop).prune()
@@ -190,7 +193,7 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
                 if m.bias is not None:
                     m.bias.mul_(math.sqrt(old / new))
     model.train()
-    return model
+    return model, (remaining / total if total else 1.0)
 
 
 @dataclass(frozen=True)
@@ -269,22 +272,22 @@ class WidthBuilder:
 
     def build(self, width: float = 1.0) -> nn.Module:
         """The model at `width` x its hidden channel counts (seed torch before calling)."""
+        return self._built(width)[0]
+
+    def _built(self, width: float) -> tuple[nn.Module, float]:
+        """The model at `width`, and the width it has (channel counts are whole numbers)."""
         self._check(width)
         if self.base_width is not None:
-            return self._build_channels(self.channels(width))[0]
+            model, channels = self._build_channels(self.channels(width))
+            return model, channels / self.base_width
         model = self.build_model()
         if width == 1:
-            return model
+            return model, 1.0
         return shrink(model, self._inputs(), lambda size, _i: round(size * width), self.example_kwargs())
 
     def scaled(self, width: float) -> ScaledModel:
-        if self.base_width is not None:
-            self._check(width)
-            model, channels = self._build_channels(self.channels(width))
-            width = channels / self.base_width
-        else:
-            model = self.build(width)
-        return ScaledModel(model, width, self.params(model), self.method)
+        model, built = self._built(width)
+        return ScaledModel(model, built, self.params(model), self.method)
 
     def for_params(self, target: float, tolerance: float = PARAM_TOLERANCE) -> ScaledModel:
         """A model of this structure with `target` parameters (+-tolerance): the nearest uniform
@@ -336,22 +339,25 @@ class WidthBuilder:
         # in one group, then in the first n groups, and keep the nearest count within tolerance.
         wide = widths[0]
 
-        def trim(groups: Callable[[int], bool]) -> nn.Module:
+        def trim(groups: Callable[[int], bool]) -> tuple[nn.Module, float]:
             torch.set_rng_state(rng)
-            return shrink(self.build(wide), self._inputs(), lambda size, i: size - (1 if groups(i) else 0),
-                          self.example_kwargs())
+            model, built = self._built(wide)
+            model, kept = shrink(model, self._inputs(), lambda size, i: size - (1 if groups(i) else 0),
+                                 self.example_kwargs())
+            return model, built * kept  # (about: the trimmed groups' share of the channels)
 
         found, previous = None, None
         for n in range(1, 1 << 12):
-            for model in (trim(lambda i, n=n: i == n - 1), trim(lambda i, n=n: i < n)):
+            for model, built in (trim(lambda i, n=n: i == n - 1), trim(lambda i, n=n: i < n)):
                 params = self.params(model)
                 if abs(params - target) <= tolerance * target and (
                         found is None or abs(params - target) < abs(found.params - target)):
-                    found = ScaledModel(model, wide, params, self.method + " + torch-pruning")
+                    found = ScaledModel(model, built, params, self.method + " + torch-pruning")
             if params == previous:  # every group has given a channel
                 break
             previous = params
         if found is not None:
             return found
+        torch.set_rng_state(rng)
         raise WidthError(f"no width of the model gets within {tolerance:.0%} of {target:.0f} parameters (nearest: "
-                         f"{count(best)} at width {best:g})")
+                         f"{count(best)} at width {self._built(best)[1]:g})")

@@ -300,7 +300,7 @@ def test_torch_pruning_notes_on_parameters_it_leaves_alone_are_not_shown():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with contextlib.suppress(WidthError):  # (whether Torch-Pruning narrows it is not the point)
-            shrink(WithGRU(), (torch.randn(2, 5, 4),), lambda size, _i: size // 2)
+            shrink(WithGRU(), (torch.randn(2, 5, 4),), lambda size, _i: size // 2)[0]
     assert not [w for w in caught if "Unwrapped parameters" in str(w.message)]
 
 
@@ -330,7 +330,7 @@ def test_layers_torch_pruning_leaves_whole_are_warned_of():
     """compare --width 0.5 on an Embedding + GRU model: 0.91x the parameters, only the Linear narrowed, no word."""
     ids = torch.randint(0, 10, (4, 7), generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match=r"leaves 1 layer\(s\) at full size \(gru\): the model is wider"):
-        model = shrink(_EmbedGRU(), (ids,), lambda size, _i: size // 2)
+        model = shrink(_EmbedGRU(), (ids,), lambda size, _i: size // 2)[0]
     assert model.fc.out_features == 6 and model.gru.hidden_size == 12
 
 
@@ -359,3 +359,18 @@ def test_models_every_hidden_layer_of_which_narrows_are_not_warned_of(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         shrink(model, inputs, lambda size, _i: size // 2)
+
+
+def test_a_pruned_model_reports_the_width_it_was_built_at():
+    """Without a width argument the channels are rounded per group: 6 channels at 0.25 kept 2 (1/3
+    of them), and the report said width 0.25, for plain-matched too ('nearest: 134 at width 0.58')."""
+    def build_model():
+        return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2))
+
+    builder = WidthBuilder(build_model, lambda: (torch.randn(2, 5),), None)
+    for asked, channels in ((0.25, 2), (0.417, 3), (0.5, 3), (1.0, 6)):
+        scaled = builder.scaled(asked)
+        assert scaled.model[0].out_features == channels
+        assert scaled.width == pytest.approx(channels / 6)
+    matched = builder.for_params(builder.params(builder.build(0.5)))
+    assert matched.width == pytest.approx(matched.model[0].out_features / 6)
