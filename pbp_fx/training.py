@@ -206,6 +206,13 @@ def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
             raise ValueError("the targets have the output's shape but do not sum to 1 over the classes (multi-label "
                              "targets?): the built-in accuracy scores one class per sample; give a metric of your own")
         target = target.argmax(1)
+    expected = logits.shape[:1] + logits.shape[2:]
+    if target.shape != expected:
+        classes_last = logits.dim() >= 3 and tuple(target.shape) == tuple(logits.shape[:-1])
+        hint = ("the classes look last ([N, ..., C]): return them on dim 1 (logits.movedim(-1, 1)) or give a metric of "
+                "your own" if classes_last else "give labels of that shape (y.squeeze(1) for [N, 1]) or a metric of your own")
+        raise ValueError(f"the built-in accuracy reads logits {list(logits.shape)} as [N, C, ...] with classes on dim 1 "
+                         f"and wants labels of shape {list(expected)}, not {list(target.shape)}: {hint}")
     kept = target != IGNORED_LABEL
     right = (logits.argmax(1) == target) & kept
     return float(right.sum()), int(kept.sum())

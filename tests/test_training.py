@@ -289,6 +289,11 @@ def test_the_built_in_accuracy_reads_classes_where_cross_entropy_does_and_refuse
         accuracy(torch.randn(2, 3), torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
     smoothed = torch.tensor([[0.9, 0.05, 0.05], [0.05, 0.05, 0.9]])  # soft targets still score
     assert accuracy(torch.tensor([[3.0, 0.0, 0.0], [3.0, 0.0, 0.0]]), smoothed) == (1.0, 2)
+    # a tagger's [B, T, C] with its own loss: argmax(1) read the time axis (or broadcast and failed)
+    with pytest.raises(ValueError, match=r"labels of shape \[2, 4\], not \[2, 5\]: the classes look last"):
+        accuracy(torch.randn(2, 5, 4), torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels of shape \[4\], not \[4, 1\]: give labels of that shape"):
+        accuracy(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long))  # [N, 1] broadcast to [N, N]
 
 
 def test_labels_of_minus_100_count_in_neither_the_default_loss_nor_the_accuracy():
