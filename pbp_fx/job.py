@@ -71,9 +71,12 @@ def _call_datasets(mod: ModuleType, seed: int):
         if isinstance(ds, torch.utils.data.IterableDataset):
             raise ModelFileError(f"the {name} dataset is an IterableDataset: datasets() must return map-style "
                                  "datasets (a TensorDataset, a list of (x, y) pairs)")
-        if isinstance(ds, (tuple, list)) and ds and all(isinstance(t, torch.Tensor) for t in ds):
+        # (a list of tensor samples is fine for a file's own collate_fn, which makes (input, target) batches of them)
+        own_collate = isinstance(ds, list) and getattr(mod, "collate_fn", None) is not None
+        if isinstance(ds, (tuple, list)) and ds and all(isinstance(t, torch.Tensor) for t in ds) and not own_collate:
             raise ModelFileError(f"the {name} dataset is a {type(ds).__name__} of tensors, not of (input, target) "
-                                 "samples: wrap them, TensorDataset(x, y)")
+                                 "samples: wrap them, TensorDataset(x, y), or return a Dataset or a list of (x, y) "
+                                 "pairs")
         try:
             size = len(ds)
         except TypeError:

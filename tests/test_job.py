@@ -964,3 +964,34 @@ def datasets():
     assert main(["train", model, "--out", str(run), "--epochs", "2", "--batch-size", "8", "--no-progress"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert 0.0 <= summary["test"] <= 1.0 and summary["epochs"] == 2
+
+
+def test_a_list_of_tensor_samples_is_a_dataset_when_the_file_has_its_own_collate_fn(tmp_path):
+    """A list of tensors was refused as '(x, y) tensor pairs' even when the file's collate_fn makes
+    (input, target) batches of them (a language model's sequences, targets shifted from inputs)."""
+    model = _write(tmp_path / "lm.py", """
+import torch
+from torch import nn
+
+class Next(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(6, 8), nn.Linear(8, 6)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids)).mean(1)
+
+def build_model(): return Next()
+def example_inputs(): return (torch.randint(0, 6, (2, 4)),)
+
+def collate_fn(samples):
+    ids = torch.stack(samples)
+    return ids[:, :-1], ids[:, -1]
+
+def datasets():
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 6, (5,), generator=g) for _ in range(40)]
+    return data[:24], data[24:32], data[32:]
+""")
+    assert main(["train", model, "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8",
+                 "--no-progress"]) == 0
