@@ -779,6 +779,11 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
             raise
         raise CompareError(f"{exc}; {len(kept.entries)} finished run(s) are kept in {kept.path}: the same command "
                            "continues from them while the model file and data are unchanged") from exc
+    if rows and all("skipped" in r for r in rows):  # (a table of "not run" rows would answer nothing)
+        first = rows[0]
+        kept.close()  # (kept, they would end the same command here again)
+        raise CompareError(f"no run finished: {first['arm']} at seed {first['seed']}: {first['skipped']}, and every "
+                           f"other run too: try a lower --lr (now {training.lr:g}) or check the data and model file")
     summary = summarize(rows, score)
     pairs = paired(rows, score=score)
     text = verdict(summary, pairs, score)

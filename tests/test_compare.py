@@ -559,6 +559,14 @@ def test_a_model_file_error_in_an_arm_is_one_line_naming_it_and_a_diverging_run_
     row = run_arm(_tiny_file(tmp_path), RunSpec("plain", 0, 1.0), BUDGET["config"],
                   TrainConfig(epochs=3, batch_size=30, lr=1e30), latency=False)
     assert row["skipped"].startswith("its training diverged (the loss is") and "the  phase" not in row["skipped"]
+    # every run diverged: the report of "not run" rows answered nothing, with exit 0
+    rc = main(["compare", _tiny_file(tmp_path), "--arms", "plain,restarts", "--seeds", "1", "--epochs", "2",
+               "--batch-size", "30", "--lr", "1e30", "--no-latency", "--out", str(tmp_path / "diverged")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "no run finished: plain at seed 0: its training diverged" in err and "try a lower --lr (now 1e+30)" in err
+    assert not (tmp_path / "diverged" / "compare.md").exists()
+    assert not (tmp_path / "diverged" / "compare.partial.json").exists()
 
 
 def _tiny_file(tmp_path) -> str:
