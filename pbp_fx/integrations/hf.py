@@ -52,6 +52,7 @@ class PBCallback(TrainerCallback):
         self._training = False
         self._other_datasets: dict = {}  # evaluation prefix -> metric names, since the last step
         self._round_has_metric = False  # an evaluation since the last step had the metric
+        self._round_due = False  # the Trainer evaluates after this step or epoch (control.should_evaluate)
         self._before_first_step = False  # eval_on_start's evaluation (of a fresh or a resumed run) comes now
         self._resumed_complete = False  # resumed from a checkpoint of a finished PB run
         self._applied_lr: Optional[float] = None
@@ -168,6 +169,8 @@ class PBCallback(TrainerCallback):
                 return  # another dataset of a round that has stepped already
             # eval_dataset as a dict: one evaluation per dataset, each with its own prefix (eval_<name>_...);
             # the metric comes with its own dataset's. A prefix seen twice without it: no dataset has it.
+            if prefix != "eval" and not self._round_due:
+                return  # trainer.evaluate(..., metric_key_prefix="eval_extra") of the user's own, between rounds
             if prefix != "eval" and prefix not in self._other_datasets:
                 self._other_datasets[prefix] = set(metrics)
                 return  # the round's other datasets come next; `_refuse_a_round_without_metric` checks after it
@@ -194,7 +197,14 @@ class PBCallback(TrainerCallback):
         evaluated and none had the metric."""
         if self._training and self._other_datasets:
             self._refuse_missing_metric({})
-        self._round_has_metric = False
+        self._round_has_metric = self._round_due = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # (the Trainer's DefaultFlowCallback, always the first callback, has decided by now)
+        self._round_due = self._round_due or control.should_evaluate
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._round_due = self._round_due or control.should_evaluate
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._training:

@@ -120,9 +120,10 @@ def test_an_evaluation_before_training_is_not_an_epoch_of_the_schedule(tmp_path,
         (h["epoch"], h["note"]) for h in cb.controller.history]
 
 
-def test_an_evaluation_of_the_users_own_under_another_prefix_is_not_the_schedules(tmp_path, perforated_bert):
-    """trainer.evaluate(train, metric_key_prefix="train") from a callback, at steps without the Trainer's
-    evaluation: it was taken for a dict eval_dataset's round without the metric, and training was refused."""
+@pytest.mark.parametrize("prefix", ["train", "eval_extra"])
+def test_an_evaluation_of_the_users_own_under_another_prefix_is_not_the_schedules(tmp_path, perforated_bert, prefix):
+    """trainer.evaluate(train, metric_key_prefix="train" or "eval_extra") from a callback, at steps without the
+    Trainer's evaluation: it was taken for a dict eval_dataset's round without the metric, and training was refused."""
     from transformers import TrainerCallback
 
     class TrainSetEvaluation(TrainerCallback):
@@ -130,7 +131,7 @@ def test_an_evaluation_of_the_users_own_under_another_prefix_is_not_the_schedule
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step % 2 == 1:
-                self.trainer.evaluate(eval_dataset=parity_tokens(64, 0), metric_key_prefix="train")
+                self.trainer.evaluate(eval_dataset=parity_tokens(64, 0), metric_key_prefix=prefix)
 
     own, cb = TrainSetEvaluation(), PBCallback(QUICK)
     trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=3, eval_strategy="steps", eval_steps=2)
@@ -139,7 +140,7 @@ def test_an_evaluation_of_the_users_own_under_another_prefix_is_not_the_schedule
     trainer.train()
     assert trainer.state.global_step == 12
     assert [h["epoch"] for h in cb.controller.history][:6] == [1, 2, 3, 4, 5, 6]  # one per eval_loss evaluation
-    assert len([r for r in trainer.state.log_history if "train_loss" in r and "train_runtime" in r]) >= 6
+    assert len([r for r in trainer.state.log_history if f"{prefix}_loss" in r and f"{prefix}_runtime" in r]) >= 6
 
 
 def test_bf16_on_cpu(tmp_path, perforated_bert):
