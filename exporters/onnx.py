@@ -61,13 +61,19 @@ from pbp_fx.site import FusedSite, Site
 from . import clip_after_site, output_weight_into_readers
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
 
-__all__ = ["export_onnx", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS"]
+__all__ = ["export_onnx", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS",
+           "MIN_OPSET", "MAX_OPSET"]
 
 log = logging.getLogger(__name__)
 
 # IR 10 is the first with function overloads; onnxruntime >= 1.16 reads it.
 MIN_IR_VERSION = 10
 MIN_OPSET = 18
+# The newest opset torch.onnx reaches with onnxscript's own version converter; above it, its fallback
+# to onnx's C API converter drops node metadata (the fused sites) and fails on ops such as Gelu.
+MAX_OPSET = 25
+# Conv and several other ops take bfloat16 from opset 22 on.
+BFLOAT16_OPSET = 22
 METADATA_KEYS = ("pbp_fx.version", "pbp_fx.sites", "pbp_fx.dendrites", "pbp_fx.activation",
                  "pbp_fx.fused", "pbp_fx.domain")
 _SITE_KEY = "pbp.site"  # node metadata: the site a fused node computes
@@ -885,6 +891,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     """
     if opset is not None and int(opset) < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the exporter and the fused ops need opset >= {MIN_OPSET}")
+    if opset is not None and int(opset) > MAX_OPSET:
+        raise ExportError(f"opset {opset} is newer than torch.onnx exports reliably: pass an opset from {MIN_OPSET} "
+                          f"to {MAX_OPSET}")
     target = _target(path)
     axes = check_dynamic_axes(dynamic_axes)
     inputs = graph_inputs(model, example_inputs, example_kwargs)
@@ -926,6 +935,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0]
+        if "tensor(bfloat16)" in first and opset < BFLOAT16_OPSET:
+            raise ExportError(f"an op of the model has no bfloat16 form at opset {opset} (Conv takes it from opset "
+                              f"{BFLOAT16_OPSET} on): pass opset={BFLOAT16_OPSET} (pbp-fx export --opset "
+                              f"{BFLOAT16_OPSET}), or export the model in float32") from e
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}") from e
     _write_atomic(proto.SerializeToString(), target)
     log.info("exported %s (%s, %d fused node(s), opset %d)", target, "fused" if fused else "unfused",

@@ -691,13 +691,13 @@ def export(args: argparse.Namespace) -> int:
     import torch
 
     from .exporters import export_onnx
-    from .exporters.onnx import MIN_OPSET, check_dynamic_axes
+    from .exporters.onnx import MAX_OPSET, MIN_OPSET, check_dynamic_axes
     from .modelfile import example_kwargs, instantiate
     from .perforated import perforate
 
-    newest = onnx.defs.onnx_opset_version()
+    newest = min(onnx.defs.onnx_opset_version(), MAX_OPSET)  # (MAX_OPSET: the newest torch.onnx reaches reliably)
     if args.opset is not None and not MIN_OPSET <= args.opset <= newest:
-        raise PBError(f"--opset {args.opset}: must be from {MIN_OPSET} to {newest} (this onnx's newest opset)")
+        raise PBError(f"--opset {args.opset}: must be from {MIN_OPSET} to {newest}")
     if os.path.isdir(args.source):
         raise PBError(f"{args.source} is a folder: pass a checkpoint in it "
                       f"({os.path.join(args.source, 'checkpoint.safetensors')}) or a model file")

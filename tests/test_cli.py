@@ -656,6 +656,7 @@ BAD_VALUES = [
     (["export", DIGITS_FILE, "-o", "OUT/m.onnx", "--opset", "-1"], "must be from 18"),
     (["export", DIGITS_FILE, "-o", "OUT/m.onnx", "--opset", "nan"], "not a whole number"),
     (["export", DIGITS_FILE, "-o", "OUT/m.onnx", "--opset", "9999"], "must be from 18"),
+    (["export", DIGITS_FILE, "-o", "OUT/m.onnx", "--opset", "26"], "--opset 26: must be from 18 to 25"),
     (["export", DIGITS_FILE, "-o", "FILE/m.onnx"], "is a file, not a directory"),
     (["export", DIGITS_FILE, "-o", "OUT/sub/m.onnx"], "does not exist; create it first"),
     (["export", "OUT/none.safetensors", "-o", "OUT/m.onnx"], "does not exist"),

@@ -888,3 +888,27 @@ def test_keyword_inputs_of_a_model_captured_in_parts_are_refused_with_the_way_ou
                                           r".*use_cache=False.*\(a model file: example_inputs\(\), not example_kwargs"):
         export_onnx(pm, {"x": x}, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_opsets_above_what_torch_onnx_reaches_reliably_are_refused_and_bfloat16_names_its_opset(tmp_path):
+    """Opset 26-28 went through onnx's C API converter, which dropped the fused nodes' metadata ('a
+    pbp-fx bug') or failed on Gelu; a bfloat16 conv at the default opset 18 failed in the checker."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GELU(), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    x = torch.randn(2, 3, 4, 4)
+    pm = pbp_fx.perforate(net, x, frontend="export")
+    pm.grow()
+    pm.eval()
+    with pytest.raises(ExportError, match="opset 26 is newer than torch.onnx exports reliably: pass an opset "
+                                          f"from 18 to {onnx_exporter.MAX_OPSET}"):
+        export_onnx(pm, x, tmp_path / "m.onnx", opset=26)
+    newest = onnx.load(str(export_onnx(pm, x, tmp_path / "m.onnx", opset=onnx_exporter.MAX_OPSET)))
+    onnx.checker.check_model(newest, full_check=True)  # (IR 13 at opset 25: past check_file's onnxruntime 1.31)
+    assert len(pbp_nodes(newest)) == 2 and default_opset(newest.opset_import) == onnx_exporter.MAX_OPSET
+    got = run(ort_session(tmp_path / "m.onnx", device="cpu", threads=1), (x.numpy(),))[0]
+    assert np.abs(got - pm(x).detach().numpy()).max() <= 1e-4
+    pm.to(torch.bfloat16)
+    with pytest.raises(ExportError, match=r"no bfloat16 form at opset 18 \(Conv takes it from opset 22 on\): "
+                                          "pass opset=22"):
+        export_onnx(pm, x.bfloat16(), tmp_path / "b.onnx")
+    assert not (tmp_path / "b.onnx").exists()
+    check_file(export_onnx(pm, x.bfloat16(), tmp_path / "b.onnx", opset=22), pm, fused=True)
