@@ -118,11 +118,11 @@ class PBCallback(TrainerCallback):
         if args.gradient_accumulation_steps > 1 and not pm.accepts_loss_kwargs and source is not None \
                 and takes_loss_keyword(source):
             warn_at_user(f"gradient_accumulation_steps={args.gradient_accumulation_steps}: the perforated model was "
-                         f"traced without the Trainer's {LOSS_KEYWORD}, so the Trainer averages each micro-batch's "
-                         f"mean loss where {type(source).__name__} normalises by the tokens (or samples) of the whole "
-                         "accumulation window; micro-batches with different counts (padding, -100 labels) then train "
-                         f"otherwise: perforate with example_kwargs holding '{LOSS_KEYWORD}': torch.tensor(<count>) "
-                         "to train as the original does")
+                         f"traced without the Trainer's {LOSS_KEYWORD}, so the Trainer divides each micro-batch's loss "
+                         f"by the accumulation steps itself, where for {type(source).__name__} it passes the count to "
+                         "the model's loss (a causal LM's normalises by the tokens of the whole window; a loss that "
+                         "ignores the count is not divided): the gradients can differ from the original's: perforate "
+                         f"with example_kwargs holding '{LOSS_KEYWORD}': torch.tensor(<count>) to train as it does")
         if self._structure_hook is not None:  # the checkpoint (if any) is loaded: later loads are PB's own
             self._structure_hook.remove()
             self._structure_hook = None
