@@ -32,7 +32,7 @@ from .controller import PhaseController, default_optimizer
 from .errors import DataError, ModelFileError, PBError, PBWarning, TrainingError, warn_at_user
 from .fileio import atomic_write, check_output_dir
 from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
-                        keyword_collate, load_model_file, task_functions, task_of, warn_unread_names)
+                        KeywordCollate, keyword_collate, load_model_file, task_functions, task_of, warn_unread_names)
 from .distributed import last_batch_is_lone
 from .passes.find_sites import site_filters
 from .perforated import perforate
@@ -226,7 +226,19 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                 continue
             output = None
             try:
-                inputs, target = split_batch((collate or default_collate)([ds[i] for i in range(min(n, size))]))
+                samples = [ds[i] for i in range(min(n, size))]
+                try:
+                    batch = (collate or default_collate)(samples)
+                except (ModelFileError, TrainingError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the model file's collate_fn: named, not "the model"
+                    if collate is None or isinstance(collate, KeywordCollate):
+                        raise
+                    first = (str(exc).strip().splitlines() or ["(no message)"])[0]
+                    raise TrainingError(f"the model file's collate_fn raised {type(exc).__name__}: {first} on the "
+                                        f"first {name} samples: fix collate_fn (it gets a list of the dataset's "
+                                        "samples and returns a batch (input, ..., target))") from exc
+                inputs, target = split_batch(batch)
                 strings = [leaf for leaf in torch.utils._pytree.tree_leaves(target) if isinstance(leaf, str)]
                 if strings:
                     raise TrainingError(f"the {name} targets are strings ({strings[0]!r}, ...), not numbers: map each "

@@ -60,14 +60,35 @@ def _to(batch, device):
     return batch
 
 
-def _raised_in_collate(exc: BaseException) -> bool:
-    """Whether the DataLoader's collate function raised `exc` (in this process or, by its
-    traceback text, in a worker), not the dataset reading a sample."""
+def _failed_step(exc: BaseException, loader) -> str:
+    """Which step of making a batch raised `exc`: "dataset" (reading a sample), "collate_fn" (a
+    collate function of the user's own) or "collate" (torch's default: samples that differ). By
+    the outermost of their frames in the traceback (a worker's is text): a collate_fn of one's
+    own may call torch's inside it."""
+    collate = getattr(loader, "collate_fn", None)
+    own = getattr(collate, "__code__", None)
+    if own is not None and own.co_filename.startswith(os.path.dirname(torch.__file__)):
+        own = None  # (torch's default collate; a callable object's frames say "collate" by name or not at all)
+    reader = getattr(getattr(type(getattr(loader, "dataset", None)), "__getitem__", None), "__code__", None)
     text = str(exc)
-    if "Original Traceback" in text:  # a worker's: its frames are text
-        return any(line.strip().startswith("File ") and "collate" in line for line in text.splitlines())
-    frames = traceback.extract_tb(exc.__traceback__)
-    return not frames or any("collate" in os.path.basename(f.filename) or "collate" in f.name for f in frames)
+    if "Original Traceback" in text:  # a worker's: its frames are text, 'File "path", line N, in name'
+        frames = []
+        for line in text.splitlines():
+            parts = line.strip().split('"')
+            if line.strip().startswith("File ") and len(parts) >= 3:
+                frames.append((parts[1], parts[2].rsplit(" in ", 1)[-1].strip()))
+    else:
+        frames = [(f.filename, f.name) for f in traceback.extract_tb(exc.__traceback__)]
+    if not frames:
+        return "collate"
+    for filename, name in frames:  # outermost first
+        if own is not None and (filename, name) == (own.co_filename, own.co_name):
+            return "collate_fn"
+        if reader is not None and (filename, name) == (reader.co_filename, reader.co_name):
+            return "dataset"
+        if "collate" in os.path.basename(filename) or "collate" in name:
+            return "collate"
+    return "dataset"
 
 
 def batches(loader, data: str):
@@ -84,9 +105,13 @@ def batches(loader, data: str):
             lines = str(exc).strip().splitlines() or [""]
             # A DataLoader worker's error carries the original traceback: its last line ("Type: message") says why.
             why = lines[-1] if "Original Traceback" in str(exc) else f"{type(exc).__name__}: {lines[0]}"
-            if not _raised_in_collate(exc):  # the dataset's own __getitem__ (or sampler) raised it
+            step = _failed_step(exc, loader)
+            if step == "dataset":  # the dataset's own __getitem__ (or sampler) raised it
                 raise DataError(f"the {data} dataset raised an error while reading a sample ({why}): fix the "
                                 "dataset or what it reads") from exc
+            if step == "collate_fn":
+                raise DataError(f"the collate_fn raised an error making a batch of the {data} data ({why}): fix "
+                                "collate_fn") from exc
             raise DataError(f"the {data} data could not be made into a batch ({why}): give every sample the same "
                             "structure and shapes") from exc
         yield batch

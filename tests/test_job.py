@@ -133,6 +133,10 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
     ("class names as labels", lambda t: [_write(t / "m.py", GOOD.replace(
         "    return d, d, d", "    d = [(x, 'cat' if y else 'dog') for x, y in d]\n    return d, d, d"))],
      "the training targets are strings ('dog', ...), not numbers: map each class name to an integer label"),
+    ("a collate_fn that raises", lambda t: [_write(t / "m.py", GOOD + (
+        "def collate_fn(samples):\n    return torch.stack([s['x'] for s in samples]), None\n"))],
+     "the model file's collate_fn raised TypeError: tuple indices must be integers or slices, not str on the first "
+     "training samples: fix collate_fn"),
     ("unknown TASK", lambda t: [_write(t / "m.py", BAD_TASK)], "TASK = 'ranking' is not one of classification, regression"),
     ("missing model file", lambda t: ["/nonexistent/model.py"], "does not exist"),
     ("NaN in validation data", lambda t: [_write(t / "m.py", NAN_VAL)], "validation data holds NaN/Inf"),

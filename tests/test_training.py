@@ -130,6 +130,16 @@ def test_a_sample_of_another_shape_is_a_data_error_naming_the_data():
             evaluate(_pm(), loader, data="validation")
         assert "shapes" not in str(info.value)
 
+    # A collate_fn of one's own that raises was 'the dataset raised an error while reading a sample'
+    def pad(samples):
+        return torch.stack([x for x, _ in samples]), torch.tensor([int(y["label"]) for _, y in samples])
+
+    for workers in (0, 1):
+        loader = DataLoader(_data(16), batch_size=8, collate_fn=pad, num_workers=workers)
+        with pytest.raises(pbp_fx.TrainingError, match=r"the collate_fn raised an error making a batch of the "
+                                                       r"validation data \(.*IndexError.*\): fix collate_fn"):
+            evaluate(_pm(), loader, data="validation")
+
 
 def test_non_finite_loss_is_reported():
     pm = _pm()
