@@ -537,7 +537,7 @@ def _train_args() -> tuple:
         arg("--nproc", type=_number(int, "--nproc"), default=None, metavar="N",
             help="train on N local processes with torchrun and DDP (gloo on CPU, nccl on GPU); "
                  "--batch-size stays the global batch (default: 1; with --resume, the run's own)"),
-        arg("--dist-timeout", type=_number(float, "--dist-timeout"), default=300.0, metavar="SECONDS",
+        arg("--dist-timeout", type=_number(float, "--dist-timeout"), default=None, metavar="SECONDS",
             help="with --nproc: how long a process waits for the others before it stops (default: 300)"),
         arg("--resume", metavar="DIR", default=None,
             help="continue the run whose --out folder is DIR, with its own settings (from its last epoch); "
@@ -553,7 +553,7 @@ def train(args: argparse.Namespace) -> int:
 
     if args.nproc is not None and args.nproc < 1:
         raise PBError(f"--nproc {args.nproc}: must be at least 1")
-    if not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
+    if args.dist_timeout is not None and not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
         raise PBError(f"--dist-timeout {args.dist_timeout}: must be a finite number of seconds greater than 0")
     world = torchrun_world_size()
     if args.resume is not None:
@@ -572,6 +572,9 @@ def train(args: argparse.Namespace) -> int:
     else:
         config, training = configs_from_args(args)
     args.nproc = 1 if args.nproc is None else args.nproc
+    if args.dist_timeout is not None and args.nproc == 1 and world == 1:
+        raise PBError(f"--dist-timeout {args.dist_timeout:g} is for training on several processes: add --nproc N, "
+                      "or drop it")
     if args.nproc > 1 and world == 1:
         # The launcher: the same command on N processes (each sees torchrun's environment).
         if training.batch_size % args.nproc:
@@ -591,7 +594,8 @@ def train(args: argparse.Namespace) -> int:
             return EXIT_ERROR
         raise PBError(f"training on {args.nproc} processes failed (torchrun exit status {launched.status}): "
                       "see the lines above")
-    distributed = Distributed.init(timeout=args.dist_timeout) if world > 1 else None
+    distributed = Distributed.init(timeout=300.0 if args.dist_timeout is None else args.dist_timeout) \
+        if world > 1 else None
     name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
     try:
         if args.resume is not None:

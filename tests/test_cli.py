@@ -645,6 +645,8 @@ BAD_VALUES = [
         ("--nproc", "-2", "at least 1"), ("--dist-timeout", "0", "greater than 0"), ("--dist-timeout", "nan", "finite"),
         ("--dist-timeout", "-1", "greater than 0"),
     ]],
+    (["train", DIGITS_FILE, "--dist-timeout", "60"], "--dist-timeout 60 is for training on several processes: "
+                                                     "add --nproc N, or drop it"),  # (it was ignored)
     (["train", DIGITS_FILE, "--out", "FILE/run"], "is a file, not a directory"),
     (["train", DIGITS_FILE, "--out", ""], "argument --out: an empty path"),  # (it trained into runs/<name>)
     (["export", DIGITS_FILE, "-o", " "], "argument -o/--out: an empty path"),
