@@ -30,7 +30,7 @@ from .config import PBConfig
 from .controller import inner_optimizer
 from .errors import CheckpointError, NoSitesError, PBWarning
 from .fileio import atomic_write
-from .perforated import PerforatedModel, perforate
+from .perforated import PerforatedModel, perforate, perforated_inside
 from .inputs import inputs_from_signature
 from .site import is_wide_statistic
 
@@ -98,8 +98,9 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
     from . import __version__
 
     if not isinstance(pm, PerforatedModel):
-        raise CheckpointError(f"save() writes a PerforatedModel, got {type(pm).__name__}: perforate it first, or "
-                              "torch.save(model.state_dict(), path) for a plain model")
+        raise CheckpointError(f"save() writes a PerforatedModel, got {type(pm).__name__}: "
+                              + (perforated_inside(pm) or "perforate it first, or torch.save(model.state_dict(), path) "
+                                 "for a plain model"))
     _check_belongs(pm, controller, optimizer, "save")
     tensors: dict = {}
     plain: dict = {}
@@ -359,6 +360,10 @@ def _check_belongs(pm, controller, optimizer, call: str) -> None:
                               "model from a base model or build function)") + ": pm = pbp_fx.load(path, build), then "
                               "ctl = PhaseController(pm, config) and pbp_fx.load(path, pm, controller=ctl, "
                               "optimizer=ctl.optimizer)")
+    if optimizer is not None and not isinstance(pm, PerforatedModel):  # (load: a new model is made)
+        raise CheckpointError("load(optimizer=) restores an optimizer of the model it loads into, but load makes a new "
+                              "model from a base model or build function: pm = pbp_fx.load(path, build), then build "
+                              "the optimizer over pm and pbp_fx.load(path, pm, optimizer=optimizer)")
     if optimizer is not None and isinstance(pm, PerforatedModel):
         held = {id(p) for g in inner_optimizer(optimizer).param_groups for p in g["params"]}
         if held and not any(id(p) in held for p in pm.parameters()):
@@ -368,6 +373,9 @@ def _check_belongs(pm, controller, optimizer, call: str) -> None:
 
 
 def _load(path, model, example_inputs, controller, optimizer, example_kwargs) -> PerforatedModel:
+    if perforated_inside(model):  # (else it would be taken for a base model and perforated again)
+        raise CheckpointError(f"load() loads into a PerforatedModel or a base model, got {type(model).__name__}: "
+                              f"{perforated_inside(model)}")
     _check_belongs(model, controller, optimizer, "load")
     meta, tensors = _read(path)
     if controller is not None and meta["format"] == FORMAT_V1 and "controller" in meta:

@@ -52,7 +52,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ConfigError, PBConfig
 from .errors import warn_at_user
-from .perforated import PerforatedModel, outside_inference_mode
+from .perforated import PerforatedModel, outside_inference_mode, perforated_inside
 from .schedule import Action, Kind, PhaseSchedule
 
 __all__ = ["PhaseController", "Decision", "rebind_optimizer", "default_optimizer"]
@@ -199,7 +199,8 @@ class PhaseController:
                  parameter_groups: Optional[Callable] = None, **overrides):
         if not isinstance(pm, PerforatedModel):
             raise ConfigError(f"PhaseController controls a PerforatedModel, got {type(pm).__name__}: "
-                              "pm = pbp_fx.perforate(model, example_inputs), then PhaseController(pm)")
+                              + (perforated_inside(pm) or "pm = pbp_fx.perforate(model, example_inputs), then "
+                                 "PhaseController(pm)"))
         config = PBConfig.coerce(config, "PhaseController's config")
         if config is None:
             config = PBConfig(mode=pm.mode, activation=pm.activation)

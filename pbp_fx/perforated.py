@@ -21,7 +21,7 @@ from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
 from .tracing import DYNAMIC_CHOICES, parts_model, trace
 
-__all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode"]
+__all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside"]
 
 
 def outside_inference_mode(method):
@@ -656,6 +656,18 @@ def _format_where_it_fits(fn: Callable, stacked: set) -> Callable:
             probe = fn(t.new_empty(0))  # (a 1-D tensor: the format does not apply)
             return t.to(device=probe.device, dtype=probe.dtype)
     return apply
+
+
+def perforated_inside(obj) -> str:
+    """How to reach the PerforatedModel that `obj` wraps (torch.compile's OptimizedModule, DDP, a
+    module holding it) as advice, e.g. "it wraps a PerforatedModel: pass that (model._orig_mod)";
+    "" when it holds none, or is one."""
+    if isinstance(obj, PerforatedModel) or not isinstance(obj, nn.Module):
+        return ""
+    inside = [name for name, m in obj.named_modules() if isinstance(m, PerforatedModel)]
+    if not inside:
+        return ""
+    return f"it wraps a PerforatedModel: pass that (model.{inside[0]})"
 
 
 def _attribute_path(obj, path: list):

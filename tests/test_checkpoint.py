@@ -657,7 +657,7 @@ def test_loading_an_optimizer_from_a_checkpoint_without_its_state_is_refused(tmp
     fresh = torch.optim.Adam(pm.parameters())
     with pytest.raises(pbp_fx.CheckpointError, match=r"has no optimizer state \(saved without optimizer=\): load it "
                                                      r"without optimizer="):
-        pbp_fx.load(path, _build, optimizer=fresh)
+        pbp_fx.load(path, pm, optimizer=fresh)
     from pbp_fx.checkpoint import load_optimizer
 
     with pytest.raises(pbp_fx.CheckpointError, match=r"has no optimizer state"):
@@ -704,3 +704,24 @@ def test_another_optimizer_class_is_refused_before_anything_loads(tmp_path):
     mine = MyAdam(list(again.trainable_parameters()), 1e-2)
     pbp_fx.load(path, again, optimizer=mine)
     assert len(mine.state) == len(opt.state)
+
+
+def test_a_compiled_model_is_refused_naming_the_perforated_model_inside_and_load_into_a_new_model_takes_no_optimizer(
+        tmp_path):
+    """save(torch.compile(pm)) and PhaseController(torch.compile(pm)) said "perforate it first"; load(path,
+    build, optimizer=opt) restored opt, which holds the parameters of no model that load returns."""
+    pm, opt = _trained_pm()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path, optimizer=opt)
+    compiled = torch.compile(pm)
+    with pytest.raises(pbp_fx.CheckpointError, match=r"got OptimizedModule: it wraps a PerforatedModel: pass that "
+                                                     r"\(model._orig_mod\)"):
+        pbp_fx.save(compiled, path)
+    with pytest.raises(pbp_fx.ConfigError, match=r"got OptimizedModule: it wraps a PerforatedModel: pass that"):
+        pbp_fx.PhaseController(compiled)
+    with pytest.raises(pbp_fx.CheckpointError, match=r"load makes a new model from a base model or build function: "
+                                                     r"pm = pbp_fx.load\(path, build\), then build the optimizer"):
+        pbp_fx.load(path, _build, optimizer=opt)
+    with pytest.raises(pbp_fx.CheckpointError, match=r"got OptimizedModule: it wraps a PerforatedModel: pass that"):
+        pbp_fx.load(path, compiled)
+    pbp_fx.load(path, pm, optimizer=opt)  # (into the model the optimizer trains: restored)
