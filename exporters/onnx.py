@@ -385,9 +385,12 @@ def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynam
                               "pass dynamic_batch=False (pbp-fx export --static-batch)")
         sizes = {int(t.shape[0]) for t in tensors}
         if len(sizes) != 1:
-            raise ExportError(f"example inputs disagree on the batch size (dim 0: {sorted(sizes)}): "
-                              "give them one batch size, or pass dynamic_batch=False "
-                              "(pbp-fx export --static-batch)")
+            shown = ", ".join(f"{n} {int(t.shape[0])}" for n, t in zip(names, inputs)
+                              if isinstance(t, Tensor) and t.dim() > 0)
+            raise ExportError(f"example inputs disagree on the batch size (dim 0: {shown}): give them one batch "
+                              "size, or pass dynamic_batch=False (pbp-fx export --static-batch) with dynamic_axes "
+                              "naming each input's batch dim (--dynamic-axis h0:1=batch for an RNN state "
+                              "[layers, batch, hidden])")
         if sizes == {1}:
             inputs = tuple(t.expand(2, *t.shape[1:]).clone() if isinstance(t, Tensor) and t.dim() > 0 else t
                            for t in inputs)

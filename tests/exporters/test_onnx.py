@@ -912,3 +912,27 @@ def test_opsets_above_what_torch_onnx_reaches_reliably_are_refused_and_bfloat16_
         export_onnx(pm, x.bfloat16(), tmp_path / "b.onnx")
     assert not (tmp_path / "b.onnx").exists()
     check_file(export_onnx(pm, x.bfloat16(), tmp_path / "b.onnx", opset=22), pm, fused=True)
+
+
+def test_an_rnn_state_with_its_batch_on_dim_1_exports_with_the_axes_the_error_names(tmp_path):
+    """(x [B, T, F], h0 [L, B, H], c0 [L, B, H]): the error named only --static-batch, which fixes the batch;
+    the named axes tie x's dim 0 to the states' dim 1 and the file runs at another batch."""
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = torch.nn.LSTM(4, 8, batch_first=True), torch.nn.Linear(8, 3)
+
+        def forward(self, x, h0, c0):
+            return self.fc(self.lstm(x, (h0, c0))[0][:, -1])
+
+    example = (torch.randn(2, 5, 4), torch.zeros(1, 2, 8), torch.zeros(1, 2, 8))
+    pm = pbp_fx.perforate(Tagger(), example)
+    pm.grow()
+    pm.eval()
+    with pytest.raises(ExportError, match=r"\(dim 0: x 2, h0 1, c0 1\): .*--dynamic-axis h0:1=batch for an RNN state"):
+        export_onnx(pm, example, tmp_path / "m.onnx")
+    path = export_onnx(pm, example, tmp_path / "m.onnx", dynamic_batch=False,
+                       dynamic_axes={"x": {0: "batch"}, "h0": {1: "batch"}, "c0": {1: "batch"}})
+    wider = (torch.randn(3, 5, 4), torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+    got = run(ort_session(path, device="cpu", threads=1), tuple(t.numpy() for t in wider))[0]
+    assert np.abs(got - pm(*wider).detach().numpy()).max() <= 1e-4
