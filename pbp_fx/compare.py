@@ -734,7 +734,13 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
                                f"renamed?): give its path, pbp-fx compare FILE --pb-run {pb_run}")
         run_saved_identity = scope["identity"]
         include, exclude, seeds, given = scope["include"], scope["exclude"], 1, [pb_row]
+        if arms is not None and "original" in arms:  # (it stands beside arms narrower than width 1)
+            raise CompareError(f"--pb-run {pb_run}: arm 'original' is the model at width 1 beside narrower arms, but "
+                               "the run's arms are at its own width: drop it")
         arms = [a for a in (arms or ("plain", "restarts")) if a != "pb"]
+        if not arms:
+            raise CompareError(f"--pb-run {pb_run} is the pb arm: give the arms to compare it with, e.g. --arms "
+                               "plain,restarts")
         latency = False  # the run's model is not rebuilt here; no arm gets a latency, to stay comparable
     seeds = 3 if seeds is None else seeds
     config, training = config or PBConfig(), training or TrainConfig()

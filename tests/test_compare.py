@@ -531,6 +531,14 @@ def test_a_pb_run_whose_model_file_moved_takes_its_new_path(tiny, tmp_path, caps
     err = capsys.readouterr().err
     assert "does not exist (moved or renamed?): give its path, pbp-fx compare FILE --pb-run" in err, err
     assert main(["compare", moved, "--pb-run", run, "--arms", "plain", "--no-latency"]) == 0
+    # arms that cannot stand beside the run: 'original' (no narrower arm), pb alone (a report of the run only)
+    for arms, said in (("original", "arm 'original' is the model at width 1 beside narrower arms, but the run's "
+                                    "arms are at its own width: drop it"),
+                       ("pb", "is the pb arm: give the arms to compare it with, e.g. --arms plain,restarts")):
+        capsys.readouterr()
+        assert main(["compare", moved, "--pb-run", run, "--arms", arms, "--no-latency"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
     open(moved, "a").write("\n# edited\n")  # another file's content is still refused
     assert main(["compare", moved, "--pb-run", run, "--arms", "plain", "--no-latency"]) == 2
     assert "the run's model file changed since it trained" in capsys.readouterr().err
