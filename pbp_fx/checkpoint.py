@@ -373,9 +373,10 @@ def _check_belongs(pm, controller, optimizer, call: str) -> None:
 
 
 def _load(path, model, example_inputs, controller, optimizer, example_kwargs) -> PerforatedModel:
-    if perforated_inside(model):  # (else it would be taken for a base model and perforated again)
+    wrapped = perforated_inside(model)  # (else it would be taken for a base model and perforated again)
+    if wrapped:
         raise CheckpointError(f"load() loads into a PerforatedModel or a base model, got {type(model).__name__}: "
-                              f"{perforated_inside(model)}")
+                              f"{wrapped}")
     _check_belongs(model, controller, optimizer, "load")
     meta, tensors = _read(path)
     if controller is not None and meta["format"] == FORMAT_V1 and "controller" in meta:

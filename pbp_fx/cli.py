@@ -573,8 +573,8 @@ def train(args: argparse.Namespace) -> int:
         config, training = configs_from_args(args)
     args.nproc = 1 if args.nproc is None else args.nproc
     if args.dist_timeout is not None and args.nproc == 1 and world == 1:
-        raise PBError(f"--dist-timeout {args.dist_timeout:g} is for training on several processes: add --nproc N, "
-                      "or drop it")
+        raise PBError(f"--dist-timeout {args.dist_timeout:g} is for training on several processes: add --nproc N "
+                      "(N >= 2), or drop it")
     if args.nproc > 1 and world == 1:
         # The launcher: the same command on N processes (each sees torchrun's environment).
         if training.batch_size % args.nproc:

@@ -4,6 +4,7 @@ The loop is ordinary PyTorch; PB adds only the controller's decision after each 
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -66,7 +67,10 @@ def _failed_step(exc: BaseException, loader) -> str:
     the outermost of their frames in the traceback (a worker's is text): a collate_fn of one's
     own may call torch's inside it."""
     collate = getattr(loader, "collate_fn", None)
-    own = getattr(collate, "__code__", None)
+    while isinstance(collate, functools.partial):
+        collate = collate.func
+    # (a function's code, else a callable object's __call__)
+    own = getattr(collate, "__code__", None) or getattr(getattr(type(collate), "__call__", None), "__code__", None)
     if own is not None and own.co_filename.startswith(os.path.dirname(torch.__file__)):
         own = None  # (torch's default collate; a callable object's frames say "collate" by name or not at all)
     reader = getattr(getattr(type(getattr(loader, "dataset", None)), "__getitem__", None), "__code__", None)

@@ -646,7 +646,7 @@ BAD_VALUES = [
         ("--dist-timeout", "-1", "greater than 0"),
     ]],
     (["train", DIGITS_FILE, "--dist-timeout", "60"], "--dist-timeout 60 is for training on several processes: "
-                                                     "add --nproc N, or drop it"),  # (it was ignored)
+                                                     "add --nproc N (N >= 2), or drop it"),  # (it was ignored)
     (["train", DIGITS_FILE, "--out", "FILE/run"], "is a file, not a directory"),
     (["train", DIGITS_FILE, "--out", ""], "argument --out: an empty path"),  # (it trained into runs/<name>)
     (["export", DIGITS_FILE, "-o", " "], "argument -o/--out: an empty path"),

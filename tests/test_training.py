@@ -1,4 +1,5 @@
 """fit(): the loop, its history, optimizer rebuilding and its errors."""
+import functools
 import pytest
 import torch
 import torch.nn as nn
@@ -134,8 +135,12 @@ def test_a_sample_of_another_shape_is_a_data_error_naming_the_data():
     def pad(samples):
         return torch.stack([x for x, _ in samples]), torch.tensor([int(y["label"]) for _, y in samples])
 
-    for workers in (0, 1):
-        loader = DataLoader(_data(16), batch_size=8, collate_fn=pad, num_workers=workers)
+    class Pad:  # (a callable object and a partial are named too)
+        def __call__(self, samples, scale=1):
+            return pad(samples)
+
+    for workers, collate in ((0, pad), (1, pad), (0, Pad()), (0, functools.partial(Pad(), scale=2))):
+        loader = DataLoader(_data(16), batch_size=8, collate_fn=collate, num_workers=workers)
         with pytest.raises(pbp_fx.TrainingError, match=r"the collate_fn raised an error making a batch of the "
                                                        r"validation data \(.*IndexError.*\): fix collate_fn"):
             evaluate(_pm(), loader, data="validation")
