@@ -113,6 +113,8 @@ class _Emitter:
             raise Unsupported(f"call of {n.target} with {len(n.args)} arguments")
         x = self.tensor(n.args[0])
         xv = self.values[n.args[0]]
+        if getattr(m, "inplace", False):
+            self._check_in_place(n)
         if isinstance(m, _ExportedSite):
             spec = m.spec
             if spec.padding_mode != "zeros":
@@ -169,6 +171,20 @@ class _Emitter:
         else:
             raise Unsupported(f"module {type(m).__name__}")
         self.names[n] = out
+
+    def _check_in_place(self, n: fx.Node) -> None:
+        """An in-place layer emits as a pure op only where nothing reads the changed tensor afterwards.
+
+        ONNX values are immutable: a later reader of the input (or of a view sharing its storage)
+        would see the value from before the change, where torch sees the one after.
+        """
+        storage = self.values[n.args[0]].untyped_storage().data_ptr()
+        aliases = {v for v, value in self.values.items() if v is not n and isinstance(value, torch.Tensor)
+                   and value.untyped_storage().data_ptr() == storage}
+        order = {v: i for i, v in enumerate(self.gm.graph.nodes)}
+        if any(v.op == "placeholder" for v in aliases) or any(
+                order[u] > order[n] for v in aliases for u in v.users if u not in aliases):
+            raise Unsupported(f"{n.target} changes in place a tensor read after it")
 
     def _pool(self, n, m, x: str, xv: torch.Tensor) -> str:
         nd = xv.dim() - 2
