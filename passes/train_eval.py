@@ -141,6 +141,14 @@ def _mutates(node: fx.Node) -> bool:
     return bool(schema is not None and schema.is_mutable)
 
 
+def _feeds_only_updates(node: fx.Node) -> bool:
+    """Whether every reader of `node` updates it in place and feeds nothing else, transitively.
+
+    A batch norm called twice captures `num_batches_tracked.add_(1)` then `add_.add_(1)`: the
+    first update's one reader is the second update, so both are train-only bookkeeping."""
+    return all(_mutates(u) and u.args and u.args[0] is node and _feeds_only_updates(u) for u in node.users)
+
+
 # Ops that read only the shape of their tensor input: a mask sized like x is not computed from x.
 _SIZE_FUNCTIONS = {_aten.sym_size.int, _aten.size.default, getattr}
 _SIZE_METHODS = {"size", "dim"}
@@ -366,7 +374,8 @@ def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: boo
         if t is not None and t.op == "get_attr":
             i += 1  # read by train-only nodes (else a node using it does not match)
             continue
-        if t is not None and not t.users and t.op in ("call_function", "call_method"):
+        if t is not None and t.op in ("call_function", "call_method") and (
+                not t.users or _mutates(t) and _feeds_only_updates(t)):
             if _mutates(t) or any(n in noise for n in t.all_input_nodes):
                 train_only.append(t)  # e.g. num_batches_tracked.add_(1), or a check of a mask eval mode lacks
             i += 1  # otherwise a check without a value: harmless in eval mode too

@@ -184,6 +184,35 @@ def test_chained_mode_dependent_ops_merge(frontend, start_in_train, pb):
     assert not _switches(pm.finalize())
 
 
+class SharedBatchNorm(nn.Module):
+    """One conv + batch norm block applied to two inputs (a siamese encoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Linear(12, 2)
+
+    def forward(self, a, b):
+        encode = lambda x: torch.relu(self.bn(self.conv(x))).mean((2, 3))  # noqa: E731
+        return self.head(torch.cat([encode(a), encode(b)], 1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_batch_norm_called_twice_follows_the_mode(frontend, pb):
+    """torch.export captures its second `num_batches_tracked` update as `add_.add_(1)`: the merge gave
+    up on the first update (it has a reader), so eval mode updated the running statistics."""
+    model, a, b = SharedBatchNorm(), torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pbp_fx.PBWarning)
+        pm = pbp_fx.perforate(model, (a, b), frontend=frontend)
+    assert pm.graph_module.meta["pbp_modes"] == "train+eval"
+    for training in (True, False, True):
+        model.train(training)
+        pm.train(training)
+        assert pb.max_diff(pm(a, b), model(a, b)) == 0
+    assert int(pm.graph_module.get_submodule("bn").num_batches_tracked) == 4
+    assert pb.max_diff(pm.finalize()(a, b), model.eval()(a, b)) == 0
+
+
 def test_a_refused_merge_leaves_the_train_graph_untouched():
     aten = torch.ops.aten
     train = _graph(lambda g, x: g.call_function(aten.relu.default, (g.call_function(aten.dropout.default,
