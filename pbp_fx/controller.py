@@ -405,8 +405,7 @@ class PhaseController:
             s = target / lr if lr > 0 else 1.0
             scale.append(s)
             g["lr"] = lr * s if lr > 0 else target
-        for sch in self.schedulers:
-            self._scale_schedulers(sch, scale, divide=False)
+        self._rescale_schedulers(scale, entering=True)
         self._hold_plateaus()
         self.lr_scale = scale
 
@@ -448,25 +447,46 @@ class PhaseController:
         self._uncap_dendrite_lr(self.optimizer, (), {})
         if self.lr_scale is None:
             return
-        floor = self._unscaled_floor()
+        floor = self._unscaled_floor(self.lr_scale)
         starts = self.phase_start_lrs or [None] * len(self.lr_scale)
         for g, s, start in zip(self.optimizer.param_groups, self.lr_scale, starts):
             # a group the user froze with lr 0 ran the phase at candidate_lr (factor 1): it goes back to 0
             g["lr"] = 0.0 if start == 0 else _unscaled_lr(float(g["lr"]), s, start, floor)
-        for sch in self.schedulers:
-            self._scale_schedulers(sch, self.lr_scale, divide=True)
+        self._rescale_schedulers(self.lr_scale, entering=False)
         self._release_plateaus()
         self.lr_scale = self.phase_start_lrs = None
 
-    def _unscaled_floor(self) -> float:
+    def _unscaled_floor(self, scale: list[float]) -> float:
         """The eta_min of a CosineAnnealingLR that alone set the rates in this dendrite phase and
         kept its floor unscaled (groups with different factors share it), else 0. Inside a
         SequentialLR or ChainedScheduler other schedulers move the rates too: there the factor is
         divided out (exact when the cosine was not the one running)."""
-        if len(set(self.lr_scale)) == 1 or len(self.schedulers) != 1:
+        if len(set(scale)) == 1 or len(self.schedulers) != 1:
             return 0.0
         (sch,) = self.schedulers
         return float(sch.eta_min) if isinstance(sch, torch.optim.lr_scheduler.CosineAnnealingLR) else 0.0
+
+    def _rescale_schedulers(self, scale: list[float], entering: bool) -> None:
+        """Scale (unscale) what the schedulers compute rates from, entering (leaving) a phase.
+
+        Under an unscaled cosine floor, base_lrs follow the rates' affine map, not the factor: at
+        its turning point the chained cosine adds (base_lr - eta_min) * (1 - cos(pi / T_max)) / 2 to
+        each rate, which keeps (lr - eta_min) proportional to the neuron run's only when
+        (base_lr - eta_min) maps the same way."""
+        floor = self._unscaled_floor(scale)
+        if not floor:
+            for sch in self.schedulers:
+                self._scale_schedulers(sch, scale, divide=not entering)
+            return
+        def mapped(base: float, s: float, start: Optional[float]) -> float:
+            if start is None or start == floor or start * s == floor:  # no affine map: the factor
+                return base * s if entering else base / s
+            k = (start * s - floor) / (start - floor)  # (lr - floor) of the phase's run / the neuron run's
+            return floor + (base - floor) * (k if entering else 1 / k)
+
+        (sch,) = self.schedulers  # a lone CosineAnnealingLR: base_lrs are all _scale_schedulers would scale
+        starts = self.phase_start_lrs or [None] * len(scale)
+        sch.base_lrs = [mapped(float(b), s, start) for b, s, start in zip(sch.base_lrs, scale, starts)]
 
     def _hold_plateaus(self) -> None:
         """Keep ReduceLROnPlateau schedulers from cutting the lr in the dendrite phase.

@@ -1,5 +1,6 @@
 """PhaseController decisions on scripted validation-score sequences (docs/algorithm.md)."""
 import decimal
+import functools
 import warnings
 
 import numpy as np
@@ -461,6 +462,10 @@ def test_new_parameters_join_their_neurons_group():
 
 COSINE_FLOORS = {
     "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=100, eta_min=0.005),
+    # turning points (the chained form adds (base_lr - eta_min) * (1 - cos(pi / T_max)) / 2 there)
+    # fall in dendrite phases: base_lrs map as the rates do
+    **{f"cosine T_max={t}": functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=t, eta_min=0.005)
+       for t in (7, 12, 17)},
     # the phases fall in the warm-up: the factor's division is exact there, the cosine formula is not
     "warmup then cosine": lambda o: torch.optim.lr_scheduler.SequentialLR(
         o, [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=100),
