@@ -211,13 +211,15 @@ def _swap_fused_sites(root: nn.Module) -> tuple[nn.Module, dict[str, FusedOpSpec
 
 def _prepare(model: nn.Module) -> tuple[nn.Module, dict[str, int], str]:
     """(an eval-mode module safe to modify, {site: K}, activation)."""
-    from pbp_fx.perforated import PerforatedModel
+    from pbp_fx.perforated import PerforatedModel, perforated_inside
 
     if isinstance(model, PerforatedModel):
         module = model.finalize()  # a new eval-mode GraphModule; `model` is untouched
         return _root_of_parts(module), dict(model.num_dendrites), model.activation
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx needs a PerforatedModel or an nn.Module, got {type(model).__name__}")
+    if inside := perforated_inside(model):  # its sites would be exported unfinalized, unfused
+        raise ExportError(f"export_onnx got a {type(model).__name__}: {inside}; it is finalized and fused there")
     sites = [m for m in model.modules() if isinstance(m, (Site, FusedSite))]
     dendrites = {m.name: m.num_dendrites for m in sites}
     activation = ",".join(sorted({m.activation for m in sites})) or "none"

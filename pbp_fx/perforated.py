@@ -667,7 +667,21 @@ def perforated_inside(obj) -> str:
     inside = [name for name, m in obj.named_modules() if isinstance(m, PerforatedModel)]
     if not inside:
         return ""
-    return f"it wraps a PerforatedModel: pass that (model.{inside[0]})"
+    return f"it wraps a PerforatedModel: pass that (model{_access_path(obj, inside[0])})"
+
+
+def _access_path(obj: nn.Module, name: str) -> str:
+    """Python that reaches submodule `name` of obj: ".encoder[0]['head']" for "encoder.0.head"."""
+    out = ""
+    for part in name.split("."):
+        if isinstance(obj, (nn.Sequential, nn.ModuleList)) and part.isdigit():
+            out += f"[{part}]"
+        elif isinstance(obj, nn.ModuleDict):
+            out += f"[{part!r}]"
+        else:
+            out += f".{part}"
+        obj = obj.get_submodule(part)
+    return out
 
 
 def _attribute_path(obj, path: list):

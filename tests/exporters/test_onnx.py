@@ -936,3 +936,29 @@ def test_an_rnn_state_with_its_batch_on_dim_1_exports_with_the_axes_the_error_na
     wider = (torch.randn(3, 5, 4), torch.randn(1, 3, 8), torch.randn(1, 3, 8))
     got = run(ort_session(path, device="cpu", threads=1), tuple(t.numpy() for t in wider))[0]
     assert np.abs(got - pm(*wider).detach().numpy()).max() <= 1e-4
+
+
+class _Holder(torch.nn.Module):
+    """A training wrapper (a LightningModule's shape) holding the perforated model."""
+
+    def __init__(self, pm):
+        super().__init__()
+        self.blocks = torch.nn.ModuleDict({"net": torch.nn.Sequential(pm)})
+
+    def forward(self, x):
+        return self.blocks["net"](x)
+
+
+def test_a_module_holding_a_perforated_model_is_refused_with_the_path_to_it(tmp_path):
+    """Its sites were exported unfinalized and unfused, with a warning that none was on the eval path."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    pm = pbp_fx.perforate(model, (torch.randn(2, 4),))
+    pm.grow()
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match=r"^export_onnx got a _Holder: it wraps a PerforatedModel: pass that "
+                                          r"\(model\.blocks\['net'\]\[0\]\); it is finalized and fused there$"):
+        export_onnx(_Holder(pm), (torch.randn(2, 4),), path)
+    assert not path.exists()
+    holder = _Holder(pm)
+    export_onnx(holder.blocks["net"][0], (torch.randn(2, 4),), path)  # the advice, followed
+    assert sum(n.domain == DOMAIN for n in onnx.load(str(path)).graph.node) == len(pm.sites)
