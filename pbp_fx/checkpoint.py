@@ -38,6 +38,7 @@ __all__ = ["save", "load", "load_optimizer", "read_structure", "read_extra", "re
 
 FORMAT = "pbp-fx-checkpoint/2"
 FORMAT_V1 = "pbp-fx-checkpoint/1"
+_GENERATOR_KEY = "controller/generator"  # the controller's candidate generator state
 
 
 def _split_state(prefix: str, state: dict, tensors: dict, plain: dict) -> None:
@@ -116,6 +117,7 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
         best = cs.pop("best_state")
         if best is not None:
             _split_state("best/", best, tensors, plain)
+        tensors[_GENERATOR_KEY] = cs.pop("generator")  # (bytes: a tensor, not JSON)
         meta["controller"] = cs
         meta["config"] = controller.config.to_dict()
     if optimizer is not None:
@@ -418,13 +420,18 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     pm.loaded_from = os.path.abspath(path)
     if controller is not None and "controller" in meta:
         _warn_changed_settings(meta, controller, path)
-        cs = dict(meta["controller"])
-        best = _collect("best/", tensors, plain)
-        cs["best_state"] = best or None
-        controller.load_state_dict(cs)
+        controller.load_state_dict(_controller_state(meta, tensors, plain))
     if optimizer is not None:
         _load_optimizer(meta, tensors, plain, optimizer)
     return pm
+
+
+def _controller_state(meta: dict, tensors: dict, plain: dict) -> dict:
+    """The controller's state_dict as save() split it (JSON, best weights, generator state)."""
+    cs = dict(meta["controller"])
+    cs["best_state"] = _collect("best/", tensors, plain) or None
+    cs["generator"] = tensors.get(_GENERATOR_KEY)  # (None in a checkpoint saved before it existed)
+    return cs
 
 
 def _warn_changed_settings(meta: dict, controller, path: str) -> None:
@@ -505,9 +512,7 @@ def load_controller(path: str, controller) -> None:
                               f"dendrites {[r['dendrites'] for r in meta['structure']['sites']][:4]}...) than the model "
                               f"(phase {here['phase']}): load it onto the model first with pbp_fx.load(path, model)")
     _warn_changed_settings(meta, controller, path)
-    cs = dict(meta["controller"])
-    cs["best_state"] = _collect("best/", tensors, meta.get("plain", {})) or None
-    controller.load_state_dict(cs, keep_optimizer_state=True)
+    controller.load_state_dict(_controller_state(meta, tensors, meta.get("plain", {})), keep_optimizer_state=True)
 
 
 def load_optimizer(path: str, optimizer: torch.optim.Optimizer) -> None:

@@ -220,6 +220,11 @@ class PhaseController:
         self.model = pm
         self.best_state: Optional[dict] = None
         self.history: list[dict] = []
+        # Candidates and grown dendrites draw from a generator of their own, saved with the state:
+        # a resumed run draws what the uninterrupted run drew, however many numbers the framework
+        # took from torch's global generator meanwhile (Lightning draws a DataLoader seed on restart).
+        # Seeded from torch.initial_seed(): torch.manual_seed(s) before a run makes it reproducible.
+        self.generator = torch.Generator().manual_seed(torch.initial_seed())
         # Per group, the factor applied to lr (and scheduler base_lrs) in the dendrite phase,
         # and the group's lr when the phase started.
         self.lr_scale: Optional[list[float]] = None
@@ -466,16 +471,18 @@ class PhaseController:
         (sch,) = self.schedulers
         return float(sch.eta_min) if isinstance(sch, torch.optim.lr_scheduler.CosineAnnealingLR) else 0.0
 
-    def _rescale_schedulers(self, scale: list[float], entering: bool) -> None:
-        """Scale (unscale) what the schedulers compute rates from, entering (leaving) a phase.
+    def _rescale_schedulers(self, scale: list[float], entering: bool, schedulers: Optional[list] = None) -> None:
+        """Scale (unscale) what `schedulers` (default: all attached) compute rates from, entering
+        (leaving) a phase whose groups started at `phase_start_lrs`.
 
         Under an unscaled cosine floor, base_lrs follow the rates' affine map, not the factor: at
         its turning point the chained cosine adds (base_lr - eta_min) * (1 - cos(pi / T_max)) / 2 to
         each rate, which keeps (lr - eta_min) proportional to the neuron run's only when
         (base_lr - eta_min) maps the same way."""
+        schedulers = self.schedulers if schedulers is None else schedulers
         floor = self._unscaled_floor(scale)
         if not floor:
-            for sch in self.schedulers:
+            for sch in schedulers:
                 self._scale_schedulers(sch, scale, divide=not entering)
             return
         def mapped(base: float, s: float, start: Optional[float]) -> float:
@@ -484,9 +491,9 @@ class PhaseController:
             k = (start * s - floor) / (start - floor)  # (lr - floor) of the phase's run / the neuron run's
             return floor + (base - floor) * (k if entering else 1 / k)
 
-        (sch,) = self.schedulers  # a lone CosineAnnealingLR: base_lrs are all _scale_schedulers would scale
         starts = self.phase_start_lrs or [None] * len(scale)
-        sch.base_lrs = [mapped(float(b), s, start) for b, s, start in zip(sch.base_lrs, scale, starts)]
+        for sch in schedulers:  # the lone CosineAnnealingLR (or none): base_lrs are all it has to scale
+            sch.base_lrs = [mapped(float(b), s, start) for b, s, start in zip(sch.base_lrs, scale, starts)]
 
     def _hold_plateaus(self) -> None:
         """Keep ReduceLROnPlateau schedulers from cutting the lr in the dendrite phase.
@@ -515,9 +522,9 @@ class PhaseController:
     def _begin_round(self) -> None:
         cfg = self.config
         if cfg.mode == "gd":
-            self.pm.grow("random")
+            self.pm.grow("random", self.generator)
             return
-        self.pm.start_dendrite_phase(**cfg.dendrite_phase_kwargs())
+        self.pm.start_dendrite_phase(**cfg.dendrite_phase_kwargs(), generator=self.generator)
         self._enter_dendrite_lr()
 
     def _execute(self, action: Action) -> None:
@@ -604,7 +611,7 @@ class PhaseController:
                 "phase_start_lrs": None if self.phase_start_lrs is None else list(self.phase_start_lrs),
                 "left_out": sorted(n for n, p in self.pm.named_parameters() if p in self._left_out),
                 "plateau_held": {str(i): dict(v) for i, v in self.plateau_held.items()},
-                "best_state": self.best_state}
+                "generator": self.generator.get_state(), "best_state": self.best_state}
 
     @outside_inference_mode
     def load_state_dict(self, state: dict, keep_optimizer_state: bool = False) -> None:
@@ -615,22 +622,24 @@ class PhaseController:
         self.schedule.load_state_dict(state["schedule"])
         self.history = copy.deepcopy(state["history"])
         scale = None if state.get("lr_scale") is None else list(state["lr_scale"])
-        for sch in self.schedulers:  # attached before: from this controller's factor to the saved one
-            if any(sch is c for c in self._carry_saved_scale):
-                continue  # restored from the run (attach_scheduler(scaled=True)): it has the saved factor
-            if self.lr_scale is not None:
-                self._scale_schedulers(sch, self.lr_scale, divide=True)
-            if scale is not None:
-                self._scale_schedulers(sch, scale, divide=False)
+        # Schedulers attached before: from this controller's factor to the saved one; those restored
+        # from the run (attach_scheduler(scaled=True)) have the saved factor already.
+        fresh = [sch for sch in self.schedulers if not any(sch is c for c in self._carry_saved_scale)]
+        if self.lr_scale is not None:
+            self._rescale_schedulers(self.lr_scale, entering=False, schedulers=fresh)
+        self.phase_start_lrs = state.get("phase_start_lrs")
+        if scale is not None:
+            self._rescale_schedulers(scale, entering=True, schedulers=fresh)
         self.lr_scale = scale
         self._carry_saved_scale = []  # every scheduler carries this controller's (now the saved) factor
-        self.phase_start_lrs = state.get("phase_start_lrs")
         if not self._left_out_known and state.get("left_out"):
             params = dict(self.pm.named_parameters())
             for name in state["left_out"]:
                 if name in params:
                     self._left_out[params[name]] = True
         self.plateau_held = {int(i): dict(v) for i, v in state.get("plateau_held", {}).items()}
+        if state.get("generator") is not None:  # (a state saved before it existed: keep this run's)
+            self.generator.set_state(state["generator"])
         self.best_state = state["best_state"]
         lrs = state.get("lrs")
         if self.lr_scale is not None and lrs is not None and len(lrs) == len(self.optimizer.param_groups):

@@ -347,23 +347,27 @@ class LayerCopies(nn.Module):
         names = ["weight", "bias", "norm_weight", "norm_bias", "running_mean", "running_var"]
         return {n: getattr(self, n) for n in names if getattr(self, n, None) is not None}
 
-    def reset_parameters(self, init: str = "default", scale: float = 1.0) -> None:
-        """init: "default" (the layer type's own init), "kaiming" (N(0, 2/fan_in)), "normal" (N(0, 0.01^2))."""
+    def reset_parameters(self, init: str = "default", scale: float = 1.0,
+                         generator: Optional[torch.Generator] = None) -> None:
+        """init: "default" (the layer type's own init), "kaiming" (N(0, 2/fan_in)), "normal" (N(0, 0.01^2)).
+
+        generator: a CPU generator to draw from (None: torch's global one); the values are drawn
+        on the CPU and copied, so they do not depend on the device."""
+        if init not in ("default", "kaiming", "normal"):
+            raise ConfigError(f"unknown init {init!r}: use 'default', 'kaiming' or 'normal'")
         with torch.no_grad():
             fan_in = math.prod(self.layer.weight_shape[1:])
-            for w in self.weight:
-                if init == "default":
-                    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-                elif init == "kaiming":
-                    w.normal_(0.0, math.sqrt(2.0 / fan_in))
-                elif init == "normal":
-                    w.normal_(0.0, 0.01)
-                else:
-                    raise ConfigError(f"unknown init {init!r}: use 'default', 'kaiming' or 'normal'")
-            self.weight.mul_(scale)
+            drawn = torch.empty(self.weight.shape, dtype=torch.float32)
+            if init == "default":  # kaiming_uniform_(a=sqrt(5)) on each copy: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                bound = 1 / math.sqrt(fan_in)
+                drawn.uniform_(-bound, bound, generator=generator)
+            else:
+                drawn.normal_(0.0, math.sqrt(2.0 / fan_in) if init == "kaiming" else 0.01, generator=generator)
+            self.weight.copy_(drawn.mul_(scale))
             if self.bias is not None:
                 if init == "default":
-                    self.bias.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+                    bound = 1 / math.sqrt(fan_in)
+                    self.bias.copy_(torch.empty(self.bias.shape).uniform_(-bound, bound, generator=generator))
                 else:
                     self.bias.zero_()
 

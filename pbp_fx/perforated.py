@@ -378,11 +378,12 @@ class PerforatedModel(nn.Module):
                 for n, s in self.sites.items()]
 
     @outside_inference_mode
-    def grow(self, init: str = "random") -> None:
-        """Install one dendrite per site with fresh weights (V = 0: the output does not change)."""
+    def grow(self, init: str = "random", generator: Optional[torch.Generator] = None) -> None:
+        """Install one dendrite per site with fresh weights (V = 0: the output does not change);
+        drawn from `generator` (a CPU torch.Generator; None: torch's global one)."""
         self._require_phase("neuron", "grow")
         for s in self.sites.values():
-            s.grow(init)
+            s.grow(init, generator)
 
     def finalize(self) -> fx.GraphModule:
         """An eval-only GraphModule: dendrites fused into their neurons, no scaffolding."""
@@ -397,8 +398,9 @@ class PerforatedModel(nn.Module):
 
     @outside_inference_mode
     def start_dendrite_phase(self, pool: int = 4, init: str = "kaiming", init_scale: float = 1.0,
-                             **stats) -> None:
-        """Attach P candidates to every site and freeze everything else (mode "pb" only).
+                             generator: Optional[torch.Generator] = None, **stats) -> None:
+        """Attach P candidates to every site and freeze everything else (mode "pb" only); their
+        weights are drawn from `generator` (a CPU torch.Generator; None: torch's global one).
 
         In this phase the model's output is unchanged; `loss.backward()` trains only the
         candidates (through the covariance with each site's error), so the optimizer must
@@ -408,7 +410,7 @@ class PerforatedModel(nn.Module):
             raise RuntimeError("the dendrite phase exists only in mode 'pb' (mode 'gd' grows random dendrites)")
         self._require_phase("neuron", "start_dendrite_phase")
         for s in self.sites.values():
-            s.start_candidates(pool, init, init_scale, **stats)
+            s.start_candidates(pool, init, init_scale, generator, **stats)
             s.candidates.grad_scaler = self.grad_scaler
         cand = {id(p) for s in self.sites.values() for p in s.candidates.parameters()}
         cand_buffers = {id(b) for s in self.sites.values() for b in s.candidates.buffers()}

@@ -83,7 +83,8 @@ class CandidatePool(nn.Module):
     def __init__(self, layer: LayerSpec, norm: Optional[NormSpec], pool: int, installed: int,
                  activation: str, init: str = "kaiming", init_scale: float = 1.0,
                  ema: float = 0.99, warmup: Optional[int] = None, threshold: float = 0.01,
-                 bias_correction: bool = True, split: bool = True, stride: int = 1, device=None, dtype=None):
+                 bias_correction: bool = True, split: bool = True, stride: int = 1, device=None, dtype=None,
+                 generator: Optional[torch.Generator] = None):
         super().__init__()
         if not 0.0 < ema < 1.0:
             raise ConfigError(f"ema={ema}: the EMA decay must be in (0, 1)")
@@ -102,7 +103,7 @@ class CandidatePool(nn.Module):
         c = layer.channels
         fk = {"device": device, "dtype": dtype}
         self.copies = LayerCopies(strided or layer, norm, pool, **fk)
-        self.copies.reset_parameters(init, init_scale)
+        self.copies.reset_parameters(init, init_scale, generator)
         # Cascade weights from installed dendrites, stored [P, C, K] so rows lead with (p, c).
         # Empty (no installed dendrite) it has nothing to train: frameworks that build optimizers from
         # requires_grad (the HF Trainer) must not count it.
@@ -387,20 +388,20 @@ class Site(nn.Module):
         self.cascade = nn.Parameter(u, requires_grad=trainable)
         self.out_weight = nn.Parameter(v_all)
 
-    def grow(self, init: str = "random") -> None:
+    def grow(self, init: str = "random", generator: Optional[torch.Generator] = None) -> None:
         """Install one dendrite with fresh weights (the layer's own init); U and V start at 0."""
         if init != "random":
             raise ConfigError(f"grow(init={init!r}): only 'random' is supported; "
                              "correlation-trained dendrites come from install_candidates()")
         fresh = LayerCopies(self.layer, self.norm, 1, **self._factory())
-        fresh.reset_parameters("default")
+        fresh.reset_parameters("default", generator=generator)
         self._append(fresh.row_tensors(), torch.zeros(self.channels, self.num_dendrites), torch.zeros(self.channels))
 
     def start_candidates(self, pool: int = 4, init: str = "kaiming", init_scale: float = 1.0,
-                         **stats) -> CandidatePool:
+                         generator: Optional[torch.Generator] = None, **stats) -> CandidatePool:
         """Attach a fresh pool of P candidates (PB_SPEC §4); they add exactly 0 to the output."""
         self.candidates = CandidatePool(self.layer, self.norm, pool, self.num_dendrites, self.activation,
-                                        init, init_scale, **stats, **self._factory())
+                                        init, init_scale, **stats, **self._factory(), generator=generator)
         self.candidates.train(self.training)
         return self.candidates
 

@@ -415,6 +415,23 @@ def test_controller_config_and_model_reference_are_recorded(tmp_path):
     assert sites[0]["layer"]["kind"] == "linear" and sites[0]["norm_spec"]["eps"] == 1e-5
 
 
+def test_the_controllers_candidate_generator_comes_back(tmp_path):
+    """Both loaders: the next candidates are those the saved controller would draw."""
+    pm, _ = _trained_pm()
+    ctl = PhaseController(pm, pbp_fx.PBConfig(pool=3))
+    ctl.generator.manual_seed(77)
+    torch.rand(3, generator=ctl.generator)  # a state no seed gives
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path, controller=ctl)
+    want = ctl.generator.get_state()
+    fresh = PhaseController(pbp_fx.load(path, _build, (X,)), pbp_fx.PBConfig(pool=3))
+    pbp_fx.load(path, fresh.pm, controller=fresh)
+    assert torch.equal(fresh.generator.get_state(), want)
+    other = PhaseController(pbp_fx.load(path, _build, (X,)), pbp_fx.PBConfig(pool=3))
+    pbp_fx.checkpoint.load_controller(path, other)
+    assert torch.equal(other.generator.get_state(), want)
+
+
 def test_a_strided_pool_comes_back_strided_and_trains_alike(tmp_path):
     def build():
         torch.manual_seed(0)

@@ -715,3 +715,39 @@ def test_a_scheduler_of_another_optimizer_is_refused():
         ctl.attach_scheduler(torch.optim.lr_scheduler.OneCycleLR(other, max_lr=0.1, total_steps=10))
     ctl.attach_scheduler(torch.optim.lr_scheduler.StepLR(ctl.optimizer, 5))  # its own: taken
     assert len(ctl.schedulers) == 1
+
+
+def _candidates(pm) -> list:
+    return [s.candidates.copies.weight.detach().clone() for s in pm.sites.values()]
+
+
+@pytest.mark.parametrize("mode", ["pb", "gd"])
+def test_candidates_come_from_the_controllers_generator_and_its_state_resumes(mode):
+    """Draws from torch's global generator between rounds (a framework's DataLoader seed on restart)
+    do not change the candidates; a controller loaded from a state_dict draws what the saved one would."""
+    def first_round(draw_between: bool):
+        torch.manual_seed(5)
+        pm = _pm(mode)
+        ctl = PhaseController(pm, patience=1)
+        if draw_between:
+            torch.rand(100)
+        _step_until_restructured(ctl)
+        return pm, ctl
+
+    def drawn(pm):
+        return _candidates(pm) if mode == "pb" else [s.dendrites.weight.clone() for s in pm.sites.values()]
+
+    (a, ctl), (b, _) = first_round(False), first_round(True)
+    assert all(torch.equal(x, y) for x, y in zip(drawn(a), drawn(b)))
+    if mode == "gd":
+        return
+    ctl.pm.abort_dendrite_phase()  # (to draw a second pool from ctl's generator below)
+    saved = ctl.state_dict()
+    want = torch.Generator().set_state(saved["generator"]).get_state()
+    resumed = PhaseController(_pm(), patience=1)
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.generator.get_state(), want)
+    torch.manual_seed(123)  # another global state: the next candidates are the saved controller's
+    resumed.pm.start_dendrite_phase(generator=resumed.generator)
+    ctl.pm.start_dendrite_phase(generator=ctl.generator)
+    assert all(torch.equal(x, y) for x, y in zip(_candidates(resumed.pm), _candidates(ctl.pm)))

@@ -180,15 +180,17 @@ def test_lightning_refusals():
                                                       train, val)
 
 
-@pytest.mark.parametrize("phase,module,stride", [("neuron", Classifier, 1), ("dendrite", Classifier, 1),
-                                                 ("neuron", OneCycleClassifier, 1), ("dendrite", LazyClassifier, 1),
-                                                 ("dendrite", GroupedClassifier, 1), ("complete", Classifier, 1),
-                                                 ("dendrite", Classifier, 2)])
-def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module, stride):
+@pytest.mark.parametrize("phase,module,stride,every", [
+    ("neuron", Classifier, 1, 1), ("dendrite", Classifier, 1, 1), ("neuron", OneCycleClassifier, 1, 1),
+    ("dendrite", LazyClassifier, 1, 1), ("dendrite", GroupedClassifier, 1, 1), ("complete", Classifier, 1, 1),
+    ("dendrite", Classifier, 2, 1), ("neuron", Classifier, 1, 2)])
+def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module, stride, every):
     """trainer.fit(..., ckpt_path=...) from a checkpoint taken in a neuron phase (the candidates are
     drawn after the resume) or inside a dendrite phase makes the uninterrupted run's decisions with
     its scores; candidate_stride=2: the pools came back at stride 1; OneCycleClassifier: the generator
-    was restored after the resumed epoch's DataLoader had drawn from it, one draw behind."""
+    was restored after the resumed epoch's DataLoader had drawn from it, one draw behind;
+    check_val_every_n_epoch=2: Lightning draws a DataLoader seed from torch's generator once more on
+    restart, so candidates drawn from that generator differed (they come from the controller's own)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(ckpt_path=None, save=False, **kw):
@@ -200,7 +202,7 @@ def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module, stri
         saver = [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")] if save else []
         trainer = L.Trainer(max_epochs=60, callbacks=[cb, *saver], accelerator="cpu", devices=1, logger=False,
                             enable_checkpointing=save, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0, **kw)
+                            num_sanity_val_steps=0, check_val_every_n_epoch=every, **kw)
         trainer.fit(module(pm), train, val, ckpt_path=ckpt_path)
         runs.append((trainer, pm, cb.controller))
         return cb.controller.history
@@ -209,7 +211,7 @@ def test_lightning_resumes_from_its_own_checkpoint(tmp_path, phase, module, stri
     whole = run(save=True)
     epoch = next(h["epoch"] for h in whole if h["phase"] == "dendrite")  # 1-based: the first dendrite epoch
     # 0-based file names: after the first epoch, after the second dendrite-phase epoch, after the last
-    ckpt = tmp_path / f"epoch={ {'neuron': 0, 'dendrite': epoch, 'complete': len(whole) - 1}[phase] }.ckpt"
+    ckpt = tmp_path / f"epoch={ {'neuron': every - 1, 'dendrite': epoch, 'complete': len(whole) - 1}[phase] }.ckpt"
     finished = pytest.warns(UserWarning, match=r"this PB run is complete \(.*\), so this fit trains nothing")
     with finished if phase == "complete" else contextlib.nullcontext():
         again = run(ckpt_path=str(ckpt))
