@@ -49,6 +49,8 @@ class PBCallback(Callback):
         self._fitting = False  # between on_fit_start and on_fit_end (still set after a fit that raised)
         self._structure_hook = None  # while fitting starts: see setup()
         self._held_stoppers: dict = {}  # EarlyStopping index -> its patience, while a dendrite phase holds it
+        self._before_validation: dict = {}  # callback_metrics as a validation run began (see on_validation_end)
+        self._warned_not_validation = False
 
     # -- checkpoints: Lightning saves and restores a callback's state_dict -----------------
     def state_dict(self) -> dict:
@@ -141,6 +143,9 @@ class PBCallback(Callback):
         for scheduler_config in trainer.lr_scheduler_configs:
             self.controller.attach_scheduler(scheduler_config.scheduler)
 
+    def on_validation_start(self, trainer, pl_module):
+        self._before_validation = dict(trainer.callback_metrics)
+
     def on_validation_end(self, trainer, pl_module):
         if trainer.state.fn != TrainerFn.FITTING or self.controller.done:
             return
@@ -155,13 +160,24 @@ class PBCallback(Callback):
                                f"{near[0]!r}?); it is refused at the first validation if it is still missing")
             return
         if self.monitor not in metrics:
-            raise TrainingError(self._not_logged(metrics))
+            raise TrainingError(self._not_logged(metrics, trainer.logged_metrics))
+        if self._before_validation.get(self.monitor) is metrics[self.monitor] and not self._warned_not_validation:
+            # Lightning computes each logged validation value anew at the run's end; this one is the
+            # object it was before: training_step (or another hook) logged it.
+            self._warned_not_validation = True
+            rank_zero_warn(f"PBCallback follows {self.monitor!r}, which this validation run did not log (it comes "
+                           "from training): PB's rounds should rest on held-out scores; self.log a metric in "
+                           "validation_step and pass monitor= it")
         decision = self.controller.step(float(metrics[self.monitor]))
         self._hold_early_stopping(trainer)
         if decision is Decision.COMPLETE:
             trainer.should_stop = True
 
-    def _not_logged(self, metrics) -> str:
+    def _not_logged(self, metrics, logged) -> str:
+        if self.monitor in logged:  # sent to the loggers, but not aggregated over the run
+            return (f"PBCallback: {self.monitor!r} was logged per step only (on_step=True, on_epoch=False), so a "
+                    f"validation run gives no one score: self.log({self.monitor!r}, ..., on_epoch=True) in "
+                    "validation_step (the default there)")
         return (f"PBCallback: {self.monitor!r} was not logged in validation (logged: "
                 f"{', '.join(sorted(metrics)) or 'nothing'}): self.log({self.monitor!r}, ...) in validation_step, "
                 "or pass monitor= one of those")

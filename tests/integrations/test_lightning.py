@@ -1,6 +1,7 @@
 """pbp_fx.integrations.lightning.PBCallback in a real lightning.pytorch.Trainer (small CNN, CPU)."""
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -178,6 +179,36 @@ def test_lightning_refusals():
     with pytest.raises(TrainingError, match="configure_optimizers returned none"):
         _trainer(PBCallback(QUICK), max_epochs=1).fit(NoOptimizer(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))),
                                                       train, val)
+
+
+def test_a_monitor_logged_per_step_or_in_training_is_named():
+    """Logged with on_step=True only in validation, the message said it was not logged at all; a
+    training metric was followed in silence."""
+    train, val = digits_loaders()
+
+    class PerStep(Classifier):
+        def validation_step(self, batch, _):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self.model(x), y), on_step=True, on_epoch=False)
+
+    with pytest.raises(TrainingError, match=r"^PBCallback: 'val_loss' was logged per step only \(on_step=True, "
+                                            r"on_epoch=False\).*on_epoch=True\) in validation_step"):
+        _trainer(PBCallback(QUICK), max_epochs=1).fit(PerStep(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))),
+                                                      train, val)
+
+    class LogsTraining(Classifier):
+        def training_step(self, batch, i):
+            loss = super().training_step(batch, i)
+            self.log("train_loss", loss)
+            return loss
+
+    pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+    with pytest.warns(UserWarning, match="PBCallback follows 'train_loss', which this validation run did not log"):
+        _trainer(PBCallback(QUICK, monitor="train_loss"), max_epochs=2).fit(LogsTraining(pm), train, val)
+    with warnings.catch_warnings():  # a validation metric: no such warning
+        warnings.filterwarnings("error", message="PBCallback follows")
+        _trainer(PBCallback(QUICK, monitor="val_loss"), max_epochs=2).fit(
+            LogsTraining(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
 
 
 @pytest.mark.parametrize("phase,module,stride,every", [
