@@ -587,6 +587,9 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
                           "it), 'batch' (the batch dim only) or False (static shapes)", "dynamic", dynamic)
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
+    # Capture runs the model: one that writes its input in place (ReLU(inplace=True) on x) would
+    # change the caller's tensors.
+    example_inputs, example_kwargs = _tensors_copied((example_inputs, example_kwargs))
     include, exclude = site_filters(include, exclude)  # checked before any work; searched twice below
     model = copy.deepcopy(model)
     _warn_dropped_checkpointing(model)
@@ -607,6 +610,17 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
                # a graph that follows one mode only follows the mode the model was captured in
                "one_mode": ("train" if model.training else "eval") if gm.meta.get("pbp_modes_reason") else None}
     return PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
+
+
+def _tensors_copied(obj):
+    """obj with every tensor in its tuples, lists and dicts cloned (the containers rebuilt)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if type(obj) in (tuple, list):
+        return type(obj)(_tensors_copied(v) for v in obj)
+    if type(obj) is dict:
+        return {k: _tensors_copied(v) for k, v in obj.items()}
+    return obj
 
 
 def _warn_dropped_checkpointing(model: nn.Module) -> None:

@@ -1098,3 +1098,23 @@ def test_a_parts_graph_takes_the_trainers_loss_keyword_as_the_original_does():
     x = torch.randn(3, 4)
     with torch.no_grad():
         assert torch.equal(pm(x, num_items_in_batch=4), original(x, num_items_in_batch=4))
+
+
+class WritesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(8, 8), nn.ReLU(inplace=True)
+
+    def forward(self, x, extra=None):
+        self.act(x)
+        return self.fc(x) if extra is None else self.fc(x) + extra.relu_()
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_perforate_leaves_the_callers_example_inputs_as_they_were(frontend):
+    """A model that writes its input in place changed the caller's example tensors."""
+    x, extra = torch.randn(4, 8), torch.randn(4, 8)
+    before = (x.clone(), extra.clone())
+    pm = pbp_fx.perforate(WritesItsInput(), (x,), example_kwargs={"extra": extra}, frontend=frontend)
+    assert torch.equal(x, before[0]) and torch.equal(extra, before[1])
+    assert pm.sites  # (the copies were captured)
