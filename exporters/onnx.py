@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
@@ -437,6 +438,31 @@ def _output_names(out) -> Optional[list[str]]:
     return None  # nested outputs (a dict: `_leaf_names` names them after the export)
 
 
+def _not_a_tensor(out, where: str = "output") -> str:
+    """The first part of an example output ONNX cannot return, described ("" when there is none);
+    Nones are left out as the exporter leaves them."""
+    if out is None or isinstance(out, Tensor):
+        return ""
+    if isinstance(out, dict):  # (a Hugging Face ModelOutput is one)
+        items = [(f"{where}[{k!r}]", v) for k, v in out.items()]
+    elif isinstance(out, (tuple, list)):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(out)]
+    elif _registered_dataclass(out):
+        items = [(f"{where}.{f.name}", getattr(out, f.name)) for f in dataclasses.fields(out)]
+    elif dataclasses.is_dataclass(out):
+        return f"{type(out).__name__} (a dataclass) at {where}"
+    else:
+        return f"{type(out).__name__} {str(out)[:40]} at {where}"
+    return next((odd for odd in (_not_a_tensor(v, w) for w, v in items) if odd), "")
+
+
+def _registered_dataclass(out) -> bool:
+    """A dataclass instance torch.export flattens (registered with torch.export.register_dataclass)."""
+    from torch.utils import _pytree  # (torch's own registry: no public query of it)
+
+    return dataclasses.is_dataclass(out) and not isinstance(out, type) and type(out) in _pytree.SUPPORTED_NODES
+
+
 def _leaf_names(out, prefix: str = "") -> Optional[list[str]]:
     """Names for a structured output's tensors in the order the exporter flattens them: a dict's
     keys, joined with "." down nested dicts, lists and tuples ("logits", "aux.0"), Nones left
@@ -447,6 +473,8 @@ def _leaf_names(out, prefix: str = "") -> Optional[list[str]]:
         items = [(str(k), v) for k, v in out.items()]
     elif isinstance(out, (tuple, list)):
         items = [(str(i), v) for i, v in enumerate(out)]
+    elif _registered_dataclass(out):
+        items = [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
     else:
         return None
     names: list[str] = []
@@ -687,6 +715,12 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
                 "its batch size)" if traced_inputs is not inputs else "")
         raise ExportError(f"the example inputs do not run through the model ({type(e).__name__}: "
                           f"{text[0] if text else ''}){hint}: pass inputs of the shapes and dtypes it takes") from e
+    odd = _not_a_tensor(example_out)
+    if odd:
+        raise ExportError(f"the model's output holds {odd}, and an ONNX model returns tensors only: return "
+                          "tensors from forward (alone, or in a tuple or dict), e.g. torch.tensor(value) for a number"
+                          + (f", or register the dataclass once: torch.export.register_dataclass({odd.split()[0]})"
+                             if "(a dataclass)" in odd else ""))
     names = _output_names(example_out)
     # torch.export prints the partial graph to stderr when a capture fails: that belongs with the
     # traceback (a note on the error), not before a one-line error.

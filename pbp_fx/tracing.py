@@ -43,6 +43,7 @@ import inspect
 import io
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -94,9 +95,12 @@ class PBTracer(fx.Tracer):
 
 
 def _user_frame(exc: BaseException) -> str:
-    """file:line of the last traceback frame in user code (not torch, not pbp-fx)."""
+    """file:line of the last traceback frame in user code (not torch, not pbp-fx, not code made
+    at run time such as a dataclass's "<string>" __init__)."""
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         f = os.path.abspath(frame.filename)
+        if frame.filename.startswith("<"):
+            continue
         if not f.startswith(_TORCH_DIR) and not f.startswith(os.path.join(_OWN_DIR, "pbp_fx")):
             return f"{frame.filename}:{frame.lineno}"
     return "<unknown line>"
@@ -104,6 +108,15 @@ def _user_frame(exc: BaseException) -> str:
 
 def _reason(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _export_reason(exc: BaseException) -> str:
+    """torch.export's reason, its pytree advice made short and specific."""
+    found = re.match(r"Found <class '(?:.*\.)?([\w]+)'> in output, which is not a known type", _reason(exc))
+    if found:
+        return (f"forward returns {found.group(1)}, a type torch.export cannot flatten: return tensors in a tuple "
+                f"or dict, or register it once (a dataclass: torch.export.register_dataclass({found.group(1)}))")
+    return _reason(exc)
 
 
 def _as_args(example_inputs) -> Optional[tuple]:
@@ -420,8 +433,9 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
             break
         except Exception as exc:  # noqa: BLE001
             if dims == tries[-1]:
-                raise TraceError(f"torch.export cannot export {type(model).__name__} ({_reason(exc)}) "
-                                 f"at {_user_frame(exc)}") from exc
+                line = _user_frame(exc)
+                raise TraceError(f"torch.export cannot export {type(model).__name__} ({_export_reason(exc)})"
+                                 f"{'' if line == '<unknown line>' else ' at ' + line}") from exc
             log.info("trace: export with %s failed (%s); trying %s", _DIMS_WORDS[dims], _reason(exc),
                      _DIMS_WORDS[tries[tries.index(dims) + 1]])
     try:

@@ -303,6 +303,28 @@ def test_export_failures_are_one_line_trace_errors():
         trace(RootBranch(), (torch.randn(2, 3),), frontend="export")
 
 
+def test_an_output_torch_export_cannot_flatten_is_named_without_a_made_up_line():
+    """The message named "<string>:1" (a dataclass's generated __init__) and torch's pytree report."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class ReturnsOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return Out(self.fc(x))
+
+    with pytest.raises(pbp_fx.TraceError, match=r"^torch.export cannot export ReturnsOut \(forward returns Out, a type "
+                                                r"torch.export cannot flatten: .*register_dataclass\(Out\)\)\)") as info:
+        trace(ReturnsOut(), (torch.randn(2, 3),), frontend="export")
+    assert "<string>" not in str(info.value) and "\n" not in str(info.value)
+
+
 def test_second_mode_capture_leaves_no_constants_on_the_model():
     class Consts(nn.Module):
         def __init__(self):

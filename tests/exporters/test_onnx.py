@@ -962,3 +962,59 @@ def test_a_module_holding_a_perforated_model_is_refused_with_the_path_to_it(tmp_
     holder = _Holder(pm)
     export_onnx(holder.blocks["net"][0], (torch.randn(2, 4),), path)  # the advice, followed
     assert sum(n.domain == DOMAIN for n in onnx.load(str(path)).graph.node) == len(pm.sites)
+
+
+@dataclasses.dataclass
+class _Plain:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+@dataclasses.dataclass
+class _Registered:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+torch.export.register_dataclass(_Registered)
+
+
+class _Returns(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.a, self.b = kind, torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.kind == "int":
+            return {"logits": self.b(h), "n": 3}
+        return (_Plain if self.kind == "plain" else _Registered)(self.b(h), h)
+
+
+@pytest.mark.parametrize("kind,says", [
+    ("int", r"holds int 3 at output\['n'\], and an ONNX model returns tensors only: return tensors from forward"),
+    ("plain", r"holds _Plain \(a dataclass\) at output, .* or register the dataclass once: "
+              r"torch.export.register_dataclass\(_Plain\)$")])
+def test_an_output_that_is_not_tensors_is_refused_in_one_line(tmp_path, kind, says):
+    """An int in a dict output failed with "'int' object has no attribute 'name'"; a dataclass with
+    torch's multi-line pytree report."""
+    x = torch.randn(4, 8)
+    pm = pbp_fx.perforate(_Returns(kind), (x,))
+    with pytest.raises(ExportError, match=says):
+        export_onnx(pm, (x,), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_registered_dataclass_output_exports_with_its_field_names(tmp_path):
+    x = torch.randn(4, 8)
+    pm = pbp_fx.perforate(_Returns("registered"), (x,))
+    pm.grow()
+    pm.eval()
+    path = export_onnx(pm, (x,), tmp_path / "m.onnx")
+    sess = ort_session(str(path), device="cpu")
+    assert [o.name for o in sess.get_outputs()] == ["logits", "hidden"]
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = pm(x)
+    np.testing.assert_allclose(got[0], want.logits.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[1], want.hidden.numpy(), rtol=1e-4, atol=1e-5)
