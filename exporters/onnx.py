@@ -776,9 +776,10 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
                  if v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].dim_param]
         if fixed:
             name, size = fixed[0]
-            raise ExportError(f"the model fixes the batch size of input {name!r} to {size} (e.g. a reshape to a "
-                              "constant batch), so the batch axis cannot be dynamic: use -1 for the batch in "
-                              "reshapes, or pass dynamic_batch=False (pbp-fx export --static-batch)")
+            raise ExportError(f"the model fixes dim 0 of input {name!r} to {size} (a reshape to a constant batch, or "
+                              "an input without a batch dim, such as one unbatched [C, L] sample for a Conv1d), so it "
+                              "cannot be the dynamic batch axis: use -1 for the batch in reshapes, or pass "
+                              "dynamic_batch=False (pbp-fx export --static-batch)")
     return proto
 
 

@@ -1018,3 +1018,24 @@ def test_a_registered_dataclass_output_exports_with_its_field_names(tmp_path):
         want = pm(x)
     np.testing.assert_allclose(got[0], want.logits.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got[1], want.hidden.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_an_unbatched_input_is_named_as_a_possible_cause_of_a_fixed_dim_0(tmp_path):
+    """One [C, L] sample for a Conv1d: the message blamed only a reshape the model does not have."""
+    class OneSample(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv1d(3, 5, 3), torch.nn.Linear(5, 2)
+
+        def forward(self, x):  # x: [C=3, L]
+            return self.fc(torch.relu(self.conv(x)).mean(-1))
+
+    x = torch.randn(3, 9)
+    pm = pbp_fx.perforate(OneSample(), (x,))
+    with pytest.raises(ExportError, match=r"fixes dim 0 of input 'x' to 3 \(a reshape to a constant batch, or an "
+                                          r"input without a batch dim.*dynamic_batch=False"):
+        export_onnx(pm, (x,), tmp_path / "m.onnx")
+    path = export_onnx(pm, (x,), tmp_path / "m.onnx", dynamic_batch=False)
+    with torch.no_grad():
+        np.testing.assert_allclose(run(ort_session(str(path), device="cpu"), (x.numpy(),))[0], pm(x).numpy(),
+                                   rtol=1e-4, atol=1e-5)
