@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 from .config import PBConfig
 from .controller import inner_optimizer
-from .errors import CheckpointError, NoSitesError, PBWarning
+from .errors import CheckpointError, NoSitesError, PBWarning, TraceError
 from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate, perforated_inside
 from .inputs import inputs_from_signature
@@ -301,7 +301,8 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
         frontend, dynamic = capture["captured_with"], capture["dynamic"]
         if frontend == "parts":  # no frontend of its own: "auto" falls back to it when the root does not trace
             frontend = "auto"
-        if example_inputs is None and not example_kwargs:
+        recorded = example_inputs is None and not example_kwargs
+        if recorded:
             example_inputs, example_kwargs = inputs_from_signature(capture["inputs"])
     # The inputs (stand-ins or the caller's) in the model's floating dtype: a checkpoint saved in
     # float64 rebuilds its model in float64 (`_to_saved_dtype`) whatever dtype the inputs were made in.
@@ -321,6 +322,12 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
         raise CheckpointError(f"checkpoint {path} belongs to another model: none of its sites "
                               f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) exists here; "
                               "load it onto the model it was trained on") from exc
+    except TraceError as exc:
+        if capture is None or not recorded or "example inputs do not run through the model" not in str(exc):
+            raise
+        raise CheckpointError(f"checkpoint {path} belongs to another model, or one taking other inputs: "
+                              f"{type(model).__name__} does not run on the inputs recorded with it ({exc}); load it "
+                              "onto the model it was trained on, or pass example_inputs= of this model") from exc
     finally:
         model.train(was_training)
     if capture is not None:

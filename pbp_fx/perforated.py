@@ -587,6 +587,12 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
                           "it), 'batch' (the batch dim only) or False (static shapes)", "dynamic", dynamic)
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        # torch.compile's wrapper: its forward is no code to capture, and its parameter names
+        # carry "_orig_mod." (a checkpoint's sites would not match the uncompiled model's)
+        warn_at_user("perforate captures the model torch.compile wraps (model._orig_mod): the PerforatedModel runs "
+                     "uncompiled; torch.compile(pm) to compile it")
+        model = model._orig_mod
     # Capture runs the model: one that writes its input in place (ReLU(inplace=True) on x) would
     # change the caller's tensors.
     example_inputs, example_kwargs = _tensors_copied((example_inputs, example_kwargs))

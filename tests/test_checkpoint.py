@@ -415,6 +415,37 @@ def test_controller_config_and_model_reference_are_recorded(tmp_path):
     assert sites[0]["layer"]["kind"] == "linear" and sites[0]["norm_spec"]["eps"] == 1e-5
 
 
+def test_a_model_that_does_not_run_on_the_recorded_inputs_is_another_models(tmp_path):
+    """Loading an MLP's checkpoint onto a CNN raised a TraceError about conv2d's input."""
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    pm, _ = _trained_pm()
+    path = str(tmp_path / "mlp.safetensors")
+    pbp_fx.save(pm, path)
+    with pytest.raises(CheckpointError, match=r"belongs to another model, or one taking other inputs: CNN does not run "
+                                              r"on the inputs recorded with it \(.*conv2d.*load it onto the model it "
+                                              r"was trained on, or pass example_inputs="):
+        pbp_fx.load(path, CNN)
+
+
+def test_a_torch_compiled_model_loads_as_the_model_it_wraps(tmp_path):
+    pm, _ = _trained_pm()
+    path = str(tmp_path / "m.safetensors")
+    pbp_fx.save(pm, path)
+    with pytest.warns(pbp_fx.PBWarning, match=r"captures the model torch.compile wraps \(model._orig_mod\)"):
+        loaded = pbp_fx.load(path, torch.compile(_build()))
+    assert list(loaded.sites) == list(pm.sites)
+    pm.eval()
+    loaded.eval()
+    assert torch.equal(loaded(X), pm(X))
+
+
 def test_the_controllers_candidate_generator_comes_back(tmp_path):
     """Both loaders: the next candidates are those the saved controller would draw."""
     pm, _ = _trained_pm()

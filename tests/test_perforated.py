@@ -1118,3 +1118,11 @@ def test_perforate_leaves_the_callers_example_inputs_as_they_were(frontend):
     pm = pbp_fx.perforate(WritesItsInput(), (x,), example_kwargs={"extra": extra}, frontend=frontend)
     assert torch.equal(x, before[0]) and torch.equal(extra, before[1])
     assert pm.sites  # (the copies were captured)
+
+
+def test_a_torch_compiled_model_is_perforated_as_the_model_it_wraps():
+    """Its sites were named "_orig_mod.fc1", so a checkpoint did not match the uncompiled model."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.warns(pbp_fx.PBWarning, match="torch.compile wraps"):
+        pm = pbp_fx.perforate(torch.compile(model), (torch.randn(2, 4),))
+    assert list(pm.sites) == list(pbp_fx.perforate(model, (torch.randn(2, 4),)).sites) == ["0", "2"]
