@@ -574,6 +574,13 @@ class KeptRuns:
 
     def __init__(self, out: Optional[str], key: dict, echo: Callable[[str], None]):
         self.path = None if out is None else os.path.join(out, PARTIAL)
+        # Folders this comparison makes (the output folder and missing parents, deepest first): a
+        # comparison that ends with no report removes them again.
+        self.made: list[str] = []
+        folder = None if out is None else os.path.abspath(out)
+        while folder is not None and not os.path.exists(folder) and folder != os.path.dirname(folder):
+            self.made.append(folder)
+            folder = os.path.dirname(folder)
         # As read back (lists, not tuples); a rule that is a function or type by its repr (a function's
         # differs in each process: its runs are never taken, since its behaviour cannot be compared).
         self.key = json.loads(json.dumps(key, default=repr))
@@ -613,10 +620,14 @@ class KeptRuns:
         atomic_write(self.path, write, CompareError, PARTIAL)
 
     def close(self) -> None:
-        """The report is written: the kept runs are in compare.json now."""
+        """The report is written (the kept runs are in compare.json now), or none will be: the kept
+        runs go, and so do the folders this comparison made where they are empty."""
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
+        for folder in self.made:
+            with contextlib.suppress(OSError):  # (not empty: the report, or files of the user's)
+                os.rmdir(folder)
 
 
 PARTIAL = "compare.partial.json"

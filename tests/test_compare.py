@@ -573,8 +573,11 @@ def test_a_model_file_error_in_an_arm_is_one_line_naming_it_and_a_diverging_run_
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
     assert "no run finished: plain at seed 0: its training diverged" in err and "try a lower --lr (now 1e+30)" in err
-    assert not (tmp_path / "diverged" / "compare.md").exists()
-    assert not (tmp_path / "diverged" / "compare.partial.json").exists()
+    assert not (tmp_path / "diverged").exists()  # (the folder it made, empty, went too)
+    os.makedirs(tmp_path / "mine")  # a folder of the user's stays
+    rc = main(["compare", _tiny_file(tmp_path), "--arms", "plain", "--seeds", "1", "--epochs", "2", "--batch-size",
+               "30", "--lr", "1e30", "--no-latency", "--out", str(tmp_path / "mine")])
+    assert rc == 2 and (tmp_path / "mine").is_dir() and not os.listdir(tmp_path / "mine")
 
 
 def _tiny_file(tmp_path) -> str:
