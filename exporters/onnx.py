@@ -976,9 +976,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0]
         if "tensor(bfloat16)" in first and opset < BFLOAT16_OPSET:
-            raise ExportError(f"an op of the model has no bfloat16 form at opset {opset} (Conv takes it from opset "
-                              f"{BFLOAT16_OPSET} on): pass opset={BFLOAT16_OPSET} (pbp-fx export --opset "
-                              f"{BFLOAT16_OPSET}), or export the model in float32") from e
+            ops = re.findall(r"op_type:(\w+)", first)  # (the innermost: a fused node's failing body op)
+            what = f"the model's {ops[-1]} op" if ops else "an op of the model"
+            raise ExportError(f"{what} has no bfloat16 form at opset {opset}: pass opset={BFLOAT16_OPSET} (pbp-fx "
+                              f"export --opset {BFLOAT16_OPSET}), where ONNX gives most ops one, or export the model "
+                              "in float32") from e
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}") from e
     _write_atomic(proto.SerializeToString(), target)
     log.info("exported %s (%s, %d fused node(s), opset %d)", target, "fused" if fused else "unfused",

@@ -907,11 +907,15 @@ def test_opsets_above_what_torch_onnx_reaches_reliably_are_refused_and_bfloat16_
     got = run(ort_session(tmp_path / "m.onnx", device="cpu", threads=1), (x.numpy(),))[0]
     assert np.abs(got - pm(x).detach().numpy()).max() <= 1e-4
     pm.to(torch.bfloat16)
-    with pytest.raises(ExportError, match=r"no bfloat16 form at opset 18 \(Conv takes it from opset 22 on\): "
-                                          "pass opset=22"):
+    with pytest.raises(ExportError, match=r"^the model's Conv op has no bfloat16 form at opset 18: pass opset=22"):
         export_onnx(pm, x.bfloat16(), tmp_path / "b.onnx")
     assert not (tmp_path / "b.onnx").exists()
     check_file(export_onnx(pm, x.bfloat16(), tmp_path / "b.onnx", opset=22), pm, fused=True)
+    # another op than Conv is named as itself (the message named Conv whatever failed)
+    pooled = pbp_fx.perforate(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.MaxPool1d(2), torch.nn.Flatten(),
+                                                  torch.nn.Linear(3, 2)).bfloat16(), torch.randn(2, 1, 6).bfloat16())
+    with pytest.raises(ExportError, match=r"^the model's MaxPool op has no bfloat16 form at opset 18"):
+        export_onnx(pooled.eval(), torch.randn(2, 1, 6).bfloat16(), tmp_path / "p.onnx")
 
 
 def test_an_rnn_state_with_its_batch_on_dim_1_exports_with_the_axes_the_error_names(tmp_path):
