@@ -776,10 +776,16 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
                  if v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].dim_param]
         if fixed:
             name, size = fixed[0]
+            batched = [v.name for v in proto.graph.input if v.type.tensor_type.shape.dim]
+            # dim 0 of every input is one batch axis: one input whose dim 0 is no batch fixes them all
+            others = ("; dim 0 of every input is the one batch axis, so an input whose dim 0 is not its batch "
+                      "(an RNN state [layers, batch, hidden]) fixes the others' too: pass dynamic_batch=False with "
+                      "dynamic_axes naming each input's batch dim, e.g. {'x': {0: 'b'}, 'h0': {1: 'b'}} "
+                      "(--static-batch --dynamic-axis x:0=b --dynamic-axis h0:1=b)" if len(batched) > 1 else "")
             raise ExportError(f"the model fixes dim 0 of input {name!r} to {size} (a reshape to a constant batch, or "
                               "an input without a batch dim, such as one unbatched [C, L] sample for a Conv1d), so it "
                               "cannot be the dynamic batch axis: use -1 for the batch in reshapes, or pass "
-                              "dynamic_batch=False (pbp-fx export --static-batch)")
+                              "dynamic_batch=False (pbp-fx export --static-batch)" + others)
     return proto
 
 
