@@ -447,8 +447,8 @@ def _not_a_tensor(out, where: str = "output") -> str:
         items = [(f"{where}[{k!r}]", v) for k, v in out.items()]
     elif isinstance(out, (tuple, list)):
         items = [(f"{where}[{i}]", v) for i, v in enumerate(out)]
-    elif _registered_dataclass(out):
-        items = [(f"{where}.{f.name}", getattr(out, f.name)) for f in dataclasses.fields(out)]
+    elif (children := _registered_children(out)) is not None:
+        items = [(f"{where}{key}", v) for key, v in children]
     elif dataclasses.is_dataclass(out):
         return f"{type(out).__name__} (a dataclass) at {where}"
     else:
@@ -456,11 +456,27 @@ def _not_a_tensor(out, where: str = "output") -> str:
     return next((odd for odd in (_not_a_tensor(v, w) for w, v in items) if odd), "")
 
 
-def _registered_dataclass(out) -> bool:
-    """A dataclass instance torch.export flattens (registered with torch.export.register_dataclass)."""
+def _registered_children(out) -> Optional[list]:
+    """(key, child) pairs of an object whose type torch's pytree registry flattens (a dataclass
+    registered with torch.export.register_dataclass, a class of register_pytree_node), in the
+    order the exporter flattens them; a key prints as ".field", "['key']" or "[0]"; None when
+    the type is not registered."""
     from torch.utils import _pytree  # (torch's own registry: no public query of it)
 
-    return dataclasses.is_dataclass(out) and not isinstance(out, type) and type(out) in _pytree.SUPPORTED_NODES
+    node = _pytree.SUPPORTED_NODES.get(type(out))
+    if node is None:
+        return None
+    if node.flatten_with_keys_fn is not None:
+        return list(node.flatten_with_keys_fn(out)[0])
+    return [(_pytree.SequenceKey(i), child) for i, child in enumerate(node.flatten_fn(out)[0])]
+
+
+def _key_name(key) -> str:
+    """A pytree key as an output name part: the field, the dict key or the index."""
+    for attribute in ("name", "key", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key).strip(".[]'\"")
 
 
 def _leaf_names(out, prefix: str = "") -> Optional[list[str]]:
@@ -473,8 +489,8 @@ def _leaf_names(out, prefix: str = "") -> Optional[list[str]]:
         items = [(str(k), v) for k, v in out.items()]
     elif isinstance(out, (tuple, list)):
         items = [(str(i), v) for i, v in enumerate(out)]
-    elif _registered_dataclass(out):
-        items = [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+    elif (children := _registered_children(out)) is not None:
+        items = [(_key_name(key), v) for key, v in children]
     else:
         return None
     names: list[str] = []
