@@ -407,9 +407,12 @@ class PhaseController:
         self.phase_start_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         for g in self.optimizer.param_groups:
             lr = float(g["lr"])
+            # A group at lr 0 (frozen by the user, or where its schedule reaches 0) has no factor to
+            # candidate_lr: its rate keeps its own course and its steps apply candidate_lr
+            # (`_cap_dendrite_lr`), so the phase's end finds the rate the schedule gives it.
             s = target / lr if lr > 0 else 1.0
             scale.append(s)
-            g["lr"] = lr * s if lr > 0 else target
+            g["lr"] = lr * s
         self._rescale_schedulers(scale, entering=True)
         self._hold_plateaus()
         self.lr_scale = scale
@@ -426,19 +429,26 @@ class PhaseController:
         if self.lr_scale is None:
             return
         cap = self.config.candidate_lr
-        for g in optimizer.param_groups:
+        starts = self.phase_start_lrs or [None] * len(optimizer.param_groups)
+        for g, start in zip(optimizer.param_groups, starts):
             lr = g["lr"]
-            if float(lr) > cap:
+            if float(lr) > cap or (start == 0 and float(lr) != cap):
                 self._capped.append((g, lr.clone() if isinstance(lr, torch.Tensor) else lr))
                 if isinstance(lr, torch.Tensor):
                     lr.fill_(cap)
                 else:
                     g["lr"] = cap
 
-    def applied_lr(self, lr: float) -> float:
-        """The rate an optimizer step applies to a group scheduled at `lr`: at most candidate_lr in
-        a dendrite phase (`_cap_dendrite_lr`), else lr. For logs, which read the scheduler's rate."""
-        return float(lr) if self.lr_scale is None else min(float(lr), self.config.candidate_lr)
+    def applied_lr(self, lr: float, group: int = 0) -> float:
+        """The rate an optimizer step applies to param group `group` scheduled at `lr`: in a
+        dendrite phase at most candidate_lr, and candidate_lr where the phase began at lr 0
+        (`_cap_dendrite_lr`), else lr. For logs, which read the scheduler's rate."""
+        if self.lr_scale is None:
+            return float(lr)
+        starts = self.phase_start_lrs or []
+        if group < len(starts) and starts[group] == 0:
+            return self.config.candidate_lr
+        return min(float(lr), self.config.candidate_lr)
 
     def _uncap_dendrite_lr(self, optimizer, args, kwargs) -> None:
         for g, lr in self._capped:
@@ -455,8 +465,8 @@ class PhaseController:
         floor = self._unscaled_floor(self.lr_scale)
         starts = self.phase_start_lrs or [None] * len(self.lr_scale)
         for g, s, start in zip(self.optimizer.param_groups, self.lr_scale, starts):
-            # a group the user froze with lr 0 ran the phase at candidate_lr (factor 1): it goes back to 0
-            g["lr"] = 0.0 if start == 0 else _unscaled_lr(float(g["lr"]), s, start, floor)
+            # (a group that began at lr 0 kept its own course: factor 1, its rate is the neuron run's)
+            g["lr"] = _unscaled_lr(float(g["lr"]), s, start, floor)
         self._rescale_schedulers(self.lr_scale, entering=False)
         self._release_plateaus()
         self.lr_scale = self.phase_start_lrs = None

@@ -537,6 +537,45 @@ def test_no_dendrite_phase_step_applies_more_than_candidate_lr():
     assert opt.param_groups[0]["lr"] == pytest.approx(twin_opt.param_groups[0]["lr"])
 
 
+@pytest.mark.parametrize("eta_min", [0.0, 0.001])
+def test_a_dendrite_phase_that_starts_where_the_schedule_reaches_lr_0_leaves_it_on_schedule(eta_min):
+    """A cosine at exactly lr 0 when the phase began was taken for a group the user froze: the
+    neurons went back to lr 0 and stayed there, where the schedule rose again after T_max."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1, candidate_lr=0.05,
+                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+    opt = ctl.optimizer
+    opt.param_groups[0]["lr"] = 0.1 + eta_min  # (the floor is reached exactly only when eta_min is 0)
+    twin_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1 + eta_min)
+
+    def cosine(o):
+        return torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10, eta_min=eta_min)
+
+    sched, twin = cosine(opt), cosine(twin_opt)
+    ctl.attach_scheduler(sched)
+    applied = []
+    opt.register_step_pre_hook(lambda o, a, k: applied.append((pm.phase, o.param_groups[0]["lr"])))
+
+    def epoch(steps):
+        for _ in range(steps):
+            opt.step(), twin_opt.step()
+            sched.step(), twin.step()
+
+    epoch(10)  # the bottom of the cosine
+    assert opt.param_groups[0]["lr"] == eta_min
+    ctl.step(0.5), ctl.step(0.5)
+    assert pm.phase == "dendrite"
+    epoch(3)
+    assert [lr for phase, lr in applied if phase == "dendrite"] == pytest.approx([0.05] * 3)
+    assert ctl.applied_lr(opt.param_groups[0]["lr"]) == pytest.approx(0.05)
+    _step_until_restructured(ctl)
+    assert pm.phase == "neuron"
+    for _ in range(5):
+        epoch(1)
+        assert opt.param_groups[0]["lr"] == pytest.approx(twin_opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12)
+    assert opt.param_groups[0]["lr"] > eta_min + 0.01  # risen again, as the schedule does
+
+
 def test_the_lr_cap_follows_the_live_controller_of_an_optimizer():
     """Review of the cap's hooks: a discarded controller stayed in memory (the optimizer held its
     hooks) and kept capping at its own candidate_lr; a step that raised left the cap on the rate a
@@ -690,7 +729,13 @@ def test_a_group_frozen_with_lr_0_is_at_0_again_after_a_dendrite_phase():
     ctl = PhaseController(pm, pbp_fx.PBConfig(patience=1, improvement=10.0, max_dendrite_epochs=1,
                                               candidate_lr=0.02), optimizer=opt)
     _step_until_restructured(ctl)
-    assert pm.phase == "dendrite" and [g["lr"] for g in opt.param_groups] == [0.02, 0.02]
+    # its rate keeps its own course (0); its steps apply candidate_lr
+    assert pm.phase == "dendrite" and [g["lr"] for g in opt.param_groups] == [0.0, 0.02]
+    applied = []
+    opt.register_step_pre_hook(lambda o, a, k: applied.append([g["lr"] for g in o.param_groups]))
+    opt.step()
+    assert applied == [[0.02, 0.02]] and [ctl.applied_lr(g["lr"], i) for i, g in enumerate(opt.param_groups)] == [0.02, 0.02]
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.02]
     _step_until_restructured(ctl)
     assert pm.phase == "neuron" and [g["lr"] for g in opt.param_groups] == [0.0, 1e-2]
 
