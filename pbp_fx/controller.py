@@ -330,7 +330,7 @@ class PhaseController:
             rates = [float(g["lr"]) for g in self.optimizer.param_groups]
             built_now = list(getattr(scheduler, "base_lrs", [])) == rates and any(s != 1.0 for s in self.lr_scale)
             if not scaled and not built_now:
-                self._scale_schedulers(scheduler, self.lr_scale, divide=False)
+                self._rescale_schedulers(self.lr_scale, entering=True, schedulers=[scheduler])
             index = len(self.schedulers) - 1
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and index not in self.plateau_held:
                 self.plateau_held[index] = {k: getattr(scheduler, k) for k in _PLATEAU_COUNTERS}

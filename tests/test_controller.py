@@ -500,6 +500,33 @@ def test_a_cosine_floor_with_groups_at_different_rates_keeps_the_neuron_rates_on
     assert rounds >= 2
 
 
+def test_a_cosine_floor_attached_in_a_dendrite_phase_keeps_the_neuron_rates_on_schedule():
+    """A scheduler built before the phase and attached in it, groups at different rates under one
+    eta_min: its base_lrs took the plain factor, and the neuron rates left the phase off schedule."""
+    def optimizer(params_a, params_b):
+        return torch.optim.SGD([{"params": params_a, "lr": 0.1}, {"params": params_b, "lr": 0.01}])
+
+    pm = _pm()
+    head = list(pm.graph_module.get_submodule("2").parameters())
+    body = [p for p in pm.parameters() if all(p is not q for q in head)]
+    opt = optimizer(body, head)
+    twin_opt = optimizer([nn.Parameter(torch.zeros(1))], [nn.Parameter(torch.zeros(1))])
+    cosine = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=12, eta_min=0.005)
+    sched, twin = cosine(opt), cosine(twin_opt)
+    ctl = PhaseController(pm, optimizer=opt, patience=1, dendrite_patience=1, max_dendrite_epochs=3)
+    for _ in range(10):  # the phase then spans the cosine's turning point at step 13
+        sched.step(), twin.step()
+    ctl.step(1.0), ctl.step(1.0)
+    assert pm.phase == "dendrite"
+    ctl.attach_scheduler(sched)  # (the phase scaled the groups' rates; the scheduler is the user's own)
+    while pm.phase == "dendrite":
+        for _ in range(5):
+            sched.step(), twin.step()
+        ctl.step(1.0)
+    want = [g["lr"] for g in twin_opt.param_groups]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(want, rel=1e-9)
+
+
 def test_no_dendrite_phase_step_applies_more_than_candidate_lr():
     """A dendrite phase that begins near the bottom of a warm-restart cosine: the scheduler's rate
     then rises 100x (candidate_lr x its rise, the controller's scaling); every optimizer step of the
