@@ -24,6 +24,19 @@ from .tracing import DYNAMIC_CHOICES, parts_model, trace
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside"]
 
 
+def graph_input_dtypes(graph_module: fx.GraphModule) -> dict:
+    """{graph input name: dtype} of the inputs whose dtype a torch.export graph asserts
+    (aten._assert_tensor_metadata on a placeholder); {} for a symbolic trace, which asserts none."""
+    found = graph_module.meta.get("pbp_input_dtypes")
+    if found is None:
+        check = torch.ops.aten._assert_tensor_metadata.default
+        found = {n.args[0].target: n.kwargs["dtype"] for n in graph_module.graph.find_nodes(op="call_function", target=check)
+                 if n.args and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"
+                 and n.kwargs.get("dtype") is not None}
+        graph_module.meta["pbp_input_dtypes"] = found  # (the inputs keep their dtypes when dendrites are added)
+    return found
+
+
 def outside_inference_mode(method):
     """Run a method that changes the model's structure or state outside torch.inference_mode:
     called inside it (an evaluation loop's `with torch.inference_mode(): ctl.step(acc)`), the
@@ -152,6 +165,12 @@ class PerforatedModel(nn.Module):
         for key in extra:
             if key not in self._untraced_ok:
                 self._check_untraced(key, args, kwargs)
+        count = g_kwargs.get(LOSS_KEYWORD)
+        if isinstance(count, torch.Tensor):
+            # A token count: the Trainer passes it as an int64 sum or, divided by its parallel
+            # sizes, a float; a graph torch.export captured asserts the example's dtype.
+            dtype = graph_input_dtypes(self.graph_module).get(LOSS_KEYWORD, count.dtype)
+            g_kwargs[LOSS_KEYWORD] = count.to(dtype)
         return self._run_graph(g_args, g_kwargs)
 
     def _check_dendrite_phase_mode(self) -> None:
@@ -238,6 +257,12 @@ class PerforatedModel(nn.Module):
             return checkpoint(partial(graph, **kwargs), *args, use_reentrant=False, **self.checkpointing)
         try:
             return graph(*args, **kwargs)
+        except RuntimeError as exc:
+            # torch.export's dtype assertion on an input: it does not say which input
+            if not str(exc).startswith("Tensor dtype mismatch"):
+                raise
+            self._raise_input_dtype(args, kwargs, exc)
+            raise
         except AssertionError as exc:
             # torch.export's input check of a graph captured with static or bounded shapes
             if not str(exc).startswith("Guard failed"):
@@ -248,6 +273,18 @@ class PerforatedModel(nn.Module):
             raise CallError(f"{name} was captured with {dynamic} shapes and this call breaks them "
                             f"({exc}): call it with the shapes given to perforate(), or capture it anew with "
                             f"inputs of the shapes you need") from None
+
+    def _raise_input_dtype(self, args: tuple, kwargs: dict, exc: Exception) -> None:
+        """CallError naming the graph input whose dtype is not the one torch.export captured."""
+        names = [n.target for n in self.graph_module.graph.find_nodes(op="placeholder")]
+        given = {**dict(zip(names, args)), **kwargs}
+        for name, dtype in graph_input_dtypes(self.graph_module).items():
+            value = given.get(name)
+            if isinstance(value, torch.Tensor) and value.dtype != dtype:
+                model = self.call_signature.model_name if self.call_signature is not None else "the model"
+                raise CallError(f"{model} was captured by torch.export with {name} of dtype {dtype}, this call "
+                                f"passes {value.dtype}: pass {name}.to({dtype}), or perforate with an example "
+                                f"whose {name} is {value.dtype}") from exc
 
     # -- activation checkpointing ----------------------------------------------------
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,

@@ -833,6 +833,30 @@ def test_a_call_outside_a_static_capture_is_a_call_error():
         pm(torch.randn(5, 4))
 
 
+class _Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, mask):
+        return self.fc(x) * mask.to(x.dtype).unsqueeze(-1)
+
+
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_an_input_of_another_dtype_than_torch_export_captured_is_a_call_error(as_keyword):
+    """A bool mask where the example's was int64: torch.export's 'Tensor dtype mismatch! Expected:
+    Long, Got: Bool', which names no input."""
+    x, mask = torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.long)
+    pm = pbp_fx.perforate(_Masked(), (x, mask), frontend="export")
+    call = (lambda m: pm(x, mask=m)) if as_keyword else (lambda m: pm(x, m))
+    assert call(mask).shape == (2, 5, 3)
+    with pytest.raises(pbp_fx.CallError, match=r"^_Masked was captured by torch.export with mask of dtype torch.int64, "
+                       r"this call passes torch.bool: pass mask.to\(torch.int64\), or perforate with an example "
+                       r"whose mask is torch.bool$"):
+        call(mask.bool())
+    assert call(mask.bool().to(torch.int64)).shape == (2, 5, 3)  # the advice, followed
+
+
 class _KeywordRoot(nn.Module):
     """Untraceable root (data-dependent Python) with Hugging Face-style keyword inputs."""
 

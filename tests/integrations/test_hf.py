@@ -1,6 +1,7 @@
 """pbp_fx.integrations.hf.PBCallback in a real transformers.Trainer (tiny random BERT, CPU, offline)."""
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -373,6 +374,35 @@ def test_trainer_trains_a_causal_lm(tmp_path):
                                          "the Trainer's num_items_in_batch"):
         trainer.train()
     assert {h["phase"] for h in cb.controller.history} == {"neuron", "dendrite"}
+
+
+@pytest.mark.parametrize("count", [28, 28.0])
+def test_a_causal_lm_traced_with_the_loss_keyword_takes_the_trainers_count(tmp_path, count):
+    """The advice 'example_kwargs holding num_items_in_batch: torch.tensor(<count>)' with an int
+    count: this Trainer passes the count divided by its parallel sizes, a float, and torch.export's
+    graph failed with 'Tensor dtype mismatch! Expected: Long, Got: float'."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=20, n_positions=16, use_cache=False))
+    ids = torch.randint(0, 20, (32, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": i, "labels": i} for i in ids]
+    batch = default_data_collator(data[:4])
+    pm = pbp_fx.perforate(model, example_kwargs={**batch, "num_items_in_batch": torch.tensor(count)})
+    assert pm.accepts_loss_kwargs
+    model.eval(), pm.eval()
+    for given in (torch.tensor(56), torch.tensor(56.0)):  # the original's loss with either dtype
+        with torch.no_grad():
+            want = model(**batch, num_items_in_batch=given).loss
+            assert torch.allclose(pm(**batch, num_items_in_batch=given)["loss"], want, rtol=1e-5, atol=1e-6)
+    cb = PBCallback(QUICK)
+    trainer = Trainer(model=pm, args=_args(tmp_path, num_train_epochs=2, per_device_train_batch_size=8,
+                                           gradient_accumulation_steps=2),
+                      train_dataset=data, eval_dataset=data[:8], callbacks=[cb])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*traced without the Trainer's num_items_in_batch")
+        trainer.train()
+    assert trainer.state.global_step == 4 and {h["epoch"] for h in cb.controller.history} == {1, 2}
 
 
 def test_a_two_group_optimizer_of_the_users_own_keeps_its_groups_for_new_parameters():
