@@ -232,7 +232,7 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                 except (ModelFileError, TrainingError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - the model file's collate_fn: named, not "the model"
-                    if collate is None or isinstance(collate, KeywordCollate):
+                    if collate is None or isinstance(collate, KeywordCollate) and collate.own is None:
                         raise
                     first = (str(exc).strip().splitlines() or ["(no message)"])[0]
                     raise TrainingError(f"the model file's collate_fn raised {type(exc).__name__}: {first} on the "

@@ -155,50 +155,50 @@ def example_kwargs(mod: ModuleType) -> dict:
 
 
 class KeywordCollate:
-    """default_collate, then the keyword inputs of a model file with `example_kwargs()` grouped
-    into one dict: a sample (x..., k..., y) (the inputs in the forward's order, target last)
-    becomes the batch (x..., {name: k...}, y), called as model(x..., **{...}). Inputs that are
-    no tensors in example_kwargs() (flags, None) are passed as their example values."""
+    """The file's collate_fn (else default_collate), then the keyword inputs of a model file with
+    `example_kwargs()` grouped into one dict: a batch (x..., k..., y) (the inputs in the
+    forward's order, target last) becomes (x..., {name: k...}, y), called as
+    model(x..., **{...}). Inputs that are no tensors in example_kwargs() (flags, None) are
+    passed as their example values. A batch that holds a dict already is left as it is."""
 
-    def __init__(self, positional: int, names: list, constants: dict):
-        self.positional, self.names, self.constants = positional, list(names), dict(constants)
+    def __init__(self, positional: int, names: list, constants: dict, own: Optional[Callable] = None):
+        self.positional, self.names, self.constants, self.own = positional, list(names), dict(constants), own
 
     def __call__(self, samples):
         from torch.utils.data import default_collate
 
-        batch = default_collate(samples)
+        batch = (self.own or default_collate)(samples)
         if not isinstance(batch, (list, tuple)) or any(isinstance(b, dict) for b in batch):
-            return batch  # a sample that groups its inputs itself
+            return batch  # a sample (or the file's collate_fn) that groups its inputs itself
         want = self.positional + len(self.names) + 1
         if len(batch) != want:
-            raise ModelFileError(f"datasets() yields samples of {len(batch)} values, but the model takes "
+            made = "collate_fn returns batches" if self.own is not None else "datasets() yields samples"
+            raise ModelFileError(f"{made} of {len(batch)} values, but the model takes "
                                  f"{self.positional} positional input(s) (example_inputs) and keyword input(s) "
-                                 f"{', '.join(self.names)} (example_kwargs): yield {want} values, the inputs in the "
-                                 "forward's order, target last")
+                                 f"{', '.join(self.names)} (example_kwargs): {'return' if self.own else 'yield'} "
+                                 f"{want} values, the inputs in the forward's order, target last")
         k = self.positional
         return (*batch[:k], {**self.constants, **dict(zip(self.names, batch[k:-1]))}, batch[-1])
 
 
 def keyword_collate(mod: ModuleType, model: nn.Module, positional: int) -> Optional[Callable]:
-    """The batches' collate: the model file's own `collate_fn(samples) -> batch` (samples of
-    different lengths, padded per batch), else `KeywordCollate` for a file with keyword inputs,
-    else None (torch's default)."""
+    """The batches' collate: for a file with keyword inputs `KeywordCollate` (over the file's own
+    `collate_fn(samples) -> batch`, when it has one: samples of different lengths, padded per
+    batch), else the file's collate_fn, else None (torch's default)."""
     own = getattr(mod, "collate_fn", None)
-    if own is not None:
-        if not callable(own):
-            raise ModelFileError(f"{_name(mod)}: collate_fn is a {type(own).__name__}, not a function of a list of "
-                                 "samples")
-        return own
+    if own is not None and not callable(own):
+        raise ModelFileError(f"{_name(mod)}: collate_fn is a {type(own).__name__}, not a function of a list of "
+                             "samples")
     kwargs = example_kwargs(mod)
     if not kwargs:
-        return None
+        return own
     tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     try:
         order = list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
         order = []
     tensors.sort(key=lambda k: order.index(k) if k in order else len(order))
-    return KeywordCollate(positional, tensors, {k: v for k, v in kwargs.items() if k not in tensors})
+    return KeywordCollate(positional, tensors, {k: v for k, v in kwargs.items() if k not in tensors}, own)
 
 
 def task_of(mod: ModuleType) -> str:

@@ -85,6 +85,9 @@ class PBTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, qualname)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AugmentedProxy(node, self)
+
     def call_module(self, m, forward, args, kwargs):
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -92,6 +95,71 @@ class PBTracer(fx.Tracer):
             if self.failed_module is None:  # the innermost module sees the error first
                 self.failed_module = self.path_of_module(m)
             raise
+
+
+_AUGMENTED = {"iadd": "+", "isub": "-", "imul": "*", "itruediv": "/", "ifloordiv": "//", "imod": "%",
+              "ipow": "**", "imatmul": "@", "iand": "&", "ior": "|", "ixor": "^", "ilshift": "<<", "irshift": ">>"}
+# Ops whose result may share its input's storage: an in-place change of it changes the input too.
+_VIEWS = {"getitem", "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "T", "mT", "squeeze",
+          "unsqueeze", "expand", "expand_as", "narrow", "select", "flatten", "unflatten", "split", "chunk",
+          "unbind", "detach", "as_strided", "movedim", "swapaxes", "diagonal", "contiguous", "real", "imag"}
+
+
+class _AugmentedProxy(fx.Proxy):
+    """A Proxy that marks `a += b` (and the other augmented assignments) on the node it makes.
+
+    A Proxy has no __iadd__, so Python runs `a = a + b`: a new tensor. On a tensor the model
+    runs it in place, so another name for `a` (or a view of it) read afterwards sees the change
+    there and not in the graph: `_check_augmented` refuses such a graph."""
+
+
+def _augmented(name: str, symbol: str):
+    import operator
+
+    op = getattr(operator, {"iand": "and_", "ior": "or_"}.get(name, name[1:]))
+
+    def method(self, other):
+        result = op(self, other)
+        if isinstance(result, fx.Proxy):
+            caller = sys._getframe(1)
+            result.node.meta["pbp_augmented"] = (self.node, symbol, f"{caller.f_code.co_filename}:{caller.f_lineno}")
+        return result
+    method.__name__ = f"__{name}__"
+    return method
+
+
+for _name, _symbol in _AUGMENTED.items():
+    setattr(_AugmentedProxy, f"__{_name}__", _augmented(_name, _symbol))
+
+
+def _check_augmented(gm: fx.GraphModule) -> None:
+    """TraceError for an augmented assignment on a tensor (`a += b`, traced as `a + b`) whose
+    old value, under another name or through a view, is read after it."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        marked = node.meta.get("pbp_augmented")
+        if marked is None or marked[0] not in order or "tensor_meta" not in marked[0].meta:
+            continue  # (a number: Python's += makes a new one too)
+        target, symbol, where = marked
+        aliases, todo = set(), [target]
+        while todo:  # the tensor and what shares its storage: the views it is of, the views of it
+            a = todo.pop()
+            if a in aliases or not isinstance(a, fx.Node):
+                continue
+            aliases.add(a)
+            if _target_name(a) in _VIEWS and a.args:
+                todo.append(a.args[0])
+            todo.extend(u for u in a.users if _target_name(u) in _VIEWS and u is not node)
+        if any(order[u] > order[node] for a in aliases for u in a.users if u is not node and u not in aliases):
+            raise TraceError(f"{where}: `{symbol}=` changes a tensor in place that the model reads after it under "
+                             f"another name or through a view, and torch.fx traces it as `{symbol}` (a new tensor), "
+                             f"so the graph would not compute what the model does: use frontend='export', or write "
+                             f"`a = a {symbol} b` where the other name keeps the old value")
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -543,6 +611,7 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
                 return gm
             try:
                 _propagate(gm, fx_call, args, kwargs)
+                _check_augmented(gm)
             except TraceError as exc:
                 if frontend == "fx":
                     raise

@@ -970,6 +970,55 @@ def datasets():
     assert 0.0 <= summary["test"] <= 1.0 and summary["epochs"] == 2
 
 
+_PADDED_WITH_MASK = """
+import torch
+from torch import nn
+
+class Mean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(12, 8), nn.Linear(8, 2)
+
+    def forward(self, ids, *, mask):
+        m = mask.unsqueeze(-1).to(torch.float32)
+        return self.fc((self.emb(ids) * m).sum(1) / m.sum(1))
+
+def build_model(): return Mean()
+def example_inputs(): return (torch.randint(1, 12, (2, 5)),)
+def example_kwargs(): return {"mask": torch.ones(2, 5, dtype=torch.long)}
+
+def collate_fn(samples):
+    longest = max(len(x) for x, _ in samples)
+    ids = torch.zeros(len(samples), longest, dtype=torch.long)
+    mask = torch.zeros(len(samples), longest, dtype=torch.long)
+    for i, (x, _) in enumerate(samples):
+        ids[i, :len(x)], mask[i, :len(x)] = x, 1
+    return ids, mask, torch.tensor([y for _, y in samples])
+
+def datasets():
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(48):
+        x = torch.randint(1, 12, (3 + i % 5,), generator=g)
+        data.append((x, int(x[0] > 6)))
+    return data[:32], data[32:40], data[40:]
+"""
+
+
+def test_a_collate_fn_of_a_file_with_keyword_inputs_has_its_batches_called_by_keyword(tmp_path, capsys):
+    """collate_fn's (ids, mask, y) went to the model as model(ids, mask): a keyword-only mask was
+    refused ('takes 2 positional arguments but 3 were given') before any work."""
+    model = _write(tmp_path / "seq.py", _PADDED_WITH_MASK)
+    run = tmp_path / "run"
+    assert main(["train", model, "--out", str(run), "--epochs", "2", "--batch-size", "8", "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+    short = _write(tmp_path / "short.py", _PADDED_WITH_MASK.replace("return ids, mask, torch.tensor", "return ids, torch.tensor"))
+    assert main(["train", short, "--out", str(tmp_path / "run2"), "--epochs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "collate_fn returns batches of 2 values, but the model takes 1 positional input(s) (example_inputs) and " \
+           "keyword input(s) mask (example_kwargs): return 3 values" in err and not (tmp_path / "run2").exists()
+
+
 def test_a_list_of_tensor_samples_is_a_dataset_when_the_file_has_its_own_collate_fn(tmp_path):
     """A list of tensors was refused as '(x, y) tensor pairs' even when the file's collate_fn makes
     (input, target) batches of them (a language model's sequences, targets shifted from inputs)."""

@@ -607,3 +607,48 @@ def test_a_decorated_forward_fx_cannot_trace_names_the_decorator_and_the_fix():
         pbp_fx.perforate(Decorated(), torch.zeros(2, 4), frontend="fx")
     assert "unknown line" not in str(info.value)
     assert len(pbp_fx.perforate(Decorated(), torch.zeros(2, 4)).sites) == 1  # (auto: export takes it)
+
+
+class _Augmented(nn.Module):
+    """`+=` on a tensor that another name (or the tensor a view is of) still reads afterwards."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.fc, self.drop, self.out = kind, nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.fc(x)))
+        if self.kind == "alias":
+            y = h
+            y += 1
+            return self.out(h + y)
+        if self.kind == "view":
+            y = h[:, :2]
+            y *= 3
+            return self.out(h)
+        h += x  # a residual: the old value is not read again
+        return self.out(h)
+
+
+@pytest.mark.parametrize("kind", ["alias", "view"])
+def test_an_augmented_assignment_read_after_under_another_name_is_not_traced_as_a_new_tensor(kind):
+    """fx traces `y += 1` as `y + 1`: the graph read h from before the change and the perforated
+    model computed otherwise than the model (0.5 off), without an error."""
+    x, model = torch.randn(3, 4), _Augmented(kind).eval()
+    with pytest.raises(TraceError, match=r"test_tracing.py:\d+: `[+*]=` changes a tensor in place that the model "
+                                         r"reads after it .* use frontend='export'"):
+        pbp_fx.perforate(model, (x,), frontend="fx")
+    pm = pbp_fx.perforate(model, (x,))  # auto: torch.export, which keeps the change
+    assert pm.graph_module.meta["pbp_frontend"] == "export"
+    pm.eval()
+    with torch.no_grad():
+        assert torch.allclose(pm(x), model(x), atol=1e-6)
+
+
+def test_a_residual_added_in_place_keeps_the_fx_graph():
+    x, model = torch.randn(3, 4), _Augmented("residual").eval()
+    pm = pbp_fx.perforate(model, (x,), frontend="fx")
+    assert pm.graph_module.meta["pbp_frontend"] == "fx"
+    pm.eval()
+    with torch.no_grad():
+        assert torch.allclose(pm(x), model(x), atol=1e-6)
