@@ -80,19 +80,39 @@ def _outputs(value) -> list[torch.Tensor]:
 
 
 def _output_layers(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> list[nn.Module]:
-    """Layers whose output is (a view of) a model output: their channels are the model's
-    interface (classes, features) and must keep their size."""
+    """Layers whose channels reach a model output with no layer between: their channels are the
+    model's interface (classes, features) and must keep their size. Found by the output's
+    storage (a view of a layer's output) and by walking the output's autograd graph back to the
+    first layer output on each path (log_softmax, a mask, a residual sum in between)."""
     produced: dict[int, nn.Module] = {}
-    hooks = [m.register_forward_hook(lambda mod, _i, out: produced.update(
-        {t.untyped_storage().data_ptr(): mod for t in _outputs(out)}))
-        for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding))]
+    made_by: dict = {}  # a layer output's grad_fn -> the layer
+
+    def record(mod, _inputs, out) -> None:
+        for t in _outputs(out):
+            produced[t.untyped_storage().data_ptr()] = mod
+            if t.grad_fn is not None:
+                made_by[t.grad_fn] = mod
+
+    hooks = [m.register_forward_hook(record)
+             for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding))]
     try:
-        with torch.no_grad():
+        with torch.enable_grad():  # (the graph is dropped with `out`: no backward runs)
             out = model(*example_inputs, **example_kwargs)
     finally:
         for h in hooks:
             h.remove()
-    return [produced[p] for p in {t.untyped_storage().data_ptr() for t in _outputs(out)} if p in produced]
+    found = [produced[p] for p in {t.untyped_storage().data_ptr() for t in _outputs(out)} if p in produced]
+    seen, todo = set(), [t.grad_fn for t in _outputs(out) if t.grad_fn is not None]
+    while todo:
+        fn = todo.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        if fn in made_by:
+            found.append(made_by[fn])
+            continue
+        todo.extend(f for f, _ in fn.next_functions if f is not None)
+    return list({id(m): m for m in found}.values())
 
 
 def _channel_groups(group) -> int:

@@ -374,3 +374,28 @@ def test_a_pruned_model_reports_the_width_it_was_built_at():
         assert scaled.width == pytest.approx(channels / 6)
     matched = builder.for_params(builder.params(builder.build(0.5)))
     assert matched.width == pytest.approx(matched.model[0].out_features / 6)
+
+
+class _Tailed(nn.Module):
+    """An output that is not the head's own tensor: log-probabilities, a mask applied to logits."""
+
+    def __init__(self, tail: str):
+        super().__init__()
+        self.tail, self.fc1, self.fc2, self.head = tail, nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        logits = self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        if self.tail == "log_softmax":
+            return torch.log_softmax(logits, dim=1)
+        return {"logits": logits * (x[:, :3] > -5).to(logits.dtype)}
+
+
+@pytest.mark.parametrize("tail", ["log_softmax", "mask"])
+def test_a_head_whose_output_passes_through_elementwise_ops_keeps_its_size(tail):
+    """The head was found by the output's storage only: behind a log_softmax it was narrowed
+    (3 classes -> 1) and compare --width refused the model."""
+    builder = WidthBuilder(lambda: _Tailed(tail), lambda: (torch.randn(2, 6),), None)
+    model = builder.scaled(0.5).model
+    assert model.head.out_features == 3 and model.fc1.out_features == 8
+    out = model(torch.randn(4, 6))
+    assert (out if tail == "log_softmax" else out["logits"]).shape == (4, 3)
