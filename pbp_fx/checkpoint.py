@@ -325,9 +325,12 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
     except TraceError as exc:
         if capture is None or not recorded or "example inputs do not run through the model" not in str(exc):
             raise
-        raise CheckpointError(f"checkpoint {path} belongs to another model, or one taking other inputs: "
-                              f"{type(model).__name__} does not run on the inputs recorded with it ({exc}); load it "
-                              "onto the model it was trained on, or pass example_inputs= of this model") from exc
+        # The stand-ins have the recorded shapes and dtypes, not the values: a forward that checks
+        # its values (lengths > 0, ids in a range) refuses them as another model would.
+        raise CheckpointError(f"checkpoint {path}: {type(model).__name__} does not run on stand-ins of the inputs "
+                              f"recorded with it (their shapes and dtypes; random floats, integers 0, booleans True: "
+                              f"{exc}): pass example_inputs= (and example_kwargs=) that it runs on; if it refuses "
+                              "those too, the checkpoint belongs to another model") from exc
     finally:
         model.train(was_training)
     if capture is not None:

@@ -428,10 +428,36 @@ def test_a_model_that_does_not_run_on_the_recorded_inputs_is_another_models(tmp_
     pm, _ = _trained_pm()
     path = str(tmp_path / "mlp.safetensors")
     pbp_fx.save(pm, path)
-    with pytest.raises(CheckpointError, match=r"belongs to another model, or one taking other inputs: CNN does not run "
-                                              r"on the inputs recorded with it \(.*conv2d.*load it onto the model it "
-                                              r"was trained on, or pass example_inputs="):
+    with pytest.raises(CheckpointError, match=r"CNN does not run on stand-ins of the inputs recorded with it \(.*"
+                                              r"conv2d.*pass example_inputs= .*the checkpoint belongs to another model$"):
         pbp_fx.load(path, CNN)
+
+
+class _Pooled(nn.Module):
+    """A forward that checks its inputs' values: the stand-ins' integer lengths are 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x, lengths):
+        torch._assert((lengths > 0).all(), "lengths must be positive")
+        mask = (torch.arange(x.shape[1]) < lengths[:, None]).unsqueeze(-1)
+        return self.fc2((torch.relu(self.fc1(x)) * mask).sum(1) / lengths[:, None])
+
+
+def test_a_model_that_refuses_the_stand_in_values_is_told_to_pass_its_inputs(tmp_path):
+    """The load said the checkpoint 'belongs to another model' where the model only refused the
+    stand-ins' zero lengths: the fix, passing example inputs, came last."""
+    x, lengths = torch.randn(3, 5, 4), torch.tensor([5, 3, 2])
+    pm = pbp_fx.perforate(_Pooled(), (x, lengths))
+    path = str(tmp_path / "m.safetensors")
+    pbp_fx.save(pm, path)
+    with pytest.raises(CheckpointError, match=r"_Pooled does not run on stand-ins of the inputs recorded with it "
+                                              r"\(.*integers 0.*lengths must be positive.*\): pass example_inputs="):
+        pbp_fx.load(path, _Pooled)
+    again = pbp_fx.load(path, _Pooled, (x, lengths))  # the advice, followed
+    assert torch.equal(again(x, lengths), pm(x, lengths))
 
 
 def test_a_torch_compiled_model_loads_as_the_model_it_wraps(tmp_path):
