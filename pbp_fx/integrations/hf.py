@@ -56,6 +56,7 @@ class PBCallback(TrainerCallback):
         self._before_first_step = False  # eval_on_start's evaluation (of a fresh or a resumed run) comes now
         self._resumed_complete = False  # resumed from a checkpoint of a finished PB run
         self._applied_lr: Optional[float] = None
+        self._decisions, self._first_step = 0, 0  # controller steps in this train(), its first global step
         self._from_args = False  # the metric is the TrainingArguments' metric_for_best_model
         self._structure_hook: Optional[StructureOnLoad] = None
 
@@ -153,6 +154,7 @@ class PBCallback(TrainerCallback):
             self.controller.attach_scheduler(scheduler, scaled=state.global_step > 0)
         self._before_first_step = bool(getattr(args, "eval_on_start", False))
         self._applied_lr = None  # group 0's rate at the last optimizer step (what the log shows)
+        self._decisions, self._first_step = 0, state.global_step
         self._training = True
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -177,6 +179,7 @@ class PBCallback(TrainerCallback):
             self._refuse_missing_metric(metrics)
         self._other_datasets, self._round_has_metric = {}, True
         decision = self.controller.step(float(metrics[self.metric]))
+        self._decisions += 1
         if decision is Decision.COMPLETE:
             control.should_training_stop = True
         entry = state.log_history[-1] if state.log_history else {}
@@ -239,6 +242,12 @@ class PBCallback(TrainerCallback):
         self._refuse_a_round_without_metric()
         self._training = False
         ctl = self.controller
+        if not self._decisions and not self._resumed_complete and state.global_step > self._first_step:
+            warn_at_user(f"PBCallback: {state.global_step - self._first_step} training step(s) and no evaluation of "
+                         "the Trainer's own, so PB made no decision: evaluate within the run (eval_strategy, "
+                         "eval_steps); a trainer.evaluate() of a callback's, where the Trainer would evaluate, resets "
+                         "control.should_evaluate and takes the Trainer's place only with the default "
+                         "metric_key_prefix")
         if not ctl.done:  # the Trainer stopped first
             budget = state.max_steps > 0 and state.global_step >= state.max_steps
             ctl.finish("the Trainer's step or epoch budget ran out" if budget else

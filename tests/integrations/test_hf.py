@@ -144,6 +144,28 @@ def test_an_evaluation_of_the_users_own_under_another_prefix_is_not_the_schedule
     assert len([r for r in trainer.state.log_history if f"{prefix}_loss" in r and f"{prefix}_runtime" in r]) >= 6
 
 
+def test_a_callbacks_evaluation_that_takes_the_trainers_place_is_warned_of(tmp_path, perforated_bert):
+    """trainer.evaluate(metric_key_prefix="test") in on_epoch_end, where the Trainer would evaluate:
+    it reset control.should_evaluate, the Trainer's evaluations never ran, and PB made no decision
+    in the whole run, without a word."""
+    from transformers import TrainerCallback
+
+    class TestSetEvaluation(TrainerCallback):
+        trainer = None
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self.trainer.evaluate(eval_dataset=parity_tokens(32, 2), metric_key_prefix="test")
+
+    own, cb = TestSetEvaluation(), PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=2)
+    trainer.add_callback(own)
+    own.trainer = trainer
+    with pytest.warns(UserWarning, match=r"PBCallback: 8 training step\(s\) and no evaluation of the Trainer's own, "
+                                         r"so PB made no decision: .* resets control.should_evaluate"):
+        trainer.train()
+    assert _notes(cb.controller) == ["the Trainer's step or epoch budget ran out"]  # (no decision of PB's before)
+
+
 def test_bf16_on_cpu(tmp_path, perforated_bert):
     cb = PBCallback(QUICK)
     trainer, _ = _trainer(tmp_path, cb, perforated_bert(), bf16=True)
