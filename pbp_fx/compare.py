@@ -415,7 +415,8 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
         sign = "ahead of" if better > 0 else "behind" if better < 0 else "level with"
         ahead, behind = (p["behind"], p["ahead"]) if maximize else (p["ahead"], p["behind"])
         seeds = f"{p['n']} seed{'s' if p['n'] != 1 else ''}"
-        lines.append(f"pb is {score.num(abs(pb_side))}{score.diff_unit} {sign} {arm} ({what}): paired difference "
+        gap = f"level with {arm}" if not better else f"{score.num(abs(pb_side))}{score.diff_unit} {sign} {arm}"
+        lines.append(f"pb is {gap} ({what}): paired difference "
                      f"pb − {arm} = {score.num(pb_side, sign=True)} ± {score.num(p['sd'])}{score.diff_unit} over "
                      f"{seeds} (pb ahead in {ahead}, behind in {behind}{'' if maximize else '; lower is better'}); "
                      f"{_noise(-p['mean'], p['sd'], p['n'], score)}.")

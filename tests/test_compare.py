@@ -245,13 +245,13 @@ def test_a_module_forward_never_calls_counts_in_no_arm(tmp_path):
     assert matched["params"] == used and matched["width"] == 1.0
 
 
-@pytest.mark.parametrize("plain_test,words", [(0.5, "level with plain"), (0.5004, "level with plain"),
-                                              (0.4, "ahead of plain")])
+@pytest.mark.parametrize("plain_test,words", [(0.5, "pb is level with plain ("), (0.5004, "pb is level with plain ("),
+                                              (0.4, "10.0 points ahead of plain")])
 def test_a_difference_that_prints_as_zero_reads_level(plain_test, words):
     """Equal arms printed "pb − plain = -0.0" and "pb is 0.0 points level with"/"behind" by the sign of -0."""
     rows = [{"arm": "pb", "seed": 0, "test": 0.5, "params": 10}, {"arm": "plain", "seed": 0, "test": plain_test, "params": 5}]
     text = verdict(summarize(rows), paired(rows))
-    assert words in text and "-0.0" not in text
+    assert words in text and "-0.0" not in text and "0.0 points level" not in text
 
 
 NOISY = TINY.replace("import torch\n", "import random\n\nimport numpy as np\nimport torch\n", 1).replace(
