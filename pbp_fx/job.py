@@ -73,10 +73,13 @@ def _call_datasets(mod: ModuleType, seed: int):
                                  "datasets (a TensorDataset, a list of (x, y) pairs)")
         # (a list of tensor samples is fine for a file's own collate_fn, which makes (input, target) batches of them)
         own_collate = isinstance(ds, list) and getattr(mod, "collate_fn", None) is not None
-        if isinstance(ds, (tuple, list)) and ds and all(isinstance(t, torch.Tensor) for t in ds) and not own_collate:
-            raise ModelFileError(f"the {name} dataset is a {type(ds).__name__} of tensors, not of (input, target) "
-                                 "samples: wrap them, TensorDataset(x, y), or return a Dataset or a list of (x, y) "
-                                 "pairs")
+        if isinstance(ds, (tuple, list)) and ds and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in ds) \
+                and not own_collate:
+            arrays = any(isinstance(t, np.ndarray) for t in ds)
+            wrapped = "TensorDataset(torch.as_tensor(x), torch.as_tensor(y))" if arrays else "TensorDataset(x, y)"
+            raise ModelFileError(f"the {name} dataset is a {type(ds).__name__} of {'arrays' if arrays else 'tensors'}, "
+                                 f"not of (input, target) samples: wrap them, {wrapped}, or return a Dataset or a "
+                                 "list of (x, y) pairs")
         try:
             size = len(ds)
         except TypeError:
@@ -224,7 +227,7 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
             size = len(ds)
             if size == 0:  # (refused with its own message where the loaders are checked)
                 continue
-            output = None
+            output = target = None
             try:
                 samples = [ds[i] for i in range(min(n, size))]
                 try:
@@ -263,6 +266,7 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                 layout = ("; the built-in loss and accuracy read the classes from dim 1 ([N, C, ...], as "
                           "F.cross_entropy): put them there, or give the model file a loss_fn and metric"
                           if class_labels and isinstance(out, torch.Tensor) and out.dim() >= 3 else "")
+                _diagnose_targets(target, out, name, class_labels)
                 raise TrainingError(f"the first {name} samples fail in the model, its loss or its metric "
                                     f"({type(exc).__name__}: {first}): check that the data's shapes, dtypes and "
                                     "targets match the model, its outputs and the model file's TASK / loss_fn / "
@@ -279,6 +283,20 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
         raise TrainingError(f"training batches of {min(batch_size, len(data[0]))} sample: BatchNorm layer {single[0]!r} "
                             "would see one value per channel and cannot train: use --batch-size 2 or more "
                             "(and at least 2 training samples)")
+
+
+def _diagnose_targets(target, out, name: str, class_labels: bool) -> None:
+    """TrainingError naming targets that the built-in cross-entropy cannot take (floats in the
+    layout of class indices, labels beyond the output's classes), when these are why the first
+    batch failed."""
+    if not (class_labels and isinstance(target, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() >= 2):
+        return
+    if target.dtype.is_floating_point and target.dim() == out.dim() - 1:
+        raise TrainingError(f"the {name} targets are floats ({target.dtype}) where the built-in cross-entropy takes "
+                            "class indices: yield integer labels (y.long()), or set TASK = \"regression\" in the "
+                            "model file for numeric targets")
+    if not target.dtype.is_floating_point and target.dtype != torch.bool:
+        _check_labels(target, out.shape[1], name)
 
 
 def _check_labels(labels: torch.Tensor, classes: int, name: str) -> None:

@@ -190,6 +190,10 @@ def parameters_the_loss_misses(loss: torch.Tensor, output) -> Optional[list]:
 
 def split_batch(batch):
     """(inputs, target) from a (x, y) or (x1, ..., xn, y) batch."""
+    if isinstance(batch, dict):
+        raise TrainingError(f"each batch must be a tuple (inputs..., target), and the samples are dicts (keys "
+                            f"{', '.join(map(repr, list(batch)[:4]))}): return (input, ..., target) tuples from the "
+                            "dataset, or give the model file a collate_fn that makes such batches of them")
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise TrainingError("each batch must be a tuple (inputs..., target): wrap the data in a TensorDataset")
     return tuple(batch[:-1]), batch[-1]

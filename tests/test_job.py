@@ -106,8 +106,21 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
 
 
 @pytest.mark.parametrize("case,args,message", [
+    # (the first batch's labels: said as the data's, with the fix; was torch's "IndexError: Target 4 is out of bounds")
     ("targets out of range", lambda t: [_write(t / "m.py", LABELS_OUT_OF_RANGE)],
-     "the first training samples fail in the model, its loss or its metric (IndexError: Target"),
+     "the training dataset has class label 4, but the model outputs 2 classes (labels 0..1, or -100 to leave a sample "
+     "out): fix the labels or the model's number of outputs"),
+    ("float class labels", lambda t: [_write(t / "m.py", GOOD.replace("torch.arange(8) % 2", "(torch.arange(8) % 2).float()"))],
+     "the training targets are floats (torch.float32) where the built-in cross-entropy takes class indices: yield "
+     "integer labels (y.long()), or set TASK = \"regression\""),
+    ("dict samples", lambda t: [_write(t / "m.py", GOOD.replace(
+        "    return d, d, d", "    d = [{'x': x, 'y': y} for x, y in d]\n    return d, d, d"))],
+     "each batch must be a tuple (inputs..., target), and the samples are dicts (keys 'x', 'y'): return (input, ..., "
+     "target) tuples from the dataset, or give the model file a collate_fn"),
+    ("(x, y) arrays for datasets", lambda t: [_write(t / "m.py", GOOD.replace(
+        "    return d, d, d", "    return tuple(v.numpy() for v in d.tensors), d, d"))],
+     "the training dataset is a tuple of arrays, not of (input, target) samples: wrap them, "
+     "TensorDataset(torch.as_tensor(x), torch.as_tensor(y))"),
     ("data of another shape", lambda t: [_write(t / "m.py", LABELS_OUT_OF_RANGE.replace("randn(8, 3)", "randn(8, 6)"))],
      "check that the data's shapes, dtypes and targets match the model"),
     ("example inputs without a tensor", lambda t: [_write(t / "m.py", GOOD.replace(
