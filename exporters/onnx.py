@@ -793,11 +793,19 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
         if fixed:
             name, size = fixed[0]
             batched = [v.name for v in proto.graph.input if v.type.tensor_type.shape.dim]
-            # dim 0 of every input is one batch axis: one input whose dim 0 is no batch fixes them all
-            others = ("; dim 0 of every input is the one batch axis, so an input whose dim 0 is not its batch "
-                      "(an RNN state [layers, batch, hidden]) fixes the others' too: pass dynamic_batch=False with "
-                      "dynamic_axes naming each input's batch dim, e.g. {'x': {0: 'b'}, 'h0': {1: 'b'}} "
-                      "(--static-batch --dynamic-axis x:0=b --dynamic-axis h0:1=b)" if len(batched) > 1 else "")
+            others = ""
+            if len(batched) > 1:
+                # dim 0 of every input is one batch axis: one input whose dim 0 is no batch fixes them all.
+                # The likeliest such input: [layers, batch, hidden], batch (dim 1) the others' dim 0.
+                shapes = dict(zip(input_names, (tuple(t.shape) for t in inputs if isinstance(t, Tensor))))
+                likely = [n for n in batched if len(shapes.get(n, ())) == 3 and shapes[n][1] == size]
+                state = next((n for n in likely if n != batched[0]), likely[0] if likely else batched[1])
+                first = next(n for n in batched if n != state)
+                others = (f"; dim 0 of every input is the one batch axis, so an input whose dim 0 is not its batch "
+                          f"(an RNN state [layers, batch, hidden], such as {state!r} may be) fixes the others' too: "
+                          f"pass dynamic_batch=False with dynamic_axes naming each input's batch dim, e.g. "
+                          f"{{{first!r}: {{0: 'b'}}, {state!r}: {{1: 'b'}}}} (--static-batch --dynamic-axis "
+                          f"{first}:0=b --dynamic-axis {state}:1=b)")
             raise ExportError(f"the model fixes dim 0 of input {name!r} to {size} (a reshape to a constant batch, or "
                               "an input without a batch dim, such as one unbatched [C, L] sample for a Conv1d), so it "
                               "cannot be the dynamic batch axis: use -1 for the batch in reshapes, or pass "

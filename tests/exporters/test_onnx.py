@@ -1058,26 +1058,36 @@ def test_an_unbatched_input_is_named_as_a_possible_cause_of_a_fixed_dim_0(tmp_pa
                                    rtol=1e-4, atol=1e-5)
 
 
-def test_an_rnn_state_whose_layers_equal_the_batch_is_named_as_the_cause(tmp_path):
-    """h0 [layers=2, batch=2, hidden]: dim 0 sizes agree, so h0's layers were taken as the batch and
-    the error blamed x alone; its advice (per-input batch dims) exports a file right at another batch."""
+@pytest.mark.parametrize("state_first", [False, True])
+def test_an_rnn_state_whose_layers_equal_the_batch_is_named_as_the_cause(tmp_path, state_first):
+    """hidden [layers=2, batch=2, size]: dim 0 sizes agree, so its layers were taken as the batch and
+    the error blamed the first input alone, with an example naming 'x' and 'h0' whatever the
+    inputs' names; its advice (per-input batch dims) exports a file right at another batch."""
     class Recurrent(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.rnn, self.fc = torch.nn.GRU(3, 5, num_layers=2, batch_first=True), torch.nn.Linear(5, 2)
 
-        def forward(self, x, h0):
-            return self.fc(self.rnn(x, h0)[0][:, -1])
+        def forward(self, seq, hidden):
+            return self.fc(self.rnn(seq, hidden)[0][:, -1])
 
-    x, h0 = torch.randn(2, 4, 3), torch.zeros(2, 2, 5)
-    pm = pbp_fx.perforate(Recurrent(), (x, h0)).eval()
+    class StateFirst(Recurrent):
+        def forward(self, hidden, seq):
+            return super().forward(seq, hidden)
+
+    seq, hidden = torch.randn(2, 4, 3), torch.zeros(2, 2, 5)
+    model, inputs = (StateFirst(), (hidden, seq)) if state_first else (Recurrent(), (seq, hidden))
+    pm = pbp_fx.perforate(model, inputs).eval()
     with pytest.raises(ExportError, match=r"an input whose dim 0 is not its batch \(an RNN state \[layers, batch, "
-                                          r"hidden\]\) fixes the others' too: pass dynamic_batch=False with "
-                                          r"dynamic_axes naming each input's batch dim"):
-        export_onnx(pm, (x, h0), tmp_path / "m.onnx")
-    path = export_onnx(pm, (x, h0), tmp_path / "m.onnx", dynamic_batch=False,
-                       dynamic_axes={"x": {0: "b"}, "h0": {1: "b"}})
-    x5, h5 = torch.randn(5, 4, 3), torch.randn(2, 5, 5)
+                                          r"hidden\], such as 'hidden' may be\) fixes the others' too: pass "
+                                          r"dynamic_batch=False with dynamic_axes naming each input's batch dim, e.g. "
+                                          r"\{'seq': \{0: 'b'\}, 'hidden': \{1: 'b'\}\} \(--static-batch "
+                                          r"--dynamic-axis seq:0=b --dynamic-axis hidden:1=b\)"):
+        export_onnx(pm, inputs, tmp_path / "m.onnx")
+    path = export_onnx(pm, inputs, tmp_path / "m.onnx", dynamic_batch=False,
+                       dynamic_axes={"seq": {0: "b"}, "hidden": {1: "b"}})  # the advice, followed
+    s5, h5 = torch.randn(5, 4, 3), torch.randn(2, 5, 5)
+    given = (h5, s5) if state_first else (s5, h5)
     with torch.no_grad():
-        np.testing.assert_allclose(run(ort_session(str(path), device="cpu"), (x5.numpy(), h5.numpy()))[0],
-                                   pm(x5, h5).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(run(ort_session(str(path), device="cpu"), tuple(t.numpy() for t in given))[0],
+                                   pm(*given).numpy(), rtol=1e-4, atol=1e-5)
