@@ -220,7 +220,8 @@ def _prepare(model: nn.Module) -> tuple[nn.Module, dict[str, int], str]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx needs a PerforatedModel or an nn.Module, got {type(model).__name__}")
     if inside := perforated_inside(model):  # its sites would be exported unfinalized, unfused
-        raise ExportError(f"export_onnx got a {type(model).__name__}: {inside}; it is finalized and fused there")
+        raise ExportError(f"export_onnx got a {type(model).__name__}: {inside}; it is finalized and fused there"
+                          + _own_layers_advice(model))
     sites = [m for m in model.modules() if isinstance(m, (Site, FusedSite))]
     dendrites = {m.name: m.num_dendrites for m in sites}
     activation = ",".join(sorted({m.activation for m in sites})) or "none"
@@ -229,6 +230,23 @@ def _prepare(model: nn.Module) -> tuple[nn.Module, dict[str, int], str]:
 
         return _root_of_parts(finalize(model)), dendrites, activation
     return _root_of_parts(copy.deepcopy(model).eval()), dendrites, activation
+
+
+def _own_layers_advice(wrapper: nn.Module) -> str:
+    """For a module holding a PerforatedModel beside layers of its own (a normalisation before
+    it): how to export them too, with the PerforatedModel finalized in its place."""
+    from pbp_fx.perforated import PerforatedModel, access_path
+
+    held = [name for name, m in wrapper.named_modules() if isinstance(m, PerforatedModel)]
+    own = [name for name, m in wrapper.named_modules()
+           if not any(name == h or name.startswith(h + ".") for h in held)
+           and any(True for _ in [*m.parameters(recurse=False), *m.buffers(recurse=False)])]
+    if not own:
+        return ""
+    path = access_path(wrapper, held[0])
+    return (f"; that file leaves out {type(wrapper).__name__}'s own layers ({', '.join(own[:3])}"
+            f"{', ...' if len(own) > 3 else ''}): to keep them, export a copy holding the finalized model in its "
+            f"place, m = copy.deepcopy(model); m{path} = m{path}.finalize()")
 
 
 def _root_of_parts(module: nn.Module) -> nn.Module:

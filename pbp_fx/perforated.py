@@ -726,10 +726,10 @@ def perforated_inside(obj) -> str:
     inside = [name for name, m in obj.named_modules() if isinstance(m, PerforatedModel)]
     if not inside:
         return ""
-    return f"it wraps a PerforatedModel: pass that (model{_access_path(obj, inside[0])})"
+    return f"it wraps a PerforatedModel: pass that (model{access_path(obj, inside[0])})"
 
 
-def _access_path(obj: nn.Module, name: str) -> str:
+def access_path(obj: nn.Module, name: str) -> str:
     """Python that reaches submodule `name` of obj: ".encoder[0]['head']" for "encoder.0.head"."""
     out = ""
     for part in name.split("."):

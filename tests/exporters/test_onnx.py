@@ -1,6 +1,7 @@
 """export_onnx: fused and unfused files, parity with PyTorch through ONNX Runtime."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -1091,3 +1092,24 @@ def test_an_rnn_state_whose_layers_equal_the_batch_is_named_as_the_cause(tmp_pat
     with torch.no_grad():
         np.testing.assert_allclose(run(ort_session(str(path), device="cpu"), tuple(t.numpy() for t in given))[0],
                                    pm(*given).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_wrapper_with_layers_of_its_own_is_told_how_to_export_them_too(tmp_path):
+    """nn.Sequential(norm, pm): the advice 'pass model[1]' left the LayerNorm out of the file, unsaid."""
+    x = torch.randn(3, 4)
+    pm = pbp_fx.perforate(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)), (x,))
+    pm.grow()
+    pm.eval()
+    wrapper = torch.nn.Sequential(torch.nn.LayerNorm(4), pm)
+    with pytest.raises(ExportError, match=r"pass that \(model\[1\]\); it is finalized and fused there; that file "
+                                          r"leaves out Sequential's own layers \(0\): to keep them, export a copy "
+                                          r"holding the finalized model in its place, m = copy.deepcopy\(model\); "
+                                          r"m\[1\] = m\[1\].finalize\(\)$"):
+        export_onnx(wrapper, (x,), tmp_path / "m.onnx")
+    m = copy.deepcopy(wrapper)  # the advice, followed
+    m[1] = m[1].finalize()
+    path = export_onnx(m, (x,), tmp_path / "m.onnx")
+    assert sum(n.domain == DOMAIN for n in onnx.load(str(path)).graph.node) == len(pm.sites)
+    with torch.no_grad():
+        np.testing.assert_allclose(run(ort_session(str(path), device="cpu"), (x.numpy(),))[0], wrapper(x).numpy(),
+                                   rtol=1e-4, atol=1e-5)
