@@ -527,21 +527,15 @@ def test_a_cosine_floor_attached_in_a_dendrite_phase_keeps_the_neuron_rates_on_s
     assert [g["lr"] for g in opt.param_groups] == pytest.approx(want, rel=1e-9)
 
 
-def test_no_dendrite_phase_step_applies_more_than_candidate_lr():
-    """A dendrite phase that begins near the bottom of a warm-restart cosine: the scheduler's rate
-    then rises 100x (candidate_lr x its rise, the controller's scaling); every optimizer step of the
-    phase applies at most candidate_lr, and the scheduler's course and the neuron rate after the
-    phase are those of a twin schedule on its own optimizer."""
+def _scheduled_with_twin(lr: float, schedule):
+    """A controller at candidate_lr 0.05 over an SGD at `lr` under `schedule(optimizer)` (attached),
+    and a twin optimizer under its own schedule: (pm, ctl, optimizer, twin optimizer, scheduler,
+    the (phase, lr) of each optimizer step, epoch(steps) stepping both)."""
     pm = _pm()
     ctl = PhaseController(pm, patience=1, dendrite_patience=1, candidate_lr=0.05,
-                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
-    opt = ctl.optimizer
-    twin_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-
-    def restarts(o):
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=10, eta_min=1e-4)
-
-    sched, twin = restarts(opt), restarts(twin_opt)
+                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=lr))
+    opt, twin_opt = ctl.optimizer, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    sched, twin = schedule(opt), schedule(twin_opt)
     ctl.attach_scheduler(sched)
     applied = []
     opt.register_step_pre_hook(lambda o, a, k: applied.append((pm.phase, o.param_groups[0]["lr"])))
@@ -550,6 +544,16 @@ def test_no_dendrite_phase_step_applies_more_than_candidate_lr():
         for _ in range(steps):
             opt.step(), twin_opt.step()
             sched.step(), twin.step()
+    return pm, ctl, opt, twin_opt, sched, applied, epoch
+
+
+def test_no_dendrite_phase_step_applies_more_than_candidate_lr():
+    """A dendrite phase that begins near the bottom of a warm-restart cosine: the scheduler's rate
+    then rises 100x (candidate_lr x its rise, the controller's scaling); every optimizer step of the
+    phase applies at most candidate_lr, and the scheduler's course and the neuron rate after the
+    phase are those of a twin schedule on its own optimizer."""
+    pm, ctl, opt, twin_opt, sched, applied, epoch = _scheduled_with_twin(
+        0.1, lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=10, eta_min=1e-4))
 
     epoch(9)  # near the bottom of the first cycle
     ctl.step(0.5), ctl.step(0.5)  # best, stale: the dendrite phase starts here at candidate_lr
@@ -568,25 +572,8 @@ def test_no_dendrite_phase_step_applies_more_than_candidate_lr():
 def test_a_dendrite_phase_that_starts_where_the_schedule_reaches_lr_0_leaves_it_on_schedule(eta_min):
     """A cosine at exactly lr 0 when the phase began was taken for a group the user froze: the
     neurons went back to lr 0 and stayed there, where the schedule rose again after T_max."""
-    pm = _pm()
-    ctl = PhaseController(pm, patience=1, dendrite_patience=1, candidate_lr=0.05,
-                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
-    opt = ctl.optimizer
-    opt.param_groups[0]["lr"] = 0.1 + eta_min  # (the floor is reached exactly only when eta_min is 0)
-    twin_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1 + eta_min)
-
-    def cosine(o):
-        return torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10, eta_min=eta_min)
-
-    sched, twin = cosine(opt), cosine(twin_opt)
-    ctl.attach_scheduler(sched)
-    applied = []
-    opt.register_step_pre_hook(lambda o, a, k: applied.append((pm.phase, o.param_groups[0]["lr"])))
-
-    def epoch(steps):
-        for _ in range(steps):
-            opt.step(), twin_opt.step()
-            sched.step(), twin.step()
+    pm, ctl, opt, twin_opt, sched, applied, epoch = _scheduled_with_twin(  # (the floor is reached exactly at 0 only)
+        0.1 + eta_min, lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10, eta_min=eta_min))
 
     epoch(10)  # the bottom of the cosine
     assert opt.param_groups[0]["lr"] == eta_min

@@ -944,6 +944,17 @@ def test_an_interrupt_before_a_new_runs_first_checkpoint_does_not_point_at_the_o
     assert err == "pbp-fx: error: interrupted\n"
 
 
+_SEQUENCES_DATASETS = """
+def datasets():
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(48):
+        x = torch.randint(1, 12, (3 + i % 5,), generator=g)
+        data.append((x, int(x[0] > 6)))
+    return data[:32], data[32:40], data[40:]
+"""
+
+
 def test_a_model_files_own_collate_fn_makes_its_batches(tmp_path):
     """Variable-length sequences: the file's collate_fn (padding per batch) was ignored, silently, and
     the run was refused with torch's 'stack expects each tensor to be equal size'."""
@@ -968,15 +979,7 @@ def collate_fn(samples):
     for i, (x, _) in enumerate(samples):
         ids[i, :len(x)] = x
     return ids, torch.tensor([y for _, y in samples])
-
-def datasets():
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for i in range(48):
-        x = torch.randint(1, 12, (3 + i % 5,), generator=g)
-        data.append((x, int(x[0] > 6)))
-    return data[:32], data[32:40], data[40:]
-""")
+""" + _SEQUENCES_DATASETS)
     run = tmp_path / "run"
     assert main(["train", model, "--out", str(run), "--epochs", "2", "--batch-size", "8", "--no-progress"]) == 0
     summary = json.loads((run / "summary.json").read_text())
@@ -1007,15 +1010,7 @@ def collate_fn(samples):
     for i, (x, _) in enumerate(samples):
         ids[i, :len(x)], mask[i, :len(x)] = x, 1
     return ids, mask, torch.tensor([y for _, y in samples])
-
-def datasets():
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for i in range(48):
-        x = torch.randint(1, 12, (3 + i % 5,), generator=g)
-        data.append((x, int(x[0] > 6)))
-    return data[:32], data[32:40], data[40:]
-"""
+""" + _SEQUENCES_DATASETS
 
 
 def test_a_collate_fn_of_a_file_with_keyword_inputs_has_its_batches_called_by_keyword(tmp_path, capsys):
