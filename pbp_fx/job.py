@@ -291,7 +291,9 @@ def _diagnose_targets(target, out, name: str, class_labels: bool) -> None:
     batch failed."""
     if not (class_labels and isinstance(target, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() >= 2):
         return
-    if target.dtype.is_floating_point and target.dim() == out.dim() - 1:
+    if tuple(target.shape) != (out.shape[0], *out.shape[2:]):
+        return  # not class indices for classes on dim 1 (a [B, T, C] tagger): the layout is said after
+    if target.dtype.is_floating_point:
         raise TrainingError(f"the {name} targets are floats ({target.dtype}) where the built-in cross-entropy takes "
                             "class indices: yield integer labels (y.long()), or set TASK = \"regression\" in the "
                             "model file for numeric targets")

@@ -128,6 +128,10 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
      "returned [[1, 2, 3]], which holds no tensor: return the model's inputs as tensors"),
     ("classes on the last dim of a [B, T, C] output", lambda t: [_write(t / "m.py", TAGGER)],
      "the built-in loss and accuracy read the classes from dim 1 ([N, C, ...], as F.cross_entropy)"),
+    # (its labels beyond T were refused as 'class label 8, but the model outputs 7 classes')
+    ("more classes than positions in a [B, T, C] output", lambda t: [_write(t / "m.py", TAGGER.replace(
+        "nn.Linear(8, 5)", "nn.Linear(8, 9)").replace("x % 5", "x % 9"))],
+     "the built-in loss and accuracy read the classes from dim 1 ([N, C, ...], as F.cross_entropy)"),
     ("one logit per sample with the built-in accuracy", lambda t: [_write(t / "m.py", ONE_LOGIT)],
      "the built-in accuracy scores class logits [N, C, ...] with C >= 2 classes on dim 1"),
     ("DataLoaders for datasets", lambda t: [_write(t / "m.py", GOOD.replace(
