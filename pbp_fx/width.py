@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -79,6 +80,11 @@ def _outputs(value) -> list[torch.Tensor]:
     return []
 
 
+# Autograd nodes of ops that sum over a channel axis (matmul forms, convs, embeddings, attention):
+# the walk to the output layers stops there.
+_CONTRACTS = re.compile(r"mm|Mv|Dot|Matmul|Linear|Conv|Embedding|Attention|Einsum|Tensordot", re.IGNORECASE)
+
+
 def _output_layers(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> list[nn.Module]:
     """Layers whose channels reach a model output with no layer between: their channels are the
     model's interface (classes, features) and must keep their size. Found by the output's
@@ -86,9 +92,11 @@ def _output_layers(model: nn.Module, example_inputs: tuple, example_kwargs: dict
     first layer output on each path (log_softmax, a mask, a residual sum in between)."""
     produced: dict[int, nn.Module] = {}
     made_by: dict = {}  # a layer output's grad_fn -> the layer
+    kept: list = []  # the layer outputs, alive: a freed one's memory, reused by a later tensor, would match it
 
     def record(mod, _inputs, out) -> None:
         for t in _outputs(out):
+            kept.append(t)
             produced[t.untyped_storage().data_ptr()] = mod
             if t.grad_fn is not None:
                 made_by[t.grad_fn] = mod
@@ -111,6 +119,8 @@ def _output_layers(model: nn.Module, example_inputs: tuple, example_kwargs: dict
         if fn in made_by:
             found.append(made_by[fn])
             continue
+        if _CONTRACTS.search(type(fn).__name__):
+            continue  # (a product over channels: the output's channels are not the ones behind it)
         todo.extend(f for f, _ in fn.next_functions if f is not None)
     return list({id(m): m for m in found}.values())
 

@@ -399,3 +399,25 @@ def test_a_head_whose_output_passes_through_elementwise_ops_keeps_its_size(tail)
     assert model.head.out_features == 3 and model.fc1.out_features == 8
     out = model(torch.randn(4, 6))
     assert (out if tail == "log_softmax" else out["logits"]).shape == (4, 3)
+
+
+class _TiedOutput(nn.Module):
+    """Logits as the hidden state times the embedding table: a product over the hidden channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(20, 32), nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return torch.log_softmax(h @ self.emb.weight.t(), dim=-1)
+
+
+def test_the_walk_to_the_output_layers_stops_at_a_product_over_channels():
+    """Walking through the matmul kept the hidden size whole (13472 -> 7216 parameters at width 0.5,
+    reported as 0.5); the vocabulary (the output) keeps its size, the hidden channels narrow."""
+    builder = WidthBuilder(_TiedOutput, lambda: (torch.randint(0, 20, (2, 6)),), None)
+    model = builder.scaled(0.5).model
+    assert model.emb.weight.shape == (20, 16) and model.fc1.out_features == 32
+    assert model(torch.randint(0, 20, (3, 6))).shape == (3, 6, 20)
