@@ -675,15 +675,15 @@ def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple)
             if not shape[dim].dim_param:
                 if dim == 0:
                     continue  # (the batch: `_torch_export` says which input fixes it)
-                if any(isinstance(m, nn.RNNBase) for m in module.modules()):
+                size = shape[dim].dim_value
+                tied = _static_twin(names, inputs, shapes, name, size)
+                if tied is None and any(isinstance(m, nn.RNNBase) for m in module.modules()):
                     # torch 2.13: after one torch.export of an RNN in a process (perforate's frontend
                     # "auto" runs one), later exports fix its sequence length
                     raise ExportError(f"axis {axis.__name__!r} (dim {dim} of input {name!r}) came out fixed to "
                                       f"{shape[dim].dim_value}: torch.export fixes a GRU/LSTM's sequence length once "
                                       "it has exported it in this process; perforate with frontend='fx' and export "
                                       "once, in a fresh process (pbp-fx export --frontend fx)")
-                size = shape[dim].dim_value
-                tied = _static_twin(names, inputs, shapes, name, size)
                 if tied is not None:  # torch.export ties equal sizes that meet in an op; the other stayed static
                     other, other_dim = tied
                     raise ExportError(
@@ -710,6 +710,20 @@ def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple)
             for d in v.type.tensor_type.shape.dim:
                 if d.dim_param in renames:
                     d.dim_param = renames[d.dim_param]
+
+
+def _rnn_states(module: nn.Module, shapes: dict, batched: list, size: int) -> list:
+    """The inputs among `batched` that look like RNN states [layers, batch, hidden] with batch
+    `size`: the shape of a GRU/LSTM/RNN state of the model's own where it has one (else 3-D
+    with dim 1 of that size), the first input left out when others qualify (the sequence)."""
+    rnns = [m for m in module.modules() if isinstance(m, nn.RNNBase)]
+    sizes = {(m.num_layers * (2 if m.bidirectional else 1), h) for m in rnns
+             for h in {m.hidden_size, getattr(m, "proj_size", 0) or m.hidden_size}}
+    likely = [n for n in batched if len(shapes.get(n, ())) == 3 and shapes[n][1] == size
+              and (not sizes or (shapes[n][0], shapes[n][2]) in sizes)]
+    if len(likely) > 1 and likely[0] == batched[0]:
+        likely = likely[1:]
+    return likely or [batched[1]]
 
 
 def _static_twin(names: list, inputs: tuple, shapes, name: str, size: int):
@@ -814,16 +828,15 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
             others = ""
             if len(batched) > 1:
                 # dim 0 of every input is one batch axis: one input whose dim 0 is no batch fixes them all.
-                # The likeliest such input: [layers, batch, hidden], batch (dim 1) the others' dim 0.
                 shapes = dict(zip(input_names, (tuple(t.shape) for t in inputs if isinstance(t, Tensor))))
-                likely = [n for n in batched if len(shapes.get(n, ())) == 3 and shapes[n][1] == size]
-                state = next((n for n in likely if n != batched[0]), likely[0] if likely else batched[1])
-                first = next(n for n in batched if n != state)
+                states = _rnn_states(module, shapes, batched, size)
+                dims = {n: 1 if n in states else 0 for n in batched}
+                example = ", ".join(f"{n!r}: {{{d}: 'b'}}" for n, d in dims.items())
+                flags = " ".join(f"--dynamic-axis {n}:{d}=b" for n, d in dims.items())
                 others = (f"; dim 0 of every input is the one batch axis, so an input whose dim 0 is not its batch "
-                          f"(an RNN state [layers, batch, hidden], such as {state!r} may be) fixes the others' too: "
-                          f"pass dynamic_batch=False with dynamic_axes naming each input's batch dim, e.g. "
-                          f"{{{first!r}: {{0: 'b'}}, {state!r}: {{1: 'b'}}}} (--static-batch --dynamic-axis "
-                          f"{first}:0=b --dynamic-axis {state}:1=b)")
+                          f"(an RNN state [layers, batch, hidden], such as {' and '.join(map(repr, states))} may "
+                          f"be) fixes the others' too: pass dynamic_batch=False with dynamic_axes naming each "
+                          f"input's batch dim, e.g. {{{example}}} (--static-batch {flags})")
             raise ExportError(f"the model fixes dim 0 of input {name!r} to {size} (a reshape to a constant batch, or "
                               "an input without a batch dim, such as one unbatched [C, L] sample for a Conv1d), so it "
                               "cannot be the dynamic batch axis: use -1 for the batch in reshapes, or pass "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import json
 import os
 import warnings
@@ -1059,36 +1060,62 @@ def test_an_unbatched_input_is_named_as_a_possible_cause_of_a_fixed_dim_0(tmp_pa
                                    rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("state_first", [False, True])
-def test_an_rnn_state_whose_layers_equal_the_batch_is_named_as_the_cause(tmp_path, state_first):
+class _Recurrent(torch.nn.Module):
+    """A GRU reading its sequence and initial state as inputs."""
+
+    def __init__(self, rnn=torch.nn.GRU):
+        super().__init__()
+        self.rnn, self.fc = rnn(3, 5, num_layers=2, batch_first=True), torch.nn.Linear(5, 2)
+
+    def forward(self, seq, hidden):
+        return self.fc(self.rnn(seq, hidden)[0][:, -1])
+
+
+class _StateFirst(_Recurrent):
+    def forward(self, hidden, seq):
+        return super().forward(seq, hidden)
+
+
+class _LSTM(_Recurrent):
+    def __init__(self):
+        super().__init__(torch.nn.LSTM)
+
+    def forward(self, seq, hidden, cell):
+        return super().forward(seq, (hidden, cell))
+
+
+_RECURRENT = {"gru": (_Recurrent, "seq, hidden"), "state first": (_StateFirst, "hidden, seq"),
+              "lstm": (_LSTM, "seq, hidden, cell")}
+
+
+@pytest.mark.parametrize("kind", list(_RECURRENT))
+def test_an_rnn_state_whose_layers_equal_the_batch_is_named_as_the_cause(tmp_path, kind):
     """hidden [layers=2, batch=2, size]: dim 0 sizes agree, so its layers were taken as the batch and
     the error blamed the first input alone, with an example naming 'x' and 'h0' whatever the
-    inputs' names; its advice (per-input batch dims) exports a file right at another batch."""
-    class Recurrent(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn, self.fc = torch.nn.GRU(3, 5, num_layers=2, batch_first=True), torch.nn.Linear(5, 2)
-
-        def forward(self, seq, hidden):
-            return self.fc(self.rnn(seq, hidden)[0][:, -1])
-
-    class StateFirst(Recurrent):
-        def forward(self, hidden, seq):
-            return super().forward(seq, hidden)
-
-    seq, hidden = torch.randn(2, 4, 3), torch.zeros(2, 2, 5)
-    model, inputs = (StateFirst(), (hidden, seq)) if state_first else (Recurrent(), (seq, hidden))
+    inputs' names (and an LSTM's cell state left out); its advice (each input's batch dim)
+    exports a file right at another batch."""
+    build, names = _RECURRENT[kind]
+    names = names.split(", ")
+    shapes = {"seq": (2, 4, 3), "hidden": (2, 2, 5), "cell": (2, 2, 5)}
+    model = build()
+    inputs = tuple(torch.zeros(shapes[n]) if n != "seq" else torch.randn(shapes[n]) for n in names)
     pm = pbp_fx.perforate(model, inputs).eval()
-    with pytest.raises(ExportError, match=r"an input whose dim 0 is not its batch \(an RNN state \[layers, batch, "
-                                          r"hidden\], such as 'hidden' may be\) fixes the others' too: pass "
-                                          r"dynamic_batch=False with dynamic_axes naming each input's batch dim, e.g. "
-                                          r"\{'seq': \{0: 'b'\}, 'hidden': \{1: 'b'\}\} \(--static-batch "
-                                          r"--dynamic-axis seq:0=b --dynamic-axis hidden:1=b\)"):
+    axes = {n: {0 if n == "seq" else 1: "b"} for n in names}
+    states = " and ".join(repr(n) for n in names if n != "seq")
+    example = re.escape(str(axes).replace('"', "'"))
+    flags = re.escape(" ".join(f"--dynamic-axis {n}:{0 if n == 'seq' else 1}=b" for n in names))
+    with pytest.raises(ExportError, match=rf"an input whose dim 0 is not its batch \(an RNN state \[layers, batch, "
+                                          rf"hidden\], such as {states} may be\) fixes the others' too: pass "
+                                          rf"dynamic_batch=False with dynamic_axes naming each input's batch dim, e.g. "
+                                          rf"{example} \(--static-batch {flags}\)"):
         export_onnx(pm, inputs, tmp_path / "m.onnx")
-    path = export_onnx(pm, inputs, tmp_path / "m.onnx", dynamic_batch=False,
-                       dynamic_axes={"seq": {0: "b"}, "hidden": {1: "b"}})  # the advice, followed
-    s5, h5 = torch.randn(5, 4, 3), torch.randn(2, 5, 5)
-    given = (h5, s5) if state_first else (s5, h5)
+    if kind == "lstm":  # the cell state left static: named (it was blamed on torch.export's RNN sequence length)
+        with pytest.raises(ExportError, match=r"input 'cell' has size 2 in dim 1 without a dynamic axis"):
+            export_onnx(pm, inputs, tmp_path / "m.onnx", dynamic_batch=False,
+                        dynamic_axes={n: a for n, a in axes.items() if n != "cell"})
+    path = export_onnx(pm, inputs, tmp_path / "m.onnx", dynamic_batch=False, dynamic_axes=axes)  # the advice
+    at5 = {"seq": (5, 4, 3), "hidden": (2, 5, 5), "cell": (2, 5, 5)}
+    given = tuple(torch.randn(at5[n]) for n in names)
     with torch.no_grad():
         np.testing.assert_allclose(run(ort_session(str(path), device="cpu"), tuple(t.numpy() for t in given))[0],
                                    pm(*given).numpy(), rtol=1e-4, atol=1e-5)
