@@ -100,9 +100,18 @@ class PBTracer(fx.Tracer):
 _AUGMENTED = {"iadd": "+", "isub": "-", "imul": "*", "itruediv": "/", "ifloordiv": "//", "imod": "%",
               "ipow": "**", "imatmul": "@", "iand": "&", "ior": "|", "ixor": "^", "ilshift": "<<", "irshift": ">>"}
 # Ops whose result may share its input's storage: an in-place change of it changes the input too.
-_VIEWS = {"getitem", "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "T", "mT", "squeeze",
-          "unsqueeze", "expand", "expand_as", "narrow", "select", "flatten", "unflatten", "split", "chunk",
-          "unbind", "detach", "as_strided", "movedim", "swapaxes", "diagonal", "contiguous", "real", "imag"}
+_VIEWS = {"getitem", "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "T", "mT", "H", "mH",
+          "adjoint", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "flatten", "unflatten",
+          "split", "split_with_sizes", "tensor_split", "chunk", "unbind", "unfold", "detach", "data", "as_strided",
+          "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "real", "imag", "view_as_real",
+          "view_as_complex"}
+# Ops that return their input itself when they change nothing (same dtype, device, layout).
+_NO_OP_WHEN_SAME = {"contiguous", "to", "type", "type_as", "float", "double", "half", "bfloat16", "int", "long",
+                    "cpu", "cuda"}
+# Functions that may return their input itself (dropout outside training).
+_MAY_RETURN_INPUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
+# Modules that may return their input itself (Dropout in eval mode).
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 class _AugmentedProxy(fx.Proxy):
@@ -111,6 +120,13 @@ class _AugmentedProxy(fx.Proxy):
     A Proxy has no __iadd__, so Python runs `a = a + b`: a new tensor. On a tensor the model
     runs it in place, so another name for `a` (or a view of it) read afterwards sees the change
     there and not in the graph: `_check_augmented` refuses such a graph."""
+
+    def __getattr__(self, k: str) -> "fx.proxy.Attribute":
+        return _AugmentedAttribute(self, k)  # (`y = h.T; y += 1`)
+
+
+class _AugmentedAttribute(fx.proxy.Attribute):
+    """An attribute of an `_AugmentedProxy` (h.T, h.data): marked as its parent is."""
 
 
 def _augmented(name: str, symbol: str):
@@ -122,14 +138,17 @@ def _augmented(name: str, symbol: str):
         result = op(self, other)
         if isinstance(result, fx.Proxy):
             caller = sys._getframe(1)
-            result.node.meta["pbp_augmented"] = (self.node, symbol, f"{caller.f_code.co_filename}:{caller.f_lineno}")
+            # (the changed tensor is the node's first argument: a node, not kept here, which a
+            # merge of the train and eval captures replaces)
+            result.node.meta["pbp_augmented"] = (symbol, f"{caller.f_code.co_filename}:{caller.f_lineno}")
         return result
     method.__name__ = f"__{name}__"
     return method
 
 
 for _name, _symbol in _AUGMENTED.items():
-    setattr(_AugmentedProxy, f"__{_name}__", _augmented(_name, _symbol))
+    for _cls in (_AugmentedProxy, _AugmentedAttribute):
+        setattr(_cls, f"__{_name}__", _augmented(_name, _symbol))
 
 
 def _check_augmented(gm: fx.GraphModule) -> None:
@@ -138,18 +157,23 @@ def _check_augmented(gm: fx.GraphModule) -> None:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         marked = node.meta.get("pbp_augmented")
-        if marked is None or marked[0] not in order or "tensor_meta" not in marked[0].meta:
-            continue  # (a number: Python's += makes a new one too)
-        target, symbol, where = marked
-        aliases, todo = set(), [target]
-        while todo:  # the tensor and what shares its storage: the views it is of, the views of it
-            a = todo.pop()
+        target = node.args[0] if marked is not None and node.args else None
+        if not isinstance(target, fx.Node) or not isinstance(target.meta.get("tensor_meta"), TensorMetadata):
+            continue  # (a number, a tuple: Python's += makes a new one too)
+        symbol, where = marked
+        # The tensor and what shares its storage: the tensors it is a view of, and their views,
+        # except an item of the same base at another index (q, k, v = qkv[0], qkv[1], qkv[2]).
+        aliases, came_from, todo = set(), {}, [(target, None)]
+        while todo:
+            a, child = todo.pop()
             if a in aliases or not isinstance(a, fx.Node):
                 continue
             aliases.add(a)
-            if _target_name(a) in _VIEWS and a.args:
-                todo.append(a.args[0])
-            todo.extend(u for u in a.users if _target_name(u) in _VIEWS and u is not node)
+            came_from[a] = child
+            if a.args and _shares_input(gm, a):
+                todo.append((a.args[0], a))
+            todo.extend((u, None) for u in a.users if u is not node and _shares_input(gm, u)
+                        and not _other_item(u, came_from[a]))
         if any(order[u] > order[node] for a in aliases for u in a.users if u is not node and u not in aliases):
             raise TraceError(f"{where}: `{symbol}=` changes a tensor in place that the model reads after it under "
                              f"another name or through a view, and torch.fx traces it as `{symbol}` (a new tensor), "
@@ -157,7 +181,56 @@ def _check_augmented(gm: fx.GraphModule) -> None:
                              f"`a = a {symbol} b` where the other name keeps the old value")
 
 
+def _shares_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node`'s result may share the storage of its first argument: a view, the input
+    itself (an Identity, a cast to its own dtype), a basic-indexing item of one tensor."""
+    if node.op == "call_module":
+        from pbp_fx.passes.train_eval import ModeSwitch  # (a train/eval pair, e.g. a dropout)
+
+        return isinstance(gm.get_submodule(str(node.target)), (*_PASS_THROUGH, ModeSwitch))
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    name, before = _target_name(node), node.args[0].meta.get("tensor_meta")
+    after = node.meta.get("tensor_meta")
+    if name == "getitem":  # an item of a tuple (max's values, attention's output) is a tensor of its own,
+        if not isinstance(before, TensorMetadata):  # except the pieces of a split, chunk or unbind
+            return _target_name(node.args[0]) in _VIEWS
+        return len(node.args) > 1 and _basic_index(node.args[1])
+    if name in _NO_OP_WHEN_SAME:
+        return not (isinstance(before, TensorMetadata) and isinstance(after, TensorMetadata)) or (
+            before.dtype == after.dtype and before.stride == after.stride)
+    return name in _VIEWS or name in _MAY_RETURN_INPUT
+
+
+def _basic_index(index) -> bool:
+    """An index of ints, slices, None and Ellipsis (a view), not of tensors or lists (a copy)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    for part in parts:
+        if isinstance(part, fx.Node):
+            if isinstance(part.meta.get("tensor_meta"), TensorMetadata):
+                return False  # a tensor index
+        elif not isinstance(part, (int, slice, type(None), type(Ellipsis))):
+            return False
+    return True
+
+
+def _other_item(node: fx.Node, sibling: Optional[fx.Node]) -> bool:
+    """Whether `node` and `sibling` are items of one tensor at different leading int indices."""
+    def leading(n):
+        if n is None or _target_name(n) != "getitem" or len(n.args) < 2:
+            return None
+        first = n.args[1][0] if isinstance(n.args[1], tuple) and n.args[1] else n.args[1]
+        return first if isinstance(first, int) and not isinstance(first, bool) else None
+
+    a, b = leading(node), leading(sibling)
+    return a is not None and b is not None and a != b
+
+
 def _target_name(node: fx.Node) -> str:
+    import builtins
+
+    if node.target is builtins.getattr and len(node.args) > 1:
+        return str(node.args[1])  # (h.T, h.data: a getattr node)
     target = node.target
     return target if isinstance(target, str) else getattr(target, "__name__", "")
 
