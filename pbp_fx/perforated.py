@@ -170,6 +170,10 @@ class PerforatedModel(nn.Module):
             # A token count: the Trainer passes it as an int64 sum or, divided by its parallel
             # sizes, a float; a graph torch.export captured asserts the example's dtype.
             dtype = graph_input_dtypes(self.graph_module).get(LOSS_KEYWORD, count.dtype)
+            if count.dtype.is_floating_point and not dtype.is_floating_point and bool((count != count.round()).any()):
+                raise CallError(f"{LOSS_KEYWORD}={float(count)} is fractional (the Trainer divides the count by its "
+                                f"parallel sizes) and the graph was captured with an integer one: perforate with "
+                                f"example_kwargs holding '{LOSS_KEYWORD}': torch.tensor(float(<count>))")
             g_kwargs[LOSS_KEYWORD] = count.to(dtype)
         return self._run_graph(g_args, g_kwargs)
 
@@ -276,8 +280,14 @@ class PerforatedModel(nn.Module):
 
     def _raise_input_dtype(self, args: tuple, kwargs: dict, exc: Exception) -> None:
         """CallError naming the graph input whose dtype is not the one torch.export captured."""
+        from torch.utils import _pytree as pytree
+
         names = [n.target for n in self.graph_module.graph.find_nodes(op="placeholder")]
-        given = {**dict(zip(names, args)), **kwargs}
+        given = dict(zip(names, pytree.tree_leaves(args)))  # (the placeholders of nested inputs are their leaves)
+        for key, value in kwargs.items():
+            leaves, nested = pytree.tree_leaves(value), [n for n in names if n.startswith(f"{key}_")]
+            given.update({key: value} if isinstance(value, torch.Tensor) else
+                         dict(zip(nested, leaves)) if len(nested) == len(leaves) else {})
         for name, dtype in graph_input_dtypes(self.graph_module).items():
             value = given.get(name)
             if isinstance(value, torch.Tensor) and value.dtype != dtype:
@@ -761,7 +771,7 @@ def _with_signature(signature: inspect.Signature) -> type:
     def forward(self, *args, **kwargs):
         return PerforatedModel.forward(self, *args, **kwargs)
 
-    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)  # (before a `/` of the original's)
     forward.__signature__ = signature.replace(parameters=[this, *signature.parameters.values()])
     forward.__doc__ = PerforatedModel.forward.__doc__
     forward.__qualname__ = "PerforatedModel.forward"

@@ -857,6 +857,44 @@ def test_an_input_of_another_dtype_than_torch_export_captured_is_a_call_error(as
     assert call(mask.bool().to(torch.int64)).shape == (2, 5, 3)  # the advice, followed
 
 
+class _PositionalOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, /):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_forward_with_positional_only_inputs_is_perforated(frontend):
+    """forward(self, x, /): the PerforatedModel's signature put its own `self` after the `/`
+    ('wrong parameter order')."""
+    x = torch.randn(2, 4)
+    pm = pbp_fx.perforate(_PositionalOnly(), (x,), frontend=frontend)
+    assert torch.equal(pm(x), pm.graph_module(x))
+
+
+class _Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, pair, mask):
+        a, b = pair
+        return self.fc(a) * b.to(a.dtype).unsqueeze(-1) * mask.to(a.dtype).unsqueeze(-1)
+
+
+def test_a_dtype_error_in_a_nested_input_names_the_input_that_differs():
+    """((a, b), mask) with a bool mask: the error named b (the second placeholder), not the mask."""
+    a, b, mask = torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
+    pm = pbp_fx.perforate(_Nested(), ((a, b), mask), frontend="export")
+    with pytest.raises(pbp_fx.CallError, match=r"with mask of dtype torch.int64, this call passes torch.bool"):
+        pm((a, b), mask.bool())
+    with pytest.raises(pbp_fx.CallError, match=r"with pair_1 of dtype torch.int64, this call passes torch.bool"):
+        pm((a, b.bool()), mask)
+
+
 class _KeywordRoot(nn.Module):
     """Untraceable root (data-dependent Python) with Hugging Face-style keyword inputs."""
 

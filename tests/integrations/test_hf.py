@@ -417,6 +417,9 @@ def test_a_causal_lm_traced_with_the_loss_keyword_takes_the_trainers_count(tmp_p
         with torch.no_grad():
             want = model(**batch, num_items_in_batch=given).loss
             assert torch.allclose(pm(**batch, num_items_in_batch=given)["loss"], want, rtol=1e-5, atol=1e-6)
+    if isinstance(count, int):  # a fractional count (parallel sizes > 1) was truncated to the graph's int64
+        with pytest.raises(pbp_fx.CallError, match=r"num_items_in_batch=2.5 is fractional .* torch.tensor\(float"):
+            pm(**batch, num_items_in_batch=torch.tensor(2.5))
     cb = PBCallback(QUICK)
     trainer = Trainer(model=pm, args=_args(tmp_path, num_train_epochs=2, per_device_train_batch_size=8,
                                            gradient_accumulation_steps=2),
