@@ -238,7 +238,8 @@ def _own_layers_advice(wrapper: nn.Module) -> str:
     from pbp_fx.perforated import PerforatedModel, access_path
 
     held = [name for name, m in wrapper.named_modules() if isinstance(m, PerforatedModel)]
-    own = [name for name, m in wrapper.named_modules()
+    own = [f"model{access_path(wrapper, name)} ({type(m).__name__})" if name else "tensors of its own"
+           for name, m in wrapper.named_modules()
            if not any(name == h or name.startswith(h + ".") for h in held)
            and any(True for _ in [*m.parameters(recurse=False), *m.buffers(recurse=False)])]
     if not own:

@@ -76,7 +76,8 @@ def _call_datasets(mod: ModuleType, seed: int):
         if isinstance(ds, (tuple, list)) and ds and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in ds) \
                 and not own_collate:
             arrays = any(isinstance(t, np.ndarray) for t in ds)
-            wrapped = "TensorDataset(torch.as_tensor(x), torch.as_tensor(y))" if arrays else "TensorDataset(x, y)"
+            wrapped = ("TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y))" if arrays
+                       else "TensorDataset(x, y)")  # (numpy's float64 would meet float32 weights)
             raise ModelFileError(f"the {name} dataset is a {type(ds).__name__} of {'arrays' if arrays else 'tensors'}, "
                                  f"not of (input, target) samples: wrap them, {wrapped}, or return a Dataset or a "
                                  "list of (x, y) pairs")
@@ -241,6 +242,12 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                     raise TrainingError(f"the model file's collate_fn raised {type(exc).__name__}: {first} on the "
                                         f"first {name} samples: fix collate_fn (it gets a list of the dataset's "
                                         "samples and returns a batch (input, ..., target))") from exc
+                own = collate is not None and (not isinstance(collate, KeywordCollate) or collate.own is not None)
+                if own and isinstance(batch, dict):
+                    raise TrainingError(f"the model file's collate_fn returns a dict (keys "
+                                        f"{', '.join(map(repr, list(batch)[:4]))}): return a tuple (input, ..., "
+                                        "target), keyword inputs grouped in a dict before the target "
+                                        "((ids, {'mask': mask}, y))")
                 inputs, target = split_batch(batch)
                 strings = [leaf for leaf in torch.utils._pytree.tree_leaves(target) if isinstance(leaf, str)]
                 if strings:

@@ -168,8 +168,11 @@ class KeywordCollate:
         from torch.utils.data import default_collate
 
         batch = (self.own or default_collate)(samples)
-        if not isinstance(batch, (list, tuple)) or any(isinstance(b, dict) for b in batch):
-            return batch  # a sample (or the file's collate_fn) that groups its inputs itself
+        if isinstance(batch, (list, tuple)) and any(isinstance(b, dict) for b in batch):
+            # a sample (or the file's collate_fn) that groups its inputs itself: the constants join them
+            return type(batch)({**self.constants, **b} if isinstance(b, dict) else b for b in batch)
+        if not isinstance(batch, (list, tuple)):
+            return batch
         want = self.positional + len(self.names) + 1
         if len(batch) != want:
             made = "collate_fn returns batches" if self.own is not None else "datasets() yields samples"

@@ -120,7 +120,7 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
     ("(x, y) arrays for datasets", lambda t: [_write(t / "m.py", GOOD.replace(
         "    return d, d, d", "    return tuple(v.numpy() for v in d.tensors), d, d"))],
      "the training dataset is a tuple of arrays, not of (input, target) samples: wrap them, "
-     "TensorDataset(torch.as_tensor(x), torch.as_tensor(y))"),
+     "TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y))"),
     ("data of another shape", lambda t: [_write(t / "m.py", LABELS_OUT_OF_RANGE.replace("randn(8, 3)", "randn(8, 6)"))],
      "check that the data's shapes, dtypes and targets match the model"),
     ("example inputs without a tensor", lambda t: [_write(t / "m.py", GOOD.replace(
@@ -1029,6 +1029,25 @@ def test_a_collate_fn_of_a_file_with_keyword_inputs_has_its_batches_called_by_ke
     err = capsys.readouterr().err
     assert "collate_fn returns batches of 2 values, but the model takes 1 positional input(s) (example_inputs) and " \
            "keyword input(s) mask (example_kwargs): return 3 values" in err and not (tmp_path / "run2").exists()
+
+
+def test_a_collate_fn_that_groups_the_keyword_inputs_gets_the_files_constants_too(tmp_path):
+    """collate_fn's (ids, {"mask": mask}, y) with a flag in example_kwargs: the flag was dropped
+    ('missing 1 required keyword-only argument: flag')."""
+    text = _PADDED_WITH_MASK.replace("def forward(self, ids, *, mask):", "def forward(self, ids, *, mask, flag):")
+    text = text.replace('return {"mask": torch.ones(2, 5, dtype=torch.long)}',
+                        'return {"mask": torch.ones(2, 5, dtype=torch.long), "flag": True}')
+    text = text.replace("return ids, mask, torch.tensor", 'return ids, {"mask": mask}, torch.tensor')
+    assert main(["train", _write(tmp_path / "m.py", text), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--no-progress"]) == 0
+
+
+def test_a_collate_fn_that_returns_a_dict_is_told_the_batch_it_must_return(tmp_path, capsys):
+    text = _PADDED_WITH_MASK.replace("return ids, mask, torch.tensor([y for _, y in samples])",
+                                     'return {"ids": ids, "mask": mask, "y": torch.tensor([y for _, y in samples])}')
+    assert main(["train", _write(tmp_path / "m.py", text), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "the model file's collate_fn returns a dict (keys 'ids', 'mask', 'y'): return a tuple (input, ..., " \
+           "target), keyword inputs grouped in a dict before the target" in capsys.readouterr().err
 
 
 def test_a_list_of_tensor_samples_is_a_dataset_when_the_file_has_its_own_collate_fn(tmp_path):

@@ -1129,7 +1129,7 @@ def test_a_wrapper_with_layers_of_its_own_is_told_how_to_export_them_too(tmp_pat
     pm.eval()
     wrapper = torch.nn.Sequential(torch.nn.LayerNorm(4), pm)
     with pytest.raises(ExportError, match=r"pass that \(model\[1\]\); it is finalized and fused there; that file "
-                                          r"leaves out Sequential's own layers \(0\): to keep them, export a copy "
+                                          r"leaves out Sequential's own layers \(model\[0\] \(LayerNorm\)\): to keep them, export a copy "
                                           r"holding the finalized model in its place, m = copy.deepcopy\(model\); "
                                           r"m\[1\] = m\[1\].finalize\(\)$"):
         export_onnx(wrapper, (x,), tmp_path / "m.onnx")
