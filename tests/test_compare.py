@@ -295,7 +295,7 @@ def test_data_train_refuses_is_refused_by_compare_before_any_arm(tmp_path, capsy
                                  "y = (x[:, 0] > 0).long() + 10"))
     assert main(["compare", str(path), "--seeds", "1", "--no-latency", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "the first training samples fail" in err and err.count("\n") == 1
+    assert "the training dataset has class label 1" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
