@@ -149,6 +149,8 @@ def _augmented(name: str, symbol: str):
 for _name, _symbol in _AUGMENTED.items():
     for _cls in (_AugmentedProxy, _AugmentedAttribute):
         setattr(_cls, f"__{_name}__", _augmented(_name, _symbol))
+# Python's own errors name the type ("'Proxy' object does not support item assignment"): fx's names.
+_AugmentedProxy.__name__, _AugmentedAttribute.__name__ = "Proxy", "Attribute"
 
 
 def _check_augmented(gm: fx.GraphModule) -> None:
