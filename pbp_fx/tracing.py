@@ -104,14 +104,16 @@ _VIEWS = {"getitem", "view", "view_as", "reshape", "reshape_as", "transpose", "p
           "adjoint", "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "flatten", "unflatten",
           "split", "split_with_sizes", "tensor_split", "chunk", "unbind", "unfold", "detach", "data", "as_strided",
           "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "real", "imag", "view_as_real",
-          "view_as_complex"}
+          "view_as_complex", "ravel", "broadcast_to", "broadcast_tensors", "atleast_1d", "atleast_2d",
+          "atleast_3d", "hsplit", "vsplit", "dsplit", "indices", "values"}
 # Ops that return their input itself when they change nothing (same dtype, device, layout).
 _NO_OP_WHEN_SAME = {"contiguous", "to", "type", "type_as", "float", "double", "half", "bfloat16", "int", "long",
                     "cpu", "cuda"}
 # Functions that may return their input itself (dropout outside training).
 _MAY_RETURN_INPUT = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
 # Modules that may return their input itself (Dropout in eval mode).
-_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten,
+                 nn.Unflatten)
 
 
 class _AugmentedProxy(fx.Proxy):
@@ -176,7 +178,8 @@ def _check_augmented(gm: fx.GraphModule) -> None:
                 todo.append((a.args[0], a))
             todo.extend((u, None) for u in a.users if u is not node and _shares_input(gm, u)
                         and not _other_item(u, came_from[a]))
-        if any(order[u] > order[node] for a in aliases for u in a.users if u is not node and u not in aliases):
+        if any(order[u] > order[node] for a in aliases for u in a.users
+               if u is not node and u not in aliases and not _other_item(u, came_from[a])):
             raise TraceError(f"{where}: `{symbol}=` changes a tensor in place that the model reads after it under "
                              f"another name or through a view, and torch.fx traces it as `{symbol}` (a new tensor), "
                              f"so the graph would not compute what the model does: use frontend='export', or write "
@@ -189,10 +192,14 @@ def _shares_input(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         from pbp_fx.passes.train_eval import ModeSwitch  # (a train/eval pair, e.g. a dropout)
 
-        return isinstance(gm.get_submodule(str(node.target)), (*_PASS_THROUGH, ModeSwitch))
+        module = gm.get_submodule(str(node.target))  # (an in-place activation returns its input)
+        return isinstance(module, (*_PASS_THROUGH, ModeSwitch)) or getattr(module, "inplace", False) is True
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     name, before = _target_name(node), node.args[0].meta.get("tensor_meta")
+    if node.kwargs.get("inplace") is True or (node.op == "call_method" and name.endswith("_")
+                                              and not name.startswith("_")):
+        return True  # h.relu_(), F.relu(h, inplace=True): the input itself
     after = node.meta.get("tensor_meta")
     if name == "getitem":  # an item of a tuple (max's values, attention's output) is a tensor of its own,
         if not isinstance(before, TensorMetadata):  # except the pieces of a split, chunk or unbind
@@ -217,15 +224,28 @@ def _basic_index(index) -> bool:
 
 
 def _other_item(node: fx.Node, sibling: Optional[fx.Node]) -> bool:
-    """Whether `node` and `sibling` are items of one tensor at different leading int indices."""
+    """Whether `node` and `sibling` are items of one tensor (or one split) at different leading
+    int indices, counted from the front (h[-1] is h[0] when dim 0 has one entry), of a dim not
+    broadcast (an expand's stride 0 makes every item one)."""
     def leading(n):
-        if n is None or _target_name(n) != "getitem" or len(n.args) < 2:
+        if n is None or _target_name(n) != "getitem" or len(n.args) < 2 or not isinstance(n.args[0], fx.Node):
             return None
         first = n.args[1][0] if isinstance(n.args[1], tuple) and n.args[1] else n.args[1]
-        return first if isinstance(first, int) and not isinstance(first, bool) else None
+        if not isinstance(first, int) or isinstance(first, bool):
+            return None
+        meta = n.args[0].meta.get("tensor_meta")
+        if isinstance(meta, TensorMetadata):
+            if not meta.shape or meta.stride[0] == 0:
+                return None
+            size = meta.shape[0]
+        elif isinstance(meta, (list, tuple)):
+            size = len(meta)
+        else:
+            return None
+        return (n.args[0], first % size) if size else None
 
     a, b = leading(node), leading(sibling)
-    return a is not None and b is not None and a != b
+    return a is not None and b is not None and a[0] is b[0] and a[1] != b[1]
 
 
 def _target_name(node: fx.Node) -> str:
