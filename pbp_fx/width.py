@@ -82,7 +82,12 @@ def _outputs(value) -> list[torch.Tensor]:
 
 # Autograd nodes of ops that sum over a channel axis (matmul forms, convs, embeddings, attention):
 # the walk to the output layers stops there.
-_CONTRACTS = re.compile(r"mm|Mv|Dot|Matmul|Linear|Conv|Embedding|Attention|Einsum|Tensordot", re.IGNORECASE)
+_CONTRACTS = re.compile(r"^(Addmm|Mm|Bmm|Baddbmm|Addbmm|Mv|Addmv|Dot|Vdot|Linear|Convolution\w*|Embedding\w*|"
+                        r"\w*Attention\w*)Backward\d*$")
+
+
+# Where A @ B's right operand is among an autograd node's inputs: the output's last dim is B's.
+_RIGHT_OPERAND = {"Mm": 1, "Bmm": 1, "Addmm": 2, "Baddbmm": 2}
 
 
 def _output_layers(model: nn.Module, example_inputs: tuple, example_kwargs: dict) -> list[nn.Module]:
@@ -102,7 +107,8 @@ def _output_layers(model: nn.Module, example_inputs: tuple, example_kwargs: dict
                 made_by[t.grad_fn] = mod
 
     hooks = [m.register_forward_hook(record)
-             for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding))]
+             for m in model.modules()  # (an attention module's out projection runs as a function: no hook)
+             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.MultiheadAttention))]
     try:
         with torch.enable_grad():  # (the graph is dropped with `out`: no backward runs)
             out = model(*example_inputs, **example_kwargs)
@@ -119,8 +125,14 @@ def _output_layers(model: nn.Module, example_inputs: tuple, example_kwargs: dict
         if fn in made_by:
             found.append(made_by[fn])
             continue
-        if _CONTRACTS.search(type(fn).__name__):
-            continue  # (a product over channels: the output's channels are not the ones behind it)
+        name = type(fn).__name__
+        if _CONTRACTS.match(name):
+            # (a product over channels: the output's channels are not the ones behind it, except
+            # the right operand's of A @ B, an attention's value: followed, a weight stops there)
+            right = _RIGHT_OPERAND.get(re.sub(r"Backward\d*$", "", name), 2 if "Attention" in name else None)
+            if right is not None and len(fn.next_functions) > right and fn.next_functions[right][0] is not None:
+                todo.append(fn.next_functions[right][0])
+            continue
         todo.extend(f for f, _ in fn.next_functions if f is not None)
     return list({id(m): m for m in found}.values())
 
@@ -196,10 +208,14 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
     except Exception as exc:  # noqa: BLE001 - Torch-Pruning's or the model's own failure
         raise WidthError(f"Torch-Pruning could not scale {type(model).__name__}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''} (give build_model a width argument)") from exc
+    emptied = [holders[m] or type(model).__name__ for m in holders
+               if any(0 in p.shape for p in m.parameters(recurse=False))]
     try:
         with torch.no_grad():
             got = [t.shape for t in _outputs(model(*example_inputs, **kwargs))]
-        problem = None if got == shapes else f"its output shapes changed from {shapes} to {got}"
+        problem = (f"layer(s) {', '.join(emptied[:3])} lost every channel (a layer whose output is split into "
+                   "parts, e.g. qkv(x).chunk(3), pruned once per part)" if emptied else
+                   None if got == shapes else f"its output shapes changed from {shapes} to {got}")
     except Exception as exc:  # noqa: BLE001 - the model's forward at the new width
         problem = f"its forward raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if problem is not None:

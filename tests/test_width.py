@@ -421,3 +421,54 @@ def test_the_walk_to_the_output_layers_stops_at_a_product_over_channels():
     model = builder.scaled(0.5).model
     assert model.emb.weight.shape == (20, 16) and model.fc1.out_features == 32
     assert model(torch.randint(0, 20, (3, 6))).shape == (3, 6, 20)
+
+
+class _Upsampled(nn.Module):
+    """A segmentation head upsampled bilinearly (UpsampleBilinear2DBackward0: no product over channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.head = nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(self.head(torch.relu(self.c1(x))), size=x.shape[-2:], mode="bilinear")
+
+
+class _AttentionLast(nn.Module):
+    """Attention as the last op: its output channels are its value's."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(8, 16)
+
+    def forward(self, x):
+        x = torch.relu(self.fc(x))
+        return torch.nn.functional.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x))
+
+
+class _ChunkedQKV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.qkv, self.cls = nn.Linear(8, 16), nn.Linear(16, 48), nn.Linear(16, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(torch.relu(self.fc(x))).chunk(3, -1)
+        return self.cls(torch.nn.functional.scaled_dot_product_attention(q, k, v).mean(1))
+
+
+@pytest.mark.parametrize("build,inputs", [(_Upsampled, (2, 3, 16, 16)), (_AttentionLast, (2, 5, 8))])
+def test_output_layers_behind_an_upsampling_or_an_attention_keep_their_size(build, inputs):
+    """A review of the walk: 'linear' inside UpsampleBilinear2DBackward0 stopped it before the head
+    (5 classes narrowed to 2), and an attention's value layer, whose channels are the output's,
+    was narrowed (16 -> 8)."""
+    x = torch.randn(*inputs)
+    model = WidthBuilder(build, lambda: (x,), None).scaled(0.5).model
+    assert model(x).shape == build()(x).shape
+    assert model.fc.out_features == 4 if build is _AttentionLast else model.c1.out_channels == 8
+
+
+def test_a_layer_pruned_to_no_channel_is_refused():
+    """qkv(x).chunk(3) with attention: Torch-Pruning left qkv and cls with 0 channels, and the model
+    (it returned zeros of the right shape) was reported at width 0.5."""
+    with pytest.raises(WidthError, match=r"layer\(s\) qkv, cls lost every channel"):
+        WidthBuilder(_ChunkedQKV, lambda: (torch.randn(2, 5, 8),), None).scaled(0.5)
