@@ -409,10 +409,11 @@ def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynam
         if len(sizes) != 1:
             shown = ", ".join(f"{n} {int(t.shape[0])}" for n, t in zip(names, inputs)
                               if isinstance(t, Tensor) and t.dim() > 0)
+            tensor_names = [n for n, t in zip(names, inputs) if isinstance(t, Tensor) and t.dim() > 0]
+            shapes = {n: tuple(t.shape) for n, t in zip(names, inputs) if isinstance(t, Tensor)}
+            advice = _batch_axes_advice(module, shapes, tensor_names, None).replace(") ...:", "),", 1)
             raise ExportError(f"example inputs disagree on the batch size (dim 0: {shown}): give them one batch "
-                              "size, or pass dynamic_batch=False (pbp-fx export --static-batch) with dynamic_axes "
-                              "naming each input's batch dim (--dynamic-axis h0:1=batch for an RNN state "
-                              "[layers, batch, hidden])")
+                              f"size, or, for inputs whose batch is not dim 0 {advice}")
         if sizes == {1}:
             inputs = tuple(t.expand(2, *t.shape[1:]).clone() if isinstance(t, Tensor) and t.dim() > 0 else t
                            for t in inputs)
@@ -713,18 +714,45 @@ def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple)
                     d.dim_param = renames[d.dim_param]
 
 
-def _rnn_states(module: nn.Module, shapes: dict, batched: list, size: int) -> list:
-    """The inputs among `batched` that look like RNN states [layers, batch, hidden] with batch
-    `size`: the shape of a GRU/LSTM/RNN state of the model's own where it has one (else 3-D
-    with dim 1 of that size), the first input left out when others qualify (the sequence)."""
+def _batch_dims(module: nn.Module, shapes: dict, names: list, size: Optional[int]) -> tuple[list, dict]:
+    """(the inputs among `names` that look like RNN states [layers, batch, hidden], {input: its
+    batch dim}) for batch `size` (None: the states' dim 1). A state has the shape of a
+    GRU/LSTM/RNN state of the model's own where it has one, else is 3-D with dim 1 of that size
+    (the first input then left out: the sequence); a sequence's batch dim is 1 where every RNN
+    of the model has batch_first=False."""
     rnns = [m for m in module.modules() if isinstance(m, nn.RNNBase)]
     sizes = {(m.num_layers * (2 if m.bidirectional else 1), h) for m in rnns
              for h in {m.hidden_size, getattr(m, "proj_size", 0) or m.hidden_size}}
-    likely = [n for n in batched if len(shapes.get(n, ())) == 3 and shapes[n][1] == size
-              and (not sizes or (shapes[n][0], shapes[n][2]) in sizes)]
-    if len(likely) > 1 and likely[0] == batched[0]:
-        likely = likely[1:]
-    return likely or [batched[1]]
+
+    def state(n: str, batch: Optional[int]) -> bool:
+        shape = shapes.get(n, ())
+        return len(shape) == 3 and (batch is None or shape[1] == batch) and (not sizes or (shape[0], shape[2]) in sizes)
+
+    if size is None:
+        found = [shapes[n][1] for n in names if sizes and state(n, None)]
+        size = found[0] if found else (shapes.get(names[0]) or (None,))[0]
+    states = [n for n in names if state(n, size)]
+    if not sizes and len(states) > 1 and states[0] == names[0]:
+        states = states[1:]
+    states = states or names[1:2]
+    sequence_dim = 1 if rnns and not any(m.batch_first for m in rnns) else 0
+    dims = {}
+    for n in names:
+        shape = shapes.get(n, ())
+        dims[n] = 1 if n in states else next(
+            (d for d in (sequence_dim, 0, 1) if d < len(shape) and shape[d] == size), 0)
+    return states, dims
+
+
+def _batch_axes_advice(module: nn.Module, shapes: dict, names: list, size: Optional[int]) -> str:
+    """'pass dynamic_batch=False with dynamic_axes naming each input's batch dim, e.g. ...' for
+    inputs whose batch is not dim 0 of each (RNN states, sequence-first inputs)."""
+    states, dims = _batch_dims(module, shapes, names, size)
+    example = ", ".join(f"{n!r}: {{{d}: 'b'}}" for n, d in dims.items())
+    flags = " ".join(f"--dynamic-axis {n}:{d}=b" for n, d in dims.items())
+    return (f"(an RNN state [layers, batch, hidden], such as {' and '.join(map(repr, states))} may be) "
+            f"...: pass dynamic_batch=False with dynamic_axes naming each input's batch dim, e.g. {{{example}}} "
+            f"(--static-batch {flags})")
 
 
 def _static_twin(names: list, inputs: tuple, shapes, name: str, size: int):
@@ -830,14 +858,9 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
             if len(batched) > 1:
                 # dim 0 of every input is one batch axis: one input whose dim 0 is no batch fixes them all.
                 shapes = dict(zip(input_names, (tuple(t.shape) for t in inputs if isinstance(t, Tensor))))
-                states = _rnn_states(module, shapes, batched, size)
-                dims = {n: 1 if n in states else 0 for n in batched}
-                example = ", ".join(f"{n!r}: {{{d}: 'b'}}" for n, d in dims.items())
-                flags = " ".join(f"--dynamic-axis {n}:{d}=b" for n, d in dims.items())
-                others = (f"; dim 0 of every input is the one batch axis, so an input whose dim 0 is not its batch "
-                          f"(an RNN state [layers, batch, hidden], such as {' and '.join(map(repr, states))} may "
-                          f"be) fixes the others' too: pass dynamic_batch=False with dynamic_axes naming each "
-                          f"input's batch dim, e.g. {{{example}}} (--static-batch {flags})")
+                advice = _batch_axes_advice(module, shapes, batched, size)
+                others = ("; dim 0 of every input is the one batch axis, so an input whose dim 0 is not its batch "
+                          + advice.replace(") ...:", ") fixes the others' too:", 1))
             raise ExportError(f"the model fixes dim 0 of input {name!r} to {size} (a reshape to a constant batch, or "
                               "an input without a batch dim, such as one unbatched [C, L] sample for a Conv1d), so it "
                               "cannot be the dynamic batch axis: use -1 for the batch in reshapes, or pass "

@@ -935,10 +935,13 @@ def test_an_rnn_state_with_its_batch_on_dim_1_exports_with_the_axes_the_error_na
     pm = pbp_fx.perforate(Tagger(), example)
     pm.grow()
     pm.eval()
-    with pytest.raises(ExportError, match=r"\(dim 0: x 2, h0 1, c0 1\): .*--dynamic-axis h0:1=batch for an RNN state"):
+    # (the advice named h0 alone, and a 'batch' axis: c0 then fixed it; now every input's batch dim)
+    with pytest.raises(ExportError, match=r"\(dim 0: x 2, h0 1, c0 1\): .*such as 'h0' and 'c0' may be\), pass "
+                                          r"dynamic_batch=False .* \(--static-batch --dynamic-axis x:0=b "
+                                          r"--dynamic-axis h0:1=b --dynamic-axis c0:1=b\)$"):
         export_onnx(pm, example, tmp_path / "m.onnx")
     path = export_onnx(pm, example, tmp_path / "m.onnx", dynamic_batch=False,
-                       dynamic_axes={"x": {0: "batch"}, "h0": {1: "batch"}, "c0": {1: "batch"}})
+                       dynamic_axes={"x": {0: "b"}, "h0": {1: "b"}, "c0": {1: "b"}})
     wider = (torch.randn(3, 5, 4), torch.randn(1, 3, 8), torch.randn(1, 3, 8))
     got = run(ort_session(path, device="cpu", threads=1), tuple(t.numpy() for t in wider))[0]
     assert np.abs(got - pm(*wider).detach().numpy()).max() <= 1e-4
@@ -1140,3 +1143,26 @@ def test_a_wrapper_with_layers_of_its_own_is_told_how_to_export_them_too(tmp_pat
     with torch.no_grad():
         np.testing.assert_allclose(run(ort_session(str(path), device="cpu"), (x.numpy(),))[0], wrapper(x).numpy(),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_a_sequence_first_rnn_is_told_its_inputs_batch_dim_1(tmp_path):
+    """batch_first=False: x [T, B, F] has its batch on dim 1 too; the advice named x's dim 0."""
+    class SequenceFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = torch.nn.LSTM(3, 5), torch.nn.Linear(5, 2)
+
+        def forward(self, x, h0, c0):
+            return self.fc(self.lstm(x, (h0, c0))[0][-1])
+
+    example = (torch.randn(4, 2, 3), torch.zeros(1, 2, 5), torch.zeros(1, 2, 5))
+    pm = pbp_fx.perforate(SequenceFirst(), example).eval()
+    with pytest.raises(ExportError, match=r"\(--static-batch --dynamic-axis x:1=b --dynamic-axis h0:1=b "
+                                          r"--dynamic-axis c0:1=b\)$"):
+        export_onnx(pm, example, tmp_path / "m.onnx")
+    path = export_onnx(pm, example, tmp_path / "m.onnx", dynamic_batch=False,
+                       dynamic_axes={"x": {1: "b"}, "h0": {1: "b"}, "c0": {1: "b"}})  # the advice, followed
+    wider = (torch.randn(4, 6, 3), torch.randn(1, 6, 5), torch.randn(1, 6, 5))
+    with torch.no_grad():
+        np.testing.assert_allclose(run(ort_session(str(path), device="cpu"), tuple(t.numpy() for t in wider))[0],
+                                   pm(*wider).numpy(), rtol=1e-4, atol=1e-5)
