@@ -170,6 +170,13 @@ class KeywordCollate:
         batch = (self.own or default_collate)(samples)
         if isinstance(batch, (list, tuple)) and any(isinstance(b, dict) for b in batch):
             # a sample (or the file's collate_fn) that groups its inputs itself: the constants join them
+            grouped = next(b for b in batch if isinstance(b, dict))
+            missing = [n for n in self.names if n not in grouped]
+            if missing:
+                made = "collate_fn's batches" if self.own is not None else "datasets()' samples"
+                raise ModelFileError(f"the {made} group keyword inputs {', '.join(map(repr, grouped))} in a dict "
+                                     f"without {', '.join(map(repr, missing))}, which example_kwargs() has: add "
+                                     f"{'it' if len(missing) == 1 else 'them'} to that dict")
             return type(batch)({**self.constants, **b} if isinstance(b, dict) else b for b in batch)
         if not isinstance(batch, (list, tuple)):
             return batch

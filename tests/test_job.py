@@ -1042,6 +1042,18 @@ def test_a_collate_fn_that_groups_the_keyword_inputs_gets_the_files_constants_to
                  "--no-progress"]) == 0
 
 
+def test_a_grouped_dict_without_a_keyword_input_names_it(tmp_path, capsys):
+    """A second tensor keyword the collate's dict leaves out read 'a sample is (input, ..., target),
+    inputs not nested'."""
+    text = _PADDED_WITH_MASK.replace("def forward(self, ids, *, mask):", "def forward(self, ids, *, mask, scale):")
+    text = text.replace('return {"mask": torch.ones(2, 5, dtype=torch.long)}',
+                        'return {"mask": torch.ones(2, 5, dtype=torch.long), "scale": torch.ones(2)}')
+    text = text.replace("return ids, mask, torch.tensor", 'return ids, {"mask": mask}, torch.tensor')
+    assert main(["train", _write(tmp_path / "m.py", text), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "the collate_fn's batches group keyword inputs 'mask' in a dict without 'scale', which " \
+           "example_kwargs() has: add it to that dict" in capsys.readouterr().err
+
+
 def test_a_collate_fn_that_returns_a_dict_is_told_the_batch_it_must_return(tmp_path, capsys):
     text = _PADDED_WITH_MASK.replace("return ids, mask, torch.tensor([y for _, y in samples])",
                                      'return {"ids": ids, "mask": mask, "y": torch.tensor([y for _, y in samples])}')
