@@ -1023,6 +1023,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     axes = check_dynamic_axes(dynamic_axes)
     inputs = graph_inputs(model, example_inputs, example_kwargs)
     module, dendrites, activation = _prepare(model)
+    projected = next((name for name, m in module.named_modules() if isinstance(m, nn.LSTM) and m.proj_size), None)
+    if projected is not None:  # (torch.onnx writes the plain model so too: measured with torch 2.13)
+        raise ExportError(f"LSTM {projected!r} has proj_size={module.get_submodule(projected).proj_size}, which "
+                          "torch.onnx writes wrong (over several layers or directions a graph onnx.checker refuses, "
+                          "over one a cell state ONNX Runtime refuses): export a model without proj_size")
     specs: dict[str, FusedOpSpec] = {}
     if fused:
         module, specs = _swap_fused_sites(module)

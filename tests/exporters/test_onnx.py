@@ -1166,3 +1166,25 @@ def test_a_sequence_first_rnn_is_told_its_inputs_batch_dim_1(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(run(ort_session(str(path), device="cpu"), tuple(t.numpy() for t in wider))[0],
                                    pm(*wider).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_an_lstm_with_a_projection_is_refused_before_the_export(tmp_path, layers):
+    """proj_size > 0: torch.onnx wrote, for the plain model too, a graph onnx.checker refused ('All
+    inputs to Concat must have same rank', 2 layers) or one whose LSTM node ONNX Runtime refused
+    ('Input initial_c must have shape {1,2,4}', 1 layer); named up front, nothing written."""
+    class Projected(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(3, 6, num_layers=layers, proj_size=4, batch_first=True)
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    x = torch.randn(2, 4, 3)
+    pm = pbp_fx.perforate(Projected(), (x,)).eval()
+    with pytest.raises(ExportError, match=r"^LSTM 'rnn' has proj_size=4, which torch.onnx writes wrong .*: export a "
+                                          r"model without proj_size$"):
+        export_onnx(pm, (x,), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
