@@ -197,9 +197,9 @@ def _shares_input(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     name, before = _target_name(node), node.args[0].meta.get("tensor_meta")
-    if node.kwargs.get("inplace") is True or (node.op == "call_method" and name.endswith("_")
+    if node.kwargs.get("inplace") is True or (node.op in ("call_method", "call_function") and name.endswith("_")
                                               and not name.startswith("_")):
-        return True  # h.relu_(), F.relu(h, inplace=True): the input itself
+        return True  # h.relu_(), torch.relu_(h), F.relu(h, inplace=True): the input itself
     after = node.meta.get("tensor_meta")
     if name == "getitem":  # an item of a tuple (max's values, attention's output) is a tensor of its own,
         if not isinstance(before, TensorMetadata):  # except the pieces of a split, chunk or unbind

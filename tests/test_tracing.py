@@ -622,10 +622,10 @@ class _Augmented(nn.Module):
     def forward(self, x):
         h, k = self.drop(torch.relu(self.fc(x))), self.kind
         # read after: a view, an attribute view, a module or a dropout returning its input, a split's piece
-        if k in ("alias", "view", "T", "identity", "dropout", "split", "ravel", "relu_"):
+        if k in ("alias", "view", "T", "identity", "dropout", "split", "ravel", "relu_", "torch.relu_"):
             y = {"alias": lambda: h, "view": lambda: h[:, :2], "T": lambda: h.T, "identity": lambda: self.ident(h),
                  "dropout": lambda: F.dropout(h, 0.5, self.training), "split": lambda: h.split(2, 1)[0],
-                 "ravel": lambda: h.ravel(), "relu_": lambda: h.relu_()}[k]()
+                 "ravel": lambda: h.ravel(), "relu_": lambda: h.relu_(), "torch.relu_": lambda: torch.relu_(h)}[k]()
             y *= 3
             return self.out(h)
         if k == "last":  # h[-1] is h[0] where dim 0 has one entry
@@ -655,7 +655,7 @@ class _Augmented(nn.Module):
         return self.out(h)
 
 
-_READ_AFTER = ["alias", "view", "T", "identity", "dropout", "split", "ravel", "relu_", "last"]
+_READ_AFTER = ["alias", "view", "T", "identity", "dropout", "split", "ravel", "relu_", "torch.relu_", "last"]
 
 
 @pytest.mark.parametrize("kind", _READ_AFTER)
