@@ -220,8 +220,8 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
         problem = f"its forward raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if problem is not None:
         raise WidthError(f"{type(model).__name__} cannot be narrowed by removing channels: {problem} (its forward "
-                         "uses fixed channel sizes, e.g. a head size kept as an attribute); give build_model a "
-                         "width argument")
+                         "uses fixed channel sizes, e.g. a head size kept as an attribute, or a parameter of no "
+                         "layer in a product, x @ W); give build_model a width argument")
     # (a layer a group reaches through its parent, an attention's out_proj, has changed shape: not listed)
     # Only recurrent layers: an input-sized norm or embedding table that no group reaches has the
     # input's size at any width, and naming it would be false advice.
