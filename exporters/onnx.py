@@ -411,7 +411,7 @@ def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynam
                               if isinstance(t, Tensor) and t.dim() > 0)
             tensor_names = [n for n, t in zip(names, inputs) if isinstance(t, Tensor) and t.dim() > 0]
             shapes = {n: tuple(t.shape) for n, t in zip(names, inputs) if isinstance(t, Tensor)}
-            advice = _batch_axes_advice(module, shapes, tensor_names, None).replace(") ...:", "),", 1)
+            advice = _batch_axes_advice(module, shapes, tensor_names, None, ",")
             raise ExportError(f"example inputs disagree on the batch size (dim 0: {shown}): give them one batch "
                               f"size, or, for inputs whose batch is not dim 0 {advice}")
         if sizes == {1}:
@@ -744,14 +744,15 @@ def _batch_dims(module: nn.Module, shapes: dict, names: list, size: Optional[int
     return states, dims
 
 
-def _batch_axes_advice(module: nn.Module, shapes: dict, names: list, size: Optional[int]) -> str:
-    """'pass dynamic_batch=False with dynamic_axes naming each input's batch dim, e.g. ...' for
-    inputs whose batch is not dim 0 of each (RNN states, sequence-first inputs)."""
+def _batch_axes_advice(module: nn.Module, shapes: dict, names: list, size: Optional[int], lead: str) -> str:
+    """'(an RNN state ...)<lead> pass dynamic_batch=False with dynamic_axes naming each input's
+    batch dim, e.g. ...' for inputs whose batch is not dim 0 of each (RNN states, sequence-first
+    inputs)."""
     states, dims = _batch_dims(module, shapes, names, size)
     example = ", ".join(f"{n!r}: {{{d}: 'b'}}" for n, d in dims.items())
     flags = " ".join(f"--dynamic-axis {n}:{d}=b" for n, d in dims.items())
-    return (f"(an RNN state [layers, batch, hidden], such as {' and '.join(map(repr, states))} may be) "
-            f"...: pass dynamic_batch=False with dynamic_axes naming each input's batch dim, e.g. {{{example}}} "
+    return (f"(an RNN state [layers, batch, hidden], such as {' and '.join(map(repr, states))} may be){lead} "
+            f"pass dynamic_batch=False with dynamic_axes naming each input's batch dim, e.g. {{{example}}} "
             f"(--static-batch {flags})")
 
 
@@ -858,9 +859,8 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
             if len(batched) > 1:
                 # dim 0 of every input is one batch axis: one input whose dim 0 is no batch fixes them all.
                 shapes = dict(zip(input_names, (tuple(t.shape) for t in inputs if isinstance(t, Tensor))))
-                advice = _batch_axes_advice(module, shapes, batched, size)
                 others = ("; dim 0 of every input is the one batch axis, so an input whose dim 0 is not its batch "
-                          + advice.replace(") ...:", ") fixes the others' too:", 1))
+                          + _batch_axes_advice(module, shapes, batched, size, " fixes the others' too:"))
             raise ExportError(f"the model fixes dim 0 of input {name!r} to {size} (a reshape to a constant batch, or "
                               "an input without a batch dim, such as one unbatched [C, L] sample for a Conv1d), so it "
                               "cannot be the dynamic batch axis: use -1 for the batch in reshapes, or pass "

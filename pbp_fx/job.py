@@ -221,6 +221,8 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
 
     hooks = [m.register_forward_pre_hook(seen(name))
              for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    # The model file's own collate_fn makes the batches (alone, or under KeywordCollate)
+    own_collate = collate is not None and not (isinstance(collate, KeywordCollate) and collate.own is None)
     was = model.training
     model.eval()
     try:
@@ -236,14 +238,13 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                 except (ModelFileError, TrainingError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - the model file's collate_fn: named, not "the model"
-                    if collate is None or isinstance(collate, KeywordCollate) and collate.own is None:
+                    if not own_collate:
                         raise
                     first = (str(exc).strip().splitlines() or ["(no message)"])[0]
                     raise TrainingError(f"the model file's collate_fn raised {type(exc).__name__}: {first} on the "
                                         f"first {name} samples: fix collate_fn (it gets a list of the dataset's "
                                         "samples and returns a batch (input, ..., target))") from exc
-                own = collate is not None and (not isinstance(collate, KeywordCollate) or collate.own is not None)
-                if own and isinstance(batch, dict):
+                if own_collate and isinstance(batch, dict):
                     raise TrainingError(f"the model file's collate_fn returns a dict (keys "
                                         f"{', '.join(map(repr, list(batch)[:4]))}): return a tuple (input, ..., "
                                         "target), keyword inputs grouped in a dict before the target "
@@ -304,8 +305,7 @@ def _diagnose_targets(target, out, name: str, class_labels: bool) -> None:
         raise TrainingError(f"the {name} targets are floats ({target.dtype}) where the built-in cross-entropy takes "
                             "class indices: yield integer labels (y.long()), or set TASK = \"regression\" in the "
                             "model file for numeric targets")
-    if not target.dtype.is_floating_point and target.dtype != torch.bool:
-        _check_labels(target, out.shape[1], name)
+    _check_labels(target, out.shape[1], name)  # (it leaves bool labels alone)
 
 
 def _check_labels(labels: torch.Tensor, classes: int, name: str) -> None:

@@ -159,7 +159,7 @@ class KeywordCollate:
     `example_kwargs()` grouped into one dict: a batch (x..., k..., y) (the inputs in the
     forward's order, target last) becomes (x..., {name: k...}, y), called as
     model(x..., **{...}). Inputs that are no tensors in example_kwargs() (flags, None) are
-    passed as their example values. A batch that holds a dict already is left as it is."""
+    passed as their example values. A batch that holds a dict already gets only those."""
 
     def __init__(self, positional: int, names: list, constants: dict, own: Optional[Callable] = None):
         self.positional, self.names, self.constants, self.own = positional, list(names), dict(constants), own

@@ -37,11 +37,13 @@ model ran on the example; the graph is one call of that root.
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import inspect
 import io
 import logging
+import operator
 import os
 import re
 import sys
@@ -132,8 +134,6 @@ class _AugmentedAttribute(fx.proxy.Attribute):
 
 
 def _augmented(name: str, symbol: str):
-    import operator
-
     op = getattr(operator, {"iand": "and_", "ior": "or_"}.get(name, name[1:]))
 
     def method(self, other):
@@ -249,8 +249,6 @@ def _other_item(node: fx.Node, sibling: Optional[fx.Node]) -> bool:
 
 
 def _target_name(node: fx.Node) -> str:
-    import builtins
-
     if node.target is builtins.getattr and len(node.args) > 1:
         return str(node.args[1])  # (h.T, h.data: a getattr node)
     target = node.target
