@@ -20,7 +20,7 @@ from torch import fx, nn
 from pbp_fx.config import ConfigError
 from pbp_fx.layers import LayerSpec, NormSpec
 
-from .patterns import match_neuron, match_norm
+from .patterns import match_neuron, match_norm, target_name
 
 __all__ = ["SiteSpec", "find_sites", "SiteFilter", "live_nodes"]
 
@@ -192,7 +192,7 @@ def live_nodes(graph: fx.Graph) -> set:
     """The nodes the graph's outputs or side effects (impure calls, in-place writes such as a
     buffer's `copy_`, which a later call may read) read."""
     def effect(n: fx.Node) -> bool:
-        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        name = target_name(n.target)
         in_place = n.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__")
         return n.op != "placeholder" and (in_place or n.is_impure())
 

@@ -70,6 +70,11 @@ _BATCH_NORM_FUNCTIONS = {
 _BATCH_NORM_DEFAULTS = {"training": False, "momentum": 0.1, "eps": 1e-5}
 
 
+def target_name(target) -> str:
+    """A node's target as a name: a method's or module path's string, a function's __name__."""
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
 def _arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]

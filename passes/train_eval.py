@@ -36,6 +36,8 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.operator_schemas import normalize_function
 
+from .patterns import target_name
+
 __all__ = ["ModeSwitch", "merge_train_eval", "merge_modes", "MergeResult", "lower_to_eval", "MODES_ATTR"]
 
 MODES_ATTR = "pbp_modes"
@@ -105,8 +107,7 @@ class ModeSwitch(nn.Module):
         return map_aggregate(form[0], fill), map_aggregate(form[1], fill)
 
     def extra_repr(self) -> str:
-        name = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", str(self.target))
-        return f"{name}, train={self.forms[True]}, eval={self.forms[False]}"
+        return f"{target_name(self.target)}, train={self.forms[True]}, eval={self.forms[False]}"
 
 
 # -- comparing two captures ---------------------------------------------------------------------
@@ -331,8 +332,7 @@ class MergeResult(NamedTuple):
 def _describe(n: Optional[fx.Node]) -> str:
     if n is None:
         return "nothing"
-    target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-    return f"{n.name} ({n.op} {target})"
+    return f"{n.name} ({n.op} {target_name(n.target)})"
 
 
 def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: bool = True) -> MergeResult:

@@ -51,9 +51,11 @@ def _graphs(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
 
 
 def _kind(node: fx.Node, g: fx.GraphModule) -> str:
+    from .passes.patterns import target_name
+
     if node.op == "call_module":
         return type(g.get_submodule(node.target)).__name__
-    return getattr(node.target, "__name__", str(node.target))
+    return target_name(node.target)
 
 
 def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=None) -> list[SiteExplanation]:

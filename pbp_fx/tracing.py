@@ -249,10 +249,11 @@ def _other_item(node: fx.Node, sibling: Optional[fx.Node]) -> bool:
 
 
 def _target_name(node: fx.Node) -> str:
+    from pbp_fx.passes.patterns import target_name
+
     if node.target is builtins.getattr and len(node.args) > 1:
         return str(node.args[1])  # (h.T, h.data: a getattr node)
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", "")
+    return target_name(node.target)
 
 
 def _user_frame(exc: BaseException) -> str:
