@@ -117,6 +117,9 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
         best = cs.pop("best_state")
         if best is not None:
             _split_state("best/", best, tensors, plain)
+        outside = cs.pop("best_outside", None)  # (the best state's part outside pm: a head, a loss)
+        if outside:
+            _split_state("best_outside/", outside, tensors, plain)
         tensors[_GENERATOR_KEY] = cs.pop("generator")  # (bytes: a tensor, not JSON)
         meta["controller"] = cs
         meta["config"] = controller.config.to_dict()
@@ -440,6 +443,7 @@ def _controller_state(meta: dict, tensors: dict, plain: dict) -> dict:
     """The controller's state_dict as save() split it (JSON, best weights, generator state)."""
     cs = dict(meta["controller"])
     cs["best_state"] = _collect("best/", tensors, plain) or None
+    cs["best_outside"] = _collect("best_outside/", tensors, plain) or None
     cs["generator"] = tensors.get(_GENERATOR_KEY)  # (None in a checkpoint saved before it existed)
     return cs
 

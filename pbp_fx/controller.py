@@ -18,7 +18,9 @@ returns to the group it was in before; new ones join the group of their site's n
 (group 0 where it has none), or the group `parameter_groups` names. Parameters of the optimizer that
 are not the model's (a head or a learnable loss outside the perforated model) stay in their
 groups and train in the neuron phases; a dendrite phase trains the candidates only, so they
-leave the optimizer for it and come back after it with their gradients cleared.
+leave the optimizer and are frozen for it, and come back after it. The best weights include
+them (and, with `root=`, everything the root module holds outside pm): every rewind puts the
+whole trained model back to the state that scored the best value.
 
 Learning-rate schedulers built once on `ctl.optimizer` keep working across restructures.
 In the dendrite phase every group's lr is multiplied by candidate_lr / (its lr at the start
@@ -186,17 +188,22 @@ class PhaseController:
     parameters it leaves out stay out, as if frozen), or
     optimizer_factory(params) to build one (default `default_optimizer`: Adam, lr 1e-3, fused where torch can).
     scheduler_factory(optimizer): builds `ctl.scheduler` once (see attach_scheduler).
-    parameter_groups(pm) -> {name: group index}: where a new parameter (candidates, dendrites)
+    parameter_groups(module) -> {name: group index} (module: root when given, else pm): where a new
+    parameter (candidates, dendrites, a head outside pm back from a dendrite phase)
     goes at a restructure, so that a framework that rebuilds its optimizer from names on resume
     (the Hugging Face Trainer's weight-decay groups) gets the same groups; default: the group
     of its site's neuron weight.
     distributed: see the module docstring.
+    root: the module you train when pm is a part of it (a backbone under a head of your own): its
+    parameters and buffers outside pm are kept with the best weights and rewound with them, so
+    the model left at the end is the one that scored the best value. The optimizer's parameters
+    outside pm (a head, a learnable loss) are kept in any case.
     """
 
     def __init__(self, pm: PerforatedModel, config: Optional[PBConfig] = None, *,
                  optimizer: Optional[torch.optim.Optimizer] = None, optimizer_factory: Optional[Callable] = None,
                  scheduler_factory: Optional[Callable] = None, distributed=None,
-                 parameter_groups: Optional[Callable] = None, **overrides):
+                 parameter_groups: Optional[Callable] = None, root: Optional[torch.nn.Module] = None, **overrides):
         if not isinstance(pm, PerforatedModel):
             raise ConfigError(f"PhaseController controls a PerforatedModel, got {type(pm).__name__}: "
                               + (perforated_inside(pm) or "pm = pbp_fx.perforate(model, example_inputs), then "
@@ -214,11 +221,16 @@ class PhaseController:
             raise ConfigError("pass optimizer= (an existing optimizer) or optimizer_factory=, not both")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer= must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.pm, self.config = pm, config
+        if root is not None and not any(m is pm for m in root.modules()):
+            raise ConfigError(f"root= is the module you train with pm inside it, but this {type(root).__name__} does "
+                              "not hold pm: pass the module that holds it (or leave root out)")
+        self.pm, self.config, self.root = pm, config, root
         self.schedule = PhaseSchedule(config, phase=pm.phase, dendrites=pm.dendrites)
         self.distributed = distributed
         self.model = pm
         self.best_state: Optional[dict] = None
+        # The best state's part outside pm (see root), by name: `outside_state`'s keys.
+        self.best_outside: Optional[dict] = None
         self.history: list[dict] = []
         # Candidates and grown dendrites draw from a generator of their own, saved with the state:
         # a resumed run draws what the uninterrupted run drew, however many numbers the framework
@@ -275,8 +287,11 @@ class PhaseController:
         # The optimizer's state for parameters that stay trainable is kept: a training framework
         # that resumes a run restores it before the controller exists (the HF Trainer does).
         self.rebind(keep_state=True)
+        # Names (outside_state's) of the parameters outside pm that a dendrite phase froze.
+        self._frozen_outside: list[str] = []
         if pm.phase == "dendrite":  # a model loaded mid-phase: its candidates train at candidate_lr
             self._enter_dendrite_lr()  # (load_state_dict then restores the saved run's rates)
+            self._freeze_outside()
         self.scheduler = None
         if scheduler_factory is not None:
             self.scheduler = scheduler_factory(self.optimizer)
@@ -353,8 +368,9 @@ class PhaseController:
             params += self._foreign
         new = [p for p in params if p not in self._groups]
         if new:
-            by_name = self.parameter_groups(self.pm) if self.parameter_groups is not None else {}
-            names = {id(p): n for n, p in self.pm.named_parameters()} if by_name else {}
+            named = self.root if self.root is not None else self.pm  # (names as parameter_groups gives them)
+            by_name = self.parameter_groups(named) if self.parameter_groups is not None else {}
+            names = {id(p): n for n, p in named.named_parameters()} if by_name else {}
             neuron_group = self._neuron_groups()
             for p in new:
                 self._groups[p] = by_name.get(names.get(id(p)), neuron_group.get(id(p), 0))
@@ -379,7 +395,49 @@ class PhaseController:
                 # The model was given a dendrite phase's structure after the best state was taken
                 # (Lightning's validate/test(ckpt_path=) of such a checkpoint): the best state has no pool.
                 self.pm.abort_dendrite_phase()
+                self._thaw_outside()
             self.pm.load_state_dict(self.best_state)
+        if self.best_outside:
+            live = self.outside_state()
+            with torch.no_grad():
+                for name, value in self.best_outside.items():
+                    if name in live:
+                        live[name].copy_(value)
+
+    def outside_state(self) -> dict:
+        """The trained tensors outside pm, by name: root's parameters and buffers (root's names) and
+        the optimizer's other parameters ("optimizer/<i>", in the optimizer's order)."""
+        own = {id(t) for t in (*self.pm.parameters(), *self.pm.buffers())}
+        out = {}
+        if self.root is not None:
+            for name, t in (*self.root.named_parameters(), *self.root.named_buffers()):
+                if id(t) not in own:
+                    out[name] = t
+        named = {id(t) for t in out.values()}
+        for i, p in enumerate(self._foreign):
+            if id(p) not in named:
+                out[f"optimizer/{i}"] = p
+        return out
+
+    def _freeze_outside(self) -> None:
+        """A dendrite phase trains the candidates only: the trainable parameters outside pm are
+        frozen for it (no gradient, and a framework that builds its optimizer over the trainable
+        parameters on resume, as the Hugging Face Trainer does, builds the phase's groups)."""
+        for name, t in self.outside_state().items():
+            if t.is_leaf and t.requires_grad:
+                t.requires_grad_(False)
+                t.grad = None
+                self._frozen_outside.append(name)
+
+    def _thaw_outside(self) -> None:
+        live = self.outside_state()
+        held = {id(p) for p in self._foreign}
+        for name in self._frozen_outside:
+            if name in live:
+                live[name].requires_grad_(True)
+                if id(live[name]) not in held:  # (frozen before the optimizer was built: a resume mid-phase)
+                    self._foreign.append(live[name])
+        self._frozen_outside = []
 
     def _scale_schedulers(self, scheduler, scale: list[float], divide: bool) -> None:
         """Multiply (divide) the rates `scheduler` computes lr from by each group's factor."""
@@ -536,20 +594,24 @@ class PhaseController:
             return
         self.pm.start_dendrite_phase(**cfg.dendrite_phase_kwargs(), generator=self.generator)
         self._enter_dendrite_lr()
+        self._freeze_outside()
 
     def _execute(self, action: Action) -> None:
         if action.new_best:
             self.best_state = {k: v.detach().clone() for k, v in self.pm.state_dict().items()}
+            self.best_outside = {k: v.detach().clone() for k, v in self.outside_state().items()} or None
         if action.kind in (Kind.START_DENDRITES, Kind.GROW, Kind.RETRY):
             self.restore_best()
             self._begin_round()
         elif action.kind is Kind.INSTALL:
             self.pm.install_candidates(v_init=self.config.v_init)
             self._leave_dendrite_lr()
+            self._thaw_outside()
         elif action.kind is Kind.COMPLETE:
             if self.pm.phase == "dendrite":
                 self.pm.abort_dendrite_phase()
                 self._leave_dendrite_lr()
+                self._thaw_outside()
             self.restore_best()
         if action.restructures or action.kind is Kind.COMPLETE:
             self.rebind()
@@ -621,7 +683,8 @@ class PhaseController:
                 "phase_start_lrs": None if self.phase_start_lrs is None else list(self.phase_start_lrs),
                 "left_out": sorted(n for n, p in self.pm.named_parameters() if p in self._left_out),
                 "plateau_held": {str(i): dict(v) for i, v in self.plateau_held.items()},
-                "generator": self.generator.get_state(), "best_state": self.best_state}
+                "generator": self.generator.get_state(), "best_state": self.best_state,
+                "best_outside": self.best_outside, "frozen_outside": list(self._frozen_outside)}
 
     @outside_inference_mode
     def load_state_dict(self, state: dict, keep_optimizer_state: bool = False) -> None:
@@ -651,6 +714,18 @@ class PhaseController:
         if state.get("generator") is not None:  # (a state saved before it existed: keep this run's)
             self.generator.set_state(state["generator"])
         self.best_state = state["best_state"]
+        self.best_outside = state.get("best_outside")  # (None in a state saved before it existed)
+        if "frozen_outside" in state:  # (what the run's phase froze: the framework's resume may have frozen it)
+            self._thaw_outside()
+            live = self.outside_state()
+            self._frozen_outside = [n for n in state["frozen_outside"] if n in live]
+            for name in self._frozen_outside:
+                live[name].requires_grad_(False)
+        if self.best_outside:
+            missing = sorted(set(self.best_outside) - set(self.outside_state()))
+            if missing:
+                raise ConfigError(f"the run's best state holds {missing[0]!r} outside the perforated model, which this "
+                                  "controller does not train: pass the run's root= module and optimizer")
         lrs = state.get("lrs")
         if self.lr_scale is not None and lrs is not None and len(lrs) == len(self.optimizer.param_groups):
             # In a dendrite phase the groups run at the candidates' rates: a fresh optimizer has the

@@ -153,6 +153,90 @@ def test_parameters_an_adopted_optimizer_leaves_out_stay_out():
     assert not any(id(p) in held() for p in pm.graph_module.get_submodule("0").parameters())
 
 
+class _Headed(nn.Module):
+    """A perforated backbone under a head of the user's own, with a buffer (BatchNorm) beside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = _pm()
+        self.norm = nn.BatchNorm1d(2)
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(self.norm(self.backbone(x)))
+
+
+def _outside(model) -> dict:
+    return {n: t.detach().clone() for n, t in [*model.head.named_parameters("head"), *model.norm.named_buffers("norm")]}
+
+
+def test_the_best_state_covers_what_is_trained_outside_pm_and_rewinds_it_too():
+    """The model left at the end scored the best value: a head outside pm (and root's buffers)
+    is rewound with pm, not left at its latest weights beside pm's best ones."""
+    model = _Headed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = PhaseController(model.backbone, optimizer=opt, root=model, patience=1, dendrite_patience=1, retries=0)
+
+    def train():
+        opt.zero_grad()
+        model(torch.randn(8, 3)).pow(2).mean().backward()
+        opt.step()
+
+    train()
+    ctl.step(0.9)  # the best epoch
+    best_pm = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    best = _outside(model)
+    train()
+    assert any(not torch.equal(best[n], t) for n, t in _outside(model).items())
+    assert ctl.step(0.1) is R  # a dendrite phase starts from the best model: head and buffers included
+    assert all(torch.equal(best[n], t) for n, t in _outside(model).items())
+    _run(ctl, [0.1])  # install
+    train()
+    assert ctl.step(0.2) is D  # no gain: the end rewinds again
+    assert all(torch.equal(best[n], t) for n, t in _outside(model).items())
+    assert all(torch.equal(best_pm[k], v) for k, v in model.backbone.state_dict().items())
+
+
+def test_an_optimizer_parameter_outside_pm_is_rewound_without_root():
+    pm = _pm()
+    temperature = nn.Parameter(torch.ones(()))
+    opt = torch.optim.SGD([{"params": list(pm.parameters())}, {"params": [temperature]}], lr=0.1)
+    ctl = PhaseController(pm, optimizer=opt, patience=1, dendrite_patience=1)
+    ctl.step(0.9)
+    with torch.no_grad():
+        temperature.fill_(3.0)
+    assert ctl.step(0.1) is R
+    assert float(temperature) == 1.0
+
+
+def test_the_outside_best_state_survives_a_checkpoint_and_needs_the_same_root(tmp_path):
+    torch.manual_seed(0)
+    model = _Headed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = PhaseController(model.backbone, optimizer=opt, root=model, patience=1, dendrite_patience=1)
+    ctl.step(0.9)
+    best = _outside(model)
+    path = str(tmp_path / "run.safetensors")
+    pbp_fx.save(model.backbone, path, controller=ctl)
+
+    torch.manual_seed(1)
+    again = _Headed()
+    opt2 = torch.optim.SGD(again.parameters(), lr=0.1)
+    ctl2 = PhaseController(again.backbone, optimizer=opt2, root=again, patience=1, dendrite_patience=1)
+    pbp_fx.checkpoint.load_controller(path, ctl2)
+    assert ctl2.step(0.1) is R  # the rewind puts the saved best head into the new model
+    assert all(torch.equal(best[n], t) for n, t in _outside(again).items())
+
+    alone = PhaseController(_Headed().backbone, patience=1)
+    with pytest.raises(pbp_fx.ConfigError, match="outside the perforated model.*root="):
+        pbp_fx.checkpoint.load_controller(path, alone)
+
+
+def test_a_root_that_does_not_hold_pm_is_refused():
+    with pytest.raises(pbp_fx.ConfigError, match="does not hold pm"):
+        PhaseController(_pm(), root=nn.Linear(2, 2))
+
+
 def test_a_left_out_parameter_stays_out_after_a_resume_inside_a_dendrite_phase(tmp_path):
     """Adopted mid-phase (every model parameter frozen), the optimizer says nothing about what was
     left out: the controller state carries it, and the backbone rejoined at the install."""
@@ -329,8 +413,8 @@ def test_the_default_optimizer_is_fused_adam_where_torch_has_the_kernel_and_trai
 
 def test_parameters_outside_the_model_train_in_neuron_phases_only():
     """A learnable parameter outside the perforated model (a loss temperature) stays in an adopted
-    optimizer's group; the dendrite phase trains the candidates only; after it the parameter
-    comes back without the gradients its backward left."""
+    optimizer's group; the dendrite phase trains the candidates only (the parameter is frozen for
+    it); after it the parameter comes back, trainable, in its group."""
     pm = _pm()
     temperature = nn.Parameter(torch.ones(()))
     opt = torch.optim.SGD([{"params": list(pm.parameters())}, {"params": [temperature], "lr": 0.5}], lr=0.1)
@@ -352,11 +436,14 @@ def test_parameters_outside_the_model_train_in_neuron_phases_only():
     assert held() == [False, False]
     before = float(temperature)
     step()
-    assert float(temperature) == before and temperature.grad is not None
+    assert float(temperature) == before and temperature.grad is None and not temperature.requires_grad
     while ctl.step(0.5) is not R:  # the candidates made progress: the phase goes on
         assert held() == [False, False]
     assert pm.phase == "neuron"
-    assert held() == [False, True] and temperature.grad is None
+    assert held() == [False, True] and temperature.grad is None and temperature.requires_grad
+    before = float(temperature)
+    step()
+    assert float(temperature) != before
     assert opt.param_groups[1]["lr"] == pytest.approx(0.5)  # its group's lr is back too
 
 

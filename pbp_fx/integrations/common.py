@@ -81,6 +81,13 @@ class StructureOnLoad:
             raise CheckpointError(f"the checkpoint does not fit this model: {load_error_detail(exc)}") from exc
         finally:
             self._restoring = False
+        if pools:
+            # The run's dendrite phase froze what it trains outside pm (PhaseController(root=)): the
+            # framework then builds the phase's optimizer groups, and the controller's state thaws them.
+            own = {id(p) for p in pm.parameters()}
+            for p in root.parameters():
+                if id(p) not in own and p.requires_grad:
+                    p.requires_grad_(False)
 
     def remove(self) -> None:
         self._handle.remove()

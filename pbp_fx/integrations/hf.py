@@ -70,12 +70,14 @@ class PBCallback(TrainerCallback):
         # phase's pools), so that the Trainer's optimizer is rebuilt with the saved groups.
         found = [m for m in model.modules() if isinstance(m, PerforatedModel)] if model is not None else []
         if len(found) == 1:
-            self._watch_loads(found[0])
+            self._watch_loads(model)
 
-    def _watch_loads(self, pm: PerforatedModel) -> None:
+    def _watch_loads(self, model) -> None:
+        """The hook on the Trainer's whole model (the perforated part of it or all): a dendrite phase
+        also freezes what the model trains outside the perforated part."""
         if self._structure_hook is None:
             self._structure_hook = StructureOnLoad(
-                pm, lambda pm: self.config or PBConfig(mode=pm.mode, activation=pm.activation))
+                model, lambda pm: self.config or PBConfig(mode=pm.mode, activation=pm.activation))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if args.load_best_model_at_end:
@@ -139,8 +141,8 @@ class PBCallback(TrainerCallback):
                 and (self.controller.optimizer is not opt or self._training):
             raise TrainingError(refused_restart("trainer.train(resume_from_checkpoint=<a checkpoint of that run>)"))
         if self.controller is None or self.controller.pm is not pm or (resuming and self.controller.optimizer is not opt):
-            self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
-                                              parameter_groups=_trainer_groups if _grouped_by_trainer(pm, opt) else None)
+            self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize, root=model,
+                                              parameter_groups=_trainer_groups if _grouped_by_trainer(model, opt) else None)
         if resuming:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
             load_controller(_resumed_file(args, state, pm), self.controller)
         # PB finished already (a checkpoint written then, or train() called again): nothing left to train.
@@ -313,12 +315,12 @@ def _refuse_misplaced_optimizer_state(optimizer) -> None:
                         f"{CHECKPOINT_NAME}', model)), then build the optimizer over model.trainable_parameters()")
 
 
-def _grouped_by_trainer(pm, optimizer) -> bool:
+def _grouped_by_trainer(model, optimizer) -> bool:
     """Whether the optimizer's groups are those Trainer.create_optimizer makes (`_trainer_groups`):
     an optimizer passed in `optimizers=` may have two groups of its own (a head at another lr)."""
     if len(optimizer.param_groups) != 2:
         return False
-    rule, names = _trainer_groups(pm), {id(p): n for n, p in pm.named_parameters()}
+    rule, names = _trainer_groups(model), {id(p): n for n, p in model.named_parameters()}
     return all(id(p) in names and rule[names[id(p)]] == i
                for i, g in enumerate(optimizer.param_groups) for p in g["params"])
 

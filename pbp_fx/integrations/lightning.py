@@ -101,10 +101,11 @@ class PBCallback(Callback):
                                f"checkpoint saved at a PB rewind (a dendrite phase's start, a retry, the end) holds "
                                f"PB's best weights by {self.monitor!r}, not the weights that scored its recorded "
                                f"{monitored!r}; monitor the same metric, or use the model PB leaves at fit end")
+        patience = (self.config or PBConfig()).patience  # (the controller's default config has PBConfig's)
         for stopper in trainer.early_stopping_callbacks:
-            if stopper.monitor == self.monitor and stopper.patience < self.config.patience:
+            if stopper.monitor == self.monitor and stopper.patience < patience:
                 rank_zero_warn(f"EarlyStopping on {self.monitor!r} with patience={stopper.patience} can end the run before "
-                               f"PB's neuron phase does (PBConfig.patience={self.config.patience} validations without "
+                               f"PB's neuron phase does (PBConfig.patience={patience} validations without "
                                "gain start a dendrite phase), so no dendrite is added: give EarlyStopping a patience "
                                "above PB's, or leave the run's end to PBCallback")
         pm = find_perforated(pl_module, "PBCallback")
@@ -124,7 +125,7 @@ class PBCallback(Callback):
         self._fitting = True
         if self.controller is None or self.controller.pm is not pm or (
                 self._resumed is not None and self.controller.optimizer is not opt):
-            self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize,
+            self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize, root=pl_module,
                                               parameter_groups=_groups_of_configure_optimizers(pl_module))
         if self._resumed is not None:  # Lightning restores the optimizer and schedulers after this hook
             if "config" in self._resumed:
@@ -240,7 +241,7 @@ def _groups_of_configure_optimizers(pl_module):
     when the optimizer state is saved, or it no longer fits (a weight-decay split by name)."""
     warned = []
 
-    def groups(pm) -> dict:
+    def groups(module) -> dict:
         opt = _first_optimizer(pl_module.configure_optimizers())
         if opt is None:
             return {}
@@ -252,7 +253,7 @@ def _groups_of_configure_optimizers(pl_module):
                            "configure_optimizers(), so the added groups' parameters join its groups and their "
                            "learning rates; give them a group there (filtered by requires_grad if they thaw later)")
         index = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
-        return {n: index[id(p)] for n, p in pm.named_parameters() if id(p) in index}
+        return {n: index[id(p)] for n, p in module.named_parameters() if id(p) in index}
     return groups
 
 

@@ -94,9 +94,9 @@ class LazyClassifier(Classifier):
 
 
 def _trainer(callback, max_epochs=60, **kw):
+    kw.setdefault("enable_checkpointing", False)
     return L.Trainer(max_epochs=max_epochs, callbacks=[callback], accelerator="cpu", devices=1, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, **kw)
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw)
 
 
 def test_lightning_trainer_runs_pb_through_an_install(tmp_path):
@@ -409,6 +409,68 @@ def test_the_best_model_is_loaded_when_min_epochs_trains_on_after_pb_finished():
     assert cb.controller.done and len(cb.controller.history) < trainer.current_epoch  # Lightning trained on
     best = cb.controller.best_state
     assert all(torch.equal(v, best[k]) for k, v in pm.state_dict().items())
+
+
+class HeadOutside(Classifier):
+    """Only the backbone is perforated; the head is the module's own, at its own lr."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 16), nn.ReLU())
+        super().__init__(pbp_fx.perforate(body, torch.zeros(2, 1, 8, 8)))
+        self.head = nn.Linear(16, 10)
+        self.model_and_head = nn.Sequential(self.model, self.head)
+
+    def training_step(self, batch, _):
+        return F.cross_entropy(self.model_and_head(batch[0]), batch[1])
+
+    def validation_step(self, batch, _):
+        self.log("val_loss", F.cross_entropy(self.model_and_head(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([{"params": self.model.parameters(), "lr": 0.05},
+                                {"params": self.head.parameters(), "lr": 0.5}], momentum=0.9)
+
+
+def test_a_head_outside_the_perforated_model_is_rewound_with_it(tmp_path):
+    """The model fit leaves scores PB's best value: the head is rewound with the backbone (it kept
+    its latest weights beside the backbone's best ones: 1.26 where the best was 0.93). A resume
+    inside the dendrite phase (the head frozen for it) makes the same decisions."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _, val = digits_loaders()
+    train = DataLoader(TensorDataset(*val.dataset.tensors), batch_size=100)  # (unshuffled: resumable)
+    cb = PBCallback(QUICK)
+    trainer = _trainer(cb, max_epochs=12, enable_checkpointing=True)
+    trainer.callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+    module = HeadOutside()
+    trainer.fit(module, train, val)
+    assert cb.controller.done and cb.controller.best_outside
+    score = trainer.validate(module, val, verbose=False)[0]["val_loss"]
+    assert score == pytest.approx(cb.controller.best_score, abs=1e-6)
+    dendrite = next(h["epoch"] for h in cb.controller.history if h["phase"] == "dendrite")
+    again = PBCallback(QUICK)
+    trainer = _trainer(again, max_epochs=12)
+    resumed = HeadOutside()
+    trainer.fit(resumed, train, val, ckpt_path=tmp_path / f"epoch={dendrite}.ckpt")  # (0-based names)
+    assert [h["score"] for h in again.controller.history] == pytest.approx([h["score"] for h in cb.controller.history])
+    assert all(p.requires_grad for p in resumed.head.parameters())
+
+
+def test_a_callback_with_the_default_config_beside_early_stopping():
+    """PBCallback() read its config's patience when there was none (AttributeError on None)."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    train, val = digits_loaders()
+    trainer = _trainer(PBCallback(), max_epochs=1)
+    trainer.callbacks.append(EarlyStopping("val_loss", patience=50))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="EarlyStopping on")
+        trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
+    trainer = _trainer(PBCallback(), max_epochs=1)
+    trainer.callbacks.append(EarlyStopping("val_loss", patience=2))
+    with pytest.warns(UserWarning, match=f"PBConfig.patience={pbp_fx.PBConfig().patience} "):
+        trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
 
 
 def test_a_fit_without_validation_is_refused_before_any_step():
