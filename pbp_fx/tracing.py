@@ -823,8 +823,9 @@ def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] 
            else f"fx: {fx_sites} sites, {fx_gm.meta.get('pbp_modes')} mode only" if one_mode
            else f"fx: forward writes buffer(s) {', '.join(written[:3])}, which symbolic tracing does not keep")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a one-mode export is not chosen over fx: no warning
+        # export's warnings (a one-mode graph) stand only if its graph is the one chosen
+        with warnings.catch_warnings(record=True) as export_warnings:
+            warnings.simplefilter("always")
             ex_gm = export()
     except TraceError as exc:
         fx_gm.meta["pbp_frontend_choice"] = f"{why}; torch.export failed ({exc}): fx"
@@ -835,6 +836,8 @@ def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] 
     better = (ex_sites > fx_sites and (ex_both or one_mode) or (one_mode and ex_both and ex_sites >= fx_sites)
               or (bool(written) and ex_sites >= fx_sites and (ex_both or one_mode)))
     chosen = ex_gm if better else fx_gm
+    if chosen is ex_gm:
+        _replay([w for w in export_warnings if issubclass(w.category, PBWarning)])
     choice = (f"{why}; export: {ex_sites} sites, {ex_gm.meta.get('pbp_modes')} mode(s): "
               f"{chosen.meta['pbp_frontend']}")
     chosen.meta["pbp_frontend_choice"] = choice

@@ -687,3 +687,26 @@ def test_an_augmented_assignment_on_a_tensor_of_its_own_keeps_the_fx_graph(kind)
     pm.eval()
     with torch.no_grad():
         assert torch.allclose(pm(x), model(x), atol=1e-6)
+
+
+class _RunningCenter(nn.Module):
+    """Writes its own buffer in train mode only: auto takes torch.export, which follows one mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.o = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.register_buffer("mean", torch.zeros(8))
+
+    def forward(self, x):
+        h = self.f(x)
+        if self.training:
+            self.mean.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return self.o(torch.relu(h - self.mean))
+
+
+def test_auto_warns_that_the_export_graph_it_chose_follows_one_mode():
+    """The export attempt's warnings were silenced whether or not its graph was chosen: pm.eval()
+    then ran the train path (buffer updates included) with no word said."""
+    with pytest.warns(pbp_fx.PBWarning, match="the graph follows train mode whatever"):
+        pm = pbp_fx.perforate(_RunningCenter(), (torch.randn(4, 8),))
+    assert pm.graph_module.meta["pbp_frontend"] == "export" and pm.graph_module.meta["pbp_modes"] == "train"
