@@ -19,7 +19,7 @@ from .errors import NoSitesError, TrainingError, warn_at_user
 from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
-from .tracing import DYNAMIC_CHOICES, parts_model, trace
+from .tracing import DYNAMIC_CHOICES, buffers_kept, parts_model, trace
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside"]
 
@@ -616,7 +616,6 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     about at length, e.g. windowed attention), else static; False: static shapes. What was used
     is in `meta["pbp_dynamic"]`.
     """
-    from pbp_fx.passes import find_sites, insert_dendrites
     from pbp_fx.passes.find_sites import site_filters
 
     if isinstance(model, PerforatedModel):
@@ -646,6 +645,17 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     include, exclude = site_filters(include, exclude)  # checked before any work; searched twice below
     model = copy.deepcopy(model)
     _warn_dropped_checkpointing(model)
+    # The copy's buffers end as the model's: capture and site matching run its forward and read its
+    # weights, and a parametrization updates buffers when read in train mode (spectral_norm's _u).
+    with buffers_kept(model):
+        return _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, include, exclude,
+                                mode, activation)
+
+
+def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, include, exclude, mode,
+                     activation) -> "PerforatedModel":
+    from pbp_fx.passes import find_sites, insert_dendrites
+
     gm = trace(model, example_inputs, example_kwargs, frontend=frontend, dynamic=dynamic)
     specs = find_sites(gm, include, exclude)
     unmatched = _unmatched_globs(find_sites(gm) if include is not None or exclude is not None else [], include,

@@ -59,7 +59,7 @@ from .config import ConfigError
 from .errors import PBWarning, TraceError, warn_at_user
 from .signature import CallSignature
 
-__all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "TraceError", "FRONTENDS"]
+__all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "TraceError", "FRONTENDS"]
 
 log = logging.getLogger(__name__)
 
@@ -563,14 +563,14 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic) -> fx.Gr
     kwargs = _ordered_kwargs(model, kwargs)
     primary = model.training
     # Each capture may run the model's own buffer writes (a call counter) on the real buffers.
-    with _buffers_kept(model) as saved:
+    with buffers_kept(model) as saved:
         gm = _export_both_modes(model, args, kwargs, dynamic, primary)
     _restore_buffers(gm, saved)
     return gm
 
 
 @contextlib.contextmanager
-def _buffers_kept(model: nn.Module):
+def buffers_kept(model: nn.Module):
     """The model's buffers as they were before the block (yielded), restored after it: a capture runs
     the forward's own writes to them (`self.calls.add_(1)`) on the real tensors, once per capture."""
     saved = {n: b.detach().clone() for n, b in model.named_buffers()}
@@ -690,7 +690,7 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     if frontend in ("fx", "auto"):
         try:
             # auto: fx's warnings (a one-mode graph) stand only if fx's graph is the one chosen
-            with warnings.catch_warnings(record=True) as fx_warnings, _buffers_kept(model):
+            with warnings.catch_warnings(record=True) as fx_warnings, buffers_kept(model):
                 warnings.simplefilter("always")
                 gm = _trace_fx(model, leaves, max_leaves, fx_call)
         except TraceError as exc:
@@ -788,7 +788,7 @@ def _written_buffers(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
                   for b in m.buffers(recurse=False)}
     if all(id(b) in norm_owned for b in model.buffers()):
         return []
-    with _buffers_kept(model) as before:
+    with buffers_kept(model) as before:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 model(*args, **kwargs)

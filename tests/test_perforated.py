@@ -1188,3 +1188,18 @@ def test_a_torch_compiled_model_is_perforated_as_the_model_it_wraps():
     with pytest.warns(pbp_fx.PBWarning, match="torch.compile wraps"):
         pm = pbp_fx.perforate(torch.compile(model), (torch.randn(2, 4),))
     assert list(pm.sites) == list(pbp_fx.perforate(model, (torch.randn(2, 4),)).sites) == ["0", "2"]
+
+
+def test_the_copy_keeps_buffers_that_reading_a_weight_updates():
+    """spectral_norm advances its power iteration (_u) each time its weight is read in train mode:
+    capture and site matching read it ~10 times, and the copy's outputs were 2.5 % off."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.spectral_norm(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(4, 16)
+    pm = pbp_fx.perforate(model, (x,))
+    u = "0.parametrizations.weight.0._u"
+    assert torch.equal(dict(pm.named_buffers())[f"graph_module.{u}"], dict(model.named_buffers())[u])
+    model.eval(), pm.eval()
+    assert torch.equal(model(x), pm(x))
