@@ -100,6 +100,9 @@ def _erase_if_dead(graph: fx.Graph, node) -> None:
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
+    if isinstance(getattr(gm, FUSED_ATTR, None), nn.ModuleDict) and not _has_sites(gm):
+        raise ValueError("the graph is finalized already (it holds fused sites and no Site): finalize the "
+                         "perforated graph once (pm.finalize() gives a new finalized copy each call)")
     with warnings.catch_warnings():  # copying a torch.export graph's input spec warns about LeafSpec
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         gm = copy.deepcopy(gm)

@@ -242,3 +242,13 @@ def test_parts_traced_in_place_are_fused(grow, pb):
     for xi in _inputs(x):
         assert pb.max_diff(fused(xi), pm(xi)) <= 1e-5
     assert any(isinstance(m, SwappedNeuron) for m in pm.graph_module.modules())  # the input is kept
+
+
+def test_a_finalized_graph_is_refused_in_one_line():
+    """finalize(finalize(gm)) replaced the fused modules with an empty dict, then looked the sites up
+    in it: a raw AttributeError from torch's get_submodule."""
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), (torch.randn(4, 8),))
+    pm.grow()
+    with pytest.raises(ValueError, match="finalized already") as err:
+        finalize(finalize(pm.graph_module))
+    assert "\n" not in str(err.value)
