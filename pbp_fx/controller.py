@@ -419,6 +419,13 @@ class PhaseController:
                 out[f"optimizer/{i}"] = p
         return out
 
+    def _changing_outside(self) -> dict:
+        """outside_state's tensors that training can change: buffers, trainable parameters and those a
+        dendrite phase froze (a frozen backbone around a perforated head is not copied at each best)."""
+        frozen = set(self._frozen_outside)
+        return {n: t for n, t in self.outside_state().items()
+                if t.requires_grad or n in frozen or not isinstance(t, torch.nn.Parameter)}
+
     def _freeze_outside(self) -> None:
         """A dendrite phase trains the candidates only: the trainable parameters outside pm are
         frozen for it (no gradient, and a framework that builds its optimizer over the trainable
@@ -599,7 +606,7 @@ class PhaseController:
     def _execute(self, action: Action) -> None:
         if action.new_best:
             self.best_state = {k: v.detach().clone() for k, v in self.pm.state_dict().items()}
-            self.best_outside = {k: v.detach().clone() for k, v in self.outside_state().items()} or None
+            self.best_outside = {k: v.detach().clone() for k, v in self._changing_outside().items()} or None
         if action.kind in (Kind.START_DENDRITES, Kind.GROW, Kind.RETRY):
             self.restore_best()
             self._begin_round()

@@ -897,3 +897,16 @@ def test_candidates_come_from_the_controllers_generator_and_its_state_resumes(mo
     resumed.pm.start_dendrite_phase(generator=resumed.generator)
     ctl.pm.start_dendrite_phase(generator=ctl.generator)
     assert all(torch.equal(x, y) for x, y in zip(_candidates(resumed.pm), _candidates(ctl.pm)))
+
+
+def test_a_frozen_part_outside_pm_is_not_copied_with_the_best_state():
+    """Only what training can change is kept: a frozen backbone around a perforated head is not
+    cloned at every new best (its buffers are)."""
+    backbone = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    head = _pm()
+    model = nn.Sequential(backbone, head)
+    ctl = PhaseController(head, root=model, patience=1)
+    ctl.step(0.9)
+    assert sorted(ctl.best_outside) == ["0.1.num_batches_tracked", "0.1.running_mean", "0.1.running_var"]
