@@ -526,6 +526,7 @@ def _torchrun_quietly(argv: Sequence[str]) -> int:
     import signal
     import sys
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -534,6 +535,11 @@ def _torchrun_quietly(argv: Sequence[str]) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(parse_args(list(argv)))
+    except (SignalException, KeyboardInterrupt) as exc:
+        # Ctrl-C or SIGTERM: the agent has passed it on to the ranks, which say where the run stands;
+        # torch's traceback (two, when the launcher's SIGTERM follows) would bury that line.
+        sig = getattr(exc, "sigval", signal.SIGINT)
+        return 128 + int(sig)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         if failure.exitcode < 0:  # no Python error line from a rank killed by a signal

@@ -329,9 +329,11 @@ def test_the_same_error_on_every_rank_prints_once(tmp_path):
     assert "this metric is broken" in lines[0]
 
 
-def test_sigterm_to_the_launcher_stops_every_rank_with_one_resume_line(tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM to the launcher", "Ctrl-C to the group"])
+def test_sigterm_to_the_launcher_stops_every_rank_with_one_resume_line(tmp_path, how):
     """SIGTERM to `pbp-fx train --nproc 2` killed the torchrun agent: both ranks kept training (and
-    rewriting the checkpoint), and the launcher said only 'terminated'."""
+    rewriting the checkpoint), and the launcher said only 'terminated'. Either signal printed torch's
+    SignalException traceback(s) from the agent above the line."""
     import signal
     import time
 
@@ -348,13 +350,18 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_one_resume_line(tmp_path)
         while time.time() < deadline and not (out / "checkpoint.safetensors").exists():
             time.sleep(0.1)
         time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)  # the launcher alone, as `kill PID` does
+        if how.startswith("SIGTERM"):
+            proc.send_signal(signal.SIGTERM)  # the launcher alone, as `kill PID` does
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every process of the group
         err = proc.communicate(timeout=90)[1]
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-    assert proc.returncode == 143, err[-2000:]
+    assert proc.returncode == (143 if how.startswith("SIGTERM") else 130), err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("pbp-fx: error:")]
-    assert len(lines) == 1 and lines[0].startswith("pbp-fx: error: terminated after epoch "), err[-2000:]
+    word = "terminated" if how.startswith("SIGTERM") else "interrupted"
+    assert len(lines) == 1 and lines[0].startswith(f"pbp-fx: error: {word} after epoch "), err[-2000:]
     assert f"--resume {out} --nproc 2" in lines[0]
     size = (out / "checkpoint.safetensors").stat().st_mtime
     time.sleep(2.0)
