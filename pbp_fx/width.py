@@ -176,6 +176,7 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
     kwargs = dict(example_kwargs or {})
     model.eval()  # tracing must not update batch-norm statistics
     before = {m: _fan_in(m) for m in model.modules()}
+    norms = {m: tuple(m.normalized_shape) for m in model.modules() if isinstance(m, nn.LayerNorm)}
     holders = {m: name for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}
     try:
         with torch.no_grad():
@@ -219,9 +220,14 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
     except Exception as exc:  # noqa: BLE001 - the model's forward at the new width
         problem = f"its forward raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if problem is not None:
-        raise WidthError(f"{type(model).__name__} cannot be narrowed by removing channels: {problem} (its forward "
-                         "uses fixed channel sizes, e.g. a head size kept as an attribute, or a parameter of no "
-                         "layer in a product, x @ W); give build_model a width argument")
+        # Torch-Pruning narrows a LayerNorm with the channels before it, also one over positions
+        narrowed = [f"{holders.get(m) or type(m).__name__} from {old[-1]} to {m.normalized_shape[-1]}"
+                    for m, old in norms.items() if tuple(m.normalized_shape) != old]
+        cause = (f"a LayerNorm over another axis than the channels, narrowed with them ({', '.join(narrowed[:2])}), "
+                 "or " if narrowed else "")
+        raise WidthError(f"{type(model).__name__} cannot be narrowed by removing channels: {problem} ({cause}its "
+                         "forward uses fixed channel sizes, e.g. a head size kept as an attribute, or a parameter of "
+                         "no layer in a product, x @ W); give build_model a width argument")
     # (a layer a group reaches through its parent, an attention's out_proj, has changed shape: not listed)
     # Only recurrent layers: an input-sized norm or embedding table that no group reaches has the
     # input's size at any width, and naming it would be false advice.

@@ -472,3 +472,23 @@ def test_a_layer_pruned_to_no_channel_is_refused():
     (it returned zeros of the right shape) was reported at width 0.5."""
     with pytest.raises(WidthError, match=r"layer\(s\) qkv, cls lost every channel"):
         WidthBuilder(_ChunkedQKV, lambda: (torch.randn(2, 5, 8),), None).scaled(0.5)
+
+
+class _NormOverTime(nn.Module):
+    """A LayerNorm over a conv's positions (length 32), not its channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(2, 8, 5, padding=2), nn.Conv1d(8, 8, 3, padding=1)
+        self.ln, self.head = nn.LayerNorm(32), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.ln(self.c2(torch.relu(self.c1(x))))).mean(-1))
+
+
+def test_a_layer_norm_over_positions_narrowed_with_the_channels_is_named():
+    """Torch-Pruning narrows it with the channels before it (32 -> 28): the refusal blamed fixed sizes
+    in the forward only."""
+    with pytest.raises(WidthError, match=r"a LayerNorm over another axis than the channels, narrowed with them "
+                                         r"\(ln from 32 to \d+\)"):
+        shrink(_NormOverTime(), (torch.randn(4, 2, 32),), lambda size, _: size // 2)
