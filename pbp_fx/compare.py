@@ -32,7 +32,6 @@ import os
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -667,14 +666,41 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
         finally:
             torch.set_num_threads(threads)
     else:
-        import multiprocessing
-
-        # One thread per worker: the runs go side by side on the cores.
-        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(1,)) as ex:
-            for i, row in zip(todo, ex.map(run_arm, *zip(*args))):
+        pool = _worker_pool(min(jobs, len(todo)))
+        try:
+            for i, row in zip(todo, pool.imap(_run_arm_of, args)):
                 finished(i, row)
+            pool.close()
+        except BaseException:  # Ctrl-C, SIGTERM, a failed arm: the workers stop now, mid-run
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
     return [rows[i] for i in range(len(specs))]
+
+
+def _run_arm_of(args: tuple) -> dict:
+    return run_arm(*args)
+
+
+def _worker_pool(processes: int):
+    """Spawned workers with one thread each (the runs go side by side on the cores) that ignore
+    Ctrl-C: a terminal's Ctrl-C reaches the whole process group, and a worker still starting (inside
+    `import torch`) printed its traceback, or left the pool waiting on it for good. The caller alone
+    handles it and terminates them."""
+    import multiprocessing
+    import signal
+    import threading
+
+    context = multiprocessing.get_context("spawn")
+    if threading.current_thread() is not threading.main_thread():
+        return context.Pool(processes, initializer=torch.set_num_threads, initargs=(1,))
+    # An ignored signal stays ignored across exec, and Python then installs no KeyboardInterrupt handler.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return context.Pool(processes, initializer=torch.set_num_threads, initargs=(1,))
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _row_text(r: dict, score: Score = ACCURACY) -> str:

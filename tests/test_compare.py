@@ -584,3 +584,31 @@ def _tiny_file(tmp_path) -> str:
     path = tmp_path / "tiny.py"
     path.write_text(TINY)
     return str(path)
+
+
+def test_ctrl_c_while_the_workers_start_is_one_line(tiny, tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group: workers still inside `import torch`
+    printed their tracebacks (and the pool could wait on one for good). Workers now ignore it; the
+    command stops them and says one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "compare", tiny, "--seeds", "2", "--arms", "plain,pb",
+                             "--epochs", "400", "--no-latency", "--jobs", "2", "--out", str(tmp_path / "cmp")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        time.sleep(2.5)  # (the command has started its workers, which are importing torch)
+        os.killpg(proc.pid, signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-2000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-2000:]
+    errors = [line for line in out.splitlines() if line.startswith("pbp-fx: error:")]
+    assert len(errors) == 1 and errors[0].startswith("pbp-fx: error: interrupted"), out[-2000:]
