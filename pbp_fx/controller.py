@@ -427,11 +427,13 @@ class PhaseController:
                 if t.requires_grad or n in frozen or not isinstance(t, torch.nn.Parameter)}
 
     def _freeze_outside(self) -> None:
-        """A dendrite phase trains the candidates only: the trainable parameters outside pm are
+        """A dendrite phase trains the candidates only: the optimizer's parameters outside pm are
         frozen for it (no gradient, and a framework that builds its optimizer over the trainable
-        parameters on resume, as the Hugging Face Trainer does, builds the phase's groups)."""
+        parameters on resume, as the Hugging Face Trainer does, builds the phase's groups). One the
+        optimizer leaves out stays as it is, out of the optimizer."""
+        trained = {id(p) for p in self._foreign}
         for name, t in self.outside_state().items():
-            if t.is_leaf and t.requires_grad:
+            if id(t) in trained and t.requires_grad:
                 t.requires_grad_(False)
                 t.grad = None
                 self._frozen_outside.append(name)

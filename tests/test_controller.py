@@ -910,3 +910,16 @@ def test_a_frozen_part_outside_pm_is_not_copied_with_the_best_state():
     ctl = PhaseController(head, root=model, patience=1)
     ctl.step(0.9)
     assert sorted(ctl.best_outside) == ["0.1.num_batches_tracked", "0.1.running_mean", "0.1.running_var"]
+
+
+def test_a_parameter_outside_pm_the_optimizer_leaves_out_stays_out_after_a_dendrite_phase():
+    """The phase froze every trainable parameter outside pm and thawed them into the optimizer: a
+    head left out of it (frozen that way on purpose) trained after the first install."""
+    model = _Headed()
+    opt = torch.optim.SGD(model.backbone.parameters(), lr=0.1)
+    ctl = PhaseController(model.backbone, optimizer=opt, root=model, patience=1, dendrite_patience=1)
+    _run(ctl, [0.5, 0.5])
+    assert model.backbone.phase == "dendrite" and model.head.weight.requires_grad
+    _step_until_restructured(ctl)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert model.backbone.phase == "neuron" and id(model.head.weight) not in held

@@ -48,12 +48,14 @@ class StructureOnLoad:
     for a framework's own resume, which loads the model's state dict before any callback sees the
     checkpoint: a state dict saved in the other phase first gets its structure (dendrites resize by
     themselves; a candidate pool needs the dendrite phase started, with `config(pm)`'s statistics
-    settings). The model is looked up when the hook fires, so a LightningModule may build it after
+    settings; freeze_outside: root's trainable parameters outside pm are frozen too, as the phase
+    froze them). The model is looked up when the hook fires, so a LightningModule may build it after
     the hook is set (`configure_model`, `setup`). `remove()` it once the checkpoint is loaded: later
     loads are PB's own."""
 
-    def __init__(self, root: nn.Module, config: Callable[[PerforatedModel], PBConfig]):
-        self.config = config
+    def __init__(self, root: nn.Module, config: Callable[[PerforatedModel], PBConfig],
+                 freeze_outside: bool = False):
+        self.config, self.freeze_outside = config, freeze_outside
         self._restoring = False  # restore_structure loads a state dict itself
         self._handle = root.register_load_state_dict_pre_hook(self)
 
@@ -81,9 +83,11 @@ class StructureOnLoad:
             raise CheckpointError(f"the checkpoint does not fit this model: {load_error_detail(exc)}") from exc
         finally:
             self._restoring = False
-        if pools:
-            # The run's dendrite phase froze what it trains outside pm (PhaseController(root=)): the
-            # framework then builds the phase's optimizer groups, and the controller's state thaws them.
+        if pools and self.freeze_outside:
+            # The run's dendrite phase froze what it trains outside pm (PhaseController(root=)): a
+            # framework that builds its optimizer over the trainable parameters before the callbacks
+            # see the checkpoint (the HF Trainer) then builds the phase's groups; the controller's
+            # state thaws them.
             own = {id(p) for p in pm.parameters()}
             for p in root.parameters():
                 if id(p) not in own and p.requires_grad:

@@ -441,7 +441,7 @@ def test_a_head_outside_the_perforated_model_is_rewound_with_it(tmp_path):
     _, val = digits_loaders()
     train = DataLoader(TensorDataset(*val.dataset.tensors), batch_size=100)  # (unshuffled: resumable)
     cb = PBCallback(QUICK)
-    trainer = _trainer(cb, max_epochs=12, enable_checkpointing=True)
+    trainer = _trainer(cb, max_epochs=12, enable_checkpointing=True, default_root_dir=tmp_path)
     trainer.callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
     module = HeadOutside()
     trainer.fit(module, train, val)
@@ -455,6 +455,10 @@ def test_a_head_outside_the_perforated_model_is_rewound_with_it(tmp_path):
     trainer.fit(resumed, train, val, ckpt_path=tmp_path / f"epoch={dendrite}.ckpt")  # (0-based names)
     assert [h["score"] for h in again.controller.history] == pytest.approx([h["score"] for h in cb.controller.history])
     assert all(p.requires_grad for p in resumed.head.parameters())
+    # validate from a checkpoint inside the phase gives the module the phase's structure, not a frozen head
+    fresh = HeadOutside()
+    _trainer(PBCallback(QUICK)).validate(fresh, val, ckpt_path=tmp_path / f"epoch={dendrite}.ckpt", verbose=False)
+    assert fresh.model.phase == "dendrite" and all(p.requires_grad for p in fresh.head.parameters())
 
 
 def test_a_callback_with_the_default_config_beside_early_stopping():
