@@ -117,9 +117,10 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
         best = cs.pop("best_state")
         if best is not None:
             _split_state("best/", best, tensors, plain)
-        outside = cs.pop("best_outside", None)  # (the best state's part outside pm: a head, a loss)
-        if outside:
-            _split_state("best_outside/", outside, tensors, plain)
+        for key in ("best_outside", "held_outside"):  # (state outside pm: a head, a loss; see PhaseController)
+            if cs.get(key):
+                _split_state(f"{key}/", cs[key], tensors, plain)
+            cs.pop(key, None)
         tensors[_GENERATOR_KEY] = cs.pop("generator")  # (bytes: a tensor, not JSON)
         meta["controller"] = cs
         meta["config"] = controller.config.to_dict()
@@ -444,6 +445,7 @@ def _controller_state(meta: dict, tensors: dict, plain: dict) -> dict:
     cs = dict(meta["controller"])
     cs["best_state"] = _collect("best/", tensors, plain) or None
     cs["best_outside"] = _collect("best_outside/", tensors, plain) or None
+    cs["held_outside"] = _collect("held_outside/", tensors, plain) or None
     cs["generator"] = tensors.get(_GENERATOR_KEY)  # (None in a checkpoint saved before it existed)
     return cs
 

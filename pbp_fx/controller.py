@@ -196,7 +196,8 @@ class PhaseController:
     distributed: see the module docstring.
     root: the module you train when pm is a part of it (a backbone under a head of your own): its
     parameters and buffers outside pm are kept with the best weights and rewound with them, so
-    the model left at the end is the one that scored the best value. The optimizer's parameters
+    the model left at the end is the one that scored the best value, and its buffers outside pm
+    are back at their values of a dendrite phase's start when it ends. The optimizer's parameters
     outside pm (a head, a learnable loss) are kept in any case.
     """
 
@@ -287,8 +288,10 @@ class PhaseController:
         # The optimizer's state for parameters that stay trainable is kept: a training framework
         # that resumes a run restores it before the controller exists (the HF Trainer does).
         self.rebind(keep_state=True)
-        # Names (outside_state's) of the parameters outside pm that a dendrite phase froze.
+        # Names (outside_state's) of the parameters outside pm that a dendrite phase froze, and the
+        # values of root's buffers outside pm when it began (restored when it ends, as pm's are).
         self._frozen_outside: list[str] = []
+        self._held_outside: Optional[dict] = None
         if pm.phase == "dendrite":  # a model loaded mid-phase: its candidates train at candidate_lr
             self._enter_dendrite_lr()  # (load_state_dict then restores the saved run's rates)
             self._freeze_outside()
@@ -437,9 +440,18 @@ class PhaseController:
                 t.requires_grad_(False)
                 t.grad = None
                 self._frozen_outside.append(name)
+        buffers = dict(self.root.named_buffers()) if self.root is not None else {}
+        self._held_outside = {n: t.detach().clone() for n, t in self.outside_state().items() if n in buffers} or None
 
-    def _thaw_outside(self) -> None:
+    def _thaw_outside(self, restore_buffers: bool = True) -> None:
         live = self.outside_state()
+        if restore_buffers and self._held_outside:
+            # (a head's BatchNorm ran on through the phase: the neuron phase goes on from the phase's start)
+            with torch.no_grad():
+                for name, value in self._held_outside.items():
+                    if name in live:
+                        live[name].copy_(value)
+        self._held_outside = None
         held = {id(p) for p in self._foreign}
         for name in self._frozen_outside:
             if name in live:
@@ -693,7 +705,8 @@ class PhaseController:
                 "left_out": sorted(n for n, p in self.pm.named_parameters() if p in self._left_out),
                 "plateau_held": {str(i): dict(v) for i, v in self.plateau_held.items()},
                 "generator": self.generator.get_state(), "best_state": self.best_state,
-                "best_outside": self.best_outside, "frozen_outside": list(self._frozen_outside)}
+                "best_outside": self.best_outside, "frozen_outside": list(self._frozen_outside),
+                "held_outside": self._held_outside}
 
     @outside_inference_mode
     def load_state_dict(self, state: dict, keep_optimizer_state: bool = False) -> None:
@@ -725,8 +738,9 @@ class PhaseController:
         self.best_state = state["best_state"]
         self.best_outside = state.get("best_outside")  # (None in a state saved before it existed)
         if "frozen_outside" in state:  # (what the run's phase froze: the framework's resume may have frozen it)
-            self._thaw_outside()
+            self._thaw_outside(restore_buffers=False)
             live = self.outside_state()
+            self._held_outside = state.get("held_outside")
             self._frozen_outside = [n for n in state["frozen_outside"] if n in live]
             for name in self._frozen_outside:
                 live[name].requires_grad_(False)

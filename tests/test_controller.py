@@ -923,3 +923,30 @@ def test_a_parameter_outside_pm_the_optimizer_leaves_out_stays_out_after_a_dendr
     _step_until_restructured(ctl)
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     assert model.backbone.phase == "neuron" and id(model.head.weight) not in held
+
+
+def test_buffers_outside_pm_return_to_their_phase_start_values_when_a_dendrite_phase_ends(tmp_path):
+    """pm holds its own buffers through a dendrite phase; a head's BatchNorm ran on and the install
+    kept its drifted statistics. Also across a checkpoint taken mid-phase."""
+    torch.manual_seed(0)
+    model = _Headed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = PhaseController(model.backbone, optimizer=opt, root=model, patience=1, dendrite_patience=1)
+    _run(ctl, [0.5, 0.5])
+    assert model.backbone.phase == "dendrite"
+    start = model.norm.running_mean.clone()
+    model(torch.randn(16, 3) + 5.0)  # the phase's training moves the head's statistics
+    path = str(tmp_path / "mid.safetensors")
+    pbp_fx.save(model.backbone, path, controller=ctl)
+    _step_until_restructured(ctl)
+    assert model.backbone.phase == "neuron" and torch.equal(model.norm.running_mean, start)
+
+    torch.manual_seed(1)
+    again = _Headed()
+    again.backbone = pbp_fx.load(path, again.backbone)
+    again.norm.running_mean.fill_(9.0)  # (whatever the resumed head holds mid-phase)
+    ctl2 = PhaseController(again.backbone, optimizer=torch.optim.SGD(again.parameters(), lr=0.1), root=again,
+                           patience=1, dendrite_patience=1)
+    pbp_fx.checkpoint.load_controller(path, ctl2)
+    _step_until_restructured(ctl2)
+    assert torch.equal(again.norm.running_mean, start)
