@@ -400,12 +400,7 @@ class PhaseController:
                 self.pm.abort_dendrite_phase()
                 self._thaw_outside()
             self.pm.load_state_dict(self.best_state)
-        if self.best_outside:
-            live = self.outside_state()
-            with torch.no_grad():
-                for name, value in self.best_outside.items():
-                    if name in live:
-                        live[name].copy_(value)
+        self._put_outside(self.best_outside)
 
     def outside_state(self) -> dict:
         """The trained tensors outside pm, by name: root's parameters and buffers (root's names) and
@@ -421,6 +416,14 @@ class PhaseController:
             if id(p) not in named:
                 out[f"optimizer/{i}"] = p
         return out
+
+    def _put_outside(self, values: Optional[dict]) -> None:
+        """Copy saved values (by outside_state's names) into the live tensors outside pm."""
+        live = self.outside_state()
+        with torch.no_grad():
+            for name, value in (values or {}).items():
+                if name in live:
+                    live[name].copy_(value)
 
     def _changing_outside(self) -> dict:
         """outside_state's tensors that training can change: buffers, trainable parameters and those a
@@ -444,14 +447,10 @@ class PhaseController:
         self._held_outside = {n: t.detach().clone() for n, t in self.outside_state().items() if n in buffers} or None
 
     def _thaw_outside(self, restore_buffers: bool = True) -> None:
-        live = self.outside_state()
-        if restore_buffers and self._held_outside:
-            # (a head's BatchNorm ran on through the phase: the neuron phase goes on from the phase's start)
-            with torch.no_grad():
-                for name, value in self._held_outside.items():
-                    if name in live:
-                        live[name].copy_(value)
+        if restore_buffers:  # (a head's BatchNorm ran on through the phase: the neuron phase goes on from its start)
+            self._put_outside(self._held_outside)
         self._held_outside = None
+        live = self.outside_state()
         held = {id(p) for p in self._foreign}
         for name in self._frozen_outside:
             if name in live:
