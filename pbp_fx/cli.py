@@ -548,7 +548,7 @@ def _train_args() -> tuple:
 @subcommand("train", "train a model file's model with Perforated Backpropagation (default: MNIST-1D MLP)",
             *_train_args())
 def train(args: argparse.Namespace) -> int:
-    from .distributed import Distributed, launch, torchrun_world_size
+    from .distributed import Distributed, launch, stop_with_launcher, torchrun_world_size
     from .job import saved_run, train_job
 
     if args.nproc is not None and args.nproc < 1:
@@ -594,6 +594,8 @@ def train(args: argparse.Namespace) -> int:
             return EXIT_ERROR
         raise PBError(f"training on {args.nproc} processes failed (torchrun exit status {launched.status}): "
                       "see the lines above")
+    if world > 1:
+        stop_with_launcher()  # (a rank of `pbp-fx train --nproc N` ends when that command is killed)
     distributed = Distributed.init(timeout=300.0 if args.dist_timeout is None else args.dist_timeout) \
         if world > 1 else None
     name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]

@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .errors import PBError, TrainingError
 
-__all__ = ["Distributed", "DistributedError", "StatsReducer", "ShardSampler", "launch",
+__all__ = ["Distributed", "DistributedError", "StatsReducer", "ShardSampler", "launch", "stop_with_launcher",
            "local_env", "torchrun_world_size", "last_batch_is_lone"]
 
 DEFAULT_TIMEOUT = 300.0  # seconds a collective waits for the other ranks
@@ -458,6 +458,40 @@ def local_env(env: dict) -> dict:
     return env
 
 
+# The launching process's id, in the ranks' environment (`stop_with_launcher`).
+LAUNCHER_PID = "PBP_FX_LAUNCHER_PID"
+
+
+def stop_with_launcher(poll: float = 0.5, grace: float = 30.0) -> None:
+    """In a rank that `launch` started: stop this process (SIGTERM, as the launcher's own stop does)
+    when the launcher is gone. torchrun starts each rank in a session of its own, so a SIGKILL of the
+    launcher's group did not reach the ranks: they trained on and wrote the run's folder after the
+    user had killed it (or waited out the rendezvous timeout). A rank that does not stop within
+    `grace` seconds (blocked in a collective) exits."""
+    import signal
+    import threading
+    import time
+
+    launcher = os.environ.get(LAUNCHER_PID)
+    if not launcher or "RANK" not in os.environ:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll)
+            try:
+                os.kill(int(launcher), 0)
+            except ProcessLookupError:
+                break
+            except (PermissionError, ValueError):  # (another user's process by now, or no pid: keep going)
+                pass
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="pbp-fx-launcher-watch", daemon=True).start()
+
+
 class Launched(NamedTuple):
     """How `launch` ended: torchrun's exit status, and the number of error lines the ranks printed."""
 
@@ -482,7 +516,8 @@ def launch(nproc: int, args: Sequence[str], module: str = "pbp_fx", quiet: bool 
     with tempfile.TemporaryDirectory(prefix="pbp-fx-errors-") as errors:
         lines: list[str] = []
         try:
-            status = _launch(nproc, args, module, quiet, dict(os.environ, **{RANK_ERRORS: errors}))
+            status = _launch(nproc, args, module, quiet,
+                             dict(os.environ, **{RANK_ERRORS: errors, LAUNCHER_PID: str(os.getpid())}))
         finally:  # (also when this process is stopped: the ranks' lines say where the run stands)
             lines = rank_errors(errors, nproc)
             for line in lines:

@@ -368,6 +368,40 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_one_resume_line(tmp_path,
     assert (out / "checkpoint.safetensors").stat().st_mtime == size  # no rank writes on
 
 
+def test_the_ranks_stop_when_the_launcher_is_killed(tmp_path):
+    """torchrun starts each rank in a session of its own: a SIGKILL of `pbp-fx train --nproc 2`'s process
+    group left both ranks training, and they wrote the run's folder (history, summary) after the kill."""
+    import signal
+
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY)
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "train", str(model), "--nproc", "2", "--out", str(out),
+                             "--epochs", "3000", "--patience", "3000", "--batch-size", "40", "--no-progress"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not (out / "checkpoint.safetensors").exists():
+            time.sleep(0.1)
+        assert (out / "checkpoint.safetensors").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and torchrun's agent; the ranks have sessions of their own
+        proc.wait()
+
+    def ranks() -> list[str]:
+        ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
+        return [line for line in ps.splitlines() if str(out) in line]
+
+    deadline = time.time() + 30
+    while time.time() < deadline and ranks():
+        time.sleep(0.2)
+    left = ranks()
+    for line in left:  # (do not leave them to the rest of the suite)
+        subprocess.run(["pkill", "-KILL", "-f", str(out)])
+    assert not left, left
+    assert not (out / "summary.json").exists()
+
 if __name__ == "__main__":
     scenario, rank, nprocs, port, out_dir = sys.argv[1:6]
     try:
