@@ -186,19 +186,21 @@ def changed_since(saved: Optional[dict], now: dict) -> list[str]:
             if saved.get(key) != now.get(key)]
 
 
-def check_data(mod: ModuleType, data, model: nn.Module, inputs: tuple, batch_size: int):
+def check_data(mod: ModuleType, data, model: nn.Module, inputs: tuple, batch_size: int, processes: int = 1):
     """Refuse, before any work, data that the model, its loss or its metric cannot take
     (`_preflight`); returns the batches' collate (`keyword_collate`). Draws no random number:
-    a `train` run and compare's arms at one seed see the same random streams."""
+    a `train` run and compare's arms at one seed see the same random streams. batch_size: the
+    global batch, which `processes` ranks share."""
     loss_fn, metric, _ = task_functions(mod)
     collate = keyword_collate(mod, model, len(inputs))
     with global_generators_kept():  # a dataset may draw as it loads a sample
         _preflight(model, data, min(batch_size, 8), loss_fn, metric, batch_size,
-                   task_of(mod) == "classification" and getattr(mod, "loss_fn", None) is None, collate)
+                   task_of(mod) == "classification" and getattr(mod, "loss_fn", None) is None, collate, processes)
     return collate
 
 
-def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labels: bool, collate=None) -> None:
+def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labels: bool, collate=None,
+               processes: int = 1) -> None:
     """Refuse, before any work, data that the model, its loss or its metric cannot take (wrong shapes,
     targets out of range, an output the default loss cannot read, a metric that returns no
     (sum, count) pair): the first n samples of each dataset, batched, in eval mode and without
@@ -286,9 +288,14 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
         model.train(was)
         for hook in hooks:
             hook.remove()
-    single = [layer for layer, per_sample in positions.items() if min(batch_size, len(data[0])) * per_sample < 2]
+    local = min(batch_size // processes, len(data[0]))  # (what one rank's BatchNorm sees)
+    single = [layer for layer, per_sample in positions.items() if local * per_sample < 2]
+    if single and processes > 1:
+        raise TrainingError(f"training batches of {local} sample per process: BatchNorm layer {single[0]!r} would see "
+                            f"one value per channel and cannot train: use --batch-size {2 * processes} or more for "
+                            f"--nproc {processes} (the global batch is shared), or fewer processes")
     if single:
-        raise TrainingError(f"training batches of {min(batch_size, len(data[0]))} sample: BatchNorm layer {single[0]!r} "
+        raise TrainingError(f"training batches of {local} sample: BatchNorm layer {single[0]!r} "
                             "would see one value per channel and cannot train: use --batch-size 2 or more "
                             "(and at least 2 training samples)")
 
@@ -461,7 +468,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         _warn_resumed_otherwise(saved, identity, processes)
     seed_everything(seed)  # the model's initial weights do not depend on what datasets() drew
     model, inputs = instantiate(mod)
-    collate = check_data(mod, data, model, inputs, training.batch_size)
+    collate = check_data(mod, data, model, inputs, training.batch_size,
+                         1 if distributed is None else distributed.world_size)
     train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed,
                                                          collate=collate)
     t0 = time.perf_counter()

@@ -1091,3 +1091,19 @@ def datasets():
 """)
     assert main(["train", model, "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8",
                  "--no-progress"]) == 0
+
+
+def test_batchnorm_at_one_sample_per_process_names_the_global_batch(tmp_path):
+    """--nproc 2 --batch-size 2 gives each rank 1 sample: the check read the global batch, and every rank
+    failed in its first step with torch's 'Expected more than 1 value per channel'."""
+    from pbp_fx.errors import TrainingError
+    from pbp_fx.job import check_data
+    from pbp_fx.modelfile import load_model_file
+
+    mod = load_model_file(_write(tmp_path / "m.py", WITH_BATCHNORM))
+    data = mod.datasets()
+    model, inputs = mod.build_model(), mod.example_inputs()
+    check_data(mod, data, model, inputs, 2)  # one process: 2 samples a batch
+    with pytest.raises(TrainingError, match=r"training batches of 1 sample per process: BatchNorm layer '1' .* use "
+                                            r"--batch-size 4 or more for --nproc 2"):
+        check_data(mod, data, model, inputs, 2, processes=2)
