@@ -57,7 +57,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from .errors import PBError, TrainingError
+from .errors import PBError, TrainingError, warn_at_user
 
 __all__ = ["Distributed", "DistributedError", "StatsReducer", "ShardSampler", "launch", "stop_with_launcher",
            "local_env", "torchrun_world_size", "last_batch_is_lone"]
@@ -229,6 +229,11 @@ class Distributed:
                                 "the global batch is split evenly, choose a multiple")
         sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
                                      seed=seed)
+        extra = len(sampler) * self.world_size - len(dataset)
+        if extra and self.rank == 0:
+            warn_at_user(f"the {len(dataset)} training samples do not split evenly over {self.world_size} ranks: the "
+                         f"DistributedSampler repeats {extra} of them every epoch, so the run is not the one process "
+                         f"would train on the same batches; use a sample count divisible by {self.world_size}")
         local = batch_size // self.world_size
         # every rank has as many samples, so all leave a lone last sample out alike
         return DataLoader(dataset, batch_size=local, sampler=sampler,

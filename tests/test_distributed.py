@@ -402,6 +402,24 @@ def test_the_ranks_stop_when_the_launcher_is_killed(tmp_path):
     assert not left, left
     assert not (out / "summary.json").exists()
 
+def test_training_samples_that_do_not_split_over_the_ranks_are_warned_of():
+    """999 samples on 2 ranks: the DistributedSampler repeats one every epoch, and the run was 7.6e-3 off
+    a one-process run of the same batches, silently."""
+    import warnings
+
+    from torch.utils.data import TensorDataset
+
+    from pbp_fx.distributed import Distributed
+
+    world = object.__new__(Distributed)  # (loader reads only the rank and the world size)
+    world.rank, world.world_size = 0, 2
+    with pytest.warns(pbp_fx.PBWarning, match="the 999 training samples do not split evenly over 2 ranks: the "
+                                              "DistributedSampler repeats 1 of them every epoch"):
+        world.loader(TensorDataset(torch.randn(999, 3)), 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        world.loader(TensorDataset(torch.randn(1000, 3)), 40)
+
 if __name__ == "__main__":
     scenario, rank, nprocs, port, out_dir = sys.argv[1:6]
     try:
