@@ -85,6 +85,7 @@ class StatsReducer:
 
     def __init__(self, group, world_size: int):
         self.group, self.world_size = group, world_size
+        self.warned_uneven = False  # a rank's batch not a multiple of a pool: said once a run, not per pool
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)

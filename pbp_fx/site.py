@@ -123,7 +123,6 @@ class CandidatePool(nn.Module):
         self.register_buffer("progress_reference", torch.tensor(0.0, **sk))
         # Not state: set per run by pbp_fx.distributed.Distributed.wrap (see covariance()).
         self.reducer = None
-        self._warned_uneven = False  # a rank's batch not a multiple of the pool (said once)
         # Not state: a torch.amp.GradScaler whose scale divides delta before the statistics.
         self.grad_scaler = None
         for name, t in self._rows().items():
@@ -160,8 +159,8 @@ class CandidatePool(nn.Module):
         mid every `stride`-th position."""
         split = self.splits(x.shape[0])
         p, axis, n = self.pool_size, self.layer.axis, self.stride
-        if split and self.reducer is not None and x.shape[0] % p and not self._warned_uneven:
-            self._warned_uneven = True
+        if split and self.reducer is not None and x.shape[0] % p and not self.reducer.warned_uneven:
+            self.reducer.warned_uneven = True
             warn_at_user(f"a rank's batch of {x.shape[0]} samples is not a multiple of the pool's {p} members: the "
                          "ranks deal the global batch to the candidates otherwise than one process does (and leave "
                          f"{x.shape[0] % p} out), so the candidates differ from a 1-process run's; use a per-rank "

@@ -497,14 +497,21 @@ def test_a_ranks_batch_that_is_no_multiple_of_the_pool_is_warned_of_once():
     pool 4 (the CLI defaults) diverged after the first install, without a word."""
     import pbp_fx
 
+    from pbp_fx.distributed import StatsReducer
+
     pm = pbp_fx.perforate(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 3),))
     pm.start_dendrite_phase(pool=4)
     pm.train()
+    reducer = StatsReducer(None, 2)  # (as Distributed.wrap sets it; the forward never calls it)
     for s in pm.sites.values():
-        s.candidates.reducer = object()  # (as Distributed.wrap sets it; the forward never calls it)
+        s.candidates.reducer = reducer
     with pytest.warns(UserWarning, match="a rank's batch of 50 samples is not a multiple of the pool's 4 members"):
         pm(torch.randn(50, 3))
+    pm.abort_dendrite_phase()
+    pm.start_dendrite_phase(pool=4)  # the next phase's pools: once a run, not once per site and phase
+    for s in pm.sites.values():
+        s.candidates.reducer = reducer
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pm(torch.randn(50, 3))  # once
+        pm(torch.randn(50, 3))
         pm(torch.randn(48, 3))
