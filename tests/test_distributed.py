@@ -329,26 +329,31 @@ def test_the_same_error_on_every_rank_prints_once(tmp_path):
     assert "this metric is broken" in lines[0]
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to the launcher", "Ctrl-C to the group"])
-def test_sigterm_to_the_launcher_stops_every_rank_with_one_resume_line(tmp_path, how):
-    """SIGTERM to `pbp-fx train --nproc 2` killed the torchrun agent: both ranks kept training (and
-    rewriting the checkpoint), and the launcher said only 'terminated'. Either signal printed torch's
-    SignalException traceback(s) from the agent above the line."""
-    import signal
-    import time
-
+def _long_run_with_a_checkpoint(tmp_path, stderr):
+    """`pbp-fx train --nproc 2` of a long run in a session of its own, once its first checkpoint is
+    written: (the process, its --out folder)."""
     model = tmp_path / "tiny.py"
     model.write_text(TINY)
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "train", str(model), "--nproc", "2", "--out", str(out),
                              "--epochs", "3000", "--patience", "3000", "--batch-size", "40", "--no-progress"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and not (out / "checkpoint.safetensors").exists() and proc.poll() is None:
+        time.sleep(0.1)
+    return proc, out
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the launcher", "Ctrl-C to the group"])
+def test_sigterm_to_the_launcher_stops_every_rank_with_one_resume_line(tmp_path, how):
+    """SIGTERM to `pbp-fx train --nproc 2` killed the torchrun agent: both ranks kept training (and
+    rewriting the checkpoint), and the launcher said only 'terminated'. Either signal printed torch's
+    SignalException traceback(s) from the agent above the line."""
+    import signal
+
+    proc, out = _long_run_with_a_checkpoint(tmp_path, subprocess.PIPE)
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and not (out / "checkpoint.safetensors").exists():
-            time.sleep(0.1)
         time.sleep(1.0)
         if how.startswith("SIGTERM"):
             proc.send_signal(signal.SIGTERM)  # the launcher alone, as `kill PID` does
@@ -373,17 +378,8 @@ def test_the_ranks_stop_when_the_launcher_is_killed(tmp_path):
     group left both ranks training, and they wrote the run's folder (history, summary) after the kill."""
     import signal
 
-    model = tmp_path / "tiny.py"
-    model.write_text(TINY)
-    out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "train", str(model), "--nproc", "2", "--out", str(out),
-                             "--epochs", "3000", "--patience", "3000", "--batch-size", "40", "--no-progress"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc, out = _long_run_with_a_checkpoint(tmp_path, subprocess.DEVNULL)
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and not (out / "checkpoint.safetensors").exists():
-            time.sleep(0.1)
         assert (out / "checkpoint.safetensors").exists()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and torchrun's agent; the ranks have sessions of their own
