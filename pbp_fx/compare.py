@@ -666,41 +666,52 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
         finally:
             torch.set_num_threads(threads)
     else:
-        pool = _worker_pool(min(jobs, len(todo)))
-        try:
-            for i, row in zip(todo, pool.imap(_run_arm_of, args)):
-                finished(i, row)
-            pool.close()
-        except BaseException:  # Ctrl-C, SIGTERM, a failed arm: the workers stop now, mid-run
-            pool.terminate()
-            raise
-        finally:
-            pool.join()
+        _run_in_workers(min(jobs, len(todo)), args, lambda k, row: finished(todo[k], row))
     return [rows[i] for i in range(len(specs))]
 
 
-def _run_arm_of(args: tuple) -> dict:
-    return run_arm(*args)
+def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], None]) -> None:
+    """run_arm(*a) for each of `args` on spawned workers with one thread each (the runs go side by
+    side on the cores); finished(k, row) in order.
 
-
-def _worker_pool(processes: int):
-    """Spawned workers with one thread each (the runs go side by side on the cores) that ignore
-    Ctrl-C: a terminal's Ctrl-C reaches the whole process group, and a worker still starting (inside
-    `import torch`) printed its traceback, or left the pool waiting on it for good. The caller alone
-    handles it and terminates them."""
+    The workers ignore Ctrl-C: a terminal's Ctrl-C reaches the whole process group, and a worker
+    still starting (inside `import torch`) printed its traceback, or left the pool waiting on it
+    for good. This process alone handles it (and SIGTERM, a failed arm), and stops them."""
     import multiprocessing
     import signal
     import threading
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    context = multiprocessing.get_context("spawn")
-    if threading.current_thread() is not threading.main_thread():
-        return context.Pool(processes, initializer=torch.set_num_threads, initargs=(1,))
-    # An ignored signal stays ignored across exec, and Python then installs no KeyboardInterrupt handler.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    before = set(multiprocessing.active_children())
+    ex = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,))
     try:
-        return context.Pool(processes, initializer=torch.set_num_threads, initargs=(1,))
+        main = threading.current_thread() is threading.main_thread()
+        # The workers start as the tasks are submitted (map submits them all now); an ignored signal
+        # stays ignored across exec, and Python then installs no KeyboardInterrupt handler.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            results = ex.map(run_arm, *zip(*args))
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+        for k, row in enumerate(results):
+            finished(k, row)
+    except BrokenProcessPool:
+        raise CompareError("a compare worker process died while it trained an arm (killed, out of memory, or the "
+                           "model file ended the process): rerun with --jobs 1 to see where") from None
+    except SystemExit as exc:  # (an arm's sys.exit, passed back from its worker)
+        raise CompareError(f"an arm's code called sys.exit({exc.code!r}) while it trained: rerun with --jobs 1 to "
+                           "see where") from None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        ex.shutdown(wait=False, cancel_futures=True)
+        workers = set(multiprocessing.active_children()) - before
+        for worker in workers:  # (mid-arm after Ctrl-C or a failed arm: they would run on for minutes)
+            worker.terminate()
+        for worker in workers:
+            worker.join()
+        ex.shutdown(wait=True)  # (its manager thread sees the workers gone and ends before the pipes close)
 
 
 def _row_text(r: dict, score: Score = ACCURACY) -> str:

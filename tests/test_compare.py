@@ -602,9 +602,11 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tiny, tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        time.sleep(2.5)  # (the command has started its workers, which are importing torch)
+        header = proc.stdout.readline()  # printed as the arms start: the workers are being spawned
+        assert header.startswith("compare "), header
+        time.sleep(0.5)  # (they are importing torch)
         os.killpg(proc.pid, signal.SIGINT)
-        out = proc.communicate(timeout=60)[0]
+        out = header + proc.communicate(timeout=60)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -612,3 +614,19 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tiny, tmp_path):
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-2000:]
     errors = [line for line in out.splitlines() if line.startswith("pbp-fx: error:")]
     assert len(errors) == 1 and errors[0].startswith("pbp-fx: error: interrupted"), out[-2000:]
+
+
+def test_a_worker_that_dies_is_one_line_not_a_hang(tmp_path, capsys):
+    """A worker ended by the OOM killer, a segfault or os._exit: a multiprocessing.Pool dropped its task
+    and the command waited for good; the executor reports a broken pool."""
+    path = tmp_path / "dies.py"
+    path.write_text(TINY.replace("        return self.fc2(torch.relu(self.fc1(x)))",
+                                 "        import multiprocessing, os\n"
+                                 "        if multiprocessing.current_process().name != 'MainProcess':\n"
+                                 "            os._exit(3)\n"
+                                 "        return self.fc2(torch.relu(self.fc1(x)))"))
+    argv = ["compare", str(path), "--seeds", "2", "--arms", "plain,pb", "--epochs", "2", "--no-latency", "--jobs", "2",
+            "--out", str(tmp_path / "cmp")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pbp-fx: error: a compare worker process died while it trained an arm"), err
