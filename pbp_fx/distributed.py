@@ -83,9 +83,11 @@ def _none():
 class StatsReducer:
     """Sums a candidate pool's per-batch statistics over the ranks (CandidatePool.reducer)."""
 
-    def __init__(self, group, world_size: int):
-        self.group, self.world_size = group, world_size
-        self.warned_uneven = False  # a rank's batch not a multiple of a pool: said once a run, not per pool
+    def __init__(self, group, world_size: int, rank: int = 0):
+        self.group, self.world_size, self.rank = group, world_size, rank
+        # A rank's batch not a multiple of a pool: said once a run (not per pool), by rank 0 (the ranks'
+        # batches are alike)
+        self.warned_uneven = rank != 0
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
@@ -155,7 +157,7 @@ class Distributed:
         self._ranks = list(range(self.world_size)) if group is None else dist.get_process_group_ranks(group)
         self.stats_group = dist.new_group(self._ranks, timeout=timedelta(seconds=timeout)) \
             if self.world_size > 1 else None
-        self._reducer = StatsReducer(self.stats_group, self.world_size)
+        self._reducer = StatsReducer(self.stats_group, self.world_size, self.rank)
         self._wrappers: dict[int, tuple] = {}  # id(pm) -> (DDP wrapper, its parameter ids)
 
     # -- setup -----------------------------------------------------------------------------

@@ -515,3 +515,8 @@ def test_a_ranks_batch_that_is_no_multiple_of_the_pool_is_warned_of_once():
         warnings.simplefilter("error")
         pm(torch.randn(50, 3))
         pm(torch.randn(48, 3))
+    for s in pm.sites.values():  # another rank: rank 0 says it for all (their batches are alike)
+        s.candidates.reducer = StatsReducer(None, 2, rank=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm(torch.randn(50, 3))
