@@ -438,13 +438,16 @@ class PhaseController:
         parameters on resume, as the Hugging Face Trainer does, builds the phase's groups). One the
         optimizer leaves out stays as it is, out of the optimizer."""
         trained = {id(p) for p in self._foreign}
+        buffers = {id(b) for b in self.root.buffers()} if self.root is not None else set()
+        held = {}
         for name, t in self.outside_state().items():
             if id(t) in trained and t.requires_grad:
                 t.requires_grad_(False)
                 t.grad = None
                 self._frozen_outside.append(name)
-        buffers = dict(self.root.named_buffers()) if self.root is not None else {}
-        self._held_outside = {n: t.detach().clone() for n, t in self.outside_state().items() if n in buffers} or None
+            elif id(t) in buffers:
+                held[name] = t.detach().clone()
+        self._held_outside = held or None
 
     def _thaw_outside(self, restore_buffers: bool = True) -> None:
         if restore_buffers:  # (a head's BatchNorm ran on through the phase: the neuron phase goes on from its start)

@@ -77,7 +77,8 @@ class PBCallback(TrainerCallback):
         also freezes what the model trains outside the perforated part."""
         if self._structure_hook is None:
             self._structure_hook = StructureOnLoad(
-                model, lambda pm: self.config or PBConfig(mode=pm.mode, activation=pm.activation), freeze_outside=True)
+                model, lambda pm: self.config or PBConfig(mode=pm.mode, activation=pm.activation),
+                freeze_outside=True)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if args.load_best_model_at_end:
