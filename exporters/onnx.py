@@ -59,7 +59,7 @@ from pbp_fx.fileio import atomic_write
 from pbp_fx.layers import dendrite_calls
 from pbp_fx.site import FusedSite, Site
 
-from . import clip_after_site, output_weight_into_readers
+from . import clip_after_site, output_weight_into_readers, residual_into_site
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
 
 __all__ = ["export_onnx", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS",
@@ -981,7 +981,7 @@ def _write_atomic(data: bytes, path: str) -> None:
 def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], fused: bool = True,
                 dynamic_batch: bool = True, opset: Optional[int] = None, fold_clip: bool = True,
                 fold_output_weight: bool = True, example_kwargs: Optional[dict] = None,
-                dynamic_axes: Optional[dict] = None) -> str:
+                dynamic_axes: Optional[dict] = None, fold_residual: bool = True) -> str:
     """Export `model` to the ONNX file `path` and return the path (as given).
 
     model: a PerforatedModel (finalized first; the model itself is not modified), a
@@ -1010,6 +1010,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         (`pbp_fx.exporters.output_weight_into_readers`): the same function without a per-channel
         scale pass, which ONNX Runtime's CPU kernels run on their own. The site's tensors and
         the readers' weights in the file then differ from the model's.
+    fold_residual: (fused only) a residual Add after a 2-D conv site that keeps V[0] becomes an
+        input of the site's node, added to its first scaled dendrite
+        (`pbp_fx.exporters.residual_into_site`): the same function up to rounding, with the Add in
+        a pass ONNX Runtime's CPU layout runs anyway instead of a pass of its own.
 
     Raises ExportPathError (an OSError) for an unwritable path, ExportError when the model
     cannot be exported. The file is complete or absent, never partial.
@@ -1041,6 +1045,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     opset = MIN_OPSET if opset is None else int(opset)
     proto = _direct_or_torch_export(module, inputs, opset, dynamic_batch, axes)
     n_fused = _attach_functions(proto, specs)
+    if fused and n_fused < len(specs):
+        raise ExportError(f"only {n_fused} fused node(s) reached the ONNX graph for {len(specs)} "
+                          "signature(s): this is a pbp-fx bug")
     if fused and fold_clip:
         _, kept = clip_after_site.rewrite(proto, specs)
         for why in kept:
@@ -1049,11 +1056,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         _, kept = output_weight_into_readers.rewrite(proto, specs, _default_opset(proto))
         for why in kept:
             log.info("export_onnx: %s", why)
+    if fused and fold_residual:
+        _, kept = residual_into_site.rewrite(proto, specs, _default_opset(proto))
+        for why in kept:
+            log.info("export_onnx: %s", why)
     _drop_unused_initializers(proto)
     expected = sum(1 for k in dendrites.values() if k > 0) if fused else 0
-    if fused and n_fused < len(specs):
-        raise ExportError(f"only {n_fused} fused node(s) reached the ONNX graph for {len(specs)} "
-                          "signature(s): this is a pbp-fx bug")
     if fused and dendrites and n_fused < expected:
         log.warning("export_onnx: %d of the %d sites with dendrites are in the exported graph: the others are not on "
                     "its eval-mode path (a train-only branch, or code the example inputs do not reach)", n_fused,

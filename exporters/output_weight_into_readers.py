@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .functions import DOMAIN, FusedOpSpec, make_function
+from .functions import DOMAIN, FusedOpSpec, ship_functions
 from .graph_index import GraphIndex, input_channel_factor, weight_inputs, why_not_linear_readers
 
 __all__ = ["rewrite"]
@@ -162,11 +162,11 @@ def _fold(site: onnx.NodeProto, spec: FusedOpSpec, index: GraphIndex, specs: dic
 
 def rewrite(model: onnx.ModelProto, specs: dict[str, FusedOpSpec], opset: int) -> tuple[int, list[str]]:
     """Apply the rule to every fused site of `model` (in place; `specs`, the signatures by overload,
-    is not changed). The model then ships a function for each signature its nodes use, and no other.
+    gains the rewritten sites' signatures, so that a later rule reads them). The model then ships a
+    function for each signature its nodes use, and no other.
 
     Returns the number of sites rewritten and, for each other site, why it stayed.
     """
-    specs = dict(specs)  # + the rewritten sites' signatures
     index = GraphIndex(model.graph)
     done, skipped = 0, []
     for site in model.graph.node:
@@ -184,11 +184,5 @@ def rewrite(model: onnx.ModelProto, specs: dict[str, FusedOpSpec], opset: int) -
         site.attribute.append(helper.make_attribute("unit_first_weight", 1))
         done += 1
     if done:
-        used = {n.overload for n in model.graph.node if n.domain == DOMAIN}
-        have = {f.overload for f in model.functions if f.domain == DOMAIN}
-        kept = [f for f in model.functions if f.domain != DOMAIN or f.overload in used]
-        del model.functions[:]
-        model.functions.extend(kept)
-        for overload in sorted(used - have):
-            model.functions.append(make_function(specs[overload], opset))
+        ship_functions(model, specs, opset)
     return done, skipped

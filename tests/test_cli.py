@@ -463,6 +463,57 @@ def test_export_folds_v0_into_the_readers_unless_keep_output_weight(tmp_path, ca
     assert unit == {False: ["pbp/0"], True: []}
 
 
+RESIDUAL_CNN = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        return self.conv(x) + x
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs():
+    return (torch.randn(2, 3, 5, 5),)
+"""
+
+
+def test_export_moves_a_residual_add_into_the_site_unless_keep_residual_add(tmp_path, capsys):
+    import onnx
+
+    from pbp_fx.checkpoint import save
+
+    model_file = tmp_path / "res.py"
+    model_file.write_text(RESIDUAL_CNN)
+    namespace: dict = {}
+    exec(RESIDUAL_CNN, namespace)
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(namespace["build_model"](), namespace["example_inputs"]())
+    pm.grow()
+    with torch.no_grad():
+        for s in pm.sites.values():
+            s.out_weight.normal_()
+    ckpt = str(tmp_path / "c.safetensors")
+    save(pm, ckpt, model_ref=str(model_file))
+    residual = {}
+    for given in (False, True):
+        out = str(tmp_path / f"m{int(given)}.onnx")
+        assert main(["export", ckpt, "-o", out, "--check", *(["--keep-residual-add"] if given else [])]) == 0
+        assert "max abs diff" in capsys.readouterr().out
+        residual[given] = [n.name for n in onnx.load(out).graph.node if any(a.name == "residual" for a in n.attribute)]
+    assert residual == {False: ["pbp/conv"], True: []}
+
+
 def test_export_model_file_unfused(tmp_path, capsys):
     out = str(tmp_path / "m.onnx")
     assert main(["export", os.path.join(ROOT, "models", "digits_mlp.py"), "-o", out, "--unfused"]) == 0
