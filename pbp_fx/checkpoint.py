@@ -32,7 +32,7 @@ from .errors import CheckpointError, NoSitesError, PBWarning, TraceError
 from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate, perforated_inside
 from .inputs import inputs_from_signature
-from .site import is_wide_statistic
+from .site import is_wide_statistic, pool_settings
 
 __all__ = ["save", "load", "load_optimizer", "read_structure", "read_extra", "read_meta", "FORMAT"]
 
@@ -497,8 +497,9 @@ def describe_structure(pm: PerforatedModel) -> dict:
 
 def restore_structure(pm: PerforatedModel, state: dict, structure: dict, config: Optional[dict] = None) -> None:
     """Give `pm` the structure a state dict was saved with (dendrites per site, a candidate
-    pool in the dendrite phase), so that the state then loads strictly. config: the saved
-    PBConfig as a dict (the pool's statistics settings are not tensors)."""
+    pool in the dendrite phase), so that the state then loads strictly. The pools start with the
+    settings their extra state records; config (a PBConfig as a dict) fills in those of a state
+    written before the pools recorded them, and the candidates' init (their weights load after)."""
     if pm.phase == "dendrite":
         pm.abort_dendrite_phase()
     # First the dendrites (sites resize to the stored K), then candidates on top of them.
@@ -509,6 +510,10 @@ def restore_structure(pm: PerforatedModel, state: dict, structure: dict, config:
         settings["pool"] = max(pools) if pools else 1
         # The stride the pools asked for (a site without a strided form records none: 1).
         settings["stride"] = max((r.get("pool_stride", 1) for r in structure["sites"] if r["pool"]), default=1)
+        recorded = [pool_settings(v) for k, v in state.items() if k.endswith(".candidates._extra_state")]
+        recorded = [r for r in recorded if r is not None]
+        if recorded:  # (the same for every pool but the stride, 1 where a site has no strided form)
+            settings.update(recorded[0], stride=max(r["stride"] for r in recorded))
         pm.start_dendrite_phase(**settings)
 
 

@@ -18,7 +18,8 @@ from .errors import warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
                      every_nth_position, split_members)
 
-__all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "ACTIVATIONS", "MODES", "is_wide_statistic"]
+__all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "ACTIVATIONS", "MODES", "is_wide_statistic",
+           "pool_settings"]
 
 # The pool's floating statistics: float32 at least, whatever the model's dtype (they sum many
 # small covariances, and the stop rule compares their changes).
@@ -215,11 +216,22 @@ class CandidatePool(nn.Module):
 
     def get_extra_state(self) -> Tensor:
         # A tensor, not a dict: state_dict() must hold tensors only for safetensors writers
-        # (the Hugging Face Trainer saves model.state_dict() that way).
-        return self.batches_seen.detach().to("cpu", torch.int64, copy=True)
+        # (the Hugging Face Trainer saves model.state_dict() that way). It carries the pool's
+        # settings, which are no tensors, so that a state dict rebuilds the same pool
+        # (`pool_settings`; a framework's own resume has nothing else to go by). int64, the two real
+        # settings as their float64 bits: a floating tensor would pass for one of the model's dtype.
+        bits = torch.tensor([self.ema_decay, self.threshold], dtype=torch.float64).view(torch.int64).tolist()
+        return torch.tensor([int(self.batches_seen), bits[0], self.warmup, bits[1], int(self.bias_correction),
+                             int(self.split), self.stride], dtype=torch.int64)
 
     def set_extra_state(self, state) -> None:
-        self.batches_seen.fill_(int(state["seen"] if isinstance(state, dict) else state))
+        if isinstance(state, dict):
+            seen = state["seen"]
+        elif isinstance(state, Tensor) and state.numel() > 1:
+            seen = state[0]
+        else:  # (a scalar: files written before the settings were)
+            seen = state
+        self.batches_seen.fill_(int(seen))
 
     def noise(self) -> Tensor:
         """Standard error of each ema entry [P, C], from the batches' spread of C."""
@@ -276,6 +288,17 @@ class CandidatePool(nn.Module):
             src = torch.where(seen.reshape(1, -1, *([1] * (t.dim() - 2))), snap, t.detach())
             rows[name] = src[pick, ch].unsqueeze(0)
         return rows, torch.sign(self.ema[pick, ch])
+
+
+def pool_settings(extra_state) -> Optional[dict]:
+    """The start_dendrite_phase settings a CandidatePool's extra state records (None: a state
+    written before it recorded them)."""
+    if not isinstance(extra_state, Tensor) or extra_state.numel() != 7 or extra_state.dtype != torch.int64:
+        return None
+    _, ema_bits, warmup, threshold_bits, bias_correction, split, stride = extra_state.tolist()
+    ema, threshold = torch.tensor([ema_bits, threshold_bits], dtype=torch.int64).view(torch.float64).tolist()
+    return {"ema": ema, "warmup": warmup, "threshold": threshold, "bias_correction": bool(bias_correction),
+            "split": bool(split), "stride": stride}
 
 
 def _unbatched(layer: LayerSpec, x: Tensor) -> bool:

@@ -518,6 +518,47 @@ def test_a_strided_pool_comes_back_strided_and_trains_alike(tmp_path):
     assert all("pool_stride" not in r for r in read_structure(path)["sites"])
 
 
+SETTINGS = {"ema": 0.9, "warmup": 2, "threshold": 0.5, "bias_correction": False, "split": False}
+
+
+def _pool_settings(pm) -> list[dict]:
+    return [{"ema": c.ema_decay, "warmup": c.warmup, "threshold": c.threshold, "bias_correction": c.bias_correction,
+             "split": c.split} for c in (s.candidates for s in pm.sites.values())]
+
+
+def test_a_pool_saved_without_a_controller_comes_back_with_its_own_settings(tmp_path):
+    """The pool's statistics settings are no tensors: a checkpoint without a controller (no PBConfig)
+    rebuilt the pool with start_dendrite_phase's defaults, and its statistics went on otherwise."""
+    pm = pbp_fx.perforate(_build(), (X,))
+    pm.start_dendrite_phase(pool=2, **SETTINGS)
+    _steps(pm, 3)
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    pm2 = pbp_fx.load(path, _build, (X,))
+    assert _pool_settings(pm2) == [SETTINGS] * len(pm.sites)
+    for m in (pm, pm2):  # one more batch each: the same statistics
+        F.cross_entropy(m(X), Y).backward()
+    for s, s2 in zip(pm.sites.values(), pm2.sites.values()):
+        torch.testing.assert_close(s.candidates.ema, s2.candidates.ema)
+        torch.testing.assert_close(s.candidates.best, s2.candidates.best)
+
+
+def test_a_framework_resume_rebuilds_the_pool_with_its_own_settings_not_the_runs_new_ones():
+    """A framework's own resume loads a state dict (StructureOnLoad): the pool it rebuilds is the
+    saved one even when the run's config now says otherwise (the resume warning says so)."""
+    from pbp_fx.integrations.common import StructureOnLoad
+
+    pm = pbp_fx.perforate(_build(), (X,))
+    pm.start_dendrite_phase(pool=2, **SETTINGS)
+    _steps(pm, 2)
+    state = pm.state_dict()
+    fresh = pbp_fx.perforate(_build(), (X,))
+    hook = StructureOnLoad(fresh, lambda _: pbp_fx.PBConfig(pool=2))  # the defaults: ema 0.99, split, ...
+    fresh.load_state_dict(state)
+    hook.remove()
+    assert fresh.phase == "dendrite" and _pool_settings(fresh) == [SETTINGS] * len(pm.sites)
+
+
 def test_a_site_that_differs_only_in_its_settings_is_named_with_them(tmp_path):
     path = str(tmp_path / "c.safetensors")
     pbp_fx.save(pbp_fx.perforate(_build(), (X,)), path)
