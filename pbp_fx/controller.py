@@ -55,7 +55,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .config import ConfigError, PBConfig
 from .errors import warn_at_user
 from .perforated import PerforatedModel, outside_inference_mode, perforated_inside
-from .schedule import Action, Kind, PhaseSchedule
+from .schedule import Action, Kind, PhaseSchedule, check_score
 
 __all__ = ["PhaseController", "Decision", "rebind_optimizer", "default_optimizer"]
 
@@ -540,6 +540,15 @@ class PhaseController:
         self._capped = []
 
     def _leave_dendrite_lr(self) -> None:
+        self._unscale_groups()
+        if self.lr_scale is None:
+            return
+        self._rescale_schedulers(self.lr_scale, entering=False)
+        self._release_plateaus()
+        self.lr_scale = self.phase_start_lrs = None
+
+    def _unscale_groups(self) -> None:
+        """The optimizer's groups from the dendrite phase's rates back to the neuron run's."""
         self._uncap_dendrite_lr(self.optimizer, (), {})
         if self.lr_scale is None:
             return
@@ -548,9 +557,6 @@ class PhaseController:
         for g, s, start in zip(self.optimizer.param_groups, self.lr_scale, starts):
             # (a group that began at lr 0 kept its own course: factor 1, its rate is the neuron run's)
             g["lr"] = _unscaled_lr(float(g["lr"]), s, start, floor)
-        self._rescale_schedulers(self.lr_scale, entering=False)
-        self._release_plateaus()
-        self.lr_scale = self.phase_start_lrs = None
 
     def _unscaled_floor(self, scale: list[float]) -> float:
         """The eta_min of a CosineAnnealingLR that alone set the rates in this dendrite phase and
@@ -678,10 +684,15 @@ class PhaseController:
         if self.done:
             return Decision.COMPLETE
         phase = self.pm.phase
+        # Refused before the pools' progress references move (a caller may step again with a valid
+        # score). Several ranks: rank 0's score counts, which the schedule checks after agreeing.
+        score = _score_of(val_score)
+        if self.distributed is None:
+            check_score(score)
         progress = self.pm.candidate_progress(self.config.dendrite_improvement) if phase == "dendrite" else False
         if phase == "dendrite" and not self._warned_short_phase:
             self._warn_if_the_phase_ends_warming_up()
-        score, progress = self._agree(_score_of(val_score), progress)
+        score, progress = self._agree(score, progress)
         action = self.schedule.step(score, progress)
         self._execute(action)
         decision = (Decision.COMPLETE if action.kind is Kind.COMPLETE else
@@ -724,6 +735,8 @@ class PhaseController:
         fresh = [sch for sch in self.schedulers if not any(sch is c for c in self._carry_saved_scale)]
         if self.lr_scale is not None:
             self._rescale_schedulers(self.lr_scale, entering=False, schedulers=fresh)
+            if scale is None:  # a neuron-phase state: the groups leave this controller's dendrite-phase rates
+                self._unscale_groups()
         self.phase_start_lrs = state.get("phase_start_lrs")
         if scale is not None:
             self._rescale_schedulers(scale, entering=True, schedulers=fresh)

@@ -22,7 +22,14 @@ from typing import Optional
 from .config import PBConfig
 from .errors import TrainingError
 
-__all__ = ["PhaseSchedule", "Action", "Kind"]
+__all__ = ["PhaseSchedule", "Action", "Kind", "check_score"]
+
+
+def check_score(score: float) -> None:
+    """Refuse a validation score that is not finite, in one line."""
+    if not math.isfinite(score):
+        raise TrainingError(f"the validation score is {score} (not finite): check the validation data "
+                            "and the metric for NaN/Inf")
 
 
 class Kind(str, enum.Enum):
@@ -87,9 +94,7 @@ class PhaseSchedule:
         if self.done:
             return Action(Kind.COMPLETE, "already complete")
         # (also in a dendrite phase, where the score decides nothing: it would enter the history)
-        if not math.isfinite(score):
-            raise TrainingError(f"the validation score is {score} (not finite): check the validation data "
-                                "and the metric for NaN/Inf")
+        check_score(score)
         self.epoch += 1
         self.phase_epochs += 1
         if self.phase == "dendrite":

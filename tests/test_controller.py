@@ -1,4 +1,5 @@
 """PhaseController decisions on scripted validation-score sequences (docs/algorithm.md)."""
+import copy
 import decimal
 import functools
 import warnings
@@ -9,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import pbp_fx
+from pbp_fx.checkpoint import restore_structure
 from pbp_fx.controller import Decision, PhaseController
 
 C, R, D = Decision.CONTINUE, Decision.RESTRUCTURED, Decision.COMPLETE
@@ -464,6 +466,24 @@ def test_a_controller_loaded_mid_dendrite_phase_trains_at_the_saved_rates():
     assert pm.phase == "neuron" and fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.003)
 
 
+def test_a_neuron_phase_state_loaded_into_a_controller_in_a_dendrite_phase_gives_back_the_neuron_rate():
+    """A roll back (pbp_fx.load(controller=) without optimizer=) from a dendrite phase to a state
+    saved before it: the groups left the phase's candidate_lr, and nothing later divided it out."""
+    pm = _pm()
+    kw = dict(patience=1, dendrite_patience=2, candidate_lr=0.02, optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.003))
+    ctl = PhaseController(pm, **kw)
+    _run(ctl, [0.5])
+    model_state, state = copy.deepcopy(pm.state_dict()), ctl.state_dict()
+    _run(ctl, [0.5])
+    assert pm.phase == "dendrite" and ctl.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
+    restore_structure(pm, model_state, {"phase": "neuron", "sites": []})
+    pm.load_state_dict(model_state)
+    ctl.load_state_dict(state)
+    assert ctl.lr_scale is None and ctl.optimizer.param_groups[0]["lr"] == pytest.approx(0.003)
+    _step_until_restructured(ctl)  # the next dendrite phase runs at candidate_lr again, and leaves it
+    assert pm.phase == "dendrite" and ctl.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
+
+
 @pytest.mark.parametrize("build_before", [True, False])
 def test_schedulers_on_a_controller_resumed_mid_dendrite_phase_are_scaled_once(build_before):
     """A scheduler built by scheduler_factory before the state is loaded, or one built on the optimizer
@@ -817,6 +837,27 @@ def test_a_score_that_is_not_a_number_is_refused(score):
         ctl.step(score)
     assert ctl.history == [] and ctl.step(np.float32(0.5)) == "continue" and ctl.step(torch.tensor(0.6)) == "continue"
     assert ctl.step(np.array(0.55)) == "continue" and ctl.step(decimal.Decimal("0.5")) == "continue"
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), None, "0.5"])
+def test_a_refused_score_in_a_dendrite_phase_leaves_the_candidates_progress_as_it_was(score):
+    """The pools' progress references moved before the score was refused: the same epoch stepped
+    again with a valid score saw no progress, and the phase ended early."""
+    torch.manual_seed(0)
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1, max_dendrite_epochs=10, warmup=1)
+    _run(ctl, [0.5, 0.5])
+    assert pm.phase == "dendrite"
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    for _ in range(3):  # past the warm-up: progress is judged on the statistics
+        ctl.optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(pm(x), y).backward()
+        ctl.optimizer.step()
+    refs = [s.candidates.progress_reference.clone() for s in pm.sites.values()]
+    with pytest.raises((pbp_fx.TrainingError, pbp_fx.ConfigError)):
+        ctl.step(score)
+    assert all(torch.equal(r, s.candidates.progress_reference) for r, s in zip(refs, pm.sites.values()))
+    assert ctl.step(0.5) is C and pm.phase == "dendrite"  # (the first statistics past the warm-up: progress)
 
 
 def test_a_group_frozen_with_lr_0_is_at_0_again_after_a_dendrite_phase():
