@@ -69,14 +69,39 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _grad_context() -> tuple:
+    """The modes a forward can switch inside itself: grad, inference mode, autocast (CPU, CUDA)."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
+            torch.is_autocast_enabled("cuda"))
+
+
+_CONTEXT_NAMES = ("grad mode (torch.no_grad, enable_grad or set_grad_enabled)", "inference mode (torch.inference_mode)",
+                  "autocast on the CPU (torch.autocast)", "autocast on CUDA (torch.autocast)")
+
+
 class PBTracer(fx.Tracer):
     """fx Tracer that treats `leaves` (qualified names) and pbp-fx's own modules as leaves,
-    and records the innermost module whose forward raised while being traced."""
+    records the innermost module whose forward raised while being traced, and whether the
+    forward switched a mode (`switched_modes`: no_grad, autocast, ...) around some of its ops,
+    which symbolic tracing does not record: the graph would run them in the caller's modes."""
 
     def __init__(self, leaves: Iterable[str] = ()):
         super().__init__()
         self.leaves = set(leaves)
         self.failed_module: Optional[str] = None
+        self.switched_modes: list[str] = []
+        self._start_context: Optional[tuple] = None
+
+    def trace(self, root, concrete_args=None):
+        self._start_context = _grad_context()
+        return super().trace(root, concrete_args)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if self._start_context is not None and kind != "placeholder":
+            for i, (now, start) in enumerate(zip(_grad_context(), self._start_context)):
+                if now != start and _CONTEXT_NAMES[i] not in self.switched_modes:
+                    self.switched_modes.append(_CONTEXT_NAMES[i])
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from pbp_fx.passes.train_eval import ModeSwitch
@@ -337,6 +362,7 @@ def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optio
                          "use frontend='export'") from exc
     gm.meta["pbp_leaves"] = sorted(leaves)
     gm.meta["pbp_untraceable"] = list(added)
+    gm.meta["pbp_switched_modes"] = list(tracer.switched_modes)
     return gm
 
 
@@ -388,6 +414,7 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
         else result.graph_module
     merged.meta["pbp_untraceable"] = list(gm.meta["pbp_untraceable"]) + kept_whole
     merged.meta["pbp_mode_leaves"] = kept_whole
+    merged.meta["pbp_switched_modes"] = gm.meta["pbp_switched_modes"]
     return merged
 
 
@@ -721,6 +748,13 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
                         warn_at_user(f"forward writes buffer(s) {', '.join(written[:3])}, which symbolic tracing "
                                      "drops (or runs once, while tracing): the perforated model will not update "
                                      "them; use frontend='auto' or 'export', which keep them")
+                    switched = gm.meta.get("pbp_switched_modes")
+                    if switched:
+                        warn_at_user(f"forward switches {' and '.join(switched)} around some of its ops, which "
+                                     "symbolic tracing does not record: the perforated model runs them in the "
+                                     "caller's modes (a layer under no_grad trains); use frontend='export'"
+                                     + (", which keeps the switch" if frontend == "fx" else
+                                        " (torch.export could not capture this model here)"))
                 return gm
     try:
         gm = _trace_export(model, *_graph_inputs(export_call, args, kwargs), dynamic)
@@ -813,15 +847,18 @@ def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] 
     fx leaves Linear/Conv-like weights unreached (inside torch.nn leaves such as
     MultiheadAttention, or behind wrapped functions) and export reaches more of them, when
     fx follows one mode only and export follows both, or when the forward writes buffers of its
-    own (`written`), which export keeps and fx does not. The choice is in meta["pbp_frontend_choice"]."""
+    own (`written`) or switches grad mode or autocast around some ops, which export keeps and fx
+    does not. The choice is in meta["pbp_frontend_choice"]."""
     fx_sites, missed = _unreached(model, fx_gm)
     one_mode = fx_gm.meta.get("pbp_modes") != "train+eval"
-    if not missed and not one_mode and not written:
+    switched = fx_gm.meta.get("pbp_switched_modes")
+    if not missed and not one_mode and not written and not switched:
         return fx_gm
     why = (f"fx: {fx_sites} sites, {len(missed)} Linear/Conv-like weight(s) unreached "
            f"({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''})" if missed
            else f"fx: {fx_sites} sites, {fx_gm.meta.get('pbp_modes')} mode only" if one_mode
-           else f"fx: forward writes buffer(s) {', '.join(written[:3])}, which symbolic tracing does not keep")
+           else f"fx: forward writes buffer(s) {', '.join(written[:3])}, which symbolic tracing does not keep"
+           if written else f"fx: forward switches {' and '.join(switched)}, which symbolic tracing does not record")
     try:
         # export's warnings (a one-mode graph) stand only if its graph is the one chosen
         with warnings.catch_warnings(record=True) as export_warnings:
@@ -834,7 +871,9 @@ def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] 
     ex_sites, ex_missed = _unreached(model, ex_gm)
     ex_both = ex_gm.meta.get("pbp_modes") == "train+eval"
     better = (ex_sites > fx_sites and (ex_both or one_mode) or (one_mode and ex_both and ex_sites >= fx_sites)
-              or (bool(written) and ex_sites >= fx_sites and (ex_both or one_mode)))
+              or (bool(written) and ex_sites >= fx_sites and (ex_both or one_mode))
+              # (fewer sites is right there: a layer under no_grad, inside export's grad-mode region, trains not)
+              or (bool(switched) and (ex_both or one_mode)))
     chosen = ex_gm if better else fx_gm
     if chosen is ex_gm:
         _replay([w for w in export_warnings if issubclass(w.category, PBWarning)])

@@ -565,6 +565,57 @@ def test_frontend_fx_warns_of_a_buffer_the_forward_writes(recwarn):
     assert gm.meta["pbp_frontend"] == "export" and not [w for w in recwarn if "writes buffer" in str(w.message)]
 
 
+class _FrozenFeatures(nn.Module):
+    """A feature layer run under torch.no_grad (frozen by the forward itself), a head that trains;
+    with autocast=True the head runs under CPU autocast instead."""
+
+    def __init__(self, autocast: bool = False):
+        super().__init__()
+        self.feat, self.head, self.autocast = nn.Linear(8, 4), nn.Linear(4, 3), autocast
+
+    def forward(self, x):
+        if self.autocast:
+            h = torch.relu(self.feat(x))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.head(h).float()
+        with torch.no_grad():
+            h = torch.relu(self.feat(x))
+        return self.head(h)
+
+
+def test_a_forward_that_switches_grad_mode_is_captured_by_export_and_keeps_its_layer_frozen():
+    """Symbolic tracing records no grad-mode switch: the auto graph trained the layer the model runs
+    under no_grad (and `compare` credited PB with the difference)."""
+    torch.manual_seed(0)
+    model, x = _FrozenFeatures(), torch.randn(5, 8)
+    pm = pbp_fx.perforate(model, (x,))
+    assert pm.graph_module.meta["pbp_frontend"] == "export"
+    assert "switches grad mode" in pm.graph_module.meta["pbp_frontend_choice"]
+    pm(x).sum().backward()
+    params = dict(pm.named_parameters())
+    assert params["graph_module.feat.weight"].grad is None and params["graph_module.head.weight"].grad is not None
+    assert list(pm.sites) == ["head"]  # (a layer under no_grad is no site: its dendrites would not train)
+
+
+def test_a_forward_that_switches_autocast_is_captured_by_export_exactly():
+    torch.manual_seed(0)
+    model, x = _FrozenFeatures(autocast=True), torch.randn(5, 8)
+    pm = pbp_fx.perforate(model, (x,))
+    assert pm.graph_module.meta["pbp_frontend"] == "export"
+    assert torch.equal(pm(x), model(x))
+
+
+def test_frontend_fx_warns_of_a_grad_mode_switch_it_drops():
+    with pytest.warns(UserWarning, match=r"forward switches grad mode \(torch.no_grad, .*\) around some of its ops, "
+                                         r"which symbolic tracing does not record.*use frontend='export'"):
+        gm = trace(_FrozenFeatures(), (torch.randn(5, 8),), frontend="fx")
+    assert gm.meta["pbp_switched_modes"]
+    with warnings.catch_warnings():  # outside the forward, a caller's no_grad is no switch
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            trace(nn.Sequential(nn.Linear(3, 2)), (torch.randn(2, 3),), frontend="fx")
+
+
 @pytest.mark.parametrize("frontend", ["auto", "fx", "export"])
 def test_inputs_named_input_and_input_1_are_refused_not_read_twice(frontend):
     """forward(self, input, input_1): fx's code wrote `input_1 = input`, so the model read its first input
