@@ -21,12 +21,13 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
-from .errors import PBError, PBWarning
+from .errors import PBError, PBWarning, exited
 from .fileio import check_output_dir, umask
 
 __all__ = ["main", "subcommand", "arg", "COMMANDS", "build_parser", "atomic_output_dir"]
@@ -243,6 +244,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if args.debug:
             raise
         _error(exc)
+        return EXIT_ERROR
+    except SystemExit as exc:  # (the model file's build_model, datasets, ... called sys.exit)
+        if args.debug:  # (re-raised, a SystemExit would end the process without a traceback)
+            traceback.print_exc()
+        _error(exited(exc))
         return EXIT_ERROR
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"

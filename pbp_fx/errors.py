@@ -1,12 +1,18 @@
 """Error types. Each message is one line naming the problem and what to do about it."""
 
 __all__ = ["PBError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
-           "DataError", "PBWarning"]
+           "DataError", "PBWarning", "exited"]
 
 
 class PBWarning(UserWarning):
     """A warning pbp-fx gives about the user's model, data or run (filter it by this class; the CLI
     shows it while it hides the libraries' own warnings)."""
+
+
+def exited(exc: SystemExit) -> str:
+    """The one line for a sys.exit that the model file's code (or a library it calls) ran inside a command."""
+    return (f"the model file's code (or a library it calls) called sys.exit({exc.code!r}): its functions must return "
+            "or raise an exception, not end the process (--debug shows where)")
 
 
 class PBError(Exception):

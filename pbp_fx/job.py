@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import FORMAT, load, load_optimizer, read_meta, save
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
-from .errors import DataError, ModelFileError, PBError, PBWarning, TrainingError, warn_at_user
+from .errors import DataError, ModelFileError, PBError, PBWarning, TrainingError, exited, warn_at_user
 from .fileio import atomic_write, check_output_dir
 from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
                         KeywordCollate, keyword_collate, load_model_file, task_functions, task_of, warn_unread_names)
@@ -533,6 +533,9 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             non_finite = exc
         except (PBError, OSError, MemoryError):
             raise
+        except SystemExit as exc:  # (the model file's data, loss or metric ended the process: say so, and how to go on)
+            raise TrainingError(f"training stopped in epoch {len(history.epochs) + 1}: {exited(exc)}"
+                                + _resumes(out, len(history.epochs), processes)) from exc
         except Exception as exc:  # noqa: BLE001 - raised inside the model file's model, data, loss or metric
             text = str(exc).strip().splitlines()
             done = len(history.epochs)

@@ -1294,3 +1294,37 @@ def test_export_check_bounds_the_difference_by_the_outputs_scale_and_dtype(tmp_p
     assert main(["export", ckpt, "--model", model, "-o", str(tmp_path / "half.onnx"), "--check"]) == 0
     diff, tol = map(float, re.search(r"max abs diff (\S+) \(tolerance (\S+)\)", capsys.readouterr().out).groups())
     assert 1e-4 < diff <= tol  # (the fixed 1e-4 failed this file)
+
+
+SYS_EXIT_MODEL = """
+import torch, torch.nn as nn, torch.nn.functional as F
+def build_model(): return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+def example_inputs(): return (torch.randn(2, 4),)
+T = torch.utils.data.TensorDataset
+def datasets():
+    EXIT_IN_DATASETS
+    g = torch.Generator().manual_seed(0)
+    return tuple(T(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (50, 10, 10))
+calls = [0]
+def loss_fn(o, y):
+    calls[0] += 1
+    if calls[0] > 12:
+        raise SystemExit(5)
+    return F.cross_entropy(o, y)
+"""
+
+
+@pytest.mark.parametrize("where", ["datasets", "loss"])
+def test_a_model_file_that_calls_sys_exit_is_one_line_and_status_2(tmp_path, capsys, where):
+    """A sys.exit in the model file's datasets() or loss ended pbp-fx with that status and no word (or,
+    mid-run, without the resume line)."""
+    text = SYS_EXIT_MODEL.replace("EXIT_IN_DATASETS", "raise SystemExit(4)" if where == "datasets" else "pass")
+    model = _write(tmp_path, text)
+    out = str(tmp_path / "run")
+    assert main(["train", model, "--out", out, "--epochs", "5", "--batch-size", "10", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    code = 4 if where == "datasets" else 5
+    assert f"called sys.exit({code}): its functions must return or raise an exception" in err
+    if where == "loss":
+        assert err.startswith("pbp-fx: error: training stopped in epoch 2:") and f"--resume {out}" in err
