@@ -649,12 +649,13 @@ def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynami
             log.debug("export_onnx: the dynamo exporter runs (direct path: %s)", why)
     proto = _torch_export(module, inputs, traced, opset, dynamic_batch, sorted({a for d in dynamic_axes.values()
                                                                               for a in d.values()}))
-    _keep_dynamic_axes(proto, module, traced)
+    _keep_dynamic_axes(proto, module, traced, dynamic_batch)
     return proto
 
 
-def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple) -> None:
-    """ExportError when a requested axis other than the batch came out as a constant; the
+def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple, dynamic_batch: bool = True) -> None:
+    """ExportError when a requested axis other than the batch came out as a constant (dim 0 is
+    the batch unless dynamic_batch is False: then it is an axis like any other); the
     exporter's own name for an axis (s31: it drops the names when an input is not a tensor)
     becomes the requested one, wherever it appears in the graph's inputs, outputs and values."""
     inputs, shapes = traced
@@ -675,7 +676,7 @@ def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple)
             if dim >= len(shape):
                 continue
             if not shape[dim].dim_param:
-                if dim == 0:
+                if dim == 0 and dynamic_batch:
                     continue  # (the batch: `_torch_export` says which input fixes it)
                 size = shape[dim].dim_value
                 tied = _static_twin(names, inputs, shapes, name, size)

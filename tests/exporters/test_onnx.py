@@ -1168,6 +1168,30 @@ def test_a_sequence_first_rnn_is_told_its_inputs_batch_dim_1(tmp_path):
                                    pm(*wider).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_a_time_axis_on_dim_0_without_a_dynamic_batch_is_checked_like_any_axis(tmp_path):
+    """dynamic_batch=False, dynamic_axes={"x": {0: "time", 1: "b"}} (a sequence-first GRU): the check
+    skipped dim 0 as the batch, and the file came out with the time axis fixed, without a word."""
+    class SequenceFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = torch.nn.GRU(5, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 4, 5)
+    pm = pbp_fx.perforate(SequenceFirst().eval(), (x,)).eval()
+    try:
+        path = export_onnx(pm, (x,), tmp_path / "m.onnx", dynamic_batch=False, dynamic_axes={"x": {0: "time", 1: "b"}})
+    except ExportError as exc:
+        assert "axis 'time' (dim 0 of input 'x') came out fixed to 7" in str(exc)
+        assert not (tmp_path / "m.onnx").exists()
+    else:  # (a torch that keeps the axis: then the file declares it)
+        dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+        assert dims[0].dim_param == "time"
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_an_lstm_with_a_projection_is_refused_before_the_export(tmp_path, layers):
     """proj_size > 0: torch.onnx wrote, for the plain model too, a graph onnx.checker refused ('All
