@@ -302,8 +302,9 @@ def pool_settings(extra_state) -> Optional[dict]:
 
 
 def _unbatched(layer: LayerSpec, x: Tensor) -> bool:
-    """Whether a conv's input is one sample without a batch dim ([C, *S], as nn.ConvNd accepts)."""
-    return layer.axis == 1 and x.dim() == len(layer.weight_shape) - 1
+    """Whether the input is one sample without a batch dim: a conv's [C, *S], a Linear's [In] (as
+    nn.ConvNd and nn.Linear accept)."""
+    return x.dim() == (len(layer.weight_shape) - 1 if layer.axis == 1 else 1)
 
 
 class Site(nn.Module):

@@ -1088,6 +1088,25 @@ def test_an_unbatched_conv_input_works_with_dendrites_as_without():
         assert torch.allclose(pm.finalize()(x), want, atol=1e-6)
 
 
+def test_an_unbatched_linear_input_trains_candidates_with_the_one_sample_warning_not_a_crash():
+    """A [In] input, which nn.Linear takes: the split pool read the feature dim as the batch and
+    failed in bmm ('Expected size for first two dimensions of batch2 tensor')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    x = torch.randn(4)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.train()
+    pm.start_dendrite_phase(pool=2)
+    out = pm(x)
+    assert torch.equal(out, model(x))
+    with pytest.warns(pbp_fx.PBWarning, match="one value per channel"):
+        out.pow(2).sum().backward()
+    pm.install_candidates()
+    pm.eval()
+    with torch.no_grad():
+        assert torch.allclose(pm.finalize()(x), pm(x), atol=1e-6) and pm(x).shape == (2,)
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_deepcopy_is_exact_and_prints_no_torch_deprecation_notice(frontend):
     """Every copy.deepcopy of a perforated model printed torch's 'isinstance(treespec, LeafSpec) is
