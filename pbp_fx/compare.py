@@ -770,6 +770,9 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     Returns {"runs", "summary", "paired", "verdict", ...}, the content of compare.json.
     """
     given, run_saved_identity = [], None
+    if config is not None and config.mode != "pb":  # (each arm runs in its own mode: the setting would be ignored)
+        raise CompareError(f"mode {config.mode!r}: compare trains each arm in its own mode (the pb and gd arms); drop "
+                           "mode (--mode) and choose the arms, e.g. --arms pb,gd")
     if pb_run is not None:
         if config is not None or training is not None or seeds is not None or width != 1.0:
             raise CompareError("--pb-run uses the run's own settings, seed and width: "

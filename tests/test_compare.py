@@ -104,6 +104,7 @@ def test_cli_compare_writes_reports(tiny, tmp_path, capsys):
     (["--arms", "plain-matched"], "add the pb arm"),
     (["--arms", "plain,pb,plain"], "arm 'plain' is given twice: give each arm once"),
     (["--patience", "0"], "--patience 0"),
+    (["--mode", "gd"], "mode 'gd': compare trains each arm in its own mode"),  # (it was ignored, and recorded)
 ])
 def test_cli_refuses_bad_input_up_front(tiny, tmp_path, capsys, argv, message):
     out = tmp_path / "never"
