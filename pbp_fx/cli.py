@@ -565,8 +565,9 @@ def train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         given = [f for f, v in vars(args).items() if v is not None and (f in _SETTING_DESTS or f == "out")]
         if given:
-            raise PBError(f"--resume continues a run in its own folder with its own settings ({_flag_of(given[0])} "
-                          "given): give --resume DIR alone (and the model file, if it moved)")
+            flag = _flag_of(given[0], getattr(args, given[0]))
+            raise PBError(f"--resume continues a run in its own folder with its own settings ({flag} given): give "
+                          "--resume DIR alone (and the model file, if it moved)")
         config = None
         if world == 1:  # the launcher checks the run before it starts any process (each would say the same)
             saved = saved_run(args.resume)
@@ -621,9 +622,11 @@ def train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _flag_of(dest: str) -> str:
-    """The command-line flag of an argparse dest."""
-    return "--config" if dest == "config_file" else "--" + dest.replace("_", "-")
+def _flag_of(dest: str, value=None) -> str:
+    """The command-line flag that gave an argparse dest its value (False: the --no- form)."""
+    if dest == "config_file":
+        return "--config"
+    return ("--no-" if value is False else "--") + dest.replace("_", "-")
 
 
 def _setting_dests() -> frozenset:
@@ -1025,7 +1028,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
     if args.pb_run is not None:
         given = sorted(f for f, v in vars(args).items() if v is not None and f in _SETTING_DESTS)
         if given:  # (a model file is the run's own at a new path: its content is checked)
-            raise PBError(f"--pb-run uses the run's own settings ({_flag_of(given[0])} given): drop it")
+            raise PBError(f"--pb-run uses the run's own settings ({_flag_of(given[0], getattr(args, given[0]))} given): drop it")
         config = training = None
     compare(args.model, width=args.width, seeds=args.seeds, arms=args.arms, config=config, training=training,
             out=args.out or args.pb_run or os.path.join("runs", f"compare_{name}"), jobs=args.jobs,

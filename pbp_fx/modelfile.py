@@ -246,8 +246,8 @@ def check_metric_direction(mod: ModuleType, maximize: bool, error: type = ModelF
     the model gets better, and the run would keep its worst epoch."""
     if not maximize and getattr(mod, "metric", None) is None:
         name = task_functions(mod)[2]
-        raise error(f"maximize is false (--no-maximize), but the built-in metric ({name}) is higher-is-better: "
-                    "drop --no-maximize, or define metric(output, target) in the model file")
+        raise error(f"maximize is false (--no-maximize, or maximize: false in a --config file), but the built-in "
+                    f"metric ({name}) is higher-is-better: drop it, or define metric(output, target) in the model file")
 
 
 # Names a model file might define for training that pbp-fx train and compare do not read.

@@ -916,8 +916,16 @@ def test_no_maximize_with_a_built_in_metric_is_refused_before_any_work(tmp_path,
     out = tmp_path / "run"
     rc, stdout, err = _run(["train", "--no-maximize", "--out", str(out), "--epochs", "1", "--no-progress"], capsys)
     assert rc == 2 and err.count("\n") == 1
-    assert "built-in metric (accuracy) is higher-is-better: drop --no-maximize" in err
+    assert "maximize is false (--no-maximize, or maximize: false in a --config file), but the built-in metric " \
+           "(accuracy) is higher-is-better: drop it" in err
     assert not out.exists() and "epoch" not in stdout
+
+
+@pytest.mark.parametrize("flag", ["--no-maximize", "--no-pool-split"])
+def test_a_no_flag_given_with_resume_is_named_as_given(tmp_path, capsys, flag):
+    """The refusal said '(--maximize given)' for --no-maximize."""
+    rc, _, err = _run(["train", "--resume", str(tmp_path / "run"), flag], capsys)
+    assert rc == 2 and f"({flag} given)" in err
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
