@@ -259,12 +259,24 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                 with torch.no_grad():
                     output = call_model(model, inputs)
                     loss = loss_fn(output, target)
-                    if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+                    if not isinstance(loss, torch.Tensor):
+                        raise TrainingError(f"the loss_fn returns a {type(loss).__name__}, not a tensor, on the "
+                                            f"first {name} samples: return the loss tensor itself (not loss.item() "
+                                            "or float(loss)), which training differentiates")
+                    if loss.numel() != 1:
                         raise TrainingError(f"the loss_fn returns a tensor of shape {list(loss.shape)} on the first "
                                             f"{name} samples, not one number: reduce it (.mean(), or "
                                             "reduction='mean')")
                     float(loss)
                     scored = metric(output, target)
+                if name == SPLIT_NAMES[0] and any(p.requires_grad for p in model.parameters()):
+                    with torch.enable_grad():  # (eval mode still: no state changes)
+                        graded = loss_fn(call_model(model, inputs), target)
+                    if not graded.requires_grad:
+                        raise TrainingError(f"the loss_fn returns a tensor that does not depend on the model's "
+                                            f"parameters on the first {name} samples (detached: .detach(), .item(), "
+                                            "torch.tensor(...) or numpy inside it): compute it from the output with "
+                                            "torch ops")
                 if not (isinstance(scored, (tuple, list)) and len(scored) == 2):
                     raise TypeError(f"metric returned {type(scored).__name__}, not a (sum, count) pair")
                 float(scored[0]), float(scored[1])  # numbers (or one-element tensors): else a TypeError here

@@ -1336,3 +1336,21 @@ def test_a_model_file_that_calls_sys_exit_is_one_line_and_status_2(tmp_path, cap
     assert f"called sys.exit({code}): its functions must return or raise an exception" in err
     if where == "loss":
         assert err.startswith("pbp-fx: error: training stopped in epoch 2:") and f"--resume {out}" in err
+
+
+@pytest.mark.parametrize("loss, words", [
+    ("F.cross_entropy(o, y).item()", "the loss_fn returns a float, not a tensor, on the first training samples"),
+    ("F.cross_entropy(o.detach(), y)", "the loss_fn returns a tensor that does not depend on the model's parameters"),
+])
+def test_a_loss_that_cannot_be_differentiated_is_refused_before_any_work(tmp_path, capsys, loss, words):
+    """Such a loss passed the check of the first samples and failed in epoch 1 with torch's words
+    ('isfinite(): argument 'input' must be Tensor', 'element 0 of tensors does not require grad')."""
+    text = SYS_EXIT_MODEL.replace("EXIT_IN_DATASETS", "pass").replace(
+        "    calls[0] += 1\n    if calls[0] > 12:\n        raise SystemExit(5)\n    return F.cross_entropy(o, y)",
+        f"    return {loss}")
+    assert loss in text
+    out = tmp_path / "run"
+    rc, stdout, err = _run(["train", _write(tmp_path, text), "--out", str(out), "--epochs", "2", "--no-progress"],
+                           capsys)
+    assert rc == 2 and err.count("\n") == 1 and words in err
+    assert not out.exists() and "epoch" not in stdout
