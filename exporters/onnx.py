@@ -720,10 +720,13 @@ def _batch_dims(module: nn.Module, shapes: dict, names: list, size: Optional[int
     batch dim}) for batch `size` (None: the states' dim 1). A state has the shape of a
     GRU/LSTM/RNN state of the model's own where it has one, else is 3-D with dim 1 of that size
     (the first input then left out: the sequence); a sequence's batch dim is 1 where every RNN
-    of the model has batch_first=False."""
+    and MultiheadAttention of the model has batch_first=False."""
     rnns = [m for m in module.modules() if isinstance(m, nn.RNNBase)]
     sizes = {(m.num_layers * (2 if m.bidirectional else 1), h) for m in rnns
              for h in {m.hidden_size, getattr(m, "proj_size", 0) or m.hidden_size}}
+    # (torch's sequence-first layers: their inputs [T, B, ...] have the batch on dim 1)
+    sequenced = [m for m in module.modules() if isinstance(m, (nn.RNNBase, nn.MultiheadAttention))]
+    sequence_dim = 1 if sequenced and not any(m.batch_first for m in sequenced) else 0
 
     def state(n: str, batch: Optional[int]) -> bool:
         shape = shapes.get(n, ())
@@ -731,12 +734,12 @@ def _batch_dims(module: nn.Module, shapes: dict, names: list, size: Optional[int
 
     if size is None:
         found = [shapes[n][1] for n in names if sizes and state(n, None)]
-        size = found[0] if found else (shapes.get(names[0]) or (None,))[0]
+        first = shapes.get(names[0]) or (None,)
+        size = found[0] if found else first[sequence_dim if len(first) > sequence_dim else 0]
     states = [n for n in names if state(n, size)]
     if not sizes and len(states) > 1 and states[0] == names[0]:
         states = states[1:]
     states = states or names[1:2]
-    sequence_dim = 1 if rnns and not any(m.batch_first for m in rnns) else 0
     dims = {}
     for n in names:
         shape = shapes.get(n, ())
@@ -752,7 +755,10 @@ def _batch_axes_advice(module: nn.Module, shapes: dict, names: list, size: Optio
     states, dims = _batch_dims(module, shapes, names, size)
     example = ", ".join(f"{n!r}: {{{d}: 'b'}}" for n, d in dims.items())
     flags = " ".join(f"--dynamic-axis {n}:{d}=b" for n, d in dims.items())
-    return (f"(an RNN state [layers, batch, hidden], such as {' and '.join(map(repr, states))} may be){lead} "
+    what = (f"an RNN state [layers, batch, hidden], such as {' and '.join(map(repr, states))} may be"
+            if any(isinstance(m, nn.RNNBase) for m in module.modules()) else
+            "a sequence-first input [T, batch, ...], as nn.MultiheadAttention takes by default")
+    return (f"({what}){lead} "
             f"pass dynamic_batch=False with dynamic_axes naming each input's batch dim, e.g. {{{example}}} "
             f"(--static-batch {flags})")
 

@@ -1192,6 +1192,33 @@ def test_a_time_axis_on_dim_0_without_a_dynamic_batch_is_checked_like_any_axis(t
         assert dims[0].dim_param == "time"
 
 
+def test_sequence_first_attention_inputs_are_told_their_batch_dim_1(tmp_path):
+    """nn.MultiheadAttention's default [T, B, C] inputs: the advice named x's dim 0 (its length), which
+    the next export refused."""
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.o = torch.nn.Linear(6, 8), torch.nn.Linear(8, 2)
+            self.attn = torch.nn.MultiheadAttention(8, 2, kdim=5, vdim=7)
+
+        def forward(self, x, k, v):
+            return self.o(self.attn(self.q(x), k, v)[0])
+
+    torch.manual_seed(0)
+    example = (torch.randn(5, 4, 6), torch.randn(6, 4, 5), torch.randn(6, 4, 7))
+    pm = pbp_fx.perforate(Attention(), example).eval()
+    with pytest.raises(ExportError, match=r"a sequence-first input \[T, batch, \.\.\.\].*"
+                                          r"\(--static-batch --dynamic-axis x:1=b --dynamic-axis k:1=b "
+                                          r"--dynamic-axis v:1=b\)$"):
+        export_onnx(pm, example, tmp_path / "m.onnx")
+    path = export_onnx(pm, example, tmp_path / "m.onnx", dynamic_batch=False,
+                       dynamic_axes={"x": {1: "b"}, "k": {1: "b"}, "v": {1: "b"}})  # the advice, followed
+    wider = (torch.randn(5, 3, 6), torch.randn(6, 3, 5), torch.randn(6, 3, 7))
+    with torch.no_grad():
+        np.testing.assert_allclose(run(ort_session(str(path), device="cpu"), tuple(t.numpy() for t in wider))[0],
+                                   pm(*wider).numpy(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_an_lstm_with_a_projection_is_refused_before_the_export(tmp_path, layers):
     """proj_size > 0: torch.onnx wrote, for the plain model too, a graph onnx.checker refused ('All
