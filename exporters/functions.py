@@ -44,6 +44,7 @@ after inlining.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -53,7 +54,8 @@ from onnx import helper, numpy_helper
 
 from pbp_fx.layers import dendrite_call_sizes
 
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "FusedOpSpec", "make_function", "op_type_for", "ship_functions"]
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "FusedOpSpec", "make_function", "op_type_for", "ship_functions",
+           "set_flags"]
 
 DOMAIN = "pbp"
 DOMAIN_VERSION = 1
@@ -239,6 +241,16 @@ def make_function(spec: FusedOpSpec, opset: int = 18) -> onnx.FunctionProto:
         [helper.make_opsetid("", opset)], attributes=sorted(spec.attributes()),
         doc_string=f"{spec.op_type} with {k} dendrite(s): see pbp_fx.exporters.functions",
         overload=spec.overload)
+
+
+def set_flags(node: onnx.NodeProto, specs: dict[str, FusedOpSpec], *flags: str) -> FusedOpSpec:
+    """A rewrite sets FusedOpSpec's boolean `flags` (``unit_first_weight``, ``residual``) on a fused
+    node: its new signature joins `specs`, and the node takes its overload and the flags' attributes."""
+    new = dataclasses.replace(specs[node.overload], **{f: True for f in flags})
+    specs[new.overload] = new
+    node.overload = new.overload
+    node.attribute.extend(helper.make_attribute(f, 1) for f in flags)
+    return new
 
 
 def ship_functions(model: onnx.ModelProto, specs: dict[str, FusedOpSpec], opset: int) -> None:

@@ -39,6 +39,12 @@ class GraphIndex:
         # A subgraph may read an initializer by name: then never edit one in place.
         self.has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                                  for n in graph.node for a in n.attribute)
+        # A node whose subgraphs (If, Loop, Scan) read an outer value by name reads it too: counted
+        # as one of its readers, so that no rule rewrites a value such a branch reads.
+        for n in graph.node:
+            for name in sorted(_subgraph_reads(n)):
+                self.readers.setdefault(name, []).append(n)
+                self.uses[name] += 1
         self.graph_outputs = {o.name for o in graph.output}
         self.initializers = {t.name: t for t in graph.initializer}
         # Constant nodes' values; initializers are read when asked for (a model's weights are most of them)
@@ -78,6 +84,19 @@ class GraphIndex:
         self.uses[name] -= 1
         self.uses[new] += 1
         node.input[pos] = new
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set:
+    """The value names read by the nodes of `node`'s subgraphs, at any depth (a superset of the
+    outer values they read: names made inside count too, which only makes the rules more careful)."""
+    graphs = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    graphs += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+    names: set = set()
+    for g in graphs:
+        for inner in g.node:
+            names.update(i for i in inner.input if i)
+            names |= _subgraph_reads(inner)
+    return names
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

@@ -25,14 +25,12 @@ each other site did not match.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from .functions import DOMAIN, FusedOpSpec, ship_functions
+from .functions import DOMAIN, FusedOpSpec, set_flags, ship_functions
 from .graph_index import GraphIndex, input_channel_factor, weight_inputs, why_not_linear_readers
 
 __all__ = ["rewrite"]
@@ -178,10 +176,7 @@ def rewrite(model: onnx.ModelProto, specs: dict[str, FusedOpSpec], opset: int) -
             skipped.append(f"site {site.name!r} keeps V[0]: {why}")
             continue
         _fold(site, spec, index, specs)
-        new = dataclasses.replace(spec, unit_first_weight=True)
-        specs[new.overload] = new
-        site.overload = new.overload
-        site.attribute.append(helper.make_attribute("unit_first_weight", 1))
+        set_flags(site, specs, "unit_first_weight")
         done += 1
     if done:
         ship_functions(model, specs, opset)

@@ -21,13 +21,11 @@ by an Add stayed.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import onnx
-from onnx import helper
 
-from .functions import DOMAIN, FusedOpSpec, ship_functions
+from .functions import DOMAIN, FusedOpSpec, set_flags, ship_functions
 from .graph_index import GraphIndex
 
 __all__ = ["rewrite"]
@@ -71,12 +69,8 @@ def rewrite(model: onnx.ModelProto, specs: dict[str, FusedOpSpec], opset: int) -
             if why is not None:
                 skipped.append(f"Add {add.name!r} after site {site.name!r} stays: {why}")
                 continue
-            residual = add.input[1 - pos]
-            new = dataclasses.replace(spec, residual=True)
-            specs[new.overload] = new
-            site.overload = new.overload
-            site.attribute.append(helper.make_attribute("residual", 1))
-            site.input.append(residual)
+            set_flags(site, specs, "residual")
+            site.input.append(add.input[1 - pos])
             del site.output[:]
             site.output.append(add.output[0])
             # The site moves to the Add's place: R may be computed after the site's old place.

@@ -225,12 +225,17 @@ class CandidatePool(nn.Module):
                              int(self.split), self.stride], dtype=torch.int64)
 
     def set_extra_state(self, state) -> None:
-        if isinstance(state, dict):
-            seen = state["seen"]
-        elif isinstance(state, Tensor) and state.numel() > 1:
+        settings = pool_settings(state)
+        if settings is not None:  # (the pool's settings come with its statistics: a plain load_state_dict too)
+            if settings["stride"] != self.stride:  # (its layer's strided form is structure, not state: kept)
+                warn_at_user(f"the state's candidate pool has position stride {settings['stride']}, this one "
+                             f"{self.stride}, which it keeps: to go on as the state's, start the dendrite phase with "
+                             f"stride={settings['stride']} before loading it (pbp_fx.load does)")
+            self.ema_decay, self.warmup, self.threshold = settings["ema"], settings["warmup"], settings["threshold"]
+            self.bias_correction, self.split = settings["bias_correction"], settings["split"]
             seen = state[0]
-        else:  # (a scalar: files written before the settings were)
-            seen = state
+        else:  # (a dict, or a scalar: files written before the settings were)
+            seen = state["seen"] if isinstance(state, dict) else state
         self.batches_seen.fill_(int(seen))
 
     def noise(self) -> Tensor:

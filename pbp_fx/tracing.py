@@ -70,13 +70,17 @@ _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _grad_context() -> tuple:
-    """The modes a forward can switch inside itself: grad, inference mode, autocast (CPU, CUDA)."""
+    """The modes a forward can switch inside itself: grad, inference mode, autocast (CPU, CUDA, and
+    how deep autocast regions nest, which `autocast(enabled=False)` changes even where it is off)."""
+    depth = torch.autocast_increment_nesting() - 1  # (read by a step up and back: no state changes)
+    torch.autocast_decrement_nesting()
     return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
-            torch.is_autocast_enabled("cuda"))
+            torch.is_autocast_enabled("cuda"), depth)
 
 
+_AUTOCAST = "autocast (torch.autocast)"
 _CONTEXT_NAMES = ("grad mode (torch.no_grad, enable_grad or set_grad_enabled)", "inference mode (torch.inference_mode)",
-                  "autocast on the CPU (torch.autocast)", "autocast on CUDA (torch.autocast)")
+                  _AUTOCAST, _AUTOCAST, _AUTOCAST)
 
 
 class PBTracer(fx.Tracer):
@@ -93,8 +97,11 @@ class PBTracer(fx.Tracer):
         self._start_context: Optional[tuple] = None
 
     def trace(self, root, concrete_args=None):
-        self._start_context = _grad_context()
-        return super().trace(root, concrete_args)
+        # In fixed modes, whatever the caller's (a perforate under no_grad): a forward's own no_grad
+        # is then a switch.
+        with torch.enable_grad(), torch.inference_mode(False):
+            self._start_context = _grad_context()
+            return super().trace(root, concrete_args)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         if self._start_context is not None and kind != "placeholder":
@@ -546,7 +553,8 @@ def _quiet_export():
 def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> fx.GraphModule:
     with _explicit_keywords(model, kwargs):
         a, k, shapes = _export_inputs(model, args, kwargs, dims)
-        with _quiet_export():
+        # (grad on, whatever the caller's mode: a forward's own no_grad is then a region the graph keeps)
+        with _quiet_export(), torch.enable_grad():
             ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
             return _rehome(ep.module(), model)
 
@@ -877,6 +885,10 @@ def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] 
     chosen = ex_gm if better else fx_gm
     if chosen is ex_gm:
         _replay([w for w in export_warnings if issubclass(w.category, PBWarning)])
+        if switched and ex_sites < fx_sites and _AUTOCAST in switched:
+            warn_at_user(f"{type(model).__name__}: forward switches autocast, which only torch.export keeps: its graph "
+                         f"is used, where {fx_sites - ex_sites} layer(s) inside a switched region are no sites "
+                         "(torch.export wraps the region); layers under no_grad train not in any case")
     choice = (f"{why}; export: {ex_sites} sites, {ex_gm.meta.get('pbp_modes')} mode(s): "
               f"{chosen.meta['pbp_frontend']}")
     chosen.meta["pbp_frontend_choice"] = choice

@@ -559,6 +559,25 @@ def test_a_framework_resume_rebuilds_the_pool_with_its_own_settings_not_the_runs
     assert fresh.phase == "dendrite" and _pool_settings(fresh) == [SETTINGS] * len(pm.sites)
 
 
+def test_a_plain_load_state_dict_gives_a_pool_its_recorded_settings_and_warns_of_another_stride():
+    pm = pbp_fx.perforate(_build(), (X,))
+    pm.start_dendrite_phase(pool=2, **SETTINGS)
+    _steps(pm, 2)
+    state = pm.state_dict()
+    other = pbp_fx.perforate(_build(), (X,))
+    other.start_dendrite_phase(pool=2)  # start_dendrite_phase's defaults
+    other.load_state_dict(state)
+    assert _pool_settings(other) == [SETTINGS] * len(pm.sites)
+    strided = pbp_fx.perforate(nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU()), (torch.randn(4, 2, 8),))
+    strided.start_dendrite_phase(pool=2, stride=2)
+    plain = pbp_fx.perforate(nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU()), (torch.randn(4, 2, 8),))
+    plain.start_dendrite_phase(pool=2)
+    with pytest.warns(UserWarning, match="candidate pool has position stride 2, this one 1, which it keeps: to go on "
+                                         "as the state's, start the dendrite phase with stride=2"):
+        plain.load_state_dict(strided.state_dict())
+    assert [s.candidates.stride for s in plain.sites.values()] == [1]
+
+
 def test_a_site_that_differs_only_in_its_settings_is_named_with_them(tmp_path):
     path = str(tmp_path / "c.safetensors")
     pbp_fx.save(pbp_fx.perforate(_build(), (X,)), path)

@@ -423,18 +423,19 @@ def example_inputs():
 """
 
 
-def _export_both_ways(tmp_path, capsys, activation: str, flag: str) -> dict:
-    """`pbp-fx export --check` of a Linear-activation-Linear checkpoint with and without `flag`:
-    {flag given: the written graph's nodes}."""
+def _export_both_ways(tmp_path, capsys, model_text: str, flag: str) -> dict:
+    """`pbp-fx export --check` of a checkpoint of the model file `model_text` (one random dendrite per
+    site) with and without `flag`: {flag given: the written graph's nodes}."""
     import onnx
 
     from pbp_fx.checkpoint import save
 
-    model_file = tmp_path / "mlp.py"
-    model_file.write_text(RELU6_MLP.replace("ReLU6", activation))
+    model_file = tmp_path / "model.py"
+    model_file.write_text(model_text)
+    namespace: dict = {}
+    exec(model_text, namespace)
     torch.manual_seed(0)
-    pm = pbp_fx.perforate(torch.nn.Sequential(torch.nn.Linear(6, 8), getattr(torch.nn, activation)(),
-                                              torch.nn.Linear(8, 3)), (torch.randn(2, 6),))
+    pm = pbp_fx.perforate(namespace["build_model"](), namespace["example_inputs"]())
     pm.grow()
     with torch.no_grad():
         for s in pm.sites.values():
@@ -452,14 +453,14 @@ def _export_both_ways(tmp_path, capsys, activation: str, flag: str) -> dict:
 
 def test_export_folds_a_relu6_after_a_site_unless_keep_clip(tmp_path, capsys):
     ops = {given: [n.op_type for n in nodes]
-           for given, nodes in _export_both_ways(tmp_path, capsys, "ReLU6", "--keep-clip").items()}
+           for given, nodes in _export_both_ways(tmp_path, capsys, RELU6_MLP, "--keep-clip").items()}
     assert "HardSigmoid" in ops[False] and "Clip" not in ops[False]
     assert "Clip" in ops[True] and "HardSigmoid" not in ops[True]
 
 
 def test_export_folds_v0_into_the_readers_unless_keep_output_weight(tmp_path, capsys):
     unit = {given: [n.name for n in nodes if any(a.name == "unit_first_weight" for a in n.attribute)]
-            for given, nodes in _export_both_ways(tmp_path, capsys, "ReLU", "--keep-output-weight").items()}
+            for given, nodes in _export_both_ways(tmp_path, capsys, RELU6_MLP.replace("ReLU6", "ReLU"), "--keep-output-weight").items()}
     assert unit == {False: ["pbp/0"], True: []}
 
 
@@ -489,28 +490,8 @@ def example_inputs():
 
 
 def test_export_moves_a_residual_add_into_the_site_unless_keep_residual_add(tmp_path, capsys):
-    import onnx
-
-    from pbp_fx.checkpoint import save
-
-    model_file = tmp_path / "res.py"
-    model_file.write_text(RESIDUAL_CNN)
-    namespace: dict = {}
-    exec(RESIDUAL_CNN, namespace)
-    torch.manual_seed(0)
-    pm = pbp_fx.perforate(namespace["build_model"](), namespace["example_inputs"]())
-    pm.grow()
-    with torch.no_grad():
-        for s in pm.sites.values():
-            s.out_weight.normal_()
-    ckpt = str(tmp_path / "c.safetensors")
-    save(pm, ckpt, model_ref=str(model_file))
-    residual = {}
-    for given in (False, True):
-        out = str(tmp_path / f"m{int(given)}.onnx")
-        assert main(["export", ckpt, "-o", out, "--check", *(["--keep-residual-add"] if given else [])]) == 0
-        assert "max abs diff" in capsys.readouterr().out
-        residual[given] = [n.name for n in onnx.load(out).graph.node if any(a.name == "residual" for a in n.attribute)]
+    residual = {given: [n.name for n in nodes if any(a.name == "residual" for a in n.attribute)]
+                for given, nodes in _export_both_ways(tmp_path, capsys, RESIDUAL_CNN, "--keep-residual-add").items()}
     assert residual == {False: ["pbp/conv"], True: []}
 
 

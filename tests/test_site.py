@@ -454,7 +454,8 @@ def test_a_strided_pool_is_the_full_pool_at_every_nth_position(make, shape):
     with torch.no_grad():
         full.cascade.normal_()
     strided = site.start_candidates(pool=2, stride=2)
-    strided.load_state_dict(full.state_dict())
+    with pytest.warns(UserWarning, match="position stride 1, this one 2, which it keeps"):
+        strided.load_state_dict(full.state_dict())
     assert strided.stride == 2
     c = full(x, acts)  # [B', P, C, *S] or [B', *tokens, P, C]
     every_2nd = slice(None, None, 2)

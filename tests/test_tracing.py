@@ -605,6 +605,39 @@ def test_a_forward_that_switches_autocast_is_captured_by_export_exactly():
     assert torch.equal(pm(x), model(x))
 
 
+@pytest.mark.parametrize("caller", ["no_grad", "autocast"])
+def test_a_forwards_grad_mode_switch_is_seen_whatever_mode_perforate_runs_in(caller):
+    """Under a caller's torch.no_grad the forward's own no_grad changed nothing while tracing: fx's graph
+    was kept (and torch.export's, captured in the caller's mode, lost the region too)."""
+    torch.manual_seed(0)
+    model, x = _FrozenFeatures(), torch.randn(5, 8)
+    around = torch.no_grad() if caller == "no_grad" else torch.autocast("cpu", dtype=torch.bfloat16)
+    with around:
+        pm = pbp_fx.perforate(model, (x,))
+    assert pm.graph_module.meta["pbp_frontend"] == "export" and list(pm.sites) == ["head"]
+    pm(x).sum().backward()
+    assert dict(pm.named_parameters())["graph_module.feat.weight"].grad is None
+
+
+def test_an_autocast_off_region_is_seen_and_its_lost_sites_are_said():
+    """`with torch.autocast("cpu", enabled=False):` outside any autocast changes no enabled flag: only the
+    region's nesting shows it. torch.export keeps it, and wraps its layers, which are then no sites."""
+    class Fp32Island(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            with torch.autocast("cpu", enabled=False):
+                h = torch.relu(self.a(x.float()))
+            return self.b(h)
+
+    with pytest.warns(UserWarning, match=r"forward switches autocast, which only torch.export keeps: its graph is "
+                                         r"used, where 1 layer\(s\) inside a switched region are no sites"):
+        pm = pbp_fx.perforate(Fp32Island(), (torch.randn(5, 8),))
+    assert pm.graph_module.meta["pbp_frontend"] == "export" and list(pm.sites) == ["b"]
+
+
 def test_frontend_fx_warns_of_a_grad_mode_switch_it_drops():
     with pytest.warns(UserWarning, match=r"forward switches grad mode \(torch.no_grad, .*\) around some of its ops, "
                                          r"which symbolic tracing does not record.*use frontend='export'"):

@@ -131,6 +131,34 @@ def test_a_site_that_is_a_graph_output_keeps_its_add(tmp_path, caplog):
     assert any("'pbp/conv' stays: its output" in r.getMessage() for r in caplog.records)
 
 
+def test_a_site_an_if_branch_reads_keeps_its_add(tmp_path):
+    """torch.cond's branches read the site's output from inside the If node's subgraphs: the rule
+    counted top-level readers only, moved the site past the If, and the file failed onnx.checker."""
+    class Branching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = torch.cond(x.sum() > 0, lambda y: y * 2, lambda y: y - 1, (y,))
+            return y + x, z
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 5)
+    pm = pbp_fx.perforate(Branching().eval(), (x,))
+    pm.grow()
+    with torch.no_grad():
+        pm.sites["a"].out_weight.normal_(0.0, 0.5)
+    pm.eval()
+    path = export_onnx(pm, (x,), tmp_path / "m.onnx")
+    assert "residual" not in {a.name for a in _sites(path)["a"].attribute}
+    sess = ort_session(path, device="cpu", threads=1)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    for g, w in zip(got, pm(x)):
+        np.testing.assert_allclose(g, w.detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
 def test_onnxruntime_fuses_the_moved_add(tmp_path):
     """The point of the rule: after ONNX Runtime's layout pass no standalone Add or Relu is left of a
     ResNet block's tail (the Add is the scale pass's sum input, the Relu fused into the neuron's conv)."""
