@@ -13,14 +13,12 @@ all stored as initializers in the layout the body consumes directly
     B, B_d0..  (only when the site has a bias) the biases of those calls
     U        (only when K >= 2) the cascade weights [K, C, K]: a_k = pre_k + sum_{j<k} U[k, :, j] * s_j
     V        the output weights [K, C]: y = n + sum_k V[k] * s_k
-    R        (only with ``residual``) a tensor added to the site's output, written by
-             `residual_into_site`: y = n + (V[0] * s_0 + R) + sum_{k>0} V[k] * s_k
 
 Node attributes describe the op for readers and native kernels (``channels``,
 ``dendrites``, ``activation``; convolutions add ``kernel_shape``, ``strides``, ``pads``,
 ``dilations``, ``group``, ``padding_mode``; ``unit_first_weight`` = 1 when V[0] is all ones,
-written by `output_weight_into_readers`, so the body adds s_0 without a Mul; ``residual`` = 1
-when the node takes R); every one is declared by the function. A
+written by `output_weight_into_readers`, so the body adds s_0 without a Mul); every one is
+declared by the function. A
 function body depends on all of them (K is unrolled, strides are constants, ...), so each
 distinct signature ships its own FunctionProto, told apart by the function ``overload``
 (ONNX IR >= 10): ``FusedOpSpec.overload`` names it, e.g. ``conv2d_c16_k2_sigmoid_b1_s1x1_
@@ -31,7 +29,7 @@ inlines local functions) runs the file with no extra library:
     z_i = MatMul(x, W_di) [+ B_di]      or   Conv(Pad?(x), W_di, B_di)
     pre_1..pre_K = the copies of the z_i (a Split only when one call holds several)
     s_k = act(pre_k + sum_{j<k} U[k, :, j] * s_j)
-    y = n + sum_k V[k] * s_k           (+ R after the first term, with ``residual``)
+    y = n + sum_k V[k] * s_k
 
 Why this layout (ONNX Runtime profiles, bench/results/latency.md): with one call per copy
 there is no Split or Gather, grouped/depthwise convs keep channel multiplier 1, and for 2-D
@@ -89,7 +87,6 @@ class FusedOpSpec:
     group: int = 1
     padding_mode: str = "zeros"
     unit_first_weight: bool = False  # V[0] is all ones: y = n + s_0 + sum_{k>0} V[k] * s_k
-    residual: bool = False  # an input R added to the tail: y = n + (V[0] * s_0 + R) + ...
 
     def __post_init__(self):
         if self.activation not in _ACT_OPS:
@@ -119,7 +116,7 @@ class FusedOpSpec:
     def overload(self) -> str:
         """The function overload name: a readable, unique encoding of the signature."""
         head = f"{self.kind}_c{self.channels}_k{self.dendrites}_{self.activation}_b{int(self.has_bias)}"
-        tail = ("_unitv0" if self.unit_first_weight else "") + ("_res" if self.residual else "")
+        tail = "_unitv0" if self.unit_first_weight else ""
         if not self.is_conv:
             return head + tail
         return (f"{head}_w{_ints(self.kernel_shape)}_s{_ints(self.strides)}_p{_ints(self.pads)}"
@@ -134,8 +131,6 @@ class FusedOpSpec:
                          padding_mode=self.padding_mode)
         if self.unit_first_weight:  # (absent otherwise: files without the rewrite keep their bytes)
             attrs["unit_first_weight"] = 1
-        if self.residual:
-            attrs["residual"] = 1
         return attrs
 
     @property
@@ -146,7 +141,7 @@ class FusedOpSpec:
     def input_names(self) -> list[str]:
         calls = [""] + [f"_d{i}" for i in range(len(self.call_sizes))]
         names = ["x"] + [f"W{c}" for c in calls] + ([f"B{c}" for c in calls] if self.has_bias else [])
-        return names + (["U"] if self.dendrites > 1 else []) + ["V"] + (["R"] if self.residual else [])
+        return names + (["U"] if self.dendrites > 1 else []) + ["V"]
 
 
 class _Body:
@@ -230,8 +225,6 @@ def make_function(spec: FusedOpSpec, opset: int = 18) -> onnx.FunctionProto:
             a = b.op("Add", [a, b.op("Mul", [u_entry(i, j), acts[j]], "ua")], "a")
         acts.append(b.op(act, [a], "s"))
     tail = acts[0] if spec.unit_first_weight else b.op("Mul", [v_row(0), acts[0]], "vs")
-    if spec.residual:  # right after the first scale: a runtime fuses this Add into that scale pass
-        tail = b.op("Add", [tail, "R"], "tail")
     for i in range(1, k):
         tail = b.op("Add", [tail, b.op("Mul", [v_row(i), acts[i]], "vs")], "tail")
     # the neuron's output last: a runtime fuses this Add (and a following activation) into its Conv
@@ -244,7 +237,7 @@ def make_function(spec: FusedOpSpec, opset: int = 18) -> onnx.FunctionProto:
 
 
 def set_flags(node: onnx.NodeProto, specs: dict[str, FusedOpSpec], *flags: str) -> FusedOpSpec:
-    """A rewrite sets FusedOpSpec's boolean `flags` (``unit_first_weight``, ``residual``) on a fused
+    """A rewrite sets FusedOpSpec's boolean `flags` (such as ``unit_first_weight``) on a fused
     node: its new signature joins `specs`, and the node takes its overload and the flags' attributes."""
     new = dataclasses.replace(specs[node.overload], **{f: True for f in flags})
     specs[new.overload] = new

@@ -59,7 +59,7 @@ from pbp_fx.fileio import atomic_write
 from pbp_fx.layers import dendrite_calls
 from pbp_fx.site import FusedSite, Site
 
-from . import clip_after_site, output_weight_into_readers, residual_into_site
+from . import clip_after_site, output_weight_into_readers
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
 
 __all__ = ["export_onnx", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS",
@@ -988,7 +988,7 @@ def _write_atomic(data: bytes, path: str) -> None:
 def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], fused: bool = True,
                 dynamic_batch: bool = True, opset: Optional[int] = None, fold_clip: bool = True,
                 fold_output_weight: bool = True, example_kwargs: Optional[dict] = None,
-                dynamic_axes: Optional[dict] = None, fold_residual: bool = True) -> str:
+                dynamic_axes: Optional[dict] = None) -> str:
     """Export `model` to the ONNX file `path` and return the path (as given).
 
     model: a PerforatedModel (finalized first; the model itself is not modified), a
@@ -1017,10 +1017,6 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         (`pbp_fx.exporters.output_weight_into_readers`): the same function without a per-channel
         scale pass, which ONNX Runtime's CPU kernels run on their own. The site's tensors and
         the readers' weights in the file then differ from the model's.
-    fold_residual: (fused only) a residual Add after a 2-D conv site that keeps V[0] becomes an
-        input of the site's node, added to its first scaled dendrite
-        (`pbp_fx.exporters.residual_into_site`): the same function up to rounding, with the Add in
-        a pass ONNX Runtime's CPU layout runs anyway instead of a pass of its own.
 
     Raises ExportPathError (an OSError) for an unwritable path, ExportError when the model
     cannot be exported. The file is complete or absent, never partial.
@@ -1061,10 +1057,6 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
             log.info("export_onnx: %s", why)
     if fused and fold_output_weight:
         _, kept = output_weight_into_readers.rewrite(proto, specs, _default_opset(proto))
-        for why in kept:
-            log.info("export_onnx: %s", why)
-    if fused and fold_residual:
-        _, kept = residual_into_site.rewrite(proto, specs, _default_opset(proto))
         for why in kept:
             log.info("export_onnx: %s", why)
     _drop_unused_initializers(proto)

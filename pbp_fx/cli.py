@@ -697,9 +697,6 @@ def _model_module(ref: str):
     arg("--keep-output-weight", action="store_true", help="keep each site's first output weight V[0] in its node; by "
         "default, where a site's output goes through nothing or a Relu / LeakyRelu into linear layers only, V[0] "
         "is folded into their weights (one per-channel scale pass less per site)"),
-    arg("--keep-residual-add", action="store_true", help="keep a residual Add after a 2-D conv site as its own "
-        "node; by default it becomes an input of the site's node, added in its scale pass, which ONNX Runtime "
-        "fuses (one pass less per residual block)"),
     arg("--check", action="store_true", help="run the file in ONNX Runtime and compare with PyTorch"),
     arg("--frontend", default="auto", choices=("auto", "fx", "export"),
         help="how the model file's model is captured (auto: symbolic tracing, else torch.export)"),
@@ -769,7 +766,7 @@ def export(args: argparse.Namespace) -> int:
         path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
                            opset=args.opset, fold_clip=not args.keep_clip,
                            fold_output_weight=not args.keep_output_weight, example_kwargs=kwargs,
-                           dynamic_axes=axes, fold_residual=not args.keep_residual_add)
+                           dynamic_axes=axes)
     print(f"wrote {path}: {'unfused' if args.unfused else 'fused'}, dendrites per site "
           f"{json.dumps(pm.num_dendrites)}")
     if args.check:

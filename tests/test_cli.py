@@ -464,36 +464,6 @@ def test_export_folds_v0_into_the_readers_unless_keep_output_weight(tmp_path, ca
     assert unit == {False: ["pbp/0"], True: []}
 
 
-RESIDUAL_CNN = """
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem, self.conv = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x):
-        x = F.relu(self.stem(x))
-        return self.conv(x) + x
-
-
-def build_model():
-    return Net()
-
-
-def example_inputs():
-    return (torch.randn(2, 3, 5, 5),)
-"""
-
-
-def test_export_moves_a_residual_add_into_the_site_unless_keep_residual_add(tmp_path, capsys):
-    residual = {given: [n.name for n in nodes if any(a.name == "residual" for a in n.attribute)]
-                for given, nodes in _export_both_ways(tmp_path, capsys, RESIDUAL_CNN, "--keep-residual-add").items()}
-    assert residual == {False: ["pbp/conv"], True: []}
-
 
 def test_export_model_file_unfused(tmp_path, capsys):
     out = str(tmp_path / "m.onnx")

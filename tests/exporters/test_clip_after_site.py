@@ -69,9 +69,8 @@ def _specs(pm) -> dict:
 def test_bounded_relus_after_sites_become_hardsigmoids_with_the_same_outputs(tmp_path, k):
     pm, x = _perforated(k)
     folded, kept = tmp_path / "folded.onnx", tmp_path / "kept.onnx"
-    # (the residual rule off: it gives the site read by the Add an input R, no initializer, in both files)
-    export_onnx(pm, (x,), folded, fold_residual=False)
-    export_onnx(pm, (x,), kept, fold_clip=False, fold_residual=False)
+    export_onnx(pm, (x,), folded)
+    export_onnx(pm, (x,), kept, fold_clip=False)
     onnx.checker.check_model(onnx.load(str(folded)), full_check=True)
     assert _ops(kept)["Clip"] == 5 and "HardSigmoid" not in _ops(kept)
     # expand's, dw's and fc's bounds fold; side's ReLU6 (read by an Add) and the one after the Add stay.
@@ -97,7 +96,7 @@ def test_bounded_relus_after_sites_become_hardsigmoids_with_the_same_outputs(tmp
 def test_the_rule_says_why_a_clip_stays(tmp_path):
     pm, x = _perforated(1)
     path = tmp_path / "kept.onnx"
-    export_onnx(pm, (x,), path, fold_clip=False, fold_residual=False)  # (the overloads _specs gives)
+    export_onnx(pm, (x,), path, fold_clip=False)
     proto = onnx.load(str(path))
     n, reasons = clip_after_site.rewrite(proto, _specs(pm))
     assert n == 3

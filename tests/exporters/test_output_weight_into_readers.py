@@ -249,3 +249,27 @@ def test_v0_stays_where_rescaling_would_leave_the_dtypes_range(tmp_path, caplog,
     got = _ort(tmp_path / "m.onnx", x).astype(np.float32)
     assert np.isfinite(got).all()
     assert np.abs(got - ref).max() <= (2e-2 if dtype == torch.float16 else 1e-5) * max(1.0, np.abs(ref).max())
+
+
+def test_a_value_an_if_branch_reads_keeps_its_scale(tmp_path):
+    """torch.cond's branches read a site's output from inside the If node's subgraphs: counted as no
+    reader, the rule moved V[0] into the one conv it saw, and the branch read the rescaled value."""
+    class Branching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            h = F.relu(self.a(x))
+            z = torch.cond(x.sum() > 0, lambda h: h * 2, lambda h: h - 1, (h,))
+            return self.b(h), z
+
+    x = torch.randn(2, 4, 5, 5)
+    pm = _perforated(Branching(), x, 1, "sigmoid")
+    path = export_onnx(pm, (x,), tmp_path / "m.onnx")
+    assert "unit_first_weight" not in {a.name for a in _sites(path)["a"].attribute}
+    sess = ort_session(path, device="cpu", threads=1)
+    for xs in (x, -x.abs()):  # both branches
+        got = sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})
+        for g, w in zip(got, pm(xs)):
+            np.testing.assert_allclose(g, w.detach().numpy(), atol=1e-5, rtol=1e-5)
