@@ -23,6 +23,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from .errors import PBError, warn_at_user
 from .modelfile import example_inputs, example_kwargs
@@ -41,10 +43,28 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _ReadWithoutGrad(TorchFunctionMode):
+    """Records the parameters torch functions read while grad is off (a `with torch.no_grad():`
+    inside forward): the autograd graph does not show them, yet the model and its file hold them."""
+
+    def __init__(self):
+        super().__init__()
+        self.read: dict[int, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled():
+            for t in pytree.tree_leaves((args, kwargs)):
+                if isinstance(t, nn.Parameter):
+                    self.read[id(t)] = t.numel()
+        return func(*args, **kwargs)
+
+
 def used_parameters(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[dict] = None) -> int:
-    """Parameters the model's outputs depend on at the example inputs, shared ones once: what a
-    captured graph (a PerforatedModel's count) and an exported file hold. A module `forward`
-    never calls is not counted. The model's buffers, flags and the RNG are left as they were."""
+    """Parameters the model's outputs depend on at the example inputs (those a forward reads under
+    no_grad too), shared ones once: what a captured graph (a PerforatedModel's count) and an exported
+    file hold. A module `forward` never calls is not counted. The model's buffers, flags and the RNG
+    are left as they were."""
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]  # e.g. BatchNorm's running stats
@@ -55,7 +75,9 @@ def used_parameters(model: nn.Module, example_inputs: tuple, example_kwargs: Opt
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             for p in params:
                 p.requires_grad_(True)
-            out = model(*example_inputs, **(example_kwargs or {}))
+            with _ReadWithoutGrad() as without_grad:
+                out = model(*example_inputs, **(example_kwargs or {}))
+            used.update(without_grad.read)
             # The autograd graph's leaves are the parameters used.
             for node in autograd_nodes([(t.grad_fn, t.output_nr) for t in _outputs(out)]).values():
                 leaf = getattr(node, "variable", None)
