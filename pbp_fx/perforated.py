@@ -406,7 +406,7 @@ class PerforatedModel(nn.Module):
         exclude_embeddings: leave out nn.Embedding tables that are still modules (Hugging Face
         Trainer asks for this count in its FLOP estimate; torch.export graphs hold no modules).
         """
-        skip = set()
+        skip = self._unread_parameters()
         if exclude_embeddings:
             skip.update(id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding))
         if not candidates:
@@ -417,6 +417,22 @@ class PerforatedModel(nn.Module):
         # U is stored [K, C, K] but only j < k is read: count the C*K*(K-1)/2 used entries.
         unused = sum(s.channels * s.num_dendrites * (s.num_dendrites + 1) // 2 for s in self.sites.values())
         return total - unused
+
+    def _unread_parameters(self) -> set:
+        """ids of parameters no graph reads: torch.export's module keeps every parameter of the model,
+        a module forward never calls included, as a get_attr node without users (symbolic tracing
+        leaves such modules out)."""
+        read, unread = set(), set()
+        for gm in (m for m in self.modules() if isinstance(m, fx.GraphModule)):
+            for node in gm.graph.nodes:
+                if node.op != "get_attr":
+                    continue
+                try:
+                    p = gm.get_parameter(node.target)
+                except AttributeError:  # (a buffer or a constant)
+                    continue
+                (read if node.users else unread).add(id(p))
+        return unread - read
 
     def summary(self) -> list[dict]:
         """One row per site: name, kind, channels, norm, dendrites, params per new dendrite."""

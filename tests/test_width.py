@@ -270,6 +270,26 @@ def test_used_parameters_counts_a_layer_the_forward_runs_under_no_grad():
     assert perforate(model, x).num_parameters() == used_parameters(model, x)
 
 
+class _WithAnUncalledLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.unused = nn.Linear(4, 4), nn.Linear(4, 100)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_perforated_model_counts_no_layer_its_forward_never_calls(frontend):
+    """torch.export's module keeps every parameter (unread ones as get_attr nodes without users): the
+    pb arm counted 520 parameters against the plain arm's 20, and plain-matched was sized on that."""
+    from pbp_fx import perforate
+
+    model, x = _WithAnUncalledLayer(), (torch.randn(2, 4),)
+    pm = perforate(model, x, frontend=frontend)
+    assert pm.num_parameters() == used_parameters(model, x) == 4 * 4 + 4
+
+
 class _KeywordOnly(nn.Module):
     def __init__(self):
         super().__init__()
