@@ -615,6 +615,7 @@ class PerforatedModel(nn.Module):
         return f"mode={self.mode!r}, activation={self.activation!r}, phase={self.phase!r}, sites={len(self.sites)}"
 
 
+@outside_inference_mode  # (its copy of the model made inside it would hold inference tensors: untrainable)
 def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
               activation: str = "sigmoid", mode: str = "pb", *, example_kwargs: Optional[dict] = None,
               frontend: str = "auto", dynamic: Union[bool, str] = True) -> PerforatedModel:

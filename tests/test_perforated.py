@@ -1222,3 +1222,17 @@ def test_the_copy_keeps_buffers_that_reading_a_weight_updates():
     assert torch.equal(dict(pm.named_buffers())[f"graph_module.{u}"], dict(model.named_buffers())[u])
     model.eval(), pm.eval()
     assert torch.equal(model(x), pm(x))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_model_perforated_under_inference_mode_trains(frontend):
+    """The copy perforate made inside torch.inference_mode held inference tensors: the first backward
+    failed with 'Inference tensors cannot be saved for backward'."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), torch.randn(3, 4)
+    with torch.inference_mode():
+        pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    pm.train()
+    pm(x).pow(2).sum().backward()
+    assert all(p.grad is not None for p in pm.trainable_parameters())
+    assert torch.equal(pm(x), model(x))
