@@ -421,18 +421,26 @@ class PerforatedModel(nn.Module):
     def _unread_parameters(self) -> set:
         """ids of parameters no graph reads: torch.export's module keeps every parameter of the model,
         a module forward never calls included, as a get_attr node without users (symbolic tracing
-        leaves such modules out)."""
-        read, unread = set(), set()
-        for gm in (m for m in self.modules() if isinstance(m, fx.GraphModule)):
-            for node in gm.graph.nodes:
-                if node.op != "get_attr":
-                    continue
-                try:
-                    p = gm.get_parameter(node.target)
-                except AttributeError:  # (a buffer or a constant)
-                    continue
-                (read if node.users else unread).add(id(p))
-        return unread - read
+        leaves such modules out). The Hugging Face Trainer counts parameters at every step, so the
+        graphs are walked once: their unread get_attr targets are kept, by graph."""
+        graphs = [m for m in self.modules() if isinstance(m, fx.GraphModule)]
+        key = tuple(id(gm.graph) for gm in graphs)
+        if getattr(self, "_unread_targets", (None,))[0] != key:
+            read, unread = set(), {}
+            for i, gm in enumerate(graphs):
+                for node in gm.graph.nodes:
+                    if node.op != "get_attr":
+                        continue
+                    try:
+                        p = gm.get_parameter(node.target)
+                    except AttributeError:  # (a buffer or a constant)
+                        continue
+                    if node.users:
+                        read.add(id(p))
+                    else:
+                        unread[id(p)] = (i, node.target)
+            self._unread_targets = (key, [where for pid, where in unread.items() if pid not in read])
+        return {id(graphs[i].get_parameter(target)) for i, target in self._unread_targets[1]}
 
     def summary(self) -> list[dict]:
         """One row per site: name, kind, channels, norm, dendrites, params per new dendrite."""
