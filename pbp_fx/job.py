@@ -256,7 +256,10 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                 if strings:
                     raise TrainingError(f"the {name} targets are strings ({strings[0]!r}, ...), not numbers: map each "
                                         "class name to an integer label in datasets()")
-                with torch.no_grad():
+                # Gradients on the training samples only, to see that the loss depends on the parameters
+                # (eval mode still: no state changes)
+                graded = name == SPLIT_NAMES[0] and any(p.requires_grad for p in model.parameters())
+                with torch.set_grad_enabled(graded):
                     output = call_model(model, inputs)
                     loss = loss_fn(output, target)
                     if not isinstance(loss, torch.Tensor):
@@ -267,16 +270,14 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                         raise TrainingError(f"the loss_fn returns a tensor of shape {list(loss.shape)} on the first "
                                             f"{name} samples, not one number: reduce it (.mean(), or "
                                             "reduction='mean')")
-                    float(loss)
-                    scored = metric(output, target)
-                if name == SPLIT_NAMES[0] and any(p.requires_grad for p in model.parameters()):
-                    with torch.enable_grad():  # (eval mode still: no state changes)
-                        graded = loss_fn(call_model(model, inputs), target)
-                    if not graded.requires_grad:
+                    if graded and not loss.requires_grad:
                         raise TrainingError(f"the loss_fn returns a tensor that does not depend on the model's "
                                             f"parameters on the first {name} samples (detached: .detach(), .item(), "
                                             "torch.tensor(...) or numpy inside it): compute it from the output with "
                                             "torch ops")
+                    float(loss.detach())
+                    with torch.no_grad():
+                        scored = metric(output, target)
                 if not (isinstance(scored, (tuple, list)) and len(scored) == 2):
                     raise TypeError(f"metric returned {type(scored).__name__}, not a (sum, count) pair")
                 float(scored[0]), float(scored[1])  # numbers (or one-element tensors): else a TypeError here
