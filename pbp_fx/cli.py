@@ -1025,7 +1025,8 @@ def compare_cmd(args: argparse.Namespace) -> int:
     if args.pb_run is not None:
         given = sorted(f for f, v in vars(args).items() if v is not None and f in _SETTING_DESTS)
         if given:  # (a model file is the run's own at a new path: its content is checked)
-            raise PBError(f"--pb-run uses the run's own settings ({_flag_of(given[0], getattr(args, given[0]))} given): drop it")
+            flag = _flag_of(given[0], getattr(args, given[0]))
+            raise PBError(f"--pb-run uses the run's own settings ({flag} given): drop it")
         config = training = None
     compare(args.model, width=args.width, seeds=args.seeds, arms=args.arms, config=config, training=training,
             out=args.out or args.pb_run or os.path.join("runs", f"compare_{name}"), jobs=args.jobs,
