@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch import callbacks as lightning_callbacks
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.trainer.states import TrainerFn
@@ -27,6 +28,9 @@ from .common import StructureOnLoad, find_perforated, finished_run, refused_rest
 __all__ = ["PBCallback"]
 
 _HELD_PATIENCE = 2**31 - 1  # an EarlyStopping's patience while a dendrite phase holds it
+# Callbacks that keep an averaged copy of the model (WeightAveraging, with its EMA subclass, is Lightning >= 2.5's).
+_AVERAGING = tuple(getattr(lightning_callbacks, n) for n in ("StochasticWeightAveraging", "WeightAveraging")
+                   if hasattr(lightning_callbacks, n))
 
 
 class PBCallback(Callback):
@@ -94,6 +98,12 @@ class PBCallback(Callback):
             raise TrainingError(f"PBCallback decides on the validation metric {self.monitor!r}, but this fit runs no "
                                 "validation: define validation_step, pass val_dataloaders (or a datamodule's "
                                 "val_dataloader) and keep limit_val_batches > 0")
+        averagers = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, _AVERAGING)]
+        if averagers:
+            raise TrainingError(f"PBCallback: {averagers[0]} averages a copy of the model made before PB restructures "
+                                "it (candidates, dendrites), so its average pairs the wrong tensors, and PB ends the "
+                                "run on its own best weights: remove it, or average in a training loop of your own "
+                                "with pbp_fx.integrations.averaging (docs/integrations.md)")
         for saver in trainer.checkpoint_callbacks:
             monitored = getattr(saver, "monitor", None)
             if monitored is not None and monitored != self.monitor:

@@ -667,3 +667,21 @@ def test_an_optimizer_group_added_after_configure_optimizers_is_warned_of_at_a_r
                                          r"at each restructure PB regroups"):
         trainer.fit(ThawingClassifier(pm), train, val)
     assert any("dendrite phase started" in h["note"] for h in cb.controller.history)
+
+
+@pytest.mark.parametrize("averager", ["StochasticWeightAveraging", "EMAWeightAveraging"])
+def test_a_weight_averaging_callback_is_refused_before_any_step(averager):
+    # Its averaged copy keeps the structure of the fit's start: after an install it paired the wrong
+    # tensors (n_averaged grew while the copy had no dendrite), and SWA's scheduler overrode candidate_lr.
+    callbacks = pytest.importorskip("lightning.pytorch.callbacks")
+    if not hasattr(callbacks, averager):
+        pytest.skip(f"this Lightning has no {averager}")
+    make = getattr(callbacks, averager)
+    train, val = digits_loaders()
+    module = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
+    trainer = _trainer(PBCallback(QUICK), max_epochs=2)
+    trainer.callbacks.append(make(swa_lrs=1e-3) if averager == "StochasticWeightAveraging" else make())
+    with pytest.raises(TrainingError, match=f"^PBCallback: {averager} averages a copy of the model made before PB "
+                                            "restructures it .*pbp_fx.integrations.averaging"):
+        trainer.fit(module, train, val)
+    assert trainer.global_step == 0
