@@ -37,8 +37,9 @@ class PBCallback(TrainerCallback):
     metric: the evaluation metric the schedule follows ("eval_loss", or "eval_<name>" from
     compute_metrics; the "eval_" prefix may be left out); default: TrainingArguments'
     metric_for_best_model when set, else "eval_loss". greater_is_better: its direction (default:
-    TrainingArguments.greater_is_better for metric_for_best_model, else lower is better for names
-    ending in "loss", higher otherwise); it sets config.maximize. config: PB settings (default:
+    TrainingArguments.greater_is_better when the metric is metric_for_best_model, else lower is
+    better for names ending in "loss", higher otherwise; one contrary to the Trainer's for its
+    metric is refused); it sets config.maximize. config: PB settings (default:
     PBConfig() with the model's mode and activation). `self.controller` is the PhaseController once training has begun.
     Checkpoints: every Trainer checkpoint folder and, at the end, `args.output_dir` get a
     `pbp_fx.safetensors` that `pbp_fx.load` reads. One process (no multi-GPU DDP).
@@ -106,12 +107,17 @@ class PBCallback(TrainerCallback):
             raise TrainingError(f"PBCallback: {stoppers[0]} would end the run inside a dendrite phase, where the "
                                 "evaluation score cannot change: remove it (PB stops the run itself when it is "
                                 "complete; PBConfig(patience=...) is its neuron-phase patience)")
-        self._from_args = self._metric is None and bool(args.metric_for_best_model)
-        if self._from_args:  # the metric the user's Trainer ranks by
-            gib = self._greater_is_better if self._greater_is_better is not None else args.greater_is_better
-            self.metric, self.maximize = _direction(args.metric_for_best_model, gib)
+        ranked = _direction(args.metric_for_best_model, None)[0] if args.metric_for_best_model else None
+        self._from_args = self._metric is None and ranked is not None
+        if self._from_args or ranked == self.metric:  # the metric the user's Trainer ranks by: its direction
+            own, trainers = self._greater_is_better, bool(args.greater_is_better)
+            if own is not None and own != trainers:
+                raise TrainingError(f"PBCallback(greater_is_better={own}) ranks {ranked} the other way round from "
+                                    f"TrainingArguments(greater_is_better={args.greater_is_better}): give one "
+                                    "direction (leave PBCallback's unset to follow the Trainer's)")
+            self.metric, self.maximize = ranked, trainers
         elif (args.metric_for_best_model and args.save_strategy != "no"
-              and _direction(args.metric_for_best_model, None)[0] != self.metric):
+              and ranked != self.metric):
             warn_at_user(
                 f"PBCallback follows {self.metric} but the Trainer ranks checkpoints by metric_for_best_model="
                 f"{args.metric_for_best_model}: a checkpoint saved at a PB rewind (a dendrite phase's start, a retry, "

@@ -281,6 +281,23 @@ def test_a_checkpoint_ranking_by_another_metric_is_warned_of(tmp_path, perforate
     assert [w.filename for w in caught if "follows eval_loss" in str(w.message)] == [__file__]  # the user's line
 
 
+
+def test_a_metric_the_trainer_ranks_by_takes_the_trainers_direction(tmp_path, perforated_bert):
+    # PBCallback(metric=X) beside metric_for_best_model=X followed the name's default direction ("mae":
+    # higher is better) against the Trainer's greater_is_better=False, and so kept the worst model.
+    cb = PBCallback(QUICK, metric="loss")  # eval_loss, given without its prefix
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=1, metric_for_best_model="eval_loss",
+                          greater_is_better=True)
+    trainer.train()
+    assert cb.maximize and cb.controller.config.maximize
+    cb = PBCallback(QUICK, metric="eval_loss", greater_is_better=False)
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=1, metric_for_best_model="loss",
+                          greater_is_better=True)
+    with pytest.raises(TrainingError, match=r"^PBCallback\(greater_is_better=False\) ranks eval_loss the other way "
+                                            r"round from TrainingArguments\(greater_is_better=True\): give one direction"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
 # The Trainer saves model.state_dict() with safetensors, which takes tensors only: that holds in
 # the dendrite phase too (CandidatePool keeps its batch count as a tensor extra state).
 def test_trainer_checkpoints_in_the_dendrite_phase(tmp_path, perforated_bert):
