@@ -382,8 +382,9 @@ class PhaseController:
 
     def _neuron_groups(self) -> dict:
         """{id(parameter of a site): the group of that site's neuron weight}: a dendrite or
-        candidate trains with its neuron's hyperparameters (a head's 10x lr, its weight decay),
-        and a rule by module path rebuilds the same groups on resume."""
+        candidate trains with its neuron's hyperparameters (a head's 10x lr, its weight decay).
+        Its names are the site's (pbp_sites.*), so an optimizer rebuilt by a rule on names on
+        resume needs that rule as parameter_groups instead."""
         out = {}
         for name, site in self.pm.sites.items():
             weight = self.pm.neuron_weight(name)

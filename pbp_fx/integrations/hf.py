@@ -13,13 +13,13 @@ stepping, and when PB is complete training stops with the best-validation model 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from transformers import TrainerCallback
 
 from ..checkpoint import holds_weights_of, load_controller, save
-from ..config import PBConfig
+from ..config import ConfigError, PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError, warn_at_user
 from ..perforated import LOSS_KEYWORD, PerforatedModel, takes_loss_keyword
@@ -40,14 +40,22 @@ class PBCallback(TrainerCallback):
     TrainingArguments.greater_is_better when the metric is metric_for_best_model, else lower is
     better for names ending in "loss", higher otherwise; one contrary to the Trainer's for its
     metric is refused); it sets config.maximize. config: PB settings (default:
-    PBConfig() with the model's mode and activation). `self.controller` is the PhaseController once training has begun.
+    PBConfig() with the model's mode and activation). group_of_name(name) -> group index: the rule
+    by which you group your own optimizer (`Trainer(optimizers=...)`) over the names of the Trainer's
+    model; PB's new parameters join the groups it gives them, so that the optimizer you rebuild by it
+    on resume has the saved groups (default: a new parameter joins its neuron's group; the
+    Trainer's own optimizer: its weight-decay rule). `self.controller` is the PhaseController once training has begun.
     Checkpoints: every Trainer checkpoint folder and, at the end, `args.output_dir` get a
     `pbp_fx.safetensors` that `pbp_fx.load` reads. One process (no multi-GPU DDP).
     """
 
     def __init__(self, config: Optional[PBConfig] = None, metric: Optional[str] = None,
-                 greater_is_better: Optional[bool] = None):
+                 greater_is_better: Optional[bool] = None, group_of_name: Optional[Callable[[str], int]] = None):
+        if group_of_name is not None and not callable(group_of_name):
+            raise ConfigError(f"PBCallback(group_of_name={group_of_name!r}): give a function of a parameter's name "
+                              "that returns its optimizer group's index")
         self.config, self._metric, self._greater_is_better = config, metric, greater_is_better
+        self._group_of_name = group_of_name
         self.metric, self.maximize = _direction(metric or "eval_loss", greater_is_better)
         self.controller: Optional[PhaseController] = None
         self._training = False
@@ -60,6 +68,7 @@ class PBCallback(TrainerCallback):
         self._decisions, self._first_step = 0, 0  # controller steps in this train(), its first global step
         self._from_args = False  # the metric is the TrainingArguments' metric_for_best_model
         self._structure_hook: Optional[StructureOnLoad] = None
+        self._user_groups_warned = False
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if getattr(args, "neftune_noise_alpha", None) is not None:  # (train() attaches it before on_train_begin)
@@ -149,7 +158,7 @@ class PBCallback(TrainerCallback):
             raise TrainingError(refused_restart("trainer.train(resume_from_checkpoint=<a checkpoint of that run>)"))
         if self.controller is None or self.controller.pm is not pm or (resuming and self.controller.optimizer is not opt):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize, root=model,
-                                              parameter_groups=_trainer_groups if _grouped_by_trainer(model, opt) else None)
+                                              parameter_groups=self._parameter_groups(model, opt, warn=not resuming))
         if resuming:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
             load_controller(_resumed_file(args, state, pm), self.controller)
         # PB finished already (a checkpoint written then, or train() called again): nothing left to train.
@@ -165,6 +174,25 @@ class PBCallback(TrainerCallback):
         self._applied_lr = None  # group 0's rate at the last optimizer step (what the log shows)
         self._decisions, self._first_step = 0, state.global_step
         self._training = True
+
+    def _parameter_groups(self, model, optimizer, warn: bool) -> Optional[Callable]:
+        """Where PB's new parameters go (PhaseController's parameter_groups): the user's rule, else the
+        Trainer's own grouping, else (None) their neurons' groups; an optimizer of the user's own with
+        several groups and no rule is warned of in a fresh run (its rebuild on resume would not fit the
+        saved state)."""
+        rule = self._group_of_name
+        if rule is not None:
+            return lambda module: {n: _group_index(rule, n, len(optimizer.param_groups))
+                                   for n, _ in module.named_parameters()}
+        if _grouped_by_trainer(model, optimizer):
+            return _trainer_groups
+        if warn and len(optimizer.param_groups) > 1 and not self._user_groups_warned:
+            self._user_groups_warned = True
+            warn_at_user(f"PBCallback: your optimizer has {len(optimizer.param_groups)} parameter groups; PB puts each "
+                         "new parameter (candidates, dendrites) in its neuron's group, which an optimizer rebuilt from "
+                         "names on resume does not reproduce (the Trainer then refuses the saved state): pass the rule "
+                         "that groups it as PBCallback(group_of_name=...)")
+        return None
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not self._training or self.controller.done:
@@ -320,6 +348,15 @@ def _refuse_misplaced_optimizer_state(optimizer) -> None:
                         f"parameter of shape {tuple(p.shape)}: the optimizer was built before the model had the "
                         f"checkpoint's structure; load the checkpoint first (pbp_fx.load('<checkpoint folder>/"
                         f"{CHECKPOINT_NAME}', model)), then build the optimizer over model.trainable_parameters()")
+
+
+def _group_index(rule: Callable[[str], int], name: str, groups: int) -> int:
+    """rule(name), checked: an index of one of the optimizer's `groups` groups."""
+    index = rule(name)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < groups:
+        raise TrainingError(f"PBCallback(group_of_name=...) gave {index!r} for {name!r}: it must return the index of "
+                            f"one of the optimizer's {groups} parameter groups (0 to {groups - 1})")
+    return index
 
 
 def _grouped_by_trainer(model, optimizer) -> bool:

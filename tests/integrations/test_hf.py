@@ -13,6 +13,7 @@ from transformers import (EarlyStoppingCallback, Trainer, TrainerCallback, Train
                           default_data_collator)
 
 import pbp_fx  # noqa: E402
+from pbp_fx.config import ConfigError  # noqa: E402
 from pbp_fx.errors import TrainingError  # noqa: E402
 from pbp_fx.integrations.hf import CHECKPOINT_NAME, PBCallback  # noqa: E402
 
@@ -585,6 +586,45 @@ def test_resume_inside_a_dendrite_phase_without_loading_first_on_a_batchnorm_mod
     for k, v in model.state_dict().items():  # the BatchNorm buffers too
         torch.testing.assert_close(again.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
+
+
+def test_an_own_optimizer_grouped_by_a_name_rule_resumes_with_the_rule_given_to_the_callback(tmp_path):
+    """PB put new parameters in their neuron's group; the rule rebuilt on resume put them elsewhere
+    (site parameters are named pbp_sites.*), and the Trainer refused the saved state (a raw ValueError)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 8, generator=g)
+    y = ((x[:, 0] * x[:, 1] > 0) ^ (x[:, 2] > 0.5)).long()
+    rows = [{"x": a, "labels": b} for a, b in zip(x, y)]
+
+    def rule(name):  # the first layer's own weights at a lower rate
+        return 0 if name.endswith(("fc1.weight", "fc1.bias")) else 1
+
+    def run(folder, resume=None, give_rule=True):
+        torch.manual_seed(0)
+        model = pbp_fx.perforate(_NormedNet(), example_kwargs={"x": x[:4], "labels": y[:4]})
+        if resume is not None:
+            model = pbp_fx.load(os.path.join(resume, CHECKPOINT_NAME), model)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = torch.optim.Adam([{"params": [p for n, p in named if rule(n) == i], "lr": lr}
+                                for i, lr in enumerate((1e-3, 3e-3))])
+        cb = PBCallback(QUICK, group_of_name=rule if give_rule else None)
+        trainer = Trainer(model=model, args=_args(folder, save_strategy="epoch", per_device_train_batch_size=64),
+                          train_dataset=rows[:256], eval_dataset=rows[256:], callbacks=[cb], optimizers=(opt, None))
+        trainer.train(resume_from_checkpoint=resume)
+        return cb.controller
+
+    whole = run(tmp_path)
+    saved = sorted((d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")), key=lambda d: int(d[11:]))
+    structures = [pbp_fx.checkpoint.read_structure(str(tmp_path / d / CHECKPOINT_NAME)) for d in saved]
+    inside = next(d for d, st in zip(saved, structures) if st["phase"] == "dendrite")
+    installed = next(d for d, st in zip(saved, structures) if any(site["dendrites"] for site in st["sites"]))
+    for folder in (inside, installed):
+        _same_run(run(tmp_path, resume=str(tmp_path / folder)).history, whole.history)
+    with pytest.warns(UserWarning, match=r"your optimizer has 2 parameter groups; PB puts each new parameter .* "
+                                         r"PBCallback\(group_of_name=...\)"):
+        run(tmp_path / "no_rule", give_rule=False)
+    with pytest.raises(ConfigError, match="give a function of a parameter's name"):
+        PBCallback(QUICK, group_of_name=1)
 
 def test_resume_finds_the_callbacks_file_by_the_weights_the_trainer_loaded(tmp_path):
     """A renamed checkpoint folder was refused after pbp_fx.load (only `checkpoint-<step>` names were
