@@ -96,8 +96,9 @@ class Score:
         """x as printed, so that words (ahead/level/behind) match the number."""
         return float(self.num(x))
 
-    def value(self, mean: float, sd: Optional[float] = None) -> str:
-        return self.num(mean) + ("" if sd is None else f" ± {self.num(sd)}") + self.unit
+    def value(self, mean: float, sd: Optional[float] = None, n: int = 2) -> str:
+        """mean ± sd as printed; one run (n < 2) has no spread to print."""
+        return self.num(mean) + ("" if sd is None or n < 2 else f" ± {self.num(sd)}") + self.unit
 
     def label(self) -> str:
         return "test %" if self.percent else f"test {self.metric}"
@@ -304,9 +305,10 @@ def summarize(rows: list[dict], score: Score = ACCURACY) -> list[dict]:
                 out.append({"arm": arm, "n": 0, "skipped": skipped[0]})
             continue
         s = {"arm": arm, "n": len(rs), "test_by_seed": {r["seed"]: score.scale * r["test"] for r in rs}}
-        if skipped:  # ran at some seeds only: said beside the table, and the ranking uses shared seeds
+        if skipped:  # ran at some seeds only: said beside the table, and left out of the ranking
             seeds = sorted(r["seed"] for r in rows if r["arm"] == arm and "skipped" in r)
             s["partial"] = f"not run at seed(s) {', '.join(map(str, seeds))}: {skipped[0]}"
+            s["seeds_not_run"] = seeds
         for key, scale in (("test", score.scale), ("val", score.scale), ("params", 1.0), ("latency_ms", 1.0),
                            ("seconds", 1.0), ("epochs", 1.0), ("width", 1.0)):
             vals = [r[key] * scale for r in rs if r.get(key) is not None]
@@ -341,21 +343,18 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
     if not ran:
         return "no arm finished"
     lines = []
-    seeds = [set(s.get("test_by_seed", {})) for s in ran]
-    shared = set.intersection(*seeds) if seeds else set()
-    if any(sd != shared for sd in seeds) and shared:
-        # Arms that ran at other seeds are ranked by their means over the seeds every arm ran.
-        ran = [{**s, "test": statistics.mean(s["test_by_seed"][k] for k in shared), "n": len(shared),
-                "test_sd": _mean_sd([s["test_by_seed"][k] for k in shared])[1]} for s in ran]
-        lines.append(f"(ranked over the {len(shared)} seed(s) every arm ran: "
-                     f"{', '.join(s['arm'] for s, sd in zip(ran, seeds) if sd != shared)} ran at other seeds too)")
-    elif any(sd != shared for sd in seeds):
-        return "the arms ran at different seeds and share none: no ranking (see the paired differences)"
-    ranked = sorted(ran, key=lambda s: -s["test"] if maximize else s["test"])
-    win = ranked[0]
+    every = set().union(*(set(s["test_by_seed"]) | set(s.get("seeds_not_run", ())) for s in ran))
+    left_out = [s for s in ran if set(s["test_by_seed"]) != every]
+    # The seeds an arm misses are not a random sample (a run that diverged there; plain-matched not
+    # built where pb grew), so its mean over the rest, or every arm's over the seeds all ran, would be
+    # biased: only the arms that ran at every seed are ranked.
+    ranked = sorted((s for s in ran if s not in left_out), key=lambda s: -s["test"] if maximize else s["test"])
+    win = ranked[0] if ranked else None
     by_arm = {p["arm"]: p for p in pairs}
     test = f"test {score.metric}" if not score.percent else "test"
-    if len(ranked) > 1 and score.rounded(win["test"]) == score.rounded(ranked[1]["test"]):  # (level as printed)
+    if win is None:
+        lines.append("no arm ran at every seed: no ranking (see the paired differences).")
+    elif len(ranked) > 1 and score.rounded(win["test"]) == score.rounded(ranked[1]["test"]):  # (level as printed)
         tied = [s["arm"] for s in ranked if score.rounded(s["test"]) == score.rounded(win["test"])]
         lines.append(f"**no arm won**: {', '.join(tied)} tied at {test} {score.value(win['test'])} over {win['n']} "
                      "seed(s).")
@@ -363,14 +362,14 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
         second = ranked[1]
         margin = (f"{score.num(abs(win['test'] - second['test']))}{score.diff_unit} "
                   f"{'ahead of' if maximize else 'below'} the next arm "
-                  f"({second['arm']}, {score.value(second['test'], second['test_sd'])})")
+                  f"({second['arm']}, {score.value(second['test'], second['test_sd'], second['n'])})")
         if win["n"] < 2:  # one run each: a ranking, not a result
             lines.append(f"**{win['arm']} ranked first** at one seed: {test} {score.value(win['test'])}, {margin}; "
                          "one seed cannot tell a win from run-to-run noise.")
         else:
             # A win is a lead over EVERY other arm that stands out of the seeds' noise (paired by seed):
             # an arm ranked lower but noisier can be as close as the next one.
-            common = sorted(shared)  # the seeds the ranking is over
+            common = sorted(every)  # the seeds the ranking is over
 
             def leads(other: dict) -> list[float]:
                 return [(win["test_by_seed"][k] - other["test_by_seed"][k]) * (1 if maximize else -1) for k in common]
@@ -401,7 +400,13 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
                              f"{score.value(win['test'], win['test_sd'])}, {margin}; not distinguishable from seed "
                              f"noise ({interval}), so no arm is shown to win.")
     else:
-        lines.append(f"only {win['arm']} finished: {test} {score.value(win['test'], win['test_sd'])}")
+        lines.append(f"only {win['arm']} {'ran at every seed' if left_out else 'finished'}: {test} "
+                     f"{score.value(win['test'], win['test_sd'], win['n'])}")
+    if left_out:
+        names = ", ".join(f"{s['arm']} ({s['n']} of {len(every)})" for s in left_out)
+        lines.append(f"(left out of the ranking, run at some seeds only: {names}; the seeds an arm misses are not a "
+                     "random sample, so its mean over the rest is no fair rank; its paired difference below is over "
+                     "the seeds it ran)")
     words = {"plain": "the same model without PB", "restarts": "the PB schedule with nothing installed",
              "gd": "dendrites trained by backprop", "plain-matched": "a plain model with pb's parameter count",
              "original": "the model at width 1"}
@@ -416,7 +421,7 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
         seeds = f"{p['n']} seed{'s' if p['n'] != 1 else ''}"
         gap = f"level with {arm}" if not better else f"{score.num(abs(pb_side))}{score.diff_unit} {sign} {arm}"
         lines.append(f"pb is {gap} ({what}): paired difference "
-                     f"pb − {arm} = {score.num(pb_side, sign=True)} ± {score.num(p['sd'])}{score.diff_unit} over "
+                     f"pb − {arm} = {_mean_pm(score, pb_side, p['sd'], p['n'], sign=True)}{score.diff_unit} over "
                      f"{seeds} (pb ahead in {ahead}, behind in {behind}{'' if maximize else '; lower is better'}); "
                      f"{_noise(-p['mean'], p['sd'], p['n'], score)}.")
     skipped = [s for s in summary if not s["n"]]
@@ -434,6 +439,11 @@ _T95 = {1: 12.707, 2: 4.303, 3: 3.183, 4: 2.777, 5: 2.571, 6: 2.447, 7: 2.365, 8
         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.049,
         29: 2.046, 30: 2.043, 40: 2.022, 50: 2.009, 60: 2.001, 80: 1.991, 100: 1.984, 120: 1.980, 200: 1.972,
         500: 1.965, 1000: 1.963}
+
+
+def _mean_pm(score: Score, mean: float, sd: float, n: int, sign: bool = False) -> str:
+    """mean ± sd as printed, without the unit; one seed (n < 2) has no spread to print."""
+    return score.num(mean, sign=sign) + (f" ± {score.num(sd)}" if n >= 2 else "")
 
 
 def _interval(mean: float, sd: float, n: int) -> tuple[float, float]:
@@ -465,8 +475,8 @@ def _noise(mean: float, sd: float, n: int, score: Score = ACCURACY) -> str:
 
 
 def markdown(summary: list[dict], pairs: list[dict], text: str, header: str, score: Score = ACCURACY) -> str:
-    def ms(s, key, fmt):
-        return "–" if key not in s else (fmt.format(s[key], s[key + "_sd"]))
+    def ms(s, key, fmt):  # (one run: no spread to print)
+        return "–" if key not in s else (fmt if s["n"] > 1 else fmt.split(" ± ")[0]).format(s[key], s[key + "_sd"])
 
     by_arm = {p["arm"]: p for p in pairs}
     lines = [header, "", f"| arm | n | {score.label()} | Δ vs pb (paired) | params | ONNX Runtime ms | train s | "
@@ -477,8 +487,8 @@ def markdown(summary: list[dict], pairs: list[dict], text: str, header: str, sco
             lines.append(f"| {s['arm']} | 0 | not run: {s['skipped']} | | | | | | |")
             continue
         p = by_arm.get(s["arm"])
-        delta = "–" if p is None else f"{score.num(p['mean'], sign=True)} ± {score.num(p['sd'])}"
-        lines.append(f"| {s['arm']} | {s['n']} | {score.num(s['test'])} ± {score.num(s['test_sd'])} | {delta} | "
+        delta = "–" if p is None else _mean_pm(score, p["mean"], p["sd"], p["n"], sign=True)
+        lines.append(f"| {s['arm']} | {s['n']} | {_mean_pm(score, s['test'], s['test_sd'], s['n'])} | {delta} | "
                      f"{ms(s, 'params', '{:.0f} ± {:.0f}')} | {ms(s, 'latency_ms', '{:.3f} ± {:.3f}')} | "
                      f"{ms(s, 'seconds', '{:.0f} ± {:.0f}')} | {ms(s, 'epochs', '{:.0f} ± {:.0f}')} | "
                      f"{ms(s, 'width', '{:.3g} ± {:.2g}')} |")

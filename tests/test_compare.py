@@ -278,15 +278,44 @@ def test_a_pb_run_without_dendrites_equals_its_plain_arm_when_data_and_model_dra
     assert pb["params"] == plain["params"] and pb["test"] == plain["test"] and pb["val"] == plain["val"]
 
 
-def test_an_arm_run_at_some_seeds_only_is_ranked_on_the_shared_seeds_and_named():
+def test_an_arm_run_at_some_seeds_only_is_left_out_of_the_ranking_and_named():
     """plain-matched skipped at seed 1 'won' by its one good seed while pb was ahead of it on the
     seed both ran, and the skipped seed was not mentioned."""
     rows = [{"arm": "pb", "seed": 0, "test": 0.9, "params": 150}, {"arm": "pb", "seed": 1, "test": 0.6, "params": 100},
             {"arm": "plain-matched", "seed": 0, "test": 0.85, "params": 150},
             {"arm": "plain-matched", "seed": 1, "skipped": "too wide"}]
     text = verdict(summarize(rows), paired(rows))
-    assert "**pb ranked first** at one seed" in text and "ranked over the 1 seed(s) every arm ran" in text
+    assert text.startswith("only pb ran at every seed: test 75.0 ± 21.2 %")
+    assert "(left out of the ranking, run at some seeds only: plain-matched (1 of 2);" in text
     assert "plain-matched was not run at seed(s) 1: too wide" in text
+
+
+def test_the_seeds_an_arm_misses_do_not_rank_the_others():
+    """plain-matched cannot be built at the seed where pb grew (and won): the arms were ranked over
+    the other seeds only, where pb is plain again, and the report said "no arm won"; an arm that
+    diverged at half the seeds was declared the winner over the rest."""
+    tests = {"pb": (0.885, 0.86, 0.86, 0.86), "plain": (0.86, 0.86, 0.86, 0.86), "plain-matched": (None, .86, .86, .86)}
+    rows = [{"arm": a, "seed": k, "test": t, "params": 1} if t is not None else
+            {"arm": a, "seed": k, "skipped": "no width within 5 %"} for a, ts in tests.items() for k, t in enumerate(ts)]
+    text = verdict(summarize(rows), paired(rows))
+    assert text.startswith("**pb ranked first** over 4 seeds: test 86.6 ± 1.2 %, 0.6 points ahead of the next arm "
+                           "(plain, 86.0 ± 0.0 %)"), text
+    assert "plain-matched (3 of 4)" in text
+    rows = [{"arm": "pb", "seed": k, "test": 0.95, "params": 1} if k % 2 else
+            {"arm": "pb", "seed": k, "skipped": "its training diverged (loss nan)"} for k in range(6)]
+    rows += [{"arm": "plain", "seed": k, "test": 0.8 + 0.01 * k, "params": 1} for k in range(6)]
+    text = verdict(summarize(rows), paired(rows))
+    assert text.startswith("only plain ran at every seed") and "pb won" not in text
+    assert "pb (3 of 6)" in text and "pb was not run at seed(s) 0, 2, 4: its training diverged" in text
+
+
+def test_one_seed_prints_no_spread():
+    rows = [{"arm": "pb", "seed": 0, "test": 0.845, "params": 10}, {"arm": "plain", "seed": 0, "test": 0.87, "params": 5}]
+    summary, pairs = summarize(rows), paired(rows)
+    text = verdict(summary, pairs)
+    md = markdown(summary, pairs, text, "header")
+    assert "± 0" not in md, md
+    assert "| plain | 1 | 87.0 | +2.5 | 5 |" in md and "pb − plain = -2.5 points over 1 seed" in text
 
 
 def test_data_train_refuses_is_refused_by_compare_before_any_arm(tmp_path, capsys):
@@ -416,8 +445,9 @@ def test_ties_are_level_as_printed_and_the_lead_is_over_the_ranked_seeds():
     rows += [{"arm": "restarts", "seed": 0, "test": 0.5, "params": 1}, {"arm": "restarts", "seed": 1, "test": 0.5,
                                                                         "params": 1}]
     text = verdict(summarize(rows), paired(rows))
-    # ranked over seeds 0 and 1 (every arm ran them): pb leads plain by 10 and 9 points there
-    assert "ranked over the 2 seed(s) every arm ran" in text and "over 2 seeds" in text.splitlines()[1]
+    # restarts ran at seeds 0 and 1 only: left out; pb and plain ranked over the 3 seeds both ran
+    assert "(left out of the ranking, run at some seeds only: restarts (2 of 3);" in text
+    assert text.startswith("**pb ranked first** over 3 seeds")
 
 
 def test_a_non_finite_test_score_leaves_the_arm_out_at_that_seed(tmp_path):
