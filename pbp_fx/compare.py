@@ -524,9 +524,10 @@ def plot(summary: list[dict], path: str, title: str = "", score: Score = ACCURAC
 
 
 # -- the comparison ------------------------------------------------------------------------
-def _check(model_file, arms, seeds, width, jobs, out, config, training, include, exclude) -> tuple[Score, dict]:
+def _check(model_file, arms, seeds, width, jobs, out, config, training, include, exclude) -> tuple[Score, dict, float]:
     """Refuse bad input before any training (one-line errors); returns how the report writes the
-    score, and the model file's and data's `run_identity`."""
+    score, the model file's and data's `run_identity`, and the width the model is built at (channel
+    counts are whole numbers)."""
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise CompareError(f"arm {unknown[0]!r} is not an arm: use some of {', '.join(ARMS)}")
@@ -560,9 +561,16 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
     _, inputs = instantiate(mod)
     torch.manual_seed(training.seed)
     try:
-        model = builder.build(width)
+        scaled = builder.scaled(width)
     except WidthError as exc:
         raise CompareError(f"--width {width:g}: {exc}") from exc  # every arm needs this width
+    model = scaled.model
+    if width != 1 and scaled.width == 1:  # (every arm would be the model as built, reported at another width)
+        how = (f"rounds to build_model's own width {builder.base_width}" if builder.base_width is not None else
+               "leaves the model as built: it has no hidden channels to remove (its layers make its outputs), "
+               "and build_model takes no width argument")
+        raise CompareError(f"--width {width:g} {how}: give a --width that changes the model"
+                           f"{' (whole channels)' if builder.base_width is not None else ', or add a width argument'}")
     # The data `train` refuses (labels outside the classes, shapes the loss cannot take): refused here too.
     data = seeded_datasets(mod, training.seed)
     check_data(mod, data, model, inputs, training.batch_size)
@@ -571,7 +579,7 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
 
         perforate(model, inputs, include=include, exclude=exclude, activation=config.activation,
                   example_kwargs=example_kwargs(mod), frontend=training.frontend)  # errors now, not after the plain arms
-    return score, run_identity(model_file, data)
+    return score, run_identity(model_file, data), scaled.width
 
 
 class KeptRuns:
@@ -812,8 +820,9 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     arms = list(arms)
     if "plain-matched" in arms and "pb" not in arms and not given:
         raise CompareError("plain-matched is sized from pb's parameter count: add the pb arm")
-    score, identity = _check(model_file, arms if not given else arms + ["pb"], seeds, width, jobs, out, config,
-                             training, include, exclude)
+    score, identity, built = _check(model_file, arms if not given else arms + ["pb"], seeds, width, jobs, out, config,
+                                    training, include, exclude)
+    shown = f"{built:.4g}" + ("" if abs(built - width) < 1e-9 else f" (--width {width:g} in whole channels)")
     changed = changed_since(run_saved_identity, identity) if given else []
     if changed:  # its pb row was measured on them: the controls would train on others
         raise CompareError(f"--pb-run {pb_run}: the run's {' and '.join(changed)} changed since it trained, so its pb "
@@ -821,7 +830,7 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
                            ", or train the run again")
     seed_list = [training.seed + i for i in range(seeds)]
     t0 = time.perf_counter()
-    echo(f"compare {model_file or DEFAULT_MODEL}: arms {', '.join(arms)}; {seeds} seed(s); width {width:g}")
+    echo(f"compare {model_file or DEFAULT_MODEL}: arms {', '.join(arms)}; {seeds} seed(s); width {shown}")
     kept = KeptRuns(out, {"model": model_file, "identity": identity, "pb_run": given, "width": width,
                           "seeds": seed_list, "arms": arms, "config": config.to_dict(), "training": training.to_dict(),
                           "include": include, "exclude": exclude, "latency": latency}, echo)
@@ -856,12 +865,12 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     pairs = paired(rows, score=score)
     text = verdict(summary, pairs, score)
     name = model_file or DEFAULT_MODEL
-    header = (f"`{os.path.basename(name)}` at width {width:g}: test {score.metric}{' (%)' if score.unit else ''} "
+    header = (f"`{os.path.basename(name)}` at width {shown}: test {score.metric}{' (%)' if score.unit else ''} "
               f"at best validation{'' if config.maximize else ' (lower is better)'}, mean ± sd over "
               f"{seeds} seed(s){'; Δ = arm − pb per seed' if 'pb' in arms or given else ' (no pb arm: no Δ)'}. Budget: epochs ≤ {training.epochs}, patience "
               f"{config.patience}, max_dendrites {config.max_dendrites}, dendrite phase ≤ "
               f"{config.max_dendrite_epochs} epochs, Adam lr {training.lr}, batch {training.batch_size}.")
-    result = {"model": name, "width": width, "seeds": seed_list, "arms": arms, "metric": score.metric,
+    result = {"model": name, "width": width, "built_width": built, "seeds": seed_list, "arms": arms, "metric": score.metric,
               "score_scale": score.scale, "config": config.to_dict(),
               "training": training.to_dict(), "runs": rows, "summary": summary, "paired": pairs,
               "verdict": text, "seconds": time.perf_counter() - t0}
@@ -875,7 +884,7 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
                 with open(tmp, "w") as f:
                     f.write(body)
             atomic_write(os.path.join(out, fname), write, CompareError, fname)
-        plotted = plot(summary, os.path.join(out, "compare.png"), title=f"{os.path.basename(name)} (width {width:g})",
+        plotted = plot(summary, os.path.join(out, "compare.png"), title=f"{os.path.basename(name)} (width {built:.4g})",
                        score=score)
         kept.close()
         echo(f"wrote {out}/compare.md, {out}/compare.json" + (f", {out}/compare.png" if plotted else ""))

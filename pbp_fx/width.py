@@ -393,9 +393,13 @@ class WidthBuilder:
                 hi_c = lo_c
             widths = [hi_c * step, max(1, hi_c - 1) * step]
         else:
-            if count(1.0) < target * (1 - tolerance):
-                raise WidthError(f"{target:.0f} parameters is more than the model has ({count(1.0)}) and "
+            full = count(1.0)
+            if full < target * (1 - tolerance):
+                raise WidthError(f"{target:.0f} parameters is more than the model has ({full}) and "
                                  "build_model() takes no width argument: add one to widen the model")
+            if full <= target:  # narrowing only lowers the count: the model as built is the nearest
+                torch.set_rng_state(rng)
+                return self.scaled(1.0)
             lo, hi = 0.0, 1.0
             for _ in range(20):
                 mid = (lo + hi) / 2

@@ -484,7 +484,7 @@ def test_a_model_files_own_metric_named_accuracy_is_in_its_own_units(tmp_path):
     path = tmp_path / "own.py"
     path.write_text(TINY + "\n\ndef accuracy(output, target):\n    return float((output.argmax(1) != target).sum()), 1"
                            "\n\n\nmetric = accuracy\n")
-    score, _ = _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None)
+    score, _, _ = _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None)
     assert (score.metric, score.percent, score.unit) == ("accuracy", False, "")
     path.write_text(TINY)
     assert _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None)[0].percent
@@ -661,3 +661,23 @@ def test_a_worker_that_dies_is_one_line_not_a_hang(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("pbp-fx: error: a compare worker process died while it trained an arm"), err
+
+
+def test_a_width_the_model_cannot_take_is_refused_and_a_rounded_one_is_said(tiny, tmp_path, capsys):
+    """--width 0.25 of a model with nothing to narrow ran every arm at width 1 under a 'width 0.25'
+    header (and 'original' was plain again); --width 0.01 ran at 0.125 under 'width 0.01'."""
+    path = tmp_path / "one_layer.py"
+    path.write_text(TINY.replace("self.fc1 = nn.Linear(6, width)", "self.fc1 = nn.Identity()")
+                    .replace("self.fc2 = nn.Linear(width, 3)", "self.fc2 = nn.Linear(6, 3)")
+                    .replace("def build_model(width=8):", "def build_model():").replace("return Net(width)", "return Net()"))
+    out = tmp_path / "out"
+    assert main(["compare", str(path), "--width", "0.25", "--seeds", "1", "--no-latency", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--width 0.25 leaves the model as built: it has no hidden channels to remove" in err and err.count("\n") == 1
+    assert not out.exists()
+    assert main(["compare", tiny, "--width", "0.99", "--seeds", "1", "--no-latency"]) == 2
+    assert "--width 0.99 rounds to build_model's own width 8" in capsys.readouterr().err
+    lines = []
+    result = compare(tiny, width=0.01, seeds=1, arms=["plain"], latency=False, echo=lines.append, **BUDGET)
+    assert result["built_width"] == 0.125 and result["runs"][0]["width"] == 0.125
+    assert "width 0.125 (--width 0.01 in whole channels)" in lines[0]

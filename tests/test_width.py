@@ -533,3 +533,22 @@ def test_a_layer_norm_over_positions_narrowed_with_the_channels_is_named():
     with pytest.raises(WidthError, match=r"a LayerNorm over another axis than the channels, narrowed with them "
                                          r"\(ln from 32 to \d+\)"):
         shrink(_NormOverTime(), (torch.randn(4, 2, 32),), lambda size, _: size // 2)
+
+
+def test_a_model_that_cannot_be_narrowed_matches_its_own_count():
+    """plain-matched at pb's count when pb grew nothing: refused ('cannot be narrowed') although
+    the model as built has that count."""
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)).reshape(2, 8))  # a fixed size: no channel can go
+
+    builder = WidthBuilder(Fixed, lambda: (torch.randn(2, 6),), None)
+    own = num_parameters(Fixed())
+    with pytest.raises(WidthError, match="cannot be narrowed"):
+        builder.scaled(0.5)
+    matched = builder.for_params(own)
+    assert matched.width == 1.0 and matched.params == own
