@@ -263,11 +263,16 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 
 # -- output --------------------------------------------------------------------------------
-def check_output_file(path: str, flag: str) -> None:
-    """Refuse an output file path that cannot be written, before any work starts."""
+def check_output_file(path: str, flag: str, reads: tuple = ()) -> None:
+    """Refuse an output file path that cannot be written, or that is one of the files the command
+    `reads` (it would be overwritten with the output), before any work starts."""
     full = os.path.abspath(path)
     if os.path.isdir(full):
         raise PBError(f"{flag} {path}: it is a directory; give a file path such as {os.path.join(path, 'x')}")
+    for read in reads:
+        if read is not None and os.path.exists(full) and os.path.exists(read) and os.path.samefile(full, read):
+            raise PBError(f"{flag} {path} is {read}, which this command reads: writing it would destroy it; give "
+                          "another output path")
     folder = os.path.dirname(full)
     probe = folder
     while not os.path.exists(probe):
@@ -723,7 +728,7 @@ def export(args: argparse.Namespace) -> int:
                       "--model, or pass a checkpoint")
     if args.model is not None and not os.path.exists(args.model) and args.model.endswith(".py"):
         raise PBError(f"--model {args.model} does not exist: pass the model file the checkpoint was trained from")
-    check_output_file(args.out, "-o")
+    check_output_file(args.out, "-o", reads=(args.source, args.model))
     axes: dict = {}
     for key, dim, axis in args.dynamic_axis:
         if dim in axes.get(key, {}):
@@ -921,7 +926,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     if args.output:
         if os.path.splitext(args.output)[1].lower() not in (".npy", ".npz"):
             raise PBError(f"--output {args.output}: name it .npy (the first output) or .npz (every output by name)")
-        check_output_file(args.output, "--output")
+        check_output_file(args.output, "--output", reads=(args.model, *args.input))
     arrays = []
     for name in args.input:
         try:

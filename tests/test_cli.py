@@ -407,6 +407,26 @@ def test_export_checkpoint_check_and_run(tmp_path, capsys):
         assert np.abs(saved[saved.files[0]] - ref).max() <= 1e-4
 
 
+
+def test_an_output_path_that_is_a_file_the_command_reads_is_refused(tmp_path, capsys):
+    """`export ckpt -o ckpt` replaced the trained checkpoint with ONNX bytes (exit 0); `run --output`
+    the input it reads."""
+    ckpt, _, _ = _trained_checkpoint(tmp_path)
+    before = open(ckpt, "rb").read()
+    model_file = _write(tmp_path, RELU6_MLP, "relu6.py")
+    for argv, named in ((["export", ckpt, "-o", ckpt], ckpt), (["export", model_file, "-o", model_file], model_file),
+                        (["export", ckpt, "-o", os.path.join(str(tmp_path), ".", os.path.basename(ckpt))], ckpt)):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "which this command reads: writing it would destroy it" in err and err.count("\n") == 1, err
+    assert open(ckpt, "rb").read() == before and "nn.ReLU6" in open(model_file).read()
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", ckpt, "-o", out]) == 0
+    np.save(tmp_path / "x.npy", np.zeros((2, 64), dtype="float32"))
+    x = str(tmp_path / "x.npy")
+    assert main(["run", out, "--input", x, "--output", x]) == 2
+    assert "which this command reads" in capsys.readouterr().err and np.load(x).shape == (2, 64)
+
 RELU6_MLP = """
 import torch
 from torch import nn
