@@ -279,9 +279,15 @@ def _value_info(name: str, value: torch.Tensor, batch: Optional[str], size: Opti
     return helper.make_tensor_value_info(name, _DTYPES[value.dtype], dims)
 
 
+def plain_output_names(count: int) -> list[str]:
+    """A tensor output's name, `output`, or a tuple's, `output_0`, `output_1`, ..."""
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
 def emit(gm: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool,
-         output_names: Optional[Callable[[int], str]] = None) -> onnx.ModelProto:
-    """The ONNX model of `gm` on `inputs` (see the module docstring); raises Unsupported."""
+         output_names: Optional[Callable[[int], list[str]]] = None) -> onnx.ModelProto:
+    """The ONNX model of `gm` on `inputs` (see the module docstring); raises Unsupported.
+    output_names(number of outputs): their names (default `output`, or `output_0`, `output_1`, ...)."""
     if not isinstance(gm, fx.GraphModule) or gm.training:
         raise Unsupported("not an eval-mode GraphModule")
     try:
@@ -309,7 +315,7 @@ def emit(gm: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool,
             graph_inputs.append(_value_info(e.names[n], e.values[n], batch))
     if not outputs or not all(isinstance(o, fx.Node) and isinstance(e.values.get(o), torch.Tensor) for o in outputs):
         raise Unsupported("outputs other than tensors")
-    names = [f"output_{i}" for i in range(len(outputs))] if len(outputs) > 1 else ["output"]
+    names = (output_names or plain_output_names)(len(outputs))
     graph_outputs = []
     for name, o in zip(names, outputs):
         value = e.values[o]

@@ -60,6 +60,7 @@ from pbp_fx.layers import dendrite_calls
 from pbp_fx.site import FusedSite, Site
 
 from . import clip_after_site, output_weight_into_readers
+from .direct import plain_output_names
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
 
 __all__ = ["export_onnx", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS",
@@ -449,13 +450,25 @@ def _by_parameter(module: nn.Module, shapes: tuple):
     return shapes
 
 
-def _output_names(out) -> Optional[list[str]]:
-    """The names to export the example output `out` with (None: the exporter's)."""
+def _output_names(out, input_names: Sequence[str] = ()) -> Optional[list[str]]:
+    """The names to export the example output `out` with (None: the exporter's), apart from the inputs'."""
     if isinstance(out, Tensor):
-        return ["output"]
+        return _apart_from_inputs(plain_output_names(1), input_names)
     if isinstance(out, (tuple, list)) and all(isinstance(o, Tensor) for o in out):
-        return [f"output_{i}" for i in range(len(out))]
+        return _apart_from_inputs(plain_output_names(len(out)), input_names)
     return None  # nested outputs (a dict: `_leaf_names` names them after the export)
+
+
+def _apart_from_inputs(names: list[str], input_names) -> list[str]:
+    """`names`, where one is an input's written `<name>_output` (an ONNX graph names each value once),
+    with a warning."""
+    taken = set(input_names)
+    clashing = [n for n in names if n in taken]
+    if not clashing:
+        return names
+    warn_at_user(f"output {clashing[0]!r} is named {clashing[0] + '_output'!r} in the ONNX file: an input has "
+                 "that name")
+    return [f"{n}_output" if n in taken else n for n in names]
 
 
 def _not_a_tensor(out, where: str = "output") -> str:
@@ -545,12 +558,7 @@ def _name_outputs(proto: onnx.ModelProto, names: list[str], input_names: Sequenc
         log.info("export_onnx: the outputs keep the exporter's names (%d names for %d outputs)",
                  len(names), len(graph.output))
         return
-    inputs = {v.name for v in graph.input} | set(input_names)
-    clashing = [n for n in names if n in inputs]
-    if clashing:
-        warn_at_user(f"output {clashing[0]!r} is named {clashing[0] + '_output'!r} in the ONNX file: an input has "
-                     "that name")
-        names = [f"{n}_output" if n in inputs else n for n in names]
+    names = _apart_from_inputs(names, {v.name for v in graph.input} | set(input_names))
     used = _graph_names(graph)
     for out, name in zip(graph.output, names):
         if out.name == name:
@@ -644,7 +652,8 @@ def _direct_or_torch_export(module: nn.Module, inputs: tuple, opset: int, dynami
     traced = _dynamic_shapes(module, inputs, dynamic_batch, dynamic_axes)
     if not dynamic_axes:
         try:
-            return emit(module, inputs, opset, dynamic_batch)
+            return emit(module, inputs, opset, dynamic_batch, output_names=lambda count: _apart_from_inputs(
+                plain_output_names(count), _tensor_input_names(module, inputs)))
         except Unsupported as why:
             log.debug("export_onnx: the dynamo exporter runs (direct path: %s)", why)
     proto = _torch_export(module, inputs, traced, opset, dynamic_batch, sorted({a for d in dynamic_axes.values()
@@ -806,7 +815,8 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
                           "tensors from forward (alone, or in a tuple or dict), e.g. torch.tensor(value) for a number"
                           + (f", or register the dataclass once: torch.export.register_dataclass({odd.split()[0]})"
                              if "(a dataclass)" in odd else ""))
-    names = _output_names(example_out)
+    input_names = _tensor_input_names(module, inputs)
+    names = _output_names(example_out, input_names)
     # torch.export prints the partial graph to stderr when a capture fails: that belongs with the
     # traceback (a note on the error), not before a one-line error.
     printed = io.StringIO()
@@ -850,7 +860,6 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
         raise ExportError(f"torch.onnx.export failed: {why}{hint}") from e
     sys.stderr.write(printed.getvalue())  # a successful export's own messages, as they were
     proto = program.model_proto
-    input_names = _tensor_input_names(module, inputs)
     if names is None:  # a structured output: its keys name the tensors
         keys = _leaf_names(example_out)
         if keys is not None:

@@ -823,6 +823,39 @@ def test_a_dict_key_that_is_an_input_returned_as_it_is_names_the_output_key_outp
     np.testing.assert_allclose(got[1], y.numpy())
 
 
+class _InputNamedOutput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, output, output_0):
+        h = self.b(torch.relu(self.a(output)))
+        return h, h + output_0
+
+
+@pytest.mark.parametrize("path_taken", ["direct", "dynamo"])
+def test_an_input_named_as_an_output_gets_its_output_named_name_output(tmp_path, path_taken):
+    """forward(self, output): 'Graph must be in single static assignment (SSA) form, however 'output'
+    has been used as output names multiple times' on both paths: no file."""
+    torch.manual_seed(0)
+    x, z = torch.randn(2, 4), torch.randn(2, 3)
+    pm = pbp_fx.perforate(_InputNamedOutput(), (x, z))
+    pm.grow()
+    with torch.no_grad():
+        for site in pm.sites.values():
+            site.out_weight.normal_()
+    pm.eval()
+    axes = {"output": {0: "rows"}, "output_0": {0: "rows"}} if path_taken == "dynamo" else None
+    with pytest.warns(UserWarning, match="output 'output_0' is named 'output_0_output' in the ONNX file"):
+        path = export_onnx(pm, (x, z), tmp_path / "m.onnx", dynamic_batch=axes is None, dynamic_axes=axes)
+    graph = onnx.load(str(path)).graph
+    assert [o.name for o in graph.output] == ["output_0_output", "output_1"]
+    got = ort_session(path, device="cpu", threads=1).run(None, {"output": x.numpy(), "output_0": z.numpy()})
+    with torch.no_grad():
+        want = pm(x, z)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-6)
+
 def test_an_input_named_input_keeps_its_name_on_the_direct_path_as_with_dynamic_axes(tmp_path):
     """nn.Sequential's forward(input): the direct emitter named it fx's input_1, the dynamo path input,
     and `pbp-fx run` advised --dynamic-axis input_1:1=NAME, which export refused."""
