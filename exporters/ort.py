@@ -10,6 +10,7 @@ onnxruntime (or onnxruntime-gpu) runs the files; no custom-op library is needed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -17,7 +18,8 @@ import numpy as np
 
 from pbp_fx.errors import PBError
 
-__all__ = ["ort_session", "run", "available_providers", "RuntimeUnavailableError", "CPU", "CUDA"]
+__all__ = ["ort_session", "run", "available_providers", "output_difference", "RuntimeUnavailableError", "CPU",
+           "CUDA"]
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +144,48 @@ def run(session, inputs: Union[Mapping[str, Any], Sequence[Any], np.ndarray]) ->
             raise ValueError(f"got {len(inputs)} input(s), the model takes {len(specs)}: {list(types)}")
         feed = {s.name: _to_numpy(v, s.type) for s, v in zip(specs, inputs)}
     return session.run(None, feed)
+
+
+def output_difference(got, want) -> tuple[float, float]:
+    """(max abs difference, its bound) of one output, a runtime's `got` against PyTorch's `want`
+    (torch tensors): inf/NaN entries must match exactly (inf when they do not); the finite ones
+    within `tolerance` of the finite values; integer and bool outputs must be equal (bound 0)."""
+    import torch
+
+    if not (want.is_floating_point() and want.numel()):
+        return _max_difference(got, want), 0.0
+    got = got.to(want.dtype)
+    finite = torch.isfinite(want)
+    if not finite.all():
+        same = torch.equal(torch.isfinite(got), finite) and torch.equal(
+            torch.nan_to_num(got[~finite], nan=0.0), torch.nan_to_num(want[~finite], nan=0.0)) and bool(
+            (torch.isnan(got[~finite]) == torch.isnan(want[~finite])).all())
+        if not same:
+            return math.inf, 0.0
+        got, want = got[finite], want[finite]
+        if not want.numel():
+            return 0.0, 0.0
+    return _max_difference(got, want), tolerance(want)
+
+
+def tolerance(want) -> float:
+    """The bound for one float output: 1e-4 (16 units in the last place of a half dtype) times the
+    output's scale, at least 1; two runtimes' roundings grow with the output's size (an
+    EfficientNet's logits near 100 differ by 2.8e-4 in float32, as torch's float32 and float64 do)."""
+    import torch
+
+    if not (want.is_floating_point() and want.numel()):
+        return 0.0
+    scale = max(1.0, float(want.detach().abs().max().float()))  # (finite: `output_difference` leaves out inf/NaN)
+    return max(1e-4, 16 * torch.finfo(want.dtype).eps) * scale
+
+
+def _max_difference(got, want) -> float:
+    """Largest absolute difference; for integer and bool outputs, 0 or inf (they must be equal)."""
+    import torch
+
+    if not want.numel():
+        return 0.0
+    if want.is_floating_point() or want.is_complex():
+        return float((got.to(want.dtype) - want).abs().max())
+    return 0.0 if torch.equal(got.to(want.dtype), want) else float("inf")

@@ -783,10 +783,11 @@ def export(args: argparse.Namespace) -> int:
 
 
 def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs: dict) -> None:
-    """export --check: the file in ONNX Runtime against PyTorch, within `_check_tolerance`."""
+    """export --check: the file in ONNX Runtime against PyTorch, within `output_difference`'s bounds."""
     import torch
 
     from .exporters import ort_session, run
+    from .exporters.ort import output_difference
     from .exporters.onnx import graph_inputs
 
     with _quiet_unless(args.debug), torch.no_grad():  # the same warnings as above: for --debug
@@ -799,45 +800,12 @@ def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs
         raise PBError(f"the exported model has {len(got)} output(s) where PyTorch gives {len(refs)} tensor(s): "
                       "report this as a bug")
     # each output within its own bound; the one nearest (or most over) it is shown
-    checks = [_output_check(torch.as_tensor(g), r) for g, r in zip(got, refs)]
+    checks = [output_difference(torch.as_tensor(g), r) for g, r in zip(got, refs)]
     diff, tol = max(checks, key=lambda c: c[0] / c[1] if c[1] else (0.0 if c[0] == 0 else math.inf),
                     default=(0.0, 0.0))
     print(f"check: ONNX Runtime ({session.provider}) vs PyTorch max abs diff {diff:.2e} (tolerance {tol:.2e})")
     if not all(d <= t for d, t in checks):
         raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> {tol:.2e}): report this as a bug")
-
-
-def _output_check(got, want) -> tuple[float, float]:
-    """(max abs difference, its bound) of one output: inf/NaN entries must match exactly (inf when
-    they do not); the finite ones are compared within `_check_tolerance` of the finite values."""
-    import torch
-
-    if not (want.is_floating_point() and want.numel()):
-        return _max_diff(got, want), 0.0
-    got = got.to(want.dtype)
-    finite = torch.isfinite(want)
-    if not finite.all():
-        same = torch.equal(torch.isfinite(got), finite) and torch.equal(
-            torch.nan_to_num(got[~finite], nan=0.0), torch.nan_to_num(want[~finite], nan=0.0)) and bool(
-            (torch.isnan(got[~finite]) == torch.isnan(want[~finite])).all())
-        if not same:
-            return math.inf, 0.0
-        got, want = got[finite], want[finite]
-        if not want.numel():
-            return 0.0, 0.0
-    return _max_diff(got, want), _check_tolerance(want)
-
-
-def _check_tolerance(want) -> float:
-    """export --check's bound for one output: 1e-4 (16 units in the last place of a half dtype) times
-    the output's scale, at least 1; two runtimes' roundings grow with the output's size (an
-    EfficientNet's logits near 100 differ by 2.8e-4 in float32, as torch's float32 and float64 do)."""
-    import torch
-
-    if not (want.is_floating_point() and want.numel()):
-        return 0.0
-    scale = max(1.0, float(want.detach().abs().max().float()))  # (finite: `_output_check` leaves out inf/NaN)
-    return max(1e-4, 16 * torch.finfo(want.dtype).eps) * scale
 
 
 def _write_npz(f, arrays: dict) -> None:
@@ -878,17 +846,6 @@ def _check_shapes(model: str, files: list, arrays: list, specs: list) -> None:
 def _is_npy(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(6) == b"\x93NUMPY"
-
-
-def _max_diff(got, want) -> float:
-    """Largest absolute difference; for integer and bool outputs, 0 or inf (they must be equal)."""
-    import torch
-
-    if not want.numel():
-        return 0.0
-    if want.is_floating_point() or want.is_complex():
-        return float((got.to(want.dtype) - want).abs().max())
-    return 0.0 if torch.equal(got.to(want.dtype), want) else float("inf")
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",

@@ -1250,17 +1250,17 @@ def test_export_check_bounds_the_difference_by_the_outputs_scale_and_dtype(tmp_p
     --check failed it against a fixed 1e-4, asking to report a bug."""
     import torch
 
-    from pbp_fx.cli import _check_tolerance, _output_check
+    from pbp_fx.exporters.ort import output_difference, tolerance
 
-    assert _check_tolerance(torch.full((2,), 0.5)) == 1e-4
-    assert _check_tolerance(torch.tensor([-108.0, 3.0])) == pytest.approx(1.08e-2)
-    assert _check_tolerance(torch.ones(2, dtype=torch.float16)) == pytest.approx(16 * 2.0 ** -10)
-    assert _check_tolerance(torch.tensor([1, 2])) == 0.0
+    assert tolerance(torch.full((2,), 0.5)) == 1e-4
+    assert tolerance(torch.tensor([-108.0, 3.0])) == pytest.approx(1.08e-2)
+    assert tolerance(torch.ones(2, dtype=torch.float16)) == pytest.approx(16 * 2.0 ** -10)
+    assert tolerance(torch.tensor([1, 2])) == 0.0
     # inf/NaN entries match exactly or fail (an output holding -inf turned the bound into inf)
     inf = torch.tensor([1.0, -math.inf, math.nan])
-    assert _output_check(torch.tensor([1.00001, -math.inf, math.nan]), inf) == (pytest.approx(1e-5, rel=1e-2), 1e-4)
-    assert _output_check(torch.tensor([1.0, math.inf, math.nan]), inf)[0] == math.inf
-    assert _output_check(torch.tensor([1.0, -math.inf, 0.0]), inf)[0] == math.inf
+    assert output_difference(torch.tensor([1.00001, -math.inf, math.nan]), inf) == (pytest.approx(1e-5, rel=1e-2), 1e-4)
+    assert output_difference(torch.tensor([1.0, math.inf, math.nan]), inf)[0] == math.inf
+    assert output_difference(torch.tensor([1.0, -math.inf, 0.0]), inf)[0] == math.inf
     model = _write(tmp_path, HALF_MLP)
     pm = pbp_fx.perforate(runpy.run_path(model)["build_model"](), (torch.randn(4, 6),))
     for _ in range(2):
