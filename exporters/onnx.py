@@ -63,7 +63,7 @@ from . import clip_after_site, output_weight_into_readers
 from .direct import plain_output_names
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
 
-__all__ = ["export_onnx", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS",
+__all__ = ["export_onnx", "check_other_sizes", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS",
            "MIN_OPSET", "MAX_OPSET"]
 
 log = logging.getLogger(__name__)
@@ -693,9 +693,11 @@ def _keep_dynamic_axes(proto: onnx.ModelProto, module: nn.Module, traced: tuple,
                     # torch 2.13: after one torch.export of an RNN in a process (perforate's frontend
                     # "auto" runs one), later exports fix its sequence length
                     raise ExportError(f"axis {axis.__name__!r} (dim {dim} of input {name!r}) came out fixed to "
-                                      f"{shape[dim].dim_value}: torch.export fixes a GRU/LSTM's sequence length once "
-                                      "it has exported it in this process; perforate with frontend='fx' and export "
-                                      "once, in a fresh process (pbp-fx export --frontend fx)")
+                                      f"{shape[dim].dim_value}: torch.export fixes a recurrent layer's sequence "
+                                      "length (an nn.RNN's always, a GRU/LSTM's once one has been exported in this "
+                                      "process): export without that axis, or, for a batch-first GRU/LSTM, perforate "
+                                      "with frontend='fx' and export once, in a fresh process (pbp-fx export "
+                                      "--frontend fx)")
                 if tied is not None:  # torch.export ties equal sizes that meet in an op; the other stayed static
                     other, other_dim = tied
                     raise ExportError(
@@ -994,6 +996,59 @@ def _write_atomic(data: bytes, path: str) -> None:
 
 # -- public entry point ----------------------------------------------------------------------
 
+def check_other_sizes(model: Union[str, bytes], module: nn.Module, inputs: Sequence,
+                      axes: Optional[set] = None) -> tuple[str, Optional[str]]:
+    """Run the ONNX file `model` (a path or its bytes) in ONNX Runtime (CPU) with every dynamic dim of
+    its inputs doubled (each tensor concatenated with itself there: token ids stay valid) and compare
+    with `module(*inputs)` at those sizes (`ort.output_difference`). axes: only the dims with these
+    names (None: every dynamic dim, the batch too). Returns (the sizes checked, "" when nothing was:
+    no such dim, no onnxruntime, or the model itself refuses them; what differs there in a line, or
+    None). torch.onnx writes some ops for the example's sizes only while it declares
+    the axis dynamic (an adaptive pooling's kernel, a sequence-first GRU's length)."""
+    from .ort import RuntimeUnavailableError, ort_session, output_difference, run
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+    tensors = [t for t in inputs if isinstance(t, Tensor)]
+    doubled, grown = [], []
+    for value, t in zip(proto.graph.input, tensors):
+        for dim, d in enumerate(value.type.tensor_type.shape.dim):
+            if d.dim_param and (axes is None or d.dim_param in axes) and dim < t.dim() and t.shape[dim]:
+                t = torch.cat([t, t], dim)
+                grown.append(f"{d.dim_param}={t.shape[dim]}")
+        doubled.append(t)
+    if not grown:
+        return "", None
+    by_tensor = iter(doubled)
+    probe = [next(by_tensor) if isinstance(t, Tensor) else t for t in inputs]
+    try:
+        with torch.no_grad():
+            want = [t for t in torch.utils._pytree.tree_leaves(module(*probe)) if isinstance(t, Tensor)]
+    except Exception as e:  # noqa: BLE001 - the model's own limit (a table of positions): nothing to compare
+        log.info("export_onnx: not checked at %s: the model raised %s", ", ".join(grown), type(e).__name__)
+        return "", None
+    sizes = ", ".join(dict.fromkeys(grown))
+    where = f"at {sizes} (twice the example's)"
+    try:
+        session = ort_session(model, device="cpu", threads=1)
+        got = run(session, tuple(t.numpy() for t in doubled))
+    except RuntimeUnavailableError:
+        return "", None
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's refusal of the sizes the file declares dynamic
+        return sizes, (f"the ONNX file fails {where}, sizes it declares dynamic, which the model takes ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
+    if len(got) != len(want):
+        return sizes, f"the ONNX file gives {len(got)} output(s) {where}, where the model gives {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        if tuple(g.shape) != tuple(w.shape):
+            return sizes, (f"the ONNX file's output {i} has shape {tuple(g.shape)} {where}, where the model's has "
+                    f"{tuple(w.shape)}: torch.onnx fixed a size the file declares dynamic")
+        diff, bound = output_difference(torch.as_tensor(g), w.detach().cpu())
+        if not diff <= bound:
+            return sizes, (f"the ONNX file's output {i} differs from the model's by {diff:.2e} {where} (bound {bound:.2e}): "
+                    "torch.onnx wrote an op for the example's size only (e.g. an adaptive pooling's kernel)")
+    return sizes, None
+
+
 def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], fused: bool = True,
                 dynamic_batch: bool = True, opset: Optional[int] = None, fold_clip: bool = True,
                 fold_output_weight: bool = True, example_kwargs: Optional[dict] = None,
@@ -1088,7 +1143,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                               f"export --opset {BFLOAT16_OPSET}), where ONNX gives most ops one, or export the model "
                               "in float32") from e
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}") from e
-    _write_atomic(proto.SerializeToString(), target)
+    body = proto.SerializeToString()
+    if axes:  # (torch.onnx can write a named axis as dynamic and still fix its size inside: checked)
+        _, problem = check_other_sizes(body, module, inputs, {a for dims in axes.values() for a in dims.values()})
+        if problem is not None:
+            raise ExportError(f"{problem}: export without those dynamic axes")
+    _write_atomic(body, target)
     log.info("exported %s (%s, %d fused node(s), opset %d)", target, "fused" if fused else "unfused",
              n_fused, _default_opset(proto))
     return path

@@ -788,7 +788,7 @@ def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs
 
     from .exporters import ort_session, run
     from .exporters.ort import output_difference
-    from .exporters.onnx import graph_inputs
+    from .exporters.onnx import check_other_sizes, graph_inputs
 
     with _quiet_unless(args.debug), torch.no_grad():  # the same warnings as above: for --debug
         session = ort_session(path)
@@ -806,6 +806,12 @@ def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs
     print(f"check: ONNX Runtime ({session.provider}) vs PyTorch max abs diff {diff:.2e} (tolerance {tol:.2e})")
     if not all(d <= t for d, t in checks):
         raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> {tol:.2e}): report this as a bug")
+    with _quiet_unless(args.debug):
+        sizes, problem = check_other_sizes(path, pm.finalize(), graph_inputs(pm, inputs, kwargs))
+    if problem is not None:
+        raise PBError(f"{problem}: export with --static-batch and without --dynamic-axis for it")
+    if sizes:
+        print(f"check: the same function at {sizes} (twice the example's sizes on the dynamic axes)")
 
 
 def _write_npz(f, arrays: dict) -> None:

@@ -393,6 +393,7 @@ def test_export_checkpoint_check_and_run(tmp_path, capsys):
     assert main(["export", ckpt, "-o", out, "--check"]) == 0
     printed = capsys.readouterr().out
     assert "max abs diff" in printed
+    assert "check: the same function at batch=" in printed  # (the dynamic batch, doubled)
     proto = onnx.load(out)
     assert sum(n.domain == "pbp" for n in proto.graph.node) == 3
     x = np.random.default_rng(0).standard_normal((5, 64)).astype("float32")

@@ -872,19 +872,22 @@ _RNN_TIME_AXIS = """
 import sys, torch, torch.nn as nn, pbp_fx
 from pbp_fx.exporters import ExportError
 
+first = len(sys.argv) > 3  # sequence-first: [T, B, C]
+
 class Encoder(nn.Module):
     def __init__(self):
         super().__init__()
-        self.inp, self.rnn, self.head = nn.Linear(5, 12), nn.GRU(12, 16, batch_first=True), nn.Linear(16, 3)
+        self.inp, self.rnn, self.head = nn.Linear(5, 12), nn.GRU(12, 16, batch_first=not first), nn.Linear(16, 3)
 
     def forward(self, x):
         o, _ = self.rnn(torch.tanh(self.inp(x)))
-        return self.head(o[:, -1])
+        return self.head(o)
 
-x = torch.randn(2, 7, 5)
+x = torch.randn(7, 2, 5) if first else torch.randn(2, 7, 5)
 pm = pbp_fx.perforate(Encoder(), (x,), frontend=sys.argv[1]).eval()
+axes = {"x": {0: "time", 1: "batch"}} if first else {"x": {1: "time"}}
 try:
-    pbp_fx.export_onnx(pm, (x,), sys.argv[2], dynamic_axes={"x": {1: "time"}})
+    pbp_fx.export_onnx(pm, (x,), sys.argv[2], dynamic_batch=not first, dynamic_axes=axes)
 except ExportError as exc:
     print("ExportError:", exc)
 else:
@@ -893,22 +896,53 @@ else:
 
 
 @pytest.mark.parametrize("frontend, words", [
-    ("auto", "torch.export fixes a GRU/LSTM's sequence length once it has exported it in this process; perforate "
+    ("auto", "torch.export fixes a recurrent layer's sequence length (an nn.RNN's always, a GRU/LSTM's once one "
+             "has been exported in this process): export without that axis, or, for a batch-first GRU/LSTM, perforate "
              "with frontend='fx'"),
-    ("fx", "exported")])
+    ("fx", "exported"),
+    ("fx first", "output 0 has shape (7, 8, 3) at time=14, batch=4 (twice the example's), where the model's has "
+                 "(14, 4, 3): torch.onnx fixed a size the file declares dynamic: export without those dynamic axes")])
 def test_an_rnns_time_axis_fixed_by_an_earlier_torch_export_is_named_as_such(tmp_path, frontend, words):
     """torch 2.13: perforate's frontend 'auto' runs torch.export once, after which a GRU's time axis comes
-    out fixed; the error blamed 'a reshape to a constant size' in the model. (A fresh process per case:
-    the state is the process's.)"""
+    out fixed; the error blamed 'a reshape to a constant size' in the model. A sequence-first GRU's file
+    declared its time axis dynamic with its length fixed inside (another length: the example's rows, or a
+    Reshape error). (A fresh process per case: the state is the process's.)"""
     import subprocess
     import sys
 
     script = tmp_path / "rnn.py"
     script.write_text(_RNN_TIME_AXIS)
-    r = subprocess.run([sys.executable, str(script), frontend, str(tmp_path / "m.onnx")], capture_output=True,
+    r = subprocess.run([sys.executable, str(script), *frontend.split()[:1], str(tmp_path / "m.onnx"),
+                        *frontend.split()[1:]], capture_output=True,
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert words in r.stdout, r.stdout
+    assert (tmp_path / "m.onnx").exists() == (words == "exported")
+
+
+@pytest.mark.parametrize("pool", ["adaptive", "global"])
+def test_an_axis_the_file_declares_dynamic_but_fixes_inside_is_refused(tmp_path, pool):
+    """AdaptiveAvgPool2d(2) with dynamic H/W: torch.onnx writes its kernel for the example's size, and the
+    file computed other values at 10x10 (0.07 off), failed at 12x12, with the axes declared dynamic."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(2 if pool == "adaptive" else 1), torch.nn.Flatten(),
+                              torch.nn.Linear(24 if pool == "adaptive" else 6, 3))
+    x = torch.randn(2, 3, 8, 8)
+    pm = pbp_fx.perforate(net, (x,))
+    pm.grow()
+    pm.eval()
+    axes = {"input": {2: "h", 3: "w"}}
+    if pool == "global":  # a size the pooling takes whole: the file is right at every size
+        path = export_onnx(pm, (x,), tmp_path / "m.onnx", dynamic_axes=axes)
+        got = run(ort_session(path, device="cpu", threads=1), (torch.randn(3, 3, 11, 9).numpy(),))
+        assert got[0].shape == (3, 3)
+        return
+    with pytest.raises(ExportError, match=r"^the ONNX file fails at h=16, w=16 \(twice the example's\), sizes it "
+                                          r"declares dynamic, which the model takes .*: export without those dynamic "
+                                          r"axes$"):
+        export_onnx(pm, (x,), tmp_path / "m.onnx", dynamic_axes=axes)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_keyword_inputs_of_a_model_captured_in_parts_are_refused_with_the_way_out(tmp_path):
