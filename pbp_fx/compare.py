@@ -704,6 +704,7 @@ def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], 
     before = set(multiprocessing.active_children())
     ex = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(1,))
+    done = False
     try:
         main = threading.current_thread() is threading.main_thread()
         # The workers start as the tasks are submitted (map submits them all now); an ignored signal
@@ -716,6 +717,7 @@ def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], 
                 signal.signal(signal.SIGINT, previous)
         for k, row in enumerate(results):
             finished(k, row)
+        done = True
     except BrokenProcessPool:
         raise CompareError("a compare worker process died while it trained an arm (killed, out of memory, or the "
                            "model file ended the process): rerun with --jobs 1 to see where") from None
@@ -723,13 +725,16 @@ def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], 
         raise CompareError(f"an arm's code called sys.exit({exc.code!r}) while it trained: rerun with --jobs 1 to "
                            "see where") from None
     finally:
-        ex.shutdown(wait=False, cancel_futures=True)
-        workers = set(multiprocessing.active_children()) - before
-        for worker in workers:  # (mid-arm after Ctrl-C or a failed arm: they would run on for minutes)
-            worker.terminate()
-        for worker in workers:
-            worker.join()
-        ex.shutdown(wait=True)  # (its manager thread sees the workers gone and ends before the pipes close)
+        if done:  # idle workers exit on their own (terminated ones left their queues' semaphores to the
+            ex.shutdown(wait=True)  # resource tracker, which warned of them on stderr)
+        else:
+            ex.shutdown(wait=False, cancel_futures=True)
+            workers = set(multiprocessing.active_children()) - before
+            for worker in workers:  # (mid-arm after Ctrl-C or a failed arm: they would run on for minutes)
+                worker.terminate()
+            for worker in workers:
+                worker.join()
+            ex.shutdown(wait=True)  # (its manager thread sees the workers gone and ends before the pipes close)
 
 
 def _row_text(r: dict, score: Score = ACCURACY) -> str:

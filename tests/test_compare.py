@@ -681,3 +681,19 @@ def test_a_width_the_model_cannot_take_is_refused_and_a_rounded_one_is_said(tiny
     result = compare(tiny, width=0.01, seeds=1, arms=["plain"], latency=False, echo=lines.append, **BUDGET)
     assert result["built_width"] == 0.125 and result["runs"][0]["width"] == 0.125
     assert "width 0.125 (--width 0.01 in whole channels)" in lines[0]
+
+
+def test_a_comparison_on_workers_ends_without_a_stray_warning(tiny, tmp_path):
+    """--jobs 2 that succeeded printed multiprocessing's 'resource_tracker: There appear to be 2 leaked
+    semaphore objects' on stderr: the pool's idle workers were terminated instead of shut down."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pbp_fx", "compare", tiny, "--seeds", "2", "--arms", "plain,pb",
+                        "--epochs", "4", "--patience", "2", "--max-dendrites", "1", "--max-dendrite-epochs", "1",
+                        "--no-latency", "--jobs", "2", "--out", str(tmp_path / "cmp")],
+                       env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "leaked" not in r.stderr and "resource_tracker" not in r.stderr, r.stderr
