@@ -241,13 +241,24 @@ def task_functions(mod: ModuleType) -> tuple[Callable, Callable, str]:
     return loss_fn, negative_loss(loss_fn), "minus the loss"
 
 
+# Words that name a lower-is-better score (an error, a distance), as parts of a metric's name.
+LOWER_IS_BETTER_WORDS = {"loss", "error", "err", "mae", "mse", "rmse", "wer", "cer", "perplexity", "ppl", "nll",
+                         "distance", "dist"}
+
+
 def check_metric_direction(mod: ModuleType, maximize: bool, error: type = ModelFileError) -> None:
     """Refuse maximize=False (--no-maximize) with a built-in metric: accuracy and minus the loss grow as
-    the model gets better, and the run would keep its worst epoch."""
+    the model gets better, and the run would keep its worst epoch. Warn of maximize with a file's
+    own metric whose name reads as lower-is-better (mae, error_rate, val_loss): the same mistake."""
+    name = task_functions(mod)[2]
     if not maximize and getattr(mod, "metric", None) is None:
-        name = task_functions(mod)[2]
         raise error(f"maximize is false (--no-maximize, or maximize: false in a --config file), but the built-in "
                     f"metric ({name}) is higher-is-better: drop it, or define metric(output, target) in the model file")
+    if maximize and getattr(mod, "metric", None) is not None and \
+            LOWER_IS_BETTER_WORDS & set(name.lower().replace("-", "_").split("_")):
+        warn_at_user(f"{_name(mod)}: its metric {name!r} reads as lower-is-better, but a higher score counts as "
+                     "better (each run keeps the epoch where it is highest): pass --no-maximize (maximize: false in "
+                     "a --config file) if lower is better")
 
 
 # Names a model file might define for training that pbp-fx train and compare do not read.

@@ -1326,3 +1326,16 @@ def test_a_loss_that_cannot_be_differentiated_is_refused_before_any_work(tmp_pat
                            capsys)
     assert rc == 2 and err.count("\n") == 1 and words in err
     assert not out.exists() and "epoch" not in stdout
+
+
+def test_a_lower_is_better_named_metric_with_maximize_is_warned_of(tmp_path, capsys):
+    """A file's own `mae` with the default maximize kept each run's worst epoch, silently."""
+    text = open(os.path.join(ROOT, "models", "digits_mlp.py")).read() + (
+        "\n\ndef mae(output, target):\n    return float((output.argmax(1) != target).sum()), len(target)\n\n\n"
+        "metric = mae\n")
+    model = _write(tmp_path, text)
+    rc, _, err = _run(["train", model, "--out", str(tmp_path / "out"), "--epochs", "1", "--no-progress"], capsys)
+    assert rc == 0 and "its metric 'mae' reads as lower-is-better, but a higher score counts as better" in err
+    rc, _, err = _run(["train", model, "--out", str(tmp_path / "out2"), "--epochs", "1", "--no-progress",
+                       "--no-maximize"], capsys)
+    assert rc == 0 and "lower-is-better" not in err
