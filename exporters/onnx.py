@@ -466,9 +466,15 @@ def _apart_from_inputs(names: list[str], input_names) -> list[str]:
     clashing = [n for n in names if n in taken]
     if not clashing:
         return names
-    warn_at_user(f"output {clashing[0]!r} is named {clashing[0] + '_output'!r} in the ONNX file: an input has "
-                 "that name")
-    return [f"{n}_output" if n in taken else n for n in names]
+    def free(name: str) -> str:  # (`<name>_output` may be an input's name too)
+        while name in taken or name in names:
+            name += "_output"
+        return name
+
+    renamed = [free(n) if n in taken else n for n in names]
+    warn_at_user(f"output {clashing[0]!r} is named {renamed[names.index(clashing[0])]!r} in the ONNX file: an input "
+                 "has that name")
+    return renamed
 
 
 def _not_a_tensor(out, where: str = "output") -> str:
@@ -999,54 +1005,73 @@ def _write_atomic(data: bytes, path: str) -> None:
 def check_other_sizes(model: Union[str, bytes], module: nn.Module, inputs: Sequence,
                       axes: Optional[set] = None) -> tuple[str, Optional[str]]:
     """Run the ONNX file `model` (a path or its bytes) in ONNX Runtime (CPU) with every dynamic dim of
-    its inputs doubled (each tensor concatenated with itself there: token ids stay valid) and compare
-    with `module(*inputs)` at those sizes (`ort.output_difference`). axes: only the dims with these
-    names (None: every dynamic dim, the batch too). Returns (the sizes checked, "" when nothing was:
-    no such dim, no onnxruntime, or the model itself refuses them; what differs there in a line, or
-    None). torch.onnx writes some ops for the example's sizes only while it declares
-    the axis dynamic (an adaptive pooling's kernel, a sequence-first GRU's length)."""
-    from .ort import RuntimeUnavailableError, ort_session, output_difference, run
+    its inputs doubled (`_doubled`) and compare with `module(*inputs)` at those sizes
+    (`ort.output_difference`). axes: only the dims with these names (None: every dynamic dim, the
+    batch too). Returns (the sizes checked, "" when nothing was: no such dim, no onnxruntime or no
+    kernel of it for the file, or the model itself refuses the sizes; what differs there in a line,
+    or None). torch.onnx writes some ops for the example's sizes only while it declares the axis
+    dynamic (an adaptive pooling's kernel, a sequence-first GRU's length)."""
+    from .ort import ort_session, output_difference, run
 
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
     tensors = [t for t in inputs if isinstance(t, Tensor)]
     doubled, grown = [], []
     for value, t in zip(proto.graph.input, tensors):
+        t = t.detach().cpu()
         for dim, d in enumerate(value.type.tensor_type.shape.dim):
             if d.dim_param and (axes is None or d.dim_param in axes) and dim < t.dim() and t.shape[dim]:
-                t = torch.cat([t, t], dim)
+                t = _doubled(t, dim)
                 grown.append(f"{d.dim_param}={t.shape[dim]}")
         doubled.append(t)
     if not grown:
         return "", None
+    sizes = ", ".join(dict.fromkeys(grown))
+    try:  # (an onnxruntime without a kernel the file needs, bfloat16 on the CPU, cannot check it)
+        session = ort_session(model, device="cpu", threads=1)
+    except Exception as e:  # noqa: BLE001
+        log.info("export_onnx: not checked at %s: ONNX Runtime cannot load the file (%s)", sizes, type(e).__name__)
+        return "", None
     by_tensor = iter(doubled)
-    probe = [next(by_tensor) if isinstance(t, Tensor) else t for t in inputs]
+    device = next((t.device for t in tensors), None)
+    probe = [next(by_tensor).to(device) if isinstance(t, Tensor) else t for t in inputs]
     try:
         with torch.no_grad():
             want = [t for t in torch.utils._pytree.tree_leaves(module(*probe)) if isinstance(t, Tensor)]
     except Exception as e:  # noqa: BLE001 - the model's own limit (a table of positions): nothing to compare
-        log.info("export_onnx: not checked at %s: the model raised %s", ", ".join(grown), type(e).__name__)
+        log.info("export_onnx: not checked at %s: the model raised %s", sizes, type(e).__name__)
         return "", None
-    sizes = ", ".join(dict.fromkeys(grown))
     where = f"at {sizes} (twice the example's)"
+    arrays = tuple(t.numpy() for t in doubled)
     try:
-        session = ort_session(model, device="cpu", threads=1)
-        got = run(session, tuple(t.numpy() for t in doubled))
-    except RuntimeUnavailableError:
-        return "", None
+        got = run(session, arrays)
     except Exception as e:  # noqa: BLE001 - ONNX Runtime's refusal of the sizes the file declares dynamic
-        return sizes, (f"the ONNX file fails {where}, sizes it declares dynamic, which the model takes ({type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
+        return sizes, (f"the ONNX file fails {where}, sizes it declares dynamic, which the model takes "
+                       f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
     if len(got) != len(want):
         return sizes, f"the ONNX file gives {len(got)} output(s) {where}, where the model gives {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):
         if tuple(g.shape) != tuple(w.shape):
             return sizes, (f"the ONNX file's output {i} has shape {tuple(g.shape)} {where}, where the model's has "
-                    f"{tuple(w.shape)}: torch.onnx fixed a size the file declares dynamic")
+                           f"{tuple(w.shape)}: torch.onnx fixed a size the file declares dynamic")
         diff, bound = output_difference(torch.as_tensor(g), w.detach().cpu())
         if not diff <= bound:
-            return sizes, (f"the ONNX file's output {i} differs from the model's by {diff:.2e} {where} (bound {bound:.2e}): "
-                    "torch.onnx wrote an op for the example's size only (e.g. an adaptive pooling's kernel)")
+            return sizes, (f"the ONNX file's output {i} differs from the model's by {diff:.2e} {where} (bound "
+                           f"{bound:.2e}): it does not compute the model's function at sizes it declares dynamic "
+                           "(torch.onnx wrote some op for the example's size, e.g. an adaptive pooling's kernel)")
     return sizes, None
+
+
+def _doubled(t: Tensor, dim: int) -> Tensor:
+    """t with its size along `dim` doubled: a float tensor followed by a slightly perturbed copy (no
+    exact repeats, whose ties sort/topk break differently in each runtime), any other by itself
+    (token ids and masks stay valid)."""
+    if not t.is_floating_point():
+        return torch.cat([t, t], dim)
+    finite = t[torch.isfinite(t)].double()
+    spread = float(finite.std()) if finite.numel() > 1 else 0.0
+    spread = spread if spread > 0 else max(float(finite.abs().max()) if finite.numel() else 0.0, 1.0)
+    noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return torch.cat([t, (t.double() + 0.01 * spread * noise).to(t.dtype)], dim)
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathLike], fused: bool = True,

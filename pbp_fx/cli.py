@@ -751,6 +751,7 @@ def export(args: argparse.Namespace) -> int:
             if args.model is None and ref.endswith(".py") and not os.path.exists(ref):  # (or a module name)
                 raise PBError(f"checkpoint {args.source} was trained from {ref}, which does not exist now: pass the "
                               "model file with --model FILE")
+            check_output_file(args.out, "-o", reads=(ref,))  # (the model file the checkpoint names)
             captured = (meta.get("capture") or {}).get("captured_with")
             if args.frontend != "auto" and captured is not None and captured != args.frontend:
                 raise PBError(f"checkpoint {args.source} was captured with {captured}; --frontend {args.frontend} "
@@ -808,8 +809,8 @@ def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs
         raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> {tol:.2e}): report this as a bug")
     with _quiet_unless(args.debug):
         sizes, problem = check_other_sizes(path, pm.finalize(), graph_inputs(pm, inputs, kwargs))
-    if problem is not None:
-        raise PBError(f"{problem}: export with --static-batch and without --dynamic-axis for it")
+    if problem is not None:  # (the named axes passed the export's own check: the batch is left)
+        raise PBError(f"{problem}: export with --static-batch")
     if sizes:
         print(f"check: the same function at {sizes} (twice the example's sizes on the dynamic axes)")
 

@@ -421,6 +421,14 @@ def test_an_output_path_that_is_a_file_the_command_reads_is_refused(tmp_path, ca
         err = capsys.readouterr().err
         assert "which this command reads: writing it would destroy it" in err and err.count("\n") == 1, err
     assert open(ckpt, "rb").read() == before and "nn.ReLU6" in open(model_file).read()
+    from pbp_fx.checkpoint import save  # a checkpoint that names its model file: -o that file
+
+    namespace: dict = {}
+    exec(RELU6_MLP, namespace)
+    recorded = str(tmp_path / "recorded.safetensors")
+    save(pbp_fx.perforate(namespace["build_model"](), namespace["example_inputs"]()), recorded, model_ref=model_file)
+    assert main(["export", recorded, "-o", model_file]) == 2
+    assert "which this command reads" in capsys.readouterr().err and "nn.ReLU6" in open(model_file).read()
     out = str(tmp_path / "m.onnx")
     assert main(["export", ckpt, "-o", out]) == 0
     np.save(tmp_path / "x.npy", np.zeros((2, 64), dtype="float32"))

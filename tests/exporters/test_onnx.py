@@ -945,6 +945,33 @@ def test_an_axis_the_file_declares_dynamic_but_fixes_inside_is_refused(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+
+class _TopPositions(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.score = torch.nn.Linear(4, 1)
+
+    def forward(self, x):  # [B, T, 4] -> the 3 best positions' scores and indices
+        return self.score(x).squeeze(-1).topk(3, dim=1)
+
+
+def test_the_other_sizes_check_passes_correct_files_it_once_refused(tmp_path):
+    """Doubled by repeating the input, a topk over the axis met exact ties, which torch and ONNX Runtime
+    break differently: a correct file was refused; an example input that requires grad (or lives on a
+    GPU) failed the check's own .numpy() and was reported as the file failing."""
+    x = torch.randn(2, 6, 4)
+    pm = pbp_fx.perforate(_TopPositions(), (x,)).eval()
+    path = export_onnx(pm, (x,), tmp_path / "a.onnx", dynamic_axes={"x": {1: "seq"}})
+    values, indices = run(ort_session(path, device="cpu", threads=1), (torch.randn(3, 9, 4).numpy(),))
+    assert values.shape == indices.shape == (3, 3)
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    pm = pbp_fx.perforate(mlp, (x,)).eval()
+    export_onnx(pm, (x,), tmp_path / "b.onnx", dynamic_axes={"input": {1: "seq"}})
+    with pytest.warns(UserWarning, match="output 'output' is named 'output_output_output' in the ONNX file"):
+        names = onnx_exporter._apart_from_inputs(["output"], ["output", "output_output"])
+    assert names == ["output_output_output"]
+
 def test_keyword_inputs_of_a_model_captured_in_parts_are_refused_with_the_way_out(tmp_path):
     """The message ('... (a dict) was captured in parts ...') named neither what to change in a model
     file nor the usual cause (a Hugging Face model's cache)."""
