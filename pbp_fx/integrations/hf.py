@@ -23,6 +23,7 @@ from ..config import ConfigError, PBConfig
 from ..controller import Decision, PhaseController
 from ..errors import TrainingError, warn_at_user
 from ..perforated import LOSS_KEYWORD, PerforatedModel, takes_loss_keyword
+from ..site import Site
 from .common import (StructureOnLoad, find_perforated, finished_run, refused_restart, unwrap_optimizer,
                      unwrap_scheduler)
 
@@ -38,8 +39,7 @@ class PBCallback(TrainerCallback):
     compute_metrics; the "eval_" prefix may be left out); default: TrainingArguments'
     metric_for_best_model when set, else "eval_loss". greater_is_better: its direction (default:
     TrainingArguments.greater_is_better when the metric is metric_for_best_model, else lower is
-    better for names ending in "loss", higher otherwise; one contrary to the Trainer's for its
-    metric is refused); it sets config.maximize. config: PB settings (default:
+    better for names ending in "loss", higher otherwise); it sets config.maximize. config: PB settings (default:
     PBConfig() with the model's mode and activation). group_of_name(name) -> group index: the rule
     by which you group your own optimizer (`Trainer(optimizers=...)`) over the names of the Trainer's
     model; PB's new parameters join the groups it gives them, so that the optimizer you rebuild by it
@@ -69,8 +69,10 @@ class PBCallback(TrainerCallback):
         self._from_args = False  # the metric is the TrainingArguments' metric_for_best_model
         self._structure_hook: Optional[StructureOnLoad] = None
         self._user_groups_warned = False
+        self._own_optimizer: Optional[bool] = None  # (None: the callback was added after the Trainer was built)
 
-    def on_init_end(self, args, state, control, model=None, **kwargs):
+    def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._own_optimizer = optimizer is not None  # Trainer(optimizers=(opt, ...)): the user's; else the Trainer's
         if getattr(args, "neftune_noise_alpha", None) is not None:  # (train() attaches it before on_train_begin)
             raise TrainingError("PBCallback: neftune_noise_alpha adds noise through a forward hook on the model's "
                                 "input embeddings, which a captured PerforatedModel neither exposes nor calls as a "
@@ -118,13 +120,13 @@ class PBCallback(TrainerCallback):
                                 "complete; PBConfig(patience=...) is its neuron-phase patience)")
         ranked = _direction(args.metric_for_best_model, None)[0] if args.metric_for_best_model else None
         self._from_args = self._metric is None and ranked is not None
-        if self._from_args or ranked == self.metric:  # the metric the user's Trainer ranks by: its direction
+        if self._from_args or ranked == self.metric:  # the metric the user's Trainer ranks by
             own, trainers = self._greater_is_better, bool(args.greater_is_better)
-            if own is not None and own != trainers:
-                raise TrainingError(f"PBCallback(greater_is_better={own}) ranks {ranked} the other way round from "
-                                    f"TrainingArguments(greater_is_better={args.greater_is_better}): give one "
-                                    "direction (leave PBCallback's unset to follow the Trainer's)")
-            self.metric, self.maximize = ranked, trainers
+            self.metric, self.maximize = ranked, trainers if own is None else own  # (given here: it wins)
+            if own is not None and own != trainers and args.save_strategy != "no":
+                warn_at_user(f"PBCallback(greater_is_better={own}) ranks {ranked} the other way round from the "
+                             f"Trainer, which ranks its checkpoints by greater_is_better={trainers} (its default for "
+                             f"the name, unless you set it): set TrainingArguments(greater_is_better={own}) too")
         elif (args.metric_for_best_model and args.save_strategy != "no"
               and ranked != self.metric):
             warn_at_user(
@@ -182,6 +184,11 @@ class PBCallback(TrainerCallback):
         saved state)."""
         rule = self._group_of_name
         if rule is not None:
+            if self._own_optimizer is False:
+                raise TrainingError("PBCallback(group_of_name=...) is the rule of an optimizer of your own "
+                                    "(Trainer(optimizers=(opt, scheduler))), but the Trainer built this one and "
+                                    "places new parameters by its own weight-decay rule: drop group_of_name")
+            _check_rule(rule, model, optimizer)
             return lambda module: {n: _group_index(rule, n, len(optimizer.param_groups))
                                    for n, _ in module.named_parameters()}
         if _grouped_by_trainer(model, optimizer):
@@ -350,9 +357,31 @@ def _refuse_misplaced_optimizer_state(optimizer) -> None:
                         f"{CHECKPOINT_NAME}', model)), then build the optimizer over model.trainable_parameters()")
 
 
+def _check_rule(rule: Callable[[str], int], model, optimizer) -> None:
+    """group_of_name must give each of the optimizer's parameters the group it is in: else it is not the
+    rule the optimizer was built by, and its rebuild on resume would not fit either."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = len(optimizer.param_groups)
+    for path, module in model.named_modules():  # (PB's new parameters, by their names, before any exists)
+        if isinstance(module, Site):
+            for part in ("candidates.copies.weight", "dendrites.weight", "out_weight"):
+                _group_index(rule, f"{path}.{part}", groups)
+    for index, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            name = names.get(id(p))
+            if name is not None and _group_index(rule, name, groups) != index:
+                raise TrainingError(f"PBCallback(group_of_name=...) gives {name!r} group "
+                                    f"{rule(name)}, but the optimizer holds it in group {index}: give the rule the "
+                                    "optimizer's groups were built by")
+
+
 def _group_index(rule: Callable[[str], int], name: str, groups: int) -> int:
     """rule(name), checked: an index of one of the optimizer's `groups` groups."""
-    index = rule(name)
+    try:
+        index = rule(name)
+    except Exception as exc:  # noqa: BLE001 - the user's rule on a name it does not know (PB's pbp_sites.*)
+        raise TrainingError(f"PBCallback(group_of_name=...) raised {type(exc).__name__} for {name!r}: the rule must "
+                            "give every parameter a group, PB's new ones (named ...pbp_sites.<site>...) too") from exc
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < groups:
         raise TrainingError(f"PBCallback(group_of_name=...) gave {index!r} for {name!r}: it must return the index of "
                             f"one of the optimizer's {groups} parameter groups (0 to {groups - 1})")
