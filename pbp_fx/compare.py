@@ -343,11 +343,12 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
     if not ran:
         return "no arm finished"
     lines = []
-    every = set().union(*(set(s["test_by_seed"]) | set(s.get("seeds_not_run", ())) for s in ran))
+    every = set().union(*(set(s["test_by_seed"]) for s in ran))  # the seeds some arm ran at
     left_out = [s for s in ran if set(s["test_by_seed"]) != every]
-    # The seeds an arm misses are not a random sample (a run that diverged there; plain-matched not
-    # built where pb grew), so its mean over the rest, or every arm's over the seeds all ran, would be
-    # biased: only the arms that ran at every seed are ranked.
+    # The seeds an arm misses where others ran are not a random sample (a run that diverged there;
+    # plain-matched not built where pb grew), so its mean over the rest, or every arm's over the seeds
+    # all ran, would be biased: only the arms that ran at every such seed are ranked (a seed no arm
+    # ran takes nothing from any arm).
     ranked = sorted((s for s in ran if s not in left_out), key=lambda s: -s["test"] if maximize else s["test"])
     win = ranked[0] if ranked else None
     by_arm = {p["arm"]: p for p in pairs}
@@ -566,11 +567,12 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
         raise CompareError(f"--width {width:g}: {exc}") from exc  # every arm needs this width
     model = scaled.model
     if width != 1 and scaled.width == 1:  # (every arm would be the model as built, reported at another width)
-        how = (f"rounds to build_model's own width {builder.base_width}" if builder.base_width is not None else
-               "leaves the model as built: it has no hidden channels to remove (its layers make its outputs), "
-               "and build_model takes no width argument")
-        raise CompareError(f"--width {width:g} {how}: give a --width that changes the model"
-                           f"{' (whole channels)' if builder.base_width is not None else ', or add a width argument'}")
+        how = (f"rounds to build_model's own width {builder.base_width} (or the nearest it accepts)"
+               if builder.base_width is not None else
+               "leaves the model as built: its hidden channel counts round back to their own, or it has none to "
+               "remove (its layers make its outputs), and build_model takes no width argument")
+        raise CompareError(f"--width {width:g} {how}: give a --width further from 1 that changes the model"
+                           f"{'' if builder.base_width is not None else ', or add a width argument'}")
     # The data `train` refuses (labels outside the classes, shapes the loss cannot take): refused here too.
     data = seeded_datasets(mod, training.seed)
     check_data(mod, data, model, inputs, training.batch_size)

@@ -307,6 +307,12 @@ def test_the_seeds_an_arm_misses_do_not_rank_the_others():
     text = verdict(summarize(rows), paired(rows))
     assert text.startswith("only plain ran at every seed") and "pb won" not in text
     assert "pb (3 of 6)" in text and "pb was not run at seed(s) 0, 2, 4: its training diverged" in text
+    # A seed that no arm ran (every run there diverged) takes nothing from one arm: the rest are ranked.
+    rows = [{"arm": a, "seed": k, "test": t, "params": 1} for a, ts in (("pb", (0.9, 0.8)), ("plain", (0.7, 0.6)))
+            for k, t in enumerate(ts)]
+    rows += [{"arm": a, "seed": 2, "skipped": "its training diverged (loss nan)"} for a in ("pb", "plain")]
+    text = verdict(summarize(rows), paired(rows))
+    assert text.startswith("**pb ranked first** over 2 seeds") and "left out" not in text
 
 
 def test_one_seed_prints_no_spread():
@@ -673,7 +679,8 @@ def test_a_width_the_model_cannot_take_is_refused_and_a_rounded_one_is_said(tiny
     out = tmp_path / "out"
     assert main(["compare", str(path), "--width", "0.25", "--seeds", "1", "--no-latency", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "--width 0.25 leaves the model as built: it has no hidden channels to remove" in err and err.count("\n") == 1
+    assert "--width 0.25 leaves the model as built: its hidden channel counts round back to their own, or it has " \
+           "none to remove" in err and err.count("\n") == 1
     assert not out.exists()
     assert main(["compare", tiny, "--width", "0.99", "--seeds", "1", "--no-latency"]) == 2
     assert "--width 0.99 rounds to build_model's own width 8" in capsys.readouterr().err
