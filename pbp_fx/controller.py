@@ -560,14 +560,18 @@ class PhaseController:
             g["lr"] = _unscaled_lr(float(g["lr"]), s, start, floor)
 
     def _unscaled_floor(self, scale: list[float]) -> float:
-        """The eta_min of a CosineAnnealingLR that alone set the rates in this dendrite phase and
+        """The eta_min of a cosine schedule (CosineAnnealingLR, CosineAnnealingWarmRestarts) that alone set
+        the rates in this dendrite phase and
         kept its floor unscaled (groups with different factors share it), else 0. Inside a
         SequentialLR or ChainedScheduler other schedulers move the rates too: there the factor is
         divided out (exact when the cosine was not the one running)."""
         if len(set(scale)) == 1 or len(self.schedulers) != 1:
             return 0.0
         (sch,) = self.schedulers
-        return float(sch.eta_min) if isinstance(sch, torch.optim.lr_scheduler.CosineAnnealingLR) else 0.0
+        # (with warm restarts the cosine is a closed form of base_lrs, eta_min and its clock: the same
+        # affine map of base_lrs keeps its rates the neuron run's, mapped)
+        cosines = (torch.optim.lr_scheduler.CosineAnnealingLR, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts)
+        return float(sch.eta_min) if isinstance(sch, cosines) else 0.0
 
     def _rescale_schedulers(self, scale: list[float], entering: bool, schedulers: Optional[list] = None) -> None:
         """Scale (unscale) what `schedulers` (default: all attached) compute rates from, entering
