@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 from .config import PBConfig
 from .controller import inner_optimizer
-from .errors import CheckpointError, NoSitesError, PBWarning, TraceError
+from .errors import CheckpointError, NoSitesError, PBWarning, TraceError, warn_at_user
 from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate, perforated_inside
 from .inputs import inputs_from_signature
@@ -71,8 +71,37 @@ def _jsonable(spec) -> Optional[dict]:
 def _structure(pm: PerforatedModel) -> dict:
     return {
         "mode": pm.mode, "activation": pm.activation, "phase": pm.phase,
-        "sites": [_site_record(n, s) for n, s in pm.sites.items()],
+        "sites": [_site_record(n, s) for n, s in pm.sites.items()], "ops": _graph_ops(pm),
     }
+
+
+def _graph_ops(pm: PerforatedModel) -> list[str]:
+    """The ops of the model's captured graphs in order (a module's type, a function's or method's name):
+    what the sites' shapes do not show, such as the activation between two layers."""
+    ops = []
+    for gm in pm.graph_module.modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            for node in gm.graph.nodes:
+                if node.op == "call_module":
+                    ops.append(type(gm.get_submodule(node.target)).__name__)
+                elif node.op in ("call_function", "call_method"):
+                    ops.append(node.target if isinstance(node.target, str) else getattr(node.target, "__name__",
+                                                                                         str(node.target)))
+    return ops
+
+
+def _warn_other_graph(pm: PerforatedModel, saved: Optional[list], path: str) -> None:
+    """Warn when the model's graph runs other ops than the saved one's where both have ops (a capture
+    without the labels' loss ends earlier, and that is no difference): the weights would load into
+    another function (a changed activation or forward) silently."""
+    if not saved:
+        return
+    here = _graph_ops(pm)
+    first = next((i for i, (a, b) in enumerate(zip(saved, here)) if a != b), None)
+    if first is not None:
+        warn_at_user(f"checkpoint {path} was saved from a model whose graph differs from this one's at op {first}: "
+                     f"{saved[first]} there, {here[first]} here (another activation or forward?): its weights now "
+                     "compute another function; load it into the model it was trained with")
 
 
 def _site_record(name: str, s) -> dict:
@@ -420,6 +449,7 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     st = meta["structure"]
     _to_saved_dtype(pm, tensors)
     _check_sites(pm, st, path)
+    _warn_other_graph(pm, st.get("ops"), path)
     plain = meta.get("plain", {})
     state = _collect("model/", tensors, plain)
     restore_structure(pm, state, st, meta.get("config"))

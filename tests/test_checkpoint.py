@@ -1,5 +1,6 @@
 """save / load: exact round trips, no pickle, atomic writes, clear refusals."""
 import os
+import warnings
 
 import pytest
 import torch
@@ -859,3 +860,22 @@ def test_a_compiled_model_is_refused_naming_the_perforated_model_inside_and_load
     with pytest.raises(pbp_fx.CheckpointError, match=r"got OptimizedModule: it wraps a PerforatedModel: pass that"):
         pbp_fx.load(path, compiled)
     pbp_fx.load(path, pm, optimizer=opt)  # (into the model the optimizer trains: restored)
+
+
+def test_a_checkpoint_loaded_into_a_model_with_another_forward_is_warned_of(tmp_path):
+    """Sites of the same shapes, another activation between them: the weights loaded silently into
+    another function (max output difference 0.73)."""
+    def mlp(act):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), act(), torch.nn.Linear(8, 3))
+
+    pm = pbp_fx.perforate(mlp(torch.nn.ReLU), (torch.randn(2, 6),))
+    pm.grow()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pbp_fx.load(path, lambda: mlp(torch.nn.ReLU))
+    with pytest.warns(UserWarning, match=r"was saved from a model whose graph differs from this one's at op 2: ReLU "
+                                         r"there, Tanh here \(another activation or forward\?\)"):
+        pbp_fx.load(path, lambda: mlp(torch.nn.Tanh))
