@@ -675,6 +675,8 @@ class PhaseController:
         warmup, cap = pools[0].warmup, self.config.max_dendrite_epochs
         if per_epoch * cap <= warmup:
             self._warned_short_phase = True
+            if self.distributed is not None and not self.distributed.is_main:
+                return  # (every rank sees the same counts: rank 0 says it once)
             warn_at_user(f"a dendrite phase sees {per_epoch:g} batch(es) per epoch and its statistics warm up over "
                          f"{warmup} batches, so max_dendrite_epochs={cap} ends it before they have: use smaller "
                          f"batches, or a shorter warm-up (PBConfig(warmup=...) or a lower ema_decay)")

@@ -302,6 +302,7 @@ def test_cli_nproc_2_trains_with_torchrun_and_only_rank_0_writes(tmp_path):
                           env=env, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("phase history") == 1, proc.stdout  # rank 0 alone reports
+    assert proc.stderr.count("a dendrite phase sees") == 1, proc.stderr  # (every rank warned of the short phase)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2
     assert sorted(os.listdir(out)) == ["checkpoint.safetensors", "history.json", "plot.png", "summary.json"]
