@@ -88,7 +88,8 @@ def keep_rank_error(line: str) -> bool:
 
 def rank_errors(folder: str, nproc: int) -> list[str]:
     """The lines ranks 0..nproc-1 left in `folder` (keep_rank_error), in rank order, each distinct
-    line once; "rank R: " lines that say the same of several ranks become one "ranks 0, 1: " line."""
+    line once; "rank R: " lines that say the same of several ranks become one "ranks 0, 1: " line; a
+    bare "terminated" (a rank stopped because another failed) only when no line says more."""
     import os
     import re
 
@@ -113,4 +114,6 @@ def rank_errors(folder: str, nproc: int) -> list[str]:
             who = "every rank" if len(ranks) == nproc > 1 else ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(
                 map(str, ranks))
             out.append(f"{head}{who}: {text}")
-    return out
+    # A bare "terminated" is a rank that torchrun stopped because another failed: that one's line says why.
+    bare = [line for line in out if line.rstrip().endswith(("error: terminated", "error: interrupted"))]
+    return [line for line in out if line not in bare] if len(bare) < len(out) else out

@@ -109,3 +109,14 @@ def test_bad_input(tmp_path, capsys, row):
     assert not any(n.endswith((".onnx", ".safetensors", ".json", ".png")) for n in new)
     assert not os.path.exists(tmp_path / "out" / "checkpoint.safetensors")
     assert not os.path.exists(tmp_path / "m.onnx")
+
+
+def test_the_launcher_leaves_out_a_rank_that_was_only_stopped_for_another(tmp_path):
+    """Rank 1's data failed; torchrun then stopped rank 0, whose bare 'terminated' line came first."""
+    from pbp_fx.errors import rank_errors
+
+    (tmp_path / "rank0").write_text("pbp-fx: error: terminated\n")
+    (tmp_path / "rank1").write_text("pbp-fx: error: rank 1: the first training samples fail (ValueError)\n")
+    assert rank_errors(str(tmp_path), 2) == ["pbp-fx: error: rank 1: the first training samples fail (ValueError)"]
+    (tmp_path / "rank1").write_text("pbp-fx: error: terminated\n")  # (both stopped: one line says so)
+    assert rank_errors(str(tmp_path), 2) == ["pbp-fx: error: terminated"]
