@@ -112,6 +112,21 @@ class _StepHook:
                 optimizer, args, kwargs)
 
 
+class _OutsideHold:
+    """A forward hook on `root` that puts its buffers outside pm back to their values at a dendrite
+    phase's start after each call, as pm holds its own (`PerforatedModel._hold_phase_buffers`): a
+    head's BatchNorm would move in the phase's training-mode forwards, and evaluations and
+    checkpoints inside the phase would see values its end throws away. Held weakly, like _StepHook."""
+
+    def __init__(self, controller):
+        self.controller = weakref.ref(controller)
+
+    def __call__(self, module, args, output) -> None:
+        controller = self.controller()
+        if controller is not None:
+            controller._hold_outside_buffers()
+
+
 def _unscaled_lr(lr: float, scale: float, start: Optional[float], floor: float) -> float:
     """A group's neuron rate at the end of a dendrite phase: lr / scale, or, under a cosine
     schedule whose floor eta_min stayed unscaled, the exact one. Its chained step
@@ -292,6 +307,7 @@ class PhaseController:
         # values of root's buffers outside pm when it began (restored when it ends, as pm's are).
         self._frozen_outside: list[str] = []
         self._held_outside: Optional[dict] = None
+        self._outside_hold = None  # the root's forward hook while a dendrite phase holds its buffers
         if pm.phase == "dendrite":  # a model loaded mid-phase: its candidates train at candidate_lr
             self._enter_dendrite_lr()  # (load_state_dict then restores the saved run's rates)
             self._freeze_outside()
@@ -449,11 +465,33 @@ class PhaseController:
             elif id(t) in buffers:
                 held[name] = t.detach().clone()
         self._held_outside = held or None
+        self._sync_outside_hold()
+
+    def _sync_outside_hold(self) -> None:
+        """The root's forward hook present exactly while there are held buffers outside pm."""
+        if self._held_outside and self.root is not None and self._outside_hold is None:
+            self._outside_hold = self.root.register_forward_hook(_OutsideHold(self))
+        elif not self._held_outside and self._outside_hold is not None:
+            self._outside_hold.remove()
+            self._outside_hold = None
+
+    def _hold_outside_buffers(self) -> None:
+        """root's buffers outside pm back to their held values (through .data: a forward's saved
+        tensors keep their version; BatchNorm's training-mode backward does not read them)."""
+        for name, value in (self._held_outside or {}).items():
+            *path, leaf = name.split(".")
+            owner = self.root
+            for part in path:
+                owner = getattr(owner, part, None)
+            live = getattr(owner, leaf, None) if owner is not None else None
+            if isinstance(live, torch.Tensor) and live.shape == value.shape:
+                live.data.copy_(value)
 
     def _thaw_outside(self, restore_buffers: bool = True) -> None:
-        if restore_buffers:  # (a head's BatchNorm ran on through the phase: the neuron phase goes on from its start)
+        if restore_buffers:  # (before the hook held them, a head's BatchNorm ran on through the phase)
             self._put_outside(self._held_outside)
         self._held_outside = None
+        self._sync_outside_hold()
         live = self.outside_state()
         held = {id(p) for p in self._foreign}
         for name in self._frozen_outside:
@@ -763,6 +801,7 @@ class PhaseController:
             self._thaw_outside(restore_buffers=False)
             live = self.outside_state()
             self._held_outside = state.get("held_outside")
+            self._sync_outside_hold()
             self._frozen_outside = [n for n in state["frozen_outside"] if n in live]
             for name in self._frozen_outside:
                 live[name].requires_grad_(False)

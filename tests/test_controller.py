@@ -982,7 +982,10 @@ def test_buffers_outside_pm_return_to_their_phase_start_values_when_a_dendrite_p
     _run(ctl, [0.5, 0.5])
     assert model.backbone.phase == "dendrite"
     start = model.norm.running_mean.clone()
-    model(torch.randn(16, 3) + 5.0)  # the phase's training moves the head's statistics
+    model(torch.randn(16, 3) + 5.0)  # the phase's training forward: the head's statistics are held through it
+    # (they moved, and evaluations inside the phase, and a checkpoint saved there, saw the drift)
+    assert torch.equal(model.norm.running_mean, start)
+    copy.deepcopy(ctl)  # (the root's forward hook does not stop a copy)
     path = str(tmp_path / "mid.safetensors")
     pbp_fx.save(model.backbone, path, controller=ctl)
     _step_until_restructured(ctl)
@@ -995,5 +998,8 @@ def test_buffers_outside_pm_return_to_their_phase_start_values_when_a_dendrite_p
     ctl2 = PhaseController(again.backbone, optimizer=torch.optim.SGD(again.parameters(), lr=0.1), root=again,
                            patience=1, dendrite_patience=1)
     pbp_fx.checkpoint.load_controller(path, ctl2)
+    again(torch.randn(16, 3) + 5.0)  # held in the resumed phase too
+    assert torch.equal(again.norm.running_mean, start)
     _step_until_restructured(ctl2)
     assert torch.equal(again.norm.running_mean, start)
+    assert not model._forward_hooks and not again._forward_hooks  # (the hook goes with the phase)
