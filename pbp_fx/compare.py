@@ -737,6 +737,13 @@ def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], 
             for worker in workers:
                 worker.join()
             ex.shutdown(wait=True)  # (its manager thread sees the workers gone and ends before the pipes close)
+            # Python 3.10-3.11: a manager thread that found its workers killed can end without closing its
+            # wake-up pipe, and concurrent.futures' exit handler then writes to it and prints a traceback
+            # after the command's one line (seen once under load). The thread is gone: closing it is safe.
+            wakeup = getattr(ex, "_executor_manager_thread_wakeup", None)
+            if wakeup is not None:
+                with contextlib.suppress(OSError):
+                    wakeup.close()
 
 
 def _row_text(r: dict, score: Score = ACCURACY) -> str:

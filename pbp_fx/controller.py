@@ -91,7 +91,7 @@ def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
 
 class _StepHook:
     """An optimizer step hook that calls a controller's `_cap_dendrite_lr` ("pre") or
-    `_uncap_dendrite_lr` ("post") while the controller lives: it holds it weakly (the optimizer
+    `_after_dendrite_step` ("post") while the controller lives: it holds it weakly (the optimizer
     outlives a discarded controller, which must neither stay in memory with its copy of the best
     weights nor keep capping); once the controller is gone it does nothing (removing itself while
     the optimizer iterates its hooks would fail the step)."""
@@ -108,23 +108,8 @@ class _StepHook:
     def __call__(self, optimizer, args, kwargs) -> None:
         controller = self.controller()
         if controller is not None and controller.optimizer is optimizer:
-            (controller._cap_dendrite_lr if self.when == "pre" else controller._uncap_dendrite_lr)(
+            (controller._cap_dendrite_lr if self.when == "pre" else controller._after_dendrite_step)(
                 optimizer, args, kwargs)
-
-
-class _OutsideHold:
-    """A forward hook on `root` that puts its buffers outside pm back to their values at a dendrite
-    phase's start after each call, as pm holds its own (`PerforatedModel._hold_phase_buffers`): a
-    head's BatchNorm would move in the phase's training-mode forwards, and evaluations and
-    checkpoints inside the phase would see values its end throws away. Held weakly, like _StepHook."""
-
-    def __init__(self, controller):
-        self.controller = weakref.ref(controller)
-
-    def __call__(self, module, args, output) -> None:
-        controller = self.controller()
-        if controller is not None:
-            controller._hold_outside_buffers()
 
 
 def _unscaled_lr(lr: float, scale: float, start: Optional[float], floor: float) -> float:
@@ -307,7 +292,6 @@ class PhaseController:
         # values of root's buffers outside pm when it began (restored when it ends, as pm's are).
         self._frozen_outside: list[str] = []
         self._held_outside: Optional[dict] = None
-        self._outside_hold = None  # the root's forward hook while a dendrite phase holds its buffers
         if pm.phase == "dendrite":  # a model loaded mid-phase: its candidates train at candidate_lr
             self._enter_dendrite_lr()  # (load_state_dict then restores the saved run's rates)
             self._freeze_outside()
@@ -465,19 +449,14 @@ class PhaseController:
             elif id(t) in buffers:
                 held[name] = t.detach().clone()
         self._held_outside = held or None
-        self._sync_outside_hold()
-
-    def _sync_outside_hold(self) -> None:
-        """The root's forward hook present exactly while there are held buffers outside pm."""
-        if self._held_outside and self.root is not None and self._outside_hold is None:
-            self._outside_hold = self.root.register_forward_hook(_OutsideHold(self))
-        elif not self._held_outside and self._outside_hold is not None:
-            self._outside_hold.remove()
-            self._outside_hold = None
 
     def _hold_outside_buffers(self) -> None:
-        """root's buffers outside pm back to their held values (through .data: a forward's saved
-        tensors keep their version; BatchNorm's training-mode backward does not read them)."""
+        """root's buffers outside pm back to their values at the dendrite phase's start, after each
+        optimizer step of the phase (`_after_dendrite_step`), as pm holds its own after each forward:
+        a head's BatchNorm would move in the phase's training forwards, and evaluations and
+        checkpoints inside the phase would see values its end throws away. At the step, not at
+        root's forward: a training step may call root's parts directly (Lightning's training_step).
+        Through .data: saved tensors keep their version (BatchNorm's backward does not read them)."""
         for name, value in (self._held_outside or {}).items():
             *path, leaf = name.split(".")
             owner = self.root
@@ -488,10 +467,9 @@ class PhaseController:
                 live.data.copy_(value)
 
     def _thaw_outside(self, restore_buffers: bool = True) -> None:
-        if restore_buffers:  # (before the hook held them, a head's BatchNorm ran on through the phase)
+        if restore_buffers:  # (moved since the phase's last step: the neuron phase goes on from its start)
             self._put_outside(self._held_outside)
         self._held_outside = None
-        self._sync_outside_hold()
         live = self.outside_state()
         held = {id(p) for p in self._foreign}
         for name in self._frozen_outside:
@@ -569,6 +547,11 @@ class PhaseController:
         if group < len(starts) and starts[group] == 0:
             return self.config.candidate_lr
         return min(float(lr), self.config.candidate_lr)
+
+    def _after_dendrite_step(self, optimizer, args, kwargs) -> None:
+        self._uncap_dendrite_lr(optimizer, args, kwargs)
+        if self._held_outside:
+            self._hold_outside_buffers()
 
     def _uncap_dendrite_lr(self, optimizer, args, kwargs) -> None:
         for g, lr in self._capped:
@@ -801,7 +784,6 @@ class PhaseController:
             self._thaw_outside(restore_buffers=False)
             live = self.outside_state()
             self._held_outside = state.get("held_outside")
-            self._sync_outside_hold()
             self._frozen_outside = [n for n in state["frozen_outside"] if n in live]
             for name in self._frozen_outside:
                 live[name].requires_grad_(False)
