@@ -971,6 +971,21 @@ def test_the_other_sizes_check_passes_correct_files_it_once_refused(tmp_path):
     with pytest.warns(UserWarning, match="output 'output' is named 'output_output_output' in the ONNX file"):
         names = onnx_exporter._apart_from_inputs(["output"], ["output", "output_output"])
     assert names == ["output_output_output"]
+    # A log of a spectrogram with silent frames: noise added to the copy made zeros negative, the log NaN,
+    # which each runtime carries otherwise: a correct file was refused.
+    x = torch.rand(2, 8, 4)
+    x[:, ::3] = 0.0
+    pm = pbp_fx.perforate(_LogSpectrum(), (x,)).eval()
+    export_onnx(pm, (x,), tmp_path / "c.onnx", dynamic_axes={"x": {1: "time"}})
+
+
+class _LogSpectrum(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):  # [B, T, 4] power -> [B, 3]
+        return torch.relu(self.fc(torch.log(x + 1e-6))).amax(1)
 
 def test_keyword_inputs_of_a_model_captured_in_parts_are_refused_with_the_way_out(tmp_path):
     """The message ('... (a dict) was captured in parts ...') named neither what to change in a model
