@@ -69,10 +69,8 @@ class PBCallback(TrainerCallback):
         self._from_args = False  # the metric is the TrainingArguments' metric_for_best_model
         self._structure_hook: Optional[StructureOnLoad] = None
         self._user_groups_warned = False
-        self._own_optimizer: Optional[bool] = None  # (None: the callback was added after the Trainer was built)
 
-    def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self._own_optimizer = optimizer is not None  # Trainer(optimizers=(opt, ...)): the user's; else the Trainer's
+    def on_init_end(self, args, state, control, model=None, **kwargs):
         if getattr(args, "neftune_noise_alpha", None) is not None:  # (train() attaches it before on_train_begin)
             raise TrainingError("PBCallback: neftune_noise_alpha adds noise through a forward hook on the model's "
                                 "input embeddings, which a captured PerforatedModel neither exposes nor calls as a "
@@ -183,11 +181,7 @@ class PBCallback(TrainerCallback):
         several groups and no rule is warned of in a fresh run (its rebuild on resume would not fit the
         saved state)."""
         rule = self._group_of_name
-        if rule is not None:
-            if self._own_optimizer is False:
-                raise TrainingError("PBCallback(group_of_name=...) is the rule of an optimizer of your own "
-                                    "(Trainer(optimizers=(opt, scheduler))), but the Trainer built this one and "
-                                    "places new parameters by its own weight-decay rule: drop group_of_name")
+        if rule is not None:  # (checked against the groups: the Trainer's own, or a subclass's create_optimizer, too)
             _check_rule(rule, model, optimizer)
             return lambda module: {n: _group_index(rule, n, len(optimizer.param_groups))
                                    for n, _ in module.named_parameters()}

@@ -648,10 +648,12 @@ def test_an_own_optimizer_grouped_by_a_name_rule_resumes_with_the_rule_given_to_
         with pytest.raises(TrainingError, match=words):
             trainer.train()
         assert trainer.state.global_step == 0
+    # The Trainer's own optimizer (decay / no decay) with a rule that is not its grouping: refused alike, also
+    # when the callback is added after the Trainer was built.
     trainer = Trainer(model=pbp_fx.perforate(_NormedNet(), example_kwargs={"x": x[:4], "labels": y[:4]}),
-                      args=_args(tmp_path / "own"), train_dataset=rows[:256], eval_dataset=rows[256:],
-                      callbacks=[PBCallback(QUICK, group_of_name=rule)])
-    with pytest.raises(TrainingError, match=r"is the rule of an optimizer of your own .* drop group_of_name"):
+                      args=_args(tmp_path / "own"), train_dataset=rows[:256], eval_dataset=rows[256:])
+    trainer.add_callback(PBCallback(QUICK, group_of_name=rule))
+    with pytest.raises(TrainingError, match=r"group_of_name=...\) gives '.*' group \d, but the optimizer holds it"):
         trainer.train()
 
 def test_resume_finds_the_callbacks_file_by_the_weights_the_trainer_loaded(tmp_path):
