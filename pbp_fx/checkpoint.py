@@ -449,7 +449,8 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     st = meta["structure"]
     _to_saved_dtype(pm, tensors)
     _check_sites(pm, st, path)
-    _warn_other_graph(pm, st.get("ops"), path)
+    if example_inputs is None and example_kwargs is None:  # (other inputs capture another graph on purpose)
+        _warn_other_graph(pm, st.get("ops"), path)
     plain = meta.get("plain", {})
     state = _collect("model/", tensors, plain)
     restore_structure(pm, state, st, meta.get("config"))
