@@ -54,7 +54,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ConfigError, PBConfig
 from .errors import warn_at_user
-from .perforated import PerforatedModel, outside_inference_mode, perforated_inside
+from .perforated import PerforatedModel, outside_inference_mode, perforated_inside, put_back
 from .schedule import Action, Kind, PhaseSchedule, check_score
 
 __all__ = ["PhaseController", "Decision", "rebind_optimizer", "default_optimizer"]
@@ -455,16 +455,8 @@ class PhaseController:
         optimizer step of the phase (`_after_dendrite_step`), as pm holds its own after each forward:
         a head's BatchNorm would move in the phase's training forwards, and evaluations and
         checkpoints inside the phase would see values its end throws away. At the step, not at
-        root's forward: a training step may call root's parts directly (Lightning's training_step).
-        Through .data: saved tensors keep their version (BatchNorm's backward does not read them)."""
-        for name, value in (self._held_outside or {}).items():
-            *path, leaf = name.split(".")
-            owner = self.root
-            for part in path:
-                owner = getattr(owner, part, None)
-            live = getattr(owner, leaf, None) if owner is not None else None
-            if isinstance(live, torch.Tensor) and live.shape == value.shape:
-                live.data.copy_(value)
+        root's forward: a training step may call root's parts directly (Lightning's training_step)."""
+        put_back(self.root, [(name.split("."), value) for name, value in (self._held_outside or {}).items()])
 
     def _thaw_outside(self, restore_buffers: bool = True) -> None:
         if restore_buffers:  # (moved since the phase's last step: the neuron phase goes on from its start)

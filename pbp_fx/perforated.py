@@ -21,7 +21,7 @@ from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
 from .tracing import DYNAMIC_CHOICES, buffers_kept, parts_model, trace
 
-__all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside"]
+__all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
 
 def graph_input_dtypes(graph_module: fx.GraphModule) -> dict:
@@ -220,13 +220,7 @@ class PerforatedModel(nn.Module):
         if places is None:
             places = [(name.split("."), value) for name, value in self._frozen_buffers.items()]
             self._held_buffers = places
-        # Looked up by name at each hold: a buffer or module replaced in the phase (load_state_dict(assign=True),
-        # a submodule's .double(), a swapped BatchNorm) is held too.
-        live = [(_attribute_path(self, path), value) for path, value in places]
-        live = [(b, v) for b, v in live if isinstance(b, torch.Tensor) and b.shape == v.shape]
-        if live:
-            with torch.no_grad():
-                torch._foreach_copy_([b.data for b, _ in live], [v for _, v in live])
+        put_back(self, places)
 
     def __deepcopy__(self, memo):
         # torch's pytree warns that `isinstance(treespec, LeafSpec)` is deprecated whenever the graph's
@@ -786,6 +780,19 @@ def access_path(obj: nn.Module, name: str) -> str:
             out += f".{part}"
         obj = obj.get_submodule(part)
     return out
+
+
+def put_back(module: nn.Module, places: list) -> None:
+    """Copy each held value into the tensor `module` holds at its name path ([(["bn", "running_mean"],
+    value), ...]), through .data: a forward's saved tensors keep their version (BatchNorm's
+    training-mode backward does not read its running statistics). Looked up by name at each call:
+    a buffer or module replaced meanwhile (load_state_dict(assign=True), a submodule's .double(), a
+    swapped BatchNorm) is held too; a missing or reshaped one is left alone."""
+    live = [(_attribute_path(module, path), value) for path, value in places]
+    live = [(b, v) for b, v in live if isinstance(b, torch.Tensor) and b.shape == v.shape]
+    if live:
+        with torch.no_grad():
+            torch._foreach_copy_([b.data for b, _ in live], [v for _, v in live])
 
 
 def _attribute_path(obj, path: list):
