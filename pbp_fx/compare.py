@@ -97,8 +97,12 @@ class Score:
         return float(self.num(x))
 
     def value(self, mean: float, sd: Optional[float] = None, n: int = 2) -> str:
-        """mean ± sd as printed; one run (n < 2) has no spread to print."""
-        return self.num(mean) + ("" if sd is None or n < 2 else f" ± {self.num(sd)}") + self.unit
+        """mean ± sd as printed, with the unit."""
+        return self.spread(mean, sd, n) + self.unit
+
+    def spread(self, mean: float, sd: Optional[float] = None, n: int = 2, sign: bool = False) -> str:
+        """mean ± sd as printed, without the unit; one run (n < 2) has no spread to print."""
+        return self.num(mean, sign=sign) + ("" if sd is None or n < 2 else f" ± {self.num(sd)}")
 
     def label(self) -> str:
         return "test %" if self.percent else f"test {self.metric}"
@@ -422,7 +426,7 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
         seeds = f"{p['n']} seed{'s' if p['n'] != 1 else ''}"
         gap = f"level with {arm}" if not better else f"{score.num(abs(pb_side))}{score.diff_unit} {sign} {arm}"
         lines.append(f"pb is {gap} ({what}): paired difference "
-                     f"pb − {arm} = {_mean_pm(score, pb_side, p['sd'], p['n'], sign=True)}{score.diff_unit} over "
+                     f"pb − {arm} = {score.spread(pb_side, p['sd'], p['n'], sign=True)}{score.diff_unit} over "
                      f"{seeds} (pb ahead in {ahead}, behind in {behind}{'' if maximize else '; lower is better'}); "
                      f"{_noise(-p['mean'], p['sd'], p['n'], score)}.")
     skipped = [s for s in summary if not s["n"]]
@@ -440,11 +444,6 @@ _T95 = {1: 12.707, 2: 4.303, 3: 3.183, 4: 2.777, 5: 2.571, 6: 2.447, 7: 2.365, 8
         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.049,
         29: 2.046, 30: 2.043, 40: 2.022, 50: 2.009, 60: 2.001, 80: 1.991, 100: 1.984, 120: 1.980, 200: 1.972,
         500: 1.965, 1000: 1.963}
-
-
-def _mean_pm(score: Score, mean: float, sd: float, n: int, sign: bool = False) -> str:
-    """mean ± sd as printed, without the unit; one seed (n < 2) has no spread to print."""
-    return score.num(mean, sign=sign) + (f" ± {score.num(sd)}" if n >= 2 else "")
 
 
 def _interval(mean: float, sd: float, n: int) -> tuple[float, float]:
@@ -488,8 +487,8 @@ def markdown(summary: list[dict], pairs: list[dict], text: str, header: str, sco
             lines.append(f"| {s['arm']} | 0 | not run: {s['skipped']} | | | | | | |")
             continue
         p = by_arm.get(s["arm"])
-        delta = "–" if p is None else _mean_pm(score, p["mean"], p["sd"], p["n"], sign=True)
-        lines.append(f"| {s['arm']} | {s['n']} | {_mean_pm(score, s['test'], s['test_sd'], s['n'])} | {delta} | "
+        delta = "–" if p is None else score.spread(p["mean"], p["sd"], p["n"], sign=True)
+        lines.append(f"| {s['arm']} | {s['n']} | {score.spread(s['test'], s['test_sd'], s['n'])} | {delta} | "
                      f"{ms(s, 'params', '{:.0f} ± {:.0f}')} | {ms(s, 'latency_ms', '{:.3f} ± {:.3f}')} | "
                      f"{ms(s, 'seconds', '{:.0f} ± {:.0f}')} | {ms(s, 'epochs', '{:.0f} ± {:.0f}')} | "
                      f"{ms(s, 'width', '{:.3g} ± {:.2g}')} |")
