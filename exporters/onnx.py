@@ -1002,10 +1002,10 @@ def _write_atomic(data: bytes, path: str) -> None:
 
 # -- public entry point ----------------------------------------------------------------------
 
-def check_other_sizes(model: Union[str, bytes], module: nn.Module, inputs: Sequence,
+def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
                       axes: Optional[set] = None) -> tuple[str, Optional[str]]:
-    """Run the ONNX file `model` (a path or its bytes) in ONNX Runtime (CPU) with every dynamic dim of
-    its inputs doubled (`_doubled`) and compare with `module(*inputs)` at those sizes
+    """Run the ONNX file `model` (a path, its bytes, or an ONNX Runtime session of it) with every
+    dynamic dim of its inputs doubled (`_doubled`) and compare with `module(*inputs)` at those sizes
     (`ort.output_difference`). axes: only the dims with these names (None: every dynamic dim, the
     batch too). Returns (the sizes checked, "" when nothing was: no such dim, no onnxruntime or no
     kernel of it for the file, or the model itself refuses the sizes; what differs there in a line,
@@ -1013,24 +1013,26 @@ def check_other_sizes(model: Union[str, bytes], module: nn.Module, inputs: Seque
     dynamic (an adaptive pooling's kernel, a sequence-first GRU's length)."""
     from .ort import ort_session, output_difference, run
 
-    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+    session = model
+    if not hasattr(model, "get_inputs"):
+        try:  # (an onnxruntime without a kernel the file needs, bfloat16 on the CPU, cannot check it)
+            session = ort_session(model, device="cpu", threads=1)
+        except Exception as e:  # noqa: BLE001
+            log.info("export_onnx: not checked at other sizes: ONNX Runtime cannot load the file (%s)",
+                     type(e).__name__)
+            return "", None
     tensors = [t for t in inputs if isinstance(t, Tensor)]
     doubled, grown = [], []
-    for value, t in zip(proto.graph.input, tensors):
+    for value, t in zip(session.get_inputs(), tensors):  # (a dynamic dim's size is its name there)
         t = t.detach().cpu()
-        for dim, d in enumerate(value.type.tensor_type.shape.dim):
-            if d.dim_param and (axes is None or d.dim_param in axes) and dim < t.dim() and t.shape[dim]:
+        for dim, d in enumerate(value.shape):
+            if isinstance(d, str) and (axes is None or d in axes) and dim < t.dim() and t.shape[dim]:
                 t = _doubled(t, dim)
-                grown.append(f"{d.dim_param}={t.shape[dim]}")
+                grown.append(f"{d}={t.shape[dim]}")
         doubled.append(t)
     if not grown:
         return "", None
     sizes = ", ".join(dict.fromkeys(grown))
-    try:  # (an onnxruntime without a kernel the file needs, bfloat16 on the CPU, cannot check it)
-        session = ort_session(model, device="cpu", threads=1)
-    except Exception as e:  # noqa: BLE001
-        log.info("export_onnx: not checked at %s: ONNX Runtime cannot load the file (%s)", sizes, type(e).__name__)
-        return "", None
     by_tensor = iter(doubled)
     device = next((t.device for t in tensors), None)
     probe = [next(by_tensor).to(device) if isinstance(t, Tensor) else t for t in inputs]

@@ -808,7 +808,7 @@ def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs
     if not all(d <= t for d, t in checks):
         raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> {tol:.2e}): report this as a bug")
     with _quiet_unless(args.debug):
-        sizes, problem = check_other_sizes(path, pm.finalize(), graph_inputs(pm, inputs, kwargs))
+        sizes, problem = check_other_sizes(session, pm.finalize(), graph_inputs(pm, inputs, kwargs))
     if problem is not None:  # (the named axes passed the export's own check: the batch is left)
         raise PBError(f"{problem}: export with --static-batch")
     if sizes:
