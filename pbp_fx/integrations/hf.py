@@ -363,10 +363,10 @@ def _check_rule(rule: Callable[[str], int], model, optimizer) -> None:
     for index, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
             name = names.get(id(p))
-            if name is not None and _group_index(rule, name, groups) != index:
-                raise TrainingError(f"PBCallback(group_of_name=...) gives {name!r} group "
-                                    f"{rule(name)}, but the optimizer holds it in group {index}: give the rule the "
-                                    "optimizer's groups were built by")
+            given = None if name is None else _group_index(rule, name, groups)
+            if given is not None and given != index:
+                raise TrainingError(f"PBCallback(group_of_name=...) gives {name!r} group {given}, but the optimizer "
+                                    f"holds it in group {index}: give the rule the optimizer's groups were built by")
 
 
 def _group_index(rule: Callable[[str], int], name: str, groups: int) -> int:
