@@ -31,7 +31,7 @@ from .controller import inner_optimizer
 from .errors import CheckpointError, NoSitesError, PBWarning, TraceError, warn_at_user
 from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate, perforated_inside
-from .inputs import inputs_from_signature
+from .inputs import describe_inputs, inputs_from_signature, same_pattern
 from .site import is_wide_statistic, pool_settings
 
 __all__ = ["save", "load", "load_optimizer", "read_structure", "read_extra", "read_meta", "FORMAT"]
@@ -102,6 +102,17 @@ def _warn_other_graph(pm: PerforatedModel, saved: Optional[list], path: str) -> 
         warn_at_user(f"checkpoint {path} was saved from a model whose graph differs from this one's at op {first}: "
                      f"{saved[first]} there, {here[first]} here (another activation or forward?): its weights now "
                      "compute another function; load it into the model it was trained with")
+
+
+def _same_inputs(saved: Optional[dict], pm: PerforatedModel, example_inputs, example_kwargs) -> bool:
+    """Whether the model was captured on the saved model's inputs: the recorded stand-ins, or inputs of
+    the same pattern (`same_pattern`; another pattern, such as a subset of the keyword inputs, captures
+    another graph on purpose)."""
+    if example_inputs is None and example_kwargs is None:
+        return True
+    args = () if example_inputs is None else example_inputs
+    given = describe_inputs(pm, args if isinstance(args, tuple) else (args,), dict(example_kwargs or {}))
+    return bool(saved) and "inputs" in saved and same_pattern(saved["inputs"], given)
 
 
 def _site_record(name: str, s) -> dict:
@@ -449,7 +460,7 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     st = meta["structure"]
     _to_saved_dtype(pm, tensors)
     _check_sites(pm, st, path)
-    if example_inputs is None and example_kwargs is None:  # (other inputs capture another graph on purpose)
+    if _same_inputs(meta.get("capture"), pm, example_inputs, example_kwargs):
         _warn_other_graph(pm, st.get("ops"), path)
     plain = meta.get("plain", {})
     state = _collect("model/", tensors, plain)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["describe_inputs", "inputs_from_signature"]
+__all__ = ["describe_inputs", "inputs_from_signature", "same_pattern"]
 
 
 def _describe(value: Any) -> dict:
@@ -74,3 +74,21 @@ def inputs_from_signature(signature: dict) -> tuple[tuple, dict]:
                  for i, e in enumerate(signature.get("args", [])))
     kwargs = {k: _rebuild(e, repr(k), g) for k, e in signature.get("kwargs", {}).items()}
     return args, kwargs
+
+
+def same_pattern(a: dict, b: dict) -> bool:
+    """Whether two input signatures give a capture the same inputs apart from the batch size and the
+    floating dtype: the same positional and keyword inputs, each of the same kind, rank and other dims."""
+    def pattern(entry: dict):
+        if entry.get("kind") != "tensor":
+            return entry.get("kind"), entry.get("value", entry.get("type"))
+        dtype = getattr(torch, entry.get("dtype", ""), None)
+        floating = isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)
+        shape = entry.get("shape", [])
+        return "tensor", "float" if floating else entry.get("dtype"), len(shape), tuple(shape[1:])
+
+    def patterns(sig: dict):
+        return ([pattern(e) for e in sig.get("args", [])],
+                {k: pattern(e) for k, e in sig.get("kwargs", {}).items()})
+
+    return patterns(a) == patterns(b)

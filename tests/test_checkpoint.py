@@ -879,6 +879,35 @@ def test_a_checkpoint_loaded_into_a_model_with_another_forward_is_warned_of(tmp_
     with pytest.warns(UserWarning, match=r"was saved from a model whose graph differs from this one's at op 2: ReLU "
                                          r"there, Tanh here \(another activation or forward\?\)"):
         pbp_fx.load(path, lambda: mlp(torch.nn.Tanh))
-    with warnings.catch_warnings():  # inputs of the caller's own capture another graph on purpose (a subset
-        warnings.simplefilter("error")  # of a Hugging Face model's keyword inputs): not compared
+    with warnings.catch_warnings():  # the caller's inputs of the saved pattern (another batch size, float64)
+        warnings.simplefilter("error")
         pbp_fx.load(path, lambda: mlp(torch.nn.ReLU), (torch.randn(3, 6),))
+        pbp_fx.load(path, lambda: mlp(torch.nn.ReLU), (torch.randn(3, 6, dtype=torch.float64),))
+    # ... capture the saved graph: compared too (`pbp-fx export` passes the model file's inputs)
+    with pytest.warns(UserWarning, match=r"graph differs from this one's at op 2: ReLU there, Tanh here"):
+        pbp_fx.load(path, lambda: mlp(torch.nn.Tanh), (torch.randn(3, 6),))
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.act, self.b = torch.nn.Linear(6, 8), act(), torch.nn.Linear(8, 3)
+
+    def forward(self, x, mask=None):
+        h = self.act(self.a(x))
+        return self.b(h if mask is None else h * mask)
+
+
+def test_inputs_of_another_pattern_capture_another_graph_on_purpose_and_are_not_compared(tmp_path):
+    """A subset of a model's keyword inputs (a Hugging Face model without its labels) captures fewer ops:
+    no warning, though the saved graph had more."""
+    pm = pbp_fx.perforate(_Masked(torch.nn.ReLU), (torch.randn(2, 6),), example_kwargs={"mask": torch.ones(2, 8)})
+    pm.grow()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pbp_fx.load(path, lambda: _Masked(torch.nn.ReLU), (torch.randn(3, 6),))
+    with pytest.warns(UserWarning, match=r"graph differs from this one's at op 2: ReLU there, Tanh here"):
+        pbp_fx.load(path, lambda: _Masked(torch.nn.Tanh), (torch.randn(3, 6),), example_kwargs={"mask": torch.ones(3, 8)})

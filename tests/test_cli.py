@@ -1175,6 +1175,26 @@ def test_export_refuses_conflicting_sources_a_moved_model_file_and_another_front
     assert _run(["export", ckpt, "--model", model, "-o", out], capsys)[0] == 0
 
 
+def test_export_of_a_checkpoint_whose_model_file_changed_its_forward_is_warned_of(tmp_path, capsys):
+    """The model file edited after training (ReLU -> tanh; same sites): export loaded the weights into the other
+    function without a word, because it captures on the file's own inputs rather than the recorded stand-ins."""
+    from pbp_fx.checkpoint import save
+    import pbp_fx.models.digits_mlp as digits
+
+    source = open(DIGITS_FILE).read()
+    model = _write(tmp_path, source, name="digits_copy.py")
+    pm = pbp_fx.perforate(digits.build_model(), digits.example_inputs())
+    pm.grow()
+    ckpt = str(tmp_path / "c.safetensors")
+    save(pm, ckpt, extra={"model": model})
+    out = str(tmp_path / "m.onnx")
+    rc, _, err = _run(["export", ckpt, "-o", out], capsys)
+    assert rc == 0 and "warning" not in err
+    _write(tmp_path, source.replace("torch.relu(self.fc1(x))", "torch.tanh(self.fc1(x))"), name="digits_copy.py")
+    rc, _, err = _run(["export", ckpt, "-o", out], capsys)
+    assert rc == 0 and "graph differs from this one's at op" in err and "relu there, tanh here" in err
+
+
 def test_a_failed_export_check_says_the_file_is_written(tmp_path, capsys):
     """export --check of a float64 conv: exit 2 with ONNX Runtime's missing kernel, and the file stayed without a word."""
     model = _write(tmp_path, """
