@@ -642,6 +642,11 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
                           "train it as it is, or perforate the base model")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"perforate() takes an nn.Module, got {type(model).__name__}: pass the model instance")
+    inside = next((name for name, m in model.named_modules() if isinstance(m, PerforatedModel)), None)
+    if inside is not None:  # (a compile wrapper or a module holding one: its layers would get two sites each)
+        raise ConfigError(f"perforate() got a model that holds a perforated model already (model"
+                          f"{access_path(model, inside)}): its dendrites would get dendrites: train that one as it "
+                          "is, or perforate the base model")
     if activation not in ACTIVATIONS:
         raise ConfigError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}",
                           "activation", activation)
@@ -691,7 +696,14 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
                "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {})),
                # a graph that follows one mode only follows the mode the model was captured in
                "one_mode": ("train" if model.training else "eval") if gm.meta.get("pbp_modes_reason") else None}
-    return PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
+    pm = PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
+    # An exact copy in its mode too: modules that capture and the passes made are in training mode, and
+    # code that saves model.training around an evaluation would turn the whole copy to training mode.
+    own = {id(m) for m in model.modules()}
+    for made in pm.modules():
+        if id(made) not in own:
+            made.training = model.training
+    return pm
 
 
 def _tensors_copied(obj):

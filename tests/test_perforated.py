@@ -1150,6 +1150,13 @@ def test_what_is_no_model_is_refused_in_one_line(tmp_path):
     pm = pbp_fx.perforate(model, torch.zeros(2, 6))
     with pytest.raises(ConfigError, match="got a model that is perforated already"):
         pbp_fx.perforate(pm, torch.zeros(2, 6))
+    # ... also through torch.compile's wrapper or a module holding it (each layer got two sites, and
+    # finalize failed with an AttributeError)
+    with pytest.raises(ConfigError, match=r"holds a perforated model already \(model\._orig_mod\): its dendrites "
+                                          r"would get dendrites"):
+        pbp_fx.perforate(torch.compile(pm), torch.zeros(2, 6))
+    with pytest.raises(ConfigError, match=r"holds a perforated model already \(model\[0\]\)"):
+        pbp_fx.perforate(nn.Sequential(pm, nn.Linear(3, 2)), torch.zeros(2, 6))
     with pytest.raises(ConfigError, match="perforate\\(\\) takes an nn.Module, got function"):
         pbp_fx.perforate(lambda x: x, torch.zeros(2, 6))
     with pytest.raises(ConfigError, match="PhaseController controls a PerforatedModel, got Sequential"):
@@ -1236,3 +1243,21 @@ def test_a_model_perforated_under_inference_mode_trains(frontend):
     pm(x).pow(2).sum().backward()
     assert all(p.grad is not None for p in pm.trainable_parameters())
     assert torch.equal(pm(x), model(x))
+
+
+def test_a_model_in_eval_mode_is_copied_in_eval_mode():
+    """perforate() of an eval-mode model gave a PerforatedModel in training mode (its layers in eval
+    mode): an evaluation that saved and restored model.training turned the copy's dropout and
+    BatchNorm to training mode (outputs 1.29 off the original's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(5, 6)
+    for frontend in ("fx", "export"):
+        pm = pbp_fx.perforate(model.eval(), (x,), frontend=frontend)
+        assert not any(m.training for m in pm.modules())
+        was = pm.training
+        pm.eval()
+        pm.train(was)
+        with torch.no_grad():
+            assert torch.equal(pm(x), model(x))
+        assert all(m.training for m in pbp_fx.perforate(model.train(), (x,), frontend=frontend).modules())
