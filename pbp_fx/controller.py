@@ -53,7 +53,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ConfigError, PBConfig
-from .errors import warn_at_user
+from .errors import TrainingError, warn_at_user
 from .perforated import PerforatedModel, outside_inference_mode, perforated_inside, put_back
 from .schedule import Action, Kind, PhaseSchedule, check_score
 
@@ -704,6 +704,11 @@ class PhaseController:
         if self.done:
             return Decision.COMPLETE
         phase = self.pm.phase
+        if phase != self.schedule.phase:  # (its optimizer trains the other phase's parameters: nothing would train)
+            raise TrainingError(f"the model is in a {phase} phase but its PhaseController is in a "
+                                f"{self.schedule.phase} phase: the model's phase was changed by hand "
+                                "(start_dendrite_phase, install_candidates, abort_dendrite_phase); let the controller "
+                                "change phases, or build a new PhaseController on the model as it is")
         # Refused before the pools' progress references move (a caller may step again with a valid
         # score). Several ranks: rank 0's score counts, which the schedule checks after agreeing.
         score = _score_of(val_score)

@@ -1008,3 +1008,17 @@ def test_buffers_outside_pm_return_to_their_phase_start_values_when_a_dendrite_p
     assert torch.equal(again.norm.running_mean, start)
     _step_until_restructured(ctl2)
     assert torch.equal(again.norm.running_mean, start)
+
+
+def test_a_phase_changed_by_hand_is_refused_at_the_next_step():
+    """pm.start_dendrite_phase() beside a controller: step() went on in the neuron phase with an optimizer
+    over the now frozen weights (nothing trained), and its own start of a dendrite phase failed later."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=2)
+    ctl.step(0.5)
+    pm.start_dendrite_phase(pool=2)
+    with pytest.raises(pbp_fx.TrainingError, match=r"the model is in a dendrite phase but its PhaseController is in a "
+                                                   r"neuron phase: the model's phase was changed by hand"):
+        ctl.step(0.5)
+    pm.abort_dendrite_phase()
+    assert ctl.step(0.5) is C  # (back as the controller left it)
