@@ -260,6 +260,8 @@ class _Walk:
             if len(a) != len(b):
                 return _CONST if not (_has_node(a) or _has_node(b)) else _MISMATCH
             return max((self.compare(x, y) for x, y in zip(a, b)), default=_SAME)
+        if isinstance(a, slice) and isinstance(b, slice):  # (x[..., :n] with n a node: a slice holds nodes too)
+            return self.compare((a.start, a.stop, a.step), (b.start, b.stop, b.step))
         if isinstance(a, dict) and isinstance(b, dict):
             if set(a) != set(b):
                 return _CONST if not (_has_node(a) or _has_node(b)) else _MISMATCH

@@ -301,3 +301,29 @@ def test_a_value_free_node_reading_the_mask_runs_in_train_mode_only():
     assert gm.train()(x).shape == (4, 6)
 
 
+
+
+class TrimmedByLength(nn.Module):
+    """A causal conv trimmed to the input's length (a slice whose bound is a node) before functional dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 3, padding=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv(x.unsqueeze(1))[..., : x.shape[-1]]
+        return self.fc(F.dropout(torch.relu(h), 0.5, self.training).mean(-1))
+
+
+def test_a_slice_bounded_by_a_node_matches_in_both_captures():
+    """The slice's node inside a slice object counted as a mismatch: the merge gave up ("train capture has
+    getitem_1 where the eval capture has getitem_1"), and the graph kept dropout on in eval mode."""
+    model, x = TrimmedByLength(), torch.randn(3, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = trace(model, (x,), frontend="fx")
+    assert gm.meta["pbp_modes"] == "train+eval" and len(_switches(gm)) == 1
+    pm = pbp_fx.perforate(model, (x,), frontend="fx").eval()
+    with torch.no_grad():
+        assert torch.equal(pm(x), model.eval()(x)) and torch.equal(pm.finalize()(x), model(x))
