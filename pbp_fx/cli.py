@@ -154,8 +154,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout, sys.stderr = (s if s is None or isinstance(s, _QuietOnceClosed) else _QuietOnceClosed(s)
                               for s in streams)
     try:
-        with _sigterm_as_interrupt():
-            return _main(argv)
+        with _sigterm_as_interrupt() as signalled:
+            status = _main(argv)
+        if signalled.lost and status == EXIT_OK:
+            _error("terminated, where Python could not stop the command (in a clean-up callback), so it ran to its "
+                   "end: its outputs are complete")
+            return 143
+        return status
     finally:
         sys.stdout, sys.stderr = streams
         _before_exit()
@@ -166,23 +171,42 @@ class Terminated(KeyboardInterrupt):
     checkpoint holds and how to resume it, and exits 143."""
 
 
+class _Signalled:
+    """What `_sigterm_as_interrupt` saw: `lost`, a Terminated raised where Python discards exceptions."""
+
+    lost = False
+
+
 @contextmanager
-def _sigterm_as_interrupt():
+def _sigterm_as_interrupt() -> Iterator[_Signalled]:
     import signal
     import threading
 
+    signalled = _Signalled()
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield  # (only the main thread may set it; a caller's own handler stays)
+        yield signalled  # (only the main thread may set it; a caller's own handler stays)
         return
 
     def terminated(_signum, _frame):
         raise Terminated()
 
+    # A signal is handled between any two bytecodes, also inside a garbage collector's callback or a
+    # __del__, where Python prints the exception as "ignored" and goes on: noted here instead.
+    unraisable = sys.unraisablehook
+
+    def note_lost(info) -> None:
+        if isinstance(info.exc_value, Terminated):
+            signalled.lost = True
+        else:
+            unraisable(info)
+
     signal.signal(signal.SIGTERM, terminated)
+    sys.unraisablehook = note_lost
     try:
-        yield
+        yield signalled
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        sys.unraisablehook = unraisable
 
 
 class _QuietOnceClosed:

@@ -572,30 +572,35 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
             os.rmdir(out)
         raise
-    seconds = run_seconds()  # a run resumed complete trains nothing: its time is what it took before
-    stopped.append(round(seconds, 2))
-    device = None if distributed is None else distributed.device
-    test = evaluate(pm, test_loader, metric, device=device, distributed=distributed, data="test")
-    val = evaluate(pm, val_loader, metric, device=device, distributed=distributed, data="validation")
-    summary = {
-        "model": _model_ref(model_file), "mode": config.mode, "seed": seed,
-        "epochs": len(history.epochs), "seconds": round(seconds, 2),
-        "params_plain": base_params, "params": pm.num_parameters(),
-        "dendrites": pm.num_dendrites, "best_epoch": ctl.best_epoch,
-        "metric": metric_name, "maximize": config.maximize, "val": val, "test": test,
-        "events": [e for e in ctl.history if e["decision"] != "continue"],
-    }
-    if distributed is not None:
-        summary["processes"] = distributed.world_size
-    _print_report(summary, echo)
-    if out is not None and not finished:  # (a run resumed complete: its checkpoint holds that state already)
-        saver(None)  # the final state (best-validation model), still resumable; every rank calls it
-    if out is not None and main:
-        plotted = _write_outputs(out, history, summary)
-        echo(f"wrote {out}/history.json, {out}/summary.json, " + (f"{out}/plot.png, " if plotted else "")
-             + f"{out}/checkpoint.safetensors")
-    if distributed is not None:
-        distributed.barrier()  # the outputs are complete when any rank returns
+    try:
+        seconds = run_seconds()  # a run resumed complete trains nothing: its time is what it took before
+        stopped.append(round(seconds, 2))
+        device = None if distributed is None else distributed.device
+        test = evaluate(pm, test_loader, metric, device=device, distributed=distributed, data="test")
+        val = evaluate(pm, val_loader, metric, device=device, distributed=distributed, data="validation")
+        summary = {
+            "model": _model_ref(model_file), "mode": config.mode, "seed": seed,
+            "epochs": len(history.epochs), "seconds": round(seconds, 2),
+            "params_plain": base_params, "params": pm.num_parameters(),
+            "dendrites": pm.num_dendrites, "best_epoch": ctl.best_epoch,
+            "metric": metric_name, "maximize": config.maximize, "val": val, "test": test,
+            "events": [e for e in ctl.history if e["decision"] != "continue"],
+        }
+        if distributed is not None:
+            summary["processes"] = distributed.world_size
+        _print_report(summary, echo)
+        if out is not None and not finished:  # (a run resumed complete: its checkpoint holds that state already)
+            saver(None)  # the final state (best-validation model), still resumable; every rank calls it
+        if out is not None and main:
+            plotted = _write_outputs(out, history, summary)
+            echo(f"wrote {out}/history.json, {out}/summary.json, " + (f"{out}/plot.png, " if plotted else "")
+                 + f"{out}/checkpoint.safetensors")
+        if distributed is not None:
+            distributed.barrier()  # the outputs are complete when any rank returns
+    except KeyboardInterrupt as exc:  # (Ctrl-C or SIGTERM while the report is made: training is over)
+        raise type(exc)(f"after training ({len(history.epochs)} epochs), before its report was all written"
+                        + _resumes(out, saver.epochs if saver is not None else 0, processes,
+                                   "its checkpoint holds the run, and its report is written by")) from None
     if non_finite is not None:
         where = f": its report and that model are in {out}" if out is not None else ""
         raise TrainingError(f"{non_finite}{where}") from non_finite.__cause__
@@ -796,11 +801,11 @@ def _print_report(s: dict, echo) -> None:
          f"({s.get('metric', 'accuracy')}; {s['seconds']:.1f} s, mode {s['mode']})")
 
 
-def _resumes(out: Optional[str], done: int, processes: int = 1) -> str:
+def _resumes(out: Optional[str], done: int, processes: int = 1, lead: str = "the run so far resumes with") -> str:
     """"; the run so far resumes with ..." when `done` epochs were checkpointed in `out` (with the
     run's --nproc: on another process count the data order differs)."""
     nproc = f" --nproc {processes}" if processes > 1 else ""
-    return f"; the run so far resumes with pbp-fx train --resume {shlex.quote(out)}{nproc}" if out and done else ""
+    return f"; {lead} pbp-fx train --resume {shlex.quote(out)}{nproc}" if out and done else ""
 
 
 def _write_outputs(out: str, history, summary) -> bool:

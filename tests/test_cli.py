@@ -1367,3 +1367,35 @@ def test_a_lower_is_better_named_metric_with_maximize_is_warned_of(tmp_path, cap
     rc, _, err = _run(["train", model, "--out", str(tmp_path / "out2"), "--epochs", "1", "--no-progress",
                        "--no-maximize"], capsys)
     assert rc == 0 and "lower-is-better" not in err
+
+
+class _SignalledInCleanUp:
+    """SIGTERM arriving while Python runs a __del__ (or a garbage collector's callback)."""
+
+    def __del__(self):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10_000))  # (bytecodes: the handler runs here, inside __del__)
+
+
+def test_a_sigterm_python_discards_in_a_clean_up_callback_still_ends_in_143(monkeypatch, capsys):
+    """A kill that landed in a weakref callback printed 'Exception ignored in ... Terminated' with a
+    traceback, and the command went on to exit 0."""
+    def command(_argv):
+        obj = _SignalledInCleanUp()
+        del obj
+        print("done")
+        return cli.EXIT_OK
+
+    monkeypatch.setattr(cli, "_main", command)
+    monkeypatch.setattr(sys, "argv", ["pbp-fx", "train"])
+    hook = sys.unraisablehook
+    assert cli.main() == 143
+    out, err = capsys.readouterr()
+    assert out == "done\n"
+    assert err == ("pbp-fx: error: terminated, where Python could not stop the command (in a clean-up callback), so "
+                   "it ran to its end: its outputs are complete\n")
+    import signal
+
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and sys.unraisablehook is hook

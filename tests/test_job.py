@@ -864,6 +864,27 @@ def test_an_interrupt_inside_a_checkpoint_write_names_the_epoch_the_checkpoint_h
     assert "after epoch 2 " in capsys.readouterr().out
 
 
+def test_an_interrupt_while_the_report_is_written_says_so_and_how_to_write_it(tmp_path, monkeypatch, capsys):
+    """Ctrl-C/SIGTERM after training, while the report was made, said only 'terminated': no epoch, and
+    plot.png and summary.json were missing without a word."""
+    from pbp_fx import job
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    real = job._write_outputs
+    monkeypatch.setattr(job, "_write_outputs", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "3", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("pbp-fx: error: interrupted after training (3 epochs), before its report was all written; "
+                          f"its checkpoint holds the run, and its report is written by pbp-fx train --resume {out}")
+    assert not (out / "summary.json").exists()
+    monkeypatch.setattr(job, "_write_outputs", real)
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert (out / "summary.json").exists()
+
+
 def test_sigterm_stops_a_run_as_ctrl_c_does_with_the_resume_command(tmp_path):
     """`kill` (or a job scheduler's stop) ended a run with 'Terminated', exit 143 and no word of its
     checkpoint or how to resume it."""
