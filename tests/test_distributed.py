@@ -314,6 +314,12 @@ def test_cli_nproc_2_trains_with_torchrun_and_only_rank_0_writes(tmp_path):
     pm = pbp_fx.load(str(out / "checkpoint.safetensors"), mod.build_model, mod.example_inputs())
     assert pm.num_dendrites == summary["dendrites"]
     assert pbp_fx.evaluate(pm, make_loaders(mod.datasets(0), 40, 0)[2]) == pytest.approx(summary["test"])
+    # compare's one-process controls would not be paired with it (another data order): refused in one line
+    proc = subprocess.run([sys.executable, "-m", "pbp_fx", "compare", "--pb-run", str(out), "--no-latency"],
+                          env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "that run trained in 2 processes (train --nproc 2), whose data order is not the one-process" in proc.stderr
+    assert sorted(os.listdir(out)) == ["checkpoint.safetensors", "history.json", "plot.png", "summary.json"]
 
 
 def test_the_same_error_on_every_rank_prints_once(tmp_path):
