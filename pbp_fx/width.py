@@ -174,6 +174,14 @@ def _channel_groups(group) -> int:
     return blocks
 
 
+def _tied(model: nn.Module) -> list[list[str]]:
+    """The names of each parameter the model holds under several names (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [n for n in names.values() if len(n) > 1]
+
+
 def _fan_in(m: nn.Module) -> Optional[int]:
     if isinstance(m, nn.Linear):
         return m.in_features
@@ -200,6 +208,7 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
     before = {m: _fan_in(m) for m in model.modules()}
     norms = {m: tuple(m.normalized_shape) for m in model.modules() if isinstance(m, nn.LayerNorm)}
     holders = {m: name for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}
+    ties = _tied(model)
     try:
         with torch.no_grad():
             shapes = [t.shape for t in _outputs(model(*example_inputs, **kwargs))]
@@ -231,6 +240,10 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
     except Exception as exc:  # noqa: BLE001 - Torch-Pruning's or the model's own failure
         raise WidthError(f"Torch-Pruning could not scale {type(model).__name__}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''} (give build_model a width argument)") from exc
+    untied = [names for names in ties if len({id(model.get_parameter(n)) for n in names}) > 1]
+    if untied:  # (Torch-Pruning narrows each holder of a tied weight on its own; an output layer not at all)
+        raise WidthError(f"{type(model).__name__} cannot be narrowed by removing channels: its tied weights "
+                         f"({' = '.join(untied[0])}) would come apart; give build_model a width argument")
     emptied = [holders[m] or type(model).__name__ for m in holders
                if any(0 in p.shape for p in m.parameters(recurse=False))]
     try:

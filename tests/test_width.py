@@ -552,3 +552,25 @@ def test_a_model_that_cannot_be_narrowed_matches_its_own_count():
         builder.scaled(0.5)
     matched = builder.for_params(own)
     assert matched.width == 1.0 and matched.params == own
+
+
+class _TiedToAnOutput(nn.Module):
+    """A hidden layer's weight tied to an output layer's: the output layer keeps its size, so the tie cannot stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.shared, self.head, self.aux = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3), nn.Linear(8, 8)
+        self.aux.weight = self.shared.weight
+
+    def forward(self, x):
+        h = torch.relu(self.shared(torch.relu(self.a(x))))
+        return self.head(h), self.aux(h)
+
+
+def test_tied_weights_that_would_come_apart_are_refused():
+    """Torch-Pruning narrowed `shared` and not the output layer `aux` tied to it: compare's plain arm was
+    another architecture (an extra untied matrix) under the model's name, without a word."""
+    builder = WidthBuilder(_TiedToAnOutput, lambda: (torch.randn(4, 5),), None)
+    with pytest.raises(WidthError, match=r"_TiedToAnOutput cannot be narrowed by removing channels: its tied weights "
+                                         r"\(shared.weight = aux.weight\) would come apart; give build_model a width"):
+        builder.build(0.5)
