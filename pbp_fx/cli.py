@@ -765,6 +765,7 @@ def export(args: argparse.Namespace) -> int:
             model, inputs = instantiate(mod)
             kwargs = example_kwargs(mod)
             pm = perforate(model, inputs, example_kwargs=kwargs, frontend=args.frontend)
+            meta = {}
         else:
             from .checkpoint import in_model_dtype, load, read_meta
 
@@ -793,6 +794,8 @@ def export(args: argparse.Namespace) -> int:
             pm.abort_dendrite_phase()
             print("note: the checkpoint is inside a dendrite phase: its candidates are not dendrites yet, so the file "
                   "has the dendrites installed before it")
+        else:
+            _note_unfinished_run(meta.get("controller"))
         path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
                            opset=args.opset, fold_clip=not args.keep_clip,
                            fold_output_weight=not args.keep_output_weight, example_kwargs=kwargs,
@@ -805,6 +808,15 @@ def export(args: argparse.Namespace) -> int:
         except PBError as exc:  # the file is whole: say that it stays
             raise PBError(f"{exc} ({path} is written; run without --check to keep it without this check)") from exc
     return EXIT_OK
+
+
+def _note_unfinished_run(controller: Optional[dict]) -> None:
+    """Say so when a checkpoint of an unfinished run (a neuron phase) holds weights other than its best."""
+    schedule = (controller or {}).get("schedule") or {}
+    if schedule and not schedule.get("done") and schedule.get("best_epoch") not in (None, schedule.get("epoch")):
+        print(f"note: the checkpoint is of an unfinished run, at epoch {schedule['epoch']}: the file has its latest "
+              f"weights, not its best-validation ones (epoch {schedule['best_epoch']}, which the run's end restores); "
+              "finish the run (pbp-fx train --resume) to export those")
 
 
 def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs: dict) -> None:

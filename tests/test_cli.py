@@ -1153,6 +1153,31 @@ def test_exporting_a_checkpoint_from_inside_a_dendrite_phase_says_what_the_file_
     assert "note: the checkpoint is inside a dendrite phase" in out and '"fc1": 0' in out
 
 
+def test_exporting_an_unfinished_runs_checkpoint_says_it_has_the_latest_not_the_best_weights(tmp_path, capsys):
+    """A run stopped in a neuron phase after its best epoch: export wrote the latest weights without a word
+    (a dendrite phase's checkpoint gets a note)."""
+    from pbp_fx.checkpoint import save
+
+    import pbp_fx.models.digits_mlp as digits
+
+    pm = pbp_fx.perforate(digits.build_model(), digits.example_inputs())
+    ctl = pbp_fx.PhaseController(pm, patience=5)
+    path, out = str(tmp_path / "c.safetensors"), str(tmp_path / "m.onnx")
+    for score in (0.5, 0.7, 0.6):
+        ctl.step(score)
+        save(pm, path, controller=ctl, extra={"model": "pbp_fx.models.digits_mlp"})
+        rc, printed, err = _run(["export", path, "-o", out], capsys)
+        assert rc == 0, err
+        if score == 0.6:
+            assert ("note: the checkpoint is of an unfinished run, at epoch 3: the file has its latest weights, not "
+                    "its best-validation ones (epoch 2, which the run's end restores)") in printed
+        else:  # (its latest weights are its best so far)
+            assert "note:" not in printed
+    ctl.finish("stopped")
+    save(pm, path, controller=ctl, extra={"model": "pbp_fx.models.digits_mlp"})
+    assert "note:" not in _run(["export", path, "-o", out], capsys)[1]
+
+
 def test_export_refuses_conflicting_sources_a_moved_model_file_and_another_frontend(tmp_path, capsys):
     """--model beside a model file was ignored; a moved model file read 'does not exist' without --model; a
     --frontend other than the checkpoint's capture read 'belongs to another model'."""
