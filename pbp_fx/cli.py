@@ -287,12 +287,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 
 # -- output --------------------------------------------------------------------------------
-def check_output_file(path: str, flag: str, reads: tuple = ()) -> None:
+def check_output_file(path: str, flag: str, reads: tuple = (), example: str = "x") -> None:
     """Refuse an output file path that cannot be written, or that is one of the files the command
-    `reads` (it would be overwritten with the output), before any work starts."""
+    `reads` (it would be overwritten with the output), before any work starts; `example`: a file
+    name to suggest inside a directory given instead."""
     full = os.path.abspath(path)
     if os.path.isdir(full):
-        raise PBError(f"{flag} {path}: it is a directory; give a file path such as {os.path.join(path, 'x')}")
+        raise PBError(f"{flag} {path}: it is a directory; give a file path such as {os.path.join(path, example)}")
     for read in reads:
         if read is not None and os.path.exists(full) and os.path.exists(read) and os.path.samefile(full, read):
             raise PBError(f"{flag} {path} is {read}, which this command reads: writing it would destroy it; give "
@@ -752,7 +753,7 @@ def export(args: argparse.Namespace) -> int:
                       "--model, or pass a checkpoint")
     if args.model is not None and not os.path.exists(args.model) and args.model.endswith(".py"):
         raise PBError(f"--model {args.model} does not exist: pass the model file the checkpoint was trained from")
-    check_output_file(args.out, "-o", reads=(args.source, args.model))
+    check_output_file(args.out, "-o", reads=(args.source, args.model), example="model.onnx")
     axes: dict = {}
     for key, dim, axis in args.dynamic_axis:
         if dim in axes.get(key, {}):
@@ -776,7 +777,7 @@ def export(args: argparse.Namespace) -> int:
             if args.model is None and ref.endswith(".py") and not os.path.exists(ref):  # (or a module name)
                 raise PBError(f"checkpoint {args.source} was trained from {ref}, which does not exist now: pass the "
                               "model file with --model FILE")
-            check_output_file(args.out, "-o", reads=(ref,))  # (the model file the checkpoint names)
+            check_output_file(args.out, "-o", reads=(ref,), example="model.onnx")  # (the file the checkpoint names)
             captured = (meta.get("capture") or {}).get("captured_with")
             if args.frontend != "auto" and captured is not None and captured != args.frontend:
                 raise PBError(f"checkpoint {args.source} was captured with {captured}; --frontend {args.frontend} "
@@ -926,7 +927,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     if args.output:
         if os.path.splitext(args.output)[1].lower() not in (".npy", ".npz"):
             raise PBError(f"--output {args.output}: name it .npy (the first output) or .npz (every output by name)")
-        check_output_file(args.output, "--output", reads=(args.model, *args.input))
+        check_output_file(args.output, "--output", reads=(args.model, *args.input), example="y.npy")
     arrays = []
     for name in args.input:
         try:
