@@ -786,8 +786,10 @@ def export(args: argparse.Namespace) -> int:
             model, inputs = instantiate(mod)
             kwargs = example_kwargs(mod)
             if args.frontend != "auto":
+                structure = meta["structure"]
                 model = perforate(model, inputs, example_kwargs=kwargs, frontend=args.frontend,
-                                  include=[s["name"] for s in meta["structure"]["sites"]])
+                                  include=[s["name"] for s in structure["sites"]], activation=structure["activation"],
+                                  mode=structure["mode"])
             pm = load(args.source, model, inputs, example_kwargs=kwargs)
             inputs, kwargs = in_model_dtype(pm, inputs, kwargs)  # a float64 checkpoint comes back in float64
         pm.eval()

@@ -706,9 +706,10 @@ class PhaseController:
         phase = self.pm.phase
         if phase != self.schedule.phase:  # (its optimizer trains the other phase's parameters: nothing would train)
             raise TrainingError(f"the model is in a {phase} phase but its PhaseController is in a "
-                                f"{self.schedule.phase} phase: the model's phase was changed by hand "
-                                "(start_dendrite_phase, install_candidates, abort_dendrite_phase); let the controller "
-                                "change phases, or build a new PhaseController on the model as it is")
+                                f"{self.schedule.phase} phase: the model's phase was changed outside the controller "
+                                "(start_dendrite_phase, install_candidates, abort_dendrite_phase, or pbp_fx.load "
+                                "without controller=); let the controller change phases (a resume: pbp_fx.load(path, "
+                                "pm, controller=ctl)), or build a new PhaseController on the model as it is")
         # Refused before the pools' progress references move (a caller may step again with a valid
         # score). Several ranks: rank 0's score counts, which the schedule checks after agreeing.
         score = _score_of(val_score)

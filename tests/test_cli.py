@@ -571,6 +571,20 @@ def test_export_frontend_trains_a_cnn_and_exports_its_checkpoint(tmp_path, capsy
     assert _runs_at_another_batch(out, (7, 24), 3)
 
 
+def test_export_frontend_of_a_checkpoint_with_another_activation_and_mode(tmp_path, capsys):
+    """export CKPT --frontend perforated with the default activation and mode: 'trained with activation
+    'tanh', but this model is perforated with activation 'sigmoid'', exit 2."""
+    from pbp_fx.checkpoint import save
+    import pbp_fx.models.digits_mlp as digits
+
+    pm = pbp_fx.perforate(digits.build_model(), digits.example_inputs(), mode="gd", activation="tanh", frontend="fx")
+    pm.grow()
+    ckpt, out = str(tmp_path / "c.safetensors"), str(tmp_path / "m.onnx")
+    save(pm, ckpt, extra={"model": "pbp_fx.models.digits_mlp"})
+    rc, _, err = _run(["export", ckpt, "-o", out, "--frontend", "fx", "--check"], capsys)
+    assert rc == 0, err
+
+
 @pytest.mark.slow
 def test_export_frontend_on_the_mnist1d_cnn(tmp_path, capsys):
     out = str(tmp_path / "cnn.onnx")

@@ -1018,7 +1018,9 @@ def test_a_phase_changed_by_hand_is_refused_at_the_next_step():
     ctl.step(0.5)
     pm.start_dendrite_phase(pool=2)
     with pytest.raises(pbp_fx.TrainingError, match=r"the model is in a dendrite phase but its PhaseController is in a "
-                                                   r"neuron phase: the model's phase was changed by hand"):
+                                                   r"neuron phase: the model's phase was changed outside the controller \(start_dendrite_phase, "
+                                                   r"install_candidates, abort_dendrite_phase, or pbp_fx.load without "
+                                                   r"controller=\)"):
         ctl.step(0.5)
     pm.abort_dendrite_phase()
     assert ctl.step(0.5) is C  # (back as the controller left it)
