@@ -774,11 +774,12 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
         raise CompareError(f"--pb-run {folder}: its summary.json ({summary.get('epochs')} epochs) is not the report "
                            f"of its {CHECKPOINT} ({len(state.get('history', {}).get('epochs', []))} epochs): finish "
                            f"that run (pbp-fx train --resume {folder}) or pass the folder of a finished one")
-    processes = state.get("processes", 1)
+    processes = max(n for n in (state.get("processes"), state.get("most_processes"), 1) if n is not None)
     if processes > 1:  # (the controls train in one process: another data order, so no pairing per seed)
         raise CompareError(f"--pb-run {folder}: that run trained in {processes} processes (train --nproc "
-                           f"{processes}), whose data order is not the one-process controls', so pb would not be "
-                           "paired with them: drop --pb-run (compare trains pb itself), or train the run in one process")
+                           f"{processes}) for some or all of its epochs, whose data order is not the one-process "
+                           "controls', so pb would not be paired with them: drop --pb-run (compare trains pb itself), "
+                           "or train the run in one process")
     config, training = PBConfig.from_dict(state["args"]["config"]), TrainConfig.from_dict(state["args"]["training"])
     if config.mode != "pb":
         raise CompareError(f"--pb-run {folder}: that run has mode {config.mode!r}; the pb arm needs mode 'pb'")

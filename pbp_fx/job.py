@@ -456,6 +456,7 @@ class SavedRun:
     exclude: Optional[list]
     processes: Optional[int]  # None: saved before pbp-fx recorded it
     identity: Optional[dict]  # run_identity() when the run started; None: saved before it was recorded
+    most_processes: Optional[int] = None  # the most it trained on over its resumes (None: not recorded)
 
 
 def _silent(*_args) -> None:
@@ -522,9 +523,13 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         args = {"config": config.to_dict(), "training": training.to_dict(), "include": include, "exclude": exclude}
         if saved is not None and saved.identity is not None:
             identity = saved.identity  # a run's identity is its start's: a resume compares with that
+        # The most processes the run trained on, over its resumes: compare pairs only runs always on one.
+        earlier_counts = [] if saved is None else [n for n in (saved.processes, saved.most_processes) if n is not None]
+        most_processes = max([processes, *earlier_counts])
         saver = _epoch_saver(os.path.join(out, CHECKPOINT), pm, ctl, history, args,
                              _model_ref(model_file), seed, train_loader, distributed,
-                             clock=run_seconds, run_record={"identity": identity, "processes": processes})
+                             clock=run_seconds, run_record={"identity": identity, "processes": processes,
+                                                            "most_processes": most_processes})
         callbacks.append(saver)
         if stale:
             callbacks.append(_replace_stale(out, stale))
@@ -684,8 +689,8 @@ def _saved_job(path: str) -> SavedRun:
         args = saved["args"]
         config, training = PBConfig.from_dict(args["config"]), TrainConfig.from_dict(args["training"])
         include, exclude = args["include"], args["exclude"]
-        processes, identity = saved.get("processes"), saved.get("identity")
-        if not (processes is None or (type(processes) is int and processes >= 1)) or not (
+        processes, identity, most = saved.get("processes"), saved.get("identity"), saved.get("most_processes")
+        if not all(n is None or (type(n) is int and n >= 1) for n in (processes, most)) or not (
                 identity is None or isinstance(identity, dict)):
             raise ValueError("processes or identity")
         History.from_dict(saved["history"])
@@ -705,7 +710,7 @@ def _saved_job(path: str) -> SavedRun:
                for p in (include, exclude)):
         raise TrainingError(f"cannot resume from {path}: its job state is malformed (include/exclude), "
                             "written by another pbp-fx version or edited; start a new run")
-    return SavedRun(model_file, config, training, include, exclude, processes, identity)
+    return SavedRun(model_file, config, training, include, exclude, processes, identity, most)
 
 
 def _job_state(path: str) -> dict:

@@ -303,6 +303,38 @@ def test_a_resume_runs_on_the_runs_own_process_count_unless_told_otherwise(tmp_p
                                     {"model_digest": None, "data": "x"}, 1)
 
 
+def test_a_run_keeps_the_most_processes_it_trained_on_over_its_resumes(tmp_path, monkeypatch, capsys):
+    """A run trained on 2 processes and resumed on 1 recorded 1 process: compare --pb-run then paired its
+    controls with it, though its first epochs had the 2-process data order."""
+    import dataclasses
+
+    from pbp_fx import job
+    from pbp_fx.checkpoint import read_meta
+
+    real_save, calls = job.save, []
+
+    def interrupted_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(job, "save", interrupted_third)
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "4", "--no-progress"]) == 130
+    monkeypatch.setattr(job, "save", real_save)
+    real_saved = job._saved_job  # its first epochs as if on 2 processes
+    monkeypatch.setattr(job, "_saved_job", lambda path: dataclasses.replace(real_saved(path), processes=2))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--nproc", "1", "--no-progress"]) == 0
+    assert "the run trained on 2 process(es) and resumes on 1" in capsys.readouterr().err
+    state = read_meta(str(out / "checkpoint.safetensors"))["extra"]["job_state"]
+    assert state["processes"] == 1 and state["most_processes"] == 2
+    capsys.readouterr()
+    assert main(["compare", "--pb-run", str(out), "--no-latency"]) == 2
+    assert "that run trained in 2 processes (train --nproc 2) for some or all of its epochs" in capsys.readouterr().err
+
+
 def _epochs_done(ckpt) -> int:
     from pbp_fx.checkpoint import read_meta
 
