@@ -697,13 +697,29 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
                # a graph that follows one mode only follows the mode the model was captured in
                "one_mode": ("train" if model.training else "eval") if gm.meta.get("pbp_modes_reason") else None}
     pm = PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
-    # An exact copy in its mode too: modules that capture and the passes made are in training mode, and
+    # An exact copy in its modes too: modules that capture and the passes made are in training mode, and
     # code that saves model.training around an evaluation would turn the whole copy to training mode.
+    # Each takes the mode of the model's module at its path (a site: its neuron's), else of the nearest
+    # one above it (a frozen encoder in eval mode, a head in training mode).
     own = {id(m) for m in model.modules()}
-    for made in pm.modules():
+    site_paths = {id(site): name for name, site in pm.sites.items()}
+    for path, made in pm.graph_module.named_modules():
         if id(made) not in own:
-            made.training = model.training
+            made.training = _mode_at(model, site_paths.get(id(made), path))
+    pm.training = model.training
     return pm
+
+
+def _mode_at(model: nn.Module, path: str) -> bool:
+    """The training flag of the model's module at `path` ("a.b.c"; "name@2": a module's second call), or
+    of the nearest module above it that exists."""
+    module, training = model, model.training
+    for part in path.split(".") if path else ():
+        module = getattr(module, part.split("@")[0], None)
+        if not isinstance(module, nn.Module):
+            break
+        training = module.training
+    return training
 
 
 def _tensors_copied(obj):

@@ -1261,3 +1261,10 @@ def test_a_model_in_eval_mode_is_copied_in_eval_mode():
         with torch.no_grad():
             assert torch.equal(pm(x), model(x))
         assert all(m.training for m in pbp_fx.perforate(model.train(), (x,), frontend=frontend).modules())
+        # ... and each part in its own: a frozen encoder in eval mode and a head training
+        mixed = nn.Sequential(nn.Sequential(nn.Linear(6, 8), nn.ReLU()).eval(), nn.Linear(8, 3))
+        pm = pbp_fx.perforate(mixed, (x,), frontend=frontend)
+        assert pm.training and {n: s.training for n, s in pm.sites.items()} == {"0.0": False, "1": True}
+        mixed.eval()[1].train()
+        pm = pbp_fx.perforate(mixed, (x,), frontend=frontend)
+        assert not pm.training and {n: s.training for n, s in pm.sites.items()} == {"0.0": False, "1": True}
