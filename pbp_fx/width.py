@@ -182,6 +182,22 @@ def _tied(model: nn.Module) -> list[list[str]]:
     return [n for n in names.values() if len(n) > 1]
 
 
+def _tie_again(model: nn.Module, names: list[str]) -> bool:
+    """Tie the parameters at `names` (tied before narrowing) again: True when they are one already, or
+    were narrowed alike (Torch-Pruning prunes each holder of a tied weight on its own, the same
+    channels when they share a group: equal values); False when they came apart."""
+    params = [model.get_parameter(n) for n in names]
+    if len({id(p) for p in params}) == 1:
+        return True
+    first = params[0]
+    if any(p.shape != first.shape or not torch.equal(p, first) for p in params[1:]):
+        return False
+    for name in names[1:]:
+        holder, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(holder), attr, first)
+    return True
+
+
 def _fan_in(m: nn.Module) -> Optional[int]:
     if isinstance(m, nn.Linear):
         return m.in_features
@@ -240,8 +256,8 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
     except Exception as exc:  # noqa: BLE001 - Torch-Pruning's or the model's own failure
         raise WidthError(f"Torch-Pruning could not scale {type(model).__name__}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''} (give build_model a width argument)") from exc
-    untied = [names for names in ties if len({id(model.get_parameter(n)) for n in names}) > 1]
-    if untied:  # (Torch-Pruning narrows each holder of a tied weight on its own; an output layer not at all)
+    untied = [names for names in ties if not _tie_again(model, names)]
+    if untied:  # (an output layer tied to a hidden one keeps its size while the hidden one narrows)
         raise WidthError(f"{type(model).__name__} cannot be narrowed by removing channels: its tied weights "
                          f"({' = '.join(untied[0])}) would come apart; give build_model a width argument")
     emptied = [holders[m] or type(model).__name__ for m in holders
@@ -272,13 +288,15 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
         warn_at_user(f"narrowing {type(model).__name__} by removing channels leaves {len(whole)} layer(s) at "
                      f"full size ({', '.join(whole[:4])}{', ...' if len(whole) > 4 else ''}): the model "
                      "is wider than the width asked; give build_model a width argument to scale every layer")
+    rescaled: set[int] = set()  # (a tied weight once)
     for m, old in before.items():
         new = _fan_in(m)
         if old and new and new != old:
             with torch.no_grad():
-                m.weight.mul_(math.sqrt(old / new))
-                if m.bias is not None:
-                    m.bias.mul_(math.sqrt(old / new))
+                for t in (m.weight, m.bias):
+                    if t is not None and id(t) not in rescaled:
+                        rescaled.add(id(t))
+                        t.mul_(math.sqrt(old / new))
     model.train()
     return model, (remaining / total if total else 1.0)
 

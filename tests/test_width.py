@@ -574,3 +574,22 @@ def test_tied_weights_that_would_come_apart_are_refused():
     with pytest.raises(WidthError, match=r"_TiedToAnOutput cannot be narrowed by removing channels: its tied weights "
                                          r"\(shared.weight = aux.weight\) would come apart; give build_model a width"):
         builder.build(0.5)
+
+
+class _Siamese(nn.Module):
+    """Two hidden layers sharing their weights: narrowed alike, so they are tied again."""
+
+    def __init__(self):
+        super().__init__()
+        self.b1, self.b2, self.head = nn.Linear(5, 8), nn.Linear(5, 8), nn.Linear(16, 3)
+        self.b2.weight, self.b2.bias = self.b1.weight, self.b1.bias
+
+    def forward(self, x):
+        return self.head(torch.cat([torch.relu(self.b1(x)), torch.relu(self.b2(-x))], 1))
+
+
+def test_tied_hidden_layers_narrowed_alike_stay_tied():
+    """Refused at first ("would come apart"), though Torch-Pruning keeps the same channels of both."""
+    model = WidthBuilder(_Siamese, lambda: (torch.randn(4, 5),), None).build(0.5)
+    assert model.b1.weight is model.b2.weight and model.b1.bias is model.b2.bias
+    assert model.b1.weight.shape == (4, 5) and num_parameters(model) == 4 * 5 + 4 + 3 * 8 + 3
