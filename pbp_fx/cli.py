@@ -156,9 +156,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with _sigterm_as_interrupt() as signalled:
             status = _main(argv)
-        if signalled.lost and status == EXIT_OK:
-            _error("terminated, where Python could not stop the command (in a clean-up callback), so it ran to its "
-                   "end: its outputs are complete")
+        if signalled.lost and status == EXIT_OK:  # (its resend came too late)
+            _error("terminated, but the signal came in a clean-up callback, where Python cannot stop a command, and "
+                   "the command ended before it could be stopped")
             return 143
         return status
     finally:
@@ -172,9 +172,10 @@ class Terminated(KeyboardInterrupt):
 
 
 class _Signalled:
-    """What `_sigterm_as_interrupt` saw: `lost`, a Terminated raised where Python discards exceptions."""
+    """What `_sigterm_as_interrupt` saw: `lost`, a Terminated raised where Python discards exceptions;
+    `ended`: the command has ended (a SIGTERM now stops nothing)."""
 
-    lost = False
+    lost = ended = False
 
 
 @contextmanager
@@ -188,25 +189,39 @@ def _sigterm_as_interrupt() -> Iterator[_Signalled]:
         return
 
     def terminated(_signum, _frame):
-        raise Terminated()
+        if not signalled.ended:
+            raise Terminated()
 
     # A signal is handled between any two bytecodes, also inside a garbage collector's callback or a
-    # __del__, where Python prints the exception as "ignored" and goes on: noted here instead.
+    # __del__, where Python prints the exception as "ignored" and goes on: the signal is sent again
+    # shortly (from another thread, once this hook has returned), to stop the command where it can.
     unraisable = sys.unraisablehook
+    resend: list[threading.Timer] = []
 
     def note_lost(info) -> None:
-        if isinstance(info.exc_value, Terminated):
-            signalled.lost = True
-        else:
+        if not isinstance(info.exc_value, Terminated):
             unraisable(info)
+            return
+        signalled.lost = True
+        timer = threading.Timer(RESEND_SECONDS, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.daemon = True
+        resend.append(timer)
+        timer.start()
 
     signal.signal(signal.SIGTERM, terminated)
     sys.unraisablehook = note_lost
     try:
         yield signalled
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signalled.ended = True  # (a resend under way reaches a handler that stops nothing, not the default's kill)
+        for timer in resend:
+            timer.cancel()
+            timer.join()
         sys.unraisablehook = unraisable
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+RESEND_SECONDS = 0.05  # a lost SIGTERM's resend: after the callback that lost it has returned
 
 
 class _QuietOnceClosed:

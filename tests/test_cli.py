@@ -1420,23 +1420,40 @@ class _SignalledInCleanUp:
         sum(range(10_000))  # (bytecodes: the handler runs here, inside __del__)
 
 
-def test_a_sigterm_python_discards_in_a_clean_up_callback_still_ends_in_143(monkeypatch, capsys):
+def test_a_sigterm_python_discards_in_a_clean_up_callback_still_stops_the_command(monkeypatch, capsys):
     """A kill that landed in a weakref callback printed 'Exception ignored in ... Terminated' with a
-    traceback, and the command went on to exit 0."""
+    traceback, and the command went on to its end (hours, for a training run) and exit 0."""
+    import signal
+    import time
+
+    steps = []
+
     def command(_argv):
         obj = _SignalledInCleanUp()
         del obj
-        print("done")
+        try:
+            for _ in range(400):  # (2 s: the signal is sent again after 0.05 s)
+                steps.append(1)
+                time.sleep(0.005)
+        except cli.Terminated:
+            return 143  # (as _main says where the run stands)
         return cli.EXIT_OK
 
     monkeypatch.setattr(cli, "_main", command)
     monkeypatch.setattr(sys, "argv", ["pbp-fx", "train"])
     hook = sys.unraisablehook
     assert cli.main() == 143
-    out, err = capsys.readouterr()
-    assert out == "done\n"
-    assert err == ("pbp-fx: error: terminated, where Python could not stop the command (in a clean-up callback), so "
-                   "it ran to its end: its outputs are complete\n")
-    import signal
-
+    assert len(steps) < 200 and capsys.readouterr().err == ""
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and sys.unraisablehook is hook
+
+    def short_command(_argv):  # ends before the signal is sent again
+        obj = _SignalledInCleanUp()
+        del obj
+        return cli.EXIT_OK
+
+    monkeypatch.setattr(cli, "_main", short_command)
+    assert cli.main() == 143
+    assert capsys.readouterr().err == ("pbp-fx: error: terminated, but the signal came in a clean-up callback, where "
+                                       "Python cannot stop a command, and the command ended before it could be stopped\n")
+    time.sleep(2 * cli.RESEND_SECONDS)  # (no resend left to kill this process)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
