@@ -303,6 +303,25 @@ def test_a_resume_runs_on_the_runs_own_process_count_unless_told_otherwise(tmp_p
                                     {"model_digest": None, "data": "x"}, 1)
 
 
+def _interrupted_at_third_save(tmp_path, monkeypatch, *flags):
+    """The run folder of `pbp-fx train GOOD ... flags` stopped by Ctrl-C inside its third checkpoint save."""
+    from pbp_fx import job
+
+    real, calls = job.save, []
+
+    def interrupted_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job, "save", interrupted_third)
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), *flags, "--no-progress"]) == 130
+    monkeypatch.setattr(job, "save", real)
+    return out
+
+
 def test_a_run_keeps_the_most_processes_it_trained_on_over_its_resumes(tmp_path, monkeypatch, capsys):
     """A run trained on 2 processes and resumed on 1 recorded 1 process: compare --pb-run then paired its
     controls with it, though its first epochs had the 2-process data order."""
@@ -311,18 +330,7 @@ def test_a_run_keeps_the_most_processes_it_trained_on_over_its_resumes(tmp_path,
     from pbp_fx import job
     from pbp_fx.checkpoint import read_meta
 
-    real_save, calls = job.save, []
-
-    def interrupted_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_save(*args, **kwargs)
-
-    monkeypatch.setattr(job, "save", interrupted_third)
-    out = tmp_path / "run"
-    assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "4", "--no-progress"]) == 130
-    monkeypatch.setattr(job, "save", real_save)
+    out = _interrupted_at_third_save(tmp_path, monkeypatch, "--epochs", "4")
     real_saved = job._saved_job  # its first epochs as if on 2 processes
     monkeypatch.setattr(job, "_saved_job", lambda path: dataclasses.replace(real_saved(path), processes=2))
     capsys.readouterr()
@@ -877,21 +885,8 @@ def test_a_resume_of_a_run_whose_augmentation_has_its_own_generator_warns(tmp_pa
 def test_an_interrupt_inside_a_checkpoint_write_names_the_epoch_the_checkpoint_holds(tmp_path, monkeypatch, capsys):
     """Ctrl-C during epoch 3's save said 'interrupted after epoch 3'; the checkpoint, and so the
     resume, held epoch 2."""
-    from pbp_fx import job
-
-    real, calls = job.save, []
-
-    def interrupted_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(job, "save", interrupted_third)
-    out = tmp_path / "run"
-    assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "5", "--no-progress"]) == 130
+    out = _interrupted_at_third_save(tmp_path, monkeypatch, "--epochs", "5")
     assert "interrupted after epoch 2; the run so far resumes with" in capsys.readouterr().err
-    monkeypatch.setattr(job, "save", real)
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert "after epoch 2 " in capsys.readouterr().out
 
