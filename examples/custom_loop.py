@@ -40,7 +40,7 @@ for epoch in range(epochs):
         loss.backward()
         optimizer.step()
     if ctl.step(accuracy(model, val_loader)) == "complete":  # PB
-        break
+        break  # PB
 else:  # PB: the epoch budget ran out first
     ctl.finish("epoch budget reached")  # PB: drops candidates, loads the best-validation model
 
