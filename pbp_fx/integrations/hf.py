@@ -159,25 +159,24 @@ class PBCallback(TrainerCallback):
         if self.controller is None or self.controller.pm is not pm or (resuming and self.controller.optimizer is not opt):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize, root=model,
                                               parameter_groups=self._parameter_groups(model, opt, warn=not resuming))
-        scheduler_restored = resuming
+        scheduler = unwrap_scheduler(lr_scheduler)
+        # A checkpoint saved with save_only_model=True has no optimizer or scheduler state: the Trainer
+        # resumes with both fresh (the scheduler at its start, its base rates without the phase's factor).
+        scheduler_restored = resuming and (scheduler is None or getattr(scheduler, "last_epoch", 1) > 0)
         if resuming:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
-            resumed = _resumed_file(args, state, pm)
-            load_controller(resumed, self.controller)
-            # save_only_model=True writes no optimizer or scheduler state: the Trainer builds both afresh
-            # (at the base rates, the schedule's start), so the phase's lr factor is applied to it anew.
-            scheduler_restored = os.path.isfile(os.path.join(os.path.dirname(resumed), _SCHEDULER_FILE))
-            if not scheduler_restored:
+            load_controller(_resumed_file(args, state, pm), self.controller)
+            if not scheduler_restored or not opt.state:
                 warn_at_user(f"PBCallback: the checkpoint resumed at step {state.global_step} holds no optimizer or "
-                             "scheduler state (saved with save_only_model=True): the optimizer's moments and the "
+                             "scheduler state (saved with save_only_model=True?): the optimizer's moments and the "
                              "learning-rate schedule start afresh, so the run does not repeat an uninterrupted one "
-                             "(PB's phase rates are kept); save full checkpoints to resume exactly")
+                             "(PB applies its phase's factor to the fresh schedule); save full checkpoints to resume "
+                             "exactly")
         # PB finished already (a checkpoint written then, or train() called again): nothing left to train.
         # The Trainer still takes one step before it looks; on_train_end loads the best weights back.
         self._resumed_complete = self.controller.done
         if self._resumed_complete:
             control.should_training_stop = True
             warn_at_user(finished_run(self.controller.history[-1]["note"], "this train() stops after one step"))
-        scheduler = unwrap_scheduler(lr_scheduler)
         if scheduler is not None:
             self.controller.attach_scheduler(scheduler, scaled=scheduler_restored)
         self._before_first_step = bool(getattr(args, "eval_on_start", False))
@@ -323,9 +322,6 @@ def _direction(metric: str, greater_is_better: Optional[bool]) -> tuple[str, boo
     """("eval_<name>", whether higher is better: given, else not for names ending in "loss")."""
     metric = metric if metric.startswith("eval_") else f"eval_{metric}"
     return metric, bool(not metric.endswith("loss") if greater_is_better is None else greater_is_better)
-
-
-_SCHEDULER_FILE = "scheduler.pt"  # (the Trainer's SCHEDULER_NAME: it restores its scheduler when this is there)
 
 
 def _resumed_file(args, state, pm) -> str:

@@ -793,10 +793,15 @@ def test_the_last_logged_pb_state_is_the_model_held_after_the_budget_ran_out(tmp
         0, pm.dendrites, pm.num_parameters(), "complete")
 
 
-def test_a_resume_from_a_checkpoint_without_optimizer_state_keeps_the_phase_rates(tmp_path, perforated_bert):
+@pytest.mark.parametrize("saved", ["model only", "full, PB file read from a copy"])
+def test_a_resume_keeps_the_phase_rates_whether_the_trainer_restored_its_scheduler_or_not(tmp_path, perforated_bert,
+                                                                                          saved):
     """save_only_model=True: the Trainer resumed with a fresh scheduler, which the callback took for the
     saved one (carrying the phase's factor): the candidates trained at the Trainer's rate, and after the
-    install the neurons at lr * lr / candidate_lr for the rest of the run, without a word."""
+    install the neurons at lr * lr / candidate_lr for the rest of the run, without a word. A full checkpoint
+    whose PB file was loaded from elsewhere: the scheduler was restored, whatever that folder holds."""
+    import shutil
+
     rates = {}  # (phase, step) -> group 0's rate at the optimizer step
 
     class Record(TrainerCallback):
@@ -806,21 +811,29 @@ def test_a_resume_from_a_checkpoint_without_optimizer_state_keeps_the_phase_rate
         def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
             rates[(self.cb.controller.pm.phase, state.global_step + 1)] = float(optimizer.param_groups[0]["lr"])
 
+    model_only = saved == "model only"
     whole = PBCallback(QUICK)
-    trainer, _ = _trainer(tmp_path / "whole", whole, perforated_bert(), save_strategy="epoch", save_only_model=True,
-                          lr_scheduler_type="constant")
+    trainer, _ = _trainer(tmp_path / "whole", whole, perforated_bert(), save_strategy="epoch",
+                          save_only_model=model_only, lr_scheduler_type="constant")
     trainer.train()
     first = next(h["epoch"] for h in whole.controller.history if h["phase"] == "dendrite")
     step = sorted(int(d.split("-")[1]) for d in os.listdir(tmp_path / "whole") if d.startswith("checkpoint-"))[first]
     folder = tmp_path / "whole" / f"checkpoint-{step}"
     assert pbp_fx.checkpoint.read_structure(str(folder / CHECKPOINT_NAME))["phase"] == "dendrite"
-    model = pbp_fx.load(str(folder / CHECKPOINT_NAME), perforated_bert())
+    pb_file = str(folder / CHECKPOINT_NAME)
+    if not model_only:
+        os.makedirs(tmp_path / "copy")
+        pb_file = shutil.copy(pb_file, tmp_path / "copy" / CHECKPOINT_NAME)
+    model = pbp_fx.load(pb_file, perforated_bert())
     resumed = PBCallback(QUICK)
     trainer, _ = _trainer(tmp_path / "other", resumed, model, save_strategy="no", lr_scheduler_type="constant")
     trainer.add_callback(Record(resumed))
-    with pytest.warns(UserWarning, match=r"holds no optimizer or scheduler state \(saved with save_only_model=True\): "
-                                         r"the optimizer's moments and the learning-rate schedule start afresh"):
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         trainer.train(resume_from_checkpoint=str(folder))
+    fresh = [w for w in said if "holds no optimizer or scheduler state (saved with save_only_model=True?): the "
+             "optimizer's moments and the learning-rate schedule start afresh" in str(w.message)]
+    assert len(fresh) == (1 if model_only else 0)
     phases = {phase for phase, _ in rates}
     assert phases == {"dendrite", "neuron"}
     assert all(rate == (QUICK.candidate_lr if phase == "dendrite" else 3e-3) for (phase, _), rate in rates.items())
