@@ -800,7 +800,9 @@ def export(args: argparse.Namespace) -> int:
             mod = _model_module(ref)
             model, inputs = instantiate(mod)
             kwargs = example_kwargs(mod)
-            if args.frontend != "auto":
+            if args.frontend != "auto" and captured is None:
+                # A format-1 checkpoint records no capture: --frontend says how. Otherwise load rebuilds it as it
+                # was captured (that frontend, its mode and dynamic shapes), which --frontend can only repeat.
                 structure = meta["structure"]
                 model = perforate(model, inputs, example_kwargs=kwargs, frontend=args.frontend,
                                   include=[s["name"] for s in structure["sites"]], activation=structure["activation"],

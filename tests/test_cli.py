@@ -585,6 +585,51 @@ def test_export_frontend_of_a_checkpoint_with_another_activation_and_mode(tmp_pa
     assert rc == 0, err
 
 
+ONE_MODE = """
+import torch, torch.nn as nn
+class M(nn.Module):
+    def __init__(s):
+        super().__init__(); s.l1 = nn.Linear(6, 8); s.l2 = nn.Linear(8, 3)
+    def forward(s, x):
+        h = torch.relu(s.l1(x))
+        if s.training:  # (fx follows one mode: the one captured)
+            h = torch.cat([h[:, 4:], h[:, :4]], 1)
+        return s.l2(h)
+def build_model():
+    torch.manual_seed(0); return M()
+def example_inputs():
+    return (torch.randn(4, 6),)
+"""
+
+
+def test_export_frontend_of_a_checkpoint_captured_in_one_mode_rebuilds_that_mode(tmp_path, capsys):
+    """export CKPT --frontend fx re-perforated the model file's train-mode model where the checkpoint's graph
+    was captured in eval mode: a file 0.88 off the trained model, exit 0."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from pbp_fx.checkpoint import save
+    from pbp_fx.modelfile import load_model_file
+
+    path = _write(tmp_path, ONE_MODE, name="one_mode.py")
+    mod = load_model_file(path)
+    pm = pbp_fx.perforate(mod.build_model().eval(), mod.example_inputs(), frontend="fx")
+    pm.grow()
+    with torch.no_grad():
+        for site in pm.sites.values():
+            site.out_weight.fill_(0.7)
+    ckpt, out = str(tmp_path / "c.safetensors"), str(tmp_path / "m.onnx")
+    save(pm, ckpt, extra={"model": path})
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        want = pm.eval()(x).numpy()
+    for flags in ([], ["--frontend", "fx"]):
+        assert _run(["export", ckpt, "-o", out, *flags], capsys)[0] == 0
+        session = ort.InferenceSession(out)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert np.abs(got - want).max() < 1e-5, flags
+
+
 @pytest.mark.slow
 def test_export_frontend_on_the_mnist1d_cnn(tmp_path, capsys):
     out = str(tmp_path / "cnn.onnx")
