@@ -188,15 +188,18 @@ def _sigterm_as_interrupt() -> Iterator[_Signalled]:
         yield signalled  # (only the main thread may set it; a caller's own handler stays)
         return
 
+    resend: list[threading.Timer] = []
+
     def terminated(_signum, _frame):
         if not signalled.ended:
+            for timer in resend:  # (a resend of a lost one still pending would land in the stop this starts)
+                timer.cancel()
             raise Terminated()
 
     # A signal is handled between any two bytecodes, also inside a garbage collector's callback or a
     # __del__, where Python prints the exception as "ignored" and goes on: the signal is sent again
     # shortly (from another thread, once this hook has returned), to stop the command where it can.
     unraisable = sys.unraisablehook
-    resend: list[threading.Timer] = []
 
     def note_lost(info) -> None:
         if not isinstance(info.exc_value, Terminated):

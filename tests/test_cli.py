@@ -1502,3 +1502,21 @@ def test_a_sigterm_python_discards_in_a_clean_up_callback_still_stops_the_comman
                                        "Python cannot stop a command, and the command ended before it could be stopped\n")
     time.sleep(2 * cli.RESEND_SECONDS)  # (no resend left to kill this process)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    stopped = []
+
+    def stopped_by_a_second_signal(_argv):  # the resend must not land in the stop the second one started
+        obj = _SignalledInCleanUp()
+        del obj
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(10_000))
+            time.sleep(1)
+            return cli.EXIT_OK
+        except cli.Terminated:
+            time.sleep(4 * cli.RESEND_SECONDS)  # (a graceful stop: workers stopped, a report written)
+            stopped.append(True)
+            return 143
+
+    monkeypatch.setattr(cli, "_main", stopped_by_a_second_signal)
+    assert cli.main() == 143 and stopped and capsys.readouterr().err == ""
