@@ -19,7 +19,7 @@ from .errors import NoSitesError, TrainingError, warn_at_user
 from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
-from .tracing import DYNAMIC_CHOICES, buffers_kept, parts_model, trace
+from .tracing import DYNAMIC_CHOICES, TracedPart, buffers_kept, parts_model, trace
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
@@ -680,6 +680,10 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
                      activation) -> "PerforatedModel":
     from pbp_fx.passes import find_sites, insert_dendrites
 
+    # The model's modes by path, before capture puts modules of its own into the copy (an untraceable
+    # part's swapped neurons, a parts capture's graphs).
+    modes = {path: m.training for path, m in model.named_modules()}
+    before = {id(m) for m in model.modules()}
     gm = trace(model, example_inputs, example_kwargs, frontend=frontend, dynamic=dynamic)
     specs = find_sites(gm, include, exclude)
     unmatched = _unmatched_globs(find_sites(gm) if include is not None or exclude is not None else [], include,
@@ -699,27 +703,31 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
     pm = PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
     # An exact copy in its modes too: modules that capture and the passes made are in training mode, and
     # code that saves model.training around an evaluation would turn the whole copy to training mode.
-    # Each takes the mode of the model's module at its path (a site: its neuron's), else of the nearest
-    # one above it (a frozen encoder in eval mode, a head in training mode).
-    own = {id(m) for m in model.modules()}
-    site_paths = {id(site): name for name, site in pm.sites.items()}
-    for path, made in pm.graph_module.named_modules():
-        if id(made) not in own:
-            made.training = _mode_at(model, site_paths.get(id(made), path))
+    # Each takes the mode of the model's module at its path (a site: its neuron's; one inside the model
+    # copy: its path there), else of the nearest module above it (a frozen encoder in eval mode).
+    paths = {id(m): path for path, m in pm.graph_module.named_modules()}
+    for part in pm.graph_module.modules():
+        if isinstance(part, TracedPart):  # (a parts capture: each part's graph in the model's own namespace)
+            paths.update({id(m): ".".join(filter(None, (part.name, path)))
+                          for path, m in [("", part), *part.graph_module.named_modules()]})
+    paths.update({id(m): path for path, m in model.named_modules()})
+    paths.update({id(site): name for name, site in pm.sites.items()})
+    for made in pm.graph_module.modules():
+        if id(made) not in before:
+            made.training = _mode_at(modes, paths.get(id(made), ""))
     pm.training = model.training
     return pm
 
 
-def _mode_at(model: nn.Module, path: str) -> bool:
-    """The training flag of the model's module at `path` ("a.b.c"; "name@2": a module's second call), or
-    of the nearest module above it that exists."""
-    module, training = model, model.training
-    for part in path.split(".") if path else ():
-        module = getattr(module, part.split("@")[0], None)
-        if not isinstance(module, nn.Module):
-            break
-        training = module.training
-    return training
+def _mode_at(modes: dict[str, bool], path: str) -> bool:
+    """The training flag at `path` ("a.b.c"; "name@2": a module's second call) in `modes` (the model's
+    modules' flags by path), or at the nearest path above it there."""
+    parts = [part.split("@")[0] for part in path.split(".")] if path else []
+    for end in range(len(parts), -1, -1):
+        found = modes.get(".".join(parts[:end]))
+        if found is not None:
+            return found
+    return modes[""]
 
 
 def _tensors_copied(obj):

@@ -1268,3 +1268,61 @@ def test_a_model_in_eval_mode_is_copied_in_eval_mode():
         mixed.eval()[1].train()
         pm = pbp_fx.perforate(mixed, (x,), frontend=frontend)
         assert not pm.training and {n: s.training for n, s in pm.sites.items()} == {"0.0": False, "1": True}
+
+
+
+class _DataDependent(nn.Module):
+    """Untraceable by fx (a branch on values): a leaf whose layers get swapped neurons and sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.l1(x)
+        return self.l2(h) if h.sum() > 0 else self.l2(-h)
+
+
+class _FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return F.dropout(self.l(x), 0.5, self.training)
+
+
+class _LoopsOnValues(nn.Module):
+    """A root no frontend captures whole (a loop count from values): captured by parts."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = _FunctionalDropout(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.enc(x)
+        for _ in range(int(h.detach().abs().sum().item() * 1000) % 2 + 1):
+            h = h * 1.0
+        return self.head(h)
+
+
+@pytest.mark.parametrize("root_training", [True, False])
+def test_modules_made_inside_leaves_and_parts_take_their_parts_mode(root_training):
+    """A leaf's swapped neurons and sites stayed in training mode in an eval model; a parts capture's
+    mode switch took the root's mode, not its part's, and the copy computed another function (0.68 off)."""
+    x = torch.randn(5, 6)
+    leafy = nn.Sequential(nn.Linear(6, 6), _DataDependent()).train(root_training)
+    leafy[1].train(not root_training)
+    pm = pbp_fx.perforate(leafy, (x,), frontend="fx")
+    inside = [m for n, m in pm.graph_module.named_modules() if n.startswith("1.")]
+    assert inside and all(m.training is (not root_training) for m in inside)
+    assert pm.sites["0"].training is root_training
+    parts = _LoopsOnValues().train(root_training)
+    parts.enc.train(not root_training)
+    pm = pbp_fx.perforate(parts, (x,))
+    assert pm.graph_module.meta["pbp_frontend"] == "parts"
+    with torch.no_grad():
+        torch.manual_seed(0)
+        want = parts(x)
+        torch.manual_seed(0)
+        assert torch.equal(pm(x), want)
