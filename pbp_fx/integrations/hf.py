@@ -165,7 +165,7 @@ class PBCallback(TrainerCallback):
         scheduler_restored = resuming and (scheduler is None or getattr(scheduler, "last_epoch", 1) > 0)
         if resuming:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
             load_controller(_resumed_file(args, state, pm), self.controller)
-            if not scheduler_restored or not opt.state:
+            if not scheduler_restored:  # (the Trainer always has one; an optimizer's state may be empty: plain SGD)
                 warn_at_user(f"PBCallback: the checkpoint resumed at step {state.global_step} holds no optimizer or "
                              "scheduler state (saved with save_only_model=True?): the optimizer's moments and the "
                              "learning-rate schedule start afresh, so the run does not repeat an uninterrupted one "
