@@ -255,6 +255,8 @@ class _Walk:
         if isinstance(a, fx.Node) or isinstance(b, fx.Node):
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
                 return _MISMATCH
+            if a.op == b.op == "get_attr" and a.target == b.target:  # (the same attribute, read at another place)
+                return _SAME
             return _SAME if self.train_of(b) is self.canon_t(a) and self.train_of(b) is not None else _MISMATCH
         if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
             if len(a) != len(b):
@@ -337,6 +339,17 @@ def _describe(n: Optional[fx.Node]) -> str:
     return f"{n.name} ({n.op} {target_name(n.target)})"
 
 
+def _inputs_of(n: fx.Node) -> str:
+    """A node's arguments as a short text: nodes by what they are (a module attribute by its path)."""
+    def said(a) -> str:
+        if isinstance(a, fx.Node):
+            return str(a.target) if a.op in ("get_attr", "placeholder") else a.name
+        if isinstance(a, (tuple, list)):
+            return "(" + ", ".join(said(x) for x in a) + ")"
+        return repr(a) if len(repr(a)) <= 40 else type(a).__name__
+    return said(tuple(n.args))
+
+
 def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: bool = True) -> MergeResult:
     """Make `train_gm` follow the mode (see the module docstring), or say why it cannot.
 
@@ -399,8 +412,10 @@ def merge_modes(train_gm: fx.GraphModule, eval_gm: fx.GraphModule, training: boo
             continue
         # The message names where the captures first differ; parted_at, where the walk stopped.
         first_t, first_e = parted or (t, e)
-        return MergeResult(None, f"the train capture has {_describe(first_t)} where the eval capture has "
-                                 f"{_describe(first_e)}", (t, e))
+        said_t, said_e = _describe(first_t), _describe(first_e)
+        if said_t == said_e:  # (the same op by name: what it is applied to differs)
+            said_t, said_e = f"{said_t} of {_inputs_of(first_t)}", f"{said_e} of {_inputs_of(first_e)}"
+        return MergeResult(None, f"the train capture has {said_t} where the eval capture has {said_e}", (t, e))
     for n in noise:  # the mask must feed nothing but masks, gates and checks: eval mode computes none of it
         stray = [u for u in n.users if u not in noise and u not in gates and (u.users or _mutates(u))]
         if stray:

@@ -327,3 +327,26 @@ def test_a_slice_bounded_by_a_node_matches_in_both_captures():
     pm = pbp_fx.perforate(model, (x,), frontend="fx").eval()
     with torch.no_grad():
         assert torch.equal(pm(x), model.eval()(x)) and torch.equal(pm.finalize()(x), model(x))
+
+
+
+class PicksByMode(nn.Module):
+    """The same op in both modes on other module attributes: the refusal names what it is applied to."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("train_idx", torch.tensor([0, 1]))
+        self.register_buffer("eval_idx", torch.tensor([2, 3]))
+
+    def forward(self, x):
+        return self.fc(x)[:, self.train_idx if self.training else self.eval_idx]
+
+
+def test_a_refusal_at_ops_of_the_same_name_says_what_each_is_applied_to():
+    """It read "the train capture has getitem (call_function getitem) where the eval capture has getitem
+    (call_function getitem)": nothing that told them apart."""
+    with pytest.warns(UserWarning, match=r"the train capture has getitem \(call_function getitem\) of \(fc, "
+                                         r"\(slice\(None, None, None\), train_idx\)\) where the eval capture has getitem "
+                                         r"\(call_function getitem\) of \(fc, \(slice\(None, None, None\), eval_idx\)\)"):
+        trace(PicksByMode(), (torch.randn(3, 4),), frontend="fx")
