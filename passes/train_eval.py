@@ -142,6 +142,14 @@ def _mutates(node: fx.Node) -> bool:
     return bool(schema is not None and schema.is_mutable)
 
 
+def _attribute_under(node: fx.Node) -> Optional[str]:
+    """The module attribute an op's first input comes from (following first inputs back), if any."""
+    seen = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    while seen is not None and seen.op != "get_attr":
+        seen = seen.args[0] if seen.args and isinstance(seen.args[0], fx.Node) else None
+    return None if seen is None else str(seen.target)
+
+
 def _feeds_only_updates(node: fx.Node) -> bool:
     """Whether every reader of `node` updates it in place and feeds nothing else, transitively.
 
@@ -236,6 +244,8 @@ class _Walk:
         self.e2t: dict[fx.Node, fx.Node] = {}  # eval node -> train node with the same value
         self.t_alias: dict[fx.Node, fx.Node] = {}  # train-only identity node -> its input
         self.e_alias: dict[fx.Node, fx.Node] = {}
+        # attributes an in-place op of either capture updates (through any chain of ops on them)
+        self.updated = {_attribute_under(n) for gm in self.gms for n in gm.graph.nodes if _mutates(n)} - {None}
 
     def canon_t(self, n: fx.Node) -> fx.Node:
         while n in self.t_alias:
@@ -255,8 +265,8 @@ class _Walk:
         if isinstance(a, fx.Node) or isinstance(b, fx.Node):
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
                 return _MISMATCH
-            if a.op == b.op == "get_attr" and a.target == b.target:  # (the same attribute, read at another place)
-                return _SAME
+            if a.op == b.op == "get_attr" and a.target == b.target and a.target not in self.updated:
+                return _SAME  # the same attribute, read at another place (one no op of either capture updates)
             return _SAME if self.train_of(b) is self.canon_t(a) and self.train_of(b) is not None else _MISMATCH
         if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
             if len(a) != len(b):
