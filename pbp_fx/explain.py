@@ -75,6 +75,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
         else:
             rows.append(SiteExplanation(spec.name, spec.kind, "not a site", "excluded by include/exclude"))
     wrapped: dict[int, str] = {}  # weight id -> the function that reads it without a site rule seeing it
+    read: set[int] = set()  # ids of the attributes the graphs read
     for prefix, g in _graphs(gm):
         params = {id(p): n for n, p in g.named_parameters()}
         live = live_nodes(g.graph)
@@ -100,6 +101,8 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
                     value = attr_tensor(g, node.target)
                 except AttributeError:
                     continue
+                if node.users:
+                    read.add(id(value))
                 users = [u for u in node.users if u.op == "call_function" and explain_neuron(u, g) is None]
                 if users:
                     wrapped.setdefault(id(value), _kind(users[0], g))
@@ -126,6 +129,9 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
             why = f"read by {wrapped[id(p)]}(), which the graph does not look into: frontend='export' reaches it"
         elif module_path in plain or gm.meta.get("pbp_frontend") == "parts":
             why = "in the root's untraceable Python (not traced)"
+        elif id(p) in read:  # (timm's ScaledStdConv2d standardizes its weight in forward)
+            why = ("read by the graph but changed before its layer uses it (a weight computed at run time, e.g. "
+                   "standardized in forward), so the layer's weight is no parameter and it is not a site")
         else:
             why = "not used on the example inputs"
         rows.append(SiteExplanation(name, kind, "not a site", why))

@@ -147,3 +147,21 @@ def test_a_discarded_call_says_nothing_reads_it():
     rows = {r.name: r for r in pbp_fx.explain_sites(Dead(), torch.randn(3, 4))}
     assert rows["fc"].status == "site"
     assert (rows["dead"].status, rows["dead"].reason) == ("not a site", "its result is not used: no output depends on it")
+
+
+class _StandardizedConv(nn.Conv2d):
+    """timm's ScaledStdConv2d: the weight is standardized in forward, so the conv reads a computed tensor."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_a_weight_changed_before_its_layer_is_not_said_to_be_unused():
+    """timm NFNet: every conv's weight row read "not used on the example inputs", though the forward reads it."""
+    model = nn.Sequential(_StandardizedConv(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    rows = {r.name: r for r in pbp_fx.explain_sites(model, (torch.randn(2, 3, 6, 6),))}
+    assert rows["3"].status == "site"
+    assert rows["0.weight"].status == "not a site"
+    assert rows["0.weight"].reason.startswith("read by the graph but changed before its layer uses it")
