@@ -788,6 +788,14 @@ class _RunningCenter(nn.Module):
         return self.o(torch.relu(h - self.mean))
 
 
+def test_an_attribute_updated_in_place_is_not_taken_for_one_value_read_twice():
+    """Taking every read of one attribute for the same value merged this model's fx captures, and the merged
+    graph dropped the update's mul_(0.9): its running mean drifted from the model's at the second step."""
+    with pytest.warns(pbp_fx.PBWarning, match="the graph follows train mode whatever"):
+        gm = trace(_RunningCenter(), (torch.randn(4, 8),), frontend="fx")
+    assert gm.meta["pbp_modes"] == "train"
+
+
 def test_auto_warns_that_the_export_graph_it_chose_follows_one_mode():
     """The export attempt's warnings were silenced whether or not its graph was chosen: pm.eval()
     then ran the train path (buffer updates included) with no word said."""

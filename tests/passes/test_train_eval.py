@@ -1,5 +1,4 @@
 """passes.train_eval: merging a train-mode and an eval-mode capture into one graph that follows the mode."""
-import copy
 import warnings
 
 import pytest
@@ -352,25 +351,3 @@ def test_a_refusal_at_ops_of_the_same_name_says_what_each_is_applied_to():
                                          r"\(call_function getitem\) of \(fc, \(slice\(None, None, None\), eval_idx\)\)"):
         trace(PicksByMode(), (torch.randn(3, 4),), frontend="fx")
 
-
-class RunningCenter(nn.Module):
-    """Updates its own buffer in place in train mode, then reads it."""
-
-    def __init__(self):
-        super().__init__()
-        self.f, self.o = nn.Linear(8, 8), nn.Linear(8, 2)
-        self.register_buffer("center", torch.zeros(8))
-
-    def forward(self, x):
-        h = self.f(x)
-        if self.training:
-            self.center.mul_(0.9).add_(0.1 * h.detach().mean(0))
-        return self.o(torch.relu(h - self.center))
-
-
-def test_an_attribute_updated_in_place_is_not_taken_for_one_value_read_twice():
-    """Taking every read of one attribute for the same value merged this model's captures, and the merged
-    graph dropped the update's mul_(0.9): its running value drifted from the model's at the second step."""
-    model, x = RunningCenter(), torch.randn(4, 8)
-    gm = trace(copy.deepcopy(model), (x,), frontend="fx")
-    assert gm.meta["pbp_modes"] == "train"  # (refused: the graph follows the mode it was captured in, warned)
