@@ -642,11 +642,10 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
                           "train it as it is, or perforate the base model")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"perforate() takes an nn.Module, got {type(model).__name__}: pass the model instance")
-    inside = next((name for name, m in model.named_modules() if isinstance(m, PerforatedModel)), None)
+    inside = perforated_path(model)
     if inside is not None:  # (a compile wrapper or a module holding one: its layers would get two sites each)
-        raise ConfigError(f"perforate() got a model that holds a perforated model already (model"
-                          f"{access_path(model, inside)}): its dendrites would get dendrites: train that one as it "
-                          "is, or perforate the base model")
+        raise ConfigError(f"perforate() got a model that holds a perforated model already (model{inside}): its "
+                          "dendrites would get dendrites: train that one as it is, or perforate the base model")
     if activation not in ACTIVATIONS:
         raise ConfigError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}",
                           "activation", activation)
@@ -792,16 +791,20 @@ def _format_where_it_fits(fn: Callable, stacked: set) -> Callable:
     return apply
 
 
-def perforated_inside(obj) -> str:
-    """How to reach the PerforatedModel that `obj` wraps (torch.compile's OptimizedModule, DDP, a
-    module holding it) as advice, e.g. "it wraps a PerforatedModel: pass that (model._orig_mod)";
-    "" when it holds none, or is one."""
+def perforated_path(obj) -> Optional[str]:
+    """Python that reaches the PerforatedModel `obj` wraps (torch.compile's OptimizedModule, DDP, a
+    module holding it), e.g. "._orig_mod"; None when it holds none, or is one."""
     if isinstance(obj, PerforatedModel) or not isinstance(obj, nn.Module):
-        return ""
-    inside = [name for name, m in obj.named_modules() if isinstance(m, PerforatedModel)]
-    if not inside:
-        return ""
-    return f"it wraps a PerforatedModel: pass that (model{access_path(obj, inside[0])})"
+        return None
+    inside = next((name for name, m in obj.named_modules() if isinstance(m, PerforatedModel)), None)
+    return None if inside is None else access_path(obj, inside)
+
+
+def perforated_inside(obj) -> str:
+    """`perforated_path` as advice, e.g. "it wraps a PerforatedModel: pass that (model._orig_mod)"; ""
+    when it holds none, or is one."""
+    path = perforated_path(obj)
+    return "" if path is None else f"it wraps a PerforatedModel: pass that (model{path})"
 
 
 def access_path(obj: nn.Module, name: str) -> str:
