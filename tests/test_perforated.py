@@ -1270,7 +1270,6 @@ def test_a_model_in_eval_mode_is_copied_in_eval_mode():
         assert not pm.training and {n: s.training for n, s in pm.sites.items()} == {"0.0": False, "1": True}
 
 
-
 class _DataDependent(nn.Module):
     """Untraceable by fx (a branch on values): a leaf whose layers get swapped neurons and sites."""
 
