@@ -171,8 +171,8 @@ def train_perforated(model, example_inputs, loaders, loss_fn, config: PBConfig, 
 
     pm = perforate(model, example_inputs, include=include, exclude=exclude, activation=config.activation,
                    mode=config.mode, example_kwargs=example_kwargs, frontend=training.frontend)
-    history = fit(pm, loaders[0], loaders[1], loss_fn, config=config, training=training, progress=False,
-                  metric=metric or accuracy)
+    history = fit(pm, loaders[0], loaders[1], loss_fn, config=config, epochs=training.epochs, lr=training.lr,
+                  progress=False, metric=metric or accuracy)
     return pm, {"epochs": len(history.epochs), "val": history.best_val, "dendrites": pm.dendrites,
                 "dendrite_epochs": sum(r["phase"] == "dendrite" for r in history.epochs)}
 

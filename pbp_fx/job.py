@@ -535,7 +535,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             callbacks.append(_replace_stale(out, stale))
     try:
         try:
-            history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, training=training, metric=metric,
+            history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, epochs=training.epochs, metric=metric,
                           test_loader=test_loader, progress=progress, distributed=distributed, history=history,
                           callbacks=callbacks)
         except DataError as exc:  # the dataset's own error: which epoch, and how to go on

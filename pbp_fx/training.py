@@ -4,6 +4,7 @@ The loop is ordinary PyTorch; PB adds only the controller's decision after each 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -20,7 +21,7 @@ from torch import nn
 
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import Decision, PhaseController, default_optimizer
-from .errors import DataError, TrainingError
+from .errors import DataError, TrainingError, warn_at_user
 from .perforated import PerforatedModel
 
 __all__ = ["fit", "History", "evaluate", "accuracy", "cross_entropy", "mean_squared_error", "negative_loss", "primary_output",
@@ -357,6 +358,7 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
     config = PBConfig.coerce(config, "fit's config")
     training = (TrainConfig.coerce(training, "fit's training") or TrainConfig()).replace(
         **{k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None})
+    _warn_unused_training(training)
     _check_loader(train_loader, "training")
     _check_loader(val_loader, "validation")
     if distributed is not None and device is None:
@@ -392,6 +394,23 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
             if bar is not None:
                 bar.close()  # (also when interrupted: what is printed next starts on a line of its own)
     return history
+
+
+# TrainConfig fields that only pbp-fx train applies (it builds the loaders, seeds and captures).
+_TRAIN_COMMAND_ONLY = {"batch_size": "build the loaders with that batch size",
+                       "seed": "call torch.manual_seed before building the model and the loaders",
+                       "frontend": "pass frontend= to perforate"}
+
+
+def _warn_unused_training(training: TrainConfig) -> None:
+    """fit takes epochs and lr from a TrainConfig; other fields set away from their defaults did nothing."""
+    default = TrainConfig()
+    for name in (f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("epochs", "lr")):
+        value = getattr(training, name)
+        if value != getattr(default, name):
+            fix = _TRAIN_COMMAND_ONLY.get(name)
+            warn_at_user(f"fit(training=...) uses only epochs and lr: {name}={value!r} applies to pbp-fx train "
+                         "only, and fit trains on the loaders and model it is given" + (f"; {fix}" if fix else ""))
 
 
 def _plateau(controller) -> bool:

@@ -218,6 +218,20 @@ def test_fit_takes_a_config_and_stops_at_the_epoch_cap():
     assert len(h.epochs) == 3 and pm.phase == "neuron"
 
 
+def test_fit_warns_of_train_settings_only_the_train_command_applies(recwarn):
+    """fit(training=TrainConfig(batch_size=8, seed=3)) trained on the given loaders, unseeded, without a word."""
+    pm = _pm()
+    loader = DataLoader(_data(16), batch_size=4)
+    with pytest.warns(UserWarning, match=r"uses only epochs and lr: batch_size=8 applies to pbp-fx train only.*"
+                                         r"build the loaders with that batch size") as caught:
+        fit(pm, loader, loader, training=pbp_fx.TrainConfig(epochs=1, batch_size=8, seed=3), progress=False)
+    assert [str(w.message).split(":")[1].split("=")[0].strip() for w in caught
+            if "uses only epochs" in str(w.message)] == ["batch_size", "seed"]
+    recwarn.clear()
+    fit(_pm(), loader, loader, training=pbp_fx.TrainConfig(epochs=1, lr=0.01), progress=False)
+    assert not [w for w in recwarn if "uses only epochs" in str(w.message)]
+
+
 class _DictOut(nn.Module):
     """A model returning a dict, as Hugging Face models do."""
 
