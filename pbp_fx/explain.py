@@ -7,7 +7,8 @@ It traces a copy of the model like `perforate` does and looks at three things: t
 Linear/Conv-like nodes (the site rules of `passes.patterns` say why a node is not a site), the
 include/exclude filters, and the model's Linear/Conv-like weights that no graph node turns into
 a site (inside a layer symbolic tracing keeps whole, behind a function the graph does not look
-into, in untraceable Python, or not used on the example inputs).
+into, in untraceable Python, or not used on the example inputs); a layer whose weight is computed
+at run time is named by the parameter it is computed from.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from torch import fx, nn
 
 from .tracing import TracedPart, trace
 
-__all__ = ["SiteExplanation", "explain_sites", "explain_graph"]
+__all__ = ["SiteExplanation", "explain_sites", "explain_graph", "UNTRACED"]
+
+# A reason the user has been told of already (a parts capture's warning): perforate warns of the others.
+UNTRACED = "in the root's untraceable Python (not traced)"
 
 
 @dataclass(frozen=True)
@@ -89,13 +93,14 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
                 continue
             verdict = explain_neuron(node, g)
             if isinstance(verdict, NotASite):
-                weight = _weight_of(node, g)
+                weight, computed = _weight_of(node, g)
                 if weight is not None:
                     reached.add(id(weight))
                 attrs = [a.target for a in node.all_input_nodes if a.op == "get_attr"]
                 own = params.get(id(weight)) if weight is not None else None
                 name = prefix + (own or (attrs[0] if attrs else node.name))
-                rows.append(SiteExplanation(name, _kind(node, g), "not a site", str(verdict)))
+                why = _COMPUTED if computed else str(verdict)
+                rows.append(SiteExplanation(name, _kind(node, g), "not a site", why))
             elif node.op == "get_attr" and verdict is None:
                 try:
                     value = attr_tensor(g, node.target)
@@ -125,13 +130,15 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
         if leaf is not None:
             why = (f"inside {type(model.get_submodule(leaf)).__name__} {leaf!r}, a layer symbolic tracing keeps "
                    "whole: frontend='export' reaches it")
+        elif id(p) in wrapped and wrapped[id(p)].startswith("wrap_with_"):  # (torch.export's grad-mode/autocast region)
+            why = (f"inside a region the forward runs under another grad mode or autocast, which torch.export keeps "
+                   f"as one call ({wrapped[id(p)]}) that no site rule looks into")
         elif id(p) in wrapped:
             why = f"read by {wrapped[id(p)]}(), which the graph does not look into: frontend='export' reaches it"
         elif module_path in plain or gm.meta.get("pbp_frontend") == "parts":
-            why = "in the root's untraceable Python (not traced)"
-        elif id(p) in read:  # (timm's ScaledStdConv2d standardizes its weight in forward)
-            why = ("read by the graph but changed before its layer uses it (a weight computed at run time, e.g. "
-                   "standardized in forward), so the layer's weight is no parameter and it is not a site")
+            why = UNTRACED
+        elif id(p) in read:
+            why = "read by the graph, but no Linear/Conv op takes it or a value computed from it as its weight"
         else:
             why = "not used on the example inputs"
         rows.append(SiteExplanation(name, kind, "not a site", why))
@@ -145,11 +152,36 @@ _NOT_NEURON_LAYERS = {cls.__name__ for cls in (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCe
                                                nn.Bilinear)}
 
 
-def _weight_of(node: fx.Node, g: fx.GraphModule):
-    """The parameter a Linear/Conv-like node reads as its weight, when it reads one."""
+# timm's ScaledStdConv2d and BiT's StdConv2d standardize their weight in forward.
+_COMPUTED = ("the layer's weight is computed at run time from this parameter (e.g. standardized in forward), "
+             "so it is no parameter and the layer is not a site")
+
+
+def _weight_of(node: fx.Node, g: fx.GraphModule) -> tuple:
+    """(the parameter a Linear/Conv-like node reads as its weight, False), or for a weight computed
+    at run time, (the >= 2-D parameter it is computed from, True); (None, False) when neither."""
+    from .passes.patterns import explain_neuron
+
     if node.op == "call_module":
-        return getattr(g.get_submodule(node.target), "weight", None)
-    for a in node.all_input_nodes:
+        return getattr(g.get_submodule(node.target), "weight", None), False
+    direct = _param_at_least_2d(node.all_input_nodes, g)
+    if direct is not None or node.op != "call_function" or len(node.args) < 2:
+        return direct, False
+    seen, todo = set(), [node.args[1]] if isinstance(node.args[1], fx.Node) else []
+    while todo:  # (the weight argument's own inputs, back to the parameters it is computed from)
+        n = todo.pop()
+        if n in seen or n.op not in ("call_function", "call_method") or explain_neuron(n, g) is not None:
+            continue  # (a weight computed by another layer, a hypernetwork's, is no parameter of this one)
+        seen.add(n)
+        found = _param_at_least_2d(n.all_input_nodes, g)
+        if found is not None:
+            return found, True
+        todo.extend(n.all_input_nodes)
+    return None, False
+
+
+def _param_at_least_2d(nodes, g: fx.GraphModule):
+    for a in nodes:
         if a.op == "get_attr":
             try:
                 t = g.get_parameter(a.target)

@@ -693,6 +693,7 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
                            + "".join(f"; {u}" for u in unmatched[:1]))
     for u in unmatched:
         warn_at_user(u)
+    _warn_not_sites(gm, model)
     gm = insert_dendrites(gm, specs, activation=activation, mode=mode)
     capture = {"frontend": frontend, "captured_with": gm.meta.get("pbp_frontend", "fx"), "dynamic": dynamic,
                "leaves": list(gm.meta.get("pbp_untraceable", [])),
@@ -718,6 +719,21 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
             made.training = _mode_at(modes, paths.get(id(made), ""))
     pm.training = model.training
     return pm
+
+
+def _warn_not_sites(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Linear/Conv-like layers that are no sites for a reason the user has not chosen (a weight
+    computed at run time, a layer the graph does not look into, one the example does not reach):
+    PB grows nothing there, which the site count alone does not show. (Without include/exclude:
+    what they leave out is the user's choice, and their callables are asked once.)"""
+    from .explain import UNTRACED, explain_graph
+
+    missed = [r for r in explain_graph(gm, model) if r.status != "site" and r.reason != UNTRACED]
+    if missed:
+        names = ", ".join(r.name for r in missed[:3]) + (", ..." if len(missed) > 3 else "")
+        warn_at_user(f"{len(missed)} Linear/Conv-like layer(s) of {type(model).__name__} are not sites, so PB adds no "
+                     f"dendrites there: {names} ({missed[0].name}: {missed[0].reason}); "
+                     "pbp_fx.explain_sites(model, example_inputs) or pbp-fx transform --explain gives each one's reason")
 
 
 def _switch_owners(gm: fx.GraphModule, prefix: str) -> dict[int, str]:

@@ -164,4 +164,43 @@ def test_a_weight_changed_before_its_layer_is_not_said_to_be_unused():
     rows = {r.name: r for r in pbp_fx.explain_sites(model, (torch.randn(2, 3, 6, 6),))}
     assert rows["3"].status == "site"
     assert rows["0.weight"].status == "not a site"
-    assert rows["0.weight"].reason.startswith("read by the graph but changed before its layer uses it")
+    assert rows["0.weight"].reason.startswith("the layer's weight is computed at run time from this parameter")
+    assert rows["0.weight"].kind == "conv2d" and "0.bias" not in rows  # (the row was the bias's, its weight's a second)
+
+
+class _HyperConv(nn.Module):
+    """A conv whose weight a Linear computes from the input (a hypernetwork)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hyper = nn.Linear(3, 4 * 3 * 3 * 3)
+
+    def forward(self, x):
+        w = self.hyper(x.mean((0, 2, 3))).reshape(4, 3, 3, 3)
+        return F.conv2d(x, w)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_weight_computed_by_another_layer_is_not_named_after_that_layers_weight(frontend):
+    rows = pbp_fx.explain_sites(_HyperConv(), (torch.randn(2, 3, 6, 6),), frontend=frontend)
+    assert [(r.name, r.status) for r in rows if r.name == "hyper"] == [("hyper", "site")]
+    assert not [r for r in rows if r.name == "hyper.weight"]
+
+
+class _FrozenFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.feat, self.head = nn.Linear(8, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = torch.relu(self.feat(x))
+        return self.head(h)
+
+
+def test_a_layer_in_torch_exports_grad_mode_region_is_not_said_to_be_reached_by_export():
+    """It read "read by wrap_with_set_grad_enabled(), ...: frontend='export' reaches it", of export's own graph."""
+    rows = {r.name: r for r in pbp_fx.explain_sites(_FrozenFeatures(), (torch.randn(2, 8),), frontend="export")}
+    assert rows["head"].status == "site"
+    assert rows["feat.weight"].reason.startswith("inside a region the forward runs under another grad mode or "
+                                                 "autocast, which torch.export keeps as one call")

@@ -1381,3 +1381,29 @@ def test_a_model_in_mixed_modes_that_follows_one_mode_is_captured_as_it_is(front
         pm = pbp_fx.perforate(model, (x,), frontend=frontend)
     with torch.no_grad():
         torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
+
+
+class _StandardizedConv(nn.Conv2d):
+    """BiT's StdConv2d: the weight is standardized in forward, so the conv reads a computed tensor."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_layers_that_are_no_sites_for_a_reason_not_chosen_are_warned_of(frontend, recwarn):
+    """A model of weight-standardized convs got one site, its head, without a word: PB grew nothing in its convs."""
+    model = nn.Sequential(_StandardizedConv(3, 4, 3), nn.ReLU(), _StandardizedConv(4, 4, 3), nn.Flatten(),
+                          nn.Linear(4 * 2 * 2, 2))
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match=r"2 Linear/Conv-like layer\(s\) of Sequential are not sites, so PB adds no "
+                                         r"dendrites there: 0.weight, 2.weight \(0.weight: the layer's weight is "
+                                         r"computed at run time"):
+        pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    assert list(pm.sites) == ["4"]
+    recwarn.clear()  # what include/exclude leave out is the user's choice
+    pbp_fx.perforate(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 3),),
+                     exclude=["0"], frontend=frontend)
+    assert not [w for w in recwarn if "are not sites" in str(w.message)]
