@@ -300,6 +300,35 @@ def _user_frame(exc: BaseException) -> str:
     return "<unknown line>"
 
 
+def _in_decorator(model: nn.Module, exc: BaseException) -> bool:
+    """Whether fx failed in the wrapper of a decorated forward: fx reads the wrapper's code object
+    ("co_varnames is too small", at no user line) and calls it with its own arguments (transformers'
+    `can_return_tuple`: "'NoneType' object has no attribute 'pop'")."""
+    forward = type(model).forward
+    if not hasattr(forward, "__wrapped__"):
+        return False
+    code = getattr(forward, "__code__", None)
+    if code is None or _user_frame(exc) == "<unknown line>":
+        return code is not None
+    # (by place, not identity: fx runs a patched copy of the root's code object)
+    return any((f.f_code.co_filename, f.f_code.co_firstlineno) == (code.co_filename, code.co_firstlineno)
+               for f, _ in traceback.walk_tb(exc.__traceback__))
+
+
+def _where_failed(exc: BaseException) -> str:
+    """The exception's first line, and the user's line it came from when known."""
+    line = _user_frame(exc)
+    return _reason(exc) + ("" if line == "<unknown line>" else f" at {line}")
+
+
+def _fx_failure(model: nn.Module, error: TraceError) -> str:
+    """What stopped fx at the root, short (for a warning that goes on without fx)."""
+    cause = error.__cause__ or error
+    if _in_decorator(model, cause):
+        return f"a decorator wraps forward, which symbolic tracing cannot follow ({_reason(cause)})"
+    return _where_failed(cause)
+
+
 def _reason(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
@@ -356,11 +385,10 @@ def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optio
             where = tracer.failed_module
             if not where:
                 line = _user_frame(exc)
-                if line == "<unknown line>" and hasattr(type(model).forward, "__wrapped__"):
-                    # (fx reads the wrapper's code object: "co_varnames is too small")
+                if _in_decorator(model, exc):
                     raise TraceError(
                         f"torch.fx cannot trace {type(model).__name__}.forward, which a decorator wraps "
-                        f"({_reason(exc)}): capture it with frontend='export' (or 'auto')") from exc
+                        f"({_where_failed(exc)}): capture it with frontend='export' (or 'auto')") from exc
                 raise TraceError(
                     f"cannot trace {type(model).__name__}.forward ({_reason(exc)})"
                     f"{'' if line == '<unknown line>' else ' at ' + line}: "
@@ -788,8 +816,9 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
         if fx_error is not None:
             error = TraceError(f"{fx_error}; torch.export failed too: {exc}")
             if frontend == "auto" and parts:
-                # (the warning says fx's own reason; the whole error is in meta["pbp_fx_error"])
-                return _trace_parts(model, args, kwargs, error, dynamic, _reason(fx_error.__cause__ or fx_error))
+                # (the warning says each frontend's own reason; the whole error is in meta["pbp_fx_error"])
+                why = f"fx: {_fx_failure(model, fx_error)}; torch.export: {_where_failed(exc.__cause__ or exc)}"
+                return _trace_parts(model, args, kwargs, error, dynamic, why)
             raise error from fx_error
         if frontend == "export":
             raise TraceError(f"{exc}: change that code so that torch.export captures it, or use frontend "
@@ -1162,7 +1191,7 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict, root_error: TraceE
                  dynamic: bool, why: str) -> fx.GraphModule:
     """The root's forward as it is, its traceable submodules (those with Linear/Conv-like
     weights, outermost first) captured in place. Raises `root_error` when no part has a site;
-    `why`: fx's reason, for the warning."""
+    `why`: the frontends' reasons, for the warning."""
     from pbp_fx.passes.find_sites import find_sites
     from pbp_fx.passes.patterns import neuron_weights
 
@@ -1202,7 +1231,7 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict, root_error: TraceE
     modes = {p.graph_module.meta.get("pbp_modes") for p in parts.values()}
     gm.meta.update(pbp_frontend="parts", pbp_fx_error=str(root_error), pbp_parts=list(parts), pbp_plain=plain,
                    pbp_leaves=[], pbp_untraceable=[], pbp_modes=modes.pop() if len(modes) == 1 else "mixed")
-    warnings.warn(f"{type(model).__name__}.forward traces with neither fx nor torch.export (fx: {why}): its "
+    warnings.warn(f"{type(model).__name__}.forward traces with neither fx nor torch.export ({why}): its "
                   f"submodules {', '.join(parts)} are perforated in place, the root's Python runs as it is"
                   + (f"; left plain: {', '.join(plain)}" if plain else ""), PBWarning, stacklevel=3)
     return gm

@@ -139,7 +139,8 @@ def test_root_control_flow_with_auto_traces_the_submodules_in_place():
         gm = trace(RootBranch(), (torch.randn(2, 3),))
     # the reason itself, not the name of a field the user cannot see
     assert "meta[" not in str(said[0].message)
-    assert "(fx: symbolically traced variables cannot be used as inputs to control flow)" in str(said[0].message)
+    assert "(fx: symbolically traced variables cannot be used as inputs to control flow at " in str(said[0].message)
+    assert "; torch.export: " in str(said[0].message)  # each frontend's reason, with the line it failed at
     assert gm.meta["pbp_frontend"] == "parts" and gm.meta["pbp_parts"] == ["fc"]
     assert "RootBranch" in gm.meta["pbp_fx_error"]
 
@@ -802,3 +803,31 @@ def test_auto_warns_that_the_export_graph_it_chose_follows_one_mode():
     with pytest.warns(pbp_fx.PBWarning, match="the graph follows train mode whatever"):
         pm = pbp_fx.perforate(_RunningCenter(), (torch.randn(4, 8),))
     assert pm.graph_module.meta["pbp_frontend"] == "export" and pm.graph_module.meta["pbp_modes"] == "train"
+
+
+def test_a_decorator_that_fails_under_fx_at_its_own_line_is_named():
+    """transformers' can_return_tuple fails under fx at its own line ("'NoneType' object has no attribute
+    'pop'"): the error named neither the decorator nor the fix."""
+    import functools
+
+    def pops_a_flag(f):
+        @functools.wraps(f)
+        def wrapper(self, *args, **kwargs):
+            flag = kwargs.pop("return_dict", None)
+            out = f(self, *args, **kwargs)
+            return out if flag is None else (out,)
+        return wrapper
+
+    class Decorated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        @pops_a_flag
+        def forward(self, x, mask=None, **kwargs):
+            return self.fc(x)
+
+    with pytest.raises(pbp_fx.TraceError, match=r"torch.fx cannot trace Decorated.forward, which a decorator wraps "
+                                                r"\('NoneType' object has no attribute 'pop' at .*test_tracing.py:\d+\): "
+                                                r"capture it with frontend='export'"):
+        trace(Decorated(), (torch.zeros(2, 4),), frontend="fx")
