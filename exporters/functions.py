@@ -29,7 +29,7 @@ inlines local functions) runs the file with no extra library:
     z_i = MatMul(x, W_di) [+ B_di]      or   Conv(Pad?(x), W_di, B_di)
     pre_1..pre_K = the copies of the z_i (a Split only when one call holds several)
     s_k = act(pre_k + sum_{j<k} U[k, :, j] * s_j)
-    y = n + sum_k V[k] * s_k
+    y = (sum_k V[k] * s_k) + n
 
 Why this layout (ONNX Runtime profiles, bench/results/latency.md): with one call per copy
 there is no Split or Gather, grouped/depthwise convs keep channel multiplier 1, and for 2-D
@@ -227,8 +227,11 @@ def make_function(spec: FusedOpSpec, opset: int = 18) -> onnx.FunctionProto:
     tail = acts[0] if spec.unit_first_weight else b.op("Mul", [v_row(0), acts[0]], "vs")
     for i in range(1, k):
         tail = b.op("Add", [tail, b.op("Mul", [v_row(i), acts[i]], "vs")], "tail")
-    # the neuron's output last: a runtime fuses this Add (and a following activation) into its Conv
-    b.nodes.append(helper.make_node("Add", [n, tail], ["y"]))
+    # The dendrite tail first: onnxruntime's NCHWc transformer then fuses this Add (and an activation
+    # after the site) into the tail's per-channel V Mul (a depthwise 1x1 conv after the transform), and
+    # the neuron's Conv runs as the plain model's does; a bare tail (unit_first_weight) fuses it into
+    # the neuron's Conv as the sum input (bench/results/latency_profile_stop37.md).
+    b.nodes.append(helper.make_node("Add", [tail, n], ["y"]))
     return helper.make_function(
         DOMAIN, spec.op_type, spec.input_names(), ["y"], b.nodes,
         [helper.make_opsetid("", opset)], attributes=sorted(spec.attributes()),

@@ -138,7 +138,8 @@ def test_fused_layout_runs_one_call_per_copy_with_no_split_or_gather():
     f = make_function(fused_op_spec(site))
     assert [n.op_type for n in f.node if n.op_type in ("Conv", "Split", "Sigmoid")] == ["Conv", "Conv", "Sigmoid"]
     assert "U" not in f.input  # K = 1: no cascade input
-    assert f.node[-1].op_type == "Add" and f.node[-1].input[0] == [n for n in f.node if n.op_type == "Conv"][0].output[0]
+    # the dendrite tail first, the neuron's output second: onnxruntime fuses the Add into the tail's V scale
+    assert f.node[-1].op_type == "Add" and f.node[-1].input[1] == [n for n in f.node if n.op_type == "Conv"][0].output[0]
 
 
 def test_overloads_tell_signatures_apart():
