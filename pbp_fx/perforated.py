@@ -706,12 +706,10 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
     # Each takes the mode of the model's module at its path (a site: its neuron's; one inside the model
     # copy: its path there), else of the nearest module above it (a frozen encoder in eval mode).
     paths = {id(m): path for path, m in pm.graph_module.named_modules()}
-    paths.update(_switch_owners(pm.graph_module, ""))
     for part in pm.graph_module.modules():
         if isinstance(part, TracedPart):  # (a parts capture: each part's graph in the model's own namespace)
             paths.update({id(m): ".".join(filter(None, (part.name, path)))
                           for path, m in [("", part), *part.graph_module.named_modules()]})
-            paths.update(_switch_owners(part.graph_module, part.name))
     paths.update({id(m): path for path, m in model.named_modules()})
     paths.update({id(site): name for name, site in pm.sites.items()})
     for made in pm.graph_module.modules():
@@ -734,20 +732,6 @@ def _warn_not_sites(gm: fx.GraphModule, model: nn.Module) -> None:
         warn_at_user(f"{len(missed)} Linear/Conv-like layer(s) of {type(model).__name__} are not sites, so PB adds no "
                      f"dendrites there: {names} ({missed[0].name}: {missed[0].reason}); "
                      "pbp_fx.explain_sites(model, example_inputs) or pbp-fx transform --explain gives each one's reason")
-
-
-def _switch_owners(gm: fx.GraphModule, prefix: str) -> dict[int, str]:
-    """Each mode switch of the graph (by id) -> the path of the module whose op it switches (the
-    innermost of the module stack that fx and torch.export record), under `prefix`."""
-    from pbp_fx.passes.train_eval import MODES_ATTR
-
-    owners = {}
-    for node in gm.graph.nodes:
-        stack = node.meta.get("nn_module_stack") if node.op == "call_module" else None
-        if stack and str(node.target).startswith(MODES_ATTR + "."):
-            path = list(stack.values())[-1][0]
-            owners[id(gm.get_submodule(node.target))] = ".".join(filter(None, (prefix, path)))
-    return owners
 
 
 def _mode_at(modes: dict[str, bool], path: str) -> bool:

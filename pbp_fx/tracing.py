@@ -348,14 +348,6 @@ def _as_args(example_inputs) -> Optional[tuple]:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-def _whole_mode(model: nn.Module) -> Optional[bool]:
-    """The root's mode when some module is in the other (a frozen encoder in eval mode under a
-    training head), else None. Such a model is captured in each mode whole, so that its graph
-    follows .train()/.eval() everywhere; each mode switch then starts in its module's mode."""
-    primary = model.training
-    return primary if any(m.training != primary for m in model.modules()) else None
-
-
 @contextlib.contextmanager
 def _modes(model: nn.Module, training: Optional[bool]):
     """Run a block with the whole model in train (True) / eval (False) mode, or as it is (None);
@@ -424,15 +416,14 @@ def _restore_constant_names(graph: fx.Graph, constants: dict) -> None:
 
 def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
               call: Optional[CallSignature]) -> fx.GraphModule:
-    primary, whole = model.training, _whole_mode(model)
+    primary = model.training
     # Inputs that carry no tensor (None for an optional input, flags) are specialised to the
     # example's values, so `if mask is not None:` takes the example's path.
     constants = call.constants() if call is not None else None
     leaves, kept_whole, before = set(leaves), [], None
     try:
         while True:
-            with _modes(model, whole):
-                gm = _fx_capture(model, leaves, max_leaves, constants)  # as the model is: today's graph
+            gm = _fx_capture(model, leaves, max_leaves, constants)  # as the model is: today's graph
             if before is None:  # fx stores tensor constants on the traced root: later captures' copies go again
                 before = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
             why = ""
@@ -450,10 +441,6 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
                 break
             kept_whole.append(reader)
             leaves = set(gm.meta["pbp_leaves"]) | {reader}
-        if result.graph_module is None and whole is not None:  # one mode: the modes the modules have now
-            as_is = _fx_capture(model, set(gm.meta["pbp_leaves"]), 0, constants)
-            as_is.meta.update(gm.meta)  # (the leaves found untraceable on the way)
-            gm = as_is
     finally:
         for name in set(model.__dict__) | set(model._buffers):
             if before is not None and name not in before and name.startswith("_tensor_constant"):
@@ -664,11 +651,10 @@ def _restore_buffers(module: nn.Module, saved: dict) -> None:
 
 
 def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, primary: bool) -> fx.GraphModule:
-    tries, whole = _DIM_TRIES[dynamic], _whole_mode(model)
+    tries = _DIM_TRIES[dynamic]
     for dims in tries:
         try:
-            with _modes(model, whole):
-                gm = _export_capture(model, args, kwargs, dims)
+            gm = _export_capture(model, args, kwargs, dims)
             break
         except Exception as exc:  # noqa: BLE001
             if dims == tries[-1]:
@@ -686,8 +672,6 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
     else:
         why = ""
     result = _merged(gm, other, primary)
-    if result.graph_module is None and whole is not None:  # one mode: the modes the modules have now
-        gm = _export_capture(model, args, kwargs, dims)
     gm = result.graph_module if result.graph_module is not None else _one_mode(
         gm, primary, type(model).__name__, result.reason or why, keep_whole=False)
     gm.meta["pbp_dynamic"] = dims

@@ -1336,53 +1336,6 @@ class _NormAndFunctionalDropout(nn.Module):
         return F.dropout(self.bn(torch.relu(self.l(x))), 0.5, self.training)
 
 
-class _HeadBranchesOnItsMode(nn.Module):
-    """The root branches on its mode (no frontend merges the two captures); its encoder in eval mode."""
-
-    def __init__(self):
-        super().__init__()
-        self.enc, self.head = _NormAndFunctionalDropout().eval(), nn.Linear(6, 3)
-
-    def forward(self, x):
-        h = self.head(self.enc(x))
-        return h * 2 if self.training else h + 1
-
-
-@pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_a_model_in_mixed_modes_follows_train_and_eval_like_the_model(frontend):
-    """A frozen encoder in eval mode under a training root was captured as it was: its functional
-    dropout (and, under export, its batch norm) stayed in eval mode after pm.train(), 1.4-2.2 off
-    the model's output, and its running statistics never moved."""
-    torch.manual_seed(0)
-    model = nn.Sequential(_NormAndFunctionalDropout(), nn.Linear(6, 3))
-    model[0].eval()
-    x = torch.randn(16, 6)
-    pm = pbp_fx.perforate(model, (x,), frontend=frontend)
-    with torch.no_grad():
-        torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)  # each module in its mode, as the model
-        for training in (True, False, True):
-            model.train(training), pm.train(training)
-            torch.manual_seed(1)
-            want = model(x)
-            torch.manual_seed(1)
-            torch.testing.assert_close(pm(x), want, rtol=0, atol=0)
-    running = dict(pm.graph_module.named_buffers())
-    assert "0.bn.running_mean" in running
-    for name, value in model.named_buffers():
-        torch.testing.assert_close(running[name], value, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_a_model_in_mixed_modes_that_follows_one_mode_is_captured_as_it_is(frontend):
-    """Where the two whole-mode captures do not merge, the graph is the model's as it is: each module
-    in the mode it has (the encoder's dropout off)."""
-    model, x = _HeadBranchesOnItsMode(), torch.randn(4, 6)
-    with pytest.warns(UserWarning, match="the graph follows train mode"):
-        pm = pbp_fx.perforate(model, (x,), frontend=frontend)
-    with torch.no_grad():
-        torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
-
-
 class _StandardizedConv(nn.Conv2d):
     """BiT's StdConv2d: the weight is standardized in forward, so the conv reads a computed tensor."""
 
