@@ -49,7 +49,7 @@ import re
 import sys
 import traceback
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import fx, nn
@@ -348,6 +348,37 @@ def _as_args(example_inputs) -> Optional[tuple]:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
+def _mixed_modes(model: nn.Module, as_is: fx.GraphModule, capture: Callable[[], fx.GraphModule]) -> list[str]:
+    """The outermost modules in the other mode than the root's (a frozen encoder in eval mode under a
+    training head) when the graph holds ops of theirs that depend on the mode: `capture()` with the
+    whole model in the root's mode gives another graph than `as_is`. [] otherwise."""
+    primary = model.training
+    other = [p for p, m in model.named_modules() if p and m.training != primary]
+    outermost = [p for p in other if not any(p.startswith(q + ".") for q in other)]
+    if not outermost:
+        return []
+    try:
+        with _modes(model, primary):
+            whole = capture()
+    except Exception:  # noqa: BLE001 - the check only; the capture as it is stands
+        return []
+    return outermost if whole.code != as_is.code else []
+
+
+def _warn_mixed_modes(model: nn.Module, modules: list[str]) -> None:
+    """Why: the two captures are of the whole model in each mode, and a mode switch follows the
+    root's .train()/.eval(), so ops captured in another mode than the root's keep it."""
+    if not modules:
+        return
+    mode, other = ("train", "eval") if model.training else ("eval", "train")
+    names = ", ".join(modules[:3]) + (", ..." if len(modules) > 3 else "")
+    one = len(modules) == 1
+    warn_at_user(f"{type(model).__name__}: {names} {'is' if one else 'are'} in {other} mode under a model in {mode} "
+                 f"mode, and the graph holds mode-dependent ops inside {'it' if one else 'them'} (a functional dropout; "
+                 "under torch.export also batch norm and dropout layers) as they are now: pm.train() and pm.eval() "
+                 f"do not switch those; call model.{mode}() before perforate for a graph in which they follow the mode")
+
+
 @contextlib.contextmanager
 def _modes(model: nn.Module, training: Optional[bool]):
     """Run a block with the whole model in train (True) / eval (False) mode, or as it is (None);
@@ -424,6 +455,7 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
     try:
         while True:
             gm = _fx_capture(model, leaves, max_leaves, constants)  # as the model is: today's graph
+            mixed = _mixed_modes(model, gm, lambda: _fx_capture(model, set(gm.meta["pbp_leaves"]), 0, constants))
             if before is None:  # fx stores tensor constants on the traced root: later captures' copies go again
                 before = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
             why = ""
@@ -447,6 +479,7 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
                 delattr(model, name)
     merged = _one_mode(gm, primary, type(model).__name__, result.reason or why) if result.graph_module is None \
         else result.graph_module
+    _warn_mixed_modes(model, mixed)
     merged.meta["pbp_untraceable"] = list(gm.meta["pbp_untraceable"]) + kept_whole
     merged.meta["pbp_mode_leaves"] = kept_whole
     merged.meta["pbp_switched_modes"] = gm.meta["pbp_switched_modes"]
@@ -663,6 +696,7 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
                                  f"{'' if line == '<unknown line>' else ' at ' + line}") from exc
             log.info("trace: export with %s failed (%s); trying %s", _DIMS_WORDS[dims], _reason(exc),
                      _DIMS_WORDS[tries[tries.index(dims) + 1]])
+    _warn_mixed_modes(model, _mixed_modes(model, gm, lambda: _export_capture(model, args, kwargs, dims)))
     try:
         with _modes(model, not primary):
             other = _export_capture(model, args, kwargs, dims)

@@ -1336,6 +1336,29 @@ class _NormAndFunctionalDropout(nn.Module):
         return F.dropout(self.bn(torch.relu(self.l(x))), 0.5, self.training)
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_model_in_mixed_modes_is_captured_as_it_is_and_warned_of_where_that_matters(frontend, recwarn):
+    """A frozen encoder in eval mode under a training root is captured as it is (exact right after perforate);
+    its functional dropout (under export also its batch norm) then stays in eval mode after pm.train(),
+    unlike the model's: said, where the graph holds such ops."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_NormAndFunctionalDropout(), nn.Linear(6, 3))
+    model[0].eval()
+    x = torch.randn(16, 6)
+    with pytest.warns(UserWarning, match=r"Sequential: 0 is in eval mode under a model in train mode, and the graph "
+                                         r"holds mode-dependent ops inside it .*: pm.train\(\) and pm.eval\(\) do not "
+                                         r"switch those; call model.train\(\) before perforate"):
+        pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    assert [m.training for m in model.modules()] == [True, False, False, False, True]  # left as it was
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
+    recwarn.clear()  # layers fx keeps whole follow their own mode: nothing to say
+    modules = nn.Sequential(nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Dropout(0.5)).eval(), nn.Linear(6, 3))
+    pbp_fx.perforate(modules, (x,), frontend=frontend)
+    said = [w for w in recwarn if "mode-dependent ops inside" in str(w.message)]
+    assert len(said) == (0 if frontend == "fx" else 1)
+
+
 class _StandardizedConv(nn.Conv2d):
     """BiT's StdConv2d: the weight is standardized in forward, so the conv reads a computed tensor."""
 
