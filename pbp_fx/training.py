@@ -361,16 +361,18 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
     _warn_unused_training(training)
     _check_loader(train_loader, "training")
     _check_loader(val_loader, "validation")
+    if controller is not None:
+        # (an lr in `training` too: the controller's optimizer has its own)
+        given = [n for n, v in (("config", config), ("optimizer_factory", optimizer_factory)) if v is not None]
+        given += ["lr"] if lr is not None or training.lr != TrainConfig().lr else []
+        if given:
+            raise ConfigError(f"fit(controller=...) trains with the controller's settings and optimizer: pass "
+                              f"{given[0]} to PhaseController instead"
+                              + (" (through its optimizer_factory)" if given[0] == "lr" else ""))
     if distributed is not None and device is None:
         device = distributed.device
     if device is not None:
         pm.to(device)  # before any DDP wrapper is built over the parameters
-    if controller is not None:
-        given = [n for n, v in (("config", config), ("optimizer_factory", optimizer_factory), ("lr", lr))
-                 if v is not None]
-        if given:
-            raise ConfigError(f"fit(controller=...) trains with the controller's settings and optimizer: pass "
-                              f"{given[0]} to PhaseController instead")
     history = History() if history is None else history  # a given history: resume after its last epoch
     bar = _progress(training.epochs, progress and (distributed is None or distributed.is_main)
                     and not (controller is not None and controller.done), initial=len(history.epochs))

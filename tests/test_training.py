@@ -208,6 +208,8 @@ def test_fit_with_a_controller_refuses_settings_it_would_ignore():
     loader = DataLoader(_data(16), batch_size=4)
     with pytest.raises(pbp_fx.ConfigError, match="pass lr to PhaseController"):
         fit(pm, loader, loader, controller=PhaseController(pm), lr=0.1, progress=False)
+    with pytest.raises(pbp_fx.ConfigError, match=r"pass lr to PhaseController instead \(through its optimizer_factory"):
+        fit(pm, loader, loader, controller=PhaseController(pm), training=pbp_fx.TrainConfig(lr=0.5), progress=False)
 
 
 def test_fit_takes_a_config_and_stops_at_the_epoch_cap():
