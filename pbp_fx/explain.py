@@ -16,11 +16,12 @@ import copy
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import fx, nn
 
 from .tracing import TracedPart, trace
 
-__all__ = ["SiteExplanation", "explain_sites", "explain_graph", "UNTRACED"]
+__all__ = ["SiteExplanation", "explain_sites", "explain_graph", "UNTRACED", "NOT_PERFORATED_LAYERS"]
 
 # A reason the user has been told of already (a parts capture's warning): perforate warns of the others.
 UNTRACED = "in the root's untraceable Python (not traced)"
@@ -78,7 +79,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
             rows.append(SiteExplanation(spec.name, spec.kind, "site"))
         else:
             rows.append(SiteExplanation(spec.name, spec.kind, "not a site", "excluded by include/exclude"))
-    wrapped: dict[int, str] = {}  # weight id -> the function that reads it without a site rule seeing it
+    wrapped: dict[int, tuple] = {}  # weight id -> (the function that reads it without a site rule seeing it, its target)
     read: set[int] = set()  # ids of the attributes the graphs read
     for prefix, g in _graphs(gm):
         params = {id(p): n for n, p in g.named_parameters()}
@@ -110,7 +111,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
                     read.add(id(value))
                 users = [u for u in node.users if u.op == "call_function" and explain_neuron(u, g) is None]
                 if users:
-                    wrapped.setdefault(id(value), _kind(users[0], g))
+                    wrapped.setdefault(id(value), (_kind(users[0], g), users[0].target))
     leaves = [] if gm.meta.get("pbp_frontend") == "parts" else _leaf_modules(gm)
     plain = set(gm.meta.get("pbp_plain", []))
     site_names = {spec.name for spec in specs}
@@ -122,7 +123,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
             continue  # a site's parametrization originals (weight_norm's g and v): the site reads them
         module_path = name.rpartition(".")[0]
         kind = _weight_kind(model, module_path, p)
-        if kind in _NOT_NEURON_LAYERS:
+        if kind in NOT_PERFORATED_LAYERS:
             rows.append(SiteExplanation(name, kind, "not a site", f"{kind} is not a layer kind pbp-fx perforates "
                                         "(Linear, Conv1d/2d/3d and their functional forms)"))
             continue
@@ -130,11 +131,8 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
         if leaf is not None:
             why = (f"inside {type(model.get_submodule(leaf)).__name__} {leaf!r}, a layer symbolic tracing keeps "
                    "whole: frontend='export' reaches it")
-        elif id(p) in wrapped and wrapped[id(p)].startswith("wrap_with_"):  # (torch.export's grad-mode/autocast region)
-            why = (f"inside a region the forward runs under another grad mode or autocast, which torch.export keeps "
-                   f"as one call ({wrapped[id(p)]}) that no site rule looks into")
         elif id(p) in wrapped:
-            why = f"read by {wrapped[id(p)]}(), which the graph does not look into: frontend='export' reaches it"
+            why = _read_by(*wrapped[id(p)], gm.meta.get("pbp_frontend"))
         elif module_path in plain or gm.meta.get("pbp_frontend") == "parts":
             why = UNTRACED
         elif id(p) in read:
@@ -145,9 +143,21 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
     return rows
 
 
+def _read_by(kind: str, target, frontend: Optional[str]) -> str:
+    """Why a weight read by a call no site rule matches is no site."""
+    if kind.startswith("wrap_with_"):  # (torch.export's grad-mode / autocast region)
+        return (f"inside a region the forward runs under another grad mode or autocast, which torch.export keeps "
+                f"as one call ({kind}) that no site rule looks into")
+    if isinstance(target, torch._ops.OpOverload) or str(getattr(target, "__module__", "")).startswith("torch"):
+        return f"read by {kind}(), which is no Linear/Conv op pbp-fx perforates"
+    if frontend == "export":
+        return f"read by {kind}(), which the graph does not look into"
+    return f"read by {kind}(), which the graph does not look into: frontend='export' reaches it"
+
+
 # Layers with neuron-like weights that are no site under any frontend (their weights feed one fused
 # op, or a transposed conv's), so "not used" or "frontend='export' reaches it" would be wrong.
-_NOT_NEURON_LAYERS = {cls.__name__ for cls in (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
+NOT_PERFORATED_LAYERS = {cls.__name__ for cls in (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
                                                nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                                                nn.Bilinear)}
 

@@ -693,7 +693,7 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
                            + "".join(f"; {u}" for u in unmatched[:1]))
     for u in unmatched:
         warn_at_user(u)
-    _warn_not_sites(gm, model)
+    _warn_not_sites(gm, model, include, exclude)
     gm = insert_dendrites(gm, specs, activation=activation, mode=mode)
     capture = {"frontend": frontend, "captured_with": gm.meta.get("pbp_frontend", "fx"), "dynamic": dynamic,
                "leaves": list(gm.meta.get("pbp_untraceable", [])),
@@ -719,19 +719,34 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
     return pm
 
 
-def _warn_not_sites(gm: fx.GraphModule, model: nn.Module) -> None:
+def _warn_not_sites(gm: fx.GraphModule, model: nn.Module, include, exclude) -> None:
     """Linear/Conv-like layers that are no sites for a reason the user has not chosen (a weight
     computed at run time, a layer the graph does not look into, one the example does not reach):
-    PB grows nothing there, which the site count alone does not show. (Without include/exclude:
-    what they leave out is the user's choice, and their callables are asked once.)"""
-    from .explain import UNTRACED, explain_graph
+    PB grows nothing there, which the site count alone does not show. Left out: what include/exclude
+    leave out, layer kinds pbp-fx never perforates (an LSTM), a root the parts capture warned of."""
+    from .explain import NOT_PERFORATED_LAYERS, UNTRACED, explain_graph
+    from .passes.find_sites import selected
 
-    missed = [r for r in explain_graph(gm, model) if r.status != "site" and r.reason != UNTRACED]
+    params = dict(model.named_parameters())
+    layers: dict[str, object] = {}  # layer path -> its first row (an LSTM or weight_norm layer has several)
+    for row in explain_graph(gm, model):
+        if row.status == "site" or row.reason == UNTRACED or row.kind in NOT_PERFORATED_LAYERS:
+            continue
+        path = row.name.rpartition(".")[0] if row.name in params else row.name
+        layers.setdefault(path.partition(".parametrizations.")[0], row)
+    missed = [(path, row) for path, row in layers.items() if selected(path, _module_at(model, path), include, exclude)]
     if missed:
-        names = ", ".join(r.name for r in missed[:3]) + (", ..." if len(missed) > 3 else "")
+        names = ", ".join(path for path, _ in missed[:3]) + (", ..." if len(missed) > 3 else "")
         warn_at_user(f"{len(missed)} Linear/Conv-like layer(s) of {type(model).__name__} are not sites, so PB adds no "
-                     f"dendrites there: {names} ({missed[0].name}: {missed[0].reason}); "
+                     f"dendrites there: {names} ({missed[0][1].name}: {missed[0][1].reason}); "
                      "pbp_fx.explain_sites(model, example_inputs) or pbp-fx transform --explain gives each one's reason")
+
+
+def _module_at(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _mode_at(modes: dict[str, bool], path: str) -> bool:

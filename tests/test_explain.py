@@ -204,3 +204,24 @@ def test_a_layer_in_torch_exports_grad_mode_region_is_not_said_to_be_reached_by_
     assert rows["head"].status == "site"
     assert rows["feat.weight"].reason.startswith("inside a region the forward runs under another grad mode or "
                                                  "autocast, which torch.export keeps as one call")
+
+
+class _EinsumLinear(nn.Linear):
+    def forward(self, x):
+        return torch.einsum("bi,oi->bo", x, self.weight) + self.bias
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_weight_read_by_a_torch_op_that_is_no_layer_is_not_said_to_be_reached_by_export(frontend):
+    """It read "read by einsum.default(), ...: frontend='export' reaches it", under export itself."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix, self.fc = _EinsumLinear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.mix(x))
+
+    rows = {r.name: r for r in pbp_fx.explain_sites(Net(), (torch.randn(2, 3),), frontend=frontend)}
+    assert rows["fc"].status == "site"
+    assert "which is no Linear/Conv op pbp-fx perforates" in rows["mix.weight"].reason, rows["mix.weight"]

@@ -1359,6 +1359,11 @@ def test_a_model_in_mixed_modes_is_captured_as_it_is_and_warned_of_where_that_ma
     assert len(said) == (0 if frontend == "fx" else 1)
 
 
+class _FirstOutput(nn.Module):
+    def forward(self, out):
+        return out[0]
+
+
 class _StandardizedConv(nn.Conv2d):
     """BiT's StdConv2d: the weight is standardized in forward, so the conv reads a computed tensor."""
 
@@ -1375,11 +1380,16 @@ def test_layers_that_are_no_sites_for_a_reason_not_chosen_are_warned_of(frontend
                           nn.Linear(4 * 2 * 2, 2))
     x = torch.randn(2, 3, 6, 6)
     with pytest.warns(UserWarning, match=r"2 Linear/Conv-like layer\(s\) of Sequential are not sites, so PB adds no "
-                                         r"dendrites there: 0.weight, 2.weight \(0.weight: the layer's weight is "
+                                         r"dendrites there: 0, 2 \(0.weight: the layer's weight is "
                                          r"computed at run time"):
         pm = pbp_fx.perforate(model, (x,), frontend=frontend)
     assert list(pm.sites) == ["4"]
-    recwarn.clear()  # what include/exclude leave out is the user's choice
+    recwarn.clear()  # what include/exclude leave out is the user's choice, sites or not
     pbp_fx.perforate(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 3),),
                      exclude=["0"], frontend=frontend)
+    pbp_fx.perforate(model, (x,), include=["4"], frontend=frontend)
+    pbp_fx.perforate(model, (x,), exclude=[lambda name, _module: name != "4"], frontend=frontend)
+    # layers of a kind pbp-fx never perforates are no news; a layer with several weights is one layer
+    lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    pbp_fx.perforate(nn.Sequential(lstm, _FirstOutput(), nn.Linear(8, 2)), (torch.randn(2, 5, 3),), frontend=frontend)
     assert not [w for w in recwarn if "are not sites" in str(w.message)]
