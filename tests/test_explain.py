@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pbp_fx
+from no_grad_model import FrozenByNoGrad
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -187,20 +188,9 @@ def test_a_weight_computed_by_another_layer_is_not_named_after_that_layers_weigh
     assert not [r for r in rows if r.name == "hyper.weight"]
 
 
-class _FrozenFeatures(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.feat, self.head = nn.Linear(8, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        with torch.no_grad():
-            h = torch.relu(self.feat(x))
-        return self.head(h)
-
-
 def test_a_layer_in_torch_exports_grad_mode_region_is_not_said_to_be_reached_by_export():
     """It read "read by wrap_with_set_grad_enabled(), ...: frontend='export' reaches it", of export's own graph."""
-    rows = {r.name: r for r in pbp_fx.explain_sites(_FrozenFeatures(), (torch.randn(2, 8),), frontend="export")}
+    rows = {r.name: r for r in pbp_fx.explain_sites(FrozenByNoGrad(), (torch.randn(2, 8),), frontend="export")}
     assert rows["head"].status == "site"
     assert rows["feat.weight"].reason.startswith("inside a region the forward runs under another grad mode or "
                                                  "autocast, which torch.export keeps as one call")

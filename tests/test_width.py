@@ -10,6 +10,8 @@ import torch.nn as nn
 from pbp_fx.models import digits_mlp, mnist1d_cnn, mnist1d_mlp, resnet_small, tiny_transformer
 from pbp_fx.width import PARAM_TOLERANCE, WidthBuilder, WidthError, num_parameters, shrink, used_parameters
 
+from no_grad_model import FrozenByNoGrad
+
 warnings.filterwarnings("ignore", module="torch_pruning")
 
 
@@ -249,23 +251,12 @@ def test_used_parameters_is_the_perforated_models_count():
     assert perforate(model, x).num_parameters() == used_parameters(model, x)
 
 
-class _FrozenByNoGrad(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.feat, self.head = nn.Linear(8, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        with torch.no_grad():
-            h = torch.relu(self.feat(x))
-        return self.head(h)
-
-
 def test_used_parameters_counts_a_layer_the_forward_runs_under_no_grad():
     """The autograd graph does not show it: compare's plain arm counted 170 parameters where the model
     (and `pbp-fx train`) has 1210, and plain-matched was sized on that."""
     from pbp_fx import perforate
 
-    model, x = _FrozenByNoGrad(), (torch.randn(2, 8),)
+    model, x = FrozenByNoGrad(), (torch.randn(2, 8),)
     assert used_parameters(model, x) == (8 * 4 + 4) + (4 * 3 + 3)
     assert perforate(model, x).num_parameters() == used_parameters(model, x)
 
