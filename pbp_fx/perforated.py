@@ -706,6 +706,9 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
     # Each takes the mode of the model's module at its path (a site: its neuron's; one inside the model
     # copy: its path there), else of the nearest module above it (a frozen encoder in eval mode).
     paths = {id(m): path for path, m in pm.graph_module.named_modules()}
+    inner = parts_model(pm.graph_module)  # (a parts capture: the model's shallow copy, its parts in place)
+    if inner is not None:
+        paths.update({id(m): path for path, m in inner.named_modules()})
     for part in pm.graph_module.modules():
         if isinstance(part, TracedPart):  # (a parts capture: each part's graph in the model's own namespace)
             paths.update({id(m): ".".join(filter(None, (part.name, path)))

@@ -1327,6 +1327,41 @@ def test_modules_made_inside_leaves_and_parts_take_their_parts_mode(root_trainin
         assert torch.equal(pm(x), want)
 
 
+class _UntraceableBody(nn.Module):
+    """Neither frontend captures it (an int from values); it reads its own mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(6, 6)
+
+    def forward(self, x):
+        n = int((x > -100).sum())
+        return F.dropout(self.l(x), 0.5, self.training) * (n > 0)
+
+
+class _UntraceableRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = _UntraceableBody(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        if int((x > -100).sum()) > 0:
+            x = x + 0
+        return self.head(self.body(x))
+
+
+def test_a_parts_capture_keeps_the_modes_of_the_modules_it_copies():
+    """The shallow copies a parts capture makes of the modules above its parts took the root's mode: a frozen
+    body in eval mode ran its dropout (0.76 off right after perforate)."""
+    torch.manual_seed(0)
+    model, x = _UntraceableRoot(), torch.randn(4, 6)
+    model.body.eval()
+    pm = pbp_fx.perforate(model, (x,))
+    assert pm.graph_module.meta["pbp_frontend"] == "parts"
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
+
+
 class _NormAndFunctionalDropout(nn.Module):
     def __init__(self):
         super().__init__()
