@@ -330,6 +330,13 @@ def _to_saved_dtype(model: nn.Module, tensors: dict) -> None:
         model.to(next(iter(saved)))
 
 
+def _submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, example_kwargs) -> PerforatedModel:
     """Capture `model` as the checkpoint's model was captured: same frontend, options and inputs."""
     st = meta["structure"]
@@ -354,11 +361,17 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
     inputs = () if example_inputs is None else example_inputs
     parts = capture is not None and capture["captured_with"] == "parts"
     # A graph that follows one mode (a root forward branching on self.training) is rebuilt in the
-    # saved one, not in the mode the build function happens to return.
-    one_mode, was_training = (capture or {}).get("one_mode"), model.training
+    # saved one, and a model captured in mixed modes (a frozen encoder in eval mode) in those, not
+    # in the modes the build function happens to return.
+    one_mode, module_modes = (capture or {}).get("one_mode"), (capture or {}).get("module_modes")
+    was = {m: m.training for m in model.modules()}
     try:
         if one_mode is not None:
             model.train(one_mode == "train")
+        for sub_path, training in (module_modes or {}).items():
+            sub = _submodule(model, sub_path)
+            if sub is not None:
+                sub.train(training)
         pm = perforate(model, inputs, include=lambda n, m: n in names or _legacy_site_name(n, parts) in names,
                        activation=st["activation"],
                        mode=st["mode"], example_kwargs=example_kwargs, frontend=frontend, dynamic=dynamic)
@@ -376,7 +389,8 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
                               f"{exc}): pass example_inputs= (and example_kwargs=) that it runs on; if it refuses "
                               "those too, the checkpoint belongs to another model") from exc
     finally:
-        model.train(was_training)
+        for m, training in was.items():
+            m.training = training
     if capture is not None:
         if pm.capture.get("leaves") != capture.get("leaves"):
             raise CheckpointError(f"checkpoint {path} was captured with leaves {capture.get('leaves')} but this model "

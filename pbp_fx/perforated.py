@@ -19,7 +19,7 @@ from .errors import NoSitesError, TrainingError, warn_at_user
 from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
-from .tracing import DYNAMIC_CHOICES, TracedPart, buffers_kept, parts_model, trace
+from .tracing import DYNAMIC_CHOICES, TracedPart, buffers_kept, in_other_mode, parts_model, trace
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
@@ -700,6 +700,9 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
                "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {})),
                # a graph that follows one mode only follows the mode the model was captured in
                "one_mode": ("train" if model.training else "eval") if gm.meta.get("pbp_modes_reason") else None}
+    other = in_other_mode(model)
+    if other:  # (the graph holds those modules' mode-dependent ops as they are: load captures them so again)
+        capture["module_modes"] = {"": model.training, **{path: not model.training for path in other}}
     pm = PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
     # An exact copy in its modes too: modules that capture and the passes made are in training mode, and
     # code that saves model.training around an evaluation would turn the whole copy to training mode.

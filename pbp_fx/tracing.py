@@ -348,13 +348,18 @@ def _as_args(example_inputs) -> Optional[tuple]:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
+def in_other_mode(model: nn.Module) -> list[str]:
+    """Paths of the outermost modules whose mode is not the root's (a frozen encoder in eval mode
+    under a training head)."""
+    other = [p for p, m in model.named_modules() if p and m.training != model.training]
+    return [p for p in other if not any(p.startswith(q + ".") for q in other)]
+
+
 def _mixed_modes(model: nn.Module, as_is: fx.GraphModule, capture: Callable[[], fx.GraphModule]) -> list[str]:
     """The outermost modules in the other mode than the root's (a frozen encoder in eval mode under a
     training head) when the graph holds ops of theirs that depend on the mode: `capture()` with the
     whole model in the root's mode gives another graph than `as_is`. [] otherwise."""
-    primary = model.training
-    other = [p for p, m in model.named_modules() if p and m.training != primary]
-    outermost = [p for p in other if not any(p.startswith(q + ".") for q in other)]
+    primary, outermost = model.training, in_other_mode(model)
     if not outermost:
         return []
     try:

@@ -767,6 +767,49 @@ def test_a_one_mode_graph_is_rebuilt_in_the_mode_it_was_captured_in(tmp_path):
     assert model.training  # the caller's model keeps its mode
 
 
+class _EncoderWithFunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.dropout(torch.relu(self.l(x)), 0.5, self.training)
+
+
+class _FrozenEncoderUnderAHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = _EncoderWithFunctionalDropout(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.enc(x))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_model_captured_in_mixed_modes_is_rebuilt_in_those_modes(tmp_path, frontend):
+    """A frozen encoder in eval mode under a training head holds its dropout as it was (off); loaded through a
+    build function (all in train mode) the rebuilt graph held it on, and the loaded model differed from the saved."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    model = _FrozenEncoderUnderAHead()
+    model.enc.eval()
+    with pytest.warns(UserWarning, match="mode-dependent ops inside it"):
+        pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    assert pm.capture["module_modes"] == {"": True, "enc": False}
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    with pytest.warns(UserWarning, match="mode-dependent ops inside it"):
+        loaded = pbp_fx.load(path, _FrozenEncoderUnderAHead)
+    loaded.train(), pm.train()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pm(x), rtol=0, atol=0)  # the encoder's dropout off in both
+    mixed = _FrozenEncoderUnderAHead()
+    mixed.enc.eval()
+    with pytest.warns(UserWarning, match="mode-dependent ops inside it"):
+        pbp_fx.load(path, mixed)
+    assert [m.training for m in mixed.modules()] == [True, False, False, True]  # the caller's modules keep theirs
+
+
 @pytest.mark.parametrize("other", [dict(activation="tanh"), dict(mode="gd"), dict(activation="relu", mode="gd")])
 def test_a_checkpoint_loaded_onto_a_model_with_another_activation_or_mode_is_refused(tmp_path, other):
     """Loaded onto perforate(..., activation="tanh"), a sigmoid-dendrite checkpoint loaded without a
