@@ -357,7 +357,7 @@ def in_other_mode(model: nn.Module) -> list[str]:
 
 def _mixed_modes(model: nn.Module, as_is: fx.GraphModule, capture: Callable[[], fx.GraphModule]) -> list[str]:
     """The outermost modules in the other mode than the root's (a frozen encoder in eval mode under a
-    training head) when the graph holds ops of theirs that depend on the mode: `capture()` with the
+    training head) when the graph holds code of theirs that depends on the mode: `capture()` with the
     whole model in the root's mode gives another graph than `as_is`. [] otherwise."""
     primary, outermost = model.training, in_other_mode(model)
     if not outermost:
@@ -379,9 +379,10 @@ def _warn_mixed_modes(model: nn.Module, modules: list[str]) -> None:
     names = ", ".join(modules[:3]) + (", ..." if len(modules) > 3 else "")
     one = len(modules) == 1
     warn_at_user(f"{type(model).__name__}: {names} {'is' if one else 'are'} in {other} mode under a model in {mode} "
-                 f"mode, and the graph holds mode-dependent ops inside {'it' if one else 'them'} (a functional dropout; "
-                 "under torch.export also batch norm and dropout layers) as they are now: pm.train() and pm.eval() "
-                 f"do not switch those; call model.{mode}() before perforate for a graph in which they follow the mode")
+                 f"mode, and the graph holds mode-dependent code inside {'it' if one else 'them'} (a branch on "
+                 "self.training, a functional dropout; under torch.export also batch norm and dropout layers) as it "
+                 "runs now: pm.train() and pm.eval() do not switch that; call "
+                 f"model.{mode}() before perforate for a graph in which it follows the mode")
 
 
 @contextlib.contextmanager

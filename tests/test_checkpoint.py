@@ -793,19 +793,19 @@ def test_a_model_captured_in_mixed_modes_is_rebuilt_in_those_modes(tmp_path, fro
     x = torch.randn(8, 4)
     model = _FrozenEncoderUnderAHead()
     model.enc.eval()
-    with pytest.warns(UserWarning, match="mode-dependent ops inside it"):
+    with pytest.warns(UserWarning, match="mode-dependent code inside it"):
         pm = pbp_fx.perforate(model, (x,), frontend=frontend)
     assert pm.capture["module_modes"] == {"": True, "enc": False}
     path = str(tmp_path / "c.safetensors")
     pbp_fx.save(pm, path)
-    with pytest.warns(UserWarning, match="mode-dependent ops inside it"):
+    with pytest.warns(UserWarning, match="mode-dependent code inside it"):
         loaded = pbp_fx.load(path, _FrozenEncoderUnderAHead)
     loaded.train(), pm.train()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), pm(x), rtol=0, atol=0)  # the encoder's dropout off in both
     mixed = _FrozenEncoderUnderAHead()
     mixed.enc.eval()
-    with pytest.warns(UserWarning, match="mode-dependent ops inside it"):
+    with pytest.warns(UserWarning, match="mode-dependent code inside it"):
         pbp_fx.load(path, mixed)
     assert [m.training for m in mixed.modules()] == [True, False, False, True]  # the caller's modules keep theirs
 

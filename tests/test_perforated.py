@@ -1381,8 +1381,8 @@ def test_a_model_in_mixed_modes_is_captured_as_it_is_and_warned_of_where_that_ma
     model[0].eval()
     x = torch.randn(16, 6)
     with pytest.warns(UserWarning, match=r"Sequential: 0 is in eval mode under a model in train mode, and the graph "
-                                         r"holds mode-dependent ops inside it .*: pm.train\(\) and pm.eval\(\) do not "
-                                         r"switch those; call model.train\(\) before perforate"):
+                                         r"holds mode-dependent code inside it .*: pm.train\(\) and pm.eval\(\) do not "
+                                         r"switch that; call model.train\(\) before perforate"):
         pm = pbp_fx.perforate(model, (x,), frontend=frontend)
     assert [m.training for m in model.modules()] == [True, False, False, False, True]  # left as it was
     with torch.no_grad():
@@ -1390,7 +1390,7 @@ def test_a_model_in_mixed_modes_is_captured_as_it_is_and_warned_of_where_that_ma
     recwarn.clear()  # layers fx keeps whole follow their own mode: nothing to say
     modules = nn.Sequential(nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Dropout(0.5)).eval(), nn.Linear(6, 3))
     pbp_fx.perforate(modules, (x,), frontend=frontend)
-    said = [w for w in recwarn if "mode-dependent ops inside" in str(w.message)]
+    said = [w for w in recwarn if "mode-dependent code inside" in str(w.message)]
     assert len(said) == (0 if frontend == "fx" else 1)
 
 
