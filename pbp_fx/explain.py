@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from .tracing import TracedPart, trace
 
-__all__ = ["SiteExplanation", "explain_sites", "explain_graph", "UNTRACED", "NOT_PERFORATED_LAYERS"]
+__all__ = ["SiteExplanation", "explain_sites", "explain_graph", "UNTRACED"]
 
 # A reason the user has been told of already (a parts capture's warning): perforate warns of the others.
 UNTRACED = "in the root's untraceable Python (not traced)"
@@ -123,7 +123,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
             continue  # a site's parametrization originals (weight_norm's g and v): the site reads them
         module_path = name.rpartition(".")[0]
         kind = _weight_kind(model, module_path, p)
-        if kind in NOT_PERFORATED_LAYERS:
+        if kind in _NOT_NEURON_LAYERS:
             rows.append(SiteExplanation(name, kind, "not a site", f"{kind} is not a layer kind pbp-fx perforates "
                                         "(Linear, Conv1d/2d/3d and their functional forms)"))
             continue
@@ -157,7 +157,7 @@ def _read_by(kind: str, target, frontend: Optional[str]) -> str:
 
 # Layers with neuron-like weights that are no site under any frontend (their weights feed one fused
 # op, or a transposed conv's), so "not used" or "frontend='export' reaches it" would be wrong.
-NOT_PERFORATED_LAYERS = {cls.__name__ for cls in (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
+_NOT_NEURON_LAYERS = {cls.__name__ for cls in (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
                                                nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                                                nn.Bilinear)}
 

@@ -685,15 +685,16 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
     before = {id(m) for m in model.modules()}
     gm = trace(model, example_inputs, example_kwargs, frontend=frontend, dynamic=dynamic)
     specs = find_sites(gm, include, exclude)
+    not_sites = _layers_not_sites(gm, model)
     unmatched = _unmatched_globs(find_sites(gm) if include is not None or exclude is not None else [], include,
-                                 exclude)
+                                 exclude, list(not_sites))
     if not specs:  # (one line: what no glob matched is the likely cause)
         raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__} "
                            "(or all were excluded): check include=/exclude= (--include/--exclude), or the model has no such layers"
                            + "".join(f"; {u}" for u in unmatched[:1]))
     for u in unmatched:
         warn_at_user(u)
-    _warn_not_sites(gm, model, include, exclude)
+    _warn_not_sites(not_sites, model, include, exclude)
     gm = insert_dendrites(gm, specs, activation=activation, mode=mode)
     capture = {"frontend": frontend, "captured_with": gm.meta.get("pbp_frontend", "fx"), "dynamic": dynamic,
                "leaves": list(gm.meta.get("pbp_untraceable", [])),
@@ -725,25 +726,34 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
     return pm
 
 
-def _warn_not_sites(gm: fx.GraphModule, model: nn.Module, include, exclude) -> None:
-    """Linear/Conv-like layers that are no sites for a reason the user has not chosen (a weight
-    computed at run time, a layer the graph does not look into, one the example does not reach):
-    PB grows nothing there, which the site count alone does not show. Left out: what include/exclude
-    leave out, layer kinds pbp-fx never perforates (an LSTM), a root the parts capture warned of."""
-    from .explain import NOT_PERFORATED_LAYERS, UNTRACED, explain_graph
-    from .passes.find_sites import selected
+def _layers_not_sites(gm: fx.GraphModule, model: nn.Module) -> dict:
+    """Linear and Conv layers of the model (modules, by path) that are no sites, each with its first
+    explain row: a weight computed at run time, a layer the graph does not look into, one the example
+    does not reach. Layers of a root the parts capture could not trace are left out (warned of)."""
+    from .explain import UNTRACED, explain_graph
 
     params = dict(model.named_parameters())
-    layers: dict[str, object] = {}  # layer path -> its first row (an LSTM or weight_norm layer has several)
+    layers: dict[str, object] = {}
     for row in explain_graph(gm, model):
-        if row.status == "site" or row.reason == UNTRACED or row.kind in NOT_PERFORATED_LAYERS:
-            continue
-        path = row.name.rpartition(".")[0] if row.name in params else row.name
-        layers.setdefault(path.partition(".parametrizations.")[0], row)
-    missed = [(path, row) for path, row in layers.items() if selected(path, _module_at(model, path), include, exclude)]
+        if row.status == "site" or row.reason == UNTRACED or row.name not in params:
+            continue  # (a graph node or a buffer: no layer the user made, to be named or filtered)
+        path = row.name.rpartition(".")[0].partition(".parametrizations.")[0]
+        owner = _module_at(model, path) if path else None
+        if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(
+                owner, nn.modules.conv._ConvTransposeNd):
+            layers.setdefault(path, row)
+    return layers
+
+
+def _warn_not_sites(layers: dict, model: nn.Module, include, exclude) -> None:
+    """`_layers_not_sites` but those include/exclude leave out: PB grows nothing there, which the site
+    count alone does not show."""
+    from .passes.find_sites import selected
+
+    missed = [(path, row) for path, row in layers.items() if selected(path, model.get_submodule(path), include, exclude)]
     if missed:
         names = ", ".join(path for path, _ in missed[:3]) + (", ..." if len(missed) > 3 else "")
-        warn_at_user(f"{len(missed)} Linear/Conv-like layer(s) of {type(model).__name__} are not sites, so PB adds no "
+        warn_at_user(f"{len(missed)} Linear/Conv layer(s) of {type(model).__name__} are not sites, so PB adds no "
                      f"dendrites there: {names} ({missed[0][1].name}: {missed[0][1].reason}); "
                      "pbp_fx.explain_sites(model, example_inputs) or pbp-fx transform --explain gives each one's reason")
 
@@ -794,13 +804,14 @@ def _warn_dropped_checkpointing(model: nn.Module) -> None:
         return
 
 
-def _unmatched_globs(specs: list, include, exclude) -> list[str]:
-    """What to say of each name glob of include/exclude that matches no layer (most likely a typo)."""
+def _unmatched_globs(specs: list, include, exclude, not_sites: list[str] = ()) -> list[str]:
+    """What to say of each name glob of include/exclude that matches no layer (most likely a typo);
+    `not_sites`: paths of Linear/Conv layers that are no sites, which a glob may leave out too."""
     import fnmatch
 
     from pbp_fx.passes.find_sites import rules
 
-    names = [s.name for s in specs]
+    names = [s.name for s in specs] + list(not_sites)
     said = []
     for which, f in (("include", include), ("exclude", exclude)):
         for rule in rules(f):

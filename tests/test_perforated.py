@@ -1399,6 +1399,18 @@ class _FirstOutput(nn.Module):
         return out[0]
 
 
+class _NotLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm([4, 8, 8]), nn.Linear(4, 8)
+        self.register_buffer("blur", torch.ones(4, 1, 3, 3) / 9)
+
+    def forward(self, x):
+        h = F.conv2d(self.ln(x), self.blur, padding=1, groups=4).flatten(2)  # [B, 4, 64]
+        q = self.fc(h.transpose(1, 2)[:, :8])  # [B, 8, 8]
+        return F.linear(q, q[0])
+
+
 class _StandardizedConv(nn.Conv2d):
     """BiT's StdConv2d: the weight is standardized in forward, so the conv reads a computed tensor."""
 
@@ -1414,7 +1426,7 @@ def test_layers_that_are_no_sites_for_a_reason_not_chosen_are_warned_of(frontend
     model = nn.Sequential(_StandardizedConv(3, 4, 3), nn.ReLU(), _StandardizedConv(4, 4, 3), nn.Flatten(),
                           nn.Linear(4 * 2 * 2, 2))
     x = torch.randn(2, 3, 6, 6)
-    with pytest.warns(UserWarning, match=r"2 Linear/Conv-like layer\(s\) of Sequential are not sites, so PB adds no "
+    with pytest.warns(UserWarning, match=r"2 Linear/Conv layer\(s\) of Sequential are not sites, so PB adds no "
                                          r"dendrites there: 0, 2 \(0.weight: the layer's weight is "
                                          r"computed at run time"):
         pm = pbp_fx.perforate(model, (x,), frontend=frontend)
@@ -1423,8 +1435,13 @@ def test_layers_that_are_no_sites_for_a_reason_not_chosen_are_warned_of(frontend
     pbp_fx.perforate(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 3),),
                      exclude=["0"], frontend=frontend)
     pbp_fx.perforate(model, (x,), include=["4"], frontend=frontend)
-    pbp_fx.perforate(model, (x,), exclude=[lambda name, _module: name != "4"], frontend=frontend)
-    # layers of a kind pbp-fx never perforates are no news; a layer with several weights is one layer
+    pbp_fx.perforate(model, (x,), exclude=["0", "2"], frontend=frontend)  # (a glob may name a non-site layer)
+    pbp_fx.perforate(model, (x,), exclude=[lambda name, module: name != "4" and module.out_channels > 0],
+                     frontend=frontend)
+    # layers of a kind pbp-fx never perforates and ops that are no layer the user made are no news: an LSTM,
+    # a LayerNorm's 2-D weight, a fixed filter held in a buffer, attention's F.linear(q, k)
     lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
     pbp_fx.perforate(nn.Sequential(lstm, _FirstOutput(), nn.Linear(8, 2)), (torch.randn(2, 5, 3),), frontend=frontend)
-    assert not [w for w in recwarn if "are not sites" in str(w.message)]
+    pbp_fx.perforate(_NotLayers(), (torch.randn(2, 4, 8, 8),), include=[lambda name, module: module.weight is not None],
+                     frontend=frontend)
+    assert not [w for w in recwarn if "are not sites" in str(w.message) or "matches no" in str(w.message)]
