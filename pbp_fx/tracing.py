@@ -42,6 +42,7 @@ import contextlib
 import copy
 import inspect
 import io
+import itertools
 import logging
 import operator
 import os
@@ -288,14 +289,17 @@ def _target_name(node: fx.Node) -> str:
     return target_name(node.target)
 
 
+def _is_user_file(filename: str) -> bool:
+    """Not torch, not pbp-fx, not code made at run time (a dataclass's "<string>" __init__)."""
+    f = os.path.abspath(filename)
+    return not filename.startswith("<") and not f.startswith(_TORCH_DIR) and not f.startswith(
+        os.path.join(_OWN_DIR, "pbp_fx"))
+
+
 def _user_frame(exc: BaseException) -> str:
-    """file:line of the last traceback frame in user code (not torch, not pbp-fx, not code made
-    at run time such as a dataclass's "<string>" __init__)."""
+    """file:line of the last traceback frame in user code (`_is_user_file`)."""
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        f = os.path.abspath(frame.filename)
-        if frame.filename.startswith("<"):
-            continue
-        if not f.startswith(_TORCH_DIR) and not f.startswith(os.path.join(_OWN_DIR, "pbp_fx")):
+        if _is_user_file(frame.filename):
             return f"{frame.filename}:{frame.lineno}"
     return "<unknown line>"
 
@@ -310,15 +314,16 @@ def _in_decorator(model: nn.Module, exc: BaseException) -> bool:
     code = getattr(forward, "__code__", None)
     if code is None or _user_frame(exc) == "<unknown line>":
         return code is not None
-    # (by place, not identity: fx runs a patched copy of the root's code object)
-    return any((f.f_code.co_filename, f.f_code.co_firstlineno) == (code.co_filename, code.co_firstlineno)
-               for f, _ in traceback.walk_tb(exc.__traceback__))
+    innermost = [f.f_code for f, _ in traceback.walk_tb(exc.__traceback__) if _is_user_file(f.f_code.co_filename)]
+    # (the failing user frame is the wrapper's own, compared by place: fx runs a patched copy of the root's code)
+    return bool(innermost) and (innermost[-1].co_filename, innermost[-1].co_firstlineno) == (code.co_filename,
+                                                                                          code.co_firstlineno)
 
 
-def _where_failed(exc: BaseException) -> str:
-    """The exception's first line, and the user's line it came from when known."""
+def _where_failed(exc: BaseException, reason: Callable[[BaseException], str] = None) -> str:
+    """The exception's first line (or `reason(exc)`), and the user's line it came from when known."""
     line = _user_frame(exc)
-    return _reason(exc) + ("" if line == "<unknown line>" else f" at {line}")
+    return (reason or _reason)(exc) + ("" if line == "<unknown line>" else f" at {line}")
 
 
 def _fx_failure(model: nn.Module, error: TraceError) -> str:
@@ -367,7 +372,29 @@ def _mixed_modes(model: nn.Module, as_is: fx.GraphModule, capture: Callable[[], 
             whole = capture()
     except Exception:  # noqa: BLE001 - the check only; the capture as it is stands
         return []
-    return outermost if whole.code != as_is.code else []
+    parted = _first_difference(as_is.graph, whole.graph)
+    if parted is None:
+        return []
+    # The module in the other mode that holds the first differing op, where the module stack says
+    # (a method such as forward_head runs under its caller's): else all of them.
+    stack = [path for path, _ in (parted.meta.get("nn_module_stack") or {}).values()]
+    holding = [p for p in outermost if any(q == p or q.startswith(p + ".") for q in stack)]
+    return holding or outermost
+
+
+def _first_difference(a: fx.Graph, b: fx.Graph) -> Optional[fx.Node]:
+    """The first node of `a` that differs from `b`'s in op, target or constant arguments (node names
+    and tensor-constant attribute names aside: a second capture numbers its constants on); None when
+    the graphs agree."""
+    def key(n: fx.Node):
+        target = "_tensor_constant" if n.op == "get_attr" and str(n.target).startswith("_tensor_constant") else n.target
+        plain = fx.node.map_arg((n.args, n.kwargs), lambda _: None)
+        return n.op, str(target), repr(plain)
+
+    for x, y in itertools.zip_longest(a.nodes, b.nodes):
+        if x is None or y is None or key(x) != key(y):
+            return x if x is not None else next(iter(reversed(list(a.nodes))))
+    return None
 
 
 def _warn_mixed_modes(model: nn.Module, modules: list[str]) -> None:
@@ -461,9 +488,9 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
     try:
         while True:
             gm = _fx_capture(model, leaves, max_leaves, constants)  # as the model is: today's graph
-            mixed = _mixed_modes(model, gm, lambda: _fx_capture(model, set(gm.meta["pbp_leaves"]), 0, constants))
             if before is None:  # fx stores tensor constants on the traced root: later captures' copies go again
                 before = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
+            mixed = _mixed_modes(model, gm, lambda: _fx_capture(model, set(gm.meta["pbp_leaves"]), 0, constants))
             why = ""
             try:
                 with _modes(model, not primary):
@@ -841,7 +868,7 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
             error = TraceError(f"{fx_error}; torch.export failed too: {exc}")
             if frontend == "auto" and parts:
                 # (the warning says each frontend's own reason; the whole error is in meta["pbp_fx_error"])
-                why = f"fx: {_fx_failure(model, fx_error)}; torch.export: {_where_failed(exc.__cause__ or exc)}"
+                why = f"fx: {_fx_failure(model, fx_error)}; torch.export: {_where_failed(exc.__cause__ or exc, _export_reason)}"
                 return _trace_parts(model, args, kwargs, error, dynamic, why)
             raise error from fx_error
         if frontend == "export":

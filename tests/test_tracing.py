@@ -831,3 +831,105 @@ def test_a_decorator_that_fails_under_fx_at_its_own_line_is_named():
                                                 r"\('NoneType' object has no attribute 'pop' at .*test_tracing.py:\d+\): "
                                                 r"capture it with frontend='export'"):
         trace(Decorated(), (torch.zeros(2, 4),), frontend="fx")
+
+
+class _ScaledByAConstant(nn.Module):
+    """A frozen encoder of modules only (fx keeps them whole: nothing to warn of), a forward that makes a
+    tensor constant, and a plain module in eval mode too."""
+
+    def __init__(self):
+        super().__init__()
+        self.act, self.enc, self.head = nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.act(self.enc(x)) * torch.tensor([2.0]))
+
+
+def test_the_mixed_modes_check_sees_no_difference_in_numbered_constants_and_leaves_none_behind(recwarn):
+    """A second capture numbers its tensor constant on (_tensor_constant1): the check warned of a model without
+    mode-dependent code, and left the constant on the model."""
+    model = _ScaledByAConstant()
+    model.act.eval(), model.enc.eval()
+    before = set(model.__dict__)
+    trace(model, (torch.randn(3, 4),), frontend="fx")
+    assert not [w for w in recwarn if "mode-dependent code" in str(w.message)]
+    assert not {n for n in set(model.__dict__) - before if n.startswith("_tensor_constant") and n != "_tensor_constant0"}
+
+
+class _FrozenDropoutAmongPlainModules(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a1, self.a2, self.a3, self.enc, self.head = nn.ReLU(), nn.ReLU(), nn.ReLU(), _FunctionalDropout(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.enc(self.a3(self.a2(self.a1(x)))))
+
+
+class _FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.dropout(self.l(x), 0.5, self.training)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_the_mixed_modes_warning_names_the_module_that_holds_the_mode_dependent_code(frontend):
+    """It named every module in the other mode, plain ReLUs first, and the one that mattered behind "..."."""
+    model = _FrozenDropoutAmongPlainModules()
+    for m in (model.a1, model.a2, model.a3, model.enc):
+        m.eval()
+    with pytest.warns(UserWarning, match=r"_FrozenDropoutAmongPlainModules: enc is in eval mode under a model in "
+                                         r"train mode"):
+        trace(model, (torch.randn(3, 4),), frontend=frontend)
+
+
+def test_a_decorator_is_not_blamed_for_a_failure_in_forwards_own_body():
+    import functools
+
+    def passes_through(f):
+        @functools.wraps(f)
+        def wrapper(self, x):
+            return f(self, x)
+        return wrapper
+
+    class Decorated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        @passes_through
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: fx fails here, in forward's own body
+                x = -x
+            return self.fc(x)
+
+    with pytest.raises(pbp_fx.TraceError, match=r"cannot trace Decorated.forward \(symbolically traced variables "
+                                                r"cannot be used as inputs to control flow\) at .*test_tracing.py"):
+        trace(Decorated(), (torch.zeros(2, 4),), frontend="fx")
+
+
+class _Out:
+    def __init__(self, y):
+        self.y = y
+
+
+class _ReturnsItsOwnType(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        for _ in range(int(x.shape[0])):  # fx: no int() of a proxy
+            h = h + 0
+        return _Out(self.b(h))  # torch.export: an output type it cannot flatten
+
+
+def test_the_parts_warning_gives_torch_exports_short_reason():
+    """It gave torch's pytree text ("... you need to register a pytree for it. See https://github.com/...")."""
+    with pytest.warns(UserWarning, match=r"; torch.export: forward returns _Out, a type torch.export cannot flatten: "
+                                         r"return tensors in a tuple or dict"):
+        gm = trace(_ReturnsItsOwnType(), (torch.randn(2, 4),))
+    assert gm.meta["pbp_frontend"] == "parts"
