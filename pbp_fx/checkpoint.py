@@ -372,9 +372,12 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
             sub = _submodule(model, sub_path)
             if sub is not None:
                 sub.train(training)
-        pm = perforate(model, inputs, include=lambda n, m: n in names or _legacy_site_name(n, parts) in names,
-                       activation=st["activation"],
-                       mode=st["mode"], example_kwargs=example_kwargs, frontend=frontend, dynamic=dynamic)
+        with warnings.catch_warnings():
+            if module_modes:  # (set here on purpose: its mixed-modes warning was said at perforate)
+                warnings.filterwarnings("ignore", message=r".* (is|are) in (train|eval) mode under a model in ")
+            pm = perforate(model, inputs, include=lambda n, m: n in names or _legacy_site_name(n, parts) in names,
+                           activation=st["activation"],
+                           mode=st["mode"], example_kwargs=example_kwargs, frontend=frontend, dynamic=dynamic)
     except NoSitesError as exc:
         raise CheckpointError(f"checkpoint {path} belongs to another model: none of its sites "
                               f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) exists here; "

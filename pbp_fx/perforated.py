@@ -701,9 +701,8 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
                "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {})),
                # a graph that follows one mode only follows the mode the model was captured in
                "one_mode": ("train" if model.training else "eval") if gm.meta.get("pbp_modes_reason") else None}
-    other = in_other_mode(model)
-    if other:  # (the graph holds those modules' mode-dependent ops as they are: load captures them so again)
-        capture["module_modes"] = {"": model.training, **{path: not model.training for path in other}}
+    if in_other_mode(model):  # (the graph holds their mode-dependent code as it is: load captures it so again)
+        capture["module_modes"] = _module_modes(model)
     pm = PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
     # An exact copy in its modes too: modules that capture and the passes made are in training mode, and
     # code that saves model.training around an evaluation would turn the whole copy to training mode.
@@ -763,6 +762,18 @@ def _module_at(model: nn.Module, path: str) -> Optional[nn.Module]:
         return model.get_submodule(path)
     except AttributeError:
         return None
+
+
+def _module_modes(model: nn.Module) -> dict[str, bool]:
+    """The root's mode ("") and each module's whose mode differs from its parent's, parents first: set
+    in this order, they give every module its mode (a train-mode dropout inside an eval-mode encoder)."""
+    modes = {"": model.training}
+    for path, module in model.named_modules():
+        if path:
+            parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+            if module.training != parent.training:
+                modes[path] = module.training
+    return modes
 
 
 def _mode_at(modes: dict[str, bool], path: str) -> bool:

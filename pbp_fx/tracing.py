@@ -377,9 +377,11 @@ def _mixed_modes(model: nn.Module, as_is: fx.GraphModule, capture: Callable[[], 
         return []
     # The module in the other mode that holds the first differing op, where the module stack says
     # (a method such as forward_head runs under its caller's): else all of them.
-    stack = [path for path, _ in (parted.meta.get("nn_module_stack") or {}).values()]
+    stack = [path for path, _ in (parted.meta.get("nn_module_stack") or {}).values() if path]
     holding = [p for p in outermost if any(q == p or q.startswith(p + ".") for q in stack)]
-    return holding or outermost
+    # (no submodule on the stack: the root's own code, or a method it calls on a module; a submodule in
+    # the root's mode: the captures differ for another reason, such as Python randomness)
+    return holding or ([] if stack else outermost)
 
 
 def _first_difference(a: fx.Graph, b: fx.Graph) -> Optional[fx.Node]:

@@ -933,3 +933,22 @@ def test_the_parts_warning_gives_torch_exports_short_reason():
                                          r"return tensors in a tuple or dict"):
         gm = trace(_ReturnsItsOwnType(), (torch.randn(2, 4),))
     assert gm.meta["pbp_frontend"] == "parts"
+
+
+class _AlternatesEachCall(nn.Module):
+    """Python state makes two captures differ (no mode in it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * 2 if self.calls % 2 else x + 1
+
+
+def test_the_mixed_modes_check_does_not_blame_a_frozen_module_for_a_difference_elsewhere(recwarn):
+    """Captures that differ inside a module in the root's mode named the innocent frozen Linear."""
+    model = nn.Sequential(nn.Linear(4, 4).eval(), _AlternatesEachCall(), nn.Linear(4, 2))
+    trace(model, (torch.randn(3, 4),), frontend="fx")
+    assert not [w for w in recwarn if "mode-dependent code" in str(w.message)]
