@@ -668,6 +668,17 @@ def test_inputs_named_input_and_input_1_are_refused_not_read_twice(frontend):
     assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["input"]
 
 
+def _decorated(forward):
+    """A model named Decorated with one Linear(4, 4), `fc`, and `forward` (decorated) as its forward."""
+    class Decorated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+    Decorated.forward = forward
+    return Decorated
+
+
 def test_a_decorated_forward_fx_cannot_trace_names_the_decorator_and_the_fix():
     """transformers 5 wraps forward in decorators: fx failed with 'co_varnames is too small ... at
     <unknown line>: move it into a submodule', which named neither cause nor fix."""
@@ -679,14 +690,10 @@ def test_a_decorated_forward_fx_cannot_trace_names_the_decorator_and_the_fix():
             return f(*args, **kwargs)
         return wrapper
 
-    class Decorated(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
+    def forward(self, x, mask=None, **kwargs):
+        return self.fc(x)
 
-        @passes_through
-        def forward(self, x, mask=None, **kwargs):
-            return self.fc(x)
+    Decorated = _decorated(passes_through(forward))
 
     with pytest.raises(pbp_fx.TraceError, match=r"torch.fx cannot trace Decorated.forward, which a decorator wraps "
                                                 r"\(.*\): capture it with frontend='export'") as info:
@@ -818,14 +825,10 @@ def test_a_decorator_that_fails_under_fx_at_its_own_line_is_named():
             return out if flag is None else (out,)
         return wrapper
 
-    class Decorated(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
+    def forward(self, x, mask=None, **kwargs):
+        return self.fc(x)
 
-        @pops_a_flag
-        def forward(self, x, mask=None, **kwargs):
-            return self.fc(x)
+    Decorated = _decorated(pops_a_flag(forward))
 
     with pytest.raises(pbp_fx.TraceError, match=r"torch.fx cannot trace Decorated.forward, which a decorator wraps "
                                                 r"\('NoneType' object has no attribute 'pop' at .*test_tracing.py:\d+\): "
@@ -894,16 +897,12 @@ def test_a_decorator_is_not_blamed_for_a_failure_in_forwards_own_body():
             return f(self, x)
         return wrapper
 
-    class Decorated(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: fx fails here, in forward's own body
+            x = -x
+        return self.fc(x)
 
-        @passes_through
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent: fx fails here, in forward's own body
-                x = -x
-            return self.fc(x)
+    Decorated = _decorated(passes_through(forward))
 
     with pytest.raises(pbp_fx.TraceError, match=r"cannot trace Decorated.forward \(symbolically traced variables "
                                                 r"cannot be used as inputs to control flow\) at .*test_tracing.py"):
