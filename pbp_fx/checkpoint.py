@@ -30,7 +30,7 @@ from .config import PBConfig
 from .controller import inner_optimizer
 from .errors import CheckpointError, NoSitesError, PBWarning, TraceError, warn_at_user
 from .fileio import atomic_write
-from .perforated import PerforatedModel, perforate, perforated_inside
+from .perforated import PerforatedModel, perforate, perforated_inside, set_module_modes
 from .inputs import describe_inputs, inputs_from_signature, same_pattern
 from .site import is_wide_statistic, pool_settings
 
@@ -330,13 +330,6 @@ def _to_saved_dtype(model: nn.Module, tensors: dict) -> None:
         model.to(next(iter(saved)))
 
 
-def _submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, example_kwargs) -> PerforatedModel:
     """Capture `model` as the checkpoint's model was captured: same frontend, options and inputs."""
     st = meta["structure"]
@@ -368,10 +361,7 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
     try:
         if one_mode is not None:
             model.train(one_mode == "train")
-        for sub_path, training in (module_modes or {}).items():
-            sub = _submodule(model, sub_path)
-            if sub is not None:
-                sub.train(training)
+        set_module_modes(model, module_modes or {})
         with warnings.catch_warnings():
             if module_modes:  # (set here on purpose: its mixed-modes warning was said at perforate)
                 warnings.filterwarnings("ignore", message=r".* (is|are) in (train|eval) mode under a model in ")

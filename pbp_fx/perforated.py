@@ -19,7 +19,7 @@ from .errors import NoSitesError, TrainingError, warn_at_user
 from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
-from .tracing import DYNAMIC_CHOICES, TracedPart, buffers_kept, in_other_mode, parts_model, trace
+from .tracing import DYNAMIC_CHOICES, TracedPart, buffers_kept, parts_model, trace
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
@@ -701,8 +701,9 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
                "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {})),
                # a graph that follows one mode only follows the mode the model was captured in
                "one_mode": ("train" if model.training else "eval") if gm.meta.get("pbp_modes_reason") else None}
-    if in_other_mode(model):  # (the graph holds their mode-dependent code as it is: load captures it so again)
-        capture["module_modes"] = _module_modes(model)
+    modes_now = module_modes(model)
+    if len(modes_now) > 1:  # (mixed: the graph holds their mode-dependent code as it is; load captures it so again)
+        capture["module_modes"] = modes_now
     pm = PerforatedModel(gm, mode=mode, activation=activation, capture=capture, source=model)
     # An exact copy in its modes too: modules that capture and the passes made are in training mode, and
     # code that saves model.training around an evaluation would turn the whole copy to training mode.
@@ -737,7 +738,7 @@ def _layers_not_sites(gm: fx.GraphModule, model: nn.Module) -> dict:
         if row.status == "site" or row.reason == UNTRACED or row.name not in params:
             continue  # (a graph node or a buffer: no layer the user made, to be named or filtered)
         path = row.name.rpartition(".")[0].partition(".parametrizations.")[0]
-        owner = _module_at(model, path) if path else None
+        owner = model.get_submodule(path) if path else None  # (a parameter's owner: always there)
         if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(
                 owner, nn.modules.conv._ConvTransposeNd):
             layers.setdefault(path, row)
@@ -757,23 +758,24 @@ def _warn_not_sites(layers: dict, model: nn.Module, include, exclude) -> None:
                      "pbp_fx.explain_sites(model, example_inputs) or pbp-fx transform --explain gives each one's reason")
 
 
-def _module_at(model: nn.Module, path: str) -> Optional[nn.Module]:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def _module_modes(model: nn.Module) -> dict[str, bool]:
+def module_modes(model: nn.Module) -> dict[str, bool]:
     """The root's mode ("") and each module's whose mode differs from its parent's, parents first: set
-    in this order, they give every module its mode (a train-mode dropout inside an eval-mode encoder)."""
+    in this order (`set_module_modes`), they give every module its mode (a train-mode dropout inside an
+    eval-mode encoder)."""
+    modules = dict(model.named_modules())
     modes = {"": model.training}
-    for path, module in model.named_modules():
-        if path:
-            parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
-            if module.training != parent.training:
-                modes[path] = module.training
+    for path, module in modules.items():
+        if path and module.training != modules[path.rpartition(".")[0]].training:
+            modes[path] = module.training
     return modes
+
+
+def set_module_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    """Set modes recorded by `module_modes`, in their order; paths the model lacks are skipped."""
+    modules = dict(model.named_modules())
+    for path, training in modes.items():
+        if path in modules:
+            modules[path].train(training)
 
 
 def _mode_at(modes: dict[str, bool], path: str) -> bool:

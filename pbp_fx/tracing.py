@@ -353,7 +353,7 @@ def _as_args(example_inputs) -> Optional[tuple]:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-def in_other_mode(model: nn.Module) -> list[str]:
+def _in_other_mode(model: nn.Module) -> list[str]:
     """Paths of the outermost modules whose mode is not the root's (a frozen encoder in eval mode
     under a training head)."""
     other = [p for p, m in model.named_modules() if p and m.training != model.training]
@@ -364,7 +364,7 @@ def _mixed_modes(model: nn.Module, as_is: fx.GraphModule, capture: Callable[[], 
     """The outermost modules in the other mode than the root's (a frozen encoder in eval mode under a
     training head) when the graph holds code of theirs that depends on the mode: `capture()` with the
     whole model in the root's mode gives another graph than `as_is`. [] otherwise."""
-    primary, outermost = model.training, in_other_mode(model)
+    primary, outermost = model.training, _in_other_mode(model)
     if not outermost:
         return []
     try:
@@ -395,7 +395,7 @@ def _first_difference(a: fx.Graph, b: fx.Graph) -> Optional[fx.Node]:
 
     for x, y in itertools.zip_longest(a.nodes, b.nodes):
         if x is None or y is None or key(x) != key(y):
-            return x if x is not None else next(iter(reversed(list(a.nodes))))
+            return x if x is not None else list(a.nodes)[-1]
     return None
 
 
