@@ -486,12 +486,13 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
     # Inputs that carry no tensor (None for an optional input, flags) are specialised to the
     # example's values, so `if mask is not None:` takes the example's path.
     constants = call.constants() if call is not None else None
-    leaves, kept_whole, before = set(leaves), [], None
+    leaves, kept_whole = set(leaves), []
+    # fx stores a forward's tensor constants on the traced root (the user's model); each graph
+    # holds its own reference, so they all go again.
+    before = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
     try:
         while True:
             gm = _fx_capture(model, leaves, max_leaves, constants)  # as the model is: today's graph
-            if before is None:  # fx stores tensor constants on the traced root: later captures' copies go again
-                before = set(model.__dict__) | set(model._buffers) | set(model._parameters) | set(model._modules)
             mixed = _mixed_modes(model, gm, lambda: _fx_capture(model, set(gm.meta["pbp_leaves"]), 0, constants))
             why = ""
             try:
@@ -510,7 +511,7 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
             leaves = set(gm.meta["pbp_leaves"]) | {reader}
     finally:
         for name in set(model.__dict__) | set(model._buffers):
-            if before is not None and name not in before and name.startswith("_tensor_constant"):
+            if name not in before and name.startswith("_tensor_constant"):
                 delattr(model, name)
     merged = _one_mode(gm, primary, type(model).__name__, result.reason or why) if result.graph_module is None \
         else result.graph_module
