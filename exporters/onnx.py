@@ -58,6 +58,7 @@ from pbp_fx.errors import PBError, warn_at_user
 from pbp_fx.fileio import atomic_write
 from pbp_fx.layers import dendrite_calls
 from pbp_fx.site import FusedSite, Site
+from pbp_fx.tracing import copy_module
 
 from . import clip_after_site, output_weight_into_readers
 from .direct import plain_output_names
@@ -230,7 +231,7 @@ def _prepare(model: nn.Module) -> tuple[nn.Module, dict[str, int], str]:
         from pbp_fx.passes import finalize  # a perforated graph (pm.graph_module): fuse it first
 
         return _root_of_parts(finalize(model)), dendrites, activation
-    return _root_of_parts(copy.deepcopy(model).eval()), dendrites, activation
+    return _root_of_parts(copy_module(model).eval()), dendrites, activation
 
 
 def _own_layers_advice(wrapper: nn.Module) -> str:

@@ -18,9 +18,12 @@ import warnings
 
 import torch
 from torch import fx, nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from pbp_fx.layers import fold_norm
 from pbp_fx.site import FusedSite, Site, SwappedNeuron
+from pbp_fx.tracing import copy_module
 
 from .insert_dendrites import SITES_ATTR
 from .patterns import attr_tensor
@@ -99,14 +102,28 @@ def _erase_if_dead(graph: fx.Graph, node) -> None:
                 _erase_if_dead(graph, i)
 
 
+def _recompute_hooked_weights(gm: nn.Module) -> None:
+    """Weights that `torch.nn.utils.weight_norm` / `spectral_norm` hooks recompute before each
+    forward (a plain attribute, not a parameter), recomputed from their parameters now: an optimizer
+    step since the last forward left them stale, and fusing reads them. (In eval mode, as here,
+    spectral_norm runs no power iteration: its buffers stay as they are.)"""
+    hooks = (WeightNorm, SpectralNorm)
+    with torch.no_grad():
+        for m in gm.modules():
+            for hook in list(m._forward_pre_hooks.values()):
+                if isinstance(hook, hooks):
+                    hook(m, ())
+
+
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     if isinstance(getattr(gm, FUSED_ATTR, None), nn.ModuleDict) and not _has_sites(gm):
         raise ValueError("the graph is finalized already (it holds fused sites and no Site): finalize the "
                          "perforated graph once (pm.finalize() gives a new finalized copy each call)")
     with warnings.catch_warnings():  # copying a torch.export graph's input spec warns about LeafSpec
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        gm = copy.deepcopy(gm)
+        gm = copy_module(gm)
     gm.eval()
+    _recompute_hooked_weights(gm)
     # Graphs nested in the model (submodules traced in place under an untraceable root, each
     # with its own sites) are fused first, innermost first; then the graph itself.
     nested = [m for name, m in gm.named_modules() if name and isinstance(m, fx.GraphModule) and _has_sites(m)]

@@ -24,7 +24,6 @@ every finished run: after an interrupt, the same command continues from them.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import json
 import math
@@ -47,6 +46,7 @@ from .modelfile import (check_metric_direction, example_kwargs, instantiate, key
                         warn_unread_names)
 from .passes.find_sites import site_filters
 from .schedule import Kind, PhaseSchedule
+from .tracing import copy_module
 from .training import NonFiniteDataError, NonFiniteError, accuracy, evaluate, train_epoch
 from .width import WidthBuilder, WidthError
 
@@ -282,7 +282,7 @@ def _warm_up(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> None:
     Draws nothing from the generators the arms use; a model the example inputs cannot train is left
     to the arm, which reports it."""
     with torch.random.fork_rng(devices=[]), contextlib.suppress(Exception):  # (a warm-up only)
-        twin = copy.deepcopy(model).train()
+        twin = copy_module(model).train()
         optimizer = default_optimizer(twin.parameters(), lr=1e-3)
         out = [t for t in torch.utils._pytree.tree_leaves(twin(*inputs, **kwargs))
                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]

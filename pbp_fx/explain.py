@@ -12,14 +12,13 @@ at run time is named by the parameter it is computed from.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import fx, nn
 
-from .tracing import TracedPart, trace
+from .tracing import TracedPart, copy_module, trace
 
 __all__ = ["SiteExplanation", "explain_sites", "explain_graph", "UNTRACED"]
 
@@ -43,7 +42,7 @@ def explain_sites(model: nn.Module, example_inputs=(), include=None, exclude=Non
     in graph order). Arguments as for `perforate`; the model is not modified."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    model = copy.deepcopy(model)
+    model = copy_module(model)
     gm = trace(model, example_inputs, example_kwargs, frontend=frontend)
     return explain_graph(gm, model, include, exclude)
 

@@ -19,7 +19,7 @@ from .errors import NoSitesError, TrainingError, warn_at_user
 from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
-from .tracing import DYNAMIC_CHOICES, TracedPart, buffers_kept, parts_model, trace
+from .tracing import DYNAMIC_CHOICES, TracedPart, buffers_kept, copy_module, memo_computed_tensors, parts_model, trace
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
@@ -229,7 +229,7 @@ class PerforatedModel(nn.Module):
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             new = type(self).__new__(type(self))
             memo[id(self)] = new
-            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo_computed_tensors(self, memo)))
             return new
 
     def _apply(self, fn, *args, **kwargs):
@@ -666,7 +666,7 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     # change the caller's tensors.
     example_inputs, example_kwargs = _tensors_copied((example_inputs, example_kwargs))
     include, exclude = site_filters(include, exclude)  # checked before any work; searched twice below
-    model = copy.deepcopy(model)
+    model = copy_module(model)
     _warn_dropped_checkpointing(model)
     # The copy's buffers end as the model's: capture and site matching run its forward and read its
     # weights, and a parametrization updates buffers when read in train mode (spectral_norm's _u).

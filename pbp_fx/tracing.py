@@ -60,7 +60,9 @@ from .config import ConfigError
 from .errors import PBWarning, TraceError, warn_at_user
 from .signature import CallSignature
 
-__all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "TraceError", "FRONTENDS"]
+__all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
+           "memo_computed_tensors",
+           "TraceError", "FRONTENDS"]
 
 log = logging.getLogger(__name__)
 
@@ -699,6 +701,23 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic) -> fx.Gr
         gm = _export_both_modes(model, args, kwargs, dynamic, primary)
     _restore_buffers(gm, saved)
     return gm
+
+
+def copy_module(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
+    """copy.deepcopy of a module, also of one whose attributes hold tensors computed from its
+    parameters, which torch's deepcopy refuses (`memo_computed_tensors`)."""
+    return copy.deepcopy(model, memo_computed_tensors(model, {} if memo is None else memo))
+
+
+def memo_computed_tensors(model: nn.Module, memo: dict) -> dict:
+    """`memo` for copy.deepcopy with a detached copy of each tensor attribute of the model's modules
+    that autograd computed (`torch.nn.utils.weight_norm`'s `weight`, recomputed from g and v before
+    every forward): torch's deepcopy refuses such tensors."""
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+    return memo
 
 
 @contextlib.contextmanager

@@ -1445,3 +1445,21 @@ def test_layers_that_are_no_sites_for_a_reason_not_chosen_are_warned_of(frontend
     pbp_fx.perforate(_NotLayers(), (torch.randn(2, 4, 8, 8),), include=[lambda name, module: module.weight is not None],
                      frontend=frontend)
     assert not [w for w in recwarn if "are not sites" in str(w.message) or "matches no" in str(w.message)]
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm is deprecated")
+def test_a_model_with_torch_nn_utils_weight_norm_is_copied_and_perforated():
+    """torch.nn.utils.weight_norm keeps the layer's weight as a computed tensor attribute, which
+    copy.deepcopy refuses: perforate, copy.deepcopy(pm) and finalize raised torch's RuntimeError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    pm = pbp_fx.perforate(model, (x,))
+    assert list(pm.sites) == ["0", "2"] and torch.equal(pm(x), model(x))
+    pm.grow()
+    with torch.no_grad():
+        for site in pm.sites.values():
+            site.out_weight.fill_(0.5)
+    pm.eval()
+    assert torch.equal(copy.deepcopy(pm)(x), pm(x))
+    torch.testing.assert_close(pm.finalize()(x), pm(x))

@@ -18,7 +18,6 @@ live model. `track` makes a forward through a stale copy raise StaleAverageError
 """
 from __future__ import annotations
 
-import copy
 import weakref
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 from ..errors import PBError
 from ..perforated import PerforatedModel
+from ..tracing import copy_module
 
 __all__ = ["StaleAverageError", "follow", "track", "check", "structure"]
 
@@ -77,7 +77,7 @@ def follow(averaged, pm: PerforatedModel, reset: bool = False):
     """Rebuild the averaged copy on the model's current structure (see the module docstring); returns it."""
     old = _copied(averaged)
     kept = {} if reset else {**dict(old.named_parameters()), **dict(old.named_buffers())}
-    new = copy.deepcopy(pm)
+    new = copy_module(pm)
     for name, t in list(new.named_parameters()) + list(new.named_buffers()):
         avg = kept.get(name)
         if avg is not None and avg.shape == t.shape:

@@ -252,3 +252,21 @@ def test_a_finalized_graph_is_refused_in_one_line():
     with pytest.raises(ValueError, match="finalized already") as err:
         finalize(finalize(pm.graph_module))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm is deprecated")
+@pytest.mark.parametrize("hooked", ["weight_norm", "spectral_norm"])
+def test_weights_recomputed_by_forward_hooks_are_fused_as_the_parameters_give_them(hooked):
+    """torch.nn.utils.weight_norm / spectral_norm recompute the weight before each forward: fused
+    right after an optimizer step, the site took the weight of the step before (2e-2 off)."""
+    wrap = getattr(nn.utils, hooked)
+    model = nn.Sequential(wrap(nn.Conv2d(3, 8, 3)), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 3))
+    x = torch.randn(5, 3, 8, 8)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    optimizer = torch.optim.SGD(pm.parameters(), lr=0.5)
+    pm(torch.randn(16, 3, 8, 8)).pow(2).mean().backward()
+    optimizer.step()
+    final = finalize(pm.graph_module)  # no forward since the step
+    pm.eval()
+    torch.testing.assert_close(final(x), pm(x))
