@@ -92,6 +92,10 @@ class PerforatedModel(nn.Module):
         # The checkpoint file pbp_fx.load last read into this model (absolute path), else None: a
         # trainer callback resuming the run finds the controller state saved beside it.
         self.loaded_from: Optional[str] = None
+        # {mode: {path: training}}: modules that the original's own train() leaves in another mode than
+        # the one asked for (mmdetection's norm_eval keeps BatchNorms in eval mode), which pm.train(mode)
+        # sets so too (`train_overrides`); {} for models whose train() sets every module's mode.
+        self.train_overrides: dict = {}
         self._grad_scaler = None
         signature = self.forward_signature
         if signature is not None and type(self) is PerforatedModel:
@@ -221,6 +225,12 @@ class PerforatedModel(nn.Module):
             places = [(name.split("."), value) for name, value in self._frozen_buffers.items()]
             self._held_buffers = places
         put_back(self, places)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for path, training in getattr(self, "train_overrides", {}).get(bool(mode), {}).items():
+            self.get_submodule(path).training = training
+        return self
 
     def __deepcopy__(self, memo):
         # torch's pytree warns that `isinstance(treespec, LeafSpec)` is deprecated whenever the graph's
@@ -683,6 +693,7 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
     # part's swapped neurons, a parts capture's graphs).
     modes = {path: m.training for path, m in model.named_modules()}
     before = {id(m) for m in model.modules()}
+    own_modes = _own_train_modes(model)
     gm = trace(model, example_inputs, example_kwargs, frontend=frontend, dynamic=dynamic)
     specs = find_sites(gm, include, exclude)
     not_sites = _layers_not_sites(gm, model)
@@ -723,7 +734,63 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
         if id(made) not in before:
             made.training = _mode_at(modes, paths.get(id(made), ""))
     pm.training = model.training
+    if own_modes:
+        pm.train_overrides = train_overrides(pm, model, own_modes)
     return pm
+
+
+def _own_train_modes(model: nn.Module) -> dict[bool, dict[str, bool]]:
+    """Every module's mode (by path) after `model.train(mode)`, for each mode, when some module's own
+    train() leaves a module in the other mode (mmdetection's norm_eval); else {}. The model is left in
+    its modes, its parameters' requires_grad flags as they were."""
+    if all(type(m).train is nn.Module.train for m in model.modules()):
+        return {}
+    modes, grads = [(m, m.training) for m in model.modules()], [(p, p.requires_grad) for p in model.parameters()]
+    after = {}
+    try:
+        for mode in (True, False):
+            model.train(mode)
+            after[mode] = {path: m.training for path, m in model.named_modules()}
+    finally:
+        for m, training in modes:  # (flags, not train(): that would run the overrides again)
+            m.training = training
+        for p, flag in grads:
+            p.requires_grad_(flag)
+    return after if any(t != mode for mode, paths in after.items() for t in paths.values()) else {}
+
+
+def train_overrides(pm: PerforatedModel, model: nn.Module, own_modes: dict) -> dict:
+    """`pm.train_overrides` from `_own_train_modes(model)`: the graph's modules that keep the model's
+    (BatchNorms fx keeps whole) take their module's mode, and its mode switches (`ModeSwitch`: batch norm
+    and dropout ops under torch.export, `self.training` branches) that of the innermost module that
+    ran them (a parts capture's: of its part's path)."""
+    from pbp_fx.passes import ModeSwitch
+
+    source = {id(m): path for path, m in model.named_modules()}
+    graphs = [("", pm.graph_module)] + [
+        (f"{path}.graph_module", part.graph_module) for path, part in pm.graph_module.named_modules(prefix="graph_module")
+        if isinstance(part, TracedPart)]
+    overrides: dict = {}
+    for mode, after in own_modes.items():
+        changed = {}
+        for path, m in pm.named_modules():
+            if id(m) in source and after.get(source[id(m)], mode) != mode:
+                changed[path] = after[source[id(m)]]
+        for prefix, graph in graphs:
+            part = ""
+            if prefix:
+                part = pm.get_submodule(prefix.rpartition(".")[0]).name
+            for node in graph.graph.nodes:
+                if node.op != "call_module" or not isinstance(graph.get_submodule(node.target), ModeSwitch):
+                    continue
+                stack = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values() if p]
+                ran_in = ".".join(filter(None, (part, stack[-1] if stack else "")))
+                training = _mode_at(after, ran_in)
+                if training != mode:
+                    changed[".".join(filter(None, (prefix or "graph_module", node.target)))] = training
+        if changed:
+            overrides[mode] = changed
+    return overrides
 
 
 def _layers_not_sites(gm: fx.GraphModule, model: nn.Module) -> dict:

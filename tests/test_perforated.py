@@ -1463,3 +1463,57 @@ def test_a_model_with_torch_nn_utils_weight_norm_is_copied_and_perforated():
     pm.eval()
     assert torch.equal(copy.deepcopy(pm)(x), pm(x))
     torch.testing.assert_close(pm.finalize()(x), pm(x))
+
+
+class _NormEvalBackbone(nn.Module):
+    """mmdetection's pattern: train() keeps the BatchNorms in eval mode (norm_eval)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2, self.drop = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(torch.relu(self.bn2(self.conv2(torch.relu(self.bn(self.conv(x)))))))
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode:
+            for m in self.modules():
+                if isinstance(m, (nn.BatchNorm2d, nn.Dropout)):
+                    m.eval()
+        return self
+
+
+class _NormEvalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = _NormEvalBackbone(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.backbone(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("trained_first", [False, True])
+def test_pm_train_leaves_modules_in_the_modes_the_models_own_train_gives(frontend, trained_first):
+    """pm.train() put the BatchNorms that the backbone's train() keeps in eval mode into training
+    mode: outputs 0.2 off the model's after model.train(), and running statistics that moved."""
+    torch.manual_seed(0)
+    model, x = _NormEvalNet(), torch.randn(4, 3, 8, 8)
+    if trained_first:
+        model.train()
+    pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    model.train(), pm.train()
+    stats = {n: b.clone() for n, b in pm.named_buffers() if "running" in n}
+    torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
+    assert all(torch.equal(b, stats[n]) for n, b in pm.named_buffers() if n in stats)
+    model.eval(), pm.eval()
+    torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
+    pm.train()
+    torch.testing.assert_close(copy.deepcopy(pm)(x), model.train()(x), rtol=0, atol=0)
+
+
+def test_a_model_whose_train_sets_every_mode_gets_no_overrides():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 2))
+    assert pbp_fx.perforate(model, (torch.randn(2, 3, 8, 8),)).train_overrides == {}
