@@ -352,12 +352,26 @@ def _refuse_misplaced_optimizer_state(optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             for value in optimizer.state.get(p, {}).values():
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and not _state_fits(value, p):
                     raise TrainingError(
                         f"PBCallback: the Trainer restored optimizer state of shape {tuple(value.shape)} onto a "
                         f"parameter of shape {tuple(p.shape)}: the optimizer was built before the model had the "
                         f"checkpoint's structure; load the checkpoint first (pbp_fx.load('<checkpoint folder>/"
                         f"{CHECKPOINT_NAME}', model)), then build the optimizer over model.trainable_parameters()")
+
+
+def _state_fits(value: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether an optimizer state tensor can be `p`'s: of its shape, or a reduced statistic of it:
+    Adafactor's factored moments (p's shape with a dim dropped or set to 1) or a quantized optimizer's
+    per-block scales (1-D, fewer elements)."""
+    if value.shape == p.shape:
+        return True
+    if value.numel() >= p.numel():
+        return False
+    if value.dim() == 1:
+        return True
+    dims = iter(p.shape)
+    return all(any(d == e for e in dims) for d in value.shape if d != 1)  # (a subsequence of p's dims)
 
 
 def _check_rule(rule: Callable[[str], int], model, optimizer) -> None:
