@@ -66,6 +66,7 @@ class PBCallback(TrainerCallback):
         self._resumed_complete = False  # resumed from a checkpoint of a finished PB run
         self._applied_lr: Optional[float] = None
         self._decisions, self._first_step = 0, 0  # controller steps in this train(), its first global step
+        self._budget_end: Optional[tuple] = None
         self._from_args = False  # the metric is the TrainingArguments' metric_for_best_model
         self._structure_hook: Optional[StructureOnLoad] = None
         self._user_groups_warned = False
@@ -182,6 +183,7 @@ class PBCallback(TrainerCallback):
         self._before_first_step = bool(getattr(args, "eval_on_start", False))
         self._applied_lr = None  # group 0's rate at the last optimizer step (what the log shows)
         self._decisions, self._first_step = 0, state.global_step
+        self._budget_end = None  # (score, log entry) of the evaluation the Trainer adds where its budget ends
         self._training = True
 
     def _parameter_groups(self, model, optimizer, warn: bool) -> Optional[Callable]:
@@ -225,11 +227,20 @@ class PBCallback(TrainerCallback):
                 return  # the round's other datasets come next; `_refuse_a_round_without_metric` checks after it
             self._refuse_missing_metric(metrics)
         self._other_datasets, self._round_has_metric = {}, True
-        decision = self.controller.step(float(metrics[self.metric]))
-        self._decisions += 1
-        if decision is Decision.COMPLETE:
-            control.should_training_stop = True
         entry = state.log_history[-1] if state.log_history else {}
+        if _budget_end_off_grid(args, state):
+            # The Trainer adds this evaluation because its budget ran out between two of its own: a step
+            # here would put the checkpoint it saves next off the schedule of a run with a larger budget
+            # (a resume from it then differs). on_train_end takes the score.
+            self._budget_end = (float(metrics[self.metric]), entry)
+            return
+        self._step(float(metrics[self.metric]), entry, control)
+
+    def _step(self, score: float, entry: dict, control=None) -> None:
+        decision = self.controller.step(score)
+        self._decisions += 1
+        if decision is Decision.COMPLETE and control is not None:
+            control.should_training_stop = True
         if self.metric in entry:  # the Trainer logged this evaluation already: PB's state beside it
             entry.update(_pb_state(self.controller.pm, decision))
 
@@ -289,6 +300,9 @@ class PBCallback(TrainerCallback):
         self._refuse_a_round_without_metric()
         self._training = False
         ctl = self.controller
+        if self._budget_end is not None and not ctl.done:  # (a better last score is kept as the best)
+            self._step(*self._budget_end)
+        self._budget_end = None
         if not self._decisions and not self._resumed_complete and state.global_step > self._first_step:
             warn_at_user(f"PBCallback: {state.global_step - self._first_step} training step(s) and no evaluation of "
                          "the Trainer's own, so PB made no decision: evaluate within the run (eval_strategy, "
@@ -310,6 +324,16 @@ class PBCallback(TrainerCallback):
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             save(ctl.pm, os.path.join(args.output_dir, CHECKPOINT_NAME), controller=ctl)
+
+
+def _budget_end_off_grid(args, state) -> bool:
+    """Whether the Trainer evaluates now only because its step budget ran out between two of its
+    evaluations: after a step off the eval_steps grid, or at the end of a part epoch."""
+    if not (state.max_steps > 0 and state.global_step >= state.max_steps):
+        return False
+    if args.eval_strategy == "steps":
+        return bool(state.eval_steps) and state.global_step % state.eval_steps != 0
+    return args.eval_strategy == "epoch" and state.epoch is not None and state.epoch != int(state.epoch)
 
 
 def _pb_state(pm: PerforatedModel, decision: Decision) -> dict:

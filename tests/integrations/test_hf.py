@@ -594,6 +594,36 @@ def test_resume_inside_a_dendrite_phase_without_loading_first_on_a_batchnorm_mod
 
 
 
+@pytest.mark.parametrize("strategy", ["steps", "epoch"])
+def test_a_budget_that_ends_between_evaluations_resumes_as_an_uninterrupted_run(tmp_path, strategy):
+    """The Trainer adds an evaluation where max_steps ends off its evaluation grid: it stepped PB's
+    schedule, so the checkpoint saved there, resumed with a larger budget, gave another model (1.08 off)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 8, generator=g)
+    y = ((x[:, 0] * x[:, 1] > 0) ^ (x[:, 2] > 0.5)).long()
+    rows = [{"x": a, "labels": b} for a, b in zip(x, y)]
+
+    def run(folder, max_steps, resume=None):
+        torch.manual_seed(0)
+        model = pbp_fx.perforate(_NormedNet(), example_kwargs={"x": x[:4], "labels": y[:4]})
+        cb = PBCallback(QUICK)
+        trainer = Trainer(model=model, args=_args(folder, max_steps=max_steps, lr_scheduler_type="constant",
+                                                  eval_strategy=strategy, eval_steps=4, save_strategy=strategy,
+                                                  save_steps=4, per_device_train_batch_size=64),
+                          train_dataset=rows[:256], eval_dataset=rows[256:], callbacks=[cb])
+        trainer.train(resume_from_checkpoint=resume)
+        return cb.controller, model
+
+    whole, model = run(tmp_path / "whole", 40)
+    assert any(h["phase"] == "dendrite" and h["epoch"] > 4 for h in whole.history)
+    cut, _ = run(tmp_path / "cut", 18)  # inside the dendrite phase, 2 steps past an evaluation
+    assert cut.done and cut.history[-1]["phase"] == "dendrite"
+    resumed, again = run(tmp_path / "cut", 40, resume=str(tmp_path / "cut" / "checkpoint-18"))
+    _same_run(resumed.history, whole.history)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
 def test_an_own_optimizer_grouped_by_a_name_rule_resumes_with_the_rule_given_to_the_callback(tmp_path):
     """PB put new parameters in their neuron's group; the rule rebuilt on resume put them elsewhere
     (site parameters are named pbp_sites.*), and the Trainer refused the saved state (a raw ValueError)."""
