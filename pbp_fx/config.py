@@ -218,7 +218,7 @@ def read_settings(path: str) -> tuple[dict, dict]:
 
     where = f"--config {path}"
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark, as some Windows editors write, is dropped)
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{where}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc.reason})"
@@ -274,7 +274,13 @@ def _read_yaml(text: str, where: str, unique) -> Any:
             got = loader.construct_object(v, deep=True)
             plain = isinstance(v, yaml.ScalarNode) and v.style is None  # written bare, not quoted
             return _yaml_number(got) if plain else got
-        return unique([(loader.construct_object(k, deep=True), value(v)) for k, v in node.value])
+        own = [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]
+        unique([(loader.construct_object(k, deep=True), v) for k, v in own])  # (its own keys once each)
+        loader.flatten_mapping(node)  # merge keys (`<<: *defaults`): the merged values first, its own win
+        pairs = [(loader.construct_object(k, deep=True), v) for k, v in node.value]
+        if not all(isinstance(k, str) for k, _ in pairs):
+            unique(pairs)  # (refuses them: one mapping of setting names to values)
+        return {k: value(v) for k, v in pairs}
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:

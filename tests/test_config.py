@@ -128,3 +128,18 @@ def test_an_optional_setting_written_as_the_word_none_is_told_to_write_null():
     user wrote: the message names the file form, null."""
     with pytest.raises(ConfigError, match=r"warmup='None': .* \(or None: null in a JSON or YAML file\)"):
         PBConfig.from_dict({"warmup": "None"})
+
+
+def test_a_settings_file_may_merge_yaml_mappings_and_start_with_a_byte_order_mark(tmp_path):
+    """YAML merge keys (`<<: *defaults`) were refused as 'not valid YAML'; a JSON file with a UTF-8
+    byte-order mark as 'not valid JSON (... decode using utf-8-sig)'."""
+    from pbp_fx.config import read_settings
+
+    pytest.importorskip("yaml")
+    (tmp_path / "m.yaml").write_text("<<: {epochs: 2, patience: 1}\npatience: 4\nlr: 1e-2\n")
+    assert read_settings(str(tmp_path / "m.yaml")) == ({"patience": 4}, {"epochs": 2, "lr": 0.01})
+    (tmp_path / "twice.yaml").write_text("<<: {epochs: 2}\npool: 2\npool: 3\n")
+    with pytest.raises(ConfigError, match="setting 'pool' is given twice"):
+        read_settings(str(tmp_path / "twice.yaml"))
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + b'{"pool": 2}')
+    assert read_settings(str(tmp_path / "bom.json")) == ({"pool": 2}, {})
