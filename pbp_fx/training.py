@@ -459,6 +459,9 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
                                      "validation data and the metric for NaN/Inf")
             test = (evaluate(pm, test_loader, metric, device, distributed=distributed, data="test")
                     if test_loader is not None else None)
+            if test is not None and not math.isfinite(test):  # (the history and its JSON would hold it)
+                raise NonFiniteError(f"the test score is {test} in epoch {epoch} ({phase} phase): check the test "
+                                     "data (its targets too) and the metric for NaN/Inf")
         except NonFiniteError as exc:
             restored = _stop_and_restore(controller)
             if history.epochs:  # the stop ends the run after the last epoch: its row says so, as the controller's history does

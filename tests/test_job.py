@@ -569,7 +569,7 @@ LATE_NAN_METRIC = ("calls = [0]\n\n\ndef metric(o, y):\n    calls[0] += 1\n"
 
 
 @pytest.mark.parametrize("code, said", [(LATE_NAN_LOSS, "the loss is nan"),
-                                        (LATE_NAN_METRIC, "the validation score is nan in epoch")])
+                                        (LATE_NAN_METRIC, "score is nan in epoch")])  # (test's, here)
 def test_a_value_gone_nan_mid_run_writes_the_report_of_the_restored_best_model(tmp_path, capsys, code, said):
     """Exit 2 with one line; the report and checkpoint of the restored best model are written."""
     out = tmp_path / "run"

@@ -203,6 +203,20 @@ def test_nan_in_validation_data_is_reported_like_nan_in_training_data():
         fit(pm, train, val, controller=ctl, epochs=3, progress=False)
 
 
+def test_a_test_score_gone_nan_stops_the_run_as_a_validation_score_does():
+    """NaN in a test target (no input holds it) made the per-epoch test score nan, silently: the
+    run reported 'test nan' and wrote NaN into its JSON reports."""
+    pm = _pm()
+    train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
+    samples = [(x, y.float()) for x, y in _data(64, 2)]
+    samples[7] = (samples[7][0], torch.tensor(float("nan")))
+    test = DataLoader(samples, batch_size=64)
+    metric = lambda out, y: (-float(((out[:, 1] - y) ** 2).sum()), len(y))  # noqa: E731
+    with pytest.raises(pbp_fx.TrainingError, match=r"the test score is nan in epoch 1 \(neuron phase\): check the test data"):
+        fit(pm, train, val, test_loader=test, metric=metric, controller=PhaseController(pm, patience=50), epochs=3,
+            progress=False)
+
+
 def test_fit_with_a_controller_refuses_settings_it_would_ignore():
     pm = _pm()
     loader = DataLoader(_data(16), batch_size=4)
