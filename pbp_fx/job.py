@@ -457,6 +457,7 @@ class SavedRun:
     processes: Optional[int]  # None: saved before pbp-fx recorded it
     identity: Optional[dict]  # run_identity() when the run started; None: saved before it was recorded
     most_processes: Optional[int] = None  # the most it trained on over its resumes (None: not recorded)
+    complete: bool = False  # PB had finished: a resume only makes its report again
 
 
 def _silent(*_args) -> None:
@@ -478,6 +479,11 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         warn_unread_names(mod)
     data = seeded_datasets(mod, seed)
     identity = run_identity(model_file, data)
+    changed = changed_since(saved.identity, identity) if saved is not None and saved.complete else []
+    if changed:  # (its report would be made again of another model or data, beside the checkpoint of this one)
+        raise TrainingError(f"the run in {out} is complete, and its {' and '.join(changed)} changed since it started: "
+                            f"a resume would make its report again of another run; restore "
+                            f"{'it' if len(changed) == 1 else 'them'}, or train a new run (another --out)")
     if saved is not None and main:
         _warn_resumed_otherwise(saved, identity, processes)
     seed_everything(seed)  # the model's initial weights do not depend on what datasets() drew
@@ -710,7 +716,9 @@ def _saved_job(path: str) -> SavedRun:
                for p in (include, exclude)):
         raise TrainingError(f"cannot resume from {path}: its job state is malformed (include/exclude), "
                             "written by another pbp-fx version or edited; start a new run")
-    return SavedRun(model_file, config, training, include, exclude, processes, identity, most)
+    schedule = (read_meta(path).get("controller") or {}).get("schedule") or {}
+    return SavedRun(model_file, config, training, include, exclude, processes, identity, most,
+                    complete=schedule.get("done") is True)
 
 
 def _job_state(path: str) -> dict:

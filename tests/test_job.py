@@ -280,8 +280,21 @@ def test_a_moved_run_resumes_with_its_model_files_new_path_and_an_edited_file_is
     assert main(["train", str(model), "--resume", str(run), "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "is complete" in captured.out and "changed since it started" not in captured.err
+    # Complete, with another model file: its report was made again of that file's model, beside the
+    # checkpoint of the run's (the folder contradicted itself). Refused; nothing rewritten.
+    report = (run / "summary.json").read_bytes()
     model.write_text(GOOD + "\n# edited\n")
-    assert main(["train", str(model), "--resume", str(run), "--no-progress"]) == 0
+    assert main(["train", str(model), "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"the run in {run} is complete, and its model file changed since it started" in err and err.count("\n") == 1
+    assert (run / "summary.json").read_bytes() == report
+
+
+def test_an_unfinished_run_resumed_with_an_edited_model_file_is_warned_of(tmp_path, monkeypatch, capsys):
+    out = _interrupted_at_third_save(tmp_path, monkeypatch, "--epochs", "4")
+    (tmp_path / "m.py").write_text(GOOD + "\n# edited\n")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert "the run's model file changed since it started" in capsys.readouterr().err
 
 
