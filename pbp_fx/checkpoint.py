@@ -461,7 +461,21 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
             if not isinstance(model, nn.Module):
                 raise CheckpointError(f"load() needs a model or a function returning one, got {type(model).__name__}")
         _to_saved_dtype(model, tensors)
-        model = _perforate_like(path, meta, model, example_inputs, example_kwargs)
+        stand_ins = example_inputs is None and not example_kwargs and (meta.get("capture") or {}).get(
+            "captured_with") == "parts"
+        name = type(model).__name__
+        try:
+            model = _perforate_like(path, meta, model, example_inputs, example_kwargs)
+            _check_sites(model, _renamed_legacy_sites(meta, tensors, model)[0]["structure"], path)
+        except CheckpointError as exc:
+            if not stand_ins or "belongs to another model" not in str(exc):
+                raise
+            # The root's Python runs on the stand-ins, whose values may take another branch than the example's.
+            reason = str(exc).partition("belongs to another model: ")[2].partition("; load it onto")[0]
+            raise CheckpointError(
+                f"checkpoint {path}: {name}'s root forward is Python that ran on load's stand-in "
+                f"inputs (random values of the recorded shapes) and reached other parts than when it was perforated "
+                f"({reason}): pass example_inputs= (and example_kwargs=) like those it was perforated on") from exc
     pm = model
     meta, tensors = _renamed_legacy_sites(meta, tensors, pm)
     st = meta["structure"]

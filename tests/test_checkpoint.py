@@ -960,3 +960,36 @@ def test_inputs_of_another_pattern_capture_another_graph_on_purpose_and_are_not_
         pbp_fx.load(path, lambda: _Masked(torch.nn.ReLU), (torch.randn(3, 6),))
     with pytest.warns(UserWarning, match=r"graph differs from this one's at op 2: ReLU there, Tanh here"):
         pbp_fx.load(path, lambda: _Masked(torch.nn.Tanh), (torch.randn(3, 6),), example_kwargs={"mask": torch.ones(3, 8)})
+
+
+class _BranchingRoot(nn.Module):
+    """An untraceable root whose branch depends on the input's values (inputs in [0, 1], say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Sequential(nn.Linear(5, 8), nn.ReLU()), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) if x.mean() > 0.5 else self.c(h)
+
+
+def test_a_root_that_branches_on_values_is_not_called_another_model_on_stand_ins(tmp_path):
+    """load's stand-in inputs took the other branch, so other parts were captured: it said the checkpoint
+    'belongs to another model'. It names the stand-ins and example_inputs=, with which it loads exactly."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 5) + 0.3
+    with pytest.warns(UserWarning):
+        pm = pbp_fx.perforate(_BranchingRoot(), (x,))
+    pm.grow()
+    pm.eval()
+    path = str(tmp_path / "root.safetensors")
+    pbp_fx.save(pm, path)
+    with pytest.warns(UserWarning), pytest.raises(pbp_fx.CheckpointError, match=(
+            r"_BranchingRoot's root forward is Python that ran on load's stand-in inputs .*site 'b' .*missing here"
+            r".*pass example_inputs=")) as err:
+        pbp_fx.load(path, _BranchingRoot)
+    assert "another model" not in str(err.value) and "\n" not in str(err.value)
+    with pytest.warns(UserWarning):
+        again = pbp_fx.load(path, _BranchingRoot, example_inputs=(x,))
+    assert torch.equal(again.eval()(x), pm(x))
