@@ -800,11 +800,15 @@ def _layers_not_sites(gm: fx.GraphModule, model: nn.Module) -> dict:
     from .explain import UNTRACED, explain_graph
 
     params = dict(model.named_parameters())
+    rows = explain_graph(gm, model)
+    sites = {row.name.partition("@")[0] for row in rows if row.status == "site"}  # (a layer called as a site too)
     layers: dict[str, object] = {}
-    for row in explain_graph(gm, model):
+    for row in rows:
         if row.status == "site" or row.reason == UNTRACED or row.name not in params:
             continue  # (a graph node or a buffer: no layer the user made, to be named or filtered)
         path = row.name.rpartition(".")[0].partition(".parametrizations.")[0]
+        if path in sites:
+            continue
         owner = model.get_submodule(path) if path else None  # (a parameter's owner: always there)
         if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(
                 owner, nn.modules.conv._ConvTransposeNd):

@@ -1444,7 +1444,19 @@ def test_layers_that_are_no_sites_for_a_reason_not_chosen_are_warned_of(frontend
     pbp_fx.perforate(nn.Sequential(lstm, _FirstOutput(), nn.Linear(8, 2)), (torch.randn(2, 5, 3),), frontend=frontend)
     pbp_fx.perforate(_NotLayers(), (torch.randn(2, 4, 8, 8),), include=[lambda name, module: module.weight is not None],
                      frontend=frontend)
+    # a layer that is a site at its module call, whose weight an op also reads computed (it was named as no site)
+    assert list(pbp_fx.perforate(_AlsoMasked(), (torch.randn(4, 8),), frontend=frontend).sites) == ["b"]
     assert not [w for w in recwarn if "are not sites" in str(w.message) or "matches no" in str(w.message)]
+
+
+class _AlsoMasked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(8, 3)
+        self.register_buffer("mask", (torch.arange(24).reshape(3, 8) % 3 > 0).float())
+
+    def forward(self, x):
+        return F.linear(x, self.b.weight * self.mask, self.b.bias) + self.b(x)
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm is deprecated")
