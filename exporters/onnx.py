@@ -842,6 +842,12 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
             if hasattr(e, "add_note"):  # Python 3.11+; on 3.10 (supported) the debug log keeps it
                 e.add_note(report)
             log.debug("%s", report)
+        if re.search(r"This is step [23]/3", re.sub(r"\x1b\[[0-9;]*m", "", str(e))):  # (the capture went through)
+            raise ExportError(
+                f"torch.onnx.export captured the model but cannot convert an op of it to ONNX ({_root_reason(e)}): "
+                "when the op is the model's own, torch.onnx.export(model, inputs, dynamo=True) of the unperforated "
+                "model fails alike; try another opset (opset=, pbp-fx export --opset), or write that op so that "
+                "the converter takes it") from e
         from pbp_fx.tracing import TracedPart
 
         parts = [m.name for m in module.modules() if isinstance(m, TracedPart) and m is not module]

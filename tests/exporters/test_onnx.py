@@ -1346,3 +1346,32 @@ def test_an_lstm_with_a_projection_is_refused_before_the_export(tmp_path, layers
                                           r"model without proj_size$"):
         export_onnx(pm, (x,), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _ShapeBranch(torch.nn.Module):
+    """fx cannot trace it (a branch on a shape: a leaf); torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        q = self.q(x)
+        if x.shape[1] > 3:
+            q = q * 2
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q)  # (3-D: the ONNX converter takes 4-D only)
+
+
+def test_an_op_the_onnx_converter_refuses_is_not_blamed_on_a_leafs_control_flow(tmp_path):
+    """The capture went through and the conversion failed, but the error blamed the first untraceable leaf
+    ('has data-dependent control flow ... torch.cond')."""
+    model = torch.nn.Sequential(_ShapeBranch(), torch.nn.Linear(8, 3))
+    x = torch.randn(2, 5, 8)
+    pm = pbp_fx.perforate(model, (x,), frontend="fx")
+    assert pm.graph_module.meta["pbp_untraceable"] == ["0"]
+    with pytest.raises(ExportError, match=(
+            r"captured the model but cannot convert an op of it to ONNX \(only 4D query, key, and value are "
+            r"supported\)")) as err:
+        pbp_fx.export_onnx(pm, (x,), str(tmp_path / "m.onnx"))
+    assert "control flow" not in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "m.onnx").exists()
