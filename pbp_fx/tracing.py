@@ -926,12 +926,15 @@ def _export_graph(model, call, args, kwargs, dynamic) -> fx.GraphModule:
 
 
 def _unreached(model: nn.Module, gm: fx.GraphModule) -> tuple[int, list[str]]:
-    """(sites of `gm`, the model's Linear/Conv-like weights that none of them reaches)."""
+    """(sites of `gm`, the model's Linear/Conv-like weights that none of them reaches), recurrent
+    layers' weights aside: no frontend makes sites of them, so they are no reason for auto to try
+    torch.export, whose capture of a GRU/LSTM fixes the sequence length of every later export of one
+    in the process."""
     from pbp_fx.passes.find_sites import find_sites
     from pbp_fx.passes.patterns import attr_tensor, neuron_weights
 
     specs = find_sites(gm)
-    reached = set()
+    reached = {id(p) for m in model.modules() if isinstance(m, nn.RNNBase) for p in m.parameters()}
     for spec in specs:
         try:
             reached.add(id(attr_tensor(gm, spec.weight)))

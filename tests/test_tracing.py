@@ -955,3 +955,18 @@ def test_the_mixed_modes_check_does_not_blame_a_frozen_module_for_a_difference_e
     model = nn.Sequential(nn.Linear(4, 4).eval(), _AlternatesEachCall(), nn.Linear(4, 2))
     trace(model, (torch.randn(3, 4),), frontend="fx")
     assert not [w for w in recwarn if "mode-dependent code" in str(w.message)]
+
+
+def test_auto_does_not_try_torch_export_for_recurrent_weights_no_frontend_makes_sites_of():
+    """auto took a GRU's weights for weights fx left unreached and ran torch.export to compare, which fixed
+    the sequence length of every later ONNX export of a GRU in the process (a dynamic T came out fixed)."""
+    class GRUHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.gru, self.head = nn.Linear(5, 8), nn.GRU(8, 12, batch_first=True), nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.head(self.gru(torch.relu(self.emb(x)))[0][:, -1])
+
+    gm = trace(GRUHead(), (torch.randn(2, 5, 5),))
+    assert gm.meta["pbp_frontend"] == "fx" and "pbp_frontend_choice" not in gm.meta
