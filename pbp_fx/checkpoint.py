@@ -182,6 +182,12 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
 def _read(path: str) -> tuple[dict, dict]:
     from safetensors.torch import load as load_tensors
 
+    if os.path.isdir(path):
+        # (the names the Hugging Face callback and pbp-fx train give theirs in a Trainer's checkpoint-N / --out folder)
+        inside = [os.path.join(path, f) for f in ("pbp_fx.safetensors", "checkpoint.safetensors")
+                  if os.path.isfile(os.path.join(path, f))]
+        raise CheckpointError(f"checkpoint {path} is a folder: pass the checkpoint file in it"
+                              + (f", {inside[0]}" if inside else " (the file pbp_fx.save wrote)"))
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
     # One read through one file handle: a save that replaces the file meanwhile cannot mix

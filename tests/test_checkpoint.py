@@ -216,6 +216,11 @@ def test_missing_directory_and_missing_file(tmp_path):
         pbp_fx.save(pm, str(tmp_path / "no" / "c.safetensors"))
     with pytest.raises(pbp_fx.CheckpointError, match="does not exist"):
         pbp_fx.load(str(tmp_path / "none.safetensors"), _build, (X,))
+    # A folder (a Trainer's checkpoint-N) was said not to exist: the file in it is named.
+    pbp_fx.save(pm, str(tmp_path / "pbp_fx.safetensors"))
+    with pytest.raises(pbp_fx.CheckpointError, match=f"checkpoint {tmp_path} is a folder: pass the checkpoint file "
+                                                     f"in it, {tmp_path / 'pbp_fx.safetensors'}$"):
+        pbp_fx.load(str(tmp_path), _build, (X,))
 
 
 def _grown_and_saved(pm, tmp_path) -> str:
