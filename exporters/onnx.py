@@ -374,8 +374,9 @@ def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynam
     for key, dims in dynamic_axes.items():
         if isinstance(key, str):
             if key not in names:
+                # (the tensor inputs only: a number input is a constant of the file, no input of it)
                 raise ExportError(f"dynamic_axes names input {key!r}, which the exported graph does not take: "
-                                  f"its inputs are {names}")
+                                  f"its inputs are {_tensor_input_names(module, inputs)}")
             i = names.index(key)
         elif not -len(inputs) <= key < len(inputs):
             raise ExportError(f"dynamic_axes names input position {key}, but the graph takes {len(inputs)} input(s)")

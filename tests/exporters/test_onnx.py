@@ -610,7 +610,18 @@ class _PositionTable(torch.nn.Module):
         return self.head((self.emb(ids) + self.pos).mean(1))
 
 
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x, scale):
+        return self.fc(x) * scale
+
+
 @pytest.mark.parametrize("model, example, axes, match", [
+    # a number input is a constant of the file: not listed among its inputs
+    (_Scaled, (torch.randn(2, 4), 2.0), {"scal": {1: "t"}}, r"its inputs are \['x'\]$"),
     (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"idz": {1: "t"}},
      r"names input 'idz', which the exported graph does not take: its inputs are \['ids', 'mask'\]"),
     (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {2: {1: "t"}}, "takes 2 input"),
