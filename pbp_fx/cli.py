@@ -939,7 +939,7 @@ def _plain(text: str) -> str:
 def run_onnx(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .exporters import ort_session, run
+    from .exporters import RuntimeUnavailableError, ort_session, run
     from .fileio import atomic_write
 
     if os.path.isdir(args.model):
@@ -968,6 +968,9 @@ def run_onnx(args: argparse.Namespace) -> int:
         arrays.append(array)
     try:
         session = ort_session(args.model, device=args.device)
+    except RuntimeUnavailableError as exc:  # its advice in the command's own flags
+        raise PBError(str(exc).replace("device='cuda'", "--device cuda").replace("device='cpu'", "--device cpu")) \
+            from exc
     except PBError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors, one line

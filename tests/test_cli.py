@@ -410,6 +410,23 @@ def test_export_checkpoint_check_and_run(tmp_path, capsys):
         assert np.abs(saved[saved.files[0]] - ref).max() <= 1e-4
 
 
+def test_run_on_a_device_onnx_runtime_lacks_gives_the_commands_own_flags(tmp_path, capsys):
+    import numpy as np
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    ckpt, _, _ = _trained_checkpoint(tmp_path)
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", ckpt, "-o", out]) == 0
+    np.save(tmp_path / "x.npy", np.zeros((2, 64), dtype="float32"))
+    capsys.readouterr()
+    assert main(["run", out, "--input", str(tmp_path / "x.npy"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda but this onnxruntime has no CUDAExecutionProvider" in err and "or use --device cpu" in err
+    assert "device='" not in err and err.count("\n") == 1, err
+
+
 
 def test_an_output_path_that_is_a_file_the_command_reads_is_refused(tmp_path, capsys):
     """`export ckpt -o ckpt` replaced the trained checkpoint with ONNX bytes (exit 0); `run --output`
