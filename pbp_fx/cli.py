@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
-from .errors import PBError, PBWarning, exited
+from .errors import PBError, PBWarning, Terminated, exited
 from .fileio import check_output_dir, umask
 
 __all__ = ["main", "subcommand", "arg", "COMMANDS", "build_parser", "atomic_output_dir"]
@@ -164,11 +164,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         sys.stdout, sys.stderr = streams
         _before_exit()
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a job scheduler's stop): handled as Ctrl-C is, so that a run says what its
-    checkpoint holds and how to resume it, and exits 143."""
 
 
 class _Signalled:

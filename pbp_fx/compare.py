@@ -38,7 +38,7 @@ import torch
 
 from .config import PBConfig, TrainConfig
 from .controller import default_optimizer
-from .errors import PBError, TrainingError
+from .errors import PBError, Terminated, TrainingError
 from .fileio import atomic_write, check_output_dir
 from .job import (DEFAULT_MODEL, changed_since, check_data, load_job_module, make_loaders, pyplot_or_none,
                   run_identity, seed_everything, seeded_datasets)
@@ -689,6 +689,48 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
     return [rows[i] for i in range(len(specs))]
 
 
+WORKER_STOP_SECONDS = 10.0  # a stopped worker's time to leave Python before it is killed
+
+
+def _start_worker() -> None:
+    """A compare worker's setup: one thread, and a SIGTERM (the command stopping it) that ends it
+    through Python, whose exit releases its named semaphores (tqdm's lock, which torch.fx makes):
+    killed outright, a worker left them to the resource tracker, which warned of them on stderr
+    after the command's one line."""
+    import signal
+
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, _stop_worker)
+
+
+def _stop_worker(_signum, frame) -> None:
+    """SIGTERM in a worker. In an arm: Terminated, which ends it; the handler is then `_stopped_worker`,
+    so that an arm already queued to the worker ends at its start, and the worker goes on to the
+    pool's stop and exits. Idle: SystemExit, which ends the process quietly."""
+    import signal
+
+    while frame is not None:
+        if frame.f_code is _arm_in_worker.__code__:
+            signal.signal(signal.SIGTERM, _stopped_worker)
+            raise Terminated()
+        frame = frame.f_back
+    raise SystemExit(143)
+
+
+def _stopped_worker(_signum, frame) -> None:
+    """SIGTERM in a worker told to stop already: as the first."""
+    _stop_worker(_signum, frame)
+
+
+def _arm_in_worker(*args) -> dict:
+    """run_arm in a compare worker, unless the worker has been told to stop (`_stop_worker`)."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is _stopped_worker:
+        raise Terminated()
+    return run_arm(*args)
+
+
 def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], None]) -> None:
     """run_arm(*a) for each of `args` on spawned workers with one thread each (the runs go side by
     side on the cores); finished(k, row) in order.
@@ -703,8 +745,7 @@ def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], 
     from concurrent.futures.process import BrokenProcessPool
 
     before = set(multiprocessing.active_children())
-    ex = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(1,))
+    ex = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker)
     done = False
     try:
         main = threading.current_thread() is threading.main_thread()
@@ -712,7 +753,7 @@ def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], 
         # stays ignored across exec, and Python then installs no KeyboardInterrupt handler.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
-            results = ex.map(run_arm, *zip(*args))
+            results = ex.map(_arm_in_worker, *zip(*args))
         finally:
             if main:
                 signal.signal(signal.SIGINT, previous)
@@ -733,8 +774,12 @@ def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], 
             workers = set(multiprocessing.active_children()) - before
             for worker in workers:  # (mid-arm after Ctrl-C or a failed arm: they would run on for minutes)
                 worker.terminate()
-            for worker in workers:
-                worker.join()
+            for worker in workers:  # (they stop through Python: `_stop_worker`)
+                worker.join(WORKER_STOP_SECONDS)
+            for worker in workers:  # (its signal came where Python drops exceptions, a __del__)
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
             ex.shutdown(wait=True)  # (its manager thread sees the workers gone and ends before the pipes close)
             # Python 3.10-3.11: a manager thread that found its workers killed can end without closing its
             # wake-up pipe, and concurrent.futures' exit handler then writes to it and prints a traceback

@@ -1,7 +1,7 @@
 """Error types. Each message is one line naming the problem and what to do about it."""
 
 __all__ = ["PBError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
-           "DataError", "PBWarning", "exited"]
+           "DataError", "PBWarning", "Terminated", "exited"]
 
 
 class PBWarning(UserWarning):
@@ -13,6 +13,11 @@ def exited(exc: SystemExit) -> str:
     """The one line for a sys.exit that the model file's code (or a library it calls) ran inside a command."""
     return (f"the model file's code (or a library it calls) called sys.exit({exc.code!r}): its functions must return "
             "or raise an exception, not end the process (--debug shows where)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler's stop): handled as Ctrl-C is, so that a run says what its
+    checkpoint holds and how to resume it, and exits 143."""
 
 
 class PBError(Exception):

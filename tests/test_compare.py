@@ -653,6 +653,51 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tiny, tmp_path):
     assert len(errors) == 1 and errors[0].startswith("pbp-fx: error: interrupted"), out[-2000:]
 
 
+def test_ctrl_c_mid_arm_stops_the_workers_without_a_stray_warning(tmp_path):
+    """Workers stopped mid-arm were killed outright, and the named semaphores they had made (tqdm's lock,
+    which torch.fx makes; here the model file's) were left to the resource tracker, which printed
+    'There appear to be 2 leaked semaphore objects' after the command's one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    made = tmp_path / "made"
+    path = tmp_path / "locking.py"
+    source = TINY.replace("def build_model(width=8):\n    return Net(width)",
+                          "def build_model(width=8):\n"
+                          "    import multiprocessing, os\n"
+                          "    net = Net(width)\n"
+                          "    if multiprocessing.current_process().name != 'MainProcess':\n"
+                          "        net.lock = multiprocessing.RLock()  # (a named semaphore: spawned)\n"
+                          f"        open(os.path.join({str(made)!r}, str(os.getpid())), 'w').close()\n"
+                          "    return net")
+    assert source != TINY
+    path.write_text(source)
+    made.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "compare", str(path), "--seeds", "2", "--arms",
+                             "plain,pb", "--epochs", "100000", "--patience", "100000", "--no-latency", "--jobs", "2",
+                             "--out", str(tmp_path / "cmp")],
+                            env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(made.iterdir())) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert len(list(made.iterdir())) == 2, "the workers did not start their arms"
+        time.sleep(1.0)  # (training)
+        os.killpg(proc.pid, signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-2000:]
+    assert "leaked" not in out and "resource_tracker" not in out and "Traceback" not in out, out[-2000:]
+    errors = [line for line in out.splitlines() if line.startswith("pbp-fx: error:")]
+    assert len(errors) == 1 and errors[0].startswith("pbp-fx: error: interrupted"), out[-2000:]
+
+
 def test_a_worker_that_dies_is_one_line_not_a_hang(tmp_path, capsys):
     """A worker ended by the OOM killer, a segfault or os._exit: a multiprocessing.Pool dropped its task
     and the command waited for good; the executor reports a broken pool."""
