@@ -461,6 +461,21 @@ def _output_names(out, input_names: Sequence[str] = ()) -> Optional[list[str]]:
     return None  # nested outputs (a dict: `_leaf_names` names them after the export)
 
 
+def _distinct_names(names: list[str]) -> list[str]:
+    """`names` with a repeat (keys that join alike: "a.b" and "a" -> "b") written `<name>_1`,
+    `<name>_2`, ..., with a warning: the outputs kept the exporter's internal names."""
+    seen, out = set(names), []
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            fresh = next(f"{name}_{n}" for n in range(1, len(names) + 2) if f"{name}_{n}" not in seen)
+            warn_at_user(f"two outputs join their keys to {name!r}: the second is named {fresh!r} in the ONNX "
+                         "file (keys without '.' name each output apart)")
+            seen.add(fresh)
+            name = fresh
+        out.append(name)
+    return out
+
+
 def _apart_from_inputs(names: list[str], input_names) -> list[str]:
     """`names`, where one is an input's written `<name>_output` (an ONNX graph names each value once),
     with a warning."""
@@ -522,16 +537,20 @@ def _key_name(key) -> str:
 
 def _leaf_names(out, prefix: str = "") -> Optional[list[str]]:
     """Names for a structured output's tensors in the order the exporter flattens them: a dict's
-    keys, joined with "." down nested dicts, lists and tuples ("logits", "aux.0"), Nones left
-    out as the exporter leaves them; None when another leaf is not a tensor."""
+    keys, joined with "." down nested dicts, lists and tuples ("logits", "aux.0"; a tuple's own
+    "output_0", "output_1.z"), Nones left out as the exporter leaves them; None when another
+    leaf is not a tensor."""
     if isinstance(out, Tensor):
         return [prefix or "output"]
     if isinstance(out, dict):
         items = [(str(k), v) for k, v in out.items()]
     elif isinstance(out, (tuple, list)):
-        items = [(str(i), v) for i, v in enumerate(out)]
+        items = [(str(i) if prefix else f"output_{i}", v) for i, v in enumerate(out)]
     elif (children := _registered_children(out)) is not None:
-        items = [(_key_name(key), v) for key, v in children]
+        from torch.utils._pytree import SequenceKey
+
+        items = [(f"output_{key.idx}" if not prefix and isinstance(key, SequenceKey) else _key_name(key), v)
+                 for key, v in children]
     else:
         return None
     names: list[str] = []
@@ -879,7 +898,7 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
     if names is None:  # a structured output: its keys name the tensors
         keys = _leaf_names(example_out)
         if keys is not None:
-            _name_outputs(proto, keys, input_names)
+            _name_outputs(proto, _distinct_names(keys), input_names)
     _restore_input_names(proto, input_names)
     if dynamic_batch:
         fixed = [(v.name, v.type.tensor_type.shape.dim[0].dim_value) for v in proto.graph.input

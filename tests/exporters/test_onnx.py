@@ -499,12 +499,18 @@ class _Outputs(torch.nn.Module):
             return {"out": self.dec(z), "aux": {"z": z, "pair": (z * 2, z + 1)}}
         if self.kind == "clash":
             return {"x": self.dec(z), "z": z}
+        if self.kind == "joined alike":
+            return {"a.b": self.dec(z), "a": {"b": z}}
+        if self.kind == "tuple":
+            return self.dec(z), {"z": z}
         return {"logits": torch.cond(z.sum() > 0, lambda t: t * 2, lambda t: t - 1, (z,)), "feat": x * 2}
 
 
 @pytest.mark.parametrize("kind, names", [
     ("nested", ["out", "aux.z", "aux.pair.0", "aux.pair.1"]),
     ("clash", ["x_output", "z"]),
+    ("joined alike", ["a.b", "a.b_1"]),  # (the exporter's internal names were kept, without a word)
+    ("tuple", ["output_0", "output_1.z"]),
     ("cond", ["logits", "feat"]),
 ])
 def test_structured_outputs_are_named_by_their_keys_in_both_files(tmp_path, kind, names):
@@ -518,6 +524,7 @@ def test_structured_outputs_are_named_by_their_keys_in_both_files(tmp_path, kind
             path = export_onnx(pm, (x,), tmp_path / "m.onnx", fused=fused)
         assert [o.name for o in onnx.load(str(path)).graph.output] == names
         assert any("named 'x_output'" in str(w.message) for w in caught) == (kind == "clash")
+        assert any("join their keys to 'a.b'" in str(w.message) for w in caught) == (kind == "joined alike")
         got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))
         want = [t.detach().numpy() for t in torch.utils._pytree.tree_leaves(pm(x))]
         assert max(np.abs(g - w).max() for g, w in zip(got, want)) <= 1e-5
@@ -1146,7 +1153,7 @@ def test_an_output_that_is_not_tensors_is_refused_in_one_line(tmp_path, kind, sa
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("kind,names", [("registered", ["logits", "hidden"]), ("pytree", ["0", "1"])])
+@pytest.mark.parametrize("kind,names", [("registered", ["logits", "hidden"]), ("pytree", ["output_0", "output_1"])])
 def test_a_registered_output_type_exports_with_its_keys_as_names(tmp_path, kind, names):
     """A class registered with torch's pytree (not a dataclass) was refused as 'not tensors'."""
     x = torch.randn(4, 8)
