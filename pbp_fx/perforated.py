@@ -19,7 +19,8 @@ from .errors import NoSitesError, TrainingError, warn_at_user
 from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
-from .tracing import DYNAMIC_CHOICES, TracedPart, buffers_kept, copy_module, memo_computed_tensors, parts_model, trace
+from .tracing import (DYNAMIC_CHOICES, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
+                      keyword_changes_output, memo_computed_tensors, parts_model, trace)
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
@@ -48,8 +49,6 @@ def outside_inference_mode(method):
     return run
 
 PHASES = ("neuron", "dendrite")
-# The Hugging Face Trainer's loss keyword (tokens in the whole accumulated batch).
-LOSS_KEYWORD = "num_items_in_batch"
 
 
 def takes_loss_keyword(model: nn.Module) -> bool:
@@ -336,28 +335,14 @@ class PerforatedModel(nn.Module):
         return self.checkpointing is not None
 
     def _check_untraced(self, key: str, args: tuple, kwargs: dict) -> None:
-        """Run the source model with and without `key` (eval mode, no grad, buffers kept)."""
+        """Run the source model with and without `key` (`keyword_changes_output`)."""
         source = self._source
         name = type(source).__name__ if source is not None else "the model"
         refuse = (f"keyword input {key!r} was not given to perforate() and {name} may use it: "
                   f"pass it in example_kwargs to perforate()")
         if source is None:
             raise CallError(refuse)
-        without = {k: v for k, v in kwargs.items() if k != key}
-        modes = {m: m.training for m in source.modules()}
-        buffers = {n: b.detach().clone() for n, b in source.named_buffers()}
-        try:
-            source.eval()
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                same = _same_output(source(*args, **without), source(*args, **kwargs))
-        finally:
-            for m, t in modes.items():
-                m.train(t)
-            with torch.no_grad():
-                for n, b in source.named_buffers():
-                    if n in buffers:
-                        b.copy_(buffers[n])
-        if not same:
+        if keyword_changes_output(source, args, kwargs, key):
             raise CallError(refuse.replace("may use it", "uses it (its output changes)"))
         self._untraced_ok.add(key)
 
@@ -996,19 +981,3 @@ def _new_with_signature(signature: inspect.Signature) -> PerforatedModel:
     return nn.Module.__new__(_with_signature(signature))
 
 
-def _same_output(a, b) -> bool:
-    from torch.utils import _pytree as pytree
-
-    la, sa = pytree.tree_flatten(a)
-    lb, sb = pytree.tree_flatten(b)
-    if sa != sb or len(la) != len(lb):
-        return False
-    for x, y in zip(la, lb):
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            if x.shape != y.shape or not torch.equal(x, y):
-                return False
-        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            return False
-        elif x is not y and x != y:
-            return False
-    return True

@@ -61,7 +61,7 @@ from .errors import PBWarning, TraceError, warn_at_user
 from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
-           "memo_computed_tensors",
+           "memo_computed_tensors", "keyword_changes_output",
            "TraceError", "FRONTENDS"]
 
 log = logging.getLogger(__name__)
@@ -1175,21 +1175,78 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, example_kwargs: Optiona
 
 # -- an untraceable root: its traceable submodules, in place -----------------------------------------
 
-class TracedPart(nn.Module):
-    """A submodule replaced by its graph, called like the submodule (`name`: its path in the model)."""
+def keyword_changes_output(module: nn.Module, args: tuple, kwargs: dict, key: str) -> bool:
+    """Whether `module(*args, **kwargs)` differs without kwargs[key]: both run in eval mode, without
+    gradients, random state and buffers kept. A module that fails on the call counts as changed."""
+    without = {k: v for k, v in kwargs.items() if k != key}
+    modes = {m: m.training for m in module.modules()}
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+    try:
+        module.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            return not _same_output(module(*args, **without), module(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - (a buffer left on another device): cannot tell, so it may
+        return True
+    finally:
+        for m, t in modes.items():
+            m.train(t)
+        with torch.no_grad():
+            for n, b in module.named_buffers():
+                if n in buffers:
+                    b.copy_(buffers[n])
 
-    def __init__(self, name: str, graph_module: fx.GraphModule):
+
+def _same_output(a, b) -> bool:
+    from torch.utils import _pytree as pytree
+
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    if sa != sb or len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or not torch.equal(x, y):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return False
+        elif x is not y and x != y:
+            return False
+    return True
+
+
+# The Hugging Face Trainer's loss keyword (tokens in the whole accumulated batch).
+LOSS_KEYWORD = "num_items_in_batch"
+
+
+class TracedPart(nn.Module):
+    """A submodule replaced by its graph, called like the submodule (`name`: its path in the model).
+
+    source: the submodule as it was (not registered: it shares the graph's parameters), run only
+    to see whether a keyword the root hands on untraced (the Hugging Face Trainer's
+    `num_items_in_batch`, through `**kwargs`) changes its output: dropped when it does not."""
+
+    def __init__(self, name: str, graph_module: fx.GraphModule, source: Optional[nn.Module] = None):
         super().__init__()
         self.name = name
         self.graph_module = graph_module
+        object.__setattr__(self, "source", source)
+        self.ignored_keywords: set[str] = set()
 
     def forward(self, *args, **kwargs):
         call: Optional[CallSignature] = self.graph_module.meta.get("pbp_call")
         if call is None:
             return self.graph_module(*args, **kwargs)
         g_args, g_kwargs, extra = call.bind(args, kwargs)
-        if extra:
-            raise TraceError(f"{self.name} was traced without the keyword input(s) {sorted(extra)}")
+        # (getattr: a part pickled before these attributes existed)
+        for key in sorted(set(extra) - getattr(self, "ignored_keywords", set())):
+            source = getattr(self, "source", None)
+            if source is None or keyword_changes_output(source, args, kwargs, key):
+                example = ("{**batch, 'num_items_in_batch': torch.tensor(n)}, the count the Trainer passes"
+                           if key == LOSS_KEYWORD else f"{{..., {key!r}: <a value>}}")
+                raise TraceError(f"{self.name} was traced without the keyword input {key!r}, which the model hands "
+                                 f"it and which {'changes' if source is not None else 'may change'} its output: "
+                                 f"pass it in example_kwargs to perforate() ({example})")
+            self.ignored_keywords.add(key)
         return self.graph_module(*g_args, **g_kwargs)
 
 
@@ -1289,7 +1346,7 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict, root_error: TraceE
                 with _quiet_export():
                     gm = trace(module, tuple(a), k, frontend="auto", dynamic=dynamic, parts=False)
                 if find_sites(gm):
-                    parts[path] = TracedPart(path, gm)
+                    parts[path] = TracedPart(path, gm, source=module)
                     continue
             except (TraceError, TypeError) as exc:
                 failed[path] = _reason(exc)

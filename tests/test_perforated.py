@@ -1188,6 +1188,53 @@ def test_a_parts_graph_takes_the_trainers_loss_keyword_as_the_original_does():
         assert torch.equal(pm(x, num_items_in_batch=4), original(x, num_items_in_batch=4))
 
 
+class _HandsOnKeywords(nn.Module):
+    """An untraceable root that hands its **kwargs on to a part (as T5 hands the Trainer's
+    num_items_in_batch to its encoder); the part reads `scale` and ignores the rest."""
+
+    class Part(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, **kwargs):
+            return torch.relu(self.fc(x)) * kwargs.get("scale", 1.0)
+
+    def __init__(self):
+        super().__init__()
+        self.part, self.head = self.Part(), nn.Linear(4, 2)
+
+    def forward(self, x, **kwargs):
+        h = self.part(x, **kwargs)
+        if h.sum() > 0:
+            h = h * 2
+        return self.head(h)
+
+
+def test_a_keyword_the_root_hands_a_part_untraced_is_dropped_when_the_part_ignores_it():
+    """The part was traced without the keyword: every call failed with 'traced without the keyword
+    input(s)' (T5 with the Hugging Face Trainer's num_items_in_batch, at the first step), and gave
+    no fix. Now: dropped when the part's output does not change, else refused with the fix."""
+    torch.manual_seed(0)
+    original = _HandsOnKeywords()
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="neither fx nor torch.export"):
+        pm = pbp_fx.perforate(original, (torch.ones(2, 4),))
+    assert pm.graph_module.meta["pbp_frontend"] == "parts"
+    with torch.no_grad():
+        assert torch.equal(pm(x, num_items_in_batch=torch.tensor(6)), original(x))
+    with pytest.raises(pbp_fx.TraceError, match=r"part was traced without the keyword input 'scale', which the model hands "
+                                         r"it and which changes its output: pass it in example_kwargs to perforate\(\)"):
+        pm(x, scale=2.0)
+    pm.train()
+    pm(x, num_items_in_batch=torch.tensor(6)).sum().backward()  # (trains: the check keeps gradients off)
+    assert all(p.grad is not None for p in pm.parameters() if p.requires_grad)
+    with pytest.warns(UserWarning, match="neither fx nor torch.export"):  # traced with it: taken as given
+        scaled = pbp_fx.perforate(original, (torch.ones(2, 4),), example_kwargs={"scale": 2.0})
+    with torch.no_grad():
+        assert torch.allclose(scaled(x, scale=2.0), original(x, scale=2.0))
+
+
 class WritesItsInput(nn.Module):
     def __init__(self):
         super().__init__()

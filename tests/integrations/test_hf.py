@@ -871,3 +871,31 @@ def test_a_resume_keeps_the_phase_rates_whether_the_trainer_restored_its_schedul
     phases = {phase for phase, _ in rates}
     assert phases == {"dendrite", "neuron"}
     assert all(rate == (QUICK.candidate_lr if phase == "dendrite" else 3e-3) for (phase, _), rate in rates.items())
+
+
+def test_t5_captured_in_parts_trains_with_the_trainers_loss_keyword(tmp_path):
+    """T5's forward (captured in parts) hands the Trainer's num_items_in_batch on to its encoder,
+    traced without it: the first training step failed with 'encoder was traced without the keyword
+    input(s)'. The encoder ignores it, so it is dropped, and the run equals one traced with it."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    ids = torch.randint(0, 20, (64, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": i, "attention_mask": torch.ones(8, dtype=torch.long), "labels": i.flip(0)} for i in ids]
+    example = default_data_collator(data[:8])
+    runs = []
+    for traced in ({}, {"num_items_in_batch": torch.tensor(64)}):
+        torch.manual_seed(0)
+        model = T5ForConditionalGeneration(T5Config(vocab_size=20, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                    num_heads=2, decoder_start_token_id=0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = pbp_fx.perforate(model, example_kwargs={**example, **traced})
+        assert pm.graph_module.meta["pbp_frontend"] == "parts" and pm.accepts_loss_kwargs
+        cb = PBCallback(QUICK)
+        trainer = Trainer(model=pm, args=_args(tmp_path / str(len(runs)), num_train_epochs=6,
+                                               per_device_train_batch_size=16),
+                          train_dataset=data, eval_dataset=data[:16], callbacks=[cb])
+        trainer.train()
+        runs.append(([(h["phase"], h["score"]) for h in cb.controller.history], {k: v.clone() for k, v in pm.state_dict().items()}))
+    assert runs[0][0] == runs[1][0] and {phase for phase, _ in runs[0][0]} == {"neuron", "dendrite"}
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
