@@ -53,7 +53,10 @@ def _split_state(prefix: str, state: dict, tensors: dict, plain: dict) -> None:
 def _digest(tensors: dict, meta: dict) -> str:
     """SHA-256 over every tensor's bytes and the metadata (without the digest itself)."""
     h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    # Over the metadata as JSON gives it back (keys are strings there, and "10" sorts before "2"
+    # where 2 sorted before 10): an int key written had made the file read as corrupted.
+    as_read = json.loads(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
+    h.update(json.dumps(as_read, sort_keys=True).encode())
     for k in sorted(tensors):
         t = tensors[k]
         h.update(k.encode())
@@ -151,7 +154,7 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
     if model_ref is not None and os.path.isfile(model_ref):  # a file path, not a module name: from any directory
         model_ref = os.path.abspath(model_ref)
     meta = {"format": FORMAT, "version": __version__, "structure": _structure(pm), "capture": pm.capture,
-            "model": model_ref, "extra": extra or {}}
+            "model": model_ref, "extra": _keys_kept(extra or {})}
     if controller is not None:
         cs = controller.state_dict()
         best = cs.pop("best_state")
@@ -174,9 +177,60 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
         meta["sha256"] = _digest(tensors, meta)
         header = {"pbp_fx": json.dumps(meta, sort_keys=True)}
     except TypeError as exc:
-        raise CheckpointError(f"checkpoint metadata is not JSON-serialisable ({exc}): pass plain values in extra=") from exc
+        raise CheckpointError(_not_json(meta, optimizer, exc)) from exc
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), CheckpointError, "checkpoint")
     return path
+
+
+# A dict with keys JSON would turn into strings (a MultiStepLR's milestones {50: 1}), in extra:
+# {ITEMS: [[key, value], ...]}, so that read_extra gives the keys back as they were.
+ITEMS = "__pbp_fx_items__"
+_JSON_KEYS = (str, int, float, bool, type(None))
+
+
+def _keys_kept(value, where: str = "extra"):
+    """`value` (extra=) with each dict whose keys are not all strings as {ITEMS: [[key, value], ...]};
+    a CheckpointError for a key JSON cannot hold."""
+    if isinstance(value, dict):
+        odd = next((k for k in value if not isinstance(k, _JSON_KEYS)), None)
+        if odd is not None:
+            raise CheckpointError(f"{where} has a key of type {type(odd).__name__} ({odd!r}): a checkpoint keeps "
+                                  "str, int, float, bool and None keys: convert it (e.g. to str) before save()")
+        if all(isinstance(k, str) for k in value) and ITEMS not in value:
+            return {k: _keys_kept(v, f"{where}[{k!r}]") for k, v in value.items()}
+        return {ITEMS: [[k, _keys_kept(v, f"{where}[{k!r}]")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_keys_kept(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _keys_back(value):
+    """The inverse of `_keys_kept` on the JSON read back."""
+    if isinstance(value, dict):
+        if set(value) == {ITEMS} and isinstance(value[ITEMS], list):
+            return {k: _keys_back(v) for k, v in value[ITEMS]}
+        return {k: _keys_back(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_keys_back(v) for v in value]
+    return value
+
+
+def _not_json(meta: dict, optimizer, exc: TypeError) -> str:
+    """The one line for metadata JSON cannot hold, naming the part that holds it."""
+    def fails(value) -> bool:
+        try:
+            json.dumps(value, sort_keys=True)
+        except TypeError:
+            return True
+        return False
+
+    optimizer_state = {k: v for k, v in meta.get("plain", {}).items() if k.startswith("optim/")}
+    if optimizer is not None and (fails(meta.get("optimizer")) or fails(optimizer_state)):
+        return (f"the {type(optimizer).__name__} optimizer's state holds values a checkpoint cannot store ({exc}): "
+                "save without optimizer= and keep its state with torch.save(optimizer.state_dict(), path)")
+    if fails(meta.get("extra")):
+        return f"extra= holds a value a checkpoint cannot store ({exc}): pass plain values (str, numbers, lists, dicts)"
+    return f"checkpoint metadata is not JSON-serialisable ({exc}): report this with the model"
 
 
 def _read(path: str) -> tuple[dict, dict]:
@@ -223,7 +277,8 @@ def _read(path: str) -> tuple[dict, dict]:
 
 def read_meta(path: str) -> dict:
     """The checkpoint's JSON metadata (format, structure, capture, config, model, controller, extra)."""
-    return _read(path)[0]
+    meta = _read(path)[0]
+    return {**meta, "extra": _keys_back(meta.get("extra", {}))}
 
 
 def read_structure(path: str) -> dict:
@@ -232,8 +287,8 @@ def read_structure(path: str) -> dict:
 
 
 def read_extra(path: str) -> dict:
-    """The `extra` dict given to save() (e.g. the model file a training run used)."""
-    return _read(path)[0].get("extra", {})
+    """The `extra` dict given to save() (e.g. the model file a training run used), its keys as given."""
+    return _keys_back(_read(path)[0].get("extra", {}))
 
 
 def _collect(prefix: str, tensors: dict, plain: dict) -> dict:

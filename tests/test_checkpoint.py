@@ -998,3 +998,56 @@ def test_a_root_that_branches_on_values_is_not_called_another_model_on_stand_ins
     with pytest.warns(UserWarning):
         again = pbp_fx.load(path, _BranchingRoot, example_inputs=(x,))
     assert torch.equal(again.eval()(x), pm(x))
+
+
+def test_extra_keeps_its_keys_as_given(tmp_path):
+    """extra={"scheduler": MultiStepLR.state_dict()} (the README's recipe; milestones {50: 1, 100: 1}) or
+    an idx_to_class map: the checksum sorted the int keys as numbers on save and as strings on load,
+    so the file just written read as 'corrupted'; one that loaded gave the keys back as strings,
+    and the resumed MultiStepLR never decayed."""
+    from pbp_fx.checkpoint import read_extra, read_meta
+
+    pm = pbp_fx.perforate(_build(), (X,))
+    opt = torch.optim.SGD(pm.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 10], gamma=0.1)
+    extra = {"scheduler": sched.state_dict(), "idx_to_class": {i: f"c{i}" for i in range(11)},
+             "mixed": {1.5: [None, {True: "t"}], None: 0, "s": 1}, "items": {"__pbp_fx_items__": 3}}
+    path = pbp_fx.save(pm, str(tmp_path / "m.safetensors"), extra=extra)
+    back = read_extra(path)
+    assert back["idx_to_class"] == extra["idx_to_class"] and back["mixed"] == extra["mixed"]
+    assert back["items"] == extra["items"] and read_meta(path)["extra"]["idx_to_class"][10] == "c10"
+    pbp_fx.load(path, pbp_fx.perforate(_build(), (X,)))  # (not "corrupted")
+    resumed = torch.optim.lr_scheduler.MultiStepLR(torch.optim.SGD(pm.parameters(), lr=0.1), milestones=[99])
+    resumed.load_state_dict(back["scheduler"])
+    for _ in range(3):
+        resumed.optimizer.step()
+        resumed.step()
+    assert resumed.get_last_lr() == pytest.approx([0.01])  # (decayed at epoch 2)
+    with pytest.raises(CheckpointError, match=r"extra\['pairs'\] has a key of type tuple \(\(1, 2\)\): a checkpoint "
+                                              r"keeps str, int, float, bool and None keys"):
+        pbp_fx.save(pm, str(tmp_path / "n.safetensors"), extra={"pairs": {(1, 2): 3}})
+    assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_state_a_checkpoint_cannot_store_is_named_where_it_is(tmp_path):
+    """LBFGS keeps lists of tensors in its state: the refusal said 'pass plain values in extra=',
+    which had not been given."""
+    pm = pbp_fx.perforate(_build(), (X,))
+    ctl = PhaseController(pm, optimizer=torch.optim.LBFGS(pm.parameters(), lr=0.1))
+
+    def closure():
+        ctl.optimizer.zero_grad()
+        loss = F.cross_entropy(pm(X), Y)
+        loss.backward()
+        return loss
+
+    ctl.optimizer.step(closure)
+    path = str(tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match=r"^the LBFGS optimizer's state holds values a checkpoint cannot store "
+                                              r"\(.*\): save without optimizer= and keep its state with torch.save"):
+        pbp_fx.save(pm, path, controller=ctl, optimizer=ctl.optimizer)
+    with pytest.raises(CheckpointError, match=r"^extra= holds a value a checkpoint cannot store \(Object of type "
+                                              r"Tensor .*\): pass plain values"):
+        pbp_fx.save(pm, path, controller=ctl, extra={"w": torch.ones(2)})
+    assert not os.path.exists(path)
+    pbp_fx.save(pm, path, controller=ctl)
