@@ -339,20 +339,26 @@ class PhaseController:
         if own is not None and inner_optimizer(own) is not self.optimizer:  # its rates would be scaled to candidate_lr
             raise ConfigError(f"attach_scheduler: this {type(scheduler).__name__} schedules another optimizer than "
                               "the controller's: attach only schedulers of ctl.optimizer")
-        if scheduler not in self.schedulers:
-            self.schedulers.append(scheduler)
-            if scaled:  # it carries the saved run's factor: a load_state_dict that follows leaves it alone
+        if scheduler in self.schedulers:
+            # Attached already (the training setup's lines, repeated on resume): scaled=True now says that
+            # its state has been restored since, so a load_state_dict that follows leaves it alone
+            # (it scaled the restored factor a second time: 200x the rate for the rest of the run).
+            if scaled and not any(scheduler is c for c in self._carry_saved_scale):
                 self._carry_saved_scale.append(scheduler)
-            if self.lr_scale is None:
-                return
-            rates = [float(g["lr"]) for g in self.optimizer.param_groups]
-            built_now = list(getattr(scheduler, "base_lrs", [])) == rates and any(s != 1.0 for s in self.lr_scale)
-            if not scaled and not built_now:
-                self._rescale_schedulers(self.lr_scale, entering=True, schedulers=[scheduler])
-            index = len(self.schedulers) - 1
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and index not in self.plateau_held:
-                self.plateau_held[index] = {k: getattr(scheduler, k) for k in _PLATEAU_COUNTERS}
-                scheduler.cooldown_counter = _PLATEAU_HOLD
+            return
+        self.schedulers.append(scheduler)
+        if scaled:  # it carries the saved run's factor: a load_state_dict that follows leaves it alone
+            self._carry_saved_scale.append(scheduler)
+        if self.lr_scale is None:
+            return
+        rates = [float(g["lr"]) for g in self.optimizer.param_groups]
+        built_now = list(getattr(scheduler, "base_lrs", [])) == rates and any(s != 1.0 for s in self.lr_scale)
+        if not scaled and not built_now:
+            self._rescale_schedulers(self.lr_scale, entering=True, schedulers=[scheduler])
+        index = len(self.schedulers) - 1
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and index not in self.plateau_held:
+            self.plateau_held[index] = {k: getattr(scheduler, k) for k in _PLATEAU_COUNTERS}
+            scheduler.cooldown_counter = _PLATEAU_HOLD
 
     def set_distributed(self, distributed) -> None:
         """Train through `distributed` from now on (rewraps `self.model`); the optimizer keeps its

@@ -755,11 +755,13 @@ def test_an_optimizer_that_ignores_the_group_lr_is_warned_of():
         PhaseController(pm, optimizer=fixed)
 
 
-@pytest.mark.parametrize("order", ["attach, then load", "load, then attach"])
+@pytest.mark.parametrize("order", ["attach, then load", "load, then attach", "setup attach, attach, then load",
+                                   "setup attach, load, then attach"])
 def test_a_restored_scheduler_keeps_the_saved_factor_in_either_order(order, tmp_path):
     """A resume on a fresh model: the scheduler's state restored and attached with scaled=True before
     pbp_fx.load brought the dendrite phase and the controller state was scaled by the phase's factor a
-    second time (eta_min and base_lrs 10x)."""
+    second time (eta_min and base_lrs 10x). "setup attach": the resume repeats the training setup's
+    lines, which attach the scheduler first; its second attach (scaled=True) was ignored."""
     kw = dict(patience=1, dendrite_patience=5, candidate_lr=0.01, optimizer_factory=lambda p: torch.optim.Adam(p, 1e-3))
     cosine = lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10, eta_min=1e-4)  # noqa: E731
     pm = _pm()
@@ -775,7 +777,9 @@ def test_a_restored_scheduler_keeps_the_saved_factor_in_either_order(order, tmp_
     fresh = _pm()
     again = PhaseController(fresh, **kw)
     restored = cosine(again.optimizer)
-    if order == "attach, then load":
+    if order.startswith("setup attach"):
+        again.attach_scheduler(restored)
+    if order.endswith("attach, then load"):
         restored.load_state_dict(saved)
         again.attach_scheduler(restored, scaled=True)
         pbp_fx.load(path, fresh, controller=again, optimizer=again.optimizer)
