@@ -567,6 +567,25 @@ class PerforatedModel(nn.Module):
                 seen.add(where)
         return state
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Each site takes the state's number of dendrites first: its own keys' (Site), or none where
+        # the state has no key of the site but holds its neuron layer (a state saved before the site
+        # grew). A state that holds neither (a head alone, loaded with strict=False) leaves the site
+        # as it is: it deleted every dendrite without a word, and missing_keys named none of them.
+        params = {id(t): n for n, t in [*self.named_parameters(remove_duplicate=False),
+                                        *self.named_buffers(remove_duplicate=False)]}
+        for path, site in self.named_modules():
+            if not isinstance(site, Site) or site.num_dendrites == 0:
+                continue
+            own = f"{prefix}{path}."
+            if any(k.startswith(own) for k in state_dict):
+                continue  # (the site resizes to its keys)
+            neuron = next((self.neuron_weight(n) for n, s in self.sites.items() if s is site), None)
+            named = params.get(id(neuron)) if neuron is not None else None
+            if named is None or prefix + named in state_dict:
+                site.resize(0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer must hold in the current phase."""
         # Empty tensors (the cascade of a site's first dendrite) have nothing to train.

@@ -456,11 +456,11 @@ class Site(nn.Module):
             self.grow()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A state_dict may hold more or fewer dendrites than this site: match it first.
+        # A state_dict may hold more or fewer dendrites than this site: match it first. A state
+        # without this site's keys says nothing of them (a PerforatedModel decides from its neuron's).
         key = prefix + "out_weight"
-        k = state_dict[key].shape[0] if key in state_dict else 0
-        if k != self.num_dendrites:
-            self.resize(k)
+        if key in state_dict and state_dict[key].shape[0] != self.num_dendrites:
+            self.resize(state_dict[key].shape[0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def folded(self) -> tuple[Tensor, Optional[Tensor]]:

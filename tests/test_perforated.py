@@ -1576,3 +1576,29 @@ def test_pm_train_leaves_modules_in_the_modes_the_models_own_train_gives(fronten
 def test_a_model_whose_train_sets_every_mode_gets_no_overrides():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 2))
     assert pbp_fx.perforate(model, (torch.randn(2, 3, 8, 8),)).train_overrides == {}
+
+
+def test_a_partial_state_loaded_with_strict_false_leaves_the_sites_it_does_not_hold():
+    """root.load_state_dict(head_only, strict=False) resized every site it had no key of to no
+    dendrites (the output changed by 0.34), and missing_keys named none of them. A state that holds a
+    site's neuron but none of its dendrites (saved before they grew) still takes the site down to 0."""
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()), (torch.randn(3, 4),))
+    before_growth = copy.deepcopy(pm.state_dict())
+    pm.grow()
+    pm.grow()
+    for site in pm.sites.values():
+        with torch.no_grad():
+            site.out_weight.normal_()
+    root = nn.ModuleDict({"body": pm, "head": nn.Linear(8, 2)})
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        want = root["head"](root["body"](x))
+    head_only = {k: v.clone() for k, v in root.state_dict().items() if k.startswith("head.")}
+    result = root.load_state_dict(head_only, strict=False)
+    assert {s.num_dendrites for s in pm.sites.values()} == {2}
+    assert any(".out_weight" in k for k in result.missing_keys)
+    with torch.no_grad():
+        assert torch.equal(root["head"](root["body"](x)), want)
+    pm.load_state_dict(before_growth)
+    assert {s.num_dendrites for s in pm.sites.values()} == {0}
