@@ -20,9 +20,10 @@ def umask() -> int:
     return mask
 
 
-def check_output_dir(out: str, error: Type[Exception] = PBError) -> None:
+def check_output_dir(out: str, error: Type[Exception] = PBError, resumed: bool = False) -> None:
     """Refuse an --out folder path that cannot become a writable folder (a file, under a file, in a
-    folder that is not writable), before any work starts; nothing is created."""
+    folder that is not writable), before any work starts; nothing is created. resumed: `out` is
+    the run folder --resume names (the fix is then a writable copy, not another --out)."""
     out = os.path.abspath(out)
     if os.path.islink(out) and not os.path.exists(out):
         raise error(f"--out {out!r} is a link to nothing ({os.readlink(out)}): remove it or choose another path")
@@ -36,6 +37,9 @@ def check_output_dir(out: str, error: Type[Exception] = PBError) -> None:
     try:  # a folder made and removed: os.access says yes to root, also where nothing can be made (/proc)
         os.rmdir(tempfile.mkdtemp(prefix=".pbp-probe-", dir=probe))
     except OSError as exc:
+        if resumed:
+            raise error(f"--resume {out!r}: nothing can be written in the run folder ({exc.strerror}); copy it "
+                        "somewhere writable and resume the copy (cp -r RUN COPY; pbp-fx train --resume COPY)") from None
         raise error(f"--out {out!r}: nothing can be written in {probe} ({exc.strerror}); choose another path") from None
 
 

@@ -471,7 +471,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     include, exclude = site_filters(include, exclude)  # (perforate, resume and the checkpoint's args: lists)
     processes = 1 if distributed is None else distributed.world_size
     if out is not None and main:
-        check_output_dir(out, TrainingError)  # before training: a long run must not fail at its last step
+        # before training: a long run must not fail at its last step
+        check_output_dir(out, TrainingError, resumed=resume_from is not None)
     mod = load_job_module(model_file)
     loss_fn, metric, metric_name = task_functions(mod)
     check_metric_direction(mod, config.maximize, ConfigError)

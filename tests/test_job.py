@@ -260,6 +260,35 @@ def test_resume_errors(tmp_path, capsys):
     assert "(--epochs given): give --resume DIR alone (and the model file, if it moved)" in capsys.readouterr().err
 
 
+def test_a_run_folder_that_cannot_be_written_is_refused_with_a_fix_resume_takes(tmp_path):
+    """A read-only run folder: the refusal named --out (not given) and said 'choose another path', and
+    --resume refuses --out."""
+    import shutil
+    import stat
+    import subprocess
+    import sys
+
+    model = _write(tmp_path / "good.py", GOOD)
+    run = tmp_path / "run"
+    assert main(["train", model, "--out", str(run), "--epochs", "1", *FAST]) == 0
+    command = [sys.executable, "-m", "pbp_fx", "train", "--resume", str(run), "--no-progress"]
+    if os.geteuid() == 0:  # (root writes anywhere: drop its override of file permissions)
+        if shutil.which("capsh") is None:
+            pytest.skip("root without capsh ignores directory permissions")
+        command = ["capsh", "--drop=cap_dac_override,cap_dac_read_search,cap_fowner", "--", "-c",
+                   " ".join(f"'{c}'" for c in command)]
+    os.chmod(run, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    try:
+        r = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    finally:
+        os.chmod(run, stat.S_IRWXU)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and "nothing can be written in the run folder (Permission denied); copy it " \
+        "somewhere writable and resume the copy" in r.stderr, r.stderr
+    assert "--out" not in r.stderr
+
+
 def test_a_moved_run_resumes_with_its_model_files_new_path_and_an_edited_file_is_named(tmp_path, capsys):
     """A project folder renamed: the run's absolute model-file path was gone, and a model file given
     with --resume was refused, so the run could not be resumed at all. An edited model file or
