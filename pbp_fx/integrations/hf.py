@@ -250,6 +250,11 @@ class PBCallback(TrainerCallback):
                       if k != "epoch" and not k.endswith(("_runtime", "_samples_per_second", "_steps_per_second")))
         self._other_datasets = {}
         given = "metric_for_best_model=" if self._from_args else "metric="
+        if not seen:  # (the Trainer reports no loss where no batch was evaluated)
+            raise TrainingError(f"PBCallback: the evaluation gave no metrics, so no {self.metric!r}: it evaluated no "
+                                "batch (an eval set smaller than per_device_eval_batch_size with "
+                                "dataloader_drop_last=True, or an empty one): lower per_device_eval_batch_size or "
+                                "unset dataloader_drop_last")
         raise TrainingError(f"PBCallback: metric {self.metric!r} is not among the evaluation metrics "
                             f"({', '.join(seen) or 'none'}): pass {given} one of them")
 

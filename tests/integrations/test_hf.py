@@ -899,3 +899,14 @@ def test_t5_captured_in_parts_trains_with_the_trainers_loss_keyword(tmp_path):
         runs.append(([(h["phase"], h["score"]) for h in cb.controller.history], {k: v.clone() for k, v in pm.state_dict().items()}))
     assert runs[0][0] == runs[1][0] and {phase for phase, _ in runs[0][0]} == {"neuron", "dendrite"}
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_an_evaluation_of_no_batches_is_named_as_such(tmp_path, perforated_bert):
+    """dataloader_drop_last with an eval set (64) smaller than its batch (128): the Trainer reports no
+    loss, and the refusal said to pass metric= one of 'none'."""
+    trainer, _ = _trainer(tmp_path, PBCallback(QUICK), perforated_bert(), num_train_epochs=1,
+                          dataloader_drop_last=True)
+    with pytest.raises(TrainingError, match=r"^PBCallback: the evaluation gave no metrics, so no 'eval_loss': it "
+                                            r"evaluated no batch .*: lower per_device_eval_batch_size or unset "
+                                            r"dataloader_drop_last$"):
+        trainer.train()
