@@ -79,6 +79,7 @@ class PerforatedModel(nn.Module):
         # checkpoints store it so that load() re-captures the model the same way.
         self.capture: dict = dict(capture or {})
         self.phase = "neuron"
+        self.register_load_state_dict_post_hook(_pool_left_out)
         # Names of parameters frozen for the dendrite phase, thawed when it ends.
         self._thaw: list[str] = []
         # Buffers (BN running stats) at the start of the dendrite phase, held through it
@@ -993,6 +994,24 @@ def _with_signature(signature: inspect.Signature) -> type:
     forward.__doc__ = PerforatedModel.forward.__doc__
     forward.__qualname__ = "PerforatedModel.forward"
     return type("PerforatedModel", (PerforatedModel,), {"forward": forward, "__module__": __name__})
+
+
+def _pool_left_out(pm: "PerforatedModel", incompatible) -> None:
+    """load_state_dict's post-hook: a state saved inside a dendrite phase (a Lightning .ckpt) loaded
+    into a model outside one (`load_from_checkpoint` on a fresh module) holds the candidate pool's
+    tensors, which have no place there; they add nothing to the output, so they are left out with a
+    warning (strict loads refused them in torch's many-line report)."""
+    if pm.phase == "dendrite":
+        return
+    paths = [f"{path}.candidates." for path, m in pm.named_modules() if isinstance(m, Site)]
+    pool = [k for k in incompatible.unexpected_keys if any(p in k for p in paths)]
+    if not pool:
+        return
+    for key in pool:
+        incompatible.unexpected_keys.remove(key)
+    warn_at_user(f"the state was saved inside a dendrite phase: its candidate pool ({len(pool)} tensors) is left "
+                 "out, as it adds nothing to the output; to train on from it, resume the run itself "
+                 "(trainer.fit(..., ckpt_path=...), pbp_fx.load or pbp-fx train --resume)")
 
 
 def _new_with_signature(signature: inspect.Signature) -> PerforatedModel:

@@ -316,6 +316,17 @@ def test_a_fresh_module_validates_from_a_dendrite_phase_checkpoint(tmp_path):
         fresh, val, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)[0]["val_acc"]
     assert fresh.model.phase == "dendrite"
     assert score == pytest.approx(cb.controller.history[-2]["score"], abs=1e-6)
+    # Outside a Trainer (load_from_checkpoint's strict load_state_dict): the pool's tensors were refused
+    # in torch's many-line unexpected-keys report; they add nothing to the output, so they are left out.
+    plain = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
+    with pytest.warns(UserWarning, match=r"saved inside a dendrite phase: its candidate pool \(\d+ tensors\) is "
+                                         r"left out, as it adds nothing to the output"):
+        result = plain.load_state_dict(last["state_dict"])
+    assert not result.unexpected_keys and not result.missing_keys and plain.model.phase == "neuron"
+    x = next(iter(val))[0]
+    fresh.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(plain.model(x), fresh.model(x))
 
 
 def test_early_stopping_waits_through_a_dendrite_phase():
