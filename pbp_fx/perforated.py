@@ -579,11 +579,12 @@ class PerforatedModel(nn.Module):
             if not isinstance(site, Site) or site.num_dendrites == 0:
                 continue
             own = f"{prefix}{path}."
-            if any(k.startswith(own) for k in state_dict):
+            if own + "out_weight" in state_dict:
                 continue  # (the site resizes to its keys)
             neuron = next((self.neuron_weight(n) for n, s in self.sites.items() if s is site), None)
             named = params.get(id(neuron)) if neuron is not None else None
-            if named is None or prefix + named in state_dict:
+            # (a key of the site's candidate pool, saved in a dendrite phase before any dendrite, says 0 too)
+            if named is None or prefix + named in state_dict or any(k.startswith(own) for k in state_dict):
                 site.resize(0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -1178,13 +1178,18 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, example_kwargs: Optiona
 def keyword_changes_output(module: nn.Module, args: tuple, kwargs: dict, key: str) -> bool:
     """Whether `module(*args, **kwargs)` differs without kwargs[key]: both run in eval mode, without
     gradients, random state and buffers kept. A module that fails on the call counts as changed."""
+    from torch.utils._pytree import tree_map
+
+    def fresh(value):  # (each run on its own copy: a module that writes its input in place changed the caller's)
+        return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, value)
+
     without = {k: v for k, v in kwargs.items() if k != key}
     modes = {m: m.training for m in module.modules()}
     buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
     try:
         module.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            return not _same_output(module(*args, **without), module(*args, **kwargs))
+            return not _same_output(module(*fresh(args), **fresh(without)), module(*fresh(args), **fresh(kwargs)))
     except Exception:  # noqa: BLE001 - (a buffer left on another device): cannot tell, so it may
         return True
     finally:
@@ -1231,6 +1236,15 @@ class TracedPart(nn.Module):
         self.graph_module = graph_module
         object.__setattr__(self, "source", source)
         self.ignored_keywords: set[str] = set()
+
+    def _apply(self, fn, *args, **kwargs):
+        # The source follows the model's device and dtype (.to, .double): its tensors that the graph
+        # does not share (a buffer fx reads as an attribute) stayed behind, and the check then failed.
+        out = super()._apply(fn, *args, **kwargs)
+        source = getattr(self, "source", None)
+        if source is not None:
+            source._apply(fn, *args, **kwargs)
+        return out
 
     def forward(self, *args, **kwargs):
         call: Optional[CallSignature] = self.graph_module.meta.get("pbp_call")

@@ -1235,6 +1235,48 @@ def test_a_keyword_the_root_hands_a_part_untraced_is_dropped_when_the_part_ignor
         assert torch.allclose(scaled(x, scale=2.0), original(x, scale=2.0))
 
 
+class _PartWithItsOwnTable(nn.Module):
+    """An untraceable root whose part reads a buffer of its own (fx reads it as an attribute, so
+    the graph holds its own reference) and scales its input in place."""
+
+    class Part(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("table", torch.randn(4, 4))
+
+        def forward(self, x, **kwargs):
+            x.mul_(0.5)
+            return torch.relu(self.fc(x)) @ self.table
+
+    def __init__(self):
+        super().__init__()
+        self.part, self.head = self.Part(), nn.Linear(4, 2)
+
+    def forward(self, x, **kwargs):
+        h = self.part(x * 1.0, **kwargs)
+        if h.sum() > 0:
+            h = h * 2
+        return self.head(h)
+
+
+def test_the_untraced_keyword_check_follows_the_models_dtype_and_copies_the_inputs():
+    """The part's source kept its own buffer in float32 after pm.double() (the check then failed and
+    refused the keyword), and the check ran the part twice on the caller's tensors, which it scales
+    in place (so the two runs differed and the keyword was refused)."""
+    torch.manual_seed(0)
+    original = _PartWithItsOwnTable()
+    with pytest.warns(UserWarning, match="neither fx nor torch.export"):
+        pm = pbp_fx.perforate(original, (torch.ones(2, 4),))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(pm(x, num_items_in_batch=torch.tensor(6)), original(x))
+    with pytest.warns(UserWarning, match="neither fx nor torch.export"):
+        doubled = pbp_fx.perforate(original, (torch.ones(2, 4),)).double()
+    with torch.no_grad():  # (the keyword's first call: checked in float64)
+        assert torch.allclose(doubled(x.double(), num_items_in_batch=torch.tensor(6)), original.double()(x.double()))
+
+
 class WritesItsInput(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1602,3 +1644,16 @@ def test_a_partial_state_loaded_with_strict_false_leaves_the_sites_it_does_not_h
         assert torch.equal(root["head"](root["body"](x)), want)
     pm.load_state_dict(before_growth)
     assert {s.num_dendrites for s in pm.sites.values()} == {0}
+    # Saved inside the first dendrite phase (no dendrite yet, a candidate pool): its pool keys are no
+    # dendrites of the site, which goes down to 0 (they kept it at K=2 and strict loads failed).
+    torch.manual_seed(0)
+    first_phase = pbp_fx.perforate(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()),
+                                   (torch.randn(3, 4),))
+    first_phase.start_dendrite_phase(pool=2)
+    pm.grow()
+    with pytest.warns(UserWarning, match="its candidate pool .* is left out"):
+        result = pm.load_state_dict(first_phase.state_dict())
+    assert {s.num_dendrites for s in pm.sites.values()} == {0} and not result.missing_keys
+    pm.eval(), first_phase.eval()
+    with torch.no_grad():
+        assert torch.equal(pm(x), first_phase(x))
