@@ -1185,20 +1185,15 @@ def keyword_changes_output(module: nn.Module, args: tuple, kwargs: dict, key: st
 
     without = {k: v for k, v in kwargs.items() if k != key}
     modes = {m: m.training for m in module.modules()}
-    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
     try:
         module.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with buffers_kept(module), torch.no_grad(), torch.random.fork_rng(devices=[]):
             return not _same_output(module(*fresh(args), **fresh(without)), module(*fresh(args), **fresh(kwargs)))
     except Exception:  # noqa: BLE001 - (a buffer left on another device): cannot tell, so it may
         return True
     finally:
         for m, t in modes.items():
             m.train(t)
-        with torch.no_grad():
-            for n, b in module.named_buffers():
-                if n in buffers:
-                    b.copy_(buffers[n])
 
 
 def _same_output(a, b) -> bool:
