@@ -690,7 +690,7 @@ def _saved_job(path: str) -> SavedRun:
     """The job state of the run saved at `path`, every part of it checked before any work (a state
     written by another version, or edited, and re-hashed would otherwise fail midway with an
     internal error)."""
-    saved = _job_state(path)
+    saved, meta = _job_state(path)
     try:
         model_file = None if saved["model_file"] == DEFAULT_MODEL else saved["model_file"]
         args = saved["args"]
@@ -717,12 +717,13 @@ def _saved_job(path: str) -> SavedRun:
                for p in (include, exclude)):
         raise TrainingError(f"cannot resume from {path}: its job state is malformed (include/exclude), "
                             "written by another pbp-fx version or edited; start a new run")
-    schedule = (read_meta(path).get("controller") or {}).get("schedule") or {}
+    schedule = (meta.get("controller") or {}).get("schedule") or {}
     return SavedRun(model_file, config, training, include, exclude, processes, identity, most,
                     complete=schedule.get("done") is True)
 
 
-def _job_state(path: str) -> dict:
+def _job_state(path: str) -> tuple[dict, dict]:
+    """(the job state `pbp-fx train` saved in the checkpoint at `path`, the checkpoint's metadata)."""
     if not os.path.isfile(path):
         raise TrainingError(f"cannot resume: {path} does not exist (pass the --out folder of an earlier run)")
     meta = read_meta(path)
@@ -733,13 +734,13 @@ def _job_state(path: str) -> dict:
     state = meta.get("extra", {}).get("job_state")
     if state is None:
         raise TrainingError(f"cannot resume from {path}: it was not written by pbp-fx train (no job state)")
-    return state
+    return state, meta
 
 
 def _resume(path: str, pm, ctl, train_loader) -> tuple[History, float]:
     """Load the model, controller, optimizer and random states saved after the last epoch; returns
     the history and the seconds the run took before."""
-    state = _job_state(path)
+    state, _ = _job_state(path)
     load(path, pm, controller=ctl)  # the model, then the controller (which rebinds the optimizer to it)
     load_optimizer(path, ctl.optimizer)
     torch.set_rng_state(_unb64(state["rng"]["torch"]))

@@ -573,19 +573,19 @@ class PerforatedModel(nn.Module):
         # the state has no key of the site but holds its neuron layer (a state saved before the site
         # grew). A state that holds neither (a head alone, loaded with strict=False) leaves the site
         # as it is: it deleted every dendrite without a word, and missing_keys named none of them.
-        params = {id(t): n for n, t in [*self.named_parameters(remove_duplicate=False),
-                                        *self.named_buffers(remove_duplicate=False)]}
-        for path, site in self.named_modules():
-            if not isinstance(site, Site) or site.num_dendrites == 0:
-                continue
-            own = f"{prefix}{path}."
-            if own + "out_weight" in state_dict:
-                continue  # (the site resizes to its keys)
-            neuron = next((self.neuron_weight(n) for n, s in self.sites.items() if s is site), None)
-            named = params.get(id(neuron)) if neuron is not None else None
-            # (a key of the site's candidate pool, saved in a dendrite phase before any dendrite, says 0 too)
-            if named is None or prefix + named in state_dict or any(k.startswith(own) for k in state_dict):
-                site.resize(0)
+        # (the sites whose dendrites the state has no out_weight for: none, loading a whole state)
+        open_sites = [(f"{prefix}{path}.", site) for path, site in self.named_modules() if isinstance(site, Site)
+                      and site.num_dendrites and f"{prefix}{path}.out_weight" not in state_dict]
+        if open_sites:
+            names = {id(t): n for n, t in [*self.named_parameters(remove_duplicate=False),
+                                           *self.named_buffers(remove_duplicate=False)]}
+            neurons = {id(s): self.neuron_weight(n) for n, s in self.sites.items()}
+            for own, site in open_sites:
+                neuron = neurons.get(id(site))
+                named = names.get(id(neuron)) if neuron is not None else None
+                # (a key of the site's candidate pool, saved in a dendrite phase before any dendrite, says 0 too)
+                if named is None or prefix + named in state_dict or any(k.startswith(own) for k in state_dict):
+                    site.resize(0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:

@@ -1184,16 +1184,11 @@ def keyword_changes_output(module: nn.Module, args: tuple, kwargs: dict, key: st
         return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, value)
 
     without = {k: v for k, v in kwargs.items() if k != key}
-    modes = {m: m.training for m in module.modules()}
     try:
-        module.eval()
-        with buffers_kept(module), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with _modes(module, False), buffers_kept(module), torch.no_grad(), torch.random.fork_rng(devices=[]):
             return not _same_output(module(*fresh(args), **fresh(without)), module(*fresh(args), **fresh(kwargs)))
     except Exception:  # noqa: BLE001 - (a buffer left on another device): cannot tell, so it may
         return True
-    finally:
-        for m, t in modes.items():
-            m.train(t)
 
 
 def _same_output(a, b) -> bool:
