@@ -1,4 +1,5 @@
-"""A model that only the "parts" frontend captures (shared by the find_sites and checkpoint tests)."""
+"""Small models shared by several test modules: one that only the "parts" frontend captures (the
+find_sites and checkpoint tests), and a layer with a functional dropout (tracing, perforated)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,3 +27,14 @@ class BranchingRoot(nn.Module):
         if h.sum() > 0:
             h = self.gate(h)
         return self.head(h)
+
+
+class FunctionalDropout(nn.Module):
+    """A Linear followed by F.dropout on self.training: mode-dependent code in the graph."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.l = nn.Linear(width, width)
+
+    def forward(self, x):
+        return F.dropout(self.l(x), 0.5, self.training)

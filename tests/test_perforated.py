@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pbp_fx
+from parts_models import FunctionalDropout
 from pbp_fx.config import ConfigError
 from pbp_fx.site import CandidatePool, FusedSite, SwappedNeuron
 
@@ -1371,21 +1372,12 @@ class _DataDependent(nn.Module):
         return self.l2(h) if h.sum() > 0 else self.l2(-h)
 
 
-class _FunctionalDropout(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l = nn.Linear(6, 6)
-
-    def forward(self, x):
-        return F.dropout(self.l(x), 0.5, self.training)
-
-
 class _LoopsOnValues(nn.Module):
     """A root no frontend captures whole (a loop count from values): captured by parts."""
 
     def __init__(self):
         super().__init__()
-        self.enc, self.head = _FunctionalDropout(), nn.Linear(6, 3)
+        self.enc, self.head = FunctionalDropout(6), nn.Linear(6, 3)
 
     def forward(self, x):
         h = self.enc(x)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import pbp_fx
+from parts_models import FunctionalDropout
 from pbp_fx.site import Site
 from pbp_fx.errors import TraceError
 from pbp_fx.tracing import PBTracer, trace
@@ -866,19 +867,10 @@ def test_the_mixed_modes_check_sees_no_difference_in_numbered_constants_and_leav
 class _FrozenDropoutAmongPlainModules(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a1, self.a2, self.a3, self.enc, self.head = nn.ReLU(), nn.ReLU(), nn.ReLU(), _FunctionalDropout(), nn.Linear(4, 2)
+        self.a1, self.a2, self.a3, self.enc, self.head = nn.ReLU(), nn.ReLU(), nn.ReLU(), FunctionalDropout(), nn.Linear(4, 2)
 
     def forward(self, x):
         return self.head(self.enc(self.a3(self.a2(self.a1(x)))))
-
-
-class _FunctionalDropout(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return F.dropout(self.l(x), 0.5, self.training)
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
