@@ -157,13 +157,25 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, params, group_of: Optiona
         index = group_of(p) if group_of is not None else current.get(id(p), 0)
         groups[index if 0 <= index < len(groups) else 0].append(p)
     for g, members in zip(optimizer.param_groups, groups):
-        g["params"] = members
+        # In place: an optimizer may hold a group's list itself (torch.optim.LBFGS steps the list
+        # it was built with; a new list left it stepping the old parameters, so a dendrite phase
+        # trained nothing).
+        g["params"][:] = members
+    _forget_parameter_count(optimizer)
     if keep_state:
         for p in [p for p in optimizer.state if id(p) not in seen]:
             del optimizer.state[p]
         _state_to_parameter_devices(optimizer)
     else:
         optimizer.state.clear()
+
+
+def _forget_parameter_count(optimizer: torch.optim.Optimizer) -> None:
+    """Drop torch.optim.LBFGS's cached parameter count: it is taken once, from the first set,
+    and a step over a new set of another size failed its size assertion."""
+    inner = inner_optimizer(optimizer)
+    if isinstance(inner, torch.optim.LBFGS):
+        inner._numel_cache = None
 
 
 def _state_to_parameter_devices(optimizer: torch.optim.Optimizer) -> None:

@@ -137,6 +137,36 @@ def test_an_adopted_optimizer_keeps_its_groups():
         PhaseController(pm, optimizer=opt, optimizer_factory=torch.optim.Adam)
 
 
+def test_lbfgs_steps_the_parameters_of_each_phase():
+    """LBFGS steps the list it was built with: the controller gave its group a new list, so in
+    the dendrite phase LBFGS stepped the frozen neurons (nothing moved), and after an installation
+    its cached parameter count no longer fitted."""
+    pm = _pm()
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    ctl = PhaseController(pm, optimizer=torch.optim.LBFGS(pm.parameters(), lr=0.1, max_iter=2),
+                          patience=1, dendrite_patience=1, warmup=1)
+
+    def moved_by_a_step():
+        before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+
+        def closure():
+            ctl.optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(pm(x), y)
+            loss.backward()
+            return loss
+
+        ctl.optimizer.step(closure)
+        return {n for n, p in pm.named_parameters() if not torch.equal(p, before[n])}
+
+    _step_until_restructured(ctl)
+    assert pm.phase == "dendrite"
+    moved = moved_by_a_step()
+    assert moved and all("candidates" in n for n in moved)
+    _step_until_restructured(ctl)
+    assert pm.phase == "neuron" and pm.num_dendrites
+    assert {n for n in moved_by_a_step() if n.endswith("out_weight")}  # (the installed dendrites' V; the failure: an assertion on the size)
+
+
 def test_parameters_an_adopted_optimizer_leaves_out_stay_out():
     """Leaving a backbone out of the optimizer freezes it; adoption put every model parameter in."""
     pm = _pm()
