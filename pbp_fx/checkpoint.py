@@ -41,13 +41,46 @@ FORMAT_V1 = "pbp-fx-checkpoint/1"
 _GENERATOR_KEY = "controller/generator"  # the controller's candidate generator state
 
 
+# A tensor inside a list or dict of a state (LBFGS keeps its history as lists of tensors) is
+# stored as NESTED + its path, and the JSON in its place is {TENSOR: that name}.
+NESTED = "nested/"
+TENSOR = "__pbp_fx_tensor__"
+
+
 def _split_state(prefix: str, state: dict, tensors: dict, plain: dict) -> None:
     """Tensors to `tensors` (shared storage stored once), everything else to `plain` (JSON)."""
     for k, v in state.items():
         if isinstance(v, torch.Tensor):
-            tensors[f"{prefix}{k}"] = v.detach().cpu().contiguous().clone()
+            tensors[f"{prefix}{k}"] = _stored(v)
         else:
-            plain[f"{prefix}{k}"] = v
+            plain[f"{prefix}{k}"] = _tensors_named(v, f"{NESTED}{prefix}{k}", tensors)
+
+
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().clone()
+
+
+def _tensors_named(value, name: str, tensors: dict):
+    """`value` with each tensor inside its lists, tuples and str-keyed dicts moved to `tensors`."""
+    if isinstance(value, torch.Tensor):
+        tensors[name] = _stored(value)
+        return {TENSOR: name}
+    if isinstance(value, (list, tuple)):
+        return [_tensors_named(v, f"{name}/{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _tensors_named(v, f"{name}/{k}", tensors) for k, v in value.items()}
+    return value
+
+
+def _tensors_back(value, tensors: dict):
+    """The inverse of `_tensors_named` (lists stay lists: JSON has no tuples)."""
+    if isinstance(value, dict):
+        if set(value) == {TENSOR}:
+            return tensors[value[TENSOR]]
+        return {k: _tensors_back(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tensors_back(v, tensors) for v in value]
+    return value
 
 
 def _digest(tensors: dict, meta: dict) -> str:
@@ -293,7 +326,7 @@ def read_extra(path: str) -> dict:
 
 def _collect(prefix: str, tensors: dict, plain: dict) -> dict:
     out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    out.update({k[len(prefix):]: v for k, v in plain.items() if k.startswith(prefix)})
+    out.update({k[len(prefix):]: _tensors_back(v, tensors) for k, v in plain.items() if k.startswith(prefix)})
     return out
 
 

@@ -1,4 +1,5 @@
 """save / load: exact round trips, no pickle, atomic writes, clear refusals."""
+import copy
 import os
 import warnings
 
@@ -1029,25 +1030,78 @@ def test_extra_keeps_its_keys_as_given(tmp_path):
     assert not (tmp_path / "n.safetensors").exists()
 
 
+class _SetKeeper(torch.optim.SGD):
+    """An optimizer whose state holds a value JSON cannot hold (a set)."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["seen"] = {1, 2}
+        return super().step(closure)
+
+
 def test_state_a_checkpoint_cannot_store_is_named_where_it_is(tmp_path):
-    """LBFGS keeps lists of tensors in its state: the refusal said 'pass plain values in extra=',
-    which had not been given."""
+    """The refusal had said 'pass plain values in extra=', which had not been given."""
     pm = pbp_fx.perforate(_build(), (X,))
-    ctl = PhaseController(pm, optimizer=torch.optim.LBFGS(pm.parameters(), lr=0.1))
-
-    def closure():
-        ctl.optimizer.zero_grad()
-        loss = F.cross_entropy(pm(X), Y)
-        loss.backward()
-        return loss
-
-    ctl.optimizer.step(closure)
+    ctl = PhaseController(pm, optimizer=_SetKeeper(pm.parameters(), lr=0.1))
+    F.cross_entropy(pm(X), Y).backward()
+    ctl.optimizer.step()
     path = str(tmp_path / "m.safetensors")
-    with pytest.raises(CheckpointError, match=r"^the LBFGS optimizer's state holds values a checkpoint cannot store "
-                                              r"\(.*\): save without optimizer= and keep its state with torch.save"):
+    with pytest.raises(CheckpointError, match=r"^the _SetKeeper optimizer's state holds values a checkpoint cannot "
+                                              r"store \(.*set.*\): save without optimizer= and keep its state with "
+                                              r"torch.save"):
         pbp_fx.save(pm, path, controller=ctl, optimizer=ctl.optimizer)
     with pytest.raises(CheckpointError, match=r"^extra= holds a value a checkpoint cannot store \(Object of type "
                                               r"Tensor .*\): pass plain values"):
         pbp_fx.save(pm, path, controller=ctl, extra={"w": torch.ones(2)})
     assert not os.path.exists(path)
     pbp_fx.save(pm, path, controller=ctl)
+
+
+def _lbfgs_run(pm, ctl, epochs, scores):
+    """`epochs` LBFGS steps on fixed data, each followed by ctl.step with the next score."""
+    data = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=data), torch.randint(0, 3, (32,), generator=data)
+
+    def closure():
+        ctl.optimizer.zero_grad()
+        loss = F.cross_entropy(pm(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(epochs):
+        ctl.optimizer.step(closure)
+        ctl.step(next(scores))
+
+
+def test_lbfgs_state_lists_of_tensors_round_trip_and_resume_exactly(tmp_path):
+    """LBFGS keeps its curvature history as lists of tensors: save refused them (JSON), so a run
+    trained with LBFGS could not be resumed with its optimizer state."""
+    def fresh():
+        torch.manual_seed(3)
+        pm = pbp_fx.perforate(_build(), (X,))
+        ctl = PhaseController(pm, optimizer=torch.optim.LBFGS(pm.parameters(), lr=0.1, history_size=3),
+                              patience=1, max_dendrites=1, warmup=1, max_dendrite_epochs=6)
+        return pm, ctl
+
+    scores = [0.5, 0.6, 0.4, 0.4] + [0.1] * 20
+    pm, ctl = fresh()
+    it = iter(scores)
+    _lbfgs_run(pm, ctl, 2, it)
+    assert pm.phase == "neuron"
+    state = copy.deepcopy(ctl.optimizer.state_dict()["state"][0])  # (LBFGS appends to its lists in place)
+    assert isinstance(state["old_dirs"], list) and state["old_dirs"]
+    path = str(tmp_path / "lbfgs.safetensors")
+    pbp_fx.save(pm, path, controller=ctl, optimizer=ctl.optimizer)
+    _lbfgs_run(pm, ctl, 8, it)  # through a dendrite phase, its installation and the next round's start
+
+    pm2, ctl2 = fresh()
+    pbp_fx.load(path, pm2, controller=ctl2, optimizer=ctl2.optimizer)
+    back = ctl2.optimizer.state_dict()["state"][0]
+    assert len(back["old_dirs"]) == len(state["old_dirs"])
+    assert all(torch.equal(a, b) for a, b in zip(back["old_dirs"], state["old_dirs"]))
+    _lbfgs_run(pm2, ctl2, 8, iter(scores[2:]))
+    assert any(h["note"].startswith("installed dendrite") for h in ctl.history)
+    assert ctl2.history == ctl.history
+    for (name, a), b in zip(pm.state_dict().items(), pm2.state_dict().values()):
+        assert torch.equal(a, b), name
