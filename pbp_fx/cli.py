@@ -477,6 +477,33 @@ class _Unset:
 UNSET = _Unset()
 
 
+class _TypedInt(int):
+    """A flag's int that keeps the text it was typed as (an error shows what the user wrote)."""
+
+    def __new__(cls, value: int, text: str):
+        obj = super().__new__(cls, value)
+        obj.text = text
+        return obj
+
+    def __reduce__(self):  # (copied or sent to a worker process: a plain int)
+        return int, (int(self),)
+
+
+class _TypedFloat(float):
+    """A flag's float that keeps its text: `--lr 1e-999` is refused as 1e-999, not as 0.0."""
+
+    def __new__(cls, value: float, text: str):
+        obj = super().__new__(cls, value)
+        obj.text = text
+        return obj
+
+    def __reduce__(self):
+        return float, (float(self),)
+
+
+_AS_TYPED = {int: _TypedInt, float: _TypedFloat, str: lambda value, text: value}
+
+
 def _number(kind: type, flag: str, optional: bool = False):
     """An argparse type that names the flag in its one-line error (non-numeric values); `optional`:
     `none` is accepted too (UNSET)."""
@@ -485,7 +512,7 @@ def _number(kind: type, flag: str, optional: bool = False):
         if optional and text.strip().lower() == "none":
             return UNSET
         try:
-            return kind(text)
+            return _AS_TYPED[kind](kind(text), text)
         except ValueError:
             word = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"{text!r} is not {word}" + (" or none" if optional else "")) from None
@@ -547,7 +574,8 @@ def configs_from_args(args: argparse.Namespace):
             if exc.field is None:
                 raise
             if exc.field in given:
-                raise ConfigError(f"--{exc.field.replace('_', '-')} {exc.value}: {exc.reason}", exc.field, exc.value,
+                typed = getattr(given[exc.field], "text", exc.value)
+                raise ConfigError(f"--{exc.field.replace('_', '-')} {typed}: {exc.reason}", exc.field, exc.value,
                                   exc.reason) from None
             raise ConfigError(f"--config {path}: {exc}", exc.field, exc.value, exc.reason) from None
         except TypeError as exc:  # a YAML/JSON value of another type than the setting's (a list, a dict)

@@ -737,7 +737,8 @@ BAD_VALUES = [
     *[(["train", DIGITS_FILE, flag, value, "--out", "OUT/run"], msg) for flag, value, msg in [
         ("--epochs", "0", "--epochs 0: must be at least 1"), ("--epochs", "-3", "at least 1"),
         ("--epochs", "nan", "not a whole number"), ("--epochs", "ten", "not a whole number"),
-        ("--lr", "0", "--lr 0.0: must be"), ("--lr", "-1", "greater than 0"), ("--lr", "nan", "finite"),
+        ("--lr", "0", "--lr 0: must be"), ("--lr", "-1", "--lr -1: must be greater than 0"), ("--lr", "nan", "finite"),
+        ("--lr", "1e-99999", "--lr 1e-99999: must be greater than 0"),  # (as typed: it read "--lr 0.0")
         ("--lr", "inf", "finite"), ("--lr", "fast", "not a number"),
         ("--batch-size", "0", "at least 1"), ("--batch-size", "-5", "at least 1"), ("--seed", "-1", "at least 0"),
         ("--frontend", "jit", "invalid choice"), ("--mode", "sgd", "invalid choice"),
