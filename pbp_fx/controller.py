@@ -160,7 +160,10 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, params, group_of: Optiona
         # In place: an optimizer may hold a group's list itself (torch.optim.LBFGS steps the list
         # it was built with; a new list left it stepping the old parameters, so a dendrite phase
         # trained nothing).
-        g["params"][:] = members
+        if isinstance(g["params"], list):
+            g["params"][:] = members
+        else:
+            g["params"] = members
     _forget_parameter_count(optimizer)
     if keep_state:
         for p in [p for p in optimizer.state if id(p) not in seen]:
