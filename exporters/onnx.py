@@ -291,6 +291,36 @@ def graph_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Optional
     return tuple(args) + tuple(kwargs.values())
 
 
+class FlatInputs(nn.Module):
+    """`module` called with the leaves of its nested inputs (a dict or list of tensors) given one
+    by one, as an ONNX file takes them; `input_names` names each leaf by its path, e.g. batch_img."""
+
+    def __init__(self, module: nn.Module, spec, input_names: list[str]):
+        super().__init__()
+        self.module = module
+        self.spec = spec
+        self.input_names = input_names
+        self.train(module.training)
+
+    def forward(self, *leaves):
+        return self.module(*torch.utils._pytree.tree_unflatten(list(leaves), self.spec))
+
+
+def flat_call(module: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
+    """(module, inputs) as an ONNX file takes them: each input that is a list, tuple or dict
+    becomes its leaves, each an input of its own (through `FlatInputs`); else both unchanged.
+    torch.onnx.export took a trailing dict for keyword arguments, and a list as one input."""
+    if not any(isinstance(x, (list, tuple, dict)) for x in inputs):
+        return module, inputs
+    pytree = torch.utils._pytree
+    paths, spec = pytree.tree_flatten_with_path(tuple(inputs))
+    tops = _input_names(module, len(inputs))
+    names = [tops[path[0].idx] + "".join(f"_{_key_name(k)}" for k in path[1:]) for path, _ in paths]
+    if len(set(names)) < len(names):  # (a parameter named like another's key: a_b and a["b"])
+        names = [f"{name}_{i}" for i, name in enumerate(names)]
+    return FlatInputs(module, spec, names), tuple(leaf for _, leaf in paths)
+
+
 def _drop_unused_initializers(proto: onnx.ModelProto) -> None:
     """Initializers no node or output reads any more (a folded Clip's bounds): dropped, so that the
     file holds only what it runs and ONNX Runtime does not warn on loading it."""
@@ -326,6 +356,8 @@ def _input_names(module: nn.Module, count: int) -> list[str]:
     paths name inputs so); a `*args` forward's inputs are `args_0`, `args_1`, ..."""
     import inspect
 
+    if isinstance(module, FlatInputs):
+        return module.input_names[:count]
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
@@ -1187,6 +1219,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                                   f"{spec.min_opset}: pass opset={spec.min_opset} "
                                   f"(pbp-fx export --opset {spec.min_opset})")
     opset = MIN_OPSET if opset is None else int(opset)
+    module, inputs = flat_call(module, inputs)
     proto = _direct_or_torch_export(module, inputs, opset, dynamic_batch, axes)
     n_fused = _attach_functions(proto, specs)
     if fused and n_fused < len(specs):

@@ -871,11 +871,12 @@ def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs
 
     from .exporters import ort_session, run
     from .exporters.ort import output_difference
-    from .exporters.onnx import check_other_sizes, graph_inputs
+    from .exporters.onnx import check_other_sizes, flat_call, graph_inputs
 
+    final, flat = flat_call(pm.finalize(), graph_inputs(pm, inputs, kwargs))  # (the file's inputs: a dict's leaves)
     with _quiet_unless(args.debug), torch.no_grad():  # the same warnings as above: for --debug
         session = ort_session(path)
-        feeds = [t for t in graph_inputs(pm, inputs, kwargs) if isinstance(t, torch.Tensor)]
+        feeds = [t for t in flat if isinstance(t, torch.Tensor)]
         got = run(session, tuple(t.numpy() for t in feeds))
         # every tensor of a structured output (dict, tuple), in the order the exporter flattens it
         refs = [t for t in torch.utils._pytree.tree_leaves(pm(*inputs, **kwargs)) if isinstance(t, torch.Tensor)]
@@ -890,7 +891,7 @@ def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs
     if not all(d <= t for d, t in checks):
         raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> {tol:.2e}): report this as a bug")
     with _quiet_unless(args.debug):
-        sizes, problem = check_other_sizes(session, pm.finalize(), graph_inputs(pm, inputs, kwargs))
+        sizes, problem = check_other_sizes(session, final, flat)
     if problem is not None:  # (the named axes passed the export's own check: the batch is left)
         raise PBError(f"{problem}: export with --static-batch")
     if sizes:

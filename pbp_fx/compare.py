@@ -181,7 +181,7 @@ def train_perforated(model, example_inputs, loaders, loss_fn, config: PBConfig, 
 def onnx_latency_ms(model, example_inputs, repeats: int = 200, example_kwargs: Optional[dict] = None) -> float:
     """Median ONNX Runtime (CPU, 1 thread) latency of one call at the example inputs' batch."""
     from .exporters import export_onnx, ort_session, run
-    from .exporters.onnx import graph_inputs
+    from .exporters.onnx import flat_call, graph_inputs
     from .perforated import PerforatedModel, perforate
 
     if example_kwargs and not isinstance(model, PerforatedModel):
@@ -190,7 +190,8 @@ def onnx_latency_ms(model, example_inputs, repeats: int = 200, example_kwargs: O
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, example_inputs, os.path.join(tmp, "model.onnx"), example_kwargs=example_kwargs)
         session = ort_session(path, device="cpu", threads=1)
-    arrays = tuple(t.numpy() for t in graph_inputs(model, example_inputs, example_kwargs) if isinstance(t, torch.Tensor))
+    _, inputs = flat_call(model, graph_inputs(model, example_inputs, example_kwargs))
+    arrays = tuple(t.numpy() for t in inputs if isinstance(t, torch.Tensor))
     for _ in range(20):
         run(session, arrays)
     times = []

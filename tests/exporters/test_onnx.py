@@ -1417,3 +1417,43 @@ def test_integer_outputs_that_differ_already_at_the_example_are_no_fault_of_the_
                                        r"\(twice the example's\), and already at the example's sizes: ties"):
         path = export_onnx(pm, (x, mask), tmp_path / "m.onnx", dynamic_axes={"x": {1: "t"}, "mask": {1: "t"}})
     assert [d.dim_param for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[:2]] == ["batch", "t"]
+
+
+class _DictInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(2, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, batch):
+        return self.fc(torch.relu(self.conv(batch["signal"] * batch["gain"][:, None, None])).mean(-1))
+
+
+class _ListInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(5, 4), torch.nn.Linear(3, 4), torch.nn.Linear(8, 2)
+
+    def forward(self, parts, scale):
+        return self.head(torch.cat([torch.relu(self.a(parts[0])), torch.relu(self.b(parts[1]))], -1)) * scale
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_dict_or_list_input_becomes_one_file_input_per_tensor(tmp_path, fused):
+    """A forward taking a dict or list of tensors: torch.onnx read a dict for keyword arguments
+    ('missing a required argument'), and the batch check saw no tensor input with a batch axis."""
+    torch.manual_seed(0)
+    cases = [(_DictInput(), ({"signal": torch.randn(3, 2, 7), "gain": torch.rand(3)},), ["batch_signal", "batch_gain"]),
+             (_ListInput(), ([torch.randn(3, 5), torch.randn(3, 3)], torch.rand(3, 1)), ["parts_0", "parts_1", "scale"])]
+    for model, inputs, names in cases:
+        pm = _with_dendrites(pbp_fx.perforate(model, inputs))
+        path = export_onnx(pm, inputs, tmp_path / f"{type(model).__name__}.onnx", fused=fused)
+        proto = onnx.load(str(path))
+        assert [v.name for v in proto.graph.input] == names
+        assert len(pbp_nodes(proto)) == (len(pm.sites) if fused else 0)
+        session = ort_session(path, device="cpu", threads=1)
+        for batch in (1, 5):  # (the batch axis stays dynamic)
+            leaves = [torch.randn(batch, *t.shape[1:]) for t in torch.utils._pytree.tree_leaves(inputs)]
+            call = torch.utils._pytree.tree_unflatten(leaves, torch.utils._pytree.tree_structure(inputs))
+            got = run(session, tuple(t.numpy() for t in leaves))[0]
+            assert np.abs(got - pm(*call).detach().numpy()).max() <= 1e-5
