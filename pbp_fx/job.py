@@ -293,7 +293,8 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                 raise TrainingError(f"the first {name} samples fail in the model, its loss or its metric "
                                     f"({type(exc).__name__}: {first}): check that the data's shapes, dtypes and "
                                     "targets match the model, its outputs and the model file's TASK / loss_fn / "
-                                    f"metric (a sample is (input, ..., target), inputs not nested){layout}") from exc
+                                    f"metric (a sample is (input, ..., target); a last dict input gives keyword inputs, "
+                                    f"unless forward takes it whole){layout}") from exc
             out = primary_output(output)
             if class_labels and isinstance(ds, TensorDataset) and isinstance(out, torch.Tensor) and out.dim() >= 2:
                 _check_labels(ds.tensors[-1], out.shape[1], name)

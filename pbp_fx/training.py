@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import os
 import time
@@ -201,10 +202,31 @@ def split_batch(batch):
 
 
 def call_model(model, inputs: tuple):
-    """model(*inputs); a dict as the last input holds keyword inputs (a batch (x, {"ids": ids}, y))."""
-    if inputs and isinstance(inputs[-1], dict):
+    """model(*inputs); a dict as the last input holds keyword inputs (a batch (x, {"ids": ids}, y)),
+    unless forward takes it as one argument and not as keywords (forward(self, batch) that reads
+    batch["img"])."""
+    if inputs and isinstance(inputs[-1], dict) and not _dict_is_one_input(model, inputs):
         return model(*inputs[:-1], **inputs[-1])
     return model(*inputs)
+
+
+def _dict_is_one_input(model, inputs: tuple) -> bool:
+    """Whether forward binds `inputs` as they are but not with their last dict as keywords."""
+    model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return False
+    try:
+        signature.bind(*inputs[:-1], **inputs[-1])
+        return False
+    except TypeError:
+        pass
+    try:
+        signature.bind(*inputs)
+        return True
+    except TypeError:
+        return False
 
 
 def primary_output(output):

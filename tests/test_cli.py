@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import onnx
 import pytest
 
 import pbp_fx
@@ -18,6 +19,7 @@ from pbp_fx.modelfile import instantiate, load_model_file
 pytestmark = pytest.mark.usefixtures("seeded")
 
 GOOD = """
+import onnx
 import torch
 from torch import nn
 
@@ -1540,3 +1542,57 @@ def test_a_sigterm_python_discards_in_a_clean_up_callback_still_stops_the_comman
 
     monkeypatch.setattr(cli, "_main", stopped_by_a_second_signal)
     assert cli.main() == 143 and stopped and capsys.readouterr().err == ""
+
+
+DICT_INPUT = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, batch):  # one dict of tensors, read by key
+        return self.head(torch.relu(self.fc(batch["x"] * batch["gain"][:, None])))
+
+
+def build_model():
+    torch.manual_seed(0)
+    return Net()
+
+
+def example_inputs():
+    return ({"x": torch.randn(2, 6), "gain": torch.ones(2)},)
+
+
+class Samples(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x, self.y = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "gain": torch.tensor(1.0)}, self.y[i]
+
+
+def datasets():
+    return Samples(64, 0), Samples(32, 1), Samples(32, 2)
+"""
+
+
+def test_a_model_that_takes_one_dict_trains_and_exports_with_check(tmp_path, capsys):
+    """forward(self, batch) reading batch["x"]: train spread the dict into keyword arguments
+    ('unexpected keyword argument'), export refused it (no tensor input with a batch axis)."""
+    model = _write(tmp_path, DICT_INPUT)
+    rc, out, err = _run(["train", model, "--epochs", "2", "--out", str(tmp_path / "run")], capsys)
+    assert rc == 0, err
+    rc, out, err = _run(["export", str(tmp_path / "run" / "checkpoint.safetensors"), "-o", str(tmp_path / "m.onnx"),
+                         "--check"], capsys)
+    assert rc == 0, err
+    assert "check: ONNX Runtime" in out and "the same function at batch=4" in out
+    assert [v.name for v in onnx.load(str(tmp_path / "m.onnx")).graph.input] == ["batch_x", "batch_gain"]
