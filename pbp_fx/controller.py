@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import math
 import weakref
 from typing import Callable, Optional
 
@@ -735,7 +736,7 @@ class PhaseController:
         # score). Several ranks: rank 0's score counts, which the schedule checks after agreeing.
         score = _score_of(val_score)
         if self.distributed is None:
-            check_score(score)
+            check_score(score, self.schedule.takes_divergence)
         progress = self.pm.candidate_progress(self.config.dendrite_improvement) if phase == "dendrite" else False
         if phase == "dendrite" and not self._warned_short_phase:
             self._warn_if_the_phase_ends_warming_up()
@@ -744,6 +745,11 @@ class PhaseController:
         self._execute(action)
         decision = (Decision.COMPLETE if action.kind is Kind.COMPLETE else
                     Decision.RESTRUCTURED if action.restructures else Decision.CONTINUE)
+        if not math.isfinite(score):
+            warn_at_user(f"the validation score is {score} at epoch {self.schedule.epoch}: the weights diverged, so the "
+                         f"neuron phase ends here and the model is back at its best weights (epoch "
+                         f"{self.schedule.best_epoch}); a lower learning rate avoids it")
+            score = None  # (the history is JSON)
         self._record(phase, score, decision, action.note)
         return decision
 

@@ -25,11 +25,12 @@ from .errors import TrainingError
 __all__ = ["PhaseSchedule", "Action", "Kind", "check_score"]
 
 
-def check_score(score: float) -> None:
-    """Refuse a validation score that is not finite, in one line."""
-    if not math.isfinite(score):
-        raise TrainingError(f"the validation score is {score} (not finite): check the validation data "
-                            "and the metric for NaN/Inf")
+def check_score(score: float, diverged_ok: bool = False) -> None:
+    """Refuse a validation score that is not finite, in one line; diverged_ok: a neuron phase
+    after a finite best takes it (`PhaseSchedule.takes_divergence`)."""
+    if not math.isfinite(score) and not diverged_ok:
+        raise TrainingError(f"the validation score is {score} (not finite) before any finite best: check the "
+                            "validation data and the metric for NaN/Inf, or a learning rate that diverges at once")
 
 
 class Kind(str, enum.Enum):
@@ -89,17 +90,26 @@ class PhaseSchedule:
         gain = score - self.best_score if self.config.maximize else self.best_score - score
         return gain > self.config.improvement
 
+    @property
+    def takes_divergence(self) -> bool:
+        """Whether a non-finite score is taken now: in a neuron phase after a finite best, where it
+        ends the phase at once (the weights diverged; the switch rewinds to the best ones). Else it
+        is refused: before any best it points at the data or the metric, and in a dendrite phase,
+        whose candidates do not reach the output, the score decides nothing and the base is frozen."""
+        return self.phase == "neuron" and self.best_score is not None
+
     def step(self, score: float, candidate_progress: bool = False) -> Action:
         """The action after one epoch with validation `score` (candidate_progress: dendrite phase only)."""
         if self.done:
             return Action(Kind.COMPLETE, "already complete")
         # (also in a dendrite phase, where the score decides nothing: it would enter the history)
-        check_score(score)
+        check_score(score, self.takes_divergence)
         self.epoch += 1
         self.phase_epochs += 1
         if self.phase == "dendrite":
             return self._dendrite_step(candidate_progress)
-        new_best = self._better(score)
+        diverged = not math.isfinite(score)
+        new_best = not diverged and self._better(score)
         if new_best:
             self.best_score, self.best_epoch, self.best_dendrites = score, self.epoch, self.dendrites
             self.stale_epochs = 0
@@ -107,9 +117,17 @@ class PhaseSchedule:
         else:
             self.stale_epochs += 1
         cfg = self.config
-        if self.stale_epochs < cfg.patience and (cfg.neuron_epochs is None or self.phase_epochs < cfg.neuron_epochs):
+        if not diverged and self.stale_epochs < cfg.patience and (cfg.neuron_epochs is None
+                                                                  or self.phase_epochs < cfg.neuron_epochs):
             return Action(Kind.CONTINUE, "", new_best)
         # The neuron phase is over: accept the round, retry it, or finish (docs/algorithm.md).
+        action = self._phase_over(new_best)
+        if diverged:
+            return Action(action.kind, f"score {score}: diverged; " + action.note, new_best)
+        return action
+
+    def _phase_over(self, new_best: bool) -> Action:
+        cfg = self.config
         retry = not self.round_improved
         if retry:
             if self.retries_left <= 0:

@@ -414,6 +414,25 @@ def test_non_finite_score_is_reported():
         ctl.step(float("nan"))
 
 
+def test_a_diverged_neuron_phase_goes_back_to_the_best_weights_and_goes_on():
+    """A NaN score after a best raised: the fit died with NaN weights and the best ones not restored."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=5)
+    assert ctl.step(0.5) is C
+    best = {k: v.clone() for k, v in pm.state_dict().items()}
+    with torch.no_grad():
+        for p in pm.parameters():
+            p.fill_(float("nan"))
+    with pytest.warns(pbp_fx.PBWarning, match=r"the validation score is nan at epoch 2: the weights diverged, so the "
+                                              r"neuron phase ends here and the model is back at its best weights "
+                                              r"\(epoch 1\); a lower learning rate"):
+        assert ctl.step(float("nan")) is R
+    assert pm.phase == "dendrite"
+    for k, v in best.items():
+        assert torch.equal(pm.state_dict()[k], v), k
+    assert ctl.history[-1]["score"] is None and ctl.history[-1]["note"].startswith("score nan: diverged; ")
+
+
 def test_the_default_optimizer_is_fused_adam_where_torch_has_the_kernel_and_trains_across_phases():
     pm = _pm()
     ctl = PhaseController(pm, patience=1, dendrite_patience=1)

@@ -110,11 +110,14 @@ def test_stop_completes_from_any_phase():
     assert s.done and s.phase == "neuron" and s.dendrites == 0
 
 
-def test_non_finite_scores_are_refused_in_either_phase_and_change_nothing():
+def test_non_finite_scores_before_a_best_or_in_a_dendrite_phase_are_refused_and_change_nothing():
     """In a dendrite phase a NaN went on (and an inf installed), both into the history."""
     s = PhaseSchedule(PBConfig())
-    with pytest.raises(TrainingError, match="not finite"):
+    assert not s.takes_divergence
+    with pytest.raises(TrainingError, match=r"not finite\) before any finite best: check the validation data and the "
+                                            r"metric for NaN/Inf, or a learning rate that diverges at once"):
         s.step(float("nan"))
+    assert s.state_dict() == PhaseSchedule(PBConfig()).state_dict()
     s = PhaseSchedule(PBConfig(patience=1))
     _run(s, [0.5, 0.5])
     assert s.phase == "dendrite"
@@ -137,3 +140,23 @@ def test_state_dict_resumes_identically():
         b.load_state_dict(a.state_dict())
         assert first + _run(b, seq[cut:]) == expected
         assert b.state_dict() == whole.state_dict()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_score_after_a_best_ends_the_neuron_phase_at_once(bad):
+    """A diverged neuron phase (NaN weights) raised, leaving the model diverged and the run unfinished."""
+    s = PhaseSchedule(PBConfig(patience=5, max_dendrites=2))
+    _run(s, [0.5, 0.6])
+    assert s.takes_divergence
+    a = s.step(bad)
+    assert a.kind is Kind.START_DENDRITES and not a.new_best and a.note.startswith(f"score {bad}: diverged; neuron")
+    assert (s.best_score, s.best_epoch, s.phase) == (0.6, 2, "dendrite")
+    s.step(0.6, candidate_progress=False)  # (dendrite_patience 3 by default)
+    _run(s, [0.6, 0.6])
+    assert s.phase == "neuron" and s.dendrites == 1
+    a = s.step(bad)  # a round that set no best and diverged: retried, from the best weights (0 dendrites)
+    assert a.kind is Kind.RETRY and s.dendrites == 0
+    s = PhaseSchedule(PBConfig(patience=1, dendrite_patience=1, max_dendrites=1))
+    _run(s, [0.5, 0.5, (0.5, False), 0.7])  # a dendrite installed, then a new best
+    a = s.step(bad)  # at max_dendrites: the run ends, at its best
+    assert a.kind is Kind.COMPLETE and s.done and (s.best_epoch, s.dendrites) == (4, 1)
