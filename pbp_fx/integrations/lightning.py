@@ -179,6 +179,10 @@ class PBCallback(Callback):
             rank_zero_warn(f"PBCallback follows {self.monitor!r}, which this validation run did not log (it comes "
                            "from training): PB's rounds should rest on held-out scores; self.log a metric in "
                            "validation_step and pass monitor= it")
+        if trainer.fast_dev_run:
+            # Lightning's smoke test (a batch or a few, then one validation) checks the wiring: the
+            # metric is logged. It is no epoch of the run: a fit after it starts PB afresh.
+            return
         decision = self.controller.step(float(metrics[self.monitor]))
         self._hold_early_stopping(trainer)
         if decision is Decision.COMPLETE:
@@ -229,6 +233,9 @@ class PBCallback(Callback):
     def on_fit_end(self, trainer, pl_module):
         self._fitting = False
         ctl = self.controller
+        if trainer.fast_dev_run and ctl is not None and not ctl.history:
+            self.controller = None  # (not finished: the next fit builds its own on its own optimizer)
+            return
         if ctl is not None and ctl.done:
             # PB may have finished before the Trainer did (min_epochs trains on; a resumed finished run):
             # the best-validation model is the one fit leaves.

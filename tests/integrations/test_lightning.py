@@ -696,3 +696,18 @@ def test_a_weight_averaging_callback_is_refused_before_any_step(averager):
                                             "restructures it .*pbp_fx.integrations.averaging"):
         trainer.fit(module, train, val)
     assert trainer.global_step == 0
+
+
+def test_a_fast_dev_run_leaves_the_run_to_the_fit_after_it():
+    """Lightning's smoke test (one batch, one validation) was PB's epoch 1 and finished the run
+    ('budget ran out'), so the real fit after it with the same callback trained nothing."""
+    train, val = digits_loaders()
+    pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+    module, cb = Classifier(pm), PBCallback(QUICK, monitor="val_acc", mode="max")
+    L.Trainer(fast_dev_run=True, callbacks=[cb], accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, train, val)
+    assert cb.controller is None and pm.phase == "neuron"
+    trainer = _trainer(cb)
+    trainer.fit(module, train, val)
+    assert trainer.global_step > 0 and len(cb.controller.history) == trainer.current_epoch
+    assert any("installed dendrite 1" in h["note"] for h in cb.controller.history)
