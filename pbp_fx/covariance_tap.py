@@ -16,13 +16,12 @@ of a distributed run (a Python reducer).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
-from .errors import PBWarning
+from .errors import warn_at_user
 from .layers import copy_dim, every_nth_position, per_position, split_members
 
 __all__ = ["STAT_NAMES", "StatsSettings", "batch_covariance", "fold_batch", "candidate_gradient",
@@ -186,9 +185,12 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
     p = c.shape[copy_dim(axis)]
     if c.numel() == p * stats[0].shape[1]:
         # One value per (member, channel): centred, it is 0, and so is every covariance.
-        warnings.warn("a batch gives the candidates one value per channel (a batch of 1 sample at a site without "
-                      "positions): their correlation with the error is 0 and the dendrite phase learns nothing; "
-                      "train with batches of 2 or more samples", PBWarning, stacklevel=2)
+        per = f"a batch dealt to a pool of {p} one sample each" if split else "a batch of 1 sample"
+        warn_at_user(f"{per} gives each candidate one value per channel at a site without positions, so that "
+                     "batch adds nothing to their correlations; a last batch this small (a dataset just over a "
+                     "multiple of the batch size) costs only itself, DataLoader(drop_last=True) leaves it out; if "
+                     f"every batch is, the dendrite phase learns nothing: use batches of {2 * p if split else 2} "
+                     "or more samples")
     with torch.no_grad():  # (instead of a detach per tensor: one dispatch each, per site and step)
         left_out = 1.0  # positions per position seen
         if stride != 1:

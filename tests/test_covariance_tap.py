@@ -111,8 +111,12 @@ def test_a_batch_of_one_value_per_channel_is_warned_of():
     pm = pbp_fx.perforate(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)),
                           (torch.randn(2, 4),))
     pm.start_dendrite_phase(pool=2)
-    with pytest.warns(UserWarning, match="one value per channel .*batches of 2 or more"):
+    with pytest.warns(pbp_fx.PBWarning, match=r"^a batch of 1 sample gives each candidate one value per channel at "
+                                              r"a site without positions, so that batch adds nothing .*"
+                                              r"DataLoader\(drop_last=True\) leaves it out; if every batch is, the "
+                                              r"dendrite phase learns nothing: use batches of 2 or more") as caught:
         pm(torch.randn(1, 4)).sum().backward()
+    assert {w.filename for w in caught} == {__file__}  # (the user's line, not the tap's)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pm(torch.randn(3, 4)).sum().backward()
