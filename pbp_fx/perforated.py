@@ -1012,7 +1012,8 @@ def _pool_left_out(pm: "PerforatedModel", incompatible) -> None:
         incompatible.unexpected_keys.remove(key)
     warn_at_user(f"the state was saved inside a dendrite phase: its candidate pool ({len(pool)} tensors) is left "
                  "out, as it adds nothing to the output; to train on from it, resume the run itself "
-                 "(trainer.fit(..., ckpt_path=...), pbp_fx.load or pbp-fx train --resume)")
+                 "(Lightning: trainer.fit(..., ckpt_path=...); Hugging Face: trainer.train(resume_from_checkpoint="
+                 "...); pbp_fx.load; pbp-fx train --resume)")
 
 
 def _new_with_signature(signature: inspect.Signature) -> PerforatedModel:

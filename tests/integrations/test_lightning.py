@@ -320,7 +320,9 @@ def test_a_fresh_module_validates_from_a_dendrite_phase_checkpoint(tmp_path):
     # in torch's many-line unexpected-keys report; they add nothing to the output, so they are left out.
     plain = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
     with pytest.warns(UserWarning, match=r"saved inside a dendrite phase: its candidate pool \(\d+ tensors\) is "
-                                         r"left out, as it adds nothing to the output"):
+                                         r"left out, as it adds nothing to the output; to train on from it, resume "
+                                         r"the run itself \(Lightning: trainer.fit\(..., ckpt_path=...\); Hugging "
+                                         r"Face: trainer.train\(resume_from_checkpoint=...\);"):
         result = plain.load_state_dict(last["state_dict"])
     assert not result.unexpected_keys and not result.missing_keys and plain.model.phase == "neuron"
     x = next(iter(val))[0]
