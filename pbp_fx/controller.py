@@ -294,6 +294,7 @@ class PhaseController:
                          "(candidate_lr) has no effect: pass relative_step=False and an lr to let PB set it")
         self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
         self._warned_short_phase = False
+        self._warned_small_gains = False
         _StepHook.register(self)
         for i, g in enumerate(optimizer.param_groups):
             for p in g["params"]:
@@ -694,6 +695,28 @@ class PhaseController:
         score, mark = self.distributed.agree([score, int(progress)], state)
         return score, bool(mark)
 
+    def _warn_if_gains_went_uncounted(self, score: float) -> None:
+        """Once per run, as a neuron phase ends: an epoch of it scored better than the best kept by
+        at least 1 % of the score but less than `improvement`, so the rewind drops its weights
+        (scores of a scale near the threshold, an MSE of 1e-3 against the default 1e-3, never count
+        as gains; a smaller relative gain is the threshold's ordinary work)."""
+        rows = [(self.schedule.epoch, score)]
+        for row in reversed(self.history):
+            if row["phase"] != "neuron" or row["decision"] != Decision.CONTINUE.value:
+                break
+            rows.append((row["epoch"], row["score"]))
+        rows = [(e, s) for e, s in rows if s is not None and math.isfinite(s)]
+        best = self.schedule.best_score
+        if not rows or best is None:
+            return
+        epoch, top = (max if self.config.maximize else min)(rows, key=lambda r: r[1])
+        if abs(top - best) >= 0.01 * abs(best) and ((top > best) if self.config.maximize else (top < best)):
+            self._warned_small_gains = True
+            warn_at_user(f"epoch {epoch} scored {top:.6g}, better than the best kept ({best:.6g}, epoch "
+                         f"{self.schedule.best_epoch}) by less than improvement={self.config.improvement:g}, so the "
+                         f"model goes back to epoch {self.schedule.best_epoch}'s weights: for scores of this scale give "
+                         "a smaller improvement (PBConfig(improvement=...), pbp-fx train --improvement)")
+
     def _warn_if_the_phase_ends_warming_up(self) -> None:
         """Once per run: epochs of so few batches that max_dendrite_epochs ends a dendrite phase
         before its statistics have warmed up (its candidates are then judged on a running
@@ -745,6 +768,8 @@ class PhaseController:
         self._execute(action)
         decision = (Decision.COMPLETE if action.kind is Kind.COMPLETE else
                     Decision.RESTRUCTURED if action.restructures else Decision.CONTINUE)
+        if phase == "neuron" and decision is not Decision.CONTINUE and not self._warned_small_gains:
+            self._warn_if_gains_went_uncounted(score)
         if not math.isfinite(score):
             warn_at_user(f"the validation score is {score} at epoch {self.schedule.epoch}: the weights diverged, so the "
                          f"neuron phase ends here and the model is back at its best weights (epoch "

@@ -1077,3 +1077,19 @@ def test_a_phase_changed_by_hand_is_refused_at_the_next_step():
         ctl.step(0.5)
     pm.abort_dendrite_phase()
     assert ctl.step(0.5) is C  # (back as the controller left it)
+
+
+def test_gains_below_the_threshold_but_large_for_the_scores_scale_are_warned_of_once():
+    """An MSE near 1e-3 never counted as a gain against improvement=1e-3: the run went back to a
+    model of twice the loss, silently."""
+    ctl = PhaseController(_pm(), patience=2, dendrite_patience=1, maximize=True)
+    with pytest.warns(pbp_fx.PBWarning, match=r"^epoch 3 scored -0.0006, better than the best kept \(-0.00139, "
+                                              r"epoch 1\) by less than improvement=0.001, so the model goes back to "
+                                              r"epoch 1's weights: for scores of this scale give a smaller improvement"):
+        assert _run(ctl, [-0.00139, -0.0008, -0.0006]) == [C, C, R]
+    quiet = PhaseController(_pm(), patience=2, maximize=True)  # a small gain at an ordinary scale: the threshold's work
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(ctl, [-0.0013, -0.0013, -0.0008, -0.0008])  # (once per run)
+        assert _run(quiet, [0.500, 0.5004, 0.5008]) == [C, C, R]
+    assert not [w for w in caught if "better than the best kept" in str(w.message)]
