@@ -295,6 +295,7 @@ class PhaseController:
         self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
         self._warned_short_phase = False
         self._warned_small_gains = False
+        self._warned_silent_sites = False
         _StepHook.register(self)
         for i, g in enumerate(optimizer.param_groups):
             for p in g["params"]:
@@ -674,6 +675,8 @@ class PhaseController:
             self.restore_best()
             self._begin_round()
         elif action.kind is Kind.INSTALL:
+            if not self._warned_silent_sites:
+                self._warn_of_sites_without_error()
             self.pm.install_candidates(v_init=self.config.v_init)
             self._leave_dendrite_lr()
             self._thaw_outside()
@@ -694,6 +697,19 @@ class PhaseController:
         state = [s.epoch, s.dendrites, int(s.phase == "dendrite"), int(s.done)]
         score, mark = self.distributed.agree([score, int(progress)], state)
         return score, bool(mark)
+
+    def _warn_of_sites_without_error(self) -> None:
+        """Once per run, at an install: sites whose candidates never met an error (every correlation
+        exactly 0: the loss does not reach the site's output, a head no loss reads) get a dendrite
+        that adds parameters and compute and changes nothing."""
+        silent = [name for name, c in self.pm.correlations().items() if c.numel() and not bool(c.abs().max() > 0)]
+        if silent:
+            self._warned_silent_sites = True
+            shown = ", ".join(map(repr, silent[:4])) + (", ..." if len(silent) > 4 else "")
+            warn_at_user(f"site(s) {shown} met no error in the dendrite phase (every correlation is 0: the loss "
+                         "does not reach their output, e.g. a head no loss reads), so their dendrites add parameters "
+                         "and compute and change nothing: leave them out (perforate(..., exclude=[...]), pbp-fx "
+                         "train --exclude NAME)")
 
     def _warn_if_gains_went_uncounted(self, score: float) -> None:
         """Once per run, as a neuron phase ends: an epoch of it scored better than the best kept by

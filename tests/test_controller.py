@@ -1093,3 +1093,31 @@ def test_gains_below_the_threshold_but_large_for_the_scores_scale_are_warned_of_
         _run(ctl, [-0.0013, -0.0013, -0.0008, -0.0008])  # (once per run)
         assert _run(quiet, [0.500, 0.5004, 0.5008]) == [C, C, R]
     assert not [w for w in caught if "better than the best kept" in str(w.message)]
+
+
+class _UnreadHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.aux = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"logits": h, "aux": self.aux(h.detach())}
+
+
+def test_sites_whose_output_the_loss_never_reaches_are_warned_of_at_the_install():
+    """A head no loss reads got dendrites (correlation 0, V stays 0): parameters and compute for nothing."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3), torch.randint(0, 4, (16,))
+    pm = pbp_fx.perforate(_UnreadHead(), (x,))
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1, warmup=1)
+    _step_until_restructured(ctl)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(pm(x)["logits"], y)
+        ctl.optimizer.zero_grad()
+        loss.backward()
+        ctl.optimizer.step()
+    with pytest.warns(pbp_fx.PBWarning, match=r"^site\(s\) 'aux' met no error in the dendrite phase \(every "
+                                              r"correlation is 0: the loss does not reach their output"):
+        _step_until_restructured(ctl)
+    assert pm.phase == "neuron" and pm.num_dendrites == {"body": 1, "aux": 1}
