@@ -865,10 +865,10 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
             else:
                 if frontend == "auto":
                     gm = _prefer(model, gm, lambda: _export_graph(model, export_call, args, kwargs, dynamic),
-                                 _written_buffers(model, args, kwargs))
+                                 _written_buffers(model, args, kwargs, gm))
                 if gm.meta["pbp_frontend"] == "fx":
                     _replay(fx_warnings)
-                    written = _written_buffers(model, args, kwargs) if frontend == "fx" else []
+                    written = _written_buffers(model, args, kwargs, gm) if frontend == "fx" else []
                     if written:
                         warn_at_user(f"forward writes buffer(s) {', '.join(written[:3])}, which symbolic tracing "
                                      "drops (or runs once, while tracing): the perforated model will not update "
@@ -943,13 +943,16 @@ def _unreached(model: nn.Module, gm: fx.GraphModule) -> tuple[int, list[str]]:
     return len(specs), [name for name, p in neuron_weights(model) if id(p) not in reached]
 
 
-def _written_buffers(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
-    """Buffers the model's forward writes in place (a running mean of its own, a call counter),
-    outside norm layers (whose statistics every frontend keeps): found by running it once, every
-    buffer restored after. Symbolic tracing records such writes once, while tracing, or drops them."""
-    norm_owned = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-                  for b in m.buffers(recurse=False)}
-    if all(id(b) in norm_owned for b in model.buffers()):
+def _written_buffers(model: nn.Module, args: tuple, kwargs: dict, gm: fx.GraphModule) -> list[str]:
+    """Buffers the model's forward writes in place (a running mean of its own, a call counter) that
+    the fx graph `gm` drops: outside norm layers (whose statistics every frontend keeps) and outside
+    the modules `gm` calls whole (a leaf, a parametrized layer: spectral_norm's _u and _v), whose own
+    forward runs and writes them. Found by running the model once, every buffer restored after.
+    Symbolic tracing records the other writes once, while tracing, or drops them."""
+    kept = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+            for b in m.buffers(recurse=False)}
+    kept |= {id(b) for m in _called_whole(gm) for b in m.buffers()}
+    if all(id(b) in kept for b in model.buffers()):
         return []
     with buffers_kept(model) as before:
         try:
@@ -958,8 +961,14 @@ def _written_buffers(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
         except Exception:  # noqa: BLE001 - the frontends report a model that does not run
             return []
         now = dict(model.named_buffers())
-        return [n for n, b in before.items() if id(now.get(n)) not in norm_owned
+        return [n for n, b in before.items() if id(now.get(n)) not in kept
                 and (n not in now or not _same_values(now[n], b))]
+
+
+def _called_whole(gm: fx.GraphModule) -> list[nn.Module]:
+    """The modules the call_module nodes of `gm` (and of the graphs it holds) run, submodules and all."""
+    return [g.get_submodule(n.target) for g in gm.modules() if isinstance(g, fx.GraphModule)
+            for n in g.graph.nodes if n.op == "call_module"]
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1,4 +1,5 @@
 """pbp_fx.tracing: fx tracing, leaf isolation of untraceable submodules, one-line trace errors."""
+import copy
 import inspect
 import warnings
 
@@ -569,6 +570,47 @@ def test_frontend_fx_warns_of_a_buffer_the_forward_writes(recwarn):
     recwarn.clear()
     gm = trace(model, (x,), frontend="auto")
     assert gm.meta["pbp_frontend"] == "export" and not [w for w in recwarn if "writes buffer" in str(w.message)]
+
+
+class _InputMean(nn.Module):
+    """Subtracts a running input mean that it updates in train mode (fx keeps it whole: it reads .training)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+                self.steps += 1
+        return x - self.mean
+
+
+class _SpectralHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = _InputMean(4), nn.utils.parametrizations.spectral_norm(nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+def test_buffers_written_by_a_module_the_graph_calls_whole_are_kept(recwarn):
+    """A module kept whole and spectral_norm's parametrization (_u, _v) run their own forward in the graph:
+    fx (and load, which captures as saved) warned that it dropped their writes, and auto tried torch.export."""
+    model, x = _SpectralHead(), torch.randn(3, 4)
+    ref = copy.deepcopy(model)
+    pm = pbp_fx.perforate(model, (x,), frontend="fx")
+    assert not [w for w in recwarn if "writes buffer" in str(w.message)]
+    for _ in range(3):
+        got, want = pm(x), ref(x)
+    torch.testing.assert_close(got, want)
+    buffers = dict(pm.graph_module.named_buffers())
+    assert all(torch.equal(buffers[k], b) for k, b in ref.named_buffers())
+    gm = trace(nn.Sequential(_InputMean(4), nn.Linear(4, 3)), (x,))
+    assert gm.meta["pbp_frontend"] == "fx" and "pbp_frontend_choice" not in gm.meta
 
 
 class _FrozenFeatures(nn.Module):
