@@ -925,19 +925,32 @@ def _export_graph(model, call, args, kwargs, dynamic) -> fx.GraphModule:
     return gm
 
 
+# Layers with Linear/Conv-like weights that no frontend makes sites of (explain's _NOT_NEURON_LAYERS).
+_NEVER_SITES = (nn.RNNBase, nn.RNNCellBase, nn.modules.conv._ConvTransposeNd, nn.Bilinear)
+
+
 def _unreached(model: nn.Module, gm: fx.GraphModule) -> tuple[int, list[str]]:
-    """(sites of `gm`, the model's Linear/Conv-like weights that none of them reaches), recurrent
-    layers' weights aside: no frontend makes sites of them, so they are no reason for auto to try
-    torch.export, whose capture of a GRU/LSTM fixes the sequence length of every later export of one
-    in the process."""
+    """(sites of `gm`, the model's Linear/Conv-like weights that none of them reaches), the weights
+    of layers that are never sites aside (recurrent, transposed convs, Bilinear): they are no reason
+    for auto to try torch.export, whose capture of a GRU/LSTM fixes the sequence length of every
+    later export of one in the process. A site's parametrized weight reaches its originals
+    (weight_norm's g and v)."""
+    from torch.nn.utils import parametrize
+
     from pbp_fx.passes.find_sites import find_sites
-    from pbp_fx.passes.patterns import attr_tensor, neuron_weights
+    from pbp_fx.passes.patterns import neuron_weights
 
     specs = find_sites(gm)
-    reached = {id(p) for m in model.modules() if isinstance(m, nn.RNNBase) for p in m.parameters()}
+    reached = {id(p) for m in model.modules() if isinstance(m, _NEVER_SITES) for p in m.parameters()}
     for spec in specs:
+        path, _, name = (spec.weight or "").rpartition(".")
         try:
-            reached.add(id(attr_tensor(gm, spec.weight)))
+            owner = gm.get_submodule(path) if path else gm
+            if parametrize.is_parametrized(owner, name):
+                # (not read: that runs the parametrization, and spectral_norm's writes its _u and _v)
+                reached.update(id(p) for p in owner.parametrizations[name].parameters())
+            else:
+                reached.add(id(getattr(owner, name)))
         except AttributeError:
             continue
     return len(specs), [name for name, p in neuron_weights(model) if id(p) not in reached]
