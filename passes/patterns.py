@@ -136,6 +136,10 @@ def attr_tensor(gm: nn.Module, path: str) -> torch.Tensor:
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
+# Layers with Linear/Conv-like weights that no frontend makes sites of.
+NEVER_SITES = (nn.RNNBase, nn.RNNCellBase, nn.modules.conv._ConvTransposeNd, nn.Bilinear)
+
+
 def neuron_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Linear/Conv-like weights of a model, by qualified name: the weights of Linear / ConvNd
     modules, and the 2-D or wider parameters of other torch.nn layers (MultiheadAttention's

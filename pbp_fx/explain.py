@@ -65,7 +65,7 @@ def _kind(node: fx.Node, g: fx.GraphModule) -> str:
 def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=None) -> list[SiteExplanation]:
     """explain_sites on a traced graph of `model` (which shares its parameters)."""
     from .passes.find_sites import find_sites, live_nodes
-    from .passes.patterns import NotASite, attr_tensor, explain_neuron, match_neuron, neuron_weights
+    from .passes.patterns import NEVER_SITES, NotASite, attr_tensor, explain_neuron, match_neuron, neuron_weights
 
     rows: list[SiteExplanation] = []
     reached: set[int] = set()
@@ -122,7 +122,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
             continue  # a site's parametrization originals (weight_norm's g and v): the site reads them
         module_path = name.rpartition(".")[0]
         kind = _weight_kind(model, module_path, p)
-        if kind in _NOT_NEURON_LAYERS:
+        if isinstance(model.get_submodule(layer if parametrized else module_path), NEVER_SITES):
             rows.append(SiteExplanation(name, kind, "not a site", f"{kind} is not a layer kind pbp-fx perforates "
                                         "(Linear, Conv1d/2d/3d and their functional forms)"))
             continue
@@ -156,11 +156,6 @@ def _read_by(kind: str, target, frontend: Optional[str]) -> str:
 
 # Layers with neuron-like weights that are no site under any frontend (their weights feed one fused
 # op, or a transposed conv's), so "not used" or "frontend='export' reaches it" would be wrong.
-_NOT_NEURON_LAYERS = {cls.__name__ for cls in (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
-                                               nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                                               nn.Bilinear)}
-
-
 # timm's ScaledStdConv2d and BiT's StdConv2d standardize their weight in forward.
 _COMPUTED = ("the layer's weight is computed at run time from this parameter (e.g. standardized in forward), "
              "so it is no parameter and the layer is not a site")

@@ -925,10 +925,6 @@ def _export_graph(model, call, args, kwargs, dynamic) -> fx.GraphModule:
     return gm
 
 
-# Layers with Linear/Conv-like weights that no frontend makes sites of (explain's _NOT_NEURON_LAYERS).
-_NEVER_SITES = (nn.RNNBase, nn.RNNCellBase, nn.modules.conv._ConvTransposeNd, nn.Bilinear)
-
-
 def _unreached(model: nn.Module, gm: fx.GraphModule) -> tuple[int, list[str]]:
     """(sites of `gm`, the model's Linear/Conv-like weights that none of them reaches), the weights
     of layers that are never sites aside (recurrent, transposed convs, Bilinear): they are no reason
@@ -938,10 +934,10 @@ def _unreached(model: nn.Module, gm: fx.GraphModule) -> tuple[int, list[str]]:
     from torch.nn.utils import parametrize
 
     from pbp_fx.passes.find_sites import find_sites
-    from pbp_fx.passes.patterns import neuron_weights
+    from pbp_fx.passes.patterns import NEVER_SITES, neuron_weights
 
     specs = find_sites(gm)
-    reached = {id(p) for m in model.modules() if isinstance(m, _NEVER_SITES) for p in m.parameters()}
+    reached = {id(p) for m in model.modules() if isinstance(m, NEVER_SITES) for p in m.parameters()}
     for spec in specs:
         path, _, name = (spec.weight or "").rpartition(".")
         try:
