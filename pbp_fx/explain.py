@@ -80,6 +80,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
             rows.append(SiteExplanation(spec.name, spec.kind, "not a site", "excluded by include/exclude"))
     wrapped: dict[int, tuple] = {}  # weight id -> (the function that reads it without a site rule seeing it, its target)
     read: set[int] = set()  # ids of the attributes the graphs read
+    contracted: dict[int, tuple] = {}  # parameter id -> (its name, the contraction reading it: einsum, ...)
     for prefix, g in _graphs(gm):
         params = {id(p): n for n, p in g.named_parameters()}
         live = live_nodes(g.graph)
@@ -111,6 +112,10 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
                 users = [u for u in node.users if u.op == "call_function" and explain_neuron(u, g) is None]
                 if users:
                     wrapped.setdefault(id(value), (_kind(users[0], g), users[0].target))
+                    contraction = next((u for u in users if u.target in _CONTRACTIONS), None)
+                    if contraction is not None and value.dim() >= 2 and value.is_floating_point():
+                        contracted.setdefault(id(value), (prefix + params.get(id(value), node.target),
+                                                          _kind(contraction, g)))
     leaves = [] if gm.meta.get("pbp_frontend") == "parts" else _leaf_modules(gm)
     plain = set(gm.meta.get("pbp_plain", []))
     site_names = {spec.name for spec in specs}
@@ -139,7 +144,17 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
         else:
             why = "not used on the example inputs"
         rows.append(SiteExplanation(name, kind, "not a site", why))
+    listed = {id(p) for _, p in neuron_weights(model)} | reached
+    for pid, (name, op) in contracted.items():  # (parameters of no layer: neuron_weights does not list them)
+        if pid not in listed:
+            rows.append(SiteExplanation(name, op, "not a site", f"read by {op}(), which is no Linear/Conv op pbp-fx "
+                                        "perforates: write the product as F.linear(x, W) or x @ W to make it a site"))
     return rows
+
+
+# Tensor contractions that can hold a layer's product (a weight read by them is a layer in all but form).
+_CONTRACTIONS = (torch.einsum, torch.tensordot, torch.bmm, torch.baddbmm, torch.functional.einsum,
+                 torch.functional.tensordot)
 
 
 def _read_by(kind: str, target, frontend: Optional[str]) -> str:
@@ -154,8 +169,6 @@ def _read_by(kind: str, target, frontend: Optional[str]) -> str:
     return f"read by {kind}(), which the graph does not look into: frontend='export' reaches it"
 
 
-# Layers with neuron-like weights that are no site under any frontend (their weights feed one fused
-# op, or a transposed conv's), so "not used" or "frontend='export' reaches it" would be wrong.
 # timm's ScaledStdConv2d and BiT's StdConv2d standardize their weight in forward.
 _COMPUTED = ("the layer's weight is computed at run time from this parameter (e.g. standardized in forward), "
              "so it is no parameter and the layer is not a site")

@@ -215,3 +215,22 @@ def test_a_weight_read_by_a_torch_op_that_is_no_layer_is_not_said_to_be_reached_
     rows = {r.name: r for r in pbp_fx.explain_sites(Net(), (torch.randn(2, 3),), frontend=frontend)}
     assert rows["fc"].status == "site"
     assert "which is no Linear/Conv op pbp-fx perforates" in rows["mix.weight"].reason, rows["mix.weight"]
+
+
+class _EinsumLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.E = nn.Parameter(torch.randn(3, 6))  # [out, in], a layer in einsum form
+
+    def forward(self, x):
+        return torch.einsum("bi,oi->bo", torch.relu(self.fc(x)), self.E)
+
+
+def test_a_parameter_read_by_einsum_is_listed_with_the_form_that_makes_it_a_site():
+    """A raw parameter multiplied in by torch.einsum was in no row: no site, no reason, no warning."""
+    rows = _by_name(pbp_fx.explain_sites(_EinsumLayer(), (torch.randn(2, 4),)))
+    assert rows["fc"].status == "site"
+    assert rows["E"].status == "not a site" and rows["E"].kind == "einsum"
+    assert rows["E"].reason.startswith("read by einsum(), which is no Linear/Conv op pbp-fx perforates: write the "
+                                       "product as F.linear(x, W) or x @ W")
