@@ -133,6 +133,10 @@ def _one_line_warnings(debug: bool) -> Iterator[None]:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     text = " ".join(str(message).split())
+    if not issubclass(category, PBWarning):  # (another library's, or the model's own: say whose line it is)
+        path = str(filename).replace(os.sep, "/")
+        where = path.rpartition("-packages/")[2] if "-packages/" in path else os.path.basename(path)
+        text = f"{category.__name__} at {where}:{lineno}: {text}"
     print(f"{PROG}: warning: {text}", file=sys.stderr if file is None else file)
 
 

@@ -1596,3 +1596,36 @@ def test_a_model_that_takes_one_dict_trains_and_exports_with_check(tmp_path, cap
     assert rc == 0, err
     assert "check: ONNX Runtime" in out and "the same function at batch=4" in out
     assert [v.name for v in onnx.load(str(tmp_path / "m.onnx")).graph.input] == ["batch_x", "batch_gain"]
+
+
+MODEL_WARNS = """
+import warnings
+
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def build_model():
+    warnings.warn("this model's own note")  # (a UserWarning of the model file, not of pbp-fx)
+    return Net()
+
+
+def example_inputs():
+    return (torch.randn(2, 4),)
+"""
+
+
+def test_a_warning_of_the_model_or_a_library_says_whose_line_it_is(tmp_path, capsys):
+    """Every warning printed as 'pbp-fx: warning: ...', so torch's own (padding='same') read as pbp-fx's."""
+    rc, out, err = _run(["transform", _write(tmp_path, MODEL_WARNS)], capsys)
+    assert rc == 0, err
+    assert "pbp-fx: warning: UserWarning at model.py:18: this model's own note" in err
