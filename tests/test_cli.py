@@ -1043,7 +1043,7 @@ def test_library_deprecation_notices_are_for_debug_only(tmp_path, capsys):
         ''')
     rc, out, err = _run(["train", _write(tmp_path, noisy), "--out", str(tmp_path / "run"), "--epochs", "1"], capsys)
     assert rc == 0, err
-    assert "deprecated" not in err and "pbp-fx: warning: the user's own notice" in err
+    assert "deprecated" not in err and "pbp-fx: warning: UserWarning at model.py:40: the user's own notice" in err
 
 
 def test_a_config_file_sets_defaults_that_flags_override(tmp_path, capsys):
