@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 from .config import PBConfig
 from .controller import inner_optimizer
-from .errors import CheckpointError, NoSitesError, PBWarning, TraceError, warn_at_user
+from .errors import CheckpointError, NoSitesError, PBWarning, TraceError, TrainingError, warn_at_user
 from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate, perforated_inside, set_module_modes
 from .inputs import describe_inputs, inputs_from_signature, same_pattern
@@ -508,6 +508,11 @@ def load(path: str, model: Union[PerforatedModel, nn.Module, Callable[[], nn.Mod
 def _check_belongs(pm, controller, optimizer, call: str) -> None:
     """CheckpointError unless `controller` (when given) controls `pm` and `optimizer` holds some of
     its parameters: another model's would be saved or restored beside this one, silently."""
+    if call == "save" and controller is not None and controller.pm is pm:
+        try:
+            controller.check_model()
+        except TrainingError as exc:  # (a state no controller could load back)
+            raise CheckpointError(f"save(controller=): {exc}") from None
     if controller is not None and (not isinstance(pm, PerforatedModel) or controller.pm is not pm):
         if call == "save":
             raise CheckpointError("save(controller=) got the controller of another model than the one saved: pass "
@@ -547,6 +552,14 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
                               "without optimizer=, and the optimizer starts fresh")
     if optimizer is not None:
         _check_optimizer_class(meta, optimizer, path)
+    if optimizer is not None and controller is None and meta["structure"]["phase"] == "dendrite" and not (
+            isinstance(model, PerforatedModel) and model.phase == "dendrite"):
+        # (an optimizer built over the model's weights took the candidates' state: its step ran on wrong shapes)
+        raise CheckpointError(f"checkpoint {path} was saved inside a dendrite phase, where the optimizer trains the "
+                              "candidates, which the model does not have before the load: load it with its "
+                              "controller, pbp_fx.load(path, pm, controller=ctl, optimizer=ctl.optimizer), or "
+                              "without optimizer= and then pbp_fx.checkpoint.load_optimizer(path, opt) with opt "
+                              "built over pm.trainable_parameters()")
     if not isinstance(model, PerforatedModel):
         if not isinstance(model, nn.Module):
             if not callable(model):

@@ -764,13 +764,8 @@ class PhaseController:
         """Record one epoch's validation score, carry out the schedule's action, say what happened."""
         if self.done:
             return Decision.COMPLETE
+        self.check_model()
         phase = self.pm.phase
-        if phase != self.schedule.phase:  # (its optimizer trains the other phase's parameters: nothing would train)
-            raise TrainingError(f"the model is in a {phase} phase but its PhaseController is in a "
-                                f"{self.schedule.phase} phase: the model's phase was changed outside the controller "
-                                "(start_dendrite_phase, install_candidates, abort_dendrite_phase, or pbp_fx.load "
-                                "without controller=); let the controller change phases (a resume: pbp_fx.load(path, "
-                                "pm, controller=ctl)), or build a new PhaseController on the model as it is")
         # Refused before the pools' progress references move (a caller may step again with a valid
         # score). Several ranks: rank 0's score counts, which the schedule checks after agreeing.
         score = _score_of(val_score)
@@ -793,6 +788,16 @@ class PhaseController:
             score = None  # (the history is JSON)
         self._record(phase, score, decision, action.note)
         return decision
+
+    def check_model(self) -> None:
+        """A TrainingError when the model's phase is not the controller's: it was changed outside
+        the controller, and the optimizer trains the other phase's parameters (nothing would train)."""
+        if not self.done and self.pm.phase != self.schedule.phase:
+            raise TrainingError(f"the model is in a {self.pm.phase} phase but its PhaseController is in a "
+                                f"{self.schedule.phase} phase: the model's phase was changed outside the controller "
+                                "(start_dendrite_phase, install_candidates, abort_dendrite_phase, or pbp_fx.load "
+                                "without controller=); let the controller change phases (a resume: pbp_fx.load(path, "
+                                "pm, controller=ctl)), or build a new PhaseController on the model as it is")
 
     @outside_inference_mode
     def finish(self, note: str = "stopped") -> None:
@@ -821,6 +826,14 @@ class PhaseController:
 
         keep_optimizer_state: keep the optimizer's per-parameter state for the parameters it
         still holds (a framework restored it on resume); by default it is cleared."""
+        saved = state.get("schedule") or {}
+        if (saved.get("phase"), saved.get("dendrites")) != (self.pm.phase, self.pm.dendrites):
+            # (the optimizer state saved beside it would then step parameters of other shapes)
+            raise TrainingError(f"the controller state is of a {saved.get('phase')} phase with {saved.get('dendrites')} "
+                                f"dendrite(s) per site, but the model is in a {self.pm.phase} phase with "
+                                f"{self.pm.dendrites}: load the model's structure with it, pbp_fx.load(path, pm, "
+                                "controller=ctl) from a pbp_fx.save checkpoint (pm.load_state_dict leaves a dendrite "
+                                "phase's candidate pool out)")
         self.schedule.load_state_dict(state["schedule"])
         self.history = copy.deepcopy(state["history"])
         scale = None if state.get("lr_scale") is None else list(state["lr_scale"])

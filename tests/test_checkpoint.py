@@ -646,8 +646,9 @@ def test_a_parts_checkpoint_with_the_old_site_names_loads_renamed(tmp_path):
     with torch.no_grad():
         for s in pm.sites.values():
             s.out_weight.normal_()
-    ctl = PhaseController(pm)
-    pm.start_dendrite_phase(pool=2)
+    ctl = PhaseController(pm, patience=1, pool=2)
+    ctl.step(0.5)
+    ctl.step(0.5)  # (the controller starts the dendrite phase)
     pm.train()
     pm(x).sum().backward()
     new, old = str(tmp_path / "new.safetensors"), str(tmp_path / "old.safetensors")
@@ -1105,3 +1106,38 @@ def test_lbfgs_state_lists_of_tensors_round_trip_and_resume_exactly(tmp_path):
     assert ctl2.history == ctl.history
     for (name, a), b in zip(pm.state_dict().items(), pm2.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_controller_whose_phase_is_not_the_models_is_not_saved(tmp_path):
+    """The model put in a dendrite phase by hand under a neuron-phase controller was saved, and no
+    controller could load that state back."""
+    pm = pbp_fx.perforate(_build(), (X,))
+    ctl = PhaseController(pm)
+    pm.start_dendrite_phase(pool=2)
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(CheckpointError, match=r"^save\(controller=\): the model is in a dendrite phase but its "
+                                              r"PhaseController is in a neuron phase"):
+        pbp_fx.save(pm, str(path), controller=ctl)
+    assert not path.exists()
+
+
+def test_a_dendrite_phase_optimizer_state_without_its_controller_is_refused_before_the_model_changes(tmp_path):
+    """load(optimizer=) without controller= gave an optimizer over the model's weights the candidates'
+    state and candidate_lr (equal group sizes: silently), or failed after the model had changed."""
+    pm, saved_opt = _trained_pm("dendrite")
+    path = str(tmp_path / "d.safetensors")
+    pbp_fx.save(pm, path, optimizer=saved_opt)
+    target = pbp_fx.perforate(_build(), (X,))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    opt = torch.optim.Adam(target.parameters(), 1e-3)
+    with pytest.raises(CheckpointError, match=r"saved inside a dendrite phase, where the optimizer trains the "
+                                              r"candidates, which the model does not have before the load: load it "
+                                              r"with its controller"):
+        pbp_fx.load(path, target, optimizer=opt)
+    assert target.phase == "neuron" and not opt.state and opt.param_groups[0]["lr"] == 1e-3
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
+    pbp_fx.load(path, target)  # the fix it names: the structure first, then an optimizer over it
+    opt = torch.optim.Adam(target.trainable_parameters(), 1e-3)
+    pbp_fx.checkpoint.load_optimizer(path, opt)
+    assert all(torch.equal(opt.state[p]["exp_avg"], saved_opt.state[q]["exp_avg"])
+               for p, q in zip(target.trainable_parameters(), pm.trainable_parameters()))

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import pbp_fx
-from pbp_fx.checkpoint import restore_structure
+from pbp_fx.checkpoint import describe_structure, restore_structure
 from pbp_fx.controller import Decision, PhaseController
 
 C, R, D = Decision.CONTINUE, Decision.RESTRUCTURED, Decision.COMPLETE
@@ -362,7 +362,9 @@ def test_a_plateau_scheduler_is_held_through_the_dendrite_phase():
         cooldowns.append((sched.cooldown_counter, sched.num_bad_epochs))
         if pm.phase == "dendrite" and len(lrs) == 4:
             held = ctl.state_dict()["plateau_held"]
-            again = PhaseController(_pm(), patience=1, optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+            again_pm = _pm()
+            restore_structure(again_pm, pm.state_dict(), describe_structure(pm))
+            again = PhaseController(again_pm, patience=1, optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
             again.load_state_dict(ctl.state_dict())
             assert again.plateau_held == {0: held["0"]}
     assert phases == ["neuron", "neuron", "dendrite", "dendrite", "dendrite", "dendrite", "neuron"]
@@ -380,11 +382,10 @@ def test_state_dict_round_trip_gives_the_same_decisions():
     first = _run(a, seq[:4])
     assert _run(b, seq[:4]) == first
     c_pm = _pm()
-    c_pm.load_state_dict(b_pm.state_dict(), strict=False)
+    restore_structure(c_pm, b_pm.state_dict(), describe_structure(b_pm))
+    c_pm.load_state_dict(b_pm.state_dict())
     c = PhaseController(c_pm, patience=2, dendrite_patience=1)
     c.load_state_dict(b.state_dict())
-    if b_pm.phase == "dendrite":
-        c_pm.start_dendrite_phase(pool=4)
     assert _run(c, seq[4:]) == _run(a, seq[4:])
     assert c.history == a.history
 
@@ -987,13 +988,16 @@ def test_candidates_come_from_the_controllers_generator_and_its_state_resumes(mo
     assert all(torch.equal(x, y) for x, y in zip(drawn(a), drawn(b)))
     if mode == "gd":
         return
-    ctl.pm.abort_dendrite_phase()  # (to draw a second pool from ctl's generator below)
     saved = ctl.state_dict()
+    ctl.pm.abort_dendrite_phase()  # (to draw a second pool from ctl's generator below)
     want = torch.Generator().set_state(saved["generator"]).get_state()
-    resumed = PhaseController(_pm(), patience=1)
+    resumed_pm = _pm()
+    resumed_pm.start_dendrite_phase()  # (the saved state's phase: any pool)
+    resumed = PhaseController(resumed_pm, patience=1)
     resumed.load_state_dict(saved)
     assert torch.equal(resumed.generator.get_state(), want)
     torch.manual_seed(123)  # another global state: the next candidates are the saved controller's
+    resumed.pm.abort_dendrite_phase()
     resumed.pm.start_dendrite_phase(generator=resumed.generator)
     ctl.pm.start_dendrite_phase(generator=ctl.generator)
     assert all(torch.equal(x, y) for x, y in zip(_candidates(resumed.pm), _candidates(ctl.pm)))
@@ -1121,3 +1125,19 @@ def test_sites_whose_output_the_loss_never_reaches_are_warned_of_at_the_install(
                                               r"correlation is 0: the loss does not reach their output"):
         _step_until_restructured(ctl)
     assert pm.phase == "neuron" and pm.num_dendrites == {"body": 1, "aux": 1}
+
+
+def test_a_state_of_another_phase_than_the_models_is_refused_before_anything_changes():
+    """A dendrite-phase state loaded onto a model in its neuron phase (pm.load_state_dict leaves the pool
+    out) was taken: the optimizer state loaded next had the candidates' shapes, and its step crashed."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1)
+    _step_until_restructured(ctl)
+    assert pm.phase == "dendrite"
+    fresh = PhaseController(_pm(), patience=1)
+    before = fresh.state_dict()
+    with pytest.raises(pbp_fx.TrainingError, match=r"^the controller state is of a dendrite phase with 0 dendrite\(s\) "
+                                                   r"per site, but the model is in a neuron phase with 0: load the "
+                                                   r"model's structure with it, pbp_fx.load\(path, pm, controller=ctl\)"):
+        fresh.load_state_dict(ctl.state_dict())
+    assert fresh.state_dict()["schedule"] == before["schedule"]
