@@ -36,7 +36,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .config import PBConfig, TrainConfig
+from .config import MAX_INT, PBConfig, TrainConfig
 from .controller import default_optimizer
 from .errors import PBError, Terminated, TrainingError
 from .fileio import atomic_write, check_output_dir
@@ -525,6 +525,9 @@ def plot(summary: list[dict], path: str, title: str = "", score: Score = ACCURAC
 
 
 # -- the comparison ------------------------------------------------------------------------
+MAX_SEEDS = 10_000
+
+
 def _check(model_file, arms, seeds, width, jobs, out, config, training, include, exclude) -> tuple[Score, dict, float]:
     """Refuse bad input before any training (one-line errors); returns how the report writes the
     score, the model file's and data's `run_identity`, and the width the model is built at (channel
@@ -539,6 +542,12 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
         raise CompareError(f"arm {twice!r} is given twice: give each arm once")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise CompareError(f"--seeds {seeds!r}: must be a whole number of at least 1")
+    if seeds > MAX_SEEDS:  # (the seed list alone had filled the memory)
+        raise CompareError(f"--seeds {seeds}: must be at most {MAX_SEEDS} (each seed trains every arm once)")
+    last = training.seed + seeds - 1
+    if last > MAX_INT:  # (`pbp-fx train --seed` could not repeat those runs)
+        raise CompareError(f"--seed {training.seed} with --seeds {seeds} runs up to seed {last}, past the largest "
+                           f"seed ({MAX_INT}): give a smaller --seed")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise CompareError(f"--jobs {jobs!r}: must be a whole number of at least 1")
     if not (isinstance(width, (int, float)) and not isinstance(width, bool) and math.isfinite(width) and width > 0):

@@ -31,6 +31,9 @@ class ConfigError(PBError, ValueError):
         self.field, self.value, self.reason = field, value, reason
 
 
+MAX_INT = 2**63 - 1  # the largest whole-number setting (int64), a seed included
+
+
 def setting(default: Any, help: str, *, choices: tuple = (), low: Optional[float] = None,
             high: Optional[float] = None, open_low: bool = False, open_high: bool = False,
             optional: bool = False):
@@ -100,6 +103,10 @@ def _check(obj) -> None:
                 bad = ""
             if high is not None and (value >= high if meta["open_high"] else value > high):
                 bad = ""
+        if bad is None and kind == "int" and not -MAX_INT <= value <= MAX_INT:
+            # (counts end up in tensors and torch's int64: a warm-up of 1e23 failed in the first dendrite phase)
+            bad, meta = "", {**meta, "high": MAX_INT if meta.get("high") is None else meta["high"]}
+            meta["low"] = -MAX_INT if meta.get("low") is None else meta["low"]
         if bad is not None:
             allowed = _range_text(meta)
             what = ", ".join(x for x in (bad, allowed) if x)
@@ -204,7 +211,7 @@ class TrainConfig(_Settings):
     epochs: int = setting(800, "epoch cap over all phases", low=1)
     lr: float = setting(1e-3, "neuron-phase Adam learning rate", low=0, open_low=True)
     batch_size: int = setting(100, "training batch size (with train --nproc: the global batch)", low=1, high=2**31 - 1)
-    seed: int = setting(0, "seed of torch, numpy and Python's random (model init, data split, shuffling, augmentation)", low=0, high=2**63 - 1)
+    seed: int = setting(0, "seed of torch, numpy and Python's random (model init, data split, shuffling, augmentation)", low=0, high=MAX_INT)
     frontend: str = setting("auto", "graph capture: auto (symbolic tracing, else torch.export), fx or export",
                             choices=("auto", "fx", "export"))
 

@@ -785,6 +785,14 @@ BAD_VALUES = [
     (["run", "ONNX", "--input", "X", "--device", "tpu"], "invalid choice"),
     (["run", "OUT/none.onnx", "--input", "X", "--output", "OUT/y.npy"], "does not exist"),
     (["run", "ONNX", "--input", "X", "--output", "OUT/y.txt"], "y.txt: name it .npy (the first output) or .npz"),
+    # (beyond int64: it passed, then failed in the first dendrite phase, blaming the model file)
+    (["train", DIGITS_FILE, "--warmup", "100000000000000000000000", "--out", "OUT/run"],
+     "--warmup 100000000000000000000000: must be at least 0 and at most 9223372036854775807"),
+    (["train", DIGITS_FILE, "--candidate-stride", "99999999999999999999", "--out", "OUT/run"], "at most 9223372036854775807"),
+    # (the seed list filled the memory; a seed past TrainConfig's bound could not be repeated by train)
+    (["compare", DIGITS_FILE, "--seeds", "100000000000", "--out", "OUT/c"], "--seeds 100000000000: must be at most 10000"),
+    (["compare", DIGITS_FILE, "--seed", "9223372036854775807", "--seeds", "2", "--out", "OUT/c"],
+     "runs up to seed 9223372036854775808, past the largest seed (9223372036854775807): give a smaller --seed"),
 ]
 
 
