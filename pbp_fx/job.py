@@ -668,17 +668,19 @@ def _check_pool_fits(pm, config: PBConfig) -> None:
     install) cannot fit in this machine's memory: it would fail at the first dendrite phase."""
     if config.mode != "pb":
         return
-    per_candidate = sum(s.layer.params_per_copy + 3 * s.channels + s.channels * config.max_dendrites
-                        for s in pm.sites.values())
+    cascade = sum(s.channels * config.max_dendrites for s in pm.sites.values())  # (weights from earlier dendrites)
+    per_candidate = sum(s.layer.params_per_copy + 3 * s.channels for s in pm.sites.values()) + cascade
     need = config.pool * per_candidate * _POOL_BYTES_PER_PARAM
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # (no sysconf: not checked)
         return
     if need > have:
-        raise ConfigError(f"pool={config.pool}: its candidates need about {need / 2**30:.3g} GiB ({config.pool} x "
-                          f"{per_candidate} parameters with their gradients, Adam state and snapshots), more than "
-                          f"this machine's {have / 2**30:.3g} GiB; use a smaller --pool")
+        fix = ("a smaller --max-dendrites (each candidate holds a weight per channel for every earlier dendrite)"
+               if 2 * cascade > per_candidate else "a smaller --pool")
+        raise ConfigError(f"pool={config.pool}, max_dendrites={config.max_dendrites}: the candidates need about "
+                          f"{need / 2**30:.3g} GiB ({config.pool} x {per_candidate} parameters with their gradients, "
+                          f"Adam state and snapshots), more than this machine's {have / 2**30:.3g} GiB; use {fix}")
 
 
 def saved_run(run_dir: str) -> SavedRun:

@@ -994,8 +994,14 @@ def test_a_pool_that_cannot_fit_in_memory_is_refused_before_training(tmp_path, c
     out = tmp_path / "run"
     assert main(["train", _write(tmp_path / "m.py", GOOD), "--pool", "1000000000000", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "pool=1000000000000: its candidates need about" in err and "use a smaller --pool" in err
+    assert "pool=1000000000000, max_dendrites=3: the candidates need about" in err and "use a smaller --pool" in err
     assert err.count("\n") == 1 and not out.exists()
+    # (the size came from max_dendrites: it said "use a smaller --pool" at pool 1)
+    assert main(["train", _write(tmp_path / "m.py", GOOD), "--pool", "1", "--max-dendrites", "100000000000",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pool=1, max_dendrites=100000000000: the candidates need about" in err
+    assert "use a smaller --max-dendrites" in err and not out.exists()
     oom = GOOD + ("calls = [0]\n\n\ndef loss_fn(o, y):\n    calls[0] += 1\n    if calls[0] > 30:\n"
                   "        raise RuntimeError(\"[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't "
                   "allocate memory: you tried to allocate 192000000000000 bytes.\")\n"
