@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file beside the target, renamed into place.
+"""Output files and folders: atomic writes (a temporary file beside the target, renamed into place)
+and the folders a run creates.
 
 A crash or an error mid-write leaves the previous file (or none) intact, never half a file.
 """
@@ -11,7 +12,7 @@ from typing import Callable, Type
 
 from .errors import PBError
 
-__all__ = ["atomic_write", "check_output_dir", "umask"]
+__all__ = ["atomic_write", "check_output_dir", "make_folders", "remove_empty", "umask"]
 
 
 def umask() -> int:
@@ -72,3 +73,22 @@ def atomic_write(path, write: Callable[[str], None], error: Type[Exception] = PB
         if isinstance(e, OSError) and not isinstance(e, PBError):
             raise error(f"cannot write {what} {path}: {e.strerror or e}") from e
         raise
+
+
+def make_folders(path: str) -> list[str]:
+    """os.makedirs(path, exist_ok=True); returns the folders it created, deepest first."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(path, exist_ok=True)
+    return missing
+
+
+def remove_empty(folders: list[str]) -> None:
+    """Remove `make_folders`' folders, deepest first, while they are empty (a run that wrote nothing)."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # (not empty, or gone: the ones above it stay too)
+            return

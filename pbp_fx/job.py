@@ -30,7 +30,7 @@ from .checkpoint import FORMAT, load, load_optimizer, read_meta, save
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
 from .errors import DataError, ModelFileError, PBError, PBWarning, TrainingError, exited, warn_at_user
-from .fileio import atomic_write, check_output_dir
+from .fileio import atomic_write, check_output_dir, make_folders, remove_empty
 from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
                         KeywordCollate, keyword_collate, load_model_file, task_functions, task_of, warn_unread_names)
 from .distributed import last_batch_is_lone
@@ -523,7 +523,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
 
     callbacks = []
     saver = None
-    created = False
+    created: list[str] = []
     if out is not None:
         stale: list[str] = []
         if main:
@@ -573,8 +573,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                 f"model file's model, data, loss or metric; --debug shows where)"
                 + _resumes(out, done, processes)) from exc
     except KeyboardInterrupt as exc:
-        if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
-            os.rmdir(out)
+        remove_empty(created)  # failed before its first checkpoint: leave nothing behind
         # The epochs this run's checkpoint holds (an interrupt inside a save leaves the one before; before its
         # first save the folder may hold another run's): what a resume continues
         done = saver.epochs if saver is not None else 0
@@ -582,8 +581,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             raise type(exc)(f"after epoch {done}{_resumes(out, done, processes)}") from None  # (Ctrl-C or SIGTERM)
         raise
     except BaseException:
-        if created and not os.listdir(out):  # failed before its first checkpoint: leave nothing behind
-            os.rmdir(out)
+        remove_empty(created)  # failed before its first checkpoint: leave nothing behind
         raise
     try:
         seconds = run_seconds()  # a run resumed complete trains nothing: its time is what it took before
@@ -760,12 +758,12 @@ RUN_OUTPUTS = (CHECKPOINT, "summary.json", "history.json", "plot.png",
                "compare.md", "compare.json", "compare.png", "compare.partial.json")  # (compare --pb-run DIR: beside the run)
 
 
-def _make_out(out: str, fresh: bool, echo) -> tuple[bool, list[str]]:
-    """Create --out; returns (whether it did not exist, an earlier run's outputs there that a fresh
-    run replaces: `_replace_stale` removes them once this run has its first checkpoint)."""
-    created = not os.path.isdir(out)
+def _make_out(out: str, fresh: bool, echo) -> tuple[list[str], list[str]]:
+    """Create --out; returns (the folders created, --out and parents, deepest first; an earlier run's
+    outputs there that a fresh run replaces: `_replace_stale` removes them once this run has its
+    first checkpoint)."""
     try:
-        os.makedirs(out, exist_ok=True)
+        created = make_folders(out)
     except OSError as exc:
         raise TrainingError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
     # A process killed inside an atomic write leaves its temporary file (`.NAME.XXXX.tmp`, as big as the

@@ -1203,3 +1203,13 @@ def test_batchnorm_at_one_sample_per_process_names_the_global_batch(tmp_path):
     with pytest.raises(TrainingError, match=r"training batches of 1 sample per process: BatchNorm layer '1' .* use "
                                             r"--batch-size 4 or more for --nproc 2"):
         check_data(mod, data, model, inputs, 2, processes=2)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder_it_made(tmp_path, capsys):
+    """--out a/b/c of a run whose loss went NaN at once left a/ and a/b/ behind (only c was removed)."""
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "a" / "b" / "c"
+    nan_at_once = GOOD + "\n\ndef loss_fn(o, y):\n    return o.sum() * float('nan')\n"
+    assert main(["train", _write(tmp_path / "m.py", nan_at_once), "--out", str(out), "--no-progress"]) == 2
+    assert "the loss is nan" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "kept") == []  # (a folder that was there stays)
