@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -278,8 +279,12 @@ def _read_yaml(text: str, where: str, unique) -> Any:
 
     def mapping(loader, node):
         def value(v):
-            got = loader.construct_object(v, deep=True)
             plain = isinstance(v, yaml.ScalarNode) and v.style is None  # written bare, not quoted
+            if plain and v.tag in (INT_TAG, STR_TAG):
+                whole = _yaml_whole_number(v.value)
+                if whole is not None or v.tag == INT_TAG:  # (a YAML 1.1 form, 1:30 or 1_000: as written)
+                    return v.value if whole is None else whole
+            got = loader.construct_object(v, deep=True)
             return _yaml_number(got) if plain else got
         own = [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]
         unique([(loader.construct_object(k, deep=True), v) for k, v in own])  # (its own keys once each)
@@ -295,6 +300,20 @@ def _read_yaml(text: str, where: str, unique) -> Any:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
     return data
+
+
+INT_TAG, STR_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:str"
+
+
+def _yaml_whole_number(text: str) -> Optional[int]:
+    """A whole number as YAML 1.2 (and JSON) reads it: decimal (010 is 10, where YAML 1.1 read 8),
+    0o octal, 0x hexadecimal; None for anything else (1:30, which YAML 1.1 read as 90)."""
+    match = re.fullmatch(r"([-+]?)(?:(0o[0-7]+)|(0x[0-9a-fA-F]+)|([0-9]+))", text.strip())
+    if match is None:
+        return None
+    sign, octal, hexadecimal, decimal = match.groups()
+    number = int(octal[2:], 8) if octal else int(hexadecimal[2:], 16) if hexadecimal else int(decimal)
+    return -number if sign == "-" else number
 
 
 def _yaml_number(value: Any) -> Any:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pbp_fx.config import ConfigError, PBConfig, TrainConfig
+from pbp_fx.config import ConfigError, PBConfig, TrainConfig, read_settings
 
 
 @pytest.mark.parametrize("cls,field,value,match", [
@@ -143,3 +143,15 @@ def test_a_settings_file_may_merge_yaml_mappings_and_start_with_a_byte_order_mar
         read_settings(str(tmp_path / "twice.yaml"))
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + b'{"pool": 2}')
     assert read_settings(str(tmp_path / "bom.json")) == ({"pool": 2}, {})
+
+
+def test_yaml_whole_numbers_read_as_yaml_1_2_and_json_read_them(tmp_path):
+    """YAML 1.1 rules read `epochs: 010` as 8 and `patience: 1:30` as 90 (sexagesimal), silently,
+    while `0o10` stayed a string."""
+    pytest.importorskip("yaml")
+    path = tmp_path / "s.yaml"
+    path.write_text("epochs: 010\nbatch_size: 0o20\npool: 0x4\nseed: -0\n")
+    assert read_settings(str(path)) == ({"pool": 4}, {"epochs": 10, "batch_size": 16, "seed": 0})
+    path.write_text("patience: 1:30\n")
+    with pytest.raises(ConfigError, match=r"patience='1:30': must be a whole number"):
+        PBConfig(**read_settings(str(path))[0])
