@@ -814,17 +814,20 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
     from .job import CHECKPOINT
 
     path, summary_path = os.path.join(folder, CHECKPOINT), os.path.join(folder, "summary.json")
-    if os.path.isfile(path) and not os.path.isfile(summary_path):
-        raise CompareError(f"--pb-run {folder}: that run is unfinished ({CHECKPOINT} but no summary.json): finish it "
-                           f"with pbp-fx train --resume {folder}, then compare")
     if not os.path.isfile(path):
         raise CompareError(f"--pb-run {folder}: no {CHECKPOINT} there; pass the --out folder "
                            "of a finished pbp-fx train run")
     state = read_extra(path).get("job_state")
+    if state is None:  # (a pbp_fx.save checkpoint: train --resume refuses it too)
+        raise CompareError(f"--pb-run {folder}: its {CHECKPOINT} was not written by pbp-fx train (no job state): pass "
+                           "the --out folder of a finished pbp-fx train run")
+    if not os.path.isfile(summary_path):
+        raise CompareError(f"--pb-run {folder}: that run is unfinished ({CHECKPOINT} but no summary.json): finish it "
+                           f"with pbp-fx train --resume {folder}, then compare")
     with open(summary_path) as f:
         summary = json.load(f)
-    if state is None or "test" not in summary:
-        raise CompareError(f"--pb-run {folder}: not written by pbp-fx train (no job state or test score)")
+    if "test" not in summary:
+        raise CompareError(f"--pb-run {folder}: not written by pbp-fx train (no test score in its summary.json)")
     if summary.get("epochs") != len(state.get("history", {}).get("epochs", [])):
         raise CompareError(f"--pb-run {folder}: its summary.json ({summary.get('epochs')} epochs) is not the report "
                            f"of its {CHECKPOINT} ({len(state.get('history', {}).get('epochs', []))} epochs): finish "

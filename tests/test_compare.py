@@ -7,6 +7,7 @@ import textwrap
 import pytest
 import torch
 
+import pbp_fx
 from pbp_fx import PBConfig, TrainConfig
 from pbp_fx.cli import main
 from pbp_fx.compare import CompareError, Score, compare, markdown, onnx_latency_ms, paired, summarize, verdict
@@ -176,6 +177,12 @@ def test_pb_run_is_compared_with_its_controls(tiny, tmp_path):
     # an interrupted run has its checkpoint but no summary yet: it read "no checkpoint.safetensors and summary.json"
     (run / "summary.json").unlink()
     with pytest.raises(CompareError, match=r"that run is unfinished .* finish it with pbp-fx train --resume"):
+        compare(pb_run=str(run), latency=False, echo=lambda _s: None)
+    # a checkpoint pbp_fx.save wrote: it said "finish it with pbp-fx train --resume", which refuses it
+    pm = pbp_fx.perforate(torch.nn.Sequential(torch.nn.Linear(3, 2)), (torch.randn(2, 3),))
+    pbp_fx.save(pm, str(run / "checkpoint.safetensors"))
+    with pytest.raises(CompareError, match=r"its checkpoint.safetensors was not written by pbp-fx train \(no job "
+                                           r"state\): pass the --out folder of a finished pbp-fx train run"):
         compare(pb_run=str(run), latency=False, echo=lambda _s: None)
 
 
