@@ -211,11 +211,15 @@ def call_model(model, inputs: tuple):
 
 
 def _dict_is_one_input(model, inputs: tuple) -> bool:
-    """Whether forward binds `inputs` as they are but not with their last dict as keywords."""
+    """Whether forward binds `inputs` as they are but not with their last dict as keywords, and
+    none of the dict's keys is one of its parameters (a keyword batch with an extra column, a
+    dataset's `idx`, stays keywords: its error names that key)."""
     model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
+        return False
+    if any(key in signature.parameters for key in inputs[-1]):
         return False
     try:
         signature.bind(*inputs[:-1], **inputs[-1])

@@ -365,3 +365,22 @@ def test_labels_of_minus_100_count_in_neither_the_default_loss_nor_the_accuracy(
     with pytest.raises(pbp_fx.TrainingError, match="every label of the validation data is -100 .*give the validation "
                                                    "data labelled samples"):
         evaluate(_pm(), ignored, data="validation")
+
+
+def test_a_keyword_batch_with_an_extra_key_stays_keywords():
+    """A dict batch holding forward's inputs and one more column (a dataset's idx) was passed whole as
+    the first input: the error then read 'x was traced with Tensor, this call passes dict'."""
+    from pbp_fx.training import call_model
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, gain=None):
+            return self.fc(x) * (1 if gain is None else gain[:, None])
+
+    x = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'idx'"):
+        call_model(TwoInputs(), ({"x": x, "gain": torch.ones(4), "idx": torch.arange(4)},))
+    assert call_model(TwoInputs(), ({"x": x, "gain": torch.ones(4)},)).shape == (4, 2)
