@@ -10,6 +10,7 @@ checkpoints, so `trainer.fit(module, ckpt_path=...)` resumes a PB run.
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Optional
 
 import torch
@@ -53,6 +54,7 @@ class PBCallback(Callback):
         self._fitting = False  # between on_fit_start and on_fit_end (still set after a fit that raised)
         self._structure_hook = None  # while fitting starts: see setup()
         self._held_stoppers: dict = {}  # EarlyStopping index -> its patience, while a dendrite phase holds it
+        self._unchecked_finite: list = []  # EarlyStopping indices whose check_finite a divergence holds (see below)
         self._before_validation: dict = {}  # callback_metrics as a validation run began (see on_validation_end)
         self._warned_not_validation = False
 
@@ -183,7 +185,10 @@ class PBCallback(Callback):
             # Lightning's smoke test (a batch or a few, then one validation) checks the wiring: the
             # metric is logged. It is no epoch of the run: a fit after it starts PB afresh.
             return
-        decision = self.controller.step(float(metrics[self.monitor]))
+        score = float(metrics[self.monitor])
+        decision = self.controller.step(score)
+        if not math.isfinite(score):
+            self._hold_finite_checks(trainer)
         self._hold_early_stopping(trainer)
         if decision is Decision.COMPLETE:
             trainer.should_stop = True
@@ -208,6 +213,22 @@ class PBCallback(Callback):
             for es in stoppers:
                 es.patience = _HELD_PATIENCE
 
+    def _hold_finite_checks(self, trainer) -> None:
+        """A non-finite score (the weights diverged) after a best: PB has gone back to its best weights
+        and goes on, but EarlyStopping(check_finite=True) would end the fit on that score at the
+        epoch's end. Its check is off until the next training batch (`_give_back_finite_checks`)."""
+        for i, es in enumerate(trainer.early_stopping_callbacks):
+            if es.monitor == self.monitor and es.check_finite:
+                es.check_finite = False
+                self._unchecked_finite.append(i)
+
+    def _give_back_finite_checks(self, trainer) -> None:
+        stoppers = trainer.early_stopping_callbacks
+        for i in self._unchecked_finite:
+            if i < len(stoppers):
+                stoppers[i].check_finite = True
+        self._unchecked_finite = []
+
     def _give_back_patience(self, trainer) -> None:
         """After a dendrite phase: not at the install's validation, whose score (the model before the
         install) an EarlyStopping checking at the training epoch's end counts after this callback's
@@ -221,6 +242,7 @@ class PBCallback(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._give_back_patience(trainer)
+        self._give_back_finite_checks(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
         # PB's state beside the module's own metrics, for the loggers (TensorBoard, CSV, W&B): the
@@ -249,6 +271,7 @@ class PBCallback(Callback):
                        "the Trainer's time limit (max_time) ran out" if timed_out else
                        "the Trainer stopped (trainer.should_stop: EarlyStopping or another callback)")
         self._give_back_patience(trainer)  # (after finish: a run ended in a dendrite phase holds them still)
+        self._give_back_finite_checks(trainer)
 
 
 def _groups_of_configure_optimizers(pl_module):

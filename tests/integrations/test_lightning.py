@@ -713,3 +713,30 @@ def test_a_fast_dev_run_leaves_the_run_to_the_fit_after_it():
     trainer.fit(module, train, val)
     assert trainer.global_step > 0 and len(cb.controller.history) == trainer.current_epoch
     assert any("installed dendrite 1" in h["note"] for h in cb.controller.history)
+
+
+class DivergingClassifier(Classifier):
+    """Its validation loss is NaN at epoch 2 (as diverged weights give), finite otherwise."""
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)
+        self.log("val_loss", loss * float("nan") if self.current_epoch == 2 else loss)
+
+
+def test_early_stopping_leaves_a_divergence_to_pb():
+    """EarlyStopping's check_finite (on by default) ended the fit at the NaN score, where PB had gone
+    back to its best weights to go on with a dendrite round: the run ended with 0 dendrites."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    train, val = digits_loaders()
+    pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+    cb, stopper = PBCallback(QUICK.replace(patience=5)), EarlyStopping("val_loss", patience=50)
+    trainer = _trainer(cb, max_epochs=12)
+    trainer.callbacks.append(stopper)
+    with pytest.warns(UserWarning, match="the validation score is nan at epoch 3: the weights diverged"):
+        trainer.fit(DivergingClassifier(pm), train, val)
+    notes = [h["note"] for h in cb.controller.history]
+    assert notes[2].startswith("score nan: diverged; neuron phase done; dendrite phase started"), notes
+    assert any("installed dendrite 1" in n for n in notes) and trainer.current_epoch > 4
+    assert stopper.check_finite  # (given back)
