@@ -292,6 +292,13 @@ class PhaseController:
             # Adafactor's relative_step computes its own step size and never reads the group's lr.
             warn_at_user("the optimizer sets its own step size (relative_step=True), so PB's dendrite-phase rate "
                          "(candidate_lr) has no effect: pass relative_step=False and an lr to let PB set it")
+        line_search = next((g.get("line_search_fn") for g in inner_optimizer(optimizer).param_groups
+                            if isinstance(inner_optimizer(optimizer), torch.optim.LBFGS)), None)
+        if line_search is not None and config.mode == "pb":
+            # (its step must lower the closure's loss, which candidates never change: every step was 0)
+            warn_at_user(f"LBFGS with line_search_fn={line_search!r} trains no candidates: its line search asks each "
+                         "step to lower the closure's loss, which candidates do not change (they follow the error's "
+                         "covariance), so it steps 0 in every dendrite phase: use line_search_fn=None")
         self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
         self._warned_short_phase = False
         self._warned_small_gains = False

@@ -1141,3 +1141,16 @@ def test_a_state_of_another_phase_than_the_models_is_refused_before_anything_cha
                                                    r"model's structure with it, pbp_fx.load\(path, pm, controller=ctl\)"):
         fresh.load_state_dict(ctl.state_dict())
     assert fresh.state_dict()["schedule"] == before["schedule"]
+
+
+def test_lbfgs_with_a_line_search_is_warned_of():
+    """strong_wolfe's search asks each step to lower the closure's loss, which candidates never change:
+    every dendrite phase stepped 0 and installed untrained candidates, silently."""
+    pm = _pm()
+    with pytest.warns(pbp_fx.PBWarning, match=r"^LBFGS with line_search_fn='strong_wolfe' trains no candidates: .* "
+                                              r"use line_search_fn=None"):
+        PhaseController(pm, optimizer=torch.optim.LBFGS(pm.parameters(), line_search_fn="strong_wolfe"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = _pm()
+        PhaseController(plain, optimizer=torch.optim.LBFGS(plain.parameters()))
