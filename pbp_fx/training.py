@@ -480,9 +480,10 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
             if distributed is not None:
                 distributed.sync_buffers(pm)  # rank 0's BatchNorm statistics: one model to evaluate
             val = evaluate(pm, val_loader, metric, device, distributed=distributed, data="validation")
-            if not math.isfinite(val):  # (the schedule cannot rank it: the run stops at its best model)
-                raise NonFiniteError(f"the validation score is {val} in epoch {epoch} ({phase} phase): check the "
-                                     "validation data and the metric for NaN/Inf")
+            if not math.isfinite(val):  # (fit stops at its best model; a loop of one's own may go on: the controller rewinds)
+                cause = ("the weights diverged: lower the learning rate" if controller.best_score is not None else
+                         "check the validation data and the metric for NaN/Inf")  # (evaluate checked the inputs)
+                raise NonFiniteError(f"the validation score is {val} in epoch {epoch} ({phase} phase): {cause}")
             test = (evaluate(pm, test_loader, metric, device, distributed=distributed, data="test")
                     if test_loader is not None else None)
             if test is not None and not math.isfinite(test):  # (the history and its JSON would hold it)

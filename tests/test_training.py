@@ -384,3 +384,19 @@ def test_a_keyword_batch_with_an_extra_key_stays_keywords():
     with pytest.raises(TypeError, match="unexpected keyword argument 'idx'"):
         call_model(TwoInputs(), ({"x": x, "gain": torch.ones(4), "idx": torch.arange(4)},))
     assert call_model(TwoInputs(), ({"x": x, "gain": torch.ones(4)},)).shape == (4, 2)
+
+
+def test_a_validation_score_gone_nan_after_a_best_is_named_divergence():
+    """Finite validation data and a finite best, then a NaN score: the error said 'check the
+    validation data and the metric', which were fine; the weights had diverged."""
+    pm = _pm()
+    train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
+    calls = [0]
+
+    def metric(out, y):
+        calls[0] += 1
+        return (float("nan") if calls[0] == 3 else float((out.argmax(1) == y).sum())), len(y)
+
+    with pytest.raises(pbp_fx.TrainingError, match=r"the validation score is nan in epoch 3 \(neuron phase\): the "
+                                                   r"weights diverged: lower the learning rate"):
+        fit(pm, train, val, metric=metric, controller=PhaseController(pm, patience=50), epochs=5, progress=False)
