@@ -682,7 +682,7 @@ class PhaseController:
             self.restore_best()
             self._begin_round()
         elif action.kind is Kind.INSTALL:
-            if not self._warned_silent_sites:
+            if not self._warned_silent_sites and self._says:
                 self._warn_of_sites_without_error()
             self.pm.install_candidates(v_init=self.config.v_init)
             self._leave_dendrite_lr()
@@ -705,6 +705,12 @@ class PhaseController:
         score, mark = self.distributed.agree([score, int(progress)], state)
         return score, bool(mark)
 
+    @property
+    def _says(self) -> bool:
+        """Whether this process prints the run's warnings: one process, or rank 0 of several (each
+        rank holds the same decisions; N ranks said each warning N times)."""
+        return self.distributed is None or self.distributed.is_main
+
     def _warn_of_sites_without_error(self) -> None:
         """Once per run, at an install: sites whose candidates never met an error (every correlation
         exactly 0: the loss does not reach the site's output, a head no loss reads) get a dendrite
@@ -719,10 +725,10 @@ class PhaseController:
                          "train --exclude NAME)")
 
     def _warn_if_gains_went_uncounted(self, score: float) -> None:
-        """Once per run, as a neuron phase ends: an epoch of it scored better than the best kept by
-        at least 1 % of the score but less than `improvement`, so the rewind drops its weights
-        (scores of a scale near the threshold, an MSE of 1e-3 against the default 1e-3, never count
-        as gains; a smaller relative gain is the threshold's ordinary work)."""
+        """Once per run, as a neuron phase ends, where `improvement` is a tenth of the score or more:
+        an epoch of the phase scored better than the best kept by at least 1 % of the score but less
+        than `improvement`, so the rewind drops its weights (an MSE near 1e-3 against the default
+        1e-3 never counts a gain; at an ordinary scale that is the threshold's own work)."""
         rows = [(self.schedule.epoch, score)]
         for row in reversed(self.history):
             if row["phase"] != "neuron" or row["decision"] != Decision.CONTINUE.value:
@@ -733,7 +739,8 @@ class PhaseController:
         if not rows or best is None:
             return
         epoch, top = (max if self.config.maximize else min)(rows, key=lambda r: r[1])
-        if abs(top - best) >= 0.01 * abs(best) and ((top > best) if self.config.maximize else (top < best)):
+        large = self.config.improvement >= 0.1 * abs(best)  # (the threshold is a tenth of the score or more)
+        if large and abs(top - best) >= 0.01 * abs(best) and ((top > best) if self.config.maximize else (top < best)):
             self._warned_small_gains = True
             warn_at_user(f"epoch {epoch} scored {top:.6g}, better than the best kept ({best:.6g}, epoch "
                          f"{self.schedule.best_epoch}) by less than improvement={self.config.improvement:g}, so the "
@@ -786,12 +793,13 @@ class PhaseController:
         self._execute(action)
         decision = (Decision.COMPLETE if action.kind is Kind.COMPLETE else
                     Decision.RESTRUCTURED if action.restructures else Decision.CONTINUE)
-        if phase == "neuron" and decision is not Decision.CONTINUE and not self._warned_small_gains:
+        if phase == "neuron" and decision is not Decision.CONTINUE and not self._warned_small_gains and self._says:
             self._warn_if_gains_went_uncounted(score)
         if not math.isfinite(score):
-            warn_at_user(f"the validation score is {score} at epoch {self.schedule.epoch}: the weights diverged, so the "
-                         f"neuron phase ends here and the model is back at its best weights (epoch "
-                         f"{self.schedule.best_epoch}); a lower learning rate avoids it")
+            if self._says:
+                warn_at_user(f"the validation score is {score} at epoch {self.schedule.epoch}: the weights diverged, so "
+                             f"the neuron phase ends here and the model is back at its best weights (epoch "
+                             f"{self.schedule.best_epoch}); a lower learning rate avoids it")
             score = None  # (the history is JSON)
         self._record(phase, score, decision, action.note)
         return decision

@@ -1092,10 +1092,12 @@ def test_gains_below_the_threshold_but_large_for_the_scores_scale_are_warned_of_
                                               r"epoch 1's weights: for scores of this scale give a smaller improvement"):
         assert _run(ctl, [-0.00139, -0.0008, -0.0006]) == [C, C, R]
     quiet = PhaseController(_pm(), patience=2, maximize=True)  # a small gain at an ordinary scale: the threshold's work
+    loss = PhaseController(_pm(), patience=2)  # (a cross-entropy near 0.065: 1e-3 is 1.5 % of it, no scale problem)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _run(ctl, [-0.0013, -0.0013, -0.0008, -0.0008])  # (once per run)
         assert _run(quiet, [0.500, 0.5004, 0.5008]) == [C, C, R]
+        assert _run(loss, [0.0650, 0.0646, 0.0643]) == [C, C, R]
     assert not [w for w in caught if "better than the best kept" in str(w.message)]
 
 
