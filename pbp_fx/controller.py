@@ -784,7 +784,7 @@ class PhaseController:
         # score). Several ranks: rank 0's score counts, which the schedule checks after agreeing.
         score = _score_of(val_score)
         if self.distributed is None:
-            check_score(score, self.schedule.takes_divergence)
+            check_score(score, self.schedule.takes_divergence, self.schedule.phase)
         progress = self.pm.candidate_progress(self.config.dendrite_improvement) if phase == "dendrite" else False
         if phase == "dendrite" and not self._warned_short_phase:
             self._warn_if_the_phase_ends_warming_up()

@@ -25,12 +25,17 @@ from .errors import TrainingError
 __all__ = ["PhaseSchedule", "Action", "Kind", "check_score"]
 
 
-def check_score(score: float, diverged_ok: bool = False) -> None:
+def check_score(score: float, diverged_ok: bool = False, phase: str = "neuron") -> None:
     """Refuse a validation score that is not finite, in one line; diverged_ok: a neuron phase
     after a finite best takes it (`PhaseSchedule.takes_divergence`)."""
-    if not math.isfinite(score) and not diverged_ok:
-        raise TrainingError(f"the validation score is {score} (not finite) before any finite best: check the "
-                            "validation data and the metric for NaN/Inf, or a learning rate that diverges at once")
+    if math.isfinite(score) or diverged_ok:
+        return
+    if phase == "dendrite":  # (the frozen model scored finitely when the phase began)
+        raise TrainingError(f"the validation score is {score} (not finite) in a dendrite phase, whose frozen model's "
+                            "output the candidates do not change: check the validation data and the metric for "
+                            "NaN/Inf")
+    raise TrainingError(f"the validation score is {score} (not finite) before any finite best: check the "
+                        "validation data and the metric for NaN/Inf, or a learning rate that diverges at once")
 
 
 class Kind(str, enum.Enum):
@@ -103,7 +108,7 @@ class PhaseSchedule:
         if self.done:
             return Action(Kind.COMPLETE, "already complete")
         # (also in a dendrite phase, where the score decides nothing: it would enter the history)
-        check_score(score, self.takes_divergence)
+        check_score(score, self.takes_divergence, self.phase)
         self.epoch += 1
         self.phase_epochs += 1
         if self.phase == "dendrite":

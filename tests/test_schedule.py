@@ -123,7 +123,7 @@ def test_non_finite_scores_before_a_best_or_in_a_dendrite_phase_are_refused_and_
     assert s.phase == "dendrite"
     before = s.state_dict()
     for bad in (float("nan"), float("inf")):
-        with pytest.raises(TrainingError, match="not finite"):
+        with pytest.raises(TrainingError, match=r"not finite\) in a dendrite phase, whose frozen model's output"):
             s.step(bad, candidate_progress=True)
     assert s.state_dict() == before
 
