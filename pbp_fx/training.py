@@ -215,6 +215,7 @@ def _dict_is_one_input(model, inputs: tuple) -> bool:
     none of the dict's keys is one of its parameters (a keyword batch with an extra column, a
     dataset's `idx`, stays keywords: its error names that key)."""
     model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    model = getattr(model, "_orig_mod", model)  # (torch.compile's wrapper shows (*args, **kwargs); no public accessor)
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
@@ -227,10 +228,12 @@ def _dict_is_one_input(model, inputs: tuple) -> bool:
     except TypeError:
         pass
     try:
-        signature.bind(*inputs)
-        return True
+        bound = signature.bind(*inputs)
     except TypeError:
         return False
+    # Into a parameter without a default only (an optional mask would take a stray keyword dict).
+    name = next(n for n, v in bound.arguments.items() if v is inputs[-1])
+    return signature.parameters[name].default is inspect.Parameter.empty
 
 
 def primary_output(output):

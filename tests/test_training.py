@@ -384,6 +384,8 @@ def test_a_keyword_batch_with_an_extra_key_stays_keywords():
     with pytest.raises(TypeError, match="unexpected keyword argument 'idx'"):
         call_model(TwoInputs(), ({"x": x, "gain": torch.ones(4), "idx": torch.arange(4)},))
     assert call_model(TwoInputs(), ({"x": x, "gain": torch.ones(4)},)).shape == (4, 2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'idx'"):  # (not into the optional gain)
+        call_model(TwoInputs(), (x, {"idx": torch.arange(4)}))
 
 
 def test_a_validation_score_gone_nan_after_a_best_is_named_divergence():
@@ -400,3 +402,19 @@ def test_a_validation_score_gone_nan_after_a_best_is_named_divergence():
     with pytest.raises(pbp_fx.TrainingError, match=r"the validation score is nan in epoch 3 \(neuron phase\): the "
                                                    r"weights diverged: lower the learning rate"):
         fit(pm, train, val, metric=metric, controller=PhaseController(pm, patience=50), epochs=5, progress=False)
+
+
+def test_a_dict_a_compiled_model_takes_whole_goes_in_whole():
+    """torch.compile's wrapper shows forward(*args, **kwargs): the dict was spread into keywords."""
+    from pbp_fx.training import call_model
+
+    class WholeDict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, batch):
+            return self.fc(batch["img"])
+
+    compiled = torch.compile(WholeDict(), backend="eager")
+    assert call_model(compiled, ({"img": torch.randn(4, 3)},)).shape == (4, 2)
