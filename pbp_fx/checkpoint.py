@@ -53,29 +53,31 @@ def _split_state(prefix: str, state: dict, tensors: dict, plain: dict) -> None:
         if isinstance(v, torch.Tensor):
             tensors[f"{prefix}{k}"] = _stored(v)
         else:
-            plain[f"{prefix}{k}"] = _tensors_named(v, f"{NESTED}{prefix}{k}", tensors)
+            plain[f"{prefix}{k}"] = _tensors_named(v, tensors)
 
 
 def _stored(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous().clone()
 
 
-def _tensors_named(value, name: str, tensors: dict):
-    """`value` with each tensor inside its lists, tuples and str-keyed dicts moved to `tensors`."""
+def _tensors_named(value, tensors: dict):
+    """`value` with each tensor inside its lists, tuples and str-keyed dicts moved to `tensors`,
+    each under a name of its own, NESTED and a number (a path of keys could repeat: "h/0")."""
     if isinstance(value, torch.Tensor):
+        name = f"{NESTED}{len(tensors)}"  # (unique: every entry adds one)
         tensors[name] = _stored(value)
         return {TENSOR: name}
     if isinstance(value, (list, tuple)):
-        return [_tensors_named(v, f"{name}/{i}", tensors) for i, v in enumerate(value)]
+        return [_tensors_named(v, tensors) for v in value]
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _tensors_named(v, f"{name}/{k}", tensors) for k, v in value.items()}
+        return {k: _tensors_named(v, tensors) for k, v in value.items()}
     return value
 
 
 def _tensors_back(value, tensors: dict):
     """The inverse of `_tensors_named` (lists stay lists: JSON has no tuples)."""
     if isinstance(value, dict):
-        if set(value) == {TENSOR}:
+        if set(value) == {TENSOR} and isinstance(value[TENSOR], str) and value[TENSOR] in tensors:
             return tensors[value[TENSOR]]
         return {k: _tensors_back(v, tensors) for k, v in value.items()}
     if isinstance(value, list):

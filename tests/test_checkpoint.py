@@ -1141,3 +1141,19 @@ def test_a_dendrite_phase_optimizer_state_without_its_controller_is_refused_befo
     pbp_fx.checkpoint.load_optimizer(path, opt)
     assert all(torch.equal(opt.state[p]["exp_avg"], saved_opt.state[q]["exp_avg"])
                for p, q in zip(target.trainable_parameters(), pm.trainable_parameters()))
+
+
+def test_nested_state_tensors_never_share_a_name(tmp_path):
+    """{"h": [[t1]], "h/0": [t2]} came back with h holding t2 (both named by their key path)."""
+    pm = pbp_fx.perforate(_build(), (X,))
+    opt = torch.optim.SGD(pm.parameters(), lr=0.1)
+    p = next(iter(pm.parameters()))
+    t1, t2 = torch.ones(2), torch.full((3,), 2.0)
+    opt.state[p] = {"h": [[t1]], "h/0": [t2], "plain": {"__pbp_fx_tensor__": 5}}  # (no name: kept)
+    path = str(tmp_path / "n.safetensors")
+    pbp_fx.save(pm, path, optimizer=opt)
+    back = torch.optim.SGD(pm.parameters(), lr=0.1)
+    pbp_fx.checkpoint.load_optimizer(path, back)
+    state = back.state[p]
+    assert torch.equal(state["h"][0][0], t1) and torch.equal(state["h/0"][0], t2)
+    assert state["plain"] == {"__pbp_fx_tensor__": 5}
