@@ -77,11 +77,11 @@ def atomic_write(path, write: Callable[[str], None], error: Type[Exception] = PB
 
 def make_folders(path: str) -> list[str]:
     """os.makedirs(path, exist_ok=True); returns the folders it created, deepest first."""
-    missing, folder = [], os.path.abspath(path)
+    missing, folder = [], os.path.abspath(path)  # (normalised: x/../y creates no x)
     while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
         missing.append(folder)
         folder = os.path.dirname(folder)
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(os.path.abspath(path), exist_ok=True)
     return missing
 
 
