@@ -958,10 +958,12 @@ def _written_buffers(model: nn.Module, args: tuple, kwargs: dict, gm: fx.GraphMo
     the modules `gm` calls whole (a leaf, a parametrized layer: spectral_norm's _u and _v), whose own
     forward runs and writes them. Found by running the model once, every buffer restored after.
     Symbolic tracing records the other writes once, while tracing, or drops them."""
-    kept = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-            for b in m.buffers(recurse=False)}
-    kept |= {id(b) for m in _called_whole(gm) for b in m.buffers()}
-    if all(id(b) in kept for b in model.buffers()):
+    # By name: a module that reassigns its buffer (self.n = self.n + 1) holds a new tensor after the run.
+    whole = {id(m) for m in _called_whole(gm)}
+    kept = {f"{path}.{b}" if path else b for path, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) or id(m) in whole
+            for b, _ in m.named_buffers(recurse=id(m) in whole)}
+    if all(n in kept for n, _ in model.named_buffers()):
         return []
     with buffers_kept(model) as before:
         try:
@@ -970,8 +972,7 @@ def _written_buffers(model: nn.Module, args: tuple, kwargs: dict, gm: fx.GraphMo
         except Exception:  # noqa: BLE001 - the frontends report a model that does not run
             return []
         now = dict(model.named_buffers())
-        return [n for n, b in before.items() if id(now.get(n)) not in kept
-                and (n not in now or not _same_values(now[n], b))]
+        return [n for n, b in before.items() if n not in kept and (n not in now or not _same_values(now[n], b))]
 
 
 def _called_whole(gm: fx.GraphModule) -> list[nn.Module]:

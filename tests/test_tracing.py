@@ -1026,3 +1026,37 @@ def test_auto_does_not_try_torch_export_for_transposed_convs_or_parametrized_sit
     assert gm.meta["pbp_frontend"] == "fx" and "pbp_frontend_choice" not in gm.meta
     assert [s.name for s in pbp_fx.explain_sites(_WeightNormedDecoder(), (torch.randn(2, 1, 8, 8),))
             if s.status == "site"] == ["enc", "head"]
+
+
+class _ReassignedCount(nn.Module):
+    """Counts its calls by reassigning its buffer (a new tensor each time); fx keeps it whole (it
+    branches on a value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            self.n = self.n + 1
+        return x * 2
+
+
+def test_a_buffer_reassigned_inside_a_module_kept_whole_is_no_dropped_write(recwarn):
+    """The check compared tensor ids: a reassigned buffer is a new tensor, so it was warned of as
+    dropped (and auto tried torch.export), though the module's own forward updates it."""
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.count, self.b = nn.Linear(4, 4), _ReassignedCount(), nn.Linear(4, 2)
+            self.register_buffer("scale", torch.ones(()))  # (read only: the check runs the model for it)
+
+        def forward(self, x):
+            return self.b(self.count(self.a(x))) * self.scale
+
+    x = torch.randn(3, 4)
+    pm = pbp_fx.perforate(Root(), (x,), frontend="fx")
+    assert not [w for w in recwarn if "writes buffer" in str(w.message)]
+    pm(x)
+    pm(x)
+    assert [b.item() for n, b in pm.named_buffers() if n.endswith("count.n")] == [2.0]
