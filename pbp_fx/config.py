@@ -279,7 +279,9 @@ def _read_yaml(text: str, where: str, unique) -> Any:
 
     def mapping(loader, node):
         def value(v):
-            plain = isinstance(v, yaml.ScalarNode) and v.style is None  # written bare, not quoted
+            # Written bare, neither quoted nor tagged (`!!str 5` is the string it says).
+            plain = isinstance(v, yaml.ScalarNode) and v.style is None and v.tag == loader.resolve(
+                yaml.ScalarNode, v.value, (True, False))
             if plain and v.tag in (INT_TAG, STR_TAG):
                 whole = _yaml_whole_number(v.value)
                 if whole is not None or v.tag == INT_TAG:  # (a YAML 1.1 form, 1:30 or 1_000: as written)
@@ -308,10 +310,10 @@ INT_TAG, STR_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:str"
 def _yaml_whole_number(text: str) -> Optional[int]:
     """A whole number as YAML 1.2 (and JSON) reads it: decimal (010 is 10, where YAML 1.1 read 8),
     0o octal, 0x hexadecimal; None for anything else (1:30, which YAML 1.1 read as 90)."""
-    match = re.fullmatch(r"([-+]?)(?:(0o[0-7]+)|(0x[0-9a-fA-F]+)|([0-9]+))", text.strip())
+    match = re.fullmatch(r"(?:()(0o[0-7]+)|()(0x[0-9a-fA-F]+)|([-+]?)([0-9]+))", text.strip())
     if match is None:
         return None
-    sign, octal, hexadecimal, decimal = match.groups()
+    _, octal, _, hexadecimal, sign, decimal = match.groups()  # (a sign on decimals only, as YAML 1.2)
     number = int(octal[2:], 8) if octal else int(hexadecimal[2:], 16) if hexadecimal else int(decimal)
     return -number if sign == "-" else number
 

@@ -155,3 +155,5 @@ def test_yaml_whole_numbers_read_as_yaml_1_2_and_json_read_them(tmp_path):
     path.write_text("patience: 1:30\n")
     with pytest.raises(ConfigError, match=r"patience='1:30': must be a whole number"):
         PBConfig(**read_settings(str(path))[0])
+    path.write_text("epochs: !!str 5\nseed: -0x10\n")  # (a tagged string; YAML 1.2 signs decimals only)
+    assert read_settings(str(path)) == ({}, {"epochs": "5", "seed": "-0x10"})
