@@ -877,8 +877,8 @@ def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs
     from .exporters.ort import output_difference
     from .exporters.onnx import check_other_sizes, flat_call, graph_inputs
 
-    final, flat = flat_call(pm.finalize(), graph_inputs(pm, inputs, kwargs))  # (the file's inputs: a dict's leaves)
     with _quiet_unless(args.debug), torch.no_grad():  # the same warnings as above: for --debug
+        final, flat = flat_call(pm.finalize(), graph_inputs(pm, inputs, kwargs))  # (the file's inputs: a dict's leaves)
         session = ort_session(path)
         feeds = [t for t in flat if isinstance(t, torch.Tensor)]
         got = run(session, tuple(t.numpy() for t in feeds))
