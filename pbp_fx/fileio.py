@@ -76,12 +76,17 @@ def atomic_write(path, write: Callable[[str], None], error: Type[Exception] = PB
 
 
 def make_folders(path: str) -> list[str]:
-    """os.makedirs(path, exist_ok=True); returns the folders it created, deepest first."""
-    missing, folder = [], os.path.abspath(path)  # (normalised: x/../y creates no x)
-    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
-        missing.append(folder)
-        folder = os.path.dirname(folder)
-    os.makedirs(os.path.abspath(path), exist_ok=True)
+    """os.makedirs(path, exist_ok=True); returns the folders it created, deepest first, as paths
+    the way `path` names them (the system resolves a symlinked parent, or x/.., for each alike)."""
+    missing, folder = [], path.rstrip(os.sep) or path
+    while folder and not os.path.isdir(folder):
+        if os.path.basename(folder) not in (os.curdir, os.pardir):  # (x/.. is no folder of its own)
+            missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    os.makedirs(path, exist_ok=True)
     return missing
 
 

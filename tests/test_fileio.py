@@ -7,12 +7,24 @@ from pbp_fx.fileio import make_folders, remove_empty
 def test_make_folders_lists_what_it_made_and_remove_empty_takes_only_those(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "kept").mkdir()
-    made = make_folders("kept/x/../y/z")  # (x/.. is no folder made: os.makedirs had made x and left it)
-    assert made == [str(tmp_path / "kept" / "y" / "z"), str(tmp_path / "kept" / "y")]
-    assert os.listdir(tmp_path / "kept") == ["y"]
+    made = make_folders("kept/x/../y/z")  # (os.makedirs makes x too: it was left behind)
+    assert made == ["kept/x/../y/z", "kept/x/../y", "kept/x"]
+    assert sorted(os.listdir(tmp_path / "kept")) == ["x", "y"]
     (tmp_path / "kept" / "y" / "note").write_text("not empty")
     remove_empty(made)
-    assert os.listdir(tmp_path / "kept" / "y") == ["note"]  # (z went; y holds a file: it stays)
+    assert os.listdir(tmp_path / "kept" / "y") == ["note"]  # (z went; y holds a file: it and x stay)
     os.remove(tmp_path / "kept" / "y" / "note")
     remove_empty(made[1:])
     assert os.listdir(tmp_path / "kept") == []
+
+
+def test_a_symlinked_parent_is_followed_as_the_system_follows_it(tmp_path, monkeypatch):
+    """--out link/../run: the normalised path (run beside link) was made, the run wrote where the
+    system resolves it (beside link's target): FileNotFoundError."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a" / "b" / "t").mkdir(parents=True)
+    os.symlink(tmp_path / "a" / "b" / "t", tmp_path / "link")
+    made = make_folders("link/../run/x")
+    assert os.path.isdir(tmp_path / "a" / "b" / "run" / "x") and not os.path.exists(tmp_path / "run")
+    remove_empty(made)
+    assert os.listdir(tmp_path / "a" / "b") == ["t"]
