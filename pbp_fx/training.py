@@ -214,8 +214,12 @@ def _dict_is_one_input(model, inputs: tuple) -> bool:
     """Whether forward binds `inputs` as they are but not with their last dict as keywords, and
     none of the dict's keys is one of its parameters (a keyword batch with an extra column, a
     dataset's `idx`, stays keywords: its error names that key)."""
-    model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    model = getattr(model, "_orig_mod", model)  # (torch.compile's wrapper shows (*args, **kwargs); no public accessor)
+    while True:  # (DDP's module; torch.compile's wrapper shows (*args, **kwargs) and has no public accessor)
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else getattr(
+            model, "_orig_mod", None)
+        if inner is None:
+            break
+        model = inner
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
@@ -231,9 +235,10 @@ def _dict_is_one_input(model, inputs: tuple) -> bool:
         bound = signature.bind(*inputs)
     except TypeError:
         return False
-    # Into a parameter without a default only (an optional mask would take a stray keyword dict).
-    name = next(n for n, v in bound.arguments.items() if v is inputs[-1])
-    return signature.parameters[name].default is inspect.Parameter.empty
+    # Into a parameter without a default only (an optional mask would take a stray keyword dict);
+    # a forward(*args) takes it whole as before.
+    name = next((n for n, v in bound.arguments.items() if v is inputs[-1]), None)
+    return name is None or signature.parameters[name].default is inspect.Parameter.empty
 
 
 def primary_output(output):
@@ -484,7 +489,8 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
                 distributed.sync_buffers(pm)  # rank 0's BatchNorm statistics: one model to evaluate
             val = evaluate(pm, val_loader, metric, device, distributed=distributed, data="validation")
             if not math.isfinite(val):  # (fit stops at its best model; a loop of one's own may go on: the controller rewinds)
-                cause = ("the weights diverged: lower the learning rate" if controller.best_score is not None else
+                diverged = controller.best_score is not None and phase == "neuron"  # (a dendrite phase is frozen)
+                cause = ("the weights diverged: lower the learning rate" if diverged else
                          "check the validation data and the metric for NaN/Inf")  # (evaluate checked the inputs)
                 raise NonFiniteError(f"the validation score is {val} in epoch {epoch} ({phase} phase): {cause}")
             test = (evaluate(pm, test_loader, metric, device, distributed=distributed, data="test")

@@ -402,6 +402,10 @@ def test_a_validation_score_gone_nan_after_a_best_is_named_divergence():
     with pytest.raises(pbp_fx.TrainingError, match=r"the validation score is nan in epoch 3 \(neuron phase\): the "
                                                    r"weights diverged: lower the learning rate"):
         fit(pm, train, val, metric=metric, controller=PhaseController(pm, patience=50), epochs=5, progress=False)
+    pm, calls[0] = _pm(), 0  # in a dendrite phase the model is frozen: no divergence to name
+    with pytest.raises(pbp_fx.TrainingError, match=r"the validation score is nan in epoch 3 \(dendrite phase\): "
+                                                   r"check the validation data"):
+        fit(pm, train, val, metric=metric, controller=PhaseController(pm, patience=1), epochs=5, progress=False)
 
 
 def test_a_dict_a_compiled_model_takes_whole_goes_in_whole():
@@ -418,3 +422,9 @@ def test_a_dict_a_compiled_model_takes_whole_goes_in_whole():
 
     compiled = torch.compile(WholeDict(), backend="eager")
     assert call_model(compiled, ({"img": torch.randn(4, 3)},)).shape == (4, 2)
+
+    class Varargs(nn.Module):  # (the dict lands in *args: no parameter named for it; it raised StopIteration)
+        def forward(self, *args):
+            return args[0]["img"]
+
+    assert call_model(Varargs(), ({"img": torch.ones(2)},)).shape == (2,)
