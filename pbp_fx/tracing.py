@@ -958,11 +958,12 @@ def _written_buffers(model: nn.Module, args: tuple, kwargs: dict, gm: fx.GraphMo
     the modules `gm` calls whole (a leaf, a parametrized layer: spectral_norm's _u and _v), whose own
     forward runs and writes them. Found by running the model once, every buffer restored after.
     Symbolic tracing records the other writes once, while tracing, or drops them."""
-    # By name: a module that reassigns its buffer (self.n = self.n + 1) holds a new tensor after the run.
-    whole = {id(m) for m in _called_whole(gm)}
-    kept = {f"{path}.{b}" if path else b for path, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._NormBase) or id(m) in whole
-            for b, _ in m.named_buffers(recurse=id(m) in whole)}
+    kept_ids = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                for b in m.buffers(recurse=False)}
+    kept_ids |= {id(b) for m in _called_whole(gm) for b in m.buffers()}
+    # Then by the model's own names: a module that reassigns its buffer (self.n = self.n + 1) holds a
+    # new tensor after the run, and a module shared under two paths is named once, by its first.
+    kept = {n for n, b in model.named_buffers() if id(b) in kept_ids}
     if all(n in kept for n, _ in model.named_buffers()):
         return []
     with buffers_kept(model) as before:

@@ -1060,3 +1060,36 @@ def test_a_buffer_reassigned_inside_a_module_kept_whole_is_no_dropped_write(recw
     pm(x)
     pm(x)
     assert [b.item() for n, b in pm.named_buffers() if n.endswith("count.n")] == [2.0]
+
+
+def test_a_buffer_of_a_module_shared_under_two_names_inside_a_whole_module_is_kept(recwarn):
+    """Matched by the whole module's own paths (block.c.n), a buffer the model names by its first
+    path (stats.n) read as a dropped write."""
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("n", torch.zeros(()))
+
+        def forward(self, x):
+            self.n.add_(1)
+            return x
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c, self.fc = c, nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(self.c(x) if x.sum() > -1e9 else x)  # (a branch on a value: kept whole)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            counter = Counter()
+            self.stats, self.block, self.head = counter, Block(counter), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.block(x)))
+
+    pbp_fx.perforate(Shared(), (torch.randn(3, 4),), frontend="fx")
+    assert not [w for w in recwarn if "writes buffer" in str(w.message)]
