@@ -10,7 +10,6 @@ checkpoints, so `trainer.fit(module, ckpt_path=...)` resumes a PB run.
 from __future__ import annotations
 
 import difflib
-import math
 from typing import Optional
 
 import torch
@@ -54,7 +53,7 @@ class PBCallback(Callback):
         self._fitting = False  # between on_fit_start and on_fit_end (still set after a fit that raised)
         self._structure_hook = None  # while fitting starts: see setup()
         self._held_stoppers: dict = {}  # EarlyStopping index -> its patience, while a dendrite phase holds it
-        self._unchecked_finite: list = []  # EarlyStopping indices whose check_finite a divergence holds (see below)
+        self._unchecked_finite: list = []  # EarlyStopping indices whose check_finite the fit holds (see below)
         self._before_validation: dict = {}  # callback_metrics as a validation run began (see on_validation_end)
         self._warned_not_validation = False
 
@@ -148,6 +147,7 @@ class PBCallback(Callback):
                 pm.load_phase_buffers(self._resumed["frozen"])
             self._held_stoppers = {int(i): p for i, p in self._resumed.get("held_stoppers", {}).items()}
             self._resumed = None
+        self._hold_finite_checks(trainer)
         if self.controller.done:  # PB finished (a checkpoint written then, or fit() again): nothing left to train
             # (min_epochs may still train on: on_fit_end loads the best model back)
             trainer.should_stop = True
@@ -185,10 +185,7 @@ class PBCallback(Callback):
             # Lightning's smoke test (a batch or a few, then one validation) checks the wiring: the
             # metric is logged. It is no epoch of the run: a fit after it starts PB afresh.
             return
-        score = float(metrics[self.monitor])
-        decision = self.controller.step(score)
-        if not math.isfinite(score):
-            self._hold_finite_checks(trainer)
+        decision = self.controller.step(float(metrics[self.monitor]))
         self._hold_early_stopping(trainer)
         if decision is Decision.COMPLETE:
             trainer.should_stop = True
@@ -214,9 +211,10 @@ class PBCallback(Callback):
                 es.patience = _HELD_PATIENCE
 
     def _hold_finite_checks(self, trainer) -> None:
-        """A non-finite score (the weights diverged) after a best: PB has gone back to its best weights
-        and goes on, but EarlyStopping(check_finite=True) would end the fit on that score at the
-        epoch's end. Its check is off until the next training batch (`_give_back_finite_checks`)."""
+        """For the fit: EarlyStopping(check_finite=True) on PB's metric would end it at a non-finite
+        score after a best (diverged weights), where PB goes back to its best weights and on (a
+        non-finite score PB cannot take raises). Off from the fit's start, whatever the callbacks'
+        order and wherever the stopper checks; given back at its end (`_give_back_finite_checks`)."""
         for i, es in enumerate(trainer.early_stopping_callbacks):
             if es.monitor == self.monitor and es.check_finite:
                 es.check_finite = False
@@ -242,7 +240,6 @@ class PBCallback(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._give_back_patience(trainer)
-        self._give_back_finite_checks(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
         # PB's state beside the module's own metrics, for the loggers (TensorBoard, CSV, W&B): the
@@ -252,11 +249,15 @@ class PBCallback(Callback):
             pl_module.log_dict({"pb/dendrites": float(pm.dendrites), "pb/dendrite_phase": float(pm.phase == "dendrite"),
                                 "pb/parameters": float(pm.num_parameters())}, on_step=False, on_epoch=True)
 
+    def on_exception(self, trainer, pl_module, exception):
+        self._give_back_finite_checks(trainer)
+
     def on_fit_end(self, trainer, pl_module):
         self._fitting = False
         ctl = self.controller
         if trainer.fast_dev_run and ctl is not None and not ctl.history:
             self.controller = None  # (not finished: the next fit builds its own on its own optimizer)
+            self._give_back_finite_checks(trainer)
             return
         if ctl is not None and ctl.done:
             # PB may have finished before the Trainer did (min_epochs trains on; a resumed finished run):

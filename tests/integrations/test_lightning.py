@@ -724,16 +724,19 @@ class DivergingClassifier(Classifier):
         self.log("val_loss", loss * float("nan") if self.current_epoch == 2 else loss)
 
 
-def test_early_stopping_leaves_a_divergence_to_pb():
+@pytest.mark.parametrize("first", [False, True])
+def test_early_stopping_leaves_a_divergence_to_pb(first):
     """EarlyStopping's check_finite (on by default) ended the fit at the NaN score, where PB had gone
-    back to its best weights to go on with a dendrite round: the run ended with 0 dendrites."""
+    back to its best weights to go on with a dendrite round: the run ended with 0 dendrites (also
+    when the stopper comes first and checks at validation end)."""
     from lightning.pytorch.callbacks import EarlyStopping
 
     train, val = digits_loaders()
     pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
-    cb, stopper = PBCallback(QUICK.replace(patience=5)), EarlyStopping("val_loss", patience=50)
+    cb = PBCallback(QUICK.replace(patience=5))
+    stopper = EarlyStopping("val_loss", patience=50, check_on_train_epoch_end=not first)
     trainer = _trainer(cb, max_epochs=12)
-    trainer.callbacks.append(stopper)
+    trainer.callbacks.insert(0 if first else len(trainer.callbacks), stopper)
     with pytest.warns(UserWarning, match="the validation score is nan at epoch 3: the weights diverged"):
         trainer.fit(DivergingClassifier(pm), train, val)
     notes = [h["note"] for h in cb.controller.history]
