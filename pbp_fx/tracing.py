@@ -761,6 +761,21 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
     else:
         why = ""
     result = _merged(gm, other, primary)
+    if result.graph_module is None and other is not None and dims == "auto" and "batch" in tries:
+        # Every-dim-dynamic captures may order their shape arithmetic by mode (a window's padding
+        # size before or after a norm's counter update: timm's TinyViT), which the merge cannot pair;
+        # batch-only captures have none of it, and a merged graph keeps both modes.
+        try:
+            batch_gm = _export_capture(model, args, kwargs, "batch")
+            with _modes(model, not primary):
+                batch_other = _export_capture(model, args, kwargs, "batch")
+        except Exception as exc:  # noqa: BLE001
+            log.info("trace: the batch-only captures for the mode merge failed: %s", _reason(exc))
+        else:
+            retried = _merged(batch_gm, batch_other, primary)
+            if retried.graph_module is not None:
+                log.info("trace: the modes merged with a dynamic batch only (every-dim captures: %s)", result.reason)
+                gm, other, result, dims = batch_gm, batch_other, retried, "batch"
     gm = result.graph_module if result.graph_module is not None else _one_mode(
         gm, primary, type(model).__name__, result.reason or why, keep_whole=False)
     gm.meta["pbp_dynamic"] = dims
