@@ -292,8 +292,8 @@ class PhaseController:
             # Adafactor's relative_step computes its own step size and never reads the group's lr.
             warn_at_user("the optimizer sets its own step size (relative_step=True), so PB's dendrite-phase rate "
                          "(candidate_lr) has no effect: pass relative_step=False and an lr to let PB set it")
-        line_search = next((g.get("line_search_fn") for g in inner_optimizer(optimizer).param_groups
-                            if isinstance(inner_optimizer(optimizer), torch.optim.LBFGS)), None)
+        inner = inner_optimizer(optimizer)
+        line_search = inner.defaults.get("line_search_fn") if isinstance(inner, torch.optim.LBFGS) else None
         if line_search is not None and config.mode == "pb":
             # (its step must lower the closure's loss, which candidates never change: every step was 0)
             warn_at_user(f"LBFGS with line_search_fn={line_search!r} trains no candidates: its line search asks each "

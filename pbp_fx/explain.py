@@ -119,7 +119,8 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
     leaves = [] if gm.meta.get("pbp_frontend") == "parts" else _leaf_modules(gm)
     plain = set(gm.meta.get("pbp_plain", []))
     site_names = {spec.name for spec in specs}
-    for name, p in neuron_weights(model):
+    weights = neuron_weights(model)
+    for name, p in weights:
         if id(p) in reached:
             continue
         layer, parametrized, _ = name.partition(".parametrizations.")
@@ -144,7 +145,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
         else:
             why = "not used on the example inputs"
         rows.append(SiteExplanation(name, kind, "not a site", why))
-    listed = {id(p) for _, p in neuron_weights(model)} | reached
+    listed = {id(p) for _, p in weights} | reached
     for pid, (name, op) in contracted.items():  # (parameters of no layer: neuron_weights does not list them)
         if pid not in listed:
             rows.append(SiteExplanation(name, op, "not a site", f"read by {op}(), which is no Linear/Conv op pbp-fx "
@@ -153,8 +154,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
 
 
 # Tensor contractions that can hold a layer's product (a weight read by them is a layer in all but form).
-_CONTRACTIONS = (torch.einsum, torch.tensordot, torch.bmm, torch.baddbmm, torch.functional.einsum,
-                 torch.functional.tensordot)
+_CONTRACTIONS = (torch.einsum, torch.tensordot, torch.bmm, torch.baddbmm)
 
 
 def _read_by(kind: str, target, frontend: Optional[str]) -> str:
