@@ -775,7 +775,7 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
             retried = _merged(batch_gm, batch_other, primary)
             if retried.graph_module is not None:
                 log.info("trace: the modes merged with a dynamic batch only (every-dim captures: %s)", result.reason)
-                gm, other, result, dims = batch_gm, batch_other, retried, "batch"
+                gm, result, dims = batch_gm, retried, "batch"
     gm = result.graph_module if result.graph_module is not None else _one_mode(
         gm, primary, type(model).__name__, result.reason or why, keep_whole=False)
     gm.meta["pbp_dynamic"] = dims
