@@ -47,7 +47,7 @@ from .modelfile import (check_metric_direction, example_kwargs, instantiate, key
 from .passes.find_sites import site_filters
 from .schedule import Kind, PhaseSchedule
 from .tracing import copy_module
-from .training import NonFiniteDataError, NonFiniteError, accuracy, evaluate, train_epoch
+from .training import NonFiniteDataError, NonFiniteError, NonFiniteLossError, accuracy, evaluate, train_epoch
 from .width import WidthBuilder, WidthError
 
 __all__ = ["compare", "CompareError", "Score", "ARMS", "train_plain", "train_restarts", "train_perforated",
@@ -134,8 +134,13 @@ def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainC
     optimizer, best, rounds, epochs = new_optimizer(), _snapshot(model), 0, 0
     for epochs in range(1, training.epochs + 1):
         if schedule.phase == "neuron":
-            train_epoch(model, train, loss_fn, optimizer, None)
-            score = evaluate(model, val, metric, data="validation")
+            try:
+                train_epoch(model, train, loss_fn, optimizer, None)
+                score = evaluate(model, val, metric, data="validation")
+            except NonFiniteLossError:
+                if not schedule.takes_divergence:
+                    raise
+                score = math.nan  # diverged after a best: the schedule goes back to it, as fit's controller does
         else:
             score = schedule.best_score  # a dendrite phase without dendrites changes nothing
         action = schedule.step(score, False)

@@ -348,6 +348,12 @@ class PhaseController:
         return self.schedule.epoch
 
     @property
+    def takes_divergence(self) -> bool:
+        """Whether `step` now takes a non-finite score (a neuron phase after a finite best): the
+        phase ends and the model goes back to its best weights. Else such a score is refused."""
+        return self.schedule.takes_divergence
+
+    @property
     def num_dendrites(self) -> int:
         """Dendrites per site now."""
         return self.pm.dendrites
@@ -774,8 +780,11 @@ class PhaseController:
                              "dendrites": self.pm.dendrites, "decision": decision.value, "note": note})
 
     @outside_inference_mode
-    def step(self, val_score: float) -> Decision:
-        """Record one epoch's validation score, carry out the schedule's action, say what happened."""
+    def step(self, val_score: float, *, cause: Optional[str] = None) -> Decision:
+        """Record one epoch's validation score, carry out the schedule's action, say what happened.
+
+        cause: what made a non-finite score, for its warning (fit: "the loss is nan"; default
+        "the validation score is nan")."""
         if self.done:
             return Decision.COMPLETE
         self.check_model()
@@ -797,7 +806,8 @@ class PhaseController:
             self._warn_if_gains_went_uncounted(score)
         if not math.isfinite(score):
             if self._says:
-                warn_at_user(f"the validation score is {score} at epoch {self.schedule.epoch}: the weights diverged, so "
+                cause = cause or f"the validation score is {score}"
+                warn_at_user(f"{cause} at epoch {self.schedule.epoch}: the weights diverged, so "
                              f"the neuron phase ends here and the model is back at its best weights (epoch "
                              f"{self.schedule.best_epoch}); a lower learning rate avoids it")
             score = None  # (the history is JSON)

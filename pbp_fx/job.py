@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import os
 import random
 import shlex
@@ -806,7 +807,8 @@ def _print_report(s: dict, echo) -> None:
     echo("phase history")
     echo(f"  {'epoch':>5}  {'phase':<8} {'dendrites':>9}  {'val':>7}  note")
     for e in s["events"]:
-        echo(f"  {e['epoch']:>5}  {e['phase']:<8} {e['dendrites']:>9}  {e['score']:>7.4f}  {e['note']}")
+        score = "-" if e["score"] is None else f"{e['score']:.4f}"  # (None: a diverged epoch)
+        echo(f"  {e['epoch']:>5}  {e['phase']:<8} {e['dendrites']:>9}  {score:>7}  {e['note']}")
     echo("dendrites per site")
     width = max([32, *(len(name) for name in s["dendrites"])])
     for name, k in s["dendrites"].items():
@@ -863,10 +865,11 @@ def plot_history(history, path: str, title: str = "", metric: str = "accuracy", 
 
     rows = history.epochs
     ep = [r["epoch"] for r in rows]
+    gap = lambda x: math.nan if x is None else x  # noqa: E731 - a diverged epoch has no score: a gap in the line
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot(ep, [r["val"] for r in rows], label="validation")
+    a.plot(ep, [gap(r["val"]) for r in rows], label="validation")
     if rows and rows[0].get("test") is not None:
-        a.plot(ep, [r["test"] for r in rows], label="test", alpha=0.8)
+        a.plot(ep, [gap(r["test"]) for r in rows], label="test", alpha=0.8)
     for r in rows:
         if r["phase"] == "dendrite":
             a.axvspan(r["epoch"] - 1, r["epoch"], color="tab:orange", alpha=0.15, lw=0)
@@ -878,7 +881,7 @@ def plot_history(history, path: str, title: str = "", metric: str = "accuracy", 
     a.legend()
     # Accuracy against parameters: per structure, the epoch with the best validation score.
     best: dict[int, dict] = {}
-    for r in rows:
+    for r in (r for r in rows if r["val"] is not None):
         better = r["params"] not in best or (r["val"] > best[r["params"]]["val"] if maximize
                                              else r["val"] < best[r["params"]]["val"])
         if r["phase"] == "neuron" and better:

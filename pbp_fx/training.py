@@ -388,6 +388,11 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
     restructure, the loaders should come from Distributed.loader (each rank must have as
     many training batches), scores and losses are summed over the ranks, and every rank
     takes rank 0's decisions. A rank's error is reported by the others.
+
+    A NaN/Inf loss or validation score in a neuron phase after a best is taken as divergence: the
+    controller warns, goes back to the best weights and on (the epoch's row has no score). Any
+    other (a loss with `distributed`: the ranks would wait on the one that left its epoch) stops the
+    run at the best-validation state and raises TrainingError.
     """
     config = PBConfig.coerce(config, "fit's config")
     training = (TrainConfig.coerce(training, "fit's training") or TrainConfig()).replace(
@@ -479,22 +484,30 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
         phase = pm.phase
         if distributed is not None and hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
+        diverged = None  # what made the epoch's score non-finite when the controller takes it
         try:
-            train_loss = train_epoch(controller.model, train_loader, loss_fn, controller.optimizer, device,
-                                      distributed, phase)
+            try:
+                train_loss = train_epoch(controller.model, train_loader, loss_fn, controller.optimizer, device,
+                                          distributed, phase)
+            except NonFiniteLossError as exc:
+                # One process only: a rank leaving its epoch alone would leave the others waiting.
+                if distributed is not None or not controller.takes_divergence:
+                    raise
+                train_loss, diverged = None, f"the loss is {exc.loss}"
             _check_statistics(pm)
             if controller.scheduler is not None and phase == "neuron" and not _plateau(controller):
                 controller.scheduler.step()
             if distributed is not None:
                 distributed.sync_buffers(pm)  # rank 0's BatchNorm statistics: one model to evaluate
-            val = evaluate(pm, val_loader, metric, device, distributed=distributed, data="validation")
-            if not math.isfinite(val):  # (fit stops at its best model; a loop of one's own may go on: the controller rewinds)
-                diverged = controller.best_score is not None and phase == "neuron"  # (a dendrite phase is frozen)
-                cause = ("the weights diverged: lower the learning rate" if diverged else
-                         "check the validation data and the metric for NaN/Inf")  # (evaluate checked the inputs)
-                raise NonFiniteError(f"the validation score is {val} in epoch {epoch} ({phase} phase): {cause}")
+            val = (math.nan if diverged else
+                   evaluate(pm, val_loader, metric, device, distributed=distributed, data="validation"))
+            if not math.isfinite(val) and controller.takes_divergence:
+                diverged = diverged or f"the validation score is {val}"  # the controller goes back to the best weights
+            elif not math.isfinite(val):
+                raise NonFiniteError(f"the validation score is {val} in epoch {epoch} ({phase} phase): check the "
+                                     "validation data and the metric for NaN/Inf")  # (evaluate checked the inputs)
             test = (evaluate(pm, test_loader, metric, device, distributed=distributed, data="test")
-                    if test_loader is not None else None)
+                    if test_loader is not None and not diverged else None)
             if test is not None and not math.isfinite(test):  # (the history and its JSON would hold it)
                 raise NonFiniteError(f"the test score is {test} in epoch {epoch} ({phase} phase): check the test "
                                      "data (its targets too) and the metric for NaN/Inf")
@@ -504,10 +517,10 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
                 history.epochs[-1]["decision"] = Decision.COMPLETE.value
             raise TrainingError(f"{exc}; {restored}") from exc
         row = {"epoch": epoch, "phase": phase, "dendrites": controller.num_dendrites,
-               "train_loss": train_loss, "val": val, "test": test,
+               "train_loss": train_loss, "val": None if diverged else val, "test": test,  # (JSON: no NaN)
                "params": pm.num_parameters(), "seconds": time.perf_counter() - t0}
-        decision = controller.step(val)
-        if _plateau(controller) and decision is not Decision.COMPLETE:
+        decision = controller.step(val, cause=diverged)
+        if _plateau(controller) and decision is not Decision.COMPLETE and not diverged:
             # After the controller, as the trainers do (the controller holds it in a dendrite phase).
             controller.scheduler.step(val)
         if epoch == epochs and decision is not Decision.COMPLETE:
@@ -521,8 +534,8 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
             cb(row)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(phase=phase, dendrites=row["dendrites"], loss=f"{train_loss:.4f}",
-                            val=f"{val:.4f}", best=f"{controller.best_score:.4f}")
+            bar.set_postfix(phase=phase, dendrites=row["dendrites"], loss=_shown(train_loss),
+                            val=_shown(row["val"]), best=_shown(controller.best_score))
         if decision is Decision.COMPLETE:
             break
     else:
@@ -550,8 +563,8 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
                 loss = _ZeroGradient.apply(loss, *zero)
         if not torch.isfinite(loss):
             where = f" in the {phase} phase" if phase else ""
-            raise NonFiniteError(f"the loss is {loss.item()}{where}: lower the learning rate "
-                                 "or check the data for NaN/Inf")
+            raise NonFiniteLossError(loss.item(), f"the loss is {loss.item()}{where}: lower the learning rate "
+                                     "or check the data for NaN/Inf")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -566,6 +579,14 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
 
 class NonFiniteError(TrainingError):
     """A NaN/Inf loss or correlation statistic: the phase stops and the last good state returns."""
+
+
+class NonFiniteLossError(NonFiniteError):
+    """A training batch's loss is NaN/Inf (`loss`: its value)."""
+
+    def __init__(self, loss: float, message: str):
+        super().__init__(message)
+        self.loss = loss
 
 
 class NonFiniteDataError(NonFiniteError):
@@ -586,6 +607,10 @@ def _stop_and_restore(controller: PhaseController) -> str:
     if not had_best:
         return "no good state to restore yet (no epoch ended with a finite validation score)"
     return f"stopped and restored the best-validation model (epoch {controller.best_epoch})"
+
+
+def _shown(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def _progress(total: int, enabled: bool, initial: int = 0):

@@ -1,8 +1,10 @@
 """pbp-fx compare end to end on a tiny model file (2 seeds, short budgets), and its refusals."""
 import importlib
 import json
+import math
 import os
 import textwrap
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -756,3 +758,28 @@ def test_a_comparison_on_workers_ends_without_a_stray_warning(tiny, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "leaked" not in r.stderr and "resource_tracker" not in r.stderr, r.stderr
+
+
+ONCE_NAN_LOSS = TINY + textwrap.dedent('''
+    calls = [0]
+
+    def loss_fn(output, target):
+        calls[0] += 1  # one batch of the third epoch (6 batches of 30 per epoch)
+        loss = torch.nn.functional.cross_entropy(output, target)
+        return loss * float("nan") if torch.is_grad_enabled() and calls[0] == 14 else loss
+''')
+
+
+@pytest.mark.parametrize("arm", ["plain", "restarts", "pb"])
+def test_a_loss_gone_nan_once_after_a_best_ends_the_phase_at_it_in_every_arm(tmp_path, arm):
+    """Such a run was 'not run' (its training diverged), though the plain arm's own early stopping, the
+    restarts' rewinds and PB's controller all keep a best-validation model to go back to."""
+    from pbp_fx.compare import RunSpec, run_arm
+
+    path = tmp_path / "once.py"
+    path.write_text(ONCE_NAN_LOSS)
+    config = BUDGET["config"].replace(patience=50)  # (only the divergence ends the first neuron phase)
+    with pytest.warns(pbp_fx.PBWarning, match="the loss is nan at epoch 3") if arm == "pb" else nullcontext():
+        row = run_arm(str(path), RunSpec(arm, 0, 1.0), config, BUDGET["training"], latency=False)
+    assert "skipped" not in row and math.isfinite(row["test"]), row
+    assert row["epochs"] == (3 if arm == "plain" else 12)  # plain stops at its end; the others go on

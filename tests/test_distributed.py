@@ -125,6 +125,16 @@ def _worker(scenario, rank, nprocs, port, out_dir):
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     elif scenario == "aux":
         torch.save(run_match(world, _build_with_aux_head)[1], os.path.join(out_dir, f"rank{rank}.pt"))
+    elif scenario == "nanloss":  # rank 1's loss turns NaN in epoch 3, after a best
+        pm, calls = pbp_fx.perforate(_build(), _inputs()), [0]
+
+        def loss_fn(output, target):
+            calls[0] += 1
+            loss = nn.functional.cross_entropy(output, target)
+            return loss * float("nan") if rank == 1 and calls[0] == 10 else loss
+
+        pbp_fx.fit(pm, world.loader(_data(96, 0), GLOBAL_BATCH), world.loader(_data(48, 1), 16, train=False),
+                   loss_fn, epochs=5, progress=False, distributed=world)
     else:  # "fail": rank 1 raises at epoch 2; "stall": rank 1 stops answering at epoch 2
         pm = pbp_fx.perforate(_build(), _inputs())
 
@@ -263,6 +273,16 @@ def test_a_failing_rank_is_reported_and_the_other_exits(tmp_path):
     assert rc1 != 0 and "rank one broke on purpose" in err1
     assert rc0 != 0
     assert "rank 0 stopped: rank 1 failed with TrainingError: rank one broke on purpose" in err0, err0[-2000:]
+
+
+def test_a_loss_gone_nan_on_one_rank_after_a_best_stops_every_rank(tmp_path):
+    """One process takes such an epoch as diverged and goes on from its best weights; a rank that left
+    its epoch alone would leave the others waiting in the gradient all-reduce, so the ranks stop."""
+    t0 = time.monotonic()
+    (rc0, err0), (rc1, err1) = _launch("nanloss", tmp_path)
+    assert time.monotonic() - t0 < 45
+    assert rc1 != 0 and "the loss is nan in the neuron phase" in err1, err1[-2000:]
+    assert rc0 != 0 and "rank 0 stopped: rank 1 failed with TrainingError: the loss is nan" in err0, err0[-2000:]
 
 
 def test_a_silent_rank_times_out(tmp_path):

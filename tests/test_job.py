@@ -610,21 +610,44 @@ LATE_NAN_METRIC = ("calls = [0]\n\n\ndef metric(o, y):\n    calls[0] += 1\n"
                    "    return (float('nan') if calls[0] > 12 else right), len(y)\n")
 
 
-@pytest.mark.parametrize("code, said", [(LATE_NAN_LOSS, "the loss is nan"),
-                                        (LATE_NAN_METRIC, "score is nan in epoch")])  # (test's, here)
-def test_a_value_gone_nan_mid_run_writes_the_report_of_the_restored_best_model(tmp_path, capsys, code, said):
+# The loss stays NaN: the neuron phase's divergence goes back to the best weights, and the dendrite
+# phase meets it. The metric's NaN meets the test score first, which stops the run where it is.
+@pytest.mark.parametrize("code, said, phase, diverged", [(LATE_NAN_LOSS, "the loss is nan", "dendrite", 1),
+                                                         (LATE_NAN_METRIC, "score is nan in epoch", "neuron", 0)])
+def test_a_value_gone_nan_mid_run_writes_the_report_of_the_restored_best_model(tmp_path, capsys, code, said, phase,
+                                                                                diverged):
     """Exit 2 with one line; the report and checkpoint of the restored best model are written."""
     out = tmp_path / "run"
     assert main(["train", _write(tmp_path / "m.py", GOOD + code), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert said in err and "neuron phase" in err and f"its report and that model are in {out}" in err
-    assert "stopped and restored the best-validation model" in err and err.count("\n") == 1
+    error = err.splitlines()[-1]
+    assert said in error and f"{phase} phase" in error and f"its report and that model are in {out}" in error
+    assert "stopped and restored the best-validation model" in error
+    assert ("the weights diverged, so the neuron phase ends here" in err) is bool(diverged)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["events"][-1]["note"] == "stopped: non-finite values"
     rows = json.loads((out / "history.json").read_text())["epochs"]
-    assert summary["epochs"] == len(rows) >= 1 and all(math.isfinite(r["val"]) for r in rows)
+    assert summary["epochs"] == len(rows) >= 1 and all(r["val"] is None or math.isfinite(r["val"]) for r in rows)
+    assert sum(r["val"] is None for r in rows) == diverged  # (the diverged epoch has no score)
     # The last row ends the run, as the summary's last event does (at that epoch).
     assert rows[-1]["decision"] == "complete" and summary["events"][-1]["epoch"] == rows[-1]["epoch"]
+
+
+def test_a_run_whose_loss_goes_nan_once_after_a_best_goes_back_to_it_and_on(tmp_path, capsys):
+    """pbp-fx train ended such a run with exit 2 at its best model, where PB's own loop and the
+    trainers' callbacks go back to the best weights and on with a dendrite round."""
+    once = LATE_NAN_LOSS.replace("calls[0] > 20", "calls[0] == 21")
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", GOOD + once), "--out", str(out), "--no-progress",
+                 "--max-dendrites", "1", "--epochs", "40"]) == 0
+    err = capsys.readouterr().err
+    assert "the loss is nan at epoch" in err and "the weights diverged" in err
+    rows = json.loads((out / "history.json").read_text())["epochs"]
+    diverged = [r for r in rows if r["val"] is None]
+    assert len(diverged) == 1 and diverged[0]["train_loss"] is None and diverged[0]["decision"] == "restructured"
+    assert any(r["phase"] == "dendrite" for r in rows) and rows[-1]["decision"] == "complete"
+    summary = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(summary["val"]) and (out / "plot.png").exists()
 
 
 KEYWORD_MODEL = '''

@@ -1,5 +1,6 @@
 """fit(): the loop, its history, optimizer rebuilding and its errors."""
 import functools
+import json
 import pytest
 import torch
 import torch.nn as nn
@@ -176,19 +177,48 @@ class _PoisonedAfter:
             yield (x * float("nan") if self.passes > self.after else x), y
 
 
-@pytest.mark.parametrize("dendrite_phase", [False, True])
-def test_non_finite_loss_stops_the_phase_and_restores_the_best_state(dendrite_phase):
+def test_non_finite_loss_in_a_dendrite_phase_stops_the_run_and_restores_the_best_state():
     pm = _pm()
     val = DataLoader(_data(64, 1), batch_size=64)
-    train = _PoisonedAfter(DataLoader(_data(), batch_size=32), after=4 if dendrite_phase else 3)
-    ctl = PhaseController(pm, patience=2 if dendrite_phase else 50, dendrite_patience=50,
-                          max_dendrite_epochs=50)
-    with pytest.raises(pbp_fx.TrainingError, match="restored the best-validation model"):
+    train = _PoisonedAfter(DataLoader(_data(), batch_size=32), after=4)
+    ctl = PhaseController(pm, patience=2, dendrite_patience=50, max_dendrite_epochs=50)
+    with pytest.raises(pbp_fx.TrainingError, match="the loss is nan in the dendrite phase.*restored the "
+                                                   "best-validation model"):
         fit(pm, train, val, controller=ctl, epochs=20, progress=False)
     assert pm.phase == "neuron", "the dendrite phase must be stopped"
     assert all(torch.equal(v, ctl.best_state[k]) for k, v in pm.state_dict().items())
-    started = any("dendrite phase started" in e["note"] for e in ctl.history)
-    assert started is dendrite_phase
+    assert any("dendrite phase started" in e["note"] for e in ctl.history)
+
+
+class _Diverge:
+    """A fit callback that turns every weight NaN after epoch `at` (what a too-high learning rate does)."""
+
+    def __init__(self, pm, at):
+        self.pm, self.at = pm, at
+
+    def __call__(self, row):
+        if row["epoch"] == self.at:
+            with torch.no_grad():
+                for p in self.pm.parameters():
+                    p.fill_(float("nan"))
+
+
+def test_a_loss_gone_nan_after_a_best_goes_back_to_the_best_weights_and_on():
+    """fit ended the run at its best model with an error, where the controller's own loop, the HF
+    Trainer and Lightning go back to the best weights and on with a dendrite round."""
+    pm = _pm()
+    train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
+    ctl = PhaseController(pm, patience=50, dendrite_patience=1, max_dendrite_epochs=2, max_dendrites=1)
+    with pytest.warns(pbp_fx.PBWarning, match=r"the loss is nan at epoch 3: the weights diverged, so the neuron "
+                                              r"phase ends here and the model is back at its best weights"):
+        h = fit(pm, train, val, controller=ctl, epochs=8, progress=False, callbacks=[_Diverge(pm, 2)],
+                test_loader=val)
+    row = h.epochs[2]
+    assert (row["train_loss"], row["val"], row["test"], row["decision"]) == (None, None, None, "restructured")
+    assert h.epochs[3]["phase"] == "dendrite" and ctl.num_dendrites == 1 and len(h.epochs) == 8
+    assert all(bool(torch.isfinite(p).all()) for p in pm.parameters())
+    assert all(r["val"] is not None for r in h.epochs[3:])
+    json.dumps(h.to_dict(), allow_nan=False)  # (history.json holds no NaN)
 
 
 def test_nan_in_validation_data_is_reported_like_nan_in_training_data():
@@ -388,9 +418,10 @@ def test_a_keyword_batch_with_an_extra_key_stays_keywords():
         call_model(TwoInputs(), (x, {"idx": torch.arange(4)}))
 
 
-def test_a_validation_score_gone_nan_after_a_best_is_named_divergence():
+def test_a_validation_score_gone_nan_after_a_best_is_taken_as_divergence():
     """Finite validation data and a finite best, then a NaN score: the error said 'check the
-    validation data and the metric', which were fine; the weights had diverged."""
+    validation data and the metric', which were fine; the weights had diverged (the controller
+    goes back to the best weights and on)."""
     pm = _pm()
     train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
     calls = [0]
@@ -399,9 +430,9 @@ def test_a_validation_score_gone_nan_after_a_best_is_named_divergence():
         calls[0] += 1
         return (float("nan") if calls[0] == 3 else float((out.argmax(1) == y).sum())), len(y)
 
-    with pytest.raises(pbp_fx.TrainingError, match=r"the validation score is nan in epoch 3 \(neuron phase\): the "
-                                                   r"weights diverged: lower the learning rate"):
-        fit(pm, train, val, metric=metric, controller=PhaseController(pm, patience=50), epochs=5, progress=False)
+    with pytest.warns(pbp_fx.PBWarning, match=r"the validation score is nan at epoch 3: the weights diverged"):
+        h = fit(pm, train, val, metric=metric, controller=PhaseController(pm, patience=50), epochs=5, progress=False)
+    assert h.epochs[2]["val"] is None and h.epochs[2]["decision"] == "restructured" and h.epochs[3]["phase"] == "dendrite"
     pm, calls[0] = _pm(), 0  # in a dendrite phase the model is frozen: no divergence to name
     with pytest.raises(pbp_fx.TrainingError, match=r"the validation score is nan in epoch 3 \(dendrite phase\): "
                                                    r"check the validation data"):
