@@ -274,14 +274,20 @@ def _read_yaml(text: str, where: str, unique) -> Any:
     except ImportError:
         raise ConfigError(f"{where}: reading YAML needs PyYAML (pip install pyyaml), or write the file as JSON") from None
 
+    tagged = set()  # ids of the scalar nodes written with a tag (`!!str 1e-3` is the string it says)
+
     class Loader(yaml.SafeLoader):
-        pass
+        def compose_scalar_node(self, anchor):
+            explicit = self.peek_event().tag not in (None, "!")
+            node = super().compose_scalar_node(anchor)
+            if explicit:
+                tagged.add(id(node))
+            return node
 
     def mapping(loader, node):
         def value(v):
-            # Written bare, neither quoted nor tagged (`!!str 5` is the string it says).
-            plain = isinstance(v, yaml.ScalarNode) and v.style is None and v.tag == loader.resolve(
-                yaml.ScalarNode, v.value, (True, False))
+            # Written bare, neither quoted nor tagged.
+            plain = isinstance(v, yaml.ScalarNode) and v.style is None and id(v) not in tagged
             if plain and v.tag in (INT_TAG, STR_TAG):
                 whole = _yaml_whole_number(v.value)
                 if whole is not None or v.tag == INT_TAG:  # (a YAML 1.1 form, 1:30 or 1_000: as written)

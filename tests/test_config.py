@@ -157,3 +157,6 @@ def test_yaml_whole_numbers_read_as_yaml_1_2_and_json_read_them(tmp_path):
         PBConfig(**read_settings(str(path))[0])
     path.write_text("epochs: !!str 5\nseed: -0x10\n")  # (a tagged string; YAML 1.2 signs decimals only)
     assert read_settings(str(path)) == ({}, {"epochs": "5", "seed": "-0x10"})
+    # A tagged string that YAML 1.1 also reads as a string (1e-3) was taken for a number.
+    path.write_text("lr: !!str 1e-3\ncandidate_lr: !!float 1e-3\npool: !!int 4\n")
+    assert read_settings(str(path)) == ({"candidate_lr": 1e-3, "pool": 4}, {"lr": "1e-3"})
