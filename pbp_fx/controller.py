@@ -288,13 +288,13 @@ class PhaseController:
                               "the model, so an optimizer built before it trains the original): build it over "
                               "pm.trainable_parameters()")
         self.optimizer = optimizer
-        if any(g.get("relative_step") for g in optimizer.param_groups):
+        if any(g.get("relative_step") for g in optimizer.param_groups) and self._says:
             # Adafactor's relative_step computes its own step size and never reads the group's lr.
             warn_at_user("the optimizer sets its own step size (relative_step=True), so PB's dendrite-phase rate "
                          "(candidate_lr) has no effect: pass relative_step=False and an lr to let PB set it")
         inner = inner_optimizer(optimizer)
         line_search = inner.defaults.get("line_search_fn") if isinstance(inner, torch.optim.LBFGS) else None
-        if line_search is not None and config.mode == "pb":
+        if line_search is not None and config.mode == "pb" and self._says:
             # (its step must lower the closure's loss, which candidates never change: every step was 0)
             warn_at_user(f"LBFGS with line_search_fn={line_search!r} trains no candidates: its line search asks each "
                          "step to lower the closure's loss, which candidates do not change (they follow the error's "
@@ -769,7 +769,7 @@ class PhaseController:
         warmup, cap = pools[0].warmup, self.config.max_dendrite_epochs
         if per_epoch * cap <= warmup:
             self._warned_short_phase = True
-            if self.distributed is not None and not self.distributed.is_main:
+            if not self._says:
                 return  # (every rank sees the same counts: rank 0 says it once)
             warn_at_user(f"a dendrite phase sees {per_epoch:g} batch(es) per epoch and its statistics warm up over "
                          f"{warmup} batches, so max_dendrite_epochs={cap} ends it before they have: use smaller "

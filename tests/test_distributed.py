@@ -125,6 +125,10 @@ def _worker(scenario, rank, nprocs, port, out_dir):
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     elif scenario == "aux":
         torch.save(run_match(world, _build_with_aux_head)[1], os.path.join(out_dir, f"rank{rank}.pt"))
+    elif scenario == "warn":  # a setting every rank holds, warned of as the controller is built
+        pm = pbp_fx.perforate(_build(), _inputs())
+        PhaseController(pm, optimizer=torch.optim.LBFGS(pm.trainable_parameters(), line_search_fn="strong_wolfe"),
+                        distributed=world)
     elif scenario == "nanloss":  # rank 1's loss turns NaN in epoch 3, after a best
         pm, calls = pbp_fx.perforate(_build(), _inputs()), [0]
 
@@ -283,6 +287,14 @@ def test_a_loss_gone_nan_on_one_rank_after_a_best_stops_every_rank(tmp_path):
     assert time.monotonic() - t0 < 45
     assert rc1 != 0 and "the loss is nan in the neuron phase" in err1, err1[-2000:]
     assert rc0 != 0 and "rank 0 stopped: rank 1 failed with TrainingError: the loss is nan" in err0, err0[-2000:]
+
+
+def test_the_controllers_construction_warnings_are_said_by_rank_0_only(tmp_path):
+    """N ranks printed them N times (the run's other warnings were said by rank 0 already)."""
+    (rc0, err0), (rc1, err1) = _launch("warn", tmp_path)
+    assert rc0 == rc1 == 0, err0[-2000:] + err1[-2000:]
+    assert err0.count("LBFGS with line_search_fn='strong_wolfe' trains no candidates") == 1, err0[-2000:]
+    assert "LBFGS" not in err1, err1[-2000:]
 
 
 def test_a_silent_rank_times_out(tmp_path):
