@@ -30,6 +30,11 @@ def _describe(value: Any) -> dict:
         return {"kind": "none"}
     if isinstance(value, (bool, int, str)) or (isinstance(value, float) and value == value):
         return {"kind": "value", "value": value}
+    # A dict (string keys: JSON's), list or tuple of inputs, as a batch dict: its parts, in order.
+    if type(value) is dict and all(isinstance(k, str) for k in value):
+        return {"kind": "dict", "items": {k: _describe(v) for k, v in value.items()}}
+    if type(value) in (list, tuple):
+        return {"kind": type(value).__name__, "items": [_describe(v) for v in value]}
     return {"kind": "unsupported", "type": type(value).__name__}
 
 
@@ -51,6 +56,11 @@ def _rebuild(entry: dict, where: str, generator: torch.Generator):
         return None
     if kind == "value":
         return entry["value"]
+    if kind == "dict":
+        return {k: _rebuild(e, f"{where}[{k!r}]", generator) for k, e in entry["items"].items()}
+    if kind in ("list", "tuple"):
+        parts = [_rebuild(e, f"{where}[{i}]", generator) for i, e in enumerate(entry["items"])]
+        return parts if kind == "list" else tuple(parts)
     if kind != "tensor":
         raise CheckpointError(f"the recorded input {where} is a {entry.get('type', kind)}, which cannot be rebuilt: "
                               "pass example_inputs / example_kwargs to load()")
@@ -80,6 +90,10 @@ def same_pattern(a: dict, b: dict) -> bool:
     """Whether two input signatures give a capture the same inputs apart from the batch size and the
     floating dtype: the same positional and keyword inputs, each of the same kind, rank and other dims."""
     def pattern(entry: dict):
+        if entry.get("kind") == "dict":
+            return "dict", tuple((k, pattern(e)) for k, e in entry["items"].items())
+        if entry.get("kind") in ("list", "tuple"):
+            return entry["kind"], tuple(pattern(e) for e in entry["items"])
         if entry.get("kind") != "tensor":
             return entry.get("kind"), entry.get("value", entry.get("type"))
         dtype = getattr(torch, entry.get("dtype", ""), None)

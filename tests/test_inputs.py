@@ -1,0 +1,52 @@
+"""Input signatures: described as JSON, rebuilt as stand-ins, compared by pattern."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pbp_fx.errors import CheckpointError
+from pbp_fx.inputs import describe_inputs, inputs_from_signature, same_pattern
+
+
+class Takes(nn.Module):
+    def forward(self, batch, scale=1.0, mask=None):
+        return batch
+
+
+def _shapes(value):
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype
+    if isinstance(value, dict):
+        return {k: _shapes(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_shapes(v) for v in value)
+    return value
+
+
+def test_nested_inputs_are_described_and_rebuilt_with_their_structure_shapes_and_dtypes():
+    batch = {"img": torch.randn(2, 3), "ids": torch.zeros(2, 5, dtype=torch.long),
+             "parts": [torch.randn(2, 4), (torch.ones(2, dtype=torch.bool), 7)]}
+    sig = json.loads(json.dumps(describe_inputs(Takes(), (batch, 0.5), {"mask": None})))  # (as a checkpoint keeps it)
+    args, kwargs = inputs_from_signature(sig)
+    assert sig["names"] == ["batch", "scale"] and kwargs == {"mask": None}
+    assert _shapes(args) == _shapes((batch, 0.5))
+    assert list(args[0]) == ["img", "ids", "parts"]  # (in order)
+
+
+def test_patterns_compare_nested_inputs_apart_from_the_batch_size():
+    def sig(batch):
+        return describe_inputs(Takes(), (batch,), {})
+
+    one = sig({"img": torch.randn(2, 3), "parts": [torch.randn(2, 4)]})
+    assert same_pattern(one, sig({"img": torch.randn(9, 3), "parts": [torch.randn(9, 4)]}))
+    assert not same_pattern(one, sig({"img": torch.randn(2, 3), "parts": [torch.randn(2, 5)]}))
+    assert not same_pattern(one, sig({"img": torch.randn(2, 3), "parts": [torch.randn(2, 4)] * 2}))
+    assert not same_pattern(one, sig({"pic": torch.randn(2, 3), "parts": [torch.randn(2, 4)]}))
+
+
+def test_an_input_that_cannot_be_recorded_asks_for_example_inputs():
+    sig = describe_inputs(Takes(), ({1: torch.randn(2, 3)},), {})  # (a key JSON cannot hold as it is)
+    with pytest.raises(CheckpointError, match=r"the recorded input 'batch' is a dict, which cannot be rebuilt: "
+                                              r"pass example_inputs / example_kwargs to load\(\)"):
+        inputs_from_signature(sig)
