@@ -38,6 +38,10 @@ __all__ = ["save", "load", "load_optimizer", "read_structure", "read_extra", "re
 
 FORMAT = "pbp-fx-checkpoint/2"
 FORMAT_V1 = "pbp-fx-checkpoint/1"
+# Format 2 with tensors nested in a state (NESTED): a pbp-fx that reads format 2 only would load
+# placeholders for them, so such a checkpoint says it is another format, which that one refuses.
+FORMAT_NESTED = "pbp-fx-checkpoint/3"
+READ_FORMATS = (FORMAT_V1, FORMAT, FORMAT_NESTED)
 _GENERATOR_KEY = "controller/generator"  # the controller's candidate generator state
 
 
@@ -208,6 +212,8 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
             _split_state(f"optim/{pid}/", st, tensors, plain)
         meta["optimizer"] = {"param_groups": osd["param_groups"], "classes": _optimizer_classes(optimizer)}
     meta["plain"] = plain
+    if any(name.startswith(NESTED) for name in tensors):
+        meta["format"] = FORMAT_NESTED
     try:
         meta["sha256"] = _digest(tensors, meta)
         header = {"pbp_fx": json.dumps(meta, sort_keys=True)}
@@ -302,9 +308,10 @@ def _read(path: str) -> tuple[dict, dict]:
         meta = json.loads(header["pbp_fx"])
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path} is corrupted (unreadable metadata): use an intact copy") from exc
-    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, FORMAT_V1):
+    if not isinstance(meta, dict) or meta.get("format") not in READ_FORMATS:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{path} has format {found!r}, expected {FORMAT!r}: not a checkpoint of this pbp-fx")
+        raise CheckpointError(f"{path} has format {found!r}, expected one of {', '.join(map(repr, READ_FORMATS))}: "
+                              "not a checkpoint of this pbp-fx (a newer pbp-fx's? upgrade pbp-fx)")
     if _digest(tensors, meta) != meta.get("sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupted (checksum mismatch): use an intact copy")
     return meta, tensors

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import FORMAT, load, load_optimizer, read_meta, save
+from .checkpoint import FORMAT_V1, load, load_optimizer, read_meta, save
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import PhaseController, default_optimizer
 from .errors import DataError, ModelFileError, PBError, PBWarning, TrainingError, exited, warn_at_user
@@ -729,7 +729,7 @@ def _job_state(path: str) -> tuple[dict, dict]:
     if not os.path.isfile(path):
         raise TrainingError(f"cannot resume: {path} does not exist (pass the --out folder of an earlier run)")
     meta = read_meta(path)
-    if meta["format"] != FORMAT:
+    if meta["format"] == FORMAT_V1:
         raise TrainingError(f"cannot resume {path}: it is a {meta['format']} checkpoint (pbp-fx before PBConfig), "
                             "whose training state cannot be continued; start a new run (its model still loads with "
                             "pbp_fx.load(path, model, example_inputs))")

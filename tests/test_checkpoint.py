@@ -1123,11 +1123,33 @@ def test_lbfgs_state_lists_of_tensors_round_trip_and_resume_exactly(tmp_path):
     back = ctl2.optimizer.state_dict()["state"][0]
     assert len(back["old_dirs"]) == len(state["old_dirs"])
     assert all(torch.equal(a, b) for a, b in zip(back["old_dirs"], state["old_dirs"]))
+    # A pbp-fx that reads format 2 only loaded placeholders for the nested tensors: this file
+    # says it is another format, which that one refuses; one without nested state stays format 2.
+    assert read_meta(path)["format"] == "pbp-fx-checkpoint/3"
+    pbp_fx.save(pm, str(tmp_path / "model_only.safetensors"), controller=ctl)
+    assert read_meta(str(tmp_path / "model_only.safetensors"))["format"] == FORMAT == "pbp-fx-checkpoint/2"
     _lbfgs_run(pm2, ctl2, 8, iter(scores[2:]))
     assert any(h["note"].startswith("installed dendrite") for h in ctl.history)
     assert ctl2.history == ctl.history
     for (name, a), b in zip(pm.state_dict().items(), pm2.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_of_a_format_this_pbp_fx_does_not_know_is_refused_in_one_line(tmp_path):
+    import json
+    from safetensors.torch import load_file, save_file
+
+    pm = pbp_fx.perforate(_build(), (X,))
+    path = str(tmp_path / "m.safetensors")
+    pbp_fx.save(pm, path)
+    meta = read_meta(path)
+    meta["format"] = "pbp-fx-checkpoint/9"
+    save_file(load_file(path), str(tmp_path / "newer.safetensors"), metadata={"pbp_fx": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match=r"newer.safetensors has format 'pbp-fx-checkpoint/9', expected one "
+                                              r"of 'pbp-fx-checkpoint/1', 'pbp-fx-checkpoint/2', "
+                                              r"'pbp-fx-checkpoint/3': not a checkpoint of this pbp-fx \(a newer "
+                                              r"pbp-fx's\? upgrade pbp-fx\)$"):
+        pbp_fx.load(str(tmp_path / "newer.safetensors"), _build)
 
 
 def test_a_controller_whose_phase_is_not_the_models_is_not_saved(tmp_path):
