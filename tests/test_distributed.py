@@ -129,6 +129,21 @@ def _worker(scenario, rank, nprocs, port, out_dir):
         pm = pbp_fx.perforate(_build(), _inputs())
         PhaseController(pm, optimizer=torch.optim.LBFGS(pm.trainable_parameters(), line_search_fn="strong_wolfe"),
                         distributed=world)
+    elif scenario == "nanval":  # every rank's validation score is NaN in epoch 3, after a best
+        pm, calls = pbp_fx.perforate(_build(), _inputs()), [0]
+
+        def metric(output, target):
+            calls[0] += 1  # (2 validation batches per rank and epoch)
+            right = float((output.argmax(1) == target).sum())
+            return (float("nan") if calls[0] in (5, 6) else right), len(target)
+
+        ctl = PhaseController(pm, patience=50, dendrite_patience=1, max_dendrite_epochs=2, max_dendrites=1,
+                              distributed=world)
+        h = pbp_fx.fit(pm, world.loader(_data(96, 0), GLOBAL_BATCH), world.loader(_data(48, 1), 12, train=False),
+                       controller=ctl, metric=metric, epochs=6, progress=False, distributed=world)
+        torch.save({"rows": [(r["phase"], r["val"], r["decision"]) for r in h.epochs],
+                    "state": {k: v.clone() for k, v in pm.state_dict().items()}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     elif scenario == "nanloss":  # rank 1's loss turns NaN in epoch 3, after a best
         pm, calls = pbp_fx.perforate(_build(), _inputs()), [0]
 
@@ -287,6 +302,18 @@ def test_a_loss_gone_nan_on_one_rank_after_a_best_stops_every_rank(tmp_path):
     assert time.monotonic() - t0 < 45
     assert rc1 != 0 and "the loss is nan in the neuron phase" in err1, err1[-2000:]
     assert rc0 != 0 and "rank 0 stopped: rank 1 failed with TrainingError: the loss is nan" in err0, err0[-2000:]
+
+
+def test_a_validation_score_gone_nan_after_a_best_takes_every_rank_back_to_it_and_on(tmp_path):
+    """fit raised there; every rank sees the same score, so they go back to the best weights together."""
+    (rc0, err0), (rc1, err1) = _launch("nanval", tmp_path)
+    assert rc0 == rc1 == 0, err0[-2000:] + err1[-2000:]
+    assert "the validation score is nan at epoch 3: the weights diverged" in err0 and "diverged" not in err1
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert got[0]["rows"] == got[1]["rows"] and got[0]["rows"][2] == ("neuron", None, "restructured")
+    assert got[0]["rows"][3][0] == "dendrite"
+    for k, v in got[0]["state"].items():
+        assert torch.equal(v, got[1]["state"][k]), k
 
 
 def test_the_controllers_construction_warnings_are_said_by_rank_0_only(tmp_path):
