@@ -131,16 +131,18 @@ def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainC
     schedule = PhaseSchedule(config)
     trained = list(model.parameters() if params is None else params)
     new_optimizer = lambda: default_optimizer(trained, lr=training.lr)  # noqa: E731
-    optimizer, best, rounds, epochs = new_optimizer(), _snapshot(model), 0, 0
+    optimizer, best, rounds, epochs, diverged = new_optimizer(), _snapshot(model), 0, 0, []
     for epochs in range(1, training.epochs + 1):
         if schedule.phase == "neuron":
             try:
                 train_epoch(model, train, loss_fn, optimizer, None)
                 score = evaluate(model, val, metric, data="validation")
-            except NonFiniteLossError:
-                if not schedule.takes_divergence:
+            except NonFiniteLossError as exc:
+                if not (exc.diverged and schedule.takes_divergence):
                     raise
                 score = math.nan  # diverged after a best: the schedule goes back to it, as fit's controller does
+            if not math.isfinite(score):
+                diverged.append(epochs)
         else:
             score = schedule.best_score  # a dendrite phase without dendrites changes nothing
         action = schedule.step(score, False)
@@ -153,7 +155,7 @@ def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainC
         elif action.kind is Kind.INSTALL:
             optimizer, rounds = new_optimizer(), rounds + 1
     model.load_state_dict(best)
-    return {"epochs": epochs, "restarts": rounds, "val": schedule.best_score}
+    return {"epochs": epochs, "restarts": rounds, "val": schedule.best_score, "diverged_epochs": diverged}
 
 
 def train_plain(model, loaders, loss_fn, config: PBConfig, training: TrainConfig, metric=None, params=None) -> dict:
@@ -179,7 +181,8 @@ def train_perforated(model, example_inputs, loaders, loss_fn, config: PBConfig, 
     history = fit(pm, loaders[0], loaders[1], loss_fn, config=config, epochs=training.epochs, lr=training.lr,
                   progress=False, metric=metric or accuracy)
     return pm, {"epochs": len(history.epochs), "val": history.best_val, "dendrites": pm.dendrites,
-                "dendrite_epochs": sum(r["phase"] == "dendrite" for r in history.epochs)}
+                "dendrite_epochs": sum(r["phase"] == "dendrite" for r in history.epochs),
+                "diverged_epochs": [r["epoch"] for r in history.epochs if r["val"] is None]}
 
 
 # -- latency -------------------------------------------------------------------------------
@@ -270,10 +273,11 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
 
 
 def _diverged(exc: BaseException) -> bool:
-    """Whether a training error is a loss gone non-finite (not NaN/Inf in the data itself)."""
+    """Whether a training error is a loss gone non-finite (not NaN/Inf in the data itself, nor a loss
+    that the targets make non-finite on a finite output)."""
     for e in (exc, exc.__cause__):
         if isinstance(e, NonFiniteError) and not isinstance(e, NonFiniteDataError):
-            return True
+            return not isinstance(e, NonFiniteLossError) or e.diverged
     return False
 
 
@@ -319,6 +323,11 @@ def summarize(rows: list[dict], score: Score = ACCURACY) -> list[dict]:
             seeds = sorted(r["seed"] for r in rows if r["arm"] == arm and "skipped" in r)
             s["partial"] = f"not run at seed(s) {', '.join(map(str, seeds))}: {skipped[0]}"
             s["seeds_not_run"] = seeds
+        went_back = [f"{r['seed']} (epoch {', '.join(map(str, r['diverged_epochs']))})" for r in rs
+                     if r.get("diverged_epochs")]
+        if went_back:  # (said beside the table: those runs ended a phase early, at their best weights)
+            s["diverged"] = (f"diverged after a best at seed(s) {', '.join(went_back)} and went back to its best "
+                             "weights there")
         for key, scale in (("test", score.scale), ("val", score.scale), ("params", 1.0), ("latency_ms", 1.0),
                            ("seconds", 1.0), ("epochs", 1.0), ("width", 1.0)):
             vals = [r[key] * scale for r in rs if r.get(key) is not None]
@@ -441,6 +450,8 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
     for s in summary:
         if s.get("partial"):
             lines.append(f"{s['arm']} was {s['partial']}")
+        if s.get("diverged"):
+            lines.append(f"{s['arm']} {s['diverged']}")
     return "\n".join(lines)
 
 

@@ -792,13 +792,20 @@ class PhaseController:
         # Refused before the pools' progress references move (a caller may step again with a valid
         # score). Several ranks: rank 0's score counts, which the schedule checks after agreeing.
         score = _score_of(val_score)
+        if phase == "neuron" and math.isfinite(score) and not self._weights_finite():
+            # A metric can score NaN weights (accuracy: argmax of NaN logits is class 0); kept as the
+            # best, they would be what every later rewind goes back to.
+            if not self.schedule.takes_divergence:
+                raise TrainingError(f"the model's weights hold NaN/Inf after epoch {self.schedule.epoch + 1}, "
+                                    "before any best: lower the learning rate")
+            score, cause = math.nan, cause or "the weights hold NaN/Inf"
         if self.distributed is None:
             check_score(score, self.schedule.takes_divergence, self.schedule.phase)
         progress = self.pm.candidate_progress(self.config.dendrite_improvement) if phase == "dendrite" else False
         if phase == "dendrite" and not self._warned_short_phase:
             self._warn_if_the_phase_ends_warming_up()
         score, progress = self._agree(score, progress)
-        action = self.schedule.step(score, progress)
+        action = self.schedule.step(score, progress, cause)
         self._execute(action)
         decision = (Decision.COMPLETE if action.kind is Kind.COMPLETE else
                     Decision.RESTRUCTURED if action.restructures else Decision.CONTINUE)
@@ -813,6 +820,12 @@ class PhaseController:
             score = None  # (the history is JSON)
         self._record(phase, score, decision, action.note)
         return decision
+
+    def _weights_finite(self) -> bool:
+        """Whether every floating parameter of the trained model (root, else pm) is finite (buffers may
+        hold an inf on purpose: an attention mask)."""
+        model = self.root if self.root is not None else self.pm
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
 
     def check_model(self) -> None:
         """A TrainingError when the model's phase is not the controller's: it was changed outside

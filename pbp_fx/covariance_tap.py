@@ -90,8 +90,10 @@ def sum_positions(t: Tensor, axis: int) -> Tensor:
 
 
 def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor], cov: Tensor,
-               settings: StatsSettings, new: Union[bool, Tensor, None] = None, host: Optional[bool] = None) -> Tensor:
-    """Fold one batch's covariance [P, C] into the statistics (in place); returns sign(ema).
+               settings: StatsSettings, new: Union[bool, Tensor, None] = None,
+               host: Optional[bool] = None) -> Optional[Tensor]:
+    """Fold one batch's covariance [P, C] into the statistics (in place); returns sign(ema), or None
+    for a batch skipped as not finite when deciding in Python (`host`).
 
     new: a bool (or bool tensor), False when this batch was counted already (a retained graph's second
     backward): then nothing changes. A batch with an inf/NaN covariance (a step GradScaler
@@ -113,7 +115,7 @@ def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
         # One reduction and one read instead of isfinite's five ops: a NaN or inf entry makes the
         # float64 sum non-finite, and float32 entries cannot overflow it.
         if not math.isfinite(float(cov.sum(dtype=torch.float64))):
-            return torch.sign(ema)
+            return None
         steps.add_(1)
         n = int(seen)
         w = (1.0 - decay) / (1.0 - decay ** n) if bias_correction else 1.0 - decay
@@ -208,9 +210,16 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
         if left_out != 1.0:
             cov.mul_(left_out)
         sign = fold_batch(stats, snapshots, rows, cov, settings, new=new)
+        # A batch not counted (inf/NaN covariance) steps no candidate either: its gradient would be NaN,
+        # and an optimizer without a GradScaler (which skips such a step itself: it needs the NaN) would
+        # take it into the candidates' weights and moments for good.
+        if sign is None:
+            return torch.zeros_like(c) if scale == 1.0 else torch.full_like(c, math.nan)
         # dC/dc = share * left_out * e; GradScaler's scale kept
         k = sign.mul_(-(scale * (p if split else 1) * left_out))
         g = e * per_position(k, e, axis)
+        if scale == 1.0 and cov.device.type != "cpu":  # (decided on the device: a mask, no host sync)
+            g = torch.where(torch.isfinite(cov).all(), g, 0.0)
     return g if g.dtype == c.dtype else g.to(c.dtype)
 
 

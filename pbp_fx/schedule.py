@@ -103,8 +103,9 @@ class PhaseSchedule:
         whose candidates do not reach the output, the score decides nothing and the base is frozen."""
         return self.phase == "neuron" and self.best_score is not None
 
-    def step(self, score: float, candidate_progress: bool = False) -> Action:
-        """The action after one epoch with validation `score` (candidate_progress: dendrite phase only)."""
+    def step(self, score: float, candidate_progress: bool = False, cause: Optional[str] = None) -> Action:
+        """The action after one epoch with validation `score` (candidate_progress: dendrite phase only;
+        cause: what made a non-finite score, for the note, default "score nan")."""
         if self.done:
             return Action(Kind.COMPLETE, "already complete")
         # (also in a dendrite phase, where the score decides nothing: it would enter the history)
@@ -128,7 +129,7 @@ class PhaseSchedule:
         # The neuron phase is over: accept the round, retry it, or finish (docs/algorithm.md).
         action = self._phase_over(new_best)
         if diverged:
-            return Action(action.kind, f"score {score}: diverged; " + action.note, new_best)
+            return Action(action.kind, f"{cause or f'score {score}'}: diverged; " + action.note, new_best)
         return action
 
     def _phase_over(self, new_best: bool) -> Action:

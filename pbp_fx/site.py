@@ -191,8 +191,8 @@ class CandidatePool(nn.Module):
 
     @torch.no_grad()
     def observe(self, cov: Tensor) -> Tensor:
-        """Fold one batch's covariance [P, C] (already global) into the statistics; returns sign(ema)
-        (`covariance_tap.fold_batch`)."""
+        """Fold one batch's covariance [P, C] (already global) into the statistics; returns sign(ema),
+        or None for a batch skipped as not finite (`covariance_tap.fold_batch`)."""
         rows = self._rows()
         snapshots = [getattr(self, "snapshot_" + name) for name in rows]
         return fold_batch(self._stats(), snapshots, list(rows.values()), cov, self._settings())

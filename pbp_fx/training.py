@@ -491,7 +491,7 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
                                           distributed, phase)
             except NonFiniteLossError as exc:
                 # One process only: a rank leaving its epoch alone would leave the others waiting.
-                if distributed is not None or not controller.takes_divergence:
+                if not exc.diverged or distributed is not None or not controller.takes_divergence:
                     raise
                 train_loss, diverged = None, f"the loss is {exc.loss}"
             _check_statistics(pm)
@@ -520,6 +520,9 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
                "train_loss": train_loss, "val": None if diverged else val, "test": test,  # (JSON: no NaN)
                "params": pm.num_parameters(), "seconds": time.perf_counter() - t0}
         decision = controller.step(val, cause=diverged)
+        if phase == "neuron" and controller.history and controller.history[-1]["score"] is None:
+            # The controller took the epoch as diverged (NaN/Inf weights that the metric scored): no score.
+            diverged, row["val"], row["test"] = diverged or "the weights", None, None
         if _plateau(controller) and decision is not Decision.COMPLETE and not diverged:
             # After the controller, as the trainers do (the controller holds it in a dendrite phase).
             controller.scheduler.step(val)
@@ -562,9 +565,7 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
             if zero:  # a zero gradient straight into them: nothing runs through their branch
                 loss = _ZeroGradient.apply(loss, *zero)
         if not torch.isfinite(loss):
-            where = f" in the {phase} phase" if phase else ""
-            raise NonFiniteLossError(loss.item(), f"the loss is {loss.item()}{where}: lower the learning rate "
-                                     "or check the data for NaN/Inf")
+            raise _non_finite_loss(loss, output, optimizer, phase)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -582,11 +583,28 @@ class NonFiniteError(TrainingError):
 
 
 class NonFiniteLossError(NonFiniteError):
-    """A training batch's loss is NaN/Inf (`loss`: its value)."""
+    """A training batch's loss is NaN/Inf (`loss`: its value); `diverged`: the model's output or the
+    weights it trains are NaN/Inf too (else the loss or the targets made it)."""
 
-    def __init__(self, loss: float, message: str):
+    def __init__(self, loss: float, message: str, diverged: bool):
         super().__init__(message)
-        self.loss = loss
+        self.loss, self.diverged = loss, diverged
+
+
+def _non_finite_loss(loss: torch.Tensor, output, optimizer, phase: str) -> NonFiniteLossError:
+    """The error for a NaN/Inf loss, telling diverged weights (a non-finite output or weight) from a
+    loss or targets that make it on a finite output (cross_entropy of a batch whose labels are all
+    ignored is nan)."""
+    value, where = loss.item(), f" in the {phase} phase" if phase else ""
+    tensors = [t for t in pytree.tree_flatten(primary_output(output))[0] if isinstance(t, torch.Tensor)]
+    tensors += [p for g in optimizer.param_groups for p in g["params"]]
+    diverged = not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    if diverged:
+        return NonFiniteLossError(value, f"the loss is {value}{where}: lower the learning rate or check the data "
+                                         "for NaN/Inf", diverged)
+    return NonFiniteLossError(value, f"the loss is {value}{where} on a finite output: check the targets and the "
+                                     "loss for NaN/Inf (cross_entropy is nan on a batch whose labels are all "
+                                     "ignore_index)", diverged)
 
 
 class NonFiniteDataError(NonFiniteError):
@@ -595,9 +613,13 @@ class NonFiniteDataError(NonFiniteError):
 
 def _check_statistics(pm: PerforatedModel) -> None:
     for name, s in pm.sites.items():
-        if s.candidates is not None and not bool(torch.isfinite(s.candidates.ema).all()):
+        if s.candidates is None:
+            continue
+        if not bool(torch.isfinite(s.candidates.ema).all()):
             raise NonFiniteError(f"the correlation statistics of site {name!r} are not finite: lower "
                                  "candidate_lr or check the data for NaN/Inf")
+        if not all(bool(torch.isfinite(p).all()) for p in s.candidates.parameters()):
+            raise NonFiniteError(f"the candidates' weights of site {name!r} are not finite: lower candidate_lr")
 
 
 def _stop_and_restore(controller: PhaseController) -> str:

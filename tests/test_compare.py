@@ -764,9 +764,9 @@ ONCE_NAN_LOSS = TINY + textwrap.dedent('''
     calls = [0]
 
     def loss_fn(output, target):
-        calls[0] += 1  # one batch of the third epoch (6 batches of 30 per epoch)
+        calls[0] += 1  # one batch of the third epoch (6 batches of 30 per epoch): its gradient is NaN
         loss = torch.nn.functional.cross_entropy(output, target)
-        return loss * float("nan") if torch.is_grad_enabled() and calls[0] == 14 else loss
+        return loss + torch.sqrt(output.sum() * 0) if torch.is_grad_enabled() and calls[0] == 14 else loss
 ''')
 
 
@@ -783,3 +783,9 @@ def test_a_loss_gone_nan_once_after_a_best_ends_the_phase_at_it_in_every_arm(tmp
         row = run_arm(str(path), RunSpec(arm, 0, 1.0), config, BUDGET["training"], latency=False)
     assert "skipped" not in row and math.isfinite(row["test"]), row
     assert row["epochs"] == (3 if arm == "plain" else 12)  # plain stops at its end; the others go on
+    assert row["diverged_epochs"] == [3]
+    from pbp_fx.compare import summarize, verdict
+
+    summary = summarize([row, {**row, "seed": 1, "diverged_epochs": []}])
+    assert f"{arm} diverged after a best at seed(s) 0 (epoch 3) and went back to its best weights there" in verdict(
+        summary, [])

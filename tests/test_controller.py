@@ -434,6 +434,31 @@ def test_a_diverged_neuron_phase_goes_back_to_the_best_weights_and_goes_on():
     assert ctl.history[-1]["score"] is None and ctl.history[-1]["note"].startswith("score nan: diverged; ")
 
 
+def test_nan_weights_are_never_kept_as_the_best_whatever_the_metric_scores():
+    """Accuracy scores NaN logits as class 0: NaN weights whose score beat the best were kept as it,
+    and every later rewind went back to them."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=5)
+    assert ctl.step(0.5) is C
+    best = {k: v.clone() for k, v in pm.state_dict().items()}
+    with torch.no_grad():
+        next(pm.parameters()).fill_(float("nan"))
+    with pytest.warns(pbp_fx.PBWarning, match=r"the weights hold NaN/Inf at epoch 2: the weights diverged, so the "
+                                              r"neuron phase ends here and the model is back at its best weights "
+                                              r"\(epoch 1\)"):
+        assert ctl.step(0.9) is R  # (a better score)
+    assert ctl.best_score == 0.5 and ctl.history[-1]["score"] is None
+    assert ctl.history[-1]["note"].startswith("the weights hold NaN/Inf: diverged; ")
+    for k, v in best.items():
+        assert torch.equal(pm.state_dict()[k], v), k
+    fresh = _pm()
+    with torch.no_grad():
+        next(fresh.parameters()).fill_(float("inf"))
+    with pytest.raises(pbp_fx.TrainingError, match=r"^the model's weights hold NaN/Inf after epoch 1, before any "
+                                                   r"best: lower the learning rate$"):
+        PhaseController(fresh).step(0.9)
+
+
 def test_the_default_optimizer_is_fused_adam_where_torch_has_the_kernel_and_trains_across_phases():
     pm = _pm()
     ctl = PhaseController(pm, patience=1, dendrite_patience=1)

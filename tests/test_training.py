@@ -190,6 +190,66 @@ def test_non_finite_loss_in_a_dendrite_phase_stops_the_run_and_restores_the_best
     assert any("dendrite phase started" in e["note"] for e in ctl.history)
 
 
+def test_candidates_gone_nan_stop_the_dendrite_phase_before_they_are_installed():
+    """Their NaN batches were skipped by the statistics, which stayed finite: the NaN candidate
+    was installed, and the next neuron phase read as diverged weights."""
+    pm = _pm()
+    train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
+    ctl = PhaseController(pm, patience=1, dendrite_patience=50, max_dendrite_epochs=50)
+
+    def poison(row):
+        if pm.phase == "dendrite":
+            with torch.no_grad():
+                for s in pm.sites.values():
+                    for p in s.candidates.parameters():
+                        p.fill_(float("nan"))
+
+    with pytest.raises(pbp_fx.TrainingError, match=r"the candidates' weights of site '0' are not finite: lower "
+                                                   r"candidate_lr; stopped and restored the best-validation model"):
+        fit(pm, train, val, controller=ctl, epochs=20, progress=False, callbacks=[poison])
+    assert pm.phase == "neuron" and ctl.num_dendrites == 0
+
+
+def test_a_loss_the_targets_make_nan_on_a_finite_output_is_not_taken_for_divergence():
+    """cross_entropy of a batch whose labels are all ignored is nan on finite weights: it was
+    warned of as 'the weights diverged' and the run went on, its phase cut short."""
+    x, y = _data().tensors
+    y = y.clone()
+    y[64:96] = -100  # the third batch of every epoch
+    for epochs_before in (0, 2):  # before and after a best: the same error
+        pm, calls = _pm(), [0]
+
+        def loss_fn(out, target):
+            calls[0] += 1
+            return F.cross_entropy(out, target if calls[0] > 8 * epochs_before else target.clamp(min=0))
+
+        with pytest.raises(pbp_fx.TrainingError, match=r"the loss is nan in the neuron phase on a finite output: "
+                                                       r"check the targets and the loss for NaN/Inf \(cross_entropy "
+                                                       r"is nan on a batch whose labels are all ignore_index\)"):
+            fit(pm, DataLoader(TensorDataset(x, y), batch_size=32), DataLoader(_data(64, 1), batch_size=64),
+                loss_fn, controller=PhaseController(pm, patience=50), epochs=6, progress=False)
+
+
+def test_weights_gone_nan_at_an_epochs_last_step_are_not_scored_as_a_best():
+    """Accuracy scores NaN logits as class 0: on data mostly of class 0 such an epoch became the best,
+    and the rewind went back to NaN weights."""
+    x, _ = _data().tensors
+    y = (torch.arange(len(x)) % 4 == 0).long()  # 75 % class 0
+    pm, calls = _pm(), [0]
+
+    def loss_fn(out, target):  # a NaN gradient (a finite loss) at the last step of epoch 2
+        calls[0] += 1
+        loss = F.cross_entropy(out, target)
+        return loss + torch.sqrt(out.sum() * 0) if calls[0] == 16 else loss
+
+    data = DataLoader(TensorDataset(x, y), batch_size=32)
+    ctl = PhaseController(pm, patience=50, dendrite_patience=1, max_dendrite_epochs=1, max_dendrites=1)
+    with pytest.warns(pbp_fx.PBWarning, match=r"the weights hold NaN/Inf at epoch 2: the weights diverged"):
+        h = fit(pm, data, data, loss_fn, controller=ctl, epochs=5, progress=False)
+    assert [r["val"] is None for r in h.epochs[:3]] == [False, True, False] and h.epochs[2]["phase"] == "dendrite"
+    assert all(bool(torch.isfinite(p).all()) for p in pm.parameters()) and h.best_epoch != 2
+
+
 class _Diverge:
     """A fit callback that turns every weight NaN after epoch `at` (what a too-high learning rate does)."""
 
@@ -215,6 +275,7 @@ def test_a_loss_gone_nan_after_a_best_goes_back_to_the_best_weights_and_on():
                 test_loader=val)
     row = h.epochs[2]
     assert (row["train_loss"], row["val"], row["test"], row["decision"]) == (None, None, None, "restructured")
+    assert ctl.history[2]["note"].startswith("the loss is nan: diverged; ")  # (no score was taken)
     assert h.epochs[3]["phase"] == "dendrite" and ctl.num_dendrites == 1 and len(h.epochs) == 8
     assert all(bool(torch.isfinite(p).all()) for p in pm.parameters())
     assert all(r["val"] is not None for r in h.epochs[3:])
