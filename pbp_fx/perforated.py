@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from .config import ConfigError
 from .errors import NoSitesError, TrainingError, warn_at_user
@@ -262,7 +263,14 @@ class PerforatedModel(nn.Module):
             from torch.utils.checkpoint import checkpoint
 
             # Keyword inputs through partial: checkpoint() has keywords of its own.
-            return checkpoint(partial(graph, **kwargs), *args, use_reentrant=False, **self.checkpointing)
+            out = checkpoint(partial(graph, **kwargs), *args, use_reentrant=False, **self.checkpointing)
+        else:
+            out = self._call_graph(graph, args, kwargs)
+        # The original's output structure where the graph's is another (fx writes a ModelOutput as a dict).
+        spec = self.graph_module.meta.get("pbp_out_spec")
+        return out if spec is None else pytree.tree_unflatten(pytree.tree_leaves(out), spec)
+
+    def _call_graph(self, graph: fx.GraphModule, args: tuple, kwargs: dict):
         try:
             return graph(*args, **kwargs)
         except RuntimeError as exc:

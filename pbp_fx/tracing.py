@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.utils import _pytree as pytree
 
 from .config import ConfigError
 from .errors import PBWarning, TraceError, warn_at_user
@@ -98,6 +99,9 @@ class PBTracer(fx.Tracer):
         self.failed_module: Optional[str] = None
         self.switched_modes: list[str] = []
         self._start_context: Optional[tuple] = None
+        self.output: Any = None  # what forward returned, as it returned it (a ModelOutput, not a dict)
+        self._outermost: Any = None  # the value of the last outermost create_arg call
+        self._arg_depth = 0
 
     def trace(self, root, concrete_args=None):
         # In fixed modes, whatever the caller's (a perforate under no_grad): a forward's own no_grad
@@ -106,7 +110,20 @@ class PBTracer(fx.Tracer):
             self._start_context = _grad_context()
             return super().trace(root, concrete_args)
 
+    def create_arg(self, a):
+        # fx writes a dict subclass (a Hugging Face ModelOutput) as a plain dict; the output's own
+        # structure is kept aside: the outermost create_arg before the output node is forward's value.
+        if self._arg_depth == 0:
+            self._outermost = a
+        self._arg_depth += 1
+        try:
+            return super().create_arg(a)
+        finally:
+            self._arg_depth -= 1
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if kind == "output":
+            self.output = self._outermost
         if self._start_context is not None and kind != "placeholder":
             for i, (now, start) in enumerate(zip(_grad_context(), self._start_context)):
                 if now != start and _CONTEXT_NAMES[i] not in self.switched_modes:
@@ -466,7 +483,27 @@ def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optio
     gm.meta["pbp_leaves"] = sorted(leaves)
     gm.meta["pbp_untraceable"] = list(added)
     gm.meta["pbp_switched_modes"] = list(tracer.switched_modes)
+    gm.meta["pbp_out_spec"] = _output_spec(tracer.output, graph)
     return gm
+
+
+def _output_spec(output: Any, graph: fx.Graph) -> Optional[pytree.TreeSpec]:
+    """The pytree structure of what forward returned when the graph's output has another one (fx
+    writes a dict subclass, a Hugging Face ModelOutput, as a plain dict): the perforated model
+    rebuilds its output in it (`PerforatedModel`). None when they agree."""
+    node = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    if node is None or not node.args:
+        return None
+    def builtin(a):  # (fx holds the output in its immutable containers)
+        if isinstance(a, dict):
+            return {k: builtin(v) for k, v in a.items()}
+        if isinstance(a, (list, tuple)) and not hasattr(a, "_fields"):
+            return (list if isinstance(a, list) else tuple)(builtin(v) for v in a)
+        return a
+
+    spec = pytree.tree_structure(output)
+    written = pytree.tree_structure(builtin(node.args[0]))
+    return spec if spec != written and spec.num_leaves == written.num_leaves else None
 
 
 def _restore_constant_names(graph: fx.Graph, constants: dict) -> None:
@@ -521,6 +558,7 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
     merged.meta["pbp_untraceable"] = list(gm.meta["pbp_untraceable"]) + kept_whole
     merged.meta["pbp_mode_leaves"] = kept_whole
     merged.meta["pbp_switched_modes"] = gm.meta["pbp_switched_modes"]
+    merged.meta["pbp_out_spec"] = gm.meta["pbp_out_spec"]
     return merged
 
 

@@ -1649,3 +1649,30 @@ def test_a_partial_state_loaded_with_strict_false_leaves_the_sites_it_does_not_h
     pm.eval(), first_phase.eval()
     with torch.no_grad():
         assert torch.equal(pm(x), first_phase(x))
+
+
+class _OrderedOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        import collections
+
+        h = torch.relu(self.a(x))
+        return collections.OrderedDict(hidden=h, logits=self.b(h))
+
+
+def test_a_dict_subclass_output_keeps_its_class_under_fx_through_copy_and_checkpoint(tmp_path):
+    """fx writes a dict subclass (OrderedDict, a Hugging Face ModelOutput) as a plain dict."""
+    x = torch.randn(5, 3)
+    model = _OrderedOut()
+    pm = pbp_fx.perforate(model, (x,), frontend="fx")
+    out = pm(x)
+    assert type(out) is type(model(x)) and list(out) == ["hidden", "logits"]
+    assert torch.equal(out["logits"], model(x)["logits"])
+    assert type(copy.deepcopy(pm)(x)) is type(out)
+    pbp_fx.save(pm, str(tmp_path / "m.safetensors"))
+    assert type(pbp_fx.load(str(tmp_path / "m.safetensors"), _OrderedOut)(x)) is type(out)
+    plain = pbp_fx.perforate(nn.Sequential(nn.Linear(3, 2)), (x,), frontend="fx")
+    assert plain.graph_module.meta["pbp_out_spec"] is None  # (a tensor, a plain dict: nothing to rebuild)

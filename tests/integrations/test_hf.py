@@ -910,3 +910,42 @@ def test_an_evaluation_of_no_batches_is_named_as_such(tmp_path, perforated_bert)
                                             r"evaluated no batch .*: lower per_device_eval_batch_size or unset "
                                             r"dataloader_drop_last$"):
         trainer.train()
+
+
+class _OwnClassifier(torch.nn.Module):
+    """A model of the user's own that returns a ModelOutput: symbolic tracing captures it (fx)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(8, 16), torch.nn.Linear(16, 2)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = self.fc(torch.relu(self.emb(input_ids).mean(1)))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class _OwnLoss(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        out = model(**inputs)
+        loss = torch.nn.functional.cross_entropy(out.logits, labels)  # (the output's attribute)
+        return (loss, out) if return_outputs else loss
+
+
+def test_a_model_output_captured_by_fx_comes_back_as_that_class(tmp_path):
+    """fx wrote the ModelOutput as a plain dict: a compute_loss reading out.logits raised AttributeError."""
+    batch = default_data_collator(parity_tokens(8, 0))
+    batch.pop("labels")
+    model = _OwnClassifier()
+    pm = pbp_fx.perforate(model, example_kwargs=batch)
+    assert pm.graph_module.meta["pbp_frontend"] == "fx"
+    out, want = pm(**batch), model(**batch)
+    assert type(out) is type(want) and torch.equal(out.logits, want.logits) and out.loss is None
+    cb = PBCallback(QUICK)
+    trainer = _OwnLoss(model=pm, args=_args(tmp_path, num_train_epochs=6), train_dataset=parity_tokens(64, 0),
+                       eval_dataset=parity_tokens(32, 1), callbacks=[cb])
+    trainer.train()
+    assert "installed dendrite 1" in _notes(cb.controller)
