@@ -31,6 +31,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -38,7 +39,7 @@ import torch
 
 from .config import MAX_INT, PBConfig, TrainConfig
 from .controller import default_optimizer
-from .errors import PBError, Terminated, TrainingError
+from .errors import PBError, PBWarning, Terminated, TrainingError
 from .fileio import atomic_write, check_output_dir
 from .job import (DEFAULT_MODEL, changed_since, check_data, load_job_module, make_loaders, pyplot_or_none,
                   run_identity, seed_everything, seeded_datasets)
@@ -707,12 +708,35 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
         torch.set_num_threads(1)
         try:
             for i, a in zip(todo, args):
-                finished(i, run_arm(*a))
+                finished(i, _said(*_arm_with_warnings(*a)))
         finally:
             torch.set_num_threads(threads)
     else:
-        _run_in_workers(min(jobs, len(todo)), args, lambda k, row: finished(todo[k], row))
+        _run_in_workers(min(jobs, len(todo)), args, lambda k, row: finished(todo[k], _said(*row)))
     return [rows[i] for i in range(len(specs))]
+
+
+def _arm_with_warnings(*args) -> tuple[dict, RunSpec, list]:
+    """run_arm(*args), its warnings kept: (row, spec, [(category, message, filename, lineno)]), the
+    categories of other modules than Python's and pbp-fx's as UserWarning named in the message (a
+    worker's result must unpickle in the command's process)."""
+    with warnings.catch_warnings(record=True) as caught:
+        row = run_arm(*args)
+    said = []
+    for w in caught:
+        category, text = w.category, str(w.message)
+        if category.__module__ != "builtins" and not issubclass(category, PBWarning):
+            category, text = UserWarning, f"{category.__name__}: {text}"
+        said.append((category, text, w.filename, w.lineno))
+    return row, args[1], said
+
+
+def _said(row: dict, spec: RunSpec, said: list) -> dict:
+    """Say a run's warnings in this process, each naming its arm and seed (the CLI prints them as
+    its own one-line warnings; a worker's printed in Python's format, naming neither); the row."""
+    for category, text, filename, lineno in said:
+        warnings.warn_explicit(f"{spec.arm} at seed {spec.seed}: {text}", category, filename, lineno)
+    return row
 
 
 WORKER_STOP_SECONDS = 10.0  # a stopped worker's time to leave Python before it is killed
@@ -748,13 +772,13 @@ def _stopped_worker(_signum, frame) -> None:
     _stop_worker(_signum, frame)
 
 
-def _arm_in_worker(*args) -> dict:
+def _arm_in_worker(*args) -> tuple:
     """run_arm in a compare worker, unless the worker has been told to stop (`_stop_worker`)."""
     import signal
 
     if signal.getsignal(signal.SIGTERM) is _stopped_worker:
         raise Terminated()
-    return run_arm(*args)
+    return _arm_with_warnings(*args)
 
 
 def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], None]) -> None:

@@ -789,3 +789,26 @@ def test_a_loss_gone_nan_once_after_a_best_ends_the_phase_at_it_in_every_arm(tmp
     summary = summarize([row, {**row, "seed": 1, "diverged_epochs": []}])
     assert f"{arm} diverged after a best at seed(s) 0 (epoch 3) and went back to its best weights there" in verdict(
         summary, [])
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_runs_warnings_are_one_line_each_naming_its_arm_and_seed(tmp_path, capsys, jobs):
+    """A worker printed its runs' warnings in Python's format (file, line, source echo) naming
+    neither arm nor seed; the command's own warnings are one line each."""
+    path = tmp_path / "warns.py"
+    path.write_text(TINY + textwrap.dedent('''
+        import warnings
+
+        def loss_fn(output, target):
+            warnings.warn("the loss says hello")
+            return torch.nn.functional.cross_entropy(output, target)
+    '''))
+    rc = main(["compare", str(path), "--arms", "plain,restarts", "--seeds", "1", "--epochs", "2", "--batch-size",
+               "60", "--no-latency", "--jobs", jobs])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    line = "pbp-fx: warning: UserWarning at warns.py:{}: {} at seed 0: the loss says hello"
+    lineno = TINY.count("\n") + 5
+    for arm in ("plain", "restarts"):
+        assert line.format(lineno, arm) in err.splitlines(), err
+    assert "warnings.warn(" not in err  # (no source echo)
