@@ -925,7 +925,7 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
                     if written:
                         warn_at_user(f"forward writes buffer(s) {', '.join(written[:3])}, which symbolic tracing "
                                      "drops (or runs once, while tracing): the perforated model will not update "
-                                     "them; use frontend='auto' or 'export', which keep them")
+                                     "them; frontend='export' keeps them")
                     switched = gm.meta.get("pbp_switched_modes")
                     if switched:
                         warn_at_user(f"forward switches {' and '.join(switched)} around some of its ops, which "
@@ -1069,6 +1069,11 @@ def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] 
     except TraceError as exc:
         fx_gm.meta["pbp_frontend_choice"] = f"{why}; torch.export failed ({exc}): fx"
         log.info("trace: %s", fx_gm.meta["pbp_frontend_choice"])
+        if written:
+            warn_at_user(f"{type(model).__name__}.forward writes buffer(s) {', '.join(written[:3])}, which symbolic "
+                         "tracing drops (or runs once, while tracing), and torch.export, which keeps them, cannot "
+                         f"capture it ({_where_failed(exc.__cause__ or exc, _export_reason)}): the perforated model "
+                         "will not update them")
         return fx_gm
     ex_sites, ex_missed = _unreached(model, ex_gm)
     ex_both = ex_gm.meta.get("pbp_modes") == "train+eval"
@@ -1077,6 +1082,12 @@ def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] 
               # (fewer sites is right there: a layer under no_grad, inside export's grad-mode region, trains not)
               or (bool(switched) and (ex_both or one_mode)))
     chosen = ex_gm if better else fx_gm
+    if chosen is fx_gm and written:
+        warn_at_user(f"{type(model).__name__}.forward writes buffer(s) {', '.join(written[:3])}, which symbolic "
+                     "tracing drops (or runs once, while tracing): auto keeps its graph, since torch.export's, which "
+                     f"keeps them, has {ex_sites} site(s) of {fx_sites} and follows {ex_gm.meta.get('pbp_modes')} "
+                     "mode(s): the perforated model will not update them (frontend='export' takes torch.export's "
+                     "graph as it is)")
     if chosen is ex_gm:
         _replay([w for w in export_warnings if issubclass(w.category, PBWarning)])
         if switched and ex_sites < fx_sites and _AUTOCAST in switched:
