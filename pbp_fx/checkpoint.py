@@ -476,10 +476,11 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
                               f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) exists here; "
                               "load it onto the model it was trained on") from exc
     except TraceError as exc:
-        if capture is None or not recorded or "example inputs do not run through the model" not in str(exc):
+        if capture is None or not recorded:
             raise
         # The stand-ins have the recorded shapes and dtypes, not the values: a forward that checks
-        # its values (lengths > 0, ids in a range) refuses them as another model would.
+        # its values (lengths > 0, ids in a range; pack_padded_sequence's lengths) refuses them as
+        # another model would, also inside a capture that runs the root's Python (parts).
         raise CheckpointError(f"checkpoint {path}: {type(model).__name__} does not run on stand-ins of the inputs "
                               f"recorded with it (their shapes and dtypes; random floats, integers 0, booleans True: "
                               f"{exc}): pass example_inputs= (and example_kwargs=) that it runs on; if it refuses "
@@ -584,7 +585,7 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
             model = _perforate_like(path, meta, model, example_inputs, example_kwargs)
             _check_sites(model, _renamed_legacy_sites(meta, tensors, model)[0]["structure"], path)
         except CheckpointError as exc:
-            if not stand_ins or "belongs to another model" not in str(exc):
+            if not stand_ins or "belongs to another model: " not in str(exc):
                 raise
             # The root's Python runs on the stand-ins, whose values may take another branch than the example's.
             reason = str(exc).partition("belongs to another model: ")[2].partition("; load it onto")[0]

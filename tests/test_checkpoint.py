@@ -1201,3 +1201,32 @@ def test_nested_state_tensors_never_share_a_name(tmp_path):
     state = back.state[p]
     assert torch.equal(state["h"][0][0], t1) and torch.equal(state["h/0"][0], t2)
     assert state["plain"] == {"__pbp_fx_tensor__": 5}
+
+
+class _Packed(nn.Module):
+    """An untraceable root (pack_padded_sequence): its parts are captured in place, and its Python
+    runs on load's stand-in lengths (zeros), which pack_padded_sequence refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lstm, self.fc = nn.Embedding(30, 8), nn.LSTM(8, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, ids, lengths):
+        from torch.nn.utils.rnn import pack_padded_sequence
+
+        packed = pack_padded_sequence(self.emb(ids), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)
+        return self.fc(h[-1])
+
+
+def test_a_model_that_does_not_capture_on_stand_ins_is_told_to_pass_its_inputs(tmp_path):
+    """load(path, build) raised 'cannot trace _Packed.forward ... move it into a submodule', which
+    said nothing of the inputs; with example_inputs it loads."""
+    inputs = (torch.randint(1, 30, (4, 10)), torch.tensor([10, 7, 5, 3]))
+    pm = pbp_fx.perforate(_Packed(), inputs)
+    path = str(tmp_path / "p.safetensors")
+    pbp_fx.save(pm, path)
+    with pytest.raises(CheckpointError, match=r"_Packed does not run on stand-ins of the inputs recorded with it "
+                                              r"\(.*\): pass example_inputs= \(and example_kwargs=\) that it runs on"):
+        pbp_fx.load(path, _Packed)
+    assert torch.equal(pbp_fx.load(path, _Packed, inputs)(*inputs), pm(*inputs))
