@@ -48,7 +48,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import onnx
 import torch
@@ -1061,14 +1061,24 @@ def _write_atomic(data: bytes, path: str) -> None:
 
 # -- public entry point ----------------------------------------------------------------------
 
+class SizeCheck(NamedTuple):
+    """What `check_other_sizes` found: the sizes tried ("" when none), what differs there in a line
+    (None: nothing), and why the sizes were tried but not compared (None: they were)."""
+
+    sizes: str
+    problem: Optional[str]
+    unchecked: Optional[str] = None
+
+
 def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
-                      axes: Optional[set] = None) -> tuple[str, Optional[str]]:
+                      axes: Optional[set] = None) -> SizeCheck:
     """Run the ONNX file `model` (a path, its bytes, or an ONNX Runtime session of it) with every
     dynamic dim of its inputs doubled (`_doubled`) and compare with `module(*inputs)` at those sizes
     (`ort.output_difference`). axes: only the dims with these names (None: every dynamic dim, the
-    batch too). Returns (the sizes checked, "" when nothing was: no such dim, no onnxruntime or no
-    kernel of it for the file, or the model itself refuses the sizes; what differs there in a line,
-    or None). torch.onnx writes some ops for the example's sizes only while it declares the axis
+    batch too). Returns a SizeCheck: the sizes checked ("" when nothing was: no such dim, no
+    onnxruntime or no kernel of it for the file), what differs there in a line (or None), and why
+    those sizes were not compared (the model itself refuses them, a bounded axis, or gives NaN/Inf
+    there). torch.onnx writes some ops for the example's sizes only while it declares the axis
     dynamic (an adaptive pooling's kernel, a sequence-first GRU's length)."""
     from .ort import ort_session, output_difference, run
 
@@ -1079,7 +1089,7 @@ def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
         except Exception as e:  # noqa: BLE001
             log.info("export_onnx: not checked at other sizes: ONNX Runtime cannot load the file (%s)",
                      type(e).__name__)
-            return "", None
+            return SizeCheck("", None)
     tensors = [t for t in inputs if isinstance(t, Tensor)]
     doubled, grown = [], []
     for value, t in zip(session.get_inputs(), tensors):  # (a dynamic dim's size is its name there)
@@ -1090,33 +1100,37 @@ def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
                 grown.append(f"{d}={t.shape[dim]}")
         doubled.append(t)
     if not grown:
-        return "", None
+        return SizeCheck("", None)
     sizes = ", ".join(dict.fromkeys(grown))
     by_tensor = iter(doubled)
     device = next((t.device for t in tensors), None)
     probe = [next(by_tensor).to(device) if isinstance(t, Tensor) else t for t in inputs]
     try:
-        with torch.no_grad():
+        # (an fx GraphModule prints its generated code's frame to stderr before it raises)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             want = [t for t in torch.utils._pytree.tree_leaves(module(*probe)) if isinstance(t, Tensor)]
     except Exception as e:  # noqa: BLE001 - the model's own limit (a table of positions): nothing to compare
-        log.info("export_onnx: not checked at %s: the model raised %s", sizes, type(e).__name__)
-        return "", None
+        text = " ".join(str(e).split())[:160]
+        return SizeCheck(sizes, None, f"the model itself raises there ({type(e).__name__}: {text}), so the file "
+                                      "is checked at the example's sizes only; it declares the axis dynamic, and "
+                                      "takes only the sizes the model takes")
     if not all(bool(torch.isfinite(w).all()) for w in want if w.is_floating_point()):
-        log.info("export_onnx: not checked at %s: the model's outputs there are not finite", sizes)
-        return "", None  # (NaN and inf travel otherwise through each runtime's kernels: nothing to compare)
+        # (NaN and inf travel otherwise through each runtime's kernels: nothing to compare)
+        return SizeCheck(sizes, None, "the model's outputs there are not finite, so the file is checked at the "
+                                      "example's sizes only")
     where = f"at {sizes} (twice the example's)"
     arrays = tuple(t.numpy() for t in doubled)
     try:
         got = run(session, arrays)
     except Exception as e:  # noqa: BLE001 - ONNX Runtime's refusal of the sizes the file declares dynamic
-        return sizes, (f"the ONNX file fails {where}, sizes it declares dynamic, which the model takes "
-                       f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
+        return SizeCheck(sizes, f"the ONNX file fails {where}, sizes it declares dynamic, which the model takes "
+                                f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
     if len(got) != len(want):
-        return sizes, f"the ONNX file gives {len(got)} output(s) {where}, where the model gives {len(want)}"
+        return SizeCheck(sizes, f"the ONNX file gives {len(got)} output(s) {where}, where the model gives {len(want)}")
     for i, (g, w) in enumerate(zip(got, want)):
         if tuple(g.shape) != tuple(w.shape):
-            return sizes, (f"the ONNX file's output {i} has shape {tuple(g.shape)} {where}, where the model's has "
-                           f"{tuple(w.shape)}: torch.onnx fixed a size the file declares dynamic")
+            return SizeCheck(sizes, f"the ONNX file's output {i} has shape {tuple(g.shape)} {where}, where the model's has "
+                                    f"{tuple(w.shape)}: torch.onnx fixed a size the file declares dynamic")
         diff, bound = output_difference(torch.as_tensor(g), w.detach().cpu())
         if not diff <= bound and not (w.is_floating_point() or w.is_complex()):
             apart = int((torch.as_tensor(g).to(w.dtype) != w.detach().cpu()).sum())
@@ -1126,14 +1140,14 @@ def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
                              "argmax or sort over equal values) break differently in ONNX Runtime and torch; not "
                              "checked at other sizes")
                 continue
-            return sizes, (f"the ONNX file's output {i} (integers) differs from the model's in {apart} of "
-                           f"{w.numel()} entries {where}, where it equals the model's at the example's sizes: it "
-                           "does not compute the model's function at sizes it declares dynamic")
+            return SizeCheck(sizes, f"the ONNX file's output {i} (integers) differs from the model's in {apart} of "
+                                    f"{w.numel()} entries {where}, where it equals the model's at the example's sizes: it "
+                                    "does not compute the model's function at sizes it declares dynamic")
         if not diff <= bound:
-            return sizes, (f"the ONNX file's output {i} differs from the model's by {diff:.2e} {where} (bound "
-                           f"{bound:.2e}): it does not compute the model's function at sizes it declares dynamic "
-                           "(torch.onnx wrote some op for the example's size, e.g. an adaptive pooling's kernel)")
-    return sizes, None
+            return SizeCheck(sizes, f"the ONNX file's output {i} differs from the model's by {diff:.2e} {where} (bound "
+                                    f"{bound:.2e}): it does not compute the model's function at sizes it declares dynamic "
+                                    "(torch.onnx wrote some op for the example's size, e.g. an adaptive pooling's kernel)")
+    return SizeCheck(sizes, None)
 
 
 def _integers_differ_at_example(session, module: nn.Module, inputs: tuple, i: int) -> bool:
@@ -1255,9 +1269,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}") from e
     body = proto.SerializeToString()
     if axes:  # (torch.onnx can write a named axis as dynamic and still fix its size inside: checked)
-        _, problem = check_other_sizes(body, module, inputs, {a for dims in axes.values() for a in dims.values()})
-        if problem is not None:
-            raise ExportError(f"{problem}: export without those dynamic axes")
+        checked = check_other_sizes(body, module, inputs, {a for dims in axes.values() for a in dims.values()})
+        if checked.problem is not None:
+            raise ExportError(f"{checked.problem}: export without those dynamic axes")
+        if checked.unchecked is not None:
+            warn_at_user(f"dynamic axes not checked at {checked.sizes} (twice the example's): {checked.unchecked}")
     _write_atomic(body, target)
     log.info("exported %s (%s, %d fused node(s), opset %d)", target, "fused" if fused else "unfused",
              n_fused, _default_opset(proto))

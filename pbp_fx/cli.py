@@ -895,10 +895,12 @@ def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs
     if not all(d <= t for d, t in checks):
         raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> {tol:.2e}): report this as a bug")
     with _quiet_unless(args.debug):
-        sizes, problem = check_other_sizes(session, final, flat)
+        sizes, problem, unchecked = check_other_sizes(session, final, flat)
     if problem is not None:  # (the named axes passed the export's own check: the batch is left)
         raise PBError(f"{problem}: export with --static-batch")
-    if sizes:
+    if unchecked is not None:
+        print(f"check: not at {sizes} (twice the example's sizes on the dynamic axes): {unchecked}")
+    elif sizes:
         print(f"check: the same function at {sizes} (twice the example's sizes on the dynamic axes)")
 
 

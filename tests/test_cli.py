@@ -1637,3 +1637,41 @@ def test_a_warning_of_the_model_or_a_library_says_whose_line_it_is(tmp_path, cap
     rc, out, err = _run(["transform", _write(tmp_path, MODEL_WARNS)], capsys)
     assert rc == 0, err
     assert "pbp-fx: warning: UserWarning at model.py:18: this model's own note" in err
+
+
+BOUNDED_SEQUENCE = '''
+import torch, torch.nn as nn
+from torch.utils.data import TensorDataset
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 2)
+        self.pos = nn.Parameter(torch.randn(1, 12, 8))
+
+    def forward(self, ids):
+        return self.fc((self.emb(ids) + self.pos[:, :ids.shape[1]]).mean(1))
+
+
+def build_model():
+    return M()
+
+
+def example_inputs():
+    return (torch.randint(0, 10, (2, 8)),)
+'''
+
+
+def test_export_check_says_when_the_model_bounds_a_dynamic_axis(tmp_path, capsys):
+    """--check skipped its second check without a word: the file looked checked at other sizes."""
+    path = _write(tmp_path, BOUNDED_SEQUENCE)
+    assert main(["export", path, "-o", str(tmp_path / "m.onnx"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "check: not at batch=4 (twice the example's sizes on the dynamic axes): the model itself raises" not in out
+    assert "check: the same function at batch=4" in out  # (the batch axis alone: the model takes it)
+    assert main(["export", path, "-o", str(tmp_path / "s.onnx"), "--dynamic-axis", "ids:1=seq", "--check"]) == 0
+    captured = capsys.readouterr()
+    assert ("check: not at batch=4, seq=16 (twice the example's sizes on the dynamic axes): the model itself raises "
+            "there (RuntimeError: ") in captured.out
+    assert "Traceback" not in captured.err

@@ -1457,3 +1457,26 @@ def test_a_dict_or_list_input_becomes_one_file_input_per_tensor(tmp_path, fused)
             call = torch.utils._pytree.tree_unflatten(leaves, torch.utils._pytree.tree_structure(inputs))
             got = run(session, tuple(t.numpy() for t in leaves))[0]
             assert np.abs(got - pm(*call).detach().numpy()).max() <= 1e-5
+
+
+class _PositionTable(torch.nn.Module):
+    """A learned position table of 12: the sequence axis is bounded by the model, not fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(10, 8), torch.nn.Linear(8, 2)
+        self.pos = torch.nn.Parameter(torch.randn(1, 12, 8))
+
+    def forward(self, ids):
+        return self.fc((self.emb(ids) + self.pos[:, :ids.shape[1]]).mean(1))
+
+
+def test_a_dynamic_axis_the_model_bounds_is_said_unchecked_without_a_traceback(tmp_path, capfd):
+    """The check at twice the example's sizes was skipped without a word (and fx printed its
+    generated code's frame to stderr), so the file looked checked on an axis it fails beyond 12."""
+    pm = pbp_fx.perforate(_PositionTable(), (torch.randint(0, 10, (2, 8)),))
+    with pytest.warns(UserWarning, match=r"dynamic axes not checked at seq=16 \(twice the example's\): the model "
+                                         r"itself raises there \(RuntimeError: .*\), so the file is checked at the "
+                                         r"example's sizes only"):
+        export_onnx(pm, (torch.randint(0, 10, (2, 8)),), str(tmp_path / "m.onnx"), dynamic_axes={"ids": {1: "seq"}})
+    assert "Traceback" not in capfd.readouterr().err
