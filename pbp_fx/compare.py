@@ -48,6 +48,7 @@ from .modelfile import (check_metric_direction, example_kwargs, instantiate, key
 from .passes.find_sites import site_filters
 from .schedule import Kind, PhaseSchedule
 from .tracing import copy_module
+from .controller import all_finite
 from .training import NonFiniteDataError, NonFiniteError, NonFiniteLossError, accuracy, evaluate, train_epoch
 from .width import WidthBuilder, WidthError
 
@@ -137,11 +138,15 @@ def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainC
         if schedule.phase == "neuron":
             try:
                 train_epoch(model, train, loss_fn, optimizer, None)
-                score = evaluate(model, val, metric, data="validation")
+                # NaN weights that the metric scores finite (accuracy: argmax of NaN is class 0) are no best
+                score = evaluate(model, val, metric, data="validation") if all_finite(trained) else math.nan
             except NonFiniteLossError as exc:
                 if not (exc.diverged and schedule.takes_divergence):
                     raise
                 score = math.nan  # diverged after a best: the schedule goes back to it, as fit's controller does
+            if math.isnan(score) and not schedule.takes_divergence and not all_finite(trained):
+                raise NonFiniteError(f"the model's weights hold NaN/Inf after epoch {epochs}, before any best: lower "
+                                     "the learning rate")
             if not math.isfinite(score):
                 diverged.append(epochs)
         else:
@@ -701,18 +706,23 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
             kept.add(specs[i], row)
         echo(_row_text(row, score))
 
-    if jobs == 1 or len(todo) <= 1:
-        # One thread, as in the workers: every run's wall time is measured alike, and a loaded
-        # machine does not stall on intra-op threads. The caller's setting is restored.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for i, a in zip(todo, args):
-                finished(i, _said(*_arm_with_warnings(*a)))
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        _run_in_workers(min(jobs, len(todo)), args, lambda k, row: finished(todo[k], _said(*row)))
+    try:
+        if jobs == 1 or len(todo) <= 1:
+            # One thread, as in the workers: every run's wall time is measured alike, and a loaded
+            # machine does not stall on intra-op threads. The caller's setting is restored.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for i, a in zip(todo, args):
+                    finished(i, _said(*_arm_with_warnings(*a)))
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            _run_in_workers(min(jobs, len(todo)), args, lambda k, row: finished(todo[k], _said(*row)))
+    except BaseException as exc:  # (an arm's error: the warnings it gave first, then the error)
+        spec, said = getattr(exc, "pbp_fx_warnings", (None, ()))
+        _said(None, spec, said)
+        raise
     return [rows[i] for i in range(len(specs))]
 
 
@@ -720,15 +730,22 @@ def _arm_with_warnings(*args) -> tuple[dict, RunSpec, list]:
     """run_arm(*args), its warnings kept: (row, spec, [(category, message, filename, lineno)]), the
     categories of other modules than Python's and pbp-fx's as UserWarning named in the message (a
     worker's result must unpickle in the command's process)."""
+    def kept(caught) -> list:
+        said = []
+        for w in caught:
+            category, text = w.category, str(w.message)
+            if category.__module__ != "builtins" and not issubclass(category, PBWarning):
+                category, text = UserWarning, f"{category.__name__}: {text}"
+            said.append((category, text, w.filename, w.lineno))
+        return said
+
     with warnings.catch_warnings(record=True) as caught:
-        row = run_arm(*args)
-    said = []
-    for w in caught:
-        category, text = w.category, str(w.message)
-        if category.__module__ != "builtins" and not issubclass(category, PBWarning):
-            category, text = UserWarning, f"{category.__name__}: {text}"
-        said.append((category, text, w.filename, w.lineno))
-    return row, args[1], said
+        try:
+            row = run_arm(*args)
+        except BaseException as exc:  # (the warnings that led to it are said with its error)
+            exc.pbp_fx_warnings = (args[1], kept(caught))
+            raise
+    return row, args[1], kept(caught)
 
 
 def _said(row: dict, spec: RunSpec, said: list) -> dict:

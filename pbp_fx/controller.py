@@ -54,7 +54,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ConfigError, PBConfig
-from .errors import TrainingError, warn_at_user
+from .errors import NonFiniteError, TrainingError, warn_at_user
 from .perforated import PerforatedModel, outside_inference_mode, perforated_inside, put_back
 from .schedule import Action, Kind, PhaseSchedule, check_score
 
@@ -75,6 +75,12 @@ _FUSED_ADAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float6
 # A ReduceLROnPlateau's counters that a dendrite phase holds, and the cooldown that holds it.
 _PLATEAU_COUNTERS = ("best", "cooldown_counter")
 _PLATEAU_HOLD = 2**31 - 1
+
+
+def all_finite(tensors) -> bool:
+    """Whether every floating tensor of `tensors` is finite (one host read for all of them)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
 def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
@@ -796,9 +802,11 @@ class PhaseController:
             # A metric can score NaN weights (accuracy: argmax of NaN logits is class 0); kept as the
             # best, they would be what every later rewind goes back to.
             if not self.schedule.takes_divergence:
-                raise TrainingError(f"the model's weights hold NaN/Inf after epoch {self.schedule.epoch + 1}, "
-                                    "before any best: lower the learning rate")
+                raise NonFiniteError(f"the model's weights hold NaN/Inf after epoch {self.schedule.epoch + 1}, "
+                                     "before any best: lower the learning rate")
             score, cause = math.nan, cause or "the weights hold NaN/Inf"
+        if phase == "dendrite":
+            self._check_candidates()
         if self.distributed is None:
             check_score(score, self.schedule.takes_divergence, self.schedule.phase)
         progress = self.pm.candidate_progress(self.config.dendrite_improvement) if phase == "dendrite" else False
@@ -824,8 +832,14 @@ class PhaseController:
     def _weights_finite(self) -> bool:
         """Whether every floating parameter of the trained model (root, else pm) is finite (buffers may
         hold an inf on purpose: an attention mask)."""
-        model = self.root if self.root is not None else self.pm
-        return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+        return all_finite((self.root if self.root is not None else self.pm).parameters())
+
+    def _check_candidates(self) -> None:
+        """A NonFiniteError when a candidate's weights are NaN/Inf (their NaN batches were left out of
+        the statistics, which stay finite): installed, they would make the model NaN."""
+        for name, site in self.pm.sites.items():
+            if site.candidates is not None and not all_finite(site.candidates.parameters()):
+                raise NonFiniteError(f"the candidates' weights of site {name!r} are not finite: lower candidate_lr")
 
     def check_model(self) -> None:
         """A TrainingError when the model's phase is not the controller's: it was changed outside

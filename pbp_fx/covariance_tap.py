@@ -210,16 +210,16 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
         if left_out != 1.0:
             cov.mul_(left_out)
         sign = fold_batch(stats, snapshots, rows, cov, settings, new=new)
-        # A batch not counted (inf/NaN covariance) steps no candidate either: its gradient would be NaN,
-        # and an optimizer without a GradScaler (which skips such a step itself: it needs the NaN) would
-        # take it into the candidates' weights and moments for good.
+        # A batch not counted (inf/NaN covariance) gives the candidates a zero gradient: its own would be
+        # NaN, and an optimizer without a GradScaler (which skips such a step itself: it needs the NaN)
+        # would take it into the candidates' weights and moments for good.
         if sign is None:
             return torch.zeros_like(c) if scale == 1.0 else torch.full_like(c, math.nan)
         # dC/dc = share * left_out * e; GradScaler's scale kept
         k = sign.mul_(-(scale * (p if split else 1) * left_out))
         g = e * per_position(k, e, axis)
         if scale == 1.0 and cov.device.type != "cpu":  # (decided on the device: a mask, no host sync)
-            g = torch.where(torch.isfinite(cov).all(), g, 0.0)
+            g.masked_fill_(~torch.isfinite(cov).all(), 0.0)
     return g if g.dtype == c.dtype else g.to(c.dtype)
 
 

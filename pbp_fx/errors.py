@@ -44,6 +44,23 @@ class TrainingError(PBError):
     """Training cannot go on (empty dataset, non-finite loss, bad settings)."""
 
 
+class NonFiniteError(TrainingError):
+    """A NaN/Inf loss, weight or correlation statistic: the phase stops and the last good state returns."""
+
+
+class NonFiniteDataError(NonFiniteError):
+    """NaN/Inf in the data itself: evaluating the restored model would meet it again."""
+
+
+class NonFiniteLossError(NonFiniteError):
+    """A training batch's loss is NaN/Inf (`loss`: its value); `diverged`: the weights or the output are
+    NaN/Inf or past overflow (else the loss or the targets made it)."""
+
+    def __init__(self, loss: float, message: str, diverged: bool):
+        super().__init__(message)
+        self.loss, self.diverged = loss, diverged
+
+
 class DataError(TrainingError):
     """A batch of a dataset could not be made (a sample of another shape, a read that failed)."""
 

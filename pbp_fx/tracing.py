@@ -488,22 +488,18 @@ def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optio
 
 
 def _output_spec(output: Any, graph: fx.Graph) -> Optional[pytree.TreeSpec]:
-    """The pytree structure of what forward returned when the graph's output has another one (fx
-    writes a dict subclass, a Hugging Face ModelOutput, as a plain dict): the perforated model
-    rebuilds its output in it (`PerforatedModel`). None when they agree."""
+    """The pytree structure of what forward returned when it is a dict subclass that pytree knows (a
+    Hugging Face ModelOutput, an OrderedDict), which fx writes as a plain dict with the same keys in
+    the same order: the perforated model rebuilds its output in it (`PerforatedModel`). None
+    otherwise (a tensor, a plain dict, a structure pytree does not know: kept as fx writes it)."""
     node = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
-    if node is None or not node.args:
+    if node is None or not node.args or not isinstance(output, dict) or type(output) is dict:
         return None
-    def builtin(a):  # (fx holds the output in its immutable containers)
-        if isinstance(a, dict):
-            return {k: builtin(v) for k, v in a.items()}
-        if isinstance(a, (list, tuple)) and not hasattr(a, "_fields"):
-            return (list if isinstance(a, list) else tuple)(builtin(v) for v in a)
-        return a
-
     spec = pytree.tree_structure(output)
-    written = pytree.tree_structure(builtin(node.args[0]))
-    return spec if spec != written and spec.num_leaves == written.num_leaves else None
+    written = node.args[0]
+    if spec.is_leaf() or not isinstance(written, dict) or list(spec.context or ()) != list(written):
+        return None
+    return spec
 
 
 def _restore_constant_names(graph: fx.Graph, constants: dict) -> None:

@@ -21,8 +21,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .config import ConfigError, PBConfig, TrainConfig
-from .controller import Decision, PhaseController, default_optimizer
-from .errors import DataError, TrainingError, warn_at_user
+from .controller import Decision, PhaseController, all_finite, default_optimizer
+from .errors import DataError, NonFiniteDataError, NonFiniteError, NonFiniteLossError, TrainingError, warn_at_user
 from .perforated import PerforatedModel
 
 __all__ = ["fit", "History", "evaluate", "accuracy", "cross_entropy", "mean_squared_error", "negative_loss", "primary_output",
@@ -511,15 +511,16 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
             if test is not None and not math.isfinite(test):  # (the history and its JSON would hold it)
                 raise NonFiniteError(f"the test score is {test} in epoch {epoch} ({phase} phase): check the test "
                                      "data (its targets too) and the metric for NaN/Inf")
+            row = {"epoch": epoch, "phase": phase, "dendrites": controller.num_dendrites,
+                   "train_loss": train_loss, "val": None if diverged else val, "test": test,  # (JSON: no NaN)
+                   "params": pm.num_parameters(), "seconds": time.perf_counter() - t0}
+            # (the controller refuses NaN weights before any best, and NaN candidates)
+            decision = controller.step(val, cause=diverged)
         except NonFiniteError as exc:
             restored = _stop_and_restore(controller)
             if history.epochs:  # the stop ends the run after the last epoch: its row says so, as the controller's history does
                 history.epochs[-1]["decision"] = Decision.COMPLETE.value
             raise TrainingError(f"{exc}; {restored}") from exc
-        row = {"epoch": epoch, "phase": phase, "dendrites": controller.num_dendrites,
-               "train_loss": train_loss, "val": None if diverged else val, "test": test,  # (JSON: no NaN)
-               "params": pm.num_parameters(), "seconds": time.perf_counter() - t0}
-        decision = controller.step(val, cause=diverged)
         if phase == "neuron" and controller.history and controller.history[-1]["score"] is None:
             # The controller took the epoch as diverged (NaN/Inf weights that the metric scored): no score.
             diverged, row["val"], row["test"] = diverged or "the weights", None, None
@@ -565,7 +566,7 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
             if zero:  # a zero gradient straight into them: nothing runs through their branch
                 loss = _ZeroGradient.apply(loss, *zero)
         if not torch.isfinite(loss):
-            raise _non_finite_loss(loss, output, optimizer, phase)
+            raise _non_finite_loss(loss, inputs, output, optimizer, phase)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -578,48 +579,30 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
     return total / count
 
 
-class NonFiniteError(TrainingError):
-    """A NaN/Inf loss or correlation statistic: the phase stops and the last good state returns."""
-
-
-class NonFiniteLossError(NonFiniteError):
-    """A training batch's loss is NaN/Inf (`loss`: its value); `diverged`: the model's output or the
-    weights it trains are NaN/Inf too (else the loss or the targets made it)."""
-
-    def __init__(self, loss: float, message: str, diverged: bool):
-        super().__init__(message)
-        self.loss, self.diverged = loss, diverged
-
-
-def _non_finite_loss(loss: torch.Tensor, output, optimizer, phase: str) -> NonFiniteLossError:
-    """The error for a NaN/Inf loss, telling diverged weights (a non-finite output or weight) from a
-    loss or targets that make it on a finite output (cross_entropy of a batch whose labels are all
-    ignored is nan)."""
+def _non_finite_loss(loss: torch.Tensor, inputs, output, optimizer, phase: str) -> NonFiniteError:
+    """The error for a NaN/Inf loss: NaN/Inf in the batch's inputs (a NonFiniteDataError); diverged
+    weights (a weight or output NaN/Inf, or an output past the square root of its dtype's largest
+    value, where a squared error overflows); else a loss or targets that make it on a finite output
+    (cross_entropy of a batch whose labels are all ignored is nan)."""
+    _check_finite_inputs(pytree.tree_leaves(inputs), "training")
     value, where = loss.item(), f" in the {phase} phase" if phase else ""
-    tensors = [t for t in pytree.tree_flatten(primary_output(output))[0] if isinstance(t, torch.Tensor)]
-    tensors += [p for g in optimizer.param_groups for p in g["params"]]
-    diverged = not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    outputs = [t for t in pytree.tree_leaves(primary_output(output)) if isinstance(t, torch.Tensor)
+               and t.is_floating_point() and t.numel()]
+    overflow = any(float(t.detach().abs().max()) > math.sqrt(torch.finfo(t.dtype).max) for t in outputs
+                   if bool(torch.isfinite(t).all()))
+    diverged = overflow or not all_finite(outputs) or not all_finite(p for g in optimizer.param_groups for p in g["params"])
     if diverged:
-        return NonFiniteLossError(value, f"the loss is {value}{where}: lower the learning rate or check the data "
-                                         "for NaN/Inf", diverged)
+        return NonFiniteLossError(value, f"the loss is {value}{where}: lower the learning rate", diverged)
     return NonFiniteLossError(value, f"the loss is {value}{where} on a finite output: check the targets and the "
                                      "loss for NaN/Inf (cross_entropy is nan on a batch whose labels are all "
                                      "ignore_index)", diverged)
 
 
-class NonFiniteDataError(NonFiniteError):
-    """NaN/Inf in the data itself: evaluating the restored model would meet it again."""
-
-
 def _check_statistics(pm: PerforatedModel) -> None:
     for name, s in pm.sites.items():
-        if s.candidates is None:
-            continue
-        if not bool(torch.isfinite(s.candidates.ema).all()):
+        if s.candidates is not None and not bool(torch.isfinite(s.candidates.ema).all()):
             raise NonFiniteError(f"the correlation statistics of site {name!r} are not finite: lower "
                                  "candidate_lr or check the data for NaN/Inf")
-        if not all(bool(torch.isfinite(p).all()) for p in s.candidates.parameters()):
-            raise NonFiniteError(f"the candidates' weights of site {name!r} are not finite: lower candidate_lr")
 
 
 def _stop_and_restore(controller: PhaseController) -> str:

@@ -812,3 +812,42 @@ def test_a_runs_warnings_are_one_line_each_naming_its_arm_and_seed(tmp_path, cap
     for arm in ("plain", "restarts"):
         assert line.format(lineno, arm) in err.splitlines(), err
     assert "warnings.warn(" not in err  # (no source echo)
+
+
+def test_nan_weights_a_metric_scores_are_no_best_of_the_plain_arm(tmp_path):
+    """Accuracy scores NaN logits as class 0: the plain arm kept NaN weights as its best and was ranked."""
+    from pbp_fx.compare import RunSpec, run_arm
+
+    path = tmp_path / "nan_best.py"
+    path.write_text(TINY + textwrap.dedent('''
+        calls = [0]
+
+        def loss_fn(output, target):
+            calls[0] += 1  # the last step of the second epoch (6 batches of 30): a NaN gradient
+            loss = torch.nn.functional.cross_entropy(output, target)
+            return loss + torch.sqrt(output.sum() * 0) if torch.is_grad_enabled() and calls[0] == 12 else loss
+    '''))
+    row = run_arm(str(path), RunSpec("plain", 0, 1.0), BUDGET["config"].replace(patience=50), BUDGET["training"],
+                  latency=False)
+    assert row["diverged_epochs"] == [2] and row["epochs"] == 2 and math.isfinite(row["test"])
+
+
+def test_the_warnings_of_an_arm_that_fails_are_said_with_its_error(tmp_path, capsys):
+    path = tmp_path / "fails.py"
+    path.write_text(TINY + textwrap.dedent('''
+        import warnings
+
+        calls = [0]
+
+        def metric(output, target):
+            calls[0] += 1
+            if calls[0] > 3:  # (the checks before the arms call it 3 times; each arm loads the file afresh)
+                warnings.warn("labels look one-hot")
+                raise ValueError("the metric broke on purpose")
+            return float((output.argmax(1) == target).sum()), target.shape[0]
+    '''))
+    for jobs in ("1", "2"):
+        rc = main(["compare", str(path), "--arms", "plain,restarts", "--seeds", "1", "--epochs", "6",
+                   "--batch-size", "60", "--no-latency", "--jobs", jobs])
+        err = capsys.readouterr().err
+        assert rc == 2 and "at seed 0: labels look one-hot" in err, err

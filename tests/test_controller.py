@@ -1181,3 +1181,18 @@ def test_lbfgs_with_a_line_search_is_warned_of():
         warnings.simplefilter("error")
         plain = _pm()
         PhaseController(plain, optimizer=torch.optim.LBFGS(plain.parameters()))
+
+
+def test_nan_candidates_are_refused_before_they_are_installed_in_any_loop():
+    """fit checked them; a loop of one's own (and the HF and Lightning callbacks) installed them."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1, max_dendrite_epochs=2)
+    assert ctl.step(0.5) is C and ctl.step(0.5) is R and pm.phase == "dendrite"
+    with torch.no_grad():
+        for s in pm.sites.values():
+            for p in s.candidates.parameters():
+                p.fill_(float("nan"))
+    with pytest.raises(pbp_fx.errors.NonFiniteError, match=r"the candidates' weights of site '.*' are not finite: "
+                                                           r"lower candidate_lr"):
+        ctl.step(0.5)
+    assert pm.phase == "dendrite" and ctl.num_dendrites == 0

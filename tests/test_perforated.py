@@ -1676,3 +1676,23 @@ def test_a_dict_subclass_output_keeps_its_class_under_fx_through_copy_and_checkp
     assert type(pbp_fx.load(str(tmp_path / "m.safetensors"), _OrderedOut)(x)) is type(out)
     plain = pbp_fx.perforate(nn.Sequential(nn.Linear(3, 2)), (x,), frontend="fx")
     assert plain.graph_module.meta["pbp_out_spec"] is None  # (a tensor, a plain dict: nothing to rebuild)
+
+
+class _UnknownDict(dict):
+    """A dict subclass pytree does not know: to pytree a leaf, so its one-entry structure read as a
+    bare tensor, and the perforated model returned the tensor."""
+
+
+class _UnknownOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return _UnknownDict(logits=self.fc(x))
+
+
+def test_a_dict_subclass_pytree_does_not_know_comes_back_as_a_dict():
+    x = torch.randn(4, 3)
+    out = pbp_fx.perforate(_UnknownOut(), (x,), frontend="fx")(x)
+    assert type(out) is dict and out["logits"].shape == (4, 2)

@@ -147,12 +147,20 @@ def test_a_sample_of_another_shape_is_a_data_error_naming_the_data():
             evaluate(_pm(), loader, data="validation")
 
 
-def test_non_finite_loss_is_reported():
+def test_nan_in_training_data_is_reported_as_the_data():
+    """A NaN loss from NaN inputs said 'lower the learning rate or check the data'; after a best it
+    read as diverged weights, and fit went back to them and on."""
     pm = _pm()
     x = torch.full((8, 6), float("nan"))
     bad = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long)), batch_size=4)
-    with pytest.raises(pbp_fx.TrainingError, match="loss is nan"):
+    with pytest.raises(pbp_fx.TrainingError, match="the training data holds NaN/Inf values: remove or replace them"):
         fit(pm, bad, bad, progress=False, epochs=1)
+    pm = _pm()  # after a best too: the data, not diverged weights
+    train = _PoisonedAfter(DataLoader(_data(), batch_size=32), after=2)
+    with pytest.raises(pbp_fx.TrainingError, match=r"the training data holds NaN/Inf values.*restored the "
+                                                   r"best-validation model"):
+        fit(pm, train, DataLoader(_data(64, 1), batch_size=64), controller=PhaseController(pm, patience=50),
+            epochs=6, progress=False)
 
 
 def test_batches_without_targets_are_reported():
@@ -182,7 +190,7 @@ def test_non_finite_loss_in_a_dendrite_phase_stops_the_run_and_restores_the_best
     val = DataLoader(_data(64, 1), batch_size=64)
     train = _PoisonedAfter(DataLoader(_data(), batch_size=32), after=4)
     ctl = PhaseController(pm, patience=2, dendrite_patience=50, max_dendrite_epochs=50)
-    with pytest.raises(pbp_fx.TrainingError, match="the loss is nan in the dendrite phase.*restored the "
+    with pytest.raises(pbp_fx.TrainingError, match="the training data holds NaN/Inf values.*restored the "
                                                    "best-validation model"):
         fit(pm, train, val, controller=ctl, epochs=20, progress=False)
     assert pm.phase == "neuron", "the dendrite phase must be stopped"
@@ -520,3 +528,55 @@ def test_a_dict_a_compiled_model_takes_whole_goes_in_whole():
             return args[0]["img"]
 
     assert call_model(Varargs(), ({"img": torch.ones(2)},)).shape == (2,)
+
+
+class _Regression(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_squared_error_that_overflows_on_finite_outputs_is_divergence():
+    """MSE is inf where the outputs pass 1.8e19 while weights and outputs are finite: that was read
+    as the targets' doing (it is exploding weights)."""
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(_Regression(), (torch.randn(2, 6),))
+    x, _ = _data().tensors
+    y = x[:, :1].clone()
+    data = DataLoader(TensorDataset(x, y), batch_size=64)
+
+    def blow_up(row):  # finite weights whose outputs square past float32's range
+        if row["epoch"] == 2:
+            with torch.no_grad():
+                for p in pm.parameters():
+                    p.mul_(1e12)
+
+    metric = lambda out, t: (-float(((out - t) ** 2).sum()), len(t))  # noqa: E731
+    ctl = PhaseController(pm, patience=50, dendrite_patience=1, max_dendrite_epochs=1, max_dendrites=1,
+                          maximize=True)
+    with pytest.warns(pbp_fx.PBWarning, match=r"the loss is inf at epoch 3: the weights diverged"):
+        h = fit(pm, data, data, F.mse_loss, controller=ctl, metric=metric, epochs=5, progress=False,
+                callbacks=[blow_up])
+    assert h.epochs[2]["val"] is None and h.epochs[3]["phase"] == "dendrite"
+
+
+def test_nan_weights_before_any_best_stop_the_run_as_a_non_finite_value():
+    """The controller's refusal was a plain TrainingError outside fit's handling: the run was left
+    unfinished, and compare took it for a model-file error."""
+    pm = _pm()
+    train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
+    calls = [0]
+
+    def loss_fn(out, target):  # a NaN gradient at the first epoch's last step (a finite loss)
+        calls[0] += 1
+        loss = F.cross_entropy(out, target)
+        return loss + torch.sqrt(out.sum() * 0) if calls[0] == 8 else loss
+
+    ctl = PhaseController(pm, patience=50)
+    with pytest.raises(pbp_fx.TrainingError, match=r"^the model's weights hold NaN/Inf after epoch 1, before any "
+                                                   r"best: lower the learning rate; no good state to restore") as info:
+        fit(pm, train, val, loss_fn, controller=ctl, epochs=3, progress=False)
+    assert isinstance(info.value.__cause__, pbp_fx.errors.NonFiniteError) and ctl.done
