@@ -468,6 +468,8 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
         with warnings.catch_warnings():
             if module_modes:  # (set here on purpose: its mixed-modes warning was said at perforate)
                 warnings.filterwarnings("ignore", message=r".* (is|are) in (train|eval) mode under a model in ")
+            # (said when the run was perforated; the capture is the saved one, which no frontend choice changes)
+            warnings.filterwarnings("ignore", message=r".*\.forward writes buffer\(s\) ")
             pm = perforate(model, inputs, include=lambda n, m: n in names or _legacy_site_name(n, parts) in names,
                            activation=st["activation"],
                            mode=st["mode"], example_kwargs=example_kwargs, frontend=frontend, dynamic=dynamic)

@@ -329,6 +329,10 @@ def summarize(rows: list[dict], score: Score = ACCURACY) -> list[dict]:
             seeds = sorted(r["seed"] for r in rows if r["arm"] == arm and "skipped" in r)
             s["partial"] = f"not run at seed(s) {', '.join(map(str, seeds))}: {skipped[0]}"
             s["seeds_not_run"] = seeds
+        if arm in ("pb", "gd") and all(not r.get("dendrites") and not r.get("dendrite_epochs") for r in rs):
+            # (its first neuron phase did not end within the epochs: the plain run, with nothing grown)
+            s["no_round"] = (f"{arm} ran no dendrite round at any seed (its first neuron phase did not end within "
+                             "the epochs), so it is the plain run here: raise --epochs, or lower --patience")
         went_back = [f"{r['seed']} (epoch {', '.join(map(str, r['diverged_epochs']))})" for r in rs
                      if r.get("diverged_epochs")]
         if went_back:  # (said beside the table: those runs ended a phase early, at their best weights)
@@ -458,6 +462,8 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
             lines.append(f"{s['arm']} was {s['partial']}")
         if s.get("diverged"):
             lines.append(f"{s['arm']} {s['diverged']}")
+        if s.get("no_round"):
+            lines.append(s["no_round"])
     return "\n".join(lines)
 
 
@@ -743,7 +749,8 @@ def _arm_with_warnings(*args) -> tuple[dict, RunSpec, list]:
         try:
             row = run_arm(*args)
         except BaseException as exc:  # (the warnings that led to it are said with its error)
-            exc.pbp_fx_warnings = (args[1], kept(caught))
+            with contextlib.suppress(Exception):  # (an exception that refuses attributes: its own error stands)
+                exc.pbp_fx_warnings = (args[1], kept(caught))
             raise
     return row, args[1], kept(caught)
 

@@ -802,8 +802,8 @@ class PhaseController:
             # A metric can score NaN weights (accuracy: argmax of NaN logits is class 0); kept as the
             # best, they would be what every later rewind goes back to.
             if not self.schedule.takes_divergence:
-                raise NonFiniteError(f"the model's weights hold NaN/Inf after epoch {self.schedule.epoch + 1}, "
-                                     "before any best: lower the learning rate")
+                self._stop(f"the model's weights hold NaN/Inf after epoch {self.schedule.epoch + 1}, before any "
+                           "best: lower the learning rate")
             score, cause = math.nan, cause or "the weights hold NaN/Inf"
         if phase == "dendrite":
             self._check_candidates()
@@ -835,11 +835,20 @@ class PhaseController:
         return all_finite((self.root if self.root is not None else self.pm).parameters())
 
     def _check_candidates(self) -> None:
-        """A NonFiniteError when a candidate's weights are NaN/Inf (their NaN batches were left out of
-        the statistics, which stay finite): installed, they would make the model NaN."""
+        """Stop the run (`_stop`) when a candidate's weights are NaN/Inf (their NaN batches were left out
+        of the statistics, which stay finite): installed, they would make the model NaN."""
         for name, site in self.pm.sites.items():
             if site.candidates is not None and not all_finite(site.candidates.parameters()):
-                raise NonFiniteError(f"the candidates' weights of site {name!r} are not finite: lower candidate_lr")
+                self._stop(f"the candidates' weights of site {name!r} are not finite: lower candidate_lr")
+
+    def _stop(self, problem: str) -> None:
+        """End the run at a NaN/Inf it cannot go on from (its best weights back, as `finish` does, in any
+        loop: fit's, the trainers' callbacks, one's own) and raise a NonFiniteError naming it."""
+        had_best = self.best_state is not None
+        self.finish("stopped: non-finite values")
+        raise NonFiniteError(f"{problem}; " + (f"stopped and restored the best-validation model (epoch "
+                                                f"{self.best_epoch})" if had_best else "stopped: no good state to "
+                                                "restore yet (no epoch ended with a finite validation score)"))
 
     def check_model(self) -> None:
         """A TrainingError when the model's phase is not the controller's: it was changed outside

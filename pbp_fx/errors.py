@@ -53,8 +53,8 @@ class NonFiniteDataError(NonFiniteError):
 
 
 class NonFiniteLossError(NonFiniteError):
-    """A training batch's loss is NaN/Inf (`loss`: its value); `diverged`: the weights or the output are
-    NaN/Inf or past overflow (else the loss or the targets made it)."""
+    """A training batch's loss is NaN/Inf (`loss`: its value); `diverged`: taken for diverged weights
+    (False: the data's or the loss's doing, on evidence: see training._non_finite_loss)."""
 
     def __init__(self, loss: float, message: str, diverged: bool):
         super().__init__(message)

@@ -137,7 +137,8 @@ class PhaseSchedule:
         retry = not self.round_improved
         if retry:
             if self.retries_left <= 0:
-                return self._complete("no new best after retries", new_best)
+                tries = "" if cfg.retries == 0 else f" after {cfg.retries} retr{'y' if cfg.retries == 1 else 'ies'}"
+                return self._complete(f"no new best{tries}", new_best)
             self.retries_left -= 1
             note = f"round gave no new best: retry ({self.retries_left} left)"
         else:

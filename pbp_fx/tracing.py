@@ -495,11 +495,19 @@ def _output_spec(output: Any, graph: fx.Graph) -> Optional[pytree.TreeSpec]:
     node = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
     if node is None or not node.args or not isinstance(output, dict) or type(output) is dict:
         return None
+    def builtin(a):  # (fx holds the output in its immutable containers)
+        if isinstance(a, dict):
+            return {k: builtin(v) for k, v in a.items()}
+        if isinstance(a, (list, tuple)) and not hasattr(a, "_fields"):
+            return (list if isinstance(a, list) else tuple)(builtin(v) for v in a)
+        return a
+
     spec = pytree.tree_structure(output)
     written = node.args[0]
     if spec.is_leaf() or not isinstance(written, dict) or list(spec.context or ()) != list(written):
         return None
-    return spec
+    # (an inner structure pytree does not know is one leaf to it, and several as fx writes it)
+    return spec if spec.num_leaves == pytree.tree_structure(builtin(written)).num_leaves else None
 
 
 def _restore_constant_names(graph: fx.Graph, constants: dict) -> None:
@@ -919,9 +927,9 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
                     _replay(fx_warnings)
                     written = _written_buffers(model, args, kwargs, gm) if frontend == "fx" else []
                     if written:
-                        warn_at_user(f"forward writes buffer(s) {', '.join(written[:3])}, which symbolic tracing "
-                                     "drops (or runs once, while tracing): the perforated model will not update "
-                                     "them; frontend='export' keeps them")
+                        warn_at_user(f"{type(model).__name__}.forward writes buffer(s) {', '.join(written[:3])}, "
+                                     "which symbolic tracing drops (or runs once, while tracing): the perforated "
+                                     "model will not update them; frontend='export' keeps them")
                     switched = gm.meta.get("pbp_switched_modes")
                     if switched:
                         warn_at_user(f"forward switches {' and '.join(switched)} around some of its ops, which "
@@ -1079,11 +1087,12 @@ def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] 
               or (bool(switched) and (ex_both or one_mode)))
     chosen = ex_gm if better else fx_gm
     if chosen is fx_gm and written:
+        short = [f"reaches {ex_sites} of fx's {fx_sites} sites"] if ex_sites < fx_sites else []
+        short += [] if ex_both else [f"follows {ex_gm.meta.get('pbp_modes')} mode only"]
         warn_at_user(f"{type(model).__name__}.forward writes buffer(s) {', '.join(written[:3])}, which symbolic "
                      "tracing drops (or runs once, while tracing): auto keeps its graph, since torch.export's, which "
-                     f"keeps them, has {ex_sites} site(s) of {fx_sites} and follows {ex_gm.meta.get('pbp_modes')} "
-                     "mode(s): the perforated model will not update them (frontend='export' takes torch.export's "
-                     "graph as it is)")
+                     f"keeps them, {' and '.join(short)}: the perforated model will not update them "
+                     "(frontend='export' takes torch.export's graph as it is)")
     if chosen is ex_gm:
         _replay([w for w in export_warnings if issubclass(w.category, PBWarning)])
         if switched and ex_sites < fx_sites and _AUTOCAST in switched:

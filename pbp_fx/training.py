@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .config import ConfigError, PBConfig, TrainConfig
-from .controller import Decision, PhaseController, all_finite, default_optimizer
+from .controller import Decision, PhaseController, default_optimizer
 from .errors import DataError, NonFiniteDataError, NonFiniteError, NonFiniteLossError, TrainingError, warn_at_user
 from .perforated import PerforatedModel
 
@@ -517,10 +517,11 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
             # (the controller refuses NaN weights before any best, and NaN candidates)
             decision = controller.step(val, cause=diverged)
         except NonFiniteError as exc:
-            restored = _stop_and_restore(controller)
+            # (the controller stops the run itself at NaN weights before any best and at NaN candidates)
+            message = str(exc) if controller.done else f"{exc}; {_stop_and_restore(controller)}"
             if history.epochs:  # the stop ends the run after the last epoch: its row says so, as the controller's history does
                 history.epochs[-1]["decision"] = Decision.COMPLETE.value
-            raise TrainingError(f"{exc}; {restored}") from exc
+            raise TrainingError(message) from exc
         if phase == "neuron" and controller.history and controller.history[-1]["score"] is None:
             # The controller took the epoch as diverged (NaN/Inf weights that the metric scored): no score.
             diverged, row["val"], row["test"] = diverged or "the weights", None, None
@@ -566,7 +567,7 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
             if zero:  # a zero gradient straight into them: nothing runs through their branch
                 loss = _ZeroGradient.apply(loss, *zero)
         if not torch.isfinite(loss):
-            raise _non_finite_loss(loss, inputs, output, optimizer, phase)
+            raise _non_finite_loss(loss, inputs, target, phase)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -579,23 +580,27 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
     return total / count
 
 
-def _non_finite_loss(loss: torch.Tensor, inputs, output, optimizer, phase: str) -> NonFiniteError:
-    """The error for a NaN/Inf loss: NaN/Inf in the batch's inputs (a NonFiniteDataError); diverged
-    weights (a weight or output NaN/Inf, or an output past the square root of its dtype's largest
-    value, where a squared error overflows); else a loss or targets that make it on a finite output
-    (cross_entropy of a batch whose labels are all ignored is nan)."""
+def _non_finite_loss(loss: torch.Tensor, inputs, target, phase: str) -> NonFiniteError:
+    """The error for a NaN/Inf loss. The data's on evidence: NaN/Inf in the batch's inputs or floating
+    targets (a NonFiniteDataError), a batch whose labels are all IGNORED_LABEL (cross_entropy is nan
+    there), or a dendrite phase, whose model is frozen at its best weights. Else diverged weights
+    (`diverged`; a loss that overflows on finite outputs, exp of a logit past 88, counts too)."""
     _check_finite_inputs(pytree.tree_leaves(inputs), "training")
+    if isinstance(target, torch.Tensor) and target.is_floating_point() and not bool(torch.isfinite(target).all()):
+        raise NonFiniteDataError("the training targets hold NaN/Inf values: remove or replace them before training")
     value, where = loss.item(), f" in the {phase} phase" if phase else ""
-    outputs = [t for t in pytree.tree_leaves(primary_output(output)) if isinstance(t, torch.Tensor)
-               and t.is_floating_point() and t.numel()]
-    overflow = any(float(t.detach().abs().max()) > math.sqrt(torch.finfo(t.dtype).max) for t in outputs
-                   if bool(torch.isfinite(t).all()))
-    diverged = overflow or not all_finite(outputs) or not all_finite(p for g in optimizer.param_groups for p in g["params"])
-    if diverged:
-        return NonFiniteLossError(value, f"the loss is {value}{where}: lower the learning rate", diverged)
-    return NonFiniteLossError(value, f"the loss is {value}{where} on a finite output: check the targets and the "
-                                     "loss for NaN/Inf (cross_entropy is nan on a batch whose labels are all "
-                                     "ignore_index)", diverged)
+    if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() \
+            and bool((target == IGNORED_LABEL).all()):
+        return NonFiniteLossError(value, f"the loss is {value}{where} on a batch whose labels are all "
+                                         f"{IGNORED_LABEL} (ignore_index, as cross_entropy reads them): leave such "
+                                         "batches out, or give the loss a value for them", diverged=False)
+    if phase == "dendrite":
+        return NonFiniteLossError(value, f"the loss is {value}{where}, whose model is frozen at its best weights: "
+                                         "check the data and the loss for NaN/Inf", diverged=False)
+    half = loss.dtype in (torch.float16, torch.bfloat16)
+    return NonFiniteLossError(value, f"the loss is {value}{where}: lower the learning rate"
+                                     + (f" (or compute the loss in float32: it is {str(loss.dtype)[6:]})" if half
+                                        else ""), diverged=True)
 
 
 def _check_statistics(pm: PerforatedModel) -> None:

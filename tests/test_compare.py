@@ -851,3 +851,18 @@ def test_the_warnings_of_an_arm_that_fails_are_said_with_its_error(tmp_path, cap
                    "--batch-size", "60", "--no-latency", "--jobs", jobs])
         err = capsys.readouterr().err
         assert rc == 2 and "at seed 0: labels look one-hot" in err, err
+
+
+def test_a_pb_arm_that_ran_no_dendrite_round_is_said_to_be_the_plain_run():
+    """An epoch budget below the first neuron phase's end gave every arm the same run, and the verdict
+    read 'no arm won' and 'run more seeds' as if pb had been tried."""
+    from pbp_fx.compare import summarize, verdict
+
+    rows = [{"arm": arm, "seed": seed, "test": 0.8, "val": 0.8, "params": 10, "epochs": 8, "seconds": 1.0,
+             **({"dendrites": 0, "dendrite_epochs": 0} if arm == "pb" else {})}
+            for arm in ("plain", "pb") for seed in (0, 1)]
+    text = verdict(summarize(rows), paired(rows))
+    assert ("pb ran no dendrite round at any seed (its first neuron phase did not end within the epochs), so it is "
+            "the plain run here: raise --epochs, or lower --patience") in text
+    rows[-1].update(dendrites=1, dendrite_epochs=3)
+    assert "ran no dendrite round" not in verdict(summarize(rows), paired(rows))

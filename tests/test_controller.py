@@ -454,9 +454,11 @@ def test_nan_weights_are_never_kept_as_the_best_whatever_the_metric_scores():
     fresh = _pm()
     with torch.no_grad():
         next(fresh.parameters()).fill_(float("inf"))
-    with pytest.raises(pbp_fx.TrainingError, match=r"^the model's weights hold NaN/Inf after epoch 1, before any "
-                                                   r"best: lower the learning rate$"):
-        PhaseController(fresh).step(0.9)
+    ctl = PhaseController(fresh)
+    with pytest.raises(pbp_fx.errors.NonFiniteError, match=r"^the model's weights hold NaN/Inf after epoch 1, before "
+                                                           r"any best: lower the learning rate; stopped: no good state"):
+        ctl.step(0.9)
+    assert ctl.done  # (stopped in any loop, not only fit's)
 
 
 def test_the_default_optimizer_is_fused_adam_where_torch_has_the_kernel_and_trains_across_phases():
@@ -1193,6 +1195,8 @@ def test_nan_candidates_are_refused_before_they_are_installed_in_any_loop():
             for p in s.candidates.parameters():
                 p.fill_(float("nan"))
     with pytest.raises(pbp_fx.errors.NonFiniteError, match=r"the candidates' weights of site '.*' are not finite: "
-                                                           r"lower candidate_lr"):
+                                                           r"lower candidate_lr; stopped and restored the "
+                                                           r"best-validation model \(epoch 1\)"):
         ctl.step(0.5)
-    assert pm.phase == "dendrite" and ctl.num_dendrites == 0
+    # Stopped in any loop (a trainer's callback, one's own), not only fit's: no candidates, the best weights back.
+    assert ctl.done and pm.phase == "neuron" and ctl.num_dendrites == 0

@@ -616,9 +616,10 @@ DIVERGING = ("calls = [0]\n\n\ndef loss_fn(o, y):\n    calls[0] += 1\n"
              "    return loss + torch.sqrt(o.sum() * 0) if torch.is_grad_enabled() and calls[0] == 21 else loss\n")
 
 
-# The loss made NaN on a finite output (the targets' or the loss's doing, not diverged weights) stops
-# the run where it is; the metric's NaN meets the test score first, which does too.
-@pytest.mark.parametrize("code, said, phase, diverged", [(LATE_NAN_LOSS, "the loss is nan", "neuron", 0),
+# A loss that stays NaN: the neuron phase takes it for diverged weights and goes back to its best ones,
+# and the dendrite phase, whose model is frozen, meets it again and stops the run. The metric's NaN meets
+# the test score first, which stops the run where it is.
+@pytest.mark.parametrize("code, said, phase, diverged", [(LATE_NAN_LOSS, "the loss is nan", "dendrite", 1),
                                                          (LATE_NAN_METRIC, "score is nan in epoch", "neuron", 0)])
 def test_a_value_gone_nan_mid_run_writes_the_report_of_the_restored_best_model(tmp_path, capsys, code, said, phase,
                                                                                 diverged):

@@ -1692,7 +1692,22 @@ class _UnknownOut(nn.Module):
         return _UnknownDict(logits=self.fc(x))
 
 
+class _KnownHoldingUnknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        import collections
+
+        h = self.fc(x)
+        return collections.OrderedDict(logits=h, extra=_UnknownDict(a=h, b=2 * h))
+
+
 def test_a_dict_subclass_pytree_does_not_know_comes_back_as_a_dict():
     x = torch.randn(4, 3)
     out = pbp_fx.perforate(_UnknownOut(), (x,), frontend="fx")(x)
     assert type(out) is dict and out["logits"].shape == (4, 2)
+    # Inside a known one: one leaf to pytree, two as fx writes it (every call failed to unflatten)
+    out = pbp_fx.perforate(_KnownHoldingUnknown(), (x,), frontend="fx")(x)
+    assert type(out) is dict and torch.equal(out["extra"]["b"], 2 * out["logits"])

@@ -160,3 +160,11 @@ def test_a_non_finite_score_after_a_best_ends_the_neuron_phase_at_once(bad):
     _run(s, [0.5, 0.5, (0.5, False), 0.7])  # a dendrite installed, then a new best
     a = s.step(bad)  # at max_dendrites: the run ends, at its best
     assert a.kind is Kind.COMPLETE and s.done and (s.best_epoch, s.dendrites) == (4, 1)
+
+
+def test_the_end_without_a_new_best_names_the_retries_it_had():
+    """With retries=0 the note said 'no new best after retries'."""
+    for retries, note in ((0, "no new best"), (1, "no new best after 1 retry"), (2, "no new best after 2 retries")):
+        s = PhaseSchedule(PBConfig(patience=1, retries=retries, dendrite_patience=1, max_dendrite_epochs=1))
+        notes = [s.step(score, False).note for score in [0.5] + [0.4] * 12 if not s.done]
+        assert any(n.startswith(note) and (retries or "after" not in n) for n in notes), notes

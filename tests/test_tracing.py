@@ -1124,6 +1124,7 @@ class _CountsSteps(nn.Module):
 def test_auto_keeping_fx_though_the_forward_writes_a_buffer_says_so():
     """auto chose fx's graph, which drops `steps`, and said nothing (only --explain's choice line)."""
     with pytest.warns(UserWarning, match=r"_CountsSteps.forward writes buffer\(s\) steps, which symbolic tracing drops "
-                                         r"\(or runs once, while tracing\): auto keeps its graph, since torch.export's"):
+                                         r"\(or runs once, while tracing\): auto keeps its graph, since torch.export's, "
+                                         r"which keeps them, follows train mode only: the perforated model"):
         gm = trace(_CountsSteps(), (torch.randn(4, 5),))
     assert gm.meta["pbp_frontend"] == "fx"

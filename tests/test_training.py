@@ -231,9 +231,9 @@ def test_a_loss_the_targets_make_nan_on_a_finite_output_is_not_taken_for_diverge
             calls[0] += 1
             return F.cross_entropy(out, target if calls[0] > 8 * epochs_before else target.clamp(min=0))
 
-        with pytest.raises(pbp_fx.TrainingError, match=r"the loss is nan in the neuron phase on a finite output: "
-                                                       r"check the targets and the loss for NaN/Inf \(cross_entropy "
-                                                       r"is nan on a batch whose labels are all ignore_index\)"):
+        with pytest.raises(pbp_fx.TrainingError, match=r"the loss is nan in the neuron phase on a batch whose labels "
+                                                       r"are all -100 \(ignore_index, as cross_entropy reads them\): "
+                                                       r"leave such batches out"):
             fit(pm, DataLoader(TensorDataset(x, y), batch_size=32), DataLoader(_data(64, 1), batch_size=64),
                 loss_fn, controller=PhaseController(pm, patience=50), epochs=6, progress=False)
 
@@ -577,6 +577,38 @@ def test_nan_weights_before_any_best_stop_the_run_as_a_non_finite_value():
 
     ctl = PhaseController(pm, patience=50)
     with pytest.raises(pbp_fx.TrainingError, match=r"^the model's weights hold NaN/Inf after epoch 1, before any "
-                                                   r"best: lower the learning rate; no good state to restore") as info:
+                                                   r"best: lower the learning rate; stopped: no good state to "
+                                                   r"restore yet") as info:
         fit(pm, train, val, loss_fn, controller=ctl, epochs=3, progress=False)
     assert isinstance(info.value.__cause__, pbp_fx.errors.NonFiniteError) and ctl.done
+
+
+def test_nan_targets_are_the_datas_and_a_loss_overflowing_on_finite_outputs_is_divergence():
+    """NaN regression targets were called diverged weights (or, on finite outputs, the loss's doing);
+    a Poisson loss, exp of an output past 88, is inf on finite weights and outputs: it was blamed on the
+    targets, and the run stopped where the weights had diverged."""
+    x, _ = _data().tensors
+    y = x[:, :1].abs().clone()
+    y[40] = float("nan")
+    pm = pbp_fx.perforate(_Regression(), (torch.randn(2, 6),))
+    with pytest.raises(pbp_fx.TrainingError, match="the training targets hold NaN/Inf values: remove or replace"):
+        fit(pm, DataLoader(TensorDataset(x, y), batch_size=64), DataLoader(TensorDataset(x, y.nan_to_num()), batch_size=64),
+            torch.nn.PoissonNLLLoss(), metric=lambda o, t: (0.0, len(t)), epochs=2, progress=False)
+
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(_Regression(), (torch.randn(2, 6),))
+    y = x[:, :1].abs()
+    data = DataLoader(TensorDataset(x, y), batch_size=64)
+
+    def far(row):  # finite weights whose outputs pass 88: exp overflows
+        if row["epoch"] == 2:
+            with torch.no_grad():
+                for p in pm.parameters():
+                    p.add_(100.0)
+
+    ctl = PhaseController(pm, patience=50, dendrite_patience=1, max_dendrite_epochs=1, max_dendrites=1,
+                          maximize=True)
+    with pytest.warns(pbp_fx.PBWarning, match=r"the loss is inf at epoch 3: the weights diverged"):
+        h = fit(pm, data, data, torch.nn.PoissonNLLLoss(), controller=ctl, metric=lambda o, t: (-float(o.sum()), len(t)),
+                epochs=4, progress=False, callbacks=[far])
+    assert h.epochs[2]["val"] is None and h.epochs[3]["phase"] == "dendrite"
