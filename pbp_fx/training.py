@@ -598,9 +598,10 @@ def _non_finite_loss(loss: torch.Tensor, inputs, target, phase: str) -> NonFinit
         return NonFiniteLossError(value, f"the loss is {value}{where}, whose model is frozen at its best weights: "
                                          "check the data and the loss for NaN/Inf", diverged=False)
     half = loss.dtype in (torch.float16, torch.bfloat16)
-    return NonFiniteLossError(value, f"the loss is {value}{where}: lower the learning rate"
-                                     + (f" (or compute the loss in float32: it is {str(loss.dtype)[6:]})" if half
-                                        else ""), diverged=True)
+    return NonFiniteLossError(value, f"the loss is {value}{where}: lower the learning rate ("
+                                     + (f"or compute the loss in float32: it is {str(loss.dtype)[6:]}; " if half
+                                        else "") + "the batch's inputs and targets are finite: else check the "
+                                     "loss)", diverged=True)
 
 
 def _check_statistics(pm: PerforatedModel) -> None:
