@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .config import MAX_INT, PBConfig, TrainConfig
-from .controller import default_optimizer
+from .controller import all_finite, default_optimizer
 from .errors import PBError, PBWarning, Terminated, TrainingError
 from .fileio import atomic_write, check_output_dir
 from .job import (DEFAULT_MODEL, changed_since, check_data, load_job_module, make_loaders, pyplot_or_none,
@@ -48,7 +48,6 @@ from .modelfile import (check_metric_direction, example_kwargs, instantiate, key
 from .passes.find_sites import site_filters
 from .schedule import Kind, PhaseSchedule
 from .tracing import copy_module
-from .controller import all_finite
 from .training import NonFiniteDataError, NonFiniteError, NonFiniteLossError, accuracy, evaluate, train_epoch
 from .width import WidthBuilder, WidthError
 
@@ -279,8 +278,8 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
 
 
 def _diverged(exc: BaseException) -> bool:
-    """Whether a training error is a loss gone non-finite (not NaN/Inf in the data itself, nor a loss
-    that the targets make non-finite on a finite output)."""
+    """Whether a training error is a loss gone non-finite by diverged weights (not NaN/Inf in the data
+    itself, nor a loss the data made NaN: a batch whose labels are all ignored)."""
     for e in (exc, exc.__cause__):
         if isinstance(e, NonFiniteError) and not isinstance(e, NonFiniteDataError):
             return not isinstance(e, NonFiniteLossError) or e.diverged
