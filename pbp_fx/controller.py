@@ -847,8 +847,8 @@ class PhaseController:
         had_best = self.best_state is not None
         self.finish("stopped: non-finite values")
         raise NonFiniteError(f"{problem}; " + (f"stopped and restored the best-validation model (epoch "
-                                                f"{self.best_epoch})" if had_best else "stopped: no good state to "
-                                                "restore yet (no epoch ended with a finite validation score)"))
+                                                f"{self.best_epoch})" if had_best else "stopped: no best weights "
+                                                "kept yet, so the model still holds them"))
 
     def check_model(self) -> None:
         """A TrainingError when the model's phase is not the controller's: it was changed outside

@@ -586,7 +586,8 @@ def _non_finite_loss(loss: torch.Tensor, inputs, target, phase: str) -> NonFinit
     there), or a dendrite phase, whose model is frozen at its best weights. Else diverged weights
     (`diverged`; a loss that overflows on finite outputs, exp of a logit past 88, counts too)."""
     _check_finite_inputs(pytree.tree_leaves(inputs), "training")
-    if isinstance(target, torch.Tensor) and target.is_floating_point() and not bool(torch.isfinite(target).all()):
+    if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+           for t in pytree.tree_leaves(target)):  # (a tuple or dict of targets too: multi-task labels)
         raise NonFiniteDataError("the training targets hold NaN/Inf values: remove or replace them before training")
     value, where = loss.item(), f" in the {phase} phase" if phase else ""
     if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() \

@@ -456,7 +456,8 @@ def test_nan_weights_are_never_kept_as_the_best_whatever_the_metric_scores():
         next(fresh.parameters()).fill_(float("inf"))
     ctl = PhaseController(fresh)
     with pytest.raises(pbp_fx.errors.NonFiniteError, match=r"^the model's weights hold NaN/Inf after epoch 1, before "
-                                                           r"any best: lower the learning rate; stopped: no good state"):
+                                                           r"any best: lower the learning rate; stopped: no best "
+                                                           r"weights kept yet, so the model still holds them$"):
         ctl.step(0.9)
     assert ctl.done  # (stopped in any loop, not only fit's)
 

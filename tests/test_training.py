@@ -577,8 +577,8 @@ def test_nan_weights_before_any_best_stop_the_run_as_a_non_finite_value():
 
     ctl = PhaseController(pm, patience=50)
     with pytest.raises(pbp_fx.TrainingError, match=r"^the model's weights hold NaN/Inf after epoch 1, before any "
-                                                   r"best: lower the learning rate; stopped: no good state to "
-                                                   r"restore yet") as info:
+                                                   r"best: lower the learning rate; stopped: no best weights kept "
+                                                   r"yet") as info:
         fit(pm, train, val, loss_fn, controller=ctl, epochs=3, progress=False)
     assert isinstance(info.value.__cause__, pbp_fx.errors.NonFiniteError) and ctl.done
 
@@ -612,3 +612,15 @@ def test_nan_targets_are_the_datas_and_a_loss_overflowing_on_finite_outputs_is_d
         h = fit(pm, data, data, torch.nn.PoissonNLLLoss(), controller=ctl, metric=lambda o, t: (-float(o.sum()), len(t)),
                 epochs=4, progress=False, callbacks=[far])
     assert h.epochs[2]["val"] is None and h.epochs[3]["phase"] == "dendrite"
+
+
+def test_nan_in_any_part_of_a_structured_target_is_the_datas():
+    """A tuple of targets (multi-task labels) holding NaN was read as diverged weights, 'the batch's
+    inputs and targets are finite'."""
+    from pbp_fx.training import _non_finite_loss
+
+    targets = (torch.tensor([1.0, float("nan")]), torch.tensor([0, 1]))
+    with pytest.raises(pbp_fx.errors.NonFiniteDataError, match="the training targets hold NaN/Inf values"):
+        _non_finite_loss(torch.tensor(float("nan")), (torch.randn(2, 3),), targets, "neuron")
+    err = _non_finite_loss(torch.tensor(float("inf")), (torch.randn(2, 3),), (targets[1],), "neuron")
+    assert err.diverged and "inputs and targets are finite" in str(err)

@@ -251,6 +251,7 @@ class PBCallback(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         self._give_back_finite_checks(trainer)
+        self._give_back_patience(trainer)  # (a stop inside a dendrite phase: the controller is back in a neuron one)
 
     def on_fit_end(self, trainer, pl_module):
         self._fitting = False

@@ -743,3 +743,33 @@ def test_early_stopping_leaves_a_divergence_to_pb(first):
     assert notes[2].startswith("score nan: diverged; neuron phase done; dendrite phase started"), notes
     assert any("installed dendrite 1" in n for n in notes) and trainer.current_epoch > 4
     assert stopper.check_finite  # (given back)
+
+
+class NaNCandidatesClassifier(Classifier):
+    """Its candidates' weights turn NaN at the end of the dendrite phase's first training epoch."""
+
+    def on_train_epoch_end(self):
+        if self.model.phase == "dendrite":
+            with torch.no_grad():
+                for s in self.model.sites.values():
+                    for p in s.candidates.parameters():
+                        p.fill_(float("nan"))
+
+
+def test_nan_candidates_stop_the_fit_with_the_best_model_and_the_stoppers_given_back():
+    """The controller installed NaN candidates; stopped there, the fit held EarlyStopping's patience
+    for good."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    train, val = digits_loaders()
+    pm = pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))
+    cb = PBCallback(QUICK)
+    stopper = EarlyStopping("val_loss", patience=50)
+    trainer = _trainer(cb, max_epochs=12)
+    trainer.callbacks.append(stopper)
+    with pytest.raises(pbp_fx.errors.NonFiniteError, match=r"the candidates' weights of site '.*' are not finite: "
+                                                           r"lower candidate_lr; stopped and restored the best"):
+        trainer.fit(NaNCandidatesClassifier(pm), train, val)
+    assert cb.controller.done and pm.phase == "neuron" and cb.controller.num_dendrites == 0
+    assert all(bool(torch.isfinite(p).all()) for p in pm.parameters())
+    assert stopper.patience == 50 and stopper.check_finite  # (given back)
