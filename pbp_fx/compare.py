@@ -138,12 +138,13 @@ def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainC
             try:
                 train_epoch(model, train, loss_fn, optimizer, None)
                 # NaN weights that the metric scores finite (accuracy: argmax of NaN is class 0) are no best
-                score = evaluate(model, val, metric, data="validation") if all_finite(trained) else math.nan
+                finite = all_finite(trained)
+                score = evaluate(model, val, metric, data="validation") if finite else math.nan
             except NonFiniteLossError as exc:
                 if not (exc.diverged and schedule.takes_divergence):
                     raise
-                score = math.nan  # diverged after a best: the schedule goes back to it, as fit's controller does
-            if math.isnan(score) and not schedule.takes_divergence and not all_finite(trained):
+                score, finite = math.nan, True  # diverged after a best: the schedule goes back to it, as fit's does
+            if not finite and not schedule.takes_divergence:
                 raise NonFiniteError(f"the model's weights hold NaN/Inf after epoch {epochs}, before any best: lower "
                                      "the learning rate")
             if not math.isfinite(score):

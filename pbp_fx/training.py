@@ -315,10 +315,10 @@ def negative_loss(loss_fn: Callable) -> Callable:
     return metric
 
 
-def _check_finite_inputs(inputs, data: str) -> None:
+def _check_finite_inputs(inputs, data: str, what: str = "data holds") -> None:
     for x in inputs:
         if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise NonFiniteDataError(f"the {data} data holds NaN/Inf values: remove or replace them before training")
+            raise NonFiniteDataError(f"the {data} {what} NaN/Inf values: remove or replace them before training")
 
 
 @torch.no_grad()
@@ -586,9 +586,7 @@ def _non_finite_loss(loss: torch.Tensor, inputs, target, phase: str) -> NonFinit
     there), or a dendrite phase, whose model is frozen at its best weights. Else diverged weights
     (`diverged`; a loss that overflows on finite outputs, exp of a logit past 88, counts too)."""
     _check_finite_inputs(pytree.tree_leaves(inputs), "training")
-    if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-           for t in pytree.tree_leaves(target)):  # (a tuple or dict of targets too: multi-task labels)
-        raise NonFiniteDataError("the training targets hold NaN/Inf values: remove or replace them before training")
+    _check_finite_inputs(pytree.tree_leaves(target), "training", "targets hold")  # (a tuple of targets too)
     value, where = loss.item(), f" in the {phase} phase" if phase else ""
     if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() \
             and bool((target == IGNORED_LABEL).all()):
