@@ -841,14 +841,19 @@ class PhaseController:
             if site.candidates is not None and not all_finite(site.candidates.parameters()):
                 self._stop(f"the candidates' weights of site {name!r} are not finite: lower candidate_lr")
 
-    def _stop(self, problem: str) -> None:
-        """End the run at a NaN/Inf it cannot go on from (its best weights back, as `finish` does, in any
-        loop: fit's, the trainers' callbacks, one's own) and raise a NonFiniteError naming it."""
+    def stop_non_finite(self, without_best: str = "no good state to restore yet (no epoch ended with a finite "
+                                                   "validation score)") -> str:
+        """End the run at a NaN/Inf it cannot go on from (`finish`: its best weights back); say what was
+        restored (`without_best` when no best was kept)."""
         had_best = self.best_state is not None
         self.finish("stopped: non-finite values")
-        raise NonFiniteError(f"{problem}; " + (f"stopped and restored the best-validation model (epoch "
-                                                f"{self.best_epoch})" if had_best else "stopped: no best weights "
-                                                "kept yet, so the model still holds them"))
+        return f"stopped and restored the best-validation model (epoch {self.best_epoch})" if had_best else without_best
+
+    def _stop(self, problem: str) -> None:
+        """Stop the run (`stop_non_finite`) in any loop: fit's, the trainers' callbacks, one's own; raise
+        a NonFiniteError naming `problem` and what was restored."""
+        restored = self.stop_non_finite("stopped: no best weights kept yet, so the model still holds them")
+        raise NonFiniteError(f"{problem}; {restored}")
 
     def check_model(self) -> None:
         """A TrainingError when the model's phase is not the controller's: it was changed outside

@@ -518,7 +518,7 @@ def _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, epoch
             decision = controller.step(val, cause=diverged)
         except NonFiniteError as exc:
             # (the controller stops the run itself at NaN weights before any best and at NaN candidates)
-            message = str(exc) if controller.done else f"{exc}; {_stop_and_restore(controller)}"
+            message = str(exc) if controller.done else f"{exc}; {controller.stop_non_finite()}"
             if history.epochs:  # the stop ends the run after the last epoch: its row says so, as the controller's history does
                 history.epochs[-1]["decision"] = Decision.COMPLETE.value
             raise TrainingError(message) from exc
@@ -608,15 +608,6 @@ def _check_statistics(pm: PerforatedModel) -> None:
         if s.candidates is not None and not bool(torch.isfinite(s.candidates.ema).all()):
             raise NonFiniteError(f"the correlation statistics of site {name!r} are not finite: lower "
                                  "candidate_lr or check the data for NaN/Inf")
-
-
-def _stop_and_restore(controller: PhaseController) -> str:
-    """Stop the run and go back to the best-validation state; say what was restored."""
-    had_best = controller.best_state is not None
-    controller.finish("stopped: non-finite values")
-    if not had_best:
-        return "no good state to restore yet (no epoch ended with a finite validation score)"
-    return f"stopped and restored the best-validation model (epoch {controller.best_epoch})"
 
 
 def _shown(x: Optional[float]) -> str:
