@@ -481,28 +481,27 @@ class _Unset:
 UNSET = _Unset()
 
 
-class _TypedInt(int):
-    """A flag's int that keeps the text it was typed as (an error shows what the user wrote)."""
+class _Typed:
+    """A flag's number that keeps the text it was typed as (an error shows what the user wrote:
+    `--lr 1e-999` is refused as 1e-999, not as 0.0)."""
 
-    def __new__(cls, value: int, text: str):
+    base: type
+
+    def __new__(cls, value, text: str):
         obj = super().__new__(cls, value)
         obj.text = text
         return obj
 
-    def __reduce__(self):  # (copied or sent to a worker process: a plain int)
-        return int, (int(self),)
+    def __reduce__(self):  # (copied or sent to a worker process: a plain number)
+        return self.base, (self.base(self),)
 
 
-class _TypedFloat(float):
-    """A flag's float that keeps its text: `--lr 1e-999` is refused as 1e-999, not as 0.0."""
+class _TypedInt(_Typed, int):
+    base = int
 
-    def __new__(cls, value: float, text: str):
-        obj = super().__new__(cls, value)
-        obj.text = text
-        return obj
 
-    def __reduce__(self):
-        return float, (float(self),)
+class _TypedFloat(_Typed, float):
+    base = float
 
 
 _AS_TYPED = {int: _TypedInt, float: _TypedFloat, str: lambda value, text: value}
