@@ -292,8 +292,6 @@ class PerforatedModel(nn.Module):
 
     def _raise_input_dtype(self, args: tuple, kwargs: dict, exc: Exception) -> None:
         """CallError naming the graph input whose dtype is not the one torch.export captured."""
-        from torch.utils import _pytree as pytree
-
         names = [n.target for n in self.graph_module.graph.find_nodes(op="placeholder")]
         given = dict(zip(names, pytree.tree_leaves(args)))  # (the placeholders of nested inputs are their leaves)
         for key, value in kwargs.items():

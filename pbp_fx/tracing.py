@@ -608,8 +608,6 @@ def _export_inputs(model: nn.Module, args: tuple, kwargs: dict, dims: str):
     (`_dynamo_weak_dynamic_indices`) on the tensors it is given, and a later export of the same
     tensors follows them whatever its dynamic_shapes say, so a static retry failed like the
     dynamic attempt. A batch of 1 everywhere is repeated to 2 first: export specialises 0 and 1."""
-    from torch.utils import _pytree as pytree
-
     def fresh(v):
         return v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
 
@@ -1267,10 +1265,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, example_kwargs: Optiona
 def keyword_changes_output(module: nn.Module, args: tuple, kwargs: dict, key: str) -> bool:
     """Whether `module(*args, **kwargs)` differs without kwargs[key]: both run in eval mode, without
     gradients, random state and buffers kept. A module that fails on the call counts as changed."""
-    from torch.utils._pytree import tree_map
-
     def fresh(value):  # (each run on its own copy: a module that writes its input in place changed the caller's)
-        return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, value)
+        return pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, value)
 
     without = {k: v for k, v in kwargs.items() if k != key}
     try:
@@ -1281,8 +1277,6 @@ def keyword_changes_output(module: nn.Module, args: tuple, kwargs: dict, key: st
 
 
 def _same_output(a, b) -> bool:
-    from torch.utils import _pytree as pytree
-
     la, sa = pytree.tree_flatten(a)
     lb, sb = pytree.tree_flatten(b)
     if sa != sb or len(la) != len(lb):
