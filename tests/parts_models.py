@@ -1,5 +1,6 @@
 """Small models shared by several test modules: one that only the "parts" frontend captures (the
-find_sites and checkpoint tests), and a layer with a functional dropout (tracing, perforated)."""
+find_sites and checkpoint tests), a layer with a functional dropout (tracing, perforated), and a
+root that writes a buffer fx drops (tracing, checkpoint)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,3 +39,29 @@ class FunctionalDropout(nn.Module):
 
     def forward(self, x):
         return F.dropout(self.l(x), 0.5, self.training)
+
+
+class RunningMean(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return x - self.mean
+
+
+class CountsSteps(nn.Module):
+    """A root that counts its calls in a buffer, over a part whose Python branches on the mode: torch.export's
+    graph follows one mode, so auto keeps fx's, which drops the count."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = RunningMean(5), nn.Linear(5, 2)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.steps += 1
+        return self.fc(self.norm(x))

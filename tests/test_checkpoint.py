@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pbp_fx
-from parts_models import BranchingRoot
+from parts_models import BranchingRoot, CountsSteps
 from pbp_fx.checkpoint import read_structure
 from pbp_fx.errors import CheckpointError
 from pbp_fx.controller import PhaseController
@@ -1232,38 +1232,13 @@ def test_a_model_that_does_not_capture_on_stand_ins_is_told_to_pass_its_inputs(t
     assert torch.equal(pbp_fx.load(path, _Packed, inputs)(*inputs), pm(*inputs))
 
 
-class _RunningMean(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(5))
-
-    def forward(self, x):
-        if self.training:
-            with torch.no_grad():
-                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
-        return x - self.mean
-
-
-class _CountsCalls(nn.Module):
-    """Writes a buffer that fx drops, over a part branching on the mode (auto keeps fx's graph)."""
-
-    def __init__(self):
-        super().__init__()
-        self.norm, self.fc = _RunningMean(), nn.Linear(5, 2)
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x):
-        self.steps += 1
-        return self.fc(self.norm(x))
-
-
 def test_load_does_not_say_again_what_perforate_said_of_a_dropped_buffer_write(tmp_path, recwarn):
     """pbp-fx export of such a run warned again, with advice (frontend='export') it could not take."""
     x = torch.randn(4, 5)
     with pytest.warns(UserWarning, match=r"writes buffer\(s\) steps"):
-        pm = pbp_fx.perforate(_CountsCalls(), (x,))
+        pm = pbp_fx.perforate(CountsSteps(), (x,))
     path = str(tmp_path / "c.safetensors")
     pbp_fx.save(pm, path)
     recwarn.clear()
-    pbp_fx.load(path, _CountsCalls)
+    pbp_fx.load(path, CountsSteps)
     assert not [w for w in recwarn if "writes buffer" in str(w.message)]

@@ -1095,36 +1095,12 @@ def test_a_buffer_of_a_module_shared_under_two_names_inside_a_whole_module_is_ke
     assert not [w for w in recwarn if "writes buffer" in str(w.message)]
 
 
-class _RunNorm(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(d))
-
-    def forward(self, x):
-        if self.training:
-            with torch.no_grad():
-                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
-        return x - self.mean
-
-
-class _CountsSteps(nn.Module):
-    """A root that counts its calls in a buffer, over a part whose Python branches on the mode: torch.export's
-    graph follows one mode, so auto keeps fx's, which drops the count."""
-
-    def __init__(self):
-        super().__init__()
-        self.norm, self.fc = _RunNorm(5), nn.Linear(5, 2)
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x):
-        self.steps += 1
-        return self.fc(self.norm(x))
-
-
 def test_auto_keeping_fx_though_the_forward_writes_a_buffer_says_so():
     """auto chose fx's graph, which drops `steps`, and said nothing (only --explain's choice line)."""
-    with pytest.warns(UserWarning, match=r"_CountsSteps.forward writes buffer\(s\) steps, which symbolic tracing drops "
+    from parts_models import CountsSteps
+
+    with pytest.warns(UserWarning, match=r"CountsSteps.forward writes buffer\(s\) steps, which symbolic tracing drops "
                                          r"\(or runs once, while tracing\): auto keeps its graph, since torch.export's, "
                                          r"which keeps them, follows train mode only: the perforated model"):
-        gm = trace(_CountsSteps(), (torch.randn(4, 5),))
+        gm = trace(CountsSteps(), (torch.randn(4, 5),))
     assert gm.meta["pbp_frontend"] == "fx"
