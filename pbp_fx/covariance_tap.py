@@ -174,14 +174,15 @@ def _snapshot(best: Tensor, score: Tensor, improved: Tensor, snapshots: list[Ten
 
 def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor],
                        rows: list[Tensor], new: Union[bool, Tensor], axis: int, split: bool, stride: int,
-                       scale: float, settings: StatsSettings, reducer: Optional[Callable] = None) -> Tensor:
+                       scale: Optional[float], settings: StatsSettings,
+                       reducer: Optional[Callable] = None) -> Tensor:
     """The candidates' gradient for one backward; `new` False: the batch was counted already.
 
     split: c holds each member's own slice of the batch, and delta is dealt the same way.
     stride: c holds every stride-th position (CandidatePool), and so does delta; C is then
     scaled by the positions left out (whole-batch units), and so is dC/dc.
-    scale: GradScaler's loss scale (1 without), divided out of delta before the statistics
-    and kept in the gradient. A second backward through the same graph (retain_graph) does
+    scale: GradScaler's loss scale (None without one), divided out of delta before the
+    statistics and kept in the gradient. A second backward through the same graph (retain_graph) does
     not count the batch again.
     """
     p = c.shape[copy_dim(axis)]
@@ -206,7 +207,7 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
             d = torch.empty_like(c, dtype=d.dtype).copy_(d)  # c's layout (layers.split_columns: copies first)
         elif c.is_contiguous() and not d.is_contiguous():
             d = d.contiguous()
-        cov, e = batch_covariance(c, d if scale == 1.0 else d / scale, axis, stats[0].shape[1], reducer)
+        cov, e = batch_covariance(c, d if scale is None else d / scale, axis, stats[0].shape[1], reducer)
         if left_out != 1.0:
             cov.mul_(left_out)
         sign = fold_batch(stats, snapshots, rows, cov, settings, new=new)
@@ -214,11 +215,11 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
         # NaN, and an optimizer without a GradScaler (which skips such a step itself: it needs the NaN)
         # would take it into the candidates' weights and moments for good.
         if sign is None:
-            return torch.zeros_like(c) if scale == 1.0 else torch.full_like(c, math.nan)
+            return torch.zeros_like(c) if scale is None else torch.full_like(c, math.nan)
         # dC/dc = share * left_out * e; GradScaler's scale kept
-        k = sign.mul_(-(scale * (p if split else 1) * left_out))
+        k = sign.mul_(-((1.0 if scale is None else scale) * (p if split else 1) * left_out))
         g = e * per_position(k, e, axis)
-        if scale == 1.0 and cov.device.type != "cpu":  # (decided on the device: a mask, no host sync)
+        if scale is None and cov.device.type != "cpu":  # (decided on the device: a mask, no host sync)
             g.masked_fill_(~torch.isfinite(cov).all(), 0.0)
     return g if g.dtype == c.dtype else g.to(c.dtype)
 
@@ -227,7 +228,8 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
 
 @torch.library.custom_op("pbp_fx::candidate_update", mutates_args=("stats", "snapshots", "counted"))
 def _candidate_update(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor],
-                      rows: list[Tensor], counted: Tensor, axis: int, split: bool, stride: int, scale: float,
+                      rows: list[Tensor], counted: Tensor, axis: int, split: bool, stride: int,
+                      scale: Optional[float],
                       decay: float, warmup: int, threshold: float, bias_correction: bool) -> Tensor:
     # Contiguous, as the fake says: compiled code is planned with the fake's strides.
     grad_c = candidate_gradient(grad_y, c, stats, snapshots, rows, ~counted, axis, split, stride, scale,
@@ -244,7 +246,7 @@ def _(grad_y, c, stats, snapshots, rows, counted, axis, split, stride, scale, de
 
 @torch.library.custom_op("pbp_fx::covariance_tap", mutates_args=())
 def _covariance_tap(y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
-                    axis: int, split: bool, stride: int, scale: float, decay: float, warmup: int,
+                    axis: int, split: bool, stride: int, scale: Optional[float], decay: float, warmup: int,
                     threshold: float, bias_correction: bool) -> Tensor:
     # A copy, not a view: user graphs may modify the site output in place (ReLU(inplace)).
     return y.clone()
@@ -275,7 +277,7 @@ _covariance_tap.register_autograd(_backward, setup_context=_setup)
 
 
 def covariance_tap(y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
-                   axis: int, split: bool, stride: int, scale: float, settings: StatsSettings) -> Tensor:
+                   axis: int, split: bool, stride: int, scale: Optional[float], settings: StatsSettings) -> Tensor:
     """y, unchanged (a copy); its backward trains c's candidates and updates the statistics."""
     decay, warmup, threshold, bias_correction = settings
     return _covariance_tap(y, c, stats, snapshots, rows, axis, split, int(stride), scale, float(decay), int(warmup),

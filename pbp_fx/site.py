@@ -209,10 +209,11 @@ class CandidatePool(nn.Module):
             return covariance_tap(*args)
         return EagerTap.apply(*args, self.reducer)
 
-    def loss_scale(self) -> float:
-        """The scale the loss was multiplied by before backward (grad_scaler's), else 1."""
+    def loss_scale(self) -> Optional[float]:
+        """The scale the loss was multiplied by before backward (grad_scaler's); None without
+        one (a scaler's scale may itself be 1, and its skipped steps need a NaN gradient)."""
         scaler = self.grad_scaler
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
 
     def get_extra_state(self) -> Tensor:
         # A tensor, not a dict: state_dict() must hold tensors only for safetensors writers

@@ -37,7 +37,7 @@ def _step(model, opt, x, y) -> float:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _sgd(pm):

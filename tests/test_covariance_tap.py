@@ -70,7 +70,7 @@ def test_covariance_and_gradient_equal_the_centred_formula(shape, axis, split):
     grad_y = d if split else d.squeeze(cd)
     if split:  # candidate_gradient deals grad_y [B, ...] to the members itself
         grad_y = d.movedim(cd, 0).flatten(0, 1)
-    got = candidate_gradient(grad_y, c, stats, snapshots, rows, True, axis, split, 1, 1.0, (0.99, 100, 0.01, True))
+    got = candidate_gradient(grad_y, c, stats, snapshots, rows, True, axis, split, 1, None, (0.99, 100, 0.01, True))
     sign = torch.sign(stats[0])
     cc = c.clone().requires_grad_()
     dd = d.movedim(cd, 0).flatten(0, 1) if split else d
@@ -81,18 +81,19 @@ def test_covariance_and_gradient_equal_the_centred_formula(shape, axis, split):
     torch.testing.assert_close(got, cc.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("scale", [1.0, 1024.0])
+@pytest.mark.parametrize("scale", [None, 1.0, 1024.0])
 def test_a_batch_not_counted_steps_no_candidate_without_a_grad_scaler(scale):
     """A NaN error (a model whose backward makes 0 * inf) was skipped by the statistics, but its NaN
-    gradient reached the candidates: without a GradScaler, Adam took it into their weights for good.
-    With one, the NaN stays: the scaler skips that step and lowers its scale."""
+    gradient reached the candidates: without a GradScaler (scale None), Adam took it into their weights
+    for good. With one, the NaN stays: the scaler skips that step and lowers its scale, also a scale
+    backed off to exactly 1 (which read as no scaler)."""
     g = torch.Generator().manual_seed(0)
     c, grad_y = torch.rand(8, 3, 5, generator=g), torch.randn(8, 5, generator=g)
     grad_y[2, 1] = float("nan")
     stats, snapshots, rows = _state(3, 5, rows=((3, 5),))
     got = candidate_gradient(grad_y, c, stats, snapshots, rows, True, -1, False, 1, scale, (0.99, 0, 0.01, True))
     assert int(stats[4]) == 1 and int(stats[3]) == 0  # seen, not counted
-    assert not got.any() if scale == 1.0 else got.isnan().all()
+    assert not got.any() if scale is None else got.isnan().all()
 
 
 @pytest.mark.parametrize("shape, axis, left_out", [
@@ -110,8 +111,8 @@ def test_a_strided_gradient_is_the_subsampled_one_in_whole_batch_units(shape, ax
     c = torch.rand(*split_members(seen, p, axis).shape, generator=g)
     settings = (0.99, 0, 0.01, True)
     strided, plain = _state(p, ch, rows=((p, ch),)), _state(p, ch, rows=((p, ch),))
-    got = candidate_gradient(grad_y, c, *strided, True, axis, True, 2, 1.0, settings)
-    want = candidate_gradient(seen.contiguous(), c, *plain, True, axis, True, 1, 1.0, settings)
+    got = candidate_gradient(grad_y, c, *strided, True, axis, True, 2, None, settings)
+    want = candidate_gradient(seen.contiguous(), c, *plain, True, axis, True, 1, None, settings)
     torch.testing.assert_close(strided[0][0], plain[0][0] * left_out)  # ema
     torch.testing.assert_close(got, want * left_out)
 

@@ -505,14 +505,14 @@ def test_strided_statistics_of_two_ranks_are_the_global_ones():
         return ([torch.zeros(2, 3, dtype=torch.float64) for _ in range(3)] + [torch.tensor(0) for _ in range(3)], [], [])
 
     one = state()
-    candidate_gradient(delta, c, *one, True, 1, True, 2, 1.0, settings)
+    candidate_gradient(delta, c, *one, True, 1, True, 2, None, settings)
     # Rank r holds each member's r-th half of its slice (as a DistributedSampler deals them);
     # its error is that of its own mean loss: 2 x delta.
     rows = [torch.cat([torch.arange(0, 4), torch.arange(8, 12)]), torch.cat([torch.arange(4, 8), torch.arange(12, 16)])]
     cs = [c[:4], c[4:]]
     probe, ranks = _TwoRanks(), [state(), state()]
-    candidate_gradient(2 * delta[rows[1]], cs[1], *ranks[1], True, 1, True, 2, 1.0, settings, probe)
-    candidate_gradient(2 * delta[rows[0]], cs[0], *ranks[0], True, 1, True, 2, 1.0, settings,
+    candidate_gradient(2 * delta[rows[1]], cs[1], *ranks[1], True, 1, True, 2, None, settings, probe)
+    candidate_gradient(2 * delta[rows[0]], cs[0], *ranks[0], True, 1, True, 2, None, settings,
                        _TwoRanks(other=probe.seen))
     assert (ranks[0][0][0] - one[0][0]).abs().max() < 1e-12  # ema
 
