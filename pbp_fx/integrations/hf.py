@@ -151,7 +151,9 @@ class PBCallback(TrainerCallback):
         opt = unwrap_optimizer(optimizer)
         resuming = state.global_step > 0
         if resuming:
-            _refuse_misplaced_optimizer_state(opt)
+            # (the Trainer keeps the optimizer of an earlier train(): built over that run's model)
+            trained_before = self.controller is not None and self.controller.pm is pm and self.controller.optimizer is opt
+            _refuse_misplaced_optimizer_state(opt, trained_before)
         # A train() that raised never reached on_train_end (`_training` still set): another call on the
         # same Trainer keeps its optimizer, whose rates the run's state has scaled already.
         if self.controller is not None and self.controller.pm is pm and not self.controller.done and not resuming \
@@ -374,19 +376,26 @@ def _resumed_file(args, state, pm) -> str:
                         f"pbp_fx.load('<that checkpoint folder>/{CHECKPOINT_NAME}', model) before trainer.train")
 
 
-def _refuse_misplaced_optimizer_state(optimizer) -> None:
-    """A resumed optimizer of the user's own, built over the model before it had the checkpoint's
-    structure: the Trainer loads the saved state by position, so a dendrite phase's candidate
-    state lands on the neurons' parameters when the counts happen to match."""
+def _refuse_misplaced_optimizer_state(optimizer, trained_before: bool) -> None:
+    """A resumed optimizer built over the model before it had the checkpoint's structure (the user's
+    own, or the one a Trainer kept from an earlier train()): the Trainer loads the saved state by
+    position, so a dendrite phase's candidate state lands on the neurons' parameters when the
+    counts happen to match."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             for value in optimizer.state.get(p, {}).values():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and not _state_fits(value, p):
+                    restored = (f"PBCallback: the Trainer restored optimizer state of shape {tuple(value.shape)} "
+                                f"onto a parameter of shape {tuple(p.shape)}: ")
+                    if trained_before:
+                        raise TrainingError(
+                            restored + "this Trainer trained before and keeps the optimizer it built over that "
+                            "run's model, not the checkpoint's structure: resume with a new Trainer "
+                            "(Trainer(...).train(resume_from_checkpoint=...))")
                     raise TrainingError(
-                        f"PBCallback: the Trainer restored optimizer state of shape {tuple(value.shape)} onto a "
-                        f"parameter of shape {tuple(p.shape)}: the optimizer was built before the model had the "
-                        f"checkpoint's structure; load the checkpoint first (pbp_fx.load('<checkpoint folder>/"
-                        f"{CHECKPOINT_NAME}', model)), then build the optimizer over model.trainable_parameters()")
+                        restored + "the optimizer was built before the model had the checkpoint's structure; load "
+                        f"the checkpoint first (pbp_fx.load('<checkpoint folder>/{CHECKPOINT_NAME}', model)), then "
+                        "build the optimizer over model.trainable_parameters()")
 
 
 def _state_fits(value: torch.Tensor, p: torch.Tensor) -> bool:

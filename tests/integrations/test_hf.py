@@ -750,6 +750,46 @@ def test_an_own_optimizer_resumed_without_loading_first_is_refused(tmp_path):
     assert "\n" not in str(err.value)
 
 
+class _DigitsNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(64, 8), torch.nn.Linear(8, 10)
+
+    def forward(self, pixels, labels=None):
+        logits = self.fc2(torch.relu(self.fc1(pixels)))
+        return {"logits": logits, **({} if labels is None else {"loss": torch.nn.functional.cross_entropy(logits, labels)})}
+
+
+def test_a_second_train_of_the_trainer_that_trained_from_a_dendrite_phase_checkpoint_says_to_use_a_new_trainer(tmp_path):
+    """The Trainer keeps the optimizer it built over the finished model; the candidates' state landed on a
+    dendrite of the same count, and the refusal said to load the checkpoint first and build the optimizer
+    (the user built none, and loading first did not help)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = torch.tensor(digits.data[:600], dtype=torch.float32) / 16, torch.tensor(digits.target[:600])
+    rows = [{"pixels": a, "labels": b} for a, b in zip(x, y)]
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(_DigitsNet(), example_kwargs={"pixels": x[:4], "labels": y[:4]})
+    cb = PBCallback(pbp_fx.PBConfig(patience=2, max_dendrites=2, dendrite_patience=2, max_dendrite_epochs=4, retries=1))
+    trainer = Trainer(model=pm, args=_args(tmp_path, num_train_epochs=30, learning_rate=5e-2,
+                                           per_device_train_batch_size=25, save_strategy="epoch",
+                                           lr_scheduler_type="constant"),
+                      train_dataset=rows[:400], eval_dataset=rows[400:], callbacks=[cb])
+    trainer.train()
+    history = cb.controller.history
+    # the second round's first epoch: a dendrite installed and a pool, as many tensors as the finished model
+    epoch = [h["epoch"] for h, before in zip(history[1:], history)
+             if (h["phase"], before["phase"]) == ("dendrite", "neuron")][1]
+    folder = tmp_path / f"checkpoint-{epoch * 16}"
+    assert pbp_fx.checkpoint.read_structure(str(folder / CHECKPOINT_NAME))["phase"] == "dendrite"
+    with pytest.raises(TrainingError, match=r"^PBCallback: the Trainer restored optimizer state of shape .*: this "
+                                            r"Trainer trained before and keeps the optimizer it built over that run's "
+                                            r"model, .*: resume with a new Trainer") as err:
+        trainer.train(resume_from_checkpoint=str(folder))
+    assert "\n" not in str(err.value)
+
+
 def test_a_new_train_of_a_callback_whose_run_crashed_is_refused(tmp_path, perforated_bert):
     """A new Trainer with the crashed run's callback kept the old optimizer: dendrites with V = 0 were installed."""
     class Crash(TrainerCallback):
