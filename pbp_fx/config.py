@@ -266,9 +266,9 @@ def read_settings(path: str) -> tuple[dict, dict]:
 
 
 def _read_yaml(text: str, where: str, unique) -> Any:
-    """YAML through PyYAML's safe loader; a key given twice is refused (`unique`), and a number
-    written without a dot (`1e-3`, which YAML 1.1 reads as a string) is read as a number; a quoted
-    value stays a string, as in JSON."""
+    """YAML through PyYAML's safe loader; a key given twice is refused (`unique`), and a value
+    written bare reads as YAML 1.2 (and JSON) read it (`_yaml_1_2_scalar`), where PyYAML follows
+    YAML 1.1; a quoted or tagged value is what it says."""
     try:
         import yaml
     except ImportError:
@@ -286,14 +286,9 @@ def _read_yaml(text: str, where: str, unique) -> Any:
 
     def mapping(loader, node):
         def value(v):
-            # Written bare, neither quoted nor tagged.
-            plain = isinstance(v, yaml.ScalarNode) and v.style is None and id(v) not in tagged
-            if plain and v.tag in (INT_TAG, STR_TAG):
-                whole = _yaml_whole_number(v.value)
-                if whole is not None or v.tag == INT_TAG:  # (a YAML 1.1 form, 1:30 or 1_000: as written)
-                    return v.value if whole is None else whole
-            got = loader.construct_object(v, deep=True)
-            return _yaml_number(got) if plain else got
+            if isinstance(v, yaml.ScalarNode) and v.style is None and id(v) not in tagged:  # written bare
+                return _yaml_1_2_scalar(v.value)
+            return loader.construct_object(v, deep=True)
         own = [(k, v) for k, v in node.value if k.tag != "tag:yaml.org,2002:merge"]
         unique([(loader.construct_object(k, deep=True), v) for k, v in own])  # (its own keys once each)
         loader.flatten_mapping(node)  # merge keys (`<<: *defaults`): the merged values first, its own win
@@ -310,28 +305,35 @@ def _read_yaml(text: str, where: str, unique) -> Any:
     return data
 
 
-INT_TAG, STR_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:str"
+def _yaml_1_2_scalar(text: str) -> Any:
+    """A bare YAML value as YAML 1.2's core schema (and JSON) reads it: YAML 1.1 (PyYAML) read
+    `1e-3` as a string, `010` as 8, `1:30.0` as 90.0, `1_000.0` as 1000.0 and `yes`/`off` as
+    booleans; here the first two are numbers and the rest strings (which the settings refuse)."""
+    if re.fullmatch(r"null|Null|NULL|~|", text):
+        return None
+    if re.fullmatch(r"true|True|TRUE|false|False|FALSE", text):
+        return text[0] in "tT"
+    whole = _yaml_whole_number(text)
+    if whole is not None:
+        return whole
+    if re.fullmatch(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?", text):
+        return float(text)
+    if re.fullmatch(r"[-+]?\.(inf|Inf|INF)", text):
+        return -math.inf if text[0] == "-" else math.inf
+    if re.fullmatch(r"\.(nan|NaN|NAN)", text):
+        return math.nan
+    return text
 
 
 def _yaml_whole_number(text: str) -> Optional[int]:
     """A whole number as YAML 1.2 (and JSON) reads it: decimal (010 is 10, where YAML 1.1 read 8),
-    0o octal, 0x hexadecimal; None for anything else (1:30, which YAML 1.1 read as 90)."""
-    match = re.fullmatch(r"(?:()(0o[0-7]+)|()(0x[0-9a-fA-F]+)|([-+]?)([0-9]+))", text.strip())
+    0o octal, 0x hexadecimal; None for anything else."""
+    match = re.fullmatch(r"(?:()(0o[0-7]+)|()(0x[0-9a-fA-F]+)|([-+]?)([0-9]+))", text)
     if match is None:
         return None
     _, octal, _, hexadecimal, sign, decimal = match.groups()  # (a sign on decimals only, as YAML 1.2)
     number = int(octal[2:], 8) if octal else int(hexadecimal[2:], 16) if hexadecimal else int(decimal)
     return -number if sign == "-" else number
-
-
-def _yaml_number(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        return number if value.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity") else value
-    return value
 
 
 def cli_fields(cls) -> list[dataclasses.Field]:

@@ -130,6 +130,25 @@ def test_an_optional_setting_written_as_the_word_none_is_told_to_write_null():
         PBConfig.from_dict({"warmup": "None"})
 
 
+def test_bare_yaml_values_read_as_yaml_1_2_reads_them(tmp_path):
+    """PyYAML's YAML 1.1 rules read `lr: 1:30.0` as 90.0 (sexagesimal), `1_000.0` as 1000.0 while
+    `seed: 1_000` was refused, and `maximize: yes` as True: silently, where the README promises YAML 1.2."""
+    pytest.importorskip("yaml")
+    path = tmp_path / "s.yaml"
+    path.write_text("lr: 1:30.0\ncandidate_lr: 1_000.0\nseed: 1_000\nmaximize: yes\nepochs: 0:30\n")
+    assert read_settings(str(path)) == ({"candidate_lr": "1_000.0", "maximize": "yes"},
+                                        {"lr": "1:30.0", "seed": "1_000", "epochs": "0:30"})
+    with pytest.raises(ConfigError, match=r"^lr='1:30.0': must be "):
+        TrainConfig(lr=read_settings(str(path))[1]["lr"])
+    path.write_text("lr: .5\ncandidate_lr: 2.\nmaximize: True\nwarmup: ~\nseed: +3\nneuron_epochs: null\n"
+                    "max_dendrites: 1E1\n")
+    assert read_settings(str(path)) == ({"candidate_lr": 2.0, "maximize": True, "warmup": None, "neuron_epochs": None,
+                                         "max_dendrites": 10.0}, {"lr": 0.5, "seed": 3})
+    path.write_text("lr: .inf\ncandidate_lr: -.Inf\n")
+    settings = read_settings(str(path))
+    assert settings[1]["lr"] == math.inf and settings[0]["candidate_lr"] == -math.inf
+
+
 def test_a_settings_file_may_merge_yaml_mappings_and_start_with_a_byte_order_mark(tmp_path):
     """YAML merge keys (`<<: *defaults`) were refused as 'not valid YAML'; a JSON file with a UTF-8
     byte-order mark as 'not valid JSON (... decode using utf-8-sig)'."""
