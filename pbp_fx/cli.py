@@ -1019,6 +1019,11 @@ def run_onnx(args: argparse.Namespace) -> int:
     except PBError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors, one line
+        empty = next(((name, a.shape) for name, a in zip(args.input, arrays) if 0 in a.shape), None)
+        if empty is not None:  # (ORT's own report names an internal node's shapes, not the input)
+            raise PBError(f"ONNX Runtime could not run {args.model} on input {empty[0]} of shape {empty[1]}, which "
+                          "is empty: give at least one sample (ONNX's Reshape reads a 0 in a shape as \"keep "
+                          "this axis\", so many exported models cannot take an empty axis)") from exc
         raise PBError(f"ONNX Runtime could not run {args.model}: {_plain(str(exc))}") from exc
     print(f"provider: {session.provider}")
     for out, y in zip(session.get_outputs(), outputs):

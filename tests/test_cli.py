@@ -1210,6 +1210,27 @@ def test_run_refuses_a_size_the_file_fixes_naming_the_dim_and_the_fix(tmp_path, 
     assert rc == 2 and "has size 3 in dim 0, which" in err and "export without --static-batch" in err, err
 
 
+def test_run_on_an_empty_batch_says_it_is_empty(tmp_path, capsys):
+    """GroupNorm's exported Reshape reads a 0 in its shape as "keep this axis": ONNX Runtime's 600-character
+    report named a Reshape node's shapes, not the empty input."""
+    model, out = _write(tmp_path, """
+        import torch
+        from torch import nn
+
+        def build_model():
+            return nn.Sequential(nn.Linear(6, 8), nn.GroupNorm(2, 8), nn.ReLU(), nn.Linear(8, 3))
+
+        def example_inputs():
+            return (torch.randn(4, 6),)
+    """), str(tmp_path / "m.onnx")
+    assert _run(["export", model, "-o", out], capsys)[0] == 0
+    np.save(tmp_path / "x.npy", np.zeros((0, 6), dtype=np.float32))
+    rc, _, err = _run(["run", out, "--input", str(tmp_path / "x.npy")], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert re.search(r"could not run .*m.onnx on input .*x.npy of shape \(0, 6\), which is empty: give at least one "
+                     r"sample", err), err
+
+
 def test_run_refuses_inputs_that_disagree_on_a_shared_axis(tmp_path, capsys):
     """ids and mask share the dynamic axes batch and sequence: two sizes for one axis failed inside
     ONNX Runtime (a broadcast error naming an internal node)."""
