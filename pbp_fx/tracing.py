@@ -1246,7 +1246,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, example_kwargs: Optiona
     except Exception as exc:  # noqa: BLE001
         cause = exc.__cause__ if exc.__cause__ is not None and "ShapeProp" in str(exc) else exc
         n = prop.node
-        where = "" if n is None else f" at {n.target if n.op == 'call_module' else n.name}"
+        where = "" if n is None else f" at {n.name}" if n.op != "call_module" else \
+            f" at submodule {n.target!r} ({type(gm.get_submodule(n.target)).__name__})"  # ('0' read as a position)
         raise TraceError(f"example inputs do not run through the model{where}: {_reason(cause)} "
                          f"(check their shapes and dtypes against the model's forward)") from exc
     else:

@@ -273,6 +273,10 @@ ERRORS = {
     "bad_inputs": ("import torch\nfrom torch import nn\ndef build_model():\n    return nn.Linear(3, 2)\n"
                    "def example_inputs():\n    return (torch.randn(1, 5),)\n",
                    "example inputs do not run through the model at linear: mat1 and mat2 shapes cannot be multiplied"),
+    "bad_inputs_of_a_part": ("import torch\nfrom torch import nn\ndef build_model():\n"
+                             "    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))\n"
+                             "def example_inputs():\n    return (torch.randn(1, 5),)\n",
+                             "example inputs do not run through the model at submodule '0' (Linear): mat1 and mat2"),
 }
 
 
