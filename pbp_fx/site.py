@@ -476,6 +476,16 @@ class SwappedNeuron(nn.Module):
         super().__init__()
         self.neuron, self.site = neuron, site
 
+    def __getattr__(self, name: str):
+        # The leaf's own code reads its layer's attributes (timm's ConViT sizes a table on
+        # `self.qk.weight.device`; others read out_features): they are the neuron's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("neuron", "site"):
+                raise
+            return getattr(super().__getattr__("neuron"), name)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.site(x, self.neuron(x))
 

@@ -772,10 +772,19 @@ def buffers_kept(model: nn.Module):
 
 
 def _restore_buffers(module: nn.Module, saved: dict) -> None:
+    """The buffers of `saved` (by name) back in `module`: copied into the tensors it holds, or, where
+    the forward replaced a buffer by one of another shape (a table sized at the first call, as timm's
+    ConViT does), the saved tensor registered again: a copy would broadcast the old values into the
+    new shape, which the forward then takes for its own table."""
     with torch.no_grad():
-        for n, b in module.named_buffers():
-            if n in saved and b.shape == saved[n].shape:
+        for n, b in list(module.named_buffers(remove_duplicate=False)):
+            if n not in saved:
+                continue
+            if b.shape == saved[n].shape:
                 b.copy_(saved[n])
+            else:
+                owner, _, leaf = n.rpartition(".")
+                setattr(module.get_submodule(owner), leaf, saved[n].clone())
 
 
 def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, primary: bool) -> fx.GraphModule:
@@ -1255,10 +1264,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, example_kwargs: Optiona
     finally:
         for m, t in modes.items():
             m.train(t)
-        with torch.no_grad():
-            for name, b in gm.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
+        _restore_buffers(gm, buffers)
 
 
 # -- an untraceable root: its traceable submodules, in place -----------------------------------------
@@ -1310,6 +1316,17 @@ class TracedPart(nn.Module):
         self.graph_module = graph_module
         object.__setattr__(self, "source", source)
         self.ignored_keywords: set[str] = set()
+
+    def __getattr__(self, name: str):
+        # Code outside the part reads its attributes (a leaf sizes a table on `self.fc.weight.device`):
+        # the source's, whose parameters are the graph's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            source = self.__dict__.get("source")
+            if source is None:
+                raise
+            return getattr(source, name)
 
     def _apply(self, fn, *args, **kwargs):
         # The source follows the model's device and dtype (.to, .double): its tensors that the graph
@@ -1378,10 +1395,7 @@ def _record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     finally:
         for h in hooks:
             h.remove()
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in buffers:
-                    b.copy_(buffers[n])
+        _restore_buffers(model, buffers)
     return seen
 
 

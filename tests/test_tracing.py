@@ -1104,3 +1104,49 @@ def test_auto_keeping_fx_though_the_forward_writes_a_buffer_says_so():
                                          r"which keeps them, follows train mode only: the perforated model"):
         gm = trace(CountsSteps(), (torch.randn(4, 5),))
     assert gm.meta["pbp_frontend"] == "fx"
+
+
+class _SizedOnFirstCall(nn.Module):
+    """Sizes a cached table at its first call, on its layer's device (timm ConViT's GPSA.rel_indices)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.register_buffer("table", torch.zeros(1, 1, 3), persistent=False)
+
+    def forward(self, x):
+        if self.table.shape[1] != x.shape[1]:  # (symbolic tracing cannot take the branch: a leaf under fx)
+            self.table = torch.arange(x.shape[1] * 3.0, device=self.fc.weight.device).reshape(1, -1, 3) + 1
+        return self.fc(x + self.table)
+
+
+class _HoldsSized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.sized = nn.Linear(3, 3), _SizedOnFirstCall()
+
+    def forward(self, x):
+        return self.sized(self.inp(x))
+
+
+class _BranchingHoldsSized(_HoldsSized):
+    def forward(self, x):  # (untraceable at the root: captured in parts)
+        h = self.inp(x)
+        return self.sized(h if h.sum() > -1e9 else -h)
+
+
+@pytest.mark.parametrize("model_class, frontend", [(_HoldsSized, "auto"), (_HoldsSized, "export"),
+                                                   (_BranchingHoldsSized, "auto")])
+def test_a_buffer_sized_at_the_first_call_is_put_back_as_it_was(model_class, frontend):
+    """The capture's runs replaced the (1, 1, 3) table by a (1, 5, 3) one, and putting the old one back
+    by copy broadcast its zeros into the new shape: the forward then kept an all-zero table as its own
+    (ConViT 10 % off, no warning). Sized anew at the first call, the leaf reads its layer's weight,
+    which a swapped-in site lacked."""
+    torch.manual_seed(0)
+    model, x = model_class().eval(), torch.randn(2, 5, 3)
+    pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    assert model.sized.table.shape == (1, 1, 3) and not model.sized.table.any()  # the user's model as it was
+    pm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
+    assert "sized.fc" in pm.sites
