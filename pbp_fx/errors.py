@@ -1,6 +1,6 @@
 """Error types. Each message is one line naming the problem and what to do about it."""
 
-__all__ = ["PBError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
+__all__ = ["PBError", "TraceError", "ExampleInputsError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
            "DataError", "PBWarning", "Terminated", "exited"]
 
 
@@ -26,6 +26,10 @@ class PBError(Exception):
 
 class TraceError(PBError):
     """The model (or a part of it that cannot be isolated) does not trace."""
+
+
+class ExampleInputsError(TraceError):
+    """The model itself fails on the example inputs given to capture it."""
 
 
 class NoSitesError(PBError):

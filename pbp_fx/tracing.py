@@ -58,7 +58,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils import _pytree as pytree
 
 from .config import ConfigError
-from .errors import PBWarning, TraceError, warn_at_user
+from .errors import ExampleInputsError, PBWarning, TraceError, warn_at_user
 from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
@@ -787,6 +787,17 @@ def _restore_buffers(module: nn.Module, saved: dict) -> None:
                 setattr(module.get_submodule(owner), leaf, saved[n].clone())
 
 
+def _refuse_inputs_the_model_cannot_run(model: nn.Module, args: tuple, kwargs: dict, exc: Exception) -> None:
+    """A TraceError naming the inputs when the model itself fails on them (an export failure then
+    says nothing about the model's code); state, buffers and random state kept."""
+    try:
+        with buffers_kept(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*args, **kwargs)
+    except Exception as own:  # noqa: BLE001
+        raise ExampleInputsError(f"example inputs do not run through the model: {_reason(own)} (check their "
+                                 "shapes and dtypes against the model's forward)") from exc
+
+
 def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, primary: bool) -> fx.GraphModule:
     tries = _DIM_TRIES[dynamic]
     for dims in tries:
@@ -795,6 +806,7 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
             break
         except Exception as exc:  # noqa: BLE001
             if dims == tries[-1]:
+                _refuse_inputs_the_model_cannot_run(model, args, kwargs, exc)
                 line = _user_frame(exc)
                 raise TraceError(f"torch.export cannot export {type(model).__name__} ({_export_reason(exc)})"
                                  f"{'' if line == '<unknown line>' else ' at ' + line}") from exc
@@ -957,7 +969,7 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
                 why = f"fx: {_fx_failure(model, fx_error)}; torch.export: {_where_failed(exc.__cause__ or exc, _export_reason)}"
                 return _trace_parts(model, args, kwargs, error, dynamic, why)
             raise error from fx_error
-        if frontend == "export":
+        if frontend == "export" and not isinstance(exc, ExampleInputsError):
             raise TraceError(f"{exc}: change that code so that torch.export captures it, or use frontend "
                              "'auto' (symbolic tracing, else the model's traceable submodules in place)") from exc
         raise
@@ -1257,8 +1269,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, example_kwargs: Optiona
         n = prop.node
         where = "" if n is None else f" at {n.name}" if n.op != "call_module" else \
             f" at submodule {n.target!r} ({type(gm.get_submodule(n.target)).__name__})"  # ('0' read as a position)
-        raise TraceError(f"example inputs do not run through the model{where}: {_reason(cause)} "
-                         f"(check their shapes and dtypes against the model's forward)") from exc
+        raise ExampleInputsError(f"example inputs do not run through the model{where}: {_reason(cause)} "
+                                 f"(check their shapes and dtypes against the model's forward)") from exc
     else:
         sys.stderr.write(err.getvalue())  # warnings raised while running the model
     finally:

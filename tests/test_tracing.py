@@ -1150,3 +1150,15 @@ def test_a_buffer_sized_at_the_first_call_is_put_back_as_it_was(model_class, fro
     with torch.no_grad():
         torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
     assert "sized.fc" in pm.sites
+
+
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+def test_inputs_the_model_fails_on_are_named_as_the_inputs_fault_by_every_frontend(frontend):
+    """frontend='export' said torch.export cannot export the model and told the user to change its code."""
+    from pbp_fx.errors import ExampleInputsError
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ExampleInputsError, match=r"^example inputs do not run through the model.*: mat1 and mat2 "
+                                                 r"shapes cannot be multiplied .*\(check their shapes and dtypes "
+                                                 r"against the model's forward\)$"):
+        pbp_fx.perforate(model, (torch.randn(2, 5),), frontend=frontend)
