@@ -19,7 +19,7 @@ _EXPORTS = {
     "default_optimizer": "controller",
     "explain_sites": "explain",  # every Linear/Conv-like op: a site, or why not
     "CheckpointError": "errors", "ModelFileError": "errors", "NoSitesError": "errors", "PBError": "errors",
-    "TraceError": "errors", "TrainingError": "errors", "PBWarning": "errors",
+    "TraceError": "errors", "ExampleInputsError": "errors", "TrainingError": "errors", "PBWarning": "errors",
     "PerforatedModel": "perforated", "perforate": "perforated",
     "PhaseSchedule": "schedule",
     "CallError": "signature",  # a call of a perforated model outside what was traced
@@ -34,7 +34,7 @@ __all__ = [
     "PBConfig", "TrainConfig", "PhaseSchedule", "PhaseController", "Decision", "rebind_optimizer", "default_optimizer",
     "fit", "evaluate",
     "History", "save", "load", "export_onnx", "ort_session", "compare",
-    "PBError", "ConfigError", "TraceError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
+    "PBError", "ConfigError", "TraceError", "ExampleInputsError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
     "CallError", "PBWarning", "__version__",
 ]
 
@@ -66,7 +66,8 @@ if TYPE_CHECKING:  # the names as static tools see them
     from .compare import compare
     from .config import ConfigError, PBConfig, TrainConfig
     from .controller import Decision, PhaseController, default_optimizer, rebind_optimizer
-    from .errors import CheckpointError, ModelFileError, NoSitesError, PBError, TraceError, TrainingError
+    from .errors import (CheckpointError, ExampleInputsError, ModelFileError, NoSitesError, PBError, TraceError,
+                         TrainingError)
     from .explain import explain_sites
     from .exporters import export_onnx, ort_session
     from .perforated import PerforatedModel, perforate

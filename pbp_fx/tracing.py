@@ -788,10 +788,12 @@ def _restore_buffers(module: nn.Module, saved: dict) -> None:
 
 
 def _refuse_inputs_the_model_cannot_run(model: nn.Module, args: tuple, kwargs: dict, exc: Exception) -> None:
-    """A TraceError naming the inputs when the model itself fails on them (an export failure then
-    says nothing about the model's code); state, buffers and random state kept."""
+    """An ExampleInputsError when the model itself fails on the inputs (torch.export's failure then
+    says nothing about the model's code). Run as the user would (grad mode as it is: a forward may
+    take gradients itself), its buffers and random state kept."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
-        with buffers_kept(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with buffers_kept(model), torch.random.fork_rng(devices=cuda):
             model(*args, **kwargs)
     except Exception as own:  # noqa: BLE001
         raise ExampleInputsError(f"example inputs do not run through the model: {_reason(own)} (check their "
@@ -806,7 +808,6 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
             break
         except Exception as exc:  # noqa: BLE001
             if dims == tries[-1]:
-                _refuse_inputs_the_model_cannot_run(model, args, kwargs, exc)
                 line = _user_frame(exc)
                 raise TraceError(f"torch.export cannot export {type(model).__name__} ({_export_reason(exc)})"
                                  f"{'' if line == '<unknown line>' else ' at ' + line}") from exc
@@ -969,7 +970,8 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
                 why = f"fx: {_fx_failure(model, fx_error)}; torch.export: {_where_failed(exc.__cause__ or exc, _export_reason)}"
                 return _trace_parts(model, args, kwargs, error, dynamic, why)
             raise error from fx_error
-        if frontend == "export" and not isinstance(exc, ExampleInputsError):
+        if frontend == "export":  # (only asked for: auto goes on to other captures, and a run costs a forward)
+            _refuse_inputs_the_model_cannot_run(model, *_graph_inputs(export_call, args, kwargs), exc)
             raise TraceError(f"{exc}: change that code so that torch.export captures it, or use frontend "
                              "'auto' (symbolic tracing, else the model's traceable submodules in place)") from exc
         raise
@@ -1136,7 +1138,7 @@ def _call_signatures(model: nn.Module, args: Optional[tuple], kwargs: dict):
     except (ValueError, RuntimeError):  # no inspectable signature: the graph is called as given
         return None, None
     except TypeError as exc:
-        raise TraceError(f"example inputs do not match {type(model).__name__}.forward: {exc}") from exc
+        raise ExampleInputsError(f"example inputs do not match {type(model).__name__}.forward: {exc}") from exc
 
 
 def _graph_inputs(call: Optional[CallSignature], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -1221,11 +1223,11 @@ def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
         elif p.args:
             flat.append(p.args[0])
         else:
-            raise TraceError(f"example inputs do not run through the model: no value for its input {name!r}")
+            raise ExampleInputsError(f"example inputs do not run through the model: no value for its input {name!r}")
     extra = sorted(set(kwargs) - used)
     if extra or len(args) > len(placeholders):
         what = f"keyword input(s) {extra}" if extra else f"{len(args)} positional inputs"
-        raise TraceError(f"example inputs do not run through the model: it takes no {what}")
+        raise ExampleInputsError(f"example inputs do not run through the model: it takes no {what}")
     return flat
 
 
@@ -1236,8 +1238,8 @@ def _pytree_inputs(gm: fx.GraphModule, info, args: tuple, kwargs: dict) -> list:
     try:
         bound = inspect.signature(gm.forward).bind(*args, **kwargs)
     except TypeError as exc:
-        raise TraceError(f"example inputs do not run through the model: {exc} "
-                         f"(the graph takes {', '.join(info.orig_args)})") from exc
+        raise ExampleInputsError(f"example inputs do not run through the model: {exc} "
+                                 f"(the graph takes {', '.join(info.orig_args)})") from exc
     values = [bound.arguments[n] for n in info.orig_args if n in bound.arguments]
     spec = info.in_spec
     if spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple and spec.child(1).type is dict:

@@ -1155,10 +1155,32 @@ def test_a_buffer_sized_at_the_first_call_is_put_back_as_it_was(model_class, fro
 @pytest.mark.parametrize("frontend", ["auto", "export"])
 def test_inputs_the_model_fails_on_are_named_as_the_inputs_fault_by_every_frontend(frontend):
     """frontend='export' said torch.export cannot export the model and told the user to change its code."""
-    from pbp_fx.errors import ExampleInputsError
+    from pbp_fx import ExampleInputsError
 
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ExampleInputsError, match=r"^example inputs do not run through the model.*: mat1 and mat2 "
                                                  r"shapes cannot be multiplied .*\(check their shapes and dtypes "
                                                  r"against the model's forward\)$"):
         pbp_fx.perforate(model, (torch.randn(2, 5),), frontend=frontend)
+
+
+class _Forces(nn.Module):
+    """-dE/dx by autograd in its forward (a physics-informed net): runs, but not under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 1)
+
+    def forward(self, x):
+        x = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(self.fc(torch.tanh(x)).sum(), x, create_graph=True)
+        return -g
+
+
+def test_inputs_a_model_runs_on_are_not_blamed_for_an_export_failure():
+    """The inputs check ran the model under no_grad, where this one fails: its inputs were blamed."""
+    from pbp_fx.errors import ExampleInputsError
+
+    with pytest.raises(TraceError, match=r"^torch.export cannot export _Forces") as err:
+        pbp_fx.perforate(_Forces(), (torch.randn(4, 3),), frontend="export")
+    assert not isinstance(err.value, ExampleInputsError)
