@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import re
 import time
 import traceback
 import warnings
@@ -950,8 +951,6 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(f
 
 def _plain(text: str) -> str:
     """ONNX Runtime's message on one line, without terminal colour codes."""
-    import re
-
     return " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).split())
 
 
@@ -1020,7 +1019,9 @@ def run_onnx(args: argparse.Namespace) -> int:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors, one line
         empty = next(((name, a.shape) for name, a in zip(args.input, arrays) if 0 in a.shape), None)
-        if empty is not None:  # (ORT's own report names an internal node's shapes, not the input)
+        # ORT's own report names an internal node's shapes, not the input: said instead where one
+        # of those shapes has an empty axis ("Input shape:{0,8}, requested shape:{0,2,-1}").
+        if empty is not None and re.search(r"\{(?:[-\d]+,)*0(?:,[-\d]+)*\}", _plain(str(exc))):
             raise PBError(f"ONNX Runtime could not run {args.model} on input {empty[0]} of shape {empty[1]}, which "
                           "is empty: give at least one sample (ONNX's Reshape reads a 0 in a shape as \"keep "
                           "this axis\", so many exported models cannot take an empty axis)") from exc

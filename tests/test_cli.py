@@ -1233,6 +1233,35 @@ def test_run_on_an_empty_batch_says_it_is_empty(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1, err
     assert re.search(r"could not run .*m.onnx on input .*x.npy of shape \(0, 6\), which is empty: give at least one "
                      r"sample", err), err
+    # An empty input the model takes, beside another input's own fault: ONNX Runtime's report, not "empty".
+    model, out = _write(tmp_path, """
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb, self.fc = nn.Embedding(10, 6), nn.Linear(6, 3)
+
+            def forward(self, ids, extra):
+                return self.fc(self.emb(ids).mean(1)) + extra.sum(1, keepdim=True)
+
+        def build_model():
+            return Net()
+
+        def example_inputs():
+            return (torch.randint(0, 10, (4, 5)), torch.randn(4, 3))
+    """, "ids.py"), str(tmp_path / "ids.onnx")
+    assert _run(["export", model, "-o", out, "--dynamic-axis", "extra:1=E"], capsys)[0] == 0
+    ids = np.zeros((2, 5), dtype=np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "extra.npy", np.zeros((2, 0), dtype=np.float32))
+    files = ["--input", str(tmp_path / "ids.npy"), "--input", str(tmp_path / "extra.npy")]
+    assert _run(["run", out, *files], capsys)[0] == 0
+    ids[0, 0] = 100
+    np.save(tmp_path / "ids.npy", ids)
+    rc, _, err = _run(["run", out, *files], capsys)
+    assert rc == 2 and "out of data bounds" in err and "which is empty" not in err and err.count("\n") == 1, err
 
 
 def test_run_refuses_inputs_that_disagree_on_a_shared_axis(tmp_path, capsys):
