@@ -387,15 +387,16 @@ def _refuse_misplaced_optimizer_state(optimizer, trained_before: bool) -> None:
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and not _state_fits(value, p):
                     restored = (f"PBCallback: the Trainer restored optimizer state of shape {tuple(value.shape)} "
                                 f"onto a parameter of shape {tuple(p.shape)}: ")
-                    if trained_before:
+                    load_first = (f"load the checkpoint first (pbp_fx.load('<checkpoint folder>/{CHECKPOINT_NAME}', "
+                                  "model)), then build the optimizer over model.trainable_parameters()")
+                    if trained_before:  # (the Trainer's own, or the user's given to a new Trainer: both read so)
                         raise TrainingError(
-                            restored + "this Trainer trained before and keeps the optimizer it built over that "
-                            "run's model, not the checkpoint's structure: resume with a new Trainer "
-                            "(Trainer(...).train(resume_from_checkpoint=...))")
+                            restored + "the optimizer is the one an earlier train() of this run used, built over "
+                            "that run's model, not the checkpoint's structure (a Trainer keeps the optimizer it "
+                            "built): resume with a new Trainer, and if you give it your own optimizer, " + load_first)
                     raise TrainingError(
-                        restored + "the optimizer was built before the model had the checkpoint's structure; load "
-                        f"the checkpoint first (pbp_fx.load('<checkpoint folder>/{CHECKPOINT_NAME}', model)), then "
-                        "build the optimizer over model.trainable_parameters()")
+                        restored + "the optimizer was built before the model had the checkpoint's structure; "
+                        + load_first)
 
 
 def _state_fits(value: torch.Tensor, p: torch.Tensor) -> bool:

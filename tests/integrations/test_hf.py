@@ -783,9 +783,10 @@ def test_a_second_train_of_the_trainer_that_trained_from_a_dendrite_phase_checkp
              if (h["phase"], before["phase"]) == ("dendrite", "neuron")][1]
     folder = tmp_path / f"checkpoint-{epoch * 16}"
     assert pbp_fx.checkpoint.read_structure(str(folder / CHECKPOINT_NAME))["phase"] == "dendrite"
-    with pytest.raises(TrainingError, match=r"^PBCallback: the Trainer restored optimizer state of shape .*: this "
-                                            r"Trainer trained before and keeps the optimizer it built over that run's "
-                                            r"model, .*: resume with a new Trainer") as err:
+    with pytest.raises(TrainingError, match=r"^PBCallback: the Trainer restored optimizer state of shape .*: the "
+                                            r"optimizer is the one an earlier train\(\) of this run used, .*: resume "
+                                            r"with a new Trainer, and if you give it your own optimizer, load the "
+                                            r"checkpoint first") as err:
         trainer.train(resume_from_checkpoint=str(folder))
     assert "\n" not in str(err.value)
 
