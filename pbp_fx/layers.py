@@ -20,7 +20,8 @@ from .config import ConfigError
 
 __all__ = ["LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply", "split_apply", "split_members",
            "runs_as_columns", "split_columns", "columns_to_stacked",
-           "every_nth_position", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls", "apply_dendrites"]
+           "every_nth_position", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls", "apply_dendrites",
+           "stand_in_attribute"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -426,3 +427,17 @@ def cat_rows(layer: LayerSpec, norm: Optional[NormSpec], parts: list[dict[str, T
     for p in out.parameters():
         p.requires_grad_(requires_grad)
     return out
+
+
+def stand_in_attribute(stand_in: nn.Module, layer: Optional[nn.Module], name: str):
+    """`layer`'s attribute `name`, for a module standing in for it (a swapped-in site, a traced
+    part) whose own lookup failed: code around it reads its layer's (`self.qk.weight.device`,
+    `out_features`). Private names and torch's parametrization record stay the stand-in's own
+    (`is_parametrized(stand_in)` would read the layer's and then fail to remove it)."""
+    missing = AttributeError(f"'{type(stand_in).__name__}' object has no attribute '{name}'")
+    if layer is None or name.startswith("_") or name == "parametrizations":
+        raise missing
+    try:
+        return getattr(layer, name)
+    except AttributeError:
+        raise missing from None

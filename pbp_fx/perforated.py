@@ -373,8 +373,8 @@ class PerforatedModel(nn.Module):
         return out
 
     def neuron_weight(self, site: str) -> Optional[torch.Tensor]:
-        """The weight tensor of a site's neuron layer, None where it cannot be found (a neuron
-        swapped inside an untraceable leaf)."""
+        """The weight tensor of a site's neuron layer (through the `SwappedNeuron` of one inside
+        an untraceable leaf), None where it cannot be found."""
         from pbp_fx.passes.patterns import attr_tensor
 
         spec = getattr(self.sites[site], "spec", None)

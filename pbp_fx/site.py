@@ -16,7 +16,7 @@ from .config import ConfigError
 from .covariance_tap import STAT_NAMES, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .errors import warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
-                     every_nth_position, split_members)
+                     every_nth_position, split_members, stand_in_attribute)
 
 __all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "ACTIVATIONS", "MODES", "is_wide_statistic",
            "pool_settings"]
@@ -484,7 +484,7 @@ class SwappedNeuron(nn.Module):
         except AttributeError:
             if name in ("neuron", "site"):
                 raise
-            return getattr(super().__getattr__("neuron"), name)
+            return stand_in_attribute(self, super().__getattr__("neuron"), name)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.site(x, self.neuron(x))

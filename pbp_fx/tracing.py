@@ -59,6 +59,7 @@ from torch.utils import _pytree as pytree
 
 from .config import ConfigError
 from .errors import ExampleInputsError, PBWarning, TraceError, warn_at_user
+from .layers import stand_in_attribute
 from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
@@ -739,7 +740,7 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic) -> fx.Gr
     # Each capture may run the model's own buffer writes (a call counter) on the real buffers.
     with buffers_kept(model) as saved:
         gm = _export_both_modes(model, args, kwargs, dynamic, primary)
-    _restore_buffers(gm, saved)
+    _restore_buffers(gm, saved, own=False)
     return gm
 
 
@@ -762,29 +763,45 @@ def memo_computed_tensors(model: nn.Module, memo: dict) -> dict:
 
 @contextlib.contextmanager
 def buffers_kept(model: nn.Module):
-    """The model's buffers as they were before the block (yielded), restored after it: a capture runs
-    the forward's own writes to them (`self.calls.add_(1)`) on the real tensors, once per capture."""
-    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    """The model's buffers as they were before the block (`_snapshot_buffers`, yielded), restored after
+    it: a capture runs the forward's own writes to them (`self.calls.add_(1)`) on the real tensors,
+    once per capture."""
+    saved = _snapshot_buffers(model)
     try:
         yield saved
     finally:
         _restore_buffers(model, saved)
 
 
-def _restore_buffers(module: nn.Module, saved: dict) -> None:
-    """The buffers of `saved` (by name) back in `module`: copied into the tensors it holds, or, where
-    the forward replaced a buffer by one of another shape (a table sized at the first call, as timm's
-    ConViT does), the saved tensor registered again: a copy would broadcast the old values into the
-    new shape, which the forward then takes for its own table."""
+def _snapshot_buffers(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every buffer name (a buffer two modules share under each of its names): the tensor, and a copy
+    of its values."""
+    values: dict[int, torch.Tensor] = {}
+    return {n: (b, values.setdefault(id(b), b.detach().clone()))
+            for n, b in module.named_buffers(remove_duplicate=False)}
+
+
+def _restore_buffers(module: nn.Module, saved: dict, own: bool = True) -> None:
+    """The buffers of a `_snapshot_buffers` back in `module` by name. own: the snapshot is of
+    `module`, so a buffer the forward replaced (a table sized at the first call, as timm's ConViT
+    does) gets its own tensor back, shared buffers stay one tensor; else (another module holding
+    them by name) the values are copied, and a buffer replaced by one of another shape gets a copy
+    of the saved one: a copy into it would broadcast the old values into the new shape, which the
+    forward then takes for its own table."""
+    placed: dict[int, torch.Tensor] = {}  # a saved value's copy, registered once under all its names
     with torch.no_grad():
         for n, b in list(module.named_buffers(remove_duplicate=False)):
             if n not in saved:
                 continue
-            if b.shape == saved[n].shape:
-                b.copy_(saved[n])
+            tensor, value = saved[n]
+            owner, _, leaf = n.rpartition(".")
+            if own and b is not tensor:
+                setattr(module.get_submodule(owner), leaf, tensor)
+                b = tensor
+            if b.shape == value.shape:
+                b.copy_(value)
             else:
-                owner, _, leaf = n.rpartition(".")
-                setattr(module.get_submodule(owner), leaf, saved[n].clone())
+                setattr(module.get_submodule(owner), leaf, placed.setdefault(id(value), value.clone()))
 
 
 def _refuse_inputs_the_model_cannot_run(model: nn.Module, args: tuple, kwargs: dict, exc: Exception) -> None:
@@ -1044,6 +1061,7 @@ def _written_buffers(model: nn.Module, args: tuple, kwargs: dict, gm: fx.GraphMo
     kept = {n for n, b in model.named_buffers() if id(b) in kept_ids}
     if all(n in kept for n, _ in model.named_buffers()):
         return []
+    named = [n for n, _ in model.named_buffers()]
     with buffers_kept(model) as before:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -1051,7 +1069,7 @@ def _written_buffers(model: nn.Module, args: tuple, kwargs: dict, gm: fx.GraphMo
         except Exception:  # noqa: BLE001 - the frontends report a model that does not run
             return []
         now = dict(model.named_buffers())
-        return [n for n, b in before.items() if n not in kept and (n not in now or not _same_values(now[n], b))]
+        return [n for n in named if n not in kept and (n not in now or not _same_values(now[n], before[n][1]))]
 
 
 def _called_whole(gm: fx.GraphModule) -> list[nn.Module]:
@@ -1255,7 +1273,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, example_kwargs: Optiona
     args = _as_args(example_inputs) or ()
     kwargs = dict(example_kwargs or {})
     modes = {m: m.training for m in gm.modules()}
-    buffers = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    buffers = _snapshot_buffers(gm)
     prop = _ShapeProp(gm)
     # ShapeProp prints a traceback to stderr before it raises: keep stderr until we know.
     err = io.StringIO()
@@ -1337,10 +1355,7 @@ class TracedPart(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            source = self.__dict__.get("source")
-            if source is None:
-                raise
-            return getattr(source, name)
+            return stand_in_attribute(self, self.__dict__.get("source"), name)
 
     def _apply(self, fn, *args, **kwargs):
         # The source follows the model's device and dtype (.to, .double): its tensors that the graph
@@ -1402,7 +1417,7 @@ def _record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     for n, m in model.named_modules():
         if n:
             hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    buffers = _snapshot_buffers(model)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(*args, **kwargs)

@@ -521,3 +521,33 @@ def test_a_ranks_batch_that_is_no_multiple_of_the_pool_is_warned_of_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pm(torch.randn(50, 3))
+
+
+def test_a_swapped_neuron_answers_its_layers_attributes_but_not_its_parametrizations():
+    """Code inside an untraceable leaf reads its layer (`self.qk.weight.device`): a swapped-in site had no
+    weight. Torch's parametrize helpers must still see the swapped module as it is, not as its layer."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from pbp_fx.site import SwappedNeuron
+
+    layer = weight_norm(nn.Linear(3, 4))
+    swapped = SwappedNeuron(layer, Site("s", LayerSpec.from_module(nn.Linear(3, 4))))
+    assert swapped.weight.shape == (4, 3) and swapped.in_features == 3 and swapped.bias is layer.bias
+    assert not parametrize.is_parametrized(swapped) and parametrize.is_parametrized(layer)
+    assert parametrize.type_before_parametrizations(swapped) is SwappedNeuron
+    with pytest.raises(AttributeError, match=r"^'SwappedNeuron' object has no attribute 'nonexistent'$"):
+        swapped.nonexistent
+    copy.deepcopy(swapped)
+
+
+def test_the_loss_scale_of_a_grad_scaler_at_scale_1_is_a_scale_not_no_scaler():
+    """A GradScaler backed off to 1 read as no scaler: a skipped batch then gave its candidates a zero
+    gradient, where the scaler needs their NaN to skip the step and back off."""
+    site = Site("s", LayerSpec.from_module(nn.Linear(3, 4)))
+    site.start_candidates(pool=2)
+    assert site.candidates.loss_scale() is None
+    site.candidates.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    assert site.candidates.loss_scale() == 1.0
+    site.candidates.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1.0, enabled=False)
+    assert site.candidates.loss_scale() is None

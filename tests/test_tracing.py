@@ -1152,6 +1152,32 @@ def test_a_buffer_sized_at_the_first_call_is_put_back_as_it_was(model_class, fro
     assert "sized.fc" in pm.sites
 
 
+class _TwoSharingATable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.mid, self.b = _SizedOnFirstCall(), nn.Linear(4, 3), _SizedOnFirstCall()
+        self.b.table = self.a.table
+
+    def forward(self, x):
+        return self.b(self.mid(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+def test_a_buffer_two_modules_share_is_put_back_as_one_tensor_under_both_names(frontend):
+    """Saved under its first name only, the second holder kept the forward's (1, 5, 3) table, and the
+    first got a copy: the two modules no longer shared one tensor."""
+    torch.manual_seed(0)
+    model, x = _TwoSharingATable().eval(), torch.randn(2, 5, 3)
+    table = model.a.table
+    pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    assert model.a.table is table and model.b.table is table and not table.any()
+    held = {n: b for n, b in pm.named_buffers(remove_duplicate=False) if n.endswith("table")}
+    assert [tuple(b.shape) for b in held.values()] == [(1, 1, 3)] * 2, held
+    pm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("frontend", ["auto", "export"])
 def test_inputs_the_model_fails_on_are_named_as_the_inputs_fault_by_every_frontend(frontend):
     """frontend='export' said torch.export cannot export the model and told the user to change its code."""
