@@ -34,8 +34,8 @@ __all__ = [
     "PBConfig", "TrainConfig", "PhaseSchedule", "PhaseController", "Decision", "rebind_optimizer", "default_optimizer",
     "fit", "evaluate",
     "History", "save", "load", "export_onnx", "ort_session", "compare",
-    "PBError", "ConfigError", "TraceError", "ExampleInputsError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
-    "CallError", "PBWarning", "__version__",
+    "PBError", "ConfigError", "TraceError", "ExampleInputsError", "NoSitesError", "ModelFileError", "CheckpointError",
+    "TrainingError", "CallError", "PBWarning", "__version__",
 ]
 
 

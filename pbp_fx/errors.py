@@ -1,7 +1,7 @@
 """Error types. Each message is one line naming the problem and what to do about it."""
 
-__all__ = ["PBError", "TraceError", "ExampleInputsError", "NoSitesError", "ModelFileError", "CheckpointError", "TrainingError",
-           "DataError", "PBWarning", "Terminated", "exited"]
+__all__ = ["PBError", "TraceError", "ExampleInputsError", "NoSitesError", "ModelFileError", "CheckpointError",
+           "TrainingError", "DataError", "PBWarning", "Terminated", "exited"]
 
 
 class PBWarning(UserWarning):

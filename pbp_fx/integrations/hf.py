@@ -152,7 +152,8 @@ class PBCallback(TrainerCallback):
         resuming = state.global_step > 0
         if resuming:
             # (the Trainer keeps the optimizer of an earlier train(): built over that run's model)
-            trained_before = self.controller is not None and self.controller.pm is pm and self.controller.optimizer is opt
+            ctl = self.controller
+            trained_before = ctl is not None and ctl.pm is pm and ctl.optimizer is opt
             _refuse_misplaced_optimizer_state(opt, trained_before)
         # A train() that raised never reached on_train_end (`_training` still set): another call on the
         # same Trainer keeps its optimizer, whose rates the run's state has scaled already.
