@@ -22,7 +22,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from pbp_fx.layers import fold_norm
-from pbp_fx.site import FusedSite, Site, SwappedNeuron
+from pbp_fx.site import FusedSite, FusedSwappedNeuron, Site, SwappedNeuron
 from pbp_fx.tracing import copy_module
 
 from .insert_dendrites import SITES_ATTR
@@ -140,7 +140,8 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
                 replacement = mod.neuron
             else:
                 b = None if getattr(mod.neuron, "bias", None) is None else mod.neuron.bias.detach()
-                replacement = fuse_site(site, mod.neuron.weight.detach(), b)
+                neuron = copy.deepcopy(mod.neuron).requires_grad_(False)  # (the leaf reads its attributes)
+                replacement = FusedSwappedNeuron(fuse_site(site, mod.neuron.weight.detach(), b), neuron)
             setattr(parent, child, replacement)
     gm.eval()
     for p in gm.parameters():

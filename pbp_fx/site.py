@@ -18,7 +18,7 @@ from .errors import warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
                      every_nth_position, split_members, stand_in_attribute)
 
-__all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "ACTIVATIONS", "MODES", "is_wide_statistic",
+__all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "FusedSwappedNeuron", "ACTIVATIONS", "MODES", "is_wide_statistic",
            "pool_settings"]
 
 # The pool's floating statistics: float32 at least, whatever the model's dtype (they sum many
@@ -488,6 +488,34 @@ class SwappedNeuron(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.site(x, self.neuron(x))
+
+
+class FusedSwappedNeuron(nn.Module):
+    """A finalized `SwappedNeuron`: its FusedSite runs, and the leaf's reads of its layer's
+    attributes (`self.fc.weight.shape`, `out_features`) are answered by the neuron layer as it
+    was, held unregistered (its tensors are not the finalized model's), not by the fused
+    [1 + K, C, ...] weight."""
+
+    def __init__(self, fused: "FusedSite", neuron: nn.Module):
+        super().__init__()
+        self.fused = fused
+        object.__setattr__(self, "neuron", neuron)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return stand_in_attribute(self, self.__dict__.get("neuron"), name)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)  # (the neuron follows .to() and .double(), as the leaf reads it)
+        neuron = self.__dict__.get("neuron")
+        if neuron is not None:
+            neuron._apply(fn, *args, **kwargs)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fused(x)
 
 
 class FusedSite(nn.Module):

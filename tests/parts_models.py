@@ -1,6 +1,7 @@
 """Small models shared by several test modules: one that only the "parts" frontend captures (the
-find_sites and checkpoint tests), a layer with a functional dropout (tracing, perforated), and a
-root that writes a buffer fx drops (tracing, checkpoint)."""
+find_sites and checkpoint tests), a layer with a functional dropout (tracing, perforated), a root
+that writes a buffer fx drops (tracing, checkpoint) and a leaf that reads its layer's attributes
+(finalize, ONNX)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,3 +66,17 @@ class CountsSteps(nn.Module):
     def forward(self, x):
         self.steps += 1
         return self.fc(self.norm(x))
+
+
+class ReadsItsLayer(nn.Module):
+    """Kept whole by symbolic tracing (a check on a shape); reads its layer's attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.shape[-1] != self.fc.out_features:
+            raise ValueError("unexpected width")
+        return h + self.fc.weight.shape[0] * torch.ones(3, dtype=self.fc.weight.dtype, device=self.fc.weight.device)

@@ -1480,3 +1480,22 @@ def test_a_dynamic_axis_the_model_bounds_is_said_unchecked_without_a_traceback(t
                                          r"example's sizes only"):
         export_onnx(pm, (torch.randint(0, 10, (2, 8)),), str(tmp_path / "m.onnx"), dynamic_axes={"ids": {1: "seq"}})
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_leaf_reading_its_layers_attributes_exports_with_parity(tmp_path):
+    """The export swapped in its own site module, which had no `out_features`: the inputs were blamed."""
+    from parts_models import ReadsItsLayer
+
+    model, x = torch.nn.Sequential(ReadsItsLayer(), torch.nn.Linear(3, 2)).eval(), torch.randn(5, 4)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if name.endswith("out_weight"):
+                p.fill_(0.3)
+    pm.eval()
+    path = str(tmp_path / "leaf.onnx")
+    export_onnx(pm, (x,), path)
+    got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))[0]
+    assert np.abs(got - pm(x).detach().numpy()).max() <= 1e-5
+    assert sum(n.domain == DOMAIN for n in onnx.load(path).graph.node) == 2

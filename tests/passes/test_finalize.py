@@ -5,11 +5,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import pbp_fx
+from parts_models import ReadsItsLayer
 from pbp_fx.passes import finalize, fuse_site
 from pbp_fx.passes.finalize import FUSED_ATTR
 from pbp_fx.passes.insert_dendrites import SITES_ATTR
 from pbp_fx.passes import ModeSwitch
-from pbp_fx.site import CandidatePool, FusedSite, Site, SwappedNeuron
+from pbp_fx.site import CandidatePool, FusedSite, FusedSwappedNeuron, Site, SwappedNeuron
 
 pytestmark = pytest.mark.usefixtures("seeded")
 
@@ -99,8 +100,12 @@ def test_postconditions_and_exactness(k, pb):
         if norm:
             assert (norm in calls) == (name not in grown)
     for name in ("a", "b"):
-        want = FusedSite if f"leaf.{name}" in grown else nn.Linear
-        assert type(fused.get_submodule(f"leaf.{name}")) is want
+        got = fused.get_submodule(f"leaf.{name}")
+        if f"leaf.{name}" in grown:  # (a fused site that answers the leaf's reads of its layer's attributes)
+            assert type(got) is FusedSwappedNeuron and type(got.fused) is FusedSite
+            assert got.weight.shape == (6, 6) and got.out_features == 6
+        else:
+            assert type(got) is nn.Linear
     has_linear = any(n.op == "call_function" and n.target is F.linear for n in fused.graph.nodes)
     assert has_linear == ("w" not in grown)
     assert (FUSED_ATTR in dict(fused.named_children())) == bool(grown & {"conv", "conv2", "fc", "w"})
@@ -270,3 +275,23 @@ def test_weights_recomputed_by_forward_hooks_are_fused_as_the_parameters_give_th
     final = finalize(pm.graph_module)  # no forward since the step
     pm.eval()
     torch.testing.assert_close(final(x), pm(x))
+
+
+def test_a_leaf_reading_its_layers_attributes_reads_the_layers_after_finalize():
+    """finalize swapped in a FusedSite: `out_features` raised AttributeError, and `weight.shape[0]` read the
+    fused [1 + K, C, in] weight's 2 where the layer's is 3, silently."""
+    model, x = nn.Sequential(ReadsItsLayer(), nn.Linear(3, 2)).eval(), torch.randn(5, 4)
+    pm = pbp_fx.perforate(model, (x,))
+    assert isinstance(pm.graph_module.get_submodule("0.fc"), SwappedNeuron)
+    pm.grow()
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if name.endswith("out_weight"):
+                p.fill_(0.3)
+    pm.eval()
+    fused = pm.finalize()
+    torch.testing.assert_close(fused(x), pm(x), rtol=1e-5, atol=1e-5)
+    assert fused.get_submodule("0.fc").weight.shape == (3, 4)
+    double = fused.double()  # (the layer the leaf reads follows the model's dtype)
+    assert fused.get_submodule("0.fc").weight.dtype == torch.float64
+    torch.testing.assert_close(double(x.double()), pm(x).double(), rtol=1e-5, atol=1e-5)
