@@ -21,7 +21,7 @@ from .config import ConfigError
 __all__ = ["LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply", "split_apply", "split_members",
            "runs_as_columns", "split_columns", "columns_to_stacked",
            "every_nth_position", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls", "apply_dendrites",
-           "stand_in_attribute"]
+           "StandIn"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -429,15 +429,33 @@ def cat_rows(layer: LayerSpec, norm: Optional[NormSpec], parts: list[dict[str, T
     return out
 
 
-def stand_in_attribute(stand_in: nn.Module, layer: Optional[nn.Module], name: str):
-    """`layer`'s attribute `name`, for a module standing in for it (a swapped-in site, a traced
-    part) whose own lookup failed: code around it reads its layer's (`self.qk.weight.device`,
-    `out_features`). Private names and torch's parametrization record stay the stand-in's own
-    (`is_parametrized(stand_in)` would read the layer's and then fail to remove it)."""
-    missing = AttributeError(f"'{type(stand_in).__name__}' object has no attribute '{name}'")
-    if layer is None or name.startswith("_") or name == "parametrizations":
-        raise missing
-    try:
-        return getattr(layer, name)
-    except AttributeError:
-        raise missing from None
+class StandIn:
+    """Mixin of a module standing in for a layer (a swapped-in site, a traced part, a finalized
+    one): an attribute it lacks is the layer's, as code around it reads them (`self.qk.weight
+    .device`, `out_features`). Private names and torch's parametrization record stay its own
+    (`is_parametrized` would read the layer's, then fail to remove it). `stand_in_for`: the
+    submodule, or plain attribute, holding the layer; a plain one follows `.to()` and `.double()`."""
+
+    stand_in_for = "neuron"
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        missing = AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        held = self.__dict__  # (not getattr: an object being unpickled has no attributes yet)
+        layer = held.get(self.stand_in_for, held.get("_modules", {}).get(self.stand_in_for))
+        if layer is None or name == self.stand_in_for or name.startswith("_") or name == "parametrizations":
+            raise missing
+        try:
+            return getattr(layer, name)
+        except AttributeError:
+            raise missing from None
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        layer = self.__dict__.get(self.stand_in_for)  # (unregistered: its tensors are not the module's)
+        if layer is not None:
+            layer._apply(fn, *args, **kwargs)
+        return out

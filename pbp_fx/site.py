@@ -16,10 +16,10 @@ from .config import ConfigError
 from .covariance_tap import STAT_NAMES, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .errors import warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
-                     every_nth_position, split_members, stand_in_attribute)
+                     every_nth_position, split_members, StandIn)
 
-__all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "FusedSwappedNeuron", "ACTIVATIONS", "MODES", "is_wide_statistic",
-           "pool_settings"]
+__all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "FusedSwappedNeuron", "ACTIVATIONS", "MODES",
+           "is_wide_statistic", "pool_settings"]
 
 # The pool's floating statistics: float32 at least, whatever the model's dtype (they sum many
 # small covariances, and the stop rule compares their changes).
@@ -469,28 +469,20 @@ class Site(nn.Module):
         return self.dendrites.folded()
 
 
-class SwappedNeuron(nn.Module):
-    """A neuron module inside an untraceable leaf, swapped for neuron + Site."""
+class SwappedNeuron(StandIn, nn.Module):
+    """A neuron module inside an untraceable leaf, swapped for neuron + Site. The leaf's own code
+    reads its layer's attributes (timm's ConViT sizes a table on `self.qk.weight.device`): they
+    are the neuron's (`StandIn`)."""
 
     def __init__(self, neuron: nn.Module, site: Site):
         super().__init__()
         self.neuron, self.site = neuron, site
 
-    def __getattr__(self, name: str):
-        # The leaf's own code reads its layer's attributes (timm's ConViT sizes a table on
-        # `self.qk.weight.device`; others read out_features): they are the neuron's.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("neuron", "site"):
-                raise
-            return stand_in_attribute(self, super().__getattr__("neuron"), name)
-
     def forward(self, x: Tensor) -> Tensor:
         return self.site(x, self.neuron(x))
 
 
-class FusedSwappedNeuron(nn.Module):
+class FusedSwappedNeuron(StandIn, nn.Module):
     """A finalized `SwappedNeuron`: its FusedSite runs, and the leaf's reads of its layer's
     attributes (`self.fc.weight.shape`, `out_features`) are answered by the neuron layer as it
     was, held unregistered (its tensors are not the finalized model's), not by the fused
@@ -500,19 +492,6 @@ class FusedSwappedNeuron(nn.Module):
         super().__init__()
         self.fused = fused
         object.__setattr__(self, "neuron", neuron)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return stand_in_attribute(self, self.__dict__.get("neuron"), name)
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)  # (the neuron follows .to() and .double(), as the leaf reads it)
-        neuron = self.__dict__.get("neuron")
-        if neuron is not None:
-            neuron._apply(fn, *args, **kwargs)
-        return out
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fused(x)

@@ -59,7 +59,7 @@ from torch.utils import _pytree as pytree
 
 from .config import ConfigError
 from .errors import ExampleInputsError, PBWarning, TraceError, warn_at_user
-from .layers import stand_in_attribute
+from .layers import StandIn
 from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
@@ -1335,7 +1335,7 @@ def _same_output(a, b) -> bool:
 LOSS_KEYWORD = "num_items_in_batch"
 
 
-class TracedPart(nn.Module):
+class TracedPart(StandIn, nn.Module):
     """A submodule replaced by its graph, called like the submodule (`name`: its path in the model).
 
     source: the submodule as it was (not registered: it shares the graph's parameters), run only
@@ -1349,22 +1349,11 @@ class TracedPart(nn.Module):
         object.__setattr__(self, "source", source)
         self.ignored_keywords: set[str] = set()
 
-    def __getattr__(self, name: str):
-        # Code outside the part reads its attributes (a leaf sizes a table on `self.fc.weight.device`):
-        # the source's, whose parameters are the graph's.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return stand_in_attribute(self, self.__dict__.get("source"), name)
-
-    def _apply(self, fn, *args, **kwargs):
-        # The source follows the model's device and dtype (.to, .double): its tensors that the graph
-        # does not share (a buffer fx reads as an attribute) stayed behind, and the check then failed.
-        out = super()._apply(fn, *args, **kwargs)
-        source = getattr(self, "source", None)
-        if source is not None:
-            source._apply(fn, *args, **kwargs)
-        return out
+    # Code outside the part reads its attributes (a leaf sizes a table on `self.fc.weight.device`): the
+    # source's, whose parameters are the graph's (`StandIn`). The source follows the model's device and
+    # dtype (.to, .double): its tensors the graph does not share (a buffer fx reads as an attribute)
+    # stayed behind, and the check then failed.
+    stand_in_for = "source"
 
     def forward(self, *args, **kwargs):
         call: Optional[CallSignature] = self.graph_module.meta.get("pbp_call")
