@@ -80,3 +80,18 @@ class ReadsItsLayer(nn.Module):
         if h.shape[-1] != self.fc.out_features:
             raise ValueError("unexpected width")
         return h + self.fc.weight.shape[0] * torch.ones(3, dtype=self.fc.weight.dtype, device=self.fc.weight.device)
+
+
+def grown_leaf_reader():
+    """(a perforated model holding a ReadsItsLayer leaf, one dendrite per site with V = 0.3, in eval
+    mode; its example input)."""
+    import pbp_fx
+
+    model, x = nn.Sequential(ReadsItsLayer(), nn.Linear(3, 2)).eval(), torch.randn(5, 4)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if name.endswith("out_weight"):
+                p.fill_(0.3)
+    return pm.eval(), x

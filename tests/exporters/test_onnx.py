@@ -1484,16 +1484,9 @@ def test_a_dynamic_axis_the_model_bounds_is_said_unchecked_without_a_traceback(t
 
 def test_a_leaf_reading_its_layers_attributes_exports_with_parity(tmp_path):
     """The export swapped in its own site module, which had no `out_features`: the inputs were blamed."""
-    from parts_models import ReadsItsLayer
+    from parts_models import grown_leaf_reader
 
-    model, x = torch.nn.Sequential(ReadsItsLayer(), torch.nn.Linear(3, 2)).eval(), torch.randn(5, 4)
-    pm = pbp_fx.perforate(model, (x,))
-    pm.grow()
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if name.endswith("out_weight"):
-                p.fill_(0.3)
-    pm.eval()
+    pm, x = grown_leaf_reader()
     path = str(tmp_path / "leaf.onnx")
     export_onnx(pm, (x,), path)
     got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))[0]

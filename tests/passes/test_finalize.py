@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import pbp_fx
-from parts_models import ReadsItsLayer
+from parts_models import grown_leaf_reader
 from pbp_fx.passes import finalize, fuse_site
 from pbp_fx.passes.finalize import FUSED_ATTR
 from pbp_fx.passes.insert_dendrites import SITES_ATTR
@@ -280,15 +280,8 @@ def test_weights_recomputed_by_forward_hooks_are_fused_as_the_parameters_give_th
 def test_a_leaf_reading_its_layers_attributes_reads_the_layers_after_finalize():
     """finalize swapped in a FusedSite: `out_features` raised AttributeError, and `weight.shape[0]` read the
     fused [1 + K, C, in] weight's 2 where the layer's is 3, silently."""
-    model, x = nn.Sequential(ReadsItsLayer(), nn.Linear(3, 2)).eval(), torch.randn(5, 4)
-    pm = pbp_fx.perforate(model, (x,))
+    pm, x = grown_leaf_reader()
     assert isinstance(pm.graph_module.get_submodule("0.fc"), SwappedNeuron)
-    pm.grow()
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if name.endswith("out_weight"):
-                p.fill_(0.3)
-    pm.eval()
     fused = pm.finalize()
     torch.testing.assert_close(fused(x), pm(x), rtol=1e-5, atol=1e-5)
     assert fused.get_submodule("0.fc").weight.shape == (3, 4)
