@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .config import MAX_INT, PBConfig, TrainConfig
-from .controller import all_finite, default_optimizer
+from .controller import all_finite, default_optimizer, nan_weights_before_best
 from .errors import PBError, PBWarning, Terminated, TrainingError
 from .fileio import atomic_write, check_output_dir
 from .job import (DEFAULT_MODEL, changed_since, check_data, load_job_module, make_loaders, pyplot_or_none,
@@ -145,8 +145,7 @@ def _neuron_training(model, loaders, loss_fn, config: PBConfig, training: TrainC
                     raise
                 score, finite = math.nan, True  # diverged after a best: the schedule goes back to it, as fit's does
             if not finite and not schedule.takes_divergence:
-                raise NonFiniteError(f"the model's weights hold NaN/Inf after epoch {epochs}, before any best: lower "
-                                     "the learning rate")
+                raise NonFiniteError(nan_weights_before_best(epochs))
             if not math.isfinite(score):
                 diverged.append(epochs)
         else:

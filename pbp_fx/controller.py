@@ -83,6 +83,11 @@ def all_finite(tensors) -> bool:
     return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
+def nan_weights_before_best(epoch: int) -> str:
+    """The refusal of weights gone NaN/Inf before the run kept any best (fit's, compare's arms)."""
+    return f"the model's weights hold NaN/Inf after epoch {epoch}, before any best: lower the learning rate"
+
+
 def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
     """Adam(lr), fused (one kernel for all tensors per step) when every parameter is a float tensor
     on the CPU or a CUDA device (where torch has the fused kernel), else torch's default Adam.
@@ -802,8 +807,7 @@ class PhaseController:
             # A metric can score NaN weights (accuracy: argmax of NaN logits is class 0); kept as the
             # best, they would be what every later rewind goes back to.
             if not self.schedule.takes_divergence:
-                self._stop(f"the model's weights hold NaN/Inf after epoch {self.schedule.epoch + 1}, before any "
-                           "best: lower the learning rate")
+                self._stop(nan_weights_before_best(self.schedule.epoch + 1))
             score, cause = math.nan, cause or "the weights hold NaN/Inf"
         if phase == "dendrite":
             self._check_candidates()
@@ -837,9 +841,11 @@ class PhaseController:
     def _check_candidates(self) -> None:
         """Stop the run (`_stop`) when a candidate's weights are NaN/Inf (their NaN batches were left out
         of the statistics, which stay finite): installed, they would make the model NaN."""
-        for name, site in self.pm.sites.items():
-            if site.candidates is not None and not all_finite(site.candidates.parameters()):
-                self._stop(f"the candidates' weights of site {name!r} are not finite: lower candidate_lr")
+        pools = {name: list(s.candidates.parameters()) for name, s in self.pm.sites.items() if s.candidates is not None}
+        if all_finite(p for params in pools.values() for p in params):  # (one host read for every pool)
+            return
+        name = next(name for name, params in pools.items() if not all_finite(params))
+        self._stop(f"the candidates' weights of site {name!r} are not finite: lower candidate_lr")
 
     def stop_non_finite(self, without_best: str = "no good state to restore yet (no epoch ended with a finite "
                                                    "validation score)") -> str:

@@ -964,9 +964,8 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
                     _replay(fx_warnings)
                     written = _written_buffers(model, args, kwargs, gm) if frontend == "fx" else []
                     if written:
-                        warn_at_user(f"{type(model).__name__}.forward writes buffer(s) {', '.join(written[:3])}, "
-                                     "which symbolic tracing drops (or runs once, while tracing): the perforated "
-                                     "model will not update them; frontend='export' keeps them")
+                        warn_at_user(f"{_writes_buffers(model, written)}: the perforated model will not update "
+                                     "them; frontend='export' keeps them")
                     switched = gm.meta.get("pbp_switched_modes")
                     if switched:
                         warn_at_user(f"forward switches {' and '.join(switched)} around some of its ops, which "
@@ -1087,6 +1086,12 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+def _writes_buffers(model: nn.Module, written: list[str]) -> str:
+    """The start of each warning about buffers the forward writes, which fx's graph drops."""
+    return (f"{type(model).__name__}.forward writes buffer(s) {', '.join(written[:3])}, which symbolic tracing "
+            "drops (or runs once, while tracing)")
+
+
 def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] = ()) -> fx.GraphModule:
     """The auto frontend's choice once fx has traced the model: torch.export's graph instead when
     fx leaves Linear/Conv-like weights unreached (inside torch.nn leaves such as
@@ -1113,10 +1118,9 @@ def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] 
         fx_gm.meta["pbp_frontend_choice"] = f"{why}; torch.export failed ({exc}): fx"
         log.info("trace: %s", fx_gm.meta["pbp_frontend_choice"])
         if written:
-            warn_at_user(f"{type(model).__name__}.forward writes buffer(s) {', '.join(written[:3])}, which symbolic "
-                         "tracing drops (or runs once, while tracing), and torch.export, which keeps them, cannot "
-                         f"capture it ({_where_failed(exc.__cause__ or exc, _export_reason)}): the perforated model "
-                         "will not update them")
+            warn_at_user(f"{_writes_buffers(model, written)}, and torch.export, which keeps them, cannot capture it "
+                         f"({_where_failed(exc.__cause__ or exc, _export_reason)}): the perforated model will not "
+                         "update them")
         return fx_gm
     ex_sites, ex_missed = _unreached(model, ex_gm)
     ex_both = ex_gm.meta.get("pbp_modes") == "train+eval"
@@ -1128,10 +1132,9 @@ def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] 
     if chosen is fx_gm and written:
         short = [f"reaches {ex_sites} of fx's {fx_sites} sites"] if ex_sites < fx_sites else []
         short += [] if ex_both else [f"follows {ex_gm.meta.get('pbp_modes')} mode only"]
-        warn_at_user(f"{type(model).__name__}.forward writes buffer(s) {', '.join(written[:3])}, which symbolic "
-                     "tracing drops (or runs once, while tracing): auto keeps its graph, since torch.export's, which "
-                     f"keeps them, {' and '.join(short)}: the perforated model will not update them "
-                     "(frontend='export' takes torch.export's graph as it is)")
+        warn_at_user(f"{_writes_buffers(model, written)}: auto keeps its graph, since torch.export's, which keeps "
+                     f"them, {' and '.join(short)}: the perforated model will not update them (frontend='export' "
+                     "takes torch.export's graph as it is)")
     if chosen is ex_gm:
         _replay([w for w in export_warnings if issubclass(w.category, PBWarning)])
         if switched and ex_sites < fx_sites and _AUTOCAST in switched:
