@@ -456,7 +456,9 @@ def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optio
     while True:
         tracer = PBTracer(leaves)
         try:
-            graph = tracer.trace(model, concrete_args=constants or None)
+            # (the graph module built below copies the root's buffers as they are: as before the trace)
+            with buffers_kept(model):
+                graph = tracer.trace(model, concrete_args=constants or None)
             _restore_constant_names(graph, constants or {})
             break
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or isolated
@@ -694,9 +696,16 @@ def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> f
     with _explicit_keywords(model, kwargs):
         a, k, shapes = _export_inputs(model, args, kwargs, dims)
         # (grad on, whatever the caller's mode: a forward's own no_grad is then a region the graph keeps)
-        with _quiet_export(), torch.enable_grad():
+        # (buffers put back after each try: a forward that fills a buffer from None leaves a fake
+        # tensor in it, which the next capture would take for a constant)
+        with _quiet_export(), torch.enable_grad(), buffers_kept(model) as saved:
             ep = torch.export.export(model, a, k, dynamic_shapes=shapes, strict=False)
-            return _rehome(ep.module(), model)
+            filled = saved.filled(model)
+        if filled:
+            # torch.export (2.13) then writes the new tensor into an input of the graph (copy_ into x)
+            raise TraceError(f"forward fills buffer {filled[0]!r}, registered as None, with a tensor, which "
+                             "torch.export writes into an input instead; register it with a tensor, e.g. torch.zeros")
+        return _rehome(ep.module(), model)
 
 
 @contextlib.contextmanager
@@ -773,35 +782,80 @@ def buffers_kept(model: nn.Module):
         _restore_buffers(model, saved)
 
 
-def _snapshot_buffers(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every buffer name (a buffer two modules share under each of its names): the tensor, and a copy
-    of its values."""
-    values: dict[int, torch.Tensor] = {}
-    return {n: (b, values.setdefault(id(b), b.detach().clone()))
-            for n, b in module.named_buffers(remove_duplicate=False)}
+class BufferSnapshot:
+    """Every module's buffer table as it was: each entry (a buffer set to None too) by its dotted
+    name, with its tensor, a copy of its values and whether it is persistent. A buffer two modules
+    share is listed under each of its names, with one copy of its values."""
+
+    def __init__(self, module: nn.Module):
+        # {module path: {name in it: (tensor, values, persistent)}}, from the module's own table:
+        # named_buffers() leaves out a buffer set to None
+        self.tables: dict[str, dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor], bool]]] = {}
+        values: dict[int, torch.Tensor] = {}
+        for path, m in module.named_modules(remove_duplicate=False):
+            self.tables[path] = {leaf: (b, None if b is None else values.setdefault(id(b), b.detach().clone()),
+                                        leaf not in m._non_persistent_buffers_set)
+                                 for leaf, b in m._buffers.items()}
+        self.entries = {_dotted(path, leaf): e for path, table in self.tables.items() for leaf, e in table.items()}
+
+    def filled(self, module: nn.Module) -> list[str]:
+        """Names of the buffers that were None or absent and that `module` now holds a tensor in."""
+        return [_dotted(path, leaf) for path, m in module.named_modules(remove_duplicate=False)
+                if path in self.tables for leaf, b in m._buffers.items()
+                if b is not None and self.tables[path].get(leaf, (None,))[0] is None]
+
+    def value(self, name: str) -> Optional[torch.Tensor]:
+        """The saved values of buffer `name` (None for a buffer that was None)."""
+        return self.entries[name][1]
 
 
-def _restore_buffers(module: nn.Module, saved: dict, own: bool = True) -> None:
-    """The buffers of a `_snapshot_buffers` back in `module` by name. own: the snapshot is of
-    `module`, so a buffer the forward replaced (a table sized at the first call, as timm's ConViT
-    does) gets its own tensor back, shared buffers stay one tensor; else (another module holding
-    them by name) the values are copied, and a buffer replaced by one of another shape gets a copy
-    of the saved one: a copy into it would broadcast the old values into the new shape, which the
-    forward then takes for its own table."""
+def _dotted(path: str, leaf: str) -> str:
+    return f"{path}.{leaf}" if path else leaf
+
+
+def _snapshot_buffers(module: nn.Module) -> BufferSnapshot:
+    return BufferSnapshot(module)
+
+
+def _restore_buffers(module: nn.Module, saved: BufferSnapshot, own: bool = True) -> None:
+    """The buffers of a snapshot back in `module` by name. own: the snapshot is of `module`, so each
+    module's buffer table is put back as it was: a buffer the forward replaced (a table sized at the
+    first call, as timm's ConViT does) gets its own tensor back, shared buffers stay one tensor, and
+    one the forward set to None, deleted, registered or filled from None is put back as it was. Else
+    (another module holding them by name) the values of the tensors it holds are copied. Either way
+    a buffer replaced by one of another shape gets a copy of the saved one: a copy into it would
+    broadcast the old values into the new shape, which the forward then takes for its own table."""
     placed: dict[int, torch.Tensor] = {}  # a saved value's copy, registered once under all its names
     with torch.no_grad():
-        for n, b in list(module.named_buffers(remove_duplicate=False)):
-            if n not in saved:
+        for path, m in list(module.named_modules(remove_duplicate=False)):
+            if own and path in saved.tables:
+                _restore_table(m, saved.tables[path], placed)
                 continue
-            tensor, value = saved[n]
-            owner, _, leaf = n.rpartition(".")
-            if own and b is not tensor:
-                setattr(module.get_submodule(owner), leaf, tensor)
-                b = tensor
-            if b.shape == value.shape:
-                b.copy_(value)
-            else:
-                setattr(module.get_submodule(owner), leaf, placed.setdefault(id(value), value.clone()))
+            for leaf, b in list(m._buffers.items()):
+                entry = saved.entries.get(_dotted(path, leaf))
+                if b is not None and entry is not None and entry[1] is not None:
+                    _put_values(m, leaf, b, entry[1], placed)
+
+
+def _restore_table(m: nn.Module, table: dict, placed: dict) -> None:
+    """Module `m`'s buffer table as the snapshot has it."""
+    for leaf in [leaf for leaf in m._buffers if leaf not in table]:
+        delattr(m, leaf)  # registered by the forward
+    for leaf, (tensor, value, persistent) in table.items():
+        if leaf not in m._buffers or m._buffers[leaf] is not tensor or \
+                (leaf in m._non_persistent_buffers_set) == persistent:
+            if leaf not in m._buffers and leaf in vars(m):
+                delattr(m, leaf)  # deleted, then set as a plain attribute
+            m.register_buffer(leaf, tensor, persistent=persistent)
+        if tensor is not None:
+            _put_values(m, leaf, tensor, value, placed)
+
+
+def _put_values(m: nn.Module, leaf: str, b: torch.Tensor, value: torch.Tensor, placed: dict) -> None:
+    if b.shape == value.shape:
+        b.copy_(value)
+    else:
+        setattr(m, leaf, placed.setdefault(id(value), value.clone()))
 
 
 def _refuse_inputs_the_model_cannot_run(model: nn.Module, args: tuple, kwargs: dict, exc: Exception) -> None:
@@ -957,13 +1011,14 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
                     raise
                 shape_error = exc
             else:
+                written, restructured = _written_buffers(model, args, kwargs, gm)
                 if frontend == "auto":
                     gm = _prefer(model, gm, lambda: _export_graph(model, export_call, args, kwargs, dynamic),
-                                 _written_buffers(model, args, kwargs, gm))
+                                 written)
+                _warn_restructured(model, restructured)
                 if gm.meta["pbp_frontend"] == "fx":
                     _replay(fx_warnings)
-                    written = _written_buffers(model, args, kwargs, gm) if frontend == "fx" else []
-                    if written:
+                    if written and frontend == "fx":
                         warn_at_user(f"{_writes_buffers(model, written)}: the perforated model will not update "
                                      "them; frontend='export' keeps them")
                     switched = gm.meta.get("pbp_switched_modes")
@@ -1004,6 +1059,7 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
         if shape_error is not None:
             raise shape_error from None
         raise
+    _warn_restructured(model, _written_buffers(model, args, kwargs, gm)[1])
     return gm
 
 
@@ -1046,29 +1102,48 @@ def _unreached(model: nn.Module, gm: fx.GraphModule) -> tuple[int, list[str]]:
     return len(specs), [name for name, p in neuron_weights(model) if id(p) not in reached]
 
 
-def _written_buffers(model: nn.Module, args: tuple, kwargs: dict, gm: fx.GraphModule) -> list[str]:
-    """Buffers the model's forward writes in place (a running mean of its own, a call counter) that
-    the fx graph `gm` drops: outside norm layers (whose statistics every frontend keeps) and outside
-    the modules `gm` calls whole (a leaf, a parametrized layer: spectral_norm's _u and _v), whose own
+def _written_buffers(model: nn.Module, args: tuple, kwargs: dict,
+                     gm: fx.GraphModule) -> tuple[list[str], list[str]]:
+    """Buffers the model's forward writes (a running mean of its own, a call counter) that the fx
+    graph `gm` drops: outside norm layers (whose statistics every frontend keeps) and outside the
+    modules `gm` calls whole (a leaf, a parametrized layer: spectral_norm's _u and _v), whose own
     forward runs and writes them. Found by running the model once, every buffer restored after.
-    Symbolic tracing records the other writes once, while tracing, or drops them."""
+    Symbolic tracing records the other writes once, while tracing, or drops them. Returned twice:
+    those whose values are written (torch.export keeps those writes), and those deleted, set to
+    None, filled from None or registered, which no graph keeps."""
     kept_ids = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
                 for b in m.buffers(recurse=False)}
     kept_ids |= {id(b) for m in _called_whole(gm) for b in m.buffers()}
     # Then by the model's own names: a module that reassigns its buffer (self.n = self.n + 1) holds a
     # new tensor after the run, and a module shared under two paths is named once, by its first.
-    kept = {n for n, b in model.named_buffers() if id(b) in kept_ids}
-    if all(n in kept for n, _ in model.named_buffers()):
-        return []
-    named = [n for n, _ in model.named_buffers()]
+    named = _buffer_table(model)  # (a buffer set to None too: filling it is a write)
+    kept = {n for n, b in named.items() if id(b) in kept_ids}
+    if all(n in kept for n in named):
+        return [], []
     with buffers_kept(model) as before:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 model(*args, **kwargs)
         except Exception:  # noqa: BLE001 - the frontends report a model that does not run
-            return []
-        now = dict(model.named_buffers())
-        return [n for n in named if n not in kept and (n not in now or not _same_values(now[n], before[n][1]))]
+            return [], []
+        now = _buffer_table(model)  # (compared before the block puts the values back into these tensors)
+        names = [n for n in dict.fromkeys([*named, *now]) if n not in kept]
+        restructured = [n for n in names if n not in named or n not in now or (named[n] is None) != (now[n] is None)]
+        written = [n for n in names if n not in restructured and named[n] is not None
+                   and not _same_values(now[n], before.value(n))]
+    return written, restructured
+
+
+def _warn_restructured(model: nn.Module, restructured: list[str]) -> None:
+    if restructured:
+        warn_at_user(f"{type(model).__name__}.forward deletes, registers, fills from None or sets to None buffer(s) "
+                     f"{', '.join(restructured[:3])}, which no captured graph keeps: the perforated model runs every "
+                     "call as the example's first call ran (keep such a buffer a tensor and write its values)")
+
+
+def _buffer_table(model: nn.Module) -> dict[str, Optional[torch.Tensor]]:
+    """Every buffer entry by its first name, one set to None included (named_buffers() skips those)."""
+    return {_dotted(path, leaf): b for path, m in model.named_modules() for leaf, b in m._buffers.items()}
 
 
 def _called_whole(gm: fx.GraphModule) -> list[nn.Module]:

@@ -427,6 +427,71 @@ def test_a_forward_that_writes_its_own_buffers_is_captured_by_export():
     assert torch.allclose(pm.graph_module.mu, ref.mu) and int(pm.graph_module.calls) == int(ref.calls)
 
 
+
+class _FillsFromNone(nn.Module):
+    """A cache registered as None, filled at the first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("cache", None)
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = x.detach().mean(0)
+        return self.fc(x) + self.cache
+
+
+class _DeletesOnce(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("once", torch.full((4,), 2.0))
+
+    def forward(self, x):
+        y = self.fc(x)
+        if hasattr(self, "once"):
+            y = y + self.once
+            del self.once
+        return y
+
+
+class _SetsNone(_DeletesOnce):
+    def forward(self, x):
+        y = self.fc(x)
+        if self.once is not None:
+            y = y + self.once
+            self.once = None
+        return y
+
+
+@pytest.mark.parametrize("frontend", ["auto", "fx", "export"])
+@pytest.mark.parametrize("cls", [_FillsFromNone, _DeletesOnce, _SetsNone])
+def test_a_forward_that_fills_deletes_or_unsets_a_buffer_leaves_the_model_as_it_was(cls, frontend):
+    """Capture runs the forward; a buffer table it changes (named_buffers() lists no None) is put
+    back after each capture: the model keeps its table, the perforated model's first call is the
+    model's, and the user is told that no graph keeps such a change. torch.export, which writes a
+    buffer filled from None into the input, is refused there (auto falls back to fx)."""
+    torch.manual_seed(0)
+    model, ref = cls(), cls()
+    ref.load_state_dict(model.state_dict())
+    table = dict(model._buffers)
+    example, x = torch.randn(3, 4) * 5, torch.randn(3, 4)
+    if cls is not _DeletesOnce and frontend == "export":  # (torch.export fails on _SetsNone itself)
+        refused = "fills buffer 'cache', registered as None, with a tensor.*torch.zeros" if cls is _FillsFromNone else ""
+        with pytest.raises(TraceError, match=refused):
+            pbp_fx.perforate(model, (example,), frontend=frontend)
+        assert all(a is b for a, b in zip(dict(model._buffers).values(), table.values()))
+        return
+    with pytest.warns(UserWarning, match=r"deletes, registers, fills from None or sets to None buffer\(s\) (cache|once)"):
+        pm = pbp_fx.perforate(model, (example,), frontend=frontend)
+    assert dict(model._buffers).keys() == table.keys()
+    assert all(a is b for a, b in zip(dict(model._buffers).values(), table.values()))
+    x0 = x.clone()
+    assert torch.allclose(pm(x), ref(x), atol=1e-6)
+    assert torch.equal(x, x0)
+
+
 class _ScaledByKeyword(nn.Module):
     def __init__(self):
         super().__init__()
