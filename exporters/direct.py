@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
+from pbp_fx.tracing import buffers_kept
+
 __all__ = ["emit", "Unsupported"]
 
 
@@ -291,7 +293,9 @@ def emit(gm: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool,
     if not isinstance(gm, fx.GraphModule) or gm.training:
         raise Unsupported("not an eval-mode GraphModule")
     try:
-        e = _Emitter(gm, inputs, dynamic_batch)
+        # (buffers kept: the file takes their values as they were, not as the forward left them)
+        with buffers_kept(gm):
+            e = _Emitter(gm, inputs, dynamic_batch)
     except Exception as exc:  # noqa: BLE001 - running the graph on the inputs failed: the exporter reports it
         raise Unsupported(f"running the graph: {exc}") from exc
     batch = "batch" if dynamic_batch else None

@@ -58,7 +58,7 @@ from pbp_fx.errors import PBError, warn_at_user
 from pbp_fx.fileio import atomic_write
 from pbp_fx.layers import dendrite_calls
 from pbp_fx.site import FusedSite, Site
-from pbp_fx.tracing import copy_module
+from pbp_fx.tracing import buffers_kept, copy_module
 
 from . import clip_after_site, output_weight_into_readers
 from .direct import plain_output_names
@@ -861,7 +861,8 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
     torch.compiler.allow_in_graph(_fused_node)  # registers the function itself (idempotent)
     traced_inputs, shapes = batched
     try:
-        with torch.no_grad():
+        # (buffers kept: a forward that writes its own (a call counter) would bake the advanced value)
+        with torch.no_grad(), buffers_kept(module):
             example_out = module(*traced_inputs)
     except Exception as e:  # noqa: BLE001 - the model's own error on these inputs: one line
         text = str(e).strip().splitlines()

@@ -1492,3 +1492,31 @@ def test_a_leaf_reading_its_layers_attributes_exports_with_parity(tmp_path):
     got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))[0]
     assert np.abs(got - pm(x).detach().numpy()).max() <= 1e-5
     assert sum(n.domain == DOMAIN for n in onnx.load(path).graph.node) == 2
+
+
+class _CountsCalls(torch.nn.Module):
+    """Its output reads a buffer that its forward advances (a call counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x) * self.calls
+
+
+def test_a_buffer_the_forward_advances_is_written_as_the_model_holds_it(tmp_path):
+    """The exporter runs the model before writing (the direct emitter's run, the dynamo path's
+    example output): the file holds the counter as it was, so it computes the model's next call
+    (it baked the value two runs ahead)."""
+    pm = pbp_fx.perforate(_CountsCalls(), (torch.randn(2, 4),))
+    pm.eval()
+    pm(torch.randn(2, 4))  # calls = 1
+    x = torch.randn(2, 4)
+    path = tmp_path / "counts.onnx"
+    export_onnx(pm, (x,), path)
+    got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))[0]
+    assert [float(b) for n, b in pm.named_buffers() if n.endswith("calls")] == [1.0]
+    np.testing.assert_allclose(got, pm(x).detach().numpy(), atol=1e-5)  # the call that makes calls = 2
