@@ -475,6 +475,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     if out is not None and main:
         # before training: a long run must not fail at its last step
         check_output_dir(out, TrainingError, resumed=resume_from is not None)
+        if resume_from is None:
+            _refuse_files_of_no_run(out)
     mod = load_job_module(model_file)
     loss_fn, metric, metric_name = task_functions(mod)
     check_metric_direction(mod, config.maximize, ConfigError)
@@ -757,6 +759,17 @@ def _resume(path: str, pm, ctl, train_loader) -> tuple[History, float]:
 # What a run writes to --out: a new run replaces an earlier run's, so that no report describes another run.
 RUN_OUTPUTS = (CHECKPOINT, "summary.json", "history.json", "plot.png",
                "compare.md", "compare.json", "compare.png", "compare.partial.json")  # (compare --pb-run DIR: beside the run)
+
+
+def _refuse_files_of_no_run(out: str) -> None:
+    """A fresh run replaces an earlier run's outputs in --out; files of those names in a folder that
+    holds no run (no checkpoint) may be the user's own, and are refused before any work."""
+    if os.path.isfile(os.path.join(out, CHECKPOINT)):
+        return
+    found = [n for n in RUN_OUTPUTS if os.path.isfile(os.path.join(out, n))]
+    if found:
+        raise TrainingError(f"--out {out!r} holds {', '.join(found)} but no run ({CHECKPOINT}): a run writes files "
+                            "of those names; move them, or choose another --out")
 
 
 def _make_out(out: str, fresh: bool, echo) -> tuple[list[str], list[str]]:

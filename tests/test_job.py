@@ -579,11 +579,12 @@ def test_structured_outputs_are_scored_by_their_logits(tmp_path, structure):
 def test_a_new_run_replaces_an_earlier_runs_outputs_and_a_failed_one_leaves_none(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
+    (out / "checkpoint.safetensors").write_text("an earlier run")
     for name in ("summary.json", "history.json", "plot.png", "compare.md"):  # (compare --pb-run wrote compare.*)
         (out / name).write_text("an earlier run")
     assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "2", "--no-progress"]) == 0
-    assert ("holds an earlier run (summary.json, history.json, plot.png, compare.md): this run replaces it"
-            in capsys.readouterr().out)
+    assert ("holds an earlier run (checkpoint.safetensors, summary.json, history.json, plot.png, compare.md): this "
+            "run replaces it" in capsys.readouterr().out)
     assert "an earlier run" not in (out / "summary.json").read_text() and not (out / "compare.md").exists()
     # A new run that fails before its first checkpoint leaves the earlier run as it was.
     before = {n: (out / n).read_bytes() for n in ("checkpoint.safetensors", "summary.json")}
@@ -598,6 +599,20 @@ def test_a_new_run_replaces_an_earlier_runs_outputs_and_a_failed_one_leaves_none
     assert main(["train", _write(tmp_path / "n.py", nan), "--out", str(tmp_path / "nan"), "--no-progress"]) == 2
     assert "the loss is nan in the neuron phase" in capsys.readouterr().err
     assert not (tmp_path / "nan").exists()
+
+
+
+def test_files_of_run_output_names_in_a_folder_that_holds_no_run_are_refused(tmp_path, capsys):
+    """They may be the user's own (a fresh run deleted compare.md and overwrote history.json)."""
+    (tmp_path / "history.json").write_text("mine")
+    (tmp_path / "compare.md").write_text("mine")
+    assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(tmp_path), "--epochs", "2",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {str(tmp_path)!r} holds history.json, compare.md but no run (checkpoint.safetensors)" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.md", "history.json", "m.py"]
+    assert (tmp_path / "history.json").read_text() == "mine"
 
 
 LATE_NAN_LOSS = ("calls = [0]\n\n\ndef loss_fn(o, y):\n    calls[0] += 1\n"
