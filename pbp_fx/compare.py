@@ -41,8 +41,8 @@ from .config import MAX_INT, PBConfig, TrainConfig
 from .controller import all_finite, default_optimizer, nan_weights_before_best
 from .errors import PBError, PBWarning, Terminated, TrainingError
 from .fileio import atomic_write, check_output_dir
-from .job import (DEFAULT_MODEL, changed_since, check_data, load_job_module, make_loaders, pyplot_or_none,
-                  run_identity, seed_everything, seeded_datasets)
+from .job import (DEFAULT_MODEL, changed_since, check_data, load_job_module, make_loaders, model_digest,
+                  pyplot_or_none, run_identity, seed_everything, seeded_datasets)
 from .modelfile import (check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions,
                         warn_unread_names)
 from .passes.find_sites import site_filters
@@ -912,6 +912,22 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
     return model_file, config, training, scope, row
 
 
+def _refuse_changed_run(folder: str, identity: Optional[dict], model_file: Optional[str]) -> None:
+    """Before any work: a --pb-run resumed on another model file or data (its epochs are of two
+    runs), or whose model file is not the one given or found now (a run of another model)."""
+    if not identity:
+        return  # (saved before pbp-fx recorded it)
+    mixed = identity.get("resumed_on_other")
+    if mixed:
+        raise CompareError(f"--pb-run {folder}: that run was resumed on another {' and '.join(mixed)} than it "
+                           "started with, so its epochs are of two runs and its pb row is no one run's: train the "
+                           "run again")
+    if model_digest(model_file) != identity.get("model_digest"):
+        raise CompareError(f"--pb-run {folder}: the run's model file changed since it trained, or "
+                           f"{model_file or DEFAULT_MODEL} is another model's, so its pb row cannot be compared with "
+                           "controls trained now; restore it, or train the run again")
+
+
 def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Optional[int] = None,
             arms: Optional[Sequence[str]] = None, config: Optional[PBConfig] = None,
             training: Optional[TrainConfig] = None, out: Optional[str] = None, jobs: int = 1,
@@ -943,6 +959,7 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
             raise CompareError(f"--pb-run {pb_run}: the run's model file {model_file} does not exist (moved or "
                                f"renamed?): give its path, pbp-fx compare FILE --pb-run {pb_run}")
         run_saved_identity = scope["identity"]
+        _refuse_changed_run(pb_run, run_saved_identity, model_file)
         include, exclude, seeds, given = scope["include"], scope["exclude"], 1, [pb_row]
         if arms is not None and "original" in arms:  # (it stands beside arms narrower than width 1)
             raise CompareError(f"--pb-run {pb_run}: arm 'original' is the model at width 1 beside narrower arms, but "

@@ -39,8 +39,8 @@ from .passes.find_sites import site_filters
 from .perforated import perforate
 from .training import IGNORED_LABEL, History, NonFiniteDataError, NonFiniteError, evaluate, fit
 
-__all__ = ["train_job", "saved_run", "SavedRun", "run_identity", "data_fingerprint", "changed_since", "DEFAULT_MODEL",
-           "load_job_module", "make_loaders"]
+__all__ = ["train_job", "saved_run", "SavedRun", "run_identity", "model_digest", "data_fingerprint", "changed_since",
+           "resumed_identity", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
 
 DEFAULT_MODEL = "pbp_fx.models.mnist1d_mlp"
 
@@ -105,12 +105,16 @@ def run_identity(model_file: Optional[str], data) -> dict:
     """What a run's results depend on besides its settings: the model file's content (sha256; None
     for the built-in model) and a fingerprint of its data (`data_fingerprint`). Saved with a run,
     so that a resume or `compare --pb-run` can tell when either changed since."""
-    digest = None
-    if model_file not in (None, DEFAULT_MODEL):
-        with open(model_file, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
     fingerprint, drawn = _fingerprint(data)
-    return {"model_digest": digest, "data": fingerprint, "own_randomness": drawn}
+    return {"model_digest": model_digest(model_file), "data": fingerprint, "own_randomness": drawn}
+
+
+def model_digest(model_file: Optional[str]) -> Optional[str]:
+    """sha256 of the model file's content (None for the built-in model)."""
+    if model_file in (None, DEFAULT_MODEL):
+        return None
+    with open(model_file, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def data_fingerprint(data, samples: int = 8) -> str:
@@ -185,6 +189,16 @@ def changed_since(saved: Optional[dict], now: dict) -> list[str]:
         return []
     return [what for key, what in (("model_digest", "model file"), ("data", "data"))
             if saved.get(key) != now.get(key)]
+
+
+def resumed_identity(saved: dict, now: dict) -> dict:
+    """The identity a resumed run saves: its start's, or, when the model file or data changed since
+    (warned), the current one with what changed kept in "resumed_on_other" (the run's epochs are
+    then of two models or datasets: `compare --pb-run` refuses it, also once they are restored)."""
+    changed = changed_since(saved, now)
+    if not changed:
+        return saved
+    return {**now, "resumed_on_other": sorted({*saved.get("resumed_on_other", ()), *changed})}
 
 
 def check_data(mod: ModuleType, data, model: nn.Module, inputs: tuple, batch_size: int, processes: int = 1):
@@ -533,7 +547,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             created, stale = _make_out(out, fresh=resume_from is None, echo=echo)
         args = {"config": config.to_dict(), "training": training.to_dict(), "include": include, "exclude": exclude}
         if saved is not None and saved.identity is not None:
-            identity = saved.identity  # a run's identity is its start's: a resume compares with that
+            identity = resumed_identity(saved.identity, identity)
         # The most processes the run trained on, over its resumes: compare pairs only runs always on one.
         earlier_counts = [] if saved is None else [n for n in (saved.processes, saved.most_processes) if n is not None]
         most_processes = max([processes, *earlier_counts])

@@ -560,9 +560,15 @@ def test_a_pb_run_whose_model_file_or_data_changed_is_refused(tiny, tmp_path, ca
         capsys.readouterr()
         assert main(["compare", "--pb-run", run, "--arms", "plain", "--no-latency"]) == 2
         err = capsys.readouterr().err
-        assert f"the run's {what} changed since it trained" in err and err.count("\n") == 1
+        assert "the run's model file changed since it trained" in err and err.count("\n") == 1
     open(tiny, "w").write(TINY)
     assert main(["compare", "--pb-run", run, "--arms", "plain", "--no-latency"]) == 0
+    # Another model's file given with the run: its settings were checked first ('maximize is false
+    # ... drop it', a flag the user never gave), not that it is another model.
+    other = tmp_path / "other.py"
+    other.write_text(TINY.replace("def build_model(width=8)", "def build_model(width=12)"))
+    assert main(["compare", str(other), "--pb-run", run, "--arms", "plain", "--no-latency"]) == 2
+    assert f"or {other} is another model's" in capsys.readouterr().err
 
 
 def test_a_pb_run_whose_model_file_moved_takes_its_new_path(tiny, tmp_path, capsys):

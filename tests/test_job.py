@@ -325,6 +325,13 @@ def test_an_unfinished_run_resumed_with_an_edited_model_file_is_warned_of(tmp_pa
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert "the run's model file changed since it started" in capsys.readouterr().err
+    # Its epochs are of two models: compare --pb-run took it as the run of the file it started with
+    # (its identity was the start's), also once the file was restored.
+    (tmp_path / "m.py").write_text(GOOD)
+    assert main(["compare", "--pb-run", str(out), "--arms", "plain", "--no-latency"]) == 2
+    err = capsys.readouterr().err
+    assert f"--pb-run {out}: that run was resumed on another model file than it started with" in err
+    assert err.count("\n") == 1
 
 
 def test_a_resume_runs_on_the_runs_own_process_count_unless_told_otherwise(tmp_path, monkeypatch, capsys):
