@@ -113,6 +113,8 @@ class _Emitter:
         m = self.gm.get_submodule(n.target)
         if n.kwargs or len(n.args) != 1:
             raise Unsupported(f"call of {n.target} with {len(n.args)} arguments")
+        if m._forward_hooks or m._forward_pre_hooks:  # (the dynamo exporter runs them as the module call does)
+            raise Unsupported(f"hooks on {n.target}")
         x = self.tensor(n.args[0])
         xv = self.values[n.args[0]]
         if getattr(m, "inplace", False):

@@ -4,7 +4,9 @@ Requires: a GraphModule from `insert_dendrites` (any phase; candidates are dropp
 Ensures: a new GraphModule (the input is not modified) in eval mode, with no Site,
 SwappedNeuron or candidate left: a site with K >= 1 dendrites is ONE `FusedSite` node whose
 weights are the neuron's and the dendrites' concatenated, norms folded; a site with K = 0 is
-the original neuron (and norm) nodes, untouched. Train/eval `ModeSwitch` nodes become their
+the original neuron (and norm) nodes, untouched. A neuron (or norm) with forward hooks of the
+user's keeps its own call, hooks and all, and its FusedSite (neuron row zero) adds the dendrites to
+it. Train/eval `ModeSwitch` nodes become their
 eval-mode ops (train-only updates go). A neuron weight stored [in, C] (`x @ W`) is fused
 transposed. A neuron weight the rest of the model still uses (tied weights: GPT-2's lm_head
 and its embedding) stays one tensor: the site becomes a `TiedFusedSite` that reads it.
@@ -14,10 +16,12 @@ GraphModules nested in the model (submodules traced in place under an untraceabl
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 
 import torch
 from torch import fx, nn
+from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -102,17 +106,32 @@ def _erase_if_dead(graph: fx.Graph, node) -> None:
                 _erase_if_dead(graph, i)
 
 
+# Forward pre-hooks that recompute a layer's weight attribute from its parameters before each
+# forward (torch.nn.utils.weight_norm, spectral_norm, prune): the fused weight is read from them.
+WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
+
+
 def _recompute_hooked_weights(gm: nn.Module) -> None:
-    """Weights that `torch.nn.utils.weight_norm` / `spectral_norm` hooks recompute before each
-    forward (a plain attribute, not a parameter), recomputed from their parameters now: an optimizer
-    step since the last forward left them stale, and fusing reads them. (In eval mode, as here,
-    spectral_norm runs no power iteration: its buffers stay as they are.)"""
-    hooks = (WeightNorm, SpectralNorm)
+    """Weights that `WEIGHT_HOOKS` recompute before each forward (a plain attribute, not a
+    parameter), recomputed from their parameters now: an optimizer step since the last forward
+    (or a load) left them stale, and fusing reads them. (In eval mode, as here, spectral_norm runs
+    no power iteration: its buffers stay as they are.)"""
     with torch.no_grad():
         for m in gm.modules():
             for hook in list(m._forward_pre_hooks.values()):
-                if isinstance(hook, hooks):
+                if isinstance(hook, WEIGHT_HOOKS):
                     hook(m, ())
+
+
+def _runs_hooks(gm: nn.Module, node) -> bool:
+    """Whether `node` calls a module with hooks of the user's (`_has_user_hooks`)."""
+    return isinstance(node, fx.Node) and node.op == "call_module" and _has_user_hooks(gm.get_submodule(node.target))
+
+
+def _has_user_hooks(m: nn.Module) -> bool:
+    """Whether `m` has forward hooks or pre-hooks other than `WEIGHT_HOOKS` (whose weight the fused
+    site reads): a fused site would skip them, so the neuron's own call stays."""
+    return bool(m._forward_hooks) or any(not isinstance(h, WEIGHT_HOOKS) for h in m._forward_pre_hooks.values())
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -138,6 +157,9 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
             site = mod.site
             if site.num_dendrites == 0:
                 replacement = mod.neuron
+            elif _has_user_hooks(mod.neuron):  # (its own call stays, hooks and all; the fused site adds the dendrites)
+                replacement = FusedSwappedNeuron(fuse_site(site, torch.zeros_like(mod.neuron.weight), None),
+                                                 mod.neuron, runs_neuron=True)
             else:
                 b = None if getattr(mod.neuron, "bias", None) is None else mod.neuron.bias.detach()
                 neuron = copy.deepcopy(mod.neuron).requires_grad_(False)  # (the leaf reads its attributes)
@@ -172,6 +194,18 @@ def _fuse_graph(gm: fx.GraphModule) -> None:
             graph.erase_node(node)
             continue
         key = node.target.rpartition(".")[2]  # the Site's own key: unique, unlike site_key(name)
+        norm_node = out if site.spec.norm_node else None
+        neuron = norm_node.args[0] if norm_node is not None else out
+        if _runs_hooks(gm, neuron) or _runs_hooks(gm, norm_node):
+            # The neuron's own call stays (its hooks run there); the fused node adds the dendrites.
+            fused_mods[key] = fuse_site(site, torch.zeros_like(_neuron_tensors(gm, site)[0]), None)
+            with graph.inserting_after(node):
+                tail = graph.call_module(f"{FUSED_ATTR}.{key}", (x,))
+            with graph.inserting_after(tail):
+                new = graph.call_function(operator.add, (out, tail))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            continue
         fused_mods[key] = fuse_site(site, *_neuron_tensors(gm, site))
         neurons[key] = (attr_tensor(gm, site.spec.weight), bool(getattr(site.spec, "weight_transposed", False)),
                         site.spec.norm is not None)
@@ -180,8 +214,6 @@ def _fuse_graph(gm: fx.GraphModule) -> None:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         # The neuron (and its norm) now live inside the fused node.
-        norm_node = out if site.spec.norm_node else None
-        neuron = norm_node.args[0] if norm_node is not None else out
         _erase_if_dead(graph, norm_node)
         _erase_if_dead(graph, neuron)
     if hasattr(gm, SITES_ATTR):

@@ -486,15 +486,19 @@ class FusedSwappedNeuron(StandIn, nn.Module):
     """A finalized `SwappedNeuron`: its FusedSite runs, and the leaf's reads of its layer's
     attributes (`self.fc.weight.shape`, `out_features`) are answered by the neuron layer as it
     was, held unregistered (its tensors are not the finalized model's), not by the fused
-    [1 + K, C, ...] weight."""
+    [1 + K, C, ...] weight. runs_neuron: the neuron is the finalized model's and runs as its own
+    layer (its forward hooks with it), `fused` adding the dendrites only (its neuron row zero)."""
 
-    def __init__(self, fused: "FusedSite", neuron: nn.Module):
+    def __init__(self, fused: "FusedSite", neuron: nn.Module, runs_neuron: bool = False):
         super().__init__()
-        self.fused = fused
-        object.__setattr__(self, "neuron", neuron)
+        self.fused, self.runs_neuron = fused, runs_neuron
+        if runs_neuron:
+            self.neuron = neuron
+        else:
+            object.__setattr__(self, "neuron", neuron)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fused(x)
+        return self.neuron(x) + self.fused(x) if self.runs_neuron else self.fused(x)
 
 
 class FusedSite(nn.Module):

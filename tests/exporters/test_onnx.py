@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
 
 import pbp_fx
 from pbp_fx.errors import PBWarning
@@ -1520,3 +1521,27 @@ def test_a_buffer_the_forward_advances_is_written_as_the_model_holds_it(tmp_path
     got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))[0]
     assert [float(b) for n, b in pm.named_buffers() if n.endswith("calls")] == [1.0]
     np.testing.assert_allclose(got, pm(x).detach().numpy(), atol=1e-5)  # the call that makes calls = 2
+
+
+@pytest.mark.parametrize("where", ["graph", "leaf"])
+def test_a_sites_layer_with_forward_hooks_is_exported_with_them(tmp_path, where):
+    """The direct emitter wrote a hooked layer (and the fused site its neuron) without the hooks:
+    0.65 off. A hooked module now goes through the dynamo exporter, which runs them."""
+    from parts_models import ReadsItsLayer
+
+    model = nn.Sequential(ReadsItsLayer() if where == "leaf" else nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    layer = model[0].fc if where == "leaf" else model[0]
+    layer.register_forward_pre_hook(lambda m, args: (args[0] + 1,))
+    layer.register_forward_hook(lambda m, args, out: out * 2)
+    x = torch.randn(5, 4)
+    pm = pbp_fx.perforate(model.eval(), (x,))
+    pm.grow()
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if name.endswith("out_weight"):
+                p.fill_(0.3)
+    pm.eval()
+    path = tmp_path / "hooked.onnx"
+    export_onnx(pm, (x,), path)
+    got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))[0]
+    np.testing.assert_allclose(got, pm(x).detach().numpy(), atol=1e-5)

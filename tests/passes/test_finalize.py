@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import pbp_fx
-from parts_models import grown_leaf_reader
+from parts_models import ReadsItsLayer, grown_leaf_reader
 from pbp_fx.passes import finalize, fuse_site
 from pbp_fx.passes.finalize import FUSED_ATTR
 from pbp_fx.passes.insert_dendrites import SITES_ATTR
@@ -260,11 +260,15 @@ def test_a_finalized_graph_is_refused_in_one_line():
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm is deprecated")
-@pytest.mark.parametrize("hooked", ["weight_norm", "spectral_norm"])
+@pytest.mark.parametrize("hooked", ["weight_norm", "spectral_norm", "prune"])
 def test_weights_recomputed_by_forward_hooks_are_fused_as_the_parameters_give_them(hooked):
-    """torch.nn.utils.weight_norm / spectral_norm recompute the weight before each forward: fused
-    right after an optimizer step, the site took the weight of the step before (2e-2 off)."""
-    wrap = getattr(nn.utils, hooked)
+    """torch.nn.utils.weight_norm / spectral_norm / prune recompute the weight before each forward:
+    fused right after an optimizer step, the site took the weight of the step before (2e-2 off;
+    after a load into a fresh model, the fresh model's weight)."""
+    def prune(layer):
+        return nn.utils.prune.random_unstructured(layer, "weight", amount=0.5)
+
+    wrap = prune if hooked == "prune" else getattr(nn.utils, hooked)
     model = nn.Sequential(wrap(nn.Conv2d(3, 8, 3)), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 3))
     x = torch.randn(5, 3, 8, 8)
     pm = pbp_fx.perforate(model, (x,))
@@ -288,3 +292,40 @@ def test_a_leaf_reading_its_layers_attributes_reads_the_layers_after_finalize():
     double = fused.double()  # (the layer the leaf reads follows the model's dtype)
     assert fused.get_submodule("0.fc").weight.dtype == torch.float64
     torch.testing.assert_close(double(x.double()), pm(x).double(), rtol=1e-5, atol=1e-5)
+
+
+def _with_user_hooks(layer: nn.Module) -> nn.Module:
+    layer.register_forward_pre_hook(lambda m, args: (args[0] + 1,))
+    layer.register_forward_hook(lambda m, args, out: out * 2)
+    return layer
+
+
+def _grown(pm):
+    pm.grow()
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if name.endswith("out_weight"):
+                p.fill_(0.3)
+    return pm.eval()
+
+
+def test_a_sites_layer_with_forward_hooks_keeps_them_after_finalize():
+    """The fused site computed the neuron itself, so the layer's hooks (the user's: a pre-hook on
+    its input, a hook on its output) did not run: 0.65 off with a dendrite at V = 0."""
+    model = nn.Sequential(_with_user_hooks(nn.Linear(6, 8)), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 6)
+    pm = _grown(pbp_fx.perforate(model, (x,)))
+    fused = pm.finalize()
+    torch.testing.assert_close(fused(x), pm(x), rtol=1e-5, atol=1e-5)
+    assert sum(isinstance(m, FusedSite) for m in fused.modules()) == 2  # (the hooked one adds its dendrites)
+
+
+def test_a_hooked_layer_inside_an_untraceable_leaf_keeps_its_hooks_after_finalize():
+    model = nn.Sequential(ReadsItsLayer(), nn.Linear(3, 2)).eval()
+    _with_user_hooks(model[0].fc)
+    x = torch.randn(5, 4)
+    pm = _grown(pbp_fx.perforate(model, (x,)))
+    assert isinstance(pm.graph_module.get_submodule("0.fc"), SwappedNeuron)
+    fused = pm.finalize()
+    assert isinstance(fused.get_submodule("0.fc"), FusedSwappedNeuron)
+    torch.testing.assert_close(fused(x), pm(x), rtol=1e-5, atol=1e-5)
