@@ -689,12 +689,25 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     example_inputs, example_kwargs = _tensors_copied((example_inputs, example_kwargs))
     include, exclude = site_filters(include, exclude)  # checked before any work; searched twice below
     model = copy_module(model)
+    _drop_root_hooks(model)
     _warn_dropped_checkpointing(model)
     # The copy's buffers end as the model's: capture and site matching run its forward and read its
     # weights, and a parametrization updates buffers when read in train mode (spectral_norm's _u).
     with buffers_kept(model):
         return _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, include, exclude,
                                 mode, activation)
+
+
+def _drop_root_hooks(model: nn.Module) -> None:
+    """Forward hooks on the model itself are outside its forward, which capture starts at: said, and
+    dropped from the copy (fx never ran them, torch.export ran them on keyword inputs)."""
+    hooks = [d for d in (model._forward_pre_hooks, model._forward_hooks) if d]
+    if hooks:
+        warn_at_user(f"{type(model).__name__} has forward hook(s) or pre-hook(s) on itself, which run outside its "
+                     "forward, where capture starts: the perforated model runs without them; register them on it "
+                     "to keep them (hooks on submodules are kept)")
+        for d in hooks:
+            d.clear()
 
 
 def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, include, exclude, mode,

@@ -1711,3 +1711,20 @@ def test_a_dict_subclass_pytree_does_not_know_comes_back_as_a_dict():
     # Inside a known one: one leaf to pytree, two as fx writes it (every call failed to unflatten)
     out = pbp_fx.perforate(_KnownHoldingUnknown(), (x,), frontend="fx")(x)
     assert type(out) is dict and torch.equal(out["extra"]["b"], 2 * out["logits"])
+
+
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+def test_hooks_on_the_model_itself_are_said_to_be_dropped_and_run_when_registered_on_the_perforated_model(frontend):
+    """They run outside forward, where capture starts: fx dropped them silently (0.87 off), and
+    torch.export ran a pre-hook on the keyword inputs it captures with ('tuple index out of range')."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    model.register_forward_pre_hook(lambda m, args: (args[0] * 3,))
+    model.register_forward_hook(lambda m, args, out: out.softmax(-1))
+    x = torch.randn(5, 6)
+    with pytest.warns(UserWarning, match="Sequential has forward hook.* on itself, .* the perforated model runs "
+                                         "without them; register them on it"):
+        pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    assert len(model._forward_hooks) == len(model._forward_pre_hooks) == 1  # (the user's model keeps them)
+    pm.register_forward_pre_hook(lambda m, args: (args[0] * 3,))
+    pm.register_forward_hook(lambda m, args, out: out.softmax(-1))
+    torch.testing.assert_close(pm(x), model(x))
