@@ -21,7 +21,7 @@ from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
 from .tracing import (DYNAMIC_CHOICES, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
-                      keyword_changes_output, memo_computed_tensors, parts_model, trace)
+                      keyword_changes_output, memo_computed_tensors, parts_model, trace, whole_model_in_mode)
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
@@ -688,6 +688,7 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     # change the caller's tensors.
     example_inputs, example_kwargs = _tensors_copied((example_inputs, example_kwargs))
     include, exclude = site_filters(include, exclude)  # checked before any work; searched twice below
+    _materialize_lazy(model, example_inputs, example_kwargs)
     model = copy_module(model)
     _drop_root_hooks(model)
     _warn_dropped_checkpointing(model)
@@ -696,6 +697,19 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     with buffers_kept(model):
         return _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, include, exclude,
                                 mode, activation)
+
+
+def _materialize_lazy(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[dict]) -> None:
+    """Lazy layers not run yet (nn.LazyLinear) get their parameters at the model's first call, drawn
+    from the global generator: it is made now, on the example (eval mode, no gradients, buffers
+    kept), so the perforated copy and the model hold the same weights (the copy drew its own)."""
+    if not any(nn.parameter.is_lazy(p) for p in model.parameters()):
+        return
+    with whole_model_in_mode(model, False), buffers_kept(model), torch.no_grad():
+        try:
+            model(*example_inputs, **(example_kwargs or {}))
+        except Exception:  # noqa: BLE001 - capture reports a model that does not run on its example
+            return
 
 
 def _drop_root_hooks(model: nn.Module) -> None:

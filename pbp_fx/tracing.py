@@ -63,7 +63,7 @@ from .layers import StandIn
 from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
-           "memo_computed_tensors", "keyword_changes_output",
+           "memo_computed_tensors", "keyword_changes_output", "whole_model_in_mode",
            "TraceError", "FRONTENDS"]
 
 log = logging.getLogger(__name__)
@@ -388,7 +388,7 @@ def _mixed_modes(model: nn.Module, as_is: fx.GraphModule, capture: Callable[[], 
     if not outermost:
         return []
     try:
-        with _modes(model, primary):
+        with whole_model_in_mode(model, primary):
             whole = capture()
     except Exception:  # noqa: BLE001 - the check only; the capture as it is stands
         return []
@@ -435,7 +435,7 @@ def _warn_mixed_modes(model: nn.Module, modules: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _modes(model: nn.Module, training: Optional[bool]):
+def whole_model_in_mode(model: nn.Module, training: Optional[bool]):
     """Run a block with the whole model in train (True) / eval (False) mode, or as it is (None);
     every module's own mode is restored afterwards."""
     saved = {m: m.training for m in model.modules()}
@@ -542,7 +542,7 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
             mixed = _mixed_modes(model, gm, lambda: _fx_capture(model, set(gm.meta["pbp_leaves"]), 0, constants))
             why = ""
             try:
-                with _modes(model, not primary):
+                with whole_model_in_mode(model, not primary):
                     other = _fx_capture(model, set(gm.meta["pbp_leaves"]), 0, constants)
             except TraceError as exc:
                 other, why = None, _reason(exc)
@@ -886,7 +886,7 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
                      _DIMS_WORDS[tries[tries.index(dims) + 1]])
     _warn_mixed_modes(model, _mixed_modes(model, gm, lambda: _export_capture(model, args, kwargs, dims)))
     try:
-        with _modes(model, not primary):
+        with whole_model_in_mode(model, not primary):
             other = _export_capture(model, args, kwargs, dims)
     except Exception as exc:  # noqa: BLE001
         log.info("trace: the %s-mode export failed: %s", "eval" if primary else "train", _reason(exc))
@@ -900,7 +900,7 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
         # batch-only captures have none of it, and a merged graph keeps both modes.
         try:
             batch_gm = _export_capture(model, args, kwargs, "batch")
-            with _modes(model, not primary):
+            with whole_model_in_mode(model, not primary):
                 batch_other = _export_capture(model, args, kwargs, "batch")
         except Exception as exc:  # noqa: BLE001
             log.info("trace: the batch-only captures for the mode merge failed: %s", _reason(exc))
@@ -1387,7 +1387,8 @@ def keyword_changes_output(module: nn.Module, args: tuple, kwargs: dict, key: st
 
     without = {k: v for k, v in kwargs.items() if k != key}
     try:
-        with _modes(module, False), buffers_kept(module), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with whole_model_in_mode(module, False), buffers_kept(module), torch.no_grad(), \
+                torch.random.fork_rng(devices=[]):
             return not _same_output(module(*fresh(args), **fresh(without)), module(*fresh(args), **fresh(kwargs)))
     except Exception:  # noqa: BLE001 - (a buffer left on another device): cannot tell, so it may
         return True

@@ -1728,3 +1728,13 @@ def test_hooks_on_the_model_itself_are_said_to_be_dropped_and_run_when_registere
     pm.register_forward_pre_hook(lambda m, args: (args[0] * 3,))
     pm.register_forward_hook(lambda m, args, out: out.softmax(-1))
     torch.testing.assert_close(pm(x), model(x))
+
+
+def test_a_lazy_layer_not_run_yet_gets_the_same_weights_in_the_model_and_its_perforated_copy():
+    """The copy drew its own weights at capture, the model others at its first call: 0.35 apart."""
+    model = nn.Sequential(nn.LazyLinear(6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    x = torch.randn(3, 4)
+    pm = pbp_fx.perforate(model, (x,))
+    assert isinstance(model[0], nn.Linear) and model[0].weight.shape == (6, 4)
+    assert int(model[1].num_batches_tracked) == 0 and model.training  # (run in eval mode, buffers kept)
+    torch.testing.assert_close(pm(x), model(x))
