@@ -823,6 +823,7 @@ def export(args: argparse.Namespace) -> int:
                 raise PBError(f"checkpoint {args.source} was trained from {ref}, which does not exist now: pass the "
                               "model file with --model FILE")
             check_output_file(args.out, "-o", reads=(ref,), example="model.onnx")  # (the file the checkpoint names)
+            _warn_edited_model_file(args.source, meta, ref)
             captured = (meta.get("capture") or {}).get("captured_with")
             if args.frontend != "auto" and captured is not None and captured != args.frontend:
                 raise PBError(f"checkpoint {args.source} was captured with {captured}; --frontend {args.frontend} "
@@ -858,6 +859,18 @@ def export(args: argparse.Namespace) -> int:
         except PBError as exc:  # the file is whole: say that it stays
             raise PBError(f"{exc} ({path} is written; run without --check to keep it without this check)") from exc
     return EXIT_OK
+
+
+def _warn_edited_model_file(checkpoint: str, meta: dict, ref: str) -> None:
+    """A train run's checkpoint whose model file's content is not the one it trained: its weights
+    then go into other code."""
+    from .job import model_digest
+
+    identity = ((meta.get("extra") or {}).get("job_state") or {}).get("identity") or {}
+    if ref.endswith(".py") and identity.get("model_digest") and model_digest(ref) != identity["model_digest"]:
+        warnings.warn(f"{ref} changed since the run in checkpoint {checkpoint} trained it: the file exports its "
+                      "weights in the current code, which may compute another function; restore the file the run "
+                      "trained to export that run", PBWarning, stacklevel=2)
 
 
 def _note_unfinished_run(controller: Optional[dict]) -> None:

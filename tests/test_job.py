@@ -1264,3 +1264,18 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder_it_made(t
     assert main(["train", _write(tmp_path / "m.py", nan_at_once), "--out", str(out), "--no-progress"]) == 2
     assert "the loss is nan" in capsys.readouterr().err
     assert os.listdir(tmp_path / "kept") == []  # (a folder that was there stays)
+
+
+def test_export_of_a_run_whose_model_file_changed_since_it_trained_says_so(tmp_path, capsys):
+    """Its weights went into the edited code without a word (a resume of the same run refuses)."""
+    model = _write(tmp_path / "m.py", GOOD)
+    run = tmp_path / "run"
+    assert main(["train", model, "--out", str(run), "--epochs", "2", "--no-progress"]) == 0
+    onnx_path = str(tmp_path / "m.onnx")
+    capsys.readouterr()
+    assert main(["export", str(run / "checkpoint.safetensors"), "-o", onnx_path]) == 0
+    assert "changed since" not in capsys.readouterr().err
+    (tmp_path / "m.py").write_text(GOOD.replace("torch.randn(8, 3)", "torch.randn(8, 3) * 2") + "\n# edited\n")
+    assert main(["export", str(run / "checkpoint.safetensors"), "-o", onnx_path]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {model} changed since the run in checkpoint {run / 'checkpoint.safetensors'} trained it" in err
