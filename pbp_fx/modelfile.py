@@ -14,6 +14,7 @@ Optional names a model file may define: `datasets` (read by its users), and `TAS
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -59,9 +60,9 @@ def load_model_file(path: str | os.PathLike) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     folder = os.path.dirname(full)
     sys.modules[name] = mod
-    sys.path.insert(0, folder)  # so the file can import its neighbours
     try:
-        spec.loader.exec_module(mod)
+        with _importable(folder):  # so the file can import its neighbours
+            spec.loader.exec_module(mod)
     except BaseException as exc:  # noqa: BLE001 - any failure of user code is reported, SystemExit included
         sys.modules.pop(name, None)
         if isinstance(exc, KeyboardInterrupt):
@@ -71,17 +72,36 @@ def load_model_file(path: str | os.PathLike) -> ModuleType:
         else:
             what = _first_line(exc)
         raise ModelFileError(f"importing model file {path!r} raised {type(exc).__name__}: {what}") from exc
-    finally:
-        try:
-            sys.path.remove(folder)
-        except ValueError:
-            pass
+    # ... also from inside its functions (`from layers import block` in build_model), when they run
+    for n, f in list(vars(mod).items()):
+        if inspect.isfunction(f) and f.__module__ == name:
+            setattr(mod, n, _run_importable(f, folder))
     missing = [n for n in REQUIRED if not callable(getattr(mod, n, None))]
     if missing:
         raise ModelFileError(
             f"model file {path!r} does not define {' and '.join(f'{n}()' for n in missing)}: "
             "a model file needs build_model() -> nn.Module and example_inputs() -> tuple")
     return mod
+
+
+@contextlib.contextmanager
+def _importable(folder: str):
+    """The model file's folder first on sys.path for the block (the file's neighbours import), and
+    off it again after: the caller's imports stay as they were."""
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+
+
+def _run_importable(f: Callable, folder: str) -> Callable:
+    @functools.wraps(f)
+    def call(*args, **kwargs):
+        with _importable(folder):
+            return f(*args, **kwargs)
+    return call
 
 
 def instantiate(mod: ModuleType) -> tuple[nn.Module, tuple]:

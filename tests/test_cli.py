@@ -1729,3 +1729,23 @@ def test_export_check_says_when_the_model_bounds_a_dynamic_axis(tmp_path, capsys
     assert ("check: not at batch=4, seq=16 (twice the example's sizes on the dynamic axes): the model itself raises "
             "there (RuntimeError: ") in captured.out
     assert "Traceback" not in captured.err
+
+
+def test_a_model_file_imports_its_neighbours_inside_its_functions_too(tmp_path, capsys):
+    """The folder left sys.path once the file was imported: `from layers import block` inside
+    build_model() failed with ModuleNotFoundError, from any working directory."""
+    (tmp_path / "blocks_beside.py").write_text("from torch import nn\n\ndef block():\n    return nn.Linear(4, 3)\n")
+    path = _write(tmp_path, """
+        import torch
+
+        def build_model():
+            from blocks_beside import block
+            return block()
+
+        def example_inputs():
+            return (torch.randn(2, 4),)
+        """)
+    mod = load_model_file(path)
+    model, _ = instantiate(mod)
+    assert isinstance(model, torch.nn.Linear)
+    assert str(tmp_path) not in sys.path  # (only while the file's functions run)
