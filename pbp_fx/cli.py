@@ -1003,8 +1003,12 @@ def run_onnx(args: argparse.Namespace) -> int:
                               "array with numpy.save") from exc
             raise PBError(f"cannot read input {name}: {_plain(str(exc)) or type(exc).__name__} "
                           "(save it with numpy.save)") from exc
-        if not isinstance(array, np.ndarray):  # an .npz archive
+        if not isinstance(array, np.ndarray):  # a zip file: an .npz archive, or torch.save's
+            members = list(array.files)
             array.close()
+            if any(m.endswith("data.pkl") for m in members):
+                raise PBError(f"--input {name} is a torch.save file, not a .npy array: save each input with numpy.save "
+                              "(numpy.save(path, tensor.numpy()))")
             raise PBError(f"--input {name} is an .npz archive, not one array: save each input array with numpy.save")
         arrays.append(array)
     try:

@@ -719,6 +719,8 @@ def test_a_dynamo_export_failure_is_one_line_and_its_graph_dump_goes_with_the_tr
     (lambda t: ["run", "CKPT", "--input", str(t / "none.npy")], "cannot read input"),
     (lambda t: (np.savez(t / "z.npz", a=np.zeros(2)), ["run", "CKPT", "--input", str(t / "z.npz")])[1],
      "is an .npz archive, not one array: save each input array with numpy.save"),
+    (lambda t: (torch.save(torch.zeros(2), t / "x.pt"), ["run", "CKPT", "--input", str(t / "x.pt")])[1],
+     "is a torch.save file, not a .npy array: save each input with numpy.save"),  # (it said '.npz archive')
     (lambda t: ["export", str(t)], "is a folder: pass a checkpoint in it"),
     # a text file named .npy got numpy's advice to load it unsafely; so did an object array
     (lambda t: ((t / "text.npy").write_text("1,2,3\n"), ["run", "CKPT", "--input", str(t / "text.npy")])[1],
