@@ -449,6 +449,10 @@ class PhaseController:
                 self.pm.abort_dendrite_phase()
                 self._thaw_outside()
             self.pm.load_state_dict(self.best_state)
+            # Gradients of the weights before the rewind (a validation inside an accumulation of
+            # gradients) would enter the next step of the weights it rewound to.
+            for t in (*self.pm.parameters(), *self.outside_state().values()):
+                t.grad = None
         self._put_outside(self.best_outside)
 
     def outside_state(self) -> dict:

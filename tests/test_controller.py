@@ -56,6 +56,17 @@ def test_rewinds_to_best_weights_before_the_dendrite_phase():
     assert all(torch.equal(best[k], v) for k, v in pm.state_dict().items() if ".candidates." not in k)
 
 
+def test_a_grow_rewind_drops_the_gradients_of_the_weights_it_rewound_from():
+    """gd mode: a validation inside an accumulation of gradients left the pre-rewind gradients on
+    the neurons, which the next step applied to the best weights."""
+    pm = _pm(mode="gd")
+    ctl = PhaseController(pm, patience=1, max_dendrites=3)
+    ctl.step(0.9)
+    pm(torch.randn(4, 3)).sum().backward()  # half an accumulation
+    assert ctl.step(0.1) is R and ctl.history[-1]["dendrites"] == 1
+    assert all(p.grad is None for p in pm.parameters())
+
+
 def test_retry_then_complete_restores_best():
     pm = _pm()
     ctl = PhaseController(pm, patience=1, dendrite_patience=1, max_dendrites=5, retries=1)
