@@ -22,7 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from ..checkpoint import warn_changed_settings
 from ..config import ConfigError, PBConfig
 from ..controller import Decision, PhaseController
-from ..errors import TrainingError
+from ..errors import TrainingError, warn_at_user
 from .common import StructureOnLoad, find_perforated, finished_run, refused_restart, unwrap_optimizer
 
 __all__ = ["PBCallback"]
@@ -45,6 +45,9 @@ class PBCallback(Callback):
     def __init__(self, config: Optional[PBConfig] = None, monitor: str = "val_loss", mode: str = "min"):
         if mode not in ("min", "max"):
             raise ConfigError(f"mode={mode!r}: use 'min' (lower {monitor} is better) or 'max'")
+        if mode == "max" and monitor.endswith("loss"):  # (mode given, monitor left at its default: the best is the worst)
+            warn_at_user(f"PBCallback(mode='max') keeps the highest {monitor}, a loss, as its best: pass the metric to "
+                         f"maximise as monitor= (e.g. monitor='val_acc'), or mode='min'")
         self.monitor = monitor
         self.config, self.maximize = config, mode == "max"
         self.controller: Optional[PhaseController] = None

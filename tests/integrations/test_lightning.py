@@ -145,6 +145,9 @@ def test_lightning_trainer_runs_pb_through_an_install(tmp_path):
 def test_lightning_refusals():
     with pytest.raises(ConfigError, match="mode='up'"):
         PBCallback(mode="up")
+    # mode given, monitor left at its default: PB would keep the highest loss as its best
+    with pytest.warns(UserWarning, match="PBCallback.mode='max'. keeps the highest val_loss, a loss, as its best"):
+        PBCallback(mode="max")
     train, val = digits_loaders()
     module = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
     with pytest.raises(TrainingError, match="'val_f1' was not logged .*val_acc"):
