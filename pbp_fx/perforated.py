@@ -21,7 +21,8 @@ from .inputs import describe_inputs
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
 from .tracing import (DYNAMIC_CHOICES, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
-                      keyword_changes_output, memo_computed_tensors, parts_model, trace, whole_model_in_mode)
+                      keep_out_of_state_dict_on_copy, keyword_changes_output, memo_computed_tensors, parts_model,
+                      trace, whole_model_in_mode)
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
@@ -746,6 +747,7 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
         warn_at_user(u)
     _warn_not_sites(not_sites, model, include, exclude)
     gm = insert_dendrites(gm, specs, activation=activation, mode=mode)
+    keep_out_of_state_dict_on_copy(gm)
     capture = {"frontend": frontend, "captured_with": gm.meta.get("pbp_frontend", "fx"), "dynamic": dynamic,
                "leaves": list(gm.meta.get("pbp_untraceable", [])),
                "inputs": describe_inputs(model, example_inputs, dict(example_kwargs or {})),

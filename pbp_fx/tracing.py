@@ -64,6 +64,7 @@ from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
            "memo_computed_tensors", "keyword_changes_output", "whole_model_in_mode",
+           "keep_out_of_state_dict_on_copy",
            "TraceError", "FRONTENDS"]
 
 log = logging.getLogger(__name__)
@@ -751,6 +752,32 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic) -> fx.Gr
         gm = _export_both_modes(model, args, kwargs, dynamic, primary)
     _restore_buffers(gm, saved, own=False)
     return gm
+
+
+class _OutOfStateDict:
+    """A GraphModule deepcopy hook: the buffers (module path, name) that are not in the graph
+    module's state dict stay out of its copy's (torch's GraphModule.__deepcopy__ registers every
+    buffer its graph reads as persistent: `copy.deepcopy(pm).state_dict()` then held keys that
+    `pm.load_state_dict` refuses)."""
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        self.pairs = pairs
+
+    def __call__(self, copied: fx.GraphModule) -> None:
+        modules = dict(copied.named_modules())
+        for path, name in self.pairs:
+            m = modules.get(path)
+            if m is not None and name in m._buffers:
+                m._non_persistent_buffers_set.add(name)
+
+
+def keep_out_of_state_dict_on_copy(model: nn.Module) -> None:
+    """Each graph module in `model` keeps its non-persistent buffers so in its deep copies."""
+    for g in model.modules():
+        if isinstance(g, fx.GraphModule) and not any(isinstance(h, _OutOfStateDict) for h in g._deepcopy_hooks):
+            pairs = [(path, name) for path, m in g.named_modules() for name in sorted(m._non_persistent_buffers_set)]
+            if pairs:
+                g._register_deepcopy_hook(_OutOfStateDict(pairs))
 
 
 def copy_module(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:

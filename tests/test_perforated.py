@@ -1738,3 +1738,27 @@ def test_a_lazy_layer_not_run_yet_gets_the_same_weights_in_the_model_and_its_per
     assert isinstance(model[0], nn.Linear) and model[0].weight.shape == (6, 4)
     assert int(model[1].num_batches_tracked) == 0 and model.training  # (run in eval mode, buffers kept)
     torch.testing.assert_close(pm(x), model(x))
+
+
+class _PositionTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("pos", torch.arange(4.0), persistent=False)  # (HF's position_ids are so)
+
+    def forward(self, x):
+        return self.fc(x) + self.pos
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_deep_copy_has_the_state_dict_keys_of_the_model_it_copies(frontend):
+    """torch's GraphModule.__deepcopy__ registers the buffers its graph reads as persistent: the copy
+    of an export capture held a key its original refuses (`model.load_state_dict(best.state_dict())`
+    of a `best = copy.deepcopy(model)`; an EMA that zips the two state dicts pairs wrong tensors)."""
+    pm = pbp_fx.perforate(_PositionTable(), (torch.randn(2, 4),), frontend=frontend)
+    pm.grow()
+    best = copy.deepcopy(pm)
+    assert list(best.state_dict()) == list(pm.state_dict())
+    pm.load_state_dict(best.state_dict())
+    assert list(copy.deepcopy(best).state_dict()) == list(pm.state_dict())
+    assert list(copy.deepcopy(pm.finalize()).state_dict()) == list(pm.finalize().state_dict())
