@@ -454,41 +454,63 @@ def whole_model_in_mode(model: nn.Module, training: Optional[bool]):
 def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optional[dict] = None) -> fx.GraphModule:
     leaves = set(leaves)
     added: list[str] = []
-    while True:
-        tracer = PBTracer(leaves)
-        try:
-            # (the graph module built below copies the root's buffers as they are: as before the trace)
-            with buffers_kept(model):
-                graph = tracer.trace(model, concrete_args=constants or None)
-            _restore_constant_names(graph, constants or {})
-            break
-        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or isolated
-            where = tracer.failed_module
-            if not where:
-                line = _user_frame(exc)
-                if _in_decorator(model, exc):
-                    raise TraceError(
-                        f"torch.fx cannot trace {type(model).__name__}.forward, which a decorator wraps "
-                        f"({_where_failed(exc)}): capture it with frontend='export' (or 'auto')") from exc
-                raise TraceError(
-                    f"cannot trace {type(model).__name__}.forward ({_reason(exc)})"
-                    f"{'' if line == '<unknown line>' else ' at ' + line}: "
-                    "the failing code is in the root module, so it cannot be isolated as a leaf; "
-                    "move it into a submodule or make it traceable") from exc
-            if where in leaves or len(added) >= max_leaves:
-                raise TraceError(f"cannot trace module {where!r} ({_reason(exc)}) at {_user_frame(exc)}") from exc
-            leaves.add(where)
-            added.append(where)
+    # Each try starts from the model's buffers as they were; the graph module copies the ones its graph
+    # reads as the trace left them (a constant table filled at the first call), or as they were when the
+    # trace deleted them after reading; then the model gets its own back.
+    saved = BufferSnapshot(model)
     try:
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    except SyntaxError as exc:  # fx's code for some signatures (a keyword-only input after a default) does not compile
-        raise TraceError(f"fx cannot write {type(model).__name__}.forward's signature back as code ({exc.msg}): "
-                         "use frontend='export'") from exc
+        while True:
+            tracer = PBTracer(leaves)
+            try:
+                graph = tracer.trace(model, concrete_args=constants or None)
+                _restore_constant_names(graph, constants or {})
+                break
+            except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or isolated
+                _restore_buffers(model, saved)
+                where = tracer.failed_module
+                if not where:
+                    line = _user_frame(exc)
+                    if _in_decorator(model, exc):
+                        raise TraceError(
+                            f"torch.fx cannot trace {type(model).__name__}.forward, which a decorator wraps "
+                            f"({_where_failed(exc)}): capture it with frontend='export' (or 'auto')") from exc
+                    raise TraceError(
+                        f"cannot trace {type(model).__name__}.forward ({_reason(exc)})"
+                        f"{'' if line == '<unknown line>' else ' at ' + line}: "
+                        "the failing code is in the root module, so it cannot be isolated as a leaf; "
+                        "move it into a submodule or make it traceable") from exc
+                if where in leaves or len(added) >= max_leaves:
+                    raise TraceError(f"cannot trace module {where!r} ({_reason(exc)}) at {_user_frame(exc)}") from exc
+                leaves.add(where)
+                added.append(where)
+        _put_back_what_the_graph_reads(model, graph, saved)
+        try:
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        except SyntaxError as exc:  # fx's code for some signatures (a keyword-only input after a default) does not compile
+            raise TraceError(f"fx cannot write {type(model).__name__}.forward's signature back as code ({exc.msg}): "
+                             "use frontend='export'") from exc
+    finally:
+        _restore_buffers(model, saved)
     gm.meta["pbp_leaves"] = sorted(leaves)
     gm.meta["pbp_untraceable"] = list(added)
     gm.meta["pbp_switched_modes"] = list(tracer.switched_modes)
     gm.meta["pbp_out_spec"] = _output_spec(tracer.output, graph)
     return gm
+
+
+def _put_back_what_the_graph_reads(model: nn.Module, graph: fx.Graph, saved: "BufferSnapshot") -> None:
+    """Buffers the graph reads that the traced forward then deleted or set to None, back in the model
+    as they were (the graph read them before)."""
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        path, _, leaf = node.target.rpartition(".")
+        tensor, _, persistent = saved.tables.get(path, {}).get(leaf, (None, None, True))
+        if tensor is None:
+            continue
+        m = model.get_submodule(path)
+        if m._buffers.get(leaf) is None:
+            _register_again(m, leaf, tensor, persistent)
 
 
 def _output_spec(output: Any, graph: fx.Graph) -> Optional[pytree.TreeSpec]:
@@ -820,19 +842,21 @@ class BufferSnapshot:
         self.tables: dict[str, dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor], bool]]] = {}
         values: dict[int, torch.Tensor] = {}
         for path, m in module.named_modules(remove_duplicate=False):
-            self.tables[path] = {leaf: (b, None if b is None else values.setdefault(id(b), b.detach().clone()),
+            # (no values of a lazy buffer: it has none before its first call)
+            self.tables[path] = {leaf: (b, None if b is None or nn.parameter.is_lazy(b)
+                                        else values.setdefault(id(b), b.detach().clone()),
                                         leaf not in m._non_persistent_buffers_set)
                                  for leaf, b in m._buffers.items()}
         self.entries = {_dotted(path, leaf): e for path, table in self.tables.items() for leaf, e in table.items()}
 
     def filled(self, module: nn.Module) -> list[str]:
-        """Names of the buffers that were None or absent and that `module` now holds a tensor in."""
+        """Names of the buffers that were None and that `module` now holds a tensor in."""
         return [_dotted(path, leaf) for path, m in module.named_modules(remove_duplicate=False)
                 if path in self.tables for leaf, b in m._buffers.items()
-                if b is not None and self.tables[path].get(leaf, (None,))[0] is None]
+                if b is not None and leaf in self.tables[path] and self.tables[path][leaf][0] is None]
 
     def value(self, name: str) -> Optional[torch.Tensor]:
-        """The saved values of buffer `name` (None for a buffer that was None)."""
+        """The saved values of buffer `name` (None for a buffer that was None, or lazy)."""
         return self.entries[name][1]
 
 
@@ -871,11 +895,16 @@ def _restore_table(m: nn.Module, table: dict, placed: dict) -> None:
     for leaf, (tensor, value, persistent) in table.items():
         if leaf not in m._buffers or m._buffers[leaf] is not tensor or \
                 (leaf in m._non_persistent_buffers_set) == persistent:
-            if leaf not in m._buffers and leaf in vars(m):
-                delattr(m, leaf)  # deleted, then set as a plain attribute
-            m.register_buffer(leaf, tensor, persistent=persistent)
-        if tensor is not None:
+            _register_again(m, leaf, tensor, persistent)
+        if value is not None:
             _put_values(m, leaf, tensor, value, placed)
+
+
+def _register_again(m: nn.Module, leaf: str, tensor: Optional[torch.Tensor], persistent: bool) -> None:
+    """`leaf` a buffer of `m` again, also where the forward deleted it and set a plain attribute."""
+    if leaf not in m._buffers and leaf in vars(m):
+        delattr(m, leaf)
+    m.register_buffer(leaf, tensor, persistent=persistent)
 
 
 def _put_values(m: nn.Module, leaf: str, b: torch.Tensor, value: torch.Tensor, placed: dict) -> None:
@@ -1156,7 +1185,7 @@ def _written_buffers(model: nn.Module, args: tuple, kwargs: dict,
         now = _buffer_table(model)  # (compared before the block puts the values back into these tensors)
         names = [n for n in dict.fromkeys([*named, *now]) if n not in kept]
         restructured = [n for n in names if n not in named or n not in now or (named[n] is None) != (now[n] is None)]
-        written = [n for n in names if n not in restructured and named[n] is not None
+        written = [n for n in names if n not in restructured and before.value(n) is not None
                    and not _same_values(now[n], before.value(n))]
     return written, restructured
 
