@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
+from pbp_fx.layers import has_user_hooks
 from pbp_fx.tracing import buffers_kept
 
 __all__ = ["emit", "Unsupported"]
@@ -113,7 +114,7 @@ class _Emitter:
         m = self.gm.get_submodule(n.target)
         if n.kwargs or len(n.args) != 1:
             raise Unsupported(f"call of {n.target} with {len(n.args)} arguments")
-        if m._forward_hooks or m._forward_pre_hooks:  # (the dynamo exporter runs them as the module call does)
+        if has_user_hooks(m):  # (the dynamo exporter runs them as the module call does)
             raise Unsupported(f"hooks on {n.target}")
         x = self.tensor(n.args[0])
         xv = self.values[n.args[0]]

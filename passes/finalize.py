@@ -21,11 +21,8 @@ import warnings
 
 import torch
 from torch import fx, nn
-from torch.nn.utils.prune import BasePruningMethod
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
 
-from pbp_fx.layers import fold_norm
+from pbp_fx.layers import WEIGHT_HOOKS, fold_norm, has_user_hooks
 from pbp_fx.site import FusedSite, FusedSwappedNeuron, Site, SwappedNeuron
 from pbp_fx.tracing import copy_module
 
@@ -106,11 +103,6 @@ def _erase_if_dead(graph: fx.Graph, node) -> None:
                 _erase_if_dead(graph, i)
 
 
-# Forward pre-hooks that recompute a layer's weight attribute from its parameters before each
-# forward (torch.nn.utils.weight_norm, spectral_norm, prune): the fused weight is read from them.
-WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
-
-
 def _recompute_hooked_weights(gm: nn.Module) -> None:
     """Weights that `WEIGHT_HOOKS` recompute before each forward (a plain attribute, not a
     parameter), recomputed from their parameters now: an optimizer step since the last forward
@@ -124,14 +116,9 @@ def _recompute_hooked_weights(gm: nn.Module) -> None:
 
 
 def _runs_hooks(gm: nn.Module, node) -> bool:
-    """Whether `node` calls a module with hooks of the user's (`_has_user_hooks`)."""
-    return isinstance(node, fx.Node) and node.op == "call_module" and _has_user_hooks(gm.get_submodule(node.target))
-
-
-def _has_user_hooks(m: nn.Module) -> bool:
-    """Whether `m` has forward hooks or pre-hooks other than `WEIGHT_HOOKS` (whose weight the fused
-    site reads): a fused site would skip them, so the neuron's own call stays."""
-    return bool(m._forward_hooks) or any(not isinstance(h, WEIGHT_HOOKS) for h in m._forward_pre_hooks.values())
+    """Whether `node` calls a module with hooks of the user's (`has_user_hooks`): a fused site would
+    skip them, so the neuron's own call stays."""
+    return isinstance(node, fx.Node) and node.op == "call_module" and has_user_hooks(gm.get_submodule(node.target))
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -157,7 +144,7 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
             site = mod.site
             if site.num_dendrites == 0:
                 replacement = mod.neuron
-            elif _has_user_hooks(mod.neuron):  # (its own call stays, hooks and all; the fused site adds the dendrites)
+            elif has_user_hooks(mod.neuron):  # (its own call stays, hooks and all; the fused site adds the dendrites)
                 replacement = FusedSwappedNeuron(fuse_site(site, torch.zeros_like(mod.neuron.weight), None),
                                                  mod.neuron, runs_neuron=True)
             else:

@@ -15,13 +15,27 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .config import ConfigError
 
-__all__ = ["LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply", "split_apply", "split_members",
-           "runs_as_columns", "split_columns", "columns_to_stacked",
+__all__ = ["WEIGHT_HOOKS", "has_user_hooks", "LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply",
+           "split_apply", "split_members", "runs_as_columns", "split_columns", "columns_to_stacked",
            "every_nth_position", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls", "apply_dendrites",
            "StandIn"]
+
+# Forward pre-hooks that recompute a layer's weight attribute from its parameters before each
+# forward (torch.nn.utils.weight_norm, spectral_norm, prune): the fused weight is read from them.
+WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
+
+
+def has_user_hooks(m: nn.Module) -> bool:
+    """Whether `m` has forward hooks or pre-hooks other than `WEIGHT_HOOKS`: code that a graph which
+    computes `m` itself (a fused site, the direct ONNX emitter) would skip."""
+    return bool(m._forward_hooks) or any(not isinstance(h, WEIGHT_HOOKS) for h in m._forward_pre_hooks.values())
+
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

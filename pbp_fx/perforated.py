@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from .config import ConfigError
 from .errors import NoSitesError, TrainingError, warn_at_user
 from .inputs import describe_inputs
+from .layers import WEIGHT_HOOKS, has_user_hooks
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
 from .tracing import (DYNAMIC_CHOICES, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
@@ -691,7 +692,7 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     include, exclude = site_filters(include, exclude)  # checked before any work; searched twice below
     _materialize_lazy(model, example_inputs, example_kwargs)
     model = copy_module(model)
-    _drop_root_hooks(model)
+    _drop_root_hooks(model, frontend)
     _warn_dropped_checkpointing(model)
     # The copy's buffers end as the model's: capture and site matching run its forward and read its
     # weights, and a parametrization updates buffers when read in train mode (spectral_norm's _u).
@@ -713,16 +714,19 @@ def _materialize_lazy(model: nn.Module, example_inputs: tuple, example_kwargs: O
             return
 
 
-def _drop_root_hooks(model: nn.Module) -> None:
-    """Forward hooks on the model itself are outside its forward, which capture starts at: said, and
-    dropped from the copy (fx never ran them, torch.export ran them on keyword inputs)."""
-    hooks = [d for d in (model._forward_pre_hooks, model._forward_hooks) if d]
-    if hooks:
-        warn_at_user(f"{type(model).__name__} has forward hook(s) or pre-hook(s) on itself, which run outside its "
-                     "forward, where capture starts: the perforated model runs without them; register them on it "
-                     "to keep them (hooks on submodules are kept)")
-        for d in hooks:
-            d.clear()
+def _drop_root_hooks(model: nn.Module, frontend: str) -> None:
+    """Forward hooks of the user's on the model itself run outside its forward, where symbolic
+    tracing starts: said, and dropped from the copy (auto then captures the same model whichever
+    frontend it takes). frontend='export' keeps them: torch.export captures them."""
+    if frontend == "export" or not has_user_hooks(model):
+        return
+    warn_at_user(f"{type(model).__name__} has forward hook(s) or pre-hook(s) on itself, which run outside its "
+                 "forward, where capture starts: the perforated model runs without them; register them on it to "
+                 "keep them, or use frontend='export', which captures them (hooks on submodules are kept)")
+    model._forward_hooks.clear()
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if not isinstance(hook, WEIGHT_HOOKS):
+            del model._forward_pre_hooks[key]
 
 
 def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, include, exclude, mode,
