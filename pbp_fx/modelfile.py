@@ -73,8 +73,10 @@ def load_model_file(path: str | os.PathLike) -> ModuleType:
             what = _first_line(exc)
         raise ModelFileError(f"importing model file {path!r} raised {type(exc).__name__}: {what}") from exc
     # ... also from inside its functions (`from layers import block` in build_model), when they run
+    # (not generators: their bodies run after the call returns)
     for n, f in list(vars(mod).items()):
-        if inspect.isfunction(f) and f.__module__ == name:
+        if inspect.isfunction(f) and f.__module__ == name and not (
+                inspect.isgeneratorfunction(f) or inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)):
             setattr(mod, n, _run_importable(f, folder))
     missing = [n for n in REQUIRED if not callable(getattr(mod, n, None))]
     if missing:
