@@ -1545,3 +1545,21 @@ def test_a_sites_layer_with_forward_hooks_is_exported_with_them(tmp_path, where)
     export_onnx(pm, (x,), path)
     got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))[0]
     np.testing.assert_allclose(got, pm(x).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm is deprecated")
+def test_a_layer_whose_weight_a_hook_recomputes_is_written_directly(tmp_path, caplog):
+    """weight_norm's pre-hook recomputes the weight the emitter reads: it is no hook of the user's,
+    so the file is written directly (the dynamo fallback took 4.3 s against 0.4 s)."""
+    import logging
+
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(5, 4)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.eval()
+    path = tmp_path / "wn.onnx"
+    with caplog.at_level(logging.DEBUG, logger="pbp_fx"):
+        export_onnx(pm, (x,), path)
+    assert "dynamo exporter runs" not in caplog.text
+    got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))[0]
+    np.testing.assert_allclose(got, pm(x).detach().numpy(), atol=1e-5)
