@@ -41,9 +41,15 @@ __all__ = [
 
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pbp_fx' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+    if module is not None:
+        return getattr(importlib.import_module(f".{module}", __name__), name)
+    if not name.startswith("_"):  # a submodule (pbp_fx.checkpoint.read_extra), imported at first use
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module 'pbp_fx' has no attribute {name!r}")
 
 
 def __dir__() -> list:

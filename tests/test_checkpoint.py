@@ -1242,3 +1242,14 @@ def test_load_does_not_say_again_what_perforate_said_of_a_dropped_buffer_write(t
     recwarn.clear()
     pbp_fx.load(path, CountsSteps)
     assert not [w for w in recwarn if "writes buffer" in str(w.message)]
+
+
+def test_the_checkpoint_module_the_readme_names_is_reached_from_the_package_in_a_fresh_process():
+    """`pbp_fx.checkpoint.read_extra` (the README's resume recipe) raised AttributeError until
+    something had imported the submodule."""
+    import subprocess
+    import sys
+
+    code = "import pbp_fx; print(pbp_fx.checkpoint.read_extra.__name__, pbp_fx.compare.__name__)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["read_extra", "compare"], r.stderr[-500:]
