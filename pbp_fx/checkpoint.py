@@ -759,3 +759,14 @@ def _load_optimizer(meta: dict, tensors: dict, plain: dict, optimizer) -> None:
         optimizer.load_state_dict({"state": ostate, "param_groups": groups})
     except ValueError as exc:
         raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer: {exc}") from exc
+    _in_parameter_layout(optimizer)
+
+
+def _in_parameter_layout(optimizer) -> None:
+    """Each loaded state tensor of a parameter's shape in the parameter's memory layout (stored
+    contiguous: against a channels_last weight, fused Adam paired other elements)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=v.dtype).copy_(v)
