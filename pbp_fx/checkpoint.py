@@ -424,12 +424,13 @@ def in_model_dtype(model: nn.Module, args, kwargs):
 
 
 def _to_saved_dtype(model: nn.Module, tensors: dict) -> None:
-    """A model saved in one floating dtype (after `.to(torch.float64)`) comes back in it, whatever
-    dtype its build gives: loading would otherwise cast the weights silently. Models of mixed
-    floating dtypes are left as they are."""
+    """A model saved in one floating dtype (after `.to(torch.float64)`) comes back in it when the
+    model is in torch's default dtype, as built: loading would otherwise cast the weights
+    silently. A model the user put in another dtype (`.double()` before loading) keeps it, and
+    models of mixed floating dtypes are left as they are."""
     saved = _float_dtypes((k, v) for k, v in tensors.items() if k.startswith("model/"))
     here = _float_dtypes(model.state_dict().items())
-    if len(saved) == 1 and len(here) == 1 and saved != here:
+    if len(saved) == 1 and here == {torch.get_default_dtype()} and saved != here:
         model.to(next(iter(saved)))
 
 

@@ -170,6 +170,19 @@ def test_a_model_saved_in_float64_comes_back_in_float64(tmp_path):
             assert torch.equal(again(x), pm(x))
 
 
+def test_a_model_put_in_another_dtype_keeps_it_when_a_checkpoint_loads(tmp_path):
+    """pm.double() then load of a float32 checkpoint came back float32, silently (plain
+    load_state_dict keeps the model's dtype): the next float64 input failed."""
+    pm, _ = _trained_pm()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    again = pbp_fx.load(path, pbp_fx.perforate(_build(), (X,)).double()).eval()
+    assert {p.dtype for p in again.parameters()} == {torch.float64}
+    pm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(X.double()), pm(X).double())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_model_saved_in_a_dendrite_phase_comes_back_in_its_dtype(tmp_path, dtype):
     """The pools' float32 statistics made the saved dtypes {bf16, f32}: load() kept the build's
