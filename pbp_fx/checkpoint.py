@@ -564,7 +564,7 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
         raise CheckpointError(f"checkpoint {path} has no optimizer state (saved without optimizer=): load it "
                               "without optimizer=, and the optimizer starts fresh")
     if optimizer is not None:
-        _check_optimizer_class(meta, optimizer, path)
+        _check_optimizer_fits(meta, optimizer, path)
     if optimizer is not None and controller is None and meta["structure"]["phase"] == "dendrite" and not (
             isinstance(model, PerforatedModel) and model.phase == "dendrite"):
         # (an optimizer built over the model's weights took the candidates' state: its step ran on wrong shapes)
@@ -724,7 +724,7 @@ def load_optimizer(path: str, optimizer: torch.optim.Optimizer) -> None:
     meta, tensors = _read(path)
     if "optimizer" not in meta:
         raise CheckpointError(f"checkpoint {path} has no optimizer state (saved without optimizer=)")
-    _check_optimizer_class(meta, optimizer, path)
+    _check_optimizer_fits(meta, optimizer, path)
     _load_optimizer(meta, tensors, meta.get("plain", {}), optimizer)
 
 
@@ -736,15 +736,23 @@ def _optimizer_classes(optimizer) -> list[str]:
             and issubclass(c, torch.optim.Optimizer)] or [type(optimizer).__name__]
 
 
-def _check_optimizer_class(meta: dict, optimizer, path: str) -> None:
+def _check_optimizer_fits(meta: dict, optimizer, path: str) -> None:
     """Refuse another optimizer family's state (torch loads Adam's groups into an SGD, whose next
-    step then fails on a missing 'momentum'); a subclass or wrapper of the saved class is taken, and
-    checkpoints saved before the classes were recorded are not checked."""
+    step then fails on a missing 'momentum'; a subclass or wrapper of the saved class is taken, and
+    checkpoints saved before the classes were recorded are not checked), or another number of
+    parameter groups."""
     saved = meta.get("optimizer", {}).get("classes")
     here = _optimizer_classes(optimizer)
     if saved and not set(saved) & set(here):
         raise CheckpointError(f"checkpoint {path} holds {saved[0]} optimizer state, which this {here[0]} cannot take: "
                               f"load it into a {saved[0]}, or without optimizer=")
+    # (the groups' number stays through restructures, which swap their parameters: checked before
+    # the model and controller load, not after, when torch refuses it)
+    groups = meta.get("optimizer", {}).get("param_groups")
+    if groups is not None and len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"checkpoint {path} holds the state of an optimizer with {len(groups)} parameter "
+                              f"group(s), and this one has {len(optimizer.param_groups)}: build the optimizer with "
+                              "the groups the run had, or load without optimizer=")
 
 
 def _load_optimizer(meta: dict, tensors: dict, plain: dict, optimizer) -> None:

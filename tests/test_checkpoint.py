@@ -1297,3 +1297,25 @@ def test_optimizer_state_comes_back_in_its_parameters_memory_layout(tmp_path):
     steps(b, ctl_b.optimizer, 5)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_an_optimizer_with_other_param_groups_is_refused_before_anything_loads(tmp_path):
+    """torch refused it after the model and the controller had loaded (the model in the saved
+    dendrite phase, the controller at the saved epoch, the optimizer fresh)."""
+    def build(two_groups):
+        torch.manual_seed(0)
+        pm = pbp_fx.perforate(_build(), (X,))
+        factory = (lambda p: torch.optim.Adam([{"params": [q for q in p if q.ndim > 1]},
+                                               {"params": [q for q in p if q.ndim <= 1]}])) if two_groups else None
+        return pm, pbp_fx.PhaseController(pm, pbp_fx.PBConfig(patience=1), optimizer_factory=factory)
+
+    pm, ctl = build(True)
+    for score in (0.1, 0.2, 0.2, 0.2):
+        ctl.step(score)
+    assert pm.phase == "dendrite"
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path, controller=ctl, optimizer=ctl.optimizer)
+    fresh, fresh_ctl = build(False)
+    with pytest.raises(pbp_fx.CheckpointError, match="optimizer with 2 parameter group.*this one has 1"):
+        pbp_fx.load(path, fresh, controller=fresh_ctl, optimizer=fresh_ctl.optimizer)
+    assert fresh.phase == "neuron" and fresh_ctl.epoch == 0
