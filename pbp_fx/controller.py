@@ -800,7 +800,8 @@ class PhaseController:
 
         cause: what made a non-finite score, for its warning (fit: "the loss is nan"; default
         "the validation score is nan")."""
-        if self.done:
+        if self.done:  # (training since, a resumed complete run's say: "complete" means the best is loaded)
+            self.restore_best()
             return Decision.COMPLETE
         self.check_model()
         phase = self.pm.phase

@@ -67,6 +67,21 @@ def test_a_grow_rewind_drops_the_gradients_of_the_weights_it_rewound_from():
     assert all(p.grad is None for p in pm.parameters())
 
 
+def test_a_step_after_completion_loads_the_best_weights_again():
+    """A resumed complete run (the README's loop trains an epoch before its step) answered
+    "complete" with that epoch's weights in the model."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1, max_dendrites=1, retries=0)
+    decisions = _run(ctl, [0.9] + [0.1] * 6)
+    assert decisions[-1] is D
+    best = {k: v.clone() for k, v in pm.state_dict().items()}
+    with torch.no_grad():
+        for p in pm.parameters():
+            p.add_(1.0)  # an epoch trained after the run completed
+    assert ctl.step(0.5) is D
+    assert all(torch.equal(best[k], v) for k, v in pm.state_dict().items())
+
+
 def test_retry_then_complete_restores_best():
     pm = _pm()
     ctl = PhaseController(pm, patience=1, dendrite_patience=1, max_dendrites=5, retries=1)
