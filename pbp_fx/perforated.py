@@ -111,6 +111,22 @@ class PerforatedModel(nn.Module):
             return super().__reduce_ex__(protocol)
         return _new_with_signature, (self.forward_signature,), self.__getstate__()
 
+    def __getstate__(self) -> dict:
+        # torch's unpickled GraphModule starts with an empty meta (the capture's records: the input
+        # signature, the output structure): kept here, by the graph module's path.
+        state = dict(super().__getstate__())  # (a copy: object's is the live __dict__)
+        state["_graph_metas"] = {path: dict(g.meta) for path, g in self.named_modules()
+                                 if isinstance(g, fx.GraphModule) and g.meta}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        metas = state.pop("_graph_metas", {})
+        super().__setstate__(state)
+        modules = dict(self.named_modules())
+        for path, meta in metas.items():
+            if isinstance(modules.get(path), fx.GraphModule):
+                modules[path].meta.update({k: v for k, v in meta.items() if k not in modules[path].meta})
+
     @property
     def forward_signature(self) -> Optional[inspect.Signature]:
         """The original forward's signature, which `forward` shows (None: unknown)."""

@@ -785,6 +785,36 @@ def test_forward_shows_the_original_signature_and_pickles():
     assert pickle.dumps(pm)
 
 
+def test_a_perforated_model_unpickled_keeps_its_signature_and_pickles_again():
+    """torch's unpickled GraphModule starts with an empty meta: the model lost its input signature
+    and output structure, and a second torch.save raised PicklingError ('not the same object').
+    In a fresh process (see above)."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import collections, io, torch, pbp_fx
+        from torch import nn
+        Out = collections.namedtuple("Out", "logits feat")
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__(); self.a = nn.Linear(4, 8); self.b = nn.Linear(8, 3)
+            def forward(self, x):
+                h = torch.relu(self.a(x)); return Out(self.b(h), h)
+        pm = pbp_fx.perforate(M(), (torch.rand(2, 4),), frontend="fx")
+        x = torch.rand(2, 4)
+        for _ in range(2):
+            buf = io.BytesIO(); torch.save(pm, buf); buf.seek(0)
+            again = torch.load(buf, weights_only=False)
+            assert str(again.forward_signature) == "(x)" and type(again(x)).__name__ == "Out"
+            assert torch.equal(again(x).logits, pm(x).logits)
+            pm = again
+        print("ok")
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-1500:]
+
+
 def test_activation_checkpointing_counts_each_batch_once_and_matches_the_plain_run():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
