@@ -821,10 +821,10 @@ def memo_computed_tensors(model: nn.Module, memo: dict) -> dict:
 
 @contextlib.contextmanager
 def buffers_kept(model: nn.Module):
-    """The model's buffers as they were before the block (`_snapshot_buffers`, yielded), restored after
+    """The model's buffers as they were before the block (a `BufferSnapshot`, yielded), restored after
     it: a capture runs the forward's own writes to them (`self.calls.add_(1)`) on the real tensors,
     once per capture."""
-    saved = _snapshot_buffers(model)
+    saved = BufferSnapshot(model)
     try:
         yield saved
     finally:
@@ -862,10 +862,6 @@ class BufferSnapshot:
 
 def _dotted(path: str, leaf: str) -> str:
     return f"{path}.{leaf}" if path else leaf
-
-
-def _snapshot_buffers(module: nn.Module) -> BufferSnapshot:
-    return BufferSnapshot(module)
 
 
 def _restore_buffers(module: nn.Module, saved: BufferSnapshot, own: bool = True) -> None:
@@ -1407,7 +1403,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs, example_kwargs: Optiona
     args = _as_args(example_inputs) or ()
     kwargs = dict(example_kwargs or {})
     modes = {m: m.training for m in gm.modules()}
-    buffers = _snapshot_buffers(gm)
+    buffers = BufferSnapshot(gm)
     prop = _ShapeProp(gm)
     # ShapeProp prints a traceback to stderr before it raises: keep stderr until we know.
     err = io.StringIO()
@@ -1541,7 +1537,7 @@ def _record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     for n, m in model.named_modules():
         if n:
             hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
-    buffers = _snapshot_buffers(model)
+    buffers = BufferSnapshot(model)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(*args, **kwargs)
