@@ -187,6 +187,8 @@ def train_perforated(model, example_inputs, loaders, loss_fn, config: PBConfig, 
                   progress=False, metric=metric or accuracy)
     return pm, {"epochs": len(history.epochs), "val": history.best_val, "dendrites": pm.dendrites,
                 "dendrite_epochs": sum(r["phase"] == "dendrite" for r in history.epochs),
+                # (gd has no dendrite phase: a round grows dendrites, which a rewind may take back)
+                "grew": any(r["dendrites"] for r in history.epochs),
                 "diverged_epochs": [r["epoch"] for r in history.epochs if r["val"] is None]}
 
 
@@ -328,7 +330,8 @@ def summarize(rows: list[dict], score: Score = ACCURACY) -> list[dict]:
             seeds = sorted(r["seed"] for r in rows if r["arm"] == arm and "skipped" in r)
             s["partial"] = f"not run at seed(s) {', '.join(map(str, seeds))}: {skipped[0]}"
             s["seeds_not_run"] = seeds
-        if arm in ("pb", "gd") and all(not r.get("dendrites") and not r.get("dendrite_epochs") for r in rs):
+        if arm in ("pb", "gd") and all(not r.get("dendrites") and not r.get("dendrite_epochs") and not r.get("grew")
+                                       for r in rs):
             # (its first neuron phase did not end within the epochs: the plain run, with nothing grown)
             s["no_round"] = (f"{arm} ran no dendrite round at any seed (its first neuron phase did not end within "
                              "the epochs), so it is the plain run here: raise --epochs, or lower --patience")
@@ -398,14 +401,17 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
         else:
             # A win is a lead over EVERY other arm that stands out of the seeds' noise (paired by seed):
             # an arm ranked lower but noisier can be as close as the next one.
-            common = sorted(every)  # the seeds the ranking is over
-
-            def leads(other: dict) -> list[float]:
-                return [(win["test_by_seed"][k] - other["test_by_seed"][k]) * (1 if maximize else -1) for k in common]
+            def leads(other: dict) -> list[float]:  # over the seeds both ran (all of them for a ranked arm)
+                both = sorted(set(win["test_by_seed"]) & set(other["test_by_seed"]))
+                return [(win["test_by_seed"][k] - other["test_by_seed"][k]) * (1 if maximize else -1) for k in both]
 
             def lead_interval(other: dict) -> tuple[float, float]:
                 lead = leads(other)
                 return _interval(*_mean_sd(lead), len(lead)) if len(lead) > 1 else (-math.inf, math.inf)
+
+            # An arm left out of the ranking is still another arm: a win needs a lead over it too,
+            # over the seeds both ran (plain-matched misses exactly the seeds where pb grew most).
+            unbeaten = [o for o in left_out if lead_interval(o)[0] <= 0]
 
             closest = min(ranked[1:], key=lambda o: lead_interval(o)[0])  # the weakest lead
             lo, hi = lead_interval(closest)
@@ -420,6 +426,15 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
                              f"{score.value(win['test'], win['test_sd'])}, {margin}; its lead over {flat[0]['arm']} is "
                              f"the same at every seed ({score.num(leads(flat[0])[0], sign=True)}), which leaves no "
                              "spread to measure seed noise with, so no arm is shown to win: run more seeds.")
+            elif lo > 0 and unbeaten:
+                o = unbeaten[0]
+                olo, ohi = lead_interval(o)
+                shown = (f"95 % interval [{score.num(olo, sign=True)}, {score.num(ohi, sign=True)}]"
+                         if math.isfinite(olo) else "one seed in common")
+                lines.append(f"**{win['arm']} ranked first** over {win['n']} seeds: {test} "
+                             f"{score.value(win['test'], win['test_sd'])}, {margin}; but its lead over {o['arm']}, which "
+                             f"ran at {o['n']} of the seeds, is not beyond seed noise over those ({shown}), so no arm "
+                             "is shown to win.")
             elif lo > 0:
                 lines.append(f"**{win['arm']} won**: {test} {score.value(win['test'], win['test_sd'])} over "
                              f"{win['n']} seeds, {margin}; beyond seed noise against every other arm (the weakest "

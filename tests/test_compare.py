@@ -872,3 +872,39 @@ def test_a_pb_arm_that_ran_no_dendrite_round_is_said_to_be_the_plain_run():
             "the plain run here: raise --epochs, or lower --patience") in text
     rows[-1].update(dendrites=1, dendrite_epochs=3)
     assert "ran no dendrite round" not in verdict(summarize(rows), paired(rows))
+
+
+def test_a_gd_arm_whose_grown_dendrites_were_taken_back_ran_its_rounds(tiny):
+    """gd has no dendrite phase: a round it grew and then rewound (no new best) was told as 'ran no
+    dendrite round ... raise --epochs', with wrong cause and advice."""
+    from pbp_fx.compare import summarize, train_perforated, verdict
+    from pbp_fx.modelfile import load_model_file
+
+    mod = load_model_file(tiny)
+    torch.manual_seed(0)
+    loaders = [torch.utils.data.DataLoader(d, batch_size=30) for d in mod.datasets()]
+    config = PBConfig(mode="gd", patience=2, max_dendrites=1, retries=0, improvement=10.0)  # (no round gains)
+    pm, result = train_perforated(mod.build_model(), mod.example_inputs(), loaders, torch.nn.functional.cross_entropy,
+                                  config, TrainConfig(epochs=12, batch_size=30))
+    assert result["grew"] and not result["dendrites"] and not result["dendrite_epochs"]
+    rows = [{"arm": arm, "seed": seed, "test": 0.8, "val": 0.8, "params": 10, "epochs": 8, "seconds": 1.0,
+             **(result if arm == "gd" else {})} for arm in ("plain", "gd") for seed in (0, 1)]
+    assert "ran no dendrite round" not in verdict(summarize(rows), paired(rows))
+
+
+def test_a_win_needs_a_lead_over_an_arm_left_out_of_the_ranking_too():
+    """plain-matched, run at 2 of 3 seeds and ahead of pb beyond seed noise there, was skipped: the
+    headline read 'pb won ... beyond seed noise against every other arm' above the line saying pb is
+    behind plain-matched beyond seed noise."""
+    from pbp_fx.compare import summarize, verdict
+
+    rows = [{"arm": arm, "seed": i, "test": v, "params": 1} for arm, tests in
+            {"plain": [0.50, 0.52, 0.51], "pb": [0.60, 0.63, 0.61], "plain-matched": [0.70, 0.72]}.items()
+            for i, v in enumerate(tests)]
+    rows.append({"arm": "plain-matched", "seed": 2, "skipped": "no width gets within 5% of pb's parameters"})
+    text = verdict(summarize(rows), paired(rows))
+    assert "pb won" not in text
+    assert ("**pb ranked first** over 3 seeds" in text and "but its lead over plain-matched, which ran at 2 of the "
+            "seeds, is not beyond seed noise over those" in text)
+    rows[-3:-1] = [dict(r, test=r["test"] - 0.3) for r in rows[-3:-1]]  # now pb leads it beyond noise there too
+    assert "**pb won**" in verdict(summarize(rows), paired(rows))
