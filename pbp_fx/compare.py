@@ -29,6 +29,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -780,15 +781,23 @@ def _said(row: dict, spec: RunSpec, said: list) -> dict:
 WORKER_STOP_SECONDS = 10.0  # a stopped worker's time to leave Python before it is killed
 
 
-def _start_worker() -> None:
+def _start_worker(parent: Optional[int] = None) -> None:
     """A compare worker's setup: one thread, and a SIGTERM (the command stopping it) that ends it
     through Python, whose exit releases its named semaphores (tqdm's lock, which torch.fx makes):
     killed outright, a worker left them to the resource tracker, which warned of them on stderr
-    after the command's one line."""
+    after the command's one line. On Linux the worker gets that SIGTERM when the command's process
+    dies (kill -9): it waited for work forever, holding the caller's output open."""
     import signal
 
     torch.set_num_threads(1)
     signal.signal(signal.SIGTERM, _stop_worker)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if parent is not None and os.getppid() != parent:  # (it died before the line above)
+            raise SystemExit(143)
 
 
 def _stop_worker(_signum, frame) -> None:
@@ -833,7 +842,8 @@ def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], 
     from concurrent.futures.process import BrokenProcessPool
 
     before = set(multiprocessing.active_children())
-    ex = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker)
+    ex = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                             initargs=(os.getpid(),))
     done = False
     try:
         main = threading.current_thread() is threading.main_thread()

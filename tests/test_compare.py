@@ -908,3 +908,41 @@ def test_a_win_needs_a_lead_over_an_arm_left_out_of_the_ranking_too():
             "seeds, is not beyond seed noise over those" in text)
     rows[-3:-1] = [dict(r, test=r["test"] - 0.3) for r in rows[-3:-1]]  # now pb leads it beyond noise there too
     assert "**pb won**" in verdict(summarize(rows), paired(rows))
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_compare_workers_end_when_the_command_is_killed(tmp_path):
+    """kill -9 of `compare --jobs 2` left its spawn workers waiting for work forever (holding the
+    caller's output pipe open)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing, os, time
+        from concurrent.futures import ProcessPoolExecutor
+        from pbp_fx.compare import _start_worker
+
+        if __name__ == "__main__":
+            ex = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                                     initargs=(os.getpid(),))
+            print(*ex.map(os.getpid().__class__, [0, 0]), flush=True)  # (the workers are up)
+            print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+            time.sleep(600)
+        """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and
+                                         open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in workers):
+        time.sleep(0.2)
+    alive = [p for p in workers if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive
