@@ -312,7 +312,9 @@ def _warm_up(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> None:
 # -- statistics ----------------------------------------------------------------------------
 def _mean_sd(xs: Sequence[float]) -> tuple[float, float]:
     xs = list(xs)
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    if len(xs) < 2 or _all_equal(xs):  # (equal values: sd 0, not float noise such as 1.11e-16)
+        return statistics.mean(xs), 0.0
+    return statistics.mean(xs), statistics.stdev(xs)
 
 
 def summarize(rows: list[dict], score: Score = ACCURACY) -> list[dict]:

@@ -946,3 +946,12 @@ def test_compare_workers_end_when_the_command_is_killed(tmp_path):
     for p in alive:
         os.kill(p, signal.SIGKILL)
     assert not alive
+
+
+def test_a_difference_equal_at_every_seed_prints_no_float_noise_as_its_spread():
+    """'pb − plain = -0.1 ± 1.11e-16': the sd of equal differences, computed in floats."""
+    from pbp_fx.compare import _mean_sd
+
+    mean, sd = _mean_sd([0.7 - 0.8, 0.5 - 0.6, 0.2 - 0.3])
+    assert sd == 0.0 and abs(mean + 0.1) < 1e-12
+    assert _mean_sd([0.1, 0.2, 0.3])[1] > 0
