@@ -640,8 +640,7 @@ def _export_inputs(model: nn.Module, args: tuple, kwargs: dict, dims: str):
     args, kwargs = pytree.tree_map(fresh, (args, kwargs))
     if dims == "static":
         return args, kwargs, None
-    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
-    if tensors and all(t.shape[0] == 1 for t in tensors):
+    if _batch_of_one(args, kwargs):
         grow = lambda t: t.expand(2, *t.shape[1:]).clone() if isinstance(t, torch.Tensor) and t.dim() > 0 else t  # noqa: E731
         args, kwargs = pytree.tree_map(grow, (args, kwargs))
     auto = torch.export.Dim.AUTO
@@ -728,7 +727,27 @@ def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> f
             # torch.export (2.13) then writes the new tensor into an input of the graph (copy_ into x)
             raise TraceError(f"forward fills buffer {filled[0]!r}, registered as None, with a tensor, which "
                              "torch.export writes into an input instead; register it with a tensor, e.g. torch.zeros")
-        return _rehome(ep.module(), model)
+        gm = _rehome(ep.module(), model)
+        if dims != "static" and _batch_of_one(args, kwargs):
+            _check_runs_on_example(gm, args, kwargs)
+        return gm
+
+
+def _batch_of_one(args: tuple, kwargs: dict) -> bool:
+    """Whether every tensor input has a batch of 1 (`_export_inputs` captures with 2)."""
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    return bool(tensors) and all(t.shape[0] == 1 for t in tensors)
+
+
+def _check_runs_on_example(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """A TraceError (the next, less dynamic capture is tried) when the graph captured at a batch of 2
+    guards against the example's own batch of 1 (two inputs concatenated on dim 0 and chunked back)."""
+    try:
+        with torch.no_grad(), buffers_kept(gm), torch.random.fork_rng(devices=[]):
+            gm(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise TraceError(f"the graph captured at a batch of 2 does not run at the example's batch of 1 "
+                         f"({_reason(exc)})") from exc
 
 
 @contextlib.contextmanager

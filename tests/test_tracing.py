@@ -1312,3 +1312,25 @@ def test_inputs_a_model_runs_on_are_not_blamed_for_an_export_failure():
     with pytest.raises(TraceError, match=r"^torch.export cannot export _Forces") as err:
         pbp_fx.perforate(_Forces(), (torch.randn(4, 3),), frontend="export")
     assert not isinstance(err.value, ExampleInputsError)
+
+
+class _PairedEncoder(nn.Module):
+    """Two images through one conv as one batch, chunked back (RAFT's feature encoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, a, b):
+        f1, f2 = torch.chunk(self.conv(torch.cat([a, b], 0)), 2, dim=0)
+        return (f1 * f2).sum(1)
+
+
+def test_a_graph_captured_at_a_batch_of_two_that_refuses_the_examples_batch_of_one_is_captured_static():
+    """torch.export captures a batch of 1 at 2; the graph then guarded against a batch of 1, and the
+    example itself was refused as 'example inputs do not run through the model'."""
+    model = _PairedEncoder().eval()
+    a, b = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    pm = pbp_fx.perforate(model, (a, b), frontend="export")
+    assert pm.graph_module.meta["pbp_dynamic"] == "static"
+    torch.testing.assert_close(pm(a, b), model(a, b))
