@@ -21,7 +21,7 @@ from .inputs import describe_inputs
 from .layers import WEIGHT_HOOKS, has_user_hooks
 from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
-from .tracing import (DYNAMIC_CHOICES, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
+from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
                       keep_out_of_state_dict_on_copy, keyword_changes_output, memo_computed_tensors, parts_model,
                       trace, whole_model_in_mode)
 
@@ -83,6 +83,7 @@ class PerforatedModel(nn.Module):
         self.capture: dict = dict(capture or {})
         self.phase = "neuron"
         self.register_load_state_dict_post_hook(_pool_left_out)
+        self.register_load_state_dict_post_hook(_fx_constants_left_out)
         # Names of parameters frozen for the dendrite phase, thawed when it ends.
         self._thaw: list[str] = []
         # Buffers (BN running stats) at the start of the dendrite phase, held through it
@@ -1069,6 +1070,13 @@ def _pool_left_out(pm: "PerforatedModel", incompatible) -> None:
                  "out, as it adds nothing to the output; to train on from it, resume the run itself "
                  "(Lightning: trainer.fit(..., ckpt_path=...); Hugging Face: trainer.train(resume_from_checkpoint="
                  "...); pbp_fx.load; pbp-fx train --resume)")
+
+
+def _fx_constants_left_out(pm: "PerforatedModel", incompatible) -> None:
+    """load_state_dict's post-hook: fx's tensor constants, which states saved before they were kept
+    out of the state dict hold, are left out (the graph holds its own)."""
+    for key in [k for k in incompatible.unexpected_keys if FX_CONSTANT.fullmatch(k.rpartition(".")[2])]:
+        incompatible.unexpected_keys.remove(key)
 
 
 def _new_with_signature(signature: inspect.Signature) -> PerforatedModel:

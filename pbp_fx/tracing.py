@@ -64,7 +64,7 @@ from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
            "memo_computed_tensors", "keyword_changes_output", "whole_model_in_mode",
-           "keep_out_of_state_dict_on_copy",
+           "keep_out_of_state_dict_on_copy", "FX_CONSTANT",
            "TraceError", "FRONTENDS"]
 
 log = logging.getLogger(__name__)
@@ -585,11 +585,24 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
     merged = _one_mode(gm, primary, type(model).__name__, result.reason or why) if result.graph_module is None \
         else result.graph_module
     _warn_mixed_modes(model, mixed)
+    _constants_out_of_state_dict(merged)
     merged.meta["pbp_untraceable"] = list(gm.meta["pbp_untraceable"]) + kept_whole
     merged.meta["pbp_mode_leaves"] = kept_whole
     merged.meta["pbp_switched_modes"] = gm.meta["pbp_switched_modes"]
     merged.meta["pbp_out_spec"] = gm.meta["pbp_out_spec"]
     return merged
+
+
+FX_CONSTANT = re.compile(r"_tensor_constant\d+")
+
+
+def _constants_out_of_state_dict(gm: fx.GraphModule) -> None:
+    """The tensors fx took for constants (`self.table[self.index.view(-1)]`'s index) are no state of
+    the model: out of its state dict, where their numbers (which depend on how many captures ran
+    before: the model's mode at capture) made a checkpoint refuse a model in the other mode."""
+    for g in gm.modules():
+        if isinstance(g, fx.GraphModule):
+            g._non_persistent_buffers_set.update(n for n in g._buffers if FX_CONSTANT.fullmatch(n))
 
 
 def _mode_reader(model: nn.Module, nodes: tuple, kept_whole: list) -> Optional[str]:
