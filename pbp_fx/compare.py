@@ -423,7 +423,7 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
                         f"{score.num(hi, sign=True)}]")
             # Equal leads at every seed (common on small test sets: whole samples) leave no spread to
             # measure the noise with: the interval is a point, not evidence.
-            flat = [o for o in ranked[1:] if _all_equal(leads(o))]
+            flat = [o for o in ranked[1:] + left_out if len(leads(o)) > 1 and _all_equal(leads(o))]
             if lo > 0 and flat:
                 lines.append(f"**{win['arm']} ranked first** over {win['n']} seeds: {test} "
                              f"{score.value(win['test'], win['test_sd'])}, {margin}; its lead over {flat[0]['arm']} is "
@@ -434,10 +434,10 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
                 olo, ohi = lead_interval(o)
                 shown = (f"95 % interval [{score.num(olo, sign=True)}, {score.num(ohi, sign=True)}]"
                          if math.isfinite(olo) else "one seed in common")
+                how = "is negative beyond seed noise" if ohi < 0 else "is not beyond seed noise"
                 lines.append(f"**{win['arm']} ranked first** over {win['n']} seeds: {test} "
                              f"{score.value(win['test'], win['test_sd'])}, {margin}; but its lead over {o['arm']}, which "
-                             f"ran at {o['n']} of the seeds, is not beyond seed noise over those ({shown}), so no arm "
-                             "is shown to win.")
+                             f"ran at {o['n']} of the seeds, {how} over those ({shown}), so no arm is shown to win.")
             elif lo > 0:
                 lines.append(f"**{win['arm']} won**: {test} {score.value(win['test'], win['test_sd'])} over "
                              f"{win['n']} seeds, {margin}; beyond seed noise against every other arm (the weakest "

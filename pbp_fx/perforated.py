@@ -116,17 +116,24 @@ class PerforatedModel(nn.Module):
         # torch's unpickled GraphModule starts with an empty meta (the capture's records: the input
         # signature, the output structure): kept here, by the graph module's path.
         state = dict(super().__getstate__())  # (a copy: object's is the live __dict__)
-        state["_graph_metas"] = {path: dict(g.meta) for path, g in self.named_modules()
-                                 if isinstance(g, fx.GraphModule) and g.meta}
+        # ... and registers every buffer its graph reads as persistent: which are not is kept too.
+        graphs = [(path, g) for path, g in self.named_modules() if isinstance(g, fx.GraphModule)]
+        state["_graph_metas"] = {path: dict(g.meta) for path, g in graphs if g.meta}
+        state["_graph_non_persistent"] = {path: sorted(g._non_persistent_buffers_set) for path, g in graphs}
         return state
 
     def __setstate__(self, state: dict) -> None:
         metas = state.pop("_graph_metas", {})
+        non_persistent = state.pop("_graph_non_persistent", {})
         super().__setstate__(state)
         modules = dict(self.named_modules())
         for path, meta in metas.items():
             if isinstance(modules.get(path), fx.GraphModule):
                 modules[path].meta.update({k: v for k, v in meta.items() if k not in modules[path].meta})
+        for path, names in non_persistent.items():
+            if isinstance(modules.get(path), fx.GraphModule):
+                g = modules[path]
+                g._non_persistent_buffers_set.update(n for n in names if n in g._buffers)
 
     @property
     def forward_signature(self) -> Optional[inspect.Signature]:
@@ -1074,8 +1081,11 @@ def _pool_left_out(pm: "PerforatedModel", incompatible) -> None:
 
 def _fx_constants_left_out(pm: "PerforatedModel", incompatible) -> None:
     """load_state_dict's post-hook: fx's tensor constants, which states saved before they were kept
-    out of the state dict hold, are left out (the graph holds its own)."""
-    for key in [k for k in incompatible.unexpected_keys if FX_CONSTANT.fullmatch(k.rpartition(".")[2])]:
+    out of the state dict hold, are left out where the model holds them out of its own (the graph
+    holds its own values)."""
+    held_out = {f"{path}.{name}" if path else name for path, m in pm.named_modules()
+                for name in m._non_persistent_buffers_set if FX_CONSTANT.fullmatch(name)}
+    for key in [k for k in incompatible.unexpected_keys if k in held_out]:
         incompatible.unexpected_keys.remove(key)
 
 

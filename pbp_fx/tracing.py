@@ -585,7 +585,7 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
     merged = _one_mode(gm, primary, type(model).__name__, result.reason or why) if result.graph_module is None \
         else result.graph_module
     _warn_mixed_modes(model, mixed)
-    _constants_out_of_state_dict(merged)
+    _constants_out_of_state_dict(merged, before)
     merged.meta["pbp_untraceable"] = list(gm.meta["pbp_untraceable"]) + kept_whole
     merged.meta["pbp_mode_leaves"] = kept_whole
     merged.meta["pbp_switched_modes"] = gm.meta["pbp_switched_modes"]
@@ -596,13 +596,12 @@ def _trace_fx(model: nn.Module, leaves: Iterable[str], max_leaves: int,
 FX_CONSTANT = re.compile(r"_tensor_constant\d+")
 
 
-def _constants_out_of_state_dict(gm: fx.GraphModule) -> None:
+def _constants_out_of_state_dict(gm: fx.GraphModule, own: set) -> None:
     """The tensors fx took for constants (`self.table[self.index.view(-1)]`'s index) are no state of
     the model: out of its state dict, where their numbers (which depend on how many captures ran
-    before: the model's mode at capture) made a checkpoint refuse a model in the other mode."""
-    for g in gm.modules():
-        if isinstance(g, fx.GraphModule):
-            g._non_persistent_buffers_set.update(n for n in g._buffers if FX_CONSTANT.fullmatch(n))
+    before: the model's mode at capture) made a checkpoint refuse a model in the other mode. own:
+    the root's own names (a buffer of the user's so named stays state)."""
+    gm._non_persistent_buffers_set.update(n for n in gm._buffers if FX_CONSTANT.fullmatch(n) and n not in own)
 
 
 def _mode_reader(model: nn.Module, nodes: tuple, kept_whole: list) -> Optional[str]:

@@ -1350,6 +1350,25 @@ def test_a_checkpoint_loads_whatever_mode_the_model_was_perforated_in(tmp_path, 
     for build in (_IndexedTable, lambda: _IndexedTable().eval()):
         again = pbp_fx.load(path, build).eval()
         torch.testing.assert_close(again(x), pm.eval()(x))
-    # A state saved while the constants were in it (an earlier pbp-fx) still loads.
-    old = {**pm.state_dict(), "graph_module._tensor_constant22": torch.zeros(16, dtype=torch.long)}
-    pm.load_state_dict(old)
+    # A state saved while the constants were in it (an earlier pbp-fx) still loads; a key of that
+    # form the model holds no constant under is still refused.
+    constants = [n for n in pm.graph_module._non_persistent_buffers_set if n.startswith("_tensor_constant")]
+    assert constants
+    pm.load_state_dict({**pm.state_dict(), **{f"graph_module.{n}": torch.zeros(16) for n in constants}})
+    with pytest.raises(RuntimeError, match="Unexpected key.*_tensor_constant99"):
+        pm.load_state_dict({**pm.state_dict(), "graph_module._tensor_constant99": torch.zeros(16)})
+
+
+def test_a_buffer_of_the_users_named_like_an_fx_constant_stays_state():
+    """Every buffer named `_tensor_constantN` was taken for fx's: the user's own left the state dict."""
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.register_buffer("_tensor_constant0", torch.ones(3))
+
+        def forward(self, x):
+            return self.fc(x) + self._tensor_constant0
+
+    pm = pbp_fx.perforate(Offset(), (torch.randn(2, 4),), frontend="fx")
+    assert "graph_module._tensor_constant0" in pm.state_dict()

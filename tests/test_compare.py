@@ -905,9 +905,11 @@ def test_a_win_needs_a_lead_over_an_arm_left_out_of_the_ranking_too():
     text = verdict(summarize(rows), paired(rows))
     assert "pb won" not in text
     assert ("**pb ranked first** over 3 seeds" in text and "but its lead over plain-matched, which ran at 2 of the "
-            "seeds, is not beyond seed noise over those" in text)
+            "seeds, is negative beyond seed noise over those" in text)
     rows[-3:-1] = [dict(r, test=r["test"] - 0.3) for r in rows[-3:-1]]  # now pb leads it beyond noise there too
     assert "**pb won**" in verdict(summarize(rows), paired(rows))
+    rows[-3:-1] = [dict(r, test=p["test"] - 0.05) for r, p in zip(rows[-3:-1], rows[3:5])]  # the same lead at both
+    assert "**pb won**" not in verdict(summarize(rows), paired(rows))  # (a point, not an interval)
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="the parent-death signal is Linux's")

@@ -787,8 +787,9 @@ def test_forward_shows_the_original_signature_and_pickles():
 
 def test_a_perforated_model_unpickled_keeps_its_signature_and_pickles_again():
     """torch's unpickled GraphModule starts with an empty meta: the model lost its input signature
-    and output structure, and a second torch.save raised PicklingError ('not the same object').
-    In a fresh process (see above)."""
+    and output structure, and a second torch.save raised PicklingError ('not the same object'). It
+    also registers every buffer its graph reads as persistent: fx's constants came back in the
+    state dict, and a fresh model's state no longer loaded. In a fresh process (see above)."""
     import subprocess
     import sys
 
@@ -809,6 +810,16 @@ def test_a_perforated_model_unpickled_keeps_its_signature_and_pickles_again():
             assert str(again.forward_signature) == "(x)" and type(again(x)).__name__ == "Out"
             assert torch.equal(again(x).logits, pm(x).logits)
             pm = again
+        class Indexed(nn.Module):  # (fx takes the index for a constant, kept out of the state dict)
+            def __init__(self):
+                super().__init__(); self.fc = nn.Linear(4, 4); self.table = nn.Parameter(torch.randn(7, 4))
+                self.register_buffer("index", torch.arange(4) % 7)
+            def forward(self, x):
+                return self.fc(x) + self.table[self.index.view(-1)].sum(0)
+        pm = pbp_fx.perforate(Indexed(), (torch.rand(2, 4),), frontend="fx")
+        buf = io.BytesIO(); torch.save(pm, buf); buf.seek(0)
+        again = torch.load(buf, weights_only=False)
+        assert list(again.state_dict()) == list(pm.state_dict()), list(again.state_dict())
         print("ok")
     """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
