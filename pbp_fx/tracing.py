@@ -800,9 +800,10 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic) -> fx.Gr
     rather than specialising it), else static shapes."""
     kwargs = _ordered_kwargs(model, kwargs)
     primary = model.training
-    # Each capture may run the model's own buffer writes (a call counter) on the real buffers.
-    with buffers_kept(model) as saved:
-        gm = _export_both_modes(model, args, kwargs, dynamic, primary)
+    # Each capture puts the model's buffers back (`_export_capture`); the graph's own copies of them
+    # get the values they had before any ran the forward's writes (a call counter).
+    saved = BufferSnapshot(model)
+    gm = _export_both_modes(model, args, kwargs, dynamic, primary)
     _restore_buffers(gm, saved, own=False)
     return gm
 
@@ -1073,7 +1074,8 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     if frontend in ("fx", "auto"):
         try:
             # auto: fx's warnings (a one-mode graph) stand only if fx's graph is the one chosen
-            with warnings.catch_warnings(record=True) as fx_warnings, buffers_kept(model):
+            # (each capture puts the model's buffers back itself: `_fx_capture`)
+            with warnings.catch_warnings(record=True) as fx_warnings:
                 warnings.simplefilter("always")
                 gm = _trace_fx(model, leaves, max_leaves, fx_call)
         except TraceError as exc:
