@@ -61,6 +61,12 @@ def fuse_site(site: Site, neuron_weight: torch.Tensor, neuron_bias) -> FusedSite
                      site.activation, site.name)
 
 
+def _dendrites_only(site: Site, neuron_weight: torch.Tensor) -> FusedSite:
+    """A site's FusedSite whose neuron row is zero: it adds the dendrites to a neuron that runs on
+    its own (a layer with hooks of the user's)."""
+    return fuse_site(site, torch.zeros_like(neuron_weight), None)
+
+
 class TiedFusedSite(FusedSite):
     """A FusedSite whose neuron weight is a parameter shared with the rest of the model.
 
@@ -145,8 +151,8 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
             if site.num_dendrites == 0:
                 replacement = mod.neuron
             elif has_user_hooks(mod.neuron):  # (its own call stays, hooks and all; the fused site adds the dendrites)
-                replacement = FusedSwappedNeuron(fuse_site(site, torch.zeros_like(mod.neuron.weight), None),
-                                                 mod.neuron, runs_neuron=True)
+                replacement = FusedSwappedNeuron(_dendrites_only(site, mod.neuron.weight), mod.neuron,
+                                                 runs_neuron=True)
             else:
                 b = None if getattr(mod.neuron, "bias", None) is None else mod.neuron.bias.detach()
                 neuron = copy.deepcopy(mod.neuron).requires_grad_(False)  # (the leaf reads its attributes)
@@ -185,7 +191,7 @@ def _fuse_graph(gm: fx.GraphModule) -> None:
         neuron = norm_node.args[0] if norm_node is not None else out
         if _runs_hooks(gm, neuron) or _runs_hooks(gm, norm_node):
             # The neuron's own call stays (its hooks run there); the fused node adds the dendrites.
-            fused_mods[key] = fuse_site(site, torch.zeros_like(_neuron_tensors(gm, site)[0]), None)
+            fused_mods[key] = _dendrites_only(site, _neuron_tensors(gm, site)[0])
             with graph.inserting_after(node):
                 tail = graph.call_module(f"{FUSED_ATTR}.{key}", (x,))
             with graph.inserting_after(tail):
