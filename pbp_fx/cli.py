@@ -17,10 +17,10 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
-import re
 import time
 import traceback
 import warnings
