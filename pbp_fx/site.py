@@ -160,12 +160,8 @@ class CandidatePool(nn.Module):
         mid every `stride`-th position."""
         split = self.splits(x.shape[0])
         p, axis, n = self.pool_size, self.layer.axis, self.stride
-        if split and self.reducer is not None and x.shape[0] % p and not self.reducer.warned_uneven:
-            self.reducer.warned_uneven = True
-            warn_at_user(f"a rank's batch of {x.shape[0]} samples is not a multiple of the pool's {p} members: the "
-                         "ranks deal the global batch to the candidates otherwise than one process does (and leave "
-                         f"{x.shape[0] % p} out), so the candidates differ from a 1-process run's; use a per-rank "
-                         f"batch that is a multiple of {p}, or pool_split=False")
+        if self.split and self.reducer is not None and not self.reducer.warned_uneven:
+            self._warn_dealt_otherwise(x.shape[0], split)
         if axis == -1:  # a Linear's positions are its input's (a conv's: its strided form's outputs)
             x = every_nth_position(x, n, axis)
         pre = self.copies(x, split=split)
@@ -176,6 +172,24 @@ class CandidatePool(nn.Module):
                 u = u.reshape(*u.shape, *([1] * (s.dim() - 2)))
             pre = pre + u * (split_members(s, p, axis) if split else s.unsqueeze(copy_dim(axis)))
         return ACTIVATIONS[self.activation](pre)
+
+    def _warn_dealt_otherwise(self, batch: int, split: bool) -> None:
+        """Warn (once a run) when this rank deals its batch to the members otherwise than one
+        process deals the global batch (R x this one): the distributed statistics are then not
+        those of a 1-process run."""
+        p, ranks = self.pool_size, self.reducer.world_size
+        if split and batch % p:
+            why = f"is not a multiple of the pool's {p} members (and leaves {batch % p} out)"
+        elif not split and self.splits(batch * ranks):
+            why = (f"is smaller than 2 x the pool's {p} members, so every member sees all of it, while the "
+                   f"{ranks} ranks' {batch * ranks} samples would be dealt to them")
+        else:
+            return
+        self.reducer.warned_uneven = True
+        warn_at_user(f"a rank's batch of {batch} samples {why}: the ranks deal the global batch to the candidates "
+                     "otherwise than one process does, so the candidates differ from a 1-process run's; use a "
+                     f"per-rank batch that is a multiple of {p} and at least {2 * p} (DataLoader(drop_last=True) "
+                     "for a short last batch), or pool_split=False")
 
     def _stats(self) -> list[Tensor]:
         return [getattr(self, name) for name in STAT_NAMES]
