@@ -98,8 +98,8 @@ def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
     new: a bool (or bool tensor), False when this batch was counted already (a retained graph's second
     backward): then nothing changes. A batch with an inf/NaN covariance (a step GradScaler
     skips) is seen but not counted. host: decide in Python (default: on the CPU). With bias
-    correction, ema is the decay-weighted mean of the batches so far (the first batch gets
-    weight 1, not the decay's 0.01); without, it starts from 0. After the warm-up, each
+    correction, ema is the decay-weighted mean of the batches counted so far (the first gets
+    weight 1, not the decay's 0.01); without, it starts from 0. After the warm-up (counted batches), each
     (member, channel) whose |ema| beats its best by the threshold snapshots its row of
     weights. Off the CPU, tensor ops only: no host sync.
     """
@@ -117,7 +117,9 @@ def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
         if not math.isfinite(float(cov.sum(dtype=torch.float64))):
             return None
         steps.add_(1)
-        n = int(seen)
+        # Counted batches, not seen ones: a skipped batch must not age the average (its weight
+        # would go to the zero start) nor count towards the warm-up.
+        n = int(steps)
         w = (1.0 - decay) / (1.0 - decay ** n) if bias_correction else 1.0 - decay
         if cov.dtype != ema.dtype:
             cov = cov.to(ema.dtype)
@@ -136,15 +138,15 @@ def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor],
     finite = torch.isfinite(cov).all() & new
     steps.add_(finite)
     if bias_correction:
-        # seen >= 1 in the weight: a not-new batch before any counted one (seen 0) must change nothing, not NaN
-        w = ((1.0 - decay) / (1.0 - torch.pow(decay, seen.clamp(min=1).double()))).to(ema.dtype)
+        # steps >= 1 in the weight: a batch before any counted one (steps 0) must change nothing, not NaN
+        w = ((1.0 - decay) / (1.0 - torch.pow(decay, steps.clamp(min=1).double()))).to(ema.dtype)
     else:
         w = 1.0 - decay
     cov = cov.to(ema.dtype)
     ema_sq.lerp_(torch.where(finite, cov * cov, ema_sq), w)  # NaN-free: a skipped batch changes nothing
     ema.lerp_(torch.where(finite, cov, ema), w)
     score = ema.abs()
-    improved = (score > best * (1.0 + threshold)) & (seen > warmup) & new
+    improved = (score > best * (1.0 + threshold)) & (steps > warmup) & new
     any_improved = improved.any()
     _snapshot(best, score, improved, snapshots, rows)
     last_improved.copy_(torch.where(any_improved, steps, last_improved))

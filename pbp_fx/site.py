@@ -270,13 +270,13 @@ class CandidatePool(nn.Module):
         more than `rel` (relative) and by more than its standard error. The current estimate,
         not best |C~|: a running maximum of a noisy estimate keeps rising by chance alone.
         Call once per epoch; the reference is a buffer, so it is checkpointed. During the warm-up a
-        pool that has seen batches reports progress.
+        pool that has counted batches reports progress.
         """
-        seen = int(self.batches_seen)
-        if seen <= self.warmup:
+        counted = int(self.steps)
+        if counted <= self.warmup:
             # Still warming up: an estimate that is not yet reliable cannot be called stale
-            # (a pool that has seen no batch at all has made no progress).
-            return seen > 0
+            # (a pool that has counted no batch at all has made no progress).
+            return counted > 0
         score = self.ema.abs()
         pick = score.argmax(0, keepdim=True)
         value = score.gather(0, pick).mean()
@@ -293,7 +293,7 @@ class CandidatePool(nn.Module):
 
     def correlation(self) -> Tensor:
         """Per channel, the best |C~| over the pool, [C]."""
-        return self.best.amax(0) if int(self.batches_seen) > self.warmup else self.ema.abs().amax(0)
+        return self.best.amax(0) if int(self.steps) > self.warmup else self.ema.abs().amax(0)
 
     def selected_rows(self) -> tuple[dict[str, Tensor], Tensor]:
         """Per channel, the snapshot row of the pool member with the best |C~|; and sign(C~)."""

@@ -39,6 +39,28 @@ def test_host_and_masked_decisions_give_the_same_statistics():
     assert int(a[5]) > 4  # some snapshot was taken after the warm-up
 
 
+@pytest.mark.parametrize("host", [True, False])
+def test_a_skipped_batch_neither_ages_the_average_nor_counts_to_the_warm_up(host):
+    """A first batch GradScaler skipped still advanced the bias correction: the zero start kept
+    16 % of the weight, and every ema entry ended 0.84 x the run's without that batch."""
+    g = torch.Generator().manual_seed(0)
+    settings = (0.9, 3, 0.01, True)
+    covs = [torch.randn(3, 4, generator=g) for _ in range(6)]
+    runs = {}
+    for skipped_first in (False, True):
+        stats, snapshots, rows = _state()
+        if skipped_first:
+            fold_batch(stats, snapshots, rows, torch.full((3, 4), float("inf")), settings, host=host)
+        for cov in covs:
+            fold_batch(stats, snapshots, rows, cov.clone(), settings, host=host)
+        runs[skipped_first] = stats
+    clean, skipped = runs[False], runs[True]
+    assert int(skipped[4]) == int(clean[4]) + 1 and int(skipped[3]) == int(clean[3]) == 6  # seen, counted
+    for name, a, b in zip(("ema", "ema_sq", "best"), clean[:3], skipped[:3]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+    assert int(skipped[5]) == int(clean[5])  # the last snapshot at the same counted batch
+
+
 @pytest.mark.parametrize("shape, axis, split", [
     ((12, 3, 5, 7), 1, True),       # conv1d: [B', P, C, L]
     ((12, 3, 5, 4, 6), 1, True),    # conv2d
