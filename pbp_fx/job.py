@@ -224,7 +224,7 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
     Training batches of one sample where a BatchNorm would see one value per channel."""
     from torch.utils.data import TensorDataset, default_collate
 
-    from .training import call_model, primary_output, split_batch
+    from .training import accuracy, call_model, primary_output, split_batch
 
     # Values per channel each BatchNorm sees from one sample (its input's positions), from the first forward.
     positions: dict = {}
@@ -291,6 +291,8 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                                             "torch.tensor(...) or numpy inside it): compute it from the output with "
                                             "torch ops")
                     float(loss.detach())
+                    if graded and metric is accuracy:
+                        _check_the_loss_reads_what_accuracy_scores(output, loss)
                     with torch.no_grad():
                         scored = metric(output, target)
                 if not (isinstance(scored, (tuple, list)) and len(scored) == 2):
@@ -327,6 +329,24 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
         raise TrainingError(f"training batches of {local} sample: BatchNorm layer {single[0]!r} "
                             "would see one value per channel and cannot train: use --batch-size 2 or more "
                             "(and at least 2 training samples)")
+
+
+def _check_the_loss_reads_what_accuracy_scores(output, loss: torch.Tensor) -> None:
+    """TrainingError when the built-in accuracy scores an output the loss does not read (a dict of
+    heads without "logits", whose first is an auxiliary one): it would pick the best epoch, and
+    drive the schedule, by an untrained head."""
+    from .training import primary_output
+
+    scored = primary_output(output)
+    if scored is output or not isinstance(scored, torch.Tensor) or not scored.requires_grad:
+        return  # one tensor: the loss reads it (or it does not depend on the parameters at all)
+    if torch.autograd.grad(loss, scored, retain_graph=True, allow_unused=True)[0] is not None:
+        return
+    where = next((f"output[{k!r}]" for k, v in output.items() if v is scored), "output[0]") \
+        if isinstance(output, dict) else "output[0]"
+    raise TrainingError(f"the built-in accuracy scores {where} (a dict's 'logits', else its first tensor; a tuple's "
+                        "first), which the model file's loss_fn does not read: define metric(output, target) -> "
+                        "(sum, count) in the model file for the output the loss trains, or return it first")
 
 
 def _diagnose_targets(target, out, name: str, class_labels: bool) -> None:

@@ -255,6 +255,8 @@ def primary_output(output):
 
 # F.cross_entropy's default ignore_index: a label that counts in no loss (padding, an unlabelled token).
 IGNORED_LABEL = -100
+# Integer label dtypes F.cross_entropy refuses, which the built-in loss widens to int64.
+NARROW_LABELS = (torch.int8, torch.int16, torch.int32)
 
 
 def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
@@ -288,8 +290,11 @@ def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
 
 def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
     """F.cross_entropy of `primary_output` (a dict's "logits", a tuple's first element): fit's default loss.
-    A batch whose labels are all IGNORED_LABEL has loss 0 (F.cross_entropy's mean is 0/0 = NaN there)."""
+    A batch whose labels are all IGNORED_LABEL has loss 0 (F.cross_entropy's mean is 0/0 = NaN there).
+    Integer labels of any width (numpy's int32) count as class indices."""
     logits = primary_output(output)
+    if target.dtype in NARROW_LABELS:  # (F.cross_entropy takes int64 and uint8 only)
+        target = target.long()
     if not target.is_floating_point() and target.numel() and bool((target == IGNORED_LABEL).all()):
         return logits.sum() * 0.0  # (keeps the graph: every parameter gets a zero gradient)
     return F.cross_entropy(logits, target)

@@ -99,6 +99,12 @@ ONE_LOGIT = ("import torch\nfrom torch import nn\nfrom torch.utils.data import T
              "def datasets():\n    x = torch.randn(16, 3)\n    d = TensorDataset(x, (x[:, :1] > 0).float())\n"
              "    return d, d, d\n")
 TENSOR_METRIC = GOOD + "def metric(o, y): return (o.argmax(1) == y).sum(), torch.tensor(y.numel())\n"
+TWO_HEADS = GOOD.replace("def build_model(): return torch.nn.Linear(3, 2)", (
+    "class Heads(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+    "        self.aux, self.cls = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)\n"
+    "    def forward(self, x): return {'aux': self.aux(x), 'cls': self.cls(x)}\n"
+    "def build_model(): return Heads()\n"
+    "def loss_fn(o, y): return torch.nn.functional.cross_entropy(o['cls'], y)\n"))
 ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
                       "class It(IterableDataset):\n    def __iter__(self):\n"
                       "        return iter([(torch.randn(3), 0)] * 8)\n"
@@ -154,6 +160,10 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
         "def collate_fn(samples):\n    return torch.stack([s['x'] for s in samples]), None\n"))],
      "the model file's collate_fn raised TypeError: tuple indices must be integers or slices, not str on the first "
      "training samples: fix collate_fn"),
+    # (accuracy scored the first head, which no loss trained, and picked the best epoch by it)
+    ("the built-in accuracy on a head the loss does not read", lambda t: [_write(t / "m.py", TWO_HEADS)],
+     "the built-in accuracy scores output['aux'] (a dict's 'logits', else its first tensor; a tuple's first), which "
+     "the model file's loss_fn does not read: define metric(output, target)"),
     ("unknown TASK", lambda t: [_write(t / "m.py", BAD_TASK)], "TASK = 'ranking' is not one of classification, regression"),
     ("missing model file", lambda t: ["/nonexistent/model.py"], "does not exist"),
     ("NaN in validation data", lambda t: [_write(t / "m.py", NAN_VAL)], "validation data holds NaN/Inf"),
@@ -187,8 +197,13 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, args, me
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("text,args", [(CONV_BATCHNORM, ["--batch-size", "1"]), (TOKENS, [])],
-                         ids=["batchnorm2d at batch 1", "token labels with the file's own loss"])
+@pytest.mark.parametrize("text,args", [
+    (CONV_BATCHNORM, ["--batch-size", "1"]), (TOKENS, []),
+    (GOOD.replace("torch.arange(8) % 2", "(torch.arange(8) % 2).int()"), []),
+    (TWO_HEADS.replace("'aux': self.aux(x), 'cls'", "'cls': self.cls(x), 'aux'"), []),
+    (TWO_HEADS.replace("o['cls']", "o['cls'] + o['aux']"), []),
+], ids=["batchnorm2d at batch 1", "token labels with the file's own loss", "int32 labels (numpy's)",
+        "the head the loss reads first", "a loss that reads both heads"])
 def test_data_the_checks_must_not_refuse_trains(tmp_path, capsys, text, args):
     """A BatchNorm2d sees positions even in a batch of one sample; a model file with its own loss
     (token targets [B, T] against outputs [B, T, V]) has no class dim for the label check."""
