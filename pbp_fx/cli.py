@@ -400,7 +400,7 @@ def transform(args: argparse.Namespace) -> int:
     if args.out:
         check_output_dir(args.out)
     t0 = time.perf_counter()
-    mod = load_model_file(args.model)
+    mod = load_model_file(args.model, as_script=True)
     model, inputs = instantiate(mod)
     kwargs = example_kwargs(mod)
     t1 = time.perf_counter()
@@ -746,7 +746,7 @@ def _model_module(ref: str):
     from .modelfile import load_model_file
 
     if ref.endswith(".py") or os.sep in ref:
-        return load_model_file(ref)
+        return load_model_file(ref, as_script=True)
     try:
         return importlib.import_module(ref)
     except ImportError as exc:

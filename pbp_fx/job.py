@@ -46,7 +46,7 @@ DEFAULT_MODEL = "pbp_fx.models.mnist1d_mlp"
 
 
 def load_job_module(model_file: Optional[str]) -> ModuleType:
-    mod = importlib.import_module(DEFAULT_MODEL) if model_file is None else load_model_file(model_file)
+    mod = importlib.import_module(DEFAULT_MODEL) if model_file is None else load_model_file(model_file, as_script=True)
     if not callable(getattr(mod, "datasets", None)):
         where = model_file or DEFAULT_MODEL
         raise ModelFileError(f"model file {where!r} has no datasets(): training needs "

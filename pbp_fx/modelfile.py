@@ -41,8 +41,14 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
-def load_model_file(path: str | os.PathLike) -> ModuleType:
-    """Import the model file at `path` as a fresh module and check that it follows the contract."""
+def load_model_file(path: str | os.PathLike, as_script: bool = False) -> ModuleType:
+    """Import the model file at `path` as a fresh module and check that it follows the contract.
+
+    The file's neighbours import while it is imported and inside its functions. as_script: its folder
+    also stays on sys.path (last) for the rest of the process, as `python model.py` keeps it (first),
+    so that a neighbour imported later inside a method of the file's classes (a forward, a Dataset's
+    __getitem__) is found; the CLI loads files so.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelFileError(f"model file {path!r} does not exist")
@@ -68,7 +74,8 @@ def load_model_file(path: str | os.PathLike) -> ModuleType:
         if isinstance(exc, KeyboardInterrupt):
             raise
         if isinstance(exc, SyntaxError):
-            what = f"{exc.msg} (line {exc.lineno})"
+            elsewhere = exc.filename and os.path.abspath(exc.filename) != full
+            what = f"{exc.msg} ({os.path.basename(exc.filename) + ', ' if elsewhere else ''}line {exc.lineno})"
         else:
             what = _first_line(exc)
         raise ModelFileError(f"importing model file {path!r} raised {type(exc).__name__}: {what}") from exc
@@ -78,6 +85,12 @@ def load_model_file(path: str | os.PathLike) -> ModuleType:
         if inspect.isfunction(f) and f.__module__ == name and not (
                 inspect.isgeneratorfunction(f) or inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)):
             setattr(mod, n, _run_importable(f, folder))
+    if as_script and folder not in sys.path:
+        sys.path.append(folder)  # (last: the process's own imports keep finding what they found)
+    modules = [n for n in REQUIRED if isinstance(getattr(mod, n, None), nn.Module)]
+    if modules:
+        raise ModelFileError(f"model file {path!r} sets {modules[0]} to a module, not a function: define "
+                             f"def {modules[0]}(): return ... (a new model for each call)")
     missing = [n for n in REQUIRED if not callable(getattr(mod, n, None))]
     if missing:
         raise ModelFileError(

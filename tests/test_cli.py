@@ -1751,3 +1751,48 @@ def test_a_model_file_imports_its_neighbours_inside_its_functions_too(tmp_path, 
     model, _ = instantiate(mod)
     assert isinstance(model, torch.nn.Linear)
     assert str(tmp_path) not in sys.path  # (only while the file's functions run)
+
+
+def test_a_model_file_imports_its_neighbours_inside_its_classes_methods_under_the_cli(tmp_path, capsys, monkeypatch):
+    """`from act_beside import act` inside a forward (or a Dataset's __getitem__) ran after the file's
+    folder had left sys.path: ModuleNotFoundError, blamed on the model or the dataset."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # (the CLI keeps the folder on it for the process)
+    (tmp_path / "act_beside.py").write_text("import torch\n\ndef act(x):\n    return torch.relu(x)\n")
+    path = _write(tmp_path, """
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 3)
+
+            def forward(self, x):
+                from act_beside import act
+                return act(self.fc(x))
+
+        def build_model():
+            return Net()
+
+        def example_inputs():
+            return (torch.randn(2, 4),)
+        """)
+    assert main(["export", path, "-o", str(tmp_path / "m.onnx"), "--check"]) == 0
+    assert sys.path[-1] == str(tmp_path)  # last: the process's own imports find what they found
+
+
+@pytest.mark.parametrize("files, message", [
+    # (named line 2 of model.py, which is `import torch`)
+    ({"helper_beside.py": "x = (1,\n", "model.py": "import torch\nfrom helper_beside import x\n"},
+     "raised SyntaxError: '(' was never closed (helper_beside.py, line 1)"),
+    # (was "build_model() ... raised TypeError: Linear.forward() missing 1 required positional argument")
+    ({"model.py": "import torch\nbuild_model = torch.nn.Linear(3, 2)\n"
+                  "def example_inputs(): return (torch.randn(2, 3),)\n"},
+     "sets build_model to a module, not a function: define def build_model(): return ..."),
+])
+def test_model_file_mistakes_are_named_where_they_are(tmp_path, capsys, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert main(["transform", str(tmp_path / "model.py")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
