@@ -348,7 +348,7 @@ class Distributed:
         kwargs["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = False
         kwargs.update(ddp_kwargs)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(pm, device_ids=device_ids, process_group=self.group, **kwargs)
+        ddp = PhaseDDP(pm, device_ids=device_ids, process_group=self.group, **kwargs)
         self._wrappers[id(pm)] = (ddp, ids)
         return ddp
 
@@ -439,6 +439,35 @@ def _looks_like_comm(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "peer"))
+
+
+class PhaseDDP(nn.parallel.DistributedDataParallel):
+    """DDP over one phase's trainable parameters, whose no_sync() works from the wrapper's first step.
+
+    Why: with static_graph (wrap's default) DDP records the graph at its first iteration, and a
+    first iteration under no_sync fails inside torch (an internal assert). Every restructure builds
+    a new wrapper, so a loop that accumulates micro-batches with no_sync met it at every phase.
+    Until its first synchronised forward, no_sync leaves synchronisation on: the accumulated
+    gradient is the same (the early micro-batch adds the same rank average on every rank), at the
+    cost of one more all-reduce per phase.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.synchronised_once = False
+
+    def forward(self, *inputs, **kwargs):
+        if self.require_backward_grad_sync and torch.is_grad_enabled():
+            self.synchronised_once = True
+        return super().forward(*inputs, **kwargs)
+
+    @contextmanager
+    def no_sync(self):
+        if self.static_graph and not self.synchronised_once:
+            yield
+            return
+        with super().no_sync():
+            yield
 
 
 def _release(ddp) -> None:

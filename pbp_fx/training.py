@@ -26,7 +26,7 @@ from .errors import DataError, NonFiniteDataError, NonFiniteError, NonFiniteLoss
 from .perforated import PerforatedModel
 
 __all__ = ["fit", "History", "evaluate", "accuracy", "cross_entropy", "mean_squared_error", "negative_loss", "primary_output",
-           "split_batch", "call_model", "train_epoch"]
+           "reaching_every_parameter", "split_batch", "call_model", "train_epoch"]
 
 
 @dataclass
@@ -188,6 +188,27 @@ def parameters_the_loss_misses(loss: torch.Tensor, output) -> Optional[list]:
     unread = autograd_nodes([(t.grad_fn, t.output_nr) for _, t in outputs if t.grad_fn is not None], sinks, read)
     params = [n.variable for n in unread.values() if getattr(n, "variable", None) is not None and n.variable.requires_grad]
     return params + [t for _, t in outputs if t.grad_fn is None and id(t) not in read_leaves]
+
+
+def reaching_every_parameter(model, loss: torch.Tensor, output) -> torch.Tensor:
+    """`loss`, whose backward also gives a zero gradient to each trainable parameter of the DDP wrapper
+    `model` that the loss does not reach (an auxiliary head beside the "logits" it reads, a parameter
+    returned as an output); `loss` itself when `model` is no DDP wrapper. In a loop of one's own,
+    between forward and backward: `loss = reaching_every_parameter(ctl.model, loss, output)`; fit does.
+
+    Why: DDP (static graph) stops at the next step when a parameter that took part in the forward got
+    no gradient. They are found at the wrapper's first step (one walk of the autograd graph) and kept
+    on it as `unread_parameters`; every restructure builds a new wrapper.
+    """
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return loss
+    if not hasattr(model, "unread_parameters"):
+        model.unread_parameters = parameters_the_loss_misses(loss, output)
+    missed = model.unread_parameters
+    zero = missed if missed is not None else [  # (this step's outputs: DDP's usual remedy)
+        t for t in pytree.tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    # a zero gradient straight into them: nothing runs through their branch
+    return _ZeroGradient.apply(loss, *zero) if zero else loss
 
 
 def split_batch(batch):
@@ -557,20 +578,12 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
     pm.train()
     phase = phase or getattr(pm, "phase", "")
     total, count = 0.0, 0
-    missed, first_step = [], True  # DDP: parameters the loss does not reach, found at the epoch's first step
     for batch in batches(loader, "training"):
         if device is not None:
             batch = _to(batch, device)
         inputs, target = split_batch(batch)
         output = call_model(pm, inputs)
-        loss = loss_fn(output, target)
-        if isinstance(pm, nn.parallel.DistributedDataParallel):
-            if first_step:
-                missed, first_step = parameters_the_loss_misses(loss, output), False
-            zero = missed if missed is not None else [  # (this step's outputs: DDP's usual remedy)
-                t for t in pytree.tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-            if zero:  # a zero gradient straight into them: nothing runs through their branch
-                loss = _ZeroGradient.apply(loss, *zero)
+        loss = reaching_every_parameter(pm, loss_fn(output, target), output)
         if not torch.isfinite(loss):
             raise _non_finite_loss(loss, inputs, target, phase)
         optimizer.zero_grad(set_to_none=True)

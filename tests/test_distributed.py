@@ -108,6 +108,37 @@ def run_match(world=None, build=_build):
     return pm, out
 
 
+def accumulated_run(world, quiet: bool, build=_build):
+    """A loop of one's own that accumulates two micro-batches per optimizer step, the first under
+    `ctl.model.no_sync()` when quiet, through a neuron epoch, a dendrite phase and an install. Its
+    loss reads the "logits" of a dict output, and reaches the other outputs' parameters through
+    `reaching_every_parameter`."""
+    import contextlib
+
+    from pbp_fx.training import primary_output, reaching_every_parameter
+
+    pm = pbp_fx.perforate(build(), _inputs())
+    ctl = PhaseController(pm, neuron_epochs=1, dendrite_patience=5, max_dendrite_epochs=1, max_dendrites=1, pool=2,
+                          candidate_lr=200.0, distributed=world,
+                          optimizer_factory=lambda params: torch.optim.SGD(params, lr=0.01))
+    train, val = world.loader(_data(144, 0), GLOBAL_BATCH), world.loader(_data(48, 1), 16, train=False)
+    phases = []
+    for epoch in range(4):
+        train.sampler.set_epoch(epoch)
+        for x, y in train:
+            ctl.optimizer.zero_grad()
+            for j, (xs, ys) in enumerate(zip(x.chunk(2), y.chunk(2))):
+                with ctl.model.no_sync() if quiet and j == 0 else contextlib.nullcontext():
+                    out = ctl.model(xs)
+                    loss = nn.functional.cross_entropy(primary_output(out), ys) / 2
+                    reaching_every_parameter(ctl.model, loss, out).backward()
+            ctl.optimizer.step()
+        world.sync_buffers(pm)
+        phases.append(pm.phase)
+        ctl.step(pbp_fx.evaluate(pm, val, distributed=world))
+    return {"phases": phases, "dendrites": pm.num_dendrites, "state": {k: v.clone() for k, v in pm.state_dict().items()}}
+
+
 # -- the worker side ---------------------------------------------------------------------
 def _worker(scenario, rank, nprocs, port, out_dir):
     from pbp_fx.distributed import Distributed
@@ -125,6 +156,11 @@ def _worker(scenario, rank, nprocs, port, out_dir):
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     elif scenario == "aux":
         torch.save(run_match(world, _build_with_aux_head)[1], os.path.join(out_dir, f"rank{rank}.pt"))
+    elif scenario == "accumulate":  # two micro-batches per step, the first under no_sync (or synced)
+        torch.save({quiet: accumulated_run(world, quiet) for quiet in (True, False)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    elif scenario == "aux_loop":  # an output the loss does not read, in a loop of one's own
+        torch.save({"run": accumulated_run(world, False, _build_with_aux_head)}, os.path.join(out_dir, f"rank{rank}.pt"))
     elif scenario == "warn":  # a setting every rank holds, warned of as the controller is built
         pm = pbp_fx.perforate(_build(), _inputs())
         PhaseController(pm, optimizer=torch.optim.LBFGS(pm.trainable_parameters(), line_search_fn="strong_wolfe"),
@@ -283,6 +319,36 @@ def test_an_output_the_loss_does_not_read_trains_as_in_one_process(tmp_path):
         for k, v in ref["state"].items():
             assert (got["state"][k].double() - v.double()).abs().max() < 1e-5, k
         assert got["val"] == pytest.approx(ref["val"], abs=1e-9)
+
+
+def test_no_sync_accumulation_works_from_the_first_step_of_every_phase(tmp_path):
+    """DDP's static graph failed inside torch (an internal assert) when the first step after a wrap
+    ran under no_sync, and every restructure builds a new wrapper. That first step now synchronises:
+    the accumulated gradients, and so the run, are those of the synchronised loop."""
+    results = _launch("accumulate", tmp_path)
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        quiet, synced = got[True], got[False]
+        assert quiet["phases"] == synced["phases"] and "dendrite" in quiet["phases"]
+        assert quiet["dendrites"] == synced["dendrites"] and max(quiet["dendrites"].values()) == 1
+        for k, v in synced["state"].items():
+            assert (quiet["state"][k].double() - v.double()).abs().max() < 1e-9, k
+
+
+def test_an_output_the_loss_does_not_read_trains_in_a_loop_of_ones_own(tmp_path):
+    """DDP stopped at the second step of a custom loop whose loss reads the "logits" alone: the zero
+    gradient for the other outputs' parameters was fit's own. reaching_every_parameter gives it."""
+    results = _launch("aux_loop", tmp_path)
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["run"] for r in range(2)]
+    assert "dendrite" in ranks[0]["phases"] and max(ranks[0]["dendrites"].values()) == 1
+    for k, v in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][k], v), k
+    aux = ranks[0]["state"]["graph_module.aux.weight"]
+    assert torch.equal(aux, _build_with_aux_head().aux.weight.detach())  # its zero gradient left it as built
 
 
 def test_a_failing_rank_is_reported_and_the_other_exits(tmp_path):
