@@ -2,12 +2,15 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Extra pip arguments for the torch install, e.g. TORCH_PIP_ARGS=--index-url=https://download.pytorch.org/whl/cpu
+TORCH_PIP_ARGS ?=
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The pinned CPU wheel first: a bare `torch` requirement would pull the CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# The pinned torch first, from where pip finds its CPU build (TORCH_PIP_ARGS, README): a bare
+	# `torch` requirement would pull the CUDA build.
+	$(PY) -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	touch $@
 
 # `pbp-fx train` needs only the train extra; the tests also need the dev extra (hf, lightning).

@@ -62,9 +62,14 @@ __all__ = ["PhaseController", "Decision", "rebind_optimizer", "default_optimizer
 
 
 class Decision(str, enum.Enum):
+    """What PhaseController.step decided; equal to its value's string, and printed as it."""
+
     CONTINUE = "continue"          # keep training as before
     RESTRUCTURED = "restructured"  # the parameter set changed (ctl.optimizer already follows it)
     COMPLETE = "complete"          # done; the best-validation model is loaded
+
+    def __str__(self) -> str:  # (a str enum prints as "Decision.CONTINUE" before Python 3.11's StrEnum)
+        return self.value
 
 
 # Where torch.optim.Adam(fused=True) runs (it checks only at the first step, so decide up front).

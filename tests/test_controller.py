@@ -1227,3 +1227,9 @@ def test_nan_candidates_are_refused_before_they_are_installed_in_any_loop():
         ctl.step(0.5)
     # Stopped in any loop (a trainer's callback, one's own), not only fit's: no candidates, the best weights back.
     assert ctl.done and pm.phase == "neuron" and ctl.num_dendrites == 0
+
+
+def test_a_decision_is_its_string_and_prints_as_it():
+    """README: ctl.step returns "continue", "restructured" or "complete"; it printed as Decision.CONTINUE."""
+    assert [str(d) for d in Decision] == ["continue", "restructured", "complete"]
+    assert f"{Decision.COMPLETE}" == "complete" and Decision.RESTRUCTURED == "restructured"
