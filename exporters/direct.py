@@ -276,12 +276,29 @@ def _ntuple_local(v, n: int) -> tuple:
     return tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * n
 
 
-def _value_info(name: str, value: torch.Tensor, batch: Optional[str], size: Optional[int] = None) -> onnx.ValueInfoProto:
-    """Shape `value`'s, dim 0 the symbolic batch (an output whose dim 0 is not the batch: unknown)."""
-    dims: list = list(value.shape)
-    if batch is not None:
-        dims[0] = batch if size is None or dims[0] == size else None
+def _value_info(name: str, value: torch.Tensor, dims: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, _DTYPES[value.dtype], dims)
+
+
+def _output_dims(gm: fx.GraphModule, inputs: tuple, outputs: list, batch: Optional[str]) -> list[list]:
+    """Each output's declared dims: those that follow the batch named `batch`, the others fixed,
+    from a second run at twice the batch (the batch may end up in any dim, [1, B, C], or in
+    none); a dim that grows otherwise (a flattened [B * T]) unknown. Unsupported when the graph
+    does not run at twice the batch (an unbatched input [C], a size the model fixes): the dynamo
+    exporter then finds out which it is."""
+    if batch is None:
+        return [list(o.shape) for o in outputs]
+    b = inputs[0].shape[0]
+    try:
+        with torch.no_grad(), buffers_kept(gm):
+            twice = [t for t in torch.utils._pytree.tree_leaves(gm(*(torch.cat([t, t]) for t in inputs)))
+                     if isinstance(t, torch.Tensor)]
+    except Exception as exc:  # noqa: BLE001 - the model's own limit: the dynamo exporter says which
+        raise Unsupported(f"the graph does not run at twice the batch: {type(exc).__name__}") from exc
+    if len(twice) != len(outputs) or any(t.dim() != o.dim() for t, o in zip(twice, outputs)):
+        raise Unsupported("outputs of another structure at twice the batch")
+    return [[d if d == d2 else batch if (d, d2) == (b, 2 * b) else None for d, d2 in zip(o.shape, t.shape)]
+            for o, t in zip(outputs, twice)]
 
 
 def plain_output_names(count: int) -> list[str]:
@@ -319,17 +336,17 @@ def emit(gm: nn.Module, inputs: tuple, opset: int, dynamic_batch: bool,
         except Exception as exc:  # noqa: BLE001 - a form of a known layer the handler does not expect
             raise Unsupported(f"{n.op} {n.target}: {type(exc).__name__}: {exc}") from exc
         if n.op == "placeholder":
-            graph_inputs.append(_value_info(e.names[n], e.values[n], batch))
+            value = e.values[n]
+            graph_inputs.append(_value_info(e.names[n], value, [batch or value.shape[0], *value.shape[1:]]))
     if not outputs or not all(isinstance(o, fx.Node) and isinstance(e.values.get(o), torch.Tensor) for o in outputs):
         raise Unsupported("outputs other than tensors")
     names = (output_names or plain_output_names)(len(outputs))
+    values = [e.values[o] for o in outputs]
+    if any(v.dtype not in _DTYPES or v.dim() == 0 for v in values):
+        raise Unsupported("output dtype")
     graph_outputs = []
-    for name, o in zip(names, outputs):
-        value = e.values[o]
-        if value.dtype not in _DTYPES or value.dim() == 0:
-            raise Unsupported("output dtype")
+    for name, o, value, dims in zip(names, outputs, values, _output_dims(gm, inputs, values, batch)):
         e.nodes.append(helper.make_node("Identity", [e.tensor(o)], [name], name=f"{name}_identity"))
-        size = int(graph_inputs and e.values[next(n for n in gm.graph.nodes if n.op == "placeholder")].shape[0])
-        graph_outputs.append(_value_info(name, value, batch, size))
+        graph_outputs.append(_value_info(name, value, dims))
     graph = helper.make_graph(e.nodes, type(gm).__name__, graph_inputs, graph_outputs, e.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="pbp-fx")

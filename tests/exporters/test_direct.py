@@ -224,3 +224,40 @@ def test_an_in_place_layer_nothing_reads_around_is_written_directly():
     pm = pbp_fx.perforate(ReadAfterInPlace("none").eval(), (x,)).eval()
     proto = emit(_swapped(pm), (x,), 18, True)
     assert any(n.op_type == "Relu" for n in proto.graph.node)
+
+
+class BatchSecond(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return torch.relu(h).unsqueeze(0), torch.cat([h, h], 0)  # [1, B, 8] and [2 * B, 8]
+
+
+def test_outputs_declare_the_batch_where_it_is(tmp_path):
+    """The direct path took dim 0 of each output for the batch and fixed the others at the example's sizes:
+    [1, B, 8] was declared ['?', 2, 8], and ONNX Runtime warned of a shape mismatch at any other batch."""
+    pm = pbp_fx.perforate(BatchSecond(), (torch.randn(2, 6),))
+    pm.grow()
+    proto = emit(_swapped(pm), (torch.randn(2, 6),), 18, True)  # (written directly)
+    dims = [[d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in o.type.tensor_type.shape.dim]
+            for o in proto.graph.output]
+    assert dims == [[1, "batch", 8], [None, 8]]
+    export_onnx(pm, (torch.randn(2, 6),), tmp_path / "m.onnx")
+    x5 = torch.randn(5, 6)
+    got = _session(tmp_path / "m.onnx").run(None, {"x": x5.numpy()})
+    with torch.no_grad():
+        for g, w in zip(got, pm.eval()(x5)):
+            np.testing.assert_allclose(g, w.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_unbatched_input_is_no_dynamic_batch(tmp_path):
+    """A Linear's input [C] had its features declared the dynamic `batch` axis, which ONNX Runtime then
+    refused at any other size; the torch.export route says what it is."""
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), (torch.randn(6),))
+    with pytest.raises(ExportError, match=r"the model fixes dim 0 of input '.*' to 6 .* pass dynamic_batch=False"):
+        export_onnx(pm, (torch.randn(6),), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    export_onnx(pm, (torch.randn(6),), tmp_path / "m.onnx", dynamic_batch=False)
