@@ -44,6 +44,7 @@ import dataclasses
 import io
 import json
 import logging
+import numbers
 import os
 import re
 import sys
@@ -434,6 +435,9 @@ def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynam
                 # torch.export specialises sizes 0 and 1 to constants
                 raise ExportError(f"input {names[i]!r} has size {t.shape[dim]} along dim {dim}, so that axis "
                                   "cannot be dynamic: export with an example of size >= 2 there")
+            if dim in axes[i] and axes[i][dim] != axis:  # (the same dim as -1 and 2, or by name and position)
+                raise ExportError(f"dynamic_axes gives dim {dim} of input {names[i]!r} two names, {axes[i][dim]!r} "
+                                  f"and {axis!r}: give it one")
             axes[i][dim] = axis
     if dynamic_batch:
         tensors = [t for t in inputs if isinstance(t, Tensor) and t.dim() > 0]
@@ -845,6 +849,26 @@ def _static_twin(names: list, inputs: tuple, shapes, name: str, size: int):
     return None
 
 
+def _refusal_at_doubled_axes(module: nn.Module, inputs: tuple, shapes, axes: list) -> Optional[str]:
+    """The model's own error (one line) when it runs with the named dynamic axes at twice their example
+    sizes, else None: a model that fixes a size makes the exporter fail with a solver's message."""
+    if not isinstance(shapes, (tuple, list)):
+        return None
+    probe = []
+    for t, dims in zip(inputs, shapes):
+        for dim, axis in (dims or {}).items() if isinstance(t, Tensor) else ():
+            if getattr(axis, "__name__", None) in axes:
+                t = torch.cat([t, t], dim)
+        probe.append(t)
+    try:
+        with torch.no_grad(), buffers_kept(module), contextlib.redirect_stderr(io.StringIO()):
+            module(*probe)
+    except Exception as e:  # noqa: BLE001 - the model's own limit
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0][:160] if text else ''}"
+    return None
+
+
 def _root_reason(exc: BaseException) -> str:
     """The first line of an export error's innermost cause: the capture's own reason, not the
     exporter's "step 1/3" report that wraps it (terminal colour codes removed)."""
@@ -918,6 +942,11 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
                               "whole model, so make that code traceable (torch.cond, or no branch on tensor "
                               "values); excluding it from perforation does not help") from e
         if axes:
+            refused = _refusal_at_doubled_axes(module, traced_inputs, shapes, axes)
+            if refused:
+                raise ExportError(f"the model itself does not run with the dynamic axes {', '.join(map(repr, axes))} "
+                                  f"at twice the example's sizes ({refused}): it fixes those sizes (a Linear after a "
+                                  "flatten, a reshape to a constant size): export without them") from e
             raise ExportError(f"torch.onnx.export cannot keep the dynamic axes {', '.join(map(repr, axes))} "
                               f"({_root_reason(e)}): the model constrains their sizes (a "
                               "multiple of its strides, or equal to another size): export without them") from e
@@ -1209,6 +1238,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     Raises ExportPathError (an OSError) for an unwritable path, ExportError when the model
     cannot be exported. The file is complete or absent, never partial.
     """
+    if opset is not None:
+        if isinstance(opset, bool) or not isinstance(opset, numbers.Integral):
+            raise ExportError(f"opset={opset!r} is not a whole number: pass an int from {MIN_OPSET} to {MAX_OPSET}, "
+                              "or None for the lowest the model takes")
+        opset = int(opset)
     if opset is not None and int(opset) < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the exporter and the fused ops need opset >= {MIN_OPSET}")
     if opset is not None and int(opset) > MAX_OPSET:

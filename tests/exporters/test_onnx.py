@@ -284,6 +284,19 @@ def test_opset_too_old(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("opset", ["19", 19.7, True])
+def test_an_opset_that_is_no_whole_number_is_refused_in_one_line(tmp_path, opset):
+    """"19" raised a bare TypeError from a comparison (with dendrites), 19.7 was written as 19 without
+    a word and True read as "opset True is too old"."""
+    model, example = _tiny()
+    model = pbp_fx.perforate(model, example)
+    model.grow()
+    with pytest.raises(ExportError, match=r"^opset=.* is not a whole number: pass an int from 18 to \d+"):
+        export_onnx(model, example, tmp_path / "m.onnx", opset=opset)
+    assert list(tmp_path.iterdir()) == []
+    export_onnx(model, example, tmp_path / "m.onnx", opset=np.int64(19))  # (numpy's ints are whole numbers)
+
+
 # -- an untraceable root: its parts perforated in place ---------------------------------------
 
 class _Backbone(torch.nn.Module):
@@ -628,7 +641,24 @@ class _Scaled(torch.nn.Module):
         return self.fc(x) * scale
 
 
+class _ConvFlattenLinear(torch.nn.Module):
+    """MNIST-1D's CNN in small: lengths 40 -> 19 -> 9 -> 4, then a Linear over 4 x 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.Sequential(*[torch.nn.Conv1d(1 if i == 0 else 4, 4, 5, stride=2, padding=1)
+                                           for i in range(3)])
+        self.fc = torch.nn.Linear(4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.convs(x.unsqueeze(1))).flatten(1))
+
+
 @pytest.mark.parametrize("model, example, axes, match", [
+    # (was the solver's message, cut short: "The inequality, Eq((((x/4)//2)) - 5, 0), cannot be solved using")
+    (_ConvFlattenLinear, (torch.randn(2, 40),), {"x": {1: "length"}},
+     r"the model itself does not run with the dynamic axes 'length' at twice the example's sizes \(RuntimeError: "
+     r"mat1 and mat2 shapes cannot be multiplied .*\): it fixes those sizes \(a Linear after a flatten"),
     # a number input is a constant of the file: not listed among its inputs
     (_Scaled, (torch.randn(2, 4), 2.0), {"scal": {1: "t"}}, r"its inputs are \['x'\]$"),
     (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"idz": {1: "t"}},
@@ -642,6 +672,11 @@ class _Scaled(torch.nn.Module):
     (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": [1]}, r"\{input name or position"),
     (_PositionTable, (torch.zeros(2, 6, dtype=torch.long),), {"ids": {1: "t"}},
      "fixes dim 1 of input 'ids' to 6, so axis 't' cannot be dynamic"),
+    # one dim two names, as -1 and 1 or by name and position: the last name won without a word
+    (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {1: "t", -1: "u"}},
+     "dynamic_axes gives dim 1 of input 'ids' two names, 't' and 'u': give it one"),
+    (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"mask": {1: "t"}, 1: {1: "u"}},
+     "dynamic_axes gives dim 1 of input 'mask' two names, 't' and 'u': give it one"),
     # the mask left static ties the ids' length: "export without that axis" was the advice
     (_Tokens, (torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)), {"ids": {1: "t"}},
      r"input 'mask' has size 6 in dim 1 without a dynamic axis; if the model combines the two .*give it the axis "
