@@ -307,6 +307,8 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                           "F.cross_entropy): put them there, or give the model file a loss_fn and metric"
                           if class_labels and isinstance(out, torch.Tensor) and out.dim() >= 3 else "")
                 _diagnose_targets(target, out, name, class_labels)
+                if output is None:
+                    _diagnose_input_dtypes(model, inputs, name)
                 raise TrainingError(f"the first {name} samples fail in the model, its loss or its metric "
                                     f"({type(exc).__name__}: {first}): check that the data's shapes, dtypes and "
                                     "targets match the model, its outputs and the model file's TASK / loss_fn / "
@@ -347,6 +349,21 @@ def _check_the_loss_reads_what_accuracy_scores(output, loss: torch.Tensor) -> No
     raise TrainingError(f"the built-in accuracy scores {where} (a dict's 'logits', else its first tensor; a tuple's "
                         "first), which the model file's loss_fn does not read: define metric(output, target) -> "
                         "(sum, count) in the model file for the output the loss trains, or return it first")
+
+
+def _diagnose_input_dtypes(model: nn.Module, inputs, name: str) -> None:
+    """TrainingError naming floating inputs of another dtype than the model's parameters (numpy's
+    float64 arrays for a float32 model), when the first batch failed in the model."""
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(floats) != 1:
+        return
+    want = floats.pop()
+    other = next((t.dtype for t in torch.utils._pytree.tree_leaves(inputs)
+                  if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != want), None)
+    if other is not None:
+        raise TrainingError(f"the {name} inputs are {other} where the model's parameters are {want}: make the "
+                            f"datasets yield {want} inputs (torch.as_tensor(x, dtype={want}), or numpy's "
+                            f"x.astype('{str(want).split('.')[-1]}'))")
 
 
 def _diagnose_targets(target, out, name: str, class_labels: bool) -> None:

@@ -164,6 +164,11 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
     ("the built-in accuracy on a head the loss does not read", lambda t: [_write(t / "m.py", TWO_HEADS)],
      "the built-in accuracy scores output['aux'] (a dict's 'logits', else its first tensor; a tuple's first), which "
      "the model file's loss_fn does not read: define metric(output, target)"),
+    # (was torch's "mat1 and mat2 must have the same dtype, but got Double and Float", with no fix)
+    ("float64 inputs for a float32 model", lambda t: [_write(t / "m.py", GOOD.replace(
+        "torch.randn(8, 3)", "torch.randn(8, 3, dtype=torch.float64)"))],
+     "the training inputs are torch.float64 where the model's parameters are torch.float32: make the datasets yield "
+     "torch.float32 inputs (torch.as_tensor(x, dtype=torch.float32), or numpy's x.astype('float32'))"),
     ("unknown TASK", lambda t: [_write(t / "m.py", BAD_TASK)], "TASK = 'ranking' is not one of classification, regression"),
     ("missing model file", lambda t: ["/nonexistent/model.py"], "does not exist"),
     ("NaN in validation data", lambda t: [_write(t / "m.py", NAN_VAL)], "validation data holds NaN/Inf"),
