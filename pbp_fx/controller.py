@@ -785,7 +785,7 @@ class PhaseController:
             if row["phase"] != "dendrite" or row["decision"] != Decision.CONTINUE.value:
                 break
             epochs += 1
-        per_epoch = int(pools[0].batches_seen) / epochs
+        per_epoch = int(pools[0].steps) / epochs  # (counted batches: what the warm-up counts)
         warmup, cap = pools[0].warmup, self.config.max_dendrite_epochs
         if per_epoch * cap <= warmup:
             self._warned_short_phase = True

@@ -37,7 +37,7 @@ from .modelfile import (check_metric_direction, example_kwargs, global_generator
 from .distributed import last_batch_is_lone
 from .passes.find_sites import site_filters
 from .perforated import perforate
-from .training import IGNORED_LABEL, History, NonFiniteDataError, NonFiniteError, evaluate, fit
+from .training import IGNORED_LABEL, History, NonFiniteDataError, NonFiniteError, class_indices, evaluate, fit
 
 __all__ = ["train_job", "saved_run", "SavedRun", "run_identity", "model_digest", "data_fingerprint", "changed_since",
            "resumed_identity", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
@@ -247,7 +247,7 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
             size = len(ds)
             if size == 0:  # (refused with its own message where the loaders are checked)
                 continue
-            output = target = None
+            output = target = inputs = None
             try:
                 samples = [ds[i] for i in range(min(n, size))]
                 try:
@@ -292,7 +292,7 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                                             "torch ops")
                     float(loss.detach())
                     if graded and metric is accuracy:
-                        _check_the_loss_reads_what_accuracy_scores(output, loss)
+                        _check_the_loss_reads_what_accuracy_scores(model, output, loss)
                     with torch.no_grad():
                         scored = metric(output, target)
                 if not (isinstance(scored, (tuple, list)) and len(scored) == 2):
@@ -307,7 +307,7 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                           "F.cross_entropy): put them there, or give the model file a loss_fn and metric"
                           if class_labels and isinstance(out, torch.Tensor) and out.dim() >= 3 else "")
                 _diagnose_targets(target, out, name, class_labels)
-                if output is None:
+                if output is None and inputs is not None:
                     _diagnose_input_dtypes(model, inputs, name)
                 raise TrainingError(f"the first {name} samples fail in the model, its loss or its metric "
                                     f"({type(exc).__name__}: {first}): check that the data's shapes, dtypes and "
@@ -333,8 +333,8 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                             "(and at least 2 training samples)")
 
 
-def _check_the_loss_reads_what_accuracy_scores(output, loss: torch.Tensor) -> None:
-    """TrainingError when the built-in accuracy scores an output the loss does not read (a dict of
+def _check_the_loss_reads_what_accuracy_scores(model: nn.Module, output, loss: torch.Tensor) -> None:
+    """TrainingError when the built-in accuracy scores an output the loss does not train (a dict of
     heads without "logits", whose first is an auxiliary one): it would pick the best epoch, and
     drive the schedule, by an untrained head."""
     from .training import primary_output
@@ -344,26 +344,44 @@ def _check_the_loss_reads_what_accuracy_scores(output, loss: torch.Tensor) -> No
         return  # one tensor: the loss reads it (or it does not depend on the parameters at all)
     if torch.autograd.grad(loss, scored, retain_graph=True, allow_unused=True)[0] is not None:
         return
+    # Not read, but computed by trained parameters alone (probabilities beside the logits the loss
+    # reads: the same argmax) is fine; a head of its own the loss leaves untrained is not.
+    params = [p for p in model.parameters() if p.requires_grad]
+    by_loss = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    by_scored = torch.autograd.grad(scored.sum(), params, retain_graph=True, allow_unused=True)
+    if all(s is None or l is not None for s, l in zip(by_scored, by_loss)):
+        return
     where = next((f"output[{k!r}]" for k, v in output.items() if v is scored), "output[0]") \
         if isinstance(output, dict) else "output[0]"
     raise TrainingError(f"the built-in accuracy scores {where} (a dict's 'logits', else its first tensor; a tuple's "
-                        "first), which the model file's loss_fn does not read: define metric(output, target) -> "
+                        "first), which the model file's loss_fn does not train: define metric(output, target) -> "
                         "(sum, count) in the model file for the output the loss trains, or return it first")
 
 
 def _diagnose_input_dtypes(model: nn.Module, inputs, name: str) -> None:
     """TrainingError naming floating inputs of another dtype than the model's parameters (numpy's
-    float64 arrays for a float32 model), when the first batch failed in the model."""
+    float64 arrays for a float32 model), when the first batch failed in the model and runs once
+    those inputs take the parameters' dtype (else the dtype is not why)."""
+    from .training import call_model
+
     floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(floats) != 1:
         return
     want = floats.pop()
     other = next((t.dtype for t in torch.utils._pytree.tree_leaves(inputs)
                   if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != want), None)
-    if other is not None:
-        raise TrainingError(f"the {name} inputs are {other} where the model's parameters are {want}: make the "
-                            f"datasets yield {want} inputs (torch.as_tensor(x, dtype={want}), or numpy's "
-                            f"x.astype('{str(want).split('.')[-1]}'))")
+    if other is None:
+        return
+    cast = torch.utils._pytree.tree_map(
+        lambda t: t.to(want) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs)
+    try:
+        with torch.no_grad():
+            call_model(model, cast)
+    except Exception:  # noqa: BLE001 - it fails in the parameters' dtype too: another reason, said as it is
+        return
+    raise TrainingError(f"the {name} inputs are {other} where the model's parameters are {want}: make the "
+                        f"datasets yield {want} inputs (torch.as_tensor(x, dtype={want}), or numpy's "
+                        f"x.astype('{str(want).split('.')[-1]}'))")
 
 
 def _diagnose_targets(target, out, name: str, class_labels: bool) -> None:
@@ -385,6 +403,7 @@ def _check_labels(labels: torch.Tensor, classes: int, name: str) -> None:
     """Every class label of a dataset within the model's classes (a TensorDataset: one cheap pass)."""
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         return
+    labels = class_indices(labels)
     labels = labels[labels != IGNORED_LABEL]  # (the default loss and accuracy leave them out)
     if labels.numel() == 0:
         return

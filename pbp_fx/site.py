@@ -180,7 +180,7 @@ class CandidatePool(nn.Module):
         p, ranks = self.pool_size, self.reducer.world_size
         if split and batch % p:
             why = f"is not a multiple of the pool's {p} members (and leaves {batch % p} out)"
-        elif not split and self.splits(batch * ranks):
+        elif not split and p > 1 and self.splits(batch * ranks):
             why = (f"is smaller than 2 x the pool's {p} members, so every member sees all of it, while the "
                    f"{ranks} ranks' {batch * ranks} samples would be dealt to them")
         else:

@@ -26,7 +26,7 @@ from .errors import DataError, NonFiniteDataError, NonFiniteError, NonFiniteLoss
 from .perforated import PerforatedModel
 
 __all__ = ["fit", "History", "evaluate", "accuracy", "cross_entropy", "mean_squared_error", "negative_loss", "primary_output",
-           "reaching_every_parameter", "split_batch", "call_model", "train_epoch"]
+           "reaching_every_parameter", "class_indices", "split_batch", "call_model", "train_epoch"]
 
 
 @dataclass
@@ -200,8 +200,8 @@ def reaching_every_parameter(model, loss: torch.Tensor, output) -> torch.Tensor:
     no gradient. They are found at the wrapper's first step (one walk of the autograd graph) and kept
     on it as `unread_parameters`; every restructure builds a new wrapper.
     """
-    if not isinstance(model, nn.parallel.DistributedDataParallel):
-        return loss
+    if not isinstance(model, nn.parallel.DistributedDataParallel) or loss.grad_fn is None:
+        return loss  # (one process; or no graph, an evaluation under no_grad: nothing to find from it)
     if not hasattr(model, "unread_parameters"):
         model.unread_parameters = parameters_the_loss_misses(loss, output)
     missed = model.unread_parameters
@@ -276,8 +276,13 @@ def primary_output(output):
 
 # F.cross_entropy's default ignore_index: a label that counts in no loss (padding, an unlabelled token).
 IGNORED_LABEL = -100
-# Integer label dtypes F.cross_entropy refuses, which the built-in loss widens to int64.
-NARROW_LABELS = (torch.int8, torch.int16, torch.int32)
+# Integer label dtypes F.cross_entropy (and comparisons with int64) refuse, widened to int64.
+NARROW_LABELS = (torch.int8, torch.int16, torch.int32, torch.uint16, torch.uint32, torch.uint64)
+
+
+def class_indices(target: torch.Tensor) -> torch.Tensor:
+    """Integer class labels of any width (numpy's int32, uint16) as F.cross_entropy takes them."""
+    return target.long() if target.dtype in NARROW_LABELS else target
 
 
 def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
@@ -304,6 +309,7 @@ def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
                 "your own" if classes_last else "give labels of that shape (y.squeeze(1) for [N, 1]) or a metric of your own")
         raise ValueError(f"the built-in accuracy reads logits {list(logits.shape)} as [N, C, ...] with classes on dim 1 "
                          f"and wants labels of shape {list(expected)}, not {list(target.shape)}: {hint}")
+    target = class_indices(target)
     kept = target != IGNORED_LABEL
     right = (logits.argmax(1) == target) & kept
     return float(right.sum()), int(kept.sum())
@@ -314,8 +320,7 @@ def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
     A batch whose labels are all IGNORED_LABEL has loss 0 (F.cross_entropy's mean is 0/0 = NaN there).
     Integer labels of any width (numpy's int32) count as class indices."""
     logits = primary_output(output)
-    if target.dtype in NARROW_LABELS:  # (F.cross_entropy takes int64 and uint8 only)
-        target = target.long()
+    target = class_indices(target)
     if not target.is_floating_point() and target.numel() and bool((target == IGNORED_LABEL).all()):
         return logits.sum() * 0.0  # (keeps the graph: every parameter gets a zero gradient)
     return F.cross_entropy(logits, target)

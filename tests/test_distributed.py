@@ -122,6 +122,10 @@ def accumulated_run(world, quiet: bool, build=_build):
                           candidate_lr=200.0, distributed=world,
                           optimizer_factory=lambda params: torch.optim.SGD(params, lr=0.01))
     train, val = world.loader(_data(144, 0), GLOBAL_BATCH), world.loader(_data(48, 1), 16, train=False)
+    with torch.no_grad():  # an evaluation through ctl.model first (no graph: it must not fix what is unread)
+        x, y = next(iter(val))
+        out = ctl.model(x)
+        reaching_every_parameter(ctl.model, nn.functional.cross_entropy(primary_output(out), y), out)
     phases = []
     for epoch in range(4):
         train.sampler.set_epoch(epoch)

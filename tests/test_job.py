@@ -163,7 +163,18 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
     # (accuracy scored the first head, which no loss trained, and picked the best epoch by it)
     ("the built-in accuracy on a head the loss does not read", lambda t: [_write(t / "m.py", TWO_HEADS)],
      "the built-in accuracy scores output['aux'] (a dict's 'logits', else its first tensor; a tuple's first), which "
-     "the model file's loss_fn does not read: define metric(output, target)"),
+     "the model file's loss_fn does not train: define metric(output, target)"),
+    # (the dtype diagnosis read `inputs` before any batch had been made: an internal UnboundLocalError)
+    ("samples of different lengths", lambda t: [_write(t / "m.py", GOOD.replace(
+        "    return d, d, d", "    d = [(torch.randn(3 + i % 2), i % 2) for i in range(8)]\n    return d, d, d"))],
+     "the first training samples fail in the model, its loss or its metric (RuntimeError: stack expects each tensor "
+     "to be equal size"),
+    # (float64 inputs were blamed where the model casts them itself and the shapes are what is wrong)
+    ("a model that casts its inputs, given the wrong shape", lambda t: [_write(t / "m.py", GOOD.replace(
+        "torch.randn(8, 3)", "torch.randn(8, 5, dtype=torch.float64)").replace(
+        "def build_model(): return torch.nn.Linear(3, 2)", "class Cast(torch.nn.Linear):\n"
+        "    def forward(self, x): return super().forward(x.float())\ndef build_model(): return Cast(3, 2)"))],
+     "(RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x5 and 3x2))"),
     # (was torch's "mat1 and mat2 must have the same dtype, but got Double and Float", with no fix)
     ("float64 inputs for a float32 model", lambda t: [_write(t / "m.py", GOOD.replace(
         "torch.randn(8, 3)", "torch.randn(8, 3, dtype=torch.float64)"))],
@@ -207,8 +218,12 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, args, me
     (GOOD.replace("torch.arange(8) % 2", "(torch.arange(8) % 2).int()"), []),
     (TWO_HEADS.replace("'aux': self.aux(x), 'cls'", "'cls': self.cls(x), 'aux'"), []),
     (TWO_HEADS.replace("o['cls']", "o['cls'] + o['aux']"), []),
+    (TWO_HEADS.replace("{'aux': self.aux(x), 'cls': self.cls(x)}", "{'probs': self.cls(x).softmax(-1), 'cls': self.cls(x)}"),
+     []),
+    (GOOD.replace("torch.arange(8) % 2", "torch.from_numpy((torch.arange(8) % 2).numpy().astype('uint16'))"), []),
 ], ids=["batchnorm2d at batch 1", "token labels with the file's own loss", "int32 labels (numpy's)",
-        "the head the loss reads first", "a loss that reads both heads"])
+        "the head the loss reads first", "a loss that reads both heads", "probabilities before the logits the loss reads",
+        "uint16 labels"])
 def test_data_the_checks_must_not_refuse_trains(tmp_path, capsys, text, args):
     """A BatchNorm2d sees positions even in a batch of one sample; a model file with its own loss
     (token targets [B, T] against outputs [B, T, V]) has no class dim for the label check."""

@@ -542,6 +542,12 @@ def test_a_ranks_batch_too_small_to_deal_is_warned_of_when_the_global_batch_is_d
         warnings.simplefilter("error")
         pool_on_two_ranks()(torch.randn(4, 3))
         pool_on_two_ranks()(torch.randn(1, 3))  # 2 on 2 ranks: one process keeps them whole too
+        one = pbp_fx.perforate(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 3),))
+        one.start_dendrite_phase(pool=1)
+        one.train()
+        for s in one.sites.values():
+            s.candidates.reducer = StatsReducer(None, 2)
+        one(torch.randn(1, 3))  # a pool of one member: dealing changes nothing
     with pytest.warns(UserWarning, match="a rank's batch of 3 samples is smaller than 2 x the pool's 2 members"):
         pool_on_two_ranks()(torch.randn(3, 3))
 
