@@ -270,9 +270,11 @@ class PerforatedModel(nn.Module):
             return new
 
     def _apply(self, fn, *args, **kwargs):
-        # (the stacked tensors of candidates and dendrites: a conv's have one dim more than its weight)
+        # (the stacked tensors of candidates and dendrites, and their gradients, which _apply converts
+        # too: a conv's have one dim more than its weight)
         stacked = {id(t) for site in getattr(self, "sites", {}).values() for part in (site.candidates, site.dendrites)
-                   if isinstance(part, nn.Module) for t in [*part.parameters(), *part.buffers()]}
+                   if isinstance(part, nn.Module) for p in [*part.parameters(), *part.buffers()]
+                   for t in (p, p.grad) if t is not None}
         fn = _format_where_it_fits(fn, stacked)
         # .to() / .double() convert the buffers: the held values follow.
         out = super()._apply(fn, *args, **kwargs)

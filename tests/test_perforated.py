@@ -1024,6 +1024,22 @@ def test_channels_last_reaches_the_model_and_leaves_the_stacked_weights_as_they_
     assert {p.dtype for p in pm.parameters()} == {torch.float64}
 
 
+def test_channels_last_mid_dendrite_phase_converts_the_candidates_gradients_too():
+    """torch's _apply converts each parameter's .grad as well: the candidates' 5-D gradients met the
+    channels_last format and the model was left half converted."""
+    pm = pbp_fx.perforate(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10)),
+                          (torch.rand(2, 1, 8, 8),))
+    pm.start_dendrite_phase(pool=2)
+    pm(torch.rand(8, 1, 8, 8)).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+    pm.to(memory_format=torch.channels_last)
+    assert pm.graph_module.get_submodule("0").weight.is_contiguous(memory_format=torch.channels_last)
+    for n, p in pm.named_parameters():
+        if n in grads:
+            assert torch.equal(p.grad, grads[n]), n
+    pm(torch.rand(8, 1, 8, 8).contiguous(memory_format=torch.channels_last)).square().mean().backward()
+
+
 def test_a_dendrite_phase_step_in_eval_mode_is_warned_of_at_the_users_line():
     """A loop that left the model in eval mode met torch's 'element 0 of tensors does not require grad'."""
     pm = pbp_fx.perforate(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 4))
