@@ -532,6 +532,10 @@ class PerforatedModel(nn.Module):
         for name in self._thaw:
             if name in params:
                 params[name].requires_grad_(True)
+        for p in params.values():
+            # A gradient a neuron gathered during the phase (the user unfroze it then: no optimizer
+            # of the phase held it, so no zero_grad cleared it) is the whole phase's sum, stale.
+            p.grad = None
         self._thaw = []
         self.phase = "neuron"
 
