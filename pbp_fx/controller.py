@@ -107,8 +107,8 @@ def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
 
 
 class _StepHook:
-    """An optimizer step hook that calls a controller's `_cap_dendrite_lr` ("pre") or
-    `_after_dendrite_step` ("post") while the controller lives: it holds it weakly (the optimizer
+    """An optimizer step hook that calls a controller's `_before_step` ("pre") or `_after_step`
+    ("post") while the controller lives: it holds it weakly (the optimizer
     outlives a discarded controller, which must neither stay in memory with its copy of the best
     weights nor keep capping); once the controller is gone it does nothing (removing itself while
     the optimizer iterates its hooks would fail the step)."""
@@ -125,8 +125,28 @@ class _StepHook:
     def __call__(self, optimizer, args, kwargs) -> None:
         controller = self.controller()
         if controller is not None and controller.optimizer is optimizer:
-            (controller._cap_dendrite_lr if self.when == "pre" else controller._after_dendrite_step)(
+            (controller._before_step if self.when == "pre" else controller._after_step)(
                 optimizer, args, kwargs)
+
+
+def _refuse_the_originals_twins(pm, optimizer: torch.optim.Optimizer, left_out) -> None:
+    """ConfigError when every parameter of `pm` the optimizer leaves out has a twin among the optimizer's
+    parameters outside pm (same shape, same values): a group built on the model perforate copied (biases
+    gathered by name before perforate), whose pm copies would never train, and the originals would be
+    taken for a head of one's own."""
+    missing = [(n, p) for n, p in pm.named_parameters() if p in left_out]
+    own = {id(p) for p in pm.parameters()}
+    outside = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
+    if not missing or len(outside) < len(missing):
+        return
+    with torch.no_grad():
+        twins = [n for n, p in missing if any(o.shape == p.shape and o.dtype == p.dtype and o.device == p.device
+                                              and torch.equal(o, p) for o in outside)]
+    if len(twins) == len(missing):
+        raise ConfigError(f"the optimizer leaves out {len(missing)} of the perforated model's parameters "
+                          f"({', '.join(twins[:3])}{', ...' if len(twins) > 3 else ''}) and holds parameters outside "
+                          "it equal to them: perforate copies the model, so those are the original's and pm's copies "
+                          "would never train; build every group over pm's parameters (pm.named_parameters())")
 
 
 def _unscaled_lr(lr: float, scale: float, start: Optional[float], floor: float) -> float:
@@ -303,6 +323,7 @@ class PhaseController:
             raise ConfigError("the optimizer holds none of the perforated model's parameters (perforate copies "
                               "the model, so an optimizer built before it trains the original): build it over "
                               "pm.trainable_parameters()")
+        _refuse_the_originals_twins(pm, optimizer, self._left_out)
         self.optimizer = optimizer
         if any(g.get("relative_step") for g in optimizer.param_groups) and self._says:
             # Adafactor's relative_step computes its own step size and never reads the group's lr.
@@ -316,6 +337,10 @@ class PhaseController:
                          "step to lower the closure's loss, which candidates do not change (they follow the error's "
                          "covariance), so it steps 0 in every dendrite phase: use line_search_fn=None")
         self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
+        self.optimizer_steps = 0  # steps of self.optimizer (its post-step hook counts them)
+        self.phase_steps_from = 0  # optimizer_steps at the last rebind
+        self._watched_frozen: list = []  # pm's parameters the user had frozen at the last rebind
+        self._warned_unstepped = False
         self._warned_short_phase = False
         self._warned_small_gains = False
         self._warned_silent_sites = False
@@ -414,8 +439,16 @@ class PhaseController:
         self.rebind(keep_state=True)
 
     def rebind(self, keep_state: bool = False) -> None:
-        """Point the optimizer (and the DDP wrapper) at the model's current trainable parameters."""
+        """Point the optimizer (and the DDP wrapper) at the model's current trainable parameters.
+
+        keep_state: keep the optimizer's state for the parameters it holds still (after unfreezing a
+        layer by hand; a restructure clears it)."""
         params = [p for p in self.pm.trainable_parameters() if p not in self._left_out]
+        # Frozen now (by the user: PB's installed dendrites stay frozen), watched before each step.
+        dendrites = {id(p) for s in self.pm.sites.values() if s.dendrites is not None for p in s.dendrites.parameters()}
+        self._watched_frozen = [p for p in self.pm.parameters() if not p.requires_grad and p.numel()
+                                and id(p) not in dendrites and p not in self._left_out] if self.pm.phase == "neuron" else []
+        self.phase_steps_from = self.optimizer_steps
         if self._foreign and self.pm.phase != "dendrite":
             held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
             for p in self._foreign:
@@ -509,7 +542,7 @@ class PhaseController:
 
     def _hold_outside_buffers(self) -> None:
         """root's buffers outside pm back to their values at the dendrite phase's start, after each
-        optimizer step of the phase (`_after_dendrite_step`), as pm holds its own after each forward:
+        optimizer step of the phase (`_after_step`), as pm holds its own after each forward:
         a head's BatchNorm would move in the phase's training forwards, and evaluations and
         checkpoints inside the phase would see values its end throws away. At the step, not at
         root's forward: a training step may call root's parts directly (Lightning's training_step)."""
@@ -597,7 +630,28 @@ class PhaseController:
             return self.config.candidate_lr
         return min(float(lr), self.config.candidate_lr)
 
-    def _after_dendrite_step(self, optimizer, args, kwargs) -> None:
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if self._watched_frozen and self.pm.phase == "neuron":
+            self._follow_unfrozen()
+        self._cap_dendrite_lr(optimizer, args, kwargs)
+
+    def _follow_unfrozen(self) -> None:
+        """Before a neuron-phase step: a parameter of pm frozen at the last rebind that now requires grad
+        (the user unfroze a layer) joins the optimizer, which keeps the others' state, so that it
+        trains from this step as under an optimizer that had held it all along. Several processes:
+        the DDP wrapper cannot change inside a step, so the ranks must rebind between steps."""
+        unfrozen = [p for p in self._watched_frozen if p.requires_grad]
+        if not unfrozen:
+            return
+        if self.distributed is not None:
+            names = [n for n, p in self.pm.named_parameters() if any(p is u for u in unfrozen)]
+            raise TrainingError(f"parameter {names[0]!r} was unfrozen after the optimizer was bound, and DDP cannot "
+                                "take it inside a step: call ctl.rebind(keep_state=True) on every rank after "
+                                "changing requires_grad, before the next step (then train through ctl.model)")
+        self.rebind(keep_state=True)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.optimizer_steps += 1
         self._uncap_dendrite_lr(optimizer, args, kwargs)
         if self._held_outside:
             self._hold_outside_buffers()
@@ -821,6 +875,8 @@ class PhaseController:
             score, cause = math.nan, cause or "the weights hold NaN/Inf"
         if phase == "dendrite":
             self._check_candidates()
+            if not self._warned_unstepped and self._says:
+                self._warn_if_the_candidates_took_no_step()
         if self.distributed is None:
             check_score(score, self.schedule.takes_divergence, self.schedule.phase)
         progress = self.pm.candidate_progress(self.config.dendrite_improvement) if phase == "dendrite" else False
@@ -847,6 +903,18 @@ class PhaseController:
         """Whether every floating parameter of the trained model (root, else pm) is finite (buffers may
         hold an inf on purpose: an attention mask)."""
         return all_finite((self.root if self.root is not None else self.pm).parameters())
+
+    def _warn_if_the_candidates_took_no_step(self) -> None:
+        """Once per run: the pools counted batches this phase, but the controller's optimizer (the one
+        rebound to the candidates) took no step: the loop steps an optimizer of its own, and untrained
+        candidates would be installed."""
+        counted = max((int(s.candidates.steps) for s in self.pm.sites.values() if s.candidates is not None), default=0)
+        if counted and self.optimizer_steps == self.phase_steps_from:
+            self._warned_unstepped = True
+            warn_at_user(f"the candidates saw {counted} batches this dendrite phase, but ctl.optimizer took no step: "
+                         "the loop steps another optimizer, which does not hold them; step ctl.optimizer (the "
+                         "controller rebinds it to each phase's parameters), or pass yours as "
+                         "PhaseController(pm, optimizer=...)")
 
     def _check_candidates(self) -> None:
         """Stop the run (`_stop`) when a candidate's weights are NaN/Inf (their NaN batches were left out

@@ -1248,3 +1248,76 @@ def test_a_decision_is_its_string_and_prints_as_it():
     """README: ctl.step returns "continue", "restructured" or "complete"; it printed as Decision.CONTINUE."""
     assert [str(d) for d in Decision] == ["continue", "restructured", "complete"]
     assert f"{Decision.COMPLETE}" == "complete" and Decision.RESTRUCTURED == "restructured"
+
+
+def _neuron_steps(ctl, steps=3):
+    for _ in range(steps):
+        loss = ctl.model(torch.randn(8, 3)).square().mean()
+        ctl.optimizer.zero_grad()
+        loss.backward()
+        ctl.optimizer.step()
+
+
+def test_a_layer_unfrozen_in_a_neuron_phase_trains_from_its_next_step():
+    """The optimizer held the parameters trainable at the last restructure: a layer unfrozen for fine-tuning
+    got gradients but never moved (until the next restructure, or never)."""
+    pm = _pm()
+    first = pm.graph_module.get_submodule("0")
+    first.requires_grad_(False)
+    ctl = PhaseController(pm, pbp_fx.PBConfig(), optimizer=torch.optim.Adam(pm.trainable_parameters(), lr=0.01))
+    _neuron_steps(ctl)
+    moment = {id(p): s["exp_avg"].clone() for p, s in ctl.optimizer.state.items()}
+    before = first.weight.detach().clone()
+    first.requires_grad_(True)
+    _neuron_steps(ctl, 1)
+    assert not torch.equal(first.weight, before)
+    held = {id(p) for g in ctl.optimizer.param_groups for p in g["params"]}
+    assert id(first.weight) in held and id(first.bias) in held
+    kept = [p for p in ctl.optimizer.state if id(p) in moment]  # the others' Adam state went on
+    assert kept and all(int(ctl.optimizer.state[p]["step"]) == 4 for p in kept)
+
+
+def test_an_optimizer_with_groups_of_the_original_models_parameters_is_refused():
+    """Biases gathered by name before perforate went into a no-decay group: pm's own biases never trained,
+    and the original's were taken for a head's, frozen and rewound with the run."""
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    no_decay = [p for n, p in m.named_parameters() if n.endswith("bias")]
+    pm = pbp_fx.perforate(m, (torch.randn(2, 3),))
+    decay = [p for n, p in pm.named_parameters() if not n.endswith("bias")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}])
+    with pytest.raises(pbp_fx.ConfigError, match=r"the optimizer leaves out 2 of the perforated model's parameters "
+                       r"\(graph_module.0.bias, graph_module.2.bias\) and holds parameters outside it equal to them"):
+        PhaseController(pm, pbp_fx.PBConfig(), optimizer=opt)
+    head = nn.Linear(2, 2)  # a head of one's own beside a left-out bias: taken
+    opt = torch.optim.AdamW([{"params": decay}, {"params": list(head.parameters())}])
+    PhaseController(pm, pbp_fx.PBConfig(), optimizer=opt)
+
+
+def test_a_dendrite_phase_whose_loop_steps_another_optimizer_is_warned_of():
+    """An optimizer of one's own over pm's parameters, not given to the controller: the candidates never moved
+    and untrained random ones were installed, without a word."""
+    pm = _pm()
+    ctl = PhaseController(pm, pbp_fx.PBConfig(neuron_epochs=1, max_dendrite_epochs=5, warmup=1))
+    own = torch.optim.SGD(pm.parameters(), lr=0.1)
+
+    def epoch():
+        for _ in range(3):
+            loss = pm(torch.randn(8, 3)).square().mean()
+            own.zero_grad()
+            loss.backward()
+            own.step()
+
+    epoch()
+    assert ctl.step(0.5) == "restructured" and pm.phase == "dendrite"
+    epoch()
+    with pytest.warns(UserWarning, match="the candidates saw 3 batches this dendrite phase, but ctl.optimizer took "
+                                         "no step"):
+        ctl.step(0.5)
+    with warnings.catch_warnings():  # stepping ctl.optimizer: no word
+        warnings.simplefilter("error")
+        pm2 = _pm()
+        ctl2 = PhaseController(pm2, pbp_fx.PBConfig(neuron_epochs=1, max_dendrite_epochs=5, warmup=1))
+        _neuron_steps(ctl2)
+        ctl2.step(0.5)
+        _neuron_steps(ctl2)
+        ctl2.step(0.5)
