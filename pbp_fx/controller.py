@@ -140,9 +140,12 @@ def _refuse_the_originals_twins(pm, optimizer: torch.optim.Optimizer, left_out) 
     if not missing or len(outside) < len(missing):
         return
     with torch.no_grad():
-        twins = [n for n, p in missing if any(o.shape == p.shape and o.dtype == p.dtype and o.device == p.device
-                                              and torch.equal(o, p) for o in outside)]
-    if len(twins) == len(missing):
+        twins = [(n, p) for n, p in missing if any(o.shape == p.shape and o.dtype == p.dtype and o.device == p.device
+                                                   and torch.equal(o, p) for o in outside)]
+        # (equal constants, a head's zero bias beside a left-out one, are no evidence; drawn values are)
+        drawn = any(p.numel() > 1 and not bool((p == p.reshape(-1)[0]).all()) for _, p in twins)
+    if len(twins) == len(missing) and drawn:
+        twins = [n for n, _ in twins]
         raise ConfigError(f"the optimizer leaves out {len(missing)} of the perforated model's parameters "
                           f"({', '.join(twins[:3])}{', ...' if len(twins) > 3 else ''}) and holds parameters outside "
                           "it equal to them: perforate copies the model, so those are the original's and pm's copies "

@@ -1291,6 +1291,12 @@ def test_an_optimizer_with_groups_of_the_original_models_parameters_is_refused()
     head = nn.Linear(2, 2)  # a head of one's own beside a left-out bias: taken
     opt = torch.optim.AdamW([{"params": decay}, {"params": list(head.parameters())}])
     PhaseController(pm, pbp_fx.PBConfig(), optimizer=opt)
+    with torch.no_grad():  # ... also when its zero bias equals a left-out zero bias of pm's
+        pm.graph_module.get_submodule("2").bias.zero_()
+        head.bias.zero_()
+    left_out = [p for n, p in pm.named_parameters() if n != "graph_module.2.bias"]
+    PhaseController(pm, pbp_fx.PBConfig(), optimizer=torch.optim.AdamW([{"params": left_out},
+                                                                        {"params": list(head.parameters())}]))
 
 
 def test_a_dendrite_phase_whose_loop_steps_another_optimizer_is_warned_of():
