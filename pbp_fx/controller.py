@@ -188,6 +188,7 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, params, group_of: Optiona
     to a different problem. keep_state: keep it for parameters that stay (a resumed run).
     """
     current = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    before = [id(p) for g in optimizer.param_groups for p in g["params"]]
     groups: list[list] = [[] for _ in optimizer.param_groups]
     seen = set()
     for p in params:
@@ -204,8 +205,11 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, params, group_of: Optiona
             g["params"][:] = members
         else:
             g["params"] = members
+    changed = [id(p) for g in optimizer.param_groups for p in g["params"]] != before
     _forget_parameter_count(optimizer)
-    if keep_state:
+    if keep_state and changed and isinstance(inner_optimizer(optimizer), torch.optim.LBFGS):
+        optimizer.state.clear()  # (its history is flat vectors over the whole set: of another length now)
+    elif keep_state:
         for p in [p for p in optimizer.state if id(p) not in seen]:
             del optimizer.state[p]
         _state_to_parameter_devices(optimizer)
@@ -342,8 +346,8 @@ class PhaseController:
         self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
         self.optimizer_steps = 0  # steps of self.optimizer (its post-step hook counts them)
         self.phase_steps_from = 0  # optimizer_steps at the last rebind
-        self._watched_frozen: list = []  # pm's parameters the user had frozen at the last rebind
         self._warned_unstepped = False
+        self._warned_unheld = False
         self._warned_short_phase = False
         self._warned_small_gains = False
         self._warned_silent_sites = False
@@ -445,12 +449,8 @@ class PhaseController:
         """Point the optimizer (and the DDP wrapper) at the model's current trainable parameters.
 
         keep_state: keep the optimizer's state for the parameters it holds still (after unfreezing a
-        layer by hand; a restructure clears it)."""
+        layer by hand, between two steps; a restructure clears it)."""
         params = [p for p in self.pm.trainable_parameters() if p not in self._left_out]
-        # Frozen now (by the user: PB's installed dendrites stay frozen), watched before each step.
-        dendrites = {id(p) for s in self.pm.sites.values() if s.dendrites is not None for p in s.dendrites.parameters()}
-        self._watched_frozen = [p for p in self.pm.parameters() if not p.requires_grad and p.numel()
-                                and id(p) not in dendrites and p not in self._left_out] if self.pm.phase == "neuron" else []
         self.phase_steps_from = self.optimizer_steps
         if self._foreign and self.pm.phase != "dendrite":
             held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -634,24 +634,7 @@ class PhaseController:
         return min(float(lr), self.config.candidate_lr)
 
     def _before_step(self, optimizer, args, kwargs) -> None:
-        if self._watched_frozen and self.pm.phase == "neuron":
-            self._follow_unfrozen()
         self._cap_dendrite_lr(optimizer, args, kwargs)
-
-    def _follow_unfrozen(self) -> None:
-        """Before a neuron-phase step: a parameter of pm frozen at the last rebind that now requires grad
-        (the user unfroze a layer) joins the optimizer, which keeps the others' state, so that it
-        trains from this step as under an optimizer that had held it all along. Several processes:
-        the DDP wrapper cannot change inside a step, so the ranks must rebind between steps."""
-        unfrozen = [p for p in self._watched_frozen if p.requires_grad]
-        if not unfrozen:
-            return
-        if self.distributed is not None:
-            names = [n for n, p in self.pm.named_parameters() if any(p is u for u in unfrozen)]
-            raise TrainingError(f"parameter {names[0]!r} was unfrozen after the optimizer was bound, and DDP cannot "
-                                "take it inside a step: call ctl.rebind(keep_state=True) on every rank after "
-                                "changing requires_grad, before the next step (then train through ctl.model)")
-        self.rebind(keep_state=True)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.optimizer_steps += 1
@@ -880,6 +863,8 @@ class PhaseController:
             self._check_candidates()
             if not self._warned_unstepped and self._says:
                 self._warn_if_the_candidates_took_no_step()
+        elif not self._warned_unheld and self._says:
+            self._warn_of_unheld_parameters()
         if self.distributed is None:
             check_score(score, self.schedule.takes_divergence, self.schedule.phase)
         progress = self.pm.candidate_progress(self.config.dendrite_improvement) if phase == "dendrite" else False
@@ -906,6 +891,19 @@ class PhaseController:
         """Whether every floating parameter of the trained model (root, else pm) is finite (buffers may
         hold an inf on purpose: an attention mask)."""
         return all_finite((self.root if self.root is not None else self.pm).parameters())
+
+    def _warn_of_unheld_parameters(self) -> None:
+        """Once per run, at a neuron-phase step: parameters of pm that require grad but that the optimizer
+        does not hold (a layer unfrozen after the optimizer was bound: it gets gradients and never moves)."""
+        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        unheld = [n for n, p in self.pm.named_parameters()
+                  if p.requires_grad and p.numel() and id(p) not in held and p not in self._left_out]
+        if unheld:
+            self._warned_unheld = True
+            warn_at_user(f"parameter {unheld[0]!r}{f' (and {len(unheld) - 1} more)' if len(unheld) > 1 else ''} requires "
+                         "grad but ctl.optimizer does not hold it, so it does not train (unfrozen after the optimizer "
+                         "was bound?): call ctl.rebind(keep_state=True) after changing requires_grad (on every rank), "
+                         "before the next step")
 
     def _warn_if_the_candidates_took_no_step(self) -> None:
         """Once per run: the pools counted batches this phase, but the controller's optimizer (the one

@@ -1258,23 +1258,45 @@ def _neuron_steps(ctl, steps=3):
         ctl.optimizer.step()
 
 
-def test_a_layer_unfrozen_in_a_neuron_phase_trains_from_its_next_step():
-    """The optimizer held the parameters trainable at the last restructure: a layer unfrozen for fine-tuning
-    got gradients but never moved (until the next restructure, or never)."""
+def test_a_layer_unfrozen_in_a_neuron_phase_is_warned_of_and_trains_after_a_rebind():
+    """The optimizer holds the parameters trainable when it was bound: a layer unfrozen for fine-tuning got
+    gradients and never moved, without a word. It is said at the next step(); rebind(keep_state=True)
+    takes it in and keeps the others' state."""
     pm = _pm()
     first = pm.graph_module.get_submodule("0")
     first.requires_grad_(False)
-    ctl = PhaseController(pm, pbp_fx.PBConfig(), optimizer=torch.optim.Adam(pm.trainable_parameters(), lr=0.01))
+    ctl = PhaseController(pm, pbp_fx.PBConfig(patience=50), optimizer=torch.optim.Adam(pm.trainable_parameters(), lr=0.01))
     _neuron_steps(ctl)
-    moment = {id(p): s["exp_avg"].clone() for p, s in ctl.optimizer.state.items()}
-    before = first.weight.detach().clone()
     first.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"parameter 'graph_module.0.weight' \(and 1 more\) requires grad but "
+                                         r"ctl.optimizer does not hold it.* call ctl.rebind\(keep_state=True\)"):
+        ctl.step(0.5)
+    before = first.weight.detach().clone()
+    ctl.rebind(keep_state=True)
     _neuron_steps(ctl, 1)
     assert not torch.equal(first.weight, before)
-    held = {id(p) for g in ctl.optimizer.param_groups for p in g["params"]}
-    assert id(first.weight) in held and id(first.bias) in held
-    kept = [p for p in ctl.optimizer.state if id(p) in moment]  # the others' Adam state went on
-    assert kept and all(int(ctl.optimizer.state[p]["step"]) == 4 for p in kept)
+    assert sorted(int(s["step"]) for s in ctl.optimizer.state.values()) == [1, 1, 4, 4]  # the others' state went on
+
+
+def test_an_lbfgs_rebound_to_more_parameters_starts_a_fresh_history():
+    """LBFGS keeps its history as flat vectors over the whole set: kept over a larger one, its next step
+    failed with 'The size of tensor a (155) must match the size of tensor b (152)'."""
+    pm = _pm()
+    last = pm.graph_module.get_submodule("2").bias
+    last.requires_grad_(False)
+    ctl = PhaseController(pm, pbp_fx.PBConfig(), optimizer_factory=lambda p: torch.optim.LBFGS(p, lr=0.1, max_iter=3))
+    x = torch.randn(8, 3)
+
+    def closure():
+        ctl.optimizer.zero_grad()
+        loss = pm(x).square().mean()
+        loss.backward()
+        return loss
+
+    ctl.optimizer.step(closure)
+    last.requires_grad_(True)
+    ctl.rebind(keep_state=True)
+    ctl.optimizer.step(closure)
 
 
 def test_an_optimizer_with_groups_of_the_original_models_parameters_is_refused():
