@@ -348,6 +348,7 @@ class PhaseController:
         self.phase_steps_from = 0  # optimizer_steps at the last rebind
         self._warned_unstepped = False
         self._warned_unheld = False
+        self._bound_phase = pm.phase  # the phase whose parameters the optimizer holds
         self._warned_short_phase = False
         self._warned_small_gains = False
         self._warned_silent_sites = False
@@ -452,6 +453,7 @@ class PhaseController:
         layer by hand, between two steps; a restructure clears it)."""
         params = [p for p in self.pm.trainable_parameters() if p not in self._left_out]
         self.phase_steps_from = self.optimizer_steps
+        self._bound_phase = self.pm.phase
         if self._foreign and self.pm.phase != "dendrite":
             held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
             for p in self._foreign:
@@ -740,7 +742,26 @@ class PhaseController:
         self._enter_dendrite_lr()
         self._freeze_outside()
 
+    def _adopt_added(self) -> None:
+        """Parameters given to a neuron-phase optimizer since it was bound (optimizer.add_param_group: a
+        layer unfrozen in a group of its own, as Lightning's BackboneFinetuning does) keep that group at
+        each restructure, and those outside pm are kept as the ones it held at the start (frozen in
+        dendrite phases). Else a restructure put them in their neuron's group (or 0), or dropped them."""
+        if self._bound_phase != "neuron":  # (it holds a dendrite phase's candidates)
+            return
+        own = {id(p) for p in self.pm.parameters()}
+        foreign = {id(p) for p in self._foreign}
+        for i, g in enumerate(self.optimizer.param_groups):
+            for p in g["params"]:
+                if p not in self._groups:
+                    self._groups[p] = i
+                if id(p) not in own and id(p) not in foreign:
+                    self._foreign.append(p)
+                    foreign.add(id(p))
+
     def _execute(self, action: Action) -> None:
+        if action.restructures or action.kind is Kind.COMPLETE:
+            self._adopt_added()
         if action.new_best:
             self.best_state = {k: v.detach().clone() for k, v in self.pm.state_dict().items()}
             self.best_outside = {k: v.detach().clone() for k, v in self._changing_outside().items()} or None

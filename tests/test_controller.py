@@ -1349,3 +1349,24 @@ def test_a_dendrite_phase_whose_loop_steps_another_optimizer_is_warned_of():
         ctl2.step(0.5)
         _neuron_steps(ctl2)
         ctl2.step(0.5)
+
+
+def test_a_group_added_for_an_unfrozen_layer_keeps_it_across_restructures():
+    """optimizer.add_param_group for a layer unfrozen in a group of its own (Lightning's BackboneFinetuning):
+    each restructure moved the layer to group 0, leaving its group empty (its rate, and the callback's later
+    changes to it, acted on nothing)."""
+    pm = _pm()
+    first = pm.graph_module.get_submodule("0")
+    first.requires_grad_(False)
+    ctl = PhaseController(pm, pbp_fx.PBConfig(neuron_epochs=1, max_dendrite_epochs=1, warmup=1),
+                          optimizer=torch.optim.SGD(pm.trainable_parameters(), lr=0.1))
+    _neuron_steps(ctl)
+    first.requires_grad_(True)
+    ctl.optimizer.add_param_group({"params": list(first.parameters()), "lr": 1e-4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (held: not warned of as unheld)
+        assert ctl.step(0.5) == "restructured" and pm.phase == "dendrite"
+    _neuron_steps(ctl)
+    assert ctl.step(0.6) == "restructured" and pm.phase == "neuron"
+    group = ctl.optimizer.param_groups[1]  # (with the site's new V and dendrite: they train with their neuron)
+    assert group["lr"] == 1e-4 and {id(first.weight), id(first.bias)} <= {id(p) for p in group["params"]}
