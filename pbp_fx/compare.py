@@ -849,13 +849,20 @@ def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], 
     done = False
     try:
         main = threading.current_thread() is threading.main_thread()
-        # The workers start as the tasks are submitted (map submits them all now); an ignored signal
-        # stays ignored across exec, and Python then installs no KeyboardInterrupt handler.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        # The workers start as the tasks are submitted (map submits them all now). A blocked signal stays
+        # blocked across exec, so they never see Ctrl-C; here it stays pending while they start and
+        # arrives as a KeyboardInterrupt after (ignored instead, a Ctrl-C in that window was lost and the
+        # command ran on: seen under load). Without signal masks: ignored, which also stays across exec.
+        masks = main and hasattr(signal, "pthread_sigmask")
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main and not masks else None
+        if masks:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             results = ex.map(_arm_in_worker, *zip(*args))
         finally:
-            if main:
+            if masks:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            elif main:
                 signal.signal(signal.SIGINT, previous)
         for k, row in enumerate(results):
             finished(k, row)

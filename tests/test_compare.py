@@ -957,3 +957,22 @@ def test_a_difference_equal_at_every_seed_prints_no_float_noise_as_its_spread():
     mean, sd = _mean_sd([0.7 - 0.8, 0.5 - 0.6, 0.2 - 0.3])
     assert sd == 0.0 and abs(mean + 0.1) < 1e-12
     assert _mean_sd([0.1, 0.2, 0.3])[1] > 0
+
+
+def test_a_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch):
+    """The command ignored Ctrl-C while it spawned its workers (so that they would not see it): one that came
+    then was lost, and the compare ran on to its end (seen under load). It is now held and raised after."""
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    compare_module = importlib.import_module("pbp_fx.compare")
+    submit = ProcessPoolExecutor.map
+
+    def map_then_ctrl_c(self, *args, **kwargs):
+        out = submit(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # (the terminal's Ctrl-C, while the workers start)
+        return out
+
+    monkeypatch.setattr(ProcessPoolExecutor, "map", map_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        compare_module._run_in_workers(1, [("not an arm",)], lambda k, row: None)
