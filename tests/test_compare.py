@@ -638,6 +638,14 @@ def _tiny_file(tmp_path) -> str:
     return str(path)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A child's Ctrl-C as a terminal gives it: a test run started in the background (`make test &`)
+    passes SIGINT on ignored, and Python then installs no KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_the_workers_start_is_one_line(tiny, tmp_path):
     """A terminal's Ctrl-C reaches every process of the group: workers still inside `import torch`
     printed their tracebacks (and the pool could wait on one for good). Workers now ignore it; the
@@ -652,7 +660,7 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tiny, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "compare", tiny, "--seeds", "2", "--arms", "plain,pb",
                              "--epochs", "400", "--no-latency", "--jobs", "2", "--out", str(tmp_path / "cmp")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
     try:
         header = proc.stdout.readline()  # printed as the arms start: the workers are being spawned
         assert header.startswith("compare "), header
@@ -695,7 +703,8 @@ def test_ctrl_c_mid_arm_stops_the_workers_without_a_stray_warning(tmp_path):
                              "plain,pb", "--epochs", "100000", "--patience", "100000", "--no-latency", "--jobs", "2",
                              "--out", str(tmp_path / "cmp")],
                             env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while len(list(made.iterdir())) < 2 and time.monotonic() < deadline and proc.poll() is None:
@@ -974,5 +983,9 @@ def test_a_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch):
         return out
 
     monkeypatch.setattr(ProcessPoolExecutor, "map", map_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        compare_module._run_in_workers(1, [("not an arm",)], lambda k, row: None)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (as in a terminal, whatever ran pytest)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            compare_module._run_in_workers(1, [("not an arm",)], lambda k, row: None)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -465,6 +465,13 @@ def test_the_same_error_on_every_rank_prints_once(tmp_path):
     assert "this metric is broken" in lines[0]
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """Ctrl-C as a terminal gives it: a test run started in the background passes SIGINT on ignored."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _long_run_with_a_checkpoint(tmp_path, stderr):
     """`pbp-fx train --nproc 2` of a long run in a session of its own, once its first checkpoint is
     written: (the process, its --out folder)."""
@@ -474,7 +481,8 @@ def _long_run_with_a_checkpoint(tmp_path, stderr):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "train", str(model), "--nproc", "2", "--out", str(out),
                              "--epochs", "3000", "--patience", "3000", "--batch-size", "40", "--no-progress"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True, start_new_session=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True, start_new_session=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
     deadline = time.time() + 90
     while time.time() < deadline and not (out / "checkpoint.safetensors").exists() and proc.poll() is None:
         time.sleep(0.1)
