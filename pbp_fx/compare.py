@@ -850,20 +850,26 @@ def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], 
     try:
         main = threading.current_thread() is threading.main_thread()
         # The workers start as the tasks are submitted (map submits them all now). A blocked signal stays
-        # blocked across exec, so they never see Ctrl-C; here it stays pending while they start and
-        # arrives as a KeyboardInterrupt after (ignored instead, a Ctrl-C in that window was lost and the
-        # command ran on: seen under load). Without signal masks: ignored, which also stays across exec.
+        # blocked across exec, so they never see Ctrl-C. Here a Ctrl-C in that window is held (pending in
+        # this thread, or recorded when another thread, tqdm's monitor, takes it) and raised after
+        # (ignored instead, it was lost and the command ran on: seen under load). Without signal masks:
+        # ignored, which also stays across exec.
         masks = main and hasattr(signal, "pthread_sigmask")
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main and not masks else None
+        held: list = []
         if masks:
+            previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        else:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
             results = ex.map(_arm_in_worker, *zip(*args))
         finally:
             if masks:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-            elif main:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (a pending one is recorded now)
+            if main:
                 signal.signal(signal.SIGINT, previous)
+        if held:
+            raise KeyboardInterrupt
         for k, row in enumerate(results):
             finished(k, row)
         done = True

@@ -743,21 +743,17 @@ class PhaseController:
         self._freeze_outside()
 
     def _adopt_added(self) -> None:
-        """Parameters given to a neuron-phase optimizer since it was bound (optimizer.add_param_group: a
-        layer unfrozen in a group of its own, as Lightning's BackboneFinetuning does) keep that group at
-        each restructure, and those outside pm are kept as the ones it held at the start (frozen in
-        dendrite phases). Else a restructure put them in their neuron's group (or 0), or dropped them."""
+        """pm's parameters given to a neuron-phase optimizer since it was bound (optimizer.add_param_group:
+        a layer unfrozen in a group of its own, as Lightning's BackboneFinetuning does) keep that group at
+        each restructure; else a restructure put them in their neuron's group (or 0). (Parameters
+        outside pm added so are not the controller's: `_warn_of_unheld_parameters`.)"""
         if self._bound_phase != "neuron":  # (it holds a dendrite phase's candidates)
             return
         own = {id(p) for p in self.pm.parameters()}
-        foreign = {id(p) for p in self._foreign}
         for i, g in enumerate(self.optimizer.param_groups):
             for p in g["params"]:
-                if p not in self._groups:
+                if id(p) in own and p not in self._groups:
                     self._groups[p] = i
-                if id(p) not in own and id(p) not in foreign:
-                    self._foreign.append(p)
-                    foreign.add(id(p))
 
     def _execute(self, action: Action) -> None:
         if action.restructures or action.kind is Kind.COMPLETE:
@@ -915,7 +911,19 @@ class PhaseController:
 
     def _warn_of_unheld_parameters(self) -> None:
         """Once per run, at a neuron-phase step: parameters of pm that require grad but that the optimizer
-        does not hold (a layer unfrozen after the optimizer was bound: it gets gradients and never moves)."""
+        does not hold (a layer unfrozen after the optimizer was bound: it gets gradients and never moves);
+        and parameters outside pm added to the optimizer after the controller was built, which it does
+        not rewind with the best weights, freeze in dendrite phases, or keep at restructures."""
+        own = {id(p) for p in self.pm.parameters()}
+        known = {id(p) for p in self._foreign}
+        added = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in own and id(p) not in known]
+        if added and self._bound_phase == "neuron":
+            self._warned_unheld = True
+            warn_at_user(f"ctl.optimizer holds {len(added)} parameter(s) outside the perforated model that were added "
+                         "after the controller was built: it does not rewind them with the best weights, freeze them "
+                         "in dendrite phases or keep them at restructures (they leave the optimizer at the next one); "
+                         "add them before building the controller (PhaseController(pm, optimizer=..., root=...))")
+            return
         held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         unheld = [n for n, p in self.pm.named_parameters()
                   if p.requires_grad and p.numel() and id(p) not in held and p not in self._left_out]

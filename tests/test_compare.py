@@ -972,20 +972,29 @@ def test_a_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch):
     """The command ignored Ctrl-C while it spawned its workers (so that they would not see it): one that came
     then was lost, and the compare ran on to its end (seen under load). It is now held and raised after."""
     import signal
+    import threading
+    import time
     from concurrent.futures import ProcessPoolExecutor
 
     compare_module = importlib.import_module("pbp_fx.compare")
     submit = ProcessPoolExecutor.map
+    spawned = []
 
     def map_then_ctrl_c(self, *args, **kwargs):
         out = submit(self, *args, **kwargs)
         os.kill(os.getpid(), signal.SIGINT)  # (the terminal's Ctrl-C, while the workers start)
+        for _ in range(20):  # (Python runs on: a signal another thread took would be raised here)
+            time.sleep(0.01)
+        spawned.append(True)
         return out
 
     monkeypatch.setattr(ProcessPoolExecutor, "map", map_then_ctrl_c)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # (as in a terminal, whatever ran pytest)
+    other = threading.Thread(target=time.sleep, args=(3,), daemon=True)  # (the CLI has tqdm's monitor thread)
+    other.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             compare_module._run_in_workers(1, [("not an arm",)], lambda k, row: None)
     finally:
         signal.signal(signal.SIGINT, previous)
+    assert spawned == [True]  # raised once the workers were up, not in the middle of their start

@@ -1370,3 +1370,21 @@ def test_a_group_added_for_an_unfrozen_layer_keeps_it_across_restructures():
     assert ctl.step(0.6) == "restructured" and pm.phase == "neuron"
     group = ctl.optimizer.param_groups[1]  # (with the site's new V and dendrite: they train with their neuron)
     assert group["lr"] == 1e-4 and {id(first.weight), id(first.bias)} <= {id(p) for p in group["params"]}
+
+
+def test_parameters_outside_pm_added_after_the_controller_are_warned_of():
+    """A head added with add_param_group after the controller was built was adopted at the next restructure
+    only: the best weights before it did not hold it (pm rewound, the head not), and a resumed run left it
+    out for good. It is not the controller's: said once, with the fix."""
+    pm = _pm()
+    ctl = PhaseController(pm, pbp_fx.PBConfig(patience=50), optimizer=torch.optim.SGD(pm.trainable_parameters(), lr=0.1))
+    head = nn.Linear(2, 1)
+    ctl.optimizer.add_param_group({"params": list(head.parameters())})
+    with pytest.warns(UserWarning, match=r"ctl.optimizer holds 2 parameter\(s\) outside the perforated model that "
+                                         r"were added after the controller was built"):
+        ctl.step(0.5)
+    with warnings.catch_warnings():  # built with them: no word
+        warnings.simplefilter("error")
+        pm2, head2 = _pm(), nn.Linear(2, 1)
+        opt = torch.optim.SGD([{"params": list(pm2.trainable_parameters())}, {"params": list(head2.parameters())}])
+        PhaseController(pm2, pbp_fx.PBConfig(patience=50), optimizer=opt).step(0.5)
