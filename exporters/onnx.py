@@ -858,7 +858,7 @@ def _refusal_at_doubled_axes(module: nn.Module, inputs: tuple, shapes, axes: lis
     for t, dims in zip(inputs, shapes):
         for dim, axis in (dims or {}).items() if isinstance(t, Tensor) else ():
             if getattr(axis, "__name__", None) in axes:
-                t = torch.cat([t, t], dim)
+                t = _doubled(t, dim)
         probe.append(t)
     try:
         with torch.no_grad(), buffers_kept(module), contextlib.redirect_stderr(io.StringIO()):

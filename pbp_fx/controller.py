@@ -107,7 +107,7 @@ def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
 
 
 class _StepHook:
-    """An optimizer step hook that calls a controller's `_before_step` ("pre") or `_after_step`
+    """An optimizer step hook that calls a controller's `_cap_dendrite_lr` ("pre") or `_after_step`
     ("post") while the controller lives: it holds it weakly (the optimizer
     outlives a discarded controller, which must neither stay in memory with its copy of the best
     weights nor keep capping); once the controller is gone it does nothing (removing itself while
@@ -125,7 +125,7 @@ class _StepHook:
     def __call__(self, optimizer, args, kwargs) -> None:
         controller = self.controller()
         if controller is not None and controller.optimizer is optimizer:
-            (controller._before_step if self.when == "pre" else controller._after_step)(
+            (controller._cap_dendrite_lr if self.when == "pre" else controller._after_step)(
                 optimizer, args, kwargs)
 
 
@@ -348,6 +348,7 @@ class PhaseController:
         self.phase_steps_from = 0  # optimizer_steps at the last rebind
         self._warned_unstepped = False
         self._warned_unheld = False
+        self._warned_added_outside = False
         self._bound_phase = pm.phase  # the phase whose parameters the optimizer holds
         self._warned_short_phase = False
         self._warned_small_gains = False
@@ -635,9 +636,6 @@ class PhaseController:
             return self.config.candidate_lr
         return min(float(lr), self.config.candidate_lr)
 
-    def _before_step(self, optimizer, args, kwargs) -> None:
-        self._cap_dendrite_lr(optimizer, args, kwargs)
-
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.optimizer_steps += 1
         self._uncap_dendrite_lr(optimizer, args, kwargs)
@@ -880,7 +878,7 @@ class PhaseController:
             self._check_candidates()
             if not self._warned_unstepped and self._says:
                 self._warn_if_the_candidates_took_no_step()
-        elif not self._warned_unheld and self._says:
+        elif self._says and not (self._warned_unheld and self._warned_added_outside):
             self._warn_of_unheld_parameters()
         if self.distributed is None:
             check_score(score, self.schedule.takes_divergence, self.schedule.phase)
@@ -914,19 +912,18 @@ class PhaseController:
         does not hold (a layer unfrozen after the optimizer was bound: it gets gradients and never moves);
         and parameters outside pm added to the optimizer after the controller was built, which it does
         not rewind with the best weights, freeze in dendrite phases, or keep at restructures."""
-        own = {id(p) for p in self.pm.parameters()}
-        known = {id(p) for p in self._foreign}
-        added = [p for g in self.optimizer.param_groups for p in g["params"] if id(p) not in own and id(p) not in known]
-        if added and self._bound_phase == "neuron":
-            self._warned_unheld = True
+        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        known = {id(p) for p in (*self.pm.parameters(), *self._foreign)}
+        added = held - known
+        if added and not self._warned_added_outside:
+            self._warned_added_outside = True
             warn_at_user(f"ctl.optimizer holds {len(added)} parameter(s) outside the perforated model that were added "
                          "after the controller was built: it does not rewind them with the best weights, freeze them "
                          "in dendrite phases or keep them at restructures (they leave the optimizer at the next one); "
                          "add them before building the controller (PhaseController(pm, optimizer=..., root=...))")
-            return
-        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        unheld = [n for n, p in self.pm.named_parameters()
-                  if p.requires_grad and p.numel() and id(p) not in held and p not in self._left_out]
+        unheld = [] if self._warned_unheld else [
+            n for n, p in self.pm.named_parameters()
+            if p.requires_grad and p.numel() and id(p) not in held and p not in self._left_out]
         if unheld:
             self._warned_unheld = True
             warn_at_user(f"parameter {unheld[0]!r}{f' (and {len(unheld) - 1} more)' if len(unheld) > 1 else ''} requires "

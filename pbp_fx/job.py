@@ -37,7 +37,8 @@ from .modelfile import (check_metric_direction, example_kwargs, global_generator
 from .distributed import last_batch_is_lone
 from .passes.find_sites import site_filters
 from .perforated import perforate
-from .training import IGNORED_LABEL, History, NonFiniteDataError, NonFiniteError, class_indices, evaluate, fit
+from .training import (IGNORED_LABEL, History, NonFiniteDataError, NonFiniteError, accuracy, call_model, class_indices,
+                       evaluate, fit, primary_output, split_batch)
 
 __all__ = ["train_job", "saved_run", "SavedRun", "run_identity", "model_digest", "data_fingerprint", "changed_since",
            "resumed_identity", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
@@ -224,8 +225,6 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
     Training batches of one sample where a BatchNorm would see one value per channel."""
     from torch.utils.data import TensorDataset, default_collate
 
-    from .training import accuracy, call_model, primary_output, split_batch
-
     # Values per channel each BatchNorm sees from one sample (its input's positions), from the first forward.
     positions: dict = {}
 
@@ -337,15 +336,11 @@ def _check_the_loss_reads_what_accuracy_scores(model: nn.Module, output, loss: t
     """TrainingError when the built-in accuracy scores an output the loss does not train (a dict of
     heads without "logits", whose first is an auxiliary one): it would pick the best epoch, and
     drive the schedule, by an untrained head."""
-    from .training import primary_output
-
     scored = primary_output(output)
     if scored is output or not isinstance(scored, torch.Tensor) or not scored.requires_grad:
         return  # one tensor: the loss reads it (or it does not depend on the parameters at all)
-    if torch.autograd.grad(loss, scored, retain_graph=True, allow_unused=True)[0] is not None:
-        return
-    # Not read, but computed by trained parameters alone (probabilities beside the logits the loss
-    # reads: the same argmax) is fine; a head of its own the loss leaves untrained is not.
+    # Computed by parameters the loss trains (the logits it reads; probabilities beside them: the same
+    # argmax) is fine; a head of its own the loss leaves untrained is not.
     params = [p for p in model.parameters() if p.requires_grad]
     by_loss = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     by_scored = torch.autograd.grad(scored.sum(), params, retain_graph=True, allow_unused=True)
@@ -362,8 +357,6 @@ def _diagnose_input_dtypes(model: nn.Module, inputs, name: str) -> None:
     """TrainingError naming floating inputs of another dtype than the model's parameters (numpy's
     float64 arrays for a float32 model), when the first batch failed in the model and runs once
     those inputs take the parameters' dtype (else the dtype is not why)."""
-    from .training import call_model
-
     floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(floats) != 1:
         return
