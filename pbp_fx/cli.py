@@ -615,6 +615,9 @@ def _train_args() -> tuple:
         *config_args(PBConfig),
         *_site_filter_args(),
         arg("--no-progress", action="store_true", help="no progress bar"),
+        arg("--device", default=None, choices=("auto", "cpu", "cuda"),
+            help="where training runs: auto (a CUDA GPU when torch sees one for every process, else the CPU), cpu, "
+                 "or cuda (refused without one); a resumed run may change it (default: auto)"),
         arg("--nproc", type=_number(int, "--nproc"), default=None, metavar="N",
             help="train on N local processes with torchrun and DDP (gloo on CPU, nccl on GPU); "
                  "--batch-size stays the global batch (default: 1; with --resume, the run's own)"),
@@ -631,6 +634,7 @@ def _train_args() -> tuple:
 def train(args: argparse.Namespace) -> int:
     from .distributed import Distributed, launch, stop_with_launcher, torchrun_world_size
     from .job import saved_run, train_job
+    from .training import training_device
 
     if args.nproc is not None and args.nproc < 1:
         raise PBError(f"--nproc {args.nproc}: must be at least 1")
@@ -657,6 +661,8 @@ def train(args: argparse.Namespace) -> int:
     if args.dist_timeout is not None and args.nproc == 1 and world == 1:
         raise PBError(f"--dist-timeout {args.dist_timeout:g} is for training on several processes: add --nproc N "
                       "(N >= 2), or drop it")
+    # (refused here, before any process starts; each rank then finds the same device type)
+    device = training_device(args.device or "auto", max(args.nproc, world))
     if args.nproc > 1 and world == 1:
         # The launcher: the same command on N processes (each sees torchrun's environment).
         if training.batch_size % args.nproc:
@@ -678,16 +684,18 @@ def train(args: argparse.Namespace) -> int:
                       "see the lines above")
     if world > 1:
         stop_with_launcher()  # (a rank of `pbp-fx train --nproc N` ends when that command is killed)
-    distributed = Distributed.init(timeout=300.0 if args.dist_timeout is None else args.dist_timeout) \
+    distributed = Distributed.init("nccl" if device.type == "cuda" else "gloo",
+                                   timeout=300.0 if args.dist_timeout is None else args.dist_timeout) \
         if world > 1 else None
     name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
     try:
         if args.resume is not None:
-            train_job(args.model, resume=args.resume, progress=not args.no_progress, distributed=distributed)
+            train_job(args.model, resume=args.resume, progress=not args.no_progress, distributed=distributed,
+                      device=device)
         else:
             train_job(args.model, config=config, training=training, out=args.out or os.path.join("runs", name),
                       include=args.include, exclude=args.exclude, progress=not args.no_progress,
-                      distributed=distributed)
+                      distributed=distributed, device=device)
     except PBError as exc:
         if distributed is None or str(exc).startswith(f"rank {distributed.rank} "):
             raise

@@ -454,13 +454,14 @@ def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, 
 def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = None,
               training: Optional[TrainConfig] = None, out: Optional[str] = None, include=None, exclude=None,
               progress: bool = True, echo: Callable[[str], None] = print, distributed=None,
-              resume: Optional[str] = None) -> dict:
+              resume: Optional[str] = None, device=None) -> dict:
     """Train a model file's model with PB (or gd) and report; returns the summary dict.
 
     config: the PB settings; training: epochs, lr, batch size, seed, capture frontend.
     With `out`, a resumable checkpoint is written after every epoch; `resume=DIR` continues
     the run saved in DIR with its own settings (same seeds: the same final model as a run that
-    was never interrupted).
+    was never interrupted). device: where it trains (a torch.device or "cpu"/"cuda"; None: the CPU,
+    or the distributed rank's device).
 
     distributed (a pbp_fx.distributed.Distributed; every rank calls train_job): the data is
     sharded (`batch_size` stays the global batch), training runs on DDP, and only rank 0
@@ -474,13 +475,14 @@ def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = 
         config, training, include, exclude, out = saved.config, saved.training, saved.include, saved.exclude, resume
     config, training = config or PBConfig(), training or TrainConfig()
     if distributed is None:
-        return _train_job(model_file, config, training, out, include, exclude, progress, echo, None, resume_from,
-                          saved)
+        device = torch.device("cpu" if device is None else device)
+        return _train_job(model_file, config, training, out, include, exclude, progress, echo, None, device,
+                          resume_from, saved)
     if not distributed.is_main:
         progress, echo = False, _silent
     with distributed.guard():
         return _train_job(model_file, config, training, out, include, exclude, progress, echo, distributed,
-                          resume_from, saved)
+                          distributed.device, resume_from, saved)
 
 
 def _warn_resumed_otherwise(saved: SavedRun, identity: dict, processes: int) -> None:
@@ -530,7 +532,7 @@ def _silent(*_args) -> None:
 
 
 def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include, exclude, progress, echo,
-               distributed, resume_from=None, saved: Optional[SavedRun] = None) -> dict:
+               distributed, device: torch.device, resume_from=None, saved: Optional[SavedRun] = None) -> dict:
     main = distributed is None or distributed.is_main
     seed = training.seed
     include, exclude = site_filters(include, exclude)  # (perforate, resume and the checkpoint's args: lists)
@@ -565,6 +567,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                    example_kwargs=example_kwargs(mod), frontend=training.frontend)
     base_params = pm.num_parameters()  # with no dendrite yet: what the forward uses, as compare counts
     _check_pool_fits(pm, config)
+    pm.to(device)  # before the controller's optimizer and a resume's state: both then live there
     ctl = PhaseController(pm, config, optimizer_factory=lambda params: default_optimizer(params, lr=training.lr),
                           distributed=distributed)
     history = History()
@@ -611,7 +614,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         try:
             history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, epochs=training.epochs, metric=metric,
                           test_loader=test_loader, progress=progress, distributed=distributed, history=history,
-                          callbacks=callbacks)
+                          callbacks=callbacks, device=device)
         except DataError as exc:  # the dataset's own error: which epoch, and how to go on
             done = len(history.epochs)
             raise TrainingError(f"training stopped in epoch {done + 1}: {exc}"
@@ -652,7 +655,6 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     try:
         seconds = run_seconds()  # a run resumed complete trains nothing: its time is what it took before
         stopped.append(round(seconds, 2))
-        device = None if distributed is None else distributed.device
         test = evaluate(pm, test_loader, metric, device=device, distributed=distributed, data="test")
         val = evaluate(pm, val_loader, metric, device=device, distributed=distributed, data="validation")
         summary = {
@@ -661,7 +663,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             "params_plain": base_params, "params": pm.num_parameters(),
             "dendrites": pm.num_dendrites, "best_epoch": ctl.best_epoch,
             "metric": metric_name, "maximize": config.maximize, "val": val, "test": test,
-            "events": [e for e in ctl.history if e["decision"] != "continue"],
+            "device": str(device), "events": [e for e in ctl.history if e["decision"] != "continue"],
         }
         if distributed is not None:
             summary["processes"] = distributed.world_size
@@ -892,7 +894,7 @@ def _print_report(s: dict, echo) -> None:
     echo(f"params: {s['params_plain']} plain -> {s['params']} perforated "
          f"({s['params'] / max(s['params_plain'], 1):.2f}x)")
     echo(f"best validation epoch {s['best_epoch']} of {s['epochs']}: val {s['val']:.4f}  test {s['test']:.4f}  "
-         f"({s.get('metric', 'accuracy')}; {s['seconds']:.1f} s, mode {s['mode']})")
+         f"({s.get('metric', 'accuracy')}; {s['seconds']:.1f} s on {s.get('device', 'cpu')}, mode {s['mode']})")
 
 
 def _resumes(out: Optional[str], done: int, processes: int = 1, lead: str = "the run so far resumes with") -> str:

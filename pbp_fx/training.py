@@ -26,7 +26,10 @@ from .errors import DataError, NonFiniteDataError, NonFiniteError, NonFiniteLoss
 from .perforated import PerforatedModel
 
 __all__ = ["fit", "History", "evaluate", "accuracy", "cross_entropy", "mean_squared_error", "negative_loss", "primary_output",
-           "reaching_every_parameter", "class_indices", "split_batch", "call_model", "train_epoch"]
+           "reaching_every_parameter", "class_indices", "split_batch", "call_model", "train_epoch", "training_device",
+           "DEVICES"]
+
+DEVICES = ("auto", "cpu", "cuda")  # what `pbp-fx train --device` takes
 
 
 @dataclass
@@ -51,6 +54,28 @@ class History:
     def switches(self) -> list[dict]:
         """Epochs at which the structure changed (dendrite phase started, dendrites installed)."""
         return [r for r in self.epochs if r["decision"] == Decision.RESTRUCTURED.value]
+
+
+def training_device(name: str = "auto", processes: int = 1) -> torch.device:
+    """The device a run of `processes` processes trains on: "cpu", "cuda" (one GPU per process, as
+    NCCL needs), or "auto": CUDA when torch sees a GPU for every process, else the CPU. A CUDA
+    request this machine cannot serve is refused (ConfigError) before any work starts."""
+    if name not in DEVICES:
+        raise ConfigError(f"--device {name}: use one of {', '.join(DEVICES)}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name == "cpu" or (name == "auto" and gpus < processes):
+        if name == "auto" and gpus:
+            warn_at_user(f"{processes} processes but {gpus} GPU(s): training on the CPU (gloo); use --nproc {gpus} "
+                         "to train on the GPUs")
+        return torch.device("cpu")
+    if not gpus:
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(f"--device cuda: this torch ({torch.__version__}, {build}) sees no CUDA device: use "
+                          "--device cpu, or run on a machine with a GPU and a CUDA build of torch")
+    if gpus < processes:
+        raise ConfigError(f"--device cuda --nproc {processes}: each process needs a GPU of its own (NCCL) and this "
+                          f"machine has {gpus}: use --nproc {gpus} or fewer, or --device cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _to(batch, device):

@@ -434,6 +434,35 @@ def test_run_on_a_device_onnx_runtime_lacks_gives_the_commands_own_flags(tmp_pat
 
 
 
+def test_run_on_the_cuda_provider_matches_the_model(tmp_path, capsys):
+    import numpy as np
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider")
+    ckpt, pm, _ = _trained_checkpoint(tmp_path)
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", ckpt, "-o", out]) == 0
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", out, "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy"),
+                 "--device", "cuda"]) == 0
+    pm.eval()
+    with torch.no_grad():
+        ref = pm(torch.from_numpy(x)).numpy()
+    assert np.abs(np.load(tmp_path / "y.npy") - ref).max() <= 5e-3  # (the CUDA provider's TF32 matmuls)
+
+
+def test_train_on_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--device", "cuda", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: this torch" in err and "sees no CUDA device: use --device cpu" in err
+    assert err.count("\n") == 1 and not out.exists(), err
+
+
 def test_an_output_path_that_is_a_file_the_command_reads_is_refused(tmp_path, capsys):
     """`export ckpt -o ckpt` replaced the trained checkpoint with ONNX bytes (exit 0); `run --output`
     the input it reads."""

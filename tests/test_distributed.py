@@ -310,6 +310,27 @@ def test_two_ranks_match_one_rank(tmp_path):
         assert (pm.state_dict()[k].double() - v.double()).abs().max() < 1e-5, k
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_one_nccl_rank_on_the_gpu_trains_as_one_process_on_the_cpu():
+    from pbp_fx.distributed import Distributed
+
+    _, ref = run_match()
+    world = Distributed.init("nccl", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        pm, got = run_match(world)
+    finally:
+        world.close()
+    assert world.device.type == "cuda" and next(pm.parameters()).is_cuda
+    assert got["decisions"] == ref["decisions"] and got["decisions"][2][1] == "restructured"
+    for g, r in zip(got["stats"], ref["stats"]):
+        for site in r:
+            for k in ("ema", "best"):
+                assert (g[site][k].cpu() - r[site][k]).abs().max() < 1e-7, (site, k)
+    for k, v in ref["state"].items():
+        assert (got["state"][k].cpu().double() - v.double()).abs().max() < 1e-7, k
+    assert got["val"] == pytest.approx(ref["val"], abs=1e-9)
+
+
 def test_an_output_the_loss_does_not_read_trains_as_in_one_process(tmp_path):
     """The aux head gets no gradient from the default loss; DDP (static graph) stopped at the second
     step. Its layers now get a zero gradient: both phases run, and match one process."""
@@ -338,7 +359,7 @@ def test_no_sync_accumulation_works_from_the_first_step_of_every_phase(tmp_path)
         assert quiet["phases"] == synced["phases"] and "dendrite" in quiet["phases"]
         assert quiet["dendrites"] == synced["dendrites"] and max(quiet["dendrites"].values()) == 1
         for k, v in synced["state"].items():
-            assert (quiet["state"][k].double() - v.double()).abs().max() < 1e-9, k
+            assert (quiet["state"][k].double() - v.double()).abs().max() < 1e-7, k
 
 
 def test_an_output_the_loss_does_not_read_trains_in_a_loop_of_ones_own(tmp_path):

@@ -263,6 +263,34 @@ def test_killed_in_the_dendrite_phase_and_resumed_ends_like_an_uninterrupted_run
     _same_final_model(whole, killed)
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_cuda
+def test_a_run_on_the_gpu_killed_in_the_dendrite_phase_resumes_on_the_gpu_like_an_uninterrupted_run_or_on_the_cpu(
+        tmp_path, monkeypatch):
+    from pbp_fx.checkpoint import read_structure
+
+    monkeypatch.chdir(ROOT)
+    args = [os.path.relpath(DIGITS), "--max-dendrites", "1", "--patience", "10", "--dendrite-patience", "40",
+            "--max-dendrite-epochs", "40", "--no-progress", "--seed", "0", "--device", "cuda"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(["train", *args, "--out", str(whole)]) == 0
+    assert json.loads((whole / "summary.json").read_text())["device"].startswith("cuda")
+    ckpt = _kill_train_when(args, killed, lambda c: read_structure(str(c))["phase"] == "dendrite", poll=0.02,
+                            why="the run ended before it could be killed in the dendrite phase")
+    on_cpu = tmp_path / "on_cpu"
+    import shutil
+
+    shutil.copytree(killed, on_cpu)
+    done = _epochs_done(on_cpu / "checkpoint.safetensors")
+    assert main(["train", "--resume", str(killed), "--no-progress", "--device", "cuda"]) == 0
+    _same_final_model(whole, killed)
+    assert main(["train", "--resume", str(on_cpu), "--no-progress", "--device", "cpu"]) == 0
+    summary = json.loads((on_cpu / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["epochs"] > done
+
+
 def _kill_train_when(args: list, out, ready, poll: float, why: str):
     """Run `pbp-fx train ARGS --out OUT` in a process, SIGKILL it once ready(checkpoint path)
     holds; returns the checkpoint path."""

@@ -624,3 +624,23 @@ def test_nan_in_any_part_of_a_structured_target_is_the_datas():
         _non_finite_loss(torch.tensor(float("nan")), (torch.randn(2, 3),), targets, "neuron")
     err = _non_finite_loss(torch.tensor(float("inf")), (torch.randn(2, 3),), (targets[1],), "neuron")
     assert err.diverged and "inputs and targets are finite" in str(err)
+
+
+def test_training_device_is_the_cpu_or_a_gpu_every_process_can_have():
+    from pbp_fx.training import training_device
+
+    assert training_device("cpu", 4) == torch.device("cpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert training_device("auto").type == ("cuda" if gpus else "cpu")
+    with pytest.raises(pbp_fx.ConfigError, match=r"--device tpu: use one of auto, cpu, cuda"):
+        training_device("tpu")
+    if not gpus:
+        with pytest.raises(pbp_fx.ConfigError, match=r"--device cuda: this torch .* sees no CUDA device: use --device cpu"):
+            training_device("cuda")
+        return
+    assert training_device("cuda").type == "cuda"
+    with pytest.raises(pbp_fx.ConfigError, match=rf"--device cuda --nproc {gpus + 1}: each process needs a GPU of its own "
+                                                 rf"\(NCCL\) and this machine has {gpus}: use --nproc {gpus} or fewer"):
+        training_device("cuda", gpus + 1)
+    with pytest.warns(pbp_fx.PBWarning, match=rf"{gpus + 1} processes but {gpus} GPU\(s\): training on the CPU"):
+        assert training_device("auto", gpus + 1) == torch.device("cpu")
