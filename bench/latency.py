@@ -7,6 +7,7 @@
     python bench/latency.py --keep runs/before               # keep the ONNX files; later, with other code:
     python bench/latency.py --baseline runs/before           # + those fused files timed side by side
     python bench/latency.py --clip-ceiling --models mobilenet_v2  # + the fused file with Clip(0, max) as Relu
+    python bench/latency.py --device cuda                    # ONNX Runtime's CUDA EP (onnxruntime-gpu)
 
 For each model (random weights; the reference models of models/*.py, and, when torchvision
 and timm import, ResNet-18, MobileNetV2, EfficientNet-B0 and a small ViT) and each K
@@ -29,6 +30,9 @@ sum, while Clip it cannot: how fast the fused model would run if the runtime fus
 the exporter writes a bounded ReLU after a site as HardSigmoid (exporters/clip_after_site.py), this
 column times only the Clips left (read by something other than a conv or site); with `--baseline` files
 written by older code it shows what the fold gained.
+`--device cuda` runs every file on ONNX Runtime's CUDA execution provider (onnxruntime-gpu), the input
+bound on the GPU once and the outputs left there (IO binding), so a run times the GPU's work and its
+launches, not host copies; ONNX Runtime's run waits for the GPU before it returns.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 import pbp_fx  # noqa: E402
-from pbp_fx.exporters import export_onnx, ort_session  # noqa: E402
+from pbp_fx.exporters import available_providers, export_onnx, ort_session  # noqa: E402
 
 from paired import interleaved, round_ratios, spread  # noqa: E402  (bench/)
 
@@ -179,22 +183,33 @@ def clip_as_relu(src: Path, dst: Path) -> bool:
 
 # -- timing and profiling ---------------------------------------------------------------------
 
-def ort_fn(path: Path, x: np.ndarray):
-    sess = ort_session(path, device="cpu", threads=1)
-    feed = {sess.get_inputs()[0].name: x}
-    return lambda: sess.run(None, feed)
+def ort_fn(path: Path, x: np.ndarray, device: str = "cpu"):
+    """One run of the file on x: on the CPU, 1 thread; on "cuda", input and outputs bound on the GPU."""
+    sess = ort_session(path, device=device, threads=1)
+    name = sess.get_inputs()[0].name
+    if device == "cpu":
+        feed = {name: x}
+        return lambda: sess.run(None, feed)
+    import onnxruntime as ort
+
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, "cuda", 0)
+    return lambda: sess.run_with_iobinding(binding)
 
 
-def op_profile(path: Path, x: np.ndarray, runs: int) -> dict[str, float]:
+def op_profile(path: Path, x: np.ndarray, runs: int, device: str = "cpu") -> dict[str, float]:
     """ONNX Runtime's kernel time per op type, ms per run (1 thread)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
     opts.enable_profiling = True
+    providers = (["CUDAExecutionProvider"] if device == "cuda" else []) + ["CPUExecutionProvider"]
     with tempfile.TemporaryDirectory(prefix="pbp_prof_") as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "prof")
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), opts, providers=providers)
         feed = {sess.get_inputs()[0].name: x}
         sess.run(None, feed)  # warm-up (also profiled: subtracted below by counting runs)
         for _ in range(runs):
@@ -231,6 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", type=Path, default=None, help="write the ONNX files here (default: a temporary folder)")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="also time the fused files an earlier --keep run wrote to this folder")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="ONNX Runtime's CPU provider (1 thread) or its CUDA provider (onnxruntime-gpu)")
     ap.add_argument("--clip-ceiling", action="store_true",
                     help="also time the fused file with every Clip(x, 0, max) as Relu (a diagnostic, not exact)")
     args = ap.parse_args(argv)
@@ -238,6 +255,9 @@ def main(argv=None) -> int:
         args.min_time, args.reps, args.image_size = 0.05, 3, 64
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
+    if args.device == "cuda" and "CUDAExecutionProvider" not in available_providers():
+        raise SystemExit("--device cuda: this onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu "
+                         "in place of onnxruntime, or use --device cpu")
     models = load_models(args.models, args.image_size)
 
     if args.baseline is not None and not args.baseline.is_dir():
@@ -262,12 +282,13 @@ def main(argv=None) -> int:
                 for batch in args.batches:
                     x = torch.rand(batch, *example[0].shape[1:], generator=torch.Generator().manual_seed(batch))
                     x = x.to(example[0].dtype).numpy()
-                    fns = {"plain": ort_fn(plain_path, x), "fused": ort_fn(fused, x), "unfused": ort_fn(unfused, x)}
+                    fns = {"plain": ort_fn(plain_path, x, args.device), "fused": ort_fn(fused, x, args.device),
+                           "unfused": ort_fn(unfused, x, args.device)}
                     base = None if args.baseline is None else args.baseline / fused.name
                     if base is not None and base.exists():
-                        fns["baseline"] = ort_fn(base, x)
+                        fns["baseline"] = ort_fn(base, x, args.device)
                     if has_clip_ceiling:
-                        fns["clip_as_relu"] = ort_fn(relu_path, x)
+                        fns["clip_as_relu"] = ort_fn(relu_path, x, args.device)
                     samples = interleaved(fns, args.min_time, args.reps)
                     t = {n: statistics.median(v) for n, v in samples.items()}
                     # the fused quotient per round (fused / plain of the same round, over the FLOP ratio)
@@ -278,10 +299,11 @@ def main(argv=None) -> int:
                           file=sys.stderr, flush=True)
                     if args.profile:
                         runs = max(3, min(50, int(0.5 / max(t["fused"], 1e-6))))
-                        profiles.append(dict(model=name, k=k, batch=batch, plain=op_profile(plain_path, x, runs),
-                                             fused=op_profile(fused, x, runs)))
+                        profiles.append(dict(model=name, k=k, batch=batch, plain=op_profile(plain_path, x, runs, args.device),
+                                             fused=op_profile(fused, x, runs, args.device)))
 
-    lines = [f"## ONNX Runtime CPU latency, 1 thread: perforated / plain against the FLOP ratio "
+    where = "CUDA EP (" + torch.cuda.get_device_name() + ")" if args.device == "cuda" else "CPU latency, 1 thread"
+    lines = [f"## ONNX Runtime {where}: perforated / plain against the FLOP ratio "
              f"(target quotient <= {TARGET})", "",
              f"onnxruntime {__import__('onnxruntime').__version__}, torch {torch.__version__}, {os.cpu_count()} cores; "
              f"zoo images {args.image_size}x{args.image_size}; medians of {args.reps} interleaved blocks; "

@@ -24,11 +24,15 @@ if all other work were free.
     python bench/train_overhead.py [--models mnist1d_cnn resnet_small] [--threads 1] [--pool 4]
     python bench/train_overhead.py --models resnet18 --batch 32 --rounds 3 --steps 1   # torchvision
     python bench/train_overhead.py --optimizer fused   # Adam as pbp-fx's own trainer builds it
+    python bench/train_overhead.py --device cuda       # on the GPU (timed after a synchronize)
 
 Models: the reference models (their own data), or torchvision's resnet18 / mobilenet_v2 with
 random weights on random 64x64 images, 10 classes (needs torchvision: the zoo environment).
 --optimizer: "adam" (default; torch.optim.Adam with torch's defaults: a per-tensor loop on the
 CPU) or "fused" (pbp_fx.default_optimizer, what `pbp-fx train` uses), for every configuration.
+--device cuda: every model and batch on the GPU (perforated on the CPU, moved before its phase
+starts); each timed block ends with torch.cuda.synchronize(), the layer-kernel ratio counts the
+layers' GPU kernel time, and the step peak is the rise of torch.cuda.max_memory_allocated.
 """
 from __future__ import annotations
 
@@ -98,13 +102,17 @@ def adam_stepper(model, params, x, y, optimizer: str = "adam", parts: list | Non
         opt.step()
 
     def timed_step():
+        synchronize()
         t0 = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
+        synchronize()
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        synchronize()
         t2 = time.perf_counter()
         opt.step()
+        synchronize()
         parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
     return step if parts is None else timed_step
@@ -148,16 +156,19 @@ def frozen_base(base):
 
 
 def configs(mod, x, y, pool: int, optimizer: str = "adam", strides: tuple = (2,)):
-    """(name, model, step function) for every configuration of one model; `strides`: the split
-    pool's candidate position strides besides 1 (PBConfig.candidate_stride)."""
+    """(name, model, step function) for every configuration of one model, on x's device; `strides`:
+    the split pool's candidate position strides besides 1 (PBConfig.candidate_stride)."""
     torch.manual_seed(0)
     base = mod.build_model()
     base.train()
+    example = (x[:2].cpu(),)
     frozen, kept = frozen_base(base)
+    base.to(x.device)
+    frozen.to(x.device)
     out = [("plain", base, adam_stepper(base, list(base.parameters()), x, y, optimizer)),
            ("frozen base", frozen, adam_stepper(frozen, kept, x, y, optimizer))]
     for k in (1, 2, 3):
-        pm = pbp_fx.perforate(copy.deepcopy(base), (x[:2],))
+        pm = pbp_fx.perforate(copy.deepcopy(base).cpu(), example).to(x.device)
         for _ in range(k):
             pm.grow()
         with torch.no_grad():
@@ -166,12 +177,18 @@ def configs(mod, x, y, pool: int, optimizer: str = "adam", strides: tuple = (2,)
         pm.train()
         out.append((f"neuron K={k}", pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y, optimizer)))
     for split, stride in [(True, 1)] + [(True, n) for n in strides] + [(False, 1)]:
-        pm = pbp_fx.perforate(copy.deepcopy(base), (x[:2],))
+        pm = pbp_fx.perforate(copy.deepcopy(base).cpu(), example).to(x.device)
         pm.train()
         pm.start_dendrite_phase(pool=pool, split=split, stride=stride)
         name = f"dendrite P={pool} " + ("split" if split else "full-batch") + (f" stride {stride}" if stride > 1 else "")
         out.append((name, pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y, optimizer)))
     return out
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work (nothing to wait for on the CPU)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def measure(cfgs, rounds: int, steps: int) -> dict[str, list[float]]:
@@ -182,9 +199,11 @@ def measure(cfgs, rounds: int, steps: int) -> dict[str, list[float]]:
     times: dict[str, list] = {name: [] for name, _, _ in cfgs}
     for _ in range(rounds):
         for name, _, step in cfgs:
+            synchronize()
             t0 = time.perf_counter()
             for _ in range(steps):
                 step()
+            synchronize()
             times[name].append((time.perf_counter() - t0) / steps)
     return times
 
@@ -209,22 +228,25 @@ def part_times(cfgs, x, y, optimizer: str, rounds: int, steps: int) -> dict[str,
 KERNEL_MARKERS = ("convolution", "batch_norm", "addmm", "aten::mm", "bmm", "layer_norm")
 
 
-def kernel_times(cfgs, steps: int, rounds: int) -> dict[str, float]:
+def kernel_times(cfgs, steps: int, rounds: int, cuda: bool = False) -> dict[str, float]:
     """Seconds per step spent in the layers' kernels (KERNEL_MARKERS, self time, torch.profiler),
     median of interleaved rounds like `measure`.
 
     Their ratio to the plain step's is the floor a configuration's step ratio could reach if
-    everything else (elementwise ops, statistics, dispatch, Python) cost nothing.
+    everything else (elementwise ops, statistics, dispatch, Python) cost nothing. On the GPU
+    (cuda=True): the GPU kernel time those ops launch.
     """
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     times: dict[str, list] = {name: [] for name, _, _ in cfgs}
     for _ in range(rounds):
         for name, _, step in cfgs:
-            with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            with _stderr_silenced(), profile(activities=activities) as prof:
                 for _ in range(steps):
                     step()
-            total = sum(e.self_cpu_time_total for e in prof.key_averages()
+                synchronize()
+            total = sum((e.self_device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()
                         if any(m in e.key for m in KERNEL_MARKERS))
             times[name].append(total / 1e6 / steps)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -282,6 +304,21 @@ def memory(model: str, batch: int, pool: int, threads: int, optimizer: str) -> d
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def cuda_step_peaks(cfgs) -> dict[str, float]:
+    """MiB that torch's CUDA allocator's peak rises over its level before one step, each configuration."""
+    out = {}
+    for name, _, step in cfgs:
+        step()  # optimizer state exists now
+        synchronize()
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        synchronize()
+        out[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mnist1d_cnn", "resnet_small"], choices=list(MODELS))
@@ -291,29 +328,34 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--memory-of", choices=list(MODELS), help=argparse.SUPPRESS)  # child of memory()
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.memory_of:
         print(json.dumps(step_peaks(a.memory_of, a.batch, a.pool, a.optimizer)))
         return 0
-    print(f"torch {torch.__version__}, {a.threads} thread(s), batch {a.batch}, optimizer {a.optimizer}, median of "
+    cuda = a.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch sees no CUDA device; use --device cpu")
+    where = f"CUDA ({torch.cuda.get_device_name()})" if cuda else f"CPU, {a.threads} thread(s)"
+    print(f"torch {torch.__version__}, {where}, batch {a.batch}, optimizer {a.optimizer}, median of "
           f"{a.rounds} interleaved rounds of {a.steps} steps")
     for name in a.models:
         mod = load(name)
-        x, y = first_batch(mod, a.batch)
+        x, y = (t.to(a.device) for t in first_batch(mod, a.batch))
         cfgs = configs(mod, x, y, a.pool, a.optimizer)
         samples = measure(cfgs, a.rounds, a.steps)
         t = {n: statistics.median(v) for n, v in samples.items()}
         ratios = round_ratios(samples, "plain")
-        kern = kernel_times(cfgs, a.steps, max(3, a.rounds // 3))
+        kern = kernel_times(cfgs, a.steps, max(3, a.rounds // 3), cuda)
         split_ms = part_times(cfgs, x, y, a.optimizer, max(3, a.rounds // 3), a.steps)
         flops = {n: _flops(m, x, y) for n, m, _ in cfgs}
-        mem = memory(name, a.batch, a.pool, a.threads, a.optimizer)
+        mem = cuda_step_peaks(cfgs) if cuda else memory(name, a.batch, a.pool, a.threads, a.optimizer)
         p_ms, p_fl = t["plain"], flops["plain"]
         print(f"\n{name}")
         print("| config | ms/step | step ratio | rounds 25-75 % | FLOP ratio | layer-kernel ratio | target | ok "
-              "| step peak MiB |")
+              "| step peak MiB |" + (" (CUDA allocator)" if cuda else ""))
         print("|---|---:|---:|---:|---:|---:|---:|:---:|---:|")
         for n, _, _ in cfgs:
             ratio, lo, hi = spread(ratios[n])
@@ -326,8 +368,8 @@ def main(argv=None) -> int:
                 target = None
             ok = "" if target is None else verdict(lo, ratio, hi, target)
             tgt = "" if target is None else f"{target:.2f}"
-            kr = kern[n] / kern["plain"]
-            print(f"| {n} | {t[n] * 1e3:.3f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} | {fr:.2f} | {kr:.2f} | {tgt} | {ok} "
+            kr = f"{kern[n] / kern['plain']:.2f}" if kern["plain"] > 0 else "-"
+            print(f"| {n} | {t[n] * 1e3:.3f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} | {fr:.2f} | {kr} | {tgt} | {ok} "
                   f"| {mem[n]:.1f} |")
         print("\nWhere the step goes: median ms of its forward (with the loss), backward and optimizer step, "
               "and each as a multiple of the plain step's same part")
