@@ -653,6 +653,8 @@ def train(args: argparse.Namespace) -> int:
             training = saved.training
             if args.nproc is None:  # the run's own process count, as its other settings
                 args.nproc = saved.processes or 1
+            if args.device is None:  # the run's own device, as its process count
+                args.device = saved.device
         else:
             training = None
     else:

@@ -947,10 +947,12 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
     model_file = None if state["model_file"] == DEFAULT_MODEL else state["model_file"]
     row = {"arm": "pb", "seed": training.seed, "width": 1.0, "width_method": "as trained", "from": folder,
            **{k: summary[k] for k in ("test", "val", "params", "epochs", "seconds", "dendrites")}}
-    if summary.get("device", "cpu") != "cpu":  # (train --device; the controls train on the CPU)
-        warnings.warn(f"--pb-run {folder}: that run trained on {summary['device']} and the controls train on the CPU: "
-                      "its seconds are not comparable with theirs (train it with --device cpu to compare times)",
-                      PBWarning, stacklevel=2)
+    # (train --device: its epochs, over its resumes, on these device types; the controls train on the CPU)
+    gpus = sorted({*state.get("devices", ()), str(summary.get("device", "cpu")).split(":")[0]} - {"cpu"})
+    if gpus:
+        warnings.warn(f"--pb-run {folder}: that run trained on {' and '.join(gpus)} for some or all of its epochs, "
+                      "and the controls train on the CPU: its seconds are not comparable with theirs (train it with "
+                      "--device cpu to compare times)", PBWarning, stacklevel=2)
     scope = {"include": state["args"].get("include"), "exclude": state["args"].get("exclude"),
              "identity": state.get("identity")}
     return model_file, config, training, scope, row

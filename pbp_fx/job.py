@@ -38,7 +38,7 @@ from .distributed import last_batch_is_lone
 from .passes.find_sites import site_filters
 from .perforated import perforate
 from .training import (IGNORED_LABEL, History, NonFiniteDataError, NonFiniteError, accuracy, call_model, class_indices,
-                       evaluate, fit, primary_output, split_batch)
+                       evaluate, fit, primary_output, split_batch, training_device)
 
 __all__ = ["train_job", "saved_run", "SavedRun", "run_identity", "model_digest", "data_fingerprint", "changed_since",
            "resumed_identity", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
@@ -431,12 +431,16 @@ def _set_host_rng_states(states: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, distributed=None, collate=None):
+def make_loaders(data, batch_size: int, seed: int, eval_batch_size: int = 1000, distributed=None, collate=None,
+                 pin_memory: bool = False):
     """Train (shuffled), validation and test loaders. distributed: this rank's shards, with
     `batch_size` the global batch (see pbp_fx.distributed.Distributed.loader). collate: the
-    loaders' collate_fn (`modelfile.keyword_collate`; None: torch's default)."""
+    loaders' collate_fn (`modelfile.keyword_collate`; None: torch's default). pin_memory: batches
+    in page-locked memory, so that their copy to a GPU overlaps its work."""
     train, val, test = data
     extra = {} if collate is None else {"collate_fn": collate}
+    if pin_memory:
+        extra["pin_memory"] = True
 
     def own():  # an iterator over a loader without a generator draws its base seed from torch's global one:
         return {"generator": torch.Generator().manual_seed(seed)}  # evaluations then shifted dropout's stream
@@ -460,8 +464,9 @@ def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = 
     config: the PB settings; training: epochs, lr, batch size, seed, capture frontend.
     With `out`, a resumable checkpoint is written after every epoch; `resume=DIR` continues
     the run saved in DIR with its own settings (same seeds: the same final model as a run that
-    was never interrupted). device: where it trains (a torch.device or "cpu"/"cuda"; None: the CPU,
-    or the distributed rank's device).
+    was never interrupted). device: where it trains ("auto", "cpu", "cuda" or a torch.device, checked
+    by training.training_device before any work; None: a resumed run's own device, else the CPU;
+    with `distributed`, the rank's device).
 
     distributed (a pbp_fx.distributed.Distributed; every rank calls train_job): the data is
     sharded (`batch_size` stays the global batch), training runs on DDP, and only rank 0
@@ -475,9 +480,12 @@ def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = 
         config, training, include, exclude, out = saved.config, saved.training, saved.include, saved.exclude, resume
     config, training = config or PBConfig(), training or TrainConfig()
     if distributed is None:
-        device = torch.device("cpu" if device is None else device)
+        device = training_device(device or (saved.device if saved is not None and saved.device else "cpu"))
         return _train_job(model_file, config, training, out, include, exclude, progress, echo, None, device,
                           resume_from, saved)
+    if device is not None and training_device(device, distributed.world_size).type != distributed.device.type:
+        raise ConfigError(f"device={device}: this rank trains on {distributed.device}, the process group's device: "
+                          f"drop device=, or give {distributed.device.type!r}")
     if not distributed.is_main:
         progress, echo = False, _silent
     with distributed.guard():
@@ -485,9 +493,9 @@ def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = 
                           distributed.device, resume_from, saved)
 
 
-def _warn_resumed_otherwise(saved: SavedRun, identity: dict, processes: int) -> None:
+def _warn_resumed_otherwise(saved: SavedRun, identity: dict, processes: int, device: torch.device) -> None:
     """Say what makes a resume differ from the run it continues: an edited model file or other
-    data, or another process count (which deals the data otherwise)."""
+    data, another process count (which deals the data otherwise), or another device."""
     changed = changed_since(saved.identity, identity)
     if changed:
         warn_at_user(f"the run's {' and '.join(changed)} changed since it started: the resumed run trains on the "
@@ -500,6 +508,10 @@ def _warn_resumed_otherwise(saved: SavedRun, identity: dict, processes: int) -> 
     if saved.processes is not None and saved.processes != processes:
         warn_at_user(f"the run trained on {saved.processes} process(es) and resumes on {processes}: the data is dealt "
                      f"otherwise from here on (resume with --nproc {saved.processes} to continue it exactly)")
+    if saved.device is not None and saved.device != device.type:
+        warn_at_user(f"the run trained on {saved.device} and resumes on {device.type}: its arithmetic (and a GPU's "
+                     f"random numbers) differ from here on (resume with --device {saved.device} to continue it "
+                     "exactly)")
 
 
 def _resumed_model_file(saved: Optional[str], given: Optional[str], run_dir: str) -> Optional[str]:
@@ -525,6 +537,8 @@ class SavedRun:
     identity: Optional[dict]  # run_identity() when the run started; None: saved before it was recorded
     most_processes: Optional[int] = None  # the most it trained on over its resumes (None: not recorded)
     complete: bool = False  # PB had finished: a resume only makes its report again
+    device: Optional[str] = None  # the device type it last trained on, "cpu" or "cuda" (None: not recorded)
+    devices: tuple = ()  # every device type it trained on over its resumes
 
 
 def _silent(*_args) -> None:
@@ -555,18 +569,19 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                             f"a resume would make its report again of another run; restore "
                             f"{'it' if len(changed) == 1 else 'them'}, or train a new run (another --out)")
     if saved is not None and main:
-        _warn_resumed_otherwise(saved, identity, processes)
+        _warn_resumed_otherwise(saved, identity, processes, device)
     seed_everything(seed)  # the model's initial weights do not depend on what datasets() drew
     model, inputs = instantiate(mod)
     collate = check_data(mod, data, model, inputs, training.batch_size,
                          1 if distributed is None else distributed.world_size)
     train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed,
+                                                         pin_memory=device.type == "cuda",
                                                          collate=collate)
     t0 = time.perf_counter()
     pm = perforate(model, inputs, include=include, exclude=exclude, activation=config.activation, mode=config.mode,
                    example_kwargs=example_kwargs(mod), frontend=training.frontend)
     base_params = pm.num_parameters()  # with no dendrite yet: what the forward uses, as compare counts
-    _check_pool_fits(pm, config)
+    _check_pool_fits(pm, config, device)
     pm.to(device)  # before the controller's optimizer and a resume's state: both then live there
     ctl = PhaseController(pm, config, optimizer_factory=lambda params: default_optimizer(params, lr=training.lr),
                           distributed=distributed)
@@ -575,6 +590,9 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     if resume_from is not None:
         history, earlier = _resume(resume_from, pm, ctl, train_loader)
     finished = resume_from is not None and ctl.done
+    # every device type the run trained on, over its resumes (compare says when its seconds are a GPU's)
+    earlier_devices = set() if saved is None else {*saved.devices, *filter(None, [saved.device])}
+    devices = sorted(earlier_devices if finished and earlier_devices else {*earlier_devices, device.type})
     if resume_from is not None:
         if finished:
             echo(f"the run in {out} is complete ({len(history.epochs)} epochs, {ctl.history[-1]['note']}): "
@@ -606,7 +624,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         saver = _epoch_saver(os.path.join(out, CHECKPOINT), pm, ctl, history, args,
                              _model_ref(model_file), seed, train_loader, distributed,
                              clock=run_seconds, run_record={"identity": identity, "processes": processes,
-                                                            "most_processes": most_processes})
+                                                            "most_processes": most_processes, "device": device.type,
+                                                            "devices": devices})
         callbacks.append(saver)
         if stale:
             callbacks.append(_replace_stale(out, stale))
@@ -663,7 +682,9 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             "params_plain": base_params, "params": pm.num_parameters(),
             "dendrites": pm.num_dendrites, "best_epoch": ctl.best_epoch,
             "metric": metric_name, "maximize": config.maximize, "val": val, "test": test,
-            "device": str(device), "events": [e for e in ctl.history if e["decision"] != "continue"],
+            "device": str(device),
+            "devices": devices,
+            "events": [e for e in ctl.history if e["decision"] != "continue"],
         }
         if distributed is not None:
             summary["processes"] = distributed.world_size
@@ -712,7 +733,8 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
         state = {"args": args, "model_file": model_ref, "history": history.to_dict(), "seconds": round(clock(), 2),
                  **(run_record or {}),
                  "rng": {"torch": _b64(torch.get_rng_state()),
-                         "loader": None if gen is None else _b64(gen.get_state()), **_host_rng_states()}}
+                         "loader": None if gen is None else _b64(gen.get_state()), **_host_rng_states(),
+                         **_cuda_rng_state(pm)}}
         kwargs = {"controller": ctl, "optimizer": ctl.optimizer, "model_ref": model_ref,
                   "extra": {"seed": seed, "job_state": state}}
         if distributed is None:
@@ -729,16 +751,21 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
 _POOL_BYTES_PER_PARAM = 5 * 4
 
 
-def _check_pool_fits(pm, config: PBConfig) -> None:
+def _check_pool_fits(pm, config: PBConfig, device: torch.device = torch.device("cpu")) -> None:
     """Refuse, before any training, a pool whose candidates (at the most dendrites the run may
-    install) cannot fit in this machine's memory: it would fail at the first dendrite phase."""
+    install) cannot fit in this machine's memory (the GPU's, training on one): it would fail at
+    the first dendrite phase."""
     if config.mode != "pb":
         return
     cascade = sum(s.channels * config.max_dendrites for s in pm.sites.values())  # (weights from earlier dendrites)
     per_candidate = sum(s.layer.params_per_copy + 3 * s.channels for s in pm.sites.values()) + cascade
     need = config.pool * per_candidate * _POOL_BYTES_PER_PARAM
+    where = "this machine's"
     try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if device.type == "cuda":
+            have, where = torch.cuda.get_device_properties(device).total_memory, f"{device}'s"
+        else:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # (no sysconf: not checked)
         return
     if need > have:
@@ -746,7 +773,7 @@ def _check_pool_fits(pm, config: PBConfig) -> None:
                if 2 * cascade > per_candidate else "a smaller --pool")
         raise ConfigError(f"pool={config.pool}, max_dendrites={config.max_dendrites}: the candidates need about "
                           f"{need / 2**30:.3g} GiB ({config.pool} x {per_candidate} parameters with their gradients, "
-                          f"Adam state and snapshots), more than this machine's {have / 2**30:.3g} GiB; use {fix}")
+                          f"Adam state and snapshots), more than {where} {have / 2**30:.3g} GiB; use {fix}")
 
 
 def saved_run(run_dir: str) -> SavedRun:
@@ -769,6 +796,11 @@ def _saved_job(path: str) -> SavedRun:
         if not all(n is None or (type(n) is int and n >= 1) for n in (processes, most)) or not (
                 identity is None or isinstance(identity, dict)):
             raise ValueError("processes or identity")
+        device, devices = saved.get("device"), tuple(saved.get("devices", ()))
+        if device not in (None, "cpu", "cuda") or not set(devices) <= {"cpu", "cuda"}:
+            raise ValueError("device")
+        for value in saved["rng"].get("cuda") or []:
+            _unb64(value)
         History.from_dict(saved["history"])
         float(saved.get("seconds", 0.0))
         _unb64(saved["rng"]["torch"])
@@ -788,7 +820,7 @@ def _saved_job(path: str) -> SavedRun:
                             "written by another pbp-fx version or edited; start a new run")
     schedule = (meta.get("controller") or {}).get("schedule") or {}
     return SavedRun(model_file, config, training, include, exclude, processes, identity, most,
-                    complete=schedule.get("done") is True)
+                    complete=schedule.get("done") is True, device=device, devices=devices)
 
 
 def _job_state(path: str) -> tuple[dict, dict]:
@@ -806,6 +838,15 @@ def _job_state(path: str) -> tuple[dict, dict]:
     return state, meta
 
 
+def _cuda_rng_state(pm) -> dict:
+    """{"cuda": [the generator state of the GPU the model is on]} ({} on the CPU): dropout on a GPU
+    draws from it, so a resume must restore it to continue the run exactly."""
+    device = next((t.device for t in pm.parameters()), None)
+    if device is None or device.type != "cuda":
+        return {}
+    return {"cuda": [_b64(torch.cuda.get_rng_state(device))]}
+
+
 def _resume(path: str, pm, ctl, train_loader) -> tuple[History, float]:
     """Load the model, controller, optimizer and random states saved after the last epoch; returns
     the history and the seconds the run took before."""
@@ -813,6 +854,9 @@ def _resume(path: str, pm, ctl, train_loader) -> tuple[History, float]:
     load(path, pm, controller=ctl)  # the model, then the controller (which rebinds the optimizer to it)
     load_optimizer(path, ctl.optimizer)
     torch.set_rng_state(_unb64(state["rng"]["torch"]))
+    device = next((t.device for t in pm.parameters()), None)
+    if state["rng"].get("cuda") and device is not None and device.type == "cuda":  # (saved on a GPU, resumed on one)
+        torch.cuda.set_rng_state(_unb64(state["rng"]["cuda"][0]), device)
     if "numpy" in state["rng"]:
         _set_host_rng_states(state["rng"])
     gen = getattr(train_loader, "generator", None)

@@ -661,7 +661,12 @@ class PerforatedModel(nn.Module):
     def load_phase_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
         """Set what phase_buffers() returns (a checkpoint of a dendrite-phase model restores it)."""
         self._require_phase("dendrite", "load_phase_buffers")
-        self._hold_buffers({k: v.detach().clone() for k, v in buffers.items()})
+
+        def beside_its_buffer(name: str, value: torch.Tensor) -> torch.Tensor:  # (a model moved to a GPU first)
+            live = _attribute_path(self, name.split("."))
+            return value.detach().to(live.device if isinstance(live, torch.Tensor) else value.device, copy=True)
+
+        self._hold_buffers({k: beside_its_buffer(k, v) for k, v in buffers.items()})
 
     def correlations(self) -> dict[str, torch.Tensor]:
         """Per site, the per-channel best |C~| of its candidates (dendrite phase only)."""

@@ -56,15 +56,30 @@ class History:
         return [r for r in self.epochs if r["decision"] == Decision.RESTRUCTURED.value]
 
 
-def training_device(name: str = "auto", processes: int = 1) -> torch.device:
+def training_device(name="auto", processes: int = 1) -> torch.device:
     """The device a run of `processes` processes trains on: "cpu", "cuda" (one GPU per process, as
-    NCCL needs), or "auto": CUDA when torch sees a GPU for every process, else the CPU. A CUDA
-    request this machine cannot serve is refused (ConfigError) before any work starts."""
-    if name not in DEVICES:
-        raise ConfigError(f"--device {name}: use one of {', '.join(DEVICES)}")
+    NCCL needs; a torch.device such as cuda:1 names one), or "auto": CUDA when torch sees a GPU for
+    every process, else the CPU. A device this machine cannot serve is refused (ConfigError) before
+    any work starts."""
+    if isinstance(name, torch.device) or (isinstance(name, str) and name not in DEVICES):
+        try:
+            asked = torch.device(name)
+        except (RuntimeError, TypeError):
+            asked = None
+        if asked is None or asked.type not in DEVICES:
+            raise ConfigError(f"--device {name}: use one of {', '.join(DEVICES)}")
+        if asked.type == "cpu" or asked.index is None:
+            return training_device(asked.type, processes)
+        training_device("cuda", processes)  # (a GPU at all)
+        if asked.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {asked}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1}")
+        return asked
+    if not isinstance(name, str):
+        raise ConfigError(f"--device {name!r}: use one of {', '.join(DEVICES)}")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if name == "cpu" or (name == "auto" and gpus < processes):
-        if name == "auto" and gpus:
+        if name == "auto" and gpus and int(os.environ.get("RANK", "0")) == 0:  # (said once, not by every rank)
             warn_at_user(f"{processes} processes but {gpus} GPU(s): training on the CPU (gloo); use --nproc {gpus} "
                          "to train on the GPUs")
         return torch.device("cpu")
@@ -73,9 +88,18 @@ def training_device(name: str = "auto", processes: int = 1) -> torch.device:
         raise ConfigError(f"--device cuda: this torch ({torch.__version__}, {build}) sees no CUDA device: use "
                           "--device cpu, or run on a machine with a GPU and a CUDA build of torch")
     if gpus < processes:
+        fewer = f"--nproc {gpus}" if gpus == 1 else f"--nproc {gpus} or fewer"
         raise ConfigError(f"--device cuda --nproc {processes}: each process needs a GPU of its own (NCCL) and this "
-                          f"machine has {gpus}: use --nproc {gpus} or fewer, or --device cpu")
+                          f"machine has {gpus}: use {fewer}, or --device cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def _fresh_autocast_casts() -> None:
+    """Drop the weight casts an autocast region around fit (or evaluate) keeps: torch keeps them until
+    the outermost region exits, so every forward after an optimizer step would read the first step's
+    casts of the weights, and nothing would train."""
+    if torch.is_autocast_cache_enabled() and any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
+        torch.clear_autocast_cache()
 
 
 def _to(batch, device):
@@ -346,7 +370,12 @@ def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
     Integer labels of any width (numpy's int32) count as class indices."""
     logits = primary_output(output)
     target = class_indices(target)
-    if not target.is_floating_point() and target.numel() and bool((target == IGNORED_LABEL).all()):
+    if target.is_floating_point() or not target.numel():
+        return F.cross_entropy(logits, target)
+    if target.device.type != "cpu":  # (no host sync per batch: the mean over the kept labels, 0 when none is)
+        kept = (target != IGNORED_LABEL).sum().clamp(min=1)
+        return F.cross_entropy(logits, target, reduction="sum") / kept
+    if bool((target == IGNORED_LABEL).all()):
         return logits.sum() * 0.0  # (keeps the graph: every parameter gets a zero gradient)
     return F.cross_entropy(logits, target)
 
@@ -392,6 +421,7 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
     was = model.training
     model.eval()
     total, count, seen = 0.0, 0, 0
+    _fresh_autocast_casts()
     try:
         for batch in batches(loader, data):
             inputs, target = split_batch(_to(batch, device) if device is not None else batch)
@@ -612,14 +642,16 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
         if device is not None:
             batch = _to(batch, device)
         inputs, target = split_batch(batch)
+        _fresh_autocast_casts()  # (the weights changed since the last forward: a step, a restructure)
         output = call_model(pm, inputs)
         loss = reaching_every_parameter(pm, loss_fn(output, target), output)
-        if not torch.isfinite(loss):
+        value = float(loss.detach())  # (one read of the loss per step: on a GPU, one wait)
+        if not math.isfinite(value):
             raise _non_finite_loss(loss, inputs, target, phase)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach()) * target.shape[0]
+        total += value * target.shape[0]
         count += target.shape[0]
     if distributed is not None:
         total, count = distributed.all_reduce_sum([total, count])

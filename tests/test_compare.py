@@ -174,8 +174,8 @@ def test_pb_run_is_compared_with_its_controls(tiny, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["device"] == "cpu"
     (run / "summary.json").write_text(json.dumps({**summary, "device": "cuda:0"}))  # (as train --device cuda writes)
-    with pytest.warns(pbp_fx.PBWarning, match=r"that run trained on cuda:0 and the controls train on the CPU: its "
-                                              r"seconds are not comparable"):
+    with pytest.warns(pbp_fx.PBWarning, match=r"that run trained on cuda for some or all of its epochs, and the "
+                                              r"controls train on the CPU: its seconds are not comparable"):
         compare(pb_run=str(run), latency=False, echo=lambda _s: None)
     # A summary that is not its checkpoint's report (another run's, or a run killed after its first epochs)
     (run / "summary.json").write_text(json.dumps({**summary, "epochs": summary["epochs"] + 7}))

@@ -272,7 +272,14 @@ def test_a_run_on_the_gpu_killed_in_the_dendrite_phase_resumes_on_the_gpu_like_a
     from pbp_fx.checkpoint import read_structure
 
     monkeypatch.chdir(ROOT)
-    args = [os.path.relpath(DIGITS), "--max-dendrites", "1", "--patience", "10", "--dendrite-patience", "40",
+    # Dropout draws from the GPU's generator: a resume must restore it too.
+    model_file = tmp_path / "digits_dropout.py"
+    model_file.write_text("from torch import nn\n"
+                          "from pbp_fx.models.digits_mlp import datasets, example_inputs  # noqa: F401\n\n\n"
+                          "def build_model():\n"
+                          "    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 16),\n"
+                          "                         nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 10))\n")
+    args = [str(model_file), "--max-dendrites", "1", "--patience", "10", "--dendrite-patience", "40",
             "--max-dendrite-epochs", "40", "--no-progress", "--seed", "0", "--device", "cuda"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main(["train", *args, "--out", str(whole)]) == 0
@@ -284,11 +291,11 @@ def test_a_run_on_the_gpu_killed_in_the_dendrite_phase_resumes_on_the_gpu_like_a
 
     shutil.copytree(killed, on_cpu)
     done = _epochs_done(on_cpu / "checkpoint.safetensors")
-    assert main(["train", "--resume", str(killed), "--no-progress", "--device", "cuda"]) == 0
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0  # (its own device: the GPU)
     _same_final_model(whole, killed)
     assert main(["train", "--resume", str(on_cpu), "--no-progress", "--device", "cpu"]) == 0
     summary = json.loads((on_cpu / "summary.json").read_text())
-    assert summary["device"] == "cpu" and summary["epochs"] > done
+    assert summary["device"] == "cpu" and summary["devices"] == ["cpu", "cuda"] and summary["epochs"] > done
 
 
 def _kill_train_when(args: list, out, ready, poll: float, why: str):
@@ -412,7 +419,7 @@ def test_a_resume_runs_on_the_runs_own_process_count_unless_told_otherwise(tmp_p
     with pytest.warns(UserWarning, match=r"the run trained on 2 process\(es\) and resumes on 1: the data is dealt "
                                          r"otherwise from here on \(resume with --nproc 2 to continue it exactly\)"):
         job._warn_resumed_otherwise(SavedRun(None, pbp_fx.PBConfig(), pbp_fx.TrainConfig(), None, None, 2, None),
-                                    {"model_digest": None, "data": "x"}, 1)
+                                    {"model_digest": None, "data": "x"}, 1, torch.device("cpu"))
 
 
 def _interrupted_at_third_save(tmp_path, monkeypatch, *flags):
@@ -565,6 +572,8 @@ def test_a_malformed_job_state_is_refused_in_one_line_before_any_work(tmp_path, 
                             "PBConfig has no setting 'bogus'"),
         "bad_value": ({**good, "args": {**args, "config": {**args["config"], "pool": 0}}}, "pool"),
         "include": ({**good, "args": {**args, "include": [1, 2]}}, "job state is malformed (include/exclude)"),
+        "device": ({**good, "device": "tpu"}, "job state is malformed (ValueError: device)"),
+        "cuda_rng": ({**good, "rng": {**good["rng"], "cuda": ["not base64!"]}}, "job state is malformed"),
     }
     for name, (state, message) in cases.items():
         run = tmp_path / name
@@ -576,6 +585,64 @@ def test_a_malformed_job_state_is_refused_in_one_line_before_any_work(tmp_path, 
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"cannot resume from {path}" in err and message in err, (name, err)
         assert sorted(os.listdir(run)) == before
+
+
+def _rewrite_job_state(path: str, edit) -> None:
+    """Re-save the checkpoint at `path` with edit(job_state) in place of its job state (re-hashed)."""
+    from safetensors.torch import load_file, save_file
+
+    from pbp_fx.checkpoint import _digest, read_meta
+
+    meta = read_meta(path)
+    meta["extra"]["job_state"] = edit(meta["extra"]["job_state"])
+    tensors = load_file(path)
+    meta["sha256"] = _digest(tensors, meta)
+    save_file(tensors, path, metadata={"pbp_fx": json.dumps(meta)})
+
+
+def test_a_run_keeps_its_device_and_a_resume_on_another_is_refused_or_warned_of(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    run = tmp_path / "run"
+    args = [DIGITS, "--epochs", "40", "--patience", "40", "--no-progress"]
+    path = _kill_train_when(args, run, lambda c: _epochs_done(c) >= 1, poll=0.02, why="the run ended before epoch 1")
+    from pbp_fx.checkpoint import read_meta
+
+    state = read_meta(str(path))["extra"]["job_state"]
+    assert state["device"] == "cpu" and state["devices"] == ["cpu"] and "cuda" not in state["rng"]
+    _rewrite_job_state(str(path), lambda job: {**job, "device": "cuda", "devices": ["cuda"]})
+    before = {f: os.path.getmtime(run / f) for f in os.listdir(run)}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2  # (its own device: cuda)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda: this torch" in err and "use --device cpu" in err, err
+    assert {f: os.path.getmtime(run / f) for f in os.listdir(run)} == before
+    assert main(["train", "--resume", str(run), "--no-progress", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "the run trained on cuda and resumes on cpu: its arithmetic" in err, err
+    assert "resume with --device cuda to continue it exactly" in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["devices"] == ["cpu", "cuda"]
+    assert read_meta(str(path))["extra"]["job_state"]["devices"] == ["cpu", "cuda"]
+    # resumed again once complete (a report only): it trained nowhere new
+    assert main(["train", "--resume", str(run), "--no-progress", "--device", "cpu"]) == 0
+    assert json.loads((run / "summary.json").read_text())["devices"] == ["cpu", "cuda"]
+
+
+def test_train_job_checks_its_device_before_any_work(tmp_path):
+    from pbp_fx.job import train_job
+
+    out = tmp_path / "run"
+    for bad, message in (("meta", r"--device meta: use one of auto, cpu, cuda"),
+                         (torch.device("meta"), r"--device meta: use one of auto, cpu, cuda"),
+                         ("gpu", r"--device gpu: use one of auto, cpu, cuda")):
+        with pytest.raises(pbp_fx.ConfigError, match=message):
+            train_job(DIGITS, training=pbp_fx.TrainConfig(epochs=1), out=str(out), progress=False,
+                      echo=lambda _s: None, device=bad)
+        assert not out.exists()
+    summary = train_job(DIGITS, training=pbp_fx.TrainConfig(epochs=1), progress=False, echo=lambda _s: None,
+                        device="auto")
+    assert summary["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 REGRESSION = """
