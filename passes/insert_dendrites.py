@@ -60,6 +60,9 @@ def _insert(gm: fx.GraphModule, specs: list, activation: str, mode: str) -> fx.G
         while key in sites:  # "a.b" and "a_b" share a key: keep both sites
             key += "_"
         sites[key] = site
+        norm = nodes.get(spec.norm_node)
+        if norm is not None and norm.op == "call_module":  # (a BatchNorm, or its ModeSwitch under torch.export)
+            site.follow_mode_of(gm.get_submodule(norm.target))
         # The neuron's current input, not spec.input_node: when that node is an upstream site's
         # output, the upstream Site has taken over its uses and the dendrites must see the same x.
         out, x = nodes[spec.output_node], _arg(nodes[spec.neuron_node], spec.input_index, spec.input_name)

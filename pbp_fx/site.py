@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .config import ConfigError
 from .covariance_tap import STAT_NAMES, EagerTap, batch_covariance, covariance_tap, fold_batch
-from .errors import warn_at_user
+from .errors import NonFiniteError, warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
                      every_nth_position, split_members, StandIn)
 
@@ -386,10 +386,13 @@ class Site(nn.Module):
             return self.forward(x.unsqueeze(0), n.unsqueeze(0)).squeeze(0)
         # Dendrites and pools made while the model was in eval mode (a restructure during a
         # framework's validation) follow the site's mode: Lightning restores the modes it saw
-        # before validation, which do not include modules created during it.
+        # before validation, which do not include modules created during it. Their norm copies
+        # also follow the norm they copy (a model that keeps it in eval mode while training).
+        source = self.__dict__.get("_mode_source")
+        mode = self.training and (source is None or source.training)
         for part in (self.dendrites, self.candidates):
-            if part is not None and part.training != self.training:
-                part.train(self.training)
+            if part is not None and part.training != mode:
+                part.train(mode)
         # "Perforated": dendrites and candidates see the input behind a stop-gradient.
         src = x.detach() if self.mode == "pb" else x
         y, acts = n, []
@@ -400,6 +403,13 @@ class Site(nn.Module):
             c = self.candidates(src, [s.detach() for s in acts])
             y = self.candidates.tap(y, c, self.candidates.splits(src.shape[0]))
         return y
+
+    def follow_mode_of(self, norm: Optional[nn.Module]) -> None:
+        """Run the dendrites' and candidates' norm copies in the mode of `norm`, the norm module they
+        copy, while the site trains: a model that keeps that norm in eval mode while training
+        (mmdetection's norm_eval, a fine-tuning `bn.eval()`) keeps its copies so too. Held, not
+        registered: nothing of the site's parameters or state."""
+        self.__dict__["_mode_source"] = norm
 
     # -- structure changes ---------------------------------------------------------
     def _factory(self) -> dict:
@@ -453,6 +463,10 @@ class Site(nn.Module):
         if self.candidates is None:
             raise RuntimeError(f"site {self.name!r} has no candidates: call start_candidates() first")
         rows, sign = self.candidates.selected_rows()
+        if not bool(torch.stack([torch.isfinite(t).all() for t in rows.values()]).all()):  # (one host read)
+            raise NonFiniteError(f"site {self.name!r}: the selected candidates' weights are not finite, and installed "
+                                 "they would make the output NaN: lower candidate_lr (or train a float16 model in "
+                                 "float32 or bfloat16), then start the phase again")
         cascade_row = rows.pop("cascade")[0]
         self._append(rows, cascade_row, -v_init * sign)
         self.candidates = None

@@ -1664,6 +1664,48 @@ def test_pm_train_leaves_modules_in_the_modes_the_models_own_train_gives(fronten
     torch.testing.assert_close(copy.deepcopy(pm)(x), model.train()(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_dendrite_and_candidate_norm_copies_take_the_mode_of_the_norm_they_copy(frontend):
+    """The BatchNorms the model's train() keeps in eval mode (norm_eval) had dendrites and candidates whose
+    norm copies trained on batch statistics: train and eval outputs 0.03 apart, their running statistics
+    moving at every training forward."""
+    torch.manual_seed(0)
+    model, x = _NormEvalNet(), torch.randn(4, 3, 8, 8)
+    pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    pm.grow()
+    with torch.no_grad():
+        for site in pm.sites.values():
+            site.out_weight.fill_(1.0)
+    pm.train()
+    normed = [s for s in pm.sites.values() if s.norm is not None]
+    assert len(normed) == 2
+    stats = {n: b.clone() for n, b in pm.named_buffers() if "running" in n}
+    with torch.no_grad():
+        trained = pm(x)
+    assert not any(s.dendrites.training for s in normed)  # (set by the forward)
+    assert all(torch.equal(b, stats[n]) for n, b in pm.named_buffers() if n in stats)
+    assert torch.equal(trained, pm.eval()(x))
+    pm.train()
+    pm.start_dendrite_phase(pool=2)
+    pm(x).sum().backward()
+    assert all(not s.candidates.training for s in normed)
+    if frontend == "export":
+        return  # (its graph holds no BatchNorm module to put in eval mode by hand)
+    # A norm put in eval mode by hand after train() (fine-tuning's bn.eval()) is followed too; its site's
+    # copies train again with it.
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    pm = pbp_fx.perforate(plain, (x,), frontend=frontend).train()
+    pm.grow()
+    bn = next(m for m in pm.modules() if isinstance(m, nn.BatchNorm2d))
+    site = next(s for s in pm.sites.values() if s.norm is not None)
+    bn.eval()
+    pm(x)
+    assert not site.dendrites.training
+    bn.train()
+    pm(x)
+    assert site.dendrites.training
+
+
 def test_a_model_whose_train_sets_every_mode_gets_no_overrides():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 2))
     assert pbp_fx.perforate(model, (torch.randn(2, 3, 8, 8),)).train_overrides == {}
@@ -1825,3 +1867,17 @@ def test_a_deep_copy_has_the_state_dict_keys_of_the_model_it_copies(frontend):
     pm.load_state_dict(best.state_dict())
     assert list(copy.deepcopy(best).state_dict()) == list(pm.state_dict())
     assert list(copy.deepcopy(pm.finalize()).state_dict()) == list(pm.finalize().state_dict())
+
+
+def test_phase_buffers_loaded_into_a_moved_model_are_held_on_its_device():
+    """A model moved (to a GPU) before a checkpoint's phase buffers were loaded held them where they were
+    loaded, and copied them across devices at every forward."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    pm = pbp_fx.perforate(model, (torch.randn(2, 3, 8, 8),))
+    pm.train()
+    pm.start_dendrite_phase(pool=2)
+    saved = pm.phase_buffers()
+    assert saved and all(v.device.type == "cpu" for v in saved.values())
+    pm.to("meta")
+    pm.load_phase_buffers(saved)
+    assert all(v.device.type == "meta" for v in pm.phase_buffers().values())

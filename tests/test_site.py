@@ -170,6 +170,20 @@ def test_pool_installs_best_member_per_channel():
     assert torch.equal(site.out_weight[0], torch.tensor([-0.5, -0.5]))
 
 
+def test_non_finite_selected_candidates_are_not_installed():
+    """install_candidates() by hand (no controller to check the pool) installed NaN weights: NaN outputs."""
+    layer = nn.Linear(4, 2)
+    site = Site("s", LayerSpec.from_module(layer))
+    site.grow()
+    pool = site.start_candidates(pool=2, warmup=0)
+    with torch.no_grad():
+        pool.copies.weight[0, 0, 1] = float("nan")  # (member 0 is channel 0's best)
+        pool.observe(torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
+    with pytest.raises(pbp_fx.TrainingError, match=r"site .s.: the selected candidates' weights are not finite"):
+        site.install_candidates()
+    assert site.num_dendrites == 1 and site.candidates is pool
+
+
 def test_cascade_feeds_later_dendrites():
     layer = nn.Linear(3, 2)
     site = Site("s", LayerSpec.from_module(layer), activation="tanh")
