@@ -27,7 +27,7 @@ def _mnist1d_arrays(seed: int, num_samples: int):
 
     args = get_dataset_args()
     args.num_samples = num_samples
-    args.seed = seed
+    args.seed = seed % 2**32  # (numpy's seed range; TrainConfig takes seeds up to 2**63 - 1)
     # make_dataset reseeds the global `random` and NumPy RNGs; restore them so
     # building data never changes the caller's random streams.
     py_state, np_state = random.getstate(), np.random.get_state()

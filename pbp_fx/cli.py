@@ -73,11 +73,49 @@ def subcommand(name: str, help: str, *args: tuple):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors (a non-numeric value, an unknown flag) as ONE line, exit status 2."""
+    """Usage errors (a non-numeric value, an unknown flag) as ONE line, exit status 2. Flags are
+    spelled whole (`--pat 5` is no --patience), and a negative number in any float syntax is a value
+    (`--v-init -1e-3`, which argparse before Python 3.14 read as a flag)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.I)
 
     def error(self, message: str):
         _error(f"{message} (see {self.prog} --help)")
         raise SystemExit(EXIT_ERROR)
+
+
+def _given_once(action: argparse.Action, namespace, values, hint: str) -> None:
+    """Refuse a flag's second value, which would silently replace the first (argparse keeps the last)."""
+    seen = namespace.__dict__.setdefault("_given", {})
+    shown = "on" if values is None else getattr(values, "text", values)
+    if action.dest in seen:
+        raise argparse.ArgumentError(action, f"given twice ({seen[action.dest]}, {shown}): {hint}")
+    seen[action.dest] = shown
+
+
+class _GivenOnce(argparse.Action):
+    """A flag that may be given once."""
+
+    hint = "give it once"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _given_once(self, namespace, values, self.hint)
+        setattr(namespace, self.dest, values)
+
+
+class _FileGivenOnce(_GivenOnce):
+    hint = "give one (merge the files into one)"
+
+
+class _SwitchGivenOnce(argparse.BooleanOptionalAction):
+    """--flag / --no-flag, once: `--maximize --no-maximize` kept the last."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _given_once(self, namespace, option_string, "give it once")
+        super().__call__(parser, namespace, values, option_string)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,7 +428,7 @@ def _site_filter_args() -> tuple:
         help="auto: symbolic tracing, else torch.export (default); fx; export"),
     arg("--explain", action="store_true",
         help="list every Linear/Conv-like op with 'site' or the reason it is not one"),
-    arg("--out", metavar="DIR", default=None, type=_path,
+    arg("--out", metavar="DIR", default=None, type=_path, action=_GivenOnce,
         help="write perforated_graph.py and report.json to DIR (default: print only)"),
 )
 def transform(args: argparse.Namespace) -> int:
@@ -549,9 +587,9 @@ def config_args(cls) -> list[tuple]:
         kind = str(f.type).replace("Optional[", "").rstrip("]")
         optional = f.metadata.get("optional", False)
         help_text = f"{f.metadata['help']} (default: {f.default}" + ("; none sets it back" if optional else "") + ")"
-        kwargs = {"dest": f.name, "default": None, "help": help_text}
+        kwargs = {"dest": f.name, "default": None, "help": help_text, "action": _GivenOnce}
         if kind == "bool":
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = _SwitchGivenOnce
         elif f.metadata["choices"]:
             kwargs["choices"] = f.metadata["choices"]
         else:
@@ -587,18 +625,8 @@ def configs_from_args(args: argparse.Namespace):
     return tuple(built)
 
 
-class _GivenOnce(argparse.Action):
-    """A flag that may be given once: a second value would silently replace the first."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if getattr(namespace, self.dest) is not None:
-            raise argparse.ArgumentError(self, f"given twice ({getattr(namespace, self.dest)}, {values}): give one "
-                                               "(merge the files into one)")
-        setattr(namespace, self.dest, values)
-
-
 def _config_file_arg() -> tuple:
-    return arg("--config", dest="config_file", metavar="FILE", default=None, action=_GivenOnce,
+    return arg("--config", dest="config_file", metavar="FILE", default=None, action=_FileGivenOnce,
                help="a JSON or YAML file of settings, one mapping of PBConfig/TrainConfig field names to values "
                     "(flags given here win over it)")
 
@@ -609,7 +637,7 @@ def _train_args() -> tuple:
     return (
         arg("model", nargs="?", default=None,
             help="model file with build_model(), example_inputs() and datasets() (default: built-in MNIST-1D MLP)"),
-        arg("--out", metavar="DIR", default=None, type=_path, help="output folder (default: runs/<model name>)"),
+        arg("--out", metavar="DIR", default=None, type=_path, action=_GivenOnce, help="output folder (default: runs/<model name>)"),
         _config_file_arg(),
         *config_args(TrainConfig),
         *config_args(PBConfig),
@@ -766,7 +794,7 @@ def _model_module(ref: str):
 @subcommand(
     "export", "write an ONNX file (fused pbp ops) from a training checkpoint or a model file",
     arg("source", help="checkpoint.safetensors from `pbp-fx train`, or a model file (exported with K = 0)"),
-    arg("-o", "--out", default="model.onnx", type=_path, help="ONNX file to write (default: model.onnx)"),
+    arg("-o", "--out", default="model.onnx", type=_path, action=_GivenOnce, help="ONNX file to write (default: model.onnx)"),
     arg("--model", metavar="FILE", default=None, help="the model file a checkpoint was trained from "
         "(default: the one recorded in the checkpoint)"),
     arg("--unfused", action="store_true", help="plain standard ops instead of one pbp node per site"),
@@ -984,7 +1012,7 @@ def _plain(text: str) -> str:
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"),
         help="ONNX Runtime's execution provider: auto (CUDA when onnxruntime-gpu and a GPU are present, else "
              "the CPU), cpu, or cuda (refused without them; default: auto)"),
-    arg("--output", metavar="Y.npy", default=None,
+    arg("--output", metavar="Y.npy", default=None, action=_GivenOnce,
         help="save the first output here (.npy), or every output by its ONNX name (.npz)"),
 )
 def run_onnx(args: argparse.Namespace) -> int:
@@ -1103,7 +1131,7 @@ def _compare_budget_args() -> tuple:
         help="comma-separated subset of plain,restarts,pb,gd,plain-matched,original (default: all that apply)"),
     arg("--jobs", type=_number(int, "--jobs"), default=1, metavar="N", help="runs side by side (default: 1)"),
     arg("--no-latency", action="store_true", help="skip the ONNX Runtime latency of each run"),
-    arg("--out", metavar="DIR", default=None, type=_path,
+    arg("--out", metavar="DIR", default=None, type=_path, action=_GivenOnce,
         help="output folder (default: the --pb-run folder, else runs/compare_<model name>)"),
     arg("--pb-run", metavar="DIR", default=None,
         help="the --out folder of a finished `pbp-fx train` run: it is the pb arm; its model, settings and seed "

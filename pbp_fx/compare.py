@@ -1075,7 +1075,8 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
               f"{config.max_dendrite_epochs} epochs, Adam lr {training.lr}, batch {training.batch_size}.")
     result = {"model": name, "width": width, "built_width": built, "seeds": seed_list, "arms": arms, "metric": score.metric,
               "score_scale": score.scale, "config": config.to_dict(),
-              "training": training.to_dict(), "runs": rows, "summary": summary, "paired": pairs,
+              "training": training.to_dict(), "include": include, "exclude": exclude, "runs": rows, "summary": summary,
+              "paired": pairs,
               "verdict": text, "seconds": time.perf_counter() - t0}
     md = markdown(summary, pairs, text, header, score)
     echo("")

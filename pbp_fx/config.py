@@ -204,6 +204,18 @@ class PBConfig(_Settings):
                 "threshold": self.snapshot_threshold, "bias_correction": self.bias_correction,
                 "split": self.pool_split, "stride": self.candidate_stride}
 
+    # What mode "gd" never reads: it grows random dendrites, V at 0, and runs no dendrite phase.
+    DENDRITE_PHASE_ONLY = ("dendrite_patience", "max_dendrite_epochs", "dendrite_improvement", "pool", "pool_split",
+                           "candidate_stride", "candidate_init", "candidate_lr", "v_init", "ema_decay",
+                           "bias_correction", "warmup", "snapshot_threshold")
+
+    def unused_settings(self) -> list[str]:
+        """The settings given other than their defaults that this config's mode does not read."""
+        if self.mode != "gd":
+            return []
+        default = PBConfig()
+        return [n for n in self.DENDRITE_PHASE_ONLY if getattr(self, n) != getattr(default, n)]
+
 
 @dataclass(frozen=True)
 class TrainConfig(_Settings):

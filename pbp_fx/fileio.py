@@ -35,6 +35,7 @@ def check_output_dir(out: str, error: Type[Exception] = PBError, resumed: bool =
         raise error(f"--out {out!r} exists and is not a directory: choose a folder path")
     if not os.path.isdir(probe):
         raise error(f"--out {out!r}: {probe} is a file, not a directory; choose another path")
+    _check_name_lengths(out, probe, error)
     try:  # a folder made and removed: os.access says yes to root, also where nothing can be made (/proc)
         os.rmdir(tempfile.mkdtemp(prefix=".pbp-probe-", dir=probe))
     except OSError as exc:
@@ -42,6 +43,22 @@ def check_output_dir(out: str, error: Type[Exception] = PBError, resumed: bool =
             raise error(f"--resume {out!r}: nothing can be written in the run folder ({exc.strerror}); copy it "
                         "somewhere writable and resume the copy (cp -r RUN COPY; pbp-fx train --resume COPY)") from None
         raise error(f"--out {out!r}: nothing can be written in {probe} ({exc.strerror}); choose another path") from None
+
+
+def _check_name_lengths(out: str, probe: str, error: Type[Exception]) -> None:
+    """Refuse a path whose missing folder names, or whole length, this file system cannot hold
+    (ENAMETOOLONG would come after the work, leaving the folders above it behind)."""
+    try:
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (ValueError, OSError, AttributeError):  # (no pathconf: not checked)
+        return
+    long = next((n for n in os.path.relpath(out, probe).split(os.sep) if len(os.fsencode(n)) > name_max), None)
+    if long is not None:
+        raise error(f"--out: the folder name {long[:40]}... is {len(os.fsencode(long))} bytes, more than the "
+                    f"{name_max} this file system takes; choose a shorter path")
+    if len(os.fsencode(out)) >= path_max:
+        raise error(f"--out: the path is {len(os.fsencode(out))} bytes, more than the {path_max - 1} this system "
+                    "takes; choose a shorter path")
 
 
 def atomic_write(path, write: Callable[[str], None], error: Type[Exception] = PBError, what: str = "file") -> None:
@@ -86,7 +103,11 @@ def make_folders(path: str) -> list[str]:
         if parent == folder:
             break
         folder = parent
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        remove_empty(missing[next((i for i, f in enumerate(missing) if os.path.isdir(f)), len(missing)):])
+        raise  # (the ones it made are gone: a failure leaves no folder behind)
     return missing
 
 

@@ -561,6 +561,11 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     check_metric_direction(mod, config.maximize, ConfigError)
     if main:
         warn_unread_names(mod)
+        unused = config.unused_settings()
+        if unused:
+            warn_at_user(f"mode 'gd' grows random dendrites and runs no dendrite phase: {', '.join(unused)} "
+                         f"{'is' if len(unused) == 1 else 'are'} not used (drop {'it' if len(unused) == 1 else 'them'}, "
+                         "or train with mode 'pb')")
     data = seeded_datasets(mod, seed)
     identity = run_identity(model_file, data)
     changed = changed_since(saved.identity, identity) if saved is not None and saved.complete else []
@@ -684,6 +689,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             "metric": metric_name, "maximize": config.maximize, "val": val, "test": test,
             "device": str(device),
             "devices": devices,
+            # the settings it ran with: `config` and `training` together are a --config file of them
+            "config": config.to_dict(), "training": training.to_dict(), "include": include, "exclude": exclude,
             "events": [e for e in ctl.history if e["decision"] != "continue"],
         }
         if distributed is not None:

@@ -1825,3 +1825,33 @@ def test_model_file_mistakes_are_named_where_they_are(tmp_path, capsys, files, m
     assert main(["transform", str(tmp_path / "model.py")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--epochs", "1", "--epochs", "2"], "argument --epochs: given twice (1, 2): give it once"),
+    (["train", "--maximize", "--no-maximize"], "argument --maximize/--no-maximize: given twice (--maximize, "
+                                                "--no-maximize): give it once"),
+    (["train", "--out", "a", "--out", "b"], "argument --out: given twice (a, b): give it once"),
+    (["export", "c.safetensors", "-o", "a.onnx", "-o", "b.onnx"], "argument -o/--out: given twice (a.onnx, b.onnx)"),
+    (["run", "m.onnx", "--input", "x.npy", "--output", "y.npz", "--output", "z.npy"],
+     "argument --output: given twice (y.npz, z.npy)"),
+    (["train", "--pat", "5"], "unrecognized arguments: --pat"),
+    (["train", "--lr", "-1e-3"], "--lr -1e-3: must be greater than 0"),
+])
+def test_a_flag_given_twice_or_abbreviated_is_refused_and_negative_exponents_are_values(tmp_path, capsys, monkeypatch,
+                                                                                      argv, message):
+    """argparse kept a flag's last value (`--epochs 1 --epochs 2` ran 2 epochs), took `--pat` for --patience, and
+    read `--lr -1e-3` as a flag ("expected one argument")."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_negative_value_in_exponent_syntax_is_taken(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--v-init", "-1e-3", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    from pbp_fx.checkpoint import read_meta
+
+    assert read_meta(str(out / "checkpoint.safetensors"))["extra"]["job_state"]["args"]["config"]["v_init"] == -1e-3

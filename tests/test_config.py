@@ -179,3 +179,8 @@ def test_yaml_whole_numbers_read_as_yaml_1_2_and_json_read_them(tmp_path):
     # A tagged string that YAML 1.1 also reads as a string (1e-3) was taken for a number.
     path.write_text("lr: !!str 1e-3\ncandidate_lr: !!float 1e-3\npool: !!int 4\n")
     assert read_settings(str(path)) == ({"candidate_lr": 1e-3, "pool": 4}, {"lr": "1e-3"})
+
+
+def test_mode_gd_names_the_dendrite_phase_settings_it_does_not_read():
+    assert PBConfig(mode="gd", pool=5, v_init=1.0, patience=3).unused_settings() == ["pool", "v_init"]
+    assert PBConfig(mode="gd").unused_settings() == [] and PBConfig(pool=5).unused_settings() == []

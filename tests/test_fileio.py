@@ -1,6 +1,9 @@
 """pbp_fx.fileio: the folders a run makes, and removes when it wrote nothing."""
 import os
 
+import pytest
+
+from pbp_fx.errors import PBError
 from pbp_fx.fileio import make_folders, remove_empty
 
 
@@ -28,3 +31,17 @@ def test_a_symlinked_parent_is_followed_as_the_system_follows_it(tmp_path, monke
     assert os.path.isdir(tmp_path / "a" / "b" / "run" / "x") and not os.path.exists(tmp_path / "run")
     remove_empty(made)
     assert os.listdir(tmp_path / "a" / "b") == ["t"]
+
+
+def test_a_folder_path_the_file_system_cannot_hold_is_refused_before_work_and_leaves_nothing(tmp_path):
+    """`train --out new/<300 characters>/run` failed after the run's work and left `new` behind."""
+    from pbp_fx.fileio import check_output_dir, make_folders
+
+    long = "a" * 300
+    with pytest.raises(PBError, match=r"--out: the folder name a{40}\.\.\. is 300 bytes, more than the 255 this file "
+                                      r"system takes; choose a shorter path"):
+        check_output_dir(str(tmp_path / "new" / long / "run"))
+    with pytest.raises(OSError):
+        make_folders(str(tmp_path / "new" / "deeper" / long / "run"))
+    assert os.listdir(tmp_path) == []
+    assert make_folders(str(tmp_path / "x" / "y")) == [str(tmp_path / "x" / "y"), str(tmp_path / "x")]

@@ -1409,3 +1409,27 @@ def test_export_of_a_run_whose_model_file_changed_since_it_trained_says_so(tmp_p
     assert main(["export", str(run / "checkpoint.safetensors"), "-o", onnx_path]) == 0
     err = capsys.readouterr().err
     assert f"warning: {model} changed since the run in checkpoint {run / 'checkpoint.safetensors'} trained it" in err
+
+
+def test_a_runs_summary_holds_its_settings_as_a_config_file_takes_them(tmp_path, capsys):
+    """summary.json held mode, seed and maximize only: the lr, batch, pool, patience ... a run ran with were in
+    its checkpoint's metadata alone."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", DIGITS, "--epochs", "1", "--lr", "0.003", "--pool", "3", "--batch-size", "64",
+                 "--include", "fc1", "--out", str(first), "--no-progress"]) == 0
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["training"]["lr"] == 0.003 and summary["config"]["pool"] == 3 and summary["include"] == ["fc1"]
+    (tmp_path / "settings.json").write_text(json.dumps({**summary["config"], **summary["training"]}))
+    assert main(["train", DIGITS, "--config", str(tmp_path / "settings.json"), "--include", "fc1", "--out", str(second),
+                 "--no-progress"]) == 0
+    again = json.loads((second / "summary.json").read_text())
+    assert [again[k] for k in ("config", "training", "include", "exclude")] == \
+        [summary[k] for k in ("config", "training", "include", "exclude")]
+
+
+def test_mode_gd_with_dendrite_phase_settings_is_warned_of(tmp_path, capsys):
+    """`train --mode gd --pool 50 --candidate-lr 5` ran with no word that neither is read."""
+    assert main(["train", DIGITS, "--mode", "gd", "--pool", "50", "--candidate-lr", "5", "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert ("mode 'gd' grows random dendrites and runs no dendrite phase: pool, candidate_lr are not used (drop them, "
+            "or train with mode 'pb')") in capsys.readouterr().err
