@@ -32,7 +32,7 @@ from .errors import CheckpointError, NoSitesError, PBWarning, TraceError, Traini
 from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate, perforated_inside, set_module_modes
 from .inputs import describe_inputs, inputs_from_signature, same_pattern
-from .site import is_wide_statistic, pool_settings
+from .site import Site, is_wide_statistic, pool_settings
 
 __all__ = ["save", "load", "load_optimizer", "read_structure", "read_extra", "read_meta", "FORMAT"]
 
@@ -605,8 +605,9 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
         _warn_other_graph(pm, st.get("ops"), path)
     plain = meta.get("plain", {})
     state = _collect("model/", tensors, plain)
-    restore_structure(pm, state, st, meta.get("config"))
+    _check_shapes(pm, state, path)  # (before restore_structure copies in every tensor that fits: a half-loaded model)
     try:
+        restore_structure(pm, state, st, meta.get("config"))
         pm.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {load_error_detail(exc)} (the model differs "
@@ -621,6 +622,24 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     if optimizer is not None:
         _load_optimizer(meta, tensors, plain, optimizer)
     return pm
+
+
+def _check_shapes(pm: PerforatedModel, state: dict, path: str) -> None:
+    """Refuse a checkpoint whose tensors outside the sites (which it resizes) have other shapes than
+    the model's, before any is loaded: another vocabulary or position table, say."""
+    sites = tuple(f"{name}." for name, m in pm.named_modules() if isinstance(m, Site))
+    here = pm.state_dict()
+    missing = [k for k in here if k not in state and not k.startswith(sites)]
+    unexpected = [k for k in state if k not in here and not k.startswith(sites)]
+    if missing or unexpected:
+        what = f"the model has {missing[0]}, which it lacks" if missing else f"it holds {unexpected[0]}, which the model lacks"
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {what} ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected; the model differs from the one saved)")
+    for key, value in state.items():
+        if key in here and not key.startswith(sites) and isinstance(value, torch.Tensor) \
+                and value.shape != here[key].shape:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {key} is {list(value.shape)} there "
+                                  f"and {list(here[key].shape)} here (the model differs from the one saved)")
 
 
 def _controller_state(meta: dict, tensors: dict, plain: dict) -> dict:

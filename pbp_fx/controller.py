@@ -967,8 +967,15 @@ class PhaseController:
         raise NonFiniteError(f"{problem}; {restored}")
 
     def check_model(self) -> None:
-        """A TrainingError when the model's phase is not the controller's: it was changed outside
-        the controller, and the optimizer trains the other phase's parameters (nothing would train)."""
+        """A TrainingError when the model's phase or dendrites are not the controller's: they were
+        changed outside the controller, and the optimizer trains the other phase's parameters
+        (nothing would train), or a checkpoint would hold a schedule its model does not fit."""
+        if not self.done and self.pm.phase == self.schedule.phase and self.pm.dendrites != self.schedule.dendrites:
+            raise TrainingError(f"the model has {self.pm.dendrites} dendrite(s) per site but its PhaseController "
+                                f"{self.schedule.dendrites}: its structure was changed outside the controller "
+                                "(pm.grow(), install_candidates), which its schedule and checkpoints would not "
+                                "hold; build the PhaseController on the model as it is (after grow), or let the "
+                                "controller add dendrites")
         if not self.done and self.pm.phase != self.schedule.phase:
             raise TrainingError(f"the model is in a {self.pm.phase} phase but its PhaseController is in a "
                                 f"{self.schedule.phase} phase: the model's phase was changed outside the controller "

@@ -16,7 +16,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .config import ConfigError
-from .errors import NoSitesError, TrainingError, warn_at_user
+from .errors import NoSitesError, PBError, TrainingError, warn_at_user
 from .inputs import describe_inputs
 from .layers import WEIGHT_HOOKS, has_user_hooks
 from .site import ACTIVATIONS, MODES, Site
@@ -147,8 +147,18 @@ class PerforatedModel(nn.Module):
     @property
     def source_model(self) -> Optional[nn.Module]:
         """The copy of the original model the graph was traced from (it shares the graph's
-        parameters; the perforated graph, not this, is what runs)."""
+        parameters; the perforated graph, not this, is what runs). It holds no dendrites: its
+        own save_pretrained writes the neurons alone."""
         return self._source
+
+    def save_pretrained(self, *_args, **_kwargs):
+        """Refused in one line: a PerforatedModel is no Hugging Face PreTrainedModel, and its source
+        model's save_pretrained would write the neurons without the dendrites, silently."""
+        raise PBError("a PerforatedModel has no save_pretrained (its source model's would write the neurons without "
+                      "the dendrites): save it with pbp_fx.save(pm, path) and reload it with pbp_fx.load(path, "
+                      "build_model), or deploy pm.finalize() or pbp_fx.export_onnx(pm, ...)")
+
+    push_to_hub = save_pretrained
 
     @property
     def call_signature(self) -> Optional[CallSignature]:

@@ -741,7 +741,8 @@ def test_a_model_with_another_parameter_is_refused_naming_the_key(tmp_path):
     pm, _ = _trained_pm()
     path = str(tmp_path / "c.safetensors")
     pbp_fx.save(pm, path)
-    with pytest.raises(pbp_fx.CheckpointError, match=r'does not fit this model: Missing key\(s\) .*"[\w.]*scale"') as err:
+    with pytest.raises(pbp_fx.CheckpointError, match=r'does not fit this model: the model has [\w.]*scale, which it '
+                                                     r'lacks') as err:
         pbp_fx.load(path, pbp_fx.perforate(Scaled(), (X,)))
     assert "\n" not in str(err.value)
 
@@ -1372,3 +1373,26 @@ def test_a_buffer_of_the_users_named_like_an_fx_constant_stays_state():
 
     pm = pbp_fx.perforate(Offset(), (torch.randn(2, 4),), frontend="fx")
     assert "graph_module._tensor_constant0" in pm.state_dict()
+
+
+def test_a_model_whose_other_tensors_differ_in_shape_is_refused_in_one_line_and_left_as_it_was(tmp_path):
+    """Another vocabulary: torch's two-line size-mismatch error, raised after every tensor that fit had been
+    copied into the model given."""
+    class Tagger(nn.Module):
+        def __init__(self, vocab):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(vocab, 8), nn.Linear(8, 4)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+
+    ids = torch.randint(0, 50, (2, 5))
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pbp_fx.perforate(Tagger(50), (ids,)), path)
+    target = pbp_fx.perforate(Tagger(60), (ids,))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(pbp_fx.CheckpointError, match=r"does not fit this model: graph_module.emb.weight is \[50, 8\] "
+                                                     r"there and \[60, 8\] here") as err:
+        pbp_fx.load(path, target)
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

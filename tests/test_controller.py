@@ -1388,3 +1388,21 @@ def test_parameters_outside_pm_added_after_the_controller_are_warned_of():
         pm2, head2 = _pm(), nn.Linear(2, 1)
         opt = torch.optim.SGD([{"params": list(pm2.trainable_parameters())}, {"params": list(head2.parameters())}])
         PhaseController(pm2, pbp_fx.PBConfig(patience=50), optimizer=opt).step(0.5)
+
+
+def test_dendrites_added_outside_the_controller_are_refused_at_its_next_step_and_save(tmp_path):
+    """pm.grow() after the PhaseController was built: save(controller=) wrote a checkpoint that
+    load(controller=) then refused, and the run went on with a schedule of 0 dendrites."""
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), (torch.randn(2, 4),))
+    ctl = PhaseController(pm, pbp_fx.PBConfig(pool=2))
+    pm.grow()
+    with pytest.raises(pbp_fx.CheckpointError, match=r"save\(controller=\): the model has 1 dendrite\(s\) per site but "
+                                                     r"its PhaseController 0: .*build the PhaseController on the model "
+                                                     r"as it is"):
+        pbp_fx.save(pm, str(tmp_path / "c.safetensors"), controller=ctl)
+    assert not (tmp_path / "c.safetensors").exists()
+    with pytest.raises(pbp_fx.TrainingError, match=r"the model has 1 dendrite\(s\) per site but its PhaseController 0"):
+        ctl.step(0.5)
+    ctl = PhaseController(pm, pbp_fx.PBConfig(pool=2))  # built on the model as it is: fine
+    assert ctl.step(0.5) is not None

@@ -1881,3 +1881,14 @@ def test_phase_buffers_loaded_into_a_moved_model_are_held_on_its_device():
     pm.to("meta")
     pm.load_phase_buffers(saved)
     assert all(v.device.type == "meta" for v in pm.phase_buffers().values())
+
+
+def test_save_pretrained_is_refused_in_one_line_naming_what_saves_the_dendrites():
+    """pm.save_pretrained gave a bare AttributeError, and the next try, pm.source_model.save_pretrained, writes
+    the neurons without the dendrites."""
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(3, 2)), (torch.randn(2, 3),))
+    for method in (pm.save_pretrained, pm.push_to_hub):
+        with pytest.raises(pbp_fx.PBError, match=r"a PerforatedModel has no save_pretrained .*: save it with "
+                                                 r"pbp_fx.save\(pm, path\)") as err:
+            method("somewhere")
+        assert "\n" not in str(err.value)
