@@ -84,6 +84,8 @@ def follow(averaged, pm: PerforatedModel, reset: bool = False):
             t.copy_(avg)
     new.requires_grad_(False)
     new.train(old.training)
+    if new.phase == "dendrite":  # (the live model's phase-start buffers would overwrite the averaged ones)
+        new.load_phase_buffers({})
     averaged.module = new
     if reset and isinstance(getattr(averaged, "n_averaged", None), torch.Tensor):
         averaged.n_averaged.zero_()  # AveragedModel: the next update copies the live weights

@@ -97,3 +97,46 @@ def test_reset_restarts_the_average_from_the_live_model():
     assert int(swa.n_averaged) == 0
     live = _tensors(pm)
     assert all(torch.equal(v, live[k]) for k, v in _tensors(swa.module).items())
+
+
+def test_an_averaged_copy_followed_into_a_dendrite_phase_keeps_its_own_buffers():
+    """The copy follow() made held the live model's phase-start buffers and put them back over its averaged
+    BatchNorm statistics at every forward."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.bn(self.c(x))).mean((2, 3)))
+
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 3, (16,))
+    pm = pbp_fx.perforate(Net(), (x,))
+    ema = track(AveragedModel(pm, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True), pm)
+
+    def step(opt, scale=1.0):
+        loss = F.cross_entropy(pm(x * scale), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update_parameters(pm)
+
+    pm.train()
+    opt = torch.optim.SGD(pm.parameters(), lr=0.1)
+    for _ in range(3):
+        step(opt)
+    pm.start_dendrite_phase(pool=2)
+    follow(ema, pm)
+    opt = torch.optim.SGD(list(pm.trainable_parameters()), lr=0.1)
+    for _ in range(3):
+        step(opt, scale=3.0)
+    averaged = dict(ema.module.named_buffers())
+    name = next(n for n in averaged if n.endswith("bn.running_var"))
+    before = averaged[name].clone()
+    assert not torch.equal(before, dict(pm.named_buffers())[name])
+    ema.eval()
+    with torch.no_grad():
+        ema(x)
+    assert torch.equal(dict(ema.module.named_buffers())[name], before)
