@@ -140,6 +140,12 @@ def attr_tensor(gm: nn.Module, path: str) -> torch.Tensor:
 NEVER_SITES = (nn.RNNBase, nn.RNNCellBase, nn.modules.conv._ConvTransposeNd, nn.Bilinear)
 
 
+# torch.nn layers whose wide parameters are no neuron weights: lookup tables and elementwise norm
+# affines (LayerNorm([C, H, W]) holds a 3-D weight).
+_NOT_NEURONS = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase,
+                *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
 def neuron_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Linear/Conv-like weights of a model, by qualified name: the weights of Linear / ConvNd
     modules, and the 2-D or wider parameters of other torch.nn layers (MultiheadAttention's
@@ -148,7 +154,7 @@ def neuron_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             found = [("weight", m.weight)]
-        elif type(m).__module__.startswith("torch.nn.") and not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        elif type(m).__module__.startswith("torch.nn.") and not isinstance(m, _NOT_NEURONS):
             found = [(n, p) for n, p in m.named_parameters(recurse=False) if p.dim() >= 2]
         elif _linear_like(m):
             found = [("weight", m.weight)]

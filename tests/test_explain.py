@@ -234,3 +234,20 @@ def test_a_parameter_read_by_einsum_is_listed_with_the_form_that_makes_it_a_site
     assert rows["E"].status == "not a site" and rows["E"].kind == "einsum"
     assert rows["E"].reason.startswith("read by einsum(), which is no Linear/Conv op pbp-fx perforates: write the "
                                        "product as F.linear(x, W) or x @ W")
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_norms_wide_affine_is_no_candidate_weight(frontend):
+    """LayerNorm([8, 6, 6]) holds a 3-D weight: listed as a missed neuron weight, with fx's hint that
+    frontend='export' would reach it (where it is no site either)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.ln, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.LayerNorm([8, 6, 6]), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.ln(self.c(x))).mean((2, 3)))
+
+    rows = pbp_fx.explain_sites(M(), (torch.randn(2, 3, 6, 6),), frontend=frontend)
+    assert [r.name for r in rows if r.name.startswith("ln")] == []
+    assert {r.name for r in rows if r.status == "site"} == {"c", "fc"}
