@@ -691,8 +691,12 @@ def train(args: argparse.Namespace) -> int:
     if args.dist_timeout is not None and args.nproc == 1 and world == 1:
         raise PBError(f"--dist-timeout {args.dist_timeout:g} is for training on several processes: add --nproc N "
                       "(N >= 2), or drop it")
-    # (refused here, before any process starts; each rank then finds the same device type)
-    device = training_device(args.device or "auto", max(args.nproc, world))
+    # (refused here, before any process starts; each rank then finds the same device type, and rank 0
+    # says what the launcher would say again)
+    with warnings.catch_warnings():
+        if args.nproc > 1 and world == 1:
+            warnings.simplefilter("ignore")
+        device = training_device(args.device or "auto", max(args.nproc, world))
     if args.nproc > 1 and world == 1:
         # The launcher: the same command on N processes (each sees torchrun's environment).
         if training.batch_size % args.nproc:

@@ -229,6 +229,11 @@ class TrainConfig(_Settings):
                             choices=("auto", "fx", "export"))
 
 
+# `pbp-fx train` / `compare` flags that are no PBConfig/TrainConfig setting.
+_RUN_FLAGS = ("device", "nproc", "dist_timeout", "out", "include", "exclude", "resume", "no_progress", "jobs", "seeds",
+              "width", "arms", "pb_run", "no_latency", "config", "debug")
+
+
 def read_settings(path: str) -> tuple[dict, dict]:
     """(PBConfig settings, TrainConfig settings) of a JSON or YAML (.yaml/.yml) file holding one
     flat mapping of setting names to values, such as {**pb.to_dict(), **training.to_dict()}
@@ -271,6 +276,10 @@ def read_settings(path: str) -> tuple[dict, dict]:
     pb_names = {f.name for f in cli_fields(PBConfig)}
     train_names = {f.name for f in cli_fields(TrainConfig)}
     unknown = sorted(set(data) - pb_names - train_names)
+    flags_only = [k for k in unknown if k in _RUN_FLAGS]
+    if flags_only:  # (where and how a run goes, not what it trains: a flag of the command alone)
+        raise ConfigError(f"{where}: {flags_only[0]!r} is no setting but a flag of the command: give "
+                          f"--{flags_only[0].replace('_', '-')} on the command line, and drop it from the file")
     if unknown:
         raise ConfigError(f"{where}: no setting {unknown[0]!r}: use PBConfig's or TrainConfig's field names "
                           "(pbp-fx train --help lists them as flags)")

@@ -184,3 +184,16 @@ def test_yaml_whole_numbers_read_as_yaml_1_2_and_json_read_them(tmp_path):
 def test_mode_gd_names_the_dendrite_phase_settings_it_does_not_read():
     assert PBConfig(mode="gd", pool=5, v_init=1.0, patience=3).unused_settings() == ["pool", "v_init"]
     assert PBConfig(mode="gd").unused_settings() == [] and PBConfig(pool=5).unused_settings() == []
+
+
+def test_a_flag_of_the_command_in_a_config_file_is_named_as_a_flag(tmp_path):
+    """`{"device": "cpu"}` in a --config file said "no setting 'device' ... (train --help lists them as flags)",
+    while --help does list --device."""
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"patience": 3, "device": "cpu"}))
+    with pytest.raises(ConfigError, match=r"'device' is no setting but a flag of the command: give --device on the "
+                                          r"command line, and drop it from the file"):
+        read_settings(str(path))
+    path.write_text(json.dumps({"dist-timeout": 5}))
+    with pytest.raises(ConfigError, match=r"give --dist-timeout on the command line"):
+        read_settings(str(path))
