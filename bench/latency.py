@@ -200,7 +200,8 @@ def ort_fn(path: Path, x: np.ndarray, device: str = "cpu"):
 
 
 def op_profile(path: Path, x: np.ndarray, runs: int, device: str = "cpu") -> dict[str, float]:
-    """ONNX Runtime's kernel time per op type, ms per run (1 thread)."""
+    """ONNX Runtime's kernel time per op type, ms per run (1 thread; with the CUDA provider, the host's
+    time in each kernel's launch, not the GPU's)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

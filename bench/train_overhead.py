@@ -246,8 +246,11 @@ def kernel_times(cfgs, steps: int, rounds: int, cuda: bool = False) -> dict[str,
                 for _ in range(steps):
                     step()
                 synchronize()
+            # On the GPU: the kernel time each CPU op launched (the kernels' own events, whose names may match
+            # a marker too, would count it twice).
             total = sum((e.self_device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()
-                        if any(m in e.key for m in KERNEL_MARKERS))
+                        if any(m in e.key for m in KERNEL_MARKERS)
+                        and (not cuda or e.device_type == torch.autograd.DeviceType.CPU))
             times[name].append(total / 1e6 / steps)
     return {k: statistics.median(v) for k, v in times.items()}
 

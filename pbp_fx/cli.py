@@ -80,7 +80,14 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # (argparse's own pattern, private: before Python 3.14 it took -1e-3 for a flag)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.I)
+
+    def add_argument(self, *args, **kwargs):
+        """Every flag that stores one value is given once (argparse would keep the last of two)."""
+        if args and args[0].startswith("-") and kwargs.get("action") in (None, "store"):
+            kwargs["action"] = _GivenOnce
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str):
         _error(f"{message} (see {self.prog} --help)")
@@ -645,7 +652,7 @@ def _train_args() -> tuple:
         arg("--no-progress", action="store_true", help="no progress bar"),
         arg("--device", default=None, choices=("auto", "cpu", "cuda"),
             help="where training runs: auto (a CUDA GPU when torch sees one for every process, else the CPU), cpu, "
-                 "or cuda (refused without one); a resumed run may change it (default: auto)"),
+                 "or cuda (refused without one) (default: auto; with --resume, the run's own)"),
         arg("--nproc", type=_number(int, "--nproc"), default=None, metavar="N",
             help="train on N local processes with torchrun and DDP (gloo on CPU, nccl on GPU); "
                  "--batch-size stays the global batch (default: 1; with --resume, the run's own)"),
@@ -766,7 +773,7 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
         value = getattr(args, dest)
         if not flags[0].startswith("-"):
             out += [] if value is None else [str(value)]
-        elif kw.get("action") is argparse.BooleanOptionalAction:
+        elif isinstance(kw.get("action"), type) and issubclass(kw["action"], argparse.BooleanOptionalAction):
             out += [] if value is None else [flags[-1] if value else "--no-" + flags[-1][2:]]
         elif kw.get("action") == "store_true":
             out += [flags[-1]] if value else []

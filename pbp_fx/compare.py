@@ -40,7 +40,7 @@ import torch
 
 from .config import MAX_INT, PBConfig, TrainConfig
 from .controller import all_finite, default_optimizer, nan_weights_before_best
-from .errors import PBError, PBWarning, Terminated, TrainingError
+from .errors import PBError, PBWarning, Terminated, TrainingError, warn_at_user
 from .fileio import atomic_write, check_output_dir
 from .job import (DEFAULT_MODEL, changed_since, check_data, load_job_module, make_loaders, model_digest,
                   pyplot_or_none, run_identity, seed_everything, seeded_datasets)
@@ -950,9 +950,9 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
     # (train --device: its epochs, over its resumes, on these device types; the controls train on the CPU)
     gpus = sorted({*state.get("devices", ()), str(summary.get("device", "cpu")).split(":")[0]} - {"cpu"})
     if gpus:
-        warnings.warn(f"--pb-run {folder}: that run trained on {' and '.join(gpus)} for some or all of its epochs, "
-                      "and the controls train on the CPU: its seconds are not comparable with theirs (train it with "
-                      "--device cpu to compare times)", PBWarning, stacklevel=2)
+        warn_at_user(f"--pb-run {folder}: that run trained on {' and '.join(gpus)} for some or all of its epochs, "
+                     "and the controls train on the CPU: its seconds are not comparable with theirs (train it with "
+                     "--device cpu to compare times)")
     scope = {"include": state["args"].get("include"), "exclude": state["args"].get("exclude"),
              "identity": state.get("identity")}
     return model_file, config, training, scope, row

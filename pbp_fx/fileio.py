@@ -45,6 +45,10 @@ def check_output_dir(out: str, error: Type[Exception] = PBError, resumed: bool =
         raise error(f"--out {out!r}: nothing can be written in {probe} ({exc.strerror}); choose another path") from None
 
 
+# Room for the longest file name a run writes in its folder, a temporary file's suffix included.
+_LONGEST_FILE_NAME = 64
+
+
 def _check_name_lengths(out: str, probe: str, error: Type[Exception]) -> None:
     """Refuse a path whose missing folder names, or whole length, this file system cannot hold
     (ENAMETOOLONG would come after the work, leaving the folders above it behind)."""
@@ -56,9 +60,9 @@ def _check_name_lengths(out: str, probe: str, error: Type[Exception]) -> None:
     if long is not None:
         raise error(f"--out: the folder name {long[:40]}... is {len(os.fsencode(long))} bytes, more than the "
                     f"{name_max} this file system takes; choose a shorter path")
-    if len(os.fsencode(out)) >= path_max:
-        raise error(f"--out: the path is {len(os.fsencode(out))} bytes, more than the {path_max - 1} this system "
-                    "takes; choose a shorter path")
+    if len(os.fsencode(out)) + _LONGEST_FILE_NAME >= path_max:  # (the files written inside it count too)
+        raise error(f"--out: the path is {len(os.fsencode(out))} bytes, too long for the files inside it (this "
+                    f"system takes {path_max - 1}); choose a shorter path")
 
 
 def atomic_write(path, write: Callable[[str], None], error: Type[Exception] = PBError, what: str = "file") -> None:

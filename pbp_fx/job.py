@@ -588,6 +588,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     base_params = pm.num_parameters()  # with no dendrite yet: what the forward uses, as compare counts
     _check_pool_fits(pm, config, device)
     pm.to(device)  # before the controller's optimizer and a resume's state: both then live there
+    moved_to = None if device.type == "cpu" and distributed is None else device  # (CPU batches: left as they are)
     ctl = PhaseController(pm, config, optimizer_factory=lambda params: default_optimizer(params, lr=training.lr),
                           distributed=distributed)
     history = History()
@@ -638,7 +639,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         try:
             history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, epochs=training.epochs, metric=metric,
                           test_loader=test_loader, progress=progress, distributed=distributed, history=history,
-                          callbacks=callbacks, device=device)
+                          callbacks=callbacks, device=moved_to)
         except DataError as exc:  # the dataset's own error: which epoch, and how to go on
             done = len(history.epochs)
             raise TrainingError(f"training stopped in epoch {done + 1}: {exc}"
@@ -679,8 +680,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     try:
         seconds = run_seconds()  # a run resumed complete trains nothing: its time is what it took before
         stopped.append(round(seconds, 2))
-        test = evaluate(pm, test_loader, metric, device=device, distributed=distributed, data="test")
-        val = evaluate(pm, val_loader, metric, device=device, distributed=distributed, data="validation")
+        test = evaluate(pm, test_loader, metric, device=moved_to, distributed=distributed, data="test")
+        val = evaluate(pm, val_loader, metric, device=moved_to, distributed=distributed, data="validation")
         summary = {
             "model": _model_ref(model_file), "mode": config.mode, "seed": seed,
             "epochs": len(history.epochs), "seconds": round(seconds, 2),
@@ -803,7 +804,9 @@ def _saved_job(path: str) -> SavedRun:
         if not all(n is None or (type(n) is int and n >= 1) for n in (processes, most)) or not (
                 identity is None or isinstance(identity, dict)):
             raise ValueError("processes or identity")
-        device, devices = saved.get("device"), tuple(saved.get("devices", ()))
+        # (a run saved before pbp-fx recorded it: one process trained on the CPU, several maybe on GPUs)
+        device = saved.get("device") or ("cpu" if (processes or 1) == 1 else None)
+        devices = tuple(saved.get("devices", [device] if device else ()))
         if device not in (None, "cpu", "cuda") or not set(devices) <= {"cpu", "cuda"}:
             raise ValueError("device")
         for value in saved["rng"].get("cuda") or []:
@@ -845,13 +848,17 @@ def _job_state(path: str) -> tuple[dict, dict]:
     return state, meta
 
 
+def _gpu_of(pm) -> Optional[torch.device]:
+    """The CUDA device the model's parameters are on (None: the CPU, or no parameters)."""
+    device = next((t.device for t in pm.parameters()), None)
+    return device if device is not None and device.type == "cuda" else None
+
+
 def _cuda_rng_state(pm) -> dict:
     """{"cuda": [the generator state of the GPU the model is on]} ({} on the CPU): dropout on a GPU
     draws from it, so a resume must restore it to continue the run exactly."""
-    device = next((t.device for t in pm.parameters()), None)
-    if device is None or device.type != "cuda":
-        return {}
-    return {"cuda": [_b64(torch.cuda.get_rng_state(device))]}
+    gpu = _gpu_of(pm)
+    return {} if gpu is None else {"cuda": [_b64(torch.cuda.get_rng_state(gpu))]}
 
 
 def _resume(path: str, pm, ctl, train_loader) -> tuple[History, float]:
@@ -861,9 +868,9 @@ def _resume(path: str, pm, ctl, train_loader) -> tuple[History, float]:
     load(path, pm, controller=ctl)  # the model, then the controller (which rebinds the optimizer to it)
     load_optimizer(path, ctl.optimizer)
     torch.set_rng_state(_unb64(state["rng"]["torch"]))
-    device = next((t.device for t in pm.parameters()), None)
-    if state["rng"].get("cuda") and device is not None and device.type == "cuda":  # (saved on a GPU, resumed on one)
-        torch.cuda.set_rng_state(_unb64(state["rng"]["cuda"][0]), device)
+    gpu = _gpu_of(pm)
+    if state["rng"].get("cuda") and gpu is not None:  # (saved on a GPU, resumed on one)
+        torch.cuda.set_rng_state(_unb64(state["rng"]["cuda"][0]), gpu)
     if "numpy" in state["rng"]:
         _set_host_rng_states(state["rng"])
     gen = getattr(train_loader, "generator", None)

@@ -154,8 +154,8 @@ class PerforatedModel(nn.Module):
     def save_pretrained(self, *_args, **_kwargs):
         """Refused in one line: a PerforatedModel is no Hugging Face PreTrainedModel, and its source
         model's save_pretrained would write the neurons without the dendrites, silently."""
-        raise PBError("a PerforatedModel has no save_pretrained (its source model's would write the neurons without "
-                      "the dendrites): save it with pbp_fx.save(pm, path) and reload it with pbp_fx.load(path, "
+        raise PBError("a PerforatedModel has no save_pretrained or push_to_hub (its source model's would write the "
+                      "neurons without the dendrites): save it with pbp_fx.save(pm, path) and reload it with pbp_fx.load(path, "
                       "build_model), or deploy pm.finalize() or pbp_fx.export_onnx(pm, ...)")
 
     push_to_hub = save_pretrained

@@ -103,13 +103,8 @@ def _fresh_autocast_casts() -> None:
 
 
 def _to(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
+    """The batch's tensors on `device`, in containers of the batch's own types (a namedtuple too)."""
+    return pytree.tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, batch)
 
 
 def _failed_step(exc: BaseException, loader) -> str:
@@ -373,8 +368,8 @@ def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
     if target.is_floating_point() or not target.numel():
         return F.cross_entropy(logits, target)
     if target.device.type != "cpu":  # (no host sync per batch: the mean over the kept labels, 0 when none is)
-        kept = (target != IGNORED_LABEL).sum().clamp(min=1)
-        return F.cross_entropy(logits, target, reduction="sum") / kept
+        kept = (target != IGNORED_LABEL).sum().clamp(min=1)  # (summed in float32: a float16 sum overflows at 65504)
+        return F.cross_entropy(logits, target, reduction="none").float().sum() / kept
     if bool((target == IGNORED_LABEL).all()):
         return logits.sum() * 0.0  # (keeps the graph: every parameter gets a zero gradient)
     return F.cross_entropy(logits, target)

@@ -1837,6 +1837,10 @@ def test_model_file_mistakes_are_named_where_they_are(tmp_path, capsys, files, m
      "argument --output: given twice (y.npz, z.npy)"),
     (["train", "--pat", "5"], "unrecognized arguments: --pat"),
     (["train", "--lr", "-1e-3"], "--lr -1e-3: must be greater than 0"),
+    (["train", "--device", "cpu", "--device", "auto"], "argument --device: given twice (cpu, auto)"),
+    (["train", "--nproc", "3", "--nproc", "1"], "argument --nproc: given twice"),
+    (["train", "--resume", "a", "--resume", "b"], "argument --resume: given twice (a, b)"),
+    (["export", "c.safetensors", "--model", "a.py", "--model", "b.py"], "argument --model: given twice (a.py, b.py)"),
 ])
 def test_a_flag_given_twice_or_abbreviated_is_refused_and_negative_exponents_are_values(tmp_path, capsys, monkeypatch,
                                                                                       argv, message):
@@ -1855,3 +1859,17 @@ def test_a_negative_value_in_exponent_syntax_is_taken(tmp_path, capsys):
     from pbp_fx.checkpoint import read_meta
 
     assert read_meta(str(out / "checkpoint.safetensors"))["extra"]["job_state"]["args"]["config"]["v_init"] == -1e-3
+
+
+def test_the_workers_command_line_keeps_every_switch_as_a_switch():
+    """Switches given once each became `--maximize True` in the command the --nproc workers run (argparse
+    then took "True" for the model file, or refused it)."""
+    from pbp_fx.cli import _train_argv, build_parser
+
+    args = build_parser().parse_args(["train", "m.py", "--maximize", "--no-bias-correction", "--epochs", "3",
+                                      "--device", "cpu", "--nproc", "2"])
+    argv = _train_argv(args)
+    assert argv[0] == "m.py" and "--maximize" in argv and "--no-bias-correction" in argv
+    assert "True" not in argv and "False" not in argv and "--nproc" not in argv
+    again = build_parser().parse_args(["train", *argv])
+    assert (again.maximize, again.bias_correction, again.epochs, again.device) == (True, False, 3, "cpu")

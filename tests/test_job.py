@@ -1433,3 +1433,55 @@ def test_mode_gd_with_dendrite_phase_settings_is_warned_of(tmp_path, capsys):
                  "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     assert ("mode 'gd' grows random dendrites and runs no dendrite phase: pool, candidate_lr are not used (drop them, "
             "or train with mode 'pb')") in capsys.readouterr().err
+
+
+NAMEDTUPLE_BATCHES = """
+from collections import namedtuple
+
+import torch
+from torch import nn
+
+from pbp_fx.models.digits_mlp import datasets as digits
+
+Sample = namedtuple("Sample", "x y")
+
+
+class Named(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return Sample(*self.data[i])
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def example_inputs():
+    return (torch.rand(2, 64),)
+
+
+def datasets(seed=0):
+    return tuple(Named(d) for d in digits(seed))
+"""
+
+
+def test_batches_of_namedtuples_train(tmp_path):
+    """Batches that are namedtuples failed on the CPU once every batch went through the device move:
+    "Sample.__new__() missing 1 required positional argument: 'y'"."""
+    assert main(["train", _write(tmp_path / "m.py", NAMEDTUPLE_BATCHES), "--epochs", "1", "--no-progress"]) == 0
+
+
+def test_a_run_saved_before_devices_were_recorded_resumes_as_a_cpu_run(tmp_path):
+    from pbp_fx.job import saved_run
+
+    run = tmp_path / "run"
+    assert main(["train", DIGITS, "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    _rewrite_job_state(str(run / "checkpoint.safetensors"),
+                       lambda job: {k: v for k, v in job.items() if k not in ("device", "devices")})
+    saved = saved_run(str(run))
+    assert saved.device == "cpu" and saved.devices == ("cpu",)

@@ -1888,7 +1888,7 @@ def test_save_pretrained_is_refused_in_one_line_naming_what_saves_the_dendrites(
     the neurons without the dendrites."""
     pm = pbp_fx.perforate(nn.Sequential(nn.Linear(3, 2)), (torch.randn(2, 3),))
     for method in (pm.save_pretrained, pm.push_to_hub):
-        with pytest.raises(pbp_fx.PBError, match=r"a PerforatedModel has no save_pretrained .*: save it with "
+        with pytest.raises(pbp_fx.PBError, match=r"a PerforatedModel has no save_pretrained or push_to_hub .*: save it with "
                                                  r"pbp_fx.save\(pm, path\)") as err:
             method("somewhere")
         assert "\n" not in str(err.value)

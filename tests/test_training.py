@@ -645,8 +645,9 @@ def test_training_device_is_the_cpu_or_a_gpu_every_process_can_have():
     assert training_device("cuda").type == "cuda" and training_device(f"cuda:{gpus - 1}") == torch.device("cuda", gpus - 1)
     with pytest.raises(pbp_fx.ConfigError, match=rf"device cuda:{gpus}: this machine has {gpus} GPU\(s\)"):
         training_device(f"cuda:{gpus}")
+    fewer = f"--nproc {gpus}" + ("" if gpus == 1 else " or fewer")
     with pytest.raises(pbp_fx.ConfigError, match=rf"--device cuda --nproc {gpus + 1}: each process needs a GPU of its own "
-                                                 rf"\(NCCL\) and this machine has {gpus}: use --nproc {gpus} or fewer"):
+                                                 rf"\(NCCL\) and this machine has {gpus}: use {fewer}, or --device cpu"):
         training_device("cuda", gpus + 1)
     with pytest.warns(pbp_fx.PBWarning, match=rf"{gpus + 1} processes but {gpus} GPU\(s\): training on the CPU"):
         assert training_device("auto", gpus + 1) == torch.device("cpu")
@@ -674,3 +675,15 @@ def test_fit_inside_an_autocast_region_trains():
 
     losses = run(F.cross_entropy)
     assert losses == run(recast) and losses[-1] < 0.9 * losses[0], losses
+
+
+def test_a_batch_moves_to_a_device_in_containers_of_its_own_types():
+    from collections import namedtuple
+
+    from pbp_fx.training import _to
+
+    Sample = namedtuple("Sample", "x y")
+    batch = [Sample(torch.ones(2), {"mask": torch.zeros(2), "n": 3}), "text"]
+    moved = _to(batch, "meta")
+    assert type(moved[0]) is Sample and moved[0].x.device.type == "meta" and moved[0].y["mask"].is_meta
+    assert moved[0].y["n"] == 3 and moved[1] == "text"
