@@ -736,8 +736,11 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                for i, a in zip(todo, args):
-                    finished(i, _said(*_arm_with_warnings(*a)))
+                with _interrupts_recorded() as interrupted:
+                    for i, a in zip(todo, args):
+                        finished(i, _said(*_arm_with_warnings(*a)))
+                        if interrupted:  # (a Ctrl-C Python dropped: raised in a weakref callback or a __del__)
+                            raise KeyboardInterrupt
             finally:
                 torch.set_num_threads(threads)
         else:
@@ -747,6 +750,30 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
         _said(None, spec, said)
         raise
     return [rows[i] for i in range(len(specs))]
+
+
+@contextlib.contextmanager
+def _interrupts_recorded():
+    """A Ctrl-C raises KeyboardInterrupt as usual and is recorded in the list yielded: Python drops an
+    exception raised inside a weakref callback or a __del__ ("Exception ignored in ..."), and the
+    command then ran on to its report."""
+    import signal
+    import threading
+
+    interrupted: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def record(_signum, _frame):
+        interrupted.append(True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, record)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _arm_with_warnings(*args) -> tuple[dict, RunSpec, list]:

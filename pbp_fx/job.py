@@ -111,11 +111,44 @@ def run_identity(model_file: Optional[str], data) -> dict:
 
 
 def model_digest(model_file: Optional[str]) -> Optional[str]:
-    """sha256 of the model file's content (None for the built-in model)."""
+    """sha256 of the model file's content and of the modules of its folder it imports (None for the
+    built-in model): an edited neighbour changes the model as an edited file does."""
     if model_file in (None, DEFAULT_MODEL):
         return None
     with open(model_file, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        digest = hashlib.sha256(f.read())
+    folder = os.path.dirname(os.path.abspath(model_file))
+    for path in local_imports(model_file):  # (none: the file's own digest, as runs recorded it before)
+        with open(path, "rb") as f:
+            digest.update(os.path.relpath(path, folder).encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def local_imports(path: str) -> list[str]:
+    """The files of `path`'s folder that it imports (`import x`, `from x.y import z`), and those
+    they import, read from their source (whether loaded yet or not); sorted."""
+    import ast
+
+    folder = os.path.dirname(os.path.abspath(path))
+    found: set[str] = set()
+    todo = [os.path.abspath(path)]
+    while todo:
+        try:
+            with open(todo.pop(), "rb") as f:
+                tree = ast.parse(f.read())
+        except (OSError, SyntaxError, ValueError):
+            continue
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module]
+        for name in names:
+            parts = name.split(".")
+            for depth in range(1, len(parts) + 1):
+                base = os.path.join(folder, *parts[:depth])
+                for candidate in (base + ".py", os.path.join(base, "__init__.py")):
+                    if os.path.isfile(candidate) and candidate not in found and candidate != os.path.abspath(path):
+                        found.add(candidate)
+                        todo.append(candidate)
+    return sorted(found)
 
 
 def data_fingerprint(data, samples: int = 8) -> str:

@@ -1003,3 +1003,31 @@ def test_a_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert spawned == [True]  # raised once the workers were up, not in the middle of their start
+
+
+def test_a_ctrl_c_python_drops_still_stops_the_compare(tmp_path, capsys):
+    """A Ctrl-C raised where Python drops exceptions (a weakref callback: "Exception ignored in ...") let the
+    command run on to its report, exit 0 (seen once in 11 tries)."""
+    model = tmp_path / "dropping.py"
+    model.write_text(TINY + textwrap.dedent('''
+        import os
+        import signal
+
+        calls = [0]
+
+
+        def metric(output, target):
+            calls[0] += 1
+            if calls[0] == 1:
+                try:  # (as Python drops it in a weakref callback or a __del__)
+                    os.kill(os.getpid(), signal.SIGINT)
+                    for _ in range(1000):
+                        pass
+                except KeyboardInterrupt:
+                    pass
+            return float((output.argmax(1) == target).sum()), len(target)
+    '''))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(model), "--arms", "plain,restarts", "--seeds", "1", "--epochs", "3", "--no-latency",
+                 "--jobs", "1", "--out", str(out)]) == 130
+    assert not (out / "compare.md").exists()

@@ -1485,3 +1485,26 @@ def test_a_run_saved_before_devices_were_recorded_resumes_as_a_cpu_run(tmp_path)
                        lambda job: {k: v for k, v in job.items() if k not in ("device", "devices")})
     saved = saved_run(str(run))
     assert saved.device == "cpu" and saved.devices == ("cpu",)
+
+
+def test_a_module_the_model_file_imports_from_its_folder_is_part_of_the_run(tmp_path, capsys):
+    """Editing a neighbour the model file imports (its build_model, say) changed the model without a word: a
+    resume, and compare's kept runs and --pb-run, took the run as the same."""
+    from pbp_fx.job import local_imports, model_digest
+
+    (tmp_path / "helper.py").write_text(open(DIGITS).read())
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "width.py").write_text("WIDTH = 8\n")
+    model = _write(tmp_path / "m.py", "import torch\nfrom helper import build_model, example_inputs, datasets\n"
+                                      "from pkg.width import WIDTH\n")
+    assert local_imports(model) == sorted(str(p) for p in (tmp_path / "helper.py", tmp_path / "pkg" / "__init__.py",
+                                                            tmp_path / "pkg" / "width.py"))
+    run = tmp_path / "run"
+    assert main(["train", model, "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    before = model_digest(model)
+    (tmp_path / "pkg" / "width.py").write_text("WIDTH = 16\n")
+    assert model_digest(model) != before
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    assert "its model file changed since it started" in capsys.readouterr().err
