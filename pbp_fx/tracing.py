@@ -874,6 +874,8 @@ class BufferSnapshot:
         self.tables: dict[str, dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor], bool]]] = {}
         values: dict[int, torch.Tensor] = {}
         for path, m in module.named_modules(remove_duplicate=False):
+            if isinstance(m, torch.jit.ScriptModule):  # (TorchScript's own buffer table, which trace() refuses)
+                continue
             # (no values of a lazy buffer: it has none before its first call)
             self.tables[path] = {leaf: (b, None if b is None or nn.parameter.is_lazy(b)
                                         else values.setdefault(id(b), b.detach().clone()),
@@ -907,6 +909,8 @@ def _restore_buffers(module: nn.Module, saved: BufferSnapshot, own: bool = True)
     placed: dict[int, torch.Tensor] = {}  # a saved value's copy, registered once under all its names
     with torch.no_grad():
         for path, m in list(module.named_modules(remove_duplicate=False)):
+            if isinstance(m, torch.jit.ScriptModule):
+                continue
             if own and path in saved.tables:
                 _restore_table(m, saved.tables[path], placed)
                 continue
@@ -940,6 +944,36 @@ def _put_values(m: nn.Module, leaf: str, b: torch.Tensor, value: torch.Tensor, p
         b.copy_(value)
     else:
         setattr(m, leaf, placed.setdefault(id(value), value.clone()))
+
+
+def _warn_custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Say which torch.autograd.Function of the model's own (not torch's) its forward runs on the example
+    inputs: a capture keeps their forward ops, whose gradients autograd derives, and drops their own
+    backward (a straight-through estimator, a gradient reversal: silently other gradients)."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with buffers_kept(model), torch.random.fork_rng(devices=cuda), torch.enable_grad():
+            output = model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - (a model the inputs cannot run: the capture says why)
+        return
+    stack = [t.grad_fn for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    seen, own = set(), set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        function = getattr(node, "_forward_cls", None)  # (a torch.autograd.Function's backward node)
+        if function is not None and not function.__module__.startswith("torch."):
+            own.add(function.__qualname__)
+        stack.extend(n for n, _ in node.next_functions)
+    if own:
+        names = ", ".join(sorted(own))
+        warn_at_user(f"{type(model).__name__} runs torch.autograd.Function {names} with a backward of its own: the "
+                     "perforated model keeps its forward ops alone, whose gradients autograd derives, so a backward "
+                     "that is not their derivative (a straight-through estimator, a gradient reversal) is lost and "
+                     "training differs; compare a parameter's .grad of the model and of the perforated model on "
+                     "one batch before training")
 
 
 def _refuse_inputs_the_model_cannot_run(model: nn.Module, args: tuple, kwargs: dict, exc: Exception) -> None:
@@ -1062,10 +1096,17 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
         raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
     if frontend not in FRONTENDS:
         raise ConfigError(f"frontend={frontend!r}: use one of {', '.join(FRONTENDS)}")
+    scripted = next((path or "the model" for path, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)),
+                    None)
+    if scripted is not None:  # (its compiled forward and buffer table are beyond fx, torch.export and snapshots)
+        raise TraceError(f"{scripted!r} is a TorchScript module (torch.jit.script or trace): pbp-fx captures Python "
+                         "modules; perforate the model with that part as the Python module it was scripted from")
     args = _as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
     if args is None and kwargs:
         args = ()
+    if args is not None:
+        _warn_custom_backwards(model, args, kwargs)
     if frontend == "export" and args is None:
         raise TraceError("frontend='export' needs example inputs: pass example_inputs and/or example_kwargs")
     fx_error: Optional[TraceError] = None

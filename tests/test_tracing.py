@@ -1334,3 +1334,51 @@ def test_a_graph_captured_at_a_batch_of_two_that_refuses_the_examples_batch_of_o
     pm = pbp_fx.perforate(model, (a, b), frontend="export")
     assert pm.graph_module.meta["pbp_dynamic"] == "static"
     torch.testing.assert_close(pm(a, b), model(a, b))
+
+
+def test_a_torchscript_submodule_is_refused_in_one_line():
+    """perforate and explain_sites failed with TorchScript's four-line TypeError from inside a buffer snapshot."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.fc = torch.jit.script(nn.Linear(6, 6)), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc(self.inner(x))
+
+    for call in (pbp_fx.perforate, pbp_fx.explain_sites):
+        with pytest.raises(pbp_fx.TraceError, match=r"'inner' is a TorchScript module \(torch.jit.script or trace\): "
+                                                     r"pbp-fx captures Python modules") as err:
+            call(M(), (torch.randn(2, 6),))
+        assert "\n" not in str(err.value)
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_custom_backward_the_capture_drops_is_warned_of(frontend):
+    """A gradient-reversal layer's forward is captured, its backward dropped: the perforated model's gradients
+    were the negatives of the model's, with no word."""
+    class DANN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feat, self.head = nn.Linear(6, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(_GradReverse.apply(torch.relu(self.feat(x))))
+
+    with pytest.warns(pbp_fx.PBWarning, match=r"DANN runs torch.autograd.Function _GradReverse with a backward of its "
+                                              r"own: the perforated model keeps its forward ops alone"):
+        pbp_fx.perforate(DANN(), (torch.randn(2, 6),), frontend=frontend)
+    plain = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pbp_fx.PBWarning)  # (torch's own Functions, and none: no word)
+        pbp_fx.perforate(plain, (torch.randn(2, 6),), frontend=frontend)
