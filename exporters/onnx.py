@@ -512,6 +512,13 @@ def _distinct_names(names: list[str]) -> list[str]:
     return out
 
 
+def _has_bfloat16(proto) -> bool:
+    """Whether the graph's inputs or initializers hold bfloat16."""
+    bf16 = onnx.TensorProto.BFLOAT16
+    return any(t.data_type == bf16 for t in proto.graph.initializer) or any(
+        v.type.tensor_type.elem_type == bf16 for v in proto.graph.input)
+
+
 def _apart_from_inputs(names: list[str], input_names) -> list[str]:
     """`names`, where one is an input's written `<name>_output` (an ONNX graph names each value once),
     with a warning."""
@@ -525,8 +532,8 @@ def _apart_from_inputs(names: list[str], input_names) -> list[str]:
         return name
 
     renamed = [free(n) if n in taken else n for n in names]
-    warn_at_user(f"output {clashing[0]!r} is named {renamed[names.index(clashing[0])]!r} in the ONNX file: an input "
-                 "has that name")
+    said = ", ".join(f"output {n!r} is named {renamed[names.index(n)]!r}" for n in clashing)
+    warn_at_user(f"{said} in the ONNX file: an input has {'that name' if len(clashing) == 1 else 'each name'}")
     return renamed
 
 
@@ -1301,6 +1308,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
             raise ExportError(f"{what} has no bfloat16 form at opset {opset}: pass opset={BFLOAT16_OPSET} (pbp-fx "
                               f"export --opset {BFLOAT16_OPSET}), where ONNX gives most ops one, or export the model "
                               "in float32") from e
+        if "tensor(bfloat16)" in first or ("inconsistent type" in first and _has_bfloat16(proto)):
+            # (torch.onnx folds an eval BatchNorm into its Conv with float32 weights for a bfloat16 model)
+            raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}; torch.onnx writes some "
+                              "bfloat16 ops (a Conv with its BatchNorm folded in) with float32 weights: export the "
+                              "model in float32 or float16") from e
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}") from e
     body = proto.SerializeToString()
     if axes:  # (torch.onnx can write a named axis as dynamic and still fix its size inside: checked)

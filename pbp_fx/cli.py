@@ -763,6 +763,13 @@ def _setting_dests() -> frozenset:
 _SETTING_DESTS = _setting_dests()
 
 
+def _check_onnx_name(out: str) -> None:
+    """-o names an .onnx file (as run's --output names an .npy or .npz one)."""
+    if not out.lower().endswith(".onnx"):
+        raise PBError(f"-o {out}: an ONNX file's name ends in .onnx; give one, e.g. -o "
+                      f"{os.path.splitext(os.path.basename(out))[0] or 'model'}.onnx")
+
+
 def _train_argv(args: argparse.Namespace) -> list[str]:
     """The `train` arguments of `args` as a command line (without --nproc), for the workers."""
     out: list[str] = []
@@ -856,6 +863,7 @@ def export(args: argparse.Namespace) -> int:
     check_dynamic_axes(axes)
     with _quiet_unless(args.debug):  # tracing and exporter warnings are for --debug
         if args.source.endswith(".py"):
+            _check_onnx_name(args.out)
             mod = _model_module(args.source)
             model, inputs = instantiate(mod)
             kwargs = example_kwargs(mod)
@@ -872,6 +880,7 @@ def export(args: argparse.Namespace) -> int:
                 raise PBError(f"checkpoint {args.source} was trained from {ref}, which does not exist now: pass the "
                               "model file with --model FILE")
             check_output_file(args.out, "-o", reads=(ref,), example="model.onnx")  # (the file the checkpoint names)
+            _check_onnx_name(args.out)
             _warn_edited_model_file(args.source, meta, ref)
             captured = (meta.get("capture") or {}).get("captured_with")
             if args.frontend != "auto" and captured is not None and captured != args.frontend:

@@ -808,6 +808,8 @@ BAD_VALUES = [
     (["export", DIGITS_FILE, "-o", "OUT/m.onnx", "--opset", "26"], "--opset 26: must be from 18 to 25"),
     (["export", DIGITS_FILE, "-o", "FILE/m.onnx"], "is a file, not a directory"),
     (["export", DIGITS_FILE, "-o", "OUT"], "it is a directory; give a file path such as "),
+    (["export", DIGITS_FILE, "-o", "model.txt"], "-o model.txt: an ONNX file's name ends in .onnx; give one, e.g. -o "
+                                                 "model.onnx"),
     (["export", DIGITS_FILE, "-o", "OUT"], os.sep + os.path.join("out", "model.onnx")),  # (an ONNX file's name)
     (["export", DIGITS_FILE, "-o", "OUT/sub/m.onnx"], "does not exist; create it first"),
     (["export", "OUT/none.safetensors", "-o", "OUT/m.onnx"], "does not exist"),

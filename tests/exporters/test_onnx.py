@@ -1598,3 +1598,30 @@ def test_a_layer_whose_weight_a_hook_recomputes_is_written_directly(tmp_path, ca
     assert "dynamo exporter runs" not in caplog.text
     got = run(ort_session(path, device="cpu", threads=1), (x.numpy(),))[0]
     np.testing.assert_allclose(got, pm(x).detach().numpy(), atol=1e-5)
+
+
+def test_every_output_renamed_apart_from_an_input_is_named_in_the_warning(tmp_path):
+    class TwoEchoes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, mask):
+            return {"out": self.fc(x), "x": x, "mask": mask}
+
+    x, mask = torch.randn(2, 3), torch.ones(2, 3)
+    pm = pbp_fx.perforate(TwoEchoes(), (x, mask))
+    with pytest.warns(UserWarning, match="output 'x' is named 'x_output', output 'mask' is named 'mask_output' in the "
+                                         "ONNX file: an input has each name"):
+        export_onnx(pm, (x, mask), tmp_path / "m.onnx")
+
+
+def test_a_bfloat16_conv_with_its_batchnorm_names_the_fix(tmp_path):
+    """torch.onnx folds the BatchNorm into the Conv with float32 weights: onnx.checker's error alone, no fix."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval().to(torch.bfloat16)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    pm = pbp_fx.perforate(model, (x,)).eval()
+    with pytest.raises(ExportError, match=r"torch.onnx writes some bfloat16 ops \(a Conv with its BatchNorm folded in\) "
+                                          r"with float32 weights: export the model in float32 or float16"):
+        export_onnx(pm, (x,), tmp_path / "m.onnx", opset=22)
+    assert not (tmp_path / "m.onnx").exists()
