@@ -766,8 +766,9 @@ _SETTING_DESTS = _setting_dests()
 def _check_onnx_name(out: str) -> None:
     """-o names an .onnx file (as run's --output names an .npy or .npz one)."""
     if not out.lower().endswith(".onnx"):
+        stem = os.path.splitext(out)[0]
         raise PBError(f"-o {out}: an ONNX file's name ends in .onnx; give one, e.g. -o "
-                      f"{os.path.splitext(os.path.basename(out))[0] or 'model'}.onnx")
+                      f"{stem if os.path.basename(stem) else os.path.join(stem, 'model')}.onnx")
 
 
 def _train_argv(args: argparse.Namespace) -> list[str]:
@@ -922,10 +923,10 @@ def export(args: argparse.Namespace) -> int:
 def _warn_edited_model_file(checkpoint: str, meta: dict, ref: str) -> None:
     """A train run's checkpoint whose model file's content is not the one it trained: its weights
     then go into other code."""
-    from .job import model_digest
+    from .job import digest_matches
 
     identity = ((meta.get("extra") or {}).get("job_state") or {}).get("identity") or {}
-    if ref.endswith(".py") and identity.get("model_digest") and model_digest(ref) != identity["model_digest"]:
+    if ref.endswith(".py") and identity.get("model_digest") and not digest_matches(identity, ref):
         warnings.warn(f"{ref} changed since the run in checkpoint {checkpoint} trained it: the file exports its "
                       "weights in the current code, which may compute another function; restore the file the run "
                       "trained to export that run", PBWarning, stacklevel=2)

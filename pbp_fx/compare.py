@@ -42,7 +42,7 @@ from .config import MAX_INT, PBConfig, TrainConfig
 from .controller import all_finite, default_optimizer, nan_weights_before_best
 from .errors import PBError, PBWarning, Terminated, TrainingError, warn_at_user
 from .fileio import atomic_write, check_output_dir
-from .job import (DEFAULT_MODEL, changed_since, check_data, load_job_module, make_loaders, model_digest,
+from .job import (DEFAULT_MODEL, changed_since, check_data, digest_matches, load_job_module, make_loaders,
                   pyplot_or_none, run_identity, seed_everything, seeded_datasets)
 from .modelfile import (check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions,
                         warn_unread_names)
@@ -761,8 +761,9 @@ def _interrupts_recorded():
     import threading
 
     interrupted: list = []
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupted
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield interrupted  # (a caller's own handler, or SIGINT ignored as in a background job: left as it is)
         return
 
     def record(_signum, _frame):
@@ -995,7 +996,7 @@ def _refuse_changed_run(folder: str, identity: Optional[dict], model_file: Optio
         raise CompareError(f"--pb-run {folder}: that run was resumed on another {' and '.join(mixed)} than it "
                            "started with, so its epochs are of two runs and its pb row is no one run's: train the "
                            "run again")
-    if model_digest(model_file) != identity.get("model_digest"):
+    if not digest_matches(identity, model_file):
         raise CompareError(f"--pb-run {folder}: the run's model file changed since it trained, or "
                            f"{model_file or DEFAULT_MODEL} is another model's, so its pb row cannot be compared with "
                            "controls trained now; restore it, or train the run again")

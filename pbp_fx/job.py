@@ -107,10 +107,18 @@ def run_identity(model_file: Optional[str], data) -> dict:
     for the built-in model) and a fingerprint of its data (`data_fingerprint`). Saved with a run,
     so that a resume or `compare --pb-run` can tell when either changed since."""
     fingerprint, drawn = _fingerprint(data)
-    return {"model_digest": model_digest(model_file), "data": fingerprint, "own_randomness": drawn}
+    return {"model_digest": model_digest(model_file), "digest_of": "file+imports",
+            "file_digest": model_digest(model_file, with_imports=False), "data": fingerprint, "own_randomness": drawn}
 
 
-def model_digest(model_file: Optional[str]) -> Optional[str]:
+def digest_matches(identity: dict, model_file: Optional[str]) -> bool:
+    """Whether `model_file` (with the modules of its folder it imports) is the one `identity`
+    recorded; an identity recorded before those counted is checked against the file alone."""
+    with_imports = identity.get("digest_of") == "file+imports"
+    return model_digest(model_file, with_imports) == identity.get("model_digest")
+
+
+def model_digest(model_file: Optional[str], with_imports: bool = True) -> Optional[str]:
     """sha256 of the model file's content and of the modules of its folder it imports (None for the
     built-in model): an edited neighbour changes the model as an edited file does."""
     if model_file in (None, DEFAULT_MODEL):
@@ -118,10 +126,17 @@ def model_digest(model_file: Optional[str]) -> Optional[str]:
     with open(model_file, "rb") as f:
         digest = hashlib.sha256(f.read())
     folder = os.path.dirname(os.path.abspath(model_file))
-    for path in local_imports(model_file):  # (none: the file's own digest, as runs recorded it before)
-        with open(path, "rb") as f:
-            digest.update(os.path.relpath(path, folder).encode() + b"\0" + f.read())
+    for path in local_imports(model_file) if with_imports else ():  # (none: the file's own digest)
+        try:
+            with open(path, "rb") as f:
+                content = f.read()
+        except OSError:
+            content = b"<unreadable>"
+        digest.update(os.path.relpath(path, folder).encode() + b"\0" + content)
     return digest.hexdigest()
+
+
+_MOST_LOCAL_IMPORTS = 256  # (a model file beside a library's sources: what it reads is capped)
 
 
 def local_imports(path: str) -> list[str]:
@@ -130,16 +145,34 @@ def local_imports(path: str) -> list[str]:
     import ast
 
     folder = os.path.dirname(os.path.abspath(path))
+    if any(part in ("site-packages", "dist-packages") for part in folder.split(os.sep)):
+        return []  # (an installed library's folder: its modules are the library's, not the model's)
     found: set[str] = set()
     todo = [os.path.abspath(path)]
-    while todo:
+    while todo and len(found) < _MOST_LOCAL_IMPORTS:
+        current = todo.pop()
         try:
-            with open(todo.pop(), "rb") as f:
+            with open(current, "rb") as f:
                 tree = ast.parse(f.read())
         except (OSError, SyntaxError, ValueError):
             continue
-        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module]
+        names = []  # dotted paths from `folder`: a module, or a package and the names taken from it
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # (relative: from the importing file's package)
+                    base = os.path.dirname(current)
+                    for _ in range(node.level - 1):
+                        base = os.path.dirname(base)
+                    if not base.startswith(folder):
+                        continue
+                    prefix = os.path.relpath(base, folder).replace(os.sep, ".")
+                    module = ".".join(p for p in (prefix if prefix != "." else "", node.module or "") if p)
+                else:
+                    module = node.module or ""
+                names += [module] if module else []
+                names += [f"{module}.{a.name}" if module else a.name for a in node.names if a.name != "*"]
         for name in names:
             parts = name.split(".")
             for depth in range(1, len(parts) + 1):
@@ -221,8 +254,11 @@ def changed_since(saved: Optional[dict], now: dict) -> list[str]:
     (none when the run saved no identity: runs of pbp-fx before it)."""
     if not saved:
         return []
-    return [what for key, what in (("model_digest", "model file"), ("data", "data"))
-            if saved.get(key) != now.get(key)]
+    # (an identity recorded before the model file's imports counted: its digest is of the file alone)
+    same_kind = saved.get("digest_of") == now.get("digest_of")
+    model_now = now.get("model_digest") if same_kind else now.get("file_digest", now.get("model_digest"))
+    changed = ["model file"] if saved.get("model_digest") != model_now else []
+    return changed + (["data"] if saved.get("data") != now.get("data") else [])
 
 
 def resumed_identity(saved: dict, now: dict) -> dict:

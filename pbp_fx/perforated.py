@@ -23,7 +23,7 @@ from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
 from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
                       keep_out_of_state_dict_on_copy, keyword_changes_output, memo_computed_tensors, parts_model,
-                      trace, whole_model_in_mode)
+                      refuse_script_modules, trace, whole_model_in_mode)
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
@@ -778,6 +778,7 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
                      activation) -> "PerforatedModel":
     from pbp_fx.passes import find_sites, insert_dendrites
 
+    refuse_script_modules(model)  # (a frozen one has no .training to read below)
     # The model's modes by path, before capture puts modules of its own into the copy (an untraceable
     # part's swapped neurons, a parts capture's graphs).
     modes = {path: m.training for path, m in model.named_modules()}

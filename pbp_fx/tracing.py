@@ -946,13 +946,38 @@ def _put_values(m: nn.Module, leaf: str, b: torch.Tensor, value: torch.Tensor, p
         setattr(m, leaf, placed.setdefault(id(value), value.clone()))
 
 
+def refuse_script_modules(model: nn.Module) -> None:
+    """A TraceError naming a TorchScript module in `model`: its compiled forward and buffer table are
+    beyond fx, torch.export and the buffer snapshots."""
+    scripted = next((path for path, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        what, part = (f"{scripted!r} is", "the model with that part as ") if scripted else ("the model is", "")
+        raise TraceError(f"{what} a TorchScript module (torch.jit.script, trace or freeze): pbp-fx captures Python "
+                         f"modules; perforate {part}the Python module it was scripted from")
+
+
+def _own_autograd_functions() -> list:
+    """The torch.autograd.Function classes defined so far outside torch and pbp-fx."""
+    found, stack = [], list(torch.autograd.Function.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if not cls.__module__.startswith(("torch.", "pbp_fx.")):
+            found.append(cls)
+    return found
+
+
 def _warn_custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Say which torch.autograd.Function of the model's own (not torch's) its forward runs on the example
     inputs: a capture keeps their forward ops, whose gradients autograd derives, and drops their own
-    backward (a straight-through estimator, a gradient reversal: silently other gradients)."""
+    backward (a straight-through estimator, a gradient reversal: silently other gradients). One eager
+    forward with grad, only when such a Function class exists, keeping no activations."""
+    if torch.is_inference_mode_enabled() or not _own_autograd_functions():
+        return
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
-        with buffers_kept(model), torch.random.fork_rng(devices=cuda), torch.enable_grad():
+        with buffers_kept(model), torch.random.fork_rng(devices=cuda), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _none: None):
             output = model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - (a model the inputs cannot run: the capture says why)
         return
@@ -964,7 +989,7 @@ def _warn_custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> None:
             continue
         seen.add(id(node))
         function = getattr(node, "_forward_cls", None)  # (a torch.autograd.Function's backward node)
-        if function is not None and not function.__module__.startswith("torch."):
+        if function is not None and not function.__module__.startswith(("torch.", "pbp_fx.")):
             own.add(function.__qualname__)
         stack.extend(n for n, _ in node.next_functions)
     if own:
@@ -1096,16 +1121,12 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
         raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
     if frontend not in FRONTENDS:
         raise ConfigError(f"frontend={frontend!r}: use one of {', '.join(FRONTENDS)}")
-    scripted = next((path or "the model" for path, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)),
-                    None)
-    if scripted is not None:  # (its compiled forward and buffer table are beyond fx, torch.export and snapshots)
-        raise TraceError(f"{scripted!r} is a TorchScript module (torch.jit.script or trace): pbp-fx captures Python "
-                         "modules; perforate the model with that part as the Python module it was scripted from")
+    refuse_script_modules(model)
     args = _as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
     if args is None and kwargs:
         args = ()
-    if args is not None:
+    if args is not None and parts:  # (a parts capture's own traces of its parts: said once, for the whole)
         _warn_custom_backwards(model, args, kwargs)
     if frontend == "export" and args is None:
         raise TraceError("frontend='export' needs example inputs: pass example_inputs and/or example_kwargs")

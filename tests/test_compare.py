@@ -1031,3 +1031,24 @@ def test_a_ctrl_c_python_drops_still_stops_the_compare(tmp_path, capsys):
     assert main(["compare", str(model), "--arms", "plain,restarts", "--seeds", "1", "--epochs", "3", "--no-latency",
                  "--jobs", "1", "--out", str(out)]) == 130
     assert not (out / "compare.md").exists()
+
+
+def test_an_ignored_or_own_sigint_handler_is_left_as_it_is():
+    """A background job inherits SIGINT ignored: recording it there made a terminal's Ctrl-C stop it."""
+    import signal
+
+    from pbp_fx.compare import _interrupts_recorded
+
+    def own(*_):
+        pass
+
+    for handler in (signal.SIG_IGN, own):
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            with _interrupts_recorded():
+                assert signal.getsignal(signal.SIGINT) is handler
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    with _interrupts_recorded():
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

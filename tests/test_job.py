@@ -1500,6 +1500,20 @@ def test_a_module_the_model_file_imports_from_its_folder_is_part_of_the_run(tmp_
                                       "from pkg.width import WIDTH\n")
     assert local_imports(model) == sorted(str(p) for p in (tmp_path / "helper.py", tmp_path / "pkg" / "__init__.py",
                                                             tmp_path / "pkg" / "width.py"))
+    # A run recorded before the imports counted is checked against the file alone: not "changed".
+    from pbp_fx.job import changed_since, digest_matches
+
+    old = {"model_digest": model_digest(model, with_imports=False), "data": "d"}
+    now = {"model_digest": model_digest(model), "digest_of": "file+imports", "file_digest": old["model_digest"],
+           "data": "d"}
+    assert changed_since(old, now) == [] and digest_matches(old, model) and digest_matches(now, model)
+    # a submodule taken from a package, and a package's relative imports, are followed too
+    (tmp_path / "pkg" / "__init__.py").write_text("from .core import CORE\n")
+    (tmp_path / "pkg" / "core.py").write_text("CORE = 1\n")
+    (tmp_path / "pkg" / "layers.py").write_text("LAYERS = 1\n")
+    (tmp_path / "other.py").write_text("from pkg import layers\n")
+    assert local_imports(str(tmp_path / "other.py")) == sorted(
+        str(tmp_path / "pkg" / f) for f in ("__init__.py", "core.py", "layers.py"))
     run = tmp_path / "run"
     assert main(["train", model, "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
     before = model_digest(model)

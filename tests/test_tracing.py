@@ -1347,8 +1347,8 @@ def test_a_torchscript_submodule_is_refused_in_one_line():
             return self.fc(self.inner(x))
 
     for call in (pbp_fx.perforate, pbp_fx.explain_sites):
-        with pytest.raises(pbp_fx.TraceError, match=r"'inner' is a TorchScript module \(torch.jit.script or trace\): "
-                                                     r"pbp-fx captures Python modules") as err:
+        with pytest.raises(pbp_fx.TraceError, match=r"'inner' is a TorchScript module \(torch.jit.script, trace or "
+                                                     r"freeze\): pbp-fx captures Python modules") as err:
             call(M(), (torch.randn(2, 6),))
         assert "\n" not in str(err.value)
 
