@@ -338,6 +338,12 @@ def summarize(rows: list[dict], score: Score = ACCURACY) -> list[dict]:
             # (its first neuron phase did not end within the epochs: the plain run, with nothing grown)
             s["no_round"] = (f"{arm} ran no dendrite round at any seed (its first neuron phase did not end within "
                              "the epochs), so it is the plain run here: raise --epochs, or lower --patience")
+        elif arm == "pb" and not any(_installed(r) for r in rs):
+            # (rounds ran, and every one ended with nothing installed)
+            s["no_round"] = (f"pb ran dendrite rounds but kept no dendrite at any of its {len(rs)} seed(s), so there "
+                             "it is the plain model and a difference from plain is no effect of PB: a longer dendrite "
+                             "phase (--max-dendrite-epochs, --dendrite-patience) or more rounds (--retries) might "
+                             "keep one")
         went_back = [f"{r['seed']} (epoch {', '.join(map(str, r['diverged_epochs']))})" for r in rs
                      if r.get("diverged_epochs")]
         if went_back:  # (said beside the table: those runs ended a phase early, at their best weights)
@@ -492,6 +498,12 @@ _T95 = {1: 12.707, 2: 4.303, 3: 3.183, 4: 2.777, 5: 2.571, 6: 2.447, 7: 2.365, 8
         500: 1.965, 1000: 1.963}
 
 
+def _installed(row: dict) -> int:
+    """Dendrites per site the run kept (a --pb-run's row holds them per site)."""
+    kept = row.get("dendrites") or 0
+    return max(kept.values(), default=0) if isinstance(kept, dict) else kept
+
+
 def _interval(mean: float, sd: float, n: int) -> tuple[float, float]:
     """The 95 % Student-t interval of a mean over n >= 2 paired differences; between the table's
     degrees of freedom the lower one's (wider) quantile, never a narrower interval than the exact."""
@@ -627,6 +639,10 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
                "remove (its layers make its outputs), and build_model takes no width argument")
         raise CompareError(f"--width {width:g} {how}: give a --width further from 1 that changes the model"
                            f"{'' if builder.base_width is not None else ', or add a width argument'}")
+    if "plain-matched" in arms and builder.base_width is None and width >= 1:
+        warn_at_user("plain-matched widens the model to pb's parameter count, and build_model() takes no width "
+                     "argument: it is built only at seeds where pb kept no dendrite, where it is the plain model; "
+                     "add a width argument to build_model, or compare at a --width below 1")
     # The data `train` refuses (labels outside the classes, shapes the loss cannot take): refused here too.
     data = seeded_datasets(mod, training.seed)
     check_data(mod, data, model, inputs, training.batch_size)

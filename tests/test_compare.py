@@ -4,6 +4,7 @@ import json
 import math
 import os
 import textwrap
+import warnings
 from contextlib import nullcontext
 
 import pytest
@@ -1052,3 +1053,39 @@ def test_an_ignored_or_own_sigint_handler_is_left_as_it_is():
     with _interrupts_recorded():
         assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("kept, said", [(0, True), ({"fc1": 0, "fc2": 0}, True), (1, False), ({"fc1": 1}, False)])
+def test_a_pb_arm_that_kept_no_dendrite_is_said_to_be_the_plain_model(kept, said):
+    """pb ran rounds but installed nothing at every seed: each pair with plain read "the same difference at every
+    seed ... (run more seeds)", as if seeds could change it."""
+    def row(arm, seed, test):
+        return {"arm": arm, "seed": seed, "test": test, "val": test, "params": 10, "epochs": 5, "seconds": 1.0,
+                **({"dendrites": kept, "dendrite_epochs": 3} if arm == "pb" else {})}
+
+    rows = [row(arm, seed, 0.5 + 0.01 * seed) for arm in ("pb", "plain") for seed in (0, 1)]
+    summary = summarize(rows)
+    text = verdict(summary, paired(rows))
+    assert ("pb ran dendrite rounds but kept no dendrite at any of its 2 seed(s), so there it is the plain model"
+            in text) is said
+
+
+def test_plain_matched_on_a_model_without_a_width_argument_is_warned_of_before_training(tmp_path):
+    """plain-matched can only be built where pb kept nothing (it is then the plain model), and the verdict read
+    "pb is level with plain-matched" with no word of it."""
+    path = tmp_path / "fixed.py"
+    path.write_text(TINY.replace("def build_model(width=8):", "def build_model():").replace("Net(width)", "Net(8)"))
+    with pytest.warns(pbp_fx.PBWarning, match=r"plain-matched widens the model to pb's parameter count, and "
+                                              r"build_model\(\) takes no width argument"):
+        compare(str(path), arms=["pb", "plain-matched"], seeds=1, latency=False, echo=lambda _s: None, **BUDGET)
+    with warnings.catch_warnings(record=True) as said:  # (a width argument: no word)
+        warnings.simplefilter("always")
+        compare(_tiny_file(tmp_path), arms=["pb", "plain-matched"], seeds=1, latency=False, echo=lambda _s: None,
+                **BUDGET)
+    assert not [w for w in said if "plain-matched widens" in str(w.message)]
+
+
+def _tiny_file(tmp_path) -> str:
+    path = tmp_path / "tiny_with_width.py"
+    path.write_text(TINY)
+    return str(path)
