@@ -435,7 +435,7 @@ def _site_filter_args() -> tuple:
         help="auto: symbolic tracing, else torch.export (default); fx; export"),
     arg("--explain", action="store_true",
         help="list every Linear/Conv-like op with 'site' or the reason it is not one"),
-    arg("--out", metavar="DIR", default=None, type=_path, action=_GivenOnce,
+    arg("--out", metavar="DIR", default=None, type=_path,
         help="write perforated_graph.py and report.json to DIR (default: print only)"),
 )
 def transform(args: argparse.Namespace) -> int:
@@ -594,7 +594,7 @@ def config_args(cls) -> list[tuple]:
         kind = str(f.type).replace("Optional[", "").rstrip("]")
         optional = f.metadata.get("optional", False)
         help_text = f"{f.metadata['help']} (default: {f.default}" + ("; none sets it back" if optional else "") + ")"
-        kwargs = {"dest": f.name, "default": None, "help": help_text, "action": _GivenOnce}
+        kwargs = {"dest": f.name, "default": None, "help": help_text}
         if kind == "bool":
             kwargs["action"] = _SwitchGivenOnce
         elif f.metadata["choices"]:
@@ -644,7 +644,7 @@ def _train_args() -> tuple:
     return (
         arg("model", nargs="?", default=None,
             help="model file with build_model(), example_inputs() and datasets() (default: built-in MNIST-1D MLP)"),
-        arg("--out", metavar="DIR", default=None, type=_path, action=_GivenOnce, help="output folder (default: runs/<model name>)"),
+        arg("--out", metavar="DIR", default=None, type=_path, help="output folder (default: runs/<model name>)"),
         _config_file_arg(),
         *config_args(TrainConfig),
         *config_args(PBConfig),
@@ -813,7 +813,7 @@ def _model_module(ref: str):
 @subcommand(
     "export", "write an ONNX file (fused pbp ops) from a training checkpoint or a model file",
     arg("source", help="checkpoint.safetensors from `pbp-fx train`, or a model file (exported with K = 0)"),
-    arg("-o", "--out", default="model.onnx", type=_path, action=_GivenOnce, help="ONNX file to write (default: model.onnx)"),
+    arg("-o", "--out", default="model.onnx", type=_path, help="ONNX file to write (default: model.onnx)"),
     arg("--model", metavar="FILE", default=None, help="the model file a checkpoint was trained from "
         "(default: the one recorded in the checkpoint)"),
     arg("--unfused", action="store_true", help="plain standard ops instead of one pbp node per site"),
@@ -1033,7 +1033,7 @@ def _plain(text: str) -> str:
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"),
         help="ONNX Runtime's execution provider: auto (CUDA when onnxruntime-gpu and a GPU are present, else "
              "the CPU), cpu, or cuda (refused without them; default: auto)"),
-    arg("--output", metavar="Y.npy", default=None, action=_GivenOnce,
+    arg("--output", metavar="Y.npy", default=None,
         help="save the first output here (.npy), or every output by its ONNX name (.npz)"),
 )
 def run_onnx(args: argparse.Namespace) -> int:
@@ -1152,7 +1152,7 @@ def _compare_budget_args() -> tuple:
         help="comma-separated subset of plain,restarts,pb,gd,plain-matched,original (default: all that apply)"),
     arg("--jobs", type=_number(int, "--jobs"), default=1, metavar="N", help="runs side by side (default: 1)"),
     arg("--no-latency", action="store_true", help="skip the ONNX Runtime latency of each run"),
-    arg("--out", metavar="DIR", default=None, type=_path, action=_GivenOnce,
+    arg("--out", metavar="DIR", default=None, type=_path,
         help="output folder (default: the --pb-run folder, else runs/compare_<model name>)"),
     arg("--pb-run", metavar="DIR", default=None,
         help="the --out folder of a finished `pbp-fx train` run: it is the pb arm; its model, settings and seed "

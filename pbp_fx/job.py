@@ -114,8 +114,12 @@ def run_identity(model_file: Optional[str], data) -> dict:
 def digest_matches(identity: dict, model_file: Optional[str]) -> bool:
     """Whether `model_file` (with the modules of its folder it imports) is the one `identity`
     recorded; an identity recorded before those counted is checked against the file alone."""
-    with_imports = identity.get("digest_of") == "file+imports"
-    return model_digest(model_file, with_imports) == identity.get("model_digest")
+    return model_digest(model_file, _digested_imports(identity)) == identity.get("model_digest")
+
+
+def _digested_imports(identity: dict) -> bool:
+    """Whether the identity's model digest covers the modules its file imports (not before stop 44)."""
+    return identity.get("digest_of") == "file+imports"
 
 
 def model_digest(model_file: Optional[str], with_imports: bool = True) -> Optional[str]:
@@ -140,15 +144,25 @@ _MOST_LOCAL_IMPORTS = 256  # (a model file beside a library's sources: what it r
 
 
 def local_imports(path: str) -> list[str]:
-    """The files of `path`'s folder that it imports (`import x`, `from x.y import z`), and those
-    they import, read from their source (whether loaded yet or not); sorted."""
+    """The files of `path`'s folder that it imports (`import x`, `from x.y import z`, a package's
+    relative imports), and those they import, read from their source (whether loaded yet or not)."""
     import ast
 
     folder = os.path.dirname(os.path.abspath(path))
     if any(part in ("site-packages", "dist-packages") for part in folder.split(os.sep)):
         return []  # (an installed library's folder: its modules are the library's, not the model's)
+    root = os.path.abspath(path)
     found: set[str] = set()
-    todo = [os.path.abspath(path)]
+    todo = [root]
+
+    def module_files(base: str, dotted: list[str]) -> None:  # (each prefix: a module file or a package's)
+        for depth in range(1, len(dotted) + 1):
+            stem = os.path.join(base, *dotted[:depth])
+            for candidate in (stem + ".py", os.path.join(stem, "__init__.py")):
+                if os.path.isfile(candidate) and candidate not in found and candidate != root:
+                    found.add(candidate)
+                    todo.append(candidate)
+
     while todo and len(found) < _MOST_LOCAL_IMPORTS:
         current = todo.pop()
         try:
@@ -156,31 +170,23 @@ def local_imports(path: str) -> list[str]:
                 tree = ast.parse(f.read())
         except (OSError, SyntaxError, ValueError):
             continue
-        names = []  # dotted paths from `folder`: a module, or a package and the names taken from it
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                names += [a.name for a in node.names]
+                for alias in node.names:
+                    module_files(folder, alias.name.split("."))
             elif isinstance(node, ast.ImportFrom):
-                if node.level:  # (relative: from the importing file's package)
+                base = folder
+                if node.level:  # (relative: from the importing file's package, inside the folder only)
                     base = os.path.dirname(current)
                     for _ in range(node.level - 1):
                         base = os.path.dirname(base)
                     if not base.startswith(folder):
                         continue
-                    prefix = os.path.relpath(base, folder).replace(os.sep, ".")
-                    module = ".".join(p for p in (prefix if prefix != "." else "", node.module or "") if p)
-                else:
-                    module = node.module or ""
-                names += [module] if module else []
-                names += [f"{module}.{a.name}" if module else a.name for a in node.names if a.name != "*"]
-        for name in names:
-            parts = name.split(".")
-            for depth in range(1, len(parts) + 1):
-                base = os.path.join(folder, *parts[:depth])
-                for candidate in (base + ".py", os.path.join(base, "__init__.py")):
-                    if os.path.isfile(candidate) and candidate not in found and candidate != os.path.abspath(path):
-                        found.add(candidate)
-                        todo.append(candidate)
+                module = node.module.split(".") if node.module else []
+                module_files(base, module)
+                for alias in node.names:  # (`from pkg import layers`: a submodule)
+                    if alias.name != "*":
+                        module_files(base, [*module, alias.name])
     return sorted(found)
 
 
@@ -255,8 +261,7 @@ def changed_since(saved: Optional[dict], now: dict) -> list[str]:
     if not saved:
         return []
     # (an identity recorded before the model file's imports counted: its digest is of the file alone)
-    same_kind = saved.get("digest_of") == now.get("digest_of")
-    model_now = now.get("model_digest") if same_kind else now.get("file_digest", now.get("model_digest"))
+    model_now = now.get("model_digest") if _digested_imports(saved) else now.get("file_digest", now.get("model_digest"))
     changed = ["model file"] if saved.get("model_digest") != model_now else []
     return changed + (["data"] if saved.get("data") != now.get("data") else [])
 

@@ -956,13 +956,16 @@ def refuse_script_modules(model: nn.Module) -> None:
                          f"modules; perforate {part}the Python module it was scripted from")
 
 
+_GRADIENT_FAITHFUL = ("torch.", "pbp_fx.")  # (modules whose autograd.Functions' backwards are their derivatives)
+
+
 def _own_autograd_functions() -> list:
     """The torch.autograd.Function classes defined so far outside torch and pbp-fx."""
     found, stack = [], list(torch.autograd.Function.__subclasses__())
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        if not cls.__module__.startswith(("torch.", "pbp_fx.")):
+        if not cls.__module__.startswith(_GRADIENT_FAITHFUL):
             found.append(cls)
     return found
 
@@ -981,17 +984,13 @@ def _warn_custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> None:
             output = model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - (a model the inputs cannot run: the capture says why)
         return
-    stack = [t.grad_fn for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    seen, own = set(), set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        function = getattr(node, "_forward_cls", None)  # (a torch.autograd.Function's backward node)
-        if function is not None and not function.__module__.startswith(("torch.", "pbp_fx.")):
-            own.add(function.__qualname__)
-        stack.extend(n for n, _ in node.next_functions)
+    from .training import autograd_nodes  # (training builds on this module)
+
+    roots = [(t.grad_fn, 0) for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+    own = {function.__qualname__ for node in autograd_nodes(roots).values()
+           # (a torch.autograd.Function's backward node names its class)
+           for function in [getattr(node, "_forward_cls", None)]
+           if function is not None and not function.__module__.startswith(_GRADIENT_FAITHFUL)}
     if own:
         names = ", ".join(sorted(own))
         warn_at_user(f"{type(model).__name__} runs torch.autograd.Function {names} with a backward of its own: the "

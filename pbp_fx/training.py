@@ -4,6 +4,7 @@ The loop is ordinary PyTorch; PB adds only the controller's decision after each 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -61,25 +62,16 @@ def training_device(name="auto", processes: int = 1) -> torch.device:
     NCCL needs; a torch.device such as cuda:1 names one), or "auto": CUDA when torch sees a GPU for
     every process, else the CPU. A device this machine cannot serve is refused (ConfigError) before
     any work starts."""
-    if isinstance(name, torch.device) or (isinstance(name, str) and name not in DEVICES):
-        try:
+    kind, index = (name, None) if isinstance(name, str) and name in DEVICES else (None, None)
+    if kind is None and isinstance(name, (str, torch.device)):
+        with contextlib.suppress(RuntimeError, TypeError):
             asked = torch.device(name)
-        except (RuntimeError, TypeError):
-            asked = None
-        if asked is None or asked.type not in DEVICES:
-            raise ConfigError(f"--device {name}: use one of {', '.join(DEVICES)}")
-        if asked.type == "cpu" or asked.index is None:
-            return training_device(asked.type, processes)
-        training_device("cuda", processes)  # (a GPU at all)
-        if asked.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {asked}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
-                              f"cuda:{torch.cuda.device_count() - 1}")
-        return asked
-    if not isinstance(name, str):
-        raise ConfigError(f"--device {name!r}: use one of {', '.join(DEVICES)}")
+            kind, index = (asked.type, asked.index) if asked.type in DEVICES else (None, None)
+    if kind is None:
+        raise ConfigError(f"--device {name}: use one of {', '.join(DEVICES)}")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if name == "cpu" or (name == "auto" and gpus < processes):
-        if name == "auto" and gpus and int(os.environ.get("RANK", "0")) == 0:  # (said once, not by every rank)
+    if kind == "cpu" or (kind == "auto" and gpus < processes):
+        if kind == "auto" and gpus and int(os.environ.get("RANK", "0")) == 0:  # (said once, not by every rank)
             warn_at_user(f"{processes} processes but {gpus} GPU(s): training on the CPU (gloo); use --nproc {gpus} "
                          "to train on the GPUs")
         return torch.device("cpu")
@@ -91,15 +83,16 @@ def training_device(name="auto", processes: int = 1) -> torch.device:
         fewer = f"--nproc {gpus}" if gpus == 1 else f"--nproc {gpus} or fewer"
         raise ConfigError(f"--device cuda --nproc {processes}: each process needs a GPU of its own (NCCL) and this "
                           f"machine has {gpus}: use {fewer}, or --device cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    if index is not None and index >= gpus:
+        raise ConfigError(f"device {name}: this machine has {gpus} GPU(s), cuda:0 to cuda:{gpus - 1}")
+    return torch.device("cuda", torch.cuda.current_device() if index is None else index)
 
 
-def _fresh_autocast_casts() -> None:
-    """Drop the weight casts an autocast region around fit (or evaluate) keeps: torch keeps them until
-    the outermost region exits, so every forward after an optimizer step would read the first step's
-    casts of the weights, and nothing would train."""
-    if torch.is_autocast_cache_enabled() and any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
-        torch.clear_autocast_cache()
+def _autocast_keeps_casts() -> bool:
+    """Whether an autocast region around this call keeps its weight casts: torch keeps them until the
+    outermost region exits, so every forward after an optimizer step would read the first step's
+    casts of the weights, and nothing would train (fit and evaluate then drop them per batch)."""
+    return torch.is_autocast_cache_enabled() and any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
 
 
 def _to(batch, device):
@@ -416,7 +409,8 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
     was = model.training
     model.eval()
     total, count, seen = 0.0, 0, 0
-    _fresh_autocast_casts()
+    if _autocast_keeps_casts():  # (those of the last training step's weights)
+        torch.clear_autocast_cache()
     try:
         for batch in batches(loader, data):
             inputs, target = split_batch(_to(batch, device) if device is not None else batch)
@@ -633,11 +627,13 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
     pm.train()
     phase = phase or getattr(pm, "phase", "")
     total, count = 0.0, 0
+    recast = _autocast_keeps_casts()  # (an autocast region around the epoch: decided once)
     for batch in batches(loader, "training"):
         if device is not None:
             batch = _to(batch, device)
         inputs, target = split_batch(batch)
-        _fresh_autocast_casts()  # (the weights changed since the last forward: a step, a restructure)
+        if recast:  # (the weights changed since the last forward: a step, a restructure)
+            torch.clear_autocast_cache()
         output = call_model(pm, inputs)
         loss = reaching_every_parameter(pm, loss_fn(output, target), output)
         value = float(loss.detach())  # (one read of the loss per step: on a GPU, one wait)
