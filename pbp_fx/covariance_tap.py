@@ -58,24 +58,36 @@ def batch_covariance(c: Tensor, d: Tensor, axis: int, channels: int,
     cd = copy_dim(axis)
     share = d.shape[cd]  # P when split, else 1
     if reducer is None:
-        m = sum_positions(d, axis) / (d.numel() // (share * channels))
-        e = d - per_position(m, d, axis)
+        n = d.numel() // (share * channels)
+        e = d - per_position(sum_positions(d, axis) / n, d, axis)
+        # A second pass: float32's mean of d is off by up to half a unit of d's offset, and every
+        # position's c carries that error into C (relative error growing with the offset: 3e-4 at an
+        # error mean 1e4 x its spread). e's own mean is at e's scale, so e is centred to its precision.
+        e = e.sub_(per_position(sum_positions(e, axis) / n, e, axis))
         cov = sum_positions(c * e, axis)
         return (cov if share == 1 else cov.mul_(share)), e
     r = reducer.world_size
     p = c.shape[cd]
-    s_d = sum_positions(d, axis)  # [share, C]
-    sums = reducer(torch.cat([
-        sum_positions(c * d, axis).reshape(-1) / r, sum_positions(c, axis).reshape(-1), s_d.reshape(-1) / r,
-        d.new_full((1,), d.numel() // s_d.numel())]))
+    # C = S_cd - S_c m cancels the error's mean out of two large sums, and float32 products c d lose
+    # that mean's precision (0.03 % of C at a mean 1e4 x the error's spread). So each rank sums
+    # c (d - k) about its own mean k, at d's spread, and adds S_c k back: the large terms, as every
+    # sum here, in float64 (one collective: a second centring pass would need a second one).
+    wide = torch.float64
+    s_d = sum_positions(d, axis, wide)  # [share, C]
+    n = d.numel() // s_d.numel()
+    k = (s_d / n).to(acc)
+    s_c = sum_positions(c, axis, wide)
+    s_cd = sum_positions(c * (d - per_position(k, d, axis)), axis, wide) + s_c * k
+    sums = reducer(torch.cat([s_cd.reshape(-1) / r, s_c.reshape(-1), s_d.reshape(-1) / r, s_d.new_full((1,), n)]))
     s_cd, s_c, s_d, n = sums.split([p * channels, p * channels, share * channels, 1])
     m = s_d.view(share, channels) / n
     cov = s_cd.view(p, channels) - s_c.view(p, channels) * m
-    return cov * share, d - r * per_position(m, d, axis)
+    return (cov * share).to(acc), d - r * per_position(m.to(acc), d, axis)
 
 
-def sum_positions(t: Tensor, axis: int) -> Tensor:
-    """Sum over every position: [B, M, C, *S] (axis 1) or [..., M, C] (axis -1) -> [M, C].
+def sum_positions(t: Tensor, axis: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Sum over every position: [B, M, C, *S] (axis 1) or [..., M, C] (axis -1) -> [M, C], in `dtype`
+    (default t's).
 
     The batch dim first, then the small rest: on the CPU one reduction over dims (0, 3, ...)
     measured 3-4x slower than the two (an outer-dim sum runs vectorised over M * C * S).
@@ -83,10 +95,10 @@ def sum_positions(t: Tensor, axis: int) -> Tensor:
     if axis == 1:
         copies_first = t.movedim(0, 2)  # [M, C, B, *S]: contiguous in split_columns' layout
         if copies_first.is_contiguous():
-            return copies_first.flatten(2).sum(-1)
-        s = t.sum(0)
+            return copies_first.flatten(2).sum(-1, dtype=dtype)
+        s = t.sum(0, dtype=dtype)
         return s if s.dim() == 2 else s.flatten(2).sum(-1)
-    return t.sum(list(range(t.dim() - 2)))
+    return t.sum(list(range(t.dim() - 2)), dtype=dtype)
 
 
 def fold_batch(stats: list[Tensor], snapshots: list[Tensor], rows: list[Tensor], cov: Tensor,
