@@ -59,7 +59,7 @@ from pbp_fx.errors import PBError, warn_at_user
 from pbp_fx.fileio import atomic_write
 from pbp_fx.layers import dendrite_calls
 from pbp_fx.site import FusedSite, Site
-from pbp_fx.tracing import buffers_kept, copy_module
+from pbp_fx.tracing import buffers_kept, copy_module, ignore_spec_copy_warnings
 
 from . import clip_after_site, output_weight_into_readers
 from .direct import plain_output_names
@@ -700,7 +700,7 @@ def _quiet_exporter():
         logger.setLevel(level)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            ignore_spec_copy_warnings()
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             # Inputs that share the one batch dim: the file names that axis once, as it should.
             warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")

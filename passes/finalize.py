@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import copy
 import operator
-import warnings
 
 import torch
 from torch import fx, nn
 
 from pbp_fx.layers import WEIGHT_HOOKS, fold_norm, has_user_hooks
 from pbp_fx.site import FusedSite, FusedSwappedNeuron, Site, SwappedNeuron
-from pbp_fx.tracing import copy_module
+from pbp_fx.tracing import copy_module, spec_copy_warnings_ignored
 
 from .insert_dendrites import SITES_ATTR
 from .patterns import attr_tensor
@@ -131,8 +130,7 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     if isinstance(getattr(gm, FUSED_ATTR, None), nn.ModuleDict) and not _has_sites(gm):
         raise ValueError("the graph is finalized already (it holds fused sites and no Site): finalize the "
                          "perforated graph once (pm.finalize() gives a new finalized copy each call)")
-    with warnings.catch_warnings():  # copying a torch.export graph's input spec warns about LeafSpec
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    with spec_copy_warnings_ignored():
         gm = copy_module(gm)
     gm.eval()
     _recompute_hooked_weights(gm)

@@ -36,6 +36,8 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate, map_arg
 from torch.fx.operator_schemas import normalize_function
 
+from pbp_fx.tracing import spec_copy_warnings_ignored
+
 from .patterns import target_name
 
 __all__ = ["ModeSwitch", "merge_train_eval", "merge_modes", "MergeResult", "lower_to_eval", "MODES_ATTR"]
@@ -441,7 +443,8 @@ def _install(train_gm: fx.GraphModule, w: _Walk, switched: dict, train_only: lis
     """Replace the switched, train-only and gate nodes by ModeSwitch calls, on a copy of the graph."""
     old = train_gm.graph
     graph = fx.Graph(owning_module=train_gm, tracer_cls=old._tracer_cls, tracer_extras=old._tracer_extras)
-    graph._codegen = copy.deepcopy(old._codegen)
+    with spec_copy_warnings_ignored():
+        graph._codegen = copy.deepcopy(old._codegen)
     env: dict[fx.Node, fx.Node] = {}
     out, out_node = graph.graph_copy(old, env, return_output_node=True)
     graph.output(out, type_expr=getattr(out_node, "type", None))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import warnings
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -23,7 +22,7 @@ from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
 from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
                       keep_out_of_state_dict_on_copy, keyword_changes_output, memo_computed_tensors, parts_model,
-                      refuse_script_modules, trace, whole_model_in_mode)
+                      refuse_script_modules, spec_copy_warnings_ignored, trace, whole_model_in_mode)
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
@@ -270,10 +269,7 @@ class PerforatedModel(nn.Module):
         return self
 
     def __deepcopy__(self, memo):
-        # torch's pytree warns that `isinstance(treespec, LeafSpec)` is deprecated whenever the graph's
-        # input/output specs are copied: its own API, not the user's code (copy.deepcopy as usual otherwise)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        with spec_copy_warnings_ignored():  # (copy.deepcopy as usual otherwise)
             new = type(self).__new__(type(self))
             memo[id(self)] = new
             new.__dict__.update(copy.deepcopy(self.__dict__, memo_computed_tensors(self, memo)))

@@ -44,6 +44,7 @@ import inspect
 import io
 import itertools
 import logging
+import math
 import operator
 import os
 import re
@@ -82,6 +83,19 @@ def _grad_context() -> tuple:
     torch.autocast_decrement_nesting()
     return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
             torch.is_autocast_enabled("cuda"), depth)
+
+
+def _inside_function_forward() -> bool:
+    """Whether a torch.autograd.Function's forward is being traced: Function.apply turns grad mode off
+    around it, which is no switch of the model's (a capture keeps the forward's ops and autograd derives
+    their gradients; `_warn_custom_backwards` checks those against the Function's own backward)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "forward" and \
+                isinstance(frame.f_locals.get("ctx"), torch.autograd.function.FunctionCtx):
+            return True
+        frame = frame.f_back
+    return False
 
 
 _AUTOCAST = "autocast (torch.autocast)"
@@ -128,7 +142,8 @@ class PBTracer(fx.Tracer):
             self.output = self._outermost
         if self._start_context is not None and kind != "placeholder":
             for i, (now, start) in enumerate(zip(_grad_context(), self._start_context)):
-                if now != start and _CONTEXT_NAMES[i] not in self.switched_modes:
+                if now != start and _CONTEXT_NAMES[i] not in self.switched_modes and \
+                        not (i == 0 and _inside_function_forward()):
                     self.switched_modes.append(_CONTEXT_NAMES[i])
         return super().create_node(kind, target, args, kwargs, name, type_expr)
 
@@ -834,6 +849,22 @@ def keep_out_of_state_dict_on_copy(model: nn.Module) -> None:
                 g._register_deepcopy_hook(_OutOfStateDict(pairs))
 
 
+def ignore_spec_copy_warnings() -> None:
+    """Inside a warnings.catch_warnings(): torch's pytree warns that `isinstance(treespec, LeafSpec)` is
+    deprecated whenever an exported graph's input/output specs are copied (its own API, not the user's
+    code)."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+
+
+@contextlib.contextmanager
+def spec_copy_warnings_ignored():
+    """`ignore_spec_copy_warnings` for a block."""
+    with warnings.catch_warnings():
+        ignore_spec_copy_warnings()
+        yield
+
+
 def copy_module(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
     """copy.deepcopy of a module, also of one whose attributes hold tensors computed from its
     parameters, which torch's deepcopy refuses (`memo_computed_tensors`)."""
@@ -970,34 +1001,92 @@ def _own_autograd_functions() -> list:
     return found
 
 
-def _warn_custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Say which torch.autograd.Function of the model's own (not torch's) its forward runs on the example
-    inputs: a capture keeps their forward ops, whose gradients autograd derives, and drops their own
-    backward (a straight-through estimator, a gradient reversal: silently other gradients). One eager
-    forward with grad, only when such a Function class exists, keeping no activations."""
+def _custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """The torch.autograd.Function classes of the model's own (not torch's) with a backward of their own
+    that its forward runs on the example inputs: a capture keeps their forward ops, whose gradients
+    autograd derives, and drops their backward. One eager forward with grad, only when such a Function
+    class exists, keeping no activations."""
     if torch.is_inference_mode_enabled() or not _own_autograd_functions():
-        return
+        return []
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
         with buffers_kept(model), torch.random.fork_rng(devices=cuda), torch.enable_grad(), \
                 torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _none: None):
             output = model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - (a model the inputs cannot run: the capture says why)
-        return
+        return []
     from .training import autograd_nodes  # (training builds on this module)
 
     roots = [(t.grad_fn, 0) for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
-    own = {function.__qualname__ for node in autograd_nodes(roots).values()
-           # (a torch.autograd.Function's backward node names its class)
-           for function in [getattr(node, "_forward_cls", None)]
-           if function is not None and not function.__module__.startswith(_GRADIENT_FAITHFUL)}
-    if own:
-        names = ", ".join(sorted(own))
-        warn_at_user(f"{type(model).__name__} runs torch.autograd.Function {names} with a backward of its own: the "
-                     "perforated model keeps its forward ops alone, whose gradients autograd derives, so a backward "
-                     "that is not their derivative (a straight-through estimator, a gradient reversal) is lost and "
-                     "training differs; compare a parameter's .grad of the model and of the perforated model on "
-                     "one batch before training")
+    return sorted({function.__qualname__ for node in autograd_nodes(roots).values()
+                   # (a torch.autograd.Function's backward node names its class)
+                   for function in [getattr(node, "_forward_cls", None)]
+                   if function is not None and not function.__module__.startswith(_GRADIENT_FAITHFUL)})
+
+
+# Gradients of the capture that differ by more than this (relative to the largest) from the model's
+# are a dropped backward, not float32 rounding of reordered ops.
+_GRADIENT_TOLERANCE = 1e-3
+
+
+def _warn_custom_backwards(model: nn.Module, gm: fx.GraphModule, names: list[str], args: tuple,
+                           kwargs: dict) -> None:
+    """Warn when the capture's gradients differ from the model's on the example inputs because it dropped
+    the backward of a Function in `names` (a straight-through estimator, a gradient reversal); a
+    backward that is its forward's derivative (a memory-efficient activation) is no reason. The model
+    and the graph share parameters: one backward each, gradients of a fixed random projection of the
+    outputs with respect to the parameters and floating inputs, random state and buffers kept."""
+    how = (f"{type(model).__name__} runs torch.autograd.Function {', '.join(names)} with a backward of its own: "
+           "the perforated model keeps its forward ops alone, whose gradients autograd derives")
+    try:
+        worst = _gradient_difference(model, gm, args, kwargs)
+    except Exception:  # noqa: BLE001 - (no comparison: said as what may happen)
+        warn_at_user(f"{how}, so a backward that is not their derivative (a straight-through estimator, a gradient "
+                     "reversal) is lost and training differs; compare a parameter's .grad of the model and of the "
+                     "perforated model on one batch before training")
+        return
+    if worst > _GRADIENT_TOLERANCE:
+        warn_at_user(f"{how}, and on the example inputs its gradients differ from the model's (by {worst:.2g} of the "
+                     "largest): training differs; capture a model whose Function's forward computes what its backward "
+                     "differentiates, or keep that Function out of the model")
+
+
+def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> float:
+    """max |grad of gm - grad of model| / max |grad of model| over the parameters and floating inputs."""
+    wrt = [p for p in model.parameters() if p.requires_grad]
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+    def grads(run, inputs) -> list:
+        leaf_inputs = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+            torch.manual_seed(0)  # (the same dropout masks in both runs)
+            outputs = [t for t in pytree.tree_leaves(run(inputs)) if isinstance(t, torch.Tensor)
+                       and t.requires_grad and t.is_floating_point()]
+            g = torch.Generator(device="cpu").manual_seed(1)
+            loss = sum((t.float() * torch.randn(t.shape, generator=g).to(t.device)).sum() for t in outputs)
+            return list(torch.autograd.grad(loss, wrt + leaf_inputs, allow_unused=True))
+
+    def with_grad(t):
+        return t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    inputs = pytree.tree_map(with_grad, (args, kwargs))
+    graph_call = gm.meta.get("pbp_call")
+    with buffers_kept(model), buffers_kept(gm):
+        want = grads(lambda i: model(*i[0], **i[1]), inputs)
+        got = grads(lambda i: _call_graph(gm, graph_call, *i), inputs)
+    scale = max((float(a.abs().max()) for a in want if a is not None and a.numel()), default=0.0)
+    worst = 0.0
+    for a, b in zip(want, got):
+        if (a is None) != (b is None):
+            return math.inf
+        if a is not None and a.numel():
+            worst = max(worst, float((a.float() - b.float()).abs().max()))
+    return worst / scale if scale else (math.inf if worst else 0.0)
+
+
+def _call_graph(gm: fx.GraphModule, call: Optional[CallSignature], args: tuple, kwargs: dict):
+    graph_args, graph_kwargs = _graph_inputs(call, args, kwargs)
+    return gm(*graph_args, **graph_kwargs)
 
 
 def _refuse_inputs_the_model_cannot_run(model: nn.Module, args: tuple, kwargs: dict, exc: Exception) -> None:
@@ -1125,8 +1214,17 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     kwargs = dict(example_kwargs or {})
     if args is None and kwargs:
         args = ()
-    if args is not None and parts:  # (a parts capture's own traces of its parts: said once, for the whole)
-        _warn_custom_backwards(model, args, kwargs)
+    # (a parts capture's own traces of its parts: checked once, for the whole)
+    own_backwards = _custom_backwards(model, args, kwargs) if args is not None and parts else []
+    gm = _capture(model, args, kwargs, frontend, leaves, max_leaves, dynamic, parts)
+    if own_backwards:
+        _warn_custom_backwards(model, gm, own_backwards, args, kwargs)
+    return gm
+
+
+def _capture(model: nn.Module, args: Optional[tuple], kwargs: dict, frontend: str, leaves: Iterable[str],
+             max_leaves: int, dynamic, parts: bool) -> fx.GraphModule:
+    """trace() after its checks: fx, else torch.export, else the parts that trace."""
     if frontend == "export" and args is None:
         raise TraceError("frontend='export' needs example inputs: pass example_inputs and/or example_kwargs")
     fx_error: Optional[TraceError] = None

@@ -1363,6 +1363,63 @@ class _GradReverse(torch.autograd.Function):
         return -g
 
 
+class _MemoryEfficientSwish(torch.autograd.Function):
+    """timm's *_me activations: a backward that is the forward's derivative, saving memory."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return g * s * (1 + x * (1 - s))
+
+
+class _StraightThroughRound(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _with_function(function):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feat, self.drop, self.head = nn.Linear(6, 8), nn.Dropout(0.3), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.drop(function.apply(self.feat(x))))
+
+    return Net()
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_custom_backward_that_is_its_forwards_derivative_is_not_warned_of(frontend):
+    """Every Function with a backward of its own was warned of (timm's memory-efficient activations, Bloom's
+    GeLUFunction), and fx added that the forward 'switches grad mode' (Function.apply's own no_grad). The
+    capture's gradients are now compared with the model's on the example inputs (dropout in the model)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pbp_fx.PBWarning)
+        pm = pbp_fx.perforate(_with_function(_MemoryEfficientSwish), (torch.randn(4, 6),), frontend=frontend)
+    assert pm.graph_module.meta["pbp_frontend"] == frontend
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_straight_through_estimator_is_warned_of_with_the_gradient_difference(frontend):
+    with pytest.warns(pbp_fx.PBWarning, match=r"^Net runs torch.autograd.Function _StraightThroughRound with a "
+                                              r"backward of its own: .* and on the example inputs its gradients "
+                                              r"differ from the model's \(by [0-9.e+-]+ of the largest\)") as caught:
+        pbp_fx.perforate(_with_function(_StraightThroughRound), (torch.randn(4, 6),), frontend=frontend)
+    assert not [w for w in caught if "switches grad mode" in str(w.message)]
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_a_custom_backward_the_capture_drops_is_warned_of(frontend):
     """A gradient-reversal layer's forward is captured, its backward dropped: the perforated model's gradients
