@@ -351,3 +351,13 @@ def test_a_refusal_at_ops_of_the_same_name_says_what_each_is_applied_to():
                                          r"\(call_function getitem\) of \(fc, \(slice\(None, None, None\), eval_idx\)\)"):
         trace(PicksByMode(), (torch.randn(3, 4),), frontend="fx")
 
+
+
+def test_merging_an_exported_model_with_dropout_prints_no_torch_pytree_warning():
+    """merge_modes copied the exported graph's in/out spec, and torch's pytree printed 'isinstance(treespec,
+    LeafSpec) is deprecated' (a FutureWarning, shown to users) at every export capture of a model with dropout."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.3), nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        gm = trace(model, (torch.randn(4, 6),), frontend="export")
+    assert gm.meta["pbp_modes"] == "train+eval"
