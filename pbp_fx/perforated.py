@@ -785,7 +785,13 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
     not_sites = _layers_not_sites(gm, model)
     unmatched = _unmatched_globs(find_sites(gm) if include is not None or exclude is not None else [], include,
                                  exclude, list(not_sites))
-    if not specs:  # (one line: what no glob matched is the likely cause)
+    if not specs:  # (one line: what no glob matched, else why the first layer is no site, is the likely cause)
+        missed = _selected(not_sites, model, include, exclude)
+        if missed and not unmatched:
+            raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__}: its {len(missed)} Linear/Conv "
+                               f"layer(s) are not sites ({missed[0][0]}: {missed[0][1].reason}); "
+                               "pbp_fx.explain_sites(model, example_inputs) or pbp-fx transform --explain gives each "
+                               "one's reason")
         raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__} "
                            "(or all were excluded): check include=/exclude= (--include/--exclude), or the model has no such layers"
                            + "".join(f"; {u}" for u in unmatched[:1]))
@@ -903,12 +909,17 @@ def _layers_not_sites(gm: fx.GraphModule, model: nn.Module) -> dict:
     return layers
 
 
+def _selected(layers: dict, model: nn.Module, include, exclude) -> list:
+    """(path, explain row) of the `_layers_not_sites` that include/exclude select."""
+    from .passes.find_sites import selected
+
+    return [(path, row) for path, row in layers.items() if selected(path, model.get_submodule(path), include, exclude)]
+
+
 def _warn_not_sites(layers: dict, model: nn.Module, include, exclude) -> None:
     """`_layers_not_sites` but those include/exclude leave out: PB grows nothing there, which the site
     count alone does not show."""
-    from .passes.find_sites import selected
-
-    missed = [(path, row) for path, row in layers.items() if selected(path, model.get_submodule(path), include, exclude)]
+    missed = _selected(layers, model, include, exclude)
     if missed:
         names = ", ".join(path for path, _ in missed[:3]) + (", ..." if len(missed) > 3 else "")
         warn_at_user(f"{len(missed)} Linear/Conv layer(s) of {type(model).__name__} are not sites, so PB adds no "

@@ -526,6 +526,28 @@ def test_nothing_selected_is_no_sites_error(include, exclude):
         assert "; include pattern 'nothing*' matches no Linear/Conv layer (they are named layer1.0" in str(refused.value)
 
 
+class _WeightComputedAtRunTime(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return F.linear(x, self.lin.weight * 2, self.lin.bias)
+
+
+def test_no_sites_names_why_the_models_layers_are_not_sites():
+    """A model whose layers are all no sites was told to 'check include=/exclude=, or the model has no such
+    layers': neither; explain_sites had the reason."""
+    with pytest.raises(pbp_fx.NoSitesError, match=r"^no Linear/Conv neuron sites in _WeightComputedAtRunTime: its 1 "
+                                                  r"Linear/Conv layer\(s\) are not sites \(lin: the layer's weight is "
+                                                  r"computed at run time .*\); pbp_fx.explain_sites\(model, "
+                                                  r"example_inputs\) or pbp-fx transform --explain") as refused:
+        pbp_fx.perforate(_WeightComputedAtRunTime(), (torch.randn(2, 6),))
+    assert "\n" not in str(refused.value)
+    with pytest.raises(pbp_fx.NoSitesError, match=r"\(or all were excluded\): check include=/exclude="):
+        pbp_fx.perforate(_WeightComputedAtRunTime(), (torch.randn(2, 6),), exclude="lin")
+
+
 def test_a_glob_that_matches_no_layer_is_warned_of_naming_the_layers():
     with pytest.warns(UserWarning, match=r"exclude pattern 'layer3\.\*' matches no Linear/Conv layer \(they are "
                                          r"named layer1\.0, layer1\.2, layer2\.0, fc, \.\.\."):
