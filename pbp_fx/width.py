@@ -306,7 +306,7 @@ class ScaledModel:
     model: nn.Module
     width: float       # multiplier of the model file's width 1 (its build_model() default)
     params: int
-    method: str        # "build_model(width=...)" or "torch-pruning"
+    method: str        # "build_model(width=...)", "torch-pruning" or "build_model()" (width 1, no width argument)
 
 
 @dataclass(frozen=True)
@@ -392,7 +392,9 @@ class WidthBuilder:
 
     def scaled(self, width: float) -> ScaledModel:
         model, built = self._built(width)
-        return ScaledModel(model, built, self.params(model), self.method)
+        # (width 1 without a width argument is build_model() itself: nothing was pruned)
+        method = "build_model()" if self.base_width is None and width == 1 else self.method
+        return ScaledModel(model, built, self.params(model), method)
 
     def for_params(self, target: float, tolerance: float = PARAM_TOLERANCE) -> ScaledModel:
         """A model of this structure with `target` parameters (+-tolerance): the nearest uniform

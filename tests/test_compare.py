@@ -1091,3 +1091,14 @@ def _tiny_file(tmp_path) -> str:
     path = tmp_path / "tiny_with_width.py"
     path.write_text(TINY)
     return str(path)
+
+
+def test_the_table_gives_short_training_times_to_three_digits():
+    """'train s' was rounded to whole seconds: runs under half a second read 0 ± 0."""
+    from pbp_fx.compare import markdown, summarize
+
+    rows = [{"arm": arm, "seed": seed, "test": 0.8, "val": 0.8, "params": 10, "epochs": 8, "seconds": s}
+            for arm, s0 in (("plain", 0.42), ("pb", 12.3)) for seed, s in ((0, s0), (1, s0 * 1.1))]
+    table = markdown(summarize(rows), paired(rows), "", "# t")
+    plain, pb = (next(line for line in table.splitlines() if line.startswith(f"| {arm} |")) for arm in ("plain", "pb"))
+    assert "| 0.441 ± 0.03 |" in plain and "| 12.9 ± 0.87 |" in pb

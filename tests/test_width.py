@@ -404,6 +404,8 @@ def test_a_pruned_model_reports_the_width_it_was_built_at():
         scaled = builder.scaled(asked)
         assert scaled.model[0].out_features == channels
         assert scaled.width == pytest.approx(channels / 6)
+        # (width 1 is build_model() itself: compare's width_method read "torch-pruning" there)
+        assert scaled.method == ("build_model()" if asked == 1.0 else "torch-pruning")
     matched = builder.for_params(builder.params(builder.build(0.5)))
     assert matched.width == pytest.approx(matched.model[0].out_features / 6)
 
