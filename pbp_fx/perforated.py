@@ -22,7 +22,8 @@ from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
 from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
                       keep_out_of_state_dict_on_copy, keyword_changes_output, memo_computed_tensors, parts_model,
-                      refuse_script_modules, spec_copy_warnings_ignored, trace, whole_model_in_mode)
+                      passes_every_input_positionally, refuse_script_modules, spec_copy_warnings_ignored, trace,
+                      whole_model_in_mode)
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
@@ -733,7 +734,7 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     include, exclude = site_filters(include, exclude)  # checked before any work; searched twice below
     _materialize_lazy(model, example_inputs, example_kwargs)
     model = copy_module(model)
-    _drop_root_hooks(model, frontend)
+    _drop_root_hooks(model, frontend, example_inputs, example_kwargs)
     _warn_dropped_checkpointing(model)
     # The copy's buffers end as the model's: capture and site matching run its forward and read its
     # weights, and a parametrization updates buffers when read in train mode (spectral_norm's _u).
@@ -755,15 +756,24 @@ def _materialize_lazy(model: nn.Module, example_inputs: tuple, example_kwargs: O
             return
 
 
-def _drop_root_hooks(model: nn.Module, frontend: str) -> None:
+def _drop_root_hooks(model: nn.Module, frontend: str, example_inputs: tuple, example_kwargs: Optional[dict]) -> None:
     """Forward hooks of the user's on the model itself run outside its forward, where symbolic
     tracing starts: said, and dropped from the copy (auto then captures the same model whichever
-    frontend it takes). frontend='export' keeps them: torch.export captures them."""
-    if frontend == "export" or not has_user_hooks(model):
+    frontend it takes). frontend='export' keeps them where torch.export captures them as the caller
+    called: an example that passes every input of forward positionally."""
+    if not has_user_hooks(model):
         return
+    if frontend == "export":
+        if passes_every_input_positionally(model, example_inputs, example_kwargs or {}):
+            return
+        how = ("torch.export captures them only from an example that passes every input of forward positionally "
+               "(these are passed by name or left at their defaults)")
+    else:
+        how = ("frontend='export' captures them from an example that passes every input of forward positionally "
+               "(hooks on submodules are kept)")
     warn_at_user(f"{type(model).__name__} has forward hook(s) or pre-hook(s) on itself, which run outside its "
-                 "forward, where capture starts: the perforated model runs without them; register them on it to "
-                 "keep them, or use frontend='export', which captures them (hooks on submodules are kept)")
+                 f"forward, where capture starts: the perforated model runs without them; register them on it to "
+                 f"keep them; {how}")
     model._forward_hooks.clear()
     for key, hook in list(model._forward_pre_hooks.items()):
         if not isinstance(hook, WEIGHT_HOOKS):

@@ -60,7 +60,7 @@ from torch.utils import _pytree as pytree
 
 from .config import ConfigError
 from .errors import ExampleInputsError, PBWarning, TraceError, warn_at_user
-from .layers import StandIn
+from .layers import StandIn, has_user_hooks
 from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
@@ -1230,6 +1230,10 @@ def _capture(model: nn.Module, args: Optional[tuple], kwargs: dict, frontend: st
     fx_error: Optional[TraceError] = None
     shape_error: Optional[TraceError] = None
     fx_call, export_call = _call_signatures(model, args, kwargs)
+    if has_user_hooks(model) and passes_every_input_positionally(model, args, kwargs):
+        # torch.export runs the root's own hooks, which read the inputs as the caller passes them: a
+        # keyword-style call (each input by name) would hand a pre-hook empty args.
+        export_call = fx_call
     if frontend in ("fx", "auto"):
         try:
             # auto: fx's warnings (a one-mode graph) stand only if fx's graph is the one chosen
@@ -1465,6 +1469,19 @@ def _prefer(model: nn.Module, fx_gm: fx.GraphModule, export, written: list[str] 
     chosen.meta["pbp_frontend_choice"] = choice
     log.info("trace: %s: %s", type(model).__name__, choice)
     return chosen
+
+
+def passes_every_input_positionally(model: nn.Module, args: Optional[tuple], kwargs: dict) -> bool:
+    """Whether `model(*args, **kwargs)` gives every parameter of its forward positionally (no keyword,
+    no default): then the graph's positional call is the caller's own, which the root's hooks read."""
+    if args is None or kwargs:
+        return False
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(args) == len(params) and all(
+        p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def _call_signatures(model: nn.Module, args: Optional[tuple], kwargs: dict):
