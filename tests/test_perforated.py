@@ -1856,7 +1856,7 @@ def test_hooks_on_the_model_itself_are_said_to_be_dropped_unless_torch_export_ca
     torch.testing.assert_close(exported(x), hooked(x))
 
 
-class _Masked(nn.Module):
+class _HookedMasked(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(6, 4)
@@ -1870,7 +1870,7 @@ def test_torch_export_captures_a_pre_hook_on_the_model_from_a_positional_example
     """frontend='export' exported each input by name, so a pre-hook on the root read empty args: refused as
     'example inputs do not run through the model: tuple index out of range', the inputs blamed."""
     x, mask = torch.randn(5, 6), torch.rand(5, 4)
-    model = _Masked()
+    model = _HookedMasked()
     model.register_forward_pre_hook(lambda m, args: (args[0] * 3, *args[1:]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -1880,7 +1880,7 @@ def test_torch_export_captures_a_pre_hook_on_the_model_from_a_positional_example
     torch.testing.assert_close(pm(y, m), model(y, m))
     torch.testing.assert_close(pm.finalize()(y, m), model(y, m))
     # mask left at its default: torch.export would hand the hook the inputs by name, so it is dropped, said
-    with pytest.warns(UserWarning, match=r"_Masked has forward hook.* on itself, .* the perforated model runs without "
+    with pytest.warns(UserWarning, match=r"_HookedMasked has forward hook.* on itself, .* the perforated model runs without "
                                          r"them; register them on it to keep them; torch.export captures them only "
                                          r"from an example that passes every input of forward positionally"):
         pm = pbp_fx.perforate(model, (x,), frontend="export")
