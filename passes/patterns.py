@@ -208,12 +208,13 @@ def linear_or_conv_module(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatc
         return None
     if isinstance(m, nn.modules.lazy.LazyModuleMixin):
         return NotASite("a lazy module that has not run yet: call the model once before perforating")
-    if not node.args:
-        return NotASite("called without a positional input")
+    x = _arg(node, 0, "input")  # (self.fc(input=h) as well as self.fc(h))
+    if not isinstance(x, fx.Node):
+        return NotASite("called without a tensor input")
     if not isinstance(m, nn.Linear) and _unbatched(node, len(m.kernel_size)):
         return NotASite(_UNBATCHED)
     bias = f"{node.target}.bias" if m.bias is not None else None
-    return NeuronMatch(LayerSpec.from_module(m), node.args[0], node.target, f"{node.target}.weight", bias)
+    return NeuronMatch(LayerSpec.from_module(m), x, node.target, f"{node.target}.weight", bias)
 
 
 def functional_linear(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:

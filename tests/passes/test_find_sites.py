@@ -147,6 +147,32 @@ def test_reused_module_gets_one_site_per_call():
     assert all(s.module == "fc" and s.weight == "fc.weight" for s in specs)
 
 
+def test_a_layer_called_with_its_input_by_keyword_is_a_site():
+    """self.fc(input=h): symbolic tracing records the input as a keyword, and such a call was 'not a site
+    (called without a positional input)' under fx while torch.export made it one."""
+    import pbp_fx
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.conv = nn.Linear(3, 3), nn.Conv1d(3, 3, 1)
+
+        def forward(self, x):
+            h = self.fc(input=torch.relu(self.fc(x)))
+            return self.conv(input=h.unsqueeze(-1))
+
+    gm = trace(M(), (torch.randn(2, 3),), frontend="fx")
+    assert [s.name for s in find_sites(gm)] == ["fc", "fc@1", "conv"]
+    pm = pbp_fx.perforate(M(), (torch.randn(2, 3),))
+    assert pm.graph_module.meta["pbp_frontend"] == "fx"  # (auto took torch.export for the layers fx missed)
+    pm.grow()
+    with torch.no_grad():
+        for site in pm.sites.values():
+            site.out_weight.normal_()
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(pm.finalize()(x), pm(x))
+
+
 def test_leaf_sites_come_last_and_are_in_leaf():
     model = nn.Sequential(Branchy(), nn.Linear(4, 2))
     _, specs = _specs(model, 2, 4)
