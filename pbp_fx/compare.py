@@ -548,7 +548,7 @@ def markdown(summary: list[dict], pairs: list[dict], text: str, header: str, sco
         delta = "–" if p is None else score.spread(p["mean"], p["sd"], p["n"], sign=True)
         lines.append(f"| {s['arm']} | {s['n']} | {score.spread(s['test'], s['test_sd'], s['n'])} | {delta} | "
                      f"{ms(s, 'params', '{:.0f} ± {:.0f}')} | {ms(s, 'latency_ms', '{:.3f} ± {:.3f}')} | "
-                     f"{ms(s, 'seconds', '{:.3g} ± {:.2g}')} | {ms(s, 'epochs', '{:.0f} ± {:.0f}')} | "
+                     f"{ms(s, 'seconds', '{:.3g} ± {:.2g}' if s.get('seconds', 0) < 100 else '{:.0f} ± {:.0f}')} | {ms(s, 'epochs', '{:.0f} ± {:.0f}')} | "
                      f"{ms(s, 'width', '{:.3g} ± {:.2g}')} |")
     return "\n".join(lines) + "\n\n" + text + "\n"
 

@@ -77,12 +77,14 @@ def batch_covariance(c: Tensor, d: Tensor, axis: int, channels: int,
     n = d.numel() // s_d.numel()
     k = (s_d / n).to(acc)
     s_c = sum_positions(c, axis, wide)
-    s_cd = sum_positions(c * (d - per_position(k, d, axis)), axis, wide) + s_c * k
+    d_k = d - per_position(k, d, axis)
+    s_cd = sum_positions(c * d_k, axis, wide) + s_c * k
     sums = reducer(torch.cat([s_cd.reshape(-1) / r, s_c.reshape(-1), s_d.reshape(-1) / r, s_d.new_full((1,), n)]))
     s_cd, s_c, s_d, n = sums.split([p * channels, p * channels, share * channels, 1])
     m = s_d.view(share, channels) / n
     cov = s_cd.view(p, channels) - s_c.view(p, channels) * m
-    return (cov * share).to(acc), d - r * per_position(m.to(acc), d, axis)
+    # e = d - R m, taken from d - k: R m - k is at the error's spread, so e keeps float32 precision too
+    return (cov * share).to(acc), d_k.sub_(per_position((r * m - k).to(acc), d, axis))
 
 
 def sum_positions(t: Tensor, axis: int, dtype: Optional[torch.dtype] = None) -> Tensor:

@@ -793,11 +793,11 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
     gm = trace(model, example_inputs, example_kwargs, frontend=frontend, dynamic=dynamic)
     specs = find_sites(gm, include, exclude)
     not_sites = _layers_not_sites(gm, model)
-    unmatched = _unmatched_globs(find_sites(gm) if include is not None or exclude is not None else [], include,
-                                 exclude, list(not_sites))
+    every_site = find_sites(gm) if include is not None or exclude is not None else specs
+    unmatched = _unmatched_globs(every_site if every_site is not specs else [], include, exclude, list(not_sites))
     if not specs:  # (one line: what no glob matched, else why the first layer is no site, is the likely cause)
         missed = _selected(not_sites, model, include, exclude)
-        if missed and not unmatched:
+        if missed and not every_site:
             raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__}: its {len(missed)} Linear/Conv "
                                f"layer(s) are not sites ({missed[0][0]}: {missed[0][1].reason}); "
                                "pbp_fx.explain_sites(model, example_inputs) or pbp-fx transform --explain gives each "

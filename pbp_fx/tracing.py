@@ -91,11 +91,13 @@ def _inside_function_forward() -> bool:
     their gradients; `_warn_custom_backwards` checks those against the Function's own backward)."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "forward" and \
-                isinstance(frame.f_locals.get("ctx"), torch.autograd.function.FunctionCtx):
+        if frame.f_code is _FUNCTION_APPLY:
             return True
         frame = frame.f_back
     return False
+
+
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
 
 
 _AUTOCAST = "autocast (torch.autocast)"
@@ -1024,64 +1026,107 @@ def _custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
                    if function is not None and not function.__module__.startswith(_GRADIENT_FAITHFUL)})
 
 
-# Gradients of the capture that differ by more than this (relative to the largest) from the model's
-# are a dropped backward, not float32 rounding of reordered ops.
+# Gradients of the capture that differ by more than this (relative to the largest, or 4 units of the
+# narrowest float dtype's precision where that is more: bfloat16 rounds to 8e-3) from the model's
+# are a dropped backward, not the rounding of reordered ops.
 _GRADIENT_TOLERANCE = 1e-3
+
+# Parameters (or inputs) checked per Function class: the nearest upstream of its first calls, whose
+# gradient flows through its backward (not every parameter: two gradient sets of an LLM would not fit).
+_CHECKED_CALLS = 4
 
 
 def _warn_custom_backwards(model: nn.Module, gm: fx.GraphModule, names: list[str], args: tuple,
                            kwargs: dict) -> None:
     """Warn when the capture's gradients differ from the model's on the example inputs because it dropped
     the backward of a Function in `names` (a straight-through estimator, a gradient reversal); a
-    backward that is its forward's derivative (a memory-efficient activation) is no reason. The model
-    and the graph share parameters: one backward each, gradients of a fixed random projection of the
-    outputs with respect to the parameters and floating inputs, random state and buffers kept."""
+    backward that is its forward's derivative (a memory-efficient activation) is no reason. Skipped,
+    said as a possibility, where they cannot be compared (the graph also runs no_grad ops with grad)."""
     how = (f"{type(model).__name__} runs torch.autograd.Function {', '.join(names)} with a backward of its own: "
            "the perforated model keeps its forward ops alone, whose gradients autograd derives")
     try:
-        worst = _gradient_difference(model, gm, args, kwargs)
+        if gm.meta.get("pbp_switched_modes"):
+            raise _NotComparable
+        worst, tolerance = _gradient_difference(model, gm, args, kwargs)
     except Exception:  # noqa: BLE001 - (no comparison: said as what may happen)
         warn_at_user(f"{how}, so a backward that is not their derivative (a straight-through estimator, a gradient "
                      "reversal) is lost and training differs; compare a parameter's .grad of the model and of the "
                      "perforated model on one batch before training")
         return
-    if worst > _GRADIENT_TOLERANCE:
+    if worst > tolerance:
         warn_at_user(f"{how}, and on the example inputs its gradients differ from the model's (by {worst:.2g} of the "
                      "largest): training differs; capture a model whose Function's forward computes what its backward "
                      "differentiates, or keep that Function out of the model")
 
 
-def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> float:
-    """max |grad of gm - grad of model| / max |grad of model| over the parameters and floating inputs."""
-    wrt = [p for p in model.parameters() if p.requires_grad]
+class _NotComparable(Exception):
+    """The model's and the graph's gradients differ for a reason other than a Function's backward."""
+
+
+def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[float, float]:
+    """(max |grad of gm - grad of model| / max |grad of model|, the tolerance for the dtypes seen) over the
+    tensors nearest upstream of each custom Function call: parameters, or floating inputs. A fixed random
+    projection of the outputs is differentiated; random state and buffers are kept."""
+    from .training import autograd_nodes  # (training builds on this module)
+
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
-    def grads(run, inputs) -> list:
-        leaf_inputs = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
-        with torch.random.fork_rng(devices=cuda), torch.enable_grad():
-            torch.manual_seed(0)  # (the same dropout masks in both runs)
-            outputs = [t for t in pytree.tree_leaves(run(inputs)) if isinstance(t, torch.Tensor)
-                       and t.requires_grad and t.is_floating_point()]
-            g = torch.Generator(device="cpu").manual_seed(1)
-            loss = sum((t.float() * torch.randn(t.shape, generator=g).to(t.device)).sum() for t in outputs)
-            return list(torch.autograd.grad(loss, wrt + leaf_inputs, allow_unused=True))
+    def outputs_of(run, inputs) -> list:
+        torch.manual_seed(0)  # (the same dropout masks in both runs)
+        return [t for t in pytree.tree_leaves(run(inputs)) if isinstance(t, torch.Tensor)
+                and t.requires_grad and t.is_floating_point()]
+
+    def projection(outputs) -> torch.Tensor:
+        g = torch.Generator(device="cpu").manual_seed(1)
+        return sum((t.float() * torch.randn(t.shape, generator=g).to(t.device)).sum() for t in outputs)
 
     def with_grad(t):
         return t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
     inputs = pytree.tree_map(with_grad, (args, kwargs))
-    graph_call = gm.meta.get("pbp_call")
-    with buffers_kept(model), buffers_kept(gm):
-        want = grads(lambda i: model(*i[0], **i[1]), inputs)
-        got = grads(lambda i: _call_graph(gm, graph_call, *i), inputs)
+    with buffers_kept(model), buffers_kept(gm), torch.random.fork_rng(devices=cuda), torch.enable_grad():
+        outputs = outputs_of(lambda i: model(*i[0], **i[1]), inputs)
+        calls = [node for node in autograd_nodes([(t.grad_fn, 0) for t in outputs]).values()
+                 if hasattr(node, "_forward_cls") and not node._forward_cls.__module__.startswith(_GRADIENT_FAITHFUL)]
+        wrt = _nearest_leaves(calls)
+        if not wrt:  # (no gradient of the model's flows through their backwards: nothing to differ)
+            return 0.0, _GRADIENT_TOLERANCE
+        want = torch.autograd.grad(projection(outputs), wrt, allow_unused=True)
+        del outputs
+        got = torch.autograd.grad(projection(outputs_of(lambda i: _call_graph(gm, gm.meta.get("pbp_call"), *i),
+                                                        inputs)), wrt, allow_unused=True)
+    dtypes = {t.dtype for t in wrt}
+    tolerance = max([_GRADIENT_TOLERANCE] + [4 * torch.finfo(d).eps for d in dtypes])
     scale = max((float(a.abs().max()) for a in want if a is not None and a.numel()), default=0.0)
     worst = 0.0
     for a, b in zip(want, got):
         if (a is None) != (b is None):
-            return math.inf
+            return math.inf, tolerance
         if a is not None and a.numel():
             worst = max(worst, float((a.float() - b.float()).abs().max()))
-    return worst / scale if scale else (math.inf if worst else 0.0)
+    return (worst / scale if scale else (math.inf if worst else 0.0)), tolerance
+
+
+def _nearest_leaves(calls: list) -> list:
+    """The leaf tensors (requiring grad) nearest upstream of the first `_CHECKED_CALLS` autograd nodes of
+    each Function class in `calls`: breadth first, the first level that holds any, the smallest of it."""
+    per_class: dict = {}
+    found: dict[int, torch.Tensor] = {}
+    for node in calls:
+        seen = per_class.setdefault(node._forward_cls, [])
+        if len(seen) >= _CHECKED_CALLS:
+            continue
+        seen.append(node)
+        level, visited = [n for n, _ in node.next_functions if n is not None], set()
+        while level:
+            leaves = [n.variable for n in level if hasattr(n, "variable")]
+            if leaves:
+                leaf = min(leaves, key=lambda t: t.numel())
+                found.setdefault(id(leaf), leaf)
+                break
+            visited.update(id(n) for n in level)
+            level = [m for n in level for m, _ in n.next_functions if m is not None and id(m) not in visited]
+    return list(found.values())
 
 
 def _call_graph(gm: fx.GraphModule, call: Optional[CallSignature], args: tuple, kwargs: dict):

@@ -463,7 +463,8 @@ class WidthBuilder:
                 params = self.params(model)
                 if abs(params - target) <= tolerance * target and (
                         found is None or abs(params - target) < abs(found.params - target)):
-                    found = ScaledModel(model, built, params, self.method + " + torch-pruning")
+                    found = ScaledModel(model, built, params, "torch-pruning" if self.base_width is None
+                                        else self.method + " + torch-pruning")
             if params == previous:  # every group has given a channel
                 break
             previous = params

@@ -1098,7 +1098,8 @@ def test_the_table_gives_short_training_times_to_three_digits():
     from pbp_fx.compare import markdown, summarize
 
     rows = [{"arm": arm, "seed": seed, "test": 0.8, "val": 0.8, "params": 10, "epochs": 8, "seconds": s}
-            for arm, s0 in (("plain", 0.42), ("pb", 12.3)) for seed, s in ((0, s0), (1, s0 * 1.1))]
+            for arm, s0 in (("plain", 0.42), ("pb", 12.3), ("gd", 1296.0)) for seed, s in ((0, s0), (1, s0 * 1.1))]
     table = markdown(summarize(rows), paired(rows), "", "# t")
-    plain, pb = (next(line for line in table.splitlines() if line.startswith(f"| {arm} |")) for arm in ("plain", "pb"))
-    assert "| 0.441 ± 0.03 |" in plain and "| 12.9 ± 0.87 |" in pb
+    plain, pb, gd = (next(line for line in table.splitlines() if line.startswith(f"| {arm} |"))
+                     for arm in ("plain", "pb", "gd"))
+    assert "| 0.441 ± 0.03 |" in plain and "| 12.9 ± 0.87 |" in pb and "| 1361 ± 92 |" in gd  # (no 1.36e+03)

@@ -285,9 +285,12 @@ def test_the_covariance_of_two_float32_halves_keeps_its_precision_under_an_error
     want = ((c64 - c64.mean(0)) * (d64 - d64.mean(0))).sum(0)
     probe = _TwoRanks()
     batch_covariance(c[100:], 2 * delta[100:], -1, 5, probe)
-    cov, _ = batch_covariance(c[:100], 2 * delta[:100], -1, 5, _TwoRanks(other=probe.seen))
+    cov, e = batch_covariance(c[:100], 2 * delta[:100], -1, 5, _TwoRanks(other=probe.seen))
     assert cov.dtype == torch.float32
     assert ((cov.double() - want).abs().max() / want.abs().max()).item() < 1e-6
+    # e (2 x the exact dC/dc, as DDP averages) to float32 precision as well (1.5e-2 off before)
+    want_e = 2 * (d64[:100] - d64.mean(0))
+    assert ((e.double() - want_e).abs().max() / want_e.abs().max()).item() < 1e-6
 
 
 def test_two_ranks_match_one_rank(tmp_path):

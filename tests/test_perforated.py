@@ -546,6 +546,10 @@ def test_no_sites_names_why_the_models_layers_are_not_sites():
     assert "\n" not in str(refused.value)
     with pytest.raises(pbp_fx.NoSitesError, match=r"\(or all were excluded\): check include=/exclude="):
         pbp_fx.perforate(_WeightComputedAtRunTime(), (torch.randn(2, 6),), exclude="lin")
+    # A site that exclude= removed is the reason, not the other layer that is no site
+    with_a_site = nn.Sequential(nn.Linear(6, 6), _WeightComputedAtRunTime())
+    with pytest.raises(pbp_fx.NoSitesError, match=r"\(or all were excluded\): check include=/exclude="):
+        pbp_fx.perforate(with_a_site, (torch.randn(2, 6),), exclude="0")
 
 
 def test_a_glob_that_matches_no_layer_is_warned_of_naming_the_layers():

@@ -1378,6 +1378,24 @@ class _MemoryEfficientSwish(torch.autograd.Function):
         return g * s * (1 + x * (1 - s))
 
 
+class _MemoryEfficientSwishNewStyle(torch.autograd.Function):
+    """The torch 2 style: forward without ctx, setup_context apart."""
+
+    @staticmethod
+    def forward(x):
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return g * s * (1 + x * (1 - s))
+
+
 class _StraightThroughRound(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -1400,15 +1418,20 @@ def _with_function(function):
     return Net()
 
 
-@pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_a_custom_backward_that_is_its_forwards_derivative_is_not_warned_of(frontend):
+@pytest.mark.parametrize("function", [_MemoryEfficientSwish, _MemoryEfficientSwishNewStyle])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
+def test_a_custom_backward_that_is_its_forwards_derivative_is_not_warned_of(frontend, dtype, function):
     """Every Function with a backward of its own was warned of (timm's memory-efficient activations, Bloom's
-    GeLUFunction), and fx added that the forward 'switches grad mode' (Function.apply's own no_grad). The
-    capture's gradients are now compared with the model's on the example inputs (dropout in the model)."""
+    GeLUFunction), and fx added that the forward 'switches grad mode' (Function.apply's own no_grad), which
+    sent auto to torch.export. The capture's gradients are now compared with the model's on the example
+    inputs (dropout in the model), to the precision of the model's dtype (bfloat16's two formulas differ
+    by 5e-3)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", pbp_fx.PBWarning)
-        pm = pbp_fx.perforate(_with_function(_MemoryEfficientSwish), (torch.randn(4, 6),), frontend=frontend)
-    assert pm.graph_module.meta["pbp_frontend"] == frontend
+        pm = pbp_fx.perforate(_with_function(function).to(dtype), (torch.randn(64, 6, dtype=dtype),),
+                              frontend=frontend)
+    assert pm.graph_module.meta["pbp_frontend"] == ("fx" if frontend == "auto" else frontend)
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])

@@ -410,6 +410,16 @@ def test_a_pruned_model_reports_the_width_it_was_built_at():
     assert matched.width == pytest.approx(matched.model[0].out_features / 6)
 
 
+def test_a_model_without_a_width_argument_matched_by_trimming_reads_torch_pruning_once():
+    """A count between two uniform widths is met by trimming single channels: width_method read
+    'torch-pruning + torch-pruning' for a model whose every width is torch-pruning's."""
+    def build_model():
+        return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+
+    builder = WidthBuilder(build_model, lambda: (torch.randn(2, 5),), None)
+    assert {builder.for_params(target).method for target in (45, 60, 66, 80, 85)} == {"torch-pruning"}
+
+
 class _Tailed(nn.Module):
     """An output that is not the head's own tensor: log-probabilities, a mask applied to logits."""
 
