@@ -7,7 +7,7 @@ BatchNorm / pooling / elementwise layers and fused sites maps one node to one or
 ops, so `emit` writes it directly. Anything it does not know (another op, a shape computed at
 run time, a non-float input) raises `Unsupported` and the caller uses the dynamo exporter.
 
-Requires: a GraphModule in eval mode whose FusedSites are `_ExportedSite`s (exporters.onnx).
+Requires: a GraphModule in eval mode whose FusedSites are `ExportedSite`s (exporters.onnx).
 Ensures: a ModelProto (no functions attached yet) computing what the module computes on the
 example inputs, batch axis dynamic when asked; pbp nodes carry the same metadata the dynamo
 route gives them.
@@ -109,7 +109,7 @@ class _Emitter:
         self.names[n] = self.const(value, n.name)
 
     def call_module(self, n: fx.Node, value) -> None:
-        from .onnx import _ExportedSite, _explicit_pads, _ntuple
+        from .onnx import ExportedSite, explicit_pads, ntuple
 
         m = self.gm.get_submodule(n.target)
         if n.kwargs or len(n.args) != 1:
@@ -120,11 +120,11 @@ class _Emitter:
         xv = self.values[n.args[0]]
         if getattr(m, "inplace", False):
             self._check_in_place(n)
-        if isinstance(m, _ExportedSite):
+        if isinstance(m, ExportedSite):
             spec = m.spec
             if spec.padding_mode != "zeros":
                 raise Unsupported("padding mode")
-            # The fused node's inputs in the function's own order and layout (one source: _ExportedSite).
+            # The fused node's inputs in the function's own order and layout (one source: ExportedSite).
             ins = [x] + [self.const(t, name) for name, t in m.tensors().items()]
             from .functions import DOMAIN
             from .onnx import _OVERLOAD_KEY, _SITE_KEY
@@ -150,10 +150,10 @@ class _Emitter:
                 raise Unsupported("conv padding mode or unbatched input")
             nd = m.weight.dim() - 2
             kernel = tuple(m.weight.shape[2:])
-            dil = _ntuple(m.dilation, nd)
-            begins, ends = _explicit_pads(m.padding, kernel, dil)
+            dil = ntuple(m.dilation, nd)
+            begins, ends = explicit_pads(m.padding, kernel, dil)
             ins = [x, self.const(m.weight, "weight")] + ([self.const(m.bias, "bias")] if m.bias is not None else [])
-            out = self.node("Conv", ins, n.name, kernel_shape=list(kernel), strides=list(_ntuple(m.stride, nd)),
+            out = self.node("Conv", ins, n.name, kernel_shape=list(kernel), strides=list(ntuple(m.stride, nd)),
                             pads=begins + ends, dilations=list(dil), group=int(m.groups))
         elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
             if m.training or m.running_mean is None or xv.dim() < 2:
@@ -166,7 +166,7 @@ class _Emitter:
         elif type(m) is nn.Flatten:
             out = self._flatten(n, x, xv, m.start_dim, m.end_dim)
         elif type(m) in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d):
-            if any(s != 1 for s in _ntuple(m.output_size, xv.dim() - 2) if s is not None):
+            if any(s != 1 for s in ntuple(m.output_size, xv.dim() - 2) if s is not None):
                 raise Unsupported("adaptive pooling to more than one cell")
             out = self.node("GlobalAveragePool", [x], n.name)
         elif type(m) in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d):

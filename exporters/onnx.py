@@ -94,7 +94,8 @@ class ExportPathError(ExportError, OSError):
 
 # -- the fused op at export time ------------------------------------------------------------
 
-def _explicit_pads(padding, kernel: tuple, dilation: tuple) -> tuple[list[int], list[int]]:
+def explicit_pads(padding, kernel: tuple, dilation: tuple) -> tuple[list[int], list[int]]:
+    """A conv's padding (int, tuple, "valid" or "same") as ONNX's begin and end pads."""
     nd = len(kernel)
     if padding == "valid":
         return [0] * nd, [0] * nd
@@ -107,7 +108,8 @@ def _explicit_pads(padding, kernel: tuple, dilation: tuple) -> tuple[list[int], 
     return list(padding), list(padding)
 
 
-def _ntuple(v, n: int) -> tuple:
+def ntuple(v, n: int) -> tuple:
+    """An int or sequence as an n-tuple of ints."""
     return tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * n
 
 
@@ -120,9 +122,9 @@ def fused_op_spec(site: FusedSite) -> FusedOpSpec:
         return FusedOpSpec(**common)
     kernel = tuple(int(k) for k in layer.weight_shape[2:])
     nd = len(kernel)
-    dilation = _ntuple(layer.dilation, nd)
-    begins, ends = _explicit_pads(layer.padding, kernel, dilation)
-    return FusedOpSpec(**common, kernel_shape=kernel, strides=_ntuple(layer.stride, nd),
+    dilation = ntuple(layer.dilation, nd)
+    begins, ends = explicit_pads(layer.padding, kernel, dilation)
+    return FusedOpSpec(**common, kernel_shape=kernel, strides=ntuple(layer.stride, nd),
                        pads=tuple(begins + ends), dilations=dilation, group=int(layer.groups),
                        padding_mode=layer.padding_mode)
 
@@ -131,7 +133,7 @@ def _frozen(t: Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach().contiguous().clone(), requires_grad=False)
 
 
-class _ExportedSite(nn.Module):
+class ExportedSite(nn.Module):
     """Stands in for a FusedSite during export: one `pbp::Perforated*` node.
 
     Holds the site's tensors in the layout the function body reads (see
@@ -195,17 +197,17 @@ def _fused_node(x: Tensor, tensors: list, op: str, attributes: dict, channels: i
 
 
 def _swap_fused_sites(root: nn.Module) -> tuple[nn.Module, dict[str, FusedOpSpec]]:
-    """Replace every FusedSite under `root` (in place) by an _ExportedSite."""
+    """Replace every FusedSite under `root` (in place) by an ExportedSite."""
     specs: dict[str, FusedOpSpec] = {}
     if isinstance(root, FusedSite):
-        new = _ExportedSite(root)
+        new = ExportedSite(root)
         return new, {new.spec.overload: new.spec}
     for name, mod in list(root.named_modules()):
         if not isinstance(mod, FusedSite):
             continue
         owner, _, child = name.rpartition(".")
         parent = root.get_submodule(owner) if owner else root
-        new = _ExportedSite(mod)
+        new = ExportedSite(mod)
         setattr(parent, child, new)
         specs[new.spec.overload] = new.spec
     return root, specs

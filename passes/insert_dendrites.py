@@ -16,7 +16,7 @@ from torch import fx, nn
 from pbp_fx.site import Site, SwappedNeuron
 
 from .find_sites import SiteSpec
-from .patterns import _arg, attr_tensor
+from .patterns import node_arg, attr_tensor
 
 __all__ = ["insert_dendrites", "site_key", "SITES_ATTR"]
 
@@ -65,7 +65,7 @@ def _insert(gm: fx.GraphModule, specs: list, activation: str, mode: str) -> fx.G
             site.follow_mode_of(gm.get_submodule(norm.target))
         # The neuron's current input, not spec.input_node: when that node is an upstream site's
         # output, the upstream Site has taken over its uses and the dendrites must see the same x.
-        out, x = nodes[spec.output_node], _arg(nodes[spec.neuron_node], spec.input_index, spec.input_name)
+        out, x = nodes[spec.output_node], node_arg(nodes[spec.neuron_node], spec.input_index, spec.input_name)
         with gm.graph.inserting_after(out):
             new = gm.graph.call_module(f"{SITES_ATTR}.{key}", (x, out))
         out.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)

@@ -75,7 +75,8 @@ def target_name(target) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
-def _arg(node: fx.Node, index: int, name: str, default=None):
+def node_arg(node: fx.Node, index: int, name: str, default=None):
+    """The node's argument at `index`, or its keyword `name` (fx records either)."""
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
@@ -208,7 +209,7 @@ def linear_or_conv_module(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatc
         return None
     if isinstance(m, nn.modules.lazy.LazyModuleMixin):
         return NotASite("a lazy module that has not run yet: call the model once before perforating")
-    x = _arg(node, 0, "input")  # (self.fc(input=h) as well as self.fc(h))
+    x = node_arg(node, 0, "input")  # (self.fc(input=h) as well as self.fc(h))
     if not isinstance(x, fx.Node):
         return NotASite("called without a tensor input")
     if not isinstance(m, nn.Linear) and _unbatched(node, len(m.kernel_size)):
@@ -220,21 +221,21 @@ def linear_or_conv_module(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatc
 def functional_linear(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
     if node.op != "call_function" or node.target not in _LINEAR_FUNCTIONS:
         return None
-    ref = _weight_ref(gm, _arg(node, 1, "weight"))
-    b = _arg(node, 2, "bias")
+    ref = _weight_ref(gm, node_arg(node, 1, "weight"))
+    b = node_arg(node, 2, "bias")
     bias = _param_path(gm, b)
     if ref is None:
         return NotASite(_NOT_PARAM)
     if b is not None and bias is None:
         return NotASite("its bias is not a parameter")
-    if not isinstance(_arg(node, 0, "input"), fx.Node):
+    if not isinstance(node_arg(node, 0, "input"), fx.Node):
         return NotASite("its input is a constant")
     weight, transposed = ref
     shape = tuple(gm.get_parameter(weight).shape)
     if len(shape) != 2:
         return NotASite(f"its weight is {len(shape)}-D, not 2-D")
     shape = shape[::-1] if transposed else shape
-    return NeuronMatch(LayerSpec("linear", shape, bias is not None), _arg(node, 0, "input"),
+    return NeuronMatch(LayerSpec("linear", shape, bias is not None), node_arg(node, 0, "input"),
                        None, weight, bias, weight_transposed=transposed)
 
 
@@ -265,16 +266,16 @@ def functional_matmul(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, N
     if node.op != "call_function" or node.target not in _MATMUL_FUNCTIONS:
         return None
     xi, xn, wi, wn = _MATMUL_FUNCTIONS[node.target]
-    return _product(gm, _arg(node, xi, xn), _arg(node, wi, wn), None, node, xi, xn)
+    return _product(gm, node_arg(node, xi, xn), node_arg(node, wi, wn), None, node, xi, xn)
 
 
 def functional_addmm(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
     if node.op != "call_function" or node.target not in _ADDMM_FUNCTIONS:
         return None
     bn, xn, wn = _ADDMM_FUNCTIONS[node.target]
-    if _arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1:
+    if node_arg(node, 3, "beta", 1) != 1 or node_arg(node, 4, "alpha", 1) != 1:
         return NotASite("addmm with beta or alpha other than 1")
-    return _product(gm, _arg(node, 1, xn), _arg(node, 2, wn), _arg(node, 0, bn), node, 1, xn)
+    return _product(gm, node_arg(node, 1, xn), node_arg(node, 2, wn), node_arg(node, 0, bn), node, 1, xn)
 
 
 def functional_conv(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
@@ -283,14 +284,14 @@ def functional_conv(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, Not
     d = _CONV_FUNCTIONS[node.target]
     if _unbatched(node, d):
         return NotASite(_UNBATCHED)
-    weight = _param_path(gm, _arg(node, 1, "weight"))
-    b = _arg(node, 2, "bias")
+    weight = _param_path(gm, node_arg(node, 1, "weight"))
+    b = node_arg(node, 2, "bias")
     bias = _param_path(gm, b)
     if weight is None:
         return NotASite(_NOT_PARAM)
     if b is not None and bias is None:
         return NotASite("its bias is not a parameter")
-    rest = [_arg(node, i, n, dflt) for i, n, dflt in
+    rest = [node_arg(node, i, n, dflt) for i, n, dflt in
             ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1))]
     if any(isinstance(v, fx.Node) for v in rest):
         return NotASite(_RUNTIME_HYPER)
@@ -299,7 +300,7 @@ def functional_conv(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, Not
     layer = LayerSpec(f"conv{d}d", tuple(w.shape), bias is not None, _ntuple(stride, d),
                       padding if isinstance(padding, str) else _ntuple(padding, d),
                       _ntuple(dilation, d), int(groups))
-    return NeuronMatch(layer, _arg(node, 0, "input"), None, weight, bias)
+    return NeuronMatch(layer, node_arg(node, 0, "input"), None, weight, bias)
 
 
 def aten_convolution(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:

@@ -16,7 +16,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from pbp_fx.exporters import DOMAIN, FusedOpSpec, fused_op_spec, make_function
-from pbp_fx.exporters.onnx import _ExportedSite
+from pbp_fx.exporters.onnx import ExportedSite
 from pbp_fx.layers import LayerSpec
 from pbp_fx.site import FusedSite
 
@@ -35,7 +35,7 @@ def make_site(layer: LayerSpec, k: int, activation: str, seed: int = 0) -> Fused
 
 
 def single_node_model(site: FusedSite, in_shape: list, opset: int = 18) -> onnx.ModelProto:
-    ex = _ExportedSite(site)
+    ex = ExportedSite(site)
     spec = ex.spec
     tensors = ex.tensors()
     inputs = spec.input_names()
@@ -125,7 +125,7 @@ def test_fused_layout_runs_one_call_per_copy_with_no_split_or_gather():
             outputs = {n.output[0] for n in calls}
             assert not [n for n in f.node if n.op_type == "Gather" and n.input[0] in outputs], name
             shape = layer.weight_shape[::-1] if layer.kind == "linear" else layer.weight_shape
-            assert all(tuple(w.shape) == tuple(shape) for w in _ExportedSite(site).weights), name
+            assert all(tuple(w.shape) == tuple(shape) for w in ExportedSite(site).weights), name
             # the cascade Add takes the copy's own layer output first, so a runtime fuses it into that call
             for n in f.node:
                 if n.op_type == "Add" and n.output[0].startswith("a_"):
