@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from .errors import PBError, PBWarning, Terminated, exited
 from .fileio import check_output_dir, umask
+from .signals import interrupts_kept
 
 __all__ = ["main", "subcommand", "arg", "COMMANDS", "build_parser", "atomic_output_dir"]
 
@@ -204,72 +205,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout, sys.stderr = (s if s is None or isinstance(s, _QuietOnceClosed) else _QuietOnceClosed(s)
                               for s in streams)
     try:
-        with _sigterm_as_interrupt() as signalled:
+        with interrupts_kept() as seen:
             status = _main(argv)
-        if signalled.lost and status == EXIT_OK:  # (its resend came too late)
-            _error("terminated, but the signal came in a clean-up callback, where Python cannot stop a command, and "
-                   "the command ended before it could be stopped")
-            return 143
+        if seen.received and status == EXIT_OK:  # (lost, and its resend came too late; or swallowed)
+            stopped = seen.received[-1]
+            where = ("came in a clean-up callback, where Python cannot stop a command" if seen.lost is not None
+                     else "was caught by code the command ran")
+            _error(f"{'terminated' if stopped is Terminated else 'interrupted'}, but the signal {where}, and the "
+                   "command ended before it could be stopped")
+            return 143 if stopped is Terminated else 130
         return status
     finally:
         sys.stdout, sys.stderr = streams
         _before_exit()
-
-
-class _Signalled:
-    """What `_sigterm_as_interrupt` saw: `lost`, a Terminated raised where Python discards exceptions;
-    `ended`: the command has ended (a SIGTERM now stops nothing)."""
-
-    lost = ended = False
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[_Signalled]:
-    import signal
-    import threading
-
-    signalled = _Signalled()
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield signalled  # (only the main thread may set it; a caller's own handler stays)
-        return
-
-    resend: list[threading.Timer] = []
-
-    def terminated(_signum, _frame):
-        if not signalled.ended:
-            for timer in resend:  # (a resend of a lost one still pending would land in the stop this starts)
-                timer.cancel()
-            raise Terminated()
-
-    # A signal is handled between any two bytecodes, also inside a garbage collector's callback or a
-    # __del__, where Python prints the exception as "ignored" and goes on: the signal is sent again
-    # shortly (from another thread, once this hook has returned), to stop the command where it can.
-    unraisable = sys.unraisablehook
-
-    def note_lost(info) -> None:
-        if not isinstance(info.exc_value, Terminated):
-            unraisable(info)
-            return
-        signalled.lost = True
-        timer = threading.Timer(RESEND_SECONDS, os.kill, (os.getpid(), signal.SIGTERM))
-        timer.daemon = True
-        resend.append(timer)
-        timer.start()
-
-    signal.signal(signal.SIGTERM, terminated)
-    sys.unraisablehook = note_lost
-    try:
-        yield signalled
-    finally:
-        signalled.ended = True  # (a resend under way reaches a handler that stops nothing, not the default's kill)
-        for timer in resend:
-            timer.cancel()
-            timer.join()
-        sys.unraisablehook = unraisable
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-RESEND_SECONDS = 0.05  # a lost SIGTERM's resend: after the callback that lost it has returned
 
 
 class _QuietOnceClosed:

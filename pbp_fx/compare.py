@@ -48,6 +48,7 @@ from .modelfile import (check_metric_direction, example_kwargs, instantiate, key
                         warn_unread_names)
 from .passes.find_sites import site_filters
 from .schedule import Kind, PhaseSchedule
+from .signals import interrupts_kept
 from .tracing import copy_module
 from .training import NonFiniteDataError, NonFiniteError, NonFiniteLossError, accuracy, evaluate, train_epoch
 from .width import WidthBuilder, WidthError
@@ -752,11 +753,11 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                with _interrupts_recorded() as interrupted:
+                with interrupts_kept(sigterm=False) as seen:
                     for i, a in zip(todo, args):
                         finished(i, _said(*_arm_with_warnings(*a)))
-                        if interrupted:  # (a Ctrl-C Python dropped: raised in a weakref callback or a __del__)
-                            raise KeyboardInterrupt
+                        if seen.received:  # (a Ctrl-C dropped in a weakref callback or a __del__, or swallowed)
+                            raise seen.received[-1]()
             finally:
                 torch.set_num_threads(threads)
         else:
@@ -766,31 +767,6 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
         _said(None, spec, said)
         raise
     return [rows[i] for i in range(len(specs))]
-
-
-@contextlib.contextmanager
-def _interrupts_recorded():
-    """A Ctrl-C raises KeyboardInterrupt as usual and is recorded in the list yielded: Python drops an
-    exception raised inside a weakref callback or a __del__ ("Exception ignored in ..."), and the
-    command then ran on to its report."""
-    import signal
-    import threading
-
-    interrupted: list = []
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield interrupted  # (a caller's own handler, or SIGINT ignored as in a background job: left as it is)
-        return
-
-    def record(_signum, _frame):
-        interrupted.append(True)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, record)
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _arm_with_warnings(*args) -> tuple[dict, RunSpec, list]:

@@ -1034,29 +1034,6 @@ def test_a_ctrl_c_python_drops_still_stops_the_compare(tmp_path, capsys):
     assert not (out / "compare.md").exists()
 
 
-def test_an_ignored_or_own_sigint_handler_is_left_as_it_is():
-    """A background job inherits SIGINT ignored: recording it there made a terminal's Ctrl-C stop it."""
-    import signal
-
-    from pbp_fx.compare import _interrupts_recorded
-
-    caught = []
-
-    def own(*args):
-        caught.append(args)
-
-    for handler in (signal.SIG_IGN, own):
-        previous = signal.signal(signal.SIGINT, handler)
-        try:
-            with _interrupts_recorded():
-                assert signal.getsignal(signal.SIGINT) is handler
-        finally:
-            signal.signal(signal.SIGINT, previous)
-    with _interrupts_recorded():
-        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
 @pytest.mark.parametrize("kept, said", [(0, True), ({"fc1": 0, "fc2": 0}, True), (1, False), ({"fc1": 1}, False)])
 def test_a_pb_arm_that_kept_no_dendrite_is_said_to_be_the_plain_model(kept, said):
     """pb ran rounds but installed nothing at every seed: each pair with plain read "the same difference at every

@@ -1,0 +1,96 @@
+"""Ctrl-C and SIGTERM that stop a command even where Python discards the exception they raise.
+
+A signal's handler runs between any two bytecodes, also inside a garbage collector's callback or a
+`__del__`, where Python prints the KeyboardInterrupt as "Exception ignored in ..." and goes on: a
+training run then trained to its end and exited 0. `interrupts_kept` notes such a loss and sends the
+signal again shortly (from another thread, once the callback has returned), and records every
+signal it handled, so that code which swallowed one (a library's `except BaseException`) can still
+stop. The state lives in the installed handler (a bound method), so a nested use shares the outer
+one's; nothing is global.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from .errors import Terminated
+
+__all__ = ["Interrupts", "interrupts_kept", "RESEND_SECONDS"]
+
+RESEND_SECONDS = 0.05  # a lost signal's resend: after the callback that lost it has returned
+
+
+class Interrupts:
+    """What `interrupts_kept` saw: `received`, the exceptions its handlers raised (KeyboardInterrupt,
+    Terminated), in order; `lost`, the last one Python discarded, or None; `ended`: the block has
+    ended (a signal now stops nothing)."""
+
+    def __init__(self):
+        self.received: list[type] = []
+        self.lost: Optional[type] = None
+        self.ended = False
+        self._resend: list[threading.Timer] = []
+
+    def _handle(self, signum, _frame) -> None:
+        if self.ended:
+            return
+        for timer in self._resend:  # (a resend of a lost one still pending would land in the stop this starts)
+            timer.cancel()
+        exc = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self.received.append(exc)
+        raise exc()
+
+    def _note_lost(self, exc: BaseException) -> None:
+        self.lost = type(exc)
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        timer = threading.Timer(RESEND_SECONDS, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        self._resend.append(timer)
+        timer.start()
+
+
+@contextmanager
+def interrupts_kept(sigterm: bool = True) -> Iterator[Interrupts]:
+    """Handle Ctrl-C (KeyboardInterrupt) and, with `sigterm`, SIGTERM (Terminated, exit 143 by the CLI)
+    for the block, as `Interrupts` says. A signal whose handler is not Python's default (ignored, as in
+    a background job, or the caller's own) is left as it is; so is everything off the main thread."""
+    outer = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
+    if isinstance(outer, Interrupts):
+        yield outer  # (nested: the outer block's handlers serve)
+        return
+    seen = Interrupts()
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    handled = [s for s, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))
+               if (s == signal.SIGINT or sigterm) and signal.getsignal(s) is default]
+    if not handled:
+        yield seen
+        return
+    previous = {s: signal.signal(s, seen._handle) for s in handled}
+    unraisable = sys.unraisablehook
+
+    def note_lost(info) -> None:
+        exc = info.exc_value
+        raised_here = isinstance(exc, KeyboardInterrupt) and (
+            signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT) in handled
+        if not raised_here or seen.ended:
+            unraisable(info)
+            return
+        seen._note_lost(exc)
+
+    sys.unraisablehook = note_lost
+    try:
+        yield seen
+    finally:
+        seen.ended = True  # (a resend under way reaches a handler that stops nothing, not the default's)
+        for timer in seen._resend:
+            timer.cancel()
+            timer.join()
+        sys.unraisablehook = unraisable
+        for s, handler in previous.items():
+            signal.signal(s, handler)
