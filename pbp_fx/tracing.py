@@ -85,19 +85,31 @@ def _grad_context() -> tuple:
             torch.is_autocast_enabled("cuda"), depth)
 
 
-def _inside_function_forward() -> bool:
-    """Whether a torch.autograd.Function's forward is being traced: Function.apply turns grad mode off
-    around it, which is no switch of the model's (a capture keeps the forward's ops and autograd derives
-    their gradients; `_warn_custom_backwards` checks those against the Function's own backward)."""
+def _function_forwards() -> frozenset:
+    """The code of every torch.autograd.Function subclass's forward defined so far (torch's own too)."""
+    codes, stack = set(), list(torch.autograd.Function.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        code = getattr(cls.__dict__.get("forward"), "__code__", None)  # (a staticmethod's function)
+        if code is None:
+            code = getattr(getattr(cls.__dict__.get("forward"), "__func__", None), "__code__", None)
+        if code is not None:
+            codes.add(code)
+    return frozenset(codes)
+
+
+def _inside_function_forward(forwards: frozenset) -> bool:
+    """Whether a torch.autograd.Function's forward (code in `forwards`) is being traced: Function.apply
+    turns grad mode off around it, which is no switch of the model's (a capture keeps the forward's ops
+    and autograd derives their gradients; `_warn_custom_backwards` checks those against the Function's
+    own backward). Found by the forward's frame: apply itself is C code in some torch versions."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is _FUNCTION_APPLY:
+        if frame.f_code in forwards:
             return True
         frame = frame.f_back
     return False
-
-
-_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
 
 
 _AUTOCAST = "autocast (torch.autocast)"
@@ -117,6 +129,7 @@ class PBTracer(fx.Tracer):
         self.failed_module: Optional[str] = None
         self.switched_modes: list[str] = []
         self._start_context: Optional[tuple] = None
+        self._function_forwards: frozenset = frozenset()
         self.output: Any = None  # what forward returned, as it returned it (a ModelOutput, not a dict)
         self._outermost: Any = None  # the value of the last outermost create_arg call
         self._arg_depth = 0
@@ -126,6 +139,7 @@ class PBTracer(fx.Tracer):
         # is then a switch.
         with torch.enable_grad(), torch.inference_mode(False):
             self._start_context = _grad_context()
+            self._function_forwards = _function_forwards()
             return super().trace(root, concrete_args)
 
     def create_arg(self, a):
@@ -145,7 +159,7 @@ class PBTracer(fx.Tracer):
         if self._start_context is not None and kind != "placeholder":
             for i, (now, start) in enumerate(zip(_grad_context(), self._start_context)):
                 if now != start and _CONTEXT_NAMES[i] not in self.switched_modes and \
-                        not (i == 0 and _inside_function_forward()):
+                        not (i == 0 and _inside_function_forward(self._function_forwards)):
                     self.switched_modes.append(_CONTEXT_NAMES[i])
         return super().create_node(kind, target, args, kwargs, name, type_expr)
 
@@ -1108,8 +1122,10 @@ def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwar
 
 
 def _nearest_leaves(calls: list) -> list:
-    """The leaf tensors (requiring grad) nearest upstream of the first `_CHECKED_CALLS` autograd nodes of
-    each Function class in `calls`: breadth first, the first level that holds any, the smallest of it."""
+    """For the first `_CHECKED_CALLS` autograd nodes of each Function class in `calls`, and each of a
+    node's inputs, the leaf tensor (requiring grad) nearest upstream of that input: breadth first, the
+    smallest of the first level that holds any. Every input's own: a parameter fed to the Function
+    directly (a learned quantisation step) must not hide the straight-through input beside it."""
     per_class: dict = {}
     found: dict[int, torch.Tensor] = {}
     for node in calls:
@@ -1117,15 +1133,16 @@ def _nearest_leaves(calls: list) -> list:
         if len(seen) >= _CHECKED_CALLS:
             continue
         seen.append(node)
-        level, visited = [n for n, _ in node.next_functions if n is not None], set()
-        while level:
-            leaves = [n.variable for n in level if hasattr(n, "variable")]
-            if leaves:
-                leaf = min(leaves, key=lambda t: t.numel())
-                found.setdefault(id(leaf), leaf)
-                break
-            visited.update(id(n) for n in level)
-            level = [m for n in level for m, _ in n.next_functions if m is not None and id(m) not in visited]
+        for start, _ in node.next_functions:
+            level, visited = [start] if start is not None else [], set()
+            while level:
+                leaves = [n.variable for n in level if hasattr(n, "variable")]
+                if leaves:
+                    leaf = min(leaves, key=lambda t: t.numel())
+                    found.setdefault(id(leaf), leaf)
+                    break
+                visited.update(id(n) for n in level)
+                level = [m for n in level for m, _ in n.next_functions if m is not None and id(m) not in visited]
     return list(found.values())
 
 
