@@ -765,6 +765,9 @@ def _drop_root_hooks(model: nn.Module, frontend: str, example_inputs: tuple, exa
         return
     if frontend == "export":
         if passes_every_input_positionally(model, example_inputs, example_kwargs or {}):
+            warn_at_user(f"{type(model).__name__} has forward hook(s) or pre-hook(s) on itself: torch.export captures "
+                         "what they compute into the graph, so one that only records (appends an output to a list) "
+                         "runs at capture, not at the perforated model's calls: register such a hook on it")
             return
         how = ("torch.export captures them only from an example that passes every input of forward positionally "
                "(these are passed by name or left at their defaults)")

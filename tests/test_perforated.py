@@ -1854,8 +1854,7 @@ def test_hooks_on_the_model_itself_are_said_to_be_dropped_unless_torch_export_ca
     torch.testing.assert_close(pm(x), model(x))
     hooked = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     hooked.register_forward_hook(lambda m, args, out: out.softmax(-1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(UserWarning, match="torch.export captures what they compute into the graph"):
         exported = pbp_fx.perforate(hooked, (x,), frontend="export")
     torch.testing.assert_close(exported(x), hooked(x))
 
@@ -1876,8 +1875,8 @@ def test_torch_export_captures_a_pre_hook_on_the_model_from_a_positional_example
     x, mask = torch.randn(5, 6), torch.rand(5, 4)
     model = _HookedMasked()
     model.register_forward_pre_hook(lambda m, args: (args[0] * 3, *args[1:]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(UserWarning, match=r"_HookedMasked has forward hook\(s\) or pre-hook\(s\) on itself: torch.export "
+                                         r"captures what they compute into the graph, so one that only records"):
         pm = pbp_fx.perforate(model, (x, mask), frontend="export")
     y = torch.randn(7, 6)
     m = torch.rand(7, 4)
