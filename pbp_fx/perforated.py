@@ -115,6 +115,11 @@ class PerforatedModel(nn.Module):
     def __getstate__(self) -> dict:
         # torch's unpickled GraphModule starts with an empty meta (the capture's records: the input
         # signature, the output structure): kept here, by the graph module's path.
+        guards = next((path for path, m in self.named_modules() if path.rpartition(".")[2] == "_guards_fn"), None)
+        if guards is not None:  # (torch.export's input check, code made at capture: pickle cannot hold it)
+            raise PBError(f"this model was captured with torch.export, whose input-guard function ({guards}) cannot be "
+                          "pickled, so torch.save(pm) / pickle cannot write it: save it with pbp_fx.save(pm, path) and "
+                          "load it with pbp_fx.load(path, model), or perforate with frontend='fx'")
         state = dict(super().__getstate__())  # (a copy: object's is the live __dict__)
         # ... and registers every buffer its graph reads as persistent: which are not is kept too.
         graphs = [(path, g) for path, g in self.named_modules() if isinstance(g, fx.GraphModule)]

@@ -811,6 +811,22 @@ def test_forward_shows_the_original_signature_and_pickles():
     assert pickle.dumps(pm)
 
 
+def test_pickling_a_torch_export_capture_is_refused_in_one_line_naming_pbp_fx_save():
+    """torch.save(pm) of an export capture failed in pickle with "Can't pickle local object
+    'wrap_dunder_call_ctx_manager.<locals>.inner'" (torch.export's input-guard function)."""
+    import io
+
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)), (torch.randn(4, 6),),
+                          frontend="export")
+    if not any(path.endswith("_guards_fn") for path, _ in pm.named_modules()):
+        pytest.skip("this torch's export makes no input-guard module")
+    with pytest.raises(pbp_fx.PBError, match=r"^this model was captured with torch.export, whose input-guard function "
+                                             r"\(graph_module._guards_fn\) cannot be pickled, .* save it with "
+                                             r"pbp_fx.save\(pm, path\)") as refused:
+        torch.save(pm, io.BytesIO())
+    assert "\n" not in str(refused.value)
+
+
 def test_a_perforated_model_unpickled_keeps_its_signature_and_pickles_again():
     """torch's unpickled GraphModule starts with an empty meta: the model lost its input signature
     and output structure, and a second torch.save raised PicklingError ('not the same object'). It
