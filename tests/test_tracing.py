@@ -1378,8 +1378,8 @@ class _MemoryEfficientSwish(torch.autograd.Function):
         return g * s * (1 + x * (1 - s))
 
 
-class _MemoryEfficientSwishNewStyle(torch.autograd.Function):
-    """The torch 2 style: forward without ctx, setup_context apart."""
+class _MemoryEfficientSwishNewStyle(_MemoryEfficientSwish):
+    """The torch 2 style: forward without ctx, setup_context apart (the same backward)."""
 
     @staticmethod
     def forward(x):
@@ -1388,12 +1388,6 @@ class _MemoryEfficientSwishNewStyle(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        s = torch.sigmoid(x)
-        return g * s * (1 + x * (1 - s))
 
 
 class _StraightThroughRound(torch.autograd.Function):
