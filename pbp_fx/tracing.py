@@ -91,9 +91,8 @@ def _function_forwards() -> frozenset:
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        code = getattr(cls.__dict__.get("forward"), "__code__", None)  # (a staticmethod's function)
-        if code is None:
-            code = getattr(getattr(cls.__dict__.get("forward"), "__func__", None), "__code__", None)
+        forward = cls.__dict__.get("forward")
+        code = getattr(getattr(forward, "__func__", forward), "__code__", None)  # (a staticmethod's function)
         if code is not None:
             codes.add(code)
     return frozenset(codes)
@@ -1031,13 +1030,17 @@ def _custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
             output = model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - (a model the inputs cannot run: the capture says why)
         return []
+    return sorted({node._forward_cls.__qualname__ for node in _custom_calls(pytree.tree_leaves(output))})
+
+
+def _custom_calls(outputs: list) -> list:
+    """The autograd nodes, behind the tensors in `outputs`, of torch.autograd.Function calls of classes
+    outside torch and pbp-fx (a Function's backward node names its class as `_forward_cls`)."""
     from .training import autograd_nodes  # (training builds on this module)
 
-    roots = [(t.grad_fn, 0) for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
-    return sorted({function.__qualname__ for node in autograd_nodes(roots).values()
-                   # (a torch.autograd.Function's backward node names its class)
-                   for function in [getattr(node, "_forward_cls", None)]
-                   if function is not None and not function.__module__.startswith(_GRADIENT_FAITHFUL)})
+    roots = [(t.grad_fn, 0) for t in outputs if isinstance(t, torch.Tensor)]
+    return [node for node in autograd_nodes(roots).values()
+            if hasattr(node, "_forward_cls") and not node._forward_cls.__module__.startswith(_GRADIENT_FAITHFUL)]
 
 
 # Gradients of the capture that differ by more than this (relative to the largest, or 4 units of the
@@ -1058,31 +1061,28 @@ def _warn_custom_backwards(model: nn.Module, gm: fx.GraphModule, names: list[str
     said as a possibility, where they cannot be compared (the graph also runs no_grad ops with grad)."""
     how = (f"{type(model).__name__} runs torch.autograd.Function {', '.join(names)} with a backward of its own: "
            "the perforated model keeps its forward ops alone, whose gradients autograd derives")
-    try:
-        if gm.meta.get("pbp_switched_modes"):
-            raise _NotComparable
-        worst, tolerance = _gradient_difference(model, gm, args, kwargs)
-    except Exception:  # noqa: BLE001 - (no comparison: said as what may happen)
+    difference = None
+    if not gm.meta.get("pbp_switched_modes"):  # (fx also lost a no_grad: the gradients differ for that too)
+        try:
+            difference = _gradient_difference(model, gm, args, kwargs)
+        except Exception:  # noqa: BLE001 - (no comparison: said as what may happen)
+            difference = None
+    if difference is None:
         warn_at_user(f"{how}, so a backward that is not their derivative (a straight-through estimator, a gradient "
                      "reversal) is lost and training differs; compare a parameter's .grad of the model and of the "
                      "perforated model on one batch before training")
         return
+    worst, tolerance = difference
     if worst > tolerance:
         warn_at_user(f"{how}, and on the example inputs its gradients differ from the model's (by {worst:.2g} of the "
                      "largest): training differs; capture a model whose Function's forward computes what its backward "
                      "differentiates, or keep that Function out of the model")
 
 
-class _NotComparable(Exception):
-    """The model's and the graph's gradients differ for a reason other than a Function's backward."""
-
-
 def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[float, float]:
     """(max |grad of gm - grad of model| / max |grad of model|, the tolerance for the dtypes seen) over the
     tensors nearest upstream of each custom Function call: parameters, or floating inputs. A fixed random
     projection of the outputs is differentiated; random state and buffers are kept."""
-    from .training import autograd_nodes  # (training builds on this module)
-
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
     def outputs_of(run, inputs) -> list:
@@ -1100,9 +1100,7 @@ def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwar
     inputs = pytree.tree_map(with_grad, (args, kwargs))
     with buffers_kept(model), buffers_kept(gm), torch.random.fork_rng(devices=cuda), torch.enable_grad():
         outputs = outputs_of(lambda i: model(*i[0], **i[1]), inputs)
-        calls = [node for node in autograd_nodes([(t.grad_fn, 0) for t in outputs]).values()
-                 if hasattr(node, "_forward_cls") and not node._forward_cls.__module__.startswith(_GRADIENT_FAITHFUL)]
-        wrt = _nearest_leaves(calls)
+        wrt = _nearest_leaves(_custom_calls(outputs))
         if not wrt:  # (no gradient of the model's flows through their backwards: nothing to differ)
             return 0.0, _GRADIENT_TOLERANCE
         want = torch.autograd.grad(projection(outputs), wrt, allow_unused=True)
