@@ -380,7 +380,8 @@ def _site_filter_args() -> tuple:
     arg("--activation", default="sigmoid", choices=("sigmoid", "tanh", "relu"),
         help="dendrite activation (default: sigmoid)"),
     arg("--frontend", default="auto", choices=("auto", "fx", "export"),
-        help="auto: symbolic tracing, else torch.export (default); fx; export"),
+        help="auto: symbolic tracing, else torch.export, also where fx's graph misses Linear/Conv weights "
+             "(default); fx; export"),
     arg("--explain", action="store_true",
         help="list every Linear/Conv-like op with 'site' or the reason it is not one"),
     arg("--out", metavar="DIR", default=None, type=_path,
@@ -532,8 +533,9 @@ def _dynamic_axis(text: str) -> tuple:
     return (int(name) if name.lstrip("-").isdigit() else name), dim, axis
 
 
-def config_args(cls) -> list[tuple]:
-    """One `--field-name` flag per field of a config dataclass; defaults shown, set values only kept."""
+def config_args(cls, helps: Optional[dict] = None) -> list[tuple]:
+    """One `--field-name` flag per field of a config dataclass; defaults shown, set values only kept.
+    helps: a command's own help for some fields, by name."""
     from .config import cli_fields
 
     out = []
@@ -541,7 +543,8 @@ def config_args(cls) -> list[tuple]:
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type).replace("Optional[", "").rstrip("]")
         optional = f.metadata.get("optional", False)
-        help_text = f"{f.metadata['help']} (default: {f.default}" + ("; none sets it back" if optional else "") + ")"
+        help_text = (f"{(helps or {}).get(f.name, f.metadata['help'])} (default: {f.default}"
+                     + ("; none sets it back" if optional else "") + ")")
         kwargs = {"dest": f.name, "default": None, "help": help_text}
         if kind == "bool":
             kwargs["action"] = _SwitchGivenOnce
@@ -779,7 +782,8 @@ def _model_module(ref: str):
         "is folded into their weights (one per-channel scale pass less per site)"),
     arg("--check", action="store_true", help="run the file in ONNX Runtime and compare with PyTorch"),
     arg("--frontend", default="auto", choices=("auto", "fx", "export"),
-        help="how the model file's model is captured (auto: symbolic tracing, else torch.export)"),
+        help="how the model file's model is captured (auto: symbolic tracing, else torch.export, also where fx's "
+             "graph misses Linear/Conv weights)"),
 )
 def export(args: argparse.Namespace) -> int:
     import onnx
@@ -1086,7 +1090,9 @@ def _compare_budget_args() -> tuple:
     """train's budget and PB flags, generated from TrainConfig and PBConfig like train's."""
     from .config import PBConfig, TrainConfig
 
-    return (_config_file_arg(), *config_args(TrainConfig), *config_args(PBConfig), *_site_filter_args())
+    # (compare trains each arm in its own mode: --mode gd is refused, saying so)
+    helps = {"mode": "pb only: compare trains each arm in its own mode, chosen with --arms (pb, gd, ...)"}
+    return (_config_file_arg(), *config_args(TrainConfig), *config_args(PBConfig, helps), *_site_filter_args())
 
 
 @subcommand(
