@@ -552,8 +552,10 @@ def _not_a_tensor(out, where: str = "output") -> str:
         items = [(f"{where}{key}", v) for key, v in children]
     elif dataclasses.is_dataclass(out):
         return f"{type(out).__name__} (a dataclass) at {where}"
-    else:
+    elif isinstance(out, (int, float, str, bytes)):
         return f"{type(out).__name__} {str(out)[:40]} at {where}"
+    else:  # (an object's repr can run long and say its type twice: an HF cache's does)
+        return f"a {type(out).__name__} at {where}"
     return next((odd for odd in (_not_a_tensor(v, w) for w, v in items) if odd), "")
 
 
@@ -909,7 +911,9 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
         raise ExportError(f"the model's output holds {odd}, and an ONNX model returns tensors only: return "
                           "tensors from forward (alone, or in a tuple or dict), e.g. torch.tensor(value) for a number"
                           + (f", or register the dataclass once: torch.export.register_dataclass({odd.split()[0]})"
-                             if "(a dataclass)" in odd else ""))
+                             if "(a dataclass)" in odd else "")
+                          + (" (a Hugging Face model's key/value cache: build it with use_cache=False)"
+                             if odd.startswith("a ") and "Cache " in odd else ""))
     input_names = _tensor_input_names(module, inputs)
     names = _output_names(example_out, input_names)
     # torch.export prints the partial graph to stderr when a capture fails: that belongs with the

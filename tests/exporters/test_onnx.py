@@ -1190,6 +1190,25 @@ def test_an_output_that_is_not_tensors_is_refused_in_one_line(tmp_path, kind, sa
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_a_hugging_face_cache_in_the_output_is_named_by_its_type_with_the_use_cache_fix(tmp_path):
+    """The refusal read "holds DynamicCache DynamicCache(layers=[DynamicSlidingWindo at ...": the type twice, its
+    repr cut mid-word, and not the usual fix."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the root is captured in parts: said, and not the point here)
+        pm = pbp_fx.perforate(model, (ids,))
+    with pytest.raises(ExportError, match=r"^the model's output holds a DynamicCache at output\[.*\], and an ONNX "
+                                          r"model returns tensors only: .* \(a Hugging Face model's key/value cache: "
+                                          r"build it with use_cache=False\)$"):
+        export_onnx(pm, (ids,), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 @pytest.mark.parametrize("kind,names", [("registered", ["logits", "hidden"]), ("pytree", ["output_0", "output_1"])])
 def test_a_registered_output_type_exports_with_its_keys_as_names(tmp_path, kind, names):
     """A class registered with torch's pytree (not a dataclass) was refused as 'not tensors'."""
