@@ -1020,10 +1020,12 @@ def _custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     """The torch.autograd.Function classes of the model's own (not torch's) with a backward of their own
     that its forward runs on the example inputs: a capture keeps their forward ops, whose gradients
     autograd derives, and drops their backward. One eager forward with grad, only when such a Function
-    class exists, keeping no activations."""
+    class exists, keeping no activations; floating inputs require grad (a model whose parameters are all
+    frozen still sends gradients to its inputs, and the site errors through those Functions)."""
     if torch.is_inference_mode_enabled() or not _own_autograd_functions():
         return []
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    args, kwargs = _requiring_grad((args, kwargs))
     try:
         with buffers_kept(model), torch.random.fork_rng(devices=cuda), torch.enable_grad(), \
                 torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _none: None):
@@ -1094,10 +1096,7 @@ def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwar
         g = torch.Generator(device="cpu").manual_seed(1)
         return sum((t.float() * torch.randn(t.shape, generator=g).to(t.device)).sum() for t in outputs)
 
-    def with_grad(t):
-        return t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-    inputs = pytree.tree_map(with_grad, (args, kwargs))
+    inputs = _requiring_grad((args, kwargs))
     with buffers_kept(model), buffers_kept(gm), torch.random.fork_rng(devices=cuda), torch.enable_grad():
         outputs = outputs_of(lambda i: model(*i[0], **i[1]), inputs)
         wrt = _nearest_leaves(_custom_calls(outputs))
@@ -1117,6 +1116,12 @@ def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwar
         if a is not None and a.numel():
             worst = max(worst, float((a.float() - b.float()).abs().max()))
     return (worst / scale if scale else (math.inf if worst else 0.0)), tolerance
+
+
+def _requiring_grad(inputs):
+    """`inputs` (a pytree) with each floating tensor a detached leaf that requires grad."""
+    return pytree.tree_map(
+        lambda t: t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs)
 
 
 def _nearest_leaves(calls: list) -> list:

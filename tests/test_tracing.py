@@ -1490,3 +1490,12 @@ def test_a_custom_backward_the_capture_drops_is_warned_of(frontend):
     with warnings.catch_warnings():
         warnings.simplefilter("error", pbp_fx.PBWarning)  # (torch's own Functions, and none: no word)
         pbp_fx.perforate(plain, (torch.randn(2, 6),), frontend=frontend)
+
+
+def test_a_straight_through_estimator_in_a_model_whose_parameters_are_all_frozen_is_warned_of():
+    """The Function finder ran the model on the example as given: with every parameter frozen nothing required
+    grad, no Function was seen, and the estimator that routes the site errors went unsaid (a reviewer)."""
+    model = _with_function(_StraightThroughRound).requires_grad_(False)
+    with pytest.warns(pbp_fx.PBWarning, match=r"^Net runs torch.autograd.Function _StraightThroughRound with a "
+                                              r"backward of its own: .* its gradients differ"):
+        pbp_fx.perforate(model, (torch.randn(16, 6),))
