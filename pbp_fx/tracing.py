@@ -1025,12 +1025,16 @@ def _custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     if torch.is_inference_mode_enabled() or not _own_autograd_functions():
         return []
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    args, kwargs = _requiring_grad((args, kwargs))
-    try:
-        with buffers_kept(model), torch.random.fork_rng(devices=cuda), torch.enable_grad(), \
-                torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _none: None):
-            output = model(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - (a model the inputs cannot run: the capture says why)
+    # (then as given: a forward that writes its input in place refuses a leaf that requires grad)
+    for call_args, call_kwargs in (_requiring_grad((args, kwargs)), (args, kwargs)):
+        try:
+            with buffers_kept(model), torch.random.fork_rng(devices=cuda), torch.enable_grad(), \
+                    torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _none: None):
+                output = model(*call_args, **call_kwargs)
+            break
+        except Exception:  # noqa: BLE001 - (a model the inputs cannot run: the capture says why)
+            continue
+    else:
         return []
     return sorted({node._forward_cls.__qualname__ for node in _custom_calls(pytree.tree_leaves(output))})
 

@@ -1499,3 +1499,19 @@ def test_a_straight_through_estimator_in_a_model_whose_parameters_are_all_frozen
     with pytest.warns(pbp_fx.PBWarning, match=r"^Net runs torch.autograd.Function _StraightThroughRound with a "
                                               r"backward of its own: .* its gradients differ"):
         pbp_fx.perforate(model, (torch.randn(16, 6),))
+
+
+class _DoublesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.feat, self.head = nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x.mul_(2)  # (refuses a leaf that requires grad)
+        return self.head(_StraightThroughRound.apply(self.feat(x)))
+
+
+def test_a_custom_backward_in_a_model_that_writes_its_input_in_place_is_still_said():
+    with pytest.warns(pbp_fx.PBWarning, match=r"^_DoublesItsInput runs torch.autograd.Function _StraightThroughRound "
+                                              r"with a backward of its own"):
+        pbp_fx.perforate(_DoublesItsInput(), (torch.randn(16, 6),))
