@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
+from .config import FRONTEND_HELP, FRONTENDS
 from .errors import PBError, PBWarning, Terminated, exited
 from .fileio import check_output_dir, umask
 from .signals import interrupts_kept
@@ -379,9 +380,7 @@ def _site_filter_args() -> tuple:
     *_site_filter_args(),
     arg("--activation", default="sigmoid", choices=("sigmoid", "tanh", "relu"),
         help="dendrite activation (default: sigmoid)"),
-    arg("--frontend", default="auto", choices=("auto", "fx", "export"),
-        help="auto: symbolic tracing, else torch.export, also where fx's graph misses Linear/Conv weights "
-             "(default); fx; export"),
+    arg("--frontend", default="auto", choices=FRONTENDS, help=f"graph capture: {FRONTEND_HELP} (default: auto)"),
     arg("--explain", action="store_true",
         help="list every Linear/Conv-like op with 'site' or the reason it is not one"),
     arg("--out", metavar="DIR", default=None, type=_path,
@@ -781,9 +780,8 @@ def _model_module(ref: str):
         "default, where a site's output goes through nothing or a Relu / LeakyRelu into linear layers only, V[0] "
         "is folded into their weights (one per-channel scale pass less per site)"),
     arg("--check", action="store_true", help="run the file in ONNX Runtime and compare with PyTorch"),
-    arg("--frontend", default="auto", choices=("auto", "fx", "export"),
-        help="how the model file's model is captured (auto: symbolic tracing, else torch.export, also where fx's "
-             "graph misses Linear/Conv weights)"),
+    arg("--frontend", default="auto", choices=FRONTENDS,
+        help=f"how the model file's model is captured: {FRONTEND_HELP} (default: auto)"),
 )
 def export(args: argparse.Namespace) -> int:
     import onnx

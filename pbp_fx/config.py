@@ -17,6 +17,11 @@ from typing import Any, Optional
 
 from .errors import PBError
 
+# The graph capture frontends (pbp_fx.tracing.trace) and what each does, for every flag and setting that picks one.
+FRONTENDS = ("auto", "fx", "export")
+FRONTEND_HELP = ("auto (symbolic tracing, else torch.export, also where fx's graph misses Linear/Conv weights), fx "
+                 "or export")
+
 __all__ = ["PBConfig", "TrainConfig", "ConfigError", "setting", "cli_fields"]
 
 
@@ -225,9 +230,7 @@ class TrainConfig(_Settings):
     lr: float = setting(1e-3, "neuron-phase Adam learning rate", low=0, open_low=True)
     batch_size: int = setting(100, "training batch size (with train --nproc: the global batch)", low=1, high=2**31 - 1)
     seed: int = setting(0, "seed of torch, numpy and Python's random (model init, data split, shuffling, augmentation)", low=0, high=MAX_INT)
-    frontend: str = setting("auto", "graph capture: auto (symbolic tracing, else torch.export, also where fx's graph "
-                                    "misses Linear/Conv weights), fx or export",
-                            choices=("auto", "fx", "export"))
+    frontend: str = setting("auto", f"graph capture: {FRONTEND_HELP}", choices=FRONTENDS)
 
 
 # `pbp-fx train` / `compare` flags that are no PBConfig/TrainConfig setting.

@@ -58,7 +58,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils import _pytree as pytree
 
-from .config import ConfigError
+from .config import FRONTENDS, ConfigError
 from .errors import ExampleInputsError, PBWarning, TraceError, warn_at_user
 from .layers import StandIn, has_user_hooks
 from .signature import CallSignature
@@ -70,7 +70,6 @@ __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes",
 
 log = logging.getLogger(__name__)
 
-FRONTENDS = ("auto", "fx", "export")
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
