@@ -22,8 +22,8 @@ from .site import ACTIVATIONS, MODES, Site
 from .signature import CallError, CallSignature
 from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
                       keep_out_of_state_dict_on_copy, keyword_changes_output, memo_computed_tensors, parts_model,
-                      passes_every_input_positionally, refuse_script_modules, spec_copy_warnings_ignored, trace,
-                      whole_model_in_mode)
+                      passes_every_input_positionally, refuse_script_modules, spec_copy_warnings_ignored,
+                      tensors_copied, trace, whole_model_in_mode)
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
@@ -735,7 +735,7 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
         model = model._orig_mod
     # Capture runs the model: one that writes its input in place (ReLU(inplace=True) on x) would
     # change the caller's tensors.
-    example_inputs, example_kwargs = _tensors_copied((example_inputs, example_kwargs))
+    example_inputs, example_kwargs = tensors_copied((example_inputs, example_kwargs))
     include, exclude = site_filters(include, exclude)  # checked before any work; searched twice below
     _materialize_lazy(model, example_inputs, example_kwargs)
     model = copy_module(model)
@@ -974,17 +974,6 @@ def _mode_at(modes: dict[str, bool], path: str) -> bool:
         if found is not None:
             return found
     return modes[""]
-
-
-def _tensors_copied(obj):
-    """obj with every tensor in its tuples, lists and dicts cloned (the containers rebuilt)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if type(obj) in (tuple, list):
-        return type(obj)(_tensors_copied(v) for v in obj)
-    if type(obj) is dict:
-        return {k: _tensors_copied(v) for k, v in obj.items()}
-    return obj
 
 
 def _warn_dropped_checkpointing(model: nn.Module) -> None:

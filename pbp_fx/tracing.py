@@ -991,6 +991,17 @@ def _put_values(m: nn.Module, leaf: str, b: torch.Tensor, value: torch.Tensor, p
         setattr(m, leaf, placed.setdefault(id(value), value.clone()))
 
 
+def tensors_copied(obj):
+    """obj with every tensor in its tuples, lists and dicts cloned (the containers rebuilt)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if type(obj) in (tuple, list):
+        return type(obj)(tensors_copied(v) for v in obj)
+    if type(obj) is dict:
+        return {k: tensors_copied(v) for k, v in obj.items()}
+    return obj
+
+
 def refuse_script_modules(model: nn.Module) -> None:
     """A TraceError naming a TorchScript module in `model`: its compiled forward and buffer table are
     beyond fx, torch.export and the buffer snapshots."""
@@ -1271,15 +1282,15 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     leaves / max_leaves: fx leaf policy. dynamic: True, "batch" or False (`perforate`).
     parts (auto): when neither frontend captures the root's forward, capture the submodules that
     do trace (meta["pbp_frontend"] == "parts", see `_trace_parts`).
-    The model's train/eval state and its buffers are left as they were.
+    The model's train/eval state, its buffers and the example tensors are left as they were.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
     if frontend not in FRONTENDS:
         raise ConfigError(f"frontend={frontend!r}: use one of {', '.join(FRONTENDS)}")
     refuse_script_modules(model)
-    args = _as_args(example_inputs)
-    kwargs = dict(example_kwargs or {})
+    # (capture runs the model several times: one that writes its input in place would change the caller's)
+    args, kwargs = tensors_copied((_as_args(example_inputs), dict(example_kwargs or {})))
     if args is None and kwargs:
         args = ()
     # (a parts capture's own traces of its parts: checked once, for the whole)

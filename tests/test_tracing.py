@@ -1515,3 +1515,22 @@ def test_a_custom_backward_in_a_model_that_writes_its_input_in_place_is_still_sa
     with pytest.warns(pbp_fx.PBWarning, match=r"^_DoublesItsInput runs torch.autograd.Function _StraightThroughRound "
                                               r"with a backward of its own"):
         pbp_fx.perforate(_DoublesItsInput(), (torch.randn(16, 6),))
+
+
+class _ReluOnItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, *, shift):
+        return self.fc(self.act(x) + self.act(shift))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_trace_leaves_the_callers_example_tensors_as_they_were(frontend):
+    x, shift = torch.randn(5, 4), torch.randn(5, 4)
+    before = (x.clone(), shift.clone())
+    gm = trace(_ReluOnItsInput(), x, {"shift": shift}, frontend=frontend)
+    assert torch.equal(x, before[0]) and torch.equal(shift, before[1])
+    assert gm.meta["pbp_frontend"] == frontend
