@@ -1313,12 +1313,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
             what = f"the model's {ops[-1]} op" if ops else "an op of the model"
             raise ExportError(f"{what} has no bfloat16 form at opset {opset}: pass opset={BFLOAT16_OPSET} (pbp-fx "
                               f"export --opset {BFLOAT16_OPSET}), where ONNX gives most ops one, or export the model "
-                              "in float32") from e
+                              "in float32") from None  # (the fix is known: ONNX's report would bury it)
         if "tensor(bfloat16)" in first or ("inconsistent type" in first and _has_bfloat16(proto)):
             # (torch.onnx folds an eval BatchNorm into its Conv with float32 weights for a bfloat16 model)
             raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}; torch.onnx writes some "
                               "bfloat16 ops (a Conv with its BatchNorm folded in) with float32 weights: export the "
-                              "model in float32 or float16") from e
+                              "model in float32 or float16") from None
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}") from e
     body = proto.SerializeToString()
     if axes:  # (torch.onnx can write a named axis as dynamic and still fix its size inside: checked)
