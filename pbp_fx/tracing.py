@@ -1030,8 +1030,8 @@ def _custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     """The torch.autograd.Function classes of the model's own (not torch's) with a backward of their own
     that its forward runs on the example inputs: a capture keeps their forward ops, whose gradients
     autograd derives, and drops their backward. One eager forward with grad, only when such a Function
-    class exists, keeping no activations; floating inputs require grad (a model whose parameters are all
-    frozen still sends gradients to its inputs, and the site errors through those Functions)."""
+    class exists, keeping no activations; floating inputs and every parameter require grad (a model whose
+    parameters are all frozen still sends the site errors through those Functions)."""
     if torch.is_inference_mode_enabled() or not _own_autograd_functions():
         return []
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
@@ -1039,6 +1039,7 @@ def _custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     for call_args, call_kwargs in (_requiring_grad((args, kwargs)), (args, kwargs)):
         try:
             with buffers_kept(model), torch.random.fork_rng(devices=cuda), torch.enable_grad(), \
+                    parameters_requiring_grad(model), \
                     torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _none: None):
                 output = model(*call_args, **call_kwargs)
             break
@@ -1111,7 +1112,8 @@ def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwar
         return sum((t.float() * torch.randn(t.shape, generator=g).to(t.device)).sum() for t in outputs)
 
     inputs = _requiring_grad((args, kwargs))
-    with buffers_kept(model), buffers_kept(gm), torch.random.fork_rng(devices=cuda), torch.enable_grad():
+    with buffers_kept(model), buffers_kept(gm), torch.random.fork_rng(devices=cuda), torch.enable_grad(), \
+            parameters_requiring_grad(model), parameters_requiring_grad(gm):
         outputs = outputs_of(lambda i: model(*i[0], **i[1]), inputs)
         wrt = _nearest_leaves(_custom_calls(outputs))
         if not wrt:  # (no gradient of the model's flows through their backwards: nothing to differ)
@@ -1130,6 +1132,19 @@ def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwar
         if a is not None and a.numel():
             worst = max(worst, float((a.float() - b.float()).abs().max()))
     return (worst / scale if scale else (math.inf if worst else 0.0)), tolerance
+
+
+@contextlib.contextmanager
+def parameters_requiring_grad(model: nn.Module):
+    """Every floating parameter of `model` requires grad inside; the frozen ones are frozen again after."""
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _requiring_grad(inputs):

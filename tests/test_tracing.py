@@ -1534,3 +1534,29 @@ def test_trace_leaves_the_callers_example_tensors_as_they_were(frontend):
     gm = trace(_ReluOnItsInput(), x, {"shift": shift}, frontend=frontend)
     assert torch.equal(x, before[0]) and torch.equal(shift, before[1])
     assert gm.meta["pbp_frontend"] == frontend
+
+
+class _FrozenTokenModel(nn.Module):
+    """Token ids in, every parameter frozen: nothing upstream of the Function required grad."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+        self.embed, self.feat, self.head = nn.Embedding(20, 6), nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.head(self.function.apply(self.feat(self.embed(ids))))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_frozen_model_on_token_ids_has_its_custom_backwards_checked(frontend):
+    ids = torch.randint(0, 20, (16, 5))
+    model = _FrozenTokenModel(_StraightThroughRound).requires_grad_(False)
+    with pytest.warns(pbp_fx.PBWarning, match=r"^_FrozenTokenModel runs torch.autograd.Function _StraightThroughRound "
+                                              r"with a backward of its own: .* its gradients differ"):
+        trace(model, (ids,), frontend=frontend)
+    assert not any(p.requires_grad for p in model.parameters())  # (frozen again after the check)
+    exact = _FrozenTokenModel(_MemoryEfficientSwish).requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pbp_fx.PBWarning)
+        pbp_fx.perforate(exact, (ids,), frontend=frontend)
