@@ -827,6 +827,7 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic) -> fx.Gr
     """torch.export's graph with every dim dynamic, else the batch dim only (a CNN whose Linear
     fixes its input length: torch's constraint solver fails on the length's floor divisions
     rather than specialising it), else static shapes."""
+    _refuse_root_hooks_export_cannot_run(model, args, kwargs)
     kwargs = _ordered_kwargs(model, kwargs)
     primary = model.training
     # Each capture puts the model's buffers back (`_export_capture`); the graph's own copies of them
@@ -835,6 +836,15 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic) -> fx.Gr
     gm = _export_both_modes(model, args, kwargs, dynamic, primary)
     _restore_buffers(gm, saved, own=False)
     return gm
+
+
+def _refuse_root_hooks_export_cannot_run(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """torch.export passes the inputs by name unless every one is positional: a pre-hook on the model then
+    reads no args, and the failure blamed the example inputs."""
+    if has_user_hooks(model) and not passes_every_input_positionally(model, args, kwargs):
+        raise TraceError(f"{type(model).__name__} has forward hook(s) or pre-hook(s) on itself, which torch.export "
+                         "captures only from an example that passes every input of forward positionally: pass them "
+                         "so, remove the hooks, or use pbp_fx.perforate, which drops them with a warning")
 
 
 class _OutOfStateDict:
@@ -1371,6 +1381,8 @@ def _capture(model: nn.Module, args: Optional[tuple], kwargs: dict, frontend: st
                                      + (", which keeps the switch" if frontend == "fx" else
                                         " (torch.export could not capture this model here)"))
                 return gm
+    if frontend == "export":  # (before the failure below, whose check of the inputs the hooks fail too)
+        _refuse_root_hooks_export_cannot_run(model, args, kwargs)
     try:
         gm = _trace_export(model, *_graph_inputs(export_call, args, kwargs), dynamic)
     except TraceError as exc:

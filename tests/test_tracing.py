@@ -1560,3 +1560,27 @@ def test_a_frozen_model_on_token_ids_has_its_custom_backwards_checked(frontend):
     with warnings.catch_warnings():
         warnings.simplefilter("error", pbp_fx.PBWarning)
         pbp_fx.perforate(exact, (ids,), frontend=frontend)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, scale=2.0):
+        return self.fc(x) * scale
+
+
+def test_export_of_a_model_with_root_hooks_called_by_keyword_names_the_hooks_not_the_inputs():
+    """trace() itself (perforate drops such hooks): torch.export passes inputs by name, so the pre-hook read no
+    args and the model was refused as 'example inputs do not run through the model: tuple index out of range'."""
+    model, x = _Scaled(), torch.randn(5, 4)
+    model.register_forward_pre_hook(lambda mod, args: (args[0] * 2,) + tuple(args[1:]))
+    for kwargs in ({}, {"scale": 3.0}):
+        with pytest.raises(TraceError, match=r"^_Scaled has forward hook\(s\) or pre-hook\(s\) on itself, which "
+                                             r"torch.export captures only from an example that passes every input "
+                                             r"of forward positionally: pass them so, remove the hooks, or use "
+                                             r"pbp_fx.perforate"):
+            trace(model, (x,), kwargs, frontend="export")
+    gm = trace(model, (x, 3.0), frontend="export")
+    assert torch.allclose(gm(x, 3.0), model(x, 3.0))
