@@ -561,12 +561,26 @@ def plot(summary: list[dict], path: str, title: str = "", score: Score = ACCURAC
     if plt is None:
         return False
 
+    fig = figure(plt, summary, title, score)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110), CompareError, "plot")
+    plt.close(fig)
+    return True
+
+
+# Each arm its own hollow marker, each smaller than the one before: arms at the same point (pb with no
+# dendrite grown and plain) stay visible as nested shapes instead of the last one drawn hiding the others.
+ARM_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
+
+
+def figure(plt, summary: list[dict], title: str, score: Score):
+    """`plot`'s figure (pyplot as `plt`)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for s in (s for s in summary if s["n"]):
+    for i, s in enumerate(s for s in summary if s["n"]):
+        style = {"marker": ARM_MARKERS[i % len(ARM_MARKERS)], "markersize": max(4.0, 13.0 - 2.5 * i),
+                 "markerfacecolor": "none", "markeredgewidth": 1.6, "linestyle": "none", "capsize": 3}
         for ax, key, label in ((axes[0], "params", "parameters"), (axes[1], "latency_ms", "ONNX Runtime latency (ms)")):
             if key in s:
-                ax.errorbar(s[key], s["test"], xerr=s[key + "_sd"], yerr=s["test_sd"], fmt="o", capsize=3,
-                            label=s["arm"])
+                ax.errorbar(s[key], s["test"], xerr=s[key + "_sd"], yerr=s["test_sd"], label=s["arm"], **style)
                 ax.set_xlabel(label)
     for ax in axes:
         ax.set_ylabel(f"test {score.metric} at best validation" + (" (%)" if score.unit else ""))
@@ -577,9 +591,7 @@ def plot(summary: list[dict], path: str, title: str = "", score: Score = ACCURAC
     axes[0].set_xscale("log")
     fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110), CompareError, "plot")
-    plt.close(fig)
-    return True
+    return fig
 
 
 # -- the comparison ------------------------------------------------------------------------

@@ -1080,3 +1080,25 @@ def test_the_table_gives_short_training_times_to_three_digits():
     plain, pb, gd = (next(line for line in table.splitlines() if line.startswith(f"| {arm} |"))
                      for arm in ("plain", "pb", "gd"))
     assert "| 0.441 ± 0.03 |" in plain and "| 12.9 ± 0.87 |" in pb and "| 1361 ± 92 |" in gd  # (no 1.36e+03)
+
+
+def test_arms_at_the_same_point_stay_visible_in_the_plot():
+    """pb with no dendrite grown and plain sit at the same parameters and score: drawn with one marker and
+    size, the last arm hid the other."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pbp_fx.compare import figure
+
+    rows = [{"arm": a, "seed": s, "test": 0.5, "params": 10, "latency_ms": 1.0} for a in ("pb", "plain", "restarts")
+            for s in (0, 1)]
+    fig = figure(plt, summarize(rows), "", Score())
+    try:
+        for ax in fig.axes:
+            points = [bars.lines[0] for bars in ax.containers]  # (each arm's data line, without its caps)
+            assert len(points) == 3
+            looks = {(line.get_marker(), line.get_markersize()) for line in points}
+            assert len(looks) == 3 and all(line.get_markerfacecolor() == "none" for line in points)
+            assert sorted(line.get_markersize() for line in points)[::-1] == [line.get_markersize() for line in points]
+    finally:
+        plt.close(fig)
