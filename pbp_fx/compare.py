@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .config import MAX_INT, PBConfig, TrainConfig
 from .controller import all_finite, default_optimizer, nan_weights_before_best
@@ -50,7 +51,8 @@ from .passes.find_sites import site_filters
 from .schedule import Kind, PhaseSchedule
 from .signals import interrupts_kept
 from .tracing import copy_module
-from .training import NonFiniteDataError, NonFiniteError, NonFiniteLossError, accuracy, evaluate, train_epoch
+from .training import (IGNORED_LABEL, NonFiniteDataError, NonFiniteError, NonFiniteLossError, accuracy, class_indices,
+                       evaluate, split_batch, train_epoch)
 from .width import WidthBuilder, WidthError
 
 __all__ = ["compare", "CompareError", "Score", "ARMS", "train_plain", "train_restarts", "train_perforated",
@@ -376,9 +378,11 @@ def paired(rows: list[dict], reference: str = REFERENCE_ARM, score: Score = ACCU
     return out
 
 
-def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> str:
+def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
+            majority: Optional[tuple[int, float]] = None) -> str:
     """Which arm won and by how much, in plain words, with the paired differences vs pb, in the
-    score's units (score.maximize False: the model file's metric is lower-is-better)."""
+    score's units (score.maximize False: the model file's metric is lower-is-better). majority: the
+    test set's (most frequent class, its share), which always predicting it scores (`majority_class`)."""
     maximize = score.maximize
     ran = [s for s in summary if s["n"]]
     if not ran:
@@ -478,6 +482,15 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY) -> 
                      f"pb − {arm} = {score.spread(pb_side, p['sd'], p['n'], sign=True)}{score.diff_unit} over "
                      f"{seeds} (pb ahead in {ahead}, behind in {behind}{'' if maximize else '; lower is better'}); "
                      f"{_noise(-p['mean'], p['sd'], p['n'], score)}.")
+    if majority is not None:
+        level = score.value(score.scale * majority[1])
+        best = max((s["test"] for s in ran), default=None)
+        if best is not None and score.rounded(best) <= score.rounded(score.scale * majority[1]):
+            lines.append(f"**no arm beats the majority class**: always predicting class {majority[0]} scores {level} on "
+                         "the test set, as much as the best arm, so at these settings no model has learned more than "
+                         "the class frequencies (check the data and labels, or try another --lr or a longer budget)")
+        else:
+            lines.append(f"(Always predicting the test set's most frequent class, {majority[0]}, scores {level}.)")
     skipped = [s for s in summary if not s["n"]]
     for s in skipped:
         lines.append(f"{s['arm']} was not run: {s['skipped']}")
@@ -664,7 +677,35 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
 
         perforate(model, inputs, include=include, exclude=exclude, activation=config.activation,
                   example_kwargs=example_kwargs(mod), frontend=training.frontend)  # errors now, not after the plain arms
-    return score, run_identity(model_file, data), scaled.width
+    majority = None
+    if score.percent:
+        test = make_loaders(data, training.batch_size, training.seed,
+                            collate=keyword_collate(mod, model, len(inputs)))[2]
+        majority = majority_class(test)
+    return score, run_identity(model_file, data), scaled.width, majority
+
+
+def majority_class(loader) -> Optional[tuple[int, float]]:
+    """(the most frequent class, its share of the labels) over a loader's integer class labels, the ignored
+    ones (-100) left out: what always predicting one class scores. None for other targets (soft or
+    one-hot probabilities, floats) or none at all."""
+    counts = torch.zeros(0, dtype=torch.long)
+    for batch in loader:
+        target = split_batch(batch)[1]
+        if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.dtype == torch.bool:
+            return None
+        labels = class_indices(target).flatten().cpu()
+        labels = labels[labels != IGNORED_LABEL]
+        if labels.numel() and int(labels.min()) < 0:
+            return None
+        batch_counts = torch.bincount(labels)
+        size = max(counts.numel(), batch_counts.numel())
+        counts = F.pad(counts, (0, size - counts.numel())) + F.pad(batch_counts, (0, size - batch_counts.numel()))
+    total = int(counts.sum())
+    if not total:
+        return None
+    k = int(counts.argmax())
+    return k, int(counts[k]) / total
 
 
 class KeptRuns:
@@ -1055,7 +1096,7 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     arms = list(arms)
     if "plain-matched" in arms and "pb" not in arms and not given:
         raise CompareError("plain-matched is sized from pb's parameter count: add the pb arm")
-    score, identity, built = _check(model_file, arms if not given else arms + ["pb"], seeds, width, jobs, out, config,
+    score, identity, built, majority = _check(model_file, arms if not given else arms + ["pb"], seeds, width, jobs, out, config,
                                     training, include, exclude)
     shown = f"{built:.4g}" + ("" if abs(built - width) < 1e-9 else f" (--width {width:g} in whole channels)")
     changed = changed_since(run_saved_identity, identity) if given else []
@@ -1098,7 +1139,7 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
                            f"other run too: try a lower --lr (now {training.lr:g}) or check the data and model file")
     summary = summarize(rows, score)
     pairs = paired(rows, score=score)
-    text = verdict(summary, pairs, score)
+    text = verdict(summary, pairs, score, majority)
     name = model_file or DEFAULT_MODEL
     header = (f"`{os.path.basename(name)}` at width {shown}: test {score.metric}{' (%)' if score.unit else ''} "
               f"at best validation{'' if config.maximize else ' (lower is better)'}, mean ± sd over "
@@ -1108,7 +1149,8 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     result = {"model": name, "width": width, "built_width": built, "seeds": seed_list, "arms": arms, "metric": score.metric,
               "score_scale": score.scale, "config": config.to_dict(),
               "training": training.to_dict(), "include": include, "exclude": exclude, "runs": rows, "summary": summary,
-              "paired": pairs,
+              "paired": pairs, "majority_class": None if majority is None else {"class": majority[0],
+                                                                               "share": majority[1]},
               "verdict": text, "seconds": time.perf_counter() - t0}
     md = markdown(summary, pairs, text, header, score)
     echo("")

@@ -73,6 +73,36 @@ def test_compare_end_to_end(tiny, tmp_path):
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
     assert "| pb | 2 |" in (out / "compare.md").read_text()
     assert (out / "compare.png").stat().st_size > 1000
+    from pbp_fx.job import load_job_module, seeded_datasets
+
+    test_labels = seeded_datasets(load_job_module(tiny), 0)[2].tensors[-1]
+    share = max(int((test_labels == k).sum()) for k in range(3)) / len(test_labels)
+    assert result["majority_class"]["share"] == pytest.approx(share) and saved["majority_class"] == result["majority_class"]
+
+
+def test_the_majority_class_is_counted_over_integer_labels_without_the_ignored_ones():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pbp_fx.compare import majority_class
+
+    y = torch.tensor([2, 2, -100, -100, -100, 0, 2, 1], dtype=torch.int32)
+    assert majority_class(DataLoader(TensorDataset(torch.randn(8, 3), y), batch_size=3)) == (2, 0.6)
+    per_position = torch.tensor([[0, 1, 1], [1, 1, -100]])  # (a label per position: accuracy counts each)
+    assert majority_class(DataLoader(TensorDataset(torch.randn(2, 4, 3), per_position), batch_size=1)) == (1, 0.8)
+    soft = torch.softmax(torch.randn(8, 3), 1)
+    assert majority_class(DataLoader(TensorDataset(torch.randn(8, 3), soft), batch_size=4)) is None
+    assert majority_class(DataLoader(TensorDataset(torch.randn(2, 3), torch.full((2,), -100)), batch_size=4)) is None
+
+
+@pytest.mark.parametrize("best, says", [(0.614, "**no arm beats the majority class**: always predicting class 1 "
+                                                "scores 61.4 % on the test set, as much as the best arm"),
+                                        (0.70, "(Always predicting the test set's most frequent class, 1, scores "
+                                               "61.4 %.)")])
+def test_the_verdict_names_the_majority_class_and_says_when_no_arm_beats_it(best, says):
+    rows = [{"arm": a, "seed": k, "test": t, "params": 10} for k in (0, 1) for a, t in (("pb", best), ("plain", 0.6))]
+    text = verdict(summarize(rows), paired(rows), majority=(1, 0.6140))
+    assert says in text
+    assert "majority" not in verdict(summarize(rows), paired(rows))
 
 
 def test_statistics_are_paired_by_seed():
@@ -505,8 +535,9 @@ def test_a_model_files_own_metric_named_accuracy_is_in_its_own_units(tmp_path):
     path = tmp_path / "own.py"
     path.write_text(TINY + "\n\ndef accuracy(output, target):\n    return float((output.argmax(1) != target).sum()), 1"
                            "\n\n\nmetric = accuracy\n")
-    score, _, _ = _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None)
+    score, _, _, majority = _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None)
     assert (score.metric, score.percent, score.unit) == ("accuracy", False, "")
+    assert majority is None  # (what always predicting one class scores is the built-in accuracy's only)
     path.write_text(TINY)
     assert _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None)[0].percent
     path.write_text(TINY + "\n\nmetric = lambda output, target: (float((output.argmax(1) == target).sum()), len(target))\n")
