@@ -23,7 +23,7 @@ from .signature import CallError, CallSignature
 from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
                       keep_out_of_state_dict_on_copy, keyword_changes_output, memo_computed_tensors, parts_model,
                       passes_every_input_positionally, refuse_script_modules, spec_copy_warnings_ignored,
-                      tensors_copied, trace, whole_model_in_mode)
+                      tensors_copied, trace, whole_model_in_mode, batch_of_one)
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
@@ -311,39 +311,67 @@ class PerforatedModel(nn.Module):
         return out if spec is None else pytree.tree_unflatten(pytree.tree_leaves(out), spec)
 
     def _call_graph(self, graph: fx.GraphModule, args: tuple, kwargs: dict):
+        if self.graph_module.meta.get("pbp_min_batch", 1) > 1 and batch_of_one(args, kwargs):
+            raise CallError(f"{self._model_name()}'s forward computes other outputs at a batch of 1 than its graph, "
+                            "which torch.export captured for batches of 2 or more (the forward branches on the batch "
+                            "size): call it with batches of 2 or more (DataLoader(drop_last=True)), or perforate it "
+                            "with a batch-1 example for batch-1 calls")
         try:
             return graph(*args, **kwargs)
         except RuntimeError as exc:
             # torch.export's dtype assertion on an input: it does not say which input
             if not str(exc).startswith("Tensor dtype mismatch"):
+                self._raise_input_rank(args, kwargs, exc)
                 raise
             self._raise_input_dtype(args, kwargs, exc)
             raise
         except AssertionError as exc:
             # torch.export's input check of a graph captured with static or bounded shapes
             if not str(exc).startswith("Guard failed"):
+                self._raise_input_rank(args, kwargs, exc)
                 raise
             dynamic = self.graph_module.meta.get("pbp_dynamic", "static")
-            call = self.call_signature
-            name = call.model_name if call is not None else "the model"
-            raise CallError(f"{name} was captured with {dynamic} shapes and this call breaks them "
+            raise CallError(f"{self._model_name()} was captured with {dynamic} shapes and this call breaks them "
                             f"({exc}): call it with the shapes given to perforate(), or capture it anew with "
                             f"inputs of the shapes you need") from None
+        except Exception as exc:
+            self._raise_input_rank(args, kwargs, exc)
+            raise
 
-    def _raise_input_dtype(self, args: tuple, kwargs: dict, exc: Exception) -> None:
-        """CallError naming the graph input whose dtype is not the one torch.export captured."""
+    def _model_name(self) -> str:
+        return self.call_signature.model_name if self.call_signature is not None else "the model"
+
+    def _graph_inputs_given(self, args: tuple, kwargs: dict) -> dict:
+        """{graph input name: the value this call gives it}."""
         names = [n.target for n in self.graph_module.graph.find_nodes(op="placeholder")]
         given = dict(zip(names, pytree.tree_leaves(args)))  # (the placeholders of nested inputs are their leaves)
         for key, value in kwargs.items():
             leaves, nested = pytree.tree_leaves(value), [n for n in names if n.startswith(f"{key}_")]
             given.update({key: value} if isinstance(value, torch.Tensor) else
                          dict(zip(nested, leaves)) if len(nested) == len(leaves) else {})
+        return given
+
+    def _raise_input_rank(self, args: tuple, kwargs: dict, exc: Exception) -> None:
+        """CallError naming the first graph input this call gives another number of dims than the capture had
+        (the graph's failure inside its generated code, an IndexError, named nothing); nothing otherwise."""
+        given = self._graph_inputs_given(args, kwargs)
+        for node in self.graph_module.graph.find_nodes(op="placeholder"):
+            meta, value = node.meta.get("tensor_meta"), given.get(node.target)
+            if isinstance(value, torch.Tensor) and meta is not None and hasattr(meta, "shape") and \
+                    value.dim() != len(meta.shape):
+                raise CallError(f"{self._model_name()} was captured with {node.target} of {len(meta.shape)} dims "
+                                f"{list(meta.shape)}, and this call gives it {value.dim()} {list(value.shape)}, which "
+                                f"the graph fails on ({type(exc).__name__}): call it with {len(meta.shape)}-dim "
+                                f"inputs, or perforate it with an example of the rank you need") from exc
+
+    def _raise_input_dtype(self, args: tuple, kwargs: dict, exc: Exception) -> None:
+        """CallError naming the graph input whose dtype is not the one torch.export captured."""
+        given = self._graph_inputs_given(args, kwargs)
         for name, dtype in graph_input_dtypes(self.graph_module).items():
             value = given.get(name)
             if isinstance(value, torch.Tensor) and value.dtype != dtype:
-                model = self.call_signature.model_name if self.call_signature is not None else "the model"
-                raise CallError(f"{model} was captured by torch.export with {name} of dtype {dtype}, this call "
-                                f"passes {value.dtype}: pass {name}.to({dtype}), or perforate with an example "
+                raise CallError(f"{self._model_name()} was captured by torch.export with {name} of dtype {dtype}, this "
+                                f"call passes {value.dtype}: pass {name}.to({dtype}), or perforate with an example "
                                 f"whose {name} is {value.dtype}") from exc
 
     # -- activation checkpointing ----------------------------------------------------

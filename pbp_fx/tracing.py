@@ -24,6 +24,7 @@ Both frontends capture the model in train and in eval mode and merge the two
     pbp_modes      "train+eval" | "train" | "eval": the captures the graph follows
     pbp_modes_reason  why the graph follows one mode only (absent when it follows both)
     pbp_dynamic    export: "auto" (dynamic dims) | "batch" (dynamic batch only) | "static"
+    pbp_min_batch  export: 2 where the graph computes other outputs than the model at a batch of 1
     pbp_call       a CallSignature: how the graph is called like the model (with example inputs)
     pbp_leaves / pbp_untraceable               fx: leaf modules / those isolated (kept whole)
     pbp_mode_leaves  fx: submodules kept whole because their Python branches on `.training`
@@ -681,7 +682,7 @@ def _export_inputs(model: nn.Module, args: tuple, kwargs: dict, dims: str):
     args, kwargs = pytree.tree_map(fresh, (args, kwargs))
     if dims == "static":
         return args, kwargs, None
-    if _batch_of_one(args, kwargs):
+    if batch_of_one(args, kwargs):
         grow = lambda t: t.expand(2, *t.shape[1:]).clone() if isinstance(t, torch.Tensor) and t.dim() > 0 else t  # noqa: E731
         args, kwargs = pytree.tree_map(grow, (args, kwargs))
     auto = torch.export.Dim.AUTO
@@ -769,26 +770,92 @@ def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> f
             raise TraceError(f"forward fills buffer {filled[0]!r}, registered as None, with a tensor, which "
                              "torch.export writes into an input instead; register it with a tensor, e.g. torch.zeros")
         gm = _rehome(ep.module(), model)
-        if dims != "static" and _batch_of_one(args, kwargs):
-            _check_runs_on_example(gm, args, kwargs)
+        if dims != "static" and batch_of_one(args, kwargs):
+            _check_on_example(model, gm, args, kwargs)
         return gm
 
 
-def _batch_of_one(args: tuple, kwargs: dict) -> bool:
+def batch_of_one(args: tuple, kwargs: dict) -> bool:
     """Whether every tensor input has a batch of 1 (`_export_inputs` captures with 2)."""
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
     return bool(tensors) and all(t.shape[0] == 1 for t in tensors)
 
 
-def _check_runs_on_example(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+def _check_on_example(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
     """A TraceError (the next, less dynamic capture is tried) when the graph captured at a batch of 2
-    guards against the example's own batch of 1 (two inputs concatenated on dim 0 and chunked back)."""
+    does not run at the example's own batch of 1 (two inputs concatenated on dim 0 and chunked back) or
+    computes other outputs there than the model (a forward that branches on the batch size)."""
     try:
-        with torch.no_grad(), buffers_kept(gm), torch.random.fork_rng(devices=[]):
-            gm(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001
+        alike = _runs_alike(model, gm, args, kwargs)
+    except Exception as exc:  # noqa: BLE001 - the graph's own failure
         raise TraceError(f"the graph captured at a batch of 2 does not run at the example's batch of 1 "
                          f"({_reason(exc)})") from exc
+    if alike is False:
+        raise TraceError("the graph captured at a batch of 2 computes other outputs than the model at the example's "
+                         "batch of 1 (its forward branches on the batch size)")
+
+
+def _runs_alike(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Optional[bool]:
+    """Whether gm, in the model's mode, computes the model's outputs on these inputs (to float rounding;
+    the same random state for both; buffers kept). None when the model itself does not run on them;
+    the graph's own exception propagates."""
+    def run(module):
+        with torch.no_grad(), buffers_kept(module), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
+            return module(*args, **kwargs)
+
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        want = run(model)
+    except Exception:  # noqa: BLE001 - (the model's own limit, a BatchNorm in train mode at one sample)
+        return None
+    with whole_model_in_mode(gm, model.training):
+        got = run(gm)
+    return _close_output(want, got)
+
+
+def _close_output(a, b) -> bool:
+    """`_same_output` with floating tensors equal to float rounding."""
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    if sa != sb or len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point() and \
+                x.shape == y.shape and x.dtype == y.dtype:
+            scale = float(x.detach().abs().max()) if x.numel() else 0.0
+            if not torch.allclose(x, y, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
+                return False
+        elif not _same_output(x, y):
+            return False
+    return True
+
+
+def _first_batch(args: tuple, kwargs: dict) -> int:
+    return next(t.shape[0] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
+def _first_sample(args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+    """The example cut to its first sample (every tensor input's dim 0 to 1) when every tensor input has
+    one batch of 2 or more on dim 0; else None."""
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not tensors or len({t.shape[0] for t in tensors}) != 1 or tensors[0].shape[0] < 2:
+        return None
+    return pytree.tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, (args, kwargs))
+
+
+def _smallest_batch(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> int:
+    """2 when the graph, captured with a dynamic batch from an example of 2 or more, computes other outputs
+    than the model at a batch of 1 (torch.export assumes a dynamic size is at least 2, so a forward that
+    branches on the batch size keeps the branch of the example); else 1."""
+    one = _first_sample(args, kwargs)
+    if one is None:
+        return 1
+    try:
+        alike = _runs_alike(model, gm, *one)
+    except Exception:  # noqa: BLE001 - the graph fails at one sample
+        alike = False
+    return 2 if alike is False else 1
 
 
 @contextlib.contextmanager
@@ -1247,6 +1314,14 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
     gm = result.graph_module if result.graph_module is not None else _one_mode(
         gm, primary, type(model).__name__, result.reason or why, keep_whole=False)
     gm.meta["pbp_dynamic"] = dims
+    if dims != "static" and _smallest_batch(model, gm, args, kwargs) == 2:
+        gm.meta["pbp_min_batch"] = 2
+        warn_at_user(f"{type(model).__name__}'s forward computes other outputs at a batch of 1 than the graph "
+                     f"torch.export captured at the example's batch of {_first_batch(args, kwargs)}"
+                     " (it takes a dynamic batch to be 2 or more, and the forward branches on the batch size): the "
+                     "perforated model refuses batches of 1, and an ONNX export of it is wrong there; call it with "
+                     "batches of 2 or more (DataLoader(drop_last=True)), or perforate it with a batch-1 example "
+                     "for batch-1 calls")
     gm.meta["pbp_leaves"] = []
     gm.meta["pbp_untraceable"] = []
     return gm

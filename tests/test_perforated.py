@@ -917,6 +917,30 @@ def test_a_call_outside_a_static_capture_is_a_call_error():
         pm(torch.randn(5, 4))
 
 
+class _MeansOverTime(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.mean(1)
+        return self.c(F.relu(self.a(x)))
+
+
+def test_an_input_of_another_rank_than_the_capture_is_a_call_error():
+    """The graph failed inside its generated code with a bare 'IndexError: tuple index out of range' (a reviewer)."""
+    model = _MeansOverTime().eval()
+    pm = pbp_fx.perforate(model, (torch.randn(3, 4, 6),)).eval()
+    assert pm.graph_module.meta["pbp_frontend"] == "export"
+    with pytest.raises(pbp_fx.CallError, match=r"^_MeansOverTime was captured with x of 3 dims \[3, 4, 6\], and this "
+                                               r"call gives it 2 \[3, 6\], which the graph fails on \(IndexError\): "
+                                               r"call it with 3-dim inputs, or perforate it with an example of the rank"):
+        pm(torch.randn(3, 6))
+    x = torch.randn(2, 7, 6)
+    torch.testing.assert_close(pm(x), model(x))
+
+
 class _Masked(nn.Module):
     def __init__(self):
         super().__init__()
