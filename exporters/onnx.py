@@ -1321,10 +1321,15 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                               "model in float32 or float16") from None
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}") from e
     body = proto.SerializeToString()
-    if axes:  # (torch.onnx can write a named axis as dynamic and still fix its size inside: checked)
-        checked = check_other_sizes(body, module, inputs, {a for dims in axes.values() for a in dims.values()})
+    # torch.onnx can write an axis as dynamic and still fix its size inside (a sequence-first GRU's length, its
+    # dim 0 taken for the batch): checked, the named axes apart from the batch so that a failure names its fix
+    checks = [({a for dims in axes.values() for a in dims.values()}, "export without those dynamic axes")] if axes else []
+    if dynamic_batch:
+        checks.append(({"batch"}, "export with dynamic_batch=False (pbp-fx export --static-batch)"))
+    for names, fix in checks:
+        checked = check_other_sizes(body, module, inputs, names)
         if checked.problem is not None:
-            raise ExportError(f"{checked.problem}: export without those dynamic axes")
+            raise ExportError(f"{checked.problem}: {fix}")
         if checked.unchecked is not None:
             warn_at_user(f"dynamic axes not checked at {checked.sizes} (twice the example's): {checked.unchecked}")
     _write_atomic(body, target)

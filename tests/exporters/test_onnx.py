@@ -976,6 +976,24 @@ def test_an_rnns_time_axis_fixed_by_an_earlier_torch_export_is_named_as_such(tmp
     assert (tmp_path / "m.onnx").exists() == (words == "exported")
 
 
+def test_a_sequence_first_rnn_whose_file_fails_at_another_dim_0_is_refused_by_the_default_export(tmp_path):
+    """Dim 0 of a sequence-first GRU's input is its time, which the default export declares the dynamic batch
+    while torch.onnx fixes its length inside: the file was written, and failed at any other dim-0 size (a
+    reviewer). The batch axis is now checked as the named ones are. (A fresh process: see above; with
+    frontend='export' the capture itself fixes the length, which is refused before any file is made.)"""
+    import subprocess
+    import sys
+
+    script = tmp_path / "rnn.py"
+    script.write_text(_RNN_TIME_AXIS.replace("dynamic_batch=not first, dynamic_axes=axes", ""))
+    r = subprocess.run([sys.executable, str(script), "fx", str(tmp_path / "m.onnx"), "first"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^ExportError: the ONNX file .* at batch=14 \(twice the example's\).*: export with "
+                     r"dynamic_batch=False \(pbp-fx export --static-batch\)$", r.stdout, re.M), r.stdout
+    assert not (tmp_path / "m.onnx").exists()
+
+
 @pytest.mark.parametrize("pool", ["adaptive", "global"])
 def test_an_axis_the_file_declares_dynamic_but_fixes_inside_is_refused(tmp_path, pool):
     """AdaptiveAvgPool2d(2) with dynamic H/W: torch.onnx writes its kernel for the example's size, and the
