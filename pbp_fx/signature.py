@@ -137,9 +137,13 @@ class CallSignature:
     def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict]:
         """(graph args, graph kwargs, untraced **kwargs entries) for a call of the original.
 
-        Raises TypeError where the original would (its own message), CallError where the
-        original accepts the call but the graph was traced with another input pattern."""
-        bound = self.signature.bind(*args, **kwargs)
+        Raises CallError (a TypeError) where the original would, naming the model and its forward's
+        parameters, and where the original accepts the call but the graph was traced with another
+        input pattern."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:  # (inspect's own words name neither the model nor what it takes)
+            raise CallError(f"{self.model_name}.forward{self.signature}: {exc}") from None
         bound.apply_defaults()
         g_args: list = []
         g_kwargs: dict = {}

@@ -79,6 +79,10 @@ def test_a_call_outside_the_traced_pattern_is_one_clear_error(frontend):
         pm(x, None, ids, scale=2.0)
     with pytest.raises(TypeError, match="unexpected keyword|got an unexpected"):
         pm(x, None, ids, nonsense=1)  # the original refuses it too
+    # (inspect's bare "too many positional arguments" named neither the model nor what it takes)
+    with pytest.raises(CallError, match=r"^Optional3.forward\(feats, mask=None, ids=None, \*, scale=1.0\): too many "
+                                        r"positional arguments$"):
+        pm(x, None, ids, x)
     with pytest.raises(TypeError):
         model(x, None, ids, nonsense=1)
 
