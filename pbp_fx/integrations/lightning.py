@@ -210,6 +210,15 @@ class PBCallback(Callback):
         stoppers = trainer.early_stopping_callbacks
         if self.controller.pm.phase == "dendrite" and not self._held_stoppers:
             self._held_stoppers = {i: es.patience for i, es in enumerate(stoppers)}
+            # A stopper that checks at validation end and comes before this callback has already counted the
+            # validation that starts the phase: with PB's own patience, its ran out there, and it stopped the fit.
+            undone = [es for es in stoppers if es.stopped_epoch == trainer.current_epoch and es.wait_count >= es.patience]
+            for es in undone:
+                es.stopped_epoch = 0
+                if hasattr(es, "stopping_reason"):  # (Lightning 2.6: why it stopped, read by the user after fit)
+                    es.stopping_reason, es.stopping_reason_message = type(es.stopping_reason).NOT_STOPPED, None
+            if undone:
+                trainer.should_stop = False
             for es in stoppers:
                 es.patience = _HELD_PATIENCE
 

@@ -363,6 +363,47 @@ def test_early_stopping_waits_through_a_dendrite_phase():
     assert cb.controller.history[-2]["phase"] == "dendrite" and stopper.patience == 2, cb.controller.history
 
 
+class _LossClassifier(L.LightningModule):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, _):
+        return F.cross_entropy(self.model(batch[0]), batch[1])
+
+    def validation_step(self, batch, _):
+        self.log("val_loss", F.cross_entropy(self.model(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_early_stopping_at_validation_end_with_pbs_patience_before_the_callback_waits_too():
+    """Listed first and checking at validation end (Lightning's default with val_check_interval < 1), a stopper
+    with PB's own patience counted the validation that starts the dendrite phase before PB held it, ran out,
+    and ended the fit there: no dendrite, no word; listed after PBCallback it ran (a reviewer)."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from pbp_fx.models import digits_mlp
+
+    train, val, _ = digits_mlp.datasets(seed=0)
+    config = pbp_fx.PBConfig(patience=3, max_dendrite_epochs=4, dendrite_patience=1, max_dendrites=1, retries=0,
+                             warmup=5)
+    runs = []
+    for first in (True, False):
+        L.seed_everything(0, verbose=False)
+        pm = pbp_fx.perforate(digits_mlp.build_model(width=8), digits_mlp.example_inputs())
+        stopper, cb = EarlyStopping("val_loss", patience=config.patience), PBCallback(config)
+        trainer = L.Trainer(max_epochs=40, val_check_interval=0.5, callbacks=[stopper, cb] if first else [cb, stopper],
+                            accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(_LossClassifier(pm), DataLoader(train, batch_size=64), DataLoader(val, batch_size=400))
+        runs.append([(h["phase"], h["note"]) for h in cb.controller.history])
+        assert any("installed dendrite 1" in note for _, note in runs[-1]), runs[-1]
+        assert stopper.patience == config.patience
+    assert runs[0] == runs[1]
+
+
 class ManualClassifier(Classifier):
     """Manual optimization: self.optimizers() wraps the optimizer PB rebinds at every restructure."""
 
