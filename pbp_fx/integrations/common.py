@@ -104,9 +104,11 @@ def finished_run(note: str, call: str) -> str:
             "training start a new run (a new PBCallback), or resume from a checkpoint taken before the end")
 
 
-def refused_restart(resume: str) -> str:
-    """The one-line refusal of a training call that would continue a PBCallback's unfinished run
-    with the new optimizer the framework built (the run's state holds the old one)."""
-    return (f"PBCallback: its PB run stopped inside an earlier training call (an exception?), and this call "
-            f"built a new optimizer, which that run's state does not hold: resume it with {resume}, or start "
-            "again with a new PBCallback on a newly built model")
+def refused_restart(resume: str, same_optimizer: bool) -> str:
+    """The one-line refusal of a training call that would continue a PBCallback's unfinished run: with the new
+    optimizer the framework built (the run's state holds the old one), or with the old one, whose rates
+    that run had already scaled for its phase (a second call on the same trainer)."""
+    why = ("goes on with that run's optimizer, whose rates it had already scaled for the phase it stopped in" if
+           same_optimizer else "built a new optimizer, which that run's state does not hold")
+    return (f"PBCallback: its PB run stopped inside an earlier training call (an exception?), and this call {why}: "
+            f"resume it with {resume}, or start again with a new PBCallback on a newly built model")

@@ -159,7 +159,8 @@ class PBCallback(TrainerCallback):
         # same Trainer keeps its optimizer, whose rates the run's state has scaled already.
         if self.controller is not None and self.controller.pm is pm and not self.controller.done and not resuming \
                 and (self.controller.optimizer is not opt or self._training):
-            raise TrainingError(refused_restart("trainer.train(resume_from_checkpoint=<a checkpoint of that run>)"))
+            raise TrainingError(refused_restart("trainer.train(resume_from_checkpoint=<a checkpoint of that run>)",
+                                                self.controller.optimizer is opt))
         if self.controller is None or self.controller.pm is not pm or (resuming and self.controller.optimizer is not opt):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize, root=model,
                                               parameter_groups=self._parameter_groups(model, opt, warn=not resuming))

@@ -135,7 +135,8 @@ class PBCallback(Callback):
         # A fit that raised never reached on_fit_end (`_fitting` still set): see PBCallback (HF).
         if self.controller is not None and self.controller.pm is pm and not self.controller.done \
                 and self._resumed is None and (self.controller.optimizer is not opt or self._fitting):
-            raise TrainingError(refused_restart("trainer.fit(..., ckpt_path=<a checkpoint of that fit>)"))
+            raise TrainingError(refused_restart("trainer.fit(..., ckpt_path=<a checkpoint of that fit>)",
+                                                self.controller.optimizer is opt))
         self._fitting = True
         if self.controller is None or self.controller.pm is not pm or (
                 self._resumed is not None and self.controller.optimizer is not opt):

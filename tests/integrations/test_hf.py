@@ -804,7 +804,8 @@ def test_a_new_train_of_a_callback_whose_run_crashed_is_refused(tmp_path, perfor
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.train()
     again, _ = _trainer(tmp_path, cb, model)
-    with pytest.raises(TrainingError, match="stopped inside an earlier training call.*resume_from_checkpoint"):
+    with pytest.raises(TrainingError, match="stopped inside an earlier training call.*built a new optimizer.*"
+                                            "resume_from_checkpoint"):
         again.train()
 
 
@@ -822,7 +823,9 @@ def test_another_train_on_the_same_trainer_after_a_crash_is_refused(tmp_path, pe
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.train()
     trainer.remove_callback(crash)
-    with pytest.raises(TrainingError, match="stopped inside an earlier training call"):
+    # (the reason given was "built a new optimizer": this Trainer kept its own; a reviewer)
+    with pytest.raises(TrainingError, match="stopped inside an earlier training call .*, and this call goes on with "
+                                            "that run's optimizer, whose rates it had already scaled"):
         trainer.train()
 
 
