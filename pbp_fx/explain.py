@@ -100,7 +100,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
                 attrs = [a.target for a in node.all_input_nodes if a.op == "get_attr"]
                 own = params.get(id(weight)) if weight is not None else None
                 name = prefix + (own or (attrs[0] if attrs else node.name))
-                why = _COMPUTED if computed else str(verdict)
+                why = COMPUTED if computed else str(verdict)
                 rows.append(SiteExplanation(name, _kind(node, g), "not a site", why))
             elif node.op == "get_attr" and verdict is None:
                 try:
@@ -170,7 +170,7 @@ def _read_by(kind: str, target, frontend: Optional[str]) -> str:
 
 
 # timm's ScaledStdConv2d and BiT's StdConv2d standardize their weight in forward.
-_COMPUTED = ("the layer's weight is computed at run time from this parameter (e.g. standardized in forward), "
+COMPUTED = ("the layer's weight is computed at run time from this parameter (e.g. standardized in forward), "
              "so it is no parameter and the layer is not a site")
 
 

@@ -935,8 +935,10 @@ def train_overrides(pm: PerforatedModel, model: nn.Module, own_modes: dict) -> d
 def _layers_not_sites(gm: fx.GraphModule, model: nn.Module) -> dict:
     """Linear and Conv layers of the model (modules, by path) that are no sites, each with its first
     explain row: a weight computed at run time, a layer the graph does not look into, one the example
-    does not reach. Layers of a root the parts capture could not trace are left out (warned of)."""
-    from .explain import UNTRACED, explain_graph
+    does not reach; and parameters of other modules that a functional Linear/Conv takes as its weight
+    computed at run time (F.linear(x, W[:4]), W * mask; by the parameter's path). Layers of a root the
+    parts capture could not trace are left out (warned of)."""
+    from .explain import COMPUTED, UNTRACED, explain_graph
 
     params = dict(model.named_parameters())
     rows = explain_graph(gm, model)
@@ -952,14 +954,18 @@ def _layers_not_sites(gm: fx.GraphModule, model: nn.Module) -> dict:
         if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(
                 owner, nn.modules.conv._ConvTransposeNd):
             layers.setdefault(path, row)
+        elif row.reason == COMPUTED:
+            layers.setdefault(row.name, row)
     return layers
 
 
 def _selected(layers: dict, model: nn.Module, include, exclude) -> list:
-    """(path, explain row) of the `_layers_not_sites` that include/exclude select."""
+    """(path, explain row) of the `_layers_not_sites` that include/exclude select (a parameter's by its owner)."""
     from .passes.find_sites import selected
 
-    return [(path, row) for path, row in layers.items() if selected(path, model.get_submodule(path), include, exclude)]
+    modules = dict(model.named_modules())
+    return [(path, row) for path, row in layers.items()
+            if selected(path, modules.get(path, modules.get(path.rpartition(".")[0])), include, exclude)]
 
 
 def _warn_not_sites(layers: dict, model: nn.Module, include, exclude) -> None:

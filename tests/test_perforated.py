@@ -1653,6 +1653,35 @@ def test_layers_that_are_no_sites_for_a_reason_not_chosen_are_warned_of(frontend
     assert not [w for w in recwarn if "are not sites" in str(w.message) or "matches no" in str(w.message)]
 
 
+class _OwnWeights(nn.Module):
+    """Weights the model holds as bare parameters, taken by F.linear computed (sliced, masked) or as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(12, 8))
+        self.w3 = nn.Parameter(torch.randn(4, 4))
+        self.register_buffer("mask", torch.tril(torch.ones(4, 4)))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(F.linear(x, self.w1))
+        h = torch.relu(F.linear(h, self.w2[:4]))
+        return self.head(F.linear(h, self.w3 * self.mask))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_bare_parameters_a_functional_layer_takes_computed_are_warned_of(frontend):
+    """Only nn.Linear/Conv modules were named: F.linear(h, W[:4]) and F.linear(h, W * mask) were no sites without
+    a word, though explain_sites lists them (a reviewer)."""
+    with pytest.warns(UserWarning, match=r"^2 Linear/Conv layer\(s\) of _OwnWeights are not sites, so PB adds no "
+                                         r"dendrites there: w2, w3 \(w2: the layer's weight is computed at run time"):
+        pm = pbp_fx.perforate(_OwnWeights(), (torch.randn(3, 6),), frontend=frontend)
+    assert sorted(pm.sites) == ["head", "w1"]
+    with warnings.catch_warnings():  # (left out by the user's choice: no word)
+        warnings.simplefilter("error")
+        pbp_fx.perforate(_OwnWeights(), (torch.randn(3, 6),), exclude=["w2", "w3"], frontend=frontend)
+
+
 class _AlsoMasked(nn.Module):
     def __init__(self):
         super().__init__()
