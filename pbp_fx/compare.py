@@ -1107,7 +1107,8 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     seed_list = [training.seed + i for i in range(seeds)]
     t0 = time.perf_counter()
     echo(f"compare {model_file or DEFAULT_MODEL}: arms {', '.join(arms)}; {seeds} seed(s); width {shown}")
-    kept = KeptRuns(out, {"model": model_file, "identity": identity, "pb_run": given, "width": width,
+    # (the model file by its content, in identity: the path as typed, ./m.py for m.py, dropped the kept runs)
+    kept = KeptRuns(out, {"identity": identity, "pb_run": given, "width": width,
                           "seeds": seed_list, "arms": arms, "config": config.to_dict(), "training": training.to_dict(),
                           "include": include, "exclude": exclude, "latency": latency}, echo)
     # Seed by seed (all seeds at once with jobs > 1): every finished seed is a complete pairing.
