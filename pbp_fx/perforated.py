@@ -18,7 +18,7 @@ from .config import ConfigError
 from .errors import NoSitesError, PBError, TrainingError, warn_at_user
 from .inputs import describe_inputs
 from .layers import WEIGHT_HOOKS, has_user_hooks
-from .site import ACTIVATIONS, MODES, Site
+from .site import ACTIVATIONS, MODES, POOL_SETTINGS, Site
 from .signature import CallError, CallSignature
 from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
                       keep_out_of_state_dict_on_copy, keyword_changes_output, memo_computed_tensors, parts_model,
@@ -544,6 +544,10 @@ class PerforatedModel(nn.Module):
         if self.mode != "pb":
             raise RuntimeError("the dendrite phase exists only in mode 'pb' (mode 'gd' grows random dendrites)")
         self._require_phase("neuron", "start_dendrite_phase")
+        unknown = [k for k in stats if k not in POOL_SETTINGS]
+        if unknown:  # (before any site has a pool; it named the internal CandidatePool.__init__)
+            raise ConfigError(f"start_dendrite_phase(): unknown setting {unknown[0]!r}: use pool, init, init_scale, "
+                              f"generator or the pool's {', '.join(POOL_SETTINGS)}")
         for s in self.sites.values():
             s.start_candidates(pool, init, init_scale, generator, **stats)
             s.candidates.grad_scaler = self.grad_scaler

@@ -58,6 +58,10 @@ def _weighted_sum(n: Tensor, acts: list[Tensor], out_weight: Tensor, axis: int) 
     return y
 
 
+# The keyword settings of a pool beyond its size and initialisation (PerforatedModel.start_dendrite_phase's **stats).
+POOL_SETTINGS = ("ema", "warmup", "threshold", "bias_correction", "split", "stride")
+
+
 class CandidatePool(nn.Module):
     """P candidate dendrites for one site, trained on the covariance with the site error.
 

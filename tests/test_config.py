@@ -1,4 +1,5 @@
 """PBConfig / TrainConfig: validation, dict round trip, replace."""
+import inspect
 import json
 import math
 
@@ -95,6 +96,16 @@ def test_every_entry_point_takes_a_config_or_a_dict_and_refuses_the_rest():
     pm = pbp_fx.perforate(torch.nn.Linear(3, 2), (x,))
     with pytest.raises(ConfigError, match="pool=0"):
         pm.start_dendrite_phase(pool=0)
+    # (a misspelt keyword was a bare TypeError naming the internal CandidatePool.__init__: a reviewer)
+    with pytest.raises(ConfigError, match=r"^start_dendrite_phase\(\): unknown setting 'pol': use pool, init, "
+                                          r"init_scale, generator or the pool's ema, warmup, threshold, "
+                                          r"bias_correction, split, stride$"):
+        pm.start_dendrite_phase(pol=3)
+    assert pm.phase == "neuron" and all(s.candidates is None for s in pm.sites.values())
+    from pbp_fx.site import POOL_SETTINGS, CandidatePool
+    assert set(POOL_SETTINGS) <= set(inspect.signature(CandidatePool.__init__).parameters)
+    pbp_fx.perforate(torch.nn.Linear(3, 2), (x,)).start_dendrite_phase(
+        pool=2, **dict(zip(POOL_SETTINGS, (0.9, 3, 0.02, False, False, 2))))
     with pytest.raises(ConfigError, match="grow"):
         pm.grow(init="x")
     assert pbp_fx.PhaseController(pm, {"patience": 3}).config.patience == 3
