@@ -811,24 +811,7 @@ def _runs_alike(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict)
         return None
     with whole_model_in_mode(gm, model.training):
         got = run(gm)
-    return _close_output(want, got)
-
-
-def _close_output(a, b) -> bool:
-    """`_same_output` with floating tensors equal to float rounding."""
-    la, sa = pytree.tree_flatten(a)
-    lb, sb = pytree.tree_flatten(b)
-    if sa != sb or len(la) != len(lb):
-        return False
-    for x, y in zip(la, lb):
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point() and \
-                x.shape == y.shape and x.dtype == y.dtype:
-            scale = float(x.detach().abs().max()) if x.numel() else 0.0
-            if not torch.allclose(x, y, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
-                return False
-        elif not _same_output(x, y):
-            return False
-    return True
+    return _same_output(want, got, close=True)
 
 
 def _first_batch(args: tuple, kwargs: dict) -> int:
@@ -1836,14 +1819,22 @@ def keyword_changes_output(module: nn.Module, args: tuple, kwargs: dict, key: st
         return True
 
 
-def _same_output(a, b) -> bool:
+def _same_output(a, b, close: bool = False) -> bool:
+    """Whether two outputs match: one structure, equal values (close: floating tensors of one dtype equal to
+    float rounding, NaN to NaN)."""
     la, sa = pytree.tree_flatten(a)
     lb, sb = pytree.tree_flatten(b)
     if sa != sb or len(la) != len(lb):
         return False
     for x, y in zip(la, lb):
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            if x.shape != y.shape or not torch.equal(x, y):
+            if x.shape != y.shape:
+                return False
+            if close and x.is_floating_point() and x.dtype == y.dtype:
+                scale = float(x.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if x.numel() else 0.0
+                if not torch.allclose(x, y, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
+                    return False
+            elif not torch.equal(x, y):
                 return False
         elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             return False
