@@ -798,11 +798,14 @@ def _check_on_example(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs:
 def _runs_alike(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Optional[bool]:
     """Whether gm, in the model's mode, computes the model's outputs on these inputs (to float rounding;
     the same random state for both; buffers kept). None when the model itself does not run on them;
-    the graph's own exception propagates."""
+    the graph's own exception propagates. With grad, as the capture ran (nn.TransformerEncoder takes
+    another path, its nested-tensor fast path, without), keeping no activations."""
     def run(module):
-        with torch.no_grad(), buffers_kept(module), torch.random.fork_rng(devices=cuda):
+        with torch.enable_grad(), buffers_kept(module), torch.random.fork_rng(devices=cuda), \
+                torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _none: None):
             torch.manual_seed(0)
-            return module(*args, **kwargs)
+            out = module(*args, **kwargs)
+        return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
 
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
