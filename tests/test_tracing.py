@@ -1396,6 +1396,29 @@ def test_a_batch_branch_that_a_dynamic_capture_cannot_guard_refuses_batches_of_o
     torch.testing.assert_close(pm(y), model(y))
 
 
+class _PaddedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0), 2,
+                                         enable_nested_tensor=True)
+
+    def forward(self, x, mask):
+        return self.fc(self.enc(self.emb(x), src_key_padding_mask=mask))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_transformer_encoders_fast_path_is_not_taken_for_a_batch_branch(batch):
+    """The check ran the model without grad, where nn.TransformerEncoder takes its nested-tensor fast path (zeros
+    at padded positions): a batch-4 example refused batches of 1, a batch-1 one was captured static (a reviewer)."""
+    x, mask = torch.randn(batch, 6, 8), torch.zeros(batch, 6, dtype=torch.bool)
+    mask[:, -2:] = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "computes other outputs", pbp_fx.PBWarning)
+        pm = pbp_fx.perforate(_PaddedEncoder().eval(), (x, mask), frontend="export")
+    assert pm.graph_module.meta["pbp_dynamic"] == "auto" and "pbp_min_batch" not in pm.graph_module.meta
+
+
 class _FeatureBranch(_CentresBatches):
     def forward(self, x):
         return self.c(F.relu(self.a(x)) * (1.0 if x.shape[-1] == 6 else 2.0))
