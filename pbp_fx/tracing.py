@@ -880,7 +880,6 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic) -> fx.Gr
     """torch.export's graph with every dim dynamic, else the batch dim only (a CNN whose Linear
     fixes its input length: torch's constraint solver fails on the length's floor divisions
     rather than specialising it), else static shapes."""
-    _refuse_root_hooks_export_cannot_run(model, args, kwargs)
     kwargs = _ordered_kwargs(model, kwargs)
     primary = model.training
     # Each capture puts the model's buffers back (`_export_capture`); the graph's own copies of them
@@ -889,15 +888,6 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, dynamic) -> fx.Gr
     gm = _export_both_modes(model, args, kwargs, dynamic, primary)
     _restore_buffers(gm, saved, own=False)
     return gm
-
-
-def _refuse_root_hooks_export_cannot_run(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """torch.export passes the inputs by name unless every one is positional: a pre-hook on the model then
-    reads no args, and the failure blamed the example inputs."""
-    if has_user_hooks(model) and not passes_every_input_positionally(model, args, kwargs):
-        raise TraceError(f"{type(model).__name__} has forward hook(s) or pre-hook(s) on itself, which torch.export "
-                         "captures only from an example that passes every input of forward positionally: pass them "
-                         "so, remove the hooks, or use pbp_fx.perforate, which drops them with a warning")
 
 
 class _OutOfStateDict:
@@ -1442,8 +1432,6 @@ def _capture(model: nn.Module, args: Optional[tuple], kwargs: dict, frontend: st
                                      + (", which keeps the switch" if frontend == "fx" else
                                         " (torch.export could not capture this model here)"))
                 return gm
-    if frontend == "export":  # (before the failure below, whose check of the inputs the hooks fail too)
-        _refuse_root_hooks_export_cannot_run(model, args, kwargs)
     try:
         gm = _trace_export(model, *_graph_inputs(export_call, args, kwargs), dynamic)
     except TraceError as exc:
@@ -1457,6 +1445,14 @@ def _capture(model: nn.Module, args: Optional[tuple], kwargs: dict, frontend: st
                 return _trace_parts(model, args, kwargs, error, dynamic, why)
             raise error from fx_error
         if frontend == "export":  # (only asked for: auto goes on to other captures, and a run costs a forward)
+            if has_user_hooks(model) and not passes_every_input_positionally(model, args, kwargs):
+                # (torch.export passes the inputs by name: a pre-hook reading its args failed, which the
+                # check of the inputs below blamed on the example)
+                raise TraceError(f"torch.export cannot capture {type(model).__name__} ({_reason(exc)}) with its "
+                                 "forward hook(s) or pre-hook(s) on itself, which torch.export runs with the inputs "
+                                 "by name unless the example passes every input of forward positionally: pass them "
+                                 "so, remove the hooks, or use pbp_fx.perforate, which drops them with a warning"
+                                 ) from exc
             _refuse_inputs_the_model_cannot_run(model, *_graph_inputs(export_call, args, kwargs), exc)
             raise TraceError(f"{exc}: change that code so that torch.export captures it, or use frontend "
                              "'auto' (symbolic tracing, else the model's traceable submodules in place)") from exc

@@ -1673,10 +1673,17 @@ def test_export_of_a_model_with_root_hooks_called_by_keyword_names_the_hooks_not
     model, x = _Scaled(), torch.randn(5, 4)
     model.register_forward_pre_hook(lambda mod, args: (args[0] * 2,) + tuple(args[1:]))
     for kwargs in ({}, {"scale": 3.0}):
-        with pytest.raises(TraceError, match=r"^_Scaled has forward hook\(s\) or pre-hook\(s\) on itself, which "
-                                             r"torch.export captures only from an example that passes every input "
-                                             r"of forward positionally: pass them so, remove the hooks, or use "
-                                             r"pbp_fx.perforate"):
+        with pytest.raises(TraceError, match=r"^torch.export cannot capture _Scaled \(.*\) with its forward hook\(s\) "
+                                             r"or pre-hook\(s\) on itself, which torch.export runs with the inputs by "
+                                             r"name unless the example passes every input of forward positionally: "
+                                             r"pass them so, remove the hooks, or use pbp_fx.perforate"):
             trace(model, (x,), kwargs, frontend="export")
     gm = trace(model, (x, 3.0), frontend="export")
     assert torch.allclose(gm(x, 3.0), model(x, 3.0))
+    # hooks that read no args are captured from any call (refused up front, they had failed a valid capture)
+    reader = _Scaled()
+    reader.register_forward_hook(lambda mod, args, out: out * 2)
+    reader.register_forward_pre_hook(lambda mod, args, kwargs: (args, {**kwargs, "scale": 5.0}), with_kwargs=True)
+    for kwargs in ({}, {"scale": 3.0}):
+        gm = trace(reader, (x,), kwargs, frontend="export")
+        torch.testing.assert_close(gm(x, **kwargs), reader(x, **kwargs))
