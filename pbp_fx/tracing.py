@@ -1088,11 +1088,13 @@ def _custom_backwards(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     if torch.is_inference_mode_enabled() or not _own_autograd_functions():
         return []
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    # (then as given: a forward that writes its input in place refuses a leaf that requires grad)
-    for call_args, call_kwargs in (_requiring_grad((args, kwargs)), (args, kwargs)):
+    # (then as given, then with the parameters as they are: a forward that writes its input, or a frozen
+    # parameter, in place refuses a leaf that requires grad)
+    given = (args, kwargs)
+    for (call_args, call_kwargs), force in ((_requiring_grad(given), True), (given, True), (given, False)):
         try:
             with buffers_kept(model), torch.random.fork_rng(devices=cuda), torch.enable_grad(), \
-                    parameters_requiring_grad(model), \
+                    parameters_requiring_grad(model) if force else contextlib.nullcontext(), \
                     torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _none: None):
                 output = model(*call_args, **call_kwargs)
             break
@@ -1133,10 +1135,12 @@ def _warn_custom_backwards(model: nn.Module, gm: fx.GraphModule, names: list[str
            "the perforated model keeps its forward ops alone, whose gradients autograd derives")
     difference = None
     if not gm.meta.get("pbp_switched_modes"):  # (fx also lost a no_grad: the gradients differ for that too)
-        try:
-            difference = _gradient_difference(model, gm, args, kwargs)
-        except Exception:  # noqa: BLE001 - (no comparison: said as what may happen)
-            difference = None
+        for force in (True, False):  # (every parameter requiring grad, else as they are: `_custom_backwards`)
+            try:
+                difference = _gradient_difference(model, gm, args, kwargs, force)
+                break
+            except Exception:  # noqa: BLE001 - (no comparison: said as what may happen)
+                difference = None
     if difference is None:
         warn_at_user(f"{how}, so a backward that is not their derivative (a straight-through estimator, a gradient "
                      "reversal) is lost and training differs; compare a parameter's .grad of the model and of the "
@@ -1149,10 +1153,12 @@ def _warn_custom_backwards(model: nn.Module, gm: fx.GraphModule, names: list[str
                      "differentiates, or keep that Function out of the model")
 
 
-def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[float, float]:
+def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict,
+                         force: bool = True) -> tuple[float, float]:
     """(max |grad of gm - grad of model| / max |grad of model|, the tolerance for the dtypes seen) over the
     tensors nearest upstream of each custom Function call: parameters, or floating inputs. A fixed random
-    projection of the outputs is differentiated; random state and buffers are kept."""
+    projection of the outputs is differentiated; random state and buffers are kept. force: with every
+    parameter requiring grad (`parameters_requiring_grad`)."""
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
     def outputs_of(run, inputs) -> list:
@@ -1165,8 +1171,11 @@ def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwar
         return sum((t.float() * torch.randn(t.shape, generator=g).to(t.device)).sum() for t in outputs)
 
     inputs = _requiring_grad((args, kwargs))
+    forced = (parameters_requiring_grad(model), parameters_requiring_grad(gm)) if force else ()
     with buffers_kept(model), buffers_kept(gm), torch.random.fork_rng(devices=cuda), torch.enable_grad(), \
-            parameters_requiring_grad(model), parameters_requiring_grad(gm):
+            contextlib.ExitStack() as stack:
+        for frozen in forced:
+            stack.enter_context(frozen)
         outputs = outputs_of(lambda i: model(*i[0], **i[1]), inputs)
         wrt = _nearest_leaves(_custom_calls(outputs))
         if not wrt:  # (no gradient of the model's flows through their backwards: nothing to differ)
@@ -1189,14 +1198,18 @@ def _gradient_difference(model: nn.Module, gm: fx.GraphModule, args: tuple, kwar
 
 @contextlib.contextmanager
 def parameters_requiring_grad(model: nn.Module):
-    """Every floating parameter of `model` requires grad inside; the frozen ones are frozen again after."""
-    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
-    for p in frozen:
-        p.requires_grad_(True)
+    """Every floating parameter of `model` requires grad inside (one made under inference_mode cannot, and is
+    left); the ones it turned are frozen again after, whatever happens inside or while turning them."""
+    turned = []
     try:
+        for p in model.parameters():
+            if p.requires_grad or not p.is_floating_point() or p.is_inference():
+                continue
+            p.requires_grad_(True)
+            turned.append(p)
         yield
     finally:
-        for p in frozen:
+        for p in turned:
             p.requires_grad_(False)
 
 

@@ -1613,6 +1613,39 @@ def test_a_custom_backward_in_a_model_that_writes_its_input_in_place_is_still_sa
         pbp_fx.perforate(_DoublesItsInput(), (torch.randn(16, 6),))
 
 
+def test_the_gradient_check_freezes_again_what_it_turned_and_leaves_inference_tensors():
+    """A head loaded under inference_mode (which cannot require grad) broke the turning half way: the layers
+    turned before it stayed trainable in the user's model (a reviewer)."""
+    model = _with_function(_StraightThroughRound).requires_grad_(False)
+    with torch.inference_mode():
+        weight = torch.randn(2, 8)
+    model.head.weight = nn.Parameter(weight, requires_grad=False)
+    trace(model, (torch.randn(16, 6),), frontend="fx")  # (its forward with grad fails on that head: no check)
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+class _RunningCentre(nn.Module):
+    """A frozen parameter the forward updates in place: it refuses to require grad there."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.centre = nn.Parameter(torch.zeros(4), requires_grad=False)
+
+    def forward(self, x):
+        h = _StraightThroughRound.apply(self.a(x))
+        self.centre.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return self.b(h - self.centre)
+
+
+def test_a_custom_backward_beside_a_parameter_updated_in_place_is_still_said():
+    """With every parameter made to require grad, the in-place update failed both tries of the Function finder
+    and the straight-through estimator went unsaid (a reviewer)."""
+    with pytest.warns(pbp_fx.PBWarning, match=r"^_RunningCentre runs torch.autograd.Function _StraightThroughRound "
+                                              r"with a backward of its own"):
+        pbp_fx.perforate(_RunningCentre(), (torch.randn(3, 4),), frontend="fx")
+
+
 class _ReluOnItsInput(nn.Module):
     def __init__(self):
         super().__init__()
