@@ -352,8 +352,11 @@ class PerforatedModel(nn.Module):
         return given
 
     def _raise_input_rank(self, args: tuple, kwargs: dict, exc: Exception) -> None:
-        """CallError naming the first graph input this call gives another number of dims than the capture had
-        (the graph's failure inside its generated code, an IndexError, named nothing); nothing otherwise."""
+        """CallError naming the first graph input this call gives another number of dims than a torch.export
+        capture had (the graph's failure inside its generated code, an IndexError, named nothing); nothing
+        otherwise, and nothing for a symbolic trace, which takes any rank its model takes."""
+        if self.graph_module.meta.get("pbp_frontend") != "export":
+            return
         given = self._graph_inputs_given(args, kwargs)
         for node in self.graph_module.graph.find_nodes(op="placeholder"):
             meta, value = node.meta.get("tensor_meta"), given.get(node.target)
@@ -958,7 +961,7 @@ def _layers_not_sites(gm: fx.GraphModule, model: nn.Module) -> dict:
         if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(
                 owner, nn.modules.conv._ConvTransposeNd):
             layers.setdefault(path, row)
-        elif row.reason == COMPUTED:
+        elif row.reason == COMPUTED and row.name not in sites:  # (a bare weight that is also a site where taken whole)
             layers.setdefault(row.name, row)
     return layers
 

@@ -941,6 +941,24 @@ def test_an_input_of_another_rank_than_the_capture_is_a_call_error():
     torch.testing.assert_close(pm(x), model(x))
 
 
+class _AnyRank(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 2), nn.Linear(6, 2)
+
+    def forward(self, x, y):
+        return self.a(x).flatten(0, -2).mean(0) + self.b(y).mean(0)
+
+
+def test_a_symbolic_traces_failure_is_not_blamed_on_an_input_of_another_rank():
+    """fx's graph takes any rank its model takes: a wrong width of y was blamed on x's rank (a reviewer)."""
+    pm = pbp_fx.perforate(_AnyRank(), (torch.randn(3, 4), torch.randn(3, 6)), frontend="fx")
+    assert pm(torch.randn(2, 3, 4), torch.randn(3, 6)).shape == (2,)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied") as err:
+        pm(torch.randn(2, 3, 4), torch.randn(3, 5))
+    assert not isinstance(err.value, pbp_fx.CallError)
+
+
 class _Masked(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1680,6 +1698,18 @@ def test_bare_parameters_a_functional_layer_takes_computed_are_warned_of(fronten
     with warnings.catch_warnings():  # (left out by the user's choice: no word)
         warnings.simplefilter("error")
         pbp_fx.perforate(_OwnWeights(), (torch.randn(3, 6),), exclude=["w2", "w3"], frontend=frontend)
+        # a bare weight that is a site where it is taken whole, and read masked elsewhere (was warned of; a reviewer)
+        assert "w3" in pbp_fx.perforate(_TakenWholeAndMasked(), (torch.randn(3, 4),), frontend=frontend).sites
+
+
+class _TakenWholeAndMasked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w3, self.head = nn.Parameter(torch.randn(4, 4)), nn.Linear(4, 2)
+        self.register_buffer("mask", torch.tril(torch.ones(4, 4)))
+
+    def forward(self, x):
+        return self.head(torch.relu(F.linear(torch.relu(F.linear(x, self.w3)), self.w3 * self.mask)))
 
 
 class _AlsoMasked(nn.Module):
