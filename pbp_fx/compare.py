@@ -487,8 +487,9 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
         best = max((s["test"] for s in ran), default=None)
         if best is not None and score.rounded(best) <= score.rounded(score.scale * majority[1]):
             lines.append(f"**no arm beats the majority class**: always predicting class {majority[0]} scores {level} on "
-                         "the test set, as much as the best arm, so at these settings no model has learned more than "
-                         "the class frequencies (check the data and labels, or try another --lr or a longer budget)")
+                         "the test set, at least as much as the best arm, so at these settings no model has learned "
+                         "more than the class frequencies (check the data and labels, or try another --lr or a longer "
+                         "budget)")
         else:
             lines.append(f"(Always predicting the test set's most frequent class, {majority[0]}, scores {level}.)")
     skipped = [s for s in summary if not s["n"]]
@@ -589,7 +590,7 @@ def figure(plt, summary: list[dict], title: str, score: Score):
     """`plot`'s figure (pyplot as `plt`)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, s in enumerate(s for s in summary if s["n"]):
-        style = {"marker": ARM_MARKERS[i % len(ARM_MARKERS)], "markersize": max(4.0, 13.0 - 2.5 * i),
+        style = {"marker": ARM_MARKERS[i % len(ARM_MARKERS)], "markersize": 13.0 * 0.82 ** i,
                  "markerfacecolor": "none", "markeredgewidth": 1.6, "linestyle": "none", "capsize": 3}
         for ax, key, label in ((axes[0], "params", "parameters"), (axes[1], "latency_ms", "ONNX Runtime latency (ms)")):
             if key in s:

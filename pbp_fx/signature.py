@@ -31,7 +31,8 @@ _VARIADIC = (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
 
 
 class CallError(PBError, TypeError):
-    """A call the original accepts, but the traced graph cannot run (another input pattern)."""
+    """A call the perforated model cannot run: one its original refuses too (named with its forward's
+    parameters), or one the original accepts whose input pattern the traced graph does not take."""
 
 
 class _Tensor:
@@ -143,7 +144,8 @@ class CallSignature:
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:  # (inspect's own words name neither the model nor what it takes)
-            raise CallError(f"{self.model_name}.forward{self.signature}: {exc}") from None
+            # (one line: a tensor default's repr spans several)
+            raise CallError(f"{self.model_name}.forward{' '.join(str(self.signature).split())}: {exc}") from None
         bound.apply_defaults()
         g_args: list = []
         g_kwargs: dict = {}

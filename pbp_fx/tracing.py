@@ -155,6 +155,11 @@ class PBTracer(fx.Tracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         if kind == "output":
             self.output = self._outermost
+        if kind == "placeholder" and any(isinstance(a, fx.Node) for a in args):
+            # A tensor default becomes a get_attr node, which fx writes into forward's signature as a name its
+            # code does not define (NameError: _tensor_constant0). The graph is called with every input given
+            # (CallSignature binds the original's defaults), so the input takes no default.
+            args = ()
         if self._start_context is not None and kind != "placeholder":
             for i, (now, start) in enumerate(zip(_grad_context(), self._start_context)):
                 if now != start and _CONTEXT_NAMES[i] not in self.switched_modes and \
@@ -1045,14 +1050,8 @@ def _put_values(m: nn.Module, leaf: str, b: torch.Tensor, value: torch.Tensor, p
 
 
 def tensors_copied(obj):
-    """obj with every tensor in its tuples, lists and dicts cloned (the containers rebuilt)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if type(obj) in (tuple, list):
-        return type(obj)(tensors_copied(v) for v in obj)
-    if type(obj) is dict:
-        return {k: tensors_copied(v) for k, v in obj.items()}
-    return obj
+    """obj with every tensor in its containers (any pytree: tuples, namedtuples, dicts, ...) cloned."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, obj)
 
 
 def refuse_script_modules(model: nn.Module) -> None:

@@ -1,4 +1,5 @@
 """pbp_fx.tracing: fx tracing, leaf isolation of untraceable submodules, one-line trace errors."""
+import collections
 import copy
 import inspect
 import warnings
@@ -1656,6 +1657,14 @@ class _ReluOnItsInput(nn.Module):
         return self.fc(self.act(x) + self.act(shift))
 
 
+_Pair = collections.namedtuple("_Pair", "x shift")
+
+
+class _ReluOnAPair(_ReluOnItsInput):
+    def forward(self, pair):
+        return self.fc(self.act(pair.x) + self.act(pair.shift))
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_trace_leaves_the_callers_example_tensors_as_they_were(frontend):
     x, shift = torch.randn(5, 4), torch.randn(5, 4)
@@ -1663,6 +1672,8 @@ def test_trace_leaves_the_callers_example_tensors_as_they_were(frontend):
     gm = trace(_ReluOnItsInput(), x, {"shift": shift}, frontend=frontend)
     assert torch.equal(x, before[0]) and torch.equal(shift, before[1])
     assert gm.meta["pbp_frontend"] == frontend
+    trace(_ReluOnAPair(), (_Pair(x, shift),), frontend=frontend)  # (a namedtuple's were not copied: a reviewer)
+    assert torch.equal(x, before[0]) and torch.equal(shift, before[1])
 
 
 class _FrozenTokenModel(nn.Module):
