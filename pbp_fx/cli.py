@@ -917,7 +917,7 @@ def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs
     if not all(d <= t for d, t in checks):
         raise PBError(f"exported model differs from PyTorch by {diff:.2e} (> {tol:.2e}): report this as a bug")
     with _quiet_unless(args.debug):
-        sizes, problem, unchecked = check_other_sizes(session, final, flat)
+        sizes, problem, unchecked, _ = check_other_sizes(session, final, flat)
     if problem is not None:  # (the named axes passed the export's own check: the batch is left)
         raise PBError(f"{problem}: export with --static-batch")
     if unchecked is not None:
