@@ -157,9 +157,10 @@ class PBTracer(fx.Tracer):
             self.output = self._outermost
         if kind == "placeholder" and any(isinstance(a, fx.Node) for a in args):
             # A tensor default becomes a get_attr node, which fx writes into forward's signature as a name its
-            # code does not define (NameError: _tensor_constant0). The graph is called with every input given
-            # (CallSignature binds the original's defaults), so the input takes no default.
-            args = ()
+            # code does not define (NameError: _tensor_constant0). CallSignature gives the graph every tensor
+            # input, defaults bound, so None stands there (no default at all breaks a signature in which it
+            # follows another default).
+            args = (None,)
         if self._start_context is not None and kind != "placeholder":
             for i, (now, start) in enumerate(zip(_grad_context(), self._start_context)):
                 if now != start and _CONTEXT_NAMES[i] not in self.switched_modes and \
@@ -803,10 +804,12 @@ def _check_on_example(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs:
 def _runs_alike(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Optional[bool]:
     """Whether gm, in the model's mode, computes the model's outputs on these inputs (to float rounding;
     the same random state for both; buffers kept). None when the model itself does not run on them;
-    the graph's own exception propagates. With grad, as the capture ran (nn.TransformerEncoder takes
-    another path, its nested-tensor fast path, without), keeping no activations."""
+    the graph's own exception propagates. With grad and every parameter requiring it, as the capture ran
+    (nn.TransformerEncoder takes another path, its nested-tensor fast path, without: also when its
+    parameters are all frozen), keeping no activations."""
     def run(module):
         with torch.enable_grad(), buffers_kept(module), torch.random.fork_rng(devices=cuda), \
+                parameters_requiring_grad(module), \
                 torch.autograd.graph.saved_tensors_hooks(lambda _t: None, lambda _none: None):
             torch.manual_seed(0)
             out = module(*args, **kwargs)

@@ -83,9 +83,9 @@ def test_a_call_outside_the_traced_pattern_is_one_clear_error(frontend):
     with pytest.raises(CallError, match=r"^Optional3.forward\(feats, mask=None, ids=None, \*, scale=1.0\): too many "
                                         r"positional arguments$"):
         pm(x, None, ids, x)
-    with pytest.raises(CallError, match=r"^TensorDefault.forward\(feats, bias=tensor\(\[\[1., 1., 1., 1.\], "
+    with pytest.raises(CallError, match=r"^TensorDefault.forward\(feats, scale=2, bias=tensor\(\[\[1., 1., 1., 1.\], "
                                         r"\[1., 1., 1., 1.\]\]\)\): too many positional arguments$"):
-        pbp_fx.perforate(TensorDefault(), (x,), frontend=frontend)(x, x, x)
+        pbp_fx.perforate(TensorDefault(), (x,), frontend=frontend)(x, 2, x, x)
     with pytest.raises(TypeError):
         model(x, None, ids, nonsense=1)
 
@@ -95,8 +95,8 @@ class TensorDefault(nn.Module):
         super().__init__()
         self.fc = nn.Linear(4, 4)
 
-    def forward(self, feats, bias=torch.ones(2, 4)):
-        return self.fc(feats) + bias.sum()
+    def forward(self, feats, scale=2, bias=torch.ones(2, 4)):  # (after a default: None stands in the graph)
+        return self.fc(feats) * scale + bias.sum()
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
@@ -107,8 +107,12 @@ def test_a_tensor_default_is_taken_and_can_be_given(frontend):
     pm = pbp_fx.perforate(model, (x,), frontend=frontend)
     torch.testing.assert_close(pm(x), model(x))
     if frontend == "fx":  # (torch.export specialises a tensor default: another is refused, as other constants)
-        torch.testing.assert_close(pm(x, other), model(x, other))
-    torch.testing.assert_close(pm.finalize()(x, torch.ones(2, 4)), model(x))  # (as the finalized graph takes inputs)
+        torch.testing.assert_close(pm(x, 2, other), model(x, 2, other))
+        torch.testing.assert_close(pm(x, bias=other), model(x, bias=other))
+    # (the finalized graph takes its tensor inputs as the graph does: the default given)
+    final = pm.finalize()
+    torch.testing.assert_close(final(x, 2, torch.ones(2, 4)) if frontend == "fx" else final(x, torch.ones(2, 4)),
+                               model(x))
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])

@@ -1408,15 +1408,17 @@ class _PaddedEncoder(nn.Module):
         return self.fc(self.enc(self.emb(x), src_key_padding_mask=mask))
 
 
+@pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_a_transformer_encoders_fast_path_is_not_taken_for_a_batch_branch(batch):
+def test_a_transformer_encoders_fast_path_is_not_taken_for_a_batch_branch(batch, frozen):
     """The check ran the model without grad, where nn.TransformerEncoder takes its nested-tensor fast path (zeros
-    at padded positions): a batch-4 example refused batches of 1, a batch-1 one was captured static (a reviewer)."""
+    at padded positions): a batch-4 example refused batches of 1, a batch-1 one was captured static; a frozen
+    encoder takes that path with grad too (reviewers)."""
     x, mask = torch.randn(batch, 6, 8), torch.zeros(batch, 6, dtype=torch.bool)
     mask[:, -2:] = True
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "computes other outputs", pbp_fx.PBWarning)
-        pm = pbp_fx.perforate(_PaddedEncoder().eval(), (x, mask), frontend="export")
+        pm = pbp_fx.perforate(_PaddedEncoder().eval().requires_grad_(not frozen), (x, mask), frontend="export")
     assert pm.graph_module.meta["pbp_dynamic"] == "auto" and "pbp_min_batch" not in pm.graph_module.meta
 
 
