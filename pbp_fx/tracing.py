@@ -1463,11 +1463,10 @@ def _capture(model: nn.Module, args: Optional[tuple], kwargs: dict, frontend: st
             if has_user_hooks(model) and not passes_every_input_positionally(model, args, kwargs):
                 # (torch.export passes the inputs by name: a pre-hook reading its args failed, which the
                 # check of the inputs below blamed on the example)
-                raise TraceError(f"torch.export cannot capture {type(model).__name__} ({_reason(exc)}) with its "
-                                 "forward hook(s) or pre-hook(s) on itself, which torch.export runs with the inputs "
-                                 "by name unless the example passes every input of forward positionally: pass them "
-                                 "so, remove the hooks, or use pbp_fx.perforate, which drops them with a warning"
-                                 ) from exc
+                raise TraceError(f"{exc}; {type(model).__name__} has forward hook(s) or pre-hook(s) on itself, "
+                                 "which torch.export runs with the inputs by name unless the example passes every "
+                                 "input of forward positionally: pass them so, remove the hooks, or use "
+                                 "pbp_fx.perforate, which drops them with a warning") from exc
             _refuse_inputs_the_model_cannot_run(model, *_graph_inputs(export_call, args, kwargs), exc)
             raise TraceError(f"{exc}: change that code so that torch.export captures it, or use frontend "
                              "'auto' (symbolic tracing, else the model's traceable submodules in place)") from exc
