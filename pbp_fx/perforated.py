@@ -20,10 +20,10 @@ from .inputs import describe_inputs
 from .layers import WEIGHT_HOOKS, has_user_hooks
 from .site import ACTIVATIONS, MODES, POOL_SETTINGS, Site
 from .signature import CallError, CallSignature
-from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, buffers_kept, copy_module,
-                      keep_out_of_state_dict_on_copy, keyword_changes_output, memo_computed_tensors, parts_model,
-                      passes_every_input_positionally, refuse_script_modules, spec_copy_warnings_ignored,
-                      tensors_copied, trace, whole_model_in_mode, batch_of_one)
+from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, batch_of_one, buffers_kept,
+                      copy_module, keep_out_of_state_dict_on_copy, keyword_changes_output, memo_computed_tensors,
+                      parts_model, passes_every_input_positionally, refuse_script_modules,
+                      spec_copy_warnings_ignored, tensors_copied, trace, whole_model_in_mode)
 
 __all__ = ["PerforatedModel", "perforate", "PHASES", "outside_inference_mode", "perforated_inside", "put_back"]
 
