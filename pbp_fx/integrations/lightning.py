@@ -115,10 +115,17 @@ class PBCallback(Callback):
                                f"checkpoint saved at a PB rewind (a dendrite phase's start, a retry, the end) holds "
                                f"PB's best weights by {self.monitor!r}, not the weights that scored its recorded "
                                f"{monitored!r}; monitor the same metric, or use the model PB leaves at fit end")
-        patience = (self.config or PBConfig()).patience  # (the controller's default config has PBConfig's)
+        config = self.config or PBConfig()  # (the controller's default config has PBConfig's)
+        patience = config.patience
         for stopper in trainer.early_stopping_callbacks:
-            if stopper.monitor == self.monitor and stopper.patience < patience:
-                rank_zero_warn(f"EarlyStopping on {self.monitor!r} with patience={stopper.patience} can end the run before "
+            # (a larger min_delta counts more validations as no gain than PB does: it runs out first at PB's patience)
+            stricter = abs(stopper.min_delta) > config.improvement
+            if stopper.monitor == self.monitor and (stopper.patience < patience or
+                                                    (stricter and stopper.patience <= patience)):
+                why = (f"with patience={stopper.patience}" if not stricter else
+                       f"with patience={stopper.patience} and min_delta={abs(stopper.min_delta):g} (a gain below it "
+                       f"counts as none; PB's improvement is {config.improvement:g})")
+                rank_zero_warn(f"EarlyStopping on {self.monitor!r} {why} can end the run before "
                                f"PB's neuron phase does (PBConfig.patience={patience} validations without "
                                "gain start a dendrite phase), so no dendrite is added: give EarlyStopping a patience "
                                "above PB's, or leave the run's end to PBCallback")

@@ -567,6 +567,17 @@ def test_an_early_stopping_more_impatient_than_pb_is_warned_of():
     with pytest.warns(UserWarning, match="EarlyStopping on 'val_loss' with patience=2 can end the run before PB's "
                                          "neuron phase does"):
         trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
+    # PB's own patience, but a min_delta above PB's improvement: more validations count as no gain (a reviewer)
+    trainer = _trainer(PBCallback(QUICK.replace(patience=3)), max_epochs=1)
+    trainer.callbacks.append(EarlyStopping("val_loss", patience=3, min_delta=0.05))
+    with pytest.warns(UserWarning, match=r"EarlyStopping on 'val_loss' with patience=3 and min_delta=0.05 \(a gain "
+                                         r"below it counts as none; PB's improvement is 0.001\) can end the run"):
+        trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
+    trainer = _trainer(PBCallback(QUICK.replace(patience=3)), max_epochs=1)
+    trainer.callbacks.append(EarlyStopping("val_loss", patience=3))  # (PB's patience, no min_delta: no word)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "EarlyStopping on", UserWarning)
+        trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
 
 
 def test_a_run_the_trainers_time_limit_ends_says_so():
