@@ -99,12 +99,14 @@ def _is_transpose_2d(node) -> bool:
         return False
     if node.op == "call_function":
         t = node.target
-        if t in (_aten.t.default, torch.t, _aten.numpy_T.default):
+        if t in (_aten.t.default, torch.t, _aten.numpy_T.default, _aten.mT.default):
             return True
         if t in (_aten.transpose.int, torch.transpose):
             return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1] if len(node.args) >= 3 else False
         if t in (_aten.permute.default, torch.permute):
             return len(node.args) >= 2 and list(node.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0])
+        if t is getattr:  # (fx records `W.T` / `W.mT` as getattr(W, "T"): `x @ W.T` was no site, and unlisted)
+            return len(node.args) == 2 and node.args[1] in ("T", "mT")
     if node.op == "call_method":
         if node.target == "t":
             return True

@@ -316,6 +316,37 @@ def test_aten_and_product_sites(frontend, pb):
         assert pb.max_diff(pm.finalize()(x), y) < 1e-5
 
 
+class TransposedByAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6) * 0.4)
+        self.v = nn.Parameter(torch.randn(3, 8) * 0.4)
+
+    def forward(self, x):
+        return torch.relu(x @ self.w.T) @ self.v.mT
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_product_with_a_parameter_transposed_by_its_attribute_is_a_site(frontend, pb, tmp_path):
+    """fx records `W.T` as getattr(W, "T"): `x @ W.T` was no site, and explain_sites did not list it (a reviewer)."""
+    import pbp_fx
+
+    x, model = torch.randn(5, 6), TransposedByAttribute()
+    assert [s.name for s in find_sites(trace(model, (x,), frontend=frontend))] == ["w", "v"]
+    pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    assert pb.max_diff(pm(x), model(x)) < 1e-6
+    pm.grow()
+    pb.randomize(pm, 0.5)
+    pm.eval()
+    with torch.no_grad():
+        y = pm(x)
+        assert pb.max_diff(pm.finalize()(x), y) < 1e-5
+    from pbp_fx.exporters import export_onnx, ort_session, run
+
+    got = run(ort_session(export_onnx(pm, (x,), tmp_path / "m.onnx"), device="cpu", threads=1), (x.numpy(),))[0]
+    assert pb.max_diff(torch.as_tensor(got), y) < 1e-5
+
+
 def test_part_sites_are_named_by_their_path_in_the_model():
     with pytest.warns(UserWarning, match="neither fx nor torch.export"):
         gm = trace(BranchingRoot(), (torch.randn(3, 4),))
