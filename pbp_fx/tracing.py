@@ -781,9 +781,14 @@ def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> f
         return gm
 
 
+def _batched(args: tuple, kwargs: dict) -> list:
+    """The tensor inputs with a dim 0 (a batch, when there is one)."""
+    return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+
+
 def batch_of_one(args: tuple, kwargs: dict) -> bool:
     """Whether every tensor input has a batch of 1 (`_export_inputs` captures with 2)."""
-    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    tensors = _batched(args, kwargs)
     return bool(tensors) and all(t.shape[0] == 1 for t in tensors)
 
 
@@ -825,14 +830,10 @@ def _runs_alike(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict)
     return _same_output(want, got, close=True)
 
 
-def _first_batch(args: tuple, kwargs: dict) -> int:
-    return next(t.shape[0] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0)
-
-
 def _first_sample(args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
     """The example cut to its first sample (every tensor input's dim 0 to 1) when every tensor input has
     one batch of 2 or more on dim 0; else None."""
-    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    tensors = _batched(args, kwargs)
     if not tensors or len({t.shape[0] for t in tensors}) != 1 or tensors[0].shape[0] < 2:
         return None
     return pytree.tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, (args, kwargs))
@@ -1308,7 +1309,7 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
     if dims != "static" and _smallest_batch(model, gm, args, kwargs) == 2:
         gm.meta["pbp_min_batch"] = 2
         warn_at_user(f"{type(model).__name__}'s forward computes other outputs at a batch of 1 than the graph "
-                     f"torch.export captured at the example's batch of {_first_batch(args, kwargs)}"
+                     f"torch.export captured at the example's batch of {_batched(args, kwargs)[0].shape[0]}"
                      " (it takes a dynamic batch to be 2 or more, and the forward branches on the batch size): the "
                      "perforated model refuses batches of 1, and an ONNX export of it is wrong there; call it with "
                      "batches of 2 or more (DataLoader(drop_last=True)), or perforate it with a batch-1 example "
