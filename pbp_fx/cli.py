@@ -501,6 +501,18 @@ class _TypedFloat(_Typed, float):
 _AS_TYPED = {int: _TypedInt, float: _TypedFloat, str: lambda value, text: value}
 
 
+def _whole(text: str) -> int:
+    """A whole number as typed: `10`, or a whole-valued float such as `10.0` or `1e3`, as a file's
+    values are read (ValueError for anything else)."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+        if not number.is_integer():
+            raise
+        return int(number)
+
+
 def _number(kind: type, flag: str, optional: bool = False):
     """An argparse type that names the flag in its one-line error (non-numeric values); `optional`:
     `none` is accepted too (UNSET)."""
@@ -509,7 +521,7 @@ def _number(kind: type, flag: str, optional: bool = False):
         if optional and text.strip().lower() == "none":
             return UNSET
         try:
-            return _AS_TYPED[kind](kind(text), text)
+            return _AS_TYPED[kind](_whole(text) if kind is int else kind(text), text)
         except ValueError:
             word = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"{text!r} is not {word}" + (" or none" if optional else "")) from None

@@ -88,6 +88,10 @@ def _check(obj) -> None:
             if not isinstance(value, bool):
                 bad = "true or false"
         elif kind == "int":
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) \
+                    and _finite(value) and float(value).is_integer():
+                value = int(value)  # a whole-valued float (`patience: 10.0` in a file): the number it names
+                object.__setattr__(obj, name, value)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 bad = "a whole number"
             elif type(value) is not int:  # numpy's integers: stored as Python ints (to_dict writes JSON)

@@ -1127,6 +1127,17 @@ def test_none_sets_an_optional_setting_back_over_the_config_file(tmp_path, capsy
     assert rc == 2 and "'none' is not a whole number" in err and "or none" not in err
 
 
+def test_whole_valued_numbers_are_taken_for_whole_number_flags(capsys):
+    """`--patience 10.0` was refused as "not a whole number", while a file's 10.0 and 1e3 read as numbers."""
+    from pbp_fx.cli import build_parser, configs_from_args
+
+    args = build_parser().parse_args(["train", "m.py", "--patience", "10.0", "--epochs", "1e3", "--nproc", "2.0"])
+    pb, train = configs_from_args(args)
+    assert (pb.patience, train.epochs, args.nproc) == (10, 1000, 2) and type(train.epochs) is int
+    rc, _, err = _run(["train", "m.py", "--patience", "10.5"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "'10.5' is not a whole number" in err
+
+
 def test_config_given_twice_is_refused_not_half_read(tmp_path, capsys):
     """--config a.json --config b.json silently dropped a.json (its epochs: 2 became 239 epochs)."""
     (tmp_path / "a.json").write_text('{"epochs": 2}')

@@ -77,6 +77,21 @@ def test_numpy_numbers_are_accepted_and_stored_as_python_numbers():
         PBConfig(pool=2.5)
 
 
+def test_whole_valued_floats_are_the_whole_numbers_they_name(tmp_path):
+    """`patience: 10.0` in a file (or a JSON writer's 10.0) was refused as "must be a whole number"."""
+    cfg = PBConfig(patience=10.0, pool=4e0, warmup=0.0)
+    assert (cfg.patience, cfg.pool, cfg.warmup) == (10, 4, 0) and type(cfg.patience) is int
+    path = tmp_path / "s.json"
+    path.write_text('{"patience": 10.0, "epochs": 2e2}')
+    pb, train = read_settings(str(path))
+    assert PBConfig(**pb).patience == 10 and type(TrainConfig(**train).epochs) is int
+    assert json.loads(json.dumps(PBConfig(patience=10.0).to_dict()))["patience"] == 10
+    for value, match in [(2.5, "pool=2.5: must be a whole number"), (math.inf, "whole number"),
+                         (math.nan, "whole number"), (1e30, "at most 9223372036854775807")]:
+        with pytest.raises(ConfigError, match=match):
+            PBConfig(pool=value)
+
+
 def test_every_entry_point_takes_a_config_or_a_dict_and_refuses_the_rest():
     """PhaseController(pm, {...}) and fit(config={...}) failed with an AttributeError; perforate's
     settings raised a plain ValueError, not the ConfigError the API documents."""
