@@ -717,7 +717,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         except DataError as exc:  # the dataset's own error: which epoch, and how to go on
             done = len(history.epochs)
             raise TrainingError(f"training stopped in epoch {done + 1}: {exc}"
-                                + _resumes(out, done, processes)) from exc
+                                + _resumes(out, done, processes, progress)) from exc
         except TrainingError as exc:
             if not (isinstance(exc.__cause__, NonFiniteError) and not isinstance(exc.__cause__, NonFiniteDataError)
                     and ctl.done and ctl.best_state is not None):
@@ -729,24 +729,25 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             raise
         except SystemExit as exc:  # (the model file's data, loss or metric ended the process: say so, and how to go on)
             raise TrainingError(f"training stopped in epoch {len(history.epochs) + 1}: {exited(exc)}"
-                                + _resumes(out, len(history.epochs), processes)) from exc
+                                + _resumes(out, len(history.epochs), processes, progress)) from exc
         except Exception as exc:  # noqa: BLE001 - raised inside the model file's model, data, loss or metric
             text = str(exc).strip().splitlines()
             done = len(history.epochs)
             if isinstance(exc, RuntimeError) and any(m in str(exc) for m in ("can't allocate memory", "out of memory")):
                 raise TrainingError(f"training stopped in epoch {done + 1}: out of memory ({text[0][:160]}); use a "
-                                    "smaller --pool, --batch-size or model" + _resumes(out, done, processes)) from exc
+                                    "smaller --pool, --batch-size or model"
+                                    + _resumes(out, done, processes, progress)) from exc
             raise TrainingError(
                 f"training stopped in epoch {done + 1}: {type(exc).__name__}: {text[0] if text else ''} (from the "
                 f"model file's model, data, loss or metric; --debug shows where)"
-                + _resumes(out, done, processes)) from exc
+                + _resumes(out, done, processes, progress)) from exc
     except KeyboardInterrupt as exc:
         remove_empty(created)  # failed before its first checkpoint: leave nothing behind
         # The epochs this run's checkpoint holds (an interrupt inside a save leaves the one before; before its
         # first save the folder may hold another run's): what a resume continues
         done = saver.epochs if saver is not None else 0
         if done:
-            raise type(exc)(f"after epoch {done}{_resumes(out, done, processes)}") from None  # (Ctrl-C or SIGTERM)
+            raise type(exc)(f"after epoch {done}{_resumes(out, done, processes, progress)}") from None  # (Ctrl-C or SIGTERM)
         raise
     except BaseException:
         remove_empty(created)  # failed before its first checkpoint: leave nothing behind
@@ -781,7 +782,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             distributed.barrier()  # the outputs are complete when any rank returns
     except KeyboardInterrupt as exc:  # (Ctrl-C or SIGTERM while the report is made: training is over)
         raise type(exc)(f"after training ({len(history.epochs)} epochs), before its report was all written"
-                        + _resumes(out, saver.epochs if saver is not None else 0, processes,
+                        + _resumes(out, saver.epochs if saver is not None else 0, processes, progress,
                                    "its checkpoint holds the run, and its report is written by")) from None
     if non_finite is not None:
         where = f": its report and that model are in {out}" if out is not None else ""
@@ -1029,11 +1030,13 @@ def _print_report(s: dict, echo) -> None:
          f"({s.get('metric', 'accuracy')}; {s['seconds']:.1f} s on {s.get('device', 'cpu')}, mode {s['mode']})")
 
 
-def _resumes(out: Optional[str], done: int, processes: int = 1, lead: str = "the run so far resumes with") -> str:
+def _resumes(out: Optional[str], done: int, processes: int = 1, progress: bool = True,
+             lead: str = "the run so far resumes with") -> str:
     """"; the run so far resumes with ..." when `done` epochs were checkpointed in `out` (with the
-    run's --nproc: on another process count the data order differs)."""
-    nproc = f" --nproc {processes}" if processes > 1 else ""
-    return f"; {lead} pbp-fx train --resume {shlex.quote(out)}{nproc}" if out and done else ""
+    run's --nproc: on another process count the data order differs; and its --no-progress, which
+    the checkpoint does not keep)."""
+    flags = (f" --nproc {processes}" if processes > 1 else "") + ("" if progress else " --no-progress")
+    return f"; {lead} pbp-fx train --resume {shlex.quote(out)}{flags}" if out and done else ""
 
 
 def _write_outputs(out: str, history, summary) -> bool:

@@ -934,7 +934,7 @@ def test_a_run_whose_data_draws_from_numpy_and_random_resumes_like_an_uninterrup
     capsys.readouterr()
     assert main(["train", *args, "--out", str(stopped)]) == 130
     assert capsys.readouterr().err.endswith(f"interrupted after epoch 5; the run so far resumes with pbp-fx train "
-                                            f"--resume {stopped}\n")
+                                            f"--resume {stopped} --no-progress\n")
     monkeypatch.delenv("STOP_AT")
     from pbp_fx.checkpoint import read_meta
 
@@ -1034,6 +1034,9 @@ def test_the_resume_hint_of_a_multi_process_run_keeps_its_process_count():
     assert _resumes("runs/a b", 3, 2) == "; the run so far resumes with pbp-fx train --resume 'runs/a b' --nproc 2"
     assert _resumes("runs/a", 3) == "; the run so far resumes with pbp-fx train --resume runs/a"
     assert _resumes("runs/a", 0, 2) == ""
+    # (--no-progress is no setting the checkpoint keeps: the hint carries it, as the process count)
+    assert _resumes("runs/a", 3, 1, progress=False) == "; the run so far resumes with pbp-fx train --resume runs/a " \
+                                                       "--no-progress"
 
 
 def test_resume_on_a_process_count_that_cannot_split_the_runs_batch_is_refused_before_any_process(tmp_path, capsys):
