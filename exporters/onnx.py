@@ -59,11 +59,12 @@ from pbp_fx.errors import PBError, warn_at_user
 from pbp_fx.fileio import atomic_write
 from pbp_fx.layers import dendrite_calls
 from pbp_fx.site import FusedSite, Site
-from pbp_fx.tracing import buffers_kept, copy_module, ignore_spec_copy_warnings
+from pbp_fx.tracing import batch_of_one, buffers_kept, copy_module, ignore_spec_copy_warnings
 
 from . import clip_after_site, output_weight_into_readers
 from .direct import plain_output_names
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
+from .ort import MIN_BATCH_KEY
 
 __all__ = ["export_onnx", "check_other_sizes", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS",
            "MIN_OPSET", "MAX_OPSET"]
@@ -1059,7 +1060,8 @@ def _strip_trace_metadata(proto: onnx.ModelProto) -> None:
             node.metadata_props.add(key=k, value=v)
 
 
-def _set_metadata(proto: onnx.ModelProto, dendrites: dict[str, int], activation: str, fused: bool) -> None:
+def _set_metadata(proto: onnx.ModelProto, dendrites: dict[str, int], activation: str, fused: bool,
+                  min_batch: int = 1) -> None:
     import pbp_fx
 
     values = {
@@ -1070,6 +1072,8 @@ def _set_metadata(proto: onnx.ModelProto, dendrites: dict[str, int], activation:
         "pbp_fx.fused": "true" if fused else "false",
         "pbp_fx.domain": DOMAIN,
     }
+    if min_batch > 1:  # (the smallest batch the file computes the model's outputs at: ort.run refuses smaller)
+        values[MIN_BATCH_KEY] = str(min_batch)
     kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in values]
     del proto.metadata_props[:]
     for k, v in kept + list(values.items()):
@@ -1288,6 +1292,13 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     axes = check_dynamic_axes(dynamic_axes)
     inputs = graph_inputs(model, example_inputs, example_kwargs)
     module, dendrites, activation = _prepare(model)
+    # (a torch.export capture whose forward branches on the batch size holds the branch of 2 or more)
+    min_batch = getattr(module, "meta", {}).get("pbp_min_batch", 1)
+    if min_batch > 1 and batch_of_one(inputs, {}):
+        raise ExportError(f"the model computes other outputs at a batch of 1 than its graph, which torch.export "
+                          f"captured for batches of {min_batch} or more (its forward branches on the batch size): "
+                          "export it with an example of that many samples, or perforate the model with a batch-1 "
+                          "example for batch-1 calls")
     projected = next((name for name, m in module.named_modules() if isinstance(m, nn.LSTM) and m.proj_size), None)
     if projected is not None:  # (torch.onnx writes the plain model so too: measured with torch 2.13)
         raise ExportError(f"LSTM {projected!r} has proj_size={module.get_submodule(projected).proj_size}, which "
@@ -1325,7 +1336,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                     "its eval-mode path (a train-only branch, or code the example inputs do not reach)", n_fused,
                     expected)
     _strip_trace_metadata(proto)
-    _set_metadata(proto, dendrites, activation, fused)
+    _set_metadata(proto, dendrites, activation, fused, min_batch if dynamic_batch else 1)
     proto.ir_version = _ir_version(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -1357,6 +1368,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
             raise ExportError(f"{checked.problem}: {fix}")
         if checked.unchecked is not None:
             warn_at_user(f"dynamic axes not checked at {checked.sizes} ({checked.how}): {checked.unchecked}")
+    if min_batch > 1 and dynamic_batch:
+        warn_at_user(f"the ONNX file computes the model's outputs at batches of {min_batch} or more only (torch.export "
+                     "captured the forward's branch on the batch size for those): pbp_fx.exporters.run and pbp-fx run "
+                     "refuse smaller batches; perforate the model with a batch-1 example for batch-1 calls")
     _write_atomic(body, target)
     log.info("exported %s (%s, %d fused node(s), opset %d)", target, "fused" if fused else "unfused",
              n_fused, _default_opset(proto))

@@ -35,6 +35,13 @@ _NP_TYPES = {
 }
 
 
+MIN_BATCH_KEY = "pbp_fx.min_batch"  # ONNX metadata: the smallest batch the file computes right
+
+
+class BatchSizeError(PBError, ValueError):
+    """Inputs with fewer samples than the ONNX file computes right (its MIN_BATCH_KEY)."""
+
+
 class RuntimeUnavailableError(PBError, RuntimeError):
     """onnxruntime (or the requested execution provider) is not available."""
 
@@ -129,6 +136,7 @@ def run(session, inputs: Union[Mapping[str, Any], Sequence[Any], np.ndarray]) ->
 
     inputs: {name: array}, or a tuple/list of arrays in the graph's input order, or one
     array. Torch tensors are accepted too; arrays are cast to the input's ONNX type.
+    A BatchSizeError for a batch smaller than the file computes right (its MIN_BATCH_KEY).
     """
     specs = session.get_inputs()
     types = {i.name: i.type for i in specs}
@@ -143,7 +151,22 @@ def run(session, inputs: Union[Mapping[str, Any], Sequence[Any], np.ndarray]) ->
         if len(inputs) != len(specs):
             raise ValueError(f"got {len(inputs)} input(s), the model takes {len(specs)}: {list(types)}")
         feed = {s.name: _to_numpy(v, s.type) for s, v in zip(specs, inputs)}
+    _check_min_batch(session, feed)
     return session.run(None, feed)
+
+
+def _check_min_batch(session, feed: dict) -> None:
+    """A BatchSizeError where every input with a dynamic batch has fewer samples than the file's
+    smallest right batch (written by export_onnx for a forward that branches on the batch size)."""
+    meta = session.get_modelmeta().custom_metadata_map if hasattr(session, "get_modelmeta") else {}
+    least = int(meta.get(MIN_BATCH_KEY, 1))
+    sizes = [feed[s.name].shape[0] for s in session.get_inputs()
+             if s.shape and s.shape[0] == "batch" and s.name in feed and feed[s.name].ndim]
+    if least > 1 and sizes and max(sizes) < least:
+        raise BatchSizeError(f"a batch of {max(sizes)}: this ONNX file computes the model's outputs at batches of "
+                             f"{least} or more only (the forward branches on the batch size, and torch.export "
+                             f"captured the branch for {least} or more); give {least} or more samples, or export a "
+                             "model perforated with a batch-1 example for batch-1 calls")
 
 
 def output_difference(got, want) -> tuple[float, float]:

@@ -1311,7 +1311,7 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
         warn_at_user(f"{type(model).__name__}'s forward computes other outputs at a batch of 1 than the graph "
                      f"torch.export captured at the example's batch of {_batched(args, kwargs)[0].shape[0]}"
                      " (it takes a dynamic batch to be 2 or more, and the forward branches on the batch size): the "
-                     "perforated model refuses batches of 1, and an ONNX export of it is wrong there; call it with "
+                     "perforated model and its ONNX file refuse batches of 1; call it with "
                      "batches of 2 or more (DataLoader(drop_last=True)), or perforate it with a batch-1 example "
                      "for batch-1 calls")
     gm.meta["pbp_leaves"] = []

@@ -1387,7 +1387,7 @@ def test_a_batch_branch_that_a_dynamic_capture_cannot_guard_refuses_batches_of_o
     model, x = _CentresBatches().eval(), torch.randn(3, 6)
     with pytest.warns(pbp_fx.PBWarning, match=r"^_CentresBatches's forward computes other outputs at a batch of 1 "
                                               r"than the graph torch.export captured at the example's batch of 3 .*"
-                                              r"the perforated model refuses batches of 1"):
+                                              r"the perforated model and its ONNX file refuse batches of 1"):
         pm = pbp_fx.perforate(model, (x,))
     assert pm.graph_module.meta["pbp_min_batch"] == 2
     with pytest.raises(pbp_fx.CallError, match=r"^_CentresBatches's forward computes other outputs at a batch of 1 "

@@ -994,6 +994,51 @@ def test_a_sequence_first_rnn_whose_file_fails_at_another_dim_0_is_refused_by_th
     assert not (tmp_path / "m.onnx").exists()
 
 
+class _CentresBatches(nn.Module):
+    """Branches on the batch size (fx cannot trace it: torch.export captures it for batches of 2 or more)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if x.shape[0] > 1:
+            h = h - h.mean(0, keepdim=True)
+        return self.b(h)
+
+
+def test_a_file_captured_for_batches_of_2_or_more_says_so_and_refuses_a_batch_of_1(tmp_path, capsys):
+    """The dynamic file of a forward that branches on the batch size was written with no word and computed the
+    branch of 2 or more at a batch of 1 (0.3 off the model); a batch-1 example exported that wrong branch."""
+    from pbp_fx.cli import main
+    from pbp_fx.exporters import BatchSizeError
+
+    torch.manual_seed(0)
+    model, x = _CentresBatches().eval(), torch.randn(4, 4)
+    with pytest.warns(PBWarning, match="batch of 1"):
+        pm = pbp_fx.perforate(model, (x,))
+    with pytest.warns(PBWarning, match=r"^the ONNX file computes the model's outputs at batches of 2 or more only "
+                                       r".*pbp-fx run refuse smaller batches"):
+        export_onnx(pm, (x,), tmp_path / "m.onnx")
+    session = ort_session(tmp_path / "m.onnx")
+    np.testing.assert_allclose(run(session, x[:2])[0], model(x[:2]).detach().numpy(), atol=1e-5)
+    with pytest.raises(BatchSizeError, match=r"^a batch of 1: this ONNX file computes the model's outputs at batches "
+                                             r"of 2 or more only .*; give 2 or more samples"):
+        run(session, x[:1])
+    np.save(tmp_path / "x1.npy", x[:1].numpy())
+    assert main(["run", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "x1.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a batch of 1: this ONNX file" in err
+    with pytest.raises(ExportError, match=r"^the model computes other outputs at a batch of 1 than its graph"):
+        export_onnx(pm, (x[:1],), tmp_path / "m1.onnx")
+    assert not (tmp_path / "m1.onnx").exists()
+    with warnings.catch_warnings():  # (a static file takes the example's batch only: nothing to say)
+        warnings.simplefilter("error", PBWarning)
+        export_onnx(pm, (x,), tmp_path / "s.onnx", dynamic_batch=False)
+    assert "pbp_fx.min_batch" not in ort_session(tmp_path / "s.onnx").get_modelmeta().custom_metadata_map
+
+
 class _MonteCarloDropout(nn.Module):
     def __init__(self):
         super().__init__()
