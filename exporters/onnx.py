@@ -310,6 +310,51 @@ class FlatInputs(nn.Module):
         return self.module(*torch.utils._pytree.tree_unflatten(list(leaves), self.spec))
 
 
+def defaults_as_constants(model: nn.Module, module: nn.Module, inputs: tuple) -> tuple:
+    """The inputs without those the example call left to a tensor default of `model`'s forward
+    (a PerforatedModel's call signature): each becomes a constant of the graph `module` (a
+    placeholder replaced by a buffer), as torch.onnx writes a plain module's, so the file takes
+    only the inputs the call gave (a default [1, C] tensor beside a batch was refused as a second,
+    disagreeing batch)."""
+    from pbp_fx.perforated import PerforatedModel
+
+    call = model.call_signature if isinstance(model, PerforatedModel) else None
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"] \
+        if isinstance(module, fx.GraphModule) else []
+    if call is None or len(placeholders) != len(inputs) or any(n.target.startswith("*") for n in placeholders):
+        return inputs
+    defaults = {id(p.default) for p in call.signature.parameters.values() if isinstance(p.default, Tensor)}
+    defaulted = [id(value) in defaults for value in inputs]
+    codegen = module.graph._codegen
+    pytree_info = codegen.pytree_info if isinstance(codegen, fx.graph._PyTreeCodeGen) else None
+    if not any(defaulted) or (pytree_info is not None and not _flat_pytree_call(pytree_info, len(inputs))):
+        return inputs  # (a nested pytree call: its spec is not rebuilt here, and the default stays an input)
+    for node, value, is_default in zip(placeholders, inputs, defaulted):
+        if is_default:
+            name = f"pbp_default_{node.target}"
+            module.register_buffer(name, value.detach().clone())
+            with module.graph.inserting_after(node):
+                constant = module.graph.get_attr(name)
+            node.replace_all_uses_with(constant)
+            module.graph.erase_node(node)
+    if pytree_info is not None:  # (torch.export's graphs flatten their call by a spec of every input)
+        names = [n for n, is_default in zip(pytree_info.orig_args, defaulted) if not is_default]
+        spec = torch.utils._pytree.tree_structure((tuple(names), {}))
+        module.graph._codegen = fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(names, spec, pytree_info.out_spec))
+    module.recompile()
+    return tuple(value for value, is_default in zip(inputs, defaulted) if not is_default)
+
+
+def _flat_pytree_call(info, count: int) -> bool:
+    """Whether a pytree codegen's call is `count` inputs, each one placeholder: (args, kwargs) of leaves."""
+    spec = info.in_spec
+    if spec is None or len(info.orig_args) != count or not (
+            spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple
+            and spec.child(1).type is dict):
+        return False
+    return all(part.child(i).is_leaf() for part in (spec.child(0), spec.child(1)) for i in range(part.num_children))
+
+
 def flat_call(module: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
     """(module, inputs) as an ONNX file takes them: each input that is a list, tuple or dict
     becomes its leaves, each an input of its own (through `FlatInputs`); else both unchanged.
@@ -1315,6 +1360,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                                   f"{spec.min_opset}: pass opset={spec.min_opset} "
                                   f"(pbp-fx export --opset {spec.min_opset})")
     opset = MIN_OPSET if opset is None else int(opset)
+    inputs = defaults_as_constants(model, module, inputs)
     module, inputs = flat_call(module, inputs)
     proto = _direct_or_torch_export(module, inputs, opset, dynamic_batch, axes)
     n_fused = _attach_functions(proto, specs)

@@ -1039,6 +1039,36 @@ def test_a_file_captured_for_batches_of_2_or_more_says_so_and_refuses_a_batch_of
     assert "pbp_fx.min_batch" not in ort_session(tmp_path / "s.onnx").get_modelmeta().custom_metadata_map
 
 
+class _TensorDefault(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x, bias=torch.full((1, 4), 0.5), scale=2.0):
+        return self.b(torch.relu(self.a(x) + bias)) * scale
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_tensor_default_the_example_leaves_out_is_a_constant_of_the_file(tmp_path, frontend):
+    """The default [1, 4] tensor became a file input beside the batch: the default export was refused as "example
+    inputs disagree on the batch size (x 8, bias 1)", and a static one took the default as an input. A plain
+    module's file (torch.onnx) holds it as a constant; one given in the example call stays an input."""
+    torch.manual_seed(0)
+    model, x = _TensorDefault().eval(), torch.randn(8, 4)
+    pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    for dynamic in (True, False):
+        export_onnx(pm, (x,), tmp_path / "m.onnx", dynamic_batch=dynamic)
+        session = ort_session(tmp_path / "m.onnx")
+        assert [i.name for i in session.get_inputs()] == ["x"]
+        np.testing.assert_allclose(run(session, x)[0], model(x).detach().numpy(), atol=1e-5)
+    bias = torch.randn(1, 4)
+    export_onnx(pm, (x, bias), tmp_path / "given.onnx", dynamic_batch=False)
+    session = ort_session(tmp_path / "given.onnx")
+    assert [i.name for i in session.get_inputs()] == ["x", "bias"]
+    np.testing.assert_allclose(run(session, (x, bias))[0], model(x, bias).detach().numpy(), atol=1e-5)
+    torch.testing.assert_close(pm(x), model(x))  # (the perforated model's own graph is untouched)
+
+
 class _MonteCarloDropout(nn.Module):
     def __init__(self):
         super().__init__()
