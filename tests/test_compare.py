@@ -997,6 +997,53 @@ def test_compare_workers_end_when_the_command_is_killed(tmp_path):
     assert not alive
 
 
+def test_an_orphaned_worker_whose_sigterm_exit_never_comes_is_ended_by_its_watchdog(tmp_path):
+    """The death signal's exit is the first way an orphaned worker ends; one still outlived its killed command
+    by 30 s in a loaded run. A worker that ignores SIGTERM stands for that here: its watchdog ends it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing, os, signal
+        from concurrent.futures import ProcessPoolExecutor
+
+        def start(parent):
+            import importlib
+            compare = importlib.import_module("pbp_fx.compare")  # (pbp_fx.compare is also the function)
+            compare.ORPHAN_GRACE_S = 0.5
+            compare._start_worker(parent)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (its own exit never comes)
+
+        if __name__ == "__main__":
+            ex = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=start,
+                                     initargs=(os.getpid(),))
+            print(*ex.map(os.getpid().__class__, [0]), flush=True)
+            print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+            signal.pause()
+        """))
+    # (stderr: its resource tracker warns of the semaphores the worker ended outright left to it)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc.stdout.readline()
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def alive() -> list:
+        return [p for p in workers if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+
+    deadline = time.time() + 20
+    while time.time() < deadline and alive():
+        time.sleep(0.2)
+    left = alive()
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left
+
+
 def test_a_difference_equal_at_every_seed_prints_no_float_noise_as_its_spread():
     """'pb − plain = -0.1 ± 1.11e-16': the sd of equal differences, computed in floats."""
     from pbp_fx.compare import _mean_sd
