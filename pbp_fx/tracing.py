@@ -1431,12 +1431,14 @@ def _capture(model: nn.Module, args: Optional[tuple], kwargs: dict, frontend: st
                 shape_error = exc
             else:
                 written, restructured = _written_buffers(model, args, kwargs, gm)
+                written = _written_otherwise(model, gm, fx_call, args, kwargs, written)
                 if frontend == "auto":
                     gm = _prefer(model, gm, lambda: _export_graph(model, export_call, args, kwargs, dynamic),
                                  written)
                 _warn_restructured(model, restructured)
                 if gm.meta["pbp_frontend"] == "fx":
                     _replay(fx_warnings)
+                    _drop_buffer_writes(gm, written)
                     if written and frontend == "fx":
                         warn_at_user(f"{_writes_buffers(model, written)}: the perforated model will not update "
                                      "them; frontend='export' keeps them")
@@ -1585,6 +1587,71 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.is_floating_point() or a.is_complex():
         return bool(((a == b) | (a.isnan() & b.isnan())).all())
     return torch.equal(a, b)
+
+
+def _written_otherwise(model: nn.Module, gm: fx.GraphModule, call: Optional[CallSignature], args: tuple,
+                       kwargs: dict, written: list[str]) -> list[str]:
+    """The buffers among `written` that the fx graph `gm` does not write as the forward does: after
+    two calls of each from the same values and random state (a decay that ran once while tracing,
+    `self.ema.mul_(0.9).add_(x)`, leaves a zero buffer alike after one call). A write fx records
+    whole (`self.ema.add_(x)`, `self.count.add_(1)` with a traced operand) is kept as it is."""
+    if not written:
+        return []
+    g_args, g_kwargs = _graph_inputs(call, args, kwargs)
+    modes = {m: m.training for m in gm.modules()}
+    want: dict[str, torch.Tensor] = {}
+    try:
+        with buffers_kept(model) as before, buffers_kept(gm), torch.no_grad():
+            gm.train(model.training)
+            for run in (lambda: model(*args, **kwargs), lambda: gm(*_flat_inputs(gm, g_args, g_kwargs))):
+                with torch.random.fork_rng(devices=[]):
+                    run()
+                    run()
+                if not want:
+                    want = {n: model.get_buffer(n).detach().clone() for n in written}
+                    _restore_buffers(model, before)
+            got = {n: gm.get_buffer(n) for n in written if _has_buffer(gm, n)}
+            return [n for n in written if n not in got or not _same_values(got[n], want[n])]
+    except Exception:  # noqa: BLE001 - a graph that does not run twice is told apart elsewhere
+        return written
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _has_buffer(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_buffer(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _drop_buffer_writes(gm: fx.GraphModule, written: list[str]) -> None:
+    """Take out of an fx graph the in-place ops it recorded on the buffers the forward writes:
+    symbolic tracing records only those whose arguments are traced values, and runs the rest once,
+    while tracing (`self.ema.mul_(0.9).add_(x)` kept the add_ alone: the decay was dropped and the
+    buffer grew at every call). The graph then reads those buffers unchanged, as the warnings say."""
+    from pbp_fx.passes.patterns import target_name
+    from pbp_fx.passes.train_eval import ModeSwitch
+
+    names = set(written)
+    for node in list(gm.graph.nodes):
+        if node.op in ("call_method", "call_function"):
+            name, args = _target_name(node), node.args
+        elif node.op == "call_module" and isinstance(switch := gm.get_submodule(node.target), ModeSwitch):
+            form = switch.bound_form(node, True)  # (a train-only update: the mode merge wraps it)
+            name, args = target_name(switch.target), form[0] if isinstance(form, tuple) else ()
+        else:
+            continue
+        first = args[0] if args else None
+        if name.endswith("_") and not name.startswith("_") and isinstance(first, fx.Node) \
+                and first.op == "get_attr" and first.target in names:
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            if not first.users:
+                gm.graph.erase_node(first)
+    gm.recompile()
 
 
 def _writes_buffers(model: nn.Module, written: list[str]) -> str:
