@@ -524,16 +524,18 @@ def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynam
 
 def _by_parameter(module: nn.Module, shapes: tuple):
     """dynamic_shapes as torch.export matches them to `forward`'s parameters: a forward that
-    takes `*args` (a part traced in place) gets them all under that one name."""
+    takes `*args` (a part traced in place, `forward(self, x, *rest)`) gets the inputs from that
+    one on under its name, and those before it each under its own."""
     import inspect
 
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         return shapes
-    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
-        return {params[0].name: shapes}
-    return shapes
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    if at is None:
+        return shapes
+    return {**{p.name: s for p, s in zip(params[:at], shapes[:at])}, params[at].name: tuple(shapes[at:])}
 
 
 def _output_names(out, input_names: Sequence[str] = ()) -> Optional[list[str]]:

@@ -150,6 +150,10 @@ class CallSignature:
         g_args: list = []
         g_kwargs: dict = {}
         extra: dict = {}
+        params = list(self.signature.parameters.values())
+        # (the inputs before a `*rest` go by position: by name they would collide with its values)
+        at = next((i for i, p in enumerate(params) if p.kind is _P.VAR_POSITIONAL), 0)
+        before_rest = {p.name for p in params[:at]}
         for name, param in self.signature.parameters.items():
             traced = self.traced[name]
             if param.kind is _P.VAR_KEYWORD:
@@ -176,9 +180,7 @@ class CallSignature:
                 g_args.extend(value)
                 continue
             self._check(name, traced, value)
-            if self.style == "positional":
-                g_args.append(value)
-            elif param.kind is _P.POSITIONAL_ONLY:
+            if self.style == "positional" or param.kind is _P.POSITIONAL_ONLY or name in before_rest:
                 g_args.append(value)
             elif self._passed(name, value):
                 g_kwargs[name] = value

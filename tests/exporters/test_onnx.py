@@ -1039,6 +1039,38 @@ def test_a_file_captured_for_batches_of_2_or_more_says_so_and_refuses_a_batch_of
     assert "pbp_fx.min_batch" not in ort_session(tmp_path / "s.onnx").get_modelmeta().custom_metadata_map
 
 
+class _TakesRest(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x, *rest):
+        y = self.b(torch.relu(self.a(x)))
+        for r in rest:
+            y = y + r
+        return y
+
+
+@pytest.mark.parametrize("frontend", ["export", "auto"])
+def test_a_forward_with_inputs_before_its_star_args_captures_and_exports(tmp_path, frontend):
+    """`forward(self, x, *rest)`: frontend='export' said the example "does not run through the model" (x went by
+    name beside *rest's values: multiple values for x), and export_onnx of it, perforated or plain, failed on
+    torch's dynamic_shapes structure (a reviewer)."""
+    torch.manual_seed(0)
+    model = _TakesRest().eval()
+    args = (torch.randn(3, 6), torch.randn(3, 3), torch.randn(3, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PBWarning)
+        pm = pbp_fx.perforate(model, args, frontend=frontend)
+    torch.testing.assert_close(pm(*args), model(*args))
+    other = tuple(torch.randn(5, t.shape[1]) for t in args)
+    for exported, path in ((pm, tmp_path / "pm.onnx"), (model, tmp_path / "plain.onnx")):
+        export_onnx(exported, args, path)
+        session = ort_session(path)
+        for inputs in (args, other):
+            np.testing.assert_allclose(run(session, inputs)[0], model(*inputs).detach().numpy(), atol=1e-5)
+
+
 class _TensorDefault(nn.Module):
     def __init__(self):
         super().__init__()
