@@ -498,9 +498,19 @@ def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynam
                               if isinstance(t, Tensor) and t.dim() > 0)
             tensor_names = [n for n, t in zip(names, inputs) if isinstance(t, Tensor) and t.dim() > 0]
             shapes = {n: tuple(t.shape) for n, t in zip(names, inputs) if isinstance(t, Tensor)}
-            advice = _batch_axes_advice(module, shapes, tensor_names, None, ",")
+            if any(isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) for m in module.modules()):
+                advice = "for inputs whose batch is not dim 0 " + _batch_axes_advice(module, shapes, tensor_names,
+                                                                                     None, ",")
+            else:  # (nothing sequence-first: dim 0 is an axis of each input's own, a flat id list beside offsets)
+                # (sizes 0 and 1 stay fixed: torch.export specialises them, a broadcast [1, C] input)
+                sized = [n for n in tensor_names if shapes[n][0] > 1]
+                example = ", ".join(f"{n!r}: {{0: '{n}_size'}}" for n in sized)
+                flags = " ".join(f"--dynamic-axis {n}:0={n}_size" for n in sized)
+                advice = ("where dim 0 is no batch the inputs share (a flat list of ids beside its offsets, a "
+                          "broadcast [1, C] input), pass dynamic_batch=False with dynamic_axes naming the dim 0 of "
+                          f"each input apart, e.g. {{{example}}} (--static-batch {flags})")
             raise ExportError(f"example inputs disagree on the batch size (dim 0: {shown}): give them one batch "
-                              f"size, or, for inputs whose batch is not dim 0 {advice}")
+                              f"size, or, {advice}")
         if sizes == {1}:
             inputs = tuple(t.expand(2, *t.shape[1:]).clone() if isinstance(t, Tensor) and t.dim() > 0 else t
                            for t in inputs)
@@ -876,7 +886,7 @@ def _batch_dims(module: nn.Module, shapes: dict, names: list, size: Optional[int
     dims = {}
     for n in names:
         shape = shapes.get(n, ())
-        dims[n] = 1 if n in states else next(
+        dims[n] = 1 if n in states and len(shape) > 1 else next(
             (d for d in (sequence_dim, 0, 1) if d < len(shape) and shape[d] == size), 0)
     return states, dims
 

@@ -181,7 +181,7 @@ def test_both_paths_refuse_inputs_that_disagree_on_the_batch(tmp_path):
     pm = pbp_fx.perforate(Shifted(), (torch.randn(2, 4), torch.randn(1, 6)))
     for fused in (True, False):  # the direct path declared shift's dim 0 a batch axis
         with pytest.raises(ExportError, match=r"disagree on the batch size \(dim 0: x 2, shift 1\): .* with "
-                                              r"dynamic_axes naming each input's batch dim"):
+                                              r"dynamic_axes naming the dim 0 of each input apart, e.g. \{'x': \{0: 'x_size'\}\}"):
             export_onnx(pm, (torch.randn(2, 4), torch.randn(1, 6)), tmp_path / "m.onnx", fused=fused)
     export_onnx(pm, (torch.randn(2, 4), torch.randn(1, 6)), tmp_path / "m.onnx", dynamic_batch=False)
 

@@ -1039,6 +1039,34 @@ def test_a_file_captured_for_batches_of_2_or_more_says_so_and_refuses_a_batch_of
     assert "pbp_fx.min_batch" not in ort_session(tmp_path / "s.onnx").get_modelmeta().custom_metadata_map
 
 
+class _BagWithOffsets(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag, self.fc = nn.EmbeddingBag(40, 8, mode="sum"), nn.Linear(8, 3)
+
+    def forward(self, ids, offsets):
+        return self.fc(torch.tanh(self.bag(ids, offsets)))
+
+
+def test_inputs_whose_dim_0_differs_get_advice_that_exports(tmp_path):
+    """A flat id list [10] beside its offsets [3]: the refusal advised {'offsets': {1: 'b'}} for the 1-D offsets
+    and spoke of sequence-first inputs; following it was refused in turn (a reviewer)."""
+    torch.manual_seed(0)
+    model = _BagWithOffsets().eval()
+    ids, offsets = torch.randint(0, 40, (10,)), torch.tensor([0, 3, 7])
+    pm = pbp_fx.perforate(model, (ids, offsets))
+    with pytest.raises(ExportError) as info:
+        export_onnx(pm, (ids, offsets), tmp_path / "refused.onnx")
+    advice = re.search(r"e\.g\. (\{.*\}) \(--static-batch", str(info.value))
+    assert "sequence-first" not in str(info.value) and advice, str(info.value)
+    axes = eval(advice.group(1))  # (the advice as written)
+    assert axes == {"ids": {0: "ids_size"}, "offsets": {0: "offsets_size"}}
+    export_onnx(pm, (ids, offsets), tmp_path / "bag.onnx", dynamic_batch=False, dynamic_axes=axes)
+    other = (torch.randint(0, 40, (13,)), torch.tensor([0, 2, 5, 9, 11]))
+    np.testing.assert_allclose(run(ort_session(tmp_path / "bag.onnx"), other)[0], model(*other).detach().numpy(),
+                               atol=1e-5)
+
+
 class _TakesRest(nn.Module):
     def __init__(self):
         super().__init__()
