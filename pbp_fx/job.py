@@ -371,6 +371,8 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                 if not (isinstance(scored, (tuple, list)) and len(scored) == 2):
                     raise TypeError(f"metric returned {type(scored).__name__}, not a (sum, count) pair")
                 float(scored[0]), float(scored[1])  # numbers (or one-element tensors): else a TypeError here
+                if name == SPLIT_NAMES[0]:
+                    _warn_broadcast_targets(primary_output(output), target)
             except (ModelFileError, TrainingError):
                 raise  # the samples do not fit the model file's inputs, or a loss of many numbers: said as it is
             except Exception as exc:  # noqa: BLE001 - whatever the user's code raises, said in one line
@@ -404,6 +406,24 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
         raise TrainingError(f"training batches of {local} sample: BatchNorm layer {single[0]!r} "
                             "would see one value per channel and cannot train: use --batch-size 2 or more "
                             "(and at least 2 training samples)")
+
+
+def _warn_broadcast_targets(output, target) -> None:
+    """Warn where float targets and the output broadcast to more values than either holds ([N, 1]
+    against [N]: [N, N]): a loss of the model file's own that subtracts them trains every output
+    towards every sample's target, and the run ends well with a constant model (the built-in loss
+    refuses such shapes)."""
+    if not (isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor) and target.is_floating_point()
+            and output.shape != target.shape):
+        return
+    try:
+        both = torch.broadcast_shapes(output.shape, target.shape)
+    except RuntimeError:
+        return
+    if math.prod(both) > max(output.numel(), target.numel()):
+        warn_at_user(f"the model's output {list(output.shape)} and its targets {list(target.shape)} broadcast to "
+                     f"{list(both)}: a loss that subtracts them trains on every pair of samples; give the targets "
+                     "the output's shape (y[:, None] for one output), or the output theirs (.squeeze(-1))")
 
 
 def _check_the_loss_reads_what_accuracy_scores(model: nn.Module, output, loss: torch.Tensor) -> None:

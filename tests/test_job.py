@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -1371,6 +1372,26 @@ def datasets():
 """)
     assert main(["train", model, "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8",
                  "--no-progress"]) == 0
+
+
+def test_targets_that_broadcast_against_the_output_under_an_own_loss_are_warned_of(tmp_path):
+    """[N] targets beside an [N, 1] output with the file's own loss ((o - y).abs().mean()) trained on every pair of
+    samples without a word: the run ended with a constant model (prediction sd 0.04 against the targets' 2.1)."""
+    from pbp_fx.job import check_data
+    from pbp_fx.modelfile import load_model_file
+
+    own_loss = FLAT_REGRESSION_TARGETS + "def loss_fn(o, y): return (o - y).abs().mean()\n"
+    mod = load_model_file(_write(tmp_path / "m.py", own_loss))
+    data, model, inputs = mod.datasets(), mod.build_model(), mod.example_inputs()
+    with pytest.warns(pbp_fx.PBWarning, match=r"^the model's output \[8, 1\] and its targets \[8\] broadcast to "
+                                              r"\[8, 8\]: .*every pair of samples; give the targets the output's "
+                                              r"shape \(y\[:, None\] for one output\)"):
+        check_data(mod, data, model, inputs, 8)
+    fitting = own_loss.replace("torch.randn(8))", "torch.randn(8, 1))")
+    mod = load_model_file(_write(tmp_path / "fits.py", fitting))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pbp_fx.PBWarning)
+        check_data(mod, mod.datasets(), mod.build_model(), mod.example_inputs(), 8)
 
 
 def test_batchnorm_at_one_sample_per_process_names_the_global_batch(tmp_path):
