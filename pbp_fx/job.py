@@ -129,7 +129,7 @@ def model_digest(model_file: Optional[str], with_imports: bool = True) -> Option
         return None
     with open(model_file, "rb") as f:
         digest = hashlib.sha256(f.read())
-    folder = os.path.dirname(os.path.abspath(model_file))
+    folder = os.path.dirname(os.path.realpath(model_file))  # (local_imports': a symlinked file's target's)
     for path in local_imports(model_file) if with_imports else ():  # (none: the file's own digest)
         try:
             with open(path, "rb") as f:
@@ -148,10 +148,11 @@ def local_imports(path: str) -> list[str]:
     relative imports), and those they import, read from their source (whether loaded yet or not)."""
     import ast
 
-    folder = os.path.dirname(os.path.abspath(path))
+    # (a symlinked model file imports the modules beside its target, as python does)
+    folder = os.path.dirname(os.path.realpath(path))
     if any(part in ("site-packages", "dist-packages") for part in folder.split(os.sep)):
         return []  # (an installed library's folder: its modules are the library's, not the model's)
-    root = os.path.abspath(path)
+    root = os.path.realpath(path)
     found: set[str] = set()
     todo = [root]
 

@@ -64,7 +64,7 @@ def load_model_file(path: str | os.PathLike, as_script: bool = False) -> ModuleT
     if spec is None or spec.loader is None:
         raise ModelFileError(f"model file {path!r} cannot be imported (is it a .py file?)")
     mod = importlib.util.module_from_spec(spec)
-    folder = os.path.dirname(full)
+    folder = os.path.dirname(os.path.realpath(full))  # (a symlinked file imports beside its target, as python does)
     sys.modules[name] = mod
     try:
         with _importable(folder):  # so the file can import its neighbours

@@ -1816,6 +1816,33 @@ def test_a_model_file_imports_its_neighbours_inside_its_functions_too(tmp_path, 
     assert str(tmp_path) not in sys.path  # (only while the file's functions run)
 
 
+def test_a_symlinked_model_file_imports_the_neighbours_of_its_target(tmp_path, capsys, monkeypatch):
+    """`links/model.py -> ../real/model.py` importing `helper_beside` (in real/): python runs it, and every pbp-fx
+    command said "No module named 'helper_beside'" (the link's folder went on sys.path; a reviewer)."""
+    from pbp_fx.job import model_digest
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "links").mkdir()
+    (tmp_path / "real" / "helper_beside.py").write_text("from torch import nn\n\ndef make():\n    return nn.Linear(4, 3)\n")
+    target = _write(tmp_path / "real", """
+        import torch
+        from helper_beside import make
+
+        def build_model():
+            return make()
+
+        def example_inputs():
+            return (torch.randn(2, 4),)
+        """)
+    link = tmp_path / "links" / "model.py"
+    link.symlink_to(target)
+    assert main(["export", str(link), "-o", str(tmp_path / "m.onnx")]) == 0
+    before = model_digest(str(link))
+    (tmp_path / "real" / "helper_beside.py").write_text("from torch import nn\n\ndef make():\n    return nn.Linear(4, 2)\n")
+    assert model_digest(str(link)) != before  # (an edited neighbour of the target is an edited model)
+
+
 def test_a_model_file_imports_its_neighbours_inside_its_classes_methods_under_the_cli(tmp_path, capsys, monkeypatch):
     """`from act_beside import act` inside a forward (or a Dataset's __getitem__) ran after the file's
     folder had left sys.path: ModuleNotFoundError, blamed on the model or the dataset."""
