@@ -478,6 +478,9 @@ def _diagnose_targets(target, out, name: str, class_labels: bool) -> None:
     batch failed."""
     if not (class_labels and isinstance(target, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() >= 2):
         return
+    if out.dim() == 2 and tuple(target.shape) == (out.shape[0], 1) and not target.dtype.is_floating_point:
+        raise TrainingError(f"the {name} labels have shape {list(target.shape)}, where the built-in cross-entropy "
+                            f"takes one class index per sample, [{out.shape[0]}]: yield y.squeeze(1) (or y[:, 0])")
     if tuple(target.shape) != (out.shape[0], *out.shape[2:]):
         return  # not class indices for classes on dim 1 (a [B, T, C] tagger): the layout is said after
     if target.dtype.is_floating_point:

@@ -265,8 +265,12 @@ def task_functions(mod: ModuleType) -> tuple[Callable, Callable, str]:
         raise ModelFileError(f"{_name(mod)}: TASK = {task!r} is not one of {', '.join(TASKS)}: set one, or define "
                              "metric(output, target) -> (sum, count) for another task")
     for name in ("loss_fn", "metric"):
-        if getattr(mod, name, None) is not None and not callable(getattr(mod, name)):
+        value = getattr(mod, name, None)
+        if value is not None and not callable(value):
             raise ModelFileError(f"{_name(mod)}: {name} is not callable: define it as a function")
+        if isinstance(value, type):  # (called on (output, target), a class makes an object of them)
+            raise ModelFileError(f"{_name(mod)}: {name} = {value.__name__} is a class, not a {name}: give an instance "
+                                 f"({name} = {value.__name__}()) or a function")
     loss_fn = getattr(mod, "loss_fn", None) or (cross_entropy if task == "classification" else mean_squared_error)
     metric = getattr(mod, "metric", None)
     if metric is not None:

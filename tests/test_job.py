@@ -189,6 +189,12 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
     ("bad test data", lambda t: [_write(t / "m.py", BAD_TEST_DATA)], "the first test samples fail in the model"),
     ("regression targets of another shape", lambda t: [_write(t / "m.py", FLAT_REGRESSION_TARGETS)],
      "output shape [8, 1] and target shape [8] differ"),
+    # (both were torch's "Boolean value of Tensor ... is ambiguous" / "0D or 1D target tensor expected", no fix)
+    ("a loss class, not a loss", lambda t: [_write(t / "m.py", GOOD + "loss_fn = torch.nn.CrossEntropyLoss\n")],
+     "loss_fn = CrossEntropyLoss is a class, not a loss_fn: give an instance (loss_fn = CrossEntropyLoss())"),
+    ("labels of shape [N, 1]", lambda t: [_write(t / "m.py", GOOD.replace("torch.arange(8) % 2)", "(torch.arange(8) % 2)[:, None])"))],
+     "the training labels have shape [8, 1], where the built-in cross-entropy takes one class index per sample, [8]: "
+     "yield y.squeeze(1)"),
     ("a metric without a count", lambda t: [_write(t / "m.py", GOOD + "def metric(o, y): return 0.5\n")],
      "metric returned float, not a (sum, count) pair"),
     ("a loss of one number per sample", lambda t: [_write(t / "m.py", GOOD + (
