@@ -245,8 +245,9 @@ _RUN_FLAGS = ("device", "nproc", "dist_timeout", "out", "include", "exclude", "r
 def read_settings(path: str) -> tuple[dict, dict]:
     """(PBConfig settings, TrainConfig settings) of a JSON or YAML (.yaml/.yml) file holding one
     flat mapping of setting names to values, such as {**pb.to_dict(), **training.to_dict()}
-    (dashes allowed for underscores, as the flags spell them). An unknown name, an unreadable
-    file or another shape is refused in one line naming the file."""
+    (dashes allowed for underscores, as the flags spell them), or a run's summary.json, whose
+    "config" and "training" mappings are those. An unknown name, an unreadable file or another
+    shape is refused in one line naming the file."""
     import json
 
     where = f"--config {path}"
@@ -280,6 +281,14 @@ def read_settings(path: str) -> tuple[dict, dict]:
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ConfigError(f"{where}: it must hold one mapping of setting names to values, e.g. "
                           '{"patience": 10, "epochs": 300}')
+    if isinstance(data.get("config"), dict) and isinstance(data.get("training"), dict):
+        # a run's summary.json (compare.json): its settings, beside its results (its "epochs" run, its "seed")
+        data = {**data["config"], **data["training"]}
+    nested = next((k for k, v in data.items() if isinstance(v, dict)), None)
+    if nested is not None:
+        raise ConfigError(f"{where}: {nested!r} holds a mapping: the settings go in one flat mapping of names to "
+                          'values, e.g. {"patience": 10, "epochs": 300} (a run\'s summary.json is read too: its '
+                          '"config" and "training" together)')
     data = {k.replace("-", "_"): v for k, v in data.items()}
     pb_names = {f.name for f in cli_fields(PBConfig)}
     train_names = {f.name for f in cli_fields(TrainConfig)}

@@ -207,6 +207,20 @@ def test_yaml_whole_numbers_read_as_yaml_1_2_and_json_read_them(tmp_path):
     assert read_settings(str(path)) == ({"candidate_lr": 1e-3, "pool": 4}, {"lr": "1e-3"})
 
 
+def test_a_runs_summary_is_a_config_file_and_other_nesting_is_refused(tmp_path):
+    """README says summary.json's "config" and "training" together are a --config file: given the file itself,
+    it was refused as "'config' is no setting but a flag of the command: give --config" (a reviewer)."""
+    pb, training = PBConfig(patience=7, pool=2), TrainConfig(epochs=40, lr=0.01)
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"model": "m.py", "epochs": 12, "seed": 3, "test": 0.5,
+                                "config": pb.to_dict(), "training": training.to_dict()}))
+    got_pb, got_training = read_settings(str(path))
+    assert PBConfig(**got_pb) == pb and TrainConfig(**got_training) == training  # (epochs: the cap, not 12 run)
+    path.write_text(json.dumps({"config": {"patience": 5}, "epochs": 20}))
+    with pytest.raises(ConfigError, match=r"'config' holds a mapping: the settings go in one flat mapping"):
+        read_settings(str(path))
+
+
 def test_mode_gd_names_the_dendrite_phase_settings_it_does_not_read():
     assert PBConfig(mode="gd", pool=5, v_init=1.0, patience=3).unused_settings() == ["pool", "v_init"]
     assert PBConfig(mode="gd").unused_settings() == [] and PBConfig(pool=5).unused_settings() == []
