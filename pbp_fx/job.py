@@ -800,8 +800,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             saver(None)  # the final state (best-validation model), still resumable; every rank calls it
         if out is not None and main:
             plotted = _write_outputs(out, history, summary)
-            echo(f"wrote {out}/history.json, {out}/summary.json, " + (f"{out}/plot.png, " if plotted else "")
-                 + f"{out}/checkpoint.safetensors")
+            names = ["history.json", "summary.json", *(["plot.png"] if plotted else []), CHECKPOINT]
+            echo("wrote " + ", ".join(os.path.join(out, name) for name in names))  # (`--out dir/`: no dir//)
         if distributed is not None:
             distributed.barrier()  # the outputs are complete when any rank returns
     except KeyboardInterrupt as exc:  # (Ctrl-C or SIGTERM while the report is made: training is over)
