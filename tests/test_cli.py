@@ -1817,17 +1817,18 @@ def test_a_model_file_imports_its_neighbours_inside_its_functions_too(tmp_path, 
 
 
 def test_a_symlinked_model_file_imports_the_neighbours_of_its_target(tmp_path, capsys, monkeypatch):
-    """`links/model.py -> ../real/model.py` importing `helper_beside` (in real/): python runs it, and every pbp-fx
-    command said "No module named 'helper_beside'" (the link's folder went on sys.path; a reviewer)."""
+    """`links/model.py -> ../real/model.py` importing `linked_target_helper` (in real/): python runs it, and every
+    pbp-fx command said "No module named 'linked_target_helper'" (the link's folder went on sys.path; a reviewer)."""
     from pbp_fx.job import model_digest
 
     monkeypatch.setattr(sys, "path", list(sys.path))
     (tmp_path / "real").mkdir()
     (tmp_path / "links").mkdir()
-    (tmp_path / "real" / "helper_beside.py").write_text("from torch import nn\n\ndef make():\n    return nn.Linear(4, 3)\n")
+    helper = tmp_path / "real" / "linked_target_helper.py"
+    helper.write_text("from torch import nn\n\ndef make():\n    return nn.Linear(4, 3)\n")
     target = _write(tmp_path / "real", """
         import torch
-        from helper_beside import make
+        from linked_target_helper import make
 
         def build_model():
             return make()
@@ -1839,7 +1840,7 @@ def test_a_symlinked_model_file_imports_the_neighbours_of_its_target(tmp_path, c
     link.symlink_to(target)
     assert main(["export", str(link), "-o", str(tmp_path / "m.onnx")]) == 0
     before = model_digest(str(link))
-    (tmp_path / "real" / "helper_beside.py").write_text("from torch import nn\n\ndef make():\n    return nn.Linear(4, 2)\n")
+    helper.write_text("from torch import nn\n\ndef make():\n    return nn.Linear(4, 2)\n")
     assert model_digest(str(link)) != before  # (an edited neighbour of the target is an edited model)
 
 
