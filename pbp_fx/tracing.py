@@ -1431,14 +1431,14 @@ def _capture(model: nn.Module, args: Optional[tuple], kwargs: dict, frontend: st
                 shape_error = exc
             else:
                 written, restructured = _written_buffers(model, args, kwargs, gm)
-                written = _written_otherwise(model, gm, fx_call, args, kwargs, written)
+                written, unreproduced = _written_otherwise(model, gm, fx_call, args, kwargs, written)
                 if frontend == "auto":
                     gm = _prefer(model, gm, lambda: _export_graph(model, export_call, args, kwargs, dynamic),
                                  written)
                 _warn_restructured(model, restructured)
                 if gm.meta["pbp_frontend"] == "fx":
                     _replay(fx_warnings)
-                    _drop_buffer_writes(gm, written)
+                    _drop_buffer_writes(gm, unreproduced)
                     if written and frontend == "fx":
                         warn_at_user(f"{_writes_buffers(model, written)}: the perforated model will not update "
                                      "them; frontend='export' keeps them")
@@ -1590,44 +1590,45 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _written_otherwise(model: nn.Module, gm: fx.GraphModule, call: Optional[CallSignature], args: tuple,
-                       kwargs: dict, written: list[str]) -> list[str]:
-    """The buffers among `written` that the fx graph `gm` does not write as the forward does: after
+                       kwargs: dict, written: list[str]) -> tuple[list[str], set[str]]:
+    """The buffers among `written` that the fx graph `gm` does not write as the forward does, and
+    the graph's own names of them (a buffer two modules share is one tensor under two names): after
     two calls of each from the same values and random state (a decay that ran once while tracing,
     `self.ema.mul_(0.9).add_(x)`, leaves a zero buffer alike after one call). A write fx records
-    whole (`self.ema.add_(x)`, `self.count.add_(1)` with a traced operand) is kept as it is."""
+    whole (`self.ema.add_(x)`, `self.count.add_(1)` with a traced operand) is kept as it is. A graph
+    that cannot be run so leaves every write as it is in the graph, each warned of."""
     if not written:
-        return []
+        return [], set()
     g_args, g_kwargs = _graph_inputs(call, args, kwargs)
+    in_graph: dict[int, list[str]] = {}  # (the graph holds the model's own buffer tensors)
+    for name, b in gm.named_buffers(remove_duplicate=False):
+        in_graph.setdefault(id(b), []).append(name)
     modes = {m: m.training for m in gm.modules()}
     want: dict[str, torch.Tensor] = {}
     try:
-        with buffers_kept(model) as before, buffers_kept(gm), torch.no_grad():
+        # (an fx GraphModule prints its generated code's frame to stderr before it raises)
+        with buffers_kept(model) as before, buffers_kept(gm), torch.no_grad(), \
+                contextlib.redirect_stderr(io.StringIO()):
             gm.train(model.training)
-            for run in (lambda: model(*args, **kwargs), lambda: gm(*_flat_inputs(gm, g_args, g_kwargs))):
+            for run in (lambda: model(*args, **kwargs), lambda: gm(*g_args, **g_kwargs)):
                 with torch.random.fork_rng(devices=[]):
                     run()
                     run()
                 if not want:
                     want = {n: model.get_buffer(n).detach().clone() for n in written}
                     _restore_buffers(model, before)
-            got = {n: gm.get_buffer(n) for n in written if _has_buffer(gm, n)}
-            return [n for n in written if n not in got or not _same_values(got[n], want[n])]
-    except Exception:  # noqa: BLE001 - a graph that does not run twice is told apart elsewhere
-        return written
+            names = {n: in_graph.get(id(model.get_buffer(n)), []) for n in written}
+            otherwise = [n for n in written
+                         if not names[n] or not _same_values(gm.get_buffer(names[n][0]), want[n])]
+            return otherwise, {g for n in otherwise for g in names[n]}
+    except Exception:  # noqa: BLE001 - the model's or the graph's failure: said where the capture is checked
+        return written, set()
     finally:
         for m, training in modes.items():
             m.training = training
 
 
-def _has_buffer(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_buffer(name)
-    except AttributeError:
-        return False
-    return True
-
-
-def _drop_buffer_writes(gm: fx.GraphModule, written: list[str]) -> None:
+def _drop_buffer_writes(gm: fx.GraphModule, written: set[str]) -> None:
     """Take out of an fx graph the in-place ops it recorded on the buffers the forward writes:
     symbolic tracing records only those whose arguments are traced values, and runs the rest once,
     while tracing (`self.ema.mul_(0.9).add_(x)` kept the add_ alone: the decay was dropped and the

@@ -724,6 +724,43 @@ def test_a_buffer_update_fx_records_whole_is_kept_and_not_warned_of(recwarn):
     torch.testing.assert_close(pm.graph_module.ema, ref.ema)
 
 
+class _DecaysWithRest(_Decays):
+    def forward(self, x, *rest, **extra):  # (the graph's call packs neither: the check called it as fx's ShapeProp)
+        return super().forward(x) + rest[0]
+
+
+class _SharedRunningMean(nn.Module):
+    """One buffer under two names (b.ema is a.ema), written by one op with a traced operand."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Module()  # (first: the model names the tensor b.ema, the graph a.ema)
+        self.b.register_buffer("ema", torch.zeros(16))
+        self.a = _Decays(chained=False)
+        self.a.ema = self.b.ema
+
+    def forward(self, x):
+        return self.a(x)
+
+
+@pytest.mark.parametrize("kind", ["rest", "shared"])
+def test_a_buffer_write_fx_keeps_whole_stays_for_star_inputs_and_shared_buffers(recwarn, capfd, kind):
+    """`forward(self, x, *rest)` / `**extra`: the check called the graph with *rest packed in a tuple, failed (fx's
+    24-line frame on stderr) and took the graph's correct write out; a buffer two modules share was looked up
+    under a name the graph does not hold (a reviewer)."""
+    model = _DecaysWithRest(chained=False) if kind == "rest" else _SharedRunningMean()
+    args = (torch.randn(3, 6), torch.randn(3, 3)) if kind == "rest" else (torch.randn(3, 6),)
+    pm = pbp_fx.perforate(model, args, frontend="fx")
+    assert not [w for w in recwarn if "writes buffer" in str(w.message)]
+    assert capfd.readouterr().err == ""
+    ref = copy.deepcopy(model)
+    ref.train()
+    pm.train()
+    for _ in range(3):
+        xs = tuple(torch.randn_like(a) for a in args)
+        torch.testing.assert_close(pm(*xs), ref(*xs))
+
+
 class _InputMean(nn.Module):
     """Subtracts a running input mean that it updates in train mode (fx keeps it whole: it reads .training)."""
 
