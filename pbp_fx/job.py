@@ -585,7 +585,7 @@ def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = 
         raise ConfigError(f"device={device}: this rank trains on {distributed.device}, the process group's device: "
                           f"drop device=, or give {distributed.device.type!r}")
     if not distributed.is_main:
-        progress, echo = False, _silent
+        echo = _silent  # (its bar too: `_train_job` shows rank 0's; `progress` stays the run's flag for the hints)
     with distributed.guard():
         return _train_job(model_file, config, training, out, include, exclude, progress, echo, distributed,
                           distributed.device, resume_from, saved)
@@ -736,7 +736,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     try:
         try:
             history = fit(pm, train_loader, val_loader, loss_fn, controller=ctl, epochs=training.epochs, metric=metric,
-                          test_loader=test_loader, progress=progress, distributed=distributed, history=history,
+                          test_loader=test_loader, progress=progress and main, distributed=distributed, history=history,
                           callbacks=callbacks, device=moved_to)
         except DataError as exc:  # the dataset's own error: which epoch, and how to go on
             done = len(history.epochs)
@@ -771,7 +771,8 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
         # first save the folder may hold another run's): what a resume continues
         done = saver.epochs if saver is not None else 0
         if done:
-            raise type(exc)(f"after epoch {done}{_resumes(out, done, processes, progress)}") from None  # (Ctrl-C or SIGTERM)
+            # (Ctrl-C or SIGTERM)
+            raise type(exc)(f"after epoch {done}{_resumes(out, done, processes, progress)}") from None
         raise
     except BaseException:
         remove_empty(created)  # failed before its first checkpoint: leave nothing behind

@@ -506,6 +506,23 @@ def test_the_same_error_on_every_rank_prints_once(tmp_path):
     assert "this metric is broken" in lines[0]
 
 
+def test_a_failure_in_training_prints_one_resume_hint_with_the_runs_own_flags(tmp_path):
+    """Without --no-progress, rank 1 (whose bar is off) added --no-progress to its hint: the two ranks' lines no
+    longer merged, and one of them named a flag the run was not given (a reviewer)."""
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY + "\n\nCALLS = [0]\n\ndef loss_fn(out, y):\n    CALLS[0] += 1\n    if CALLS[0] > 8:\n"
+                     "        raise RuntimeError('the loss broke on purpose')\n"
+                     "    return torch.nn.functional.cross_entropy(out, y)\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pbp_fx", "train", str(model), "--nproc", "2", "--out",
+                           str(tmp_path / "run"), "--epochs", "20", "--batch-size", "40"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.startswith("pbp-fx: error:")]
+    assert len(lines) == 1 and lines[0].startswith("pbp-fx: error: every rank: training stopped in epoch"), lines
+    assert lines[0].endswith(f"resumes with pbp-fx train --resume {tmp_path / 'run'} --nproc 2"), lines
+
+
 def _sigint_as_in_a_terminal() -> None:
     """Ctrl-C as a terminal gives it: a test run started in the background passes SIGINT on ignored."""
     import signal
