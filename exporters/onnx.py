@@ -498,7 +498,9 @@ def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynam
                               if isinstance(t, Tensor) and t.dim() > 0)
             tensor_names = [n for n, t in zip(names, inputs) if isinstance(t, Tensor) and t.dim() > 0]
             shapes = {n: tuple(t.shape) for n, t in zip(names, inputs) if isinstance(t, Tensor)}
-            if any(isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) for m in module.modules()):
+            # (an RNN's states, or a sequence-first layer's inputs, have their batch on dim 1)
+            if any(isinstance(m, nn.RNNBase) or isinstance(m, nn.MultiheadAttention) and not m.batch_first
+                   for m in module.modules()):
                 advice = "for inputs whose batch is not dim 0 " + _batch_axes_advice(module, shapes, tensor_names,
                                                                                      None, ",")
             else:  # (nothing sequence-first: dim 0 is an axis of each input's own, a flat id list beside offsets)
@@ -1351,6 +1353,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     module, dendrites, activation = _prepare(model)
     # (a torch.export capture whose forward branches on the batch size holds the branch of 2 or more)
     min_batch = getattr(module, "meta", {}).get("pbp_min_batch", 1)
+    # (dim 0 named by dynamic_axes is as dynamic as the batch axis)
+    dim_0_dynamic = dynamic_batch or any(0 in dims for dims in axes.values())
     if min_batch > 1 and batch_of_one(inputs, {}):
         raise ExportError(f"the model computes other outputs at a batch of 1 than its graph, which torch.export "
                           f"captured for batches of {min_batch} or more (its forward branches on the batch size): "
@@ -1394,7 +1398,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                     "its eval-mode path (a train-only branch, or code the example inputs do not reach)", n_fused,
                     expected)
     _strip_trace_metadata(proto)
-    _set_metadata(proto, dendrites, activation, fused, min_batch if dynamic_batch else 1)
+    _set_metadata(proto, dendrites, activation, fused, min_batch if dim_0_dynamic else 1)
     proto.ir_version = _ir_version(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -1426,7 +1430,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
             raise ExportError(f"{checked.problem}: {fix}")
         if checked.unchecked is not None:
             warn_at_user(f"dynamic axes not checked at {checked.sizes} ({checked.how}): {checked.unchecked}")
-    if min_batch > 1 and dynamic_batch:
+    if min_batch > 1 and dim_0_dynamic:
         warn_at_user(f"the ONNX file computes the model's outputs at batches of {min_batch} or more only (torch.export "
                      "captured the forward's branch on the batch size for those): pbp_fx.exporters.run and pbp-fx run "
                      "refuse smaller batches; perforate the model with a batch-1 example for batch-1 calls")

@@ -156,12 +156,12 @@ def run(session, inputs: Union[Mapping[str, Any], Sequence[Any], np.ndarray]) ->
 
 
 def _check_min_batch(session, feed: dict) -> None:
-    """A BatchSizeError where every input with a dynamic batch has fewer samples than the file's
+    """A BatchSizeError where every input with a dynamic dim 0 has fewer samples than the file's
     smallest right batch (written by export_onnx for a forward that branches on the batch size)."""
     meta = session.get_modelmeta().custom_metadata_map if hasattr(session, "get_modelmeta") else {}
     least = int(meta.get(MIN_BATCH_KEY, 1))
     sizes = [feed[s.name].shape[0] for s in session.get_inputs()
-             if s.shape and s.shape[0] == "batch" and s.name in feed and feed[s.name].ndim]
+             if s.shape and isinstance(s.shape[0], str) and s.name in feed and feed[s.name].ndim]
     if least > 1 and sizes and max(sizes) < least:
         raise BatchSizeError(f"a batch of {max(sizes)}: this ONNX file computes the model's outputs at batches of "
                              f"{least} or more only (the forward branches on the batch size, and torch.export "

@@ -1033,6 +1033,11 @@ def test_a_file_captured_for_batches_of_2_or_more_says_so_and_refuses_a_batch_of
     with pytest.raises(ExportError, match=r"^the model computes other outputs at a batch of 1 than its graph"):
         export_onnx(pm, (x[:1],), tmp_path / "m1.onnx")
     assert not (tmp_path / "m1.onnx").exists()
+    # (dim 0 named by dynamic_axes is as dynamic: the file was written without the metadata; a reviewer)
+    with pytest.warns(PBWarning, match=r"^the ONNX file computes the model's outputs at batches of 2 or more only"):
+        export_onnx(pm, (x,), tmp_path / "n.onnx", dynamic_batch=False, dynamic_axes={"x": {0: "n"}})
+    with pytest.raises(BatchSizeError, match=r"^a batch of 1"):
+        run(ort_session(tmp_path / "n.onnx"), x[:1])
     with warnings.catch_warnings():  # (a static file takes the example's batch only: nothing to say)
         warnings.simplefilter("error", PBWarning)
         export_onnx(pm, (x,), tmp_path / "s.onnx", dynamic_batch=False)
@@ -1040,19 +1045,24 @@ def test_a_file_captured_for_batches_of_2_or_more_says_so_and_refuses_a_batch_of
 
 
 class _BagWithOffsets(nn.Module):
-    def __init__(self):
+    def __init__(self, attention: bool = False):
         super().__init__()
         self.bag, self.fc = nn.EmbeddingBag(40, 8, mode="sum"), nn.Linear(8, 3)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True) if attention else None
 
     def forward(self, ids, offsets):
-        return self.fc(torch.tanh(self.bag(ids, offsets)))
+        h = torch.tanh(self.bag(ids, offsets))
+        if self.attention is not None:
+            h = h + self.attention(h[:, None], h[:, None], h[:, None])[0][:, 0]
+        return self.fc(h)
 
 
-def test_inputs_whose_dim_0_differs_get_advice_that_exports(tmp_path):
+@pytest.mark.parametrize("attention", [False, True])
+def test_inputs_whose_dim_0_differs_get_advice_that_exports(tmp_path, attention):
     """A flat id list [10] beside its offsets [3]: the refusal advised {'offsets': {1: 'b'}} for the 1-D offsets
     and spoke of sequence-first inputs; following it was refused in turn (a reviewer)."""
     torch.manual_seed(0)
-    model = _BagWithOffsets().eval()
+    model = _BagWithOffsets(attention).eval()  # (a batch-first attention is nothing sequence-first; a reviewer)
     ids, offsets = torch.randint(0, 40, (10,)), torch.tensor([0, 3, 7])
     pm = pbp_fx.perforate(model, (ids, offsets))
     with pytest.raises(ExportError) as info:
