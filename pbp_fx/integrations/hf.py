@@ -133,6 +133,11 @@ class PBCallback(TrainerCallback):
                 f"{args.metric_for_best_model}: a checkpoint saved at a PB rewind (a dendrite phase's start, a retry, "
                 f"the end) holds PB's best weights by {self.metric}, not the weights that scored its recorded "
                 f"{args.metric_for_best_model}; rank by the same metric, or use the model PB leaves at the end")
+        # (as Lightning's mode='max' on a loss: the best is the worst)
+        if self.maximize and self.metric.endswith("loss"):
+            warn_at_user(f"PBCallback keeps the highest {self.metric}, a loss, as its best (greater_is_better=True, "
+                         "given to it or to the Trainer): pass the metric to maximise (metric='accuracy' with "
+                         "compute_metrics), or greater_is_better=False")
         pm = find_perforated(model, "PBCallback")
         source = pm.source_model
         if args.gradient_accumulation_steps > 1 and not pm.accepts_loss_kwargs and source is not None \

@@ -102,6 +102,9 @@ class PBCallback(Callback):
             raise TrainingError(f"PBCallback decides on the validation metric {self.monitor!r}, but this fit runs no "
                                 "validation: define validation_step, pass val_dataloaders (or a datamodule's "
                                 "val_dataloader) and keep limit_val_batches > 0")
+        if getattr(trainer, "barebones", False):  # (found after a whole epoch, as "not logged")
+            raise TrainingError(f"PBCallback decides on the logged {self.monitor!r}, but Trainer(barebones=True) turns "
+                                "self.log off: drop barebones=True")
         averagers = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, _AVERAGING)]
         if averagers:
             raise TrainingError(f"PBCallback: {averagers[0]} averages a copy of the model made before PB restructures "

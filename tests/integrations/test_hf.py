@@ -49,6 +49,17 @@ def _notes(ctl) -> list[str]:
     return [h["note"] for h in ctl.history]
 
 
+@pytest.mark.parametrize("where", ["callback", "trainer"])
+def test_greater_is_better_on_a_loss_is_warned_of(tmp_path, perforated_bert, where):
+    """PBCallback(greater_is_better=True) on the default eval_loss kept the highest loss as its best, silently
+    (Lightning's mode='max' on a loss warns; a reviewer)."""
+    cb = PBCallback(QUICK, greater_is_better=True) if where == "callback" else PBCallback(QUICK)
+    extra = {} if where == "callback" else {"metric_for_best_model": "eval_loss", "greater_is_better": True}
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), max_steps=1, **extra)
+    with pytest.warns(pbp_fx.PBWarning, match=r"PBCallback keeps the highest eval_loss, a loss, as its best"):
+        trainer.train()
+
+
 def test_trainer_runs_a_dendrite_phase_installs_and_stops_with_the_best_model(tmp_path, perforated_bert):
     cb = PBCallback(QUICK)
     trainer, val = _trainer(tmp_path, cb, perforated_bert())

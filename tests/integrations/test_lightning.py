@@ -544,6 +544,15 @@ def test_a_fit_without_validation_is_refused_before_any_step():
         assert trainer.global_step == 0
 
 
+def test_a_barebones_fit_is_refused_before_any_step():
+    """barebones=True turns self.log off: refused after a whole epoch as "'val_loss' was not logged" (a reviewer)."""
+    train, val = digits_loaders()
+    trainer = L.Trainer(max_epochs=2, callbacks=[PBCallback(QUICK)], accelerator="cpu", devices=1, barebones=True)
+    with pytest.raises(TrainingError, match=r"Trainer\(barebones=True\) turns self.log off: drop barebones=True"):
+        trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
+    assert trainer.global_step == 0
+
+
 def test_a_model_checkpoint_ranking_by_another_metric_is_warned_of(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
