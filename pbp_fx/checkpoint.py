@@ -199,7 +199,7 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
         best = cs.pop("best_state")
         if best is not None:
             _split_state("best/", best, tensors, plain)
-        for key in ("best_outside", "held_outside"):  # (state outside pm: a head, a loss; see PhaseController)
+        for key in ("best_outside", "held_outside", "outside"):  # (state outside pm: a head, a loss; PhaseController)
             if cs.get(key):
                 _split_state(f"{key}/", cs[key], tensors, plain)
             cs.pop(key, None)
@@ -648,6 +648,7 @@ def _controller_state(meta: dict, tensors: dict, plain: dict) -> dict:
     cs["best_state"] = _collect("best/", tensors, plain) or None
     cs["best_outside"] = _collect("best_outside/", tensors, plain) or None
     cs["held_outside"] = _collect("held_outside/", tensors, plain) or None
+    cs["outside"] = _collect("outside/", tensors, plain) or None
     cs["generator"] = tensors.get(_GENERATOR_KEY)  # (None in a checkpoint saved before it existed)
     return cs
 

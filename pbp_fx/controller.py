@@ -1002,7 +1002,9 @@ class PhaseController:
                 "plateau_held": {str(i): dict(v) for i, v in self.plateau_held.items()},
                 "generator": self.generator.get_state(), "best_state": self.best_state,
                 "best_outside": self.best_outside, "frozen_outside": list(self._frozen_outside),
-                "held_outside": self._held_outside}
+                "held_outside": self._held_outside,
+                # (the current values outside pm, a head beside it: pbp_fx.save(pm) keeps pm's alone)
+                "outside": {n: t.detach().clone() for n, t in self._changing_outside().items()} or None}
 
     @outside_inference_mode
     def load_state_dict(self, state: dict, keep_optimizer_state: bool = False) -> None:
@@ -1043,6 +1045,7 @@ class PhaseController:
             self.generator.set_state(state["generator"])
         self.best_state = state["best_state"]
         self.best_outside = state.get("best_outside")  # (None in a state saved before it existed)
+        self._put_outside(state.get("outside"))  # (None in a state saved before it existed)
         if "frozen_outside" in state:  # (what the run's phase froze: the framework's resume may have frozen it)
             self._thaw_outside(restore_buffers=False)
             live = self.outside_state()

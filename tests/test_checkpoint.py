@@ -1396,3 +1396,43 @@ def test_a_model_whose_other_tensors_differ_in_shape_is_refused_in_one_line_and_
         pbp_fx.load(path, target)
     assert "\n" not in str(err.value)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+class _WithHead(nn.Module):
+    """A perforated backbone beside a head of the user's own (PhaseController(root=...))."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = pbp_fx.perforate(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)),
+                                         (torch.randn(2, 6),))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.backbone(x)))
+
+
+def test_a_controllers_root_keeps_its_layers_outside_the_perforated_model_through_save_and_load(tmp_path):
+    """pbp_fx.save(net.backbone, controller=ctl) as the README's loop saves kept the head's Adam moments and its
+    best weights, not its weights: a resumed run restarted the head from its initial weights and diverged,
+    silently (a reviewer)."""
+    torch.manual_seed(0)
+    net = _WithHead()
+    ctl = pbp_fx.PhaseController(net.backbone, pbp_fx.PBConfig(), root=net,
+                                 optimizer=torch.optim.Adam(net.parameters(), lr=1e-2))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        ctl.optimizer.zero_grad()
+        loss.backward()
+        ctl.optimizer.step()
+    ctl.step(0.5)
+    path = str(tmp_path / "ck.safetensors")
+    pbp_fx.save(net.backbone, path, controller=ctl, optimizer=ctl.optimizer)
+    torch.manual_seed(1)
+    again = _WithHead()
+    ctl2 = pbp_fx.PhaseController(again.backbone, pbp_fx.PBConfig(), root=again,
+                                  optimizer=torch.optim.Adam(again.parameters(), lr=1e-2))
+    pbp_fx.load(path, again.backbone, controller=ctl2, optimizer=ctl2.optimizer)
+    for a, b in zip(net.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(again(x), net(x), rtol=0, atol=0)
