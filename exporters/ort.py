@@ -113,6 +113,7 @@ def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", thre
             "libraries missing): check `nvidia-smi` and the onnxruntime-gpu CUDA requirements, "
             "or use device='cpu'")
     sess.provider = chosen
+    sess.min_batch = _min_batch(sess)  # (read once: run() checks it at every call)
     log.info("ort_session: %s runs %s (device=%r, threads=%s)", chosen,
              "<bytes>" if isinstance(model, bytes) else model, device, threads or "default")
     return sess
@@ -158,15 +159,24 @@ def run(session, inputs: Union[Mapping[str, Any], Sequence[Any], np.ndarray]) ->
 def _check_min_batch(session, feed: dict) -> None:
     """A BatchSizeError where every input with a dynamic dim 0 has fewer samples than the file's
     smallest right batch (written by export_onnx for a forward that branches on the batch size)."""
-    meta = session.get_modelmeta().custom_metadata_map if hasattr(session, "get_modelmeta") else {}
-    least = int(meta.get(MIN_BATCH_KEY, 1))
+    least = getattr(session, "min_batch", None)
+    if least is None:  # (a session ort_session did not make)
+        least = _min_batch(session)
+    if least <= 1:
+        return
     sizes = [feed[s.name].shape[0] for s in session.get_inputs()
              if s.shape and isinstance(s.shape[0], str) and s.name in feed and feed[s.name].ndim]
-    if least > 1 and sizes and max(sizes) < least:
+    if sizes and max(sizes) < least:
         raise BatchSizeError(f"a batch of {max(sizes)}: this ONNX file computes the model's outputs at batches of "
                              f"{least} or more only (the forward branches on the batch size, and torch.export "
                              f"captured the branch for {least} or more); give {least} or more samples, or export a "
                              "model perforated with a batch-1 example for batch-1 calls")
+
+
+def _min_batch(session) -> int:
+    """The file's MIN_BATCH_KEY (1 where it has none)."""
+    meta = session.get_modelmeta().custom_metadata_map if hasattr(session, "get_modelmeta") else {}
+    return int(meta.get(MIN_BATCH_KEY, 1))
 
 
 def output_difference(got, want) -> tuple[float, float]:
