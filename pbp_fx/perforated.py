@@ -238,6 +238,18 @@ class PerforatedModel(nn.Module):
                          "not run, so a loss of this output has no gradient: call model.train() before the "
                          "training steps")
 
+    def _warn_stride_unused(self) -> None:
+        """Warn once per phase, after its first train-mode forward, when a position stride > 1
+        was asked for and no site's candidates had positions to stride."""
+        self._stride_unchecked = False
+        pools = [s.candidates for s in self.sites.values() if s.candidates is not None]
+        if any(p.positions_strided for p in pools):
+            return
+        warn_at_user(f"candidate_stride={self._stride_asked} strides no site of {self._model_name()}: its Linear "
+                     "sites read no token dims ([B, C] inputs) and its convs have no strided form (an even kernel's "
+                     "'same' padding), so every candidate sees every position and the dendrite phase costs what it "
+                     "costs at stride 1; drop the setting (candidate_stride=1)")
+
     def _graph_holding_buffers(self, *args, **kwargs):
         """The graph's call in the dendrite phase: the frozen buffers held after it
         (`_hold_phase_buffers`), also after the recompute of activation checkpointing."""
@@ -306,6 +318,9 @@ class PerforatedModel(nn.Module):
             out = checkpoint(partial(graph, **kwargs), *args, use_reentrant=False, **self.checkpointing)
         else:
             out = self._call_graph(graph, args, kwargs)
+        if self.phase == "dendrite" and getattr(self, "_stride_unchecked", False) and self.training \
+                and not torch.compiler.is_compiling():
+            self._warn_stride_unused()
         # The original's output structure where the graph's is another (fx writes a ModelOutput as a dict).
         spec = self.graph_module.meta.get("pbp_out_spec")
         return out if spec is None else pytree.tree_unflatten(pytree.tree_leaves(out), spec)
@@ -565,6 +580,8 @@ class PerforatedModel(nn.Module):
                 self._thaw.append(name)
         self.phase = "dendrite"
         self._dendrite_phase_trained = False  # (`_check_dendrite_phase_mode`)
+        self._stride_asked = stats.get("stride", 1)
+        self._stride_unchecked = isinstance(self._stride_asked, int) and self._stride_asked > 1  # (`_warn_stride_unused`)
 
     def _restore_buffers(self) -> None:
         buffers = dict(self.named_buffers())
@@ -584,6 +601,7 @@ class PerforatedModel(nn.Module):
             # of the phase held it, so no zero_grad cleared it) is the whole phase's sum, stale.
             p.grad = None
         self._thaw = []
+        self._stride_unchecked = False
         self.phase = "neuron"
 
     @outside_inference_mode

@@ -105,6 +105,9 @@ class CandidatePool(nn.Module):
         strided = layer.every_nth(stride)
         # The stride the candidates' positions actually have (1 where the layer has no strided form).
         self.stride = stride if strided is not None else 1
+        # Whether the first forward strided any position (None: not run yet); a Linear's positions
+        # are its input's token dims, known only then. Not state.
+        self.positions_strided: Optional[bool] = None
         c = layer.channels
         fk = {"device": device, "dtype": dtype}
         self.copies = LayerCopies(strided or layer, norm, pool, **fk)
@@ -166,6 +169,8 @@ class CandidatePool(nn.Module):
         p, axis, n = self.pool_size, self.layer.axis, self.stride
         if self.split and self.reducer is not None and not self.reducer.warned_uneven:
             self._warn_dealt_otherwise(x.shape[0], split)
+        if self.positions_strided is None and not torch.compiler.is_compiling():
+            self.positions_strided = n > 1 and (axis == 1 or x.dim() > 2)
         if axis == -1:  # a Linear's positions are its input's (a conv's: its strided form's outputs)
             x = every_nth_position(x, n, axis)
         pre = self.copies(x, split=split)

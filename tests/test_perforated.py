@@ -1143,6 +1143,35 @@ def test_a_dendrite_phase_step_in_eval_mode_is_warned_of_at_the_users_line():
         pm.eval()(torch.randn(3, 4))
 
 
+@pytest.mark.parametrize("model, x, strided", [
+    (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(16, 8), False),
+    (nn.Sequential(nn.Conv1d(2, 4, 4, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(40, 3)),
+     torch.randn(16, 2, 10), False),
+    (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(16, 5, 8), True),
+    (nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(40, 3)), torch.randn(16, 2, 10),
+     True),
+], ids=["linear on [B, C]", "even 'same' conv", "linear on tokens", "conv"])
+def test_a_candidate_stride_that_strides_no_site_is_warned_of_once_a_phase(model, x, strided):
+    """stride=2 on sites without positions to stride was accepted silently: no cheaper phase."""
+    pm = pbp_fx.perforate(model, (x,))
+    pm.start_dendrite_phase(pool=2, stride=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm.train()(x).sum().backward()
+        pm(x)
+    said = [str(w.message) for w in caught if "candidate_stride" in str(w.message)]
+    assert said == ([] if strided else ["candidate_stride=2 strides no site of Sequential: its Linear sites read no "
+                                        "token dims ([B, C] inputs) and its convs have no strided form (an even "
+                                        "kernel's 'same' padding), so every candidate sees every position and the "
+                                        "dendrite phase costs what it costs at stride 1; drop the setting "
+                                        "(candidate_stride=1)"])
+    pm.abort_dendrite_phase()
+    pm.start_dendrite_phase(pool=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm(x)  # stride 1: nothing to say
+
+
 def test_a_memory_format_that_fits_none_of_the_models_own_weights_fails_as_in_torch():
     pm = pbp_fx.perforate(nn.Sequential(nn.Conv3d(2, 4, 3)), torch.randn(1, 2, 4, 4, 4))
     with pytest.raises(RuntimeError, match="required rank 4 tensor to use channels_last"):
