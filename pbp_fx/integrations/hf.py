@@ -182,7 +182,7 @@ class PBCallback(TrainerCallback):
                              "(PB applies its phase's factor to the fresh schedule); save full checkpoints to resume "
                              "exactly")
         # PB finished already (a checkpoint written then, or train() called again): nothing left to train.
-        # The Trainer still takes one step before it looks; on_train_end loads the best weights back.
+        # The Trainer still takes one step before it looks; `_hold_finished_run` undoes it.
         self._resumed_complete = self.controller.done
         if self._resumed_complete:
             control.should_training_stop = True
@@ -276,10 +276,19 @@ class PBCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         # (the Trainer's DefaultFlowCallback, always the first callback, has decided by now)
+        self._hold_finished_run(control)
         self._round_due = self._round_due or control.should_evaluate
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        self._hold_finished_run(control)
         self._round_due = self._round_due or control.should_evaluate
+
+    def _hold_finished_run(self, control) -> None:
+        """A train() of a finished run: the one step the Trainer takes before it stops is undone, and
+        neither evaluated nor saved (its checkpoint would be the latest, holding no best weights)."""
+        if self._training and self._resumed_complete:
+            control.should_evaluate = control.should_save = False
+            self.controller.restore_best()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._training:

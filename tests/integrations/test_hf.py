@@ -356,6 +356,11 @@ def test_resume_from_a_trainer_checkpoint_continues_the_schedule(tmp_path, perfo
     _same_run(resumed.controller.history, history)
     if phase == "complete":  # nothing left to train: the best model comes back
         assert resumed.controller.done and trainer.state.global_step <= step + 1
+        # and no checkpoint of the one step the Trainer takes before it stops (it was the latest one,
+        # holding the weights after that step, not the best: a reviewer)
+        assert {d for d in os.listdir(tmp_path / "whole") if d.startswith("checkpoint-")} == \
+            {f"checkpoint-{s}" for s in steps}
+        assert [r for r in trainer.state.log_history if "eval_loss" in r][-1]["step"] <= step
         best = resumed.controller.best_state
         assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items() if k in best)
     if phase == "neuron":
