@@ -70,6 +70,7 @@ class PBCallback(TrainerCallback):
         self._from_args = False  # the metric is the TrainingArguments' metric_for_best_model
         self._structure_hook: Optional[StructureOnLoad] = None
         self._user_groups_warned = False
+        self._presaved: Optional[tuple] = None  # (step, folder, whether it made the folder): `_save_before_the_trainer`
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if getattr(args, "neftune_noise_alpha", None) is not None:  # (train() attaches it before on_train_begin)
@@ -193,6 +194,7 @@ class PBCallback(TrainerCallback):
         self._applied_lr = None  # group 0's rate at the last optimizer step (what the log shows)
         self._decisions, self._first_step = 0, state.global_step
         self._budget_end = None  # (score, log entry) of the evaluation the Trainer adds where its budget ends
+        self._presaved = None
         self._training = True
 
     def _parameter_groups(self, model, optimizer, warn: bool) -> Optional[Callable]:
@@ -244,6 +246,7 @@ class PBCallback(TrainerCallback):
             self._budget_end = (float(metrics[self.metric]), entry)
             return
         self._step(float(metrics[self.metric]), entry, control)
+        self._save_before_the_trainer(args, state, control)
 
     def _step(self, score: float, entry: dict, control=None) -> None:
         decision = self.controller.step(score)
@@ -278,10 +281,43 @@ class PBCallback(TrainerCallback):
         # (the Trainer's DefaultFlowCallback, always the first callback, has decided by now)
         self._hold_finished_run(control)
         self._round_due = self._round_due or control.should_evaluate
+        if not control.should_evaluate:  # (else on_evaluate saves, after its decision)
+            self._save_before_the_trainer(args, state, control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._hold_finished_run(control)
         self._round_due = self._round_due or control.should_evaluate
+        if not control.should_evaluate:
+            self._save_before_the_trainer(args, state, control)
+
+    def _save_before_the_trainer(self, args, state, control) -> None:
+        """Write PB's file into the checkpoint folder the Trainer saves next, before it does: the
+        Trainer deletes its older checkpoints (save_total_limit) before on_save, so a run stopped
+        between the two left no checkpoint to resume. Not for save_strategy='best', which decides
+        after the evaluation whether it saves; a save the Trainer then skips is undone
+        (`_drop_unsaved`)."""
+        if not (self._training and control.should_save and args.save_strategy != "best"
+                and state.is_world_process_zero and self._presaved is None):
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        fresh = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        save(self.controller.pm, os.path.join(folder, CHECKPOINT_NAME), controller=self.controller)
+        self._presaved = (state.global_step, folder, fresh)
+
+    def _drop_unsaved(self) -> None:
+        """PB's file written for a save that the Trainer did not make (a callback of the user's cleared
+        control.should_save): removed, with the folder it made, so that no checkpoint folder holds
+        PB's file alone."""
+        if self._presaved is None:
+            return
+        _, folder, fresh = self._presaved
+        self._presaved = None
+        path = os.path.join(folder, CHECKPOINT_NAME)
+        if os.path.isfile(path):
+            os.remove(path)
+        if fresh and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
     def _hold_finished_run(self, control) -> None:
         """A train() of a finished run: the one step the Trainer takes before it stops is undone, and
@@ -308,18 +344,23 @@ class PBCallback(TrainerCallback):
             logs["learning_rate"] = self._applied_lr
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self._drop_unsaved()
         self._before_first_step = False
         self._refuse_a_round_without_metric()
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self._refuse_a_round_without_metric()
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        presaved, self._presaved = self._presaved, None
+        if presaved is not None and presaved[:2] == (state.global_step, folder):
+            return  # (written before the Trainer's files)
         if self.controller is not None and os.path.isdir(folder) and state.is_world_process_zero:
             save(self.controller.pm, os.path.join(folder, CHECKPOINT_NAME), controller=self.controller)
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self._training:
             return
+        self._drop_unsaved()
         self._refuse_a_round_without_metric()
         self._training = False
         ctl = self.controller
@@ -387,6 +428,12 @@ def _resumed_file(args, state, pm) -> str:
         raise TrainingError(f"PBCallback: {found[-1]} holds other weights than the checkpoint the Trainer resumed "
                             f"from at step {state.global_step} (another run's): load the resumed checkpoint's own "
                             f"file first: pbp_fx.load('<that checkpoint folder>/{CHECKPOINT_NAME}', model)")
+    own = os.path.join(args.output_dir, folder)
+    if loaded is None and os.path.isdir(own):
+        raise TrainingError(f"PBCallback: resuming at step {state.global_step}: {own} holds no {CHECKPOINT_NAME} (it was "
+                            "saved without PBCallback, or the run stopped while a save_strategy='best' save was "
+                            "written): resume from a checkpoint folder that holds one, after pbp_fx.load('<that "
+                            f"folder>/{CHECKPOINT_NAME}', model)")
     raise TrainingError(f"PBCallback: resuming at step {state.global_step} needs the {CHECKPOINT_NAME} of the "
                         f"checkpoint resumed from (PBCallback writes it at every save), loaded into the model first: "
                         f"pbp_fx.load('<that checkpoint folder>/{CHECKPOINT_NAME}', model) before trainer.train")

@@ -610,6 +610,75 @@ def test_resume_inside_a_dendrite_phase_without_loading_first_on_a_batchnorm_mod
 
 
 
+class _StopInsideTheSave(TrainerCallback):
+    """Ends the run in on_save before the callbacks after it: where the Trainer has written its
+    checkpoint and deleted the older ones (save_total_limit)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+class _SkipSaves(TrainerCallback):
+    """A user's callback after PBCallback that cancels the Trainer's saves."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_save = False
+
+    on_epoch_end = on_step_end
+
+
+@pytest.mark.parametrize("save_steps", [4, 6], ids=["saves at evaluations", "saves between evaluations"])
+def test_a_run_stopped_inside_the_trainers_save_resumes_from_its_only_checkpoint(tmp_path, save_steps):
+    """save_total_limit=1: the Trainer deleted the older checkpoint before PBCallback's on_save wrote its
+    file into the new one, so a run stopped between the two had no checkpoint to resume, and the
+    refusal named a file that did not exist (a reviewer)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 8, generator=g)
+    y = ((x[:, 0] * x[:, 1] > 0) ^ (x[:, 2] > 0.5)).long()
+    rows = [{"x": a, "labels": b} for a, b in zip(x, y)]
+
+    def run(folder, resume=None, before=(), after=()):
+        torch.manual_seed(0)
+        model = pbp_fx.perforate(_NormedNet(), example_kwargs={"x": x[:4], "labels": y[:4]})
+        cb = PBCallback(QUICK)
+        trainer = Trainer(model=model, args=_args(folder, max_steps=40, lr_scheduler_type="constant",
+                                                  eval_strategy="steps", eval_steps=4, save_strategy="steps",
+                                                  save_steps=save_steps, save_total_limit=1,
+                                                  per_device_train_batch_size=64),
+                          train_dataset=rows[:256], eval_dataset=rows[256:], callbacks=[*before, cb, *after])
+        trainer.train(resume_from_checkpoint=resume)
+        return cb.controller, model
+
+    whole, model = run(tmp_path / "whole")
+    stop = 12 if save_steps == 4 else 18
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", before=[_StopInsideTheSave(stop)])
+    assert sorted(os.listdir(tmp_path / "cut")) == [f"checkpoint-{stop}"]
+    resumed, again = run(tmp_path / "cut", resume=True)
+    _same_run(resumed.history, whole.history)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    # PB's file is written for the Trainer's saves only: none where a callback cancels them
+    run(tmp_path / "unsaved", after=[_SkipSaves()])
+    assert [d for d in os.listdir(tmp_path / "unsaved") if d.startswith("checkpoint-")] == []
+
+
+def test_a_checkpoint_saved_without_the_callback_is_refused_naming_its_folder(tmp_path, perforated_bert):
+    """The refusal named a file of '<that checkpoint folder>' only, as if one had not been loaded."""
+    trainer, _ = _trainer(tmp_path, TrainerCallback(), perforated_bert(), max_steps=4, save_strategy="steps",
+                          save_steps=4, eval_strategy="no")
+    trainer.train()
+    trainer, _ = _trainer(tmp_path, PBCallback(QUICK), perforated_bert(), max_steps=8)
+    with pytest.raises(TrainingError, match=rf"resuming at step 4: {tmp_path / 'checkpoint-4'} holds no "
+                                            rf"{CHECKPOINT_NAME} \(it was saved without PBCallback") as err:
+        trainer.train(resume_from_checkpoint=True)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("strategy", ["steps", "epoch"])
 def test_a_budget_that_ends_between_evaluations_resumes_as_an_uninterrupted_run(tmp_path, strategy):
     """The Trainer adds an evaluation where max_steps ends off its evaluation grid: it stepped PB's
