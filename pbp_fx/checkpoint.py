@@ -193,7 +193,7 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
     if model_ref is not None and os.path.isfile(model_ref):  # a file path, not a module name: from any directory
         model_ref = os.path.abspath(model_ref)
     meta = {"format": FORMAT, "version": __version__, "structure": _structure(pm), "capture": pm.capture,
-            "model": model_ref, "extra": _keys_kept(extra or {})}
+            "model": model_ref, "extra": _keys_kept(extra or {}), "frozen": pm.frozen_parameters()}
     if controller is not None:
         cs = controller.state_dict()
         best = cs.pop("best_state")
@@ -607,7 +607,7 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     state = _collect("model/", tensors, plain)
     _check_shapes(pm, state, path)  # (before restore_structure copies in every tensor that fits: a half-loaded model)
     try:
-        restore_structure(pm, state, st, meta.get("config"))
+        restore_structure(pm, state, st, meta.get("config"), frozen=meta.get("frozen"))
         pm.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {load_error_detail(exc)} (the model differs "
@@ -698,15 +698,22 @@ def describe_structure(pm: PerforatedModel) -> dict:
     return json.loads(json.dumps(_structure(pm)))
 
 
-def restore_structure(pm: PerforatedModel, state: dict, structure: dict, config: Optional[dict] = None) -> None:
+def restore_structure(pm: PerforatedModel, state: dict, structure: dict, config: Optional[dict] = None,
+                      frozen: Optional[list] = None) -> None:
     """Give `pm` the structure a state dict was saved with (dendrites per site, a candidate
     pool in the dendrite phase), so that the state then loads strictly. The pools start with the
     settings their extra state records; config (a PBConfig as a dict) fills in those of a state
-    written before the pools recorded them, and the candidates' init (their weights load after)."""
+    written before the pools recorded them, and the candidates' init (their weights load after).
+    frozen (`PerforatedModel.frozen_parameters` of the saved model; None: flags left as they are):
+    the parameters the run had frozen; the others train."""
     if pm.phase == "dendrite":
         pm.abort_dendrite_phase()
     # First the dendrites (sites resize to the stored K), then candidates on top of them.
     pm.load_state_dict({k: v for k, v in state.items() if ".candidates." not in k}, strict=False)
+    if frozen is not None:  # (before a dendrite phase starts: it thaws at its end what trains now)
+        names = set(frozen)
+        for name, p in pm.named_parameters():
+            p.requires_grad_(name not in names)
     if structure["phase"] == "dendrite":
         pools = {r["pool"] for r in structure["sites"] if r["pool"]}
         settings = PBConfig.from_dict(config).dendrite_phase_kwargs() if config else {}

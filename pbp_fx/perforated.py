@@ -591,6 +591,13 @@ class PerforatedModel(nn.Module):
                     buffers[name].copy_(value)
         self._hold_buffers({})
 
+    def frozen_parameters(self) -> list[str]:
+        """The names of the parameters frozen other than by a dendrite phase (which thaws its own at
+        its end), candidates aside: what a checkpoint records, so that a resumed run trains the same set."""
+        thawed_later = set(self._thaw)
+        return [n for n, p in self.named_parameters()
+                if not p.requires_grad and n not in thawed_later and ".candidates." not in n]
+
     def _end_dendrite_phase(self) -> None:
         params = dict(self.named_parameters())
         for name in self._thaw:

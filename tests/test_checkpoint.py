@@ -1436,3 +1436,57 @@ def test_a_controllers_root_keeps_its_layers_outside_the_perforated_model_throug
     for a, b in zip(net.parameters(), again.parameters()):
         assert torch.equal(a, b)
     torch.testing.assert_close(again(x), net(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("phase", ["neuron", "dendrite"])
+def test_a_layer_frozen_by_the_loop_stays_frozen_in_a_resumed_run(tmp_path, phase):
+    """The README's freeze-then-rebind: the checkpoint recorded no requires_grad, so the resumed
+    optimizer held the frozen weight too and load(optimizer=) failed on torch's group size."""
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+
+    def build():
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    config = pbp_fx.PBConfig(patience=2, improvement=0.05, max_dendrites=1, dendrite_patience=2, max_dendrite_epochs=3,
+                             pool=2, retries=0, warmup=1)
+
+    def run(epochs, resume=None, start=0, save_after=None):
+        torch.manual_seed(0)
+        pm = pbp_fx.perforate(build(), x[:4])
+        ctl = PhaseController(pm, config, optimizer_factory=lambda p: torch.optim.Adam(p, lr=1e-2))
+        if resume:
+            pbp_fx.load(resume, pm, controller=ctl, optimizer=ctl.optimizer)
+        for epoch in range(start, epochs):
+            if epoch == 1:
+                pm.graph_module.get_submodule("0").weight.requires_grad_(False)
+                ctl.rebind(keep_state=True)
+            for i in range(0, 256, 64):
+                loss = F.cross_entropy(pm(x[i:i + 64]), y[i:i + 64])
+                ctl.optimizer.zero_grad()
+                loss.backward()
+                ctl.optimizer.step()
+            with torch.no_grad():
+                score = (pm.eval()(x).argmax(1) == y).float().mean().item()
+            pm.train()
+            ctl.step(score)
+            if epoch + 1 == save_after:
+                pbp_fx.save(pm, str(tmp_path / "run.safetensors"), controller=ctl, optimizer=ctl.optimizer)
+                return pm, ctl
+        return pm, ctl
+
+    whole, whole_ctl = run(14)
+    started = next(i for i, h in enumerate(whole_ctl.history) if "dendrite phase started" in h["note"])
+    at = 3 if phase == "neuron" else started + 2  # (epochs done: the layer was frozen after the first)
+    saved, _ = run(14, save_after=at)
+    assert saved.phase == phase
+    assert saved.frozen_parameters() == ["graph_module.0.weight"]
+    again, again_ctl = run(14, resume=str(tmp_path / "run.safetensors"), start=at)
+    assert [h["note"] for h in again_ctl.history] == [h["note"] for h in whole_ctl.history]
+    assert any(h["note"].startswith("installed dendrite") for h in whole_ctl.history)
+    for (name, a), b in zip(whole.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not again.graph_module.get_submodule("0").weight.requires_grad
+    # Loaded for use, the model has the run's flags too.
+    loaded = pbp_fx.load(str(tmp_path / "run.safetensors"), build())
+    assert loaded.frozen_parameters() == ["graph_module.0.weight"]
