@@ -16,7 +16,6 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch import callbacks as lightning_callbacks
 from lightning.pytorch.callbacks import Timer
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.trainer.states import TrainerFn
 
 from ..checkpoint import warn_changed_settings
@@ -114,7 +113,7 @@ class PBCallback(Callback):
         for saver in trainer.checkpoint_callbacks:
             monitored = getattr(saver, "monitor", None)
             if monitored is not None and monitored != self.monitor:
-                rank_zero_warn(f"PBCallback follows {self.monitor!r} but a ModelCheckpoint ranks by {monitored!r}: a "
+                warn_at_user(f"PBCallback follows {self.monitor!r} but a ModelCheckpoint ranks by {monitored!r}: a "
                                f"checkpoint saved at a PB rewind (a dendrite phase's start, a retry, the end) holds "
                                f"PB's best weights by {self.monitor!r}, not the weights that scored its recorded "
                                f"{monitored!r}; monitor the same metric, or use the model PB leaves at fit end")
@@ -128,7 +127,7 @@ class PBCallback(Callback):
                 why = (f"with patience={stopper.patience}" if not stricter else
                        f"with patience={stopper.patience} and min_delta={abs(stopper.min_delta):g} (a gain below it "
                        f"counts as none; PB's improvement is {config.improvement:g})")
-                rank_zero_warn(f"EarlyStopping on {self.monitor!r} {why} can end the run before "
+                warn_at_user(f"EarlyStopping on {self.monitor!r} {why} can end the run before "
                                f"PB's neuron phase does (PBConfig.patience={patience} validations without "
                                "gain start a dendrite phase), so no dendrite is added: give EarlyStopping a patience "
                                "above PB's, or leave the run's end to PBCallback")
@@ -165,7 +164,7 @@ class PBCallback(Callback):
         if self.controller.done:  # PB finished (a checkpoint written then, or fit() again): nothing left to train
             # (min_epochs may still train on: on_fit_end loads the best model back)
             trainer.should_stop = True
-            rank_zero_warn(finished_run(self.controller.history[-1]["note"], "this fit trains nothing"))
+            warn_at_user(finished_run(self.controller.history[-1]["note"], "this fit trains nothing"))
             return  # (this fit's schedulers drive a new optimizer, not the finished run's)
         for scheduler_config in trainer.lr_scheduler_configs:
             self.controller.attach_scheduler(scheduler_config.scheduler)
@@ -183,7 +182,7 @@ class PBCallback(Callback):
             # sibling name (val_wer and val_cer); a metric still missing is refused at the first validation.
             near = difflib.get_close_matches(self.monitor, list(metrics), n=1, cutoff=0.85)
             if self.monitor not in metrics and near:
-                rank_zero_warn(f"PBCallback: {self.monitor!r} was not logged in the sanity check (did you mean "
+                warn_at_user(f"PBCallback: {self.monitor!r} was not logged in the sanity check (did you mean "
                                f"{near[0]!r}?); it is refused at the first validation if it is still missing")
             return
         if self.monitor not in metrics:
@@ -192,7 +191,7 @@ class PBCallback(Callback):
             # Lightning computes each logged validation value anew at the run's end; this one is the
             # object it was before: training_step (or another hook) logged it.
             self._warned_not_validation = True
-            rank_zero_warn(f"PBCallback follows {self.monitor!r}, which this validation run did not log (it comes "
+            warn_at_user(f"PBCallback follows {self.monitor!r}, which this validation run did not log (it comes "
                            "from training): PB's rounds should rest on held-out scores; self.log a metric in "
                            "validation_step and pass monitor= it")
         if trainer.fast_dev_run:
@@ -209,7 +208,7 @@ class PBCallback(Callback):
             return (f"PBCallback: {self.monitor!r} was logged per step only (on_step=True, on_epoch=False), so a "
                     f"validation run gives no one score: self.log({self.monitor!r}, ..., on_epoch=True) in "
                     "validation_step (the default there)")
-        return (f"PBCallback: {self.monitor!r} was not logged in validation (logged: "
+        return (f"PBCallback: {self.monitor!r} was not logged in validation (the run's logged metrics: "
                 f"{', '.join(sorted(metrics)) or 'nothing'}): self.log({self.monitor!r}, ...) in validation_step, "
                 "or pass monitor= one of those")
 
@@ -313,7 +312,7 @@ def _groups_of_configure_optimizers(pl_module):
         live = _live_optimizer(pl_module)
         if live is not None and len(live.param_groups) > len(opt.param_groups) and not warned:
             warned.append(True)  # (BackboneFinetuning's unfrozen backbone, an add_param_group)
-            rank_zero_warn(f"the optimizer has {len(live.param_groups)} parameter groups but configure_optimizers() "
+            warn_at_user(f"the optimizer has {len(live.param_groups)} parameter groups but configure_optimizers() "
                            f"makes {len(opt.param_groups)}: at each restructure PB regroups the parameters by "
                            "configure_optimizers(), so the added groups' parameters join its groups and their "
                            "learning rates; give them a group there (filtered by requires_grad if they thaw later)")

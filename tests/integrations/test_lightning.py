@@ -574,8 +574,10 @@ def test_an_early_stopping_more_impatient_than_pb_is_warned_of():
     trainer = _trainer(PBCallback(QUICK.replace(patience=3)), max_epochs=1)
     trainer.callbacks.append(EarlyStopping("val_loss", patience=2))
     with pytest.warns(UserWarning, match="EarlyStopping on 'val_loss' with patience=2 can end the run before PB's "
-                                         "neuron phase does"):
+                                         "neuron phase does") as caught:
         trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
+    # at the user's fit line, as the Hugging Face callback's are (it named pbp_fx/integrations/lightning.py)
+    assert [w.filename for w in caught if "EarlyStopping on" in str(w.message)] == [__file__]
     # PB's own patience, but a min_delta above PB's improvement: more validations count as no gain (a reviewer)
     trainer = _trainer(PBCallback(QUICK.replace(patience=3)), max_epochs=1)
     trainer.callbacks.append(EarlyStopping("val_loss", patience=3, min_delta=0.05))
