@@ -344,6 +344,7 @@ class PhaseController:
                          "step to lower the closure's loss, which candidates do not change (they follow the error's "
                          "covariance), so it steps 0 in every dendrite phase: use line_search_fn=None")
         self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
+        self._maximizing: list[int] = []  # groups with maximize=True, set False for a dendrite phase
         self.optimizer_steps = 0  # steps of self.optimizer (its post-step hook counts them)
         self.phase_steps_from = 0  # optimizer_steps at the last rebind
         self._warned_unstepped = False
@@ -602,6 +603,11 @@ class PhaseController:
         self._rescale_schedulers(scale, entering=True)
         self._hold_plateaus()
         self.lr_scale = scale
+        # The candidates' gradient (the covariance tap's) is one to descend: a group with maximize=True
+        # (a loop that maximises -loss) would climb it, lowering every candidate's correlation.
+        self._maximizing = [i for i, g in enumerate(self.optimizer.param_groups) if g.get("maximize")]
+        for i in self._maximizing:
+            self.optimizer.param_groups[i]["maximize"] = False
 
     def _cap_dendrite_lr(self, optimizer, args, kwargs) -> None:
         """Before each optimizer step of a dendrite phase: no group steps above candidate_lr.
@@ -661,6 +667,10 @@ class PhaseController:
     def _unscale_groups(self) -> None:
         """The optimizer's groups from the dendrite phase's rates back to the neuron run's."""
         self._uncap_dendrite_lr(self.optimizer, (), {})
+        for i in self._maximizing:
+            if i < len(self.optimizer.param_groups):
+                self.optimizer.param_groups[i]["maximize"] = True
+        self._maximizing = []
         if self.lr_scale is None:
             return
         floor = self._unscaled_floor(self.lr_scale)
@@ -998,6 +1008,7 @@ class PhaseController:
                 "lr_scale": None if self.lr_scale is None else list(self.lr_scale),
                 "lrs": [float(g["lr"]) for g in self.optimizer.param_groups],
                 "phase_start_lrs": None if self.phase_start_lrs is None else list(self.phase_start_lrs),
+                "maximizing": list(self._maximizing),
                 "left_out": sorted(n for n, p in self.pm.named_parameters() if p in self._left_out),
                 "plateau_held": {str(i): dict(v) for i, v in self.plateau_held.items()},
                 "generator": self.generator.get_state(), "best_state": self.best_state,
@@ -1034,6 +1045,11 @@ class PhaseController:
         if scale is not None:
             self._rescale_schedulers(scale, entering=True, schedulers=fresh)
         self.lr_scale = scale
+        if scale is not None and "maximizing" in state:  # (the groups a dendrite phase turned to descend)
+            self._maximizing = list(state["maximizing"])
+            for i in self._maximizing:
+                if i < len(self.optimizer.param_groups):
+                    self.optimizer.param_groups[i]["maximize"] = False
         self._carry_saved_scale = []  # every scheduler carries this controller's (now the saved) factor
         if not self._left_out_known and state.get("left_out"):
             params = dict(self.pm.named_parameters())

@@ -1406,3 +1406,54 @@ def test_dendrites_added_outside_the_controller_are_refused_at_its_next_step_and
         ctl.step(0.5)
     ctl = PhaseController(pm, pbp_fx.PBConfig(pool=2))  # built on the model as it is: fine
     assert ctl.step(0.5) is not None
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+def test_a_maximizing_optimizer_trains_the_candidates_as_a_descending_one(tmp_path, optimizer):
+    """maximize=True with loss = -CE climbed the candidates' gradient (one to descend), so every
+    candidate's correlation fell and the phase installed the worst ones, silently (a reviewer)."""
+    import torch.nn.functional as F
+
+    x = torch.randn(128, 6, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    config = pbp_fx.PBConfig(patience=1, improvement=10.0, warmup=0, max_dendrites=1, max_dendrite_epochs=3,
+                             dendrite_patience=3, pool=2, retries=0)
+
+    def run(maximize, epochs=7, save_after=None, resume=None):
+        torch.manual_seed(0)
+        pm = pbp_fx.perforate(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)), x[:4])
+        make = getattr(torch.optim, optimizer)
+        ctl = pbp_fx.PhaseController(pm, config, optimizer_factory=lambda p: make(p, lr=1e-2, maximize=maximize))
+        start = 0
+        if resume is not None:
+            pbp_fx.load(resume, pm, controller=ctl, optimizer=ctl.optimizer)
+            start = save_after
+        for epoch in range(start, epochs):
+            for i in range(0, 128, 32):
+                loss = F.cross_entropy(pm(x[i:i + 32]), y[i:i + 32])
+                ctl.optimizer.zero_grad()
+                (-loss if maximize else loss).backward()
+                ctl.optimizer.step()
+            ctl.step(-loss.item())
+            if ctl.history[-1]["note"].startswith("installed dendrite"):  # (a later rewind may drop it)
+                ctl.installed = {k: v.clone() for k, v in pm.state_dict().items()}
+            if resume is None and epoch + 1 == save_after:
+                pbp_fx.save(pm, str(tmp_path / "run.safetensors"), controller=ctl, optimizer=ctl.optimizer)
+                return pm, ctl
+        return pm, ctl
+
+    plain, plain_ctl = run(False)
+    assert any(h["note"].startswith("installed dendrite") for h in plain_ctl.history)
+    maximizing, ctl = run(True)
+    assert [h["note"] for h in ctl.history] == [h["note"] for h in plain_ctl.history]
+    assert any(".dendrites." in k for k in plain_ctl.installed)
+    for (name, a), b in zip(plain_ctl.installed.items(), ctl.installed.values()):
+        assert torch.equal(a, b), name
+    assert all(g["maximize"] for g in ctl.optimizer.param_groups)  # (the neuron phase climbs -loss again)
+    # saved inside the dendrite phase and resumed in a fresh controller: the same run
+    inside = next(i for i, h in enumerate(ctl.history) if "dendrite phase started" in h["note"]) + 2
+    saved, saved_ctl = run(True, save_after=inside)
+    assert saved.phase == "dendrite" and not any(g["maximize"] for g in saved_ctl.optimizer.param_groups)
+    again, again_ctl = run(True, save_after=inside, resume=str(tmp_path / "run.safetensors"))
+    for (name, a), b in zip(plain_ctl.installed.items(), again_ctl.installed.values()):
+        assert torch.equal(a, b), name
