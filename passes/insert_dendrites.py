@@ -32,9 +32,34 @@ def insert_dendrites(gm: fx.GraphModule, specs: Iterable[SiteSpec], activation: 
                      mode: str = "pb") -> fx.GraphModule:
     """Insert one Site per spec into `gm` (in place) and return it."""
     specs = list(specs)
+    for spec in specs:  # (all before any is inserted: nothing half-perforated)
+        missing = _missing_from(gm, spec)
+        if missing:
+            raise ValueError(f"site spec {spec.name!r} names {missing}, which this graph lacks: the specs come from "
+                             "find_sites on another graph; pass find_sites(gm) of this one")
     for graph in dict.fromkeys(s.graph for s in specs if s.graph):  # submodules traced in place
         _insert(gm.get_submodule(graph), [s for s in specs if s.graph == graph], activation, mode)
     return _insert(gm, [s for s in specs if not s.graph], activation, mode)
+
+
+def _missing_from(gm: fx.GraphModule, spec: SiteSpec) -> str:
+    """What of the spec's graph, module, weight and nodes `gm` lacks ("" when it has them all)."""
+    try:
+        owner = gm.get_submodule(spec.graph) if spec.graph else gm
+    except AttributeError:
+        return f"graph {spec.graph!r}"
+    try:
+        if spec.module is not None:
+            owner.get_submodule(spec.module)
+        attr_tensor(owner, spec.weight)
+    except AttributeError:
+        return f"module {spec.module or spec.weight!r}"
+    if not spec.in_leaf:
+        nodes = {n.name for n in owner.graph.nodes} if isinstance(owner, fx.GraphModule) else set()
+        for node in (spec.neuron_node, spec.output_node):
+            if node not in nodes:
+                return f"node {node!r}"
+    return ""
 
 
 def _insert(gm: fx.GraphModule, specs: list, activation: str, mode: str) -> fx.GraphModule:

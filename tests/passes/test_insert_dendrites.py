@@ -127,3 +127,27 @@ def test_dendrites_with_zero_v_change_nothing(train, pb):
     gm.train(train)
     for xi in (x, -x.abs()):
         assert pb.max_diff(gm(xi), model(xi)) <= 1e-6
+
+
+def test_specs_found_on_another_graph_are_refused_before_any_site_is_inserted():
+    """A bare AttributeError ('B has no attribute c1') left the precondition unnamed (a reviewer)."""
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.c1(x)))
+
+    import dataclasses
+
+    specs = find_sites(trace(Two(), (torch.randn(2, 4),)))
+    moved = [specs[0], dataclasses.replace(specs[1], neuron_node="gone")]
+    single = trace(nn.Sequential(nn.Linear(4, 2)), (torch.randn(2, 4),))
+    for other, given, what in [(single, specs, "'c1' names module 'c1'"),
+                               (trace(Two(), (torch.randn(2, 4),)), moved, "'c2' names node 'gone'")]:
+        before = str(other.graph)
+        with pytest.raises(ValueError, match=f"site spec {what}, which this graph lacks: the specs come from "
+                                             r"find_sites on another graph; pass find_sites\(gm\) of this one"):
+            insert_dendrites(other, given)
+        assert str(other.graph) == before and not hasattr(other, SITES_ATTR)
