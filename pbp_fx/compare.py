@@ -190,10 +190,15 @@ def train_perforated(model, example_inputs, loaders, loss_fn, config: PBConfig, 
     history = fit(pm, loaders[0], loaders[1], loss_fn, config=config, epochs=training.epochs, lr=training.lr,
                   progress=False, metric=metric or accuracy)
     return pm, {"epochs": len(history.epochs), "val": history.best_val, "dendrites": pm.dendrites,
-                "dendrite_epochs": sum(r["phase"] == "dendrite" for r in history.epochs),
-                # (gd has no dendrite phase: a round grows dendrites, which a rewind may take back)
-                "grew": any(r["dendrites"] for r in history.epochs),
-                "diverged_epochs": [r["epoch"] for r in history.epochs if r["val"] is None]}
+                **_course(history.epochs)}
+
+
+def _course(epochs: list[dict]) -> dict:
+    """What a run's epoch records (History.epochs) say of its rounds and divergence."""
+    return {"dendrite_epochs": sum(r["phase"] == "dendrite" for r in epochs),
+            # (gd has no dendrite phase: a round grows dendrites, which a rewind may take back)
+            "grew": any(r["dendrites"] for r in epochs),
+            "diverged_epochs": [r["epoch"] for r in epochs if r["val"] is None]}
 
 
 # -- latency -------------------------------------------------------------------------------
@@ -336,7 +341,7 @@ def summarize(rows: list[dict], score: Score = ACCURACY) -> list[dict]:
             seeds = sorted(r["seed"] for r in rows if r["arm"] == arm and "skipped" in r)
             s["partial"] = f"not run at seed(s) {', '.join(map(str, seeds))}: {skipped[0]}"
             s["seeds_not_run"] = seeds
-        if arm in ("pb", "gd") and all(not r.get("dendrites") and not r.get("dendrite_epochs") and not r.get("grew")
+        if arm in ("pb", "gd") and all(not _installed(r) and not r.get("dendrite_epochs") and not r.get("grew")
                                        for r in rs):
             # (its first neuron phase did not end within the epochs: the plain run, with nothing grown)
             s["no_round"] = (f"{arm} ran no dendrite round at any seed (its first neuron phase did not end within "
@@ -1041,9 +1046,12 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
     # No train seconds: the run's own clock also counts its perforation, a checkpoint and a test evaluation
     # every epoch, and maybe a GPU, where the arms trained here are timed over their training alone (it
     # read 4-8 times theirs for the same work; a reviewer). Kept apart, as the run's own.
+    epochs = state["history"]["epochs"]
     row = {"arm": "pb", "seed": training.seed, "width": 1.0, "width_method": "as trained", "from": folder,
            "run_seconds": summary["seconds"],
-           **{k: summary[k] for k in ("test", "val", "params", "epochs", "dendrites")}}
+           **{k: summary[k] for k in ("test", "val", "params", "epochs", "dendrites")},
+           # (as train_perforated's row has them: what the report says of rounds and divergence reads them)
+           **_course(epochs)}
     scope = {"include": state["args"].get("include"), "exclude": state["args"].get("exclude"),
              "identity": state.get("identity")}
     return model_file, config, training, scope, row

@@ -320,8 +320,14 @@ def test_a_pb_run_without_dendrites_equals_its_plain_arm_when_data_and_model_dra
     train_job(str(path), config=no_phase, training=TrainConfig(epochs=6, batch_size=30), out=str(run), progress=False,
               echo=lambda _s: None)
     assert main(["compare", "--pb-run", str(run), "--no-latency"]) == 0
-    pb, plain, _ = json.loads((run / "compare.json").read_text())["runs"]
+    result = json.loads((run / "compare.json").read_text())
+    pb, plain, _ = result["runs"]
     assert pb["params"] == plain["params"] and pb["test"] == plain["test"] and pb["val"] == plain["val"]
+    # The run's row tells its course as an arm's does: it said "pb ran dendrite rounds but kept no dendrite"
+    # and named the dendrite-phase flags (its per-site dendrites dict read as rounds run; a reviewer), and it
+    # named no divergence of the run's (no diverged_epochs)
+    assert (pb["dendrite_epochs"], pb["grew"], pb["diverged_epochs"]) == (0, False, [])
+    assert next(s for s in result["summary"] if s["arm"] == "pb")["no_round"].startswith("pb ran no dendrite round at")
 
 
 def test_an_arm_run_at_some_seeds_only_is_left_out_of_the_ranking_and_named():
