@@ -677,7 +677,9 @@ def train(args: argparse.Namespace) -> int:
                           f"--nproc {args.nproc}")
         try:
             launched = launch(args.nproc, ["train", *_train_argv(args)], quiet=not args.debug)
-        except KeyboardInterrupt as exc:  # the ranks stopped, rank 0 saying where the run stands: nothing to add
+        except KeyboardInterrupt as exc:  # the ranks stopped, rank 0 saying where the run stands
+            if not getattr(exc, "rank_lines", 0):  # (stopped before any rank could say it: while they start)
+                _error("terminated" if isinstance(exc, Terminated) else "interrupted")
             return 143 if isinstance(exc, Terminated) else 130
         if launched.status == 0:
             return EXIT_OK

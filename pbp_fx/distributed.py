@@ -57,7 +57,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from .errors import PBError, TrainingError, warn_at_user
+from .errors import PBError, Terminated, TrainingError, warn_at_user
 
 __all__ = ["Distributed", "DistributedError", "StatsReducer", "ShardSampler", "launch", "stop_with_launcher",
            "local_env", "torchrun_world_size", "last_batch_is_lone"]
@@ -543,23 +543,36 @@ def launch(nproc: int, args: Sequence[str], module: str = "pbp_fx", quiet: bool 
     interface (GLOO_SOCKET_IFNAME=lo, when unset). OMP_NUM_THREADS, when unset, becomes the
     CPU count divided among the processes. quiet: torchrun's own log lines and its report
     of a failed worker are left out (each rank prints its error itself); False: torchrun as is.
-    The ranks' error lines come out through this process, each distinct line once.
+    The ranks' error lines come out through this process, each distinct line once; when this
+    process is stopped (Ctrl-C, SIGTERM), the KeyboardInterrupt carries their count as `rank_lines`
+    (0: stopped before any rank could say where the run stands).
     """
-    import sys
     import tempfile
 
-    from .errors import RANK_ERRORS, rank_errors
+    from .errors import RANK_ERRORS
 
     with tempfile.TemporaryDirectory(prefix="pbp-fx-errors-") as errors:
-        lines: list[str] = []
         try:
             status = _launch(nproc, args, module, quiet,
                              dict(os.environ, **{RANK_ERRORS: errors, LAUNCHER_PID: str(os.getpid())}))
-        finally:  # (also when this process is stopped: the ranks' lines say where the run stands)
-            lines = rank_errors(errors, nproc)
-            for line in lines:
-                print(line, file=sys.stderr)
-        return Launched(status, len(lines))
+        except KeyboardInterrupt as exc:
+            exc.rank_lines = len(_print_rank_errors(errors, nproc))
+            raise
+        except BaseException:  # (also when this process is stopped: the ranks' lines say where the run stands)
+            _print_rank_errors(errors, nproc)
+            raise
+        return Launched(status, len(_print_rank_errors(errors, nproc)))
+
+
+def _print_rank_errors(folder: str, nproc: int) -> list[str]:
+    import sys
+
+    from .errors import rank_errors
+
+    lines = rank_errors(folder, nproc)
+    for line in lines:
+        print(line, file=sys.stderr)
+    return lines
 
 
 def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict) -> int:
@@ -568,23 +581,33 @@ def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict
 
     env = local_env(env)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # Each rank runs `python -m MODULE ARGS...`'s code, with a Ctrl-C while it imports torch ending it
+    # with its exit status, not a traceback (the launcher then says the line).
+    rank = (f"import sys\ntry:\n    import {module}.__main__\nexcept KeyboardInterrupt:\n    sys.exit(130)")
     torchrun = ["--nnodes", "1", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1", "-m", module, *args]
+                "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1", "--no-python", sys.executable, "-c",
+                rank, *args]
     if not quiet:
         cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun]
     else:
-        code = "import sys; from pbp_fx.distributed import _torchrun_quietly; sys.exit(_torchrun_quietly(sys.argv[1:]))"
+        code = ("import sys\ntry:\n    from pbp_fx.distributed import _torchrun_quietly\nexcept KeyboardInterrupt:\n"
+                "    sys.exit(130)\nsys.exit(_torchrun_quietly(sys.argv[1:]))")
         cmd = [sys.executable, "-c", code, *torchrun]
-    with subprocess.Popen(cmd, env=env) as agent:
+    # In a session of its own, so that a Ctrl-C in the terminal (to the whole process group) reaches
+    # this process alone and each rank gets one signal, passed on by the agent: the group's SIGINT and
+    # the agent's own forward came twice, and a second stop while a rank handled the first printed its
+    # traceback. The ranks end themselves when this process is gone (`stop_with_launcher`).
+    with subprocess.Popen(cmd, env=env, start_new_session=True) as agent:
         try:
             return agent.wait()
-        except BaseException:
-            # Stopped itself (SIGTERM, Ctrl-C): the agent stops the ranks as it would on SIGTERM (each
+        except BaseException as exc:
+            # Stopped itself (Ctrl-C, SIGTERM): the agent passes the same signal on to the ranks (each
             # saying where its run stands) before this process goes; killing it would orphan them.
             import signal
 
             if agent.poll() is None:
-                agent.send_signal(signal.SIGTERM)
+                agent.send_signal(signal.SIGTERM if isinstance(exc, Terminated) or not isinstance(exc, KeyboardInterrupt)
+                                  else signal.SIGINT)
                 try:
                     agent.wait(timeout=60)
                 except subprocess.TimeoutExpired:

@@ -577,6 +577,32 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_one_resume_line(tmp_path,
     assert (out / "checkpoint.safetensors").stat().st_mtime == size  # no rank writes on
 
 
+@pytest.mark.parametrize("after", [0.5, 2.0, 3.5])
+def test_a_ctrl_c_while_the_ranks_start_is_one_line(tmp_path, after):
+    """A Ctrl-C in the first seconds of `train --nproc 2` printed the agent's or a rank's traceback from
+    inside `import torch`, or nothing at all (the ranks had not started), and a later one read
+    'terminated' (the launcher's SIGTERM came on top of the group's SIGINT; a reviewer)."""
+    import signal
+
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pbp_fx", "train", str(model), "--nproc", "2", "--out",
+                             str(tmp_path / "run"), "--epochs", "3000", "--batch-size", "40", "--no-progress"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
+    try:
+        time.sleep(after)
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches every process of the group
+        err = proc.communicate(timeout=90)[1]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("pbp-fx: error:")]
+    assert len(lines) == 1 and lines[0].startswith("pbp-fx: error: interrupted"), err[-2000:]
+
+
 def test_the_ranks_stop_when_the_launcher_is_killed(tmp_path):
     """torchrun starts each rank in a session of its own: a SIGKILL of `pbp-fx train --nproc 2`'s process
     group left both ranks training, and they wrote the run's folder (history, summary) after the kill."""
