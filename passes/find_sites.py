@@ -20,7 +20,7 @@ from torch import fx, nn
 from pbp_fx.config import ConfigError
 from pbp_fx.layers import LayerSpec, NormSpec
 
-from .patterns import match_neuron, match_norm, target_name
+from .patterns import computes_as_its_layer, match_neuron, match_norm, target_name
 
 __all__ = ["SiteSpec", "find_sites", "SiteFilter", "live_nodes"]
 
@@ -252,6 +252,8 @@ def _leaf_sites(gm: fx.GraphModule, leaf: str, include: SiteFilter, exclude: Sit
         try:
             layer = LayerSpec.from_module(m)
         except TypeError:
+            continue
+        if not computes_as_its_layer(m):  # (its own forward: no copy of the layer computes it)
             continue
         path = f"{leaf}.{sub}"
         # In a perforated graph (explain) the layer sits in its SwappedNeuron: named by the layer's

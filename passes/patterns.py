@@ -203,6 +203,22 @@ _UNBATCHED = "a convolution on an unbatched [C, ...] input: no batch axis, so no
 _NOT_PARAM = "its weight is not a parameter (a buffer or a value computed at run time)"
 _RUNTIME_HYPER = "its stride / padding / dilation / groups are computed at run time"
 
+# The forwards a site's copies (and finalize, and the ONNX function) compute: a subclass that
+# overrides forward (weight standardisation, "same" padding, a LoRA branch) computes something else.
+_STOCK_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+def computes_as_its_layer(m: nn.Module) -> bool:
+    """Whether a Linear/ConvNd module's call is its layer's own (its class keeps torch's forward)."""
+    return type(m).forward in _STOCK_FORWARDS
+
+
+def own_forward(m: nn.Module) -> NotASite:
+    return NotASite(f"its class {type(m).__name__} overrides forward, which the site's copies and the finalized "
+                    "and exported layer would not compute (frontend='export', or 'auto', captures the ops of that "
+                    "forward instead)")
+
+
 def linear_or_conv_module(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
     if node.op != "call_module":
         return None
@@ -211,6 +227,8 @@ def linear_or_conv_module(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatc
         return None
     if isinstance(m, nn.modules.lazy.LazyModuleMixin):
         return NotASite("a lazy module that has not run yet: call the model once before perforating")
+    if not computes_as_its_layer(m):
+        return own_forward(m)
     x = node_arg(node, 0, "input")  # (self.fc(input=h) as well as self.fc(h))
     if not isinstance(x, fx.Node):
         return NotASite("called without a tensor input")

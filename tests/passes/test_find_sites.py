@@ -434,3 +434,57 @@ def test_a_child_module_named_root_inside_a_part_keeps_its_path():
         gm = trace(Untraceable(), (torch.randn(3, 4),))
     assert [s.name for s in find_sites(gm)] == ["block.root", "block.other", "head"]
     assert [s.name for s in find_sites(gm, include="block.root")] == ["block.root"]
+
+
+class _StandardizedConv(nn.Conv2d):
+    """A conv whose forward is its own (weight standardisation), with Python fx cannot trace."""
+
+    def forward(self, x):
+        if x.dim() != 4:  # (a Proxy's truth value: fx keeps the module whole)
+            raise ValueError("4-D input")
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_a_layer_whose_class_overrides_forward_is_no_site_and_export_reaches_its_ops():
+    """fx kept such a conv whole and made it a stock site: finalize and the ONNX file computed a plain conv
+    with its raw weight (0.68 off the model, with V = 0, silently), and timm's Conv2dSame ("same" padding in
+    its forward) failed in the dendrite phase with torch's size mismatch (a reviewer)."""
+    import pbp_fx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_StandardizedConv(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    explained = {e.name: e for e in pbp_fx.explain_sites(model, (x,), frontend="fx")}
+    assert explained["0.weight"].status == "not a site"
+    assert explained["0.weight"].reason.startswith("its class _StandardizedConv overrides forward")
+    with pytest.warns(UserWarning, match=r"are not sites.*_StandardizedConv overrides forward"):
+        pm = pbp_fx.perforate(model, (x,), frontend="fx")
+    assert list(pm.sites) == ["3"]
+    pm.grow()  # (V = 0: the output is the model's)
+    with torch.no_grad():
+        assert torch.equal(pm.finalize()(x), model(x))
+    # auto: torch.export captures the ops of a forward that pads ("same", as timm's tf_* convs), whose F.conv2d
+    # of the module's weight is a site
+    padded = nn.Sequential(_SamePaddedConv(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2)).eval()
+    pm = pbp_fx.perforate(padded, (x,))
+    assert len(pm.sites) == 2 and pm.graph_module.meta["pbp_frontend"] == "export"
+    pm.grow()
+    for site in pm.sites.values():
+        site.out_weight.data.normal_()
+    pm.start_dendrite_phase(pool=2)
+    pm.train()(torch.randn(4, 3, 4, 4)).square().mean().backward()  # (the candidates' shapes fit)
+    pm.abort_dendrite_phase()
+    with torch.no_grad():
+        assert torch.allclose(pm.finalize()(x), pm.eval()(x), atol=1e-6)
+
+
+class _SamePaddedConv(nn.Conv2d):
+    """TensorFlow's "same" padding, computed from the input's size in Python (as timm's Conv2dSame)."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s in zip(reversed(x.shape[2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((-(-size // s) - 1) * s + k - size, 0)  # (max() of a Proxy: fx keeps the module whole)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride)
