@@ -292,7 +292,35 @@ def graph_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Optional
             hint += ("; a trained model keeps its weights: pbp_fx.save(model, path), then "
                      "pbp_fx.load(path, base_model, example_kwargs=<these inputs>) captures it for these inputs")
         raise ExportError(f"example inputs do not match the model: {e}{hint}") from e
+    graph = model.graph_module
+    if kwargs and any(n.target.startswith("**") for n in graph.graph.find_nodes(op="placeholder")):
+        return GraphInputs((*args, *kwargs.values()), keywords=tuple(kwargs))
     return tuple(args) + tuple(kwargs.values())
+
+
+class GraphInputs(tuple):
+    """A graph's inputs whose last `keywords` go to its forward's `**name` by keyword (fx traces a
+    forward(x, **kw) so), not by position."""
+
+    def __new__(cls, values, keywords: tuple = ()):
+        out = super().__new__(cls, values)
+        out.keywords = keywords
+        return out
+
+
+class KeywordInputs(nn.Module):
+    """`module` called with all its `count` inputs by position, the last `keywords` passed on by
+    keyword; `input_names`: forward's parameters, then the keywords."""
+
+    def __init__(self, module: nn.Module, keywords: tuple, count: int):
+        super().__init__()
+        self.module, self.keywords = module, tuple(keywords)
+        self.input_names = _input_names(module, count - len(self.keywords)) + list(self.keywords)
+        self.train(module.training)
+
+    def forward(self, *inputs):
+        n = len(inputs) - len(self.keywords)
+        return self.module(*inputs[:n], **dict(zip(self.keywords, inputs[n:])))
 
 
 class FlatInputs(nn.Module):
@@ -358,7 +386,11 @@ def _flat_pytree_call(info, count: int) -> bool:
 def flat_call(module: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
     """(module, inputs) as an ONNX file takes them: each input that is a list, tuple or dict
     becomes its leaves, each an input of its own (through `FlatInputs`); else both unchanged.
-    torch.onnx.export took a trailing dict for keyword arguments, and a list as one input."""
+    torch.onnx.export took a trailing dict for keyword arguments, and a list as one input. Inputs
+    that go to the graph's `**name` (`GraphInputs.keywords`) are passed by keyword (`KeywordInputs`)."""
+    keywords = getattr(inputs, "keywords", ())
+    if keywords:
+        module, inputs = KeywordInputs(module, keywords, len(inputs)), tuple(inputs)
     if not any(isinstance(x, (list, tuple, dict)) for x in inputs):
         return module, inputs
     pytree = torch.utils._pytree
@@ -405,7 +437,7 @@ def _input_names(module: nn.Module, count: int) -> list[str]:
     paths name inputs so); a `*args` forward's inputs are `args_0`, `args_1`, ..."""
     import inspect
 
-    if isinstance(module, FlatInputs):
+    if isinstance(module, (FlatInputs, KeywordInputs)):
         return module.input_names[:count]
     try:
         params = list(inspect.signature(module.forward).parameters.values())

@@ -1829,3 +1829,39 @@ def test_a_bfloat16_conv_with_its_batchnorm_names_the_fix(tmp_path):
         export_onnx(pm, (x,), tmp_path / "m.onnx", opset=22)
     assert e.value.__suppress_context__ and e.value.__cause__ is None
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _KeywordsInto(nn.Module):
+    """forward(x, **kw): fx traces the keywords as one `**kw` input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x, **kw):
+        return self.fc2(torch.relu(self.fc1(x)) * kw["scale"] + kw.get("shift", 0.0))
+
+
+@pytest.mark.parametrize("kwargs", [{"scale": 0.5}, {"scale": 0.5, "shift": torch.ones(2, 6)}],
+                         ids=["a number", "and a tensor"])
+def test_a_forward_taking_keywords_as_kw_exports_them_by_keyword(tmp_path, kwargs):
+    """export_onnx gave the keywords to the graph's `**kw` by position and refused the model: 'the example
+    inputs do not run through the model (forward() takes 2 positional arguments but 3 were given)' (a
+    reviewer)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    pm = pbp_fx.perforate(_KeywordsInto(), (x,), example_kwargs=kwargs)
+    pm.grow()
+    for site in pm.sites.values():
+        site.out_weight.data.normal_()
+    path = str(tmp_path / "kw.onnx")
+    export_onnx(pm.eval(), (x,), path, example_kwargs=kwargs)
+    sess = ort_session(path, device="cpu", threads=1)
+    assert [i.name for i in sess.get_inputs()] == ["x"] + (["shift"] if "shift" in kwargs else [])
+    for batch in (2, 5):
+        xb = torch.randn(batch, 4)
+        given = {**kwargs, **({"shift": torch.randn(batch, 6)} if "shift" in kwargs else {})}
+        with torch.no_grad():
+            want = pm(xb, **given).numpy()
+        feed = (xb.numpy(),) + ((given["shift"].numpy(),) if "shift" in kwargs else ())
+        assert np.abs(run(sess, feed)[0] - want).max() <= 1e-5
