@@ -265,6 +265,19 @@ def _root_of_parts(module: nn.Module) -> nn.Module:
     return module if root is None else root
 
 
+def _warn_train_mode_only(model: nn.Module) -> None:
+    """A PerforatedModel whose graph follows train mode only: its file computes the train-mode path
+    (perforate warned of the graph, not of the file)."""
+    from pbp_fx.perforated import PerforatedModel
+
+    meta = model.graph_module.meta if isinstance(model, PerforatedModel) else {}
+    if meta.get("pbp_modes") == "train":
+        warn_at_user(f"the model's graph follows train mode only ({meta.get('pbp_modes_reason', '')}), so the ONNX "
+                     "file computes its train-mode path (batch statistics, buffer updates), not its eval-mode one: "
+                     "for the file, load the trained model into one perforated in eval mode: pbp_fx.save(pm, path), "
+                     "then pbp_fx.load(path, pbp_fx.perforate(base_model.eval(), example_inputs))")
+
+
 def graph_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict] = None) -> tuple:
     """A model's example inputs as its graph (and so the ONNX file) takes them, positionally: a
     perforated model's call of the original (keyword inputs as a dict, positional `None`s or
@@ -1382,6 +1395,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     target = _target(path)
     axes = check_dynamic_axes(dynamic_axes)
     inputs = graph_inputs(model, example_inputs, example_kwargs)
+    _warn_train_mode_only(model)
     module, dendrites, activation = _prepare(model)
     # (a torch.export capture whose forward branches on the batch size holds the branch of 2 or more)
     min_batch = getattr(module, "meta", {}).get("pbp_min_batch", 1)

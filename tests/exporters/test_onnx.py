@@ -1865,3 +1865,45 @@ def test_a_forward_taking_keywords_as_kw_exports_them_by_keyword(tmp_path, kwarg
             want = pm(xb, **given).numpy()
         feed = (xb.numpy(),) + ((given["shift"].numpy(),) if "shift" in kwargs else ())
         assert np.abs(run(sess, feed)[0] - want).max() <= 1e-5
+
+
+class _TrainOnlyCentre(nn.Module):
+    """A buffer updated in train mode and read by the output: the graph follows train mode only."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(6))
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.training:
+            self.ema.copy_(0.9 * self.ema + 0.1 * h.detach().mean(0))
+        return self.head(torch.relu(h - self.ema))
+
+
+def test_a_graph_that_follows_train_mode_only_is_warned_of_at_export_with_advice_that_works(tmp_path):
+    """Its file computed the train-mode path (each sample's output depended on the others of its batch),
+    and export_onnx said nothing (a reviewer)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 4)
+    with pytest.warns(PBWarning, match="follows train mode"):
+        pm = pbp_fx.perforate(_TrainOnlyCentre(), (x,))
+    for _ in range(3):
+        pm(torch.randn(8, 4))
+    with pytest.warns(PBWarning, match=r"the model's graph follows train mode only \(.*\), so the ONNX file computes "
+                                       r"its train-mode path .*pbp_fx.load\(path, pbp_fx.perforate\("
+                                       r"base_model.eval\(\), example_inputs\)\)"):
+        export_onnx(pm, (x,), str(tmp_path / "train.onnx"))
+    # the advice, followed: the trained buffer, an eval-mode file, no warning
+    pbp_fx.save(pm, str(tmp_path / "pm.safetensors"))
+    evaluated = pbp_fx.load(str(tmp_path / "pm.safetensors"), pbp_fx.perforate(_TrainOnlyCentre().eval(), (x,)))
+    assert torch.equal(evaluated.get_buffer("graph_module.ema"), pm.get_buffer("graph_module.ema"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_onnx(evaluated, (x,), str(tmp_path / "eval.onnx"))
+    sess = ort_session(str(tmp_path / "eval.onnx"), device="cpu", threads=1)
+    whole, half = run(sess, (x.numpy(),))[0], run(sess, (x[:2].numpy(),))[0]
+    assert np.array_equal(whole[:2], half)
+    with torch.no_grad():
+        assert np.abs(whole - evaluated.eval()(x).numpy()).max() <= 1e-5
