@@ -575,6 +575,8 @@ def configs_from_args(args: argparse.Namespace):
 
     path = getattr(args, "config_file", None)
     from_file = read_settings(path) if path is not None else ({}, {})
+    if path is not None:
+        _take_the_runs_scope(args, path)
     built = []
     for cls, filed in zip((PBConfig, TrainConfig), from_file):
         given = {f.name: getattr(args, f.name) for f in cli_fields(cls) if getattr(args, f.name, None) is not None}
@@ -592,6 +594,30 @@ def configs_from_args(args: argparse.Namespace):
         except TypeError as exc:  # a YAML/JSON value of another type than the setting's (a list, a dict)
             raise ConfigError(f"--config {path}: {' '.join(str(exc).split())}") from None
     return tuple(built)
+
+
+def _take_the_runs_scope(args: argparse.Namespace, path: str) -> None:
+    """A run's summary.json as --config: its --include/--exclude too, where the command gives
+    neither (they were dropped silently, and every site perforated); its model file must be given
+    (the built-in default was trained in its place, silently)."""
+    import json
+
+    from .job import DEFAULT_MODEL
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return  # (a YAML file, or one read_settings refused already)
+    if not (isinstance(data, dict) and isinstance(data.get("config"), dict) and isinstance(data.get("training"), dict)):
+        return
+    if hasattr(args, "include") and args.include is None and args.exclude is None:
+        args.include, args.exclude = data.get("include"), data.get("exclude")
+    model = data.get("model")
+    if getattr(args, "pb_run", None) is None and hasattr(args, "model") and args.model is None \
+            and isinstance(model, str) and model != DEFAULT_MODEL:
+        raise PBError(f"--config {path} is the summary of a run of {model}, and no model file is given (the built-in "
+                      f"MNIST-1D MLP would train): give it, e.g. pbp-fx {args.command} {model} --config {path}")
 
 
 def _config_file_arg() -> tuple:

@@ -1944,3 +1944,23 @@ def test_compare_help_says_its_mode_is_pb_only_and_the_frontend_help_says_when_a
     text = " ".join(capsys.readouterr().out.split())
     assert "--mode {pb,gd} pb only: compare trains each arm in its own mode, chosen with --arms" in text
     assert "also where fx's graph misses Linear/Conv weights" in text
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_a_runs_summary_as_config_carries_its_site_filters_and_needs_its_model_file(tmp_path, command):
+    """`--config RUN/summary.json` read the run's settings but dropped its --include (every site was perforated),
+    and without a model file the built-in MNIST-1D MLP trained in place of the run's model, silently (a reviewer)."""
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"model": "/data/m.py", "include": ["fc1"], "exclude": None,
+                                   "config": pbp_fx.PBConfig(patience=7).to_dict(),
+                                   "training": pbp_fx.TrainConfig(epochs=40).to_dict()}))
+    args = cli.build_parser().parse_args([command, "model.py", "--config", str(summary)])
+    config, _ = cli.configs_from_args(args)
+    assert (args.include, args.exclude, config.patience) == (["fc1"], None, 7)
+    args = cli.build_parser().parse_args([command, "model.py", "--config", str(summary), "--exclude", "fc2"])
+    cli.configs_from_args(args)
+    assert (args.include, args.exclude) == (None, ["fc2"])  # (the command's own filters win, whole)
+    args = cli.build_parser().parse_args([command, "--config", str(summary)])
+    with pytest.raises(pbp_fx.PBError, match=rf"--config {re.escape(str(summary))} is the summary of a run of /data/m.py, "
+                                             rf"and no model file is given .*pbp-fx {command} /data/m.py --config"):
+        cli.configs_from_args(args)
