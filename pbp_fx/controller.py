@@ -999,6 +999,8 @@ class PhaseController:
         phase = self.pm.phase
         self._execute(self.schedule.stop(note))
         self._record(phase, self.best_score, Decision.COMPLETE, note)
+        # (its score and dendrites are the best model's, which the stop restored, not the epoch's)
+        self.history[-1]["restored_best"] = True
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1044,7 +1044,8 @@ def _print_report(s: dict, echo) -> None:
     echo(f"  {'epoch':>5}  {'phase':<8} {'dendrites':>9}  {'val':>7}  note")
     for e in s["events"]:
         score = "-" if e["score"] is None else f"{e['score']:.4f}"  # (None: a diverged epoch)
-        echo(f"  {e['epoch']:>5}  {e['phase']:<8} {e['dendrites']:>9}  {score:>7}  {e['note']}")
+        note = f"{e['note']}: back to the best model (its val and dendrites)" if e.get("restored_best") else e["note"]
+        echo(f"  {e['epoch']:>5}  {e['phase']:<8} {e['dendrites']:>9}  {score:>7}  {note}")
     echo("dendrites per site")
     width = max([32, *(len(name) for name in s["dendrites"])])
     for name, k in s["dendrites"].items():

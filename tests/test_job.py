@@ -17,6 +17,17 @@ DIGITS = os.path.join(ROOT, "models", "digits_mlp.py")
 FAST = ["--max-dendrites", "1", "--max-dendrite-epochs", "10", "--patience", "10", "--no-progress", "--seed", "0"]
 
 
+def test_the_epoch_cap_row_says_it_holds_the_best_models_score(tmp_path, capsys):
+    """The epoch-cap row showed the best model's score and dendrites (restored) beside the epoch, where every
+    other row shows its epoch's own, and history.json's row of that epoch read otherwise (a reviewer)."""
+    out = tmp_path / "run"
+    assert main(["train", DIGITS, "--out", str(out), "--epochs", "4", "--no-progress"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "epoch cap (4) reached" in line)
+    summary = json.loads((out / "summary.json").read_text())
+    assert row.endswith("epoch cap (4) reached: back to the best model (its val and dendrites)")
+    assert f"{summary['val']:.4f}" in row and summary["events"][-1]["restored_best"] is True
+
+
 def test_train_digits_adds_a_dendrite_and_writes_outputs(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", DIGITS, "--out", str(out), *FAST]) == 0
