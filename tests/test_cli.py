@@ -1964,3 +1964,12 @@ def test_a_runs_summary_as_config_carries_its_site_filters_and_needs_its_model_f
     with pytest.raises(pbp_fx.PBError, match=rf"--config {re.escape(str(summary))} is the summary of a run of /data/m.py, "
                                              rf"and no model file is given .*pbp-fx {command} /data/m.py --config"):
         cli.configs_from_args(args)
+
+
+def test_a_warning_in_a_rank_other_than_0_is_not_printed(monkeypatch, capsys):
+    """torch's DDP warning ('Grad strides do not match bucket view strides') came once per rank of a --nproc run,
+    where the README says only rank 0 prints (a reviewer)."""
+    for rank, printed in (("1", ""), ("0", "pbp-fx: warning: UserWarning at graph.py:7: Grad strides differ\n")):
+        monkeypatch.setenv("RANK", rank)
+        cli._show_warning(UserWarning("Grad strides differ"), UserWarning, "/x/torch/autograd/graph.py", 7)
+        assert capsys.readouterr().err == printed
