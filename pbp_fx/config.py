@@ -274,6 +274,9 @@ def read_settings(path: str) -> tuple[dict, dict]:
             try:
                 data = json.loads(text, object_pairs_hook=unique)
             except json.JSONDecodeError as exc:
+                if path.lower().endswith(".toml"):  # (read as JSON, it said only "not valid JSON")
+                    raise ConfigError(f"{where}: TOML is not read: write the settings as JSON, or as YAML in a "
+                                      ".yaml/.yml file") from None
                 raise ConfigError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); a .yaml/.yml file is "
                                   "read as YAML") from None
     except RecursionError:

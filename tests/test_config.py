@@ -237,3 +237,11 @@ def test_a_flag_of_the_command_in_a_config_file_is_named_as_a_flag(tmp_path):
     path.write_text(json.dumps({"dist-timeout": 5}))
     with pytest.raises(ConfigError, match=r"give --dist-timeout on the command line"):
         read_settings(str(path))
+
+
+def test_a_toml_file_is_told_toml_is_not_read(tmp_path):
+    """A .toml config was refused as 'not valid JSON (Expecting value at line 1)' (a reviewer)."""
+    path = tmp_path / "settings.toml"
+    path.write_text("patience = 5\n")
+    with pytest.raises(ConfigError, match=r"settings.toml: TOML is not read: write the settings as JSON, or as YAML"):
+        read_settings(str(path))
