@@ -266,11 +266,11 @@ def _root_of_parts(module: nn.Module) -> nn.Module:
 
 
 def _warn_train_mode_only(model: nn.Module) -> None:
-    """A PerforatedModel whose graph follows train mode only: its file computes the train-mode path
-    (perforate warned of the graph, not of the file)."""
+    """A PerforatedModel (or its finalized graph) whose graph follows train mode only: its file computes
+    the train-mode path (perforate warned of the graph, not of the file)."""
     from pbp_fx.perforated import PerforatedModel
 
-    meta = model.graph_module.meta if isinstance(model, PerforatedModel) else {}
+    meta = model.graph_module.meta if isinstance(model, PerforatedModel) else getattr(model, "meta", {})
     if meta.get("pbp_modes") == "train":
         warn_at_user(f"the model's graph follows train mode only ({meta.get('pbp_modes_reason', '')}), so the ONNX "
                      "file computes its train-mode path (batch statistics, buffer updates), not its eval-mode one: "

@@ -206,15 +206,19 @@ _RUNTIME_HYPER = "its stride / padding / dilation / groups are computed at run t
 # The forwards a site's copies (and finalize, and the ONNX function) compute: a subclass that
 # overrides forward (weight standardisation, "same" padding, a LoRA branch) computes something else.
 _STOCK_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+_STOCK_CONV_FORWARDS = (nn.Conv1d._conv_forward, nn.Conv2d._conv_forward, nn.Conv3d._conv_forward)
 
 
 def computes_as_its_layer(m: nn.Module) -> bool:
-    """Whether a Linear/ConvNd module's call is its layer's own (its class keeps torch's forward)."""
-    return type(m).forward in _STOCK_FORWARDS
+    """Whether a Linear/ConvNd module's call is its layer's own: its class keeps torch's forward (and a
+    conv's _conv_forward, where a subclass may standardise the weight or pad "same") and __call__."""
+    cls = type(m)
+    return (cls.forward in _STOCK_FORWARDS and cls.__call__ is nn.Module.__call__
+            and getattr(cls, "_conv_forward", _STOCK_CONV_FORWARDS[0]) in _STOCK_CONV_FORWARDS)
 
 
 def own_forward(m: nn.Module) -> NotASite:
-    return NotASite(f"its class {type(m).__name__} overrides forward, which the site's copies and the finalized "
+    return NotASite(f"its class {type(m).__name__} overrides forward (or _conv_forward), which the site's copies and the finalized "
                     "and exported layer would not compute (frontend='export', or 'auto', captures the ops of that "
                     "forward instead)")
 

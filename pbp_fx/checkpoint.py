@@ -704,16 +704,17 @@ def restore_structure(pm: PerforatedModel, state: dict, structure: dict, config:
     pool in the dendrite phase), so that the state then loads strictly. The pools start with the
     settings their extra state records; config (a PBConfig as a dict) fills in those of a state
     written before the pools recorded them, and the candidates' init (their weights load after).
-    frozen (`PerforatedModel.frozen_parameters` of the saved model; None: flags left as they are):
-    the parameters the run had frozen; the others train."""
+    frozen (`PerforatedModel.frozen_parameters` of the saved model; None: none): the parameters the
+    run had frozen, frozen here too; the others keep the flags the caller gave them."""
     if pm.phase == "dendrite":
         pm.abort_dendrite_phase()
     # First the dendrites (sites resize to the stored K), then candidates on top of them.
     pm.load_state_dict({k: v for k, v in state.items() if ".candidates." not in k}, strict=False)
-    if frozen is not None:  # (before a dendrite phase starts: it thaws at its end what trains now)
+    if frozen:  # (before a dendrite phase starts: it thaws at its end what trains now)
         names = set(frozen)
         for name, p in pm.named_parameters():
-            p.requires_grad_(name not in names)
+            if name in names:
+                p.requires_grad_(False)
     if structure["phase"] == "dendrite":
         pools = {r["pool"] for r in structure["sites"] if r["pool"]}
         settings = PBConfig.from_dict(config).dendrite_phase_kwargs() if config else {}

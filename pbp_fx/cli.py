@@ -180,7 +180,9 @@ def _one_line_warnings(debug: bool) -> Iterator[None]:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    if os.environ.get("RANK", "0") != "0":  # (a --nproc run: rank 0 says each, as it prints all else)
+    from .distributed import LAUNCHER_PID
+
+    if os.environ.get(LAUNCHER_PID) and os.environ.get("RANK", "0") != "0":  # (a --nproc run: rank 0 says each)
         return
     text = " ".join(str(message).split())
     if not issubclass(category, PBWarning):  # (another library's, or the model's own: say whose line it is)

@@ -1047,8 +1047,9 @@ class PhaseController:
         if scale is not None:
             self._rescale_schedulers(scale, entering=True, schedulers=fresh)
         self.lr_scale = scale
-        if scale is not None and "maximizing" in state:  # (the groups a dendrite phase turned to descend)
-            self._maximizing = list(state["maximizing"])
+        if scale is not None:  # (the groups a dendrite phase turned to descend; before it was saved: those maximizing)
+            self._maximizing = list(state["maximizing"]) if "maximizing" in state else sorted({
+                *self._maximizing, *(i for i, g in enumerate(self.optimizer.param_groups) if g.get("maximize"))})
             for i in self._maximizing:
                 if i < len(self.optimizer.param_groups):
                     self.optimizer.param_groups[i]["maximize"] = False

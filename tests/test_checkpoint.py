@@ -1487,6 +1487,10 @@ def test_a_layer_frozen_by_the_loop_stays_frozen_in_a_resumed_run(tmp_path, phas
     for (name, a), b in zip(whole.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert not again.graph_module.get_submodule("0").weight.requires_grad
-    # Loaded for use, the model has the run's flags too.
+    # Loaded for use, the model has the run's flags too; flags the caller set stay (a diff reviewer: load thawed a
+    # model frozen for inference)
     loaded = pbp_fx.load(str(tmp_path / "run.safetensors"), build())
     assert loaded.frozen_parameters() == ["graph_module.0.weight"]
+    frozen = build().requires_grad_(False)
+    reloaded = pbp_fx.load(str(tmp_path / "run.safetensors"), frozen)
+    assert not any(p.requires_grad for n, p in reloaded.named_parameters() if "pbp_sites" not in n)

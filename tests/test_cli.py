@@ -1969,7 +1969,13 @@ def test_a_runs_summary_as_config_carries_its_site_filters_and_needs_its_model_f
 def test_a_warning_in_a_rank_other_than_0_is_not_printed(monkeypatch, capsys):
     """torch's DDP warning ('Grad strides do not match bucket view strides') came once per rank of a --nproc run,
     where the README says only rank 0 prints (a reviewer)."""
+    monkeypatch.setenv("PBP_FX_LAUNCHER_PID", "1")
     for rank, printed in (("1", ""), ("0", "pbp-fx: warning: UserWarning at graph.py:7: Grad strides differ\n")):
         monkeypatch.setenv("RANK", rank)
         cli._show_warning(UserWarning("Grad strides differ"), UserWarning, "/x/torch/autograd/graph.py", 7)
         assert capsys.readouterr().err == printed
+    # RANK alone (a cluster job's worker running pbp-fx export) is no rank of a --nproc run: it warns
+    monkeypatch.delenv("PBP_FX_LAUNCHER_PID")
+    monkeypatch.setenv("RANK", "3")
+    cli._show_warning(UserWarning("Grad strides differ"), UserWarning, "/x/torch/autograd/graph.py", 7)
+    assert capsys.readouterr().err.startswith("pbp-fx: warning:")

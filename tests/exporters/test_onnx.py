@@ -1895,6 +1895,8 @@ def test_a_graph_that_follows_train_mode_only_is_warned_of_at_export_with_advice
                                        r"its train-mode path .*pbp_fx.load\(path, pbp_fx.perforate\("
                                        r"base_model.eval\(\), example_inputs\)\)"):
         export_onnx(pm, (x,), str(tmp_path / "train.onnx"))
+    with pytest.warns(PBWarning, match=r"the model's graph follows train mode only"):  # (its finalized graph too)
+        export_onnx(pm.finalize(), (x,), str(tmp_path / "final.onnx"))
     # the advice, followed: the trained buffer, an eval-mode file, no warning
     pbp_fx.save(pm, str(tmp_path / "pm.safetensors"))
     evaluated = pbp_fx.load(str(tmp_path / "pm.safetensors"), pbp_fx.perforate(_TrainOnlyCentre().eval(), (x,)))

@@ -479,6 +479,26 @@ def test_a_layer_whose_class_overrides_forward_is_no_site_and_export_reaches_its
         assert torch.allclose(pm.finalize()(x), pm.eval()(x), atol=1e-6)
 
 
+class _StandardizedInConvForward(nn.Conv2d):
+    """Weight standardisation in _conv_forward, torch's forward kept (a diff reviewer)."""
+
+    def _conv_forward(self, x, weight, bias):
+        if x.dim() != 4:  # (a Proxy's truth value: fx keeps the module whole)
+            raise ValueError("4-D input")
+        w = (weight - weight.mean((1, 2, 3), keepdim=True)) / (weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(x, w, bias)
+
+
+def test_a_conv_whose_class_overrides_conv_forward_is_no_site_either():
+    import pbp_fx
+
+    model = nn.Sequential(_StandardizedInConvForward(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+    x = torch.randn(2, 3, 4, 4)
+    explained = {e.name: e for e in pbp_fx.explain_sites(model, (x,), frontend="fx")}
+    assert explained["0.weight"].reason.startswith("its class _StandardizedInConvForward overrides forward (or "
+                                                   "_conv_forward)")
+
+
 class _SamePaddedConv(nn.Conv2d):
     """TensorFlow's "same" padding, computed from the input's size in Python (as timm's Conv2dSame)."""
 
