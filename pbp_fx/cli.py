@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ from typing import Callable, Iterator, Optional, Sequence
 from .config import FRONTEND_HELP, FRONTENDS
 from .errors import PBError, PBWarning, Terminated, exited
 from .fileio import check_output_dir, umask
-from .signals import interrupts_kept
+from .signals import interrupts_kept, stop_received
 
 __all__ = ["main", "subcommand", "arg", "COMMANDS", "build_parser", "atomic_output_dir"]
 
@@ -212,6 +213,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with interrupts_kept() as seen:
             status = _main(argv)
+            if seen.received and status != EXIT_OK and hasattr(signal, "pthread_sigmask"):
+                # The command has stopped on it: a resend of one Python lost may still be on its way, and after
+                # this block Python's own handler would end the process by the signal (exit -2, after the line).
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         if seen.received and status == EXIT_OK:  # (lost, and its resend came too late; or swallowed)
             stopped = seen.received[-1]
             where = ("came in a clean-up callback, where Python cannot stop a command" if seen.lost is not None
@@ -271,6 +276,22 @@ def _before_exit() -> None:
     gc.freeze()
 
 
+@contextmanager
+def _stops_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back for the block, then delivered: one inside `import torch` left torch
+    half-imported (its next import failed) or aborted the process in its C++ initialisation."""
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     try:
@@ -279,6 +300,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     try:
         with _one_line_warnings(args.debug):
+            if args.command != "run":  # (every other command imports torch)
+                with _stops_held():
+                    import torch  # noqa: F401
             return int(args._run(args) or 0)
     except PBError as exc:
         if args.debug:
@@ -296,6 +320,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             _error(f"{what} {exc}" if str(exc) else what)
         return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # noqa: BLE001 - a bug in pbp-fx or torch: still one line by default
+        stopped = stop_received()
+        if stopped is not None and not args.debug:  # (its consequence: an interrupted import failing again)
+            if os.environ.get("RANK", "0") == "0":
+                _error("terminated" if issubclass(stopped, Terminated) else "interrupted")
+            return 143 if issubclass(stopped, Terminated) else 130
         if args.debug:
             raise
         _error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")

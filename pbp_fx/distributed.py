@@ -575,23 +575,32 @@ def _print_rank_errors(folder: str, nproc: int) -> list[str]:
     return lines
 
 
+# `import torch` with Ctrl-C and SIGTERM held back until it is done (then delivered): one inside it left
+# torch half-imported, and could abort the process in its C++ initialisation (exit -6).
+_IMPORT_TORCH_HELD = ("    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})\n"
+                      "    import torch\n    signal.pthread_sigmask(signal.SIG_SETMASK, held)\n")
+
+
 def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict) -> int:
     import subprocess
     import sys
 
     env = local_env(env)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # Each rank runs `python -m MODULE ARGS...`'s code, with a Ctrl-C while it imports torch ending it
-    # with its exit status, not a traceback (the launcher then says the line).
-    rank = (f"import sys\ntry:\n    import {module}.__main__\nexcept KeyboardInterrupt:\n    sys.exit(130)")
+    # Each rank runs `python -u -m MODULE ARGS...` (as torchrun's -m does: unbuffered, the cwd first on
+    # sys.path), with a Ctrl-C while it imports torch ending it with its exit status, not a traceback
+    # (the launcher then says the line).
+    rank = (f"import os, runpy, signal, sys\nsys.path[0] = os.getcwd()\ntry:\n{_IMPORT_TORCH_HELD}"
+            f"    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+            "except KeyboardInterrupt:\n    sys.exit(130)")
     torchrun = ["--nnodes", "1", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1", "--no-python", sys.executable, "-c",
-                rank, *args]
+                "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1", "--no-python",
+                os.environ.get("PYTHON_EXEC", sys.executable), "-u", "-c", rank, *args]
     if not quiet:
         cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun]
     else:
-        code = ("import sys\ntry:\n    from pbp_fx.distributed import _torchrun_quietly\nexcept KeyboardInterrupt:\n"
-                "    sys.exit(130)\nsys.exit(_torchrun_quietly(sys.argv[1:]))")
+        code = (f"import signal, sys\ntry:\n{_IMPORT_TORCH_HELD}    from pbp_fx.distributed import _torchrun_quietly\n"
+                "except KeyboardInterrupt:\n    sys.exit(130)\nsys.exit(_torchrun_quietly(sys.argv[1:]))")
         cmd = [sys.executable, "-c", code, *torchrun]
     # In a session of its own, so that a Ctrl-C in the terminal (to the whole process group) reaches
     # this process alone and each rank gets one signal, passed on by the agent: the group's SIGINT and

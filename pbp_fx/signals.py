@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 from .errors import Terminated
 
-__all__ = ["Interrupts", "interrupts_kept", "RESEND_SECONDS"]
+__all__ = ["Interrupts", "interrupts_kept", "stop_received", "RESEND_SECONDS"]
 
 RESEND_SECONDS = 0.05  # a lost signal's resend: after the callback that lost it has returned
 
@@ -51,6 +51,14 @@ class Interrupts:
         timer.daemon = True
         self._resend.append(timer)
         timer.start()
+
+
+def stop_received() -> Optional[type]:
+    """The first stop signal's exception type (KeyboardInterrupt, Terminated) that the installed
+    `interrupts_kept` handled, else None: an error after it may be its consequence (an `import torch`
+    it interrupted fails again as "cannot load module more than once per process")."""
+    seen = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
+    return seen.received[0] if isinstance(seen, Interrupts) and seen.received else None
 
 
 @contextmanager

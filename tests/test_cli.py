@@ -1979,3 +1979,21 @@ def test_a_warning_in_a_rank_other_than_0_is_not_printed(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "3")
     cli._show_warning(UserWarning("Grad strides differ"), UserWarning, "/x/torch/autograd/graph.py", 7)
     assert capsys.readouterr().err.startswith("pbp-fx: warning:")
+
+
+def test_an_error_after_a_ctrl_c_is_said_as_the_interrupt(monkeypatch, capsys):
+    """A Ctrl-C inside `import torch` (the first second of `pbp-fx train`) left torch half-imported: the next
+    import failed with 'cannot load module more than once per process', reported as an internal error."""
+    from pbp_fx.signals import interrupts_kept
+
+    def interrupted_import(args):
+        raise ImportError("cannot load module more than once per process")
+
+    import dataclasses
+
+    monkeypatch.setitem(cli.COMMANDS, "transform", dataclasses.replace(cli.COMMANDS["transform"], run=interrupted_import))
+    with interrupts_kept() as seen:
+        seen.received.append(KeyboardInterrupt)  # (the handler's record of the Ctrl-C that Python lost)
+        assert cli._main(["transform", "model.py"]) == 130
+    assert capsys.readouterr().err == "pbp-fx: error: interrupted\n"
+    assert cli._main(["transform", "model.py"]) == cli.EXIT_INTERNAL  # (no signal: an internal error, as before)
