@@ -13,6 +13,7 @@ stepping, and when PB is complete training stops with the best-validation model 
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Optional
 
 import torch
@@ -70,7 +71,7 @@ class PBCallback(TrainerCallback):
         self._from_args = False  # the metric is the TrainingArguments' metric_for_best_model
         self._structure_hook: Optional[StructureOnLoad] = None
         self._user_groups_warned = False
-        self._presaved: Optional[tuple] = None  # (step, folder, whether it made the folder): `_save_before_the_trainer`
+        self._presaved: Optional[tuple] = None  # (step, pending file): `_save_before_the_trainer`
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if getattr(args, "neftune_noise_alpha", None) is not None:  # (train() attaches it before on_train_begin)
@@ -291,33 +292,30 @@ class PBCallback(TrainerCallback):
             self._save_before_the_trainer(args, state, control)
 
     def _save_before_the_trainer(self, args, state, control) -> None:
-        """Write PB's file into the checkpoint folder the Trainer saves next, before it does: the
-        Trainer deletes its older checkpoints (save_total_limit) before on_save, so a run stopped
-        between the two left no checkpoint to resume. Not for save_strategy='best', which decides
-        after the evaluation whether it saves; a save the Trainer then skips is undone
-        (`_drop_unsaved`)."""
+        """Write PB's file for the checkpoint the Trainer saves next before it does, beside its folder
+        (`_pending_file`), and move it in at on_save: the Trainer deletes its older checkpoints
+        (save_total_limit) before on_save, so a run stopped between the two left no checkpoint to
+        resume (a resume finds the pending file of its step). Not in the folder itself: a run stopped
+        before the Trainer's files left a folder the Trainer takes for its latest checkpoint. Not for
+        save_strategy='best', which decides after the evaluation whether it saves; a save the Trainer
+        then skips is undone (`_drop_unsaved`)."""
         if not (self._training and control.should_save and args.save_strategy != "best"
                 and state.is_world_process_zero and self._presaved is None):
             return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        fresh = not os.path.isdir(folder)
-        os.makedirs(folder, exist_ok=True)
-        save(self.controller.pm, os.path.join(folder, CHECKPOINT_NAME), controller=self.controller)
-        self._presaved = (state.global_step, folder, fresh)
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = _pending_file(args.output_dir, state.global_step)
+        save(self.controller.pm, path, controller=self.controller)
+        self._presaved = (state.global_step, path)
 
     def _drop_unsaved(self) -> None:
-        """PB's file written for a save that the Trainer did not make (a callback of the user's cleared
-        control.should_save): removed, with the folder it made, so that no checkpoint folder holds
-        PB's file alone."""
+        """PB's pending file of a save that the Trainer did not make (a callback of the user's cleared
+        control.should_save): removed."""
         if self._presaved is None:
             return
-        _, folder, fresh = self._presaved
+        _, path = self._presaved
         self._presaved = None
-        path = os.path.join(folder, CHECKPOINT_NAME)
         if os.path.isfile(path):
             os.remove(path)
-        if fresh and os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
 
     def _hold_finished_run(self, control) -> None:
         """A train() of a finished run: the one step the Trainer takes before it stops is undone, and
@@ -352,10 +350,15 @@ class PBCallback(TrainerCallback):
         self._refuse_a_round_without_metric()
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         presaved, self._presaved = self._presaved, None
-        if presaved is not None and presaved[:2] == (state.global_step, folder):
-            return  # (written before the Trainer's files)
-        if self.controller is not None and os.path.isdir(folder) and state.is_world_process_zero:
+        if not (self.controller is not None and os.path.isdir(folder) and state.is_world_process_zero):
+            return
+        if presaved is not None and presaved[0] == state.global_step and os.path.isfile(presaved[1]):
+            os.replace(presaved[1], os.path.join(folder, CHECKPOINT_NAME))  # (written before the Trainer's files)
+        else:
             save(self.controller.pm, os.path.join(folder, CHECKPOINT_NAME), controller=self.controller)
+        for name in os.listdir(args.output_dir):  # (a stopped run's, which a resume has read since)
+            if _PENDING.fullmatch(name):
+                os.remove(os.path.join(args.output_dir, name))
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self._training:
@@ -412,6 +415,14 @@ def _direction(metric: str, greater_is_better: Optional[bool]) -> tuple[str, boo
     return metric, bool(not metric.endswith("loss") if greater_is_better is None else greater_is_better)
 
 
+_PENDING = re.compile(r"\.pbp_fx-checkpoint-\d+\.safetensors")
+
+
+def _pending_file(output_dir: str, step: int) -> str:
+    """Where PB's file of checkpoint-<step> waits for the Trainer's folder (`_save_before_the_trainer`)."""
+    return os.path.join(output_dir, f".pbp_fx-checkpoint-{step}.safetensors")
+
+
 def _resumed_file(args, state, pm) -> str:
     """The PBCallback file of the checkpoint a Trainer resumes at state.global_step: the one
     pbp_fx.load read into the model, else `output_dir/checkpoint-<step>`'s, whichever holds the
@@ -419,7 +430,9 @@ def _resumed_file(args, state, pm) -> str:
     which may be another run's, renamed, or beside an older run's folder of the same step)."""
     folder = f"checkpoint-{state.global_step}"
     loaded = getattr(pm, "loaded_from", None)  # (a model pickled before it existed has none)
-    found = [p for p in (loaded, os.path.join(args.output_dir, folder, CHECKPOINT_NAME))
+    # (the pending file: a run stopped after the Trainer's save, before on_save moved it in)
+    found = [p for p in (loaded, os.path.join(args.output_dir, folder, CHECKPOINT_NAME),
+                         _pending_file(args.output_dir, state.global_step))
              if p is not None and os.path.isfile(p)]
     for path in dict.fromkeys(found):
         if holds_weights_of(path, pm):

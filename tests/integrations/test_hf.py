@@ -622,6 +622,17 @@ class _StopInsideTheSave(TrainerCallback):
             raise KeyboardInterrupt
 
 
+class _StopInsideTheEvaluation(TrainerCallback):
+    """Ends the run in on_evaluate after PBCallback's (a later dataset's evaluation, another callback)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
 class _SkipSaves(TrainerCallback):
     """A user's callback after PBCallback that cancels the Trainer's saves."""
 
@@ -657,14 +668,22 @@ def test_a_run_stopped_inside_the_trainers_save_resumes_from_its_only_checkpoint
     stop = 12 if save_steps == 4 else 18
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", before=[_StopInsideTheSave(stop)])
-    assert sorted(os.listdir(tmp_path / "cut")) == [f"checkpoint-{stop}"]
+    assert sorted(d for d in os.listdir(tmp_path / "cut") if d.startswith("checkpoint-")) == [f"checkpoint-{stop}"]
     resumed, again = run(tmp_path / "cut", resume=True)
     _same_run(resumed.history, whole.history)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert not [n for n in os.listdir(tmp_path / "cut") if n.startswith(".pbp_fx")]  # (moved in, or cleared)
+    # Stopped after PB's evaluation, before the Trainer's save: no folder of PB's file alone, which the Trainer
+    # took for its latest checkpoint and could not resume (a diff reviewer)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "eval", after=[_StopInsideTheEvaluation(12)])
+    assert sorted(d for d in os.listdir(tmp_path / "eval") if d.startswith("checkpoint-")) == [
+        f"checkpoint-{max(s for s in range(save_steps, 12, save_steps))}"]
+    run(tmp_path / "eval", resume=True)
     # PB's file is written for the Trainer's saves only: none where a callback cancels them
     run(tmp_path / "unsaved", after=[_SkipSaves()])
-    assert [d for d in os.listdir(tmp_path / "unsaved") if d.startswith("checkpoint-")] == []
+    assert [d for d in os.listdir(tmp_path / "unsaved") if d.startswith(("checkpoint-", ".pbp_fx"))] == []
 
 
 def test_a_checkpoint_saved_without_the_callback_is_refused_naming_its_folder(tmp_path, perforated_bert):
