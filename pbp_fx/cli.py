@@ -213,10 +213,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with interrupts_kept() as seen:
             status = _main(argv)
-            if seen.received and status != EXIT_OK and hasattr(signal, "pthread_sigmask"):
-                # The command has stopped on it: a resend of one Python lost may still be on its way, and after
-                # this block Python's own handler would end the process by the signal (exit -2, after the line).
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         if seen.received and status == EXIT_OK:  # (lost, and its resend came too late; or swallowed)
             stopped = seen.received[-1]
             where = ("came in a clean-up callback, where Python cannot stop a command" if seen.lost is not None
