@@ -610,25 +610,16 @@ def test_resume_inside_a_dendrite_phase_without_loading_first_on_a_batchnorm_mod
 
 
 
-class _StopInsideTheSave(TrainerCallback):
-    """Ends the run in on_save before the callbacks after it: where the Trainer has written its
-    checkpoint and deleted the older ones (save_total_limit)."""
+class _StopAt(TrainerCallback):
+    """Ends the run at `step` in the Trainer's call of `hook`, before the callbacks after it: in on_save
+    (where the Trainer has written its checkpoint and deleted the older ones, save_total_limit), or in
+    on_evaluate after PBCallback's (a later dataset's evaluation, another callback)."""
 
-    def __init__(self, step):
+    def __init__(self, step, hook):
         self.step = step
+        setattr(self, hook, self._stop)
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
-class _StopInsideTheEvaluation(TrainerCallback):
-    """Ends the run in on_evaluate after PBCallback's (a later dataset's evaluation, another callback)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_evaluate(self, args, state, control, **kwargs):
+    def _stop(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             raise KeyboardInterrupt
 
@@ -667,7 +658,7 @@ def test_a_run_stopped_inside_the_trainers_save_resumes_from_its_only_checkpoint
     whole, model = run(tmp_path / "whole")
     stop = 12 if save_steps == 4 else 18
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", before=[_StopInsideTheSave(stop)])
+        run(tmp_path / "cut", before=[_StopAt(stop, "on_save")])
     assert sorted(d for d in os.listdir(tmp_path / "cut") if d.startswith("checkpoint-")) == [f"checkpoint-{stop}"]
     resumed, again = run(tmp_path / "cut", resume=True)
     _same_run(resumed.history, whole.history)
@@ -677,7 +668,7 @@ def test_a_run_stopped_inside_the_trainers_save_resumes_from_its_only_checkpoint
     # Stopped after PB's evaluation, before the Trainer's save: no folder of PB's file alone, which the Trainer
     # took for its latest checkpoint and could not resume (a diff reviewer)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "eval", after=[_StopInsideTheEvaluation(12)])
+        run(tmp_path / "eval", after=[_StopAt(12, "on_evaluate")])
     assert sorted(d for d in os.listdir(tmp_path / "eval") if d.startswith("checkpoint-")) == [
         f"checkpoint-{max(s for s in range(save_steps, 12, save_steps))}"]
     run(tmp_path / "eval", resume=True)
