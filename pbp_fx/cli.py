@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Optional, Sequence
 from .config import FRONTEND_HELP, FRONTENDS
 from .errors import PBError, PBWarning, Terminated, exited
 from .fileio import check_output_dir, umask
-from .signals import interrupts_kept, stop_received
+from .signals import import_torch_with_stops_held, interrupts_kept, stop_received
 
 __all__ = ["main", "subcommand", "arg", "COMMANDS", "build_parser", "atomic_output_dir"]
 
@@ -217,9 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             stopped = seen.received[-1]
             where = ("came in a clean-up callback, where Python cannot stop a command" if seen.lost is not None
                      else "was caught by code the command ran")
-            _error(f"{'terminated' if stopped is Terminated else 'interrupted'}, but the signal {where}, and the "
-                   "command ended before it could be stopped")
-            return 143 if stopped is Terminated else 130
+            return _stopped(stopped, f", but the signal {where}, and the command ended before it could be stopped")
         return status
     finally:
         sys.stdout, sys.stderr = streams
@@ -272,20 +270,12 @@ def _before_exit() -> None:
     gc.freeze()
 
 
-@contextmanager
-def _stops_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held back for the block, then delivered: one inside `import torch` left torch
-    half-imported (its next import failed) or aborted the process in its C++ initialisation."""
-    import threading
-
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+def _stopped(stop: type, detail: str = "", said: bool = True) -> int:
+    """The exit status of a command stopped by Ctrl-C (KeyboardInterrupt) or SIGTERM (Terminated),
+    and its line, "interrupted" or "terminated" and `detail`, when `said`."""
+    if said:
+        _error(("terminated" if issubclass(stop, Terminated) else "interrupted") + detail)
+    return 143 if issubclass(stop, Terminated) else 130
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
@@ -297,8 +287,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         with _one_line_warnings(args.debug):
             if args.command != "run":  # (every other command imports torch)
-                with _stops_held():
-                    import torch  # noqa: F401
+                import_torch_with_stops_held()
             return int(args._run(args) or 0)
     except PBError as exc:
         if args.debug:
@@ -310,17 +299,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             traceback.print_exc()
         _error(exited(exc))
         return EXIT_ERROR
-    except KeyboardInterrupt as exc:
-        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        if os.environ.get("RANK", "0") == "0":  # (one line for a --nproc run: rank 0's)
-            _error(f"{what} {exc}" if str(exc) else what)
-        return 143 if isinstance(exc, Terminated) else 130
+    except KeyboardInterrupt as exc:  # (one line for a --nproc run: rank 0's)
+        return _stopped(type(exc), f" {exc}" if str(exc) else "", said=os.environ.get("RANK", "0") == "0")
     except Exception as exc:  # noqa: BLE001 - a bug in pbp-fx or torch: still one line by default
         stopped = stop_received()
         if stopped is not None and not args.debug:  # (its consequence: an interrupted import failing again)
-            if os.environ.get("RANK", "0") == "0":
-                _error("terminated" if issubclass(stopped, Terminated) else "interrupted")
-            return 143 if issubclass(stopped, Terminated) else 130
+            return _stopped(stopped, said=os.environ.get("RANK", "0") == "0")
         if args.debug:
             raise
         _error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
@@ -733,9 +717,8 @@ def train(args: argparse.Namespace) -> int:
         try:
             launched = launch(args.nproc, ["train", *_train_argv(args)], quiet=not args.debug)
         except KeyboardInterrupt as exc:  # the ranks stopped, rank 0 saying where the run stands
-            if not getattr(exc, "rank_lines", 0):  # (stopped before any rank could say it: while they start)
-                _error("terminated" if isinstance(exc, Terminated) else "interrupted")
-            return 143 if isinstance(exc, Terminated) else 130
+            # (stopped before any rank could say it: while they start)
+            return _stopped(type(exc), said=not getattr(exc, "rank_lines", 0))
         if launched.status == 0:
             return EXIT_OK
         if launched.errors_printed:  # (the ranks' errors, each distinct line once: nothing to add)

@@ -575,10 +575,8 @@ def _print_rank_errors(folder: str, nproc: int) -> list[str]:
     return lines
 
 
-# `import torch` with Ctrl-C and SIGTERM held back until it is done (then delivered): one inside it left
-# torch half-imported, and could abort the process in its C++ initialisation (exit -6).
-_IMPORT_TORCH_HELD = ("    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})\n"
-                      "    import torch\n    signal.pthread_sigmask(signal.SIG_SETMASK, held)\n")
+# (pbp_fx.signals imports no torch: the agent and the ranks import it through it)
+_IMPORT_TORCH_HELD = "    from pbp_fx.signals import import_torch_with_stops_held\n    import_torch_with_stops_held()\n"
 
 
 def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict) -> int:
@@ -590,7 +588,7 @@ def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict
     # Each rank runs `python -u -m MODULE ARGS...` (as torchrun's -m does: unbuffered, the cwd first on
     # sys.path), with a Ctrl-C while it imports torch ending it with its exit status, not a traceback
     # (the launcher then says the line).
-    rank = (f"import os, runpy, signal, sys\nsys.path[0] = os.getcwd()\ntry:\n{_IMPORT_TORCH_HELD}"
+    rank = (f"import os, runpy, sys\nsys.path[0] = os.getcwd()\ntry:\n{_IMPORT_TORCH_HELD}"
             f"    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
             "except KeyboardInterrupt:\n    sys.exit(130)")
     torchrun = ["--nnodes", "1", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
@@ -599,7 +597,7 @@ def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict
     if not quiet:
         cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun]
     else:
-        code = (f"import signal, sys\ntry:\n{_IMPORT_TORCH_HELD}    from pbp_fx.distributed import _torchrun_quietly\n"
+        code = (f"import sys\ntry:\n{_IMPORT_TORCH_HELD}    from pbp_fx.distributed import _torchrun_quietly\n"
                 "except KeyboardInterrupt:\n    sys.exit(130)\nsys.exit(_torchrun_quietly(sys.argv[1:]))")
         cmd = [sys.executable, "-c", code, *torchrun]
     # In a session of its own, so that a Ctrl-C in the terminal (to the whole process group) reaches
@@ -615,8 +613,8 @@ def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict
             import signal
 
             if agent.poll() is None:
-                agent.send_signal(signal.SIGTERM if isinstance(exc, Terminated) or not isinstance(exc, KeyboardInterrupt)
-                                  else signal.SIGINT)
+                ctrl_c = isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Terminated)
+                agent.send_signal(signal.SIGINT if ctrl_c else signal.SIGTERM)
                 try:
                     agent.wait(timeout=60)
                 except subprocess.TimeoutExpired:

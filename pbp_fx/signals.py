@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 from .errors import Terminated
 
-__all__ = ["Interrupts", "interrupts_kept", "stop_received", "RESEND_SECONDS"]
+__all__ = ["Interrupts", "interrupts_kept", "stop_received", "import_torch_with_stops_held", "RESEND_SECONDS"]
 
 RESEND_SECONDS = 0.05  # a lost signal's resend: after the callback that lost it has returned
 
@@ -51,6 +51,20 @@ class Interrupts:
         timer.daemon = True
         self._resend.append(timer)
         timer.start()
+
+
+def import_torch_with_stops_held() -> None:
+    """`import torch` with Ctrl-C and SIGTERM held back until it is done, then delivered (raised
+    after it): one inside it left torch half-imported (its next import failed) or aborted the process
+    in its C++ initialisation (exit -6). Used by the CLI and the --nproc agent and ranks."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        import torch  # noqa: F401
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def stop_received() -> Optional[type]:
