@@ -92,8 +92,13 @@ class Score:
         return " points" if self.percent else ""
 
     def num(self, x: float, sign: bool = False) -> str:
-        """x (already scaled) as printed: 1 decimal for %, 4 significant digits otherwise; never -0."""
+        """x (already scaled) as printed: 1 decimal for % (2 significant digits for a nonzero value that
+        rounds to 0 there: a lead of a few hundredths of a point on a large test set is no tie),
+        4 significant digits otherwise; never -0."""
         spec = ".1f" if self.percent else ".4g"
+        if self.percent and math.isfinite(x) and abs(x) < 0.05:
+            spec = ".2g" if abs(x) > 1e-9 else ".1f"  # (below 1e-9 points: float rounding of equal scores)
+            x = x if abs(x) > 1e-9 else 0.0
         shown = float(f"{x:{spec}}") + 0.0 if math.isfinite(x) else x  # (+ 0.0: a rounded -0 prints 0)
         return f"{shown:{'+' if sign else ''}{spec}}"
 
@@ -318,9 +323,10 @@ def _warm_up(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> None:
 
 
 # -- statistics ----------------------------------------------------------------------------
-def _mean_sd(xs: Sequence[float]) -> tuple[float, float]:
+def _mean_sd(xs: Sequence[float], magnitude: Optional[float] = None) -> tuple[float, float]:
+    """Mean and sd; magnitude: of the scores that differences `xs` are taken of (`_all_equal`)."""
     xs = list(xs)
-    if len(xs) < 2 or _all_equal(xs):  # (equal values: sd 0, not float noise such as 1.11e-16)
+    if len(xs) < 2 or _all_equal(xs, magnitude):  # (equal values: sd 0, not float noise such as 1.11e-16)
         return statistics.mean(xs), 0.0
     return statistics.mean(xs), statistics.stdev(xs)
 
@@ -377,7 +383,10 @@ def paired(rows: list[dict], reference: str = REFERENCE_ARM, score: Score = ACCU
         diffs = [score.scale * (r["test"] - ref[r["seed"]]) for r in rows
                  if r["arm"] == arm and "skipped" not in r and r["seed"] in ref]
         if diffs:
-            mean, sd = _mean_sd(diffs)
+            magnitude = _magnitude(rows, arm, reference, score)
+            mean, sd = _mean_sd(diffs, magnitude)
+            if _all_equal([*diffs, 0.0], magnitude):  # (equal scores at every seed: no float noise as a lead)
+                mean = 0.0
             out.append({"arm": arm, "vs": reference, "mean": mean, "sd": sd, "n": len(diffs),
                         "ahead": sum(d > 0 for d in diffs), "behind": sum(d < 0 for d in diffs)})
     return out
@@ -405,8 +414,8 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
     test = f"test {score.metric}" if not score.percent else "test"
     if win is None:
         lines.append("no arm ran at every seed: no ranking (see the paired differences).")
-    elif len(ranked) > 1 and score.rounded(win["test"]) == score.rounded(ranked[1]["test"]):  # (level as printed)
-        tied = [s["arm"] for s in ranked if score.rounded(s["test"]) == score.rounded(win["test"])]
+    elif len(ranked) > 1 and not score.rounded(win["test"] - ranked[1]["test"]):  # (level as printed)
+        tied = [s["arm"] for s in ranked if not score.rounded(win["test"] - s["test"])]
         lines.append(f"**no arm won**: {', '.join(tied)} tied at {test} {score.value(win['test'])} over {win['n']} "
                      "seed(s).")
     elif len(ranked) > 1:
@@ -424,9 +433,13 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
                 both = sorted(set(win["test_by_seed"]) & set(other["test_by_seed"]))
                 return [(win["test_by_seed"][k] - other["test_by_seed"][k]) * (1 if maximize else -1) for k in both]
 
+            def magnitude(other: dict) -> float:
+                return max(abs(v) for s in (win, other) for v in s["test_by_seed"].values())
+
             def lead_interval(other: dict) -> tuple[float, float]:
                 lead = leads(other)
-                return _interval(*_mean_sd(lead), len(lead)) if len(lead) > 1 else (-math.inf, math.inf)
+                return (_interval(*_mean_sd(lead, magnitude(other)), len(lead)) if len(lead) > 1
+                        else (-math.inf, math.inf))
 
             # An arm left out of the ranking is still another arm: a win needs a lead over it too,
             # over the seeds both ran (plain-matched misses exactly the seeds where pb grew most).
@@ -439,7 +452,7 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
                         f"{score.num(hi, sign=True)}]")
             # Equal leads at every seed (common on small test sets: whole samples) leave no spread to
             # measure the noise with: the interval is a point, not evidence.
-            flat = [o for o in ranked[1:] + left_out if len(leads(o)) > 1 and _all_equal(leads(o))]
+            flat = [o for o in ranked[1:] + left_out if len(leads(o)) > 1 and _all_equal(leads(o), magnitude(o))]
             if lo > 0 and flat:
                 lines.append(f"**{win['arm']} ranked first** over {win['n']} seeds: {test} "
                              f"{score.value(win['test'], win['test_sd'])}, {margin}; its lead over {flat[0]['arm']} is "
@@ -532,9 +545,18 @@ def _interval(mean: float, sd: float, n: int) -> tuple[float, float]:
     return mean - half, mean + half
 
 
-def _all_equal(values: list[float]) -> bool:
-    """Whether the values are one number up to float rounding (differences of equal scores)."""
-    return max(values) - min(values) <= 1e-9 * max(1.0, *map(abs, values))
+def _all_equal(values: list[float], magnitude: Optional[float] = None) -> bool:
+    """Whether the values are one number up to float rounding, relative to `magnitude`: that of the
+    scores they are differences of (float noise of equal scores is relative to the scores, not to the
+    differences; default: the values' own)."""
+    scale = max(map(abs, values)) if magnitude is None else magnitude
+    return max(values) - min(values) <= 1e-9 * scale
+
+
+def _magnitude(rows: list[dict], arm: str, reference: str, score: Score) -> float:
+    """The largest test score, in the score's units, of two arms' runs (what their differences are relative to)."""
+    return max((abs(score.scale * r["test"]) for r in rows if r["arm"] in (arm, reference) and "skipped" not in r),
+               default=0.0)
 
 
 def _noise(mean: float, sd: float, n: int, score: Score = ACCURACY) -> str:
@@ -671,6 +693,10 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
                "remove (its layers make its outputs), and build_model takes no width argument")
         raise CompareError(f"--width {width:g} {how}: give a --width further from 1 that changes the model"
                            f"{'' if builder.base_width is not None else ', or add a width argument'}")
+    if "plain-matched" in arms and builder.unusable_default is not None:  # (it would be sized by pruning instead)
+        raise CompareError(f"plain-matched is built at pb's parameter count through build_model's width, but "
+                           f"{builder.no_width_argument()}: give it an int default, e.g. width: int = 64, or drop "
+                           "plain-matched (--arms)")
     if "plain-matched" in arms and builder.base_width is None and width >= 1:
         warn_at_user("plain-matched widens the model to pb's parameter count, and build_model() takes no width "
                      "argument: it is built only at seeds where pb kept no dendrite, where it is the plain model; "
@@ -688,7 +714,7 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
         test = make_loaders(data, training.batch_size, training.seed,
                             collate=keyword_collate(mod, model, len(inputs)))[2]
         majority = majority_class(test)
-    return score, run_identity(model_file, data), scaled.width, majority
+    return score, run_identity(model_file, data, model), scaled.width, majority
 
 
 def majority_class(loader) -> Optional[tuple[int, float]]:
@@ -745,8 +771,8 @@ class KeptRuns:
         except (OSError, ValueError, KeyError, TypeError):
             entries = taken = None
         if entries is None:
-            echo(f"{self.path} holds the runs of another comparison (other settings, model file or data), or is "
-                 "unreadable: this one starts over")
+            echo(f"{self.path} holds the runs of another comparison (other settings, model file, built model or "
+                 "data), or is unreadable: this one starts over")
             return
         self.entries = taken
         echo(f"continuing the interrupted comparison in {out}: its {len(taken)} finished run(s) are kept (delete "
@@ -1073,6 +1099,19 @@ def _refuse_changed_run(folder: str, identity: Optional[dict], model_file: Optio
                            "controls trained now; restore it, or train the run again")
 
 
+def _check_types(config, training, arms, width) -> None:
+    """compare()'s arguments of the wrong kind, refused before anything reads them (one line)."""
+    for name, value, cls in (("config", config, PBConfig), ("training", training, TrainConfig)):
+        if value is not None and not isinstance(value, cls):
+            hint = f": {cls.__name__}.from_dict(...) builds one from a dict" if isinstance(value, dict) else ""
+            raise CompareError(f"{name} must be a {cls.__name__}, not {type(value).__name__}{hint}")
+    if arms is not None and (not isinstance(arms, (list, tuple)) or not all(isinstance(a, str) for a in arms)):
+        raise CompareError(f"arms {arms!r}: must be a list of arm names, e.g. ['pb', 'plain']"
+                           + (" (not one string)" if isinstance(arms, str) else ""))
+    if isinstance(width, bool) or not isinstance(width, (int, float)):
+        raise CompareError(f"width {width!r}: must be a number (1: the model as built)")
+
+
 def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Optional[int] = None,
             arms: Optional[Sequence[str]] = None, config: Optional[PBConfig] = None,
             training: Optional[TrainConfig] = None, out: Optional[str] = None, jobs: int = 1,
@@ -1089,6 +1128,7 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     Returns {"runs", "summary", "paired", "verdict", ...}, the content of compare.json.
     """
     given, run_saved_identity = [], None
+    _check_types(config, training, arms, width)
     if config is not None and config.mode != "pb":  # (each arm runs in its own mode: the setting would be ignored)
         raise CompareError(f"mode {config.mode!r}: compare trains each arm in its own mode (the pb and gd arms); drop "
                            "mode (--mode) and choose the arms, e.g. --arms pb,gd")

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import time
 import warnings
@@ -102,13 +103,32 @@ def seeded_datasets(mod: ModuleType, seed: int) -> tuple:
     return data
 
 
-def run_identity(model_file: Optional[str], data) -> dict:
+def run_identity(model_file: Optional[str], data, model: Optional[nn.Module] = None) -> dict:
     """What a run's results depend on besides its settings: the model file's content (sha256; None
-    for the built-in model) and a fingerprint of its data (`data_fingerprint`). Saved with a run,
-    so that a resume or `compare --pb-run` can tell when either changed since."""
+    for the built-in model), a fingerprint of its data (`data_fingerprint`) and of the model it
+    builds (`architecture_digest`, when `model` is given). Saved with a run, so that a resume or
+    `compare --pb-run` can tell when any changed since."""
     fingerprint, drawn = _fingerprint(data)
-    return {"model_digest": model_digest(model_file), "digest_of": "file+imports",
-            "file_digest": model_digest(model_file, with_imports=False), "data": fingerprint, "own_randomness": drawn}
+    identity = {"model_digest": model_digest(model_file), "digest_of": "file+imports",
+                "file_digest": model_digest(model_file, with_imports=False), "data": fingerprint,
+                "own_randomness": drawn}
+    if model is not None:
+        identity["architecture"] = architecture_digest(model)
+    return identity
+
+
+def architecture_digest(model: nn.Module) -> str:
+    """sha256 of the model's module tree as printed (types and settings, object addresses left out)
+    and of its tensors' names, dtypes and shapes: a model file that builds another model from the
+    same code (a config file it reads, an environment variable) differs here."""
+    h = hashlib.sha256(re.sub(r"0x[0-9a-fA-F]+", "0x", repr(model)).encode())
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor):
+            h.update(f"{name}:{type(t).__name__};".encode())  # (an extra state)
+            continue
+        shape = "uninitialized" if isinstance(t, nn.parameter.UninitializedTensorMixin) else tuple(t.shape)
+        h.update(f"{name}:{t.dtype}{shape};".encode())
+    return h.hexdigest()
 
 
 def digest_matches(identity: dict, model_file: Optional[str]) -> bool:
@@ -257,13 +277,15 @@ def _same_leaves(a: list, b: list) -> bool:
 
 
 def changed_since(saved: Optional[dict], now: dict) -> list[str]:
-    """What differs between a run's saved `run_identity` and the current one: "model file", "data"
-    (none when the run saved no identity: runs of pbp-fx before it)."""
+    """What differs between a run's saved `run_identity` and the current one: "model file", "built
+    model", "data" (none when the run saved no identity, or no architecture: runs of pbp-fx before it)."""
     if not saved:
         return []
     # (an identity recorded before the model file's imports counted: its digest is of the file alone)
     model_now = now.get("model_digest") if _digested_imports(saved) else now.get("file_digest", now.get("model_digest"))
     changed = ["model file"] if saved.get("model_digest") != model_now else []
+    if "architecture" in saved and "architecture" in now and saved["architecture"] != now["architecture"]:
+        changed.append("built model")  # (the same file building another model: a config it reads)
     return changed + (["data"] if saved.get("data") != now.get("data") else [])
 
 
@@ -665,7 +687,9 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                          f"{'is' if len(unused) == 1 else 'are'} not used (drop {'it' if len(unused) == 1 else 'them'}, "
                          "or train with mode 'pb')")
     data = seeded_datasets(mod, seed)
-    identity = run_identity(model_file, data)
+    seed_everything(seed)  # the model's initial weights do not depend on what datasets() drew
+    model, inputs = instantiate(mod)
+    identity = run_identity(model_file, data, model)
     changed = changed_since(saved.identity, identity) if saved is not None and saved.complete else []
     if changed:  # (its report would be made again of another model or data, beside the checkpoint of this one)
         raise TrainingError(f"the run in {out} is complete, and its {' and '.join(changed)} changed since it started: "
@@ -673,8 +697,6 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                             f"{'it' if len(changed) == 1 else 'them'}, or train a new run (another --out)")
     if saved is not None and main:
         _warn_resumed_otherwise(saved, identity, processes, device)
-    seed_everything(seed)  # the model's initial weights do not depend on what datasets() drew
-    model, inputs = instantiate(mod)
     collate = check_data(mod, data, model, inputs, training.batch_size,
                          1 if distributed is None else distributed.world_size)
     train_loader, val_loader, test_loader = make_loaders(data, training.batch_size, seed, distributed=distributed,

@@ -312,16 +312,18 @@ class ScaledModel:
 @dataclass(frozen=True)
 class WidthBuilder:
     """Builds one model file's model at any width. `base_width`: the default of build_model's
-    `width` argument (None when build_model takes none)."""
+    `width` argument (None when build_model takes none, or its default is no positive int: then
+    `unusable_default` holds that default's repr, and any width but 1 is refused)."""
 
     build_model: Callable[..., nn.Module]
     example_inputs: Callable[[], tuple]
     base_width: Optional[int]
     example_kwargs: Callable[[], dict] = dict
+    unusable_default: Optional[str] = None
 
     @classmethod
     def from_module(cls, mod) -> "WidthBuilder":
-        base = None
+        base = unusable = None
         try:
             param = inspect.signature(mod.build_model).parameters.get("width")
         except (TypeError, ValueError):
@@ -329,7 +331,17 @@ class WidthBuilder:
         if param is not None and isinstance(param.default, int) and not isinstance(param.default, bool) \
                 and param.default > 0:
             base = param.default
-        return cls(mod.build_model, lambda: example_inputs(mod), base, lambda: example_kwargs(mod))
+        elif param is not None:  # (a float multiplier or no default: pruning would ignore the user's argument)
+            unusable = "no default" if param.default is inspect.Parameter.empty else f"default {param.default!r}"
+        return cls(mod.build_model, lambda: example_inputs(mod), base, lambda: example_kwargs(mod), unusable)
+
+    def no_width_argument(self) -> str:
+        """Why the width is not build_model's argument, as a clause: it takes none, or its default is no
+        whole number of channels."""
+        if self.unusable_default is None:
+            return "build_model() takes no width argument"
+        return (f"build_model's width parameter has {self.unusable_default}, not a positive whole number "
+                "(its hidden channel count at width 1)")
 
     @property
     def method(self) -> str:
@@ -347,6 +359,9 @@ class WidthBuilder:
     def _check(self, width: float) -> None:
         if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
             raise WidthError(f"width {width!r}: it must be a positive number (1 is the model as built)")
+        if self.unusable_default is not None and width != 1:
+            raise WidthError(f"{self.no_width_argument()}: give it an int default, e.g. width: int = 64, "
+                             "the channel count that widths multiply")
         if self.base_width is None and width > 1:
             raise WidthError(f"width {width}: build_model() takes no width argument, and a model can only be "
                              "narrowed by removing channels; add a width parameter to build_model to widen it")
@@ -402,6 +417,9 @@ class WidthBuilder:
         build until the count is within tolerance."""
         if not (target > 0 and math.isfinite(target)):
             raise WidthError(f"target parameter count {target!r}: it must be a positive number")
+        if self.unusable_default is not None:
+            raise WidthError(f"{self.no_width_argument()}: give it an int default, e.g. width: int = 64, to build "
+                             f"the model at {target:.0f} parameters")
         rng = torch.get_rng_state()
 
         def count(width: float) -> int:

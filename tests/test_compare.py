@@ -3,6 +3,7 @@ import importlib
 import json
 import math
 import os
+import re
 import textwrap
 import warnings
 from contextlib import nullcontext
@@ -292,13 +293,35 @@ def test_a_module_forward_never_calls_counts_in_no_arm(tmp_path):
     assert matched["params"] == used and matched["width"] == 1.0
 
 
-@pytest.mark.parametrize("plain_test,words", [(0.5, "pb is level with plain ("), (0.5004, "pb is level with plain ("),
-                                              (0.4, "10.0 points ahead of plain")])
+@pytest.mark.parametrize("plain_test,words", [(0.5, "pb is level with plain ("), (0.5 + 1e-13, "pb is level with plain ("),
+                                              (0.5004, "0.04 points behind plain"), (0.4, "10.0 points ahead of plain")])
 def test_a_difference_that_prints_as_zero_reads_level(plain_test, words):
     """Equal arms printed "pb − plain = -0.0" and "pb is 0.0 points level with"/"behind" by the sign of -0."""
     rows = [{"arm": "pb", "seed": 0, "test": 0.5, "params": 10}, {"arm": "plain", "seed": 0, "test": plain_test, "params": 5}]
     text = verdict(summarize(rows), paired(rows))
-    assert words in text and "-0.0" not in text and "0.0 points level" not in text
+    assert words in text and not re.search(r"-0\.0(?!\d)", text) and "0.0 points level" not in text
+
+
+def test_a_lead_of_hundredths_of_a_point_is_no_tie_and_tiny_metrics_keep_their_spread():
+    """Leads of 0.03-0.04 points at every seed (a large test set) read "no arm won: pb, plain tied" beside
+    "+0.0 ± 0.0 points ... [+0.0, +0.0]: beyond seed noise"; an MSE near 1e-10 had sd 0.0 and "the same
+    lead at every seed", its differences being under an absolute 1e-9 (a reviewer)."""
+    rows = [{"arm": a, "seed": k, "test": t, "params": 1} for a, ts in (("pb", (0.5004, 0.6004, 0.7005)),
+                                                                      ("plain", (0.5001, 0.6001, 0.7001)))
+            for k, t in enumerate(ts)]
+    text = verdict(summarize(rows), paired(rows))
+    assert text.startswith("**pb won**") and "0.033 points ahead of the next arm" in text, text
+    assert "pb − plain = +0.033 ± 0.0058 points" in text and "[+0.019, +0.048]: beyond seed noise" in text
+    mse = Score("mse", maximize=False)
+    rows = [{"arm": a, "seed": k, "test": t, "params": 1} for a, ts in (("pb", (2e-10, 5e-10, 3e-10)),
+                                                                      ("plain", (4e-10, 9e-10, 6e-10)))
+            for k, t in enumerate(ts)]
+    summary = summarize(rows, mse)
+    assert [round(s["test_sd"] * 1e10, 3) for s in summary] == [2.517, 1.528]  # plain, pb (ARMS order)
+    (p,) = paired(rows, score=mse)
+    assert p["sd"] > 0
+    text = verdict(summary, [p], mse)
+    assert "same at every seed" not in text and text.startswith("**pb won**"), text
 
 
 NOISY = TINY.replace("import torch\n", "import random\n\nimport numpy as np\nimport torch\n", 1).replace(
@@ -614,6 +637,74 @@ def test_a_pb_run_whose_model_file_or_data_changed_is_refused(tiny, tmp_path, ca
     other.write_text(TINY.replace("def build_model(width=8)", "def build_model(width=12)"))
     assert main(["compare", str(other), "--pb-run", run, "--arms", "plain", "--no-latency"]) == 2
     assert f"or {other} is another model's" in capsys.readouterr().err
+
+
+def test_a_model_built_otherwise_from_the_same_file_is_another_model(tmp_path, monkeypatch, capsys):
+    """A model file that reads its width from a config file beside it: at another width, the kept runs
+    of an interrupted comparison were averaged with the new ones (params 564 ± 745), and --pb-run
+    compared a 37-parameter run with a 1091-parameter plain control (a reviewer)."""
+    cmp = importlib.import_module("pbp_fx.compare")
+    path = tmp_path / "cfg.py"
+    path.write_text(TINY.replace("def build_model(width=8):\n    return Net(width)",
+                                 "def build_model():\n    import json, os\n    return Net(json.load(open(os.path.join("
+                                 "os.path.dirname(__file__), 'arch.json')))['width'])"))
+    arch = tmp_path / "arch.json"
+    arch.write_text('{"width": 8}')
+    run = str(tmp_path / "run")
+    assert main(["train", str(path), "--out", run, "--epochs", "3", "--batch-size", "30", "--no-progress"]) == 0
+    arch.write_text('{"width": 16}')
+    capsys.readouterr()
+    assert main(["compare", "--pb-run", run, "--arms", "plain", "--no-latency"]) == 2
+    err = capsys.readouterr().err
+    assert "the run's built model changed since it trained" in err and err.count("\n") == 1, err
+    assert main(["train", str(path), "--resume", run]) == 2
+    assert "is complete, and its built model changed since it started" in capsys.readouterr().err
+    arch.write_text('{"width": 8}')
+    assert main(["compare", "--pb-run", run, "--arms", "plain", "--no-latency"]) == 0
+    # An interrupted comparison is not continued at another width read from the config.
+    real, calls = cmp.run_arm, []
+
+    def interrupted_at_the_second(*args):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    out, kw = tmp_path / "cmp", dict(seeds=2, arms=["plain"], latency=False, echo=print, **BUDGET)
+    monkeypatch.setattr(cmp, "run_arm", interrupted_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        compare(str(path), out=str(out), **kw)
+    arch.write_text('{"width": 16}')
+    monkeypatch.setattr(cmp, "run_arm", real)
+    capsys.readouterr()
+    result = compare(str(path), out=str(out), **kw)
+    assert "holds the runs of another comparison" in capsys.readouterr().out
+    assert [r["params"] for r in result["runs"]] == [6 * 16 + 16 + 16 * 3 + 3] * 2
+
+
+def test_compare_refuses_arguments_of_the_wrong_kind_in_one_line(tiny):
+    """arms="pb" ran as arms 'p' and 'b' ("arm 'p' is not an arm"); width="0.5" and config as a dict
+    raised TypeError and AttributeError from inside compare."""
+    for kw, said in ((dict(arms="pb"), "must be a list of arm names, e.g. ['pb', 'plain'] (not one string)"),
+                     (dict(width="0.5"), "width '0.5': must be a number"),
+                     (dict(config={"patience": 3}), "config must be a PBConfig, not dict: PBConfig.from_dict"),
+                     (dict(training={"epochs": 2}), "training must be a TrainConfig, not dict")):
+        with pytest.raises(CompareError, match=re.escape(said)):
+            compare(tiny, seeds=1, latency=False, echo=lambda _s: None, **kw)
+
+
+def test_a_width_argument_that_is_no_whole_number_is_named(tiny, tmp_path, capsys):
+    """build_model(width: float = 4.0): --width 2 said "build_model() takes no width argument", and --width
+    0.5 narrowed the model by pruning, ignoring the user's argument."""
+    path = tmp_path / "floaty.py"
+    path.write_text(TINY.replace("def build_model(width=8):\n    return Net(width)",
+                                 "def build_model(width: float = 4.0):\n    return Net(int(2 * width))"))
+    for flags in (["--width", "2"], ["--width", "0.5"], ["--arms", "pb,plain-matched"]):
+        capsys.readouterr()
+        assert main(["compare", str(path), "--seeds", "1", "--no-latency", *flags]) == 2
+        err = capsys.readouterr().err
+        assert "build_model's width parameter has default 4.0, not a positive whole number" in err, err
+        assert err.count("\n") == 1
 
 
 def test_a_pb_run_whose_model_file_moved_takes_its_new_path(tiny, tmp_path, capsys):
