@@ -26,7 +26,7 @@ Learning-rate schedulers built once on `ctl.optimizer` keep working across restr
 In the dendrite phase every group's lr is multiplied by candidate_lr / (its lr at the start
 of the phase), and so are the base_lrs of schedulers given to `attach_scheduler` (or built by
 `scheduler_factory`), with the other rates they compute lr from (OneCycleLR's initial, max and
-min lr, CyclicLR's max_lrs, ReduceLROnPlateau's min_lrs, a cosine schedule's eta_min when every
+min lr, CyclicLR's max_lrs, ReduceLROnPlateau's min_lrs, SWALR's swa_lr, a cosine schedule's eta_min when every
 group has the same factor (else, for a cosine schedule attached alone, the neuron rates are
 recovered exactly at the phase's end); the schedulers of a SequentialLR or ChainedScheduler): the phase
 starts at exactly `config.candidate_lr`, a scheduler that rewrites lr every step (LambdaLR, as
@@ -579,11 +579,13 @@ class PhaseController:
             values = getattr(scheduler, name, None)
             if isinstance(values, (list, tuple)):
                 setattr(scheduler, name, scaled(values))
-        if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):  # it reads these keys of each group
-            for g, s in zip(scheduler.optimizer.param_groups, scale):
-                for key in ("initial_lr", "max_lr", "min_lr"):
-                    if key in g:
-                        g[key] = g[key] / s if divide else g[key] * s
+        # OneCycleLR reads these keys of each group, SWALR its swa_lr (the rate it anneals to)
+        keys = (("initial_lr", "max_lr", "min_lr") if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+                else ("swa_lr",) if isinstance(scheduler, torch.optim.swa_utils.SWALR) else ())
+        for g, s in zip(scheduler.optimizer.param_groups, scale):
+            for key in keys:
+                if key in g:
+                    g[key] = g[key] / s if divide else g[key] * s
         eta_min = getattr(scheduler, "eta_min", None)  # one floor for all groups: scaled when one factor fits all
         if isinstance(eta_min, (int, float)) and eta_min and len(set(scale)) == 1:
             scheduler.eta_min = eta_min / scale[0] if divide else eta_min * scale[0]

@@ -331,6 +331,8 @@ SCHEDULERS = {
     "cyclic": lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=0.05, max_lr=0.2, step_size_up=4,
                                                           cycle_momentum=False),
     "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20, eta_min=0.02),
+    # SWALR anneals towards each group's swa_lr: the candidates trained at swa_lr (a reviewer)
+    "swa": lambda o: torch.optim.swa_utils.SWALR(o, swa_lr=0.02, anneal_epochs=4),
     "sequential": lambda o: torch.optim.lr_scheduler.SequentialLR(
         o, [torch.optim.lr_scheduler.LinearLR(o, 0.25, total_iters=4),
             torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.8)], milestones=[4]),
