@@ -59,7 +59,7 @@ from pbp_fx.errors import PBError, warn_at_user
 from pbp_fx.fileio import atomic_write
 from pbp_fx.layers import dendrite_calls
 from pbp_fx.site import FusedSite, Site
-from pbp_fx.tracing import batch_of_one, buffers_kept, copy_module, ignore_spec_copy_warnings
+from pbp_fx.tracing import batch_size, buffers_kept, copy_module, ignore_spec_copy_warnings
 
 from . import clip_after_site, output_weight_into_readers
 from .direct import plain_output_names
@@ -1223,7 +1223,7 @@ class SizeCheck(NamedTuple):
 
 
 def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
-                      axes: Optional[set] = None, small: bool = False) -> SizeCheck:
+                      axes: Optional[set] = None, small: bool = False, least: int = 1) -> SizeCheck:
     """Run the ONNX file `model` (a path, its bytes, or an ONNX Runtime session of it) with every
     dynamic dim of its inputs doubled (`_doubled`; small: made 2 long, or 3 where the example's is 2,
     `_resized`, which costs a forward of 2 or 3 samples where doubling costs two of the example's) and
@@ -1233,7 +1233,8 @@ def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
     onnxruntime or no kernel of it for the file), what differs there in a line (or None), why
     those sizes were not compared (the model itself refuses them, a bounded axis, or gives NaN/Inf
     there; a model whose outputs are random has only their shapes compared), and how the sizes were
-    made. torch.onnx writes some ops for the example's sizes only while it declares the axis
+    made. least: the smallest dim 0 the file computes right (its min_batch): a small dim 0 under it is
+    doubled instead. torch.onnx writes some ops for the example's sizes only while it declares the axis
     dynamic (an adaptive pooling's kernel, a sequence-first GRU's length)."""
     from .ort import ort_session, output_difference, run
 
@@ -1251,7 +1252,8 @@ def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
         t = t.detach().cpu()
         for dim, d in enumerate(value.shape):
             if isinstance(d, str) and (axes is None or d in axes) and dim < t.dim() and t.shape[dim]:
-                t = _resized(t, dim, 3 if t.shape[dim] == 2 else 2) if small else _doubled(t, dim)
+                size = 3 if t.shape[dim] == 2 else 2
+                t = _resized(t, dim, size) if small and not (dim == 0 and size < least) else _doubled(t, dim)
                 grown.append(f"{d}={t.shape[dim]}")
         doubled.append(t)
     how = "another size than the example's" if small else "twice the example's"
@@ -1401,11 +1403,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     min_batch = getattr(module, "meta", {}).get("pbp_min_batch", 1)
     # (dim 0 named by dynamic_axes is as dynamic as the batch axis)
     dim_0_dynamic = dynamic_batch or any(0 in dims for dims in axes.values())
-    if min_batch > 1 and batch_of_one(inputs, {}):
-        raise ExportError(f"the model computes other outputs at a batch of 1 than its graph, which torch.export "
+    if min_batch > 1 and batch_size(inputs, {}) < min_batch:
+        given = batch_size(inputs, {})
+        raise ExportError(f"the model computes other outputs at a batch of {given} than its graph, which torch.export "
                           f"captured for batches of {min_batch} or more (its forward branches on the batch size): "
-                          "export it with an example of that many samples, or perforate the model with a batch-1 "
-                          "example for batch-1 calls")
+                          f"export it with an example of that many samples, or perforate the model with a batch-{given} "
+                          "example for such calls")
     projected = next((name for name, m in module.named_modules() if isinstance(m, nn.LSTM) and m.proj_size), None)
     if projected is not None:  # (torch.onnx writes the plain model so too: measured with torch 2.13)
         raise ExportError(f"LSTM {projected!r} has proj_size={module.get_submodule(projected).proj_size}, which "
@@ -1471,7 +1474,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     if dynamic_batch:
         checks.append(({"batch"}, True, "export with dynamic_batch=False (pbp-fx export --static-batch)"))
     for names, small, fix in checks:
-        checked = check_other_sizes(body, module, inputs, names, small)
+        checked = check_other_sizes(body, module, inputs, names, small, least=min_batch if dim_0_dynamic else 1)
         if checked.problem is not None:
             raise ExportError(f"{checked.problem}: {fix}")
         if checked.unchecked is not None:

@@ -20,7 +20,7 @@ from .inputs import describe_inputs
 from .layers import WEIGHT_HOOKS, has_user_hooks
 from .site import ACTIVATIONS, MODES, POOL_SETTINGS, Site
 from .signature import CallError, CallSignature
-from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, batch_of_one, buffers_kept,
+from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, batch_size, buffers_kept,
                       copy_module, keep_out_of_state_dict_on_copy, keyword_changes_output, memo_computed_tensors,
                       parts_model, passes_every_input_positionally, refuse_script_modules,
                       spec_copy_warnings_ignored, tensors_copied, trace, whole_model_in_mode)
@@ -326,11 +326,13 @@ class PerforatedModel(nn.Module):
         return out if spec is None else pytree.tree_unflatten(pytree.tree_leaves(out), spec)
 
     def _call_graph(self, graph: fx.GraphModule, args: tuple, kwargs: dict):
-        if self.graph_module.meta.get("pbp_min_batch", 1) > 1 and batch_of_one(args, kwargs):
-            raise CallError(f"{self._model_name()}'s forward computes other outputs at a batch of 1 than its graph, "
-                            "which torch.export captured for batches of 2 or more (the forward branches on the batch "
-                            "size): call it with batches of 2 or more (DataLoader(drop_last=True)), or perforate it "
-                            "with a batch-1 example for batch-1 calls")
+        least = self.graph_module.meta.get("pbp_min_batch", 1)
+        if least > 1 and batch_size(args, kwargs) < least:
+            given = batch_size(args, kwargs)
+            raise CallError(f"{self._model_name()}'s forward computes other outputs at a batch of {given} than its "
+                            f"graph, which torch.export captured for batches of {least} or more (the forward branches "
+                            f"on the batch size): call it with batches of {least} or more (DataLoader(drop_last=True)), "
+                            f"or perforate it with a batch-{given} example for such calls")
         try:
             return graph(*args, **kwargs)
         except RuntimeError as exc:

@@ -24,7 +24,8 @@ Both frontends capture the model in train and in eval mode and merge the two
     pbp_modes      "train+eval" | "train" | "eval": the captures the graph follows
     pbp_modes_reason  why the graph follows one mode only (absent when it follows both)
     pbp_dynamic    export: "auto" (dynamic dims) | "batch" (dynamic batch only) | "static"
-    pbp_min_batch  export: 2 where the graph computes other outputs than the model at a batch of 1
+    pbp_min_batch  export: the smallest batch the graph computes the model's outputs at, where more than 1 (2 where
+                   it computes others at a batch of 1; torch.export's lower bound where that is more than 2)
     pbp_call       a CallSignature: how the graph is called like the model (with example inputs)
     pbp_leaves / pbp_untraceable               fx: leaf modules / those isolated (kept whole)
     pbp_mode_leaves  fx: submodules kept whole because their Python branches on `.training`
@@ -776,9 +777,29 @@ def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> f
             raise TraceError(f"forward fills buffer {filled[0]!r}, registered as None, with a tensor, which "
                              "torch.export writes into an input instead; register it with a tensor, e.g. torch.zeros")
         gm = _rehome(ep.module(), model)
+        gm.meta["pbp_batch_lower"] = _batch_lower_bound(ep)
         if dims != "static" and batch_of_one(args, kwargs):
             _check_on_example(model, gm, args, kwargs)
         return gm
+
+
+def _batch_lower_bound(ep) -> int:
+    """The smallest batch an export capture takes: the lower end of torch.export's range for its inputs'
+    dynamic dim 0 (2 for a plain dynamic batch; more where the forward branches on the batch size at a
+    larger threshold, `if x.shape[0] > 3`, whose branch of the example the graph keeps); 1 without one."""
+    least = 1
+    for node in ep.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
+            bounds = ep.range_constraints.get(val.shape[0].node.expr)
+            if bounds is not None and bounds.lower.is_finite:
+                least = max(least, int(bounds.lower))
+    return least
+
+
+def batch_size(args: tuple, kwargs: dict) -> int:
+    """The largest dim 0 of the tensor inputs (0 without one): the call's batch."""
+    return max((t.shape[0] for t in _batched(args, kwargs)), default=0)
 
 
 def _batched(args: tuple, kwargs: dict) -> list:
@@ -1303,10 +1324,17 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
             if retried.graph_module is not None:
                 log.info("trace: the modes merged with a dynamic batch only (every-dim captures: %s)", result.reason)
                 gm, result, dims = batch_gm, retried, "batch"
+    least = gm.meta.get("pbp_batch_lower", 1)
     gm = result.graph_module if result.graph_module is not None else _one_mode(
         gm, primary, type(model).__name__, result.reason or why, keep_whole=False)
     gm.meta["pbp_dynamic"] = dims
-    if dims != "static" and _smallest_batch(model, gm, args, kwargs) == 2:
+    if dims != "static" and least > 2:  # (its ONNX file would compute the example's branch at smaller batches)
+        gm.meta["pbp_min_batch"] = least
+        warn_at_user(f"torch.export captured {type(model).__name__} for batches of {least} or more (its forward "
+                     f"branches on the batch size, and the example's batch of {batch_size(args, kwargs)} took the "
+                     f"branch of {least} or more): the perforated model and its ONNX file refuse smaller batches; "
+                     "perforate it with an example of the smaller batch for those calls")
+    elif dims != "static" and _smallest_batch(model, gm, args, kwargs) == 2:
         gm.meta["pbp_min_batch"] = 2
         warn_at_user(f"{type(model).__name__}'s forward computes other outputs at a batch of 1 than the graph "
                      f"torch.export captured at the example's batch of {_batched(args, kwargs)[0].shape[0]}"

@@ -1044,6 +1044,43 @@ def test_a_file_captured_for_batches_of_2_or_more_says_so_and_refuses_a_batch_of
     assert "pbp_fx.min_batch" not in ort_session(tmp_path / "s.onnx").get_modelmeta().custom_metadata_map
 
 
+class _CentresLargeBatches(_CentresBatches):
+    def forward(self, x):
+        h = self.a(x)
+        if x.shape[0] > 3:
+            h = h - h.mean(0, keepdim=True)
+        return self.b(h)
+
+
+def test_a_file_captured_for_batches_of_4_or_more_refuses_smaller_ones(tmp_path):
+    """`if x.shape[0] > 3`: the dynamic file carried no min_batch and computed the large-batch branch at
+    batches 1-3 (0.26-0.79 off the model), with only a false warning that the model itself raises there."""
+    from pbp_fx.exporters import BatchSizeError
+    from pbp_fx.signature import CallError
+
+    torch.manual_seed(0)
+    model, x = _CentresLargeBatches().eval(), torch.randn(8, 4)
+    with pytest.warns(PBWarning, match=r"captured _CentresLargeBatches for batches of 4 or more"):
+        pm = pbp_fx.perforate(model, (x,))
+    pm.eval()
+    with pytest.raises(CallError, match=r"at a batch of 2 than its graph, which torch.export captured for batches "
+                                        r"of 4 or more"):
+        pm(x[:2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(pm, (x,), tmp_path / "m.onnx")
+    said = [str(w.message) for w in caught]
+    assert any(m.startswith("the ONNX file computes the model's outputs at batches of 4 or more") for m in said), said
+    assert not any("the model itself raises there" in m for m in said), said  # (checked at twice the batch)
+    session = ort_session(tmp_path / "m.onnx")
+    np.testing.assert_allclose(run(session, x[:5])[0], model(x[:5]).detach().numpy(), atol=1e-5)
+    for b in (1, 2, 3):
+        with pytest.raises(BatchSizeError, match=rf"^a batch of {b}: .* batches of 4 or more only"):
+            run(session, x[:b])
+    with pytest.raises(ExportError, match=r"^the model computes other outputs at a batch of 3 than its graph"):
+        export_onnx(pm, (x[:3],), tmp_path / "m3.onnx")
+
+
 class _BagWithOffsets(nn.Module):
     def __init__(self, attention: bool = False):
         super().__init__()
