@@ -618,7 +618,8 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     pm.loaded_from = os.path.abspath(path)
     if controller is not None and "controller" in meta:
         _warn_changed_settings(meta, controller, path)
-        controller.load_state_dict(_controller_state(meta, tensors, plain))
+        # (an optimizer given has its whole state replaced next: what it holds now need not be cleared first)
+        controller.load_state_dict(_controller_state(meta, tensors, plain), keep_optimizer_state=optimizer is not None)
     if optimizer is not None:
         _load_optimizer(meta, tensors, plain, optimizer)
     return pm

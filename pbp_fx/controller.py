@@ -1085,6 +1085,11 @@ class PhaseController:
             # neuron rates, which the install would divide by the factor again.
             for g, lr in zip(self.optimizer.param_groups, lrs):
                 g["lr"] = lr
+        held = sum(1 for per_param in self.optimizer.state.values() if per_param)
+        if held and not keep_optimizer_state:  # (optimizer.load_state_dict first, then this: its state was lost)
+            warn_at_user(f"ctl.load_state_dict clears the state the optimizer holds ({held} parameter(s)' moments or "
+                         "buffers): load the optimizer's state after the controller's, or pass "
+                         "keep_optimizer_state=True to keep it")
         self.rebind(keep_optimizer_state)
 
 

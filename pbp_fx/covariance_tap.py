@@ -240,6 +240,13 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
     return g if g.dtype == c.dtype else g.to(c.dtype)
 
 
+def _warn_second_backward() -> None:
+    warn_at_user("a second backward through one forward of a dendrite phase (a loss of its own backward after "
+                 "another, or retain_graph=True): the candidates' statistics count each batch once, from its first "
+                 "backward, so this backward's error does not reach their correlations; backward the sum of the "
+                 "losses once, (loss_a + loss_b).backward()")
+
+
 # -- one process: custom ops ----------------------------------------------------------------
 
 @torch.library.custom_op("pbp_fx::candidate_update", mutates_args=("stats", "snapshots", "counted"))
@@ -247,6 +254,8 @@ def _candidate_update(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots:
                       rows: list[Tensor], counted: Tensor, axis: int, split: bool, stride: int,
                       scale: Optional[float],
                       decay: float, warmup: int, threshold: float, bias_correction: bool) -> Tensor:
+    if counted.device.type == "cpu" and bool(counted):  # (a host read is free on the CPU only)
+        _warn_second_backward()
     # Contiguous, as the fake says: compiled code is planned with the fake's strides.
     grad_c = candidate_gradient(grad_y, c, stats, snapshots, rows, ~counted, axis, split, stride, scale,
                                 (decay, warmup, threshold, bias_correction))
@@ -317,6 +326,8 @@ class EagerTap(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):
         (c,) = ctx.saved_tensors
         axis, split, stride, scale, settings, reducer = ctx.options
+        if ctx.counted:
+            _warn_second_backward()
         grad_c = candidate_gradient(grad_y, c, ctx.stats, ctx.snapshots, ctx.rows, not ctx.counted, axis, split,
                                     stride, scale, settings, reducer)
         ctx.counted = True

@@ -1459,3 +1459,27 @@ def test_a_maximizing_optimizer_trains_the_candidates_as_a_descending_one(tmp_pa
     again, again_ctl = run(True, save_after=inside, resume=str(tmp_path / "run.safetensors"))
     for (name, a), b in zip(plain_ctl.installed.items(), again_ctl.installed.values()):
         assert torch.equal(a, b), name
+
+
+def test_loading_the_controller_after_the_optimizer_says_it_clears_the_optimizer_state():
+    """PyTorch's usual resume order (model, optimizer, then the controller) emptied the Adam state the
+    optimizer had just restored, with no word (a reviewer); the order pbp_fx.load uses says nothing."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=3)
+    x = torch.randn(8, 3)
+    pm(x).pow(2).mean().backward()
+    ctl.optimizer.step()
+    saved = {"model": pm.state_dict(), "opt": ctl.optimizer.state_dict(), "ctl": ctl.state_dict()}
+    again = _pm()
+    again.load_state_dict(saved["model"])
+    later = PhaseController(again, patience=3)
+    later.optimizer.load_state_dict(saved["opt"])
+    with pytest.warns(pbp_fx.PBWarning, match=r"^ctl.load_state_dict clears the state the optimizer holds \(4 "
+                                              r"parameter\(s\)' moments or buffers\): load the optimizer's state after"):
+        later.load_state_dict(saved["ctl"])
+    assert not any(later.optimizer.state.values())
+    later.optimizer.load_state_dict(saved["opt"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pbp_fx.PBWarning)
+        later.load_state_dict(saved["ctl"], keep_optimizer_state=True)
+    assert sum(1 for s in later.optimizer.state.values() if s) == 4
