@@ -21,7 +21,8 @@ from .layers import WEIGHT_HOOKS, has_user_hooks
 from .site import ACTIVATIONS, MODES, POOL_SETTINGS, Site
 from .signature import CallError, CallSignature
 from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, batch_size, buffers_kept,
-                      copy_module, keep_out_of_state_dict_on_copy, keyword_changes_output, memo_computed_tensors,
+                      copy_module, is_lifted_constant, keep_out_of_state_dict_on_copy, keyword_changes_output,
+                      memo_computed_tensors,
                       parts_model, passes_every_input_positionally, refuse_script_modules,
                       spec_copy_warnings_ignored, tensors_copied, trace, whole_model_in_mode)
 
@@ -681,6 +682,10 @@ class PerforatedModel(nn.Module):
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state saved before lifted constants were left out of it (pbp-fx before stop 49) holds them under
+        # its capture's names, which another capture of the model (without labels) does not have.
+        for key in [k for k in state_dict if k.startswith(prefix) and is_lifted_constant(k)]:
+            del state_dict[key]
         # Each site takes the state's number of dendrites first: its own keys' (Site), or none where
         # the state has no key of the site but holds its neuron layer (a state saved before the site
         # grew). A state that holds neither (a head alone, loaded with strict=False) leaves the site

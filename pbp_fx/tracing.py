@@ -721,6 +721,13 @@ def _resolve(root: nn.Module, path: str):
     return obj
 
 
+def is_lifted_constant(key: str) -> bool:
+    """Whether a buffer name (or state_dict key) is a tensor constant that torch.export lifted out of the
+    forward (`lifted_tensor_<n>`): named by the capture, not by the model, so two captures of one model
+    (with and without labels) name it otherwise; it is no state to save or load."""
+    return re.fullmatch(r"lifted_tensor_\d+", key.rpartition(".")[2]) is not None
+
+
 def _rehome(un: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     """A plain GraphModule over the exported graph whose `get_attr`s reach the model's own submodules.
 
@@ -738,6 +745,10 @@ def _rehome(un: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     for name in getattr(model, "_non_persistent_buffers_set", ()):
         if name in gm._buffers:
             gm._non_persistent_buffers_set.add(name)
+    for module in gm.modules():  # constants the forward makes (BART's decoder start id): no state of the model
+        for name in module._buffers:
+            if is_lifted_constant(name):
+                module._non_persistent_buffers_set.add(name)
     for node in gm.graph.nodes:  # fake values (and their provenance) are heavy to copy: shapes come from ShapeProp
         for key in ("val", "from_node", "tensor_meta", "example_value", "unbacked_bindings"):
             node.meta.pop(key, None)

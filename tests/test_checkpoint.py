@@ -1494,3 +1494,40 @@ def test_a_layer_frozen_by_the_loop_stays_frozen_in_a_resumed_run(tmp_path, phas
     frozen = build().requires_grad_(False)
     reloaded = pbp_fx.load(str(tmp_path / "run.safetensors"), frozen)
     assert not any(p.requires_grad for n, p in reloaded.named_parameters() if "pbp_sites" not in n)
+
+
+class _MakesConstants(nn.Module):
+    """Tensors made in forward (BART's decoder start id in shift_tokens_right): torch.export lifts them
+    into buffers named by the capture, lifted_tensor_0 at one place with labels and another without."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, labels=None):
+        out = self.fc(x) * torch.tensor(2.0)
+        if labels is None:
+            return out
+        return out, (out - labels).pow(2).mean() + torch.tensor(1.0)
+
+
+def test_a_model_trained_with_labels_reloads_without_them(tmp_path):
+    """Both documented routes to a no-labels model (pbp_fx.load with example_kwargs, perforate + load_state_dict)
+    were refused for T5, BART and Whisper: 'the model differs from the one saved', over a lifted constant."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 4), torch.randn(3, 3)
+    pm = pbp_fx.perforate(_MakesConstants(), (x,), example_kwargs={"labels": y}, frontend="export")
+    pm.grow()
+    with torch.no_grad():
+        for site in pm.sites.values():
+            site.out_weight.normal_()
+    assert any("lifted_tensor" in n for n, _ in pm.named_buffers())
+    assert not any("lifted_tensor" in k for k in pm.state_dict())  # (a constant of the capture, no state)
+    pbp_fx.save(pm, str(tmp_path / "run.safetensors"))
+    want = pm.eval()(x, labels=y)[0]
+    loaded = pbp_fx.load(str(tmp_path / "run.safetensors"), _MakesConstants(), (x,)).eval()
+    assert torch.equal(loaded(x), want)
+    again = pbp_fx.perforate(_MakesConstants(), (x,), frontend="export")
+    state = {**pm.state_dict(), "graph_module.lifted_tensor_1": torch.tensor(1.0)}  # (saved by pbp-fx before)
+    assert not again.load_state_dict(state).unexpected_keys
+    assert torch.equal(again.eval()(x), want)
