@@ -752,6 +752,14 @@ def _rehome(un: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     for node in gm.graph.nodes:  # fake values (and their provenance) are heavy to copy: shapes come from ShapeProp
         for key in ("val", "from_node", "tensor_meta", "example_value", "unbacked_bindings"):
             node.meta.pop(key, None)
+    # The dtype torch.export saw reach a `.to()`/`.float()` inside the forward is asserted there, and autocast
+    # (Trainer(bf16=True)) brings another: the forward converts whatever it gets (GPT-2's loss takes
+    # logits.float()). Only the inputs' asserts are kept (`graph_input_dtypes`).
+    check = torch.ops.aten._assert_tensor_metadata.default
+    for node in list(gm.graph.find_nodes(op="call_function", target=check)):
+        if not (node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"):
+            gm.graph.erase_node(node)
+    gm.recompile()
     return gm
 
 

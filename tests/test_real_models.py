@@ -204,6 +204,22 @@ def test_gpt2_lm_head_stays_tied_to_the_embedding():
     assert n_emb == 1
 
 
+def test_a_causal_lm_traced_with_labels_trains_under_bf16_autocast():
+    """Trainer(bf16=True) crashed at step 0 on GPT-2, Llama and Qwen2 traced with labels: the graph asserted
+    that the logits reaching the loss's `.float()` were float32 (torch.export's dtype check), where autocast
+    gives bfloat16 (a reviewer)."""
+    ids = _tokens()[0]
+    model = _gpt2()
+    pm = pbp_fx.perforate(model, example_kwargs={"input_ids": ids, "labels": ids}, frontend="export")
+    pm.start_dendrite_phase(pool=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = pm(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids)
+    # (the graph, captured in float32, hands out the loss's float() copy of the logits: same values)
+    assert torch.equal(out.logits.float(), want.logits.float()) and torch.equal(out.loss, want.loss)
+    out.loss.backward()
+    assert all(int(s.candidates.steps) == 1 for s in pm.sites.values())
+
+
 # -- train / eval ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
