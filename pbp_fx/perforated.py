@@ -106,6 +106,17 @@ class PerforatedModel(nn.Module):
         if signature is not None and type(self) is PerforatedModel:
             self.__class__ = _with_signature(signature)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            graph = self.__dict__.get("_modules", {}).get("graph_module")
+            if graph is None or name.startswith("_") or not hasattr(graph, name):
+                raise
+        # (not forwarded: a framework probing pm for its own attributes would find the model's children)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}: the model's layers are its "
+                             f"graph's, pm.graph_module.{name}")
+
     def __reduce_ex__(self, protocol):
         # The class with the original's signature is made per model (like fx.GraphModule's):
         # pickle it as a recipe, not by name.

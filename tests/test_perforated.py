@@ -2077,3 +2077,15 @@ def test_save_pretrained_is_refused_in_one_line_naming_what_saves_the_dendrites(
                                                  r"pbp_fx.save\(pm, path\)") as err:
             method("somewhere")
         assert "\n" not in str(err.value)
+
+
+def test_a_layer_asked_of_the_perforated_model_names_where_it_is():
+    """pm.fc after `model = pbp_fx.perforate(model, ...)` was a bare AttributeError (a reviewer); hasattr stays
+    False (a framework probing pm for attributes of its own must not find the model's children)."""
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 3),))
+    with pytest.raises(AttributeError, match=r"^'PerforatedModel' object has no attribute '0': the model's layers are "
+                                             r"its graph's, pm.graph_module.0$"):
+        getattr(pm, "0")
+    assert not hasattr(pm, "0") and getattr(pm.graph_module, "0").out_features == 4
+    with pytest.raises(AttributeError, match=r"^'PerforatedModel' object has no attribute 'nothing'$"):
+        pm.nothing
