@@ -852,9 +852,12 @@ class PhaseController:
             if row["phase"] != "dendrite" or row["decision"] != Decision.CONTINUE.value:
                 break
             epochs += 1
-        per_epoch = int(pools[0].steps) / epochs  # (counted batches: what the warm-up counts)
-        warmup, cap = pools[0].warmup, self.config.max_dendrite_epochs
-        if per_epoch * cap <= warmup:
+        # (counted batches: what the warm-up counts; of the site that counts most: a site no gradient
+        # reaches, an argmax router's, counts none whatever the batches)
+        busiest = max(pools, key=lambda p: int(p.steps))
+        per_epoch = int(busiest.steps) / epochs
+        warmup, cap = busiest.warmup, self.config.max_dendrite_epochs
+        if per_epoch and per_epoch * cap <= warmup:
             self._warned_short_phase = True
             if not self._says:
                 return  # (every rank sees the same counts: rank 0 says it once)

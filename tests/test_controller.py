@@ -913,11 +913,24 @@ def test_an_optimizer_built_over_the_model_before_perforate_is_refused():
     PhaseController(pm, optimizer=torch.optim.Adam(pm.trainable_parameters()))
 
 
-def _run_phases(batches_per_epoch: int, config) -> list:
+class _Routed(nn.Module):
+    """The first site's output reaches the loss only through an argmax: no gradient, no counted batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.router, self.a, self.b = nn.Linear(4, 2), nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        scale = self.router(x).argmax(1, keepdim=True).float() + 1
+        return self.b(torch.relu(self.a(x)) * scale)
+
+
+def _run_phases(batches_per_epoch: int, config, build=None) -> list:
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 4))
+    model = build() if build is not None else nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    pm = pbp_fx.perforate(model, torch.randn(2, 4))
     ctl = PhaseController(pm, config)
     x, y = torch.randn(20 * batches_per_epoch, 4), torch.randint(0, 2, (20 * batches_per_epoch,))
     with warnings.catch_warnings(record=True) as caught:
@@ -939,6 +952,9 @@ def test_epochs_too_short_for_the_statistics_warm_up_are_warned_of_once():
     said = _run_phases(3, config)
     assert len(said) == 1 and "sees 3 batch(es) per epoch" in said[0] and "max_dendrite_epochs=4" in said[0]
     assert _run_phases(3, config.replace(warmup=10)) == []
+    # (the first site's count was read: a router no gradient reaches read "sees 0 batch(es)"; a reviewer)
+    said = _run_phases(3, config, _Routed)
+    assert len(said) == 1 and "sees 3 batch(es) per epoch" in said[0], said
 
 
 @pytest.mark.parametrize("score", [None, "0.5", True, [0.5]])
