@@ -1400,10 +1400,16 @@ def _one_mode(primary_gm: fx.GraphModule, primary: bool, name: str, reason: str,
     mode, other_mode = ("train", "eval") if primary else ("eval", "train")
     reason = (f"its {other_mode}-mode graph takes another path: {reason}" if reason.startswith("the ")
               else f"it cannot be captured in {other_mode} mode" + (f" ({reason})" if reason else ""))
-    fix = (", or move the code that depends on the mode into a submodule (fx keeps one whose forward reads "
-           "self.training whole, so it follows the mode)" if keep_whole else "")
-    warnings.warn(f"{name}: {reason}; the graph follows {mode} mode whatever .train()/.eval() say: trace the model "
-                  f"in the mode you will use it in{fix}", PBWarning, stacklevel=5)
+    # (a PB run trains and then evaluates: one mode does not serve it, the submodule does, under either frontend
+    # choice that reaches fx: torch.export inlines every submodule)
+    fix = ("move the code that depends on the mode into a submodule (fx keeps one whose forward reads "
+           "self.training whole, so it follows the mode)" if keep_whole else
+           "move the code that depends on the mode into a submodule and capture with frontend 'fx' (or 'auto', "
+           "which tries it first): fx keeps a submodule whose forward reads self.training whole, so it follows the "
+           "mode, where torch.export inlines it")
+    warnings.warn(f"{name}: {reason}; the graph follows {mode} mode whatever .train()/.eval() say: {fix}, or trace "
+                  f"the model in the mode you will use it in (a PB run trains and evaluates: it needs both)",
+                  PBWarning, stacklevel=5)
     primary_gm.meta["pbp_modes"] = mode
     primary_gm.meta["pbp_modes_reason"] = reason
     return primary_gm

@@ -1043,7 +1043,11 @@ def test_an_attribute_updated_in_place_is_not_taken_for_one_value_read_twice():
 def test_auto_warns_that_the_export_graph_it_chose_follows_one_mode():
     """The export attempt's warnings were silenced whether or not its graph was chosen: pm.eval()
     then ran the train path (buffer updates included) with no word said."""
-    with pytest.warns(pbp_fx.PBWarning, match="the graph follows train mode whatever"):
+    # (its advice was "trace the model in the mode you will use it in", which a PB run, trained then evaluated,
+    # cannot follow; the submodule fix was offered under fx only: a reviewer)
+    with pytest.warns(pbp_fx.PBWarning, match=r"the graph follows train mode whatever .*: move the code that depends "
+                                              r"on the mode into a submodule and capture with frontend 'fx'.*it needs "
+                                              r"both\)$"):
         pm = pbp_fx.perforate(_RunningCenter(), (torch.randn(4, 8),))
     assert pm.graph_module.meta["pbp_frontend"] == "export" and pm.graph_module.meta["pbp_modes"] == "train"
 
