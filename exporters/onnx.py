@@ -1265,8 +1265,11 @@ def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
     probe = [next(by_tensor).to(device) if isinstance(t, Tensor) else t for t in inputs]
     def outputs() -> list:
         # (an fx GraphModule prints its generated code's frame to stderr before it raises)
+        # (copies: a forward that changes its input in place, x.sub_(mean), would change the next call's
+        # input and the arrays ONNX Runtime reads, which share its memory)
+        given = [t.clone() if isinstance(t, Tensor) else t for t in probe]
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            return [t for t in torch.utils._pytree.tree_leaves(module(*probe)) if isinstance(t, Tensor)]
+            return [t for t in torch.utils._pytree.tree_leaves(module(*given)) if isinstance(t, Tensor)]
 
     try:
         want = outputs()

@@ -1946,3 +1946,28 @@ def test_a_graph_that_follows_train_mode_only_is_warned_of_at_export_with_advice
     assert np.array_equal(whole[:2], half)
     with torch.no_grad():
         assert np.abs(whole - evaluated.eval()(x).numpy()).max() <= 1e-5
+
+
+class _CentresItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.register_buffer("mean", torch.full((8,), 0.5))
+
+    def forward(self, x):
+        x.sub_(self.mean)  # in place, on the caller's tensor
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_forward_that_changes_its_input_in_place_is_checked_at_other_sizes(tmp_path):
+    """The size check called the model twice on one input it changed in place, took the two outputs for a
+    random model's and compared shapes only ("the model's outputs are random"; a reviewer)."""
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(_CentresItsInput().eval(), (torch.randn(4, 8),))
+    pm.grow()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PBWarning)
+        export_onnx(pm.eval(), (torch.randn(4, 8),), tmp_path / "m.onnx")
+    x = torch.randn(5, 8)
+    want = pm(x.clone())
+    np.testing.assert_allclose(run(ort_session(tmp_path / "m.onnx"), x)[0], want.detach().numpy(), atol=1e-5)
