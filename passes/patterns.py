@@ -217,10 +217,13 @@ def computes_as_its_layer(m: nn.Module) -> bool:
             and getattr(cls, "_conv_forward", _STOCK_CONV_FORWARDS[0]) in _STOCK_CONV_FORWARDS)
 
 
+# (said where fx made the choice: under auto, torch.export has been tried already)
+EXPORT_CAPTURES_IT = " (frontend='export', or 'auto', captures the ops of that forward instead)"
+
+
 def own_forward(m: nn.Module) -> NotASite:
     return NotASite(f"its class {type(m).__name__} overrides forward (or _conv_forward), which the site's copies and the finalized "
-                    "and exported layer would not compute (frontend='export', or 'auto', captures the ops of that "
-                    "forward instead)")
+                    f"and exported layer would not compute{EXPORT_CAPTURES_IT}")
 
 
 def linear_or_conv_module(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:

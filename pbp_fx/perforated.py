@@ -869,6 +869,7 @@ def _drop_root_hooks(model: nn.Module, frontend: str, example_inputs: tuple, exa
 def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, include, exclude, mode,
                      activation) -> "PerforatedModel":
     from pbp_fx.passes import find_sites, insert_dendrites
+    from pbp_fx.passes.patterns import EXPORT_CAPTURES_IT
 
     refuse_script_modules(model)  # (a frozen one has no .training to read below)
     # The model's modes by path, before capture puts modules of its own into the copy (an untraceable
@@ -884,8 +885,11 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
     if not specs:  # (one line: what no glob matched, else why the first layer is no site, is the likely cause)
         missed = _selected(not_sites, model, include, exclude)
         if missed and not every_site:
+            reason = missed[0][1].reason
+            if "pbp_frontend_choice" in gm.meta:  # (auto tried torch.export too: its hint is no way out)
+                reason = reason.replace(EXPORT_CAPTURES_IT, "")
             raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__}: its {len(missed)} Linear/Conv "
-                               f"layer(s) are not sites ({missed[0][0]}: {missed[0][1].reason}); "
+                               f"layer(s) are not sites ({missed[0][0]}: {reason}); "
                                "pbp_fx.explain_sites(model, example_inputs) or pbp-fx transform --explain gives each "
                                "one's reason")
         raise NoSitesError(f"no Linear/Conv neuron sites in {type(model).__name__} "

@@ -2089,3 +2089,23 @@ def test_a_layer_asked_of_the_perforated_model_names_where_it_is():
     assert not hasattr(pm, "0") and getattr(pm.graph_module, "0").out_features == 4
     with pytest.raises(AttributeError, match=r"^'PerforatedModel' object has no attribute 'nothing'$"):
         pm.nothing
+
+
+def _prepared_for_qat() -> nn.Module:
+    import torch.ao.quantization as tq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(96, 3))
+    model.qconfig = tq.get_default_qat_qconfig("fbgemm")
+    return tq.prepare_qat(tq.fuse_modules_qat(model.train(), [["0", "1", "2"]]))
+
+
+def test_no_sites_under_auto_does_not_advise_auto():
+    """A prepared-for-QAT model under auto (which had tried torch.export) was told "frontend='export', or
+    'auto', captures the ops of that forward instead" (a reviewer)."""
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(pbp_fx.NoSitesError) as auto:
+        pbp_fx.perforate(_prepared_for_qat(), (x,))
+    assert "overrides forward" in str(auto.value) and "or 'auto'" not in str(auto.value), str(auto.value)
+    with pytest.raises(pbp_fx.NoSitesError, match=r"frontend='export', or 'auto', captures the ops"):
+        pbp_fx.perforate(_prepared_for_qat(), (x,), frontend="fx")
