@@ -579,7 +579,7 @@ def markdown(summary: list[dict], pairs: list[dict], text: str, header: str, sco
         return "–" if key not in s else (fmt if s["n"] > 1 else fmt.split(" ± ")[0]).format(s[key], s[key + "_sd"])
 
     by_arm = {p["arm"]: p for p in pairs}
-    lines = [header, "", f"| arm | n | {score.label()} | Δ vs pb (paired) | params | ONNX Runtime ms | train s | "
+    lines = [header, "", f"| arm | n | {score.label()} | Δ vs pb (paired) | params | ONNX Runtime ms (example inputs, 1 thread) | train s | "
              "epochs | width |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
@@ -814,8 +814,10 @@ def _spec_ident(spec: "RunSpec") -> list:
 
 
 def _run_all(model_file, specs, config, training, include, exclude, latency, jobs, echo,
-             score: Score = ACCURACY, kept: Optional[KeptRuns] = None) -> list[dict]:
-    """Every spec's row, in order: a kept one as it was, the others trained (and kept)."""
+             score: Score = ACCURACY, kept: Optional[KeptRuns] = None, told: Optional[set] = None) -> list[dict]:
+    """Every spec's row, in order: a kept one as it was, the others trained (and kept). told: the
+    warnings said so far in the comparison, (arm, text) (`_said`)."""
+    told = set() if told is None else told
     rows: dict[int, dict] = {}
     for i, spec in enumerate(specs):
         row = kept.row(spec) if kept is not None else None
@@ -840,16 +842,16 @@ def _run_all(model_file, specs, config, training, include, exclude, latency, job
             try:
                 with interrupts_kept(sigterm=False) as seen:
                     for i, a in zip(todo, args):
-                        finished(i, _said(*_arm_with_warnings(*a)))
+                        finished(i, _said(*_arm_with_warnings(*a), told))
                         if seen.received:  # (a Ctrl-C dropped in a weakref callback or a __del__, or swallowed)
                             raise seen.received[-1]()
             finally:
                 torch.set_num_threads(threads)
         else:
-            _run_in_workers(min(jobs, len(todo)), args, lambda k, row: finished(todo[k], _said(*row)))
+            _run_in_workers(min(jobs, len(todo)), args, lambda k, row: finished(todo[k], _said(*row, told)))
     except BaseException as exc:  # (an arm's error: the warnings it gave first, then the error)
         spec, said = getattr(exc, "pbp_fx_warnings", (None, ()))
-        _said(None, spec, said)
+        _said(None, spec, said, told)
         raise
     return [rows[i] for i in range(len(specs))]
 
@@ -877,10 +879,15 @@ def _arm_with_warnings(*args) -> tuple[dict, RunSpec, list]:
     return row, args[1], kept(caught)
 
 
-def _said(row: dict, spec: RunSpec, said: list) -> dict:
+def _said(row: dict, spec: RunSpec, said: list, told: Optional[set] = None) -> dict:
     """Say a run's warnings in this process, each naming its arm and seed (the CLI prints them as
-    its own one-line warnings; a worker's printed in Python's format, naming neither); the row."""
+    its own one-line warnings; a worker's printed in Python's format, naming neither); the row.
+    told: (arm, text) said already at another seed, left out (a setting's warning at every seed)."""
     for category, text, filename, lineno in said:
+        if told is not None and (spec.arm, text) in told:
+            continue
+        if told is not None:
+            told.add((spec.arm, text))
         warnings.warn_explicit(f"{spec.arm} at seed {spec.seed}: {text}", category, filename, lineno)
     return row
 
@@ -1178,17 +1185,18 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
                           "seeds": seed_list, "arms": arms, "config": config.to_dict(), "training": training.to_dict(),
                           "include": include, "exclude": exclude, "latency": latency}, echo)
     # Seed by seed (all seeds at once with jobs > 1): every finished seed is a complete pairing.
-    rows = list(given)
+    rows, told = list(given), set()  # (told: the warnings said, each once per arm whatever its seeds)
     try:
         for wave in ([seed_list] if jobs > 1 else [[s] for s in seed_list]):
             first = [RunSpec(a, s, 1.0 if a == "original" else width) for s in wave for a in arms
                      if a != "plain-matched"]
-            rows += _run_all(model_file, first, config, training, include, exclude, latency, jobs, echo, score, kept)
+            rows += _run_all(model_file, first, config, training, include, exclude, latency, jobs, echo, score, kept,
+                             told)
             if "plain-matched" in arms:
                 pb = {r["seed"]: r["params"] for r in rows if r["arm"] == "pb" and "skipped" not in r}
                 matched = [RunSpec("plain-matched", s, width, float(pb[s])) for s in wave if s in pb]
                 rows += _run_all(model_file, matched, config, training, include, exclude, latency, jobs, echo, score,
-                                 kept)
+                                 kept, told)
     except KeyboardInterrupt as exc:  # (Ctrl-C or SIGTERM)
         if kept.path is None or not kept.entries:
             raise
@@ -1211,8 +1219,10 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     header = (f"`{os.path.basename(name)}` at width {shown}: test {score.metric}{' (%)' if score.unit else ''} "
               f"at best validation{'' if config.maximize else ' (lower is better)'}, mean ± sd over "
               f"{seeds} seed(s){'; Δ = arm − pb per seed' if 'pb' in arms or given else ' (no pb arm: no Δ)'}. Budget: epochs ≤ {training.epochs}, patience "
-              f"{config.patience}, max_dendrites {config.max_dendrites}, dendrite phase ≤ "
-              f"{config.max_dendrite_epochs} epochs, Adam lr {training.lr}, batch {training.batch_size}.")
+              f"{config.patience}{'' if config.neuron_epochs is None else f', neuron phases ≤ {config.neuron_epochs} epochs'}"
+              f", max_dendrites {config.max_dendrites}, retries {config.retries}, dendrite phase ≤ "
+              f"{config.max_dendrite_epochs} epochs (patience {config.dendrite_patience}), Adam lr {training.lr}, "
+              f"batch {training.batch_size}.")
     result = {"model": name, "width": width, "built_width": built, "seeds": seed_list, "arms": arms, "metric": score.metric,
               "score_scale": score.scale, "config": config.to_dict(),
               "training": training.to_dict(), "include": include, "exclude": exclude, "runs": rows, "summary": summary,

@@ -1280,3 +1280,18 @@ def test_arms_at_the_same_point_stay_visible_in_the_plot():
             assert all(a > b for a, b in zip(sizes, sizes[1:]))
     finally:
         plt.close(fig)
+
+
+def test_a_runs_warning_is_said_once_per_arm_not_at_every_seed(tiny, tmp_path):
+    """The dendrite phase's warm-up warning (a setting's, the same at every seed) was said once per seed;
+    the budget header left out retries and the dendrite patience (a reviewer)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = compare(tiny, seeds=2, arms=["plain", "pb"], latency=False, echo=lambda _s: None,
+                         out=str(tmp_path / "cmp"), **BUDGET)
+    warm = [str(w.message) for w in caught if "statistics warm up" in str(w.message)]
+    assert len(warm) == 1 and warm[0].startswith("pb at seed 0: "), warm
+    assert {r["seed"] for r in result["runs"] if r["arm"] == "pb"} == {0, 1}
+    report = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "retries 0, dendrite phase ≤ 2 epochs (patience 1)" in report.splitlines()[0]
+    assert "| ONNX Runtime ms (example inputs, 1 thread) |" in report
