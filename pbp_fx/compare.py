@@ -619,12 +619,14 @@ def figure(plt, summary: list[dict], title: str, score: Score):
     for i, s in enumerate(s for s in summary if s["n"]):
         style = {"marker": ARM_MARKERS[i % len(ARM_MARKERS)], "markersize": 13.0 * 0.82 ** i,
                  "markerfacecolor": "none", "markeredgewidth": 1.6, "linestyle": "none", "capsize": 3}
-        for ax, key, label in ((axes[0], "params", "parameters"), (axes[1], "latency_ms", "ONNX Runtime latency (ms)")):
+        for ax, key, label in ((axes[0], "params", "parameters"),
+                               (axes[1], "latency_ms", "ONNX Runtime latency (ms, example inputs, 1 thread)")):
             if key in s:
                 ax.errorbar(s[key], s["test"], xerr=s[key + "_sd"], yerr=s["test_sd"], label=s["arm"], **style)
                 ax.set_xlabel(label)
     for ax in axes:
-        ax.set_ylabel(f"test {score.metric} at best validation" + (" (%)" if score.unit else ""))
+        ax.set_ylabel(f"test {score.metric} at best validation" + (" (%)" if score.unit else "")
+                      + ("" if score.maximize else ", lower is better"))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         else:

@@ -1280,6 +1280,11 @@ def test_arms_at_the_same_point_stay_visible_in_the_plot():
             assert all(a > b for a, b in zip(sizes, sizes[1:]))
     finally:
         plt.close(fig)
+    fig = figure(plt, summarize(rows), "", Score("mae", maximize=False))  # (no direction was given: a reviewer)
+    try:
+        assert all(ax.get_ylabel() == "test mae at best validation, lower is better" for ax in fig.axes)
+    finally:
+        plt.close(fig)
 
 
 def test_a_runs_warning_is_said_once_per_arm_not_at_every_seed(tiny, tmp_path):
