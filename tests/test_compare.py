@@ -574,18 +574,23 @@ def test_a_model_files_own_metric_named_accuracy_is_in_its_own_units(tmp_path):
     assert _check(str(path), ["plain"], 1, 1.0, 1, None, PBConfig(), TrainConfig(), None, None)[0].metric == "metric"
 
 
+def _interrupted_at(n: int, real, calls: list):
+    """A run_arm stand-in that records each spec in `calls` and raises KeyboardInterrupt at the n-th run."""
+    def run(*args):
+        calls.append(args[1])
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args)
+    return run
+
+
 def test_an_interrupted_comparison_continues_from_its_finished_runs(tiny, tmp_path, monkeypatch, capsys):
     """Ctrl-C after 3 of 6 runs lost them all; the same call now trains only the 3 left, and the
     report equals that of a comparison never interrupted (scores, parameters, epochs)."""
     cmp = importlib.import_module("pbp_fx.compare")  # (pbp_fx.compare is also the function)
 
     real, calls = cmp.run_arm, []
-
-    def interrupted_at_the_fourth(*args):
-        calls.append(args[1])
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*args)
+    interrupted_at_the_fourth = _interrupted_at(4, real, calls)
 
     out = tmp_path / "cmp"
     kw = dict(seeds=2, arms=["plain", "restarts", "pb"], latency=False, echo=print, **BUDGET)
@@ -663,12 +668,7 @@ def test_a_model_built_otherwise_from_the_same_file_is_another_model(tmp_path, m
     assert main(["compare", "--pb-run", run, "--arms", "plain", "--no-latency"]) == 0
     # An interrupted comparison is not continued at another width read from the config.
     real, calls = cmp.run_arm, []
-
-    def interrupted_at_the_second(*args):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
+    interrupted_at_the_second = _interrupted_at(2, real, calls)
 
     out, kw = tmp_path / "cmp", dict(seeds=2, arms=["plain"], latency=False, echo=print, **BUDGET)
     monkeypatch.setattr(cmp, "run_arm", interrupted_at_the_second)
