@@ -33,6 +33,7 @@ from .fileio import atomic_write
 from .perforated import PerforatedModel, perforate, perforated_inside, set_module_modes
 from .inputs import describe_inputs, inputs_from_signature, same_pattern
 from .site import Site, is_wide_statistic, pool_settings
+from .tracing import is_lifted_constant
 
 __all__ = ["save", "load", "load_optimizer", "read_structure", "read_extra", "read_meta", "FORMAT"]
 
@@ -604,7 +605,8 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     if _same_inputs(meta.get("capture"), pm, example_inputs, example_kwargs):
         _warn_other_graph(pm, st.get("ops"), path)
     plain = meta.get("plain", {})
-    state = _collect("model/", tensors, plain)
+    # (constants torch.export lifted out of the forward, saved by pbp-fx before stop 49 under their capture's names)
+    state = {k: v for k, v in _collect("model/", tensors, plain).items() if not is_lifted_constant(k)}
     _check_shapes(pm, state, path)  # (before restore_structure copies in every tensor that fits: a half-loaded model)
     try:
         restore_structure(pm, state, st, meta.get("config"), frozen=meta.get("frozen"))
