@@ -344,6 +344,8 @@ class PhaseController:
                          "step to lower the closure's loss, which candidates do not change (they follow the error's "
                          "covariance), so it steps 0 in every dendrite phase: use line_search_fn=None")
         self._capped: list = []  # (group, its lr) that `_cap_dendrite_lr` lowered for one step
+        # Parameters the optimizer held at a dendrite phase's first step (None: not counted yet this phase).
+        self._phase_params: Optional[int] = None
         self._maximizing: list[int] = []  # groups with maximize=True, set False for a dendrite phase
         self.optimizer_steps = 0  # steps of self.optimizer (its post-step hook counts them)
         self.phase_steps_from = 0  # optimizer_steps at the last rebind
@@ -594,6 +596,7 @@ class PhaseController:
         target = self.config.candidate_lr
         scale = []
         self.phase_start_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+        self._phase_params = None  # (counted at the phase's first step)
         for g in self.optimizer.param_groups:
             lr = float(g["lr"])
             # A group at lr 0 (frozen by the user, or where its schedule reaches 0) has no factor to
@@ -622,6 +625,11 @@ class PhaseController:
         self._uncap_dendrite_lr(optimizer, args, kwargs)  # (a step that raised left its cap)
         if self.lr_scale is None:
             return
+        held = sum(len(g["params"]) for g in optimizer.param_groups)
+        if held != self._phase_params:  # (a group added mid-phase: a framework thawing layers, BackboneFinetuning)
+            if self._phase_params is not None:
+                self._hold_thawed_neurons()
+            self._phase_params = held
         cap = self.config.candidate_lr
         starts = self.phase_start_lrs or [None] * len(optimizer.param_groups)
         for g, start in zip(optimizer.param_groups, starts):
@@ -632,6 +640,15 @@ class PhaseController:
                     lr.fill_(cap)
                 else:
                     g["lr"] = cap
+
+    def _hold_thawed_neurons(self) -> None:
+        """Neurons made trainable inside a dendrite phase stay still until it ends (said once a phase)."""
+        held = self.pm.hold_trainable_neurons()
+        if held and self._says:
+            warn_at_user(f"{len(held)} parameter(s) of the perforated model were made trainable during a dendrite "
+                         f"phase ({held[0]}{', ...' if len(held) > 1 else ''}; a BackboneFinetuning-style thaw): "
+                         "they stay still until the phase ends and train from then on, since the candidates learn "
+                         "the error of a model that does not change")
 
     def applied_lr(self, lr: float, group: int = 0) -> float:
         """The rate an optimizer step applies to param group `group` scheduled at `lr`: in a
@@ -664,7 +681,7 @@ class PhaseController:
             return
         self._rescale_schedulers(self.lr_scale, entering=False)
         self._release_plateaus()
-        self.lr_scale = self.phase_start_lrs = None
+        self.lr_scale = self.phase_start_lrs = self._phase_params = None
 
     def _unscale_groups(self) -> None:
         """The optimizer's groups from the dendrite phase's rates back to the neuron run's."""

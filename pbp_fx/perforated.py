@@ -605,6 +605,23 @@ class PerforatedModel(nn.Module):
                     buffers[name].copy_(value)
         self._hold_buffers({})
 
+    def hold_trainable_neurons(self) -> list[str]:
+        """In a dendrite phase: the parameters outside the candidate pools made trainable since the phase
+        began (Lightning's BackboneFinetuning thaws a backbone at its epoch), frozen again until the phase
+        ends, which thaws them with its own (the candidates train against a model that stays still);
+        their names."""
+        if self.phase != "dendrite":
+            return []
+        cand = {id(p) for s in self.sites.values() for p in s.candidates.parameters()}
+        held = []
+        for name, p in self.named_parameters():
+            if id(p) not in cand and p.requires_grad:
+                p.requires_grad_(False)
+                p.grad = None
+                self._thaw.append(name)
+                held.append(name)
+        return held
+
     def frozen_parameters(self) -> list[str]:
         """The names of the parameters frozen other than by a dendrite phase (which thaws its own at
         its end), candidates aside: what a checkpoint records, so that a resumed run trains the same set."""

@@ -1499,3 +1499,34 @@ def test_loading_the_controller_after_the_optimizer_says_it_clears_the_optimizer
         warnings.simplefilter("error", pbp_fx.PBWarning)
         later.load_state_dict(saved["ctl"], keep_optimizer_state=True)
     assert sum(1 for s in later.optimizer.state.values() if s) == 4
+
+
+def test_a_neuron_thawed_inside_a_dendrite_phase_stays_still_until_it_ends():
+    """Lightning's BackboneFinetuning thawed a frozen first layer mid-phase and added its group: the
+    neurons trained inside the dendrite phase (its score moved), with no word (a reviewer)."""
+    torch.manual_seed(0)
+    pm = _pm()
+    first = pm.graph_module.get_submodule("0")
+    first.requires_grad_(False)
+    ctl = PhaseController(pm, patience=1, dendrite_patience=5, max_dendrite_epochs=5,
+                          optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1))
+    _run(ctl, [0.5, 0.5])
+    assert pm.phase == "dendrite"
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+
+    def step():
+        ctl.optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(pm(x), y).backward()
+        ctl.optimizer.step()
+
+    step()
+    first.requires_grad_(True)  # the thaw, and its group, as BackboneFinetuning adds them
+    ctl.optimizer.add_param_group({"params": list(first.parameters()), "lr": 0.05})
+    before = first.weight.detach().clone()
+    with pytest.warns(pbp_fx.PBWarning, match=r"^2 parameter\(s\) of the perforated model were made trainable during "
+                                              r"a dendrite phase \(graph_module.0.weight, ...;"):
+        step()
+    step()
+    assert torch.equal(first.weight, before) and not first.weight.requires_grad
+    ctl.pm.install_candidates()  # the phase ends: it trains from then on
+    assert first.weight.requires_grad
