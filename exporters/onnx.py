@@ -64,7 +64,7 @@ from pbp_fx.tracing import batch_size, buffers_kept, copy_module, ignore_spec_co
 from . import clip_after_site, output_weight_into_readers
 from .direct import plain_output_names
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
-from .ort import MIN_BATCH_KEY
+from .ort import MAX_BATCH_KEY, MIN_BATCH_KEY
 
 __all__ = ["export_onnx", "check_other_sizes", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS",
            "MIN_OPSET", "MAX_OPSET"]
@@ -1165,7 +1165,7 @@ def _strip_trace_metadata(proto: onnx.ModelProto) -> None:
 
 
 def _set_metadata(proto: onnx.ModelProto, dendrites: dict[str, int], activation: str, fused: bool,
-                  min_batch: int = 1) -> None:
+                  min_batch: int = 1, max_batch: Optional[int] = None) -> None:
     import pbp_fx
 
     values = {
@@ -1178,6 +1178,8 @@ def _set_metadata(proto: onnx.ModelProto, dendrites: dict[str, int], activation:
     }
     if min_batch > 1:  # (the smallest batch the file computes the model's outputs at: ort.run refuses smaller)
         values[MIN_BATCH_KEY] = str(min_batch)
+    if max_batch is not None:  # (and the largest: ort.run refuses larger)
+        values[MAX_BATCH_KEY] = str(max_batch)
     kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in values]
     del proto.metadata_props[:]
     for k, v in kept + list(values.items()):
@@ -1223,7 +1225,8 @@ class SizeCheck(NamedTuple):
 
 
 def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
-                      axes: Optional[set] = None, small: bool = False, least: int = 1) -> SizeCheck:
+                      axes: Optional[set] = None, small: bool = False, least: int = 1,
+                      most: Optional[int] = None) -> SizeCheck:
     """Run the ONNX file `model` (a path, its bytes, or an ONNX Runtime session of it) with every
     dynamic dim of its inputs doubled (`_doubled`; small: made 2 long, or 3 where the example's is 2,
     `_resized`, which costs a forward of 2 or 3 samples where doubling costs two of the example's) and
@@ -1233,8 +1236,8 @@ def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
     onnxruntime or no kernel of it for the file), what differs there in a line (or None), why
     those sizes were not compared (the model itself refuses them, a bounded axis, or gives NaN/Inf
     there; a model whose outputs are random has only their shapes compared), and how the sizes were
-    made. least: the smallest dim 0 the file computes right (its min_batch): a small dim 0 under it is
-    doubled instead. torch.onnx writes some ops for the example's sizes only while it declares the axis
+    made. least, most: the dim-0 sizes the file computes right (its min_batch, max_batch): dim 0 is
+    made another size within them (left as it is when there is none). torch.onnx writes some ops for the example's sizes only while it declares the axis
     dynamic (an adaptive pooling's kernel, a sequence-first GRU's length)."""
     from .ort import ort_session, output_difference, run
 
@@ -1252,8 +1255,13 @@ def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
         t = t.detach().cpu()
         for dim, d in enumerate(value.shape):
             if isinstance(d, str) and (axes is None or d in axes) and dim < t.dim() and t.shape[dim]:
-                size = 3 if t.shape[dim] == 2 else 2
-                t = _resized(t, dim, size) if small and not (dim == 0 and size < least) else _doubled(t, dim)
+                size = (3 if t.shape[dim] == 2 else 2) if small else 2 * t.shape[dim]
+                if dim == 0 and (size < least or (most is not None and size > most)):
+                    size = next((n for n in (2 * t.shape[0], t.shape[0] + 1, t.shape[0] - 1)
+                                 if n >= least and (most is None or n <= most)), None)
+                    if size is None:  # (the file takes the example's batch alone)
+                        continue
+                t = _resized(t, dim, size)
                 grown.append(f"{d}={t.shape[dim]}")
         doubled.append(t)
     how = "another size than the example's" if small else "twice the example's"
@@ -1402,16 +1410,18 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     inputs = graph_inputs(model, example_inputs, example_kwargs)
     _warn_train_mode_only(model)
     module, dendrites, activation = _prepare(model)
-    # (a torch.export capture whose forward branches on the batch size holds the branch of 2 or more)
-    min_batch = getattr(module, "meta", {}).get("pbp_min_batch", 1)
+    # (a torch.export capture whose forward branches on the batch size holds the example's branch)
+    meta = getattr(module, "meta", {})
+    min_batch, max_batch = meta.get("pbp_min_batch", 1), meta.get("pbp_max_batch")
+    sizes = f"{min_batch} or more" if max_batch is None else f"{min_batch} to {max_batch}"
     # (dim 0 named by dynamic_axes is as dynamic as the batch axis)
     dim_0_dynamic = dynamic_batch or any(0 in dims for dims in axes.values())
-    if min_batch > 1 and batch_size(inputs, {}) < min_batch:
-        given = batch_size(inputs, {})
+    given = batch_size(inputs, {})
+    if given and (given < min_batch or (max_batch is not None and given > max_batch)):
         raise ExportError(f"the model computes other outputs at a batch of {given} than its graph, which torch.export "
-                          f"captured for batches of {min_batch} or more (its forward branches on the batch size): "
-                          f"export it with an example of that many samples, or perforate the model with a batch-{given} "
-                          "example for such calls")
+                          f"captured for batches of {sizes} (its forward branches on the batch size): export it with "
+                          f"an example of {sizes} samples, or perforate the model with a batch-{given} example for "
+                          "such calls")
     projected = next((name for name, m in module.named_modules() if isinstance(m, nn.LSTM) and m.proj_size), None)
     if projected is not None:  # (torch.onnx writes the plain model so too: measured with torch 2.13)
         raise ExportError(f"LSTM {projected!r} has proj_size={module.get_submodule(projected).proj_size}, which "
@@ -1450,7 +1460,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                     "its eval-mode path (a train-only branch, or code the example inputs do not reach)", n_fused,
                     expected)
     _strip_trace_metadata(proto)
-    _set_metadata(proto, dendrites, activation, fused, min_batch if dim_0_dynamic else 1)
+    _set_metadata(proto, dendrites, activation, fused, *((min_batch, max_batch) if dim_0_dynamic else (1, None)))
     proto.ir_version = _ir_version(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -1477,15 +1487,16 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     if dynamic_batch:
         checks.append(({"batch"}, True, "export with dynamic_batch=False (pbp-fx export --static-batch)"))
     for names, small, fix in checks:
-        checked = check_other_sizes(body, module, inputs, names, small, least=min_batch if dim_0_dynamic else 1)
+        checked = check_other_sizes(body, module, inputs, names, small,
+                                    *((min_batch, max_batch) if dim_0_dynamic else (1, None)))
         if checked.problem is not None:
             raise ExportError(f"{checked.problem}: {fix}")
         if checked.unchecked is not None:
             warn_at_user(f"dynamic axes not checked at {checked.sizes} ({checked.how}): {checked.unchecked}")
-    if min_batch > 1 and dim_0_dynamic:
-        warn_at_user(f"the ONNX file computes the model's outputs at batches of {min_batch} or more only (torch.export "
+    if (min_batch > 1 or max_batch is not None) and dim_0_dynamic:
+        warn_at_user(f"the ONNX file computes the model's outputs at batches of {sizes} only (torch.export "
                      "captured the forward's branch on the batch size for those): pbp_fx.exporters.run and pbp-fx run "
-                     "refuse smaller batches; perforate the model with a batch-1 example for batch-1 calls")
+                     "refuse other batches; perforate the model with an example of the other batch for those calls")
     _write_atomic(body, target)
     log.info("exported %s (%s, %d fused node(s), opset %d)", target, "fused" if fused else "unfused",
              n_fused, _default_opset(proto))

@@ -36,10 +36,11 @@ _NP_TYPES = {
 
 
 MIN_BATCH_KEY = "pbp_fx.min_batch"  # ONNX metadata: the smallest batch the file computes right
+MAX_BATCH_KEY = "pbp_fx.max_batch"  # ... and the largest, where torch.export bounded it
 
 
 class BatchSizeError(PBError, ValueError):
-    """Inputs with fewer samples than the ONNX file computes right (its MIN_BATCH_KEY)."""
+    """Inputs with fewer (or more) samples than the ONNX file computes right (its MIN_BATCH_KEY, MAX_BATCH_KEY)."""
 
 
 class RuntimeUnavailableError(PBError, RuntimeError):
@@ -113,7 +114,7 @@ def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", thre
             "libraries missing): check `nvidia-smi` and the onnxruntime-gpu CUDA requirements, "
             "or use device='cpu'")
     sess.provider = chosen
-    sess.min_batch = _min_batch(sess)  # (read once: run() checks it at every call)
+    sess.batch_range = _batch_range(sess)  # (read once: run() checks it at every call)
     log.info("ort_session: %s runs %s (device=%r, threads=%s)", chosen,
              "<bytes>" if isinstance(model, bytes) else model, device, threads or "default")
     return sess
@@ -137,7 +138,7 @@ def run(session, inputs: Union[Mapping[str, Any], Sequence[Any], np.ndarray]) ->
 
     inputs: {name: array}, or a tuple/list of arrays in the graph's input order, or one
     array. Torch tensors are accepted too; arrays are cast to the input's ONNX type.
-    A BatchSizeError for a batch smaller than the file computes right (its MIN_BATCH_KEY).
+    A BatchSizeError for a batch the file does not compute right (its MIN_BATCH_KEY, MAX_BATCH_KEY).
     """
     specs = session.get_inputs()
     types = {i.name: i.type for i in specs}
@@ -152,31 +153,34 @@ def run(session, inputs: Union[Mapping[str, Any], Sequence[Any], np.ndarray]) ->
         if len(inputs) != len(specs):
             raise ValueError(f"got {len(inputs)} input(s), the model takes {len(specs)}: {list(types)}")
         feed = {s.name: _to_numpy(v, s.type) for s, v in zip(specs, inputs)}
-    _check_min_batch(session, feed)
+    _check_batch(session, feed)
     return session.run(None, feed)
 
 
-def _check_min_batch(session, feed: dict) -> None:
-    """A BatchSizeError where every input with a dynamic dim 0 has fewer samples than the file's
-    smallest right batch (written by export_onnx for a forward that branches on the batch size)."""
-    least = getattr(session, "min_batch", None)
-    if least is None:  # (a session ort_session did not make)
-        least = _min_batch(session)
-    if least <= 1:
+def _check_batch(session, feed: dict) -> None:
+    """A BatchSizeError where the inputs with a dynamic dim 0 have a batch outside the sizes the file
+    computes right (written by export_onnx for a forward that branches on the batch size)."""
+    bounds = getattr(session, "batch_range", None)
+    least, most = bounds if bounds is not None else _batch_range(session)  # (a session ort_session did not make)
+    if least <= 1 and most is None:
         return
     sizes = [feed[s.name].shape[0] for s in session.get_inputs()
              if s.shape and isinstance(s.shape[0], str) and s.name in feed and feed[s.name].ndim]
-    if sizes and max(sizes) < least:
-        raise BatchSizeError(f"a batch of {max(sizes)}: this ONNX file computes the model's outputs at batches of "
-                             f"{least} or more only (the forward branches on the batch size, and torch.export "
-                             f"captured the branch for {least} or more); give {least} or more samples, or export a "
-                             "model perforated with a batch-1 example for batch-1 calls")
+    if not sizes:
+        return
+    batch = max(sizes)
+    if batch < least or (most is not None and batch > most):
+        allowed = f"{least} or more" if most is None else f"{least} to {most}"
+        raise BatchSizeError(f"a batch of {batch}: this ONNX file computes the model's outputs at batches of "
+                             f"{allowed} only (the forward branches on the batch size, and torch.export captured the "
+                             f"branch for those); give {allowed} samples, or export a model perforated with a "
+                             f"batch-{batch} example for such calls")
 
 
-def _min_batch(session) -> int:
-    """The file's MIN_BATCH_KEY (1 where it has none)."""
+def _batch_range(session) -> tuple[int, Optional[int]]:
+    """The file's (MIN_BATCH_KEY, MAX_BATCH_KEY): (1, None) where it has neither."""
     meta = session.get_modelmeta().custom_metadata_map if hasattr(session, "get_modelmeta") else {}
-    return int(meta.get(MIN_BATCH_KEY, 1))
+    return int(meta.get(MIN_BATCH_KEY, 1)), (int(meta[MAX_BATCH_KEY]) if MAX_BATCH_KEY in meta else None)
 
 
 def output_difference(got, want) -> tuple[float, float]:

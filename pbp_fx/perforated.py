@@ -338,13 +338,15 @@ class PerforatedModel(nn.Module):
         return out if spec is None else pytree.tree_unflatten(pytree.tree_leaves(out), spec)
 
     def _call_graph(self, graph: fx.GraphModule, args: tuple, kwargs: dict):
-        least = self.graph_module.meta.get("pbp_min_batch", 1)
-        if least > 1 and batch_size(args, kwargs) < least:
-            given = batch_size(args, kwargs)
+        least, most = self.graph_module.meta.get("pbp_min_batch", 1), self.graph_module.meta.get("pbp_max_batch")
+        given = batch_size(args, kwargs) if least > 1 or most is not None else 0
+        if given and (given < least or (most is not None and given > most)):
+            sizes = f"{least} or more" if most is None else f"{least} to {most}"
+            loader = " (DataLoader(drop_last=True))" if most is None else ""
             raise CallError(f"{self._model_name()}'s forward computes other outputs at a batch of {given} than its "
-                            f"graph, which torch.export captured for batches of {least} or more (the forward branches "
-                            f"on the batch size): call it with batches of {least} or more (DataLoader(drop_last=True)), "
-                            f"or perforate it with a batch-{given} example for such calls")
+                            f"graph, which torch.export captured for batches of {sizes} (the forward branches on the "
+                            f"batch size): call it with batches of {sizes}{loader}, or perforate it with a batch-{given} "
+                            "example for such calls")
         try:
             return graph(*args, **kwargs)
         except RuntimeError as exc:

@@ -25,7 +25,8 @@ Both frontends capture the model in train and in eval mode and merge the two
     pbp_modes_reason  why the graph follows one mode only (absent when it follows both)
     pbp_dynamic    export: "auto" (dynamic dims) | "batch" (dynamic batch only) | "static"
     pbp_min_batch  export: the smallest batch the graph computes the model's outputs at, where more than 1 (2 where
-                   it computes others at a batch of 1; torch.export's lower bound where that is more than 2)
+                   it computes others at a batch of 1; torch.export's lower bound where the model runs below it)
+    pbp_max_batch  export: the largest, where torch.export bounds the batch and the model runs above it
     pbp_call       a CallSignature: how the graph is called like the model (with example inputs)
     pbp_leaves / pbp_untraceable               fx: leaf modules / those isolated (kept whole)
     pbp_mode_leaves  fx: submodules kept whole because their Python branches on `.training`
@@ -796,24 +797,73 @@ def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> f
             raise TraceError(f"forward fills buffer {filled[0]!r}, registered as None, with a tensor, which "
                              "torch.export writes into an input instead; register it with a tensor, e.g. torch.zeros")
         gm = _rehome(ep.module(), model)
-        gm.meta["pbp_batch_lower"] = _batch_lower_bound(ep)
+        if dims != "static":
+            gm.meta["pbp_batch_range"] = _batch_range(ep)
         if dims != "static" and batch_of_one(args, kwargs):
             _check_on_example(model, gm, args, kwargs)
         return gm
 
 
-def _batch_lower_bound(ep) -> int:
-    """The smallest batch an export capture takes: the lower end of torch.export's range for its inputs'
-    dynamic dim 0 (2 for a plain dynamic batch; more where the forward branches on the batch size at a
-    larger threshold, `if x.shape[0] > 3`, whose branch of the example the graph keeps); 1 without one."""
-    least = 1
+def _batch_range(ep) -> tuple[int, Optional[int]]:
+    """The dim-0 sizes an export capture takes: torch.export's range for its inputs' dynamic dim 0, (2, None)
+    for a plain dynamic batch; narrower where the forward branches on the batch size (`if x.shape[0] > 3`
+    keeps the example's branch: 4 and up, or 2 to 3) or where the model itself needs it (a kernel over a
+    sequence-first input's time); (1, None) without a dynamic dim 0."""
+    least, most = 1, None
     for node in ep.graph.nodes:
         val = node.meta.get("val") if node.op == "placeholder" else None
         if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
             bounds = ep.range_constraints.get(val.shape[0].node.expr)
-            if bounds is not None and bounds.lower.is_finite:
-                least = max(least, int(bounds.lower))
-    return least
+            if bounds is None:
+                continue
+            low, high = _whole(bounds.lower), _whole(bounds.upper)
+            if low is not None:
+                least = max(least, low)
+            if high is not None:
+                most = high if most is None else min(most, high)
+    return least, most
+
+
+def _whole(bound) -> Optional[int]:
+    """A range end as an int; None for an infinite one (torch's int_oo, sympy's oo) or anything else."""
+    try:
+        value = float(bound)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return int(value) if math.isfinite(value) and value == int(value) else None
+
+
+def _with_batch(args: tuple, kwargs: dict, n: int) -> Optional[tuple[tuple, dict]]:
+    """The example with every tensor input's dim 0 made n long (its samples repeated in order), when every
+    tensor input has one dim-0 size; else None."""
+    tensors = _batched(args, kwargs)
+    if not tensors or len({t.shape[0] for t in tensors}) != 1 or n < 1:
+        return None
+    index = torch.arange(n) % tensors[0].shape[0]
+    return pytree.tree_map(lambda t: t[index.to(t.device)] if isinstance(t, torch.Tensor) and t.dim() > 0 else t,
+                           (args, kwargs))
+
+
+def _model_runs(model: nn.Module, inputs: Optional[tuple[tuple, dict]]) -> bool:
+    """Whether the model itself runs on these inputs (buffers and random state kept)."""
+    if inputs is None:
+        return False
+    try:
+        with torch.no_grad(), buffers_kept(model), torch.random.fork_rng(devices=[]):
+            model(*inputs[0], **inputs[1])
+    except Exception:  # noqa: BLE001 - (the model's own limit: a kernel longer than the sequence)
+        return False
+    return True
+
+
+def _branch_bounds(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[int, Optional[int]]:
+    """(min_batch, max_batch) of a dynamic capture where its batch range is narrower than the sizes the model
+    itself takes (a forward that branches on the batch size: the graph computes the example's branch
+    beyond it); (1, None) where not. A bound the model has too (a kernel over dim 0) is its own limit."""
+    least, most = gm.meta.pop("pbp_batch_range", (1, None))
+    low = least if least > 2 and _model_runs(model, _with_batch(args, kwargs, least - 1)) else 1
+    high = most if most is not None and _model_runs(model, _with_batch(args, kwargs, most + 1)) else None
+    return low, high
 
 
 def batch_size(args: tuple, kwargs: dict) -> int:
@@ -1343,16 +1393,19 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
             if retried.graph_module is not None:
                 log.info("trace: the modes merged with a dynamic batch only (every-dim captures: %s)", result.reason)
                 gm, result, dims = batch_gm, retried, "batch"
-    least = gm.meta.get("pbp_batch_lower", 1)
+    least, most = _branch_bounds(model, gm, args, kwargs) if dims != "static" else (1, None)
     gm = result.graph_module if result.graph_module is not None else _one_mode(
         gm, primary, type(model).__name__, result.reason or why, keep_whole=False)
     gm.meta["pbp_dynamic"] = dims
-    if dims != "static" and least > 2:  # (its ONNX file would compute the example's branch at smaller batches)
-        gm.meta["pbp_min_batch"] = least
-        warn_at_user(f"torch.export captured {type(model).__name__} for batches of {least} or more (its forward "
-                     f"branches on the batch size, and the example's batch of {batch_size(args, kwargs)} took the "
-                     f"branch of {least} or more): the perforated model and its ONNX file refuse smaller batches; "
-                     "perforate it with an example of the smaller batch for those calls")
+    if least > 1 or most is not None:  # (its ONNX file would compute the example's branch beyond them)
+        if least == 1 and _smallest_batch(model, gm, args, kwargs) == 2:
+            least = 2
+        gm.meta["pbp_min_batch"], gm.meta["pbp_max_batch"] = least, most
+        sizes = f"{least} or more" if most is None else f"{least} to {most}"
+        warn_at_user(f"torch.export captured {type(model).__name__} for batches of {sizes} (its forward branches on "
+                     f"the batch size, and the example's batch of {batch_size(args, kwargs)} took that branch): the "
+                     "perforated model and its ONNX file refuse other batches; perforate it with an example of "
+                     "the other batch for those calls")
     elif dims != "static" and _smallest_batch(model, gm, args, kwargs) == 2:
         gm.meta["pbp_min_batch"] = 2
         warn_at_user(f"{type(model).__name__}'s forward computes other outputs at a batch of 1 than the graph "

@@ -1019,7 +1019,7 @@ def test_a_file_captured_for_batches_of_2_or_more_says_so_and_refuses_a_batch_of
     with pytest.warns(PBWarning, match="batch of 1"):
         pm = pbp_fx.perforate(model, (x,))
     with pytest.warns(PBWarning, match=r"^the ONNX file computes the model's outputs at batches of 2 or more only "
-                                       r".*pbp-fx run refuse smaller batches"):
+                                       r".*pbp-fx run refuse other batches"):
         export_onnx(pm, (x,), tmp_path / "m.onnx")
     session = ort_session(tmp_path / "m.onnx")
     np.testing.assert_allclose(run(session, x[:2])[0], model(x[:2]).detach().numpy(), atol=1e-5)
@@ -1971,3 +1971,44 @@ def test_a_forward_that_changes_its_input_in_place_is_checked_at_other_sizes(tmp
     x = torch.randn(5, 8)
     want = pm(x.clone())
     np.testing.assert_allclose(run(ort_session(tmp_path / "m.onnx"), x)[0], want.detach().numpy(), atol=1e-5)
+
+
+class _CentresSmallBatches(_CentresBatches):
+    def forward(self, x):
+        h = self.a(x)
+        if x.shape[0] <= 3:
+            h = h - h.mean(0, keepdim=True)
+        return self.b(h)
+
+
+def test_a_file_captured_for_batches_up_to_3_refuses_larger_ones(tmp_path):
+    """`if x.shape[0] <= 3` with a batch-2 example: the dynamic file took any batch and computed the small-batch
+    branch at 4 and 8 (0.33 and 0.35 off the model; a reviewer). A sequence-first input whose time a kernel
+    bounds is no batch branch: nothing said."""
+    from pbp_fx.exporters import BatchSizeError
+
+    torch.manual_seed(0)
+    model, x = _CentresSmallBatches().eval(), torch.randn(8, 4)
+    with pytest.warns(PBWarning, match=r"captured _CentresSmallBatches for batches of 1 to 3 "):
+        pm = pbp_fx.perforate(model, (x[:2],))
+    with pytest.warns(PBWarning, match=r"^the ONNX file computes the model's outputs at batches of 1 to 3 only"):
+        export_onnx(pm.eval(), (x[:2],), tmp_path / "m.onnx")
+    session = ort_session(tmp_path / "m.onnx")
+    for b in (1, 3):
+        np.testing.assert_allclose(run(session, x[:b])[0], model(x[:b]).detach().numpy(), atol=1e-5)
+    for b in (4, 8):
+        with pytest.raises(BatchSizeError, match=rf"^a batch of {b}: .* batches of 1 to 3 only"):
+            run(session, x[:b])
+
+    class SequenceFirst(nn.Module):  # [T, B, C], a kernel of 5 over T
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv1d(4, 8, 5), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x.permute(1, 2, 0))).mean(-1))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PBWarning)
+        seq = pbp_fx.perforate(SequenceFirst(), (torch.randn(16, 3, 4),), frontend="export")
+    assert seq.graph_module.meta["pbp_dynamic"] == "auto" and "pbp_min_batch" not in seq.graph_module.meta
