@@ -695,14 +695,10 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
                "remove (its layers make its outputs), and build_model takes no width argument")
         raise CompareError(f"--width {width:g} {how}: give a --width further from 1 that changes the model"
                            f"{'' if builder.base_width is not None else ', or add a width argument'}")
-    if "plain-matched" in arms and builder.unusable_default is not None:  # (it would be sized by pruning instead)
-        raise CompareError(f"plain-matched is built at pb's parameter count through build_model's width, but "
-                           f"{builder.no_width_argument()}: give it an int default, e.g. width: int = 64, or drop "
-                           "plain-matched (--arms)")
     if "plain-matched" in arms and builder.base_width is None and width >= 1:
-        warn_at_user("plain-matched widens the model to pb's parameter count, and build_model() takes no width "
-                     "argument: it is built only at seeds where pb kept no dendrite, where it is the plain model; "
-                     "add a width argument to build_model, or compare at a --width below 1")
+        warn_at_user(f"plain-matched widens the model to pb's parameter count, and {builder.no_width_argument()}: it "
+                     "is built only at seeds where pb kept no dendrite, where it is the plain model; give build_model "
+                     "an int width argument (its hidden channel count), or compare at a --width below 1")
     # The data `train` refuses (labels outside the classes, shapes the loss cannot take): refused here too.
     data = seeded_datasets(mod, training.seed)
     check_data(mod, data, model, inputs, training.batch_size)

@@ -417,9 +417,6 @@ class WidthBuilder:
         build until the count is within tolerance."""
         if not (target > 0 and math.isfinite(target)):
             raise WidthError(f"target parameter count {target!r}: it must be a positive number")
-        if self.unusable_default is not None:
-            raise WidthError(f"{self.no_width_argument()}: give it an int default, e.g. width: int = 64, to build "
-                             f"the model at {target:.0f} parameters")
         rng = torch.get_rng_state()
 
         def count(width: float) -> int:
@@ -447,7 +444,7 @@ class WidthBuilder:
             full = count(1.0)
             if full < target * (1 - tolerance):
                 raise WidthError(f"{target:.0f} parameters is more than the model has ({full}) and "
-                                 "build_model() takes no width argument: add one to widen the model")
+                                 f"{self.no_width_argument()}: add an int one to widen the model")
             if full <= target:  # narrowing only lowers the count: the model as built is the nearest
                 torch.set_rng_state(rng)
                 return self.scaled(1.0)
