@@ -1335,8 +1335,9 @@ def _integers_differ_at_example(session, module: nn.Module, inputs: tuple, i: in
     from .ort import run
 
     tensors = tuple(t.detach().cpu().numpy() for t in inputs if isinstance(t, Tensor))
-    with torch.no_grad():
-        want = [t for t in torch.utils._pytree.tree_leaves(module(*inputs)) if isinstance(t, Tensor)][i]
+    with torch.no_grad():  # (on copies: `tensors` shares the inputs' memory)
+        given = [t.clone() if isinstance(t, Tensor) else t for t in inputs]
+        want = [t for t in torch.utils._pytree.tree_leaves(module(*given)) if isinstance(t, Tensor)][i]
     got = torch.as_tensor(run(session, tensors)[i])
     return tuple(got.shape) != tuple(want.shape) or not torch.equal(got.to(want.dtype), want.detach().cpu())
 
@@ -1407,7 +1408,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                           f"to {MAX_OPSET}")
     target = _target(path)
     axes = check_dynamic_axes(dynamic_axes)
-    inputs = graph_inputs(model, example_inputs, example_kwargs)
+    # (copies: a forward that changes its input in place, x.sub_(mean), runs several times here, and the
+    # caller's tensors stay as given)
+    given = graph_inputs(model, example_inputs, example_kwargs)
+    copied = tuple(torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, x) for x in given)
+    inputs = GraphInputs(copied, given.keywords) if isinstance(given, GraphInputs) else copied
     _warn_train_mode_only(model)
     module, dendrites, activation = _prepare(model)
     # (a torch.export capture whose forward branches on the batch size holds the example's branch)
