@@ -44,7 +44,7 @@ from .controller import all_finite, default_optimizer, nan_weights_before_best
 from .errors import PBError, PBWarning, Terminated, TrainingError, warn_at_user
 from .fileio import atomic_write, check_output_dir
 from .job import (DEFAULT_MODEL, changed_since, check_data, digest_matches, load_job_module, make_loaders,
-                  pyplot_or_none, run_identity, seed_everything, seeded_datasets)
+                  pyplot_or_none, refuse_frozen_model, run_identity, seed_everything, seeded_datasets)
 from .modelfile import (check_metric_direction, example_kwargs, instantiate, keyword_collate, task_functions,
                         warn_unread_names)
 from .passes.find_sites import site_filters
@@ -688,6 +688,7 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
     except WidthError as exc:
         raise CompareError(f"--width {width:g}: {exc}") from exc  # every arm needs this width
     model = scaled.model
+    refuse_frozen_model(model, CompareError)
     if width != 1 and scaled.width == 1:  # (every arm would be the model as built, reported at another width)
         how = (f"rounds to build_model's own width {builder.base_width} (or the nearest it accepts)"
                if builder.base_width is not None else

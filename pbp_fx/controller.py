@@ -106,6 +106,10 @@ def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
+NOTHING_TRAINS = ("no parameter of the model trains (every one has requires_grad=False): unfreeze the layers PB "
+                  "should train (a frozen layer is still a site: its dendrites train)")
+
+
 class _StepHook:
     """An optimizer step hook that calls a controller's `_cap_dendrite_lr` ("pre") or `_after_step`
     ("post") while the controller lives: it holds it weakly (the optimizer
@@ -322,7 +326,10 @@ class PhaseController:
                     self._left_out[p] = True
         if optimizer is None:
             factory = optimizer_factory or default_optimizer
-            optimizer = factory(list(pm.trainable_parameters()))
+            trainable = list(pm.trainable_parameters())
+            if not trainable:  # (torch's own words: "optimizer got an empty parameter list")
+                raise ConfigError(NOTHING_TRAINS)
+            optimizer = factory(trainable)
             if not isinstance(optimizer, torch.optim.Optimizer):
                 raise ConfigError(f"optimizer_factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import FORMAT_V1, load, load_optimizer, read_meta, save
 from .config import ConfigError, PBConfig, TrainConfig
-from .controller import PhaseController, default_optimizer
+from .controller import NOTHING_TRAINS, PhaseController, default_optimizer
 from .errors import DataError, ModelFileError, PBError, PBWarning, TrainingError, exited, warn_at_user
 from .fileio import atomic_write, check_output_dir, make_folders, remove_empty
 from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
@@ -299,6 +299,12 @@ def resumed_identity(saved: dict, now: dict) -> dict:
     return {**now, "resumed_on_other": sorted({*saved.get("resumed_on_other", ()), *changed})}
 
 
+def refuse_frozen_model(model: nn.Module, error: type) -> None:
+    """Before any work: a model with no trainable parameter (every arm and phase would have nothing to step)."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise error(NOTHING_TRAINS)
+
+
 def check_data(mod: ModuleType, data, model: nn.Module, inputs: tuple, batch_size: int, processes: int = 1):
     """Refuse, before any work, data that the model, its loss or its metric cannot take
     (`_preflight`); returns the batches' collate (`keyword_collate`). Draws no random number:
@@ -394,6 +400,10 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                 if not (isinstance(scored, (tuple, list)) and len(scored) == 2):
                     raise TypeError(f"metric returned {type(scored).__name__}, not a (sum, count) pair")
                 float(scored[0]), float(scored[1])  # numbers (or one-element tensors): else a TypeError here
+                if float(scored[1]) < 0:  # (its mean's sign flips: the run would keep its worst epoch)
+                    raise TrainingError(f"the metric returned a negative count ({float(scored[1]):g}) on the first "
+                                        f"{name} samples: return (sum, count) with count the number of samples "
+                                        "scored (0 or more)")
                 if name == SPLIT_NAMES[0]:
                     _warn_broadcast_targets(primary_output(output), target)
             except (ModelFileError, TrainingError):
@@ -689,6 +699,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     data = seeded_datasets(mod, seed)
     seed_everything(seed)  # the model's initial weights do not depend on what datasets() drew
     model, inputs = instantiate(mod)
+    refuse_frozen_model(model, TrainingError)
     identity = run_identity(model_file, data, model)
     changed = changed_since(saved.identity, identity) if saved is not None and saved.complete else []
     if changed:  # (its report would be made again of another model or data, beside the checkpoint of this one)

@@ -416,6 +416,10 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
             inputs, target = split_batch(_to(batch, device) if device is not None else batch)
             _check_finite_inputs(inputs, data)
             s, n = metric(call_model(model, inputs), target)
+            if float(n) < 0:  # (the mean's sign would flip, and the best epoch be the worst)
+                name = getattr(metric, "__name__", None)
+                raise TrainingError(f"the metric{f' {name}' if name else ''} returned a negative count ({float(n):g}) "
+                                    f"on the {data} data: return (sum, count) with count the number of samples scored")
             # Python numbers: a metric's tensor or numpy sums would flow into the history and checkpoints.
             total, count, seen = total + float(s), count + float(n), seen + 1
     finally:

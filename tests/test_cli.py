@@ -1583,6 +1583,21 @@ def test_a_lower_is_better_named_metric_with_maximize_is_warned_of(tmp_path, cap
     assert rc == 0 and "lower-is-better" not in err
 
 
+@pytest.mark.parametrize("tail, said", [
+    ("\n\ndef flipped(output, target):\n    return float((output.argmax(1) == target).sum()), -len(target)\n\n\n"
+     "metric = flipped\n", "the metric returned a negative count (-8) on the first training samples"),
+    ("\n\n_build = build_model\n\n\ndef build_model(width=16):\n    return _build(width).requires_grad_(False)\n",
+     "no parameter of the model trains (every one has requires_grad=False)")])
+def test_a_file_that_cannot_train_is_refused_before_any_work(tmp_path, capsys, tail, said):
+    """A metric's negative count kept the run's worst epoch, exit 0; a model with every parameter frozen was
+    'internal error: ValueError: optimizer got an empty parameter list' (a reviewer)."""
+    model = _write(tmp_path, open(os.path.join(ROOT, "models", "digits_mlp.py")).read() + tail)
+    out = tmp_path / "out"
+    rc, stdout, err = _run(["train", model, "--out", str(out), "--epochs", "1", "--no-progress"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and said in err, err
+    assert not out.exists() and "epoch" not in stdout
+
+
 class _SignalledInCleanUp:
     """A signal arriving while Python runs a __del__ (or a garbage collector's callback)."""
 

@@ -92,6 +92,17 @@ def test_a_metric_that_counts_no_sample_is_named_not_the_dataset():
         evaluate(_pm(), full, recall, data="validation")
 
 
+def test_a_metric_with_a_negative_count_is_refused():
+    """(correct, -n) made every score negative: rising accuracy read as falling, and the run kept its worst
+    epoch, exit 0 (a reviewer)."""
+    def flipped(output, target):
+        return float((output.argmax(1) == target).sum()), -len(target)
+
+    with pytest.raises(pbp_fx.TrainingError, match=r"the metric flipped returned a negative count \(-4\) on the "
+                                                   r"validation data"):
+        evaluate(_pm(), DataLoader(_data(16), batch_size=4), flipped, data="validation")
+
+
 class _LateOddSample(torch.utils.data.Dataset):
     """Samples of shape [6], but from sample 12 on [7]: found only when that batch is made."""
 
