@@ -242,9 +242,10 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
 
 def _warn_second_backward() -> None:
     warn_at_user("a second backward through one forward of a dendrite phase (a loss of its own backward after "
-                 "another, or retain_graph=True): the candidates' statistics count each batch once, from its first "
-                 "backward, so this backward's error does not reach their correlations; backward the sum of the "
-                 "losses once, (loss_a + loss_b).backward()")
+                 "another, retain_graph=True, or a backward after torch.autograd.grad): the candidates' statistics "
+                 "count each batch once, from its first backward, so this one's error does not reach their "
+                 "correlations; where the losses can be summed, backward the sum once, (loss_a + loss_b).backward() "
+                 "(a gradient penalty's autograd.grad of the loss counts the loss's own error)")
 
 
 # -- one process: custom ops ----------------------------------------------------------------
