@@ -1411,7 +1411,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     # (copies: a forward that changes its input in place, x.sub_(mean), runs several times here, and the
     # caller's tensors stay as given)
     given = graph_inputs(model, example_inputs, example_kwargs)
-    copied = tuple(torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, x) for x in given)
+    # (the caller's tensors only: a forward's tensor default, filled in by graph_inputs, is found by identity)
+    callers = {id(t) for t in torch.utils._pytree.tree_leaves((example_inputs, example_kwargs)) if isinstance(t, Tensor)}
+    copied = tuple(torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) and id(t) in callers
+                                                else t, x) for x in given)
     inputs = GraphInputs(copied, given.keywords) if isinstance(given, GraphInputs) else copied
     _warn_train_mode_only(model)
     module, dendrites, activation = _prepare(model)

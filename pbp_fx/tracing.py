@@ -1397,6 +1397,7 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
     gm = result.graph_module if result.graph_module is not None else _one_mode(
         gm, primary, type(model).__name__, result.reason or why, keep_whole=False)
     gm.meta["pbp_dynamic"] = dims
+    gm.meta.pop("pbp_batch_range", None)  # (a merged graph took the capture's meta: read above)
     if least > 1 or most is not None:  # (its ONNX file would compute the example's branch beyond them)
         if least == 1 and _smallest_batch(model, gm, args, kwargs) == 2:
             least = 2

@@ -444,7 +444,9 @@ class WidthBuilder:
             full = count(1.0)
             if full < target * (1 - tolerance):
                 raise WidthError(f"{target:.0f} parameters is more than the model has ({full}) and "
-                                 f"{self.no_width_argument()}: add an int one to widen the model")
+                                 f"{self.no_width_argument()}: "
+                                 f"{'add one' if self.unusable_default is None else 'give it an int default'} to widen "
+                                 "the model")
             if full <= target:  # narrowing only lowers the count: the model as built is the nearest
                 torch.set_rng_state(rng)
                 return self.scaled(1.0)
