@@ -576,7 +576,10 @@ def _print_rank_errors(folder: str, nproc: int) -> list[str]:
 
 
 # (pbp_fx.signals imports no torch: the agent and the ranks import it through it)
-_IMPORT_TORCH_HELD = "    from pbp_fx.signals import import_torch_with_stops_held\n    import_torch_with_stops_held()\n"
+def _import_torch_held(*modules: str) -> str:
+    """The lines (in a try block) that import torch and `modules` with Ctrl-C and SIGTERM held."""
+    names = ", ".join(repr(m) for m in modules)
+    return f"    from pbp_fx.signals import import_torch_with_stops_held\n    import_torch_with_stops_held({names})\n"
 
 
 def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict) -> int:
@@ -588,7 +591,7 @@ def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict
     # Each rank runs `python -u -m MODULE ARGS...` (as torchrun's -m does: unbuffered, the cwd first on
     # sys.path), with a Ctrl-C while it imports torch ending it with its exit status, not a traceback
     # (the launcher then says the line).
-    rank = (f"import os, runpy, sys\nsys.path[0] = os.getcwd()\ntry:\n{_IMPORT_TORCH_HELD}"
+    rank = (f"import os, runpy, sys\nsys.path[0] = os.getcwd()\ntry:\n{_import_torch_held()}"
             f"    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
             "except KeyboardInterrupt:\n    sys.exit(130)")
     torchrun = ["--nnodes", "1", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
@@ -597,7 +600,9 @@ def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict
     if not quiet:
         cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun]
     else:
-        code = (f"import sys\ntry:\n{_IMPORT_TORCH_HELD}    from pbp_fx.distributed import _torchrun_quietly\n"
+        # (torchrun's own modules too: a Ctrl-C inside their import printed its traceback)
+        code = (f"import sys\ntry:\n{_import_torch_held(*_AGENT_MODULES)}    from pbp_fx.distributed import "
+                "_torchrun_quietly\n"
                 "except KeyboardInterrupt:\n    sys.exit(130)\nsys.exit(_torchrun_quietly(sys.argv[1:]))")
         cmd = [sys.executable, "-c", code, *torchrun]
     # In a session of its own, so that a Ctrl-C in the terminal (to the whole process group) reaches
@@ -620,6 +625,10 @@ def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict
                 except subprocess.TimeoutExpired:
                     agent.kill()
             raise
+
+
+_AGENT_MODULES = ("torch.distributed.run", "torch.distributed.elastic.multiprocessing.api",
+                  "torch.distributed.elastic.multiprocessing.errors")
 
 
 def _torchrun_quietly(argv: Sequence[str]) -> int:

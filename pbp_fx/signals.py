@@ -10,6 +10,7 @@ one's; nothing is global.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -53,16 +54,20 @@ class Interrupts:
         timer.start()
 
 
-def import_torch_with_stops_held() -> None:
-    """`import torch` with Ctrl-C and SIGTERM held back until it is done, then delivered (raised
-    after it): one inside it left torch half-imported (its next import failed) or aborted the process
-    in its C++ initialisation (exit -6). Used by the CLI and the --nproc agent and ranks."""
+def import_torch_with_stops_held(*modules: str) -> None:
+    """`import torch` (and `modules`, torch's own: the agent's torch.distributed.run) with Ctrl-C and SIGTERM
+    held back until it is done, then delivered (raised after it): one inside it left torch half-imported (its
+    next import failed) or aborted the process in its C++ initialisation (exit -6). Used by the CLI and the
+    --nproc agent and ranks."""
+    names = ("torch", *modules)
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        import torch  # noqa: F401
+        for name in names:
+            importlib.import_module(name)
         return
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        import torch  # noqa: F401
+        for name in names:
+            importlib.import_module(name)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
