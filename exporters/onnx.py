@@ -64,7 +64,7 @@ from pbp_fx.tracing import batch_size, buffers_kept, copy_module, ignore_spec_co
 from . import clip_after_site, output_weight_into_readers
 from .direct import plain_output_names
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
-from .ort import MAX_BATCH_KEY, MIN_BATCH_KEY
+from .ort import AXIS_RANGES_KEY, MAX_BATCH_KEY, MIN_BATCH_KEY, sizes_text
 
 __all__ = ["export_onnx", "check_other_sizes", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS",
            "MIN_OPSET", "MAX_OPSET"]
@@ -985,6 +985,30 @@ def _refusal_at_doubled_axes(module: nn.Module, inputs: tuple, shapes, axes: lis
     return None
 
 
+def _record_axis_ranges(proto: onnx.ModelProto, ep, axes: Optional[list]) -> None:
+    """Metadata AXIS_RANGES_KEY for the named dynamic axes torch.export bounded: a forward that branches on
+    such a size (`if x.shape[1] > 5`) keeps the example's branch, and the file, which has no guard, would
+    compute it at every size (ort.run refuses the others). Its default range, 2 and up, is not recorded."""
+    from pbp_fx.tracing import size_range
+
+    if not axes or ep is None:
+        return
+    values = {v.name: v for v in proto.graph.input}
+    ranges = {}
+    for node in ep.graph.nodes:
+        value = values.get(node.name) if node.op == "placeholder" else None
+        shape = getattr(node.meta.get("val"), "shape", ())
+        dims = value.type.tensor_type.shape.dim if value is not None else ()
+        for size, dim in zip(shape, dims):
+            bounds = size_range(ep, size)
+            if dim.dim_param in axes and bounds is not None and ((bounds[0] or 0) > 2 or bounds[1] is not None):
+                least, most = ranges.get(dim.dim_param, (0, None))
+                ranges[dim.dim_param] = (max(least, bounds[0] or 0),
+                                         bounds[1] if most is None else min(most, bounds[1] or most))
+    if ranges:
+        proto.metadata_props.add(key=AXIS_RANGES_KEY, value=json.dumps({k: list(v) for k, v in sorted(ranges.items())}))
+
+
 def _root_reason(exc: BaseException) -> str:
     """The first line of an export error's innermost cause: the capture's own reason, not the
     exporter's "step 1/3" report that wraps it (terminal colour codes removed)."""
@@ -1075,6 +1099,7 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
         raise ExportError(f"torch.onnx.export failed: {why}{hint}") from e
     sys.stderr.write(printed.getvalue())  # a successful export's own messages, as they were
     proto = program.model_proto
+    _record_axis_ranges(proto, program.exported_program, axes)
     if names is None:  # a structured output: its keys name the tensors
         keys = _leaf_names(example_out)
         if keys is not None:
@@ -1501,6 +1526,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
             raise ExportError(f"{checked.problem}: {fix}")
         if checked.unchecked is not None:
             warn_at_user(f"dynamic axes not checked at {checked.sizes} ({checked.how}): {checked.unchecked}")
+    bounded = json.loads(next((p.value for p in proto.metadata_props if p.key == AXIS_RANGES_KEY), "{}"))
+    for axis, (least, most) in bounded.items():
+        warn_at_user(f"the ONNX file computes the model's outputs at {axis} of {sizes_text(least, most)} only "
+                     "(torch.export captured the "
+                     f"forward's branch on that size for those): pbp_fx.exporters.run and pbp-fx run refuse other "
+                     f"sizes; export with an example of the other size for those calls")
     if (min_batch > 1 or max_batch is not None) and dim_0_dynamic:
         warn_at_user(f"the ONNX file computes the model's outputs at batches of {sizes} only (torch.export "
                      "captured the forward's branch on the batch size for those): pbp_fx.exporters.run and pbp-fx run "

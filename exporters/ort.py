@@ -9,6 +9,7 @@ onnxruntime (or onnxruntime-gpu) runs the files; no custom-op library is needed.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -37,10 +38,12 @@ _NP_TYPES = {
 
 MIN_BATCH_KEY = "pbp_fx.min_batch"  # ONNX metadata: the smallest batch the file computes right
 MAX_BATCH_KEY = "pbp_fx.max_batch"  # ... and the largest, where torch.export bounded it
+AXIS_RANGES_KEY = "pbp_fx.axis_ranges"  # ... and {axis: [least, most or null]} of other named axes it bounded
 
 
 class BatchSizeError(PBError, ValueError):
-    """Inputs with fewer (or more) samples than the ONNX file computes right (its MIN_BATCH_KEY, MAX_BATCH_KEY)."""
+    """Inputs with fewer (or more) samples than the ONNX file computes right (its MIN_BATCH_KEY, MAX_BATCH_KEY),
+    or a named dynamic axis of a size outside its AXIS_RANGES_KEY."""
 
 
 class RuntimeUnavailableError(PBError, RuntimeError):
@@ -115,6 +118,7 @@ def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", thre
             "or use device='cpu'")
     sess.provider = chosen
     sess.batch_range = _batch_range(sess)  # (read once: run() checks it at every call)
+    sess.axis_ranges = _axis_ranges(sess)
     log.info("ort_session: %s runs %s (device=%r, threads=%s)", chosen,
              "<bytes>" if isinstance(model, bytes) else model, device, threads or "default")
     return sess
@@ -154,7 +158,41 @@ def run(session, inputs: Union[Mapping[str, Any], Sequence[Any], np.ndarray]) ->
             raise ValueError(f"got {len(inputs)} input(s), the model takes {len(specs)}: {list(types)}")
         feed = {s.name: _to_numpy(v, s.type) for s, v in zip(specs, inputs)}
     _check_batch(session, feed)
+    _check_axes(session, feed)
     return session.run(None, feed)
+
+
+def _check_axes(session, feed: dict) -> None:
+    """A BatchSizeError where an input's named dynamic axis has a size outside the range export_onnx recorded
+    for it (a forward that branches on that size: the file computes the example's branch)."""
+    ranges = getattr(session, "axis_ranges", None)
+    ranges = _axis_ranges(session) if ranges is None else ranges
+    for spec in session.get_inputs() if ranges else ():
+        for dim, name in enumerate(spec.shape or ()):
+            if name not in ranges or spec.name not in feed or dim >= feed[spec.name].ndim:
+                continue
+            least, most = ranges[name]
+            size = feed[spec.name].shape[dim]
+            if size < least or (most is not None and size > most):
+                allowed = sizes_text(least, most)
+                raise BatchSizeError(f"input {spec.name!r} has {name}={size}: this ONNX file computes the model's "
+                                     f"outputs at {name} of {allowed} only (the forward branches on that size, and "
+                                     f"torch.export captured the branch for those); give {allowed}, or export the "
+                                     f"model with an example of {name}={size} for such calls")
+
+
+def sizes_text(least: int, most: Optional[int]) -> str:
+    """A range of sizes in words: "6 or more", "at most 5", "2 to 3"."""
+    if most is None:
+        return f"{least} or more"
+    return f"at most {most}" if least <= 1 else f"{least} to {most}"
+
+
+def _axis_ranges(session) -> dict:
+    """The file's AXIS_RANGES_KEY as {axis: (least, most or None)}; {} where it has none."""
+    meta = session.get_modelmeta().custom_metadata_map if hasattr(session, "get_modelmeta") else {}
+    return {name: (int(low), None if high is None else int(high))
+            for name, (low, high) in json.loads(meta.get(AXIS_RANGES_KEY, "{}")).items()}
 
 
 def _check_batch(session, feed: dict) -> None:

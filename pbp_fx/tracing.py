@@ -812,16 +812,25 @@ def _batch_range(ep) -> tuple[int, Optional[int]]:
     least, most = 1, None
     for node in ep.graph.nodes:
         val = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
-            bounds = ep.range_constraints.get(val.shape[0].node.expr)
+        if isinstance(val, torch.Tensor) and val.dim():
+            bounds = size_range(ep, val.shape[0])
             if bounds is None:
                 continue
-            low, high = _whole(bounds.lower), _whole(bounds.upper)
+            low, high = bounds
             if low is not None:
                 least = max(least, low)
             if high is not None:
                 most = high if most is None else min(most, high)
     return least, most
+
+
+def size_range(ep, size) -> Optional[tuple[Optional[int], Optional[int]]]:
+    """(least, most) of a dynamic size of an ExportedProgram's input (`ep.range_constraints`; None for an
+    end that is infinite or not a number); None for a static size or one without a range."""
+    if not isinstance(size, torch.SymInt):
+        return None
+    bounds = ep.range_constraints.get(size.node.expr)
+    return None if bounds is None else (_whole(bounds.lower), _whole(bounds.upper))
 
 
 def _whole(bound) -> Optional[int]:

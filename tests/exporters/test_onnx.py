@@ -1081,6 +1081,38 @@ def test_a_file_captured_for_batches_of_4_or_more_refuses_smaller_ones(tmp_path)
         export_onnx(pm, (x[:3],), tmp_path / "m3.onnx")
 
 
+class _DoublesLongSequences(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if x.shape[1] > 5:
+            h = h * 2
+        return self.b(h)
+
+
+@pytest.mark.parametrize("length,allowed,other", [(8, "6 or more", 4), (4, "at most 5", 8)])
+def test_a_named_axis_the_forward_branches_on_is_bounded_in_the_file(tmp_path, length, allowed, other):
+    """`if x.shape[1] > 5` exported with {"x": {1: "T"}}: the file computed the example's branch at every T, 0.93
+    off the model at T=4, with no refusal, and at a short example the export warned that the file "takes only the
+    sizes the model takes", which was false (a reviewer)."""
+    from pbp_fx.exporters import BatchSizeError
+
+    torch.manual_seed(0)
+    model = _DoublesLongSequences().eval()
+    pm = pbp_fx.perforate(model, (torch.randn(2, length, 6),)).eval()
+    with pytest.warns(PBWarning, match=rf"the ONNX file computes the model's outputs at T of {allowed} only"):
+        export_onnx(pm, (torch.randn(2, length, 6),), tmp_path / "m.onnx", dynamic_axes={"x": {1: "T"}})
+    session = ort_session(tmp_path / "m.onnx")
+    x = torch.randn(3, length + 1 if length > 5 else length - 1, 6)
+    np.testing.assert_allclose(run(session, x)[0], model(x).detach().numpy(), atol=1e-5)
+    with pytest.raises(BatchSizeError, match=rf"^input 'x' has T={other}: this ONNX file computes the model's outputs "
+                                             rf"at T of {allowed} only"):
+        run(session, torch.randn(2, other, 6))
+
+
 class _BagWithOffsets(nn.Module):
     def __init__(self, attention: bool = False):
         super().__init__()
