@@ -285,8 +285,7 @@ def read_settings(path: str) -> tuple[dict, dict]:
         raise ConfigError(f"{where}: it must hold one mapping of setting names to values, e.g. "
                           '{"patience": 10, "epochs": 300}')
     if isinstance(data.get("config"), dict) and isinstance(data.get("training"), dict):
-        # a run's summary.json (compare.json): its settings, beside its results (its "epochs" run, its "seed")
-        data = {**data["config"], **data["training"]}
+        data = _settings_of_a_run(data, where)
     nested = next((k for k, v in data.items() if isinstance(v, dict)), None)
     if nested is not None:
         raise ConfigError(f"{where}: {nested!r} holds a mapping: the settings go in one flat mapping of names to "
@@ -304,6 +303,23 @@ def read_settings(path: str) -> tuple[dict, dict]:
         raise ConfigError(f"{where}: no setting {unknown[0]!r}: use PBConfig's or TrainConfig's field names "
                           "(pbp-fx train --help lists them as flags)")
     return ({k: v for k, v in data.items() if k in pb_names}, {k: v for k, v in data.items() if k in train_names})
+
+
+def _settings_of_a_run(data: dict, where: str) -> dict:
+    """The settings of a run's summary.json (compare.json): its "config" and "training" mappings. Its
+    results sit beside them, some under setting names ("seed", "mode", "maximize": copies of the
+    settings; "epochs": the epochs it ran); a setting name there whose value the mappings do not hold
+    (an edited summary, a hand-written file with both shapes) would do nothing: refused."""
+    settings = {**data["config"], **data["training"]}
+    names = {f.name for cls in (PBConfig, TrainConfig) for f in cli_fields(cls)} - {"epochs"}
+    missing = object()
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name in names and settings.get(name, missing) != value:
+            raise ConfigError(f"{where}: {key!r} beside its \"config\" and \"training\" mappings is not read (in a "
+                              f"run's summary the settings are inside them): set {name!r} inside them, or write one "
+                              "flat mapping of settings")
+    return settings
 
 
 def _read_yaml(text: str, where: str, unique) -> Any:

@@ -212,7 +212,7 @@ def test_a_runs_summary_is_a_config_file_and_other_nesting_is_refused(tmp_path):
     it was refused as "'config' is no setting but a flag of the command: give --config" (a reviewer)."""
     pb, training = PBConfig(patience=7, pool=2), TrainConfig(epochs=40, lr=0.01)
     path = tmp_path / "summary.json"
-    path.write_text(json.dumps({"model": "m.py", "epochs": 12, "seed": 3, "test": 0.5,
+    path.write_text(json.dumps({"model": "m.py", "epochs": 12, "seed": 0, "test": 0.5,
                                 "config": pb.to_dict(), "training": training.to_dict()}))
     got_pb, got_training = read_settings(str(path))
     assert PBConfig(**got_pb) == pb and TrainConfig(**got_training) == training  # (epochs: the cap, not 12 run)
@@ -245,3 +245,18 @@ def test_a_toml_file_is_told_toml_is_not_read(tmp_path):
     path.write_text("patience = 5\n")
     with pytest.raises(ConfigError, match=r"settings.toml: TOML is not read: write the settings as JSON, or as YAML"):
         read_settings(str(path))
+
+
+def test_a_setting_beside_a_summarys_mappings_is_refused(tmp_path):
+    """{"config": {...}, "training": {...}, "pool": 2, "seed": 9} ran with pool 4 and seed 0, silently, and so did a
+    summary.json whose top-level seed was edited (a reviewer); a run's own summary still reads."""
+    summary = {"model": "m.py", "mode": "pb", "seed": 0, "epochs": 3, "maximize": True, "val": 0.5,
+               "config": PBConfig().to_dict(), "training": TrainConfig().to_dict(), "include": None, "exclude": None}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    assert read_settings(str(path)) == (PBConfig().to_dict(), TrainConfig().to_dict())
+    for extra, name in (({"pool": 2}, "pool"), ({"seed": 9}, "seed"), ({"maximize": False}, "maximize")):
+        path.write_text(json.dumps({**summary, **extra}))
+        with pytest.raises(ConfigError, match=f"'{name}' beside its \"config\" and \"training\" mappings is not "
+                                              f"read .*set '{name}' inside them"):
+            read_settings(str(path))
