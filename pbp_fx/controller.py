@@ -156,6 +156,22 @@ def _refuse_the_originals_twins(pm, optimizer: torch.optim.Optimizer, left_out) 
                           "would never train; build every group over pm's parameters (pm.named_parameters())")
 
 
+def model_fixed_settings(config: PBConfig, pm: PerforatedModel) -> PBConfig:
+    """`config` with the mode and activation `pm` was perforated with, which its graph fixes: a config
+    that leaves either at PBConfig's default takes the model's (PBConfig(patience=5) for a model
+    perforated with activation="tanh"); one that sets another value is refused in one line."""
+    default, fixed = PBConfig(), {}
+    for name in ("mode", "activation"):
+        mine, models = getattr(config, name), getattr(pm, name)
+        if mine == models:
+            continue
+        if mine != getattr(default, name):
+            raise ConfigError(f"config has {name}={mine!r} but the model was perforated with {name}={models!r}: "
+                              f"perforate with {name}={mine!r} (or leave {name} out of the config)")
+        fixed[name] = models
+    return config.replace(**fixed) if fixed else config
+
+
 def _unscaled_lr(lr: float, scale: float, start: Optional[float], floor: float) -> float:
     """A group's neuron rate at the end of a dendrite phase: lr / scale, or, under a cosine
     schedule whose floor eta_min stayed unscaled, the exact one. Its chained step
@@ -272,15 +288,10 @@ class PhaseController:
             raise ConfigError(f"PhaseController controls a PerforatedModel, got {type(pm).__name__}: "
                               + (perforated_inside(pm) or "pm = pbp_fx.perforate(model, example_inputs), then "
                                  "PhaseController(pm)"))
-        config = PBConfig.coerce(config, "PhaseController's config")
-        if config is None:
-            config = PBConfig(mode=pm.mode, activation=pm.activation)
+        config = PBConfig.coerce(config, "PhaseController's config") or PBConfig()
         if overrides:
             config = config.replace(**overrides)
-        if (config.mode, config.activation) != (pm.mode, pm.activation):
-            raise ConfigError(f"config has mode={config.mode!r}, activation={config.activation!r} but the model "
-                              f"was perforated with mode={pm.mode!r}, activation={pm.activation!r}: "
-                              "perforate with the config's values (or pass a matching config)")
+        config = model_fixed_settings(config, pm)
         if optimizer is not None and optimizer_factory is not None:
             raise ConfigError("pass optimizer= (an existing optimizer) or optimizer_factory=, not both")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):

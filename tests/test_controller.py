@@ -431,6 +431,19 @@ def test_bad_settings(kwargs, match):
         PhaseController(_pm(), **kwargs)
 
 
+def test_a_config_leaving_mode_and_activation_at_their_defaults_takes_the_models():
+    """PBConfig(patience=5) for a model perforated with activation="tanh" was refused over an activation the
+    user never set (a reviewer); a config that sets another one is still refused."""
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 6),),
+                          mode="gd", activation="tanh")
+    ctl = PhaseController(pm, pbp_fx.PBConfig(patience=5))
+    assert (ctl.config.mode, ctl.config.activation, ctl.config.patience) == ("gd", "tanh", 5)
+    with pytest.raises(pbp_fx.ConfigError, match="config has activation='relu' but the model was perforated with "
+                                                 "activation='tanh': perforate with activation='relu'"):
+        PhaseController(pm, pbp_fx.PBConfig(activation="relu"))
+
+
 def test_keyword_overrides_are_config_replace():
     cfg = pbp_fx.PBConfig(patience=7, pool=2)
     ctl = PhaseController(_pm(), cfg, pool=3)
