@@ -487,6 +487,10 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
             raise ConfigError(f"fit(controller=...) trains with the controller's settings and optimizer: pass "
                               f"{given[0]} to PhaseController instead"
                               + (" (through its optimizer_factory)" if given[0] == "lr" else ""))
+    if optimizer_factory is not None and (lr is not None or training.lr != TrainConfig().lr):
+        raise ConfigError("fit(optimizer_factory=...) builds the optimizer with the factory's own learning rate, so "
+                          f"lr={training.lr:g} would do nothing: give the rate to the factory (lambda params: "
+                          "torch.optim.SGD(params, lr=...)) and leave lr out")
     if distributed is not None and device is None:
         device = distributed.device
     if device is not None:

@@ -698,3 +698,14 @@ def test_a_batch_moves_to_a_device_in_containers_of_its_own_types():
     moved = _to(batch, "meta")
     assert type(moved[0]) is Sample and moved[0].x.device.type == "meta" and moved[0].y["mask"].is_meta
     assert moved[0].y["n"] == 3 and moved[1] == "text"
+
+
+def test_fit_refuses_an_lr_beside_an_optimizer_factory():
+    """fit(optimizer_factory=f, lr=0.5) trained at the factory's rate, silently (a reviewer)."""
+    pm = _pm()
+    loader = DataLoader(_data(16), batch_size=4)
+    factory = lambda params: torch.optim.SGD(params, lr=0.01)  # noqa: E731
+    for kw in ({"lr": 0.5}, {"training": pbp_fx.TrainConfig(lr=0.5)}):
+        with pytest.raises(pbp_fx.ConfigError, match=r"lr=0.5 would do nothing: give the rate to the factory"):
+            fit(pm, loader, loader, optimizer_factory=factory, progress=False, epochs=1, **kw)
+    fit(pm, loader, loader, optimizer_factory=factory, progress=False, epochs=1)
