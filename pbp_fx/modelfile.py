@@ -285,6 +285,11 @@ LOWER_IS_BETTER_WORDS = {"loss", "error", "err", "mae", "mse", "rmse", "wer", "c
                          "distance", "dist"}
 
 
+def reads_lower_is_better(name: str) -> bool:
+    """Whether a metric's name holds a word of LOWER_IS_BETTER_WORDS (val_loss, eval_err, mae, error_rate)."""
+    return bool(LOWER_IS_BETTER_WORDS & set(name.lower().replace("-", "_").split("_")))
+
+
 def check_metric_direction(mod: ModuleType, maximize: bool, error: type = ModelFileError) -> None:
     """Refuse maximize=False (--no-maximize) with a built-in metric: accuracy and minus the loss grow as
     the model gets better, and the run would keep its worst epoch. Warn of maximize with a file's
@@ -293,8 +298,7 @@ def check_metric_direction(mod: ModuleType, maximize: bool, error: type = ModelF
     if not maximize and getattr(mod, "metric", None) is None:
         raise error(f"maximize is false (--no-maximize, or maximize: false in a --config file), but the built-in "
                     f"metric ({name}) is higher-is-better: drop it, or define metric(output, target) in the model file")
-    if maximize and getattr(mod, "metric", None) is not None and \
-            LOWER_IS_BETTER_WORDS & set(name.lower().replace("-", "_").split("_")):
+    if maximize and getattr(mod, "metric", None) is not None and reads_lower_is_better(name):
         warn_at_user(f"{_name(mod)}: its metric {name!r} reads as lower-is-better, but a higher score counts as "
                      "better (each run keeps the epoch where it is highest): pass --no-maximize (maximize: false in "
                      "a --config file) if lower is better")

@@ -21,8 +21,9 @@ from transformers import TrainerCallback
 
 from ..checkpoint import holds_weights_of, load_controller, save
 from ..config import ConfigError, PBConfig
-from ..controller import Decision, PhaseController
+from ..controller import Decision, PhaseController, model_fixed_settings
 from ..errors import TrainingError, warn_at_user
+from ..modelfile import reads_lower_is_better
 from ..perforated import LOSS_KEYWORD, PerforatedModel, takes_loss_keyword
 from ..site import Site
 from .common import (StructureOnLoad, find_perforated, finished_run, refused_restart, unwrap_optimizer,
@@ -55,7 +56,8 @@ class PBCallback(TrainerCallback):
         if group_of_name is not None and not callable(group_of_name):
             raise ConfigError(f"PBCallback(group_of_name={group_of_name!r}): give a function of a parameter's name "
                               "that returns its optimizer group's index")
-        self.config, self._metric, self._greater_is_better = config, metric, greater_is_better
+        self.config = PBConfig.coerce(config, "PBCallback's config")
+        self._metric, self._greater_is_better = metric, greater_is_better
         self._group_of_name = group_of_name
         self.metric, self.maximize = _direction(metric or "eval_loss", greater_is_better)
         self.controller: Optional[PhaseController] = None
@@ -90,7 +92,7 @@ class PBCallback(TrainerCallback):
         also freezes what the model trains outside the perforated part."""
         if self._structure_hook is None:
             self._structure_hook = StructureOnLoad(
-                model, lambda pm: self.config or PBConfig(mode=pm.mode, activation=pm.activation),
+                model, lambda pm: model_fixed_settings(self.config or PBConfig(), pm),
                 freeze_outside=True)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -121,9 +123,14 @@ class PBCallback(TrainerCallback):
                                 "complete; PBConfig(patience=...) is its neuron-phase patience)")
         ranked = _direction(args.metric_for_best_model, None)[0] if args.metric_for_best_model else None
         self._from_args = self._metric is None and ranked is not None
+        own = self._greater_is_better
+        ranked_by = (f"greater_is_better={own} given to it" if own is not None
+                  else "the default for a name that does not end in 'loss'")
         if self._from_args or ranked == self.metric:  # the metric the user's Trainer ranks by
-            own, trainers = self._greater_is_better, bool(args.greater_is_better)
+            trainers = bool(args.greater_is_better)
             self.metric, self.maximize = ranked, trainers if own is None else own  # (given here: it wins)
+            if own is None:
+                ranked_by = f"TrainingArguments' greater_is_better={trainers}"
             if own is not None and own != trainers and args.save_strategy != "no":
                 warn_at_user(f"PBCallback(greater_is_better={own}) ranks {ranked} the other way round from the "
                              f"Trainer, which ranks its checkpoints by greater_is_better={trainers} (its default for "
@@ -135,11 +142,14 @@ class PBCallback(TrainerCallback):
                 f"{args.metric_for_best_model}: a checkpoint saved at a PB rewind (a dendrite phase's start, a retry, "
                 f"the end) holds PB's best weights by {self.metric}, not the weights that scored its recorded "
                 f"{args.metric_for_best_model}; rank by the same metric, or use the model PB leaves at the end")
+        if self.config is not None and not self.config.maximize and self.maximize:
+            # (the callback sets the direction: the config's own was replaced without a word)
+            raise ConfigError(f"PBCallback's config has maximize=False, but it ranks {self.metric} higher-is-better "
+                              f"({ranked_by}): pass greater_is_better=False to PBCallback")
         # (as Lightning's mode='max' on a loss: the best is the worst)
-        if self.maximize and self.metric.endswith("loss"):
-            warn_at_user(f"PBCallback keeps the highest {self.metric}, a loss, as its best (greater_is_better=True, "
-                         "given to it or to the Trainer): pass the metric to maximise (metric='accuracy' with "
-                         "compute_metrics), or greater_is_better=False")
+        if self.maximize and reads_lower_is_better(self.metric):
+            warn_at_user(f"PBCallback keeps the highest {self.metric}, which reads as lower-is-better, as its best "
+                         f"({ranked_by}): pass greater_is_better=False if lower is better")
         pm = find_perforated(model, "PBCallback")
         source = pm.source_model
         if args.gradient_accumulation_steps > 1 and not pm.accepts_loss_kwargs and source is not None \

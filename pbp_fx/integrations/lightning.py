@@ -20,8 +20,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from ..checkpoint import warn_changed_settings
 from ..config import ConfigError, PBConfig
-from ..controller import Decision, PhaseController
+from ..controller import Decision, PhaseController, model_fixed_settings
 from ..errors import TrainingError, warn_at_user
+from ..modelfile import reads_lower_is_better
 from .common import StructureOnLoad, find_perforated, finished_run, refused_restart, unwrap_optimizer
 
 __all__ = ["PBCallback"]
@@ -35,18 +36,26 @@ _AVERAGING = tuple(getattr(lightning_callbacks, n) for n in ("StochasticWeightAv
 class PBCallback(Callback):
     """Runs PB's phase schedule on the logged validation metric `monitor` after every validation run.
 
-    mode: "min" (a loss) or "max" (an accuracy); it sets config.maximize. config: PB settings
-    (default: PBConfig() with the model's mode and activation). Works with one
+    mode: "min" (a loss; the default, as Lightning's own callbacks) or "max" (an accuracy); it sets
+    config.maximize. config: PB settings (a PBConfig or a dict of its fields; default: PBConfig() with the model's
+    mode and activation). Works with one
     optimizer (automatic or manual optimization) on one device. `self.controller` is the
     PhaseController once fitting has begun.
     """
 
-    def __init__(self, config: Optional[PBConfig] = None, monitor: str = "val_loss", mode: str = "min"):
-        if mode not in ("min", "max"):
+    def __init__(self, config: Optional[PBConfig] = None, monitor: str = "val_loss", mode: Optional[str] = None):
+        config = PBConfig.coerce(config, "PBCallback's config")
+        if mode not in (None, "min", "max"):
             raise ConfigError(f"mode={mode!r}: use 'min' (lower {monitor} is better) or 'max'")
-        if mode == "max" and monitor.endswith("loss"):  # (mode given, monitor left at its default: the best is the worst)
-            warn_at_user(f"PBCallback(mode='max') keeps the highest {monitor}, a loss, as its best: pass the metric to "
-                         f"maximise as monitor= (e.g. monitor='val_acc'), or mode='min'")
+        if config is not None and not config.maximize and mode == "max":
+            raise ConfigError(f"PBCallback(mode='max') ranks {monitor} higher-is-better, but its config has "
+                              "maximize=False: pass mode='min' (the callback sets the direction)")
+        if mode == "max" and reads_lower_is_better(monitor):  # (mode given, monitor left at its default: the best is the worst)
+            warn_at_user(f"PBCallback(mode='max') keeps the highest {monitor}, which reads as lower-is-better, as its "
+                         f"best: pass the metric to maximise as monitor= (e.g. monitor='val_acc'), or mode='min'")
+        if mode is None and not reads_lower_is_better(monitor) and (config is None or config.maximize):
+            warn_at_user(f"PBCallback minimises {monitor} (mode='min', the default, as Lightning's callbacks): pass "
+                         "mode='max' if higher is better (an accuracy), or mode='min' to say it is not")
         self.monitor = monitor
         self.config, self.maximize = config, mode == "max"
         self.controller: Optional[PhaseController] = None
@@ -88,7 +97,7 @@ class PBCallback(Callback):
         # setup, which Lightning calls after this hook and before it loads the checkpoint.
         if self._structure_hook is None:
             self._structure_hook = StructureOnLoad(
-                pl_module, lambda pm: self.config or PBConfig(mode=pm.mode, activation=pm.activation))
+                pl_module, lambda pm: model_fixed_settings(self.config or PBConfig(), pm))
 
     def on_fit_start(self, trainer, pl_module):
         if len(trainer.optimizers) != 1:

@@ -146,16 +146,16 @@ def test_lightning_refusals():
     with pytest.raises(ConfigError, match="mode='up'"):
         PBCallback(mode="up")
     # mode given, monitor left at its default: PB would keep the highest loss as its best
-    with pytest.warns(UserWarning, match="PBCallback.mode='max'. keeps the highest val_loss, a loss, as its best"):
+    with pytest.warns(UserWarning, match="PBCallback.mode='max'. keeps the highest val_loss, which reads as lower-is-better, as its best"):
         PBCallback(mode="max")
     train, val = digits_loaders()
     module = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
     with pytest.raises(TrainingError, match="'val_f1' was not logged .*val_acc"):
-        _trainer(PBCallback(QUICK, monitor="val_f1"), max_epochs=1).fit(module, train, val)
+        _trainer(PBCallback(QUICK, monitor="val_f1", mode="max"), max_epochs=1).fit(module, train, val)
     # A near miss of a logged name is said at Lightning's sanity check (its default), before any training
     # step, and refused at the first validation.
     module = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
-    trainer = L.Trainer(max_epochs=1, callbacks=[PBCallback(QUICK, monitor="val_los")], accelerator="cpu", devices=1,
+    trainer = L.Trainer(max_epochs=1, callbacks=[PBCallback(QUICK, monitor="val_los", mode="min")], accelerator="cpu", devices=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=1)
     with pytest.warns(UserWarning, match="'val_los' was not logged in the sanity check .did you mean 'val_loss'"):
@@ -167,7 +167,7 @@ def test_lightning_refusals():
             if not self.trainer.sanity_checking:
                 super().validation_step(batch, i)
 
-    trainer = L.Trainer(max_epochs=1, callbacks=[PBCallback(QUICK, monitor="val_acc")], accelerator="cpu", devices=1,
+    trainer = L.Trainer(max_epochs=1, callbacks=[PBCallback(QUICK, monitor="val_acc", mode="max")], accelerator="cpu", devices=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=1)
     trainer.fit(QuietSanityCheck(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
@@ -182,6 +182,29 @@ def test_lightning_refusals():
     with pytest.raises(TrainingError, match="configure_optimizers returned none"):
         _trainer(PBCallback(QUICK), max_epochs=1).fit(NoOptimizer(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))),
                                                       train, val)
+
+
+def test_the_callbacks_config_and_direction():
+    """A dict config crashed at fit start (AttributeError); an accuracy monitored with the default mode='min'
+    was minimised, silently; mode='max' replaced an explicit PBConfig(maximize=False) (a reviewer)."""
+    assert PBCallback(QUICK.to_dict(), monitor="val_loss").config == QUICK
+    with pytest.raises(ConfigError, match="PBCallback's config must be a PBConfig .or a dict of its settings., got str"):
+        PBCallback("patience=2")
+    with pytest.raises(ConfigError, match="ranks val_acc higher-is-better, but its config has maximize=False: pass "
+                                          "mode='min'"):
+        PBCallback(QUICK.replace(maximize=False), monitor="val_acc", mode="max")
+    with pytest.warns(UserWarning, match="PBCallback minimises val_acc .mode='min', the default"):
+        PBCallback(QUICK, monitor="val_acc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for quiet in (PBCallback(QUICK), PBCallback(QUICK, monitor="val_acc", mode="min"),
+                      PBCallback(QUICK.replace(maximize=False), monitor="val_acc"),
+                      PBCallback(QUICK, monitor="val_error_rate")):
+            assert not quiet.maximize
+    train, val = digits_loaders()
+    trainer = _trainer(PBCallback(QUICK.to_dict(), monitor="val_acc", mode="max"), max_epochs=1)
+    trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
+    assert trainer.global_step > 0
 
 
 def test_a_monitor_logged_per_step_or_in_training_is_named():
