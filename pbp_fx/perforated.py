@@ -716,6 +716,11 @@ class PerforatedModel(nn.Module):
         # its capture's names, which another capture of the model (without labels) does not have.
         for key in [k for k in state_dict if k.startswith(prefix) and is_lifted_constant(k)]:
             del state_dict[key]
+        if self.phase == "dendrite":  # (refused before any tensor loads: Site.resize says why)
+            for path, site in self.named_modules():
+                key = f"{prefix}{path}.out_weight"
+                if isinstance(site, Site) and key in state_dict and state_dict[key].shape[0] != site.num_dendrites:
+                    site.resize(state_dict[key].shape[0], where=path)
         # Each site takes the state's number of dendrites first: its own keys' (Site), or none where
         # the state has no key of the site but holds its neuron layer (a state saved before the site
         # grew). A state that holds neither (a head alone, loaded with strict=False) leaves the site
@@ -732,7 +737,7 @@ class PerforatedModel(nn.Module):
                 named = names.get(id(neuron)) if neuron is not None else None
                 # (a key of the site's candidate pool, saved in a dendrite phase before any dendrite, says 0 too)
                 if named is None or prefix + named in state_dict or any(k.startswith(own) for k in state_dict):
-                    site.resize(0)
+                    site.resize(0, where=own.rstrip("."))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:

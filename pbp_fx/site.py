@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .config import ConfigError
 from .covariance_tap import STAT_NAMES, EagerTap, batch_covariance, covariance_tap, fold_batch
-from .errors import NonFiniteError, warn_at_user
+from .errors import CheckpointError, NonFiniteError, warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
                      every_nth_position, split_members, StandIn)
 
@@ -487,8 +487,14 @@ class Site(nn.Module):
         """Per-channel best |C~| of the current candidate pool (None outside the dendrite phase)."""
         return None if self.candidates is None else self.candidates.correlation()
 
-    def resize(self, k: int) -> None:
-        """Give the site K zero-initialised dendrites (to load a state_dict into)."""
+    def resize(self, k: int, where: str = "") -> None:
+        """Give the site K zero-initialised dendrites (to load a state_dict into). Refused inside a
+        dendrite phase: its pool's cascade weights are sized for the dendrites the site has."""
+        if self.candidates is not None and k != self.num_dendrites:
+            raise CheckpointError(f"site {where + ' ' if where else ''}has {self.num_dendrites} dendrite(s) and a "
+                                  f"dendrite phase whose candidates build on them, and the state loaded into it holds "
+                                  f"{k}: call pm.abort_dendrite_phase() before loading it (pbp_fx.load gives the "
+                                  "model the saved structure itself)")
         self.dendrites = self.cascade = self.out_weight = None
         for _ in range(k):
             self.grow()
@@ -498,7 +504,7 @@ class Site(nn.Module):
         # without this site's keys says nothing of them (a PerforatedModel decides from its neuron's).
         key = prefix + "out_weight"
         if key in state_dict and state_dict[key].shape[0] != self.num_dendrites:
-            self.resize(state_dict[key].shape[0])
+            self.resize(state_dict[key].shape[0], where=prefix.rstrip("."))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def folded(self) -> tuple[Tensor, Optional[Tensor]]:

@@ -407,6 +407,30 @@ def test_state_dict_round_trip_into_a_fresh_model(pb):
     assert pb.max_diff(fresh.eval()(x), model.eval()(x)) <= 1e-6
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_state_of_other_dendrites_into_a_dendrite_phase_is_refused_in_one_line(strict):
+    """A K=1 state loaded with strict=False into a model inside a dendrite phase at K=0 resized the sites under
+    their pools, and the next training forward failed with an IndexError (strict=True: torch's long list of
+    missing candidate keys; a reviewer)."""
+    model, x = _bn_model(), torch.randn(4, 2, 5, 5)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    target = pbp_fx.perforate(model, (x,))
+    target.start_dendrite_phase(pool=2)
+    with torch.no_grad():
+        for p in pm.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(pbp_fx.CheckpointError, match=r"^site \S+ has 0 dendrite.s. and a dendrite phase whose "
+                                                     r"candidates build on them, and the state loaded into it holds 1: "
+                                                     r"call pm.abort_dendrite_phase\(\) before loading it"):
+        target.load_state_dict(pm.state_dict(), strict=strict)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # (refused before any tensor loads)
+    target.abort_dendrite_phase()
+    target.load_state_dict(pm.state_dict(), strict=strict)
+    assert target.dendrites == 1
+
+
 def test_grow_in_eval_mode_stays_in_eval_mode(pb):
     model, x = _bn_model(), torch.randn(4, 2, 5, 5)
     pm = pbp_fx.perforate(model, (x,)).eval()
