@@ -611,16 +611,30 @@ def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = 
     config, training = config or PBConfig(), training or TrainConfig()
     if distributed is None:
         device = training_device(device or (saved.device if saved is not None and saved.device else "cpu"))
-        return _train_job(model_file, config, training, out, include, exclude, progress, echo, None, device,
-                          resume_from, saved)
+        with _interrupted_resume_says_so(resume, 1, progress):
+            return _train_job(model_file, config, training, out, include, exclude, progress, echo, None, device,
+                              resume_from, saved)
     if device is not None and training_device(device, distributed.world_size).type != distributed.device.type:
         raise ConfigError(f"device={device}: this rank trains on {distributed.device}, the process group's device: "
                           f"drop device=, or give {distributed.device.type!r}")
     if not distributed.is_main:
         echo = _silent  # (its bar too: `_train_job` shows rank 0's; `progress` stays the run's flag for the hints)
-    with distributed.guard():
+    with _interrupted_resume_says_so(resume, distributed.world_size, progress), distributed.guard():
         return _train_job(model_file, config, training, out, include, exclude, progress, echo, distributed,
                           distributed.device, resume_from, saved)
+
+
+@contextlib.contextmanager
+def _interrupted_resume_says_so(resume: Optional[str], processes: int, progress: bool):
+    """A resume stopped by Ctrl-C or SIGTERM before it saved an epoch (in its start-up: the model, data and
+    loss checks) names the resume command too, as a later interrupt does: its checkpoint is as it was."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if resume is None or exc.args:  # (a later interrupt names the epochs saved already)
+            raise
+        raise type(exc)("before the resumed run saved an epoch (its checkpoint is as it was)"
+                        + _resumes(resume, 1, processes, progress, lead="it resumes with")) from None
 
 
 def _warn_resumed_otherwise(saved: SavedRun, identity: dict, processes: int, device: torch.device) -> None:

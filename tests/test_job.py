@@ -958,6 +958,12 @@ def test_a_run_whose_data_draws_from_numpy_and_random_resumes_like_an_uninterrup
 
     done = read_meta(str(stopped / "checkpoint.safetensors"))["extra"]["job_state"]["history"]["epochs"]
     assert len(done) == 5  # (the preflight read 8 samples first, the fingerprint 16)
+    # Stopped again in the resume's start-up (the preflight's reads): the message named no resume command (a reviewer)
+    monkeypatch.setenv("STOP_AT", "3")
+    assert main(["train", "--resume", str(stopped), "--no-progress"]) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted before the resumed run saved an epoch (its checkpoint is as "
+                                            f"it was); it resumes with pbp-fx train --resume {stopped} --no-progress\n")
+    monkeypatch.delenv("STOP_AT")
     assert main(["train", "--resume", str(stopped), "--no-progress"]) == 0
     _same_final_model(whole, stopped)
 
