@@ -168,6 +168,16 @@ class PerforatedModel(nn.Module):
         own save_pretrained writes the neurons alone."""
         return self._source
 
+    def _get_name(self) -> str:
+        """The original model's class name: frameworks identify an architecture by it (the Hugging Face
+        Trainer shifts a causal LM's labels for label smoothing only when the name is one; with
+        "PerforatedModel" it smoothed the unshifted loss). `repr(pm)` still starts "PerforatedModel"."""
+        source = self.__dict__.get("_source")
+        return type(source).__name__ if source is not None else "PerforatedModel"
+
+    def __repr__(self) -> str:
+        return "PerforatedModel" + super().__repr__()[len(self._get_name()):]
+
     def save_pretrained(self, *_args, **_kwargs):
         """Refused in one line: a PerforatedModel is no Hugging Face PreTrainedModel, and its source
         model's save_pretrained would write the neurons without the dendrites, silently."""

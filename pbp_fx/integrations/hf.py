@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 from transformers import TrainerCallback
+from transformers.utils import find_labels
 
 from ..checkpoint import holds_weights_of, load_controller, save
 from ..config import ConfigError, PBConfig
@@ -152,6 +153,13 @@ class PBCallback(TrainerCallback):
                          f"({ranked_by}): pass greater_is_better=False if lower is better")
         pm = find_perforated(model, "PBCallback")
         source = pm.source_model
+        if model is pm and source is not None and args.label_names is None:
+            # (transformers' find_labels adds a QuestionAnswering model's start/end positions by its class name)
+            theirs, ours = find_labels(type(source)), find_labels(type(pm))
+            if theirs != ours:
+                raise ConfigError(f"the Trainer takes the label names from the model's class, and finds {theirs} for "
+                                  f"{type(source).__name__} but {ours} for the PerforatedModel (its evaluation would "
+                                  f"report no loss): set TrainingArguments(label_names={theirs})")
         if args.gradient_accumulation_steps > 1 and not pm.accepts_loss_kwargs and source is not None \
                 and takes_loss_keyword(source):
             warn_at_user(f"gradient_accumulation_steps={args.gradient_accumulation_steps}: the perforated model was "

@@ -569,6 +569,50 @@ def test_label_smoothing_trains_a_model_perforated_without_labels(tmp_path):
         pbp_fx.perforate(torch.nn.Linear(2, 2), (torch.randn(1, 2),)).config
 
 
+def test_label_smoothing_shifts_a_perforated_causal_lms_labels_as_the_originals(tmp_path):
+    """Trainer.compute_loss shifts the labels for label smoothing only when the model's _get_name() is a causal LM
+    class: for "PerforatedModel" it smoothed the unshifted loss (2.61 against the original's 2.78), and PB picked
+    its best model on it (a reviewer)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=16, n_positions=16, use_cache=False))
+    ids = torch.randint(0, 16, (8, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    pm = pbp_fx.perforate(model, example_kwargs={"input_ids": ids}).eval()
+    model.eval()
+    assert repr(pm).startswith("PerforatedModel(") and pm._get_name() == "GPT2LMHeadModel"
+    args = _args(tmp_path, label_smoothing_factor=0.1, eval_strategy="no")
+    with torch.no_grad():
+        want = Trainer(model=model, args=args).compute_loss(model, dict(batch))
+        got = Trainer(model=pm, args=args).compute_loss(pm, dict(batch))
+    torch.testing.assert_close(got, want)
+
+
+def test_a_question_answering_models_label_names_are_asked_for(tmp_path):
+    """transformers' find_labels adds start/end positions by the class's name: none for a perforated
+    BertForQuestionAnswering, whose evaluation then reported no loss, and PBCallback blamed an empty
+    evaluation set (a reviewer)."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                intermediate_size=32, max_position_embeddings=16))
+    rows = [{"input_ids": torch.randint(2, 8, (8,)), "start_positions": torch.tensor(1),
+             "end_positions": torch.tensor(2)} for _ in range(16)]
+    pm = pbp_fx.perforate(model, example_kwargs=default_data_collator(rows[:4]))
+    trainer = Trainer(model=pm, args=_args(tmp_path, max_steps=1), train_dataset=rows, eval_dataset=rows,
+                      callbacks=[PBCallback(QUICK)])
+    with pytest.raises(ConfigError, match=r"finds \['start_positions', 'end_positions'\] for "
+                                          r"BertForQuestionAnswering but \[\] for the PerforatedModel .*: set "
+                                          r"TrainingArguments\(label_names=\['start_positions', 'end_positions'\]\)"):
+        trainer.train()
+    trainer = Trainer(model=pm, args=_args(tmp_path, max_steps=1, label_names=["start_positions", "end_positions"]),
+                      train_dataset=rows, eval_dataset=rows, callbacks=[PBCallback(QUICK)])
+    trainer.train()
+    assert "eval_loss" in trainer.evaluate()
+
+
 def test_the_finish_note_says_whether_the_budget_or_another_callback_ended_the_run(tmp_path, perforated_bert):
     class StopAtEpochTwo(TrainerCallback):
         def on_epoch_end(self, args, state, control, **kwargs):
