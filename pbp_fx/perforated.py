@@ -77,7 +77,7 @@ class PerforatedModel(nn.Module):
         # The model the graph was traced from (sharing its submodules), not registered: it is
         # run only to decide whether an untraced keyword input changes the output.
         object.__setattr__(self, "_source", source)
-        self._untraced_ok: set[str] = set()
+        self._untraced_ok: set[tuple] = set()  # `_approval`s of keywords checked and dropped
         self.mode, self.activation = mode, activation
         # How the graph was captured (JSON: frontend and its options, leaves, input signature);
         # checkpoints store it so that load() re-captures the model the same way.
@@ -225,13 +225,15 @@ class PerforatedModel(nn.Module):
 
         A keyword the original takes through `**kwargs` that was not traced (the Hugging Face
         Trainer's `num_items_in_batch`) is dropped when it does not change the original's
-        output (checked once per keyword), and refused with a CallError when it does."""
+        output, and refused with a CallError when it does: checked again for each new value (a
+        tensor's: its shape and dtype, and its value when it holds one; the Trainer's token count:
+        once)."""
         call = self.call_signature
         if call is None or call.is_plain(args, kwargs):
             return self._run_graph(args, kwargs)
         g_args, g_kwargs, extra = call.bind(args, kwargs)
         for key in extra:
-            if key not in self._untraced_ok:
+            if _approval(key, kwargs.get(key)) not in self._untraced_ok:
                 self._check_untraced(key, args, kwargs)
         count = g_kwargs.get(LOSS_KEYWORD)
         if isinstance(count, torch.Tensor):
@@ -463,7 +465,7 @@ class PerforatedModel(nn.Module):
             raise CallError(refuse)
         if keyword_changes_output(source, args, kwargs, key):
             raise CallError(refuse.replace("may use it", "uses it (its output changes)"))
-        self._untraced_ok.add(key)
+        self._untraced_ok.add(_approval(key, kwargs.get(key)))
 
     # -- structure -------------------------------------------------------------------
     @property
@@ -1191,6 +1193,21 @@ def put_back(module: nn.Module, places: list) -> None:
     if live:
         with torch.no_grad():
             torch._foreach_copy_([b.data for b, _ in live], [v for _, v in live])
+
+
+def _approval(key: str, value) -> tuple:
+    """What `_check_untraced` approved of a keyword: its value (a tensor's shape and dtype, and its value
+    when it holds one), so that another value is checked again (output_hidden_states=True after False;
+    temperature=2.0 after 1.0); the Trainer's token count, which changes every step, by name alone."""
+    if key == LOSS_KEYWORD:
+        return (key,)
+    if isinstance(value, torch.Tensor):
+        return key, "tensor", tuple(value.shape), value.dtype, value.item() if value.numel() == 1 else None
+    try:
+        hash(value)
+    except TypeError:
+        return key, repr(value)
+    return key, type(value), value
 
 
 def _attribute_path(obj, path: list):

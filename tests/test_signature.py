@@ -130,6 +130,27 @@ def test_untraced_kwargs_dropped_when_unused_refused_when_used(frontend):
     torch.testing.assert_close(traced(x, y, divisor=torch.tensor(4.0)), model(x, y, divisor=torch.tensor(4.0)))
 
 
+class _Tempered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, **kwargs):
+        return self.fc(x) / kwargs.get("temperature", 1.0)
+
+
+def test_an_untraced_keyword_is_checked_again_for_each_new_value():
+    """temperature=1.0 approved the name once, and temperature=2.0 then returned the untempered output (a reviewer)."""
+    model, x = _Tempered(), torch.randn(5, 4)
+    pm = pbp_fx.perforate(model, (x,))
+    torch.testing.assert_close(pm(x, temperature=1.0), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(pm(x, temperature=1.0), model(x), rtol=0, atol=0)
+    for value in (2.0, torch.tensor(2.0)):
+        with pytest.raises(CallError, match=r"'temperature' was not given to perforate\(\) and _Tempered uses it"):
+            pm(x, temperature=value)
+    torch.testing.assert_close(pm(x, temperature=torch.tensor(1.0)), model(x), rtol=0, atol=0)
+
+
 def test_the_untraced_check_leaves_modes_and_buffers_alone():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
 
