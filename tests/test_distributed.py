@@ -382,6 +382,7 @@ def test_no_sync_accumulation_works_from_the_first_step_of_every_phase(tmp_path)
             assert (quiet["state"][k].double() - v.double()).abs().max() < 1e-9, k
 
 
+@pytest.mark.slow  # (default suite under ~10 minutes: 2-rank runs; its fit twin stays)
 def test_an_output_the_loss_does_not_read_trains_in_a_loop_of_ones_own(tmp_path):
     """DDP stopped at the second step of a custom loop whose loss reads the "logits" alone: the zero
     gradient for the other outputs' parameters was fit's own. reaching_every_parameter gives it."""
@@ -405,6 +406,7 @@ def test_a_failing_rank_is_reported_and_the_other_exits(tmp_path):
     assert "rank 0 stopped: rank 1 failed with TrainingError: rank one broke on purpose" in err0, err0[-2000:]
 
 
+@pytest.mark.slow  # (default suite under ~10 minutes: 2-rank runs)
 def test_a_loss_gone_nan_on_one_rank_after_a_best_stops_every_rank(tmp_path):
     """One process takes such an epoch as diverged and goes on from its best weights; a rank that left
     its epoch alone would leave the others waiting in the gradient all-reduce, so the ranks stop."""
@@ -415,6 +417,7 @@ def test_a_loss_gone_nan_on_one_rank_after_a_best_stops_every_rank(tmp_path):
     assert rc0 != 0 and "rank 0 stopped: rank 1 failed with TrainingError: the loss is nan" in err0, err0[-2000:]
 
 
+@pytest.mark.slow  # (default suite under ~10 minutes: 2-rank runs)
 def test_a_validation_score_gone_nan_after_a_best_takes_every_rank_back_to_it_and_on(tmp_path):
     """fit raised there; every rank sees the same score, so they go back to the best weights together."""
     (rc0, err0), (rc1, err1) = _launch("nanval", tmp_path)
@@ -435,6 +438,7 @@ def test_the_controllers_construction_warnings_are_said_by_rank_0_only(tmp_path)
     assert "LBFGS" not in err1, err1[-2000:]
 
 
+@pytest.mark.slow  # (default suite under ~10 minutes: a 2-rank timeout)
 def test_a_silent_rank_times_out(tmp_path):
     t0 = time.monotonic()
     [(rc0, err0)] = _launch("stall", tmp_path, timeout=40, only_rank0=True)
@@ -549,7 +553,7 @@ def _long_run_with_a_checkpoint(tmp_path, stderr):
     return proc, out
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to the launcher", "Ctrl-C to the group"])
+@pytest.mark.parametrize("how", ["SIGTERM to the launcher", pytest.param("Ctrl-C to the group", marks=pytest.mark.slow)])
 def test_sigterm_to_the_launcher_stops_every_rank_with_one_resume_line(tmp_path, how):
     """SIGTERM to `pbp-fx train --nproc 2` killed the torchrun agent: both ranks kept training (and
     rewriting the checkpoint), and the launcher said only 'terminated'. Either signal printed torch's

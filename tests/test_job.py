@@ -265,6 +265,7 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert "Traceback" not in r.stderr and "does not exist" in r.stderr
 
 
+@pytest.mark.slow  # (default suite under ~10 minutes: two CLI runs; an interrupted resume stays in the default suite)
 def test_killed_in_the_dendrite_phase_and_resumed_ends_like_an_uninterrupted_run(tmp_path, monkeypatch):
     from pbp_fx.checkpoint import read_structure
 

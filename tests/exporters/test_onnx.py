@@ -466,7 +466,7 @@ def test_a_data_dependent_submodule_is_refused_naming_it_and_the_capture_error(t
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("keys", [("logits", "aux"), ("relu", "linear")])
+@pytest.mark.parametrize("keys", [("logits", "aux"), pytest.param(("relu", "linear"), marks=pytest.mark.slow)])
 def test_a_dict_outputs_keys_name_the_onnx_outputs_and_run_saves_them_all(tmp_path, keys):
     """They were the exporter's internal names (_symbolic_3, addcmul_11), and `pbp-fx run --output`
     could save the first output only. Keys that internal values have already ("relu", "linear") are
@@ -524,9 +524,9 @@ class _Outputs(torch.nn.Module):
 @pytest.mark.parametrize("kind, names", [
     ("nested", ["out", "aux.z", "aux.pair.0", "aux.pair.1"]),
     ("clash", ["x_output", "z"]),
-    ("joined alike", ["a.b", "a.b_1"]),  # (the exporter's internal names were kept, without a word)
+    pytest.param("joined alike", ["a.b", "a.b_1"], marks=pytest.mark.slow),  # (the exporter's internal names were kept, without a word)
     ("tuple", ["output_0", "output_1.z"]),
-    ("cond", ["logits", "feat"]),
+    pytest.param("cond", ["logits", "feat"], marks=pytest.mark.slow),
 ])
 def test_structured_outputs_are_named_by_their_keys_in_both_files(tmp_path, kind, names):
     x = torch.randn(4, 6)
@@ -734,6 +734,7 @@ def test_two_axis_names_for_dims_the_model_ties_are_refused_not_merged(tmp_path)
     assert names == [["batch", "seq", 8]] * 2
 
 
+@pytest.mark.slow  # (default suite under ~10 minutes: a BERT export)
 def test_a_successful_export_of_a_hf_model_prints_nothing_of_the_exporters_optimizer(tmp_path, caplog):
     """onnxscript's constant folding printed "Evaluation failed: cannot reshape array ..." for a fold it skipped."""
     transformers = pytest.importorskip("transformers")
@@ -954,10 +955,11 @@ else:
     ("export", "torch.export fixes a recurrent layer's sequence length (an nn.RNN's always, a GRU/LSTM's once one "
              "has been exported in this process): export without that axis, or, for a batch-first GRU/LSTM, perforate "
              "with frontend='fx'"),
-    ("fx", "exported"),
-    ("auto", "exported"),  # (auto takes fx for a recurrent model: no torch.export runs)
-    ("fx first", "output 0 has shape (7, 8, 3) at time=14, batch=4 (twice the example's), where the model's has "
-                 "(14, 4, 3): torch.onnx fixed a size the file declares dynamic: export without those dynamic axes")])
+    pytest.param("fx", "exported", marks=pytest.mark.slow),
+    pytest.param("auto", "exported", marks=pytest.mark.slow),  # (auto takes fx for a recurrent model: no torch.export runs)
+    pytest.param("fx first", "output 0 has shape (7, 8, 3) at time=14, batch=4 (twice the example's), where the model's has "
+                 "(14, 4, 3): torch.onnx fixed a size the file declares dynamic: export without those dynamic axes",
+                 marks=pytest.mark.slow)])
 def test_an_rnns_time_axis_fixed_by_an_earlier_torch_export_is_named_as_such(tmp_path, frontend, words):
     """torch 2.13: once torch.export has run in a process (frontend 'export'; 'auto' ran it too before it
     took fx for recurrent models), a GRU's time axis comes out fixed; the error blamed 'a reshape to a constant size' in the model. A sequence-first GRU's file
@@ -976,6 +978,7 @@ def test_an_rnns_time_axis_fixed_by_an_earlier_torch_export_is_named_as_such(tmp
     assert (tmp_path / "m.onnx").exists() == (words == "exported")
 
 
+@pytest.mark.slow  # (default suite under ~10 minutes: RNN exports)
 def test_a_sequence_first_rnn_whose_file_fails_at_another_dim_0_is_refused_by_the_default_export(tmp_path):
     """Dim 0 of a sequence-first GRU's input is its time, which the default export declares the dynamic batch
     while torch.onnx fixes its length inside: the file was written, and failed at any other dim-0 size (a
@@ -1443,6 +1446,7 @@ def test_an_output_that_is_not_tensors_is_refused_in_one_line(tmp_path, kind, sa
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.slow  # (default suite under ~10 minutes: a GPT-2 export)
 def test_a_hugging_face_cache_in_the_output_is_named_by_its_type_with_the_use_cache_fix(tmp_path):
     """The refusal read "holds DynamicCache DynamicCache(layers=[DynamicSlidingWindo at ...": the type twice, its
     repr cut mid-word, and not the usual fix."""
@@ -1479,6 +1483,7 @@ def test_a_registered_output_type_exports_with_its_keys_as_names(tmp_path, kind,
     np.testing.assert_allclose(got[1], want.hidden.numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # (default suite under ~10 minutes: exports)
 def test_an_unbatched_input_is_named_as_a_possible_cause_of_a_fixed_dim_0(tmp_path):
     """One [C, L] sample for a Conv1d: the message blamed only a reshape the model does not have."""
     class OneSample(torch.nn.Module):
@@ -1528,7 +1533,7 @@ _RECURRENT = {"gru": (_Recurrent, "seq, hidden"), "state first": (_StateFirst, "
               "lstm": (_LSTM, "seq, hidden, cell")}
 
 
-@pytest.mark.parametrize("kind", list(_RECURRENT))
+@pytest.mark.parametrize("kind", [k if k == "lstm" else pytest.param(k, marks=pytest.mark.slow) for k in _RECURRENT])
 def test_an_rnn_state_whose_layers_equal_the_batch_is_named_as_the_cause(tmp_path, kind):
     """hidden [layers=2, batch=2, size]: dim 0 sizes agree, so its layers were taken as the batch and
     the error blamed the first input alone, with an example naming 'x' and 'h0' whatever the
@@ -1610,6 +1615,7 @@ def _batch_on_dim_1_as_advised(pm, example, wider, names, before, tmp_path) -> N
                                    pm(*wider).numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # (default suite under ~10 minutes: RNN exports)
 def test_a_time_axis_on_dim_0_without_a_dynamic_batch_is_checked_like_any_axis(tmp_path):
     """dynamic_batch=False, dynamic_axes={"x": {0: "time", 1: "b"}} (a sequence-first GRU): the check
     skipped dim 0 as the batch, and the file came out with the time axis fixed, without a word."""
@@ -1634,6 +1640,7 @@ def test_a_time_axis_on_dim_0_without_a_dynamic_batch_is_checked_like_any_axis(t
         assert dims[0].dim_param == "time"
 
 
+@pytest.mark.slow  # (default suite under ~10 minutes: attention exports)
 def test_sequence_first_attention_inputs_are_told_their_batch_dim_1(tmp_path):
     """nn.MultiheadAttention's default [T, B, C] inputs: the advice named x's dim 0 (its length), which
     the next export refused."""
@@ -1746,7 +1753,7 @@ class _ListInput(torch.nn.Module):
         return self.head(torch.cat([torch.relu(self.a(parts[0])), torch.relu(self.b(parts[1]))], -1)) * scale
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_a_dict_or_list_input_becomes_one_file_input_per_tensor(tmp_path, fused):
     """A forward taking a dict or list of tensors: torch.onnx read a dict for keyword arguments
     ('missing a required argument'), and the batch check saw no tensor input with a batch axis."""

@@ -1075,6 +1075,7 @@ def test_a_resume_keeps_the_phase_rates_whether_the_trainer_restored_its_schedul
     assert all(rate == (QUICK.candidate_lr if phase == "dendrite" else 3e-3) for (phase, _), rate in rates.items())
 
 
+@pytest.mark.slow  # (default suite under ~10 minutes: T5 through the Trainer, ~50 s)
 def test_t5_captured_in_parts_trains_with_the_trainers_loss_keyword(tmp_path):
     """T5's forward (captured in parts) hands the Trainer's num_items_in_batch on to its encoder,
     traced without it: the first training step failed with 'encoder was traced without the keyword
