@@ -917,7 +917,8 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
     specs = find_sites(gm, include, exclude)
     not_sites = _layers_not_sites(gm, model)
     every_site = find_sites(gm) if include is not None or exclude is not None else specs
-    unmatched = _unmatched_globs(every_site if every_site is not specs else [], include, exclude, list(not_sites))
+    unmatched = _unmatched_globs(every_site if every_site is not specs else [], include, exclude, list(not_sites),
+                                 list(model.modules()))
     if not specs:  # (one line: what no glob matched, else why the first layer is no site, is the likely cause)
         missed = _selected(not_sites, model, include, exclude)
         if missed and not every_site:
@@ -1117,9 +1118,10 @@ def _warn_dropped_checkpointing(model: nn.Module) -> None:
         return
 
 
-def _unmatched_globs(specs: list, include, exclude, not_sites: list[str] = ()) -> list[str]:
-    """What to say of each name glob of include/exclude that matches no layer (most likely a typo);
-    `not_sites`: paths of Linear/Conv layers that are no sites, which a glob may leave out too."""
+def _unmatched_globs(specs: list, include, exclude, not_sites: list[str] = (), modules: list = ()) -> list[str]:
+    """What to say of each name glob of include/exclude that matches no layer (most likely a typo), and of
+    each module type that no module of the model is; `not_sites`: paths of Linear/Conv layers that are no
+    sites, which a glob may leave out too."""
     import fnmatch
 
     from pbp_fx.passes.find_sites import rules
@@ -1133,6 +1135,9 @@ def _unmatched_globs(specs: list, include, exclude, not_sites: list[str] = ()) -
                 shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
                 said.append(f"{which} pattern {rule!r} matches no Linear/Conv layer (they are named {shown}; "
                             "pbp_fx.explain_sites or pbp-fx transform --explain lists them)")
+            elif isinstance(rule, type) and modules and not any(isinstance(m, rule) for m in modules):
+                said.append(f"{which} type {rule.__name__} matches no module of the model (pbp_fx.explain_sites "
+                            "lists its sites and their layers' types)")
     return said
 
 

@@ -584,6 +584,11 @@ def test_a_glob_that_matches_no_layer_is_warned_of_naming_the_layers():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pbp_fx.perforate(Blocks(), (torch.randn(2, 2, 5, 5),), include=["layer1.*", nn.Linear], exclude="fc@1")
+    # a module type that no module of the model is: exclude=[nn.Conv2d] on an MLP did nothing, silently (a reviewer)
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"exclude type Conv2d matches no module of the model"):
+        pm = pbp_fx.perforate(mlp, (torch.randn(2, 4),), exclude=[nn.Conv2d])
+    assert list(pm.sites) == ["0", "2"]
 
 
 def test_model_without_neurons_is_no_sites_error():
