@@ -67,6 +67,12 @@ def takes_loss_keyword(model: nn.Module) -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+# Distinct values of an untraced keyword checked against the original model (one extra forward of it each)
+# before every value is taken as one the output does not depend on: a step counter passed along would
+# otherwise cost that forward at every call.
+UNTRACED_VALUES_CHECKED = 4
+
+
 class PerforatedModel(nn.Module):
     """A traced model with a Site after every neuron layer; called exactly like the original."""
 
@@ -77,7 +83,8 @@ class PerforatedModel(nn.Module):
         # The model the graph was traced from (sharing its submodules), not registered: it is
         # run only to decide whether an untraced keyword input changes the output.
         object.__setattr__(self, "_source", source)
-        self._untraced_ok: set[tuple] = set()  # `_approval`s of keywords checked and dropped
+        # Untraced keywords checked and dropped: name -> copies of the values approved, or True (every value)
+        self._untraced_ok: dict[str, Union[list, bool]] = {}
         self.mode, self.activation = mode, activation
         # How the graph was captured (JSON: frontend and its options, leaves, input signature);
         # checkpoints store it so that load() re-captures the model the same way.
@@ -225,15 +232,15 @@ class PerforatedModel(nn.Module):
 
         A keyword the original takes through `**kwargs` that was not traced (the Hugging Face
         Trainer's `num_items_in_batch`) is dropped when it does not change the original's
-        output, and refused with a CallError when it does: checked again for each new value (a
-        tensor's: its shape and dtype, and its value when it holds one; the Trainer's token count:
-        once)."""
+        output, and refused with a CallError when it does: checked again for each new value, up to
+        UNTRACED_VALUES_CHECKED values, after which the keyword is taken as one the output does not
+        depend on (the Trainer's token count, which changes every step: once)."""
         call = self.call_signature
         if call is None or call.is_plain(args, kwargs):
             return self._run_graph(args, kwargs)
         g_args, g_kwargs, extra = call.bind(args, kwargs)
         for key in extra:
-            if _approval(key, kwargs.get(key)) not in self._untraced_ok:
+            if not self._approved(key, kwargs.get(key)):
                 self._check_untraced(key, args, kwargs)
         count = g_kwargs.get(LOSS_KEYWORD)
         if isinstance(count, torch.Tensor):
@@ -465,7 +472,17 @@ class PerforatedModel(nn.Module):
             raise CallError(refuse)
         if keyword_changes_output(source, args, kwargs, key):
             raise CallError(refuse.replace("may use it", "uses it (its output changes)"))
-        self._untraced_ok.add(_approval(key, kwargs.get(key)))
+        seen = self._untraced_ok.setdefault(key, [])
+        seen.append(pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v,
+                                    kwargs.get(key)))
+        if key == LOSS_KEYWORD or len(seen) >= UNTRACED_VALUES_CHECKED:
+            self._untraced_ok[key] = True
+
+    def _approved(self, key: str, value) -> bool:
+        """Whether `_check_untraced` approved this value of the keyword (or every value: see
+        UNTRACED_VALUES_CHECKED)."""
+        seen = self._untraced_ok.get(key, [])
+        return seen is True or any(_same_value(value, v) for v in seen)
 
     # -- structure -------------------------------------------------------------------
     @property
@@ -1200,19 +1217,33 @@ def put_back(module: nn.Module, places: list) -> None:
             torch._foreach_copy_([b.data for b, _ in live], [v for _, v in live])
 
 
-def _approval(key: str, value) -> tuple:
-    """What `_check_untraced` approved of a keyword: its value (a tensor's shape and dtype, and its value
-    when it holds one), so that another value is checked again (output_hidden_states=True after False;
-    temperature=2.0 after 1.0); the Trainer's token count, which changes every step, by name alone."""
-    if key == LOSS_KEYWORD:
-        return (key,)
-    if isinstance(value, torch.Tensor):
-        return key, "tensor", tuple(value.shape), value.dtype, value.item() if value.numel() == 1 else None
+def _same_value(a, b) -> bool:
+    """Whether two keyword values are equal: the same structure, tensors of the same shape, dtype and elements
+    (NaN equal to NaN), other leaves equal and of one type."""
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or x.shape != y.shape \
+                    or x.dtype != y.dtype:
+                return False
+            y = y.to(x.device)
+            same = (torch.isclose(x, y, rtol=0, atol=0, equal_nan=True).all() if x.is_floating_point()
+                    else torch.equal(x, y))
+            if not bool(same):
+                return False
+        elif type(x) is not type(y) or not _equal_or_both_nan(x, y):
+            return False
+    return True
+
+
+def _equal_or_both_nan(x, y) -> bool:
     try:
-        hash(value)
-    except TypeError:
-        return key, repr(value)
-    return key, type(value), value
+        return bool(x == y) or (x != x and y != y)
+    except Exception:  # noqa: BLE001 - (a value whose == does not give one bool)
+        return False
 
 
 def _attribute_path(obj, path: list):

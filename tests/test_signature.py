@@ -149,6 +149,37 @@ def test_an_untraced_keyword_is_checked_again_for_each_new_value():
         with pytest.raises(CallError, match=r"'temperature' was not given to perforate\(\) and _Tempered uses it"):
             pm(x, temperature=value)
     torch.testing.assert_close(pm(x, temperature=torch.tensor(1.0)), model(x), rtol=0, atol=0)
+    # tensors of several elements by their elements, in containers too, and a copy of what was approved (the
+    # diff review: shape and dtype alone, or a repr that torch shortens, let a changed value through)
+    ones = torch.ones(3)
+    torch.testing.assert_close(pm(x, temperature=ones), model(x), rtol=0, atol=0)
+    ones[1] = 2.0  # (changed in place after its approval)
+    for value in (ones, torch.full((3,), 2.0), [torch.ones(3), 2.0]):
+        with pytest.raises(CallError, match=r"'temperature' was not given to perforate\(\) and _Tempered uses it"):
+            pm(x, temperature=value)
+
+
+class _Counted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.calls = nn.Linear(4, 3), 0
+
+    def forward(self, x, **kwargs):
+        self.calls += 1
+        return self.fc(x)
+
+
+def test_an_untraced_keyword_the_output_ignores_is_checked_for_a_few_values_only():
+    """A step counter passed along ran the original model twice more at every call (the diff review)."""
+    from pbp_fx.perforated import UNTRACED_VALUES_CHECKED
+
+    model, x = _Counted(), torch.randn(5, 4)
+    pm = pbp_fx.perforate(model, (x,))
+    source = pm.source_model
+    before = source.calls
+    for step in range(20):
+        pm(x, step=step)
+    assert source.calls - before == 2 * UNTRACED_VALUES_CHECKED  # (with and without the keyword, per value checked)
 
 
 def test_the_untraced_check_leaves_modes_and_buffers_alone():
