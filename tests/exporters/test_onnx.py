@@ -1633,7 +1633,10 @@ def test_a_time_axis_on_dim_0_without_a_dynamic_batch_is_checked_like_any_axis(t
     try:
         path = export_onnx(pm, (x,), tmp_path / "m.onnx", dynamic_batch=False, dynamic_axes={"x": {0: "time", 1: "b"}})
     except ExportError as exc:  # (fx, auto's frontend here: the file's output at twice the example's sizes)
-        assert "output 0 has shape (7, 16, 3) at time=14, b=8 (twice the example's)" in str(exc)
+        # (or, where torch.export has exported a recurrent layer in this process before: the axis named as fixed)
+        assert ("output 0 has shape (7, 16, 3) at time=14, b=8 (twice the example's)" in str(exc)
+                or "axis 'time' (dim 0 of input 'x') came out fixed to 7: torch.export fixes a recurrent layer's "
+                   "sequence length" in str(exc)), str(exc)
         assert not (tmp_path / "m.onnx").exists()
     else:  # (a torch that keeps the axis: then the file declares it)
         dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
