@@ -158,8 +158,9 @@ def _refuse_the_originals_twins(pm, optimizer: torch.optim.Optimizer, left_out) 
 
 def model_fixed_settings(config: PBConfig, pm: PerforatedModel) -> PBConfig:
     """`config` with the mode and activation `pm` was perforated with, which its graph fixes: a config
-    that leaves either at PBConfig's default takes the model's (PBConfig(patience=5) for a model
-    perforated with activation="tanh"); one that sets another value is refused in one line."""
+    whose value is PBConfig's default takes the model's (PBConfig(patience=5) for a model perforated
+    with activation="tanh"; a default given explicitly cannot be told from one left out, and follows the
+    model too); one that sets another value is refused in one line."""
     default, fixed = PBConfig(), {}
     for name in ("mode", "activation"):
         mine, models = getattr(config, name), getattr(pm, name)

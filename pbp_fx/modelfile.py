@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from types import ModuleType
 from typing import Callable, Optional
@@ -282,12 +283,14 @@ def task_functions(mod: ModuleType) -> tuple[Callable, Callable, str]:
 
 # Words that name a lower-is-better score (an error, a distance), as parts of a metric's name.
 LOWER_IS_BETTER_WORDS = {"loss", "error", "err", "mae", "mse", "rmse", "wer", "cer", "perplexity", "ppl", "nll",
-                         "distance", "dist"}
+                         "distance", "dist", "ce", "bce", "xent", "crossentropy"}
 
 
 def reads_lower_is_better(name: str) -> bool:
-    """Whether a metric's name holds a word of LOWER_IS_BETTER_WORDS (val_loss, eval_err, mae, error_rate)."""
-    return bool(LOWER_IS_BETTER_WORDS & set(name.lower().replace("-", "_").split("_")))
+    """Whether a metric's name holds a word of LOWER_IS_BETTER_WORDS, or one ending in "loss" (val_loss,
+    val/loss, valLoss, val_logloss, eval_err, mae, error_rate)."""
+    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower())
+    return any(w in LOWER_IS_BETTER_WORDS or w.endswith("loss") for w in words)
 
 
 def check_metric_direction(mod: ModuleType, maximize: bool, error: type = ModelFileError) -> None:

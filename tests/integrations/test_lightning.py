@@ -199,8 +199,12 @@ def test_the_callbacks_config_and_direction():
         warnings.simplefilter("error")
         for quiet in (PBCallback(QUICK), PBCallback(QUICK, monitor="val_acc", mode="min"),
                       PBCallback(QUICK.replace(maximize=False), monitor="val_acc"),
-                      PBCallback(QUICK, monitor="val_error_rate")):
+                      PBCallback(QUICK, monitor="val_error_rate"), PBCallback(QUICK, monitor="val/loss"),
+                      PBCallback(QUICK, monitor="valLoss"), PBCallback(QUICK, monitor="val_logloss"),
+                      PBCallback(QUICK, monitor="val_bce")):
             assert not quiet.maximize
+    with pytest.warns(UserWarning, match="keeps the highest val/loss, which reads as lower-is-better"):
+        PBCallback(QUICK, monitor="val/loss", mode="max")
     train, val = digits_loaders()
     trainer = _trainer(PBCallback(QUICK.to_dict(), monitor="val_acc", mode="max"), max_epochs=1)
     trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
