@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import io
 import json
 import logging
@@ -986,9 +987,10 @@ def _refusal_at_doubled_axes(module: nn.Module, inputs: tuple, shapes, axes: lis
 
 
 def _record_axis_ranges(proto: onnx.ModelProto, ep, axes: Optional[list]) -> None:
-    """Metadata AXIS_RANGES_KEY for the named dynamic axes torch.export bounded: a forward that branches on
-    such a size (`if x.shape[1] > 5`) keeps the example's branch, and the file, which has no guard, would
-    compute it at every size (ort.run refuses the others). Its default range, 2 and up, is not recorded."""
+    """Metadata AXIS_RANGES_KEY for the named dynamic axes past dim 0 that torch.export bounded: a forward
+    that branches on such a size (`if x.shape[1] > 5`) keeps the example's branch, and the file, which has
+    no guard, would compute it at every size (ort.run refuses the others); a model's own limit (a position
+    table) bounds it too. Its default range, 2 and up, is not recorded."""
     from pbp_fx.tracing import size_range
 
     if not axes or ep is None:
@@ -999,14 +1001,49 @@ def _record_axis_ranges(proto: onnx.ModelProto, ep, axes: Optional[list]) -> Non
         value = values.get(node.name) if node.op == "placeholder" else None
         shape = getattr(node.meta.get("val"), "shape", ())
         dims = value.type.tensor_type.shape.dim if value is not None else ()
-        for size, dim in zip(shape, dims):
-            bounds = size_range(ep, size)
+        for index, (size, dim) in enumerate(zip(shape, dims)):
+            bounds = size_range(ep, size) if index else None  # (dim 0: the batch range's keys say it)
             if dim.dim_param in axes and bounds is not None and ((bounds[0] or 0) > 2 or bounds[1] is not None):
                 least, most = ranges.get(dim.dim_param, (0, None))
                 ranges[dim.dim_param] = (max(least, bounds[0] or 0),
                                          bounds[1] if most is None else min(most, bounds[1] or most))
     if ranges:
         proto.metadata_props.add(key=AXIS_RANGES_KEY, value=json.dumps({k: list(v) for k, v in sorted(ranges.items())}))
+
+
+def _original_runs_at(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict], axes: dict, axis: str,
+                      size: int) -> bool:
+    """Whether a PerforatedModel's original runs on the example with the named `axis` made `size` long (its
+    inputs bound by name to the original's forward); False where that cannot be tried."""
+    from pbp_fx.perforated import PerforatedModel
+
+    source = model.source_model if isinstance(model, PerforatedModel) else None
+    if source is None:
+        return False
+    kwargs = dict(example_inputs) if isinstance(example_inputs, dict) else {}
+    args = () if isinstance(example_inputs, dict) or example_inputs is None else _as_tuple(example_inputs)
+    kwargs.update(example_kwargs or {})
+    try:
+        bound = inspect.signature(source.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return False
+    resized = False
+    for key, dims in axes.items():
+        name = key if isinstance(key, str) else next(iter(list(bound.arguments)[key:key + 1]), None)
+        value = bound.arguments.get(name) if name is not None else None
+        for dim, named in dims.items():
+            if named == axis and isinstance(value, Tensor) and 0 < dim < value.dim():
+                value, resized = _resized(value, dim, size), True
+        if resized and name in bound.arguments:
+            bound.arguments[name] = value
+    if not resized:
+        return False
+    try:
+        with torch.no_grad(), buffers_kept(source), contextlib.redirect_stderr(io.StringIO()):
+            source(*bound.args, **bound.kwargs)
+    except Exception:  # noqa: BLE001 - the model's own limit there
+        return False
+    return True
 
 
 def _root_reason(exc: BaseException) -> str:
@@ -1519,15 +1556,19 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
               ] if axes else []
     if dynamic_batch:
         checks.append(({"batch"}, True, "export with dynamic_batch=False (pbp-fx export --static-batch)"))
+    bounded = json.loads(next((p.value for p in proto.metadata_props if p.key == AXIS_RANGES_KEY), "{}"))
     for names, small, fix in checks:
         checked = check_other_sizes(body, module, inputs, names, small,
                                     *((min_batch, max_batch) if dim_0_dynamic else (1, None)))
         if checked.problem is not None:
             raise ExportError(f"{checked.problem}: {fix}")
-        if checked.unchecked is not None:
+        # (where a checked size left a recorded range, the file refuses it: the range's own words say so)
+        if checked.unchecked is not None and not names & set(bounded):
             warn_at_user(f"dynamic axes not checked at {checked.sizes} ({checked.how}): {checked.unchecked}")
-    bounded = json.loads(next((p.value for p in proto.metadata_props if p.key == AXIS_RANGES_KEY), "{}"))
     for axis, (least, most) in bounded.items():
+        outside = [n for n in (least - 1 if least > 2 else None, None if most is None else most + 1) if n is not None]
+        if not any(_original_runs_at(model, example_inputs, example_kwargs, axes, axis, n) for n in outside):
+            continue  # (the model's own limit, a position table's length: the file refuses what the model does)
         warn_at_user(f"the ONNX file computes the model's outputs at {axis} of {sizes_text(least, most)} only "
                      "(torch.export captured the "
                      f"forward's branch on that size for those): pbp_fx.exporters.run and pbp-fx run refuse other "

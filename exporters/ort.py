@@ -176,9 +176,10 @@ def _check_axes(session, feed: dict) -> None:
             if size < least or (most is not None and size > most):
                 allowed = sizes_text(least, most)
                 raise BatchSizeError(f"input {spec.name!r} has {name}={size}: this ONNX file computes the model's "
-                                     f"outputs at {name} of {allowed} only (the forward branches on that size, and "
-                                     f"torch.export captured the branch for those); give {allowed}, or export the "
-                                     f"model with an example of {name}={size} for such calls")
+                                     f"outputs at {name} of {allowed} only (torch.export bounded that size: a branch "
+                                     f"of the forward on it, or a limit of the model's own, such as a position "
+                                     f"table); give {allowed}, or export the model with an example of {name}={size} "
+                                     "where the forward branches")
 
 
 def sizes_text(least: int, most: Optional[int]) -> str:

@@ -1106,14 +1106,53 @@ def test_a_named_axis_the_forward_branches_on_is_bounded_in_the_file(tmp_path, l
     torch.manual_seed(0)
     model = _DoublesLongSequences().eval()
     pm = pbp_fx.perforate(model, (torch.randn(2, length, 6),)).eval()
-    with pytest.warns(PBWarning, match=rf"the ONNX file computes the model's outputs at T of {allowed} only"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         export_onnx(pm, (torch.randn(2, length, 6),), tmp_path / "m.onnx", dynamic_axes={"x": {1: "T"}})
+    said = [str(w.message) for w in caught]
+    assert [m for m in said if m.startswith("the ONNX file computes")] == [
+        f"the ONNX file computes the model's outputs at T of {allowed} only (torch.export captured the forward's "
+        "branch on that size for those): pbp_fx.exporters.run and pbp-fx run refuse other sizes; export with an "
+        "example of the other size for those calls"], said
+    assert not any("the model itself raises there" in m for m in said), said
     session = ort_session(tmp_path / "m.onnx")
     x = torch.randn(3, length + 1 if length > 5 else length - 1, 6)
     np.testing.assert_allclose(run(session, x)[0], model(x).detach().numpy(), atol=1e-5)
     with pytest.raises(BatchSizeError, match=rf"^input 'x' has T={other}: this ONNX file computes the model's outputs "
                                              rf"at T of {allowed} only"):
         run(session, torch.randn(2, other, 6))
+
+
+def test_a_models_own_bound_on_a_named_axis_is_recorded_without_a_branch_warning(tmp_path):
+    """A position table of 12 bounds the sequence: recorded and refused beyond it, but export warned of a
+    branch the forward does not have (BERT's seq of at most 64; the diff review). Dim 0 named too gives no
+    second warning beside the batch's."""
+    from pbp_fx.exporters import BatchSizeError
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos, self.fc = nn.Embedding(12, 6), nn.Linear(6, 3)
+            self.register_buffer("ids", torch.arange(12))  # (as BERT's position_ids)
+
+        def forward(self, x):
+            return self.fc(x + self.pos(self.ids[:x.shape[1]]))
+
+    torch.manual_seed(0)
+    model, x = Positions().eval(), torch.randn(2, 8, 6)
+    pm = pbp_fx.perforate(model, (x,)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(pm, (x,), tmp_path / "m.onnx", dynamic_axes={"x": {0: "batch", 1: "T"}})
+    assert not [str(w.message) for w in caught if "computes the model's outputs at" in str(w.message)]
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["pbp_fx.axis_ranges"]) == {"T": [0, 12]}
+    session = ort_session(tmp_path / "m.onnx")
+    np.testing.assert_allclose(run(session, x[:, :5])[0], model(x[:, :5]).detach().numpy(), atol=1e-5)
+    with pytest.raises(BatchSizeError, match=r"^input 'x' has T=13: .* at T of at most 12 only \(torch.export "
+                                             r"bounded that size: a branch of the forward on it, or a limit of the "
+                                             r"model's own"):
+        run(session, torch.randn(2, 13, 6))
 
 
 class _BagWithOffsets(nn.Module):
