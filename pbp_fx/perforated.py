@@ -745,6 +745,9 @@ class PerforatedModel(nn.Module):
         # its capture's names, which another capture of the model (without labels) does not have.
         for key in [k for k in state_dict if k.startswith(prefix) and is_lifted_constant(k)]:
             del state_dict[key]
+        # First the load pre-hooks (a framework's StructureOnLoad gives the model the state's structure) and the
+        # root's own tensors (it has none: its children, which load after this, hold them all).
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.phase == "dendrite":  # (refused before any tensor loads: Site.resize says why)
             for path, site in self.named_modules():
                 key = f"{prefix}{path}.out_weight"
@@ -767,7 +770,6 @@ class PerforatedModel(nn.Module):
                 # (a key of the site's candidate pool, saved in a dendrite phase before any dendrite, says 0 too)
                 if named is None or prefix + named in state_dict or any(k.startswith(own) for k in state_dict):
                     site.resize(0, where=own.rstrip("."))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer must hold in the current phase."""

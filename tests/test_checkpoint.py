@@ -601,6 +601,29 @@ def test_a_framework_resume_rebuilds_the_pool_with_its_own_settings_not_the_runs
     assert fresh.phase == "dendrite" and _pool_settings(fresh) == [SETTINGS] * len(pm.sites)
 
 
+def test_a_framework_load_into_a_dendrite_phase_over_other_dendrites_restores_the_structure():
+    """Lightning's validate(ckpt_path=) twice, over dendrite-phase checkpoints of K=1 and then K=0: the hook did
+    nothing where both had a pool, and the load failed (Site refuses to resize under a pool; the diff review)."""
+    from pbp_fx.integrations.common import StructureOnLoad
+
+    grown = pbp_fx.perforate(_build(), (X,))
+    grown.grow()
+    grown.start_dendrite_phase(pool=2, **SETTINGS)
+    _steps(grown, 2)
+    bare = pbp_fx.perforate(_build(), (X,))
+    bare.start_dendrite_phase(pool=2, **SETTINGS)
+    _steps(bare, 2)
+    fresh = pbp_fx.perforate(_build(), (X,))
+    hook = StructureOnLoad(fresh, lambda _: pbp_fx.PBConfig(pool=2))
+    for source in (bare, grown, bare):
+        fresh.load_state_dict(source.state_dict())
+        assert fresh.phase == "dendrite" and fresh.dendrites == source.dendrites
+        for k, v in source.state_dict().items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(fresh.state_dict()[k], v), k
+    hook.remove()
+
+
 def test_a_plain_load_state_dict_gives_a_pool_its_recorded_settings_and_warns_of_another_stride():
     pm = pbp_fx.perforate(_build(), (X,))
     pm.start_dendrite_phase(pool=2, **SETTINGS)

@@ -13,6 +13,7 @@ from ..config import PBConfig
 from ..controller import inner_optimizer
 from ..errors import CheckpointError, TrainingError
 from ..perforated import PerforatedModel
+from ..site import Site
 
 __all__ = ["find_perforated", "unwrap_optimizer", "unwrap_scheduler", "StructureOnLoad"]
 
@@ -70,8 +71,8 @@ class StructureOnLoad:
         state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         pools = {k.split(".candidates.")[0]: v.shape[0] for k, v in state.items()
                  if k.endswith(".candidates.copies.weight")}
-        if bool(pools) == (pm.phase == "dendrite"):
-            return
+        if bool(pools) == (pm.phase == "dendrite") and not (pools and _other_dendrites(pm, state)):
+            return  # (a pool over other dendrites than the model's: restored too, as Site refuses to resize under one)
         self._restoring = True
         config = self.config(pm)
         try:
@@ -95,6 +96,16 @@ class StructureOnLoad:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def _other_dendrites(pm: PerforatedModel, state: dict) -> bool:
+    """Whether the state holds another number of dendrites than pm at some site."""
+    for path, site in pm.named_modules():
+        if isinstance(site, Site):
+            saved = state.get(f"{path}.out_weight")
+            if (0 if saved is None else saved.shape[0]) != site.num_dendrites:
+                return True
+    return False
 
 
 def finished_run(note: str, call: str) -> str:
