@@ -126,7 +126,7 @@ class PBCallback(TrainerCallback):
         self._from_args = self._metric is None and ranked is not None
         own = self._greater_is_better
         ranked_by = (f"greater_is_better={own} given to it" if own is not None
-                  else "the default for a name that does not end in 'loss'")
+                     else "the default for a name that does not end in 'loss'")
         if self._from_args or ranked == self.metric:  # the metric the user's Trainer ranks by
             trainers = bool(args.greater_is_better)
             self.metric, self.maximize = ranked, trainers if own is None else own  # (given here: it wins)

@@ -861,7 +861,7 @@ def test_resume_finds_the_callbacks_file_by_the_weights_the_trainer_loaded(tmp_p
     def run(folder, seed=0, resume=None, model=None):
         torch.manual_seed(seed)
         model = model or pbp_fx.perforate(_NormedNet(), example_kwargs={"x": x[:4], "labels": y[:4]})
-        cb = PBCallback(QUICK.to_dict() if optim else QUICK)
+        cb = PBCallback(QUICK)
         trainer = Trainer(model=model, args=_args(folder, save_strategy="epoch", per_device_train_batch_size=64,
                                                   seed=seed),
                           train_dataset=rows[:256], eval_dataset=rows[256:], callbacks=[cb])
