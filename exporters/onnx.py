@@ -987,7 +987,7 @@ def _refusal_at_doubled_axes(module: nn.Module, inputs: tuple, shapes, axes: lis
 
 
 def _record_axis_ranges(proto: onnx.ModelProto, ep, axes: Optional[list]) -> None:
-    """Metadata AXIS_RANGES_KEY for the named dynamic axes past dim 0 that torch.export bounded: a forward
+    """Metadata AXIS_RANGES_KEY for the named dynamic axes that torch.export bounded: a forward
     that branches on such a size (`if x.shape[1] > 5`) keeps the example's branch, and the file, which has
     no guard, would compute it at every size (ort.run refuses the others); a model's own limit (a position
     table) bounds it too. Its default range, 2 and up, is not recorded."""
@@ -1001,8 +1001,8 @@ def _record_axis_ranges(proto: onnx.ModelProto, ep, axes: Optional[list]) -> Non
         value = values.get(node.name) if node.op == "placeholder" else None
         shape = getattr(node.meta.get("val"), "shape", ())
         dims = value.type.tensor_type.shape.dim if value is not None else ()
-        for index, (size, dim) in enumerate(zip(shape, dims)):
-            bounds = size_range(ep, size) if index else None  # (dim 0: the batch range's keys say it)
+        for size, dim in zip(shape, dims):
+            bounds = size_range(ep, size)
             if dim.dim_param in axes and bounds is not None and ((bounds[0] or 0) > 2 or bounds[1] is not None):
                 least, most = ranges.get(dim.dim_param, (0, None))
                 ranges[dim.dim_param] = (max(least, bounds[0] or 0),
@@ -1012,21 +1012,23 @@ def _record_axis_ranges(proto: onnx.ModelProto, ep, axes: Optional[list]) -> Non
 
 
 def _original_runs_at(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict], axes: dict, axis: str,
-                      size: int) -> bool:
+                      size: int) -> Optional[bool]:
     """Whether a PerforatedModel's original runs on the example with the named `axis` made `size` long (its
-    inputs bound by name to the original's forward); False where that cannot be tried."""
+    inputs bound by name to the original's forward; in the model's mode, the random state kept); None where
+    that cannot be tried (another module, an input the axis names by its flattened position)."""
     from pbp_fx.perforated import PerforatedModel
+    from pbp_fx.tracing import whole_model_in_mode
 
     source = model.source_model if isinstance(model, PerforatedModel) else None
     if source is None:
-        return False
+        return None
     kwargs = dict(example_inputs) if isinstance(example_inputs, dict) else {}
     args = () if isinstance(example_inputs, dict) or example_inputs is None else _as_tuple(example_inputs)
     kwargs.update(example_kwargs or {})
     try:
         bound = inspect.signature(source.forward).bind(*args, **kwargs)
     except (TypeError, ValueError):
-        return False
+        return None
     resized = False
     for key, dims in axes.items():
         name = key if isinstance(key, str) else next(iter(list(bound.arguments)[key:key + 1]), None)
@@ -1037,9 +1039,10 @@ def _original_runs_at(model: nn.Module, example_inputs: Any, example_kwargs: Opt
         if resized and name in bound.arguments:
             bound.arguments[name] = value
     if not resized:
-        return False
+        return None
     try:
-        with torch.no_grad(), buffers_kept(source), contextlib.redirect_stderr(io.StringIO()):
+        with torch.no_grad(), buffers_kept(source), torch.random.fork_rng(devices=[]), \
+                whole_model_in_mode(source, model.training), contextlib.redirect_stderr(io.StringIO()):
             source(*bound.args, **bound.kwargs)
     except Exception:  # noqa: BLE001 - the model's own limit there
         return False
@@ -1556,24 +1559,33 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
               ] if axes else []
     if dynamic_batch:
         checks.append(({"batch"}, True, "export with dynamic_batch=False (pbp-fx export --static-batch)"))
-    bounded = json.loads(next((p.value for p in proto.metadata_props if p.key == AXIS_RANGES_KEY), "{}"))
+    batch_said = (min_batch > 1 or max_batch is not None) and dim_0_dynamic  # (its own warning below)
+    on_dim_0 = {name for dims in axes.values() for dim, name in dims.items() if dim == 0}
+    range_notes = {}  # axis -> what to say of its recorded range (nothing: the model's own limit, a position table's)
+    for axis, (least, most) in json.loads(next((p.value for p in proto.metadata_props if p.key == AXIS_RANGES_KEY),
+                                               "{}")).items():
+        if batch_said and axis in on_dim_0:
+            continue
+        outside = [n for n in (least - 1 if least > 2 else None, None if most is None else most + 1) if n is not None]
+        runs = [_original_runs_at(model, example_inputs, example_kwargs, axes, axis, n) for n in outside]
+        cause = ("torch.export captured the forward's branch on that size for those" if True in runs else
+                 "torch.export bounded that size: a branch of the forward on it, or a limit of the model's own"
+                 if None in runs else None)
+        if cause is not None:
+            range_notes[axis] = (f"the ONNX file computes the model's outputs at {axis} of {sizes_text(least, most)} "
+                                 f"only ({cause}): pbp_fx.exporters.run and pbp-fx run refuse other sizes; export with "
+                                 "an example of the other size for those calls")
     for names, small, fix in checks:
         checked = check_other_sizes(body, module, inputs, names, small,
                                     *((min_batch, max_batch) if dim_0_dynamic else (1, None)))
         if checked.problem is not None:
             raise ExportError(f"{checked.problem}: {fix}")
         # (where a checked size left a recorded range, the file refuses it: the range's own words say so)
-        if checked.unchecked is not None and not names & set(bounded):
+        if checked.unchecked is not None and not names & set(range_notes):
             warn_at_user(f"dynamic axes not checked at {checked.sizes} ({checked.how}): {checked.unchecked}")
-    for axis, (least, most) in bounded.items():
-        outside = [n for n in (least - 1 if least > 2 else None, None if most is None else most + 1) if n is not None]
-        if not any(_original_runs_at(model, example_inputs, example_kwargs, axes, axis, n) for n in outside):
-            continue  # (the model's own limit, a position table's length: the file refuses what the model does)
-        warn_at_user(f"the ONNX file computes the model's outputs at {axis} of {sizes_text(least, most)} only "
-                     "(torch.export captured the "
-                     f"forward's branch on that size for those): pbp_fx.exporters.run and pbp-fx run refuse other "
-                     f"sizes; export with an example of the other size for those calls")
-    if (min_batch > 1 or max_batch is not None) and dim_0_dynamic:
+    for note in range_notes.values():
+        warn_at_user(note)
+    if batch_said:
         warn_at_user(f"the ONNX file computes the model's outputs at batches of {sizes} only (torch.export "
                      "captured the forward's branch on the batch size for those): pbp_fx.exporters.run and pbp-fx run "
                      "refuse other batches; perforate the model with an example of the other batch for those calls")

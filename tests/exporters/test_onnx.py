@@ -1155,6 +1155,26 @@ def test_a_models_own_bound_on_a_named_axis_is_recorded_without_a_branch_warning
         run(session, torch.randn(2, 13, 6))
 
 
+def test_a_bounded_axis_of_a_module_that_is_not_perforated_is_recorded_and_said(tmp_path):
+    """export_onnx takes plain modules too, whose original cannot be run outside the range: the range was
+    recorded without a word, and a branch on a named dim 0 was not recorded at all (the second diff review)."""
+    from pbp_fx.exporters import BatchSizeError
+
+    torch.manual_seed(0)
+    model = _DoublesLongSequences().eval()
+    with pytest.warns(PBWarning, match=r"at T of 6 or more only \(torch.export bounded that size: a branch of the "
+                                       r"forward on it, or a limit of the model's own\)"):
+        export_onnx(model, (torch.randn(2, 8, 6),), tmp_path / "m.onnx", dynamic_axes={"x": {1: "T"}})
+    with pytest.raises(BatchSizeError, match=r"^input 'x' has T=4"):
+        run(ort_session(tmp_path / "m.onnx"), torch.randn(2, 4, 6))
+    centred = _CentresLargeBatches().eval()
+    with pytest.warns(PBWarning, match=r"at n of 4 or more only"):
+        export_onnx(centred, (torch.randn(8, 4),), tmp_path / "c.onnx", dynamic_batch=False,
+                    dynamic_axes={"x": {0: "n"}})
+    with pytest.raises(BatchSizeError, match=r"^input 'x' has n=2"):
+        run(ort_session(tmp_path / "c.onnx"), torch.randn(2, 4))
+
+
 class _BagWithOffsets(nn.Module):
     def __init__(self, attention: bool = False):
         super().__init__()
