@@ -473,10 +473,14 @@ class PerforatedModel(nn.Module):
         if keyword_changes_output(source, args, kwargs, key):
             raise CallError(refuse.replace("may use it", "uses it (its output changes)"))
         seen = self._untraced_ok.setdefault(key, [])
-        seen.append(pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v,
-                                    kwargs.get(key)))
-        if key == LOSS_KEYWORD or len(seen) >= UNTRACED_VALUES_CHECKED:
+        seen.append(_kept_copy(kwargs.get(key)))  # (a copy: the caller may change the object it passed)
+        if key == LOSS_KEYWORD:
             self._untraced_ok[key] = True
+        elif len(seen) >= UNTRACED_VALUES_CHECKED:
+            self._untraced_ok[key] = True
+            warn_at_user(f"keyword input {key!r}, which perforate() did not trace, left {name}'s output unchanged at "
+                         f"{UNTRACED_VALUES_CHECKED} values: it is taken as unused from now on and not checked again; "
+                         "if it can matter (a padding mask), pass it in example_kwargs to perforate()")
 
     def _approved(self, key: str, value) -> bool:
         """Whether `_check_untraced` approved this value of the keyword (or every value: see
@@ -1217,6 +1221,21 @@ def put_back(module: nn.Module, places: list) -> None:
     if live:
         with torch.no_grad():
             torch._foreach_copy_([b.data for b, _ in live], [v for _, v in live])
+
+
+def _kept_copy(value):
+    """A copy of a keyword value to compare later ones with: tensors cloned, containers rebuilt, other objects
+    deep-copied where they can be (an options object changed in place is then another value)."""
+    def leaf(v):
+        if isinstance(v, torch.Tensor):
+            return v.detach().clone()
+        if v is None or isinstance(v, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+            return v
+        try:
+            return copy.deepcopy(v)
+        except Exception:  # noqa: BLE001 - (an object that cannot be copied: compared as it is)
+            return v
+    return pytree.tree_map(leaf, value)
 
 
 def _same_value(a, b) -> bool:

@@ -1,4 +1,6 @@
 """pbp_fx.signature: a perforated model accepts every call the original accepts."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -157,6 +159,29 @@ def test_an_untraced_keyword_is_checked_again_for_each_new_value():
     for value in (ones, torch.full((3,), 2.0), [torch.ones(3), 2.0]):
         with pytest.raises(CallError, match=r"'temperature' was not given to perforate\(\) and _Tempered uses it"):
             pm(x, temperature=value)
+    # an object changed in place after its approval is another value (the second diff review)
+    options = _Temperature(1.0)
+    pm = pbp_fx.perforate(_TemperedBy(), (x,))
+    torch.testing.assert_close(pm(x, options=options), _TemperedBy()(x), rtol=0, atol=0)
+    options.value = 3.0
+    with pytest.raises(CallError, match=r"'options' was not given to perforate\(\) and _TemperedBy uses it"):
+        pm(x, options=options)
+
+
+@dataclasses.dataclass
+class _Temperature:
+    value: float
+
+
+class _TemperedBy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, **kwargs):
+        options = kwargs.get("options")
+        return self.fc(x) / (options.value if options is not None else 1.0)
 
 
 class _Counted(nn.Module):
@@ -177,8 +202,10 @@ def test_an_untraced_keyword_the_output_ignores_is_checked_for_a_few_values_only
     pm = pbp_fx.perforate(model, (x,))
     source = pm.source_model
     before = source.calls
-    for step in range(20):
-        pm(x, step=step)
+    with pytest.warns(UserWarning, match=r"keyword input 'step', which perforate\(\) did not trace, left _Counted's "
+                                         r"output unchanged at 4 values: it is taken as unused from now on"):
+        for step in range(20):
+            pm(x, step=step)
     assert source.calls - before == 2 * UNTRACED_VALUES_CHECKED  # (with and without the keyword, per value checked)
 
 
