@@ -615,7 +615,10 @@ def test_a_framework_load_into_a_dendrite_phase_over_other_dendrites_restores_th
     _steps(bare, 2)
     fresh = pbp_fx.perforate(_build(), (X,))
     hook = StructureOnLoad(fresh, lambda _: pbp_fx.PBConfig(pool=2))
-    for source in (bare, grown, bare):
+    wider = pbp_fx.perforate(_build(), (X,))  # (and a pool of another size over the same dendrites)
+    wider.start_dendrite_phase(pool=3, **SETTINGS)
+    _steps(wider, 2)
+    for source in (bare, grown, bare, wider):
         fresh.load_state_dict(source.state_dict())
         assert fresh.phase == "dendrite" and fresh.dendrites == source.dendrites
         for k, v in source.state_dict().items():

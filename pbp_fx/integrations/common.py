@@ -71,8 +71,8 @@ class StructureOnLoad:
         state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         pools = {k.split(".candidates.")[0]: v.shape[0] for k, v in state.items()
                  if k.endswith(".candidates.copies.weight")}
-        if bool(pools) == (pm.phase == "dendrite") and not (pools and _other_dendrites(pm, state)):
-            return  # (a pool over other dendrites than the model's: restored too, as Site refuses to resize under one)
+        if bool(pools) == (pm.phase == "dendrite") and not (pools and _other_structure(pm, state, pools)):
+            return  # (a pool over other dendrites, or of another size, than the model's: restored too)
         self._restoring = True
         config = self.config(pm)
         try:
@@ -98,12 +98,15 @@ class StructureOnLoad:
         self._handle.remove()
 
 
-def _other_dendrites(pm: PerforatedModel, state: dict) -> bool:
-    """Whether the state holds another number of dendrites than pm at some site."""
+def _other_structure(pm: PerforatedModel, state: dict, pools: dict) -> bool:
+    """Whether the state holds another number of dendrites than pm at some site, or a candidate pool of
+    another size (`pools`: the state's, by site path)."""
     for path, site in pm.named_modules():
         if isinstance(site, Site):
             saved = state.get(f"{path}.out_weight")
             if (0 if saved is None else saved.shape[0]) != site.num_dendrites:
+                return True
+            if site.candidates is not None and pools.get(path) != site.candidates.copies.weight.shape[0]:
                 return True
     return False
 
