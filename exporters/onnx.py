@@ -514,8 +514,8 @@ def _dynamic_shapes(module: nn.Module, inputs: tuple, dynamic_batch: bool, dynam
             raise ExportError(f"dynamic_axes names input {names[i]!r}, which is not a tensor: drop it")
         for dim, axis in dims.items():
             if not -t.dim() <= dim < max(t.dim(), 1) or t.dim() == 0:
-                raise ExportError(f"dynamic_axes[{key!r}] has dim {dim}, but input {names[i]!r} has "
-                                  f"{t.dim()} dim(s) (shape {list(t.shape)})")
+                raise ExportError(f"dynamic_axes[{key!r}] (pbp-fx export --dynamic-axis {key}:{dim}=...) has dim {dim}, "
+                                  f"but input {names[i]!r} has {t.dim()} dim(s) (shape {list(t.shape)})")
             dim %= t.dim()
             if dim == 0 and dynamic_batch and axis != "batch":
                 raise ExportError(f"dynamic_axes names dim 0 of input {names[i]!r} {axis!r}, but dim 0 is the "

@@ -1214,6 +1214,8 @@ def test_export_dynamic_axis_gives_a_file_that_runs_at_any_length(tmp_path, caps
     (["--dynamic-axis", "ids:1=t", "--dynamic-axis", "ids:1=u"], "gives dim 1 of input 'ids' twice"),
     (["--dynamic-axis", "ids:1=a-b"], "an axis name is an identifier"),
     (["--dynamic-axis", "tokens:1=t"], "does not take: its inputs are \\['ids'\\]"),
+    # (it answered in the API's words alone, dynamic_axes['ids'], to a flag; the ONNX reviewer)
+    (["--dynamic-axis", "ids:7=seq"], "\\(pbp-fx export --dynamic-axis ids:7=...\\) has dim 7, but input 'ids' has 2"),
 ])
 def test_export_dynamic_axis_refusals_are_one_line_and_write_nothing(tmp_path, capsys, flags, match):
     model, out = _write(tmp_path, TOKENS), str(tmp_path / "m.onnx")
