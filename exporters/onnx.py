@@ -65,7 +65,7 @@ from pbp_fx.tracing import batch_size, buffers_kept, copy_module, ignore_spec_co
 from . import clip_after_site, output_weight_into_readers
 from .direct import plain_output_names
 from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
-from .ort import AXIS_RANGES_KEY, MAX_BATCH_KEY, MIN_BATCH_KEY, sizes_text
+from .ort import AXIS_RANGES_KEY, MAX_BATCH_KEY, MIN_BATCH_KEY, output_difference, sizes_text
 
 __all__ = ["export_onnx", "check_other_sizes", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS",
            "MIN_OPSET", "MAX_OPSET"]
@@ -1016,19 +1016,26 @@ def _original_runs_at(model: nn.Module, example_inputs: Any, example_kwargs: Opt
     """Whether a PerforatedModel's original runs on the example with the named `axis` made `size` long (its
     inputs bound by name to the original's forward; in the model's mode, the random state kept); None where
     that cannot be tried (another module, an input the axis names by its flattened position)."""
+    return _original_at(model, example_inputs, example_kwargs, axes, axis, size)[0]
+
+
+def _original_at(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict], axes: dict, axis: str,
+                 size: int, training: Optional[bool] = None) -> tuple[Optional[bool], list]:
+    """(`_original_runs_at`'s answer, the original's tensor outputs there when it runs); training: the mode to
+    run it in (default: the model's)."""
     from pbp_fx.perforated import PerforatedModel
     from pbp_fx.tracing import whole_model_in_mode
 
     source = model.source_model if isinstance(model, PerforatedModel) else None
     if source is None:
-        return None
+        return None, []
     kwargs = dict(example_inputs) if isinstance(example_inputs, dict) else {}
     args = () if isinstance(example_inputs, dict) or example_inputs is None else _as_tuple(example_inputs)
     kwargs.update(example_kwargs or {})
     try:
         bound = inspect.signature(source.forward).bind(*args, **kwargs)
     except (TypeError, ValueError):
-        return None
+        return None, []
     resized = False
     for key, dims in axes.items():
         name = key if isinstance(key, str) else next(iter(list(bound.arguments)[key:key + 1]), None)
@@ -1039,14 +1046,59 @@ def _original_runs_at(model: nn.Module, example_inputs: Any, example_kwargs: Opt
         if resized and name in bound.arguments:
             bound.arguments[name] = value
     if not resized:
-        return None
+        return None, []
     try:
         with torch.no_grad(), buffers_kept(source), torch.random.fork_rng(devices=[]), \
-                whole_model_in_mode(source, model.training), contextlib.redirect_stderr(io.StringIO()):
-            source(*bound.args, **bound.kwargs)
+                whole_model_in_mode(source, model.training if training is None else training), \
+                contextlib.redirect_stderr(io.StringIO()):
+            out = source(*bound.args, **bound.kwargs)
     except Exception:  # noqa: BLE001 - the model's own limit there
-        return False
-    return True
+        return False, []
+    return True, [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, Tensor)]
+
+
+def _outside_tolerance(got: Tensor, want: Tensor) -> bool:
+    """Whether the graph's output differs from the original's by more than the exporter's parity bound."""
+    difference, bound = output_difference(got, want)
+    return difference > bound
+
+
+def _branch_at_one(proto: onnx.ModelProto, module: nn.Module, inputs: tuple, model: nn.Module, example_inputs: Any,
+                   example_kwargs: Optional[dict], axes: dict) -> None:
+    """Record a least of 2 in AXIS_RANGES_KEY for each named axis past dim 0 where the graph computes other
+    outputs than the original at a size of 1: torch.export takes a dynamic size to be at least 2, so a forward
+    that branches between 1 and 2 (`if x.shape[1] > 1`) keeps the example's branch with no bound to record."""
+    recorded = json.loads(next((p.value for p in proto.metadata_props if p.key == AXIS_RANGES_KEY), "{}"))
+    positions = [i for i, t in enumerate(inputs) if isinstance(t, Tensor)]  # (the file's inputs, in order)
+    changed = False
+    for axis in sorted({name for dims in axes.values() for dim, name in dims.items() if dim != 0}):
+        if recorded.get(axis, [0])[0] > 1:
+            continue
+        runs, want = _original_at(model, example_inputs, example_kwargs, axes, axis, 1, training=module.training)
+        if not runs:
+            continue
+        probe, resized = list(inputs), False
+        for value, i in zip(proto.graph.input, positions):
+            for dim, d in enumerate(value.type.tensor_type.shape.dim):
+                if d.dim_param == axis and 0 < dim < probe[i].dim():
+                    probe[i], resized = _resized(probe[i], dim, 1), True
+        if not resized:
+            continue
+        try:
+            with torch.no_grad(), buffers_kept(module), torch.random.fork_rng(devices=[]), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                got = [t for t in torch.utils._pytree.tree_leaves(module(*probe)) if isinstance(t, Tensor)]
+        except Exception:  # noqa: BLE001 - (the graph refuses the size itself: nothing wrong is computed)
+            continue
+        differs = len(got) != len(want) or any(g.shape != w.shape or _outside_tolerance(g, w) for g, w in zip(got, want))
+        if differs:
+            recorded[axis] = [2, recorded.get(axis, [0, None])[1]]
+            changed = True
+    if changed:
+        kept = [(p.key, p.value) for p in proto.metadata_props if p.key != AXIS_RANGES_KEY]
+        del proto.metadata_props[:]
+        for k, v in kept + [(AXIS_RANGES_KEY, json.dumps(dict(sorted(recorded.items()))))]:
+            proto.metadata_props.add(key=k, value=v)
 
 
 def _root_reason(exc: BaseException) -> str:
@@ -1551,6 +1603,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                               "bfloat16 ops (a Conv with its BatchNorm folded in) with float32 weights: export the "
                               "model in float32 or float16") from None
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}") from e
+    if axes:
+        _branch_at_one(proto, module, inputs, model, example_inputs, example_kwargs, axes)
     body = proto.SerializeToString()
     # torch.onnx can write an axis as dynamic and still fix its size inside (a sequence-first GRU's length, its
     # dim 0 taken for the batch): checked, the named axes apart from the batch so that a failure names its fix
@@ -1566,7 +1620,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                                                "{}")).items():
         if batch_said and axis in on_dim_0:
             continue
-        outside = [n for n in (least - 1 if least > 2 else None, None if most is None else most + 1) if n is not None]
+        outside = [n for n in (least - 1 if least > 1 else None, None if most is None else most + 1) if n is not None]
         runs = [_original_runs_at(model, example_inputs, example_kwargs, axes, axis, n) for n in outside]
         cause = ("torch.export captured the forward's branch on that size for those" if True in runs else
                  "torch.export bounded that size: a branch of the forward on it, or a limit of the model's own"
