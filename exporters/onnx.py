@@ -986,11 +986,24 @@ def _refusal_at_doubled_axes(module: nn.Module, inputs: tuple, shapes, axes: lis
     return None
 
 
+def _axis_ranges_of(proto: onnx.ModelProto) -> dict:
+    """The file's AXIS_RANGES_KEY: {axis: [least, most or None]}."""
+    return json.loads(next((p.value for p in proto.metadata_props if p.key == AXIS_RANGES_KEY), "{}"))
+
+
+def _put_axis_ranges(proto: onnx.ModelProto, ranges: dict) -> None:
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != AXIS_RANGES_KEY]
+    del proto.metadata_props[:]
+    for key, value in kept + [(AXIS_RANGES_KEY, json.dumps({k: list(v) for k, v in sorted(ranges.items())}))]:
+        proto.metadata_props.add(key=key, value=value)
+
+
 def _record_axis_ranges(proto: onnx.ModelProto, ep, axes: Optional[list]) -> None:
     """Metadata AXIS_RANGES_KEY for the named dynamic axes that torch.export bounded: a forward
     that branches on such a size (`if x.shape[1] > 5`) keeps the example's branch, and the file, which has
     no guard, would compute it at every size (ort.run refuses the others); a model's own limit (a position
-    table) bounds it too. Its default range, 2 and up, is not recorded."""
+    table) bounds it too. A least of 2 or less is left out (torch.export's default is 0; it takes a dynamic
+    size to be at least 2 where it decides a branch, with no bound: `_branch_at_one` probes that)."""
     from pbp_fx.tracing import size_range
 
     if not axes or ep is None:
@@ -1008,21 +1021,15 @@ def _record_axis_ranges(proto: onnx.ModelProto, ep, axes: Optional[list]) -> Non
                 ranges[dim.dim_param] = (max(least, bounds[0] or 0),
                                          bounds[1] if most is None else min(most, bounds[1] or most))
     if ranges:
-        proto.metadata_props.add(key=AXIS_RANGES_KEY, value=json.dumps({k: list(v) for k, v in sorted(ranges.items())}))
-
-
-def _original_runs_at(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict], axes: dict, axis: str,
-                      size: int) -> Optional[bool]:
-    """Whether a PerforatedModel's original runs on the example with the named `axis` made `size` long (its
-    inputs bound by name to the original's forward; in the model's mode, the random state kept); None where
-    that cannot be tried (another module, an input the axis names by its flattened position)."""
-    return _original_at(model, example_inputs, example_kwargs, axes, axis, size)[0]
+        _put_axis_ranges(proto, ranges)
 
 
 def _original_at(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict], axes: dict, axis: str,
                  size: int, training: Optional[bool] = None) -> tuple[Optional[bool], list]:
-    """(`_original_runs_at`'s answer, the original's tensor outputs there when it runs); training: the mode to
-    run it in (default: the model's)."""
+    """(whether a PerforatedModel's original runs on the example with the named `axis` made `size` long, its
+    tensor outputs there): its inputs bound by name to the original's forward, run in `training` mode (default:
+    the model's) with the random state kept; (None, []) where that cannot be tried (another module, an input
+    the axis names by its flattened position)."""
     from pbp_fx.perforated import PerforatedModel
     from pbp_fx.tracing import whole_model_in_mode
 
@@ -1064,13 +1071,14 @@ def _outside_tolerance(got: Tensor, want: Tensor) -> bool:
 
 
 def _branch_at_one(proto: onnx.ModelProto, module: nn.Module, inputs: tuple, model: nn.Module, example_inputs: Any,
-                   example_kwargs: Optional[dict], axes: dict) -> None:
+                   example_kwargs: Optional[dict], axes: dict) -> set:
     """Record a least of 2 in AXIS_RANGES_KEY for each named axis past dim 0 where the graph computes other
     outputs than the original at a size of 1: torch.export takes a dynamic size to be at least 2, so a forward
-    that branches between 1 and 2 (`if x.shape[1] > 1`) keeps the example's branch with no bound to record."""
-    recorded = json.loads(next((p.value for p in proto.metadata_props if p.key == AXIS_RANGES_KEY), "{}"))
+    that branches between 1 and 2 (`if x.shape[1] > 1`) keeps the example's branch with no bound to record.
+    Returns those axes (the original runs at 1: a branch)."""
+    recorded = _axis_ranges_of(proto)
     positions = [i for i, t in enumerate(inputs) if isinstance(t, Tensor)]  # (the file's inputs, in order)
-    changed = False
+    branches = set()
     for axis in sorted({name for dims in axes.values() for dim, name in dims.items() if dim != 0}):
         if recorded.get(axis, [0])[0] > 1:
             continue
@@ -1093,12 +1101,32 @@ def _branch_at_one(proto: onnx.ModelProto, module: nn.Module, inputs: tuple, mod
         differs = len(got) != len(want) or any(g.shape != w.shape or _outside_tolerance(g, w) for g, w in zip(got, want))
         if differs:
             recorded[axis] = [2, recorded.get(axis, [0, None])[1]]
-            changed = True
-    if changed:
-        kept = [(p.key, p.value) for p in proto.metadata_props if p.key != AXIS_RANGES_KEY]
-        del proto.metadata_props[:]
-        for k, v in kept + [(AXIS_RANGES_KEY, json.dumps(dict(sorted(recorded.items()))))]:
-            proto.metadata_props.add(key=k, value=v)
+            branches.add(axis)
+    if branches:
+        _put_axis_ranges(proto, recorded)
+    return branches
+
+
+def _range_notes(proto: onnx.ModelProto, model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict],
+                 axes: dict, branches: set, said_elsewhere: set) -> dict:
+    """{axis: the warning for its recorded range}: a branch where the original runs outside the range
+    (`branches`: known to), both causes where that cannot be tried, nothing for the model's own limit (a
+    position table's length: the file refuses what the model does); `said_elsewhere`: axes left out."""
+    notes = {}
+    for axis, (least, most) in _axis_ranges_of(proto).items():
+        if axis in said_elsewhere:
+            continue
+        outside = [n for n in (least - 1 if least > 1 else None, None if most is None else most + 1) if n is not None]
+        runs = [True] if axis in branches else [_original_at(model, example_inputs, example_kwargs, axes, axis, n)[0]
+                                                for n in outside]
+        cause = ("torch.export captured the forward's branch on that size for those" if True in runs else
+                 "torch.export bounded that size: a branch of the forward on it, or a limit of the model's own"
+                 if None in runs else None)
+        if cause is not None:
+            notes[axis] = (f"the ONNX file computes the model's outputs at {axis} of {sizes_text(least, most)} only "
+                           f"({cause}): pbp_fx.exporters.run and pbp-fx run refuse other sizes; export with an example "
+                           "of the other size for those calls")
+    return notes
 
 
 def _root_reason(exc: BaseException) -> str:
@@ -1603,8 +1631,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
                               "bfloat16 ops (a Conv with its BatchNorm folded in) with float32 weights: export the "
                               "model in float32 or float16") from None
         raise ExportError(f"the exported ONNX model does not pass onnx.checker: {first}") from e
-    if axes:
-        _branch_at_one(proto, module, inputs, model, example_inputs, example_kwargs, axes)
+    branches = _branch_at_one(proto, module, inputs, model, example_inputs, example_kwargs, axes) if axes else set()
     body = proto.SerializeToString()
     # torch.onnx can write an axis as dynamic and still fix its size inside (a sequence-first GRU's length, its
     # dim 0 taken for the batch): checked, the named axes apart from the batch so that a failure names its fix
@@ -1615,20 +1642,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
         checks.append(({"batch"}, True, "export with dynamic_batch=False (pbp-fx export --static-batch)"))
     batch_said = (min_batch > 1 or max_batch is not None) and dim_0_dynamic  # (its own warning below)
     on_dim_0 = {name for dims in axes.values() for dim, name in dims.items() if dim == 0}
-    range_notes = {}  # axis -> what to say of its recorded range (nothing: the model's own limit, a position table's)
-    for axis, (least, most) in json.loads(next((p.value for p in proto.metadata_props if p.key == AXIS_RANGES_KEY),
-                                               "{}")).items():
-        if batch_said and axis in on_dim_0:
-            continue
-        outside = [n for n in (least - 1 if least > 1 else None, None if most is None else most + 1) if n is not None]
-        runs = [_original_runs_at(model, example_inputs, example_kwargs, axes, axis, n) for n in outside]
-        cause = ("torch.export captured the forward's branch on that size for those" if True in runs else
-                 "torch.export bounded that size: a branch of the forward on it, or a limit of the model's own"
-                 if None in runs else None)
-        if cause is not None:
-            range_notes[axis] = (f"the ONNX file computes the model's outputs at {axis} of {sizes_text(least, most)} "
-                                 f"only ({cause}): pbp_fx.exporters.run and pbp-fx run refuse other sizes; export with "
-                                 "an example of the other size for those calls")
+    range_notes = _range_notes(proto, model, example_inputs, example_kwargs, axes, branches,
+                               on_dim_0 if batch_said else set())
     for names, small, fix in checks:
         checked = check_other_sizes(body, module, inputs, names, small,
                                     *((min_batch, max_batch) if dim_0_dynamic else (1, None)))
