@@ -286,19 +286,23 @@ LOWER_IS_BETTER_WORDS = {"loss", "error", "err", "mae", "mse", "rmse", "wer", "c
                          "distance", "dist", "ce", "bce", "xent", "crossentropy"}
 
 
-# ... and words of a higher-is-better score, which outweigh a word that only ends in "loss" (gloss_acc).
+# ... and words of a higher-is-better score.
 HIGHER_IS_BETTER_WORDS = {"acc", "accuracy", "f1", "auc", "auroc", "precision", "recall", "iou", "bleu", "rouge",
                           "score"}
 
 
 def reads_lower_is_better(name: str) -> bool:
-    """Whether a metric's name holds a word of LOWER_IS_BETTER_WORDS, or, with no word of
-    HIGHER_IS_BETTER_WORDS, one ending in "loss" (val_loss, val/loss, valLoss, val_logloss, eval_err, mae,
-    error_rate)."""
+    """Whether a metric's name reads as lower-is-better: its last word of LOWER_IS_BETTER_WORDS or
+    HIGHER_IS_BETTER_WORDS, or ending in "loss", decides (val_loss, val/loss, valLoss, val_logloss,
+    eval_err, error_rate, mae; not gloss_acc, val_ce_acc). The last such word, because a metric's
+    name ends in what it measures: val_ce_acc is an accuracy, ce_loss a loss."""
     words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower())
-    if any(w in LOWER_IS_BETTER_WORDS for w in words):
-        return True
-    return not any(w in HIGHER_IS_BETTER_WORDS for w in words) and any(w.endswith("loss") for w in words)
+    for w in reversed(words):
+        if w in LOWER_IS_BETTER_WORDS or w.endswith("loss"):
+            return True
+        if w in HIGHER_IS_BETTER_WORDS:
+            return False
+    return False
 
 
 def check_metric_direction(mod: ModuleType, maximize: bool, error: type = ModelFileError) -> None:
