@@ -39,7 +39,7 @@ from .distributed import last_batch_is_lone
 from .passes.find_sites import site_filters
 from .perforated import perforate
 from .training import (IGNORED_LABEL, History, NonFiniteDataError, NonFiniteError, accuracy, call_model, class_indices,
-                       evaluate, fit, primary_output, split_batch, training_device)
+                       evaluate, fit, scored_tensor, split_batch, training_device)
 
 __all__ = ["train_job", "saved_run", "SavedRun", "run_identity", "model_digest", "data_fingerprint", "changed_since",
            "resumed_identity", "DEFAULT_MODEL", "load_job_module", "make_loaders"]
@@ -405,12 +405,12 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                                         f"{name} samples: return (sum, count) with count the number of samples "
                                         "scored (0 or more)")
                 if name == SPLIT_NAMES[0]:
-                    _warn_broadcast_targets(primary_output(output), target)
+                    _warn_broadcast_targets(scored_tensor(output), target)
             except (ModelFileError, TrainingError):
                 raise  # the samples do not fit the model file's inputs, or a loss of many numbers: said as it is
             except Exception as exc:  # noqa: BLE001 - whatever the user's code raises, said in one line
                 first = (str(exc).strip().splitlines() or ["(no message)"])[0]
-                out = primary_output(output) if output is not None else None
+                out = scored_tensor(output)
                 layout = ("; the built-in loss and accuracy read the classes from dim 1 ([N, C, ...], as "
                           "F.cross_entropy): put them there, or give the model file a loss_fn and metric"
                           if class_labels and isinstance(out, torch.Tensor) and out.dim() >= 3 else "")
@@ -422,7 +422,7 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                                     "targets match the model, its outputs and the model file's TASK / loss_fn / "
                                     f"metric (a sample is (input, ..., target); a last dict input gives keyword inputs, "
                                     f"unless forward takes it whole){layout}") from exc
-            out = primary_output(output)
+            out = scored_tensor(output)
             if class_labels and isinstance(ds, TensorDataset) and isinstance(out, torch.Tensor) and out.dim() >= 2:
                 _check_labels(ds.tensors[-1], out.shape[1], name)
     finally:
@@ -463,7 +463,7 @@ def _check_the_loss_reads_what_accuracy_scores(model: nn.Module, output, loss: t
     """TrainingError when the built-in accuracy scores an output the loss does not train (a dict of
     heads without "logits", whose first is an auxiliary one): it would pick the best epoch, and
     drive the schedule, by an untrained head."""
-    scored = primary_output(output)
+    scored = scored_tensor(output)
     if scored is output or not isinstance(scored, torch.Tensor) or not scored.requires_grad:
         return  # one tensor: the loss reads it (or it does not depend on the parameters at all)
     # Computed by parameters the loss trains (the logits it reads; probabilities beside them: the same

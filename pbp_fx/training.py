@@ -27,7 +27,7 @@ from .errors import DataError, NonFiniteDataError, NonFiniteError, NonFiniteLoss
 from .perforated import PerforatedModel
 
 __all__ = ["fit", "History", "evaluate", "accuracy", "cross_entropy", "mean_squared_error", "negative_loss", "primary_output",
-           "reaching_every_parameter", "class_indices", "split_batch", "call_model", "train_epoch", "training_device",
+           "scored_tensor", "reaching_every_parameter", "class_indices", "split_batch", "call_model", "train_epoch", "training_device",
            "DEVICES"]
 
 DEVICES = ("auto", "cpu", "cuda")  # what `pbp-fx train --device` takes
@@ -299,16 +299,30 @@ def _dict_is_one_input(model, inputs: tuple) -> bool:
     return name is None or signature.parameters[name].default is inspect.Parameter.empty
 
 
-def primary_output(output):
-    """The tensor a default loss and metric score: the output itself, a dict's "logits" (else its
-    first tensor), or a tuple's / list's first element (Hugging Face models return such structures)."""
+def primary_output(output) -> torch.Tensor:
+    """The tensor a default loss and metric score (`scored_tensor`); a ValueError for an output
+    that holds none."""
+    found = scored_tensor(output)
+    if found is None:
+        raise ValueError(f"the model's output is a {type(output).__name__} with no tensor the built-in loss and metric "
+                         "can score (they read a tensor, a dict's or dataclass's \"logits\" or first tensor, a tuple's "
+                         "first element): give a loss and a metric of your own (loss_fn=, metric=)")
+    return found
+
+
+def scored_tensor(output) -> Optional[torch.Tensor]:
+    """The output itself, a dict's or a dataclass's "logits" (else its first tensor), or a tuple's /
+    list's first element (Hugging Face models return such structures); None where there is none."""
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        output = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
     if isinstance(output, dict):
         if "logits" in output:
-            return output["logits"]
-        output = [v for v in output.values() if isinstance(v, torch.Tensor)]
+            output = output["logits"]
+        else:
+            output = [v for v in output.values() if isinstance(v, torch.Tensor)]
     if isinstance(output, (list, tuple)):
-        return primary_output(output[0]) if output else output
-    return output
+        return scored_tensor(output[0]) if output else None
+    return output if isinstance(output, torch.Tensor) else None
 
 
 # F.cross_entropy's default ignore_index: a label that counts in no loss (padding, an unlabelled token).

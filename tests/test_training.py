@@ -1,4 +1,5 @@
 """fit(): the loop, its history, optimizer rebuilding and its errors."""
+import dataclasses
 import functools
 import json
 import pytest
@@ -375,6 +376,37 @@ def test_fit_defaults_score_a_dict_output_by_its_logits():
     train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
     h = fit(pm, train, val, epochs=3, progress=False, config=pbp_fx.PBConfig(patience=1, max_dendrites=1))
     assert len(h.epochs) == 3 and all(0.0 <= r["val"] <= 1.0 for r in h.epochs)
+
+
+@dataclasses.dataclass
+class _Scores:
+    hidden: torch.Tensor
+    logits: torch.Tensor
+
+
+class _DataclassOut(_DictOut):
+    """A model returning a dataclass (a user's own output type)."""
+
+    def forward(self, x):
+        return _Scores(**super().forward(x))
+
+
+def test_fit_defaults_score_a_dataclass_output_by_its_logits():
+    """Before, the default loss got the dataclass itself: torch's TypeError from inside the loop."""
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(_DataclassOut(), (torch.randn(2, 6),))
+    train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
+    h = fit(pm, train, val, epochs=2, progress=False, config=pbp_fx.PBConfig(patience=1, max_dendrites=1))
+    assert len(h.epochs) == 2 and all(0.0 <= r["val"] <= 1.0 for r in h.epochs)
+    x = torch.randn(3, 6)
+    assert torch.equal(pbp_fx.training.primary_output(pm(x)), pm(x).logits)
+
+
+def test_an_output_with_no_tensor_to_score_names_the_fix():
+    with pytest.raises(ValueError, match=r"output is a str with no tensor .*\(loss_fn=, metric=\)"):
+        pbp_fx.training.cross_entropy("logits", torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="output is a tuple with no tensor"):
+        pbp_fx.training.primary_output(())
 
 
 def test_fit_steps_a_plateau_scheduler_on_the_validation_score():
