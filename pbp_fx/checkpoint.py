@@ -334,6 +334,11 @@ def read_extra(path: str) -> dict:
     return _keys_back(_read(path)[0].get("extra", {}))
 
 
+
+def read_controller_history(path: str) -> list[dict]:
+    """The saved controller's history (its decisions and their notes); [] for a checkpoint without one."""
+    return list(_read(path)[0].get("controller", {}).get("history", []))
+
 def _collect(prefix: str, tensors: dict, plain: dict) -> dict:
     out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     out.update({k[len(prefix):]: _tensors_back(v, tensors) for k, v in plain.items() if k.startswith(prefix)})

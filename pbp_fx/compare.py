@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import MAX_INT, PBConfig, TrainConfig
-from .controller import all_finite, default_optimizer, nan_weights_before_best
+from .controller import NON_FINITE_STOP, all_finite, default_optimizer, nan_weights_before_best
 from .errors import PBError, PBWarning, Terminated, TrainingError, warn_at_user
 from .fileio import atomic_write, check_output_dir
 from .job import (DEFAULT_MODEL, changed_since, check_data, digest_matches, load_job_module, make_loaders,
@@ -1043,7 +1043,7 @@ def _row_text(r: dict, score: Score = ACCURACY) -> str:
 
 def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict, dict]:
     """A finished `pbp-fx train` run: (model file, PBConfig, TrainConfig, include/exclude, its pb row)."""
-    from .checkpoint import read_extra
+    from .checkpoint import read_controller_history, read_extra
     from .job import CHECKPOINT
 
     path, summary_path = os.path.join(folder, CHECKPOINT), os.path.join(folder, "summary.json")
@@ -1057,10 +1057,11 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
     if not os.path.isfile(summary_path):
         raise CompareError(f"--pb-run {folder}: that run is unfinished ({CHECKPOINT} but no summary.json): finish it "
                            f"with pbp-fx train --resume {folder}, then compare")
-    with open(summary_path) as f:
-        summary = json.load(f)
-    if "test" not in summary:
-        raise CompareError(f"--pb-run {folder}: not written by pbp-fx train (no test score in its summary.json)")
+    if any(e.get("note") == NON_FINITE_STOP for e in read_controller_history(path)):
+        raise CompareError(f"--pb-run {folder}: that run stopped at a non-finite value (pbp-fx train exited with an "
+                           "error) before its schedule ended, so it is no finished run: remove the cause its error "
+                           "named and train it again, or compare the model file (compare then trains pb itself)")
+    summary = _read_summary(folder, summary_path, state)
     if summary.get("epochs") != len(state.get("history", {}).get("epochs", [])):
         raise CompareError(f"--pb-run {folder}: its summary.json ({summary.get('epochs')} epochs) is not the report "
                            f"of its {CHECKPOINT} ({len(state.get('history', {}).get('epochs', []))} epochs): finish "
@@ -1088,6 +1089,42 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
              "identity": state.get("identity")}
     return model_file, config, training, scope, row
 
+
+
+# What compare reads of a run's summary.json: the types it must have, and their names.
+SUMMARY_FIELDS = {"test": ((int, float), "a number"), "val": ((int, float), "a number"),
+                  "params": ((int,), "a whole number"), "epochs": ((int,), "a whole number"),
+                  "dendrites": ((dict,), "a mapping of sites to dendrites"), "seconds": ((int, float), "a number")}
+
+
+def _read_summary(folder: str, summary_path: str, state: dict) -> dict:
+    """A --pb-run's summary.json, refused in one line where it is no summary pbp-fx train wrote or its
+    scores are not its checkpoint's (the best epoch's val and test in the run's history)."""
+    where = f"--pb-run {folder}: its summary.json"
+    try:
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:  # (json.JSONDecodeError is a ValueError)
+        raise CompareError(f"{where} is not readable JSON ({_first_line(exc)}): restore it, or train the run "
+                           "again") from None
+    if not isinstance(summary, dict):
+        raise CompareError(f"{where} holds {json.dumps(summary)[:40]}, not a run's summary (a mapping): restore it, "
+                           "or train the run again")
+    for key, (types, kind) in SUMMARY_FIELDS.items():
+        value = summary.get(key)
+        if isinstance(value, bool) or not isinstance(value, types):
+            got = f"no {key!r}" if key not in summary else f"{key!r} {json.dumps(value)[:40]}"
+            raise CompareError(f"{where} has {got}, which pbp-fx train writes as {kind}: restore it, or train the "
+                               "run again")
+    history = state.get("history", {})
+    best = next((r for r in history.get("epochs", []) if r.get("epoch") == history.get("best_epoch")), None)
+    for key in ("val", "test"):
+        kept = None if best is None else best.get(key)
+        if not math.isfinite(summary[key]) or summary[key] != kept:
+            raise CompareError(f"{where} gives {key} {summary[key]!r}, but its checkpoint's history has "
+                               f"{kept!r} at the best epoch ({history.get('best_epoch')}): the file was edited, or "
+                               "the score is not finite; restore it, or train the run again")
+    return summary
 
 def _refuse_changed_run(folder: str, identity: Optional[dict], model_file: Optional[str]) -> None:
     """Before any work: a --pb-run resumed on another model file or data (its epochs are of two
@@ -1144,6 +1181,9 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
                                "give no budget flags, --seeds or --width with it")
         moved_to = model_file
         model_file, config, training, scope, pb_row = read_pb_run(pb_run)
+        if moved_to is not None and model_file is None:
+            raise CompareError(f"--pb-run {pb_run}: that run trained the built-in model ({DEFAULT_MODEL}), which "
+                               f"compare finds by itself: drop the model file {moved_to}")
         if moved_to is not None:
             model_file = moved_to
         elif model_file is not None and not os.path.isfile(model_file):

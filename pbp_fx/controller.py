@@ -61,6 +61,10 @@ from .schedule import Action, Kind, PhaseSchedule, check_score
 __all__ = ["PhaseController", "Decision", "rebind_optimizer", "default_optimizer"]
 
 
+# The note of a run ended at a NaN/Inf it could not go on from (`stop_non_finite`): no finished run.
+NON_FINITE_STOP = "stopped: non-finite values"
+
+
 class Decision(str, enum.Enum):
     """What PhaseController.step decided; equal to its value's string, and printed as it."""
 
@@ -1008,7 +1012,7 @@ class PhaseController:
         """End the run at a NaN/Inf it cannot go on from (`finish`: its best weights back); say what was
         restored (`without_best` when no best was kept)."""
         had_best = self.best_state is not None
-        self.finish("stopped: non-finite values")
+        self.finish(NON_FINITE_STOP)
         return f"stopped and restored the best-validation model (epoch {self.best_epoch})" if had_best else without_best
 
     def _stop(self, problem: str) -> None:

@@ -214,6 +214,16 @@ def test_pb_run_is_compared_with_its_controls(tiny, tmp_path):
     (run / "summary.json").write_text(json.dumps({**summary, "epochs": summary["epochs"] + 7}))
     with pytest.raises(CompareError, match=r"is not the report of its checkpoint.safetensors"):
         compare(pb_run=str(run), latency=False, echo=lambda _s: None)
+    # A damaged or edited summary: internal errors (exit 1) after the controls trained, or its score taken as pb's
+    for damaged, says in [("{", "is not readable JSON"), ("null", "holds null, not a run's summary"),
+                          (json.dumps({**summary, "test": None}), "has 'test' null, which pbp-fx train writes as a "
+                                                                  "number"),
+                          (json.dumps({k: v for k, v in summary.items() if k != "params"}), "has no 'params'"),
+                          (json.dumps({**summary, "test": float("nan")}), "gives test nan, but its checkpoint's"),
+                          (json.dumps({**summary, "test": summary["test"] + 5}), "the file was edited")]:
+        (run / "summary.json").write_text(damaged)
+        with pytest.raises(CompareError, match=re.escape(says)):
+            compare(pb_run=str(run), latency=False, echo=lambda _s: None)
     # an interrupted run has its checkpoint but no summary yet: it read "no checkpoint.safetensors and summary.json"
     (run / "summary.json").unlink()
     with pytest.raises(CompareError, match=r"that run is unfinished .* finish it with pbp-fx train --resume"):
@@ -224,6 +234,32 @@ def test_pb_run_is_compared_with_its_controls(tiny, tmp_path):
     with pytest.raises(CompareError, match=r"its checkpoint.safetensors was not written by pbp-fx train \(no job "
                                            r"state\): pass the --out folder of a finished pbp-fx train run"):
         compare(pb_run=str(run), latency=False, echo=lambda _s: None)
+
+
+def test_a_pb_run_stopped_at_a_non_finite_score_is_no_finished_run(tmp_path, capsys):
+    """train stopped at a NaN test score (and exited 2), leaving its report: compare took that run as pb's
+    and blamed the epoch cap for its missing rounds."""
+    from pbp_fx.job import train_job
+
+    path = tmp_path / "nan_test.py"
+    path.write_text(TINY.replace("x[240:], y[240:]", "x[240:290], y[240:290]") + textwrap.dedent('''
+        TEST_SCORES = []
+
+        def metric(output, target):  # NaN on the test split (50 samples, one batch) from its 3rd score on
+            right = float((output.argmax(1) == target).sum())
+            if len(target) == 50:
+                TEST_SCORES.append(right)
+            return (float("nan") if len(TEST_SCORES) >= 3 and len(target) == 50 else right), len(target)
+    '''))
+    run = tmp_path / "run"
+    with pytest.raises(pbp_fx.errors.TrainingError, match="test score is nan in epoch 3.*restored the best"):
+        train_job(str(path), config=BUDGET["config"], training=BUDGET["training"], out=str(run), progress=False,
+                  echo=lambda _s: None)
+    assert (run / "summary.json").exists()
+    assert main(["compare", "--pb-run", str(run), "--arms", "plain", "--no-latency"]) == 2
+    err = capsys.readouterr().err
+    assert "that run stopped at a non-finite value" in err and err.count("\n") == 1, err
+    assert not (run / "compare.json").exists()
 
 
 def test_unscalable_arm_is_reported_and_the_others_run(tmp_path):
@@ -735,6 +771,19 @@ def test_a_pb_run_whose_model_file_moved_takes_its_new_path(tiny, tmp_path, caps
     open(moved, "a").write("\n# edited\n")  # another file's content is still refused
     assert main(["compare", moved, "--pb-run", run, "--arms", "plain", "--no-latency"]) == 2
     assert "the run's model file changed since it trained" in capsys.readouterr().err
+
+
+def test_a_built_in_model_run_given_a_model_file_says_to_drop_it(tmp_path, capsys):
+    """It said the run's model file changed or is another model's, of the built-in model's own file."""
+    from pbp_fx.job import DEFAULT_MODEL, train_job
+
+    run = str(tmp_path / "run")
+    train_job(None, training=TrainConfig(epochs=1, batch_size=100), out=run, progress=False, echo=lambda _s: None)
+    own_file = importlib.import_module(DEFAULT_MODEL).__file__
+    assert main(["compare", own_file, "--pb-run", run, "--arms", "plain", "--no-latency"]) == 2
+    err = capsys.readouterr().err
+    assert f"that run trained the built-in model ({DEFAULT_MODEL}), which compare finds by itself: drop the model " \
+           f"file {own_file}" in err and err.count("\n") == 1, err
 
 
 def test_a_model_file_error_in_an_arm_is_one_line_naming_it_and_a_diverging_run_is_not_ranked(tmp_path, capsys):
