@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import copy
 import enum
+import hashlib
+import json
 import math
 import weakref
 from typing import Callable, Optional
@@ -59,6 +61,26 @@ from .perforated import PerforatedModel, outside_inference_mode, perforated_insi
 from .schedule import Action, Kind, PhaseSchedule, check_score
 
 __all__ = ["PhaseController", "Decision", "rebind_optimizer", "default_optimizer"]
+
+
+def _refuse_ranks_without_distributed() -> None:
+    """A TrainingError when torch.distributed runs several processes but the controller has no
+    `distributed`: the new candidates and dendrites are outside any DDP wrapper of the user's and
+    their statistics per rank, so the ranks would drift apart from the first dendrite phase, silently."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ranks = torch.distributed.get_world_size()
+        if ranks > 1:
+            raise TrainingError(f"torch.distributed runs {ranks} processes, but this PhaseController has no "
+                                "distributed=: each rank would train candidates and dendrites of its own, outside your "
+                                "DDP wrapper, and the ranks would drift apart; pass distributed=pbp_fx.distributed."
+                                "Distributed() to PhaseController or fit (it wraps the model anew for each phase), or "
+                                "run one process")
+
+
+def _settings_digest(config: PBConfig) -> int:
+    """A digest of the config's settings, as an int64 the ranks can gather."""
+    text = json.dumps(config.to_dict(), sort_keys=True, default=repr)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
 
 
 # The note of a run ended at a NaN/Inf it could not go on from (`stop_non_finite`): no finished run.
@@ -307,6 +329,7 @@ class PhaseController:
         self.pm, self.config, self.root = pm, config, root
         self.schedule = PhaseSchedule(config, phase=pm.phase, dendrites=pm.dendrites)
         self.distributed = distributed
+        self._settings_agreed = False  # (distributed: whether every rank's config was found the same)
         self.model = pm
         self.best_state: Optional[dict] = None
         # The best state's part outside pm (see root), by name: `outside_state`'s keys.
@@ -832,7 +855,14 @@ class PhaseController:
     def _agree(self, score: float, progress: bool) -> tuple[float, bool]:
         """Distributed runs: rank 0's score and candidate progress on every rank, all at the same step."""
         if self.distributed is None:
+            _refuse_ranks_without_distributed()
             return score, progress
+        if not self._settings_agreed:  # (once a run: rank-dependent settings take other decisions, or train
+            # other candidates under one all-reduced statistic, silently)
+            self.distributed.check_same("PhaseController settings (a digest of the PBConfig)",
+                                        _settings_digest(self.config),
+                                        fix="give every rank's PhaseController (or fit) the same config and keywords")
+            self._settings_agreed = True
         s = self.schedule
         state = [s.epoch, s.dendrites, int(s.phase == "dendrite"), int(s.done)]
         score, mark = self.distributed.agree([score, int(progress)], state)

@@ -7,21 +7,22 @@
     train = world.loader(train_set, batch_size=256, shuffle=True, seed=0)  # 256: the GLOBAL batch
     val = world.loader(val_set, batch_size=1000, train=False)            # sharded, not padded
     history = pbp_fx.fit(pm, train, val, distributed=world)
-    world.save(pm, "checkpoint.safetensors")  # rank 0 writes, every rank waits for the file
+    world.save(pm, "checkpoint.safetensors")  # on every rank: rank 0 writes, the others wait for the file
     world.close()
 
 A loop of one's own: the controller holds the module to train with (`ctl.model`, the DDP
 wrapper) and rebuilds it with the optimizer at every RESTRUCTURED decision:
 
     ctl = PhaseController(pm.to(world.device), optimizer_factory=..., distributed=world)
-    for epoch in range(epochs):
-        train.sampler.set_epoch(epoch)
-        for x, y in train:
-            loss = F.cross_entropy(ctl.model(x), y)     # read ctl.model after every step()
-            ctl.optimizer.zero_grad(); loss.backward(); ctl.optimizer.step()
-        world.sync_buffers(pm)                           # rank 0's BatchNorm statistics
-        if ctl.step(pbp_fx.evaluate(pm, val, distributed=world)) is Decision.COMPLETE:
-            break
+    with world.guard():  # a rank's error reaches the others as "rank r failed with ...", not gloo's
+        for epoch in range(epochs):
+            train.sampler.set_epoch(epoch)
+            for x, y in train:
+                loss = F.cross_entropy(ctl.model(x), y)     # read ctl.model after every step()
+                ctl.optimizer.zero_grad(); loss.backward(); ctl.optimizer.step()
+            world.sync_buffers(pm)                           # rank 0's BatchNorm statistics
+            if ctl.step(pbp_fx.evaluate(pm, val, distributed=world)) is Decision.COMPLETE:
+                break
 
 What each rank shares (PB_SPEC §4-§5 under data parallelism):
 - Neuron phase: plain DDP. Gradients are averaged over the ranks, so R ranks with local
@@ -264,12 +265,12 @@ class Distributed:
             raise DistributedError(f"the ranks are out of step (epoch, dendrites, phase): {lines}")
         return rows[0, :n].tolist()
 
-    def check_same(self, what: str, value: int) -> None:
+    def check_same(self, what: str, value: int,
+                   fix: str = "shard the data with Distributed.loader so that each rank has as many batches") -> None:
         """Raise on every rank when the ranks do not all have the same `value` for `what`."""
         rows = self._gather([value], torch.int64)[:, 0].tolist()
         if len(set(rows)) > 1:
-            raise DistributedError(f"the ranks differ in {what}: {rows} (rank 0 first); "
-                                   "shard the data with Distributed.loader so that each rank has as many batches")
+            raise DistributedError(f"the ranks differ in {what}: {rows} (rank 0 first); {fix}")
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
@@ -365,7 +366,14 @@ class Distributed:
             pm = pm.module
         if self.is_main:
             save(pm, path, **kwargs)
-        self.barrier()
+        try:
+            self.barrier()
+        except (RuntimeError, dist.DistError) as exc:
+            if not _looks_like_comm(exc):
+                raise
+            raise DistributedError(f"rank {self.rank} waited at world.save for the other ranks, which did not come "
+                                   f"({_first_line(exc)}): call world.save on every rank (rank 0 writes, the others "
+                                   "wait for the file), not under `if world.is_main`") from exc
         return path
 
     # -- failures --------------------------------------------------------------------------

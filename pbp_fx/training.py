@@ -491,8 +491,9 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
     training = (TrainConfig.coerce(training, "fit's training") or TrainConfig()).replace(
         **{k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None})
     _warn_unused_training(training)
-    _check_loader(train_loader, "training")
-    _check_loader(val_loader, "validation")
+    if distributed is None:  # (a rank's shard may be empty where the others' are not: checked together below)
+        _check_loader(train_loader, "training")
+        _check_loader(val_loader, "validation")
     if controller is not None:
         # (an lr in `training` too: the controller's optimizer has its own)
         given = [n for n, v in (("config", config), ("optimizer_factory", optimizer_factory)) if v is not None]
@@ -525,6 +526,8 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
         _check_plateau(controller)
         if distributed is not None and _length(train_loader) is not None:
             distributed.check_same("number of training batches", _length(train_loader))
+        if distributed is not None:  # (every rank as many training batches: an empty shard is everyone's)
+            _check_loader(train_loader, "training")
         try:
             _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, training.epochs, metric,
                   test_loader, device, callbacks, distributed)

@@ -6,6 +6,7 @@ that dies cannot take the store, and the failure messages in it, down with it.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -148,7 +149,7 @@ def _worker(scenario, rank, nprocs, port, out_dir):
     from pbp_fx.distributed import Distributed
 
     torch.set_num_threads(1)
-    timeout = 3.0 if scenario == "stall" else 30.0
+    timeout = 3.0 if scenario in ("stall", "misuse") else 30.0
     store = torch.distributed.TCPStore("127.0.0.1", port, nprocs, is_master=False, timeout=timedelta(seconds=30))
     world = Distributed.init("gloo", timeout=timeout, store=store, rank=rank, world_size=nprocs)
     if scenario == "match":
@@ -169,6 +170,34 @@ def _worker(scenario, rank, nprocs, port, out_dir):
         pm = pbp_fx.perforate(_build(), _inputs())
         PhaseController(pm, optimizer=torch.optim.LBFGS(pm.trainable_parameters(), line_search_fn="strong_wolfe"),
                         distributed=world)
+    elif scenario == "misuse":  # what each rank said of four mistakes (its error's first line, or "ok")
+        said = {}
+
+        def attempt(what, work):
+            try:
+                work()
+                said[what] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                said[what] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+
+        train, val = world.loader(_data(96, 0), GLOBAL_BATCH), world.loader(_data(48, 1), 16, train=False)
+        # fit (its PhaseController) without distributed= under an initialised 2-process group
+        attempt("no_distributed", lambda: pbp_fx.fit(pbp_fx.perforate(_build(), _inputs()), train, val, epochs=2,
+                                                     progress=False))
+        # a setting that differs between the ranks
+        pm = pbp_fx.perforate(_build(), _inputs())
+        attempt("settings", lambda: pbp_fx.fit(pm, train, val, controller=PhaseController(
+            pm, candidate_lr=1.0 + rank, distributed=world), epochs=2, progress=False, distributed=world))
+        # a validation set of 1 sample: rank 1's shard is empty
+        attempt("one_validation_sample", lambda: pbp_fx.fit(
+            pbp_fx.perforate(_build(), _inputs()), train, world.loader(_data(1, 1), 16, train=False), epochs=1,
+            progress=False, distributed=world))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:  # (before the last: it ends the group)
+            json.dump(said, f)
+        if world.is_main:  # world.save on rank 0 only
+            attempt("save_on_rank_0", lambda: world.save(pm, os.path.join(out_dir, "c.safetensors")))
+            with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+                json.dump(said, f)
     elif scenario == "nanval":  # every rank's validation score is NaN in epoch 3, after a best
         pm, calls = pbp_fx.perforate(_build(), _inputs()), [0]
 
@@ -428,6 +457,27 @@ def test_a_validation_score_gone_nan_after_a_best_takes_every_rank_back_to_it_an
     assert got[0]["rows"][3][0] == "dendrite"
     for k, v in got[0]["state"].items():
         assert torch.equal(v, got[1]["state"][k]), k
+
+
+def test_mistakes_of_a_distributed_run_are_said_in_one_line_on_every_rank(tmp_path):
+    """Before: fit without distributed= let the ranks drift apart from the first dendrite phase, silently;
+    rank-dependent settings took other decisions (gloo's collective mismatch, or a hang) or trained other
+    candidates under one statistic, silently; a validation set smaller than the ranks read "the validation
+    loader is empty" on rank 1; world.save under `if world.is_main` raised gloo's timeout."""
+    results = _launch("misuse", tmp_path, timeout=90)
+    assert all(rc == 0 for rc, _ in results), [err[-2000:] for _, err in results]
+    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in said:
+        assert rank["no_distributed"].startswith("TrainingError: torch.distributed runs 2 processes, but this "
+                                                 "PhaseController has no distributed="), rank
+        assert re.fullmatch(r"DistributedError: the ranks differ in PhaseController settings \(a digest of the "
+                            r"PBConfig\): \[\d+, \d+\] \(rank 0 first\); give every rank's PhaseController \(or "
+                            r"fit\) the same config and keywords", rank["settings"]), rank
+        assert rank["one_validation_sample"] == "ok", rank
+    assert said[0]["save_on_rank_0"].startswith("DistributedError: rank 0 waited at world.save for the other ranks, "
+                                                "which did not come"), said[0]
+    assert said[0]["save_on_rank_0"].endswith("call world.save on every rank (rank 0 writes, the others wait for "
+                                              "the file), not under `if world.is_main`"), said[0]
 
 
 def test_the_controllers_construction_warnings_are_said_by_rank_0_only(tmp_path):
