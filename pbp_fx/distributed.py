@@ -463,8 +463,14 @@ class PhaseDDP(nn.parallel.DistributedDataParallel):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.synchronised_once = False
+        self.released = False  # (`_release`: a later wrap replaced it)
 
     def forward(self, *inputs, **kwargs):
+        if self.released and torch.is_grad_enabled():
+            # Its hooks are gone: it would train without synchronising the gradients, and the ranks drift apart.
+            raise DistributedError("a training forward through a DDP wrapper that a restructure replaced (the "
+                                   "model's trainable parameters changed): read ctl.model after every ctl.step(), "
+                                   "not once before the loop")
         if self.require_backward_grad_sync and torch.is_grad_enabled():
             self.synchronised_once = True
         return super().forward(*inputs, **kwargs)
@@ -480,6 +486,8 @@ class PhaseDDP(nn.parallel.DistributedDataParallel):
 
 def _release(ddp) -> None:
     """Detach an old DDP wrapper's autograd hooks from the parameters it shares with the model."""
+    if isinstance(ddp, PhaseDDP):
+        ddp.released = True
     remove = getattr(ddp, "_remove_autograd_hooks", None)
     if remove is not None:
         try:

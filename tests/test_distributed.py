@@ -192,6 +192,20 @@ def _worker(scenario, rank, nprocs, port, out_dir):
         attempt("one_validation_sample", lambda: pbp_fx.fit(
             pbp_fx.perforate(_build(), _inputs()), train, world.loader(_data(1, 1), 16, train=False), epochs=1,
             progress=False, distributed=world))
+        # a loop of one's own that binds ctl.model once, before the first restructure
+        def stale_wrapper():
+            pm = pbp_fx.perforate(_build(), _inputs())
+            ctl = PhaseController(pm, neuron_epochs=1, max_dendrites=1, distributed=world)
+            model = ctl.model
+            for _ in range(2):
+                for x, y in train:
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    ctl.optimizer.zero_grad()
+                    loss.backward()
+                    ctl.optimizer.step()
+                ctl.step(pbp_fx.evaluate(pm, val, distributed=world))
+
+        attempt("stale_wrapper", stale_wrapper)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:  # (before the last: it ends the group)
             json.dump(said, f)
         if world.is_main:  # world.save on rank 0 only
@@ -462,7 +476,8 @@ def test_a_validation_score_gone_nan_after_a_best_takes_every_rank_back_to_it_an
 def test_mistakes_of_a_distributed_run_are_said_in_one_line_on_every_rank(tmp_path):
     """Before: fit without distributed= let the ranks drift apart from the first dendrite phase, silently;
     rank-dependent settings took other decisions (gloo's collective mismatch, or a hang) or trained other
-    candidates under one statistic, silently; a validation set smaller than the ranks read "the validation
+    candidates under one statistic, silently; a loop that bound ctl.model once trained without synchronising
+    after the first restructure, silently; a validation set smaller than the ranks read "the validation
     loader is empty" on rank 1; world.save under `if world.is_main` raised gloo's timeout."""
     results = _launch("misuse", tmp_path, timeout=90)
     assert all(rc == 0 for rc, _ in results), [err[-2000:] for _, err in results]
@@ -474,6 +489,9 @@ def test_mistakes_of_a_distributed_run_are_said_in_one_line_on_every_rank(tmp_pa
                             r"PBConfig\): \[\d+, \d+\] \(rank 0 first\); give every rank's PhaseController \(or "
                             r"fit\) the same config and keywords", rank["settings"]), rank
         assert rank["one_validation_sample"] == "ok", rank
+        assert rank["stale_wrapper"] == ("DistributedError: a training forward through a DDP wrapper that a "
+                                         "restructure replaced (the model's trainable parameters changed): read "
+                                         "ctl.model after every ctl.step(), not once before the loop"), rank
     assert said[0]["save_on_rank_0"].startswith("DistributedError: rank 0 waited at world.save for the other ranks, "
                                                 "which did not come"), said[0]
     assert said[0]["save_on_rank_0"].endswith("call world.save on every rank (rank 0 writes, the others wait for "
