@@ -1384,12 +1384,15 @@ def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
     made. least, most: the dim-0 sizes the file computes right (its min_batch, max_batch): dim 0 is
     made another size within them (left as it is when there is none). torch.onnx writes some ops for the example's sizes only while it declares the axis
     dynamic (an adaptive pooling's kernel, a sequence-first GRU's length)."""
-    from .ort import ort_session, output_difference, run
+    from .ort import RuntimeUnavailableError, ort_session, output_difference, run
 
     session = model
     if not hasattr(model, "get_inputs"):
         try:  # (an onnxruntime without a kernel the file needs, bfloat16 on the CPU, cannot check it)
             session = ort_session(model, device="cpu", threads=1)
+        except RuntimeUnavailableError as e:  # (said: the file may be meant for another runtime, or be a mistake)
+            warn_at_user(f"the file was not checked at other sizes: {e}")
+            return SizeCheck("", None)
         except Exception as e:  # noqa: BLE001
             log.info("export_onnx: not checked at other sizes: ONNX Runtime cannot load the file (%s)",
                      type(e).__name__)

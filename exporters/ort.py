@@ -104,11 +104,12 @@ def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", thre
         if type(exc).__name__ != "NotImplemented":
             raise
         # e.g. a float64 Conv or a bfloat16 Sigmoid: the CPU provider covers float32, other types for some ops
-        where = "<bytes>" if isinstance(model, bytes) else model
+        where = "the ONNX model (bytes)" if isinstance(model, bytes) else model
         raise RuntimeUnavailableError(
             f"onnxruntime has no kernel for an op of {where} in its element type "
             f"({str(exc).splitlines()[0].split(' : ')[-1].strip()}): its CPU kernels cover float32, other types for "
-            "some ops only; export the model in float32 (model.float())") from exc
+            "some ops only; export a float32 graph: the model in float32 (model.float()), and no torch.autocast "
+            "region in its forward while it exports (that computes its ops in bfloat16 or float16)") from exc
     active = sess.get_providers()
     chosen = CUDA if CUDA in active else CPU
     if device == "cuda" and chosen != CUDA:

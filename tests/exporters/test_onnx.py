@@ -17,7 +17,8 @@ from torch import nn
 
 import pbp_fx
 from pbp_fx.errors import PBWarning
-from pbp_fx.exporters import DOMAIN, ExportError, ExportPathError, export_onnx, ort_session, run
+from pbp_fx.exporters import (DOMAIN, ExportError, ExportPathError, RuntimeUnavailableError, export_onnx, ort_session,
+                              run)
 from pbp_fx.exporters import onnx as onnx_exporter
 
 
@@ -1969,6 +1970,31 @@ def test_a_bfloat16_conv_with_its_batchnorm_names_the_fix(tmp_path):
         export_onnx(pm, (x,), tmp_path / "m.onnx", opset=22)
     assert e.value.__suppress_context__ and e.value.__cause__ is None
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _AutocastInside(nn.Module):
+    """A float32 model whose forward computes a layer under torch.autocast(bfloat16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.fc1(x)
+        return self.fc2(torch.relu(h.float()))
+
+
+def test_an_autocast_region_in_forward_is_named_where_onnx_runtime_cannot_load_the_file(tmp_path):
+    """The file computes fc1 in bfloat16, which ONNX Runtime's CPU kernels lack: export_onnx's check at other
+    sizes gave up with an INFO log, and the runtime's error said to export in float32 (the model is)."""
+    x = torch.randn(3, 4)
+    with pytest.warns(pbp_fx.PBWarning) as said:
+        export_onnx(pbp_fx.perforate(_AutocastInside(), (x,)), (x,), tmp_path / "m.onnx")
+    lines = [str(w.message) for w in said if "not checked at other sizes" in str(w.message)]
+    assert len(lines) == 1 and "no torch.autocast region in its forward" in lines[0], [str(w.message) for w in said]
+    with pytest.raises(RuntimeUnavailableError, match=r"export a float32 graph: .* no torch.autocast region"):
+        ort_session(tmp_path / "m.onnx", device="cpu")
 
 
 class _KeywordsInto(nn.Module):

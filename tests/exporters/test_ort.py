@@ -126,7 +126,8 @@ def test_an_op_without_a_kernel_names_the_op_and_the_fix(tmp_path, dtype, op):
                               [helper.make_tensor_value_info("y", dtype, [1, 1, 2, 2])], initializer=w)
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
-    with pytest.raises(RuntimeUnavailableError, match=rf"no kernel .*{op}.*export the model in float32") as err:
+    with pytest.raises(RuntimeUnavailableError, match=rf"no kernel .*{op}.*export a float32 graph: the model in "
+                                                      r"float32 \(model.float\(\)\), and no torch.autocast") as err:
         ort_session(path, device="cpu")
     assert "\n" not in str(err.value) and "convs" not in str(err.value)
 
