@@ -1359,6 +1359,11 @@ def _write_atomic(data: bytes, path: str) -> None:
 
 # -- public entry point ----------------------------------------------------------------------
 
+# The warning's start when ONNX Runtime cannot load the file to check its other sizes (`export --check`,
+# which then reports the same cause as its error, leaves it out).
+NOT_LOADED_FOR_SIZES = "the file was not checked at other sizes"
+
+
 class SizeCheck(NamedTuple):
     """What `check_other_sizes` found: the sizes tried ("" when none), what differs there in a line
     (None: nothing), and why the sizes were tried but not compared (None: they were)."""
@@ -1391,7 +1396,7 @@ def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
         try:  # (an onnxruntime without a kernel the file needs, bfloat16 on the CPU, cannot check it)
             session = ort_session(model, device="cpu", threads=1)
         except RuntimeUnavailableError as e:  # (said: the file may be meant for another runtime, or be a mistake)
-            warn_at_user(f"the file was not checked at other sizes: {e}")
+            warn_at_user(f"{NOT_LOADED_FOR_SIZES}: {e}")
             return SizeCheck("", None)
         except Exception as e:  # noqa: BLE001
             log.info("export_onnx: not checked at other sizes: ONNX Runtime cannot load the file (%s)",

@@ -840,7 +840,7 @@ def export(args: argparse.Namespace) -> int:
     import torch
 
     from .exporters import export_onnx
-    from .exporters.onnx import MAX_OPSET, MIN_OPSET, check_dynamic_axes
+    from .exporters.onnx import MAX_OPSET, MIN_OPSET, NOT_LOADED_FOR_SIZES, check_dynamic_axes
     from .modelfile import example_kwargs, instantiate
     from .perforated import perforate
 
@@ -908,10 +908,13 @@ def export(args: argparse.Namespace) -> int:
                   "has the dendrites installed before it")
         else:
             _note_unfinished_run(meta.get("controller"))
-        path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
-                           opset=args.opset, fold_clip=not args.keep_clip,
-                           fold_output_weight=not args.keep_output_weight, example_kwargs=kwargs,
-                           dynamic_axes=axes)
+        with warnings.catch_warnings():
+            if args.check:  # (its own session says why ONNX Runtime cannot load the file, as the error)
+                warnings.filterwarnings("ignore", message=re.escape(NOT_LOADED_FOR_SIZES))
+            path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
+                               opset=args.opset, fold_clip=not args.keep_clip,
+                               fold_output_weight=not args.keep_output_weight, example_kwargs=kwargs,
+                               dynamic_axes=axes)
     print(f"wrote {path}: {'unfused' if args.unfused else 'fused'}, dendrites per site "
           f"{json.dumps(pm.num_dendrites)}")
     if args.check:
