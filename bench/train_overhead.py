@@ -11,7 +11,9 @@ interleaved rounds, so machine noise hits them alike; a step ratio is the median
 of (the configuration's step / the plain step of the same round), printed with the 25-75 %
 range of those per-round ratios. "ok" is "yes" when even the 75th percentile meets the target,
 "NO" when even the 25th misses it, else "edge" (which side the median falls on is noise). FLOPs (forward + backward)
-come from FlopCounterMode. A second table splits each step into forward, backward and optimizer
+come from FlopCounterMode. On the CPU, the split pools also run with pbp_fx.native off (", torch-op statistics":
+the covariance tap's torch ops, which its native kernel replaces), for the before/after side by side. A second
+table splits each step into forward, backward and optimizer
 step (medians of their own interleaved rounds). Peak memory of one step: the rise of the resident set over its
 level before the step (/proc VmHWM after clearing it; a child process with malloc returning
 large blocks to the OS, so the resident set follows live tensors).
@@ -54,6 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import pbp_fx
 from paired import round_ratios, spread, verdict
+from pbp_fx import native
 
 MODELS = {"mnist1d_cnn": "pbp_fx.models.mnist1d_cnn", "mnist1d_mlp": "pbp_fx.models.mnist1d_mlp",
           "resnet_small": "pbp_fx.models.resnet_small", "resnet18": None, "mobilenet_v2": None}
@@ -91,28 +94,48 @@ OPTIMIZERS = {"adam": lambda params: torch.optim.Adam(params, lr=1e-3),
               "fused": lambda params: pbp_fx.default_optimizer(params, lr=1e-3)}
 
 
-def adam_stepper(model, params, x, y, optimizer: str = "adam", parts: list | None = None):
-    """One training step; with `parts`, each step appends its (forward, backward, optimizer) seconds."""
+# Configurations whose candidates' statistics run as torch ops (pbp_fx.native off): what the native
+# covariance kernel replaces, timed beside it.
+TORCH_OPS = ", torch-op statistics"
+
+
+@contextlib.contextmanager
+def native_off(off: bool = True):
+    """pbp_fx.native's kernel off inside (the covariance tap runs its torch ops)."""
+    kernel = native.kernel
+    if off:
+        native.kernel = lambda: None
+    try:
+        yield
+    finally:
+        native.kernel = kernel
+
+
+def adam_stepper(model, params, x, y, optimizer: str = "adam", parts: list | None = None, torch_ops: bool = False):
+    """One training step; with `parts`, each step appends its (forward, backward, optimizer) seconds;
+    torch_ops: with pbp_fx.native off."""
     opt = OPTIMIZERS[optimizer](params)
 
     def step():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with native_off(torch_ops):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
     def timed_step():
-        synchronize()
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        synchronize()
-        t1 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        synchronize()
-        t2 = time.perf_counter()
-        opt.step()
-        synchronize()
+        with native_off(torch_ops):
+            synchronize()
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            synchronize()
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            synchronize()
+            t2 = time.perf_counter()
+            opt.step()
+            synchronize()
         parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
     return step if parts is None else timed_step
@@ -176,12 +199,16 @@ def configs(mod, x, y, pool: int, optimizer: str = "adam", strides: tuple = (2,)
                 s.out_weight.normal_(0, 0.1)
         pm.train()
         out.append((f"neuron K={k}", pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y, optimizer)))
-    for split, stride in [(True, 1)] + [(True, n) for n in strides] + [(False, 1)]:
+    runs = [(True, 1, False)] + [(True, n, False) for n in strides] + [(False, 1, False)]
+    if x.device.type == "cpu" and native.kernel() is not None:  # (where the kernel runs: the split pools on the CPU)
+        runs += [(True, 1, True)] + [(True, n, True) for n in strides]
+    for split, stride, torch_ops in runs:
         pm = pbp_fx.perforate(copy.deepcopy(base).cpu(), example).to(x.device)
         pm.train()
         pm.start_dendrite_phase(pool=pool, split=split, stride=stride)
-        name = f"dendrite P={pool} " + ("split" if split else "full-batch") + (f" stride {stride}" if stride > 1 else "")
-        out.append((name, pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y, optimizer)))
+        name = (f"dendrite P={pool} " + ("split" if split else "full-batch") + (f" stride {stride}" if stride > 1 else "")
+                + (TORCH_OPS if torch_ops else ""))
+        out.append((name, pm, adam_stepper(pm, list(pm.trainable_parameters()), x, y, optimizer, torch_ops=torch_ops)))
     return out
 
 
@@ -217,7 +244,8 @@ def part_times(cfgs, x, y, optimizer: str, rounds: int, steps: int) -> dict[str,
         trained = model.trainable_parameters() if hasattr(model, "trainable_parameters") else (
             p for p in model.parameters() if p.requires_grad)
         parts[name] = []
-        timed.append((name, model, adam_stepper(model, list(trained), x, y, optimizer, parts[name])))
+        timed.append((name, model, adam_stepper(model, list(trained), x, y, optimizer, parts[name],
+                                                torch_ops=name.endswith(TORCH_OPS))))
     measure(timed, rounds, steps)
     for v in parts.values():
         del v[:5 if steps >= 5 else 2]  # measure's warm-up steps
@@ -365,7 +393,7 @@ def main(argv=None) -> int:
             fr = flops[n] / p_fl
             if n.startswith("neuron"):
                 target = 1.2 * fr
-            elif " split" in n:
+            elif " split" in n and not n.endswith(TORCH_OPS):
                 target = 1.5
             else:
                 target = None

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from . import native
 from .errors import warn_at_user
 from .layers import copy_dim, every_nth_position, per_position, split_members
 
@@ -223,6 +224,15 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
             d = torch.empty_like(c, dtype=d.dtype).copy_(d)  # c's layout (layers.split_columns: copies first)
         elif c.is_contiguous() and not d.is_contiguous():
             d = d.contiguous()
+        # One native call where it applies (a split pool in float32 on the CPU, one process, a batch seen
+        # the first time): the same arithmetic without forty ops' dispatch (pbp_fx.native)
+        done = (native.candidate_gradient(c, d, stats, snapshots, rows, copy_dim(axis), scale, settings, left_out)
+                if split and reducer is None and new is True else None)
+        if done is not None:
+            counted, g = done
+            if counted:
+                return g
+            return torch.zeros_like(c) if scale is None else torch.full_like(c, math.nan)
         cov, e = batch_covariance(c, d if scale is None else d / scale, axis, stats[0].shape[1], reducer)
         if left_out != 1.0:
             cov.mul_(left_out)
