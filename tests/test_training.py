@@ -370,14 +370,6 @@ class _DictOut(nn.Module):
         return {"hidden": self.body(x), "logits": self.head(torch.relu(self.body(x)))}
 
 
-def test_fit_defaults_score_a_dict_output_by_its_logits():
-    torch.manual_seed(0)
-    pm = pbp_fx.perforate(_DictOut(), (torch.randn(2, 6),))
-    train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
-    h = fit(pm, train, val, epochs=3, progress=False, config=pbp_fx.PBConfig(patience=1, max_dendrites=1))
-    assert len(h.epochs) == 3 and all(0.0 <= r["val"] <= 1.0 for r in h.epochs)
-
-
 @dataclasses.dataclass
 class _Scores:
     hidden: torch.Tensor
@@ -391,15 +383,17 @@ class _DataclassOut(_DictOut):
         return _Scores(**super().forward(x))
 
 
-def test_fit_defaults_score_a_dataclass_output_by_its_logits():
-    """Before, the default loss got the dataclass itself: torch's TypeError from inside the loop."""
+@pytest.mark.parametrize("model", [_DictOut, _DataclassOut], ids=["dict", "dataclass"])
+def test_fit_defaults_score_a_dict_or_dataclass_output_by_its_logits(model):
+    """A dataclass output: the default loss got the dataclass itself, torch's TypeError from inside the loop."""
     torch.manual_seed(0)
-    pm = pbp_fx.perforate(_DataclassOut(), (torch.randn(2, 6),))
+    pm = pbp_fx.perforate(model(), (torch.randn(2, 6),))
     train, val = DataLoader(_data(), batch_size=32), DataLoader(_data(64, 1), batch_size=64)
-    h = fit(pm, train, val, epochs=2, progress=False, config=pbp_fx.PBConfig(patience=1, max_dendrites=1))
-    assert len(h.epochs) == 2 and all(0.0 <= r["val"] <= 1.0 for r in h.epochs)
+    h = fit(pm, train, val, epochs=3, progress=False, config=pbp_fx.PBConfig(patience=1, max_dendrites=1))
+    assert len(h.epochs) == 3 and all(0.0 <= r["val"] <= 1.0 for r in h.epochs)
     x = torch.randn(3, 6)
-    assert torch.equal(pbp_fx.training.primary_output(pm(x)), pm(x).logits)
+    logits = pm(x)["logits"] if model is _DictOut else pm(x).logits
+    assert torch.equal(pbp_fx.training.primary_output(pm(x)), logits)
 
 
 def test_an_output_with_no_tensor_to_score_names_the_fix():
