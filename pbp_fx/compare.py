@@ -49,7 +49,7 @@ from .modelfile import (check_metric_direction, example_kwargs, instantiate, key
                         warn_unread_names)
 from .passes.find_sites import site_filters
 from .schedule import Kind, PhaseSchedule
-from .signals import interrupts_kept
+from .signals import interrupts_kept, stops_held
 from .tracing import copy_module
 from .training import (IGNORED_LABEL, NonFiniteDataError, NonFiniteError, NonFiniteLossError, accuracy, class_indices,
                        evaluate, split_batch, train_epoch)
@@ -1273,13 +1273,18 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     echo(md)
     if out is not None:
         os.makedirs(out, exist_ok=True)
-        for fname, body in (("compare.md", md), ("compare.json", json.dumps(result, indent=1) + "\n")):
-            def write(tmp, body=body):
-                with open(tmp, "w") as f:
-                    f.write(body)
-            atomic_write(os.path.join(out, fname), write, CompareError, fname)
-        plotted = plot(summary, os.path.join(out, "compare.png"), title=f"{os.path.basename(name)} (width {built:.4g})",
-                       score=score)
-        kept.close()
+        # The report's files belong together: a stop (Ctrl-C, SIGTERM) waits until all are written and the
+        # kept runs are dropped, so a folder never holds a new compare.json beside the last one's plot.
+        with stops_held():
+            for fname, body in (("compare.md", md), ("compare.json", json.dumps(result, indent=1) + "\n")):
+                def write(tmp, body=body):
+                    with open(tmp, "w") as f:
+                        f.write(body)
+                atomic_write(os.path.join(out, fname), write, CompareError, fname)
+            png = os.path.join(out, "compare.png")
+            plotted = plot(summary, png, title=f"{os.path.basename(name)} (width {built:.4g})", score=score)
+            if not plotted and os.path.exists(png):  # (an earlier comparison's)
+                os.remove(png)
+            kept.close()
         echo(f"wrote {out}/compare.md, {out}/compare.json" + (f", {out}/compare.png" if plotted else ""))
     return result

@@ -20,7 +20,8 @@ from typing import Iterator, Optional
 
 from .errors import Terminated
 
-__all__ = ["Interrupts", "interrupts_kept", "stop_received", "import_torch_with_stops_held", "RESEND_SECONDS"]
+__all__ = ["Interrupts", "interrupts_kept", "stop_received", "stops_held", "import_torch_with_stops_held",
+           "RESEND_SECONDS"]
 
 RESEND_SECONDS = 0.05  # a lost signal's resend: after the callback that lost it has returned
 
@@ -54,22 +55,29 @@ class Interrupts:
         timer.start()
 
 
-def import_torch_with_stops_held(*modules: str) -> None:
-    """`import torch` (and `modules`, torch's own: the agent's torch.distributed.run) with Ctrl-C and SIGTERM
-    held back until it is done, then delivered (raised after it): one inside it left torch half-imported (its
-    next import failed) or aborted the process in its C++ initialisation (exit -6). Used by the CLI and the
-    --nproc agent and ranks."""
-    names = ("torch", *modules)
+@contextmanager
+def stops_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back for the block, then delivered (raised after it), on the main thread
+    where the platform can block signals: work that must end whole or not start (an import, a report's
+    files written together) is not cut in the middle."""
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        for name in names:
-            importlib.import_module(name)
+        yield
         return
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        for name in names:
-            importlib.import_module(name)
+        yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def import_torch_with_stops_held(*modules: str) -> None:
+    """`import torch` (and `modules`, torch's own: the agent's torch.distributed.run) with Ctrl-C and SIGTERM
+    held back until it is done (`stops_held`): one inside it left torch half-imported (its next import
+    failed) or aborted the process in its C++ initialisation (exit -6). Used by the CLI and the --nproc
+    agent and ranks."""
+    with stops_held():
+        for name in ("torch", *modules):
+            importlib.import_module(name)
 
 
 def stop_received() -> Optional[type]:

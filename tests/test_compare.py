@@ -236,6 +236,33 @@ def test_pb_run_is_compared_with_its_controls(tiny, tmp_path):
         compare(pb_run=str(run), latency=False, echo=lambda _s: None)
 
 
+def test_a_stop_during_the_reports_writes_comes_after_them(tiny, tmp_path, monkeypatch):
+    """A SIGTERM between the report's files left the new compare.json beside no plot or the last comparison's,
+    and compare.partial.json with them (the compare review); a report without a plot left the last one's."""
+    import signal
+
+    compare_module = importlib.import_module("pbp_fx.compare")  # (pbp_fx.compare is also the function)
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.png").write_bytes(b"the last comparison's plot")
+    written = []
+    real_write = compare_module.atomic_write
+
+    def write_then_stop(path, *args, **kwargs):
+        real_write(path, *args, **kwargs)
+        written.append(os.path.basename(path))
+        if written[-1] == "compare.md":  # (the report's first file)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(compare_module, "atomic_write", write_then_stop)
+    monkeypatch.setattr(compare_module, "plot", lambda *args, **kwargs: False)  # (no matplotlib)
+    with pytest.raises(KeyboardInterrupt):
+        compare(tiny, seeds=1, arms=["plain"], out=str(out), latency=False, echo=lambda _s: None, **BUDGET)
+    assert written[-2:] == ["compare.md", "compare.json"]
+    assert sorted(os.listdir(out)) == ["compare.json", "compare.md"]
+
+
 def test_a_pb_run_stopped_at_a_non_finite_score_is_no_finished_run(tmp_path, capsys):
     """train stopped at a NaN test score (and exited 2), leaving its report: compare took that run as pb's
     and blamed the epoch cap for its missing rounds."""

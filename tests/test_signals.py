@@ -7,7 +7,7 @@ import time
 import pytest
 
 from pbp_fx.errors import Terminated
-from pbp_fx.signals import RESEND_SECONDS, Interrupts, interrupts_kept
+from pbp_fx.signals import RESEND_SECONDS, Interrupts, interrupts_kept, stops_held
 
 
 class _InterruptedInDel:
@@ -68,3 +68,19 @@ def test_a_nested_block_shares_the_outer_ones_record():
                 swallowed.append(exc)
         assert len(swallowed) == 1 and outer.received == [KeyboardInterrupt] and outer.lost is None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_a_stop_inside_stops_held_is_raised_after_the_block_ends(signum, raised):
+    """compare's report files are written in such a block: a SIGTERM between them left a new compare.json
+    beside the last comparison's plot."""
+    done = []
+    with pytest.raises(raised):
+        with interrupts_kept():
+            with stops_held():
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)
+                done.append("first")
+                done.append("second")
+            done.append("after")  # (not reached: the held signal is delivered as the block ends)
+    assert done == ["first", "second"]
