@@ -57,27 +57,45 @@ class Interrupts:
 
 @contextmanager
 def stops_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held back for the block, then delivered (raised after it), on the main thread
-    where the platform can block signals: work that must end whole or not start (an import, a report's
-    files written together) is not cut in the middle."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Ctrl-C and SIGTERM held back for the block, then delivered to the handlers they had (raised after it),
+    on the main thread: work that must end whole or not start (a report's files written together) is not
+    cut in the middle. Held in Python, not by blocking the signal: a process-directed signal goes to any
+    thread that does not block it (pytest-xdist's, a DataLoader's), whose handler call still runs here."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    pending: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, _frame: pending.append(signum)) for s in stops}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])  # (SIGTERM's default: the process ends, as it would have)
 
 
 def import_torch_with_stops_held(*modules: str) -> None:
     """`import torch` (and `modules`, torch's own: the agent's torch.distributed.run) with Ctrl-C and SIGTERM
-    held back until it is done (`stops_held`): one inside it left torch half-imported (its next import
-    failed) or aborted the process in its C++ initialisation (exit -6). Used by the CLI and the --nproc
-    agent and ranks."""
-    with stops_held():
-        for name in ("torch", *modules):
+    held back until it is done, then delivered (raised after it): one inside it left torch half-imported (its
+    next import failed) or aborted the process in its C++ initialisation (exit -6). Used by the CLI and the
+    --nproc agent and ranks."""
+    names = ("torch", *modules)
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        for name in names:
             importlib.import_module(name)
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for name in names:
+            importlib.import_module(name)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def stop_received() -> Optional[type]:
