@@ -65,7 +65,7 @@ static inline void run_cov(const float *restrict c, const float *restrict d, flo
         for (int64_t j = 0; j < len; j++) {
             float e = (d[j] * mul - a) - b;
             g[j] = e;
-            acc += (double)c[j] * (double)e;
+            acc += (double)(c[j] * e);
         }
         cov[row0] += acc;
     } else {
@@ -73,7 +73,7 @@ static inline void run_cov(const float *restrict c, const float *restrict d, flo
             int64_t r = row0 + j * step;
             float e = (d[j] * mul - m1[r]) - m2[r];
             g[j] = e;
-            cov[r] += (double)c[j] * (double)e;
+            cov[r] += (double)(c[j] * e);  /* (the product in float32, as the torch ops form it) */
         }
     }
 }
@@ -201,9 +201,13 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
         for (int64_t r = 0; r < rows; r++) m2[r] = (float)(sum[r] / n);
         FOR_EACH_RUN(COV);
     }
+    /* in float32, as the torch ops scale it: a covariance that overflows float32 only once scaled must
+     * make the batch not counted here too (scaled in float64, it passed, and became inf as the EMA's input) */
     double whole = (double)members * left_out, check = 0.0;
     for (int64_t r = 0; r < rows; r++) {
-        cov[r] = (double)(float)cov[r] * whole;
+        float scaled = (float)cov[r] * (float)members;
+        if (left_out != 1.0) scaled *= (float)left_out;
+        cov[r] = scaled;
         check += cov[r];
     }
 

@@ -286,16 +286,16 @@ LOWER_IS_BETTER_WORDS = {"loss", "error", "err", "mae", "mse", "rmse", "wer", "c
                          "distance", "dist", "ce", "bce", "xent", "crossentropy"}
 
 
-# ... and words of a higher-is-better score.
-HIGHER_IS_BETTER_WORDS = {"acc", "accuracy", "f1", "auc", "auroc", "precision", "recall", "iou", "bleu", "rouge",
-                          "score"}
+# ... and words of a higher-is-better score ("score" itself says nothing of the direction: mse_score is an
+# error, val_score reads as higher-is-better only for want of another word).
+HIGHER_IS_BETTER_WORDS = {"acc", "accuracy", "f1", "auc", "auroc", "precision", "recall", "iou", "bleu", "rouge"}
 
 
 def reads_lower_is_better(name: str) -> bool:
     """Whether a metric's name reads as lower-is-better: its last word of LOWER_IS_BETTER_WORDS or
     HIGHER_IS_BETTER_WORDS, or ending in "loss", decides (val_loss, val/loss, valLoss, val_logloss,
-    eval_err, error_rate, mae; not gloss_acc, val_ce_acc). The last such word, because a metric's
-    name ends in what it measures: val_ce_acc is an accuracy, ce_loss a loss."""
+    eval_err, error_rate, mae, mse_score; not gloss_acc, val_ce_acc, val_score). The last such word,
+    because a metric's name ends in what it measures: val_ce_acc is an accuracy, ce_loss a loss."""
     words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower())
     for w in reversed(words):
         if w in LOWER_IS_BETTER_WORDS or w.endswith("loss"):

@@ -90,6 +90,20 @@ def test_a_batch_with_a_non_finite_error_is_seen_not_counted_as_by_the_torch_ops
     assert torch.equal(native_run[0][0], torch_run[0][0]) if scale is None else native_run[0][0].isnan().all()
 
 
+@needs_kernel
+def test_a_covariance_that_overflows_only_once_scaled_is_not_counted(monkeypatch):
+    """A slice's covariance finite in float32, x P not: the kernel scaled it in float64, counted the batch and
+    put inf into the EMA (NaN for good after the next batch); the torch ops skip it (a reviewer)."""
+    g = torch.Generator().manual_seed(0)
+    cand = torch.rand(8, 4, 3, generator=g)
+    grad_y = [torch.randn(32, 3, generator=g) * 6e37, torch.randn(32, 3, generator=g)]
+    native_run, torch_run = _both(grad_y, cand, -1, 1, None, (0.9, 0, 0.01, True), 2, g, monkeypatch)
+    assert int(torch_run[1][3]) == 1 and int(torch_run[1][4]) == 2  # counted 1 of 2 seen
+    for got, want in zip(native_run[1], torch_run[1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert all(bool(grad.isfinite().all()) for grad in native_run[0])
+
+
 def test_off_or_without_a_compiler_the_torch_ops_run(tmp_path, monkeypatch):
     native.kernel.cache_clear()
     try:
