@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 from typing import Optional, Sequence
@@ -45,14 +46,14 @@ def _cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pbp_fx")
 
 
-def _build(compiler: str, target: str) -> None:
+def _build(compiler: list[str], target: str) -> None:
     """Compile SOURCE into `target` (via a temporary file renamed into place: processes building at once
     each finish with a whole library)."""
     os.makedirs(os.path.dirname(target), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE, "-lm"], check=True,
+        subprocess.run([*compiler, *FLAGS, "-o", tmp, SOURCE, "-lm"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
         os.replace(tmp, target)
     finally:
@@ -62,20 +63,22 @@ def _build(compiler: str, target: str) -> None:
 
 @functools.lru_cache(maxsize=None)  # (one build and load per process: the library does not change)
 def kernel() -> Optional[ctypes.CDLL]:
-    """The loaded library, or None where it is off or cannot be built (said once, at debug level)."""
+    """The loaded library, or None where it is off or cannot be built (said once, at info level)."""
     if os.environ.get("PBP_FX_NATIVE", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or "cc"
+    compiler = shlex.split(os.environ.get("CC") or "cc")  # (CC="ccache cc" is a command with its arguments)
     try:
         with open(SOURCE, "rb") as f:
             source = f.read()
-        tag = hashlib.sha256(source + " ".join((compiler, *FLAGS, platform.machine())).encode()).hexdigest()[:16]
-        target = os.path.join(_cache_dir(), f"covariance_kernel-{tag}.so")
+        # Which compiler, not only its name: another one on PATH, or an upgrade, builds anew.
+        version = subprocess.run([*compiler, "--version"], check=True, capture_output=True, timeout=30).stdout
+        tag = hashlib.sha256(source + version + " ".join((*compiler, *FLAGS, platform.machine())).encode()).hexdigest()
+        target = os.path.join(_cache_dir(), f"covariance_kernel-{tag[:16]}.so")
         if not os.path.exists(target):
             _build(compiler, target)
         lib = ctypes.CDLL(target)
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.debug("pbp_fx.native: the torch ops run the covariance tap (%s)", exc)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        log.info("pbp_fx.native: no native covariance kernel (%s); the torch ops run it", exc)
         return None
     fn = lib.pbp_candidate_gradient
     fn.restype = ctypes.c_int

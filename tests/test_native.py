@@ -1,5 +1,6 @@
 """pbp_fx.native: the covariance tap's backward as one compiled call, against the torch ops it replaces."""
 import copy
+import os
 
 import pytest
 import torch
@@ -124,12 +125,19 @@ def test_off_or_without_a_compiler_the_torch_ops_run(tmp_path, monkeypatch):
 
 
 @needs_kernel
-def test_the_library_is_built_once_into_the_cache_folder(tmp_path, monkeypatch):
+def test_the_library_is_built_once_per_compiler_into_the_cache_folder(tmp_path, monkeypatch):
+    """CC may be a command with arguments (CC="ccache cc"): taken as one program name, it turned the kernel off."""
     native.kernel.cache_clear()
     try:
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
         assert native.kernel() is not None
-        built = list(tmp_path.glob("pbp_fx/covariance_kernel-*.so"))
-        assert len(built) == 1 and not list(tmp_path.glob("pbp_fx/*.so.*")) and not list(tmp_path.glob("pbp_fx/tmp*"))
+        native.kernel.cache_clear()
+        assert native.kernel() is not None  # (found, not built again)
+        assert len(list(tmp_path.glob("pbp_fx/covariance_kernel-*.so"))) == 1
+        native.kernel.cache_clear()
+        monkeypatch.setenv("CC", (os.environ.get("CC") or "cc") + " -g")
+        assert native.kernel() is not None
+        assert len(list(tmp_path.glob("pbp_fx/covariance_kernel-*.so"))) == 2
+        assert not list(tmp_path.glob("pbp_fx/tmp*"))
     finally:
         native.kernel.cache_clear()
