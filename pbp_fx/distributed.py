@@ -101,6 +101,45 @@ class StatsReducer:
         return (_none, ())  # a pickled model trains alone
 
 
+class SiteReducer:
+    """The run's StatsReducer for one site's pool: its sums go with the site's number, so that ranks summing
+    different sites' statistics at once (a site whose output reaches the loss on some ranks only) are refused
+    on every rank instead of mixing the two sites' statistics (checked where the sums are on the CPU: a
+    device's check would wait for the device at every site)."""
+
+    def __init__(self, shared: StatsReducer, number: int, name: str):
+        self.shared, self.number, self.name = shared, number, name
+
+    @property
+    def world_size(self) -> int:
+        return self.shared.world_size
+
+    @property
+    def warned_uneven(self) -> bool:  # (said once a run: the flag is the run's)
+        return self.shared.warned_uneven
+
+    @warned_uneven.setter
+    def warned_uneven(self, value: bool) -> None:
+        self.shared.warned_uneven = value
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "cpu":
+            return self.shared(t)
+        sums = self.shared(torch.cat([t, t.new_full((1,), float(self.number))]))
+        if float(sums[-1]) != self.number * self.world_size:
+            raise DistributedError(f"rank {self.shared.rank} summed the candidates' statistics of site {self.name!r} "
+                                   "while another rank summed another site's: a site's output reaches the loss on some "
+                                   "ranks only (an output the loss reads on some ranks or batches only); give every "
+                                   "rank's loss the same outputs (0 * out.sum() for one it leaves out)")
+        return sums[:-1]
+
+    def __deepcopy__(self, memo):
+        return self  # a deep copy of the model trains in the same run
+
+    def __reduce__(self):
+        return (_none, ())  # a pickled model trains alone
+
+
 class ShardSampler(Sampler):
     """Rank r of R reads indices r, r+R, r+2R, ...: every sample once, no padding (evaluation)."""
 
@@ -295,9 +334,9 @@ class Distributed:
     # -- the model -------------------------------------------------------------------------
     def install_reducers(self, pm) -> None:
         """Give every candidate pool of `pm` this run's statistics reducer (world size > 1)."""
-        for s in pm.sites.values():
+        for number, (name, s) in enumerate(pm.sites.items(), 1):
             if s.candidates is not None:
-                s.candidates.reducer = self._reducer if self.world_size > 1 else None
+                s.candidates.reducer = SiteReducer(self._reducer, number, name) if self.world_size > 1 else None
 
     def check_structure(self, pm) -> None:
         """Raise on every rank unless all ranks hold the same phase, dendrites and tensor shapes."""

@@ -212,6 +212,32 @@ def _worker(scenario, rank, nprocs, port, out_dir):
             attempt("save_on_rank_0", lambda: world.save(pm, os.path.join(out_dir, "c.safetensors")))
             with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
                 json.dump(said, f)
+    elif scenario == "loss_by_rank":  # rank 0's loss reads a head that rank 1's leaves out
+        torch.manual_seed(0)
+
+        class TwoHeads(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body, self.a, self.b = nn.Linear(6, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+
+            def forward(self, x):
+                h = torch.relu(self.body(x))
+                return {"logits": self.a(h), "b": self.b(h)}
+
+        def loss_fn(out, y):
+            loss = nn.functional.cross_entropy(out["logits"], y)
+            return loss + nn.functional.cross_entropy(out["b"], y) if rank == 0 else loss
+
+        pm = pbp_fx.perforate(TwoHeads().double(), _inputs())
+        ctl = PhaseController(pm, neuron_epochs=1, max_dendrite_epochs=2, max_dendrites=1, pool=2, distributed=world)
+        try:
+            pbp_fx.fit(pm, world.loader(_data(96, 0), GLOBAL_BATCH), world.loader(_data(48, 1), 16, train=False),
+                       loss_fn, controller=ctl, epochs=3, progress=False, distributed=world)
+            said = "ok"
+        except Exception as exc:  # noqa: BLE001
+            said = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(said, f)
     elif scenario == "nanval":  # every rank's validation score is NaN in epoch 3, after a best
         pm, calls = pbp_fx.perforate(_build(), _inputs()), [0]
 
@@ -496,6 +522,18 @@ def test_mistakes_of_a_distributed_run_are_said_in_one_line_on_every_rank(tmp_pa
                                                 "which did not come"), said[0]
     assert said[0]["save_on_rank_0"].endswith("call world.save on every rank (rank 0 writes, the others wait for "
                                               "the file), not under `if world.is_main`"), said[0]
+
+
+def test_a_site_the_loss_reaches_on_some_ranks_only_is_refused_not_mixed(tmp_path):
+    """Rank 0's loss read a head whose output rank 1's left out: in the dendrite phase the ranks summed two
+    sites' statistics at once (mixed, silently, where the two had the same size) or waited for the
+    timeout and blamed a rank that had not exited (the distributed review)."""
+    results = _launch("loss_by_rank", tmp_path, timeout=90)
+    assert all(rc == 0 for rc, _ in results), [err[-2000:] for _, err in results]
+    for r in range(2):
+        said = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert said.startswith(f"DistributedError: rank {r} summed the candidates' statistics of site "), said
+        assert said.endswith("give every rank's loss the same outputs (0 * out.sum() for one it leaves out)"), said
 
 
 def test_the_controllers_construction_warnings_are_said_by_rank_0_only(tmp_path):
