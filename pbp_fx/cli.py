@@ -270,6 +270,15 @@ def _before_exit() -> None:
     gc.freeze()
 
 
+def _says_its_stop() -> bool:
+    """Whether this process says it was stopped: one process, rank 0, or any rank of `--nproc` (its line goes
+    to the launcher, which says a rank's bare stop only where it came to that rank alone: errors.rank_errors);
+    under a torchrun of one's own, rank 0 alone (N ranks said it N times)."""
+    from .errors import RANK_ERRORS
+
+    return os.environ.get("RANK", "0") == "0" or bool(os.environ.get(RANK_ERRORS))
+
+
 def _stopped(stop: type, detail: str = "", said: bool = True) -> int:
     """The exit status of a command stopped by Ctrl-C (KeyboardInterrupt) or SIGTERM (Terminated),
     and its line, "interrupted" or "terminated" and `detail`, when `said`."""
@@ -299,12 +308,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             traceback.print_exc()
         _error(exited(exc))
         return EXIT_ERROR
-    except KeyboardInterrupt as exc:  # (one line for a --nproc run: rank 0's)
-        return _stopped(type(exc), f" {exc}" if str(exc) else "", said=os.environ.get("RANK", "0") == "0")
+    except KeyboardInterrupt as exc:  # (one line for a --nproc run: rank 0's, or a rank's stopped alone)
+        return _stopped(type(exc), f" {exc}" if str(exc) else "", said=_says_its_stop())
     except Exception as exc:  # noqa: BLE001 - a bug in pbp-fx or torch: still one line by default
         stopped = stop_received()
         if stopped is not None and not args.debug:  # (its consequence: an interrupted import failing again)
-            return _stopped(stopped, said=os.environ.get("RANK", "0") == "0")
+            return _stopped(stopped, said=_says_its_stop())
         if args.debug:
             raise
         _error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")

@@ -58,7 +58,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from .errors import PBError, Terminated, TrainingError, warn_at_user
+from .errors import LOST_CONTACT, PBError, Terminated, TrainingError, warn_at_user
 
 __all__ = ["Distributed", "DistributedError", "StatsReducer", "ShardSampler", "launch", "stop_with_launcher",
            "local_env", "torchrun_world_size", "last_batch_is_lone"]
@@ -464,7 +464,7 @@ class Distributed:
             return DistributedError(f"rank {self.rank} stopped: rank {r} failed with {msg}")
         if comm and _looks_like_comm(exc):
             return DistributedError(
-                f"rank {self.rank} lost contact with the other ranks ({_first_line(exc)}): another rank exited "
+                f"rank {self.rank} {LOST_CONTACT} ({_first_line(exc)}): another rank exited "
                 f"or did not answer within the {self.timeout:g} s timeout")
         self.record_failure(exc)
         return exc

@@ -96,6 +96,10 @@ def warn_at_user(message: str, category: type = PBWarning) -> None:
 RANK_ERRORS = "PBP_FX_RANK_ERRORS"
 
 
+# What a rank says when a collective broke because another rank is gone (distributed.Distributed.explain).
+LOST_CONTACT = "lost contact with the other ranks"
+
+
 def keep_rank_error(line: str) -> bool:
     """In a rank that `launch` started: leave `line` for the launcher to print (the same error on
     every rank then prints once) and return True; elsewhere False (the caller prints it)."""
@@ -140,6 +144,31 @@ def rank_errors(folder: str, nproc: int) -> list[str]:
             who = "every rank" if len(ranks) == nproc > 1 else ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(
                 map(str, ranks))
             out.append(f"{head}{who}: {text}")
+    # A rank stopped alone (a SIGTERM to its process): the others only lost contact with it, and its stop
+    # (with where the run stands) is the one thing to say, naming it.
+    stops = [r for r in range(nproc) if _said_only_a_stop(folder, r)]
+    lost = [line for line in out if LOST_CONTACT in line]
+    if stops and lost and all(line in lost or _is_stop(line) for line in out):
+        line = next(line for line in out if _is_stop(line))
+        head, _, what = line.partition("error: ")
+        who = ("rank " if len(stops) == 1 else "ranks ") + ", ".join(map(str, stops))
+        return [f"{head}error: {who} alone {'was' if len(stops) == 1 else 'were'} {what}"]
     # A bare "terminated" is a rank that torchrun stopped because another failed: that one's line says why.
     bare = [line for line in out if line.rstrip().endswith(("error: terminated", "error: interrupted"))]
     return [line for line in out if line not in bare] if len(bare) < len(out) else out
+
+
+def _is_stop(line: str) -> bool:
+    """A line that says its process was stopped ("terminated" or "interrupted", maybe with where the run stands)."""
+    return line.partition("error: ")[2].startswith(("terminated", "interrupted"))
+
+
+def _said_only_a_stop(folder: str, rank: int) -> bool:
+    import os
+
+    try:
+        with open(os.path.join(folder, f"rank{rank}"), encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return False
+    return bool(lines) and all(_is_stop(line) for line in lines)

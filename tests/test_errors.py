@@ -120,3 +120,18 @@ def test_the_launcher_leaves_out_a_rank_that_was_only_stopped_for_another(tmp_pa
     assert rank_errors(str(tmp_path), 2) == ["pbp-fx: error: rank 1: the first training samples fail (ValueError)"]
     (tmp_path / "rank1").write_text("pbp-fx: error: terminated\n")  # (both stopped: one line says so)
     assert rank_errors(str(tmp_path), 2) == ["pbp-fx: error: terminated"]
+
+
+def test_a_rank_stopped_alone_is_named_where_the_others_only_lost_contact(tmp_path):
+    """A SIGTERM to rank 1's process: its bare 'terminated' was left out as a consequence, and the one line said
+    rank 0 lost contact, naming neither rank 1 nor the stop (the distributed review)."""
+    from pbp_fx.errors import rank_errors
+
+    (tmp_path / "rank0").write_text("pbp-fx: error: rank 0 lost contact with the other ranks (Connection closed by "
+                                    "peer): another rank exited or did not answer within the 300 s timeout\n")
+    (tmp_path / "rank1").write_text("pbp-fx: error: terminated after epoch 4; the run so far resumes with pbp-fx train "
+                                    "--resume out --nproc 2\n")
+    assert rank_errors(str(tmp_path), 2) == ["pbp-fx: error: rank 1 alone was terminated after epoch 4; the run so far "
+                                             "resumes with pbp-fx train --resume out --nproc 2"]
+    (tmp_path / "rank1").write_text("pbp-fx: error: terminated\n")
+    assert rank_errors(str(tmp_path), 2) == ["pbp-fx: error: rank 1 alone was terminated"]
