@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import itertools
 import math
 import os
 import time
@@ -653,7 +654,10 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
     phase = phase or getattr(pm, "phase", "")
     total, count = 0.0, 0
     recast = _autocast_keeps_casts()  # (an autocast region around the epoch: decided once)
-    for batch in batches(loader, "training"):
+    made = batches(loader, "training")
+    if distributed is not None and _length(loader) is None:
+        made = _batches_agreed(made, distributed)
+    for batch in made:
         if device is not None:
             batch = _to(batch, device)
         inputs, target = split_batch(batch)
@@ -674,6 +678,22 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
     if count == 0:
         raise TrainingError("the training loader produced no batch: give the training dataset at least one sample")
     return total / count
+
+
+def _batches_agreed(made, distributed):
+    """A loader without len() under `distributed`: before each batch the ranks check that every one has it
+    (else the one with more would wait in a gradient all-reduce the others never join, then fail in gloo's
+    C++ with "Received data size doesn't match" or hang); a rank short of batches raises on every rank."""
+    sentinel = object()
+    for taken in itertools.count():
+        batch = next(made, sentinel)
+        distributed.check_same("whether a training batch is left", int(batch is not sentinel),
+                               fix=f"the training loader has no len(), and some ranks ran out after {taken} batches "
+                                   "while others had more: give every rank as many batches (shard the data with "
+                                   "Distributed.loader, or have the IterableDataset give each rank the same number)")
+        if batch is sentinel:
+            return
+        yield batch
 
 
 def _non_finite_loss(loss: torch.Tensor, inputs, target, phase: str) -> NonFiniteError:

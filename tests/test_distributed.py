@@ -206,6 +206,16 @@ def _worker(scenario, rank, nprocs, port, out_dir):
                 ctl.step(pbp_fx.evaluate(pm, val, distributed=world))
 
         attempt("stale_wrapper", stale_wrapper)
+
+        # a training loader without len() that gives rank 0 one batch more than rank 1
+        class Uneven(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                x, y = _data(12 * (6 - rank), 0).tensors
+                return iter(zip(x, y))
+
+        attempt("uneven_iterable", lambda: pbp_fx.fit(pbp_fx.perforate(_build(), _inputs()),
+                                                       DataLoader(Uneven(), batch_size=12), val, epochs=1,
+                                                       progress=False, distributed=world))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:  # (before the last: it ends the group)
             json.dump(said, f)
         if world.is_main:  # world.save on rank 0 only
@@ -503,7 +513,8 @@ def test_mistakes_of_a_distributed_run_are_said_in_one_line_on_every_rank(tmp_pa
     """Before: fit without distributed= let the ranks drift apart from the first dendrite phase, silently;
     rank-dependent settings took other decisions (gloo's collective mismatch, or a hang) or trained other
     candidates under one statistic, silently; a loop that bound ctl.model once trained without synchronising
-    after the first restructure, silently; a validation set smaller than the ranks read "the validation
+    after the first restructure, silently; a loader without len() giving the ranks different numbers of
+    batches died in gloo's C++; a validation set smaller than the ranks read "the validation
     loader is empty" on rank 1; world.save under `if world.is_main` raised gloo's timeout."""
     results = _launch("misuse", tmp_path, timeout=90)
     assert all(rc == 0 for rc, _ in results), [err[-2000:] for _, err in results]
@@ -515,6 +526,11 @@ def test_mistakes_of_a_distributed_run_are_said_in_one_line_on_every_rank(tmp_pa
                             r"PBConfig\): \[\d+, \d+\] \(rank 0 first\); give every rank's PhaseController \(or "
                             r"fit\) the same config and keywords", rank["settings"]), rank
         assert rank["one_validation_sample"] == "ok", rank
+        assert rank["uneven_iterable"] == ("DistributedError: the ranks differ in whether a training batch is left: "
+                                           "[1, 0] (rank 0 first); the training loader has no len(), and some ranks ran "
+                                           "out after 5 batches while others had more: give every rank as many batches "
+                                           "(shard the data with Distributed.loader, or have the IterableDataset give "
+                                           "each rank the same number)"), rank
         assert rank["stale_wrapper"] == ("DistributedError: a training forward through a DDP wrapper that a "
                                          "restructure replaced (the model's trainable parameters changed): read "
                                          "ctl.model after every ctl.step(), not once before the loop"), rank
