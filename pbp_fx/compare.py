@@ -1129,6 +1129,13 @@ def _read_summary(folder: str, summary_path: str, state: dict) -> dict:
                                "the score is not finite; restore it, or train the run again")
     return summary
 
+def _continues_from_kept(exc: KeyboardInterrupt, kept, runs: int) -> KeyboardInterrupt:
+    """A stop (Ctrl-C, SIGTERM) with runs kept: the same kind, saying that the same command continues from them."""
+    if kept.path is None or not kept.entries:
+        return exc
+    return type(exc)(f"after {len(kept.entries)} of {runs} runs: the same command continues from them ({kept.path})")
+
+
 def _refuse_changed_run(folder: str, identity: Optional[dict], model_file: Optional[str]) -> None:
     """Before any work: a --pb-run resumed on another model file or data (its epochs are of two
     runs), or whose model file is not the one given or found now (a run of another model)."""
@@ -1240,10 +1247,7 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
                 rows += _run_all(model_file, matched, config, training, include, exclude, latency, jobs, echo, score,
                                  kept, told)
     except KeyboardInterrupt as exc:  # (Ctrl-C or SIGTERM)
-        if kept.path is None or not kept.entries:
-            raise
-        raise type(exc)(f"after {len(kept.entries)} of {len(seed_list) * len(arms)} runs: the same command "
-                                f"continues from them ({kept.path})") from None
+        raise _continues_from_kept(exc, kept, len(seed_list) * len(arms)) from None
     except CompareError as exc:  # an arm's run failed: the finished ones are kept
         if kept.path is None or not kept.entries:
             raise
@@ -1254,40 +1258,47 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
         kept.close()  # (kept, they would end the same command here again)
         raise CompareError(f"no run finished: {first['arm']} at seed {first['seed']}: {first['skipped']}, and every "
                            f"other run too: try a lower --lr (now {training.lr:g}) or check the data and model file")
-    summary = summarize(rows, score)
-    pairs = paired(rows, score=score)
-    text = verdict(summary, pairs, score, majority)
-    name = model_file or DEFAULT_MODEL
-    header = (f"`{os.path.basename(name)}` at width {shown}: test {score.metric}{' (%)' if score.unit else ''} "
-              f"at best validation{'' if config.maximize else ' (lower is better)'}, mean ± sd over "
-              f"{seeds} seed(s){'; Δ = arm − pb per seed' if 'pb' in arms or given else ' (no pb arm: no Δ)'}. Budget: epochs ≤ {training.epochs}, patience "
-              f"{config.patience}{'' if config.neuron_epochs is None else f', neuron phases ≤ {config.neuron_epochs} epochs'}"
-              f", max_dendrites {config.max_dendrites}, retries {config.retries}, dendrite phase ≤ "
-              f"{config.max_dendrite_epochs} epochs (patience {config.dendrite_patience}), Adam lr {training.lr}, "
-              f"batch {training.batch_size}.")
-    result = {"model": name, "width": width, "built_width": built, "seeds": seed_list, "arms": arms, "metric": score.metric,
-              "score_scale": score.scale, "config": config.to_dict(),
-              "training": training.to_dict(), "include": include, "exclude": exclude, "runs": rows, "summary": summary,
-              "paired": pairs, "majority_class": None if majority is None else {"class": majority[0],
-                                                                               "share": majority[1]},
-              "verdict": text, "seconds": time.perf_counter() - t0}
-    md = markdown(summary, pairs, text, header, score)
-    echo("")
-    echo(md)
-    if out is not None:
-        os.makedirs(out, exist_ok=True)
-        # The report's files belong together: a stop (Ctrl-C, SIGTERM) waits until all are written and the
-        # kept runs are dropped, so a folder never holds a new compare.json beside the last one's plot.
-        with stops_held():
-            for fname, body in (("compare.md", md), ("compare.json", json.dumps(result, indent=1) + "\n")):
-                def write(tmp, body=body):
-                    with open(tmp, "w") as f:
-                        f.write(body)
-                atomic_write(os.path.join(out, fname), write, CompareError, fname)
-            png = os.path.join(out, "compare.png")
-            plotted = plot(summary, png, title=f"{os.path.basename(name)} (width {built:.4g})", score=score)
-            if not plotted and os.path.exists(png):  # (an earlier comparison's)
-                os.remove(png)
-            kept.close()
-        echo(f"wrote {out}/compare.md, {out}/compare.json" + (f", {out}/compare.png" if plotted else ""))
+    try:
+        summary = summarize(rows, score)
+        pairs = paired(rows, score=score)
+        text = verdict(summary, pairs, score, majority)
+        name = model_file or DEFAULT_MODEL
+        header = (f"`{os.path.basename(name)}` at width {shown}: test {score.metric}{' (%)' if score.unit else ''} "
+                  f"at best validation{'' if config.maximize else ' (lower is better)'}, mean ± sd over "
+                  f"{seeds} seed(s){'; Δ = arm − pb per seed' if 'pb' in arms or given else ' (no pb arm: no Δ)'}. Budget: epochs ≤ {training.epochs}, patience "
+                  f"{config.patience}{'' if config.neuron_epochs is None else f', neuron phases ≤ {config.neuron_epochs} epochs'}"
+                  f", max_dendrites {config.max_dendrites}, retries {config.retries}, dendrite phase ≤ "
+                  f"{config.max_dendrite_epochs} epochs (patience {config.dendrite_patience}), Adam lr {training.lr}, "
+                  f"batch {training.batch_size}.")
+        result = {"model": name, "width": width, "built_width": built, "seeds": seed_list, "arms": arms, "metric": score.metric,
+                  "score_scale": score.scale, "config": config.to_dict(),
+                  "training": training.to_dict(), "include": include, "exclude": exclude, "runs": rows, "summary": summary,
+                  "paired": pairs, "majority_class": None if majority is None else {"class": majority[0],
+                                                                                   "share": majority[1]},
+                  "verdict": text, "seconds": time.perf_counter() - t0}
+        md = markdown(summary, pairs, text, header, score)
+        echo("")
+        echo(md)
+        if out is not None:
+            os.makedirs(out, exist_ok=True)
+            # The report's files belong together: a stop (Ctrl-C, SIGTERM) waits until all are written and the
+            # kept runs are dropped, so a folder never holds a new compare.json beside the last one's plot; the
+            # report is then whole, and the command ends as done
+            with stops_held(deliver=False) as held:
+                for fname, body in (("compare.md", md), ("compare.json", json.dumps(result, indent=1) + "\n")):
+                    def write(tmp, body=body):
+                        with open(tmp, "w") as f:
+                            f.write(body)
+                    atomic_write(os.path.join(out, fname), write, CompareError, fname)
+                png = os.path.join(out, "compare.png")
+                plotted = plot(summary, png, title=f"{os.path.basename(name)} (width {built:.4g})", score=score)
+                if not plotted and os.path.exists(png):  # (an earlier comparison's)
+                    os.remove(png)
+                kept.close()
+            echo(f"wrote {out}/compare.md, {out}/compare.json" + (f", {out}/compare.png" if plotted else ""))
+            if held:
+                echo("note: a stop (Ctrl-C or SIGTERM) came while the report was written: it waited, and the report "
+                     "is whole")
+    except KeyboardInterrupt as exc:  # (before the report's files: the kept runs are there to continue from)
+        raise _continues_from_kept(exc, kept, len(seed_list) * len(arms)) from None
     return result

@@ -21,6 +21,7 @@ import os
 import platform
 import shlex
 import subprocess
+import sys
 import tempfile
 from typing import Optional, Sequence
 
@@ -55,6 +56,12 @@ def _build(compiler: list[str], target: str) -> None:
     try:
         subprocess.run([*compiler, *FLAGS, "-o", tmp, SOURCE, "-lm"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+        # Loaded once in a child first: a library that cannot load here (CC with -fsanitize=address) ended
+        # the process that loaded it, mid-run.
+        loads = subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({tmp!r})"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        if loads.returncode:
+            raise OSError(f"the library built with {' '.join(compiler)} does not load (exit {loads.returncode})")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -66,8 +73,9 @@ def kernel() -> Optional[ctypes.CDLL]:
     """The loaded library, or None where it is off or cannot be built (said once, at info level)."""
     if os.environ.get("PBP_FX_NATIVE", "1") == "0":
         return None
-    compiler = shlex.split(os.environ.get("CC") or "cc")  # (CC="ccache cc" is a command with its arguments)
     try:
+        # (CC="ccache cc" is a command with its arguments; a blank one is no choice)
+        compiler = shlex.split((os.environ.get("CC") or "").strip() or "cc")
         with open(SOURCE, "rb") as f:
             source = f.read()
         # Which compiler, not only its name: another one on PATH, or an upgrade, builds anew.

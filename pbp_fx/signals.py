@@ -56,23 +56,25 @@ class Interrupts:
 
 
 @contextmanager
-def stops_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held back for the block, then delivered to the handlers they had (raised after it),
-    on the main thread: work that must end whole or not start (a report's files written together) is not
-    cut in the middle. Held in Python, not by blocking the signal: a process-directed signal goes to any
-    thread that does not block it (pytest-xdist's, a DataLoader's), whose handler call still runs here."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def stops_held(deliver: bool = True) -> Iterator[list]:
+    """Ctrl-C and SIGTERM held back for the block, on the main thread: work that must end whole or not start
+    (a report's files written together) is not cut in the middle. Yields the list of the signals held. After
+    the block the first is delivered to the handler it had (raised after it), or, with deliver=False, dropped:
+    the work it would have stopped is done. Held in Python, not by blocking the signal: a process-directed
+    signal goes to any thread that does not block it (pytest-xdist's, a DataLoader's), whose handler call
+    still runs here. A handler not installed from Python (None) is left as it is."""
     pending: list[int] = []
-    stops = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
     previous = {s: signal.signal(s, lambda signum, _frame: pending.append(signum)) for s in stops}
     try:
-        yield
+        yield pending
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if pending:
+        if pending and deliver:
             handler = previous[pending[0]]
             if callable(handler):
                 handler(pending[0], None)

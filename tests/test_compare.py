@@ -236,9 +236,11 @@ def test_pb_run_is_compared_with_its_controls(tiny, tmp_path):
         compare(pb_run=str(run), latency=False, echo=lambda _s: None)
 
 
-def test_a_stop_during_the_reports_writes_comes_after_them(tiny, tmp_path, monkeypatch):
+def test_a_stop_during_the_reports_writes_waits_for_them(tiny, tmp_path, monkeypatch):
     """A SIGTERM between the report's files left the new compare.json beside no plot or the last comparison's,
-    and compare.partial.json with them (the compare review); a report without a plot left the last one's."""
+    and compare.partial.json with them (the compare review); a report without a plot left the last one's. A stop
+    that waited for the whole report ends the command as done: it said "interrupted" with no run left to
+    continue from (the second diff review)."""
     import signal
 
     compare_module = importlib.import_module("pbp_fx.compare")  # (pbp_fx.compare is also the function)
@@ -257,10 +259,28 @@ def test_a_stop_during_the_reports_writes_comes_after_them(tiny, tmp_path, monke
 
     monkeypatch.setattr(compare_module, "atomic_write", write_then_stop)
     monkeypatch.setattr(compare_module, "plot", lambda *args, **kwargs: False)  # (no matplotlib)
-    with pytest.raises(KeyboardInterrupt):
-        compare(tiny, seeds=1, arms=["plain"], out=str(out), latency=False, echo=lambda _s: None, **BUDGET)
+    said = []
+    compare(tiny, seeds=1, arms=["plain"], out=str(out), latency=False, echo=said.append, **BUDGET)
     assert written[-2:] == ["compare.md", "compare.json"]
     assert sorted(os.listdir(out)) == ["compare.json", "compare.md"]
+    assert said[-1] == "note: a stop (Ctrl-C or SIGTERM) came while the report was written: it waited, and the " \
+                       "report is whole"
+
+
+def test_a_stop_after_the_last_run_names_the_runs_to_continue_from(tiny, tmp_path, monkeypatch):
+    """A stop while the report was being made (after the last run, before its files) said only "interrupted",
+    though the kept runs were there to continue from (the second diff review)."""
+    compare_module = importlib.import_module("pbp_fx.compare")  # (pbp_fx.compare is also the function)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_module, "summarize", stopped)
+    out = tmp_path / "cmp"
+    with pytest.raises(KeyboardInterrupt, match=r"after 1 of 1 runs: the same command continues from them \(.*"
+                                                r"compare.partial.json\)"):
+        compare(tiny, seeds=1, arms=["plain"], out=str(out), latency=False, echo=lambda _s: None, **BUDGET)
+    assert (out / "compare.partial.json").exists()
 
 
 def test_a_pb_run_stopped_at_a_non_finite_score_is_no_finished_run(tmp_path, capsys):
