@@ -507,9 +507,9 @@ class PhaseDDP(nn.parallel.DistributedDataParallel):
     def forward(self, *inputs, **kwargs):
         if self.released and torch.is_grad_enabled():
             # Its hooks are gone: it would train without synchronising the gradients, and the ranks drift apart.
-            raise DistributedError("a training forward through a DDP wrapper that a restructure replaced (the "
-                                   "model's trainable parameters changed): read ctl.model after every ctl.step(), "
-                                   "not once before the loop")
+            raise DistributedError("a training forward through a DDP wrapper that is no longer current (a restructure "
+                                   "replaced it as the model's trainable parameters changed, or world.close() ended "
+                                   "it): read ctl.model after every ctl.step(), not once before the loop")
         if self.require_backward_grad_sync and torch.is_grad_enabled():
             self.synchronised_once = True
         return super().forward(*inputs, **kwargs)

@@ -531,9 +531,10 @@ def test_mistakes_of_a_distributed_run_are_said_in_one_line_on_every_rank(tmp_pa
                                            "out after 5 batches while others had more: give every rank as many batches "
                                            "(shard the data with Distributed.loader, or have the IterableDataset give "
                                            "each rank the same number)"), rank
-        assert rank["stale_wrapper"] == ("DistributedError: a training forward through a DDP wrapper that a "
-                                         "restructure replaced (the model's trainable parameters changed): read "
-                                         "ctl.model after every ctl.step(), not once before the loop"), rank
+        assert rank["stale_wrapper"] == ("DistributedError: a training forward through a DDP wrapper that is no "
+                                         "longer current (a restructure replaced it as the model's trainable "
+                                         "parameters changed, or world.close() ended it): read ctl.model after every "
+                                         "ctl.step(), not once before the loop"), rank
     assert said[0]["save_on_rank_0"].startswith("DistributedError: rank 0 waited at world.save for the other ranks, "
                                                 "which did not come"), said[0]
     assert said[0]["save_on_rank_0"].endswith("call world.save on every rank (rank 0 writes, the others wait for "
