@@ -124,12 +124,15 @@ def rank_errors(folder: str, nproc: int) -> list[str]:
     import re
 
     said: dict[tuple, list] = {}  # (line head, text) -> the ranks that said it
+    stops = []  # the ranks that said only that they were stopped
     for rank in range(nproc):
         try:
             with open(os.path.join(folder, f"rank{rank}"), encoding="utf-8") as f:
                 lines = [line.rstrip("\n") for line in f if line.strip()]
         except OSError:
             continue
+        if lines and all(_is_stop(line) for line in lines):
+            stops.append(rank)
         for line in lines:
             named = re.match(r"(.*?)rank (\d+): (.*)", line)
             key = (named.group(1), named.group(3)) if named else (line, None)
@@ -146,7 +149,6 @@ def rank_errors(folder: str, nproc: int) -> list[str]:
             out.append(f"{head}{who}: {text}")
     # A rank stopped alone (a SIGTERM to its process): the others only lost contact with it, and its stop
     # (with where the run stands) is the one thing to say, naming it.
-    stops = [r for r in range(nproc) if _said_only_a_stop(folder, r)]
     lost = [line for line in out if LOST_CONTACT in line]
     if stops and lost and all(line in lost or _is_stop(line) for line in out):
         line = next(line for line in out if _is_stop(line))
@@ -161,14 +163,3 @@ def rank_errors(folder: str, nproc: int) -> list[str]:
 def _is_stop(line: str) -> bool:
     """A line that says its process was stopped ("terminated" or "interrupted", maybe with where the run stands)."""
     return line.partition("error: ")[2].startswith(("terminated", "interrupted"))
-
-
-def _said_only_a_stop(folder: str, rank: int) -> bool:
-    import os
-
-    try:
-        with open(os.path.join(folder, f"rank{rank}"), encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except OSError:
-        return False
-    return bool(lines) and all(_is_stop(line) for line in lines)
