@@ -230,9 +230,7 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
                 if split and reducer is None and new is True else None)
         if done is not None:
             counted, g = done
-            if counted:
-                return g
-            return torch.zeros_like(c) if scale is None else torch.full_like(c, math.nan)
+            return g if counted else _uncounted_gradient(c, scale)
         cov, e = batch_covariance(c, d if scale is None else d / scale, axis, stats[0].shape[1], reducer)
         if left_out != 1.0:
             cov.mul_(left_out)
@@ -241,13 +239,19 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
         # NaN, and an optimizer without a GradScaler (which skips such a step itself: it needs the NaN)
         # would take it into the candidates' weights and moments for good.
         if sign is None:
-            return torch.zeros_like(c) if scale is None else torch.full_like(c, math.nan)
+            return _uncounted_gradient(c, scale)
         # dC/dc = share * left_out * e; GradScaler's scale kept
         k = sign.mul_(-((1.0 if scale is None else scale) * (p if split else 1) * left_out))
         g = e * per_position(k, e, axis)
         if scale is None and cov.device.type != "cpu":  # (decided on the device: a mask, no host sync)
             g.masked_fill_(~torch.isfinite(cov).all(), 0.0)
     return g if g.dtype == c.dtype else g.to(c.dtype)
+
+
+def _uncounted_gradient(c: Tensor, scale: Optional[float]) -> Tensor:
+    """The candidates' gradient for a batch not counted (a non-finite covariance): zero, or NaN under a
+    GradScaler, which then skips the step itself."""
+    return torch.zeros_like(c) if scale is None else torch.full_like(c, math.nan)
 
 
 def _warn_second_backward() -> None:
