@@ -11,8 +11,9 @@ interleaved rounds, so machine noise hits them alike; a step ratio is the median
 of (the configuration's step / the plain step of the same round), printed with the 25-75 %
 range of those per-round ratios. "ok" is "yes" when even the 75th percentile meets the target,
 "NO" when even the 25th misses it, else "edge" (which side the median falls on is noise). FLOPs (forward + backward)
-come from FlopCounterMode. On the CPU, the split pools also run with pbp_fx.native off (", torch-op statistics":
-the covariance tap's torch ops, which its native kernel replaces), for the before/after side by side. A second
+come from FlopCounterMode. On the CPU, the split pools also run with pbp_fx.native off (", torch ops": the
+covariance tap's backward and the candidates' norm and sigmoid as torch ops, which its kernels replace), for the
+before/after side by side. A second
 table splits each step into forward, backward and optimizer
 step (medians of their own interleaved rounds). Peak memory of one step: the rise of the resident set over its
 level before the step (/proc VmHWM after clearing it; a child process with malloc returning
@@ -94,14 +95,14 @@ OPTIMIZERS = {"adam": lambda params: torch.optim.Adam(params, lr=1e-3),
               "fused": lambda params: pbp_fx.default_optimizer(params, lr=1e-3)}
 
 
-# Configurations whose candidates' statistics run as torch ops (pbp_fx.native off): what the native
-# covariance kernel replaces, timed beside it.
-TORCH_OPS = ", torch-op statistics"
+# Configurations whose candidates run as torch ops (pbp_fx.native off): what the native kernels replace,
+# timed beside them.
+TORCH_OPS = ", torch ops"
 
 
 @contextlib.contextmanager
 def native_off(off: bool = True):
-    """pbp_fx.native's kernel off inside (the covariance tap runs its torch ops)."""
+    """pbp_fx.native's kernels off inside (the candidates run as torch ops)."""
     kernel = native.kernel
     if off:
         native.kernel = lambda: None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from . import native
 from .config import ConfigError
 
 __all__ = ["WEIGHT_HOOKS", "has_user_hooks", "LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply",
@@ -386,36 +387,57 @@ class LayerCopies(nn.Module):
                 else:
                     self.bias.zero_()
 
-    def forward(self, x: Tensor, split: bool = False) -> Tensor:
-        """Every copy on the whole batch, or with split=True each on its own 1/M (split_apply)."""
-        if split and runs_as_columns(self.layer):
-            z, spatial = split_columns(self.layer, x, self.weight, self.bias)  # [M, C, N]
-            if self.norm is not None:  # each (copy, channel) over its contiguous positions
-                z = self._normed(z.view(1, -1, z.shape[-1])).view(z.shape)
-            return columns_to_stacked(z, spatial)
-        z = (split_apply if split else stacked_apply)(self.layer, x, self.weight, self.bias)
-        if self.norm is None:
-            return z
-        flat = z.flatten(1, 2) if self.layer.axis == 1 else z.flatten(-2, -1)
-        out = self._normed(flat)
-        m, c = self.weight.shape[:2]
-        return out.unflatten(1, (m, c)) if self.layer.axis == 1 else out.unflatten(-1, (m, c))
+    def forward(self, x: Tensor, split: bool = False, extra: Optional[Tensor] = None,
+                activation: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+        """Every copy on the whole batch, or with split=True each on its own 1/M (split_apply), in the
+        stacked layout; then `extra` (that layout) added after the norm and `activation` applied.
+
+        A sigmoid after a norm in training form runs with the norm as native calls where they apply
+        (`native.norm_sigmoid`: float32 on the CPU)."""
+        columns = split and runs_as_columns(self.layer)
+        if columns:
+            flat, spatial = split_columns(self.layer, x, self.weight, self.bias)  # [M, C, N]
+            z = columns_to_stacked(flat, spatial)
+        else:
+            z = (split_apply if split else stacked_apply)(self.layer, x, self.weight, self.bias)
+        if self.norm is not None and self.training and activation is torch.sigmoid:
+            out = native.norm_sigmoid(z, extra, self.norm_weight, self.norm_bias, self.running_mean,
+                                      self.running_var, self._momentum(counted=1), self.norm.eps,
+                                      copy_dim(self.layer.axis))
+            if out is not None:
+                self.num_batches_tracked.add_(1)
+                return out
+        if self.norm is not None and columns:  # each (copy, channel) over its contiguous positions
+            z = columns_to_stacked(self._normed(flat.view(1, -1, flat.shape[-1])).view(flat.shape), spatial)
+        elif self.norm is not None:
+            m, c = self.weight.shape[:2]
+            if self.layer.axis == 1:
+                z = self._normed(z.flatten(1, 2)).unflatten(1, (m, c))
+            else:
+                z = self._normed(z.flatten(-2, -1)).unflatten(-1, (m, c))
+        if extra is not None:
+            z = z + extra
+        return z if activation is None else activation(z)
+
+    def _momentum(self, counted: int = 0) -> float:
+        """The norm's running-statistics momentum for a training batch, once `counted` more batches are
+        tracked (nn.BatchNorm's bookkeeping: momentum None means a cumulative average)."""
+        if self.norm.momentum is not None:
+            return self.norm.momentum
+        return 1.0 / float(int(self.num_batches_tracked) + counted)
 
     def _normed(self, flat: Tensor) -> Tensor:
         """The copies' BatchNorm on an input whose channel dim holds (copy, channel) rows."""
         m, c = self.weight.shape[:2]
-        training = self.training
-        momentum = self.norm.momentum
-        if training:
-            # nn.BatchNorm's bookkeeping: momentum None means a cumulative average.
+        momentum = 0.0
+        if self.training:
             self.num_batches_tracked.add_(1)
-            if momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
+            momentum = self._momentum()
         return F.batch_norm(
             flat, self.running_mean.view(m * c), self.running_var.view(m * c),
             None if self.norm_weight is None else self.norm_weight.reshape(m * c),
             None if self.norm_bias is None else self.norm_bias.reshape(m * c),
-            training, momentum if momentum is not None else 0.0, self.norm.eps)
+            self.training, momentum, self.norm.eps)
 
     def folded(self) -> tuple[Tensor, Optional[Tensor]]:
         """Eval-form weights [M, C, ...] and bias [M, C] with the norm folded in."""

@@ -173,14 +173,15 @@ class CandidatePool(nn.Module):
             self.positions_strided = n > 1 and (axis == 1 or x.dim() > 2)
         if axis == -1:  # a Linear's positions are its input's (a conv's: its strided form's outputs)
             x = every_nth_position(x, n, axis)
-        pre = self.copies(x, split=split)
+        extra = None  # the cascade from the installed dendrites' activations
         for j, s in enumerate(acts):
             s = every_nth_position(s, n, axis)
             u = self.cascade[:, :, j]  # [P, C]
             if axis == 1:  # [P, C, 1..] against [B', P|1, C, *S]
                 u = u.reshape(*u.shape, *([1] * (s.dim() - 2)))
-            pre = pre + u * (split_members(s, p, axis) if split else s.unsqueeze(copy_dim(axis)))
-        return ACTIVATIONS[self.activation](pre)
+            term = u * (split_members(s, p, axis) if split else s.unsqueeze(copy_dim(axis)))
+            extra = term if extra is None else extra + term
+        return self.copies(x, split=split, extra=extra, activation=ACTIVATIONS[self.activation])
 
     def _warn_dealt_otherwise(self, batch: int, split: bool) -> None:
         """Warn (once a run) when this rank deals its batch to the members otherwise than one

@@ -1,13 +1,16 @@
-"""pbp_fx.native: the covariance tap's backward as one compiled call, against the torch ops it replaces."""
+"""pbp_fx.native: the candidates' compiled calls (the covariance tap's backward, their norm and sigmoid), against
+the torch ops they replace."""
 import copy
 import os
 
 import pytest
 import torch
+from torch import nn
 
+import pbp_fx
 from pbp_fx import native
 from pbp_fx.covariance_tap import STAT_NAMES, candidate_gradient
-from pbp_fx.layers import copy_dim
+from pbp_fx.layers import LayerCopies, LayerSpec, NormSpec, copy_dim
 
 needs_kernel = pytest.mark.skipif(native.kernel() is None, reason="no C compiler to build pbp_fx.native with")
 
@@ -135,11 +138,144 @@ def test_the_library_is_built_once_per_compiler_into_the_cache_folder(tmp_path, 
         assert native.kernel() is not None
         native.kernel.cache_clear()
         assert native.kernel() is not None  # (found, not built again)
-        assert len(list(tmp_path.glob("pbp_fx/covariance_kernel-*.so"))) == 1
+        assert len(list(tmp_path.glob("pbp_fx/candidate_kernels-*.so"))) == 1
         native.kernel.cache_clear()
         monkeypatch.setenv("CC", (os.environ.get("CC") or "cc") + " -g")
         assert native.kernel() is not None
-        assert len(list(tmp_path.glob("pbp_fx/covariance_kernel-*.so"))) == 2
+        assert len(list(tmp_path.glob("pbp_fx/candidate_kernels-*.so"))) == 2
         assert not list(tmp_path.glob("pbp_fx/tmp*"))
+    finally:
+        native.kernel.cache_clear()
+
+
+# -- the candidates' BatchNorm and sigmoid ---------------------------------------------------------------
+
+def _norm_cases():
+    """(name, layer, norm, input): layouts the pools make their layer outputs in: a grouped conv's
+    [b, P*C, *S], the columns path's copies-first [P, C, b * S] (a 1-D conv, a 1x1 conv), a Linear's split
+    bmm [P, b, C], a conv whose output has one position a sample (the layout's short runs)."""
+    g = torch.Generator().manual_seed(0)
+    yield "conv2d", nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), torch.randn(20, 8, 5, 5, generator=g)
+    yield "conv2d 2x2", nn.Conv2d(8, 6, 3, stride=2), nn.BatchNorm2d(6), torch.randn(20, 8, 5, 5, generator=g)
+    yield "conv1d columns", nn.Conv1d(8, 6, 5, padding=2), nn.BatchNorm1d(6), torch.randn(20, 8, 12, generator=g)
+    yield ("1x1 conv, cumulative momentum", nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6, momentum=None),
+           torch.randn(20, 8, 4, 4, generator=g))
+    yield "linear", nn.Linear(8, 6), nn.BatchNorm1d(6), torch.randn(20, 8, generator=g)
+    yield "one position, no affine", nn.Conv2d(8, 6, 3), nn.BatchNorm2d(6, affine=False), torch.randn(20, 8, 3, 3,
+                                                                                                      generator=g)
+
+
+def _copies_step(copies, x, extra, use_kernel, monkeypatch):
+    """One forward and backward of LayerCopies(split) with a sigmoid: (output, parameter grads, extra's grad,
+    the copy after the step)."""
+    copies = copy.deepcopy(copies)
+    if not use_kernel:
+        monkeypatch.setattr(native, "kernel", lambda: None)
+    try:
+        extra = None if extra is None else extra.clone().requires_grad_()
+        out = copies(x, split=True, extra=extra, activation=torch.sigmoid)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    finally:
+        monkeypatch.undo()
+    grads = {name: p.grad for name, p in copies.named_parameters()}
+    return out, grads, None if extra is None else extra.grad, copies
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_extra", [False, True])
+@pytest.mark.parametrize("case", list(_norm_cases()), ids=lambda case: case[0])
+def test_the_norm_kernel_gives_batch_norm_and_sigmoid_outputs_gradients_and_running_statistics(case, with_extra,
+                                                                                              monkeypatch):
+    name, layer, norm, x = case
+    copies = LayerCopies(LayerSpec.from_module(layer), NormSpec.from_module(norm), 4)
+    copies.reset_parameters("kaiming", generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        if copies.norm_weight is not None:  # (away from the identity: a wrong affine term shows)
+            copies.norm_weight.uniform_(0.5, 1.5)
+            copies.norm_bias.uniform_(-0.5, 0.5)
+        copies.running_mean.fill_(0.3)
+        shape = copies(x, split=True).shape
+    extra = torch.randn(shape, generator=torch.Generator().manual_seed(3)) if with_extra else None
+    got, got_grads, got_extra, got_copies = _copies_step(copies, x, extra, True, monkeypatch)
+    want, want_grads, want_extra, want_copies = _copies_step(copies, x, extra, False, monkeypatch)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert set(got_grads) == set(want_grads)
+    for key, grad in want_grads.items():
+        if key == "bias":  # (a bias before a BatchNorm has no gradient: rounding on both sides)
+            assert got_grads[key].abs().max() < 1e-5
+            continue
+        torch.testing.assert_close(got_grads[key], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=key)
+    if with_extra:
+        torch.testing.assert_close(got_extra, want_extra, rtol=1e-4, atol=1e-6)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(got_copies, key), getattr(want_copies, key), rtol=1e-5, atol=1e-7, msg=key)
+
+
+@needs_kernel
+def test_the_kernels_sigmoid_is_torchs_to_float32_rounding_over_its_whole_range():
+    """Through the cascade input: z = 0 leaves the norm's output at its bias (0), so the output is sigmoid(extra)."""
+    extra = torch.cat([torch.linspace(-100, 100, 4001), torch.tensor([0.0, 1e-8, float("inf"), -float("inf"),
+                                                                      float("nan")])])
+    extra = extra[: extra.numel() // 2 * 2].view(-1, 1, 1)
+    z = torch.zeros_like(extra)
+    out = native.norm_sigmoid(z, extra.expand(-1, 1, 1), torch.ones(1, 1), torch.zeros(1, 1), None, None, 0.1,
+                              1e-5, 1)
+    want = torch.sigmoid(extra)
+    assert out.isnan().sum() == want.isnan().sum() == 1  # (NaN stays NaN: a non-finite batch is seen as one)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+@needs_kernel
+def test_where_the_norm_kernel_does_not_apply_it_declines_and_changes_nothing():
+    mean, var = torch.zeros(2, 3), torch.ones(2, 3)
+    for z in (torch.randn(4, 2, 3, dtype=torch.float64),  # float64
+              torch.randn(4, 2, 6)[..., ::2],  # a layout with gaps
+              torch.randn(1, 2, 3)):  # one position a channel: no batch variance
+        assert native.norm_sigmoid(z, None, None, None, mean, var, 0.1, 1e-5, 1) is None
+    assert torch.equal(mean, torch.zeros(2, 3)) and torch.equal(var, torch.ones(2, 3))
+
+
+@needs_kernel
+def test_a_dendrite_phase_after_an_installed_dendrite_trains_the_same_with_the_kernels_on_or_off(monkeypatch):
+    """The cascade from the installed dendrite enters the candidates' pre-activation after their norm; its weights
+    train through the kernel's gradient too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 4))
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 4, (16,))
+    pm = pbp_fx.perforate(model, (x[:2],))
+    pm.grow()
+    pm.train()
+    pm.start_dendrite_phase(pool=4)
+    grads = []
+    for use_kernel in (True, False):
+        run = copy.deepcopy(pm)
+        if not use_kernel:
+            monkeypatch.setattr(native, "kernel", lambda: None)
+        torch.nn.functional.cross_entropy(run(x), y).backward()
+        monkeypatch.undo()
+        grads.append({n: p.grad for n, p in run.named_parameters() if p.grad is not None})
+    assert any("cascade" in n for n in grads[1])
+    assert set(grads[0]) == set(grads[1])
+    for name, want in grads[1].items():
+        if name.endswith("0.candidates.copies.bias"):  # (the conv's, before a BatchNorm: no gradient but rounding)
+            assert grads[0][name].abs().max() < 1e-6 and want.abs().max() < 1e-6
+            continue
+        torch.testing.assert_close(grads[0][name], want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
+@needs_kernel
+def test_a_compiler_that_refuses_the_machines_own_flags_builds_the_portable_library(tmp_path, monkeypatch):
+    wrapper = tmp_path / "cc-no-march"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in -march=*) echo "no -march here" >&2; exit 1;; '
+                       'esac; done\nexec cc "$@"\n')
+    wrapper.chmod(0o755)
+    native.kernel.cache_clear()
+    try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        monkeypatch.setenv("CC", str(wrapper))
+        assert native.kernel() is not None
+        assert len(list(tmp_path.glob("cache/pbp_fx/candidate_kernels-*.so"))) == 1
     finally:
         native.kernel.cache_clear()

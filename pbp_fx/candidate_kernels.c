@@ -1,0 +1,592 @@
+/* A candidate pool's own work in a dendrite-phase step, float32 on the CPU, one call each:
+ *
+ * - pbp_candidate_gradient: the covariance tap's backward for a split pool (its reference and
+ *   fallback: covariance_tap.candidate_gradient). It replaces about forty small torch ops, whose
+ *   dispatch cost (150-400 us a site and step) was a fifth of a small model's dendrite-phase step.
+ * - pbp_norm_sigmoid_forward / _backward: the candidates' BatchNorm (batch statistics) and
+ *   sigmoid, forward and backward (reference and fallback: F.batch_norm then torch.sigmoid).
+ *
+ * Loaded by pbp_fx/native.py, which compiles this file at first use.
+ *
+ * c, d and g share one dense layout: `nd` dims in memory order, sizes `sizes`, and each dim's
+ * role: 0 a position (batch, spatial, token), 1 the pool member p, 2 the channel. An element's
+ * row is p * channels + channel. d is the site error dealt to the members (split), already
+ * strided; g receives the candidates' gradient.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_DIMS 8
+
+/* The elements in runs: each run is the innermost memory dim (`inner` elements from `base`), over
+ * which the row steps by 0 (positions), 1 (channels) or `channels` (members); the outer dims are
+ * counted as an odometer. RUN(base, row0, step) handles one run. */
+#define FOR_EACH_RUN(RUN)                                                                    \
+    do {                                                                                     \
+        int64_t idx[MAX_DIMS] = {0};                                                         \
+        int64_t step = roles[nd - 1] == 0 ? 0 : (roles[nd - 1] == 2 ? 1 : channels);         \
+        int64_t p = 0, ch = 0;                                                               \
+        for (int64_t base = 0; base < total; base += inner) {                                \
+            int64_t row0 = roles[nd - 1] == 0 ? p * channels + ch                            \
+                         : (roles[nd - 1] == 2 ? p * channels : ch);                         \
+            RUN(base, row0, step);                                                           \
+            for (int k = nd - 2; k >= 0; k--) {                                              \
+                if (++idx[k] < sizes[k]) {                                                   \
+                    if (roles[k] == 1) p = idx[k]; else if (roles[k] == 2) ch = idx[k];      \
+                    break;                                                                   \
+                }                                                                            \
+                idx[k] = 0;                                                                  \
+                if (roles[k] == 1) p = 0; else if (roles[k] == 2) ch = 0;                    \
+            }                                                                                \
+        }                                                                                    \
+    } while (0)
+
+/* sum[row] += d * mul - sub[row] over one run (sub NULL: 0) */
+static inline void run_sum(const float *restrict d, int64_t len, int64_t row0, int64_t step, float mul,
+                           const float *restrict sub, double *restrict sum) {
+    if (step == 0) {
+        float m = sub ? sub[row0] : 0.0f;
+        double acc = 0.0;
+        for (int64_t j = 0; j < len; j++) acc += (double)(d[j] * mul - m);
+        sum[row0] += acc;
+    } else {
+        for (int64_t j = 0; j < len; j++) {
+            int64_t r = row0 + j * step;
+            sum[r] += (double)(d[j] * mul - (sub ? sub[r] : 0.0f));
+        }
+    }
+}
+
+/* e = (d * mul - m1) - m2 into g, cov[row] += c * e, over one run */
+static inline void run_cov(const float *restrict c, const float *restrict d, float *restrict g, int64_t len,
+                           int64_t row0, int64_t step, float mul, const float *restrict m1,
+                           const float *restrict m2, double *restrict cov) {
+    if (step == 0) {
+        float a = m1[row0], b = m2[row0];
+        double acc = 0.0;
+        for (int64_t j = 0; j < len; j++) {
+            float e = (d[j] * mul - a) - b;
+            g[j] = e;
+            acc += (double)(c[j] * e);
+        }
+        cov[row0] += acc;
+    } else {
+        for (int64_t j = 0; j < len; j++) {
+            int64_t r = row0 + j * step;
+            float e = (d[j] * mul - m1[r]) - m2[r];
+            g[j] = e;
+            cov[r] += (double)(c[j] * e);  /* (the product in float32, as the torch ops form it) */
+        }
+    }
+}
+
+/* g *= k[row] over one run */
+static inline void run_scale(float *restrict g, int64_t len, int64_t row0, int64_t step, const float *restrict k) {
+    if (step == 0) {
+        float f = k[row0];
+        for (int64_t j = 0; j < len; j++) g[j] *= f;
+    } else {
+        for (int64_t j = 0; j < len; j++) g[j] *= k[row0 + j * step];
+    }
+}
+
+/* Where the innermost memory dim holds positions (a conv's spatial dims): each row's positions as
+ * blocks of `inner` contiguous elements, one block per combination of the outer position dims, at
+ * offsets `blocks` (from the row's start). A row's sums then run in registers over long stretches;
+ * the runs of FOR_EACH_RUN were as short as 4 elements (a stride-2 conv's 2 x 2 outputs). */
+static int64_t position_blocks(int nd, const int64_t *sizes, const int *roles, int64_t **blocks,
+                               int64_t *member_stride, int64_t *channel_stride) {
+    int64_t strides[MAX_DIMS], count = 1;
+    strides[nd - 1] = 1;
+    for (int k = nd - 2; k >= 0; k--) strides[k] = strides[k + 1] * sizes[k + 1];
+    *member_stride = *channel_stride = 0;
+    for (int k = 0; k < nd; k++) {
+        if (roles[k] == 1) *member_stride = strides[k];
+        else if (roles[k] == 2) *channel_stride = strides[k];
+        else if (k < nd - 1) count *= sizes[k];
+    }
+    *blocks = malloc(sizeof(int64_t) * count);
+    if (!*blocks) return -1;
+    int64_t idx[MAX_DIMS] = {0};
+    for (int64_t b = 0; b < count; b++) {
+        int64_t off = 0;
+        for (int k = 0; k < nd - 1; k++) off += roles[k] == 0 ? idx[k] * strides[k] : 0;
+        (*blocks)[b] = off;
+        for (int k = nd - 2; k >= 0; k--) {
+            if (roles[k] != 0) continue;
+            if (++idx[k] < sizes[k]) break;
+            idx[k] = 0;
+        }
+    }
+    return count;
+}
+
+static float lerp(float start, float end, float w) {
+    /* torch.lerp's formula (exact at w = 0 and 1) */
+    return w < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
+}
+
+/* Returns 1 when the batch was counted, 0 when its covariance was not finite (nothing but `seen`
+ * changed; g untouched), -1 for an argument it cannot take.
+ *
+ * stats: ema, ema_sq, best [rows]; the counters steps, seen, last_improved (int64 scalars).
+ * snapshots/row_tensors: `n_rows` tensors whose leading dims are [members, channels]; row r of
+ * tensor t is row_sizes[t] contiguous floats.
+ * scale: the loss scale (0: none); left_out: positions per position seen (the stride).
+ */
+int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, const int64_t *sizes,
+                           const int *roles, int64_t members, int64_t channels, float *ema,
+                           float *ema_sq, float *best, int64_t *steps_seen, int64_t *batches_seen,
+                           int64_t *last_improved, double decay,
+                           int64_t warmup, double threshold, int bias_correction, double scale,
+                           double left_out, int n_rows, float **snapshots, float **row_tensors,
+                           const int64_t *row_sizes, double *work /* 3 x rows */) {
+    if (nd < 1 || nd > MAX_DIMS || members < 1 || channels < 1) return -1;
+    int64_t rows = members * channels, total = 1, inner = sizes[nd - 1];
+    for (int k = 0; k < nd; k++) total *= sizes[k];
+    if (total % rows) return -1;
+    double n = (double)(total / rows);
+    double *sum = work, *cov = work + rows;
+    float *m1 = (float *)(work + 2 * rows), *m2 = m1 + rows;
+    /* the loss scale divided out of d (as a multiplication: the same to float32 rounding) */
+    const float mul = scale > 0.0 ? (float)(1.0 / scale) : 1.0f;
+
+    /* e = d - mean d, centred a second time (as batch_covariance: float32's mean is off by up to
+     * half a unit of d's offset); cov = sum c * e, in whole-batch units */
+#define SUM1(base, row0, step) run_sum(d + (base), inner, row0, step, mul, NULL, sum)
+#define SUM2(base, row0, step) run_sum(d + (base), inner, row0, step, mul, m1, sum)
+#define COV(base, row0, step) run_cov(c + (base), d + (base), g + (base), inner, row0, step, mul, m1, m2, cov)
+#define SCALE(base, row0, step) run_scale(g + (base), inner, row0, step, m1)
+    int64_t *blocks = NULL, n_blocks = 0, member_stride = 0, channel_stride = 0;
+    if (roles[nd - 1] == 0) {  /* positions innermost: row by row, over blocks */
+        n_blocks = position_blocks(nd, sizes, roles, &blocks, &member_stride, &channel_stride);
+        if (n_blocks < 0) return -1;
+    }
+#define ROW_START(r) (((r) / channels) * member_stride + ((r) % channels) * channel_stride)
+#define FOR_EACH_BLOCK(r, BLOCK) for (int64_t b_ = 0; b_ < n_blocks; b_++) { int64_t at = ROW_START(r) + blocks[b_]; BLOCK; }
+    memset(sum, 0, sizeof(double) * rows);
+    memset(cov, 0, sizeof(double) * rows);
+    if (blocks) {
+        for (int64_t r = 0; r < rows; r++) {
+            /* float sums within a block (vectorised), float64 across blocks */
+            double acc = 0.0;
+            FOR_EACH_BLOCK(r, {
+                float part = 0.0f;
+                for (int64_t j = 0; j < inner; j++) part += d[at + j] * mul;
+                acc += part;
+            });
+            float a = m1[r] = (float)(acc / n);
+            acc = 0.0;
+            FOR_EACH_BLOCK(r, {
+                float part = 0.0f;
+                for (int64_t j = 0; j < inner; j++) part += d[at + j] * mul - a;
+                acc += part;
+            });
+            float b = m2[r] = (float)(acc / n);
+            acc = 0.0;
+            FOR_EACH_BLOCK(r, {
+                float part = 0.0f;
+                for (int64_t j = 0; j < inner; j++) {
+                    float e = (d[at + j] * mul - a) - b;
+                    g[at + j] = e;
+                    part += c[at + j] * e;
+                }
+                acc += part;
+            });
+            cov[r] = acc;
+        }
+    } else {
+        FOR_EACH_RUN(SUM1);
+        for (int64_t r = 0; r < rows; r++) m1[r] = (float)(sum[r] / n);
+        memset(sum, 0, sizeof(double) * rows);
+        FOR_EACH_RUN(SUM2);
+        for (int64_t r = 0; r < rows; r++) m2[r] = (float)(sum[r] / n);
+        FOR_EACH_RUN(COV);
+    }
+    /* in float32, as the torch ops scale it: a covariance that overflows float32 only once scaled must
+     * make the batch not counted here too (scaled in float64, it passed, and became inf as the EMA's input) */
+    double whole = (double)members * left_out, check = 0.0;
+    for (int64_t r = 0; r < rows; r++) {
+        float scaled = (float)cov[r] * (float)members;
+        if (left_out != 1.0) scaled *= (float)left_out;
+        cov[r] = scaled;
+        check += cov[r];
+    }
+
+    /* fold the batch into the statistics (covariance_tap.fold_batch, decided on the host) */
+    *batches_seen += 1;
+    if (!isfinite(check)) {
+        free(blocks);
+        return 0;
+    }
+    int64_t steps = ++*steps_seen;
+    float w = bias_correction ? (float)((1.0 - decay) / (1.0 - pow(decay, (double)steps)))
+                              : (float)(1.0 - decay);
+    for (int64_t r = 0; r < rows; r++) {
+        float cv = (float)cov[r];
+        ema_sq[r] = lerp(ema_sq[r], cv * cv, w);
+        ema[r] = lerp(ema[r], cv, w);
+    }
+    if (steps > warmup) {
+        int any = 0;
+        for (int64_t r = 0; r < rows; r++) {
+            float score = fabsf(ema[r]);
+            if (score > best[r] * (float)(1.0 + threshold)) {
+                best[r] = score;
+                for (int t = 0; t < n_rows; t++)
+                    memcpy(snapshots[t] + r * row_sizes[t], row_tensors[t] + r * row_sizes[t],
+                           sizeof(float) * row_sizes[t]);
+                any = 1;
+            }
+        }
+        if (any) *last_improved = steps;
+    }
+
+    /* g = e * k, k = -sign(ema) x (scale, members, left_out): dC/dc in whole-batch units */
+    float *k = m1;
+    for (int64_t r = 0; r < rows; r++) {
+        float s = ema[r] > 0.0f ? 1.0f : (ema[r] < 0.0f ? -1.0f : 0.0f);
+        k[r] = s * (float)(-(scale > 0.0 ? scale : 1.0) * whole);
+    }
+    if (blocks) {
+        for (int64_t r = 0; r < rows; r++) {
+            float f = k[r];
+            FOR_EACH_BLOCK(r, for (int64_t j = 0; j < inner; j++) g[at + j] *= f);
+        }
+        free(blocks);
+    } else {
+        FOR_EACH_RUN(SCALE);
+    }
+    return 1;
+}
+
+
+/* ---- the candidates' BatchNorm and sigmoid ------------------------------------------------
+ *
+ * z (the candidates' layer output), extra (the cascade's input from installed dendrites, or
+ * NULL), out, dc, dz and g share one dense layout, described as above; a row (member, channel)
+ * is one BatchNorm channel, normalised over its positions. */
+
+/* e^x for the sigmoid: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^7 (relative
+ * error below 1e-7 before rounding), 2^n built in the exponent bits. Branch-free, so that the loops
+ * calling it run vectorised; x is clamped to [-87, 88] (e^x a normal float), and NaN stays NaN. */
+static inline float exp_approx(float x) {
+    x = x > 88.0f ? 88.0f : x;
+    x = x < -87.0f ? -87.0f : x;
+    /* n = round(x / ln2) as a truncation of a positive number (a branch-free rounding of a signed
+     * one made the compiler evaluate the polynomial twice and blend) */
+    int32_t i = (int32_t)(x * 1.4426950408889634f + 128.5f);
+    float n = (float)(i - 128);
+    float r = (x - n * 0.693145751953125f) - n * 1.4286068203094172e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { uint32_t u; float f; } scale;
+    scale.u = ((uint32_t)i - 1u) << 23;  /* 2^n: the exponent field n + 127 */
+    return p * scale.f;
+}
+
+static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+/* sum[row] += z over one run */
+static inline void run_total(const float *restrict z, int64_t len, int64_t row0, int64_t step, double *restrict sum) {
+    if (step == 0) {
+        float part = 0.0f;
+        for (int64_t j = 0; j < len; j++) part += z[j];
+        sum[row0] += part;
+    } else {
+        for (int64_t j = 0; j < len; j++) sum[row0 + j * step] += z[j];
+    }
+}
+
+/* sum[row] += (z - mean[row])^2 over one run */
+static inline void run_squares(const float *restrict z, int64_t len, int64_t row0, int64_t step,
+                               const float *restrict mean, double *restrict sum) {
+    if (step == 0) {
+        float m = mean[row0], part = 0.0f;
+        for (int64_t j = 0; j < len; j++) part += (z[j] - m) * (z[j] - m);
+        sum[row0] += part;
+    } else {
+        for (int64_t j = 0; j < len; j++) {
+            float v = z[j] - mean[row0 + j * step];
+            sum[row0 + j * step] += v * v;
+        }
+    }
+}
+
+/* out = sigmoid(z * alpha[row] + beta[row] (+ extra)) over one run (BatchNorm's transform in
+ * torch's alpha/beta form) */
+static inline void run_activate(const float *restrict z, const float *restrict extra, float *restrict out,
+                                int64_t len, int64_t row0, int64_t step, const float *restrict alpha,
+                                const float *restrict beta) {
+    if (step == 0) {
+        float a = alpha[row0], b = beta[row0];
+        if (extra)
+            for (int64_t j = 0; j < len; j++) out[j] = sigmoid((z[j] * a + b) + extra[j]);
+        else
+            for (int64_t j = 0; j < len; j++) out[j] = sigmoid(z[j] * a + b);
+    } else {
+        for (int64_t j = 0; j < len; j++) {
+            int64_t r = row0 + j * step;
+            float pre = z[j] * alpha[r] + beta[r];
+            out[j] = sigmoid(extra ? pre + extra[j] : pre);
+        }
+    }
+}
+
+/* g = dc * out * (1 - out) (the gradient before the sigmoid), s1[row] += g, s2[row] += g * xhat */
+static inline void run_grad_sums(const float *restrict dc, const float *restrict out, const float *restrict z,
+                                 float *restrict g, int64_t len, int64_t row0, int64_t step,
+                                 const float *restrict mean, const float *restrict invstd,
+                                 double *restrict s1, double *restrict s2) {
+    if (step == 0) {
+        float m = mean[row0], k = invstd[row0], p1 = 0.0f, p2 = 0.0f;
+        for (int64_t j = 0; j < len; j++) {
+            float v = dc[j] * (out[j] * (1.0f - out[j]));
+            g[j] = v;
+            p1 += v;
+            p2 += v * ((z[j] - m) * k);
+        }
+        s1[row0] += p1;
+        s2[row0] += p2;
+    } else {
+        for (int64_t j = 0; j < len; j++) {
+            int64_t r = row0 + j * step;
+            float v = dc[j] * (out[j] * (1.0f - out[j]));
+            g[j] = v;
+            s1[r] += v;
+            s2[r] += v * ((z[j] - mean[r]) * invstd[r]);
+        }
+    }
+}
+
+/* dz = w[row] * (g - m1[row] - xhat * m2[row]), w = gamma * invstd (torch's BatchNorm backward);
+ * dz may be g itself */
+static inline void run_grad_input(const float *g, const float *restrict z, float *dz,
+                                  int64_t len, int64_t row0, int64_t step, const float *restrict mean,
+                                  const float *restrict invstd, const float *restrict w,
+                                  const float *restrict m1, const float *restrict m2) {
+    if (step == 0) {
+        float m = mean[row0], k = invstd[row0], f = w[row0], a = m1[row0], b = m2[row0];
+        for (int64_t j = 0; j < len; j++) dz[j] = (g[j] - a - ((z[j] - m) * k) * b) * f;
+    } else {
+        for (int64_t j = 0; j < len; j++) {
+            int64_t r = row0 + j * step;
+            dz[j] = (g[j] - m1[r] - ((z[j] - mean[r]) * invstd[r]) * m2[r]) * w[r];
+        }
+    }
+}
+
+/* Short runs (a strided conv's 2 x 2 outputs: runs of 4) leave the loops above scalar. Where the
+ * member and channel dims lie within a block of at most BLOCK_LIMIT elements repeated over outer
+ * position dims (a grouped conv's [b][M, C, S], a Linear's [b][M, C]), the passes instead run over
+ * whole blocks, with each row's coefficient spread to the block's elements. Returns the block's size
+ * (0: the layout has no such block) with the outer count and each block element's row. */
+#define BLOCK_LIMIT 65536
+static int64_t block_layout(int nd, const int64_t *sizes, const int *roles, int64_t channels, int64_t *outer,
+                            int64_t **row_of) {
+    int first = 0;
+    while (first < nd && roles[first] == 0) first++;
+    int64_t size = 1;
+    *outer = 1;
+    for (int k = 0; k < nd; k++) {
+        if (k < first) *outer *= sizes[k];
+        else size *= sizes[k];
+    }
+    if (size > BLOCK_LIMIT || (roles[nd - 1] == 0 ? sizes[nd - 1] >= 32 : *outer == 1)) return 0;
+    *row_of = malloc(sizeof(int64_t) * size);
+    if (!*row_of) return 0;
+    int64_t idx[MAX_DIMS] = {0}, p = 0, ch = 0;
+    for (int64_t j = 0; j < size; j++) {
+        (*row_of)[j] = p * channels + ch;
+        for (int k = nd - 1; k >= first; k--) {
+            if (++idx[k] < sizes[k]) {
+                if (roles[k] == 1) p = idx[k]; else if (roles[k] == 2) ch = idx[k];
+                break;
+            }
+            idx[k] = 0;
+            if (roles[k] == 1) p = 0; else if (roles[k] == 2) ch = 0;
+        }
+    }
+    return size;
+}
+
+/* spread[j] = per_row[row_of[j]] */
+static void spread(float *restrict spread_out, const float *restrict per_row, const int64_t *row_of, int64_t size) {
+    for (int64_t j = 0; j < size; j++) spread_out[j] = per_row[row_of[j]];
+}
+
+/* per_row[row_of[j]] += acc[j] */
+static void gather_sums(double *restrict per_row, const float *restrict acc, const int64_t *row_of, int64_t size) {
+    for (int64_t j = 0; j < size; j++) per_row[row_of[j]] += acc[j];
+}
+
+/* Returns 0, or -1 for an argument it cannot take (fewer than two positions a row: BatchNorm's
+ * batch variance needs two).
+ * gamma, beta: the norm's affine weight and bias [rows], or NULL; running_mean/var [rows] are
+ * updated as nn.BatchNorm does (momentum; the variance unbiased), or NULL. mean and invstd [rows]
+ * receive the batch's, for the backward. work: 2 x rows doubles. */
+int pbp_norm_sigmoid_forward(const float *z, const float *extra, float *out, int nd, const int64_t *sizes,
+                             const int *roles, int64_t members, int64_t channels, const float *gamma,
+                             const float *beta, float *running_mean, float *running_var, double momentum,
+                             double eps, float *mean, float *invstd, double *work) {
+    if (nd < 1 || nd > MAX_DIMS || members < 1 || channels < 1) return -1;
+    int64_t rows = members * channels, total = 1, inner = sizes[nd - 1];
+    for (int k = 0; k < nd; k++) total *= sizes[k];
+    if (total % rows || total / rows < 2) return -1;
+    double n = (double)(total / rows);
+    double *sum = work, *sq = work + rows;
+    memset(work, 0, sizeof(double) * 2 * rows);
+    int64_t outer = 1, *row_of = NULL, size = block_layout(nd, sizes, roles, channels, &outer, &row_of);
+    float *acc = NULL, *a = NULL, *b = NULL;
+    if (size) {
+        acc = calloc(3 * size, sizeof(float));
+        if (!acc) {
+            free(row_of);
+            return -1;
+        }
+        a = acc + size;
+        b = a + size;
+        for (int64_t o = 0; o < outer; o++) {
+            const float *zo = z + o * size;
+            for (int64_t j = 0; j < size; j++) acc[j] += zo[j];
+        }
+        gather_sums(sum, acc, row_of, size);
+    } else {
+#define TOTAL(base, row0, step) run_total(z + (base), inner, row0, step, sum)
+        FOR_EACH_RUN(TOTAL);
+    }
+    for (int64_t r = 0; r < rows; r++) mean[r] = (float)(sum[r] / n);
+    if (size) {
+        spread(a, mean, row_of, size);
+        memset(acc, 0, sizeof(float) * size);
+        for (int64_t o = 0; o < outer; o++) {
+            const float *zo = z + o * size;
+            for (int64_t j = 0; j < size; j++) acc[j] += (zo[j] - a[j]) * (zo[j] - a[j]);
+        }
+        gather_sums(sq, acc, row_of, size);
+    } else {
+#define SQUARES(base, row0, step) run_squares(z + (base), inner, row0, step, mean, sq)
+        FOR_EACH_RUN(SQUARES);
+    }
+    /* alpha and beta of the transform, in the work space (floats) */
+    float *alpha = (float *)sum, *shift = alpha + rows;
+    for (int64_t r = 0; r < rows; r++) {
+        double var = sq[r] / n;
+        invstd[r] = (float)(1.0 / sqrt(var + eps));
+        if (running_mean) {
+            running_mean[r] = (float)(momentum * mean[r] + (1.0 - momentum) * running_mean[r]);
+            running_var[r] = (float)(momentum * var * n / (n - 1.0) + (1.0 - momentum) * running_var[r]);
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        alpha[r] = gamma ? invstd[r] * gamma[r] : invstd[r];
+        shift[r] = (beta ? beta[r] : 0.0f) - mean[r] * alpha[r];
+    }
+    if (size) {
+        spread(a, alpha, row_of, size);
+        spread(b, shift, row_of, size);
+        for (int64_t o = 0; o < outer; o++) {
+            const float *zo = z + o * size, *eo = extra ? extra + o * size : NULL;
+            float *outo = out + o * size;
+            if (eo)
+                for (int64_t j = 0; j < size; j++) outo[j] = sigmoid((zo[j] * a[j] + b[j]) + eo[j]);
+            else
+                for (int64_t j = 0; j < size; j++) outo[j] = sigmoid(zo[j] * a[j] + b[j]);
+        }
+        free(acc);
+        free(row_of);
+        return 0;
+    }
+#define ACTIVATE(base, row0, step) run_activate(z + (base), extra ? extra + (base) : NULL, out + (base), inner, row0, step, alpha, shift)
+    FOR_EACH_RUN(ACTIVATE);
+    return 0;
+}
+
+/* From dc (the gradient of out): dz; g, the gradient before the sigmoid (that of `extra`; NULL:
+ * not wanted); dgamma and dbeta [rows] (NULL without an affine norm). work: 2 x rows doubles.
+ * Returns 0 or -1. */
+int pbp_norm_sigmoid_backward(const float *dc, const float *out, const float *z, float *g, float *dz,
+                              int nd, const int64_t *sizes, const int *roles, int64_t members, int64_t channels,
+                              const float *gamma, const float *mean, const float *invstd, float *dgamma,
+                              float *dbeta, double *work) {
+    if (nd < 1 || nd > MAX_DIMS || members < 1 || channels < 1) return -1;
+    int64_t rows = members * channels, total = 1, inner = sizes[nd - 1];
+    for (int k = 0; k < nd; k++) total *= sizes[k];
+    if (total % rows) return -1;
+    double n = (double)(total / rows);
+    double *s1 = work, *s2 = work + rows;
+    memset(work, 0, sizeof(double) * 2 * rows);
+    if (!g) g = dz;  /* (then overwritten in place by dz) */
+    int64_t outer = 1, *row_of = NULL, size = block_layout(nd, sizes, roles, channels, &outer, &row_of);
+    float *acc = NULL, *acc2 = NULL, *sm = NULL, *sk = NULL;
+    if (size) {
+        acc = calloc(7 * size, sizeof(float));
+        if (!acc) {
+            free(row_of);
+            return -1;
+        }
+        acc2 = acc + size;
+        sm = acc2 + size;
+        sk = sm + size;
+        spread(sm, mean, row_of, size);
+        spread(sk, invstd, row_of, size);
+        for (int64_t o = 0; o < outer; o++) {
+            int64_t at = o * size;
+            for (int64_t j = 0; j < size; j++) {
+                float v = dc[at + j] * (out[at + j] * (1.0f - out[at + j]));
+                g[at + j] = v;
+                acc[j] += v;
+                acc2[j] += v * ((z[at + j] - sm[j]) * sk[j]);
+            }
+        }
+        gather_sums(s1, acc, row_of, size);
+        gather_sums(s2, acc2, row_of, size);
+    } else {
+#define GRAD_SUMS(base, row0, step) run_grad_sums(dc + (base), out + (base), z + (base), g + (base), inner, row0, step, mean, invstd, s1, s2)
+        FOR_EACH_RUN(GRAD_SUMS);
+    }
+    if (dgamma)
+        for (int64_t r = 0; r < rows; r++) {
+            dgamma[r] = (float)s2[r];
+            dbeta[r] = (float)s1[r];
+        }
+    float *w = malloc(sizeof(float) * 3 * rows);
+    if (!w) {
+        free(acc);
+        free(row_of);
+        return -1;
+    }
+    float *m1 = w + rows, *m2 = w + 2 * rows;
+    for (int64_t r = 0; r < rows; r++) {
+        w[r] = gamma ? gamma[r] * invstd[r] : invstd[r];
+        m1[r] = (float)(s1[r] / n);
+        m2[r] = (float)(s2[r] / n);
+    }
+    if (size) {
+        float *sw = acc, *s1e = acc2, *s2e = sk + size;  /* (the sums are spent) */
+        spread(sw, w, row_of, size);
+        spread(s1e, m1, row_of, size);
+        spread(s2e, m2, row_of, size);
+        for (int64_t o = 0; o < outer; o++) {
+            int64_t at = o * size;
+            for (int64_t j = 0; j < size; j++)
+                dz[at + j] = (g[at + j] - s1e[j] - ((z[at + j] - sm[j]) * sk[j]) * s2e[j]) * sw[j];
+        }
+        free(w);
+        free(acc);
+        free(row_of);
+        return 0;
+    }
+#define GRAD_INPUT(base, row0, step) run_grad_input(g + (base), z + (base), dz + (base), inner, row0, step, mean, invstd, w, m1, m2)
+    FOR_EACH_RUN(GRAD_INPUT);
+    free(w);
+    return 0;
+}
