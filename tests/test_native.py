@@ -157,6 +157,8 @@ def _norm_cases():
     g = torch.Generator().manual_seed(0)
     yield "conv2d", nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), torch.randn(20, 8, 5, 5, generator=g)
     yield "conv2d 2x2", nn.Conv2d(8, 6, 3, stride=2), nn.BatchNorm2d(6), torch.randn(20, 8, 5, 5, generator=g)
+    yield ("conv2d channels last", nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6),
+           torch.randn(20, 8, 5, 5, generator=g).to(memory_format=torch.channels_last))
     yield "conv1d columns", nn.Conv1d(8, 6, 5, padding=2), nn.BatchNorm1d(6), torch.randn(20, 8, 12, generator=g)
     yield ("1x1 conv, cumulative momentum", nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6, momentum=None),
            torch.randn(20, 8, 4, 4, generator=g))
