@@ -590,3 +590,82 @@ int pbp_norm_sigmoid_backward(const float *dc, const float *out, const float *z,
     free(w);
     return 0;
 }
+
+/* ---- installed dendrites: norm, cascade and sigmoid, forward only ---------------------------
+ *
+ * z: K dendrites' layer outputs, contiguous [outer, K, C, inner] (a conv's [B, K, C, *S], a Linear's
+ * [..., K, C] with inner 1); out receives s_k = sigmoid(norm_k(z_k) + sum_{j<k} U[k, c, j] s_j), the
+ * cascade U [K, C, K] (NULL: none), in the same layout. training: the batch's statistics (and the
+ * running ones updated as nn.BatchNorm does); else the running ones. Nothing here needs a gradient
+ * (the dendrites are frozen, their input detached), so nothing is saved. Returns 0, or -1 for fewer
+ * than two positions a channel in training. work: 2 x K x C doubles. */
+int pbp_norm_cascade_sigmoid(const float *z, float *out, int64_t outer, int64_t copies, int64_t channels,
+                             int64_t inner, const float *gamma, const float *beta, float *running_mean,
+                             float *running_var, int training, double momentum, double eps, const float *cascade,
+                             double *work) {
+    int64_t rows = copies * channels, count = outer * inner;
+    if (outer < 1 || copies < 1 || channels < 1 || inner < 1 || (training && count < 2)) return -1;
+    double n = (double)count, *sum = work, *sq = work + rows;
+    float *alpha = malloc(sizeof(float) * 2 * rows);
+    if (!alpha) return -1;
+    float *shift = alpha + rows;
+    if (training) {
+        memset(work, 0, sizeof(double) * 2 * rows);
+        for (int64_t o = 0; o < outer; o++) {
+            const float *zo = z + o * rows * inner;
+            for (int64_t r = 0; r < rows; r++) {
+                float part = 0.0f;
+                for (int64_t s = 0; s < inner; s++) part += zo[r * inner + s];
+                sum[r] += part;
+            }
+        }
+        for (int64_t r = 0; r < rows; r++) shift[r] = (float)(sum[r] / n);  /* (the mean, for now) */
+        for (int64_t o = 0; o < outer; o++) {
+            const float *zo = z + o * rows * inner;
+            for (int64_t r = 0; r < rows; r++) {
+                float m = shift[r], part = 0.0f;
+                for (int64_t s = 0; s < inner; s++) part += (zo[r * inner + s] - m) * (zo[r * inner + s] - m);
+                sq[r] += part;
+            }
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            double var = sq[r] / n;
+            float mean = shift[r], invstd = (float)(1.0 / sqrt(var + eps));
+            if (running_mean) {
+                running_mean[r] = (float)(momentum * mean + (1.0 - momentum) * running_mean[r]);
+                running_var[r] = (float)(momentum * var * n / (n - 1.0) + (1.0 - momentum) * running_var[r]);
+            }
+            alpha[r] = gamma ? invstd * gamma[r] : invstd;
+            shift[r] = (beta ? beta[r] : 0.0f) - mean * alpha[r];
+        }
+    } else {
+        for (int64_t r = 0; r < rows; r++) {
+            float invstd = (float)(1.0 / sqrt((double)running_var[r] + eps));
+            alpha[r] = gamma ? invstd * gamma[r] : invstd;
+            shift[r] = (beta ? beta[r] : 0.0f) - running_mean[r] * alpha[r];
+        }
+    }
+    /* copy k after copies 0..k-1 at each position: its cascade reads their outputs */
+    for (int64_t o = 0; o < outer; o++) {
+        for (int64_t k = 0; k < copies; k++) {
+            for (int64_t c = 0; c < channels; c++) {
+                int64_t r = k * channels + c;
+                const float *zr = z + (o * rows + r) * inner;
+                float *outr = out + (o * rows + r) * inner, a = alpha[r], b = shift[r];
+                if (k == 0 || !cascade) {
+                    for (int64_t s = 0; s < inner; s++) outr[s] = sigmoid(zr[s] * a + b);
+                    continue;
+                }
+                for (int64_t s = 0; s < inner; s++) outr[s] = zr[s] * a + b;
+                for (int64_t j = 0; j < k; j++) {
+                    const float *sj = out + (o * rows + j * channels + c) * inner;
+                    float u = cascade[r * copies + j];
+                    for (int64_t s = 0; s < inner; s++) outr[s] += u * sj[s];
+                }
+                for (int64_t s = 0; s < inner; s++) outr[s] = sigmoid(outr[s]);
+            }
+        }
+    }
+    free(alpha);
+    return 0;
+}

@@ -24,7 +24,7 @@ from .config import ConfigError
 
 __all__ = ["WEIGHT_HOOKS", "has_user_hooks", "LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply",
            "split_apply", "split_members", "runs_as_columns", "split_columns", "columns_to_stacked",
-           "every_nth_position", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls", "apply_dendrites",
+           "every_nth_position", "cascade_chain", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls", "apply_dendrites",
            "StandIn"]
 
 # Forward pre-hooks that recompute a layer's weight attribute from its parameters before each
@@ -181,6 +181,22 @@ def stacked_apply(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Te
         return torch.stack([layer.apply(x, weight[k], None if bias is None else bias[k]) for k in range(m)], 1)
     z = layer.apply(x, weight.reshape(m * c, *weight.shape[2:]), None if bias is None else bias.reshape(m * c))
     return z.unflatten(1, (m, c)) if layer.axis == 1 else z.unflatten(-1, (m, c))
+
+
+def cascade_chain(pre: Tensor, cascade: Optional[Tensor], phi: Callable[[Tensor], Tensor], axis: int) -> list[Tensor]:
+    """a_k = pre_k + sum_{j<k} U[k, :, j] * s_j, s_k = phi(a_k); returns [s_0 .. s_{K-1}] (pre stacked:
+    [B, K, C, *S] or [..., K, C]).
+
+    addcmul: one pass over the activation instead of a Mul and an Add (the small ResNet's neuron-phase
+    step, two interleaved A/B runs: 1-8 % faster at K = 1-3, never slower)."""
+    cd = copy_dim(axis)
+    acts: list[Tensor] = []
+    for k in range(pre.shape[cd]):
+        a = pre.select(cd, k)
+        for j in range(k):
+            a = torch.addcmul(a, channel_view(cascade[k, :, j], a.dim(), axis), acts[j])
+        acts.append(phi(a))
+    return acts
 
 
 def every_nth_position(t: Tensor, n: int, axis: int) -> Tensor:
@@ -410,14 +426,32 @@ class LayerCopies(nn.Module):
         if self.norm is not None and columns:  # each (copy, channel) over its contiguous positions
             z = columns_to_stacked(self._normed(flat.view(1, -1, flat.shape[-1])).view(flat.shape), spatial)
         elif self.norm is not None:
-            m, c = self.weight.shape[:2]
-            if self.layer.axis == 1:
-                z = self._normed(z.flatten(1, 2)).unflatten(1, (m, c))
-            else:
-                z = self._normed(z.flatten(-2, -1)).unflatten(-1, (m, c))
+            z = self._normed_stacked(z)
         if extra is not None:
             z = z + extra
         return z if activation is None else activation(z)
+
+    def cascade_activations(self, x: Tensor, cascade: Optional[Tensor],
+                            activation: Callable[[Tensor], Tensor]) -> list[Tensor]:
+        """Every copy k's activation on the whole batch, s_k = activation(norm(layer_k(x)) + sum_{j<k}
+        cascade[k, :, j] * s_j) (installed dendrites; cascade [K, C, K]), each [B, C, *S] or [..., C].
+
+        A sigmoid after a norm, where nothing needs a gradient through them (frozen dendrites behind a
+        stop-gradient), runs with the norm and the cascade as one native call where it applies
+        (`native.norm_cascade_sigmoid`: float32 on the CPU)."""
+        z = stacked_apply(self.layer, x, self.weight, self.bias)
+        if self.norm is not None and activation is torch.sigmoid:
+            out = native.norm_cascade_sigmoid(z, cascade, self.norm_weight, self.norm_bias, self.running_mean,
+                                              self.running_var, self.training,
+                                              self._momentum(counted=1) if self.training else 0.0, self.norm.eps,
+                                              self.layer.axis)
+            if out is not None:
+                if self.training:
+                    self.num_batches_tracked.add_(1)
+                return list(out.unbind(copy_dim(self.layer.axis)))
+        if self.norm is not None:
+            z = self._normed_stacked(z)
+        return cascade_chain(z, cascade, activation, self.layer.axis)
 
     def _momentum(self, counted: int = 0) -> float:
         """The norm's running-statistics momentum for a training batch, once `counted` more batches are
@@ -425,6 +459,13 @@ class LayerCopies(nn.Module):
         if self.norm.momentum is not None:
             return self.norm.momentum
         return 1.0 / float(int(self.num_batches_tracked) + counted)
+
+    def _normed_stacked(self, z: Tensor) -> Tensor:
+        """The copies' BatchNorm on the stacked layout ([B, M, C, *S] or [..., M, C])."""
+        m, c = self.weight.shape[:2]
+        if self.layer.axis == 1:
+            return self._normed(z.flatten(1, 2)).unflatten(1, (m, c))
+        return self._normed(z.flatten(-2, -1)).unflatten(-1, (m, c))
 
     def _normed(self, flat: Tensor) -> Tensor:
         """The copies' BatchNorm on an input whose channel dim holds (copy, channel) rows."""

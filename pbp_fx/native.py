@@ -9,6 +9,8 @@
 - `norm_sigmoid`: the candidates' BatchNorm in training form and their sigmoid, forward and
   backward, one pass over the data for each step where torch's kernels take several (its CPU
   BatchNorm alone took 2.3 ns an element).
+- `norm_cascade_sigmoid`: the installed dendrites' BatchNorm, cascade and sigmoid, forward only
+  (frozen, behind a stop-gradient: nothing to save for a backward).
 
 The library is built once per source and compiler with the system's C compiler ($CC, else cc)
 into $XDG_CACHE_HOME/pbp_fx (default ~/.cache/pbp_fx). Where it cannot be built or loaded (no
@@ -33,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["kernel", "candidate_gradient", "norm_sigmoid"]
+__all__ = ["kernel", "candidate_gradient", "norm_sigmoid", "norm_cascade_sigmoid"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,9 @@ def kernel() -> Optional[ctypes.CDLL]:
                                              ctypes.c_double, _P, _P, _P]
     lib.pbp_norm_sigmoid_backward.restype = ctypes.c_int
     lib.pbp_norm_sigmoid_backward.argtypes = [_P, _P, _P, _P, _P, *layout, _P, _P, _P, _P, _P, _P]
+    lib.pbp_norm_cascade_sigmoid.restype = ctypes.c_int
+    lib.pbp_norm_cascade_sigmoid.argtypes = [_P, _P, *[ctypes.c_int64] * 4, _P, _P, _P, _P, ctypes.c_int,
+                                             ctypes.c_double, ctypes.c_double, _P, _P]
     return lib
 
 
@@ -273,3 +278,42 @@ class _NormSigmoid(torch.autograd.Function):
         if status < 0:
             raise RuntimeError(f"pbp_fx.native: the norm kernel refused its arguments (shape {list(z.shape)})")
         return dz, g, dweight, dbias, None, None, None, None, None
+
+
+def norm_cascade_sigmoid(z: Tensor, cascade: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                         running_mean: Tensor, running_var: Tensor, training: bool, momentum: float, eps: float,
+                         axis: int) -> Optional[Tensor]:
+    """The K installed dendrites' activations s_k = sigmoid(norm_k(z_k) + sum_{j<k} cascade[k, :, j] * s_j), in
+    z's stacked layout ([B, K, C, *S] for axis 1, [..., K, C] for -1), as one native call; the norm's batch
+    statistics when training (the running ones updated in place), else its running ones. None where it does
+    not apply (nothing changed; the caller runs the torch ops): no library, not float32 on the CPU, z not
+    contiguous, something needing a gradient, fewer than two positions a channel in training, a large tensor
+    with several threads, torch.compile tracing.
+
+    cascade: [K, C, K] (or None); weight, bias, running_mean, running_var: [K, C]."""
+    lib = kernel()
+    if lib is None or z.dtype != torch.float32 or z.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if z.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:
+        return None
+    own = [t for t in (cascade, weight, bias, running_mean, running_var) if t is not None]
+    if any(t.dtype != torch.float32 or t.device != z.device or not t.is_contiguous() for t in own):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (z, *own)):
+        return None
+    if running_mean is None or running_var is None or (weight is None) != (bias is None) or not z.is_contiguous():
+        return None
+    cd = 1 if axis == 1 else z.dim() - 2
+    copies, channels = z.shape[cd], z.shape[cd + 1]
+    outer, inner = math.prod(z.shape[:cd]), math.prod(z.shape[cd + 2:])
+    if training and outer * inner < 2:
+        return None
+    out = torch.empty_like(z)
+    status = lib.pbp_norm_cascade_sigmoid(
+        z.data_ptr(), out.data_ptr(), outer, copies, channels, inner, _address(weight), _address(bias),
+        running_mean.data_ptr(), running_var.data_ptr(), int(training), float(momentum), float(eps),
+        None if cascade is None or cascade.numel() == 0 else cascade.data_ptr(),
+        (ctypes.c_double * (2 * copies * channels))())
+    if status < 0:
+        raise RuntimeError(f"pbp_fx.native: the cascade kernel refused its arguments (shape {list(z.shape)})")
+    return out

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from .config import ConfigError
 from .covariance_tap import STAT_NAMES, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .errors import CheckpointError, NonFiniteError, warn_at_user
-from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cat_rows, channel_view, copy_dim,
-                     every_nth_position, split_members, StandIn)
+from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cascade_chain, cat_rows, channel_view,
+                     copy_dim, every_nth_position, split_members, StandIn)
 
 __all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "FusedSwappedNeuron", "ACTIVATIONS", "MODES",
            "is_wide_statistic", "pool_settings"]
@@ -36,21 +36,7 @@ ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
 MODES = ("pb", "gd")
 
 
-# Both sums use addcmul: one pass over the activation instead of a Mul and an Add (the small
-# ResNet's neuron-phase step, two interleaved A/B runs: 1-8 % faster at K = 1-3, never slower).
-
-def _cascade(pre: Tensor, cascade: Optional[Tensor], phi, axis: int) -> list[Tensor]:
-    """a_k = pre_k + sum_{j<k} U[k, :, j] * s_j ; returns [s_0 .. s_{K-1}]."""
-    cd = copy_dim(axis)
-    acts: list[Tensor] = []
-    for k in range(pre.shape[cd]):
-        a = pre.select(cd, k)
-        for j in range(k):
-            a = torch.addcmul(a, channel_view(cascade[k, :, j], a.dim(), axis), acts[j])
-        acts.append(phi(a))
-    return acts
-
-
+# addcmul, as in layers.cascade_chain: one pass over the activation instead of a Mul and an Add.
 def _weighted_sum(n: Tensor, acts: list[Tensor], out_weight: Tensor, axis: int) -> Tensor:
     y = n
     for k, s in enumerate(acts):
@@ -407,7 +393,7 @@ class Site(nn.Module):
         src = x.detach() if self.mode == "pb" else x
         y, acts = n, []
         if self.dendrites is not None:
-            acts = _cascade(self.dendrites(src), self.cascade, ACTIVATIONS[self.activation], self.axis)
+            acts = self.dendrites.cascade_activations(src, self.cascade, ACTIVATIONS[self.activation])
             y = _weighted_sum(n, acts, self.out_weight, self.axis)
         if self.candidates is not None and self.training and torch.is_grad_enabled():
             c = self.candidates(src, [s.detach() for s in acts])
@@ -579,7 +565,7 @@ class FusedSite(nn.Module):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         n = self.layer.apply(x, *self.neuron_tensors())
         pre = apply_dendrites(self.layer, x, *self.dendrite_tensors())
-        acts = _cascade(pre, self.cascade, ACTIVATIONS[self.activation], self.layer.axis)
+        acts = cascade_chain(pre, self.cascade, ACTIVATIONS[self.activation], self.layer.axis)
         return _weighted_sum(n, acts, self.out_weight, self.layer.axis)
 
     def extra_repr(self) -> str:

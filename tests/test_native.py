@@ -281,3 +281,80 @@ def test_a_compiler_that_refuses_the_machines_own_flags_builds_the_portable_libr
         assert len(list(tmp_path.glob("cache/pbp_fx/candidate_kernels-*.so"))) == 1
     finally:
         native.kernel.cache_clear()
+
+
+def _three_dendrites(model_fn, x, mode="pb"):
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(model_fn(), (x[:2],), mode=mode)
+    for _ in range(3):
+        pm.grow()
+    with torch.no_grad():  # (a cascade and output weights of their own: zeros would hide a wrong term)
+        for site in pm.sites.values():
+            site.out_weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+            site.cascade.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    return pm.train()
+
+
+def _neuron_step(pm, x, y, use_kernel, monkeypatch):
+    """A training step's output, gradients and buffers, then the eval output; and how many times the cascade
+    kernel ran."""
+    ran = []
+    run = copy.deepcopy(pm)
+    if use_kernel:
+        kernel_call = native.norm_cascade_sigmoid
+        monkeypatch.setattr(native, "norm_cascade_sigmoid",
+                            lambda *a, **k: ran.append(kernel_call(*a, **k)) or ran[-1])
+    else:
+        monkeypatch.setattr(native, "kernel", lambda: None)
+    try:
+        out = run(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        run.eval()
+        with torch.no_grad():
+            evaluated = run(x)
+    finally:
+        monkeypatch.undo()
+    grads = {n: p.grad for n, p in run.named_parameters() if p.grad is not None}
+    return out, grads, dict(run.named_buffers()), evaluated, sum(r is not None for r in ran)
+
+
+NEURON_MODELS = {
+    "conv2d": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                     nn.Linear(8 * 36, 4)), (16, 3, 6, 6)),
+    "linear": (lambda: nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)), (16, 10)),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(NEURON_MODELS))
+def test_installed_dendrites_norm_cascade_and_sigmoid_run_as_the_torch_ops_do(name, monkeypatch):
+    model_fn, shape = NEURON_MODELS[name]
+    x, y = torch.randn(*shape, generator=torch.Generator().manual_seed(3)), torch.arange(16) % 4
+    pm = _three_dendrites(model_fn, x)
+    got = _neuron_step(pm, x, y, True, monkeypatch)
+    want = _neuron_step(pm, x, y, False, monkeypatch)
+    assert got[4] == 2  # the kernel ran, training and in eval
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-6)
+    assert set(got[1]) == set(want[1]) and any("out_weight" in n for n in want[1])
+    for key, grad in want[1].items():  # (atol 1e-6 at least: a conv bias before a BatchNorm has no gradient but rounding)
+        torch.testing.assert_close(got[1][key], grad, rtol=1e-4, atol=max(1e-5 * grad.abs().max().item(), 1e-6),
+                                   msg=key)
+    for key, buf in want[2].items():
+        torch.testing.assert_close(got[2][key], buf, rtol=1e-5, atol=1e-7, msg=key)
+
+
+@needs_kernel
+def test_dendrites_that_train_gd_mode_leave_the_cascade_kernel_out(monkeypatch):
+    """gd mode trains the dendrites (and their input is not detached): their norm and cascade need the autograd
+    graph the torch ops build."""
+    model_fn, shape = NEURON_MODELS["conv2d"]
+    x, y = torch.randn(*shape, generator=torch.Generator().manual_seed(3)), torch.arange(16) % 4
+    pm = _three_dendrites(model_fn, x, mode="gd")
+    got = _neuron_step(pm, x, y, True, monkeypatch)
+    want = _neuron_step(pm, x, y, False, monkeypatch)
+    assert got[4] == 1  # eval only
+    assert any("dendrites.weight" in n for n in got[1])
+    for key, grad in want[1].items():  # (atol 1e-6 at least: a conv bias before a BatchNorm has no gradient but rounding)
+        torch.testing.assert_close(got[1][key], grad, rtol=1e-4, atol=max(1e-5 * grad.abs().max().item(), 1e-6),
+                                   msg=key)
