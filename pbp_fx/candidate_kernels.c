@@ -609,23 +609,61 @@ int pbp_norm_cascade_sigmoid(const float *z, float *out, int64_t outer, int64_t 
     float *alpha = malloc(sizeof(float) * 2 * rows);
     if (!alpha) return -1;
     float *shift = alpha + rows;
+    /* Short rows (a Linear's, inner 1) leave per-row loops scalar: there the passes run over each sample's
+     * whole [K, C, inner] block, with the per-row values spread to its elements. */
+    int64_t block = rows * inner;
+    int spread_rows = inner < 16 && block * (copies + 3) <= (1 << 22);
+    float *per = spread_rows ? malloc(sizeof(float) * block * (copies + 3)) : NULL;
+    if (spread_rows && !per) spread_rows = 0;
+    int64_t *row_of = NULL;
+    if (spread_rows) {
+        row_of = malloc(sizeof(int64_t) * block);
+        if (!row_of) {
+            free(per);
+            per = NULL;
+            spread_rows = 0;
+        } else {
+            for (int64_t e = 0; e < block; e++) row_of[e] = e / inner;
+        }
+    }
     if (training) {
         memset(work, 0, sizeof(double) * 2 * rows);
-        for (int64_t o = 0; o < outer; o++) {
-            const float *zo = z + o * rows * inner;
-            for (int64_t r = 0; r < rows; r++) {
-                float part = 0.0f;
-                for (int64_t s = 0; s < inner; s++) part += zo[r * inner + s];
-                sum[r] += part;
+        if (spread_rows) {
+            float *acc = per;
+            memset(acc, 0, sizeof(float) * block);
+            for (int64_t o = 0; o < outer; o++) {
+                const float *zo = z + o * block;
+                for (int64_t e = 0; e < block; e++) acc[e] += zo[e];
+            }
+            gather_sums(sum, acc, row_of, block);
+        } else {
+            for (int64_t o = 0; o < outer; o++) {
+                const float *zo = z + o * rows * inner;
+                for (int64_t r = 0; r < rows; r++) {
+                    float part = 0.0f;
+                    for (int64_t s = 0; s < inner; s++) part += zo[r * inner + s];
+                    sum[r] += part;
+                }
             }
         }
         for (int64_t r = 0; r < rows; r++) shift[r] = (float)(sum[r] / n);  /* (the mean, for now) */
-        for (int64_t o = 0; o < outer; o++) {
-            const float *zo = z + o * rows * inner;
-            for (int64_t r = 0; r < rows; r++) {
-                float m = shift[r], part = 0.0f;
-                for (int64_t s = 0; s < inner; s++) part += (zo[r * inner + s] - m) * (zo[r * inner + s] - m);
-                sq[r] += part;
+        if (spread_rows) {
+            float *acc = per, *m = per + block;
+            spread(m, shift, row_of, block);
+            memset(acc, 0, sizeof(float) * block);
+            for (int64_t o = 0; o < outer; o++) {
+                const float *zo = z + o * block;
+                for (int64_t e = 0; e < block; e++) acc[e] += (zo[e] - m[e]) * (zo[e] - m[e]);
+            }
+            gather_sums(sq, acc, row_of, block);
+        } else {
+            for (int64_t o = 0; o < outer; o++) {
+                const float *zo = z + o * rows * inner;
+                for (int64_t r = 0; r < rows; r++) {
+                    float m = shift[r], part = 0.0f;
+                    for (int64_t s = 0; s < inner; s++) part += (zo[r * inner + s] - m) * (zo[r * inner + s] - m);
+                    sq[r] += part;
+                }
             }
         }
         for (int64_t r = 0; r < rows; r++) {
@@ -644,6 +682,39 @@ int pbp_norm_cascade_sigmoid(const float *z, float *out, int64_t outer, int64_t 
             alpha[r] = gamma ? invstd * gamma[r] : invstd;
             shift[r] = (beta ? beta[r] : 0.0f) - running_mean[r] * alpha[r];
         }
+    }
+    if (spread_rows) {
+        /* per: alpha, shift, then U[k, c, j] spread over copy k's elements for each j < k (at row (j, c)) */
+        float *a = per, *b = per + block, *u = per + 2 * block;
+        spread(a, alpha, row_of, block);
+        spread(b, shift, row_of, block);
+        int64_t part = channels * inner;
+        if (cascade)
+            for (int64_t k = 1; k < copies; k++)
+                for (int64_t j = 0; j < k; j++)
+                    for (int64_t e = 0; e < part; e++)
+                        u[j * block + k * part + e] = cascade[(k * channels + e / inner) * copies + j];
+        for (int64_t o = 0; o < outer; o++) {
+            const float *zo = z + o * block;
+            float *outo = out + o * block;
+            for (int64_t k = 0; k < copies; k++) {
+                int64_t at = k * part;
+                if (k == 0 || !cascade) {
+                    for (int64_t e = at; e < at + part; e++) outo[e] = sigmoid(zo[e] * a[e] + b[e]);
+                    continue;
+                }
+                for (int64_t e = at; e < at + part; e++) outo[e] = zo[e] * a[e] + b[e];
+                for (int64_t j = 0; j < k; j++) {
+                    const float *uj = u + j * block, *sj = outo + j * part - at;
+                    for (int64_t e = at; e < at + part; e++) outo[e] += uj[e] * sj[e];
+                }
+                for (int64_t e = at; e < at + part; e++) outo[e] = sigmoid(outo[e]);
+            }
+        }
+        free(per);
+        free(row_of);
+        free(alpha);
+        return 0;
     }
     /* copy k after copies 0..k-1 at each position: its cascade reads their outputs */
     for (int64_t o = 0; o < outer; o++) {

@@ -321,6 +321,8 @@ def _neuron_step(pm, x, y, use_kernel, monkeypatch):
 NEURON_MODELS = {
     "conv2d": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
                                      nn.Linear(8 * 36, 4)), (16, 3, 6, 6)),
+    "conv2d 3x3 outputs": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                                 nn.Flatten(), nn.Linear(8 * 9, 4)), (16, 3, 3, 3)),
     "linear": (lambda: nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)), (16, 10)),
 }
 
