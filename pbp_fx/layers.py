@@ -419,9 +419,8 @@ class LayerCopies(nn.Module):
         if self.norm is not None and self.training and activation is torch.sigmoid:
             out = native.norm_sigmoid(z, extra, self.norm_weight, self.norm_bias, self.running_mean,
                                       self.running_var, self._momentum(counted=1), self.norm.eps,
-                                      copy_dim(self.layer.axis))
+                                      copy_dim(self.layer.axis), self.num_batches_tracked)
             if out is not None:
-                self.num_batches_tracked.add_(1)
                 return out
         if self.norm is not None and columns:  # each (copy, channel) over its contiguous positions
             z = columns_to_stacked(self._normed(flat.view(1, -1, flat.shape[-1])).view(flat.shape), spatial)
@@ -444,10 +443,8 @@ class LayerCopies(nn.Module):
             out = native.norm_cascade_sigmoid(z, cascade, self.norm_weight, self.norm_bias, self.running_mean,
                                               self.running_var, self.training,
                                               self._momentum(counted=1) if self.training else 0.0, self.norm.eps,
-                                              self.layer.axis)
+                                              self.layer.axis, self.num_batches_tracked)
             if out is not None:
-                if self.training:
-                    self.num_batches_tracked.add_(1)
                 return list(out.unbind(copy_dim(self.layer.axis)))
         if self.norm is not None:
             z = self._normed_stacked(z)

@@ -33,6 +33,7 @@ import tempfile
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["kernel", "candidate_gradient", "norm_sigmoid", "norm_cascade_sigmoid"]
@@ -166,8 +167,8 @@ def candidate_gradient(c: Tensor, d: Tensor, stats: Sequence[Tensor], snapshots:
     """(counted, g) for a split pool's batch (c and d [.., P, C, ..] alike, P at `copy_dim`), with the
     statistics updated in place; None where the native call does not apply (the caller runs the torch
     ops): no library, not float32 on the CPU, another layout, a large tensor with several threads."""
-    lib = kernel()
-    if lib is None or c.dtype != torch.float32 or d.dtype != torch.float32 or c.device.type != "cpu":
+    lib = _kernel_for(c, d, *stats, *snapshots, *rows)
+    if lib is None or c.dtype != torch.float32 or d.dtype != torch.float32:
         return None
     if c.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:
         return None
@@ -203,38 +204,76 @@ def _address(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+def _kernel_for(*tensors: Tensor) -> Optional[ctypes.CDLL]:
+    """The library where the kernels can read these tensors' memory, else None: not while torch.compile traces
+    (checked first: tracing into kernel() broke the graph), and only plain tensors in CPU memory: not a
+    FakeTensor or other subclass (their data_ptr() is 0: the kernel would read address 0), not one wrapped by
+    a torch.func transform."""
+    if torch.compiler.is_compiling():
+        return None
+    for t in tensors:
+        if type(t) not in (Tensor, torch.nn.Parameter) or t.device.type != "cpu" or _is_wrapped(t):
+            return None
+    return kernel()
+
+
+def _is_wrapped(t: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _differentiable_backward(ctx, grad_out: Tensor, z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor],
+                             bias: Optional[Tensor]) -> tuple:
+    """norm_sigmoid's backward as torch ops that autograd can differentiate again (create_graph=True): the
+    batch-statistics norm and the sigmoid recomputed from the saved inputs."""
+    cd = ctx.layout[3]
+    rows = z.shape[cd] * z.shape[cd + 1]
+    flat = z.flatten(cd, cd + 1) if cd == 1 else z.reshape(-1, rows)
+    pre = F.batch_norm(flat, None, None, None if weight is None else weight.reshape(rows),
+                       None if bias is None else bias.reshape(rows), True, 0.0, ctx.eps).reshape(z.shape)
+    out = torch.sigmoid(pre if extra is None else pre + extra)
+    inputs = (z, extra, weight, bias)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True, allow_unused=True)
+    result = [None] * 9
+    for i, g in zip(wanted, grads):
+        result[i] = g
+    return tuple(result)
+
+
 def norm_sigmoid(z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                  running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
-                 copy_dim: int) -> Optional[Tensor]:
+                 copy_dim: int, batches_tracked: Optional[Tensor] = None) -> Optional[Tensor]:
     """sigmoid(batch_norm(z) + extra) for a candidate pool's layer output z ([.., P, C, ..], P at
     `copy_dim`), the norm in training form (batch statistics; the running ones updated in place), as
     native calls forward and backward; None where they do not apply (nothing changed; the caller runs
     F.batch_norm and torch.sigmoid): no library, not float32 on the CPU, a layout with gaps, fewer than
     two positions a channel, a large tensor with several threads, torch.compile tracing.
 
-    weight, bias, running_mean, running_var: [P, C] (or None); extra: z's shape (or None)."""
-    lib = kernel()
-    if lib is None or z.dtype != torch.float32 or z.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    if z.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:
-        return None
+    weight, bias, running_mean, running_var: [P, C] (or None); extra: z's shape (or None);
+    batches_tracked: the norm's counter, counted here (before the call: a checkpointed forward's recompute
+    stops once its last saved tensor is made, after the running statistics' update)."""
     own = [t for t in (weight, bias, running_mean, running_var) if t is not None]
-    if any(t.dtype != torch.float32 or t.device != z.device or not t.is_contiguous() for t in own):
+    lib = _kernel_for(z, *own, *([] if extra is None else [extra]))
+    if lib is None or z.dtype != torch.float32 or z.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:
+        return None
+    copy_dim %= z.dim()
+    members, channels = z.shape[copy_dim], z.shape[copy_dim + 1]
+    if any(t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != members * channels for t in own):
         return None
     if (running_mean is None) != (running_var is None) or (weight is None) != (bias is None):
         return None
-    copy_dim %= z.dim()
     layout = _layout(tuple(z.shape), z.stride(), copy_dim)
-    members, channels = z.shape[copy_dim], z.shape[copy_dim + 1]
     if layout is None or z.numel() < 2 * members * channels:
         return None
     if extra is not None:
-        if extra.dtype != torch.float32 or extra.shape != z.shape or extra.device != z.device:
+        if extra.dtype != torch.float32 or extra.shape != z.shape:
             return None
         if extra.stride() != z.stride():  # (one layout for the kernel's walk)
             extra = torch.empty_like(z).copy_(extra)
+    if batches_tracked is not None:
+        batches_tracked.add_(1)
     return _NormSigmoid.apply(z, extra, weight, bias, running_mean, running_var, float(momentum), float(eps),
-                              (layout, members, channels))
+                              (layout, members, channels, copy_dim))
 
 
 class _NormSigmoid(torch.autograd.Function):
@@ -243,7 +282,7 @@ class _NormSigmoid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, extra, weight, bias, running_mean, running_var, momentum, eps, layout):
-        (nd, sizes, roles), members, channels = layout
+        (nd, sizes, roles), members, channels, _ = layout
         rows = members * channels
         out = torch.empty_like(z)
         mean, invstd = torch.empty(2, rows).unbind()
@@ -253,16 +292,17 @@ class _NormSigmoid(torch.autograd.Function):
             (ctypes.c_double * (2 * rows))())
         if status < 0:
             raise RuntimeError(f"pbp_fx.native: the norm kernel refused its arguments (shape {list(z.shape)})")
-        ctx.layout = layout
+        ctx.layout, ctx.eps = layout, eps
         ctx.has_extra = extra is not None
-        ctx.save_for_backward(z, out, weight, mean, invstd)
+        ctx.save_for_backward(z, out, weight, bias, extra, mean, invstd)
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        z, out, weight, mean, invstd = ctx.saved_tensors
-        (nd, sizes, roles), members, channels = ctx.layout
+        z, out, weight, bias, extra, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # (create_graph: a second-order gradient, e.g. a gradient penalty)
+            return _differentiable_backward(ctx, grad_out, z, extra, weight, bias)
+        (nd, sizes, roles), members, channels, _ = ctx.layout
         if grad_out.stride() != z.stride():
             grad_out = torch.empty_like(z).copy_(grad_out)
         wants_extra = ctx.has_extra and ctx.needs_input_grad[1]
@@ -282,7 +322,7 @@ class _NormSigmoid(torch.autograd.Function):
 
 def norm_cascade_sigmoid(z: Tensor, cascade: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                          running_mean: Tensor, running_var: Tensor, training: bool, momentum: float, eps: float,
-                         axis: int) -> Optional[Tensor]:
+                         axis: int, batches_tracked: Optional[Tensor] = None) -> Optional[Tensor]:
     """The K installed dendrites' activations s_k = sigmoid(norm_k(z_k) + sum_{j<k} cascade[k, :, j] * s_j), in
     z's stacked layout ([B, K, C, *S] for axis 1, [..., K, C] for -1), as one native call; the norm's batch
     statistics when training (the running ones updated in place), else its running ones. None where it does
@@ -290,14 +330,13 @@ def norm_cascade_sigmoid(z: Tensor, cascade: Optional[Tensor], weight: Optional[
     contiguous, something needing a gradient, fewer than two positions a channel in training, a large tensor
     with several threads, torch.compile tracing.
 
-    cascade: [K, C, K] (or None); weight, bias, running_mean, running_var: [K, C]."""
-    lib = kernel()
-    if lib is None or z.dtype != torch.float32 or z.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    if z.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:
-        return None
+    cascade: [K, C, K] (or None); weight, bias, running_mean, running_var: [K, C]; batches_tracked: the
+    norm's counter, counted here when training."""
     own = [t for t in (cascade, weight, bias, running_mean, running_var) if t is not None]
-    if any(t.dtype != torch.float32 or t.device != z.device or not t.is_contiguous() for t in own):
+    lib = _kernel_for(z, *own)
+    if lib is None or z.dtype != torch.float32 or z.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:
+        return None
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in own):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (z, *own)):
         return None
@@ -306,8 +345,14 @@ def norm_cascade_sigmoid(z: Tensor, cascade: Optional[Tensor], weight: Optional[
     cd = 1 if axis == 1 else z.dim() - 2
     copies, channels = z.shape[cd], z.shape[cd + 1]
     outer, inner = math.prod(z.shape[:cd]), math.prod(z.shape[cd + 2:])
+    if any(t.numel() != copies * channels for t in own if t is not cascade):
+        return None
+    if cascade is not None and cascade.numel() not in (0, copies * channels * copies):
+        return None
     if training and outer * inner < 2:
         return None
+    if training and batches_tracked is not None:
+        batches_tracked.add_(1)
     out = torch.empty_like(z)
     status = lib.pbp_norm_cascade_sigmoid(
         z.data_ptr(), out.data_ptr(), outer, copies, channels, inner, _address(weight), _address(bias),

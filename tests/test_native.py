@@ -2,6 +2,8 @@
 the torch ops they replace."""
 import copy
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -360,3 +362,111 @@ def test_dendrites_that_train_gd_mode_leave_the_cascade_kernel_out(monkeypatch):
     for key, grad in want[1].items():  # (atol 1e-6 at least: a conv bias before a BatchNorm has no gradient but rounding)
         torch.testing.assert_close(got[1][key], grad, rtol=1e-4, atol=max(1e-5 * grad.abs().max().item(), 1e-6),
                                    msg=key)
+
+
+# -- where the kernels must step aside (a review of the norm kernel) ----------------------------------------
+
+def _pool_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 36, 3))
+    x = torch.randn(16, 3, 6, 6)
+    pm = pbp_fx.perforate(model, (x[:2],))
+    pm.train()
+    pm.start_dendrite_phase(pool=4)
+    return pm, x
+
+
+@needs_kernel
+def test_a_dendrite_phase_under_fake_tensors_runs_the_torch_ops(tmp_path):
+    """A FakeTensor says it is on the CPU and its data_ptr() is 0: the kernel read address 0 and the process died."""
+    script = tmp_path / "fake.py"
+    script.write_text(
+        "import sys; sys.path.insert(0, %r)\n"
+        "import test_native\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "pm, x = test_native._pool_model()\n"
+        "with FakeTensorMode(allow_non_fake_inputs=True) as mode:\n"
+        "    out = pm(mode.from_tensor(x))\n"
+        "print(tuple(out.shape))\n" % os.path.dirname(__file__))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "(16, 3)", done.stderr[-2000:]
+
+
+@needs_kernel
+def test_a_second_order_gradient_through_the_copies_norm_and_sigmoid_is_the_torch_ops(monkeypatch):
+    """create_graph=True (a gradient penalty): the kernel's backward is not differentiable, and the second-order
+    terms were dropped without a word."""
+    copies = LayerCopies(LayerSpec.from_module(nn.Linear(5, 3)), NormSpec.from_module(nn.BatchNorm1d(3)), 4)
+    copies.reset_parameters("kaiming", generator=torch.Generator().manual_seed(2))
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for use_kernel in (True, False):
+        run = copy.deepcopy(copies)
+        if not use_kernel:
+            monkeypatch.setattr(native, "kernel", lambda: None)
+        xs = x.clone().requires_grad_()
+        (grad_x,) = torch.autograd.grad(run(xs, activation=torch.sigmoid).sum(), xs, create_graph=True)
+        grad_x.pow(2).sum().backward()
+        monkeypatch.undo()
+        grads.append({n: p.grad for n, p in run.named_parameters()})
+    for name, want in grads[1].items():
+        torch.testing.assert_close(grads[0][name], want, rtol=1e-4, atol=max(1e-5 * want.abs().max().item(), 1e-6),
+                                   msg=name)
+
+
+@needs_kernel
+def test_a_dendrite_phase_compiles_as_one_graph():
+    pm, x = _pool_model()
+    out = torch.compile(pm, fullgraph=True, backend="eager")(x)
+    out.sum().backward()
+    assert any(p.grad is not None for n, p in pm.named_parameters() if "candidates" in n)
+
+
+@needs_kernel
+def test_a_checkpointed_forward_counts_the_norms_batches_as_the_torch_ops_do(monkeypatch):
+    """A recompute stops once its last saved tensor is made: the count after the kernel call was skipped while the
+    running statistics were updated (momentum None: a cumulative average over a wrong count)."""
+    copies = LayerCopies(LayerSpec.from_module(nn.Conv2d(4, 3, 3, padding=1)),
+                         NormSpec.from_module(nn.BatchNorm2d(3, momentum=None)), 4)
+    copies.reset_parameters("kaiming", generator=torch.Generator().manual_seed(0))
+    runs = []
+    for use_kernel in (True, False):
+        run = copy.deepcopy(copies)
+        if not use_kernel:
+            monkeypatch.setattr(native, "kernel", lambda: None)
+        for i in range(3):
+            x = torch.randn(8, 4, 5, 5, generator=torch.Generator().manual_seed(i)) + i
+            out = torch.utils.checkpoint.checkpoint(lambda x: run(x, split=True, activation=torch.sigmoid), x,
+                                                    use_reentrant=False)
+            out.pow(2).sum().backward()
+        monkeypatch.undo()
+        runs.append(run)
+    assert int(runs[0].num_batches_tracked) == int(runs[1].num_batches_tracked)
+    torch.testing.assert_close(runs[0].running_mean, runs[1].running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs[0].running_var, runs[1].running_var, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_torch_func_grad_through_the_candidates_runs_the_torch_ops():
+    copies = LayerCopies(LayerSpec.from_module(nn.Linear(5, 3)), NormSpec.from_module(nn.BatchNorm1d(3)), 4)
+    copies.reset_parameters("kaiming", generator=torch.Generator().manual_seed(0))
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(1))
+    params = {k: v.detach() for k, v in copies.named_parameters()}
+    buffers = {k: v.clone() for k, v in copies.named_buffers()}
+
+    def loss(p):
+        state = (p, {k: v.clone() for k, v in buffers.items()})
+        return torch.func.functional_call(copies, state, (x,), {"split": True, "activation": torch.sigmoid}).pow(2).sum()
+
+    grads = torch.func.grad(loss)(params)
+    want = torch.autograd.grad(loss({k: v.requires_grad_() for k, v in params.items()}), params["weight"])[0]
+    torch.testing.assert_close(grads["weight"], want, rtol=1e-4, atol=1e-6)
+
+
+@needs_kernel
+def test_per_row_tensors_of_another_size_are_declined():
+    z = torch.randn(8, 4, 3)
+    assert native.norm_sigmoid(z, None, None, None, torch.zeros(3), torch.ones(3), 0.1, 1e-5, 1) is None
+    assert native.norm_cascade_sigmoid(torch.randn(8, 2, 3), torch.zeros(2, 3, 1), None, None, torch.zeros(2, 3),
+                                       torch.ones(2, 3), True, 0.1, 1e-5, -1) is None
