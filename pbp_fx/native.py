@@ -167,7 +167,7 @@ def candidate_gradient(c: Tensor, d: Tensor, stats: Sequence[Tensor], snapshots:
     """(counted, g) for a split pool's batch (c and d [.., P, C, ..] alike, P at `copy_dim`), with the
     statistics updated in place; None where the native call does not apply (the caller runs the torch
     ops): no library, not float32 on the CPU, another layout, a large tensor with several threads."""
-    lib = _kernel_for(c, d, *stats, *snapshots, *rows)
+    lib = _kernel_for((c, d), (*stats, *snapshots, *rows))
     if lib is None or c.dtype != torch.float32 or d.dtype != torch.float32:
         return None
     if c.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:
@@ -204,21 +204,24 @@ def _address(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _kernel_for(*tensors: Tensor) -> Optional[ctypes.CDLL]:
+def _kernel_for(data: Sequence[Tensor], own: Sequence[Tensor] = ()) -> Optional[ctypes.CDLL]:
     """The library where the kernels can read these tensors' memory, else None: not while torch.compile traces
-    (checked first: tracing into kernel() broke the graph), and only plain tensors in CPU memory: not a
-    FakeTensor or other subclass (their data_ptr() is 0: the kernel would read address 0), not one wrapped by
-    a torch.func transform."""
+    (checked first: tracing into kernel() broke the graph), and only plain tensors: not a FakeTensor or other
+    subclass (their data_ptr() is 0: the kernel would read address 0). `data` (a batch's activations) must also
+    be in CPU memory and not wrapped by a torch.func transform; `own` (a module's parameters and buffers, beside
+    them) is checked for its type only (a few us a site and step)."""
     if torch.compiler.is_compiling():
         return None
-    for t in tensors:
-        if type(t) not in (Tensor, torch.nn.Parameter) or t.device.type != "cpu" or _is_wrapped(t):
+    for t in data:
+        if type(t) is not Tensor or t.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return None
+    for t in own:
+        if type(t) not in _PLAIN:
             return None
     return kernel()
 
 
-def _is_wrapped(t: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _differentiable_backward(ctx, grad_out: Tensor, z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor],
@@ -253,7 +256,7 @@ def norm_sigmoid(z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor], b
     batches_tracked: the norm's counter, counted here (before the call: a checkpointed forward's recompute
     stops once its last saved tensor is made, after the running statistics' update)."""
     own = [t for t in (weight, bias, running_mean, running_var) if t is not None]
-    lib = _kernel_for(z, *own, *([] if extra is None else [extra]))
+    lib = _kernel_for((z,) if extra is None else (z, extra), own)
     if lib is None or z.dtype != torch.float32 or z.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:
         return None
     copy_dim %= z.dim()
@@ -333,7 +336,7 @@ def norm_cascade_sigmoid(z: Tensor, cascade: Optional[Tensor], weight: Optional[
     cascade: [K, C, K] (or None); weight, bias, running_mean, running_var: [K, C]; batches_tracked: the
     norm's counter, counted here when training."""
     own = [t for t in (cascade, weight, bias, running_mean, running_var) if t is not None]
-    lib = _kernel_for(z, *own)
+    lib = _kernel_for((z,), own)
     if lib is None or z.dtype != torch.float32 or z.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:
         return None
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in own):
