@@ -96,11 +96,14 @@ static inline void run_scale(float *restrict g, int64_t len, int64_t row0, int64
  * blocks of `inner` contiguous elements, one block per combination of the outer position dims, at
  * offsets `blocks` (from the row's start). A row's sums then run in registers over long stretches;
  * the runs of FOR_EACH_RUN were as short as 4 elements (a stride-2 conv's 2 x 2 outputs). */
-static int64_t position_blocks(int nd, const int64_t *sizes, const int *roles, int64_t **blocks,
-                               int64_t *member_stride, int64_t *channel_stride) {
+static int64_t position_blocks(int nd, const int64_t *sizes, const int *roles, const int64_t *given_strides,
+                               int64_t **blocks, int64_t *member_stride, int64_t *channel_stride) {
+    /* the strides of the dense layout, or `given_strides` (a tensor read in that layout's order) */
     int64_t strides[MAX_DIMS], count = 1;
     strides[nd - 1] = 1;
     for (int k = nd - 2; k >= 0; k--) strides[k] = strides[k + 1] * sizes[k + 1];
+    if (given_strides)
+        for (int k = 0; k < nd; k++) strides[k] = given_strides[k];
     *member_stride = *channel_stride = 0;
     for (int k = 0; k < nd; k++) {
         if (roles[k] == 1) *member_stride = strides[k];
@@ -142,8 +145,10 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
                            int64_t *last_improved, double decay,
                            int64_t warmup, double threshold, int bias_correction, double scale,
                            double left_out, int n_rows, float **snapshots, float **row_tensors,
-                           const int64_t *row_sizes, double *work /* 3 x rows */) {
+                           const int64_t *row_sizes, const int64_t *d_strides, double *work /* 3 x rows */) {
     if (nd < 1 || nd > MAX_DIMS || members < 1 || channels < 1) return -1;
+    /* d in a layout of its own (a split site error's view: no copy): positions innermost, contiguous there */
+    if (d_strides && (roles[nd - 1] != 0 || d_strides[nd - 1] != 1)) return -1;
     int64_t rows = members * channels, total = 1, inner = sizes[nd - 1];
     for (int k = 0; k < nd; k++) total *= sizes[k];
     if (total % rows) return -1;
@@ -160,12 +165,23 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
 #define COV(base, row0, step) run_cov(c + (base), d + (base), g + (base), inner, row0, step, mul, m1, m2, cov)
 #define SCALE(base, row0, step) run_scale(g + (base), inner, row0, step, m1)
     int64_t *blocks = NULL, n_blocks = 0, member_stride = 0, channel_stride = 0;
+    int64_t *d_blocks = NULL, d_member_stride = 0, d_channel_stride = 0;
     if (roles[nd - 1] == 0) {  /* positions innermost: row by row, over blocks */
-        n_blocks = position_blocks(nd, sizes, roles, &blocks, &member_stride, &channel_stride);
+        n_blocks = position_blocks(nd, sizes, roles, NULL, &blocks, &member_stride, &channel_stride);
         if (n_blocks < 0) return -1;
+        d_blocks = blocks, d_member_stride = member_stride, d_channel_stride = channel_stride;
+        if (d_strides && position_blocks(nd, sizes, roles, d_strides, &d_blocks, &d_member_stride,
+                                         &d_channel_stride) < 0) {
+            free(blocks);
+            return -1;
+        }
     }
 #define ROW_START(r) (((r) / channels) * member_stride + ((r) % channels) * channel_stride)
-#define FOR_EACH_BLOCK(r, BLOCK) for (int64_t b_ = 0; b_ < n_blocks; b_++) { int64_t at = ROW_START(r) + blocks[b_]; BLOCK; }
+#define D_ROW_START(r) (((r) / channels) * d_member_stride + ((r) % channels) * d_channel_stride)
+/* `at`: the block's start in c and g; `dat`: in d */
+#define FOR_EACH_BLOCK(r, BLOCK) for (int64_t b_ = 0; b_ < n_blocks; b_++) { \
+    int64_t at = ROW_START(r) + blocks[b_], dat = D_ROW_START(r) + d_blocks[b_]; \
+    (void)at; (void)dat; BLOCK; }
     memset(sum, 0, sizeof(double) * rows);
     memset(cov, 0, sizeof(double) * rows);
     if (blocks) {
@@ -174,14 +190,14 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
             double acc = 0.0;
             FOR_EACH_BLOCK(r, {
                 float part = 0.0f;
-                for (int64_t j = 0; j < inner; j++) part += d[at + j] * mul;
+                for (int64_t j = 0; j < inner; j++) part += d[dat + j] * mul;
                 acc += part;
             });
             float a = m1[r] = (float)(acc / n);
             acc = 0.0;
             FOR_EACH_BLOCK(r, {
                 float part = 0.0f;
-                for (int64_t j = 0; j < inner; j++) part += d[at + j] * mul - a;
+                for (int64_t j = 0; j < inner; j++) part += d[dat + j] * mul - a;
                 acc += part;
             });
             float b = m2[r] = (float)(acc / n);
@@ -189,7 +205,7 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
             FOR_EACH_BLOCK(r, {
                 float part = 0.0f;
                 for (int64_t j = 0; j < inner; j++) {
-                    float e = (d[at + j] * mul - a) - b;
+                    float e = (d[dat + j] * mul - a) - b;
                     g[at + j] = e;
                     part += c[at + j] * e;
                 }
@@ -216,6 +232,7 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
     }
 
     /* fold the batch into the statistics (covariance_tap.fold_batch, decided on the host) */
+    if (d_blocks != blocks) free(d_blocks);
     *batches_seen += 1;
     if (!isfinite(check)) {
         free(blocks);

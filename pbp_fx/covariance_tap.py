@@ -218,19 +218,20 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
             left_out = grad_y.numel() / seen.numel()
             grad_y = seen
         d = split_members(grad_y, p, axis) if split else grad_y.unsqueeze(copy_dim(axis))
+        # One native call where it applies (a split pool in float32 on the CPU, one process, a batch seen
+        # the first time): the same arithmetic without forty ops' dispatch (pbp_fx.native); it reads d's
+        # view in place, or copies it
+        done = (native.candidate_gradient(c, d, stats, snapshots, rows, copy_dim(axis), scale, settings, left_out)
+                if split and reducer is None and new is True else None)
+        if done is not None:
+            counted, g = done
+            return g if counted else _uncounted_gradient(c, scale)
         # e (and so the gradient into the candidates' sigmoid, norm and layer backward) takes d's
         # strides: a layout other than c's sends those kernels down slow paths.
         if d.shape == c.shape and d.stride() != c.stride():
             d = torch.empty_like(c, dtype=d.dtype).copy_(d)  # c's layout (layers.split_columns: copies first)
         elif c.is_contiguous() and not d.is_contiguous():
             d = d.contiguous()
-        # One native call where it applies (a split pool in float32 on the CPU, one process, a batch seen
-        # the first time): the same arithmetic without forty ops' dispatch (pbp_fx.native)
-        done = (native.candidate_gradient(c, d, stats, snapshots, rows, copy_dim(axis), scale, settings, left_out)
-                if split and reducer is None and new is True else None)
-        if done is not None:
-            counted, g = done
-            return g if counted else _uncounted_gradient(c, scale)
         cov, e = batch_covariance(c, d if scale is None else d / scale, axis, stats[0].shape[1], reducer)
         if left_out != 1.0:
             cov.mul_(left_out)

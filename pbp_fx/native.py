@@ -122,7 +122,7 @@ def kernel() -> Optional[ctypes.CDLL]:
     # (addresses as plain integers: ctypes.cast per pointer cost 2 us each)
     fn.argtypes = [_P, _P, _P, ctypes.c_int, _P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P, _P, _P,
                    ctypes.c_double, ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_double, ctypes.c_double,
-                   ctypes.c_int, _P, _P, _P, _P]
+                   ctypes.c_int, _P, _P, _P, _P, _P]
     layout = [ctypes.c_int, _P, _P, ctypes.c_int64, ctypes.c_int64]
     lib.pbp_norm_sigmoid_forward.restype = ctypes.c_int
     lib.pbp_norm_sigmoid_forward.argtypes = [_P, _P, _P, *layout, _P, _P, _P, _P, ctypes.c_double,
@@ -139,11 +139,12 @@ def kernel() -> Optional[ctypes.CDLL]:
 def _layout(shape: tuple, strides: tuple, copy_dim: int) -> Optional[tuple]:
     """A dense tensor's dims in memory order for the kernels: (nd, sizes, roles) as ctypes arrays, sizes
     outermost first, roles 0 a position, 1 the member (`copy_dim`), 2 the channel (the next dim); dims of
-    size 1 left out and neighbouring position dims merged. None unless dense (no gaps, no overlap) with
-    at most _MAX_DIMS such dims."""
+    size 1 left out and neighbouring position dims merged; and each merged dim's tensor dims, outermost first.
+    None unless dense (no gaps, no overlap) with at most _MAX_DIMS such dims."""
     dims = sorted((k for k in range(len(shape)) if shape[k] > 1), key=lambda k: -strides[k])
     sizes: list[int] = []
     roles: list[int] = []
+    groups: list[list[int]] = []
     expected = math.prod(shape)
     for k in dims:
         expected //= shape[k]
@@ -152,13 +153,31 @@ def _layout(shape: tuple, strides: tuple, copy_dim: int) -> Optional[tuple]:
         role = 1 if k == copy_dim else 2 if k == copy_dim + 1 else 0
         if role == 0 and roles and roles[-1] == 0:
             sizes[-1] *= shape[k]
+            groups[-1].append(k)
         else:
             sizes.append(shape[k])
             roles.append(role)
+            groups.append([k])
     if not sizes or len(sizes) > _MAX_DIMS:
         return None
     nd = len(sizes)
-    return nd, (ctypes.c_int64 * nd)(*sizes), (ctypes.c_int * nd)(*roles)
+    return nd, (ctypes.c_int64 * nd)(*sizes), (ctypes.c_int * nd)(*roles), tuple(map(tuple, groups))
+
+
+@functools.lru_cache(maxsize=256)
+def _strides_in(groups: tuple, shape: tuple, strides: tuple) -> Optional[ctypes.Array]:
+    """Another tensor of `shape` read in a layout's dim order (`_layout`'s groups): its stride along each
+    merged dim, or None where a merged dim's tensor dims do not merge in it, or its innermost is not contiguous
+    (the covariance kernel reads it so only where positions are innermost)."""
+    out = []
+    for group in groups:
+        for outer, inner in zip(group, group[1:]):
+            if strides[outer] != strides[inner] * shape[inner]:
+                return None
+        out.append(strides[group[-1]])
+    if out[-1] != 1:
+        return None
+    return (ctypes.c_int64 * len(out))(*out)
 
 
 def candidate_gradient(c: Tensor, d: Tensor, stats: Sequence[Tensor], snapshots: Sequence[Tensor],
@@ -181,9 +200,15 @@ def candidate_gradient(c: Tensor, d: Tensor, stats: Sequence[Tensor], snapshots:
         return None
     copy_dim %= c.dim()  # (a Linear's -2)
     layout = _layout(tuple(c.shape), c.stride(), copy_dim)
-    if layout is None or d.shape != c.shape or d.stride() != c.stride():
+    if layout is None or d.shape != c.shape:
         return None
-    nd, sizes, roles = layout
+    nd, sizes, roles, groups = layout
+    d_strides = None
+    if d.stride() != c.stride():  # (a split site error is a view: read in place where the kernel can)
+        if roles[nd - 1] == 0:
+            d_strides = _strides_in(groups, tuple(d.shape), d.stride())
+        if d_strides is None:
+            d = torch.empty_like(c).copy_(d)
     members, channels = c.shape[copy_dim], c.shape[copy_dim + 1]
     g = torch.empty_like(c)
     decay, warmup, threshold, bias_correction = settings
@@ -193,7 +218,7 @@ def candidate_gradient(c: Tensor, d: Tensor, stats: Sequence[Tensor], snapshots:
         last_improved.data_ptr(), float(decay), int(warmup), float(threshold), int(bool(bias_correction)),
         0.0 if scale is None else float(scale), float(left_out), n, (_P * max(n, 1))(*(s.data_ptr() for s, _ in pairs)),
         (_P * max(n, 1))(*(r.data_ptr() for _, r in pairs)),
-        (ctypes.c_int64 * max(n, 1))(*(r.numel() // (members * channels) for _, r in pairs)),
+        (ctypes.c_int64 * max(n, 1))(*(r.numel() // (members * channels) for _, r in pairs)), d_strides,
         (ctypes.c_double * (3 * members * channels))())
     if status < 0:
         raise RuntimeError(f"pbp_fx.native: the covariance kernel refused its arguments (shape {list(c.shape)})")
@@ -285,7 +310,7 @@ class _NormSigmoid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, extra, weight, bias, running_mean, running_var, momentum, eps, layout):
-        (nd, sizes, roles), members, channels, _ = layout
+        (nd, sizes, roles, _), members, channels, _ = layout
         rows = members * channels
         out = torch.empty_like(z)
         mean, invstd = torch.empty(2, rows).unbind()
@@ -305,7 +330,7 @@ class _NormSigmoid(torch.autograd.Function):
         z, out, weight, bias, extra, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # (create_graph: a second-order gradient, e.g. a gradient penalty)
             return _differentiable_backward(ctx, grad_out, z, extra, weight, bias)
-        (nd, sizes, roles), members, channels, _ = ctx.layout
+        (nd, sizes, roles, _), members, channels, _ = ctx.layout
         if grad_out.stride() != z.stride():
             grad_out = torch.empty_like(z).copy_(grad_out)
         wants_extra = ctx.has_extra and ctx.needs_input_grad[1]
