@@ -331,13 +331,18 @@ class EagerTap(torch.autograd.Function):
     """covariance_tap for eager runs; with a reducer, the statistics are summed over the ranks."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, c: Tensor, stats, snapshots, rows, axis, split, stride, scale, settings, reducer):
+    def forward(ctx, y: Tensor, c: Tensor, stats, snapshots, rows, axis, split, stride, scale, settings, reducer,
+                fresh=False):
         ctx.save_for_backward(c)
         ctx.stats, ctx.snapshots, ctx.rows = stats, snapshots, rows
         ctx.options = (axis, split, stride, scale, settings, reducer)
         ctx.counted = False  # eager: a Python flag, not a device tensor (no op per site and step)
-        # y itself, declared modified: a copy of the site output cost 3-5 % of a small model's step, and an
-        # input returned as is would be a view that a later in-place op (ReLU(inplace)) may not modify.
+        if not fresh:
+            return y.clone()
+        # y itself, declared modified: a copy of the site output cost 2-3 % of a small model's step, and an
+        # input returned as is would be a view that a later in-place op (ReLU(inplace)) may not modify. Only
+        # where the site made y (`fresh`): marking a layer's own output modified broke a backward hook's view
+        # of it and any op that had saved it (an activation penalty in a forward hook).
         ctx.mark_dirty(y)
         return y
 
@@ -350,4 +355,4 @@ class EagerTap(torch.autograd.Function):
         grad_c = candidate_gradient(grad_y, c, ctx.stats, ctx.snapshots, ctx.rows, not ctx.counted, axis, split,
                                     stride, scale, settings, reducer)
         ctx.counted = True
-        return grad_y, grad_c, None, None, None, None, None, None, None, None, None
+        return grad_y, grad_c, None, None, None, None, None, None, None, None, None, None

@@ -207,17 +207,20 @@ class CandidatePool(nn.Module):
         snapshots = [getattr(self, "snapshot_" + name) for name in rows]
         return fold_batch(self._stats(), snapshots, list(rows.values()), cov, self._settings())
 
-    def tap(self, y: Tensor, c: Tensor, split: bool) -> Tensor:
+    def tap(self, y: Tensor, c: Tensor, split: bool, fresh: bool = False) -> Tensor:
         """y unchanged; its backward trains the candidates c on the site error dL/dy and updates
         the statistics (`covariance_tap`: custom ops under torch.compile, so the site stays in
-        one graph; an autograd.Function in eager runs, which also all-reduces with a reducer)."""
+        one graph; an autograd.Function in eager runs, which also all-reduces with a reducer).
+
+        fresh: y was made by the site itself (nothing else holds it), so the eager tap may return it
+        instead of a copy."""
         rows = self._rows()
         snapshots = [getattr(self, "snapshot_" + name) for name in rows]
         args = (y, c, self._stats(), snapshots, list(rows.values()), self.layer.axis, split, self.stride,
                 self.loss_scale(), self._settings())
         if self.reducer is None and torch.compiler.is_compiling():
             return covariance_tap(*args)
-        return EagerTap.apply(*args, self.reducer)
+        return EagerTap.apply(*args, self.reducer, fresh)
 
     def loss_scale(self) -> Optional[float]:
         """The scale the loss was multiplied by before backward (grad_scaler's); None without
@@ -397,7 +400,8 @@ class Site(nn.Module):
             y = _weighted_sum(n, acts, self.out_weight, self.axis)
         if self.candidates is not None and self.training and torch.is_grad_enabled():
             c = self.candidates(src, [s.detach() for s in acts])
-            y = self.candidates.tap(y, c, self.candidates.splits(src.shape[0]))
+            # (without dendrites y is the neuron layer's own output, which its hooks may hold or have saved)
+            y = self.candidates.tap(y, c, self.candidates.splits(src.shape[0]), fresh=y is not n)
         return y
 
     def follow_mode_of(self, norm: Optional[nn.Module]) -> None:

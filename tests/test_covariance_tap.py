@@ -1,7 +1,10 @@
 """pbp_fx.covariance_tap: the statistics update, decided on the host (CPU) or by masks (devices)."""
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+import pbp_fx
 from pbp_fx.covariance_tap import batch_covariance, candidate_gradient, fold_batch
 from pbp_fx.layers import copy_dim, every_nth_position, split_members
 
@@ -181,3 +184,31 @@ def test_an_error_with_a_large_mean_keeps_the_covariance_to_float32_precision(sh
     cov, e = batch_covariance(c, d, axis, shape[copy_dim(axis) + 1])
     assert ((cov.double() - want).abs().max() / want.abs().max()).item() < 1e-6
     assert (e.double().sum(pos).abs().max() / e.abs().max()).item() < 1e-4  # e centred to its own precision
+
+
+@pytest.mark.parametrize("hook", ["full_backward_hook", "full_backward_pre_hook", "forward_hook_penalty"])
+@pytest.mark.parametrize("grows", [0, 1])
+def test_a_hooked_neuron_trains_its_candidates_whether_the_tap_copies_or_returns_the_site_output(hook, grows):
+    """Without dendrites the site output is the neuron layer's own: a backward hook makes it a view, and a forward
+    hook's penalty saves it, so the tap must not declare it modified (it returned it so once, and the step
+    failed); with dendrites the site made it, and the tap returns it without a copy."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 6, 6), torch.arange(16) % 4
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(8 * 36, 4))
+    pm = pbp_fx.perforate(model, (x[:2],))
+    for _ in range(grows):
+        pm.grow()
+    head, penalty = getattr(pm.graph_module, "4"), []
+    if hook == "full_backward_hook":
+        head.register_full_backward_hook(lambda mod, grad_in, grad_out: None)
+    elif hook == "full_backward_pre_hook":
+        head.register_full_backward_pre_hook(lambda mod, grad_out: None)
+    else:
+        head.register_forward_hook(lambda mod, inputs, out: penalty.append(1e-3 * out.pow(2).mean()))
+    pm.train()
+    pm.start_dendrite_phase(pool=4)
+    loss = F.cross_entropy(pm(x), y) + (penalty.pop() if penalty else 0)
+    loss.backward()
+    grad = pm.sites["4"].candidates.copies.weight.grad
+    assert grad is not None and bool(grad.isfinite().all()) and bool(grad.abs().sum() > 0)
