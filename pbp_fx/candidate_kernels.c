@@ -232,9 +232,9 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
     }
 
     /* fold the batch into the statistics (covariance_tap.fold_batch, decided on the host) */
-    if (d_blocks != blocks) free(d_blocks);
     *batches_seen += 1;
     if (!isfinite(check)) {
+        if (d_blocks != blocks) free(d_blocks);
         free(blocks);
         return 0;
     }
@@ -272,6 +272,7 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
             float f = k[r];
             FOR_EACH_BLOCK(r, for (int64_t j = 0; j < inner; j++) g[at + j] *= f);
         }
+        if (d_blocks != blocks) free(d_blocks);
         free(blocks);
     } else {
         FOR_EACH_RUN(SCALE);
@@ -462,13 +463,12 @@ int pbp_norm_sigmoid_forward(const float *z, const float *extra, float *out, int
     double *sum = work, *sq = work + rows;
     memset(work, 0, sizeof(double) * 2 * rows);
     int64_t outer = 1, *row_of = NULL, size = block_layout(nd, sizes, roles, channels, &outer, &row_of);
-    float *acc = NULL, *a = NULL, *b = NULL;
+    float *acc = size ? calloc(3 * size, sizeof(float)) : NULL, *a = NULL, *b = NULL;
+    if (size && !acc) {  /* (no memory for the blocks: the per-row walk needs none) */
+        free(row_of);
+        size = 0;
+    }
     if (size) {
-        acc = calloc(3 * size, sizeof(float));
-        if (!acc) {
-            free(row_of);
-            return -1;
-        }
         a = acc + size;
         b = a + size;
         for (int64_t o = 0; o < outer; o++) {
@@ -543,13 +543,12 @@ int pbp_norm_sigmoid_backward(const float *dc, const float *out, const float *z,
     memset(work, 0, sizeof(double) * 2 * rows);
     if (!g) g = dz;  /* (then overwritten in place by dz) */
     int64_t outer = 1, *row_of = NULL, size = block_layout(nd, sizes, roles, channels, &outer, &row_of);
-    float *acc = NULL, *acc2 = NULL, *sm = NULL, *sk = NULL;
+    float *acc = size ? calloc(7 * size, sizeof(float)) : NULL, *acc2 = NULL, *sm = NULL, *sk = NULL;
+    if (size && !acc) {  /* (no memory for the blocks: the per-row walk needs none) */
+        free(row_of);
+        size = 0;
+    }
     if (size) {
-        acc = calloc(7 * size, sizeof(float));
-        if (!acc) {
-            free(row_of);
-            return -1;
-        }
         acc2 = acc + size;
         sm = acc2 + size;
         sk = sm + size;
