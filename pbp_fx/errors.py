@@ -157,7 +157,22 @@ def rank_errors(folder: str, nproc: int) -> list[str]:
         return [f"{head}error: {who} alone {'was' if len(stops) == 1 else 'were'} {what}"]
     # A bare "terminated" is a rank that torchrun stopped because another failed: that one's line says why.
     bare = [line for line in out if line.rstrip().endswith(("error: terminated", "error: interrupted"))]
-    return [line for line in out if line not in bare] if len(bare) < len(out) else out
+    out = [line for line in out if line not in bare] if len(bare) < len(out) else out
+    return _latest_stop(out)
+
+
+def _latest_stop(lines: list[str]) -> list[str]:
+    """Every rank stopped, some an epoch after others (the stop came as rank 0's checkpoint was done): one line,
+    the latest epoch's. Rank 0 writes each checkpoint before the others return from saving it, so the file holds
+    at least the epochs any rank counted."""
+    import re
+
+    stops = [re.fullmatch(r"(.*after epoch )(\d+)(.*)", line) for line in lines]
+    if len(lines) < 2 or not all(stops) or not all(_is_stop(line) for line in lines):
+        return lines
+    if len({(m.group(1), m.group(3)) for m in stops}) > 1:
+        return lines
+    return [max(stops, key=lambda m: int(m.group(2))).group(0)]
 
 
 def _is_stop(line: str) -> bool:

@@ -135,3 +135,16 @@ def test_a_rank_stopped_alone_is_named_where_the_others_only_lost_contact(tmp_pa
                                              "resumes with pbp-fx train --resume out --nproc 2"]
     (tmp_path / "rank1").write_text("pbp-fx: error: terminated\n")
     assert rank_errors(str(tmp_path), 2) == ["pbp-fx: error: rank 1 alone was terminated"]
+
+
+def test_ranks_stopped_an_epoch_apart_say_one_line_with_the_checkpoints_epochs(tmp_path):
+    """A SIGTERM to the launcher reached rank 1 just after rank 0 finished saving epoch 35: two lines, 34 and 35
+    (a make test run on a clean clone)."""
+    from pbp_fx.errors import rank_errors
+
+    line = "pbp-fx: error: terminated after epoch {}; the run so far resumes with pbp-fx train --resume out --nproc 2\n"
+    (tmp_path / "rank0").write_text(line.format(35))
+    (tmp_path / "rank1").write_text(line.format(34))
+    assert rank_errors(str(tmp_path), 2) == [line.format(35).rstrip("\n")]
+    (tmp_path / "rank1").write_text(line.format(35).replace("terminated", "interrupted"))  # (not the same stop)
+    assert len(rank_errors(str(tmp_path), 2)) == 2
