@@ -470,3 +470,58 @@ def test_per_row_tensors_of_another_size_are_declined():
     assert native.norm_sigmoid(z, None, None, None, torch.zeros(3), torch.ones(3), 0.1, 1e-5, 1) is None
     assert native.norm_cascade_sigmoid(torch.randn(8, 2, 3), torch.zeros(2, 3, 1), None, None, torch.zeros(2, 3),
                                        torch.ones(2, 3), True, 0.1, 1e-5, -1) is None
+
+
+_ASAN_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from torch import nn
+from pbp_fx import native
+from pbp_fx.covariance_tap import candidate_gradient
+import test_native
+assert native.kernel() is not None, "no library"
+for name, layer, norm, x in test_native._norm_cases():  # the norm kernel, forward and backward, both walks
+    copies = test_native.LayerCopies(test_native.LayerSpec.from_module(layer), test_native.NormSpec.from_module(norm), 4)
+    extra = torch.randn(copies(x, split=True).shape)
+    out = copies(x, split=True, extra=extra.requires_grad_(), activation=torch.sigmoid)
+    out.backward(torch.randn(out.shape))
+for name in test_native.NEURON_MODELS:  # the cascade kernel, row and block walks, training and eval
+    model_fn, shape = test_native.NEURON_MODELS[name]
+    x = torch.randn(*shape)
+    pm = test_native._three_dendrites(model_fn, x)
+    pm(x).sum().backward()
+    pm.eval()(x)
+g = torch.Generator().manual_seed(0)
+for stride in (1, 2):  # the covariance kernel, reading the error in place and copied; a non-finite batch
+    for layout, axis, cand in test_native._layouts(4, 6, 5, 4, g):
+        if axis == 1:
+            cand = cand[..., ::stride, ::stride] if cand.dim() == 5 else cand[..., ::stride]
+            grad_y = torch.randn(24, 5, *([4] * (cand.dim() - 3)))
+        else:
+            grad_y = torch.randn(24, 5)
+        grad_y[0].fill_(float("nan") if stride == 2 else 1.0)
+        stats, snapshots, rows = test_native._pool_state(4, 5, g)
+        candidate_gradient(grad_y, cand.contiguous() if layout == "conv" else cand, stats, snapshots, rows, True,
+                           axis, True, stride if axis == 1 else 1, None, (0.9, 0, 1e-4, True))
+print("clean")
+"""
+
+
+@needs_kernel
+def test_the_kernels_read_and_write_only_their_own_memory_under_address_sanitizer(tmp_path):
+    """An unoptimised AddressSanitizer build of every kernel over every walk: a read after free (the error's block
+    offsets) was visible only at -O0."""
+    libasan = subprocess.run(["cc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan) or not os.path.exists(libasan):
+        pytest.skip("no AddressSanitizer runtime beside cc")
+    wrapper = tmp_path / "cc-asan"
+    wrapper.write_text('#!/bin/sh\nexec cc "$@" -O0 -g -fsanitize=address -fno-omit-frame-pointer\n')
+    wrapper.chmod(0o755)
+    script = tmp_path / "asan_run.py"
+    script.write_text(_ASAN_RUN.format(tests=os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, CC=str(wrapper), XDG_CACHE_HOME=str(tmp_path / "cache"), LD_PRELOAD=libasan,
+               ASAN_OPTIONS="detect_leaks=0", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("clean"), (done.stdout + done.stderr)[-3000:]
+    assert "AddressSanitizer" not in done.stderr, done.stderr[-3000:]
