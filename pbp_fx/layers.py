@@ -24,8 +24,8 @@ from .config import ConfigError
 
 __all__ = ["WEIGHT_HOOKS", "has_user_hooks", "LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply",
            "split_apply", "split_members", "runs_as_columns", "split_columns", "columns_to_stacked",
-           "every_nth_position", "cascade_chain", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls", "apply_dendrites",
-           "StandIn"]
+           "every_nth_position", "cascade_chain", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls",
+           "apply_dendrites", "StandIn"]
 
 # Forward pre-hooks that recompute a layer's weight attribute from its parameters before each
 # forward (torch.nn.utils.weight_norm, spectral_norm, prune): the fused weight is read from them.

@@ -214,7 +214,8 @@ def candidate_gradient(c: Tensor, d: Tensor, stats: Sequence[Tensor], snapshots:
     decay, warmup, threshold, bias_correction = settings
     n = len(pairs)
     status = lib.pbp_candidate_gradient(
-        c.data_ptr(), d.data_ptr(), g.data_ptr(), nd, sizes, roles, members, channels, ema.data_ptr(), ema_sq.data_ptr(), best.data_ptr(), steps.data_ptr(), seen.data_ptr(),
+        c.data_ptr(), d.data_ptr(), g.data_ptr(), nd, sizes, roles, members, channels, ema.data_ptr(),
+        ema_sq.data_ptr(), best.data_ptr(), steps.data_ptr(), seen.data_ptr(),
         last_improved.data_ptr(), float(decay), int(warmup), float(threshold), int(bool(bias_correction)),
         0.0 if scale is None else float(scale), float(left_out), n, (_P * max(n, 1))(*(s.data_ptr() for s, _ in pairs)),
         (_P * max(n, 1))(*(r.data_ptr() for _, r in pairs)),
@@ -315,9 +316,9 @@ class _NormSigmoid(torch.autograd.Function):
         out = torch.empty_like(z)
         mean, invstd = torch.empty(2, rows).unbind()
         status = kernel().pbp_norm_sigmoid_forward(
-            z.data_ptr(), _address(extra), out.data_ptr(), nd, sizes, roles, members, channels, _address(weight), _address(bias),
-            _address(running_mean), _address(running_var), momentum, eps, mean.data_ptr(), invstd.data_ptr(),
-            (ctypes.c_double * (2 * rows))())
+            z.data_ptr(), _address(extra), out.data_ptr(), nd, sizes, roles, members, channels, _address(weight),
+            _address(bias), _address(running_mean), _address(running_var), momentum, eps, mean.data_ptr(),
+            invstd.data_ptr(), (ctypes.c_double * (2 * rows))())
         if status < 0:
             raise RuntimeError(f"pbp_fx.native: the norm kernel refused its arguments (shape {list(z.shape)})")
         ctx.layout, ctx.eps = layout, eps
