@@ -436,6 +436,20 @@ static int64_t block_layout(int nd, const int64_t *sizes, const int *roles, int6
     return size;
 }
 
+/* block_layout with `arrays` zeroed work arrays of the block's size in *space; 0 (the row walk, which needs
+ * none) where the layout has no block or the memory cannot be had. */
+static int64_t block_space(int nd, const int64_t *sizes, const int *roles, int64_t channels, int arrays,
+                           int64_t *outer, int64_t **row_of, float **space) {
+    int64_t size = block_layout(nd, sizes, roles, channels, outer, row_of);
+    *space = size ? calloc(arrays * size, sizeof(float)) : NULL;
+    if (size && !*space) {
+        free(*row_of);
+        *row_of = NULL;
+        return 0;
+    }
+    return size;
+}
+
 /* spread[j] = per_row[row_of[j]] */
 static void spread(float *restrict spread_out, const float *restrict per_row, const int64_t *row_of, int64_t size) {
     for (int64_t j = 0; j < size; j++) spread_out[j] = per_row[row_of[j]];
@@ -444,6 +458,28 @@ static void spread(float *restrict spread_out, const float *restrict per_row, co
 /* per_row[row_of[j]] += acc[j] */
 static void gather_sums(double *restrict per_row, const float *restrict acc, const int64_t *row_of, int64_t size) {
     for (int64_t j = 0; j < size; j++) per_row[row_of[j]] += acc[j];
+}
+
+/* A BatchNorm's batch sums over `outer` blocks of `size` elements: sum[row] += z, then (mean spread to the
+ * block in `spread_mean`, computed from sum by the caller in between) sq[row] += (z - mean)^2. acc: size floats. */
+static void block_total(const float *restrict z, int64_t outer, int64_t size, const int64_t *row_of,
+                        float *restrict acc, double *restrict sum) {
+    memset(acc, 0, sizeof(float) * size);
+    for (int64_t o = 0; o < outer; o++) {
+        const float *zo = z + o * size;
+        for (int64_t j = 0; j < size; j++) acc[j] += zo[j];
+    }
+    gather_sums(sum, acc, row_of, size);
+}
+
+static void block_squares(const float *restrict z, int64_t outer, int64_t size, const int64_t *row_of,
+                          const float *restrict spread_mean, float *restrict acc, double *restrict sq) {
+    memset(acc, 0, sizeof(float) * size);
+    for (int64_t o = 0; o < outer; o++) {
+        const float *zo = z + o * size;
+        for (int64_t j = 0; j < size; j++) acc[j] += (zo[j] - spread_mean[j]) * (zo[j] - spread_mean[j]);
+    }
+    gather_sums(sq, acc, row_of, size);
 }
 
 /* Returns 0, or -1 for an argument it cannot take (fewer than two positions a row: BatchNorm's
@@ -462,20 +498,13 @@ int pbp_norm_sigmoid_forward(const float *z, const float *extra, float *out, int
     double n = (double)(total / rows);
     double *sum = work, *sq = work + rows;
     memset(work, 0, sizeof(double) * 2 * rows);
-    int64_t outer = 1, *row_of = NULL, size = block_layout(nd, sizes, roles, channels, &outer, &row_of);
-    float *acc = size ? calloc(3 * size, sizeof(float)) : NULL, *a = NULL, *b = NULL;
-    if (size && !acc) {  /* (no memory for the blocks: the per-row walk needs none) */
-        free(row_of);
-        size = 0;
-    }
+    int64_t outer = 1, *row_of = NULL;
+    float *acc = NULL, *a = NULL, *b = NULL;
+    int64_t size = block_space(nd, sizes, roles, channels, 3, &outer, &row_of, &acc);
     if (size) {
         a = acc + size;
         b = a + size;
-        for (int64_t o = 0; o < outer; o++) {
-            const float *zo = z + o * size;
-            for (int64_t j = 0; j < size; j++) acc[j] += zo[j];
-        }
-        gather_sums(sum, acc, row_of, size);
+        block_total(z, outer, size, row_of, acc, sum);
     } else {
 #define TOTAL(base, row0, step) run_total(z + (base), inner, row0, step, sum)
         FOR_EACH_RUN(TOTAL);
@@ -483,12 +512,7 @@ int pbp_norm_sigmoid_forward(const float *z, const float *extra, float *out, int
     for (int64_t r = 0; r < rows; r++) mean[r] = (float)(sum[r] / n);
     if (size) {
         spread(a, mean, row_of, size);
-        memset(acc, 0, sizeof(float) * size);
-        for (int64_t o = 0; o < outer; o++) {
-            const float *zo = z + o * size;
-            for (int64_t j = 0; j < size; j++) acc[j] += (zo[j] - a[j]) * (zo[j] - a[j]);
-        }
-        gather_sums(sq, acc, row_of, size);
+        block_squares(z, outer, size, row_of, a, acc, sq);
     } else {
 #define SQUARES(base, row0, step) run_squares(z + (base), inner, row0, step, mean, sq)
         FOR_EACH_RUN(SQUARES);
@@ -542,12 +566,9 @@ int pbp_norm_sigmoid_backward(const float *dc, const float *out, const float *z,
     double *s1 = work, *s2 = work + rows;
     memset(work, 0, sizeof(double) * 2 * rows);
     if (!g) g = dz;  /* (then overwritten in place by dz) */
-    int64_t outer = 1, *row_of = NULL, size = block_layout(nd, sizes, roles, channels, &outer, &row_of);
-    float *acc = size ? calloc(7 * size, sizeof(float)) : NULL, *acc2 = NULL, *sm = NULL, *sk = NULL;
-    if (size && !acc) {  /* (no memory for the blocks: the per-row walk needs none) */
-        free(row_of);
-        size = 0;
-    }
+    int64_t outer = 1, *row_of = NULL;
+    float *acc = NULL, *acc2 = NULL, *sm = NULL, *sk = NULL;
+    int64_t size = block_space(nd, sizes, roles, channels, 7, &outer, &row_of, &acc);
     if (size) {
         acc2 = acc + size;
         sm = acc2 + size;
@@ -645,13 +666,7 @@ int pbp_norm_cascade_sigmoid(const float *z, float *out, int64_t outer, int64_t 
     if (training) {
         memset(work, 0, sizeof(double) * 2 * rows);
         if (spread_rows) {
-            float *acc = per;
-            memset(acc, 0, sizeof(float) * block);
-            for (int64_t o = 0; o < outer; o++) {
-                const float *zo = z + o * block;
-                for (int64_t e = 0; e < block; e++) acc[e] += zo[e];
-            }
-            gather_sums(sum, acc, row_of, block);
+            block_total(z, outer, block, row_of, per, sum);
         } else {
             for (int64_t o = 0; o < outer; o++) {
                 const float *zo = z + o * rows * inner;
@@ -664,14 +679,8 @@ int pbp_norm_cascade_sigmoid(const float *z, float *out, int64_t outer, int64_t 
         }
         for (int64_t r = 0; r < rows; r++) shift[r] = (float)(sum[r] / n);  /* (the mean, for now) */
         if (spread_rows) {
-            float *acc = per, *m = per + block;
-            spread(m, shift, row_of, block);
-            memset(acc, 0, sizeof(float) * block);
-            for (int64_t o = 0; o < outer; o++) {
-                const float *zo = z + o * block;
-                for (int64_t e = 0; e < block; e++) acc[e] += (zo[e] - m[e]) * (zo[e] - m[e]);
-            }
-            gather_sums(sq, acc, row_of, block);
+            spread(per + block, shift, row_of, block);
+            block_squares(z, outer, block, row_of, per + block, per, sq);
         } else {
             for (int64_t o = 0; o < outer; o++) {
                 const float *zo = z + o * rows * inner;
