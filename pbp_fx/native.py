@@ -322,7 +322,6 @@ class _NormSigmoid(torch.autograd.Function):
         if status < 0:
             raise RuntimeError(f"pbp_fx.native: the norm kernel refused its arguments (shape {list(z.shape)})")
         ctx.layout, ctx.eps = layout, eps
-        ctx.has_extra = extra is not None
         ctx.save_for_backward(z, out, weight, bias, extra, mean, invstd)
         return out
 
@@ -334,16 +333,15 @@ class _NormSigmoid(torch.autograd.Function):
         (nd, sizes, roles, _), members, channels, _ = ctx.layout
         if grad_out.stride() != z.stride():
             grad_out = torch.empty_like(z).copy_(grad_out)
-        wants_extra = ctx.has_extra and ctx.needs_input_grad[1]
+        wants_extra = extra is not None and ctx.needs_input_grad[1]
         wants_affine = weight is not None and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
         dz = torch.empty_like(z)
         g = torch.empty_like(z) if wants_extra else None
         dweight, dbias = torch.empty(2, *weight.shape).unbind() if wants_affine else (None, None)
         status = kernel().pbp_norm_sigmoid_backward(
             grad_out.data_ptr(), out.data_ptr(), z.data_ptr(), _address(g), dz.data_ptr(), nd, sizes, roles,
-            members, channels, _address(weight),
-            mean.data_ptr(), invstd.data_ptr(), _address(dweight), _address(dbias),
-            (ctypes.c_double * (2 * members * channels))())
+            members, channels, _address(weight), mean.data_ptr(), invstd.data_ptr(), _address(dweight),
+            _address(dbias), (ctypes.c_double * (2 * members * channels))())
         if status < 0:
             raise RuntimeError(f"pbp_fx.native: the norm kernel refused its arguments (shape {list(z.shape)})")
         return dz, g, dweight, dbias, None, None, None, None, None
