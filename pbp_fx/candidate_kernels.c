@@ -5,6 +5,8 @@
  *   dispatch cost (150-400 us a site and step) was a fifth of a small model's dendrite-phase step.
  * - pbp_norm_sigmoid_forward / _backward: the candidates' BatchNorm (batch statistics) and
  *   sigmoid, forward and backward (reference and fallback: F.batch_norm then torch.sigmoid).
+ * - pbp_norm_cascade_sigmoid: the installed dendrites' BatchNorm, cascade and sigmoid, forward only.
+ * - pbp_columns_1d: a split pool's input columns for a 1-D conv (reference: layers.split_columns).
  *
  * Loaded by pbp_fx/native.py, which compiles this file at first use.
  *
@@ -763,5 +765,42 @@ int pbp_norm_cascade_sigmoid(const float *z, float *out, int64_t outer, int64_t 
         }
     }
     free(alpha);
+    return 0;
+}
+
+/* The columns of a 1-D convolution for a split pool, in one pass (reference and fallback:
+ * layers.split_columns' pad, unfold and copy, which took two passes over strided views).
+ *
+ * x: [members * b (+ samples left out), cin, length] at element strides sb, sc, sl. out: contiguous
+ * [members, cin, k, b, lout], out[m, c, j, i, l] = x[m * b + i, c, l * stride + j - pad], 0 where that
+ * position is padding. */
+int pbp_columns_1d(const float *x, int64_t sb, int64_t sc, int64_t sl, float *out, int64_t members, int64_t b,
+                   int64_t cin, int64_t length, int64_t k, int64_t stride, int64_t pad, int64_t lout) {
+    if (members < 1 || b < 1 || cin < 1 || length < 1 || k < 1 || stride < 1 || pad < 0 || lout < 1) return -1;
+    for (int64_t m = 0; m < members; m++) {
+        for (int64_t c = 0; c < cin; c++) {
+            for (int64_t j = 0; j < k; j++) {
+                int64_t off = j - pad; /* input position of output position 0 */
+                /* Output positions lo <= l < hi read the input; the rest are padding. */
+                int64_t lo = off >= 0 ? 0 : (-off + stride - 1) / stride;
+                int64_t hi = length - off <= 0 ? 0 : (length - off + stride - 1) / stride;
+                if (hi > lout) hi = lout;
+                if (lo > hi) lo = hi;
+                float *dst = out + ((m * cin + c) * k + j) * b * lout;
+                for (int64_t i = 0; i < b; i++, dst += lout) {
+                    const float *row = x + (m * b + i) * sb + c * sc;
+                    for (int64_t l = 0; l < lo; l++) dst[l] = 0.0f;
+                    if (sl == 1 && stride == 1) {
+                        memcpy(dst + lo, row + lo + off, sizeof(float) * (hi - lo));
+                    } else {
+                        int64_t step = stride * sl;
+                        const float *src = row + (lo * stride + off) * sl;
+                        for (int64_t l = lo; l < hi; l++, src += step) dst[l] = *src;
+                    }
+                    for (int64_t l = hi; l < lout; l++) dst[l] = 0.0f;
+                }
+            }
+        }
+    }
     return 0;
 }

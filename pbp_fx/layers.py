@@ -249,11 +249,26 @@ def split_columns(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Te
     """split_apply's result for a `runs_as_columns` layer as [M, C, N], N = (B // M) x positions
     (copy p's samples in order, each with its positions), and the output's spatial shape."""
     m, c = weight.shape[:2]
-    xm = _members_first(x, m)  # [M, b, Cin, *S]
+    cols, spatial = _columns(layer, x, m)  # [M, Cin * k, b * positions]
+    w = weight.reshape(m, c, -1)
+    z = torch.bmm(w, cols) if bias is None else torch.baddbmm(bias.unsqueeze(-1), w, cols)
+    return z, spatial
+
+
+def _columns(layer: LayerSpec, x: Tensor, m: int) -> tuple[Tensor, tuple]:
+    """split_columns' input columns [M, Cin * k, b * positions] and the output's spatial shape: a 1-D conv's
+    as one native pass where it applies (`native.columns_1d`), else views of x copied once (twice with
+    padding)."""
     pad = layer._reversed_padding()
+    kernel = layer.weight_shape[2:]
+    if layer.kind == "conv1d":
+        spatial = ((x.shape[-1] + pad[0] + pad[1] - kernel[0]) // layer.stride[0] + 1,)
+        cols = native.columns_1d(x, m, kernel[0], layer.stride[0], pad[0], spatial[0])
+        if cols is not None:
+            return cols, spatial
+    xm = _members_first(x, m)  # [M, b, Cin, *S]
     if any(pad):
         xm = F.pad(xm, pad)
-    kernel = layer.weight_shape[2:]
     if layer.kind == "conv1d" and kernel[0] != 1:
         cols = xm.unfold(-1, kernel[0], layer.stride[0])  # [M, b, Cin, Lout, k]
         spatial = (cols.shape[3],)
@@ -262,10 +277,7 @@ def split_columns(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Te
         cols = xm[(slice(None),) * 3 + tuple(slice(None, None, t) for t in layer.stride)]
         spatial = tuple(cols.shape[3:])
         cols = cols.transpose(1, 2)  # [M, Cin, b, *S]
-    cols = cols.reshape(m, -1, cols.shape[-len(spatial) - 1:].numel())  # [M, Cin * k, b * positions]
-    w = weight.reshape(m, c, -1)
-    z = torch.bmm(w, cols) if bias is None else torch.baddbmm(bias.unsqueeze(-1), w, cols)
-    return z, spatial
+    return cols.reshape(m, -1, cols.shape[-len(spatial) - 1:].numel()), spatial
 
 
 def columns_to_stacked(z: Tensor, spatial: tuple) -> Tensor:

@@ -11,6 +11,8 @@
   BatchNorm alone took 2.3 ns an element).
 - `norm_cascade_sigmoid`: the installed dendrites' BatchNorm, cascade and sigmoid, forward only
   (frozen, behind a stop-gradient: nothing to save for a backward).
+- `columns_1d`: a split pool's input columns for a 1-D conv in one pass, where the pad, unfold and
+  copy took two passes over strided views.
 
 The library is built once per source and compiler with the system's C compiler ($CC, else cc)
 into $XDG_CACHE_HOME/pbp_fx (default ~/.cache/pbp_fx). Where it cannot be built or loaded (no
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kernel", "candidate_gradient", "norm_sigmoid", "norm_cascade_sigmoid"]
+__all__ = ["kernel", "candidate_gradient", "norm_sigmoid", "norm_cascade_sigmoid", "columns_1d"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,8 @@ def kernel() -> Optional[ctypes.CDLL]:
     lib.pbp_norm_cascade_sigmoid.restype = ctypes.c_int
     lib.pbp_norm_cascade_sigmoid.argtypes = [_P, _P, *[ctypes.c_int64] * 4, _P, _P, _P, _P, ctypes.c_int,
                                              ctypes.c_double, ctypes.c_double, _P, _P]
+    lib.pbp_columns_1d.restype = ctypes.c_int
+    lib.pbp_columns_1d.argtypes = [_P, *[ctypes.c_int64] * 3, _P, *[ctypes.c_int64] * 8]
     return lib
 
 
@@ -388,4 +392,28 @@ def norm_cascade_sigmoid(z: Tensor, cascade: Optional[Tensor], weight: Optional[
         (ctypes.c_double * (2 * copies * channels))())
     if status < 0:
         raise RuntimeError(f"pbp_fx.native: the cascade kernel refused its arguments (shape {list(z.shape)})")
+    return out
+
+
+def columns_1d(x: Tensor, members: int, kernel_size: int, stride: int, padding: int, out_length: int) -> Optional[Tensor]:
+    """`layers.split_columns`' columns of a 1-D conv (no dilation, zero padding `padding` on the left) over
+    x [B, Cin, L] dealt to `members` contiguous slices of b = B // members samples: [members, Cin * k, b *
+    out_length], column (c, j) of sample i's position l holding x[m * b + i, c, l * stride + j - padding] (0
+    in the padding). One native pass, exactly the torch ops' values; None where it does not apply: no
+    library, not float32 on the CPU, x needing a gradient (the "gd" mode), a large x with several threads,
+    torch.compile tracing."""
+    lib = _kernel_for((x,))
+    if lib is None or x.dtype != torch.float32 or x.dim() != 3 or x.requires_grad and torch.is_grad_enabled():
+        return None
+    if x.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:
+        return None
+    batch, cin, length = x.shape
+    b = batch // members
+    if b < 1 or out_length < 1 or padding < 0:
+        return None
+    out = torch.empty(members, cin * kernel_size, b * out_length)
+    status = lib.pbp_columns_1d(x.data_ptr(), *x.stride(), out.data_ptr(), members, b, cin, length, kernel_size,
+                                stride, padding, out_length)
+    if status < 0:
+        raise RuntimeError(f"pbp_fx.native: the columns kernel refused its arguments (shape {list(x.shape)})")
     return out

@@ -472,6 +472,46 @@ def test_per_row_tensors_of_another_size_are_declined():
                                        torch.ones(2, 3), True, 0.1, 1e-5, -1) is None
 
 
+def _conv1d_column_cases():
+    """(name, Conv1d, x): kernels, strides, paddings (also "same" with an even kernel: more on the right), a
+    batch with samples left over, and inputs that are not contiguous."""
+    g = torch.Generator().manual_seed(0)
+    for cin, length, k, stride, pad in [(1, 40, 5, 2, 1), (3, 12, 5, 2, 1), (3, 12, 3, 1, 1), (2, 7, 1, 3, 0),
+                                        (2, 7, 1, 1, 2), (3, 5, 5, 3, 0), (2, 3, 5, 1, 4), (2, 9, 4, 1, "same"),
+                                        (3, 2, 3, 2, 3)]:
+        conv = nn.Conv1d(cin, 4, k, stride=stride, padding=pad)
+        for batch in (8, 11):
+            x = torch.randn(batch, cin, length, generator=g)
+            yield f"c{cin}-l{length}-k{k}-s{stride}-p{pad}-b{batch}", conv, x
+        yield f"c{cin}-l{length}-k{k}-s{stride}-p{pad}-channels-last", conv, x.transpose(1, 2).contiguous().transpose(1, 2)
+        yield f"c{cin}-l{length}-k{k}-s{stride}-p{pad}-strided", conv, torch.randn(8, cin, 2 * length, generator=g)[..., ::2]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", list(_conv1d_column_cases()), ids=lambda case: case[0])
+def test_the_columns_kernel_gives_the_torch_ops_columns_exactly(case, monkeypatch):
+    from pbp_fx import layers
+
+    _, conv, x = case
+    spec = LayerSpec.from_module(conv)
+    for members in (1, 4):
+        got, spatial = layers._columns(spec, x, members)
+        with monkeypatch.context() as m:
+            m.setattr(native, "columns_1d", lambda *args: None)
+            want, want_spatial = layers._columns(spec, x, members)
+        assert spatial == want_spatial == tuple(conv(x).shape[2:])
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+@needs_kernel
+def test_the_columns_kernel_declines_where_the_input_needs_its_gradient_or_is_not_float32():
+    x = torch.randn(8, 2, 10)
+    assert native.columns_1d(x, 4, 3, 1, 1, 10) is not None
+    assert native.columns_1d(x.requires_grad_(), 4, 3, 1, 1, 10) is None
+    assert native.columns_1d(torch.randn(8, 2, 10, dtype=torch.float64), 4, 3, 1, 1, 10) is None
+    assert native.columns_1d(torch.randn(3, 2, 10), 4, 3, 1, 1, 10) is None  # (fewer samples than members)
+
+
 _ASAN_RUN = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -504,6 +544,9 @@ for stride in (1, 2):  # the covariance kernel, reading the error in place and c
         stats, snapshots, rows = test_native._pool_state(4, 5, g)
         candidate_gradient(grad_y, cand.contiguous() if layout == "conv" else cand, stats, snapshots, rows, True,
                            axis, True, stride if axis == 1 else 1, None, (0.9, 0, 1e-4, True))
+from pbp_fx import layers
+for name, conv, x in test_native._conv1d_column_cases():  # the columns kernel
+    layers._columns(layers.LayerSpec.from_module(conv), x, 4)
 print("clean")
 """
 
