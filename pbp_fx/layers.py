@@ -362,6 +362,10 @@ def fold_norm(weight: Tensor, bias: Optional[Tensor], mean: Tensor, var: Tensor,
     return w, b
 
 
+# LayerCopies' tensors whose leading dims are [M, C] (row_tensors), in this order.
+ROW_NAMES = ("weight", "bias", "norm_weight", "norm_bias", "running_mean", "running_var")
+
+
 class LayerCopies(nn.Module):
     """M copies of a neuron layer (and its BatchNorm, training form) as one wider layer."""
 
@@ -388,8 +392,14 @@ class LayerCopies(nn.Module):
 
     def row_tensors(self) -> dict[str, Tensor]:
         """Every tensor whose leading dims are [M, C], by attribute name."""
-        names = ["weight", "bias", "norm_weight", "norm_bias", "running_mean", "running_var"]
-        return {n: getattr(self, n) for n in names if getattr(self, n, None) is not None}
+        # (the module's own dicts first: a getattr through Module.__getattr__ took ~1 us a name, and this
+        # runs for every site and step)
+        params, buffers, rows = self._parameters, self._buffers, {}
+        for n in ROW_NAMES:
+            t = params[n] if n in params else buffers[n] if n in buffers else self.__dict__.get(n)
+            if t is not None:
+                rows[n] = t
+        return rows
 
     def reset_parameters(self, init: str = "default", scale: float = 1.0,
                          generator: Optional[torch.Generator] = None) -> None:

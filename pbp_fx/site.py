@@ -139,8 +139,8 @@ class CandidatePool(nn.Module):
         return self.copies.copies
 
     def _rows(self) -> dict[str, Tensor]:
-        rows = dict(self.copies.row_tensors())
-        rows["cascade"] = self.cascade
+        rows = self.copies.row_tensors()
+        rows["cascade"] = self._parameters["cascade"]
         return rows
 
     def splits(self, batch: int) -> bool:
@@ -188,7 +188,12 @@ class CandidatePool(nn.Module):
                      "for a short last batch), or pool_split=False")
 
     def _stats(self) -> list[Tensor]:
-        return [getattr(self, name) for name in STAT_NAMES]
+        buffers = self._buffers  # (a getattr each took ~1 us, per site and step)
+        return [buffers[name] for name in STAT_NAMES]
+
+    def _snapshots(self, rows: dict[str, Tensor]) -> list[Tensor]:
+        buffers = self._buffers
+        return [buffers["snapshot_" + name] for name in rows]
 
     def _settings(self) -> tuple:
         return (self.ema_decay, self.warmup, self.threshold, self.bias_correction)
@@ -204,7 +209,7 @@ class CandidatePool(nn.Module):
         """Fold one batch's covariance [P, C] (already global) into the statistics; returns sign(ema),
         or None for a batch skipped as not finite (`covariance_tap.fold_batch`)."""
         rows = self._rows()
-        snapshots = [getattr(self, "snapshot_" + name) for name in rows]
+        snapshots = self._snapshots(rows)
         return fold_batch(self._stats(), snapshots, list(rows.values()), cov, self._settings())
 
     def tap(self, y: Tensor, c: Tensor, split: bool, fresh: bool = False) -> Tensor:
@@ -215,7 +220,7 @@ class CandidatePool(nn.Module):
         fresh: y was made by the site itself (nothing else holds it), so the eager tap may return it
         instead of a copy."""
         rows = self._rows()
-        snapshots = [getattr(self, "snapshot_" + name) for name in rows]
+        snapshots = self._snapshots(rows)
         args = (y, c, self._stats(), snapshots, list(rows.values()), self.layer.axis, split, self.stride,
                 self.loss_scale(), self._settings())
         if self.reducer is None and torch.compiler.is_compiling():
@@ -379,7 +384,10 @@ class Site(nn.Module):
 
     # -- forward -------------------------------------------------------------------
     def forward(self, x: Tensor, n: Tensor) -> Tensor:
-        if self.dendrites is None and self.candidates is None:
+        # (submodules read from the module's own dict: through Module.__getattr__ each read took ~1 us, and this
+        # runs for every site and step)
+        dendrites, candidates = self._modules.get("dendrites"), self._modules.get("candidates")
+        if dendrites is None and candidates is None:
             return n
         if _unbatched(self.layer, x):  # (a conv takes [C, *S] as one sample; the dendrites' layout has a batch dim)
             return self.forward(x.unsqueeze(0), n.unsqueeze(0)).squeeze(0)
@@ -389,19 +397,19 @@ class Site(nn.Module):
         # also follow the norm they copy (a model that keeps it in eval mode while training).
         source = self.__dict__.get("_mode_source")
         mode = self.training and (source is None or source.training)
-        for part in (self.dendrites, self.candidates):
+        for part in (dendrites, candidates):
             if part is not None and part.training != mode:
                 part.train(mode)
         # "Perforated": dendrites and candidates see the input behind a stop-gradient.
         src = x.detach() if self.mode == "pb" else x
         y, acts = n, []
-        if self.dendrites is not None:
-            acts = self.dendrites.cascade_activations(src, self.cascade, ACTIVATIONS[self.activation])
+        if dendrites is not None:
+            acts = dendrites.cascade_activations(src, self.cascade, ACTIVATIONS[self.activation])
             y = _weighted_sum(n, acts, self.out_weight, self.axis)
-        if self.candidates is not None and self.training and torch.is_grad_enabled():
-            c = self.candidates(src, [s.detach() for s in acts])
+        if candidates is not None and self.training and torch.is_grad_enabled():
+            c = candidates(src, [s.detach() for s in acts])
             # (without dendrites y is the neuron layer's own output, which its hooks may hold or have saved)
-            y = self.candidates.tap(y, c, self.candidates.splits(src.shape[0]), fresh=y is not n)
+            y = candidates.tap(y, c, candidates.splits(src.shape[0]), fresh=y is not n)
         return y
 
     def follow_mode_of(self, norm: Optional[nn.Module]) -> None:
