@@ -45,19 +45,15 @@
         }                                                                                    \
     } while (0)
 
-/* sum[row] += d * mul - sub[row] over one run (sub NULL: 0) */
+/* sum[row] += d * mul over one run, in float64 */
 static inline void run_sum(const float *restrict d, int64_t len, int64_t row0, int64_t step, float mul,
-                           const float *restrict sub, double *restrict sum) {
+                           double *restrict sum) {
     if (step == 0) {
-        float m = sub ? sub[row0] : 0.0f;
         double acc = 0.0;
-        for (int64_t j = 0; j < len; j++) acc += (double)(d[j] * mul - m);
+        for (int64_t j = 0; j < len; j++) acc += (double)(d[j] * mul);
         sum[row0] += acc;
     } else {
-        for (int64_t j = 0; j < len; j++) {
-            int64_t r = row0 + j * step;
-            sum[r] += (double)(d[j] * mul - (sub ? sub[r] : 0.0f));
-        }
+        for (int64_t j = 0; j < len; j++) sum[row0 + j * step] += (double)(d[j] * mul);
     }
 }
 
@@ -160,10 +156,9 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
     /* the loss scale divided out of d (as a multiplication: the same to float32 rounding) */
     const float mul = scale > 0.0 ? (float)(1.0 / scale) : 1.0f;
 
-    /* e = d - mean d, centred a second time (as batch_covariance: float32's mean is off by up to
-     * half a unit of d's offset); cov = sum c * e, in whole-batch units */
-#define SUM1(base, row0, step) run_sum(d + (base), inner, row0, step, mul, NULL, sum)
-#define SUM2(base, row0, step) run_sum(d + (base), inner, row0, step, mul, m1, sum)
+    /* e = (d - a) - b, a + b = mean d: as batch_covariance centres d twice (float32's mean is off by up to
+     * half a unit of d's offset), but from one float64 sum; cov = sum c * e, in whole-batch units */
+#define SUM(base, row0, step) run_sum(d + (base), inner, row0, step, mul, sum)
 #define COV(base, row0, step) run_cov(c + (base), d + (base), g + (base), inner, row0, step, mul, m1, m2, cov)
 #define SCALE(base, row0, step) run_scale(g + (base), inner, row0, step, m1)
     int64_t *blocks = NULL, n_blocks = 0, member_stride = 0, channel_stride = 0;
@@ -188,21 +183,16 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
     memset(cov, 0, sizeof(double) * rows);
     if (blocks) {
         for (int64_t r = 0; r < rows; r++) {
-            /* float sums within a block (vectorised), float64 across blocks */
+            /* the mean in float64 (a vectorised float64 sum); a is it in float32 and b what a leaves, so that
+             * e = (d - a) - b is centred without a second pass over d */
             double acc = 0.0;
             FOR_EACH_BLOCK(r, {
-                float part = 0.0f;
-                for (int64_t j = 0; j < inner; j++) part += d[dat + j] * mul;
+                double part = 0.0;
+                for (int64_t j = 0; j < inner; j++) part += (double)(d[dat + j] * mul);
                 acc += part;
             });
             float a = m1[r] = (float)(acc / n);
-            acc = 0.0;
-            FOR_EACH_BLOCK(r, {
-                float part = 0.0f;
-                for (int64_t j = 0; j < inner; j++) part += d[dat + j] * mul - a;
-                acc += part;
-            });
-            float b = m2[r] = (float)(acc / n);
+            float b = m2[r] = (float)(acc / n - (double)a);
             acc = 0.0;
             FOR_EACH_BLOCK(r, {
                 float part = 0.0f;
@@ -216,11 +206,11 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
             cov[r] = acc;
         }
     } else {
-        FOR_EACH_RUN(SUM1);
-        for (int64_t r = 0; r < rows; r++) m1[r] = (float)(sum[r] / n);
-        memset(sum, 0, sizeof(double) * rows);
-        FOR_EACH_RUN(SUM2);
-        for (int64_t r = 0; r < rows; r++) m2[r] = (float)(sum[r] / n);
+        FOR_EACH_RUN(SUM);
+        for (int64_t r = 0; r < rows; r++) {
+            m1[r] = (float)(sum[r] / n);
+            m2[r] = (float)(sum[r] / n - (double)m1[r]);
+        }
         FOR_EACH_RUN(COV);
     }
     /* in float32, as the torch ops scale it: a covariance that overflows float32 only once scaled must
