@@ -26,7 +26,7 @@ from .errors import warn_at_user
 from .layers import copy_dim, every_nth_position, per_position, split_members
 
 __all__ = ["STAT_NAMES", "StatsSettings", "batch_covariance", "fold_batch", "candidate_gradient",
-           "covariance_tap", "EagerTap"]
+           "covariance_tap", "EagerTap", "EagerNormTap"]
 
 # The pool's statistics tensors, in the order the ops take them (CandidatePool buffers).
 STAT_NAMES = ("ema", "ema_sq", "best", "steps", "batches_seen", "last_improved")
@@ -334,25 +334,57 @@ class EagerTap(torch.autograd.Function):
     def forward(ctx, y: Tensor, c: Tensor, stats, snapshots, rows, axis, split, stride, scale, settings, reducer,
                 fresh=False):
         ctx.save_for_backward(c)
-        ctx.stats, ctx.snapshots, ctx.rows = stats, snapshots, rows
-        ctx.options = (axis, split, stride, scale, settings, reducer)
-        ctx.counted = False  # eager: a Python flag, not a device tensor (no op per site and step)
-        if not fresh:
-            return y.clone()
-        # y itself, declared modified: a copy of the site output cost 2-3 % of a small model's step, and an
-        # input returned as is would be a view that a later in-place op (ReLU(inplace)) may not modify. Only
-        # where the site made y (`fresh`): marking a layer's own output modified broke a backward hook's view
-        # of it and any op that had saved it (an activation penalty in a forward hook).
-        ctx.mark_dirty(y)
-        return y
+        return _tap_forward(ctx, y, (stats, snapshots, rows, axis, split, stride, scale, settings, reducer), fresh)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         (c,) = ctx.saved_tensors
-        axis, split, stride, scale, settings, reducer = ctx.options
-        if ctx.counted:
-            _warn_second_backward()
-        grad_c = candidate_gradient(grad_y, c, ctx.stats, ctx.snapshots, ctx.rows, not ctx.counted, axis, split,
-                                    stride, scale, settings, reducer)
-        ctx.counted = True
-        return grad_y, grad_c, None, None, None, None, None, None, None, None, None, None
+        return grad_y, _tap_backward(ctx, grad_y, c), None, None, None, None, None, None, None, None, None, None
+
+
+class EagerNormTap(torch.autograd.Function):
+    """EagerTap over c = sigmoid(norm(z) + extra) made inside it by `native.norm_sigmoid`'s kernels: the
+    candidates' norm, sigmoid and tap as one autograd node (as two, their Python calls cost ~40 us a site and
+    step). norm: `native.norm_sigmoid_arguments` after its first four; tap: EagerTap's arguments after c."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                norm: tuple, tap: tuple, fresh: bool):
+        c, mean, invstd = native.norm_sigmoid_forward(z, extra, weight, bias, *norm)
+        ctx.save_for_backward(z, c, weight, bias, extra, mean, invstd)
+        ctx.layout, ctx.eps = norm[4], norm[3]
+        return _tap_forward(ctx, y, tap, fresh)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        saved = ctx.saved_tensors
+        grad_c = _tap_backward(ctx, grad_y, saved[1])
+        dz, g, dweight, dbias = native.norm_sigmoid_backward(grad_c, saved, ctx.layout, ctx.eps,
+                                                             ctx.needs_input_grad[1:5])
+        return grad_y, dz, g, dweight, dbias, None, None, None
+
+
+def _tap_forward(ctx, y: Tensor, options: tuple, fresh: bool) -> Tensor:
+    """The eager taps' forward: y, or a copy of it (not `fresh`); options: (stats, snapshots, rows, axis, split,
+    stride, scale, settings, reducer)."""
+    ctx.options = options
+    ctx.counted = False  # eager: a Python flag, not a device tensor (no op per site and step)
+    if not fresh:
+        return y.clone()
+    # y itself, declared modified: a copy of the site output cost 2-3 % of a small model's step, and an
+    # input returned as is would be a view that a later in-place op (ReLU(inplace)) may not modify. Only
+    # where the site made y (`fresh`): marking a layer's own output modified broke a backward hook's view
+    # of it and any op that had saved it (an activation penalty in a forward hook).
+    ctx.mark_dirty(y)
+    return y
+
+
+def _tap_backward(ctx, grad_y: Tensor, c: Tensor) -> Tensor:
+    """The eager taps' candidate gradient for grad_y, the batch counted at the first backward only."""
+    stats, snapshots, rows, axis, split, stride, scale, settings, reducer = ctx.options
+    if ctx.counted:
+        _warn_second_backward()
+    grad_c = candidate_gradient(grad_y, c, stats, snapshots, rows, not ctx.counted, axis, split, stride, scale,
+                                settings, reducer)
+    ctx.counted = True
+    return grad_c

@@ -428,25 +428,33 @@ class LayerCopies(nn.Module):
     def forward(self, x: Tensor, split: bool = False, extra: Optional[Tensor] = None,
                 activation: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
         """Every copy on the whole batch, or with split=True each on its own 1/M (split_apply), in the
-        stacked layout; then `extra` (that layout) added after the norm and `activation` applied.
+        stacked layout; then `extra` (that layout) added after the norm and `activation` applied."""
+        return self.activate(self.layer_output(x, split), extra, activation)
 
-        A sigmoid after a norm in training form runs with the norm as native calls where they apply
-        (`native.norm_sigmoid`: float32 on the CPU)."""
-        columns = split and runs_as_columns(self.layer)
-        if columns:
-            flat, spatial = split_columns(self.layer, x, self.weight, self.bias)  # [M, C, N]
-            z = columns_to_stacked(flat, spatial)
-        else:
-            z = (split_apply if split else stacked_apply)(self.layer, x, self.weight, self.bias)
-        if self.norm is not None and self.training and activation is torch.sigmoid:
-            out = native.norm_sigmoid(z, extra, self.norm_weight, self.norm_bias, self.running_mean,
-                                      self.running_var, self._momentum(counted=1), self.norm.eps,
-                                      copy_dim(self.layer.axis), self.num_batches_tracked)
-            if out is not None:
-                return out
-        if self.norm is not None and columns:  # each (copy, channel) over its contiguous positions
-            z = columns_to_stacked(self._normed(flat.view(1, -1, flat.shape[-1])).view(flat.shape), spatial)
-        elif self.norm is not None:
+    def layer_output(self, x: Tensor, split: bool = False) -> Tensor:
+        """The copies' layer on x (split: each copy on its own 1/M of the batch), in the stacked layout."""
+        if split and runs_as_columns(self.layer):
+            return columns_to_stacked(*split_columns(self.layer, x, self.weight, self.bias))
+        return (split_apply if split else stacked_apply)(self.layer, x, self.weight, self.bias)
+
+    def native_norm(self, z: Tensor, extra: Optional[Tensor]) -> Optional[tuple]:
+        """`native.norm_sigmoid_arguments` for sigmoid(norm(z) + extra) where its kernels run it (a norm in
+        training form, float32 on the CPU), the norm's batch counted; None elsewhere (nothing counted)."""
+        if self.norm is None or not self.training:
+            return None
+        return native.norm_sigmoid_arguments(z, extra, self.norm_weight, self.norm_bias, self.running_mean,
+                                             self.running_var, self._momentum(counted=1), self.norm.eps,
+                                             copy_dim(self.layer.axis), self.num_batches_tracked)
+
+    def activate(self, z: Tensor, extra: Optional[Tensor] = None,
+                 activation: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+        """activation(norm(z) + extra) for the layer output z (`layer_output`). A sigmoid after a norm in
+        training form runs with the norm as native calls where they apply (`native_norm`)."""
+        if activation is torch.sigmoid:
+            args = self.native_norm(z, extra)
+            if args is not None:
+                return native.norm_sigmoid_apply(args)
+        if self.norm is not None:
             z = self._normed_stacked(z)
         if extra is not None:
             z = z + extra
@@ -483,6 +491,10 @@ class LayerCopies(nn.Module):
         """The copies' BatchNorm on the stacked layout ([B, M, C, *S] or [..., M, C])."""
         m, c = self.weight.shape[:2]
         if self.layer.axis == 1:
+            copies_first = z.movedim(0, 2)  # [M, C, B, *S]
+            if copies_first.is_contiguous():  # (split_columns' layout: each (copy, channel) over contiguous positions)
+                flat = copies_first.view(m, c, -1)
+                return columns_to_stacked(self._normed(flat.view(1, m * c, -1)).view(flat.shape), z.shape[3:])
             return self._normed(z.flatten(1, 2)).unflatten(1, (m, c))
         return self._normed(z.flatten(-2, -1)).unflatten(-1, (m, c))
 

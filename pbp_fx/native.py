@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kernel", "candidate_gradient", "norm_sigmoid", "norm_cascade_sigmoid", "columns_1d"]
+__all__ = ["kernel", "candidate_gradient", "norm_sigmoid", "norm_sigmoid_arguments", "norm_sigmoid_apply",
+           "norm_sigmoid_forward", "norm_sigmoid_backward", "norm_cascade_sigmoid", "columns_1d"]
 
 log = logging.getLogger(__name__)
 
@@ -254,20 +255,21 @@ def _kernel_for(data: Sequence[Tensor], own: Sequence[Tensor] = ()) -> Optional[
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def _differentiable_backward(ctx, grad_out: Tensor, z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor],
-                             bias: Optional[Tensor]) -> tuple:
+def _differentiable_backward(grad_out: Tensor, z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor],
+                             bias: Optional[Tensor], layout: tuple, eps: float, needs: tuple) -> tuple:
     """norm_sigmoid's backward as torch ops that autograd can differentiate again (create_graph=True): the
-    batch-statistics norm and the sigmoid recomputed from the saved inputs."""
-    cd = ctx.layout[3]
+    batch-statistics norm and the sigmoid recomputed from the saved inputs; needs: whether (z, extra, weight,
+    bias) each need their gradient."""
+    cd = layout[3]
     rows = z.shape[cd] * z.shape[cd + 1]
     flat = z.flatten(cd, cd + 1) if cd == 1 else z.reshape(-1, rows)
     pre = F.batch_norm(flat, None, None, None if weight is None else weight.reshape(rows),
-                       None if bias is None else bias.reshape(rows), True, 0.0, ctx.eps).reshape(z.shape)
+                       None if bias is None else bias.reshape(rows), True, 0.0, eps).reshape(z.shape)
     out = torch.sigmoid(pre if extra is None else pre + extra)
     inputs = (z, extra, weight, bias)
-    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    wanted = [i for i, t in enumerate(inputs) if t is not None and needs[i]]
     grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True, allow_unused=True)
-    result = [None] * 9
+    result = [None] * 4
     for i, g in zip(wanted, grads):
         result[i] = g
     return tuple(result)
@@ -278,12 +280,28 @@ def norm_sigmoid(z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor], b
                  copy_dim: int, batches_tracked: Optional[Tensor] = None) -> Optional[Tensor]:
     """sigmoid(batch_norm(z) + extra) for a candidate pool's layer output z ([.., P, C, ..], P at
     `copy_dim`), the norm in training form (batch statistics; the running ones updated in place), as
-    native calls forward and backward; None where they do not apply (nothing changed; the caller runs
-    F.batch_norm and torch.sigmoid): no library, not float32 on the CPU, a layout with gaps, fewer than
-    two positions a channel, a large tensor with several threads, torch.compile tracing.
+    native calls forward and backward; None where they do not apply (`norm_sigmoid_arguments`; nothing
+    changed: the caller runs F.batch_norm and torch.sigmoid)."""
+    args = norm_sigmoid_arguments(z, extra, weight, bias, running_mean, running_var, momentum, eps, copy_dim,
+                                  batches_tracked)
+    return None if args is None else norm_sigmoid_apply(args)
+
+
+def norm_sigmoid_apply(args: tuple) -> Tensor:
+    """norm_sigmoid on its arguments (`norm_sigmoid_arguments`), as an autograd node."""
+    return _NormSigmoid.apply(*args)
+
+
+def norm_sigmoid_arguments(z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                           running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                           eps: float, copy_dim: int, batches_tracked: Optional[Tensor] = None) -> Optional[tuple]:
+    """norm_sigmoid's arguments for its kernels, (z, extra, weight, bias, running_mean, running_var, momentum,
+    eps, layout) as `norm_sigmoid_forward` takes them, with the norm's batch counted; None where they do not
+    apply (nothing counted): no library, not float32 on the CPU, a layout with gaps, fewer than two positions a
+    channel, a large tensor with several threads, torch.compile tracing.
 
     weight, bias, running_mean, running_var: [P, C] (or None); extra: z's shape (or None);
-    batches_tracked: the norm's counter, counted here (before the call: a checkpointed forward's recompute
+    batches_tracked: the norm's counter, counted here (before the kernel: a checkpointed forward's recompute
     stops once its last saved tensor is made, after the running statistics' update)."""
     own = [t for t in (weight, bias, running_mean, running_var) if t is not None]
     lib = _kernel_for((z,) if extra is None else (z, extra), own)
@@ -305,8 +323,50 @@ def norm_sigmoid(z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor], b
             extra = torch.empty_like(z).copy_(extra)
     if batches_tracked is not None:
         batches_tracked.add_(1)
-    return _NormSigmoid.apply(z, extra, weight, bias, running_mean, running_var, float(momentum), float(eps),
-                              (layout, members, channels, copy_dim))
+    return (z, extra, weight, bias, running_mean, running_var, float(momentum), float(eps),
+            (layout, members, channels, copy_dim))
+
+
+def norm_sigmoid_forward(z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                         running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
+                         layout: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward kernel on `norm_sigmoid_arguments`: (the output, the batch's mean and 1/std per row)."""
+    (nd, sizes, roles, _), members, channels, _ = layout
+    rows = members * channels
+    out = torch.empty_like(z)
+    mean, invstd = torch.empty(2, rows).unbind()
+    status = kernel().pbp_norm_sigmoid_forward(
+        z.data_ptr(), _address(extra), out.data_ptr(), nd, sizes, roles, members, channels, _address(weight),
+        _address(bias), _address(running_mean), _address(running_var), momentum, eps, mean.data_ptr(),
+        invstd.data_ptr(), (ctypes.c_double * (2 * rows))())
+    if status < 0:
+        raise RuntimeError(f"pbp_fx.native: the norm kernel refused its arguments (shape {list(z.shape)})")
+    return out, mean, invstd
+
+
+def norm_sigmoid_backward(grad_out: Tensor, saved: tuple, layout: tuple, eps: float,
+                          needs: tuple) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The gradients (z, extra, weight, bias) of `norm_sigmoid_forward` for grad_out; saved: (z, out, weight,
+    bias, extra, mean, invstd); needs: whether each of those four needs its gradient. Under create_graph
+    (a second-order gradient) as torch ops that autograd can differentiate again."""
+    z, out, weight, bias, extra, mean, invstd = saved
+    if torch.is_grad_enabled():
+        return _differentiable_backward(grad_out, z, extra, weight, bias, layout, eps, needs)
+    (nd, sizes, roles, _), members, channels, _ = layout
+    if grad_out.stride() != z.stride():
+        grad_out = torch.empty_like(z).copy_(grad_out)
+    wants_extra = extra is not None and needs[1]
+    wants_affine = weight is not None and (needs[2] or needs[3])
+    dz = torch.empty_like(z)
+    g = torch.empty_like(z) if wants_extra else None
+    dweight, dbias = torch.empty(2, *weight.shape).unbind() if wants_affine else (None, None)
+    status = kernel().pbp_norm_sigmoid_backward(
+        grad_out.data_ptr(), out.data_ptr(), z.data_ptr(), _address(g), dz.data_ptr(), nd, sizes, roles,
+        members, channels, _address(weight), mean.data_ptr(), invstd.data_ptr(), _address(dweight),
+        _address(dbias), (ctypes.c_double * (2 * members * channels))())
+    if status < 0:
+        raise RuntimeError(f"pbp_fx.native: the norm kernel refused its arguments (shape {list(z.shape)})")
+    return dz, g, dweight, dbias
 
 
 class _NormSigmoid(torch.autograd.Function):
@@ -315,40 +375,16 @@ class _NormSigmoid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, extra, weight, bias, running_mean, running_var, momentum, eps, layout):
-        (nd, sizes, roles, _), members, channels, _ = layout
-        rows = members * channels
-        out = torch.empty_like(z)
-        mean, invstd = torch.empty(2, rows).unbind()
-        status = kernel().pbp_norm_sigmoid_forward(
-            z.data_ptr(), _address(extra), out.data_ptr(), nd, sizes, roles, members, channels, _address(weight),
-            _address(bias), _address(running_mean), _address(running_var), momentum, eps, mean.data_ptr(),
-            invstd.data_ptr(), (ctypes.c_double * (2 * rows))())
-        if status < 0:
-            raise RuntimeError(f"pbp_fx.native: the norm kernel refused its arguments (shape {list(z.shape)})")
+        out, mean, invstd = norm_sigmoid_forward(z, extra, weight, bias, running_mean, running_var, momentum, eps,
+                                                 layout)
         ctx.layout, ctx.eps = layout, eps
         ctx.save_for_backward(z, out, weight, bias, extra, mean, invstd)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, out, weight, bias, extra, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # (create_graph: a second-order gradient, e.g. a gradient penalty)
-            return _differentiable_backward(ctx, grad_out, z, extra, weight, bias)
-        (nd, sizes, roles, _), members, channels, _ = ctx.layout
-        if grad_out.stride() != z.stride():
-            grad_out = torch.empty_like(z).copy_(grad_out)
-        wants_extra = extra is not None and ctx.needs_input_grad[1]
-        wants_affine = weight is not None and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
-        dz = torch.empty_like(z)
-        g = torch.empty_like(z) if wants_extra else None
-        dweight, dbias = torch.empty(2, *weight.shape).unbind() if wants_affine else (None, None)
-        status = kernel().pbp_norm_sigmoid_backward(
-            grad_out.data_ptr(), out.data_ptr(), z.data_ptr(), _address(g), dz.data_ptr(), nd, sizes, roles,
-            members, channels, _address(weight), mean.data_ptr(), invstd.data_ptr(), _address(dweight),
-            _address(dbias), (ctypes.c_double * (2 * members * channels))())
-        if status < 0:
-            raise RuntimeError(f"pbp_fx.native: the norm kernel refused its arguments (shape {list(z.shape)})")
-        return dz, g, dweight, dbias, None, None, None, None, None
+        grads = norm_sigmoid_backward(grad_out, ctx.saved_tensors, ctx.layout, ctx.eps, ctx.needs_input_grad[:4])
+        return (*grads, None, None, None, None, None)
 
 
 def norm_cascade_sigmoid(z: Tensor, cascade: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],

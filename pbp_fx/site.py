@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError
-from .covariance_tap import STAT_NAMES, EagerTap, batch_covariance, covariance_tap, fold_batch
+from .covariance_tap import STAT_NAMES, EagerNormTap, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .errors import CheckpointError, NonFiniteError, warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cascade_chain, cat_rows, channel_view,
                      copy_dim, every_nth_position, split_members, StandIn)
@@ -148,9 +148,10 @@ class CandidatePool(nn.Module):
         a candidate's BatchNorm needs more than one value per channel)."""
         return self.split and batch >= 2 * self.pool_size
 
-    def forward(self, x: Tensor, acts: list[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, acts: list[Tensor], y: Optional[Tensor] = None, fresh: bool = False) -> Tensor:
         """Candidate activations c: [B', P, C, *S] or [B', *mid, P, C]; B' = B // P when split, S and
-        mid every `stride`-th position."""
+        mid every `stride`-th position. With y (the site output): y through the covariance tap on c
+        instead (`tap`), where native kernels run the norm and sigmoid one autograd node with the tap."""
         split = self.splits(x.shape[0])
         p, axis, n = self.pool_size, self.layer.axis, self.stride
         if self.split and self.reducer is not None and not self.reducer.warned_uneven:
@@ -167,7 +168,15 @@ class CandidatePool(nn.Module):
                 u = u.reshape(*u.shape, *([1] * (s.dim() - 2)))
             term = u * (split_members(s, p, axis) if split else s.unsqueeze(copy_dim(axis)))
             extra = term if extra is None else extra + term
-        return self.copies(x, split=split, extra=extra, activation=ACTIVATIONS[self.activation])
+        activation = ACTIVATIONS[self.activation]
+        if y is None:
+            return self.copies(x, split=split, extra=extra, activation=activation)
+        z = self.copies.layer_output(x, split)
+        norm = self.copies.native_norm(z, extra) if activation is torch.sigmoid else None
+        if norm is None:
+            return self.tap(y, self.copies.activate(z, extra, activation), split, fresh)
+        z, extra, weight, bias = norm[:4]
+        return EagerNormTap.apply(y, z, extra, weight, bias, norm[4:], self._tap_options(split), fresh)
 
     def _warn_dealt_otherwise(self, batch: int, split: bool) -> None:
         """Warn (once a run) when this rank deals its batch to the members otherwise than one
@@ -219,13 +228,16 @@ class CandidatePool(nn.Module):
 
         fresh: y was made by the site itself (nothing else holds it), so the eager tap may return it
         instead of a copy."""
-        rows = self._rows()
-        snapshots = self._snapshots(rows)
-        args = (y, c, self._stats(), snapshots, list(rows.values()), self.layer.axis, split, self.stride,
-                self.loss_scale(), self._settings())
         if self.reducer is None and torch.compiler.is_compiling():
-            return covariance_tap(*args)
-        return EagerTap.apply(*args, self.reducer, fresh)
+            return covariance_tap(y, c, *self._tap_options(split)[:-1])
+        return EagerTap.apply(y, c, *self._tap_options(split), fresh)
+
+    def _tap_options(self, split: bool) -> tuple:
+        """The eager tap's arguments after y and c: (stats, snapshots, rows, axis, split, stride, scale,
+        settings, reducer)."""
+        rows = self._rows()
+        return (self._stats(), self._snapshots(rows), list(rows.values()), self.layer.axis, split, self.stride,
+                self.loss_scale(), self._settings(), self.reducer)
 
     def loss_scale(self) -> Optional[float]:
         """The scale the loss was multiplied by before backward (grad_scaler's); None without
@@ -407,9 +419,8 @@ class Site(nn.Module):
             acts = dendrites.cascade_activations(src, self.cascade, ACTIVATIONS[self.activation])
             y = _weighted_sum(n, acts, self.out_weight, self.axis)
         if candidates is not None and self.training and torch.is_grad_enabled():
-            c = candidates(src, [s.detach() for s in acts])
             # (without dendrites y is the neuron layer's own output, which its hooks may hold or have saved)
-            y = candidates.tap(y, c, candidates.splits(src.shape[0]), fresh=y is not n)
+            y = candidates(src, [s.detach() for s in acts], y=y, fresh=y is not n)
         return y
 
     def follow_mode_of(self, norm: Optional[nn.Module]) -> None:
