@@ -568,3 +568,58 @@ def test_the_kernels_read_and_write_only_their_own_memory_under_address_sanitize
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("clean"), (done.stdout + done.stderr)[-3000:]
     assert "AddressSanitizer" not in done.stderr, done.stderr[-3000:]
+
+
+@needs_kernel
+@pytest.mark.parametrize("grown", [False, True])
+def test_the_norm_sigmoid_and_tap_as_one_node_train_as_the_two_nodes_do(grown, monkeypatch):
+    """EagerNormTap (one autograd node for the candidates' norm, sigmoid and tap) against the same kernels as two
+    nodes: the same gradients, statistics and running statistics, bit for bit; a retained graph's second backward
+    is warned of and not counted."""
+    from pbp_fx import covariance_tap, site
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 6, 5, stride=2, padding=1), nn.BatchNorm1d(6), nn.ReLU(inplace=True),
+                          nn.Conv1d(6, 4, 3), nn.BatchNorm1d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 5, 3))
+    x, y = torch.randn(16, 2, 16), torch.randint(0, 3, (16,))
+    pm = pbp_fx.perforate(model, (x[:2],))
+    if grown:
+        pm.grow()
+    pm.train()
+    pm.start_dendrite_phase(pool=4)
+    fused_calls = []
+    one_node = site.EagerNormTap
+
+    class Counted(one_node):
+        @classmethod
+        def apply(cls, *args):
+            fused_calls.append(args[1].shape)
+            return one_node.apply(*args)
+
+    class TwoNodes:
+        @staticmethod
+        def apply(y, z, extra, weight, bias, norm, tap, fresh):
+            c = native.norm_sigmoid_apply((z, extra, weight, bias, *norm))
+            return covariance_tap.EagerTap.apply(y, c, *tap, fresh)
+
+    runs = []
+    for node in (Counted, TwoNodes):
+        run = copy.deepcopy(pm)
+        monkeypatch.setattr(site, "EagerNormTap", node)
+        for _ in range(3):
+            run.zero_grad()
+            torch.nn.functional.cross_entropy(run(x), y).backward()
+        loss = torch.nn.functional.cross_entropy(run(x), y)
+        loss.backward(retain_graph=True)
+        with pytest.warns(UserWarning, match="second backward"):
+            loss.backward()
+        monkeypatch.undo()
+        runs.append(({n: p.grad for n, p in run.named_parameters() if p.grad is not None},
+                     {n: b for n, b in run.named_buffers() if "candidates" in n}))
+    assert len(fused_calls) == 2 * 4  # both conv sites, every forward
+    (grads, buffers), (want_grads, want_buffers) = runs
+    assert set(grads) == set(want_grads) and any("norm_weight" in n for n in grads)
+    for name, want in [*want_grads.items(), *want_buffers.items()]:
+        got = grads[name] if name in grads else buffers[name]
+        assert torch.equal(got, want), name
