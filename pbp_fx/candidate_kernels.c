@@ -57,15 +57,16 @@ static inline void run_sum(const float *restrict d, int64_t len, int64_t row0, i
     }
 }
 
-/* e = (d * mul - m1) - m2 into g, cov[row] += c * e, over one run */
+/* e = d * mul - mean (the float64 mean, the difference rounded once to float32) into g, cov[row] += c * e,
+ * over one run. (One subtraction: the library is built with -fassociative-math, under which a mean split into
+ * float32 parts, (d - a) - b, was computed as d - (a + b) = d - a, and C lost half a unit of d's offset.) */
 static inline void run_cov(const float *restrict c, const float *restrict d, float *restrict g, int64_t len,
-                           int64_t row0, int64_t step, float mul, const float *restrict m1,
-                           const float *restrict m2, double *restrict cov) {
+                           int64_t row0, int64_t step, float mul, const double *restrict mean,
+                           double *restrict cov) {
     if (step == 0) {
-        float a = m1[row0], b = m2[row0];
-        double acc = 0.0;
+        double m = mean[row0], acc = 0.0;
         for (int64_t j = 0; j < len; j++) {
-            float e = (d[j] * mul - a) - b;
+            float e = (float)((double)(d[j] * mul) - m);
             g[j] = e;
             acc += (double)(c[j] * e);
         }
@@ -73,7 +74,7 @@ static inline void run_cov(const float *restrict c, const float *restrict d, flo
     } else {
         for (int64_t j = 0; j < len; j++) {
             int64_t r = row0 + j * step;
-            float e = (d[j] * mul - m1[r]) - m2[r];
+            float e = (float)((double)(d[j] * mul) - mean[r]);
             g[j] = e;
             cov[r] += (double)(c[j] * e);  /* (the product in float32, as the torch ops form it) */
         }
@@ -151,16 +152,16 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
     for (int k = 0; k < nd; k++) total *= sizes[k];
     if (total % rows) return -1;
     double n = (double)(total / rows);
-    double *sum = work, *cov = work + rows;
-    float *m1 = (float *)(work + 2 * rows), *m2 = m1 + rows;
+    double *sum = work, *cov = work + rows, *mean = sum; /* (each row's sum becomes its mean) */
+    float *k = (float *)(work + 2 * rows);
     /* the loss scale divided out of d (as a multiplication: the same to float32 rounding) */
     const float mul = scale > 0.0 ? (float)(1.0 / scale) : 1.0f;
 
-    /* e = (d - a) - b, a + b = mean d: as batch_covariance centres d twice (float32's mean is off by up to
-     * half a unit of d's offset), but from one float64 sum; cov = sum c * e, in whole-batch units */
+    /* e = d - mean d, the mean from one float64 sum (batch_covariance centres d twice instead: float32's mean
+     * is off by up to half a unit of d's offset); cov = sum c * e, in whole-batch units */
 #define SUM(base, row0, step) run_sum(d + (base), inner, row0, step, mul, sum)
-#define COV(base, row0, step) run_cov(c + (base), d + (base), g + (base), inner, row0, step, mul, m1, m2, cov)
-#define SCALE(base, row0, step) run_scale(g + (base), inner, row0, step, m1)
+#define COV(base, row0, step) run_cov(c + (base), d + (base), g + (base), inner, row0, step, mul, mean, cov)
+#define SCALE(base, row0, step) run_scale(g + (base), inner, row0, step, k)
     int64_t *blocks = NULL, n_blocks = 0, member_stride = 0, channel_stride = 0;
     int64_t *d_blocks = NULL, d_member_stride = 0, d_channel_stride = 0;
     if (roles[nd - 1] == 0) {  /* positions innermost: row by row, over blocks */
@@ -183,21 +184,18 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
     memset(cov, 0, sizeof(double) * rows);
     if (blocks) {
         for (int64_t r = 0; r < rows; r++) {
-            /* the mean in float64 (a vectorised float64 sum); a is it in float32 and b what a leaves, so that
-             * e = (d - a) - b is centred without a second pass over d */
-            double acc = 0.0;
+            double acc = 0.0;  /* (a vectorised float64 sum) */
             FOR_EACH_BLOCK(r, {
                 double part = 0.0;
                 for (int64_t j = 0; j < inner; j++) part += (double)(d[dat + j] * mul);
                 acc += part;
             });
-            float a = m1[r] = (float)(acc / n);
-            float b = m2[r] = (float)(acc / n - (double)a);
+            double m = mean[r] = acc / n;
             acc = 0.0;
             FOR_EACH_BLOCK(r, {
                 float part = 0.0f;
                 for (int64_t j = 0; j < inner; j++) {
-                    float e = (d[dat + j] * mul - a) - b;
+                    float e = (float)((double)(d[dat + j] * mul) - m);
                     g[at + j] = e;
                     part += c[at + j] * e;
                 }
@@ -207,10 +205,7 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
         }
     } else {
         FOR_EACH_RUN(SUM);
-        for (int64_t r = 0; r < rows; r++) {
-            m1[r] = (float)(sum[r] / n);
-            m2[r] = (float)(sum[r] / n - (double)m1[r]);
-        }
+        for (int64_t r = 0; r < rows; r++) mean[r] = sum[r] / n;
         FOR_EACH_RUN(COV);
     }
     /* in float32, as the torch ops scale it: a covariance that overflows float32 only once scaled must
@@ -254,7 +249,6 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
     }
 
     /* g = e * k, k = -sign(ema) x (scale, members, left_out): dC/dc in whole-batch units */
-    float *k = m1;
     for (int64_t r = 0; r < rows; r++) {
         float s = ema[r] > 0.0f ? 1.0f : (ema[r] < 0.0f ? -1.0f : 0.0f);
         k[r] = s * (float)(-(scale > 0.0 ? scale : 1.0) * whole);

@@ -12,7 +12,7 @@ from torch import nn
 import pbp_fx
 from pbp_fx import native
 from pbp_fx.covariance_tap import STAT_NAMES, candidate_gradient
-from pbp_fx.layers import LayerCopies, LayerSpec, NormSpec, copy_dim
+from pbp_fx.layers import LayerCopies, LayerSpec, NormSpec, copy_dim, split_members
 
 needs_kernel = pytest.mark.skipif(native.kernel() is None, reason="no C compiler to build pbp_fx.native with")
 
@@ -623,3 +623,24 @@ def test_the_norm_sigmoid_and_tap_as_one_node_train_as_the_two_nodes_do(grown, m
     for name, want in [*want_grads.items(), *want_buffers.items()]:
         got = grads[name] if name in grads else buffers[name]
         assert torch.equal(got, want), name
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["conv", "linear"])
+def test_the_covariance_kernel_keeps_float32_precision_for_an_error_with_a_large_mean(layout):
+    """The kernel's error centring lost half a unit of the error's offset on conv layouts (the library's
+    -fassociative-math turned (d - a) - b into d - (a + b)): 0.49 of C at an offset 1e4 x the error's spread."""
+    g = torch.Generator().manual_seed(1)
+    p, ch = 4, 8
+    c = torch.rand((25, p, ch, 19) if layout == "conv" else (25, p, ch), generator=g)
+    dims = (0, 3) if layout == "conv" else (0,)
+    for offset in (1.0, 100.0, 1e4):
+        d = offset + 0.01 * torch.randn(c.shape, generator=g) + 0.003 * c
+        grad_y = d.movedim(1, 0).reshape(p * 25, *c.shape[2:]).contiguous()  # member m's samples m*25..
+        c64, d64 = c.double(), d.double()
+        want = p * ((c64 - c64.mean(dims, keepdim=True)) * (d64 - d64.mean(dims, keepdim=True))).sum(dims)
+        stats, snapshots, rows = _pool_state(p, ch, g, row_shapes=((1,),))
+        assert native.candidate_gradient(c, split_members(grad_y, p, 1 if layout == "conv" else -1), stats,
+                                         snapshots, rows, 1, None, (0.5, 0, 1e-4, False), 1.0) is not None
+        cov = stats[0].double() / 0.5  # (ema = (1 - 0.5) C after one batch without bias correction)
+        assert ((cov - want).abs().max() / want.abs().max()).item() < 2e-6, offset
