@@ -393,10 +393,10 @@ class LayerCopies(nn.Module):
     def row_tensors(self) -> dict[str, Tensor]:
         """Every tensor whose leading dims are [M, C], by attribute name."""
         # (the module's own dicts first: a getattr through Module.__getattr__ took ~1 us a name, and this
-        # runs for every site and step)
+        # runs for every site and step; a parametrized tensor is a property, found by getattr)
         params, buffers, rows = self._parameters, self._buffers, {}
         for n in ROW_NAMES:
-            t = params[n] if n in params else buffers[n] if n in buffers else self.__dict__.get(n)
+            t = params[n] if n in params else buffers[n] if n in buffers else getattr(self, n, None)
             if t is not None:
                 rows[n] = t
         return rows

@@ -597,3 +597,39 @@ def test_the_loss_scale_of_a_grad_scaler_at_scale_1_is_a_scale_not_no_scaler():
     assert site.candidates.loss_scale() == 1.0
     site.candidates.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1.0, enabled=False)
     assert site.candidates.loss_scale() is None
+
+
+def test_a_parametrized_candidate_weight_or_cascade_stays_one_of_the_pools_rows():
+    """The pool read its rows from the modules' own dicts: a parametrized weight (torch.nn.utils.parametrizations,
+    where the tensor is a property) fell out of them, was never snapshot, and installing raised KeyError."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    pm = pbp_fx.perforate(model, (x[:2],))
+    pm.train()
+    pm.start_dendrite_phase(pool=4)
+    pool = next(iter(pm.sites.values())).candidates
+    torch.nn.utils.parametrizations.weight_norm(pool.copies, "weight", dim=0)
+    assert list(pool._rows()) == ["weight", "bias", "cascade"]
+    before = pool.snapshot_weight.clone()
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(150):
+            opt.zero_grad()
+            F.cross_entropy(pm(x), y).backward()
+            opt.step()
+    assert not torch.equal(before, pool.snapshot_weight)
+    pm.install_candidates()
+
+    class Identity(nn.Module):
+        def forward(self, t):
+            return t
+
+    pm.start_dendrite_phase(pool=4)
+    pool = next(iter(pm.sites.values())).candidates
+    parametrize.register_parametrization(pool, "cascade", Identity())
+    assert list(pool._rows()) == ["weight", "bias", "cascade"]
+    F.cross_entropy(pm(x), y).backward()
