@@ -22,7 +22,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from . import native
 from .config import ConfigError
 
-__all__ = ["WEIGHT_HOOKS", "has_user_hooks", "LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply",
+__all__ = ["WEIGHT_HOOKS", "has_user_hooks", "own_tensor", "LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply",
            "split_apply", "split_members", "runs_as_columns", "split_columns", "columns_to_stacked",
            "every_nth_position", "cascade_chain", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls",
            "apply_dendrites", "StandIn"]
@@ -362,6 +362,14 @@ def fold_norm(weight: Tensor, bias: Optional[Tensor], mean: Tensor, var: Tensor,
     return w, b
 
 
+def own_tensor(module: nn.Module, name: str) -> Optional[Tensor]:
+    """module.<name> for a parameter or buffer of its own, read from its dicts: through Module.__getattr__ a
+    read took ~1 us, and the candidates' rows and statistics are read for every site and step. Anything else
+    (a parametrized tensor is a property; a plain attribute, or None) by getattr."""
+    params, buffers = module._parameters, module._buffers
+    return params[name] if name in params else buffers[name] if name in buffers else getattr(module, name, None)
+
+
 # LayerCopies' tensors whose leading dims are [M, C] (row_tensors), in this order.
 ROW_NAMES = ("weight", "bias", "norm_weight", "norm_bias", "running_mean", "running_var")
 
@@ -392,11 +400,9 @@ class LayerCopies(nn.Module):
 
     def row_tensors(self) -> dict[str, Tensor]:
         """Every tensor whose leading dims are [M, C], by attribute name."""
-        # (the module's own dicts first: a getattr through Module.__getattr__ took ~1 us a name, and this
-        # runs for every site and step; a parametrized tensor is a property, found by getattr)
-        params, buffers, rows = self._parameters, self._buffers, {}
+        rows = {}
         for n in ROW_NAMES:
-            t = params[n] if n in params else buffers[n] if n in buffers else getattr(self, n, None)
+            t = own_tensor(self, n)
             if t is not None:
                 rows[n] = t
         return rows

@@ -16,7 +16,7 @@ from .config import ConfigError
 from .covariance_tap import STAT_NAMES, EagerNormTap, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .errors import CheckpointError, NonFiniteError, warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cascade_chain, cat_rows, channel_view,
-                     copy_dim, every_nth_position, split_members, StandIn)
+                     copy_dim, every_nth_position, own_tensor, split_members, StandIn)
 
 __all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "FusedSwappedNeuron", "ACTIVATIONS", "MODES",
            "is_wide_statistic", "pool_settings"]
@@ -140,8 +140,7 @@ class CandidatePool(nn.Module):
 
     def _rows(self) -> dict[str, Tensor]:
         rows = self.copies.row_tensors()
-        params = self._parameters  # (a getattr took ~1 us; a parametrized cascade is a property, found by it)
-        rows["cascade"] = params["cascade"] if "cascade" in params else self.cascade
+        rows["cascade"] = own_tensor(self, "cascade")
         return rows
 
     def splits(self, batch: int) -> bool:
@@ -198,15 +197,10 @@ class CandidatePool(nn.Module):
                      "for a short last batch), or pool_split=False")
 
     def _stats(self) -> list[Tensor]:
-        return [self._own_buffer(name) for name in STAT_NAMES]
+        return [own_tensor(self, name) for name in STAT_NAMES]
 
     def _snapshots(self, rows: dict[str, Tensor]) -> list[Tensor]:
-        return [self._own_buffer("snapshot_" + name) for name in rows]
-
-    def _own_buffer(self, name: str) -> Tensor:
-        # (from the module's dict: a getattr took ~1 us, per site and step; a parametrized one by getattr)
-        buffers = self._buffers
-        return buffers[name] if name in buffers else getattr(self, name)
+        return [own_tensor(self, "snapshot_" + name) for name in rows]
 
     def _settings(self) -> tuple:
         return (self.ema_decay, self.warmup, self.threshold, self.bias_correction)
