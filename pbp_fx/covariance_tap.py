@@ -192,7 +192,8 @@ def _snapshot(best: Tensor, score: Tensor, improved: Tensor, snapshots: list[Ten
 def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots: list[Tensor],
                        rows: list[Tensor], new: Union[bool, Tensor], axis: int, split: bool, stride: int,
                        scale: Optional[float], settings: StatsSettings,
-                       reducer: Optional[Callable] = None) -> Tensor:
+                       reducer: Optional[Callable] = None,
+                       prepared: Optional[native.PreparedArguments] = None) -> Tensor:
     """The candidates' gradient for one backward; `new` False: the batch was counted already.
 
     split: c holds each member's own slice of the batch, and delta is dealt the same way.
@@ -200,7 +201,7 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
     scaled by the positions left out (whole-batch units), and so is dC/dc.
     scale: GradScaler's loss scale (None without one), divided out of delta before the
     statistics and kept in the gradient. A second backward through the same graph (retain_graph) does
-    not count the batch again.
+    not count the batch again. prepared: the pool's tensors' checked arguments for the native kernel.
     """
     p = c.shape[copy_dim(axis)]
     if c.numel() == p * stats[0].shape[1]:
@@ -221,7 +222,8 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
         # One native call where it applies (a split pool in float32 on the CPU, one process, a batch seen
         # the first time): the same arithmetic without forty ops' dispatch (pbp_fx.native); it reads d's
         # view in place, or copies it
-        done = (native.candidate_gradient(c, d, stats, snapshots, rows, copy_dim(axis), scale, settings, left_out)
+        done = (native.candidate_gradient(c, d, stats, snapshots, rows, copy_dim(axis), scale, settings, left_out,
+                                          prepared)
                 if split and reducer is None and new is True else None)
         if done is not None:
             counted, g = done
@@ -332,14 +334,15 @@ class EagerTap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: Tensor, c: Tensor, stats, snapshots, rows, axis, split, stride, scale, settings, reducer,
-                fresh=False):
+                prepared=None, fresh=False):
         ctx.save_for_backward(c)
-        return _tap_forward(ctx, y, (stats, snapshots, rows, axis, split, stride, scale, settings, reducer), fresh)
+        return _tap_forward(ctx, y, (stats, snapshots, rows, axis, split, stride, scale, settings, reducer, prepared),
+                            fresh)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         (c,) = ctx.saved_tensors
-        return grad_y, _tap_backward(ctx, grad_y, c), None, None, None, None, None, None, None, None, None, None
+        return grad_y, _tap_backward(ctx, grad_y, c), *([None] * 11)
 
 
 class EagerNormTap(torch.autograd.Function):
@@ -366,7 +369,7 @@ class EagerNormTap(torch.autograd.Function):
 
 def _tap_forward(ctx, y: Tensor, options: tuple, fresh: bool) -> Tensor:
     """The eager taps' forward: y, or a copy of it (not `fresh`); options: (stats, snapshots, rows, axis, split,
-    stride, scale, settings, reducer)."""
+    stride, scale, settings, reducer, prepared)."""
     ctx.options = options
     ctx.counted = False  # eager: a Python flag, not a device tensor (no op per site and step)
     if not fresh:
@@ -381,10 +384,10 @@ def _tap_forward(ctx, y: Tensor, options: tuple, fresh: bool) -> Tensor:
 
 def _tap_backward(ctx, grad_y: Tensor, c: Tensor) -> Tensor:
     """The eager taps' candidate gradient for grad_y, the batch counted at the first backward only."""
-    stats, snapshots, rows, axis, split, stride, scale, settings, reducer = ctx.options
+    stats, snapshots, rows, axis, split, stride, scale, settings, reducer, prepared = ctx.options
     if ctx.counted:
         _warn_second_backward()
     grad_c = candidate_gradient(grad_y, c, stats, snapshots, rows, not ctx.counted, axis, split, stride, scale,
-                                settings, reducer)
+                                settings, reducer, prepared)
     ctx.counted = True
     return grad_c

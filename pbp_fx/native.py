@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kernel", "candidate_gradient", "norm_sigmoid", "norm_sigmoid_arguments", "norm_sigmoid_apply",
+__all__ = ["kernel", "PreparedArguments", "candidate_gradient", "norm_sigmoid", "norm_sigmoid_arguments", "norm_sigmoid_apply",
            "norm_sigmoid_forward", "norm_sigmoid_backward", "norm_cascade_sigmoid", "columns_1d"]
 
 log = logging.getLogger(__name__)
@@ -141,11 +141,12 @@ def kernel() -> Optional[ctypes.CDLL]:
 
 
 @functools.lru_cache(maxsize=256)  # (a site's layout is the same every step; building it took ~15 us)
-def _layout(shape: tuple, strides: tuple, copy_dim: int) -> Optional[tuple]:
+def _layout(shape: tuple, strides: tuple, copy_dim: int, other: Optional[tuple] = None) -> Optional[tuple]:
     """A dense tensor's dims in memory order for the kernels: (nd, sizes, roles) as ctypes arrays, sizes
     outermost first, roles 0 a position, 1 the member (`copy_dim`), 2 the channel (the next dim); dims of
-    size 1 left out and neighbouring position dims merged; and each merged dim's tensor dims, outermost first.
-    None unless dense (no gaps, no overlap) with at most _MAX_DIMS such dims."""
+    size 1 left out and neighbouring position dims merged (where they also merge in another tensor's strides
+    `other`, when given); and each merged dim's tensor dims, outermost first. None unless dense (no gaps, no
+    overlap) with at most _MAX_DIMS such dims."""
     dims = sorted((k for k in range(len(shape)) if shape[k] > 1), key=lambda k: -strides[k])
     sizes: list[int] = []
     roles: list[int] = []
@@ -156,7 +157,7 @@ def _layout(shape: tuple, strides: tuple, copy_dim: int) -> Optional[tuple]:
         if strides[k] != expected:
             return None
         role = 1 if k == copy_dim else 2 if k == copy_dim + 1 else 0
-        if role == 0 and roles and roles[-1] == 0:
+        if role == 0 and roles and roles[-1] == 0 and (other is None or other[groups[-1][-1]] == other[k] * shape[k]):
             sizes[-1] *= shape[k]
             groups[-1].append(k)
         else:
@@ -185,25 +186,84 @@ def _strides_in(groups: tuple, shape: tuple, strides: tuple) -> Optional[ctypes.
     return (ctypes.c_int64 * len(out))(*out)
 
 
+class PreparedArguments:
+    """A module's own tensors checked and packed for a kernel once, reused while they are the same tensors at the
+    same addresses: checking and packing a pool's statistics, snapshots and rows cost more than the covariance
+    kernel itself on small sites. Held by the module that owns the tensors; not state (a copy or a pickle of
+    the module starts with an empty one)."""
+
+    __slots__ = ("_key", "_value")
+
+    def __init__(self):
+        self._key = self._value = None
+
+    def get(self, key: tuple):
+        """What was put for this key, else None."""
+        return self._value if key == self._key else None
+
+    def put(self, key: tuple, value):
+        self._key, self._value = key, value
+        return value
+
+    def __deepcopy__(self, memo):
+        return PreparedArguments()
+
+    def __reduce__(self):
+        return PreparedArguments, ()
+
+
+def _identity(tensors: Sequence[Tensor]) -> tuple:
+    """Which tensors, at which addresses: a key for PreparedArguments (the entry holds the tensors, so the
+    ids stay theirs; .to() or a reassigned .data moves the address)."""
+    return (*map(id, tensors), *(t.data_ptr() for t in tensors))
+
+
+def _statistics_arguments(stats: Sequence[Tensor], snapshots: Sequence[Tensor], rows: Sequence[Tensor],
+                          members: int, channels: int, settings: tuple,
+                          prepared: Optional[PreparedArguments]) -> Optional[tuple]:
+    """The covariance kernel's arguments from a pool's own tensors and settings (between d_strides' place and
+    the work space), or None where they do not apply; kept in `prepared` while the tensors stay the same."""
+    own = (*stats, *snapshots, *rows)
+    if any(type(t) not in _PLAIN for t in own):
+        return None
+    key = (members, channels, *settings, *_identity(own))
+    found = None if prepared is None else prepared.get(key)
+    if found is not None:
+        return found[1]
+    ema, ema_sq, best, steps, seen, last_improved = stats
+    pairs = [(s, r) for s, r in zip(snapshots, rows) if r.numel()]
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (ema, ema_sq, best, *(t for p in pairs for t in p))):
+        return None
+    if any(t.dtype != torch.int64 for t in (steps, seen, last_improved)):
+        return None
+    decay, warmup, threshold, bias_correction = settings
+    n = len(pairs)
+    packed = (ema.data_ptr(), ema_sq.data_ptr(), best.data_ptr(), steps.data_ptr(), seen.data_ptr(),
+              last_improved.data_ptr(), float(decay), int(warmup), float(threshold), int(bool(bias_correction)), n,
+              (_P * max(n, 1))(*(s.data_ptr() for s, _ in pairs)), (_P * max(n, 1))(*(r.data_ptr() for _, r in pairs)),
+              (ctypes.c_int64 * max(n, 1))(*(r.numel() // (members * channels) for _, r in pairs)))
+    if prepared is not None:
+        prepared.put(key, (own, packed))
+    return packed
+
+
 def candidate_gradient(c: Tensor, d: Tensor, stats: Sequence[Tensor], snapshots: Sequence[Tensor],
                        rows: Sequence[Tensor], copy_dim: int, scale: Optional[float], settings: tuple,
-                       left_out: float) -> Optional[tuple[bool, Tensor]]:
+                       left_out: float, prepared: Optional[PreparedArguments] = None) -> Optional[tuple[bool, Tensor]]:
     """(counted, g) for a split pool's batch (c and d [.., P, C, ..] alike, P at `copy_dim`), with the
     statistics updated in place; None where the native call does not apply (the caller runs the torch
-    ops): no library, not float32 on the CPU, another layout, a large tensor with several threads."""
-    lib = _kernel_for((c, d), (*stats, *snapshots, *rows))
+    ops): no library, not float32 on the CPU, another layout, a large tensor with several threads.
+    prepared: where the pool keeps its tensors' checked arguments from one step to the next."""
+    lib = _kernel_for((c, d))
     if lib is None or c.dtype != torch.float32 or d.dtype != torch.float32:
         return None
     if c.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:
         return None
-    ema, ema_sq, best, steps, seen, last_improved = stats
-    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (ema, ema_sq, best)) or any(
-            t.dtype != torch.int64 for t in (steps, seen, last_improved)):
-        return None
-    pairs = [(s, r) for s, r in zip(snapshots, rows) if r.numel()]
-    if any(t.dtype != torch.float32 or not t.is_contiguous() for pair in pairs for t in pair):
-        return None
     copy_dim %= c.dim()  # (a Linear's -2)
+    members, channels = c.shape[copy_dim], c.shape[copy_dim + 1]
+    own = _statistics_arguments(stats, snapshots, rows, members, channels, settings, prepared)
+    if own is None:
+        return None
     layout = _layout(tuple(c.shape), c.stride(), copy_dim)
     if layout is None or d.shape != c.shape:
         return None
@@ -212,19 +272,17 @@ def candidate_gradient(c: Tensor, d: Tensor, stats: Sequence[Tensor], snapshots:
     if d.stride() != c.stride():  # (a split site error is a view: read in place where the kernel can)
         if roles[nd - 1] == 0:
             d_strides = _strides_in(groups, tuple(d.shape), d.stride())
+            if d_strides is None:  # (c's merged position dims do not merge in d: walked one by one)
+                layout = _layout(tuple(c.shape), c.stride(), copy_dim, d.stride())
+                if layout is not None and layout[2][layout[0] - 1] == 0:
+                    nd, sizes, roles, groups = layout
+                    d_strides = _strides_in(groups, tuple(d.shape), d.stride())
         if d_strides is None:
             d = torch.empty_like(c).copy_(d)
-    members, channels = c.shape[copy_dim], c.shape[copy_dim + 1]
     g = torch.empty_like(c)
-    decay, warmup, threshold, bias_correction = settings
-    n = len(pairs)
     status = lib.pbp_candidate_gradient(
-        c.data_ptr(), d.data_ptr(), g.data_ptr(), nd, sizes, roles, members, channels, ema.data_ptr(),
-        ema_sq.data_ptr(), best.data_ptr(), steps.data_ptr(), seen.data_ptr(),
-        last_improved.data_ptr(), float(decay), int(warmup), float(threshold), int(bool(bias_correction)),
-        0.0 if scale is None else float(scale), float(left_out), n, (_P * max(n, 1))(*(s.data_ptr() for s, _ in pairs)),
-        (_P * max(n, 1))(*(r.data_ptr() for _, r in pairs)),
-        (ctypes.c_int64 * max(n, 1))(*(r.numel() // (members * channels) for _, r in pairs)), d_strides,
+        c.data_ptr(), d.data_ptr(), g.data_ptr(), nd, sizes, roles, members, channels, *own[:10],
+        0.0 if scale is None else float(scale), float(left_out), *own[10:], d_strides,
         (ctypes.c_double * (3 * members * channels))())
     if status < 0:
         raise RuntimeError(f"pbp_fx.native: the covariance kernel refused its arguments (shape {list(c.shape)})")

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import native
 from .config import ConfigError
 from .covariance_tap import STAT_NAMES, EagerNormTap, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .errors import CheckpointError, NonFiniteError, warn_at_user
@@ -119,6 +120,8 @@ class CandidatePool(nn.Module):
         self.reducer = None
         # Not state: a torch.amp.GradScaler whose scale divides delta before the statistics.
         self.grad_scaler = None
+        # Not state: the native covariance kernel's arguments from this pool's own tensors, checked once.
+        self.kernel_arguments = native.PreparedArguments()
         for name, t in self._rows().items():
             self.register_buffer("snapshot_" + name, t.detach().clone())
 
@@ -227,15 +230,15 @@ class CandidatePool(nn.Module):
         fresh: y was made by the site itself (nothing else holds it), so the eager tap may return it
         instead of a copy."""
         if self.reducer is None and torch.compiler.is_compiling():
-            return covariance_tap(y, c, *self._tap_options(split)[:-1])
+            return covariance_tap(y, c, *self._tap_options(split)[:8])
         return EagerTap.apply(y, c, *self._tap_options(split), fresh)
 
     def _tap_options(self, split: bool) -> tuple:
         """The eager tap's arguments after y and c: (stats, snapshots, rows, axis, split, stride, scale,
-        settings, reducer)."""
+        settings, reducer, prepared); covariance_tap takes the first eight."""
         rows = self._rows()
         return (self._stats(), self._snapshots(rows), list(rows.values()), self.layer.axis, split, self.stride,
-                self.loss_scale(), self._settings(), self.reducer)
+                self.loss_scale(), self._settings(), self.reducer, self.kernel_arguments)
 
     def loss_scale(self) -> Optional[float]:
         """The scale the loss was multiplied by before backward (grad_scaler's); None without

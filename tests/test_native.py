@@ -644,3 +644,75 @@ def test_the_covariance_kernel_keeps_float32_precision_for_an_error_with_a_large
                                          snapshots, rows, 1, None, (0.5, 0, 1e-4, False), 1.0) is not None
         cov = stats[0].double() / 0.5  # (ema = (1 - 0.5) C after one batch without bias correction)
         assert ((cov - want).abs().max() / want.abs().max()).item() < 2e-6, offset
+
+
+def _dendrite_pool_run(seed=0):
+    """A perforated MNIST-1D CNN in its dendrite phase (pool 4, split) with a batch: (model, x, y)."""
+    from pbp_fx.models import mnist1d_cnn
+
+    torch.manual_seed(seed)
+    pm = pbp_fx.perforate(mnist1d_cnn.build_model(), mnist1d_cnn.example_inputs())
+    pm.train()
+    pm.start_dendrite_phase(pool=4)
+    g = torch.Generator().manual_seed(seed)
+    shape = mnist1d_cnn.example_inputs()[0].shape[1:]
+    return pm, torch.randn(40, *shape, generator=g), torch.randint(0, 10, (40,), generator=g)
+
+
+def _step(pm, x, y):
+    """One backward, on x shifted by the steps counted so far (a new batch each time)."""
+    pm.zero_grad()
+    shift = 0.1 * int(next(iter(pm.sites.values())).candidates.steps)
+    torch.nn.functional.cross_entropy(pm(x + shift), y).backward()
+
+
+@needs_kernel
+def test_a_pools_kernel_arguments_follow_its_tensors_when_they_are_replaced_or_moved(monkeypatch):
+    """The pool's checked kernel arguments are reused from step to step; a statistic replaced by another tensor,
+    a weight whose memory moved (.data reassigned) and a copy of the model each get their own, so the kernel
+    never writes into a tensor the pool no longer holds."""
+    pm, x, y = _dendrite_pool_run()
+    for _ in range(2):
+        _step(pm, x, y)
+    pools = [s.candidates for s in pm.sites.values()]
+    twin = copy.deepcopy(pm)
+    old_ema = [p.ema for p in pools]
+    for p in pools:
+        p.ema = p.ema.clone()
+        p.copies.weight.data = p.copies.weight.data.clone()
+    before = [e.clone() for e in old_ema]
+    _step(pm, x, y)
+    for p, old, was in zip(pools, old_ema, before):
+        assert torch.equal(old, was)  # (the replaced tensor is left alone)
+    with monkeypatch.context() as m:  # the same step as torch ops, from the twin (its own, fresh arguments)
+        m.setattr(native, "kernel", lambda: None)
+        torch_twin = copy.deepcopy(twin)
+        _step(torch_twin, x, y)
+    _step(twin, x, y)
+    for p, t, tt in zip(pools, (s.candidates for s in twin.sites.values()),
+                        (s.candidates for s in torch_twin.sites.values())):
+        for name in ("ema", "ema_sq", "best"):
+            torch.testing.assert_close(getattr(p, name), getattr(tt, name), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(getattr(t, name), getattr(tt, name), rtol=1e-4, atol=1e-6)
+        assert int(p.steps) == int(t.steps) == int(tt.steps) == 3
+
+
+@needs_kernel
+def test_a_columns_layouts_site_error_is_read_in_place(monkeypatch):
+    """The columns path's candidates are copies first ([P, C, b, L] in memory) and the split site error is
+    member-first ([P, b, C, L]); the kernel walks the positions one dim at a time instead of copying the error."""
+    g = torch.Generator().manual_seed(2)
+    p, b, ch, length = 4, 6, 5, 7
+    c = torch.rand(p, ch, b, length, generator=g).movedim(2, 0)
+    grad_y = torch.randn(p * b, ch, length, generator=g) + 3
+    made = []
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, *a, **k: made.append(tuple(t.shape)) or empty_like(t, *a, **k))
+    stats, snapshots, rows = _pool_state(p, ch, g)
+    got = native.candidate_gradient(c, split_members(grad_y, p, 1), stats, snapshots, rows, 1, None,
+                                    (0.5, 0, 1e-4, False), 1.0)
+    monkeypatch.undo()
+    assert got is not None and made == [tuple(c.shape)]  # (g only: no copy of the error)
+    e = split_members(grad_y, p, 1) - split_members(grad_y, p, 1).mean((0, 3), keepdim=True)
+    want = p * ((c - c.mean((0, 3), keepdim=True)) * e).sum((0, 3))
+    torch.testing.assert_close(stats[0] / 0.5, want, rtol=1e-5, atol=1e-5)
