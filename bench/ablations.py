@@ -16,6 +16,7 @@ only trains what is missing and `--report` re-prints tables without training):
     python bench/ablations.py --groups round --seeds 5 --report   # tables from the cache only
     python bench/ablations.py --groups round --task mnist1d_cnn --variants "pb default" \
         "candidate stride 2 (every 2nd position)"                 # the round test on the CNN
+    python bench/ablations.py --groups round --task resnet_small --width 8 --variants ...   # and on a 2-D conv net
 
 The numbers in bench/results/ablations.md: controls and sites at --seeds 5, regime at
 --seeds 3, round at --seeds 5 (about 35 min on 2 shared cores).
@@ -39,7 +40,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy import TASKS, _params, train_plain, width_for_params as width_for  # noqa: E402
+from accuracy import TASKS as ACCURACY_TASKS, _params, train_plain, width_for_params as width_for  # noqa: E402
+
+# The round test also runs on the small ResNet (sklearn digits as 8x8 images): a 2-D conv net.
+TASKS = {**ACCURACY_TASKS, "resnet_small": ("pbp_fx.models.resnet_small", 8)}
 
 DEFAULTS = dict(task="mnist1d_mlp", width=32, num_samples=None, lr=1e-3, batch_size=100, patience=10,
                 max_epochs=400, max_dendrites=2, pool=4, dendrite_patience=3, max_dendrite_epochs=30,
