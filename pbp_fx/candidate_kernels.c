@@ -275,9 +275,11 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
 
 /* e^x for the sigmoid: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^7 (relative
  * error below 1e-7 before rounding), 2^n built in the exponent bits. Branch-free, so that the loops
- * calling it run vectorised; x is clamped to [-87, 88] (e^x a normal float), and NaN stays NaN. */
+ * calling it run vectorised; x is clamped to [-87, 89]: e^x is a normal float or, from x ~ 88.4 (n = 128,
+ * the exponent field all ones), inf, so that sigmoid(x) is 0 from x ~ -88.4 down to -inf as torch's is at
+ * -inf (a clamp at 88 left 6e-39 there); NaN stays NaN. */
 static inline float exp_approx(float x) {
-    x = x > 88.0f ? 88.0f : x;
+    x = x > 89.0f ? 89.0f : x;
     x = x < -87.0f ? -87.0f : x;
     /* n = round(x / ln2) as a truncation of a positive number (a branch-free rounding of a signed
      * one made the compiler evaluate the polynomial twice and blend) */

@@ -228,6 +228,8 @@ def test_the_kernels_sigmoid_is_torchs_to_float32_rounding_over_its_whole_range(
     want = torch.sigmoid(extra)
     assert out.isnan().sum() == want.isnan().sum() == 1  # (NaN stays NaN: a non-finite batch is seen as one)
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert out[extra == -float("inf")].item() == 0.0 and out[extra == float("inf")].item() == 1.0
+    assert (out[extra <= -89] == 0).all() and (out[extra >= -80] > 0).all()
 
 
 @needs_kernel
