@@ -14,6 +14,8 @@
  * role: 0 a position (batch, spatial, token), 1 the pool member p, 2 the channel. An element's
  * row is p * channels + channel. d is the site error dealt to the members (split), already
  * strided; g receives the candidates' gradient.
+ *
+ * Every call returns -1 for arguments it cannot take and NO_MEMORY where its work space could not be had.
  */
 #include <math.h>
 #include <stdint.h>
@@ -21,6 +23,7 @@
 #include <string.h>
 
 #define MAX_DIMS 8
+#define NO_MEMORY (-2)
 
 /* The elements in runs: each run is the innermost memory dim (`inner` elements from `base`), over
  * which the row steps by 0 (positions), 1 (channels) or `channels` (members); the outer dims are
@@ -110,7 +113,7 @@ static int64_t position_blocks(int nd, const int64_t *sizes, const int *roles, c
         else if (k < nd - 1) count *= sizes[k];
     }
     *blocks = malloc(sizeof(int64_t) * count);
-    if (!*blocks) return -1;
+    if (!*blocks) return NO_MEMORY;
     int64_t idx[MAX_DIMS] = {0};
     for (int64_t b = 0; b < count; b++) {
         int64_t off = 0;
@@ -166,12 +169,12 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
     int64_t *d_blocks = NULL, d_member_stride = 0, d_channel_stride = 0;
     if (roles[nd - 1] == 0) {  /* positions innermost: row by row, over blocks */
         n_blocks = position_blocks(nd, sizes, roles, NULL, &blocks, &member_stride, &channel_stride);
-        if (n_blocks < 0) return -1;
+        if (n_blocks < 0) return (int)n_blocks;
         d_blocks = blocks, d_member_stride = member_stride, d_channel_stride = channel_stride;
         if (d_strides && position_blocks(nd, sizes, roles, d_strides, &d_blocks, &d_member_stride,
                                          &d_channel_stride) < 0) {
             free(blocks);
-            return -1;
+            return NO_MEMORY;
         }
     }
 #define ROW_START(r) (((r) / channels) * member_stride + ((r) % channels) * channel_stride)
@@ -587,7 +590,7 @@ int pbp_norm_sigmoid_backward(const float *dc, const float *out, const float *z,
     if (!w) {
         free(acc);
         free(row_of);
-        return -1;
+        return NO_MEMORY;
     }
     float *m1 = w + rows, *m2 = w + 2 * rows;
     for (int64_t r = 0; r < rows; r++) {
@@ -632,7 +635,7 @@ int pbp_norm_cascade_sigmoid(const float *z, float *out, int64_t outer, int64_t 
     if (outer < 1 || copies < 1 || channels < 1 || inner < 1 || (training && count < 2)) return -1;
     double n = (double)count, *sum = work, *sq = work + rows;
     float *alpha = malloc(sizeof(float) * 2 * rows);
-    if (!alpha) return -1;
+    if (!alpha) return NO_MEMORY;
     float *shift = alpha + rows;
     /* Short rows (a Linear's, inner 1) leave per-row loops scalar: there the passes run over each sample's
      * whole [K, C, inner] block, with the per-row values spread to its elements. */

@@ -284,9 +284,18 @@ def candidate_gradient(c: Tensor, d: Tensor, stats: Sequence[Tensor], snapshots:
         c.data_ptr(), d.data_ptr(), g.data_ptr(), nd, sizes, roles, members, channels, *own[:10],
         0.0 if scale is None else float(scale), float(left_out), *own[10:], d_strides,
         (ctypes.c_double * (3 * members * channels))())
-    if status < 0:
-        raise RuntimeError(f"pbp_fx.native: the covariance kernel refused its arguments (shape {list(c.shape)})")
+    _check(status, "covariance", c)
     return bool(status), g
+
+
+def _check(status: int, kernel_name: str, t: Tensor) -> None:
+    """Raise for a kernel's failure status: -2 its work space could not be had (MemoryError, as torch's own
+    allocations), another negative value arguments it cannot take (a defect here: the callers check them)."""
+    if status == -2:
+        raise MemoryError(f"pbp_fx.native: the {kernel_name} kernel could not allocate its work space (shape "
+                          f"{list(t.shape)}): free memory, or use a smaller batch")
+    if status < 0:
+        raise RuntimeError(f"pbp_fx.native: the {kernel_name} kernel refused its arguments (shape {list(t.shape)})")
 
 
 def _address(t: Optional[Tensor]) -> Optional[int]:
@@ -397,8 +406,7 @@ def norm_sigmoid_forward(z: Tensor, extra: Optional[Tensor], weight: Optional[Te
         z.data_ptr(), _address(extra), out.data_ptr(), nd, sizes, roles, members, channels, _address(weight),
         _address(bias), _address(running_mean), _address(running_var), momentum, eps, mean.data_ptr(),
         invstd.data_ptr(), (ctypes.c_double * (2 * rows))())
-    if status < 0:
-        raise RuntimeError(f"pbp_fx.native: the norm kernel refused its arguments (shape {list(z.shape)})")
+    _check(status, "norm", z)
     return out, mean, invstd
 
 
@@ -422,8 +430,7 @@ def norm_sigmoid_backward(grad_out: Tensor, saved: tuple, layout: tuple, eps: fl
         grad_out.data_ptr(), out.data_ptr(), z.data_ptr(), _address(g), dz.data_ptr(), nd, sizes, roles,
         members, channels, _address(weight), mean.data_ptr(), invstd.data_ptr(), _address(dweight),
         _address(dbias), (ctypes.c_double * (2 * members * channels))())
-    if status < 0:
-        raise RuntimeError(f"pbp_fx.native: the norm kernel refused its arguments (shape {list(z.shape)})")
+    _check(status, "norm", z)
     return dz, g, dweight, dbias
 
 
@@ -484,8 +491,7 @@ def norm_cascade_sigmoid(z: Tensor, cascade: Optional[Tensor], weight: Optional[
         running_mean.data_ptr(), running_var.data_ptr(), int(training), float(momentum), float(eps),
         None if cascade is None or cascade.numel() == 0 else cascade.data_ptr(),
         (ctypes.c_double * (2 * copies * channels))())
-    if status < 0:
-        raise RuntimeError(f"pbp_fx.native: the cascade kernel refused its arguments (shape {list(z.shape)})")
+    _check(status, "cascade", z)
     return out
 
 
@@ -508,6 +514,5 @@ def columns_1d(x: Tensor, members: int, kernel_size: int, stride: int, padding: 
     out = torch.empty(members, cin * kernel_size, b * out_length)
     status = lib.pbp_columns_1d(x.data_ptr(), *x.stride(), out.data_ptr(), members, b, cin, length, kernel_size,
                                 stride, padding, out_length)
-    if status < 0:
-        raise RuntimeError(f"pbp_fx.native: the columns kernel refused its arguments (shape {list(x.shape)})")
+    _check(status, "columns", x)
     return out

@@ -718,3 +718,14 @@ def test_a_columns_layouts_site_error_is_read_in_place(monkeypatch):
     e = split_members(grad_y, p, 1) - split_members(grad_y, p, 1).mean((0, 3), keepdim=True)
     want = p * ((c - c.mean((0, 3), keepdim=True)) * e).sum((0, 3))
     torch.testing.assert_close(stats[0] / 0.5, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_out_of_memory_raises_memory_error_and_refused_arguments_a_runtime_error():
+    """The kernels return -2 where a work space cannot be allocated (it used to read as refused arguments)."""
+    t = torch.zeros(3, 4)
+    with pytest.raises(MemoryError, match=r"the cascade kernel could not allocate its work space \(shape \[3, 4\]\)"):
+        native._check(-2, "cascade", t)
+    with pytest.raises(RuntimeError, match=r"the norm kernel refused its arguments \(shape \[3, 4\]\)"):
+        native._check(-1, "norm", t)
+    native._check(0, "norm", t)
+    native._check(1, "covariance", t)
