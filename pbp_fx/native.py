@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kernel", "PreparedArguments", "candidate_gradient", "norm_sigmoid", "norm_sigmoid_arguments", "norm_sigmoid_apply",
-           "norm_sigmoid_forward", "norm_sigmoid_backward", "norm_cascade_sigmoid", "columns_1d"]
+__all__ = ["kernel", "PreparedArguments", "candidate_gradient", "norm_sigmoid", "norm_sigmoid_arguments",
+           "norm_sigmoid_apply", "norm_sigmoid_forward", "norm_sigmoid_backward", "norm_cascade_sigmoid", "columns_1d"]
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,8 @@ def _statistics_arguments(stats: Sequence[Tensor], snapshots: Sequence[Tensor], 
         return found[1]
     ema, ema_sq, best, steps, seen, last_improved = stats
     pairs = [(s, r) for s, r in zip(snapshots, rows) if r.numel()]
-    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (ema, ema_sq, best, *(t for p in pairs for t in p))):
+    floats = (ema, ema_sq, best, *(t for pair in pairs for t in pair))
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in floats):
         return None
     if any(t.dtype != torch.int64 for t in (steps, seen, last_improved)):
         return None
