@@ -141,12 +141,11 @@ def kernel() -> Optional[ctypes.CDLL]:
 
 
 @functools.lru_cache(maxsize=256)  # (a site's layout is the same every step; building it took ~15 us)
-def _layout(shape: tuple, strides: tuple, copy_dim: int, other: Optional[tuple] = None) -> Optional[tuple]:
+def _layout(shape: tuple, strides: tuple, copy_dim: int) -> Optional[tuple]:
     """A dense tensor's dims in memory order for the kernels: (nd, sizes, roles) as ctypes arrays, sizes
     outermost first, roles 0 a position, 1 the member (`copy_dim`), 2 the channel (the next dim); dims of
-    size 1 left out and neighbouring position dims merged (where they also merge in another tensor's strides
-    `other`, when given); and each merged dim's tensor dims, outermost first. None unless dense (no gaps, no
-    overlap) with at most _MAX_DIMS such dims."""
+    size 1 left out and neighbouring position dims merged; and each merged dim's tensor dims, outermost first.
+    None unless dense (no gaps, no overlap) with at most _MAX_DIMS such dims."""
     dims = sorted((k for k in range(len(shape)) if shape[k] > 1), key=lambda k: -strides[k])
     sizes: list[int] = []
     roles: list[int] = []
@@ -157,7 +156,7 @@ def _layout(shape: tuple, strides: tuple, copy_dim: int, other: Optional[tuple] 
         if strides[k] != expected:
             return None
         role = 1 if k == copy_dim else 2 if k == copy_dim + 1 else 0
-        if role == 0 and roles and roles[-1] == 0 and (other is None or other[groups[-1][-1]] == other[k] * shape[k]):
+        if role == 0 and roles and roles[-1] == 0:
             sizes[-1] *= shape[k]
             groups[-1].append(k)
         else:
@@ -273,11 +272,6 @@ def candidate_gradient(c: Tensor, d: Tensor, stats: Sequence[Tensor], snapshots:
     if d.stride() != c.stride():  # (a split site error is a view: read in place where the kernel can)
         if roles[nd - 1] == 0:
             d_strides = _strides_in(groups, tuple(d.shape), d.stride())
-            if d_strides is None:  # (c's merged position dims do not merge in d: walked one by one)
-                layout = _layout(tuple(c.shape), c.stride(), copy_dim, d.stride())
-                if layout is not None and layout[2][layout[0] - 1] == 0:
-                    nd, sizes, roles, groups = layout
-                    d_strides = _strides_in(groups, tuple(d.shape), d.stride())
         if d_strides is None:
             d = torch.empty_like(c).copy_(d)
     g = torch.empty_like(c)

@@ -699,27 +699,6 @@ def test_a_pools_kernel_arguments_follow_its_tensors_when_they_are_replaced_or_m
         assert int(p.steps) == int(t.steps) == int(tt.steps) == 3
 
 
-@needs_kernel
-def test_a_columns_layouts_site_error_is_read_in_place(monkeypatch):
-    """The columns path's candidates are copies first ([P, C, b, L] in memory) and the split site error is
-    member-first ([P, b, C, L]); the kernel walks the positions one dim at a time instead of copying the error."""
-    g = torch.Generator().manual_seed(2)
-    p, b, ch, length = 4, 6, 5, 7
-    c = torch.rand(p, ch, b, length, generator=g).movedim(2, 0)
-    grad_y = torch.randn(p * b, ch, length, generator=g) + 3
-    made = []
-    empty_like = torch.empty_like
-    monkeypatch.setattr(torch, "empty_like", lambda t, *a, **k: made.append(tuple(t.shape)) or empty_like(t, *a, **k))
-    stats, snapshots, rows = _pool_state(p, ch, g)
-    got = native.candidate_gradient(c, split_members(grad_y, p, 1), stats, snapshots, rows, 1, None,
-                                    (0.5, 0, 1e-4, False), 1.0)
-    monkeypatch.undo()
-    assert got is not None and made == [tuple(c.shape)]  # (g only: no copy of the error)
-    e = split_members(grad_y, p, 1) - split_members(grad_y, p, 1).mean((0, 3), keepdim=True)
-    want = p * ((c - c.mean((0, 3), keepdim=True)) * e).sum((0, 3))
-    torch.testing.assert_close(stats[0] / 0.5, want, rtol=1e-5, atol=1e-5)
-
-
 def test_a_kernel_out_of_memory_raises_memory_error_and_refused_arguments_a_runtime_error():
     """The kernels return -2 where a work space cannot be allocated (it used to read as refused arguments)."""
     t = torch.zeros(3, 4)
