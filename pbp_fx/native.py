@@ -189,19 +189,22 @@ class PreparedArguments:
     """A module's own tensors checked and packed for a kernel once, reused while they are the same tensors at the
     same addresses: checking and packing a pool's statistics, snapshots and rows cost more than the covariance
     kernel itself on small sites. Held by the module that owns the tensors; not state (a copy or a pickle of
-    the module starts with an empty one)."""
+    the module starts with an empty one). A tensor whose dtype, shape or strides change in place at the same
+    address (as_strided_, resize_, t_() on the module's own buffers) is not noticed: its memory stays in bounds,
+    but the kernel would read and write it in the old layout."""
 
-    __slots__ = ("_key", "_value")
+    __slots__ = ("_entry",)
 
     def __init__(self):
-        self._key = self._value = None
+        self._entry = (None, None)  # (key, value): one tuple, replaced whole
 
     def get(self, key: tuple):
         """What was put for this key, else None."""
-        return self._value if key == self._key else None
+        stored, value = self._entry
+        return value if key == stored else None
 
     def put(self, key: tuple, value):
-        self._key, self._value = key, value
+        self._entry = (key, value)
         return value
 
     def __deepcopy__(self, memo):

@@ -125,6 +125,11 @@ class CandidatePool(nn.Module):
         for name, t in self._rows().items():
             self.register_buffer("snapshot_" + name, t.detach().clone())
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # (a pool pickled before the kernel arguments existed has none)
+        self.__dict__.setdefault("kernel_arguments", native.PreparedArguments())
+
     def _apply(self, fn, recurse: bool = True):
         # .half() / .to(bfloat16) of the model must not narrow the statistics: they keep float32
         # (converted from their values before, not after a round trip through the narrow dtype).

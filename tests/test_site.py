@@ -633,3 +633,23 @@ def test_a_parametrized_candidate_weight_or_cascade_stays_one_of_the_pools_rows(
     parametrize.register_parametrization(pool, "cascade", Identity())
     assert list(pool._rows()) == ["weight", "bias", "cascade"]
     F.cross_entropy(pm(x), y).backward()
+
+
+def test_a_model_pickled_whole_before_pools_held_kernel_arguments_trains_after_loading(tmp_path):
+    """A pool pickled by a version before `kernel_arguments` (torch.save of the whole model) has no such attribute:
+    the first training forward after loading raised AttributeError (found by review)."""
+    from pbp_fx.models import mnist1d_cnn
+
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(mnist1d_cnn.build_model(), mnist1d_cnn.example_inputs())
+    pm.train()
+    pm.start_dendrite_phase(pool=4)
+    x = torch.randn(16, *mnist1d_cnn.example_inputs()[0].shape[1:])
+    y = torch.randint(0, 10, (16,))
+    torch.nn.functional.cross_entropy(pm(x), y).backward()
+    for site in pm.sites.values():
+        del site.candidates.__dict__["kernel_arguments"]  # (as the older version pickled it)
+    torch.save(pm, tmp_path / "old.pt")
+    loaded = torch.load(tmp_path / "old.pt", weights_only=False)
+    torch.nn.functional.cross_entropy(loaded(x), y).backward()
+    assert [int(s.candidates.steps) for s in loaded.sites.values()] == [2] * len(loaded.sites)
