@@ -22,8 +22,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 from . import native
 from .config import ConfigError
 
-__all__ = ["WEIGHT_HOOKS", "has_user_hooks", "own_tensor", "LayerSpec", "NormSpec", "LayerCopies", "per_position", "stacked_apply",
-           "split_apply", "split_members", "runs_as_columns", "split_columns", "columns_to_stacked",
+__all__ = ["WEIGHT_HOOKS", "has_user_hooks", "own_tensor", "LayerSpec", "NormSpec", "LayerCopies", "per_position",
+           "stacked_apply", "split_apply", "split_members", "runs_as_columns", "split_columns", "columns_to_stacked",
            "every_nth_position", "cascade_chain", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls",
            "apply_dendrites", "StandIn"]
 
@@ -453,10 +453,11 @@ class LayerCopies(nn.Module):
                                              copy_dim(self.layer.axis), self.num_batches_tracked)
 
     def activate(self, z: Tensor, extra: Optional[Tensor] = None,
-                 activation: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+                 activation: Optional[Callable[[Tensor], Tensor]] = None, native_tried: bool = False) -> Tensor:
         """activation(norm(z) + extra) for the layer output z (`layer_output`). A sigmoid after a norm in
-        training form runs with the norm as native calls where they apply (`native_norm`)."""
-        if activation is torch.sigmoid:
+        training form runs with the norm as native calls where they apply (`native_norm`; native_tried: the
+        caller found they do not)."""
+        if activation is torch.sigmoid and not native_tried:
             args = self.native_norm(z, extra)
             if args is not None:
                 return native.norm_sigmoid_apply(args)

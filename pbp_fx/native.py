@@ -493,7 +493,8 @@ def norm_cascade_sigmoid(z: Tensor, cascade: Optional[Tensor], weight: Optional[
     return out
 
 
-def columns_1d(x: Tensor, members: int, kernel_size: int, stride: int, padding: int, out_length: int) -> Optional[Tensor]:
+def columns_1d(x: Tensor, members: int, kernel_size: int, stride: int, padding: int,
+               out_length: int) -> Optional[Tensor]:
     """`layers.split_columns`' columns of a 1-D conv (no dilation, zero padding `padding` on the left) over
     x [B, Cin, L] dealt to `members` contiguous slices of b = B // members samples: [members, Cin * k, b *
     out_length], column (c, j) of sample i's position l holding x[m * b + i, c, l * stride + j - padding] (0

@@ -182,7 +182,7 @@ class CandidatePool(nn.Module):
         z = self.copies.layer_output(x, split)
         norm = self.copies.native_norm(z, extra) if activation is torch.sigmoid else None
         if norm is None:
-            return self.tap(y, self.copies.activate(z, extra, activation), split, fresh)
+            return self.tap(y, self.copies.activate(z, extra, activation, native_tried=True), split, fresh)
         z, extra, weight, bias = norm[:4]
         return EagerNormTap.apply(y, z, extra, weight, bias, norm[4:], self._tap_options(split), fresh)
 

@@ -653,3 +653,22 @@ def test_a_model_pickled_whole_before_pools_held_kernel_arguments_trains_after_l
     loaded = torch.load(tmp_path / "old.pt", weights_only=False)
     torch.nn.functional.cross_entropy(loaded(x), y).backward()
     assert [int(s.candidates.steps) for s in loaded.sites.values()] == [2] * len(loaded.sites)
+
+
+def test_where_the_native_norm_does_not_apply_a_pool_checks_it_once_a_step(monkeypatch):
+    """A float64 model (no native kernels): each norm site's pool asks `native.norm_sigmoid_arguments` once a
+    forward, not again inside LayerCopies.activate (a second check per site and step on every fallback path)."""
+    from pbp_fx import native
+    from pbp_fx.models import mnist1d_cnn
+
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(mnist1d_cnn.build_model().double(), tuple(t.double() for t in mnist1d_cnn.example_inputs()))
+    pm.train()
+    pm.start_dendrite_phase(pool=4)
+    asked = []
+    check = native.norm_sigmoid_arguments
+    monkeypatch.setattr(native, "norm_sigmoid_arguments", lambda *a, **k: asked.append(1) or check(*a, **k))
+    x = torch.randn(16, *mnist1d_cnn.example_inputs()[0].shape[1:], dtype=torch.float64)
+    F.cross_entropy(pm(x), torch.randint(0, 10, (16,))).backward()
+    norm_sites = [s for s in pm.sites.values() if s.candidates.copies.norm is not None]
+    assert norm_sites and len(asked) == len(norm_sites)
