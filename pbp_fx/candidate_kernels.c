@@ -5,6 +5,8 @@
  *   dispatch cost (150-400 us a site and step) was a fifth of a small model's dendrite-phase step.
  * - pbp_norm_sigmoid_forward / _backward: the candidates' BatchNorm (batch statistics) and
  *   sigmoid, forward and backward (reference and fallback: F.batch_norm then torch.sigmoid).
+ * - pbp_candidate_norm_backward: pbp_candidate_gradient and pbp_norm_sigmoid_backward as one walk,
+ *   where positions are innermost (reference and fallback: the two calls).
  * - pbp_norm_cascade_sigmoid: the installed dendrites' BatchNorm, cascade and sigmoid, forward only.
  * - pbp_columns_1d: a split pool's input columns for a 1-D conv (reference: layers.split_columns).
  *
@@ -133,6 +135,111 @@ static float lerp(float start, float end, float w) {
     return w < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
 }
 
+/* A pool's statistics, their settings and the rows they snapshot (pbp_candidate_gradient's arguments) */
+typedef struct {
+    float *ema, *ema_sq, *best;
+    int64_t *steps_seen, *batches_seen, *last_improved;
+    double decay, threshold, scale, left_out;
+    int64_t warmup;
+    int bias_correction, n_rows;
+    float **snapshots, **row_tensors;
+    const int64_t *row_sizes;
+} Statistics;
+
+/* One batch's covariance cov [rows] (as summed: scaled here to whole-batch float32 units) folded into the
+ * statistics (covariance_tap.fold_batch, decided on the host), and each row's factor k of dC/dc = e * k.
+ * Returns 1, or 0 when the covariance is not finite (nothing but batches_seen changed, k not written). */
+static int fold_covariance(const Statistics *s, double *cov, int64_t rows, int64_t members, float *k) {
+    /* in float32, as the torch ops scale it: a covariance that overflows float32 only once scaled must
+     * make the batch not counted here too (scaled in float64, it passed, and became inf as the EMA's input) */
+    double whole = (double)members * s->left_out, check = 0.0;
+    for (int64_t r = 0; r < rows; r++) {
+        float scaled = (float)cov[r] * (float)members;
+        if (s->left_out != 1.0) scaled *= (float)s->left_out;
+        cov[r] = scaled;
+        check += cov[r];
+    }
+    *s->batches_seen += 1;
+    if (!isfinite(check)) return 0;
+    int64_t steps = ++*s->steps_seen;
+    float w = s->bias_correction ? (float)((1.0 - s->decay) / (1.0 - pow(s->decay, (double)steps)))
+                                 : (float)(1.0 - s->decay);
+    for (int64_t r = 0; r < rows; r++) {
+        float cv = (float)cov[r];
+        s->ema_sq[r] = lerp(s->ema_sq[r], cv * cv, w);
+        s->ema[r] = lerp(s->ema[r], cv, w);
+    }
+    if (steps > s->warmup) {
+        int any = 0;
+        for (int64_t r = 0; r < rows; r++) {
+            float score = fabsf(s->ema[r]);
+            if (score > s->best[r] * (float)(1.0 + s->threshold)) {
+                s->best[r] = score;
+                for (int t = 0; t < s->n_rows; t++)
+                    memcpy(s->snapshots[t] + r * s->row_sizes[t], s->row_tensors[t] + r * s->row_sizes[t],
+                           sizeof(float) * s->row_sizes[t]);
+                any = 1;
+            }
+        }
+        if (any) *s->last_improved = steps;
+    }
+    /* k = -sign(ema) x (scale, members, left_out): dC/dc in whole-batch units */
+    for (int64_t r = 0; r < rows; r++) {
+        float sign = s->ema[r] > 0.0f ? 1.0f : (s->ema[r] < 0.0f ? -1.0f : 0.0f);
+        k[r] = sign * (float)(-(s->scale > 0.0 ? s->scale : 1.0) * whole);
+    }
+    return 1;
+}
+
+/* Where positions are innermost (roles[nd - 1] == 0): each row's blocks of positions in c's layout (that of g, z
+ * and dz too) and in d's (its own strides, or c's) */
+typedef struct {
+    int64_t *blocks, *d_blocks, n_blocks, member_stride, channel_stride, d_member_stride, d_channel_stride;
+} RowWalk;
+
+static int row_walk(RowWalk *w, int nd, const int64_t *sizes, const int *roles, const int64_t *d_strides) {
+    w->n_blocks = position_blocks(nd, sizes, roles, NULL, &w->blocks, &w->member_stride, &w->channel_stride);
+    if (w->n_blocks < 0) return (int)w->n_blocks;
+    w->d_blocks = w->blocks, w->d_member_stride = w->member_stride, w->d_channel_stride = w->channel_stride;
+    if (d_strides && position_blocks(nd, sizes, roles, d_strides, &w->d_blocks, &w->d_member_stride,
+                                     &w->d_channel_stride) < 0) {
+        free(w->blocks);
+        return NO_MEMORY;
+    }
+    return 0;
+}
+
+static void row_walk_free(RowWalk *w) {
+    if (w->d_blocks != w->blocks) free(w->d_blocks);
+    free(w->blocks);
+}
+
+/* the block (the variadic part) once for each of row r's blocks, with `at` its start in c's layout and `dat` in d's */
+#define FOR_EACH_BLOCK(w, r, ...) for (int64_t b_ = 0; b_ < (w).n_blocks; b_++) { \
+    int64_t at = ((r) / channels) * (w).member_stride + ((r) % channels) * (w).channel_stride + (w).blocks[b_]; \
+    int64_t dat = ((r) / channels) * (w).d_member_stride + ((r) % channels) * (w).d_channel_stride + (w).d_blocks[b_]; \
+    (void)at; (void)dat; __VA_ARGS__; }
+
+/* mean[r]: row r's mean of d * mul, from one float64 sum (batch_covariance centres d twice instead: float32's
+ * mean is off by up to half a unit of d's offset) */
+static void error_means(const RowWalk *w, const float *d, int64_t inner, int64_t rows, int64_t channels, float mul,
+                        double n, double *mean) {
+    for (int64_t r = 0; r < rows; r++) {
+        double acc = 0.0;  /* (a vectorised float64 sum) */
+        FOR_EACH_BLOCK(*w, r, {
+            double part = 0.0;
+            for (int64_t j = 0; j < inner; j++) part += (double)(d[dat + j] * mul);
+            acc += part;
+        });
+        mean[r] = acc / n;
+    }
+}
+
+/* e = d * mul - mean, the float64 mean and the difference rounded once to float32. (One subtraction: the library
+ * is built with -fassociative-math, under which a mean split into float32 parts, (d - a) - b, was computed as
+ * d - (a + b) = d - a, and C lost half a unit of d's offset.) */
+#define CENTRED(dv, m) ((float)((double)((dv) * mul) - (m)))
+
 /* Returns 1 when the batch was counted, 0 when its covariance was not finite (nothing but `seen`
  * changed; g untouched), -1 for an argument it cannot take.
  *
@@ -159,46 +266,26 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
     float *k = (float *)(work + 2 * rows);
     /* the loss scale divided out of d (as a multiplication: the same to float32 rounding) */
     const float mul = scale > 0.0 ? (float)(1.0 / scale) : 1.0f;
+    Statistics stats = {ema, ema_sq, best, steps_seen, batches_seen, last_improved, decay, threshold, scale,
+                        left_out, warmup, bias_correction, n_rows, snapshots, row_tensors, row_sizes};
 
-    /* e = d - mean d, the mean from one float64 sum (batch_covariance centres d twice instead: float32's mean
-     * is off by up to half a unit of d's offset); cov = sum c * e, in whole-batch units */
+    /* e = d - mean d; cov = sum c * e, in whole-batch units */
 #define SUM(base, row0, step) run_sum(d + (base), inner, row0, step, mul, sum)
 #define COV(base, row0, step) run_cov(c + (base), d + (base), g + (base), inner, row0, step, mul, mean, cov)
 #define SCALE(base, row0, step) run_scale(g + (base), inner, row0, step, k)
-    int64_t *blocks = NULL, n_blocks = 0, member_stride = 0, channel_stride = 0;
-    int64_t *d_blocks = NULL, d_member_stride = 0, d_channel_stride = 0;
-    if (roles[nd - 1] == 0) {  /* positions innermost: row by row, over blocks */
-        n_blocks = position_blocks(nd, sizes, roles, NULL, &blocks, &member_stride, &channel_stride);
-        if (n_blocks < 0) return (int)n_blocks;
-        d_blocks = blocks, d_member_stride = member_stride, d_channel_stride = channel_stride;
-        if (d_strides && position_blocks(nd, sizes, roles, d_strides, &d_blocks, &d_member_stride,
-                                         &d_channel_stride) < 0) {
-            free(blocks);
-            return NO_MEMORY;
-        }
-    }
-#define ROW_START(r) (((r) / channels) * member_stride + ((r) % channels) * channel_stride)
-#define D_ROW_START(r) (((r) / channels) * d_member_stride + ((r) % channels) * d_channel_stride)
-/* `at`: the block's start in c and g; `dat`: in d */
-#define FOR_EACH_BLOCK(r, BLOCK) for (int64_t b_ = 0; b_ < n_blocks; b_++) { \
-    int64_t at = ROW_START(r) + blocks[b_], dat = D_ROW_START(r) + d_blocks[b_]; \
-    (void)at; (void)dat; BLOCK; }
+    RowWalk walk = {0};
     memset(sum, 0, sizeof(double) * rows);
     memset(cov, 0, sizeof(double) * rows);
-    if (blocks) {
+    if (roles[nd - 1] == 0) {  /* positions innermost: row by row, over blocks */
+        int status = row_walk(&walk, nd, sizes, roles, d_strides);
+        if (status < 0) return status;
+        error_means(&walk, d, inner, rows, channels, mul, n, mean);
         for (int64_t r = 0; r < rows; r++) {
-            double acc = 0.0;  /* (a vectorised float64 sum) */
-            FOR_EACH_BLOCK(r, {
-                double part = 0.0;
-                for (int64_t j = 0; j < inner; j++) part += (double)(d[dat + j] * mul);
-                acc += part;
-            });
-            double m = mean[r] = acc / n;
-            acc = 0.0;
-            FOR_EACH_BLOCK(r, {
+            double m = mean[r], acc = 0.0;
+            FOR_EACH_BLOCK(walk, r, {
                 float part = 0.0f;
                 for (int64_t j = 0; j < inner; j++) {
-                    float e = (float)((double)(d[dat + j] * mul) - m);
+                    float e = CENTRED(d[dat + j], m);
                     g[at + j] = e;
                     part += c[at + j] * e;
                 }
@@ -211,61 +298,100 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
         for (int64_t r = 0; r < rows; r++) mean[r] = sum[r] / n;
         FOR_EACH_RUN(COV);
     }
-    /* in float32, as the torch ops scale it: a covariance that overflows float32 only once scaled must
-     * make the batch not counted here too (scaled in float64, it passed, and became inf as the EMA's input) */
-    double whole = (double)members * left_out, check = 0.0;
-    for (int64_t r = 0; r < rows; r++) {
-        float scaled = (float)cov[r] * (float)members;
-        if (left_out != 1.0) scaled *= (float)left_out;
-        cov[r] = scaled;
-        check += cov[r];
-    }
-
-    /* fold the batch into the statistics (covariance_tap.fold_batch, decided on the host) */
-    *batches_seen += 1;
-    if (!isfinite(check)) {
-        if (d_blocks != blocks) free(d_blocks);
-        free(blocks);
+    if (!fold_covariance(&stats, cov, rows, members, k)) {
+        row_walk_free(&walk);
         return 0;
     }
-    int64_t steps = ++*steps_seen;
-    float w = bias_correction ? (float)((1.0 - decay) / (1.0 - pow(decay, (double)steps)))
-                              : (float)(1.0 - decay);
-    for (int64_t r = 0; r < rows; r++) {
-        float cv = (float)cov[r];
-        ema_sq[r] = lerp(ema_sq[r], cv * cv, w);
-        ema[r] = lerp(ema[r], cv, w);
-    }
-    if (steps > warmup) {
-        int any = 0;
-        for (int64_t r = 0; r < rows; r++) {
-            float score = fabsf(ema[r]);
-            if (score > best[r] * (float)(1.0 + threshold)) {
-                best[r] = score;
-                for (int t = 0; t < n_rows; t++)
-                    memcpy(snapshots[t] + r * row_sizes[t], row_tensors[t] + r * row_sizes[t],
-                           sizeof(float) * row_sizes[t]);
-                any = 1;
-            }
-        }
-        if (any) *last_improved = steps;
-    }
-
-    /* g = e * k, k = -sign(ema) x (scale, members, left_out): dC/dc in whole-batch units */
-    for (int64_t r = 0; r < rows; r++) {
-        float s = ema[r] > 0.0f ? 1.0f : (ema[r] < 0.0f ? -1.0f : 0.0f);
-        k[r] = s * (float)(-(scale > 0.0 ? scale : 1.0) * whole);
-    }
-    if (blocks) {
+    /* g = e * k */
+    if (walk.blocks) {
         for (int64_t r = 0; r < rows; r++) {
             float f = k[r];
-            FOR_EACH_BLOCK(r, for (int64_t j = 0; j < inner; j++) g[at + j] *= f);
+            FOR_EACH_BLOCK(walk, r, for (int64_t j = 0; j < inner; j++) g[at + j] *= f);
         }
-        if (d_blocks != blocks) free(d_blocks);
-        free(blocks);
+        row_walk_free(&walk);
     } else {
         FOR_EACH_RUN(SCALE);
     }
+    return 1;
+}
+
+/* pbp_candidate_gradient and then pbp_norm_sigmoid_backward in one walk, for candidates c = sigmoid(norm(z)
+ * (+ extra)) (the forward kernel's out, with its mean_z and invstd) whose positions are innermost: the gradient of
+ * c, e * k, is formed in registers where it is used, not written and read back (three passes over c's size
+ * instead of five, and one call). The same arithmetic as the two calls; the norm's sums of e * k * c (1 - c)
+ * are taken before k is known and scaled after (exact where k is a power of two: a pool of 2^n members, no
+ * stride or one of 2^n positions, a GradScaler's scale of 2^n).
+ * dz, g (the gradient before the sigmoid, that of `extra`; NULL: not wanted), dgamma and dbeta (NULL without an
+ * affine norm) as pbp_norm_sigmoid_backward gives them. Returns as pbp_candidate_gradient; on 0 (not counted)
+ * none of them is written. work: 5 x rows doubles. */
+int pbp_candidate_norm_backward(const float *c, const float *d, const float *z, float *g, float *dz, int nd,
+                                const int64_t *sizes, const int *roles, int64_t members, int64_t channels,
+                                float *ema, float *ema_sq, float *best, int64_t *steps_seen,
+                                int64_t *batches_seen, int64_t *last_improved, double decay, int64_t warmup,
+                                double threshold, int bias_correction, double scale, double left_out, int n_rows,
+                                float **snapshots, float **row_tensors, const int64_t *row_sizes,
+                                const int64_t *d_strides, const float *gamma, const float *mean_z,
+                                const float *invstd, float *dgamma, float *dbeta, double *work) {
+    if (nd < 1 || nd > MAX_DIMS || members < 1 || channels < 1 || roles[nd - 1] != 0) return -1;
+    if (d_strides && d_strides[nd - 1] != 1) return -1;
+    int64_t rows = members * channels, total = 1, inner = sizes[nd - 1];
+    for (int k = 0; k < nd; k++) total *= sizes[k];
+    if (total % rows) return -1;
+    double n = (double)(total / rows);
+    double *mean = work, *cov = work + rows, *s1 = work + 2 * rows, *s2 = work + 3 * rows;
+    float *k = (float *)(work + 4 * rows);
+    const float mul = scale > 0.0 ? (float)(1.0 / scale) : 1.0f;
+    Statistics stats = {ema, ema_sq, best, steps_seen, batches_seen, last_improved, decay, threshold, scale,
+                        left_out, warmup, bias_correction, n_rows, snapshots, row_tensors, row_sizes};
+    RowWalk walk;
+    int status = row_walk(&walk, nd, sizes, roles, d_strides);
+    if (status < 0) return status;
+    error_means(&walk, d, inner, rows, channels, mul, n, mean);
+    /* cov = sum c * e; s1, s2: the norm's sums of e * c (1 - c) and of that times xhat, before k */
+    for (int64_t r = 0; r < rows; r++) {
+        double m = mean[r], acc = 0.0, acc1 = 0.0, acc2 = 0.0;
+        float mz = mean_z[r], is = invstd[r];
+        FOR_EACH_BLOCK(walk, r, {
+            float part = 0.0f, p1 = 0.0f, p2 = 0.0f;
+            for (int64_t j = 0; j < inner; j++) {
+                float e = CENTRED(d[dat + j], m), cv = c[at + j];
+                part += cv * e;
+                float v = e * (cv * (1.0f - cv));
+                p1 += v;
+                p2 += v * ((z[at + j] - mz) * is);
+            }
+            acc += part;
+            acc1 += p1;
+            acc2 += p2;
+        });
+        cov[r] = acc;
+        s1[r] = acc1;
+        s2[r] = acc2;
+    }
+    if (!fold_covariance(&stats, cov, rows, members, k)) {
+        row_walk_free(&walk);
+        return 0;
+    }
+    /* dz = w (v - m1 - xhat m2), v = e k c (1 - c), as pbp_norm_sigmoid_backward */
+    for (int64_t r = 0; r < rows; r++) {
+        double m = mean[r];
+        float kr = k[r], mz = mean_z[r], is = invstd[r], f = gamma ? gamma[r] * is : is;
+        s1[r] *= kr;
+        s2[r] *= kr;
+        if (dgamma) {
+            dgamma[r] = (float)s2[r];
+            dbeta[r] = (float)s1[r];
+        }
+        float a = (float)(s1[r] / n), b = (float)(s2[r] / n);
+        FOR_EACH_BLOCK(walk, r, {
+            for (int64_t j = 0; j < inner; j++) {
+                float cv = c[at + j], v = (CENTRED(d[dat + j], m) * kr) * (cv * (1.0f - cv));
+                if (g) g[at + j] = v;
+                dz[at + j] = (v - a - ((z[at + j] - mz) * is) * b) * f;
+            }
+        });
+    }
+    row_walk_free(&walk);
     return 1;
 }
 

@@ -213,12 +213,7 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
                      f"every batch is, the dendrite phase learns nothing: use batches of {2 * p if split else 2} "
                      "or more samples")
     with torch.no_grad():  # (instead of a detach per tensor: one dispatch each, per site and step)
-        left_out = 1.0  # positions per position seen
-        if stride != 1:
-            seen = every_nth_position(grad_y, stride, axis)
-            left_out = grad_y.numel() / seen.numel()
-            grad_y = seen
-        d = split_members(grad_y, p, axis) if split else grad_y.unsqueeze(copy_dim(axis))
+        d, left_out = _dealt_error(grad_y, p, axis, split, stride)
         # One native call where it applies (a split pool in float32 on the CPU, one process, a batch seen
         # the first time): the same arithmetic without forty ops' dispatch (pbp_fx.native); it reads d's
         # view in place, or copies it
@@ -249,6 +244,17 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
         if scale is None and cov.device.type != "cpu":  # (decided on the device: a mask, no host sync)
             g.masked_fill_(~torch.isfinite(cov).all(), 0.0)
     return g if g.dtype == c.dtype else g.to(c.dtype)
+
+
+def _dealt_error(grad_y: Tensor, p: int, axis: int, split: bool, stride: int) -> tuple[Tensor, float]:
+    """The site error as the candidates saw their input (every stride-th position; each member's own slice when
+    split, else one copy for all), and the positions per position seen."""
+    left_out = 1.0
+    if stride != 1:
+        seen = every_nth_position(grad_y, stride, axis)
+        left_out = grad_y.numel() / seen.numel()
+        grad_y = seen
+    return (split_members(grad_y, p, axis) if split else grad_y.unsqueeze(copy_dim(axis))), left_out
 
 
 def _uncounted_gradient(c: Tensor, scale: Optional[float]) -> Tensor:
@@ -361,10 +367,32 @@ class EagerNormTap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         saved = ctx.saved_tensors
-        grad_c = _tap_backward(ctx, grad_y, saved[1])
-        dz, g, dweight, dbias = native.norm_sigmoid_backward(grad_c, saved, ctx.layout, ctx.eps,
-                                                             ctx.needs_input_grad[1:5])
-        return grad_y, dz, g, dweight, dbias, None, None, None
+        needs = ctx.needs_input_grad[1:5]
+        grads = _tap_and_norm_backward(ctx, grad_y, saved, needs)
+        if grads is None:
+            grad_c = _tap_backward(ctx, grad_y, saved[1])
+            grads = native.norm_sigmoid_backward(grad_c, saved, ctx.layout, ctx.eps, needs)
+        return grad_y, *grads, None, None, None
+
+
+def _tap_and_norm_backward(ctx, grad_y: Tensor, saved: tuple, needs: tuple) -> Optional[tuple]:
+    """EagerNormTap's backward as one native call (`native.candidate_norm_backward`) where it applies: a split
+    pool's first backward in one process; else None."""
+    stats, snapshots, rows, axis, split, stride, scale, settings, reducer, prepared = ctx.options
+    if ctx.counted or not split or reducer is not None:
+        return None
+    c = saved[1]
+    with torch.no_grad():
+        d, left_out = _dealt_error(grad_y, c.shape[copy_dim(axis)], axis, split, stride)
+    done = native.candidate_norm_backward(d, stats, snapshots, rows, scale, settings, left_out, saved, ctx.layout,
+                                          needs, prepared)
+    if done is None:
+        return None
+    ctx.counted = True
+    counted, grads = done
+    if counted:
+        return grads
+    return native.norm_sigmoid_backward(_uncounted_gradient(c, scale), saved, ctx.layout, ctx.eps, needs)
 
 
 def _tap_forward(ctx, y: Tensor, options: tuple, fresh: bool) -> Tensor:

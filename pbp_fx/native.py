@@ -9,6 +9,9 @@
 - `norm_sigmoid`: the candidates' BatchNorm in training form and their sigmoid, forward and
   backward, one pass over the data for each step where torch's kernels take several (its CPU
   BatchNorm alone took 2.3 ns an element).
+- `candidate_norm_backward`: `candidate_gradient` and then norm_sigmoid's backward as one call where
+  the candidates' positions are innermost (a conv's): the candidates' gradient is used where it is
+  formed, not written and read back.
 - `norm_cascade_sigmoid`: the installed dendrites' BatchNorm, cascade and sigmoid, forward only
   (frozen, behind a stop-gradient: nothing to save for a backward).
 - `columns_1d`: a split pool's input columns for a 1-D conv in one pass, where the pad, unfold and
@@ -38,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kernel", "PreparedArguments", "candidate_gradient", "norm_sigmoid", "norm_sigmoid_arguments",
-           "norm_sigmoid_apply", "norm_sigmoid_forward", "norm_sigmoid_backward", "norm_cascade_sigmoid", "columns_1d"]
+__all__ = ["kernel", "PreparedArguments", "candidate_gradient", "candidate_norm_backward", "norm_sigmoid",
+           "norm_sigmoid_arguments", "norm_sigmoid_apply", "norm_sigmoid_forward", "norm_sigmoid_backward",
+           "norm_cascade_sigmoid", "columns_1d"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +130,9 @@ def kernel() -> Optional[ctypes.CDLL]:
     fn.argtypes = [_P, _P, _P, ctypes.c_int, _P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P, _P, _P,
                    ctypes.c_double, ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_double, ctypes.c_double,
                    ctypes.c_int, _P, _P, _P, _P, _P]
+    fused = lib.pbp_candidate_norm_backward
+    fused.restype = ctypes.c_int
+    fused.argtypes = [_P, _P, _P, _P, _P, *fn.argtypes[3:25], _P, _P, _P, _P, _P, _P]
     layout = [ctypes.c_int, _P, _P, ctypes.c_int64, ctypes.c_int64]
     lib.pbp_norm_sigmoid_forward.restype = ctypes.c_int
     lib.pbp_norm_sigmoid_forward.argtypes = [_P, _P, _P, *layout, _P, _P, _P, _P, ctypes.c_double,
@@ -270,13 +277,8 @@ def candidate_gradient(c: Tensor, d: Tensor, stats: Sequence[Tensor], snapshots:
     layout = _layout(tuple(c.shape), c.stride(), copy_dim)
     if layout is None or d.shape != c.shape:
         return None
-    nd, sizes, roles, groups = layout
-    d_strides = None
-    if d.stride() != c.stride():  # (a split site error is a view: read in place where the kernel can)
-        if roles[nd - 1] == 0:
-            d_strides = _strides_in(groups, tuple(d.shape), d.stride())
-        if d_strides is None:
-            d = torch.empty_like(c).copy_(d)
+    nd, sizes, roles, _ = layout
+    d, d_strides = _error_in_layout(d, c, layout)
     g = torch.empty_like(c)
     status = lib.pbp_candidate_gradient(
         c.data_ptr(), d.data_ptr(), g.data_ptr(), nd, sizes, roles, members, channels, *own[:10],
@@ -284,6 +286,48 @@ def candidate_gradient(c: Tensor, d: Tensor, stats: Sequence[Tensor], snapshots:
         (ctypes.c_double * (3 * members * channels))())
     _check(status, "covariance", c)
     return bool(status), g
+
+
+def _error_in_layout(d: Tensor, c: Tensor, layout: tuple) -> tuple[Tensor, Optional[ctypes.Array]]:
+    """d for the covariance kernels beside c (c's `_layout`): (d, None) where it has c's strides, (d, its strides in
+    the layout's dims) where the kernel can read it in place (positions innermost: a split site error is a view),
+    else (a copy of d in c's layout, None)."""
+    if d.stride() == c.stride():
+        return d, None
+    nd, _, roles, groups = layout
+    d_strides = _strides_in(groups, tuple(d.shape), d.stride()) if roles[nd - 1] == 0 else None
+    return (d, d_strides) if d_strides is not None else (torch.empty_like(c).copy_(d), None)
+
+
+def candidate_norm_backward(d: Tensor, stats: Sequence[Tensor], snapshots: Sequence[Tensor], rows: Sequence[Tensor],
+                            scale: Optional[float], settings: tuple, left_out: float, saved: tuple, layout: tuple,
+                            needs: tuple, prepared: Optional[PreparedArguments] = None) -> Optional[tuple[bool, tuple]]:
+    """`candidate_gradient` and then `norm_sigmoid_backward` as one kernel call, for candidates made by
+    `norm_sigmoid_forward` (saved, layout and needs as norm_sigmoid_backward takes them) with positions innermost
+    (a conv's): (counted, (dz, g, dweight, dbias)), nothing written where the batch is not counted; None where
+    it does not apply (the caller makes the two calls)."""
+    z, c, weight, _, extra, mean, invstd = saved
+    (nd, sizes, roles, _), members, channels, _ = layout
+    if roles[nd - 1] != 0 or d.shape != c.shape or d.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    lib = _kernel_for((c, d))
+    if lib is None or c.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:
+        return None
+    own = _statistics_arguments(stats, snapshots, rows, members, channels, settings, prepared)
+    if own is None:
+        return None
+    d, d_strides = _error_in_layout(d, c, layout[0])
+    dz = torch.empty_like(z)
+    g = torch.empty_like(z) if extra is not None and needs[1] else None
+    wants_affine = weight is not None and (needs[2] or needs[3])
+    dweight, dbias = torch.empty(2, *weight.shape).unbind() if wants_affine else (None, None)
+    status = lib.pbp_candidate_norm_backward(
+        c.data_ptr(), d.data_ptr(), z.data_ptr(), _address(g), dz.data_ptr(), nd, sizes, roles, members, channels,
+        *own[:10], 0.0 if scale is None else float(scale), float(left_out), *own[10:], d_strides,
+        _address(weight), mean.data_ptr(), invstd.data_ptr(), _address(dweight), _address(dbias),
+        (ctypes.c_double * (5 * members * channels))())
+    _check(status, "covariance", c)
+    return bool(status), (dz, g, dweight, dbias)
 
 
 def _check(status: int, kernel_name: str, t: Tensor) -> None:
