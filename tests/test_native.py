@@ -546,6 +546,10 @@ for stride in (1, 2):  # the covariance kernel, reading the error in place and c
         stats, snapshots, rows = test_native._pool_state(4, 5, g)
         candidate_gradient(grad_y, cand.contiguous() if layout == "conv" else cand, stats, snapshots, rows, True,
                            axis, True, stride if axis == 1 else 1, None, (0.9, 0, 1e-4, True))
+for error in ("same layout", "split view", "copied"):  # the covariance and norm backward as one call
+    test_native.test_the_tap_and_norm_backward_as_one_call_gives_the_two_calls_results(3, 1024.0, 4.0, error, True,
+                                                                                       True)
+test_native.test_the_tap_and_norm_call_leaves_a_batch_not_counted_unwritten_and_declines_what_it_cannot_take()
 from pbp_fx import layers
 for name, conv, x in test_native._conv1d_column_cases():  # the columns kernel
     layers._columns(layers.LayerSpec.from_module(conv), x, 4)
