@@ -317,13 +317,13 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
 
 /* pbp_candidate_gradient and then pbp_norm_sigmoid_backward in one walk, for candidates c = sigmoid(norm(z)
  * (+ extra)) (the forward kernel's out, with its mean_z and invstd) whose positions are innermost: the gradient of
- * c, e * k, is formed in registers where it is used, not written and read back (three passes over c's size
- * instead of five, and one call). The same arithmetic as the two calls; the norm's sums of e * k * c (1 - c)
- * are taken before k is known and scaled after (exact where k is a power of two: a pool of 2^n members, no
- * stride or one of 2^n positions, a GradScaler's scale of 2^n).
+ * c, e * k, is never written: the pass that takes the covariance also takes the norm's sums of e * c (1 - c)
+ * (kept in dz) before k is known, and they are scaled by k after (three passes over c's size instead of five,
+ * and one call). The same arithmetic as the two calls but for the order of a product by k, exact where k is a
+ * power of two (a pool of 2^n members, no stride or one of 2^n positions, a GradScaler's scale of 2^n).
  * dz, g (the gradient before the sigmoid, that of `extra`; NULL: not wanted), dgamma and dbeta (NULL without an
  * affine norm) as pbp_norm_sigmoid_backward gives them. Returns as pbp_candidate_gradient; on 0 (not counted)
- * none of them is written. work: 5 x rows doubles. */
+ * only dz is written (scratch). work: 5 x rows doubles. */
 int pbp_candidate_norm_backward(const float *c, const float *d, const float *z, float *g, float *dz, int nd,
                                 const int64_t *sizes, const int *roles, int64_t members, int64_t channels,
                                 float *ema, float *ema_sq, float *best, int64_t *steps_seen,
@@ -347,7 +347,7 @@ int pbp_candidate_norm_backward(const float *c, const float *d, const float *z, 
     int status = row_walk(&walk, nd, sizes, roles, d_strides);
     if (status < 0) return status;
     error_means(&walk, d, inner, rows, channels, mul, n, mean);
-    /* cov = sum c * e; s1, s2: the norm's sums of e * c (1 - c) and of that times xhat, before k */
+    /* cov = sum c * e; s1, s2: the norm's sums of v = e * c (1 - c) and of v * xhat, before k; v kept in dz */
     for (int64_t r = 0; r < rows; r++) {
         double m = mean[r], acc = 0.0, acc1 = 0.0, acc2 = 0.0;
         float mz = mean_z[r], is = invstd[r];
@@ -357,6 +357,7 @@ int pbp_candidate_norm_backward(const float *c, const float *d, const float *z, 
                 float e = CENTRED(d[dat + j], m), cv = c[at + j];
                 part += cv * e;
                 float v = e * (cv * (1.0f - cv));
+                dz[at + j] = v;
                 p1 += v;
                 p2 += v * ((z[at + j] - mz) * is);
             }
@@ -372,9 +373,8 @@ int pbp_candidate_norm_backward(const float *c, const float *d, const float *z, 
         row_walk_free(&walk);
         return 0;
     }
-    /* dz = w (v - m1 - xhat m2), v = e k c (1 - c), as pbp_norm_sigmoid_backward */
+    /* dz = w (v k - m1 - xhat m2), as pbp_norm_sigmoid_backward */
     for (int64_t r = 0; r < rows; r++) {
-        double m = mean[r];
         float kr = k[r], mz = mean_z[r], is = invstd[r], f = gamma ? gamma[r] * is : is;
         s1[r] *= kr;
         s2[r] *= kr;
@@ -385,7 +385,7 @@ int pbp_candidate_norm_backward(const float *c, const float *d, const float *z, 
         float a = (float)(s1[r] / n), b = (float)(s2[r] / n);
         FOR_EACH_BLOCK(walk, r, {
             for (int64_t j = 0; j < inner; j++) {
-                float cv = c[at + j], v = (CENTRED(d[dat + j], m) * kr) * (cv * (1.0f - cv));
+                float v = dz[at + j] * kr;
                 if (g) g[at + j] = v;
                 dz[at + j] = (v - a - ((z[at + j] - mz) * is) * b) * f;
             }
