@@ -120,7 +120,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if native.kernel() is None:
         raise SystemExit("no native kernels here (no C compiler, or PBP_FX_NATIVE=0): nothing to compare")
-    print(f"torch {torch.__version__}, CPU, 1 thread, batch 100, pool 4 split; medians of {a.rounds} interleaved rounds")
+    print(f"torch {torch.__version__}, CPU, 1 thread, batch 100, pool 4 split; medians of {a.rounds} "
+          "interleaved rounds")
     for model in a.models:
         mod = overhead.load(model)
         x, y = overhead.first_batch(mod, 100)
@@ -138,7 +139,8 @@ def main() -> None:
               "|---|---:|---:|---:|---:|---:|---:|")
         for shape, args in captured_calls(cfgs["dendrite P=4 split"]).items():
             t = call_times(args)
-            print(f"| {list(shape)} | {t['two calls']:.1f} | {t['one call']:.1f} | {t['one call'] / t['two calls']:.2f} "
+            print(f"| {list(shape)} | {t['two calls']:.1f} | {t['one call']:.1f} "
+                  f"| {t['one call'] / t['two calls']:.2f} "
                   f"| {t['C: two']:.1f} | {t['C: one']:.1f} | {t['C: one'] / t['C: two']:.2f} |")
 
 
