@@ -700,6 +700,42 @@ def test_the_tap_and_norm_backward_as_one_call_gives_the_two_calls_results(membe
 
 
 @needs_kernel
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_batch_not_counted_through_the_one_call_gives_the_two_calls_gradients(scaled, monkeypatch):
+    """A non-finite site error through EagerNormTap's one-call backward: the batch seen, not counted, and the
+    candidates' gradients those of the two calls (zero; NaN under a GradScaler, which then skips the step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(96, 3))
+    x = torch.randn(16, 2, 4, 4)
+    pm = pbp_fx.perforate(model, (x[:2],))
+    pm.train()
+    pm.start_dendrite_phase(pool=4)
+    if scaled:
+        pm.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    runs = []
+    for one_call in (True, False):
+        run = copy.deepcopy(pm)
+        if not one_call:
+            monkeypatch.setattr(native, "candidate_norm_backward", lambda *args: None)
+        run(x).sum().backward()  # (one counted batch first)
+        run.zero_grad()
+        (run(x).sum() * float("inf")).backward()
+        monkeypatch.undo()
+        runs.append(({n: p.grad for n, p in run.named_parameters() if "candidates" in n and p.grad is not None},
+                     {n: b.clone() for n, b in run.named_buffers() if "candidates" in n}))
+    (grads, buffers), (want_grads, want_buffers) = runs
+    assert set(grads) == set(want_grads) and any("copies.weight" in n for n in grads)
+    for name, want in want_grads.items():
+        conv = "sites.0." in name
+        assert (want.isnan().all() if scaled else not want.any()) or not conv, name
+        assert torch.equal(grads[name], want) or (scaled and grads[name].isnan().all() and want.isnan().all()), name
+    for name, want in want_buffers.items():
+        torch.testing.assert_close(buffers[name], want, rtol=1e-5, atol=1e-7, equal_nan=True, msg=name)
+    conv_pool = {n.rsplit(".", 1)[1]: b for n, b in buffers.items() if "sites.0." in n}
+    assert int(conv_pool["batches_seen"]) == 2 and int(conv_pool["steps"]) == 1
+
+
+@needs_kernel
 @torch.no_grad()  # (as in a backward without create_graph)
 def test_the_tap_and_norm_call_leaves_a_batch_not_counted_unwritten_and_declines_what_it_cannot_take():
     g = torch.Generator().manual_seed(0)
