@@ -319,8 +319,8 @@ int pbp_candidate_gradient(const float *c, const float *d, float *g, int nd, con
  * (+ extra)) (the forward kernel's out, with its mean_z and invstd) whose positions are innermost: the gradient of
  * c, e * k, is never written: the pass that takes the covariance also takes the norm's sums of e * c (1 - c)
  * (kept in dz) before k is known, and they are scaled by k after (three passes over c's size instead of five,
- * and one call). The same arithmetic as the two calls but for the order of a product by k, exact where k is a
- * power of two (a pool of 2^n members, no stride or one of 2^n positions, a GradScaler's scale of 2^n).
+ * and one call). The two calls' arithmetic to float32 rounding: the product by k comes after the sums instead of
+ * before (the same where k is a power of two), and the norm's sums run in this walk's order, not that kernel's.
  * dz, g (the gradient before the sigmoid, that of `extra`; NULL: not wanted), dgamma and dbeta (NULL without an
  * affine norm) as pbp_norm_sigmoid_backward gives them. Returns as pbp_candidate_gradient; on 0 (not counted)
  * only dz is written (scratch). work: 5 x rows doubles. */

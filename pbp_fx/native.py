@@ -301,11 +301,12 @@ def _error_in_layout(d: Tensor, c: Tensor, layout: tuple) -> tuple[Tensor, Optio
 
 def candidate_norm_backward(d: Tensor, stats: Sequence[Tensor], snapshots: Sequence[Tensor], rows: Sequence[Tensor],
                             scale: Optional[float], settings: tuple, left_out: float, saved: tuple, layout: tuple,
-                            needs: tuple, prepared: Optional[PreparedArguments] = None) -> Optional[tuple[bool, tuple]]:
+                            needs: tuple, prepared: Optional[PreparedArguments] = None
+                            ) -> Optional[tuple[bool, Optional[tuple]]]:
     """`candidate_gradient` and then `norm_sigmoid_backward` as one kernel call, for candidates made by
     `norm_sigmoid_forward` (saved, layout and needs as norm_sigmoid_backward takes them) with positions innermost
-    (a conv's): (counted, (dz, g, dweight, dbias)), nothing written where the batch is not counted; None where
-    it does not apply (the caller makes the two calls)."""
+    (a conv's): (True, (dz, g, dweight, dbias)); (False, None) where the batch is not counted (its statistics
+    unchanged but for the batches seen); None where it does not apply (the caller makes the two calls)."""
     z, c, weight, _, extra, mean, invstd = saved
     (nd, sizes, roles, _), members, channels, _ = layout
     if roles[nd - 1] != 0 or d.shape != c.shape or d.dtype != torch.float32 or torch.is_grad_enabled():
@@ -327,7 +328,7 @@ def candidate_norm_backward(d: Tensor, stats: Sequence[Tensor], snapshots: Seque
         _address(weight), mean.data_ptr(), invstd.data_ptr(), _address(dweight), _address(dbias),
         (ctypes.c_double * (5 * members * channels))())
     _check(status, "covariance", c)
-    return bool(status), (dz, g, dweight, dbias)
+    return (True, (dz, g, dweight, dbias)) if status else (False, None)
 
 
 def _check(status: int, kernel_name: str, t: Tensor) -> None:

@@ -547,8 +547,9 @@ for stride in (1, 2):  # the covariance kernel, reading the error in place and c
         candidate_gradient(grad_y, cand.contiguous() if layout == "conv" else cand, stats, snapshots, rows, True,
                            axis, True, stride if axis == 1 else 1, None, (0.9, 0, 1e-4, True))
 for error in ("same layout", "split view", "copied"):  # the covariance and norm backward as one call
-    test_native.test_the_tap_and_norm_backward_as_one_call_gives_the_two_calls_results(3, 1024.0, 4.0, error, True,
-                                                                                       True)
+    for layout_of in ("grouped conv", "columns"):
+        test_native.test_the_tap_and_norm_backward_as_one_call_gives_the_two_calls_results(3, 1024.0, 4.0, error,
+                                                                                           True, True, layout_of)
 test_native.test_the_tap_and_norm_call_leaves_a_batch_not_counted_unwritten_and_declines_what_it_cannot_take()
 from pbp_fx import layers
 for name, conv, x in test_native._conv1d_column_cases():  # the columns kernel
@@ -661,18 +662,24 @@ def _norm_saved(z, extra, affine, generator):
 @pytest.mark.parametrize("scale, left_out", [(None, 1.0), (1024.0, 4.0), (None, 9.0)])
 @pytest.mark.parametrize("error", ["same layout", "split view", "copied"])
 @pytest.mark.parametrize("extra, affine", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("layout_of", ["grouped conv", "columns"])
 def test_the_tap_and_norm_backward_as_one_call_gives_the_two_calls_results(members, scale, left_out, error, extra,
-                                                                          affine):
+                                                                          affine, layout_of):
     g = torch.Generator().manual_seed(members)
-    b, ch, s = 6, 5, (3, 7)
-    z = torch.randn(b, members, ch, *s, generator=g) * 2 + 0.5
+    b, ch, s = 6, 5, ((3, 7) if layout_of == "grouped conv" else (11,))
+    if layout_of == "grouped conv":  # [b, P, C, *S]
+        z = torch.randn(b, members, ch, *s, generator=g) * 2 + 0.5
+    else:  # a 1-D conv's columns: [P, C, b, L] in memory
+        z = (torch.randn(members, ch, b, *s, generator=g) * 2 + 0.5).movedim(2, 0)
     ex = torch.randn(z.shape, generator=g) if extra else None
+    if ex is not None:
+        ex = torch.empty_like(z).copy_(ex)
     saved, layout, eps = _norm_saved(z, ex, affine, g)
     site_error = torch.randn(b * members, ch, *s, generator=g) * 0.1 + 0.02
-    if error == "split view":  # (a site error dealt to the members: read in place)
+    if error == "split view":  # (a site error dealt to the members: read in place where it can be)
         d = split_members(site_error, members, 1)
-    elif error == "copied":  # (channels last: copied into c's layout first)
-        d = split_members(site_error.contiguous(memory_format=torch.channels_last), members, 1)
+    elif error == "copied":  # (positions not innermost: copied into c's layout first)
+        d = split_members(site_error.transpose(1, -1).contiguous().transpose(1, -1), members, 1)
     else:
         d = split_members(site_error, members, 1).contiguous()
     if scale is not None:
@@ -746,7 +753,7 @@ def test_the_tap_and_norm_call_leaves_a_batch_not_counted_unwritten_and_declines
     stats, snapshots, rows = _pool_state(4, 5, g)
     done = native.candidate_norm_backward(d, stats, snapshots, rows, None, (0.9, 0, 1e-4, True), 1.0, saved, layout,
                                           (True, False, True, True))
-    assert done is not None and done[0] is False
+    assert done == (False, None)
     assert int(stats[3]) == 0 and int(stats[4]) == 1  # (seen, not counted)
     assert not stats[0].any() and not stats[2].any()
     args = (d.abs(), stats, snapshots, rows, None, (0.9, 0, 1e-4, True), 1.0, saved, layout, (True, False, True, True))
