@@ -321,7 +321,7 @@ def candidate_norm_backward(d: Tensor, stats: Sequence[Tensor], snapshots: Seque
     dz = torch.empty_like(z)
     g = torch.empty_like(z) if extra is not None and needs[1] else None
     wants_affine = weight is not None and (needs[2] or needs[3])
-    dweight, dbias = torch.empty(2, *weight.shape).unbind() if wants_affine else (None, None)
+    dweight, dbias = torch.empty(2, *weight.shape, dtype=torch.float32).unbind() if wants_affine else (None, None)
     status = lib.pbp_candidate_norm_backward(
         c.data_ptr(), d.data_ptr(), z.data_ptr(), _address(g), dz.data_ptr(), nd, sizes, roles, members, channels,
         *own[:10], 0.0 if scale is None else float(scale), float(left_out), *own[10:], d_strides,
@@ -444,7 +444,7 @@ def norm_sigmoid_forward(z: Tensor, extra: Optional[Tensor], weight: Optional[Te
     (nd, sizes, roles, _), members, channels, _ = layout
     rows = members * channels
     out = torch.empty_like(z)
-    mean, invstd = torch.empty(2, rows).unbind()
+    mean, invstd = torch.empty(2, rows, dtype=torch.float32).unbind()  # (whatever torch's default dtype)
     status = kernel().pbp_norm_sigmoid_forward(
         z.data_ptr(), _address(extra), out.data_ptr(), nd, sizes, roles, members, channels, _address(weight),
         _address(bias), _address(running_mean), _address(running_var), momentum, eps, mean.data_ptr(),
@@ -468,7 +468,7 @@ def norm_sigmoid_backward(grad_out: Tensor, saved: tuple, layout: tuple, eps: fl
     wants_affine = weight is not None and (needs[2] or needs[3])
     dz = torch.empty_like(z)
     g = torch.empty_like(z) if wants_extra else None
-    dweight, dbias = torch.empty(2, *weight.shape).unbind() if wants_affine else (None, None)
+    dweight, dbias = torch.empty(2, *weight.shape, dtype=torch.float32).unbind() if wants_affine else (None, None)
     status = kernel().pbp_norm_sigmoid_backward(
         grad_out.data_ptr(), out.data_ptr(), z.data_ptr(), _address(g), dz.data_ptr(), nd, sizes, roles,
         members, channels, _address(weight), mean.data_ptr(), invstd.data_ptr(), _address(dweight),
@@ -555,7 +555,7 @@ def columns_1d(x: Tensor, members: int, kernel_size: int, stride: int, padding: 
     b = batch // members
     if b < 1 or out_length < 1 or padding < 0:
         return None
-    out = torch.empty(members, cin * kernel_size, b * out_length)
+    out = torch.empty(members, cin * kernel_size, b * out_length, dtype=torch.float32)
     status = lib.pbp_columns_1d(x.data_ptr(), *x.stride(), out.data_ptr(), members, b, cin, length, kernel_size,
                                 stride, padding, out_length)
     _check(status, "columns", x)

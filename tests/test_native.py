@@ -707,6 +707,35 @@ def test_the_tap_and_norm_backward_as_one_call_gives_the_two_calls_results(membe
 
 
 @needs_kernel
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+def test_a_float32_model_trains_its_candidates_alike_whatever_torchs_default_dtype(conv):
+    """The kernels' own tensors (the norm's batch statistics and affine gradients, a 1-D conv's columns) are float32
+    under torch.set_default_dtype(torch.float64) too: allocated in the default dtype, the norm's weight gradients
+    were float32 bits read as float64 values."""
+    torch.manual_seed(0)
+    two_d = conv is nn.Conv2d
+    model = nn.Sequential(conv(2, 6, 3, padding=1), (nn.BatchNorm2d if two_d else nn.BatchNorm1d)(6), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(96 if two_d else 24, 3))
+    x = torch.randn(16, 2, 4, 4) if two_d else torch.randn(16, 2, 4)
+    pm = pbp_fx.perforate(model, (x[:2],))
+    pm.train()
+    pm.start_dendrite_phase(pool=4)
+    runs = []
+    for default in (torch.float32, torch.float64):
+        run = copy.deepcopy(pm)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            run(x).sum().backward()
+        finally:
+            torch.set_default_dtype(previous)
+        runs.append({n: p.grad for n, p in run.named_parameters() if p.grad is not None})
+    assert any("norm_weight" in n for n in runs[0]) and set(runs[0]) == set(runs[1])
+    for name, want in runs[0].items():
+        assert runs[1][name].dtype == torch.float32 and torch.equal(runs[1][name], want), name
+
+
+@needs_kernel
 @pytest.mark.parametrize("scaled", [False, True])
 def test_a_batch_not_counted_through_the_one_call_gives_the_two_calls_gradients(scaled, monkeypatch):
     """A non-finite site error through EagerNormTap's one-call backward: the batch seen, not counted, and the
