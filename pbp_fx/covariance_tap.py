@@ -379,7 +379,9 @@ def _tap_and_norm_backward(ctx, grad_y: Tensor, saved: tuple, needs: tuple) -> O
     """EagerNormTap's backward as one native call (`native.candidate_norm_backward`) where it applies: a split
     pool's first backward in one process; else None."""
     stats, snapshots, rows, axis, split, stride, scale, settings, reducer, prepared = ctx.options
-    if ctx.counted or not split or reducer is not None or torch.is_grad_enabled():  # (create_graph: torch ops)
+    # (decided before the error is dealt: a declined call would deal it a second time, every step at Linear sites)
+    if (ctx.counted or not split or reducer is not None or torch.is_grad_enabled()  # (create_graph: torch ops)
+            or not native.positions_innermost(ctx.layout)):
         return None
     c = saved[1]
     with torch.no_grad():

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kernel", "PreparedArguments", "candidate_gradient", "candidate_norm_backward", "norm_sigmoid",
-           "norm_sigmoid_arguments", "norm_sigmoid_apply", "norm_sigmoid_forward", "norm_sigmoid_backward",
-           "norm_cascade_sigmoid", "columns_1d"]
+__all__ = ["kernel", "PreparedArguments", "candidate_gradient", "positions_innermost", "candidate_norm_backward",
+           "norm_sigmoid", "norm_sigmoid_arguments", "norm_sigmoid_apply", "norm_sigmoid_forward",
+           "norm_sigmoid_backward", "norm_cascade_sigmoid", "columns_1d"]
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,13 @@ def _error_in_layout(d: Tensor, c: Tensor, layout: tuple) -> tuple[Tensor, Optio
     return (d, d_strides) if d_strides is not None else (torch.empty_like(c).copy_(d), None)
 
 
+def positions_innermost(layout: tuple) -> bool:
+    """Whether candidates in this norm layout (`norm_sigmoid_arguments`' last) hold their positions innermost in
+    memory (a conv's), where `candidate_norm_backward` can apply."""
+    (nd, _, roles, _), *_ = layout
+    return roles[nd - 1] == 0
+
+
 def candidate_norm_backward(d: Tensor, stats: Sequence[Tensor], snapshots: Sequence[Tensor], rows: Sequence[Tensor],
                             scale: Optional[float], settings: tuple, left_out: float, saved: tuple, layout: tuple,
                             needs: tuple, prepared: Optional[PreparedArguments] = None
@@ -309,7 +316,7 @@ def candidate_norm_backward(d: Tensor, stats: Sequence[Tensor], snapshots: Seque
     unchanged but for the batches seen); None where it does not apply (the caller makes the two calls)."""
     z, c, weight, _, extra, mean, invstd = saved
     (nd, sizes, roles, _), members, channels, _ = layout
-    if roles[nd - 1] != 0 or d.shape != c.shape or d.dtype != torch.float32 or torch.is_grad_enabled():
+    if not positions_innermost(layout) or d.shape != c.shape or d.dtype != torch.float32 or torch.is_grad_enabled():
         return None
     lib = _kernel_for((c, d))
     if lib is None or c.numel() > SERIAL_LIMIT and torch.get_num_threads() > 1:

@@ -736,6 +736,26 @@ def test_a_float32_model_trains_its_candidates_alike_whatever_torchs_default_dty
 
 
 @needs_kernel
+def test_a_site_error_is_dealt_to_the_members_once_a_backward_where_the_one_call_does_not_apply(monkeypatch):
+    """A Linear site with a norm (positions not innermost) runs the two calls; deciding so comes before the error is
+    dealt, which a declined one call had done a second time at every step."""
+    from pbp_fx import covariance_tap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.randn(16, 8)
+    pm = pbp_fx.perforate(model, (x[:2],))
+    pm.train()
+    pm.start_dendrite_phase(pool=4)
+    dealt, one_call = [], []
+    deal, fused = covariance_tap._dealt_error, native.candidate_norm_backward
+    monkeypatch.setattr(covariance_tap, "_dealt_error", lambda *args: (dealt.append(1), deal(*args))[1])
+    monkeypatch.setattr(native, "candidate_norm_backward", lambda *args: (one_call.append(1), fused(*args))[1])
+    pm(x).sum().backward()
+    assert len(pm.sites) == 2 and len(dealt) == 2 and not one_call
+
+
+@needs_kernel
 @pytest.mark.parametrize("scaled", [False, True])
 def test_a_batch_not_counted_through_the_one_call_gives_the_two_calls_gradients(scaled, monkeypatch):
     """A non-finite site error through EagerNormTap's one-call backward: the batch seen, not counted, and the
