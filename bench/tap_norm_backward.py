@@ -4,8 +4,8 @@ side by side in one process.
 Two measurements per model, on the CPU (the native kernels'), batch 100, pool 4, split, stride 1:
 - step: the dendrite-phase training step (forward, loss, backward, Adam) with the one call and with the two
   calls (native.candidate_norm_backward declined, so that EagerNormTap runs native.candidate_gradient then
-  native.norm_sigmoid_backward), and the plain step, in interleaved rounds of thread CPU time; the ratios are
-  per-round medians (bench/paired.py), one call / two calls and each / plain.
+  native.norm_sigmoid_backward), and the plain step, in interleaved rounds (bench/paired.py: blocks of about
+  --steps x 10 ms); the ratios are per-round medians, one call / two calls and each / plain.
 - call: each conv site's backward on the arguments of a real step (the pool's statistics copied), one call
   against the two, interleaved blocks, warm caches; and the C kernels alone (their ctypes call only).
 
@@ -21,30 +21,27 @@ import time
 import torch
 
 import train_overhead as overhead
-from paired import round_ratios, spread
+from paired import interleaved, round_ratios, spread
 from pbp_fx import native
 
 
 def step_rounds(cfgs: dict, rounds: int, steps: int) -> dict[str, list[float]]:
-    """Thread CPU seconds per step of the plain step and the dendrite-phase step with one and two calls."""
+    """Seconds per step of the plain step and the dendrite-phase step with one and two calls, interleaved
+    (paired.interleaved)."""
     one_call = native.candidate_norm_backward
-    plain, dendrite = cfgs["plain"], cfgs["dendrite P=4 split"]
-    runs = {"plain": (plain, one_call), "one call": (dendrite, one_call), "two calls": (dendrite, lambda *a: None)}
-    for step, _ in runs.values():
-        for _ in range(3):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    dendrite = cfgs["dendrite P=4 split"]
+
+    def with_backward(backward):
+        def step():
+            native.candidate_norm_backward = backward
+            dendrite()
+        return step
+
     try:
-        for _ in range(rounds):
-            for name, (step, backward) in runs.items():
-                native.candidate_norm_backward = backward
-                t = time.thread_time()
-                for _ in range(steps):
-                    step()
-                times[name].append((time.thread_time() - t) / steps)
+        return interleaved({"plain": cfgs["plain"], "one call": with_backward(one_call),
+                            "two calls": with_backward(lambda *a: None)}, min_time=rounds * steps * 0.01, reps=rounds)
     finally:
         native.candidate_norm_backward = one_call
-    return times
 
 
 def captured_calls(step) -> dict[tuple, tuple]:
@@ -129,7 +126,7 @@ def main() -> None:
         times = step_rounds(cfgs, a.rounds, a.steps)
         ratios = round_ratios(times, "plain")
         pair = round_ratios(times, "two calls")["one call"]
-        print(f"\n{model}\n| step | ms (thread CPU) | / plain, median (25-75 %) |\n|---|---:|---:|")
+        print(f"\n{model}\n| step | ms | / plain, median (25-75 %) |\n|---|---:|---:|")
         for name, values in times.items():
             med, low, high = spread(ratios[name])
             print(f"| {name} | {statistics.median(values) * 1e3:.3f} | {med:.3f} ({low:.3f}-{high:.3f}) |")
