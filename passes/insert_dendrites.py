@@ -3,7 +3,8 @@
 Requires: `specs` from `find_sites` on this very graph.
 Ensures: for every graph site (in its own graph: `spec.graph`), `call_module pbp_sites.<key>(x, out)` follows the site output
 and has taken over all its uses, x being what the neuron reads (an upstream Site's output
-where sites chain); every leaf site's neuron is swapped for SwappedNeuron. With
+where sites chain), and the site knows the module its output node calls, or that the node is the neuron
+layer as a function (`Site.read_output_of`); every leaf site's neuron is swapped for SwappedNeuron. With
 no dendrites installed each Site returns its input unchanged, so the model computes exactly
 what it computed before.
 """
@@ -94,6 +95,10 @@ def _insert(gm: fx.GraphModule, specs: list, activation: str, mode: str) -> fx.G
         with gm.graph.inserting_after(out):
             new = gm.graph.call_module(f"{SITES_ATTR}.{key}", (x, out))
         out.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        if out.op == "call_module":
+            site.read_output_of(gm.get_submodule(out.target))
+        elif out.op == "call_function" and out.name == spec.neuron_node:
+            site.read_output_of(None)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -406,8 +406,9 @@ def _tap_forward(ctx, y: Tensor, options: tuple, fresh: bool) -> Tensor:
         return y.clone()
     # y itself, declared modified: a copy of the site output cost 2-3 % of a small model's step, and an
     # input returned as is would be a view that a later in-place op (ReLU(inplace)) may not modify. Only
-    # where the site made y (`fresh`): marking a layer's own output modified broke a backward hook's view
-    # of it and any op that had saved it (an activation penalty in a forward hook).
+    # where nothing else holds y (`fresh`: the site made it, or `Site._neuron_output_unheld`): marking a
+    # hooked layer's own output modified broke a backward hook's view of it and any op that had saved it (an
+    # activation penalty in a forward hook).
     ctx.mark_dirty(y)
     return y
 

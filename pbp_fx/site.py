@@ -232,8 +232,8 @@ class CandidatePool(nn.Module):
         the statistics (`covariance_tap`: custom ops under torch.compile, so the site stays in
         one graph; an autograd.Function in eager runs, which also all-reduces with a reducer).
 
-        fresh: y was made by the site itself (nothing else holds it), so the eager tap may return it
-        instead of a copy."""
+        fresh: nothing else holds y (the site made it, or `Site._neuron_output_unheld`), so the eager tap
+        may return it instead of a copy."""
         if self.reducer is None and torch.compiler.is_compiling():
             return covariance_tap(y, c, *self._tap_options(split)[:8])
         return EagerTap.apply(y, c, *self._tap_options(split), fresh)
@@ -343,6 +343,18 @@ def pool_settings(extra_state) -> Optional[dict]:
             "split": bool(split), "stride": stride}
 
 
+# torch's modules whose forward returns a new tensor and whose backward saves nothing of it (ReLU's would).
+_OWN_OUTPUT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                       nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
+_FUNCTION_NODE = "function"  # (Site.read_output_of: the neuron layer runs as a function node)
+
+
+def _global_module_hooks() -> bool:
+    """Whether torch has module hooks registered for every module (register_module_forward_hook and its kin)."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
 def _unbatched(layer: LayerSpec, x: Tensor) -> bool:
     """Whether the input is one sample without a batch dim: a conv's [C, *S], a Linear's [In] (as
     nn.ConvNd and nn.Linear accept)."""
@@ -425,9 +437,29 @@ class Site(nn.Module):
             acts = dendrites.cascade_activations(src, self.cascade, ACTIVATIONS[self.activation])
             y = _weighted_sum(n, acts, self.out_weight, self.axis)
         if candidates is not None and self.training and torch.is_grad_enabled():
-            # (without dendrites y is the neuron layer's own output, which its hooks may hold or have saved)
-            y = candidates(src, [s.detach() for s in acts], y=y, fresh=y is not n)
+            fresh = y is not n or n._base is None and self._neuron_output_unheld()
+            y = candidates(src, [s.detach() for s in acts], y=y, fresh=fresh)
         return y
+
+    def read_output_of(self, module: Optional[nn.Module]) -> None:
+        """The graph node whose output this site reads, and nothing else does: a call of `module` (the
+        neuron layer or its norm), or the neuron layer as a function (None). Held, not registered (as
+        `follow_mode_of`)."""
+        self.__dict__["_output_node"] = _FUNCTION_NODE if module is None else module
+
+    def _neuron_output_unheld(self) -> bool:
+        """Whether nothing but this site holds the neuron's output, so that the covariance tap may return it
+        itself, declared modified, instead of a copy (a copy cost 1.5-2 % of a dendrite-phase step): it is a
+        function's output, or one of torch's own layer or norm modules' with no hooks of its own and no
+        global ones (a forward hook may have saved the output for an op's backward, a full backward hook
+        made it a view)."""
+        node = self.__dict__.get("_output_node")
+        if node is None:
+            return False
+        if node is _FUNCTION_NODE:
+            return True
+        return (type(node) in _OWN_OUTPUT_MODULES and "forward" not in node.__dict__ and not node._forward_hooks
+                and not node._backward_hooks and not node._backward_pre_hooks and not _global_module_hooks())
 
     def follow_mode_of(self, norm: Optional[nn.Module]) -> None:
         """Run the dendrites' and candidates' norm copies in the mode of `norm`, the norm module they

@@ -1,4 +1,6 @@
 """pbp_fx.covariance_tap: the statistics update, decided on the host (CPU) or by masks (devices)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,7 @@ from torch import nn
 import pbp_fx
 from pbp_fx.covariance_tap import batch_covariance, candidate_gradient, fold_batch
 from pbp_fx.layers import copy_dim, every_nth_position, split_members
+from pbp_fx.site import Site
 
 
 def _state(p=3, c=4, rows=((3, 4, 2, 5), (3, 4))):
@@ -186,12 +189,16 @@ def test_an_error_with_a_large_mean_keeps_the_covariance_to_float32_precision(sh
     assert (e.double().sum(pos).abs().max() / e.abs().max()).item() < 1e-4  # e centred to its own precision
 
 
-@pytest.mark.parametrize("hook", ["full_backward_hook", "full_backward_pre_hook", "forward_hook_penalty"])
+# (a global full backward hook fails the plain model's ReLU(inplace=True) itself: torch's view+inplace error)
+@pytest.mark.parametrize("hook, hooked", [(h, m) for h in ("full_backward_hook", "full_backward_pre_hook")
+                                          for m in ("4", "1")] + [("forward_hook_penalty", m)
+                                                                  for m in ("4", "1", "global")])
 @pytest.mark.parametrize("grows", [0, 1])
-def test_a_hooked_neuron_trains_its_candidates_whether_the_tap_copies_or_returns_the_site_output(hook, grows):
-    """Without dendrites the site output is the neuron layer's own: a backward hook makes it a view, and a forward
-    hook's penalty saves it, so the tap must not declare it modified (it returned it so once, and the step
-    failed); with dendrites the site made it, and the tap returns it without a copy."""
+def test_a_hooked_neuron_trains_its_candidates_whether_the_tap_copies_or_returns_the_site_output(hook, grows, hooked):
+    """Without dendrites the site output is the neuron layer's own (here the Linear's, or the conv's norm's): a
+    backward hook makes it a view, and a forward hook's penalty saves it, so the tap must not declare it modified
+    (it returned it so once, and the step failed); with dendrites the site made it, and the tap returns it
+    without a copy. "global": torch's hook for every module."""
     torch.manual_seed(0)
     x, y = torch.randn(16, 3, 6, 6), torch.arange(16) % 4
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Flatten(),
@@ -199,16 +206,66 @@ def test_a_hooked_neuron_trains_its_candidates_whether_the_tap_copies_or_returns
     pm = pbp_fx.perforate(model, (x[:2],))
     for _ in range(grows):
         pm.grow()
-    head, penalty = getattr(pm.graph_module, "4"), []
-    if hook == "full_backward_hook":
-        head.register_full_backward_hook(lambda mod, grad_in, grad_out: None)
-    elif hook == "full_backward_pre_hook":
-        head.register_full_backward_pre_hook(lambda mod, grad_out: None)
+    penalty = []
+    register = {"full_backward_hook": ("register_full_backward_hook", lambda mod, grad_in, grad_out: None),
+                "full_backward_pre_hook": ("register_full_backward_pre_hook", lambda mod, grad_out: None),
+                "forward_hook_penalty": ("register_forward_hook",
+                                         lambda mod, inputs, out: penalty.append(1e-3 * out.pow(2).mean()))}[hook]
+    if hooked == "global":  # (the norm's and the Linear's outputs among every module's)
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, inputs, out: penalty.append(1e-3 * out.pow(2).mean()) if type(mod) in (
+                nn.BatchNorm2d, nn.Linear) else None)
     else:
-        head.register_forward_hook(lambda mod, inputs, out: penalty.append(1e-3 * out.pow(2).mean()))
+        handle = getattr(getattr(pm.graph_module, hooked), register[0])(register[1])
+    try:
+        pm.train()
+        pm.start_dendrite_phase(pool=4)
+        loss = F.cross_entropy(pm(x), y) + sum(penalty)
+        loss.backward()
+    finally:
+        handle.remove()
+    for site in ("0", "4"):
+        grad = pm.sites[site].candidates.copies.weight.grad
+        assert grad is not None and bool(grad.isfinite().all()) and bool(grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_site_without_dendrites_passes_its_neurons_own_output_on_where_nothing_else_holds_it(frontend):
+    """The dendrite phase's tap returns an unheld neuron output itself (declared modified, not copied: a copy
+    cost 1.5-2 % of a step), and the step's gradients are those of a copy; a forward hook on the neuron's
+    norm brings the copy back. ReLU(inplace=True) after the site modifies the returned output. Under
+    torch.export the norm runs in pbp_fx's mode switch, not torch's module: its output is copied."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 6, 6), torch.arange(16) % 4
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(8 * 36, 4))
+    pm = pbp_fx.perforate(model, (x[:2],), frontend=frontend)
     pm.train()
-    pm.start_dendrite_phase(pool=4)
-    loss = F.cross_entropy(pm(x), y) + (penalty.pop() if penalty else 0)
-    loss.backward()
-    grad = pm.sites["4"].candidates.copies.weight.grad
-    assert grad is not None and bool(grad.isfinite().all()) and bool(grad.abs().sum() > 0)
+    pm.start_dendrite_phase(pool=4, generator=torch.Generator().manual_seed(1))
+    sites = [m for m in pm.graph_module.modules() if isinstance(m, Site)]
+    assert len(sites) == 2
+    seen = []
+    handles = [s.register_forward_hook(lambda mod, inputs, out: seen.append(out is inputs[1])) for s in sites]
+
+    def grads():
+        pm.zero_grad(set_to_none=True)
+        F.cross_entropy(pm(x), y).backward()
+        return [s.candidates.copies.weight.grad.clone() for s in sites]
+
+    state = copy.deepcopy(pm.state_dict())
+    passed_on = grads()
+    # (export: the Linear is a function node, whose output no module hook can reach)
+    assert seen == [frontend == "fx", True]
+    if frontend == "export":
+        return
+    pm.load_state_dict(state)
+    seen.clear()
+    norm = next(m for m in pm.graph_module.modules() if isinstance(m, nn.BatchNorm2d))
+    hook = norm.register_forward_hook(lambda mod, inputs, out: None)
+    copied = grads()
+    assert seen == [False, True]  # (the norm's output copied, the Linear's still passed on)
+    hook.remove()
+    for h in handles:
+        h.remove()
+    for a, b in zip(passed_on, copied):
+        assert torch.equal(a, b)
