@@ -4,7 +4,7 @@ Requires: `specs` from `find_sites` on this very graph.
 Ensures: for every graph site (in its own graph: `spec.graph`), `call_module pbp_sites.<key>(x, out)` follows the site output
 and has taken over all its uses, x being what the neuron reads (an upstream Site's output
 where sites chain), and the site knows the module its output node calls, or that the node is the neuron
-layer as a function (`Site.read_output_of`); every leaf site's neuron is swapped for SwappedNeuron. With
+layer as a function (`Site.output_made_by`); every leaf site's neuron is swapped for SwappedNeuron. With
 no dendrites installed each Site returns its input unchanged, so the model computes exactly
 what it computed before.
 """
@@ -14,12 +14,12 @@ from typing import Iterable
 
 from torch import fx, nn
 
-from pbp_fx.site import Site, SwappedNeuron
+from pbp_fx.site import FUNCTION_MADE, Site, SwappedNeuron
 
 from .find_sites import SiteSpec
 from .patterns import node_arg, attr_tensor
 
-__all__ = ["insert_dendrites", "site_key", "SITES_ATTR"]
+__all__ = ["insert_dendrites", "record_output_makers", "site_key", "SITES_ATTR"]
 
 SITES_ATTR = "pbp_sites"
 
@@ -95,10 +95,28 @@ def _insert(gm: fx.GraphModule, specs: list, activation: str, mode: str) -> fx.G
         with gm.graph.inserting_after(out):
             new = gm.graph.call_module(f"{SITES_ATTR}.{key}", (x, out))
         out.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-        if out.op == "call_module":
-            site.read_output_of(gm.get_submodule(out.target))
-        elif out.op == "call_function" and out.name == spec.neuron_node:
-            site.read_output_of(None)
     gm.graph.lint()
     gm.recompile()
+    record_output_makers(gm)
     return gm
+
+
+def record_output_makers(gm: fx.GraphModule) -> None:
+    """Tell each site of gm's graphs what makes the output it reads (`Site.output_made_by`): the module its
+    output node calls now, the neuron layer called as a function, or nothing known (None). Run again where
+    modules may have been swapped since (a dendrite phase's start)."""
+    for owner in gm.modules():
+        if not isinstance(owner, fx.GraphModule):
+            continue
+        for node in owner.graph.nodes:
+            if node.op != "call_module" or not node.target.startswith(SITES_ATTR + "."):
+                continue
+            site, out = owner.get_submodule(node.target), node.args[1]
+            if not isinstance(site, Site) or not isinstance(out, fx.Node):
+                continue
+            if out.op == "call_module":
+                site.output_made_by(owner.get_submodule(out.target))
+            elif out.op == "call_function" and out.name == getattr(getattr(site, "spec", None), "neuron_node", None):
+                site.output_made_by(FUNCTION_MADE)
+            else:
+                site.output_made_by(None)

@@ -340,10 +340,10 @@ class EagerTap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: Tensor, c: Tensor, stats, snapshots, rows, axis, split, stride, scale, settings, reducer,
-                prepared=None, fresh=False):
+                prepared=None, unheld=False):
         ctx.save_for_backward(c)
         return _tap_forward(ctx, y, (stats, snapshots, rows, axis, split, stride, scale, settings, reducer, prepared),
-                            fresh)
+                            unheld)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -358,11 +358,11 @@ class EagerNormTap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: Tensor, z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                norm: tuple, tap: tuple, fresh: bool):
+                norm: tuple, tap: tuple, unheld: bool):
         c, mean, invstd = native.norm_sigmoid_forward(z, extra, weight, bias, *norm)
         ctx.save_for_backward(z, c, weight, bias, extra, mean, invstd)
         ctx.layout, ctx.eps = norm[4], norm[3]
-        return _tap_forward(ctx, y, tap, fresh)
+        return _tap_forward(ctx, y, tap, unheld)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -397,18 +397,17 @@ def _tap_and_norm_backward(ctx, grad_y: Tensor, saved: tuple, needs: tuple) -> O
     return native.norm_sigmoid_backward(_uncounted_gradient(c, scale), saved, ctx.layout, ctx.eps, needs)
 
 
-def _tap_forward(ctx, y: Tensor, options: tuple, fresh: bool) -> Tensor:
-    """The eager taps' forward: y, or a copy of it (not `fresh`); options: (stats, snapshots, rows, axis, split,
+def _tap_forward(ctx, y: Tensor, options: tuple, unheld: bool) -> Tensor:
+    """The eager taps' forward: y, or a copy of it (not `unheld`); options: (stats, snapshots, rows, axis, split,
     stride, scale, settings, reducer, prepared)."""
     ctx.options = options
     ctx.counted = False  # eager: a Python flag, not a device tensor (no op per site and step)
-    if not fresh:
+    if not unheld:
         return y.clone()
-    # y itself, declared modified: a copy of the site output cost 2-3 % of a small model's step, and an
-    # input returned as is would be a view that a later in-place op (ReLU(inplace)) may not modify. Only
-    # where nothing else holds y (`fresh`: the site made it, or `Site._neuron_output_unheld`): marking a
-    # hooked layer's own output modified broke a backward hook's view of it and any op that had saved it (an
-    # activation penalty in a forward hook).
+    # y itself, declared modified: an input returned as is would be a view that a later in-place op
+    # (ReLU(inplace)) may not modify, and a copy cost 1-2 % of a small model's step. Only where nothing else
+    # holds y (the site made it, or `Site.neuron_output_unheld`): marking a hooked layer's own output modified
+    # broke a backward hook's view of it and any op that had saved it (an activation penalty in a forward hook).
     ctx.mark_dirty(y)
     return y
 

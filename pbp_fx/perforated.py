@@ -615,6 +615,9 @@ class PerforatedModel(nn.Module):
         if unknown:  # (before any site has a pool; it named the internal CandidatePool.__init__)
             raise ConfigError(f"start_dendrite_phase(): unknown setting {unknown[0]!r}: use pool, init, init_scale, "
                               f"generator or the pool's {', '.join(POOL_SETTINGS)}")
+        from pbp_fx.passes.insert_dendrites import record_output_makers
+
+        record_output_makers(self.graph_module)  # (a module swapped in since perforate: the one the graph calls)
         for s in self.sites.values():
             s.start_candidates(pool, init, init_scale, generator, **stats)
             s.candidates.grad_scaler = self.grad_scaler

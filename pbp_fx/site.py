@@ -156,7 +156,7 @@ class CandidatePool(nn.Module):
         a candidate's BatchNorm needs more than one value per channel)."""
         return self.split and batch >= 2 * self.pool_size
 
-    def forward(self, x: Tensor, acts: list[Tensor], y: Optional[Tensor] = None, fresh: bool = False) -> Tensor:
+    def forward(self, x: Tensor, acts: list[Tensor], y: Optional[Tensor] = None, unheld: bool = False) -> Tensor:
         """Candidate activations c: [B', P, C, *S] or [B', *mid, P, C]; B' = B // P when split, S and
         mid every `stride`-th position. With y (the site output): y through the covariance tap on c
         instead (`tap`), where native kernels run the norm and sigmoid one autograd node with the tap."""
@@ -182,9 +182,9 @@ class CandidatePool(nn.Module):
         z = self.copies.layer_output(x, split)
         norm = self.copies.native_norm(z, extra) if activation is torch.sigmoid else None
         if norm is None:
-            return self.tap(y, self.copies.activate(z, extra, activation, native_tried=True), split, fresh)
+            return self.tap(y, self.copies.activate(z, extra, activation, native_tried=True), split, unheld)
         z, extra, weight, bias = norm[:4]
-        return EagerNormTap.apply(y, z, extra, weight, bias, norm[4:], self._tap_options(split), fresh)
+        return EagerNormTap.apply(y, z, extra, weight, bias, norm[4:], self._tap_options(split), unheld)
 
     def _warn_dealt_otherwise(self, batch: int, split: bool) -> None:
         """Warn (once a run) when this rank deals its batch to the members otherwise than one
@@ -227,16 +227,16 @@ class CandidatePool(nn.Module):
         snapshots = self._snapshots(rows)
         return fold_batch(self._stats(), snapshots, list(rows.values()), cov, self._settings())
 
-    def tap(self, y: Tensor, c: Tensor, split: bool, fresh: bool = False) -> Tensor:
+    def tap(self, y: Tensor, c: Tensor, split: bool, unheld: bool = False) -> Tensor:
         """y unchanged; its backward trains the candidates c on the site error dL/dy and updates
         the statistics (`covariance_tap`: custom ops under torch.compile, so the site stays in
         one graph; an autograd.Function in eager runs, which also all-reduces with a reducer).
 
-        fresh: nothing else holds y (the site made it, or `Site._neuron_output_unheld`), so the eager tap
+        unheld: nothing else holds y (the site made it, or `Site.neuron_output_unheld`), so the eager tap
         may return it instead of a copy."""
         if self.reducer is None and torch.compiler.is_compiling():
             return covariance_tap(y, c, *self._tap_options(split)[:8])
-        return EagerTap.apply(y, c, *self._tap_options(split), fresh)
+        return EagerTap.apply(y, c, *self._tap_options(split), unheld)
 
     def _tap_options(self, split: bool) -> tuple:
         """The eager tap's arguments after y and c: (stats, snapshots, rows, axis, split, stride, scale,
@@ -343,16 +343,15 @@ def pool_settings(extra_state) -> Optional[dict]:
             "split": bool(split), "stride": stride}
 
 
-# torch's modules whose forward returns a new tensor and whose backward saves nothing of it (ReLU's would).
+# torch's modules whose forward returns a new tensor and whose backward saves nothing of it (ReLU's would);
+# insert_dendrites makes a site's output node the neuron layer or its BatchNorm.
 _OWN_OUTPUT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                       nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
-_FUNCTION_NODE = "function"  # (Site.read_output_of: the neuron layer runs as a function node)
-
-
-def _global_module_hooks() -> bool:
-    """Whether torch has module hooks registered for every module (register_module_forward_hook and its kin)."""
-    hooks = torch.nn.modules.module
-    return bool(hooks._global_forward_hooks or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+                       nn.SyncBatchNorm)
+# The backward nodes of those modules' last ops (any other: a module swapped in, or an op this list lacks).
+_OUTPUT_UNSAVED_BACKWARDS = frozenset({"AddmmBackward0", "MmBackward0", "ConvolutionBackward0",
+                                       "NativeBatchNormBackward0", "CudnnBatchNormBackward0",
+                                       "MiopenBatchNormBackward0", "SyncBatchNormBackward"})
+FUNCTION_MADE = "function"  # (Site.output_made_by: the neuron layer called as a function)
 
 
 def _unbatched(layer: LayerSpec, x: Tensor) -> bool:
@@ -437,29 +436,34 @@ class Site(nn.Module):
             acts = dendrites.cascade_activations(src, self.cascade, ACTIVATIONS[self.activation])
             y = _weighted_sum(n, acts, self.out_weight, self.axis)
         if candidates is not None and self.training and torch.is_grad_enabled():
-            fresh = y is not n or n._base is None and self._neuron_output_unheld()
-            y = candidates(src, [s.detach() for s in acts], y=y, fresh=fresh)
+            unheld = y is not n or self.neuron_output_unheld(n)
+            y = candidates(src, [s.detach() for s in acts], y=y, unheld=unheld)
         return y
 
-    def read_output_of(self, module: Optional[nn.Module]) -> None:
-        """The graph node whose output this site reads, and nothing else does: a call of `module` (the
-        neuron layer or its norm), or the neuron layer as a function (None). Held, not registered (as
+    def output_made_by(self, maker) -> None:
+        """Record what makes the neuron output this site alone reads: a module (the neuron layer or its norm),
+        FUNCTION_MADE (the neuron layer called as a function) or None (unknown). Held, not registered (as
         `follow_mode_of`)."""
-        self.__dict__["_output_node"] = _FUNCTION_NODE if module is None else module
+        self.__dict__["_output_maker"] = maker
 
-    def _neuron_output_unheld(self) -> bool:
-        """Whether nothing but this site holds the neuron's output, so that the covariance tap may return it
-        itself, declared modified, instead of a copy (a copy cost 1.5-2 % of a dendrite-phase step): it is a
-        function's output, or one of torch's own layer or norm modules' with no hooks of its own and no
-        global ones (a forward hook may have saved the output for an op's backward, a full backward hook
-        made it a view)."""
-        node = self.__dict__.get("_output_node")
-        if node is None:
+    def neuron_output_unheld(self, n: Tensor) -> bool:
+        """Whether nothing but this site can hold the neuron output n, so that the covariance tap may return it
+        itself, declared modified, instead of a copy: n is not a view, made by a function or by one of torch's own
+        layer or norm modules with no hooks of its own (nor this site any pre-hook) and no global module hooks
+        (a forward hook may have saved n for an op's backward, a full backward hook made it a view), and, where
+        n has a gradient, by an op whose backward saves nothing of its output (a module swapped in after the
+        graph was made is not the one recorded). Not while compiling (mark_dirty breaks the graph)."""
+        maker = self.__dict__.get("_output_maker")
+        if maker is None or n._base is not None or torch.compiler.is_compiling() or self._forward_pre_hooks:
             return False
-        if node is _FUNCTION_NODE:
-            return True
-        return (type(node) in _OWN_OUTPUT_MODULES and "forward" not in node.__dict__ and not node._forward_hooks
-                and not node._backward_hooks and not node._backward_pre_hooks and not _global_module_hooks())
+        if maker != FUNCTION_MADE and (type(maker) not in _OWN_OUTPUT_MODULES or "forward" in maker.__dict__
+                                       or maker._forward_hooks or maker._backward_hooks or maker._backward_pre_hooks):
+            return False
+        hooks = torch.nn.modules.module
+        if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks):
+            return False
+        return n.grad_fn is None or type(n.grad_fn).__name__ in _OUTPUT_UNSAVED_BACKWARDS
 
     def follow_mode_of(self, norm: Optional[nn.Module]) -> None:
         """Run the dendrites' and candidates' norm copies in the mode of `norm`, the norm module they

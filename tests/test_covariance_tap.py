@@ -1,5 +1,6 @@
 """pbp_fx.covariance_tap: the statistics update, decided on the host (CPU) or by masks (devices)."""
 import copy
+import pickle
 
 import pytest
 import torch
@@ -269,3 +270,90 @@ def test_a_site_without_dendrites_passes_its_neurons_own_output_on_where_nothing
         h.remove()
     for a, b in zip(passed_on, copied):
         assert torch.equal(a, b)
+
+
+def _conv_bn_linear():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+
+
+def _candidate_grads(pm, x, y, penalty: list = ()) -> list:
+    """The candidates' gradients of one step, its loss plus what `penalty` holds after the forward."""
+    pm.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(pm(x), y)
+    (loss + sum(penalty)).backward()
+    return [s.candidates.copies.weight.grad.clone() for s in pm.sites.values()]
+
+
+@pytest.mark.parametrize("change", ["swapped_for_sigmoid_tail", "swapped_before_the_phase", "site_pre_hook",
+                                    "global_pre_hook"])
+def test_what_the_recorded_neuron_cannot_show_keeps_the_copy(change, monkeypatch):
+    """Review of stop 56: a module swapped into the graph after perforating (its output saved by a Sigmoid; a Linear
+    whose forward hook saves its output, swapped in before the dendrite phase, which records the modules anew) and
+    a pre-hook that sees the site's inputs (and may save the neuron output) failed the step ("modified by an inplace
+    operation") once the tap passed the recorded module's output on; they keep the copy, with the copy's gradients."""
+    x, y = torch.randn(16, 3, 6, 6), torch.arange(16) % 4
+    pm = pbp_fx.perforate(_conv_bn_linear(), (x[:2],))
+    pm.train()
+    penalty = []
+    if change == "swapped_before_the_phase":
+        head = copy.deepcopy(getattr(pm.graph_module, "4"))
+        head.register_forward_hook(lambda mod, inputs, out: penalty.append(out.pow(2).mean()))
+        pm.graph_module.add_module("4", head)
+    pm.start_dendrite_phase(pool=4, generator=torch.Generator().manual_seed(1))
+    if change == "swapped_for_sigmoid_tail":
+        pm.graph_module.add_module("4", nn.Sequential(getattr(pm.graph_module, "4"), nn.Sigmoid()))
+    elif change == "site_pre_hook":
+        pm.sites["4"].register_forward_pre_hook(lambda mod, inputs: penalty.append(inputs[1].pow(2).mean()))
+    state = copy.deepcopy(pm.state_dict())
+    handle = (torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda mod, inputs: penalty.append(inputs[1].pow(2).mean()) if isinstance(mod, Site) else None)
+        if change == "global_pre_hook" else None)
+    try:
+        passed = _candidate_grads(pm, x, y, penalty)
+        assert len(penalty) == {"swapped_for_sigmoid_tail": 0, "global_pre_hook": 2}.get(change, 1)
+        penalty.clear()
+        pm.load_state_dict(state)
+        monkeypatch.setattr(Site, "neuron_output_unheld", lambda self, n: False)
+        copied = _candidate_grads(pm, x, y, penalty)
+    finally:
+        if handle is not None:
+            handle.remove()
+    for a, b in zip(passed, copied):
+        assert torch.equal(a, b)
+
+
+class _FunctionalConv(nn.Module):
+    """A conv called as a function: its site's output node is no module's."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, self.w, padding=1).flatten(1)
+
+
+def test_a_function_made_neuron_output_is_still_passed_on_after_a_pickle_round_trip():
+    """The record that a function made the output survives pickling (it was compared by identity: after a round
+    trip every such site copied again)."""
+    x = torch.randn(8, 3, 6, 6)
+    pm = pickle.loads(pickle.dumps(pbp_fx.perforate(_FunctionalConv(), (x[:2],))))
+    pm.train()
+    pm.start_dendrite_phase(pool=2)
+    site = next(iter(pm.sites.values()))
+    seen = []
+    site.register_forward_hook(lambda mod, inputs, out: seen.append(out is inputs[1]))
+    pm(x).square().mean().backward()
+    assert seen == [True]
+
+
+def test_no_neuron_output_is_passed_on_while_compiling(monkeypatch):
+    """mark_dirty breaks a compiled graph (dynamo: unsupported autograd.Function context): compiled steps copy."""
+    x = torch.randn(4, 3, 6, 6)
+    pm = pbp_fx.perforate(_conv_bn_linear(), (x[:2],))
+    site = pm.sites["4"]
+    n = torch.randn(4, 4)
+    assert site.neuron_output_unheld(n)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not site.neuron_output_unheld(n)

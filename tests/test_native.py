@@ -607,9 +607,9 @@ def test_the_norm_sigmoid_and_tap_as_one_node_train_as_the_two_nodes_do(grown, m
 
     class TwoNodes:
         @staticmethod
-        def apply(y, z, extra, weight, bias, norm, tap, fresh):
+        def apply(y, z, extra, weight, bias, norm, tap, unheld):
             c = native.norm_sigmoid_apply((z, extra, weight, bias, *norm))
-            return covariance_tap.EagerTap.apply(y, c, *tap, fresh)
+            return covariance_tap.EagerTap.apply(y, c, *tap, unheld)
 
     fused_backward = native.candidate_norm_backward
     fused_done = []
