@@ -23,7 +23,8 @@ earlier `--keep DIR` run, e.g. of the code before a layout change: a before/afte
 in one interleaved run) and prints the medians, the FLOP ratio (perforated / plain multiply-adds of every matmul and
 convolution, counted by torch.utils.flop_counter on the finalized model), the quotient
 (fused / plain latency) / FLOP ratio and whether it meets the target quotient <= 1.1.
-`--profile` adds ONNX Runtime's per-op-type time (ms per run) for plain and fused.
+`--profile` adds ONNX Runtime's per-op-type time (ms per run) for plain and fused; on the CPU each Conv row
+says what its nodes do in the optimized graph (fused activation, kernel, grouped, a sum input).
 `--clip-ceiling` adds a diagnostic, not a deployable model: the fused file with every Clip(x, 0, max)
 (ReLU6) replaced by Relu, which ONNX Runtime's CPU NCHWc layout fuses into the Conv that takes a site's
 sum, while Clip it cannot: how fast the fused model would run if the runtime fused its Clips. Since
@@ -201,7 +202,9 @@ def ort_fn(path: Path, x: np.ndarray, device: str = "cpu"):
 
 def op_profile(path: Path, x: np.ndarray, runs: int, device: str = "cpu") -> dict[str, float]:
     """ONNX Runtime's kernel time per op type, ms per run (1 thread; with the CUDA provider, the host's
-    time in each kernel's launch, not the GPU's)."""
+    time in each kernel's launch, not the GPU's). On the CPU a Conv's row also names what its node does in the
+    graph ONNX Runtime optimized: its fused activation, kernel, grouping, and a sum input (where the neuron,
+    dendrite and V-scale convs of a fused site differ)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -210,6 +213,8 @@ def op_profile(path: Path, x: np.ndarray, runs: int, device: str = "cpu") -> dic
     providers = (["CUDAExecutionProvider"] if device == "cuda" else []) + ["CPUExecutionProvider"]
     with tempfile.TemporaryDirectory(prefix="pbp_prof_") as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "prof")
+        if device == "cpu":
+            opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         sess = ort.InferenceSession(str(path), opts, providers=providers)
         feed = {sess.get_inputs()[0].name: x}
         sess.run(None, feed)  # warm-up (also profiled: subtracted below by counting runs)
@@ -217,11 +222,35 @@ def op_profile(path: Path, x: np.ndarray, runs: int, device: str = "cpu") -> dic
             sess.run(None, feed)
         with open(sess.end_profiling()) as f:
             events = json.load(f)
+        labels = _conv_labels(os.path.join(tmp, "optimized.onnx")) if device == "cpu" else {}
     per_op: dict[str, float] = collections.defaultdict(float)
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            per_op[e["args"]["op_name"]] += e["dur"]
+            node = e["name"][:-len("_kernel_time")]
+            per_op[labels.get(node, e["args"]["op_name"])] += e["dur"]
     return {op: us / 1e3 / (runs + 1) for op, us in per_op.items()}
+
+
+def _conv_labels(optimized: str) -> dict[str, str]:
+    """Node name -> "Conv (Sigmoid, 3x3, grouped, + sum)" for the convs of ONNX Runtime's optimized graph."""
+    import onnx
+
+    if not os.path.exists(optimized):
+        return {}
+    labels = {}
+    for node in onnx.load(optimized, load_external_data=False).graph.node:
+        if node.op_type not in ("Conv", "FusedConv"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        act = attrs.get("activation", b"")
+        kernel = "x".join(str(k) for k in attrs.get("kernel_shape", [])) or "1x1"
+        parts = [act.decode() if isinstance(act, bytes) and act else "no activation", kernel]
+        if attrs.get("group", 1) > 1:
+            parts.append("grouped")
+        if len([i for i in node.input if i]) > 3:
+            parts.append("+ sum")
+        labels[node.name] = f"Conv ({', '.join(parts)})"
+    return labels
 
 
 # -- main -----------------------------------------------------------------------------------
