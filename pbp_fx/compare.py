@@ -959,6 +959,28 @@ def _arm_in_worker(*args) -> tuple:
     return _arm_with_warnings(*args)
 
 
+@contextlib.contextmanager
+def _cancelled_future_errors_quiet():
+    """Threads' uncaught InvalidStateError dropped inside (others reported as before). Why: Python 3.11's
+    process-pool manager thread, marking the pool broken once its workers were stopped, sets an exception on
+    the futures the interrupted map had cancelled, and printed that error's traceback after the command's one
+    line (seen under load; Python 3.12's manager ignores it)."""
+    import threading
+    from concurrent.futures import InvalidStateError
+
+    report = threading.excepthook
+
+    def quiet(args) -> None:
+        if not (isinstance(args.exc_type, type) and issubclass(args.exc_type, InvalidStateError)):
+            report(args)
+
+    threading.excepthook = quiet
+    try:
+        yield
+    finally:
+        threading.excepthook = report
+
+
 def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], None]) -> None:
     """run_arm(*a) for each of `args` on spawned workers with one thread each (the runs go side by
     side on the cores); finished(k, row) in order.
@@ -1012,17 +1034,18 @@ def _run_in_workers(processes: int, args: list, finished: Callable[[int, dict], 
         if done:  # idle workers exit on their own (terminated ones left their queues' semaphores to the
             ex.shutdown(wait=True)  # resource tracker, which warned of them on stderr)
         else:
-            ex.shutdown(wait=False, cancel_futures=True)
-            workers = set(multiprocessing.active_children()) - before
-            for worker in workers:  # (mid-arm after Ctrl-C or a failed arm: they would run on for minutes)
-                worker.terminate()
-            for worker in workers:  # (they stop through Python: `_stop_worker`)
-                worker.join(WORKER_STOP_SECONDS)
-            for worker in workers:  # (its signal came where Python drops exceptions, a __del__)
-                if worker.is_alive():
-                    worker.kill()
-                    worker.join()
-            ex.shutdown(wait=True)  # (its manager thread sees the workers gone and ends before the pipes close)
+            with _cancelled_future_errors_quiet():
+                ex.shutdown(wait=False, cancel_futures=True)
+                workers = set(multiprocessing.active_children()) - before
+                for worker in workers:  # (mid-arm after Ctrl-C or a failed arm: they would run on for minutes)
+                    worker.terminate()
+                for worker in workers:  # (they stop through Python: `_stop_worker`)
+                    worker.join(WORKER_STOP_SECONDS)
+                for worker in workers:  # (its signal came where Python drops exceptions, a __del__)
+                    if worker.is_alive():
+                        worker.kill()
+                        worker.join()
+                ex.shutdown(wait=True)  # (its manager thread sees the workers gone and ends before the pipes close)
             # Python 3.10-3.11: a manager thread that found its workers killed can end without closing its
             # wake-up pipe, and concurrent.futures' exit handler then writes to it and prints a traceback
             # after the command's one line (seen once under load). The thread is gone: closing it is safe.
