@@ -22,8 +22,8 @@ from pbp_fx import covariance_tap, layers, native, perforated
 # (owner, attribute, what it is); autograd.Function methods are staticmethods.
 PIECES = [
     (perforated, "put_back", "the held BatchNorm buffers put back after a forward"),
-    (layers, "split_apply", "the candidates' layer (conv or matmul) forward"),
-    (native, "columns_1d", "a 1-D conv pool's input columns"),
+    (layers.LayerCopies, "layer_output", "the candidates' layer forward (grouped conv, or columns and a bmm)"),
+    (native, "columns_1d", "  a 1-D conv pool's input columns"),
     (covariance_tap.EagerNormTap, "forward", "candidates' norm + sigmoid + tap, forward"),
     (native, "norm_sigmoid_forward", "  native norm + sigmoid forward"),
     (covariance_tap, "_tap_forward", "  the tap's output: the site output or its copy"),
