@@ -86,9 +86,9 @@ def main(argv=None) -> int:
         for owner, name, what in PIECES:
             values = seconds.get(f"{getattr(owner, '__name__', owner)}.{name}", [])
             if values:
-                per_step = sum(values) / args.steps
+                per_step, per_call = sum(values) / args.steps, sum(values) / len(values)
                 print(f"| {owner.__name__.rsplit('.', 1)[-1]}.{name} | {what.strip()} | {len(values) / args.steps:.1f} "
-                      f"| {sum(values) / len(values) * 1e6:.1f} | {per_step * 1e6:.1f} | {100 * per_step / total:.1f} |")
+                      f"| {per_call * 1e6:.1f} | {per_step * 1e6:.1f} | {100 * per_step / total:.1f} |")
     return 0
 
 
