@@ -325,10 +325,7 @@ def candidate_norm_backward(d: Tensor, stats: Sequence[Tensor], snapshots: Seque
     if own is None:
         return None
     d, d_strides = _error_in_layout(d, c, layout[0])
-    dz = torch.empty_like(z)
-    g = torch.empty_like(z) if extra is not None and needs[1] else None
-    wants_affine = weight is not None and (needs[2] or needs[3])
-    dweight, dbias = torch.empty(2, *weight.shape, dtype=torch.float32).unbind() if wants_affine else (None, None)
+    dz, g, dweight, dbias = _norm_gradients(z, extra, weight, needs)
     status = lib.pbp_candidate_norm_backward(
         c.data_ptr(), d.data_ptr(), z.data_ptr(), _address(g), dz.data_ptr(), nd, sizes, roles, members, channels,
         *own[:10], 0.0 if scale is None else float(scale), float(left_out), *own[10:], d_strides,
@@ -471,16 +468,22 @@ def norm_sigmoid_backward(grad_out: Tensor, saved: tuple, layout: tuple, eps: fl
     (nd, sizes, roles, _), members, channels, _ = layout
     if grad_out.stride() != z.stride():
         grad_out = torch.empty_like(z).copy_(grad_out)
-    wants_extra = extra is not None and needs[1]
-    wants_affine = weight is not None and (needs[2] or needs[3])
-    dz = torch.empty_like(z)
-    g = torch.empty_like(z) if wants_extra else None
-    dweight, dbias = torch.empty(2, *weight.shape, dtype=torch.float32).unbind() if wants_affine else (None, None)
+    dz, g, dweight, dbias = _norm_gradients(z, extra, weight, needs)
     status = kernel().pbp_norm_sigmoid_backward(
         grad_out.data_ptr(), out.data_ptr(), z.data_ptr(), _address(g), dz.data_ptr(), nd, sizes, roles,
         members, channels, _address(weight), mean.data_ptr(), invstd.data_ptr(), _address(dweight),
         _address(dbias), (ctypes.c_double * (2 * members * channels))())
     _check(status, "norm", z)
+    return dz, g, dweight, dbias
+
+
+def _norm_gradients(z: Tensor, extra: Optional[Tensor], weight: Optional[Tensor], needs: tuple) -> tuple:
+    """The native norm backward's outputs, to be written: dz, and the gradients of extra, weight and bias where
+    they are needed (else None); float32 whatever torch's default dtype."""
+    dz = torch.empty_like(z)
+    g = torch.empty_like(z) if extra is not None and needs[1] else None
+    wants_affine = weight is not None and (needs[2] or needs[3])
+    dweight, dbias = torch.empty(2, *weight.shape, dtype=torch.float32).unbind() if wants_affine else (None, None)
     return dz, g, dweight, dbias
 
 
