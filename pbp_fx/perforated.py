@@ -1271,9 +1271,19 @@ def _equal_or_both_nan(x, y) -> bool:
 
 
 def _attribute_path(obj, path: list):
-    """obj.a.b.c for path ["a", "b", "c"]; None where a step is missing."""
+    """obj.a.b.c for path ["a", "b", "c"]; None where a step is missing. A module's own submodules, buffers and
+    parameters are read from its dicts (through Module.__getattr__ a step took ~1 us, and a dendrite phase puts
+    back every held buffer after each forward); anything else (a property, a plain attribute) by getattr."""
     for name in path:
-        obj = getattr(obj, name, None)
+        if isinstance(obj, nn.Module):
+            found = obj._modules.get(name)
+            if found is None:
+                found = obj._buffers.get(name)
+            if found is None:
+                found = obj._parameters.get(name)
+            obj = found if found is not None else getattr(obj, name, None)
+        else:
+            obj = getattr(obj, name, None)
         if obj is None:
             return None
     return obj
