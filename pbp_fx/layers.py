@@ -230,19 +230,41 @@ def _members_first(t: Tensor, m: int) -> Tensor:
     return t.unflatten(0, (m, b))
 
 
-def runs_as_columns(layer: LayerSpec) -> bool:
+# Output positions per pool member (samples x spatial positions) below which a split pool runs an ungrouped 2-D
+# conv as columns and one bmm on the CPU: there the grouped conv's forward and weight gradient took 2-2.9x as long
+# (256-512 channels on 1x1-2x2 maps, 8 samples a member: ResNet-18's last stages on small images), while from 128
+# positions up the grouped conv was as fast or faster (bench/results/columns_2d.md).
+FEW_POSITIONS = 128
+
+
+def runs_as_columns(layer: LayerSpec, x: Optional[Tensor] = None, members: int = 1) -> bool:
     """Whether split_apply runs the copies as one batched matmul over each copy's input columns
     (`split_columns`): ungrouped 1-D convs and convs whose kernel is 1 everywhere, zero padding,
     no dilation. Their columns are views or strided slices of the input (no k x copy), and one
     bmm measured faster than the grouped conv it replaces, with the copies' BatchNorm then
     running over contiguous positions (MNIST-1D CNN shapes, CPU, 1 thread, candidate conv + norm
     + sigmoid forward and backward: 0.5-0.8 of the time; bench/results/train_overhead_stop22.md).
-    Convs with larger 2-D/3-D kernels would copy k x their input: they stay grouped convs."""
+    Other 2-D convs would copy k x their input: they stay grouped convs, but where x (on the CPU, dealt to
+    `members`) leaves each member fewer than FEW_POSITIONS output positions."""
     if layer.kind == "linear" or layer.groups != 1 or layer.padding_mode != "zeros":
         return False
+    if layer.kind == "conv2d" and x is not None and x.device.type == "cpu" and x.dim() == 4:
+        if x.shape[0] // members * math.prod(_conv_out_size(layer, tuple(x.shape[2:]))) < FEW_POSITIONS:
+            return True
     if any(d != 1 for d in layer.dilation):
         return False
     return layer.kind == "conv1d" or all(k == 1 for k in layer.weight_shape[2:])
+
+
+def _conv_out_size(layer: LayerSpec, size: tuple) -> tuple:
+    """A conv's output spatial size for input spatial `size` (zero padding)."""
+    pad = layer._reversed_padding()
+    out = []
+    for i, n in enumerate(size):
+        k, d, s = layer.weight_shape[2 + i], layer.dilation[i], layer.stride[i]
+        before, after = pad[2 * (len(size) - 1 - i)], pad[2 * (len(size) - 1 - i) + 1]
+        out.append((n + before + after - d * (k - 1) - 1) // s + 1)
+    return tuple(out)
 
 
 def split_columns(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, tuple]:
@@ -261,6 +283,14 @@ def _columns(layer: LayerSpec, x: Tensor, m: int) -> tuple[Tensor, tuple]:
     padding)."""
     pad = layer._reversed_padding()
     kernel = layer.weight_shape[2:]
+    if layer.kind == "conv2d" and (any(k != 1 for k in kernel) or any(d != 1 for d in layer.dilation)):
+        # (F.unfold pads both sides alike: an even kernel's "same" padding goes first)
+        even = pad[0::2] == pad[1::2]
+        cols = F.unfold(x if even else F.pad(x, pad), kernel, layer.dilation, tuple(pad[2::-2]) if even else 0,
+                        layer.stride)  # [B, Cin * kh * kw, positions]
+        spatial = _conv_out_size(layer, tuple(x.shape[2:]))
+        cols = _members_first(cols, m).transpose(1, 2)  # [M, Cin * kh * kw, b, positions]
+        return cols.reshape(m, cols.shape[1], -1), spatial
     if layer.kind == "conv1d":
         spatial = ((x.shape[-1] + pad[0] + pad[1] - kernel[0]) // layer.stride[0] + 1,)
         cols = native.columns_1d(x, m, kernel[0], layer.stride[0], pad[0], spatial[0])
@@ -294,7 +324,7 @@ def split_apply(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Tens
     as one batched matmul (`runs_as_columns`).
     """
     m, c = weight.shape[:2]
-    if runs_as_columns(layer):
+    if runs_as_columns(layer, x, m):
         return columns_to_stacked(*split_columns(layer, x, weight, bias))
     if layer.kind == "linear":  # one bmm: [M, b * mid, in] x [M, in, C] (einsum took ~16 ops)
         xm = _members_first(x, m)
@@ -439,7 +469,7 @@ class LayerCopies(nn.Module):
 
     def layer_output(self, x: Tensor, split: bool = False) -> Tensor:
         """The copies' layer on x (split: each copy on its own 1/M of the batch), in the stacked layout."""
-        if split and runs_as_columns(self.layer):
+        if split and runs_as_columns(self.layer, x, self.copies):
             return columns_to_stacked(*split_columns(self.layer, x, self.weight, self.bias))
         return (split_apply if split else stacked_apply)(self.layer, x, self.weight, self.bias)
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pbp_fx import layers
 from pbp_fx.layers import (LayerCopies, LayerSpec, NormSpec, cat_rows, channel_view, copy_dim, every_nth_position,
                            fold_norm, runs_as_columns, split_apply, split_members, stacked_apply)
 
@@ -24,6 +25,7 @@ LAYERS = {
     "conv2d_depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), (2, 4, 5, 5)),
     "conv2d_depthwise_mult": (lambda: nn.Conv2d(3, 6, 3, groups=3), (2, 3, 5, 5)),
     "conv2d_same": (lambda: nn.Conv2d(3, 4, 4, padding="same"), (2, 3, 6, 6)),
+    "conv2d_rect_dil": (lambda: nn.Conv2d(3, 4, (3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1)), (2, 3, 6, 7)),
     "conv2d_reflect": (lambda: nn.Conv2d(3, 4, 3, padding=(1, 2), padding_mode="reflect"), (2, 3, 6, 6)),
     "conv2d_same_reflect": (lambda: nn.Conv2d(3, 4, (4, 3), padding="same", dilation=(1, 2), padding_mode="reflect"),
                             (2, 3, 7, 7)),
@@ -95,13 +97,17 @@ def test_stacked_apply_equals_each_copy_separately(name, copies, pb):
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("few", [0, 1 << 62], ids=["grouped", "columns"])
 @pytest.mark.parametrize("copies", [1, 3])
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_split_apply_runs_each_copy_on_its_own_slice(name, copies, pb):
+def test_split_apply_runs_each_copy_on_its_own_slice(name, copies, few, pb, monkeypatch):
+    """Either form of an ungrouped 2-D conv (grouped conv, or columns and a bmm: layers.FEW_POSITIONS) gives each
+    copy's layer on its slice, and each copy's weight and bias gradient from its slice alone."""
+    monkeypatch.setattr(layers, "FEW_POSITIONS", few)
     make, shape = LAYERS[name]
     spec = LayerSpec.from_module(make())
-    weight = torch.randn(copies, *spec.weight_shape)
-    bias = torch.randn(copies, spec.channels) if spec.bias else None
+    weight = torch.randn(copies, *spec.weight_shape, requires_grad=True)
+    bias = torch.randn(copies, spec.channels, requires_grad=True) if spec.bias else None
     x = torch.randn(3 * copies - 1, *shape[1:])  # 2 samples each; copies - 1 left over that no copy sees
     got = split_apply(spec, x, weight, bias)
     slices = [x[m * 2:(m + 1) * 2] for m in range(copies)]
@@ -109,6 +115,11 @@ def test_split_apply_runs_each_copy_on_its_own_slice(name, copies, pb):
                        dim=copy_dim(spec.axis))
     assert got.shape == want.shape
     assert pb.max_diff(got, want) < 1e-5
+    probe = torch.randn_like(want)
+    trained = [t for t in (weight, bias) if t is not None]
+    grads = torch.autograd.grad((got * probe).sum(), trained)
+    for g, w in zip(grads, torch.autograd.grad((want * probe).sum(), trained)):
+        assert pb.max_diff(g, w) < 1e-4
     # split_members deals any [B, ...] tensor (the site error, installed activations) alike.
     y = spec.apply(x, weight[0], None if bias is None else bias[0])
     dealt = split_members(y, copies, spec.axis)
@@ -297,10 +308,12 @@ def test_channel_view_and_copy_dim():
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("few", [0, 1 << 62], ids=["grouped", "columns"])
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_split_copies_with_their_norm_equal_each_copy_on_its_slice(name, pb):
+def test_split_copies_with_their_norm_equal_each_copy_on_its_slice(name, few, pb, monkeypatch):
     """LayerCopies(split=True): the batched-matmul form (runs_as_columns) and the grouped form give
     each copy's layer and BatchNorm (batch statistics, running statistics) on its own slice."""
+    monkeypatch.setattr(layers, "FEW_POSITIONS", few)
     make, shape = LAYERS[name]
     spec = LayerSpec.from_module(make())
     assert runs_as_columns(spec) == (name in COLUMNS)
@@ -323,3 +336,22 @@ def test_split_copies_with_their_norm_equal_each_copy_on_its_slice(name, pb):
         assert pb.max_diff(copies.running_var[m], bn.running_var) < 1e-5
     got.sum().backward()
     assert copies.weight.grad is not None and bool(copies.weight.grad.abs().sum() > 0)
+
+
+def test_a_2d_conv_runs_as_columns_where_its_members_have_few_output_positions():
+    """layers.FEW_POSITIONS: an ungrouped, zero-padded 2-D conv on the CPU whose input leaves each member fewer
+    output positions (samples x spatial) runs as columns; a grouped one, another padding mode, a 3-D conv or
+    many positions stays a grouped conv, and without an input only the kernel decides."""
+    spec = LayerSpec.from_module(nn.Conv2d(8, 8, 3, padding=1))
+    assert not runs_as_columns(spec)
+    side = 1
+    while (side + 1) ** 2 * 4 < layers.FEW_POSITIONS:  # the largest square map leaving 4 samples a member fewer
+        side += 1
+    assert runs_as_columns(spec, torch.zeros(16, 8, side, side), 4)
+    assert not runs_as_columns(spec, torch.zeros(16, 8, side + 1, side + 1), 4)
+    assert not runs_as_columns(spec, torch.zeros(16, 8, side, side), 1)  # one member: 16 samples
+    strided = LayerSpec.from_module(nn.Conv2d(8, 8, 3, stride=2, padding=1))  # counted at the output
+    assert runs_as_columns(strided, torch.zeros(16, 8, 2 * side, 2 * side), 4)
+    for other in (nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")):
+        assert not runs_as_columns(LayerSpec.from_module(other), torch.zeros(16, 8, side, side), 4)
+    assert not runs_as_columns(LayerSpec.from_module(nn.Conv3d(8, 8, 3, padding=1)), torch.zeros(16, 8, 2, 2, 2), 4)
