@@ -230,11 +230,13 @@ def _members_first(t: Tensor, m: int) -> Tensor:
     return t.unflatten(0, (m, b))
 
 
-# Output positions per pool member (samples x spatial positions) below which a split pool runs an ungrouped 2-D
-# conv as columns and one bmm on the CPU: there the grouped conv's forward and weight gradient took 2-2.9x as long
-# (256-512 channels on 1x1-2x2 maps, 8 samples a member: ResNet-18's last stages on small images), while from 128
-# positions up the grouped conv was as fast or faster (bench/results/columns_2d.md).
-FEW_POSITIONS = 128
+# A split pool runs an ungrouped 2-D conv on the CPU as columns and one bmm where each member's output positions
+# (samples x spatial positions: the weight gradient's reduction) times WIDE_COLUMNS are at most a column's width
+# (input channels x kernel positions). Measured (forward and weight gradient, 1 thread, oneDNN's grouped conv
+# against the bmm, bench/results/columns_2d.md): the columns took 0.32-0.49 of the grouped conv's time at 8-32
+# positions and 2304-4608 wide, 0.87-0.97 at 64-128 positions and 1152-2304 wide; with narrower columns or more
+# positions they lost (1.06-1.4 at 64-128 positions, 1.7-3.6 from 400 up) or came out even at 32.
+WIDE_COLUMNS = 16
 
 
 def runs_as_columns(layer: LayerSpec, x: Optional[Tensor] = None, members: int = 1) -> bool:
@@ -245,15 +247,22 @@ def runs_as_columns(layer: LayerSpec, x: Optional[Tensor] = None, members: int =
     running over contiguous positions (MNIST-1D CNN shapes, CPU, 1 thread, candidate conv + norm
     + sigmoid forward and backward: 0.5-0.8 of the time; bench/results/train_overhead_stop22.md).
     Other 2-D convs would copy k x their input: they stay grouped convs, but where x (on the CPU, dealt to
-    `members`) leaves each member fewer than FEW_POSITIONS output positions."""
+    `members`) makes the columns pay (`columns_pay`)."""
     if layer.kind == "linear" or layer.groups != 1 or layer.padding_mode != "zeros":
         return False
     if layer.kind == "conv2d" and x is not None and x.device.type == "cpu" and x.dim() == 4:
-        if x.shape[0] // members * math.prod(_conv_out_size(layer, tuple(x.shape[2:]))) < FEW_POSITIONS:
+        if columns_pay(layer, x, members):
             return True
     if any(d != 1 for d in layer.dilation):
         return False
     return layer.kind == "conv1d" or all(k == 1 for k in layer.weight_shape[2:])
+
+
+def columns_pay(layer: LayerSpec, x: Tensor, members: int) -> bool:
+    """Whether an ungrouped 2-D conv on x, dealt to `members`, runs faster as columns and one bmm than as the
+    grouped conv: few output positions a member for its columns' width (WIDE_COLUMNS)."""
+    positions = x.shape[0] // members * math.prod(_conv_out_size(layer, tuple(x.shape[2:])))
+    return positions * WIDE_COLUMNS <= math.prod(layer.weight_shape[1:])
 
 
 def _conv_out_size(layer: LayerSpec, size: tuple) -> tuple:

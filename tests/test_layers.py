@@ -97,13 +97,13 @@ def test_stacked_apply_equals_each_copy_separately(name, copies, pb):
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-@pytest.mark.parametrize("few", [0, 1 << 62], ids=["grouped", "columns"])
+@pytest.mark.parametrize("pays", [False, True], ids=["grouped", "columns"])
 @pytest.mark.parametrize("copies", [1, 3])
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_split_apply_runs_each_copy_on_its_own_slice(name, copies, few, pb, monkeypatch):
-    """Either form of an ungrouped 2-D conv (grouped conv, or columns and a bmm: layers.FEW_POSITIONS) gives each
+def test_split_apply_runs_each_copy_on_its_own_slice(name, copies, pays, pb, monkeypatch):
+    """Either form of an ungrouped 2-D conv (grouped conv, or columns and a bmm: layers.columns_pay) gives each
     copy's layer on its slice, and each copy's weight and bias gradient from its slice alone."""
-    monkeypatch.setattr(layers, "FEW_POSITIONS", few)
+    monkeypatch.setattr(layers, "columns_pay", lambda *_: pays)
     make, shape = LAYERS[name]
     spec = LayerSpec.from_module(make())
     weight = torch.randn(copies, *spec.weight_shape, requires_grad=True)
@@ -308,12 +308,12 @@ def test_channel_view_and_copy_dim():
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-@pytest.mark.parametrize("few", [0, 1 << 62], ids=["grouped", "columns"])
+@pytest.mark.parametrize("pays", [False, True], ids=["grouped", "columns"])
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_split_copies_with_their_norm_equal_each_copy_on_its_slice(name, few, pb, monkeypatch):
+def test_split_copies_with_their_norm_equal_each_copy_on_its_slice(name, pays, pb, monkeypatch):
     """LayerCopies(split=True): the batched-matmul form (runs_as_columns) and the grouped form give
     each copy's layer and BatchNorm (batch statistics, running statistics) on its own slice."""
-    monkeypatch.setattr(layers, "FEW_POSITIONS", few)
+    monkeypatch.setattr(layers, "columns_pay", lambda *_: pays)
     make, shape = LAYERS[name]
     spec = LayerSpec.from_module(make())
     assert runs_as_columns(spec) == (name in COLUMNS)
@@ -338,20 +338,23 @@ def test_split_copies_with_their_norm_equal_each_copy_on_its_slice(name, few, pb
     assert copies.weight.grad is not None and bool(copies.weight.grad.abs().sum() > 0)
 
 
-def test_a_2d_conv_runs_as_columns_where_its_members_have_few_output_positions():
-    """layers.FEW_POSITIONS: an ungrouped, zero-padded 2-D conv on the CPU whose input leaves each member fewer
-    output positions (samples x spatial) runs as columns; a grouped one, another padding mode, a 3-D conv or
-    many positions stays a grouped conv, and without an input only the kernel decides."""
-    spec = LayerSpec.from_module(nn.Conv2d(8, 8, 3, padding=1))
-    assert not runs_as_columns(spec)
-    side = 1
-    while (side + 1) ** 2 * 4 < layers.FEW_POSITIONS:  # the largest square map leaving 4 samples a member fewer
-        side += 1
-    assert runs_as_columns(spec, torch.zeros(16, 8, side, side), 4)
-    assert not runs_as_columns(spec, torch.zeros(16, 8, side + 1, side + 1), 4)
-    assert not runs_as_columns(spec, torch.zeros(16, 8, side, side), 1)  # one member: 16 samples
-    strided = LayerSpec.from_module(nn.Conv2d(8, 8, 3, stride=2, padding=1))  # counted at the output
-    assert runs_as_columns(strided, torch.zeros(16, 8, 2 * side, 2 * side), 4)
-    for other in (nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")):
-        assert not runs_as_columns(LayerSpec.from_module(other), torch.zeros(16, 8, side, side), 4)
-    assert not runs_as_columns(LayerSpec.from_module(nn.Conv3d(8, 8, 3, padding=1)), torch.zeros(16, 8, 2, 2, 2), 4)
+def test_a_2d_conv_runs_as_columns_where_its_members_have_few_output_positions_for_its_width():
+    """layers.columns_pay: an ungrouped, zero-padded 2-D conv on the CPU runs as columns where a member's output
+    positions times WIDE_COLUMNS are at most its columns' width (input channels x kernel positions); a narrower
+    one, a grouped one, another padding mode or a 3-D conv stays a grouped conv, and without an input only the
+    kernel decides."""
+    positions = 4 * 3 * 3  # 4 samples a member on 3x3 maps
+    width = positions * layers.WIDE_COLUMNS
+    wide = LayerSpec.from_module(nn.Conv2d(-(-width // 9), 8, 3, padding=1))
+    cin = wide.weight_shape[1]
+    assert not runs_as_columns(wide)
+    assert runs_as_columns(wide, torch.zeros(16, cin, 3, 3), 4)
+    assert not runs_as_columns(wide, torch.zeros(16, cin, 4, 4), 4)  # more positions
+    assert not runs_as_columns(wide, torch.zeros(16, cin, 3, 3), 2)  # one member of 2: 8 samples
+    strided = LayerSpec.from_module(nn.Conv2d(cin, 8, 3, stride=2, padding=1))  # counted at the output
+    assert runs_as_columns(strided, torch.zeros(16, cin, 6, 6), 4)
+    narrower = LayerSpec.from_module(nn.Conv2d(width // 9 - 1, 8, 3, padding=1))
+    assert not runs_as_columns(narrower, torch.zeros(16, narrower.weight_shape[1], 3, 3), 4)
+    for other in (nn.Conv2d(cin, 8, 3, padding=1, groups=2), nn.Conv2d(cin, 8, 3, padding=1, padding_mode="reflect")):
+        assert not runs_as_columns(LayerSpec.from_module(other), torch.zeros(16, cin, 3, 3), 4)
+    assert not runs_as_columns(LayerSpec.from_module(nn.Conv3d(cin, 8, 3, padding=1)), torch.zeros(16, cin, 2, 2, 2), 4)
