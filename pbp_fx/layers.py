@@ -261,8 +261,10 @@ def runs_as_columns(layer: LayerSpec, x: Optional[Tensor] = None, members: int =
 def columns_pay(layer: LayerSpec, x: Tensor, members: int) -> bool:
     """Whether an ungrouped 2-D conv on x, dealt to `members`, runs faster as columns and one bmm than as the
     grouped conv: few output positions a member for its columns' width (WIDE_COLUMNS)."""
-    positions = x.shape[0] // members * math.prod(_conv_out_size(layer, tuple(x.shape[2:])))
-    return positions * WIDE_COLUMNS <= math.prod(layer.weight_shape[1:])
+    width, samples = math.prod(layer.weight_shape[1:]), x.shape[0] // members
+    if samples * WIDE_COLUMNS > width:  # (at least one position a sample: the output size need not be worked out)
+        return False
+    return samples * math.prod(_conv_out_size(layer, tuple(x.shape[2:]))) * WIDE_COLUMNS <= width
 
 
 def _conv_out_size(layer: LayerSpec, size: tuple) -> tuple:
@@ -478,8 +480,6 @@ class LayerCopies(nn.Module):
 
     def layer_output(self, x: Tensor, split: bool = False) -> Tensor:
         """The copies' layer on x (split: each copy on its own 1/M of the batch), in the stacked layout."""
-        if split and runs_as_columns(self.layer, x, self.copies):
-            return columns_to_stacked(*split_columns(self.layer, x, self.weight, self.bias))
         return (split_apply if split else stacked_apply)(self.layer, x, self.weight, self.bias)
 
     def native_norm(self, z: Tensor, extra: Optional[Tensor]) -> Optional[tuple]:
