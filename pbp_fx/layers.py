@@ -250,12 +250,10 @@ def runs_as_columns(layer: LayerSpec, x: Optional[Tensor] = None, members: int =
     `members`) makes the columns pay (`columns_pay`)."""
     if layer.kind == "linear" or layer.groups != 1 or layer.padding_mode != "zeros":
         return False
-    if layer.kind == "conv2d" and x is not None and x.device.type == "cpu" and x.dim() == 4:
-        if columns_pay(layer, x, members):
-            return True
-    if any(d != 1 for d in layer.dilation):
-        return False
-    return layer.kind == "conv1d" or all(k == 1 for k in layer.weight_shape[2:])
+    if all(d == 1 for d in layer.dilation) and (layer.kind == "conv1d" or all(k == 1 for k in layer.weight_shape[2:])):
+        return True
+    return (layer.kind == "conv2d" and x is not None and x.device.type == "cpu" and x.dim() == 4
+            and columns_pay(layer, x, members))
 
 
 def columns_pay(layer: LayerSpec, x: Tensor, members: int) -> bool:
@@ -297,6 +295,8 @@ def _columns(layer: LayerSpec, x: Tensor, m: int) -> tuple[Tensor, tuple]:
     if layer.kind == "conv2d" and (any(k != 1 for k in kernel) or any(d != 1 for d in layer.dilation)):
         # (F.unfold pads both sides alike: an even kernel's "same" padding goes first)
         even = pad[0::2] == pad[1::2]
+        if x.shape[0] % m:  # (the samples no member sees: no columns)
+            x = x.narrow(0, 0, x.shape[0] // m * m)
         cols = F.unfold(x if even else F.pad(x, pad), kernel, layer.dilation, tuple(pad[2::-2]) if even else 0,
                         layer.stride)  # [B, Cin * kh * kw, positions]
         spatial = _conv_out_size(layer, tuple(x.shape[2:]))

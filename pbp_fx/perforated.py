@@ -1275,12 +1275,10 @@ def _attribute_path(obj, path: list):
     parameters are read from its dicts (through Module.__getattr__ a step took ~1 us, and a dendrite phase puts
     back every held buffer after each forward); anything else (a property, a plain attribute) by getattr."""
     for name in path:
-        if isinstance(obj, nn.Module):
-            found = obj._modules.get(name)
-            if found is None:
-                found = obj._buffers.get(name)
-            if found is None:
-                found = obj._parameters.get(name)
+        if isinstance(obj, nn.Module):  # (`in` and [], not .get: a TorchScript module's dicts have no .get)
+            modules, buffers, params = obj._modules, obj._buffers, obj._parameters
+            found = (modules[name] if name in modules else buffers[name] if name in buffers
+                     else params[name] if name in params else None)
             obj = found if found is not None else getattr(obj, name, None)
         else:
             obj = getattr(obj, name, None)

@@ -2138,3 +2138,16 @@ def test_no_sites_under_auto_does_not_advise_auto():
     assert "overrides forward" in str(auto.value) and "or 'auto'" not in str(auto.value), str(auto.value)
     with pytest.raises(pbp_fx.NoSitesError, match=r"frontend='export', or 'auto', captures the ops"):
         pbp_fx.perforate(_prepared_for_qat(), (x,), frontend="fx")
+
+
+def test_put_back_reaches_a_buffer_through_any_module_on_its_name_path():
+    """put_back writes the held value into the tensor at each name path: through plain and TorchScript modules
+    (whose dicts are not dicts), and leaves a missing or reshaped one alone."""
+    from pbp_fx.perforated import put_back
+
+    root = nn.Sequential(nn.Linear(4, 4), torch.jit.script(nn.BatchNorm1d(4)), nn.BatchNorm1d(4))
+    put_back(root, [(["1", "running_mean"], torch.full((4,), 7.0)), (["2", "running_var"], torch.full((4,), 3.0)),
+                    (["3", "running_mean"], torch.zeros(4)), (["2", "running_mean"], torch.zeros(5))])
+    assert torch.equal(root[1].running_mean, torch.full((4,), 7.0))
+    assert torch.equal(root[2].running_var, torch.full((4,), 3.0))
+    assert torch.equal(root[2].running_mean, torch.zeros(4))  # (its initial value: the reshaped one not written)
