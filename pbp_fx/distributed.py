@@ -637,6 +637,11 @@ def _import_torch_held(*modules: str) -> str:
     return f"    from pbp_fx.signals import import_torch_with_stops_held\n    import_torch_with_stops_held({names})\n"
 
 
+# The agent's and the ranks' first lines (in a try block): the `site` import their `python -S` left out, with its
+# venv's packages.
+_SITE = "    import site\n    site.main()\n"
+
+
 def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict) -> int:
     import subprocess
     import sys
@@ -644,22 +649,23 @@ def _launch(nproc: int, args: Sequence[str], module: str, quiet: bool, env: dict
     env = local_env(env)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # Each rank runs `python -u -m MODULE ARGS...` (as torchrun's -m does: unbuffered, the cwd first on
-    # sys.path), with a Ctrl-C while it imports torch ending it with its exit status, not a traceback
-    # (the launcher then says the line).
-    rank = (f"import os, runpy, sys\nsys.path[0] = os.getcwd()\ntry:\n{_import_torch_held()}"
+    # sys.path), with a Ctrl-C while it starts or imports torch ending it with its exit status, not a traceback
+    # (the launcher then says the line). Started with -S, its `site` imported inside the try: a Ctrl-C while the
+    # interpreter imported it at startup printed "Fatal Python error: init_import_site" and its traceback.
+    rank = (f"import sys\ntry:\n{_SITE}    import os, runpy\n    sys.path[0] = os.getcwd()\n{_import_torch_held()}"
             f"    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
             "except KeyboardInterrupt:\n    sys.exit(130)")
     torchrun = ["--nnodes", "1", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1", "--no-python",
-                os.environ.get("PYTHON_EXEC", sys.executable), "-u", "-c", rank, *args]
+                os.environ.get("PYTHON_EXEC", sys.executable), "-S", "-u", "-c", rank, *args]
     if not quiet:
         cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun]
     else:
         # (torchrun's own modules too: a Ctrl-C inside their import printed its traceback)
-        code = (f"import sys\ntry:\n{_import_torch_held(*_AGENT_MODULES)}    from pbp_fx.distributed import "
+        code = (f"import sys\ntry:\n{_SITE}{_import_torch_held(*_AGENT_MODULES)}    from pbp_fx.distributed import "
                 "_torchrun_quietly\n"
                 "except KeyboardInterrupt:\n    sys.exit(130)\nsys.exit(_torchrun_quietly(sys.argv[1:]))")
-        cmd = [sys.executable, "-c", code, *torchrun]
+        cmd = [sys.executable, "-S", "-c", code, *torchrun]
     # In a session of its own, so that a Ctrl-C in the terminal (to the whole process group) reaches
     # this process alone and each rank gets one signal, passed on by the agent: the group's SIGINT and
     # the agent's own forward came twice, and a second stop while a rank handled the first printed its
