@@ -58,7 +58,7 @@ from torch import Tensor, fx, nn
 
 from pbp_fx.errors import PBError, warn_at_user
 from pbp_fx.fileio import atomic_write
-from pbp_fx.layers import dendrite_calls
+from pbp_fx.layers import conv_output_length, dendrite_calls
 from pbp_fx.site import FusedSite, Site
 from pbp_fx.tracing import batch_size, buffers_kept, copy_module, ignore_spec_copy_warnings
 
@@ -192,8 +192,7 @@ def _fused_node(x: Tensor, tensors: list, op: str, attributes: dict, channels: i
         nd = len(kernel)
         shape = [x.shape[0], channels]
         for i in range(nd):
-            size = x.shape[2 + i] + pads[i] + pads[nd + i] - dilations[i] * (kernel[i] - 1) - 1
-            shape.append(size // strides[i] + 1)
+            shape.append(conv_output_length(x.shape[2 + i], pads[i], pads[nd + i], kernel[i], dilations[i], strides[i]))
     return torch.onnx.ops.symbolic(op, [x, *tensors], attributes, dtype=x.dtype, shape=shape,
                                    version=DOMAIN_VERSION, metadata_props=props)
 

@@ -25,7 +25,7 @@ from .config import ConfigError
 __all__ = ["WEIGHT_HOOKS", "has_user_hooks", "own_tensor", "LayerSpec", "NormSpec", "LayerCopies", "per_position",
            "stacked_apply", "split_apply", "split_members", "runs_as_columns", "split_columns", "columns_to_stacked",
            "every_nth_position", "cascade_chain", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls",
-           "apply_dendrites", "StandIn"]
+           "apply_dendrites", "StandIn", "conv_output_length", "columns_pay"]
 
 # Forward pre-hooks that recompute a layer's weight attribute from its parameters before each
 # forward (torch.nn.utils.weight_norm, spectral_norm, prune): the fused weight is read from them.
@@ -265,15 +265,18 @@ def columns_pay(layer: LayerSpec, x: Tensor, members: int) -> bool:
     return samples * math.prod(_conv_out_size(layer, tuple(x.shape[2:]))) * WIDE_COLUMNS <= width
 
 
+def conv_output_length(n, before, after, kernel: int, dilation: int, stride: int):
+    """A conv's output length along one spatial dim of input length n (an int or a symbolic one) padded by
+    `before` and `after`."""
+    return (n + before + after - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def _conv_out_size(layer: LayerSpec, size: tuple) -> tuple:
     """A conv's output spatial size for input spatial `size` (zero padding)."""
     pad = layer._reversed_padding()
-    out = []
-    for i, n in enumerate(size):
-        k, d, s = layer.weight_shape[2 + i], layer.dilation[i], layer.stride[i]
-        before, after = pad[2 * (len(size) - 1 - i)], pad[2 * (len(size) - 1 - i) + 1]
-        out.append((n + before + after - d * (k - 1) - 1) // s + 1)
-    return tuple(out)
+    nd = len(size)
+    return tuple(conv_output_length(n, pad[2 * (nd - 1 - i)], pad[2 * (nd - 1 - i) + 1], layer.weight_shape[2 + i],
+                                    layer.dilation[i], layer.stride[i]) for i, n in enumerate(size))
 
 
 def split_columns(layer: LayerSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, tuple]:
@@ -303,7 +306,7 @@ def _columns(layer: LayerSpec, x: Tensor, m: int) -> tuple[Tensor, tuple]:
         cols = _members_first(cols, m).transpose(1, 2)  # [M, Cin * kh * kw, b, positions]
         return cols.reshape(m, cols.shape[1], -1), spatial
     if layer.kind == "conv1d":
-        spatial = ((x.shape[-1] + pad[0] + pad[1] - kernel[0]) // layer.stride[0] + 1,)
+        spatial = _conv_out_size(layer, (x.shape[-1],))
         cols = native.columns_1d(x, m, kernel[0], layer.stride[0], pad[0], spatial[0])
         if cols is not None:
             return cols, spatial
