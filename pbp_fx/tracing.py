@@ -43,6 +43,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
+import functools
 import inspect
 import io
 import itertools
@@ -1497,6 +1498,7 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     if frontend not in FRONTENDS:
         raise ConfigError(f"frontend={frontend!r}: use one of {', '.join(FRONTENDS)}")
     refuse_script_modules(model)
+    model = _free_of_graph_module_names(model)
     # (capture runs the model several times: one that writes its input in place would change the caller's)
     args, kwargs = tensors_copied((_as_args(example_inputs), dict(example_kwargs or {})))
     if args is None and kwargs:
@@ -1507,6 +1509,49 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     if own_backwards:
         _warn_custom_backwards(model, gm, own_backwards, args, kwargs)
     return gm
+
+
+@functools.lru_cache(maxsize=1)
+def graph_module_names() -> frozenset:
+    """Attribute names a GraphModule has and a plain nn.Module has not (`meta`, `graph`, `code`, ...): a
+    captured graph cannot hold a child, parameter or buffer of the model's root under one of them."""
+    return frozenset(set(dir(fx.GraphModule(nn.Module(), fx.Graph()))) - set(dir(nn.Module())))
+
+
+def _free_of_graph_module_names(model: nn.Module) -> nn.Module:
+    """`model`, or where its root holds a child, parameter or buffer named like a GraphModule attribute
+    (a GNN's `self.graph`, a codebook `self.code`), a shallow copy that holds it under a free name
+    (`graph_`) and still reads and writes it by its own in the forward. Its state is the model's own;
+    the perforated model's site and parameter names carry the new name (said once)."""
+    taken = set(dir(model)) | set(model._modules) | set(model._parameters) | set(model._buffers)
+    renames = {}
+    for table in (model._modules, model._parameters, model._buffers):
+        for name in table:
+            if name in graph_module_names():
+                new = name + "_"
+                while new in taken or new in graph_module_names():
+                    new += "_"
+                taken.add(new)
+                renames[name] = new
+    if not renames:
+        return model
+    copied = copy.copy(model)
+    for key in ("_modules", "_parameters", "_buffers"):
+        table = {renames.get(k, k): v for k, v in getattr(model, key).items()}
+        object.__setattr__(copied, key, table)
+    copied._non_persistent_buffers_set = {renames.get(k, k) for k in model._non_persistent_buffers_set}
+
+    def alias(new: str) -> property:
+        return property(lambda self: getattr(self, new), lambda self, value: setattr(self, new, value))
+
+    cls = type(model)
+    object.__setattr__(copied, "__class__", type(cls.__name__, (cls,), {
+        "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        **{name: alias(new) for name, new in renames.items()}}))
+    warn_at_user(f"{cls.__name__} holds {', '.join(repr(n) for n in renames)}, named like torch.fx GraphModule "
+                 f"attribute(s): the perforated model holds them as {', '.join(repr(n) for n in renames.values())} "
+                 "(its site and parameter names, and include/exclude, use these)")
+    return copied
 
 
 def _capture(model: nn.Module, args: Optional[tuple], kwargs: dict, frontend: str, leaves: Iterable[str],

@@ -1823,3 +1823,66 @@ def test_export_of_a_model_with_root_hooks_called_by_keyword_names_the_hooks_not
     for kwargs in ({}, {"scale": 3.0}):
         gm = trace(reader, (x,), kwargs, frontend="export")
         torch.testing.assert_close(gm(x, **kwargs), reader(x, **kwargs))
+
+
+class GraphNamedParts(nn.Module):
+    """A root whose child, parameter and buffer are named like GraphModule attributes (a GNN's `graph`,
+    a codebook `code`): building the GraphModule failed ("cannot assign 'dict' as child module 'meta'")
+    with fx, and torch.export's unlift with "references nonexistent attribute weight of meta"."""
+
+    def __init__(self):
+        super().__init__()
+        self.meta = nn.Linear(4, 4)
+        self.graph = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.code = nn.Parameter(torch.randn(4))
+        self.register_buffer("recompile", torch.ones(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.graph(self.meta(x)) * self.code + self.recompile)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
+def test_a_root_with_names_of_graph_module_attributes_is_captured_under_free_names(frontend, tmp_path):
+    model = GraphNamedParts()
+    x = torch.randn(5, 4)
+    with pytest.warns(pbp_fx.PBWarning, match=r"holds 'meta', 'graph', 'code', 'recompile', named like torch.fx "
+                                               r"GraphModule attribute\(s\).*'meta_', 'graph_', 'code_', 'recompile_'"):
+        pm = pbp_fx.perforate(model, (x,), frontend=frontend)
+    assert list(pm.sites) == ["meta_", "graph_.0", "head"]
+    assert "graph_module.code_" in pm.state_dict()
+    torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
+    # the model itself is as it was: its class, its names, its state
+    assert type(model) is GraphNamedParts and isinstance(model.meta, nn.Linear)
+    assert list(model.state_dict()) == ["code", "recompile", "meta.weight", "meta.bias", "graph.0.weight",
+                                        "graph.0.bias", "head.weight", "head.bias"]
+    for site in pm.sites.values():
+        site.grow()
+        site.out_weight.data.fill_(0.3)
+    torch.testing.assert_close(pm.finalize()(x), pm(x))
+    pbp_fx.save(pm, tmp_path / "run.safetensors")
+    with pytest.warns(pbp_fx.PBWarning, match="named like torch.fx GraphModule"):
+        loaded = pbp_fx.load(tmp_path / "run.safetensors", GraphNamedParts())
+    torch.testing.assert_close(loaded(x), pm(x), rtol=0, atol=0)
+
+
+def test_a_forward_assigning_a_renamed_buffer_writes_the_renamed_one():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.register_buffer("meta", torch.zeros(3))
+
+        def forward(self, x):
+            self.meta = self.meta + 1  # the property's setter: the buffer under its free name
+            return self.fc(x) + self.meta
+
+    model = Counter()
+    x = torch.randn(2, 3)
+    with pytest.warns(pbp_fx.PBWarning, match="'meta_'"):
+        pm = pbp_fx.perforate(model, (x,), frontend="export")
+    torch.testing.assert_close(model.meta, torch.zeros(3))  # capture left the model's buffer as it was
+    expected = model.fc(x) + 1
+    torch.testing.assert_close(pm(x), expected)
+    torch.testing.assert_close(pm(x), expected + 1)  # the perforated model's own buffer counts on
+    torch.testing.assert_close(pm.get_buffer("graph_module.meta_"), torch.full((3,), 2.0))
