@@ -1523,18 +1523,18 @@ def _free_of_graph_module_names(model: nn.Module) -> nn.Module:
     (a GNN's `self.graph`, a codebook `self.code`), a shallow copy that holds it under a free name
     (`graph_`) and still reads and writes it by its own in the forward. Its state is the model's own;
     the perforated model's site and parameter names carry the new name (said once)."""
+    clashes = [n for table in (model._modules, model._parameters, model._buffers) for n in table
+               if n in graph_module_names()]
+    if not clashes:
+        return model
     taken = set(dir(model)) | set(model._modules) | set(model._parameters) | set(model._buffers)
     renames = {}
-    for table in (model._modules, model._parameters, model._buffers):
-        for name in table:
-            if name in graph_module_names():
-                new = name + "_"
-                while new in taken or new in graph_module_names():
-                    new += "_"
-                taken.add(new)
-                renames[name] = new
-    if not renames:
-        return model
+    for name in clashes:
+        new = name + "_"
+        while new in taken or new in graph_module_names():
+            new += "_"
+        taken.add(new)
+        renames[name] = new
     copied = copy.copy(model)
     for key in ("_modules", "_parameters", "_buffers"):
         table = {renames.get(k, k): v for k, v in getattr(model, key).items()}
