@@ -58,10 +58,26 @@ def _has_tensor(template: tuple) -> bool:
 
 
 def _describe(template: tuple) -> str:
+    """The traced or passed structure with `Tensor` for its tensors: {'x': Tensor, 'y': [Tensor, 2]}."""
     spec, leaves = template
-    if spec.num_leaves == 1 and spec.is_leaf():
-        return repr(leaves[0])
-    return "None" if not leaves and spec.type is type(None) else f"{spec.type.__name__} of {list(leaves)}"
+    text = repr(pytree.tree_unflatten(list(leaves), spec))
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _in_traced_order(spec, value):
+    """`value` with each plain dict's keys in the order the trace saw them, where the keys are the
+    same (a dict's order does not change what the original reads; the traced graph's inputs follow
+    it). Anything else is returned as it is, for the check to judge."""
+    if spec.type is dict and type(value) is dict and set(value) == set(spec.context):
+        return {k: _in_traced_order(_child(spec, i), value[k]) for i, k in enumerate(spec.context)}
+    if spec.type in (list, tuple) and type(value) is spec.type and len(value) == spec.num_children:
+        return spec.type(_in_traced_order(_child(spec, i), v) for i, v in enumerate(value))
+    return value
+
+
+def _child(spec, i: int):
+    # (TreeSpec.child is newer than torch 2.4, whose children_specs later torches warn of)
+    return spec.child(i) if hasattr(spec, "child") else spec.children_specs[i]
 
 
 def _same_constant(a, b) -> bool:
@@ -162,8 +178,7 @@ class CallSignature:
                     if key not in traced:
                         extra[key] = v
                         continue
-                    self._check(key, traced[key], v)
-                    g_kwargs[key] = v
+                    g_kwargs[key] = self._check(key, traced[key], v)
                 missing = sorted(set(traced) - set(value))
                 if missing:
                     raise CallError(f"{self.model_name} was traced with keyword input(s) {missing}, "
@@ -175,11 +190,9 @@ class CallSignature:
                     raise CallError(f"{self.model_name} was traced with {len(traced)} extra positional "
                                     f"input(s) in *{name}, this call passes {len(value)}: "
                                     "perforate with an example of this call")
-                for i, (t, v) in enumerate(zip(traced, value)):
-                    self._check(f"{name}[{i}]", t, v)
-                g_args.extend(value)
+                g_args.extend(self._check(f"{name}[{i}]", t, v) for i, (t, v) in enumerate(zip(traced, value)))
                 continue
-            self._check(name, traced, value)
+            value = self._check(name, traced, value)
             if self.style == "positional" or param.kind is _P.POSITIONAL_ONLY or name in before_rest:
                 g_args.append(value)
             elif self._passed(name, value):
@@ -193,9 +206,12 @@ class CallSignature:
             raise CallError(f"keyword input(s) {sorted(extra)} were not traced")
         return g_args, g_kwargs
 
-    def _check(self, name: str, traced: tuple, value) -> None:
+    def _check(self, name: str, traced: tuple, value):
+        """`value` as the graph takes it (dicts in the traced key order); CallError where the graph was
+        traced with another pattern."""
+        value = _in_traced_order(traced[0], value)
         if _matches(traced, value):
-            return
+            return value
         now = _describe(_template(value))
         what = f"was traced with {name}={_describe(traced)}, this call passes {now}"
         fix = (f"an example call that leaves {name} out, as this one does" if value is None else

@@ -276,3 +276,32 @@ def test_plain_tensor_calls_take_the_fast_path():
     assert sig.plain_arity == 1 and sig.is_plain((torch.ones(3, 4),), {})
     assert not sig.is_plain((torch.ones(3, 4), None), {}) and not sig.is_plain((torch.ones(3, 4),), {"scale": 1.0})
     assert CallSignature.of(Optional3(), (torch.zeros(2, 4), None, torch.zeros(2, 4)), {}).plain_arity == -1
+
+
+class DictInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+        self.b = nn.Linear(3, 2)
+
+    def forward(self, d, extra):
+        return self.a(d["x"]) + self.b(d["y"]) + self.a(extra[0]["w"])
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_dict_inputs_keys_may_come_in_any_order_as_the_original_takes_them(frontend, tmp_path):
+    """A dict with the traced keys in another order was refused ('traced with d=dict of [Tensor, Tensor],
+    this call passes dict of [Tensor, Tensor]'), and so, after save and load, was the trained example itself:
+    the checkpoint records the input with its keys sorted (a reviewer)."""
+    model = DictInput()
+    x, y, w = torch.randn(3, 4), torch.randn(3, 3), torch.randn(3, 4)
+    expected = model({"x": x, "y": y}, [{"w": w}])
+    pm = pbp_fx.perforate(model, ({"y": y, "x": x}, [{"w": w}]), frontend=frontend)
+    for d in ({"y": y, "x": x}, {"x": x, "y": y}):
+        torch.testing.assert_close(pm(d, [{"w": w}]), expected, rtol=0, atol=0)
+    pbp_fx.save(pm, tmp_path / "run.safetensors")
+    loaded = pbp_fx.load(tmp_path / "run.safetensors", DictInput)
+    torch.testing.assert_close(loaded({"y": y, "x": x}, [{"w": w}]), expected, rtol=0, atol=0)
+    with pytest.raises(CallError, match=r"traced with d=\{'y': Tensor, 'x': Tensor\}, this call passes "
+                                        r"\{'x': Tensor, 'z': Tensor\}"):
+        pm({"x": x, "z": y}, [{"w": w}])
