@@ -398,21 +398,41 @@ def _flat_pytree_call(info, count: int) -> bool:
 
 def flat_call(module: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
     """(module, inputs) as an ONNX file takes them: each input that is a list, tuple or dict
-    becomes its leaves, each an input of its own (through `FlatInputs`); else both unchanged.
+    (or a type registered with pytree, a registered dataclass) becomes its leaves, each an input of its own
+    (through `FlatInputs`); else both unchanged.
     torch.onnx.export took a trailing dict for keyword arguments, and a list as one input. Inputs
     that go to the graph's `**name` (`GraphInputs.keywords`) are passed by keyword (`KeywordInputs`)."""
     keywords = getattr(inputs, "keywords", ())
     if keywords:
         module, inputs = KeywordInputs(module, keywords, len(inputs)), tuple(inputs)
-    if not any(isinstance(x, (list, tuple, dict)) for x in inputs):
-        return module, inputs
+    _refuse_objects_holding_tensors(module, inputs)
     pytree = torch.utils._pytree
+    # (a dataclass registered with torch.export.register_dataclass is a container too)
+    if all(pytree.tree_flatten(x)[1].is_leaf() for x in inputs):
+        return module, inputs
     paths, spec = pytree.tree_flatten_with_path(tuple(inputs))
     tops = _input_names(module, len(inputs))
     names = [tops[path[0].idx] + "".join(f"_{_key_name(k)}" for k in path[1:]) for path, _ in paths]
     if len(set(names)) < len(names):  # (a parameter named like another's key: a_b and a["b"])
         names = [f"{name}_{i}" for i, name in enumerate(names)]
     return FlatInputs(module, spec, names), tuple(leaf for _, leaf in paths)
+
+
+def _refuse_objects_holding_tensors(module: nn.Module, inputs: tuple) -> None:
+    """An input that is, or holds, an object whose tensors pytree cannot reach (a dataclass not
+    registered with torch.export.register_dataclass) is refused by name: torch.onnx failed on it with
+    "Unsupported input type", or the batch check with "needs at least one tensor input"."""
+    tops = _input_names(module, len(inputs))
+    for top, x in zip(tops, inputs):
+        for _, leaf in torch.utils._pytree.tree_flatten_with_path(x)[0]:
+            if isinstance(leaf, Tensor) or leaf is None or isinstance(leaf, (bool, int, float, str)):
+                continue
+            fields = vars(leaf).values() if hasattr(leaf, "__dict__") else ()
+            if dataclasses.is_dataclass(leaf) or any(isinstance(v, Tensor) for v in fields):
+                kind = type(leaf).__name__
+                raise ExportError(f"input {top!r} holds an object of type {kind}, whose tensors an ONNX file cannot take as they are: "
+                                  f"export a wrapper module that takes the tensors (as a tuple or dict) and builds the "
+                                  f"{kind} for the model, or register {kind} with torch.export.register_dataclass")
 
 
 def _drop_unused_initializers(proto: onnx.ModelProto) -> None:

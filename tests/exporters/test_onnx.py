@@ -2144,3 +2144,41 @@ def test_a_file_captured_for_batches_up_to_3_refuses_larger_ones(tmp_path):
         warnings.simplefilter("error", PBWarning)
         seq = pbp_fx.perforate(SequenceFirst(), (torch.randn(16, 3, 4),), frontend="export")
     assert seq.graph_module.meta["pbp_dynamic"] == "auto" and "pbp_min_batch" not in seq.graph_module.meta
+
+
+@pytest.mark.parametrize("registered", [False, True])
+def test_a_dataclass_input_is_refused_by_name_or_exported_as_its_fields_when_registered(tmp_path, registered):
+    """A dataclass input failed with "dynamic_batch=True needs at least one tensor input with a batch axis"
+    (and, without the batch axis, torch.onnx's "Unsupported input type"); a registered one failed the same
+    way, as only lists, tuples and dicts were opened (a reviewer)."""
+    @dataclasses.dataclass
+    class Pair:
+        u: torch.Tensor
+        v: torch.Tensor
+
+    if registered:
+        torch.export.register_dataclass(Pair)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, p):
+            return self.fc(p.u) - self.fc(p.v)
+
+    pair = Pair(torch.randn(3, 4), torch.randn(3, 4))
+    pm = pbp_fx.perforate(Model(), (pair,))
+    path = tmp_path / "m.onnx"
+    if not registered:
+        with pytest.raises(ExportError, match=r"^input 'p' holds an object of type Pair, whose tensors an ONNX file "
+                                              r"cannot take as they are: export a wrapper module"):
+            export_onnx(pm, (pair,), path)
+        assert not path.exists()
+        return
+    export_onnx(pm, (pair,), path)
+    session = ort_session(path)
+    assert [i.name for i in session.get_inputs()] == ["p_u", "p_v"]
+    wider = Pair(torch.randn(5, 4), torch.randn(5, 4))
+    out = session.run(None, {"p_u": wider.u.numpy(), "p_v": wider.v.numpy()})[0]
+    np.testing.assert_allclose(out, pm(wider).detach().numpy(), atol=1e-5)
