@@ -1180,7 +1180,9 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
                           "tensors from forward (alone, or in a tuple or dict), e.g. torch.tensor(value) for a number"
                           + (f", or register the dataclass once: torch.export.register_dataclass({odd.split()[0]})"
                              if "(a dataclass)" in odd else "")
-                          + (" (a Hugging Face model's key/value cache: build it with use_cache=False)"
+                          + (" (a Hugging Face model's key/value cache: set use_cache=False in the configs of the model and of "
+                             "the submodules that keep their own, a decoder's: for m in model.modules(): if "
+                             "hasattr(m, 'config'): m.config.use_cache = False)"
                              if odd.startswith("a ") and "Cache " in odd else ""))
     input_names = _tensor_input_names(module, inputs)
     names = _output_names(example_out, input_names)

@@ -452,9 +452,9 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
                                   "format 2")
         frontend, dynamic = "auto", True
     else:
+        # (a parts capture is rebuilt as one, also on a model whose root would now trace whole: a Hugging Face
+        # model built with use_cache=False, whose parameter names would then differ)
         frontend, dynamic = capture["captured_with"], capture["dynamic"]
-        if frontend == "parts":  # no frontend of its own: "auto" falls back to it when the root does not trace
-            frontend = "auto"
         recorded = example_inputs is None and not example_kwargs
         if recorded:
             example_inputs, example_kwargs = inputs_from_signature(capture["inputs"])
@@ -501,7 +501,10 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
         if pm.capture.get("leaves") != capture.get("leaves"):
             raise CheckpointError(f"checkpoint {path} was captured with leaves {capture.get('leaves')} but this model "
                                   f"gives {pm.capture.get('leaves')}: load it onto the model it was trained on")
-        pm.capture = json.loads(json.dumps(capture))  # re-saving writes the same record
+        record = json.loads(json.dumps(capture))  # re-saving writes the same record
+        if not recorded:  # (the caller's own inputs, another pattern maybe: a re-save records these)
+            record["inputs"] = pm.capture["inputs"]
+        pm.capture = record
     return pm
 
 

@@ -18,9 +18,10 @@ from typing import Any, Optional
 from .errors import PBError
 
 # The graph capture frontends (pbp_fx.tracing.trace) and what each does, for every flag and setting that picks one.
-FRONTENDS = ("auto", "fx", "export")
-FRONTEND_HELP = ("auto (symbolic tracing, else torch.export, also where fx's graph misses Linear/Conv weights), fx "
-                 "or export")
+FRONTENDS = ("auto", "fx", "export", "parts")
+FRONTEND_HELP = ("auto (symbolic tracing, else torch.export, also where fx's graph misses Linear/Conv weights; where "
+                 "neither captures the root's forward, parts), fx, export, or parts (the root's forward runs as "
+                 "Python, its submodules that trace are captured in place)")
 
 __all__ = ["PBConfig", "TrainConfig", "ConfigError", "setting", "cli_fields"]
 

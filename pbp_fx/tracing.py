@@ -1487,7 +1487,8 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     example_inputs: a tensor or tuple of positional inputs; example_kwargs: keyword inputs
     (`input_ids=..., attention_mask=...`). With them, shapes are propagated into
     `node.meta["tensor_meta"]` (modes and buffers are left as they were).
-    frontend: "auto" (fx, then torch.export), "fx" or "export" (needs the example inputs).
+    frontend: "auto" (fx, then torch.export, then parts), "fx", "export" or "parts" (the last two need the
+    example inputs).
     leaves / max_leaves: fx leaf policy. dynamic: True, "batch" or False (`perforate`).
     parts (auto): when neither frontend captures the root's forward, capture the submodules that
     do trace (meta["pbp_frontend"] == "parts", see `_trace_parts`).
@@ -1557,8 +1558,12 @@ def _free_of_graph_module_names(model: nn.Module) -> nn.Module:
 def _capture(model: nn.Module, args: Optional[tuple], kwargs: dict, frontend: str, leaves: Iterable[str],
              max_leaves: int, dynamic, parts: bool) -> fx.GraphModule:
     """trace() after its checks: fx, else torch.export, else the parts that trace."""
-    if frontend == "export" and args is None:
-        raise TraceError("frontend='export' needs example inputs: pass example_inputs and/or example_kwargs")
+    if frontend in ("export", "parts") and args is None:
+        raise TraceError(f"frontend={frontend!r} needs example inputs: pass example_inputs and/or example_kwargs")
+    if frontend == "parts":
+        return _trace_parts(model, args, kwargs, TraceError(
+            f"no submodule of {type(model).__name__} with Linear/Conv layers traces on its call from the example"),
+                            dynamic, why=None)
     fx_error: Optional[TraceError] = None
     shape_error: Optional[TraceError] = None
     fx_call, export_call = _call_signatures(model, args, kwargs)
@@ -2196,10 +2201,10 @@ def _with_parts(model: nn.Module, parts: dict) -> nn.Module:
 
 
 def _trace_parts(model: nn.Module, args: tuple, kwargs: dict, root_error: TraceError,
-                 dynamic: bool, why: str) -> fx.GraphModule:
+                 dynamic: bool, why: Optional[str]) -> fx.GraphModule:
     """The root's forward as it is, its traceable submodules (those with Linear/Conv-like
     weights, outermost first) captured in place. Raises `root_error` when no part has a site;
-    `why`: the frontends' reasons, for the warning."""
+    `why`: the frontends' reasons, for the warning (None: frontend='parts' was asked for)."""
     from pbp_fx.passes.find_sites import find_sites
     from pbp_fx.passes.patterns import neuron_weights
 
@@ -2239,7 +2244,11 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict, root_error: TraceE
     modes = {p.graph_module.meta.get("pbp_modes") for p in parts.values()}
     gm.meta.update(pbp_frontend="parts", pbp_fx_error=str(root_error), pbp_parts=list(parts), pbp_plain=plain,
                    pbp_leaves=[], pbp_untraceable=[], pbp_modes=modes.pop() if len(modes) == 1 else "mixed")
-    warnings.warn(f"{type(model).__name__}.forward traces with neither fx nor torch.export ({why}): its "
-                  f"submodules {', '.join(parts)} are perforated in place, the root's Python runs as it is"
-                  + (f"; left plain: {', '.join(plain)}" if plain else ""), PBWarning, stacklevel=3)
+    if why is not None:
+        warnings.warn(f"{type(model).__name__}.forward traces with neither fx nor torch.export ({why}): its "
+                      f"submodules {', '.join(parts)} are perforated in place, the root's Python runs as it is"
+                      + (f"; left plain: {', '.join(plain)}" if plain else ""), PBWarning, stacklevel=3)
+    elif plain:
+        warn_at_user(f"frontend='parts': {type(model).__name__}'s submodules {', '.join(parts)} are perforated in "
+                     f"place; left plain: {', '.join(plain)}")
     return gm

@@ -1886,3 +1886,22 @@ def test_a_forward_assigning_a_renamed_buffer_writes_the_renamed_one():
     torch.testing.assert_close(pm(x), expected)
     torch.testing.assert_close(pm(x), expected + 1)  # the perforated model's own buffer counts on
     torch.testing.assert_close(pm.get_buffer("graph_module.meta_"), torch.full((3,), 2.0))
+
+
+def test_frontend_parts_captures_the_submodules_in_place_on_any_root():
+    class Traceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Sequential(nn.Linear(4, 6), nn.ReLU()), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model, x = Traceable(), torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (asked for: no "traces with neither fx nor torch.export")
+        pm = pbp_fx.perforate(model, (x,), frontend="parts")
+    assert pm.capture["captured_with"] == "parts" and pm.graph_module.meta["pbp_parts"] == ["body", "head"]
+    torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
+    with pytest.raises(TraceError, match=r"frontend='parts' needs example inputs"):
+        trace(model, frontend="parts")
