@@ -452,8 +452,8 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
                                   "format 2")
         frontend, dynamic = "auto", True
     else:
-        # (a parts capture is rebuilt as one, also on a model whose root would now trace whole: a Hugging Face
-        # model built with use_cache=False, whose parameter names would then differ)
+        # (a parts capture is rebuilt as one, also on a model whose root would now trace whole, under other
+        # parameter names)
         frontend, dynamic = capture["captured_with"], capture["dynamic"]
         recorded = example_inputs is None and not example_kwargs
         if recorded:
