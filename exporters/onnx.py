@@ -58,6 +58,7 @@ from torch import Tensor, fx, nn
 
 from pbp_fx.errors import PBError, warn_at_user
 from pbp_fx.fileio import atomic_write
+from pbp_fx.inputs import opaque_holder
 from pbp_fx.layers import conv_output_length, dendrite_calls
 from pbp_fx.site import FusedSite, Site
 from pbp_fx.tracing import batch_size, buffers_kept, copy_module, ignore_spec_copy_warnings
@@ -422,17 +423,12 @@ def _refuse_objects_holding_tensors(module: nn.Module, inputs: tuple) -> None:
     """An input that is, or holds, an object whose tensors pytree cannot reach (a dataclass not
     registered with torch.export.register_dataclass) is refused by name: torch.onnx failed on it with
     "Unsupported input type", or the batch check with "needs at least one tensor input"."""
-    tops = _input_names(module, len(inputs))
-    for top, x in zip(tops, inputs):
-        for _, leaf in torch.utils._pytree.tree_flatten_with_path(x)[0]:
-            if isinstance(leaf, Tensor) or leaf is None or isinstance(leaf, (bool, int, float, str)):
-                continue
-            fields = vars(leaf).values() if hasattr(leaf, "__dict__") else ()
-            if dataclasses.is_dataclass(leaf) or any(isinstance(v, Tensor) for v in fields):
-                kind = type(leaf).__name__
-                raise ExportError(f"input {top!r} holds an object of type {kind}, whose tensors an ONNX file cannot take as they are: "
-                                  f"export a wrapper module that takes the tensors (as a tuple or dict) and builds the "
-                                  f"{kind} for the model, or register {kind} with torch.export.register_dataclass")
+    for top, x in zip(_input_names(module, len(inputs)), inputs):
+        kind = opaque_holder(x)
+        if kind is not None:
+            raise ExportError(f"input {top!r} holds an object of type {kind}, whose tensors an ONNX file cannot take as "
+                              f"they are: export a wrapper module that takes the tensors (as a tuple or dict) and builds "
+                              f"the {kind} for the model, or register {kind} with torch.export.register_dataclass")
 
 
 def _drop_unused_initializers(proto: onnx.ModelProto) -> None:

@@ -11,15 +11,32 @@ batch axis (the convention of the exporters' dynamic batch).
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import inspect
-from typing import Any
+import sys
+from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .errors import CheckpointError
 
-__all__ = ["describe_inputs", "inputs_from_signature", "same_pattern"]
+__all__ = ["describe_inputs", "inputs_from_signature", "same_pattern", "opaque_holder"]
+
+
+def opaque_holder(value: Any) -> Optional[str]:
+    """The type name of an object in `value` that holds tensors pytree cannot reach (in its attributes: a
+    dataclass not registered with torch.export.register_dataclass), else None: a capture takes such an
+    object as one constant, tensors and all, and an ONNX file cannot take it as an input."""
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor) or leaf is None or isinstance(leaf, (bool, int, float, str)):
+            continue
+        fields = vars(leaf).values() if hasattr(leaf, "__dict__") else ()
+        if any(isinstance(t, torch.Tensor) for v in fields for t in pytree.tree_leaves(v)):
+            return type(leaf).__name__
+    return None
 
 
 def _describe(value: Any) -> dict:
@@ -35,7 +52,35 @@ def _describe(value: Any) -> dict:
         return {"kind": "dict", "items": {k: _describe(v) for k, v in value.items()}}
     if type(value) in (list, tuple):
         return {"kind": type(value).__name__, "items": [_describe(v) for v in value]}
-    return {"kind": "unsupported", "type": type(value).__name__}
+    # A namedtuple or dataclass: its class by where it is defined (rebuilt where it can be imported), its
+    # fields in order.
+    cls = type(value)
+    if isinstance(value, tuple) and hasattr(cls, "_fields"):
+        fields = [(f, getattr(value, f)) for f in cls._fields]
+    elif dataclasses.is_dataclass(value):
+        fields = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value) if f.init]
+    else:
+        return {"kind": "unsupported", "type": cls.__name__}
+    return {"kind": "record", "type": cls.__name__, "module": cls.__module__, "qualname": cls.__qualname__,
+            "fields": [[name, _describe(v)] for name, v in fields]}
+
+
+def _record_class(entry: dict, where: str) -> type:
+    """The namedtuple or dataclass a recorded input was, found where it was defined."""
+    module = sys.modules.get(entry["module"])
+    if module is None:
+        try:
+            module = importlib.import_module(entry["module"])
+        except Exception:  # noqa: BLE001 - any failure to import: the class cannot be had
+            module = None
+    cls = module
+    for part in entry["qualname"].split("."):
+        cls = getattr(cls, part, None)
+    if not isinstance(cls, type):
+        raise CheckpointError(f"the recorded input {where} is a {entry['type']} ({entry['module']}."
+                              f"{entry['qualname']}), which cannot be imported here to rebuild it: pass example_inputs "
+                              "/ example_kwargs to load()")
+    return cls
 
 
 def describe_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -61,6 +106,10 @@ def _rebuild(entry: dict, where: str, generator: torch.Generator):
     if kind in ("list", "tuple"):
         parts = [_rebuild(e, f"{where}[{i}]", generator) for i, e in enumerate(entry["items"])]
         return parts if kind == "list" else tuple(parts)
+    if kind == "record":
+        cls = _record_class(entry, where)
+        values = {name: _rebuild(e, f"{where}.{name}", generator) for name, e in entry["fields"]}
+        return cls(**values)
     if kind != "tensor":
         raise CheckpointError(f"the recorded input {where} is a {entry.get('type', kind)}, which cannot be rebuilt: "
                               "pass example_inputs / example_kwargs to load()")
@@ -94,6 +143,8 @@ def same_pattern(a: dict, b: dict) -> bool:
             return "dict", tuple((k, pattern(e)) for k, e in entry["items"].items())
         if entry.get("kind") in ("list", "tuple"):
             return entry["kind"], tuple(pattern(e) for e in entry["items"])
+        if entry.get("kind") == "record":
+            return "record", entry["module"], entry["qualname"], tuple((n, pattern(e)) for n, e in entry["fields"])
         if entry.get("kind") != "tensor":
             return entry.get("kind"), entry.get("value", entry.get("type"))
         dtype = getattr(torch, entry.get("dtype", ""), None)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import io
@@ -65,6 +66,7 @@ from torch.utils import _pytree as pytree
 from .config import FRONTENDS, ConfigError
 from .errors import ExampleInputsError, PBWarning, TraceError, warn_at_user
 from .layers import StandIn, has_user_hooks
+from .inputs import opaque_holder
 from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
@@ -695,9 +697,19 @@ def _export_inputs(model: nn.Module, args: tuple, kwargs: dict, dims: str):
         grow = lambda t: t.expand(2, *t.shape[1:]).clone() if isinstance(t, torch.Tensor) and t.dim() > 0 else t  # noqa: E731
         args, kwargs = pytree.tree_map(grow, (args, kwargs))
     auto = torch.export.Dim.AUTO
-    spec = lambda v: pytree.tree_map(  # noqa: E731
-        lambda t: {d: auto for d in range(t.dim() if dims == "auto" else min(t.dim(), 1))}
-        if isinstance(t, torch.Tensor) else None, v)
+
+    def spec(v):
+        if isinstance(v, torch.Tensor):
+            return {d: auto for d in range(v.dim() if dims == "auto" else min(v.dim(), 1))}
+        node = pytree.SUPPORTED_NODES.get(type(v))
+        if dataclasses.is_dataclass(v) and node is not None:  # (registered: torch.export takes its children's list)
+            return [spec(c) for c in node.flatten_fn(v)[0]]
+        if isinstance(v, dict):
+            return type(v)((k, spec(x)) for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            items = [spec(x) for x in v]
+            return type(v)(*items) if hasattr(type(v), "_fields") else type(v)(items)
+        return None
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except (TypeError, ValueError):
@@ -1504,12 +1516,30 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     args, kwargs = tensors_copied((_as_args(example_inputs), dict(example_kwargs or {})))
     if args is None and kwargs:
         args = ()
+    _refuse_opaque_inputs(model, args or (), kwargs)
     # (a parts capture's own traces of its parts: checked once, for the whole)
     own_backwards = _custom_backwards(model, args, kwargs) if args is not None and parts else []
     gm = _capture(model, args, kwargs, frontend, leaves, max_leaves, dynamic, parts)
     if own_backwards:
         _warn_custom_backwards(model, gm, own_backwards, args, kwargs)
     return gm
+
+
+def _refuse_opaque_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """An example input holding tensors that pytree cannot reach is refused by name: fx froze it into the
+    graph as one constant, its tensors' values too, and the perforated model refused every other object."""
+    try:
+        names = [p for p in inspect.signature(model.forward).parameters]
+    except (TypeError, ValueError):
+        names = []
+    named = [(names[i] if i < len(names) else f"#{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    for name, value in named:
+        kind = opaque_holder(value)
+        if kind is not None:
+            raise ExampleInputsError(
+                f"input {name!r} holds an object of type {kind}, whose tensors a capture can only take as constants "
+                f"(the perforated model would refuse every other {kind}): register {kind} with "
+                f"torch.export.register_dataclass({kind}) before perforate (a dataclass), or pass its tensors")
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,5 +1,6 @@
 """pbp_fx.tracing: fx tracing, leaf isolation of untraceable submodules, one-line trace errors."""
 import collections
+import dataclasses
 import copy
 import inspect
 import warnings
@@ -1905,3 +1906,33 @@ def test_frontend_parts_captures_the_submodules_in_place_on_any_root():
     torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
     with pytest.raises(TraceError, match=r"frontend='parts' needs example inputs"):
         trace(model, frontend="parts")
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_dataclass_input_is_refused_unless_registered_then_any_instance_runs(frontend, tmp_path):
+    """fx froze an unregistered dataclass input into the graph as one constant, tensors and all: the perforated
+    model refused every other instance, with the tensors' repr in the message (a reviewer)."""
+    @dataclasses.dataclass
+    class Batch:
+        u: torch.Tensor
+        scale: float = 2.0
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, batch):
+            return self.fc(batch.u) * batch.scale
+
+    model = Model()
+    with pytest.raises(pbp_fx.errors.ExampleInputsError, match=r"^input 'batch' holds an object of type Batch, whose "
+                                                               r"tensors a capture can only take as constants"):
+        pbp_fx.perforate(model, (Batch(torch.randn(3, 4)),), frontend=frontend)
+    torch.export.register_dataclass(Batch)
+    pm = pbp_fx.perforate(model, (Batch(torch.randn(3, 4)),), frontend=frontend)
+    other = Batch(torch.randn(5, 4))  # another object, another batch size
+    torch.testing.assert_close(pm(other), model(other), rtol=0, atol=0)
+    pbp_fx.save(pm, tmp_path / "run.safetensors")
+    loaded = pbp_fx.load(tmp_path / "run.safetensors", Model, example_inputs=(other,))  # (a local class: no import)
+    torch.testing.assert_close(loaded(other), model(other), rtol=0, atol=0)
