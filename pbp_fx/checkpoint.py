@@ -502,8 +502,8 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
             raise CheckpointError(f"checkpoint {path} was captured with leaves {capture.get('leaves')} but this model "
                                   f"gives {pm.capture.get('leaves')}: load it onto the model it was trained on")
         record = json.loads(json.dumps(capture))  # re-saving writes the same record
-        if not recorded:  # (the caller's own inputs, another pattern maybe: a re-save records these)
-            record["inputs"] = pm.capture["inputs"]
+        if not recorded and not same_pattern(pm.capture["inputs"], capture["inputs"]):
+            record["inputs"] = pm.capture["inputs"]  # (the caller's inputs of another pattern: a re-save records them)
         pm.capture = record
     return pm
 

@@ -1060,14 +1060,21 @@ def _layers_not_sites(gm: fx.GraphModule, model: nn.Module) -> dict:
     params = dict(model.named_parameters())
     rows = explain_graph(gm, model)
     sites = {row.name.partition("@")[0] for row in rows if row.status == "site"}  # (a layer called as a site too)
+    # (the graph's names; a root child named like a GraphModule attribute has a free one there: meta -> meta_)
+    own_name = {new: old for old, new in gm.meta.get("pbp_renamed", {}).items()}
+
+    def in_model(name: str) -> str:
+        head, dot, rest = name.partition(".")
+        return own_name.get(head, head) + dot + rest
+
     layers: dict[str, object] = {}
     for row in rows:
-        if row.status == "site" or row.reason == UNTRACED or row.name not in params:
+        if row.status == "site" or row.reason == UNTRACED or in_model(row.name) not in params:
             continue  # (a graph node or a buffer: no layer the user made, to be named or filtered)
         path = row.name.rpartition(".")[0].partition(".parametrizations.")[0]
         if path in sites:
             continue
-        owner = model.get_submodule(path) if path else None  # (a parameter's owner: always there)
+        owner = model.get_submodule(in_model(path)) if path else None  # (a parameter's owner: always there)
         if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(
                 owner, nn.modules.conv._ConvTransposeNd):
             layers.setdefault(path, row)

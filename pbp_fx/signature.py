@@ -67,10 +67,12 @@ def _describe(template: tuple) -> str:
 def _in_traced_order(spec, value):
     """`value` with each plain dict's keys in the order the trace saw them, where the keys are the
     same (a dict's order does not change what the original reads; the traced graph's inputs follow
-    it). Anything else is returned as it is, for the check to judge."""
+    it), and a list or tuple subclass as the plain one traced. Anything else is returned as it is, for
+    the check to judge."""
     if spec.type is dict and type(value) is dict and set(value) == set(spec.context):
         return {k: _in_traced_order(_child(spec, i), value[k]) for i, k in enumerate(spec.context)}
-    if spec.type in (list, tuple) and type(value) is spec.type and len(value) == spec.num_children:
+    # (a torch.Size where a tuple was traced: the original takes either)
+    if spec.type in (list, tuple) and isinstance(value, spec.type) and len(value) == spec.num_children:
         return spec.type(_in_traced_order(_child(spec, i), v) for i, v in enumerate(value))
     return value
 
@@ -209,11 +211,13 @@ class CallSignature:
     def _check(self, name: str, traced: tuple, value):
         """`value` as the graph takes it (dicts in the traced key order); CallError where the graph was
         traced with another pattern."""
-        value = _in_traced_order(traced[0], value)
-        if _matches(traced, value):
-            return value
-        now = _describe(_template(value))
-        what = f"was traced with {name}={_describe(traced)}, this call passes {now}"
+        ordered = _in_traced_order(traced[0], value)
+        if _matches(traced, ordered):
+            return ordered
+        now, then = _describe(_template(value)), _describe(traced)
+        if now == then:  # (alike in print, not in type: a torch.Size where a tuple was traced)
+            now, then = f"{now} (a {type(value).__name__})", f"{then} (a {traced[0].type.__name__})"
+        what = f"was traced with {name}={then}, this call passes {now}"
         fix = (f"an example call that leaves {name} out, as this one does" if value is None else
                f"an example call whose {name} is {now}, as in this one")
         raise CallError(f"{self.model_name} {what}: the graph is specialised to the traced value; perforate with {fix}")

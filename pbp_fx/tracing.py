@@ -1511,7 +1511,8 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     if frontend not in FRONTENDS:
         raise ConfigError(f"frontend={frontend!r}: use one of {', '.join(FRONTENDS)}")
     refuse_script_modules(model)
-    model = _free_of_graph_module_names(model)
+    # (the root's Python runs as it is in a parts capture: only a graph of the root needs the free names)
+    whole, (model, renames) = model, _free_of_graph_module_names(model)
     # (capture runs the model several times: one that writes its input in place would change the caller's)
     args, kwargs = tensors_copied((_as_args(example_inputs), dict(example_kwargs or {})))
     if args is None and kwargs:
@@ -1519,7 +1520,13 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
     _refuse_opaque_inputs(model, args or (), kwargs)
     # (a parts capture's own traces of its parts: checked once, for the whole)
     own_backwards = _custom_backwards(model, args, kwargs) if args is not None and parts else []
-    gm = _capture(model, args, kwargs, frontend, leaves, max_leaves, dynamic, parts)
+    gm = _capture(model, args, kwargs, frontend, leaves, max_leaves, dynamic, parts, whole)
+    if renames and gm.meta.get("pbp_frontend") != "parts":
+        gm.meta["pbp_renamed"] = dict(renames)
+        warn_at_user(f"{type(whole).__name__} holds {', '.join(repr(n) for n in renames)}, named like torch.fx "
+                     f"GraphModule attribute(s): the perforated model holds them as "
+                     f"{', '.join(repr(n) for n in renames.values())} (its site and parameter names, and "
+                     "include/exclude, use these)")
     if own_backwards:
         _warn_custom_backwards(model, gm, own_backwards, args, kwargs)
     return gm
@@ -1549,15 +1556,15 @@ def graph_module_names() -> frozenset:
     return frozenset(set(dir(fx.GraphModule(nn.Module(), fx.Graph()))) - set(dir(nn.Module())))
 
 
-def _free_of_graph_module_names(model: nn.Module) -> nn.Module:
-    """`model`, or where its root holds a child, parameter or buffer named like a GraphModule attribute
-    (a GNN's `self.graph`, a codebook `self.code`), a shallow copy that holds it under a free name
-    (`graph_`) and still reads and writes it by its own in the forward. Its state is the model's own;
-    the perforated model's site and parameter names carry the new name (said once)."""
+def _free_of_graph_module_names(model: nn.Module) -> tuple[nn.Module, dict]:
+    """(`model`, {}), or where its root holds a child, parameter or buffer named like a GraphModule attribute
+    (a GNN's `self.graph`, a codebook `self.code`), (a shallow copy that holds it under a free name
+    (`graph_`) and still reads and writes it by its own in the forward, {name: free name}). Its state is
+    the model's own; a graph of it carries the free names."""
     clashes = [n for table in (model._modules, model._parameters, model._buffers) for n in table
                if n in graph_module_names()]
     if not clashes:
-        return model
+        return model, {}
     taken = set(dir(model)) | set(model._modules) | set(model._parameters) | set(model._buffers)
     renames = {}
     for name in clashes:
@@ -1579,19 +1586,17 @@ def _free_of_graph_module_names(model: nn.Module) -> nn.Module:
     object.__setattr__(copied, "__class__", type(cls.__name__, (cls,), {
         "__module__": cls.__module__, "__qualname__": cls.__qualname__,
         **{name: alias(new) for name, new in renames.items()}}))
-    warn_at_user(f"{cls.__name__} holds {', '.join(repr(n) for n in renames)}, named like torch.fx GraphModule "
-                 f"attribute(s): the perforated model holds them as {', '.join(repr(n) for n in renames.values())} "
-                 "(its site and parameter names, and include/exclude, use these)")
-    return copied
+    return copied, renames
 
 
 def _capture(model: nn.Module, args: Optional[tuple], kwargs: dict, frontend: str, leaves: Iterable[str],
-             max_leaves: int, dynamic, parts: bool) -> fx.GraphModule:
-    """trace() after its checks: fx, else torch.export, else the parts that trace."""
+             max_leaves: int, dynamic, parts: bool, whole: nn.Module) -> fx.GraphModule:
+    """trace() after its checks: fx, else torch.export, else the parts that trace (of `whole`, the model as
+    given: `model` may be its copy with free names, `_free_of_graph_module_names`)."""
     if frontend in ("export", "parts") and args is None:
         raise TraceError(f"frontend={frontend!r} needs example inputs: pass example_inputs and/or example_kwargs")
     if frontend == "parts":
-        return _trace_parts(model, args, kwargs, TraceError(
+        return _trace_parts(whole, args, kwargs, TraceError(
             f"no submodule of {type(model).__name__} with Linear/Conv layers traces on its call from the example"),
                             dynamic, why=None)
     fx_error: Optional[TraceError] = None
@@ -1656,7 +1661,7 @@ def _capture(model: nn.Module, args: Optional[tuple], kwargs: dict, frontend: st
             if frontend == "auto" and parts:
                 # (the warning says each frontend's own reason; the whole error is in meta["pbp_fx_error"])
                 why = f"fx: {_fx_failure(model, fx_error)}; torch.export: {_where_failed(exc.__cause__ or exc, _export_reason)}"
-                return _trace_parts(model, args, kwargs, error, dynamic, why)
+                return _trace_parts(whole, args, kwargs, error, dynamic, why)
             raise error from fx_error
         if frontend == "export":  # (only asked for: auto goes on to other captures, and a run costs a forward)
             if has_user_hooks(model) and not passes_every_input_positionally(model, args, kwargs):

@@ -417,6 +417,9 @@ def test_save_load_save_is_byte_identical_without_example_inputs(tmp_path, front
     pm2 = pbp_fx.load(first, lambda: _RandomNet(spec))  # no example inputs
     pbp_fx.save(pm2, second)
     assert open(first, "rb").read() == open(second, "rb").read()
+    # inputs of the same pattern (another batch size) leave the record as it was: the same bytes again
+    pbp_fx.save(pbp_fx.load(first, lambda: _RandomNet(spec), example_inputs=(torch.randn(7, 2, 8),)), second)
+    assert open(first, "rb").read() == open(second, "rb").read()
     meta = read_meta(first)
     assert meta["format"] == FORMAT and meta["capture"]["captured_with"] == frontend
     assert meta["capture"]["inputs"]["args"] == [{"kind": "tensor", "shape": [4, 2, 8], "batch_axis": 0,

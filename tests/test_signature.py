@@ -285,7 +285,7 @@ class DictInput(nn.Module):
         self.b = nn.Linear(3, 2)
 
     def forward(self, d, extra):
-        return self.a(d["x"]) + self.b(d["y"]) + self.a(extra[0]["w"])
+        return self.a(d["x"]) + self.b(d["y"]["p"]) - self.b(d["y"]["q"]) + self.a(extra[0]["w"]) - self.a(extra[0]["v"])
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
@@ -294,14 +294,32 @@ def test_a_dict_inputs_keys_may_come_in_any_order_as_the_original_takes_them(fro
     this call passes dict of [Tensor, Tensor]'), and so, after save and load, was the trained example itself:
     the checkpoint records the input with its keys sorted (a reviewer)."""
     model = DictInput()
-    x, y, w = torch.randn(3, 4), torch.randn(3, 3), torch.randn(3, 4)
-    expected = model({"x": x, "y": y}, [{"w": w}])
-    pm = pbp_fx.perforate(model, ({"y": y, "x": x}, [{"w": w}]), frontend=frontend)
-    for d in ({"y": y, "x": x}, {"x": x, "y": y}):
-        torch.testing.assert_close(pm(d, [{"w": w}]), expected, rtol=0, atol=0)
+    x, p, q, w, v = torch.randn(3, 4), torch.randn(3, 3), torch.randn(3, 3), torch.randn(3, 4), torch.randn(3, 4)
+    expected = model({"x": x, "y": {"p": p, "q": q}}, [{"w": w, "v": v}])
+    pm = pbp_fx.perforate(model, ({"y": {"q": q, "p": p}, "x": x}, [{"v": v, "w": w}]), frontend=frontend)
+    for d in ({"y": {"q": q, "p": p}, "x": x}, {"x": x, "y": {"p": p, "q": q}}):  # (nested keys in any order too)
+        for extra in ([{"v": v, "w": w}], [{"w": w, "v": v}]):
+            torch.testing.assert_close(pm(d, extra), expected, rtol=0, atol=0)
     pbp_fx.save(pm, tmp_path / "run.safetensors")
     loaded = pbp_fx.load(tmp_path / "run.safetensors", DictInput)
-    torch.testing.assert_close(loaded({"y": y, "x": x}, [{"w": w}]), expected, rtol=0, atol=0)
-    with pytest.raises(CallError, match=r"traced with d=\{'y': Tensor, 'x': Tensor\}, this call passes "
-                                        r"\{'x': Tensor, 'z': Tensor\}"):
-        pm({"x": x, "z": y}, [{"w": w}])
+    torch.testing.assert_close(loaded({"y": {"q": q, "p": p}, "x": x}, [{"v": v, "w": w}]), expected, rtol=0, atol=0)
+    with pytest.raises(CallError, match=r"traced with d=\{'y': \{'q': Tensor, 'p': Tensor\}, 'x': Tensor\}, this "
+                                        r"call passes \{'x': Tensor, 'z': Tensor\}"):
+        pm({"x": x, "z": p}, [{"w": w, "v": v}])
+
+
+def test_a_torch_size_where_a_tuple_was_traced_is_taken_and_a_refusal_names_types_that_print_alike():
+    class Reshapes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x, size):
+            return self.fc(x).reshape(size)
+
+    x = torch.randn(3, 4)
+    pm = pbp_fx.perforate(Reshapes(), (x, (3, 2, 3)))
+    torch.testing.assert_close(pm(x, torch.Size([3, 2, 3])), pm(x, (3, 2, 3)), rtol=0, atol=0)
+    traced_with_a_list = pbp_fx.perforate(Reshapes(), (x, [3, 2, 3]))
+    with pytest.raises(CallError, match=r"traced with size=\[3, 2, 3\], this call passes \(3, 2, 3\)"):
+        traced_with_a_list(x, (3, 2, 3))

@@ -3,6 +3,7 @@ import collections
 import dataclasses
 import copy
 import inspect
+import io
 import warnings
 
 import pytest
@@ -1936,3 +1937,48 @@ def test_a_dataclass_input_is_refused_unless_registered_then_any_instance_runs(f
     pbp_fx.save(pm, tmp_path / "run.safetensors")
     loaded = pbp_fx.load(tmp_path / "run.safetensors", Model, example_inputs=(other,))  # (a local class: no import)
     torch.testing.assert_close(loaded(other), model(other), rtol=0, atol=0)
+
+
+class UntraceableMeta(nn.Module):
+    """A root child named like a GraphModule attribute, under a root only a parts capture takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.meta, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.meta(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.head(h)
+
+
+def test_a_root_named_like_graph_module_attributes_keeps_its_names_in_a_parts_capture():
+    """The free names served a parts capture too, which builds no graph of the root: its sites changed names
+    (checkpoints saved before no longer loaded) and torch.save(pm) failed on the renamed copy's class (a reviewer)."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        pm = pbp_fx.perforate(UntraceableMeta(), (torch.randn(2, 4),))
+    assert pm.capture["captured_with"] == "parts" and list(pm.sites) == ["meta", "head"]
+    assert not [w for w in said if "GraphModule attribute" in str(w.message)]
+    torch.save(pm, io.BytesIO())
+
+
+def test_free_names_skip_taken_ones_keep_buffers_unsaved_and_say_why_a_layer_is_no_site():
+    class Crowded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.meta, self.meta_ = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.graph = nn.Linear(4, 4)  # its weight is taken in part: no site, said under its free name
+            self.register_buffer("code", torch.ones(4), persistent=False)
+
+        def forward(self, x):
+            return self.meta_(self.meta(x)) + F.linear(x, self.graph.weight[:, :4] * 2) + self.code
+
+    for frontend in ("fx", "export"):
+        with pytest.warns(pbp_fx.PBWarning) as said:
+            pm = pbp_fx.perforate(Crowded(), (torch.randn(2, 4),), frontend=frontend)
+        assert list(pm.sites) == ["meta__", "meta_"]
+        if frontend == "export":  # (fx's GraphModule saves a root's unsaved buffers, whatever their names)
+            assert not any("code" in k for k in pm.state_dict())
+        assert any("not sites" in str(w.message) and "graph_ (graph_.weight" in str(w.message) for w in said)
