@@ -596,3 +596,27 @@ def test_tied_hidden_layers_narrowed_alike_stay_tied():
     model = WidthBuilder(_Siamese, lambda: (torch.randn(4, 5),), None).build(0.5)
     assert model.b1.weight is model.b2.weight and model.b1.bias is model.b2.bias
     assert model.b1.weight.shape == (4, 5) and num_parameters(model) == 4 * 5 + 4 + 3 * 8 + 3
+
+
+class _WidthGRU(nn.Module):
+    def __init__(self, hidden: int = 12):
+        super().__init__()
+        self.inp, self.gru, self.out = nn.Linear(2, hidden), nn.GRU(hidden, hidden, batch_first=True), nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        h, _ = self.gru(torch.tanh(self.inp(x)))
+        return self.out(h.mean(1))
+
+
+def test_a_target_between_whole_widths_that_torch_pruning_cannot_trim_says_so_not_to_add_a_width_argument():
+    """With build_model(width=...) whose whole widths step over the target (1011 and 1173 parameters about
+    1101), Torch-Pruning's failure on the GRU read '(give build_model a width argument)', which it has (a reviewer)."""
+    import types
+
+    mod = types.SimpleNamespace(__name__="gru_model", build_model=lambda width=12: _WidthGRU(width),
+                                example_inputs=lambda: (torch.randn(3, 15, 2),))
+    with pytest.raises(WidthError, match=r"^no width of build_model\(width=\.\.\.\) gets within 5% of 1101 parameters "
+                                         r"\(1173 at width 1\.08333, 1011 at width 1\), and Torch-Pruning could not "
+                                         r"remove single channels from the wider build: \w+Error") as caught:
+        WidthBuilder.from_module(mod).for_params(1101)
+    assert "give build_model a width argument" not in str(caught.value)
