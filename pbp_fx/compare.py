@@ -216,7 +216,11 @@ def onnx_latency_ms(model, example_inputs, repeats: int = 200, example_kwargs: O
     if example_kwargs and not isinstance(model, PerforatedModel):
         # Only a captured graph orders keyword inputs for the file; a capture without dendrites is exact.
         model = perforate(model, example_inputs, example_kwargs=example_kwargs)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # (torch.export's and the ONNX exporter's notes on the model's internals are about a file made only to
+        # be timed: `pbp-fx export` keeps them to --debug too)
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", category=PBWarning)
         path = export_onnx(model, example_inputs, os.path.join(tmp, "model.onnx"), example_kwargs=example_kwargs)
         session = ort_session(path, device="cpu", threads=1)
     _, inputs = flat_call(model, graph_inputs(model, example_inputs, example_kwargs))
@@ -696,11 +700,8 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
                "remove (its layers make its outputs), and build_model takes no width argument")
         raise CompareError(f"--width {width:g} {how}: give a --width further from 1 that changes the model"
                            f"{'' if builder.base_width is not None else ', or add a width argument'}")
-    if "plain-matched" in arms and builder.base_width is None and width >= 1:
-        warn_at_user(f"plain-matched widens the model to pb's parameter count, and {builder.no_width_argument()}: it "
-                     "is built only at seeds where pb kept no dendrite, where it is the plain model; give build_model "
-                     "an int width argument (its hidden channel count), or compare at a --width below 1")
-    # The data `train` refuses (labels outside the classes, shapes the loss cannot take): refused here too.
+    # The data `train` refuses (labels outside the classes, shapes the loss cannot take): refused here too,
+    # before any warning (a refusal is one line).
     data = seeded_datasets(mod, training.seed)
     check_data(mod, data, model, inputs, training.batch_size)
     if any(a in ("pb", "gd") for a in arms):
@@ -708,6 +709,10 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
 
         perforate(model, inputs, include=include, exclude=exclude, activation=config.activation,
                   example_kwargs=example_kwargs(mod), frontend=training.frontend)  # errors now, not after the plain arms
+    if "plain-matched" in arms and builder.base_width is None and width >= 1:
+        warn_at_user(f"plain-matched widens the model to pb's parameter count, and {builder.no_width_argument()}: it "
+                     "is built only at seeds where pb kept no dendrite, where it is the plain model; give build_model "
+                     "an int width argument (its hidden channel count), or compare at a --width below 1")
     majority = None
     if score.percent:
         test = make_loaders(data, training.batch_size, training.seed,

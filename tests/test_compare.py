@@ -1434,3 +1434,33 @@ def test_a_runs_warning_is_said_once_per_arm_not_at_every_seed(tiny, tmp_path):
     report = (tmp_path / "cmp" / "compare.md").read_text()
     assert "retries 0, dendrite phase ≤ 2 epochs (patience 1)" in report.splitlines()[0]
     assert "| ONNX Runtime ms (example inputs, 1 thread) |" in report
+
+
+def test_data_refused_by_a_model_without_a_width_argument_is_one_line(tmp_path, capsys):
+    """The plain-matched arm's width warning came before the data's refusal: two lines on stderr (a reviewer)."""
+    path = tmp_path / "nowidth.py"
+    path.write_text(TINY.replace("def build_model(width=8):", "def build_model():").replace(
+        "return Net(width)", "return Net()").replace("x = torch.randn(300, 6, generator=g)",
+                                                      "x = torch.randn(300, 6, generator=g).double()"))
+    out = tmp_path / "never"
+    assert main(["compare", str(path), "--seeds", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pbp-fx: error: ") and "float64" in err, err
+    assert not out.exists()
+
+
+def test_latency_timing_says_nothing_of_the_exporters_notes_on_the_model():
+    """torch.export's note on a GRU's _flat_weights reached `compare`'s output through the plain-matched arm's
+    latency file ('UserWarning at contextlib.py:144: ... assigned during export'; a reviewer)."""
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.out = torch.nn.GRU(4, 6, batch_first=True), torch.nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.out(self.gru(x)[0].mean(1))
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert onnx_latency_ms(Recurrent().eval(), (torch.randn(2, 5, 4),), repeats=3) > 0
+    assert not said, [str(w.message)[:120] for w in said]
