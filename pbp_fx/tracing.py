@@ -41,6 +41,7 @@ model ran on the example; the graph is one call of that root.
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -65,7 +66,7 @@ from torch.utils import _pytree as pytree
 
 from .config import FRONTENDS, ConfigError
 from .errors import ExampleInputsError, PBWarning, TraceError, warn_at_user
-from .layers import StandIn, has_user_hooks
+from .layers import WEIGHT_HOOKS, StandIn, has_user_hooks
 from .inputs import opaque_holder
 from .signature import CallSignature
 
@@ -2168,6 +2169,24 @@ class TracedPart(StandIn, nn.Module):
         return self.graph_module(*g_args, **g_kwargs)
 
 
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called")
+
+
+def _keep_own_hooks(part: TracedPart, module: nn.Module) -> None:
+    """The part's own forward hooks and pre-hooks run around it as they ran around the submodule: symbolic
+    tracing starts at its forward, outside them (a weight hook's work, weight_norm's, is in the graph)."""
+    if not has_user_hooks(module):
+        return
+    for table in _HOOK_TABLES:
+        own = getattr(module, table, None)
+        if own is not None:
+            setattr(part, table, collections.OrderedDict(own))
+    for key, hook in list(part._forward_pre_hooks.items()):
+        if isinstance(hook, WEIGHT_HOOKS):
+            del part._forward_pre_hooks[key]
+
+
 class _Unpacked(nn.Module):
     """The model under a graph that passes the call through: `self.root(args, kwargs)`."""
 
@@ -2262,6 +2281,8 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict, root_error: TraceE
                     gm = trace(module, tuple(a), k, frontend="auto", dynamic=dynamic, parts=False)
                 if find_sites(gm):
                     parts[path] = TracedPart(path, gm, source=module)
+                    if gm.meta.get("pbp_frontend") == "fx":
+                        _keep_own_hooks(parts[path], module)
                     continue
             except (TraceError, TypeError) as exc:
                 failed[path] = _reason(exc)

@@ -1982,3 +1982,41 @@ def test_free_names_skip_taken_ones_keep_buffers_unsaved_and_say_why_a_layer_is_
         if frontend == "export":  # (fx's GraphModule saves a root's unsaved buffers, whatever their names)
             assert not any("code" in k for k in pm.state_dict())
         assert any("not sites" in str(w.message) and "graph_ (graph_.weight" in str(w.message) for w in said)
+
+
+class _Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class _BranchingOverBody(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = _Body(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.body(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.head(h)
+
+
+def test_a_parts_own_hooks_run_around_it_as_around_the_submodule():
+    """A forward hook and pre-hook on a submodule that a parts capture traced with fx were lost (tracing starts
+    at its forward): the pre-hook's scaling was missing from the output (a reviewer)."""
+    model, seen = _BranchingOverBody(), []
+    model.body.register_forward_pre_hook(lambda module, args: (args[0] * 3,))
+    model.body.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(2, 4).abs()
+    with pytest.warns(pbp_fx.PBWarning, match="neither fx nor torch.export"):
+        pm = pbp_fx.perforate(model, (x,))
+    assert pm.graph_module.meta["pbp_parts"] == ["body", "head"]
+    seen.clear()
+    torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)
+    assert len(seen) == 2  # (once around each model's body)
+    pm.eval(), model.eval()
+    torch.testing.assert_close(pm.finalize()(x), model(x))
