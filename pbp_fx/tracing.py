@@ -2045,14 +2045,17 @@ def _pytree_inputs(gm: fx.GraphModule, info, args: tuple, kwargs: dict) -> list:
     except TypeError as exc:
         raise ExampleInputsError(f"example inputs do not run through the model: {exc} "
                                  f"(the graph takes {', '.join(info.orig_args)})") from exc
-    values = [bound.arguments[n] for n in info.orig_args if n in bound.arguments]
+    # (with a structured constant in concrete_args, fx's code flattens [self, x, ...]: the module itself is its
+    # first leaf, which is no placeholder)
+    own = bool(info.orig_args) and info.orig_args[0] == "self" and "self" not in bound.arguments
+    values = [gm] * own + [bound.arguments[n] for n in info.orig_args if n in bound.arguments]
     spec = info.in_spec
     if spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple and spec.child(1).type is dict:
         count = spec.child(0).num_children
         tree = (list(values[:count]), dict(zip(spec.child(1).context, values[count:])))
     else:
         tree = list(values)
-    return list(tree_flatten_spec(tree, spec))
+    return list(tree_flatten_spec(tree, spec))[own:]
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs, example_kwargs: Optional[dict] = None) -> None:

@@ -2020,3 +2020,20 @@ def test_a_parts_own_hooks_run_around_it_as_around_the_submodule():
     assert len(seen) == 2  # (once around each model's body)
     pm.eval(), model.eval()
     torch.testing.assert_close(pm.finalize()(x), model(x))
+
+
+def test_fx_takes_a_tuple_constant_input():
+    """fx's code for a structured constant flattens [self, x, size]: shape propagation left the module out and
+    failed with 'example inputs do not run through the model: list index out of range' (a reviewer)."""
+    class Reshapes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x, size):
+            return self.fc(x).reshape(size)
+
+    model, x = Reshapes(), torch.randn(3, 4)
+    pm = pbp_fx.perforate(model, (x, (3, 2, 3)), frontend="fx")
+    assert pm.capture["captured_with"] == "fx" and list(pm.sites) == ["fc"]
+    torch.testing.assert_close(pm(x, (3, 2, 3)), model(x, (3, 2, 3)), rtol=0, atol=0)
