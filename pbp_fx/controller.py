@@ -53,6 +53,7 @@ import weakref
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ConfigError, PBConfig
@@ -130,6 +131,21 @@ def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
     params = list(params)
     fused = all(p.device.type in _FUSED_ADAM_DEVICES and p.dtype in _FUSED_ADAM_DTYPES for p in _tensors(params))
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+def _refuse_sparse_gradients_for_adam(pm: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """An embedding with sparse=True whose weight the optimizer trains gives sparse gradients, which Adam
+    refuses at the first step with torch's hint, SparseAdam, which takes no dense parameter: said up front."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for name, m in pm.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and id(m.weight) in held:
+            name = name.removeprefix("graph_module.")  # (the model's own path)
+            raise ConfigError(f"{type(m).__name__} {name!r} has sparse=True, whose sparse gradients "
+                              f"{type(optimizer).__name__} cannot take: build it with sparse=False, or train with an "
+                              "optimizer that takes both kinds (optimizer_factory=lambda params: torch.optim.SGD(params, "
+                              "lr=0.1), or Adagrad)")
 
 
 NOTHING_TRAINS = ("no parameter of the model trains (every one has requires_grad=False): unfreeze the layers PB "
@@ -377,6 +393,7 @@ class PhaseController:
                               "the model, so an optimizer built before it trains the original): build it over "
                               "pm.trainable_parameters()")
         _refuse_the_originals_twins(pm, optimizer, self._left_out)
+        _refuse_sparse_gradients_for_adam(pm, optimizer)
         self.optimizer = optimizer
         if any(g.get("relative_step") for g in optimizer.param_groups) and self._says:
             # Adafactor's relative_step computes its own step size and never reads the group's lr.

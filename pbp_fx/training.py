@@ -393,11 +393,21 @@ def mean_squared_error(output, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(output, target)
 
 
+def samples_in(target, inputs=()) -> int:
+    """A batch's sample count: dim 0 of its target, or of its first batched tensor where the target is a tuple
+    or dict of tensors (a two-head model's labels), else of the inputs' (1 without any)."""
+    for part in (target, inputs):
+        for t in torch.utils._pytree.tree_leaves(part):
+            if isinstance(t, torch.Tensor) and t.dim():
+                return t.shape[0]
+    return 1
+
+
 def negative_loss(loss_fn: Callable) -> Callable:
     """A metric for regression (higher is better): minus loss_fn's value, weighted by the batch's samples."""
 
-    def metric(output, target: torch.Tensor) -> tuple[float, int]:
-        n = target.shape[0] if target.dim() else 1
+    def metric(output, target) -> tuple[float, int]:
+        n = samples_in(target)
         return -float(loss_fn(output, target)) * n, n
 
     return metric
@@ -671,8 +681,9 @@ def train_epoch(pm, loader, loss_fn, optimizer, device, distributed=None, phase=
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += value * target.shape[0]
-        count += target.shape[0]
+        n = samples_in(target, inputs)
+        total += value * n
+        count += n
     if distributed is not None:
         total, count = distributed.all_reduce_sum([total, count])
     if count == 0:

@@ -1543,3 +1543,25 @@ def test_a_neuron_thawed_inside_a_dendrite_phase_stays_still_until_it_ends():
     assert torch.equal(first.weight, before) and not first.weight.requires_grad
     ctl.pm.install_candidates()  # the phase ends: it trains from then on
     assert first.weight.requires_grad
+
+
+def test_a_sparse_embedding_under_adam_is_refused_up_front_with_an_optimizer_that_works():
+    """fit's default Adam failed at the first step with torch's 'Adam does not support sparse gradients, please
+    consider SparseAdam instead', a raw traceback, and a hint that fails too: SparseAdam takes no dense parameter
+    (a reviewer)."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(30, 16, sparse=True), nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids).mean(1))
+
+    pm = pbp_fx.perforate(Bag(), (torch.randint(0, 30, (2, 5)),))
+    with pytest.raises(pbp_fx.ConfigError, match=r"^Embedding 'emb' has sparse=True, whose sparse gradients Adam "
+                                                 r"cannot take: build it with sparse=False, or train with an optimizer"):
+        PhaseController(pm)
+    data = [(torch.randint(0, 30, (4, 5)), torch.randint(0, 4, (4,))) for _ in range(3)]
+    history = pbp_fx.fit(pm, data, data, epochs=2, progress=False,
+                         optimizer_factory=lambda params: torch.optim.SGD(params, lr=0.1))  # the advice works
+    assert len(history.epochs) == 2

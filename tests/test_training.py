@@ -2,6 +2,8 @@
 import dataclasses
 import functools
 import json
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -735,3 +737,34 @@ def test_fit_refuses_an_lr_beside_an_optimizer_factory():
         with pytest.raises(pbp_fx.ConfigError, match=r"lr=0.5 would do nothing: give the rate to the factory"):
             fit(pm, loader, loader, optimizer_factory=factory, progress=False, epochs=1, **kw)
     fit(pm, loader, loader, optimizer_factory=factory, progress=False, epochs=1)
+
+
+def test_fit_takes_a_tuple_or_dict_target_for_a_two_head_model():
+    """train_epoch weighted the loss by target.shape[0]: a (labels, values) target failed with
+    "'tuple' object has no attribute 'shape'", though evaluate took it (a reviewer)."""
+    class TwoHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.cls, self.reg = nn.Linear(12, 16), nn.Linear(16, 4), nn.Linear(16, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return self.cls(h), self.reg(h).squeeze(-1)
+
+    g = torch.Generator().manual_seed(0)
+    for as_dict in (False, True):
+        pm = pbp_fx.perforate(TwoHead(), (torch.randn(4, 12),))
+        labels = [(torch.randint(0, 4, (8,), generator=g), torch.randn(8, generator=g)) for _ in range(3)]
+        data = [(torch.randn(8, 12, generator=g), {"c": c, "r": r} if as_dict else (c, r)) for c, r in labels]
+        pick = (lambda t: (t["c"], t["r"])) if as_dict else (lambda t: t)
+
+        def loss(out, t):
+            c, r = pick(t)
+            return F.cross_entropy(out[0], c) + F.mse_loss(out[1], r)
+
+        def metric(out, t):
+            c, _ = pick(t)
+            return float((out[0].argmax(1) == c).sum()), len(c)
+
+        history = pbp_fx.fit(pm, data, data, loss, metric=metric, epochs=2, progress=False)
+        assert len(history.epochs) == 2 and math.isfinite(history.epochs[0]["train_loss"])
