@@ -426,9 +426,11 @@ def _refuse_objects_holding_tensors(module: nn.Module, inputs: tuple) -> None:
     for top, x in zip(_input_names(module, len(inputs)), inputs):
         kind = opaque_holder(x)
         if kind is not None:
+            register = (f", or register {kind} with torch.export.register_dataclass"
+                        if opaque_holder(x, dataclasses_only=True) else "")
             raise ExportError(f"input {top!r} holds an object of type {kind}, whose tensors an ONNX file cannot take as "
                               f"they are: export a wrapper module that takes the tensors (as a tuple or dict) and builds "
-                              f"the {kind} for the model, or register {kind} with torch.export.register_dataclass")
+                              f"the {kind} for the model{register}")
 
 
 def _drop_unused_initializers(proto: onnx.ModelProto) -> None:

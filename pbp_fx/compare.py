@@ -216,12 +216,14 @@ def onnx_latency_ms(model, example_inputs, repeats: int = 200, example_kwargs: O
     if example_kwargs and not isinstance(model, PerforatedModel):
         # Only a captured graph orders keyword inputs for the file; a capture without dendrites is exact.
         model = perforate(model, example_inputs, example_kwargs=example_kwargs)
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp:
         # (torch.export's and the ONNX exporter's notes on the model's internals are about a file made only to
-        # be timed: `pbp-fx export` keeps them to --debug too)
-        warnings.filterwarnings("ignore")
-        warnings.filterwarnings("default", category=PBWarning)
-        path = export_onnx(model, example_inputs, os.path.join(tmp, "model.onnx"), example_kwargs=example_kwargs)
+        # be timed: `pbp-fx export` keeps them to --debug too; pbp-fx's own go on, through the caller's filters)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            path = export_onnx(model, example_inputs, os.path.join(tmp, "model.onnx"), example_kwargs=example_kwargs)
+        for text in dict.fromkeys(str(w.message) for w in said if issubclass(w.category, PBWarning)):
+            warnings.warn(text, PBWarning, stacklevel=2)
         session = ort_session(path, device="cpu", threads=1)
     _, inputs = flat_call(model, graph_inputs(model, example_inputs, example_kwargs))
     arrays = tuple(t.numpy() for t in inputs if isinstance(t, torch.Tensor))

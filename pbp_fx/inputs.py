@@ -12,7 +12,6 @@ batch axis (the convention of the exporters' dynamic batch).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import sys
 from typing import Any, Optional
@@ -26,12 +25,15 @@ from .errors import CheckpointError
 __all__ = ["describe_inputs", "inputs_from_signature", "same_pattern", "opaque_holder"]
 
 
-def opaque_holder(value: Any) -> Optional[str]:
+def opaque_holder(value: Any, dataclasses_only: bool = False) -> Optional[str]:
     """The type name of an object in `value` that holds tensors pytree cannot reach (in its attributes: a
-    dataclass not registered with torch.export.register_dataclass), else None: a capture takes such an
-    object as one constant, tensors and all, and an ONNX file cannot take it as an input."""
+    dataclass not registered with torch.export.register_dataclass, a config object), else None: a capture
+    takes such an object as one constant, tensors and all, and an ONNX file cannot take it as an input.
+    dataclasses_only: only such a dataclass (which registering opens)."""
     for leaf in pytree.tree_leaves(value):
         if isinstance(leaf, torch.Tensor) or leaf is None or isinstance(leaf, (bool, int, float, str)):
+            continue
+        if dataclasses_only and not (dataclasses.is_dataclass(leaf) and not isinstance(leaf, type)):
             continue
         fields = vars(leaf).values() if hasattr(leaf, "__dict__") else ()
         if any(isinstance(t, torch.Tensor) for v in fields for t in pytree.tree_leaves(v)):
@@ -66,20 +68,18 @@ def _describe(value: Any) -> dict:
 
 
 def _record_class(entry: dict, where: str) -> type:
-    """The namedtuple or dataclass a recorded input was, found where it was defined."""
-    module = sys.modules.get(entry["module"])
-    if module is None:
-        try:
-            module = importlib.import_module(entry["module"])
-        except Exception:  # noqa: BLE001 - any failure to import: the class cannot be had
-            module = None
-    cls = module
+    """The namedtuple or dataclass a recorded input was, looked up in the modules this process has imported
+    (the model file's, __main__): a checkpoint names it, so nothing is imported for it and nothing but a
+    namedtuple or dataclass is built (a crafted file naming subprocess.Popen must not run)."""
+    cls = sys.modules.get(entry["module"])
     for part in entry["qualname"].split("."):
         cls = getattr(cls, part, None)
-    if not isinstance(cls, type):
+    record = isinstance(cls, type) and ((issubclass(cls, tuple) and hasattr(cls, "_fields"))
+                                        or dataclasses.is_dataclass(cls))
+    if not record:
         raise CheckpointError(f"the recorded input {where} is a {entry['type']} ({entry['module']}."
-                              f"{entry['qualname']}), which cannot be imported here to rebuild it: pass example_inputs "
-                              "/ example_kwargs to load()")
+                              f"{entry['qualname']}), which is no namedtuple or dataclass this process has imported: "
+                              "import its module before load(), or pass example_inputs / example_kwargs to load()")
     return cls
 
 

@@ -44,7 +44,6 @@ import builtins
 import collections
 import contextlib
 import copy
-import dataclasses
 import functools
 import inspect
 import io
@@ -703,7 +702,8 @@ def _export_inputs(model: nn.Module, args: tuple, kwargs: dict, dims: str):
         if isinstance(v, torch.Tensor):
             return {d: auto for d in range(v.dim() if dims == "auto" else min(v.dim(), 1))}
         node = pytree.SUPPORTED_NODES.get(type(v))
-        if dataclasses.is_dataclass(v) and node is not None:  # (registered: torch.export takes its children's list)
+        if node is not None and not isinstance(v, (dict, list, tuple)):
+            # (a registered type, a dataclass: torch.export takes its children's specs as a list)
             return [spec(c) for c in node.flatten_fn(v)[0]]
         if isinstance(v, dict):
             return type(v)((k, spec(x)) for k, x in v.items())
@@ -1534,15 +1534,16 @@ def trace(model: nn.Module, example_inputs: Optional[Any] = None, example_kwargs
 
 
 def _refuse_opaque_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """An example input holding tensors that pytree cannot reach is refused by name: fx froze it into the
-    graph as one constant, its tensors' values too, and the perforated model refused every other object."""
+    """An example input holding a dataclass with tensors that pytree cannot reach is refused by name: fx froze
+    it into the graph as one constant, and the perforated model refused every other instance (a batch made
+    anew each step). Another object (a config passed on every call) stays a constant, as before."""
     try:
         names = [p for p in inspect.signature(model.forward).parameters]
     except (TypeError, ValueError):
         names = []
     named = [(names[i] if i < len(names) else f"#{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
     for name, value in named:
-        kind = opaque_holder(value)
+        kind = opaque_holder(value, dataclasses_only=True)
         if kind is not None:
             raise ExampleInputsError(
                 f"input {name!r} holds an object of type {kind}, whose tensors a capture can only take as constants "

@@ -470,30 +470,31 @@ class WidthBuilder:
         def trim(groups: Callable[[int], bool]) -> tuple[nn.Module, float]:
             torch.set_rng_state(rng)
             model, built = self._built(wide)
-            model, kept = shrink(model, self._inputs(), lambda size, i: size - (1 if groups(i) else 0),
-                                 self.example_kwargs())
+            try:
+                model, kept = shrink(model, self._inputs(), lambda size, i: size - (1 if groups(i) else 0),
+                                     self.example_kwargs())
+            except WidthError as exc:
+                if self.base_width is None:
+                    raise
+                # (shrink's advice, a width argument, is what this model has: its whole widths step over the target)
+                nearest = ", ".join(f"{count(w)} at width {self._built(w)[1]:g}" for w in widths)
+                why = re.sub(r"(; | \()give build_model a width argument\)?$", "", str(exc))
+                raise WidthError(f"no width of build_model(width=...) gets within {tolerance:.0%} of {target:.0f} "
+                                 f"parameters ({nearest}), and removing single channels from the wider build failed: "
+                                 f"{why}") from exc
             return model, built * kept  # (about: the trimmed groups' share of the channels)
 
         found, previous = None, None
-        try:
-            for n in range(1, 1 << 12):
-                for model, built in (trim(lambda i, n=n: i == n - 1), trim(lambda i, n=n: i < n)):
-                    params = self.params(model)
-                    if abs(params - target) <= tolerance * target and (
-                            found is None or abs(params - target) < abs(found.params - target)):
-                        found = ScaledModel(model, built, params, "torch-pruning" if self.base_width is None
-                                            else self.method + " + torch-pruning")
-                if params == previous:  # every group has given a channel
-                    break
-                previous = params
-        except WidthError as exc:
-            if self.base_width is None:
-                raise
-            # (shrink's advice, a width argument, is what this model has: its whole widths step over the target)
-            nearest = ", ".join(f"{count(w)} at width {self._built(w)[1]:g}" for w in widths)
-            raise WidthError(f"no width of build_model(width=...) gets within {tolerance:.0%} of {target:.0f} "
-                             f"parameters ({nearest}), and Torch-Pruning could not remove single channels from the "
-                             f"wider build: {str(exc).partition(': ')[2].rpartition(' (give build_model')[0]}") from exc
+        for n in range(1, 1 << 12):
+            for model, built in (trim(lambda i, n=n: i == n - 1), trim(lambda i, n=n: i < n)):
+                params = self.params(model)
+                if abs(params - target) <= tolerance * target and (
+                        found is None or abs(params - target) < abs(found.params - target)):
+                    found = ScaledModel(model, built, params, "torch-pruning" if self.base_width is None
+                                        else self.method + " + torch-pruning")
+            if params == previous:  # every group has given a channel
+                break
+            previous = params
         if found is not None:
             return found
         torch.set_rng_state(rng)

@@ -1464,3 +1464,22 @@ def test_latency_timing_says_nothing_of_the_exporters_notes_on_the_model():
         warnings.simplefilter("always")
         assert onnx_latency_ms(Recurrent().eval(), (torch.randn(2, 5, 4),), repeats=3) > 0
     assert not said, [str(w.message)[:120] for w in said]
+
+
+def test_latency_timing_passes_pbp_fx_warnings_through_the_callers_filters(monkeypatch):
+    """The timing's filter put 'default' for PBWarning ahead of the caller's own 'ignore' (a reviewer)."""
+    from pbp_fx import exporters
+
+    real = exporters.export_onnx
+
+    def saying(*args, **kwargs):
+        warnings.warn("a note of pbp-fx's", pbp_fx.PBWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(exporters, "export_onnx", saying)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()
+    for action, heard in (("ignore", 0), ("always", 1)):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter(action, pbp_fx.PBWarning)
+            onnx_latency_ms(model, (torch.randn(2, 4),), repeats=2)
+        assert len([w for w in said if "a note of pbp-fx's" in str(w.message)]) == heard

@@ -2,6 +2,7 @@
 import collections
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -74,6 +75,20 @@ def test_namedtuple_and_dataclass_inputs_are_recorded_and_rebuilt_from_their_cla
     assert type(kwargs["mask"]) is Record and kwargs["mask"].ids.shape == (2, 4) and kwargs["mask"].scale == 0.5
     assert same_pattern(sig, sig)
     gone = json.loads(json.dumps(sig).replace('"qualname": "Pair"', '"qualname": "Gone"'))
-    with pytest.raises(CheckpointError, match=r"the recorded input 'batch' is a Pair \(test_inputs.Gone\), which cannot "
-                                              r"be imported here to rebuild it: pass example_inputs"):
+    with pytest.raises(CheckpointError, match=r"the recorded input 'batch' is a Pair \(test_inputs.Gone\), which is no "
+                                              r"namedtuple or dataclass this process has imported: import its module"):
         inputs_from_signature(gone)
+
+
+def test_a_crafted_record_neither_imports_nor_builds_what_is_no_namedtuple_or_dataclass(tmp_path):
+    """A checkpoint's record named subprocess.Popen with shell=True, and load ran the command (the file's
+    digest has no key: anyone editing it can recompute it; a reviewer)."""
+    flag = tmp_path / "ran"
+    popen = {"kind": "record", "type": "Popen", "module": "subprocess", "qualname": "Popen",
+             "fields": [["args", {"kind": "value", "value": f"touch {flag}"}], ["shell", {"kind": "value", "value": True}]]}
+    unimported = dict(popen, module="pbp_fx_never_imported_module", qualname="Anything")
+    for entry in (popen, unimported):
+        with pytest.raises(CheckpointError, match="which is no namedtuple or dataclass this process has imported"):
+            inputs_from_signature({"names": ["x"], "args": [entry], "kwargs": {}})
+    assert not flag.exists()
+    assert "pbp_fx_never_imported_module" not in sys.modules

@@ -2011,6 +2011,8 @@ def test_a_parts_own_hooks_run_around_it_as_around_the_submodule():
     model, seen = _BranchingOverBody(), []
     model.body.register_forward_pre_hook(lambda module, args: (args[0] * 3,))
     model.body.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    model.body.register_forward_pre_hook(lambda module, args, kwargs: ((args[0] + 1,), kwargs), with_kwargs=True)
+    model.body.register_forward_hook(lambda module, args, kwargs, out: out - 0.5, with_kwargs=True, always_call=True)
     x = torch.randn(2, 4).abs()
     with pytest.warns(pbp_fx.PBWarning, match="neither fx nor torch.export"):
         pm = pbp_fx.perforate(model, (x,))
@@ -2037,3 +2039,26 @@ def test_fx_takes_a_tuple_constant_input():
     pm = pbp_fx.perforate(model, (x, (3, 2, 3)), frontend="fx")
     assert pm.capture["captured_with"] == "fx" and list(pm.sites) == ["fc"]
     torch.testing.assert_close(pm(x, (3, 2, 3)), model(x, (3, 2, 3)), rtol=0, atol=0)
+
+
+class _Scale:
+    """A config object of the caller's, not a dataclass, passed on every call."""
+
+    def __init__(self):
+        self.scale = torch.tensor(2.0)
+
+
+def test_a_config_object_passed_on_every_call_stays_a_constant_as_before():
+    """The dataclass refusal took in any object with tensor attributes, with advice (register_dataclass) that
+    fails on a plain class; such a config, passed on every call, had worked (a reviewer)."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x, cfg):
+            return self.fc(x) * cfg.scale
+
+    model, cfg, x = Model(), _Scale(), torch.randn(5, 4)
+    pm = pbp_fx.perforate(model, (torch.randn(2, 4), cfg))
+    torch.testing.assert_close(pm(x, cfg), model(x, cfg), rtol=0, atol=0)

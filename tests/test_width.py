@@ -616,7 +616,34 @@ def test_a_target_between_whole_widths_that_torch_pruning_cannot_trim_says_so_no
     mod = types.SimpleNamespace(__name__="gru_model", build_model=lambda width=12: _WidthGRU(width),
                                 example_inputs=lambda: (torch.randn(3, 15, 2),))
     with pytest.raises(WidthError, match=r"^no width of build_model\(width=\.\.\.\) gets within 5% of 1101 parameters "
-                                         r"\(1173 at width 1\.08333, 1011 at width 1\), and Torch-Pruning could not "
-                                         r"remove single channels from the wider build: \w+Error") as caught:
+                                         r"\(1173 at width 1\.08333, 1011 at width 1\), and removing single channels "
+                                         r"from the wider build failed: Torch-Pruning could not scale _WidthGRU: "
+                                         r"\w+Error") as caught:
         WidthBuilder.from_module(mod).for_params(1101)
     assert "give build_model a width argument" not in str(caught.value)
+
+
+class _TiedWidth(nn.Module):
+    def __init__(self, hidden: int = 2):
+        super().__init__()
+        self.emb, self.mid, self.out = nn.Embedding(10, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(torch.relu(self.mid(self.emb(x))))
+
+
+def test_a_target_between_whole_widths_keeps_why_trimming_failed_and_a_model_without_one_keeps_its_advice():
+    """The reason was cut out of shrink's message by its ' (give build_model' suffix: the tied-weights one ends
+    in '; give build_model a width argument' and came out empty (a reviewer)."""
+    import types
+
+    mod = types.SimpleNamespace(__name__="tied", build_model=lambda width=2: _TiedWidth(width),
+                                example_inputs=lambda: (torch.randint(0, 10, (3, 4)),))
+    with pytest.raises(WidthError, match=r"failed: _TiedWidth cannot be narrowed by removing channels: its tied "
+                                         r"weights \(.*\) would come apart$"):
+        WidthBuilder.from_module(mod).for_params(34)
+    plain = types.SimpleNamespace(__name__="plain", build_model=lambda: _WidthGRU(12),
+                                  example_inputs=lambda: (torch.randn(3, 15, 2),))
+    with pytest.raises(WidthError, match=r"\(give build_model a width argument\)$"):
+        WidthBuilder.from_module(plain).for_params(900)
