@@ -140,7 +140,7 @@ def _refuse_sparse_gradients_for_adam(pm: nn.Module, optimizer: torch.optim.Opti
         return
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for name, m in pm.named_modules():
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and id(m.weight) in held:
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad and id(m.weight) in held:
             name = name.removeprefix("graph_module.")  # (the model's own path)
             raise ConfigError(f"{type(m).__name__} {name!r} has sparse=True, whose sparse gradients "
                               f"{type(optimizer).__name__} cannot take: build it with sparse=False, or train with an "

@@ -72,14 +72,15 @@ def _record_class(entry: dict, where: str) -> type:
     (the model file's, __main__): a checkpoint names it, so nothing is imported for it and nothing but a
     namedtuple or dataclass is built (a crafted file naming subprocess.Popen must not run)."""
     cls = sys.modules.get(entry["module"])
-    for part in entry["qualname"].split("."):
-        cls = getattr(cls, part, None)
+    for part in entry["qualname"].split("."):  # (through __dict__: a module's lazy __getattr__ would import)
+        cls = getattr(cls, "__dict__", {}).get(part)
     record = isinstance(cls, type) and ((issubclass(cls, tuple) and hasattr(cls, "_fields"))
                                         or dataclasses.is_dataclass(cls))
     if not record:
         raise CheckpointError(f"the recorded input {where} is a {entry['type']} ({entry['module']}."
                               f"{entry['qualname']}), which is no namedtuple or dataclass this process has imported: "
-                              "import its module before load(), or pass example_inputs / example_kwargs to load()")
+                              "import its module before load() (a model file's: "
+                              "pbp_fx.modelfile.load_model_file(path)), or pass example_inputs / example_kwargs")
     return cls
 
 

@@ -394,9 +394,12 @@ def mean_squared_error(output, target: torch.Tensor) -> torch.Tensor:
 
 
 def samples_in(target, inputs=()) -> int:
-    """A batch's sample count: dim 0 of its target, or of its first batched tensor where the target is a tuple
-    or dict of tensors (a two-head model's labels), else of the inputs' (1 without any)."""
-    for part in (target, inputs):
+    """A batch's sample count: dim 0 of a tensor target; for a tuple, list or dict target (a two-head model's
+    labels, a detector's per-image dicts, whose first tensor may hold boxes, not images), dim 0 of the first
+    batched input, else of the target's first batched tensor (1 without any)."""
+    if isinstance(target, torch.Tensor) and target.dim():
+        return target.shape[0]
+    for part in (inputs, target):
         for t in torch.utils._pytree.tree_leaves(part):
             if isinstance(t, torch.Tensor) and t.dim():
                 return t.shape[0]

@@ -1565,3 +1565,22 @@ def test_a_sparse_embedding_under_adam_is_refused_up_front_with_an_optimizer_tha
     history = pbp_fx.fit(pm, data, data, epochs=2, progress=False,
                          optimizer_factory=lambda params: torch.optim.SGD(params, lr=0.1))  # the advice works
     assert len(history.epochs) == 2
+
+
+def test_a_frozen_sparse_embedding_under_adam_trains_the_rest():
+    """The refusal asked only whether Adam held the weight: Lightning's Adam(self.parameters()) holds frozen ones
+    too, and a frozen sparse embedding makes no gradient at all (a reviewer)."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(30, 16, sparse=True), nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids).mean(1))
+
+    model = Bag()
+    model.emb.weight.requires_grad_(False)
+    pm = pbp_fx.perforate(model, (torch.randint(0, 30, (2, 5)),))
+    ctl = PhaseController(pm, optimizer=torch.optim.Adam(pm.parameters()))
+    pm(torch.randint(0, 30, (4, 5))).sum().backward()
+    ctl.optimizer.step()

@@ -87,8 +87,12 @@ def test_a_crafted_record_neither_imports_nor_builds_what_is_no_namedtuple_or_da
     popen = {"kind": "record", "type": "Popen", "module": "subprocess", "qualname": "Popen",
              "fields": [["args", {"kind": "value", "value": f"touch {flag}"}], ["shell", {"kind": "value", "value": True}]]}
     unimported = dict(popen, module="pbp_fx_never_imported_module", qualname="Anything")
-    for entry in (popen, unimported):
+    # (a module's lazy __getattr__ imports what it is asked for: the walk reads __dict__ only)
+    lazy = dict(popen, module="torch", qualname="_inductor.config.Nope")
+    had_inductor = "torch._inductor" in sys.modules
+    for entry in (popen, unimported, lazy):
         with pytest.raises(CheckpointError, match="which is no namedtuple or dataclass this process has imported"):
             inputs_from_signature({"names": ["x"], "args": [entry], "kwargs": {}})
     assert not flag.exists()
     assert "pbp_fx_never_imported_module" not in sys.modules
+    assert ("torch._inductor" in sys.modules) == had_inductor

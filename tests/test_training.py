@@ -768,3 +768,15 @@ def test_fit_takes_a_tuple_or_dict_target_for_a_two_head_model():
 
         history = pbp_fx.fit(pm, data, data, loss, metric=metric, epochs=2, progress=False)
         assert len(history.epochs) == 2 and math.isfinite(history.epochs[0]["train_loss"])
+
+
+def test_a_list_of_per_image_dicts_counts_images_not_boxes():
+    """samples_in took the first batched tensor of any structured target: a detector's first image with no
+    boxes counted 0 samples, and every such batch made 'the training loader produced no batch' (a reviewer)."""
+    from pbp_fx.training import samples_in
+
+    images = torch.randn(2, 8)
+    target = [{"boxes": torch.zeros(0, 4)}, {"boxes": torch.zeros(3, 4)}]
+    assert samples_in(target, (images,)) == 2
+    assert samples_in(torch.zeros(5), (images,)) == 5  # (a tensor target: its own dim 0, as before)
+    assert samples_in(None, ()) == 1
