@@ -1,7 +1,7 @@
 """Small models shared by several test modules: one that only the "parts" frontend captures (the
 find_sites and checkpoint tests), a layer with a functional dropout (tracing, perforated), a root
 that writes a buffer fx drops (tracing, checkpoint) and a leaf that reads its layer's attributes
-(finalize, ONNX)."""
+(finalize, ONNX); a layer reshaped to a size given as an input (tracing, signature)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,3 +95,14 @@ def grown_leaf_reader():
             if name.endswith("out_weight"):
                 p.fill_(0.3)
     return pm.eval(), x
+
+
+class Reshapes(nn.Module):
+    """A Linear whose output is reshaped to a size the caller passes (a tuple constant input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x, size):
+        return self.fc(x).reshape(size)

@@ -1545,19 +1545,22 @@ def test_a_neuron_thawed_inside_a_dendrite_phase_stays_still_until_it_ends():
     assert first.weight.requires_grad
 
 
+class SparseBag(nn.Module):
+    """An embedding with sparse gradients under a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(30, 16, sparse=True), nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
 def test_a_sparse_embedding_under_adam_is_refused_up_front_with_an_optimizer_that_works():
     """fit's default Adam failed at the first step with torch's 'Adam does not support sparse gradients, please
     consider SparseAdam instead', a raw traceback, and a hint that fails too: SparseAdam takes no dense parameter
     (a reviewer)."""
-    class Bag(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.fc = nn.Embedding(30, 16, sparse=True), nn.Linear(16, 4)
-
-        def forward(self, ids):
-            return self.fc(self.emb(ids).mean(1))
-
-    pm = pbp_fx.perforate(Bag(), (torch.randint(0, 30, (2, 5)),))
+    pm = pbp_fx.perforate(SparseBag(), (torch.randint(0, 30, (2, 5)),))
     with pytest.raises(pbp_fx.ConfigError, match=r"^Embedding 'emb' has sparse=True, whose sparse gradients Adam "
                                                  r"cannot take: build it with sparse=False, or train with an optimizer"):
         PhaseController(pm)
@@ -1570,15 +1573,7 @@ def test_a_sparse_embedding_under_adam_is_refused_up_front_with_an_optimizer_tha
 def test_a_frozen_sparse_embedding_under_adam_trains_the_rest():
     """The refusal asked only whether Adam held the weight: Lightning's Adam(self.parameters()) holds frozen ones
     too, and a frozen sparse embedding makes no gradient at all (a reviewer)."""
-    class Bag(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.fc = nn.Embedding(30, 16, sparse=True), nn.Linear(16, 4)
-
-        def forward(self, ids):
-            return self.fc(self.emb(ids).mean(1))
-
-    model = Bag()
+    model = SparseBag()
     model.emb.weight.requires_grad_(False)
     pm = pbp_fx.perforate(model, (torch.randint(0, 30, (2, 5)),))
     ctl = PhaseController(pm, optimizer=torch.optim.Adam(pm.parameters()))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import pbp_fx
+from parts_models import Reshapes
 from pbp_fx.signature import CallError, CallSignature
 
 pytestmark = pytest.mark.usefixtures("seeded")
@@ -309,14 +310,6 @@ def test_a_dict_inputs_keys_may_come_in_any_order_as_the_original_takes_them(fro
 
 
 def test_a_torch_size_where_a_tuple_was_traced_is_taken_and_a_refusal_names_types_that_print_alike():
-    class Reshapes(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 6)
-
-        def forward(self, x, size):
-            return self.fc(x).reshape(size)
-
     x = torch.randn(3, 4)
     pm = pbp_fx.perforate(Reshapes(), (x, (3, 2, 3)))
     torch.testing.assert_close(pm(x, torch.Size([3, 2, 3])), pm(x, (3, 2, 3)), rtol=0, atol=0)

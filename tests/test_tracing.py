@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import pbp_fx
-from parts_models import FunctionalDropout
+from parts_models import FunctionalDropout, Reshapes
 from pbp_fx.site import Site
 from pbp_fx.errors import TraceError
 from pbp_fx.tracing import PBTracer, trace
@@ -2027,14 +2027,6 @@ def test_a_parts_own_hooks_run_around_it_as_around_the_submodule():
 def test_fx_takes_a_tuple_constant_input():
     """fx's code for a structured constant flattens [self, x, size]: shape propagation left the module out and
     failed with 'example inputs do not run through the model: list index out of range' (a reviewer)."""
-    class Reshapes(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 6)
-
-        def forward(self, x, size):
-            return self.fc(x).reshape(size)
-
     model, x = Reshapes(), torch.randn(3, 4)
     pm = pbp_fx.perforate(model, (x, (3, 2, 3)), frontend="fx")
     assert pm.capture["captured_with"] == "fx" and list(pm.sites) == ["fc"]
