@@ -96,3 +96,17 @@ def test_a_crafted_record_neither_imports_nor_builds_what_is_no_namedtuple_or_da
     assert not flag.exists()
     assert "pbp_fx_never_imported_module" not in sys.modules
     assert ("torch._inductor" in sys.modules) == had_inductor
+
+
+@dataclasses.dataclass
+class WithDerived:
+    ids: torch.Tensor
+    count: int = dataclasses.field(init=False, default=0)
+
+
+def test_a_dataclass_record_keeps_only_the_fields_its_constructor_takes_and_patterns_tell_classes_apart():
+    sig = json.loads(json.dumps(describe_inputs(Takes(), (WithDerived(torch.zeros(2, 3, dtype=torch.long)),), {})))
+    (rebuilt,), _ = inputs_from_signature(sig)
+    assert type(rebuilt) is WithDerived and rebuilt.ids.shape == (2, 3) and rebuilt.count == 0
+    other = json.loads(json.dumps(sig).replace('"qualname": "WithDerived"', '"qualname": "Record"'))
+    assert not same_pattern(sig, other)

@@ -2054,3 +2054,51 @@ def test_a_config_object_passed_on_every_call_stays_a_constant_as_before():
     model, cfg, x = Model(), _Scale(), torch.randn(5, 4)
     pm = pbp_fx.perforate(model, (torch.randn(2, 4), cfg))
     torch.testing.assert_close(pm(x, cfg), model(x, cfg), rtol=0, atol=0)
+
+
+class _NoGradBody(nn.Module):
+    """A mode switch in its forward: auto captures it with torch.export, which runs its hooks into the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        with torch.no_grad():
+            shift = h.mean()
+        return torch.relu(h - shift)
+
+
+class _BranchingOverNoGradBody(_BranchingOverBody):
+    def __init__(self):
+        super().__init__()
+        self.body = _NoGradBody()
+
+
+def test_a_part_torch_export_captured_has_its_hooks_in_its_graph_once():
+    model = _BranchingOverNoGradBody()
+    model.body.register_forward_pre_hook(lambda module, args: (args[0] * 3,))
+    x = torch.randn(2, 4).abs()
+    with pytest.warns(pbp_fx.PBWarning, match="neither fx nor torch.export"):
+        pm = pbp_fx.perforate(model, (x,))
+    part = next(m for m in pm.modules() if getattr(m, "name", None) == "body")
+    assert part.graph_module.meta["pbp_frontend"] == "export"
+    torch.testing.assert_close(pm(x), model(x), rtol=0, atol=0)  # (the pre-hook's scaling once, not twice)
+
+
+def test_a_dataclass_passed_by_keyword_is_refused_too():
+    @dataclasses.dataclass
+    class Batch:
+        u: torch.Tensor
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x, batch=None):
+            return self.fc(x) + self.fc(batch.u)
+
+    with pytest.raises(pbp_fx.errors.ExampleInputsError, match=r"^input 'batch' holds an object of type Batch"):
+        pbp_fx.perforate(Model(), (torch.randn(3, 4),), example_kwargs={"batch": Batch(torch.randn(3, 4))})
