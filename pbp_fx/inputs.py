@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import CheckpointError
 
-__all__ = ["describe_inputs", "inputs_from_signature", "same_pattern", "opaque_holder"]
+__all__ = ["describe_inputs", "inputs_from_signature", "same_pattern", "opaque_holder", "positional_names"]
 
 
 def opaque_holder(value: Any, dataclasses_only: bool = False) -> Optional[str]:
@@ -84,15 +84,19 @@ def _record_class(entry: dict, where: str) -> type:
     return cls
 
 
-def describe_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """JSON description of example inputs: positional names, shapes (batch axis marked), dtypes."""
+def positional_names(model: nn.Module, count: int) -> list[str]:
+    """The names of `count` positional inputs of model.forward (`arg<i>` past its named parameters)."""
     try:
         params = [p.name for p in inspect.signature(model.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):
         params = []
-    names = [params[i] if i < len(params) else f"arg{i}" for i in range(len(args))]
-    return {"names": names, "args": [_describe(a) for a in args],
+    return [params[i] if i < len(params) else f"arg{i}" for i in range(count)]
+
+
+def describe_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """JSON description of example inputs: positional names, shapes (batch axis marked), dtypes."""
+    return {"names": positional_names(model, len(args)), "args": [_describe(a) for a in args],
             "kwargs": {k: _describe(v) for k, v in kwargs.items()}}
 
 

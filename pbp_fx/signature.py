@@ -211,6 +211,8 @@ class CallSignature:
     def _check(self, name: str, traced: tuple, value):
         """`value` as the graph takes it (dicts in the traced key order); CallError where the graph was
         traced with another pattern."""
+        if _matches(traced, value):  # (the usual call: nothing to rebuild)
+            return value
         ordered = _in_traced_order(traced[0], value)
         if _matches(traced, ordered):
             return ordered

@@ -65,8 +65,8 @@ from torch.utils import _pytree as pytree
 
 from .config import FRONTENDS, ConfigError
 from .errors import ExampleInputsError, PBWarning, TraceError, warn_at_user
+from .inputs import opaque_holder, positional_names
 from .layers import WEIGHT_HOOKS, StandIn, has_user_hooks
-from .inputs import opaque_holder
 from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
@@ -1537,12 +1537,7 @@ def _refuse_opaque_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """An example input holding a dataclass with tensors that pytree cannot reach is refused by name: fx froze
     it into the graph as one constant, and the perforated model refused every other instance (a batch made
     anew each step). Another object (a config passed on every call) stays a constant, as before."""
-    try:
-        names = [p for p in inspect.signature(model.forward).parameters]
-    except (TypeError, ValueError):
-        names = []
-    named = [(names[i] if i < len(names) else f"#{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
-    for name, value in named:
+    for name, value in [*zip(positional_names(model, len(args)), args), *kwargs.items()]:
         kind = opaque_holder(value, dataclasses_only=True)
         if kind is not None:
             raise ExampleInputsError(

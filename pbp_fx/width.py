@@ -207,7 +207,7 @@ def _fan_in(m: nn.Module) -> Optional[int]:
 
 
 def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], int],
-           example_kwargs: Optional[dict] = None) -> tuple[nn.Module, float]:
+           example_kwargs: Optional[dict] = None, advise_width_argument: bool = True) -> tuple[nn.Module, float]:
     """Remove channels from `model` in place: every dependency group of C channels in B blocks
     keeps `keep(C // B, group_index)` channels per block (the first ones: the model is at random
     init, so which channels go does not matter). Output layers keep their size. The model is
@@ -215,11 +215,13 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
     groups' channels kept: the width it has (rounding makes it differ from the one asked).
 
     Weights of layers whose fan-in shrank are rescaled by sqrt(old/new fan-in), so a default
-    (fan-in scaled) initialisation keeps its variance at the new width.
+    (fan-in scaled) initialisation keeps its variance at the new width. advise_width_argument: a WidthError
+    ends with "give build_model a width argument" (False: the model has one).
     """
     import torch_pruning as tp
 
     kwargs = dict(example_kwargs or {})
+    advice = "; give build_model a width argument" if advise_width_argument else ""
     model.eval()  # tracing must not update batch-norm statistics
     before = {m: _fan_in(m) for m in model.modules()}
     norms = {m: tuple(m.normalized_shape) for m in model.modules() if isinstance(m, nn.LayerNorm)}
@@ -255,11 +257,11 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
         raise
     except Exception as exc:  # noqa: BLE001 - Torch-Pruning's or the model's own failure
         raise WidthError(f"Torch-Pruning could not scale {type(model).__name__}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''} (give build_model a width argument)") from exc
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}{advice}") from exc
     untied = [names for names in ties if not _tie_again(model, names)]
     if untied:  # (an output layer tied to a hidden one keeps its size while the hidden one narrows)
         raise WidthError(f"{type(model).__name__} cannot be narrowed by removing channels: its tied weights "
-                         f"({' = '.join(untied[0])}) would come apart; give build_model a width argument")
+                         f"({' = '.join(untied[0])}) would come apart{advice}")
     emptied = [holders[m] or type(model).__name__ for m in holders
                if any(0 in p.shape for p in m.parameters(recurse=False))]
     try:
@@ -278,7 +280,7 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
                  "or " if narrowed else "")
         raise WidthError(f"{type(model).__name__} cannot be narrowed by removing channels: {problem} ({cause}its "
                          "forward uses fixed channel sizes, e.g. a head size kept as an attribute, or a parameter of "
-                         "no layer in a product, x @ W); give build_model a width argument")
+                         "no layer in a product, x @ W)" + advice)
     # (a layer a group reaches through its parent, an attention's out_proj, has changed shape: not listed)
     # Only recurrent layers: an input-sized norm or embedding table that no group reaches has the
     # input's size at any width, and naming it would be false advice.
@@ -287,7 +289,7 @@ def shrink(model: nn.Module, example_inputs: tuple, keep: Callable[[int, int], i
     if whole:
         warn_at_user(f"narrowing {type(model).__name__} by removing channels leaves {len(whole)} layer(s) at "
                      f"full size ({', '.join(whole[:4])}{', ...' if len(whole) > 4 else ''}): the model "
-                     "is wider than the width asked; give build_model a width argument to scale every layer")
+                     "is wider than the width asked" + (f"{advice} to scale every layer" if advice else ""))
     rescaled: set[int] = set()  # (a tied weight once)
     for m, old in before.items():
         new = _fan_in(m)
@@ -472,16 +474,15 @@ class WidthBuilder:
             model, built = self._built(wide)
             try:
                 model, kept = shrink(model, self._inputs(), lambda size, i: size - (1 if groups(i) else 0),
-                                     self.example_kwargs())
+                                     self.example_kwargs(), advise_width_argument=self.base_width is None)
             except WidthError as exc:
                 if self.base_width is None:
                     raise
-                # (shrink's advice, a width argument, is what this model has: its whole widths step over the target)
+                # (a width argument is what this model has: its whole widths step over the target)
                 nearest = ", ".join(f"{count(w)} at width {self._built(w)[1]:g}" for w in widths)
-                why = re.sub(r"(; | \()give build_model a width argument\)?$", "", str(exc))
                 raise WidthError(f"no width of build_model(width=...) gets within {tolerance:.0%} of {target:.0f} "
                                  f"parameters ({nearest}), and removing single channels from the wider build failed: "
-                                 f"{why}") from exc
+                                 f"{exc}") from exc
             return model, built * kept  # (about: the trimmed groups' share of the channels)
 
         found, previous = None, None

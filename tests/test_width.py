@@ -645,5 +645,5 @@ def test_a_target_between_whole_widths_keeps_why_trimming_failed_and_a_model_wit
         WidthBuilder.from_module(mod).for_params(34)
     plain = types.SimpleNamespace(__name__="plain", build_model=lambda: _WidthGRU(12),
                                   example_inputs=lambda: (torch.randn(3, 15, 2),))
-    with pytest.raises(WidthError, match=r"\(give build_model a width argument\)$"):
+    with pytest.raises(WidthError, match=r"; give build_model a width argument$"):
         WidthBuilder.from_module(plain).for_params(900)
