@@ -1,4 +1,4 @@
-"""The honest accuracy benchmark (PB_SPEC §7): PB against plain models, same seeds and stopping.
+"""The honest accuracy benchmark (docs/algorithm.md, "What a fair comparison looks like"): PB against plain models, same seeds and stopping.
 
 For each task, on one fixed data split and model seeds 0..S-1:
   plain W      the model at width W

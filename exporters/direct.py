@@ -127,12 +127,12 @@ class _Emitter:
             # The fused node's inputs in the function's own order and layout (one source: ExportedSite).
             ins = [x] + [self.const(t, name) for name, t in m.tensors().items()]
             from .functions import DOMAIN
-            from .onnx import _OVERLOAD_KEY, _SITE_KEY
+            from .onnx import OVERLOAD_KEY, SITE_KEY
 
             out = self.node(spec.op_type, ins, "pbp", domain=DOMAIN, **spec.attributes())
             props = self.nodes[-1].metadata_props
-            props.add(key=_SITE_KEY, value=m.site.name)
-            props.add(key=_OVERLOAD_KEY, value=spec.overload)
+            props.add(key=SITE_KEY, value=m.site.name)
+            props.add(key=OVERLOAD_KEY, value=spec.overload)
         elif type(m) in _ACTIVATION_MODULES:
             out = self.node(_ACTIVATION_MODULES[type(m)], [x], n.name)
         elif type(m) is nn.LeakyReLU:

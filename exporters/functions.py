@@ -52,11 +52,12 @@ from onnx import helper, numpy_helper
 
 from pbp_fx.layers import dendrite_call_sizes
 
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "FusedOpSpec", "make_function", "op_type_for", "ship_functions",
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "MIN_OPSET", "FusedOpSpec", "make_function", "op_type_for", "ship_functions",
            "set_flags"]
 
 DOMAIN = "pbp"
 DOMAIN_VERSION = 1
+MIN_OPSET = 18  # the lowest default-domain opset of the fused ops' bodies (and of the exporter)
 
 _ACT_OPS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
 # torch padding_mode -> ONNX Pad mode (and the default-domain opset it needs).
@@ -168,7 +169,7 @@ class _Body:
         return name
 
 
-def make_function(spec: FusedOpSpec, opset: int = 18) -> onnx.FunctionProto:
+def make_function(spec: FusedOpSpec, opset: int = MIN_OPSET) -> onnx.FunctionProto:
     """The FunctionProto implementing `spec` with default-domain ops of `opset`."""
     if opset < spec.min_opset:
         raise ValueError(f"{spec.op_type} with padding_mode={spec.padding_mode!r} needs opset >= "

@@ -65,7 +65,7 @@ from pbp_fx.tracing import batch_size, buffers_kept, copy_module, ignore_spec_co
 
 from . import clip_after_site, output_weight_into_readers
 from .direct import plain_output_names
-from .functions import DOMAIN, DOMAIN_VERSION, FusedOpSpec, make_function
+from .functions import DOMAIN, DOMAIN_VERSION, MIN_OPSET, FusedOpSpec, make_function
 from .ort import AXIS_RANGES_KEY, MAX_BATCH_KEY, MIN_BATCH_KEY, output_difference, sizes_text
 
 __all__ = ["export_onnx", "check_other_sizes", "ExportError", "ExportPathError", "fused_op_spec", "MIN_IR_VERSION", "METADATA_KEYS",
@@ -75,7 +75,6 @@ log = logging.getLogger(__name__)
 
 # IR 10 is the first with function overloads; onnxruntime >= 1.16 reads it.
 MIN_IR_VERSION = 10
-MIN_OPSET = 18
 # The newest opset torch.onnx reaches with onnxscript's own version converter; above it, its fallback
 # to onnx's C API converter drops node metadata (the fused sites) and fails on ops such as Gelu.
 MAX_OPSET = 25
@@ -83,8 +82,8 @@ MAX_OPSET = 25
 BFLOAT16_OPSET = 22
 METADATA_KEYS = ("pbp_fx.version", "pbp_fx.sites", "pbp_fx.dendrites", "pbp_fx.activation",
                  "pbp_fx.fused", "pbp_fx.domain")
-_SITE_KEY = "pbp.site"  # node metadata: the site a fused node computes
-_OVERLOAD_KEY = "pbp.overload"  # node metadata, consumed (removed) after export
+SITE_KEY = "pbp.site"  # node metadata: the site a fused node computes
+OVERLOAD_KEY = "pbp.overload"  # node metadata, consumed (removed) after export
 
 
 class ExportError(PBError):
@@ -171,7 +170,7 @@ class ExportedSite(nn.Module):
         spec = self.spec
         geometry = (spec.pads, spec.dilations, spec.kernel_shape, spec.strides) if spec.is_conv else None
         return _fused_node(x, list(self.tensors().values()), f"{DOMAIN}::{spec.op_type}", spec.attributes(),
-                           spec.channels, geometry, {_SITE_KEY: self.site.name, _OVERLOAD_KEY: spec.overload})
+                           spec.channels, geometry, {SITE_KEY: self.site.name, OVERLOAD_KEY: spec.overload})
 
 
 # In the graph as one call under dynamo (the exporter's strict capture, used when the non-strict
@@ -1282,18 +1281,18 @@ def _attach_functions(proto: onnx.ModelProto, specs: dict[str, FusedOpSpec]) -> 
         if node.domain != DOMAIN:
             continue
         props = {p.key: p.value for p in node.metadata_props}
-        overload = props.get(_OVERLOAD_KEY)
+        overload = props.get(OVERLOAD_KEY)
         if overload not in specs:
             raise ExportError(f"fused node {node.name!r} has no known signature: this is a pbp-fx bug")
         node.overload = overload
-        site = props.get(_SITE_KEY, "")
+        site = props.get(SITE_KEY, "")
         name = f"pbp/{site}" if site else node.name
         while name in names:  # a site module called more than once
             name += "_"
         names.add(name)
         node.name = name
         del node.metadata_props[:]
-        node.metadata_props.add(key=_SITE_KEY, value=site)
+        node.metadata_props.add(key=SITE_KEY, value=site)
         used[overload] = specs[overload]
         count += 1
     for overload in sorted(used):

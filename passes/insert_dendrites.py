@@ -75,7 +75,7 @@ def _insert(gm: fx.GraphModule, specs: list, activation: str, mode: str) -> fx.G
         names.add(spec.name)
         weight = attr_tensor(gm, spec.weight)
         site = Site(spec.name, spec.layer, spec.norm, activation=activation, mode=mode)
-        site._anchor = site._anchor.to(device=weight.device, dtype=weight.dtype)
+        site.to(device=weight.device, dtype=weight.dtype)  # new dendrites follow the layer's device and dtype
         site.spec = spec
         if spec.in_leaf:
             owner, _, child = spec.module.rpartition(".")

@@ -127,7 +127,7 @@ def _weight_ref(gm: fx.GraphModule, arg) -> Optional[tuple[str, bool]]:
     return None
 
 
-def _tensor_path(gm: fx.GraphModule, arg) -> Optional[str]:
+def _tensor_path(arg) -> Optional[str]:
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
         return arg.target
     return None
@@ -266,7 +266,7 @@ def functional_linear(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, N
                        None, weight, bias, weight_transposed=transposed)
 
 
-def _product(gm: fx.GraphModule, x, w, b, node: fx.Node, index: int, name: str) -> Union[NeuronMatch, NotASite, None]:
+def _product(gm: fx.GraphModule, x, w, b, index: int, name: str) -> Union[NeuronMatch, NotASite, None]:
     """x @ W (+ b) as a Linear: W is [in, C] (or W.t() of a [C, in] parameter), b a [C] parameter."""
     if not isinstance(x, fx.Node) or _param_path(gm, x) is not None:
         return None
@@ -293,7 +293,7 @@ def functional_matmul(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, N
     if node.op != "call_function" or node.target not in _MATMUL_FUNCTIONS:
         return None
     xi, xn, wi, wn = _MATMUL_FUNCTIONS[node.target]
-    return _product(gm, node_arg(node, xi, xn), node_arg(node, wi, wn), None, node, xi, xn)
+    return _product(gm, node_arg(node, xi, xn), node_arg(node, wi, wn), None, xi, xn)
 
 
 def functional_addmm(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
@@ -302,7 +302,7 @@ def functional_addmm(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, No
     bn, xn, wn = _ADDMM_FUNCTIONS[node.target]
     if node_arg(node, 3, "beta", 1) != 1 or node_arg(node, 4, "alpha", 1) != 1:
         return NotASite("addmm with beta or alpha other than 1")
-    return _product(gm, node_arg(node, 1, xn), node_arg(node, 2, wn), node_arg(node, 0, bn), node, 1, xn)
+    return _product(gm, node_arg(node, 1, xn), node_arg(node, 2, wn), node_arg(node, 0, bn), 1, xn)
 
 
 def functional_conv(node: fx.Node, gm: fx.GraphModule) -> Union[NeuronMatch, NotASite, None]:
@@ -434,7 +434,7 @@ def functional_batch_norm(neuron: fx.Node, user: fx.Node, layer: LayerSpec, gm) 
     if get("input") is not neuron or get("training") is not False:
         return None  # batch statistics at eval time do not fold
     raw = {k: get(k) for k in ("running_mean", "running_var", "weight", "bias")}
-    t = {k: _tensor_path(gm, v) for k, v in raw.items()}
+    t = {k: _tensor_path(v) for k, v in raw.items()}
     if t["running_mean"] is None or t["running_var"] is None:
         return None
     if (raw["weight"] is not None and t["weight"] is None) or (raw["bias"] is not None and t["bias"] is None):

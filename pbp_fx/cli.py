@@ -535,9 +535,9 @@ def _whole(text: str) -> int:
         return int(number)
 
 
-def _number(kind: type, flag: str, optional: bool = False):
-    """An argparse type that names the flag in its one-line error (non-numeric values); `optional`:
-    `none` is accepted too (UNSET)."""
+def _number(kind: type, optional: bool = False):
+    """An argparse type whose one-line error says what the value is not (argparse names the flag);
+    `optional`: `none` is accepted too (UNSET)."""
 
     def parse(text: str):
         if optional and text.strip().lower() == "none":
@@ -584,7 +584,7 @@ def config_args(cls, helps: Optional[dict] = None) -> list[tuple]:
         elif f.metadata["choices"]:
             kwargs["choices"] = f.metadata["choices"]
         else:
-            kwargs["type"] = _number(int if kind == "int" else float if kind == "float" else str, flag, optional)
+            kwargs["type"] = _number(int if kind == "int" else float if kind == "float" else str, optional)
             kwargs["metavar"] = "N" if kind == "int" else "X"
         out.append(arg(flag, **kwargs))
     return out
@@ -642,6 +642,13 @@ def _take_the_runs_scope(args: argparse.Namespace, path: str) -> None:
                       f"MNIST-1D MLP would train): give it, e.g. pbp-fx {args.command} {model} --config {path}")
 
 
+def run_name(model_file: Optional[str]) -> str:
+    """The default name of a run's folder: the model file's stem, or the built-in model's."""
+    from .job import DEFAULT_MODEL
+
+    return DEFAULT_MODEL.rpartition(".")[2] if model_file is None else os.path.splitext(os.path.basename(model_file))[0]
+
+
 def _config_file_arg() -> tuple:
     return arg("--config", dest="config_file", metavar="FILE", default=None, action=_FileGivenOnce,
                help="a JSON or YAML file of settings, one mapping of PBConfig/TrainConfig field names to values "
@@ -663,10 +670,10 @@ def _train_args() -> tuple:
         arg("--device", default=None, choices=("auto", "cpu", "cuda"),
             help="where training runs: auto (a CUDA GPU when torch sees one for every process, else the CPU), cpu, "
                  "or cuda (refused without one) (default: auto; with --resume, the run's own)"),
-        arg("--nproc", type=_number(int, "--nproc"), default=None, metavar="N",
+        arg("--nproc", type=_number(int), default=None, metavar="N",
             help="train on N local processes with torchrun and DDP (gloo on CPU, nccl on GPU); "
                  "--batch-size stays the global batch (default: 1; with --resume, the run's own)"),
-        arg("--dist-timeout", type=_number(float, "--dist-timeout"), default=None, metavar="SECONDS",
+        arg("--dist-timeout", type=_number(float), default=None, metavar="SECONDS",
             help="with --nproc: how long a process waits for the others before it stops (default: 300)"),
         arg("--resume", metavar="DIR", default=None,
             help="continue the run whose --out folder is DIR, with its own settings (from its last epoch); "
@@ -677,8 +684,8 @@ def _train_args() -> tuple:
 @subcommand("train", "train a model file's model with Perforated Backpropagation (default: MNIST-1D MLP)",
             *_train_args())
 def train(args: argparse.Namespace) -> int:
-    from .distributed import Distributed, launch, stop_with_launcher, torchrun_world_size
-    from .job import saved_run, train_job
+    from .distributed import DEFAULT_TIMEOUT, Distributed, launch, stop_with_launcher, torchrun_world_size
+    from .job import DEFAULT_MODEL, saved_run, train_job
     from .training import training_device
 
     if args.nproc is not None and args.nproc < 1:
@@ -737,9 +744,9 @@ def train(args: argparse.Namespace) -> int:
     if world > 1:
         stop_with_launcher()  # (a rank of `pbp-fx train --nproc N` ends when that command is killed)
     distributed = Distributed.init("nccl" if device.type == "cuda" else "gloo",
-                                   timeout=300.0 if args.dist_timeout is None else args.dist_timeout) \
+                                   timeout=DEFAULT_TIMEOUT if args.dist_timeout is None else args.dist_timeout) \
         if world > 1 else None
-    name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
+    name = run_name(args.model)
     try:
         if args.resume is not None:
             train_job(args.model, resume=args.resume, progress=not args.no_progress, distributed=distributed,
@@ -828,7 +835,7 @@ def _model_module(ref: str):
     arg("--model", metavar="FILE", default=None, help="the model file a checkpoint was trained from "
         "(default: the one recorded in the checkpoint)"),
     arg("--unfused", action="store_true", help="plain standard ops instead of one pbp node per site"),
-    arg("--opset", type=_number(int, "--opset"), default=None, metavar="N",
+    arg("--opset", type=_number(int), default=None, metavar="N",
         help="default-domain ONNX opset (default: 18, or 19 when a site's conv pads circularly)"),
     arg("--static-batch", action="store_true", help="fixed batch size instead of a dynamic batch axis"),
     arg("--dynamic-axis", type=_dynamic_axis, action="append", default=[], metavar="INPUT:DIM=NAME",
@@ -1136,7 +1143,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- compare (issue 13) --------------------------------------------------------------------
+# -- compare -----------------------------------------------------------------------------
 def _arm_list(text: str) -> list[str]:
     from .compare import ARMS
 
@@ -1161,12 +1168,12 @@ def _compare_budget_args() -> tuple:
     "compare", "did PB pay? train plain, restarts, pb, gd and a parameter-matched plain model alike and compare",
     arg("model", nargs="?", default=None,
         help="model file with build_model(), example_inputs() and datasets() (default: built-in MNIST-1D MLP)"),
-    arg("--width", type=_number(float, "--width"), default=1.0, metavar="W",
+    arg("--width", type=_number(float), default=1.0, metavar="W",
         help="width multiplier of every arm's model (< 1 adds the original at width 1; default: 1)"),
-    arg("--seeds", type=_number(int, "--seeds"), default=None, metavar="N", help="model seeds per arm (default: 3)"),
+    arg("--seeds", type=_number(int), default=None, metavar="N", help="model seeds per arm (default: 3)"),
     arg("--arms", type=_arm_list, default=None, metavar="A,B",
         help="comma-separated subset of plain,restarts,pb,gd,plain-matched,original (default: all that apply)"),
-    arg("--jobs", type=_number(int, "--jobs"), default=1, metavar="N", help="runs side by side (default: 1)"),
+    arg("--jobs", type=_number(int), default=1, metavar="N", help="runs side by side (default: 1)"),
     arg("--no-latency", action="store_true", help="skip the ONNX Runtime latency of each run"),
     arg("--out", metavar="DIR", default=None, type=_path,
         help="output folder (default: the --pb-run folder, else runs/compare_<model name>)"),
@@ -1179,7 +1186,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
     from .compare import compare
 
     config, training = configs_from_args(args)
-    name = "mnist1d_mlp" if args.model is None else os.path.splitext(os.path.basename(args.model))[0]
+    name = run_name(args.model)
     if args.pb_run is not None:
         given = sorted(f for f, v in vars(args).items() if v is not None and f in _SETTING_DESTS)
         if given:  # (a model file is the run's own at a new path: its content is checked)

@@ -685,7 +685,7 @@ class PhaseController:
         candidate_lr by that rise (100x after a cosine restart near the bottom of its cycle). Only
         the step is capped: the rate goes back after it (`_uncap_dendrite_lr`), so the scheduler's
         own course, and the neuron rate recovered at the phase's end, do not change."""
-        self._uncap_dendrite_lr(optimizer, args, kwargs)  # (a step that raised left its cap)
+        self._uncap_dendrite_lr()  # (a step that raised left its cap)
         if self.lr_scale is None:
             return
         held = sum(len(g["params"]) for g in optimizer.param_groups)
@@ -726,11 +726,11 @@ class PhaseController:
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.optimizer_steps += 1
-        self._uncap_dendrite_lr(optimizer, args, kwargs)
+        self._uncap_dendrite_lr()
         if self._held_outside:
             self._hold_outside_buffers()
 
-    def _uncap_dendrite_lr(self, optimizer, args, kwargs) -> None:
+    def _uncap_dendrite_lr(self) -> None:
         for g, lr in self._capped:
             if isinstance(lr, torch.Tensor):
                 g["lr"].copy_(lr)
@@ -748,7 +748,7 @@ class PhaseController:
 
     def _unscale_groups(self) -> None:
         """The optimizer's groups from the dendrite phase's rates back to the neuron run's."""
-        self._uncap_dendrite_lr(self.optimizer, (), {})
+        self._uncap_dendrite_lr()
         for i in self._maximizing:
             if i < len(self.optimizer.param_groups):
                 self.optimizer.param_groups[i]["maximize"] = True
@@ -1097,7 +1097,7 @@ class PhaseController:
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume: the schedule, history, lr factors and the best weights."""
-        self._uncap_dendrite_lr(self.optimizer, (), {})
+        self._uncap_dendrite_lr()
         return {"schedule": self.schedule.state_dict(), "history": copy.deepcopy(self.history),
                 "lr_scale": None if self.lr_scale is None else list(self.lr_scale),
                 "lrs": [float(g["lr"]) for g in self.optimizer.param_groups],

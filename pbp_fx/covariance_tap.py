@@ -1,6 +1,6 @@
 """The covariance tap: identity on a site's output y; in backward, delta = dL/dy trains the candidates.
 
-PB_SPEC §4. The candidates' gradient is that of -sum_i sign(C~_i) C_i, with
+docs/algorithm.md, "The dendrite phase". The candidates' gradient is that of -sum_i sign(C~_i) C_i, with
 dC_i/dc_{p,i} = delta_{p,i} - mean_p delta_i, so only candidate parameters (reached through c,
 whose inputs are detached) receive it; the same backward folds the batch's covariance into the
 pool's statistics (EMA, best |C~|, snapshots).

@@ -24,7 +24,7 @@ wrapper) and rebuilds it with the optimizer at every RESTRUCTURED decision:
             if ctl.step(pbp_fx.evaluate(pm, val, distributed=world)) is Decision.COMPLETE:
                 break
 
-What each rank shares (PB_SPEC §4-§5 under data parallelism):
+What each rank shares (docs/algorithm.md's dendrite phase under data parallelism):
 - Neuron phase: plain DDP. Gradients are averaged over the ranks, so R ranks with local
   batches of B/R train exactly like one process with the global batch B.
 - Dendrite phase: every candidate pool gets a `StatsReducer`. Per site and batch the sums

@@ -1,6 +1,6 @@
 """Neuron-layer descriptions and M stacked copies of a layer evaluated as one wider layer.
 
-A dendrite has the same layer type and shape as its neuron (PB_SPEC §2). K installed
+A dendrite has the same layer type and shape as its neuron (docs/algorithm.md). K installed
 dendrites, or a pool of P candidates, are therefore one Linear/Conv with K*C (P*C) outputs.
 Every stacked tensor is stored as [M, C, ...]: copy first, channel second, so that a row
 (m, c) is exactly the weights one copy holds for one neuron.

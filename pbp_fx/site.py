@@ -1,4 +1,4 @@
-"""Site modules: a neuron's output plus its dendrites (PB_SPEC §2-§4).
+"""Site modules: a neuron's output plus its dendrites (docs/algorithm.md).
 
 `Site(x, n)` takes the neuron layer's input x and its output n (after a joined norm) and
 returns y = n + sum_k V[k] * s_k. The neuron itself stays in the user's graph; a Site only
@@ -52,7 +52,7 @@ POOL_SETTINGS = ("ema", "warmup", "threshold", "bias_correction", "split", "stri
 class CandidatePool(nn.Module):
     """P candidate dendrites for one site, trained on the covariance with the site error.
 
-    Statistics (PB_SPEC §4): per batch C[p, i] = sum_pos (c - mean c)(delta - mean delta);
+    Statistics (docs/algorithm.md, "The dendrite phase"): per batch C[p, i] = sum_pos (c - mean c)(delta - mean delta);
     `ema` is its 0.99 moving average; `best` is each (p, i)'s best |ema| after warm-up, and
     `snapshot_*` hold that row's weights at its best. Installation reads the snapshots.
 
@@ -86,7 +86,7 @@ class CandidatePool(nn.Module):
             raise ConfigError(f"stride={stride!r}: the candidates' position stride must be a whole number >= 1")
         self.layer, self.activation = layer, activation
         self.ema_decay, self.threshold, self.bias_correction = ema, threshold, bias_correction
-        # Best |C~| and snapshots wait until the EMA averages ~1/(1-decay) batches (issue 13).
+        # Best |C~| and snapshots wait until the EMA averages ~1/(1-decay) batches.
         self.warmup = round(1.0 / (1.0 - ema)) if warmup is None else warmup
         self.split = split
         strided = layer.every_nth(stride)
@@ -363,7 +363,7 @@ def _unbatched(layer: LayerSpec, x: Tensor) -> bool:
 class Site(nn.Module):
     """One neuron site: installed dendrites (DendriteStack), optional candidate pool.
 
-    Attributes follow PB_SPEC §2: `dendrites` holds D_1..D_K (with their norm copies),
+    Attributes follow docs/algorithm.md, "What a site computes": `dendrites` holds D_1..D_K (with their norm copies),
     `cascade` is U as [K, C, K] (only j < k is read), `out_weight` is V, [K, C].
     """
 
@@ -513,7 +513,7 @@ class Site(nn.Module):
 
     def start_candidates(self, pool: int = 4, init: str = "kaiming", init_scale: float = 1.0,
                          generator: Optional[torch.Generator] = None, **stats) -> CandidatePool:
-        """Attach a fresh pool of P candidates (PB_SPEC §4); they add exactly 0 to the output."""
+        """Attach a fresh pool of P candidates (docs/algorithm.md, "The dendrite phase"); they add exactly 0 to the output."""
         self.candidates = CandidatePool(self.layer, self.norm, pool, self.num_dendrites, self.activation,
                                         init, init_scale, **stats, **self._factory(), generator=generator)
         self.candidates.train(self.training)

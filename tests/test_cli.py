@@ -2011,6 +2011,6 @@ def test_an_error_after_a_ctrl_c_is_said_as_the_interrupt(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "transform", dataclasses.replace(cli.COMMANDS["transform"], run=interrupted_import))
     with interrupts_kept() as seen:
         seen.received.append(KeyboardInterrupt)  # (the handler's record of the Ctrl-C that Python lost)
-        assert cli._main(["transform", "model.py"]) == 130
+        assert cli.main(["transform", "model.py"]) == 130
     assert capsys.readouterr().err == "pbp-fx: error: interrupted\n"
-    assert cli._main(["transform", "model.py"]) == cli.EXIT_INTERNAL  # (no signal: an internal error, as before)
+    assert cli.main(["transform", "model.py"]) == cli.EXIT_INTERNAL  # (no signal: an internal error, as before)

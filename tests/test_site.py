@@ -1,4 +1,4 @@
-"""The math of PB_SPEC §2-§4: candidates, covariance training, stop-gradient, installation."""
+"""The math of docs/algorithm.md: candidates, covariance training, stop-gradient, installation."""
 import copy
 import math
 import warnings
