@@ -22,14 +22,14 @@ import torch
 from torch import fx, nn
 
 from pbp_fx.layers import WEIGHT_HOOKS, fold_norm, has_user_hooks
-from pbp_fx.site import FusedSite, FusedSwappedNeuron, Site, SwappedNeuron
+from pbp_fx.site import FusedSite, FusedSwappedNeuron, Site, SwappedNeuron, TiedFusedSite
 from pbp_fx.tracing import copy_module, spec_copy_warnings_ignored
 
 from .insert_dendrites import SITES_ATTR
 from .patterns import attr_tensor
 from .train_eval import MODES_ATTR, lower_to_eval
 
-__all__ = ["finalize", "fuse_site", "FUSED_ATTR", "TiedFusedSite"]
+__all__ = ["finalize", "fuse_site", "FUSED_ATTR"]
 
 FUSED_ATTR = "pbp_fused"
 
@@ -64,38 +64,6 @@ def _dendrites_only(site: Site, neuron_weight: torch.Tensor) -> FusedSite:
     """A site's FusedSite whose neuron row is zero: it adds the dendrites to a neuron that runs on
     its own (a layer with hooks of the user's)."""
     return fuse_site(site, torch.zeros_like(neuron_weight), None)
-
-
-class TiedFusedSite(FusedSite):
-    """A FusedSite whose neuron weight is a parameter shared with the rest of the model.
-
-    Holds the shared parameter itself (`neuron_weight`, read transposed when stored [in, C])
-    and the dendrites' rows (`dendrite_weight`, [K, C, ...]); `weight` is the concatenation
-    FusedSite has ([1+K, C, ...], built when read). The forward (FusedSite's) and the ONNX
-    exporter read `neuron_tensors()`/`dendrite_tensors()`, so no copy of the shared matrix is made.
-    """
-
-    def __init__(self, fused: FusedSite, neuron_weight: nn.Parameter, transposed: bool):
-        nn.Module.__init__(self)
-        self.layer, self.activation, self.name = fused.layer, fused.activation, fused.name
-        self.transposed = transposed
-        self.neuron_weight = neuron_weight
-        self.dendrite_weight = nn.Parameter(fused.weight[1:].detach().clone(), requires_grad=False)
-        self.bias = fused.bias
-        self.cascade, self.out_weight = fused.cascade, fused.out_weight
-
-    def neuron_tensors(self):
-        b = self.bias
-        w = self.neuron_weight.t() if self.transposed else self.neuron_weight
-        return w, None if b is None else b[0]
-
-    def dendrite_tensors(self):
-        return self.dendrite_weight, None if self.bias is None else self.bias[1:]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        n = self.neuron_tensors()[0]
-        return torch.cat([n.unsqueeze(0).to(self.dendrite_weight), self.dendrite_weight], 0)
 
 
 def _erase_if_dead(graph: fx.Graph, node) -> None:

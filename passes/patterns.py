@@ -410,7 +410,7 @@ def eval_call(node: fx.Node, gm) -> Optional[tuple]:
     if node.op == "call_function":
         return node.target, node.args, dict(node.kwargs)
     if node.op == "call_module":
-        from .train_eval import ModeSwitch
+        from pbp_fx.modes import ModeSwitch
 
         m = gm.get_submodule(node.target)
         if isinstance(m, ModeSwitch) and m.kind == "call_function":

@@ -29,18 +29,19 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import fx, nn
-from torch.fx.node import map_aggregate, map_arg
+from torch.fx.node import map_arg
 from torch.fx.operator_schemas import normalize_function
 
+from pbp_fx.modes import ModeSwitch, Slot
 from pbp_fx.tracing import spec_copy_warnings_ignored
 
 from .patterns import target_name
 
-__all__ = ["ModeSwitch", "merge_train_eval", "merge_modes", "MergeResult", "lower_to_eval", "MODES_ATTR"]
+__all__ = ["merge_train_eval", "merge_modes", "MergeResult", "lower_to_eval", "MODES_ATTR"]
 
 MODES_ATTR = "pbp_modes"
 
@@ -48,68 +49,6 @@ _aten = torch.ops.aten
 # Ops that return their input's value (possibly with another memory layout).
 _IDENTITY_FUNCTIONS = {_aten.contiguous.default, _aten.clone.default, _aten.alias.default}
 _IDENTITY_METHODS = {"contiguous", "clone"}
-
-
-class _Slot:
-    """Position of a node input inside a ModeSwitch template."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int):
-        self.index = index
-
-    def __repr__(self) -> str:
-        return f"${self.index}"
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Slot) and other.index == self.index
-
-    def __hash__(self) -> int:
-        return hash(("_Slot", self.index))
-
-
-class ModeSwitch(nn.Module):
-    """An op whose arguments depend on the train/eval mode (dropout, batch norm, SDPA).
-
-    Called with the node's tensor inputs; `forms[True]` / `forms[False]` are the
-    (args, kwargs) templates of the train and eval captures, inputs marked by slots.
-    An eval form of None: the op runs in train mode only (a state update such as
-    `num_batches_tracked.add_(1)`, a stochastic-depth mask), and returns None in eval mode.
-    An eval form that is one slot: eval mode passes that input through (`x * mask` -> x).
-    """
-
-    def __init__(self, kind: str, target: Any, train_form: tuple, eval_form: Optional[tuple]):
-        super().__init__()
-        if kind not in ("call_function", "call_method"):
-            raise ValueError(f"ModeSwitch wraps call_function / call_method nodes, not {kind}")
-        self.kind, self.target = kind, target
-        self.forms = {True: train_form, False: eval_form}
-
-    def forward(self, *inputs):
-        form = self.forms[self.training]
-        if form is None:
-            return None
-        if isinstance(form, _Slot):
-            return inputs[form.index]
-        fill = lambda a: inputs[a.index] if isinstance(a, _Slot) else a  # noqa: E731
-        args, kwargs = map_aggregate(form[0], fill), map_aggregate(form[1], fill)
-        if self.kind == "call_method":
-            return getattr(args[0], self.target)(*args[1:], **kwargs)
-        return self.target(*args, **kwargs)
-
-    def bound_form(self, node: fx.Node, training: bool) -> Optional[tuple]:
-        """(args, kwargs) of one mode with the graph nodes of `node` (this module's call) filled in;
-        for a passthrough form, the node passed through."""
-        form = self.forms[training]
-        if form is None:
-            return None
-        if isinstance(form, _Slot):
-            return node.args[form.index]
-        fill = lambda a: node.args[a.index] if isinstance(a, _Slot) else a  # noqa: E731
-        return map_aggregate(form[0], fill), map_aggregate(form[1], fill)
-
-    def extra_repr(self) -> str:
-        return f"{target_name(self.target)}, train={self.forms[True]}, eval={self.forms[False]}"
 
 
 # -- comparing two captures ---------------------------------------------------------------------
@@ -467,10 +406,10 @@ def _install(train_gm: fx.GraphModule, w: _Walk, switched: dict, train_only: lis
         e = switched.get(t_old)
         inputs: list[fx.Node] = []
 
-        def slot(n: fx.Node) -> _Slot:
+        def slot(n: fx.Node) -> Slot:
             if n not in inputs:
                 inputs.append(n)
-            return _Slot(inputs.index(n))
+            return Slot(inputs.index(n))
 
         train_form = (_plain(map_arg(t.args, slot)), _plain(map_arg(dict(t.kwargs), slot)))
         eval_form = None

@@ -211,7 +211,7 @@ def _param_at_least_2d(nodes, g: fx.GraphModule):
 
 def _leaf_modules(gm: fx.GraphModule) -> list[str]:
     """Paths of modules the graph calls whole (fx leaves other than pbp-fx's own modules)."""
-    from .passes.train_eval import ModeSwitch
+    from .modes import ModeSwitch
     from .site import FusedSite, Site
 
     out = []

@@ -1020,7 +1020,7 @@ def train_overrides(pm: PerforatedModel, model: nn.Module, own_modes: dict) -> d
     (BatchNorms fx keeps whole) take their module's mode, and its mode switches (`ModeSwitch`: batch norm
     and dropout ops under torch.export, `self.training` branches) that of the innermost module that
     ran them (a parts capture's: of its part's path)."""
-    from pbp_fx.passes import ModeSwitch
+    from .modes import ModeSwitch
 
     source = {id(m): path for path, m in model.named_modules()}
     graphs = [("", pm.graph_module)] + [

@@ -636,3 +636,35 @@ class FusedSite(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.name!r}, {self.layer.kind}, channels={self.layer.channels}, "
                 f"dendrites={self.num_dendrites}, activation={self.activation}")
+
+
+class TiedFusedSite(FusedSite):
+    """A FusedSite whose neuron weight is a parameter shared with the rest of the model.
+
+    Holds the shared parameter itself (`neuron_weight`, read transposed when stored [in, C])
+    and the dendrites' rows (`dendrite_weight`, [K, C, ...]); `weight` is the concatenation
+    FusedSite has ([1+K, C, ...], built when read). The forward (FusedSite's) and the ONNX
+    exporter read `neuron_tensors()`/`dendrite_tensors()`, so no copy of the shared matrix is made.
+    """
+
+    def __init__(self, fused: FusedSite, neuron_weight: nn.Parameter, transposed: bool):
+        nn.Module.__init__(self)
+        self.layer, self.activation, self.name = fused.layer, fused.activation, fused.name
+        self.transposed = transposed
+        self.neuron_weight = neuron_weight
+        self.dendrite_weight = nn.Parameter(fused.dendrite_tensors()[0].detach().clone(), requires_grad=False)
+        self.bias = fused.bias
+        self.cascade, self.out_weight = fused.cascade, fused.out_weight
+
+    def neuron_tensors(self):
+        b = self.bias
+        w = self.neuron_weight.t() if self.transposed else self.neuron_weight
+        return w, None if b is None else b[0]
+
+    def dendrite_tensors(self):
+        return self.dendrite_weight, None if self.bias is None else self.bias[1:]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        n = self.neuron_tensors()[0]
+        return torch.cat([n.unsqueeze(0).to(self.dendrite_weight), self.dendrite_weight], 0)

@@ -67,6 +67,7 @@ from .config import FRONTENDS, ConfigError
 from .errors import ExampleInputsError, PBWarning, TraceError, warn_at_user
 from .inputs import opaque_holder, positional_names
 from .layers import WEIGHT_HOOKS, StandIn, has_user_hooks
+from .modes import ModeSwitch
 from .signature import CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
@@ -174,7 +175,6 @@ class PBTracer(fx.Tracer):
         return super().create_node(kind, target, args, kwargs, name, type_expr)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from pbp_fx.passes.train_eval import ModeSwitch
 
         from .site import FusedSite, Site, SwappedNeuron
 
@@ -285,7 +285,6 @@ def _shares_input(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether `node`'s result may share the storage of its first argument: a view, the input
     itself (an Identity, a cast to its own dtype), a basic-indexing item of one tensor."""
     if node.op == "call_module":
-        from pbp_fx.passes.train_eval import ModeSwitch  # (a train/eval pair, e.g. a dropout)
 
         module = gm.get_submodule(str(node.target))  # (an in-place activation returns its input)
         return isinstance(module, (*_PASS_THROUGH, ModeSwitch)) or getattr(module, "inplace", False) is True
@@ -1832,7 +1831,6 @@ def _drop_buffer_writes(gm: fx.GraphModule, written: set[str]) -> None:
     while tracing (`self.ema.mul_(0.9).add_(x)` kept the add_ alone: the decay was dropped and the
     buffer grew at every call). The graph then reads those buffers unchanged, as the warnings say."""
     from pbp_fx.passes.patterns import target_name
-    from pbp_fx.passes.train_eval import ModeSwitch
 
     names = set(written)
     for node in list(gm.graph.nodes):

@@ -14,8 +14,8 @@ from torch import nn
 import pbp_fx
 from pbp_fx.exporters import export_onnx, ort_session, run
 from pbp_fx.models.resnet18 import ResNet18
-from pbp_fx.passes.finalize import TiedFusedSite
-from pbp_fx.passes.train_eval import ModeSwitch
+from pbp_fx.modes import ModeSwitch
+from pbp_fx.site import TiedFusedSite
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

@@ -9,7 +9,7 @@ from parts_models import ReadsItsLayer, grown_leaf_reader
 from pbp_fx.passes import finalize, fuse_site
 from pbp_fx.passes.finalize import FUSED_ATTR
 from pbp_fx.passes.insert_dendrites import SITES_ATTR
-from pbp_fx.passes import ModeSwitch
+from pbp_fx.modes import ModeSwitch
 from pbp_fx.site import CandidatePool, FusedSite, FusedSwappedNeuron, Site, SwappedNeuron
 
 pytestmark = pytest.mark.usefixtures("seeded")

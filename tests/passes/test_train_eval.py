@@ -8,7 +8,8 @@ from torch import fx, nn
 
 import pbp_fx
 from pbp_fx.passes import finalize
-from pbp_fx.passes.train_eval import MODES_ATTR, ModeSwitch, lower_to_eval, merge_modes, merge_train_eval
+from pbp_fx.modes import ModeSwitch
+from pbp_fx.passes.train_eval import MODES_ATTR, lower_to_eval, merge_modes, merge_train_eval
 from pbp_fx.tracing import trace
 
 pytestmark = pytest.mark.usefixtures("seeded")
