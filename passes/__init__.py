@@ -11,8 +11,8 @@ an eval-mode capture; `pbp_fx.trace` runs it for both frontends.
 from .find_sites import SiteSpec, find_sites
 from .finalize import finalize, fuse_site
 from .insert_dendrites import insert_dendrites, site_key
-from .manager import Pass, PassManager
+from .manager import ContractError, Pass, PassManager
 from .train_eval import lower_to_eval, merge_train_eval
 
 __all__ = ["SiteSpec", "find_sites", "insert_dendrites", "finalize", "fuse_site", "site_key",
-           "Pass", "PassManager", "merge_train_eval", "lower_to_eval"]
+           "Pass", "PassManager", "ContractError", "merge_train_eval", "lower_to_eval"]

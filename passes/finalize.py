@@ -22,14 +22,16 @@ import torch
 from torch import fx, nn
 
 from pbp_fx.layers import WEIGHT_HOOKS, fold_norm, has_user_hooks
-from pbp_fx.site import FusedSite, FusedSwappedNeuron, Site, SwappedNeuron, TiedFusedSite
+from pbp_fx.modes import ModeSwitch
+from pbp_fx.site import CandidatePool, FusedSite, FusedSwappedNeuron, Site, SwappedNeuron, TiedFusedSite
 from pbp_fx.tracing import copy_module, spec_copy_warnings_ignored
 
 from .insert_dendrites import SITES_ATTR
+from .manager import ContractError
 from .patterns import attr_tensor
 from .train_eval import MODES_ATTR, lower_to_eval
 
-__all__ = ["finalize", "fuse_site", "FUSED_ATTR"]
+__all__ = ["finalize", "ensures_finalized", "fuse_site", "FUSED_ATTR"]
 
 FUSED_ATTR = "pbp_fused"
 
@@ -127,7 +129,24 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     gm.eval()
     for p in gm.parameters():
         p.requires_grad_(False)
+    ensures_finalized(gm)
     return gm
+
+
+def ensures_finalized(gm: fx.GraphModule) -> None:
+    """This pass's Ensures, checked: no graph of `gm` calls a Site, candidate or ModeSwitch, no SwappedNeuron
+    is left, and it is in eval mode (ContractError otherwise)."""
+    for name, m in gm.named_modules():
+        if isinstance(m, (SwappedNeuron, CandidatePool)):
+            raise ContractError(f"finalize left a {type(m).__name__} at {name!r}")
+        if m.training:
+            raise ContractError(f"finalize left {name or 'the model'!r} in train mode")
+        if not isinstance(m, fx.GraphModule):
+            continue
+        for node in m.graph.nodes:
+            called = m.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(called, (Site, ModeSwitch)):
+                raise ContractError(f"finalize left node {node.name} calling a {type(called).__name__}")
 
 
 def _has_sites(gm: fx.GraphModule) -> bool:

@@ -147,6 +147,9 @@ def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilt
     """List the neuron sites of `gm`. include/exclude take module types, qualified-name
     globs ("layer1.*") or callables `(name, module) -> bool`; exclude wins. The root module's
     own weight (a bare layer perforated alone) is the site "root"."""
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"find_sites takes a captured graph, not a {type(gm).__name__}: pass pbp_fx.trace(model, "
+                        "example_inputs)")
     return _find(gm, include, exclude, own="root")
 
 

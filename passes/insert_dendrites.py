@@ -17,9 +17,10 @@ from torch import fx, nn
 from pbp_fx.site import FUNCTION_MADE, Site, SwappedNeuron
 
 from .find_sites import SiteSpec
+from .manager import ContractError
 from .patterns import node_arg, attr_tensor
 
-__all__ = ["insert_dendrites", "record_output_makers", "site_key", "SITES_ATTR"]
+__all__ = ["insert_dendrites", "ensures_inserted", "record_output_makers", "site_key", "SITES_ATTR"]
 
 SITES_ATTR = "pbp_sites"
 
@@ -40,7 +41,27 @@ def insert_dendrites(gm: fx.GraphModule, specs: Iterable[SiteSpec], activation: 
                              "find_sites on another graph; pass find_sites(gm) of this one")
     for graph in dict.fromkeys(s.graph for s in specs if s.graph):  # submodules traced in place
         _insert(gm.get_submodule(graph), [s for s in specs if s.graph == graph], activation, mode)
-    return _insert(gm, [s for s in specs if not s.graph], activation, mode)
+    gm = _insert(gm, [s for s in specs if not s.graph], activation, mode)
+    ensures_inserted(gm, specs)
+    return gm
+
+
+def ensures_inserted(gm: fx.GraphModule, specs: Iterable[SiteSpec]) -> None:
+    """This pass's Ensures, checked: each graph site's output is read by its Site node alone, and each
+    leaf site's neuron is a SwappedNeuron of its Site (ContractError otherwise)."""
+    for spec in specs:
+        owner = gm.get_submodule(spec.graph) if spec.graph else gm
+        if spec.in_leaf:
+            neuron = owner.get_submodule(spec.module)
+            if not isinstance(neuron, SwappedNeuron) or neuron.site.name != spec.name:
+                raise ContractError(f"insert_dendrites left site {spec.name!r}'s neuron {spec.module!r} unswapped")
+            continue
+        out = next(n for n in owner.graph.nodes if n.name == spec.output_node)
+        readers = [u for u in out.users if not (u.op == "call_module" and u.target.startswith(SITES_ATTR + ".")
+                                                and owner.get_submodule(u.target).name == spec.name)]
+        if readers or not out.users:
+            raise ContractError(f"insert_dendrites left site {spec.name!r}'s output {out.name} read by "
+                                f"{[u.name for u in readers] or 'no Site'}")
 
 
 def _missing_from(gm: fx.GraphModule, spec: SiteSpec) -> str:

@@ -6,7 +6,11 @@ from typing import Callable, Optional, Sequence
 
 from torch import fx
 
-__all__ = ["Pass", "PassManager"]
+__all__ = ["Pass", "PassManager", "ContractError"]
+
+
+class ContractError(RuntimeError):
+    """A pass left its graph outside what it Ensures: a bug in pbp-fx (or in a user's pass), not in the model."""
 
 
 @dataclass

@@ -329,3 +329,26 @@ def test_a_hooked_layer_inside_an_untraceable_leaf_keeps_its_hooks_after_finaliz
     fused = pm.finalize()
     assert isinstance(fused.get_submodule("0.fc"), FusedSwappedNeuron)
     torch.testing.assert_close(fused(x), pm(x), rtol=1e-5, atol=1e-5)
+
+
+def test_its_ensures_are_checked_and_a_graph_that_breaks_them_is_named(pb):
+    from pbp_fx.passes import ContractError
+    from pbp_fx.passes.finalize import ensures_finalized
+
+    pm, x = _prepared({"conv": 1, "leaf.a": 1}, pb)
+    fused = finalize(pm.graph_module)
+    ensures_finalized(fused)  # (finalize ran it too)
+    fused.train()
+    with pytest.raises(ContractError, match="in train mode"):
+        ensures_finalized(fused)
+    fused.eval()
+    fused.add_submodule("stray", pm.sites["fc"])
+    node = next(n for n in fused.graph.nodes if n.op == "output")
+    with fused.graph.inserting_before(node):
+        fused.graph.call_module("stray", (node.args[0], node.args[0]))
+    with pytest.raises(ContractError, match="calling a Site"):
+        ensures_finalized(fused)
+    fused = finalize(pm.graph_module)
+    fused.leaf.a = SwappedNeuron(nn.Linear(6, 6), pm.sites["leaf.a"])
+    with pytest.raises(ContractError, match="left a SwappedNeuron at 'leaf.a'"):
+        ensures_finalized(fused.eval())

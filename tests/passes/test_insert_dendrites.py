@@ -151,3 +151,28 @@ def test_specs_found_on_another_graph_are_refused_before_any_site_is_inserted():
                                              r"find_sites on another graph; pass find_sites\(gm\) of this one"):
             insert_dendrites(other, given)
         assert str(other.graph) == before and not hasattr(other, SITES_ATTR)
+
+
+def test_its_ensures_are_checked_and_a_graph_that_breaks_them_is_named():
+    from pbp_fx.passes import ContractError
+    from pbp_fx.passes.insert_dendrites import ensures_inserted
+
+    model, x = Net().eval(), torch.randn(2, 2, 5, 5)
+    gm, specs = _perforate_graph(model, x)
+    ensures_inserted(gm, specs)  # (insert_dendrites ran it too)
+    out = next(n for n in gm.graph.nodes if n.name == specs[0].output_node)
+    with gm.graph.inserting_after(out):
+        gm.graph.call_function(torch.relu, (out,))  # a second reader the Site does not see
+    with pytest.raises(ContractError, match=f"site '{specs[0].name}'.s output {out.name} read by"):
+        ensures_inserted(gm, specs)
+    gm, specs = _perforate_graph(model, x)
+    leaf = next(s for s in specs if s.in_leaf)
+    owner, _, child = leaf.module.rpartition(".")
+    setattr(gm.get_submodule(owner), child, gm.get_submodule(leaf.module).neuron)  # swapped back
+    with pytest.raises(ContractError, match="unswapped"):
+        ensures_inserted(gm, specs)
+
+
+def test_find_sites_requires_a_captured_graph():
+    with pytest.raises(TypeError, match="find_sites takes a captured graph, not a Net: pass pbp_fx.trace"):
+        find_sites(Net())
