@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
-from .config import FRONTEND_HELP, FRONTENDS
+from .config import ACTIVATION_NAMES, FRONTEND_HELP, FRONTENDS, PBConfig
 from .errors import PBError, PBWarning, Terminated, exited
 from .fileio import check_output_dir, umask
 from .signals import import_torch_with_stops_held, interrupts_kept, stop_received
@@ -400,8 +400,8 @@ def _site_filter_args() -> tuple:
     "transform", "trace a model file, find its neuron sites and insert dendrite sites",
     arg("model", help="model file defining build_model() and example_inputs() (and optionally example_kwargs())"),
     *_site_filter_args(),
-    arg("--activation", default="sigmoid", choices=("sigmoid", "tanh", "relu"),
-        help="dendrite activation (default: sigmoid)"),
+    arg("--activation", default=PBConfig.activation, choices=ACTIVATION_NAMES,
+        help=f"dendrite activation (default: {PBConfig.activation})"),
     arg("--frontend", default="auto", choices=FRONTENDS, help=f"graph capture: {FRONTEND_HELP} (default: auto)"),
     arg("--explain", action="store_true",
         help="list every Linear/Conv-like op with 'site' or the reason it is not one"),

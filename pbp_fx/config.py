@@ -19,6 +19,8 @@ from .errors import PBError
 
 # The graph capture frontends (pbp_fx.tracing.trace) and what each does, for every flag and setting that picks one.
 FRONTENDS = ("auto", "fx", "export", "parts")
+ACTIVATION_NAMES = ("sigmoid", "tanh", "relu")  # a dendrite's activation (site.ACTIVATIONS, the ONNX bodies)
+MODES = ("pb", "gd")
 FRONTEND_HELP = ("auto (symbolic tracing, else torch.export, also where fx's graph misses Linear/Conv weights; where "
                  "neither captures the root's forward, parts), fx, export, or parts (the root's forward runs as "
                  "Python, its submodules that trace are captured in place)")
@@ -176,8 +178,8 @@ class PBConfig(_Settings):
     """Every Perforated Backpropagation setting (docs/algorithm.md); defaults live here only."""
 
     mode: str = setting("pb", "pb: correlation-trained dendrites; gd: random dendrites trained by backprop",
-                        choices=("pb", "gd"))
-    activation: str = setting("sigmoid", "dendrite activation", choices=("sigmoid", "tanh", "relu"))
+                        choices=MODES)
+    activation: str = setting("sigmoid", "dendrite activation", choices=ACTIVATION_NAMES)
     max_dendrites: int = setting(3, "dendrites per site at most", low=1)
     patience: int = setting(30, "neuron-phase epochs without validation gain before the next round", low=1)
     improvement: float = setting(1e-3, "smallest validation gain that counts (absolute, score units)", low=0)

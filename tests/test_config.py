@@ -260,3 +260,13 @@ def test_a_setting_beside_a_summarys_mappings_is_refused(tmp_path):
         with pytest.raises(ConfigError, match=f"'{name}' beside its \"config\" and \"training\" mappings is not "
                                               f"read .*set '{name}' inside them"):
             read_settings(str(path))
+
+
+def test_the_activation_and_mode_names_are_the_ones_the_sites_and_the_onnx_bodies_implement():
+    from pbp_fx.config import ACTIVATION_NAMES, MODES
+    from pbp_fx.exporters.functions import _ACT_OPS
+    from pbp_fx.site import ACTIVATIONS, MODES as SITE_MODES
+
+    assert set(ACTIVATIONS) == set(_ACT_OPS) == set(ACTIVATION_NAMES)
+    assert SITE_MODES is MODES
+    assert PBConfig.activation in ACTIVATION_NAMES and PBConfig.mode in MODES
