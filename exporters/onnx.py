@@ -60,7 +60,7 @@ from pbp_fx.errors import PBError, warn_at_user
 from pbp_fx.fileio import atomic_write
 from pbp_fx.inputs import opaque_holder
 from pbp_fx.layers import conv_output_length, dendrite_calls
-from pbp_fx.site import FusedSite, Site
+from pbp_fx.site import FusedSite, Site, dendrites_silenced
 from pbp_fx.tracing import batch_size, buffers_kept, copy_module, ignore_spec_copy_warnings
 
 from . import clip_after_site, output_weight_into_readers
@@ -1088,10 +1088,11 @@ def _outside_tolerance(got: Tensor, want: Tensor) -> bool:
 
 def _branch_at_one(proto: onnx.ModelProto, module: nn.Module, inputs: tuple, model: nn.Module, example_inputs: Any,
                    example_kwargs: Optional[dict], axes: dict) -> set:
-    """Record a least of 2 in AXIS_RANGES_KEY for each named axis past dim 0 where the graph computes other
-    outputs than the original at a size of 1: torch.export takes a dynamic size to be at least 2, so a forward
-    that branches between 1 and 2 (`if x.shape[1] > 1`) keeps the example's branch with no bound to record.
-    Returns those axes (the original runs at 1: a branch)."""
+    """Record a least of 2 in AXIS_RANGES_KEY for each named axis past dim 0 where the graph, its dendrites
+    silenced (V = 0: the original's function), computes other outputs than the original at a size of 1:
+    torch.export takes a dynamic size to be at least 2, so a forward that branches between 1 and 2
+    (`if x.shape[1] > 1`) keeps the example's branch with no bound to record. Returns those axes (the
+    original runs at 1: a branch)."""
     recorded = _axis_ranges_of(proto)
     positions = [i for i, t in enumerate(inputs) if isinstance(t, Tensor)]  # (the file's inputs, in order)
     branches = set()
@@ -1110,7 +1111,7 @@ def _branch_at_one(proto: onnx.ModelProto, module: nn.Module, inputs: tuple, mod
             continue
         try:
             with torch.no_grad(), buffers_kept(module), torch.random.fork_rng(devices=[]), \
-                    contextlib.redirect_stderr(io.StringIO()):
+                    dendrites_silenced(module), contextlib.redirect_stderr(io.StringIO()):
                 got = [t for t in torch.utils._pytree.tree_leaves(module(*probe)) if isinstance(t, Tensor)]
         except Exception:  # noqa: BLE001 - (the graph refuses the size itself: nothing wrong is computed)
             continue

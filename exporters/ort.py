@@ -17,10 +17,11 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from pbp_fx.config import ConfigError
 from pbp_fx.errors import PBError
 
-__all__ = ["ort_session", "run", "available_providers", "output_difference", "RuntimeUnavailableError", "CPU",
-           "CUDA"]
+__all__ = ["ort_session", "run", "available_providers", "output_difference", "RuntimeUnavailableError", "RunInputError",
+           "BatchSizeError", "CPU", "CUDA"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,10 @@ AXIS_RANGES_KEY = "pbp_fx.axis_ranges"  # ... and {axis: [least, most or null]} 
 class BatchSizeError(PBError, ValueError):
     """Inputs with fewer (or more) samples than the ONNX file computes right (its MIN_BATCH_KEY, MAX_BATCH_KEY),
     or a named dynamic axis of a size outside its AXIS_RANGES_KEY."""
+
+
+class RunInputError(PBError, ValueError):
+    """Inputs `run` cannot feed the file: unknown names, another count, fractions for an integer input."""
 
 
 class RuntimeUnavailableError(PBError, RuntimeError):
@@ -76,9 +81,9 @@ def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", thre
     logged at INFO.
     """
     if device not in _DEVICES:
-        raise ValueError(f"device={device!r} is not supported: use one of {', '.join(_DEVICES)}")
+        raise ConfigError(f"device={device!r} is not supported: use one of {', '.join(_DEVICES)}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads={threads!r}: give a positive int, or None for onnxruntime's default")
+        raise ConfigError(f"threads={threads!r}: give a positive int, or None for onnxruntime's default")
     ort = _ort()
     model = path if isinstance(path, bytes) else os.fspath(path)
     if not isinstance(model, bytes) and not os.path.isfile(model):
@@ -132,7 +137,7 @@ def _to_numpy(value: Any, type_str: Optional[str] = None) -> np.ndarray:
     want = _NP_TYPES.get(type_str or "")
     if want is not None and arr.dtype != want:
         if np.issubdtype(want, np.integer) and arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
-            raise ValueError(f"an input of {type_str} got floats with fractions ({arr.dtype}): pass whole numbers "
+            raise RunInputError(f"an input of {type_str} got floats with fractions ({arr.dtype}): pass whole numbers "
                              "(token ids, indices)")
         arr = arr.astype(want)
     return np.ascontiguousarray(arr)
@@ -150,13 +155,13 @@ def run(session, inputs: Union[Mapping[str, Any], Sequence[Any], np.ndarray]) ->
     if isinstance(inputs, Mapping):
         unknown = sorted(set(inputs) - set(types))
         if unknown:
-            raise ValueError(f"unknown input name(s) {unknown}: the model takes {list(types)}")
+            raise RunInputError(f"unknown input name(s) {unknown}: the model takes {list(types)}")
         feed = {k: _to_numpy(v, types[k]) for k, v in inputs.items()}
     else:
         if not isinstance(inputs, (tuple, list)):
             inputs = (inputs,)
         if len(inputs) != len(specs):
-            raise ValueError(f"got {len(inputs)} input(s), the model takes {len(specs)}: {list(types)}")
+            raise RunInputError(f"got {len(inputs)} input(s), the model takes {len(specs)}: {list(types)}")
         feed = {s.name: _to_numpy(v, s.type) for s, v in zip(specs, inputs)}
     _check_batch(session, feed)
     _check_axes(session, feed)

@@ -20,6 +20,7 @@ _EXPORTS = {
     "explain_sites": "explain",  # every Linear/Conv-like op: a site, or why not
     "CheckpointError": "errors", "ModelFileError": "errors", "NoSitesError": "errors", "PBError": "errors",
     "TraceError": "errors", "ExampleInputsError": "errors", "TrainingError": "errors", "PBWarning": "errors",
+    "TargetError": "errors", "PhaseError": "errors",
     "PerforatedModel": "perforated", "perforate": "perforated",
     "PhaseSchedule": "schedule",
     "CallError": "signature",  # a call of a perforated model outside what was traced
@@ -35,7 +36,7 @@ __all__ = [
     "fit", "evaluate",
     "History", "save", "load", "export_onnx", "ort_session", "compare",
     "PBError", "ConfigError", "TraceError", "ExampleInputsError", "NoSitesError", "ModelFileError", "CheckpointError",
-    "TrainingError", "CallError", "PBWarning", "__version__",
+    "TrainingError", "TargetError", "PhaseError", "CallError", "PBWarning", "__version__",
 ]
 
 
@@ -72,8 +73,8 @@ if TYPE_CHECKING:  # the names as static tools see them
     from .compare import compare
     from .config import ConfigError, PBConfig, TrainConfig
     from .controller import Decision, PhaseController, default_optimizer, rebind_optimizer
-    from .errors import (CheckpointError, ExampleInputsError, ModelFileError, NoSitesError, PBError, TraceError,
-                         TrainingError)
+    from .errors import (CheckpointError, ExampleInputsError, ModelFileError, NoSitesError, PBError, PhaseError,
+                         TargetError, TraceError, TrainingError)
     from .explain import explain_sites
     from .exporters import export_onnx, ort_session
     from .perforated import PerforatedModel, perforate

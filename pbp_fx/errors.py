@@ -1,7 +1,7 @@
 """Error types. Each message is one line naming the problem and what to do about it."""
 
 __all__ = ["PBError", "TraceError", "ExampleInputsError", "NoSitesError", "ModelFileError", "CheckpointError",
-           "TrainingError", "DataError", "PBWarning", "Terminated", "exited"]
+           "TrainingError", "TargetError", "PhaseError", "DataError", "PBWarning", "Terminated", "exited"]
 
 
 class PBWarning(UserWarning):
@@ -63,6 +63,14 @@ class NonFiniteLossError(NonFiniteError):
     def __init__(self, loss: float, message: str, diverged: bool):
         super().__init__(message)
         self.loss, self.diverged = loss, diverged
+
+
+class TargetError(TrainingError, ValueError):
+    """The model's output and the targets do not fit the built-in loss or metric: give fit your own."""
+
+
+class PhaseError(PBError, RuntimeError):
+    """A call the model's current phase does not take (start_dendrite_phase in a dendrite phase)."""
 
 
 class DataError(TrainingError):

@@ -15,7 +15,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .config import ConfigError
-from .errors import NoSitesError, PBError, TrainingError, warn_at_user
+from .errors import NoSitesError, PBError, PhaseError, TrainingError, warn_at_user
 from .inputs import describe_inputs
 from .layers import WEIGHT_HOOKS, has_user_hooks
 from .site import ACTIVATIONS, MODES, POOL_SETTINGS, Site
@@ -596,7 +596,7 @@ class PerforatedModel(nn.Module):
     # -- phases (docs/algorithm.md) ----------------------------------------------------------
     def _require_phase(self, phase: str, what: str) -> None:
         if self.phase != phase:
-            raise RuntimeError(f"{what}() needs the {phase} phase, but the model is in the {self.phase} phase")
+            raise PhaseError(f"{what}() needs the {phase} phase, but the model is in the {self.phase} phase")
 
     @outside_inference_mode
     def start_dendrite_phase(self, pool: int = 4, init: str = "kaiming", init_scale: float = 1.0,
@@ -609,7 +609,7 @@ class PerforatedModel(nn.Module):
         hold `trainable_parameters()`.
         """
         if self.mode != "pb":
-            raise RuntimeError("the dendrite phase exists only in mode 'pb' (mode 'gd' grows random dendrites)")
+            raise PhaseError("the dendrite phase exists only in mode 'pb' (mode 'gd' grows random dendrites)")
         self._require_phase("neuron", "start_dendrite_phase")
         unknown = [k for k in stats if k not in POOL_SETTINGS]
         if unknown:  # (before any site has a pool; it named the internal CandidatePool.__init__)

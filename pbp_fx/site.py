@@ -7,19 +7,20 @@ one layer over concatenated, norm-folded weights.
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import native
-from .config import ConfigError
+from .config import MODES, ConfigError
 from .covariance_tap import STAT_NAMES, EagerNormTap, EagerTap, batch_covariance, covariance_tap, fold_batch
-from .errors import CheckpointError, NonFiniteError, warn_at_user
+from .errors import CheckpointError, NonFiniteError, PhaseError, warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cascade_chain, cat_rows, channel_view,
                      copy_dim, every_nth_position, own_tensor, split_members, StandIn)
 
-__all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "FusedSwappedNeuron", "ACTIVATIONS", "MODES",
+__all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "FusedSwappedNeuron", "ACTIVATIONS", "MODES", "dendrites_silenced",
            "is_wide_statistic", "pool_settings"]
 
 # The pool's floating statistics: float32 at least, whatever the model's dtype (they sum many
@@ -33,8 +34,7 @@ def is_wide_statistic(key: str) -> bool:
     head, _, last = key.rpartition(".")
     return last in WIDE_STATISTICS and head.endswith("candidates")
 
-ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
-MODES = ("pb", "gd")
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}  # (config.ACTIVATION_NAMES)
 
 
 # addcmul, as in layers.cascade_chain: one pass over the activation instead of a Mul and an Add.
@@ -42,7 +42,9 @@ def _weighted_sum(n: Tensor, acts: list[Tensor], out_weight: Tensor, axis: int) 
     y = n
     for k, s in enumerate(acts):
         y = torch.addcmul(y, channel_view(out_weight[k], s.dim(), axis), s)
-    return y
+    # Under autocast n is in the low precision and V (and U) in float32, which addcmul promotes to: the
+    # site's output keeps the neuron's dtype, as the layer's own output would.
+    return y if y.dtype == n.dtype else y.to(n.dtype)
 
 
 # The keyword settings of a pool beyond its size and initialisation (PerforatedModel.start_dendrite_phase's **stats).
@@ -522,7 +524,7 @@ class Site(nn.Module):
     def install_candidates(self, v_init: float = 0.0) -> None:
         """Freeze the best pool member per channel as dendrite K+1; V starts at -v_init*sign(C~)."""
         if self.candidates is None:
-            raise RuntimeError(f"site {self.name!r} has no candidates: call start_candidates() first")
+            raise PhaseError(f"site {self.name!r} has no candidates: call start_candidates() first")
         rows, sign = self.candidates.selected_rows()
         if not bool(torch.stack([torch.isfinite(t).all() for t in rows.values()]).all()):  # (one host read)
             raise NonFiniteError(f"site {self.name!r}: the selected candidates' weights are not finite, and installed "
@@ -668,3 +670,20 @@ class TiedFusedSite(FusedSite):
     def weight(self) -> torch.Tensor:
         n = self.neuron_tensors()[0]
         return torch.cat([n.unsqueeze(0).to(self.dendrite_weight), self.dendrite_weight], 0)
+
+
+@contextmanager
+def dendrites_silenced(model: nn.Module) -> Iterator[None]:
+    """Every site's output weights V zero inside the block, so the model computes what its original does (a
+    site with V = 0 adds exactly 0); restored after."""
+    held = [(m.out_weight, m.out_weight.detach().clone()) for m in model.modules()
+            if isinstance(m, (Site, FusedSite)) and m.out_weight is not None]
+    try:
+        with torch.no_grad():
+            for weight, _ in held:
+                weight.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, values in reversed(held):  # (a V two modules share is restored from its first copy)
+                weight.copy_(values)

@@ -24,7 +24,8 @@ from torch import nn
 
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import Decision, PhaseController, default_optimizer
-from .errors import DataError, NonFiniteDataError, NonFiniteError, NonFiniteLossError, TrainingError, warn_at_user
+from .errors import (DataError, NonFiniteDataError, NonFiniteError, NonFiniteLossError, TargetError, TrainingError,
+                     warn_at_user)
 from .perforated import PerforatedModel
 
 __all__ = ["fit", "History", "evaluate", "accuracy", "cross_entropy", "mean_squared_error", "negative_loss", "primary_output",
@@ -302,10 +303,10 @@ def _dict_is_one_input(model, inputs: tuple) -> bool:
 
 def primary_output(output) -> torch.Tensor:
     """The tensor a default loss and metric score (`scored_tensor`); a ValueError for an output
-    that holds none."""
+    that holds none (TargetError, a ValueError)."""
     found = scored_tensor(output)
     if found is None:
-        raise ValueError(f"the model's output is a {type(output).__name__} with no tensor the built-in loss and metric "
+        raise TargetError(f"the model's output is a {type(output).__name__} with no tensor the built-in loss and metric "
                          "can score (they read a tensor, a dict's or dataclass's \"logits\" or first tensor, a tuple's "
                          "first element): give a loss and a metric of your own (loss_fn=, metric=)")
     return found
@@ -345,13 +346,13 @@ def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
     score: one logit per sample, multi-label targets."""
     logits = primary_output(output)
     if logits.dim() < 2 or logits.shape[1] < 2:
-        raise ValueError(f"the built-in accuracy scores class logits [N, C, ...] with C >= 2 classes on dim 1, but "
+        raise TargetError(f"the built-in accuracy scores class logits [N, C, ...] with C >= 2 classes on dim 1, but "
                          f"the output has shape {list(logits.shape)}: give a metric of your own (for one logit per "
                          "sample, e.g. ((logit > 0) == (target > 0.5)).sum())")
     if target.is_floating_point() and target.shape == logits.shape:
         rows = target.sum(1)
         if not bool(torch.isclose(rows, torch.ones_like(rows), atol=1e-3).all()):
-            raise ValueError("the targets have the output's shape but do not sum to 1 over the classes (multi-label "
+            raise TargetError("the targets have the output's shape but do not sum to 1 over the classes (multi-label "
                              "targets?): the built-in accuracy scores one class per sample; give a metric of your own")
         target = target.argmax(1)
     expected = logits.shape[:1] + logits.shape[2:]
@@ -359,7 +360,7 @@ def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
         classes_last = logits.dim() >= 3 and tuple(target.shape) == tuple(logits.shape[:-1])
         hint = ("the classes look last ([N, ..., C]): return them on dim 1 (logits.movedim(-1, 1)) or give a metric of "
                 "your own" if classes_last else "give labels of that shape (y.squeeze(1) for [N, 1]) or a metric of your own")
-        raise ValueError(f"the built-in accuracy reads logits {list(logits.shape)} as [N, C, ...] with classes on dim 1 "
+        raise TargetError(f"the built-in accuracy reads logits {list(logits.shape)} as [N, C, ...] with classes on dim 1 "
                          f"and wants labels of shape {list(expected)}, not {list(target.shape)}: {hint}")
     target = class_indices(target)
     kept = target != IGNORED_LABEL
@@ -388,7 +389,7 @@ def mean_squared_error(output, target: torch.Tensor) -> torch.Tensor:
     must have one shape: broadcasting [N, 1] against [N] would train on every pair."""
     output = primary_output(output)
     if output.shape != target.shape:
-        raise ValueError(f"output shape {list(output.shape)} and target shape {list(target.shape)} differ: give "
+        raise TargetError(f"output shape {list(output.shape)} and target shape {list(target.shape)} differ: give "
                          "the targets the output's shape (y[:, None] for one output)")
     return F.mse_loss(output, target)
 

@@ -220,7 +220,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         Site("s", LayerSpec.from_module(layer), mode="sgd")
     site = Site("s", LayerSpec.from_module(layer))
-    with pytest.raises(RuntimeError, match="no candidates"):
+    with pytest.raises(pbp_fx.PhaseError, match="no candidates"):
         site.install_candidates()
     for pool in (0, 2.0, True):
         with pytest.raises(ValueError, match=f"pool={pool!r}: the candidate pool size must be a whole number"):
@@ -368,6 +368,26 @@ def test_converting_a_model_in_a_dendrite_phase_to_half_keeps_its_statistics_flo
             assert v.dtype == dtype, k
     pm.double()  # wider: the statistics follow
     assert all(v.dtype == torch.float64 for k, v in pm.state_dict().items() if k in wide)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_under_autocast_a_site_with_dendrites_keeps_the_layers_dtype(k):
+    """V and U are float32 under autocast; a site's output (and the next layer's input) left bfloat16 for them."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(8, 6)
+    pm = pbp_fx.perforate(copy.deepcopy(m), (x[:2],))
+    for site in pm.sites.values():
+        for _ in range(k):
+            site.grow()
+        torch.nn.init.normal_(site.out_weight)
+    seen = []
+    pm.graph_module.get_submodule("2").register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    fused = pm.finalize()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x).dtype == pm(x).dtype == fused(x).dtype == torch.bfloat16
+    assert seen and set(seen) == {torch.bfloat16}  # (the hook runs in the finalized copy too)
+    assert (pm(x) - fused(x)).abs().max() < 1e-5  # (and outside autocast nothing changes)
 
 
 def test_a_step_the_grad_scaler_skips_is_not_counted(spirals_net):

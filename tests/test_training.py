@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import pbp_fx
+from pbp_fx.errors import TargetError
 from pbp_fx.controller import PhaseController
 from pbp_fx.training import evaluate, fit
 
@@ -399,9 +400,9 @@ def test_fit_defaults_score_a_dict_or_dataclass_output_by_its_logits(model):
 
 
 def test_an_output_with_no_tensor_to_score_names_the_fix():
-    with pytest.raises(ValueError, match=r"output is a str with no tensor .*\(loss_fn=, metric=\)"):
+    with pytest.raises(TargetError, match=r"output is a str with no tensor .*\(loss_fn=, metric=\)"):
         pbp_fx.training.cross_entropy("logits", torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="output is a tuple with no tensor"):
+    with pytest.raises(TargetError, match="output is a tuple with no tensor"):
         pbp_fx.training.primary_output(())
 
 
@@ -464,18 +465,18 @@ def test_the_built_in_accuracy_reads_classes_where_cross_entropy_does_and_refuse
     logits[0, 0, 0] = 5.0
     target = torch.full((2, 4), 2)
     assert accuracy(logits, target) == (7.0, 8)
-    with pytest.raises(ValueError, match=r"C >= 2 classes on dim 1, but the output has shape \[4, 1\]"):
+    with pytest.raises(TargetError, match=r"C >= 2 classes on dim 1, but the output has shape \[4, 1\]"):
         accuracy(torch.randn(4, 1), torch.ones(4, 1))
-    with pytest.raises(ValueError, match=r"the output has shape \[4\]"):
+    with pytest.raises(TargetError, match=r"the output has shape \[4\]"):
         accuracy(torch.randn(4), torch.ones(4))
-    with pytest.raises(ValueError, match="do not sum to 1 over the classes \\(multi-label targets\\?\\)"):
+    with pytest.raises(TargetError, match="do not sum to 1 over the classes \\(multi-label targets\\?\\)"):
         accuracy(torch.randn(2, 3), torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
     smoothed = torch.tensor([[0.9, 0.05, 0.05], [0.05, 0.05, 0.9]])  # soft targets still score
     assert accuracy(torch.tensor([[3.0, 0.0, 0.0], [3.0, 0.0, 0.0]]), smoothed) == (1.0, 2)
     # a tagger's [B, T, C] with its own loss: argmax(1) read the time axis (or broadcast and failed)
-    with pytest.raises(ValueError, match=r"labels of shape \[2, 4\], not \[2, 5\]: the classes look last"):
+    with pytest.raises(TargetError, match=r"labels of shape \[2, 4\], not \[2, 5\]: the classes look last"):
         accuracy(torch.randn(2, 5, 4), torch.zeros(2, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"labels of shape \[4\], not \[4, 1\]: give labels of that shape"):
+    with pytest.raises(TargetError, match=r"labels of shape \[4\], not \[4, 1\]: give labels of that shape"):
         accuracy(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long))  # [N, 1] broadcast to [N, N]
 
 

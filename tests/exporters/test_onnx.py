@@ -1097,9 +1097,20 @@ class _DoublesLongSequences(nn.Module):
         return self.b(h)
 
 
+def _grown(pm, v: float = 0.5):
+    """pm with one dendrite per site whose output weights are v: its function is no longer the original's."""
+    for site in pm.sites.values():
+        site.grow()
+        with torch.no_grad():
+            site.out_weight.fill_(v)
+    return pm
+
+
+@pytest.mark.parametrize("grown", [False, True])
 @pytest.mark.parametrize("length,allowed,other,threshold", [(8, "6 or more", 4, 5), (4, "at most 5", 8, 5),
                                                              (4, "2 or more", 1, 1)])
-def test_a_named_axis_the_forward_branches_on_is_bounded_in_the_file(tmp_path, length, allowed, other, threshold):
+def test_a_named_axis_the_forward_branches_on_is_bounded_in_the_file(tmp_path, length, allowed, other, threshold,
+                                                                     grown):
     """`if x.shape[1] > 5` exported with {"x": {1: "T"}}: the file computed the example's branch at every T, 0.93
     off the model at T=4, with no refusal, and at a short example the export warned that the file "takes only the
     sizes the model takes", which was false (a reviewer)."""
@@ -1109,6 +1120,8 @@ def test_a_named_axis_the_forward_branches_on_is_bounded_in_the_file(tmp_path, l
     # (threshold 1: torch.export takes a dynamic size to be at least 2 and records no bound: probed at 1)
     model = _DoublesLongSequences(threshold).eval()
     pm = pbp_fx.perforate(model, (torch.randn(2, length, 6),)).eval()
+    if grown:
+        _grown(pm)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         export_onnx(pm, (torch.randn(2, length, 6),), tmp_path / "m.onnx", dynamic_axes={"x": {1: "T"}})
@@ -1120,10 +1133,27 @@ def test_a_named_axis_the_forward_branches_on_is_bounded_in_the_file(tmp_path, l
     assert not any("the model itself raises there" in m for m in said), said
     session = ort_session(tmp_path / "m.onnx")
     x = torch.randn(3, length + 1 if length > 5 else length - 1, 6)
-    np.testing.assert_allclose(run(session, x)[0], model(x).detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(run(session, x)[0], pm(x).detach().numpy(), atol=1e-5)
     with pytest.raises(BatchSizeError, match=rf"^input 'x' has T={other}: this ONNX file computes the model's outputs "
                                              rf"at T of {allowed} only"):
         run(session, torch.randn(2, other, 6))
+
+
+def test_dendrites_are_no_branch_at_size_1(tmp_path):
+    """A trained dendrite changes the model's output: the probe at T = 1 compared the file with the original
+    (no dendrites), recorded T of 2 or more, warned of a branch, and run refused T = 1 (a reviewer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()  # (no branch)
+    pm = _grown(pbp_fx.perforate(model, (torch.randn(2, 5, 6),)).eval())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(pm, (torch.randn(2, 5, 6),), tmp_path / "m.onnx", dynamic_axes={"input": {1: "T"}})
+    assert not [str(w.message) for w in caught if "computes the model's outputs" in str(w.message)]
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    assert "pbp_fx.axis_ranges" not in meta
+    x = torch.randn(3, 1, 6)
+    np.testing.assert_allclose(run(ort_session(tmp_path / "m.onnx"), x)[0], pm(x).detach().numpy(), atol=1e-5)
+    assert all(float(site.out_weight.abs().min()) == 0.5 for site in pm.sites.values())  # (V restored)
 
 
 def test_a_models_own_bound_on_a_named_axis_is_recorded_without_a_branch_warning(tmp_path):

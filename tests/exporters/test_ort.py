@@ -10,7 +10,9 @@ import pytest
 import torch
 from onnx import helper
 
+from pbp_fx.config import ConfigError
 from pbp_fx.exporters import RuntimeUnavailableError, ort_session, run
+from pbp_fx.exporters.ort import RunInputError
 from pbp_fx.exporters import ort as ort_mod
 
 
@@ -79,9 +81,9 @@ def test_cuda_provider_without_gpu(add_model, monkeypatch):
 
 
 def test_bad_arguments(add_model, tmp_path):
-    with pytest.raises(ValueError, match="device="):
+    with pytest.raises(ConfigError, match="device="):
         ort_session(add_model, device="tpu")
-    with pytest.raises(ValueError, match="threads="):
+    with pytest.raises(ConfigError, match="threads="):
         ort_session(add_model, threads=0)
     with pytest.raises(FileNotFoundError, match="export_onnx"):
         ort_session(tmp_path / "missing.onnx")
@@ -105,9 +107,9 @@ def test_run_input_forms(add_model):
 def test_run_bad_inputs(add_model):
     sess = ort_session(add_model, device="cpu", threads=1)
     a = np.zeros((1, 3), np.float32)
-    with pytest.raises(ValueError, match="takes 2"):
+    with pytest.raises(RunInputError, match="takes 2"):
         run(sess, (a,))
-    with pytest.raises(ValueError, match="unknown input"):
+    with pytest.raises(RunInputError, match="unknown input"):
         run(sess, {"a": a, "c": a})
 
 
@@ -141,5 +143,5 @@ def test_fractional_floats_for_an_integer_input_are_refused(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
     sess = ort_session(path, device="cpu")
     assert run(sess, (np.array([3.0, 4.0]),))[0].tolist() == [3, 4]
-    with pytest.raises(ValueError, match="got floats with fractions"):
+    with pytest.raises(RunInputError, match="got floats with fractions"):
         run(sess, (np.array([3.7, 4.0]),))
