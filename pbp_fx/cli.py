@@ -129,7 +129,10 @@ class _SwitchGivenOnce(argparse.BooleanOptionalAction):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog=PROG, description="Perforated Backpropagation for PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for cmd in COMMANDS.values():
@@ -340,8 +343,13 @@ def check_output_file(path: str, flag: str, reads: tuple = (), example: str = "x
         raise PBError(f"{flag} {path}: {probe} is a file, not a directory; choose another path")
     if probe != folder:
         raise PBError(f"{flag} {path}: directory {folder} does not exist; create it first (mkdir -p {folder})")
-    if not os.access(folder, os.W_OK):
-        raise PBError(f"{flag} {path}: directory {folder} is not writable; choose another path")
+    try:  # a file made and removed: os.access says yes to root, also where nothing can be made (/proc)
+        fd, made = tempfile.mkstemp(prefix=".pbp-probe-", dir=folder)
+        os.close(fd)
+        os.remove(made)
+    except OSError as exc:
+        raise PBError(f"{flag} {path}: nothing can be written in {folder} ({exc.strerror}); choose another path") \
+            from None
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from it (`cli_fields`), so a new field is a new flag with no other edit.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 import re
@@ -21,6 +22,10 @@ from .errors import PBError
 FRONTENDS = ("auto", "fx", "export", "parts")
 ACTIVATION_NAMES = ("sigmoid", "tanh", "relu")  # a dendrite's activation (site.ACTIVATIONS, the ONNX bodies)
 MODES = ("pb", "gd")
+# start_dendrite_phase's keyword arguments -> the PBConfig settings they take.
+DENDRITE_PHASE_ARGS = {"pool": "pool", "init": "candidate_init", "ema": "ema_decay", "warmup": "warmup",
+                       "threshold": "snapshot_threshold", "bias_correction": "bias_correction", "split": "pool_split",
+                       "stride": "candidate_stride"}
 FRONTEND_HELP = ("auto (symbolic tracing, else torch.export, also where fx's graph misses Linear/Conv weights; where "
                  "neither captures the root's forward, parts), fx, export, or parts (the root's forward runs as "
                  "Python, its submodules that trace are captured in place)")
@@ -140,7 +145,9 @@ class _Settings:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(names_given) - names, key=str)  # (keys of mixed types: 1 and "x")
         if unknown:
-            raise ConfigError(f"{cls.__name__} has no setting {unknown[0]!r}: use one of {', '.join(sorted(names))}")
+            near = near_name(unknown[0], names)
+            raise ConfigError(f"{cls.__name__} has no setting {unknown[0]!r}: "
+                              + (f"did you mean {near!r}?" if near else f"use one of {', '.join(sorted(names))}"))
 
     def __post_init__(self) -> None:
         _check(self)
@@ -212,9 +219,18 @@ class PBConfig(_Settings):
 
     def dendrite_phase_kwargs(self) -> dict:
         """The keyword arguments of PerforatedModel.start_dendrite_phase for these settings."""
-        return {"pool": self.pool, "init": self.candidate_init, "ema": self.ema_decay, "warmup": self.warmup,
-                "threshold": self.snapshot_threshold, "bias_correction": self.bias_correction,
-                "split": self.pool_split, "stride": self.candidate_stride}
+        return {arg: getattr(self, name) for arg, name in DENDRITE_PHASE_ARGS.items()}
+
+    @classmethod
+    def check_dendrite_phase_kwargs(cls, where: str, **kwargs) -> None:
+        """Refuse what these settings' checks refuse among start_dendrite_phase's keyword arguments, named as
+        passed there (ConfigError `where(arg=value): why`)."""
+        try:
+            cls(**{DENDRITE_PHASE_ARGS[arg]: value for arg, value in kwargs.items()})
+        except ConfigError as exc:
+            arg = next(a for a, name in DENDRITE_PHASE_ARGS.items() if name == exc.field)
+            shown = repr(exc.value) if len(repr(exc.value)) <= 40 else repr(exc.value)[:20] + "..."
+            raise ConfigError(f"{where}({arg}={shown}): {exc.reason}", arg, exc.value, exc.reason) from None
 
     # What mode "gd" never reads: it grows random dendrites, V at 0, and runs no dendrite phase.
     DENDRITE_PHASE_ONLY = ("dendrite_patience", "max_dendrite_epochs", "dendrite_improvement", "pool", "pool_split",
@@ -303,9 +319,18 @@ def read_settings(path: str) -> tuple[dict, dict]:
         raise ConfigError(f"{where}: {flags_only[0]!r} is no setting but a flag of the command: give "
                           f"--{flags_only[0].replace('_', '-')} on the command line, and drop it from the file")
     if unknown:
-        raise ConfigError(f"{where}: no setting {unknown[0]!r}: use PBConfig's or TrainConfig's field names "
-                          "(pbp-fx train --help lists them as flags)")
+        near = near_name(unknown[0], pb_names | train_names)
+        raise ConfigError(f"{where}: no setting {unknown[0]!r}: " + (f"did you mean {near!r}?" if near else
+                          "use PBConfig's or TrainConfig's field names (pbp-fx train --help lists them as flags)"))
     return ({k: v for k, v in data.items() if k in pb_names}, {k: v for k, v in data.items() if k in train_names})
+
+
+def near_name(name, names) -> Optional[str]:
+    """The one of `names` that `name` most likely misspells (difflib's closest above 0.75), or None."""
+    if not isinstance(name, str):
+        return None
+    close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def _settings_of_a_run(data: dict, where: str) -> dict:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
+import numbers
 from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .config import ConfigError
+from .config import ConfigError, PBConfig
 from .errors import NoSitesError, PBError, PhaseError, TrainingError, warn_at_user
 from .inputs import describe_inputs
 from .layers import WEIGHT_HOOKS, has_user_hooks
@@ -615,6 +617,13 @@ class PerforatedModel(nn.Module):
         if unknown:  # (before any site has a pool; it named the internal CandidatePool.__init__)
             raise ConfigError(f"start_dendrite_phase(): unknown setting {unknown[0]!r}: use pool, init, init_scale, "
                               f"generator or the pool's {', '.join(POOL_SETTINGS)}")
+        PBConfig.check_dendrite_phase_kwargs("start_dendrite_phase", pool=pool, init=init, **stats)
+        if isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real) or not 0 < init_scale < math.inf:
+            raise ConfigError(f"start_dendrite_phase(init_scale={init_scale!r}): give a finite number > 0 (the "
+                              "candidates' initial weights are scaled by it)")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ConfigError(f"start_dendrite_phase(generator={generator!r}): give a CPU torch.Generator, or None "
+                              "for torch's global one")
         from pbp_fx.passes.insert_dendrites import record_output_makers
 
         record_output_makers(self.graph_module)  # (a module swapped in since perforate: the one the graph calls)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import native
-from .config import MODES, ConfigError
+from .config import DENDRITE_PHASE_ARGS, MODES, ConfigError
 from .covariance_tap import STAT_NAMES, EagerNormTap, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .errors import CheckpointError, NonFiniteError, PhaseError, warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cascade_chain, cat_rows, channel_view,
@@ -48,7 +48,7 @@ def _weighted_sum(n: Tensor, acts: list[Tensor], out_weight: Tensor, axis: int) 
 
 
 # The keyword settings of a pool beyond its size and initialisation (PerforatedModel.start_dendrite_phase's **stats).
-POOL_SETTINGS = ("ema", "warmup", "threshold", "bias_correction", "split", "stride")
+POOL_SETTINGS = tuple(arg for arg in DENDRITE_PHASE_ARGS if arg not in ("pool", "init"))
 
 
 class CandidatePool(nn.Module):

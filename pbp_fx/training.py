@@ -469,6 +469,10 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
 
 
 def _check_loader(loader, what: str) -> None:
+    """Refuse a loader that gives no batches, or is no iterable at all (None), before any training."""
+    if not hasattr(loader, "__iter__") and not hasattr(loader, "__getitem__"):  # (iter() would start workers)
+        raise TrainingError(f"the {what} loader is {type(loader).__name__}, not an iterable of batches: give a "
+                            "DataLoader")
     try:
         n = len(loader)
     except TypeError:

@@ -339,6 +339,9 @@ def test_usage_errors_exit_2(capsys):
     assert cli.main(["transform", "m.py", "--activation", "swish"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     assert cli.main(["--help"]) == 0
+    capsys.readouterr()
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"pbp-fx {pbp_fx.__version__}\n"
 
 
 def test_subcommand_registry(monkeypatch, capsys):
@@ -1044,6 +1047,17 @@ def test_transform_refuses_an_out_where_nothing_can_be_made_before_any_work(tmp_
     assert "site" not in stdout  # refused before the model was perforated
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_export_refuses_an_output_file_where_nothing_can_be_made_before_any_work(tmp_path, capsys, monkeypatch):
+    """os.access says yes to root in /proc: the export ran, then failed to write (a reviewer)."""
+    import pbp_fx.exporters
+
+    model = _write(tmp_path, GOOD)
+    monkeypatch.setattr(pbp_fx.exporters, "export_onnx", lambda *a, **k: pytest.fail("the export ran"))
+    rc, _, err = _run(["export", model, "-o", "/proc/pbp-fx-test.onnx"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "-o /proc/pbp-fx-test.onnx: nothing can be written in /proc" in err
+
+
 def test_an_out_that_links_to_nothing_is_refused_before_any_work(tmp_path, capsys):
     model = _write(tmp_path, GOOD)
     link = tmp_path / "out_link"
@@ -1150,7 +1164,8 @@ def test_config_given_twice_is_refused_not_half_read(tmp_path, capsys):
 
 @pytest.mark.parametrize("text,name,message", [
     ('{"pool": 0}', "b.json", "b.json: pool=0: must be at least 1"),
-    ('{"pol": 3}', "b.json", "b.json: no setting 'pol'"),
+    ('{"pol": 3}', "b.json", "b.json: no setting 'pol': did you mean 'pool'?"),
+    ('{"bogus": 3}', "b.json", "b.json: no setting 'bogus': use PBConfig's or TrainConfig's field names"),
     ("[1, 2]", "b.json", "it must hold one mapping"),
     ('{"pool": [1]}', "b.json", "pool=[1]: must be a whole number"),
     ("{bad", "b.json", "not valid JSON"),

@@ -2,6 +2,7 @@
 import inspect
 import json
 import math
+import re
 
 import pytest
 
@@ -116,6 +117,15 @@ def test_every_entry_point_takes_a_config_or_a_dict_and_refuses_the_rest():
                                           r"init_scale, generator or the pool's ema, warmup, threshold, "
                                           r"bias_correction, split, stride$"):
         pm.start_dendrite_phase(pol=3)
+    # (by hand it took what PBConfig refuses: a NaN init_scale gave correlations of 0 and a NaN install blamed
+    # candidate_lr, split='no' was True; a string init_scale or a generator of 3 were torch's TypeErrors; a reviewer)
+    for given, why in [({"init_scale": float("nan")}, "give a finite number > 0"), ({"init_scale": "1"}, "give a"),
+                       ({"warmup": -5}, "must be at least 0"), ({"threshold": float("nan")}, "must be a finite number"),
+                       ({"split": "no"}, "must be true or false"), ({"generator": 3}, "give a CPU torch.Generator"),
+                       ({"init": "x"}, "must be one of 'kaiming'"), ({"ema": 1.0}, "must be greater than 0 and less than 1")]:
+        (arg, value), = given.items()
+        with pytest.raises(ConfigError, match=rf"^start_dendrite_phase\({arg}={re.escape(repr(value))}\): {why}"):
+            pm.start_dendrite_phase(**given)
     assert pm.phase == "neuron" and all(s.candidates is None for s in pm.sites.values())
     from pbp_fx.site import POOL_SETTINGS, CandidatePool
     assert set(POOL_SETTINGS) <= set(inspect.signature(CandidatePool.__init__).parameters)
@@ -126,7 +136,7 @@ def test_every_entry_point_takes_a_config_or_a_dict_and_refuses_the_rest():
     assert pbp_fx.PhaseController(pm, {"patience": 3}).config.patience == 3
     with pytest.raises(ConfigError, match="must be a PBConfig .*got int"):
         pbp_fx.PhaseController(pm, 3)
-    with pytest.raises(ConfigError, match="has no setting 'patiense'"):
+    with pytest.raises(ConfigError, match="has no setting 'patiense': did you mean 'patience'.$"):
         pbp_fx.PhaseController(pm, {"patiense": 3})
     loader = DataLoader(TensorDataset(x, torch.randint(0, 2, (8,))), batch_size=4)
     run = pbp_fx.fit(pm, loader, loader, config={"patience": 1, "max_dendrites": 1}, training={"epochs": 2})

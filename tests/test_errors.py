@@ -87,7 +87,8 @@ ROWS = {
                         "at least 1"),
     "ONNX path in a missing directory": (lambda t: ["export", DIGITS, "-o", str(t / "absent" / "m.onnx")],
                                          "does not exist"),
-    "ONNX path in a read-only directory": (lambda t: ["export", DIGITS, "-o", _readonly_dir(t)], "not writable"),
+    "ONNX path in a read-only directory": (lambda t: ["export", DIGITS, "-o", _readonly_dir(t)],
+                                           "nothing can be written in"),
     "checkpoint from another model": (lambda t: ["export", _checkpoint_of_other_model(t), "-o", str(t / "m.onnx")],
                                       "belongs to another model"),
 }

@@ -84,6 +84,11 @@ def test_empty_loaders_are_reported():
         fit(pm, empty, full, progress=False)
     with pytest.raises(pbp_fx.TrainingError, match="validation"):
         fit(pm, full, empty, progress=False)
+    # (None trained a whole epoch, then failed with "'NoneType' object is not iterable"; a reviewer)
+    before = [p.detach().clone() for p in pm.parameters()]
+    with pytest.raises(pbp_fx.TrainingError, match="^the validation loader is NoneType, not an iterable of batches"):
+        fit(pm, full, None, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, pm.parameters()))
 
 
 def test_a_metric_that_counts_no_sample_is_named_not_the_dataset():

@@ -58,6 +58,12 @@ class PBCallback(TrainerCallback):
             raise ConfigError(f"PBCallback(group_of_name={group_of_name!r}): give a function of a parameter's name "
                               "that returns its optimizer group's index")
         self.config = PBConfig.coerce(config, "PBCallback's config")
+        if metric is not None and not isinstance(metric, str):
+            raise ConfigError(f"PBCallback(metric={metric!r}): give the name of a metric the Trainer's evaluation "
+                              "logs, e.g. 'eval_accuracy'")
+        if greater_is_better is not None and not isinstance(greater_is_better, bool):
+            raise ConfigError(f"PBCallback(greater_is_better={greater_is_better!r}): give True (higher "
+                              f"{metric or 'eval_loss'} is better), False or None (the Trainer's setting)")
         self._metric, self._greater_is_better = metric, greater_is_better
         self._group_of_name = group_of_name
         self.metric, self.maximize = _direction(metric or "eval_loss", greater_is_better)

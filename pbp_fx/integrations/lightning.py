@@ -45,6 +45,9 @@ class PBCallback(Callback):
 
     def __init__(self, config: Optional[PBConfig] = None, monitor: str = "val_loss", mode: Optional[str] = None):
         config = PBConfig.coerce(config, "PBCallback's config")
+        if not isinstance(monitor, str):
+            raise ConfigError(f"PBCallback(monitor={monitor!r}): give the name of a metric the LightningModule logs "
+                              "with self.log, e.g. 'val_loss'")
         if mode not in (None, "min", "max"):
             raise ConfigError(f"mode={mode!r}: use 'min' (lower {monitor} is better) or 'max'")
         if config is not None and not config.maximize and mode == "max":

@@ -65,6 +65,12 @@ def test_the_callbacks_config_is_checked_when_built_and_its_direction_against_th
     PBConfig(maximize=False) was replaced by the callback's direction without a word (a reviewer)."""
     with pytest.raises(ConfigError, match="PBCallback's config must be a PBConfig .or a dict of its settings., got str"):
         PBCallback("patience=2")
+    # greater_is_better="false" read as True: PB kept the highest error as its best (a reviewer)
+    with pytest.raises(ConfigError, match=r"^PBCallback\(greater_is_better='false'\): give True \(higher eval_wer is "
+                                          r"better\), False or None"):
+        PBCallback(metric="eval_wer", greater_is_better="false")
+    with pytest.raises(ConfigError, match=r"^PBCallback\(metric=3\): give the name of a metric"):
+        PBCallback(metric=3)
     trainer, _ = _trainer(tmp_path, PBCallback(QUICK.replace(maximize=False), metric="err"), perforated_bert(),
                           max_steps=1)
     with pytest.raises(ConfigError, match="config has maximize=False, but it ranks eval_err higher-is-better .the "

@@ -205,6 +205,8 @@ def test_the_callbacks_config_and_direction():
             assert not quiet.maximize
     with pytest.warns(UserWarning, match="keeps the highest val/loss, which reads as lower-is-better"):
         PBCallback(QUICK, monitor="val/loss", mode="max")
+    with pytest.raises(ConfigError, match=r"^PBCallback\(monitor=3\): give the name of a metric the LightningModule"):
+        PBCallback(QUICK, monitor=3)  # (a raw TypeError from a name check; a reviewer)
     train, val = digits_loaders()
     trainer = _trainer(PBCallback(QUICK.to_dict(), monitor="val_acc", mode="max"), max_epochs=1)
     trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
