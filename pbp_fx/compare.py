@@ -24,10 +24,12 @@ every finished run: after an interrupt, the same command continues from them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -353,6 +355,8 @@ def summarize(rows: list[dict], score: Score = ACCURACY) -> list[dict]:
             seeds = sorted(r["seed"] for r in rows if r["arm"] == arm and "skipped" in r)
             s["partial"] = f"not run at seed(s) {', '.join(map(str, seeds))}: {skipped[0]}"
             s["seeds_not_run"] = seeds
+        if arm == "pb":  # (where pb is the plain model: a plain-matched arm built only there compares nothing)
+            s["bare_seeds"] = sorted(r["seed"] for r in rs if not _installed(r))
         if arm in ("pb", "gd") and all(not _installed(r) and not r.get("dendrite_epochs") and not r.get("grew")
                                        for r in rs):
             # (its first neuron phase did not end within the epochs: the plain run, with nothing grown)
@@ -492,10 +496,20 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
     words = {"plain": "the same model without PB", "restarts": "the PB schedule with nothing installed",
              "gd": "dendrites trained by backprop", "plain-matched": "a plain model with pb's parameter count",
              "original": "the model at width 1"}
+    arms = {s["arm"]: s for s in ran}
+    bare = set(arms["pb"].get("bare_seeds", ())) if "pb" in arms else set()
+    tests = 0  # the pb − arm lines with an interval: each its own 95 % test
     for arm, what in words.items():
         p = by_arm.get(arm)
         if p is None:
             continue
+        if arm == "plain-matched" and set(arms[arm]["test_by_seed"]) <= bare:
+            seeds = ", ".join(map(str, sorted(arms[arm]["test_by_seed"])))
+            lines.append(f"pb − plain-matched compares nothing: plain-matched ran only at seed(s) {seeds}, where pb kept "
+                         "no dendrite, so both are the plain model there (at the seeds where pb grew, no width was "
+                         "within 5 % of its parameter count).")
+            continue
+        tests += p["n"] >= 2 and p["sd"] > 1e-9 * abs(p["mean"])
         pb_side = score.rounded(-p["mean"])  # as printed, so the words match the number
         better = pb_side if maximize else -pb_side
         sign = "ahead of" if better > 0 else "behind" if better < 0 else "level with"
@@ -506,6 +520,10 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
                      f"pb − {arm} = {score.spread(pb_side, p['sd'], p['n'], sign=True)}{score.diff_unit} over "
                      f"{seeds} (pb ahead in {ahead}, behind in {behind}{'' if maximize else '; lower is better'}); "
                      f"{_noise(-p['mean'], p['sd'], p['n'], score)}.")
+    if tests >= 2 and any("beyond seed noise" in line for line in lines if line.startswith("pb is")):
+        lines.append(f"(Each pb − arm interval above is its own 95 % test: where no arm differs, at least one of "
+                     f"{tests} reads \"beyond seed noise\" by chance about {1 - 0.95 ** tests:.0%} of the time, so one "
+                     "alone among them is weak evidence; more seeds narrow every interval.)")
     if majority is not None:
         level = score.value(score.scale * majority[1])
         best = max((s["test"] for s in ran), default=None)
@@ -715,12 +733,47 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
         warn_at_user(f"plain-matched widens the model to pb's parameter count, and {builder.no_width_argument()}: it "
                      "is built only at seeds where pb kept no dendrite, where it is the plain model; give build_model "
                      "an int width argument (its hidden channel count), or compare at a --width below 1")
+    _refuse_too_few_samples(data)
     majority = None
     if score.percent:
-        test = make_loaders(data, training.batch_size, training.seed,
-                            collate=keyword_collate(mod, model, len(inputs)))[2]
+        train, _, test = make_loaders(data, training.batch_size, training.seed,
+                                      collate=keyword_collate(mod, model, len(inputs)))
         majority = majority_class(test)
-    return score, run_identity(model_file, data, model), scaled.width, majority
+        for split, found in (("training", majority_class(train)), ("test", majority)):
+            if found is not None and found[1] == 1.0:  # (one class: nothing to learn, or nothing to tell arms apart by)
+                raise CompareError(f"the {split} labels are all class {found[0]}: a comparison of classifiers needs "
+                                   f"two classes or more in every split; check datasets()")
+    # (the loss and metric by their code: a file that picks them by an environment variable scores otherwise)
+    identity = {**run_identity(model_file, data, model), "task": {
+        "loss": code_digest(task_functions(mod)[0]), "metric": code_digest(metric), "score": name}}
+    return score, identity, scaled.width, majority
+
+
+def code_digest(fn) -> str:
+    """A function's qualified name and a digest of its code (a callable object's __call__'s), object addresses
+    left out: two functions that compute otherwise differ here."""
+    code = getattr(fn, "__code__", None) or getattr(getattr(type(fn), "__call__", None), "__code__", None)
+    name = getattr(fn, "__qualname__", type(fn).__qualname__)
+    if code is None:
+        return name
+    text = re.sub(r"0x[0-9a-fA-F]+", "0x", repr(code.co_consts)) + repr(code.co_names)
+    return f"{name}:{hashlib.sha256(code.co_code + text.encode()).hexdigest()[:16]}"
+
+
+MIN_EVAL_SAMPLES = 10  # fewer validation or test samples than this tell no arm from another
+
+
+def _refuse_too_few_samples(data) -> None:
+    """Refuse validation or test splits too small to rank arms by (their size known: a sized dataset)."""
+    for split, dataset in zip(("validation", "test"), data[1:]):
+        try:
+            n = len(dataset)
+        except TypeError:
+            continue
+        if n < MIN_EVAL_SAMPLES:
+            raise CompareError(f"the {split} split holds {n} sample(s): a score on fewer than {MIN_EVAL_SAMPLES} "
+                               "tells no arm from another (each sample moves it by 1/n); give datasets() larger "
+                               "validation and test splits")
 
 
 def majority_class(loader) -> Optional[tuple[int, float]]:
@@ -751,7 +804,7 @@ class KeptRuns:
     after each run, so that the same command continues an interrupted comparison from them.
 
     `key` holds everything a run's result depends on (the model file's content and a fingerprint
-    of its data, `job.run_identity`; the arms, seeds, width, settings, include/exclude, latency):
+    of its data, `job.run_identity`, with the loss and metric by their code; the arms, seeds, width, settings, include/exclude, latency):
     kept runs are taken only under the same key; another key starts over. The file goes once the report is written."""
 
     def __init__(self, out: Optional[str], key: dict, echo: Callable[[str], None]):

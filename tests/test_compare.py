@@ -267,6 +267,76 @@ def test_a_stop_during_the_reports_writes_waits_for_them(tiny, tmp_path, monkeyp
                        "report is whole"
 
 
+def test_kept_runs_scored_with_another_metric_are_not_taken(tmp_path, monkeypatch):
+    """A model file that picks its metric by an environment variable: the runs kept from an interrupted comparison
+    scored with one metric were ranked beside new runs scored with another (a reviewer)."""
+    compare_module = importlib.import_module("pbp_fx.compare")
+    path = tmp_path / "picks.py"
+    path.write_text(TINY + textwrap.dedent('''
+        import os
+
+        def right(output, target):
+            return float((output.argmax(1) == target).sum()), len(target)
+
+        def wrong(output, target):
+            return float((output.argmax(1) != target).sum()), len(target)
+
+        metric = wrong if os.environ.get("PICK") == "wrong" else right
+    '''))
+    out, real_summarize = tmp_path / "cmp", compare_module.summarize
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_module, "summarize", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        compare(str(path), seeds=1, arms=["plain"], out=str(out), latency=False, echo=lambda _s: None, **BUDGET)
+    monkeypatch.setattr(compare_module, "summarize", real_summarize)
+    monkeypatch.setenv("PICK", "wrong")
+    said = []
+    compare(str(path), seeds=1, arms=["plain"], out=str(out), latency=False, echo=said.append, **BUDGET)
+    assert any("holds the runs of another comparison" in s and "starts over" in s for s in said), said
+    assert not any("finished run(s) are kept" in s for s in said)
+
+
+@pytest.mark.parametrize("change,says", [
+    (("TensorDataset(x[240:], y[240:])", "TensorDataset(x[240:243], y[240:243])"),
+     "the test split holds 3 sample(s): a score on fewer than 10 tells no arm from another"),
+    (("TensorDataset(x[180:240], y[180:240])", "TensorDataset(x[180:181], y[180:181])"),
+     "the validation split holds 1 sample(s)"),
+    (("y = (x[:, 0] > 0).long() + (x[:, 1] * x[:, 2] > 0).long()", "y = torch.zeros(300, dtype=torch.long)"),
+     "the training labels are all class 0: a comparison of classifiers needs two classes or more in every split"),
+    (("TensorDataset(x[240:], y[240:])", "TensorDataset(x[240:], torch.ones(60, dtype=torch.long))"),
+     "the test labels are all class 1"),
+])
+def test_data_that_cannot_rank_arms_is_refused_before_any_run(tmp_path, monkeypatch, change, says):
+    """Splits of 3/1/1 samples and one-class labels trained every arm and printed "no arm won" (a reviewer)."""
+    compare_module = importlib.import_module("pbp_fx.compare")
+    monkeypatch.setattr(compare_module, "run_arm", lambda *a, **k: pytest.fail("an arm ran"))
+    path = tmp_path / "small.py"
+    path.write_text(TINY.replace(*change))
+    with pytest.raises(CompareError, match=re.escape(says)):
+        compare(str(path), seeds=2, latency=False, echo=lambda _s: None, **BUDGET)
+
+
+def test_code_digest_tells_functions_apart_by_their_code_not_their_address():
+    from pbp_fx.compare import code_digest
+
+    def f(x):
+        return x + 1
+
+    def g(x):
+        return x + 2
+
+    class Scorer:
+        def __call__(self, output, target):
+            return 0.0, 1
+
+    assert code_digest(f) != code_digest(g) and code_digest(f).startswith("test_code_digest")
+    assert code_digest(Scorer()) == code_digest(Scorer()) and code_digest(Scorer()).startswith("test_code_digest")
+    assert code_digest(lambda x: x) == code_digest(lambda x: x)
+
+
 def test_a_stop_after_the_last_run_names_the_runs_to_continue_from(tiny, tmp_path, monkeypatch):
     """A stop while the report was being made (after the last run, before its files) said only "interrupted",
     though the kept runs were there to continue from (the second diff review)."""
@@ -383,6 +453,38 @@ def test_a_difference_that_prints_as_zero_reads_level(plain_test, words):
     rows = [{"arm": "pb", "seed": 0, "test": 0.5, "params": 10}, {"arm": "plain", "seed": 0, "test": plain_test, "params": 5}]
     text = verdict(summarize(rows), paired(rows))
     assert words in text and not re.search(r"-0\.0(?!\d)", text) and "0.0 points level" not in text
+
+
+def test_plain_matched_built_only_where_pb_kept_nothing_is_said_to_compare_nothing():
+    """pb grew at seeds 0, 2, 4, where no width came within 5 %; plain-matched ran at 1 and 3, where pb is the plain
+    model, and the verdict read "pb is level with plain-matched ... +0.0 ± 0.0 over 2 seeds" (a reviewer)."""
+    rows = [{"arm": "pb", "seed": k, "test": 0.6 + 0.01 * k, "params": 332 if k % 2 == 0 else 300,
+             "dendrites": 1 if k % 2 == 0 else 0} for k in range(5)]
+    rows += [{"arm": "plain", "seed": k, "test": 0.55 + 0.01 * k, "params": 300} for k in range(5)]
+    rows += [{"arm": "plain-matched", "seed": k, "skipped": "no whole width is within 5 %"} for k in (0, 2, 4)]
+    rows += [{"arm": "plain-matched", "seed": k, "test": 0.6 + 0.01 * k, "params": 300} for k in (1, 3)]
+    text = verdict(summarize(rows), paired(rows))
+    assert ("pb − plain-matched compares nothing: plain-matched ran only at seed(s) 1, 3, where pb kept no dendrite"
+            in text), text
+    assert "pb is level with plain-matched" not in text
+    rows[-1]["test"], rows[3]["dendrites"] = 0.5, 1  # (pb grew at seed 3 too: a comparison there)
+    assert "pb is 6.5 points ahead of plain-matched" in verdict(summarize(rows), paired(rows))
+
+
+def test_several_pb_lines_say_that_each_is_its_own_test():
+    """Four pb − arm lines at 95 % each: at least one reads "beyond seed noise" in 15-18 % of null simulations
+    (a reviewer); the verdict says so where one does."""
+    base = (0.50, 0.62, 0.55, 0.58)
+    rows = [{"arm": "pb", "seed": k, "test": t, "params": 1} for k, t in enumerate(base)]
+    rows += [{"arm": "plain", "seed": k, "test": t - 0.05 - 0.001 * k, "params": 1} for k, t in enumerate(base)]
+    rows += [{"arm": "restarts", "seed": k, "test": t + (0.02, -0.03, 0.01, -0.01)[k], "params": 1}
+             for k, t in enumerate(base)]
+    text = verdict(summarize(rows), paired(rows))
+    assert "pb − plain" in text and "beyond seed noise" in text
+    assert ("(Each pb − arm interval above is its own 95 % test: where no arm differs, at least one of 2 reads "
+            "\"beyond seed noise\" by chance about 10% of the time") in text, text
+    rows = [r for r in rows if r["arm"] != "restarts"]  # (one line: no note)
+    assert "its own 95 % test" not in verdict(summarize(rows), paired(rows))
 
 
 def test_a_lead_of_hundredths_of_a_point_is_no_tie_and_tiny_metrics_keep_their_spread():
