@@ -1027,10 +1027,16 @@ def _check_shapes(model: str, files: list, arrays: list, specs: list) -> None:
         if len(want) != array.ndim:
             raise PBError(f"input {name} has shape {list(array.shape)} but {model} input {spec.name!r} has "
                           f"{len(want)} dims {want}: save it with that shape")
+        fixed = [s for s in want[1:] if isinstance(s, int)]
+        if len(fixed) == len(want) - 1 > 1 and sorted(fixed) == sorted(array.shape[1:]) and fixed != list(array.shape[1:]):
+            raise PBError(f"input {name} has shape {list(array.shape)}, {model} input {spec.name!r} takes {want}: the "
+                          "same sizes in another order (channels last?): save it in the file's layout, e.g. "
+                          "np.moveaxis(x, -1, 1) for [N, H, W, C] to [N, C, H, W]")
         for dim, (got, size) in enumerate(zip(array.shape, want)):
             if isinstance(size, int) and size != got:
                 fix = ("export without --static-batch to make the batch dynamic" if dim == 0 else
-                       f"export with --dynamic-axis {spec.name}:{dim}=NAME to make that dim dynamic")
+                       f"export with --dynamic-axis {spec.name}:{dim}=NAME to make that dim dynamic, where the "
+                       "model does not fix it (a length, an image size; not its channels or features)")
                 raise PBError(f"input {name} has size {got} in dim {dim}, which {model} fixes to {size} (input "
                               f"{spec.name!r}, {want}): pass that size, or {fix}")
             if isinstance(size, str) and size:

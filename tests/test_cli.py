@@ -1275,6 +1275,21 @@ def test_run_refuses_a_size_the_file_fixes_naming_the_dim_and_the_fix(tmp_path, 
     assert rc == 2 and "has size 3 in dim 0, which" in err and "export without --static-batch" in err, err
 
 
+def test_run_names_an_input_in_another_layout(tmp_path, capsys):
+    """An NHWC array for an NCHW file was offered --dynamic-axis x:1=NAME, which export refuses for channels (a
+    reviewer)."""
+    model, out = _write(tmp_path, """
+        import torch, torch.nn as nn
+        def build_model(): return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+        def example_inputs(): return (torch.randn(2, 3, 6, 5),)
+    """), str(tmp_path / "m.onnx")
+    assert _run(["export", model, "-o", out, "--unfused"], capsys)[0] == 0
+    np.save(tmp_path / "x.npy", np.zeros((2, 6, 5, 3), dtype=np.float32))
+    rc, _, err = _run(["run", out, "--input", str(tmp_path / "x.npy")], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "the same sizes in another order (channels last?)" in err, err
+    assert "--dynamic-axis" not in err
+
+
 def test_run_on_an_empty_batch_says_it_is_empty(tmp_path, capsys):
     """GroupNorm's exported Reshape reads a 0 in its shape as "keep this axis": ONNX Runtime's 600-character
     report named a Reshape node's shapes, not the empty input."""
