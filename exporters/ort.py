@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from pbp_fx.config import ConfigError
 from pbp_fx.errors import PBError
 
-__all__ = ["ort_session", "run", "available_providers", "output_difference", "RuntimeUnavailableError", "RunInputError",
+__all__ = ["ort_session", "run", "available_providers", "output_difference", "RuntimeUnavailableError", "RunInputError", "OnnxLoadError",
            "BatchSizeError", "CPU", "CUDA"]
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class BatchSizeError(PBError, ValueError):
 
 class RunInputError(PBError, ValueError):
     """Inputs `run` cannot feed the file: unknown names, another count, fractions for an integer input."""
+
+
+class OnnxLoadError(PBError, RuntimeError):
+    """A file ONNX Runtime cannot load: not an ONNX model, or a graph it refuses."""
 
 
 class RuntimeUnavailableError(PBError, RuntimeError):
@@ -106,10 +111,11 @@ def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", thre
     try:
         sess = ort.InferenceSession(model, sess_options=opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind error classes
-        if type(exc).__name__ != "NotImplemented":
-            raise
-        # e.g. a float64 Conv or a bfloat16 Sigmoid: the CPU provider covers float32, other types for some ops
         where = "the ONNX model (bytes)" if isinstance(model, bytes) else model
+        if type(exc).__name__ != "NotImplemented":  # (not a protobuf, a graph it refuses: its words, on one line)
+            text = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc)).split())
+            raise OnnxLoadError(f"ONNX Runtime cannot load {where}: {text or type(exc).__name__}") from exc
+        # e.g. a float64 Conv or a bfloat16 Sigmoid: the CPU provider covers float32, other types for some ops
         raise RuntimeUnavailableError(
             f"onnxruntime has no kernel for an op of {where} in its element type "
             f"({str(exc).splitlines()[0].split(' : ')[-1].strip()}): its CPU kernels cover float32, other types for "

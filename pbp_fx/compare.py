@@ -1235,12 +1235,8 @@ def _refuse_changed_run(folder: str, identity: Optional[dict], model_file: Optio
                            "controls trained now; restore it, or train the run again")
 
 
-def _check_types(config, training, arms, width) -> None:
+def _check_types(arms, width) -> None:
     """compare()'s arguments of the wrong kind, refused before anything reads them (one line)."""
-    for name, value, cls in (("config", config, PBConfig), ("training", training, TrainConfig)):
-        if value is not None and not isinstance(value, cls):
-            hint = f": {cls.__name__}.from_dict(...) builds one from a dict" if isinstance(value, dict) else ""
-            raise CompareError(f"{name} must be a {cls.__name__}, not {type(value).__name__}{hint}")
     if arms is not None and (not isinstance(arms, (list, tuple)) or not all(isinstance(a, str) for a in arms)):
         raise CompareError(f"arms {arms!r}: must be a list of arm names, e.g. ['pb', 'plain']"
                            + (" (not one string)" if isinstance(arms, str) else ""))
@@ -1264,7 +1260,9 @@ def compare(model_file: Optional[str] = None, *, width: float = 1.0, seeds: Opti
     Returns {"runs", "summary", "paired", "verdict", ...}, the content of compare.json.
     """
     given, run_saved_identity = [], None
-    _check_types(config, training, arms, width)
+    # (a dict of settings, as fit and the callbacks take it; anything else refused in one line)
+    config, training = PBConfig.coerce(config, "compare's config"), TrainConfig.coerce(training, "compare's training")
+    _check_types(arms, width)
     if config is not None and config.mode != "pb":  # (each arm runs in its own mode: the setting would be ignored)
         raise CompareError(f"mode {config.mode!r}: compare trains each arm in its own mode (the pb and gd arms); drop "
                            "mode (--mode) and choose the arms, e.g. --arms pb,gd")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pbp_fx
-from pbp_fx import PBConfig, TrainConfig
+from pbp_fx import PBConfig, PBError, TrainConfig
 from pbp_fx.cli import main
 from pbp_fx.compare import CompareError, Score, compare, markdown, onnx_latency_ms, paired, summarize, verdict
 
@@ -869,13 +869,18 @@ def test_a_model_built_otherwise_from_the_same_file_is_another_model(tmp_path, m
 
 def test_compare_refuses_arguments_of_the_wrong_kind_in_one_line(tiny):
     """arms="pb" ran as arms 'p' and 'b' ("arm 'p' is not an arm"); width="0.5" and config as a dict
-    raised TypeError and AttributeError from inside compare."""
+    raised TypeError and AttributeError from inside compare. A dict of settings is taken, as fit takes it (a
+    reviewer)."""
     for kw, said in ((dict(arms="pb"), "must be a list of arm names, e.g. ['pb', 'plain'] (not one string)"),
                      (dict(width="0.5"), "width '0.5': must be a number"),
-                     (dict(config={"patience": 3}), "config must be a PBConfig, not dict: PBConfig.from_dict"),
-                     (dict(training={"epochs": 2}), "training must be a TrainConfig, not dict")):
-        with pytest.raises(CompareError, match=re.escape(said)):
+                     (dict(config="patience=3"), "compare's config must be a PBConfig (or a dict of its settings), "
+                                                 "got str"),
+                     (dict(training={"epoch": 2}), "TrainConfig has no setting 'epoch': did you mean 'epochs'?")):
+        with pytest.raises(PBError, match=re.escape(said)):
             compare(tiny, seeds=1, latency=False, echo=lambda _s: None, **kw)
+    result = compare(tiny, seeds=1, arms=["plain"], latency=False, echo=lambda _s: None,
+                     config=BUDGET["config"].to_dict(), training={**BUDGET["training"].to_dict(), "epochs": 2})
+    assert result["training"]["epochs"] == 2
 
 
 def test_a_width_argument_that_is_no_whole_number_is_named(tiny, tmp_path, capsys):

@@ -10,9 +10,10 @@ import pytest
 import torch
 from onnx import helper
 
+import pbp_fx
 from pbp_fx.config import ConfigError
 from pbp_fx.exporters import RuntimeUnavailableError, ort_session, run
-from pbp_fx.exporters.ort import RunInputError
+from pbp_fx.exporters.ort import OnnxLoadError, RunInputError
 from pbp_fx.exporters import ort as ort_mod
 
 
@@ -87,6 +88,10 @@ def test_bad_arguments(add_model, tmp_path):
         ort_session(add_model, threads=0)
     with pytest.raises(FileNotFoundError, match="export_onnx"):
         ort_session(tmp_path / "missing.onnx")
+    (tmp_path / "notes.onnx").write_text("not a model")  # (onnxruntime's own InvalidProtobuf, a reviewer)
+    with pytest.raises(OnnxLoadError, match=r"^ONNX Runtime cannot load .*notes.onnx: \S") as err:
+        ort_session(tmp_path / "notes.onnx")
+    assert "\n" not in str(err.value) and isinstance(err.value, pbp_fx.PBError)
 
 
 def test_run_input_forms(add_model):
