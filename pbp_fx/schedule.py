@@ -22,7 +22,23 @@ from typing import Optional
 from .config import PBConfig
 from .errors import TrainingError
 
-__all__ = ["PhaseSchedule", "Action", "Kind", "check_score"]
+__all__ = ["PhaseSchedule", "Action", "Kind", "check_score", "site_progressed"]
+
+
+def site_progressed(counted: int, warmup: int, value: float, noise: float, reference: float, rel: float) -> bool:
+    """Whether one site's candidates made progress in an epoch (its pool's `epoch_progress` gives the numbers).
+
+    `value`: the mean over channels of the best member's current |correlation| (the current estimate, not best
+    |C~|: a running maximum of a noisy estimate keeps rising by chance alone); `noise`: its standard error;
+    `reference`: the value at the last progress. Progress is a rise beyond `rel` (relative) and beyond the
+    noise. Per site, not per channel: with hundreds of channels one always gains by chance. While the pool
+    warms up (`counted` <= `warmup` batches) an estimate that is not yet reliable cannot be called stale, so a
+    pool that has counted a batch progresses.
+    """
+    if counted <= warmup:
+        return counted > 0
+    gain = value - reference
+    return gain > rel * reference and gain > noise
 
 
 def check_score(score: float, diverged_ok: bool = False, phase: str = "neuron") -> None:

@@ -19,6 +19,7 @@ from .covariance_tap import STAT_NAMES, EagerNormTap, EagerTap, batch_covariance
 from .errors import CheckpointError, NonFiniteError, PhaseError, warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cascade_chain, cat_rows, channel_view,
                      copy_dim, every_nth_position, own_tensor, split_members, StandIn)
+from .schedule import site_progressed
 
 __all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "FusedSwappedNeuron", "ACTIVATIONS", "MODES", "dendrites_silenced",
            "is_wide_statistic", "pool_settings"]
@@ -287,20 +288,12 @@ class CandidatePool(nn.Module):
 
     @torch.no_grad()
     def epoch_progress(self, rel: float) -> bool:
-        """True when the site's correlation rose beyond its noise since the last progress.
-
-        Per site, not per channel (with hundreds of channels one always gains by chance): the
-        mean over channels of the best member's current |ema| must exceed the reference by
-        more than `rel` (relative) and by more than its standard error. The current estimate,
-        not best |C~|: a running maximum of a noisy estimate keeps rising by chance alone.
-        Call once per epoch; the reference is a buffer, so it is checkpointed. During the warm-up a
-        pool that has counted batches reports progress.
-        """
+        """Whether the site's correlation rose beyond its noise since the last progress (the rule:
+        `schedule.site_progressed`); on progress the reference moves to the current value. Call once per
+        epoch; the reference is a buffer, so it is checkpointed."""
         counted = int(self.steps)
         if counted <= self.warmup:
-            # Still warming up: an estimate that is not yet reliable cannot be called stale
-            # (a pool that has counted no batch at all has made no progress).
-            return counted > 0
+            return site_progressed(counted, self.warmup, 0.0, 0.0, 0.0, rel)
         score = self.ema.abs()
         pick = score.argmax(0, keepdim=True)
         value = score.gather(0, pick).mean()
@@ -308,10 +301,10 @@ class CandidatePool(nn.Module):
         # sqrt(C) times too strict for independent channels and ends phases early).
         se_c = self.noise().gather(0, pick)
         se = se_c.square().sum().sqrt() / se_c.numel()
-        ref = self.progress_reference
-        gain = value - ref
-        if bool(gain > rel * ref) and bool(gain > se):
-            ref.copy_(value)
+        # (read to the host in one transfer; the rule compares Python floats)
+        value_, se_, ref_ = (float(t) for t in torch.stack([value, se, self.progress_reference.reshape(())]))
+        if site_progressed(counted, self.warmup, value_, se_, ref_, rel):
+            self.progress_reference.copy_(value)
             return True
         return False
 

@@ -168,3 +168,14 @@ def test_the_end_without_a_new_best_names_the_retries_it_had():
         s = PhaseSchedule(PBConfig(patience=1, retries=retries, dendrite_patience=1, max_dendrite_epochs=1))
         notes = [s.step(score, False).note for score in [0.5] + [0.4] * 12 if not s.done]
         assert any(n.startswith(note) and (retries or "after" not in n) for n in notes), notes
+
+
+def test_a_sites_progress_rule_is_plain_data():
+    """The dendrite phase's stop test lives here, as the other phase decisions (CandidatePool only measures)."""
+    from pbp_fx.schedule import site_progressed
+
+    assert not site_progressed(0, 5, 1.0, 0.0, 0.0, 0.01)  # (no batch counted: no progress)
+    assert site_progressed(3, 5, 0.0, 0.0, 1.0, 0.01)  # (warming up: not stale)
+    assert site_progressed(6, 5, 0.2, 0.01, 0.1, 0.5)  # (a gain of 100 %, beyond the noise)
+    assert not site_progressed(6, 5, 0.2, 0.2, 0.1, 0.5)  # (within the noise)
+    assert not site_progressed(6, 5, 0.104, 0.0, 0.1, 0.05)  # (a gain of 4 % under the 5 % asked)
