@@ -345,7 +345,9 @@ def _collect(prefix: str, tensors: dict, plain: dict) -> dict:
     return out
 
 
-def _check_sites(pm: PerforatedModel, structure: dict, path: str) -> None:
+def _check_sites(pm: PerforatedModel, structure: dict, path: str, rebuilt: bool = False) -> None:
+    """Refuse a checkpoint whose sites this model lacks, or holds otherwise; `rebuilt`: the model was perforated
+    here with the checkpoint's own include/exclude (a missing site is then no other selection)."""
     # The dendrites' activation and the mode decide what the loaded weights compute: loaded onto
     # another, the model would run other functions with these weights, silently.
     for what in ("activation", "mode"):
@@ -355,8 +357,14 @@ def _check_sites(pm: PerforatedModel, structure: dict, path: str) -> None:
                                   f"with {what} {here!r}: perforate with {what}={saved!r}, or pass a function that "
                                   "builds the model (pbp_fx.load(path, build_model)) to rebuild it as saved")
     have = {n: s for n, s in pm.sites.items()}
+    layers = dict(pm.source_model.named_modules()) if pm.source_model is not None and not rebuilt else {}
+    selection = ("this model's site selection differs (perforate's include/exclude): perforate with the ones it "
+                 "was trained with, or pass a function that builds the model (pbp_fx.load(path, build_model))")
     for rec in structure["sites"]:
         s = have.get(rec["name"])
+        if s is None and rec["name"] in layers:
+            raise CheckpointError(f"checkpoint {path} has a site {rec['name']!r}, a layer of this model that is no site "
+                                  f"here: {selection}")
         if (s is None or s.kind != rec["kind"] or list(s.layer.weight_shape) != rec["weight_shape"]
                 or rec.get("layer", _jsonable(s.layer)) != _jsonable(s.layer)):
             saved, here = rec.get("layer") or {}, {} if s is None else _jsonable(s.layer)
@@ -370,6 +378,8 @@ def _check_sites(pm: PerforatedModel, structure: dict, path: str) -> None:
                 f"{rec['weight_shape']} in the checkpoint but {found} here" + (f" ({detail})" if detail else "")
                 + "; load it onto the model it was trained on")
     extra = [n for n in have if n not in {r["name"] for r in structure["sites"]}]
+    if extra and extra[0] in layers:
+        raise CheckpointError(f"checkpoint {path} has no site {extra[0]!r}, which is one here: {selection}")
     if extra:
         raise CheckpointError(f"checkpoint {path} belongs to another model: site {extra[0]!r} is not in the checkpoint")
 
@@ -595,7 +605,7 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
         name = type(model).__name__
         try:
             model = _perforate_like(path, meta, model, example_inputs, example_kwargs)
-            _check_sites(model, _renamed_legacy_sites(meta, tensors, model)[0]["structure"], path)
+            _check_sites(model, _renamed_legacy_sites(meta, tensors, model)[0]["structure"], path, rebuilt=True)
         except CheckpointError as exc:
             if not stand_ins or "belongs to another model: " not in str(exc):
                 raise
@@ -628,6 +638,9 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
     pm.loaded_from = os.path.abspath(path)
     if controller is not None and "controller" in meta:
         _warn_changed_settings(meta, controller, path)
+        if optimizer is None and "optimizer" in meta:  # (the run would go on from a fresh optimizer state)
+            warn_at_user(f"checkpoint {path} holds the optimizer's state, which load(controller=) alone leaves out: "
+                         "pass optimizer=ctl.optimizer too to resume the run exactly")
         # (an optimizer given has its whole state replaced next: what it holds now need not be cleared first)
         controller.load_state_dict(_controller_state(meta, tensors, plain), keep_optimizer_state=optimizer is not None)
     if optimizer is not None:

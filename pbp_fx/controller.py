@@ -1073,11 +1073,12 @@ class PhaseController:
         changed outside the controller, and the optimizer trains the other phase's parameters
         (nothing would train), or a checkpoint would hold a schedule its model does not fit."""
         if not self.done and self.pm.phase == self.schedule.phase and self.pm.dendrites != self.schedule.dendrites:
-            raise TrainingError(f"the model has {self.pm.dendrites} dendrite(s) per site but its PhaseController "
-                                f"{self.schedule.dendrites}: its structure was changed outside the controller "
-                                "(pm.grow(), install_candidates), which its schedule and checkpoints would not "
-                                "hold; build the PhaseController on the model as it is (after grow), or let the "
-                                "controller add dendrites")
+            raise TrainingError(f"the model has {self.pm.dendrites} dendrite(s) per site but its PhaseController's "
+                                f"schedule {self.schedule.dendrites}: its structure was changed outside the "
+                                "controller (pm.grow(), install_candidates, pbp_fx.load without controller=), which "
+                                "its schedule and checkpoints would not hold; load checkpoints with "
+                                "pbp_fx.load(path, model, controller=ctl), build the PhaseController on the model as "
+                                "it is (after grow), or let the controller add dendrites")
         if not self.done and self.pm.phase != self.schedule.phase:
             raise TrainingError(f"the model is in a {self.pm.phase} phase but its PhaseController is in a "
                                 f"{self.schedule.phase} phase: the model's phase was changed outside the controller "

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import FORMAT_V1, load, load_optimizer, read_meta, save
+from .checkpoint import FORMAT_V1, load, read_meta, save
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import NOTHING_TRAINS, PhaseController, default_optimizer
 from .errors import DataError, ModelFileError, PBError, PBWarning, TrainingError, exited, warn_at_user
@@ -1012,8 +1012,8 @@ def _resume(path: str, pm, ctl, train_loader) -> tuple[History, float]:
     """Load the model, controller, optimizer and random states saved after the last epoch; returns
     the history and the seconds the run took before."""
     state, _ = _job_state(path)
-    load(path, pm, controller=ctl)  # the model, then the controller (which rebinds the optimizer to it)
-    load_optimizer(path, ctl.optimizer)
+    # the model, then the controller (which rebinds its optimizer to it in place), then that optimizer's state
+    load(path, pm, controller=ctl, optimizer=ctl.optimizer)
     torch.set_rng_state(_unb64(state["rng"]["torch"]))
     gpu = _gpu_of(pm)
     if state["rng"].get("cuda") and gpu is not None:  # (saved on a GPU, resumed on one)

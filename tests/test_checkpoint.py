@@ -116,6 +116,21 @@ def test_file_holds_no_pickle(tmp_path):
     assert read_structure(path)["sites"][0]["name"] == "0"
 
 
+def test_another_site_selection_of_the_same_model_is_named_as_such(tmp_path):
+    """A model perforated with exclude=[...] read "belongs to another model: site '3' ... missing here" (a reviewer)."""
+    pm, _ = _trained_pm()
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    fewer = pbp_fx.perforate(_build(), (X,), exclude=["3"])
+    with pytest.raises(CheckpointError, match=r"has a site '3', a layer of this model that is no site here: this "
+                                              r"model's site selection differs \(perforate's include/exclude\)"):
+        pbp_fx.load(path, fewer)
+    pbp_fx.save(fewer, path)
+    with pytest.raises(CheckpointError, match=r"has no site '3', which is one here: this model's site selection"):
+        pbp_fx.load(path, pbp_fx.perforate(_build(), (X,)))
+    assert sorted(pbp_fx.load(path, _build).sites) == ["0"]  # (rebuilt with the checkpoint's own selection)
+
+
 def test_other_model_is_refused_naming_the_site(tmp_path):
     pm, _ = _trained_pm()
     path = str(tmp_path / "c.safetensors")
@@ -978,6 +993,26 @@ def test_a_pool_changed_on_a_mid_phase_resume_says_it_applies_from_the_next_phas
         pbp_fx.load(path, again, controller=PhaseController(again, pbp_fx.PBConfig(pool=2, patience=3,
                                                                                   improvement=10.0)))
     assert "patience 1 -> 3" in str(record[0].message) and "under way" not in str(record[0].message)
+
+
+def test_a_controller_loaded_without_the_optimizer_state_the_file_holds_is_warned_of(tmp_path):
+    """load(controller=ctl) left the saved Adam state out in silence: the resumed run was not the uninterrupted
+    one (a reviewer)."""
+    pm = pbp_fx.perforate(_build(), (X,))
+    ctl = PhaseController(pm, pbp_fx.PBConfig(pool=2))
+    _steps(pm, 2)
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path, controller=ctl, optimizer=ctl.optimizer)
+    again = pbp_fx.load(path, _build)
+    ctl = PhaseController(again, pbp_fx.PBConfig(pool=2))
+    with pytest.warns(pbp_fx.PBWarning, match=r"holds the optimizer's state, which load\(controller=\) alone leaves "
+                                             r"out: pass optimizer=ctl.optimizer too"):
+        pbp_fx.load(path, again, controller=ctl)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pbp_fx.PBWarning)
+        pbp_fx.load(path, again, controller=ctl, optimizer=ctl.optimizer)
+        pbp_fx.save(again, path, controller=ctl)  # (a file without it: nothing to leave out)
+        pbp_fx.load(path, again, controller=ctl)
 
 
 def test_another_optimizer_class_is_refused_before_anything_loads(tmp_path):

@@ -1429,11 +1429,12 @@ def test_dendrites_added_outside_the_controller_are_refused_at_its_next_step_and
     ctl = PhaseController(pm, pbp_fx.PBConfig(pool=2))
     pm.grow()
     with pytest.raises(pbp_fx.CheckpointError, match=r"save\(controller=\): the model has 1 dendrite\(s\) per site but "
-                                                     r"its PhaseController 0: .*build the PhaseController on the model "
+                                                     r"its PhaseController's schedule 0: .*build the PhaseController on the model "
                                                      r"as it is"):
         pbp_fx.save(pm, str(tmp_path / "c.safetensors"), controller=ctl)
     assert not (tmp_path / "c.safetensors").exists()
-    with pytest.raises(pbp_fx.TrainingError, match=r"the model has 1 dendrite\(s\) per site but its PhaseController 0"):
+    with pytest.raises(pbp_fx.TrainingError, match=r"the model has 1 dendrite\(s\) per site but its PhaseController's "
+                                                 r"schedule 0: .*pbp_fx.load without controller="):
         ctl.step(0.5)
     ctl = PhaseController(pm, pbp_fx.PBConfig(pool=2))  # built on the model as it is: fine
     assert ctl.step(0.5) is not None

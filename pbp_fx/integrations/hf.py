@@ -447,6 +447,11 @@ def _pending_file(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, f".pbp_fx-checkpoint-{step}.safetensors")
 
 
+# (the Trainer does not tell callbacks the folder it resumes from: the user names it)
+_LOAD_FIRST = (f"pbp_fx.load(os.path.join(FOLDER, '{CHECKPOINT_NAME}'), model) before "
+               "trainer.train(resume_from_checkpoint=FOLDER), FOLDER being the checkpoint folder resumed from")
+
+
 def _resumed_file(args, state, pm) -> str:
     """The PBCallback file of the checkpoint a Trainer resumes at state.global_step: the one
     pbp_fx.load read into the model, else `output_dir/checkpoint-<step>`'s, whichever holds the
@@ -464,16 +469,15 @@ def _resumed_file(args, state, pm) -> str:
     if found:
         raise TrainingError(f"PBCallback: {found[-1]} holds other weights than the checkpoint the Trainer resumed "
                             f"from at step {state.global_step} (another run's): load the resumed checkpoint's own "
-                            f"file first: pbp_fx.load('<that checkpoint folder>/{CHECKPOINT_NAME}', model)")
+                            f"file first: {_LOAD_FIRST}")
     own = os.path.join(args.output_dir, folder)
     if loaded is None and os.path.isdir(own):
         raise TrainingError(f"PBCallback: resuming at step {state.global_step}: {own} holds no {CHECKPOINT_NAME} (it was "
                             "saved without PBCallback, or the run stopped while a save_strategy='best' save was "
-                            "written): resume from a checkpoint folder that holds one, after pbp_fx.load('<that "
-                            f"folder>/{CHECKPOINT_NAME}', model)")
+                            f"written): resume from a checkpoint folder that holds one, after {_LOAD_FIRST}")
     raise TrainingError(f"PBCallback: resuming at step {state.global_step} needs the {CHECKPOINT_NAME} of the "
                         f"checkpoint resumed from (PBCallback writes it at every save), loaded into the model first: "
-                        f"pbp_fx.load('<that checkpoint folder>/{CHECKPOINT_NAME}', model) before trainer.train")
+                        f"{_LOAD_FIRST}")
 
 
 def _refuse_misplaced_optimizer_state(optimizer, trained_before: bool) -> None:

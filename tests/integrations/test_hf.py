@@ -756,6 +756,10 @@ def test_a_checkpoint_saved_without_the_callback_is_refused_naming_its_folder(tm
                                             rf"{CHECKPOINT_NAME} \(it was saved without PBCallback") as err:
         trainer.train(resume_from_checkpoint=True)
     assert "\n" not in str(err.value)
+    # (a placeholder path, '<that folder>/...', read as if it were one: FOLDER is named as what to pass; a reviewer)
+    assert str(err.value).endswith(f"after pbp_fx.load(os.path.join(FOLDER, '{CHECKPOINT_NAME}'), model) before "
+                                   "trainer.train(resume_from_checkpoint=FOLDER), FOLDER being the checkpoint folder "
+                                   "resumed from")
 
 
 @pytest.mark.parametrize("strategy", ["steps", "epoch"])
