@@ -39,16 +39,22 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import torch
 import torch.nn.functional as F
 
+from pbp_fx import PBConfig, TrainConfig
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from accuracy import TASKS as ACCURACY_TASKS, _params, train_plain, width_for_params as width_for  # noqa: E402
 
 # The round test also runs on the small ResNet (sklearn digits as 8x8 images): a 2-D conv net.
 TASKS = {**ACCURACY_TASKS, "resnet_small": ("pbp_fx.models.resnet_small", 8)}
 
-DEFAULTS = dict(task="mnist1d_mlp", width=32, num_samples=None, lr=1e-3, batch_size=100, patience=10,
-                max_epochs=400, max_dendrites=2, pool=4, dendrite_patience=3, max_dendrite_epochs=30,
-                candidate_lr=0.02, candidate_init="kaiming", v_init=0.0, lr_after=None, include=None,
-                retries=2, pool_split=True, candidate_stride=1)
+# PBConfig's and TrainConfig's defaults, but where the ablations' shorter runs set their own (patience,
+# max_epochs, max_dendrites, max_dendrite_epochs).
+_PB, _TRAIN = PBConfig(), TrainConfig()
+DEFAULTS = dict(task="mnist1d_mlp", width=32, num_samples=None, lr=_TRAIN.lr, batch_size=_TRAIN.batch_size, patience=10,
+                max_epochs=400, max_dendrites=2, pool=_PB.pool, dendrite_patience=_PB.dendrite_patience,
+                max_dendrite_epochs=30, candidate_lr=_PB.candidate_lr, candidate_init=_PB.candidate_init,
+                v_init=_PB.v_init, lr_after=None, include=None, retries=_PB.retries, pool_split=_PB.pool_split,
+                candidate_stride=_PB.candidate_stride)
 CACHE = os.path.join("/tmp", "pbp_ablations_runs.jsonl")
 BASE_DIR = os.path.join("/tmp", "pbp_ablations_base")
 

@@ -134,18 +134,20 @@ def plot(summary: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
+    from pbp_fx import PBConfig, TrainConfig
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--max-dendrites", type=int, default=2)
-    ap.add_argument("--pool", type=int, default=4)
-    ap.add_argument("--patience", type=int, default=30)
-    ap.add_argument("--dendrite-patience", type=int, default=3)
-    ap.add_argument("--max-dendrite-epochs", type=int, default=60)
+    ap.add_argument("--max-dendrites", type=int, default=2)  # (PBConfig's is 3: this table's runs stop at 2)
+    ap.add_argument("--pool", type=int, default=PBConfig.pool)
+    ap.add_argument("--patience", type=int, default=PBConfig.patience)
+    ap.add_argument("--dendrite-patience", type=int, default=PBConfig.dendrite_patience)
+    ap.add_argument("--max-dendrite-epochs", type=int, default=PBConfig.max_dendrite_epochs)
     ap.add_argument("--max-epochs", type=int, default=800)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--candidate-lr", type=float, default=0.02)
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument("--candidate-lr", type=float, default=PBConfig.candidate_lr)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = ap.parse_args(argv)
     cfg = {"seeds": a.seeds, "max_dendrites": a.max_dendrites, "pool": a.pool, "patience": a.patience,

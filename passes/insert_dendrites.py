@@ -14,6 +14,7 @@ from typing import Iterable
 
 from torch import fx, nn
 
+from pbp_fx.config import PBConfig
 from pbp_fx.site import FUNCTION_MADE, Site, SwappedNeuron
 
 from .find_sites import SiteSpec
@@ -30,8 +31,8 @@ def site_key(name: str) -> str:
     return name.replace(".", "_").replace("@", "_at")
 
 
-def insert_dendrites(gm: fx.GraphModule, specs: Iterable[SiteSpec], activation: str = "sigmoid",
-                     mode: str = "pb") -> fx.GraphModule:
+def insert_dendrites(gm: fx.GraphModule, specs: Iterable[SiteSpec], activation: str = PBConfig.activation,
+                     mode: str = PBConfig.mode) -> fx.GraphModule:
     """Insert one Site per spec into `gm` (in place) and return it."""
     specs = list(specs)
     for spec in specs:  # (all before any is inserted: nothing half-perforated)

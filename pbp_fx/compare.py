@@ -322,7 +322,7 @@ def _warm_up(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> None:
     to the arm, which reports it."""
     with torch.random.fork_rng(devices=[]), contextlib.suppress(Exception):  # (a warm-up only)
         twin = copy_module(model).train()
-        optimizer = default_optimizer(twin.parameters(), lr=1e-3)
+        optimizer = default_optimizer(twin.parameters())
         out = [t for t in torch.utils._pytree.tree_leaves(twin(*inputs, **kwargs))
                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
         if out:

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .config import ConfigError, PBConfig
+from .config import ConfigError, PBConfig, TrainConfig
 from .errors import NonFiniteError, TrainingError, warn_at_user
 from .perforated import PerforatedModel, outside_inference_mode, perforated_inside, put_back
 from .schedule import Action, Kind, PhaseSchedule, check_score
@@ -120,7 +120,7 @@ def nan_weights_before_best(epoch: int) -> str:
     return f"the model's weights hold NaN/Inf after epoch {epoch}, before any best: lower the learning rate"
 
 
-def default_optimizer(params, lr: float = 1e-3) -> torch.optim.Optimizer:
+def default_optimizer(params, lr: float = TrainConfig.lr) -> torch.optim.Optimizer:
     """Adam(lr), fused (one kernel for all tensors per step) when every parameter is a float tensor
     on the CPU or a CUDA device (where torch has the fused kernel), else torch's default Adam.
 

@@ -78,7 +78,7 @@ UNTRACED_VALUES_CHECKED = 4
 class PerforatedModel(nn.Module):
     """A traced model with a Site after every neuron layer; called exactly like the original."""
 
-    def __init__(self, graph_module: fx.GraphModule, mode: str = "pb", activation: str = "sigmoid",
+    def __init__(self, graph_module: fx.GraphModule, mode: str = PBConfig.mode, activation: str = PBConfig.activation,
                  capture: Optional[dict] = None, source: Optional[nn.Module] = None):
         super().__init__()
         self.graph_module = graph_module
@@ -601,8 +601,8 @@ class PerforatedModel(nn.Module):
             raise PhaseError(f"{what}() needs the {phase} phase, but the model is in the {self.phase} phase")
 
     @outside_inference_mode
-    def start_dendrite_phase(self, pool: int = 4, init: str = "kaiming", init_scale: float = 1.0,
-                             generator: Optional[torch.Generator] = None, **stats) -> None:
+    def start_dendrite_phase(self, pool: int = PBConfig.pool, init: str = PBConfig.candidate_init,
+                             init_scale: float = 1.0, generator: Optional[torch.Generator] = None, **stats) -> None:
         """Attach P candidates to every site and freeze everything else (mode "pb" only); their
         weights are drawn from `generator` (a CPU torch.Generator; None: torch's global one).
 
@@ -641,7 +641,7 @@ class PerforatedModel(nn.Module):
                 self._thaw.append(name)
         self.phase = "dendrite"
         self._dendrite_phase_trained = False  # (`_check_dendrite_phase_mode`)
-        self._stride_asked = stats.get("stride", 1)
+        self._stride_asked = stats.get("stride", PBConfig.candidate_stride)
         self._stride_unchecked = isinstance(self._stride_asked, int) and self._stride_asked > 1  # (`_warn_stride_unused`)
 
     def _restore_buffers(self) -> None:
@@ -690,7 +690,7 @@ class PerforatedModel(nn.Module):
         self.phase = "neuron"
 
     @outside_inference_mode
-    def install_candidates(self, v_init: float = 0.0, sites: Optional[list[str]] = None) -> None:
+    def install_candidates(self, v_init: float = PBConfig.v_init, sites: Optional[list[str]] = None) -> None:
         """Freeze the best candidate of each site as a new dendrite and return to the neuron phase.
 
         `sites` limits installation to those site names (one name as a str; the others drop their
@@ -839,7 +839,8 @@ class PerforatedModel(nn.Module):
 
 @outside_inference_mode  # (its copy of the model made inside it would hold inference tensors: untrainable)
 def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
-              activation: str = "sigmoid", mode: str = "pb", *, example_kwargs: Optional[dict] = None,
+              activation: str = PBConfig.activation, mode: str = PBConfig.mode, *,
+              example_kwargs: Optional[dict] = None,
               frontend: str = "auto", dynamic: Union[bool, str] = True) -> PerforatedModel:
     """Trace a copy of `model`, find its neuron sites and insert dendrite sites (K = 0).
 

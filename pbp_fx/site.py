@@ -14,15 +14,15 @@ import torch
 from torch import Tensor, nn
 
 from . import native
-from .config import DENDRITE_PHASE_ARGS, MODES, ConfigError
+from .config import DENDRITE_PHASE_ARGS, MODES, ConfigError, PBConfig
 from .covariance_tap import STAT_NAMES, EagerNormTap, EagerTap, batch_covariance, covariance_tap, fold_batch
 from .errors import CheckpointError, NonFiniteError, PhaseError, warn_at_user
 from .layers import (LayerCopies, LayerSpec, NormSpec, apply_dendrites, cascade_chain, cat_rows, channel_view,
                      copy_dim, every_nth_position, own_tensor, split_members, StandIn)
 from .schedule import site_progressed
 
-__all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "FusedSwappedNeuron", "ACTIVATIONS", "MODES", "dendrites_silenced",
-           "is_wide_statistic", "pool_settings"]
+__all__ = ["Site", "CandidatePool", "FusedSite", "SwappedNeuron", "FusedSwappedNeuron", "ACTIVATIONS", "MODES",
+           "dendrites_silenced", "is_wide_statistic", "pool_settings"]
 
 # The pool's floating statistics: float32 at least, whatever the model's dtype (they sum many
 # small covariances, and the stop rule compares their changes).
@@ -76,9 +76,10 @@ class CandidatePool(nn.Module):
     """
 
     def __init__(self, layer: LayerSpec, norm: Optional[NormSpec], pool: int, installed: int,
-                 activation: str, init: str = "kaiming", init_scale: float = 1.0,
-                 ema: float = 0.99, warmup: Optional[int] = None, threshold: float = 0.01,
-                 bias_correction: bool = True, split: bool = True, stride: int = 1, device=None, dtype=None,
+                 activation: str, init: str = PBConfig.candidate_init, init_scale: float = 1.0,
+                 ema: float = PBConfig.ema_decay, warmup: Optional[int] = PBConfig.warmup,
+                 threshold: float = PBConfig.snapshot_threshold, bias_correction: bool = PBConfig.bias_correction,
+                 split: bool = PBConfig.pool_split, stride: int = PBConfig.candidate_stride, device=None, dtype=None,
                  generator: Optional[torch.Generator] = None):
         super().__init__()
         if not 0.0 < ema < 1.0:
@@ -363,7 +364,7 @@ class Site(nn.Module):
     """
 
     def __init__(self, name: str, layer: LayerSpec, norm: Optional[NormSpec] = None,
-                 activation: str = "sigmoid", mode: str = "pb"):
+                 activation: str = PBConfig.activation, mode: str = PBConfig.mode):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ConfigError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}")
@@ -506,15 +507,17 @@ class Site(nn.Module):
         fresh.reset_parameters("default", generator=generator)
         self._append(fresh.row_tensors(), torch.zeros(self.channels, self.num_dendrites), torch.zeros(self.channels))
 
-    def start_candidates(self, pool: int = 4, init: str = "kaiming", init_scale: float = 1.0,
-                         generator: Optional[torch.Generator] = None, **stats) -> CandidatePool:
-        """Attach a fresh pool of P candidates (docs/algorithm.md, "The dendrite phase"); they add exactly 0 to the output."""
+    def start_candidates(self, pool: int = PBConfig.pool, init: str = PBConfig.candidate_init,
+                         init_scale: float = 1.0, generator: Optional[torch.Generator] = None,
+                         **stats) -> CandidatePool:
+        """Attach a fresh pool of P candidates (docs/algorithm.md, "The dendrite phase"); they add exactly 0
+        to the output."""
         self.candidates = CandidatePool(self.layer, self.norm, pool, self.num_dendrites, self.activation,
                                         init, init_scale, **stats, **self._factory(), generator=generator)
         self.candidates.train(self.training)
         return self.candidates
 
-    def install_candidates(self, v_init: float = 0.0) -> None:
+    def install_candidates(self, v_init: float = PBConfig.v_init) -> None:
         """Freeze the best pool member per channel as dendrite K+1; V starts at -v_init*sign(C~)."""
         if self.candidates is None:
             raise PhaseError(f"site {self.name!r} has no candidates: call start_candidates() first")
