@@ -109,7 +109,9 @@ class _Emitter:
         self.names[n] = self.const(value, n.name)
 
     def call_module(self, n: fx.Node, value) -> None:
-        from .onnx import ExportedSite, explicit_pads, ntuple
+        from pbp_fx.layers import conv_pads
+
+        from .onnx import ExportedSite, ntuple
 
         m = self.gm.get_submodule(n.target)
         if n.kwargs or len(n.args) != 1:
@@ -151,7 +153,7 @@ class _Emitter:
             nd = m.weight.dim() - 2
             kernel = tuple(m.weight.shape[2:])
             dil = ntuple(m.dilation, nd)
-            begins, ends = explicit_pads(m.padding, kernel, dil)
+            begins, ends = conv_pads(m.padding, kernel, dil)
             ins = [x, self.const(m.weight, "weight")] + ([self.const(m.bias, "bias")] if m.bias is not None else [])
             out = self.node("Conv", ins, n.name, kernel_shape=list(kernel), strides=list(ntuple(m.stride, nd)),
                             pads=begins + ends, dilations=list(dil), group=int(m.groups))

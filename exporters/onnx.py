@@ -59,7 +59,7 @@ from torch import Tensor, fx, nn
 from pbp_fx.errors import PBError, warn_at_user
 from pbp_fx.fileio import atomic_write
 from pbp_fx.inputs import opaque_holder
-from pbp_fx.layers import conv_output_length, dendrite_calls
+from pbp_fx.layers import conv_output_length, conv_pads, dendrite_calls
 from pbp_fx.site import FusedSite, Site, dendrites_silenced
 from pbp_fx.tracing import batch_size, buffers_kept, copy_module, ignore_spec_copy_warnings
 
@@ -96,20 +96,6 @@ class ExportPathError(ExportError, OSError):
 
 # -- the fused op at export time ------------------------------------------------------------
 
-def explicit_pads(padding, kernel: tuple, dilation: tuple) -> tuple[list[int], list[int]]:
-    """A conv's padding (int, tuple, "valid" or "same") as ONNX's begin and end pads."""
-    nd = len(kernel)
-    if padding == "valid":
-        return [0] * nd, [0] * nd
-    if padding == "same":
-        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
-        begins = [t // 2 for t in total]  # torch puts the odd extra pixel at the end
-        return begins, [t - b for t, b in zip(total, begins)]
-    if isinstance(padding, int):
-        padding = (padding,) * nd
-    return list(padding), list(padding)
-
-
 def ntuple(v, n: int) -> tuple:
     """An int or sequence as an n-tuple of ints."""
     return tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * n
@@ -125,7 +111,7 @@ def fused_op_spec(site: FusedSite) -> FusedOpSpec:
     kernel = tuple(int(k) for k in layer.weight_shape[2:])
     nd = len(kernel)
     dilation = ntuple(layer.dilation, nd)
-    begins, ends = explicit_pads(layer.padding, kernel, dilation)
+    begins, ends = conv_pads(layer.padding, kernel, dilation)
     return FusedOpSpec(**common, kernel_shape=kernel, strides=ntuple(layer.stride, nd),
                        pads=tuple(begins + ends), dilations=dilation, group=int(layer.groups),
                        padding_mode=layer.padding_mode)

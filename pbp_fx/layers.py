@@ -25,7 +25,7 @@ from .config import ConfigError
 __all__ = ["WEIGHT_HOOKS", "has_user_hooks", "own_tensor", "LayerSpec", "NormSpec", "LayerCopies", "per_position",
            "stacked_apply", "split_apply", "split_members", "runs_as_columns", "split_columns", "columns_to_stacked",
            "every_nth_position", "cascade_chain", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls",
-           "apply_dendrites", "StandIn", "conv_output_length", "columns_pay"]
+           "apply_dendrites", "StandIn", "conv_output_length", "conv_pads", "columns_pay"]
 
 # Forward pre-hooks that recompute a layer's weight attribute from its parameters before each
 # forward (torch.nn.utils.weight_norm, spectral_norm, prune): the fused weight is read from them.
@@ -39,6 +39,21 @@ def has_user_hooks(m: nn.Module) -> bool:
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv_pads(padding, kernel: tuple, dilation: tuple) -> tuple[list[int], list[int]]:
+    """A conv's padding (int, tuple, "valid" or "same") as its begin and end pads per spatial dim, as nn.ConvNd
+    pads (ONNX's pads are these; F.pad's list is them reversed and interleaved)."""
+    nd = len(kernel)
+    if padding == "valid":
+        return [0] * nd, [0] * nd
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        begins = [t // 2 for t in total]  # torch puts the odd extra pixel at the end
+        return begins, [t - b for t, b in zip(total, begins)]
+    if isinstance(padding, int):
+        padding = (padding,) * nd
+    return list(padding), list(padding)
 
 
 @dataclass(frozen=True)
@@ -97,16 +112,8 @@ class LayerSpec:
 
     def _reversed_padding(self) -> list:
         """F.pad's [last dim left, right, ...] list, as nn.ConvNd computes it (also for "same"/"valid")."""
-        kernel = self.weight_shape[2:]
-        if self.padding == "valid":
-            return [0] * (2 * len(kernel))
-        if self.padding == "same":
-            pad = []
-            for d, k in zip(reversed(self.dilation), reversed(kernel)):
-                total = d * (k - 1)
-                pad += [total // 2, total - total // 2]
-            return pad
-        return [p for p in reversed(self.padding) for _ in range(2)]
+        begins, ends = conv_pads(self.padding, self.weight_shape[2:], self.dilation)
+        return [p for b, e in reversed(list(zip(begins, ends))) for p in (b, e)]
 
     @staticmethod
     def from_module(m: nn.Module) -> "LayerSpec":

@@ -358,3 +358,21 @@ def test_a_2d_conv_runs_as_columns_where_its_members_have_few_output_positions_f
     for other in (nn.Conv2d(cin, 8, 3, padding=1, groups=2), nn.Conv2d(cin, 8, 3, padding=1, padding_mode="reflect")):
         assert not runs_as_columns(LayerSpec.from_module(other), torch.zeros(16, cin, 3, 3), 4)
     assert not runs_as_columns(LayerSpec.from_module(nn.Conv3d(cin, 8, 3, padding=1)), torch.zeros(16, cin, 2, 2, 2), 4)
+
+
+@pytest.mark.parametrize("padding,kernel,dilation,want", [
+    ("valid", (3, 3), (1, 1), ([0, 0], [0, 0])),
+    ("same", (4, 3), (1, 2), ([1, 2], [2, 2])),  # (an even kernel's odd extra pixel goes at the end, as torch's)
+    (2, (3,), (1,), ([2], [2])),
+    ((1, 0, 2), (3, 1, 5), (1, 1, 1), ([1, 0, 2], [1, 0, 2])),
+])
+def test_conv_pads_is_the_one_padding_rule_of_the_runtime_and_the_exporters(padding, kernel, dilation, want):
+    from pbp_fx.layers import conv_pads
+
+    assert conv_pads(padding, kernel, dilation) == want
+    conv = nn.Conv2d(1, 1, kernel, padding=padding, dilation=dilation, bias=False) if len(kernel) == 2 else None
+    if conv is not None:  # (F.pad with the pads, then an unpadded conv, is nn.Conv2d's output)
+        x = torch.randn(1, 1, 9, 8)
+        begins, ends = want
+        padded = F.pad(x, [p for b, e in reversed(list(zip(begins, ends))) for p in (b, e)])
+        assert torch.allclose(F.conv2d(padded, conv.weight, dilation=dilation), conv(x), atol=1e-6)
