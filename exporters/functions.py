@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pbp_fx.layers import dendrite_call_sizes
+from pbp_fx.layers import dendrite_call_sizes, dendrite_rows
 
 __all__ = ["DOMAIN", "DOMAIN_VERSION", "MIN_OPSET", "FusedOpSpec", "make_function", "op_type_for", "ship_functions",
            "set_flags"]
@@ -139,8 +139,18 @@ class FusedOpSpec:
         """Copies per dendrite layer call (`pbp_fx.layers.dendrite_call_sizes`)."""
         return dendrite_call_sizes(self.kind, self.group, self.dendrites)
 
+    @property
+    def call_suffixes(self) -> list[str]:
+        """The names' suffix of each layer call's weight and bias: "" (the neuron's: W, B), then "_d0", ...
+        (the dendrites' calls: W_d0, B_d0, ...)."""
+        return [""] + [f"_d{i}" for i in range(len(self.call_sizes))]
+
+    def copy_rows(self, copy: int) -> tuple[int, slice]:
+        """(dendrite call, rows of its outputs) that hold dendrite `copy` (`pbp_fx.layers.dendrite_rows`)."""
+        return dendrite_rows(self.kind, self.group, self.dendrites, self.channels, copy)
+
     def input_names(self) -> list[str]:
-        calls = [""] + [f"_d{i}" for i in range(len(self.call_sizes))]
+        calls = self.call_suffixes
         names = ["x"] + [f"W{c}" for c in calls] + ([f"B{c}" for c in calls] if self.has_bias else [])
         return names + (["U"] if self.dendrites > 1 else []) + ["V"]
 
@@ -176,7 +186,7 @@ def make_function(spec: FusedOpSpec, opset: int = MIN_OPSET) -> onnx.FunctionPro
                          f"{spec.min_opset}, got {opset}")
     b = _Body()
     k = spec.dendrites
-    calls = [""] + [f"_d{i}" for i in range(len(spec.call_sizes))]
+    calls = spec.call_suffixes
 
     # -- the neuron's layer and the dendrites' layer calls -------------------------------
     if spec.is_conv:

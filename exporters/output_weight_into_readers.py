@@ -98,17 +98,6 @@ def _why_out_of_range(scale: np.ndarray, dtype: np.dtype) -> Optional[str]:
     return None
 
 
-def _copy_rows(spec: FusedOpSpec, copy: int) -> tuple[int, slice]:
-    """(dendrite call, rows of its outputs) that hold dendrite `copy`."""
-    start = 0
-    for call, size in enumerate(spec.call_sizes):
-        if copy < start + size:
-            offset = (copy - start) * spec.channels
-            return call, slice(offset, offset + spec.channels)
-        start += size
-    raise IndexError(copy)
-
-
 def _fold(site: onnx.NodeProto, spec: FusedOpSpec, index: GraphIndex, specs: dict[str, FusedOpSpec]) -> None:
     """Edit the site's tensors and its readers' weights (the rule's identity, see the module)."""
     pos = {name: i for i, name in enumerate(spec.input_names())}
@@ -132,7 +121,7 @@ def _fold(site: onnx.NodeProto, spec: FusedOpSpec, index: GraphIndex, specs: dic
 
     every = slice(0, spec.channels)
     edit("W", out_rows(index.array(site.input[pos["W"]]), every, 1.0 / scale))
-    call, rows = _copy_rows(spec, 0)
+    call, rows = spec.copy_rows(0)
     edit(f"W_d{call}", out_rows(index.array(site.input[pos[f"W_d{call}"]]), rows, sign))
     if spec.has_bias:
         edit("B", out_rows(index.array(site.input[pos["B"]]), every, 1.0 / scale) - sigmoid_shift)
@@ -142,7 +131,7 @@ def _fold(site: onnx.NodeProto, spec: FusedOpSpec, index: GraphIndex, specs: dic
         u = index.array(site.input[pos["U"]]).astype(np.float64)
         for k in range(1, spec.dendrites):
             if spec.has_bias:  # U * s_0 = U * (1 - s_0'): the U goes into dendrite k's bias
-                c_k, rows_k = _copy_rows(spec, k)
+                c_k, rows_k = spec.copy_rows(k)
                 biases[c_k][rows_k] += u[k, :, 0] * sigmoid_shift
             u[k, :, 0] *= sign
         edit("U", u)

@@ -24,7 +24,7 @@ from .config import ConfigError
 
 __all__ = ["WEIGHT_HOOKS", "has_user_hooks", "own_tensor", "LayerSpec", "NormSpec", "LayerCopies", "per_position",
            "stacked_apply", "split_apply", "split_members", "runs_as_columns", "split_columns", "columns_to_stacked",
-           "every_nth_position", "cascade_chain", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_calls",
+           "every_nth_position", "cascade_chain", "fold_norm", "copy_dim", "dendrite_call_sizes", "dendrite_rows", "dendrite_calls",
            "apply_dendrites", "StandIn", "conv_output_length", "conv_pads", "columns_pay"]
 
 # Forward pre-hooks that recompute a layer's weight attribute from its parameters before each
@@ -375,6 +375,17 @@ def dendrite_call_sizes(kind: str, groups: int, dendrites: int) -> list[int]:
     if kind in ("conv1d", "conv3d") and groups == 1:
         return [dendrites]
     return [1] * dendrites
+
+
+def dendrite_rows(kind: str, groups: int, dendrites: int, channels: int, copy: int) -> tuple[int, slice]:
+    """(the layer call of `dendrite_calls`, its output rows) that compute dendrite `copy`."""
+    start = 0
+    for call, size in enumerate(dendrite_call_sizes(kind, groups, dendrites)):
+        if copy < start + size:
+            offset = (copy - start) * channels
+            return call, slice(offset, offset + channels)
+        start += size
+    raise IndexError(f"dendrite {copy} of {dendrites}")
 
 
 def dendrite_calls(layer: LayerSpec, weight: Tensor, bias: Optional[Tensor]) -> list[tuple[Tensor, Optional[Tensor]]]:

@@ -376,3 +376,16 @@ def test_conv_pads_is_the_one_padding_rule_of_the_runtime_and_the_exporters(padd
         begins, ends = want
         padded = F.pad(x, [p for b, e in reversed(list(zip(begins, ends))) for p in (b, e)])
         assert torch.allclose(F.conv2d(padded, conv.weight, dilation=dilation), conv(x), atol=1e-6)
+
+
+def test_dendrite_rows_name_the_call_and_rows_of_each_copy_in_dendrite_calls_layout():
+    from pbp_fx.layers import LayerSpec, dendrite_calls, dendrite_rows
+
+    for layer in (LayerSpec.from_module(nn.Conv1d(2, 3, 3)), LayerSpec.from_module(nn.Linear(2, 3))):
+        weight = torch.randn(4, 3, *layer.weight_shape[1:])  # [K, C, ...]
+        calls = dendrite_calls(layer, weight, None)
+        for copy in range(4):
+            call, rows = dendrite_rows(layer.kind, layer.groups, 4, 3, copy)
+            assert torch.equal(calls[call][0][rows], weight[copy])
+    with pytest.raises(IndexError):
+        dendrite_rows("linear", 1, 2, 3, 2)
