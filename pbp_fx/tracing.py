@@ -1803,14 +1803,16 @@ def _written_otherwise(model: nn.Module, gm: fx.GraphModule, call: Optional[Call
     modes = {m: m.training for m in gm.modules()}
     want: dict[str, torch.Tensor] = {}
     try:
-        # (an fx GraphModule prints its generated code's frame to stderr before it raises)
-        with buffers_kept(model) as before, buffers_kept(gm), torch.no_grad(), \
-                contextlib.redirect_stderr(io.StringIO()):
+        with buffers_kept(model) as before, buffers_kept(gm), torch.no_grad():
             gm.train(model.training)
             for run in (lambda: model(*args, **kwargs), lambda: gm(*g_args, **g_kwargs)):
-                with torch.random.fork_rng(devices=[]):
-                    run()
-                    run()
+                # (an fx GraphModule prints its generated code's frame to stderr before it raises)
+                with torch.random.fork_rng(devices=[]), contextlib.redirect_stderr(io.StringIO()):
+                    try:
+                        run()
+                        run()
+                    except Exception:  # noqa: BLE001 - the model's or the graph's: said where the capture is checked
+                        return written, set()
                 if not want:
                     want = {n: model.get_buffer(n).detach().clone() for n in written}
                     _restore_buffers(model, before)
@@ -1818,8 +1820,6 @@ def _written_otherwise(model: nn.Module, gm: fx.GraphModule, call: Optional[Call
             otherwise = [n for n in written
                          if not names[n] or not _same_values(gm.get_buffer(names[n][0]), want[n])]
             return otherwise, {g for n in otherwise for g in names[n]}
-    except Exception:  # noqa: BLE001 - the model's or the graph's failure: said where the capture is checked
-        return written, set()
     finally:
         for m, training in modes.items():
             m.training = training
