@@ -966,7 +966,7 @@ class PhaseController:
             self.restore_best()
             return Decision.COMPLETE
         self.check_model()
-        phase = self.pm.phase
+        phase, grown = self.pm.phase, self.pm.dendrites
         # Refused before the pools' progress references move (a caller may step again with a valid
         # score). Several ranks: rank 0's score counts, which the schedule checks after agreeing.
         score = _score_of(val_score)
@@ -997,9 +997,12 @@ class PhaseController:
         if not math.isfinite(score):
             if self._says:
                 cause = cause or f"the validation score is {score}"
+                # (a new dendrite's output weight starts at v_init: a large one diverges at any rate)
+                v_init = (f", or a smaller v_init (new dendrites start at |V| = {self.config.v_init:g})"
+                          if self.config.v_init and grown else "")
                 warn_at_user(f"{cause} at epoch {self.schedule.epoch}: the weights diverged, so "
                              f"the neuron phase ends here and the model is back at its best weights (epoch "
-                             f"{self.schedule.best_epoch}); a lower learning rate avoids it")
+                             f"{self.schedule.best_epoch}); a lower learning rate avoids it{v_init}")
             score = None  # (the history is JSON)
         self._record(phase, score, decision, action.note)
         return decision

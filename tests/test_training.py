@@ -786,3 +786,16 @@ def test_a_list_of_per_image_dicts_counts_images_not_boxes():
     assert samples_in(target, (images,)) == 2
     assert samples_in(torch.zeros(5), (images,)) == 5  # (a tensor target: its own dim 0, as before)
     assert samples_in(None, ()) == 1
+
+
+def test_a_divergence_after_an_install_with_a_large_v_init_names_v_init():
+    """v_init=1e300 trained to the end, every round diverging with the advice "a lower learning rate avoids
+    it" (a reviewer)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)), (x[:2],))
+    config = dict(patience=1, max_dendrites=1, v_init=1e38, max_dendrite_epochs=2, dendrite_patience=1, retries=0)
+    with pytest.warns(pbp_fx.PBWarning, match=r"the weights diverged.*a lower learning rate avoids it, or a "
+                                             r"smaller v_init \(new dendrites start at \|V\| = 1e\+38\)"):
+        fit(pm, loader, loader, config=config, training=dict(epochs=10), progress=False)
