@@ -52,6 +52,7 @@ import sys
 import warnings
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
+import numpy as np
 import onnx
 import torch
 from torch import Tensor, fx, nn
@@ -1554,6 +1555,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     Raises ExportPathError (an OSError) for an unwritable path, ExportError when the model
     cannot be exported. The file is complete or absent, never partial.
     """
+    flags = {"fused": fused, "dynamic_batch": dynamic_batch, "fold_clip": fold_clip,
+             "fold_output_weight": fold_output_weight}
+    for name, value in flags.items():  # (a string such as "no" reads as True)
+        if not isinstance(value, (bool, np.bool_)):
+            raise ExportError(f"{name}={value!r}: give True or False")
     if opset is not None:
         if isinstance(opset, bool) or not isinstance(opset, numbers.Integral):
             raise ExportError(f"opset={opset!r} is not a whole number: pass an int from {MIN_OPSET} to {MAX_OPSET}, "

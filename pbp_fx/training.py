@@ -444,9 +444,13 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
         for batch in batches(loader, data):
             inputs, target = split_batch(_to(batch, device) if device is not None else batch)
             _check_finite_inputs(inputs, data)
-            s, n = metric(call_model(model, inputs), target)
+            scored = metric(call_model(model, inputs), target)
+            name = getattr(metric, "__name__", None)
+            if not (isinstance(scored, (tuple, list)) and len(scored) == 2):
+                raise TrainingError(f"the metric{f' {name}' if name else ''} returned {type(scored).__name__}, not a "
+                                    "(sum, count) pair: return e.g. (number correct, number of samples)")
+            s, n = scored
             if float(n) < 0:  # (the mean's sign would flip, and the best epoch be the worst)
-                name = getattr(metric, "__name__", None)
                 raise TrainingError(f"the metric{f' {name}' if name else ''} returned a negative count ({float(n):g}) "
                                     f"on the {data} data: return (sum, count) with count the number of samples scored")
             # Python numbers: a metric's tensor or numpy sums would flow into the history and checkpoints.

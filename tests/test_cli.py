@@ -1927,6 +1927,9 @@ def test_a_model_file_imports_its_neighbours_inside_its_classes_methods_under_th
     ({"model.py": "import torch\nbuild_model = torch.nn.Linear(3, 2)\n"
                   "def example_inputs(): return (torch.randn(2, 3),)\n"},
      "sets build_model to a module, not a function: define def build_model(): return ..."),
+    # (was "does not define example_inputs()", which it does, as a value; a reviewer)
+    ({"model.py": "import torch\ndef build_model(): return torch.nn.Linear(3, 2)\nexample_inputs = 5\n"},
+     "sets example_inputs to a value (int), not a function: define def example_inputs(): return ..."),
 ])
 def test_model_file_mistakes_are_named_where_they_are(tmp_path, capsys, files, message):
     for name, text in files.items():

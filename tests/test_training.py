@@ -101,6 +101,17 @@ def test_a_metric_that_counts_no_sample_is_named_not_the_dataset():
         evaluate(_pm(), full, recall, data="validation")
 
 
+def test_a_metric_that_returns_no_pair_is_named():
+    """A metric returning a mean: "cannot unpack non-iterable float object" from evaluate (a reviewer)."""
+    def mean_accuracy(output, target):
+        return float((output.argmax(1) == target).float().mean())
+
+    full = DataLoader(_data(16), batch_size=4)
+    with pytest.raises(pbp_fx.TrainingError, match=r"^the metric mean_accuracy returned float, not a \(sum, count\) "
+                                                   r"pair"):
+        evaluate(_pm(), full, mean_accuracy, data="validation")
+
+
 def test_a_metric_with_a_negative_count_is_refused():
     """(correct, -n) made every score negative: rising accuracy read as falling, and the run kept its worst
     epoch, exit 0 (a reviewer)."""

@@ -298,6 +298,15 @@ def test_an_opset_that_is_no_whole_number_is_refused_in_one_line(tmp_path, opset
     export_onnx(model, example, tmp_path / "m.onnx", opset=np.int64(19))  # (numpy's ints are whole numbers)
 
 
+@pytest.mark.parametrize("flag", ["fused", "dynamic_batch", "fold_clip", "fold_output_weight"])
+def test_a_switch_that_is_no_bool_is_refused_in_one_line(tmp_path, flag):
+    """fused="no" exported fused: a non-empty string reads as True (a reviewer)."""
+    model, example = _tiny()
+    with pytest.raises(ExportError, match=rf"^{flag}='no': give True or False$"):
+        export_onnx(pbp_fx.perforate(model, example), example, tmp_path / "m.onnx", **{flag: "no"})
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- an untraceable root: its parts perforated in place ---------------------------------------
 
 class _Backbone(torch.nn.Module):
