@@ -94,8 +94,9 @@ def load_model_file(path: str | os.PathLike, as_script: bool = False) -> ModuleT
                              f"def {modules[0]}(): return ... (a new model for each call)")
     values = [n for n in REQUIRED if getattr(mod, n, None) is not None and not callable(getattr(mod, n))]
     if values:  # (`example_inputs = (x,)`: a value where a function is asked)
-        raise ModelFileError(f"model file {path!r} sets {values[0]} to a value ({type(getattr(mod, values[0])).__name__}), "
-                             f"not a function: define def {values[0]}(): return ...")
+        kind = type(getattr(mod, values[0])).__name__
+        raise ModelFileError(f"model file {path!r} sets {values[0]} to a value ({kind}), not a function: define "
+                             f"def {values[0]}(): return ...")
     missing = [n for n in REQUIRED if not callable(getattr(mod, n, None))]
     if missing:
         raise ModelFileError(
