@@ -187,7 +187,12 @@ class PBCallback(TrainerCallback):
             trained_before = ctl is not None and ctl.pm is pm and ctl.optimizer is opt
             _refuse_misplaced_optimizer_state(opt, trained_before)
         # A train() that raised never reached on_train_end (`_training` still set): another call on the
-        # same Trainer keeps its optimizer, whose rates the run's state has scaled already.
+        # same Trainer keeps its optimizer, whose rates the run's state has scaled already. A run that
+        # raised before its first evaluation decided nothing and scaled no rate (auto_find_batch_size's
+        # retry at a smaller batch): it starts afresh.
+        untouched = self.controller is not None and not self.controller.history and pm.phase == "neuron"
+        if untouched and not resuming:
+            self.controller = None
         if self.controller is not None and self.controller.pm is pm and not self.controller.done and not resuming \
                 and (self.controller.optimizer is not opt or self._training):
             raise TrainingError(refused_restart("trainer.train(resume_from_checkpoint=<a checkpoint of that run>)",

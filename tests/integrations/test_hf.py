@@ -997,6 +997,24 @@ def test_another_train_on_the_same_trainer_after_a_crash_is_refused(tmp_path, pe
         trainer.train()
 
 
+def test_auto_find_batch_size_retries_a_run_that_decided_nothing(tmp_path, perforated_bert):
+    """The Trainer retries its loop at a smaller batch after an out-of-memory error at the first step: PBCallback
+    refused the retry as a call after one that raised, though nothing was evaluated or rescaled (a reviewer)."""
+    class OutOfMemoryOnce(TrainerCallback):  # (the message accelerate's should_reduce_batch_size reads as one)
+        fired = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not self.fired:
+                self.fired = True
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    cb = PBCallback(QUICK)
+    trainer, _ = _trainer(tmp_path, cb, perforated_bert(), num_train_epochs=3, auto_find_batch_size=True)
+    trainer.add_callback(OutOfMemoryOnce())
+    trainer.train()
+    assert trainer._train_batch_size < 32 and [h["epoch"] for h in cb.controller.history][:3] == [1, 2, 3]
+
+
 def test_the_logged_rate_in_a_dendrite_phase_is_the_capped_rate_the_steps_applied(tmp_path, perforated_bert):
     """A warm restart lifted the scheduler's rate above candidate_lr in a dendrite phase: the step
     ran at candidate_lr, but the log showed the scheduler's rate (0.067 logged, 0.02 applied); and a
