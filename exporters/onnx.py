@@ -1083,32 +1083,40 @@ def _branch_at_one(proto: onnx.ModelProto, module: nn.Module, inputs: tuple, mod
     recorded = _axis_ranges_of(proto)
     positions = [i for i, t in enumerate(inputs) if isinstance(t, Tensor)]  # (the file's inputs, in order)
     branches = set()
-    for axis in sorted({name for dims in axes.values() for dim, name in dims.items() if dim != 0}):
-        if recorded.get(axis, [0])[0] > 1:
-            continue
-        runs, want = _original_at(model, example_inputs, example_kwargs, axes, axis, 1, training=module.training)
-        if not runs:
-            continue
-        probe, resized = list(inputs), False
-        for value, i in zip(proto.graph.input, positions):
-            for dim, d in enumerate(value.type.tensor_type.shape.dim):
-                if d.dim_param == axis and 0 < dim < probe[i].dim():
-                    probe[i], resized = _resized(probe[i], dim, 1), True
-        if not resized:
-            continue
-        try:
-            with torch.no_grad(), buffers_kept(module), torch.random.fork_rng(devices=[]), \
-                    dendrites_silenced(module), contextlib.redirect_stderr(io.StringIO()):
-                got = [t for t in torch.utils._pytree.tree_leaves(module(*probe)) if isinstance(t, Tensor)]
-        except Exception:  # noqa: BLE001 - (the graph refuses the size itself: nothing wrong is computed)
-            continue
-        differs = len(got) != len(want) or any(g.shape != w.shape or _outside_tolerance(g, w) for g, w in zip(got, want))
-        if differs:
-            recorded[axis] = [2, recorded.get(axis, [0, None])[1]]
-            branches.add(axis)
+    # (the original shares the sites inside leaves the capture did not trace: silenced there too)
+    source = getattr(model, "source_model", None)
+    with dendrites_silenced(module), dendrites_silenced(source) if source is not None else contextlib.nullcontext():
+        for axis in sorted({name for dims in axes.values() for dim, name in dims.items() if dim != 0}):
+            if recorded.get(axis, [0])[0] <= 1 and _probe_at_one(proto, axis, module, inputs, positions, model,
+                                                                 example_inputs, example_kwargs, axes):
+                recorded[axis] = [2, recorded.get(axis, [0, None])[1]]
+                branches.add(axis)
     if branches:
         _put_axis_ranges(proto, recorded)
     return branches
+
+
+def _probe_at_one(proto: onnx.ModelProto, axis: str, module: nn.Module, inputs: tuple, positions: list,
+                  model: nn.Module, example_inputs, example_kwargs: Optional[dict], axes: dict) -> bool:
+    """`_branch_at_one` for one named axis: whether the graph computes other outputs than the original with
+    that axis 1 long (False where either cannot be run there)."""
+    runs, want = _original_at(model, example_inputs, example_kwargs, axes, axis, 1, training=module.training)
+    if not runs:
+        return False
+    probe, resized = list(inputs), False
+    for value, i in zip(proto.graph.input, positions):
+        for dim, d in enumerate(value.type.tensor_type.shape.dim):
+            if d.dim_param == axis and 0 < dim < probe[i].dim():
+                probe[i], resized = _resized(probe[i], dim, 1), True
+    if not resized:
+        return False
+    try:
+        with torch.no_grad(), buffers_kept(module), torch.random.fork_rng(devices=[]), \
+                contextlib.redirect_stderr(io.StringIO()):
+            got = [t for t in torch.utils._pytree.tree_leaves(module(*probe)) if isinstance(t, Tensor)]
+    except Exception:  # noqa: BLE001 - (the graph refuses the size itself: nothing wrong is computed)
+        return False
+    return len(got) != len(want) or any(g.shape != w.shape or _outside_tolerance(g, w) for g, w in zip(got, want))
 
 
 def _range_notes(proto: onnx.ModelProto, model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict],

@@ -52,6 +52,10 @@ class RunInputError(PBError, ValueError):
     """Inputs `run` cannot feed the file: unknown names, another count, fractions for an integer input."""
 
 
+# onnxruntime's exception classes for a file it cannot read or a graph it refuses (pybind classes, by name)
+_LOAD_FAILURES = ("InvalidProtobuf", "InvalidGraph", "InvalidArgument", "Fail", "NoSuchFile")
+
+
 class OnnxLoadError(PBError, RuntimeError):
     """A file ONNX Runtime cannot load: not an ONNX model, or a graph it refuses."""
 
@@ -112,9 +116,11 @@ def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", thre
         sess = ort.InferenceSession(model, sess_options=opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind error classes
         where = "the ONNX model (bytes)" if isinstance(model, bytes) else model
-        if type(exc).__name__ != "NotImplemented":  # (not a protobuf, a graph it refuses: its words, on one line)
+        if type(exc).__name__ in _LOAD_FAILURES:  # (not a protobuf, a graph it refuses: its words, on one line)
             text = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc)).split())
             raise OnnxLoadError(f"ONNX Runtime cannot load {where}: {text or type(exc).__name__}") from exc
+        if type(exc).__name__ != "NotImplemented":  # (an execution provider's failure, say: as it is)
+            raise
         # e.g. a float64 Conv or a bfloat16 Sigmoid: the CPU provider covers float32, other types for some ops
         raise RuntimeUnavailableError(
             f"onnxruntime has no kernel for an op of {where} in its element type "

@@ -14,5 +14,9 @@ from .insert_dendrites import insert_dendrites, site_key
 from .manager import ContractError, Pass, PassManager
 from .train_eval import lower_to_eval, merge_train_eval
 
+# (runtime modules, which live in pbp_fx.modes and pbp_fx.site; still importable from here as before)
+from pbp_fx.modes import ModeSwitch  # noqa: E402,F401
+from pbp_fx.site import TiedFusedSite  # noqa: E402,F401
+
 __all__ = ["SiteSpec", "find_sites", "insert_dendrites", "finalize", "fuse_site", "site_key",
            "Pass", "PassManager", "ContractError", "merge_train_eval", "lower_to_eval"]

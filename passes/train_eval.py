@@ -44,6 +44,7 @@ from .patterns import target_name
 __all__ = ["merge_train_eval", "merge_modes", "MergeResult", "lower_to_eval", "MODES_ATTR"]
 
 MODES_ATTR = "pbp_modes"
+_Slot = Slot  # (whole-model pickles written before ModeSwitch moved to pbp_fx.modes name it here)
 
 _aten = torch.ops.aten
 # Ops that return their input's value (possibly with another memory layout).

@@ -30,6 +30,7 @@ from .config import PBConfig
 from .controller import inner_optimizer
 from .errors import CheckpointError, NoSitesError, PBWarning, TraceError, TrainingError, warn_at_user
 from .fileio import atomic_write
+from .layers import LayerSpec
 from .perforated import PerforatedModel, perforate, perforated_inside, set_module_modes
 from .inputs import describe_inputs, inputs_from_signature, same_pattern
 from .site import Site, is_wide_statistic, pool_settings
@@ -358,13 +359,13 @@ def _check_sites(pm: PerforatedModel, structure: dict, path: str, rebuilt: bool 
                                   "builds the model (pbp_fx.load(path, build_model)) to rebuild it as saved")
     have = {n: s for n, s in pm.sites.items()}
     layers = dict(pm.source_model.named_modules()) if pm.source_model is not None and not rebuilt else {}
-    selection = ("this model's site selection differs (perforate's include/exclude): perforate with the ones it "
-                 "was trained with, or pass a function that builds the model (pbp_fx.load(path, build_model))")
+    rebuild = "pass a function that builds the model (pbp_fx.load(path, build_model)) to rebuild it as saved"
     for rec in structure["sites"]:
         s = have.get(rec["name"])
-        if s is None and rec["name"] in layers:
-            raise CheckpointError(f"checkpoint {path} has a site {rec['name']!r}, a layer of this model that is no site "
-                                  f"here: {selection}")
+        if s is None and _same_layer(layers.get(rec["name"]), rec):  # (the layer is here, as saved, but no site)
+            raise CheckpointError(f"checkpoint {path} has a site {rec['name']!r}, a layer of this model (of the same "
+                                  "shape) that is no site here: this model's site selection differs (perforate's "
+                                  f"include/exclude): perforate with the ones it was trained with, or {rebuild}")
         if (s is None or s.kind != rec["kind"] or list(s.layer.weight_shape) != rec["weight_shape"]
                 or rec.get("layer", _jsonable(s.layer)) != _jsonable(s.layer)):
             saved, here = rec.get("layer") or {}, {} if s is None else _jsonable(s.layer)
@@ -378,10 +379,19 @@ def _check_sites(pm: PerforatedModel, structure: dict, path: str, rebuilt: bool 
                 f"{rec['weight_shape']} in the checkpoint but {found} here" + (f" ({detail})" if detail else "")
                 + "; load it onto the model it was trained on")
     extra = [n for n in have if n not in {r["name"] for r in structure["sites"]}]
-    if extra and extra[0] in layers:
-        raise CheckpointError(f"checkpoint {path} has no site {extra[0]!r}, which is one here: {selection}")
-    if extra:
-        raise CheckpointError(f"checkpoint {path} belongs to another model: site {extra[0]!r} is not in the checkpoint")
+    if extra:  # (a layer the checkpoint's model lacked, or one its include/exclude left out: the file cannot tell)
+        raise CheckpointError(f"checkpoint {path} belongs to another model, or to this one perforated with other "
+                              f"include/exclude: site {extra[0]!r} is not in the checkpoint; load it onto the model "
+                              f"it was trained on, or {rebuild}")
+
+
+def _same_layer(module: Optional[nn.Module], rec: dict) -> bool:
+    """Whether `module` is a neuron layer of the kind and weight shape the checkpoint's site record holds."""
+    try:
+        spec = LayerSpec.from_module(module)
+    except TypeError:  # (None, or no Linear/Conv)
+        return False
+    return spec.kind == rec["kind"] and list(spec.weight_shape) == rec["weight_shape"]
 
 
 def _convert_hint(path: str) -> str:

@@ -34,12 +34,14 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from .config import MAX_INT, PBConfig, TrainConfig
 from .controller import NON_FINITE_STOP, all_finite, default_optimizer, nan_weights_before_best
@@ -736,10 +738,13 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
     _refuse_too_few_samples(data)
     majority = None
     if score.percent:
-        train, _, test = make_loaders(data, training.batch_size, training.seed,
-                                      collate=keyword_collate(mod, model, len(inputs)))
+        test = make_loaders(data, training.batch_size, training.seed,
+                            collate=keyword_collate(mod, model, len(inputs)))[2]
         majority = majority_class(test)
-        for split, found in (("training", majority_class(train)), ("test", majority)):
+        # (the training split by its label tensor only: reading a whole image dataset would cost an epoch)
+        labels = data[0].tensors[-1] if isinstance(data[0], TensorDataset) and len(data[0].tensors) > 1 else None
+        train = majority_class([(None, labels)]) if labels is not None and len(labels) else None
+        for split, found in (("training", train), ("test", majority)):
             if found is not None and found[1] == 1.0:  # (one class: nothing to learn, or nothing to tell arms apart by)
                 raise CompareError(f"the {split} labels are all class {found[0]}: a comparison of classifiers needs "
                                    f"two classes or more in every split; check datasets()")
@@ -750,14 +755,27 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
 
 
 def code_digest(fn) -> str:
-    """A function's qualified name and a digest of its code (a callable object's __call__'s), object addresses
-    left out: two functions that compute otherwise differ here."""
+    """A function's qualified name and a digest of its code (a callable object's __call__'s), the same in every
+    process (object addresses and set orders left out): two functions that compute otherwise differ here."""
     code = getattr(fn, "__code__", None) or getattr(getattr(type(fn), "__call__", None), "__code__", None)
     name = getattr(fn, "__qualname__", type(fn).__qualname__)
     if code is None:
         return name
-    text = re.sub(r"0x[0-9a-fA-F]+", "0x", repr(code.co_consts)) + repr(code.co_names)
-    return f"{name}:{hashlib.sha256(code.co_code + text.encode()).hexdigest()[:16]}"
+    return f"{name}:{hashlib.sha256(_code_text(code).encode()).hexdigest()[:16]}"
+
+
+def _code_text(code: types.CodeType) -> str:
+    """A code object's bytecode, constants and names as text that does not depend on the process."""
+    def stable(value) -> str:
+        if isinstance(value, types.CodeType):
+            return _code_text(value)
+        if isinstance(value, (frozenset, set)):  # (`x in {"a", "b"}`: its repr's order follows the string hash seed)
+            return "{" + ",".join(sorted(stable(v) for v in value)) + "}"
+        if isinstance(value, tuple):
+            return "(" + ",".join(stable(v) for v in value) + ")"
+        return re.sub(r"0x[0-9a-fA-F]+", "0x", repr(value))
+
+    return code.co_code.hex() + stable(code.co_consts) + repr(code.co_names)
 
 
 MIN_EVAL_SAMPLES = 10  # fewer validation or test samples than this tell no arm from another

@@ -1080,8 +1080,9 @@ class PhaseController:
                                 f"schedule {self.schedule.dendrites}: its structure was changed outside the "
                                 "controller (pm.grow(), install_candidates, pbp_fx.load without controller=), which "
                                 "its schedule and checkpoints would not hold; load checkpoints with "
-                                "pbp_fx.load(path, model, controller=ctl), build the PhaseController on the model as "
-                                "it is (after grow), or let the controller add dendrites")
+                                "pbp_fx.load(path, model, controller=ctl, optimizer=ctl.optimizer), build the "
+                                "PhaseController on the model as it is (after grow), or let the controller add "
+                                "dendrites")
         if not self.done and self.pm.phase != self.schedule.phase:
             raise TrainingError(f"the model is in a {self.pm.phase} phase but its PhaseController is in a "
                                 f"{self.schedule.phase} phase: the model's phase was changed outside the controller "

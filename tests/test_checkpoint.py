@@ -122,11 +122,18 @@ def test_another_site_selection_of_the_same_model_is_named_as_such(tmp_path):
     path = str(tmp_path / "c.safetensors")
     pbp_fx.save(pm, path)
     fewer = pbp_fx.perforate(_build(), (X,), exclude=["3"])
-    with pytest.raises(CheckpointError, match=r"has a site '3', a layer of this model that is no site here: this "
-                                              r"model's site selection differs \(perforate's include/exclude\)"):
+    with pytest.raises(CheckpointError, match=r"has a site '3', a layer of this model \(of the same shape\) that is "
+                                              r"no site here: this model's site selection differs \(perforate's "
+                                              r"include/exclude\)"):
         pbp_fx.load(path, fewer)
+    # (a layer of that name of another kind or shape: another model, as before; the diff review)
+    other = pbp_fx.perforate(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)), (X,),
+                             exclude=["3"])
+    with pytest.raises(CheckpointError, match=r"belongs to another model: site '3' is linear \[3, 8\]"):
+        pbp_fx.load(path, other)
     pbp_fx.save(fewer, path)
-    with pytest.raises(CheckpointError, match=r"has no site '3', which is one here: this model's site selection"):
+    with pytest.raises(CheckpointError, match=r"belongs to another model, or to this one perforated with other "
+                                              r"include/exclude: site '3' is not in the checkpoint"):
         pbp_fx.load(path, pbp_fx.perforate(_build(), (X,)))
     assert sorted(pbp_fx.load(path, _build).sites) == ["0"]  # (rebuilt with the checkpoint's own selection)
 

@@ -319,6 +319,22 @@ def test_data_that_cannot_rank_arms_is_refused_before_any_run(tmp_path, monkeypa
         compare(str(path), seeds=2, latency=False, echo=lambda _s: None, **BUDGET)
 
 
+def test_ten_validation_and_test_samples_are_enough(tmp_path, monkeypatch):
+    class Reached(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    compare_module = importlib.import_module("pbp_fx.compare")
+    monkeypatch.setattr(compare_module, "run_arm", reached)
+    path = tmp_path / "ten.py"
+    path.write_text(TINY.replace("TensorDataset(x[180:240], y[180:240]), TensorDataset(x[240:], y[240:])",
+                                 "TensorDataset(x[180:190], y[180:190]), TensorDataset(x[240:250], y[240:250])"))
+    with pytest.raises(Reached):  # (past every check, at the first run)
+        compare(str(path), seeds=1, arms=["plain"], latency=False, echo=lambda _s: None, **BUDGET)
+
+
 def test_code_digest_tells_functions_apart_by_their_code_not_their_address():
     from pbp_fx.compare import code_digest
 
@@ -335,6 +351,24 @@ def test_code_digest_tells_functions_apart_by_their_code_not_their_address():
     assert code_digest(f) != code_digest(g) and code_digest(f).startswith("test_code_digest")
     assert code_digest(Scorer()) == code_digest(Scorer()) and code_digest(Scorer()).startswith("test_code_digest")
     assert code_digest(lambda x: x) == code_digest(lambda x: x)
+    assert code_digest(lambda x: x + 1) != code_digest(lambda x: x + 2)  # (one name, one bytecode: the constants)
+
+
+def test_code_digest_is_the_same_in_every_process(tmp_path):
+    """A set literal's repr follows the process's string hash seed: an interrupted compare took none of its kept
+    runs in the next process (the diff review)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "metric_file.py").write_text(textwrap.dedent('''
+        def metric(output, target):
+            kinds = {"alpha", "beta", "gamma", "delta"}
+            return float(len(kinds & {"beta", "omega"})), 1
+    '''))
+    program = "from metric_file import metric; from pbp_fx.compare import code_digest; print(code_digest(metric))"
+    seen = {subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(4)}
+    assert len(seen) == 1, seen
 
 
 def test_a_stop_after_the_last_run_names_the_runs_to_continue_from(tiny, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """PBConfig / TrainConfig: validation, dict round trip, replace."""
+import dataclasses
 import inspect
 import json
 import math
@@ -270,6 +271,14 @@ def test_a_setting_beside_a_summarys_mappings_is_refused(tmp_path):
         with pytest.raises(ConfigError, match=f"'{name}' beside its \"config\" and \"training\" mappings is not "
                                               f"read .*set '{name}' inside them"):
             read_settings(str(path))
+
+
+def test_only_a_close_misspelling_gets_a_suggestion():
+    from pbp_fx.config import near_name
+
+    names = [f.name for f in dataclasses.fields(PBConfig)]
+    assert near_name("patiance", names) == "patience" and near_name("candidate_lrr", names) == "candidate_lr"
+    assert near_name("patient_zero", names) is None and near_name(3, names) is None
 
 
 def test_the_activation_and_mode_names_are_the_ones_the_sites_and_the_onnx_bodies_implement():

@@ -178,4 +178,5 @@ def test_a_sites_progress_rule_is_plain_data():
     assert site_progressed(3, 5, 0.0, 0.0, 1.0, 0.01)  # (warming up: not stale)
     assert site_progressed(6, 5, 0.2, 0.01, 0.1, 0.5)  # (a gain of 100 %, beyond the noise)
     assert not site_progressed(6, 5, 0.2, 0.2, 0.1, 0.5)  # (within the noise)
+    assert not site_progressed(6, 5, 0.75, 0.5, 0.25, 0.5)  # (a gain of exactly the noise: not beyond it)
     assert not site_progressed(6, 5, 0.104, 0.0, 0.1, 0.05)  # (a gain of 4 % under the 5 % asked)

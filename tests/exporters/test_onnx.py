@@ -1165,6 +1165,36 @@ def test_dendrites_are_no_branch_at_size_1(tmp_path):
     assert all(float(site.out_weight.abs().min()) == 0.5 for site in pm.sites.values())  # (V restored)
 
 
+class _LeafOnLastDim(nn.Module):  # (untraceable: it branches on a size fx cannot see; T is no part of it)
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.lin(x) if x.shape[-1] == 6 else x
+
+
+def test_dendrites_inside_an_untraced_leaf_are_no_branch_at_size_1(tmp_path):
+    """The leaf's Site is the original's too: the probe silenced the graph's dendrites only, so the original ran
+    with them, and T of 2 or more was recorded again (the diff review)."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.leaf, self.fc = _LeafOnLastDim(), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.leaf(x)))
+
+    pm = _grown(pbp_fx.perforate(Model().eval(), (torch.randn(2, 5, 6),), frontend="fx").eval())
+    assert "leaf.lin" in pm.sites
+    export_onnx(pm, (torch.randn(2, 5, 6),), tmp_path / "m.onnx", dynamic_axes={"x": {1: "T"}})
+    assert "pbp_fx.axis_ranges" not in {p.key for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    x = torch.randn(3, 1, 6)
+    np.testing.assert_allclose(run(ort_session(tmp_path / "m.onnx"), x)[0], pm(x).detach().numpy(), atol=1e-5)
+
+
 def test_a_models_own_bound_on_a_named_axis_is_recorded_without_a_branch_warning(tmp_path):
     """A position table of 12 bounds the sequence: recorded and refused beyond it, but export warned of a
     branch the forward does not have (BERT's seq of at most 64; the diff review). Dim 0 named too gives no

@@ -331,6 +331,28 @@ def test_a_hooked_layer_inside_an_untraceable_leaf_keeps_its_hooks_after_finaliz
     torch.testing.assert_close(fused(x), pm(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_that_keeps_a_module_training_finalizes():
+    """Its train() keeps the BatchNorm training (batch statistics at inference): finalize refused it as a
+    ContractError, a bug of pbp-fx (the diff review)."""
+    class KeepsTraining(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn, self.fc2 = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.bn.train(True)
+            return self
+
+        def forward(self, x):
+            return self.fc2(self.bn(self.fc(x)))
+
+    x = torch.randn(3, 4)
+    pm = pbp_fx.perforate(KeepsTraining(), (x,), frontend="parts")
+    pm.grow()
+    assert pm.finalize()(x).shape == (3, 2)
+
+
 def test_its_ensures_are_checked_and_a_graph_that_breaks_them_is_named(pb):
     from pbp_fx.passes import ContractError
     from pbp_fx.passes.finalize import ensures_finalized
@@ -342,6 +364,8 @@ def test_its_ensures_are_checked_and_a_graph_that_breaks_them_is_named(pb):
     with pytest.raises(ContractError, match="in train mode"):
         ensures_finalized(fused)
     fused.eval()
+    fused.get_submodule("bn2").train()  # (the model's own module: its train() may keep it so)
+    ensures_finalized(fused)
     fused.add_submodule("stray", pm.sites["fc"])
     node = next(n for n in fused.graph.nodes if n.op == "output")
     with fused.graph.inserting_before(node):

@@ -166,6 +166,12 @@ def test_its_ensures_are_checked_and_a_graph_that_breaks_them_is_named():
     with pytest.raises(ContractError, match=f"site '{specs[0].name}'.s output {out.name} read by"):
         ensures_inserted(gm, specs)
     gm, specs = _perforate_graph(model, x)
+    site_node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(SITES_ATTR))
+    site_node.replace_all_uses_with(site_node.args[0])  # (the Site bypassed: its output read by nothing)
+    gm.graph.erase_node(site_node)
+    with pytest.raises(ContractError, match="read by no Site"):
+        ensures_inserted(gm, specs)
+    gm, specs = _perforate_graph(model, x)
     leaf = next(s for s in specs if s.in_leaf)
     owner, _, child = leaf.module.rpartition(".")
     setattr(gm.get_submodule(owner), child, gm.get_submodule(leaf.module).neuron)  # swapped back

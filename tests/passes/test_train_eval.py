@@ -362,3 +362,18 @@ def test_merging_an_exported_model_with_dropout_prints_no_torch_pytree_warning()
         warnings.simplefilter("error", FutureWarning)
         gm = trace(model, (torch.randn(4, 6),), frontend="export")
     assert gm.meta["pbp_modes"] == "train+eval"
+
+
+def test_a_pickle_of_the_modes_as_they_were_named_before_they_moved_loads():
+    """ModeSwitch and its slots moved to pbp_fx.modes: a whole model pickled before named
+    pbp_fx.passes.train_eval._Slot, and did not load (the diff review)."""
+    import pickle
+
+    from pbp_fx.modes import Slot
+
+    switch = ModeSwitch("call_function", torch.relu, ((Slot(0),), {}), None)
+    old = pickle.dumps(switch, protocol=2).replace(b"cpbp_fx.modes\nSlot\n", b"cpbp_fx.passes.train_eval\n_Slot\n")
+    old = old.replace(b"cpbp_fx.modes\nModeSwitch\n", b"cpbp_fx.passes.train_eval\nModeSwitch\n")
+    assert b"passes.train_eval\n_Slot" in old
+    loaded = pickle.loads(old)
+    assert loaded.forms[True][0][0] == Slot(0) and loaded(torch.tensor([-1.0, 2.0])).tolist() == [0.0, 2.0]
