@@ -1200,7 +1200,10 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
                 f"torch.onnx.export captured the model but cannot convert an op of it to ONNX ({_root_reason(e)}): "
                 "when the op is the model's own, torch.onnx.export(model, inputs, dynamo=True) of the unperforated "
                 "model fails alike; try another opset (opset=, pbp-fx export --opset), or write that op so that "
-                "the converter takes it") from e
+                "the converter takes it"
+                # (a conv whose groups is the batch, timm's CondConv2d: a symbolic attribute the converter refuses)
+                + (", or, where the model computes with the batch size itself, export with dynamic_batch=False "
+                   "(pbp-fx export --static-batch)" if shapes else "")) from e
         from pbp_fx.tracing import TracedPart
 
         parts = [m.name for m in module.modules() if isinstance(m, TracedPart) and m is not module]

@@ -20,7 +20,7 @@ from .config import ConfigError, PBConfig
 from .errors import NoSitesError, PBError, PhaseError, TrainingError, warn_at_user
 from .inputs import describe_inputs
 from .layers import WEIGHT_HOOKS, has_user_hooks
-from .site import ACTIVATIONS, MODES, POOL_SETTINGS, Site
+from .site import ACTIVATIONS, MODES, POOL_SETTINGS, FusedSite, FusedSwappedNeuron, Site
 from .signature import CallError, CallSignature
 from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, batch_size, buffers_kept,
                       copy_module, is_lifted_constant, keep_out_of_state_dict_on_copy, keyword_changes_output,
@@ -867,6 +867,10 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
     if inside is not None:  # (a compile wrapper or a module holding one: its layers would get two sites each)
         raise ConfigError(f"perforate() got a model that holds a perforated model already (model{inside}): its "
                           "dendrites would get dendrites: train that one as it is, or perforate the base model")
+    fused = next((name for name, m in model.named_modules() if isinstance(m, (FusedSite, FusedSwappedNeuron))), None)
+    if fused is not None:  # (pm.finalize()'s inference graph: its sites are fused layers no pattern matches)
+        raise ConfigError(f"perforate() got a finalized model (a fused site at {fused or 'its root'}), made for "
+                          "inference: perforate the base model, or train the PerforatedModel and finalize it again")
     if activation not in ACTIVATIONS:
         raise ConfigError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}",
                           "activation", activation)
