@@ -869,8 +869,9 @@ def perforate(model: nn.Module, example_inputs=(), include=None, exclude=None,
                           "dendrites would get dendrites: train that one as it is, or perforate the base model")
     fused = next((name for name, m in model.named_modules() if isinstance(m, (FusedSite, FusedSwappedNeuron))), None)
     if fused is not None:  # (pm.finalize()'s inference graph: its sites are fused layers no pattern matches)
-        raise ConfigError(f"perforate() got a finalized model (a fused site at {fused or 'its root'}), made for "
-                          "inference: perforate the base model, or train the PerforatedModel and finalize it again")
+        raise ConfigError(f"perforate() got a model that is or holds a finalized model (a fused site at "
+                          f"{fused or 'its root'}), made for inference, whose fused layers would get dendrites again: "
+                          "perforate the base model, or train the PerforatedModel and finalize it again")
     if activation not in ACTIVATIONS:
         raise ConfigError(f"activation {activation!r} is not supported: use one of {sorted(ACTIVATIONS)}",
                           "activation", activation)

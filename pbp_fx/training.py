@@ -446,10 +446,11 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
             _check_finite_inputs(inputs, data)
             scored = metric(call_model(model, inputs), target)
             name = getattr(metric, "__name__", None)
-            if not (isinstance(scored, (tuple, list)) and len(scored) == 2):
+            try:  # (a tuple, or a tensor or array of two numbers)
+                s, n = scored
+            except (TypeError, ValueError):
                 raise TrainingError(f"the metric{f' {name}' if name else ''} returned {type(scored).__name__}, not a "
-                                    "(sum, count) pair: return e.g. (number correct, number of samples)")
-            s, n = scored
+                                    "(sum, count) pair: return e.g. (number correct, number of samples)") from None
             if float(n) < 0:  # (the mean's sign would flip, and the best epoch be the worst)
                 raise TrainingError(f"the metric{f' {name}' if name else ''} returned a negative count ({float(n):g}) "
                                     f"on the {data} data: return (sum, count) with count the number of samples scored")

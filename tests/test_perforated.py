@@ -1360,8 +1360,8 @@ def test_what_is_no_model_is_refused_in_one_line(tmp_path):
         pbp_fx.perforate(nn.Sequential(pm, nn.Linear(3, 2)), torch.zeros(2, 6))
     # (a finalized model: "no Linear/Conv neuron sites ... check include=/exclude="; a reviewer)
     pm.grow()
-    with pytest.raises(ConfigError, match=r"got a finalized model \(a fused site at pbp_fused\.0\), made for "
-                                          r"inference: perforate the base model"):
+    with pytest.raises(ConfigError, match=r"got a model that is or holds a finalized model \(a fused site at "
+                                          r"pbp_fused\.0\), made for inference"):
         pbp_fx.perforate(pm.finalize(), torch.zeros(2, 6))
     with pytest.raises(ConfigError, match="perforate\\(\\) takes an nn.Module, got function"):
         pbp_fx.perforate(lambda x: x, torch.zeros(2, 6))

@@ -4,6 +4,7 @@ import functools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -110,6 +111,12 @@ def test_a_metric_that_returns_no_pair_is_named():
     with pytest.raises(pbp_fx.TrainingError, match=r"^the metric mean_accuracy returned float, not a \(sum, count\) "
                                                    r"pair"):
         evaluate(_pm(), full, mean_accuracy, data="validation")
+    # (a pair as a tensor or an array is a pair: the first form of this check refused it; the diff review)
+    for pair in (torch.tensor, np.array):
+        def paired(output, target, pair=pair):
+            return pair([float((output.argmax(1) == target).sum()), float(len(target))])
+
+        assert 0 <= evaluate(_pm(), full, paired, data="validation") <= 1
 
 
 def test_a_metric_with_a_negative_count_is_refused():

@@ -305,6 +305,7 @@ def test_a_switch_that_is_no_bool_is_refused_in_one_line(tmp_path, flag):
     with pytest.raises(ExportError, match=rf"^{flag}='no': give True or False$"):
         export_onnx(pbp_fx.perforate(model, example), example, tmp_path / "m.onnx", **{flag: "no"})
     assert list(tmp_path.iterdir()) == []
+    export_onnx(pbp_fx.perforate(model, example), example, tmp_path / "m.onnx", **{flag: np.True_})  # (numpy's)
 
 
 # -- an untraceable root: its parts perforated in place ---------------------------------------

@@ -92,6 +92,14 @@ def test_bad_arguments(add_model, tmp_path):
     with pytest.raises(OnnxLoadError, match=r"^ONNX Runtime cannot load .*notes.onnx: \S") as err:
         ort_session(tmp_path / "notes.onnx")
     assert "\n" not in str(err.value) and isinstance(err.value, pbp_fx.PBError)
+    # (a graph onnxruntime refuses, an op it does not know: its Fail, one line too; the diff review)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g", [x],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
+              str(tmp_path / "unknown_op.onnx"))
+    with pytest.raises(OnnxLoadError, match=r"^ONNX Runtime cannot load .*unknown_op.onnx: .*NoSuchOp"):
+        ort_session(tmp_path / "unknown_op.onnx")
 
 
 def test_run_input_forms(add_model):
