@@ -150,7 +150,7 @@ def _to_numpy(value: Any, type_str: Optional[str] = None) -> np.ndarray:
     if want is not None and arr.dtype != want:
         if np.issubdtype(want, np.integer) and arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
             raise RunInputError(f"an input of {type_str} got floats with fractions ({arr.dtype}): pass whole numbers "
-                             "(token ids, indices)")
+                                "(token ids, indices)")
         arr = arr.astype(want)
     return np.ascontiguousarray(arr)
 

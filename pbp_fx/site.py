@@ -502,7 +502,7 @@ class Site(nn.Module):
         """Install one dendrite with fresh weights (the layer's own init); U and V start at 0."""
         if init != "random":
             raise ConfigError(f"grow(init={init!r}): only 'random' is supported; "
-                             "correlation-trained dendrites come from install_candidates()")
+                              "correlation-trained dendrites come from install_candidates()")
         fresh = LayerCopies(self.layer, self.norm, 1, **self._factory())
         fresh.reset_parameters("default", generator=generator)
         self._append(fresh.row_tensors(), torch.zeros(self.channels, self.num_dendrites), torch.zeros(self.channels))

@@ -307,8 +307,8 @@ def primary_output(output) -> torch.Tensor:
     found = scored_tensor(output)
     if found is None:
         raise TargetError(f"the model's output is a {type(output).__name__} with no tensor the built-in loss and metric "
-                         "can score (they read a tensor, a dict's or dataclass's \"logits\" or first tensor, a tuple's "
-                         "first element): give a loss and a metric of your own (loss_fn=, metric=)")
+                          "can score (they read a tensor, a dict's or dataclass's \"logits\" or first tensor, a tuple's "
+                          "first element): give a loss and a metric of your own (loss_fn=, metric=)")
     return found
 
 
@@ -347,13 +347,13 @@ def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
     logits = primary_output(output)
     if logits.dim() < 2 or logits.shape[1] < 2:
         raise TargetError(f"the built-in accuracy scores class logits [N, C, ...] with C >= 2 classes on dim 1, but "
-                         f"the output has shape {list(logits.shape)}: give a metric of your own (for one logit per "
-                         "sample, e.g. ((logit > 0) == (target > 0.5)).sum())")
+                          f"the output has shape {list(logits.shape)}: give a metric of your own (for one logit per "
+                          "sample, e.g. ((logit > 0) == (target > 0.5)).sum())")
     if target.is_floating_point() and target.shape == logits.shape:
         rows = target.sum(1)
         if not bool(torch.isclose(rows, torch.ones_like(rows), atol=1e-3).all()):
             raise TargetError("the targets have the output's shape but do not sum to 1 over the classes (multi-label "
-                             "targets?): the built-in accuracy scores one class per sample; give a metric of your own")
+                              "targets?): the built-in accuracy scores one class per sample; give a metric of your own")
         target = target.argmax(1)
     expected = logits.shape[:1] + logits.shape[2:]
     if target.shape != expected:
@@ -361,7 +361,7 @@ def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
         hint = ("the classes look last ([N, ..., C]): return them on dim 1 (logits.movedim(-1, 1)) or give a metric of "
                 "your own" if classes_last else "give labels of that shape (y.squeeze(1) for [N, 1]) or a metric of your own")
         raise TargetError(f"the built-in accuracy reads logits {list(logits.shape)} as [N, C, ...] with classes on dim 1 "
-                         f"and wants labels of shape {list(expected)}, not {list(target.shape)}: {hint}")
+                          f"and wants labels of shape {list(expected)}, not {list(target.shape)}: {hint}")
     target = class_indices(target)
     kept = target != IGNORED_LABEL
     right = (logits.argmax(1) == target) & kept
@@ -390,7 +390,7 @@ def mean_squared_error(output, target: torch.Tensor) -> torch.Tensor:
     output = primary_output(output)
     if output.shape != target.shape:
         raise TargetError(f"output shape {list(output.shape)} and target shape {list(target.shape)} differ: give "
-                         "the targets the output's shape (y[:, None] for one output)")
+                          "the targets the output's shape (y[:, None] for one output)")
     return F.mse_loss(output, target)
 
 
