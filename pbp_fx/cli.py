@@ -551,6 +551,8 @@ def _number(kind: type, optional: bool = False):
         if optional and text.strip().lower() == "none":
             return UNSET
         try:
+            if kind is not str and "_" in text:  # (Python's `1_000`: a config file's values refuse it)
+                raise ValueError(text)
             return _AS_TYPED[kind](_whole(text) if kind is int else kind(text), text)
         except ValueError:
             word = "a whole number" if kind is int else "a number"

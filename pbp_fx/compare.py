@@ -24,6 +24,7 @@ every finished run: after an interrupt, the same command continues from them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -755,27 +756,46 @@ def _check(model_file, arms, seeds, width, jobs, out, config, training, include,
 
 
 def code_digest(fn) -> str:
-    """A function's qualified name and a digest of its code (a callable object's __call__'s), the same in every
-    process (object addresses and set orders left out): two functions that compute otherwise differ here."""
-    code = getattr(fn, "__code__", None) or getattr(getattr(type(fn), "__call__", None), "__code__", None)
+    """A loss's or metric's qualified name and a digest of what it computes with, the same in every process: its
+    code, default arguments and closure values; a callable object's class code and attributes; what a
+    functools.partial binds. Two that compute otherwise differ here."""
     name = getattr(fn, "__qualname__", type(fn).__qualname__)
-    if code is None:
-        return name
-    return f"{name}:{hashlib.sha256(_code_text(code).encode()).hexdigest()[:16]}"
+    return f"{name}:{hashlib.sha256(_callable_text(fn).encode()).hexdigest()[:16]}"
 
 
-def _code_text(code: types.CodeType) -> str:
-    """A code object's bytecode, constants and names as text that does not depend on the process."""
-    def stable(value) -> str:
-        if isinstance(value, types.CodeType):
-            return _code_text(value)
-        if isinstance(value, (frozenset, set)):  # (`x in {"a", "b"}`: its repr's order follows the string hash seed)
-            return "{" + ",".join(sorted(stable(v) for v in value)) + "}"
-        if isinstance(value, tuple):
-            return "(" + ",".join(stable(v) for v in value) + ")"
-        return re.sub(r"0x[0-9a-fA-F]+", "0x", repr(value))
+def _callable_text(fn) -> str:
+    if isinstance(fn, functools.partial):
+        return "partial " + _callable_text(fn.func) + _stable(fn.args) + _stable(fn.keywords)
+    code = getattr(fn, "__code__", None)
+    if isinstance(code, types.CodeType):  # a function: its code, defaults and the values it closes over
+        cells = []
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # (a cell not yet set)
+                cells.append(None)
+        return _stable(code) + _stable(fn.__defaults__) + _stable(fn.__kwdefaults__) + _stable(tuple(cells))
+    call = getattr(type(fn), "__call__", None)
+    if isinstance(getattr(call, "__code__", None), types.CodeType):  # a callable object: its class's code and state
+        return _callable_text(call) + _stable(getattr(fn, "__dict__", None))
+    return _stable(fn)
 
-    return code.co_code.hex() + stable(code.co_consts) + repr(code.co_names)
+
+def _stable(value) -> str:
+    """`value` as text that does not depend on the process: object addresses and set orders left out."""
+    if isinstance(value, types.CodeType):
+        return value.co_code.hex() + _stable(value.co_consts) + repr(value.co_names)
+    if isinstance(value, (frozenset, set)):  # (`x in {"a", "b"}`: its repr's order follows the string hash seed)
+        return "{" + ",".join(sorted(_stable(v) for v in value)) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(_stable(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_stable(k)}:{_stable(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, types.FunctionType):  # (its code only: a closure can hold the function itself)
+        return _stable(value.__code__)
+    if isinstance(value, functools.partial):
+        return "partial " + _stable(value.func) + _stable(value.args) + _stable(value.keywords)
+    return re.sub(r"0x[0-9a-fA-F]+", "0x", repr(value))
 
 
 MIN_EVAL_SAMPLES = 10  # fewer validation or test samples than this tell no arm from another

@@ -1150,6 +1150,10 @@ def test_whole_valued_numbers_are_taken_for_whole_number_flags(capsys):
     assert (pb.patience, train.epochs, args.nproc) == (10, 1000, 2) and type(train.epochs) is int
     rc, _, err = _run(["train", "m.py", "--patience", "10.5"], capsys)
     assert rc == 2 and err.count("\n") == 1 and "'10.5' is not a whole number" in err
+    # (Python's digit separators: `--epochs 0_2` trained 2 epochs, where a file's "0_2" is refused; a reviewer)
+    for flag, text, what in (("--epochs", "0_2", "a whole number"), ("--lr", "1_0.5", "a number")):
+        rc, _, err = _run(["train", "m.py", flag, text], capsys)
+        assert rc == 2 and err.count("\n") == 1 and f"'{text}' is not {what}" in err, err
 
 
 def test_config_given_twice_is_refused_not_half_read(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """pbp-fx compare end to end on a tiny model file (2 seeds, short budgets), and its refusals."""
+import functools
 import importlib
 import json
 import math
@@ -352,6 +353,38 @@ def test_code_digest_tells_functions_apart_by_their_code_not_their_address():
     assert code_digest(Scorer()) == code_digest(Scorer()) and code_digest(Scorer()).startswith("test_code_digest")
     assert code_digest(lambda x: x) == code_digest(lambda x: x)
     assert code_digest(lambda x: x + 1) != code_digest(lambda x: x + 2)  # (one name, one bytecode: the constants)
+
+    # (a metric's settings outside its code: default arguments, closure values, an object's attributes, a partial's
+    # arguments; a reviewer found two such metrics would take each other's kept runs)
+    def top(output, target, k=1):
+        return 0.0, 1
+
+    def top5(output, target, k=5):
+        return 0.0, 1
+
+    def closing_over(k):
+        def metric(output, target):
+            return float(k), 1
+        return metric
+
+    class Scaled:
+        def __init__(self, scale):
+            self.scale = scale
+
+        def __call__(self, output, target):
+            return self.scale, 1
+
+    top5.__qualname__ = top.__qualname__
+    assert code_digest(top) != code_digest(top5)
+    assert code_digest(closing_over(1)) != code_digest(closing_over(5))
+    assert code_digest(closing_over(1)) == code_digest(closing_over(1))
+    assert code_digest(Scaled(1)) != code_digest(Scaled(5)) and code_digest(Scaled(1)) == code_digest(Scaled(1))
+    assert code_digest(functools.partial(top, k=1)) != code_digest(functools.partial(top, k=5))
+
+    def recursive(n):  # (a closure that holds itself)
+        return 0 if n == 0 else recursive(n - 1)
+
+    assert code_digest(recursive) == code_digest(recursive)
 
 
 def test_code_digest_is_the_same_in_every_process(tmp_path):
