@@ -50,6 +50,7 @@ def insert_dendrites(gm: fx.GraphModule, specs: Iterable[SiteSpec], activation: 
 def ensures_inserted(gm: fx.GraphModule, specs: Iterable[SiteSpec]) -> None:
     """This pass's Ensures, checked: each graph site's output is read by its Site node alone, and each
     leaf site's neuron is a SwappedNeuron of its Site (ContractError otherwise)."""
+    nodes: dict[str, dict] = {}  # graph path -> {node name: node}, built once per graph
     for spec in specs:
         owner = gm.get_submodule(spec.graph) if spec.graph else gm
         if spec.in_leaf:
@@ -57,7 +58,9 @@ def ensures_inserted(gm: fx.GraphModule, specs: Iterable[SiteSpec]) -> None:
             if not isinstance(neuron, SwappedNeuron) or neuron.site.name != spec.name:
                 raise ContractError(f"insert_dendrites left site {spec.name!r}'s neuron {spec.module!r} unswapped")
             continue
-        out = next(n for n in owner.graph.nodes if n.name == spec.output_node)
+        if spec.graph not in nodes:
+            nodes[spec.graph] = {n.name: n for n in owner.graph.nodes}
+        out = nodes[spec.graph][spec.output_node]
         readers = [u for u in out.users if not (u.op == "call_module" and u.target.startswith(SITES_ATTR + ".")
                                                 and owner.get_submodule(u.target).name == spec.name)]
         if readers or not out.users:

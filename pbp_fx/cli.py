@@ -695,7 +695,7 @@ def _train_args() -> tuple:
             *_train_args())
 def train(args: argparse.Namespace) -> int:
     from .distributed import DEFAULT_TIMEOUT, Distributed, launch, stop_with_launcher, torchrun_world_size
-    from .job import DEFAULT_MODEL, saved_run, train_job
+    from .job import saved_run, train_job
     from .training import training_device
 
     if args.nproc is not None and args.nproc < 1:

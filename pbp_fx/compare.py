@@ -794,7 +794,7 @@ def _stable(value) -> str:
     if isinstance(value, types.FunctionType):  # (its code only: a closure can hold the function itself)
         return _stable(value.__code__)
     if isinstance(value, functools.partial):
-        return "partial " + _stable(value.func) + _stable(value.args) + _stable(value.keywords)
+        return _callable_text(value)
     return re.sub(r"0x[0-9a-fA-F]+", "0x", repr(value))
 
 

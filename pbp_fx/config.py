@@ -129,8 +129,14 @@ def _check(obj) -> None:
             allowed = _range_text(meta)
             what = ", ".join(x for x in (bad, allowed) if x)
             reason = f"must be {what} ({meta.get('help', '')})"
-            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}...({len(repr(value))} characters)"
+            shown = _shown(value)
             raise ConfigError(f"{name}={shown}: {reason}", name, value, reason)
+
+
+def _shown(value) -> str:
+    """A setting's value as an error shows it: its repr, cut short past 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 class _Settings:
@@ -229,8 +235,7 @@ class PBConfig(_Settings):
             cls(**{DENDRITE_PHASE_ARGS[arg]: value for arg, value in kwargs.items()})
         except ConfigError as exc:
             arg = next(a for a, name in DENDRITE_PHASE_ARGS.items() if name == exc.field)
-            shown = repr(exc.value) if len(repr(exc.value)) <= 40 else repr(exc.value)[:20] + "..."
-            raise ConfigError(f"{where}({arg}={shown}): {exc.reason}", arg, exc.value, exc.reason) from None
+            raise ConfigError(f"{where}({arg}={_shown(exc.value)}): {exc.reason}", arg, exc.value, exc.reason) from None
 
     # What mode "gd" never reads: it grows random dendrites, V at 0, and runs no dendrite phase.
     DENDRITE_PHASE_ONLY = ("dendrite_patience", "max_dendrite_epochs", "dendrite_improvement", "pool", "pool_split",

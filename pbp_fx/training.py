@@ -438,6 +438,8 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
     was = model.training
     model.eval()
     total, count, seen = 0.0, 0, 0
+    name = getattr(metric, "__name__", None)  # (a callable object or a partial has none)
+    the_metric = f"the metric {name}" if name else "the metric"
     if _autocast_keeps_casts():  # (those of the last training step's weights)
         torch.clear_autocast_cache()
     try:
@@ -445,14 +447,13 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
             inputs, target = split_batch(_to(batch, device) if device is not None else batch)
             _check_finite_inputs(inputs, data)
             scored = metric(call_model(model, inputs), target)
-            name = getattr(metric, "__name__", None)
             try:  # (a tuple, or a tensor or array of two numbers)
                 s, n = scored
             except (TypeError, ValueError):
-                raise TrainingError(f"the metric{f' {name}' if name else ''} returned {type(scored).__name__}, not a "
+                raise TrainingError(f"{the_metric} returned {type(scored).__name__}, not a "
                                     "(sum, count) pair: return e.g. (number correct, number of samples)") from None
             if float(n) < 0:  # (the mean's sign would flip, and the best epoch be the worst)
-                raise TrainingError(f"the metric{f' {name}' if name else ''} returned a negative count ({float(n):g}) "
+                raise TrainingError(f"{the_metric} returned a negative count ({float(n):g}) "
                                     f"on the {data} data: return (sum, count) with count the number of samples scored")
             # Python numbers: a metric's tensor or numpy sums would flow into the history and checkpoints.
             total, count, seen = total + float(s), count + float(n), seen + 1
@@ -465,8 +466,7 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
             if metric is accuracy:  # (the built-in one counts every label but the ignored ones)
                 raise TrainingError(f"every label of the {data} data is {IGNORED_LABEL} (ignored), so accuracy "
                                     f"scores no sample: give the {data} data labelled samples")
-            name = getattr(metric, "__name__", None)  # (a callable object or a partial has none)
-            raise TrainingError(f"the metric{f' {name}' if name else ''} counted no sample of the {data} data "
+            raise TrainingError(f"{the_metric} counted no sample of the {data} data "
                                 "(every batch returned count 0): return (sum, count) with count > 0, e.g. the "
                                 "number of samples scored")
         raise TrainingError(f"the {data} dataset is empty: give it at least one sample")

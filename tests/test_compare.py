@@ -322,7 +322,7 @@ def test_data_that_cannot_rank_arms_is_refused_before_any_run(tmp_path, monkeypa
 
 def test_ten_validation_and_test_samples_are_enough(tmp_path, monkeypatch):
     class Reached(Exception):
-        pass
+        """The first run's start: every check before it passed."""
 
     def reached(*args, **kwargs):
         raise Reached
