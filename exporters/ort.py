@@ -52,6 +52,11 @@ class RunInputError(PBError, ValueError):
     """Inputs `run` cannot feed the file: unknown names, another count, fractions for an integer input."""
 
 
+def one_line(text: str) -> str:
+    """ONNX Runtime's message on one line, without terminal colour codes."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).split())
+
+
 # onnxruntime's exception classes for a file it cannot read or a graph it refuses (pybind classes, by name)
 _LOAD_FAILURES = ("InvalidProtobuf", "InvalidGraph", "InvalidArgument", "Fail", "NoSuchFile")
 
@@ -117,8 +122,8 @@ def ort_session(path: Union[str, os.PathLike, bytes], device: str = "auto", thre
     except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind error classes
         where = "the ONNX model (bytes)" if isinstance(model, bytes) else model
         if type(exc).__name__ in _LOAD_FAILURES:  # (not a protobuf, a graph it refuses: its words, on one line)
-            text = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc)).split())
-            raise OnnxLoadError(f"ONNX Runtime cannot load {where}: {text or type(exc).__name__}") from exc
+            raise OnnxLoadError(f"ONNX Runtime cannot load {where}: {one_line(str(exc)) or type(exc).__name__}") \
+                from exc
         if type(exc).__name__ != "NotImplemented":  # (an execution provider's failure, say: as it is)
             raise
         # e.g. a float64 Conv or a bfloat16 Sigmoid: the CPU provider covers float32, other types for some ops

@@ -1058,11 +1058,6 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(f
               "tensor(int16)": "int16", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
-def _plain(text: str) -> str:
-    """ONNX Runtime's message on one line, without terminal colour codes."""
-    return " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).split())
-
-
 @subcommand(
     "run", "run an ONNX file in ONNX Runtime on .npy inputs",
     arg("model", help="an .onnx file"),
@@ -1077,6 +1072,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .exporters import RuntimeUnavailableError, ort_session, run
+    from .exporters.ort import one_line
     from .fileio import atomic_write
 
     if os.path.isdir(args.model):
@@ -1097,7 +1093,7 @@ def run_onnx(args: argparse.Namespace) -> int:
             if "pickle" in str(exc):  # numpy's advice (load it unsafely) is none for a command line
                 raise PBError(f"--input {name} holds Python objects (an object array), not numbers: save a numeric "
                               "array with numpy.save") from exc
-            raise PBError(f"cannot read input {name}: {_plain(str(exc)) or type(exc).__name__} "
+            raise PBError(f"cannot read input {name}: {one_line(str(exc)) or type(exc).__name__} "
                           "(save it with numpy.save)") from exc
         if not isinstance(array, np.ndarray):  # a zip file: an .npz archive, or torch.save's
             members = list(array.files)
@@ -1115,7 +1111,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     except PBError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors, one line
-        raise PBError(f"ONNX Runtime cannot load {args.model}: {_plain(str(exc))}") from exc
+        raise PBError(f"ONNX Runtime cannot load {args.model}: {one_line(str(exc))}") from exc
     specs = session.get_inputs()
     if len(arrays) != len(specs):
         raise PBError(f"{len(arrays)} --input given, {args.model} takes {len(specs)} "
@@ -1134,11 +1130,11 @@ def run_onnx(args: argparse.Namespace) -> int:
         empty = next(((name, a.shape) for name, a in zip(args.input, arrays) if 0 in a.shape), None)
         # ORT's own report names an internal node's shapes, not the input: said instead where one
         # of those shapes has an empty axis ("Input shape:{0,8}, requested shape:{0,2,-1}").
-        if empty is not None and re.search(r"\{(?:[-\d]+,)*0(?:,[-\d]+)*\}", _plain(str(exc))):
+        if empty is not None and re.search(r"\{(?:[-\d]+,)*0(?:,[-\d]+)*\}", one_line(str(exc))):
             raise PBError(f"ONNX Runtime could not run {args.model} on input {empty[0]} of shape {empty[1]}, which "
                           "is empty: give at least one sample (ONNX's Reshape reads a 0 in a shape as \"keep "
                           "this axis\", so many exported models cannot take an empty axis)") from exc
-        raise PBError(f"ONNX Runtime could not run {args.model}: {_plain(str(exc))}") from exc
+        raise PBError(f"ONNX Runtime could not run {args.model}: {one_line(str(exc))}") from exc
     print(f"provider: {session.provider}")
     for out, y in zip(session.get_outputs(), outputs):
         flat = ", ".join(f"{v:.5g}" for v in np.asarray(y).reshape(-1)[:6])
