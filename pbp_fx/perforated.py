@@ -267,6 +267,8 @@ class PerforatedModel(nn.Module):
                 self._dendrite_phase_trained = True
         elif not trained and torch.is_grad_enabled():
             self._dendrite_phase_trained = True  # (said once)
+            if any(int(s.candidates.batches_seen) for s in self.sites.values() if s.candidates is not None):
+                return  # (a phase resumed from a checkpoint has trained: its loop may evaluate first)
             warn_at_user("dendrite phase: the model runs in eval mode with gradients on, where its candidates do "
                          "not run, so a loss of this output has no gradient: call model.train() before the "
                          "training steps")

@@ -2156,3 +2156,25 @@ def test_put_back_reaches_a_buffer_through_any_module_on_its_name_path():
     assert torch.equal(root[1].running_mean, torch.full((4,), 7.0))
     assert torch.equal(root[2].running_var, torch.full((4,), 3.0))
     assert torch.equal(root[2].running_mean, torch.zeros(4))  # (its initial value: the reshaped one not written)
+
+
+def test_a_dendrite_phase_resumed_from_a_checkpoint_may_evaluate_before_it_trains(tmp_path):
+    """The warning is for a loop that left the model in eval mode; a phase loaded after it trained
+    (its loop evaluates the resumed model first) warned all the same."""
+    def model():
+        torch.manual_seed(0)
+        return pbp_fx.perforate(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 4))
+
+    pm = model()
+    pm.start_dendrite_phase(pool=2)
+    pm.train()(torch.randn(3, 4)).square().mean().backward()
+    pbp_fx.save(pm, str(tmp_path / "c.pt"))
+    resumed = pbp_fx.load(str(tmp_path / "c.pt"), model())
+    assert resumed.phase == "dendrite"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.eval()(torch.randn(3, 4))
+    fresh = model()
+    fresh.start_dendrite_phase(pool=2)
+    with pytest.warns(UserWarning, match="eval mode with gradients on"):
+        fresh.eval()(torch.randn(3, 4))
