@@ -213,7 +213,8 @@ class PBConfig(_Settings):
     candidate_init: str = setting("kaiming", "initialisation of the candidates",
                                   choices=("kaiming", "default", "normal"))
     candidate_lr: float = setting(0.02, "learning rate in the dendrite phase", low=0, open_low=True)
-    v_init: float = setting(0.0, "initial output weight V of an installed dendrite")
+    v_init: float = setting(0.0, "an installed dendrite's output weight V starts at -v_init * sign(C~) per channel "
+                            "(> 0: in the direction that lowers the loss; 0: the output is unchanged)")
     ema_decay: float = setting(0.99, "decay of the per-batch covariance moving average", low=0, high=1,
                                open_low=True, open_high=True)
     bias_correction: bool = setting(True, "covariance moving average as the exact decay-weighted mean of the "

@@ -478,14 +478,21 @@ class Site(nn.Module):
                 return t.dtype
         return self._anchor.dtype
 
-    def _append(self, rows: dict[str, Tensor], cascade_row: Tensor, v: Tensor) -> None:
-        """Install one dendrite from its rows ([1, C, ...] each), U row [C, K] and V row [C]."""
+    def _append(self, rows: dict[str, Tensor], cascade_row: Tensor, v: Tensor,
+                rows_from: Optional[LayerCopies] = None) -> None:
+        """Install one dendrite from its rows ([1, C, ...] each), U row [C, K] and V row [C];
+        `rows_from`: the layer copies the rows were trained in (their norm's batch count)."""
         k, c = self.num_dendrites, self.channels
         fk = self._factory()
         trainable = self.mode == "gd"
         parts = ([] if self.dendrites is None else [self.dendrites.row_tensors()]) + [rows]
         new = cat_rows(self.layer, self.norm, parts, requires_grad=trainable, **fk)
         new.train(self.training)
+        counted = self.dendrites if self.dendrites is not None else rows_from
+        if self.norm is not None and counted is not None:
+            # A BatchNorm with momentum None averages over the batches counted: from 0, the next
+            # batch would overwrite the running statistics of every dendrite.
+            new.num_batches_tracked.copy_(counted.num_batches_tracked)
         u = torch.zeros(k + 1, c, k + 1, **fk)
         v_all = torch.zeros(k + 1, c, **fk)
         with torch.no_grad():
@@ -527,7 +534,7 @@ class Site(nn.Module):
                                  "they would make the output NaN: lower candidate_lr (or train a float16 model in "
                                  "float32 or bfloat16), then start the phase again")
         cascade_row = rows.pop("cascade")[0]
-        self._append(rows, cascade_row, -v_init * sign)
+        self._append(rows, cascade_row, -v_init * sign, rows_from=self.candidates.copies)
         self.candidates = None
 
     def drop_candidates(self) -> None:

@@ -692,3 +692,25 @@ def test_where_the_native_norm_does_not_apply_a_pool_checks_it_once_a_step(monke
     F.cross_entropy(pm(x), torch.randint(0, 10, (16,))).backward()
     norm_sites = [s for s in pm.sites.values() if s.candidates.copies.norm is not None]
     assert norm_sites and len(asked) == len(norm_sites)
+
+
+def test_an_install_keeps_the_batch_count_of_a_cumulative_batchnorm():
+    """With BatchNorm(momentum=None) the dendrites' running statistics average over the batches counted:
+    each install restarted the count at 0, so the next batch overwrote every dendrite's statistics."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=None), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(16, 2, 6, 6)
+    pm = pbp_fx.perforate(net, (x,)).train()
+    site = pm.sites["0"]
+    for dendrite in range(2):
+        pm.start_dendrite_phase(pool=2)
+        for _ in range(5):
+            pm(torch.randn(16, 2, 6, 6)).square().mean().backward()
+        counted = int(site.candidates.copies.num_batches_tracked)
+        pm.install_candidates()
+        assert int(site.dendrites.num_batches_tracked) == (counted if dendrite == 0 else tracked)
+        for _ in range(5):
+            pm(torch.randn(16, 2, 6, 6))
+        tracked = int(site.dendrites.num_batches_tracked)
+    assert tracked == 5 + 5 + 5  # the first dendrite's phase and the two neuron phases since
