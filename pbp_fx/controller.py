@@ -441,8 +441,23 @@ class PhaseController:
             self.scheduler = scheduler_factory(self.optimizer)
             self.attach_scheduler(self.scheduler)
 
+    _WEAK_TABLES = ("_groups", "_left_out")  # (by parameter: WeakIdKeyDictionary)
+
+    def __getstate__(self) -> dict:
+        # (WeakIdKeyDictionary holds WeakIdRefs, which pickle refuses: keep its pairs)
+        state = dict(self.__dict__)
+        for key in self._WEAK_TABLES:
+            state[key] = list(state[key].items())
+        return state
+
     def __setstate__(self, state: dict) -> None:
         # A copy (deepcopy, pickle) has an optimizer of its own, whose hooks were not copied.
+        for key in self._WEAK_TABLES:
+            if isinstance(state.get(key), list):
+                table = WeakIdKeyDictionary()
+                for k, v in state[key]:
+                    table[k] = v
+                state[key] = table
         self.__dict__.update(state)
         _StepHook.register(self)
 

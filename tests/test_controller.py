@@ -1580,3 +1580,45 @@ def test_a_frozen_sparse_embedding_under_adam_trains_the_rest():
     ctl = PhaseController(pm, optimizer=torch.optim.Adam(pm.parameters()))
     pm(torch.randint(0, 30, (4, 5))).sum().backward()
     ctl.optimizer.step()
+
+
+def test_a_run_saved_as_python_objects_pickles_and_goes_on_like_the_original():
+    """torch.save({"model": pm, "controller": ctl}) failed: 'cannot pickle WeakIdRef object' (the
+    controller's tables by parameter)."""
+    import io
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 4))
+    ctl = PhaseController(pm, patience=1, dendrite_patience=1)
+    x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
+
+    def epoch(model, controller, score):
+        for i in range(0, 40, 10):
+            loss = F.cross_entropy(model(x[i:i + 10]), y[i:i + 10])
+            controller.optimizer.zero_grad()
+            loss.backward()
+            controller.optimizer.step()
+        return controller.step(score)
+
+    for score in (0.5, 0.5):
+        epoch(pm, ctl, score)
+    assert pm.phase == "dendrite"
+    buffer = io.BytesIO()
+    torch.save({"model": pm, "controller": ctl}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    copy_pm, copy_ctl = saved["model"], saved["controller"]
+    assert copy_ctl.pm is copy_pm
+    held = {id(p) for g in copy_ctl.optimizer.param_groups for p in g["params"]}
+    assert held and held <= {id(p) for p in copy_pm.parameters()}
+    decisions = []
+    while pm.phase == "dendrite" and len(decisions) < 30:
+        decisions.append(epoch(pm, ctl, 0.5))
+    decisions += [epoch(pm, ctl, s) for s in (0.6, 0.7)]
+    assert pm.dendrites == 1 and pm.phase == "neuron"
+    assert [epoch(copy_pm, copy_ctl, s) for s in [0.5] * (len(decisions) - 2) + [0.6, 0.7]] == decisions
+    assert copy_pm.dendrites == 1
+    for (n, a), (_, b) in zip(pm.state_dict().items(), copy_pm.state_dict().items()):
+        assert torch.equal(a, b), n
