@@ -296,14 +296,16 @@ def _read(path: str) -> tuple[dict, dict]:
         header = json.loads(data[8:8 + size]).get("__metadata__") or {}
         tensors = load_tensors(data)
     except Exception as exc:  # noqa: BLE001 - any parse failure means a damaged file
-        if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # a zip (torch.save) or a pickle, not safetensors
+        # A safetensors file starts with its header's size, then the JSON header. Tested first: a size
+        # whose low byte is 0x80 (1 in 256) starts like a pickle; no zip or pickle has "{" there.
+        if data[8:9] == b"{":
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({type(exc).__name__}): "
+                                  "use an intact copy") from exc
+        if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # a zip (torch.save) or a pickle
             raise CheckpointError(f"{path} is a torch.save / pickle file, not a pbp-fx checkpoint: write checkpoints "
                                   "with pbp_fx.save (or `pbp-fx train`), or load this file with torch.load") from exc
-        if data[8:9] != b"{":  # a safetensors file starts with its header's size, then the JSON header
-            raise CheckpointError(f"{path} is not a checkpoint (not a safetensors file): pass the "
-                                  "checkpoint.safetensors that pbp_fx.save or `pbp-fx train` wrote") from exc
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({type(exc).__name__}): "
-                              "use an intact copy") from exc
+        raise CheckpointError(f"{path} is not a checkpoint (not a safetensors file): pass the "
+                              "checkpoint.safetensors that pbp_fx.save or `pbp-fx train` wrote") from exc
     if "pbp_fx" not in header:
         raise CheckpointError(f"{path} is not a pbp-fx checkpoint (no pbp_fx metadata)")
     try:

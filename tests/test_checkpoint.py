@@ -221,6 +221,22 @@ def test_a_half_model_saved_in_a_dendrite_phase_comes_back_in_its_dtype(tmp_path
         assert torch.equal(again.eval()(X.to(dtype)), pm.eval()(X.to(dtype)))
 
 
+def test_a_truncated_checkpoint_whose_header_size_starts_like_a_pickle_is_called_truncated(tmp_path):
+    """A header size whose low byte is 0x80 (1 checkpoint in 256) read as 'a torch.save / pickle file',
+    with the advice to load it with torch.load."""
+    pm, _ = _trained_pm()
+    path = str(tmp_path / "c.safetensors")
+    for pad in range(512):
+        pbp_fx.save(pm, path, extra={"pad": "x" * pad})
+        data = open(path, "rb").read()
+        if data[0] == 0x80:
+            break
+    assert data[0] == 0x80
+    open(path, "wb").write(data[:len(data) // 2])
+    with pytest.raises(pbp_fx.CheckpointError, match="is truncated or corrupted"):
+        pbp_fx.load(path, _build, (X,))
+
+
 def test_a_torch_save_file_is_named_as_such(tmp_path):
     path = str(tmp_path / "model.pt")
     torch.save(_build().state_dict(), path)
