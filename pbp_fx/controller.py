@@ -551,7 +551,26 @@ class PhaseController:
             for p in new:
                 self._groups[p] = by_name.get(names.get(id(p)), neuron_group.get(id(p), 0))
         rebind_optimizer(self.optimizer, params, group_of=lambda p: self._groups[p], keep_state=keep_state)
-        self.model = self.pm if self.distributed is None else self.distributed.wrap(self.pm)
+        if self.distributed is None:
+            self.model = self.pm
+        else:
+            self._refuse_unsynchronised()
+            self.model = self.distributed.wrap(self.pm, module=self.root)
+
+    def _refuse_unsynchronised(self) -> None:
+        """Under DDP only what the wrapper holds is synchronised: the optimizer's parameters outside
+        pm must be root's, and root, which the loop then trains through ctl.model, needs a forward."""
+        inside = {id(p) for p in (self.root if self.root is not None else self.pm).parameters()}
+        outside = [p for p in self._foreign if id(p) not in inside]
+        if outside:
+            raise ConfigError(f"PhaseController(distributed=...): the optimizer trains {len(outside)} parameter(s) "
+                              "outside pm (a head?), which DDP over pm does not synchronise, so the ranks would train "
+                              "different models: pass root=<the module holding pm and them> and train through "
+                              "ctl.model (DDP over root), or perforate the whole model (exclude= the head's layers)")
+        if self.root is not None and type(self.root).forward is nn.Module.forward:
+            raise ConfigError(f"PhaseController(distributed=..., root=...): ctl.model is DDP over root, which the "
+                              f"training loop calls, and {type(self.root).__name__} has no forward: give it one "
+                              "(pm and its head), or perforate the whole model (exclude= the head's layers)")
 
     def _neuron_groups(self) -> dict:
         """{id(parameter of a site): the group of that site's neuron weight}: a dendrite or

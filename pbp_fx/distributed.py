@@ -362,34 +362,36 @@ class Distributed:
         rows = self._gather([_key(h)], torch.int64)[:, 0].tolist()
         return [f"{v & (2**64 - 1):016x}" for v in rows]
 
-    def wrap(self, pm, **ddp_kwargs) -> nn.Module:
-        """The module to train `pm` with in its current phase: DDP over its trainable parameters.
+    def wrap(self, pm, module: Optional[nn.Module] = None, **ddp_kwargs) -> nn.Module:
+        """The module to train `pm` with in its current phase: DDP over the trainable parameters of
+        `module` (the module holding pm that the loop trains, a head of its own around it; None: pm).
 
         Call it again after every restructure (PhaseController does, so fit does): it checks
         that the ranks agree on the structure, gives the candidate pools the statistics
         reducer, releases the previous wrapper's hooks and broadcasts rank 0's parameters
-        and buffers. Unchanged parameters: the current wrapper is returned. One rank: `pm`.
+        and buffers. Unchanged parameters: the current wrapper is returned. One rank: `module`.
         Defaults: static_graph=True (the used parameters are fixed within a phase; K = 0
         candidate cascades are empty and unused) and no buffer broadcast per forward.
         """
         self.install_reducers(pm)
+        module = pm if module is None else module
         if self.world_size == 1:
-            return pm
-        ids = tuple((id(p), p.device) for p in pm.parameters() if p.requires_grad)
-        current = self._wrappers.get(id(pm))
+            return module
+        ids = tuple((id(p), p.device) for p in module.parameters() if p.requires_grad)
+        current = self._wrappers.get(id(module))
         if current is not None and current[1] == ids and not ddp_kwargs:
             return current[0]
         self.check_structure(pm)
         if current is not None:
             _release(current[0])
-            del self._wrappers[id(pm)]
+            del self._wrappers[id(module)]
         kwargs = {"static_graph": True}
         params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
         kwargs["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = False
         kwargs.update(ddp_kwargs)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = PhaseDDP(pm, device_ids=device_ids, process_group=self.group, **kwargs)
-        self._wrappers[id(pm)] = (ddp, ids)
+        ddp = PhaseDDP(module, device_ids=device_ids, process_group=self.group, **kwargs)
+        self._wrappers[id(module)] = (ddp, ids)
         return ddp
 
     # -- checkpoints -----------------------------------------------------------------------

@@ -144,6 +144,53 @@ def accumulated_run(world, quiet: bool, build=_build):
     return {"phases": phases, "dendrites": pm.num_dendrites, "state": {k: v.clone() for k, v in pm.state_dict().items()}}
 
 
+class _HeadAround(nn.Module):
+    """A perforated backbone with a head of one's own around it (PhaseController's root=)."""
+
+    def __init__(self, body, head):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def head_run(world):
+    """A loop of one's own through ctl.model, DDP over root, whose head each rank built otherwise:
+    a neuron epoch, a dendrite phase, an install and a neuron epoch. Then what each rank says of an
+    optimizer over a head without root=, and of a root without a forward."""
+    pm = pbp_fx.perforate(_build(), _inputs())
+    torch.manual_seed(world.rank)  # the heads differ: the wrapper broadcasts rank 0's
+    net = _HeadAround(pm, nn.Linear(3, 3).double())
+    ctl = PhaseController(pm, optimizer=torch.optim.SGD(net.parameters(), lr=0.05), root=net, neuron_epochs=1,
+                          dendrite_patience=5, max_dendrite_epochs=1, max_dendrites=1, pool=2, candidate_lr=200.0,
+                          distributed=world)
+    train, val = world.loader(_data(144, 0), GLOBAL_BATCH), world.loader(_data(48, 1), 16, train=False)
+    phases = []
+    for epoch in range(4):
+        train.sampler.set_epoch(epoch)
+        for x, y in train:
+            ctl.optimizer.zero_grad()
+            nn.functional.cross_entropy(ctl.model(x), y).backward()
+            ctl.optimizer.step()
+        phases.append(pm.phase)
+        ctl.step(pbp_fx.evaluate(net, val, distributed=world))
+    said = {}
+    for what, root, module in (("no root", None, _HeadAround), ("no forward", True, nn.Module)):
+        other = pbp_fx.perforate(_build(), _inputs())
+        holder = module() if module is nn.Module else _HeadAround(other, nn.Linear(3, 3).double())
+        if module is nn.Module:
+            holder.body, holder.head = other, nn.Linear(3, 3).double()
+        try:
+            PhaseController(other, optimizer=torch.optim.SGD(holder.parameters(), lr=0.05),
+                            root=holder if root else None, distributed=world)
+            said[what] = "ok"
+        except pbp_fx.ConfigError as exc:
+            said[what] = str(exc)
+    return {"phases": phases, "dendrites": pm.num_dendrites, "said": said,
+            "state": {k: v.clone() for k, v in net.state_dict().items()}}
+
+
 # -- the worker side ---------------------------------------------------------------------
 def _worker(scenario, rank, nprocs, port, out_dir):
     from pbp_fx.distributed import Distributed
@@ -164,6 +211,8 @@ def _worker(scenario, rank, nprocs, port, out_dir):
     elif scenario == "accumulate":  # two micro-batches per step, the first under no_sync (or synced)
         torch.save({quiet: accumulated_run(world, quiet) for quiet in (True, False)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+    elif scenario == "head":
+        torch.save(head_run(world), os.path.join(out_dir, f"rank{rank}.pt"))
     elif scenario == "aux_loop":  # an output the loss does not read, in a loop of one's own
         torch.save({"run": accumulated_run(world, False, _build_with_aux_head)}, os.path.join(out_dir, f"rank{rank}.pt"))
     elif scenario == "warn":  # a setting every rank holds, warned of as the controller is built
@@ -474,6 +523,23 @@ def test_an_output_the_loss_does_not_read_trains_in_a_loop_of_ones_own(tmp_path)
         assert torch.equal(ranks[1]["state"][k], v), k
     aux = ranks[0]["state"]["graph_module.aux.weight"]
     assert torch.equal(aux, _build_with_aux_head().aux.weight.detach())  # its zero gradient left it as built
+
+
+def test_a_head_outside_pm_trains_as_one_model_on_every_rank(tmp_path):
+    """With root= (a head of one's own around pm), DDP wrapped pm alone: each rank trained its own
+    head, the validation score summed two models, and nothing said so."""
+    results = _launch("head", tmp_path)
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["phases"][:3] == ["neuron", "dendrite", "neuron"]
+    assert max(ranks[0]["dendrites"].values()) == 1
+    for k, v in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][k], v), k
+    for r in ranks:
+        assert r["said"]["no root"].startswith("PhaseController(distributed=...): the optimizer trains 2 "
+                                               "parameter(s) outside pm (a head?), which DDP over pm does not")
+        assert "_HeadAround" not in r["said"]["no forward"] and "Module has no forward" in r["said"]["no forward"]
 
 
 def test_a_failing_rank_is_reported_and_the_other_exits(tmp_path):
