@@ -346,10 +346,15 @@ class Distributed:
         total = sum(pm.num_dendrites.values())
         rows = self._gather([_key(h), total], torch.int64).tolist()
         if any(r[0] != rows[0][0] for r in rows):
+            dendrites = [r[1] for r in rows]
+            if len(set(dendrites)) > 1:
+                raise DistributedError(
+                    f"the ranks hold different model structures (dendrites per rank: {dendrites}): every rank must "
+                    "take the same decisions; use the same PhaseController settings and Distributed on every rank")
             raise DistributedError(
-                "the ranks hold different model structures (dendrites per rank: "
-                f"{[r[1] for r in rows]}): every rank must take the same decisions; use the same "
-                "PhaseController settings and Distributed on every rank")
+                f"the ranks hold different models (each with {dendrites[0]} dendrite(s), but their phases, or their "
+                "parameters' or buffers' names, shapes or dtypes differ): build the same model, perforated with the "
+                "same arguments, on every rank")
 
     def checksums(self, pm, buffers: bool = False) -> list[str]:
         """Every rank's SHA-256 (16 hex digits) of `pm`'s parameters (and buffers), rank 0 first."""

@@ -255,6 +255,10 @@ def _worker(scenario, rank, nprocs, port, out_dir):
                 ctl.step(pbp_fx.evaluate(pm, val, distributed=world))
 
         attempt("stale_wrapper", stale_wrapper)
+        # a model of another width on each rank
+        attempt("other_width", lambda: PhaseController(pbp_fx.perforate(
+            nn.Sequential(nn.Linear(6, 8 + rank), nn.ReLU(), nn.Linear(8 + rank, 3)).double(), _inputs()),
+            distributed=world))
 
         # a training loader without len() that gives rank 0 one batch more than rank 1
         class Uneven(torch.utils.data.IterableDataset):
@@ -592,6 +596,10 @@ def test_mistakes_of_a_distributed_run_are_said_in_one_line_on_every_rank(tmp_pa
                             r"PBConfig\): \[\d+, \d+\] \(rank 0 first\); give every rank's PhaseController \(or "
                             r"fit\) the same config and keywords", rank["settings"]), rank
         assert rank["one_validation_sample"] == "ok", rank
+        assert rank["other_width"] == ("DistributedError: the ranks hold different models (each with 0 dendrite(s), "
+                                       "but their phases, or their parameters' or buffers' names, shapes or dtypes "
+                                       "differ): build the same model, perforated with the same arguments, on every "
+                                       "rank"), rank
         assert rank["uneven_iterable"] == ("DistributedError: the ranks differ in whether a training batch is left: "
                                            "[1, 0] (rank 0 first); the training loader has no len(), and some ranks ran "
                                            "out after 5 batches while others had more: give every rank as many batches "
