@@ -289,3 +289,16 @@ def test_the_activation_and_mode_names_are_the_ones_the_sites_and_the_onnx_bodie
     assert set(ACTIVATIONS) == set(_ACT_OPS) == set(ACTIVATION_NAMES)
     assert SITE_MODES is MODES
     assert PBConfig.activation in ACTIVATION_NAMES and PBConfig.mode in MODES
+
+
+def test_the_defaults_the_readme_documents_are_the_configs():
+    """The README's API table quotes PBConfig's defaults: a changed default must change it too."""
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    line = next(row for row in readme.read_text().splitlines() if row.startswith("| `pbp_fx.PBConfig("))
+    documented = dict(re.findall(r"(\w+)=([\w.+-]+)", line.split("`")[1]))
+    assert len(documented) >= 8
+    config = PBConfig()
+    for name, text in documented.items():
+        assert getattr(config, name) == type(getattr(config, name))(float(text)), name

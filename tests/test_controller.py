@@ -1578,8 +1578,11 @@ def test_a_frozen_sparse_embedding_under_adam_trains_the_rest():
     model.emb.weight.requires_grad_(False)
     pm = pbp_fx.perforate(model, (torch.randint(0, 30, (2, 5)),))
     ctl = PhaseController(pm, optimizer=torch.optim.Adam(pm.parameters()))
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
     pm(torch.randint(0, 30, (4, 5))).sum().backward()
     ctl.optimizer.step()
+    changed = {n for n, p in pm.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and not any(n.endswith("emb.weight") for n in changed), changed
 
 
 def test_a_run_saved_as_python_objects_pickles_and_goes_on_like_the_original():

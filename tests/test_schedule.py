@@ -180,3 +180,30 @@ def test_a_sites_progress_rule_is_plain_data():
     assert not site_progressed(6, 5, 0.2, 0.2, 0.1, 0.5)  # (within the noise)
     assert not site_progressed(6, 5, 0.75, 0.5, 0.25, 0.5)  # (a gain of exactly the noise: not beyond it)
     assert not site_progressed(6, 5, 0.104, 0.0, 0.1, 0.05)  # (a gain of 4 % under the 5 % asked)
+
+
+def test_an_equal_score_is_no_new_best_even_at_improvement_0():
+    """improvement=0: a gain must still be > 0, or a plateau would reset the patience every epoch."""
+    s = PhaseSchedule(PBConfig(patience=2, improvement=0.0))
+    assert s.step(0.5).new_best
+    again = s.step(0.5)
+    assert not again.new_best and again.kind is Kind.CONTINUE
+    assert s.step(0.5).kind is Kind.START_DENDRITES
+
+
+def test_a_resume_after_a_retry_keeps_the_retries_used():
+    """The retries left are state: a run resumed after a retry must not get them back."""
+    cfg = PBConfig(patience=1, dendrite_patience=1, retries=1, max_dendrites=3)
+    scores = [0.5] * 7  # best, stale: start; install; no new best: retry; install; no new best: complete
+
+    def run(s, part):
+        return [s.step(v, False).kind for v in part]
+
+    expected = run(PhaseSchedule(cfg), scores)
+    assert Kind.RETRY in expected and expected[-1] is Kind.COMPLETE
+    for cut in range(len(scores)):
+        first = PhaseSchedule(cfg)
+        before = run(first, scores[:cut])
+        resumed = PhaseSchedule(cfg)
+        resumed.load_state_dict(first.state_dict())
+        assert before + run(resumed, scores[cut:]) == expected, cut

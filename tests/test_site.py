@@ -714,3 +714,63 @@ def test_an_install_keeps_the_batch_count_of_a_cumulative_batchnorm():
             pm(torch.randn(16, 2, 6, 6))
         tracked = int(site.dendrites.num_batches_tracked)
     assert tracked == 5 + 5 + 5  # the first dendrite's phase and the two neuron phases since
+
+
+def test_an_install_within_the_warmup_takes_the_current_weights_of_the_best_member():
+    """Before any snapshot (a phase ended inside its warm-up), each channel takes the current weights of
+    the member with the largest |C~|, not a snapshot of its initial ones."""
+    site = Site("s", LayerSpec.from_module(nn.Linear(4, 2)))
+    pool = site.start_candidates(pool=3, warmup=10)
+    with torch.no_grad():
+        pool.observe(torch.tensor([[0.1, 0.2], [0.3, 0.9], [0.8, -0.4]]))  # 1 batch < warmup: no best yet
+        pool.copies.weight.add_(5.0)  # trained since the pool started
+        expected = torch.stack([pool.copies.weight[2, 0], pool.copies.weight[1, 1]])
+    assert float(pool.best.abs().max()) == 0.0
+    site.install_candidates()
+    assert torch.equal(site.dendrites.weight[0], expected)
+
+
+def test_the_noise_of_few_batches_is_that_of_their_plain_mean():
+    """noise() = sqrt(var * max(1/t, (1-d)/(1+d))): early the plain mean's 1/t rules, late the EMA's."""
+    site = Site("s", LayerSpec.from_module(nn.Linear(4, 2)))
+    pool = site.start_candidates(pool=1, ema=0.99)
+    with torch.no_grad():
+        pool.ema.fill_(1.0)
+        pool.ema_sq.fill_(5.0)  # var = 4
+        pool.steps.fill_(10)
+        torch.testing.assert_close(pool.noise(), torch.full((1, 2), math.sqrt(4 / 10)))
+        pool.steps.fill_(10_000)
+        torch.testing.assert_close(pool.noise(), torch.full((1, 2), math.sqrt(4 * 0.01 / 1.99)))
+
+
+def test_no_best_is_tracked_until_more_than_warmup_batches_are_counted():
+    """The host path tracks best |C~| from batch warmup + 1, as the masked (GPU) path does: else CPU and
+    GPU runs would pick different candidates."""
+    site = Site("s", LayerSpec.from_module(nn.Linear(4, 2)))
+    pool = site.start_candidates(pool=2, warmup=2)
+    cov = torch.tensor([[0.5, -0.2], [0.1, 0.7]])
+    with torch.no_grad():
+        pool.observe(cov)
+        pool.observe(cov)
+        assert float(pool.best.abs().max()) == 0.0 and int(pool.last_improved) == 0
+        pool.observe(cov)
+        assert bool((pool.best > 0).all()) and int(pool.last_improved) == 3
+
+
+def test_a_plain_load_state_dict_gives_a_running_pool_the_states_settings():
+    """pm.load_state_dict(state) into a running pool takes the state's pool settings, split included."""
+    settings = {"ema": 0.9, "warmup": 2, "threshold": 0.5, "bias_correction": False, "split": False}
+
+    def perforated():
+        torch.manual_seed(0)
+        return pbp_fx.perforate(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), (torch.randn(8, 4),))
+
+    pm = perforated()
+    pm.start_dendrite_phase(pool=2, **settings)
+    other = perforated()
+    other.start_dendrite_phase(pool=2)  # the defaults
+    other.load_state_dict(pm.state_dict())
+    for s in other.sites.values():
+        c = s.candidates
+        assert {"ema": c.ema_decay, "warmup": c.warmup, "threshold": c.threshold,
+                "bias_correction": c.bias_correction, "split": c.split} == settings

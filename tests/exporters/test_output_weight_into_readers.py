@@ -274,3 +274,30 @@ def test_a_value_an_if_branch_reads_keeps_its_scale(tmp_path):
         got = sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})
         for g, w in zip(got, pm(xs)):
             np.testing.assert_allclose(g, w.detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", [F.elu, F.softplus, F.gelu], ids=["elu", "softplus", "gelu"])
+def test_no_fold_through_an_activation_that_is_not_positively_homogeneous(tmp_path, activation):
+    """V[0] moves into a reader only through f(a*x) = a*f(x) (ReLU, LeakyReLU, nothing): through ELU,
+    Softplus or GELU the file would compute another function."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(activation(self.fc(x)))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    pm = pbp_fx.perforate(Net().eval(), (x,), activation="tanh")
+    pm.grow()
+    with torch.no_grad():
+        for s in pm.sites.values():
+            s.out_weight.normal_(0.0, 0.5)
+    pm.eval()
+    path = export_onnx(pm, (x,), tmp_path / "m.onnx", dynamic_batch=False)
+    session = ort_session(str(path), device="cpu", threads=1)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - pm(x).numpy()).max() <= 1e-5

@@ -1180,3 +1180,12 @@ def test_a_model_output_captured_by_fx_comes_back_as_that_class(tmp_path):
                        eval_dataset=parity_tokens(32, 1), callbacks=[cb])
     trainer.train()
     assert "installed dendrite 1" in _notes(cb.controller)
+
+
+def test_the_metrics_direction_follows_its_name_by_default():
+    """Without greater_is_better a metric named *loss is lower-is-better (eval_loss, the default), any
+    other higher-is-better: PB must not keep the run's highest loss as its best."""
+    assert (PBCallback().metric, PBCallback().maximize) == ("eval_loss", False)
+    assert PBCallback(metric="val_loss").maximize is False
+    assert (PBCallback(metric="accuracy").metric, PBCallback(metric="accuracy").maximize) == ("eval_accuracy", True)
+    assert PBCallback(metric="eval_loss", greater_is_better=True).maximize is True

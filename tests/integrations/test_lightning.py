@@ -374,7 +374,19 @@ def test_early_stopping_waits_through_a_dendrite_phase():
     pm = pbp_fx.perforate(mlp, torch.zeros(2, 1, 8, 8))
     stopper = EarlyStopping("val_acc", mode="max", patience=2)
     cb = PBCallback(QUICK.replace(dendrite_patience=4, max_dendrite_epochs=6), monitor="val_acc", mode="max")
-    trainer = L.Trainer(max_epochs=40, callbacks=[stopper, cb], accelerator="cpu", devices=1, logger=False,
+
+    class Watch(L.Callback):  # after cb: what the stopper and the loggers see
+        seen, logged = [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                self.seen.append((pm.phase, stopper.wait_count))
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            metrics = trainer.callback_metrics
+            self.logged.append((pm.phase, float(metrics["pb/dendrite_phase"]), float(metrics["pb/dendrites"])))
+
+    trainer = L.Trainer(max_epochs=40, callbacks=[stopper, cb, Watch()], accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
     trainer.fit(Classifier(pm), train, val)
@@ -382,6 +394,12 @@ def test_early_stopping_waits_through_a_dendrite_phase():
     dendrite_epochs = sum(h["phase"] == "dendrite" for h in cb.controller.history)
     assert any("installed dendrite 1" in n for n in notes) and dendrite_epochs > stopper.patience, cb.controller.history
     assert stopper.patience == 2
+    # The first epoch after the phase starts with the whole patience: what the held stopper counted is dropped.
+    after = next(i for i in range(1, len(Watch.seen)) if Watch.seen[i - 1][0] == "dendrite" and Watch.seen[i][0] == "neuron")
+    assert max(w for _, w in Watch.seen[:after]) > 0 and Watch.seen[after][1] == 0, Watch.seen
+    # The loggers' pb/ metrics say the phase as the training epoch ends.
+    assert [(phase == "dendrite") * 1.0 for phase, _, _ in Watch.logged] == [d for _, d, _ in Watch.logged]
+    assert Watch.logged[-1][2] == float(pm.dendrites) and {d for _, _, d in Watch.logged} >= {0.0, float(pm.dendrites)}
     # A fit that ends inside a dendrite phase gives the held patience back too.
     stopper = EarlyStopping("val_acc", mode="max", patience=2)
     cb = PBCallback(QUICK.replace(dendrite_patience=4, max_dendrite_epochs=6), monitor="val_acc", mode="max")
