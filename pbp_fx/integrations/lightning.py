@@ -76,8 +76,9 @@ class PBCallback(Callback):
         ctl = self.controller
         if ctl is None:
             return {}
-        # The CPU generator too: a later dendrite phase draws its candidates from it (Lightning does
-        # not restore it on resume; `pbp-fx train --resume` does).
+        # The CPU generator too: the training step's dropout and augmentation draw from it (Lightning
+        # does not restore it on resume; `pbp-fx train --resume` does); candidates draw from the
+        # controller's own generator, in its state.
         return {"controller": ctl.state_dict(), "frozen": ctl.pm.phase_buffers(), "rng": torch.get_rng_state(),
                 "held_stoppers": dict(self._held_stoppers), "config": ctl.config.to_dict()}
 
