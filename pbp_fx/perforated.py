@@ -24,7 +24,7 @@ from .site import ACTIVATIONS, MODES, POOL_SETTINGS, FusedSite, FusedSwappedNeur
 from .signature import CallError, CallSignature
 from .tracing import (DYNAMIC_CHOICES, FX_CONSTANT, LOSS_KEYWORD, TracedPart, batch_size, buffers_kept,
                       copy_module, is_lifted_constant, keep_out_of_state_dict_on_copy, keyword_changes_output,
-                      memo_computed_tensors,
+                      memo_computed_tensors, output_as_traced,
                       parts_model, passes_every_input_positionally, refuse_script_modules,
                       spec_copy_warnings_ignored, tensors_copied, trace, whole_model_in_mode)
 
@@ -356,9 +356,7 @@ class PerforatedModel(nn.Module):
         if self.phase == "dendrite" and getattr(self, "_stride_unchecked", False) and self.training \
                 and not torch.compiler.is_compiling():
             self._warn_stride_unused()
-        # The original's output structure where the graph's is another (fx writes a ModelOutput as a dict).
-        spec = self.graph_module.meta.get("pbp_out_spec")
-        return out if spec is None else pytree.tree_unflatten(pytree.tree_leaves(out), spec)
+        return output_as_traced(self.graph_module, out)
 
     def _call_graph(self, graph: fx.GraphModule, args: tuple, kwargs: dict):
         least, most = self.graph_module.meta.get("pbp_min_batch", 1), self.graph_module.meta.get("pbp_max_batch")

@@ -553,6 +553,13 @@ def _put_back_what_the_graph_reads(model: nn.Module, graph: fx.Graph, saved: "Bu
             _register_again(m, leaf, tensor, persistent)
 
 
+def output_as_traced(gm: fx.GraphModule, out: Any) -> Any:
+    """`out` of a graph `gm` that `trace` captured, in the structure its forward returned (fx writes a
+    ModelOutput as a plain dict: `_output_spec`)."""
+    spec = gm.meta.get("pbp_out_spec")
+    return out if spec is None else pytree.tree_unflatten(pytree.tree_leaves(out), spec)
+
+
 def _output_spec(output: Any, graph: fx.Graph) -> Optional[pytree.TreeSpec]:
     """The pytree structure of what forward returned when it is a dict subclass that pytree knows (a
     Hugging Face ModelOutput, an OrderedDict), which fx writes as a plain dict with the same keys in
@@ -2151,7 +2158,7 @@ class TracedPart(StandIn, nn.Module):
     def forward(self, *args, **kwargs):
         call: Optional[CallSignature] = self.graph_module.meta.get("pbp_call")
         if call is None:
-            return self.graph_module(*args, **kwargs)
+            return output_as_traced(self.graph_module, self.graph_module(*args, **kwargs))
         g_args, g_kwargs, extra = call.bind(args, kwargs)
         # (getattr: a part pickled before these attributes existed)
         for key in sorted(set(extra) - getattr(self, "ignored_keywords", set())):
@@ -2163,7 +2170,8 @@ class TracedPart(StandIn, nn.Module):
                                  f"it and which {'changes' if source is not None else 'may change'} its output: "
                                  f"pass it in example_kwargs to perforate() ({example})")
             self.ignored_keywords.add(key)
-        return self.graph_module(*g_args, **g_kwargs)
+        # (the root's code reads the output as the submodule returned it: `outputs[0]` of a ModelOutput)
+        return output_as_traced(self.graph_module, self.graph_module(*g_args, **g_kwargs))
 
 
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",

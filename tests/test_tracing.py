@@ -2102,3 +2102,46 @@ def test_a_dataclass_passed_by_keyword_is_refused_too():
 
     with pytest.raises(pbp_fx.errors.ExampleInputsError, match=r"^input 'batch' holds an object of type Batch"):
         pbp_fx.perforate(Model(), (torch.randn(3, 4),), example_kwargs={"batch": Batch(torch.randn(3, 4))})
+
+
+def test_a_part_returns_its_output_as_the_submodule_did_to_the_root_that_reads_it():
+    """A root the capture could not trace read its submodule's ModelOutput by position (`outputs[0]`,
+    DeBERTa-v2's encoder): the traced part returned fx's plain dict, and every call raised KeyError: 0."""
+    from dataclasses import dataclass
+
+    modeling = pytest.importorskip("transformers.utils")
+
+    @dataclass
+    class EncoderOutput(modeling.ModelOutput):
+        last_hidden_state: torch.Tensor = None
+        pooled: torch.Tensor = None
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x):
+            h = torch.relu(self.fc(x))
+            return EncoderOutput(last_hidden_state=h, pooled=h.mean(1))
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = Encoder(), nn.Linear(6, 2)
+
+        def forward(self, x):
+            outputs = self.encoder(x)
+            if float(x.sum()) > 1e9:  # data-dependent: the root does not trace
+                return outputs[1]
+            return self.head(outputs[0])
+
+    torch.manual_seed(0)
+    model, x = Root(), torch.randn(3, 4)
+    pm = pbp_fx.perforate(model, (x,), frontend="parts")
+    assert pm.graph_module.meta["pbp_parts"] == ["encoder", "head"]
+    pm.grow()
+    with torch.no_grad():
+        torch.testing.assert_close(pm.eval()(x), model(x))  # V = 0: the dendrites add nothing
+        final = pm.finalize()
+        torch.testing.assert_close(final(x), pm(x))
