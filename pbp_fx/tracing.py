@@ -819,6 +819,7 @@ def _export_capture(model: nn.Module, args: tuple, kwargs: dict, dims: str) -> f
         gm = _rehome(ep.module(), model)
         if dims != "static":
             gm.meta["pbp_batch_range"] = _batch_range(ep)
+            gm.meta["pbp_batch_fixed"] = _batch_fixed(ep)
         if dims != "static" and batch_of_one(args, kwargs):
             _check_on_example(model, gm, args, kwargs)
         return gm
@@ -842,6 +843,24 @@ def _batch_range(ep) -> tuple[int, Optional[int]]:
             if high is not None:
                 most = high if most is None else min(most, high)
     return least, most
+
+
+def _batch_fixed(ep) -> Optional[int]:
+    """The batch a capture asked to keep dynamic took as a constant (the forward fixed it: a tensor of
+    the example's batch against one of a fixed size), when no user input's dim 0 stayed dynamic; else None."""
+    user = set(ep.graph_signature.user_inputs)
+    sizes = [node.meta["val"].shape[0] for node in ep.graph.nodes
+             if node.op == "placeholder" and node.name in user and isinstance(node.meta.get("val"), torch.Tensor)
+             and node.meta["val"].dim()]
+    def fixed(size) -> bool:
+        if not isinstance(size, torch.SymInt):
+            return True
+        bounds = size_range(ep, size)
+        return bool(size.node.expr.is_number) or (bounds is not None and bounds[0] is not None and bounds[0] == bounds[1])
+
+    if not sizes or not all(fixed(s) for s in sizes):
+        return None
+    return int(sizes[0])
 
 
 def size_range(ep, size) -> Optional[tuple[Optional[int], Optional[int]]]:
@@ -1423,6 +1442,12 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
                 log.info("trace: the modes merged with a dynamic batch only (every-dim captures: %s)", result.reason)
                 gm, result, dims = batch_gm, retried, "batch"
     least, most = _branch_bounds(model, gm, args, kwargs) if dims != "static" else (1, None)
+    fixed = gm.meta.get("pbp_batch_fixed") if dims != "static" else None
+    if fixed is not None:  # (the first call at another batch raised "Guard failed: x.size()[0] == 8")
+        warn_at_user(f"torch.export fixed {type(model).__name__}'s batch at {fixed}: its forward makes the batch a "
+                     "constant (a tensor of the example's batch meets one of a fixed size), so the perforated model "
+                     f"and its ONNX file take batches of {fixed} only; perforate with dynamic='batch' for the line "
+                     "that fixes it")
     gm = result.graph_module if result.graph_module is not None else _one_mode(
         gm, primary, type(model).__name__, result.reason or why, keep_whole=False)
     gm.meta["pbp_dynamic"] = dims

@@ -2145,3 +2145,23 @@ def test_a_part_returns_its_output_as_the_submodule_did_to_the_root_that_reads_i
         torch.testing.assert_close(pm.eval()(x), model(x))  # V = 0: the dendrites add nothing
         final = pm.finalize()
         torch.testing.assert_close(final(x), pm(x))
+
+
+def test_a_batch_the_forward_fixes_is_warned_of_as_the_model_is_perforated():
+    """torch.export took the batch as a constant (a tensor of the example's batch met one of a fixed
+    size: CLIP's loss) without a word: the first training step at another batch failed."""
+    class FixedBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.register_buffer("scale", torch.ones(8, 3))
+
+        def forward(self, x):
+            return self.fc(x) * self.scale
+
+    with pytest.warns(UserWarning, match=r"torch.export fixed FixedBatch's batch at 8: .* take batches of 8 only; "
+                                         r"perforate with dynamic='batch' for the line that fixes it"):
+        pbp_fx.perforate(FixedBatch(), (torch.randn(8, 4),), frontend="export")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pbp_fx.perforate(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), (torch.randn(8, 4),), frontend="export")
