@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from .checkpoint import FORMAT_V1, load, read_meta, save
 from .config import ConfigError, PBConfig, TrainConfig
@@ -326,7 +326,7 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
     gradients, so that no state and no random number changes. class_labels (the default
     classification loss): every label of a TensorDataset within the output's classes (dim 1).
     Training batches of one sample where a BatchNorm would see one value per channel."""
-    from torch.utils.data import TensorDataset, default_collate
+    from torch.utils.data import default_collate
 
     # Values per channel each BatchNorm sees from one sample (its input's positions), from the first forward.
     positions: dict = {}
@@ -356,10 +356,13 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                     batch = (collate or default_collate)(samples)
                 except (ModelFileError, TrainingError):
                     raise
-                except Exception as exc:  # noqa: BLE001 - the model file's collate_fn: named, not "the model"
-                    if not own_collate:
-                        raise
+                except Exception as exc:  # noqa: BLE001 - the batching: named, not "the model"
                     first = (str(exc).strip().splitlines() or ["(no message)"])[0]
+                    if not own_collate:
+                        raise TrainingError(f"the first {name} samples do not batch ({type(exc).__name__}: {first}): "
+                                            "torch's default batching stacks samples of one shape; give the model "
+                                            "file a collate_fn(samples) that makes a batch of them (e.g. pads "
+                                            "sequences to one length)") from exc
                     raise TrainingError(f"the model file's collate_fn raised {type(exc).__name__}: {first} on the "
                                         f"first {name} samples: fix collate_fn (it gets a list of the dataset's "
                                         "samples and returns a batch (input, ..., target))") from exc
@@ -423,8 +426,9 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                                     f"metric (a sample is (input, ..., target); a last dict input gives keyword inputs, "
                                     f"unless forward takes it whole){layout}") from exc
             out = scored_tensor(output)
-            if class_labels and isinstance(ds, TensorDataset) and isinstance(out, torch.Tensor) and out.dim() >= 2:
-                _check_labels(ds.tensors[-1], out.shape[1], name)
+            labels = _tensor_labels(ds)
+            if class_labels and labels is not None and isinstance(out, torch.Tensor) and out.dim() >= 2:
+                _check_labels(labels, out.shape[1], name)
     finally:
         model.train(was)
         for hook in hooks:
@@ -520,6 +524,19 @@ def _diagnose_targets(target, out, name: str, class_labels: bool) -> None:
                             "class indices: yield integer labels (y.long()), or set TASK = \"regression\" in the "
                             "model file for numeric targets")
     _check_labels(target, out.shape[1], name)  # (it leaves bool labels alone)
+
+
+def _tensor_labels(ds):
+    """The labels of a TensorDataset, also under (nested) Subsets (random_split's), else None."""
+    index = None
+    while isinstance(ds, Subset):
+        idx = torch.as_tensor(list(ds.indices), dtype=torch.long)
+        index = idx if index is None else idx[index]
+        ds = ds.dataset
+    if not isinstance(ds, TensorDataset):
+        return None
+    labels = ds.tensors[-1]
+    return labels if index is None else labels[index]
 
 
 def _check_labels(labels: torch.Tensor, classes: int, name: str) -> None:

@@ -179,8 +179,9 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
     # (the dtype diagnosis read `inputs` before any batch had been made: an internal UnboundLocalError)
     ("samples of different lengths", lambda t: [_write(t / "m.py", GOOD.replace(
         "    return d, d, d", "    d = [(torch.randn(3 + i % 2), i % 2) for i in range(8)]\n    return d, d, d"))],
-     "the first training samples fail in the model, its loss or its metric (RuntimeError: stack expects each tensor "
-     "to be equal size"),
+     "the first training samples do not batch (RuntimeError: stack expects each tensor to be equal size, but got [3] at "
+     "entry 0 and [4] at entry 1): torch's default batching stacks samples of one shape; give the model file a "
+     "collate_fn(samples) that makes a batch of them (e.g. pads sequences to one length)"),
     # (float64 inputs were blamed where the model casts them itself and the shapes are what is wrong)
     ("a model that casts its inputs, given the wrong shape", lambda t: [_write(t / "m.py", GOOD.replace(
         "torch.randn(8, 3)", "torch.randn(8, 5, dtype=torch.float64)").replace(
@@ -213,6 +214,12 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
      "the loss_fn returns a tensor of shape [8] on the first training samples, not one number: reduce it"),
     ("a class label beyond the outputs after the first samples", lambda t: [_write(t / "m.py", LATE_LABEL)],
      "the validation dataset has class label 2, but the model outputs 2 classes"),
+    # (random_split's Subsets were not looked into: training started and stopped at "Target 2 is out of bounds")
+    ("a class label beyond the outputs in a random_split subset", lambda t: [_write(t / "m.py", LATE_LABEL.replace(
+        "    return TensorDataset(x, y), TensorDataset(x, bad), TensorDataset(x, y)\n",
+        "    parts = torch.utils.data.random_split(TensorDataset(x, bad), [20, 20], torch.Generator().manual_seed(0))\n"
+        "    return parts[0], parts[1], TensorDataset(x, y)\n"))],
+     "dataset has class label 2, but the model outputs 2 classes"),
     ("batches of one sample with BatchNorm", lambda t: [_write(t / "m.py", WITH_BATCHNORM), "--batch-size", "1"],
      "BatchNorm layer '1' would see one value per channel and cannot train: use --batch-size 2 or more"),
     ("an iterable dataset", lambda t: [_write(t / "m.py", ITERABLE)], "is an IterableDataset: datasets() must return map-style"),
