@@ -508,9 +508,13 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
             continue
         if arm == "plain-matched" and set(arms[arm]["test_by_seed"]) <= bare:
             seeds = ", ".join(map(str, sorted(arms[arm]["test_by_seed"])))
-            lines.append(f"pb − plain-matched compares nothing: plain-matched ran only at seed(s) {seeds}, where pb kept "
-                         "no dendrite, so both are the plain model there (at the seeds where pb grew, no width was "
-                         "within 5 % of its parameter count).")
+            if bare >= set(arms["pb"]["test_by_seed"]):
+                lines.append("pb − plain-matched compares nothing: pb kept no dendrite at any seed, so both are the "
+                             "plain model.")
+            else:
+                lines.append(f"pb − plain-matched compares nothing: plain-matched ran only at seed(s) {seeds}, where pb "
+                             "kept no dendrite, so both are the plain model there (at the seeds where pb grew, no width "
+                             "was within 5 % of its parameter count).")
             continue
         tests += p["n"] >= 2 and p["sd"] > 1e-9 * abs(p["mean"])
         pb_side = score.rounded(-p["mean"])  # as printed, so the words match the number

@@ -536,6 +536,12 @@ def test_plain_matched_built_only_where_pb_kept_nothing_is_said_to_compare_nothi
     assert "pb is level with plain-matched" not in text
     rows[-1]["test"], rows[3]["dendrites"] = 0.5, 1  # (pb grew at seed 3 too: a comparison there)
     assert "pb is 6.5 points ahead of plain-matched" in verdict(summarize(rows), paired(rows))
+    # pb grew at no seed: plain-matched ran at every seed, and no seed "where pb grew" exists to explain
+    rows = [{"arm": "pb", "seed": k, "test": 0.6, "params": 300, "dendrites": 0} for k in range(2)]
+    rows += [{"arm": arm, "seed": k, "test": 0.6, "params": 300} for arm in ("plain", "plain-matched") for k in range(2)]
+    text = verdict(summarize(rows), paired(rows))
+    assert "pb − plain-matched compares nothing: pb kept no dendrite at any seed, so both are the plain model." in text
+    assert "where pb grew" not in text, text
 
 
 def test_several_pb_lines_say_that_each_is_its_own_test():
