@@ -1182,13 +1182,17 @@ def plot_history(history, path: str, title: str = "", metric: str = "accuracy", 
     a.set_ylabel(metric)
     a.set_title(f"{metric} per epoch (orange: dendrite phase, dashed: restructure)")
     a.legend()
-    # Accuracy against parameters: per structure, the epoch with the best validation score.
+    # Accuracy against parameters: per structure, the epoch with the best validation score; the run's own
+    # best epoch for its structure (a later epoch better by less than `improvement` is no new best there).
     best: dict[int, dict] = {}
     for r in (r for r in rows if r["val"] is not None):
         better = r["params"] not in best or (r["val"] > best[r["params"]]["val"] if maximize
                                              else r["val"] < best[r["params"]]["val"])
         if r["phase"] == "neuron" and better:
             best[r["params"]] = r
+    kept = next((r for r in rows if r["epoch"] == history.best_epoch and r["val"] is not None), None)
+    if kept is not None:
+        best[kept["params"]] = kept
     pts = sorted(best.values(), key=lambda r: r["params"])
     b.plot([r["params"] for r in pts], [r["val"] for r in pts], "o-", label="validation")
     if pts and pts[0].get("test") is not None:

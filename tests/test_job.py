@@ -1577,3 +1577,22 @@ def test_a_module_the_model_file_imports_from_its_folder_is_part_of_the_run(tmp_
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
     assert "its model file changed since it started" in capsys.readouterr().err
+
+
+def test_the_plots_point_at_best_validation_is_the_runs_own_best_epoch(tmp_path, monkeypatch):
+    """A later epoch better by less than `improvement` is no new best: summary.json kept epoch 2, and the
+    plot's "at best validation" point showed epoch 3's scores."""
+    from matplotlib.axes import Axes
+
+    from pbp_fx.job import plot_history
+    from pbp_fx.training import History
+
+    row = dict(phase="neuron", dendrites=0, train_loss=0.1, params=100, decision="continue", seconds=0.1)
+    history = History(epochs=[dict(row, epoch=1, val=0.50, test=0.40), dict(row, epoch=2, val=0.60, test=0.55),
+                              dict(row, epoch=3, val=0.6005, test=0.45)], best_epoch=2, best_val=0.60)
+    drawn = []
+    plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: (drawn.append((a, k.get("label"))), plot(self, *a, **k))[1])
+    assert plot_history(history, str(tmp_path / "plot.png"))
+    points = {label: list(a[1]) for a, label in drawn if list(a[0]) == [100]}
+    assert points == {"validation": [0.60], "test": [0.55]}
