@@ -2294,7 +2294,8 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict, root_error: TraceE
 
     try:
         calls = _record_calls(model, args, kwargs)
-    except Exception:  # noqa: BLE001 - the example does not even run: report the root's failure
+    except Exception as exc:  # noqa: BLE001 - the example does not even run: the model's own error, else the root's
+        _refuse_inputs_the_model_cannot_run(model, args, kwargs, exc)
         raise root_error from None
     parts: dict[str, TracedPart] = {}
     failed: dict[str, str] = {}

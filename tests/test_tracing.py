@@ -2165,3 +2165,21 @@ def test_a_batch_the_forward_fixes_is_warned_of_as_the_model_is_perforated():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pbp_fx.perforate(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), (torch.randn(8, 4),), frontend="export")
+
+
+def test_an_example_the_model_cannot_run_names_the_models_error_in_a_parts_capture():
+    """A parts capture on an example the model raises on said 'no submodule ... traces on its call from the
+    example' and dropped the model's own error (Whisper without its decoder inputs, on pbp_fx.load)."""
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            if x.shape[1] != 4:
+                raise ValueError("x needs 4 features")
+            return self.fc(x)
+
+    with pytest.raises(pbp_fx.ExampleInputsError, match=r"example inputs do not run through the model: x needs 4 "
+                                                         r"features"):
+        pbp_fx.perforate(Root(), (torch.randn(2, 5),), frontend="parts")
