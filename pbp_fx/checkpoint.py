@@ -507,8 +507,13 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
                               f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) exists here; "
                               "load it onto the model it was trained on") from exc
     except TraceError as exc:
-        if capture is None or not recorded:
+        if capture is None:
             raise
+        if not recorded:  # (the parameter names follow the capture: load cannot take another frontend)
+            raise TraceError(f"checkpoint {path} was captured with frontend {frontend!r}, which load takes again, and "
+                             f"on the inputs given it fails: {exc}; give inputs on which it works (none: the recorded "
+                             "ones), or change the model so that it captures (a Hugging Face cache in the outputs: "
+                             "config.use_cache = False)") from exc
         # The stand-ins have the recorded shapes and dtypes, not the values: a forward that checks
         # its values (lengths > 0, ids in a range; pack_padded_sequence's lengths) refuses them as
         # another model would, also inside a capture that runs the root's Python (parts).
@@ -669,8 +674,12 @@ def _check_shapes(pm: PerforatedModel, state: dict, path: str) -> None:
     unexpected = [k for k in state if k not in here and not k.startswith(sites)]
     if missing or unexpected:
         what = f"the model has {missing[0]}, which it lacks" if missing else f"it holds {unexpected[0]}, which the model lacks"
+        # (a parts capture names its tensors by the submodules that traced, which a model's settings can change)
+        parts = ("; or a setting changed what traces in this parts capture, such as a Hugging Face config's "
+                 "use_cache: load onto the model as it was built for training, then change the setting"
+                 if (pm.capture or {}).get("captured_with") == "parts" else "")
         raise CheckpointError(f"checkpoint {path} does not fit this model: {what} ({len(missing)} missing, "
-                              f"{len(unexpected)} unexpected; the model differs from the one saved)")
+                              f"{len(unexpected)} unexpected; the model differs from the one saved{parts})")
     for key, value in state.items():
         if key in here and not key.startswith(sites) and isinstance(value, torch.Tensor) \
                 and value.shape != here[key].shape:

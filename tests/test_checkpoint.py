@@ -1666,3 +1666,35 @@ def test_a_model_trained_with_labels_reloads_without_them(tmp_path):
         assert any(k.endswith("lifted_tensor_0") for k in f.keys()), list(f.keys())
     older = pbp_fx.load(str(tmp_path / "older.safetensors"), _MakesConstants(), (x,)).eval()
     assert torch.equal(older(x), want)
+
+
+class _CacheWithoutLabels(nn.Module):
+    """Returns an object torch.export cannot flatten when no labels are given (as BART returns its cache)."""
+
+    class Cache:
+        def __init__(self, t):
+            self.t = t
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x, labels=None):
+        out = self.fc(x)
+        if labels is None:
+            return out, self.Cache(out)
+        return F.cross_entropy(out, labels)
+
+
+def test_a_load_whose_capture_fails_on_the_inputs_given_says_that_load_captures_as_saved(tmp_path):
+    """pbp_fx.load(path, model, example_kwargs=<no labels>) of an export capture ended in torch.export's advice
+    to 'use frontend auto', which load does not take (BART: the cache returned without labels)."""
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    pm = pbp_fx.perforate(_CacheWithoutLabels(), example_kwargs={"x": x, "labels": y}, frontend="export")
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    with pytest.raises(pbp_fx.TraceError, match=r"was captured with frontend 'export', which load takes again, and on "
+                                                r"the inputs given it fails: .*give inputs on which it works \(none: "
+                                                r"the recorded ones\)"):
+        pbp_fx.load(path, _CacheWithoutLabels(), example_kwargs={"x": x})
+    pbp_fx.load(path, _CacheWithoutLabels())  # the recorded inputs
