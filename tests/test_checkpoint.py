@@ -1698,3 +1698,29 @@ def test_a_load_whose_capture_fails_on_the_inputs_given_says_that_load_captures_
                                                 r"the recorded ones\)"):
         pbp_fx.load(path, _CacheWithoutLabels(), example_kwargs={"x": x})
     pbp_fx.load(path, _CacheWithoutLabels())  # the recorded inputs
+
+
+class _Untraceable(nn.Module):
+    def __init__(self, extra=False):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        if extra:
+            self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        if float(x.sum()) > 1e9:  # data-dependent: captured in parts
+            return x
+        out = self.body(x)
+        return out * self.scale if hasattr(self, "scale") else out
+
+
+def test_a_parts_checkpoint_that_does_not_fit_names_a_changed_setting_too(tmp_path):
+    """A setting of the model (a Hugging Face config's use_cache) can change what traces in a parts capture,
+    and with it the tensors' names: the message said only that the model differs."""
+    pm = pbp_fx.perforate(_Untraceable(), (torch.randn(4, 6),), frontend="parts")
+    path = str(tmp_path / "c.safetensors")
+    pbp_fx.save(pm, path)
+    with pytest.raises(pbp_fx.CheckpointError, match=r"the model differs from the one saved; or a setting changed what "
+                                                     r"traces in this parts capture, such as a Hugging Face config's "
+                                                     r"use_cache: load onto the model as it was built for training"):
+        pbp_fx.load(path, _Untraceable(extra=True))
