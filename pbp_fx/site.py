@@ -604,16 +604,19 @@ class FusedSwappedNeuron(StandIn, nn.Module):
 class FusedSite(nn.Module):
     """Eval-only site: the neuron and its K dendrites over concatenated, norm-folded weights.
 
-    weight is [1+K, C, ...] (row 0 the neuron), bias [1+K, C] or None, cascade [K, C, K],
-    out_weight [K, C]. The neuron runs as its own layer (so that a runtime can fuse it with
-    the add and activation that follow) and the dendrites as `layers.dendrite_calls`.
+    weight is [(1+K) * C, ...] (1+K blocks of C rows, the first the neuron's), bias [1+K, C] or
+    None, cascade [K, C, K], out_weight [K, C]. The neuron runs as its own layer (so that a
+    runtime can fuse it with the add and activation that follow) and the dendrites as
+    `layers.dendrite_calls`. The weight keeps the layer's own rank so that
+    `.to(memory_format=torch.channels_last)` converts a conv2d's (a 5-D [1+K, C, ...] has no
+    such form: the call failed).
     """
 
     def __init__(self, layer: LayerSpec, weight: Tensor, bias: Optional[Tensor], cascade: Tensor,
                  out_weight: Tensor, activation: str, name: str = ""):
         super().__init__()
         self.layer, self.activation, self.name = layer, activation, name
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.weight = nn.Parameter(weight.detach().flatten(0, 1).clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.cascade = nn.Parameter(cascade.detach().clone(), requires_grad=False)
         self.out_weight = nn.Parameter(out_weight.detach().clone(), requires_grad=False)
@@ -624,11 +627,16 @@ class FusedSite(nn.Module):
 
     def neuron_tensors(self) -> tuple[Tensor, Optional[Tensor]]:
         """The neuron's weight [C, ...] and bias [C] (or None)."""
-        return self.weight[0], None if self.bias is None else self.bias[0]
+        return self.weight[:self.layer.channels], None if self.bias is None else self.bias[0]
 
     def dendrite_tensors(self) -> tuple[Tensor, Optional[Tensor]]:
         """The dendrites' weight rows [K, C, ...] and bias rows [K, C] (or None)."""
-        return self.weight[1:], None if self.bias is None else self.bias[1:]
+        c = self.layer.channels
+        return self.weight[c:].unflatten(0, (-1, c)), None if self.bias is None else self.bias[1:]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _flatten_row_blocks(self, state_dict, prefix + "weight", "weight")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         if _unbatched(self.layer, x):
@@ -643,12 +651,20 @@ class FusedSite(nn.Module):
                 f"dendrites={self.num_dendrites}, activation={self.activation}")
 
 
+def _flatten_row_blocks(site: FusedSite, state_dict: dict, key: str, name: str) -> None:
+    """A state_dict saved when the site's `name` was stored in row blocks ([M, C, ...]) takes the flat
+    layout ([M * C, ...]) it has now."""
+    value, own = state_dict.get(key), getattr(site, name)
+    if isinstance(value, Tensor) and value.dim() == own.dim() + 1:
+        state_dict[key] = value.flatten(0, 1)
+
+
 class TiedFusedSite(FusedSite):
     """A FusedSite whose neuron weight is a parameter shared with the rest of the model.
 
     Holds the shared parameter itself (`neuron_weight`, read transposed when stored [in, C])
-    and the dendrites' rows (`dendrite_weight`, [K, C, ...]); `weight` is the concatenation
-    FusedSite has ([1+K, C, ...], built when read). The forward (FusedSite's) and the ONNX
+    and the dendrites' rows (`dendrite_weight`, [K * C, ...]); `weight` is the concatenation
+    FusedSite has ([(1+K) * C, ...], built when read). The forward (FusedSite's) and the ONNX
     exporter read `neuron_tensors()`/`dendrite_tensors()`, so no copy of the shared matrix is made.
     """
 
@@ -657,7 +673,8 @@ class TiedFusedSite(FusedSite):
         self.layer, self.activation, self.name = fused.layer, fused.activation, fused.name
         self.transposed = transposed
         self.neuron_weight = neuron_weight
-        self.dendrite_weight = nn.Parameter(fused.dendrite_tensors()[0].detach().clone(), requires_grad=False)
+        self.dendrite_weight = nn.Parameter(fused.dendrite_tensors()[0].detach().flatten(0, 1).clone(),
+                                            requires_grad=False)
         self.bias = fused.bias
         self.cascade, self.out_weight = fused.cascade, fused.out_weight
 
@@ -667,12 +684,16 @@ class TiedFusedSite(FusedSite):
         return w, None if b is None else b[0]
 
     def dendrite_tensors(self):
-        return self.dendrite_weight, None if self.bias is None else self.bias[1:]
+        c = self.layer.channels
+        return self.dendrite_weight.unflatten(0, (-1, c)), None if self.bias is None else self.bias[1:]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _flatten_row_blocks(self, state_dict, prefix + "dendrite_weight", "dendrite_weight")
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
     @property
     def weight(self) -> torch.Tensor:
-        n = self.neuron_tensors()[0]
-        return torch.cat([n.unsqueeze(0).to(self.dendrite_weight), self.dendrite_weight], 0)
+        return torch.cat([self.neuron_tensors()[0].to(self.dendrite_weight), self.dendrite_weight], 0)
 
 
 @contextmanager

@@ -136,11 +136,11 @@ def test_fused_site_holds_neuron_and_dendrites_as_one_layer(pb):
     site = pm.sites["conv"]
     fused = finalize(pm.graph_module)
     fs = fused.get_submodule(f"{FUSED_ATTR}.conv")
-    assert fs.weight.shape == (3, 6, 3, 3, 3) and fs.bias.shape == (3, 6)  # BN folded: a bias appears
+    assert fs.weight.shape == (3 * 6, 3, 3, 3) and fs.bias.shape == (3, 6)  # 1+K blocks of C rows; BN folded: a bias
     assert torch.equal(fs.out_weight, site.out_weight) and torch.equal(fs.cascade, site.cascade)
     # Row 0 is the neuron with its BatchNorm folded in.
     bn, conv = pm.graph_module.bn, pm.graph_module.conv
-    assert pb.max_diff(F.conv2d(x, fs.weight[0], fs.bias[0], padding=1), bn(conv(x))) < 1e-5
+    assert pb.max_diff(F.conv2d(x, fs.weight[:6], fs.bias[0], padding=1), bn(conv(x))) < 1e-5
     assert [n.target for n in fused.graph.nodes if n.op == "call_module"][0] == f"{FUSED_ATTR}.conv"
 
 
@@ -152,8 +152,8 @@ def test_fuse_site_on_its_own(pb):
     site.grow()
     pb.randomize(pm)
     fs = fuse_site(site, lin.weight.detach(), None)
-    assert fs.weight.shape == (3, 4, 5) and fs.bias is None  # dendrites copy the layer: no bias either
-    assert torch.equal(fs.weight[0], lin.weight) and torch.equal(fs.weight[1:], site.dendrites.weight)
+    assert fs.weight.shape == (3 * 4, 5) and fs.bias is None  # dendrites copy the layer: no bias either
+    assert torch.equal(fs.neuron_tensors()[0], lin.weight) and torch.equal(fs.dendrite_tensors()[0], site.dendrites.weight)
     x = torch.randn(3, 7, 5)  # tokens
     assert pb.max_diff(fs(x), pm(x)) < 1e-6
 
@@ -376,3 +376,20 @@ def test_its_ensures_are_checked_and_a_graph_that_breaks_them_is_named(pb):
     fused.leaf.a = SwappedNeuron(nn.Linear(6, 6), pm.sites["leaf.a"])
     with pytest.raises(ContractError, match="left a SwappedNeuron at 'leaf.a'"):
         ensures_finalized(fused.eval())
+
+
+def test_a_finalized_conv_model_converts_to_channels_last(pb):
+    """The fused conv2d weight was 5-D ([1+K, C, ...]): final.to(memory_format=torch.channels_last) raised
+    "required rank 4 tensor to use channels_last format". A state_dict of that layout still loads."""
+    pm, x = _prepared({"conv": 2}, pb)
+    final = finalize(pm.graph_module)
+    want = final(x)
+    old_layout = {k: v.unflatten(0, (3, -1)) if k.endswith("conv.weight") and FUSED_ATTR in k else v
+                  for k, v in final.state_dict().items()}
+    final.to(memory_format=torch.channels_last)
+    assert final.get_submodule(f"{FUSED_ATTR}.conv").weight.is_contiguous(memory_format=torch.channels_last)
+    assert pb.max_diff(final(x.contiguous(memory_format=torch.channels_last)), want) < 1e-5
+    twin = finalize(pm.graph_module)
+    assert any(v.dim() == 5 for v in old_layout.values())
+    twin.load_state_dict(old_layout)
+    assert pb.max_diff(twin(x), want) < 1e-6
