@@ -542,13 +542,14 @@ class PerforatedModel(nn.Module):
         skip = self._unread_parameters()
         if exclude_embeddings:
             skip.update(id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding))
+        sites = self.sites.values()  # (a walk of the graph: once; the Trainer asks at every step)
         if not candidates:
-            for s in self.sites.values():
+            for s in sites:
                 if s.candidates is not None:
                     skip.update(id(p) for p in s.candidates.parameters())
         total = sum(p.numel() for p in self.parameters() if id(p) not in skip)
         # U is stored [K, C, K] but only j < k is read: count the C*K*(K-1)/2 used entries.
-        unused = sum(s.channels * s.num_dendrites * (s.num_dendrites + 1) // 2 for s in self.sites.values())
+        unused = sum(s.channels * s.num_dendrites * (s.num_dendrites + 1) // 2 for s in sites)
         return total - unused
 
     def _unread_parameters(self) -> set:
