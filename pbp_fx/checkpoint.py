@@ -33,7 +33,7 @@ from .fileio import atomic_write
 from .layers import LayerSpec
 from .perforated import PerforatedModel, perforate, perforated_inside, set_module_modes
 from .inputs import describe_inputs, inputs_from_signature, same_pattern
-from .site import Site, is_wide_statistic, pool_settings
+from .site import FusedSite, FusedSwappedNeuron, Site, is_wide_statistic, pool_settings
 from .tracing import is_lifted_constant
 
 __all__ = ["save", "load", "load_optimizer", "read_structure", "read_extra", "read_meta", "FORMAT"]
@@ -182,6 +182,11 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
 
     from . import __version__
 
+    if isinstance(pm, nn.Module) and any(isinstance(m, (FusedSite, FusedSwappedNeuron)) for m in pm.modules()):
+        raise CheckpointError(f"save() writes a PerforatedModel, got a finalized model ({type(pm).__name__}, made for "
+                              "inference), which no pbp_fx.load rebuilds: save the PerforatedModel and finalize it "
+                              "after pbp_fx.load, or torch.save(final.state_dict(), path) into a model finalized alike "
+                              "(torch.export.save for a file that loads without pbp-fx)")
     if not isinstance(pm, PerforatedModel):
         raise CheckpointError(f"save() writes a PerforatedModel, got {type(pm).__name__}: "
                               + (perforated_inside(pm) or "perforate it first, or torch.save(model.state_dict(), path) "

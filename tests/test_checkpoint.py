@@ -1724,3 +1724,12 @@ def test_a_parts_checkpoint_that_does_not_fit_names_a_changed_setting_too(tmp_pa
                                                      r"traces in this parts capture, such as a Hugging Face config's "
                                                      r"use_cache: load onto the model as it was built for training"):
         pbp_fx.load(path, _Untraceable(extra=True))
+
+
+def test_saving_a_finalized_model_says_what_to_save_instead(tmp_path):
+    """save(pm.finalize()) said "perforate it first", which perforate refuses for a finalized model."""
+    pm, _ = _trained_pm()
+    with pytest.raises(pbp_fx.CheckpointError, match=r"got a finalized model \(GraphModule, made for inference\), "
+                                                     r"which no pbp_fx.load rebuilds: save the PerforatedModel"):
+        pbp_fx.save(pm.finalize(), str(tmp_path / "c.safetensors"))
+    assert not list(tmp_path.iterdir())
