@@ -552,7 +552,7 @@ class PhaseController:
                 self._groups[p] = by_name.get(names.get(id(p)), neuron_group.get(id(p), 0))
         rebind_optimizer(self.optimizer, params, group_of=lambda p: self._groups[p], keep_state=keep_state)
         if self.distributed is None:
-            self.model = self.pm
+            self.model = self.root if self.root is not None else self.pm
         else:
             self._refuse_unsynchronised()
             self.model = self.distributed.wrap(self.pm, module=self.root)

@@ -526,6 +526,10 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
             raise ConfigError(f"fit(controller=...) trains with the controller's settings and optimizer: pass "
                               f"{given[0]} to PhaseController instead"
                               + (" (through its optimizer_factory)" if given[0] == "lr" else ""))
+        if controller.root is not None:  # (it trained pm's output alone: the head took no gradient)
+            raise ConfigError("fit() trains and scores pm alone, and this PhaseController has root= (a module of "
+                              "your own around pm, which fit would neither train nor score): train it in a loop of "
+                              "your own through ctl.model, or perforate the whole model (exclude= the head's layers)")
     if optimizer_factory is not None and (lr is not None or training.lr != TrainConfig().lr):
         raise ConfigError("fit(optimizer_factory=...) builds the optimizer with the factory's own learning rate, so "
                           f"lr={training.lr:g} would do nothing: give the rate to the factory (lambda params: "

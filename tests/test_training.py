@@ -817,3 +817,15 @@ def test_a_divergence_after_an_install_with_a_large_v_init_names_v_init():
     with pytest.warns(pbp_fx.PBWarning, match=r"the weights diverged.*a lower learning rate avoids it, or a "
                                              r"smaller v_init \(new dendrites start at \|V\| = 1e\+38\)"):
         fit(pm, loader, loader, config=config, training=dict(epochs=10), progress=False)
+
+
+def test_fit_refuses_a_controller_with_a_root_it_would_neither_train_nor_score():
+    """fit trained pm's output alone and scored pm: a head of one's own (root=) took no gradient."""
+    body = pbp_fx.perforate(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6)), torch.randn(2, 4))
+    net = nn.Sequential(body, nn.Linear(6, 2))
+    ctl = PhaseController(body, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), root=net)
+    assert ctl.model is net  # the module the loop trains through
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))))
+    with pytest.raises(pbp_fx.ConfigError, match=r"fit\(\) trains and scores pm alone, and this PhaseController has "
+                                                 r"root="):
+        pbp_fx.fit(body, data, data, controller=ctl, epochs=1, progress=False)
