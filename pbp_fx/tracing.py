@@ -1443,11 +1443,13 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
                 gm, result, dims = batch_gm, retried, "batch"
     least, most = _branch_bounds(model, gm, args, kwargs) if dims != "static" else (1, None)
     fixed = gm.meta.get("pbp_batch_fixed") if dims != "static" else None
-    if fixed is not None:  # (the first call at another batch raised "Guard failed: x.size()[0] == 8")
+    # (the first call at another batch raised "Guard failed: x.size()[0] == 8"; where the model itself takes
+    # no other dim-0 size, a sequence-first or unbatched input, there is nothing to say)
+    if fixed is not None and _model_runs(model, _with_batch(args, kwargs, fixed + 1)):
         warn_at_user(f"torch.export fixed {type(model).__name__}'s batch at {fixed}: its forward makes the batch a "
-                     "constant (a tensor of the example's batch meets one of a fixed size), so the perforated model "
-                     f"and its ONNX file take batches of {fixed} only; perforate with dynamic='batch' for the line "
-                     "that fixes it")
+                     "constant (a tensor of the example's batch meets one of a fixed size), where the model itself "
+                     f"runs at other batches; the perforated model and its ONNX file take batches of {fixed} only: "
+                     "perforate it with an example of the batch you call it with, or change the line that fixes it")
     gm = result.graph_module if result.graph_module is not None else _one_mode(
         gm, primary, type(model).__name__, result.reason or why, keep_whole=False)
     gm.meta["pbp_dynamic"] = dims

@@ -2154,17 +2154,28 @@ def test_a_batch_the_forward_fixes_is_warned_of_as_the_model_is_perforated():
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(4, 3)
-            self.register_buffer("scale", torch.ones(8, 3))
 
         def forward(self, x):
-            return self.fc(x) * self.scale
+            h = self.fc(x)
+            return torch.stack([h[i] * (i + 1) for i in range(x.shape[0])])  # a Python loop over the batch
 
-    with pytest.warns(UserWarning, match=r"torch.export fixed FixedBatch's batch at 8: .* take batches of 8 only; "
-                                         r"perforate with dynamic='batch' for the line that fixes it"):
+    with pytest.warns(UserWarning, match=r"torch.export fixed FixedBatch's batch at 8: .* take batches of 8 only: "
+                                         r"perforate it with an example of the batch you call it with"):
         pbp_fx.perforate(FixedBatch(), (torch.randn(8, 4),), frontend="export")
+
+    class SequenceFirst(nn.Module):  # (T, B, F) with a table of T rows: dim 0 is no batch (a reviewer)
+        def __init__(self):
+            super().__init__()
+            self.fc, self.pos = nn.Linear(4, 8), nn.Parameter(torch.zeros(6, 1, 8))
+
+        def forward(self, x):
+            return (self.fc(x) + self.pos).mean(0)
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pbp_fx.perforate(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), (torch.randn(8, 4),), frontend="export")
+        pm = pbp_fx.perforate(SequenceFirst(), (torch.randn(6, 2, 4),), frontend="export")
+    assert pm(torch.randn(6, 5, 4)).shape == (5, 8)
 
 
 def test_an_example_the_model_cannot_run_names_the_models_error_in_a_parts_capture():
