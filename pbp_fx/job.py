@@ -426,8 +426,8 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                                     f"metric (a sample is (input, ..., target); a last dict input gives keyword inputs, "
                                     f"unless forward takes it whole){layout}") from exc
             out = scored_tensor(output)
-            labels = _tensor_labels(ds)
-            if class_labels and labels is not None and isinstance(out, torch.Tensor) and out.dim() >= 2:
+            labels = _tensor_labels(ds) if class_labels else None
+            if labels is not None and isinstance(out, torch.Tensor) and out.dim() >= 2:
                 _check_labels(labels, out.shape[1], name)
     finally:
         model.train(was)
@@ -530,7 +530,8 @@ def _tensor_labels(ds):
     """The labels of a TensorDataset, also under (nested) Subsets (random_split's), else None."""
     index = None
     while isinstance(ds, Subset):
-        idx = torch.as_tensor(list(ds.indices), dtype=torch.long)
+        # (a tensor of indices as it is: list() of one makes a 0-d tensor per sample, seconds for millions)
+        idx = (ds.indices if isinstance(ds.indices, torch.Tensor) else torch.as_tensor(ds.indices)).long()
         index = idx if index is None else idx[index]
         ds = ds.dataset
     if not isinstance(ds, TensorDataset):
