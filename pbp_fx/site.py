@@ -489,9 +489,10 @@ class Site(nn.Module):
         new = cat_rows(self.layer, self.norm, parts, requires_grad=trainable, **fk)
         new.train(self.training)
         counted = self.dendrites if self.dendrites is not None else rows_from
-        if self.norm is not None and counted is not None:
+        if self.norm is not None and counted is not None and rows_from is not None:
             # A BatchNorm with momentum None averages over the batches counted: from 0, the next
-            # batch would overwrite the running statistics of every dendrite.
+            # batch would overwrite the running statistics of every dendrite. (A grown row, at its
+            # init statistics, is no such average: the count restarts for it and the others.)
             new.num_batches_tracked.copy_(counted.num_batches_tracked)
         u = torch.zeros(k + 1, c, k + 1, **fk)
         v_all = torch.zeros(k + 1, c, **fk)
