@@ -182,7 +182,8 @@ def save(pm: PerforatedModel, path: str, controller=None, optimizer: Optional[to
 
     from . import __version__
 
-    if isinstance(pm, nn.Module) and any(isinstance(m, (FusedSite, FusedSwappedNeuron)) for m in pm.modules()):
+    if not isinstance(pm, PerforatedModel) and isinstance(pm, nn.Module) and any(
+            isinstance(m, (FusedSite, FusedSwappedNeuron)) for m in pm.modules()):
         raise CheckpointError(f"save() writes a PerforatedModel, got a finalized model ({type(pm).__name__}, made for "
                               "inference), which no pbp_fx.load rebuilds: save the PerforatedModel and finalize it "
                               "after pbp_fx.load, or torch.save(final.state_dict(), path) into a model finalized alike "

@@ -488,11 +488,11 @@ class Site(nn.Module):
         parts = ([] if self.dendrites is None else [self.dendrites.row_tensors()]) + [rows]
         new = cat_rows(self.layer, self.norm, parts, requires_grad=trainable, **fk)
         new.train(self.training)
-        counted = self.dendrites if self.dendrites is not None else rows_from
-        if self.norm is not None and counted is not None and rows_from is not None:
+        if self.norm is not None and rows_from is not None:
             # A BatchNorm with momentum None averages over the batches counted: from 0, the next
             # batch would overwrite the running statistics of every dendrite. (A grown row, at its
             # init statistics, is no such average: the count restarts for it and the others.)
+            counted = self.dendrites if self.dendrites is not None else rows_from
             new.num_batches_tracked.copy_(counted.num_batches_tracked)
         u = torch.zeros(k + 1, c, k + 1, **fk)
         v_all = torch.zeros(k + 1, c, **fk)
@@ -635,8 +635,14 @@ class FusedSite(nn.Module):
         c = self.layer.channels
         return self.weight[c:].unflatten(0, (-1, c)), None if self.bias is None else self.bias[1:]
 
+    flat_rows = "weight"  # the parameter stored as [M * C, ...]
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _flatten_row_blocks(self, state_dict, prefix + "weight", "weight")
+        # A state_dict saved when it was stored in row blocks ([M, C, ...]) takes the flat layout.
+        key = prefix + self.flat_rows
+        value = state_dict.get(key)
+        if isinstance(value, Tensor) and value.dim() == getattr(self, self.flat_rows).dim() + 1:
+            state_dict[key] = value.flatten(0, 1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -652,14 +658,6 @@ class FusedSite(nn.Module):
                 f"dendrites={self.num_dendrites}, activation={self.activation}")
 
 
-def _flatten_row_blocks(site: FusedSite, state_dict: dict, key: str, name: str) -> None:
-    """A state_dict saved when the site's `name` was stored in row blocks ([M, C, ...]) takes the flat
-    layout ([M * C, ...]) it has now."""
-    value, own = state_dict.get(key), getattr(site, name)
-    if isinstance(value, Tensor) and value.dim() == own.dim() + 1:
-        state_dict[key] = value.flatten(0, 1)
-
-
 class TiedFusedSite(FusedSite):
     """A FusedSite whose neuron weight is a parameter shared with the rest of the model.
 
@@ -668,6 +666,8 @@ class TiedFusedSite(FusedSite):
     FusedSite has ([(1+K) * C, ...], built when read). The forward (FusedSite's) and the ONNX
     exporter read `neuron_tensors()`/`dendrite_tensors()`, so no copy of the shared matrix is made.
     """
+
+    flat_rows = "dendrite_weight"
 
     def __init__(self, fused: FusedSite, neuron_weight: nn.Parameter, transposed: bool):
         nn.Module.__init__(self)
@@ -687,10 +687,6 @@ class TiedFusedSite(FusedSite):
     def dendrite_tensors(self):
         c = self.layer.channels
         return self.dendrite_weight.unflatten(0, (-1, c)), None if self.bias is None else self.bias[1:]
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _flatten_row_blocks(self, state_dict, prefix + "dendrite_weight", "dendrite_weight")
-        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -852,11 +852,13 @@ def _batch_fixed(ep) -> Optional[int]:
     sizes = [node.meta["val"].shape[0] for node in ep.graph.nodes
              if node.op == "placeholder" and node.name in user and isinstance(node.meta.get("val"), torch.Tensor)
              and node.meta["val"].dim()]
+
     def fixed(size) -> bool:
         if not isinstance(size, torch.SymInt):
             return True
         bounds = size_range(ep, size)
-        return bool(size.node.expr.is_number) or (bounds is not None and bounds[0] is not None and bounds[0] == bounds[1])
+        single = bounds is not None and bounds[0] is not None and bounds[0] == bounds[1]
+        return bool(size.node.expr.is_number) or single
 
     if not sizes or not all(fixed(s) for s in sizes):
         return None

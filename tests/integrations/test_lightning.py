@@ -395,7 +395,8 @@ def test_early_stopping_waits_through_a_dendrite_phase():
     assert any("installed dendrite 1" in n for n in notes) and dendrite_epochs > stopper.patience, cb.controller.history
     assert stopper.patience == 2
     # The first epoch after the phase starts with the whole patience: what the held stopper counted is dropped.
-    after = next(i for i in range(1, len(Watch.seen)) if Watch.seen[i - 1][0] == "dendrite" and Watch.seen[i][0] == "neuron")
+    after = next(i for i in range(1, len(Watch.seen))
+                 if Watch.seen[i - 1][0] == "dendrite" and Watch.seen[i][0] == "neuron")
     assert max(w for _, w in Watch.seen[:after]) > 0 and Watch.seen[after][1] == 0, Watch.seen
     # The loggers' pb/ metrics say the phase as the training epoch ends.
     assert [(phase == "dendrite") * 1.0 for phase, _, _ in Watch.logged] == [d for _, d, _ in Watch.logged]

@@ -153,7 +153,8 @@ def test_fuse_site_on_its_own(pb):
     pb.randomize(pm)
     fs = fuse_site(site, lin.weight.detach(), None)
     assert fs.weight.shape == (3 * 4, 5) and fs.bias is None  # dendrites copy the layer: no bias either
-    assert torch.equal(fs.neuron_tensors()[0], lin.weight) and torch.equal(fs.dendrite_tensors()[0], site.dendrites.weight)
+    assert torch.equal(fs.neuron_tensors()[0], lin.weight)
+    assert torch.equal(fs.dendrite_tensors()[0], site.dendrites.weight)
     x = torch.randn(3, 7, 5)  # tokens
     assert pb.max_diff(fs(x), pm(x)) < 1e-6
 
