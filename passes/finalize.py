@@ -9,13 +9,16 @@ user's keeps its own call, hooks and all, and its FusedSite (neuron row zero) ad
 it. Train/eval `ModeSwitch` nodes become their
 eval-mode ops (train-only updates go). A neuron weight stored [in, C] (`x @ W`) is fused
 transposed. A neuron weight the rest of the model still uses (tied weights: GPT-2's lm_head
-and its embedding) stays one tensor: the site becomes a `TiedFusedSite` that reads it.
+and its embedding) stays one tensor: the site becomes a `TiedFusedSite` that reads it. The graph
+returns the structure the model's forward returned (a ModelOutput that fx wrote as a plain dict).
 GraphModules nested in the model (submodules traced in place under an untraceable root, see
 `pbp_fx.tracing.TracedPart`) are finalized the same way, in place in the copy.
 """
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
 import operator
 
 import torch
@@ -110,6 +113,7 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     for inner in reversed(nested):
         _fuse_graph(inner)
     _fuse_graph(gm)
+    _return_as_traced(gm)
     # Sites inside untraceable leaves: swap back to the neuron, or to a fused module.
     for name, mod in list(gm.named_modules()):
         if isinstance(mod, SwappedNeuron):
@@ -148,6 +152,20 @@ def ensures_finalized(gm: fx.GraphModule) -> None:
             called = m.get_submodule(node.target) if node.op == "call_module" else None
             if isinstance(called, (Site, ModeSwitch)):
                 raise ContractError(f"finalize left node {node.name} calling a {type(called).__name__}")
+
+
+def _return_as_traced(gm: fx.GraphModule) -> None:
+    """The graph returns the structure the model's forward returned (a Hugging Face ModelOutput, an
+    OrderedDict: `output_as_traced`) where fx wrote it as a plain dict with the same keys."""
+    spec = gm.meta.get("pbp_out_spec")
+    if spec is None or not (dataclasses.is_dataclass(spec.type) or spec.type is collections.OrderedDict):
+        return
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    with gm.graph.inserting_before(output):
+        built = gm.graph.call_function(spec.type, kwargs=dict(output.args[0]))
+    built.meta["is_wrapped"] = True  # (a leaf to the trace that unpickles the graph, which would write a dict again)
+    output.args = (built,)
+    gm.recompile()
 
 
 def _has_sites(gm: fx.GraphModule) -> bool:

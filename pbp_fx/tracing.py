@@ -504,6 +504,7 @@ def _fx_capture(model: nn.Module, leaves: set, max_leaves: int, constants: Optio
             try:
                 graph = tracer.trace(model, concrete_args=constants or None)
                 _restore_constant_names(graph, constants or {})
+                _none_checks_exportable(graph)
                 break
             except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or isolated
                 _restore_buffers(model, saved)
@@ -581,6 +582,23 @@ def _output_spec(output: Any, graph: fx.Graph) -> Optional[pytree.TreeSpec]:
         return None
     # (an inner structure pytree does not know is one leaf to it, and several as fx writes it)
     return spec if spec.num_leaves == pytree.tree_structure(builtin(written)).num_leaves else None
+
+
+def specialised_to_none(value: Any, message: str) -> None:
+    """fx's check that an input specialised to None got None (`torch.fx._symbolic_trace._assert_is_none`)."""
+    if value is not None:
+        raise AssertionError(message)
+
+
+def _none_checks_exportable(graph: fx.Graph) -> None:
+    """The graph's checks of inputs specialised to None (a Hugging Face model's labels=None) call
+    `specialised_to_none`, marked as fx marks a wrapped function: its code registers it as a leaf for any
+    later trace (the one that unpickles a GraphModule). Why not fx's own: registered under its dotted name
+    there, it made every later fx trace or torch.export in the process fail with a KeyError naming it."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.fx._symbolic_trace._assert_is_none:
+            node.target = specialised_to_none
+            node.meta["is_wrapped"] = True
 
 
 def _restore_constant_names(graph: fx.Graph, constants: dict) -> None:

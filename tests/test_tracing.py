@@ -2194,3 +2194,32 @@ def test_an_example_the_model_cannot_run_names_the_models_error_in_a_parts_captu
     with pytest.raises(pbp_fx.ExampleInputsError, match=r"example inputs do not run through the model: x needs 4 "
                                                          r"features"):
         pbp_fx.perforate(Root(), (torch.randn(2, 5),), frontend="parts")
+
+
+class _LabelsOptional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x, labels=None):
+        logits = self.fc(x)
+        return logits if labels is None else (logits - labels).square().mean()
+
+
+def test_an_input_specialised_to_none_leaves_fx_and_torch_export_working_after_unpickling(tmp_path):
+    """fx checks such an input with `_assert_is_none`, and a GraphModule unpickled (traced again) wrote that
+    check under its dotted name in fx's table of wrapped functions: from then on every fx trace and
+    torch.export in the process failed with KeyError 'torch.fx._symbolic_trace._assert_is_none' (the ONNX
+    export of a Hugging Face ResNet, say)."""
+    x = torch.randn(4, 3)
+    pm = pbp_fx.perforate(_LabelsOptional(), (x,), frontend="fx")
+    torch.save(pm, tmp_path / "pm.pt")
+    again = torch.load(tmp_path / "pm.pt", weights_only=False)
+    torch.testing.assert_close(again(x), pm(x))
+    with pytest.raises(pbp_fx.CallError, match="labels"):
+        again(x, labels=torch.zeros(4, 2))
+    final = again.finalize()
+    torch.save(final, tmp_path / "final.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "final.pt", weights_only=False)(x), final(x))
+    torch.testing.assert_close(torch.export.export(final, (x,)).module()(x), final(x))
+    fx.symbolic_trace(nn.Linear(2, 2))

@@ -1,8 +1,12 @@
 """passes.finalize: one FusedSite per site with K >= 1, plain layers for K = 0, input untouched."""
+import collections
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from transformers.utils import ModelOutput
 
 import pbp_fx
 from parts_models import ReadsItsLayer, grown_leaf_reader
@@ -394,3 +398,43 @@ def test_a_finalized_conv_model_converts_to_channels_last(pb):
     assert any(v.dim() == 5 for v in old_layout.values())
     twin.load_state_dict(old_layout)
     assert pb.max_diff(twin(x), want) < 1e-6
+
+
+
+class _Ordered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return collections.OrderedDict(hidden=h, logits=self.b(h))
+
+
+@dataclasses.dataclass
+class _HeadOutput(ModelOutput):
+    logits: torch.Tensor = None
+    hidden: tuple = None
+
+
+class _Head(_Ordered):
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return _HeadOutput(logits=self.b(h), hidden=(x, h))
+
+
+@pytest.mark.parametrize("model_class", [_Ordered, _Head])
+def test_a_finalized_fx_capture_returns_the_structure_the_model_returned(model_class, tmp_path):
+    """fx writes a ModelOutput (an OrderedDict) as a plain dict: the finalized model returned that
+    dict (`final(x).logits` failed), through pickling and torch.export alike."""
+    model = model_class()
+    x = torch.randn(5, 3)
+    pm = pbp_fx.perforate(model, (x,), frontend="fx")
+    pm.grow()
+    final = pm.finalize()
+    out, want = final(x), pm(x)
+    assert type(out) is type(model(x)) and list(out) == list(want)
+    torch.testing.assert_close(out["logits"], want["logits"])
+    torch.save(final, tmp_path / "final.pt")  # (unpickling traces the graph's code again)
+    assert type(torch.load(tmp_path / "final.pt", weights_only=False)(x)) is type(out)
+    assert type(torch.export.export(final, (x,)).module()(x)) is type(out)
