@@ -592,6 +592,29 @@ def test_a_fit_without_validation_is_refused_before_any_step():
         assert trainer.global_step == 0
 
 
+class TrainsTheOriginal(Classifier):
+    """Keeps the model it perforated and trains that one: perforate returns a copy."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__(pbp_fx.perforate(net, torch.zeros(2, 1, 8, 8)))
+        self.net = net
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+
+def test_a_perforated_model_that_never_trains_is_refused_at_the_first_validation():
+    """It went through a whole neuron phase on the original's scores, then died in the first dendrite
+    phase's backward with torch's "does not require grad" (a reviewer)."""
+    train, val = digits_loaders()
+    trainer = _trainer(PBCallback(QUICK), max_epochs=6)
+    with pytest.raises(TrainingError, match="the perforated model never ran in training since the last validation: "
+                                            "training_step calls another module"):
+        trainer.fit(TrainsTheOriginal(small_cnn()), train, val)
+    assert trainer.current_epoch == 0 and trainer.callbacks[0].controller.history == []
+
+
 def test_a_barebones_fit_is_refused_before_any_step():
     """barebones=True turns self.log off: refused after a whole epoch as "'val_loss' was not logged" (a reviewer)."""
     train, val = digits_loaders()
