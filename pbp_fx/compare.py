@@ -253,6 +253,11 @@ class RunSpec:
     target: Optional[float] = None
 
 
+def _model_file_error(spec: RunSpec, exc: Exception) -> CompareError:
+    return CompareError(f"{spec.arm} at seed {spec.seed}: {type(exc).__name__}: {_first_line(exc)} (from the model "
+                        "file's model, data, loss or metric)")
+
+
 def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training: TrainConfig,
             include=None, exclude=None, latency: bool = True) -> dict:
     """Train one arm at one seed on the model file's data; the row of compare.json."""
@@ -270,6 +275,10 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
         scaled = builder.for_params(spec.target) if spec.arm == "plain-matched" else builder.scaled(spec.width)
     except WidthError as exc:
         return {**row, "skipped": str(exc)}
+    except (PBError, OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - raised inside the model file's build_model or its forward
+        raise _model_file_error(spec, exc) from exc
     model = scaled.model
     row.update(width=scaled.width, width_method=scaled.method)
     _warm_up(model, inputs, example_kwargs(mod))
@@ -292,8 +301,7 @@ def run_arm(model_file: Optional[str], spec: RunSpec, config: PBConfig, training
     except (PBError, OSError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - raised inside the model file's model, data, loss or metric
-        raise CompareError(f"{spec.arm} at seed {spec.seed}: {type(exc).__name__}: {_first_line(exc)} (from the "
-                           "model file's model, data, loss or metric)") from exc
+        raise _model_file_error(spec, exc) from exc
     if not math.isfinite(row["test"]):  # (a mean and sd over it would be meaningless): not ranked
         return {"arm": spec.arm, "seed": spec.seed, "skipped": f"its test score is {row['test']} (not finite)"}
     if spec.target is not None:
@@ -334,10 +342,10 @@ def _warm_up(model: torch.nn.Module, inputs: tuple, kwargs: dict) -> None:
 
 
 # -- statistics ----------------------------------------------------------------------------
-def _mean_sd(xs: Sequence[float], magnitude: Optional[float] = None) -> tuple[float, float]:
-    """Mean and sd; magnitude: of the scores that differences `xs` are taken of (`_all_equal`)."""
+def _mean_sd(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sd."""
     xs = list(xs)
-    if len(xs) < 2 or _all_equal(xs, magnitude):  # (equal values: sd 0, not float noise such as 1.11e-16)
+    if len(xs) < 2 or _all_equal(xs):  # (equal values: sd 0, not float noise such as 1.11e-16)
         return statistics.mean(xs), 0.0
     return statistics.mean(xs), statistics.stdev(xs)
 
@@ -393,13 +401,10 @@ def paired(rows: list[dict], reference: str = REFERENCE_ARM, score: Score = ACCU
     for arm in ARMS:
         if arm == reference:
             continue
-        diffs = [score.scale * (r["test"] - ref[r["seed"]]) for r in rows
-                 if r["arm"] == arm and "skipped" not in r and r["seed"] in ref]
+        diffs = _differences([(score.scale * r["test"], score.scale * ref[r["seed"]]) for r in rows
+                              if r["arm"] == arm and "skipped" not in r and r["seed"] in ref])
         if diffs:
-            magnitude = _magnitude(rows, arm, reference, score)
-            mean, sd = _mean_sd(diffs, magnitude)
-            if _all_equal([*diffs, 0.0], magnitude):  # (equal scores at every seed: no float noise as a lead)
-                mean = 0.0
+            mean, sd = _mean_sd(diffs)
             out.append({"arm": arm, "vs": reference, "mean": mean, "sd": sd, "n": len(diffs),
                         "ahead": sum(d > 0 for d in diffs), "behind": sum(d < 0 for d in diffs)})
     return out
@@ -444,15 +449,12 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
             # an arm ranked lower but noisier can be as close as the next one.
             def leads(other: dict) -> list[float]:  # over the seeds both ran (all of them for a ranked arm)
                 both = sorted(set(win["test_by_seed"]) & set(other["test_by_seed"]))
-                return [(win["test_by_seed"][k] - other["test_by_seed"][k]) * (1 if maximize else -1) for k in both]
-
-            def magnitude(other: dict) -> float:
-                return max(abs(v) for s in (win, other) for v in s["test_by_seed"].values())
+                sign = 1 if maximize else -1
+                return _differences([(sign * win["test_by_seed"][k], sign * other["test_by_seed"][k]) for k in both])
 
             def lead_interval(other: dict) -> tuple[float, float]:
                 lead = leads(other)
-                return (_interval(*_mean_sd(lead, magnitude(other)), len(lead)) if len(lead) > 1
-                        else (-math.inf, math.inf))
+                return _interval(*_mean_sd(lead), len(lead)) if len(lead) > 1 else (-math.inf, math.inf)
 
             # An arm left out of the ranking is still another arm: a win needs a lead over it too,
             # over the seeds both ran (plain-matched misses exactly the seeds where pb grew most).
@@ -465,7 +467,7 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
                         f"{score.num(hi, sign=True)}]")
             # Equal leads at every seed (common on small test sets: whole samples) leave no spread to
             # measure the noise with: the interval is a point, not evidence.
-            flat = [o for o in ranked[1:] + left_out if len(leads(o)) > 1 and _all_equal(leads(o), magnitude(o))]
+            flat = [o for o in ranked[1:] + left_out if len(leads(o)) > 1 and _all_equal(leads(o))]
             if lo > 0 and flat:
                 lines.append(f"**{win['arm']} ranked first** over {win['n']} seeds: {test} "
                              f"{score.value(win['test'], win['test_sd'])}, {margin}; its lead over {flat[0]['arm']} is "
@@ -513,8 +515,8 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
                              "plain model.")
             else:
                 lines.append(f"pb − plain-matched compares nothing: plain-matched ran only at seed(s) {seeds}, where pb "
-                             "kept no dendrite, so both are the plain model there (at the seeds where pb grew, no width "
-                             "was within 5 % of its parameter count).")
+                             "kept no dendrite, so both are the plain model there (below: why it was not run where pb "
+                             "grew).")
             continue
         tests += p["n"] >= 2 and p["sd"] > 1e-9 * abs(p["mean"])
         pb_side = score.rounded(-p["mean"])  # as printed, so the words match the number
@@ -576,18 +578,16 @@ def _interval(mean: float, sd: float, n: int) -> tuple[float, float]:
     return mean - half, mean + half
 
 
-def _all_equal(values: list[float], magnitude: Optional[float] = None) -> bool:
-    """Whether the values are one number up to float rounding, relative to `magnitude`: that of the
-    scores they are differences of (float noise of equal scores is relative to the scores, not to the
-    differences; default: the values' own)."""
-    scale = max(map(abs, values)) if magnitude is None else magnitude
-    return max(values) - min(values) <= 1e-9 * scale
+def _all_equal(values: list[float]) -> bool:
+    """Whether the values are one number up to float rounding (relative to the largest)."""
+    return max(values) - min(values) <= 1e-9 * max(map(abs, values))
 
 
-def _magnitude(rows: list[dict], arm: str, reference: str, score: Score) -> float:
-    """The largest test score, in the score's units, of two arms' runs (what their differences are relative to)."""
-    return max((abs(score.scale * r["test"]) for r in rows if r["arm"] in (arm, reference) and "skipped" not in r),
-               default=0.0)
+def _differences(pairs: list[tuple[float, float]]) -> list[float]:
+    """a - b of each seed's (a, b) scores, 0 where it is float rounding of equal scores: within 1e-9 of that
+    seed's larger score (relative to the scores, not to the differences; one seed's scores, not another's:
+    a seed's -2.8e9 erased another's real difference of 0.049)."""
+    return [0.0 if abs(a - b) <= 1e-9 * max(abs(a), abs(b)) else a - b for a, b in pairs]
 
 
 def _noise(mean: float, sd: float, n: int, score: Score = ACCURACY) -> str:

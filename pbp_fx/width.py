@@ -358,6 +358,20 @@ class WidthBuilder:
         arm of a comparison is measured by."""
         return used_parameters(model, self._inputs(), self.example_kwargs())
 
+    def _params_at(self, model: nn.Module, width: float) -> int:
+        """params(model) of the model built at `width`: one whose forward fails there but not at width 1
+        (a size the model file fixes, a buffer sized for its own width) is a width it cannot be built at."""
+        if width == 1:
+            return self.params(model)
+        try:
+            return self.params(model)
+        except PBError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model file's forward at a width it does not take
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise WidthError(f"the model at width {width:g} fails its forward on the example inputs "
+                             f"({type(exc).__name__}: {first}): it fixes a size that the width changes") from exc
+
     def _check(self, width: float) -> None:
         if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
             raise WidthError(f"width {width!r}: it must be a positive number (1 is the model as built)")
@@ -384,6 +398,8 @@ class WidthBuilder:
             try:
                 model = self.build_model(width=c)
             except Exception as exc:  # noqa: BLE001 - the model's own constraint on its width
+                if c == self.base_width:  # (its own width: an error of the model file, not a width it refuses)
+                    raise
                 first = first or exc
                 continue
             if not isinstance(model, nn.Module):
@@ -411,7 +427,7 @@ class WidthBuilder:
         model, built = self._built(width)
         # (width 1 without a width argument is build_model() itself: nothing was pruned)
         method = "build_model()" if self.base_width is None and width == 1 else self.method
-        return ScaledModel(model, built, self.params(model), method)
+        return ScaledModel(model, built, self._params_at(model, built), method)
 
     def for_params(self, target: float, tolerance: float = PARAM_TOLERANCE) -> ScaledModel:
         """A model of this structure with `target` parameters (+-tolerance): the nearest uniform
@@ -423,7 +439,8 @@ class WidthBuilder:
 
         def count(width: float) -> int:
             torch.set_rng_state(rng)  # every trial build draws the same weights
-            return self.params(self.build(width))
+            model, built = self._built(width)
+            return self._params_at(model, built)
 
         if self.base_width is not None:
             step = 1.0 / self.base_width
@@ -488,7 +505,7 @@ class WidthBuilder:
         found, previous = None, None
         for n in range(1, 1 << 12):
             for model, built in (trim(lambda i, n=n: i == n - 1), trim(lambda i, n=n: i < n)):
-                params = self.params(model)
+                params = self._params_at(model, built)
                 if abs(params - target) <= tolerance * target and (
                         found is None or abs(params - target) < abs(found.params - target)):
                     found = ScaledModel(model, built, params, "torch-pruning" if self.base_width is None

@@ -460,6 +460,30 @@ def test_unscalable_arm_is_reported_and_the_others_run(tmp_path):
     assert "plain-matched was not run" in verdict(summary, [])
 
 
+def test_a_model_whose_forward_fails_at_another_width_is_skipped_refused_or_named(tmp_path, capsys):
+    """A buffer sized for the model's own width: sizing plain-matched, --width 0.5, and a model error at one
+    seed each ended in "internal error", exit 1 (a reviewer). Now: plain-matched not run, with the reason;
+    --width refused up front; the error at its arm and seed."""
+    from pbp_fx.compare import RunSpec, run_arm
+
+    fixed = TINY.replace("self.fc2 = nn.Linear(width, 3)", "self.fc2 = nn.Linear(width, 3)\n"
+                         "        self.register_buffer('gain', torch.ones(8))").replace(
+        "torch.relu(self.fc1(x))", "torch.relu(self.fc1(x)) * self.gain")
+    path = tmp_path / "fixed_size.py"
+    path.write_text(fixed)
+    row = run_arm(str(path), RunSpec("plain-matched", 0, 1.0, target=1e3), latency=False, **BUDGET)
+    assert row["skipped"].startswith("the model at width 2 fails its forward on the example inputs (RuntimeError: "), row
+    assert main(["compare", str(path), "--width", "0.5", "--seeds", "1", "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "--width 0.5: the model at width 0.5 fails its forward" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "w").exists()
+    seeded = tmp_path / "bad_seed.py"  # (the model file's own error, at width 1: no width to skip)
+    seeded.write_text(TINY.replace("return Net(width)", "assert torch.initial_seed() != 1, 'seed 1 is bad'\n"
+                                   "    return Net(width)"))
+    with pytest.raises(CompareError, match=r"^plain at seed 1: AssertionError: seed 1 is bad \(from the model file"):
+        run_arm(str(seeded), RunSpec("plain", 1, 1.0), latency=False, **BUDGET)
+
+
 def test_plain_is_not_cut_short_by_a_cap_on_pbs_neuron_phases():
     """--neuron-epochs caps PB's neuron phases; plain's early stop is patience only (capped, plain got
     3 of 12 epochs against pb's 12 and the verdict credited PB with the budget)."""
@@ -534,6 +558,11 @@ def test_plain_matched_built_only_where_pb_kept_nothing_is_said_to_compare_nothi
     assert ("pb − plain-matched compares nothing: plain-matched ran only at seed(s) 1, 3, where pb kept no dendrite"
             in text), text
     assert "pb is level with plain-matched" not in text
+    # The reason is the one recorded, not a guess (it read "no width was within 5 %" for a model whose
+    # build_model takes no width argument)
+    why = [dict(r, skipped="1390 parameters is more than the model has (682)") if "skipped" in r else r for r in rows]
+    text = verdict(summarize(why), paired(why))
+    assert "within 5 %" not in text and "was not run at seed(s) 0, 2, 4: 1390 parameters is more" in text, text
     rows[-1]["test"], rows[3]["dendrites"] = 0.5, 1  # (pb grew at seed 3 too: a comparison there)
     assert "pb is 6.5 points ahead of plain-matched" in verdict(summarize(rows), paired(rows))
     # pb grew at no seed: plain-matched ran at every seed, and no seed "where pb grew" exists to explain
@@ -1430,6 +1459,24 @@ def test_a_difference_equal_at_every_seed_prints_no_float_noise_as_its_spread():
     mean, sd = _mean_sd([0.7 - 0.8, 0.5 - 0.6, 0.2 - 0.3])
     assert sd == 0.0 and abs(mean + 0.1) < 1e-12
     assert _mean_sd([0.1, 0.2, 0.3])[1] > 0
+
+
+def test_float_noise_is_judged_seed_by_seed():
+    """A seed whose scores were -2.8e9 set the float-noise scale for every seed: pb's real lead of 0.049 over
+    restarts at the other seed read "+0 ± 0 ... level ... the same difference at every seed" (a reviewer)."""
+    score = Score("minus the loss")
+    rows = [{"arm": arm, "seed": seed, "test": test, "params": 21} for arm, tests in
+            {"restarts": (-2775343104.0, -3.2243583), "pb": (-2775343104.0, -3.1753688)}.items()
+            for seed, test in enumerate(tests)]
+    (pair,) = paired(rows, score=score)
+    assert pair["mean"] == pytest.approx(-0.049 / 2, abs=1e-3) and pair["sd"] > 0.03 and pair["behind"] == 1
+    text = verdict(summarize(rows, score), [pair], score)
+    assert "pb is 0.02449 ahead of restarts" in text and "the same difference at every seed" not in text, text
+    # Equal scores up to rounding at both seeds (relative to each seed's own): level, and a spread of 0
+    rows[2]["test"] = rows[0]["test"] * (1 + 1e-12)
+    rows[3]["test"] = rows[1]["test"] + 1e-13
+    (pair,) = paired(rows, score=score)
+    assert pair["mean"] == 0.0 and pair["sd"] == 0.0 and pair["ahead"] == pair["behind"] == 0
 
 
 def test_a_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch):
