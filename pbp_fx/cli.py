@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         for flags, kwargs in cmd.args:
             p.add_argument(*flags, **kwargs)
         p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-        p.set_defaults(_run=cmd.run)
+        p.set_defaults(_run=cmd.run, _parser=p)  # (_parser: its usage errors name its own --help)
     return parser
 
 
@@ -293,7 +293,9 @@ def _stopped(stop: type, detail: str = "", said: bool = True) -> int:
 def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(None if argv is None else list(argv))
+        args, unknown = parser.parse_known_args(None if argv is None else list(argv))
+        if unknown:  # (the subcommand's flags are in its own help, not in pbp-fx --help)
+            args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # usage errors (already printed by argparse) and --help
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     try:
@@ -694,14 +696,15 @@ def _train_args() -> tuple:
 @subcommand("train", "train a model file's model with Perforated Backpropagation (default: MNIST-1D MLP)",
             *_train_args())
 def train(args: argparse.Namespace) -> int:
-    from .distributed import DEFAULT_TIMEOUT, Distributed, launch, stop_with_launcher, torchrun_world_size
-    from .job import saved_run, train_job
+    from .distributed import (DEFAULT_TIMEOUT, Distributed, launch, stop_with_launcher, timeout_problem,
+                              torchrun_world_size)
+    from .job import refuse_unrunnable, saved_run, train_job
     from .training import training_device
 
     if args.nproc is not None and args.nproc < 1:
         raise PBError(f"--nproc {args.nproc}: must be at least 1")
-    if args.dist_timeout is not None and not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
-        raise PBError(f"--dist-timeout {args.dist_timeout}: must be a finite number of seconds greater than 0")
+    if args.dist_timeout is not None and timeout_problem(args.dist_timeout):
+        raise PBError(f"--dist-timeout {args.dist_timeout:g}: {timeout_problem(args.dist_timeout)}")
     world = torchrun_world_size()
     if args.resume is not None:
         given = [f for f, v in vars(args).items() if v is not None and (f in _SETTING_DESTS or f == "out")]
@@ -733,6 +736,8 @@ def train(args: argparse.Namespace) -> int:
         device = training_device(args.device or "auto", max(args.nproc, world))
     if args.nproc > 1 and world == 1:
         # The launcher: the same command on N processes (each sees torchrun's environment).
+        if args.resume is None:  # (before the processes start, each to say the same)
+            refuse_unrunnable(args.model, config, args.out or os.path.join("runs", run_name(args.model)))
         if training.batch_size % args.nproc:
             if args.resume is not None:  # its batch is the run's own: the process count is what can change
                 raise PBError(f"--nproc {args.nproc}: the run in {args.resume} trains with a global batch of "

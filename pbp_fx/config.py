@@ -70,7 +70,7 @@ def _range_text(meta: dict) -> str:
     if high is not None:
         parts.append(f"{'less than' if meta['open_high'] else 'at most'} {number(high)}")
     text = " and ".join(parts)
-    return text + (" (or None: null in a JSON or YAML file)" if meta["optional"] else "")
+    return text + (" (or None: none as a flag, null in a JSON or YAML file)" if meta["optional"] else "")
 
 
 def _finite(value: numbers.Real) -> bool:

@@ -64,6 +64,15 @@ __all__ = ["Distributed", "DistributedError", "StatsReducer", "ShardSampler", "l
            "local_env", "torchrun_world_size", "last_batch_is_lone"]
 
 DEFAULT_TIMEOUT = 300.0  # seconds a collective waits for the other ranks
+# The longest timeout taken: from ~9.2e9 s torch's int64 nanoseconds overflow, and c10d timed out at once from 1e10.
+MAX_TIMEOUT = 1e8
+
+
+def timeout_problem(timeout) -> Optional[str]:
+    """Why `timeout` (seconds) is no timeout a process group takes, or None."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout <= MAX_TIMEOUT):
+        return f"must be a number of seconds greater than 0 and at most {MAX_TIMEOUT:g} (about 3 years)"
+    return None
 _FAILED = "pbp_fx/failed/"
 
 
@@ -172,6 +181,8 @@ class Distributed:
 
     def __init__(self, group=None, *, device=None, store=None, timeout: float = DEFAULT_TIMEOUT,
                  owns_group: bool = False):
+        if timeout_problem(timeout):
+            raise DistributedError(f"Distributed(timeout={timeout!r}): {timeout_problem(timeout)}")
         if not dist.is_available() or not dist.is_initialized():
             raise DistributedError("torch.distributed is not initialised: use Distributed.init() "
                                    "(under torchrun) or call init_process_group first")
@@ -211,6 +222,8 @@ class Distributed:
         rank stops with an error. store/rank/world_size: an explicit rendezvous (a
         torch.distributed Store); by default torchrun's environment (env://).
         """
+        if timeout_problem(timeout):
+            raise DistributedError(f"Distributed.init(timeout={timeout!r}): {timeout_problem(timeout)}")
         if dist.is_initialized():
             raise DistributedError("the default process group is already initialised: use Distributed() instead")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")

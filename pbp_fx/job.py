@@ -51,7 +51,10 @@ def load_job_module(model_file: Optional[str]) -> ModuleType:
     mod = importlib.import_module(DEFAULT_MODEL) if model_file is None else load_model_file(model_file, as_script=True)
     if not callable(getattr(mod, "datasets", None)):
         where = model_file or DEFAULT_MODEL
-        raise ModelFileError(f"model file {where!r} has no datasets(): training needs "
+        value = getattr(mod, "datasets", None)
+        what = ("has no datasets()" if value is None else
+                f"sets datasets to a value ({type(value).__name__}), not a function")
+        raise ModelFileError(f"model file {where!r} {what}: training needs "
                              "datasets() -> (train, val, test) torch Datasets")
     return mod
 
@@ -301,6 +304,9 @@ def resumed_identity(saved: dict, now: dict) -> dict:
 
 def refuse_frozen_model(model: nn.Module, error: type) -> None:
     """Before any work: a model with no trainable parameter (every arm and phase would have nothing to step)."""
+    if not any(True for _ in model.parameters()):  # (none at all: "every one is frozen" would mislead)
+        raise error("the model has no parameters: nothing trains, and PB has no Linear or Conv layer to add "
+                    "dendrites to; give build_model a model with Linear or Conv layers")
     if not any(p.requires_grad for p in model.parameters()):
         raise error(NOTHING_TRAINS)
 
@@ -707,20 +713,28 @@ def _silent(*_args) -> None:
     pass
 
 
+def refuse_unrunnable(model_file: Optional[str], config: PBConfig, out: Optional[str],
+                      resumed: bool = False) -> ModuleType:
+    """The loaded model file, once what a run is refused for up front holds: its output folder (a long
+    run must not fail at its last step), the model file, the metric's direction. The launcher of several
+    processes checks it too, before it starts them."""
+    if out is not None:
+        check_output_dir(out, TrainingError, resumed=resumed)
+        if not resumed:
+            _refuse_files_of_no_run(out)
+    mod = load_job_module(model_file)
+    check_metric_direction(mod, config.maximize, ConfigError)
+    return mod
+
+
 def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include, exclude, progress, echo,
                distributed, device: torch.device, resume_from=None, saved: Optional[SavedRun] = None) -> dict:
     main = distributed is None or distributed.is_main
     seed = training.seed
     include, exclude = site_filters(include, exclude)  # (perforate, resume and the checkpoint's args: lists)
     processes = 1 if distributed is None else distributed.world_size
-    if out is not None and main:
-        # before training: a long run must not fail at its last step
-        check_output_dir(out, TrainingError, resumed=resume_from is not None)
-        if resume_from is None:
-            _refuse_files_of_no_run(out)
-    mod = load_job_module(model_file)
+    mod = refuse_unrunnable(model_file, config, out if main else None, resumed=resume_from is not None)
     loss_fn, metric, metric_name = task_functions(mod)
-    check_metric_direction(mod, config.maximize, ConfigError)
     if main:
         warn_unread_names(mod)
         unused = config.unused_settings()

@@ -87,11 +87,11 @@ class PhaseSchedule:
     after `max_dendrite_epochs`.
     """
 
-    def __init__(self, config: PBConfig, *, phase: str = "neuron", dendrites: int = 0):
+    def __init__(self, config: Optional[PBConfig] = None, *, phase: str = "neuron", dendrites: int = 0):
         """phase / dendrites: where the model starts (a model already in a dendrite phase, say)."""
         if phase not in ("neuron", "dendrite"):
             raise TrainingError(f"phase {phase!r} is not a PB phase: use 'neuron' or 'dendrite'")
-        self.config = config
+        self.config = PBConfig.coerce(config, "PhaseSchedule's config") or PBConfig()
         self.epoch = 0
         self.phase = phase
         self.best_score: Optional[float] = None
@@ -101,7 +101,7 @@ class PhaseSchedule:
         self.phase_epochs = 0        # epochs in the current phase
         self.stale_epochs = 0        # epochs without progress in the current phase
         self.round_improved = True   # did this round set a new best (round 0 counts)
-        self.retries_left = config.retries
+        self.retries_left = self.config.retries
         self.rounds = 0              # dendrite rounds carried out (accepted or not)
         self.done = False
 
@@ -203,11 +203,16 @@ class PhaseSchedule:
 
     def state_dict(self) -> dict:
         """JSON-safe counters; with the same config, load_state_dict() continues identically."""
-        return {k: getattr(self, k) for k in self._STATE}
+        return {**{k: getattr(self, k) for k in self._STATE}, "retries_used": self.config.retries - self.retries_left}
 
     def load_state_dict(self, state: dict) -> None:
+        """The counters of `state_dict()`; under a config with other `retries`, the retries the round
+        has used count against the new number (the saved number of retries left would keep the old)."""
         missing = [k for k in self._STATE if k not in state]
         if missing:
             raise TrainingError(f"schedule state lacks {missing[0]!r}: it was not written by PhaseSchedule.state_dict()")
         for k in self._STATE:
             setattr(self, k, state[k])
+        used = state.get("retries_used")  # (a state written before it was saved: at most the new number)
+        self.retries_left = (min(self.retries_left, self.config.retries) if used is None
+                             else max(0, self.config.retries - used))

@@ -792,11 +792,13 @@ BAD_VALUES = [
         ("--candidate-lr", "-1", "greater than 0"), ("--candidate-lr", "nan", "finite"), ("--v-init", "inf", "finite"),
         ("--ema-decay", "0", "greater than 0"), ("--ema-decay", "1", "less than 1"), ("--warmup", "-1", "at least 0"),
         ("--snapshot-threshold", "-1", "at least 0"), ("--nproc", "0", "--nproc 0: must be at least 1"),
-        ("--nproc", "-2", "at least 1"), ("--dist-timeout", "0", "greater than 0"), ("--dist-timeout", "nan", "finite"),
-        ("--dist-timeout", "-1", "greater than 0"),
+        ("--nproc", "-2", "at least 1"), ("--dist-timeout", "0", "greater than 0"),
+        ("--dist-timeout", "nan", "at most 1e+08"), ("--dist-timeout", "-1", "greater than 0"),
+        ("--dist-timeout", "1e10", "at most 1e+08 (about 3 years)"),  # (torch's own 40 lines of C++ frames)
     ]],
     (["train", DIGITS_FILE, "--dist-timeout", "60"], "--dist-timeout 60 is for training on several processes: "
                                                      "add --nproc N (N >= 2), or drop it"),  # (it was ignored)
+    (["train", DIGITS_FILE, "--pat", "3"], "unrecognized arguments: --pat 3 (see pbp-fx train --help)"),  # (not pbp-fx)
     (["train", DIGITS_FILE, "--out", "FILE/run"], "is a file, not a directory"),
     (["train", DIGITS_FILE, "--out", ""], "argument --out: an empty path"),  # (it trained into runs/<name>)
     (["export", DIGITS_FILE, "-o", " "], "argument -o/--out: an empty path"),
@@ -1623,7 +1625,9 @@ def test_a_lower_is_better_named_metric_with_maximize_is_warned_of(tmp_path, cap
     ("\n\ndef flipped(output, target):\n    return float((output.argmax(1) == target).sum()), -len(target)\n\n\n"
      "metric = flipped\n", "the metric returned a negative count (-8) on the first training samples"),
     ("\n\n_build = build_model\n\n\ndef build_model(width=16):\n    return _build(width).requires_grad_(False)\n",
-     "no parameter of the model trains (every one has requires_grad=False)")])
+     "no parameter of the model trains (every one has requires_grad=False)"),
+    ("\n\ndef build_model(width=16):\n    return torch.nn.Flatten()\n",  # (it said "every one has requires_grad=False")
+     "the model has no parameters: nothing trains, and PB has no Linear or Conv layer")])
 def test_a_file_that_cannot_train_is_refused_before_any_work(tmp_path, capsys, tail, said):
     """A metric's negative count kept the run's worst epoch, exit 0; a model with every parameter frozen was
     'internal error: ValueError: optimizer got an empty parameter list' (a reviewer)."""
@@ -2051,3 +2055,14 @@ def test_an_error_after_a_ctrl_c_is_said_as_the_interrupt(monkeypatch, capsys):
         assert cli.main(["transform", "model.py"]) == 130
     assert capsys.readouterr().err == "pbp-fx: error: interrupted\n"
     assert cli.main(["transform", "model.py"]) == cli.EXIT_INTERNAL  # (no signal: an internal error, as before)
+
+
+def test_several_processes_are_refused_bad_input_before_they_start(tmp_path, capsys):
+    """An --out under a file, a missing model file: each rank found it after torchrun had started them all
+    ('rank 0: --out ...', about 6 s) (a reviewer)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv, said in [([DIGITS_FILE, "--out", str(afile)], "exists and is not a directory"),
+                       ([str(tmp_path / "nope.py")], "does not exist")]:
+        rc, _, err = _run(["train", *argv, "--nproc", "2"], capsys)
+        assert rc == 2 and err.count("\n") == 1 and said in err and "rank" not in err, err

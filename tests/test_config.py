@@ -163,7 +163,8 @@ def test_unknown_settings_mixed_keys_and_huge_numbers_are_config_errors():
 def test_an_optional_setting_written_as_the_word_none_is_told_to_write_null():
     """A config file's `warmup: None` (a string) was refused with '... (or None)', which is what the
     user wrote: the message names the file form, null."""
-    with pytest.raises(ConfigError, match=r"warmup='None': .* \(or None: null in a JSON or YAML file\)"):
+    with pytest.raises(ConfigError, match=r"warmup='None': .* \(or None: none as a flag, null in a JSON or YAML "
+                                          r"file\)"):
         PBConfig.from_dict({"warmup": "None"})
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pbp_fx
 from pbp_fx.controller import PhaseController
-from pbp_fx.distributed import local_env
+from pbp_fx.distributed import Distributed, DistributedError, local_env
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -897,3 +897,11 @@ def test_a_ranks_last_batch_of_one_sample_is_left_out_on_every_rank():
         assert sizes == [20, 20, 20, 20]  # 81 samples a rank: the 81st left out
         world_sizes = [len(x) for (x,) in world.loader(TensorDataset(torch.randn(164, 3)), 40)]
         assert world_sizes == [20, 20, 20, 20, 2]  # a last batch of 2 stays
+
+
+@pytest.mark.parametrize("timeout", [1e10, 0, -1.0, float("nan"), True])
+def test_a_timeout_no_process_group_takes_is_refused_before_anything_starts(timeout):
+    """From 1e10 s c10d timed out at once, with 40 lines of C++ frames; 1e300 raised OverflowError (a reviewer)."""
+    with pytest.raises(DistributedError, match=r"timeout=.*must be a number of seconds greater than 0 and at most"):
+        Distributed.init("gloo", timeout=timeout)
+    assert not torch.distributed.is_initialized()

@@ -197,6 +197,8 @@ ITERABLE = NO_DATA + ("from torch.utils.data import IterableDataset\n"
     ("missing model file", lambda t: ["/nonexistent/model.py"], "does not exist"),
     ("NaN in validation data", lambda t: [_write(t / "m.py", NAN_VAL)], "validation data holds NaN/Inf"),
     ("no datasets()", lambda t: [_write(t / "m.py", NO_DATA)], "has no datasets()"),
+    ("datasets a value", lambda t: [_write(t / "m.py", NO_DATA + "datasets = 3\n")],  # (it said "has no datasets()")
+     "sets datasets to a value (int), not a function: training needs datasets()"),
     ("empty dataset", lambda t: [_write(t / "m.py", EMPTY)], "dataset is empty"),
     ("bad test data", lambda t: [_write(t / "m.py", BAD_TEST_DATA)], "the first test samples fail in the model"),
     ("regression targets of another shape", lambda t: [_write(t / "m.py", FLAT_REGRESSION_TARGETS)],

@@ -142,6 +142,26 @@ def test_state_dict_resumes_identically():
         assert b.state_dict() == whole.state_dict()
 
 
+def test_a_resume_under_other_retries_counts_the_retries_used_against_the_new_number():
+    """Saved with retries=2 after one retry, resumed with retries=0: the warning said the run continues with
+    0, but the saved 'retries_left' gave it 1 more (a reviewer)."""
+    a = PhaseSchedule(PBConfig(patience=1, dendrite_patience=1, max_dendrites=5, retries=2))
+    assert _run(a, [0.5, 0.5, 0.5, 0.5]) == [C, S, I, T]  # one retry used, one left
+    for retries, left in [(0, 0), (1, 0), (2, 1), (4, 3)]:
+        b = PhaseSchedule(PBConfig(patience=1, dendrite_patience=1, max_dendrites=5, retries=retries))
+        b.load_state_dict(a.state_dict())
+        assert b.retries_left == left
+    older = {k: v for k, v in a.state_dict().items() if k != "retries_used"}  # (written before it was saved)
+    b = PhaseSchedule(PBConfig(patience=1, dendrite_patience=1, max_dendrites=5, retries=0))
+    b.load_state_dict(older)
+    assert b.retries_left == 0 and _run(b, [0.5, 0.5]) == [I, D]
+
+
+def test_a_schedule_takes_a_dict_or_none_as_its_config():
+    assert PhaseSchedule({"patience": 3}).config == PBConfig(patience=3)
+    assert PhaseSchedule().config == PBConfig()
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_a_non_finite_score_after_a_best_ends_the_neuron_phase_at_once(bad):
     """A diverged neuron phase (NaN weights) raised, leaving the model diverged and the run unfinished."""
