@@ -266,7 +266,7 @@ class PBCallback(TrainerCallback):
             if prefix != "eval" and prefix not in self._other_datasets:
                 self._other_datasets[prefix] = set(metrics)
                 return  # the round's other datasets come next; `_refuse_a_round_without_metric` checks after it
-            self._refuse_missing_metric(metrics)
+            self._refuse_missing_metric(metrics, args.prediction_loss_only)
         self._other_datasets, self._round_has_metric = {}, True
         entry = state.log_history[-1] if state.log_history else {}
         if _budget_end_off_grid(args, state):
@@ -286,7 +286,7 @@ class PBCallback(TrainerCallback):
         if self.metric in entry:  # the Trainer logged this evaluation already: PB's state beside it
             entry.update(_pb_state(self.controller.pm, decision))
 
-    def _refuse_missing_metric(self, metrics: dict) -> None:
+    def _refuse_missing_metric(self, metrics: dict, loss_only: bool = False) -> None:
         # (the Trainer's bookkeeping entries are no metrics to follow)
         seen = sorted(k for k in set(metrics).union(*self._other_datasets.values())
                       if k != "epoch" and not k.endswith(("_runtime", "_samples_per_second", "_steps_per_second")))
@@ -297,8 +297,10 @@ class PBCallback(TrainerCallback):
                                 "batch (an eval set smaller than per_device_eval_batch_size with "
                                 "dataloader_drop_last=True, or an empty one): lower per_device_eval_batch_size or "
                                 "unset dataloader_drop_last")
+        why = (" (prediction_loss_only=True: the Trainer computes the loss alone; unset it for compute_metrics' "
+               "metrics)" if loss_only and not self.metric.endswith("_loss") else "")
         raise TrainingError(f"PBCallback: metric {self.metric!r} is not among the evaluation metrics "
-                            f"({', '.join(seen) or 'none'}): pass {given} one of them")
+                            f"({', '.join(seen) or 'none'}){why}: pass {given} one of them")
 
     def _refuse_a_round_without_metric(self) -> None:
         """After an evaluation round (the Trainer saves, trains on or ends next): datasets were

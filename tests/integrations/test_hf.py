@@ -260,6 +260,11 @@ def test_refusals_are_one_line_pb_errors(tmp_path, perforated_bert):
             as refused:
         trainer.train()
     assert "runtime" not in str(refused.value) and "epoch," not in str(refused.value)  # (no bookkeeping entries)
+    assert "prediction_loss_only" not in str(refused.value)
+    trainer, _ = _trainer(tmp_path, PBCallback(QUICK, metric="f1"), perforated_bert(), prediction_loss_only=True)
+    with pytest.raises(TrainingError, match=r"\(eval_loss\) \(prediction_loss_only=True: the Trainer computes the "
+                                            r"loss alone; unset it"):
+        trainer.train()
     # the Trainer's own metric_for_best_model, mistyped: the message names that argument, not metric=
     trainer, _ = _trainer(tmp_path, PBCallback(QUICK), perforated_bert(), metric_for_best_model="acuracy")
     with pytest.raises(TrainingError, match="'eval_acuracy' is not among .*: pass metric_for_best_model= one of them"):
