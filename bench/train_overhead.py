@@ -22,7 +22,8 @@ large blocks to the OS, so the resident set follows live tensors).
 Targets: dendrite-phase step (split, either stride) <= 1.5x plain (pool 4);
 neuron-phase step <= 1.2x plain x (perforated FLOPs / plain FLOPs). The layer-kernel ratio
 (conv, matmul and norm kernels only, from torch.profiler) is the floor the step ratio would reach
-if all other work were free.
+if all other work were free. The profiler does not see pbp_fx.native's calls: in the rows with them, the
+candidates' norm is not in that floor, while in the ", torch ops" rows it is (torch's batch norm).
 
     python bench/train_overhead.py [--models mnist1d_cnn resnet_small] [--threads 1] [--pool 4]
     python bench/train_overhead.py --models resnet18 --batch 32 --rounds 3 --steps 1   # torchvision
@@ -71,7 +72,11 @@ class TorchvisionModel:
         self.name = name
 
     def build_model(self):
-        import torchvision
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise SystemExit(f"{self.name}: torchvision does not import ({exc}): run with an environment that has "
+                             "it (.venv-zoo/bin/python)") from exc
 
         return getattr(torchvision.models, self.name)(weights=None, num_classes=10)
 
@@ -367,6 +372,9 @@ def main(argv=None) -> int:
     if a.memory_of:
         print(json.dumps(step_peaks(a.memory_of, a.batch, a.pool, a.optimizer)))
         return 0
+    if a.batch < 2 * a.pool:  # (CandidatePool.splits: fewer than two samples a member, every member sees them all)
+        raise SystemExit(f"--batch {a.batch} --pool {a.pool}: the split rows would run the full-batch pool (a split "
+                         f"pool deals at least 2 samples to each member): give --batch {2 * a.pool} or more")
     cuda = a.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this torch sees no CUDA device; use --device cpu")
