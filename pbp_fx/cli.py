@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 from .config import ACTIVATION_NAMES, FRONTEND_HELP, FRONTENDS, PBConfig
-from .errors import PBError, PBWarning, Terminated, exited
+from .errors import NoSitesError, PBError, PBWarning, Terminated, exited
 from .fileio import check_output_dir, umask
 from .signals import import_torch_with_stops_held, interrupts_kept, stop_received
 
@@ -406,6 +406,11 @@ def _site_filter_args() -> tuple:
 
 
 # -- transform -----------------------------------------------------------------------------
+def _print_explained(explained: list) -> None:
+    print(_table([["op", "kind", "status"]] + [[r.name, r.kind, r.status + (f": {r.reason}" if r.reason else "")]
+                                               for r in explained], right=set()))
+
+
 @subcommand(
     "transform", "trace a model file, find its neuron sites and insert dendrite sites",
     arg("model", help="model file defining build_model() and example_inputs() (and optionally example_kwargs())"),
@@ -429,8 +434,16 @@ def transform(args: argparse.Namespace) -> int:
     model, inputs = instantiate(mod)
     kwargs = example_kwargs(mod)
     t1 = time.perf_counter()
-    pm = perforate(model, inputs, include=args.include, exclude=args.exclude, activation=args.activation,
-                   example_kwargs=kwargs, frontend=args.frontend)
+    try:
+        pm = perforate(model, inputs, include=args.include, exclude=args.exclude, activation=args.activation,
+                       example_kwargs=kwargs, frontend=args.frontend)
+    except NoSitesError:
+        if args.explain:  # (what --explain is for: why no layer became a site)
+            from .explain import explain_sites
+
+            _print_explained(explain_sites(model, inputs, args.include, args.exclude, example_kwargs=kwargs,
+                                           frontend=args.frontend))
+        raise
     t2 = time.perf_counter()
 
     rows = pm.summary()
@@ -479,8 +492,7 @@ def transform(args: argparse.Namespace) -> int:
 
         explained = explain_graph(pm.graph_module, pm.source_model, args.include, args.exclude)
         report["explain"] = [vars(r) for r in explained]
-        print(_table([["op", "kind", "status"]] + [[r.name, r.kind, r.status + (f": {r.reason}" if r.reason else "")]
-                                                   for r in explained], right=set()))
+        _print_explained(explained)
 
     if args.out:
         with atomic_output_dir(args.out) as tmp:

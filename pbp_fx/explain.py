@@ -59,6 +59,8 @@ def _kind(node: fx.Node, g: fx.GraphModule) -> str:
 
     if node.op == "call_module":
         return type(g.get_submodule(node.target)).__name__
+    if isinstance(node.target, torch._ops.OpOverload):  # (a torch.export graph's aten op: einsum, not einsum.default)
+        return node.target.overloadpacket.__name__
     return target_name(node.target)
 
 
@@ -112,7 +114,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
                 users = [u for u in node.users if u.op == "call_function" and explain_neuron(u, g) is None]
                 if users:
                     wrapped.setdefault(id(value), (_kind(users[0], g), users[0].target))
-                    contraction = next((u for u in users if u.target in _CONTRACTIONS), None)
+                    contraction = next((u for u in users if _is_contraction(u.target)), None)
                     if contraction is not None and value.dim() >= 2 and value.is_floating_point():
                         contracted.setdefault(id(value), (prefix + params.get(id(value), node.target),
                                                           _kind(contraction, g)))
@@ -155,6 +157,13 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
 
 # Tensor contractions that can hold a layer's product (a weight read by them is a layer in all but form).
 _CONTRACTIONS = (torch.einsum, torch.tensordot, torch.bmm, torch.baddbmm)
+
+
+def _is_contraction(target) -> bool:
+    """One of _CONTRACTIONS, as fx records it or as its aten op in a torch.export graph."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__ in {f.__name__ for f in _CONTRACTIONS}
+    return target in _CONTRACTIONS
 
 
 def _read_by(kind: str, target, frontend: Optional[str]) -> str:

@@ -2066,3 +2066,17 @@ def test_several_processes_are_refused_bad_input_before_they_start(tmp_path, cap
                        ([str(tmp_path / "nope.py")], "does not exist")]:
         rc, _, err = _run(["train", *argv, "--nproc", "2"], capsys)
         assert rc == 2 and err.count("\n") == 1 and said in err and "rank" not in err, err
+
+
+def test_transform_explain_explains_a_model_without_sites(tmp_path, capsys):
+    """--explain is for why no layer became a site, but the refusal of a model without sites came first,
+    with no table (a reviewer)."""
+    path = _write(tmp_path, "import torch\nimport torch.nn as nn\n\n\nclass M(nn.Module):\n"
+                            "    def __init__(self):\n        super().__init__()\n"
+                            "        self.W = nn.Parameter(torch.randn(6, 6))\n\n"
+                            "    def forward(self, x):\n        return torch.einsum('bi,ij->bj', x, self.W)\n\n\n"
+                            "def build_model():\n    return M()\n\n\ndef example_inputs():\n"
+                            "    return (torch.randn(4, 6),)\n")
+    rc, stdout, err = _run(["transform", path, "--explain"], capsys)
+    assert rc == 2 and "no Linear/Conv neuron sites" in err and err.count("\n") == 1, err
+    assert "W " in stdout and "not a site: read by einsum()" in stdout, stdout
