@@ -21,8 +21,8 @@ import numpy as np
 from pbp_fx.config import ConfigError
 from pbp_fx.errors import PBError
 
-__all__ = ["ort_session", "run", "available_providers", "output_difference", "RuntimeUnavailableError", "RunInputError", "OnnxLoadError",
-           "BatchSizeError", "CPU", "CUDA"]
+__all__ = ["ort_session", "run", "check_shapes", "available_providers", "output_difference", "RuntimeUnavailableError",
+           "RunInputError", "OnnxLoadError", "BatchSizeError", "CPU", "CUDA"]
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,9 @@ def run(session, inputs: Union[Mapping[str, Any], Sequence[Any], np.ndarray]) ->
         unknown = sorted(set(inputs) - set(types))
         if unknown:
             raise RunInputError(f"unknown input name(s) {unknown}: the model takes {list(types)}")
+        missing = [n for n in types if n not in inputs]
+        if missing:
+            raise RunInputError(f"missing input(s) {missing}: the model takes {list(types)}")
         feed = {k: _to_numpy(v, types[k]) for k, v in inputs.items()}
     else:
         if not isinstance(inputs, (tuple, list)):
@@ -180,9 +183,47 @@ def run(session, inputs: Union[Mapping[str, Any], Sequence[Any], np.ndarray]) ->
         if len(inputs) != len(specs):
             raise RunInputError(f"got {len(inputs)} input(s), the model takes {len(specs)}: {list(types)}")
         feed = {s.name: _to_numpy(v, s.type) for s, v in zip(specs, inputs)}
+    check_shapes([feed[s.name] for s in specs], specs)
     _check_batch(session, feed)
     _check_axes(session, feed)
     return session.run(None, feed)
+
+
+# How export_onnx makes a fixed size dynamic: the fix a shape refusal names (`check_shapes`).
+_API_SHAPE_FIXES = {"batch": "export with dynamic_batch=True to make the batch dynamic",
+                    "dim": "export with dynamic_axes={{{input!r}: {{{dim}: NAME}}}} to make that dim dynamic"}
+
+
+def check_shapes(arrays: Sequence[np.ndarray], specs: Sequence, labels: Optional[Sequence[str]] = None,
+                 model: str = "the file", fixes: Optional[dict] = None) -> None:
+    """Each input's shape against the file's input `specs` (session.get_inputs()): its rank, its fixed sizes,
+    and one size per named (dynamic) axis across the inputs; a RunInputError names the input, the dim and
+    the fix (`fixes`: how to make a size dynamic, "batch" and "dim"; default: export_onnx's arguments).
+    labels: what to call each input (default: its name in the file)."""
+    fixes = fixes or _API_SHAPE_FIXES
+    sizes: dict = {}
+    for label, array, spec in zip(labels or [repr(s.name) for s in specs], arrays, specs):
+        want = list(spec.shape or [])
+        if len(want) != array.ndim:
+            raise RunInputError(f"input {label} has shape {list(array.shape)} but {model} input {spec.name!r} has "
+                                f"{len(want)} dims {want}: give it that shape")
+        fixed, got_sizes = [s for s in want[1:] if isinstance(s, int)], list(array.shape[1:])
+        if len(fixed) == len(want) - 1 > 1 and sorted(fixed) == sorted(got_sizes) and fixed != got_sizes:
+            raise RunInputError(f"input {label} has shape {list(array.shape)}, {model} input {spec.name!r} takes "
+                                f"{want}: the same sizes in another order (channels last?): give it in the file's "
+                                "layout, e.g. np.moveaxis(x, -1, 1) for [N, H, W, C] to [N, C, H, W]")
+        for dim, (got, size) in enumerate(zip(array.shape, want)):
+            if isinstance(size, int) and size != got:
+                fix = fixes["batch"] if dim == 0 else (fixes["dim"].format(input=spec.name, dim=dim) + ", where the "
+                                                       "model does not fix it (a length, an image size; not its "
+                                                       "channels or features)")
+                raise RunInputError(f"input {label} has size {got} in dim {dim}, which {model} fixes to {size} "
+                                    f"(input {spec.name!r}, {want}): pass that size, or {fix}")
+            if isinstance(size, str) and size:
+                seen = sizes.setdefault(size, (got, label))
+                if seen[0] != got:
+                    raise RunInputError(f"inputs {seen[1]} and {label} disagree on axis {size!r} ({seen[0]} and "
+                                        f"{got}): give them one size there")
 
 
 def _check_axes(session, feed: dict) -> None:

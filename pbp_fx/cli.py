@@ -1037,32 +1037,9 @@ def _write_npz(f, arrays: dict) -> None:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
-def _check_shapes(model: str, files: list, arrays: list, specs: list) -> None:
-    """Each input's shape against the file's: its rank, its fixed sizes, and one size per named
-    (dynamic) axis across the inputs; a refusal names the input, the dim and the fix."""
-    sizes: dict = {}
-    for name, array, spec in zip(files, arrays, specs):
-        want = list(spec.shape or [])
-        if len(want) != array.ndim:
-            raise PBError(f"input {name} has shape {list(array.shape)} but {model} input {spec.name!r} has "
-                          f"{len(want)} dims {want}: save it with that shape")
-        fixed = [s for s in want[1:] if isinstance(s, int)]
-        if len(fixed) == len(want) - 1 > 1 and sorted(fixed) == sorted(array.shape[1:]) and fixed != list(array.shape[1:]):
-            raise PBError(f"input {name} has shape {list(array.shape)}, {model} input {spec.name!r} takes {want}: the "
-                          "same sizes in another order (channels last?): save it in the file's layout, e.g. "
-                          "np.moveaxis(x, -1, 1) for [N, H, W, C] to [N, C, H, W]")
-        for dim, (got, size) in enumerate(zip(array.shape, want)):
-            if isinstance(size, int) and size != got:
-                fix = ("export without --static-batch to make the batch dynamic" if dim == 0 else
-                       f"export with --dynamic-axis {spec.name}:{dim}=NAME to make that dim dynamic, where the "
-                       "model does not fix it (a length, an image size; not its channels or features)")
-                raise PBError(f"input {name} has size {got} in dim {dim}, which {model} fixes to {size} (input "
-                              f"{spec.name!r}, {want}): pass that size, or {fix}")
-            if isinstance(size, str) and size:
-                seen = sizes.setdefault(size, (got, name))
-                if seen[0] != got:
-                    raise PBError(f"inputs {seen[1]} and {name} disagree on axis {size!r} ({seen[0]} and {got}): "
-                                  "give them one size there")
+# How `pbp-fx export` makes a fixed size dynamic: the fix a shape refusal names (`check_shapes`).
+_CLI_SHAPE_FIXES = {"batch": "export without --static-batch to make the batch dynamic",
+                    "dim": "export with --dynamic-axis {input}:{dim}=NAME to make that dim dynamic"}
 
 
 def _is_npy(path: str) -> bool:
@@ -1089,7 +1066,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .exporters import RuntimeUnavailableError, ort_session, run
-    from .exporters.ort import one_line
+    from .exporters.ort import check_shapes, one_line
     from .fileio import atomic_write
 
     if os.path.isdir(args.model):
@@ -1138,7 +1115,7 @@ def run_onnx(args: argparse.Namespace) -> int:
         if want is not None and str(array.dtype) != want:
             raise PBError(f"input {name} is {array.dtype} but {args.model} input {spec.name!r} takes {want}: "
                           f"save it as {want} (array.astype(numpy.{want}))")
-    _check_shapes(args.model, args.input, arrays, specs)
+    check_shapes(arrays, specs, args.input, args.model, _CLI_SHAPE_FIXES)
     try:
         outputs = run(session, tuple(arrays))
     except PBError:

@@ -124,6 +124,16 @@ def test_run_bad_inputs(add_model):
         run(sess, (a,))
     with pytest.raises(RunInputError, match="unknown input"):
         run(sess, {"a": a, "c": a})
+    # What the file cannot take came back as onnxruntime's own InvalidArgument / Fail / ValueError (a reviewer)
+    with pytest.raises(RunInputError, match=r"^missing input\(s\) \['b'\]: the model takes \['a', 'b'\]"):
+        run(sess, {"a": a})
+    with pytest.raises(RunInputError, match=r"^input 'a' has size 4 in dim 1, which the file fixes to 3 .*: pass that "
+                                            r"size, or export with dynamic_axes=\{'a': \{1: NAME\}\}"):
+        run(sess, (np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32)))
+    with pytest.raises(RunInputError, match=r"^input 'a' has shape \[3\] but the file input 'a' has 2 dims"):
+        run(sess, (np.zeros(3, np.float32), a))
+    with pytest.raises(RunInputError, match=r"^inputs 'a' and 'b' disagree on axis 'batch' \(1 and 2\)"):
+        run(sess, (a, np.zeros((2, 3), np.float32)))
 
 
 def test_available_providers():
