@@ -1,7 +1,10 @@
 """Small models shared by several test modules: one that only the "parts" frontend captures (the
 find_sites and checkpoint tests), a layer with a functional dropout (tracing, perforated), a root
 that writes a buffer fx drops (tracing, checkpoint) and a leaf that reads its layer's attributes
-(finalize, ONNX); a layer reshaped to a size given as an input (tracing, signature)."""
+(finalize, ONNX); a layer reshaped to a size given as an input (tracing, signature); a model that returns
+an OrderedDict, which fx writes as a plain dict (perforated, finalize)."""
+import collections
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -106,3 +109,13 @@ class Reshapes(nn.Module):
 
     def forward(self, x, size):
         return self.fc(x).reshape(size)
+
+
+class OrderedOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return collections.OrderedDict(hidden=h, logits=self.b(h))

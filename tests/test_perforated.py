@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pbp_fx
-from parts_models import FunctionalDropout
+from parts_models import FunctionalDropout, OrderedOut
 from pbp_fx.config import ConfigError
 from pbp_fx.site import CandidatePool, FusedSite, SwappedNeuron
 
@@ -1939,29 +1939,17 @@ def test_a_partial_state_loaded_with_strict_false_leaves_the_sites_it_does_not_h
         assert torch.equal(pm(x), first_phase(x))
 
 
-class _OrderedOut(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
-
-    def forward(self, x):
-        import collections
-
-        h = torch.relu(self.a(x))
-        return collections.OrderedDict(hidden=h, logits=self.b(h))
-
-
 def test_a_dict_subclass_output_keeps_its_class_under_fx_through_copy_and_checkpoint(tmp_path):
     """fx writes a dict subclass (OrderedDict, a Hugging Face ModelOutput) as a plain dict."""
     x = torch.randn(5, 3)
-    model = _OrderedOut()
+    model = OrderedOut()
     pm = pbp_fx.perforate(model, (x,), frontend="fx")
     out = pm(x)
     assert type(out) is type(model(x)) and list(out) == ["hidden", "logits"]
     assert torch.equal(out["logits"], model(x)["logits"])
     assert type(copy.deepcopy(pm)(x)) is type(out)
     pbp_fx.save(pm, str(tmp_path / "m.safetensors"))
-    assert type(pbp_fx.load(str(tmp_path / "m.safetensors"), _OrderedOut)(x)) is type(out)
+    assert type(pbp_fx.load(str(tmp_path / "m.safetensors"), OrderedOut)(x)) is type(out)
     plain = pbp_fx.perforate(nn.Sequential(nn.Linear(3, 2)), (x,), frontend="fx")
     assert plain.graph_module.meta["pbp_out_spec"] is None  # (a tensor, a plain dict: nothing to rebuild)
 

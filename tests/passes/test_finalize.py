@@ -1,5 +1,4 @@
 """passes.finalize: one FusedSite per site with K >= 1, plain layers for K = 0, input untouched."""
-import collections
 import dataclasses
 
 import pytest
@@ -9,7 +8,7 @@ from torch import fx, nn
 from transformers.utils import ModelOutput
 
 import pbp_fx
-from parts_models import ReadsItsLayer, grown_leaf_reader
+from parts_models import OrderedOut, ReadsItsLayer, grown_leaf_reader
 from pbp_fx.passes import finalize, fuse_site
 from pbp_fx.passes.finalize import FUSED_ATTR
 from pbp_fx.passes.insert_dendrites import SITES_ATTR
@@ -401,29 +400,19 @@ def test_a_finalized_conv_model_converts_to_channels_last(pb):
 
 
 
-class _Ordered(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        return collections.OrderedDict(hidden=h, logits=self.b(h))
-
-
 @dataclasses.dataclass
 class _HeadOutput(ModelOutput):
     logits: torch.Tensor = None
     hidden: tuple = None
 
 
-class _Head(_Ordered):
+class _Head(OrderedOut):
     def forward(self, x):
         h = torch.relu(self.a(x))
         return _HeadOutput(logits=self.b(h), hidden=(x, h))
 
 
-@pytest.mark.parametrize("model_class", [_Ordered, _Head])
+@pytest.mark.parametrize("model_class", [OrderedOut, _Head])
 def test_a_finalized_fx_capture_returns_the_structure_the_model_returned(model_class, tmp_path):
     """fx writes a ModelOutput (an OrderedDict) as a plain dict: the finalized model returned that
     dict (`final(x).logits` failed), through pickling and torch.export alike."""
