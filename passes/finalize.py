@@ -161,8 +161,10 @@ def _return_as_traced(gm: fx.GraphModule) -> None:
     if spec is None or not (dataclasses.is_dataclass(spec.type) or spec.type is collections.OrderedDict):
         return
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    with gm.graph.inserting_before(output):
-        built = gm.graph.call_function(spec.type, kwargs=dict(output.args[0]))
+    written = dict(output.args[0])
+    with gm.graph.inserting_before(output):  # (an OrderedDict from its pairs: its keys need not be identifiers)
+        built = (gm.graph.call_function(spec.type, kwargs=written) if dataclasses.is_dataclass(spec.type) else
+                 gm.graph.call_function(spec.type, (list(written.items()),)))
     built.meta["is_wrapped"] = True  # (a leaf to the trace that unpickles the graph, which would write a dict again)
     output.args = (built,)
     gm.recompile()

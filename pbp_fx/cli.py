@@ -748,8 +748,10 @@ def train(args: argparse.Namespace) -> int:
         device = training_device(args.device or "auto", max(args.nproc, world))
     if args.nproc > 1 and world == 1:
         # The launcher: the same command on N processes (each sees torchrun's environment).
-        if args.resume is None:  # (before the processes start, each to say the same)
-            refuse_unrunnable(args.model, config, args.out or os.path.join("runs", run_name(args.model)))
+        if args.resume is None:  # (before the processes start; rank 0 gives the model file's warnings)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                refuse_unrunnable(args.model, config, args.out or os.path.join("runs", run_name(args.model)))
         if training.batch_size % args.nproc:
             if args.resume is not None:  # its batch is the run's own: the process count is what can change
                 raise PBError(f"--nproc {args.nproc}: the run in {args.resume} trains with a global batch of "

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import numbers
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -70,7 +71,7 @@ MAX_TIMEOUT = 1e8
 
 def timeout_problem(timeout) -> Optional[str]:
     """Why `timeout` (seconds) is no timeout a process group takes, or None."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout <= MAX_TIMEOUT):
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not (0 < timeout <= MAX_TIMEOUT):
         return f"must be a number of seconds greater than 0 and at most {MAX_TIMEOUT:g} (about 3 years)"
     return None
 _FAILED = "pbp_fx/failed/"
@@ -206,7 +207,7 @@ class Distributed:
         # The statistics all-reduces run inside backward, while DDP's bucket all-reduces are
         # in flight on `group`: a group of their own keeps both sequences in step on every rank.
         self._ranks = list(range(self.world_size)) if group is None else dist.get_process_group_ranks(group)
-        self.stats_group = dist.new_group(self._ranks, timeout=timedelta(seconds=timeout)) \
+        self.stats_group = dist.new_group(self._ranks, timeout=timedelta(seconds=float(timeout))) \
             if self.world_size > 1 else None
         self._reducer = StatsReducer(self.stats_group, self.world_size, self.rank)
         self._wrappers: dict[int, tuple] = {}  # id(pm) -> (DDP wrapper, its parameter ids)
@@ -227,7 +228,7 @@ class Distributed:
         if dist.is_initialized():
             raise DistributedError("the default process group is already initialised: use Distributed() instead")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        td = timedelta(seconds=timeout)
+        td = timedelta(seconds=float(timeout))
         if store is None:
             missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
             if missing:

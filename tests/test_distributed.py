@@ -905,3 +905,13 @@ def test_a_timeout_no_process_group_takes_is_refused_before_anything_starts(time
     with pytest.raises(DistributedError, match=r"timeout=.*must be a number of seconds greater than 0 and at most"):
         Distributed.init("gloo", timeout=timeout)
     assert not torch.distributed.is_initialized()
+
+
+def test_a_numpy_timeout_is_a_number_of_seconds():
+    """np.int64(600) was refused as no number (a reviewer)."""
+    import numpy as np
+
+    from pbp_fx.distributed import timeout_problem
+
+    assert timeout_problem(np.int64(600)) is None and timeout_problem(np.float32(0.5)) is None
+    assert timeout_problem(np.int64(0)) is not None

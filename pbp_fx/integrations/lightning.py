@@ -70,9 +70,8 @@ class PBCallback(Callback):
         self._unchecked_finite: list = []  # EarlyStopping indices whose check_finite the fit holds (see below)
         self._before_validation: dict = {}  # callback_metrics as a validation run began (see on_validation_end)
         self._warned_not_validation = False
-        self._forward_hook = None  # on the perforated model while fitting: it notes a training forward
-        self._trained_since_step: Optional[bool] = None  # whether pm ran a training forward since the last step
-        self._steps_at_step = 0  # trainer.global_step at the last step
+        self._steps_at_check = 0  # trainer.global_step at the last validation (or the training's start)
+        self._pm_had_gradients = False  # since then, after a backward (automatic optimization)
 
     # -- checkpoints: Lightning saves and restores a callback's state_dict -----------------
     def state_dict(self) -> dict:
@@ -148,7 +147,6 @@ class PBCallback(Callback):
                                "gain start a dendrite phase), so no dendrite is added: give EarlyStopping a patience "
                                "above PB's, or leave the run's end to PBCallback")
         pm = find_perforated(pl_module, "PBCallback")
-        self._watch_training_forwards(pm, trainer)
         if self._structure_hook is not None:  # the checkpoint (if any) is loaded: later loads are PB's own
             self._structure_hook.remove()
             self._structure_hook = None
@@ -215,38 +213,32 @@ class PBCallback(Callback):
             # Lightning's smoke test (a batch or a few, then one validation) checks the wiring: the
             # metric is logged. It is no epoch of the run: a fit after it starts PB afresh.
             return
-        self._refuse_untrained(trainer)
+        self._refuse_untrained(trainer, pl_module)
         decision = self.controller.step(float(metrics[self.monitor]))
         self._hold_early_stopping(trainer)
         if decision is Decision.COMPLETE:
             trainer.should_stop = True
 
-    def _watch_training_forwards(self, pm, trainer) -> None:
-        if self._forward_hook is not None:
-            self._forward_hook.remove()
-        self._trained_since_step, self._steps_at_step = False, trainer.global_step
+    def on_train_start(self, trainer, pl_module):
+        self._steps_at_check = trainer.global_step  # (after a resume's restore: on_fit_start comes before it)
+        self._pm_had_gradients = False
 
-        def note(module, args, output):
-            if module.training and torch.is_grad_enabled():
-                self._trained_since_step = True
+    def on_after_backward(self, trainer, pl_module):
+        if not self._pm_had_gradients and self.controller is not None:  # (once a validation interval)
+            self._pm_had_gradients = any(p.grad is not None for p in self.controller.pm.parameters() if p.requires_grad)
 
-        self._forward_hook = pm.register_forward_hook(note)
-
-    def _refuse_untrained(self, trainer) -> None:
-        """The optimizer stepped since the last validation, but the perforated model never ran in training:
-        training_step calls another module (the model perforate copied), and PB's first dendrite phase
-        would end in torch's "does not require grad" a whole neuron phase later."""
-        if not self._trained_since_step and trainer.global_step > self._steps_at_step:
-            raise TrainingError("PBCallback: the optimizer stepped, but the perforated model never ran in training "
-                                "since the last validation: training_step calls another module (perforate returns "
+    def _refuse_untrained(self, trainer, pl_module) -> None:
+        """The optimizer stepped since the last validation, but no backward reached the perforated model:
+        training_step trains another module (the model perforate copied), and PB's first dendrite phase would
+        end in torch's "does not require grad" a whole neuron phase later. Automatic optimization only (a
+        manual loop may call backward where Lightning does not see it)."""
+        stepped, trained = trainer.global_step > self._steps_at_check, self._pm_had_gradients
+        self._steps_at_check, self._pm_had_gradients = trainer.global_step, False
+        if stepped and not trained and pl_module.automatic_optimization:
+            raise TrainingError("PBCallback: the optimizer stepped, but no backward reached the perforated model "
+                                "since the last validation: training_step trains another module (perforate returns "
                                 "a copy and leaves the model it was given as it was): call the perforated model "
                                 "(self.model = pbp_fx.perforate(...); self.model(x)) in training_step")
-        self._trained_since_step, self._steps_at_step = False, trainer.global_step
-
-    def _stop_watching(self) -> None:
-        if self._forward_hook is not None:
-            self._forward_hook.remove()
-            self._forward_hook = None
 
     def _not_logged(self, metrics, logged) -> str:
         if self.monitor in logged:  # sent to the loggers, but not aggregated over the run
@@ -317,13 +309,11 @@ class PBCallback(Callback):
                                 "pb/parameters": float(pm.num_parameters())}, on_step=False, on_epoch=True)
 
     def on_exception(self, trainer, pl_module, exception):
-        self._stop_watching()
         self._give_back_finite_checks(trainer)
         self._give_back_patience(trainer)  # (a stop inside a dendrite phase: the controller is back in a neuron one)
 
     def on_fit_end(self, trainer, pl_module):
         self._fitting = False
-        self._stop_watching()
         ctl = self.controller
         if trainer.fast_dev_run and ctl is not None and not ctl.history:
             self.controller = None  # (not finished: the next fit builds its own on its own optimizer)

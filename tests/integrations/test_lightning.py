@@ -609,10 +609,32 @@ def test_a_perforated_model_that_never_trains_is_refused_at_the_first_validation
     phase's backward with torch's "does not require grad" (a reviewer)."""
     train, val = digits_loaders()
     trainer = _trainer(PBCallback(QUICK), max_epochs=6)
-    with pytest.raises(TrainingError, match="the perforated model never ran in training since the last validation: "
-                                            "training_step calls another module"):
+    with pytest.raises(TrainingError, match="no backward reached the perforated model since the last validation: "
+                                            "training_step trains another module"):
         trainer.fit(TrainsTheOriginal(small_cnn()), train, val)
     assert trainer.current_epoch == 0 and trainer.callbacks[0].controller.history == []
+
+
+class CallsForward(Classifier):
+    """training_step calls self.model.forward(x), which runs no module hook (a check by forward hook refused it)."""
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return F.cross_entropy(self.model.forward(x), y)
+
+
+def test_a_perforated_model_trained_through_forward_is_not_refused_and_pickles_while_fitting(tmp_path):
+    class Pickles(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            torch.save(pl_module.model, tmp_path / "pm.pt")  # (a hook of the check's own on pm did not pickle)
+
+    train, val = digits_loaders()
+    trainer = L.Trainer(max_epochs=2, callbacks=[PBCallback(QUICK), Pickles()], accelerator="cpu", devices=1,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        enable_checkpointing=False)
+    trainer.fit(CallsForward(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
+    assert trainer.current_epoch == 2 and (tmp_path / "pm.pt").exists()
+    assert type(torch.load(tmp_path / "pm.pt", weights_only=False)).__name__ == "PerforatedModel"
 
 
 def test_a_barebones_fit_is_refused_before_any_step():
