@@ -361,13 +361,13 @@ class WidthBuilder:
     def _params_at(self, model: nn.Module, width: float) -> int:
         """params(model) of the model built at `width`: one whose forward fails there but not at width 1
         (a size the model file fixes, a buffer sized for its own width) is a width it cannot be built at."""
-        if width == 1:
-            return self.params(model)
         try:
             return self.params(model)
         except PBError:
             raise
         except Exception as exc:  # noqa: BLE001 - the model file's forward at a width it does not take
+            if width == 1:  # (the model as built: an error of the model file)
+                raise
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise WidthError(f"the model at width {width:g} fails its forward on the example inputs "
                              f"({type(exc).__name__}: {first}): it fixes a size that the width changes") from exc
