@@ -715,8 +715,9 @@ def train(args: argparse.Namespace) -> int:
 
     if args.nproc is not None and args.nproc < 1:
         raise PBError(f"--nproc {args.nproc}: must be at least 1")
-    if args.dist_timeout is not None and timeout_problem(args.dist_timeout):
-        raise PBError(f"--dist-timeout {args.dist_timeout:g}: {timeout_problem(args.dist_timeout)}")
+    problem = None if args.dist_timeout is None else timeout_problem(args.dist_timeout)
+    if problem:
+        raise PBError(f"--dist-timeout {args.dist_timeout:g}: {problem}")
     world = torchrun_world_size()
     if args.resume is not None:
         given = [f for f, v in vars(args).items() if v is not None and (f in _SETTING_DESTS or f == "out")]

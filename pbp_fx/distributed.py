@@ -74,6 +74,8 @@ def timeout_problem(timeout) -> Optional[str]:
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not (0 < timeout <= MAX_TIMEOUT):
         return f"must be a number of seconds greater than 0 and at most {MAX_TIMEOUT:g} (about 3 years)"
     return None
+
+
 _FAILED = "pbp_fx/failed/"
 
 
@@ -182,8 +184,9 @@ class Distributed:
 
     def __init__(self, group=None, *, device=None, store=None, timeout: float = DEFAULT_TIMEOUT,
                  owns_group: bool = False):
-        if timeout_problem(timeout):
-            raise DistributedError(f"Distributed(timeout={timeout!r}): {timeout_problem(timeout)}")
+        problem = timeout_problem(timeout)
+        if problem:
+            raise DistributedError(f"Distributed(timeout={timeout!r}): {problem}")
         if not dist.is_available() or not dist.is_initialized():
             raise DistributedError("torch.distributed is not initialised: use Distributed.init() "
                                    "(under torchrun) or call init_process_group first")
@@ -223,8 +226,9 @@ class Distributed:
         rank stops with an error. store/rank/world_size: an explicit rendezvous (a
         torch.distributed Store); by default torchrun's environment (env://).
         """
-        if timeout_problem(timeout):
-            raise DistributedError(f"Distributed.init(timeout={timeout!r}): {timeout_problem(timeout)}")
+        problem = timeout_problem(timeout)
+        if problem:
+            raise DistributedError(f"Distributed.init(timeout={timeout!r}): {problem}")
         if dist.is_initialized():
             raise DistributedError("the default process group is already initialised: use Distributed() instead")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")

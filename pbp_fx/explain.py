@@ -157,12 +157,13 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
 
 # Tensor contractions that can hold a layer's product (a weight read by them is a layer in all but form).
 _CONTRACTIONS = (torch.einsum, torch.tensordot, torch.bmm, torch.baddbmm)
+_CONTRACTION_NAMES = frozenset(f.__name__ for f in _CONTRACTIONS)  # (their aten ops' names in a torch.export graph)
 
 
 def _is_contraction(target) -> bool:
     """One of _CONTRACTIONS, as fx records it or as its aten op in a torch.export graph."""
     if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__ in {f.__name__ for f in _CONTRACTIONS}
+        return target.overloadpacket.__name__ in _CONTRACTION_NAMES
     return target in _CONTRACTIONS
 
 

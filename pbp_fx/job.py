@@ -304,7 +304,7 @@ def resumed_identity(saved: dict, now: dict) -> dict:
 
 def refuse_frozen_model(model: nn.Module, error: type) -> None:
     """Before any work: a model with no trainable parameter (every arm and phase would have nothing to step)."""
-    if not any(True for _ in model.parameters()):  # (none at all: "every one is frozen" would mislead)
+    if next(model.parameters(), None) is None:  # (none at all: "every one is frozen" would mislead)
         raise error("the model has no parameters: nothing trains, and PB has no Linear or Conv layer to add "
                     "dendrites to; give build_model a model with Linear or Conv layers")
     if not any(p.requires_grad for p in model.parameters()):
