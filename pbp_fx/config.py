@@ -349,7 +349,13 @@ def _settings_of_a_run(data: dict, where: str) -> dict:
     missing = object()
     for key, value in data.items():
         name = key.replace("-", "_")
-        if name in names and settings.get(name, missing) != value:
+        inside = settings.get(name, missing)
+        if name in names and inside is not missing and inside != value:  # (an edit of one copy: which one is meant?)
+            mapping = "config" if name in data["config"] else "training"
+            raise ConfigError(f"{where}: {name!r} is {inside!r} in its {mapping!r} mapping but {value!r} beside it "
+                              f"(the run's record of it): give both copies the value meant, or drop {key!r} "
+                              "beside the mappings")
+        if name in names and inside is missing:
             raise ConfigError(f"{where}: {key!r} beside its \"config\" and \"training\" mappings is not read (in a "
                               f"run's summary the settings are inside them): set {name!r} inside them, or write one "
                               "flat mapping of settings")

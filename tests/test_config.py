@@ -269,8 +269,19 @@ def test_a_setting_beside_a_summarys_mappings_is_refused(tmp_path):
     assert read_settings(str(path)) == (PBConfig().to_dict(), TrainConfig().to_dict())
     for extra, name in (({"pool": 2}, "pool"), ({"seed": 9}, "seed"), ({"maximize": False}, "maximize")):
         path.write_text(json.dumps({**summary, **extra}))
-        with pytest.raises(ConfigError, match=f"'{name}' beside its \"config\" and \"training\" mappings is not "
-                                              f"read .*set '{name}' inside them"):
+        with pytest.raises(ConfigError, match=f"'{name}' is .* in its '(config|training)' mapping but "):
+            read_settings(str(path))
+    config = {k: v for k, v in summary["config"].items() if k != "pool"}  # (a hand-written file of both shapes)
+    path.write_text(json.dumps({**summary, "config": config, "pool": 2}))
+    with pytest.raises(ConfigError, match="'pool' beside its \"config\" and \"training\" mappings is not read .*set "
+                                          "'pool' inside them"):
+        read_settings(str(path))
+    # the documented edit, inside the mappings, beside the run's unchanged record: both copies named
+    for mapping, name in (("training", "seed"), ("config", "maximize")):
+        edited = {**summary, mapping: {**summary[mapping], name: not summary[name] if name == "maximize" else 3}}
+        path.write_text(json.dumps(edited))
+        with pytest.raises(ConfigError, match=f"'{name}' is (3|False) in its '{mapping}' mapping but (0|True) beside "
+                                              f"it .*give both copies the value meant, or drop '{name}'"):
             read_settings(str(path))
 
 
