@@ -848,14 +848,18 @@ def _model_module(ref: str):
     """A model file path, or the dotted name of a built-in model module."""
     import importlib
 
-    from .modelfile import load_model_file
+    from .modelfile import check_contract, load_model_file
 
     if ref.endswith(".py") or os.sep in ref:
         return load_model_file(ref, as_script=True)
     try:
-        return importlib.import_module(ref)
+        mod = importlib.import_module(ref)
     except ImportError as exc:
         raise PBError(f"model {ref!r} is neither a model file nor an importable module: pass --model FILE") from exc
+    try:
+        return check_contract(mod, f"module {ref!r}")
+    except PBError as exc:  # (`--model json`: a module, but no model's)
+        raise PBError(f"{exc}; pass the model file with --model FILE") from None
 
 
 @subcommand(

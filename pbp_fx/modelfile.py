@@ -88,19 +88,25 @@ def load_model_file(path: str | os.PathLike, as_script: bool = False) -> ModuleT
             setattr(mod, n, _run_importable(f, folder))
     if as_script and folder not in sys.path:
         sys.path.append(folder)  # (last: the process's own imports keep finding what they found)
+    return check_contract(mod, f"model file {path!r}")
+
+
+def check_contract(mod: ModuleType, what: str) -> ModuleType:
+    """`mod` itself, when it defines build_model() and example_inputs() as functions; ModelFileError
+    naming `what` ("model file 'm.py'") otherwise."""
     modules = [n for n in REQUIRED if isinstance(getattr(mod, n, None), nn.Module)]
     if modules:
-        raise ModelFileError(f"model file {path!r} sets {modules[0]} to a module, not a function: define "
+        raise ModelFileError(f"{what} sets {modules[0]} to a module, not a function: define "
                              f"def {modules[0]}(): return ... (a new model for each call)")
     values = [n for n in REQUIRED if getattr(mod, n, None) is not None and not callable(getattr(mod, n))]
     if values:  # (`example_inputs = (x,)`: a value where a function is asked)
         kind = type(getattr(mod, values[0])).__name__
-        raise ModelFileError(f"model file {path!r} sets {values[0]} to a value ({kind}), not a function: define "
+        raise ModelFileError(f"{what} sets {values[0]} to a value ({kind}), not a function: define "
                              f"def {values[0]}(): return ...")
     missing = [n for n in REQUIRED if not callable(getattr(mod, n, None))]
     if missing:
         raise ModelFileError(
-            f"model file {path!r} does not define {' and '.join(f'{n}()' for n in missing)}: "
+            f"{what} does not define {' and '.join(f'{n}()' for n in missing)}: "
             "a model file needs build_model() -> nn.Module and example_inputs() -> tuple")
     return mod
 

@@ -1424,6 +1424,10 @@ def test_export_refuses_conflicting_sources_a_moved_model_file_and_another_front
     rc, _, err = _run(["export", ckpt, "--model", model, "--frontend", "fx", "-o", out], capsys)
     assert rc == 2 and "was captured with export; --frontend fx would capture another graph: drop --frontend" in err
     assert not os.path.exists(out)
+    # a module name that is no model's ("--model json") was an AttributeError of its missing build_model
+    rc, _, err = _run(["export", ckpt, "--model", "json", "-o", out], capsys)
+    assert rc == 2 and err.count("\n") == 1 and not os.path.exists(out)
+    assert "module 'json' does not define build_model() and example_inputs()" in err and "--model FILE" in err
     assert _run(["export", ckpt, "--model", model, "-o", out], capsys)[0] == 0
 
 
