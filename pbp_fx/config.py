@@ -251,6 +251,19 @@ class PBConfig(_Settings):
         return [n for n in self.DENDRITE_PHASE_ONLY if getattr(self, n) != getattr(default, n)]
 
 
+def adds_no_dendrite(config: PBConfig, training: "TrainConfig") -> Optional[str]:
+    """Why a run of these settings ends before its first neuron phase can (so it adds no dendrite), or None.
+    That phase ends `patience` epochs after its first (a best), or at `neuron_epochs`."""
+    first_end = config.patience + 1 if config.neuron_epochs is None else min(config.patience + 1,
+                                                                              config.neuron_epochs)
+    if training.epochs >= first_end:
+        return None
+    by = f"patience {config.patience}" + ("" if config.neuron_epochs is None else
+                                          f", neuron_epochs {config.neuron_epochs}")
+    return (f"epochs {training.epochs} ends the run before its first neuron phase can end (at epoch {first_end} at "
+            f"the earliest: {by}), so no dendrite is added: lower patience (or set neuron_epochs), or raise epochs")
+
+
 @dataclass(frozen=True)
 class TrainConfig(_Settings):
     """How a job trains (not PB settings): epochs, learning rate, batch, seed, capture frontend."""

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from .checkpoint import FORMAT_V1, load, read_meta, save
-from .config import ConfigError, PBConfig, TrainConfig
+from .config import ConfigError, PBConfig, TrainConfig, adds_no_dendrite
 from .controller import NOTHING_TRAINS, PhaseController, default_optimizer
 from .errors import DataError, ModelFileError, PBError, PBWarning, TrainingError, exited, warn_at_user
 from .fileio import atomic_write, check_output_dir, make_folders, remove_empty
@@ -742,6 +742,9 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             warn_at_user(f"mode 'gd' grows random dendrites and runs no dendrite phase: {', '.join(unused)} "
                          f"{'is' if len(unused) == 1 else 'are'} not used (drop {'it' if len(unused) == 1 else 'them'}, "
                          "or train with mode 'pb')")
+        short = adds_no_dendrite(config, training)
+        if short:
+            warn_at_user(short)
     data = seeded_datasets(mod, seed)
     seed_everything(seed)  # the model's initial weights do not depend on what datasets() drew
     model, inputs = instantiate(mod)

@@ -1492,6 +1492,16 @@ def test_mode_gd_with_dendrite_phase_settings_is_warned_of(tmp_path, capsys):
             "or train with mode 'pb')") in capsys.readouterr().err
 
 
+def test_epochs_too_few_for_a_dendrite_are_warned_of(tmp_path, capsys):
+    """`train --epochs 5` (patience 30) trained plain, with no word that its settings let no dendrite in."""
+    assert main(["train", DIGITS, "--epochs", "2", "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert ("epochs 2 ends the run before its first neuron phase can end (at epoch 31 at the earliest: patience 30), "
+            "so no dendrite is added: lower patience (or set neuron_epochs), or raise epochs") in capsys.readouterr().err
+    assert main(["train", DIGITS, "--epochs", "2", "--patience", "1", "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 0
+    assert "no dendrite is added" not in capsys.readouterr().err
+
+
 NAMEDTUPLE_BATCHES = """
 from collections import namedtuple
 
