@@ -12,13 +12,15 @@ transposed. A neuron weight the rest of the model still uses (tied weights: GPT-
 and its embedding) stays one tensor: the site becomes a `TiedFusedSite` that reads it. The graph
 returns the structure the model's forward returned (a ModelOutput that fx wrote as a plain dict).
 GraphModules nested in the model (submodules traced in place under an untraceable root, see
-`pbp_fx.tracing.TracedPart`) are finalized the same way, in place in the copy.
+`pbp_fx.tracing.TracedPart`) are finalized the same way, in place in the copy, and the graph around
+them takes its inputs as the root's forward names them (unless it takes *args or **kwargs).
 """
 from __future__ import annotations
 
 import collections
 import copy
 import dataclasses
+import inspect
 import operator
 
 import torch
@@ -27,7 +29,7 @@ from torch import fx, nn
 from pbp_fx.layers import WEIGHT_HOOKS, fold_norm, has_user_hooks
 from pbp_fx.modes import ModeSwitch
 from pbp_fx.site import CandidatePool, FusedSite, FusedSwappedNeuron, Site, SwappedNeuron, TiedFusedSite
-from pbp_fx.tracing import copy_module, spec_copy_warnings_ignored
+from pbp_fx.tracing import copy_module, parts_model, spec_copy_warnings_ignored
 
 from .insert_dendrites import SITES_ATTR
 from .manager import ContractError
@@ -114,6 +116,7 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
         _fuse_graph(inner)
     _fuse_graph(gm)
     _return_as_traced(gm)
+    _call_parts_as_signed(gm)
     # Sites inside untraceable leaves: swap back to the neuron, or to a fused module.
     for name, mod in list(gm.named_modules()):
         if isinstance(mod, SwappedNeuron):
@@ -167,6 +170,34 @@ def _return_as_traced(gm: fx.GraphModule) -> None:
                  gm.graph.call_function(spec.type, (list(written.items()),)))
     built.meta["is_wrapped"] = True  # (a leaf to the trace that unpickles the graph, which would write a dict again)
     output.args = (built,)
+    gm.recompile()
+
+
+_LITERALS = (type(None), bool, int, float, str)
+
+
+def _call_parts_as_signed(gm: fx.GraphModule) -> None:
+    """A parts graph (`root(args, kwargs)`, see `parts_model`) takes its inputs as the model's forward
+    names them: torch.export runs a graph with its inputs flat, and handed its `*args` and `**kwargs`
+    placeholders a list each. Left as it is for a forward with *args or **kwargs, a default that is
+    no literal, or parameters fx cannot write in their order."""
+    model = parts_model(gm)
+    try:
+        params = list(inspect.signature(model.forward).parameters.values()) if model is not None else None
+    except (TypeError, ValueError):
+        return
+    if not params or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or (
+            p.default is not p.empty and type(p.default) not in _LITERALS) for p in params):
+        return
+    defaulted = [p.default is not p.empty for p in params]
+    if any(d and not later for d, later in zip(defaulted, defaulted[1:])):
+        return  # (a keyword-only parameter without a default after one with: no positional signature)
+    graph = fx.Graph()
+    inputs = {p.name: graph.placeholder(p.name, default_value=p.default) for p in params}
+    positional = tuple(inputs[p.name] for p in params if p.kind != p.KEYWORD_ONLY)
+    keywords = {p.name: inputs[p.name] for p in params if p.kind == p.KEYWORD_ONLY}
+    graph.output(graph.call_module("root", (positional, keywords)))
+    gm.graph = graph
     gm.recompile()
 
 

@@ -435,3 +435,35 @@ def test_a_finalized_fx_capture_returns_the_structure_the_model_returned(model_c
     torch.save(final, tmp_path / "final.pt")  # (unpickling traces the graph's code again)
     assert type(torch.load(tmp_path / "final.pt", weights_only=False)(x)) is type(out)
     assert type(torch.export.export(final, (x,)).module()(x)) is type(out)
+
+
+def test_a_finalized_parts_capture_takes_the_forwards_parameters_so_torch_export_runs_it():
+    """torch.export of a finalized frontend="parts" capture failed: its interpreter hands a graph its inputs flat, and
+    the graph's `*args, **kwargs` placeholders each took a list ("argument after ** must be a mapping, not list")."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x, scale: float = 2.0, *, shift=None):
+            h = self.b(torch.relu(self.a(x))) * scale
+            return h if shift is None else h + shift
+
+    class Open(Scaled):
+        def forward(self, x, **kwargs):
+            return super().forward(x)
+
+    x, shift = torch.randn(3, 4), torch.randn(3, 2)
+    pm = pbp_fx.perforate(Scaled(), (x,), frontend="parts")
+    pm.grow()
+    final = pm.finalize()
+    assert [n.target for n in final.graph.nodes if n.op == "placeholder"] == ["x", "scale", "shift"]
+    pm.eval()
+    with torch.no_grad():
+        for args, kwargs in (((x,), {}), ((x, 3.0), {}), ((x,), {"shift": shift})):
+            torch.testing.assert_close(final(*args, **kwargs), pm(*args, **kwargs), rtol=0, atol=1e-6)
+        exported = torch.export.export(final, (x,)).module()
+        torch.testing.assert_close(exported(x), final(x), rtol=0, atol=0)
+    opened = pbp_fx.perforate(Open(), (x,), frontend="parts").finalize()  # (**kwargs: the call as it was)
+    assert [n.target for n in opened.graph.nodes if n.op == "placeholder"] == ["*args", "**kwargs"]
+    assert opened(x).shape == (3, 2)
