@@ -214,7 +214,7 @@ class PBConfig(_Settings):
                                   choices=("kaiming", "default", "normal"))
     candidate_lr: float = setting(0.02, "learning rate in the dendrite phase", low=0, open_low=True)
     v_init: float = setting(0.0, "an installed dendrite's output weight V starts at -v_init * sign(C~) per channel "
-                            "(> 0: in the direction that lowers the loss; 0: the output is unchanged)")
+                            "(> 0: in the direction that C~ says lowers the loss; 0: the output is unchanged)")
     ema_decay: float = setting(0.99, "decay of the per-batch covariance moving average", low=0, high=1,
                                open_low=True, open_high=True)
     bias_correction: bool = setting(True, "covariance moving average as the exact decay-weighted mean of the "
@@ -249,19 +249,6 @@ class PBConfig(_Settings):
             return []
         default = PBConfig()
         return [n for n in self.DENDRITE_PHASE_ONLY if getattr(self, n) != getattr(default, n)]
-
-
-def adds_no_dendrite(config: PBConfig, training: "TrainConfig") -> Optional[str]:
-    """Why a run of these settings ends before its first neuron phase can (so it adds no dendrite), or None.
-    That phase ends `patience` epochs after its first (a best), or at `neuron_epochs`."""
-    first_end = config.patience + 1 if config.neuron_epochs is None else min(config.patience + 1,
-                                                                              config.neuron_epochs)
-    if training.epochs >= first_end:
-        return None
-    by = f"patience {config.patience}" + ("" if config.neuron_epochs is None else
-                                          f", neuron_epochs {config.neuron_epochs}")
-    return (f"epochs {training.epochs} ends the run before its first neuron phase can end (at epoch {first_end} at "
-            f"the earliest: {by}), so no dendrite is added: lower patience (or set neuron_epochs), or raise epochs")
 
 
 @dataclass(frozen=True)

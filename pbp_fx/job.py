@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from .checkpoint import FORMAT_V1, load, read_meta, save
-from .config import ConfigError, PBConfig, TrainConfig, adds_no_dendrite
+from .config import ConfigError, PBConfig, TrainConfig
 from .controller import NOTHING_TRAINS, PhaseController, default_optimizer
 from .errors import DataError, ModelFileError, PBError, PBWarning, TrainingError, exited, warn_at_user
 from .fileio import atomic_write, check_output_dir, make_folders, remove_empty
@@ -742,9 +742,6 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
             warn_at_user(f"mode 'gd' grows random dendrites and runs no dendrite phase: {', '.join(unused)} "
                          f"{'is' if len(unused) == 1 else 'are'} not used (drop {'it' if len(unused) == 1 else 'them'}, "
                          "or train with mode 'pb')")
-        short = adds_no_dendrite(config, training)
-        if short:
-            warn_at_user(short)
     data = seeded_datasets(mod, seed)
     seed_everything(seed)  # the model's initial weights do not depend on what datasets() drew
     model, inputs = instantiate(mod)
@@ -1128,6 +1125,9 @@ def _print_report(s: dict, echo) -> None:
         score = "-" if e["score"] is None else f"{e['score']:.4f}"  # (None: a diverged epoch)
         note = f"{e['note']}: back to the best model (its val and dendrites)" if e.get("restored_best") else e["note"]
         echo(f"  {e['epoch']:>5}  {e['phase']:<8} {e['dendrites']:>9}  {score:>7}  {note}")
+    if s["events"] and all(e["decision"] in ("continue", "complete") for e in s["events"]) \
+            and s["events"][-1]["note"].startswith("epoch cap"):
+        echo(_no_round(s))
     echo("dendrites per site")
     width = max([32, *(len(name) for name in s["dendrites"])])
     for name, k in s["dendrites"].items():
@@ -1136,6 +1136,15 @@ def _print_report(s: dict, echo) -> None:
          f"({s['params'] / max(s['params_plain'], 1):.2f}x)")
     echo(f"best validation epoch {s['best_epoch']} of {s['epochs']}: val {s['val']:.4f}  test {s['test']:.4f}  "
          f"({s.get('metric', 'accuracy')}; {s['seconds']:.1f} s on {s.get('device', 'cpu')}, mode {s['mode']})")
+
+
+def _no_round(s: dict) -> str:
+    """Why a run that reached its epoch cap in its first neuron phase added no dendrite, and what to change."""
+    config = s["config"]
+    ends = f"patience {config['patience']} epochs without a gain above {config['improvement']}" + (
+        "" if config.get("neuron_epochs") is None else f", or at neuron_epochs {config['neuron_epochs']}")
+    return (f"note: no dendrite round ran: the epoch cap ({s['training']['epochs']}) came before the first neuron "
+            f"phase ended (it ends after {ends}): raise --epochs, or lower --patience")
 
 
 def _resumes(out: Optional[str], done: int, processes: int = 1, progress: bool = True,

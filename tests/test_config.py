@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from pbp_fx.config import ConfigError, PBConfig, TrainConfig, adds_no_dendrite, read_settings
+from pbp_fx.config import ConfigError, PBConfig, TrainConfig, read_settings
 
 
 @pytest.mark.parametrize("cls,field,value,match", [
@@ -283,23 +283,6 @@ def test_a_setting_beside_a_summarys_mappings_is_refused(tmp_path):
         with pytest.raises(ConfigError, match=f"'{name}' is (3|False) in its '{mapping}' mapping but (0|True) beside "
                                               f"it .*give both copies the value meant, or drop '{name}'"):
             read_settings(str(path))
-
-
-def test_adds_no_dendrite_knows_when_the_first_neuron_phase_ends_at_the_earliest():
-    """The schedule ends a neuron phase `patience` epochs after its first (a best), or at `neuron_epochs`."""
-    from pbp_fx.schedule import Kind, PhaseSchedule
-
-    for patience, neuron_epochs in ((1, None), (3, None), (5, 2), (2, 9)):
-        config = PBConfig(patience=patience, neuron_epochs=neuron_epochs)
-        schedule, epoch = PhaseSchedule(config), 0
-        while True:  # (a constant score: the earliest end)
-            epoch += 1
-            if schedule.step(0.5).kind != Kind.CONTINUE:
-                break
-        assert adds_no_dendrite(config, TrainConfig(epochs=epoch)) is None
-        said = adds_no_dendrite(config, TrainConfig(epochs=epoch - 1))
-        assert said.startswith(f"epochs {epoch - 1} ends the run before its first neuron phase can end (at epoch "
-                               f"{epoch} at the earliest: patience {patience}")
 
 
 def test_only_a_close_misspelling_gets_a_suggestion():

@@ -1492,14 +1492,17 @@ def test_mode_gd_with_dendrite_phase_settings_is_warned_of(tmp_path, capsys):
             "or train with mode 'pb')") in capsys.readouterr().err
 
 
-def test_epochs_too_few_for_a_dendrite_are_warned_of(tmp_path, capsys):
-    """`train --epochs 5` (patience 30) trained plain, with no word that its settings let no dendrite in."""
+def test_a_run_whose_epoch_cap_came_before_any_dendrite_round_says_why_in_its_report(tmp_path, capsys):
+    """`train --epochs 5` (patience 30) trained plain, and its report gave no word that its settings let no dendrite
+    in; a run whose rounds ran says nothing of it."""
     assert main(["train", DIGITS, "--epochs", "2", "--out", str(tmp_path / "a"), "--no-progress"]) == 0
-    assert ("epochs 2 ends the run before its first neuron phase can end (at epoch 31 at the earliest: patience 30), "
-            "so no dendrite is added: lower patience (or set neuron_epochs), or raise epochs") in capsys.readouterr().err
-    assert main(["train", DIGITS, "--epochs", "2", "--patience", "1", "--out", str(tmp_path / "b"),
-                 "--no-progress"]) == 0
-    assert "no dendrite is added" not in capsys.readouterr().err
+    assert ("note: no dendrite round ran: the epoch cap (2) came before the first neuron phase ended (it ends after "
+            "patience 30 epochs without a gain above 0.001): raise --epochs, or lower --patience") \
+        in capsys.readouterr().out
+    assert main(["train", DIGITS, "--epochs", "3", "--neuron-epochs", "2", "--max-dendrite-epochs", "1",
+                 "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "dendrite phase started" in printed and "no dendrite round ran" not in printed
 
 
 NAMEDTUPLE_BATCHES = """
