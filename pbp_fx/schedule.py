@@ -19,10 +19,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .config import PBConfig
+from .config import ConfigError, PBConfig
 from .errors import TrainingError
 
-__all__ = ["PhaseSchedule", "Action", "Kind", "check_score", "site_progressed"]
+__all__ = ["PhaseSchedule", "Action", "Kind", "check_score", "score_of", "site_progressed"]
 
 
 def site_progressed(counted: int, warmup: int, value: float, noise: float, reference: float, rel: float) -> bool:
@@ -39,6 +39,19 @@ def site_progressed(counted: int, warmup: int, value: float, noise: float, refer
         return counted > 0
     gain = value - reference
     return gain > rel * reference and gain > noise
+
+
+def score_of(val_score) -> float:
+    """A validation score as a float: anything float() takes (a Python, numpy or Decimal number, a
+    0-d array, a one-element tensor) except text and bools; anything else (None, "0.5") is refused
+    in one line before the schedule sees it."""
+    if not isinstance(val_score, (str, bytes, bool)) and val_score is not None:
+        try:
+            return float(val_score)
+        except (TypeError, ValueError):
+            pass  # refused below
+    raise ConfigError(f"step() takes the epoch's validation score as a number, got {type(val_score).__name__} "
+                      f"{val_score!r}: pass e.g. float(accuracy)")
 
 
 def check_score(score: float, diverged_ok: bool = False, phase: str = "neuron") -> None:
@@ -124,6 +137,7 @@ class PhaseSchedule:
         cause: what made a non-finite score, for the note, default "score nan")."""
         if self.done:
             return Action(Kind.COMPLETE, "already complete")
+        score = score_of(score)  # (a numpy or tensor score kept as it is made state_dict() no JSON)
         # (also in a dendrite phase, where the score decides nothing: it would enter the history)
         check_score(score, self.takes_divergence, self.phase)
         self.epoch += 1

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from pbp_fx.config import PBConfig
+from pbp_fx.config import ConfigError, PBConfig
 from pbp_fx.errors import TrainingError
 from pbp_fx.schedule import Kind, PhaseSchedule
 
@@ -227,3 +227,19 @@ def test_a_resume_after_a_retry_keeps_the_retries_used():
         resumed = PhaseSchedule(cfg)
         resumed.load_state_dict(first.state_dict())
         assert before + run(resumed, scores[cut:]) == expected, cut
+
+
+def test_a_numpy_or_tensor_score_is_kept_as_a_float_so_the_state_is_json():
+    """PhaseSchedule.step(np.float32(0.5)) kept the numpy scalar as best_score: json.dumps(state_dict()) failed."""
+    import json
+
+    import numpy as np
+    import torch
+
+    schedule = PhaseSchedule(PBConfig(patience=5))
+    schedule.step(np.float32(0.5))
+    schedule.step(torch.tensor(0.75))
+    assert type(schedule.best_score) is float and schedule.best_score == 0.75
+    assert json.loads(json.dumps(schedule.state_dict()))["best_score"] == 0.75
+    with pytest.raises(ConfigError, match="takes the epoch's validation score as a number, got str '0.5'"):
+        schedule.step("0.5")
