@@ -49,6 +49,7 @@ import enum
 import hashlib
 import json
 import math
+import numbers
 import weakref
 from typing import Callable, Optional
 
@@ -59,7 +60,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .config import ConfigError, PBConfig, TrainConfig
 from .errors import NonFiniteError, TrainingError, warn_at_user
 from .perforated import PerforatedModel, outside_inference_mode, perforated_inside, put_back
-from .schedule import Action, Kind, PhaseSchedule, check_score
+from .schedule import Action, Kind, PhaseSchedule, check_score, score_of
 
 __all__ = ["PhaseController", "Decision", "rebind_optimizer", "default_optimizer"]
 
@@ -419,6 +420,7 @@ class PhaseController:
         self._warned_short_phase = False
         self._warned_small_gains = False
         self._warned_silent_sites = False
+        self._warned_unattached = False
         _StepHook.register(self)
         for i, g in enumerate(optimizer.param_groups):
             for p in g["params"]:
@@ -429,6 +431,7 @@ class PhaseController:
         # The optimizer's state for parameters that stay trainable is kept: a training framework
         # that resumes a run restores it before the controller exists (the HF Trainer does).
         self.rebind(keep_state=True)
+        self._groups_by_name(root if root is not None else pm)  # (a bad group index refused now, not at a restructure)
         # Names (outside_state's) of the parameters outside pm that a dendrite phase froze, and the
         # values of root's buffers outside pm when it began (restored when it ends, as pm's are).
         self._frozen_outside: list[str] = []
@@ -545,7 +548,7 @@ class PhaseController:
         new = [p for p in params if p not in self._groups]
         if new:
             named = self.root if self.root is not None else self.pm  # (names as parameter_groups gives them)
-            by_name = self.parameter_groups(named) if self.parameter_groups is not None else {}
+            by_name = self._groups_by_name(named)
             names = {id(p): n for n, p in named.named_parameters()} if by_name else {}
             neuron_group = self._neuron_groups()
             for p in new:
@@ -572,16 +575,28 @@ class PhaseController:
                               f"training loop calls, and {type(self.root).__name__} has no forward: give it one "
                               "(pm and its head), or perforate the whole model (exclude= the head's layers)")
 
+    def _groups_by_name(self, named: nn.Module) -> dict:
+        """parameter_groups(named), each index checked against the optimizer's groups ({} without the rule)."""
+        by_name = self.parameter_groups(named) if self.parameter_groups is not None else {}
+        count = len(self.optimizer.param_groups)
+        for name, index in by_name.items():
+            if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < count:
+                raise ConfigError(f"parameter_groups gives {name!r} the group {index!r}, and the optimizer's groups "
+                                  f"are 0 to {count - 1}: give each name the index of a group it has")
+        return {name: int(index) for name, index in by_name.items()}
+
     def _neuron_groups(self) -> dict:
-        """{id(parameter of a site): the group of that site's neuron weight}: a dendrite or
-        candidate trains with its neuron's hyperparameters (a head's 10x lr, its weight decay).
+        """{id(parameter of a site or of its neuron layer and norm): the group of that site's neuron weight}: a
+        dendrite, a candidate or an unfrozen bias trains with its neuron's hyperparameters (a head's 10x lr, its
+        weight decay).
         Its names are the site's (pbp_sites.*), so an optimizer rebuilt by a rule on names on
         resume needs that rule as parameter_groups instead."""
         out = {}
         for name, site in self.pm.sites.items():
             weight = self.pm.neuron_weight(name)
             if weight is not None and weight in self._groups:
-                out.update({id(p): self._groups[weight] for p in site.parameters()})
+                # (also the layer's bias and its norm's affine, unfrozen after the optimizer was built)
+                out.update({id(p): self._groups[weight] for p in (*site.parameters(), *self.pm.neuron_tensors(name))})
         return out
 
     def restore_best(self) -> None:
@@ -865,6 +880,17 @@ class PhaseController:
         self.pm.start_dendrite_phase(**cfg.dendrite_phase_kwargs(), generator=self.generator)
         self._enter_dendrite_lr()
         self._freeze_outside()
+        self._warn_of_an_unattached_scheduler()
+
+    def _warn_of_an_unattached_scheduler(self) -> None:
+        """A scheduler built on ctl.optimizer (torch marks the optimizer's step) but never attached sets the groups
+        back from candidate_lr at its next step, and after the phase sets them at the factor the phase left."""
+        marked = getattr(inner_optimizer(self.optimizer).step, "_wrapped_by_lr_sched", False)
+        if marked and not self.schedulers and not self._warned_unattached and self._says:
+            self._warned_unattached = True
+            warn_at_user("ctl.optimizer has an LR scheduler that is not attached to the controller: its steps set the "
+                         "rates back from candidate_lr in the dendrite phase, and off after it: call "
+                         "ctl.attach_scheduler(scheduler) once after building it (or give scheduler_factory=)")
 
     def _adopt_added(self) -> None:
         """pm's parameters given to a neuron-phase optimizer since it was bound (optimizer.add_param_group:
@@ -1003,7 +1029,7 @@ class PhaseController:
         phase, grown = self.pm.phase, self.pm.dendrites
         # Refused before the pools' progress references move (a caller may step again with a valid
         # score). Several ranks: rank 0's score counts, which the schedule checks after agreeing.
-        score = _score_of(val_score)
+        score = score_of(val_score)
         if phase == "neuron" and math.isfinite(score) and not self._weights_finite():
             # A metric can score NaN weights (accuracy: argmax of NaN logits is class 0); kept as the
             # best, they would be what every later rewind goes back to.
@@ -1220,16 +1246,3 @@ class PhaseController:
                          "buffers): load the optimizer's state after the controller's, or pass "
                          "keep_optimizer_state=True to keep it")
         self.rebind(keep_optimizer_state)
-
-
-def _score_of(val_score) -> float:
-    """A validation score as a float: anything float() takes (a Python, numpy or Decimal number, a
-    0-d array, a one-element tensor) except text and bools; anything else (None, "0.5") is refused
-    in one line before the schedule sees it."""
-    if not isinstance(val_score, (str, bytes, bool)) and val_score is not None:
-        try:
-            return float(val_score)
-        except (TypeError, ValueError):
-            pass  # refused below
-    raise ConfigError(f"step() takes the epoch's validation score as a number, got {type(val_score).__name__} "
-                      f"{val_score!r}: pass e.g. float(accuracy)")

@@ -512,17 +512,26 @@ class PerforatedModel(nn.Module):
     def neuron_weight(self, site: str) -> Optional[torch.Tensor]:
         """The weight tensor of a site's neuron layer (through the `SwappedNeuron` of one inside
         an untraceable leaf), None where it cannot be found."""
+        spec = getattr(self.sites[site], "spec", None)
+        return None if spec is None else self._neuron_tensor(spec, spec.weight)
+
+    def neuron_tensors(self, site: str) -> list[torch.Tensor]:
+        """The tensors of a site's neuron layer that can be found: its weight, bias and joined norm's."""
+        spec = getattr(self.sites[site], "spec", None)
+        paths = [] if spec is None else [spec.weight, spec.bias, *spec.norm_tensors.values()]
+        return [t for t in (self._neuron_tensor(spec, path) for path in paths) if t is not None]
+
+    def _neuron_tensor(self, spec, path: Optional[str]) -> Optional[torch.Tensor]:
         from pbp_fx.passes.patterns import attr_tensor
 
-        spec = getattr(self.sites[site], "spec", None)
-        if spec is None or spec.weight is None:
+        if path is None:
             return None
         try:
             owner = self.graph_module.get_submodule(spec.graph) if spec.graph else self.graph_module
-            weight = attr_tensor(owner, spec.weight)
+            tensor = attr_tensor(owner, path)
         except AttributeError:
             return None
-        return weight if isinstance(weight, torch.Tensor) else None
+        return tensor if isinstance(tensor, torch.Tensor) else None
 
     @property
     def code(self) -> str:

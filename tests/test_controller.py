@@ -1064,6 +1064,73 @@ def test_a_scheduler_of_another_optimizer_is_refused():
     assert len(ctl.schedulers) == 1
 
 
+@pytest.mark.parametrize("attached", [False, True])
+def test_a_scheduler_built_on_ctl_optimizer_but_not_attached_is_warned_of_at_the_dendrite_phase(attached):
+    """A LambdaLR built on ctl.optimizer without ctl.attach_scheduler set the candidates back to the neuron rate at
+    its first step and the next neuron phase 20x too low, without a word (a reviewer)."""
+    ctl = PhaseController(_pm(), patience=1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(ctl.optimizer, lambda epoch: 1.0)
+    if attached:
+        ctl.attach_scheduler(scheduler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _step_until_restructured(ctl)
+        _step_until_restructured(ctl)  # (an install, then the next round: said once)
+        _step_until_restructured(ctl)
+    said = [str(w.message) for w in caught if "not attached to the controller" in str(w.message)]
+    assert said == ([] if attached else ["ctl.optimizer has an LR scheduler that is not attached to the controller: "
+                                         "its steps set the rates back from candidate_lr in the dendrite phase, and "
+                                         "off after it: call ctl.attach_scheduler(scheduler) once after building it "
+                                         "(or give scheduler_factory=)"])
+
+
+@pytest.mark.parametrize("index", [2, -1, "no_decay", True])
+def test_a_group_index_the_optimizer_lacks_is_refused_when_the_controller_is_built(index):
+    """parameter_groups giving group 2 of two (or a group's name) put the candidates in group 0, silently, or raised
+    torch's "'<=' not supported between instances of 'int' and 'str'" at the first dendrite phase (a reviewer)."""
+    pm = _pm()
+    weights = [p for n, p in pm.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in pm.named_parameters() if n.endswith("bias")]
+    optimizer = torch.optim.AdamW([{"params": weights}, {"params": biases, "weight_decay": 0.0}])
+
+    def rule(module):
+        return {n: index if n.endswith("bias") else 0 for n, _ in module.named_parameters()}
+
+    with pytest.raises(pbp_fx.ConfigError, match=rf"parameter_groups gives '.*bias' the group {index!r}, and the "
+                                                 r"optimizer's groups are 0 to 1: give each name the index of a group"):
+        PhaseController(pm, optimizer=optimizer, parameter_groups=rule)
+    ctl = PhaseController(pm, optimizer=optimizer, parameter_groups=lambda m: {n: np.int64(0) for n, _ in
+                                                                              m.named_parameters()}, patience=1)
+    _step_until_restructured(ctl)  # (a numpy index is an index)
+    assert len(optimizer.param_groups[1]["params"]) == 0
+
+
+def test_a_neurons_bias_or_norm_unfrozen_after_the_optimizer_was_built_joins_the_neurons_group():
+    """A frozen BatchNorm (or bias) unfrozen, then ctl.rebind(keep_state=True), joined group 0 (the head's 100x rate),
+    not its neuron's group as the README says (a reviewer)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    pm = pbp_fx.perforate(Net(), (torch.randn(2, 3, 8, 8),))
+    g = pm.graph_module
+    g.bn.requires_grad_(False)
+    g.head.bias.requires_grad_(False)
+    optimizer = torch.optim.SGD([{"params": [g.head.weight], "lr": 1e-2},
+                                 {"params": list(g.conv.parameters()), "lr": 1e-4}], momentum=0.9)
+    ctl = PhaseController(pm, optimizer=optimizer)
+    g.bn.requires_grad_(True)
+    g.head.bias.requires_grad_(True)
+    ctl.rebind(keep_state=True)
+    held = [{id(p) for p in group["params"]} for group in optimizer.param_groups]
+    assert {id(g.bn.weight), id(g.bn.bias), id(g.conv.weight)} <= held[1]
+    assert {id(g.head.bias), id(g.head.weight)} <= held[0]
+
+
 def _candidates(pm) -> list:
     return [s.candidates.copies.weight.detach().clone() for s in pm.sites.values()]
 
