@@ -615,6 +615,16 @@ def _load(path, model, example_inputs, controller, optimizer, example_kwargs) ->
                               "controller, pbp_fx.load(path, pm, controller=ctl, optimizer=ctl.optimizer), or "
                               "without optimizer= and then pbp_fx.checkpoint.load_optimizer(path, opt) with opt "
                               "built over pm.trainable_parameters()")
+    if optimizer is not None and controller is None:
+        # (nothing rebinds it during the load: torch would refuse its state after the model took the checkpoint's)
+        saved = [len(g["params"]) for g in meta["optimizer"]["param_groups"]]
+        here = [len(g["params"]) for g in optimizer.param_groups]
+        if saved != here:
+            raise CheckpointError(f"checkpoint {path} holds the state of an optimizer over {'+'.join(map(str, saved))} "
+                                  f"parameters, and this one holds {'+'.join(map(str, here))} (the saved model had "
+                                  "other trainable parameters, its dendrites'): load it without optimizer=, then "
+                                  "pbp_fx.rebind_optimizer(opt, pm.trainable_parameters()) and "
+                                  "pbp_fx.checkpoint.load_optimizer(path, opt)")
     if not isinstance(model, PerforatedModel):
         if not isinstance(model, nn.Module):
             if not callable(model):

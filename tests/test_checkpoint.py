@@ -1328,6 +1328,26 @@ def test_a_dendrite_phase_optimizer_state_without_its_controller_is_refused_befo
                for p, q in zip(target.trainable_parameters(), pm.trainable_parameters()))
 
 
+def test_an_own_optimizer_over_other_parameters_than_the_saved_one_is_refused_before_the_model_changes(tmp_path):
+    """load(optimizer=) without controller=, of a checkpoint with dendrites, into an optimizer built over the fresh
+    model: torch's "doesn't match the size of optimizer's group", after the model had taken the dendrites (a
+    reviewer)."""
+    pm, saved_opt = _trained_pm("neuron")  # (one dendrite per site: more trainable parameters than a fresh model)
+    path = str(tmp_path / "n.safetensors")
+    pbp_fx.save(pm, path, optimizer=saved_opt)
+    target = pbp_fx.perforate(_build(), (X,))
+    opt = torch.optim.Adam(target.trainable_parameters(), 1e-3)
+    with pytest.raises(CheckpointError, match=r"holds the state of an optimizer over \d+ parameters, and this one "
+                                              r"holds \d+ .*load it without optimizer=, then pbp_fx.rebind_optimizer"):
+        pbp_fx.load(path, target, optimizer=opt)
+    assert target.dendrites == 0 and not opt.state
+    pbp_fx.load(path, target)  # (the steps it names)
+    pbp_fx.rebind_optimizer(opt, target.trainable_parameters())
+    pbp_fx.checkpoint.load_optimizer(path, opt)
+    assert all(torch.equal(opt.state[p]["exp_avg"], saved_opt.state[q]["exp_avg"])
+               for p, q in zip(target.trainable_parameters(), pm.trainable_parameters()))
+
+
 def test_nested_state_tensors_never_share_a_name(tmp_path):
     """{"h": [[t1]], "h/0": [t2]} came back with h holding t2 (both named by their key path)."""
     pm = pbp_fx.perforate(_build(), (X,))
