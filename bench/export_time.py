@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -36,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEFORE = "095da5d"  # the last commit before the CLI's import work (issue 12, item 7)
@@ -131,7 +131,13 @@ print(time.perf_counter() - t)
 
 def _package_dirs() -> dict[str, str]:
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        return tomllib.load(f)["tool"]["setuptools"]["package-dir"]
+        text = f.read()
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # (Python 3.10: the section's `"name" = "folder"` lines)
+        section = text.decode().split("[tool.setuptools.package-dir]", 1)[1].split("\n[", 1)[0]
+        return dict(re.findall(r'^"([^"]+)"\s*=\s*"([^"]+)"', section, re.M))
+    return tomllib.loads(text.decode())["tool"]["setuptools"]["package-dir"]
 
 
 def build_tree(dest: str, ref: str | None, patch: str | None) -> str:
