@@ -75,8 +75,8 @@ def _refuse_ranks_without_distributed() -> None:
             raise TrainingError(f"torch.distributed runs {ranks} processes, but this PhaseController has no "
                                 "distributed=: each rank would train candidates and dendrites of its own, outside your "
                                 "DDP wrapper, and the ranks would drift apart; pass distributed=pbp_fx.distributed."
-                                "Distributed() to PhaseController or fit (it wraps the model anew for each phase), or "
-                                "run one process")
+                                "Distributed() to PhaseController or fit (it wraps the model anew for each phase) and "
+                                "train through ctl.model in place of your wrapper, or run one process")
 
 
 def _settings_digest(config: PBConfig) -> int:
@@ -413,6 +413,7 @@ class PhaseController:
         self._maximizing: list[int] = []  # groups with maximize=True, set False for a dendrite phase
         self.optimizer_steps = 0  # steps of self.optimizer (its post-step hook counts them)
         self.phase_steps_from = 0  # optimizer_steps at the last rebind
+        self._steps_agreed = 0  # optimizer_steps at the last decision the ranks agreed on
         self._warned_unstepped = False
         self._warned_unheld = False
         self._warned_added_outside = False
@@ -941,8 +942,22 @@ class PhaseController:
                                         fix="give every rank's PhaseController (or fit) the same config and keywords")
             self._settings_agreed = True
         s = self.schedule
-        state = [s.epoch, s.dendrites, int(s.phase == "dendrite"), int(s.done)]
+        # The optimizer stepped, but no training forward went through ctl.model (DDP of this phase's parameters):
+        # the loop trains through a wrapper of its own, which leaves the candidates' gradients unsynchronised.
+        forwards = getattr(self.model, "training_forwards", None)
+        bypassed = forwards == 0 and self.optimizer_steps > self._steps_agreed
+        state = [s.epoch, s.dendrites, int(s.phase == "dendrite"), int(s.done), int(bypassed)]
         score, mark = self.distributed.agree([score, int(progress)], state)
+        if bypassed:  # (on every rank: the state agreed)
+            from .distributed import DistributedError
+
+            raise DistributedError("the optimizer stepped, but no training forward went through ctl.model since the "
+                                   "last ctl.step(): a DDP wrapper of your own leaves the candidates' and dendrites' "
+                                   "gradients unsynchronised, and the ranks drift apart; drop it and train through "
+                                   "ctl.model (read it after every ctl.step())")
+        if forwards is not None:
+            self.model.training_forwards = 0
+        self._steps_agreed = self.optimizer_steps
         return score, bool(mark)
 
     @property

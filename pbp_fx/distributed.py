@@ -319,7 +319,8 @@ class Distributed:
         rows = self._gather([*values, *state])
         if state and not bool((rows[:, n:] == rows[0, n:]).all()):
             lines = "; ".join(f"rank {r}: {[int(v) for v in rows[r, n:].tolist()]}" for r in range(self.world_size))
-            raise DistributedError(f"the ranks are out of step (epoch, dendrites, phase): {lines}")
+            raise DistributedError(f"the ranks are out of step (epoch, dendrites, in a dendrite phase, done, trained "
+                                   f"around ctl.model): {lines}")
         return rows[0, :n].tolist()
 
     def check_same(self, what: str, value: int,
@@ -528,6 +529,7 @@ class PhaseDDP(nn.parallel.DistributedDataParallel):
         super().__init__(*args, **kwargs)
         self.synchronised_once = False
         self.released = False  # (`_release`: a later wrap replaced it)
+        self.training_forwards = 0  # (forwards under grad since the controller last looked: it resets them)
 
     def forward(self, *inputs, **kwargs):
         if self.released and torch.is_grad_enabled():
@@ -537,6 +539,8 @@ class PhaseDDP(nn.parallel.DistributedDataParallel):
                                    "it): read ctl.model after every ctl.step(), not once before the loop")
         if self.require_backward_grad_sync and torch.is_grad_enabled():
             self.synchronised_once = True
+        if torch.is_grad_enabled():
+            self.training_forwards += 1
         return super().forward(*inputs, **kwargs)
 
     @contextmanager

@@ -255,6 +255,21 @@ def _worker(scenario, rank, nprocs, port, out_dir):
                 ctl.step(pbp_fx.evaluate(pm, val, distributed=world))
 
         attempt("stale_wrapper", stale_wrapper)
+
+        # a loop that keeps a DDP wrapper of its own around pm (a reviewer: the candidates trained unsynchronised)
+        def own_wrapper():
+            pm = pbp_fx.perforate(_build(), _inputs())
+            ctl = PhaseController(pm, neuron_epochs=1, max_dendrites=1, distributed=world)
+            model = nn.parallel.DistributedDataParallel(pm, process_group=world.group)
+            for _ in range(2):
+                for x, y in train:
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    ctl.optimizer.zero_grad()
+                    loss.backward()
+                    ctl.optimizer.step()
+                ctl.step(pbp_fx.evaluate(pm, val, distributed=world))
+
+        attempt("own_wrapper", own_wrapper)
         # a model of another width on each rank
         attempt("other_width", lambda: PhaseController(pbp_fx.perforate(
             nn.Sequential(nn.Linear(6, 8 + rank), nn.ReLU(), nn.Linear(8 + rank, 3)).double(), _inputs()),
@@ -609,6 +624,11 @@ def test_mistakes_of_a_distributed_run_are_said_in_one_line_on_every_rank(tmp_pa
                                          "longer current (a restructure replaced it as the model's trainable "
                                          "parameters changed, or world.close() ended it): read ctl.model after every "
                                          "ctl.step(), not once before the loop"), rank
+        assert rank["own_wrapper"] == ("DistributedError: the optimizer stepped, but no training forward went through "
+                                       "ctl.model since the last ctl.step(): a DDP wrapper of your own leaves the "
+                                       "candidates' and dendrites' gradients unsynchronised, and the ranks drift "
+                                       "apart; drop it and train through ctl.model (read it after every "
+                                       "ctl.step())"), rank
     assert said[0]["save_on_rank_0"].startswith("DistributedError: rank 0 waited at world.save for the other ranks, "
                                                 "which did not come"), said[0]
     assert said[0]["save_on_rank_0"].endswith("call world.save on every rank (rank 0 writes, the others wait for "
