@@ -302,6 +302,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         with _one_line_warnings(args.debug):
             if args.command != "run":  # (every other command imports torch)
                 import_torch_with_stops_held()
+                refused = _torchrun_refusal(args.command)
+                if refused is not None:  # (said once, by rank 0; every rank exits 2)
+                    if os.environ.get("RANK") == "0":
+                        _error(refused)
+                    return EXIT_ERROR
             return int(args._run(args) or 0)
     except PBError as exc:
         if args.debug:
@@ -323,6 +328,18 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             raise
         _error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
         return EXIT_INTERNAL
+
+
+def _torchrun_refusal(command: str) -> Optional[str]:
+    """Why `command` cannot run under torchrun's several processes (None: it can). Only train runs as one rank
+    of several: every rank would run any other command whole, into the same files."""
+    from .distributed import torchrun_world_size
+
+    ranks = torchrun_world_size()
+    if command == "train" or ranks == 1:
+        return None
+    return (f"pbp-fx {command} runs in one process, and torchrun started {ranks}: run it without torchrun"
+            + (" (--jobs N trains its runs side by side)" if command == "compare" else ""))
 
 
 # -- output --------------------------------------------------------------------------------

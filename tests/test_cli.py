@@ -2084,3 +2084,19 @@ def test_transform_explain_explains_a_model_without_sites(tmp_path, capsys):
     rc, stdout, err = _run(["transform", path, "--explain"], capsys)
     assert rc == 2 and "no Linear/Conv neuron sites" in err and err.count("\n") == 1, err
     assert "W " in stdout and "not a site: read by einsum()" in stdout, stdout
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_command_other_than_train_under_torchrun_is_refused_once(tmp_path, capsys, monkeypatch, rank):
+    """`torchrun --nproc-per-node 2 -m pbp_fx compare` ran the whole comparison on every rank, into the same folder
+    (a reviewer); rank 0 says so, every rank exits 2, and nothing is written."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "r")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "cmp"
+    rc, _, err = _run(["compare", "--out", str(out), "--epochs", "1", "--seeds", "1"], capsys)
+    assert rc == 2 and not out.exists()
+    assert err == ("" if rank == "1" else "pbp-fx: error: pbp-fx compare runs in one process, and torchrun started 2: "
+                   "run it without torchrun (--jobs N trains its runs side by side)\n")
+    rc, _, err = _run(["transform", "--out", str(tmp_path / "t")], capsys)
+    assert rc == 2 and not (tmp_path / "t").exists()
