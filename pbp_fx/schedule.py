@@ -187,8 +187,12 @@ class PhaseSchedule:
         return Action(Kind.RETRY if retry else Kind.START_DENDRITES, note + "; dendrite phase started", new_best)
 
     def _dendrite_step(self, progress: bool) -> Action:
-        self.stale_epochs = 0 if progress else self.stale_epochs + 1
         cfg = self.config
+        if self.dendrites >= cfg.max_dendrites:  # (a run resumed under a lower max_dendrites: no round's install fits)
+            self.phase = "neuron"
+            self.phase_epochs = self.stale_epochs = 0
+            return self._complete(f"max_dendrites ({cfg.max_dendrites}) reached: the round's candidates dropped", False)
+        self.stale_epochs = 0 if progress else self.stale_epochs + 1
         if self.stale_epochs < cfg.dendrite_patience and self.phase_epochs < cfg.max_dendrite_epochs:
             return Action(Kind.CONTINUE)
         self.phase = "neuron"

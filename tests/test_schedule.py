@@ -243,3 +243,16 @@ def test_a_numpy_or_tensor_score_is_kept_as_a_float_so_the_state_is_json():
     assert json.loads(json.dumps(schedule.state_dict()))["best_score"] == 0.75
     with pytest.raises(ConfigError, match="takes the epoch's validation score as a number, got str '0.5'"):
         schedule.step("0.5")
+
+
+def test_a_dendrite_phase_resumed_under_a_lower_max_dendrites_installs_nothing():
+    """A state saved in round 2's dendrite phase, resumed with max_dendrites 1, installed dendrite 2 (a reviewer)."""
+    first = PhaseSchedule(PBConfig(patience=1, dendrite_patience=1, max_dendrites=3))
+    for score in (0.5, 0.5, 0.5, 0.6, 0.6):  # neuron, dendrite (install 1), neuron (a best), stale: round 2 starts
+        first.step(score)
+    assert (first.phase, first.dendrites) == ("dendrite", 1)
+    lowered = PhaseSchedule(PBConfig(patience=1, dendrite_patience=1, max_dendrites=1))
+    lowered.load_state_dict(first.state_dict())
+    action = lowered.step(0.6)
+    assert action.kind is Kind.COMPLETE and lowered.done and lowered.phase == "neuron" and lowered.dendrites == 1
+    assert action.note == "max_dendrites (1) reached: the round's candidates dropped"
