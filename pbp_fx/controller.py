@@ -432,7 +432,6 @@ class PhaseController:
         # The optimizer's state for parameters that stay trainable is kept: a training framework
         # that resumes a run restores it before the controller exists (the HF Trainer does).
         self.rebind(keep_state=True)
-        self._groups_by_name(root if root is not None else pm)  # (a bad group index refused now, not at a restructure)
         # Names (outside_state's) of the parameters outside pm that a dendrite phase froze, and the
         # values of root's buffers outside pm when it began (restored when it ends, as pm's are).
         self._frozen_outside: list[str] = []
@@ -549,11 +548,13 @@ class PhaseController:
         new = [p for p in params if p not in self._groups]
         if new:
             named = self.root if self.root is not None else self.pm  # (names as parameter_groups gives them)
-            by_name = self._groups_by_name(named)
+            by_name = self.parameter_groups(named) if self.parameter_groups is not None else {}
             names = {id(p): n for n, p in named.named_parameters()} if by_name else {}
             neuron_group = self._neuron_groups()
             for p in new:
-                self._groups[p] = by_name.get(names.get(id(p)), neuron_group.get(id(p), 0))
+                name = names.get(id(p))
+                self._groups[p] = (self._group_named(name, by_name[name]) if name in by_name
+                                   else neuron_group.get(id(p), 0))
         rebind_optimizer(self.optimizer, params, group_of=lambda p: self._groups[p], keep_state=keep_state)
         if self.distributed is None:
             self.model = self.root if self.root is not None else self.pm
@@ -576,15 +577,14 @@ class PhaseController:
                               f"training loop calls, and {type(self.root).__name__} has no forward: give it one "
                               "(pm and its head), or perforate the whole model (exclude= the head's layers)")
 
-    def _groups_by_name(self, named: nn.Module) -> dict:
-        """parameter_groups(named), each index checked against the optimizer's groups ({} without the rule)."""
-        by_name = self.parameter_groups(named) if self.parameter_groups is not None else {}
+    def _group_named(self, name: str, index) -> int:
+        """The group parameter_groups gives the parameter `name` as it joins, checked against the optimizer's groups
+        now (a rule may name a group added later, for parameters that join later)."""
         count = len(self.optimizer.param_groups)
-        for name, index in by_name.items():
-            if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < count:
-                raise ConfigError(f"parameter_groups gives {name!r} the group {index!r}, and the optimizer's groups "
-                                  f"are 0 to {count - 1}: give each name the index of a group it has")
-        return {name: int(index) for name, index in by_name.items()}
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < count:
+            raise ConfigError(f"parameter_groups gives {name!r} the group {index!r}, and the optimizer's groups are 0 "
+                              f"to {count - 1}: give each name the index of a group it has when the parameter joins")
+        return int(index)
 
     def _neuron_groups(self) -> dict:
         """{id(parameter of a site or of its neuron layer and norm): the group of that site's neuron weight}: a

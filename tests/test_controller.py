@@ -1085,24 +1085,30 @@ def test_a_scheduler_built_on_ctl_optimizer_but_not_attached_is_warned_of_at_the
 
 
 @pytest.mark.parametrize("index", [2, -1, "no_decay", True])
-def test_a_group_index_the_optimizer_lacks_is_refused_when_the_controller_is_built(index):
-    """parameter_groups giving group 2 of two (or a group's name) put the candidates in group 0, silently, or raised
-    torch's "'<=' not supported between instances of 'int' and 'str'" at the first dendrite phase (a reviewer)."""
+def test_a_group_index_the_optimizer_lacks_is_refused_when_its_parameter_joins(index):
+    """parameter_groups giving a candidate group 2 of two (or a group's name) put it in group 0, silently, or raised
+    torch's "'<=' not supported between instances of 'int' and 'str'" (a reviewer). A rule may name a group added
+    later, for the parameters that join then (the diff review: checking the whole rule when the controller was built
+    refused that)."""
     pm = _pm()
-    weights = [p for n, p in pm.named_parameters() if n.endswith("weight")]
-    biases = [p for n, p in pm.named_parameters() if n.endswith("bias")]
-    optimizer = torch.optim.AdamW([{"params": weights}, {"params": biases, "weight_decay": 0.0}])
+    optimizer = torch.optim.AdamW([{"params": list(pm.parameters())}])
 
     def rule(module):
-        return {n: index if n.endswith("bias") else 0 for n, _ in module.named_parameters()}
+        return {n: index if "pbp_sites" in n else 0 for n, _ in module.named_parameters()}
 
-    with pytest.raises(pbp_fx.ConfigError, match=rf"parameter_groups gives '.*bias' the group {index!r}, and the "
-                                                 r"optimizer's groups are 0 to 1: give each name the index of a group"):
-        PhaseController(pm, optimizer=optimizer, parameter_groups=rule)
-    ctl = PhaseController(pm, optimizer=optimizer, parameter_groups=lambda m: {n: np.int64(0) for n, _ in
-                                                                              m.named_parameters()}, patience=1)
-    _step_until_restructured(ctl)  # (a numpy index is an index)
-    assert len(optimizer.param_groups[1]["params"]) == 0
+    ctl = PhaseController(pm, optimizer=optimizer, parameter_groups=rule, patience=1)
+    with pytest.raises(pbp_fx.ConfigError, match=rf"parameter_groups gives '.*pbp_sites.*' the group {index!r}, and "
+                                                 r"the optimizer's groups are 0 to 0: give each name the index of a "
+                                                 r"group it has when the parameter joins"):
+        _step_until_restructured(ctl)
+    pm = _pm()
+    optimizer = torch.optim.AdamW([{"params": list(pm.parameters())}])
+    ctl = PhaseController(pm, optimizer=optimizer, parameter_groups=lambda m: {
+        n: np.int64(1) if "pbp_sites" in n else 0 for n, _ in m.named_parameters()}, patience=1)
+    optimizer.add_param_group({"params": [], "lr": 0.5})  # (the group the rule names, added after the controller)
+    _step_until_restructured(ctl)
+    candidates = {id(p) for n, p in pm.named_parameters() if "pbp_sites" in n and p.requires_grad}
+    assert candidates and {id(p) for p in optimizer.param_groups[1]["params"]} == candidates
 
 
 def test_a_neurons_bias_or_norm_unfrozen_after_the_optimizer_was_built_joins_the_neurons_group():
