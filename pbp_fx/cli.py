@@ -333,10 +333,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 def _torchrun_refusal(command: str) -> Optional[str]:
     """Why `command` cannot run under torchrun's several processes (None: it can). Only train runs as one rank
     of several: every rank would run any other command whole, into the same files."""
-    from .distributed import torchrun_world_size
+    from .distributed import started_by_torchrun, torchrun_world_size
 
     ranks = torchrun_world_size()
-    if command == "train" or ranks == 1:
+    if command == "train" or ranks == 1 or not started_by_torchrun():  # (a worker's own subprocess runs)
         return None
     return (f"pbp-fx {command} runs in one process, and torchrun started {ranks}: run it without torchrun"
             + (" (--jobs N trains its runs side by side)" if command == "compare" else ""))

@@ -62,7 +62,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from .errors import LOST_CONTACT, PBError, Terminated, TrainingError, warn_at_user
 
 __all__ = ["Distributed", "DistributedError", "StatsReducer", "ShardSampler", "launch", "stop_with_launcher",
-           "local_env", "torchrun_world_size", "last_batch_is_lone"]
+           "local_env", "started_by_torchrun", "torchrun_world_size", "last_batch_is_lone"]
 
 DEFAULT_TIMEOUT = 300.0  # seconds a collective waits for the other ranks
 # The longest timeout taken: from ~9.2e9 s torch's int64 nanoseconds overflow, and c10d timed out at once from 1e10.
@@ -570,6 +570,18 @@ def torchrun_world_size() -> int:
     if "TORCHELASTIC_RUN_ID" not in os.environ or "RANK" not in os.environ:
         return 1
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def started_by_torchrun() -> bool:
+    """Whether torchrun's agent started this process (its parent runs torch.distributed.run), not only whether its
+    environment says so: a process a worker starts (a subprocess of rank 0) inherits the environment. False
+    where the parent's command line cannot be read."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(part.endswith((b"torchrun", b"torch.distributed.run", b"torch/distributed/run.py")) for part in parent)
 
 
 def local_env(env: dict) -> dict:

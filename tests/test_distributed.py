@@ -682,6 +682,29 @@ def datasets(seed=0):
 """
 
 
+def test_a_command_other_than_train_started_by_torchrun_is_refused_once_and_a_workers_subprocess_runs(tmp_path):
+    """torchrun's two workers each ran `pbp-fx transform` (or compare) whole into the same folder; a command a worker
+    starts itself inherits torchrun's environment, and runs (the diff review)."""
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY)
+    env = local_env(dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    child = tmp_path / "worker.py"  # (each worker runs pbp-fx itself, in a subprocess)
+    child.write_text("import os, subprocess, sys\nr = subprocess.run([sys.executable, '-m', 'pbp_fx', 'transform', "
+                     "sys.argv[1], '--out', sys.argv[2] + os.environ['RANK']])\nsys.exit(r.returncode)\n")
+    for argv, refused in ((["-m", "pbp_fx", "transform", str(model), "--out", str(tmp_path / "t")], True),
+                          ([str(child), str(model), str(tmp_path / "c")], False)):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *argv],
+                              env=env, capture_output=True, text=True, timeout=120)
+        said = [line for line in proc.stderr.splitlines() if line.startswith("pbp-fx: error:")]
+        if refused:
+            assert proc.returncode != 0 and not (tmp_path / "t").exists(), proc.stderr[-2000:]
+            assert said == ["pbp-fx: error: pbp-fx transform runs in one process, and torchrun started 2: run it "
+                            "without torchrun"], proc.stderr[-2000:]
+        else:
+            assert proc.returncode == 0 and not said, proc.stderr[-2000:]
+            assert (tmp_path / "c0" / "report.json").exists() and (tmp_path / "c1" / "report.json").exists()
+
+
 def test_cli_nproc_2_trains_with_torchrun_and_only_rank_0_writes(tmp_path):
     model = tmp_path / "tiny.py"
     model.write_text(TINY)
