@@ -147,6 +147,7 @@ class PBCallback(Callback):
                                "gain start a dendrite phase), so no dendrite is added: give EarlyStopping a patience "
                                "above PB's, or leave the run's end to PBCallback")
         pm = find_perforated(pl_module, "PBCallback")
+        _refuse_model_changing_callbacks(trainer, pl_module, pm)
         if self._structure_hook is not None:  # the checkpoint (if any) is loaded: later loads are PB's own
             self._structure_hook.remove()
             self._structure_hook = None
@@ -333,6 +334,34 @@ class PBCallback(Callback):
                        "the Trainer stopped (trainer.should_stop: EarlyStopping or another callback)")
         self._give_back_patience(trainer)  # (after finish: a run ended in a dendrite phase holds them still)
         self._give_back_finite_checks(trainer)
+
+
+def _refuse_model_changing_callbacks(trainer, pl_module, pm) -> None:
+    """Callbacks that change the model where PB cannot follow: a pruning that reparametrises the weights PB keeps
+    and rewinds (its permanent form, at train end, renamed them before PB loaded its best state), and a finetuning
+    callback that thaws parameters outside pm mid-run (PB keeps neither them still in a dendrite phase, nor them in
+    the optimizer at a restructure)."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, lightning_callbacks.ModelPruning):
+            raise TrainingError("PBCallback: ModelPruning reparametrises the weights that PB keeps as its best state "
+                                "and restructures (weight_orig, weight_mask), and makes them permanent before PB "
+                                "loads its best weights: remove it, and prune the model after fit")
+        if not isinstance(cb, lightning_callbacks.BaseFinetuning):
+            continue
+        inside = {id(p) for p in pm.parameters()}
+        # (BackboneFinetuning thaws pl_module.backbone; another finetuning callback, what it chooses: any frozen one)
+        held = getattr(pl_module, "backbone", None) if isinstance(cb, lightning_callbacks.BackboneFinetuning) else None
+        frozen = [n for n, p in (held or pl_module).named_parameters() if id(p) not in inside and not p.requires_grad]
+        if not frozen:
+            continue
+        said = (f"PBCallback: {type(cb).__name__} {'will thaw' if held is not None else 'may thaw'} parameters outside "
+                f"the perforated model ({frozen[0]}, ...), which PB neither holds still in a dendrite phase nor keeps "
+                "in the optimizer at a restructure: perforate the module that holds them with the rest (one "
+                "PerforatedModel), or thaw them before fit")
+        if held is None:
+            warn_at_user(said)
+        else:
+            raise TrainingError(said)
 
 
 def _groups_of_configure_optimizers(pl_module):

@@ -859,6 +859,43 @@ def test_a_weight_averaging_callback_is_refused_before_any_step(averager):
     assert trainer.global_step == 0
 
 
+class BackboneOutside(Classifier):
+    """Lightning's BackboneFinetuning idiom with a backbone outside the perforated model."""
+
+    def __init__(self):
+        super().__init__(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
+        self.backbone = nn.Conv2d(1, 1, 1)
+
+    def training_step(self, batch, _):
+        return F.cross_entropy(self.model(self.backbone(batch[0])), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=3e-3)
+
+
+@pytest.mark.parametrize("callback", ["ModelPruning", "BackboneFinetuning"])
+def test_a_callback_that_changes_the_model_where_pb_cannot_follow_is_refused_before_any_step(callback):
+    """ModelPruning (permanent at train end) renamed the weights before PB loaded its best state: fit crashed at its
+    end, leaving the last epoch's pruned model; BackboneFinetuning thawed a backbone outside pm that trained inside a
+    dendrite phase and left the optimizer at the next restructure for good (a reviewer)."""
+    from lightning.pytorch.callbacks import BackboneFinetuning, ModelPruning
+
+    train, val = digits_loaders()
+    if callback == "ModelPruning":
+        module = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
+        made = ModelPruning("l1_unstructured", amount=0.3)
+        said = "^PBCallback: ModelPruning reparametrises the weights that PB keeps as its best state"
+    else:
+        module, made = BackboneOutside(), BackboneFinetuning(unfreeze_backbone_at_epoch=2)
+        said = ("^PBCallback: BackboneFinetuning will thaw parameters outside the perforated model \\(weight, ...\\), "
+                "which PB neither holds still")
+    trainer = _trainer(PBCallback(QUICK), max_epochs=2)
+    trainer.callbacks.append(made)
+    with pytest.raises(TrainingError, match=said):
+        trainer.fit(module, train, val)
+    assert trainer.global_step == 0
+
+
 def test_a_fast_dev_run_leaves_the_run_to_the_fit_after_it():
     """Lightning's smoke test (one batch, one validation) was PB's epoch 1 and finished the run
     ('budget ran out'), so the real fit after it with the same callback trained nothing."""
