@@ -1125,8 +1125,8 @@ def _print_report(s: dict, echo) -> None:
         score = "-" if e["score"] is None else f"{e['score']:.4f}"  # (None: a diverged epoch)
         note = f"{e['note']}: back to the best model (its val and dendrites)" if e.get("restored_best") else e["note"]
         echo(f"  {e['epoch']:>5}  {e['phase']:<8} {e['dendrites']:>9}  {score:>7}  {note}")
-    if s["events"] and all(e["decision"] in ("continue", "complete") for e in s["events"]) \
-            and s["events"][-1]["note"].startswith("epoch cap"):
+    if s["events"] and all(e.get("decision") in ("continue", "complete") for e in s["events"]) \
+            and s["events"][-1].get("note", "").startswith("epoch cap"):
         echo(_no_round(s))
     echo("dendrites per site")
     width = max([32, *(len(name) for name in s["dendrites"])])

@@ -351,7 +351,7 @@ def _refuse_model_changing_callbacks(trainer, pl_module, pm) -> None:
         inside = {id(p) for p in pm.parameters()}
         # (BackboneFinetuning thaws pl_module.backbone; another finetuning callback, what it chooses: any frozen one)
         held = getattr(pl_module, "backbone", None) if isinstance(cb, lightning_callbacks.BackboneFinetuning) else None
-        frozen = [n for n, p in (held or pl_module).named_parameters() if id(p) not in inside and not p.requires_grad]
+        frozen = [n for n, p in (pl_module if held is None else held).named_parameters() if id(p) not in inside and not p.requires_grad]
         if not frozen:
             continue
         said = (f"PBCallback: {type(cb).__name__} {'will thaw' if held is not None else 'may thaw'} parameters outside "
