@@ -241,35 +241,24 @@ def _worker(scenario, rank, nprocs, port, out_dir):
         attempt("one_validation_sample", lambda: pbp_fx.fit(
             pbp_fx.perforate(_build(), _inputs()), train, world.loader(_data(1, 1), 16, train=False), epochs=1,
             progress=False, distributed=world))
+        def loop_through(wrapper_of):
+            """Two epochs of a loop of one's own that trains through wrapper_of(pm, ctl), bound once."""
+            pm = pbp_fx.perforate(_build(), _inputs())
+            ctl = PhaseController(pm, neuron_epochs=1, max_dendrites=1, distributed=world)
+            model = wrapper_of(pm, ctl)
+            for _ in range(2):
+                for x, y in train:
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    ctl.optimizer.zero_grad()
+                    loss.backward()
+                    ctl.optimizer.step()
+                ctl.step(pbp_fx.evaluate(pm, val, distributed=world))
+
         # a loop of one's own that binds ctl.model once, before the first restructure
-        def stale_wrapper():
-            pm = pbp_fx.perforate(_build(), _inputs())
-            ctl = PhaseController(pm, neuron_epochs=1, max_dendrites=1, distributed=world)
-            model = ctl.model
-            for _ in range(2):
-                for x, y in train:
-                    loss = nn.functional.cross_entropy(model(x), y)
-                    ctl.optimizer.zero_grad()
-                    loss.backward()
-                    ctl.optimizer.step()
-                ctl.step(pbp_fx.evaluate(pm, val, distributed=world))
-
-        attempt("stale_wrapper", stale_wrapper)
-
+        attempt("stale_wrapper", lambda: loop_through(lambda pm, ctl: ctl.model))
         # a loop that keeps a DDP wrapper of its own around pm (a reviewer: the candidates trained unsynchronised)
-        def own_wrapper():
-            pm = pbp_fx.perforate(_build(), _inputs())
-            ctl = PhaseController(pm, neuron_epochs=1, max_dendrites=1, distributed=world)
-            model = nn.parallel.DistributedDataParallel(pm, process_group=world.group)
-            for _ in range(2):
-                for x, y in train:
-                    loss = nn.functional.cross_entropy(model(x), y)
-                    ctl.optimizer.zero_grad()
-                    loss.backward()
-                    ctl.optimizer.step()
-                ctl.step(pbp_fx.evaluate(pm, val, distributed=world))
-
-        attempt("own_wrapper", own_wrapper)
+        attempt("own_wrapper", lambda: loop_through(
+            lambda pm, ctl: nn.parallel.DistributedDataParallel(pm, process_group=world.group)))
         # a model of another width on each rank
         attempt("other_width", lambda: PhaseController(pbp_fx.perforate(
             nn.Sequential(nn.Linear(6, 8 + rank), nn.ReLU(), nn.Linear(8 + rank, 3)).double(), _inputs()),
