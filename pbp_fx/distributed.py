@@ -573,15 +573,16 @@ def torchrun_world_size() -> int:
 
 
 def started_by_torchrun() -> bool:
-    """Whether torchrun's agent started this process (its parent runs torch.distributed.run), not only whether its
-    environment says so: a process a worker starts (a subprocess of rank 0) inherits the environment. False
-    where the parent's command line cannot be read."""
+    """Whether torchrun's agent started this process, not only whether its environment says so: a process that a
+    worker starts (a subprocess of rank 0) inherits the environment. The agent's own environment has no
+    TORCHELASTIC_RUN_ID (it gives it to the workers), a worker's has; where the parent's environment cannot be read,
+    the process's own is taken at its word."""
     try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+        with open(f"/proc/{os.getppid()}/environ", "rb") as f:
             parent = f.read().split(b"\0")
     except OSError:
-        return False
-    return any(part.endswith((b"torchrun", b"torch.distributed.run", b"torch/distributed/run.py")) for part in parent)
+        return True
+    return not any(entry.startswith(b"TORCHELASTIC_RUN_ID=") for entry in parent)
 
 
 def local_env(env: dict) -> dict:
