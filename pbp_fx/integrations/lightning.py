@@ -147,7 +147,7 @@ class PBCallback(Callback):
                                "gain start a dendrite phase), so no dendrite is added: give EarlyStopping a patience "
                                "above PB's, or leave the run's end to PBCallback")
         pm = find_perforated(pl_module, "PBCallback")
-        _refuse_model_changing_callbacks(trainer, pl_module, pm)
+        _refuse_model_changing_callbacks(trainer, pl_module, pm, self._resumed)
         if self._structure_hook is not None:  # the checkpoint (if any) is loaded: later loads are PB's own
             self._structure_hook.remove()
             self._structure_hook = None
@@ -336,27 +336,40 @@ class PBCallback(Callback):
         self._give_back_finite_checks(trainer)
 
 
-def _refuse_model_changing_callbacks(trainer, pl_module, pm) -> None:
-    """Callbacks that change the model where PB cannot follow: a pruning that reparametrises the weights PB keeps
-    and rewinds (its permanent form, at train end, renamed them before PB loaded its best state), and a finetuning
-    callback that thaws parameters outside pm mid-run (PB keeps neither them still in a dendrite phase, nor them in
-    the optimizer at a restructure)."""
+def _refuse_model_changing_callbacks(trainer, pl_module, pm, resumed: Optional[dict]) -> None:
+    """Callbacks that change the model where PB cannot follow (resumed: the checkpoint's PB state, None in a fresh
+    fit): a pruning that reparametrises the weights PB keeps and rewinds (its permanent form, at train end, renamed
+    them before PB loaded its best state); a finetuning callback that thaws parameters outside pm mid-run (PB keeps
+    neither them still in a dendrite phase, nor them in the optimizer at a restructure), that holds all of pm frozen,
+    or whose saved parameter groups of its first epoch a resume puts back over PB's regrouped ones."""
     for cb in trainer.callbacks:
+        name = type(cb).__name__
         if isinstance(cb, lightning_callbacks.ModelPruning):
-            raise TrainingError("PBCallback: ModelPruning reparametrises the weights that PB keeps as its best state "
-                                "and restructures (weight_orig, weight_mask), and makes them permanent before PB "
-                                "loads its best weights: remove it, and prune the model after fit")
+            raise TrainingError(f"PBCallback: {name} reparametrises the weights that PB keeps as its best state and "
+                                "restructures (weight_orig, weight_mask), and makes them permanent before PB loads its "
+                                "best weights: remove it, and prune the model after fit")
         if not isinstance(cb, lightning_callbacks.BaseFinetuning):
             continue
+        schedule = (resumed or {}).get("controller", {}).get("schedule", {})
+        if schedule.get("rounds") or schedule.get("phase") == "dendrite":
+            raise TrainingError(f"PBCallback: a ckpt_path resume beside {name} after PB restructured the model is not "
+                                f"supported: {name} puts back the optimizer's parameter groups of its first epoch, "
+                                "which no longer hold the model's parameters; train from the start, or resume "
+                                f"without {name}")
         inside = {id(p) for p in pm.parameters()}
         # (BackboneFinetuning thaws pl_module.backbone; another finetuning callback, what it chooses: any frozen one)
         held = getattr(pl_module, "backbone", None) if isinstance(cb, lightning_callbacks.BackboneFinetuning) else None
-        frozen = [n for n, p in (pl_module if held is None else held).named_parameters() if id(p) not in inside and not p.requires_grad]
+        if held is not None and inside <= {id(p) for p in held.parameters()}:
+            raise TrainingError(f"PBCallback: {name} freezes the perforated model (its backbone holds all of it) until "
+                                "it thaws it, so PB's phases would train nothing: perforate the part that trains from "
+                                "the start (the head), or the module holding both")
+        frozen = [n for n, p in (pl_module if held is None else held).named_parameters()
+                  if id(p) not in inside and not p.requires_grad]
         if not frozen:
             continue
-        said = (f"PBCallback: {type(cb).__name__} {'will thaw' if held is not None else 'may thaw'} parameters outside "
-                f"the perforated model ({frozen[0]}, ...), which PB neither holds still in a dendrite phase nor keeps "
-                "in the optimizer at a restructure: perforate the module that holds them with the rest (one "
+        said = (f"PBCallback: {name} {'will thaw' if held is not None else 'may thaw'} parameters outside the "
+                f"perforated model ({frozen[0]}, ...), which PB neither holds still in a dendrite phase nor keeps in "
+                "the optimizer at a restructure: perforate the module that holds them with the rest (one "
                 "PerforatedModel), or thaw them before fit")
         if held is None:
             warn_at_user(said)

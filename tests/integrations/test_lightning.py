@@ -896,6 +896,47 @@ def test_a_callback_that_changes_the_model_where_pb_cannot_follow_is_refused_bef
     assert trainer.global_step == 0
 
 
+class BackboneIsPM(Classifier):
+    """Lightning's BackboneFinetuning idiom with the perforated model as the backbone, a head of its own."""
+
+    def __init__(self):
+        super().__init__(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
+        self.backbone = self.model
+        self.head = nn.Linear(10, 10)
+
+    def training_step(self, batch, _):
+        return F.cross_entropy(self.head(self.model(batch[0])), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=3e-3)
+
+
+def test_backbone_finetuning_that_freezes_all_of_pm_or_a_resume_after_a_restructure_is_refused_in_one_line(tmp_path):
+    """BackboneFinetuning with pm as its backbone read "the optimizer holds none of the perforated model's parameters
+    (perforate copies the model ...)"; a ckpt_path resume beside it after a restructure failed in torch's "loaded state
+    dict contains a parameter group that doesn't match" (BaseFinetuning puts back its first epoch's groups; the
+    diff review)."""
+    from lightning.pytorch.callbacks import BackboneFinetuning, ModelCheckpoint
+
+    train, val = digits_loaders()
+    trainer = _trainer(PBCallback(QUICK), max_epochs=2)
+    trainer.callbacks.append(BackboneFinetuning(unfreeze_backbone_at_epoch=1))
+    with pytest.raises(TrainingError, match="^PBCallback: BackboneFinetuning freezes the perforated model \\(its "
+                                            "backbone holds all of it\\)"):
+        trainer.fit(BackboneIsPM(), train, val)
+    config = pbp_fx.PBConfig(patience=1, improvement=10.0, max_dendrite_epochs=2, max_dendrites=1, retries=0)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer = _trainer(PBCallback(config, monitor="val_acc", mode="max"), max_epochs=4, enable_checkpointing=True)
+    trainer.callbacks += [BackboneFinetuning(unfreeze_backbone_at_epoch=1), saver]
+    trainer.fit(ThawingClassifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
+    resumed = _trainer(PBCallback(config, monitor="val_acc", mode="max"), max_epochs=6)
+    resumed.callbacks.append(BackboneFinetuning(unfreeze_backbone_at_epoch=1))
+    with pytest.raises(TrainingError, match="^PBCallback: a ckpt_path resume beside BackboneFinetuning after PB "
+                                            "restructured the model is not supported"):
+        resumed.fit(ThawingClassifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val,
+                    ckpt_path=str(tmp_path / "epoch=3.ckpt"))
+
+
 def test_a_fast_dev_run_leaves_the_run_to_the_fit_after_it():
     """Lightning's smoke test (one batch, one validation) was PB's epoch 1 and finished the run
     ('budget ran out'), so the real fit after it with the same callback trained nothing."""
