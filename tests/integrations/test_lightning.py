@@ -926,7 +926,8 @@ def test_backbone_finetuning_that_freezes_all_of_pm_or_a_resume_after_a_restruct
         trainer.fit(BackboneIsPM(), train, val)
     config = pbp_fx.PBConfig(patience=1, improvement=10.0, max_dendrite_epochs=2, max_dendrites=1, retries=0)
     saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    trainer = _trainer(PBCallback(config, monitor="val_acc", mode="max"), max_epochs=4, enable_checkpointing=True)
+    trainer = _trainer(PBCallback(config, monitor="val_acc", mode="max"), max_epochs=4, enable_checkpointing=True,
+                       default_root_dir=tmp_path)
     trainer.callbacks += [BackboneFinetuning(unfreeze_backbone_at_epoch=1), saver]
     trainer.fit(ThawingClassifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val)
     resumed = _trainer(PBCallback(config, monitor="val_acc", mode="max"), max_epochs=6)
