@@ -68,7 +68,7 @@ from .errors import ExampleInputsError, PBWarning, TraceError, warn_at_user
 from .inputs import opaque_holder, positional_names
 from .layers import WEIGHT_HOOKS, StandIn, has_user_hooks
 from .modes import ModeSwitch
-from .signature import CallSignature
+from .signature import CallError, CallSignature
 
 __all__ = ["PBTracer", "TracedPart", "trace", "parts_model", "propagate_shapes", "buffers_kept", "copy_module",
            "memo_computed_tensors", "keyword_changes_output", "whole_model_in_mode",
@@ -1442,7 +1442,7 @@ def _export_both_modes(model: nn.Module, args: tuple, kwargs: dict, dynamic, pri
             other = _export_capture(model, args, kwargs, dims)
     except Exception as exc:  # noqa: BLE001
         log.info("trace: the %s-mode export failed: %s", "eval" if primary else "train", _reason(exc))
-        other, why = None, _reason(exc)
+        other, why = None, _where_failed(exc, _reason)
     else:
         why = ""
     result = _merged(gm, other, primary)
@@ -2206,7 +2206,14 @@ class TracedPart(StandIn, nn.Module):
         call: Optional[CallSignature] = self.graph_module.meta.get("pbp_call")
         if call is None:
             return output_as_traced(self.graph_module, self.graph_module(*args, **kwargs))
-        g_args, g_kwargs, extra = call.bind(args, kwargs)
+        try:
+            g_args, g_kwargs, extra = call.bind(args, kwargs)
+        except CallError as exc:  # (the root's own code made this call: the example may not decide it)
+            raise CallError(f"{exc} (part {self.name} of a model whose root could not be captured whole: the root's "
+                            "code passes its inputs, and may pass them otherwise per batch, a padding mask as None "
+                            "where a batch needs none; then no single example fits, and a capture of the whole model "
+                            "is needed: perforate the model in eval mode, or make what stopped the train-mode capture, "
+                            "in perforate's warning, not depend on the mode)") from None
         # (getattr: a part pickled before these attributes existed)
         for key in sorted(set(extra) - getattr(self, "ignored_keywords", set())):
             source = getattr(self, "source", None)
