@@ -1254,10 +1254,12 @@ def _torch_export(module: nn.Module, inputs: tuple, batched: tuple, opset: int,
                 shapes = dict(zip(input_names, (tuple(t.shape) for t in inputs if isinstance(t, Tensor))))
                 others = ("; dim 0 of every input is the one batch axis, so an input whose dim 0 is not its batch "
                           + _batch_axes_advice(module, shapes, batched, size, " fixes the others' too:"))
-            raise ExportError(f"the model fixes dim 0 of input {name!r} to {size} (a reshape to a constant batch, or "
-                              "an input without a batch dim, such as one unbatched [C, L] sample for a Conv1d), so it "
-                              "cannot be the dynamic batch axis: use -1 for the batch in reshapes, or pass "
-                              "dynamic_batch=False (pbp-fx export --static-batch)" + others)
+            raise ExportError(f"the ONNX capture fixed dim 0 of input {name!r} to {size}, so it cannot be the "
+                              "dynamic batch axis: the model fixes it (a reshape to a constant batch, or an input "
+                              "without a batch dim, such as one unbatched [C, L] sample for a Conv1d: use -1 for the "
+                              "batch in reshapes), or torch.onnx's capture specialised it where the model runs at any "
+                              "batch (torchvision's RAFT); pass dynamic_batch=False (pbp-fx export --static-batch)"
+                              + others)
     return proto
 
 

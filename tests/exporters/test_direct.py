@@ -257,7 +257,7 @@ def test_an_unbatched_input_is_no_dynamic_batch(tmp_path):
     """A Linear's input [C] had its features declared the dynamic `batch` axis, which ONNX Runtime then
     refused at any other size; the torch.export route says what it is."""
     pm = pbp_fx.perforate(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), (torch.randn(6),))
-    with pytest.raises(ExportError, match=r"the model fixes dim 0 of input '.*' to 6 .* pass dynamic_batch=False"):
+    with pytest.raises(ExportError, match=r"the ONNX capture fixed dim 0 of input '.*' to 6, .* pass dynamic_batch=False"):
         export_onnx(pm, (torch.randn(6),), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
     export_onnx(pm, (torch.randn(6),), tmp_path / "m.onnx", dynamic_batch=False)

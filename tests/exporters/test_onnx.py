@@ -1628,8 +1628,9 @@ def test_an_unbatched_input_is_named_as_a_possible_cause_of_a_fixed_dim_0(tmp_pa
 
     x = torch.randn(3, 9)
     pm = pbp_fx.perforate(OneSample(), (x,))
-    with pytest.raises(ExportError, match=r"fixes dim 0 of input 'x' to 3 \(a reshape to a constant batch, or an "
-                                          r"input without a batch dim.*dynamic_batch=False"):
+    with pytest.raises(ExportError, match=r"fixed dim 0 of input 'x' to 3, so it cannot be the dynamic batch axis: "
+                                          r"the model fixes it \(a reshape to a constant batch, or an input without a "
+                                          r"batch dim.*dynamic_batch=False"):
         export_onnx(pm, (x,), tmp_path / "m.onnx")
     path = export_onnx(pm, (x,), tmp_path / "m.onnx", dynamic_batch=False)
     with torch.no_grad():
