@@ -2209,8 +2209,8 @@ class TracedPart(StandIn, nn.Module):
         try:
             g_args, g_kwargs, extra = call.bind(args, kwargs)
         except CallError as exc:  # (the root's own code made this call: the example may not decide it)
-            raise CallError(f"{exc} (part {self.name} of a model whose root could not be captured whole: the root's "
-                            "code passes its inputs, and may pass them otherwise per batch, a padding mask as None "
+            raise CallError(f"{exc} (part {self.name} of a parts capture, whose inputs the root's own "
+                            "code passes, and may pass them otherwise per batch, a padding mask as None "
                             "where a batch needs none; then no single example fits, and a capture of the whole model "
                             "is needed: perforate the model in eval mode, or make what stopped the train-mode capture, "
                             "in perforate's warning, not depend on the mode)") from None

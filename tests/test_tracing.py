@@ -2252,8 +2252,8 @@ def test_a_part_called_otherwise_by_the_roots_own_code_says_no_single_example_ma
     pm = pbp_fx.perforate(_MaskByData(), (torch.randn(3, 4),))
     assert pm.graph_module.meta["pbp_frontend"] == "parts"
     with pytest.raises(pbp_fx.CallError, match=r"was traced with mask=Tensor, this call passes None.*\(part part of a "
-                                               r"model whose root could not be captured whole: .*no single example "
-                                               r"fits.*perforate the model in eval mode"):
+                                               r"parts capture, whose inputs the root's own code passes.*no single "
+                                               r"example fits.*perforate the model in eval mode"):
         pm(torch.rand(3, 4) + 0.1)
 
 
