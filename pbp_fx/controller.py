@@ -62,7 +62,7 @@ from .errors import NonFiniteError, TrainingError, warn_at_user
 from .perforated import PerforatedModel, outside_inference_mode, perforated_inside, put_back
 from .schedule import Action, Kind, PhaseSchedule, check_score, score_of
 
-__all__ = ["PhaseController", "Decision", "rebind_optimizer", "default_optimizer"]
+__all__ = ["PhaseController", "Decision", "rebind_optimizer", "default_optimizer", "group_index"]
 
 
 def _refuse_ranks_without_distributed() -> None:
@@ -119,6 +119,14 @@ def all_finite(tensors) -> bool:
 def nan_weights_before_best(epoch: int) -> str:
     """The refusal of weights gone NaN/Inf before the run kept any best (fit's, compare's arms)."""
     return f"the model's weights hold NaN/Inf after epoch {epoch}, before any best: lower the learning rate"
+
+
+def group_index(index, count: int) -> Optional[int]:
+    """`index` as the index of one of an optimizer's `count` parameter groups (an integer, numpy's too, not a
+    bool), or None where it is none."""
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < count:
+        return None
+    return int(index)
 
 
 def default_optimizer(params, lr: float = TrainConfig.lr) -> torch.optim.Optimizer:
@@ -581,10 +589,11 @@ class PhaseController:
         """The group parameter_groups gives the parameter `name` as it joins, checked against the optimizer's groups
         now (a rule may name a group added later, for parameters that join later)."""
         count = len(self.optimizer.param_groups)
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < count:
+        checked = group_index(index, count)
+        if checked is None:
             raise ConfigError(f"parameter_groups gives {name!r} the group {index!r}, and the optimizer's groups are 0 "
                               f"to {count - 1}: give each name the index of a group it has when the parameter joins")
-        return int(index)
+        return checked
 
     def _neuron_groups(self) -> dict:
         """{id(parameter of a site or of its neuron layer and norm): the group of that site's neuron weight}: a

@@ -22,7 +22,7 @@ from transformers.utils import find_labels
 
 from ..checkpoint import holds_weights_of, load_controller, save
 from ..config import ConfigError, PBConfig
-from ..controller import Decision, PhaseController, model_fixed_settings
+from ..controller import Decision, PhaseController, group_index, model_fixed_settings
 from ..errors import TrainingError, warn_at_user
 from ..modelfile import reads_lower_is_better
 from ..perforated import LOSS_KEYWORD, PerforatedModel, takes_loss_keyword
@@ -549,10 +549,11 @@ def _group_index(rule: Callable[[str], int], name: str, groups: int) -> int:
     except Exception as exc:  # noqa: BLE001 - the user's rule on a name it does not know (PB's pbp_sites.*)
         raise TrainingError(f"PBCallback(group_of_name=...) raised {type(exc).__name__} for {name!r}: the rule must "
                             "give every parameter a group, PB's new ones (named ...pbp_sites.<site>...) too") from exc
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < groups:
+    checked = group_index(index, groups)
+    if checked is None:
         raise TrainingError(f"PBCallback(group_of_name=...) gave {index!r} for {name!r}: it must return the index of "
                             f"one of the optimizer's {groups} parameter groups (0 to {groups - 1})")
-    return index
+    return checked
 
 
 def _grouped_by_trainer(model, optimizer) -> bool:
