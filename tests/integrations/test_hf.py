@@ -843,6 +843,8 @@ def test_an_own_optimizer_grouped_by_a_name_rule_resumes_with_the_rule_given_to_
         return known[name]
 
     for bad, words in ((lambda n: 0, r"gives '.*' group 0, but the optimizer holds it in group 1: give the rule"),
+                       (lambda n: 2, r"gave 2 for '.*': it must return the index of one of the optimizer's 2 "
+                                     r"parameter groups \(0 to 1\)"),
                        (by_table, r"raised KeyError for '.*': the rule must give every parameter a group, PB's new "
                                   r"ones \(named ...pbp_sites.<site>...\) too")):
         torch.manual_seed(0)
