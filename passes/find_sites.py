@@ -15,12 +15,13 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
+import torch
 from torch import fx, nn
 
 from pbp_fx.config import ConfigError
 from pbp_fx.layers import LayerSpec, NormSpec
 
-from .patterns import computes_as_its_layer, match_neuron, match_norm, target_name
+from .patterns import attr_tensor, computes_as_its_layer, match_neuron, match_norm, target_name
 
 __all__ = ["SiteSpec", "find_sites", "SiteFilter", "live_nodes"]
 
@@ -143,20 +144,35 @@ def _weight_site_name(weight: str, own: str) -> str:
     return weight[: -len(".weight")] if weight.endswith(".weight") else weight
 
 
-def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilter = None) -> list[SiteSpec]:
+def find_sites(gm: fx.GraphModule, include: SiteFilter = None, exclude: SiteFilter = None,
+               model: Optional[nn.Module] = None) -> list[SiteSpec]:
     """List the neuron sites of `gm`. include/exclude take module types, qualified-name
     globs ("layer1.*") or callables `(name, module) -> bool`; exclude wins. The root module's
-    own weight (a bare layer perforated alone) is the site "root"."""
+    own weight (a bare layer perforated alone) is the site "root".
+    model: the model `gm` was traced from. Rules then see its module that holds a functional
+    layer's weight (fx copies such an owner into the graph as a plain nn.Module, so a rule for
+    its type would not match the copy)."""
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"find_sites takes a captured graph, not a {type(gm).__name__}: pass pbp_fx.trace(model, "
                         "example_inputs)")
-    return _find(gm, include, exclude, own="root")
+    return _find(gm, include, exclude, own="root", model=model)
 
 
-def _find(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter, own: str) -> list[SiteSpec]:
+def _holders(model: Optional[nn.Module]) -> dict[int, nn.Module]:
+    """id of each parameter and buffer of `model` -> the first module that holds it itself."""
+    out: dict[int, nn.Module] = {}
+    for m in ([] if model is None else model.modules()):
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+            out.setdefault(id(t), m)
+    return out
+
+
+def _find(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter, own: str,
+          model: Optional[nn.Module] = None) -> list[SiteSpec]:
     """find_sites, naming the graph root's own weight `own` ("" inside a part: no module can have
     that name, so the part's qualifier tells it from a child module called "root")."""
     include, exclude = rules(include, "include"), rules(exclude, "exclude")
+    holders = _holders(model) if include or exclude else {}
     specs: list[SiteSpec] = []
     uses: dict[str, int] = {}
     live = live_nodes(gm.graph)
@@ -172,6 +188,9 @@ def _find(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter, own: str
         uses[base] = i + 1
         name = base if i == 0 else f"{base}@{i}"
         module = gm.get_submodule(match.module or caller) if (match.module or caller) else _owner(gm, match.weight)
+        if match.module is None and holders:  # (the model's module holding the weight, not the graph's copy)
+            weight = attr_tensor(gm, match.weight)
+            module = holders.get(id(weight), module) if isinstance(weight, torch.Tensor) else module
         if not selected(name, module, include, exclude):
             continue
         norm = match_norm(node, match.layer, gm)
@@ -219,7 +238,8 @@ def _part_sites(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter) ->
         if not isinstance(part, TracedPart):
             continue
         qualify = _part_qualifier(part)
-        for spec in _find(part.graph_module, _scoped(include, qualify), _scoped(exclude, qualify), own=""):
+        for spec in _find(part.graph_module, _scoped(include, qualify), _scoped(exclude, qualify), own="",
+                          model=part.source):
             spec.name = qualify(spec.name)
             spec.graph = f"{path}.graph_module" + (f".{spec.graph}" if spec.graph else "")
             out.append(spec)

@@ -71,7 +71,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
 
     rows: list[SiteExplanation] = []
     reached: set[int] = set()
-    selected = {s.name for s in find_sites(gm, include, exclude)}
+    selected = {s.name for s in find_sites(gm, include, exclude, model=model)}
     specs = find_sites(gm)
     for spec in specs:
         owner = gm.get_submodule(spec.graph) if spec.graph else gm

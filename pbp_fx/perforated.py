@@ -965,7 +965,7 @@ def _perforated_copy(model, example_inputs, example_kwargs, frontend, dynamic, i
     before = {id(m) for m in model.modules()}
     own_modes = _own_train_modes(model)
     gm = trace(model, example_inputs, example_kwargs, frontend=frontend, dynamic=dynamic)
-    specs = find_sites(gm, include, exclude)
+    specs = find_sites(gm, include, exclude, model=model)
     not_sites = _layers_not_sites(gm, model)
     every_site = find_sites(gm) if include is not None or exclude is not None else specs
     unmatched = _unmatched_globs(every_site if every_site is not specs else [], include, exclude, list(not_sites),

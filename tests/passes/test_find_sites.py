@@ -508,3 +508,44 @@ class _SamePaddedConv(nn.Conv2d):
             total = max((-(-size // s) - 1) * s + k - size, 0)  # (max() of a Proxy: fx keeps the module whole)
             pads += [total // 2, total - total // 2]
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride)
+
+
+class OwnLinear(nn.Module):
+    """A layer written with F.linear on its own weight (a LoRA- or weight-norm-style module)."""
+
+    def __init__(self, i: int, o: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(o, i)), nn.Parameter(torch.zeros(o))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class WithOwnLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = OwnLinear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_type_rules_see_the_models_module_that_holds_a_functional_weight(frontend):
+    """fx copies a functional layer's owner into the graph as a plain nn.Module: given the model, a type
+    rule (and a callable) sees the model's own module, as with torch.export."""
+    model = WithOwnLinear()
+    gm = trace(model, (torch.randn(3, 4),), frontend=frontend)
+    assert [s.name for s in find_sites(gm, exclude=OwnLinear, model=model)] == ["b"]
+    assert [s.name for s in find_sites(gm, include=OwnLinear, model=model)] == ["a"]
+    assert [s.name for s in find_sites(gm, include=lambda n, m: isinstance(m, OwnLinear), model=model)] == ["a"]
+
+
+def test_type_rules_see_a_bare_layer_and_the_layers_a_parts_capture_traced_alone():
+    layer = nn.Linear(4, 3)
+    assert find_sites(trace(layer, (torch.randn(2, 4),)), exclude=nn.Linear, model=layer) == []
+    with pytest.warns(UserWarning, match="neither fx nor torch.export"):
+        gm = trace(BranchingRoot(), (torch.randn(3, 4),))
+    # parts `a` and `head` are Linears traced alone: each part's own module is what the rule sees
+    assert [s.name for s in find_sites(gm, include=nn.Linear)] == ["a", "gate.b", "head"]
+    assert [s.name for s in find_sites(gm, exclude=nn.Linear)] == ["gate"]
