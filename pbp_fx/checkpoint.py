@@ -472,12 +472,15 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
     """Capture `model` as the checkpoint's model was captured: same frontend, options and inputs."""
     st = meta["structure"]
     names = [r["name"] for r in st["sites"]]
-    capture = meta.get("capture")
-    if capture is None:  # format 1
+    # (format 1 has no capture record; a PerforatedModel built from the passes by hand an empty one)
+    capture = meta.get("capture") or None
+    if capture is None:
         if example_inputs is None and not example_kwargs:
-            raise CheckpointError(f"{_convert_hint(path)} and records no input signature: load it with "
-                                  "pbp_fx.load(path, model, example_inputs), then pbp_fx.save() it to convert it to "
-                                  "format 2")
+            what = (f"{_convert_hint(path)} and records no input signature" if "capture" not in meta else
+                    f"checkpoint {path} records no capture (its PerforatedModel was built from the passes, not by "
+                    "perforate())")
+            raise CheckpointError(f"{what}: load it with pbp_fx.load(path, model, example_inputs), then "
+                                  "pbp_fx.save() it to record its capture")
         frontend, dynamic = "auto", True
     else:
         # (a parts capture is rebuilt as one, also on a model whose root would now trace whole, under other

@@ -1753,3 +1753,25 @@ def test_saving_a_finalized_model_says_what_to_save_instead(tmp_path):
                                                      r"which no pbp_fx.load rebuilds: save the PerforatedModel"):
         pbp_fx.save(pm.finalize(), str(tmp_path / "c.safetensors"))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_model_built_from_the_passes_by_hand_loads_with_example_inputs(tmp_path):
+    """Its capture record is empty: load asked for it as a key and raised KeyError 'captured_with'."""
+    from pbp_fx.passes import find_sites, insert_dendrites
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    x = torch.randn(3, 4)
+    gm = pbp_fx.trace(build(), (x,))
+    pm = pbp_fx.PerforatedModel(insert_dendrites(gm, find_sites(gm)))
+    pm.grow()
+    path = str(tmp_path / "hand.safetensors")
+    pbp_fx.save(pm, path)
+    with pytest.raises(CheckpointError, match=r"records no capture \(its PerforatedModel was built from the passes.*"
+                                              r"pbp_fx.load\(path, model, example_inputs\)"):
+        pbp_fx.load(path, build())
+    back = pbp_fx.load(path, build(), example_inputs=(x,))
+    assert back.num_dendrites == pm.num_dendrites
+    assert torch.equal(back(x), pm(x))
