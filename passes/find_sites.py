@@ -12,7 +12,7 @@ after the weight's attribute path.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -49,6 +49,22 @@ class SiteSpec:
     # Path of the GraphModule whose nodes these are ("" for the graph itself; a TracedPart's
     # graph when the root could not be traced); module / weight / node names are relative to it.
     graph: str = ""
+
+    def to_dict(self) -> dict:
+        """The spec as JSON-ready data (`from_dict` reads it back)."""
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict) -> "SiteSpec":
+        """A spec from `to_dict`'s data, also after a JSON round trip (lists back to tuples)."""
+        def layer(d: dict) -> LayerSpec:
+            tuples = ("weight_shape", "stride", "padding", "dilation")  # (padding may be a str: "same")
+            return LayerSpec(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in d.items()})
+
+        d = dict(data)
+        d["layer"] = layer(d["layer"])
+        d["norm"] = None if d.get("norm") is None else NormSpec(**d["norm"])
+        return SiteSpec(**d)
 
     @property
     def in_leaf(self) -> bool:

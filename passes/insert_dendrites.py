@@ -1,6 +1,6 @@
 """insert_dendrites: route each site's output through a Site module.
 
-Requires: `specs` from `find_sites` on this very graph.
+Requires: `specs` from `find_sites` on this very graph (checked: their graphs, modules, nodes and weight shapes).
 Ensures: for every graph site (in its own graph: `spec.graph`), `call_module pbp_sites.<key>(x, out)` follows the site output
 and has taken over all its uses, x being what the neuron reads (an upstream Site's output
 where sites chain), and the site knows the module its output node calls, or that the node is the neuron
@@ -15,6 +15,7 @@ from typing import Iterable
 from torch import fx, nn
 
 from pbp_fx.config import PBConfig
+from pbp_fx.layers import LayerSpec, NormSpec
 from pbp_fx.site import FUNCTION_MADE, Site, SwappedNeuron
 
 from .find_sites import SiteSpec
@@ -36,6 +37,13 @@ def insert_dendrites(gm: fx.GraphModule, specs: Iterable[SiteSpec], activation: 
     """Insert one Site per spec into `gm` (in place) and return it."""
     specs = list(specs)
     for spec in specs:  # (all before any is inserted: nothing half-perforated)
+        if not isinstance(spec, SiteSpec) or not isinstance(spec.layer, LayerSpec) or not (
+                spec.norm is None or isinstance(spec.norm, NormSpec)):
+            what = type(spec).__name__ if not isinstance(spec, SiteSpec) else (
+                f"a spec whose layer is a {type(spec.layer).__name__}" if not isinstance(spec.layer, LayerSpec)
+                else f"a spec whose norm is a {type(spec.norm).__name__}")
+            raise TypeError(f"insert_dendrites got {what}: pass find_sites(gm)'s SiteSpecs, or "
+                            "SiteSpec.from_dict(d) of their to_dict() data")
         missing = _missing_from(gm, spec)
         if missing:
             raise ValueError(f"site spec {spec.name!r} names {missing}, which this graph lacks: the specs come from "
@@ -80,6 +88,10 @@ def _missing_from(gm: fx.GraphModule, spec: SiteSpec) -> str:
         attr_tensor(owner, spec.weight)
     except AttributeError:
         return f"module {spec.module or spec.weight!r}"
+    weight = attr_tensor(owner, spec.weight)
+    shape = tuple(weight.shape)[::-1] if spec.weight_transposed else tuple(weight.shape)
+    if shape != tuple(spec.layer.weight_shape):
+        return f"a {spec.weight!r} of shape {tuple(spec.layer.weight_shape)} (it is {shape} here)"
     if not spec.in_leaf:
         nodes = {n.name for n in owner.graph.nodes} if isinstance(owner, fx.GraphModule) else set()
         for node in (spec.neuron_node, spec.output_node):

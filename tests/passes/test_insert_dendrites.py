@@ -1,10 +1,12 @@
 """passes.insert_dendrites: every site output routed through a Site node; leaf neurons swapped."""
+import json
+
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 from pbp_fx import Site, trace
-from pbp_fx.passes import find_sites, insert_dendrites, site_key
+from pbp_fx.passes import SiteSpec, find_sites, insert_dendrites, site_key
 from pbp_fx.passes.insert_dendrites import SITES_ATTR
 from pbp_fx.site import SwappedNeuron
 
@@ -182,3 +184,42 @@ def test_its_ensures_are_checked_and_a_graph_that_breaks_them_is_named():
 def test_find_sites_requires_a_captured_graph():
     with pytest.raises(TypeError, match="find_sites takes a captured graph, not a Net: pass pbp_fx.trace"):
         find_sites(Net())
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.fc, self.o = nn.Linear(4, hidden), nn.Conv1d(hidden, 2, 3, padding="same")
+
+    def forward(self, x):
+        return self.o(torch.relu(self.fc(x)).transpose(1, 2))
+
+
+def test_specs_of_a_graph_with_other_widths_are_refused_before_any_edit():
+    """The names matched, so specs of TwoLayers(6) went into TwoLayers(9) and failed at the first forward
+    after a dendrite grew."""
+    gm = fx.symbolic_trace(TwoLayers(9))
+    before = gm.code
+    with pytest.raises(ValueError, match=r"site spec 'fc' names a 'fc.weight' of shape \(6, 4\) \(it is \(9, 4\) "
+                                         r"here\).*pass find_sites\(gm\) of this one"):
+        insert_dendrites(gm, find_sites(fx.symbolic_trace(TwoLayers(6))))
+    assert gm.code == before
+
+
+def test_specs_round_trip_through_json_and_a_dict_spec_is_refused():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4)
+    specs = find_sites(fx.symbolic_trace(TwoLayers(6)))
+    data = json.loads(json.dumps([s.to_dict() for s in specs]))
+    assert [SiteSpec.from_dict(d) for d in data] == specs
+    outs = []
+    for given in (specs, [SiteSpec.from_dict(d) for d in data]):
+        torch.manual_seed(1)
+        model = TwoLayers(6)
+        gm = insert_dendrites(fx.symbolic_trace(model), given)
+        for site in getattr(gm, SITES_ATTR).values():
+            site.grow()
+        outs.append(gm(x))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(TypeError, match="a spec whose layer is a dict: pass find_sites.*SiteSpec.from_dict"):
+        insert_dendrites(fx.symbolic_trace(TwoLayers(6)), [SiteSpec(**d) for d in data])
