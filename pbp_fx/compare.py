@@ -200,15 +200,19 @@ def train_perforated(model, example_inputs, loaders, loss_fn, config: PBConfig, 
     history = fit(pm, loaders[0], loaders[1], loss_fn, config=config, epochs=training.epochs, lr=training.lr,
                   progress=False, metric=metric or accuracy)
     return pm, {"epochs": len(history.epochs), "val": history.best_val, "dendrites": pm.dendrites,
-                **_course(history.epochs)}
+                **_course(history.epochs, training.epochs)}
 
 
-def _course(epochs: list[dict]) -> dict:
-    """What a run's epoch records (History.epochs) say of its rounds and divergence."""
+def _course(epochs: list[dict], cap: int) -> dict:
+    """What a run's epoch records (History.epochs) say of its rounds and divergence; cap: its --epochs."""
     return {"dendrite_epochs": sum(r["phase"] == "dendrite" for r in epochs),
             # (gd has no dendrite phase: a round grows dendrites, which a rewind may take back)
             "grew": any(r["dendrites"] for r in epochs),
-            "diverged_epochs": [r["epoch"] for r in epochs if r["val"] is None]}
+            "diverged_epochs": [r["epoch"] for r in epochs if r["val"] is None],
+            # (the cap, not the phase's own end, stopped its only dendrite phase: no round of it finished)
+            "cap_ended_only_round": bool(epochs) and epochs[-1]["phase"] == "dendrite" and epochs[-1]["epoch"] == cap
+            and sum(r["phase"] == "dendrite" and (i == 0 or epochs[i - 1]["phase"] != "dendrite")
+                    for i, r in enumerate(epochs)) == 1}
 
 
 # -- latency -------------------------------------------------------------------------------
@@ -366,19 +370,24 @@ def summarize(rows: list[dict], score: Score = ACCURACY) -> list[dict]:
             seeds = sorted(r["seed"] for r in rows if r["arm"] == arm and "skipped" in r)
             s["partial"] = f"not run at seed(s) {', '.join(map(str, seeds))}: {skipped[0]}"
             s["seeds_not_run"] = seeds
-        if arm == "pb":  # (where pb is the plain model: a plain-matched arm built only there compares nothing)
+        if arm in ("pb", "gd"):  # (where it is the plain model: a difference from plain measures nothing there)
             s["bare_seeds"] = sorted(r["seed"] for r in rs if not _installed(r))
         if arm in ("pb", "gd") and all(not _installed(r) and not r.get("dendrite_epochs") and not r.get("grew")
                                        for r in rs):
             # (its first neuron phase did not end within the epochs: the plain run, with nothing grown)
             s["no_round"] = (f"{arm} ran no dendrite round at any seed (its first neuron phase did not end within "
                              "the epochs), so it is the plain run here: raise --epochs, or lower --patience")
-        elif arm == "pb" and not any(_installed(r) for r in rs):
+        elif not any(_installed(r) for r in rs) and arm in ("pb", "gd"):
             # (rounds ran, and every one ended with nothing installed)
-            s["no_round"] = (f"pb ran dendrite rounds but kept no dendrite at any of its {len(rs)} seed(s), so there "
-                             "it is the plain model and a difference from plain is no effect of PB: a longer dendrite "
-                             "phase (--max-dendrite-epochs, --dendrite-patience) or more rounds (--retries) might "
-                             "keep one")
+            capped = [r["seed"] for r in rs if r.get("cap_ended_only_round")]
+            longer = ("a longer dendrite phase (--max-dendrite-epochs, --dendrite-patience) or more rounds "
+                      "(--retries) might keep one" if arm == "pb" else "more rounds (--retries) might keep one")
+            if capped:
+                where = "every seed" if len(capped) == len(rs) else f"seed(s) {', '.join(map(str, capped))}"
+                longer = (f"the epoch cap ended its only dendrite phase at {where}: raise --epochs"
+                          + ("" if len(capped) == len(rs) else f"; at the others {longer}"))
+            s["no_round"] = (f"{arm} ran dendrite rounds but kept no dendrite at any of its {len(rs)} seed(s), so "
+                             f"there it is the plain model and a difference from plain is no effect of PB: {longer}")
         went_back = [f"{r['seed']} (epoch {', '.join(map(str, r['diverged_epochs']))})" for r in rs
                      if r.get("diverged_epochs")]
         if went_back:  # (said beside the table: those runs ended a phase early, at their best weights)
@@ -507,6 +516,14 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
     for arm, what in words.items():
         p = by_arm.get(arm)
         if p is None:
+            continue
+        seeds_here = set(arms[arm]["test_by_seed"]) & set(arms["pb"]["test_by_seed"]) if "pb" in arms else set()
+        if (arm in ("plain", "gd") and seeds_here and seeds_here <= bare
+                and (arm == "plain" or seeds_here <= set(arms[arm].get("bare_seeds", ())))
+                and arms[arm].get("params") == arms["pb"].get("params") and not p["mean"] and not p["sd"]):
+            lines.append(f"pb − {arm} compares nothing: pb{'' if arm == 'plain' else ' and gd'} kept no dendrite at "
+                         f"{'any seed' if len(seeds_here) > 1 else 'its seed'}, so both are the plain model (equal "
+                         "scores at every seed; more seeds would not change that).")
             continue
         if arm == "plain-matched" and set(arms[arm]["test_by_seed"]) <= bare:
             seeds = ", ".join(map(str, sorted(arms[arm]["test_by_seed"])))
@@ -1209,7 +1226,7 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
            "run_seconds": summary["seconds"],
            **{k: summary[k] for k in ("test", "val", "params", "epochs", "dendrites")},
            # (as train_perforated's row has them: what the report says of rounds and divergence reads them)
-           **_course(epochs)}
+           **_course(epochs, training.epochs)}
     scope = {"include": state["args"].get("include"), "exclude": state["args"].get("exclude"),
              "identity": state.get("identity")}
     return model_file, config, training, scope, row

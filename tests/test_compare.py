@@ -15,7 +15,8 @@ import torch
 import pbp_fx
 from pbp_fx import PBConfig, PBError, TrainConfig
 from pbp_fx.cli import main
-from pbp_fx.compare import CompareError, Score, compare, markdown, onnx_latency_ms, paired, summarize, verdict
+from pbp_fx.compare import (CompareError, Score, _course, compare, markdown, onnx_latency_ms, paired, summarize,
+                             verdict)
 
 TINY = textwrap.dedent('''
     import torch
@@ -1710,3 +1711,37 @@ def test_latency_timing_passes_pbp_fx_warnings_through_the_callers_filters(monke
             warnings.simplefilter(action, pbp_fx.PBWarning)
             onnx_latency_ms(model, (torch.randn(2, 4),), repeats=2)
         assert len([w for w in said if "a note of pbp-fx's" in str(w.message)]) == heard
+
+
+def test_arms_that_are_all_the_plain_model_are_said_to_compare_nothing():
+    """pb and gd kept no dendrite at either seed, so each is the plain model: the verdict read "the same difference
+    at every seed ... (run more seeds)" for pb − plain and pb − gd, and said nothing of gd (a reviewer)."""
+    rows = [{"arm": a, "seed": k, "test": 0.975, "params": 4810, **({} if a == "plain" else {"dendrites": 0, "grew": True,
+             "dendrite_epochs": 9})} for a in ("plain", "pb", "gd") for k in range(2)]
+    text = verdict(summarize(rows), paired(rows))
+    assert ("pb − plain compares nothing: pb kept no dendrite at any seed, so both are the plain model (equal scores "
+            "at every seed; more seeds would not change that).") in text
+    assert "pb − gd compares nothing: pb and gd kept no dendrite at any seed" in text
+    assert "run more seeds" not in text
+    assert "gd ran dendrite rounds but kept no dendrite at any of its 2 seed(s)" in text
+    # gd grew where pb did not: the arms differ, so their difference is measured and said
+    rows[-1].update(dendrites=1, test=0.97)
+    text = verdict(summarize(rows), paired(rows))
+    assert "pb − gd compares nothing" not in text and "pb is 0.2 points ahead of gd" in text, text
+
+
+@pytest.mark.parametrize("cap_ended", [True, False])
+def test_kept_nothing_advice_names_the_epoch_cap_when_it_ended_the_only_round(cap_ended):
+    """The cap cut pb's only dendrite phase after 7 epochs, and the note advised a longer dendrite phase or more
+    rounds, which change nothing there; raising --epochs is what keeps a dendrite (a reviewer)."""
+    epochs = [{"epoch": e, "phase": "neuron" if e <= 53 else "dendrite", "dendrites": 0, "val": 0.5}
+              for e in range(1, 61)]
+    if not cap_ended:  # a round ended by itself before: the cap cut the second one
+        epochs[30:35] = [dict(r, phase="dendrite") for r in epochs[30:35]]
+    course = _course(epochs, cap=60)
+    rows = [{"arm": "pb", "seed": k, "test": 0.5, "params": 9, "dendrites": 0, **course} for k in range(2)]
+    rows += [{"arm": "plain", "seed": k, "test": 0.5, "params": 9} for k in range(2)]
+    note = next(s for s in summarize(rows) if s["arm"] == "pb")["no_round"]
+    assert ("the epoch cap ended its only dendrite phase at every seed: raise --epochs" in note) is cap_ended, note
+    assert ("--max-dendrite-epochs" in note) is not cap_ended
+    assert _course(epochs, cap=61)["cap_ended_only_round"] is False
