@@ -35,6 +35,7 @@ from .insert_dendrites import SITES_ATTR
 from .manager import ContractError
 from .patterns import attr_tensor
 from .train_eval import MODES_ATTR, lower_to_eval
+from .submodules import delete_unused_submodules
 
 __all__ = ["finalize", "ensures_finalized", "fuse_site", "FUSED_ATTR"]
 
@@ -251,7 +252,7 @@ def _fuse_graph(gm: fx.GraphModule) -> None:
     if not len(fused_mods):
         delattr(gm, FUSED_ATTR)
     graph.lint()
-    gm.delete_all_unused_submodules()
+    delete_unused_submodules(gm)
     _retie(gm, fused_mods, neurons)
     gm.recompile()
 

@@ -40,6 +40,7 @@ from pbp_fx.modes import ModeSwitch, Slot
 from pbp_fx.tracing import spec_copy_warnings_ignored
 
 from .patterns import target_name
+from .submodules import delete_unused_submodules
 
 __all__ = ["merge_train_eval", "merge_modes", "MergeResult", "lower_to_eval", "MODES_ATTR"]
 
@@ -480,6 +481,6 @@ def lower_to_eval(gm: fx.GraphModule) -> fx.GraphModule:
         graph.erase_node(node)
     if changed:
         graph.lint()
-        gm.delete_all_unused_submodules()
+        delete_unused_submodules(gm)
         gm.recompile()
     return gm

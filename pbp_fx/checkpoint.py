@@ -479,8 +479,9 @@ def _perforate_like(path: str, meta: dict, model: nn.Module, example_inputs, exa
             what = (f"{_convert_hint(path)} and records no input signature" if "capture" not in meta else
                     f"checkpoint {path} records no capture (its PerforatedModel was built from the passes, not by "
                     "perforate())")
+            then = "convert it to format 2" if "capture" not in meta else "record its capture"
             raise CheckpointError(f"{what}: load it with pbp_fx.load(path, model, example_inputs), then "
-                                  "pbp_fx.save() it to record its capture")
+                                  f"pbp_fx.save() it to {then}")
         frontend, dynamic = "auto", True
     else:
         # (a parts capture is rebuilt as one, also on a model whose root would now trace whole, under other

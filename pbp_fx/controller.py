@@ -340,6 +340,7 @@ class PhaseController:
             raise ConfigError(f"PhaseController controls a PerforatedModel, got {type(pm).__name__}: "
                               + (perforated_inside(pm) or "pm = pbp_fx.perforate(model, example_inputs), then "
                                  "PhaseController(pm)"))
+        pm.check_modules_as_captured()
         config = PBConfig.coerce(config, "PhaseController's config") or PBConfig()
         if overrides:
             config = config.replace(**overrides)

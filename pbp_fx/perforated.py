@@ -111,6 +111,10 @@ class PerforatedModel(nn.Module):
         # sets so too (`train_overrides`); {} for models whose train() sets every module's mode.
         self.train_overrides: dict = {}
         self._grad_scaler = None
+        # The type of each module whose tensors the graphs read as attributes (get_attr), by path: the graph
+        # reads them without calling the module, so a module put there later is never run
+        # (`check_modules_as_captured`).
+        self._read_owners = _read_owner_types(graph_module)
         signature = self.forward_signature
         if signature is not None and type(self) is PerforatedModel:
             self.__class__ = _with_signature(signature)
@@ -387,6 +391,11 @@ class PerforatedModel(nn.Module):
                             f"({exc}): call it with the shapes given to perforate(), or capture it anew with "
                             f"inputs of the shapes you need") from None
         except Exception as exc:
+            if isinstance(exc, (AttributeError, KeyError)):  # (the graph reads a module that was changed since)
+                try:
+                    self.check_modules_as_captured()
+                except PBError as changed:
+                    raise changed from exc
             self._raise_input_rank(args, kwargs, exc)
             raise
 
@@ -603,7 +612,23 @@ class PerforatedModel(nn.Module):
         """An eval-only GraphModule: dendrites fused into their neurons, no scaffolding."""
         from pbp_fx.passes import finalize
 
+        self.check_modules_as_captured()
         return finalize(self.graph_module)
+
+    def check_modules_as_captured(self) -> None:
+        """PBError when a module whose tensors the graph reads directly is gone or is no longer of its
+        captured type: the graph never calls it, so a module put there after perforate (PEFT's
+        get_peft_model, a merge_and_unload through source_model) would silently do nothing."""
+        modules = dict(self.graph_module.named_modules(remove_duplicate=False))
+        for path, kind in getattr(self, "_read_owners", {}).items():
+            now = modules.get(path)
+            if now is None or not isinstance(now, kind):
+                what = "is gone" if now is None else f"is now a {type(now).__module__}.{type(now).__name__}"
+                raise PBError(f"pm.graph_module.{path} was a {kind.__name__} when the model was perforated and {what}: "
+                              "the captured graph reads its tensors directly, never calling it, so it "
+                              f"{'cannot run' if now is None else 'would ignore the new module'} (PEFT's get_peft_model "
+                              "or merge_and_unload after perforate, say): make such changes to the model before "
+                              "pbp_fx.perforate, and perforate the result")
 
     # -- phases (docs/algorithm.md) ----------------------------------------------------------
     def _require_phase(self, phase: str, what: str) -> None:
@@ -623,6 +648,7 @@ class PerforatedModel(nn.Module):
         if self.mode != "pb":
             raise PhaseError("the dendrite phase exists only in mode 'pb' (mode 'gd' grows random dendrites)")
         self._require_phase("neuron", "start_dendrite_phase")
+        self.check_modules_as_captured()
         unknown = [k for k in stats if k not in POOL_SETTINGS]
         if unknown:  # (before any site has a pool; it named the internal CandidatePool.__init__)
             raise ConfigError(f"start_dendrite_phase(): unknown setting {unknown[0]!r}: use pool, init, init_scale, "
@@ -845,6 +871,23 @@ class PerforatedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, activation={self.activation!r}, phase={self.phase!r}, sites={len(self.sites)}"
+
+
+def _read_owner_types(graph_module: fx.GraphModule) -> dict[str, type]:
+    """path -> type of each module (under `graph_module`, pbp-fx's own left out) holding a tensor that a
+    graph reads by get_attr; a part's graph (frontend 'parts') by its path."""
+    from pbp_fx.passes.insert_dendrites import SITES_ATTR
+
+    out: dict[str, type] = {}
+    for prefix, g in graph_module.named_modules():
+        if not isinstance(g, fx.GraphModule):
+            continue
+        modules = dict(g.named_modules(remove_duplicate=False))
+        for node in g.graph.nodes:
+            owner = node.target.rpartition(".")[0] if node.op == "get_attr" and isinstance(node.target, str) else ""
+            if owner and not owner.startswith(SITES_ATTR + ".") and owner != SITES_ATTR and owner in modules:
+                out[f"{prefix}.{owner}" if prefix else owner] = type(modules[owner])
+    return out
 
 
 @outside_inference_mode  # (its copy of the model made inside it would hold inference tensors: untrainable)

@@ -22,4 +22,5 @@ def test_extras_cover_the_integrations_and_train():
     assert {"transformers", "accelerate"} <= _names(extras["hf"])  # Trainer refuses to start without accelerate
     assert "lightning" in _names(extras["lightning"])
     assert {"matplotlib", "tqdm", "mnist1d"} <= _names(extras["train"])
-    assert "pbp-fx[train,hf,lightning]" in extras["dev"]  # make test runs the integration tests
+    assert "peft" in _names(extras["peft"])
+    assert "pbp-fx[train,hf,lightning,peft]" in extras["dev"]  # make test runs the integration tests
