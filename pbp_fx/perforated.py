@@ -1393,8 +1393,9 @@ def _pool_left_out(pm: "PerforatedModel", incompatible) -> None:
         incompatible.unexpected_keys.remove(key)
     warn_at_user(f"the state was saved inside a dendrite phase: its candidate pool ({len(pool)} tensors) is left "
                  "out, as it adds nothing to the output; to train on from it, resume the run itself "
-                 "(Lightning: trainer.fit(..., ckpt_path=...); Hugging Face: trainer.train(resume_from_checkpoint="
-                 "...); pbp_fx.load; pbp-fx train --resume)")
+                 "(Lightning: trainer.fit(..., ckpt_path=...) with the PBCallback in the Trainer's callbacks; Hugging "
+                 "Face: trainer.train(resume_from_checkpoint=...) with its PBCallback; pbp_fx.load; pbp-fx train "
+                 "--resume)")
 
 
 def _fx_constants_left_out(pm: "PerforatedModel", incompatible) -> None:

@@ -82,7 +82,7 @@ class PBCallback(Callback):
         # does not restore it on resume; `pbp-fx train --resume` does); candidates draw from the
         # controller's own generator, in its state.
         return {"controller": ctl.state_dict(), "frozen": ctl.pm.phase_buffers(), "rng": torch.get_rng_state(),
-                "held_stoppers": dict(self._held_stoppers), "config": ctl.config.to_dict()}
+                "held_stoppers": dict(self._held_stoppers), "config": ctl.config.to_dict(), "monitor": self.monitor}
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Lightning restores callbacks for validate/test/predict(ckpt_path=...) too: only a fit resumes PB.
@@ -101,9 +101,10 @@ class PBCallback(Callback):
         # Any stage: trainer.validate/test(module, ckpt_path=...) loads a checkpoint the same way.
         # On the LightningModule, not the model: a module may build its model in configure_model or
         # setup, which Lightning calls after this hook and before it loads the checkpoint.
-        if self._structure_hook is None:
-            self._structure_hook = StructureOnLoad(
-                pl_module, lambda pm: model_fixed_settings(self.config or PBConfig(), pm))
+        if self._structure_hook is not None:  # (a validate/test/predict's, maybe on another module)
+            self._structure_hook.remove()
+        self._structure_hook = StructureOnLoad(
+            pl_module, lambda pm: model_fixed_settings(self.config or PBConfig(), pm))
 
     def on_fit_start(self, trainer, pl_module):
         if len(trainer.optimizers) != 1:
@@ -168,6 +169,11 @@ class PBCallback(Callback):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize, root=pl_module,
                                               parameter_groups=_groups_of_configure_optimizers(pl_module))
         if self._resumed is not None:  # Lightning restores the optimizer and schedulers after this hook
+            saved = self._resumed.get("monitor", self.monitor)  # (none in a checkpoint of an earlier pbp-fx)
+            if saved != self.monitor:  # (its best score and history are of the saved metric: not comparable)
+                raise TrainingError(f"the checkpoint's PB run followed {saved!r}, but this PBCallback follows "
+                                    f"{self.monitor!r}: its best score and patience are counted in {saved!r}; "
+                                    f"pass PBCallback(monitor={saved!r}) to resume it, or start a new fit")
             if "config" in self._resumed:
                 warn_changed_settings(self._resumed["config"], self.controller.config, "the checkpoint",
                                       in_dendrite_phase=pm.phase == "dendrite")  # (its structure is restored)

@@ -353,14 +353,24 @@ def test_a_fresh_module_validates_from_a_dendrite_phase_checkpoint(tmp_path):
     plain = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
     with pytest.warns(UserWarning, match=r"saved inside a dendrite phase: its candidate pool \(\d+ tensors\) is "
                                          r"left out, as it adds nothing to the output; to train on from it, resume "
-                                         r"the run itself \(Lightning: trainer.fit\(..., ckpt_path=...\); Hugging "
-                                         r"Face: trainer.train\(resume_from_checkpoint=...\);"):
+                                         r"the run itself \(Lightning: trainer.fit\(..., ckpt_path=...\) with the "
+                                         r"PBCallback in the Trainer's callbacks; Hugging Face: "
+                                         r"trainer.train\(resume_from_checkpoint=...\) with its PBCallback;"):
         result = plain.load_state_dict(last["state_dict"])
     assert not result.unexpected_keys and not result.missing_keys and plain.model.phase == "neuron"
     x = next(iter(val))[0]
     fresh.eval(), plain.eval()
     with torch.no_grad():
         assert torch.equal(plain.model(x), fresh.model(x))
+    # The same callback then resumes the fit on another fresh module: validate's load hook stayed on the first
+    # module, and the fit's module loaded the pool's state without its structure (a reviewer: LightningCLI with
+    # run=False reuses one callback)
+    again = PBCallback(config, monitor="val_acc", mode="max")
+    _trainer(again).validate(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), val,
+                             ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+    resumed = Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8)))
+    _trainer(again, max_epochs=7).fit(resumed, train, val, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert again.controller.history[:len(cb.controller.history) - 1] == cb.controller.history[:-1]
 
 
 def test_early_stopping_waits_through_a_dendrite_phase():
@@ -711,6 +721,25 @@ def test_resuming_under_other_settings_is_warned_of(tmp_path):
     fit(QUICK)
     with pytest.warns(UserWarning, match="other PB settings .*patience 2 -> 5"):
         fit(QUICK.replace(patience=5), ckpt_path=str(tmp_path / "last.ckpt"), epochs=3)
+
+
+def test_resuming_under_another_monitor_is_refused(tmp_path):
+    """The saved best score and history were of val_acc; the resumed run compared val_loss with them."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, val = digits_loaders()
+
+    def fit(monitor, mode, ckpt_path=None, epochs=2):
+        saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        trainer = L.Trainer(max_epochs=epochs, callbacks=[PBCallback(QUICK, monitor=monitor, mode=mode), saver],
+                            accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(Classifier(pbp_fx.perforate(small_cnn(), torch.zeros(2, 1, 8, 8))), train, val, ckpt_path=ckpt_path)
+
+    fit("val_acc", "max")
+    with pytest.raises(TrainingError, match=r"the checkpoint's PB run followed 'val_acc', but this PBCallback follows "
+                                            r"'val_loss'.*pass PBCallback\(monitor='val_acc'\) to resume it"):
+        fit("val_loss", "min", ckpt_path=str(tmp_path / "last.ckpt"), epochs=3)
 
 
 def test_a_dendrite_phase_checkpoint_of_another_model_is_one_line():
