@@ -14,8 +14,10 @@ rounding.
 
 A Clip matches when its min is a constant 0 and its max a constant m > 0, its input is a fused
 site's output, and every reader of its output is such a layer reading it as the layer input, with
-weights held as initializers (`graph_index.why_not_linear_readers`). `rewrite` returns why each
-other Clip after a site did not match.
+weights held as initializers (`graph_index.why_not_linear_readers`), and the rewrite keeps the
+numbers: the readers' weights times m stay finite in their dtype, 1/m stays a normal number there,
+and the weights are not float64 (HardSigmoid's alpha is a float32 attribute). `rewrite` returns why
+each other Clip after a site did not match.
 """
 from __future__ import annotations
 
@@ -39,7 +41,20 @@ def _why_not(clip: onnx.NodeProto, index: GraphIndex, specs: dict[str, FusedOpSp
         return "its lower bound is not a constant 0"
     if high is None or not high > 0.0 or not np.isfinite(high):
         return "its upper bound is not a finite constant > 0"
-    return why_not_linear_readers(clip.output[0], index, specs)
+    why = why_not_linear_readers(clip.output[0], index, specs)
+    if why is not None:
+        return why
+    for r in index.readers[clip.output[0]]:
+        for pos in weight_inputs(r, specs):
+            weight = index.array(r.input[pos])
+            if weight.dtype == np.float64:
+                return f"{r.op_type} {r.name!r} is float64, and HardSigmoid's alpha 1/{high:g} is a float32 attribute"
+            info = np.finfo(weight.dtype)
+            if 1.0 / high < info.tiny:
+                return f"1/{high:g} is below {weight.dtype}'s normal range"
+            if weight.size and float(np.abs(weight.astype(np.float64)).max()) * high > float(info.max):
+                return f"{r.op_type} {r.name!r}'s weights times {high:g} would overflow {weight.dtype}"
+    return None
 
 
 def rewrite(model: onnx.ModelProto, specs: dict[str, FusedOpSpec]) -> tuple[int, list[str]]:

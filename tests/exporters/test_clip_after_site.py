@@ -121,6 +121,33 @@ def test_other_bounds_stay_clips(tmp_path, low, high, why):
     assert n == 0 and len(reasons) == 1 and why in reasons[0]
 
 
+@pytest.mark.parametrize("dtype, high, why", [
+    (torch.float32, float(torch.finfo(torch.float32).max), "1/3.40282e+38 is below float32's normal range"),
+    (torch.float32, 1e37, "'s weights times 1e+37 would overflow float32"),  # (the reader's weights are ~100)
+    (torch.float16, 65504.0, "1/65504 is below float16's normal range"),
+    (torch.float64, 6.0, "is float64, and HardSigmoid's alpha 1/6 is a float32 attribute"),
+])
+def test_a_bound_whose_fold_would_not_keep_the_numbers_stays_a_clip(tmp_path, dtype, high, why):
+    """A clamp to finfo.max (an overflow guard) multiplied the readers' weights to inf: the file gave -inf/NaN; a
+    float64 model's alpha 1/6 was rounded to float32 (2.8e-8 off, against 1e-16 unfolded)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Hardtanh(0.0, high), nn.Linear(4, 2)).eval().to(dtype)
+    with torch.no_grad():
+        model[2].weight.mul_(200.0)
+    x = torch.randn(2, 3, dtype=dtype)
+    pm = pbp_fx.perforate(model, (x,))
+    pm.grow()
+    path = tmp_path / "m.onnx"
+    export_onnx(pm, (x,), path, fold_clip=False)
+    proto = onnx.load(str(path))
+    n, reasons = clip_after_site.rewrite(proto, _specs(pm))
+    assert n == 0 and len(reasons) == 1 and why in reasons[0], reasons
+    if dtype == torch.float32:  # (ONNX Runtime's CPU has float32 and float16 Linear kernels)
+        export_onnx(pm, (x,), path, dynamic_batch=False)
+        got = run(ort_session(str(path), threads=1), [x.numpy()])[0]
+        np.testing.assert_allclose(got, pm(x).detach().numpy(), atol=1e-5)
+
+
 def test_a_shared_weight_is_scaled_in_a_copy():
     """An initializer another node also reads keeps its values there."""
     from onnx import TensorProto, helper
