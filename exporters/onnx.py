@@ -1408,19 +1408,11 @@ def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
     made. least, most: the dim-0 sizes the file computes right (its min_batch, max_batch): dim 0 is
     made another size within them (left as it is when there is none). torch.onnx writes some ops for the example's sizes only while it declares the axis
     dynamic (an adaptive pooling's kernel, a sequence-first GRU's length)."""
-    from .ort import RuntimeUnavailableError, ort_session, output_difference, run
+    from .ort import output_difference, run
 
-    session = model
-    if not hasattr(model, "get_inputs"):
-        try:  # (an onnxruntime without a kernel the file needs, bfloat16 on the CPU, cannot check it)
-            session = ort_session(model, device="cpu", threads=1)
-        except RuntimeUnavailableError as e:  # (said: the file may be meant for another runtime, or be a mistake)
-            warn_at_user(f"{NOT_LOADED_FOR_SIZES}: {e}")
-            return SizeCheck("", None)
-        except Exception as e:  # noqa: BLE001
-            log.info("export_onnx: not checked at other sizes: ONNX Runtime cannot load the file (%s)",
-                     type(e).__name__)
-            return SizeCheck("", None)
+    session = checking_session(model)
+    if session is None:
+        return SizeCheck("", None)
     tensors = [t for t in inputs if isinstance(t, Tensor)]
     doubled, grown = [], []
     for value, t in zip(session.get_inputs(), tensors):  # (a dynamic dim's size is its name there)
@@ -1500,6 +1492,45 @@ def check_other_sizes(model: Any, module: nn.Module, inputs: Sequence,
                                     "(torch.onnx wrote some op for the example's size, e.g. an adaptive pooling's kernel)",
                              how=how)
     return SizeCheck(sizes, None, how=how)
+
+
+def checking_session(model: Any):
+    """An ONNX Runtime CPU session (1 thread) of `model` (a path, its bytes, or a session: itself) to check
+    the file with; None (said) where ONNX Runtime cannot load it."""
+    from .ort import RuntimeUnavailableError, ort_session
+
+    if hasattr(model, "get_inputs"):
+        return model
+    try:  # (an onnxruntime without a kernel the file needs, bfloat16 on the CPU, cannot check it)
+        return ort_session(model, device="cpu", threads=1)
+    except RuntimeUnavailableError as e:  # (said: the file may be meant for another runtime, or be a mistake)
+        warn_at_user(f"{NOT_LOADED_FOR_SIZES}: {e}")
+    except Exception as e:  # noqa: BLE001
+        log.info("export_onnx: not checked: ONNX Runtime cannot load the file (%s)", type(e).__name__)
+    return None
+
+
+def check_at_example(session, module: nn.Module, inputs: Sequence) -> Optional[str]:
+    """What of the file's floating outputs differs from the model's at the example's own sizes beyond
+    `ort.output_difference`'s bound, in a line (None: nothing; outputs that are not finite, or that differ
+    between two runs of the model, are not compared)."""
+    from .ort import output_difference, run
+
+    def outputs() -> list:
+        given = [t.clone() if isinstance(t, Tensor) else t for t in inputs]
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            return [t for t in torch.utils._pytree.tree_leaves(module(*given)) if isinstance(t, Tensor)]
+
+    want = outputs()
+    got = run(session, tuple(t.detach().cpu().numpy() for t in inputs if isinstance(t, Tensor)))
+    for i, (g, w) in enumerate(zip(got, want)):
+        if not w.is_floating_point() or not bool(torch.isfinite(w).all()) or tuple(g.shape) != tuple(w.shape):
+            continue  # (integers: ties break differently; non-finite values and shapes: the other checks)
+        diff, bound = output_difference(torch.as_tensor(g), w.detach().cpu())
+        if not diff <= bound and all(torch.equal(a, b) for a, b in zip(want, outputs())):
+            return (f"the ONNX file's output {i} differs from the model's by {diff:.2e} at the example's own sizes "
+                    f"(bound {bound:.2e})")
+    return None
 
 
 def _integers_differ_at_example(session, module: nn.Module, inputs: tuple, i: int) -> bool:
@@ -1676,8 +1707,14 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Union[str, os.PathL
     on_dim_0 = {name for dims in axes.values() for dim, name in dims.items() if dim == 0}
     range_notes = _range_notes(proto, model, example_inputs, example_kwargs, axes, branches,
                                on_dim_0 if batch_said else set())
-    for names, small, fix in checks:
-        checked = check_other_sizes(body, module, inputs, names, small,
+    session = checking_session(body)
+    problem = check_at_example(session, module, inputs) if session is not None else None
+    if problem is not None:  # (at every size: no dynamic axis is at fault)
+        raise ExportError(f"{problem}: the file does not compute the model's function; export with fused=False "
+                          "(pbp-fx export --unfused), or find the rewrite at fault with fold_clip=False / "
+                          "fold_output_weight=False (--keep-clip / --keep-output-weight)")
+    for names, small, fix in checks if session is not None else []:
+        checked = check_other_sizes(session, module, inputs, names, small,
                                     *((min_batch, max_batch) if dim_0_dynamic else (1, None)))
         if checked.problem is not None:
             raise ExportError(f"{checked.problem}: {fix}")

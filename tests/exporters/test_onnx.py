@@ -2253,3 +2253,27 @@ def test_a_dataclass_input_is_refused_by_name_or_exported_as_its_fields_when_reg
     wider = Pair(torch.randn(5, 4), torch.randn(5, 4))
     out = session.run(None, {"p_u": wider.u.numpy(), "p_v": wider.v.numpy()})[0]
     np.testing.assert_allclose(out, pm(wider).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dynamic_batch", [True, False])
+def test_a_file_that_differs_at_the_examples_own_sizes_is_refused_as_wrong_not_as_dynamic(tmp_path, monkeypatch,
+                                                                                           dynamic_batch):
+    """A rewrite that broke the numbers (the clip fold at a bound of finfo.max, before its range check) was refused
+    with a dynamic batch as "differs ... at batch=2 ...: export with dynamic_batch=False", which then wrote the file
+    of -inf/NaN without a check."""
+    from pbp_fx.exporters import clip_after_site
+
+    monkeypatch.setattr(clip_after_site, "_why_not", lambda *args: None)  # (a rewrite that breaks the numbers)
+    torch.manual_seed(0)
+    high = float(torch.finfo(torch.float32).max)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Hardtanh(0.0, high), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[2].weight.mul_(10.0)
+    pm = pbp_fx.perforate(model, (torch.randn(2, 3),))
+    pm.grow()
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match=r"the ONNX file's output 0 differs from the model's by (nan|inf) at the "
+                                          r"example's own sizes .*the file does not compute the model's function; "
+                                          r"export with fused=False") as info:
+        export_onnx(pm, (torch.randn(2, 3),), path, dynamic_batch=dynamic_batch)
+    assert "dynamic_batch=False" not in str(info.value) and not path.exists()
