@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import find_labels
 
-from ..checkpoint import holds_weights_of, load_controller, save
+from ..checkpoint import holds_weights_of, load_controller, read_meta, save
 from ..config import ConfigError, PBConfig
 from ..controller import Decision, PhaseController, group_index, model_fixed_settings
 from ..errors import TrainingError, warn_at_user
@@ -205,7 +205,14 @@ class PBCallback(TrainerCallback):
         # resumes with both fresh (the scheduler at its start, its base rates without the phase's factor).
         scheduler_restored = resuming and (scheduler is None or getattr(scheduler, "last_epoch", 1) > 0)
         if resuming:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
-            load_controller(_resumed_file(args, state, pm), self.controller)
+            resumed = _resumed_file(args, state, pm)
+            saved = read_meta(resumed)["extra"].get("metric", self.metric)  # (none: a file of an earlier pbp-fx)
+            if saved != self.metric:  # (its best score and history are of the saved metric: not comparable)
+                raise TrainingError(f"the checkpoint's PB run followed {saved!r}, but this PBCallback follows "
+                                    f"{self.metric!r}: its best score and patience are counted in {saved!r}; follow "
+                                    f"{saved!r} again (PBCallback(metric=...) or metric_for_best_model) to resume it, "
+                                    "or start a new run")
+            load_controller(resumed, self.controller)
             if not scheduler_restored:  # (the Trainer always has one; an optimizer's state may be empty: plain SGD)
                 warn_at_user(f"PBCallback: the checkpoint resumed at step {state.global_step} holds no optimizer or "
                              "scheduler state (saved with save_only_model=True?): the optimizer's moments and the "
@@ -335,7 +342,7 @@ class PBCallback(TrainerCallback):
             return
         os.makedirs(args.output_dir, exist_ok=True)
         path = _pending_file(args.output_dir, state.global_step)
-        save(self.controller.pm, path, controller=self.controller)
+        save(self.controller.pm, path, controller=self.controller, extra={"metric": self.metric})
         self._presaved = (state.global_step, path)
 
     def _drop_unsaved(self) -> None:
@@ -386,7 +393,8 @@ class PBCallback(TrainerCallback):
         if presaved is not None and presaved[0] == state.global_step and os.path.isfile(presaved[1]):
             os.replace(presaved[1], os.path.join(folder, CHECKPOINT_NAME))  # (written before the Trainer's files)
         else:
-            save(self.controller.pm, os.path.join(folder, CHECKPOINT_NAME), controller=self.controller)
+            save(self.controller.pm, os.path.join(folder, CHECKPOINT_NAME), controller=self.controller,
+                 extra={"metric": self.metric})
         for name in os.listdir(args.output_dir):  # (a stopped run's, which a resume has read since)
             if _PENDING.fullmatch(name):
                 os.remove(os.path.join(args.output_dir, name))
@@ -421,7 +429,7 @@ class PBCallback(TrainerCallback):
             state.log_history.append({**final, "epoch": state.epoch, "step": state.global_step})
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
-            save(ctl.pm, os.path.join(args.output_dir, CHECKPOINT_NAME), controller=ctl)
+            save(ctl.pm, os.path.join(args.output_dir, CHECKPOINT_NAME), controller=ctl, extra={"metric": self.metric})
 
 
 def _budget_end_off_grid(args, state) -> bool:

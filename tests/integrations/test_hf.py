@@ -407,6 +407,19 @@ def test_resume_from_a_trainer_checkpoint_continues_the_schedule(tmp_path, perfo
     assert "\n" not in str(err.value)
 
 
+def test_a_resume_that_follows_another_metric_is_refused(tmp_path, perforated_bert):
+    """The saved best score and patience were of eval_loss; a resume following another metric compared that
+    metric's values with them, without a word."""
+    trainer, _ = _trainer(tmp_path, PBCallback(QUICK), perforated_bert(), save_strategy="epoch", num_train_epochs=1)
+    trainer.train()
+    folder = next(str(tmp_path / d) for d in os.listdir(tmp_path) if d.startswith("checkpoint-"))
+    trainer, _ = _trainer(tmp_path, PBCallback(QUICK, metric="eval_accuracy", greater_is_better=True),
+                          perforated_bert(), save_strategy="epoch", num_train_epochs=2)
+    with pytest.raises(TrainingError, match=r"the checkpoint's PB run followed 'eval_loss', but this PBCallback "
+                                            r"follows 'eval_accuracy'.*to resume it, or start a new run"):
+        trainer.train(resume_from_checkpoint=folder)
+
+
 def test_a_head_outside_the_perforated_encoder_is_rewound_with_it_and_resumed(tmp_path):
     """Only model.bert perforated: the classifier is rewound with the encoder (it kept its latest
     weights: the model train() left scored 0.766 where PB's best was 0.693), also after a resume."""
