@@ -506,7 +506,7 @@ class LayerCopies(nn.Module):
     def native_norm(self, z: Tensor, extra: Optional[Tensor]) -> Optional[tuple]:
         """`native.norm_sigmoid_arguments` for sigmoid(norm(z) + extra) where its kernels run it (a norm in
         training form, float32 on the CPU), the norm's batch counted; None elsewhere (nothing counted)."""
-        if self.norm is None or not self.training:
+        if self.norm is None or not self._norm_trains_on(z):
             return None
         return native.norm_sigmoid_arguments(z, extra, self.norm_weight, self.norm_bias, self.running_mean,
                                              self.running_var, self._momentum(counted=1), self.norm.eps,
@@ -565,18 +565,26 @@ class LayerCopies(nn.Module):
             return self._normed(z.flatten(1, 2)).unflatten(1, (m, c))
         return self._normed(z.flatten(-2, -1)).unflatten(-1, (m, c))
 
+    def _norm_trains_on(self, z: Tensor) -> bool:
+        """Whether the copies' norm takes z's batch statistics: in training form, with more than one value per
+        (copy, channel). One value (a batch of one sample where the candidate stride leaves one position, or
+        none) is normalised by the running statistics, which it leaves as they were, as torch's BatchNorm
+        cannot train on it; the covariance tap says that such a batch adds nothing to the correlations."""
+        m, c = self.weight.shape[:2]
+        return self.training and z.numel() > m * c
+
     def _normed(self, flat: Tensor) -> Tensor:
         """The copies' BatchNorm on an input whose channel dim holds (copy, channel) rows."""
         m, c = self.weight.shape[:2]
-        momentum = 0.0
-        if self.training:
+        momentum, trains = 0.0, self._norm_trains_on(flat)
+        if trains:
             self.num_batches_tracked.add_(1)
             momentum = self._momentum()
         return F.batch_norm(
             flat, self.running_mean.view(m * c), self.running_var.view(m * c),
             None if self.norm_weight is None else self.norm_weight.reshape(m * c),
             None if self.norm_bias is None else self.norm_bias.reshape(m * c),
-            self.training, momentum, self.norm.eps)
+            trains, momentum, self.norm.eps)
 
     def folded(self) -> tuple[Tensor, Optional[Tensor]]:
         """Eval-form weights [M, C, ...] and bias [M, C] with the norm folded in."""

@@ -530,6 +530,32 @@ def test_a_strided_conv_bn_pool_trains_and_installs_at_full_resolution():
     assert torch.equal(pm(x), before)  # V starts at 0; the base's norm statistics are restored
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_a_batch_of_one_sample_with_one_strided_position_passes_the_candidates_norm(native, monkeypatch):
+    """A 2x2 conv+BN site at candidate stride 2 keeps one position: a last batch of 1 sample, which the neuron
+    phase trains on (its BatchNorm sees 4 values per channel), gave the candidates' BatchNorm one value per channel
+    and torch's 'Expected more than 1 value per channel' in the dendrite phase."""
+    from pbp_fx import native as native_module
+
+    if not native:
+        monkeypatch.setattr(native_module, "norm_sigmoid_arguments", lambda *args, **kw: None)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=4, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(16, 3))
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    pm = pbp_fx.perforate(net, (x,))
+    pm.train().start_dendrite_phase(pool=2, stride=2)
+    pool = pm.sites["0"].candidates
+    F.cross_entropy(pm(x), y).backward()  # (a batch that counts)
+    running = [t.clone() for t in (pool.copies.running_mean, pool.copies.running_var)]
+    counted = int(pool.copies.num_batches_tracked)
+    with pytest.warns(UserWarning, match="a batch of 1 sample gives each candidate one value per channel at a site "
+                                         "with one position left by the candidate stride"):
+        F.cross_entropy(pm(x[:1]), y[:1]).backward()
+    assert torch.equal(pool.copies.running_mean, running[0]) and torch.equal(pool.copies.running_var, running[1])
+    assert int(pool.copies.num_batches_tracked) == counted
+    assert all(torch.isfinite(t).all() for t in pool.copies.parameters())
+
+
 def test_a_ranks_batch_that_is_no_multiple_of_the_pool_is_warned_of_once():
     """2 ranks equal 1 rank only when each rank's batch is a multiple of P: batch 100 on 2 ranks with
     pool 4 (the CLI defaults) diverged after the first install, without a word."""
