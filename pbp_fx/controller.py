@@ -1122,11 +1122,17 @@ class PhaseController:
                          "before the next step")
 
     def _warn_if_the_candidates_took_no_step(self) -> None:
-        """Once per run: the pools counted batches this phase, but the controller's optimizer (the one
-        rebound to the candidates) took no step: the loop steps an optimizer of its own, and untrained
-        candidates would be installed."""
+        """Once per run: the pools counted no batch this phase, or counted batches but the controller's
+        optimizer (the one rebound to the candidates) took no step (the loop steps an optimizer of its
+        own): untrained candidates would be installed."""
         counted = max((int(s.candidates.steps) for s in self.pm.sites.values() if s.candidates is not None), default=0)
-        if counted and self.optimizer_steps == self.phase_steps_from:
+        if not counted:  # (no batch went through pm in training mode since the phase began)
+            self._warned_unstepped = True
+            warn_at_user("the candidates saw no training batch this dendrite phase before ctl.step(): they stay "
+                         "untrained, and would be installed so (a loader that is a one-shot iterator, such as a "
+                         "generator, used up by an earlier epoch?); give a loader that starts over each epoch (a "
+                         "DataLoader or a list of batches)")
+        elif self.optimizer_steps == self.phase_steps_from:
             self._warned_unstepped = True
             warn_at_user(f"the candidates saw {counted} batches this dendrite phase, but ctl.optimizer took no step: "
                          "the loop steps another optimizer, which does not hold them; step ctl.optimizer (the "

@@ -13,6 +13,7 @@ import math
 import os
 import time
 import traceback
+import types
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional
@@ -473,11 +474,25 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
     return total / count
 
 
+def _one_shot(loader) -> bool:
+    """Whether the loader is an iterator that cannot start over: a generator, or one whose __iter__ is not
+    Python's (map, zip, iter(list)). A class of one's own whose __iter__ returns self may reset itself there
+    first, so it is left alone; a DataLoader has no __next__ (and no worker starts here)."""
+    if not hasattr(loader, "__next__") or iter(loader) is not loader:
+        return False
+    return inspect.isgenerator(loader) or not isinstance(inspect.getattr_static(type(loader), "__iter__", None),
+                                                         types.FunctionType)
+
+
 def _check_loader(loader, what: str) -> None:
     """Refuse a loader that gives no batches, or is no iterable at all (None), before any training."""
     if not hasattr(loader, "__iter__") and not hasattr(loader, "__getitem__"):  # (iter() would start workers)
         raise TrainingError(f"the {what} loader is {type(loader).__name__}, not an iterable of batches: give a "
                             "DataLoader")
+    if _one_shot(loader):
+        raise TrainingError(f"the {what} loader is a one-shot iterator ({type(loader).__name__}), which the second "
+                            "epoch would find empty: give one that starts over each epoch (a DataLoader, a list of "
+                            "batches, or an object whose __iter__ starts anew)")
     try:
         n = len(loader)
     except TypeError:

@@ -1698,3 +1698,25 @@ def test_a_run_saved_as_python_objects_pickles_and_goes_on_like_the_original():
     assert copy_pm.dendrites == 1
     for (n, a), (_, b) in zip(pm.state_dict().items(), copy_pm.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("loop", ["no batch", "another optimizer"])
+def test_a_dendrite_phase_whose_candidates_did_not_train_is_warned_of_once(loop):
+    """A loop over a one-shot generator ran no batch after epoch 1: the dendrite phase's candidates saw none and
+    were installed untrained, and the only word blamed the loss ('met no error')."""
+    pm = _pm()
+    ctl = PhaseController(pm, patience=1, max_dendrites=1, max_dendrite_epochs=3)
+    _step_until_restructured(ctl)
+    assert pm.phase == "dendrite"
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    own = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            if loop == "another optimizer":  # (the batch reaches the pools; ctl.optimizer never steps)
+                torch.nn.functional.cross_entropy(pm(x), y).backward()
+                own.step()
+            ctl.step(0.5)
+    words = ("the candidates saw no training batch this dendrite phase before ctl.step()" if loop == "no batch" else
+             "the candidates saw 1 batches this dendrite phase, but ctl.optimizer took no step")
+    assert sum(words in str(w.message) for w in said) == 1, [str(w.message) for w in said]

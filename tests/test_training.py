@@ -92,6 +92,21 @@ def test_empty_loaders_are_reported():
     assert all(torch.equal(a, b) for a, b in zip(before, pm.parameters()))
 
 
+@pytest.mark.parametrize("which", ["training", "validation"])
+def test_a_one_shot_iterator_as_a_loader_is_refused_before_any_step(which):
+    """A generator trained epoch 1, then stopped with 'the training loader produced no batch: give the training
+    dataset at least one sample' (or 'the validation dataset is empty'), naming the wrong cause."""
+    pm = _pm()
+    full = DataLoader(_data(16), batch_size=4)
+    once = (batch for batch in full)
+    before = [p.detach().clone() for p in pm.parameters()]
+    with pytest.raises(pbp_fx.TrainingError, match=rf"^the {which} loader is a one-shot iterator \(generator\).*give "
+                                                   r"one that starts over each epoch"):
+        fit(pm, *((once, full) if which == "training" else (full, once)), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, pm.parameters()))
+    fit(pm, list(full), list(full), progress=False, epochs=2)  # (a list of batches starts over)
+
+
 def test_a_metric_that_counts_no_sample_is_named_not_the_dataset():
     """A recall-like metric on data without positives returned count 0: 'the validation dataset is empty'."""
     def recall(output, target):
