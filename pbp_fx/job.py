@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from .checkpoint import FORMAT_V1, load, read_meta, save
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import NOTHING_TRAINS, PhaseController, default_optimizer
-from .errors import DataError, ModelFileError, PBError, PBWarning, TrainingError, exited, warn_at_user
+from .errors import DataError, ModelFileError, PBError, PBWarning, TargetError, TrainingError, exited, warn_at_user
 from .fileio import atomic_write, check_output_dir, make_folders, remove_empty
 from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
                         KeywordCollate, keyword_collate, load_model_file, task_functions, task_of, warn_unread_names)
@@ -415,6 +415,9 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                                         "scored (0 or more)")
                 if name == SPLIT_NAMES[0]:
                     _warn_broadcast_targets(scored_tensor(output), target)
+            except TargetError:  # (the built-in loss's: the job's own words name the split and TASK too)
+                _diagnose_targets(target, scored_tensor(output), name, class_labels)
+                raise
             except (ModelFileError, TrainingError):
                 raise  # the samples do not fit the model file's inputs, or a loss of many numbers: said as it is
             except Exception as exc:  # noqa: BLE001 - whatever the user's code raises, said in one line

@@ -375,6 +375,7 @@ def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
     Integer labels of any width (numpy's int32) count as class indices."""
     logits = primary_output(output)
     target = class_indices(target)
+    _check_class_targets(logits, target)
     if target.is_floating_point() or not target.numel():
         return F.cross_entropy(logits, target)
     if target.device.type != "cpu":  # (no host sync per batch: the mean over the kept labels, 0 when none is)
@@ -383,6 +384,23 @@ def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
     if bool((target == IGNORED_LABEL).all()):
         return logits.sum() * 0.0  # (keeps the graph: every parameter gets a zero gradient)
     return F.cross_entropy(logits, target)
+
+
+def _check_class_targets(logits: torch.Tensor, target: torch.Tensor) -> None:
+    """TargetError for targets F.cross_entropy cannot take as class indices or class probabilities, named with
+    the fix (torch's own errors name neither: 'expected target dtype to be Long', 'multi-target not supported')."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor) or logits.dim() < 2:
+        return
+    n, classes = list(logits.shape[:1]), logits.shape[1]
+    if target.is_floating_point() and target.shape != logits.shape:
+        raise TargetError(f"float targets of shape {list(target.shape)} for logits of shape {list(logits.shape)}: "
+                          "give class indices as integers (y.long()), or class probabilities in the logits' shape")
+    if not target.is_floating_point() and target.shape == logits.shape and classes > 1:
+        raise TargetError(f"integer targets in the logits' shape {list(logits.shape)} (one-hot?): give class "
+                          "indices (y.argmax(1)) or class probabilities as floats (y.float())")
+    if not target.is_floating_point() and logits.dim() == 2 and list(target.shape) == n + [1]:
+        raise TargetError(f"integer targets of shape {list(target.shape)} for logits of shape {list(logits.shape)}: "
+                          "give one class index per sample, shape [N] (y.squeeze(1))")
 
 
 def mean_squared_error(output, target: torch.Tensor) -> torch.Tensor:

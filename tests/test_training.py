@@ -844,3 +844,22 @@ def test_fit_refuses_a_controller_with_a_root_it_would_neither_train_nor_score()
     with pytest.raises(pbp_fx.ConfigError, match=r"fit\(\) trains and scores pm alone, and this PhaseController has "
                                                  r"root="):
         pbp_fx.fit(body, data, data, controller=ctl, epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("target, words", [
+    (torch.tensor([0.0, 1.0, 2.0]), r"float targets of shape \[3\] for logits of shape \[3, 4\]: give class indices as "
+                                    r"integers \(y.long\(\)\)"),
+    (torch.tensor([[0], [1], [2]]), r"integer targets of shape \[3, 1\] .*shape \[N\] \(y.squeeze\(1\)\)"),
+    (torch.nn.functional.one_hot(torch.tensor([0, 1, 2]), 4), r"integer targets in the logits' shape \[3, 4\] "
+                                                            r"\(one-hot\?\): give class indices \(y.argmax\(1\)\)"),
+])
+def test_the_built_in_loss_names_targets_it_cannot_take(target, words):
+    """fit's default loss passed them to torch: 'expected target dtype to be Long or Byte, but got Float',
+    '0D or 1D target tensor expected, multi-target not supported' (a reviewer)."""
+    from pbp_fx.training import cross_entropy
+
+    with pytest.raises(TargetError, match=words):
+        cross_entropy(torch.randn(3, 4), target)
+    probabilities = torch.softmax(torch.randn(3, 4), 1)  # (what it takes: indices, and probabilities in the shape)
+    assert torch.isfinite(cross_entropy(torch.randn(3, 4), probabilities))
+    assert torch.isfinite(cross_entropy(torch.randn(3, 4, 5), torch.randint(0, 4, (3, 5))))
