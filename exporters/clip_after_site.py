@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper
@@ -49,7 +50,7 @@ def _why_not(clip: onnx.NodeProto, index: GraphIndex, specs: dict[str, FusedOpSp
             weight = index.array(r.input[pos])
             if weight.dtype == np.float64:
                 return f"{r.op_type} {r.name!r} is float64, and HardSigmoid's alpha 1/{high:g} is a float32 attribute"
-            info = np.finfo(weight.dtype)
+            info = ml_dtypes.finfo(weight.dtype)  # (numpy's finfo does not know bfloat16, onnx's ml_dtypes type)
             if 1.0 / high < info.tiny:
                 return f"1/{high:g} is below {weight.dtype}'s normal range"
             if weight.size and float(np.abs(weight.astype(np.float64)).max()) * high > float(info.max):

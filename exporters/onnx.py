@@ -1380,7 +1380,7 @@ def _write_atomic(data: bytes, path: str) -> None:
 
 # The warning's start when ONNX Runtime cannot load the file to check its other sizes (`export --check`,
 # which then reports the same cause as its error, leaves it out).
-NOT_LOADED_FOR_SIZES = "the file was not checked at other sizes"
+NOT_LOADED_FOR_CHECKS = "the file was not checked against the model"
 
 
 class SizeCheck(NamedTuple):
@@ -1504,7 +1504,7 @@ def checking_session(model: Any):
     try:  # (an onnxruntime without a kernel the file needs, bfloat16 on the CPU, cannot check it)
         return ort_session(model, device="cpu", threads=1)
     except RuntimeUnavailableError as e:  # (said: the file may be meant for another runtime, or be a mistake)
-        warn_at_user(f"{NOT_LOADED_FOR_SIZES}: {e}")
+        warn_at_user(f"{NOT_LOADED_FOR_CHECKS}: {e}")
     except Exception as e:  # noqa: BLE001
         log.info("export_onnx: not checked: ONNX Runtime cannot load the file (%s)", type(e).__name__)
     return None

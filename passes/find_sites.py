@@ -204,9 +204,18 @@ def _find(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter, own: str
         uses[base] = i + 1
         name = base if i == 0 else f"{base}@{i}"
         module = gm.get_submodule(match.module or caller) if (match.module or caller) else _owner(gm, match.weight)
-        if match.module is None and holders:  # (the model's module holding the weight, not the graph's copy)
+        if match.module is None and caller is None and holders:  # (the model's module holding the weight)
             weight = attr_tensor(gm, match.weight)
-            module = holders.get(id(weight), module) if isinstance(weight, torch.Tensor) else module
+            path = match.weight.rpartition(".")[0]
+            try:
+                at_path = model.get_submodule(path) if path else model
+            except AttributeError:
+                at_path = None
+            if at_path is not None and any(t is weight for t in [*at_path.parameters(recurse=False),
+                                                                 *at_path.buffers(recurse=False)]):
+                module = at_path  # (a tensor held by several modules: the one at the graph's path)
+            elif isinstance(weight, torch.Tensor):
+                module = holders.get(id(weight), module)
         if not selected(name, module, include, exclude):
             continue
         norm = match_norm(node, match.layer, gm)

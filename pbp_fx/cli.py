@@ -907,7 +907,7 @@ def export(args: argparse.Namespace) -> int:
     import torch
 
     from .exporters import export_onnx
-    from .exporters.onnx import MAX_OPSET, MIN_OPSET, NOT_LOADED_FOR_SIZES, check_dynamic_axes
+    from .exporters.onnx import MAX_OPSET, MIN_OPSET, NOT_LOADED_FOR_CHECKS, check_dynamic_axes
     from .modelfile import example_kwargs, instantiate
     from .perforated import perforate
 
@@ -977,7 +977,7 @@ def export(args: argparse.Namespace) -> int:
             _note_unfinished_run(meta.get("controller"))
         with warnings.catch_warnings():
             if args.check:  # (its own session says why ONNX Runtime cannot load the file, as the error)
-                warnings.filterwarnings("ignore", message=re.escape(NOT_LOADED_FOR_SIZES))
+                warnings.filterwarnings("ignore", message=re.escape(NOT_LOADED_FOR_CHECKS))
             path = export_onnx(pm, inputs, args.out, fused=not args.unfused, dynamic_batch=not args.static_batch,
                                opset=args.opset, fold_clip=not args.keep_clip,
                                fold_output_weight=not args.keep_output_weight, example_kwargs=kwargs,

@@ -541,6 +541,25 @@ def test_type_rules_see_the_models_module_that_holds_a_functional_weight(fronten
     assert [s.name for s in find_sites(gm, include=lambda n, m: isinstance(m, OwnLinear), model=model)] == ["a"]
 
 
+class TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight  # (tied, as GPT-2's and BERT's LM heads are)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_type_rule_sees_a_tied_heads_own_module_not_the_tensors_first_holder(frontend):
+    """The embedding holds the head's weight first: a rule for nn.Linear saw it and dropped the head (export)."""
+    model = TiedHead()
+    gm = trace(model, (torch.randint(0, 10, (2, 5)),), frontend=frontend)
+    assert sorted(s.name for s in find_sites(gm, include=nn.Linear, model=model)) == ["fc", "head"]
+    assert sorted(s.name for s in find_sites(gm, exclude=nn.Embedding, model=model)) == ["fc", "head"]
+
+
 def test_type_rules_see_a_bare_layer_and_the_layers_a_parts_capture_traced_alone():
     layer = nn.Linear(4, 3)
     assert find_sites(trace(layer, (torch.randn(2, 4),)), exclude=nn.Linear, model=layer) == []
