@@ -112,14 +112,17 @@ def test_the_rule_says_why_a_clip_stays(tmp_path):
 def test_other_bounds_stay_clips(tmp_path, low, high, why):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Hardtanh(low, high), nn.Conv2d(4, 2, 1)).eval()
-    x = torch.randn(2, 3, 5, 5)
+    n, reasons, _ = _rule_on(model, torch.randn(2, 3, 5, 5), tmp_path)
+    assert n == 0 and len(reasons) == 1 and why in reasons[0]
+
+
+def _rule_on(model: nn.Module, x: torch.Tensor, tmp_path) -> tuple:
+    """The rule's (rewritten count, reasons) on the model's file with one dendrite per site, and the model."""
     pm = pbp_fx.perforate(model, (x,))
     pm.grow()
-    path = tmp_path / "m.onnx"
+    path = tmp_path / "rule.onnx"
     export_onnx(pm, (x,), path, fold_clip=False)
-    proto = onnx.load(str(path))
-    n, reasons = clip_after_site.rewrite(proto, _specs(pm))
-    assert n == 0 and len(reasons) == 1 and why in reasons[0]
+    return (*clip_after_site.rewrite(onnx.load(str(path)), _specs(pm)), pm)
 
 
 @pytest.mark.parametrize("dtype, high, why", [
@@ -136,14 +139,10 @@ def test_a_bound_whose_fold_would_not_keep_the_numbers_stays_a_clip(tmp_path, dt
     with torch.no_grad():
         model[2].weight.mul_(200.0)
     x = torch.randn(2, 3, dtype=dtype)
-    pm = pbp_fx.perforate(model, (x,))
-    pm.grow()
-    path = tmp_path / "m.onnx"
-    export_onnx(pm, (x,), path, fold_clip=False)
-    proto = onnx.load(str(path))
-    n, reasons = clip_after_site.rewrite(proto, _specs(pm))
+    n, reasons, pm = _rule_on(model, x, tmp_path)
     assert n == 0 and len(reasons) == 1 and why in reasons[0], reasons
     if dtype == torch.float32:  # (ONNX Runtime's CPU has float32 and float16 Linear kernels)
+        path = tmp_path / "m.onnx"
         export_onnx(pm, (x,), path, dynamic_batch=False)
         got = run(ort_session(str(path), threads=1), [x.numpy()])[0]
         np.testing.assert_allclose(got, pm(x).detach().numpy(), atol=1e-5)
