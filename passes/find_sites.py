@@ -183,6 +183,19 @@ def _holders(model: Optional[nn.Module]) -> dict[int, nn.Module]:
     return out
 
 
+def _holder_in_model(model: nn.Module, holders: dict[int, nn.Module], weight, path: str) -> Optional[nn.Module]:
+    """The module of `model` that holds `weight` itself: the one at the weight's path in the graph where it
+    does (a tensor tied between modules: the head, not the embedding), else its first holder."""
+    try:
+        at_path = model.get_submodule(path.rpartition(".")[0])
+    except AttributeError:
+        at_path = None
+    if at_path is not None and any(t is weight for t in [*at_path.parameters(recurse=False),
+                                                         *at_path.buffers(recurse=False)]):
+        return at_path
+    return holders.get(id(weight)) if isinstance(weight, torch.Tensor) else None
+
+
 def _find(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter, own: str,
           model: Optional[nn.Module] = None) -> list[SiteSpec]:
     """find_sites, naming the graph root's own weight `own` ("" inside a part: no module can have
@@ -205,17 +218,7 @@ def _find(gm: fx.GraphModule, include: SiteFilter, exclude: SiteFilter, own: str
         name = base if i == 0 else f"{base}@{i}"
         module = gm.get_submodule(match.module or caller) if (match.module or caller) else _owner(gm, match.weight)
         if match.module is None and caller is None and holders:  # (the model's module holding the weight)
-            weight = attr_tensor(gm, match.weight)
-            path = match.weight.rpartition(".")[0]
-            try:
-                at_path = model.get_submodule(path) if path else model
-            except AttributeError:
-                at_path = None
-            if at_path is not None and any(t is weight for t in [*at_path.parameters(recurse=False),
-                                                                 *at_path.buffers(recurse=False)]):
-                module = at_path  # (a tensor held by several modules: the one at the graph's path)
-            elif isinstance(weight, torch.Tensor):
-                module = holders.get(id(weight), module)
+            module = _holder_in_model(model, holders, attr_tensor(gm, match.weight), match.weight) or module
         if not selected(name, module, include, exclude):
             continue
         norm = match_norm(node, match.layer, gm)
