@@ -207,7 +207,8 @@ def candidate_gradient(grad_y: Tensor, c: Tensor, stats: list[Tensor], snapshots
     if c.numel() == p * stats[0].shape[1]:
         # One value per (member, channel): centred, it is 0, and so is every covariance.
         per = f"a batch dealt to a pool of {p} one sample each" if split else "a batch of 1 sample"
-        where = "with one position left by the candidate stride" if stride > 1 else "without positions"
+        # (a conv's [B', P, C, *S] or a Linear's [B', *mid, P, C]: positions where c has more than 3 dims)
+        where = "with one position left by the candidate stride" if stride > 1 and c.dim() > 3 else "without positions"
         warn_at_user(f"{per} gives each candidate one value per channel at a site {where}, so that "
                      "batch adds nothing to their correlations; a last batch this small (a dataset just over a "
                      "multiple of the batch size) costs only itself, DataLoader(drop_last=True) leaves it out; if "

@@ -493,21 +493,23 @@ def evaluate(model: nn.Module, loader, metric: Callable = accuracy, device=None,
 
 
 def _one_shot(loader) -> bool:
-    """Whether the loader is an iterator that cannot start over: a generator, or one whose __iter__ is not
-    Python's (map, zip, iter(list)). A class of one's own whose __iter__ returns self may reset itself there
-    first, so it is left alone; a DataLoader has no __next__ (and no worker starts here)."""
+    """Whether the loader is an iterator that cannot start over: a generator, a DataLoader's iterator
+    (iter(loader)), or one whose __iter__ is not Python's (map, zip, iter(list)). A class of one's own whose
+    __iter__ returns self may reset itself there first, so it is left alone; a DataLoader has no __next__
+    (and no worker starts here)."""
     if not hasattr(loader, "__next__") or iter(loader) is not loader:
         return False
-    return inspect.isgenerator(loader) or not isinstance(inspect.getattr_static(type(loader), "__iter__", None),
-                                                         types.FunctionType)
+    return (inspect.isgenerator(loader) or type(loader).__module__ == torch.utils.data.dataloader.__name__
+            or not isinstance(inspect.getattr_static(type(loader), "__iter__", None), types.FunctionType))
 
 
-def _check_loader(loader, what: str) -> None:
-    """Refuse a loader that gives no batches, or is no iterable at all (None), before any training."""
+def _check_loader(loader, what: str, passes: int = 2) -> None:
+    """Refuse a loader that gives no batches, or is no iterable at all (None), or, where `passes` (epochs
+    left) exceeds 1, one that cannot start over, before any training."""
     if not hasattr(loader, "__iter__") and not hasattr(loader, "__getitem__"):  # (iter() would start workers)
         raise TrainingError(f"the {what} loader is {type(loader).__name__}, not an iterable of batches: give a "
                             "DataLoader")
-    if _one_shot(loader):
+    if passes > 1 and _one_shot(loader):
         raise TrainingError(f"the {what} loader is a one-shot iterator ({type(loader).__name__}), which the second "
                             "epoch would find empty: give one that starts over each epoch (a DataLoader, a list of "
                             "batches, or an object whose __iter__ starts anew)")
@@ -548,9 +550,13 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
     training = (TrainConfig.coerce(training, "fit's training") or TrainConfig()).replace(
         **{k: v for k, v in {"epochs": epochs, "lr": lr}.items() if v is not None})
     _warn_unused_training(training)
+    # (each loader is read once an epoch: a one-shot iterator serves one epoch)
+    left = training.epochs - (len(history.epochs) if history is not None else 0)
     if distributed is None:  # (a rank's shard may be empty where the others' are not: checked together below)
-        _check_loader(train_loader, "training")
-        _check_loader(val_loader, "validation")
+        _check_loader(train_loader, "training", left)
+        _check_loader(val_loader, "validation", left)
+    if test_loader is not None:
+        _check_loader(test_loader, "test", left)
     if controller is not None:
         # (an lr in `training` too: the controller's optimizer has its own)
         given = [n for n, v in (("config", config), ("optimizer_factory", optimizer_factory)) if v is not None]
@@ -588,7 +594,7 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
         if distributed is not None and _length(train_loader) is not None:
             distributed.check_same("number of training batches", _length(train_loader))
         if distributed is not None:  # (every rank as many training batches: an empty shard is everyone's)
-            _check_loader(train_loader, "training")
+            _check_loader(train_loader, "training", left)
         try:
             _loop(pm, controller, history, bar, train_loader, val_loader, loss_fn, training.epochs, metric,
                   test_loader, device, callbacks, distributed)

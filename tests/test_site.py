@@ -554,6 +554,13 @@ def test_a_batch_of_one_sample_with_one_strided_position_passes_the_candidates_n
     assert torch.equal(pool.copies.running_mean, running[0]) and torch.equal(pool.copies.running_var, running[1])
     assert int(pool.copies.num_batches_tracked) == counted
     assert all(torch.isfinite(t).all() for t in pool.copies.parameters())
+    # A Linear site has no positions for the stride to leave: said as such
+    flat = pbp_fx.perforate(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), (torch.randn(8, 4),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the stride strides no site of it: warned of elsewhere)
+        flat.train().start_dendrite_phase(pool=2, stride=2)
+    with pytest.warns(UserWarning, match="one value per channel at a site without positions"):
+        F.cross_entropy(flat(torch.randn(1, 4)), y[:1]).backward()
 
 
 def test_a_ranks_batch_that_is_no_multiple_of_the_pool_is_warned_of_once():

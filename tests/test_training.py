@@ -105,6 +105,13 @@ def test_a_one_shot_iterator_as_a_loader_is_refused_before_any_step(which):
         fit(pm, *((once, full) if which == "training" else (full, once)), progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, pm.parameters()))
     fit(pm, list(full), list(full), progress=False, epochs=2)  # (a list of batches starts over)
+    with pytest.raises(pbp_fx.TrainingError, match=r"^the training loader is a one-shot iterator "
+                                                   r"\(_SingleProcessDataLoaderIter\)"):
+        fit(_pm(), iter(full), full, progress=False, epochs=2)
+    with pytest.raises(pbp_fx.TrainingError, match=r"^the test loader is a one-shot iterator \(generator\)"):
+        fit(_pm(), full, full, test_loader=(b for b in full), progress=False, epochs=2)
+    # One epoch reads each loader once: a generator serves it (it trained so before the check; a reviewer)
+    assert len(fit(_pm(), (b for b in full), (b for b in full), progress=False, epochs=1).epochs) == 1
 
 
 def test_a_metric_that_counts_no_sample_is_named_not_the_dataset():
