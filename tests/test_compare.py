@@ -1266,7 +1266,7 @@ def test_a_runs_warnings_are_one_line_each_naming_its_arm_and_seed(tmp_path, cap
             return torch.nn.functional.cross_entropy(output, target)
     '''))
     rc = main(["compare", str(path), "--arms", "plain,restarts", "--seeds", "1", "--epochs", "2", "--batch-size",
-               "60", "--no-latency", "--jobs", jobs])
+               "60", "--no-latency", "--jobs", jobs, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 0, err
     line = "pbp-fx: warning: UserWarning at warns.py:{}: {} at seed 0: the loss says hello"

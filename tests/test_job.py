@@ -254,7 +254,8 @@ def test_train_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, args, me
 def test_data_the_checks_must_not_refuse_trains(tmp_path, capsys, text, args):
     """A BatchNorm2d sees positions even in a batch of one sample; a model file with its own loss
     (token targets [B, T] against outputs [B, T, V]) has no class dim for the label check."""
-    assert main(["train", _write(tmp_path / "m.py", text), "--epochs", "1", "--no-progress", *args]) == 0
+    assert main(["train", _write(tmp_path / "m.py", text), "--epochs", "1", "--no-progress", "--out",
+                 str(tmp_path / "run"), *args]) == 0
 
 
 def test_a_metric_of_tensors_trains_and_writes_numbers(tmp_path, capsys):
