@@ -2277,3 +2277,18 @@ def test_a_file_that_differs_at_the_examples_own_sizes_is_refused_as_wrong_not_a
                                           r"export with fused=False") as info:
         export_onnx(pm, (torch.randn(2, 3),), path, dynamic_batch=dynamic_batch)
     assert "dynamic_batch=False" not in str(info.value) and not path.exists()
+
+
+def test_a_file_onnx_runtime_loads_but_cannot_run_at_the_example_is_one_line(tmp_path, monkeypatch):
+    from pbp_fx.exporters import ort
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("a kernel's shape check\nand its trace")
+
+    monkeypatch.setattr(ort, "run", fails)
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 3),))
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match=r"^the ONNX file fails at the example's own sizes \(RuntimeError: a "
+                                          r"kernel's shape check\): the file does not compute") as info:
+        export_onnx(pm, (torch.randn(2, 3),), path, dynamic_batch=False)
+    assert "\n" not in str(info.value) and not path.exists()
