@@ -1719,8 +1719,8 @@ def test_arms_that_are_all_the_plain_model_are_said_to_compare_nothing():
     rows = [{"arm": a, "seed": k, "test": 0.975, "params": 4810, **({} if a == "plain" else {"dendrites": 0, "grew": True,
              "dendrite_epochs": 9})} for a in ("plain", "pb", "gd") for k in range(2)]
     text = verdict(summarize(rows), paired(rows))
-    assert ("pb − plain compares nothing: pb kept no dendrite at any seed, so both are the plain model (equal scores "
-            "at every seed; more seeds would not change that).") in text
+    assert ("pb − plain compares nothing: pb kept no dendrite at any seed, so both are the plain model there, and "
+            "they score the same at every seed (a difference would be no effect of PB either).") in text
     assert "pb − gd compares nothing: pb and gd kept no dendrite at any seed" in text
     assert "run more seeds" not in text
     assert "gd ran dendrite rounds but kept no dendrite at any of its 2 seed(s)" in text
