@@ -118,6 +118,14 @@ def finished_run(note: str, call: str) -> str:
             "training start a new run (a new PBCallback), or resume from a checkpoint taken before the end")
 
 
+def refuse_another_metric(saved: str, following: str, fix: str) -> None:
+    """TrainingError where a resumed run's state was kept on the metric `saved` and the callback now follows
+    another: its best score and patience, counted in `saved`, are not comparable (fix: how to follow `saved`)."""
+    if saved != following:
+        raise TrainingError(f"the checkpoint's PB run followed {saved!r}, but this PBCallback follows {following!r}: "
+                            f"its best score and patience are counted in {saved!r}; {fix} to resume it, or start anew")
+
+
 def refused_restart(resume: str, same_optimizer: bool) -> str:
     """The one-line refusal of a training call that would continue a PBCallback's unfinished run: with the new
     optimizer the framework built (the run's state holds the old one), or with the old one, whose rates

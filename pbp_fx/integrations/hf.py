@@ -27,8 +27,8 @@ from ..errors import TrainingError, warn_at_user
 from ..modelfile import reads_lower_is_better
 from ..perforated import LOSS_KEYWORD, PerforatedModel, takes_loss_keyword
 from ..site import Site
-from .common import (StructureOnLoad, find_perforated, finished_run, refused_restart, unwrap_optimizer,
-                     unwrap_scheduler)
+from .common import (StructureOnLoad, find_perforated, finished_run, refuse_another_metric, refused_restart,
+                     unwrap_optimizer, unwrap_scheduler)
 
 __all__ = ["PBCallback", "CHECKPOINT_NAME"]
 
@@ -197,6 +197,10 @@ class PBCallback(TrainerCallback):
                 and (self.controller.optimizer is not opt or self._training):
             raise TrainingError(refused_restart("trainer.train(resume_from_checkpoint=<a checkpoint of that run>)",
                                                 self.controller.optimizer is opt))
+        resumed = _resumed_file(args, state, pm) if resuming else None
+        if resumed is not None:  # (none recorded: a file of an earlier pbp-fx)
+            refuse_another_metric(read_meta(resumed)["extra"].get("metric", self.metric), self.metric,
+                                  "follow it again (PBCallback(metric=...) or metric_for_best_model)")
         if self.controller is None or self.controller.pm is not pm or (resuming and self.controller.optimizer is not opt):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize, root=model,
                                               parameter_groups=self._parameter_groups(model, opt, warn=not resuming))
@@ -205,13 +209,6 @@ class PBCallback(TrainerCallback):
         # resumes with both fresh (the scheduler at its start, its base rates without the phase's factor).
         scheduler_restored = resuming and (scheduler is None or getattr(scheduler, "last_epoch", 1) > 0)
         if resuming:  # trainer.train(resume_from_checkpoint=...): the Trainer restored the rest
-            resumed = _resumed_file(args, state, pm)
-            saved = read_meta(resumed)["extra"].get("metric", self.metric)  # (none: a file of an earlier pbp-fx)
-            if saved != self.metric:  # (its best score and history are of the saved metric: not comparable)
-                raise TrainingError(f"the checkpoint's PB run followed {saved!r}, but this PBCallback follows "
-                                    f"{self.metric!r}: its best score and patience are counted in {saved!r}; follow "
-                                    f"{saved!r} again (PBCallback(metric=...) or metric_for_best_model) to resume it, "
-                                    "or start a new run")
             load_controller(resumed, self.controller)
             if not scheduler_restored:  # (the Trainer always has one; an optimizer's state may be empty: plain SGD)
                 warn_at_user(f"PBCallback: the checkpoint resumed at step {state.global_step} holds no optimizer or "

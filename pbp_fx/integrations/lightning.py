@@ -23,7 +23,8 @@ from ..config import ConfigError, PBConfig
 from ..controller import Decision, PhaseController, model_fixed_settings
 from ..errors import TrainingError, warn_at_user
 from ..modelfile import reads_lower_is_better
-from .common import StructureOnLoad, find_perforated, finished_run, refused_restart, unwrap_optimizer
+from .common import (StructureOnLoad, find_perforated, finished_run, refuse_another_metric, refused_restart,
+                     unwrap_optimizer)
 
 __all__ = ["PBCallback"]
 
@@ -163,17 +164,15 @@ class PBCallback(Callback):
                 and self._resumed is None and (self.controller.optimizer is not opt or self._fitting):
             raise TrainingError(refused_restart("trainer.fit(..., ckpt_path=<a checkpoint of that fit>)",
                                                 self.controller.optimizer is opt))
+        if self._resumed is not None:  # (none recorded: a checkpoint of an earlier pbp-fx)
+            refuse_another_metric(self._resumed.get("monitor", self.monitor), self.monitor,
+                                  f"pass PBCallback(monitor={self._resumed.get('monitor')!r})")
         self._fitting = True
         if self.controller is None or self.controller.pm is not pm or (
                 self._resumed is not None and self.controller.optimizer is not opt):
             self.controller = PhaseController(pm, self.config, optimizer=opt, maximize=self.maximize, root=pl_module,
                                               parameter_groups=_groups_of_configure_optimizers(pl_module))
         if self._resumed is not None:  # Lightning restores the optimizer and schedulers after this hook
-            saved = self._resumed.get("monitor", self.monitor)  # (none in a checkpoint of an earlier pbp-fx)
-            if saved != self.monitor:  # (its best score and history are of the saved metric: not comparable)
-                raise TrainingError(f"the checkpoint's PB run followed {saved!r}, but this PBCallback follows "
-                                    f"{self.monitor!r}: its best score and patience are counted in {saved!r}; "
-                                    f"pass PBCallback(monitor={saved!r}) to resume it, or start a new fit")
             if "config" in self._resumed:
                 warn_changed_settings(self._resumed["config"], self.controller.config, "the checkpoint",
                                       in_dendrite_phase=pm.phase == "dendrite")  # (its structure is restored)

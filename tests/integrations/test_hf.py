@@ -416,7 +416,8 @@ def test_a_resume_that_follows_another_metric_is_refused(tmp_path, perforated_be
     trainer, _ = _trainer(tmp_path, PBCallback(QUICK, metric="eval_accuracy", greater_is_better=True),
                           perforated_bert(), save_strategy="epoch", num_train_epochs=2)
     with pytest.raises(TrainingError, match=r"the checkpoint's PB run followed 'eval_loss', but this PBCallback "
-                                            r"follows 'eval_accuracy'.*to resume it, or start a new run"):
+                                            r"follows 'eval_accuracy'.*follow it again \(PBCallback\(metric=...\) or metric_for_best_model\) to "
+                                            r"resume it, or start anew"):
         trainer.train(resume_from_checkpoint=folder)
 
 
