@@ -95,10 +95,33 @@ def _build(compiler: list[str], target: str) -> None:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         if loads.returncode:
             raise OSError(f"the library built with {' '.join(compiler)} does not load (exit {loads.returncode})")
+        with open(tmp, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
         os.replace(tmp, target)
+        # The digest after the library: a reader that sees it finds the library it describes, or another
+        # process's whole build (then it rebuilds once more).
+        with open(tmp, "w") as f:
+            f.write(digest)
+        os.replace(tmp, _digest_path(target))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _digest_path(target: str) -> str:
+    return target + ".sha256"
+
+
+def _intact(target: str) -> bool:
+    """Whether the cached library is the whole file a build wrote (its digest matches). A truncated one
+    ended the process that loaded it with SIGBUS; one of garbage bytes turned the kernels off for good."""
+    try:
+        with open(_digest_path(target)) as f:
+            expected = f.read().strip()
+        with open(target, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest() == expected
+    except OSError:
+        return False
 
 
 @functools.lru_cache(maxsize=None)  # (one build and load per process: the library does not change)
@@ -118,7 +141,7 @@ def kernel() -> Optional[ctypes.CDLL]:
         machine = " ".join((*compiler, *FLAGS, *NATIVE_FLAGS, platform.machine(), _processor()))
         tag = hashlib.sha256(source + version + machine.encode()).hexdigest()
         target = os.path.join(_cache_dir(), f"candidate_kernels-{tag[:16]}.so")
-        if not os.path.exists(target):
+        if not _intact(target):
             _build(compiler, target)
         lib = ctypes.CDLL(target)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
