@@ -88,6 +88,12 @@ class LayerSpec:
             return F.linear(x, weight, bias)
         conv = _CONV[int(self.kind[-2])]
         groups = self.groups if groups is None else groups
+        if max(self.stride) > 1 and not x.is_contiguous() and self._unpadded_pointwise():
+            # torch 2.13's oneDNN weight gradient of a strided 1x1 conv over a channels_last input corrupted the
+            # heap (one thread; the candidates' stride makes such convs). Its positions, then an unstrided conv:
+            # the same output.
+            x = x[(Ellipsis, *(slice(None, None, t) for t in self.stride))]
+            return conv(x, weight, bias, 1, 0, 1, groups)
         if self.padding_mode != "zeros":
             # Same as nn.ConvNd: explicit padding with the mode, then an unpadded conv.
             x = F.pad(x, self._reversed_padding(), mode=self.padding_mode)
@@ -109,6 +115,12 @@ class LayerSpec:
             return None
         # Output position o of a conv with stride n * t is position n * o of the stride-t conv.
         return dataclasses.replace(self, stride=stride, padding=tuple(reversed(left)))
+
+    def _unpadded_pointwise(self) -> bool:
+        """A conv whose kernel is 1 everywhere and that pads nothing."""
+        kernel = self.weight_shape[2:]
+        begins, ends = conv_pads(self.padding, kernel, self.dilation)
+        return all(k == 1 for k in kernel) and not any(begins) and not any(ends)
 
     def _reversed_padding(self) -> list:
         """F.pad's [last dim left, right, ...] list, as nn.ConvNd computes it (also for "same"/"valid")."""

@@ -1,5 +1,9 @@
 """pbp_fx.layers: LayerSpec, stacked copies of a layer, norm folding."""
+import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -389,3 +393,43 @@ def test_dendrite_rows_name_the_call_and_rows_of_each_copy_in_dendrite_calls_lay
             assert torch.equal(calls[call][0][rows], weight[copy])
     with pytest.raises(IndexError):
         dendrite_rows("linear", 1, 2, 3, 2)
+
+
+@pytest.mark.parametrize("padding", [0, "valid"])
+def test_a_strided_pointwise_conv_over_a_channels_last_input_gives_the_conv_and_its_gradients(padding):
+    """It runs as the strided positions and an unstrided conv (torch 2.13's oneDNN weight gradient of the strided
+    1x1 conv over channels_last corrupted the heap): the same output and gradients as over a contiguous input."""
+    spec = dataclasses.replace(LayerSpec.from_module(nn.Conv2d(6, 4, 1, padding=padding)), stride=(2, 3))
+    conv = nn.Conv2d(6, 4, 1)
+    x = torch.randn(5, 6, 7, 8)
+    outs = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        w = conv.weight.detach().clone().requires_grad_()
+        xi = x.clone(memory_format=layout).requires_grad_()
+        y = spec.apply(xi, w, conv.bias)
+        y.backward(torch.arange(y.numel(), dtype=y.dtype).view(y.shape).cos())
+        outs.append((y, w.grad, xi.grad))
+    assert outs[0][0].shape == (5, 4, 4, 3)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_dendrite_phase_at_candidate_stride_2_over_channels_last_pointwise_convs_runs(tmp_path):
+    """Run alone on one thread, where the heap corruption ended the process (SIGABRT or SIGSEGV)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import torch\nfrom torch import nn\nimport pbp_fx\ntorch.set_num_threads(1)\ntorch.manual_seed(0)\n"
+        "model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1),\n"
+        "                      nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))\n"
+        "pm = pbp_fx.perforate(model, (torch.randn(2, 3, 8, 8),)).to(memory_format=torch.channels_last)\n"
+        "pm.train()\npm.start_dendrite_phase(pool=4, split=False, stride=2)\n"
+        "opt = torch.optim.SGD(list(pm.trainable_parameters()), lr=0.1)\n"
+        "for step in range(6):\n"
+        "    x = torch.randn(16, 3, 8, 8).contiguous(memory_format=torch.channels_last)\n"
+        "    opt.zero_grad()\n"
+        "    nn.functional.cross_entropy(pm(x), torch.randint(0, 3, (16,))).backward()\n"
+        "    opt.step()\n"
+        "print('ok')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
