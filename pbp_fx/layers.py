@@ -592,11 +592,18 @@ class LayerCopies(nn.Module):
         if trains:
             self.num_batches_tracked.add_(1)
             momentum = self._momentum()
-        return F.batch_norm(
-            flat, self.running_mean.view(m * c), self.running_var.view(m * c),
+        # torch 2.13's CPU batch_norm backward gave a batch of one sample a wrong input gradient where its input
+        # and gradient differ in layout (a channels_last view of the stacked copies against a dense one): both
+        # dense there.
+        dense = flat.shape[0] == 1 and not flat.is_contiguous()
+        out = F.batch_norm(
+            flat.contiguous() if dense else flat, self.running_mean.view(m * c), self.running_var.view(m * c),
             None if self.norm_weight is None else self.norm_weight.reshape(m * c),
             None if self.norm_bias is None else self.norm_bias.reshape(m * c),
             trains, momentum, self.norm.eps)
+        if dense and out.requires_grad:
+            out.register_hook(Tensor.contiguous)
+        return out
 
     def folded(self) -> tuple[Tensor, Optional[Tensor]]:
         """Eval-form weights [M, C, ...] and bias [M, C] with the norm folded in."""

@@ -915,3 +915,31 @@ def test_a_kernel_out_of_memory_raises_memory_error_and_refused_arguments_a_runt
         native._check(-1, "norm", t)
     native._check(0, "norm", t)
     native._check(1, "covariance", t)
+
+
+def test_a_batch_of_one_trains_channels_last_candidates_as_contiguous_ones_with_the_torch_ops(monkeypatch):
+    """torch 2.13's CPU batch_norm backward gave a batch of one a wrong input gradient where the stacked copies'
+    channels_last view met a dense gradient (EMA off by 7e-4 of 0.04, weights by 0.02); the kernel was right."""
+    monkeypatch.setattr(native, "kernel", lambda: None)
+
+    def dendrite_phase(layout):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(6 * 8 * 8, 3))
+        pm = pbp_fx.perforate(model, (torch.randn(2, 3, 8, 8),)).to(memory_format=layout)
+        pm.train()
+        pm.start_dendrite_phase(pool=4, generator=torch.Generator().manual_seed(1))
+        opt = torch.optim.SGD(list(pm.trainable_parameters()), lr=0.1)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            x = torch.randn(1, 3, 8, 8, generator=g).contiguous(memory_format=layout)
+            opt.zero_grad()
+            nn.functional.cross_entropy(pm(x), torch.randint(0, 3, (1,), generator=g)).backward()
+            opt.step()
+        pool = pm.sites["0"].candidates
+        return pool.ema.clone(), pool.copies.weight.detach().clone()
+
+    dense, channels_last = dendrite_phase(torch.contiguous_format), dendrite_phase(torch.channels_last)
+    assert dense[0].abs().max() > 1e-3
+    for a, b in zip(dense, channels_last):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
