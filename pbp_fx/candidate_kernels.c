@@ -412,7 +412,9 @@ static inline float exp_approx(float x) {
     x = x < -87.0f ? -87.0f : x;
     /* n = round(x / ln2) as a truncation of a positive number (a branch-free rounding of a signed
      * one made the compiler evaluate the polynomial twice and blend) */
-    int32_t i = (int32_t)(x * 1.4426950408889634f + 128.5f);
+    float t = x * 1.4426950408889634f + 128.5f;
+    /* (NaN converted to an integer is undefined behaviour: any n serves, r stays NaN) */
+    int32_t i = (int32_t)(t == t ? t : 128.5f);
     float n = (float)(i - 128);
     float r = (x - n * 0.693145751953125f) - n * 1.4286068203094172e-06f;
     float p = 1.0f / 5040.0f;
