@@ -9,7 +9,8 @@ user's keeps its own call, hooks and all, and its FusedSite (neuron row zero) ad
 it. Train/eval `ModeSwitch` nodes become their
 eval-mode ops (train-only updates go). A neuron weight stored [in, C] (`x @ W`) is fused
 transposed. A neuron weight the rest of the model still uses (tied weights: GPT-2's lm_head
-and its embedding) stays one tensor: the site becomes a `TiedFusedSite` that reads it. The graph
+and its embedding), or that several sites read (a module called twice), stays one tensor: each such site
+becomes a `TiedFusedSite` that reads it (the neuron's bias is copied per site). The graph
 returns the structure the model's forward returned (a ModelOutput that fx wrote as a plain dict).
 GraphModules nested in the model (submodules traced in place under an untraceable root, see
 `pbp_fx.tracing.TracedPart`) are finalized the same way, in place in the copy, and the graph around
@@ -258,9 +259,11 @@ def _fuse_graph(gm: fx.GraphModule) -> None:
 
 
 def _retie(gm: fx.GraphModule, fused_mods: nn.ModuleDict, neurons: dict) -> None:
-    """Sites whose neuron weight the finalized model still holds elsewhere read it, not a copy."""
+    """Sites whose neuron weight the finalized model still holds elsewhere, or another site reads too (a module
+    called twice, layers sharing one weight), read it, not a copy."""
     if not neurons:
         return
+    readers = collections.Counter(id(w) for w, _, folded in neurons.values() if not folded)
     held = set()  # tensors the finalized graph reads outside the fused sites
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -268,5 +271,5 @@ def _retie(gm: fx.GraphModule, fused_mods: nn.ModuleDict, neurons: dict) -> None
         elif node.op == "call_module" and not node.target.startswith(FUSED_ATTR + "."):
             held.update(id(p) for p in gm.get_submodule(node.target).parameters())
     for key, (w, transposed, folded) in neurons.items():
-        if id(w) in held and not folded and isinstance(w, nn.Parameter):
+        if (id(w) in held or readers[id(w)] > 1) and not folded and isinstance(w, nn.Parameter):
             fused_mods[key] = TiedFusedSite(fused_mods[key], w, transposed)

@@ -10,6 +10,7 @@ from transformers.utils import ModelOutput
 
 import pbp_fx
 from parts_models import OrderedOut, ReadsItsLayer, grown_leaf_reader
+from pbp_fx.exporters import ort_session
 from pbp_fx.passes import finalize, fuse_site
 from pbp_fx.passes.finalize import FUSED_ATTR
 from pbp_fx.passes.insert_dendrites import SITES_ATTR
@@ -467,3 +468,46 @@ def test_a_finalized_parts_capture_takes_the_forwards_parameters_so_torch_export
     opened = pbp_fx.perforate(Open(), (x,), frontend="parts").finalize()  # (**kwargs: the call as it was)
     assert [n.target for n in opened.graph.nodes if n.op == "placeholder"] == ["*args", "**kwargs"]
     assert opened(x).shape == (3, 2)
+
+
+class _CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+class _OneWeightTwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("model_fn, keys", [(_CalledTwice, ("fc", "fc_at1")), (_OneWeightTwoLayers, ("a", "b"))])
+def test_a_weight_that_several_sites_read_stays_one_parameter_after_finalize(model_fn, keys, tmp_path):
+    """Each such site held its own copy once dendrites were fused: fine-tuning the finalized model trained the
+    copies apart (README: tied weights stay tied after finalize)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    pm = pbp_fx.perforate(model_fn(), x)
+    pm.start_dendrite_phase(pool=2)
+    pm.install_candidates(v_init=0.3)
+    pm.eval()
+    final = pm.finalize()
+    torch.testing.assert_close(final(x), pm(x))
+    first, second = (final.get_submodule(f"{FUSED_ATTR}.{k}") for k in keys)
+    assert first.neuron_weight is second.neuron_weight
+    final.requires_grad_(True)
+    final(x).pow(2).mean().backward()
+    torch.optim.SGD(final.parameters(), lr=0.1).step()
+    assert torch.equal(first.neuron_tensors()[0], second.neuron_tensors()[0])
+    final.requires_grad_(False)
+    path = pbp_fx.export_onnx(final, (x,), str(tmp_path / "m.onnx"))
+    got = ort_session(path).run(None, {"x": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), final(x), rtol=1e-4, atol=1e-5)
