@@ -38,6 +38,7 @@ from .modelfile import (check_metric_direction, example_kwargs, global_generator
 from .distributed import last_batch_is_lone
 from .passes.find_sites import site_filters
 from .perforated import perforate
+from .signals import stops_held
 from .training import (IGNORED_LABEL, History, NonFiniteDataError, NonFiniteError, accuracy, call_model, class_indices,
                        evaluate, fit, scored_tensor, split_batch, training_device)
 
@@ -849,7 +850,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                 + _resumes(out, done, processes, progress)) from exc
     except KeyboardInterrupt as exc:
         remove_empty(created)  # failed before its first checkpoint: leave nothing behind
-        # The epochs this run's checkpoint holds (an interrupt inside a save leaves the one before; before its
+        # The epochs this run's checkpoint holds (a save ends whole, or not at all where it raised; before its
         # first save the folder may hold another run's): what a resume continues
         done = saver.epochs if saver is not None else 0
         if done:
@@ -927,11 +928,14 @@ def _epoch_saver(path: str, pm, ctl, history, args: dict, model_ref: str, seed: 
                          **_cuda_rng_state(pm)}}
         kwargs = {"controller": ctl, "optimizer": ctl.optimizer, "model_ref": model_ref,
                   "extra": {"seed": seed, "job_state": state}}
-        if distributed is None:
-            save(pm, path, **kwargs)
-        else:
-            distributed.save(pm, path, **kwargs)
-        save_epoch.epochs = len(history.epochs)
+        # Ctrl-C and SIGTERM wait for the save and its count: one landing after the file was replaced, before the
+        # count, named the epoch before the one the checkpoint holds.
+        with stops_held():
+            if distributed is None:
+                save(pm, path, **kwargs)
+            else:
+                distributed.save(pm, path, **kwargs)
+            save_epoch.epochs = len(history.epochs)
 
     save_epoch.epochs = len(history.epochs)  # what the checkpoint holds of this run (a resumed run's epochs)
     return save_epoch

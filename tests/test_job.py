@@ -1612,3 +1612,27 @@ def test_the_plots_point_at_best_validation_is_the_runs_own_best_epoch(tmp_path,
     assert plot_history(history, str(tmp_path / "plot.png"))
     points = {label: list(a[1]) for a, label in drawn if list(a[0]) == [100]}
     assert points == {"validation": [0.60], "test": [0.55]}
+
+
+def test_a_stop_signal_right_after_a_checkpoint_was_replaced_names_the_epoch_it_holds(tmp_path, monkeypatch, capsys):
+    """A SIGINT landing after epoch 3's file was replaced, before the run counted it, said 'interrupted after epoch
+    2' (and its resume command), while the checkpoint held epoch 3."""
+    import signal
+
+    from pbp_fx import job
+
+    real, calls = job.save, []
+
+    def saved_then_interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(job, "save", saved_then_interrupted)
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", GOOD), "--out", str(out), "--epochs", "5", "--no-progress"]) == 130
+    monkeypatch.setattr(job, "save", real)
+    assert "interrupted after epoch 3; the run so far resumes with" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert "after epoch 3 " in capsys.readouterr().out
