@@ -518,13 +518,19 @@ def verdict(summary: list[dict], pairs: list[dict], score: Score = ACCURACY,
         if p is None:
             continue
         seeds_here = set(arms[arm]["test_by_seed"]) & set(arms["pb"]["test_by_seed"]) if "pb" in arms else set()
-        if (arm in ("plain", "gd") and seeds_here and seeds_here <= bare
-                and (arm == "plain" or seeds_here <= set(arms[arm].get("bare_seeds", ())))
+        if (arm in ("plain", "gd", "restarts") and seeds_here and seeds_here <= bare
+                and (arm != "gd" or seeds_here <= set(arms[arm].get("bare_seeds", ())))
                 and arms[arm].get("params") == arms["pb"].get("params") and not p["mean"] and not p["sd"]):
             # (the plain model's architecture, not always its weights: pb may train on after a round it took
             # back, so more seeds could show a difference, which would be more training, not PB)
+            where = "any seed" if len(seeds_here) > 1 else "its seed"
+            if arm == "restarts":
+                lines.append(f"pb − restarts compares nothing: pb kept no dendrite at {where}, so it ran the PB "
+                             "schedule with nothing installed there, as restarts does, and they score the same at "
+                             "every seed.")
+                continue
             lines.append(f"pb − {arm} compares nothing: pb{'' if arm == 'plain' else ' and gd'} kept no dendrite at "
-                         f"{'any seed' if len(seeds_here) > 1 else 'its seed'}, so both are the plain model there, "
+                         f"{where}, so both are the plain model there, "
                          "and they score the same at every seed (a difference would be no effect of PB either).")
             continue
         if arm == "plain-matched" and set(arms[arm]["test_by_seed"]) <= bare:

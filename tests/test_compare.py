@@ -1745,3 +1745,17 @@ def test_kept_nothing_advice_names_the_epoch_cap_when_it_ended_the_only_round(ca
     assert ("the epoch cap ended its only dendrite phase at every seed: raise --epochs" in note) is cap_ended, note
     assert ("--max-dendrite-epochs" in note) is not cap_ended
     assert _course(epochs, cap=61)["cap_ended_only_round"] is False
+
+
+def test_restarts_beside_a_pb_that_kept_nothing_is_said_to_compare_nothing():
+    """pb kept no dendrite at any seed, so it ran the schedule restarts runs: the verdict read "the same difference at
+    every seed ... (run more seeds)" for pb − restarts (a reviewer)."""
+    rows = [{"arm": a, "seed": k, "test": 0.9, "params": 147, **({"dendrites": 0, "grew": True, "dendrite_epochs": 9}
+             if a == "pb" else {})} for a in ("plain", "restarts", "pb") for k in range(3)]
+    text = verdict(summarize(rows), paired(rows))
+    assert ("pb − restarts compares nothing: pb kept no dendrite at any seed, so it ran the PB schedule with nothing "
+            "installed there, as restarts does, and they score the same at every seed.") in text, text
+    assert "run more seeds" not in text
+    rows[-1].update(dendrites=1, test=0.95)  # pb grew at one seed: the difference is measured
+    text = verdict(summarize(rows), paired(rows))
+    assert "pb − restarts compares nothing" not in text and "pb − restarts = " in text, text
