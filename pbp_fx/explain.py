@@ -12,6 +12,7 @@ at run time is named by the parameter it is computed from.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -156,7 +157,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
 
 
 # Tensor contractions that can hold a layer's product (a weight read by them is a layer in all but form).
-_CONTRACTIONS = (torch.einsum, torch.tensordot, torch.bmm, torch.baddbmm)
+_CONTRACTIONS = (torch.einsum, torch.tensordot, torch.bmm, torch.baddbmm, torch.matmul, operator.matmul, torch.mm)
 _CONTRACTION_NAMES = frozenset(f.__name__ for f in _CONTRACTIONS)  # (their aten ops' names in a torch.export graph)
 
 
@@ -195,6 +196,7 @@ def _weight_of(node: fx.Node, g: fx.GraphModule) -> tuple:
     if direct is not None or node.op != "call_function" or len(node.args) < 2:
         return direct, False
     seen, todo = set(), [node.args[1]] if isinstance(node.args[1], fx.Node) else []
+    flat = None  # (a 1-D parameter the weight is a view of: taken where no >= 2-D one is found)
     while todo:  # (the weight argument's own inputs, back to the parameters it is computed from)
         n = todo.pop()
         if n in seen or n.op not in ("call_function", "call_method") or explain_neuron(n, g) is not None:
@@ -203,18 +205,19 @@ def _weight_of(node: fx.Node, g: fx.GraphModule) -> tuple:
         found = _param_at_least_2d(n.all_input_nodes, g)
         if found is not None:
             return found, True
+        flat = flat if flat is not None else _param_at_least_2d(n.all_input_nodes, g, dims=1)
         todo.extend(n.all_input_nodes)
-    return None, False
+    return (flat, True) if flat is not None else (None, False)
 
 
-def _param_at_least_2d(nodes, g: fx.GraphModule):
+def _param_at_least_2d(nodes, g: fx.GraphModule, dims: int = 2):
     for a in nodes:
         if a.op == "get_attr":
             try:
                 t = g.get_parameter(a.target)
             except AttributeError:
                 continue
-            if t.dim() >= 2:
+            if t.dim() >= dims:
                 return t
     return None
 

@@ -253,3 +253,44 @@ def test_a_norms_wide_affine_is_no_candidate_weight(frontend):
     rows = pbp_fx.explain_sites(M(), (torch.randn(2, 3, 6, 6),), frontend=frontend)
     assert [r.name for r in rows if r.name.startswith("ln")] == []
     assert {r.name for r in rows if r.status == "site"} == {"c", "fc"}
+
+
+class _LeftProjection(nn.Module):
+    """W @ x over [B, C, T]: a per-position channel projection (a 1x1 conv in all but form)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(7, 5))
+        self.o = nn.Linear(7, 2)
+
+    def forward(self, x):
+        return self.o(torch.tanh(torch.matmul(self.W, x)).mean(-1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_parameter_multiplied_from_the_left_is_listed_with_the_form_that_makes_it_a_site(frontend):
+    """torch.matmul(W, x) was in no row at all (einsum beside it was listed), a reviewer."""
+    rows = _by_name(pbp_fx.explain_sites(_LeftProjection(), (torch.randn(2, 5, 3),), frontend=frontend))
+    assert rows["o"].status == "site"
+    assert rows["W"].status == "not a site", rows
+    assert rows["W"].reason.startswith("read by ") and "write the product as F.linear(x, W) or x @ W" in rows["W"].reason
+
+
+class _ViewedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4 * 3 * 9))
+        self.o = nn.Linear(4, 2)
+
+    def forward(self, img):
+        return self.o(F.conv2d(img, self.w.view(4, 3, 3, 3), padding=1).mean((2, 3)))
+
+
+def test_a_conv_weight_viewed_from_a_flat_parameter_is_said_to_be_computed_and_perforate_warns():
+    """It read "its weight is not a parameter (a buffer or ...)" and perforate said nothing; a weight sliced from a
+    2-D parameter got the computed-weight reason and the warning."""
+    rows = _by_name(pbp_fx.explain_sites(_ViewedConv(), (torch.randn(2, 3, 5, 5),)))
+    assert rows["w"].status == "not a site" and rows["w"].kind == "conv2d"
+    assert rows["w"].reason.startswith("the layer's weight is computed at run time from this parameter")
+    with pytest.warns(pbp_fx.PBWarning, match="not sites, so PB adds no dendrites there: w"):
+        pbp_fx.perforate(_ViewedConv(), (torch.randn(2, 3, 5, 5),))
