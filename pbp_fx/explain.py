@@ -103,7 +103,7 @@ def explain_graph(gm: fx.GraphModule, model: nn.Module, include=None, exclude=No
                 attrs = [a.target for a in node.all_input_nodes if a.op == "get_attr"]
                 own = params.get(id(weight)) if weight is not None else None
                 name = prefix + (own or (attrs[0] if attrs else node.name))
-                why = COMPUTED if computed else str(verdict)
+                why = computed or str(verdict)
                 rows.append(SiteExplanation(name, _kind(node, g), "not a site", why))
             elif node.op == "get_attr" and verdict is None:
                 try:
@@ -183,18 +183,34 @@ def _read_by(kind: str, target, frontend: Optional[str]) -> str:
 # timm's ScaledStdConv2d and BiT's StdConv2d standardize their weight in forward.
 COMPUTED = ("the layer's weight is computed at run time from this parameter (e.g. standardized in forward), "
              "so it is no parameter and the layer is not a site")
+# nn.MultiheadAttention's packed in_proj_weight, split where query and key/value differ (cross-attention).
+SLICED = ("the layer's weight is a part or view of this parameter taken at run time (a slice, split or reshape, e.g. "
+          "a packed projection split in forward), so it is no parameter of its own and the layer is not a site")
+# Ops that take part of a tensor or lay it out anew, computing no value (fx's names and aten's).
+_VIEW_OPS = frozenset({"getitem", "split", "split_with_sizes", "chunk", "unbind", "narrow", "slice", "select", "view",
+                       "reshape", "flatten", "unflatten", "t", "transpose", "permute", "contiguous", "squeeze",
+                       "unsqueeze", "expand", "alias", "clone"})
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target.overloadpacket.__name__
+    return getattr(node.target, "__name__", "")
 
 
 def _weight_of(node: fx.Node, g: fx.GraphModule) -> tuple:
-    """(the parameter a Linear/Conv-like node reads as its weight, False), or for a weight computed
-    at run time, (the >= 2-D parameter it is computed from, True); (None, False) when neither."""
+    """(the parameter a Linear/Conv-like node reads as its weight, None), or for a weight computed at run time,
+    (the parameter it is computed from, SLICED where only views lead there, else COMPUTED); (None, None) when
+    neither. A >= 2-D parameter is taken before a flat one."""
     from .passes.patterns import explain_neuron
 
     if node.op == "call_module":
-        return getattr(g.get_submodule(node.target), "weight", None), False
+        return getattr(g.get_submodule(node.target), "weight", None), None
     direct = _param_at_least_2d(node.all_input_nodes, g)
     if direct is not None or node.op != "call_function" or len(node.args) < 2:
-        return direct, False
+        return direct, None
     seen, todo = set(), [node.args[1]] if isinstance(node.args[1], fx.Node) else []
     flat = None  # (a 1-D parameter the weight is a view of: taken where no >= 2-D one is found)
     while todo:  # (the weight argument's own inputs, back to the parameters it is computed from)
@@ -204,10 +220,18 @@ def _weight_of(node: fx.Node, g: fx.GraphModule) -> tuple:
         seen.add(n)
         found = _param_at_least_2d(n.all_input_nodes, g)
         if found is not None:
-            return found, True
-        flat = flat if flat is not None else _param_at_least_2d(n.all_input_nodes, g, dims=1)
+            return found, _how(seen)
+        if flat is None:
+            flat = _param_at_least_2d(n.all_input_nodes, g, dims=1)
+            flat_how = _how(seen)
         todo.extend(n.all_input_nodes)
-    return (flat, True) if flat is not None else (None, False)
+    return (flat, flat_how) if flat is not None else (None, None)
+
+
+def _how(path: set) -> str:
+    """SLICED where every op on the way from the parameter to the weight only takes part of it or lays it out
+    anew, else COMPUTED."""
+    return SLICED if all(_op_name(n) in _VIEW_OPS for n in path) else COMPUTED
 
 
 def _param_at_least_2d(nodes, g: fx.GraphModule, dims: int = 2):

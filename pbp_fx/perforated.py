@@ -1123,7 +1123,7 @@ def _layers_not_sites(gm: fx.GraphModule, model: nn.Module) -> dict:
     does not reach; and parameters of other modules that a functional Linear/Conv takes as its weight
     computed at run time (F.linear(x, W[:4]), W * mask; by the parameter's path). Layers of a root the
     parts capture could not trace are left out (warned of)."""
-    from .explain import COMPUTED, UNTRACED, explain_graph
+    from .explain import COMPUTED, SLICED, UNTRACED, explain_graph
 
     params = dict(model.named_parameters())
     rows = explain_graph(gm, model)
@@ -1146,7 +1146,7 @@ def _layers_not_sites(gm: fx.GraphModule, model: nn.Module) -> dict:
         if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(
                 owner, nn.modules.conv._ConvTransposeNd):
             layers.setdefault(path, row)
-        elif row.reason == COMPUTED and row.name not in sites:  # (a bare weight that is also a site where taken whole)
+        elif row.reason in (COMPUTED, SLICED) and row.name not in sites:  # (a bare weight that is also a site where taken whole)
             layers.setdefault(row.name, row)
     return layers
 

@@ -286,11 +286,30 @@ class _ViewedConv(nn.Module):
         return self.o(F.conv2d(img, self.w.view(4, 3, 3, 3), padding=1).mean((2, 3)))
 
 
-def test_a_conv_weight_viewed_from_a_flat_parameter_is_said_to_be_computed_and_perforate_warns():
+def test_a_conv_weight_viewed_from_a_flat_parameter_is_said_to_be_a_view_and_perforate_warns():
     """It read "its weight is not a parameter (a buffer or ...)" and perforate said nothing; a weight sliced from a
-    2-D parameter got the computed-weight reason and the warning."""
+    2-D parameter got a reason and the warning."""
     rows = _by_name(pbp_fx.explain_sites(_ViewedConv(), (torch.randn(2, 3, 5, 5),)))
     assert rows["w"].status == "not a site" and rows["w"].kind == "conv2d"
-    assert rows["w"].reason.startswith("the layer's weight is computed at run time from this parameter")
+    assert rows["w"].reason.startswith("the layer's weight is a part or view of this parameter taken at run time")
     with pytest.warns(pbp_fx.PBWarning, match="not sites, so PB adds no dendrites there: w"):
         pbp_fx.perforate(_ViewedConv(), (torch.randn(2, 3, 5, 5),))
+
+
+def test_cross_attentions_packed_projection_is_said_to_be_split_not_computed():
+    """nn.MultiheadAttention splits its packed in_proj_weight where query and key/value differ: the row said the
+    weight was "computed at run time (e.g. standardized in forward)", which gave the user nothing to act on
+    (torch.export's graph: symbolic tracing keeps the attention whole)."""
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, q, kv):
+            return self.head(self.attn(q, kv, kv, need_weights=False)[0])
+
+    rows = _by_name(pbp_fx.explain_sites(Cross(), (torch.randn(2, 3, 8), torch.randn(2, 5, 8)), frontend="export"))
+    packed = rows["attn.in_proj_weight"]
+    assert packed.status == "not a site", rows
+    assert packed.reason.startswith("the layer's weight is a part or view of this parameter taken at run time"), packed

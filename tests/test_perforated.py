@@ -1756,7 +1756,8 @@ def test_bare_parameters_a_functional_layer_takes_computed_are_warned_of(fronten
     """Only nn.Linear/Conv modules were named: F.linear(h, W[:4]) and F.linear(h, W * mask) were no sites without
     a word, though explain_sites lists them (a reviewer)."""
     with pytest.warns(UserWarning, match=r"^2 Linear/Conv layer\(s\) of _OwnWeights are not sites, so PB adds no "
-                                         r"dendrites there: w2, w3 \(w2: the layer's weight is computed at run time"):
+                                         r"dendrites there: w2, w3 \(w2: the layer's weight is a part or view of this "
+                                         r"parameter taken at run time \(a slice, split or reshape"):
         pm = pbp_fx.perforate(_OwnWeights(), (torch.randn(3, 6),), frontend=frontend)
     assert sorted(pm.sites) == ["head", "w1"]
     with warnings.catch_warnings():  # (left out by the user's choice: no word)
