@@ -365,8 +365,17 @@ def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
                           f"and wants labels of shape {list(expected)}, not {list(target.shape)}: {hint}")
     target = class_indices(target)
     kept = target != IGNORED_LABEL
+    outside = kept & ((target < 0) | (target >= logits.shape[1]))
+    if bool(outside.any()):  # (scored as wrong, they lowered the score without a word)
+        raise _label_outside(int(target[outside][0]), logits.shape[1])
     right = (logits.argmax(1) == target) & kept
     return float(right.sum()), int(kept.sum())
+
+
+def _label_outside(label: int, classes: int) -> TargetError:
+    return TargetError(f"class label {label} is outside 0..{classes - 1}, the classes of logits with {classes} on dim "
+                       f"1: give labels in that range ({IGNORED_LABEL} for a sample that counts in no score), or a "
+                       "model with an output per class")
 
 
 def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
@@ -383,7 +392,14 @@ def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, target, reduction="none").float().sum() / kept
     if bool((target == IGNORED_LABEL).all()):
         return logits.sum() * 0.0  # (keeps the graph: every parameter gets a zero gradient)
-    return F.cross_entropy(logits, target)
+    try:
+        return F.cross_entropy(logits, target)
+    except IndexError:  # ("Target 7 is out of bounds": which range, and the fix)
+        kept = target != IGNORED_LABEL
+        outside = kept & ((target < 0) | (target >= logits.shape[1]))
+        if not bool(outside.any()):
+            raise
+        raise _label_outside(int(target[outside][0]), logits.shape[1]) from None
 
 
 def _check_class_targets(logits: torch.Tensor, target: torch.Tensor) -> None:

@@ -870,3 +870,25 @@ def test_the_built_in_loss_names_targets_it_cannot_take(target, words):
     probabilities = torch.softmax(torch.randn(3, 4), 1)  # (what it takes: indices, and probabilities in the shape)
     assert torch.isfinite(cross_entropy(torch.randn(3, 4), probabilities))
     assert torch.isfinite(cross_entropy(torch.randn(3, 4, 5), torch.randint(0, 4, (3, 5))))
+
+
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_class_labels_outside_the_logits_classes_are_refused_in_one_line(where):
+    """Validation labels 5..7 for 3 classes were scored as wrong without a word (val 0.0); training ones raised
+    torch's IndexError 'Target 5 is out of bounds' (a reviewer)."""
+    from pbp_fx.training import accuracy, cross_entropy
+
+    logits = torch.randn(4, 3)
+    for labels in (torch.tensor([0, 1, 5, -100]), torch.tensor([0, -1, 2, 1])):
+        for score in (accuracy, cross_entropy):
+            with pytest.raises(TargetError, match=rf"^class label {int(labels[2] if labels[2] == 5 else -1)} is "
+                                                  r"outside 0\.\.2, the classes of logits with 3 on dim 1: give"):
+                score(logits, labels)
+    assert accuracy(logits, torch.tensor([0, 1, 2, -100]))[1] == 3
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    pm = pbp_fx.perforate(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)), (x[:2],))
+    wrong = TensorDataset(x, y + 5)
+    train, val = (wrong, TensorDataset(x, y)) if where == "train" else (TensorDataset(x, y), wrong)
+    with pytest.raises(TargetError, match="^class label [5-7] is outside 0..2"):
+        fit(pm, DataLoader(train, batch_size=10), DataLoader(val, batch_size=10), epochs=2, progress=False)
