@@ -402,7 +402,11 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                                             f"parameters on the first {name} samples (detached: .detach(), .item(), "
                                             "torch.tensor(...) or numpy inside it): compute it from the output with "
                                             "torch ops")
-                    float(loss.detach())
+                    value = float(loss.detach())
+                    if not math.isfinite(value):  # (no learning rate helps there: said before any training)
+                        raise TrainingError(f"the loss is {value:g} on the first {name} samples at the model's "
+                                            "initial weights, before any training: check the model file's loss_fn "
+                                            "and those samples' inputs and targets")
                     if graded and metric is accuracy:
                         _check_the_loss_reads_what_accuracy_scores(model, output, loss)
                     with torch.no_grad():
@@ -410,6 +414,10 @@ def _preflight(model, data, n: int, loss_fn, metric, batch_size: int, class_labe
                 if not (isinstance(scored, (tuple, list)) and len(scored) == 2):
                     raise TypeError(f"metric returned {type(scored).__name__}, not a (sum, count) pair")
                 float(scored[0]), float(scored[1])  # numbers (or one-element tensors): else a TypeError here
+                if not math.isfinite(float(scored[0])) or not math.isfinite(float(scored[1])):
+                    raise TrainingError(f"the metric returned ({float(scored[0]):g}, {float(scored[1]):g}) on the "
+                                        f"first {name} samples: return a finite (sum, count) pair (a NaN score is "
+                                        "no epoch's best, so the run could keep none)")
                 if float(scored[1]) < 0:  # (its mean's sign flips: the run would keep its worst epoch)
                     raise TrainingError(f"the metric returned a negative count ({float(scored[1]):g}) on the first "
                                         f"{name} samples: return (sum, count) with count the number of samples "

@@ -1636,3 +1636,20 @@ def test_a_stop_signal_right_after_a_checkpoint_was_replaced_names_the_epoch_it_
     assert "interrupted after epoch 3; the run so far resumes with" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert "after epoch 3 " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("own, said", [
+    ("def loss_fn(o, y): return torch.nn.functional.cross_entropy(o, y) * float('nan')\n",
+     "the loss is nan on the first training samples at the model's initial weights, before any training: check the "
+     "model file's loss_fn"),
+    ("def metric(o, y): return float('nan'), len(y)\n",
+     "the metric returned (nan, 4) on the first training samples: return a finite (sum, count) pair")])
+def test_a_loss_or_metric_that_is_nan_on_the_first_samples_is_refused_before_training(own, said, tmp_path, capsys):
+    """Both ran a whole epoch first; the loss's message then said to lower the learning rate, which cannot help at
+    the initial weights (a reviewer)."""
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", GOOD + own), "--out", str(out), "--batch-size", "4",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pbp-fx: error: {said}") and err.count("\n") == 1, err
+    assert "in epoch" not in err and not out.exists()
