@@ -1083,7 +1083,7 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(f
     arg("--device", default="auto", choices=("auto", "cpu", "cuda"),
         help="ONNX Runtime's execution provider: auto (CUDA when onnxruntime-gpu and a GPU are present, else "
              "the CPU), cpu, or cuda (refused without them; default: auto)"),
-    arg("--output", metavar="Y.npy", default=None,
+    arg("--output", metavar="Y.npy", default=None, type=_path,
         help="save the first output here (.npy), or every output by its ONNX name (.npz)"),
 )
 def run_onnx(args: argparse.Namespace) -> int:

@@ -827,6 +827,7 @@ BAD_VALUES = [
     (["run", "ONNX", "--input", "X", "--device", "tpu"], "invalid choice"),
     (["run", "OUT/none.onnx", "--input", "X", "--output", "OUT/y.npy"], "does not exist"),
     (["run", "ONNX", "--input", "X", "--output", "OUT/y.txt"], "y.txt: name it .npy (the first output) or .npz"),
+    (["run", "ONNX", "--input", "X", "--output", ""], "an empty path"),  # (ran, and wrote nothing: a reviewer)
     # (beyond int64: it passed, then failed in the first dendrite phase, blaming the model file)
     (["train", DIGITS_FILE, "--warmup", "100000000000000000000000", "--out", "OUT/run"],
      "--warmup 100000000000000000000000: must be at least 0 and at most 9223372036854775807"),
