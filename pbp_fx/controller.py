@@ -375,6 +375,9 @@ class PhaseController:
         self.schedulers: list = []
         self._carry_saved_scale: list = []  # schedulers attached with scaled=True (restored from the run)
         self._groups = WeakIdKeyDictionary()  # parameter -> the group it belongs to
+        if parameter_groups is not None and not callable(parameter_groups):  # (it failed at the first dendrite)
+            raise ConfigError(f"parameter_groups={parameter_groups!r}: give a function module -> {{parameter name: "
+                              "group index}} (e.g. lambda m: {n: 1 for n, _ in m.named_parameters() if 'head' in n})")
         self.parameter_groups = parameter_groups
         # Parameters of the model that an adopted optimizer left out (a user's way of freezing a
         # backbone): they stay out at every restructure, as if frozen. PB's own parameters (the
@@ -510,7 +513,10 @@ class PhaseController:
         the same result). In a dendrite phase, a scheduler built on the optimizer then
         (its base_lrs are the groups' rates now) carries it too, and a ReduceLROnPlateau is held."""
         own = getattr(scheduler, "optimizer", None)
-        if own is not None and inner_optimizer(own) is not self.optimizer:  # its rates would be scaled to candidate_lr
+        if own is None:  # (it failed at the next phase switch, which scales the scheduler's optimizer's rates)
+            raise ConfigError(f"attach_scheduler: {type(scheduler).__name__} is no learning-rate scheduler of an "
+                              "optimizer (one of torch.optim.lr_scheduler's, built on ctl.optimizer)")
+        if inner_optimizer(own) is not self.optimizer:  # its rates would be scaled to candidate_lr
             raise ConfigError(f"attach_scheduler: this {type(scheduler).__name__} schedules another optimizer than "
                               "the controller's: attach only schedulers of ctl.optimizer")
         if scheduler in self.schedulers:

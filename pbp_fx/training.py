@@ -581,6 +581,9 @@ def fit(pm: PerforatedModel, train_loader, val_loader, loss_fn: Callable = cross
             raise ConfigError(f"fit(controller=...) trains with the controller's settings and optimizer: pass "
                               f"{given[0]} to PhaseController instead"
                               + (" (through its optimizer_factory)" if given[0] == "lr" else ""))
+        if controller.pm is not pm:  # (it trained the other model, and this one not at all)
+            raise ConfigError("fit(controller=...) got the controller of another model than the one it trains: pass "
+                              "the PhaseController built on this model (PhaseController(pm, config))")
         if controller.root is not None:  # (it trained pm's output alone: the head took no gradient)
             raise ConfigError("fit() trains and scores pm alone, and this PhaseController has root= (a module of "
                               "your own around pm, which fit would neither train nor score): train it in a loop of "

@@ -1720,3 +1720,16 @@ def test_a_dendrite_phase_whose_candidates_did_not_train_is_warned_of_once(loop)
     words = ("the candidates saw no training batch this dendrite phase before ctl.step()" if loop == "no batch" else
              "the candidates saw 1 batches this dendrite phase, but ctl.optimizer took no step")
     assert sum(words in str(w.message) for w in said) == 1, [str(w.message) for w in said]
+
+
+def test_a_parameter_groups_rule_or_scheduler_of_the_wrong_kind_is_refused_when_given():
+    """A dict for parameter_groups, or attach_scheduler(None), was taken, and the run failed at its first dendrite
+    phase with a raw TypeError / AttributeError (a reviewer)."""
+    pm = _pm()
+    with pytest.raises(pbp_fx.ConfigError, match=r"^parameter_groups=\{'0.weight': 0\}: give a function module -> "):
+        PhaseController(pm, parameter_groups={"0.weight": 0})
+    ctl = PhaseController(pm)
+    for scheduler in (None, object()):
+        with pytest.raises(pbp_fx.ConfigError, match=r"^attach_scheduler: \w+ is no learning-rate scheduler"):
+            ctl.attach_scheduler(scheduler)
+    ctl.attach_scheduler(torch.optim.lr_scheduler.StepLR(ctl.optimizer, 5))

@@ -383,6 +383,9 @@ def test_fit_with_a_controller_refuses_settings_it_would_ignore():
         fit(pm, loader, loader, controller=PhaseController(pm), lr=0.1, progress=False)
     with pytest.raises(pbp_fx.ConfigError, match=r"pass lr to PhaseController instead \(through its optimizer_factory"):
         fit(pm, loader, loader, controller=PhaseController(pm), training=pbp_fx.TrainConfig(lr=0.5), progress=False)
+    # another model's controller trained that model, and this one not at all (a reviewer)
+    with pytest.raises(pbp_fx.ConfigError, match=r"^fit\(controller=...\) got the controller of another model"):
+        fit(pm, loader, loader, controller=PhaseController(_pm()), progress=False)
 
 
 def test_fit_takes_a_config_and_stops_at_the_epoch_cap():
