@@ -8,11 +8,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Callable, Type
+from typing import Callable, Iterator, Type
 
 from .errors import PBError
 
-__all__ = ["atomic_write", "check_output_dir", "make_folders", "remove_empty", "umask"]
+__all__ = ["atomic_write", "check_output_dir", "folder_held", "make_folders", "remove_empty", "umask"]
 
 
 def umask() -> int:
@@ -94,6 +94,31 @@ def atomic_write(path, write: Callable[[str], None], error: Type[Exception] = PB
         if isinstance(e, OSError) and not isinstance(e, PBError):
             raise error(f"cannot write {what} {path}: {e.strerror or e}") from e
         raise
+
+
+@contextlib.contextmanager
+def folder_held(path: str, error: Type[Exception] = PBError) -> Iterator[None]:
+    """The folder `path` held by this block alone: a second run writing the same --out at once is refused (two runs
+    left one folder holding one's reports beside the other's checkpoint). An exclusive flock on the folder itself,
+    so no lock file is left behind; released when the block ends, or the process does. Where the platform or the
+    file system has no flock, nothing is held."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise error(f"{path} is in use: another pbp-fx run writes there now; give another folder, or wait for "
+                        "that run to end") from None
+        except OSError:  # (no locks on this file system)
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def make_folders(path: str) -> list[str]:

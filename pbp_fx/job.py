@@ -32,7 +32,7 @@ from .checkpoint import FORMAT_V1, load, read_meta, save
 from .config import ConfigError, PBConfig, TrainConfig
 from .controller import NOTHING_TRAINS, PhaseController, default_optimizer
 from .errors import DataError, ModelFileError, PBError, PBWarning, TargetError, TrainingError, exited, warn_at_user
-from .fileio import atomic_write, check_output_dir, make_folders, remove_empty
+from .fileio import atomic_write, check_output_dir, folder_held, make_folders, remove_empty
 from .modelfile import (check_metric_direction, example_kwargs, global_generators_kept, instantiate,
                         KeywordCollate, keyword_collate, load_model_file, task_functions, task_of, warn_unread_names)
 from .distributed import last_batch_is_lone
@@ -647,17 +647,18 @@ def train_job(model_file: Optional[str] = None, *, config: Optional[PBConfig] = 
     config, training = config or PBConfig(), training or TrainConfig()
     if distributed is None:
         device = training_device(device or (saved.device if saved is not None and saved.device else "cpu"))
-        with _interrupted_resume_says_so(resume, 1, progress):
+        with _interrupted_resume_says_so(resume, 1, progress), contextlib.ExitStack() as held:
             return _train_job(model_file, config, training, out, include, exclude, progress, echo, None, device,
-                              resume_from, saved)
+                              held, resume_from, saved)
     if device is not None and training_device(device, distributed.world_size).type != distributed.device.type:
         raise ConfigError(f"device={device}: this rank trains on {distributed.device}, the process group's device: "
                           f"drop device=, or give {distributed.device.type!r}")
     if not distributed.is_main:
         echo = _silent  # (its bar too: `_train_job` shows rank 0's; `progress` stays the run's flag for the hints)
-    with _interrupted_resume_says_so(resume, distributed.world_size, progress), distributed.guard():
+    with (_interrupted_resume_says_so(resume, distributed.world_size, progress), distributed.guard(),
+          contextlib.ExitStack() as held):
         return _train_job(model_file, config, training, out, include, exclude, progress, echo, distributed,
-                          distributed.device, resume_from, saved)
+                          distributed.device, held, resume_from, saved)
 
 
 @contextlib.contextmanager
@@ -740,7 +741,8 @@ def refuse_unrunnable(model_file: Optional[str], config: PBConfig, out: Optional
 
 
 def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include, exclude, progress, echo,
-               distributed, device: torch.device, resume_from=None, saved: Optional[SavedRun] = None) -> dict:
+               distributed, device: torch.device, held: contextlib.ExitStack, resume_from=None,
+               saved: Optional[SavedRun] = None) -> dict:
     main = distributed is None or distributed.is_main
     seed = training.seed
     include, exclude = site_filters(include, exclude)  # (perforate, resume and the checkpoint's args: lists)
@@ -809,7 +811,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
     if out is not None:
         stale: list[str] = []
         if main:
-            created, stale = _make_out(out, fresh=resume_from is None, echo=echo)
+            created, stale = _make_out(out, fresh=resume_from is None, echo=echo, held=held)
         args = {"config": config.to_dict(), "training": training.to_dict(), "include": include, "exclude": exclude}
         if saved is not None and saved.identity is not None:
             identity = resumed_identity(saved.identity, identity)
@@ -1089,16 +1091,21 @@ def _refuse_files_of_no_run(out: str) -> None:
                             "of those names; move them, or choose another --out")
 
 
-def _make_out(out: str, fresh: bool, echo) -> tuple[list[str], list[str]]:
-    """Create --out; returns (the folders created, --out and parents, deepest first; an earlier run's
-    outputs there that a fresh run replaces: `_replace_stale` removes them once this run has its
-    first checkpoint)."""
+def _make_out(out: str, fresh: bool, echo, held: contextlib.ExitStack) -> tuple[list[str], list[str]]:
+    """Create --out and hold it for this run (`held` releases it); returns (the folders created, --out and
+    parents, deepest first; an earlier run's outputs there that a fresh run replaces: `_replace_stale` removes
+    them once this run has its first checkpoint)."""
     try:
         created = make_folders(out)
     except OSError as exc:
         raise TrainingError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
+    try:
+        held.enter_context(folder_held(out, TrainingError))
+    except BaseException:
+        remove_empty(created)
+        raise
     # A process killed inside an atomic write leaves its temporary file (`.NAME.XXXX.tmp`, as big as the
-    # checkpoint); no process writes this folder now, so any there is such a leftover.
+    # checkpoint); no other process writes this folder now (held), so any there is such a leftover.
     for name in os.listdir(out):
         if name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in RUN_OUTPUTS):
             with contextlib.suppress(OSError):

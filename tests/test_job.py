@@ -1653,3 +1653,23 @@ def test_a_loss_or_metric_that_is_nan_on_the_first_samples_is_refused_before_tra
     err = capsys.readouterr().err
     assert err.startswith(f"pbp-fx: error: {said}") and err.count("\n") == 1, err
     assert "in epoch" not in err and not out.exists()
+
+
+def test_a_run_into_a_folder_another_run_writes_now_is_refused_and_leaves_it_as_it_was(tmp_path, capsys):
+    """A second train into the --out of a run still training was taken: the folder ended with the second run's
+    reports beside the first's checkpoint (a reviewer)."""
+    from pbp_fx.fileio import folder_held
+
+    model, out = _write(tmp_path / "m.py", GOOD), tmp_path / "run"
+    assert main(["train", model, "--out", str(out), "--epochs", "1", "--batch-size", "4", "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with folder_held(str(out)):  # (the other run, holding it as a run does)
+        assert main(["train", model, "--out", str(out), "--epochs", "2", "--batch-size", "4", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"pbp-fx: error: {out} is in use: another pbp-fx run writes there now; give another folder, " \
+                      "or wait for that run to end\n"
+        assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+        assert "is in use" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["train", model, "--out", str(out), "--epochs", "2", "--batch-size", "4", "--no-progress"]) == 0
