@@ -1031,6 +1031,10 @@ def _check_export(args: argparse.Namespace, pm, path: str, inputs: tuple, kwargs
     if len(got) != len(refs):
         raise PBError(f"the exported model has {len(got)} output(s) where PyTorch gives {len(refs)} tensor(s): "
                       "report this as a bug")
+    floats = [r for r in refs if r.is_floating_point() and r.numel()]
+    if floats and not any(bool(torch.isfinite(r).any()) for r in floats):  # (NaN against NaN "matched" exactly)
+        raise PBError("--check: every output is NaN/Inf at the example inputs, so nothing could be compared: give "
+                      "example inputs that hold finite values (the model file's example_inputs)")
     # each output within its own bound; the one nearest (or most over) it is shown
     checks = [output_difference(torch.as_tensor(g), r) for g, r in zip(got, refs)]
     diff, tol = max(checks, key=lambda c: c[0] / c[1] if c[1] else (0.0 if c[0] == 0 else math.inf),

@@ -2108,3 +2108,17 @@ def test_a_command_other_than_train_under_torchrun_is_refused_once(tmp_path, cap
     rc, _, err = _run(["transform", DIGITS_FILE, "--out", str(tmp_path / "t")], capsys)
     assert rc == 2 and not (tmp_path / "t").exists()
     assert ("pbp-fx transform runs in one process" in err) == (rank == "0")
+
+
+def test_export_check_at_example_inputs_that_make_every_output_nan_says_nothing_was_compared(tmp_path, capsys):
+    """NaN example inputs gave NaN outputs in both runtimes, and --check read 'max abs diff 0.00e+00', a pass (a
+    reviewer)."""
+    model = _write(tmp_path, """
+        import torch
+        def build_model(): return torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+        def example_inputs(): return (torch.full((2, 8), float('nan')),)
+        """)
+    rc, out, err = _run(["export", model, "-o", str(tmp_path / "m.onnx"), "--check"], capsys)
+    assert rc == 2 and "max abs diff" not in out
+    assert err.strip().splitlines()[-1].startswith("pbp-fx: error: --check: every output is NaN/Inf at the example "
+                                                   "inputs, so nothing could be compared: give example inputs"), err
