@@ -114,9 +114,9 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     # Graphs nested in the model (submodules traced in place under an untraceable root, each
     # with its own sites) are fused first, innermost first; then the graph itself.
     nested = [m for name, m in gm.named_modules() if name and isinstance(m, fx.GraphModule) and _has_sites(m)]
-    for inner in reversed(nested):
-        _fuse_graph(inner)
-    _fuse_graph(gm)
+    fused = [(inner, *_fuse_graph(inner)) for inner in reversed(nested)]
+    fused.append((gm, *_fuse_graph(gm)))
+    _retie(fused)  # (over every graph: a weight tied across parts, or held by the root's untraced code)
     _return_as_traced(gm)
     _call_parts_as_signed(gm)
     # Sites inside untraceable leaves: swap back to the neuron, or to a fused module.
@@ -207,8 +207,9 @@ def _has_sites(gm: fx.GraphModule) -> bool:
     return hasattr(gm, SITES_ATTR) or hasattr(gm, MODES_ATTR)
 
 
-def _fuse_graph(gm: fx.GraphModule) -> None:
-    """In place: the graph's ModeSwitch nodes lowered to eval, its Site nodes fused or removed."""
+def _fuse_graph(gm: fx.GraphModule) -> tuple[nn.ModuleDict, dict]:
+    """In place: the graph's ModeSwitch nodes lowered to eval, its Site nodes fused or removed. Returns its fused
+    modules and, by key, the neuron weight each fused one copied (for `_retie`)."""
     lower_to_eval(gm)
     graph = gm.graph
     fused_mods = nn.ModuleDict()
@@ -254,22 +255,25 @@ def _fuse_graph(gm: fx.GraphModule) -> None:
         delattr(gm, FUSED_ATTR)
     graph.lint()
     delete_unused_submodules(gm)
-    _retie(gm, fused_mods, neurons)
     gm.recompile()
+    return fused_mods, neurons
 
 
-def _retie(gm: fx.GraphModule, fused_mods: nn.ModuleDict, neurons: dict) -> None:
+def _retie(fused: list) -> None:
     """Sites whose neuron weight the finalized model still holds elsewhere, or another site reads too (a module
-    called twice, layers sharing one weight), read it, not a copy."""
-    if not neurons:
+    called twice, layers sharing one weight), read it, not a copy. fused: (graph, its fused modules, its neurons)
+    of every graph `finalize` fused, the root's last."""
+    readers = collections.Counter(id(w) for _, _, neurons in fused for w, _, folded in neurons.values() if not folded)
+    if not readers:
         return
-    readers = collections.Counter(id(w) for w, _, folded in neurons.values() if not folded)
-    held = set()  # tensors the finalized graph reads outside the fused sites
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            held.add(id(attr_tensor(gm, node.target)))
-        elif node.op == "call_module" and not node.target.startswith(FUSED_ATTR + "."):
-            held.update(id(p) for p in gm.get_submodule(node.target).parameters())
-    for key, (w, transposed, folded) in neurons.items():
-        if (id(w) in held or readers[id(w)] > 1) and not folded and isinstance(w, nn.Parameter):
-            fused_mods[key] = TiedFusedSite(fused_mods[key], w, transposed)
+    held = set()  # tensors the finalized graphs read outside the fused sites
+    for gm, _, _ in fused:
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                held.add(id(attr_tensor(gm, node.target)))
+            elif node.op == "call_module" and not node.target.startswith(FUSED_ATTR + "."):
+                held.update(id(p) for p in gm.get_submodule(node.target).parameters())
+    for _, fused_mods, neurons in fused:
+        for key, (w, transposed, folded) in neurons.items():
+            if (id(w) in held or readers[id(w)] > 1) and not folded and isinstance(w, nn.Parameter):
+                fused_mods[key] = TiedFusedSite(fused_mods[key], w, transposed)
