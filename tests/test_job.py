@@ -758,10 +758,11 @@ def test_a_new_run_replaces_an_earlier_runs_outputs_and_a_failed_one_leaves_none
                   "    return loss * float('nan') if torch.is_grad_enabled() else loss\n")
     assert main(["train", _write(tmp_path / "b.py", bad), "--out", str(out), "--no-progress"]) == 2
     assert {n: (out / n).read_bytes() for n in before} == before
-    # A failure in the first epoch (a NaN training loss; the checks before run without gradients)
-    # leaves no empty folder behind.
-    nan = GOOD + ("def loss_fn(o, y):\n    loss = torch.nn.functional.cross_entropy(o, y)\n"
-                  "    return loss * float('nan') if torch.is_grad_enabled() else loss\n")
+    # A failure in the first epoch (a NaN training loss from the first training batch on; the checks before
+    # training see a finite one) leaves no empty folder behind.
+    nan = GOOD + ("graded = []\ndef loss_fn(o, y):\n    loss = torch.nn.functional.cross_entropy(o, y)\n"
+                  "    graded.extend([1] if torch.is_grad_enabled() else [])\n"
+                  "    return loss * float('nan') if len(graded) > 1 else loss\n")
     assert main(["train", _write(tmp_path / "n.py", nan), "--out", str(tmp_path / "nan"), "--no-progress"]) == 2
     assert "the loss is nan in the neuron phase" in capsys.readouterr().err
     assert not (tmp_path / "nan").exists()
