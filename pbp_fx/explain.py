@@ -189,7 +189,7 @@ SLICED = ("the layer's weight is a part or view of this parameter taken at run t
 # Ops that take part of a tensor or lay it out anew, computing no value (fx's names and aten's).
 _VIEW_OPS = frozenset({"getitem", "split", "split_with_sizes", "chunk", "unbind", "narrow", "slice", "select", "view",
                        "reshape", "flatten", "unflatten", "t", "transpose", "permute", "contiguous", "squeeze",
-                       "unsqueeze", "expand", "alias", "clone"})
+                       "unsqueeze", "expand", "alias", "clone", "getattr", "T", "mT", "numpy_T", "adjoint"})
 
 
 def _op_name(node: fx.Node) -> str:

@@ -313,3 +313,19 @@ def test_cross_attentions_packed_projection_is_said_to_be_split_not_computed():
     packed = rows["attn.in_proj_weight"]
     assert packed.status == "not a site", rows
     assert packed.reason.startswith("the layer's weight is a part or view of this parameter taken at run time"), packed
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_transposed_copy_of_a_parameter_is_said_to_be_a_view(frontend):
+    """F.linear(x, W.T.contiguous()) read 'computed at run time (e.g. standardized in forward)' (a reviewer)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(4, 3))
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(F.linear(x, self.W.T.contiguous()))
+
+    rows = _by_name(pbp_fx.explain_sites(M(), (torch.randn(2, 4),), frontend=frontend))
+    assert rows["W"].reason.startswith("the layer's weight is a part or view of this parameter"), rows["W"]
