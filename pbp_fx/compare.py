@@ -1222,6 +1222,16 @@ def read_pb_run(folder: str) -> tuple[Optional[str], PBConfig, TrainConfig, dict
                            f"{processes}) for some or all of its epochs, whose data order is not the one-process "
                            "controls', so pb would not be paired with them: drop --pb-run (compare trains pb itself), "
                            "or train the run in one process")
+    threads = state.get("threads")
+    if isinstance(threads, int) and threads != 1:  # (torch's sums run in another order: not step for step)
+        warn_at_user(f"--pb-run {folder}: that run trained on {threads} CPU threads and compare trains its controls "
+                     "on 1, whose arithmetic differs, so pb is not paired with them step for step (where pb kept no "
+                     "dendrite it may not score as plain does): train the run with OMP_NUM_THREADS=1 to pair them")
+    if "training" in (state.get("identity") or {}).get("own_randomness", ()):
+        warn_at_user(f"--pb-run {folder}: that run's training data draws augmentation from a generator of the "
+                     "dataset's own, which the run's checks had read before training, so compare's controls see "
+                     "other draws and are not paired with pb step for step: draw it from torch's, numpy's or "
+                     "Python's global generator, or drop --pb-run (compare then trains pb beside them)")
     config, training = PBConfig.from_dict(state["args"]["config"]), TrainConfig.from_dict(state["args"]["training"])
     if config.mode != "pb":
         raise CompareError(f"--pb-run {folder}: that run has mode {config.mode!r}; the pb arm needs mode 'pb'")

@@ -676,7 +676,7 @@ def _interrupted_resume_says_so(resume: Optional[str], processes: int, progress:
 
 def _warn_resumed_otherwise(saved: SavedRun, identity: dict, processes: int, device: torch.device) -> None:
     """Say what makes a resume differ from the run it continues: an edited model file or other
-    data, another process count (which deals the data otherwise), or another device."""
+    data, another process count (which deals the data otherwise), another CPU thread count, or another device."""
     changed = changed_since(saved.identity, identity)
     if changed:
         warn_at_user(f"the run's {' and '.join(changed)} changed since it started: the resumed run trains on the "
@@ -689,6 +689,10 @@ def _warn_resumed_otherwise(saved: SavedRun, identity: dict, processes: int, dev
     if saved.processes is not None and saved.processes != processes:
         warn_at_user(f"the run trained on {saved.processes} process(es) and resumes on {processes}: the data is dealt "
                      f"otherwise from here on (resume with --nproc {saved.processes} to continue it exactly)")
+    if saved.threads is not None and saved.threads != torch.get_num_threads() and device.type == "cpu":
+        warn_at_user(f"the run trained on {saved.threads} CPU thread(s) and resumes on {torch.get_num_threads()}: "
+                     "torch's kernels sum in another order, so it differs from the uninterrupted run from here on "
+                     f"(resume with OMP_NUM_THREADS={saved.threads} to continue it exactly)")
     if saved.device is not None and saved.device != device.type:
         warn_at_user(f"the run trained on {saved.device} and resumes on {device.type}: its arithmetic (and a GPU's "
                      f"random numbers) differ from here on (resume with --device {saved.device} to continue it "
@@ -720,6 +724,7 @@ class SavedRun:
     complete: bool = False  # PB had finished: a resume only makes its report again
     device: Optional[str] = None  # the device type it last trained on, "cpu" or "cuda" (None: not recorded)
     devices: tuple = ()  # every device type it trained on over its resumes
+    threads: Optional[int] = None  # torch's CPU threads it last trained with (None: not recorded)
 
 
 def _silent(*_args) -> None:
@@ -822,6 +827,7 @@ def _train_job(model_file, config: PBConfig, training: TrainConfig, out, include
                              _model_ref(model_file), seed, train_loader, distributed,
                              clock=run_seconds, run_record={"identity": identity, "processes": processes,
                                                             "most_processes": most_processes, "device": device.type,
+                                                            "threads": torch.get_num_threads(),
                                                             "devices": devices})
         callbacks.append(saver)
         if stale:
@@ -997,7 +1003,8 @@ def _saved_job(path: str) -> SavedRun:
         config, training = PBConfig.from_dict(args["config"]), TrainConfig.from_dict(args["training"])
         include, exclude = args["include"], args["exclude"]
         processes, identity, most = saved.get("processes"), saved.get("identity"), saved.get("most_processes")
-        if not all(n is None or (type(n) is int and n >= 1) for n in (processes, most)) or not (
+        threads = saved.get("threads")
+        if not all(n is None or (type(n) is int and n >= 1) for n in (processes, most, threads)) or not (
                 identity is None or isinstance(identity, dict)):
             raise ValueError("processes or identity")
         # (a run saved before pbp-fx recorded it: one process trained on the CPU, several maybe on GPUs)
@@ -1026,7 +1033,7 @@ def _saved_job(path: str) -> SavedRun:
                             "written by another pbp-fx version or edited; start a new run")
     schedule = (meta.get("controller") or {}).get("schedule") or {}
     return SavedRun(model_file, config, training, include, exclude, processes, identity, most,
-                    complete=schedule.get("done") is True, device=device, devices=devices)
+                    complete=schedule.get("done") is True, device=device, devices=devices, threads=threads)
 
 
 def _job_state(path: str) -> tuple[dict, dict]:

@@ -1674,3 +1674,48 @@ def test_a_run_into_a_folder_another_run_writes_now_is_refused_and_leaves_it_as_
         assert "is in use" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert main(["train", model, "--out", str(out), "--epochs", "2", "--batch-size", "4", "--no-progress"]) == 0
+
+
+def test_a_run_records_its_cpu_threads_and_a_resume_or_pb_run_on_another_count_is_warned_of(tmp_path, capsys):
+    """torch's CPU kernels sum in another order at another thread count: a resume at 2 threads of a 1-thread run
+    ended with another model (2 dendrites, not 0) without a word, and compare --pb-run (controls on 1 thread) read a
+    2-thread run that kept no dendrite as 'pb is 0.5 points behind plain' (a reviewer)."""
+    from pbp_fx.compare import read_pb_run
+
+    model, out = _write(tmp_path / "m.py", GOOD), tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["train", model, "--out", str(out), "--epochs", "2", "--batch-size", "4", "--no-progress"]) == 0
+        with pytest.warns(pbp_fx.PBWarning, match="that run trained on 2 CPU threads and compare trains its controls "
+                                                  "on 1"):
+            read_pb_run(str(out))
+        torch.set_num_threads(1)
+        capsys.readouterr()
+        assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+        assert ("the run trained on 2 CPU thread(s) and resumes on 1: torch's kernels sum in another order"
+                in capsys.readouterr().err)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_compare_pb_run_warns_of_a_run_whose_data_draws_from_its_datasets_own_generator(tmp_path):
+    """The run's checks read samples before training, which moved the dataset's own generator, so compare's
+    controls saw other augmentation: --pb-run read a run that kept no dendrite as 1.5 points behind plain (a
+    reviewer)."""
+    from pbp_fx.compare import read_pb_run
+
+    own = ("import numpy as np\n"
+           "class Noisy(torch.utils.data.Dataset):\n"
+           "    def __init__(self, d):\n        self.d, self.rng = d, np.random.default_rng(0)\n"
+           "    def __len__(self): return len(self.d)\n"
+           "    def __getitem__(self, i):\n        x, y = self.d[i]\n"
+           "        return x + float(self.rng.normal()), y\n"
+           "_plain = datasets\n"
+           "def datasets():\n    train, val, test = _plain()\n    return Noisy(train), val, test\n")
+    out = tmp_path / "run"
+    assert main(["train", _write(tmp_path / "m.py", GOOD + own), "--out", str(out), "--epochs", "2", "--batch-size",
+                 "4", "--no-progress"]) == 0
+    with pytest.warns(pbp_fx.PBWarning, match="that run's training data draws augmentation from a generator of the "
+                                              "dataset's own"):
+        read_pb_run(str(out))
