@@ -37,7 +37,8 @@ $(ZOO_VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.demo
-	$(VENV)/bin/pbp-fx train --out runs/demo --max-dendrites 2 --patience 15
+	# One CPU thread, as compare trains its controls: the pairing below is then step for step.
+	OMP_NUM_THREADS=1 $(VENV)/bin/pbp-fx train --out runs/demo --max-dendrites 2 --patience 15
 	# The control: plain and restarts arms with the run's own budget and seed, beside its PB result.
 	$(VENV)/bin/pbp-fx compare --pb-run runs/demo --jobs 2
 
