@@ -303,10 +303,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             if args.command != "run":  # (every other command imports torch)
                 import_torch_with_stops_held()
                 refused = _torchrun_refusal(args.command)
-                if refused is not None:  # (said once, by rank 0; every rank exits 2)
+                if refused is not None:  # (said once, by rank 0, which exits 2)
                     if os.environ.get("RANK") == "0":
                         _error(refused)
-                    return EXIT_ERROR
+                        return EXIT_ERROR
+                    # (the others end as done: one that failed first made torchrun stop rank 0 before it said why,
+                    # and torchrun still exits with rank 0's failure)
+                    return EXIT_OK
             return int(args._run(args) or 0)
     except PBError as exc:
         if args.debug:
