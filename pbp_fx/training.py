@@ -364,18 +364,22 @@ def accuracy(output, target: torch.Tensor) -> tuple[float, int]:
         raise TargetError(f"the built-in accuracy reads logits {list(logits.shape)} as [N, C, ...] with classes on dim 1 "
                           f"and wants labels of shape {list(expected)}, not {list(target.shape)}: {hint}")
     target = class_indices(target)
+    outside = _labels_outside(target, logits.shape[1])
+    if outside is not None:  # (scored as wrong, they lowered the score without a word)
+        raise outside
     kept = target != IGNORED_LABEL
-    outside = kept & ((target < 0) | (target >= logits.shape[1]))
-    if bool(outside.any()):  # (scored as wrong, they lowered the score without a word)
-        raise _label_outside(int(target[outside][0]), logits.shape[1])
     right = (logits.argmax(1) == target) & kept
     return float(right.sum()), int(kept.sum())
 
 
-def _label_outside(label: int, classes: int) -> TargetError:
-    return TargetError(f"class label {label} is outside 0..{classes - 1}, the classes of logits with {classes} on dim "
-                       f"1: give labels in that range ({IGNORED_LABEL} for a sample that counts in no score), or a "
-                       "model with an output per class")
+def _labels_outside(target: torch.Tensor, classes: int) -> Optional[TargetError]:
+    """A TargetError naming the first class label outside 0..classes-1 (IGNORED_LABEL counts in no score), or None."""
+    outside = (target != IGNORED_LABEL) & ((target < 0) | (target >= classes))
+    if not bool(outside.any()):
+        return None
+    return TargetError(f"class label {int(target[outside][0])} is outside 0..{classes - 1}, the classes of logits with "
+                       f"{classes} on dim 1: give labels in that range ({IGNORED_LABEL} for a sample that counts in no "
+                       "score), or a model with an output per class")
 
 
 def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
@@ -395,11 +399,10 @@ def cross_entropy(output, target: torch.Tensor) -> torch.Tensor:
     try:
         return F.cross_entropy(logits, target)
     except IndexError:  # ("Target 7 is out of bounds": which range, and the fix)
-        kept = target != IGNORED_LABEL
-        outside = kept & ((target < 0) | (target >= logits.shape[1]))
-        if not bool(outside.any()):
+        outside = _labels_outside(target, logits.shape[1])
+        if outside is None:
             raise
-        raise _label_outside(int(target[outside][0]), logits.shape[1]) from None
+        raise outside from None
 
 
 def _check_class_targets(logits: torch.Tensor, target: torch.Tensor) -> None:
